@@ -1,0 +1,92 @@
+"""The one module that touches version-sensitive TVM names (pinned: apache-tvm 0.27.0.post1).
+
+Every other module imports TVM names from here, so a TVM upgrade is a one-file change.
+Runtime-only deployments (``TVM_USE_RUNTIME_LIB=1``) cannot import ``tvm.relax``; the compiler
+names are therefore loaded lazily through :func:`compiler`.
+"""
+
+from __future__ import annotations
+
+import os
+
+# TVM's CPU thread pool runs one thread unless told otherwise; use every core by default.
+os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
+
+import tvm  # noqa: E402,F401  (re-exported)
+from tvm import runtime  # noqa: E402
+
+TVM_VERSION: str = tvm.__version__
+RUNTIME_ONLY: bool = os.environ.get("TVM_USE_RUNTIME_LIB", "") not in ("", "0")
+
+
+def cpu():
+    """The host CPU device."""
+    return runtime.device("cpu", 0)
+
+
+def tensor(array, device=None):
+    """A TVM runtime tensor from a numpy array (``tvm.nd.array`` before 0.27)."""
+    return runtime.tensor(array, device if device is not None else cpu())
+
+
+def load_module(path: str):
+    """Load an exported shared library."""
+    return runtime.load_module(path)
+
+
+def shape_tuple(values):
+    """A runtime shape value (the argument of a Relax ``R.Shape`` parameter)."""
+    return runtime.ShapeTuple([int(v) for v in values])
+
+
+def virtual_machine(executable, devices):
+    """A Relax VM over an executable (``tvm.runtime.Executable`` or a loaded module)."""
+    from tvm.runtime import vm as _vm
+
+    return _vm.VirtualMachine(executable, devices)
+
+
+class _Compiler:
+    """Lazily imported compiler-side names (Relax, TIR, TE, schedules)."""
+
+    def __init__(self) -> None:
+        from tvm import relax, s_tir, te, tirx
+        from tvm.s_tir import dlight
+        from tvm.target import Target
+
+        self.relax = relax
+        self.te = te
+        self.tir = tirx  # 0.27 renamed tvm.tir -> tvm.tirx
+        self.s_tir = s_tir
+        self.Schedule = s_tir.Schedule
+        self.dlight = dlight
+        self.ScheduleRule = dlight.ScheduleRule
+        self.ApplyDefaultSchedule = dlight.ApplyDefaultSchedule
+        self.Target = Target
+        self.BlockBuilder = relax.BlockBuilder
+        self.TensorType = relax.TensorType  # StructInfo -> Type in 0.27
+        self.ShapeType = relax.ShapeType
+        self.prim_value = relax.prim_value  # relax.PrimValue before 0.27
+        self.TupleType = relax.TupleType
+        self.compile = tvm.compile
+        self.IRModule = tvm.IRModule
+        self.transform = tvm.transform
+        self.IS_SCHEDULED = "tirx.is_scheduled"
+        self.assert_structural_equal = tvm.ir.assert_structural_equal
+
+    def get_sblock(self, sch, name: str):
+        return sch.get_sblock(name)  # T.block -> T.sblock in 0.27
+
+    def get_child_blocks(self, sch, loop_or_block):
+        return sch.get_child_blocks(loop_or_block)
+
+
+_COMPILER: _Compiler | None = None
+
+
+def compiler() -> _Compiler:
+    """Compiler-side TVM names; raises in a runtime-only installation."""
+    global _COMPILER
+    if _COMPILER is None:
+        _COMPILER = _Compiler()
+    return _COMPILER

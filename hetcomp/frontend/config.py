@@ -1,0 +1,52 @@
+"""Model configuration of the LLaMA family, as read from GGUF metadata or an HF config.json."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Hyper-parameters of a LLaMA-family decoder (RMSNorm, RoPE, GQA, SwiGLU).
+
+    ``max_context`` bounds the KV cache the compiled module allocates; it defaults to the
+    model's trained context but may be lowered to save memory.
+    """
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    vocab_size: int
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    max_context: int = 2048
+    tie_embeddings: bool = True
+    head_dim: int = 0  # 0: hidden_size // num_heads
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("num_heads must be a multiple of num_kv_heads")
+
+    @property
+    def qkv_size(self) -> int:
+        return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LlamaConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def weight_count(self) -> int:
+        """Parameters read per decoded token (the tied embedding counted once, as the LM head)."""
+        e, f, d = self.hidden_size, self.intermediate_size, self.head_dim
+        per_layer = e * self.qkv_size + self.num_heads * d * e + 2 * e * f + f * e + 2 * e
+        head = self.vocab_size * e * (1 if self.tie_embeddings else 2)
+        return self.num_layers * per_layer + head + e

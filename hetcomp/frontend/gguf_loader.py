@@ -1,0 +1,143 @@
+"""Read a LLaMA-family GGUF file: metadata, dequantized weights and the tokenizer vocabulary."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..errors import HetcompError
+from .config import LlamaConfig
+
+SUPPORTED_ARCHS = ("llama",)
+_SUPPORTED_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "BF16")
+
+
+def _field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    value = f.contents()
+    return value
+
+
+def open_gguf(path: str):
+    """Open a GGUF file, turning every way it can be broken into one HetcompError."""
+    import gguf
+
+    if not os.path.isfile(path):
+        raise HetcompError(f"model file not found: {path}")
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+        if magic != b"GGUF":
+            raise HetcompError(f"not a GGUF file (bad magic {magic!r}): {path}")
+        reader = gguf.GGUFReader(path, "r")
+        # Touch every tensor's extent: a truncated file fails here rather than mid-compile.
+        size = os.path.getsize(path)
+        for t in reader.tensors:
+            if t.data_offset + t.n_bytes > size:
+                raise HetcompError(f"truncated GGUF file (tensor {t.name} runs past the end): {path}")
+    except HetcompError:
+        raise
+    except Exception as e:  # gguf raises ValueError/IndexError/struct errors on corrupt input
+        raise HetcompError(f"corrupt GGUF file {path}: {type(e).__name__}: {e}") from None
+    return reader
+
+
+def read_config(reader, max_context: int | None = None) -> LlamaConfig:
+    arch = _field(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise HetcompError(
+            f"unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHS)})"
+        )
+    names = {t.name for t in reader.tensors}
+    emb = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if emb is None:
+        raise HetcompError("GGUF file has no token_embd.weight tensor")
+    vocab = int(_field(reader, f"{arch}.vocab_size", int(emb.shape[1])))
+    ctx = int(_field(reader, f"{arch}.context_length", 2048))
+    try:
+        return LlamaConfig(
+            hidden_size=int(_field(reader, f"{arch}.embedding_length")),
+            intermediate_size=int(_field(reader, f"{arch}.feed_forward_length")),
+            num_layers=int(_field(reader, f"{arch}.block_count")),
+            num_heads=int(_field(reader, f"{arch}.attention.head_count")),
+            num_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv")),
+            vocab_size=vocab,
+            rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+            norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+            max_context=min(ctx, max_context or 2048),
+            tie_embeddings="output.weight" not in names,
+        )
+    except TypeError:
+        raise HetcompError("GGUF file lacks required llama.* metadata") from None
+
+
+def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation so RoPE can use the rotate-half (HF) convention."""
+    out, inp = w.shape
+    return w.reshape(n_head, out // n_head // 2, 2, inp).swapaxes(1, 2).reshape(out, inp)
+
+
+def read_weights(reader, cfg: LlamaConfig) -> dict[str, np.ndarray]:
+    """Dequantize every tensor to float32, named as in :mod:`hetcomp.frontend.weights`."""
+    import gguf
+
+    tensors = {t.name: t for t in reader.tensors}
+
+    def get(name: str) -> np.ndarray:
+        t = tensors.get(name)
+        if t is None:
+            raise HetcompError(f"GGUF file is missing tensor {name}")
+        if t.tensor_type.name not in _SUPPORTED_TYPES:
+            raise HetcompError(f"unsupported GGUF tensor type {t.tensor_type.name} in {name}")
+        try:
+            arr = gguf.quants.dequantize(t.data, t.tensor_type)
+        except Exception as e:
+            raise HetcompError(f"cannot dequantize {name}: {e}") from None
+        shape = tuple(int(s) for s in reversed(t.shape.tolist()))
+        return np.ascontiguousarray(arr.reshape(shape), dtype=np.float32)
+
+    w = {"embed": get("token_embd.weight"), "norm": get("output_norm.weight")}
+    if not cfg.tie_embeddings:
+        w["lm_head"] = get("output.weight")
+    for i in range(cfg.num_layers):
+        p = f"blk.{i}."
+        w[f"layers.{i}.attn_norm"] = get(p + "attn_norm.weight")
+        w[f"layers.{i}.wq"] = _unpermute_rope(get(p + "attn_q.weight"), cfg.num_heads)
+        w[f"layers.{i}.wk"] = _unpermute_rope(get(p + "attn_k.weight"), cfg.num_kv_heads)
+        w[f"layers.{i}.wv"] = get(p + "attn_v.weight")
+        w[f"layers.{i}.wo"] = get(p + "attn_output.weight")
+        w[f"layers.{i}.ffn_norm"] = get(p + "ffn_norm.weight")
+        w[f"layers.{i}.w_gate"] = get(p + "ffn_gate.weight")
+        w[f"layers.{i}.w_up"] = get(p + "ffn_up.weight")
+        w[f"layers.{i}.w_down"] = get(p + "ffn_down.weight")
+    return w
+
+
+def read_tokenizer_spec(reader) -> dict:
+    """The vocabulary, merges, token types, special ids and chat template stored in the file."""
+    model = _field(reader, "tokenizer.ggml.model")
+    if model != "gpt2":
+        raise HetcompError(f"unsupported tokenizer model {model!r} (supported: gpt2 byte-level BPE)")
+    return {
+        "model": model,
+        "pre": _field(reader, "tokenizer.ggml.pre", "default"),
+        "tokens": list(_field(reader, "tokenizer.ggml.tokens")),
+        "merges": list(_field(reader, "tokenizer.ggml.merges", [])),
+        "token_type": [int(x) for x in _field(reader, "tokenizer.ggml.token_type", [])],
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
+        "chat_template": _field(reader, "tokenizer.chat_template"),
+    }
+
+
+def load_gguf(path: str, max_context: int | None = None):
+    """Load ``(config, float32 weights, tokenizer spec)`` from a GGUF file."""
+    reader = open_gguf(path)
+    cfg = read_config(reader, max_context)
+    spec = read_tokenizer_spec(reader)
+    weights = read_weights(reader, cfg)
+    return cfg, weights, spec

@@ -1,0 +1,142 @@
+"""The LLaMA-family decoder as a Relax IRModule with ``prefill``, ``verify`` and ``commit``.
+
+Calling convention (all functions take the KV cache and return it, updated in place):
+
+``verify(tokens[w], positions[w], mask[w, w], k_cache, v_cache, cache_len: Shape[n], *params)``
+    Runs W tree nodes. Node i sits at ``positions[i]`` (cache length + depth) and attends to the
+    committed cache ``[0, n)`` plus the tree nodes j with ``mask[i, j] != 0`` (its ancestors and
+    itself). The nodes' K/V are written to the cache's scratch slots ``[n, n + w)``. Returns
+    ``(logits[w, V], hidden[w, E], greedy_ids[w], k_cache, v_cache)``; ``hidden`` is the final
+    normed hidden state the Medusa heads read. With W = 1 this is a sequential decode step.
+``prefill(...)``
+    The same inputs with a causal mask over a prompt chunk; returns the last row's logits and
+    hidden state. Its slots are committed by construction (the identity path).
+``commit(k_cache, v_cache, accepted[a], cache_len: Shape[n])``
+    Moves the accepted nodes' K/V from slots ``n + accepted[j]`` to ``n + j``; the caller's new
+    cache length is ``n + a``.
+"""
+
+from __future__ import annotations
+
+from .._tvm import compiler
+from . import ops, script_ops
+from .config import LlamaConfig
+from .weights import param_specs
+
+NUM_INPUTS = 6  # tokens, positions, mask, k_cache, v_cache, cache_len; params follow
+
+
+def kv_cache_shapes(cfg: LlamaConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    g, d, nl, c = cfg.num_kv_heads, cfg.head_dim, cfg.num_layers, cfg.max_context
+    return (nl, g, d, c), (nl, g, c, d)
+
+
+class _Kernels:
+    """Adds each distinct kernel to the module once and hands out its GlobalVar."""
+
+    def __init__(self, bb, cfg: LlamaConfig, wdtype: str):
+        self.bb, self.cfg, self.wdtype, self._gvs = bb, cfg, wdtype, {}
+
+    def get(self, name: str, builder, *args):
+        if name not in self._gvs:
+            func = builder(*args).with_attr("global_symbol", name)
+            self._gvs[name] = self.bb.add_func(func, name)
+        return self._gvs[name]
+
+    def linear(self, n: int, k: int, residual: bool):
+        name = f"linear{'_res' if residual else ''}_n{n}_k{k}"
+        return self.get(name, ops.linear, n, k, self.wdtype, residual)
+
+
+def _forward(bb, kern: _Kernels, cfg: LlamaConfig, inputs, params: dict, last_only: bool):
+    c = compiler()
+    relax, tt = c.relax, c.TensorType
+    tokens, positions, mask, k_cache, v_cache, n = inputs
+    w = tokens.ty.shape[0]
+    e, f = cfg.hidden_size, cfg.intermediate_size
+    hq, d = cfg.num_heads, cfg.head_dim
+
+    def call(gv, args, shape, dtype="float32"):
+        return bb.emit(relax.call_tir(gv, args, tt(shape, dtype)))
+
+    norm_gv = kern.get("rms_norm", ops.rms_norm, e, cfg.norm_eps)
+    rope_gv = kern.get("rope_kv", script_ops.rope_kv, hq, cfg.num_kv_heads, d, cfg.num_layers,
+                       cfg.max_context, cfg.rope_theta)
+    attn_gv = kern.get("attention", ops.attention, hq, cfg.num_kv_heads, d, cfg.num_layers,
+                       cfg.max_context)
+    silu_gv = kern.get("silu_mul", ops.silu_mul, f)
+    x = call(kern.get("embed", ops.embed, cfg.vocab_size, e, kern.wdtype),
+             [tokens, params["embed"]], (w, e))
+    for i in range(cfg.num_layers):
+        p = f"layers.{i}."
+        h = call(norm_gv, [x, params[p + "attn_norm"]], (w, e))
+        qkv = call(kern.linear(cfg.qkv_size, e, False), [h, params[p + "wqkv"]], (w, cfg.qkv_size))
+        layer = c.prim_value(c.tir.IntImm("int64", i))
+        res = bb.emit(relax.call_tir_inplace(
+            rope_gv, [qkv, positions, k_cache, v_cache, layer, n],
+            [-1, 2, 3],
+            [tt((hq, w, d), "float32"), k_cache.ty, v_cache.ty]))
+        q = bb.emit(relax.TupleGetItem(res, 0))
+        k_cache = bb.emit(relax.TupleGetItem(res, 1))
+        v_cache = bb.emit(relax.TupleGetItem(res, 2))
+        o = call(attn_gv, [q, k_cache, v_cache, mask, layer, n], (w, hq, d))
+        o = bb.emit(relax.op.reshape(o, (w, hq * d)))
+        x = call(kern.linear(e, hq * d, True), [o, params[p + "wo"], x], (w, e))
+        h = call(norm_gv, [x, params[p + "ffn_norm"]], (w, e))
+        gu = call(kern.linear(2 * f, e, False), [h, params[p + "w_gate_up"]], (w, 2 * f))
+        a = call(silu_gv, [gu], (w, f))
+        x = call(kern.linear(e, f, True), [a, params[p + "w_down"], x], (w, e))
+    rows = w
+    if last_only:
+        x = call(kern.get("take_last", ops.take_last, e), [x], (1, e))
+        rows = 1
+    hidden = call(norm_gv, [x, params["norm"]], (rows, e))
+    head = params["lm_head"] if "lm_head" in params else params["embed"]
+    logits = call(kern.linear(cfg.vocab_size, e, False), [hidden, head], (rows, cfg.vocab_size))
+    ids = call(kern.get("argmax", ops.argmax, cfg.vocab_size), [logits], (rows,), "int32")
+    return logits, hidden, ids, k_cache, v_cache
+
+
+def build_module(cfg: LlamaConfig, wdtype: str = "float32"):
+    """The unscheduled Relax IRModule of the decoder for weight dtype ``wdtype``."""
+    c = compiler()
+    relax, tir, tt = c.relax, c.tir, c.TensorType
+    bb = c.BlockBuilder()
+    kern = _Kernels(bb, cfg, wdtype)
+    k_shape, v_shape = kv_cache_shapes(cfg)
+    specs = param_specs(cfg, wdtype)
+
+    def cache_vars():
+        n = tir.Var("n", "int64")
+        return (relax.Var("k_cache", tt(k_shape, "float32")),
+                relax.Var("v_cache", tt(v_shape, "float32")),
+                relax.Var("cache_len", c.ShapeType([n])), n)
+
+    for fname, last_only in (("prefill", True), ("verify", False)):
+        w = tir.Var("w", "int64")
+        tokens = relax.Var("tokens", tt((w,), "int32"))
+        positions = relax.Var("positions", tt((w,), "int32"))
+        mask = relax.Var("mask", tt((w, w), "int32"))
+        k_cache, v_cache, cache_len, n = cache_vars()
+        pvars = {name: relax.Var(name.replace(".", "_"), tt(shape, dt)) for name, shape, dt in specs}
+        args = [tokens, positions, mask, k_cache, v_cache, cache_len, *pvars.values()]
+        with bb.function(fname, args, attrs={"num_input": NUM_INPUTS}):
+            with bb.dataflow():
+                outs = _forward(bb, kern, cfg, (tokens, positions, mask, k_cache, v_cache,
+                                                c.prim_value(n)), pvars, last_only)
+                out = bb.emit_output(relax.Tuple(list(outs)))
+            bb.emit_func_output(out)
+
+    k_cache, v_cache, cache_len, n = cache_vars()
+    a = tir.Var("a", "int64")
+    accepted = relax.Var("accepted", tt((a,), "int32"))
+    commit_gv = kern.get("kv_commit", script_ops.kv_commit, cfg.num_kv_heads, cfg.head_dim,
+                         cfg.num_layers, cfg.max_context)
+    with bb.function("commit", [k_cache, v_cache, accepted, cache_len]):
+        with bb.dataflow():
+            res = bb.emit(relax.call_tir_inplace(
+                commit_gv, [k_cache, v_cache, accepted, c.prim_value(n)], [0, 1],
+                [k_cache.ty, v_cache.ty]))
+            out = bb.emit_output(res)
+        bb.emit_func_output(out)
+    return bb.finalize()

@@ -1,0 +1,206 @@
+"""The compute definitions (TE and TVMScript) of every kernel the LLaMA model calls.
+
+Each builder returns a ``tirx.PrimFunc`` carrying the attribute ``hetcomp.op_kind``; the
+schedule rules in :mod:`hetcomp.schedules` dispatch on it, the partition passes recognise
+linear layers by it, and the profiler names op classes after it. Shapes with ``w`` (tree or
+prompt rows) and ``n`` (committed cache length) are symbolic, so one compiled kernel serves
+every width and position.
+
+Layouts (chosen for the CPU schedules; see ``pack_linear_weight``):
+- linear weights are packed ``[N // B, K, B]``: a block of B output columns is contiguous per
+  input row, so a GEMV streams the weight once with B-wide vector FMAs;
+- the K cache is transposed, ``k_cache[L, G, D, C]`` (positions contiguous, so scores vectorise
+  over keys) and the V cache is ``v_cache[L, G, C, D]`` (so P.V vectorises over head_dim).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .._tvm import compiler
+
+OP_KIND = "hetcomp.op_kind"
+
+
+def pack_block(n: int) -> int:
+    """The column block B of a packed linear weight with ``n`` output columns."""
+    for b in (32, 16, 8, 4, 2):
+        if n % b == 0:
+            return b
+    return 1
+
+
+def pack_linear_weight(w: np.ndarray, dtype: str = "float32") -> np.ndarray:
+    """``[N, K]`` (HF layout, y = x @ w.T) -> ``[N // B, K, B]``."""
+    n, k = w.shape
+    b = pack_block(n)
+    return np.ascontiguousarray(w.reshape(n // b, b, k).transpose(0, 2, 1)).astype(dtype)
+
+
+def unpack_linear_weight(wp: np.ndarray) -> np.ndarray:
+    nb, k, b = wp.shape
+    return np.ascontiguousarray(wp.transpose(0, 2, 1).reshape(nb * b, k))
+
+
+def _finish(func, kind: str, **attrs):
+    func = func.with_attr(OP_KIND, kind)
+    for k, v in attrs.items():
+        func = func.with_attr(f"hetcomp.{k}", v)
+    return func
+
+
+def _sym(name: str):
+    return compiler().tir.Var(name, "int64")
+
+
+def linear(n: int, k: int, wdtype: str, residual: bool = False):
+    """``y[w, n] = x[w, k] @ W.T (+ r[w, n])`` with W packed ``[n // B, k, B]``."""
+    c = compiler()
+    te, b = c.te, pack_block(n)
+    w = _sym("w")
+    x = te.placeholder((w, k), "float32", name="x")
+    wp = te.placeholder((n // b, k, b), wdtype, name="wp")
+    r = te.reduce_axis((0, k), name="k")
+    y = te.compute(
+        (w, n),
+        lambda i, j: te.sum(x[i, r] * wp[j // b, r, j % b].astype("float32"), axis=r),
+        name="matmul",
+    )
+    args = [x, wp]
+    if residual:
+        res = te.placeholder((w, n), "float32", name="residual")
+        y = te.compute((w, n), lambda i, j: y[i, j] + res[i, j], name="add_residual")
+        args.append(res)
+    return _finish(c.te.create_prim_func([*args, y], index_dtype_override="int64"), "linear", n=n, k=k, block=b,
+                   residual=int(residual))
+
+
+def embed(vocab: int, hidden: int, wdtype: str):
+    """Rows of the packed (tied) embedding table for ``tokens[w]``."""
+    c = compiler()
+    te, b = c.te, pack_block(vocab)
+    w = _sym("w")
+    tokens = te.placeholder((w,), "int32", name="tokens")
+    table = te.placeholder((vocab // b, hidden, b), wdtype, name="table")
+    out = te.compute(
+        (w, hidden),
+        lambda i, e: table[tokens[i] // b, e, tokens[i] % b].astype("float32"),
+        name="embed",
+    )
+    return _finish(te.create_prim_func([tokens, table, out], index_dtype_override="int64"), "embed")
+
+
+def rms_norm(hidden: int, eps: float):
+    c = compiler()
+    te, tir = c.te, c.tir
+    w = _sym("w")
+    x = te.placeholder((w, hidden), "float32", name="x")
+    g = te.placeholder((hidden,), "float32", name="gamma")
+    r = te.reduce_axis((0, hidden), name="k")
+    ss = te.compute((w,), lambda i: te.sum(x[i, r] * x[i, r], axis=r), name="sumsq")
+    scale = te.compute(
+        (w,), lambda i: tir.rsqrt(ss[i] / float(hidden) + tir.const(eps, "float32")), name="rstd"
+    )
+    y = te.compute((w, hidden), lambda i, e: x[i, e] * scale[i] * g[e], name="norm")
+    return _finish(te.create_prim_func([x, g, y], index_dtype_override="int64"), "rms_norm")
+
+
+def silu_mul(inter: int):
+    """``silu(gate) * up`` where the gate_up linear wrote ``[gate | up]`` columns."""
+    c = compiler()
+    te, tir = c.te, c.tir
+    w = _sym("w")
+    gu = te.placeholder((w, 2 * inter), "float32", name="gate_up")
+    y = te.compute(
+        (w, inter),
+        lambda i, j: gu[i, j] / (tir.const(1.0, "float32") + tir.exp(-gu[i, j])) * gu[i, j + inter],
+        name="silu_mul",
+    )
+    return _finish(te.create_prim_func([gu, y], index_dtype_override="int64"), "elementwise")
+
+
+def take_last(hidden: int):
+    c = compiler()
+    te = c.te
+    w = _sym("w")
+    x = te.placeholder((w, hidden), "float32", name="x")
+    y = te.compute((1, hidden), lambda i, e: x[w - 1, e], name="last")
+    return _finish(te.create_prim_func([x, y], index_dtype_override="int64"), "elementwise")
+
+
+def argmax(vocab: int):
+    """Greedy ids per row: the first index of the row maximum (numpy's tie rule)."""
+    c = compiler()
+    te, tir = c.te, c.tir
+    w = _sym("w")
+    logits = te.placeholder((w, vocab), "float32", name="logits")
+    r = te.reduce_axis((0, vocab), name="v")
+
+    def fcombine(x, y):
+        # (index, value): keep the larger value, the smaller index on ties.
+        take_y = tir.any(y[1] > x[1], tir.all(y[1] == x[1], y[0] < x[0]))
+        return tir.Select(take_y, y[0], x[0]), tir.Select(take_y, y[1], x[1])
+
+    def fidentity(t0, t1):
+        return tir.const(-1, t0), tir.min_value(t1)
+
+    amax = te.comm_reducer(fcombine, fidentity, name="argmax")
+    idx, _ = te.compute(
+        (w,), lambda i: amax((r.var.astype("int32"), logits[i, r]), axis=r), name="argmax"
+    )
+    return _finish(te.create_prim_func([logits, idx], index_dtype_override="int64"), "argmax")
+
+
+def attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, context: int):
+    """Tree attention of ``q[H, w, D]`` over the committed cache ``[0, n)`` plus the tree.
+
+    The tree's own K/V sit in the cache at ``[n, n + w)`` (written by ``rope_kv``); node i
+    attends to tree node j where ``mask[i, j] != 0`` (its ancestors and itself). Output
+    ``[w, H, D]``.
+    """
+    c = compiler()
+    te, tir = c.te, c.tir
+    hq, g, d = num_heads, num_kv_heads, head_dim
+    rep = hq // g
+    w, n, layer = _sym("w"), _sym("n"), _sym("layer")
+    q = te.placeholder((hq, w, d), "float32", name="q")
+    kt = te.placeholder((layers, g, d, context), "float32", name="k_cache")
+    vc = te.placeholder((layers, g, context, d), "float32", name="v_cache")
+    mask = te.placeholder((w, w), "int32", name="mask")
+    total = n + w
+    scale = tir.const(1.0 / math.sqrt(d), "float32")
+    rd = te.reduce_axis((0, d), name="d")
+    s = te.compute(
+        (hq, w, total),
+        lambda h, i, j: te.sum(q[h, i, rd] * scale * kt[layer, h // rep, rd, j], axis=rd),
+        name="scores",
+    )
+
+    def valid(i, j):
+        return tir.if_then_else(j < n, tir.const(True), mask[i, tir.max(j - n, 0)] != 0)
+
+    neg = tir.min_value("float32")
+    rj = te.reduce_axis((0, total), name="j")
+    m = te.compute(
+        (hq, w), lambda h, i: te.max(tir.Select(valid(i, rj), s[h, i, rj], neg), axis=rj),
+        name="row_max",
+    )
+    e = te.compute(
+        (hq, w, total),
+        lambda h, i, j: tir.Select(valid(i, j), tir.exp(s[h, i, j] - m[h, i]),
+                                   tir.const(0.0, "float32")),
+        name="exp",
+    )
+    rj2 = te.reduce_axis((0, total), name="j2")
+    z = te.compute((hq, w), lambda h, i: te.sum(e[h, i, rj2], axis=rj2), name="row_sum")
+    rj3 = te.reduce_axis((0, total), name="j3")
+    o = te.compute(
+        (w, hq, d),
+        lambda i, h, dd: te.sum(e[h, i, rj3] * vc[layer, h // rep, rj3, dd], axis=rj3),
+        name="pv",
+    )
+    out = te.compute((w, hq, d), lambda i, h, dd: o[i, h, dd] / z[h, i], name="attn_out")
+    func = te.create_prim_func([q, kt, vc, mask, layer, n, out], index_dtype_override="int64")
+    return _finish(func, "attention")

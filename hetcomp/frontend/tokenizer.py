@@ -1,0 +1,115 @@
+"""A byte-level BPE tokenizer built from a GGUF file's own vocabulary and merges.
+
+The result is a HuggingFace ``tokenizers`` object, serialised into the artifact as
+``tokenizer.json``, so the runtime needs neither the GGUF file nor this module.
+"""
+
+from __future__ import annotations
+
+import json
+
+from ..errors import HetcompError
+
+# Pre-tokenizer regexes by GGUF ``tokenizer.ggml.pre`` (llama.cpp's llama-vocab.cpp).
+_GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_SPLIT_DIGITS = {"smollm", "starcoder", "refact", "codeshell", "exaone", "minerva", "command-r"}
+_TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4
+
+
+def build_tokenizer(spec: dict):
+    """Build a ``tokenizers.Tokenizer`` equal to the model's reference tokenizer."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    tokens = spec["tokens"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = [tuple(m.split(" ", 1)) for m in spec["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    pre = spec.get("pre", "default")
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    split = pre_tokenizers.Split(Regex(_GPT2_REGEX), behavior="isolated", invert=False)
+    steps = [split, byte_level]
+    if pre in _SPLIT_DIGITS:
+        steps.insert(0, pre_tokenizers.Digits(individual_digits=True))
+    elif pre not in ("default", "gpt2", "gpt-2"):
+        raise HetcompError(f"unsupported pre-tokenizer {pre!r}")
+    tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
+    tok.decoder = decoders.ByteLevel()
+    types = spec.get("token_type") or []
+    special = [
+        AddedToken(tokens[i], special=True, normalized=False)
+        for i, t in enumerate(types)
+        if t in (_TOKEN_CONTROL, _TOKEN_USER_DEFINED)
+    ]
+    tok.add_special_tokens(special)
+    return tok
+
+
+def tokenizer_to_json(tok) -> str:
+    return tok.to_str()
+
+
+def load_tokenizer_json(text: str):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(text)
+
+
+def render_chat(template: str | None, prompt: str) -> str:
+    """Render the model's Jinja chat template for one user turn, with the generation prompt."""
+    if not template:
+        raise HetcompError("this model has no chat template; use --prompt without --chat")
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.BaseLoader(), keep_trailing_newline=True)
+    messages = [{"role": "user", "content": prompt}]
+    return env.from_string(template).render(
+        messages=messages, add_generation_prompt=True, bos_token="", eos_token=""
+    )
+
+
+class TokenizerInfo:
+    """The tokenizer plus the ids and template generation needs."""
+
+    def __init__(self, tok, eos_token_id: int | None, bos_token_id: int | None,
+                 add_bos: bool, chat_template: str | None):
+        self.tok = tok
+        self.eos_token_id = eos_token_id
+        self.bos_token_id = bos_token_id
+        self.add_bos = add_bos
+        self.chat_template = chat_template
+
+    def encode(self, text: str, chat: bool = False) -> list[int]:
+        if chat:
+            text = render_chat(self.chat_template, text)
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        if self.add_bos and self.bos_token_id is not None:
+            ids = [self.bos_token_id] + ids
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def to_json(self) -> dict:
+        return {
+            "eos_token_id": self.eos_token_id,
+            "bos_token_id": self.bos_token_id,
+            "add_bos": self.add_bos,
+            "chat_template": self.chat_template,
+        }
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> TokenizerInfo:
+        """From a GGUF tokenizer spec, or an HF folder's (which carries ``tokenizer_json``)."""
+        tok = (load_tokenizer_json(spec["tokenizer_json"]) if "tokenizer_json" in spec
+               else build_tokenizer(spec))
+        return cls(tok, spec.get("eos_token_id"), spec.get("bos_token_id"),
+                   spec.get("add_bos_token", False), spec.get("chat_template"))
+
+    @classmethod
+    def from_files(cls, tokenizer_json: str, meta: dict) -> TokenizerInfo:
+        return cls(load_tokenizer_json(tokenizer_json), meta.get("eos_token_id"),
+                   meta.get("bos_token_id"), meta.get("add_bos", False), meta.get("chat_template"))
+
+
+def json_dumps(obj) -> str:
+    return json.dumps(obj, indent=1, sort_keys=True)

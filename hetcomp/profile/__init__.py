@@ -1,0 +1,1 @@
+"""ARCA: measurement harness (memory bandwidth now; op-class profiles follow)."""

@@ -1,0 +1,6 @@
+"""Load an artifact with the TVM runtime only and run the (speculative) decode loop."""
+
+from .artifact import Artifact, load_artifact
+from .generate import GenerationResult, generate
+
+__all__ = ["Artifact", "load_artifact", "generate", "GenerationResult"]

@@ -1,0 +1,158 @@
+"""Load and validate an artifact folder; holds the VM, the weights and the tokenizer.
+
+Uses only ``tvm.runtime`` names (through :mod:`hetcomp._tvm`), so it works in a
+runtime-only TVM installation (``TVM_USE_RUNTIME_LIB=1``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from .. import _tvm
+from ..codegen.export import FORMAT, manifest_digest, sha256_file
+from ..errors import HetcompError
+from ..frontend.config import LlamaConfig
+from ..frontend.tokenizer import TokenizerInfo
+
+
+def _read_manifest(path: str) -> dict:
+    mpath = os.path.join(path, "manifest.json")
+    if not os.path.isdir(path):
+        raise HetcompError(f"artifact folder not found: {path}")
+    if not os.path.isfile(mpath):
+        raise HetcompError(f"not a hetcomp artifact (no manifest.json): {path}")
+    try:
+        with open(mpath) as fh:
+            manifest = json.load(fh)
+    except (OSError, ValueError) as e:
+        raise HetcompError(f"corrupt manifest.json in {path}: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise HetcompError(f"not a hetcomp artifact (format is not {FORMAT}): {path}")
+    if manifest.get("digest") != manifest_digest(manifest):
+        raise HetcompError(f"manifest.json was edited after compilation: {path}")
+    return manifest
+
+
+def _check_target(manifest: dict) -> None:
+    spec = manifest.get("target_spec", {})
+    if spec.get("kind") != "llvm":
+        return
+    triple = spec.get("mtriple", "")
+    import platform
+
+    machine = platform.machine()
+    arch = triple.split("-")[0] if triple else machine
+    if arch in ("arm64",):
+        arch = "aarch64"
+    if arch != machine:
+        raise HetcompError(
+            f"artifact was built for {arch} but this machine is {machine}: rebuild with "
+            "--target host")
+
+
+class Artifact:
+    """A compiled model: VM functions, weights on the device, tokenizer and metadata."""
+
+    def __init__(self, path: str):
+        self.path = os.path.abspath(path)
+        self.manifest = _read_manifest(self.path)
+        _check_target(self.manifest)
+        files = self.manifest["files"]
+        lib = os.path.join(self.path, "lib.so")
+        pbin = os.path.join(self.path, "params.bin")
+        tjson = os.path.join(self.path, "tokenizer.json")
+        for f in (lib, pbin, tjson):
+            if not os.path.isfile(f):
+                raise HetcompError(f"artifact is missing {os.path.basename(f)}: {self.path}")
+        if os.path.getsize(pbin) != files["params.bin"]["bytes"]:
+            raise HetcompError(f"artifact weights params.bin have the wrong size: {self.path}")
+        if sha256_file(lib) != files["lib.so"]["sha256"]:
+            raise HetcompError(f"artifact library lib.so does not match its manifest: {self.path}")
+        self.config = LlamaConfig.from_dict(self.manifest["config"])
+        self.dtype = self.manifest["dtype"]
+        with open(tjson) as fh:
+            self.tokenizer = TokenizerInfo.from_files(fh.read(), self.manifest["tokenizer"])
+        self.device = _tvm.cpu()
+        try:
+            self.vm = _tvm.virtual_machine(_tvm.load_module(lib), [self.device])
+        except Exception as e:
+            raise HetcompError(f"cannot load artifact library {lib}: {e}") from None
+        raw = np.memmap(pbin, dtype=np.uint8, mode="r")
+        self.params = []
+        self.weight_bytes = 0
+        for p in self.manifest["params"]:
+            arr = raw[p["offset"]: p["offset"] + p["nbytes"]].view(p["dtype"]).reshape(p["shape"])
+            self.params.append(_tvm.tensor(np.ascontiguousarray(arr), self.device))
+            self.weight_bytes += p["nbytes"]
+        self._prefill = self.vm["prefill"]
+        self._verify = self.vm["verify"]
+        self._commit = self.vm["commit"]
+
+    def bytes_per_token(self) -> int:
+        """Weight bytes one decode step reads (the tied embedding is read once, as LM head)."""
+        return self.weight_bytes
+
+    def new_session(self) -> Session:
+        return Session(self)
+
+
+class Session:
+    """One sequence's KV cache and the three compiled functions bound to it."""
+
+    def __init__(self, art: Artifact):
+        from ..frontend.llama import kv_cache_shapes
+
+        self.art = art
+        ks, vs = kv_cache_shapes(art.config)
+        self.k_cache = _tvm.tensor(np.zeros(ks, "float32"), art.device)
+        self.v_cache = _tvm.tensor(np.zeros(vs, "float32"), art.device)
+        self.length = 0
+        self.capacity = art.config.max_context
+
+    def _t(self, arr, dtype="int32"):
+        return _tvm.tensor(np.ascontiguousarray(arr, dtype=dtype), self.art.device)
+
+    def prefill(self, ids, chunk: int = 128):
+        """Fill the cache with ``ids``; returns (greedy next id, last hidden state [1, E])."""
+        ids = np.asarray(ids, "int32")
+        if len(ids) == 0:
+            raise HetcompError("empty prompt")
+        if self.length + len(ids) >= self.capacity:
+            raise HetcompError(
+                f"prompt of {len(ids)} tokens does not fit the context of {self.capacity}")
+        out = None
+        for s in range(0, len(ids), chunk):
+            part = ids[s: s + chunk]
+            w = len(part)
+            out = self.art._prefill(
+                self._t(part), self._t(np.arange(self.length, self.length + w)),
+                self._t(np.tril(np.ones((w, w)))), self.k_cache, self.v_cache,
+                _tvm.shape_tuple([self.length]), *self.art.params)
+            self.k_cache, self.v_cache = out[3], out[4]
+            self.length += w
+        return int(out[2].numpy()[0]), out[1]
+
+    def verify(self, tokens, positions, mask):
+        """Run tree nodes; returns ``(greedy ids [W], hidden [W, E] tensor, logits tensor)``."""
+        w = len(tokens)
+        if self.length + w > self.capacity:
+            raise HetcompError(f"context of {self.capacity} tokens is full")
+        out = self.art._verify(self._t(tokens), self._t(positions), self._t(mask),
+                               self.k_cache, self.v_cache, _tvm.shape_tuple([self.length]),
+                               *self.art.params)
+        self.k_cache, self.v_cache = out[3], out[4]
+        return out[2].numpy(), out[1], out[0]
+
+    def commit(self, accepted):
+        """Keep the accepted tree nodes (indices, root first) and extend the cache by them."""
+        out = self.art._commit(self.k_cache, self.v_cache, self._t(accepted),
+                               _tvm.shape_tuple([self.length]))
+        self.k_cache, self.v_cache = out[0], out[1]
+        self.length += len(accepted)
+
+
+def load_artifact(path: str) -> Artifact:
+    return Artifact(path)

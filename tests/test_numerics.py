@@ -1,0 +1,127 @@
+"""Every compiled function against the independent numpy LLaMA (tiny random configs)."""
+
+import numpy as np
+import numpy_llama as ref
+import pytest
+from conftest import TINY, compile_tiny, depths, tree_mask
+
+from hetcomp.frontend.config import LlamaConfig
+from hetcomp.runtime import load_artifact
+
+RTOL = 1e-4
+
+
+def rel_err(a, b):
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def full_mask(prompt_len, tree):
+    t, w = prompt_len, len(tree)
+    m = np.zeros((t + w, t + w), bool)
+    m[:t, :t] = np.tril(np.ones((t, t), bool))
+    m[t:, :t] = True
+    m[t:, t:] = tree.astype(bool)
+    return m
+
+
+def test_prefill_matches_numpy(tiny_artifact):
+    path, w = tiny_artifact
+    art = load_artifact(path)
+    prompt = [5, 17, 99, 3, 42, 7, 8, 300, 11]
+    sess = art.new_session()
+    nxt, hidden = sess.prefill(prompt)
+    logits, ref_hidden = ref.forward(TINY, w, prompt)
+    assert nxt == int(np.argmax(logits[-1]))
+    assert rel_err(hidden.numpy()[0], ref_hidden[-1]) < RTOL
+    assert sess.length == len(prompt)
+
+
+def test_chunked_prefill_equals_one_shot(tiny_artifact):
+    path, w = tiny_artifact
+    art = load_artifact(path)
+    prompt = list(range(3, 40))
+    a, b = art.new_session(), art.new_session()
+    na, ha = a.prefill(prompt)
+    nb, hb = b.prefill(prompt, chunk=8)
+    assert na == nb
+    np.testing.assert_allclose(ha.numpy(), hb.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("parents", [[-1], [-1, 0, 0, 1, 3, 2], [-1, 0, 1, 2, 0, 4, 0]])
+def test_verify_tree_matches_numpy(tiny_artifact, parents):
+    path, w = tiny_artifact
+    art = load_artifact(path)
+    prompt = [5, 17, 99, 3, 42]
+    sess = art.new_session()
+    sess.prefill(prompt)
+    toks = np.arange(10, 10 + len(parents))
+    mask = tree_mask(parents)
+    pos = depths(parents) + len(prompt)
+    ids, hidden, logits = sess.verify(toks, pos, mask)
+    ref_logits, ref_hidden = ref.forward(
+        TINY, w, np.concatenate([prompt, toks]),
+        positions=np.concatenate([np.arange(len(prompt)), pos]),
+        mask=full_mask(len(prompt), mask))
+    t = len(prompt)
+    assert rel_err(logits.numpy(), ref_logits[t:]) < RTOL
+    assert rel_err(hidden.numpy(), ref_hidden[t:]) < RTOL
+    np.testing.assert_array_equal(ids, ref_logits[t:].argmax(-1))
+
+
+def test_commit_non_trivial_path(tiny_artifact):
+    """Commit a branch that skips nodes; later steps must see exactly that path."""
+    path, w = tiny_artifact
+    art = load_artifact(path)
+    prompt = [9, 8, 7, 6]
+    parents = [-1, 0, 0, 2, 1, 3]  # accepted path 0 -> 2 -> 3 -> 5
+    toks = np.array([40, 41, 42, 43, 44, 45])
+    sess = art.new_session()
+    sess.prefill(prompt)
+    sess.verify(toks, depths(parents) + len(prompt), tree_mask(parents))
+    sess.commit([0, 2, 3, 5])
+    assert sess.length == len(prompt) + 4
+    ids, _, logits = sess.verify([77], [sess.length], np.ones((1, 1)))
+    seq = prompt + [40, 42, 43, 45, 77]
+    ref_logits, _ = ref.forward(TINY, w, seq)
+    assert rel_err(logits.numpy()[0], ref_logits[-1]) < RTOL
+
+
+def test_sequential_generation_matches_numpy_greedy(tiny_artifact):
+    from hetcomp.runtime import generate
+
+    path, w = tiny_artifact
+    art = load_artifact(path)
+    prompt = [12, 200, 31, 4]
+    res = generate(art, prompt, max_new_tokens=12, stop_at_eos=False)
+    assert res.ids == ref.greedy(TINY, w, prompt, 12)
+    assert res.steps == 11 and res.accepted_per_step == 1.0
+
+
+@pytest.mark.parametrize("cfg", [
+    LlamaConfig(hidden_size=96, intermediate_size=160, num_layers=3, num_heads=6,
+                num_kv_heads=1, vocab_size=272, max_context=64, rope_theta=500000.0,
+                tie_embeddings=False),
+    LlamaConfig(hidden_size=48, intermediate_size=64, num_layers=1, num_heads=3,
+                num_kv_heads=3, vocab_size=260, max_context=32, norm_eps=1e-6),
+], ids=["mqa-untied", "mha-odd-sizes"])
+def test_other_configs(tmp_path_factory, cfg):
+    path, w = compile_tiny(tmp_path_factory, cfg, seed=3, name="cfg")
+    art = load_artifact(path)
+    prompt = [7, 100, 250, 3, 9, 10]
+    sess = art.new_session()
+    sess.prefill(prompt[:-2])
+    parents = [-1, 0, 1]
+    toks = np.array(prompt[-2:] + [1])
+    ids, hidden, logits = sess.verify(toks, depths(parents) + 4, tree_mask(parents))
+    ref_logits, _ = ref.forward(cfg, w, prompt + [1])
+    assert rel_err(logits.numpy(), ref_logits[4:]) < RTOL
+
+
+def test_float16_weights(tmp_path_factory):
+    path, w = compile_tiny(tmp_path_factory, TINY, dtype="float16", seed=1, name="fp16")
+    art = load_artifact(path)
+    w16 = {k: v.astype(np.float16).astype(np.float32) if v.ndim == 2 else v for k, v in w.items()}
+    prompt = [1, 2, 3, 50, 60]
+    _, hidden = art.new_session().prefill(prompt)
+    _, ref_hidden = ref.forward(TINY, w16, prompt)
+    assert rel_err(hidden.numpy()[0], ref_hidden[-1]) < RTOL
