@@ -51,10 +51,12 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
     from .build import build
 
     t0 = time.time()
-    _progress(1, 4, f"loading {opts.model}", quiet)
+    # Load (and so validate) the input before printing anything: bad input gets one line.
     cfg, w, spec, source = weights if weights is not None else load_model(opts.model,
                                                                           opts.max_context)
     tok = TokenizerInfo.from_spec(spec)
+    _progress(1, 4, f"loaded {opts.model} ({sum(a.size for a in w.values()) / 1e6:.0f}M "
+                    "parameters)", quiet)
     _progress(2, 4, f"building Relax module ({cfg.num_layers} layers, {opts.dtype})", quiet)
     mod = build_module(cfg, opts.dtype)
     _progress(3, 4, f"scheduling and compiling for {opts.target}", quiet)

@@ -1,0 +1,69 @@
+"""Write tiny LLaMA GGUF files the way llama.cpp's converter does (Q/K rows permuted)."""
+
+import numpy as np
+
+
+def permute_rope(w, n_head):
+    """llama.cpp convert_hf_to_gguf's ``permute`` (HF rotate-half -> interleaved rows)."""
+    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def write_gguf(path, cfg, w, spec, arch="llama", qtype="F32"):
+    """Returns the weights as the file stores them (after quantization round trips)."""
+    import gguf
+
+    qt = getattr(gguf.GGMLQuantizationType, qtype)
+    wr = gguf.GGUFWriter(str(path), arch)
+    wr.add_block_count(cfg.num_layers)
+    wr.add_context_length(cfg.max_context)
+    wr.add_embedding_length(cfg.hidden_size)
+    wr.add_feed_forward_length(cfg.intermediate_size)
+    wr.add_head_count(cfg.num_heads)
+    wr.add_head_count_kv(cfg.num_kv_heads)
+    wr.add_rope_freq_base(cfg.rope_theta)
+    wr.add_layer_norm_rms_eps(cfg.norm_eps)
+    wr.add_vocab_size(cfg.vocab_size)
+    wr.add_tokenizer_model("gpt2")
+    wr.add_tokenizer_pre(spec["pre"])
+    wr.add_token_list(spec["tokens"])
+    wr.add_token_types(spec["token_type"])
+    wr.add_token_merges(spec["merges"])
+    wr.add_eos_token_id(spec["eos_token_id"])
+    stored = {}
+
+    def add(name, ours, arr, permute_heads=None):
+        arr = arr.astype(np.float32)
+        if permute_heads:
+            arr = permute_rope(arr, permute_heads)
+        if arr.ndim == 2 and qtype != "F32":
+            data = gguf.quants.quantize(arr, qt)
+            back = gguf.quants.dequantize(data, qt).reshape(arr.shape)
+            wr.add_tensor(name, data, raw_dtype=qt)
+        else:
+            back = arr
+            wr.add_tensor(name, arr)
+        if permute_heads:  # what the loader should recover: the un-permuted matrix
+            n, k = back.shape
+            back = back.reshape(permute_heads, n // permute_heads // 2, 2, k).swapaxes(1, 2)
+            back = back.reshape(n, k)
+        stored[ours] = np.ascontiguousarray(back, dtype=np.float32)
+
+    add("token_embd.weight", "embed", w["embed"])
+    add("output_norm.weight", "norm", w["norm"])
+    for i in range(cfg.num_layers):
+        p, q = f"blk.{i}.", f"layers.{i}."
+        add(p + "attn_norm.weight", q + "attn_norm", w[q + "attn_norm"])
+        add(p + "attn_q.weight", q + "wq", w[q + "wq"], cfg.num_heads)
+        add(p + "attn_k.weight", q + "wk", w[q + "wk"], cfg.num_kv_heads)
+        add(p + "attn_v.weight", q + "wv", w[q + "wv"])
+        add(p + "attn_output.weight", q + "wo", w[q + "wo"])
+        add(p + "ffn_norm.weight", q + "ffn_norm", w[q + "ffn_norm"])
+        add(p + "ffn_gate.weight", q + "w_gate", w[q + "w_gate"])
+        add(p + "ffn_up.weight", q + "w_up", w[q + "w_up"])
+        add(p + "ffn_down.weight", q + "w_down", w[q + "w_down"])
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+    return stored

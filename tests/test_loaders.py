@@ -1,0 +1,81 @@
+"""GGUF and HF folder import, end to end through compile, against numpy on the stored weights."""
+
+import json
+import struct
+
+import numpy as np
+import numpy_llama as ref
+import pytest
+from conftest import TINY, byte_tokenizer_spec
+from gguf_writer import write_gguf
+
+from hetcomp.codegen.compile import CompileOptions, compile_model
+from hetcomp.frontend import load_model
+from hetcomp.frontend.weights import random_weights
+from hetcomp.runtime import load_artifact
+
+
+@pytest.mark.parametrize("qtype", ["F32", "F16", "Q8_0"])
+def test_gguf_roundtrip(tmp_path, qtype):
+    w = random_weights(TINY, seed=5)
+    stored = write_gguf(tmp_path / "m.gguf", TINY, w, byte_tokenizer_spec(TINY.vocab_size),
+                        qtype=qtype)
+    cfg, loaded, spec, _ = load_model(str(tmp_path / "m.gguf"), max_context=128)
+    assert cfg.num_heads == TINY.num_heads and cfg.num_kv_heads == TINY.num_kv_heads
+    assert cfg.tie_embeddings
+    for name, arr in stored.items():
+        np.testing.assert_array_equal(loaded[name], arr, err_msg=name)
+    if qtype == "F32":  # the permutation is undone exactly
+        np.testing.assert_array_equal(loaded["layers.1.wk"], w["layers.1.wk"])
+    compile_model(CompileOptions(model=str(tmp_path / "m.gguf"), max_context=128),
+                  str(tmp_path / "art"), quiet=True)
+    art = load_artifact(str(tmp_path / "art"))
+    prompt = [4, 80, 120, 33]
+    _, hidden = art.new_session().prefill(prompt)
+    _, ref_hidden = ref.forward(cfg, stored, prompt)
+    np.testing.assert_allclose(hidden.numpy()[0], ref_hidden[-1], rtol=1e-4, atol=1e-4)
+
+
+def _write_safetensors(path, tensors):
+    header, blobs, offset = {}, [], 0
+    for name, arr in tensors.items():
+        data = np.ascontiguousarray(arr, np.float32).tobytes()
+        header[name] = {"dtype": "F32", "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    h = json.dumps(header).encode()
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+
+
+def test_hf_folder(tmp_path):
+    from hetcomp.frontend.tokenizer import build_tokenizer
+
+    w = random_weights(TINY, seed=7)
+    hf = {"model.embed_tokens.weight": w["embed"], "model.norm.weight": w["norm"]}
+    names = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+             "wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj",
+             "wo": "self_attn.o_proj", "w_gate": "mlp.gate_proj", "w_up": "mlp.up_proj",
+             "w_down": "mlp.down_proj"}
+    for i in range(TINY.num_layers):
+        for ours, theirs in names.items():
+            hf[f"model.layers.{i}.{theirs}.weight"] = w[f"layers.{i}.{ours}"]
+    _write_safetensors(tmp_path / "model.safetensors", hf)
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": TINY.hidden_size, "intermediate_size": TINY.intermediate_size,
+        "num_hidden_layers": TINY.num_layers, "num_attention_heads": TINY.num_heads,
+        "num_key_value_heads": TINY.num_kv_heads, "vocab_size": TINY.vocab_size,
+        "rope_theta": TINY.rope_theta, "rms_norm_eps": TINY.norm_eps,
+        "max_position_embeddings": 128, "tie_word_embeddings": True}))
+    (tmp_path / "tokenizer.json").write_text(
+        build_tokenizer(byte_tokenizer_spec(TINY.vocab_size)).to_str())
+    compile_model(CompileOptions(model=str(tmp_path)), str(tmp_path / "art"), quiet=True)
+    art = load_artifact(str(tmp_path / "art"))
+    prompt = [40, 41, 42, 300, 2]
+    nxt, hidden = art.new_session().prefill(prompt)
+    logits, ref_hidden = ref.forward(TINY, w, prompt)
+    assert nxt == int(np.argmax(logits[-1]))
+    np.testing.assert_allclose(hidden.numpy()[0], ref_hidden[-1], rtol=1e-4, atol=1e-4)
+    assert art.tokenizer.decode(art.tokenizer.encode("hi there")) == "hi there"

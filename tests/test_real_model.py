@@ -1,0 +1,83 @@
+"""SmolLM2-135M-Instruct (the packaged GGUF): logits against numpy, tokens against transformers."""
+
+import os
+
+import numpy as np
+import numpy_llama as ref
+import pytest
+
+from hetcomp.runtime import generate, load_artifact
+
+CHAT_PROMPTS = [
+    "What is the capital of France?",
+    "Give me two tips for sleeping better.",
+    "Write a haiku about autumn leaves.",
+]
+TEXTS = [
+    "Hello, world! 12345 The quick brown fox.",
+    "I'm   here\n\nnewline  tabs\tok, don't we'll they've",
+    "def f(x):\n    return x ** 2  # square\n",
+    "Ünïcödé façade — naïve café 東京 🚀",
+    "<|im_start|>user\nhi<|im_end|>",
+]
+
+
+def test_last_position_logits_match_numpy(smollm2_artifact, smollm2_weights):
+    cfg, w, _, _ = smollm2_weights
+    art = load_artifact(smollm2_artifact)
+    prompt = art.tokenizer.encode("The three primary colours are")
+    sess = art.new_session()
+    nxt, hidden = sess.prefill(prompt)
+    _, _, logits = sess.verify([nxt], [sess.length], np.ones((1, 1)))
+    ref_logits, _ = ref.forward(cfg, w, prompt + [nxt])
+    err = np.abs(logits.numpy()[0] - ref_logits[-1]).max() / np.abs(ref_logits[-1]).max()
+    assert err < 1e-4
+
+
+@pytest.fixture(scope="module")
+def hf_reference():
+    """transformers' own GGUF loader: an independent tokenizer and LLaMA implementation."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
+
+    from hetcomp.frontend import default_gguf_path
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    path = default_gguf_path()
+    folder, name = os.path.dirname(path), os.path.basename(path)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype="float32")
+    return tok, model.eval()
+
+
+def _chat_ids(tok, prompt):
+    ids = tok.apply_chat_template([{"role": "user", "content": prompt}],
+                                  add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
+def test_tokenizer_matches_reference(smollm2_artifact, hf_reference):
+    tok, _ = hf_reference
+    art = load_artifact(smollm2_artifact)
+    for text in TEXTS:
+        assert art.tokenizer.encode(text) == tok.encode(text, add_special_tokens=False), text
+    for prompt in CHAT_PROMPTS:
+        assert art.tokenizer.encode(prompt, chat=True) == _chat_ids(tok, prompt)
+
+
+def test_greedy_generation_matches_reference(smollm2_artifact, hf_reference):
+    import torch
+
+    tok, model = hf_reference
+    art = load_artifact(smollm2_artifact)
+    for prompt in CHAT_PROMPTS:
+        ids = art.tokenizer.encode(prompt, chat=True)
+        ours = generate(art, ids, max_new_tokens=32).ids
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)
+        theirs = out[0, len(ids):].tolist()
+        assert ours == theirs, prompt
