@@ -25,7 +25,7 @@ def cmd_compile(args) -> int:
     from .codegen.compile import CompileOptions, compile_model
 
     opts = CompileOptions(model=args.model, dtype=args.dtype, target=args.target,
-                          max_context=args.max_context)
+                          max_context=args.max_context, heads=args.heads)
     compile_model(opts, args.output, quiet=args.quiet)
     return 0
 
@@ -41,7 +41,7 @@ def cmd_generate(args) -> int:
 
     art = load_artifact(args.artifact)
     ids = _prompt_ids(art, args)
-    res = generate(art, ids, max_new_tokens=args.max_new_tokens)
+    res = generate(art, ids, max_new_tokens=args.max_new_tokens, width=args.width)
     if args.json:
         print(json.dumps(res.to_json()))
     else:
@@ -51,7 +51,66 @@ def cmd_generate(args) -> int:
     return 0
 
 
-BENCH_PROMPT = "Write a short story about a robot who learns to paint."
+BENCH_PROMPTS = [
+    "Write a short story about a robot who learns to paint.",
+    "Explain how a refrigerator works, in simple terms.",
+    "What should I pack for a weekend hiking trip?",
+]
+
+
+def _bench_widths(art, widths, new_tokens: int) -> list[dict]:
+    """Per width: tokens/s over the bench prompts, accepted tokens per step, step time."""
+    from .runtime import generate
+
+    prompts = [art.tokenizer.encode(p, chat=True) for p in BENCH_PROMPTS]
+    rows = []
+    for w in widths:
+        generate(art, prompts[0], max_new_tokens=8, stop_at_eos=False, width=w)  # warm-up
+        made, secs, steps, times = 0, 0.0, 0, []
+        for ids in prompts:
+            r = generate(art, ids, max_new_tokens=new_tokens, stop_at_eos=False, width=w,
+                         step_times=times)
+            made += len(r.ids) - 1
+            secs += r.decode_s
+            steps += r.steps
+        tree = art.trees.get(w)
+        rows.append({
+            "width": w,
+            "tokens_per_s": made / secs,
+            "accepted_per_step": made / steps,
+            "expected_accepted_per_step": tree.expected_accept_length if tree else 1.0,
+            "step_ms": 1e3 * statistics.median(times),
+        })
+        print(f"  W={w:3d}  {rows[-1]['tokens_per_s']:6.1f} tokens/s  "
+              f"{rows[-1]['accepted_per_step']:.2f} accepted/step  "
+              f"{rows[-1]['step_ms']:.1f} ms/step", file=sys.stderr, flush=True)
+    return rows
+
+
+def plot_widths(rows, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ws = [r["width"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(ws, [r["tokens_per_s"] for r in rows], marker="o", color="C0", label="tokens/s")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tree width W")
+    ax.set_ylabel("decode tokens/s", color="C0")
+    ax2 = ax.twinx()
+    ax2.plot(ws, [r["accepted_per_step"] for r in rows], marker="s", color="C1",
+             label="accepted/step (measured)")
+    ax2.plot(ws, [r["expected_accepted_per_step"] for r in rows], ls="--", color="C1",
+             label="accepted/step (expected)")
+    ax2.set_ylabel("tokens per verify step", color="C1")
+    fig.legend(loc="upper left", bbox_to_anchor=(0.12, 0.88))
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def cmd_bench(args) -> int:
@@ -59,7 +118,7 @@ def cmd_bench(args) -> int:
     from .runtime import generate, load_artifact
 
     art = load_artifact(args.artifact)
-    ids = art.tokenizer.encode(BENCH_PROMPT, chat=True)
+    ids = art.tokenizer.encode(BENCH_PROMPTS[0], chat=True)
     generate(art, ids, max_new_tokens=8, stop_at_eos=False)  # warm-up
     runs = [generate(art, ids, max_new_tokens=args.new_tokens, stop_at_eos=False)
             for _ in range(args.runs)]
@@ -81,11 +140,53 @@ def cmd_bench(args) -> int:
         "roofline_tokens_per_s": bw * 1e9 / per_token,
         "roofline_fraction": tps * per_token / (bw * 1e9),
     }
+    if args.widths:
+        widths = [int(w) for w in args.widths.split(",")]
+        bad = [w for w in widths if w != 1 and w not in art.trees]
+        if bad:
+            raise HetcompError(f"widths {bad} are not in this artifact (compile with --heads)")
+        rows = _bench_widths(art, widths, args.new_tokens)
+        best = max(rows, key=lambda r: r["tokens_per_s"])
+        base = next((r for r in rows if r["width"] == 1), rows[0])
+        report["widths"] = rows
+        report["best_width"] = best["width"]
+        report["speedup_best_vs_w1"] = best["tokens_per_s"] / base["tokens_per_s"]
+        plot = args.plot or os.path.join(art.path, "bench_widths.png")
+        plot_widths(rows, plot, f"{art.manifest['model']} ({art.dtype}): speculative decoding")
+        report["plot"] = plot
     if args.json:
         print(json.dumps(report))
     else:
         for k, v in report.items():
+            if k == "widths":
+                continue
             print(f"{k:28s} {v:.4g}" if isinstance(v, float) else f"{k:28s} {v}")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    import tempfile
+
+    from .codegen.compile import CompileOptions, compile_model
+    from .frontend import load_model
+    from .runtime import load_artifact
+    from .speculative.calibrate import CalibrateOptions, calibrate, plot_statistics
+
+    opts = CalibrateOptions(corpus=args.corpus, num_heads=args.num_heads,
+                            new_tokens=args.new_tokens, epochs=args.epochs, seed=args.seed,
+                            max_prompts=args.max_prompts)
+    loaded = load_model(args.model)
+    with tempfile.TemporaryDirectory() as tmp:
+        compile_model(CompileOptions(model=args.model), f"{tmp}/art", weights=loaded)
+        art = load_artifact(f"{tmp}/art")
+        heads = calibrate(art, loaded[1]["embed"], opts)
+    out = args.output if args.output.endswith(".npz") else args.output + ".npz"
+    heads.save(out)
+    plot_statistics(heads, out[:-4] + ".png")
+    tau = heads.info["tau"]
+    print(json.dumps({"heads": out, "plot": out[:-4] + ".png",
+                      "topk_accuracy_top1": [round(a[0], 4) for a in heads.info["topk_accuracy"]],
+                      "tau": {k: round(v, 3) for k, v in tau.items()}}))
     return 0
 
 
@@ -112,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target", default="host")
     c.add_argument("--dtype", default="float32", help="weight dtype: float32 | float16")
     c.add_argument("--max-context", type=int, default=2048, help="KV cache capacity (tokens)")
+    c.add_argument("--heads", help="Medusa heads (.npz) from `hetcomp calibrate`")
     c.add_argument("-o", "--output", required=True)
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=cmd_compile)
@@ -123,13 +225,27 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt-ids")
     g.add_argument("--chat", action="store_true", help="render the model's chat template")
     g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--width", type=int, default=1, help="token-tree width (1: no speculation)")
     g.add_argument("--json", action="store_true")
     g.set_defaults(func=cmd_generate)
+
+    k = sub.add_parser("calibrate", help="train Medusa heads by self-distillation")
+    k.add_argument("--model", default="smollm2")
+    k.add_argument("--corpus", default="mtbench", help="mtbench | FILE (one prompt per line)")
+    k.add_argument("--num-heads", type=int, default=4)
+    k.add_argument("--new-tokens", type=int, default=96)
+    k.add_argument("--epochs", type=int, default=3)
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--max-prompts", type=int, default=0)
+    k.add_argument("-o", "--output", required=True)
+    k.set_defaults(func=cmd_calibrate)
 
     b = sub.add_parser("bench", help="decode speed, bandwidth and roofline fraction")
     b.add_argument("artifact")
     b.add_argument("--runs", type=int, default=5)
     b.add_argument("--new-tokens", type=int, default=64)
+    b.add_argument("--widths", help="comma-separated tree widths, e.g. 1,2,4,8,16,32,64")
+    b.add_argument("--plot", help="PNG of tokens/s and accepted length against W")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
 

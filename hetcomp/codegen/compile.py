@@ -25,6 +25,8 @@ class CompileOptions:
     dtype: str = "float32"
     target: str = "host"
     max_context: int = 2048
+    heads: str | None = None  # Medusa heads file (.npz) from `hetcomp calibrate`
+    widths: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 
     def __post_init__(self):
         if self.dtype not in WEIGHT_DTYPES:
@@ -46,7 +48,9 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
     ``weights`` = ``(config, float32 weights, tokenizer spec, source)`` skips loading (tests).
     """
     from .._tvm import compiler
-    from ..frontend.llama import build_module
+    from ..frontend.llama import build_module, medusa_param_specs
+    from ..speculative.medusa import MedusaHeads
+    from ..speculative.tree import build_tree
     from ..frontend.tokenizer import TokenizerInfo
     from .build import build
 
@@ -55,16 +59,38 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
     cfg, w, spec, source = weights if weights is not None else load_model(opts.model,
                                                                           opts.max_context)
     tok = TokenizerInfo.from_spec(spec)
+    heads = MedusaHeads.load(opts.heads) if opts.heads else None
+    if heads is not None and heads.w.shape[1] != cfg.hidden_size:
+        raise HetcompError(f"Medusa heads {opts.heads} do not fit this model's hidden size")
     _progress(1, 4, f"loaded {opts.model} ({sum(a.size for a in w.values()) / 1e6:.0f}M "
                     "parameters)", quiet)
     _progress(2, 4, f"building Relax module ({cfg.num_layers} layers, {opts.dtype})", quiet)
-    mod = build_module(cfg, opts.dtype)
+    mod = build_module(cfg, opts.dtype, heads.num_heads if heads else 0)
     _progress(3, 4, f"scheduling and compiling for {opts.target}", quiet)
     target = compiler().Target(target_dict(opts.target))
     ex = build(mod, target)
     _progress(4, 4, f"packing weights and writing {out_dir}", quiet)
     packed = pack_weights(cfg, w, opts.dtype)
-    params = [(name, packed[name]) for name, _, _ in param_specs(cfg, opts.dtype)]
+    from ..frontend.ops import pack_linear_weight
+
+    model_params = [name for name, _, _ in param_specs(cfg, opts.dtype)]
+    params = [(name, packed[name]) for name in model_params]
+    functions = {"prefill": model_params, "verify": model_params, "commit": []}
+    speculative = None
+    if heads is not None:
+        mparams = []
+        for k in range(heads.num_heads):
+            params.append((f"medusa.{k}.w", pack_linear_weight(heads.w[k], opts.dtype)))
+            params.append((f"medusa.{k}.b", heads.b[k].astype("float32")))
+            mparams += [f"medusa.{k}.w", f"medusa.{k}.b"]
+        assert mparams == [n for n, _, _ in medusa_param_specs(cfg, heads.num_heads, opts.dtype)]
+        functions["medusa"] = ["embed" if cfg.tie_embeddings else "lm_head", *mparams]
+        speculative = {
+            "num_heads": heads.num_heads,
+            "rank_probs": heads.rank_probs.tolist(),
+            "heads_info": heads.info,
+            "trees": {str(w): build_tree(heads.rank_probs, w).to_json() for w in opts.widths},
+        }
     manifest = {
         "model": opts.model if opts.model == "smollm2" else os.path.basename(opts.model),
         "source": source_info(source),
@@ -73,9 +99,10 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
         "target": opts.target,
         "target_spec": target_dict(opts.target),
         "units": ["cpu"],
-        "functions": ["prefill", "verify", "commit"],
+        "functions": functions,
         "tokenizer": tok.to_json(),
-        "widths": [1],
+        "widths": list(opts.widths) if heads is not None else [1],
+        "speculative": speculative,
     }
     path = export_artifact(out_dir, ex, params, tok.tok.to_str(), manifest)
     if not quiet:

@@ -97,8 +97,48 @@ def _forward(bb, kern: _Kernels, cfg: LlamaConfig, inputs, params: dict, last_on
     return logits, hidden, ids, k_cache, v_cache
 
 
-def build_module(cfg: LlamaConfig, wdtype: str = "float32"):
-    """The unscheduled Relax IRModule of the decoder for weight dtype ``wdtype``."""
+def medusa_param_specs(cfg: LlamaConfig, num_heads: int, wdtype: str):
+    e = cfg.hidden_size
+    b = ops.pack_block(e)
+    specs = []
+    for k in range(num_heads):
+        specs += [(f"medusa.{k}.w", (e // b, e, b), wdtype), (f"medusa.{k}.b", (e,), "float32")]
+    return specs
+
+
+def _add_medusa(bb, kern: _Kernels, cfg: LlamaConfig, num_heads: int, wdtype: str):
+    """``medusa(hidden[1, E], lm_head, w_0, b_0, ...) -> logits[K, V]`` of the K heads."""
+    c = compiler()
+    relax, tt = c.relax, c.TensorType
+    e, v = cfg.hidden_size, cfg.vocab_size
+    hidden = relax.Var("hidden", tt((1, e), "float32"))
+    head_name = "embed" if cfg.tie_embeddings else "lm_head"
+    head_shape = next(s for n, s, _ in param_specs(cfg, wdtype) if n == head_name)
+    lm_head = relax.Var("lm_head", tt(head_shape, wdtype))
+    pvars = [relax.Var(n.replace(".", "_"), tt(s, d))
+             for n, s, d in medusa_param_specs(cfg, num_heads, wdtype)]
+    act_gv = kern.get("medusa_act", ops.medusa_act, e)
+    with bb.function("medusa", [hidden, lm_head, *pvars], attrs={"num_input": 1}):
+        with bb.dataflow():
+            outs = []
+            for k in range(num_heads):
+                z = bb.emit(relax.call_tir(kern.linear(e, e, False), [hidden, pvars[2 * k]],
+                                           tt((1, e), "float32")))
+                outs.append(bb.emit(relax.call_tir(act_gv, [hidden, z, pvars[2 * k + 1]],
+                                                   tt((1, e), "float32"))))
+            stacked = bb.emit(relax.op.concat(outs, axis=0))
+            logits = bb.emit(relax.call_tir(kern.linear(v, e, False), [stacked, lm_head],
+                                            tt((num_heads, v), "float32")))
+            out = bb.emit_output(logits)
+        bb.emit_func_output(out)
+
+
+def build_module(cfg: LlamaConfig, wdtype: str = "float32", medusa_heads: int = 0):
+    """The unscheduled Relax IRModule of the decoder for weight dtype ``wdtype``.
+
+    With ``medusa_heads = K > 0`` it also has ``medusa(hidden[1, E], lm_head, w_0, b_0, ...)``
+    returning the K heads' logits ``[K, V]``.
+    """
     c = compiler()
     relax, tir, tt = c.relax, c.tir, c.TensorType
     bb = c.BlockBuilder()
@@ -139,4 +179,6 @@ def build_module(cfg: LlamaConfig, wdtype: str = "float32"):
                 [k_cache.ty, v_cache.ty]))
             out = bb.emit_output(res)
         bb.emit_func_output(out)
+    if medusa_heads:
+        _add_medusa(bb, kern, cfg, medusa_heads, wdtype)
     return bb.finalize()

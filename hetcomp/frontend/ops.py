@@ -204,3 +204,20 @@ def attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, con
     out = te.compute((w, hq, d), lambda i, h, dd: o[i, h, dd] / z[h, i], name="attn_out")
     func = te.create_prim_func([q, kt, vc, mask, layer, n, out], index_dtype_override="int64")
     return _finish(func, "attention")
+
+
+def medusa_act(hidden: int):
+    """``h + SiLU(z + b)``: the residual SiLU block of a Medusa head."""
+    c = compiler()
+    te, tir = c.te, c.tir
+    w = _sym("w")
+    h = te.placeholder((w, hidden), "float32", name="h")
+    z = te.placeholder((w, hidden), "float32", name="z")
+    b = te.placeholder((hidden,), "float32", name="bias")
+    y = te.compute(
+        (w, hidden),
+        lambda i, e: h[i, e] + (z[i, e] + b[e]) / (
+            tir.const(1.0, "float32") + tir.exp(-(z[i, e] + b[e]))),
+        name="medusa_act")
+    return _finish(te.create_prim_func([h, z, b, y], index_dtype_override="int64"),
+                   "elementwise")

@@ -81,15 +81,37 @@ class Artifact:
         except Exception as e:
             raise HetcompError(f"cannot load artifact library {lib}: {e}") from None
         raw = np.memmap(pbin, dtype=np.uint8, mode="r")
-        self.params = []
-        self.weight_bytes = 0
+        by_name = {}
         for p in self.manifest["params"]:
             arr = raw[p["offset"]: p["offset"] + p["nbytes"]].view(p["dtype"]).reshape(p["shape"])
-            self.params.append(_tvm.tensor(np.ascontiguousarray(arr), self.device))
-            self.weight_bytes += p["nbytes"]
+            by_name[p["name"]] = _tvm.tensor(np.ascontiguousarray(arr), self.device)
+        funcs = self.manifest["functions"]
+        try:
+            self.params = [by_name[n] for n in funcs["verify"]]
+            self.medusa_params = [by_name[n] for n in funcs.get("medusa", [])]
+        except KeyError as e:
+            raise HetcompError(f"artifact weights lack parameter {e}: {self.path}") from None
+        self.weight_bytes = sum(p["nbytes"] for p in self.manifest["params"]
+                                if p["name"] in set(funcs["verify"]))
         self._prefill = self.vm["prefill"]
         self._verify = self.vm["verify"]
         self._commit = self.vm["commit"]
+        spec = self.manifest.get("speculative")
+        self.trees = {}
+        self._medusa = None
+        if spec:
+            from ..speculative.tree import Tree
+
+            self.trees = {int(w): Tree.from_json(t) for w, t in spec["trees"].items()}
+            self._medusa = self.vm["medusa"]
+        self.widths = sorted(self.trees) if self.trees else [1]
+
+    def medusa_candidates(self, hidden, topk: int) -> np.ndarray:
+        """``[K, topk]`` candidate ids of the Medusa heads for one hidden state ``[1, E]``."""
+        logits = self._medusa(hidden, *self.medusa_params).numpy()
+        top = np.argpartition(-logits, topk - 1, axis=-1)[:, :topk]
+        order = np.take_along_axis(logits, top, -1).argsort(-1)[:, ::-1]
+        return np.take_along_axis(top, order, -1)
 
     def bytes_per_token(self) -> int:
         """Weight bytes one decode step reads (the tied embedding is read once, as LM head)."""

@@ -1,0 +1,135 @@
+"""``hetcomp calibrate``: self-distillation data from the compiled model, Medusa heads, statistics."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+
+import numpy as np
+
+from ..errors import HetcompError
+from .corpus import load_corpus
+from .medusa import TOPK, MedusaHeads, rank_statistics, train_heads
+from .tree import build_tree
+
+WIDTHS = (1, 2, 4, 8, 16, 32, 64)
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrateOptions:
+    corpus: str = "mtbench"
+    num_heads: int = 4
+    new_tokens: int = 96  # generated tokens per prompt
+    held_out: float = 0.15
+    epochs: int = 3
+    seed: int = 0
+    max_prompts: int = 0  # 0: all
+
+
+def collect(art, prompts, new_tokens: int, progress: bool = True):
+    """Greedy-generate from each prompt; rows are (hidden state, the tokens that follow it)."""
+    from .. import _tvm
+
+    eos = art.tokenizer.eos_token_id
+    feats, seqs = [], []
+    t0 = time.time()
+    for i, prompt in enumerate(prompts):
+        ids = art.tokenizer.encode(prompt, chat=art.tokenizer.chat_template is not None)
+        if len(ids) + new_tokens + 1 >= art.config.max_context:
+            continue
+        sess = art.new_session()
+        nxt, hidden = sess.prefill(ids)
+        hs, toks = [hidden.numpy()[0]], [nxt]
+        one, zero = np.ones((1, 1), "int32"), np.zeros(1, "int32")
+        while len(toks) < new_tokens and toks[-1] != eos:
+            g, h, _ = sess.verify([toks[-1]], [sess.length], one)
+            sess.commit(zero)
+            hs.append(h.numpy()[0])
+            toks.append(int(g[0]))
+        feats.append(np.stack(hs))
+        seqs.append(np.asarray(toks))
+        if progress:
+            rate = sum(len(s) for s in seqs) / (time.time() - t0)
+            print(f"\r  generating {i + 1}/{len(prompts)} prompts ({rate:.0f} tokens/s)", end="",
+                  file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    del _tvm
+    return feats, seqs
+
+
+def make_targets(feats, seqs, num_heads: int):
+    """Row j of a prompt (hidden state that predicts token j) -> tokens j + 1 .. j + K (-1: past the end)."""
+    hs, ts = [], []
+    for h, s in zip(feats, seqs):
+        n = len(s)
+        t = np.full((n, num_heads), -1, np.int64)
+        for k in range(num_heads):
+            t[: max(n - 1 - k, 0), k] = s[1 + k:]
+        hs.append(h)
+        ts.append(t)
+    return np.concatenate(hs).astype(np.float32), np.concatenate(ts)
+
+
+def calibrate(art, embed: np.ndarray, opts: CalibrateOptions, progress: bool = True):
+    """Train Medusa heads on the artifact's own greedy outputs; returns MedusaHeads."""
+    prompts = load_corpus(opts.corpus)
+    rng = np.random.default_rng(opts.seed)
+    order = rng.permutation(len(prompts))
+    if opts.max_prompts:
+        order = order[: opts.max_prompts]
+    n_held = max(1, int(round(len(order) * opts.held_out)))
+    held, train = [prompts[i] for i in order[:n_held]], [prompts[i] for i in order[n_held:]]
+    if not train:
+        raise HetcompError("the corpus is too small to split into training and held-out prompts")
+    if progress:
+        print(f"[1/3] self-distillation data: {len(train)} training, {len(held)} held-out prompts",
+              file=sys.stderr)
+    ftr, str_ = collect(art, train, opts.new_tokens, progress)
+    fho, sho = collect(art, held, opts.new_tokens, progress)
+    xtr, ytr = make_targets(ftr, str_, opts.num_heads)
+    xho, yho = make_targets(fho, sho, opts.num_heads)
+    if progress:
+        print(f"[2/3] training {opts.num_heads} heads on {len(xtr)} rows", file=sys.stderr)
+    w, b = train_heads(xtr, ytr, embed, opts.num_heads, epochs=opts.epochs, seed=opts.seed,
+                       progress=progress)
+    if progress:
+        print(f"[3/3] held-out statistics on {len(xho)} rows", file=sys.stderr)
+    heads = MedusaHeads(w, b, np.zeros((opts.num_heads, TOPK)), {})
+    logits = np.einsum("kne,ve->knv", heads.hidden(xho), embed)
+    heads.rank_probs = rank_statistics(logits, yho)
+    heads.info = {
+        "corpus": opts.corpus, "seed": opts.seed, "epochs": opts.epochs,
+        "new_tokens": opts.new_tokens, "train_rows": int(len(xtr)), "held_out_rows": int(len(xho)),
+        "train_prompts": len(train), "held_out_prompts": len(held),
+        "topk_accuracy": np.cumsum(heads.rank_probs, axis=1).tolist(),
+        "tau": {str(wd): build_tree(heads.rank_probs, wd).expected_accept_length for wd in WIDTHS},
+    }
+    return heads
+
+
+def plot_statistics(heads: MedusaHeads, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    acc = np.cumsum(heads.rank_probs, axis=1)
+    for k in range(heads.num_heads):
+        a.plot(range(1, acc.shape[1] + 1), acc[k], marker="o", label=f"head {k + 1} (t+{k + 2})")
+    a.set_xlabel("top-k")
+    a.set_ylabel("held-out accuracy")
+    a.legend()
+    a.grid(alpha=0.3)
+    ws = list(WIDTHS)
+    b.plot(ws, [build_tree(heads.rank_probs, w).expected_accept_length for w in ws], marker="o")
+    b.set_xscale("log", base=2)
+    b.set_xlabel("tree width W")
+    b.set_ylabel("expected accepted tokens per step")
+    b.grid(alpha=0.3)
+    fig.suptitle("Medusa heads: held-out statistics")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

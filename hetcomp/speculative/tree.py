@@ -1,0 +1,120 @@
+"""Token trees for Medusa verification, kept as data (parent index and head/rank per node).
+
+Node 0 is the root: the token the base model already chose. A node at depth d >= 1 takes the
+``rank``-th candidate of Medusa head ``d - 1``. Nodes are in topological (BFS) order, so a
+node's parent has a smaller index, as ``commit`` requires.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Tree:
+    parents: tuple[int, ...]
+    ranks: tuple[int, ...]  # candidate rank per node (-1 for the root)
+    probs: tuple[float, ...]  # modelled acceptance probability per node (1 for the root)
+
+    @property
+    def width(self) -> int:
+        return len(self.parents)
+
+    @property
+    def depths(self) -> np.ndarray:
+        d = np.zeros(self.width, "int32")
+        for i, p in enumerate(self.parents):
+            d[i] = 0 if p < 0 else d[p] + 1
+        return d
+
+    @property
+    def heads(self) -> np.ndarray:
+        """Medusa head per node (depth - 1; -1 for the root)."""
+        return self.depths - 1
+
+    def mask(self) -> np.ndarray:
+        """``[W, W]`` int32: node i attends to node j iff j is i or an ancestor of i."""
+        m = np.zeros((self.width, self.width), "int32")
+        for i in range(self.width):
+            j = i
+            while j >= 0:
+                m[i, j] = 1
+                j = self.parents[j]
+        return m
+
+    def children(self) -> list[list[int]]:
+        ch: list[list[int]] = [[] for _ in range(self.width)]
+        for i, p in enumerate(self.parents):
+            if p >= 0:
+                ch[p].append(i)
+        return ch
+
+    @property
+    def expected_accept_length(self) -> float:
+        return float(sum(self.probs))
+
+    def to_json(self) -> dict:
+        return {"parents": list(self.parents), "ranks": list(self.ranks),
+                "probs": list(self.probs), "tau": self.expected_accept_length}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Tree:
+        return cls(tuple(d["parents"]), tuple(d["ranks"]), tuple(d["probs"]))
+
+
+def build_tree(rank_probs: np.ndarray, width: int) -> Tree:
+    """The tree of ``width`` nodes that maximises the expected accepted length.
+
+    ``rank_probs[k, r]`` is the probability that head k's rank-r candidate is the token the
+    base model will choose (measured on held-out data). Under Medusa's independence model a
+    node's acceptance probability is the product along its path; it never exceeds its
+    parent's, so the ``width - 1`` most probable paths form a tree and maximise
+    ``tau = sum of node probabilities`` (best-first search over paths).
+    """
+    if width < 1:
+        raise ValueError("width must be >= 1")
+    probs = np.asarray(rank_probs, dtype=np.float64)
+    heads, top = probs.shape
+    # Paths are tuples of ranks; the heap yields them in decreasing probability.
+    chosen: list[tuple[tuple[int, ...], float]] = []
+    heap = [(-probs[0, 0], (0,))] if heads and top else []
+    while heap and len(chosen) < width - 1:
+        negp, path = heapq.heappop(heap)
+        chosen.append((path, -negp))
+        d = len(path)
+        # Next sibling (same parent, next rank) and first child (next head, rank 0).
+        if path[-1] + 1 < top:
+            parent_p = -negp / probs[d - 1, path[-1]] if probs[d - 1, path[-1]] > 0 else 0.0
+            sib = path[:-1] + (path[-1] + 1,)
+            heapq.heappush(heap, (-parent_p * probs[d - 1, path[-1] + 1], sib))
+        if d < heads:
+            heapq.heappush(heap, (negp * probs[d, 0], path + (0,)))
+    chosen.sort(key=lambda x: (len(x[0]), -x[1], x[0]))
+    index = {(): 0}
+    parents, ranks, node_probs = [-1], [-1], [1.0]
+    for path, p in chosen:
+        index[path] = len(parents)
+        parents.append(index[path[:-1]])
+        ranks.append(path[-1])
+        node_probs.append(float(p))
+    return Tree(tuple(parents), tuple(ranks), tuple(node_probs))
+
+
+def expected_accept_length(rank_probs: np.ndarray, width: int) -> float:
+    return build_tree(rank_probs, width).expected_accept_length
+
+
+def accept_path(tree: Tree, tokens, greedy_ids) -> list[int]:
+    """Walk the tree greedily: follow the child whose token the base model chose at its parent."""
+    children = tree.children()
+    path, u = [0], 0
+    while True:
+        want = int(greedy_ids[u])
+        nxt = next((c for c in children[u] if int(tokens[c]) == want), None)
+        if nxt is None:
+            return path
+        path.append(nxt)
+        u = nxt

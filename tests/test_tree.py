@@ -1,0 +1,62 @@
+"""Token trees: optimality on hand-made statistics, masks, positions and acceptance walks."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from hetcomp.speculative.tree import Tree, accept_path, build_tree
+
+
+def brute_force_tau(probs, width):
+    """Best tau over every prefix-closed set of width - 1 paths (small cases only)."""
+    heads, top = probs.shape
+    paths = [p for d in range(1, heads + 1) for p in itertools.product(range(top), repeat=d)]
+    best = 1.0
+    for subset in itertools.combinations(paths, width - 1):
+        s = set(subset)
+        if any(len(p) > 1 and p[:-1] not in s for p in s):
+            continue
+        best = max(best, 1.0 + sum(np.prod([probs[i, r] for i, r in enumerate(p)]) for p in s))
+    return best
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("width", [1, 2, 3, 4, 5])
+def test_greedy_tree_is_optimal(seed, width):
+    rng = np.random.default_rng(seed)
+    probs = np.sort(rng.dirichlet(np.ones(4), size=2)[:, :3], axis=1)[:, ::-1]
+    tree = build_tree(probs, width)
+    assert tree.width == width
+    assert tree.expected_accept_length == pytest.approx(brute_force_tau(probs, width))
+
+
+def test_known_tree():
+    probs = np.array([[0.6, 0.2, 0.1], [0.5, 0.2, 0.1], [0.4, 0.1, 0.1]])
+    t = build_tree(probs, 4)
+    # Paths by probability: (0)=.6, (0,0)=.3, (1)=.2 -> tau = 2.1
+    assert t.parents == (-1, 0, 0, 1)
+    assert t.ranks == (-1, 0, 1, 0)
+    assert t.expected_accept_length == pytest.approx(2.1)
+    np.testing.assert_array_equal(t.depths, [0, 1, 1, 2])
+    np.testing.assert_array_equal(t.heads, [-1, 0, 0, 1])
+    np.testing.assert_array_equal(t.mask(), [[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0],
+                                             [1, 1, 0, 1]])
+
+
+def test_tau_grows_with_width_and_parents_precede_children():
+    probs = np.array([[0.7, 0.1, 0.05, 0.02], [0.6, 0.1, 0.05, 0.02], [0.5, 0.1, 0.05, 0.02]])
+    taus = [build_tree(probs, w).expected_accept_length for w in (1, 2, 4, 8, 16, 32, 64)]
+    assert taus == sorted(taus) and taus[0] == 1.0
+    t = build_tree(probs, 64)
+    assert all(p < i for i, p in enumerate(t.parents) if p >= 0)
+    assert Tree.from_json(t.to_json()) == t
+
+
+def test_accept_path():
+    t = Tree(parents=(-1, 0, 0, 1, 2), ranks=(-1, 0, 1, 0, 0), probs=(1, .5, .2, .3, .1))
+    tokens = [10, 11, 12, 13, 14]
+    # Base model's greedy choice after each node.
+    assert accept_path(t, tokens, [12, 0, 14, 0, 99]) == [0, 2, 4]
+    assert accept_path(t, tokens, [11, 13, 0, 7, 0]) == [0, 1, 3]
+    assert accept_path(t, tokens, [55, 0, 0, 0, 0]) == [0]
