@@ -24,6 +24,11 @@ def cpu():
     return runtime.device("cpu", 0)
 
 
+def device(kind: str, index: int = 0):
+    """A runtime device by kind name (``cpu``, ``cuda``, ...)."""
+    return runtime.device(kind, index)
+
+
 def tensor(array, device=None):
     """A TVM runtime tensor from a numpy array (``tvm.nd.array`` before 0.27)."""
     return runtime.tensor(array, device if device is not None else cpu())
@@ -52,7 +57,11 @@ class _Compiler:
     def __init__(self) -> None:
         from tvm import relax, s_tir, te, tirx
         from tvm.s_tir import dlight
+        from tvm.script.ir_builder import IRBuilder
+        from tvm.script.ir_builder.tirx import prim_func as build_prim_func
+        from tvm.support import cc
         from tvm.target import Target
+        from tvm.target.codegen import llvm_cpu_has_features
 
         self.relax = relax
         self.te = te
@@ -67,12 +76,31 @@ class _Compiler:
         self.TensorType = relax.TensorType  # StructInfo -> Type in 0.27
         self.ShapeType = relax.ShapeType
         self.prim_value = relax.prim_value  # relax.PrimValue before 0.27
+        self.PyExprMutator = relax.PyExprMutator
+        self.mutator = relax.expr_functor.mutator
+        self.VDevice = relax.VDevice
+        self.call_tir_op = tvm.ir.Op.get("relax.call_tir")
+        self.module_pass = tvm.transform.module_pass
+        self.Op = tvm.ir.Op
+        self.tvm = tvm
+        self.Constant = type(relax.const(0.0))  # relax.Constant -> ir GenericConst in 0.27
         self.TupleType = relax.TupleType
         self.compile = tvm.compile
         self.IRModule = tvm.IRModule
         self.transform = tvm.transform
         self.IS_SCHEDULED = "tirx.is_scheduled"
         self.assert_structural_equal = tvm.ir.assert_structural_equal
+        self.TensorIntrin = s_tir.TensorIntrin  # tvm.tir.TensorIntrin before 0.27
+        self.IRBuilder = IRBuilder
+        self.build_prim_func = build_prim_func  # the IRBuilder frame of a PrimFunc
+        self.cc = cc  # tvm.contrib.cc before 0.27
+        self.llvm_cpu_has_features = llvm_cpu_has_features
+
+    @staticmethod
+    def same_vdevice(a, b) -> bool:
+        """VDevice equality (``VDevice.same_as`` recurses forever in 0.27)."""
+        return (int(a.vdevice_id) == int(b.vdevice_id) and str(a.target) == str(b.target)
+                and str(a.memory_scope) == str(b.memory_scope))
 
     def get_sblock(self, sch, name: str):
         return sch.get_sblock(name)  # T.block -> T.sblock in 0.27

@@ -25,9 +25,22 @@ def cmd_compile(args) -> int:
     from .codegen.compile import CompileOptions, compile_model
 
     opts = CompileOptions(model=args.model, dtype=args.dtype, target=args.target,
-                          max_context=args.max_context, heads=args.heads)
+                          max_context=args.max_context, heads=args.heads,
+                          plan=_load_plan(args.plan) if args.plan else None)
     compile_model(opts, args.output, quiet=args.quiet)
     return 0
+
+
+def _load_plan(path: str):
+    """A plan file from `hetcomp tune` (its ``partition`` entry) or a bare HeteroPlan JSON."""
+    from .passes import HeteroPlan
+
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+        return HeteroPlan.from_json(data.get("partition", data))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise HetcompError(f"cannot read plan {path}: {e}") from None
 
 
 def _prompt_ids(art, args) -> list[int]:
@@ -214,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default="float32", help="weight dtype: float32 | float16")
     c.add_argument("--max-context", type=int, default=2048, help="KV cache capacity (tokens)")
     c.add_argument("--heads", help="Medusa heads (.npz) from `hetcomp calibrate`")
+    c.add_argument("--plan", help="plan.json from `hetcomp tune`: partition across units")
     c.add_argument("-o", "--output", required=True)
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=cmd_compile)

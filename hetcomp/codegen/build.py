@@ -1,9 +1,10 @@
-"""Schedule and compile a Relax module for a target."""
+"""Schedule and compile a Relax module for one target, or for several units (vdevices)."""
 
 from __future__ import annotations
 
 from .._tvm import compiler
 from ..schedules import cpu_rules
+from ..schedules.gpu import gpu_rules
 
 
 def schedule_module(mod, target):
@@ -18,3 +19,27 @@ def build(mod, target):
     c = compiler()
     mod = schedule_module(mod, target)
     return c.compile(mod, target=target)
+
+
+def build_hetero(mod, host_target, plan):
+    """Compile a module partitioned by :class:`~hetcomp.passes.HeteroPlan`.
+
+    Host kernels get the CPU rules; kernels carrying a GPU ``target`` attribute get dlight's
+    GPU rules inside that target. All-LLVM plans (two CPU vdevices) compile for the host
+    target; mixed plans compile without a target, each kernel using its own.
+    """
+    c = compiler()
+    mod = c.relax.transform.LegalizeOps()(mod)
+    mod = schedule_module(mod, host_target)
+    if {t["kind"] for t in plan.targets} == {"llvm"}:
+        return c.compile(mod, target=host_target)
+    # Every kernel without a target (ours and legalized Relax ops) is a host kernel; pin it so
+    # that the GPU rules, which fall back to the current target, leave it alone.
+    for gv, func in mod.functions_items():
+        if isinstance(func, c.tir.PrimFunc) and (func.attrs is None or "target" not in func.attrs):
+            mod[gv] = func.with_attr("target", host_target)
+    for tgt in plan.targets:
+        if tgt["kind"] != "llvm":
+            with c.Target(dict(tgt)):
+                mod = c.ApplyDefaultSchedule(*gpu_rules())(mod)
+    return c.compile(mod)

@@ -10,6 +10,7 @@ import time
 from ..errors import HetcompError
 from ..frontend import load_model
 from ..frontend.export_info import source_info
+from ..frontend.llama import NUM_INPUTS
 from ..frontend.weights import WEIGHT_DTYPES, pack_weights, param_specs
 from .export import export_artifact
 from .targets import target_dict
@@ -26,6 +27,7 @@ class CompileOptions:
     target: str = "host"
     max_context: int = 2048
     heads: str | None = None  # Medusa heads file (.npz) from `hetcomp calibrate`
+    plan: object | None = None  # a HeteroPlan: partition across units (None: host only)
     widths: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 
     def __post_init__(self):
@@ -66,9 +68,17 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
                     "parameters)", quiet)
     _progress(2, 4, f"building Relax module ({cfg.num_layers} layers, {opts.dtype})", quiet)
     mod = build_module(cfg, opts.dtype, heads.num_heads if heads else 0)
-    _progress(3, 4, f"scheduling and compiling for {opts.target}", quiet)
     target = compiler().Target(target_dict(opts.target))
-    ex = build(mod, target)
+    if opts.plan is not None:
+        from ..passes import hetcomp_pipeline
+        from .build import build_hetero
+
+        _progress(3, 4, f"partitioning across {', '.join(opts.plan.units)}; compiling", quiet)
+        mod = hetcomp_pipeline(opts.plan)(mod)
+        ex = build_hetero(mod, target, opts.plan)
+    else:
+        _progress(3, 4, f"scheduling and compiling for {opts.target}", quiet)
+        ex = build(mod, target)
     _progress(4, 4, f"packing weights and writing {out_dir}", quiet)
     packed = pack_weights(cfg, w, opts.dtype)
     from ..frontend.ops import pack_linear_weight
@@ -76,6 +86,10 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
     model_params = [name for name, _, _ in param_specs(cfg, opts.dtype)]
     params = [(name, packed[name]) for name in model_params]
     functions = {"prefill": model_params, "verify": model_params, "commit": []}
+    placement = {}
+    if opts.plan is not None:
+        model_params, params, placement = _split_params(mod, cfg, opts.dtype, packed)
+        functions = {"prefill": model_params, "verify": model_params, "commit": []}
     speculative = None
     if heads is not None:
         mparams = []
@@ -98,7 +112,9 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
         "dtype": opts.dtype,
         "target": opts.target,
         "target_spec": target_dict(opts.target),
-        "units": ["cpu"],
+        "units": _units(opts.plan),
+        "param_units": placement,
+        "plan": opts.plan.to_json() if opts.plan is not None else None,
         "functions": functions,
         "tokenizer": tok.to_json(),
         "widths": list(opts.widths) if heads is not None else [1],
@@ -108,3 +124,45 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
     if not quiet:
         print(f"compiled in {time.time() - t0:.1f}s -> {path}", file=sys.stderr)
     return path
+
+
+def _units(plan) -> list[dict]:
+    if plan is None:
+        return [{"name": "cpu", "device": "cpu", "device_id": 0}]
+    out, seen = [], {}
+    for name, tgt in zip(plan.units, plan.targets):
+        dev = "cpu" if tgt["kind"] == "llvm" else tgt["kind"]
+        out.append({"name": name, "device": dev, "device_id": seen.get(dev, 0),
+                    "target": dict(tgt)})
+        seen[dev] = seen.get(dev, 0) + 1
+    return out
+
+
+def _split_params(mod, cfg, dtype, packed):
+    """Parameters of the partitioned ``verify`` in order, sliced per ``hetcomp.param_split``,
+    and the unit (vdevice index) each lives on."""
+    import json
+
+    from ..passes.partition_hetero import PARAM_SPLIT_ATTR
+
+    func = mod["verify"]
+    split = json.loads(func.attrs[PARAM_SPLIT_ATTR]) if PARAM_SPLIT_ATTR in func.attrs else {}
+    by_var = {name.replace(".", "_"): name for name, _, _ in param_specs(cfg, dtype)}
+    vdevs = list(mod.global_infos["vdevice"])
+    names, params, units = [], [], {}
+    for p in func.params[NUM_INPUTS:]:
+        if p.name in split:
+            orig, lo, hi = split[p.name]
+            arr = packed[by_var[orig]][lo:hi]
+        else:
+            arr = packed[by_var[p.name]]
+        vd = getattr(p.ty, "vdevice", None)
+        unit = 0
+        if vd is not None:
+            from .._tvm import compiler
+
+            unit = next(i for i, v in enumerate(vdevs) if compiler().same_vdevice(v, vd))
+        names.append(p.name)
+        params.append((p.name, arr))
+        units[p.name] = unit
+    return names, params, units

@@ -203,7 +203,7 @@ def attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, con
     )
     out = te.compute((w, hq, d), lambda i, h, dd: o[i, h, dd] / z[h, i], name="attn_out")
     func = te.create_prim_func([q, kt, vc, mask, layer, n, out], index_dtype_override="int64")
-    return _finish(func, "attention")
+    return _finish(func, "attention", attn_cfg=[hq, g, d, layers, context])
 
 
 def medusa_act(hidden: int):
@@ -221,3 +221,97 @@ def medusa_act(hidden: int):
         name="medusa_act")
     return _finish(te.create_prim_func([h, z, b, y], index_dtype_override="int64"),
                    "elementwise")
+
+
+def _lse_parts(te, tir, s, valid, total, hq, w, name):
+    """Row max, exp, sum and log-sum-exp of masked scores (empty rows give lse = -inf)."""
+    neg = tir.min_value("float32")
+    r1 = te.reduce_axis((0, total), name=f"{name}_j1")
+    m = te.compute((hq, w), lambda h, i: te.max(tir.Select(valid(i, r1), s[h, i, r1], neg),
+                                                 axis=r1), name=f"{name}_max")
+    e = te.compute((hq, w, total), lambda h, i, j: tir.Select(
+        valid(i, j), tir.exp(s[h, i, j] - m[h, i]), tir.const(0.0, "float32")), name=f"{name}_exp")
+    r2 = te.reduce_axis((0, total), name=f"{name}_j2")
+    z = te.compute((hq, w), lambda h, i: te.sum(e[h, i, r2], axis=r2), name=f"{name}_sum")
+    lse = te.compute((hq, w), lambda h, i: tir.Select(
+        z[h, i] > tir.const(0.0, "float32"), m[h, i] + tir.log(z[h, i]),
+        tir.const(-float("inf"), "float32")), name=f"{name}_lse")
+    return e, z, lse
+
+
+def attention_part(num_heads: int, num_kv_heads: int, head_dim: int, layers: int,
+                   context: int, part: str):
+    """One affinity part of tree attention, returning ``(o[w, H, D], lse[H, w])``.
+
+    ``part="dense"``: tree queries against the committed cache ``[0, n)`` (long, regular).
+    ``part="tree"``: tree queries against the tree's own K/V ``[n, n + w)`` under ``mask``
+    (each row has depth + 1 non-zeros). ``o`` is normalised within the part; ``lse`` is the
+    part's log-sum-exp, so :func:`attention_merge` recombines the parts exactly.
+    """
+    c = compiler()
+    te, tir = c.te, c.tir
+    hq, g, d = num_heads, num_kv_heads, head_dim
+    rep = hq // g
+    w, n, layer = _sym("w"), _sym("n"), _sym("layer")
+    q = te.placeholder((hq, w, d), "float32", name="q")
+    kt = te.placeholder((layers, g, d, context), "float32", name="k_cache")
+    vc = te.placeholder((layers, g, context, d), "float32", name="v_cache")
+    mask = te.placeholder((w, w), "int32", name="mask")
+    dense = part == "dense"
+    # Reductions never run empty (an empty TIR reduction skips its init): the dense part over
+    # an empty cache (n = 0) reduces over one masked-out key instead.
+    total, off = (tir.max(n, 1), 0) if dense else (w, n)
+    scale = tir.const(1.0 / math.sqrt(d), "float32")
+    rd = te.reduce_axis((0, d), name="d")
+    s = te.compute(
+        (hq, w, total),
+        lambda h, i, j: te.sum(q[h, i, rd] * scale * kt[layer, h // rep, rd, off + j], axis=rd),
+        name="scores")
+
+    def valid(i, j):
+        return j < n if dense else mask[i, j] != 0
+
+    e, z, lse = _lse_parts(te, tir, s, valid, total, hq, w, "p")
+    rj = te.reduce_axis((0, total), name="j3")
+    o = te.compute((w, hq, d), lambda i, h, dd: te.sum(
+        e[h, i, rj] * vc[layer, h // rep, off + rj, dd], axis=rj), name="pv")
+    out = te.compute((w, hq, d), lambda i, h, dd: tir.Select(
+        z[h, i] > tir.const(0.0, "float32"), o[i, h, dd] / z[h, i], tir.const(0.0, "float32")),
+        name="attn_out")
+    args = [q, kt, vc] + ([] if dense else [mask]) + [layer, n, out, lse]
+    func = te.create_prim_func(args, index_dtype_override="int64")
+    return _finish(func, "attention_part", part=part)
+
+
+def attention_merge(num_heads: int, head_dim: int):
+    """Exact online-softmax merge of two attention parts: weights ``exp(lse_p - max)``."""
+    c = compiler()
+    te, tir = c.te, c.tir
+    hq, d = num_heads, head_dim
+    w = _sym("w")
+    o1 = te.placeholder((w, hq, d), "float32", name="o1")
+    l1 = te.placeholder((hq, w), "float32", name="lse1")
+    o2 = te.placeholder((w, hq, d), "float32", name="o2")
+    l2 = te.placeholder((hq, w), "float32", name="lse2")
+    m = te.compute((hq, w), lambda h, i: tir.max(l1[h, i], l2[h, i]), name="m")
+
+    def weight(lse, h, i):
+        return tir.Select(lse[h, i] == tir.const(-float("inf"), "float32"),
+                          tir.const(0.0, "float32"), tir.exp(lse[h, i] - m[h, i]))
+
+    out = te.compute((w, hq, d), lambda i, h, dd: (
+        weight(l1, h, i) * o1[i, h, dd] + weight(l2, h, i) * o2[i, h, dd])
+        / (weight(l1, h, i) + weight(l2, h, i)), name="merge")
+    return _finish(te.create_prim_func([o1, l1, o2, l2, out], index_dtype_override="int64"),
+                   "attention_merge")
+
+
+def add(n: int):
+    """``a[w, n] + b[w, n]`` (the residual of a column-split linear layer)."""
+    c = compiler()
+    te = c.te
+    w = _sym("w")
+    a = te.placeholder((w, n), "float32", name="a")
+    b = te.placeholder((w, n), "float32", name="b")
+    y = te.compute((w, n), lambda i, j: a[i, j] + b[i, j], name="add")
+    return _finish(te.create_prim_func([a, b, y], index_dtype_override="int64"), "elementwise")

@@ -75,16 +75,22 @@ class Artifact:
         self.dtype = self.manifest["dtype"]
         with open(tjson) as fh:
             self.tokenizer = TokenizerInfo.from_files(fh.read(), self.manifest["tokenizer"])
-        self.device = _tvm.cpu()
+        units = self.manifest.get("units") or [{"device": "cpu", "device_id": 0}]
         try:
-            self.vm = _tvm.virtual_machine(_tvm.load_module(lib), [self.device])
+            self.devices = [_tvm.device(u["device"], u["device_id"]) for u in units]
+        except Exception as e:
+            raise HetcompError(f"this machine lacks a device the artifact needs: {e}") from None
+        self.device = self.devices[0]
+        try:
+            self.vm = _tvm.virtual_machine(_tvm.load_module(lib), self.devices)
         except Exception as e:
             raise HetcompError(f"cannot load artifact library {lib}: {e}") from None
         raw = np.memmap(pbin, dtype=np.uint8, mode="r")
         by_name = {}
         for p in self.manifest["params"]:
             arr = raw[p["offset"]: p["offset"] + p["nbytes"]].view(p["dtype"]).reshape(p["shape"])
-            by_name[p["name"]] = _tvm.tensor(np.ascontiguousarray(arr), self.device)
+            unit = (self.manifest.get("param_units") or {}).get(p["name"], 0)
+            by_name[p["name"]] = _tvm.tensor(np.ascontiguousarray(arr), self.devices[unit])
         funcs = self.manifest["functions"]
         try:
             self.params = [by_name[n] for n in funcs["verify"]]

@@ -15,8 +15,13 @@ _BASE = compiler().ScheduleRule
 
 
 def _kind(func) -> str | None:
+    """The kernel's op kind, or None for kernels that are not ours or not for a CPU."""
     attrs = func.attrs
-    return str(attrs[OP_KIND]) if attrs is not None and OP_KIND in attrs else None
+    if attrs is None or OP_KIND not in attrs:
+        return None
+    if "target" in attrs and attrs["target"].kind.name != "llvm":
+        return None
+    return str(attrs[OP_KIND])
 
 
 class LinearRule(_BASE):

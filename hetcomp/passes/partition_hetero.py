@@ -1,0 +1,291 @@
+"""PartitionHetero: split linear layers by output columns and attention by affinity across units.
+
+A linear layer ``y = x @ W`` becomes ``concat([x @ W[:, :c], x @ W[:, c:]])`` with each slice on
+its own unit; there is no all-reduce. The weight is split at compile time: the function gets
+one parameter per slice in place of the original, recorded in the function attribute
+``hetcomp.param_split`` (``{new name: [old name, first block, end block]}`` over the packed
+``[N / B, K, B]`` layout) so the artifact stores the slices. Tree attention becomes a dense part
+(queries against the committed KV cache) and a sparse part (queries against the tree under the
+ancestor mask), each returning partial output and log-sum-exp, merged exactly by an
+online-softmax reduce. Imported models (``from_torch``) have ``R.matmul`` with constant weights;
+those are split the same way, their constants sliced.
+
+Placement uses Relax virtual devices: module global info ``vdevice`` lists the plan's units and
+every split piece's result type names its unit. A value crossing units is copied with
+``R.to_vdevice``, except where the plan says the units share memory. Run before
+``RealizeVDevice`` and ``LegalizeOps``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from .._tvm import compiler
+from ..frontend import ops
+
+_c = compiler()
+_LINEAR_KINDS = {"wqkv": "qkv", "wo": "o", "w_gate_up": "gate_up", "w_down": "down",
+                 "lm_head": "lm_head", "embed": "lm_head"}
+PARAM_SPLIT_ATTR = "hetcomp.param_split"
+
+
+@dataclasses.dataclass(frozen=True)
+class HeteroPlan:
+    """What PartitionHetero applies (decided by the planner; it holds no logic).
+
+    ``ratios`` maps a linear kind (qkv, o, gate_up, down, lm_head, or ``default`` for layers of
+    unknown kind) to the fraction of output columns placed on ``units[1]``; the rest stays on
+    ``units[0]``, the host. ``dense_attention`` and ``sparse_attention`` are unit indices.
+    """
+
+    units: tuple[str, ...] = ("cpu", "cpu:1")
+    targets: tuple[dict, ...] = ({"kind": "llvm"}, {"kind": "llvm"})
+    ratios: tuple[tuple[str, float], ...] = (("default", 0.5),)
+    dense_attention: int = 0
+    sparse_attention: int = 0
+    shared_memory: bool = False
+
+    def __post_init__(self):
+        if len(self.units) != 2 or len(self.targets) != 2:
+            raise ValueError("HeteroPlan places work on exactly two units")
+        for kind, r in self.ratios:
+            if not 0.0 <= r <= 1.0:
+                raise ValueError(f"ratio for {kind} must lie in [0, 1], got {r}")
+        if {self.dense_attention, self.sparse_attention} - {0, 1}:
+            raise ValueError("attention parts must be placed on unit 0 or 1")
+
+    def ratio(self, kind: str | None) -> float:
+        table = dict(self.ratios)
+        return table.get(kind, table.get("default", 0.0))
+
+    def to_json(self) -> dict:
+        return {"units": list(self.units), "targets": [dict(t) for t in self.targets],
+                "ratios": dict(self.ratios), "dense_attention": self.dense_attention,
+                "sparse_attention": self.sparse_attention, "shared_memory": self.shared_memory}
+
+    @classmethod
+    def from_json(cls, d: dict) -> HeteroPlan:
+        return cls(units=tuple(d["units"]), targets=tuple(dict(t) for t in d["targets"]),
+                   ratios=tuple(sorted(d["ratios"].items())),
+                   dense_attention=int(d.get("dense_attention", 0)),
+                   sparse_attention=int(d.get("sparse_attention", 0)),
+                   shared_memory=bool(d.get("shared_memory", False)))
+
+    def vdevices(self):
+        """One VDevice per unit; equal targets get distinct device ids (as TVM's tests do)."""
+        seen: dict[str, int] = {}
+        out = []
+        for tgt in self.targets:
+            key = json.dumps(tgt, sort_keys=True)
+            out.append(_c.VDevice(dict(tgt), seen.get(key, 0), "global"))
+            seen[key] = seen.get(key, 0) + 1
+        return out
+
+
+def linear_kind(param_name: str | None) -> str | None:
+    """The linear kind of a weight parameter from its name (``layers_3_wqkv`` -> ``qkv``)."""
+    if param_name is None:
+        return None
+    for suffix, kind in _LINEAR_KINDS.items():
+        if param_name == suffix or param_name.endswith("_" + suffix):
+            return kind
+    return None
+
+
+@_c.mutator
+class _Rewriter(_c.PyExprMutator):
+    def __init__(self, mod, plan: HeteroPlan, vdevs):
+        super().__init__(mod)
+        self.mod_in = mod
+        self.plan = plan
+        self.vdev = vdevs
+        self.kernels: dict[str, object] = {}
+        self.splits: dict = {}  # old weight param -> {unit: (new param, first block, end)}
+
+    # Helpers ------------------------------------------------------------------------------
+    def _kernel(self, name, builder, *args, unit: int = 0):
+        """The kernel ``name`` for ``unit``: one copy per non-host target kind, carrying it."""
+        kind = self.plan.targets[unit]["kind"]
+        if kind != "llvm":
+            name = f"{name}__{kind}"
+        if name not in self.kernels:
+            existing = [gv for gv in self.builder_.get().get_global_vars() if gv.name_hint == name]
+            if existing:
+                self.kernels[name] = existing[0]
+            else:
+                func = builder(*args).with_attr("global_symbol", name)
+                if kind != "llvm":
+                    func = func.with_attr("target", _c.Target(dict(self.plan.targets[unit])))
+                self.kernels[name] = self.builder_.add_func(func, name)
+        return self.kernels[name]
+
+    def _existing(self, gv, unit: int):
+        """An existing kernel, copied for ``unit`` when that unit has another target kind."""
+        func = self.mod_in[gv]
+        return self._kernel(gv.name_hint, lambda: func, unit=unit)
+
+    def _ty(self, shape, unit, dtype="float32"):
+        return _c.TensorType(shape, dtype, self.vdev[unit])
+
+    def _emit(self, expr, name=""):
+        return self.builder_.emit(expr, name)
+
+    def _to(self, value, unit):
+        """``value`` made visible to ``unit``: a copy unless memory is shared."""
+        ty = value.ty
+        if self.plan.shared_memory or not isinstance(ty, _c.TensorType):
+            return value
+        if getattr(ty, "vdevice", None) is not None and _c.same_vdevice(ty.vdevice, self.vdev[unit]):
+            return value
+        if unit == 0 and getattr(ty, "vdevice", None) is None:
+            return value
+        return self._emit(_c.relax.op.to_vdevice(value, self.vdev[unit]))
+
+    def _callee(self, call):
+        gv = call.args[0]
+        func = self.mod_in[gv]
+        kind = func.attrs.get(ops.OP_KIND) if func.attrs is not None else None
+        return func, (str(kind) if kind is not None else None)
+
+    # Rewrites -----------------------------------------------------------------------------
+    def visit_call_(self, call):
+        call = self.visit_expr_post_order(call)
+        if call.op.same_as(_c.call_tir_op):
+            func, kind = self._callee(call)
+            if kind == "linear":
+                return self._split_linear(call, func)
+            if kind == "attention":
+                return self._split_attention(call, func)
+            return call
+        if call.op.same_as(_c.Op.get("relax.matmul")):
+            return self._split_matmul(call)
+        return call
+
+    def _split_linear(self, call, func):
+        relax = _c.relax
+        n, k = int(func.attrs["hetcomp.n"]), int(func.attrs["hetcomp.k"])
+        block = int(func.attrs["hetcomp.block"])
+        residual = bool(int(func.attrs["hetcomp.residual"]))
+        args = list(call.args[1].fields)
+        x, weight = args[0], args[1]
+        if not isinstance(weight, relax.Var):
+            return call
+        cols = int(round(n * self.plan.ratio(linear_kind(weight.name)) / block)) * block
+        w = x.ty.shape[0]
+        if cols == 0:
+            return call
+        pieces = self.splits.setdefault(weight, {})
+
+        def piece(unit, lo, hi):  # the weight slice parameter, created once per function
+            if unit not in pieces:
+                pieces[unit] = (relax.Var(f"{weight.name}__u{unit}", self._ty(
+                    ((hi - lo) // block, k, block), unit, weight.ty.dtype)), lo // block,
+                    hi // block)
+            return pieces[unit][0]
+
+        if cols == n:  # everything on unit 1, its weight living there
+            ins = [self._to(args[0], 1), piece(1, 0, n)] + [self._to(a, 1) for a in args[2:]]
+            y = self._emit(relax.call_tir(self._existing(call.args[0], 1), ins,
+                                          self._ty((w, n), 1)))
+            return y if self.plan.shared_memory else relax.op.to_vdevice(y, self.vdev[0])
+        parts = []
+        for unit, (lo, hi) in enumerate(((0, n - cols), (n - cols, n))):
+            gv = self._kernel(f"linear_n{hi - lo}_k{k}", ops.linear, hi - lo, k,
+                              weight.ty.dtype, False, unit=unit)
+            y = self._emit(relax.call_tir(gv, [self._to(x, unit), piece(unit, lo, hi)],
+                                          self._ty((w, hi - lo), unit)))
+            parts.append(self._to(y, 0))
+        # The last expression is returned unbound: the mutator binds it to the original var.
+        if not residual:
+            return relax.op.concat(parts, axis=1)
+        y = self._emit(relax.op.concat(parts, axis=1))
+        return relax.call_tir(self._kernel(f"add_n{n}", ops.add, n), [y, args[2]],
+                              self._ty((w, n), 0))
+
+    def _split_attention(self, call, func):
+        relax = _c.relax
+        cfg = [int(v) for v in func.attrs["hetcomp.attn_cfg"]]
+        q, kc, vc, mask, layer, n = call.args[1].fields
+        hq, w, d = q.ty.shape
+        results = []
+        for part, unit in (("dense", self.plan.dense_attention),
+                           ("tree", self.plan.sparse_attention)):
+            gv = self._kernel(f"attention_{part}", ops.attention_part, *cfg, part, unit=unit)
+            ins = [q, kc, vc] + ([] if part == "dense" else [mask]) + [layer, n]
+            res = self._emit(relax.call_tir(gv, [self._to(a, unit) for a in ins],
+                                            [self._ty((w, hq, d), unit), self._ty((hq, w), unit)]))
+            results += [self._to(self._emit(relax.TupleGetItem(res, i)), 0) for i in (0, 1)]
+        gv = self._kernel("attention_merge", ops.attention_merge, int(hq), int(d))
+        return relax.call_tir(gv, results, self._ty((w, hq, d), 0))
+
+    def _split_matmul(self, call):
+        relax = _c.relax
+        x, wc = call.args
+        if not isinstance(wc, _c.Constant) or len(wc.ty.shape) != 2:
+            return call
+        arr = wc.value.numpy()
+        n = arr.shape[1]
+        cols = int(round(n * self.plan.ratio("default")))
+        if cols == 0:
+            return call
+        parts = []
+        for unit, (lo, hi) in enumerate(((0, n - cols), (n - cols, n))):
+            if hi > lo:
+                # The VM keeps constants on the host, so unit 1's slice is moved there (a
+                # per-call copy; our own models pass weights as parameters placed per unit).
+                const = relax.const(arr[:, lo:hi])
+                y = self._emit(relax.op.matmul(self._to(x, unit), self._to(const, unit)))
+                parts.append(self._to(y, 0))
+        return parts[0] if len(parts) == 1 else relax.op.concat(parts, axis=-1)
+
+
+@_c.module_pass(opt_level=0, name="PartitionHetero")
+class PartitionHetero:
+    """Apply a :class:`HeteroPlan` to every Relax function of a module.
+
+    Run on the unscheduled module, before ``RealizeVDevice``, ``LegalizeOps`` and the schedule
+    rules. The input module is not modified.
+    """
+
+    def __init__(self, plan: HeteroPlan, functions: tuple[str, ...] | None = None):
+        if not isinstance(plan, HeteroPlan):
+            raise TypeError("PartitionHetero takes a HeteroPlan")
+        self.plan = plan
+        self.functions = None if functions is None else set(functions)
+
+    def transform_module(self, mod, ctx):
+        relax = _c.relax
+        vdevs = self.plan.vdevices()
+        mod = _c.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+        mod.update_global_info("vdevice", vdevs)
+        rw = _Rewriter(mod, self.plan, vdevs)
+        for gv, func in list(mod.functions_items()):
+            if not isinstance(func, relax.Function) or (
+                    self.functions is not None and gv.name_hint not in self.functions):
+                continue
+            rw.splits = {}
+            new_func = rw.visit_expr(func)
+            if not rw.splits:
+                rw.builder_.update_func(gv, new_func)
+                continue
+            params, table = [], {}
+            still_used = set(relax.analysis.free_vars(new_func.body))
+            for p in new_func.params:
+                if p in rw.splits:
+                    if p in still_used:  # e.g. the tied embedding: gathered and split
+                        params.append(p)
+                    for _, (pv, lo, hi) in sorted(rw.splits[p].items()):
+                        params.append(pv)
+                        table[pv.name] = [p.name, lo, hi]
+                else:
+                    params.append(p)
+            attrs = dict(new_func.attrs) if new_func.attrs is not None else {}
+            attrs[PARAM_SPLIT_ATTR] = json.dumps(table)
+            out = relax.Function(params, new_func.body, None, new_func.is_pure,
+                                 _c.tvm.ir.DictAttrs(attrs))
+            rw.builder_.update_func(gv, out)
+        result = rw.builder_.get()
+        result.update_global_info("vdevice", vdevs)
+        return result
+

@@ -1,0 +1,51 @@
+"""GPU schedule rules for our multi-stage kernels that dlight's rules do not cover.
+
+Tree attention parts are a chain of reductions over a dynamic key range; each stage becomes
+its own kernel launch with one thread per output element (reductions run serially in the
+thread). Simple and correct; tuned GPU attention is future work (dense decode attention is
+memory-bound on the KV cache, which this reads once per query row).
+"""
+
+from __future__ import annotations
+
+from .._tvm import compiler
+from ..frontend.ops import OP_KIND
+
+_BASE = compiler().ScheduleRule
+_KINDS = ("attention_part", "attention_merge", "attention", "rms_norm", "elementwise", "argmax",
+          "embed")
+
+
+class PerStageThreadRule(_BASE):
+    """Each block: fuse its spatial loops, bind them to (blockIdx.x, threadIdx.x)."""
+
+    def __init__(self, threads: int = 128):
+        self.threads = threads
+
+    def apply(self, func, target, tunable):
+        attrs = func.attrs
+        if target.kind.name not in ("cuda", "rocm", "vulkan", "metal", "opencl"):
+            return None
+        if attrs is None or OP_KIND not in attrs or str(attrs[OP_KIND]) not in _KINDS:
+            return None
+        c = compiler()
+        sch = c.Schedule(func)
+        # Step 1. Every block becomes its own launch, threads over its spatial iterations.
+        for blk in sch.get_child_blocks(sch.get_sblock("root")):
+            loops = sch.get_loops(blk)
+            iters = sch.get(blk).iter_vars
+            spatial = [lp for lp, iv in zip(loops, iters) if iv.iter_type == 0]
+            if len(spatial) != len([iv for iv in iters if iv.iter_type == 0]):
+                return None
+            fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
+            bx, tx = sch.split(fused, [None, self.threads])
+            sch.bind(bx, "blockIdx.x")
+            sch.bind(tx, "threadIdx.x")
+        return sch
+
+
+def gpu_rules():
+    """Our GPU rules first, then dlight's."""
+    gpu = compiler().dlight.gpu
+    return [PerStageThreadRule(), gpu.Matmul(), gpu.GEMV(), gpu.LowBatchGEMV(), gpu.Reduction(),
+            gpu.GeneralReduction(), gpu.Fallback()]

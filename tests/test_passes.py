@@ -1,0 +1,228 @@
+"""Relax passes: registered names, structural before/after, and numerics of partitioned models."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import TINY, byte_tokenizer_spec
+from tvm.script import ir as I
+from tvm.script import relax as R
+
+from hetcomp import _tvm
+from hetcomp.codegen.compile import CompileOptions, compile_model
+from hetcomp.codegen.targets import target_dict
+from hetcomp.frontend import ops
+from hetcomp.frontend.weights import random_weights
+from hetcomp.passes import AnnotateCost, HeteroPlan, OrderForOverlap, PartitionHetero
+from hetcomp.runtime import generate, load_artifact
+
+c = _tvm.compiler()
+relax, tt = c.relax, c.TensorType
+HOST = target_dict("host")
+
+
+@pytest.mark.parametrize("cls,args", [
+    (PartitionHetero, (HeteroPlan(),)), (OrderForOverlap, ()),
+    (AnnotateCost, (lambda u, op: 0.0, ("cpu",)))])
+def test_pass_name_equals_class_name(cls, args):
+    assert cls(*args).info.name == cls.__name__
+
+
+def _linear_module(ratio_plan=None):
+    """f(x[w, 64], W[2, 64, 32]) = linear(x, W) as our model emits it."""
+    bb = relax.BlockBuilder()
+    gv = bb.add_func(ops.linear(64, 64, "float32").with_attr("global_symbol", "linear_n64_k64"),
+                     "linear_n64_k64")
+    w = c.tir.Var("w", "int64")
+    x = relax.Var("x", tt((w, 64), "float32"))
+    weight = relax.Var("layers_0_wqkv", tt((2, 64, 32), "float32"))
+    with bb.function("f", [x, weight]):
+        with bb.dataflow():
+            y = bb.emit_output(relax.call_tir(gv, [x, weight], tt((w, 64), "float32")))
+        bb.emit_func_output(y)
+    return bb.finalize()
+
+
+def test_partition_linear_structure():
+    plan = HeteroPlan(targets=(HOST, HOST), ratios=(("qkv", 0.5),))
+    after = PartitionHetero(plan)(_linear_module())
+    v0, v1 = plan.vdevices()
+
+    bb = relax.BlockBuilder()
+    bb.add_func(ops.linear(64, 64, "float32").with_attr("global_symbol", "linear_n64_k64"),
+                "linear_n64_k64")
+    half = bb.add_func(ops.linear(32, 64, "float32").with_attr("global_symbol",
+                                                                "linear_n32_k64"),
+                       "linear_n32_k64")
+    w = c.tir.Var("w", "int64")
+    x = relax.Var("x", tt((w, 64), "float32"))
+    w0 = relax.Var("layers_0_wqkv__u0", tt((1, 64, 32), "float32", v0))
+    w1 = relax.Var("layers_0_wqkv__u1", tt((1, 64, 32), "float32", v1))
+    split = json.dumps({"layers_0_wqkv__u0": ["layers_0_wqkv", 0, 1],
+                        "layers_0_wqkv__u1": ["layers_0_wqkv", 1, 2]})
+    with bb.function("f", [x, w0, w1], attrs={"hetcomp.param_split": split}):
+        with bb.dataflow():
+            y0 = bb.emit(relax.call_tir(half, [x, w0], tt((w, 32), "float32", v0)))
+            x1 = bb.emit(relax.op.to_vdevice(x, v1))
+            y1 = bb.emit(relax.call_tir(half, [x1, w1], tt((w, 32), "float32", v1)))
+            y1 = bb.emit(relax.op.to_vdevice(y1, v0))
+            y = bb.emit_output(relax.op.concat([y0, y1], axis=1))
+        bb.emit_func_output(y)
+    expected = bb.finalize()
+    expected.update_global_info("vdevice", [v0, v1])
+    c.assert_structural_equal(after, expected)
+
+
+def test_partition_ratio_zero_keeps_the_graph():
+    plan = HeteroPlan(targets=(HOST, HOST), ratios=(("default", 0.0),))
+    before = _linear_module()
+    after = PartitionHetero(plan)(before)
+    c.assert_structural_equal(after["f"], before["f"])
+    assert len(after.global_infos["vdevice"]) == 2
+
+
+def test_partition_shared_memory_inserts_no_copies():
+    plan = HeteroPlan(targets=(HOST, HOST), ratios=(("default", 0.5),), shared_memory=True)
+    text = PartitionHetero(plan)(_linear_module())["f"].script()
+    assert "to_vdevice" not in text and text.count("linear_n32_k64") == 2
+
+
+@I.ir_module
+class OverlapBefore:
+    I.module_global_infos({"vdevice": [I.vdevice("llvm", 0), I.vdevice("cuda", 0)]})
+
+    @R.function
+    def main(x: R.Tensor((4, 4), "float32"), y: R.Tensor((4, 4), "float32", "cuda")):
+        with R.dataflow():
+            a = R.add(x, x)  # host work
+            b = R.multiply(a, a)  # more host work
+            g: R.Tensor((4, 4), "float32", "cuda") = R.add(y, y)  # GPU launch, independent
+            h = R.to_vdevice(g, "llvm")  # first host use of a GPU result: the sync point
+            out = R.add(b, h)
+            R.output(out)
+        return out
+
+
+@I.ir_module
+class OverlapExpected:
+    I.module_global_infos({"vdevice": [I.vdevice("llvm", 0), I.vdevice("cuda", 0)]})
+
+    @R.function
+    def main(x: R.Tensor((4, 4), "float32"), y: R.Tensor((4, 4), "float32", "cuda")):
+        with R.dataflow():
+            g: R.Tensor((4, 4), "float32", "cuda") = R.add(y, y)
+            a = R.add(x, x)
+            b = R.multiply(a, a)
+            h = R.to_vdevice(g, "llvm")
+            out = R.add(b, h)
+            R.output(out)
+        return out
+
+
+def test_order_for_overlap_structure():
+    c.assert_structural_equal(OrderForOverlap()(OverlapBefore), OverlapExpected)
+
+
+def test_order_for_overlap_keeps_inplace_readers_first():
+    """A reader of a buffer that a later in-place call overwrites must stay before it."""
+    from hetcomp.frontend.llama import build_module
+
+    plan = HeteroPlan(targets=(HOST, HOST), ratios=(("default", 0.5),), dense_attention=1)
+    mod = PartitionHetero(plan)(build_module(TINY))
+    ordered = OrderForOverlap(async_units=(1,))(mod)
+    names = [b.value.args[0].name_hint if isinstance(b.value, relax.Call) and b.value.op.same_as(
+        c.call_tir_op) or (isinstance(b.value, relax.Call) and "inplace" in str(b.value.op))
+        else None for b in ordered["verify"].body.blocks[0].bindings]
+    seq = [n for n in names if n in ("rope_kv", "attention_tree", "attention_dense")]
+    # Layer 0's attention parts both run before layer 1's rope_kv writes the cache.
+    assert seq[:3] == ["rope_kv", "attention_dense", "attention_tree"] or \
+        seq[:3] == ["rope_kv", "attention_tree", "attention_dense"]
+    assert seq[3] == "rope_kv"
+
+
+def test_annotate_cost():
+    from hetcomp.frontend.llama import build_module
+
+    def cost(unit, op):
+        return {"cpu": 1e-6, "gpu": 5e-7}[unit] * op.get("n", 1) * op["w"]
+
+    mod = AnnotateCost(cost, ("cpu", "gpu"), width=4)(build_module(TINY))
+    k = json.loads(mod["linear_n128_k64"].attrs["hetcomp.cost"])
+    assert k == pytest.approx({"cpu": 128 * 4e-6, "gpu": 128 * 2e-6})
+    total = json.loads(mod["verify"].attrs["hetcomp.cost_total"])
+    assert total["cpu"] > total["gpu"] > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_loaded():
+    return (TINY, random_weights(TINY, seed=11), byte_tokenizer_spec(TINY.vocab_size), __file__)
+
+
+@pytest.fixture(scope="module")
+def reference_artifact(tmp_path_factory, tiny_loaded):
+    out = tmp_path_factory.mktemp("ref") / "art"
+    compile_model(CompileOptions(model="tiny"), str(out), quiet=True, weights=tiny_loaded)
+    return load_artifact(str(out))
+
+
+@pytest.mark.parametrize("ratio,dense,sparse", [
+    (0.0, 0, 0), (1.0, 1, 1), (0.5, 1, 0), (0.37, 0, 1)])
+def test_partitioned_model_matches(tmp_path, tiny_loaded, reference_artifact, ratio, dense,
+                                   sparse):
+    plan = HeteroPlan(units=("cpu", "cpu:1"), targets=(HOST, HOST),
+                      ratios=(("default", ratio), ("down", min(1.0, 2 * ratio))),
+                      dense_attention=dense, sparse_attention=sparse)
+    compile_model(CompileOptions(model="tiny", plan=plan), str(tmp_path / "a"), quiet=True,
+                  weights=tiny_loaded)
+    art = load_artifact(str(tmp_path / "a"))
+    assert len(art.devices) == 2
+    for prompt in ([5, 17, 99, 3], [200, 1, 2]):
+        a, b = art.new_session(), reference_artifact.new_session()
+        _, ha = a.prefill(prompt)
+        _, hb = b.prefill(prompt)
+        np.testing.assert_allclose(ha.numpy(), hb.numpy(), rtol=1e-5, atol=1e-6)
+        parents = [-1, 0, 0, 1]
+        mask = np.array([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]])
+        pos = np.array([0, 1, 1, 2]) + len(prompt)
+        _, _, la = a.verify([7, 8, 9, 10], pos, mask)
+        _, _, lb = b.verify([7, 8, 9, 10], pos, mask)
+        ref = lb.numpy()
+        assert np.abs(la.numpy() - ref).max() / np.abs(ref).max() < 1e-5
+        del parents
+        assert generate(art, prompt, 16, False).ids == \
+            generate(reference_artifact, prompt, 16, False).ids
+
+
+def test_partition_imported_torch_block():
+    torch = pytest.importorskip("torch")
+    from test_torch_import import Block
+
+    from hetcomp.frontend import from_torch
+
+    torch.manual_seed(1)
+    block = Block().eval()
+    x = torch.randn(1, 8, 32)
+    mod = c.relax.transform.FoldConstant()(from_torch(block, (x,)))
+    plan = HeteroPlan(targets=(HOST, HOST), ratios=(("default", 0.4),))
+    part = PartitionHetero(plan)(mod)
+    assert "concat" in part["main"].script()
+    part = c.relax.transform.RealizeVDevice()(part)
+    part = c.relax.get_pipeline("zero")(part)
+    ex = c.compile(part, target=c.Target(HOST))
+    vm = _tvm.virtual_machine(ex, [_tvm.device("cpu", 0), _tvm.device("cpu", 1)])
+    out = vm["main"](_tvm.tensor(x.numpy()))
+    out = out.numpy() if hasattr(out, "numpy") else out[0].numpy()
+    with torch.no_grad():
+        expected = block(x).numpy()
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_cuda_artifact_compiles_without_a_gpu(tmp_path, tiny_loaded):
+    plan = HeteroPlan(units=("cpu", "cuda"), targets=(HOST, {"kind": "cuda", "arch": "sm_90"}),
+                      ratios=(("default", 0.5), ("lm_head", 1.0)), dense_attention=1)
+    compile_model(CompileOptions(model="tiny", plan=plan), str(tmp_path / "a"), quiet=True,
+                  weights=tiny_loaded)
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert [u["device"] for u in manifest["units"]] == ["cpu", "cuda"]
+    assert manifest["param_units"]["embed__u1"] == 1
+    assert (tmp_path / "a" / "lib.so").stat().st_size > 0
