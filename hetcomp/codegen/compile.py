@@ -10,12 +10,11 @@ import time
 from ..errors import HetcompError
 from ..frontend import load_model
 from ..frontend.export_info import source_info
-from ..frontend.llama import NUM_INPUTS
 from ..frontend.weights import WEIGHT_DTYPES, pack_weights, param_specs
 from .export import export_artifact
-from .targets import target_dict
+from .targets import export_compiler, target_dict
 
-TARGETS = ("host",)
+TARGETS = ("host", "aarch64")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +119,8 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
         "widths": list(opts.widths) if heads is not None else [1],
         "speculative": speculative,
     }
-    path = export_artifact(out_dir, ex, params, tok.tok.to_str(), manifest)
+    path = export_artifact(out_dir, ex, params, tok.tok.to_str(), manifest,
+                           fcompile=export_compiler(opts.target))
     if not quiet:
         print(f"compiled in {time.time() - t0:.1f}s -> {path}", file=sys.stderr)
     return path
@@ -143,6 +143,7 @@ def _split_params(mod, cfg, dtype, packed):
     and the unit (vdevice index) each lives on."""
     import json
 
+    from ..frontend.llama import NUM_INPUTS
     from ..passes.partition_hetero import PARAM_SPLIT_ATTR
 
     func = mod["verify"]

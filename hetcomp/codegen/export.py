@@ -57,7 +57,8 @@ def write_params(path: str, params: list[tuple[str, np.ndarray]]) -> list[dict]:
 
 
 def export_artifact(out_dir: str, executable, params: list[tuple[str, np.ndarray]],
-                    tokenizer_json: str, manifest: dict, extra_files: dict | None = None) -> str:
+                    tokenizer_json: str, manifest: dict, extra_files: dict | None = None,
+                    fcompile=None) -> str:
     """Write everything into a temporary sibling folder, then rename it to ``out_dir``."""
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
@@ -67,7 +68,7 @@ def export_artifact(out_dir: str, executable, params: list[tuple[str, np.ndarray
     tmp = tempfile.mkdtemp(prefix=".hetcomp-tmp-", dir=parent)
     try:
         lib = os.path.join(tmp, "lib.so")
-        executable.export_library(lib)
+        executable.export_library(lib, fcompile=fcompile)
         index = write_params(os.path.join(tmp, "params.bin"), params)
         with open(os.path.join(tmp, "tokenizer.json"), "w") as fh:
             fh.write(tokenizer_json)

@@ -26,3 +26,20 @@ def target_dict(name: str) -> dict:
 
 def make_target(name: str):
     return compiler().Target(target_dict(name))
+
+
+# The linker for each cross target (Debian's cross toolchains).
+CROSS_LINKERS = {"aarch64": "aarch64-linux-gnu-gcc"}
+
+
+def export_compiler(name: str):
+    """``fcompile`` for ``export_library``: None (host cc) or the target's cross linker."""
+    import shutil
+
+    cc = CROSS_LINKERS.get(name)
+    if cc is None:
+        return None
+    if shutil.which(cc) is None:
+        raise HetcompError(f"--target {name} needs the cross linker {cc} "
+                           "(apt-get install gcc-aarch64-linux-gnu)")
+    return compiler().cc.cross_compiler(cc)

@@ -50,3 +50,9 @@ class LlamaConfig:
         per_layer = e * self.qkv_size + self.num_heads * d * e + 2 * e * f + f * e + 2 * e
         head = self.vocab_size * e * (1 if self.tie_embeddings else 2)
         return self.num_layers * per_layer + head + e
+
+
+def kv_cache_shapes(cfg: LlamaConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``k_cache[L, G, D, C]`` (positions contiguous) and ``v_cache[L, G, C, D]``."""
+    g, d, nl, c = cfg.num_kv_heads, cfg.head_dim, cfg.num_layers, cfg.max_context
+    return (nl, g, d, c), (nl, g, c, d)

@@ -20,15 +20,10 @@ from __future__ import annotations
 
 from .._tvm import compiler
 from . import ops, script_ops
-from .config import LlamaConfig
+from .config import LlamaConfig, kv_cache_shapes
 from .weights import param_specs
 
 NUM_INPUTS = 6  # tokens, positions, mask, k_cache, v_cache, cache_len; params follow
-
-
-def kv_cache_shapes(cfg: LlamaConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    g, d, nl, c = cfg.num_kv_heads, cfg.head_dim, cfg.num_layers, cfg.max_context
-    return (nl, g, d, c), (nl, g, c, d)
 
 
 class _Kernels:

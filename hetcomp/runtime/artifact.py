@@ -14,7 +14,7 @@ import numpy as np
 from .. import _tvm
 from ..codegen.export import FORMAT, manifest_digest, sha256_file
 from ..errors import HetcompError
-from ..frontend.config import LlamaConfig
+from ..frontend.config import LlamaConfig, kv_cache_shapes
 from ..frontend.tokenizer import TokenizerInfo
 
 
@@ -131,8 +131,6 @@ class Session:
     """One sequence's KV cache and the three compiled functions bound to it."""
 
     def __init__(self, art: Artifact):
-        from ..frontend.llama import kv_cache_shapes
-
         self.art = art
         ks, vs = kv_cache_shapes(art.config)
         self.k_cache = _tvm.tensor(np.zeros(ks, "float32"), art.device)
