@@ -34,6 +34,13 @@ def tensor(array, device=None):
     return runtime.tensor(array, device if device is not None else cpu())
 
 
+def ffi_include_dir() -> str:
+    """The tvm-ffi C headers (``tvm/ffi/c_api.h``, ``dlpack/dlpack.h``) for C harnesses."""
+    from tvm_ffi import libinfo
+
+    return libinfo.find_include_path()
+
+
 def load_module(path: str):
     """Load an exported shared library."""
     return runtime.load_module(path)

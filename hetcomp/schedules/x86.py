@@ -1,0 +1,72 @@
+"""x86 schedule of tree attention, with fp32 AVX-512 and AVX2/FMA intrinsics.
+
+The same :class:`~hetcomp.schedules.arm.TreeAttentionRule` recipe as on ARM, with wider
+vectors: the q.k dot product keeps 16-lane (AVX-512, ``vfmadd231ps zmm``) or 8-lane (AVX2+FMA,
+``ymm``) accumulators in registers and reduces them by halving (``vextractf`` + ``vaddps``);
+P.V is one broadcast FMA per vector. The FMAs are the ``llvm.fma.v16f32`` / ``v8f32``
+intrinsics (LLVM retired its x86-specific ``vfmadd`` intrinsics in favour of these). Intrinsics
+are registered once, at import.
+"""
+
+from __future__ import annotations
+
+from tvm.script import tirx as T
+
+from .._tvm import compiler
+from .arm import HEAD_DIMS, F32Intrins, TreeAttentionRule, is_llvm_with
+
+AVX512_LANES = 16
+AVX2_LANES = 8
+#: ``{head_dim: name}`` of the AVX-512 q.k dot-product intrinsics.
+AVX512_F32_DOT_INTRINS = {d: f"hetcomp_avx512_f32x16_dot_{d}" for d in HEAD_DIMS}
+#: The AVX-512 P.V intrinsic, ``c[0:16] += p * b[0:16]``.
+AVX512_F32_AXPY_INTRIN = "hetcomp_avx512_f32x16_axpy"
+#: The AVX-512 rescale intrinsic, ``c[0:16] *= p``.
+AVX512_F32_SCALE_INTRIN = "hetcomp_avx512_f32x16_scale"
+#: ``{head_dim: name}`` of the AVX2 q.k dot-product intrinsics.
+AVX2_F32_DOT_INTRINS = {d: f"hetcomp_avx2_f32x8_dot_{d}" for d in HEAD_DIMS}
+#: The AVX2 P.V intrinsic, ``c[0:8] += p * b[0:8]``.
+AVX2_F32_AXPY_INTRIN = "hetcomp_avx2_f32x8_axpy"
+#: The AVX2 rescale intrinsic, ``c[0:8] *= p``.
+AVX2_F32_SCALE_INTRIN = "hetcomp_avx2_f32x8_scale"
+
+
+def _halving_hsum(vec, lanes: int):
+    # Add the high half onto the low half until two lanes are left; each step's input is
+    # bound once (T.Bind) because it is read twice.
+    tir = compiler().tir
+    while lanes > 2:
+        vec = T.Bind(vec)
+        lanes //= 2
+        half = f"float32x{lanes}"
+        vec = tir.vectorlow(half, vec) + tir.vectorhigh(half, vec)
+    vec = T.Bind(vec)
+    return tir.Shuffle([vec], [0]) + tir.Shuffle([vec], [1])
+
+
+AVX512_F32 = F32Intrins(AVX512_LANES, AVX512_F32_DOT_INTRINS, AVX512_F32_AXPY_INTRIN,
+                        AVX512_F32_SCALE_INTRIN)
+AVX2_F32 = F32Intrins(AVX2_LANES, AVX2_F32_DOT_INTRINS, AVX2_F32_AXPY_INTRIN,
+                      AVX2_F32_SCALE_INTRIN)
+AVX512_F32.register(_halving_hsum)
+AVX2_F32.register(_halving_hsum)
+
+
+class X86TreeAttentionRule(TreeAttentionRule):
+    """:class:`TreeAttentionRule` for x86: AVX-512 when the target CPU has it, else AVX2+FMA.
+
+    Targets without AVX2 and FMA (e.g. a bare ``x86_64-linux-gnu`` triple with no ``mcpu``)
+    get None: name the CPU (``mcpu``) to enable the rule.
+    """
+
+    def intrinsics(self, target) -> F32Intrins | None:
+        if is_llvm_with(target, "avx512f"):
+            return AVX512_F32
+        if is_llvm_with(target, "avx2") and is_llvm_with(target, "fma"):
+            return AVX2_F32
+        return None
+
+
+def x86_rules():
+    """The x86 rule list (tree attention), to put before the generic CPU rules."""
+    return [X86TreeAttentionRule()]
