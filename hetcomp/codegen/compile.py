@@ -66,7 +66,8 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
     _progress(1, 4, f"loaded {opts.model} ({sum(a.size for a in w.values()) / 1e6:.0f}M "
                     "parameters)", quiet)
     _progress(2, 4, f"building Relax module ({cfg.num_layers} layers, {opts.dtype})", quiet)
-    mod = build_module(cfg, opts.dtype, heads.num_heads if heads else 0)
+    widths = tuple(opts.widths) if heads is not None else (1,)
+    mod = build_module(cfg, opts.dtype, heads.num_heads if heads else 0, static_widths=widths)
     target = compiler().Target(target_dict(opts.target))
     if opts.plan is not None:
         from ..passes import hetcomp_pipeline
@@ -85,10 +86,12 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
     model_params = [name for name, _, _ in param_specs(cfg, opts.dtype)]
     params = [(name, packed[name]) for name in model_params]
     functions = {"prefill": model_params, "verify": model_params, "commit": []}
+    functions.update({f"verify_w{w}": model_params for w in widths})
     placement = {}
     if opts.plan is not None:
         model_params, params, placement = _split_params(mod, cfg, opts.dtype, packed)
         functions = {"prefill": model_params, "verify": model_params, "commit": []}
+        functions.update({f"verify_w{w}": model_params for w in widths})
     speculative = None
     if heads is not None:
         mparams = []

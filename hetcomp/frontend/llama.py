@@ -31,16 +31,22 @@ class _Kernels:
 
     def __init__(self, bb, cfg: LlamaConfig, wdtype: str):
         self.bb, self.cfg, self.wdtype, self._gvs = bb, cfg, wdtype, {}
+        self.rows: int | None = None  # static row count of the function being built
 
-    def get(self, name: str, builder, *args):
+    def get(self, name: str, builder, *args, sized: bool = True, rows: int | None = None):
+        """The kernel, built once; ``sized`` kernels are specialised to the static row count."""
+        rows = rows if rows is not None else (self.rows if sized else None)
+        kwargs = {"rows": rows} if sized else {}
+        if rows is not None:
+            name = f"{name}_w{rows}"
         if name not in self._gvs:
-            func = builder(*args).with_attr("global_symbol", name)
+            func = builder(*args, **kwargs).with_attr("global_symbol", name)
             self._gvs[name] = self.bb.add_func(func, name)
         return self._gvs[name]
 
-    def linear(self, n: int, k: int, residual: bool):
+    def linear(self, n: int, k: int, residual: bool, rows: int | None = None):
         name = f"linear{'_res' if residual else ''}_n{n}_k{k}"
-        return self.get(name, ops.linear, n, k, self.wdtype, residual)
+        return self.get(name, ops.linear, n, k, self.wdtype, residual, rows=rows)
 
 
 def _forward(bb, kern: _Kernels, cfg: LlamaConfig, inputs, params: dict, last_only: bool):
@@ -56,7 +62,7 @@ def _forward(bb, kern: _Kernels, cfg: LlamaConfig, inputs, params: dict, last_on
 
     norm_gv = kern.get("rms_norm", ops.rms_norm, e, cfg.norm_eps)
     rope_gv = kern.get("rope_kv", script_ops.rope_kv, hq, cfg.num_kv_heads, d, cfg.num_layers,
-                       cfg.max_context, cfg.rope_theta)
+                       cfg.max_context, cfg.rope_theta, sized=False)
     attn_gv = kern.get("attention", ops.attention, hq, cfg.num_kv_heads, d, cfg.num_layers,
                        cfg.max_context)
     silu_gv = kern.get("silu_mul", ops.silu_mul, f)
@@ -85,6 +91,7 @@ def _forward(bb, kern: _Kernels, cfg: LlamaConfig, inputs, params: dict, last_on
     if last_only:
         x = call(kern.get("take_last", ops.take_last, e), [x], (1, e))
         rows = 1
+        kern.rows = None if kern.rows is None else 1
     hidden = call(norm_gv, [x, params["norm"]], (rows, e))
     head = params["lm_head"] if "lm_head" in params else params["embed"]
     logits = call(kern.linear(cfg.vocab_size, e, False), [hidden, head], (rows, cfg.vocab_size))
@@ -112,27 +119,32 @@ def _add_medusa(bb, kern: _Kernels, cfg: LlamaConfig, num_heads: int, wdtype: st
     lm_head = relax.Var("lm_head", tt(head_shape, wdtype))
     pvars = [relax.Var(n.replace(".", "_"), tt(s, d))
              for n, s, d in medusa_param_specs(cfg, num_heads, wdtype)]
-    act_gv = kern.get("medusa_act", ops.medusa_act, e)
+    act_gv = kern.get("medusa_act", ops.medusa_act, e, rows=1)
     with bb.function("medusa", [hidden, lm_head, *pvars], attrs={"num_input": 1}):
         with bb.dataflow():
             outs = []
             for k in range(num_heads):
-                z = bb.emit(relax.call_tir(kern.linear(e, e, False), [hidden, pvars[2 * k]],
-                                           tt((1, e), "float32")))
+                z = bb.emit(relax.call_tir(kern.linear(e, e, False, rows=1),
+                                           [hidden, pvars[2 * k]], tt((1, e), "float32")))
                 outs.append(bb.emit(relax.call_tir(act_gv, [hidden, z, pvars[2 * k + 1]],
                                                    tt((1, e), "float32"))))
             stacked = bb.emit(relax.op.concat(outs, axis=0))
-            logits = bb.emit(relax.call_tir(kern.linear(v, e, False), [stacked, lm_head],
-                                            tt((num_heads, v), "float32")))
+            logits = bb.emit(relax.call_tir(kern.linear(v, e, False, rows=num_heads),
+                                            [stacked, lm_head], tt((num_heads, v), "float32")))
             out = bb.emit_output(logits)
         bb.emit_func_output(out)
 
 
-def build_module(cfg: LlamaConfig, wdtype: str = "float32", medusa_heads: int = 0):
+def build_module(cfg: LlamaConfig, wdtype: str = "float32", medusa_heads: int = 0,
+                 static_widths: tuple[int, ...] = ()):
     """The unscheduled Relax IRModule of the decoder for weight dtype ``wdtype``.
 
+    ``verify`` takes any width; ``verify_w{W}`` for each W in ``static_widths`` is the same
+    function specialised to W rows, whose kernels tile exactly (the runtime prefers them).
     With ``medusa_heads = K > 0`` it also has ``medusa(hidden[1, E], lm_head, w_0, b_0, ...)``
-    returning the K heads' logits ``[K, V]``.
+    returning the K heads' logits ``[K, V]``. The module attribute
+    ``hetcomp.model_functions`` lists the functions that run the decoder (what partitioning
+    applies to).
     """
     c = compiler()
     relax, tir, tt = c.relax, c.tir, c.TensorType
@@ -147,8 +159,11 @@ def build_module(cfg: LlamaConfig, wdtype: str = "float32", medusa_heads: int = 
                 relax.Var("v_cache", tt(v_shape, "float32")),
                 relax.Var("cache_len", c.ShapeType([n])), n)
 
-    for fname, last_only in (("prefill", True), ("verify", False)):
-        w = tir.Var("w", "int64")
+    functions = [("prefill", True, None), ("verify", False, None)]
+    functions += [(f"verify_w{r}", False, r) for r in static_widths]
+    for fname, last_only, rows in functions:
+        kern.rows = rows
+        w = tir.Var("w", "int64") if rows is None else rows
         tokens = relax.Var("tokens", tt((w,), "int32"))
         positions = relax.Var("positions", tt((w,), "int32"))
         mask = relax.Var("mask", tt((w, w), "int32"))
@@ -162,11 +177,12 @@ def build_module(cfg: LlamaConfig, wdtype: str = "float32", medusa_heads: int = 
                 out = bb.emit_output(relax.Tuple(list(outs)))
             bb.emit_func_output(out)
 
+    kern.rows = None
     k_cache, v_cache, cache_len, n = cache_vars()
     a = tir.Var("a", "int64")
     accepted = relax.Var("accepted", tt((a,), "int32"))
     commit_gv = kern.get("kv_commit", script_ops.kv_commit, cfg.num_kv_heads, cfg.head_dim,
-                         cfg.num_layers, cfg.max_context)
+                         cfg.num_layers, cfg.max_context, sized=False)
     with bb.function("commit", [k_cache, v_cache, accepted, cache_len]):
         with bb.dataflow():
             res = bb.emit(relax.call_tir_inplace(
@@ -176,4 +192,5 @@ def build_module(cfg: LlamaConfig, wdtype: str = "float32", medusa_heads: int = 
         bb.emit_func_output(out)
     if medusa_heads:
         _add_medusa(bb, kern, cfg, medusa_heads, wdtype)
-    return bb.finalize()
+    mod = bb.finalize()
+    return mod.with_attr("hetcomp.model_functions", [f for f, _, _ in functions])

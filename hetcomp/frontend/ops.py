@@ -55,11 +55,20 @@ def _sym(name: str):
     return compiler().tir.Var(name, "int64")
 
 
-def linear(n: int, k: int, wdtype: str, residual: bool = False):
+def _rows(rows: int | None):
+    """The row extent: symbolic ``w`` (one kernel for every width) or a static width.
+
+    Static widths let the schedules tile rows exactly (no predicates), which keeps the
+    accumulators of a linear layer's row tile in vector registers.
+    """
+    return _sym("w") if rows is None else compiler().tir.IntImm("int64", rows)
+
+
+def linear(n: int, k: int, wdtype: str, residual: bool = False, rows: int | None = None):
     """``y[w, n] = x[w, k] @ W.T (+ r[w, n])`` with W packed ``[n // B, k, B]``."""
     c = compiler()
     te, b = c.te, pack_block(n)
-    w = _sym("w")
+    w = _rows(rows)
     x = te.placeholder((w, k), "float32", name="x")
     wp = te.placeholder((n // b, k, b), wdtype, name="wp")
     r = te.reduce_axis((0, k), name="k")
@@ -77,11 +86,11 @@ def linear(n: int, k: int, wdtype: str, residual: bool = False):
                    residual=int(residual))
 
 
-def embed(vocab: int, hidden: int, wdtype: str):
+def embed(vocab: int, hidden: int, wdtype: str, rows: int | None = None):
     """Rows of the packed (tied) embedding table for ``tokens[w]``."""
     c = compiler()
     te, b = c.te, pack_block(vocab)
-    w = _sym("w")
+    w = _rows(rows)
     tokens = te.placeholder((w,), "int32", name="tokens")
     table = te.placeholder((vocab // b, hidden, b), wdtype, name="table")
     out = te.compute(
@@ -92,10 +101,10 @@ def embed(vocab: int, hidden: int, wdtype: str):
     return _finish(te.create_prim_func([tokens, table, out], index_dtype_override="int64"), "embed")
 
 
-def rms_norm(hidden: int, eps: float):
+def rms_norm(hidden: int, eps: float, rows: int | None = None):
     c = compiler()
     te, tir = c.te, c.tir
-    w = _sym("w")
+    w = _rows(rows)
     x = te.placeholder((w, hidden), "float32", name="x")
     g = te.placeholder((hidden,), "float32", name="gamma")
     r = te.reduce_axis((0, hidden), name="k")
@@ -107,11 +116,11 @@ def rms_norm(hidden: int, eps: float):
     return _finish(te.create_prim_func([x, g, y], index_dtype_override="int64"), "rms_norm")
 
 
-def silu_mul(inter: int):
+def silu_mul(inter: int, rows: int | None = None):
     """``silu(gate) * up`` where the gate_up linear wrote ``[gate | up]`` columns."""
     c = compiler()
     te, tir = c.te, c.tir
-    w = _sym("w")
+    w = _rows(rows)
     gu = te.placeholder((w, 2 * inter), "float32", name="gate_up")
     y = te.compute(
         (w, inter),
@@ -121,20 +130,20 @@ def silu_mul(inter: int):
     return _finish(te.create_prim_func([gu, y], index_dtype_override="int64"), "elementwise")
 
 
-def take_last(hidden: int):
+def take_last(hidden: int, rows: int | None = None):
     c = compiler()
     te = c.te
-    w = _sym("w")
+    w = _rows(rows)
     x = te.placeholder((w, hidden), "float32", name="x")
     y = te.compute((1, hidden), lambda i, e: x[w - 1, e], name="last")
     return _finish(te.create_prim_func([x, y], index_dtype_override="int64"), "elementwise")
 
 
-def argmax(vocab: int):
+def argmax(vocab: int, rows: int | None = None):
     """Greedy ids per row: the first index of the row maximum (numpy's tie rule)."""
     c = compiler()
     te, tir = c.te, c.tir
-    w = _sym("w")
+    w = _rows(rows)
     logits = te.placeholder((w, vocab), "float32", name="logits")
     r = te.reduce_axis((0, vocab), name="v")
 
@@ -153,7 +162,8 @@ def argmax(vocab: int):
     return _finish(te.create_prim_func([logits, idx], index_dtype_override="int64"), "argmax")
 
 
-def attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, context: int):
+def attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, context: int,
+              rows: int | None = None):
     """Tree attention of ``q[H, w, D]`` over the committed cache ``[0, n)`` plus the tree.
 
     The tree's own K/V sit in the cache at ``[n, n + w)`` (written by ``rope_kv``); node i
@@ -164,7 +174,7 @@ def attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, con
     te, tir = c.te, c.tir
     hq, g, d = num_heads, num_kv_heads, head_dim
     rep = hq // g
-    w, n, layer = _sym("w"), _sym("n"), _sym("layer")
+    w, n, layer = _rows(rows), _sym("n"), _sym("layer")
     q = te.placeholder((hq, w, d), "float32", name="q")
     kt = te.placeholder((layers, g, d, context), "float32", name="k_cache")
     vc = te.placeholder((layers, g, context, d), "float32", name="v_cache")
@@ -206,11 +216,11 @@ def attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, con
     return _finish(func, "attention", attn_cfg=[hq, g, d, layers, context])
 
 
-def medusa_act(hidden: int):
+def medusa_act(hidden: int, rows: int | None = None):
     """``h + SiLU(z + b)``: the residual SiLU block of a Medusa head."""
     c = compiler()
     te, tir = c.te, c.tir
-    w = _sym("w")
+    w = _rows(rows)
     h = te.placeholder((w, hidden), "float32", name="h")
     z = te.placeholder((w, hidden), "float32", name="z")
     b = te.placeholder((hidden,), "float32", name="bias")
@@ -240,7 +250,7 @@ def _lse_parts(te, tir, s, valid, total, hq, w, name):
 
 
 def attention_part(num_heads: int, num_kv_heads: int, head_dim: int, layers: int,
-                   context: int, part: str):
+                   context: int, part: str, rows: int | None = None):
     """One affinity part of tree attention, returning ``(o[w, H, D], lse[H, w])``.
 
     ``part="dense"``: tree queries against the committed cache ``[0, n)`` (long, regular).
@@ -252,7 +262,7 @@ def attention_part(num_heads: int, num_kv_heads: int, head_dim: int, layers: int
     te, tir = c.te, c.tir
     hq, g, d = num_heads, num_kv_heads, head_dim
     rep = hq // g
-    w, n, layer = _sym("w"), _sym("n"), _sym("layer")
+    w, n, layer = _rows(rows), _sym("n"), _sym("layer")
     q = te.placeholder((hq, w, d), "float32", name="q")
     kt = te.placeholder((layers, g, d, context), "float32", name="k_cache")
     vc = te.placeholder((layers, g, context, d), "float32", name="v_cache")
@@ -283,12 +293,12 @@ def attention_part(num_heads: int, num_kv_heads: int, head_dim: int, layers: int
     return _finish(func, "attention_part", part=part)
 
 
-def attention_merge(num_heads: int, head_dim: int):
+def attention_merge(num_heads: int, head_dim: int, rows: int | None = None):
     """Exact online-softmax merge of two attention parts: weights ``exp(lse_p - max)``."""
     c = compiler()
     te, tir = c.te, c.tir
     hq, d = num_heads, head_dim
-    w = _sym("w")
+    w = _rows(rows)
     o1 = te.placeholder((w, hq, d), "float32", name="o1")
     l1 = te.placeholder((hq, w), "float32", name="lse1")
     o2 = te.placeholder((w, hq, d), "float32", name="o2")
@@ -306,11 +316,11 @@ def attention_merge(num_heads: int, head_dim: int):
                    "attention_merge")
 
 
-def add(n: int):
+def add(n: int, rows: int | None = None):
     """``a[w, n] + b[w, n]`` (the residual of a column-split linear layer)."""
     c = compiler()
     te = c.te
-    w = _sym("w")
+    w = _rows(rows)
     a = te.placeholder((w, n), "float32", name="a")
     b = te.placeholder((w, n), "float32", name="b")
     y = te.compute((w, n), lambda i, j: a[i, j] + b[i, j], name="add")

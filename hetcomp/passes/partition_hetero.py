@@ -252,6 +252,7 @@ class PartitionHetero:
         if not isinstance(plan, HeteroPlan):
             raise TypeError("PartitionHetero takes a HeteroPlan")
         self.plan = plan
+        # None: the module's ``hetcomp.model_functions`` attribute, else every function.
         self.functions = None if functions is None else set(functions)
 
     def transform_module(self, mod, ctx):
@@ -260,9 +261,12 @@ class PartitionHetero:
         mod = _c.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
         mod.update_global_info("vdevice", vdevs)
         rw = _Rewriter(mod, self.plan, vdevs)
+        functions = self.functions
+        if functions is None and mod.attrs is not None and "hetcomp.model_functions" in mod.attrs:
+            functions = {str(f) for f in mod.attrs["hetcomp.model_functions"]}
         for gv, func in list(mod.functions_items()):
             if not isinstance(func, relax.Function) or (
-                    self.functions is not None and gv.name_hint not in self.functions):
+                    functions is not None and gv.name_hint not in functions):
                 continue
             rw.splits = {}
             new_func = rw.visit_expr(func)

@@ -12,11 +12,12 @@ _c = compiler()
 
 def hetcomp_pipeline(plan: HeteroPlan | None = None, cost_fn=None, width: int = 1,
                      cache_len: int = 256, async_units: tuple[int, ...] | None = None,
-                     functions: tuple[str, ...] | None = ("prefill", "verify")):
+                     functions: tuple[str, ...] | None = None):
     """Phase 1 annotate costs, phase 2 partition across units, phase 3 order for overlap,
     phase 4 realise virtual devices. Scheduling and codegen follow in :mod:`hetcomp.codegen`."""
     empty = _c.transform.Sequential([])
     units = plan.units if plan is not None else ("cpu",)
+    # By default partition the decoder functions the model builder lists (not medusa/commit).
     return _c.transform.Sequential([
         # Phase 1. Predicted cost per kernel and unit (for reports and later decisions).
         AnnotateCost(cost_fn, units, width, cache_len) if cost_fn is not None else empty,

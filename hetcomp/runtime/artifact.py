@@ -101,6 +101,9 @@ class Artifact:
                                 if p["name"] in set(funcs["verify"]))
         self._prefill = self.vm["prefill"]
         self._verify = self.vm["verify"]
+        # Width-specialised verify functions (exact row tiling), preferred when present.
+        self._verify_static = {int(f[len("verify_w"):]): self.vm[f] for f in funcs
+                               if f.startswith("verify_w")}
         self._commit = self.vm["commit"]
         spec = self.manifest.get("speculative")
         self.trees = {}
@@ -166,7 +169,8 @@ class Session:
         w = len(tokens)
         if self.length + w > self.capacity:
             raise HetcompError(f"context of {self.capacity} tokens is full")
-        out = self.art._verify(self._t(tokens), self._t(positions), self._t(mask),
+        fn = self.art._verify_static.get(w, self.art._verify)
+        out = fn(self._t(tokens), self._t(positions), self._t(mask),
                                self.k_cache, self.v_cache, _tvm.shape_tuple([self.length]),
                                *self.art.params)
         self.k_cache, self.v_cache = out[3], out[4]

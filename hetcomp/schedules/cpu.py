@@ -40,11 +40,15 @@ class LinearRule(_BASE):
         c = compiler()
         sch = c.Schedule(func)
         b = int(func.attrs["hetcomp.block"])
+        extent = func.params[0].shape[0]  # x[w, k]: PrimFunc params carry their shapes
+        row_tile = self.row_tile
+        if isinstance(extent, c.tir.IntImm):  # static rows: an exact tile, no predicates
+            row_tile = next(t for t in (8, 4, 2, 1) if int(extent) % t == 0)
         # Step 1. Tile rows and columns; the reduction sits between the two tiles.
         mm = sch.get_sblock("matmul")
         i, j, k = sch.get_loops(mm)
         jo, ji = sch.split(j, [None, b])
-        io, ii = sch.split(i, [None, self.row_tile])
+        io, ii = sch.split(i, [None, row_tile])
         sch.reorder(jo, io, k, ii, ji)
         # Step 2. Accumulate in registers, write back (with the residual add) per row tile.
         acc = sch.cache_write(mm, 0, "local")

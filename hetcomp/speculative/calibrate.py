@@ -25,6 +25,7 @@ class CalibrateOptions:
     epochs: int = 3
     seed: int = 0
     max_prompts: int = 0  # 0: all
+    weight_decay: float = 0.01
 
 
 def collect(art, prompts, new_tokens: int, progress: bool = True):
@@ -92,13 +93,18 @@ def calibrate(art, embed: np.ndarray, opts: CalibrateOptions, progress: bool = T
     xho, yho = make_targets(fho, sho, opts.num_heads)
     if progress:
         print(f"[2/3] training {opts.num_heads} heads on {len(xtr)} rows", file=sys.stderr)
-    w, b = train_heads(xtr, ytr, embed, opts.num_heads, epochs=opts.epochs, seed=opts.seed,
-                       progress=progress)
+    # Early stopping on a validation slice of the training prompts (the held-out prompts stay
+    # untouched for the statistics that build the trees).
+    rows_per_prompt = np.cumsum([len(s) for s in str_])
+    cut = int(np.searchsorted(rows_per_prompt, 0.9 * rows_per_prompt[-1]))
+    cut_row = int(rows_per_prompt[cut]) if cut < len(rows_per_prompt) else len(xtr)
+    w, b = train_heads(xtr[:cut_row], ytr[:cut_row], embed, opts.num_heads, epochs=opts.epochs,
+                       seed=opts.seed, progress=progress, weight_decay=opts.weight_decay,
+                       validation=(xtr[cut_row:], ytr[cut_row:]) if cut_row < len(xtr) else None)
     if progress:
         print(f"[3/3] held-out statistics on {len(xho)} rows", file=sys.stderr)
     heads = MedusaHeads(w, b, np.zeros((opts.num_heads, TOPK)), {})
-    logits = np.einsum("kne,ve->knv", heads.hidden(xho), embed)
-    heads.rank_probs = rank_statistics(logits, yho)
+    heads.rank_probs = rank_statistics(heads, xho, yho, embed)
     heads.info = {
         "corpus": opts.corpus, "seed": opts.seed, "epochs": opts.epochs,
         "new_tokens": opts.new_tokens, "train_rows": int(len(xtr)), "held_out_rows": int(len(xho)),

@@ -30,7 +30,7 @@ class MedusaHeads:
 
     def hidden(self, h: np.ndarray) -> np.ndarray:
         """``[N, E]`` -> ``[K, N, E]`` head hidden states (before the LM head)."""
-        z = np.einsum("ne,kfe->knf", h, self.w) + self.b[:, None, :]
+        z = np.stack([h @ self.w[k].T for k in range(self.num_heads)]) + self.b[:, None, :]
         return h[None] + z / (1.0 + np.exp(-z))
 
     def save(self, path: str) -> None:
@@ -65,13 +65,34 @@ def _log_softmax_grad(logits: np.ndarray, target: np.ndarray):
     return loss, g / len(target)
 
 
+def validation_loss(w, b, h, targets, embed, chunk: int = 1024) -> np.ndarray:
+    """Mean cross-entropy per head on held-out rows."""
+    k_heads = w.shape[0]
+    total, count = np.zeros(k_heads), np.zeros(k_heads)
+    emb_t = np.ascontiguousarray(embed.T)
+    for s in range(0, len(h), chunk):
+        x = h[s: s + chunk]
+        for k in range(k_heads):
+            t = targets[s: s + chunk, k]
+            keep = t >= 0
+            if not keep.any():
+                continue
+            z = x[keep] @ w[k].T + b[k]
+            loss, _ = _log_softmax_grad((x[keep] + z / (1 + np.exp(-z))) @ emb_t, t[keep])
+            total[k] += loss * keep.sum()
+            count[k] += keep.sum()
+    return total / np.maximum(count, 1)
+
+
 def train_heads(h: np.ndarray, targets: np.ndarray, embed: np.ndarray, num_heads: int,
                 epochs: int = 3, batch: int = 256, lr: float = 1e-3, seed: int = 0,
-                progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Adam on the heads' cross-entropy; ``targets[n, k]`` = token 2 + k after row n (-1: none).
+                progress: bool = True, validation=None, weight_decay: float = 0.0
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """AdamW on the heads' cross-entropy; ``targets[n, k]`` = token 2 + k after row n (-1: none).
 
     ``embed`` is the tied LM head ``[V, E]`` (frozen). Weights start at zero, i.e. every head
-    starts as the base LM head on an unchanged hidden state.
+    starts as the base LM head on an unchanged hidden state. With ``validation = (h, targets)``
+    each head keeps the epoch with its lowest validation loss (early stopping per head).
     """
     rng = np.random.default_rng(seed)
     n, e = h.shape
@@ -80,6 +101,8 @@ def train_heads(h: np.ndarray, targets: np.ndarray, embed: np.ndarray, num_heads
     mw, vw, mb, vb = (np.zeros_like(w), np.zeros_like(w), np.zeros_like(b), np.zeros_like(b))
     step, b1, b2, eps = 0, 0.9, 0.999, 1e-8
     emb_t = np.ascontiguousarray(embed.T)
+    best_loss = np.full(num_heads, np.inf)
+    best_w, best_b = w.copy(), b.copy()
     for epoch in range(epochs):
         order = rng.permutation(n)
         losses = []
@@ -107,24 +130,41 @@ def train_heads(h: np.ndarray, targets: np.ndarray, embed: np.ndarray, num_heads
                     v_ *= b2
                     v_ += (1 - b2) * gp * gp
                     p -= lr * (m_ / (1 - b1 ** step)) / (np.sqrt(v_ / (1 - b2 ** step)) + eps)
+                    if weight_decay and p.ndim == 2:
+                        p -= lr * weight_decay * p
             if progress and (s // batch) % 10 == 0:
                 print(f"\r  epoch {epoch + 1}/{epochs}  {min(s + batch, n)}/{n}  "
                       f"loss {np.mean(losses[-40:]):.3f}", end="", file=sys.stderr, flush=True)
+        if validation is not None:
+            vloss = validation_loss(w, b, *validation, embed)
+            better = vloss < best_loss
+            best_loss[better] = vloss[better]
+            best_w[better], best_b[better] = w[better], b[better]
+            if progress:
+                print(f"  validation loss per head {np.round(vloss, 3).tolist()}",
+                      end="", file=sys.stderr)
         if progress:
             print(file=sys.stderr)
-    return w, b
+    return (best_w, best_b) if validation is not None else (w, b)
 
 
-def rank_statistics(heads_hidden_logits, targets: np.ndarray, topk: int = TOPK) -> np.ndarray:
+def rank_statistics(heads: MedusaHeads, h: np.ndarray, targets: np.ndarray, embed: np.ndarray,
+                    topk: int = TOPK, chunk: int = 512) -> np.ndarray:
     """``[K, topk]``: fraction of rows whose target is head k's rank-r candidate."""
-    logits = heads_hidden_logits  # [K, N, V]
-    k_heads = logits.shape[0]
-    probs = np.zeros((k_heads, topk))
-    for k in range(k_heads):
-        t = targets[:, k]
-        keep = t >= 0
-        lk = logits[k][keep]
-        top = np.argsort(-lk, axis=-1)[:, :topk]
-        hit = top == t[keep][:, None]
-        probs[k] = hit.mean(0)
-    return probs
+    hits = np.zeros((heads.num_heads, topk))
+    counts = np.zeros(heads.num_heads)
+    emb_t = np.ascontiguousarray(embed.T)
+    for s in range(0, len(h), chunk):
+        hk = heads.hidden(h[s: s + chunk])
+        for k in range(heads.num_heads):
+            t = targets[s: s + chunk, k]
+            keep = t >= 0
+            if not keep.any():
+                continue
+            logits = hk[k][keep] @ emb_t
+            top = np.argpartition(-logits, topk - 1, axis=-1)[:, :topk]
+            order = np.take_along_axis(logits, top, -1).argsort(-1)[:, ::-1]
+            top = np.take_along_axis(top, order, -1)
+            hits[k] += (top == t[keep][:, None]).sum(0)
+            counts[k] += keep.sum()
+    return hits / np.maximum(counts, 1)[:, None]
