@@ -187,7 +187,7 @@ def cmd_calibrate(args) -> int:
 
     opts = CalibrateOptions(corpus=args.corpus, num_heads=args.num_heads,
                             new_tokens=args.new_tokens, epochs=args.epochs, seed=args.seed,
-                            max_prompts=args.max_prompts)
+                            max_prompts=args.max_prompts, cache=args.cache)
     loaded = load_model(args.model)
     with tempfile.TemporaryDirectory() as tmp:
         compile_model(CompileOptions(model=args.model), f"{tmp}/art", weights=loaded)
@@ -251,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--epochs", type=int, default=3)
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("--max-prompts", type=int, default=0)
+    k.add_argument("--cache", help="also save the generated training data (.npz) here")
     k.add_argument("-o", "--output", required=True)
     k.set_defaults(func=cmd_calibrate)
 

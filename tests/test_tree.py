@@ -60,3 +60,31 @@ def test_accept_path():
     assert accept_path(t, tokens, [12, 0, 14, 0, 99]) == [0, 2, 4]
     assert accept_path(t, tokens, [11, 13, 0, 7, 0]) == [0, 1, 3]
     assert accept_path(t, tokens, [55, 0, 0, 0, 0]) == [0]
+
+
+def joint_prob(ranks, path):
+    rows = ranks[ranks[:, 0] >= 0]
+    ok = np.ones(len(rows), bool)
+    for d, r in enumerate(path):
+        ok &= rows[:, d] == r
+    return ok.mean()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("width", [2, 3, 4, 5])
+def test_joint_statistics_tree_is_optimal(seed, width):
+    """With measured joint ranks (no independence assumption) best-first is still optimal."""
+    rng = np.random.default_rng(seed)
+    ranks = rng.choice(4, size=(60, 2), p=[0.5, 0.2, 0.1, 0.2]).astype(np.int8)
+    same = rng.random(60) < 0.5
+    ranks[same, 1] = ranks[same, 0]  # correlated heads, as real ones are
+    probs = np.zeros((2, 3))
+    tree = build_tree(probs, width, ranks)
+    paths = [p for d in (1, 2) for p in itertools.product(range(3), repeat=d)]
+    best = 1.0
+    for subset in itertools.combinations(paths, width - 1):
+        s = set(subset)
+        if any(len(p) > 1 and p[:-1] not in s for p in s):
+            continue
+        best = max(best, 1.0 + sum(joint_prob(ranks, p) for p in s))
+    assert tree.expected_accept_length == pytest.approx(best)

@@ -105,7 +105,10 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
             "num_heads": heads.num_heads,
             "rank_probs": heads.rank_probs.tolist(),
             "heads_info": heads.info,
-            "trees": {str(w): build_tree(heads.rank_probs, w).to_json() for w in opts.widths},
+            # Trees for every width up to the largest (lookup drafting shrinks the Medusa
+            # tree by the chain it adds), from the measured joint statistics.
+            "trees": {str(w): build_tree(heads.rank_probs, w, heads.ranks).to_json()
+                      for w in range(1, max(opts.widths) + 1)},
         }
     manifest = {
         "model": opts.model if opts.model == "smollm2" else os.path.basename(opts.model),

@@ -113,7 +113,21 @@ class Artifact:
 
             self.trees = {int(w): Tree.from_json(t) for w, t in spec["trees"].items()}
             self._medusa = self.vm["medusa"]
-        self.widths = sorted(self.trees) if self.trees else [1]
+        self.widths = list(self.manifest.get("widths", [1]))
+        self._rank_probs = np.asarray(spec["rank_probs"]) if spec else None
+
+    def tree(self, width: int):
+        """The compiled tree of ``width`` nodes, or one built from the heads' statistics."""
+        if width in self.trees:
+            return self.trees[width]
+        from ..speculative.tree import Tree, build_tree
+
+        if width == 1 or self._rank_probs is None:
+            return Tree((-1,), (-1,), (1.0,))
+        built = self.__dict__.setdefault("_built_trees", {})
+        if width not in built:
+            built[width] = build_tree(self._rank_probs, width)
+        return built[width]
 
     def medusa_candidates(self, hidden, topk: int) -> np.ndarray:
         """``[K, topk]`` candidate ids of the Medusa heads for one hidden state ``[1, E]``."""

@@ -9,7 +9,7 @@ import numpy as np
 
 from .. import _tvm
 from ..errors import HetcompError
-from ..speculative.tree import accept_path
+from ..speculative.tree import Tree, accept_path
 
 
 @dataclasses.dataclass
@@ -35,13 +35,18 @@ class GenerationResult:
 
 
 def generate(art, prompt_ids, max_new_tokens: int = 64, stop_at_eos: bool = True,
-             width: int = 1, step_times: list | None = None):
+             width: int = 1, step_times: list | None = None, lookup: int = 0):
     """Greedy decoding; with ``width > 1``, Medusa tree speculation verified losslessly.
 
     Each step verifies the tree of ``width`` nodes rooted at the token the base model already
     chose, accepts the longest path whose tokens equal the base model's greedy choices,
     commits it, and emits those tokens plus the base model's choice after the path, so the
     output is token for token that of sequential greedy decoding.
+
+    ``lookup = L > 0`` also drafts up to L tokens by n-gram lookup in the context (the tokens
+    that followed the latest earlier occurrence of the current suffix) as a chain under the
+    root; the Medusa tree then shrinks to the best tree of ``width - chain length`` nodes, so
+    every step still verifies exactly ``width`` nodes.
     """
     if max_new_tokens < 1:
         raise HetcompError("--max-new-tokens must be at least 1")
@@ -53,12 +58,10 @@ def generate(art, prompt_ids, max_new_tokens: int = 64, stop_at_eos: bool = True
         raise HetcompError(
             f"prompt ({len(prompt_ids)} tokens) plus --max-new-tokens ({max_new_tokens}) exceeds "
             f"the context of {art.config.max_context} tokens")
-    tree = None
-    if width > 1:
-        if width not in art.trees:
-            raise HetcompError(f"width {width} is not available in this artifact "
-                               f"(widths: {', '.join(map(str, art.widths))}; compile with --heads)")
-        tree = art.trees[width]
+    if width > 1 and width not in art.trees:
+        raise HetcompError(f"width {width} is not available in this artifact "
+                           f"(widths: {', '.join(map(str, art.widths))}; compile with --heads)")
+    lookup = min(lookup, width - 1)
     eos = art.tokenizer.eos_token_id if stop_at_eos else None
     sess = art.new_session()
     t0 = time.perf_counter()
@@ -66,25 +69,22 @@ def generate(art, prompt_ids, max_new_tokens: int = 64, stop_at_eos: bool = True
     t1 = time.perf_counter()
     ids = [nxt]
     steps = 0
-    if tree is None:
-        mask, heads, ranks, depths = np.ones((1, 1), "int32"), None, None, np.zeros(1, "int32")
-    else:
-        mask, depths = tree.mask(), tree.depths
-        heads, ranks = tree.heads[1:], np.asarray(tree.ranks[1:])
-        topk = int(ranks.max()) + 1
     while len(ids) < max_new_tokens and ids[-1] != eos:
         ts = time.perf_counter()
-        tokens = np.empty(len(depths), "int64")
+        chain = ngram_draft(prompt_ids + ids, lookup) if lookup else []
+        shape = _step_shape(art, width, len(chain))
+        tokens = np.empty(width, "int64")
         tokens[0] = ids[-1]
-        if tree is not None:
-            cands = art.medusa_candidates(hidden, topk)
-            tokens[1:] = cands[heads, ranks]
-        greedy, hid, _ = sess.verify(tokens, depths + sess.length, mask)
-        path = [0] if tree is None else accept_path(tree, tokens, greedy)
+        if shape.medusa_nodes:
+            cands = art.medusa_candidates(hidden, shape.topk)
+            tokens[1: 1 + shape.medusa_nodes] = cands[shape.heads, shape.ranks]
+        tokens[1 + shape.medusa_nodes:] = chain
+        greedy, hid, _ = sess.verify(tokens, shape.depths + sess.length, shape.mask)
+        path = accept_path(shape.tree, tokens, greedy) if width > 1 else [0]
         sess.commit(path)
         ids.extend(int(t) for t in tokens[path[1:]])
         ids.append(int(greedy[path[-1]]))
-        if tree is not None:
+        if width > 1:
             hidden = _tvm.tensor(hid.numpy()[path[-1]: path[-1] + 1], art.device)
         steps += 1
         if step_times is not None:
@@ -97,3 +97,46 @@ def generate(art, prompt_ids, max_new_tokens: int = 64, stop_at_eos: bool = True
         prompt_ids=prompt_ids, ids=ids, text=art.tokenizer.decode(ids), steps=steps,
         accepted_per_step=(len(ids) - 1) / steps if steps else 1.0,
         prefill_s=t1 - t0, decode_s=t2 - t1)
+
+
+def ngram_draft(context: list[int], length: int, max_ngram: int = 3) -> list[int]:
+    """Up to ``length`` tokens that followed the latest earlier occurrence of the context's
+    last n-gram (longest n first, n <= ``max_ngram``); empty when nothing matches."""
+    seq = np.asarray(context)
+    for n in range(min(max_ngram, len(seq) - 1), 0, -1):
+        key = seq[-n:]
+        # Candidate starts: positions where the first key token occurs, latest first.
+        for start in np.flatnonzero(seq[: len(seq) - n] == key[0])[::-1]:
+            if np.array_equal(seq[start: start + n], key):
+                cont = seq[start + n: start + n + length]
+                if len(cont):
+                    return [int(t) for t in cont]
+    return []
+
+
+@dataclasses.dataclass(frozen=True)
+class _StepShape:
+    tree: Tree  # the combined tree (Medusa nodes, then the lookup chain)
+    mask: np.ndarray
+    depths: np.ndarray
+    medusa_nodes: int
+    heads: np.ndarray
+    ranks: np.ndarray
+    topk: int
+
+
+def _step_shape(art, width: int, chain: int) -> _StepShape:
+    """The verified tree for a step: the best Medusa tree of ``width - chain`` nodes plus a
+    chain of ``chain`` lookup nodes under the root (cached per shape)."""
+    cache = art.__dict__.setdefault("_step_shapes", {})
+    key = (width, chain)
+    if key not in cache:
+        base = art.tree(width - chain) if width > 1 else Tree((-1,), (-1,), (1.0,))
+        parents = list(base.parents) + [0 if i == 0 else base.width + i - 1 for i in range(chain)]
+        ranks = list(base.ranks) + [-1] * chain
+        tree = Tree(tuple(parents), tuple(ranks), tuple(base.probs) + (0.0,) * chain)
+        b_ranks = np.asarray(base.ranks[1:], dtype=np.int64)
+        cache[key] = _StepShape(tree, tree.mask(), tree.depths, base.width - 1,
+                                base.heads[1:], b_ranks,
+                                int(b_ranks.max()) + 1 if len(b_ranks) else 1)
+    return cache[key]

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import HetcompError
 from .corpus import load_corpus
-from .medusa import TOPK, MedusaHeads, rank_statistics, train_heads
+from .medusa import TOPK, MedusaHeads, heldout_ranks, rank_statistics, train_heads
 from .tree import build_tree
 
 WIDTHS = (1, 2, 4, 8, 16, 32, 64)
@@ -26,6 +26,7 @@ class CalibrateOptions:
     seed: int = 0
     max_prompts: int = 0  # 0: all
     weight_decay: float = 0.01
+    cache: str | None = None  # .npz to save the generated data in
 
 
 def collect(art, prompts, new_tokens: int, progress: bool = True):
@@ -89,6 +90,11 @@ def calibrate(art, embed: np.ndarray, opts: CalibrateOptions, progress: bool = T
               file=sys.stderr)
     ftr, str_ = collect(art, train, opts.new_tokens, progress)
     fho, sho = collect(art, held, opts.new_tokens, progress)
+    if opts.cache:  # the expensive part: keep it to re-train without re-generating
+        np.savez(opts.cache, **{f"tr_h{i}": f for i, f in enumerate(ftr)},
+                 **{f"tr_s{i}": s for i, s in enumerate(str_)},
+                 **{f"ho_h{i}": f for i, f in enumerate(fho)},
+                 **{f"ho_s{i}": s for i, s in enumerate(sho)})
     xtr, ytr = make_targets(ftr, str_, opts.num_heads)
     xho, yho = make_targets(fho, sho, opts.num_heads)
     if progress:
@@ -104,13 +110,15 @@ def calibrate(art, embed: np.ndarray, opts: CalibrateOptions, progress: bool = T
     if progress:
         print(f"[3/3] held-out statistics on {len(xho)} rows", file=sys.stderr)
     heads = MedusaHeads(w, b, np.zeros((opts.num_heads, TOPK)), {})
-    heads.rank_probs = rank_statistics(heads, xho, yho, embed)
+    heads.ranks = heldout_ranks(heads, xho, yho, embed)
+    heads.rank_probs = rank_statistics(heads.ranks)
     heads.info = {
         "corpus": opts.corpus, "seed": opts.seed, "epochs": opts.epochs,
         "new_tokens": opts.new_tokens, "train_rows": int(len(xtr)), "held_out_rows": int(len(xho)),
         "train_prompts": len(train), "held_out_prompts": len(held),
         "topk_accuracy": np.cumsum(heads.rank_probs, axis=1).tolist(),
-        "tau": {str(wd): build_tree(heads.rank_probs, wd).expected_accept_length for wd in WIDTHS},
+        "tau": {str(wd): build_tree(heads.rank_probs, wd, heads.ranks).expected_accept_length
+                for wd in WIDTHS},
     }
     return heads
 
@@ -130,7 +138,8 @@ def plot_statistics(heads: MedusaHeads, path: str) -> None:
     a.legend()
     a.grid(alpha=0.3)
     ws = list(WIDTHS)
-    b.plot(ws, [build_tree(heads.rank_probs, w).expected_accept_length for w in ws], marker="o")
+    b.plot(ws, [build_tree(heads.rank_probs, w, heads.ranks).expected_accept_length
+                for w in ws], marker="o")
     b.set_xscale("log", base=2)
     b.set_xlabel("tree width W")
     b.set_ylabel("expected accepted tokens per step")

@@ -23,6 +23,7 @@ class MedusaHeads:
     b: np.ndarray  # [K, E]
     rank_probs: np.ndarray  # [K, TOPK]: P(rank-r candidate of head k is right), held out
     info: dict
+    ranks: np.ndarray | None = None  # [N, K] held-out target ranks (joint statistics)
 
     @property
     def num_heads(self) -> int:
@@ -37,8 +38,10 @@ class MedusaHeads:
         meta = dict(self.info)
         meta["rank_probs"] = self.rank_probs.tolist()
         tmp = path + ".tmp.npz"
+        extra = {} if self.ranks is None else {"ranks": self.ranks.astype(np.int8)}
         np.savez_compressed(tmp, w=self.w.astype(np.float16), b=self.b.astype(np.float32),
-                            meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+                            meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+                            **extra)
         import os
 
         os.replace(tmp, path)
@@ -49,9 +52,10 @@ class MedusaHeads:
             with np.load(path) as z:
                 meta = json.loads(bytes(z["meta"]).decode())
                 w, b = z["w"].astype(np.float32), z["b"].astype(np.float32)
+                ranks = z["ranks"] if "ranks" in z.files else None
         except (OSError, KeyError, ValueError) as e:
             raise HetcompError(f"cannot read Medusa heads {path}: {e}") from None
-        return cls(w, b, np.asarray(meta.pop("rank_probs")), meta)
+        return cls(w, b, np.asarray(meta.pop("rank_probs")), meta, ranks)
 
 
 def _log_softmax_grad(logits: np.ndarray, target: np.ndarray):
@@ -148,23 +152,33 @@ def train_heads(h: np.ndarray, targets: np.ndarray, embed: np.ndarray, num_heads
     return (best_w, best_b) if validation is not None else (w, b)
 
 
-def rank_statistics(heads: MedusaHeads, h: np.ndarray, targets: np.ndarray, embed: np.ndarray,
-                    topk: int = TOPK, chunk: int = 512) -> np.ndarray:
-    """``[K, topk]``: fraction of rows whose target is head k's rank-r candidate."""
-    hits = np.zeros((heads.num_heads, topk))
-    counts = np.zeros(heads.num_heads)
+def heldout_ranks(heads: MedusaHeads, h: np.ndarray, targets: np.ndarray, embed: np.ndarray,
+                  topk: int = TOPK, chunk: int = 512) -> np.ndarray:
+    """``[N, K]`` int8: the rank of row n's target among head k's top-``topk`` candidates
+    (``topk`` when it is not among them, -1 when the row has no target for that head)."""
+    ranks = np.full(targets.shape, -1, np.int8)
     emb_t = np.ascontiguousarray(embed.T)
     for s in range(0, len(h), chunk):
         hk = heads.hidden(h[s: s + chunk])
         for k in range(heads.num_heads):
             t = targets[s: s + chunk, k]
-            keep = t >= 0
-            if not keep.any():
+            keep = np.flatnonzero(t >= 0)
+            if not len(keep):
                 continue
             logits = hk[k][keep] @ emb_t
             top = np.argpartition(-logits, topk - 1, axis=-1)[:, :topk]
             order = np.take_along_axis(logits, top, -1).argsort(-1)[:, ::-1]
             top = np.take_along_axis(top, order, -1)
-            hits[k] += (top == t[keep][:, None]).sum(0)
-            counts[k] += keep.sum()
-    return hits / np.maximum(counts, 1)[:, None]
+            hit = top == t[keep][:, None]
+            ranks[s + keep, k] = np.where(hit.any(1), hit.argmax(1), topk)
+    return ranks
+
+
+def rank_statistics(ranks: np.ndarray, topk: int = TOPK) -> np.ndarray:
+    """``[K, topk]``: fraction of rows whose target is head k's rank-r candidate."""
+    probs = np.zeros((ranks.shape[1], topk))
+    for k in range(ranks.shape[1]):
+        col = ranks[:, k][ranks[:, k] >= 0]
+        if len(col):
+            probs[k] = np.bincount(col[col < topk], minlength=topk)[:topk] / len(col)
+    return probs

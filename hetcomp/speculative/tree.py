@@ -65,7 +65,7 @@ class Tree:
         return cls(tuple(d["parents"]), tuple(d["ranks"]), tuple(d["probs"]))
 
 
-def build_tree(rank_probs: np.ndarray, width: int) -> Tree:
+def build_tree(rank_probs: np.ndarray, width: int, ranks: np.ndarray | None = None) -> Tree:
     """The tree of ``width`` nodes that maximises the expected accepted length.
 
     ``rank_probs[k, r]`` is the probability that head k's rank-r candidate is the token the
@@ -76,22 +76,53 @@ def build_tree(rank_probs: np.ndarray, width: int) -> Tree:
     """
     if width < 1:
         raise ValueError("width must be >= 1")
+    if ranks is not None and len(ranks):
+        return _build_tree_joint(np.asarray(ranks), width, np.asarray(rank_probs).shape[1])
     probs = np.asarray(rank_probs, dtype=np.float64)
     heads, top = probs.shape
-    # Paths are tuples of ranks; the heap yields them in decreasing probability.
+    # Best-first over paths (tuples of ranks): choosing a path makes all its children
+    # available. Ranks are not assumed to be ordered by probability.
     chosen: list[tuple[tuple[int, ...], float]] = []
-    heap = [(-probs[0, 0], (0,))] if heads and top else []
+    heap = [(-probs[0, r], (r,)) for r in range(top)] if heads else []
+    heapq.heapify(heap)
     while heap and len(chosen) < width - 1:
         negp, path = heapq.heappop(heap)
         chosen.append((path, -negp))
         d = len(path)
-        # Next sibling (same parent, next rank) and first child (next head, rank 0).
-        if path[-1] + 1 < top:
-            parent_p = -negp / probs[d - 1, path[-1]] if probs[d - 1, path[-1]] > 0 else 0.0
-            sib = path[:-1] + (path[-1] + 1,)
-            heapq.heappush(heap, (-parent_p * probs[d - 1, path[-1] + 1], sib))
         if d < heads:
-            heapq.heappush(heap, (negp * probs[d, 0], path + (0,)))
+            for r in range(top):
+                heapq.heappush(heap, (negp * probs[d, r], path + (r,)))
+    return _tree_from_paths(chosen)
+
+
+def _build_tree_joint(ranks: np.ndarray, width: int, top: int) -> Tree:
+    """Best-first tree under the measured joint statistics: a path's probability is the
+    fraction of held-out rows where every head on it ranked the true token as the path says
+    (no independence assumption; still never above its prefix's, so best-first is optimal)."""
+    rows = ranks[(ranks[:, 0] >= 0)]
+    heads = ranks.shape[1]
+    n = max(len(rows), 1)
+
+    def prob(mask):
+        return mask.sum() / n
+
+    chosen = []
+    masks = {(r,): rows[:, 0] == r for r in range(top)}
+    heap = [(-prob(m), p) for p, m in masks.items()] if len(rows) else []
+    heapq.heapify(heap)
+    while heap and len(chosen) < width - 1:
+        negp, path = heapq.heappop(heap)
+        chosen.append((path, -negp))
+        m = masks.pop(path)
+        d = len(path)
+        if d < heads:
+            for r in range(top):
+                masks[path + (r,)] = m & (rows[:, d] == r)
+                heapq.heappush(heap, (-prob(masks[path + (r,)]), path + (r,)))
+    return _tree_from_paths(chosen)
+
+
+def _tree_from_paths(chosen) -> Tree:
     chosen.sort(key=lambda x: (len(x[0]), -x[1], x[0]))
     index = {(): 0}
     parents, ranks, node_probs = [-1], [-1], [1.0]
