@@ -162,6 +162,17 @@ def argmax(vocab: int, rows: int | None = None):
     return _finish(te.create_prim_func([logits, idx], index_dtype_override="int64"), "argmax")
 
 
+def _attention_inputs(hq: int, g: int, d: int, layers: int, context: int, rows: int | None):
+    """Symbols and placeholders shared by the attention kernels (cache layouts: module doc)."""
+    te = compiler().te
+    w, n, layer = _rows(rows), _sym("n"), _sym("layer")
+    q = te.placeholder((hq, w, d), "float32", name="q")
+    kt = te.placeholder((layers, g, d, context), "float32", name="k_cache")
+    vc = te.placeholder((layers, g, context, d), "float32", name="v_cache")
+    mask = te.placeholder((w, w), "int32", name="mask")
+    return w, n, layer, q, kt, vc, mask
+
+
 def attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, context: int,
               rows: int | None = None):
     """Tree attention of ``q[H, w, D]`` over the committed cache ``[0, n)`` plus the tree.
@@ -174,11 +185,7 @@ def attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, con
     te, tir = c.te, c.tir
     hq, g, d = num_heads, num_kv_heads, head_dim
     rep = hq // g
-    w, n, layer = _rows(rows), _sym("n"), _sym("layer")
-    q = te.placeholder((hq, w, d), "float32", name="q")
-    kt = te.placeholder((layers, g, d, context), "float32", name="k_cache")
-    vc = te.placeholder((layers, g, context, d), "float32", name="v_cache")
-    mask = te.placeholder((w, w), "int32", name="mask")
+    w, n, layer, q, kt, vc, mask = _attention_inputs(hq, g, d, layers, context, rows)
     total = n + w
     scale = tir.const(1.0 / math.sqrt(d), "float32")
     rd = te.reduce_axis((0, d), name="d")
@@ -262,11 +269,7 @@ def attention_part(num_heads: int, num_kv_heads: int, head_dim: int, layers: int
     te, tir = c.te, c.tir
     hq, g, d = num_heads, num_kv_heads, head_dim
     rep = hq // g
-    w, n, layer = _rows(rows), _sym("n"), _sym("layer")
-    q = te.placeholder((hq, w, d), "float32", name="q")
-    kt = te.placeholder((layers, g, d, context), "float32", name="k_cache")
-    vc = te.placeholder((layers, g, context, d), "float32", name="v_cache")
-    mask = te.placeholder((w, w), "int32", name="mask")
+    w, n, layer, q, kt, vc, mask = _attention_inputs(hq, g, d, layers, context, rows)
     dense = part == "dense"
     # Reductions never run empty (an empty TIR reduction skips its init): the dense part over
     # an empty cache (n = 0) reduces over one masked-out key instead.
