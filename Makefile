@@ -3,10 +3,12 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
-ART    := artifacts/smollm2-host-float32
+ART    := artifacts/smollm2-host-float32-medusa
+HEADS  := hetcomp/data/smollm2-medusa.npz
+WIDTH  ?= 8
 PROMPT ?= What are three good habits for staying healthy?
 
-.PHONY: setup system-packages demo test bench clean
+.PHONY: setup system-packages demo test bench bench-peers clean
 
 # Debian packages: the aarch64 cross linker and qemu (cross builds and the ARM kernel tests).
 system-packages:
@@ -28,17 +30,24 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) system-packages
 
-$(ART)/manifest.json: $(STAMP) $(shell find hetcomp -name '*.py')
-	$(VENV)/bin/hetcomp compile --model smollm2 --dtype float32 -o $(ART)
+$(ART)/manifest.json: $(STAMP) $(HEADS) $(shell find hetcomp -name '*.py')
+	$(VENV)/bin/hetcomp compile --model smollm2 --dtype float32 --heads $(HEADS) -o $(ART)
 
+# Sequential greedy decoding, then speculative decoding (same output, more tokens/s).
 demo: $(ART)/manifest.json
 	$(VENV)/bin/hetcomp generate $(ART) --chat --prompt "$(PROMPT)" --max-new-tokens 96
+	$(VENV)/bin/hetcomp generate $(ART) --chat --prompt "$(PROMPT)" --max-new-tokens 96 --width $(WIDTH)
 
 test: setup
 	$(PY) -m pytest -q tests
 
 bench: $(ART)/manifest.json
-	$(VENV)/bin/hetcomp bench $(ART)
+	$(VENV)/bin/hetcomp bench $(ART) --widths 1,2,4,8,16,32,64
 
 clean:
 	rm -rf artifacts build
+
+# Optional, not in CI: hetcomp against llama.cpp and PyTorch eager on the same GGUF and prompts.
+bench-peers: $(ART)/manifest.json
+	$(PY) -m pip install -q llama-cpp-python || echo "llama-cpp-python unavailable: skipped"
+	$(PY) benchmarks/bench_peers.py --artifact $(ART) --width $(WIDTH)

@@ -54,7 +54,8 @@ def cmd_generate(args) -> int:
 
     art = load_artifact(args.artifact)
     ids = _prompt_ids(art, args)
-    res = generate(art, ids, max_new_tokens=args.max_new_tokens, width=args.width)
+    res = generate(art, ids, max_new_tokens=args.max_new_tokens, width=args.width,
+                   lookup=args.lookup)
     if args.json:
         print(json.dumps(res.to_json()))
     else:
@@ -64,6 +65,8 @@ def cmd_generate(args) -> int:
     return 0
 
 
+DEFAULT_LOOKUP = 4  # n-gram draft tokens added to the Medusa tree when width > 1
+
 BENCH_PROMPTS = [
     "Write a short story about a robot who learns to paint.",
     "Explain how a refrigerator works, in simple terms.",
@@ -71,18 +74,19 @@ BENCH_PROMPTS = [
 ]
 
 
-def _bench_widths(art, widths, new_tokens: int) -> list[dict]:
+def _bench_widths(art, widths, new_tokens: int, lookup: int) -> list[dict]:
     """Per width: tokens/s over the bench prompts, accepted tokens per step, step time."""
     from .runtime import generate
 
     prompts = [art.tokenizer.encode(p, chat=True) for p in BENCH_PROMPTS]
     rows = []
     for w in widths:
-        generate(art, prompts[0], max_new_tokens=8, stop_at_eos=False, width=w)  # warm-up
+        generate(art, prompts[0], max_new_tokens=8, stop_at_eos=False, width=w,
+                 lookup=lookup)  # warm-up
         made, secs, steps, times = 0, 0.0, 0, []
         for ids in prompts:
             r = generate(art, ids, max_new_tokens=new_tokens, stop_at_eos=False, width=w,
-                         step_times=times)
+                         step_times=times, lookup=lookup)
             made += len(r.ids) - 1
             secs += r.decode_s
             steps += r.steps
@@ -158,7 +162,7 @@ def cmd_bench(args) -> int:
         bad = [w for w in widths if w != 1 and w not in art.trees]
         if bad:
             raise HetcompError(f"widths {bad} are not in this artifact (compile with --heads)")
-        rows = _bench_widths(art, widths, args.new_tokens)
+        rows = _bench_widths(art, widths, args.new_tokens, args.lookup)
         best = max(rows, key=lambda r: r["tokens_per_s"])
         base = next((r for r in rows if r["width"] == 1), rows[0])
         report["widths"] = rows
@@ -240,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="render the model's chat template")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--width", type=int, default=1, help="token-tree width (1: no speculation)")
+    g.add_argument("--lookup", type=int, default=DEFAULT_LOOKUP,
+                   help="n-gram lookup draft tokens inside the tree (0: Medusa heads only)")
     g.add_argument("--json", action="store_true")
     g.set_defaults(func=cmd_generate)
 
@@ -261,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--new-tokens", type=int, default=64)
     b.add_argument("--widths", help="comma-separated tree widths, e.g. 1,2,4,8,16,32,64")
     b.add_argument("--plot", help="PNG of tokens/s and accepted length against W")
+    b.add_argument("--lookup", type=int, default=DEFAULT_LOOKUP,
+                   help="n-gram lookup draft tokens inside the tree (0: Medusa heads only)")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
 

@@ -1,0 +1,106 @@
+"""hetcomp against peers on the same model and prompts: llama.cpp and PyTorch eager.
+
+``make bench-peers`` (optional, not in CI). Peers that are not installed are skipped and
+reported as such: llama.cpp through ``llama-cpp-python`` (F32, F16 and Q4_1 GGUF), PyTorch
+eager through transformers' GGUF loader (fp32). Every decoder runs 2 threads, greedy,
+``--new-tokens`` tokens per prompt; one table (JSON + markdown) is printed and written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+PROMPTS = [
+    "Write a short story about a robot who learns to paint.",
+    "Explain how a refrigerator works, in simple terms.",
+    "What should I pack for a weekend hiking trip?",
+]
+
+
+def bench_hetcomp(art_dir: str, new_tokens: int, width: int, lookup: int) -> float:
+    from hetcomp.runtime import generate, load_artifact
+
+    art = load_artifact(art_dir)
+    made = secs = 0.0
+    for p in PROMPTS:
+        ids = art.tokenizer.encode(p, chat=True)
+        r = generate(art, ids, new_tokens, stop_at_eos=False, width=width, lookup=lookup)
+        made += len(r.ids) - 1
+        secs += r.decode_s
+    return made / secs
+
+
+def bench_llama_cpp(gguf: str, new_tokens: int) -> float | None:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    llm = Llama(model_path=gguf, n_threads=2, n_ctx=2048, verbose=False)
+    made = secs = 0.0
+    for p in PROMPTS:
+        msgs = [{"role": "user", "content": p}]
+        t = time.perf_counter()
+        out = llm.create_chat_completion(msgs, max_tokens=new_tokens, temperature=0.0)
+        secs += time.perf_counter() - t
+        made += out["usage"]["completion_tokens"]
+    return made / secs
+
+
+def bench_torch(gguf: str, new_tokens: int) -> float | None:
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError:
+        return None
+    torch.set_num_threads(2)
+    folder, name = os.path.dirname(gguf), os.path.basename(gguf)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype="float32").eval()
+    made = secs = 0.0
+    for p in PROMPTS:
+        ids = tok.apply_chat_template([{"role": "user", "content": p}],
+                                      add_generation_prompt=True, return_tensors="pt")
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        with torch.no_grad():
+            t = time.perf_counter()
+            out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                 do_sample=False)
+            secs += time.perf_counter() - t
+        made += out.shape[1] - ids.shape[1]
+    return made / secs
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--artifact", required=True, help="hetcomp artifact compiled with --heads")
+    ap.add_argument("--width", type=int, default=8)
+    ap.add_argument("--lookup", type=int, default=4)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "bench_peers.json"))
+    args = ap.parse_args()
+    from hetcomp.frontend import default_gguf_path
+
+    os.environ.setdefault("TVM_NUM_THREADS", "2")
+    gguf = default_gguf_path()
+    rows = {
+        "hetcomp sequential": bench_hetcomp(args.artifact, args.new_tokens, 1, 0),
+        f"hetcomp speculative (W={args.width})": bench_hetcomp(args.artifact, args.new_tokens,
+                                                             args.width, args.lookup),
+        "llama.cpp (packaged GGUF)": bench_llama_cpp(gguf, args.new_tokens),
+        "PyTorch eager fp32": bench_torch(gguf, args.new_tokens),
+    }
+    with open(args.out, "w") as fh:
+        json.dump(rows, fh, indent=1)
+    print("| decoder | tokens/s |\n|---|---|")
+    for name, tps in rows.items():
+        print(f"| {name} | {'not installed' if tps is None else f'{tps:.1f}'} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
