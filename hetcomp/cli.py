@@ -31,15 +31,42 @@ def cmd_compile(args) -> int:
     return 0
 
 
+# Targets of units a plan may name (GPU arch: the H100/H200 class this project deploys to).
+UNIT_TARGETS = {"cuda": {"kind": "cuda", "arch": "sm_90"}}
+
+
 def _load_plan(path: str):
-    """A plan file from `hetcomp tune` (its ``partition`` entry) or a bare HeteroPlan JSON."""
+    """The HeteroPlan of a ``plan.json`` from `hetcomp tune`, or of a bare HeteroPlan JSON.
+
+    A single-unit plan needs no partitioning (None). Spec-estimate plans describe hardware
+    that is not here and cannot be compiled for.
+    """
+    from .codegen.targets import target_dict
     from .passes import HeteroPlan
 
     try:
         with open(path) as fh:
             data = json.load(fh)
-        return HeteroPlan.from_json(data.get("partition", data))
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        if data.get("format") != "hetcomp-plan/1":
+            return HeteroPlan.from_json(data)
+        if data.get("source") != "measured":
+            raise HetcompError(f"plan {path} is a spec-estimate for hardware that is not here")
+        units = list(data["units"])
+        if len(units) == 1:
+            return None
+        host = data.get("host", units[0])
+        other = next(u for u in units if u != host)
+        ratios = {kind: float(split.get(other, 0.0)) for kind, split in data["split"].items()}
+        where = {u: i for i, u in enumerate((host, other))}
+        return HeteroPlan(
+            units=(host, other),
+            targets=(target_dict("host"), UNIT_TARGETS.get(other, target_dict("host"))),
+            ratios=tuple(sorted(ratios.items())),
+            dense_attention=where.get(data["attention"].get("dense", host), 0),
+            sparse_attention=where.get(data["attention"].get("sparse", host), 0))
+    except HetcompError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, StopIteration) as e:
         raise HetcompError(f"cannot read plan {path}: {e}") from None
 
 
@@ -207,6 +234,31 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    from .profile.commands import profile_command
+
+    summary = profile_command(args.model, _units(args.units), args.output, quick=args.quick,
+                              force=args.force)
+    print(json.dumps(summary, indent=1, default=str))
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from .profile.commands import tune_command
+
+    summary = tune_command(args.model, _units(args.units), args.output, quick=args.quick,
+                           cache_len=args.cache_len, heads=args.heads)
+    print(json.dumps(summary, indent=1, default=str))
+    return 0
+
+
+def _units(text: str) -> list[str]:
+    units = [u.strip() for u in text.split(",") if u.strip()]
+    if not units:
+        raise HetcompError("--units needs at least one unit (e.g. cpu or cpu,cuda)")
+    return units
+
+
 def cmd_inspect(args) -> int:
     from .runtime.artifact import _read_manifest
 
@@ -271,6 +323,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="n-gram lookup draft tokens inside the tree (0: Medusa heads only)")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
+
+    pr = sub.add_parser("profile", help="measure every op class on each unit (ARCA)")
+    pr.add_argument("--model", default="smollm2")
+    pr.add_argument("--units", default="cpu", help="cpu[,cuda] (orin-nx: spec estimate)")
+    pr.add_argument("--quick", action="store_true", help="few shapes (smoke test)")
+    pr.add_argument("--force", action="store_true", help="re-measure even if a profile fits")
+    pr.add_argument("-o", "--output", required=True, help="SQLite profile database")
+    pr.set_defaults(func=cmd_profile)
+
+    t = sub.add_parser("tune", help="profile + fit cost models + plan (plan.json, plan.png)")
+    t.add_argument("--model", default="smollm2")
+    t.add_argument("--units", default="cpu")
+    t.add_argument("--heads", help="Medusa heads for tau(W) (default: the packaged ones)")
+    t.add_argument("--cache-len", type=int, default=256)
+    t.add_argument("--quick", action="store_true")
+    t.add_argument("-o", "--output", required=True, help="output folder")
+    t.set_defaults(func=cmd_tune)
 
     i = sub.add_parser("inspect", help="print an artifact's manifest")
     i.add_argument("artifact")

@@ -226,3 +226,25 @@ def test_cpu_cuda_artifact_compiles_without_a_gpu(tmp_path, tiny_loaded):
     assert [u["device"] for u in manifest["units"]] == ["cpu", "cuda"]
     assert manifest["param_units"]["embed__u1"] == 1
     assert (tmp_path / "a" / "lib.so").stat().st_size > 0
+
+
+def test_plan_json_to_hetero_plan(tmp_path):
+    """compile --plan reads the planner's plan.json into the HeteroPlan the passes apply."""
+    from hetcomp.cli import _load_plan
+    from hetcomp.errors import HetcompError
+
+    plan = {"format": "hetcomp-plan/1", "units": ["cpu", "cuda"], "host": "cpu",
+            "source": "measured", "width": 8,
+            "split": {"qkv": {"cpu": 0.25, "cuda": 0.75}, "lm_head": {"cpu": 0.0, "cuda": 1.0}},
+            "attention": {"dense": "cuda", "sparse": "cpu"}}
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan))
+    hp = _load_plan(str(path))
+    assert hp.units == ("cpu", "cuda") and hp.targets[1]["kind"] == "cuda"
+    assert hp.ratio("qkv") == 0.75 and hp.ratio("lm_head") == 1.0
+    assert (hp.dense_attention, hp.sparse_attention) == (1, 0)
+    path.write_text(json.dumps(dict(plan, units=["cpu"])))
+    assert _load_plan(str(path)) is None
+    path.write_text(json.dumps(dict(plan, source="spec-estimate")))
+    with pytest.raises(HetcompError, match="spec-estimate"):
+        _load_plan(str(path))

@@ -1,0 +1,242 @@
+"""Static flops/bytes of every kernel of a decode step, and the analytic roofline cost.
+
+:class:`Features` describes one kernel call (op class, shape, split ratio, co-run flag) with
+its static flop and byte counts; the profiler stores them next to each measurement, the
+XGBoost models learn from them, and :class:`RooflineCost` turns them into seconds for units
+known only by a :class:`~hetcomp.profile.units.DeviceSpec` (and as the fallback for op
+classes a unit was not measured on). :func:`model_step` lists the kernels of one ``verify``
+call of the LLaMA module (:mod:`hetcomp.frontend.llama`), which is what the planner costs.
+
+Pure Python: no TVM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..profile.units import DeviceSpec
+
+OP_CLASSES = ("linear", "attention", "rms_norm", "rope", "elementwise", "embed", "argmax",
+              "copy")
+LINEAR_KINDS = ("qkv", "o", "gate_up", "down", "lm_head")
+FEATURE_NAMES = ("flops", "bytes", "w", "n", "k", "r", "corun", "cache_len")
+_F32 = 4
+
+
+def pack_block(n: int) -> int:
+    """Column block of a packed weight; mirrors ``hetcomp.frontend.ops.pack_block``.
+
+    Repeated here because :mod:`hetcomp.frontend.ops` imports TVM (a test checks they agree).
+    """
+    for b in (32, 16, 8, 4, 2):
+        if n % b == 0:
+            return b
+    return 1
+
+
+def split_columns(n: int, r: float) -> int:
+    """Output columns of a kernel holding the fraction ``r`` of ``n``, in whole pack blocks."""
+    if r <= 0:
+        return 0
+    b = pack_block(n)
+    return min(n // b, max(1, round(n * r / b))) * b
+
+
+@dataclasses.dataclass(frozen=True)
+class Features:
+    """One kernel call: op class, shape, split fraction, co-run flag, static flops and bytes.
+
+    ``n`` is the output columns the call computes (after a split), ``k`` the reduction length,
+    ``r`` the fraction of the layer's full output columns, ``cache_len`` the committed KV
+    length an attention call reads (0: tree-vs-tree only, the sparse part).
+    """
+
+    op: str
+    kind: str = ""
+    w: int = 1
+    n: int = 0
+    k: int = 0
+    r: float = 1.0
+    cache_len: int = 0
+    corun: bool = False
+    flops: float = 0.0
+    bytes: float = 0.0
+
+    def vector(self) -> list[float]:
+        """The model features, in :data:`FEATURE_NAMES` order."""
+        return [self.flops, self.bytes, self.w, self.n, self.k, self.r, float(self.corun),
+                self.cache_len]
+
+    def with_corun(self, corun: bool) -> Features:
+        return dataclasses.replace(self, corun=corun)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    """The shapes of a LLaMA-family decoder that the kernels' costs depend on."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    max_context: int = 2048
+    weight_bytes: int = _F32
+
+    @classmethod
+    def from_config(cls, cfg, dtype: str = "float32") -> ModelShape:
+        """From a :class:`~hetcomp.frontend.config.LlamaConfig` (duck-typed)."""
+        return cls(cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.num_heads,
+                   cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size, cfg.max_context,
+                   2 if dtype == "float16" else _F32)
+
+    @property
+    def qkv_size(self) -> int:
+        return (self.heads + 2 * self.kv_heads) * self.head_dim
+
+    def linear_dims(self, kind: str) -> tuple[int, int, bool]:
+        """``(N, K, residual)`` of a linear kind (the layouts of ``llama.py``)."""
+        e, f, hd = self.hidden, self.intermediate, self.heads * self.head_dim
+        dims = {"qkv": (self.qkv_size, e, False), "o": (e, hd, True),
+                "gate_up": (2 * f, e, False), "down": (e, f, True),
+                "lm_head": (self.vocab, e, False), "medusa": (e, e, False)}
+        if kind not in dims:
+            raise ValueError(f"unknown linear kind {kind!r}")
+        return dims[kind]
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def linear_features(shape: ModelShape, kind: str, w: int, r: float = 1.0,
+                    corun: bool = False) -> Features:
+    """A linear kernel holding the fraction ``r`` of ``kind``'s output columns, ``w`` rows."""
+    full, k, residual = shape.linear_dims(kind)
+    n = split_columns(full, r)
+    flops = 2.0 * w * n * k + (w * n if residual else 0)
+    nbytes = n * k * shape.weight_bytes + _F32 * (w * k + w * n * (2 if residual else 1))
+    return Features("linear", kind, w, n, k, n / full, 0, corun, flops, nbytes)
+
+
+def attention_features(shape: ModelShape, w: int, cache_len: int, corun: bool = False,
+                       tree: bool = True) -> Features:
+    """Attention of ``w`` tree queries over ``cache_len`` committed keys (+ the tree's keys).
+
+    The fused kernel (``tree=True``) reads the cache and the tree; ``cache_len = 0`` is the
+    sparse part alone (tree vs tree under the mask) and ``tree=False`` the dense part alone
+    (tree queries vs the cache). ``n`` is the number of keys.
+    """
+    h, g, d = shape.heads, shape.kv_heads, shape.head_dim
+    keys = cache_len + (w if tree else 0)
+    flops = 4.0 * h * w * keys * d + 5.0 * h * w * keys
+    nbytes = _F32 * (2 * g * d * keys + 2 * h * w * d + (w * w if tree else 0))
+    kind = "sparse" if cache_len == 0 else ("attention" if tree else "dense")
+    return Features("attention", kind, w, keys, d, 1.0, cache_len, corun, flops, nbytes)
+
+
+def rms_norm_features(shape: ModelShape, w: int, corun: bool = False) -> Features:
+    e = shape.hidden
+    return Features("rms_norm", "rms_norm", w, e, e, 1.0, 0, corun, 4.0 * w * e,
+                    _F32 * (2 * w * e + e))
+
+
+def rope_features(shape: ModelShape, w: int, corun: bool = False) -> Features:
+    h, g, d = shape.heads, shape.kv_heads, shape.head_dim
+    # Per rotated pair: pow, cos, sin and six FMAs; V is copied.
+    flops = 20.0 * w * (h + g) * d / 2
+    nbytes = _F32 * (w * shape.qkv_size + w * (h + 2 * g) * d)
+    return Features("rope", "rope", w, shape.qkv_size, d, 1.0, 0, corun, flops, nbytes)
+
+
+def silu_mul_features(shape: ModelShape, w: int, corun: bool = False) -> Features:
+    f = shape.intermediate
+    return Features("elementwise", "silu_mul", w, f, 0, 1.0, 0, corun, 5.0 * w * f,
+                    _F32 * 3 * w * f)
+
+
+def medusa_act_features(shape: ModelShape, w: int, corun: bool = False) -> Features:
+    e = shape.hidden
+    return Features("elementwise", "medusa_act", w, e, 0, 1.0, 0, corun, 6.0 * w * e,
+                    _F32 * (3 * w * e + e))
+
+
+def embed_features(shape: ModelShape, w: int, corun: bool = False) -> Features:
+    e = shape.hidden
+    return Features("embed", "embed", w, e, 0, 1.0, 0, corun, 0.0,
+                    w * e * (shape.weight_bytes + _F32) + 4 * w)
+
+
+def argmax_features(shape: ModelShape, w: int, corun: bool = False) -> Features:
+    v = shape.vocab
+    return Features("argmax", "argmax", w, v, v, 1.0, 0, corun, 2.0 * w * v, _F32 * w * (v + 1))
+
+
+def copy_features(w: int, n: int, corun: bool = False) -> Features:
+    """Copying ``w x n`` float32 activations (between units, or a concat)."""
+    return Features("copy", "copy", w, n, 0, 1.0, 0, corun, 0.0, 2.0 * _F32 * w * n)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOp:
+    """A kernel of the decode step: its features, how often it runs, and what can move.
+
+    ``split`` names what the planner may distribute across units: a linear kind (column
+    split), ``"attention"`` (dense/sparse placement), or ``""`` (runs on the host unit).
+    """
+
+    name: str
+    features: Features
+    count: int
+    split: str = ""
+
+
+def model_step(shape: ModelShape, w: int, cache_len: int) -> list[StepOp]:
+    """The kernels of one ``verify`` call with ``w`` tree nodes after ``cache_len`` tokens."""
+    nl = shape.layers
+    return [
+        StepOp("embed", embed_features(shape, w), 1),
+        StepOp("rms_norm", rms_norm_features(shape, w), 2 * nl + 1),
+        StepOp("qkv", linear_features(shape, "qkv", w), nl, "qkv"),
+        StepOp("rope", rope_features(shape, w), nl),
+        StepOp("attention", attention_features(shape, w, cache_len), nl, "attention"),
+        StepOp("o", linear_features(shape, "o", w), nl, "o"),
+        StepOp("gate_up", linear_features(shape, "gate_up", w), nl, "gate_up"),
+        StepOp("silu_mul", silu_mul_features(shape, w), nl),
+        StepOp("down", linear_features(shape, "down", w), nl, "down"),
+        StepOp("lm_head", linear_features(shape, "lm_head", w), 1, "lm_head"),
+        StepOp("argmax", argmax_features(shape, w), 1),
+    ]
+
+
+def draft_step(shape: ModelShape, num_heads: int) -> list[StepOp]:
+    """The kernels of the Medusa ``medusa`` call that proposes the next tree (one hidden row)."""
+    return [
+        StepOp("medusa", linear_features(shape, "medusa", 1), num_heads),
+        StepOp("medusa_act", medusa_act_features(shape, 1), num_heads),
+        StepOp("medusa_lm_head", linear_features(shape, "lm_head", num_heads), 1, "lm_head"),
+    ]
+
+
+@dataclasses.dataclass(frozen=True)
+class RooflineCost:
+    """``time = max(flops / peak, bytes / bandwidth) + launch`` for a :class:`DeviceSpec`.
+
+    A pure function of :class:`Features`; it ignores ``corun`` (the planner bounds co-running
+    units on shared memory by their summed bytes over the shared bandwidth).
+    """
+
+    spec: DeviceSpec
+
+    def __call__(self, feat: Features) -> float:
+        return (max(feat.flops / (self.spec.peak_gflops * 1e9),
+                    feat.bytes / (self.spec.mem_bw_gbs * 1e9)) + self.spec.launch_s)
+
+    predict = __call__
+
+
+def roofline_step_time(shape: ModelShape, spec: DeviceSpec, w: int, cache_len: int) -> float:
+    """Roofline time of one ``verify`` call run entirely on one unit."""
+    cost = RooflineCost(spec)
+    return sum(op.count * cost(op.features) for op in model_step(shape, w, cache_len))

@@ -1,0 +1,459 @@
+"""ARCA planner: choose the tree width, the tree, the linear split ratios and attention placement.
+
+Given tau(W) (expected accepted tokens per verify step, from the token trees of
+:mod:`hetcomp.speculative.tree`) and a cost function per processing unit, the planner picks
+the plan that maximises predicted ``tokens/s = tau(W) / T_step(W)``.
+
+Step-time model (one ``verify`` call, plus the Medusa draft call when W > 1):
+
+- Ops run one after another (the Relax VM runs bindings in order); within a split op the
+  units run at once, so an op takes the *maximum* of its units' times, each taken from the
+  unit's co-run cost (measured under a concurrent load, so contention is in the numbers).
+- Units on shared DRAM cannot beat their shared bandwidth: a split op takes at least its
+  units' summed bytes over the smaller of their bandwidths.
+- Any op touching a non-host unit pays that unit's synchronisation cost, plus copies of the
+  op's input and output over the link when the unit does not share memory with the host.
+- Linear layers split by output columns (fractions in steps of ``1/ratio_steps``, whole pack
+  blocks); each linear kind's split is chosen independently (op times add). Attention has a
+  dense part (tree queries vs the committed cache) and a sparse part (tree vs tree under the
+  mask), each placed on a unit; split across units they also pay the online-softmax merge.
+  On one unit the two parts are the fused kernel. No dense-only kernel exists yet, so a
+  measured unit's dense-part cost is its fused-kernel model at the dense part's features
+  (keys = cache length, no mask).
+- Everything else (norms, RoPE, SiLU, embedding, argmax) runs on the host unit.
+
+Pure Python and numpy: this module imports nothing from TVM, directly or indirectly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+from .cost.roofline import (LINEAR_KINDS, Features, ModelShape, RooflineCost, StepOp,
+                            attention_features, copy_features, draft_step, linear_features,
+                            model_step, split_columns)
+from .profile.units import MEASURED, SPEC_ESTIMATE, DeviceSpec
+from .speculative.tree import Tree, build_tree
+
+_F32 = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitModel:
+    """A processing unit as the planner sees it: a cost function and how it shares memory.
+
+    Parameters
+    ----------
+    name : str
+        Unit name (``cpu``, ``orin-nx-gpu``).
+    cost : callable
+        ``cost(features) -> seconds`` for one kernel call (a fitted
+        :class:`~hetcomp.cost.xgb.UnitCostModel` or a :class:`~hetcomp.cost.RooflineCost`).
+    source : str
+        ``"measured"`` or ``"spec-estimate"``; one plan never mixes the two.
+    shared_memory : bool
+        Shares DRAM with the host (zero-copy concat; bandwidth shared).
+    mem_bw_gbs : float
+        DRAM bandwidth for the shared-bandwidth bound (0: no bound).
+    sync_s : float
+        One synchronisation with the host per op that uses this unit.
+    link_gbs : float
+        Link bandwidth for copies when memory is not shared.
+    """
+
+    name: str
+    cost: Callable[[Features], float] = dataclasses.field(compare=False, repr=False)
+    source: str = MEASURED
+    shared_memory: bool = True
+    mem_bw_gbs: float = 0.0
+    sync_s: float = 0.0
+    link_gbs: float = 0.0
+
+    def __post_init__(self):
+        if self.source not in (MEASURED, SPEC_ESTIMATE):
+            raise ValueError(f"source must be {MEASURED!r} or {SPEC_ESTIMATE!r}")
+        if not self.shared_memory and self.link_gbs <= 0:
+            raise ValueError(f"unit {self.name}: no shared memory needs link_gbs > 0")
+
+    @classmethod
+    def from_spec(cls, spec: DeviceSpec) -> UnitModel:
+        """A spec-only unit: roofline costs, always labelled ``spec-estimate``."""
+        return cls(spec.name, RooflineCost(spec), SPEC_ESTIMATE, spec.shared_memory,
+                   spec.mem_bw_gbs, spec.sync_s, spec.link_gbs)
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannerOptions:
+    """Search space of the planner.
+
+    Parameters
+    ----------
+    widths : tuple of int
+        Candidate tree widths W.
+    cache_len : int
+        Committed KV length the plan is optimised for.
+    ratio_steps : int
+        Split ratios are multiples of ``1 / ratio_steps``.
+    draft_heads : int or None
+        Medusa heads whose draft call is costed for W > 1 (None: the rows of ``rank_probs``;
+        0: ignore the draft).
+    """
+
+    widths: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    cache_len: int = 256
+    ratio_steps: int = 32
+    draft_heads: int | None = None
+
+    def __post_init__(self):
+        if not self.widths or min(self.widths) < 1:
+            raise ValueError("widths must be positive")
+        if self.ratio_steps < 1:
+            raise ValueError("ratio_steps must be >= 1")
+
+
+Split = tuple[tuple[str, float], ...]  # ((unit, fraction of output columns), ...)
+
+
+@dataclasses.dataclass(frozen=True)
+class WidthChoice:
+    """The best plan at one width: predicted step time and the decisions behind it."""
+
+    width: int
+    tau: float
+    step_s: float
+    split: tuple[tuple[str, Split], ...]  # ((linear kind, split), ...)
+    attention: tuple[tuple[str, str], ...]  # (("dense", unit), ("sparse", unit))
+    breakdown: tuple[tuple[str, float], ...]  # ((op, seconds per step), ...)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tau / self.step_s
+
+    def to_json(self) -> dict:
+        return {"width": self.width, "tau": self.tau, "step_s": self.step_s,
+                "tokens_per_s": self.tokens_per_s,
+                "split": {k: dict(s) for k, s in self.split},
+                "attention": dict(self.attention), "breakdown_s": dict(self.breakdown)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> WidthChoice:
+        return cls(d["width"], d["tau"], d["step_s"],
+                   tuple((k, tuple(s.items())) for k, s in d["split"].items()),
+                   tuple(d["attention"].items()), tuple(d["breakdown_s"].items()))
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A heterogeneous decoding plan: W, the tree, split ratios and attention placement.
+
+    ``source`` is ``"measured"`` when every unit's costs come from measured profiles and
+    ``"spec-estimate"`` when they come from datasheet specs. ``candidates`` holds the best
+    choice at every candidate width (the curve :func:`plot_plans` draws).
+    """
+
+    model: str
+    units: tuple[str, ...]
+    host: str
+    source: str
+    cache_len: int
+    width: int
+    tau: float
+    step_s: float
+    split: tuple[tuple[str, Split], ...]
+    attention: tuple[tuple[str, str], ...]
+    tree: Tree | None
+    candidates: tuple[WidthChoice, ...]
+    tau_source: str = ""
+    notes: str = ""
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tau / self.step_s
+
+    def split_ratio(self, kind: str) -> dict[str, float]:
+        """Fraction of ``kind``'s output columns on each unit."""
+        return dict(dict(self.split)[kind])
+
+    def choice(self, width: int) -> WidthChoice:
+        for c in self.candidates:
+            if c.width == width:
+                return c
+        raise KeyError(f"width {width} is not a candidate of this plan")
+
+    def to_json(self) -> dict:
+        return {
+            "format": "hetcomp-plan/1", "model": self.model, "units": list(self.units),
+            "host": self.host, "source": self.source, "cache_len": self.cache_len,
+            "width": self.width, "tau": self.tau, "step_s": self.step_s,
+            "tokens_per_s": self.tokens_per_s, "split": {k: dict(s) for k, s in self.split},
+            "attention": dict(self.attention),
+            "tree": self.tree.to_json() if self.tree is not None else None,
+            "candidates": [c.to_json() for c in self.candidates],
+            "tau_source": self.tau_source, "notes": self.notes,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> Plan:
+        return cls(d["model"], tuple(d["units"]), d["host"], d["source"], d["cache_len"],
+                   d["width"], d["tau"], d["step_s"],
+                   tuple((k, tuple(s.items())) for k, s in d["split"].items()),
+                   tuple(d["attention"].items()),
+                   Tree.from_json(d["tree"]) if d.get("tree") else None,
+                   tuple(WidthChoice.from_json(c) for c in d["candidates"]),
+                   d.get("tau_source", ""), d.get("notes", ""))
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as fh:
+            json.dump(self.to_json(), fh, indent=1)
+
+
+def _compositions(parts: int, steps: int) -> list[tuple[int, ...]]:
+    """Every way to write ``steps`` as an ordered sum of ``parts`` non-negative integers."""
+    if parts == 1:
+        return [(steps,)]
+    return [(i, *rest) for i in range(steps + 1) for rest in _compositions(parts - 1, steps - i)]
+
+
+def _host_first(split: Split) -> list[float]:
+    # Among equally fast splits, prefer the one keeping the most columns on the host.
+    return [-frac for _, frac in split]
+
+
+class _StepModel:
+    """Costs ops and whole steps for one set of units (the host is the first unit)."""
+
+    def __init__(self, shape: ModelShape, units: Sequence[UnitModel], ratio_steps: int):
+        if not units:
+            raise ValueError("the planner needs at least one unit")
+        sources = {u.source for u in units}
+        if len(sources) > 1:
+            raise ValueError("a plan cannot mix measured units with spec estimates "
+                             f"({', '.join(f'{u.name}: {u.source}' for u in units)})")
+        self.shape, self.units, self.host = shape, tuple(units), units[0]
+        self.source = sources.pop()
+        self.fractions = [tuple(c / ratio_steps for c in comp)
+                          for comp in _compositions(len(units), ratio_steps)]
+        self._split_cache: dict[tuple[str, int], tuple[float, Split]] = {}
+
+    # ---- one op -----------------------------------------------------------------------------
+
+    def _sync(self, unit: UnitModel, in_bytes: float, out_bytes: float) -> float:
+        if unit is self.host:
+            return 0.0
+        t = unit.sync_s
+        if not unit.shared_memory:
+            t += (in_bytes + out_bytes) / (unit.link_gbs * 1e9)
+        return t
+
+    def _together(self, parts: list[tuple[UnitModel, Features]]) -> float:
+        """Time of op parts running at once on different units (co-run costs)."""
+        if len(parts) == 1:
+            unit, feat = parts[0]
+            return unit.cost(feat)
+        t = max(unit.cost(feat.with_corun(True)) for unit, feat in parts)
+        shared = [(u, f) for u, f in parts if u.shared_memory and u.mem_bw_gbs > 0]
+        if len(shared) > 1:
+            bw = min(u.mem_bw_gbs for u, _ in shared) * 1e9
+            t = max(t, sum(f.bytes for _, f in shared) / bw)
+        return t
+
+    def columns(self, kind: str, split: Split) -> Split:
+        """The split as realised: each unit's fraction rounded to whole pack blocks."""
+        full = self.shape.linear_dims(kind)[0]
+        bounds, done = [0], 0.0
+        for _, frac in split:
+            done += frac
+            bounds.append(split_columns(full, min(done, 1.0)))
+        bounds[-1] = full
+        return tuple((name, (hi - lo) / full)
+                     for (name, _), lo, hi in zip(split, bounds[:-1], bounds[1:], strict=True))
+
+    def linear_time(self, kind: str, w: int, split: Split) -> float:
+        full, k, _ = self.shape.linear_dims(kind)
+        by_name = {u.name: u for u in self.units}
+        parts, sync = [], 0.0
+        for name, frac in self.columns(kind, split):
+            if frac > 0:
+                unit = by_name[name]
+                parts.append((unit, linear_features(self.shape, kind, w, frac)))
+                sync = max(sync, self._sync(unit, _F32 * w * k, _F32 * w * frac * full))
+        return self._together(parts) + sync
+
+    def best_split(self, kind: str, w: int) -> tuple[float, Split]:
+        key = (kind, w)
+        if key not in self._split_cache:
+            names = [u.name for u in self.units]
+            splits = {self.columns(kind, tuple(zip(names, fr, strict=True)))
+                      for fr in self.fractions}
+            self._split_cache[key] = min(((self.linear_time(kind, w, s), s)
+                                          for s in sorted(splits, key=_host_first)),
+                                         key=lambda x: x[0])
+        return self._split_cache[key]
+
+    def attention_time(self, w: int, cache_len: int, dense: str, sparse: str) -> float:
+        by_name = {u.name: u for u in self.units}
+        ud, us = by_name[dense], by_name[sparse]
+        out = _F32 * w * self.shape.heads * self.shape.head_dim
+        q_kv = _F32 * w * self.shape.qkv_size
+        if dense == sparse:
+            return ud.cost(attention_features(self.shape, w, cache_len)) + self._sync(ud, q_kv, out)
+        parts = [(ud, attention_features(self.shape, w, cache_len, tree=False)),
+                 (us, attention_features(self.shape, w, 0))]
+        # Online-softmax merge of the two partial outputs (+ log-sum-exp) on the host.
+        merge = self.host.cost(copy_features(w, 2 * self.shape.heads * (self.shape.head_dim + 1)))
+        sync = max(self._sync(ud, q_kv, out), self._sync(us, q_kv, out))
+        return self._together(parts) + merge + sync
+
+    def best_attention(self, w: int, cache_len: int) -> tuple[float, tuple[tuple[str, str], ...]]:
+        names = [u.name for u in self.units]
+        return min(((self.attention_time(w, cache_len, d, s), (("dense", d), ("sparse", s)))
+                    for d, s in itertools.product(names, names)), key=lambda x: x[0])
+
+    # ---- one step ---------------------------------------------------------------------------
+
+    def step(self, w: int, cache_len: int, draft_heads: int = 0,
+             split: Mapping[str, Split] | None = None,
+             attention: tuple[tuple[str, str], ...] | None = None) -> WidthChoice:
+        """Best (or, with ``split``/``attention`` given, fixed) choices at width ``w``."""
+        ops: list[StepOp] = model_step(self.shape, w, cache_len)
+        if w > 1 and draft_heads:
+            ops += draft_step(self.shape, draft_heads)
+        chosen: dict[str, Split] = dict(split or {})
+        placed = attention
+        total, breakdown = 0.0, {}
+        for op in ops:
+            if op.split in LINEAR_KINDS:
+                rows = op.features.w
+                if op.split not in chosen:
+                    chosen[op.split] = self.best_split(op.split, rows)[1]
+                t = self.linear_time(op.split, rows, chosen[op.split])
+            elif op.split == "attention":
+                if placed is None:
+                    placed = self.best_attention(w, cache_len)[1]
+                pl = dict(placed)
+                t = self.attention_time(w, cache_len, pl["dense"], pl["sparse"])
+            else:
+                t = self.host.cost(op.features)
+            breakdown[op.name] = breakdown.get(op.name, 0.0) + op.count * t
+            total += op.count * t
+        return WidthChoice(w, 1.0, total, tuple(sorted(chosen.items())),
+                           tuple(placed or ()), tuple(breakdown.items()))
+
+
+def tau_table(widths: Sequence[int], rank_probs=None, tau: Mapping[int, float] | None = None
+              ) -> tuple[dict[int, float], dict[int, Tree]]:
+    """tau(W) per width, from Medusa rank statistics (building the trees) or given directly."""
+    if (rank_probs is None) == (tau is None):
+        raise ValueError("give exactly one of rank_probs and tau")
+    if tau is not None:
+        missing = [w for w in widths if w not in tau]
+        if missing:
+            raise ValueError(f"tau is missing widths {missing}")
+        return {w: float(tau[w]) for w in widths}, {}
+    trees = {w: build_tree(np.asarray(rank_probs), w) for w in widths}
+    return {w: t.expected_accept_length for w, t in trees.items()}, trees
+
+
+def plan(shape: ModelShape, units: Sequence[UnitModel], rank_probs=None,
+         tau: Mapping[int, float] | None = None, options: PlannerOptions = PlannerOptions(),
+         model: str = "", tau_source: str = "") -> Plan:
+    """The plan maximising predicted ``tau(W) / T_step(W)`` over the options' widths.
+
+    Parameters
+    ----------
+    shape : ModelShape
+        The decoder's shapes.
+    units : sequence of UnitModel
+        Units to use; the first is the host (runs every unsplit op). All measured, or all
+        spec estimates.
+    rank_probs : array ``[heads, top]``, optional
+        Medusa acceptance statistics: trees are built per width and tau read from them.
+    tau : mapping, optional
+        tau(W) given directly (no tree in the plan); exactly one of ``rank_probs``/``tau``.
+    """
+    taus, trees = tau_table(options.widths, rank_probs, tau)
+    draft = options.draft_heads
+    if draft is None:
+        draft = int(np.asarray(rank_probs).shape[0]) if rank_probs is not None else 0
+    sm = _StepModel(shape, units, options.ratio_steps)
+    cands = []
+    for w in options.widths:
+        c = sm.step(w, options.cache_len, draft)
+        cands.append(dataclasses.replace(c, tau=taus[w]))
+    best = max(cands, key=lambda c: (c.tokens_per_s, -c.width))
+    notes = ("estimate from datasheet specs (roofline), not measured"
+             if sm.source == SPEC_ESTIMATE else "predicted from measured profiles")
+    return Plan(model=model, units=tuple(u.name for u in units), host=units[0].name,
+                source=sm.source, cache_len=options.cache_len, width=best.width, tau=best.tau,
+                step_s=best.step_s, split=best.split, attention=best.attention,
+                tree=trees.get(best.width), candidates=tuple(cands), tau_source=tau_source,
+                notes=notes)
+
+
+def plan_unit_sets(shape: ModelShape, units: Sequence[UnitModel], rank_probs=None,
+                   tau: Mapping[int, float] | None = None,
+                   options: PlannerOptions = PlannerOptions(), model: str = "",
+                   tau_source: str = "") -> list[Plan]:
+    """One plan per unit subset that contains the host (``units[0]``), best first."""
+    host, rest = units[0], list(units[1:])
+    plans = [plan(shape, [host, *sub], rank_probs, tau, options, model, tau_source)
+             for r in range(len(rest) + 1) for sub in itertools.combinations(rest, r)]
+    return sorted(plans, key=lambda p: -p.tokens_per_s)
+
+
+def predict_step_time(plan_or_units: Plan | Sequence[UnitModel], w: int, cache_len: int, *,
+                      shape: ModelShape, units: Sequence[UnitModel] | None = None,
+                      draft_heads: int = 0, ratio_steps: int = 32) -> float:
+    """Predicted seconds of one ``verify`` call of ``w`` tree nodes after ``cache_len`` tokens.
+
+    With a :class:`Plan`, its decisions at width ``w`` (or its chosen ones, if ``w`` is not a
+    candidate) are costed with ``units`` (the plan's units, in order). With a sequence of
+    units, the best split and placement for ``w`` are found first. ``draft_heads > 0`` adds
+    the Medusa draft call.
+    """
+    if isinstance(plan_or_units, Plan):
+        p = plan_or_units
+        if units is None:
+            raise ValueError("costing a Plan needs its units' cost models (units=...)")
+        names = tuple(u.name for u in units)
+        if names != p.units:
+            raise ValueError(f"plan units {p.units} != given units {names}")
+        try:
+            c = p.choice(w)
+            split, attention = dict(c.split), c.attention
+        except KeyError:
+            split, attention = dict(p.split), p.attention
+        return _StepModel(shape, units, ratio_steps).step(w, cache_len, draft_heads, split,
+                                                          attention).step_s
+    return _StepModel(shape, list(plan_or_units), ratio_steps).step(w, cache_len,
+                                                                   draft_heads).step_s
+
+
+def plot_plans(plans: Sequence[Plan], path: str, title: str = "") -> None:
+    """PNG: predicted tokens/s against W, one line per plan (unit set), chosen W marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, p in enumerate(plans):
+        ws = [c.width for c in p.candidates]
+        label = f"{'+'.join(p.units)} ({p.source}): W={p.width}, {p.tokens_per_s:.1f} tok/s"
+        ax.plot(ws, [c.tokens_per_s for c in p.candidates], marker="o", color=f"C{i}",
+                label=label)
+        ax.plot([p.width], [p.tokens_per_s], marker="*", markersize=14, color=f"C{i}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tree width W")
+    ax.set_ylabel("predicted tokens/s  (tau(W) / T_step)")
+    ax.set_title(title or f"ARCA plan: {plans[0].model if plans else ''}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

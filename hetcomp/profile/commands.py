@@ -1,0 +1,203 @@
+"""Entry points of ``hetcomp profile`` and ``hetcomp tune`` (the CLI wires them).
+
+``profile``: measure each op class on each present unit into an SQLite profile (reused while
+the units' fingerprints match). ``tune``: profile, fit one cost model per unit and op class,
+and plan (W, tree, split ratios, attention placement) for maximum predicted tokens/s.
+
+Unit names: ``cpu`` and ``cuda`` are measured; spec-only units (``orin-nx-cpu``,
+``orin-nx-gpu``, or the board ``orin-nx`` for both) are estimated from their datasheet
+figures and labelled ``spec-estimate``. One plan never mixes the two.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+
+import numpy as np
+
+from ..errors import HetcompError
+from .units import SPEC_BOARDS, SPECS
+
+# Used for tau(W) when no calibrated Medusa heads exist. ILLUSTRATIVE ONLY, not measured:
+# P(rank-r candidate of head k is the base model's token), shaped like the top-k accuracies
+# Medusa reports for small chat models (head 0 top-1 ~ 0.55, decaying with depth).
+ILLUSTRATIVE_RANK_PROBS = np.array([
+    [0.55, 0.12, 0.06, 0.04, 0.03, 0.02, 0.015, 0.012, 0.010, 0.008],
+    [0.35, 0.10, 0.06, 0.04, 0.03, 0.02, 0.015, 0.012, 0.010, 0.008],
+    [0.24, 0.08, 0.05, 0.03, 0.025, 0.02, 0.015, 0.012, 0.010, 0.008],
+    [0.17, 0.06, 0.04, 0.03, 0.02, 0.015, 0.012, 0.010, 0.008, 0.006],
+])
+ILLUSTRATIVE_LABEL = "illustrative rank_probs (no calibrated Medusa heads; not measured)"
+DEFAULT_HEADS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data",
+                             "smollm2-medusa.npz")
+
+
+def load_rank_probs(heads: str | None = None) -> tuple[np.ndarray, str]:
+    """Medusa ``rank_probs`` and a label saying where they come from.
+
+    ``heads`` (or the packaged ``hetcomp/data/smollm2-medusa.npz`` when it exists) is read
+    with :meth:`MedusaHeads.load`; otherwise :data:`ILLUSTRATIVE_RANK_PROBS`, labelled.
+    """
+    path = heads or (DEFAULT_HEADS if os.path.isfile(DEFAULT_HEADS) else None)
+    if path is None:
+        return ILLUSTRATIVE_RANK_PROBS, ILLUSTRATIVE_LABEL
+    from ..speculative.medusa import MedusaHeads
+
+    return np.asarray(MedusaHeads.load(path).rank_probs), f"Medusa heads {path}"
+
+
+def read_model_shape(model: str, dtype: str = "float32"):
+    """``(ModelShape, database key)`` from a model's metadata (weights are not loaded)."""
+    from ..cost.roofline import ModelShape
+    from ..frontend import resolve_model
+
+    path = resolve_model(model)
+    if os.path.isdir(path):
+        from ..frontend.hf_loader import load_hf
+
+        cfg = load_hf(path)[0]
+    else:
+        from ..frontend.gguf_loader import open_gguf, read_config
+
+        cfg = read_config(open_gguf(path))
+    shape = ModelShape.from_config(cfg, dtype)
+    digest = hashlib.sha256(json.dumps(shape.to_json(), sort_keys=True).encode()).hexdigest()
+    return shape, f"{os.path.basename(model)}:{dtype}:{digest[:8]}"
+
+
+def split_unit_names(units) -> tuple[list[str], list[str]]:
+    """``(present units, spec units)``; board names expand to their units."""
+    present, spec = [], []
+    for name in units:
+        for n in SPEC_BOARDS.get(name, (name,)):
+            (spec if n in SPECS else present).append(n)
+    if present and spec:
+        raise HetcompError(f"cannot plan measured units ({', '.join(present)}) together with "
+                           f"spec estimates ({', '.join(spec)}): they describe different "
+                           "machines; tune them separately")
+    if not present and not spec:
+        raise HetcompError("no units given")
+    return present, spec
+
+
+def _pct(x: float | None) -> str:
+    return f"{x:.1f}%" if x is not None else "n/a"
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def profile_command(model: str = "smollm2", units=("cpu",), out: str = "profile.sqlite",
+                    quick: bool = False, force: bool = False, progress=None) -> dict:
+    """Profile every op class of ``model`` on each present unit into the SQLite file ``out``.
+
+    Returns a summary: per unit its fingerprint digest, measurement count and whether the
+    stored profile was reused.
+    """
+    from .db import ProfileDB
+    from .measure import ProfileOptions, profile_unit
+    from .units import detect_unit
+
+    present, spec = split_unit_names(units)
+    if spec:
+        raise HetcompError(f"spec-only units cannot be profiled: {', '.join(spec)}")
+    shape, key = read_model_shape(model)
+    opts = ProfileOptions.quick() if quick else ProfileOptions()
+    summary = {"db": os.path.abspath(out), "model": key, "mode": opts.mode, "units": {}}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with ProfileDB(out) as db:
+        for name in present:
+            unit = detect_unit(name)
+            res = profile_unit(unit, shape, db, key, opts, force=force, progress=progress)
+            summary["units"][name] = {"fingerprint": unit.fingerprint.to_json(),
+                                      "measurements": len(res.rows), "reused": res.reused,
+                                      "mode": res.mode}
+    return summary
+
+
+def measured_unit_models(db_path: str, model_key: str, digests: dict[str, str],
+                         cost_dir: str | None = None):
+    """Fit cost models on stored profiles; ``(UnitModel per unit, fitted models)``.
+
+    ``digests`` maps unit name (host first) to the fingerprint digest of its profile, as
+    :func:`profile_command` reports it (kernels may be edited after profiling; the profile
+    that was measured is the one fitted).
+    """
+    from ..cost.xgb import fit_unit
+    from ..planner import UnitModel
+    from .db import ProfileDB
+
+    models, fitted = [], {}
+    with ProfileDB(db_path) as db:
+        for name, digest in digests.items():
+            rows = db.measurements(digest, model_key)
+            if not rows:
+                raise HetcompError(f"no profile {digest} of unit {name} for {model_key} in "
+                                   f"{db_path}")
+            ucm = fit_unit(name, rows)
+            fitted[name] = ucm
+            if cost_dir:
+                os.makedirs(cost_dir, exist_ok=True)
+                ucm.save(os.path.join(cost_dir, f"{name}.json"))
+            models.append(UnitModel(name, ucm, "measured", True, ucm.baseline.mem_bw_gbs))
+    return models, fitted
+
+
+def profiled_digests(summary: dict) -> dict[str, str]:
+    """``{unit: fingerprint digest}`` from a :func:`profile_command` summary."""
+    return {n: u["fingerprint"]["digest"] for n, u in summary["units"].items()}
+
+
+def spec_unit_models(names):
+    """Roofline ``UnitModel`` per spec unit (labelled ``spec-estimate``)."""
+    from ..planner import UnitModel
+
+    return [UnitModel.from_spec(SPECS[n]) for n in names]
+
+
+def tune_command(model: str = "smollm2", units=("cpu",), out_dir: str = "tune",
+                 quick: bool = False, cache_len: int = 256, heads: str | None = None,
+                 progress=None) -> dict:
+    """Profile, fit and plan; writes profile.sqlite, cost/<unit>.json, plan.json, plan.png.
+
+    Spec-only units skip profiling and fitting (their plan is a ``spec-estimate``).
+    """
+    from ..planner import PlannerOptions, plan_unit_sets, plot_plans
+
+    say = progress or _say
+    present, spec = split_unit_names(units)
+    os.makedirs(out_dir, exist_ok=True)
+    shape, key = read_model_shape(model)
+    summary: dict = {"model": key, "out_dir": os.path.abspath(out_dir)}
+    if present:
+        db = os.path.join(out_dir, "profile.sqlite")
+        summary["profile"] = profile_command(model, present, db, quick, progress=progress)
+        say("[tune] fitting cost models")
+        unit_models, fitted = measured_unit_models(db, key, profiled_digests(summary["profile"]),
+                                                   os.path.join(out_dir, "cost"))
+        summary["fit"] = {n: [r.to_json() for r in m.reports] for n, m in fitted.items()}
+        for n, m in fitted.items():
+            for r in m.reports:
+                say(f"[tune] {n} {r.op:12s} {r.samples:4d} samples, held-out MAPE "
+                    f"{_pct(r.holdout_mape)} (alone {_pct(r.holdout_mape_alone)})")
+    else:
+        unit_models = spec_unit_models(spec)
+    rank_probs, label = load_rank_probs(heads)
+    say(f"[tune] planning ({label})")
+    plans = plan_unit_sets(shape, unit_models, rank_probs=rank_probs,
+                           options=PlannerOptions(cache_len=cache_len), model=key,
+                           tau_source=label)
+    best = plans[0]
+    best.save(os.path.join(out_dir, "plan.json"))
+    plot_plans(plans, os.path.join(out_dir, "plan.png"),
+               f"{os.path.basename(model)}: predicted tokens/s ({best.source})")
+    summary["plan"] = best.to_json()
+    summary["alternatives"] = [{"units": list(p.units), "width": p.width,
+                                "tokens_per_s": p.tokens_per_s} for p in plans[1:]]
+    say(f"[tune] plan: units {'+'.join(best.units)}, W={best.width}, tau={best.tau:.2f}, "
+        f"step {1e3 * best.step_s:.1f} ms, {best.tokens_per_s:.1f} tokens/s ({best.source})")
+    return summary

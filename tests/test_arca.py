@@ -1,0 +1,331 @@
+"""ARCA: units, profile database, cost models and the planner (synthetic known optima)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from hetcomp.cost.roofline import (LINEAR_KINDS, Features, ModelShape, RooflineCost,
+                                   attention_features, linear_features, model_step,
+                                   pack_block, split_columns)
+from hetcomp.cost.xgb import UnitCostModel, fit_unit, mape
+from hetcomp.planner import (Plan, PlannerOptions, UnitModel, plan, plan_unit_sets,
+                             plot_plans, predict_step_time)
+from hetcomp.profile.db import Measurement, ProfileDB
+from hetcomp.profile.units import (MEASURED, ORIN_NX_CPU, ORIN_NX_GPU, SPEC_ESTIMATE,
+                                   DeviceSpec, Fingerprint, Unit, kernel_source_hash)
+
+# Block-friendly shapes: every linear's N is a multiple of 32, so ratios k/8 are exact.
+SHAPE = ModelShape(hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2, head_dim=64,
+                   vocab=1024, max_context=512)
+
+
+def _const(t):
+    return lambda feat: t
+
+
+# ---- static features and roofline -----------------------------------------------------------
+
+def test_pack_block_matches_kernels():
+    from hetcomp.frontend import ops
+
+    for n in (1, 6, 12, 24, 48, 96, 576, 960, 1536, 3072, 49152, 49155):
+        assert pack_block(n) == ops.pack_block(n)
+
+
+def test_split_columns_whole_blocks():
+    assert split_columns(960, 1.0) == 960
+    assert split_columns(960, 0.0) == 0
+    assert split_columns(960, 1 / 8) % 32 == 0
+    assert split_columns(960, 1e-6) == 32  # at least one block when r > 0
+
+
+def test_roofline_memory_and_compute_bound():
+    spec = DeviceSpec("u", "cpu", peak_gflops=100.0, mem_bw_gbs=10.0, launch_s=1e-6)
+    mem = Features("linear", flops=1e6, bytes=1e8)
+    comp = Features("linear", flops=1e12, bytes=1e3)
+    assert RooflineCost(spec)(mem) == pytest.approx(1e8 / 10e9 + 1e-6)
+    assert RooflineCost(spec)(comp) == pytest.approx(1e12 / 100e9 + 1e-6)
+
+
+def test_model_step_matches_llama_module():
+    ops_ = {op.name: op for op in model_step(SHAPE, 4, 100)}
+    assert ops_["rms_norm"].count == 2 * SHAPE.layers + 1
+    assert ops_["lm_head"].count == 1 and ops_["qkv"].count == SHAPE.layers
+    assert ops_["qkv"].features.n == (4 + 2 * 2) * 64
+    assert ops_["attention"].features.n == 104  # cache + tree keys
+
+
+# ---- units and specs ------------------------------------------------------------------------
+
+def test_orin_specs_are_estimates():
+    assert ORIN_NX_GPU.peak_gflops == pytest.approx(1024 * 2 * 0.918, rel=0.01)
+    assert ORIN_NX_GPU.shared_memory and ORIN_NX_CPU.shared_memory
+    for spec in (ORIN_NX_CPU, ORIN_NX_GPU):
+        assert UnitModel.from_spec(spec).source == SPEC_ESTIMATE
+        assert "not measured" in spec.notes
+    with pytest.raises(ValueError):
+        DeviceSpec("pcie-gpu", "gpu", 1000.0, 500.0, shared_memory=False)  # needs link_gbs
+
+
+def test_kernel_hash_changes_with_source(tmp_path):
+    root = tmp_path / "pkg"
+    (root / "schedules").mkdir(parents=True)
+    (root / "schedules" / "cpu.py").write_text("A = 1\n")
+    (root / "frontend").mkdir()
+    (root / "frontend" / "ops.py").write_text("B = 1\n")
+    before = kernel_source_hash(str(root))
+    assert before == kernel_source_hash(str(root))
+    (root / "schedules" / "cpu.py").write_text("A = 2\n")
+    assert kernel_source_hash(str(root)) != before
+
+
+def _fingerprint(kernel_hash="k0", tvm="0.27.0.post1"):
+    return Fingerprint(unit="cpu", cpu_model="Test CPU", cores=2, threads=2, gpu="",
+                       tvm_version=tvm, target='{"kind": "llvm"}', kernel_hash=kernel_hash)
+
+
+# ---- profile database ----------------------------------------------------------------------
+
+def _rows(unit="cpu"):
+    return [Measurement(unit, linear_features(SHAPE, "qkv", w, r, corun), 1e-4 * w * r + 1e-5)
+            for w in (1, 4) for r in (0.5, 1.0) for corun in (False, True)]
+
+
+def test_db_round_trip(tmp_path):
+    fp = _fingerprint()
+    unit = Unit("cpu", {"kind": "llvm"}, "cpu:0", fp)
+    rows = _rows()
+    path = str(tmp_path / "p.sqlite")
+    with ProfileDB(path) as db:
+        assert not db.is_complete(fp.digest, "m", "quick")
+        db.store(unit.to_json(), fp.digest, "m", "quick", rows)
+    with ProfileDB(path) as db:  # reopened: persisted
+        assert db.is_complete(fp.digest, "m", "quick")
+        assert not db.is_complete(fp.digest, "m", "full")  # quick does not satisfy full
+        assert db.measurements(fp.digest, "m") == rows
+        assert db.measurements(fp.digest, "m", op="attention") == []
+        assert db.unit_info(fp.digest)["fingerprint"]["digest"] == fp.digest
+        assert db.digests("cpu") == [fp.digest]
+        db.drop(fp.digest)
+        assert db.measurements(fp.digest, "m") == [] and db.digests() == []
+
+
+def test_db_fingerprint_invalidation(tmp_path):
+    from hetcomp.profile.measure import ProfileOptions, profile_unit
+
+    fp = _fingerprint()
+    unit = Unit("cpu", {"kind": "llvm"}, "cpu:0", fp)
+    with ProfileDB(str(tmp_path / "p.sqlite")) as db:
+        db.store(unit.to_json(), fp.digest, "m", "full", _rows())
+        # Same fingerprint: reused without measuring (a full profile satisfies quick).
+        res = profile_unit(unit, SHAPE, db, "m", ProfileOptions.quick(), progress=lambda s: None)
+        assert res.reused and res.mode == "full" and res.rows == _rows()
+        # An edited kernel, another TVM or another model: the stored profile does not apply.
+        for other in (_fingerprint(kernel_hash="k1"), _fingerprint(tvm="0.28.0")):
+            assert other.digest != fp.digest
+            assert not db.is_complete(other.digest, "m", "quick")
+        assert not db.is_complete(fp.digest, "other-model", "quick")
+
+
+def test_db_refuses_estimates(tmp_path):
+    fp = _fingerprint()
+    est = [Measurement("cpu", linear_features(SHAPE, "o", 1), 1e-4, source=SPEC_ESTIMATE)]
+    with ProfileDB(str(tmp_path / "p.sqlite")) as db, pytest.raises(ValueError):
+        db.store({"name": "cpu"}, fp.digest, "m", "full", est)
+
+
+# ---- cost models ---------------------------------------------------------------------------
+
+def _synthetic_profile(seed=0):
+    """A memory-bound unit: 20 GB/s, 30 GFLOP/s, 5 us launch, 1.6x slower co-running."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for kind in LINEAR_KINDS:
+        for w in (1, 2, 4, 8, 16, 32, 64):
+            for r in (0.25, 0.5, 0.75, 1.0):
+                for corun in (False, True):
+                    f = linear_features(SHAPE, kind, w, r, corun)
+                    t = (max(f.bytes / 20e9, f.flops / 30e9) + 5e-6) * (1.6 if corun else 1.0)
+                    rows.append(Measurement("cpu", f, t * rng.uniform(0.98, 1.02)))
+    for cl in (0, 64, 256):
+        for w in (1, 4, 16, 64):
+            f = attention_features(SHAPE, w, cl)
+            rows.append(Measurement("cpu", f, f.bytes / 10e9 + f.flops / 20e9 + 3e-6))
+    return rows
+
+
+def test_xgb_fit_heldout_error_small(tmp_path):
+    rows = _synthetic_profile()
+    model = fit_unit("cpu", rows)
+    reports = {r.op: r for r in model.reports}
+    assert reports["linear"].folds == 5
+    assert reports["linear"].holdout_mape < 8.0 and reports["linear"].holdout_mape_alone < 8.0
+    assert reports["attention"].holdout_mape < 15.0
+    # A pure function: same features, same seconds; between grid points it stays close.
+    f = linear_features(SHAPE, "gate_up", 24, 0.625, True)
+    truth = (max(f.bytes / 20e9, f.flops / 30e9) + 5e-6) * 1.6
+    assert model(f) == model(f)
+    assert abs(model(f) - truth) / truth < 0.25
+    # Serialisable (JSON and UBJ boosters): identical predictions after a round trip.
+    feats = [m.features for m in rows[::7]]
+    for raw in ("json", "ubj"):
+        path = str(tmp_path / f"cpu-{raw}.json")
+        model.save(path, raw)
+        loaded = UnitCostModel.load(path)
+        assert [loaded(f) for f in feats] == pytest.approx([model(f) for f in feats], rel=1e-6)
+        assert loaded.source == MEASURED
+
+
+def test_mape():
+    assert mape([110, 90], [100, 100]) == pytest.approx(10.0)
+
+
+# ---- planner -------------------------------------------------------------------------------
+
+def _linear_unit(name, per_column_s, attention=None, other=1e-6, **kw):
+    """Linear time proportional to the output columns; everything else ``other`` seconds."""
+    def cost(feat):
+        if feat.op == "linear":
+            return per_column_s * feat.n
+        if feat.op == "attention" and attention is not None:
+            return attention(feat)
+        return other
+    return UnitModel(name, cost, **kw)
+
+
+def test_split_ratio_analytic_optimum():
+    # max(a * r * N, b * (1 - r) * N) is smallest at r = b / (a + b) = 0.75 on unit A.
+    a, b = _linear_unit("A", 1e-6), _linear_unit("B", 3e-6)
+    opts = PlannerOptions(widths=(1,), ratio_steps=32)
+    p = plan(SHAPE, [a, b], tau={1: 1.0}, options=opts)
+    for kind in LINEAR_KINDS:
+        assert p.split_ratio(kind) == {"A": pytest.approx(0.75), "B": pytest.approx(0.25)}
+    lm = dict(p.candidates[0].breakdown)["lm_head"]
+    assert lm == pytest.approx(0.75 * SHAPE.vocab * 1e-6)
+
+
+def test_sync_cost_keeps_small_ops_on_host():
+    # With a 1 ms synchronisation, moving columns to B never pays for these tiny layers.
+    a = _linear_unit("A", 1e-9)
+    b = _linear_unit("B", 1e-10, sync_s=1e-3)
+    p = plan(SHAPE, [a, b], tau={1: 1.0}, options=PlannerOptions(widths=(1,)))
+    assert all(p.split_ratio(k) == {"A": 1.0, "B": 0.0} for k in LINEAR_KINDS)
+
+
+def test_shared_bandwidth_bounds_split():
+    # Two units on one 10 GB/s DRAM: a split op cannot beat its summed bytes / 10 GB/s.
+    spec = DeviceSpec("s", "cpu", peak_gflops=1e6, mem_bw_gbs=10.0, launch_s=0.0)
+    u1 = UnitModel("A", RooflineCost(spec), SPEC_ESTIMATE, True, 10.0)
+    u2 = UnitModel("B", RooflineCost(spec), SPEC_ESTIMATE, True, 10.0)
+    t_two = predict_step_time([u1, u2], 1, 0, shape=SHAPE)
+    t_one = predict_step_time([u1], 1, 0, shape=SHAPE)
+    assert t_two == pytest.approx(t_one, rel=0.02)
+    # Without the shared bound (separate memories) the split would halve the linear time.
+    v1, v2 = (UnitModel(n, RooflineCost(spec), SPEC_ESTIMATE) for n in "AB")
+    assert predict_step_time([v1, v2], 1, 0, shape=SHAPE) < 0.7 * t_one
+
+
+def test_attention_placement_known_optimum():
+    # B streams the cache twice as fast but pays 1 ms for any masked (tree) keys; the best
+    # placement is dense part on B, sparse part on A.
+    def att_a(f):
+        return 1e-6 * f.n
+
+    def att_b(f):
+        return 0.5e-6 * f.n + (1e-3 if f.n > f.cache_len else 0.0)
+
+    a = _linear_unit("A", 1e-9, att_a)
+    b = _linear_unit("B", 1e-9, att_b)
+    p = plan(SHAPE, [a, b], tau={8: 2.0}, options=PlannerOptions(widths=(8,), cache_len=400))
+    assert dict(p.attention) == {"dense": "B", "sparse": "A"}
+
+
+def test_width_choice_known_tau_and_step():
+    # Every op costs base * (1 + W / 16), so T_step(W) = S * (1 + W / 16).
+    base = 1e-4
+    unit = UnitModel("cpu", lambda f: base * (1 + f.w / 16))
+    tau = {1: 1.0, 2: 1.5, 4: 1.9, 8: 2.2, 16: 2.6}
+    p = plan(SHAPE, [unit], tau=tau, options=PlannerOptions(widths=tuple(tau)))
+    s = sum(op.count for op in model_step(SHAPE, 1, 256)) * base
+    best = max(tau, key=lambda w: tau[w] / (s * (1 + w / 16)))
+    assert best == 4 and p.width == 4
+    assert p.step_s == pytest.approx(s * 1.25)
+    assert p.tokens_per_s == pytest.approx(1.9 / (s * 1.25))
+    assert p.source == MEASURED and p.units == ("cpu",)
+    assert all(p.split_ratio(k) == {"cpu": 1.0} for k in LINEAR_KINDS)
+    assert dict(p.attention) == {"dense": "cpu", "sparse": "cpu"}
+    assert predict_step_time(p, 4, 256, shape=SHAPE, units=[unit]) == pytest.approx(p.step_s)
+
+
+def test_plan_with_trees_and_draft_cost(tmp_path):
+    probs = np.array([[0.6, 0.2, 0.1], [0.4, 0.2, 0.1]])
+    unit = UnitModel.from_spec(ORIN_NX_CPU)
+    p = plan(SHAPE, [unit], rank_probs=probs, options=PlannerOptions(widths=(1, 2, 4)))
+    assert p.source == SPEC_ESTIMATE and "not measured" in p.notes
+    assert p.tree is not None and p.tree.width == p.width
+    assert p.tau == pytest.approx(p.tree.expected_accept_length)
+    # The draft (Medusa heads) call is costed for W > 1 only.
+    c1, c2 = p.choice(1), p.choice(2)
+    assert "medusa_lm_head" not in dict(c1.breakdown) and "medusa_lm_head" in dict(c2.breakdown)
+    path = tmp_path / "plan.json"
+    p.save(str(path))
+    assert Plan.from_json(json.loads(path.read_text())) == p
+    plots = plan_unit_sets(SHAPE, [unit, UnitModel.from_spec(ORIN_NX_GPU)], rank_probs=probs,
+                           options=PlannerOptions(widths=(1, 2, 4)))
+    assert [len(x.units) for x in plots] and plots[0].tokens_per_s >= plots[-1].tokens_per_s
+    plot_plans(plots, str(tmp_path / "plan.png"))
+    assert (tmp_path / "plan.png").stat().st_size > 1000
+
+
+def test_plan_never_mixes_sources():
+    measured = UnitModel("cpu", _const(1e-5))
+    with pytest.raises(ValueError, match="mix"):
+        plan(SHAPE, [measured, UnitModel.from_spec(ORIN_NX_GPU)], tau={1: 1.0},
+             options=PlannerOptions(widths=(1,)))
+
+
+def test_planner_imports_no_tvm():
+    # The planner's import closure (the package, cost models, units, trees) must not reach
+    # TVM, xgboost or matplotlib: the planner decides, it never compiles or measures.
+    code = (
+        "import sys\n"
+        "import hetcomp.planner\n"
+        "bad = [m for m in ('tvm', 'tvm_ffi', 'xgboost', 'matplotlib') if m in sys.modules]\n"
+        "print(bad)\n"
+        "sys.exit(1 if bad else 0)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+# ---- the real harness (quick) ---------------------------------------------------------------
+
+def test_quick_profile_fit_and_plan(tmp_path):
+    from hetcomp.errors import HetcompError
+    from hetcomp.profile.commands import profile_command, tune_command
+
+    try:
+        from hetcomp.frontend import default_gguf_path
+
+        default_gguf_path()
+    except HetcompError as e:
+        pytest.skip(str(e))
+    lines = []
+    out = tmp_path / "tune"
+    summary = tune_command("smollm2", ["cpu"], str(out), quick=True, progress=lines.append)
+    for f in ("profile.sqlite", "cost/cpu.json", "plan.json", "plan.png"):
+        assert (out / f).is_file(), f
+    assert not summary["profile"]["units"]["cpu"]["reused"]
+    assert any("linear lm_head" in ln for ln in lines) and any("co-run" in ln for ln in lines)
+    p = Plan.from_json(json.loads((out / "plan.json").read_text()))
+    assert p.source == MEASURED and p.units == ("cpu",) and p.width in (1, 2, 4, 8, 16, 32, 64)
+    assert UnitCostModel.load(str(out / "cost" / "cpu.json")).source == MEASURED
+    again = profile_command("smollm2", ["cpu"], str(out / "profile.sqlite"), quick=True,
+                            progress=lines.append)
+    assert again["units"]["cpu"]["reused"]
+    with pytest.raises(HetcompError, match="spec"):
+        tune_command("smollm2", ["cpu", "orin-nx"], str(tmp_path / "mixed"), quick=True)
