@@ -16,7 +16,8 @@ WIDTHS = (2, 4, 8, 16)
 def test_make_targets():
     feats = [np.zeros((5, 2))]
     seqs = [np.array([10, 11, 12, 13, 14])]
-    _, t = make_targets(feats, seqs, 2)
+    _, roots, t = make_targets(feats, seqs, 2)
+    np.testing.assert_array_equal(roots, [10, 11, 12, 13, 14])
     np.testing.assert_array_equal(t, [[11, 12], [12, 13], [13, 14], [14, -1], [-1, -1]])
 
 
@@ -33,7 +34,9 @@ def tiny_speculative(tmp_path_factory):
                       CalibrateOptions(corpus=str(corpus), num_heads=3, new_tokens=40, epochs=6,
                                        held_out=0.25), progress=False)
     heads.save(str(tmp / "heads.npz"))
-    assert MedusaHeads.load(str(tmp / "heads.npz")).num_heads == 3
+    loaded_heads = MedusaHeads.load(str(tmp / "heads.npz"))
+    assert loaded_heads.num_heads == 3 and loaded_heads.u is not None
+    assert loaded_heads.ranks is not None
     compile_model(CompileOptions(model="tiny", heads=str(tmp / "heads.npz"), widths=WIDTHS),
                   str(tmp / "spec"), quiet=True, weights=loaded)
     return load_artifact(str(tmp / "spec"))
@@ -57,15 +60,24 @@ def test_medusa_logits_match_numpy(tiny_speculative):
     art = tiny_speculative
     sess = art.new_session()
     _, hidden = sess.prefill([1, 2, 3])
-    logits = art._medusa(hidden, *art.medusa_params).numpy()
+    root = 17
+    cands = art.medusa_candidates(hidden, root, 5)
+    from hetcomp import _tvm
     from hetcomp.frontend.ops import unpack_linear_weight
 
+    logits = art._medusa(hidden, _tvm.tensor(np.array([root], "int32")),
+                         *art.medusa_params).numpy()
     embed = unpack_linear_weight(art.medusa_params[0].numpy())
-    ws = [unpack_linear_weight(p.numpy()) for p in art.medusa_params[1::2]]
-    bs = [p.numpy() for p in art.medusa_params[2::2]]
-    heads = MedusaHeads(np.stack(ws), np.stack(bs), np.zeros((3, 10)), {})
-    expected = heads.hidden(hidden.numpy().astype(np.float64)) @ embed.T.astype(np.float64)
+    p = art.medusa_params[2:]  # per head: w, b, u
+    ws = [unpack_linear_weight(x.numpy()) for x in p[0::3]]
+    bs = [x.numpy() for x in p[1::3]]
+    us = [unpack_linear_weight(x.numpy()) for x in p[2::3]]
+    heads = MedusaHeads(np.stack(ws), np.stack(bs), np.zeros((3, 10)), {}, None, np.stack(us))
+    expected = heads.hidden(hidden.numpy().astype(np.float64),
+                            embed[[root]].astype(np.float64)) @ embed.T.astype(np.float64)
     np.testing.assert_allclose(logits, expected[:, 0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(cands, np.argsort(-logits, axis=1)[:, :5])
+    assert np.abs(heads.u).max() > 0  # the root embedding really is used
 
 
 def test_width_not_compiled_is_refused(tiny_artifact):

@@ -67,7 +67,9 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
                     "parameters)", quiet)
     _progress(2, 4, f"building Relax module ({cfg.num_layers} layers, {opts.dtype})", quiet)
     widths = tuple(opts.widths) if heads is not None else (1,)
-    mod = build_module(cfg, opts.dtype, heads.num_heads if heads else 0, static_widths=widths)
+    root = heads is not None and heads.u is not None
+    mod = build_module(cfg, opts.dtype, heads.num_heads if heads else 0, static_widths=widths,
+                       medusa_root=root)
     target = compiler().Target(target_dict(opts.target))
     if opts.plan is not None:
         from ..passes import hetcomp_pipeline
@@ -99,8 +101,12 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
             params.append((f"medusa.{k}.w", pack_linear_weight(heads.w[k], opts.dtype)))
             params.append((f"medusa.{k}.b", heads.b[k].astype("float32")))
             mparams += [f"medusa.{k}.w", f"medusa.{k}.b"]
-        assert mparams == [n for n, _, _ in medusa_param_specs(cfg, heads.num_heads, opts.dtype)]
-        functions["medusa"] = ["embed" if cfg.tie_embeddings else "lm_head", *mparams]
+            if root:
+                params.append((f"medusa.{k}.u", pack_linear_weight(heads.u[k], opts.dtype)))
+                mparams.append(f"medusa.{k}.u")
+        assert mparams == [n for n, _, _ in medusa_param_specs(cfg, heads.num_heads, opts.dtype,
+                                                                root)]
+        functions["medusa"] = ["embed", "embed" if cfg.tie_embeddings else "lm_head", *mparams]
         speculative = {
             "num_heads": heads.num_heads,
             "rank_probs": heads.rank_probs.tolist(),

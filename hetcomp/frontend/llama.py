@@ -99,34 +99,52 @@ def _forward(bb, kern: _Kernels, cfg: LlamaConfig, inputs, params: dict, last_on
     return logits, hidden, ids, k_cache, v_cache
 
 
-def medusa_param_specs(cfg: LlamaConfig, num_heads: int, wdtype: str):
+def medusa_param_specs(cfg: LlamaConfig, num_heads: int, wdtype: str, root: bool = False):
+    """Per head: ``w`` (packed), ``b`` and, for root-conditioned heads, ``u`` (packed)."""
     e = cfg.hidden_size
     b = ops.pack_block(e)
     specs = []
     for k in range(num_heads):
         specs += [(f"medusa.{k}.w", (e // b, e, b), wdtype), (f"medusa.{k}.b", (e,), "float32")]
+        if root:
+            specs.append((f"medusa.{k}.u", (e // b, e, b), wdtype))
     return specs
 
 
-def _add_medusa(bb, kern: _Kernels, cfg: LlamaConfig, num_heads: int, wdtype: str):
-    """``medusa(hidden[1, E], lm_head, w_0, b_0, ...) -> logits[K, V]`` of the K heads."""
+def _add_medusa(bb, kern: _Kernels, cfg: LlamaConfig, num_heads: int, wdtype: str, root: bool):
+    """``medusa(hidden[1, E], root[1], embed, lm_head, w_0, b_0, [u_0], ...) -> logits[K, V]``.
+
+    Head k: ``h + SiLU(W_k h + U_k e + b_k)`` into the LM head, ``e`` the root token's
+    embedding (root-conditioned heads only; ``root`` is ignored otherwise).
+    """
     c = compiler()
     relax, tt = c.relax, c.TensorType
     e, v = cfg.hidden_size, cfg.vocab_size
     hidden = relax.Var("hidden", tt((1, e), "float32"))
-    head_name = "embed" if cfg.tie_embeddings else "lm_head"
-    head_shape = next(s for n, s, _ in param_specs(cfg, wdtype) if n == head_name)
-    lm_head = relax.Var("lm_head", tt(head_shape, wdtype))
-    pvars = [relax.Var(n.replace(".", "_"), tt(s, d))
-             for n, s, d in medusa_param_specs(cfg, num_heads, wdtype)]
+    root_tok = relax.Var("root", tt((1,), "int32"))
+    shapes = {n: sh for n, sh, _ in param_specs(cfg, wdtype)}
+    embed = relax.Var("embed", tt(shapes["embed"], wdtype))
+    lm_head = relax.Var("lm_head", tt(shapes["embed" if cfg.tie_embeddings else "lm_head"],
+                                      wdtype))
+    specs = medusa_param_specs(cfg, num_heads, wdtype, root)
+    pvars = {n: relax.Var(n.replace(".", "_"), tt(sh, d)) for n, sh, d in specs}
     act_gv = kern.get("medusa_act", ops.medusa_act, e, rows=1)
-    with bb.function("medusa", [hidden, lm_head, *pvars], attrs={"num_input": 1}):
+    with bb.function("medusa", [hidden, root_tok, embed, lm_head, *pvars.values()],
+                     attrs={"num_input": 2}):
         with bb.dataflow():
+            emb = None
+            if root:
+                emb = bb.emit(relax.call_tir(kern.get("embed", ops.embed, v, e, wdtype, rows=1),
+                                             [root_tok, embed], tt((1, e), "float32")))
             outs = []
             for k in range(num_heads):
                 z = bb.emit(relax.call_tir(kern.linear(e, e, False, rows=1),
-                                           [hidden, pvars[2 * k]], tt((1, e), "float32")))
-                outs.append(bb.emit(relax.call_tir(act_gv, [hidden, z, pvars[2 * k + 1]],
+                                           [hidden, pvars[f"medusa.{k}.w"]], tt((1, e), "float32")))
+                if root:
+                    z = bb.emit(relax.call_tir(kern.linear(e, e, True, rows=1),
+                                               [emb, pvars[f"medusa.{k}.u"], z],
+                                               tt((1, e), "float32")))
+                outs.append(bb.emit(relax.call_tir(act_gv, [hidden, z, pvars[f"medusa.{k}.b"]],
                                                    tt((1, e), "float32"))))
             stacked = bb.emit(relax.op.concat(outs, axis=0))
             logits = bb.emit(relax.call_tir(kern.linear(v, e, False, rows=num_heads),
@@ -136,13 +154,14 @@ def _add_medusa(bb, kern: _Kernels, cfg: LlamaConfig, num_heads: int, wdtype: st
 
 
 def build_module(cfg: LlamaConfig, wdtype: str = "float32", medusa_heads: int = 0,
-                 static_widths: tuple[int, ...] = ()):
+                 static_widths: tuple[int, ...] = (), medusa_root: bool = False):
     """The unscheduled Relax IRModule of the decoder for weight dtype ``wdtype``.
 
     ``verify`` takes any width; ``verify_w{W}`` for each W in ``static_widths`` is the same
     function specialised to W rows, whose kernels tile exactly (the runtime prefers them).
-    With ``medusa_heads = K > 0`` it also has ``medusa(hidden[1, E], lm_head, w_0, b_0, ...)``
-    returning the K heads' logits ``[K, V]``. The module attribute
+    With ``medusa_heads = K > 0`` it also has ``medusa(hidden[1, E], root[1], embed, lm_head,
+    *head params)`` returning the K heads' logits ``[K, V]`` (``medusa_root``: heads
+    conditioned on the root token's embedding). The module attribute
     ``hetcomp.model_functions`` lists the functions that run the decoder (what partitioning
     applies to).
     """
@@ -191,6 +210,6 @@ def build_module(cfg: LlamaConfig, wdtype: str = "float32", medusa_heads: int = 
             out = bb.emit_output(res)
         bb.emit_func_output(out)
     if medusa_heads:
-        _add_medusa(bb, kern, cfg, medusa_heads, wdtype)
+        _add_medusa(bb, kern, cfg, medusa_heads, wdtype, medusa_root)
     mod = bb.finalize()
     return mod.with_attr("hetcomp.model_functions", [f for f, _, _ in functions])

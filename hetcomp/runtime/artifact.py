@@ -129,9 +129,11 @@ class Artifact:
             built[width] = build_tree(self._rank_probs, width)
         return built[width]
 
-    def medusa_candidates(self, hidden, topk: int) -> np.ndarray:
-        """``[K, topk]`` candidate ids of the Medusa heads for one hidden state ``[1, E]``."""
-        logits = self._medusa(hidden, *self.medusa_params).numpy()
+    def medusa_candidates(self, hidden, root: int, topk: int) -> np.ndarray:
+        """``[K, topk]`` candidate ids of the Medusa heads, from the hidden state ``[1, E]``
+        that chose the tree's ``root`` token."""
+        root_t = _tvm.tensor(np.array([root], "int32"), self.device)
+        logits = self._medusa(hidden, root_t, *self.medusa_params).numpy()
         top = np.argpartition(-logits, topk - 1, axis=-1)[:, :topk]
         order = np.take_along_axis(logits, top, -1).argsort(-1)[:, ::-1]
         return np.take_along_axis(top, order, -1)

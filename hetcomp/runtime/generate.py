@@ -76,7 +76,7 @@ def generate(art, prompt_ids, max_new_tokens: int = 64, stop_at_eos: bool = True
         tokens = np.empty(width, "int64")
         tokens[0] = ids[-1]
         if shape.medusa_nodes:
-            cands = art.medusa_candidates(hidden, shape.topk)
+            cands = art.medusa_candidates(hidden, ids[-1], shape.topk)
             tokens[1: 1 + shape.medusa_nodes] = cands[shape.heads, shape.ranks]
         tokens[1 + shape.medusa_nodes:] = chain
         greedy, hid, _ = sess.verify(tokens, shape.depths + sess.length, shape.mask)

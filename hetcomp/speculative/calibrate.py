@@ -27,6 +27,7 @@ class CalibrateOptions:
     max_prompts: int = 0  # 0: all
     weight_decay: float = 0.01
     cache: str | None = None  # .npz to save the generated data in
+    condition_on_root: bool = True  # heads also see the root token's embedding (EAGLE-style)
 
 
 def collect(art, prompts, new_tokens: int, progress: bool = True):
@@ -62,7 +63,8 @@ def collect(art, prompts, new_tokens: int, progress: bool = True):
 
 
 def make_targets(feats, seqs, num_heads: int):
-    """Row j of a prompt (hidden state that predicts token j) -> tokens j + 1 .. j + K (-1: past the end)."""
+    """Rows ``(hidden, root, targets)``: row j of a prompt is the hidden state that predicts
+    token j (the root), its targets tokens j + 1 .. j + K (-1: past the end)."""
     hs, ts = [], []
     for h, s in zip(feats, seqs):
         n = len(s)
@@ -71,32 +73,52 @@ def make_targets(feats, seqs, num_heads: int):
             t[: max(n - 1 - k, 0), k] = s[1 + k:]
         hs.append(h)
         ts.append(t)
-    return np.concatenate(hs).astype(np.float32), np.concatenate(ts)
+    return (np.concatenate(hs).astype(np.float32), np.concatenate(seqs).astype(np.int64),
+            np.concatenate(ts))
 
 
-def calibrate(art, embed: np.ndarray, opts: CalibrateOptions, progress: bool = True):
-    """Train Medusa heads on the artifact's own greedy outputs; returns MedusaHeads."""
-    prompts = load_corpus(opts.corpus)
-    rng = np.random.default_rng(opts.seed)
-    order = rng.permutation(len(prompts))
-    if opts.max_prompts:
-        order = order[: opts.max_prompts]
-    n_held = max(1, int(round(len(order) * opts.held_out)))
-    held, train = [prompts[i] for i in order[:n_held]], [prompts[i] for i in order[n_held:]]
-    if not train:
-        raise HetcompError("the corpus is too small to split into training and held-out prompts")
-    if progress:
-        print(f"[1/3] self-distillation data: {len(train)} training, {len(held)} held-out prompts",
-              file=sys.stderr)
-    ftr, str_ = collect(art, train, opts.new_tokens, progress)
-    fho, sho = collect(art, held, opts.new_tokens, progress)
-    if opts.cache:  # the expensive part: keep it to re-train without re-generating
-        np.savez(opts.cache, **{f"tr_h{i}": f for i, f in enumerate(ftr)},
-                 **{f"tr_s{i}": s for i, s in enumerate(str_)},
-                 **{f"ho_h{i}": f for i, f in enumerate(fho)},
-                 **{f"ho_s{i}": s for i, s in enumerate(sho)})
-    xtr, ytr = make_targets(ftr, str_, opts.num_heads)
-    xho, yho = make_targets(fho, sho, opts.num_heads)
+def load_cache(path: str):
+    """The generated data saved by ``CalibrateOptions.cache``: train and held-out lists."""
+    with np.load(path) as z:
+        def part(prefix):
+            n = sum(1 for k in z.files if k.startswith(prefix + "_h"))
+            return ([z[f"{prefix}_h{i}"] for i in range(n)], [z[f"{prefix}_s{i}"] for i in range(n)])
+        return part("tr"), part("ho")
+
+
+def calibrate(art, embed: np.ndarray, opts: CalibrateOptions, progress: bool = True,
+              data=None):
+    """Train Medusa heads on the artifact's own greedy outputs; returns MedusaHeads.
+
+    ``data = ((train feats, train seqs), (held-out feats, held-out seqs))`` (from
+    :func:`load_cache`) skips generation.
+    """
+    if data is None:
+        prompts = load_corpus(opts.corpus)
+        rng = np.random.default_rng(opts.seed)
+        order = rng.permutation(len(prompts))
+        if opts.max_prompts:
+            order = order[: opts.max_prompts]
+        n_held = max(1, int(round(len(order) * opts.held_out)))
+        held = [prompts[i] for i in order[:n_held]]
+        train = [prompts[i] for i in order[n_held:]]
+        if not train:
+            raise HetcompError("the corpus is too small to split into training and held-out "
+                               "prompts")
+        if progress:
+            print(f"[1/3] self-distillation data: {len(train)} training, {len(held)} held-out "
+                  "prompts", file=sys.stderr)
+        data = (collect(art, train, opts.new_tokens, progress),
+                collect(art, held, opts.new_tokens, progress))
+        if opts.cache:  # the expensive part: keep it to re-train without re-generating
+            (ftr, str_), (fho, sho) = data
+            np.savez(opts.cache, **{f"tr_h{i}": f for i, f in enumerate(ftr)},
+                     **{f"tr_s{i}": s for i, s in enumerate(str_)},
+                     **{f"ho_h{i}": f for i, f in enumerate(fho)},
+                     **{f"ho_s{i}": s for i, s in enumerate(sho)})
+    (ftr, str_), (fho, sho) = data
+    xtr, rtr, ytr = make_targets(ftr, str_, opts.num_heads)
+    xho, rho, yho = make_targets(fho, sho, opts.num_heads)
     if progress:
         print(f"[2/3] training {opts.num_heads} heads on {len(xtr)} rows", file=sys.stderr)
     # Early stopping on a validation slice of the training prompts (the held-out prompts stay
@@ -104,18 +126,23 @@ def calibrate(art, embed: np.ndarray, opts: CalibrateOptions, progress: bool = T
     rows_per_prompt = np.cumsum([len(s) for s in str_])
     cut = int(np.searchsorted(rows_per_prompt, 0.9 * rows_per_prompt[-1]))
     cut_row = int(rows_per_prompt[cut]) if cut < len(rows_per_prompt) else len(xtr)
-    w, b = train_heads(xtr[:cut_row], ytr[:cut_row], embed, opts.num_heads, epochs=opts.epochs,
-                       seed=opts.seed, progress=progress, weight_decay=opts.weight_decay,
-                       validation=(xtr[cut_row:], ytr[cut_row:]) if cut_row < len(xtr) else None)
+    roots = rtr if opts.condition_on_root else None
+    w, b, u = train_heads(
+        xtr[:cut_row], ytr[:cut_row], embed, opts.num_heads, epochs=opts.epochs,
+        seed=opts.seed, progress=progress, weight_decay=opts.weight_decay,
+        roots=None if roots is None else roots[:cut_row],
+        validation=(xtr[cut_row:], rtr[cut_row:], ytr[cut_row:]) if cut_row < len(xtr) else None)
     if progress:
         print(f"[3/3] held-out statistics on {len(xho)} rows", file=sys.stderr)
-    heads = MedusaHeads(w, b, np.zeros((opts.num_heads, TOPK)), {})
-    heads.ranks = heldout_ranks(heads, xho, yho, embed)
+    heads = MedusaHeads(w, b, np.zeros((opts.num_heads, TOPK)), {}, None, u)
+    heads.ranks = heldout_ranks(heads, xho, yho, embed,
+                                roots=rho if opts.condition_on_root else None)
     heads.rank_probs = rank_statistics(heads.ranks)
     heads.info = {
         "corpus": opts.corpus, "seed": opts.seed, "epochs": opts.epochs,
         "new_tokens": opts.new_tokens, "train_rows": int(len(xtr)), "held_out_rows": int(len(xho)),
-        "train_prompts": len(train), "held_out_prompts": len(held),
+        "train_prompts": len(str_), "held_out_prompts": len(sho),
+        "condition_on_root": bool(opts.condition_on_root),
         "topk_accuracy": np.cumsum(heads.rank_probs, axis=1).tolist(),
         "tau": {str(wd): build_tree(heads.rank_probs, wd, heads.ranks).expected_accept_length
                 for wd in WIDTHS},

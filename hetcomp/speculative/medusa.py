@@ -1,7 +1,10 @@
-"""Medusa heads: ``head_k(h) = lm_head(h + SiLU(W_k h + b_k))``, predicting token t + 2 + k.
+"""Medusa heads: ``head_k(h) = lm_head(h + SiLU(W_k h + U_k e + b_k))``, predicting token t + 2 + k.
 
-Trained by self-distillation (targets are the base model's own greedy tokens) with the base
-model's tied LM head frozen. Stored as a small ``.npz`` (float16 weights) plus statistics.
+``h`` is the final hidden state at position t and ``e`` the embedding of the token the base
+model chose there (the tree's root, known when drafting). Conditioning on ``e`` (as EAGLE
+does) spares the heads from decoding the root out of ``h``; ``U`` is optional (plain Medusa
+without it). Trained by self-distillation (targets are the base model's own greedy tokens)
+with the tied LM head frozen. Stored as a small ``.npz`` (float16 weights) plus statistics.
 """
 
 from __future__ import annotations
@@ -24,14 +27,16 @@ class MedusaHeads:
     rank_probs: np.ndarray  # [K, TOPK]: P(rank-r candidate of head k is right), held out
     info: dict
     ranks: np.ndarray | None = None  # [N, K] held-out target ranks (joint statistics)
+    u: np.ndarray | None = None  # [K, E, E]: weights on the root token's embedding
 
     @property
     def num_heads(self) -> int:
         return int(self.w.shape[0])
 
-    def hidden(self, h: np.ndarray) -> np.ndarray:
-        """``[N, E]`` -> ``[K, N, E]`` head hidden states (before the LM head)."""
-        z = np.stack([h @ self.w[k].T for k in range(self.num_heads)]) + self.b[:, None, :]
+    def hidden(self, h: np.ndarray, e: np.ndarray | None = None) -> np.ndarray:
+        """``[N, E]`` hidden states (and root embeddings) -> ``[K, N, E]`` head states."""
+        z = np.stack([h @ self.w[k].T + (0 if self.u is None else e @ self.u[k].T)
+                      for k in range(self.num_heads)]) + self.b[:, None, :]
         return h[None] + z / (1.0 + np.exp(-z))
 
     def save(self, path: str) -> None:
@@ -39,6 +44,8 @@ class MedusaHeads:
         meta["rank_probs"] = self.rank_probs.tolist()
         tmp = path + ".tmp.npz"
         extra = {} if self.ranks is None else {"ranks": self.ranks.astype(np.int8)}
+        if self.u is not None:
+            extra["u"] = self.u.astype(np.float16)
         np.savez_compressed(tmp, w=self.w.astype(np.float16), b=self.b.astype(np.float32),
                             meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
                             **extra)
@@ -53,9 +60,10 @@ class MedusaHeads:
                 meta = json.loads(bytes(z["meta"]).decode())
                 w, b = z["w"].astype(np.float32), z["b"].astype(np.float32)
                 ranks = z["ranks"] if "ranks" in z.files else None
+                u = z["u"].astype(np.float32) if "u" in z.files else None
         except (OSError, KeyError, ValueError) as e:
             raise HetcompError(f"cannot read Medusa heads {path}: {e}") from None
-        return cls(w, b, np.asarray(meta.pop("rank_probs")), meta, ranks)
+        return cls(w, b, np.asarray(meta.pop("rank_probs")), meta, ranks, u)
 
 
 def _log_softmax_grad(logits: np.ndarray, target: np.ndarray):
@@ -69,7 +77,7 @@ def _log_softmax_grad(logits: np.ndarray, target: np.ndarray):
     return loss, g / len(target)
 
 
-def validation_loss(w, b, h, targets, embed, chunk: int = 1024) -> np.ndarray:
+def validation_loss(w, b, u, h, e, targets, embed, chunk: int = 1024) -> np.ndarray:
     """Mean cross-entropy per head on held-out rows."""
     k_heads = w.shape[0]
     total, count = np.zeros(k_heads), np.zeros(k_heads)
@@ -82,6 +90,8 @@ def validation_loss(w, b, h, targets, embed, chunk: int = 1024) -> np.ndarray:
             if not keep.any():
                 continue
             z = x[keep] @ w[k].T + b[k]
+            if u is not None:
+                z += e[s: s + chunk][keep] @ u[k].T
             loss, _ = _log_softmax_grad((x[keep] + z / (1 + np.exp(-z))) @ emb_t, t[keep])
             total[k] += loss * keep.sum()
             count[k] += keep.sum()
@@ -90,29 +100,35 @@ def validation_loss(w, b, h, targets, embed, chunk: int = 1024) -> np.ndarray:
 
 def train_heads(h: np.ndarray, targets: np.ndarray, embed: np.ndarray, num_heads: int,
                 epochs: int = 3, batch: int = 256, lr: float = 1e-3, seed: int = 0,
-                progress: bool = True, validation=None, weight_decay: float = 0.0
-                ) -> tuple[np.ndarray, np.ndarray]:
+                progress: bool = True, validation=None, weight_decay: float = 0.0,
+                roots: np.ndarray | None = None):
     """AdamW on the heads' cross-entropy; ``targets[n, k]`` = token 2 + k after row n (-1: none).
 
     ``embed`` is the tied LM head ``[V, E]`` (frozen). Weights start at zero, i.e. every head
     starts as the base LM head on an unchanged hidden state. With ``validation = (h, targets)``
     each head keeps the epoch with its lowest validation loss (early stopping per head).
+    With ``roots`` (the root token of each row; validation then is ``(h, roots, targets)``)
+    the heads also learn ``U`` on the root's embedding. Returns ``(w, b, u or None)``.
     """
     rng = np.random.default_rng(seed)
     n, e = h.shape
     w = np.zeros((num_heads, e, e), np.float32)
     b = np.zeros((num_heads, e), np.float32)
+    u = None if roots is None else np.zeros((num_heads, e, e), np.float32)
     mw, vw, mb, vb = (np.zeros_like(w), np.zeros_like(w), np.zeros_like(b), np.zeros_like(b))
+    mu, vu = (None, None) if u is None else (np.zeros_like(u), np.zeros_like(u))
     step, b1, b2, eps = 0, 0.9, 0.999, 1e-8
     emb_t = np.ascontiguousarray(embed.T)
     best_loss = np.full(num_heads, np.inf)
     best_w, best_b = w.copy(), b.copy()
+    best_u = None if u is None else u.copy()
     for epoch in range(epochs):
         order = rng.permutation(n)
         losses = []
         for s in range(0, n, batch):
             idx = order[s: s + batch]
             x = h[idx]
+            er = None if u is None else embed[roots[idx]]
             step += 1
             for k in range(num_heads):
                 t = targets[idx, k]
@@ -121,6 +137,9 @@ def train_heads(h: np.ndarray, targets: np.ndarray, embed: np.ndarray, num_heads
                     continue
                 xk, tk = x[keep], t[keep]
                 z = xk @ w[k].T + b[k]
+                if u is not None:
+                    ek = er[keep]
+                    z += ek @ u[k].T
                 sig = 1.0 / (1.0 + np.exp(-z))
                 hk = xk + z * sig
                 loss, g = _log_softmax_grad(hk @ emb_t, tk)
@@ -128,7 +147,10 @@ def train_heads(h: np.ndarray, targets: np.ndarray, embed: np.ndarray, num_heads
                 dh = g @ embed
                 dz = dh * (sig * (1 + z * (1 - sig)))
                 gw, gb = dz.T @ xk, dz.sum(0)
-                for p, gp, m_, v_ in ((w[k], gw, mw[k], vw[k]), (b[k], gb, mb[k], vb[k])):
+                updates = [(w[k], gw, mw[k], vw[k]), (b[k], gb, mb[k], vb[k])]
+                if u is not None:
+                    updates.append((u[k], dz.T @ ek, mu[k], vu[k]))
+                for p, gp, m_, v_ in updates:
                     m_ *= b1
                     m_ += (1 - b1) * gp
                     v_ *= b2
@@ -140,26 +162,32 @@ def train_heads(h: np.ndarray, targets: np.ndarray, embed: np.ndarray, num_heads
                 print(f"\r  epoch {epoch + 1}/{epochs}  {min(s + batch, n)}/{n}  "
                       f"loss {np.mean(losses[-40:]):.3f}", end="", file=sys.stderr, flush=True)
         if validation is not None:
-            vloss = validation_loss(w, b, *validation, embed)
+            vh, vr, vt = validation
+            ve = None if u is None else embed[vr]
+            vloss = validation_loss(w, b, u, vh, ve, vt, embed)
             better = vloss < best_loss
             best_loss[better] = vloss[better]
             best_w[better], best_b[better] = w[better], b[better]
+            if u is not None:
+                best_u[better] = u[better]
             if progress:
                 print(f"  validation loss per head {np.round(vloss, 3).tolist()}",
                       end="", file=sys.stderr)
         if progress:
             print(file=sys.stderr)
-    return (best_w, best_b) if validation is not None else (w, b)
+    return (best_w, best_b, best_u) if validation is not None else (w, b, u)
 
 
 def heldout_ranks(heads: MedusaHeads, h: np.ndarray, targets: np.ndarray, embed: np.ndarray,
-                  topk: int = TOPK, chunk: int = 512) -> np.ndarray:
+                  topk: int = TOPK, chunk: int = 512, roots: np.ndarray | None = None
+                  ) -> np.ndarray:
     """``[N, K]`` int8: the rank of row n's target among head k's top-``topk`` candidates
     (``topk`` when it is not among them, -1 when the row has no target for that head)."""
     ranks = np.full(targets.shape, -1, np.int8)
     emb_t = np.ascontiguousarray(embed.T)
     for s in range(0, len(h), chunk):
-        hk = heads.hidden(h[s: s + chunk])
+        er = None if roots is None else embed[roots[s: s + chunk]]
+        hk = heads.hidden(h[s: s + chunk], er)
         for k in range(heads.num_heads):
             t = targets[s: s + chunk, k]
             keep = np.flatnonzero(t >= 0)
