@@ -66,7 +66,7 @@ def test_medusa_logits_match_numpy(tiny_speculative):
     from hetcomp.frontend.ops import unpack_linear_weight
 
     logits = art._medusa(hidden, _tvm.tensor(np.array([root], "int32")),
-                         *art.medusa_params).numpy()
+                         *art.medusa_params)[0].numpy()
     embed = unpack_linear_weight(art.medusa_params[0].numpy())
     p = art.medusa_params[2:]  # per head: w, b, u
     ws = [unpack_linear_weight(x.numpy()) for x in p[0::3]]

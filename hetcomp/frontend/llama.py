@@ -24,6 +24,7 @@ from .config import LlamaConfig, kv_cache_shapes
 from .weights import param_specs
 
 NUM_INPUTS = 6  # tokens, positions, mask, k_cache, v_cache, cache_len; params follow
+MEDUSA_TOPK = 10  # candidates per head the medusa function returns (the trees' rank bound)
 
 
 class _Kernels:
@@ -112,7 +113,8 @@ def medusa_param_specs(cfg: LlamaConfig, num_heads: int, wdtype: str, root: bool
 
 
 def _add_medusa(bb, kern: _Kernels, cfg: LlamaConfig, num_heads: int, wdtype: str, root: bool):
-    """``medusa(hidden[1, E], root[1], embed, lm_head, w_0, b_0, [u_0], ...) -> logits[K, V]``.
+    """``medusa(hidden[1, E], root[1], embed, lm_head, w_0, b_0, [u_0], ...)``
+    ``-> (logits[K, V], top-10 ids[K, 10])``.
 
     Head k: ``h + SiLU(W_k h + U_k e + b_k)`` into the LM head, ``e`` the root token's
     embedding (root-conditioned heads only; ``root`` is ignored otherwise).
@@ -149,7 +151,9 @@ def _add_medusa(bb, kern: _Kernels, cfg: LlamaConfig, num_heads: int, wdtype: st
             stacked = bb.emit(relax.op.concat(outs, axis=0))
             logits = bb.emit(relax.call_tir(kern.linear(v, e, False, rows=num_heads),
                                             [stacked, lm_head], tt((num_heads, v), "float32")))
-            out = bb.emit_output(logits)
+            # Candidates ranked on the device (a host-side argpartition cost ~2 ms a step).
+            top = bb.emit(relax.op.topk(logits, k=MEDUSA_TOPK, axis=-1, ret_type="indices"))
+            out = bb.emit_output(relax.Tuple([logits, top]))
         bb.emit_func_output(out)
 
 

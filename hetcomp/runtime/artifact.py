@@ -133,10 +133,7 @@ class Artifact:
         """``[K, topk]`` candidate ids of the Medusa heads, from the hidden state ``[1, E]``
         that chose the tree's ``root`` token."""
         root_t = _tvm.tensor(np.array([root], "int32"), self.device)
-        logits = self._medusa(hidden, root_t, *self.medusa_params).numpy()
-        top = np.argpartition(-logits, topk - 1, axis=-1)[:, :topk]
-        order = np.take_along_axis(logits, top, -1).argsort(-1)[:, ::-1]
-        return np.take_along_axis(top, order, -1)
+        return self._medusa(hidden, root_t, *self.medusa_params)[1].numpy()[:, :topk]
 
     def bytes_per_token(self) -> int:
         """Weight bytes one decode step reads (the tied embedding is read once, as LM head)."""
