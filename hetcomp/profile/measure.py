@@ -196,14 +196,15 @@ class _Builder:
 
         full, k, residual = self.shape.linear_dims(kind)
         for n in sorted({split_columns(full, r) for r in self.opts.ratios}):
-            f = self.compile(ops.linear(n, k, self.wdtype, residual))
             b = ops.pack_block(n)
             wbytes = n * k * np.dtype(self.wdtype).itemsize
             copies = max(1, min(4096, math.ceil(self.opts.rotate_bytes / wbytes)))
             w0 = (self.rng.standard_normal((n // b, k, b)) * 0.05).astype(self.wdtype)
             weights = [self.t(w0) for _ in range(copies)]
 
-            def setup(w, f=f, weights=weights, n=n, k=k, copies=copies):
+            def setup(w, weights=weights, n=n, k=k, copies=copies):
+                # The width-specialised kernel, as verify_w{W} runs it (exact row tiles).
+                f = self.compile(ops.linear(n, k, self.wdtype, residual, rows=w))
                 x, y = self.rand((w, k)), self.t(np.zeros((w, n), "float32"))
                 extra = (self.rand((w, n)),) if residual else ()
                 return lambda i: f(x, weights[i % copies], *extra, y)
@@ -216,11 +217,12 @@ class _Builder:
         from ..frontend import ops
 
         s = self.shape
-        f = self.compile(ops.attention(s.heads, s.kv_heads, s.head_dim, s.layers, s.max_context))
         kc = self.rand((s.layers, s.kv_heads, s.head_dim, s.max_context), scale=0.5)
         vc = self.rand((s.layers, s.kv_heads, s.max_context, s.head_dim), scale=0.5)
 
         def setup(w, cl):
+            f = self.compile(ops.attention(s.heads, s.kv_heads, s.head_dim, s.layers,
+                                           s.max_context, rows=w))
             q = self.rand((s.heads, w, s.head_dim), scale=0.5)
             mask = self.t(np.tril(np.ones((w, w), "int32")))
             out = self.t(np.zeros((w, s.heads, s.head_dim), "float32"))
