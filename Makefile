@@ -50,4 +50,6 @@ clean:
 # Optional, not in CI: hetcomp against llama.cpp and PyTorch eager on the same GGUF and prompts.
 bench-peers: $(ART)/manifest.json
 	$(PY) -m pip install -q llama-cpp-python || echo "llama-cpp-python unavailable: skipped"
-	$(PY) benchmarks/bench_peers.py --artifact $(ART) --width $(WIDTH)
+	$(PY) benchmarks/make_peer_ggufs.py build/peers
+	$(PY) benchmarks/bench_peers.py --artifact $(ART) --width $(WIDTH) \
+	  --llama-gguf build/peers/smollm2-f32.gguf build/peers/smollm2-f16.gguf

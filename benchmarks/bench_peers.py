@@ -82,6 +82,8 @@ def main() -> int:
     ap.add_argument("--lookup", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "bench_peers.json"))
+    ap.add_argument("--llama-gguf", nargs="*", default=[],
+                    help="more GGUFs for llama.cpp (e.g. F32/F16 from make_peer_ggufs.py)")
     args = ap.parse_args()
     from hetcomp.frontend import default_gguf_path
 
@@ -91,9 +93,11 @@ def main() -> int:
         "hetcomp sequential": bench_hetcomp(args.artifact, args.new_tokens, 1, 0),
         f"hetcomp speculative (W={args.width})": bench_hetcomp(args.artifact, args.new_tokens,
                                                              args.width, args.lookup),
-        "llama.cpp (packaged GGUF)": bench_llama_cpp(gguf, args.new_tokens),
-        "PyTorch eager fp32": bench_torch(gguf, args.new_tokens),
+        "llama.cpp Q4_1 (packaged GGUF)": bench_llama_cpp(gguf, args.new_tokens),
     }
+    for extra in args.llama_gguf:
+        rows[f"llama.cpp {os.path.basename(extra)}"] = bench_llama_cpp(extra, args.new_tokens)
+    rows["PyTorch eager fp32"] = bench_torch(gguf, args.new_tokens)
     with open(args.out, "w") as fh:
         json.dump(rows, fh, indent=1)
     print("| decoder | tokens/s |\n|---|---|")

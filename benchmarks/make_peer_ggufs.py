@@ -1,0 +1,52 @@
+"""Write F32 and F16 copies of the packaged SmolLM2 GGUF (same metadata, dequantized tensors).
+
+llama.cpp then runs the same weights at the precisions hetcomp compiles for. Usage:
+``python benchmarks/make_peer_ggufs.py OUT_DIR`` -> OUT_DIR/smollm2-{f32,f16}.gguf
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import gguf
+import numpy as np
+
+from hetcomp.frontend import default_gguf_path
+
+
+def convert(src: str, dst: str, dtype: str) -> None:
+    reader = gguf.GGUFReader(src)
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(dst, arch)
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(name, field.contents(), vtype, sub)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32"
+                         else gguf.LlamaFileType.MOSTLY_F16)
+    for t in reader.tensors:
+        shape = tuple(int(s) for s in reversed(t.shape.tolist()))
+        arr = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
+        if dtype == "f16" and arr.ndim == 2:
+            arr = arr.astype(np.float16)
+        writer.add_tensor(t.name, np.ascontiguousarray(arr.astype(arr.dtype)))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def main() -> int:
+    out = sys.argv[1] if len(sys.argv) > 1 else "build/peers"
+    os.makedirs(out, exist_ok=True)
+    for dtype in ("f32", "f16"):
+        convert(default_gguf_path(), os.path.join(out, f"smollm2-{dtype}.gguf"), dtype)
+        print(os.path.join(out, f"smollm2-{dtype}.gguf"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
