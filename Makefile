@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 ART    := artifacts/smollm2-host-float32-medusa
 HEADS  := hetcomp/data/smollm2-medusa.npz
-WIDTH  ?= 8
+WIDTH  ?= 2  # the best measured width on the 2-core dev machine (hetcomp bench --widths)
 PROMPT ?= What are three good habits for staying healthy?
 
 .PHONY: setup system-packages demo test bench bench-peers clean

@@ -88,8 +88,10 @@ def cmd_generate(args) -> int:
         print(json.dumps(res.to_json()))
     else:
         print(res.text)
+        spec = (f", width {args.width}: {res.accepted_per_step:.2f} tokens per verify step"
+                if args.width > 1 else "")
         print(f"[{len(res.ids)} tokens, prefill {res.prefill_s * 1e3:.0f} ms, "
-              f"decode {res.decode_tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+              f"decode {res.decode_tokens_per_s:.1f} tokens/s{spec}]", file=sys.stderr)
     return 0
 
 
