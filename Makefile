@@ -5,7 +5,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 ART    := artifacts/smollm2-host-float32-medusa
 HEADS  := hetcomp/data/smollm2-medusa.npz
-WIDTH  ?= 2  # the best measured width on the 2-core dev machine (hetcomp bench --widths)
+# The best measured tree width on the 2-core dev machine (hetcomp bench --widths).
+WIDTH  ?= 2
 PROMPT ?= What are three good habits for staying healthy?
 
 .PHONY: setup system-packages demo test bench bench-peers clean
