@@ -91,7 +91,6 @@ class _Compiler:
         self.Op = tvm.ir.Op
         self.tvm = tvm
         self.Constant = type(relax.const(0.0))  # relax.Constant -> ir GenericConst in 0.27
-        self.TupleType = relax.TupleType
         self.compile = tvm.compile
         self.IRModule = tvm.IRModule
         self.transform = tvm.transform
@@ -109,11 +108,6 @@ class _Compiler:
         return (int(a.vdevice_id) == int(b.vdevice_id) and str(a.target) == str(b.target)
                 and str(a.memory_scope) == str(b.memory_scope))
 
-    def get_sblock(self, sch, name: str):
-        return sch.get_sblock(name)  # T.block -> T.sblock in 0.27
-
-    def get_child_blocks(self, sch, loop_or_block):
-        return sch.get_child_blocks(loop_or_block)
 
 
 _COMPILER: _Compiler | None = None

@@ -115,6 +115,8 @@ class Artifact:
             self._medusa = self.vm["medusa"]
         self.widths = list(self.manifest.get("widths", [1]))
         self._rank_probs = np.asarray(spec["rank_probs"]) if spec else None
+        self._built_trees: dict = {}  # widths not stored in the manifest
+        self.step_shapes: dict = {}  # the generator's per-(width, chain) tree layouts
 
     def tree(self, width: int):
         """The compiled tree of ``width`` nodes, or one built from the heads' statistics."""
@@ -124,10 +126,9 @@ class Artifact:
 
         if width == 1 or self._rank_probs is None:
             return Tree((-1,), (-1,), (1.0,))
-        built = self.__dict__.setdefault("_built_trees", {})
-        if width not in built:
-            built[width] = build_tree(self._rank_probs, width)
-        return built[width]
+        if width not in self._built_trees:
+            self._built_trees[width] = build_tree(self._rank_probs, width)
+        return self._built_trees[width]
 
     def medusa_candidates(self, hidden, root: int, topk: int) -> np.ndarray:
         """``[K, topk]`` candidate ids of the Medusa heads, from the hidden state ``[1, E]``

@@ -128,7 +128,7 @@ class _StepShape:
 def _step_shape(art, width: int, chain: int) -> _StepShape:
     """The verified tree for a step: the best Medusa tree of ``width - chain`` nodes plus a
     chain of ``chain`` lookup nodes under the root (cached per shape)."""
-    cache = art.__dict__.setdefault("_step_shapes", {})
+    cache = art.step_shapes
     key = (width, chain)
     if key not in cache:
         base = art.tree(width - chain) if width > 1 else Tree((-1,), (-1,), (1.0,))
