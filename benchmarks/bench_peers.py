@@ -15,24 +15,14 @@ import sys
 import tempfile
 import time
 
-PROMPTS = [
-    "Write a short story about a robot who learns to paint.",
-    "Explain how a refrigerator works, in simple terms.",
-    "What should I pack for a weekend hiking trip?",
-]
+from hetcomp.cli import BENCH_PROMPTS as PROMPTS  # the prompts `hetcomp bench` uses
 
 
 def bench_hetcomp(art_dir: str, new_tokens: int, width: int, lookup: int) -> float:
-    from hetcomp.runtime import generate, load_artifact
+    from hetcomp.cli import _bench_widths
+    from hetcomp.runtime import load_artifact
 
-    art = load_artifact(art_dir)
-    made = secs = 0.0
-    for p in PROMPTS:
-        ids = art.tokenizer.encode(p, chat=True)
-        r = generate(art, ids, new_tokens, stop_at_eos=False, width=width, lookup=lookup)
-        made += len(r.ids) - 1
-        secs += r.decode_s
-    return made / secs
+    return _bench_widths(load_artifact(art_dir), [width], new_tokens, lookup)[0]["tokens_per_s"]
 
 
 def bench_llama_cpp(gguf: str, new_tokens: int) -> float | None:

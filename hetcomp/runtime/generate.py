@@ -35,7 +35,8 @@ class GenerationResult:
 
 
 def generate(art, prompt_ids, max_new_tokens: int = 64, stop_at_eos: bool = True,
-             width: int = 1, step_times: list | None = None, lookup: int = 0):
+             width: int = 1, step_times: list | None = None, lookup: int = 0,
+             hidden_states: list | None = None):
     """Greedy decoding; with ``width > 1``, Medusa tree speculation verified losslessly.
 
     Each step verifies the tree of ``width`` nodes rooted at the token the base model already
@@ -47,6 +48,9 @@ def generate(art, prompt_ids, max_new_tokens: int = 64, stop_at_eos: bool = True
     that followed the latest earlier occurrence of the current suffix) as a chain under the
     root; the Medusa tree then shrinks to the best tree of ``width - chain length`` nodes, so
     every step still verifies exactly ``width`` nodes.
+
+    ``hidden_states`` (a list) receives, for each emitted token, the final hidden state ``[E]``
+    that chose it (calibration's training rows); with ``width > 1`` only the chosen roots.
     """
     if max_new_tokens < 1:
         raise HetcompError("--max-new-tokens must be at least 1")
@@ -68,6 +72,8 @@ def generate(art, prompt_ids, max_new_tokens: int = 64, stop_at_eos: bool = True
     nxt, hidden = sess.prefill(prompt_ids)
     t1 = time.perf_counter()
     ids = [nxt]
+    if hidden_states is not None:
+        hidden_states.append(hidden.numpy()[0])
     steps = 0
     while len(ids) < max_new_tokens and ids[-1] != eos:
         ts = time.perf_counter()
@@ -86,6 +92,8 @@ def generate(art, prompt_ids, max_new_tokens: int = 64, stop_at_eos: bool = True
         ids.append(int(greedy[path[-1]]))
         if width > 1:
             hidden = _tvm.tensor(hid.numpy()[path[-1]: path[-1] + 1], art.device)
+        if hidden_states is not None:
+            hidden_states.append(hid.numpy()[path[-1]])
         steps += 1
         if step_times is not None:
             step_times.append(time.perf_counter() - ts)

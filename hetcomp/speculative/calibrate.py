@@ -32,24 +32,16 @@ class CalibrateOptions:
 
 def collect(art, prompts, new_tokens: int, progress: bool = True):
     """Greedy-generate from each prompt; rows are (hidden state, the tokens that follow it)."""
-    from .. import _tvm
+    from ..runtime.generate import generate
 
-    eos = art.tokenizer.eos_token_id
     feats, seqs = [], []
     t0 = time.time()
     for i, prompt in enumerate(prompts):
         ids = art.tokenizer.encode(prompt, chat=art.tokenizer.chat_template is not None)
         if len(ids) + new_tokens + 1 >= art.config.max_context:
             continue
-        sess = art.new_session()
-        nxt, hidden = sess.prefill(ids)
-        hs, toks = [hidden.numpy()[0]], [nxt]
-        one, zero = np.ones((1, 1), "int32"), np.zeros(1, "int32")
-        while len(toks) < new_tokens and toks[-1] != eos:
-            g, h, _ = sess.verify([toks[-1]], [sess.length], one)
-            sess.commit(zero)
-            hs.append(h.numpy()[0])
-            toks.append(int(g[0]))
+        hs: list = []
+        toks = generate(art, ids, max_new_tokens=new_tokens, hidden_states=hs).ids
         feats.append(np.stack(hs))
         seqs.append(np.asarray(toks))
         if progress:
@@ -58,7 +50,6 @@ def collect(art, prompts, new_tokens: int, progress: bool = True):
                   file=sys.stderr, flush=True)
     if progress:
         print(file=sys.stderr)
-    del _tvm
     return feats, seqs
 
 
