@@ -91,7 +91,8 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
     functions.update({f"verify_w{w}": model_params for w in widths})
     placement = {}
     if opts.plan is not None:
-        model_params, params, placement = _split_params(mod, cfg, opts.dtype, packed)
+        params, placement = _split_params(mod, cfg, opts.dtype, packed)
+        model_params = [name for name, _ in params]
         functions = {"prefill": model_params, "verify": model_params, "commit": []}
         functions.update({f"verify_w{w}": model_params for w in widths})
     speculative = None
@@ -155,6 +156,7 @@ def _split_params(mod, cfg, dtype, packed):
     and the unit (vdevice index) each lives on."""
     import json
 
+    from .._tvm import compiler
     from ..frontend.llama import NUM_INPUTS
     from ..passes.partition_hetero import PARAM_SPLIT_ATTR
 
@@ -162,7 +164,7 @@ def _split_params(mod, cfg, dtype, packed):
     split = json.loads(func.attrs[PARAM_SPLIT_ATTR]) if PARAM_SPLIT_ATTR in func.attrs else {}
     by_var = {name.replace(".", "_"): name for name, _, _ in param_specs(cfg, dtype)}
     vdevs = list(mod.global_infos["vdevice"])
-    names, params, units = [], [], {}
+    params, units = [], {}
     for p in func.params[NUM_INPUTS:]:
         if p.name in split:
             orig, lo, hi = split[p.name]
@@ -170,12 +172,7 @@ def _split_params(mod, cfg, dtype, packed):
         else:
             arr = packed[by_var[p.name]]
         vd = getattr(p.ty, "vdevice", None)
-        unit = 0
-        if vd is not None:
-            from .._tvm import compiler
-
-            unit = next(i for i, v in enumerate(vdevs) if compiler().same_vdevice(v, vd))
-        names.append(p.name)
+        units[p.name] = 0 if vd is None else next(
+            i for i, v in enumerate(vdevs) if compiler().same_vdevice(v, vd))
         params.append((p.name, arr))
-        units[p.name] = unit
-    return names, params, units
+    return params, units
