@@ -26,8 +26,18 @@ def cmd_compile(args) -> int:
 
     opts = CompileOptions(model=args.model, dtype=args.dtype, target=args.target,
                           max_context=args.max_context, heads=args.heads,
-                          plan=_load_plan(args.plan) if args.plan else None)
+                          plan=_load_plan(args.plan) if args.plan else None,
+                          separate_weights=args.separate_weights)
     compile_model(opts, args.output, quiet=args.quiet)
+    return 0
+
+
+def cmd_attach_weights(args) -> int:
+    from .runtime.weights import attach_weights
+
+    path = attach_weights(args.artifact, args.model, args.heads, quiet=args.quiet)
+    if not args.quiet:
+        print(f"weights attached and verified: {path}", file=sys.stderr)
     return 0
 
 
@@ -288,14 +298,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compile", help="compile a model into an artifact folder")
     c.add_argument("--model", default="smollm2", help="smollm2 | FILE.gguf | HF_DIR")
-    c.add_argument("--target", default="host")
+    c.add_argument("--target", default="host",
+                   help="host | x86-64-v3 (portable) | aarch64 (cross) | cuda (whole model on GPU)")
     c.add_argument("--dtype", default="float32", help="weight dtype: float32 | float16")
     c.add_argument("--max-context", type=int, default=2048, help="KV cache capacity (tokens)")
     c.add_argument("--heads", help="Medusa heads (.npz) from `hetcomp calibrate`")
     c.add_argument("--plan", help="plan.json from `hetcomp tune`: partition across units")
+    c.add_argument("--separate-weights", action="store_true",
+                   help="leave params.bin out; `hetcomp attach-weights` rebuilds it where it runs")
     c.add_argument("-o", "--output", required=True)
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=cmd_compile)
+
+    a = sub.add_parser("attach-weights", help="rebuild an artifact's params.bin from the model")
+    a.add_argument("artifact")
+    a.add_argument("--model", help="the model file it was compiled from (default: as recorded)")
+    a.add_argument("--heads", help="the Medusa heads file (default: the packaged one)")
+    a.add_argument("--quiet", action="store_true")
+    a.set_defaults(func=cmd_attach_weights)
 
     g = sub.add_parser("generate", help="greedy generation from an artifact")
     g.add_argument("artifact")

@@ -51,3 +51,48 @@ def test_aarch64_artifact(tmp_path):
     # On this x86 machine the artifact is refused with one clear line.
     rc, _, err = run("generate", tmp_path / "arm", "--prompt-ids", "1,2")
     assert_one_line_error(rc, err, "built for aarch64")
+
+
+def test_separate_weights_attach_where_it_runs(tmp_path):
+    """An artifact compiled without params.bin gets it rebuilt from the model file (and the
+    heads file), byte-identical to the embedded weights, split per unit as the plan says."""
+    import numpy as np
+    from gguf_writer import write_gguf
+
+    from hetcomp.codegen.targets import target_dict
+    from hetcomp.passes import HeteroPlan
+    from hetcomp.runtime import attach_weights, generate, load_artifact
+    from hetcomp.speculative.medusa import MedusaHeads
+
+    gguf = tmp_path / "tiny.gguf"
+    write_gguf(gguf, TINY, random_weights(TINY), byte_tokenizer_spec(TINY.vocab_size))
+    rng = np.random.default_rng(1)
+    e = TINY.hidden_size
+    heads = MedusaHeads(rng.standard_normal((2, e, e)).astype("float16").astype("float32") * 0.1,
+                        rng.standard_normal((2, e)).astype("float32"), np.full((2, 10), 0.1), {},
+                        None, rng.standard_normal((2, e, e)).astype("float16").astype("float32"))
+    heads.save(str(tmp_path / "heads.npz"))
+    host = target_dict("host")
+    plan = HeteroPlan(targets=(host, host), ratios=(("gate_up", 0.5), ("qkv", 0.25)))
+    common = dict(model=str(gguf), max_context=64, heads=str(tmp_path / "heads.npz"), plan=plan,
+                  widths=(1, 4))
+    compile_model(CompileOptions(**common), str(tmp_path / "full"), quiet=True)
+    compile_model(CompileOptions(**common, separate_weights=True), str(tmp_path / "lean"),
+                  quiet=True)
+    assert not (tmp_path / "lean" / "params.bin").exists()
+    rc, _, err = run("generate", tmp_path / "lean", "--prompt-ids", "1,2")
+    assert_one_line_error(rc, err, "attach-weights")
+    # The wrong model file is refused; nothing is left behind.
+    other = tmp_path / "other.gguf"
+    write_gguf(other, TINY, random_weights(TINY, seed=5), byte_tokenizer_spec(TINY.vocab_size))
+    rc, _, err = run("attach-weights", tmp_path / "lean", "--model", other,
+                     "--heads", tmp_path / "heads.npz")
+    assert_one_line_error(rc, err, "differ")
+    assert sorted(os.listdir(tmp_path / "lean")) == ["lib.so", "manifest.json", "tokenizer.json"]
+    attach_weights(str(tmp_path / "lean"), heads=str(tmp_path / "heads.npz"), quiet=True,
+                   model=str(gguf))
+    assert ((tmp_path / "lean" / "params.bin").read_bytes()
+            == (tmp_path / "full" / "params.bin").read_bytes())
+    ids = [generate(load_artifact(str(tmp_path / d)), [5, 6, 7], 10, stop_at_eos=False,
+                    width=4).ids for d in ("full", "lean")]
+    assert ids[0] == ids[1]

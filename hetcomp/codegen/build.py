@@ -21,6 +21,16 @@ def build(mod, target):
     return c.compile(mod, target=target)
 
 
+def build_gpu(mod, target):
+    """Compile ``mod`` entirely for a GPU ``target``: every kernel gets our GPU rules, then
+    dlight's; the VM's control flow runs on the target's host."""
+    c = compiler()
+    mod = c.relax.transform.LegalizeOps()(mod)
+    with target:
+        mod = c.ApplyDefaultSchedule(*gpu_rules())(mod)
+    return c.compile(mod, target=target)
+
+
 def build_hetero(mod, host_target, plan):
     """Compile a module partitioned by :class:`~hetcomp.passes.HeteroPlan`.
 

@@ -11,10 +11,10 @@ from ..errors import HetcompError
 from ..frontend import load_model
 from ..frontend.export_info import source_info
 from ..frontend.weights import WEIGHT_DTYPES, pack_weights, param_specs
-from .export import export_artifact
+from .export import export_artifact, sha256_file
 from .targets import export_compiler, target_dict
 
-TARGETS = ("host", "aarch64")
+TARGETS = ("host", "aarch64", "x86-64-v3", "cuda")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +28,9 @@ class CompileOptions:
     heads: str | None = None  # Medusa heads file (.npz) from `hetcomp calibrate`
     plan: object | None = None  # a HeteroPlan: partition across units (None: host only)
     widths: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    # Leave params.bin out (`hetcomp attach-weights` rebuilds it from the model file where
+    # the artifact runs): the library travels without hundreds of MB of weights.
+    separate_weights: bool = False
 
     def __post_init__(self):
         if self.dtype not in WEIGHT_DTYPES:
@@ -71,6 +74,8 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
     mod = build_module(cfg, opts.dtype, heads.num_heads if heads else 0, static_widths=widths,
                        medusa_root=root)
     target = compiler().Target(target_dict(opts.target))
+    if opts.plan is not None and opts.target == "cuda":
+        raise HetcompError("--plan places work on several units; use a CPU --target for the host")
     if opts.plan is not None:
         from ..passes import hetcomp_pipeline
         from .build import build_hetero
@@ -78,6 +83,11 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
         _progress(3, 4, f"partitioning across {', '.join(opts.plan.units)}; compiling", quiet)
         mod = hetcomp_pipeline(opts.plan)(mod)
         ex = build_hetero(mod, target, opts.plan)
+    elif opts.target == "cuda":
+        from .build import build_gpu
+
+        _progress(3, 4, "scheduling and compiling for cuda (GPU rules)", quiet)
+        ex = build_gpu(mod, target)
     else:
         _progress(3, 4, f"scheduling and compiling for {opts.target}", quiet)
         ex = build(mod, target)
@@ -86,25 +96,27 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
     from ..frontend.ops import pack_linear_weight
 
     model_params = [name for name, _, _ in param_specs(cfg, opts.dtype)]
+    # Every parameter with the recipe that rebuilds it from the model file (and heads file),
+    # so that an artifact compiled with separate weights can have them attached where it runs.
     params = [(name, packed[name]) for name in model_params]
-    functions = {"prefill": model_params, "verify": model_params, "commit": []}
-    functions.update({f"verify_w{w}": model_params for w in widths})
+    recipes = {name: {"weight": name} for name in model_params}
     placement = {}
     if opts.plan is not None:
-        params, placement = _split_params(mod, cfg, opts.dtype, packed)
+        params, placement, recipes = _split_params(mod, cfg, opts.dtype, packed)
         model_params = [name for name, _ in params]
-        functions = {"prefill": model_params, "verify": model_params, "commit": []}
-        functions.update({f"verify_w{w}": model_params for w in widths})
+    functions = {"prefill": model_params, "verify": model_params, "commit": []}
+    functions.update({f"verify_w{w}": model_params for w in widths})
     speculative = None
     if heads is not None:
         mparams = []
         for k in range(heads.num_heads):
-            params.append((f"medusa.{k}.w", pack_linear_weight(heads.w[k], opts.dtype)))
-            params.append((f"medusa.{k}.b", heads.b[k].astype("float32")))
-            mparams += [f"medusa.{k}.w", f"medusa.{k}.b"]
-            if root:
-                params.append((f"medusa.{k}.u", pack_linear_weight(heads.u[k], opts.dtype)))
-                mparams.append(f"medusa.{k}.u")
+            for field in ("w", "b", "u") if root else ("w", "b"):
+                name = f"medusa.{k}.{field}"
+                arr = getattr(heads, field)[k]
+                params.append((name, arr.astype("float32") if field == "b"
+                               else pack_linear_weight(arr, opts.dtype)))
+                recipes[name] = {"heads": field, "index": k}
+                mparams.append(name)
         assert mparams == [n for n, _, _ in medusa_param_specs(cfg, heads.num_heads, opts.dtype,
                                                                 root)]
         functions["medusa"] = ["embed", "embed" if cfg.tie_embeddings else "lm_head", *mparams]
@@ -112,6 +124,8 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
             "num_heads": heads.num_heads,
             "rank_probs": heads.rank_probs.tolist(),
             "heads_info": heads.info,
+            "heads_file": {"name": os.path.basename(opts.heads),
+                           "sha256": sha256_file(opts.heads)},
             # Trees for every width up to the largest (lookup drafting shrinks the Medusa
             # tree by the chain it adds), from the measured joint statistics.
             "trees": {str(w): build_tree(heads.rank_probs, w, heads.ranks).to_json()
@@ -124,22 +138,26 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
         "dtype": opts.dtype,
         "target": opts.target,
         "target_spec": target_dict(opts.target),
-        "units": _units(opts.plan),
+        "units": _units(opts.plan, opts.target),
         "param_units": placement,
         "plan": opts.plan.to_json() if opts.plan is not None else None,
         "functions": functions,
+        "param_recipes": recipes,
         "tokenizer": tok.to_json(),
         "widths": list(opts.widths) if heads is not None else [1],
         "speculative": speculative,
     }
     path = export_artifact(out_dir, ex, params, tok.tok.to_str(), manifest,
-                           fcompile=export_compiler(opts.target))
+                           fcompile=export_compiler(opts.target),
+                           write_weights=not opts.separate_weights)
     if not quiet:
         print(f"compiled in {time.time() - t0:.1f}s -> {path}", file=sys.stderr)
     return path
 
 
-def _units(plan) -> list[dict]:
+def _units(plan, target: str) -> list[dict]:
+    if plan is None and target == "cuda":
+        return [{"name": "cuda", "device": "cuda", "device_id": 0}]
     if plan is None:
         return [{"name": "cpu", "device": "cpu", "device_id": 0}]
     out, seen = [], {}
@@ -153,7 +171,7 @@ def _units(plan) -> list[dict]:
 
 def _split_params(mod, cfg, dtype, packed):
     """Parameters of the partitioned ``verify`` in order, sliced per ``hetcomp.param_split``,
-    and the unit (vdevice index) each lives on."""
+    the unit (vdevice index) each lives on, and each one's recipe (packed weight, blocks)."""
     import json
 
     from .._tvm import compiler
@@ -164,15 +182,17 @@ def _split_params(mod, cfg, dtype, packed):
     split = json.loads(func.attrs[PARAM_SPLIT_ATTR]) if PARAM_SPLIT_ATTR in func.attrs else {}
     by_var = {name.replace(".", "_"): name for name, _, _ in param_specs(cfg, dtype)}
     vdevs = list(mod.global_infos["vdevice"])
-    params, units = [], {}
+    params, units, recipes = [], {}, {}
     for p in func.params[NUM_INPUTS:]:
         if p.name in split:
             orig, lo, hi = split[p.name]
             arr = packed[by_var[orig]][lo:hi]
+            recipes[p.name] = {"weight": by_var[orig], "blocks": [lo, hi]}
         else:
             arr = packed[by_var[p.name]]
+            recipes[p.name] = {"weight": by_var[p.name]}
         vd = getattr(p.ty, "vdevice", None)
         units[p.name] = 0 if vd is None else next(
             i for i, v in enumerate(vdevs) if compiler().same_vdevice(v, vd))
         params.append((p.name, arr))
-    return params, units
+    return params, units, recipes

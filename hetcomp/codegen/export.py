@@ -58,8 +58,12 @@ def write_params(path: str, params: list[tuple[str, np.ndarray]]) -> list[dict]:
 
 def export_artifact(out_dir: str, executable, params: list[tuple[str, np.ndarray]],
                     tokenizer_json: str, manifest: dict, extra_files: dict | None = None,
-                    fcompile=None) -> str:
-    """Write everything into a temporary sibling folder, then rename it to ``out_dir``."""
+                    fcompile=None, write_weights: bool = True) -> str:
+    """Write everything into a temporary sibling folder, then rename it to ``out_dir``.
+
+    ``write_weights=False`` leaves ``params.bin`` out; its size and SHA-256 stay in the
+    manifest so that weights attached later (``hetcomp attach-weights``) are checked.
+    """
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
@@ -69,7 +73,8 @@ def export_artifact(out_dir: str, executable, params: list[tuple[str, np.ndarray
     try:
         lib = os.path.join(tmp, "lib.so")
         executable.export_library(lib, fcompile=fcompile)
-        index = write_params(os.path.join(tmp, "params.bin"), params)
+        pbin = os.path.join(tmp, "params.bin")
+        index = write_params(pbin, params)
         with open(os.path.join(tmp, "tokenizer.json"), "w") as fh:
             fh.write(tokenizer_json)
         for name, text in (extra_files or {}).items():
@@ -82,10 +87,13 @@ def export_artifact(out_dir: str, executable, params: list[tuple[str, np.ndarray
             "params": index,
             "files": {
                 "lib.so": {"sha256": sha256_file(lib)},
-                "params.bin": {"bytes": os.path.getsize(os.path.join(tmp, "params.bin"))},
+                "params.bin": {"bytes": os.path.getsize(pbin), "sha256": sha256_file(pbin)},
                 "tokenizer.json": {"sha256": sha256_file(os.path.join(tmp, "tokenizer.json"))},
             },
         })
+        manifest["weights_attached"] = write_weights
+        if not write_weights:
+            os.remove(pbin)
         manifest["digest"] = manifest_digest(manifest)
         with open(os.path.join(tmp, "manifest.json"), "w") as fh:
             json.dump(manifest, fh, indent=1, sort_keys=True)

@@ -21,7 +21,19 @@ def target_dict(name: str) -> dict:
         return {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
     if name == "x86-64":
         return {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}
-    raise HetcompError(f"unknown target {name!r} (known: host, aarch64, x86-64)")
+    if name == "x86-64-v3":  # any x86 CPU since 2013 (AVX2, FMA): artifacts for other hosts
+        return {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v3"}
+    if name == "cuda":  # the whole model on an NVIDIA GPU (Hopper), driven by a portable host
+        return {"kind": "cuda", "arch": "sm_90", "host": target_dict("x86-64-v3")}
+    raise HetcompError(f"unknown target {name!r} (known: {', '.join(TARGET_NAMES)})")
+
+
+TARGET_NAMES = ("host", "aarch64", "x86-64", "x86-64-v3", "cuda")
+
+
+def host_part(spec: dict) -> dict:
+    """The LLVM target that runs a target's host code (the target itself for CPUs)."""
+    return dict(spec["host"]) if "host" in spec else dict(spec)
 
 
 def make_target(name: str):

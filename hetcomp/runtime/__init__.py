@@ -2,5 +2,6 @@
 
 from .artifact import Artifact, load_artifact
 from .generate import GenerationResult, generate
+from .weights import attach_weights
 
-__all__ = ["Artifact", "load_artifact", "generate", "GenerationResult"]
+__all__ = ["Artifact", "load_artifact", "generate", "GenerationResult", "attach_weights"]

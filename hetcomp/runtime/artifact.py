@@ -38,6 +38,7 @@ def _read_manifest(path: str) -> dict:
 
 def _check_target(manifest: dict) -> None:
     spec = manifest.get("target_spec", {})
+    spec = spec.get("host", spec)  # a GPU target's host code runs on this CPU
     if spec.get("kind") != "llvm":
         return
     triple = spec.get("mtriple", "")
@@ -64,6 +65,9 @@ class Artifact:
         lib = os.path.join(self.path, "lib.so")
         pbin = os.path.join(self.path, "params.bin")
         tjson = os.path.join(self.path, "tokenizer.json")
+        if not os.path.isfile(pbin) and not self.manifest.get("weights_attached", True):
+            raise HetcompError(f"artifact {self.path} was compiled with separate weights: "
+                               "run `hetcomp attach-weights` on it first")
         for f in (lib, pbin, tjson):
             if not os.path.isfile(f):
                 raise HetcompError(f"artifact is missing {os.path.basename(f)}: {self.path}")

@@ -30,8 +30,17 @@ class PerStageThreadRule(_BASE):
             return None
         c = compiler()
         sch = c.Schedule(func)
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+        read = [r.source for b in blocks for r in sch.get(b).reads]
         # Step 1. Every block becomes its own launch, threads over its spatial iterations.
-        for blk in sch.get_child_blocks(sch.get_sblock("root")):
+        for blk in blocks:
+            # Step 2. A by-product no other stage reads (argmax's running maximum) lives in
+            # registers: CUDA kernels cannot allocate global memory.
+            for i, region in enumerate(sch.get(blk).writes):
+                buf = region.source  # a Buffer is a typed Var in 0.27
+                if (str(buf.scope()) == "global"
+                        and not any(buf.same_as(v) for v in [*func.params, *read])):
+                    sch.set_scope(blk, i, "local")
             loops = sch.get_loops(blk)
             iters = sch.get(blk).iter_vars
             spatial = [lp for lp, iv in zip(loops, iters) if iv.iter_type == 0]

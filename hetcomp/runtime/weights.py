@@ -1,0 +1,98 @@
+"""Attach weights to an artifact compiled with ``--separate-weights``.
+
+The compiled library is small (a few MB); the weights are hundreds of MB. An artifact built
+with separate weights travels without ``params.bin``, and this module rebuilds it where the
+artifact runs from the model file (GGUF or HF folder) and, for speculative artifacts, the
+Medusa heads file, following each parameter's recipe in the manifest (packed weight name,
+optionally a range of column blocks for a partitioned layer; or a head's field). The result
+must equal the compiled-in digest byte for byte, so the weights are exactly those the
+artifact was built and checked with.
+
+Needs numpy and the model loaders only: it runs with a runtime-only TVM installation.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+from ..codegen.export import sha256_file, write_params
+from ..errors import HetcompError
+from .artifact import _read_manifest
+
+
+def _heads_path(art_dir: str, manifest: dict, heads: str | None) -> str:
+    if heads is not None:
+        return heads
+    info = (manifest.get("speculative") or {}).get("heads_file") or {}
+    packaged = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data",
+                            info.get("name", ""))
+    if info and os.path.isfile(packaged):
+        return packaged
+    raise HetcompError(f"artifact {art_dir} has Medusa heads: pass --heads "
+                       f"{info.get('name', 'HEADS.npz')}")
+
+
+def rebuild_params(manifest: dict, model: str, heads: str | None, art_dir: str = ""
+                   ) -> list[tuple[str, np.ndarray]]:
+    """The artifact's parameters, in order, rebuilt from ``model`` (and the heads file)."""
+    from ..frontend import load_model
+    from ..frontend.ops import pack_linear_weight
+    from ..frontend.weights import pack_weights
+
+    recipes = manifest.get("param_recipes")
+    if not recipes:
+        raise HetcompError(f"artifact {art_dir} records no parameter recipes: recompile it")
+    cfg, w, _, _ = load_model(model, manifest["config"]["max_context"])
+    if cfg.hidden_size != manifest["config"]["hidden_size"] or (
+            cfg.num_layers != manifest["config"]["num_layers"]):
+        raise HetcompError(f"model {model} is not the model artifact {art_dir} was built for")
+    dtype = manifest["dtype"]
+    packed = pack_weights(cfg, w, dtype)
+    head_arrays = None
+    out = []
+    for p in manifest["params"]:
+        r = recipes[p["name"]]
+        if "weight" in r:
+            arr = packed[r["weight"]]
+            if "blocks" in r:
+                arr = arr[r["blocks"][0]: r["blocks"][1]]
+        else:
+            if head_arrays is None:
+                from ..speculative.medusa import MedusaHeads
+
+                head_arrays = MedusaHeads.load(_heads_path(art_dir, manifest, heads))
+            arr = getattr(head_arrays, r["heads"])[r["index"]]
+            arr = arr.astype("float32") if r["heads"] == "b" else pack_linear_weight(arr, dtype)
+        if list(arr.shape) != p["shape"] or str(arr.dtype) != p["dtype"]:
+            raise HetcompError(f"parameter {p['name']} rebuilt as {arr.dtype}{list(arr.shape)}, "
+                               f"artifact expects {p['dtype']}{p['shape']}")
+        out.append((p["name"], arr))
+    return out
+
+
+def attach_weights(art_dir: str, model: str | None = None, heads: str | None = None,
+                   quiet: bool = False) -> str:
+    """Write ``params.bin`` into ``art_dir`` (atomically) and check it against the manifest."""
+    manifest = _read_manifest(art_dir)
+    want = manifest["files"]["params.bin"]
+    model = model or manifest["model"]
+    params = rebuild_params(manifest, model, heads, art_dir)
+    fd, tmp = tempfile.mkstemp(prefix=".params-", dir=art_dir)
+    os.close(fd)
+    try:
+        write_params(tmp, params)
+        if os.path.getsize(tmp) != want["bytes"] or sha256_file(tmp) != want.get("sha256"):
+            raise HetcompError(f"weights rebuilt from {model} differ from those artifact "
+                               f"{art_dir} was compiled with")
+        os.replace(tmp, os.path.join(art_dir, "params.bin"))
+        if not quiet:
+            print(f"rebuilt {len(params)} parameters from {model}", file=sys.stderr, flush=True)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return os.path.join(art_dir, "params.bin")
