@@ -25,8 +25,70 @@ def cpu():
 
 
 def device(kind: str, index: int = 0):
-    """A runtime device by kind name (``cpu``, ``cuda``, ...)."""
+    """A runtime device by kind name (``cpu``, ``cuda``, ...), its backend loaded."""
+    ensure_backend(kind)
     return runtime.device(kind, index)
+
+
+_BACKENDS: set[str] = set()
+
+
+def ensure_backend(kind: str) -> None:
+    """Make a device backend usable before a library that needs it is loaded.
+
+    A runtime-only ``import tvm`` loads neither the contrib kernels nor a device backend: this
+    loads ``libtvm_runtime_extra.so`` (and for ``cuda`` ``libtvm_runtime_cuda.so``) from the
+    tvm package, and for ``cuda``
+    registers ``tvm_callback_cuda_compile`` (a library built without a GPU holds CUDA source,
+    compiled when loaded) as ``nvcc --fatbin`` for the GPU's architecture, unless one is
+    registered already.
+    """
+    if kind in _BACKENDS:
+        return
+    import ctypes
+
+    import tvm_ffi
+
+    libs = {"cpu": ["libtvm_runtime_extra.so"],  # contrib kernels (the draft's top-k sort)
+            "cuda": ["libtvm_runtime_extra.so", "libtvm_runtime_cuda.so"]}.get(kind, [])
+    if RUNTIME_ONLY:
+        libdir = os.path.join(os.path.dirname(tvm.__file__), "lib")
+        for name in libs:
+            ctypes.CDLL(os.path.join(libdir, name), mode=ctypes.RTLD_GLOBAL)
+    if kind == "cuda" and tvm_ffi.get_global_func("tvm_callback_cuda_compile",
+                                                  allow_missing=True) is None:
+        tvm_ffi.register_global_func("tvm_callback_cuda_compile", _nvcc_fatbin, override=True)
+    _BACKENDS.add(kind)
+
+
+def _nvcc_fatbin(code, *_target) -> bytes:
+    """CUDA source -> fatbin with ``nvcc`` (cached by source hash under
+    ``$HETCOMP_KERNEL_CACHE`` when set: the same artifact loads fast the second time)."""
+    import hashlib
+    import subprocess
+    import tempfile
+
+    arch = os.environ.get("HETCOMP_CUDA_ARCH", "sm_90")
+    key = hashlib.sha256((arch + str(code)).encode()).hexdigest()[:24]
+    cache = os.environ.get("HETCOMP_KERNEL_CACHE")
+    hit = os.path.join(cache, key + ".fatbin") if cache else None
+    if hit and os.path.isfile(hit):
+        with open(hit, "rb") as fh:
+            return fh.read()
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = os.path.join(tmp, "k.cu"), os.path.join(tmp, "k.fatbin")
+        with open(src, "w") as fh:
+            fh.write(str(code))
+        subprocess.run(["nvcc", "--fatbin", "-O3", f"-arch={arch}", "-o", out, src],
+                       check=True, capture_output=True)
+        with open(out, "rb") as fh:
+            data = fh.read()
+    if hit:
+        os.makedirs(cache, exist_ok=True)
+        with open(hit + ".tmp", "wb") as fh:
+            fh.write(data)
+        os.replace(hit + ".tmp", hit)
+    return data
 
 
 def tensor(array, device=None):
@@ -39,6 +101,13 @@ def ffi_include_dir() -> str:
     from tvm_ffi import libinfo
 
     return libinfo.find_include_path()
+
+
+def ffi_function(pyfunc):
+    """A Python callable as a TVM FFI function (VM instruments, global callbacks)."""
+    import tvm_ffi
+
+    return tvm_ffi.convert(pyfunc)
 
 
 def load_module(path: str):
@@ -55,7 +124,7 @@ def virtual_machine(executable, devices):
     """A Relax VM over an executable (``tvm.runtime.Executable`` or a loaded module)."""
     from tvm.runtime import vm as _vm
 
-    return _vm.VirtualMachine(executable, devices)
+    return _vm.VirtualMachine(executable, list(devices))  # it appends the host to the list
 
 
 class _Compiler:
@@ -97,6 +166,7 @@ class _Compiler:
         self.IS_SCHEDULED = "tirx.is_scheduled"
         self.assert_structural_equal = tvm.ir.assert_structural_equal
         self.TensorIntrin = s_tir.TensorIntrin  # tvm.tir.TensorIntrin before 0.27
+        self.renew_defs = s_tir.renew_defs  # tvm.tir.stmt_functor.renew_defs before 0.27
         self.IRBuilder = IRBuilder
         self.build_prim_func = build_prim_func  # the IRBuilder frame of a PrimFunc
         self.cc = cc  # tvm.contrib.cc before 0.27

@@ -256,8 +256,12 @@ def cmd_calibrate(args) -> int:
 def cmd_profile(args) -> int:
     from .profile.commands import profile_command
 
-    summary = profile_command(args.model, _units(args.units), args.output, quick=args.quick,
-                              force=args.force)
+    if args.kit_out is None and args.output is None:
+        raise HetcompError("profile needs -o DB (or --kit-out DIR to only build a kit)")
+    units = _units(args.units) if args.units else ([] if args.kit else ["cpu"])
+    summary = profile_command(args.model, units, args.output, quick=args.quick,
+                              force=args.force, kit_out=args.kit_out, kit=args.kit,
+                              target=args.target)
     print(json.dumps(summary, indent=1, default=str))
     return 0
 
@@ -266,7 +270,7 @@ def cmd_tune(args) -> int:
     from .profile.commands import tune_command
 
     summary = tune_command(args.model, _units(args.units), args.output, quick=args.quick,
-                           cache_len=args.cache_len, heads=args.heads)
+                           cache_len=args.cache_len, heads=args.heads, profile=args.profile)
     print(json.dumps(summary, indent=1, default=str))
     return 0
 
@@ -356,10 +360,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("profile", help="measure every op class on each unit (ARCA)")
     pr.add_argument("--model", default="smollm2")
-    pr.add_argument("--units", default="cpu", help="cpu[,cuda] (orin-nx: spec estimate)")
+    pr.add_argument("--units", help="cpu[,cuda] (default: cpu; with --kit: the kit's units)")
     pr.add_argument("--quick", action="store_true", help="few shapes (smoke test)")
     pr.add_argument("--force", action="store_true", help="re-measure even if a profile fits")
-    pr.add_argument("-o", "--output", required=True, help="SQLite profile database")
+    pr.add_argument("--kit-out", help="only compile the probe kernels into a kit folder, to "
+                                      "measure where the units are")
+    pr.add_argument("--target", default="host",
+                    help="with --kit-out: the CPU target (x86-64-v3 for another x86 host)")
+    pr.add_argument("--kit", help="measure a kit built elsewhere (needs the TVM runtime only)")
+    pr.add_argument("-o", "--output", help="SQLite profile database")
     pr.set_defaults(func=cmd_profile)
 
     t = sub.add_parser("tune", help="profile + fit cost models + plan (plan.json, plan.png)")
@@ -368,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--heads", help="Medusa heads for tau(W) (default: the packaged ones)")
     t.add_argument("--cache-len", type=int, default=256)
     t.add_argument("--quick", action="store_true")
+    t.add_argument("--profile", help="plan from this profile database (measured elsewhere, "
+                                     "e.g. with --kit) instead of profiling here")
     t.add_argument("-o", "--output", required=True, help="output folder")
     t.set_defaults(func=cmd_tune)
 

@@ -398,23 +398,33 @@ def plan(shape: ModelShape, units: Sequence[UnitModel], rank_probs=None,
 def plan_unit_sets(shape: ModelShape, units: Sequence[UnitModel], rank_probs=None,
                    tau: Mapping[int, float] | None = None,
                    options: PlannerOptions = PlannerOptions(), model: str = "",
-                   tau_source: str = "") -> list[Plan]:
-    """One plan per unit subset that contains the host (``units[0]``), best first."""
-    host, rest = units[0], list(units[1:])
-    plans = [plan(shape, [host, *sub], rank_probs, tau, options, model, tau_source)
-             for r in range(len(rest) + 1) for sub in itertools.combinations(rest, r)]
+                   tau_source: str = "", any_host: bool = False) -> list[Plan]:
+    """One plan per unit subset that contains the host (``units[0]``), best first.
+
+    ``any_host``: every unit may be the host (run the unsplit ops), e.g. a GPU that runs the
+    whole model with the CPU taking a share, or alone.
+    """
+    hosts = units if any_host else units[:1]
+    plans = []
+    for host in hosts:
+        rest = [u for u in units if u is not host]
+        plans += [plan(shape, [host, *sub], rank_probs, tau, options, model, tau_source)
+                  for r in range(len(rest) + 1) for sub in itertools.combinations(rest, r)]
     return sorted(plans, key=lambda p: -p.tokens_per_s)
 
 
 def predict_step_time(plan_or_units: Plan | Sequence[UnitModel], w: int, cache_len: int, *,
                       shape: ModelShape, units: Sequence[UnitModel] | None = None,
-                      draft_heads: int = 0, ratio_steps: int = 32) -> float:
+                      draft_heads: int = 0, ratio_steps: int = 32,
+                      split: Mapping[str, Split] | None = None,
+                      attention: tuple[tuple[str, str], ...] | None = None) -> float:
     """Predicted seconds of one ``verify`` call of ``w`` tree nodes after ``cache_len`` tokens.
 
     With a :class:`Plan`, its decisions at width ``w`` (or its chosen ones, if ``w`` is not a
     candidate) are costed with ``units`` (the plan's units, in order). With a sequence of
     units, the best split and placement for ``w`` are found first. ``draft_heads > 0`` adds
-    the Medusa draft call.
+    the Medusa draft call. With a sequence of units, ``split`` (per linear kind) and
+    ``attention`` fix those decisions instead (a partition compiled by hand).
     """
     if isinstance(plan_or_units, Plan):
         p = plan_or_units
@@ -430,8 +440,8 @@ def predict_step_time(plan_or_units: Plan | Sequence[UnitModel], w: int, cache_l
             split, attention = dict(p.split), p.attention
         return _StepModel(shape, units, ratio_steps).step(w, cache_len, draft_heads, split,
                                                           attention).step_s
-    return _StepModel(shape, list(plan_or_units), ratio_steps).step(w, cache_len,
-                                                                   draft_heads).step_s
+    return _StepModel(shape, list(plan_or_units), ratio_steps).step(
+        w, cache_len, draft_heads, split, attention).step_s
 
 
 def plot_plans(plans: Sequence[Plan], path: str, title: str = "") -> None:

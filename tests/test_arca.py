@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from hetcomp.cost.roofline import (LINEAR_KINDS, Features, ModelShape, RooflineCost,
-                                   attention_features, linear_features, model_step,
+                                   attention_features, copy_features, linear_features,
+                                   model_step,
                                    pack_block, split_columns)
 from hetcomp.cost.xgb import UnitCostModel, fit_unit, mape
 from hetcomp.planner import (Plan, PlannerOptions, UnitModel, plan, plan_unit_sets,
@@ -244,6 +245,28 @@ def test_attention_placement_known_optimum():
     assert dict(p.attention) == {"dense": "B", "sparse": "A"}
 
 
+def test_any_host_finds_a_whole_model_gpu_plan():
+    # B is 100x faster at everything but 1 ms away from A. With A as the only possible host
+    # every unsplit op stays on A; letting any unit host finds B alone, with no split forced.
+    a = UnitModel("A", lambda f: 1e-4)
+    b = UnitModel("B", lambda f: 1e-6, shared_memory=False, sync_s=1e-3, link_gbs=10.0)
+    opts = PlannerOptions(widths=(1, 4))
+    fixed = plan_unit_sets(SHAPE, [a, b], tau={1: 1.0, 4: 1.5}, options=opts)
+    assert all(p.host == "A" for p in fixed)
+    best = plan_unit_sets(SHAPE, [a, b], tau={1: 1.0, 4: 1.5}, options=opts, any_host=True)[0]
+    assert best.units == ("B",) and best.host == "B"
+    assert best.tokens_per_s > 10 * fixed[0].tokens_per_s
+
+
+def test_link_costs_fit_round_trips():
+    from hetcomp.profile.commands import link_costs
+
+    rows = [Measurement("cuda", copy_features(w, n), 20e-6 + copy_features(w, n).bytes / 12e9)
+            for w in (1, 16) for n in (576, 49152)]
+    sync, gbs = link_costs(rows)
+    assert sync == pytest.approx(20e-6, rel=1e-6) and gbs == pytest.approx(12.0, rel=1e-6)
+
+
 def test_width_choice_known_tau_and_step():
     # Every op costs base * (1 + W / 16), so T_step(W) = S * (1 + W / 16).
     base = 1e-4
@@ -329,3 +352,38 @@ def test_quick_profile_fit_and_plan(tmp_path):
     assert again["units"]["cpu"]["reused"]
     with pytest.raises(HetcompError, match="spec"):
         tune_command("smollm2", ["cpu", "orin-nx"], str(tmp_path / "mixed"), quick=True)
+
+
+def test_profile_kit_built_here_measured_with_runtime_only(tmp_path):
+    """A kit compiled here is measured by a runtime-only TVM (as on a GPU host) into a
+    database that `tune --profile` plans from; the fingerprint records the kit's target."""
+    from hetcomp.errors import HetcompError
+    from hetcomp.profile.commands import profile_command, tune_command
+
+    try:
+        from hetcomp.frontend import default_gguf_path
+
+        default_gguf_path()
+    except HetcompError as e:
+        pytest.skip(str(e))
+    kit = tmp_path / "kit"
+    profile_command("smollm2", ["cpu", "cuda"], quick=True, kit_out=str(kit), target="x86-64-v3",
+                    progress=lambda s: None)
+    assert sorted(os.listdir(kit)) == ["cpu.so", "cuda.so", "kit.json"]
+    db = tmp_path / "p.sqlite"
+    env = dict(os.environ, TVM_USE_RUNTIME_LIB="1")
+    res = subprocess.run([sys.executable, "-m", "hetcomp", "profile", "--kit", str(kit),
+                          "--units", "cpu", "-o", str(db)], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)["units"]["cpu"]
+    assert json.loads(info["fingerprint"]["target"])["mcpu"] == "x86-64-v3"
+    assert info["measurements"] > 50
+    summary = tune_command("smollm2", ["cpu"], str(tmp_path / "tune"), profile=str(db),
+                           progress=lambda s: None)
+    assert summary["plan"]["units"] == ["cpu"] and summary["plan"]["source"] == MEASURED
+    # A unit the kit was not built for is refused with one line.
+    res = subprocess.run([sys.executable, "-m", "hetcomp", "profile", "--kit", str(kit),
+                          "--units", "orin-nx-gpu", "-o", str(db)], capture_output=True,
+                         text=True, env=env, timeout=600)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1

@@ -217,15 +217,45 @@ def test_partition_imported_torch_block():
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_cpu_cuda_artifact_compiles_without_a_gpu(tmp_path, tiny_loaded):
+@pytest.mark.parametrize("ratios", [(("default", 0.5), ("lm_head", 1.0)), (("default", 1.0),)])
+def test_cpu_cuda_artifact_compiles_without_a_gpu(tmp_path, tiny_loaded, ratios):
+    # Ratio 1 moves whole kernels (the symbolic-width residual linear among them) to the GPU.
     plan = HeteroPlan(units=("cpu", "cuda"), targets=(HOST, {"kind": "cuda", "arch": "sm_90"}),
-                      ratios=(("default", 0.5), ("lm_head", 1.0)), dense_attention=1)
+                      ratios=ratios, dense_attention=1)
     compile_model(CompileOptions(model="tiny", plan=plan), str(tmp_path / "a"), quiet=True,
                   weights=tiny_loaded)
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert [u["device"] for u in manifest["units"]] == ["cpu", "cuda"]
     assert manifest["param_units"]["embed__u1"] == 1
     assert (tmp_path / "a" / "lib.so").stat().st_size > 0
+
+
+def test_gpu_only_artifact_compiles_without_a_gpu(tmp_path, tiny_loaded):
+    """--target cuda: every kernel is a GPU kernel (CUDA source compiled where it loads)."""
+    compile_model(CompileOptions(model="tiny", target="cuda"), str(tmp_path / "g"), quiet=True,
+                  weights=tiny_loaded)
+    manifest = json.loads((tmp_path / "g" / "manifest.json").read_text())
+    assert manifest["units"] == [{"name": "cuda", "device": "cuda", "device_id": 0}]
+    assert manifest["target_spec"]["host"]["mcpu"] == "x86-64-v3"
+    lib = (tmp_path / "g" / "lib.so").read_bytes()
+    for kernel in (b"linear_n", b"attention", b"rms_norm", b"argmax"):
+        assert kernel in lib, kernel
+    assert lib.count(b"__global__") > 10
+
+
+def test_unit_busy_times_show_both_units(tmp_path, tiny_loaded):
+    """The per-unit busy time of a partitioned step names both units and the copies."""
+    from hetcomp.runtime import load_artifact
+    from hetcomp.runtime.unit_time import step_breakdown
+
+    plan = HeteroPlan(targets=(HOST, HOST), ratios=(("default", 0.5),), sparse_attention=1)
+    compile_model(CompileOptions(model="tiny", plan=plan, max_context=64), str(tmp_path / "a"),
+                  quiet=True, weights=tiny_loaded)
+    b = step_breakdown(load_artifact(str(tmp_path / "a")), 1, steps=3, cache_len=8)
+    assert {"cpu", "cpu:1", "copy"} <= set(b["busy_s"]) and b["step_s"] > 0
+    assert b["serial_s"] == pytest.approx(b["busy_s"]["cpu"] + b["busy_s"]["cpu:1"]
+                                          + b["busy_s"]["copy"])
+    assert b["calls"]["cpu:1"] > 0
 
 
 def test_plan_json_to_hetero_plan(tmp_path):

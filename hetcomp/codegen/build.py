@@ -48,8 +48,17 @@ def build_hetero(mod, host_target, plan):
     for gv, func in mod.functions_items():
         if isinstance(func, c.tir.PrimFunc) and (func.attrs is None or "target" not in func.attrs):
             mod[gv] = func.with_attr("target", host_target)
+    # The GPU rules see only the kernels placed on that GPU (dlight's rules do not all check
+    # a kernel's own target, and would schedule host kernels as GPU ones).
     for tgt in plan.targets:
-        if tgt["kind"] != "llvm":
-            with c.Target(dict(tgt)):
-                mod = c.ApplyDefaultSchedule(*gpu_rules())(mod)
-    return c.compile(mod)
+        if tgt["kind"] == "llvm":
+            continue
+        mine = {gv: f for gv, f in mod.functions_items() if isinstance(f, c.tir.PrimFunc)
+                and str(f.attrs["target"].kind.name) == tgt["kind"]}
+        with c.Target(dict(tgt)):
+            scheduled = c.ApplyDefaultSchedule(*gpu_rules())(c.IRModule(mine))
+        for gv, f in scheduled.functions_items():
+            mod[gv.name_hint] = f
+    # Kernels keep their own targets; the given one serves Relax-level dispatch (the Medusa
+    # draft's top-k runs on the host).
+    return c.compile(mod, target=host_target)

@@ -121,9 +121,15 @@ class _Rewriter(_c.PyExprMutator):
         return self.kernels[name]
 
     def _existing(self, gv, unit: int):
-        """An existing kernel, copied for ``unit`` when that unit has another target kind."""
+        """An existing kernel, copied for ``unit`` when that unit has another target kind.
+
+        The copy gets fresh variables and buffers (``renew_defs``): two functions sharing
+        definitions are broken by later passes (LegalizeOps, seen on symbolic-width kernels).
+        """
         func = self.mod_in[gv]
-        return self._kernel(gv.name_hint, lambda: func, unit=unit)
+        if self.plan.targets[unit]["kind"] == "llvm":
+            return self._kernel(gv.name_hint, lambda: func, unit=unit)
+        return self._kernel(gv.name_hint, lambda: _c.renew_defs(func), unit=unit)
 
     def _ty(self, shape, unit, dtype="float32"):
         return _c.TensorType(shape, dtype, self.vdev[unit])

@@ -92,23 +92,38 @@ def _say(msg: str) -> None:
 
 
 def profile_command(model: str = "smollm2", units=("cpu",), out: str = "profile.sqlite",
-                    quick: bool = False, force: bool = False, progress=None) -> dict:
+                    quick: bool = False, force: bool = False, progress=None,
+                    kit_out: str | None = None, kit: str | None = None,
+                    target: str = "host") -> dict:
     """Profile every op class of ``model`` on each present unit into the SQLite file ``out``.
 
+    ``kit_out``: only compile the probe kernels into a profile kit (CPU code for the named
+    ``target``) to measure elsewhere; ``kit``: measure such a kit here (TVM runtime only).
     Returns a summary: per unit its fingerprint digest, measurement count and whether the
     stored profile was reused.
     """
     from .db import ProfileDB
-    from .measure import ProfileOptions, profile_unit
+    from .measure import ProfileOptions, build_kit, profile_kit, profile_unit, read_kit
     from .units import detect_unit
 
     present, spec = split_unit_names(units)
     if spec:
         raise HetcompError(f"spec-only units cannot be profiled: {', '.join(spec)}")
-    shape, key = read_model_shape(model)
     opts = ProfileOptions.quick() if quick else ProfileOptions()
-    summary = {"db": os.path.abspath(out), "model": key, "mode": opts.mode, "units": {}}
+    if kit_out is not None:
+        shape, key = read_model_shape(model)
+        path = build_kit(kit_out, present, shape, key, opts, cpu_target=target,
+                         progress=progress)
+        return {"kit": path, "model": key, "mode": opts.mode, "units": list(present)}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    if kit is not None:
+        meta = read_kit(kit)
+        with ProfileDB(out) as db:
+            measured = profile_kit(kit, db, present if units else None, force, progress)
+        return {"db": os.path.abspath(out), "model": meta["model"],
+                "mode": meta["options"]["mode"], "units": measured}
+    shape, key = read_model_shape(model)
+    summary = {"db": os.path.abspath(out), "model": key, "mode": opts.mode, "units": {}}
     with ProfileDB(out) as db:
         for name in present:
             unit = detect_unit(name)
@@ -143,13 +158,48 @@ def measured_unit_models(db_path: str, model_key: str, digests: dict[str, str],
             if cost_dir:
                 os.makedirs(cost_dir, exist_ok=True)
                 ucm.save(os.path.join(cost_dir, f"{name}.json"))
-            models.append(UnitModel(name, ucm, "measured", True, ucm.baseline.mem_bw_gbs))
+            target = ((db.unit_info(digest) or {}).get("target") or {"kind": "llvm"})
+            if target.get("kind") == "llvm":
+                models.append(UnitModel(name, ucm, "measured", True, ucm.baseline.mem_bw_gbs))
+            else:  # a discrete device: its own memory, reached over a link
+                sync_s, link_gbs = link_costs(rows)
+                models.append(UnitModel(name, ucm, "measured", False, 0.0, sync_s, link_gbs))
     return models, fitted
+
+
+def link_costs(rows) -> tuple[float, float]:
+    """Synchronisation seconds and link GB/s of a discrete unit, fitted (least squares,
+    ``t = sync + bytes / bandwidth``) to its measured host round-trip copies."""
+    import numpy as np
+
+    pts = [(m.features.bytes, m.seconds) for m in rows
+           if m.features.op == "copy" and not m.features.corun]
+    if len(pts) < 2:
+        raise HetcompError("a discrete unit's profile needs its host copies measured")
+    x, y = np.array(pts).T
+    slope, sync = np.polyfit(x, y, 1)
+    return max(float(sync), 0.0), 1e-9 / max(float(slope), 1e-15)
 
 
 def profiled_digests(summary: dict) -> dict[str, str]:
     """``{unit: fingerprint digest}`` from a :func:`profile_command` summary."""
     return {n: u["fingerprint"]["digest"] for n, u in summary["units"].items()}
+
+
+def stored_digests(db_path: str, units, model_key: str) -> dict[str, str]:
+    """``{unit: digest}`` of the newest complete profile of each unit in a database."""
+    from .db import ProfileDB
+
+    if not os.path.isfile(db_path):
+        raise HetcompError(f"profile database not found: {db_path}")
+    out = {}
+    with ProfileDB(db_path) as db:
+        for name in units:
+            found = [d for d in db.digests(name) if db.complete_mode(d, model_key)]
+            if not found:
+                raise HetcompError(f"{db_path} holds no profile of unit {name!r} for {model_key}")
+            out[name] = found[-1]
+    return out
 
 
 def spec_unit_models(names):
@@ -161,10 +211,12 @@ def spec_unit_models(names):
 
 def tune_command(model: str = "smollm2", units=("cpu",), out_dir: str = "tune",
                  quick: bool = False, cache_len: int = 256, heads: str | None = None,
-                 progress=None) -> dict:
+                 progress=None, profile: str | None = None) -> dict:
     """Profile, fit and plan; writes profile.sqlite, cost/<unit>.json, plan.json, plan.png.
 
     Spec-only units skip profiling and fitting (their plan is a ``spec-estimate``).
+    ``profile``: an existing database (measured elsewhere) whose newest profile of each unit
+    is fitted instead of profiling here.
     """
     from ..planner import PlannerOptions, plan_unit_sets, plot_plans
 
@@ -174,10 +226,15 @@ def tune_command(model: str = "smollm2", units=("cpu",), out_dir: str = "tune",
     shape, key = read_model_shape(model)
     summary: dict = {"model": key, "out_dir": os.path.abspath(out_dir)}
     if present:
-        db = os.path.join(out_dir, "profile.sqlite")
-        summary["profile"] = profile_command(model, present, db, quick, progress=progress)
+        if profile is not None:
+            db, digests = profile, stored_digests(profile, present, key)
+            summary["profile"] = {"db": os.path.abspath(db), "digests": digests}
+        else:
+            db = os.path.join(out_dir, "profile.sqlite")
+            summary["profile"] = profile_command(model, present, db, quick, progress=progress)
+            digests = profiled_digests(summary["profile"])
         say("[tune] fitting cost models")
-        unit_models, fitted = measured_unit_models(db, key, profiled_digests(summary["profile"]),
+        unit_models, fitted = measured_unit_models(db, key, digests,
                                                    os.path.join(out_dir, "cost"))
         summary["fit"] = {n: [r.to_json() for r in m.reports] for n, m in fitted.items()}
         for n, m in fitted.items():
@@ -188,9 +245,11 @@ def tune_command(model: str = "smollm2", units=("cpu",), out_dir: str = "tune",
         unit_models = spec_unit_models(spec)
     rank_probs, label = load_rank_probs(heads)
     say(f"[tune] planning ({label})")
+    # Any measured unit may host the unsplit ops (a GPU can run the whole model); the host
+    # of spec-estimate sets stays the first unit named.
     plans = plan_unit_sets(shape, unit_models, rank_probs=rank_probs,
                            options=PlannerOptions(cache_len=cache_len), model=key,
-                           tau_source=label)
+                           tau_source=label, any_host=bool(present))
     best = plans[0]
     best.save(os.path.join(out_dir, "plan.json"))
     plot_plans(plans, os.path.join(out_dir, "plan.png"),

@@ -11,6 +11,10 @@ each call reads from DRAM as it does inside a decode step.
 Each shape is measured alone and while a concurrent memory-streaming load runs in another
 process (the stand-in for another unit running its share on the same memory), so the co-run
 slowdown is measured rather than assumed.
+
+What to measure is data (:class:`Probe`): the kernels can be compiled into a *profile kit*
+here and measured with the TVM runtime only where the unit is (a GPU host, a board), as
+TVM's RPC builder/runner split does; ``measure_unit`` is the same path on one machine.
 """
 
 from __future__ import annotations
@@ -124,224 +128,410 @@ class CoRunLoad:
         self._proc = None
 
 
-def time_calls(calls: list[Callable[[int], object]], min_time_s: float, rounds: int
-               ) -> list[tuple[float, int]]:
+def time_calls(calls: list[Callable[[int], object]], min_time_s: float, rounds: int,
+               sync: Callable[[], object] | None = None) -> list[tuple[float, int]]:
     """Seconds per call and call count for each kernel call in ``calls``.
 
-    Each round times every call in turn for at least ``min_time_s`` of back-to-back calls;
-    a call's time is its median round. Interleaving the rounds spreads a transient slowdown
-    (another process, a descheduled vCPU) over one round of many shapes instead of every
-    round of one. ``call(i)`` runs the kernel once; ``i`` counts up to rotate buffers.
+    Each call gets a batch size from a synchronised warm-up (enough back-to-back calls for
+    ``min_time_s``); each round times every call's batch in turn, ended by ``sync()`` (a GPU's
+    launches are asynchronous), and a call's time is its median round. Interleaving the rounds
+    spreads a transient slowdown (another process, a descheduled vCPU) over one round of many
+    shapes instead of every round of one. ``call(i)`` runs the kernel once; ``i`` counts up to
+    rotate buffers.
     """
+    sync = sync or (lambda: None)
+    batches = []
     for call in calls:
         call(0)  # warm-up: page in code and buffers
+        sync()
+        t0 = time.perf_counter()
+        call(1)
+        sync()
+        one = max(time.perf_counter() - t0, 1e-7)
+        batches.append(max(1, min(10000, int(min_time_s / one))))
     per_round: list[list[float]] = [[] for _ in calls]
-    counts = [0] * len(calls)
+    counts = [2] * len(calls)
     for _ in range(rounds):
         for j, call in enumerate(calls):
-            n, t0 = 0, time.perf_counter()
-            while True:
-                call(counts[j] + n + 1)
-                n += 1
-                elapsed = time.perf_counter() - t0
-                if elapsed >= min_time_s:
-                    break
-            per_round[j].append(elapsed / n)
+            n, base = batches[j], counts[j]
+            t0 = time.perf_counter()
+            for i in range(n):
+                call(base + i)
+            sync()
+            per_round[j].append((time.perf_counter() - t0) / n)
             counts[j] += n
     return [(statistics.median(r), c) for r, c in zip(per_round, counts, strict=True)]
 
 
-@dataclasses.dataclass
-class _Bench:
-    """One compiled kernel: per shape, its features and a ``setup()`` returning ``call(i)``."""
+# ---- probes: what to measure, as data ------------------------------------------------------
+#
+# A probe is one kernel call with the model's shapes: the kernel's name in the unit's probe
+# library, its features, and its arguments as specs (below). Probes are data so that the
+# kernels can be compiled on one machine (with the compiler) and measured on another (with
+# the TVM runtime only): a GPU host or a board that the compiler never sees.
+#
+# Argument specs (JSON lists):
+#   ["rand", shape, dtype, scale, copies]  random data; ``copies`` buffers rotated per call
+#   ["zeros", shape, dtype]                an output buffer
+#   ["shared", key]                        a buffer of the probe group (a full KV cache)
+#   ["tril", w]  ["arange", n, start]  ["randint", n, high, copies]
+#   ["mod", m]                             the call index modulo m (which layer)
+#   ["int", v]                             a constant scalar
+# A probe without a kernel (``func`` None) copies ``[w, n]`` float32 between host and unit.
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    func: str | None
+    features: Features
+    args: tuple
+
+    def to_json(self) -> dict:
+        return {"func": self.func, "features": dataclasses.asdict(self.features),
+                "args": [list(a) for a in self.args]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Probe:
+        return cls(d["func"], Features(**d["features"]), tuple(tuple(a) for a in d["args"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeGroup:
+    """Probes measured together (one op class, one kernel family) and their shared buffers."""
 
     desc: str
-    shapes: list[tuple[Features, Callable[[], Callable[[int], object]]]]
+    probes: tuple[Probe, ...]
+    shared: tuple[tuple[str, tuple], ...] = ()
+
+    def to_json(self) -> dict:
+        return {"desc": self.desc, "probes": [p.to_json() for p in self.probes],
+                "shared": {k: list(v) for k, v in self.shared}}
+
+    @classmethod
+    def from_json(cls, d: dict) -> ProbeGroup:
+        return cls(d["desc"], tuple(Probe.from_json(p) for p in d["probes"]),
+                   tuple((k, tuple(v)) for k, v in d["shared"].items()))
 
 
-class _Builder:
-    """Builds the model's kernels for one unit (TVM imported here, not at module import)."""
+def plan_probes(shape: ModelShape, opts: ProfileOptions, wdtype: str = "float32"
+                ) -> tuple[list[ProbeGroup], dict[str, Callable[[], object]]]:
+    """The probe groups of every op class and the kernels they call (name -> PrimFunc
+    builder, from :mod:`hetcomp.frontend.ops` / ``script_ops`` exactly as the model uses)."""
+    from ..frontend import ops, script_ops
 
-    def __init__(self, unit: Unit, shape: ModelShape, opts: ProfileOptions, wdtype: str):
-        from .._tvm import compiler, runtime
+    s, ws = shape, opts.widths
+    kernels: dict[str, Callable[[], object]] = {}
+    groups: list[ProbeGroup] = []
 
-        if unit.name != "cpu":
-            raise HetcompError(f"measuring unit {unit.name!r} needs its schedule rules; only "
-                               "'cpu' has them (describe other units with a DeviceSpec)")
-        self.c, self.rt = compiler(), runtime
-        self.target = self.c.Target(unit.target)
-        dev_type, dev_id = unit.device.split(":")
-        self.dev = runtime.device(dev_type, int(dev_id))
-        self.shape, self.opts, self.wdtype = shape, opts, wdtype
-        self.rng = np.random.default_rng(0)
+    def kernel(name, build, *args, **kw):
+        kernels.setdefault(name, lambda: build(*args, **kw))
+        return name
 
-    def compile(self, func) -> Callable:
+    for kind in opts.kinds:
+        full, k, residual = s.linear_dims(kind)
+        for n in sorted({split_columns(full, r) for r in opts.ratios}):
+            b = ops.pack_block(n)
+            wbytes = n * k * np.dtype(wdtype).itemsize
+            copies = max(1, min(4096, math.ceil(opts.rotate_bytes / wbytes)))
+            probes = []
+            for w in ws:
+                # The width-specialised kernel, as verify_w{W} runs it (exact row tiles).
+                f = kernel(f"linear_{'res_' if residual else ''}n{n}_k{k}_w{w}", ops.linear, n,
+                           k, wdtype, residual, rows=w)
+                args = [("rand", (w, k), "float32", 0.05, 1),
+                        ("rand", (n // b, k, b), wdtype, 0.05, copies)]
+                args += [("rand", (w, n), "float32", 0.05, 1)] if residual else []
+                probes.append(Probe(f, linear_features(s, kind, w, n / full),
+                                    (*args, ("zeros", (w, n), "float32"))))
+            groups.append(ProbeGroup(f"linear {kind} n={n}", tuple(probes)))
+
+    cache = (("kc", ("rand", (s.layers, s.kv_heads, s.head_dim, s.max_context), "float32", 0.5,
+                     1)),
+             ("vc", ("rand", (s.layers, s.kv_heads, s.max_context, s.head_dim), "float32", 0.5,
+                     1)))
+    probes = []
+    for cl in sorted({0, *opts.cache_lens}):
+        for w in ws:
+            if cl + w > s.max_context:
+                continue
+            f = kernel(f"attention_w{w}", ops.attention, s.heads, s.kv_heads, s.head_dim,
+                       s.layers, s.max_context, rows=w)
+            probes.append(Probe(f, attention_features(s, w, cl), (
+                ("rand", (s.heads, w, s.head_dim), "float32", 0.5, 1), ("shared", "kc"),
+                ("shared", "vc"), ("tril", w), ("mod", s.layers), ("int", cl),
+                ("zeros", (w, s.heads, s.head_dim), "float32"))))
+    groups.append(ProbeGroup("attention", tuple(probes), cache))
+
+    f = kernel("rope_kv", script_ops.rope_kv, s.heads, s.kv_heads, s.head_dim, s.layers,
+               s.max_context, 10000.0)
+    groups.append(ProbeGroup("rope", tuple(
+        Probe(f, rope_features(s, w), (("rand", (w, s.qkv_size), "float32", 0.05, 1),
+                                       ("arange", w, 100), ("shared", "kc"), ("shared", "vc"),
+                                       ("mod", s.layers), ("int", 100),
+                                       ("zeros", (s.heads, w, s.head_dim), "float32")))
+        for w in ws), cache))
+
+    norm = kernel("rms_norm", ops.rms_norm, s.hidden, 1e-5)
+    silu = kernel("silu_mul", ops.silu_mul, s.intermediate)
+    amax = kernel("argmax", ops.argmax, s.vocab)
+    embed = kernel("embed", ops.embed, s.vocab, s.hidden, wdtype)
+    b = ops.pack_block(s.vocab)
+    groups += [
+        ProbeGroup("rms_norm", tuple(Probe(norm, rms_norm_features(s, w), (
+            ("rand", (w, s.hidden), "float32", 0.05, 1), ("rand", (s.hidden,), "float32", 0.05, 1),
+            ("zeros", (w, s.hidden), "float32"))) for w in ws)),
+        ProbeGroup("silu_mul", tuple(Probe(silu, silu_mul_features(s, w), (
+            ("rand", (w, 2 * s.intermediate), "float32", 0.05, 1),
+            ("zeros", (w, s.intermediate), "float32"))) for w in ws)),
+        ProbeGroup("argmax", tuple(Probe(amax, argmax_features(s, w), (
+            ("rand", (w, s.vocab), "float32", 0.05, 1), ("zeros", (w,), "int32"))) for w in ws)),
+        ProbeGroup("embed", tuple(Probe(embed, embed_features(s, w), (
+            ("randint", w, s.vocab, 8), ("rand", (s.vocab // b, s.hidden, b), wdtype, 0.05, 1),
+            ("zeros", (w, s.hidden), "float32"))) for w in ws)),
+        ProbeGroup("copy", tuple(Probe(None, copy_features(w, n), (("copy", w, n),))
+                                 for n in (s.hidden, 2 * s.intermediate, s.vocab) for w in ws)),
+    ]
+    return groups, kernels
+
+
+# ---- kits: the probe kernels compiled for one unit ------------------------------------------
+
+KIT_FORMAT = "hetcomp-profile-kit/1"
+
+
+def probe_target(unit_name: str, cpu_target: str = "host") -> dict:
+    """The target a unit's probe kernels are compiled for: ``cpu_target`` (a named target,
+    ``x86-64-v3`` for a kit that travels) for the CPU, sm_90 for ``cuda``."""
+    from ..codegen.targets import target_dict
+
+    return target_dict("cuda" if unit_name == "cuda" else cpu_target)
+
+
+def build_probe_library(unit_name: str, target: dict, kernels: dict[str, Callable[[], object]],
+                        progress: Progress | None = None):
+    """Compile every probe kernel for ``target`` into one runtime module (CPU rules for LLVM
+    targets, GPU rules otherwise: exactly how the model's kernels are scheduled)."""
+    from .._tvm import compiler
+
+    c = compiler()
+    say = progress or _stderr
+    t0 = time.time()
+    mod = c.IRModule({name: build().with_attr("global_symbol", name)
+                      for name, build in kernels.items()})
+    tgt = c.Target(dict(target))
+    if tgt.kind.name == "llvm":
         from ..codegen.build import schedule_module
 
-        mod = self.c.IRModule({"main": func.with_attr("global_symbol", "main")})
-        mod = schedule_module(mod, self.target)
-        return self.c.compile(mod, target=self.target)["main"]
+        mod = schedule_module(mod, tgt)
+    else:
+        from ..schedules.gpu import gpu_rules
 
-    def t(self, arr) -> object:
-        return self.rt.tensor(np.ascontiguousarray(arr), self.dev)
-
-    def rand(self, shape, dtype="float32", scale=0.05):
-        return self.t((self.rng.standard_normal(shape) * scale).astype(dtype))
-
-    # ---- op classes -------------------------------------------------------------------------
-
-    def linear(self, kind: str) -> Iterator[_Bench]:
-        """One kernel per split width, built lazily (an LM head's rotated weights are large)."""
-        from ..frontend import ops
-
-        full, k, residual = self.shape.linear_dims(kind)
-        for n in sorted({split_columns(full, r) for r in self.opts.ratios}):
-            b = ops.pack_block(n)
-            wbytes = n * k * np.dtype(self.wdtype).itemsize
-            copies = max(1, min(4096, math.ceil(self.opts.rotate_bytes / wbytes)))
-            w0 = (self.rng.standard_normal((n // b, k, b)) * 0.05).astype(self.wdtype)
-            weights = [self.t(w0) for _ in range(copies)]
-
-            def setup(w, weights=weights, n=n, k=k, copies=copies):
-                # The width-specialised kernel, as verify_w{W} runs it (exact row tiles).
-                f = self.compile(ops.linear(n, k, self.wdtype, residual, rows=w))
-                x, y = self.rand((w, k)), self.t(np.zeros((w, n), "float32"))
-                extra = (self.rand((w, n)),) if residual else ()
-                return lambda i: f(x, weights[i % copies], *extra, y)
-
-            shapes = [(linear_features(self.shape, kind, w, n / full), _bind(setup, w))
-                      for w in self.opts.widths]
-            yield _Bench(f"linear {kind} n={n}", shapes)
-
-    def attention(self) -> list[_Bench]:
-        from ..frontend import ops
-
-        s = self.shape
-        kc = self.rand((s.layers, s.kv_heads, s.head_dim, s.max_context), scale=0.5)
-        vc = self.rand((s.layers, s.kv_heads, s.max_context, s.head_dim), scale=0.5)
-
-        def setup(w, cl):
-            f = self.compile(ops.attention(s.heads, s.kv_heads, s.head_dim, s.layers,
-                                           s.max_context, rows=w))
-            q = self.rand((s.heads, w, s.head_dim), scale=0.5)
-            mask = self.t(np.tril(np.ones((w, w), "int32")))
-            out = self.t(np.zeros((w, s.heads, s.head_dim), "float32"))
-            return lambda i: f(q, kc, vc, mask, i % s.layers, cl, out)
-
-        shapes = [(attention_features(s, w, cl), _bind(setup, w, cl))
-                  for cl in sorted({0, *self.opts.cache_lens}) for w in self.opts.widths
-                  if cl + w <= s.max_context]
-        return [_Bench("attention", shapes)]
-
-    def rope(self) -> list[_Bench]:
-        from ..frontend import script_ops
-
-        s = self.shape
-        f = self.compile(script_ops.rope_kv(s.heads, s.kv_heads, s.head_dim, s.layers,
-                                            s.max_context, 10000.0))
-        kc = self.t(np.zeros((s.layers, s.kv_heads, s.head_dim, s.max_context), "float32"))
-        vc = self.t(np.zeros((s.layers, s.kv_heads, s.max_context, s.head_dim), "float32"))
-
-        def setup(w):
-            qkv, pos = self.rand((w, s.qkv_size)), self.t(np.arange(w, dtype="int32") + 100)
-            q = self.t(np.zeros((s.heads, w, s.head_dim), "float32"))
-            return lambda i: f(qkv, pos, kc, vc, i % s.layers, 100, q)
-
-        return [_Bench("rope", [(rope_features(s, w), _bind(setup, w))
-                                for w in self.opts.widths])]
-
-    def rowwise(self) -> list[_Bench]:
-        from ..frontend import ops
-
-        s = self.shape
-        norm = self.compile(ops.rms_norm(s.hidden, 1e-5))
-        silu = self.compile(ops.silu_mul(s.intermediate))
-        amax = self.compile(ops.argmax(s.vocab))
-        embed = self.compile(ops.embed(s.vocab, s.hidden, self.wdtype))
-        gamma = self.rand((s.hidden,))
-        b = ops.pack_block(s.vocab)
-        table = self.rand((s.vocab // b, s.hidden, b), self.wdtype)
-
-        def norm_setup(w):
-            x, y = self.rand((w, s.hidden)), self.t(np.zeros((w, s.hidden), "float32"))
-            return lambda i: norm(x, gamma, y)
-
-        def silu_setup(w):
-            gu = self.rand((w, 2 * s.intermediate))
-            y = self.t(np.zeros((w, s.intermediate), "float32"))
-            return lambda i: silu(gu, y)
-
-        def amax_setup(w):
-            logits, idx = self.rand((w, s.vocab)), self.t(np.zeros(w, "int32"))
-            return lambda i: amax(logits, idx)
-
-        def embed_setup(w):
-            toks = [self.t(self.rng.integers(0, s.vocab, w).astype("int32")) for _ in range(8)]
-            out = self.t(np.zeros((w, s.hidden), "float32"))
-            return lambda i: embed(toks[i % 8], table, out)
-
-        ws = self.opts.widths
-        return [
-            _Bench("rms_norm", [(rms_norm_features(s, w), _bind(norm_setup, w)) for w in ws]),
-            _Bench("silu_mul", [(silu_mul_features(s, w), _bind(silu_setup, w)) for w in ws]),
-            _Bench("argmax", [(argmax_features(s, w), _bind(amax_setup, w)) for w in ws]),
-            _Bench("embed", [(embed_features(s, w), _bind(embed_setup, w)) for w in ws]),
-        ]
-
-    def copies(self) -> list[_Bench]:
-        s = self.shape
-
-        def setup(w, n):
-            src, dst = self.rand((w, n)), self.t(np.zeros((w, n), "float32"))
-            return lambda i: dst.copyfrom(src)
-
-        shapes = [(copy_features(w, n), _bind(setup, w, n))
-                  for n in (s.hidden, 2 * s.intermediate, s.vocab) for w in self.opts.widths]
-        return [_Bench("copy", shapes)]
+        with tgt:
+            mod = c.ApplyDefaultSchedule(*gpu_rules())(mod)
+    lib = c.compile(mod, target=tgt)
+    say(f"[profile {unit_name}] compiled {len(kernels)} probe kernels in "
+        f"{time.time() - t0:.0f}s")
+    return lib
 
 
-def _bind(fn, *args):
-    return lambda: fn(*args)
+def build_kit(out_dir: str, units: Iterable[str], shape: ModelShape, model: str,
+              opts: ProfileOptions = ProfileOptions(), wdtype: str = "float32",
+              cpu_target: str = "host", progress: Progress | None = None) -> str:
+    """Write a profile kit: ``kit.json`` (shape, options, probes) and ``<unit>.so`` per unit.
+
+    ``hetcomp profile --kit DIR`` measures it with the TVM runtime only, where the units are.
+    """
+    import json
+    import shutil
+    import tempfile
+
+    groups, kernels = plan_probes(shape, opts, wdtype)
+    out_dir = os.path.abspath(out_dir)
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".kit-", dir=os.path.dirname(out_dir))
+    try:
+        libs = {}
+        for name in units:
+            target = probe_target(name, cpu_target)
+            build_probe_library(name, target, kernels, progress).export_library(
+                os.path.join(tmp, f"{name}.so"))
+            libs[name] = {"target": target, "library": f"{name}.so"}
+        with open(os.path.join(tmp, "kit.json"), "w") as fh:
+            json.dump({"format": KIT_FORMAT, "model": model, "wdtype": wdtype,
+                       "shape": dataclasses.asdict(shape), "options": dataclasses.asdict(opts),
+                       "units": libs, "groups": [g.to_json() for g in groups]}, fh)
+        if os.path.isdir(out_dir):
+            shutil.rmtree(out_dir)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def read_kit(path: str) -> dict:
+    import json
+
+    try:
+        with open(os.path.join(path, "kit.json")) as fh:
+            kit = json.load(fh)
+    except (OSError, ValueError) as e:
+        raise HetcompError(f"not a profile kit: {path} ({e})") from None
+    if kit.get("format") != KIT_FORMAT:
+        raise HetcompError(f"not a profile kit (format is not {KIT_FORMAT}): {path}")
+    return kit
+
+
+# ---- running probes (TVM runtime only) ------------------------------------------------------
+
+
+class _Runner:
+    """Creates a probe group's buffers on the unit's device and returns ``call(i)`` per probe."""
+
+    def __init__(self, lib, device):
+        from .. import _tvm
+
+        self.tvm, self.lib, self.dev = _tvm, lib, device
+        self.host = _tvm.cpu()
+        self.rng = np.random.default_rng(0)
+        self._funcs: dict[str, object] = {}
+
+    def func(self, name):
+        if name not in self._funcs:
+            self._funcs[name] = self.lib[name]
+        return self._funcs[name]
+
+    def _tensor(self, arr):
+        return self.tvm.tensor(np.ascontiguousarray(arr), self.dev)
+
+    def _make(self, spec, shared, cache):
+        """A list of buffers (rotated per call), an int function of i, or a constant."""
+        kind = spec[0]
+        if kind == "shared":
+            return shared[spec[1]]
+        key = json_key(spec)
+        if key in cache:
+            return cache[key]
+        if kind == "rand":
+            _, shape, dtype, scale, copies = spec
+            a = (self.rng.standard_normal(tuple(shape)) * scale).astype(dtype)
+            val = [self._tensor(a) for _ in range(int(copies))]
+        elif kind == "zeros":
+            val = [self._tensor(np.zeros(tuple(spec[1]), spec[2]))]
+        elif kind == "tril":
+            val = [self._tensor(np.tril(np.ones((spec[1], spec[1]), "int32")))]
+        elif kind == "arange":
+            val = [self._tensor(np.arange(spec[1], dtype="int32") + spec[2])]
+        elif kind == "randint":
+            val = [self._tensor(self.rng.integers(0, spec[2], spec[1]).astype("int32"))
+                   for _ in range(int(spec[3]))]
+        elif kind == "mod":
+            val = ("mod", int(spec[1]))
+        elif kind == "int":
+            val = ("int", int(spec[1]))
+        else:
+            raise HetcompError(f"unknown probe argument {spec!r}")
+        cache[key] = val
+        return val
+
+    def setup(self, probe: Probe, shared, cache) -> Callable[[int], object]:
+        if probe.func is None:  # host <-> unit copy of [w, n] float32
+            _, w, n = probe.args[0]
+            src = (self.rng.standard_normal((w, n))).astype("float32")
+            if self.dev.dlpack_device_type() == self.host.dlpack_device_type():
+                a, b = self._tensor(src), self._tensor(np.zeros_like(src))
+                return lambda i: b.copyfrom(a)
+            dev = self._tensor(np.zeros_like(src))
+            back = np.empty_like(src)
+
+            def round_trip(i):  # to the unit and back: what a split op pays
+                dev.copyfrom(src)
+                dev.copyto(back)
+            return round_trip
+        f = self.func(probe.func)
+        vals = [self._make(a, shared, cache) for a in probe.args]
+
+        def pick(v, i):
+            if isinstance(v, tuple):
+                return i % v[1] if v[0] == "mod" else v[1]
+            return v[i % len(v)]
+        return lambda i: f(*[pick(v, i) for v in vals])
+
+    def check_linear(self, probe: Probe, shared, cache) -> float:
+        """Relative error of a linear probe's kernel against numpy (the kernel measured must
+        compute the right thing: a unit's kernels are first run here on its device)."""
+        from ..frontend.ops import unpack_linear_weight
+
+        vals = [self._make(a, shared, cache) for a in probe.args]
+        args = [v[0] for v in vals]
+        self.func(probe.func)(*args)
+        got = args[-1].numpy()
+        x, w = args[0].numpy(), unpack_linear_weight(args[1].numpy().astype("float32"))
+        want = x @ w.T + (args[2].numpy() if len(args) == 4 else 0.0)
+        return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
+
+    def shared(self, group: ProbeGroup, cache):
+        return {k: self._make(spec, {}, cache) for k, spec in group.shared}
+
+
+def json_key(spec) -> str:
+    import json
+
+    return json.dumps(spec)
+
+
+def measure_groups(unit: Unit, lib, groups: list[ProbeGroup], opts: ProfileOptions,
+                   progress: Progress | None = None) -> list[Measurement]:
+    """Time every probe of ``groups`` on ``unit`` (alone, and co-run if ``opts.corun``).
+
+    Buffers live one group at a time; progress lines go to ``progress`` (stderr by default).
+    """
+    from .. import _tvm
+
+    say = progress or _stderr
+    dev_type, dev_id = unit.device.split(":")
+    dev = _tvm.device(dev_type, int(dev_id))
+    runner = _Runner(lib, dev)
+    rows: list[Measurement] = []
+    t_start = time.time()
+    with (CoRunLoad() if opts.corun else _NoLoad()) as load:
+        for gi, group in enumerate(groups):
+            cache: dict = {}
+            shared = runner.shared(group, cache)
+            calls = [runner.setup(p, shared, cache) for p in group.probes]
+            worst = max((runner.check_linear(p, shared, cache) for p in group.probes
+                         if p.features.op == "linear"), default=0.0)
+            if worst > 1e-4:
+                raise HetcompError(f"{group.desc} on {unit.name} differs from numpy (relative "
+                                   f"error {worst:.1e}): not measuring a wrong kernel")
+            done = []
+            for corun in ((False, True) if opts.corun else (False,)):
+                if corun:
+                    load.resume()
+                try:
+                    timed = time_calls(calls, opts.min_time_s, opts.rounds, sync=dev.sync)
+                finally:
+                    if corun:
+                        load.pause()
+                for p, (sec, ncalls) in zip(group.probes, timed, strict=True):
+                    rows.append(Measurement(unit.name, p.features.with_corun(corun), sec, ncalls))
+                    done.append(sec)
+            k = len(group.probes)
+            alone = " ".join(f"{1e3 * t:.3g}" for t in done[:k])
+            slow = (f", co-run x{statistics.median(np.divide(done[k:], done[:k])):.2f}"
+                    if opts.corun else "")
+            say(f"[profile {unit.name} {gi + 1}/{len(groups)} {time.time() - t_start:5.0f}s]"
+                f" {group.desc}: {alone} ms{slow}")
+    return rows
 
 
 def measure_unit(unit: Unit, shape: ModelShape, opts: ProfileOptions = ProfileOptions(),
                  wdtype: str = "float32", progress: Progress | None = None
                  ) -> list[Measurement]:
-    """Measure every op class of ``shape`` on ``unit`` (alone, and co-run if ``opts.corun``).
-
-    Kernels are built lazily, one op class at a time, so at most one class's buffers are
-    alive; progress lines go to ``progress`` (stderr by default).
-    """
-    say = progress or _stderr
-    builder = _Builder(unit, shape, opts, wdtype)
-    groups: list[Callable[[], Iterable[_Bench]]] = [
-        *[(lambda k=k: builder.linear(k)) for k in opts.kinds],
-        builder.attention, builder.rope, builder.rowwise, builder.copies]
-    rows: list[Measurement] = []
-    t_start = time.time()
-    with (CoRunLoad() if opts.corun else _NoLoad()) as load:
-        for gi, group in enumerate(groups):
-            for bench in group():
-                done = []
-                for corun in ((False, True) if opts.corun else (False,)):
-                    if corun:
-                        load.resume()
-                    try:
-                        timed = time_calls([setup() for _, setup in bench.shapes],
-                                           opts.min_time_s, opts.rounds)
-                    finally:
-                        if corun:
-                            load.pause()
-                    for (feat, _), (sec, calls) in zip(bench.shapes, timed, strict=True):
-                        rows.append(Measurement(unit.name, feat.with_corun(corun), sec, calls))
-                        done.append(sec)
-                k = len(bench.shapes)
-                alone = " ".join(f"{1e3 * t:.3g}" for t in done[:k])
-                slow = (f", co-run x{statistics.median(np.divide(done[k:], done[:k])):.2f}"
-                        if opts.corun else "")
-                say(f"[profile {unit.name} {gi + 1}/{len(groups)} {time.time() - t_start:5.0f}s]"
-                    f" {bench.desc}: {alone} ms{slow}")
-    return rows
+    """Compile the probe kernels for ``unit`` here and measure them (the one-machine path)."""
+    groups, kernels = plan_probes(shape, opts, wdtype)
+    lib = build_probe_library(unit.name, unit.target, kernels, progress)
+    return measure_groups(unit, lib, groups, opts, progress)
 
 
 class _NoLoad:
@@ -370,6 +560,46 @@ class ProfileResult:
     rows: list
     reused: bool
     mode: str
+
+
+def profile_kit(kit_dir: str, db: ProfileDB, units: Iterable[str] | None = None,
+                force: bool = False, progress: Progress | None = None) -> dict:
+    """Measure a profile kit's units present here into ``db`` (TVM runtime only).
+
+    Returns per unit its fingerprint (taken here, with the kit's target), row count and
+    whether a stored profile was reused.
+    """
+    from .. import _tvm
+    from .units import detect_unit
+
+    kit = read_kit(kit_dir)
+    opts = ProfileOptions(**{k: tuple(v) if isinstance(v, list) else v
+                             for k, v in kit["options"].items()})
+    groups = [ProbeGroup.from_json(g) for g in kit["groups"]]
+    out = {}
+    for name in units or list(kit["units"]):
+        if name not in kit["units"]:
+            raise HetcompError(f"profile kit {kit_dir} has no library for unit {name!r}")
+        info = kit["units"][name]
+        unit = detect_unit(name, target=info["target"])
+        digest = unit.fingerprint.digest
+        if not force and db.is_complete(digest, kit["model"], opts.mode):
+            (progress or _stderr)(f"[profile {name}] reusing profile {digest} from {db.path}")
+            out[name] = {"fingerprint": unit.fingerprint.to_json(), "reused": True,
+                         "measurements": len(db.measurements(digest, kit["model"])),
+                         "mode": db.complete_mode(digest, kit["model"])}
+            continue
+        try:
+            _tvm.ensure_backend(info["target"]["kind"])
+            lib = _tvm.load_module(os.path.join(kit_dir, info["library"]))
+        except Exception as e:
+            raise HetcompError(f"cannot load the {name} probe library of {kit_dir}: "
+                               f"{str(e).splitlines()[-1] if str(e) else e}") from None
+        rows = measure_groups(unit, lib, groups, opts, progress)
+        db.store(unit.to_json(), digest, kit["model"], opts.mode, rows)
+        out[name] = {"fingerprint": unit.fingerprint.to_json(), "reused": False,
+                     "measurements": len(rows), "mode": opts.mode}
+    return out
 
 
 def profile_unit(unit: Unit, shape: ModelShape, db: ProfileDB, model: str,

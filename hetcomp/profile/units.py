@@ -204,8 +204,11 @@ def kernel_source_hash(root: str | None = None) -> str:
     return h.hexdigest()[:16]
 
 
-def detect_unit(name: str) -> Unit:
+def detect_unit(name: str, target: dict | None = None) -> Unit:
     """The present unit ``name`` (``cpu`` or ``cuda``) with its fingerprint.
+
+    ``target``: the target its kernels were compiled for, when not this machine's default
+    (a profile kit built elsewhere).
 
     Raises
     ------
@@ -213,6 +216,7 @@ def detect_unit(name: str) -> Unit:
         If the unit is not present on this machine or the name is unknown (spec-only units
         such as ``orin-nx-gpu`` are described by :data:`SPECS`, not detected).
     """
+    built_for = target
     if name == "cpu":
         from ..codegen.targets import target_dict
 
@@ -221,12 +225,13 @@ def detect_unit(name: str) -> Unit:
         gpu = gpu_info()
         if not gpu:
             raise HetcompError("unit 'cuda' is not present on this machine (no nvidia-smi GPU)")
-        target, device = {"kind": "cuda"}, "cuda:0"
+        target, device = {"kind": "cuda", "arch": "sm_90"}, "cuda:0"
     elif name in SPECS:
         raise HetcompError(f"unit {name!r} is a spec-only unit: it can be estimated, not measured")
     else:
         raise HetcompError(f"unknown unit {name!r} (present units: cpu, cuda; spec units: "
                            f"{', '.join(SPECS)})")
+    target = dict(built_for) if built_for is not None else target
     fp = Fingerprint(unit=name, cpu_model=cpu_model(), cores=os.cpu_count() or 1,
                      threads=int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1)), gpu=gpu,
                      tvm_version=tvm_version(), target=json.dumps(target, sort_keys=True),

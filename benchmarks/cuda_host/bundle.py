@@ -1,0 +1,114 @@
+"""Build everything a CUDA host needs to run hetcomp with the TVM runtime only.
+
+The GPU host is lent for minutes and takes at most 64 MiB per call, so nothing is compiled
+there: this script (on the build machine, with the compiler) writes
+
+    DIR/a/tvm-runtime.tar.xz   the tvm package without libtvm_compiler.so (design.md)
+    DIR/a/wheels/              apache-tvm-ffi and gguf for the host's Python (pip download)
+    DIR/a/payload.tar.xz       kit/: the ARCA profile kit, probe kernels for cpu (x86-64-v3)
+                               and cuda; art/<name>/: artifacts with separate weights (below)
+    DIR/a/gguf.part0           the first part of the model file; DIR/b/gguf.part1 the rest
+    DIR/a/bundle.json          sha256 of the whole GGUF, names of the artifacts
+
+Artifacts: ``cpu`` (the whole model on the CPU, portable x86-64-v3), ``gpu`` (the whole model
+on the GPU), and two partitions with the CPU as host and the GPU taking output columns of
+every linear layer: ``split-all`` (all columns on the GPU; attention and the rest on the CPU)
+and ``split-half`` (half of every linear layer's columns on each unit, so both run at once).
+
+Usage: python benchmarks/cuda_host/bundle.py DIR [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+# A call carries at most 64 MiB with the working tree (~6 MiB): the first carries TVM, the
+# wheels and payload.tar.xz (kit and artifacts, ~10 MiB) and part 0; the second part 1.
+PART0_BYTES = 46 << 20
+
+
+def _sh(*cmd):
+    subprocess.run(cmd, check=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--quick", action="store_true", help="quick profile kit")
+    ap.add_argument("--max-context", type=int, default=512)
+    args = ap.parse_args()
+
+    import tvm
+
+    from hetcomp.codegen.compile import CompileOptions, compile_model
+    from hetcomp.codegen.targets import target_dict
+    from hetcomp.frontend import default_gguf_path
+    from hetcomp.passes import HeteroPlan
+    from hetcomp.profile.commands import read_model_shape
+    from hetcomp.profile.measure import ProfileOptions, build_kit
+
+    a, b = os.path.join(args.out, "a"), os.path.join(args.out, "b")
+    os.makedirs(a, exist_ok=True)
+    os.makedirs(b, exist_ok=True)
+    site = os.path.dirname(os.path.dirname(tvm.__file__))
+    _sh("tar", "-C", site, "--exclude=tvm/lib/libtvm_compiler.so", "--exclude=tvm/3rdparty",
+        "--exclude=tvm/src", "--exclude=tvm/web", "--exclude=__pycache__", "-cJf",
+        os.path.join(a, "tvm-runtime.tar.xz"), "tvm", f"apache_tvm-{tvm.__version__}.dist-info")
+    wheels = os.path.join(a, "wheels")
+    if not os.path.isdir(wheels):
+        _sh(sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+            "--python-version", "3.12", "--implementation", "cp",
+            "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64",
+            "-d", wheels, "apache-tvm-ffi==0.1.14.post1", "gguf==0.19.0")
+
+    # Every shape of a full profile, timed in shorter rounds: the host is lent for minutes.
+    shape, key = read_model_shape("smollm2")
+    opts = ProfileOptions.quick() if args.quick else ProfileOptions(min_time_s=0.004, rounds=3)
+    build_kit(os.path.join(a, "kit"), ["cpu", "cuda"], shape, key, opts, cpu_target="x86-64-v3")
+
+    heads = os.path.join(os.path.dirname(__file__), "..", "..", "hetcomp", "data",
+                         "smollm2-medusa.npz")
+    cpu, cuda = target_dict("x86-64-v3"), {"kind": "cuda", "arch": "sm_90"}
+    kinds = ("qkv", "o", "gate_up", "down", "lm_head")
+    plans = {
+        "split-all": HeteroPlan(("cpu", "cuda"), (cpu, cuda),
+                                tuple((k, 1.0) for k in kinds), 0, 0),
+        "split-half": HeteroPlan(("cpu", "cuda"), (cpu, cuda),
+                                 tuple((k, 0.5) for k in kinds), 0, 0),
+    }
+    common = dict(model="smollm2", heads=heads, max_context=args.max_context,
+                  separate_weights=True, widths=(1, 2, 4, 8, 16))
+    builds = {"cpu": CompileOptions(target="x86-64-v3", **common),
+              "gpu": CompileOptions(target="cuda", **common)}
+    builds.update({n: CompileOptions(target="x86-64-v3", plan=p, **common)
+                   for n, p in plans.items()})
+    for name, opts in builds.items():
+        print(f"== artifact {name}", file=sys.stderr, flush=True)
+        compile_model(opts, os.path.join(a, "art", name))
+
+    _sh("tar", "-C", a, "-cJf", os.path.join(a, "payload.tar.xz"), "kit", "art")
+    for d in ("kit", "art"):
+        subprocess.run(["rm", "-rf", os.path.join(a, d)], check=True)
+    gguf = default_gguf_path()
+    with open(gguf, "rb") as fh:
+        data = fh.read()
+    with open(os.path.join(a, "gguf.part0"), "wb") as fh:
+        fh.write(data[:PART0_BYTES])
+    with open(os.path.join(b, "gguf.part1"), "wb") as fh:
+        fh.write(data[PART0_BYTES:])
+    with open(os.path.join(a, "bundle.json"), "w") as fh:
+        json.dump({"gguf_sha256": hashlib.sha256(data).hexdigest(),
+                   "artifacts": list(builds)}, fh, indent=1)
+    for d in (a, b):
+        total = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(d) for f in fs)
+        print(f"{d}: {total / 2**20:.1f} MiB", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""On the CUDA host, with the TVM runtime only: profile the kit, run the artifacts.
+
+    python run.py profile BUNDLE OUT     ARCA kit -> OUT/profile.sqlite (cpu and cuda)
+    python run.py run BUNDLE OUT         attach weights; per artifact: greedy output
+                                         (sequential and speculative), decode tokens/s,
+                                         verify step time and per-unit busy time
+                                         -> OUT/results.json (rewritten after each artifact)
+
+BUNDLE is what bundle.py wrote (its ``a`` folder; ``b`` beside it holds the GGUF's second
+part, which arrives with the second call).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+
+T0 = time.time()
+PROMPTS = ["What are three good habits for staying healthy?",
+           "Write a short poem about the sea."]
+NEW_TOKENS = 48
+
+
+def say(msg: str) -> None:
+    print(f"[{time.time() - T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def profile(bundle: str, out: str) -> None:
+    from hetcomp.profile.commands import profile_command
+
+    summary = profile_command(units=[], out=os.path.join(out, "profile.sqlite"),
+                              kit=os.path.join(bundle, "kit"), progress=say)
+    with open(os.path.join(out, "profile-summary.json"), "w") as fh:
+        json.dump(summary, fh, indent=1)
+
+
+def _gguf(bundle: str) -> str:
+    path = os.path.join(bundle, "..", "gguf")
+    meta = json.load(open(os.path.join(bundle, "bundle.json")))
+    if not os.path.isfile(path):
+        with open(path + ".tmp", "wb") as fh:
+            for part in (os.path.join(bundle, "gguf.part0"),
+                         os.path.join(bundle, "..", "b", "gguf.part1")):
+                with open(part, "rb") as src:
+                    fh.write(src.read())
+        os.replace(path + ".tmp", path)
+    with open(path, "rb") as fh:
+        if hashlib.sha256(fh.read()).hexdigest() != meta["gguf_sha256"]:
+            raise SystemExit("reassembled GGUF does not match its sha256")
+    return path
+
+
+def run(bundle: str, out: str, names: list[str]) -> None:
+    import numpy as np
+
+    from hetcomp.runtime import attach_weights, generate, load_artifact
+    from hetcomp.runtime.unit_time import step_breakdown
+
+    gguf = _gguf(bundle)
+    meta = json.load(open(os.path.join(bundle, "bundle.json")))
+    results: dict = {"device": _device_info(), "artifacts": {}}
+    reference = None
+    for name in names or meta["artifacts"]:
+        art_dir = os.path.join(bundle, "art", name)
+        say(f"{name}: attaching weights")
+        attach_weights(art_dir, gguf, quiet=True)
+        t = time.time()
+        art = load_artifact(art_dir)
+        r: dict = {"load_s": time.time() - t, "units": [u["name"] for u in
+                                                         art.manifest["units"]]}
+        say(f"{name}: loaded in {r['load_s']:.1f}s on {r['units']}")
+        prompts = [art.tokenizer.encode(p, chat=True) for p in PROMPTS]
+        outs = {}
+        for width in (1, 4, 8):
+            runs = [generate(art, ids, NEW_TOKENS, stop_at_eos=False, width=width)
+                    for ids in prompts]
+            runs = [generate(art, ids, NEW_TOKENS, stop_at_eos=False, width=width)
+                    for ids in prompts]  # second pass: warm
+            outs[width] = [x.ids for x in runs]
+            r[f"w{width}"] = {
+                "tokens_per_s": float(np.mean([x.decode_tokens_per_s for x in runs])),
+                "accepted_per_step": float(np.mean([x.accepted_per_step for x in runs])),
+                "identical_to_sequential": outs[width] == outs[1]}
+            say(f"{name}: W={width} {r[f'w{width}']}")
+        if reference is None:
+            reference = outs[1]
+            r["text"] = runs[0].text
+        r["identical_to_first_artifact"] = outs[1] == reference
+        r["breakdown"] = [step_breakdown(art, w, steps=10, cache_len=64) for w in (1, 8)]
+        say(f"{name}: breakdown {r['breakdown']}")
+        results["artifacts"][name] = r
+        with open(os.path.join(out, "results.json"), "w") as fh:
+            json.dump(results, fh, indent=1)
+        del art
+
+
+def _device_info() -> dict:
+    import subprocess
+
+    from hetcomp.profile.units import cpu_model, gpu_info
+
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "gpu": gpu_info(),
+            "nvcc": subprocess.run(["nvcc", "--version"], capture_output=True,
+                                   text=True).stdout.strip().splitlines()[-1:]}
+
+
+def _unpack(bundle: str) -> None:
+    import tarfile
+
+    if not os.path.isdir(os.path.join(bundle, "kit")):
+        with tarfile.open(os.path.join(bundle, "payload.tar.xz")) as tf:
+            tf.extractall(bundle, filter="data")
+
+
+if __name__ == "__main__":
+    what, bundle, out = sys.argv[1:4]
+    os.makedirs(out, exist_ok=True)
+    _unpack(bundle)
+    if what == "profile":
+        profile(bundle, out)
+    else:
+        run(bundle, out, sys.argv[4:])
+    say("done")
