@@ -55,8 +55,9 @@ def ensure_backend(kind: str) -> None:
         libdir = os.path.join(os.path.dirname(tvm.__file__), "lib")
         for name in libs:
             ctypes.CDLL(os.path.join(libdir, name), mode=ctypes.RTLD_GLOBAL)
-    if kind == "cuda" and tvm_ffi.get_global_func("tvm_callback_cuda_compile",
-                                                  allow_missing=True) is None:
+    # A runtime-only tvm may still register the compiler's callback, which needs tvm.target.
+    if kind == "cuda" and (RUNTIME_ONLY or tvm_ffi.get_global_func(
+            "tvm_callback_cuda_compile", allow_missing=True) is None):
         tvm_ffi.register_global_func("tvm_callback_cuda_compile", _nvcc_fatbin, override=True)
     _BACKENDS.add(kind)
 

@@ -26,8 +26,9 @@ def cmd_compile(args) -> int:
 
     opts = CompileOptions(model=args.model, dtype=args.dtype, target=args.target,
                           max_context=args.max_context, heads=args.heads,
-                          plan=_load_plan(args.plan) if args.plan else None,
-                          separate_weights=args.separate_weights)
+                          plan=_load_plan(args.plan, args.target) if args.plan else None,
+                          separate_weights=args.separate_weights,
+                          plan_prediction=_plan_prediction(args.plan) if args.plan else None)
     compile_model(opts, args.output, quiet=args.quiet)
     return 0
 
@@ -41,11 +42,23 @@ def cmd_attach_weights(args) -> int:
     return 0
 
 
+def _plan_prediction(path: str) -> dict | None:
+    """The planner's predicted tau, step time and tokens/s per width in a plan.json."""
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+        return {str(c["width"]): {"tau": c["tau"], "step_s": c["step_s"],
+                                  "tokens_per_s": c["tau"] / c["step_s"]}
+                for c in data.get("candidates", [])}
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        return None
+
+
 # Targets of units a plan may name (GPU arch: the H100/H200 class this project deploys to).
 UNIT_TARGETS = {"cuda": {"kind": "cuda", "arch": "sm_90"}}
 
 
-def _load_plan(path: str):
+def _load_plan(path: str, host_target: str = "host"):
     """The HeteroPlan of a ``plan.json`` from `hetcomp tune`, or of a bare HeteroPlan JSON.
 
     A single-unit plan needs no partitioning (None). Spec-estimate plans describe hardware
@@ -70,7 +83,7 @@ def _load_plan(path: str):
         where = {u: i for i, u in enumerate((host, other))}
         return HeteroPlan(
             units=(host, other),
-            targets=(target_dict("host"), UNIT_TARGETS.get(other, target_dict("host"))),
+            targets=(target_dict(host_target), UNIT_TARGETS.get(other, target_dict(host_target))),
             ratios=tuple(sorted(ratios.items())),
             dense_attention=where.get(data["attention"].get("dense", host), 0),
             sparse_attention=where.get(data["attention"].get("sparse", host), 0))
@@ -121,7 +134,8 @@ def _bench_widths(art, widths, new_tokens: int, lookup: int | None) -> list[dict
     """Per width: tokens/s over the bench prompts, accepted tokens per step, step time."""
     from .runtime import generate
 
-    prompts = [art.tokenizer.encode(p, chat=True) for p in BENCH_PROMPTS]
+    chat = art.tokenizer.chat_template is not None  # tiny test models have none
+    prompts = [art.tokenizer.encode(p, chat=chat) for p in BENCH_PROMPTS]
     rows = []
     fixed = lookup
     for w in widths:
@@ -159,6 +173,11 @@ def plot_widths(rows, path: str, title: str) -> None:
     ws = [r["width"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(ws, [r["tokens_per_s"] for r in rows], marker="o", color="C0", label="tokens/s")
+    pred = [(r["width"], r["predicted_tokens_per_s"]) for r in rows if "predicted_tokens_per_s" in r]
+    if pred:
+        ax.plot(*zip(*pred, strict=True), marker="x", ls="--", color="C0",
+                label="predicted (plan)")
+        ax.legend(loc="lower left", fontsize=8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("tree width W")
     ax.set_ylabel("decode tokens/s", color="C0")
@@ -181,7 +200,7 @@ def cmd_bench(args) -> int:
     from .runtime import generate, load_artifact
 
     art = load_artifact(args.artifact)
-    ids = art.tokenizer.encode(BENCH_PROMPTS[0], chat=True)
+    ids = art.tokenizer.encode(BENCH_PROMPTS[0], chat=art.tokenizer.chat_template is not None)
     generate(art, ids, max_new_tokens=8, stop_at_eos=False)  # warm-up
     runs = [generate(art, ids, max_new_tokens=args.new_tokens, stop_at_eos=False)
             for _ in range(args.runs)]
@@ -203,12 +222,17 @@ def cmd_bench(args) -> int:
         "roofline_tokens_per_s": bw * 1e9 / per_token,
         "roofline_fraction": tps * per_token / (bw * 1e9),
     }
+    widths = [int(w) for w in args.widths.split(",")] if args.widths else [1]
+    bad = [w for w in widths if w != 1 and w not in art.trees]
+    if bad:
+        raise HetcompError(f"widths {bad} are not in this artifact (compile with --heads)")
+    report["verify_steps"] = _verify_steps(art, widths)
     if args.widths:
-        widths = [int(w) for w in args.widths.split(",")]
-        bad = [w for w in widths if w != 1 and w not in art.trees]
-        if bad:
-            raise HetcompError(f"widths {bad} are not in this artifact (compile with --heads)")
         rows = _bench_widths(art, widths, args.new_tokens, args.lookup)
+        predicted = art.manifest.get("plan_prediction") or {}
+        for r in rows:
+            if str(r["width"]) in predicted:
+                r["predicted_tokens_per_s"] = predicted[str(r["width"])]["tokens_per_s"]
         best = max(rows, key=lambda r: r["tokens_per_s"])
         base = next((r for r in rows if r["width"] == 1), rows[0])
         report["widths"] = rows
@@ -221,10 +245,24 @@ def cmd_bench(args) -> int:
         print(json.dumps(report))
     else:
         for k, v in report.items():
-            if k == "widths":
+            if k in ("widths", "verify_steps"):
                 continue
             print(f"{k:28s} {v:.4g}" if isinstance(v, float) else f"{k:28s} {v}")
     return 0
+
+
+def _verify_steps(art, widths) -> list[dict]:
+    """Per width: the verify step time and each unit's busy time (their sum is the step
+    without overlap; see hetcomp.runtime.unit_time)."""
+    from .runtime.unit_time import step_breakdown
+
+    cache_len = max(1, min(64, art.config.max_context - max(widths) - 1))
+    out = []
+    for w in sorted(set(widths)):
+        b = step_breakdown(art, w, steps=5, cache_len=cache_len)
+        out.append({"width": w, "step_ms": 1e3 * b["step_s"], "serial_ms": 1e3 * b["serial_s"],
+                    "busy_ms": {u: 1e3 * t for u, t in b["busy_s"].items() if u != "host"}})
+    return out
 
 
 def cmd_calibrate(args) -> int:

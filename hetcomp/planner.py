@@ -8,7 +8,8 @@ Step-time model (one ``verify`` call, plus the Medusa draft call when W > 1):
 
 - Ops run one after another (the Relax VM runs bindings in order); within a split op the
   units run at once, so an op takes the *maximum* of its units' times, each taken from the
-  unit's co-run cost (measured under a concurrent load, so contention is in the numbers).
+  unit's co-run cost (measured under a concurrent load, so contention is in the numbers)
+  when the units share memory, from its alone cost when one of them has its own.
 - Units on shared DRAM cannot beat their shared bandwidth: a split op takes at least its
   units' summed bytes over the smaller of their bandwidths.
 - Any op touching a non-host unit pays that unit's synchronisation cost, plus copies of the
@@ -255,7 +256,10 @@ class _StepModel:
         if len(parts) == 1:
             unit, feat = parts[0]
             return unit.cost(feat)
-        t = max(unit.cost(feat.with_corun(True)) for unit, feat in parts)
+        # Units contend only for a memory they share: a discrete GPU's share runs in its own
+        # memory, so neither side pays the co-run slowdown there.
+        contend = all(u.shared_memory for u, _ in parts)
+        t = max(unit.cost(feat.with_corun(contend)) for unit, feat in parts)
         shared = [(u, f) for u, f in parts if u.shared_memory and u.mem_bw_gbs > 0]
         if len(shared) > 1:
             bw = min(u.mem_bw_gbs for u, _ in shared) * 1e9

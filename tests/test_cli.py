@@ -106,3 +106,26 @@ def test_bad_artifacts(tmp_path, tiny_artifact):
     (short / "params.bin").write_bytes(data[:-100])
     rc, _, err = run("generate", short, "--prompt", "hi")
     assert_one_line_error(rc, err, "wrong size")
+
+
+def test_bench_reports_unit_busy_time_and_plan_prediction(tmp_path, tiny_gguf):
+    """bench on an artifact compiled from a planner's plan.json: per-unit busy time of the
+    verify step, and the plan's predicted tokens/s beside the measured one."""
+    plan = {"format": "hetcomp-plan/1", "units": ["cpu", "cpu:1"], "host": "cpu",
+            "source": "measured", "width": 1,
+            "split": {k: {"cpu": 0.5, "cpu:1": 0.5} for k in ("qkv", "gate_up", "down")},
+            "attention": {"dense": "cpu", "sparse": "cpu:1"},
+            "candidates": [{"width": 1, "tau": 1.0, "step_s": 0.01}]}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    rc, _, err = run("compile", "--model", tiny_gguf, "--max-context", 128, "--plan",
+                     tmp_path / "plan.json", "-o", tmp_path / "a", "--quiet")
+    assert rc == 0, err
+    rc, out, err = run("bench", tmp_path / "a", "--widths", "1", "--new-tokens", 8, "--runs", 1,
+                       "--json", "--plot", tmp_path / "w.png")
+    assert rc == 0, err
+    rep = json.loads(out)
+    step = rep["verify_steps"][0]
+    assert step["width"] == 1 and {"cpu", "cpu:1", "copy"} <= set(step["busy_ms"])
+    assert step["serial_ms"] > 0 and step["step_ms"] > 0
+    assert rep["widths"][0]["predicted_tokens_per_s"] == pytest.approx(100.0)
+    assert (tmp_path / "w.png").stat().st_size > 0

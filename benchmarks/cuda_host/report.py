@@ -1,8 +1,9 @@
 """Back on the build machine: plan from the CUDA host's profile and compare with its runs.
 
-    python report.py RESULTS_DIR [-o OUT_DIR]
+    python report.py RESULTS.json [RESULTS.json ...] --profiles DB [DB ...] -o OUT_DIR
 
-RESULTS_DIR holds what run.py wrote on the CUDA host (profile.sqlite, results.json). Fits
+The results and profiles are what run.py wrote on the CUDA host (one or several calls;
+profiles of the units measured separately are merged into OUT_DIR/profile.sqlite). Fits
 the cost models on that profile (`hetcomp tune --profile`), lets the planner choose among
 cpu, cuda and cpu+cuda (any unit may host the unsplit ops), and puts the predicted verify
 step time of each measured artifact beside its measured one. Writes report.md, plan.json,
@@ -30,27 +31,42 @@ LAYOUTS = {
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("results")
-    ap.add_argument("-o", "--out", default=None)
+    ap.add_argument("results", nargs="+")
+    ap.add_argument("--profiles", nargs="+", required=True)
+    ap.add_argument("-o", "--out", required=True)
     args = ap.parse_args()
-    out = args.out or args.results
+    out = args.out
     os.makedirs(out, exist_ok=True)
+    from hetcomp.profile.db import ProfileDB
+
+    db = os.path.join(out, "profile.sqlite")
+    with ProfileDB(db) as dst:
+        for path in args.profiles:
+            with ProfileDB(path) as src:
+                dst.merge_from(src)
 
     from hetcomp.planner import predict_step_time
     from hetcomp.profile.commands import measured_unit_models, read_model_shape, stored_digests
     from hetcomp.profile.commands import tune_command
 
-    db = os.path.join(args.results, "profile.sqlite")
     summary = tune_command("smollm2", ["cpu", "cuda"], out, cache_len=64, profile=db)
     shape, key = read_model_shape("smollm2")
     models, _ = measured_unit_models(db, key, stored_digests(db, ["cpu", "cuda"], key))
     by_name = {m.name: m for m in models}
-    with open(os.path.join(args.results, "results.json")) as fh:
-        res = json.load(fh)
+    res: dict = {"artifacts": {}}
+    for path in args.results:
+        with open(path) as fh:
+            part = json.load(fh)
+        res["device"] = part["device"]
+        res["artifacts"].update(part["artifacts"])
+        res.setdefault("reference", part.get("reference"))
+    for r in res["artifacts"].values():  # runs from separate calls: compare ids directly
+        if "ids_w1" in r:
+            r["identical_to_first_artifact"] = r["ids_w1"] == res["reference"]
 
     rows = []
     for name, r in res["artifacts"].items():
-        units, split, attention = LAYOUTS[name]
+        units, split, attention = LAYOUTS.get(name) or _layout(r)
         ums = [by_name[u] for u in units]
         for b in r["breakdown"]:
             w = b["width"]
@@ -72,14 +88,16 @@ def main() -> int:
     for r in rows:
         busy = ", ".join(f"{u} {t:.2f}" for u, t in sorted(r["busy_ms"].items()))
         err = (r["predicted_ms"] - r["measured_ms"]) / r["measured_ms"]
-        saved = 1 - r["measured_ms"] / r["serial_ms"] if r["serial_ms"] else 0.0
+        # Overlap only means something where two units worked (copies are not a unit).
+        two = len([u for u, t in r["busy_ms"].items() if u != "copy" and t > 0.05]) > 1
+        saved = (f"{100 * (1 - r['measured_ms'] / r['serial_ms']):.0f}%" if two else "-")
         lines.append(f"| {r['artifact']} | {r['width']} | {r['measured_ms']:.2f} | "
                      f"{r['predicted_ms']:.2f} | {100 * err:+.0f}% | {busy} | "
-                     f"{r['serial_ms']:.2f} | {100 * saved:.0f}% |")
+                     f"{r['serial_ms']:.2f} | {saved} |")
     lines += ["", "| artifact | W | tokens/s | accepted/step | identical to sequential | "
               "identical to first artifact |", "|---|---|---|---|---|---|"]
     for name, r in res["artifacts"].items():
-        for w in (1, 4, 8):
+        for w in sorted(int(k[1:]) for k in r if k[1:].isdigit() and k[0] == "w"):
             x = r[f"w{w}"]
             lines.append(f"| {name} | {w} | {x['tokens_per_s']:.1f} | "
                          f"{x['accepted_per_step']:.2f} | {x['identical_to_sequential']} | "
@@ -92,6 +110,15 @@ def main() -> int:
     _plot(rows, os.path.join(out, "steps.png"))
     print(text)
     return 0
+
+
+def _layout(r):
+    """Units, split and attention placement of an artifact compiled from a plan.json."""
+    plan = r["plan"]
+    units = tuple(plan["units"])
+    split = {k: ((units[0], 1.0 - f), (units[1], f)) for k, f in plan["ratios"].items()}
+    place = {"dense": units[plan["dense_attention"]], "sparse": units[plan["sparse_attention"]]}
+    return units, split, tuple(sorted(place.items()))
 
 
 def _plot(rows, path):
@@ -112,7 +139,6 @@ def _plot(rows, path):
         bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
     ax.set_xticks(list(x), labels, fontsize=8)
     ax.set_ylabel("ms per verify step")
-    ax.set_yscale("log")
     ax.legend(fontsize=8)
     ax.set_title("CUDA host: step time, prediction, and per-unit busy time (serial sum)")
     fig.tight_layout()

@@ -28,10 +28,10 @@ def say(msg: str) -> None:
     print(f"[{time.time() - T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
-def profile(bundle: str, out: str) -> None:
+def profile(bundle: str, out: str, units: list[str]) -> None:
     from hetcomp.profile.commands import profile_command
 
-    summary = profile_command(units=[], out=os.path.join(out, "profile.sqlite"),
+    summary = profile_command(units=units or ["cpu", "cuda"], out=os.path.join(out, "profile.sqlite"),
                               kit=os.path.join(bundle, "kit"), progress=say)
     with open(os.path.join(out, "profile-summary.json"), "w") as fh:
         json.dump(summary, fh, indent=1)
@@ -61,20 +61,23 @@ def run(bundle: str, out: str, names: list[str]) -> None:
 
     gguf = _gguf(bundle)
     meta = json.load(open(os.path.join(bundle, "bundle.json")))
-    results: dict = {"device": _device_info(), "artifacts": {}}
-    reference = None
+    path = os.path.join(out, "results.json")
+    # One process per artifact (a crash loses one artifact): results accumulate in the file.
+    results: dict = (json.load(open(path)) if os.path.isfile(path)
+                     else {"device": _device_info(), "artifacts": {}})
+    reference = results.get("reference")
     for name in names or meta["artifacts"]:
         art_dir = os.path.join(bundle, "art", name)
         say(f"{name}: attaching weights")
         attach_weights(art_dir, gguf, quiet=True)
         t = time.time()
         art = load_artifact(art_dir)
-        r: dict = {"load_s": time.time() - t, "units": [u["name"] for u in
-                                                         art.manifest["units"]]}
+        r: dict = {"load_s": time.time() - t, "plan": art.manifest.get("plan"),
+                   "units": [u["name"] for u in art.manifest["units"]]}
         say(f"{name}: loaded in {r['load_s']:.1f}s on {r['units']}")
         prompts = [art.tokenizer.encode(p, chat=True) for p in PROMPTS]
         outs = {}
-        for width in (1, 4, 8):
+        for width in (1, 2, 4, 8):
             runs = [generate(art, ids, NEW_TOKENS, stop_at_eos=False, width=width)
                     for ids in prompts]
             runs = [generate(art, ids, NEW_TOKENS, stop_at_eos=False, width=width)
@@ -86,13 +89,14 @@ def run(bundle: str, out: str, names: list[str]) -> None:
                 "identical_to_sequential": outs[width] == outs[1]}
             say(f"{name}: W={width} {r[f'w{width}']}")
         if reference is None:
-            reference = outs[1]
+            reference = results["reference"] = outs[1]
             r["text"] = runs[0].text
         r["identical_to_first_artifact"] = outs[1] == reference
-        r["breakdown"] = [step_breakdown(art, w, steps=10, cache_len=64) for w in (1, 8)]
+        r["ids_w1"] = outs[1]
+        r["breakdown"] = [step_breakdown(art, w, steps=10, cache_len=64) for w in (1, 2, 8)]
         say(f"{name}: breakdown {r['breakdown']}")
         results["artifacts"][name] = r
-        with open(os.path.join(out, "results.json"), "w") as fh:
+        with open(path, "w") as fh:
             json.dump(results, fh, indent=1)
         del art
 
@@ -120,7 +124,7 @@ if __name__ == "__main__":
     os.makedirs(out, exist_ok=True)
     _unpack(bundle)
     if what == "profile":
-        profile(bundle, out)
+        profile(bundle, out, sys.argv[4:])
     else:
         run(bundle, out, sys.argv[4:])
     say("done")

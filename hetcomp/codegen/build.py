@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .._tvm import compiler
 from ..schedules import cpu_rules
-from ..schedules.gpu import gpu_rules
+from ..schedules.gpu import gpu_rules, use_gpu_script_kernels
 
 
 def schedule_module(mod, target):
@@ -25,7 +25,7 @@ def build_gpu(mod, target):
     """Compile ``mod`` entirely for a GPU ``target``: every kernel gets our GPU rules, then
     dlight's; the VM's control flow runs on the target's host."""
     c = compiler()
-    mod = c.relax.transform.LegalizeOps()(mod)
+    mod = use_gpu_script_kernels(c.relax.transform.LegalizeOps()(mod))
     with target:
         mod = c.ApplyDefaultSchedule(*gpu_rules())(mod)
     return c.compile(mod, target=target)

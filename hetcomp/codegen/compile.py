@@ -31,6 +31,9 @@ class CompileOptions:
     # Leave params.bin out (`hetcomp attach-weights` rebuilds it from the model file where
     # the artifact runs): the library travels without hundreds of MB of weights.
     separate_weights: bool = False
+    # The planner's predictions per width ({"W": {"tau", "step_s", "tokens_per_s"}}), kept in
+    # the manifest so that `hetcomp bench` can put measured beside predicted.
+    plan_prediction: dict | None = None
 
     def __post_init__(self):
         if self.dtype not in WEIGHT_DTYPES:
@@ -141,6 +144,7 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
         "units": _units(opts.plan, opts.target),
         "param_units": placement,
         "plan": opts.plan.to_json() if opts.plan is not None else None,
+        "plan_prediction": opts.plan_prediction,
         "functions": functions,
         "param_recipes": recipes,
         "tokenizer": tok.to_json(),

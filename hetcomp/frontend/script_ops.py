@@ -1,18 +1,24 @@
 """Kernels that update the KV cache in place, written in TVMScript (TE cannot mutate inputs).
 
-They are called with ``R.call_tir_inplace``; both are already scheduled (plain loops with an
-explicit parallel loop) and marked so that no schedule rule touches them.
+They are called with ``R.call_tir_inplace``; both are already scheduled and marked so that
+no schedule rule touches them: for CPUs plain loops with an explicit parallel loop, for GPUs
+(``gpu=True``) the same loops bound to blocks and threads. :func:`for_gpu` turns the CPU
+kernel in a module into the GPU one (the arguments are recorded on the function).
 """
 
 from __future__ import annotations
+
+import json
 
 from tvm.script import tirx as T
 
 from .ops import OP_KIND
 
+ARGS_ATTR = "hetcomp.script_args"
+
 
 def rope_kv(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, context: int,
-            theta: float):
+            theta: float, gpu: bool = False):
     """Apply RoPE (rotate-half) to the fused ``qkv[w, (H + 2G) * D]`` rows.
 
     Writes the roped K of tree node i to ``k_cache[layer, :, :, n + i]`` and its V to
@@ -53,10 +59,42 @@ def rope_kv(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, conte
                 for j in range(d):
                     v_cache[layer, h, n + i, j] = qkv[i, (hq + g + h) * d + j]
 
-    return rope_kv_func.with_attr(OP_KIND, "rope")
+    @T.prim_func(private=True)
+    def rope_kv_gpu(var_qkv: T.handle, var_pos: T.handle, var_k: T.handle, var_v: T.handle,
+                    layer: T.int64, n: T.int64, var_q: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        w = T.int64()
+        qkv = T.match_buffer(var_qkv, (w, qkv_size), "float32")
+        pos = T.match_buffer(var_pos, (w,), "int32")
+        k_cache = T.match_buffer(var_k, (nl, g, d, c), "float32")
+        v_cache = T.match_buffer(var_v, (nl, g, c, d), "float32")
+        q = T.match_buffer(var_q, (hq, w, d), "float32")
+        for i in T.thread_binding(w, thread="blockIdx.x"):
+            for h in T.thread_binding(hq + g, thread="threadIdx.x"):
+                for j in range(half):
+                    inv_freq = T.float32(1.0) / T.pow(
+                        theta32, T.Cast("float32", j * 2) / T.float32(d))
+                    ang = T.Cast("float32", pos[i]) * inv_freq
+                    cs = T.cos(ang)
+                    sn = T.sin(ang)
+                    x0 = qkv[i, h * d + j]
+                    x1 = qkv[i, h * d + j + half]
+                    if h < hq:
+                        q[h, i, j] = x0 * cs - x1 * sn
+                        q[h, i, j + half] = x1 * cs + x0 * sn
+                    else:
+                        k_cache[layer, h - hq, j, n + i] = x0 * cs - x1 * sn
+                        k_cache[layer, h - hq, j + half, n + i] = x1 * cs + x0 * sn
+                if h < g:
+                    for j in range(d):
+                        v_cache[layer, h, n + i, j] = qkv[i, (hq + g + h) * d + j]
+
+    func = rope_kv_gpu if gpu else rope_kv_func
+    return func.with_attr(OP_KIND, "rope").with_attr(
+        ARGS_ATTR, json.dumps([num_heads, num_kv_heads, head_dim, layers, context, theta]))
 
 
-def kv_commit(num_kv_heads: int, head_dim: int, layers: int, context: int):
+def kv_commit(num_kv_heads: int, head_dim: int, layers: int, context: int, gpu: bool = False):
     """Compact the accepted tree nodes: slot ``n + idx[j]`` moves to ``n + j``, in order.
 
     Safe in place because ``idx`` is increasing with ``idx[j] >= j`` (a root-to-leaf path in
@@ -79,4 +117,35 @@ def kv_commit(num_kv_heads: int, head_dim: int, layers: int, context: int):
                     v_cache[lg // g, lg % g, n + j, e] = v_cache[
                         lg // g, lg % g, n + T.Cast("int64", idx[j]), e]
 
-    return kv_commit_func.with_attr(OP_KIND, "kv_commit")
+    @T.prim_func(private=True)
+    def kv_commit_gpu(var_k: T.handle, var_v: T.handle, var_idx: T.handle, n: T.int64):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        a = T.int64()
+        k_cache = T.match_buffer(var_k, (nl, g, d, c), "float32")
+        v_cache = T.match_buffer(var_v, (nl, g, c, d), "float32")
+        idx = T.match_buffer(var_idx, (a,), "int32")
+        for lg in T.thread_binding(nl * g, thread="blockIdx.x"):
+            for e in T.thread_binding(d, thread="threadIdx.x"):
+                for j in range(a):  # in order, per (layer, head, element): safe in place
+                    k_cache[lg // g, lg % g, e, n + j] = k_cache[
+                        lg // g, lg % g, e, n + T.Cast("int64", idx[j])]
+                    v_cache[lg // g, lg % g, n + j, e] = v_cache[
+                        lg // g, lg % g, n + T.Cast("int64", idx[j]), e]
+
+    func = kv_commit_gpu if gpu else kv_commit_func
+    return func.with_attr(OP_KIND, "kv_commit").with_attr(
+        ARGS_ATTR, json.dumps([num_kv_heads, head_dim, layers, context]))
+
+
+def for_gpu(func):
+    """The GPU version of a script kernel (``rope_kv``/``kv_commit``), or None for others."""
+    attrs = func.attrs
+    if attrs is None or ARGS_ATTR not in attrs:
+        return None
+    args = json.loads(str(attrs[ARGS_ATTR]))
+    build = {"rope": rope_kv, "kv_commit": kv_commit}[str(attrs[OP_KIND])]
+    out = build(*args, gpu=True)
+    for key in ("global_symbol", "target"):
+        if key in attrs:
+            out = out.with_attr(key, attrs[key])
+    return out

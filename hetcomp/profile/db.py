@@ -115,6 +115,19 @@ class ProfileDB:
             self._con.execute("INSERT INTO runs VALUES (?, ?, ?, 1, ?)",
                               (digest, mode, model, now))
 
+    def merge_from(self, other: ProfileDB) -> int:
+        """Copy every complete profile of ``other`` (e.g. units profiled in separate runs on
+        a remote host) into this database; returns how many were copied."""
+        copied = 0
+        for digest in other.digests():
+            for (model,) in other._con.execute(
+                    "SELECT DISTINCT model FROM runs WHERE digest=? AND complete=1", (digest,)):
+                mode = other.complete_mode(digest, model)
+                self.store(other.unit_info(digest) or {}, digest, model, mode,
+                           other.measurements(digest, model))
+                copied += 1
+        return copied
+
     def measurements(self, digest: str, model: str, op: str | None = None) -> list[Measurement]:
         """The stored rows of one profile, optionally of one op class."""
         sql = ("SELECT u.unit, m.op, m.kind, m.w, m.n, m.k, m.r, m.cache_len, m.corun, m.flops,"

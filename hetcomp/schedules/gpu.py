@@ -102,6 +102,26 @@ class LinearColumnRule(_BASE):
         return sch
 
 
+def use_gpu_script_kernels(mod, only_target: str | None = None):
+    """Replace the in-place TVMScript kernels (CPU loops, already scheduled) by their GPU
+    versions; with ``only_target``, only those whose ``target`` attribute is of that kind."""
+    from ..frontend.script_ops import for_gpu
+
+    c = compiler()
+    mod = c.IRModule(dict(mod.functions_items()), attrs=mod.attrs,
+                     global_infos=mod.global_infos)
+    for gv, func in list(mod.functions_items()):
+        if not isinstance(func, c.tir.PrimFunc):
+            continue
+        if only_target is not None and (func.attrs is None or "target" not in func.attrs or
+                                        func.attrs["target"].kind.name != only_target):
+            continue
+        gpu = for_gpu(func)
+        if gpu is not None:
+            mod[gv] = gpu
+    return mod
+
+
 def gpu_rules():
     """Our GPU rules first, then dlight's."""
     gpu = compiler().dlight.gpu
