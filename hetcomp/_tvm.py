@@ -166,12 +166,22 @@ class _Compiler:
         self.transform = tvm.transform
         self.IS_SCHEDULED = "tirx.is_scheduled"
         self.assert_structural_equal = tvm.ir.assert_structural_equal
+        from tvm_ffi import structural_hash
+
+        self.structural_hash = structural_hash  # tvm.ir.structural_hash before 0.27
         self.TensorIntrin = s_tir.TensorIntrin  # tvm.tir.TensorIntrin before 0.27
         self.renew_defs = s_tir.renew_defs  # tvm.tir.stmt_functor.renew_defs before 0.27
         self.IRBuilder = IRBuilder
         self.build_prim_func = build_prim_func  # the IRBuilder frame of a PrimFunc
         self.cc = cc  # tvm.contrib.cc before 0.27
         self.llvm_cpu_has_features = llvm_cpu_has_features
+
+    @property
+    def meta_schedule(self):
+        """``tvm.s_tir.meta_schedule`` (``tvm.meta_schedule`` before 0.27), imported on use."""
+        from tvm.s_tir import meta_schedule
+
+        return meta_schedule
 
     @staticmethod
     def same_vdevice(a, b) -> bool:

@@ -28,7 +28,8 @@ def cmd_compile(args) -> int:
                           max_context=args.max_context, heads=args.heads,
                           plan=_load_plan(args.plan, args.target) if args.plan else None,
                           separate_weights=args.separate_weights,
-                          plan_prediction=_plan_prediction(args.plan) if args.plan else None)
+                          plan_prediction=_plan_prediction(args.plan) if args.plan else None,
+                          tuning_db=args.tuning_db)
     compile_model(opts, args.output, quiet=args.quiet)
     return 0
 
@@ -305,7 +306,14 @@ def cmd_profile(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from .profile.commands import tune_command
+    from .profile.commands import tune_command, tune_kernels_command
+
+    if args.kernels:
+        widths = [int(w) for w in (args.widths or "1,16,64").split(",")]
+        kinds = [k for k in args.kinds.split(",") if k] if args.kinds else None
+        summary = tune_kernels_command(args.model, args.output, widths, kinds, args.trials)
+        print(json.dumps(summary, indent=1, default=str))
+        return 0
 
     summary = tune_command(args.model, _units(args.units), args.output, quick=args.quick,
                            cache_len=args.cache_len, heads=args.heads, profile=args.profile)
@@ -346,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-context", type=int, default=2048, help="KV cache capacity (tokens)")
     c.add_argument("--heads", help="Medusa heads (.npz) from `hetcomp calibrate`")
     c.add_argument("--plan", help="plan.json from `hetcomp tune`: partition across units")
+    c.add_argument("--tuning-db", help="root of `hetcomp tune --kernels` databases: this "
+                                       "machine's records replace hand-written schedules")
     c.add_argument("--separate-weights", action="store_true",
                    help="leave params.bin out; `hetcomp attach-weights` rebuilds it where it runs")
     c.add_argument("-o", "--output", required=True)
@@ -417,6 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quick", action="store_true")
     t.add_argument("--profile", help="plan from this profile database (measured elsewhere, "
                                      "e.g. with --kit) instead of profiling here")
+    t.add_argument("--kernels", action="store_true",
+                   help="MetaSchedule-tune the linear kernels into a database per machine "
+                        "fingerprint under -o (for compile --tuning-db)")
+    t.add_argument("--widths", help="with --kernels: rows W to tune (default 1,16,64)")
+    t.add_argument("--kinds", help="with --kernels: linear kinds (default all five)")
+    t.add_argument("--trials", type=int, default=32, help="with --kernels: trials per kernel")
     t.add_argument("-o", "--output", required=True, help="output folder")
     t.set_defaults(func=cmd_tune)
 

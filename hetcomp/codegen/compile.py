@@ -34,6 +34,9 @@ class CompileOptions:
     # The planner's predictions per width ({"W": {"tau", "step_s", "tokens_per_s"}}), kept in
     # the manifest so that `hetcomp bench` can put measured beside predicted.
     plan_prediction: dict | None = None
+    # Root of MetaSchedule tuning databases (`hetcomp tune --kernels`): records of this
+    # machine's CPU fingerprint replace the hand-written schedules of the kernels they cover.
+    tuning_db: str | None = None
 
     def __post_init__(self):
         if self.dtype not in WEIGHT_DTYPES:
@@ -42,6 +45,9 @@ class CompileOptions:
             raise HetcompError(f"unsupported target {self.target!r} (supported: {', '.join(TARGETS)})")
         if self.max_context < 16:
             raise HetcompError("--max-context must be at least 16")
+        if self.tuning_db is not None and (self.target != "host" or self.plan is not None):
+            raise HetcompError("--tuning-db applies to --target host without --plan (records "
+                               "are measured on this machine's CPU)")
 
 
 def _progress(step: int, total: int, what: str, quiet: bool) -> None:
@@ -73,6 +79,7 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
                     "parameters)", quiet)
     _progress(2, 4, f"building Relax module ({cfg.num_layers} layers, {opts.dtype})", quiet)
     widths = tuple(opts.widths) if heads is not None else (1,)
+    tuning = None
     root = heads is not None and heads.u is not None
     mod = build_module(cfg, opts.dtype, heads.num_heads if heads else 0, static_widths=widths,
                        medusa_root=root)
@@ -92,7 +99,14 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
         _progress(3, 4, "scheduling and compiling for cuda (GPU rules)", quiet)
         ex = build_gpu(mod, target)
     else:
-        _progress(3, 4, f"scheduling and compiling for {opts.target}", quiet)
+        path = _tuning_path(opts, quiet)
+        if path is not None:
+            from ..schedules.tuning import apply_database
+
+            mod, count = apply_database(mod, target, path)
+            tuning = {"db": path, "kernels": count}
+        _progress(3, 4, f"scheduling and compiling for {opts.target}"
+                        + (f" ({tuning['kernels']} tuned kernels)" if tuning else ""), quiet)
         ex = build(mod, target)
     _progress(4, 4, f"packing weights and writing {out_dir}", quiet)
     packed = pack_weights(cfg, w, opts.dtype)
@@ -145,6 +159,7 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
         "param_units": placement,
         "plan": opts.plan.to_json() if opts.plan is not None else None,
         "plan_prediction": opts.plan_prediction,
+        "tuning": tuning,
         "functions": functions,
         "param_recipes": recipes,
         "tokenizer": tok.to_json(),
@@ -156,6 +171,27 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
                            write_weights=not opts.separate_weights)
     if not quiet:
         print(f"compiled in {time.time() - t0:.1f}s -> {path}", file=sys.stderr)
+    return path
+
+
+def _tuning_path(opts: CompileOptions, quiet: bool) -> str | None:
+    """The tuning database of this machine's CPU under ``opts.tuning_db``, if there is one.
+
+    Records are tuned on, and valid for, the build machine's CPU: they apply to ``--target
+    host`` only; a database of another machine (another fingerprint) is not found.
+    """
+    if opts.tuning_db is None:
+        return None
+    from ..profile.units import detect_unit
+    from ..schedules.tuning import database_dir
+
+    digest = detect_unit("cpu").fingerprint.digest
+    path = database_dir(opts.tuning_db, digest)
+    if not os.path.isdir(path):
+        if not quiet:
+            print(f"no tuning records for this machine (fingerprint {digest}) under "
+                  f"{opts.tuning_db}: hand-written schedules", file=sys.stderr)
+        return None
     return path
 
 

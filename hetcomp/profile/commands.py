@@ -260,3 +260,107 @@ def tune_command(model: str = "smollm2", units=("cpu",), out_dir: str = "tune",
     say(f"[tune] plan: units {'+'.join(best.units)}, W={best.width}, tau={best.tau:.2f}, "
         f"step {1e3 * best.step_s:.1f} ms, {best.tokens_per_s:.1f} tokens/s ({best.source})")
     return summary
+
+
+ACCEPT_SPEEDUP = 1.05  # a tuned kernel must be this much faster than the rule to be used
+
+
+def tune_kernels_command(model: str = "smollm2", db_root: str = "tuning",
+                         widths=(1, 16, 64), kinds=None, trials: int = 32,
+                         progress=None) -> dict:
+    """MetaSchedule-tune the model's linear kernels on this CPU into ``db_root/<digest>``, then
+    compare every tuned kernel with its hand-scheduled default in a fresh process (the
+    tuning process keeps XGBoost's OpenMP threads and the tuner's workers, which distort
+    timings on a small machine)."""
+    import subprocess
+
+    from ..schedules.tuning import KernelTuneOptions, database_dir, linear_kernels, tune_kernels
+    from .units import detect_unit
+
+    say = progress or _say
+    shape, _ = read_model_shape(model)
+    kinds = tuple(kinds or KernelTuneOptions.kinds)
+    kopts = KernelTuneOptions(kinds=kinds, widths=tuple(widths), trials_per_kernel=trials)
+    unit = detect_unit("cpu")
+    path = database_dir(db_root, unit.fingerprint.digest)
+    records = tune_kernels(linear_kernels(shape, kopts), unit.target, path, trials, say)
+    say("[tune kernels] timing tuned against default kernels")
+    code = ("import json, sys; from hetcomp.profile.commands import compare_tuned_kernels as f; "
+            "print(json.dumps(f(*json.loads(sys.argv[1]))))")
+    res = subprocess.run([sys.executable, "-c", code,
+                          json.dumps([model, db_root, list(widths), list(kinds)])],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        raise HetcompError(f"timing the tuned kernels failed: {res.stderr.strip()[-300:]}")
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    # Keep a record only where it beat the rule by more than the timing noise.
+    from ..schedules.tuning import workload_key, write_accepted
+
+    kernels = linear_kernels(shape, kopts)
+    keep = [r["kernel"] for r in summary["kernels"] if r["speedup"] > ACCEPT_SPEEDUP]
+    write_accepted(path, [workload_key(kernels[k]) for k in keep])
+    summary.update({"records": records, "trials_per_kernel": trials, "accepted": keep})
+    return summary
+
+
+def compare_tuned_kernels(model: str, db_root: str, widths, kinds) -> dict:
+    """Per linear kernel: time of the hand-scheduled default and of this machine's tuned
+    record (rotated weights, back-to-back calls, median of 5 rounds)."""
+    import math
+
+    from .._tvm import compiler
+    from ..codegen.build import schedule_module
+    from ..cost.roofline import linear_features
+    from ..frontend import ops
+    from ..schedules.tuning import (KernelTuneOptions, apply_database, database_dir,
+                                    linear_kernels)
+    from .measure import Probe, ProbeGroup, ProfileOptions
+    from .units import detect_unit
+
+    shape, key = read_model_shape(model)
+    kernels = linear_kernels(shape, KernelTuneOptions(kinds=tuple(kinds), widths=tuple(widths)))
+    unit = detect_unit("cpu")
+    path = database_dir(db_root, unit.fingerprint.digest)
+    c = compiler()
+    target = c.Target(unit.target)
+    mod = c.IRModule(kernels)
+    tuned, count = apply_database(mod, target, path, accepted_only=False)
+    both = {}
+    for label, m in (("default", schedule_module(mod, target)), ("tuned", tuned)):
+        for gv, func in m.functions_items():
+            both[f"{gv.name_hint}__{label}"] = func.with_attr("global_symbol",
+                                                              f"{gv.name_hint}__{label}")
+    lib = c.compile(schedule_module(c.IRModule(both), target), target=target)
+    popts = ProfileOptions(corun=False, rounds=5, min_time_s=0.02)
+    groups = []
+    for name in kernels:
+        kind, w = name[len("linear_"):].rsplit("_w", 1)
+        n, k, residual = shape.linear_dims(kind)
+        b = ops.pack_block(n)
+        copies = max(1, min(4096, math.ceil(popts.rotate_bytes / (n * k * 4))))
+        args = [("rand", (int(w), k), "float32", 0.05, 1),
+                ("rand", (n // b, k, b), "float32", 0.05, copies)]
+        args += [("rand", (int(w), n), "float32", 0.05, 1)] if residual else []
+        args.append(("zeros", (int(w), n), "float32"))
+        feat = linear_features(shape, kind, int(w))
+        groups.append(ProbeGroup(name, tuple(Probe(f"{name}__{v}", feat, tuple(args))
+                                             for v in ("default", "tuned"))))
+    # Fastest of 9 interleaved rounds: on a small shared VM a stalled vCPU makes single
+    # rounds of a multi-threaded kernel milliseconds slower; the minimum is the kernel.
+    from .. import _tvm
+    from .measure import _Runner, time_calls
+
+    runner = _Runner(lib, _tvm.cpu())
+    runner.fit_rotation(popts.rotate_bytes)
+    table = []
+    for g in groups:
+        cache: dict = {}
+        calls = [runner.setup(p, {}, cache) for p in g.probes]
+        best = [min(x) for x in zip(*[[t for t, _ in time_calls(calls, popts.min_time_s, 1)]
+                                      for _ in range(9)], strict=True)]
+        table.append({"kernel": g.desc, "default_us": 1e6 * best[0], "tuned_us": 1e6 * best[1],
+                      "speedup": best[0] / best[1]})
+    geo = float(np.exp(np.mean([np.log(r["speedup"]) for r in table])))
+    return {"db": os.path.abspath(path), "fingerprint": unit.fingerprint.to_json(),
+            "kernels_with_records": count, "model": key, "kernels": table,
+            "geomean_speedup": geo}

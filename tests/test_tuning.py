@@ -1,0 +1,64 @@
+"""MetaSchedule tuning database: stored per machine fingerprint, applied by compile, ignored
+elsewhere; tuned kernels compute the same as the hand-written ones."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import TINY, byte_tokenizer_spec
+
+from hetcomp.codegen.compile import CompileOptions, compile_model
+from hetcomp.frontend.weights import random_weights
+
+
+def test_tuning_database_found_on_this_machine_only(tmp_path):
+    from hetcomp.codegen.targets import target_dict
+    from hetcomp.frontend.llama import build_module
+    from hetcomp.profile.units import detect_unit
+    from hetcomp.runtime import generate, load_artifact
+    from hetcomp.schedules.tuning import (database_dir, tunable, tune_kernels, workload_key,
+                                          write_accepted)
+
+    mod = build_module(TINY, "float32", static_widths=(1,))  # as compile builds it
+    name, func = next((gv.name_hint, f) for gv, f in mod.functions_items() if tunable(f))
+    root = tmp_path / "db"
+    digest = detect_unit("cpu").fingerprint.digest
+    records = tune_kernels({name: func}, target_dict("host"),
+                           database_dir(str(root), digest), trials_per_kernel=4,
+                           progress=lambda s: None)
+    assert records >= 1
+
+    loaded = (TINY, random_weights(TINY), byte_tokenizer_spec(TINY.vocab_size), __file__)
+    compile_model(CompileOptions(model="tiny", max_context=64, tuning_db=str(root)),
+                  str(tmp_path / "tuned"), quiet=True, weights=loaded)
+    compile_model(CompileOptions(model="tiny", max_context=64), str(tmp_path / "plain"),
+                  quiet=True, weights=loaded)
+    manifest = json.loads((tmp_path / "tuned" / "manifest.json").read_text())
+    assert manifest["tuning"]["kernels"] >= 1 and digest in manifest["tuning"]["db"]
+    ids = [generate(load_artifact(str(tmp_path / d)), [5, 6, 7], 12, stop_at_eos=False).ids
+           for d in ("tuned", "plain")]
+    assert ids[0] == ids[1]
+    # Records that did not beat the hand-written rule (not in accepted.json) are not applied.
+    write_accepted(database_dir(str(root), digest), [])
+    compile_model(CompileOptions(model="tiny", max_context=64, tuning_db=str(root)),
+                  str(tmp_path / "rejected"), quiet=True, weights=loaded)
+    rejected = json.loads((tmp_path / "rejected" / "manifest.json").read_text())
+    assert rejected["tuning"]["kernels"] == 0
+    write_accepted(database_dir(str(root), digest), [workload_key(func)])
+
+    # Another machine: a different fingerprint (here: another thread count) finds nothing.
+    code = ("import sys; sys.path.insert(0, %r)\n"
+            "from conftest import TINY, byte_tokenizer_spec\n"
+            "from hetcomp.codegen.compile import CompileOptions, compile_model\n"
+            "from hetcomp.frontend.weights import random_weights\n"
+            "w = (TINY, random_weights(TINY), byte_tokenizer_spec(TINY.vocab_size), 'x')\n"
+            "compile_model(CompileOptions(model='tiny', max_context=64, tuning_db=%r), %r,"
+            " weights=w)\n") % (os.path.dirname(__file__), str(root), str(tmp_path / "other"))
+    env = dict(os.environ, TVM_NUM_THREADS=str(int(os.environ.get("TVM_NUM_THREADS", "2")) + 1))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert "no tuning records for this machine" in res.stderr
+    other = json.loads((tmp_path / "other" / "manifest.json").read_text())
+    assert other["tuning"] is None
