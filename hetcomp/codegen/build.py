@@ -8,10 +8,16 @@ from ..schedules.gpu import gpu_rules, use_gpu_script_kernels
 
 
 def schedule_module(mod, target):
-    """Apply the CPU schedule rules to every unscheduled kernel (run before ``tvm.compile``)."""
+    """Schedule every unscheduled kernel for ``target`` (run before ``tvm.compile``): the CPU
+    rules for LLVM targets; for GPU targets the in-place script kernels are swapped for their
+    GPU versions, then our GPU rules and dlight's apply."""
     c = compiler()
+    if target.kind.name == "llvm":
+        rules = cpu_rules()
+    else:
+        mod, rules = use_gpu_script_kernels(mod), gpu_rules()
     with target:
-        return c.ApplyDefaultSchedule(*cpu_rules())(mod)
+        return c.ApplyDefaultSchedule(*rules)(mod)
 
 
 def build(mod, target):
@@ -25,9 +31,7 @@ def build_gpu(mod, target):
     """Compile ``mod`` entirely for a GPU ``target``: every kernel gets our GPU rules, then
     dlight's; the VM's control flow runs on the target's host."""
     c = compiler()
-    mod = use_gpu_script_kernels(c.relax.transform.LegalizeOps()(mod))
-    with target:
-        mod = c.ApplyDefaultSchedule(*gpu_rules())(mod)
+    mod = schedule_module(c.relax.transform.LegalizeOps()(mod), target)
     return c.compile(mod, target=target)
 
 
@@ -55,8 +59,7 @@ def build_hetero(mod, host_target, plan):
             continue
         mine = {gv: f for gv, f in mod.functions_items() if isinstance(f, c.tir.PrimFunc)
                 and str(f.attrs["target"].kind.name) == tgt["kind"]}
-        with c.Target(dict(tgt)):
-            scheduled = c.ApplyDefaultSchedule(*gpu_rules())(c.IRModule(mine))
+        scheduled = schedule_module(c.IRModule(mine), c.Target(dict(tgt)))
         for gv, f in scheduled.functions_items():
             mod[gv.name_hint] = f
     # Kernels keep their own targets; the given one serves Relax-level dispatch (the Medusa

@@ -1,8 +1,8 @@
 """Kernels that update the KV cache in place, written in TVMScript (TE cannot mutate inputs).
 
 They are called with ``R.call_tir_inplace``; both are already scheduled and marked so that
-no schedule rule touches them: for CPUs plain loops with an explicit parallel loop, for GPUs
-(``gpu=True``) the same loops bound to blocks and threads. :func:`for_gpu` turns the CPU
+no schedule rule touches them: one loop nest, whose outer two loops are a parallel loop and a
+serial one for CPUs, and blocks and threads for GPUs (``gpu=True``). :func:`for_gpu` turns the CPU
 kernel in a module into the GPU one (the arguments are recorded on the function).
 """
 
@@ -29,6 +29,17 @@ def rope_kv(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, conte
     qkv_size = (hq + 2 * g) * d
     theta32 = T.float32(theta)
 
+    # The loops over tree nodes and heads: CPU threads over the nodes, or a GPU block per node
+    # with a thread per head (evaluated when the script is parsed).
+    if gpu:
+        def rows(e):
+            return T.thread_binding(e, thread="blockIdx.x")
+
+        def heads(e):
+            return T.thread_binding(e, thread="threadIdx.x")
+    else:
+        rows, heads = T.parallel, T.serial
+
     @T.prim_func(private=True)
     def rope_kv_func(var_qkv: T.handle, var_pos: T.handle, var_k: T.handle, var_v: T.handle,
                      layer: T.int64, n: T.int64, var_q: T.handle):
@@ -39,8 +50,8 @@ def rope_kv(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, conte
         k_cache = T.match_buffer(var_k, (nl, g, d, c), "float32")
         v_cache = T.match_buffer(var_v, (nl, g, c, d), "float32")
         q = T.match_buffer(var_q, (hq, w, d), "float32")
-        for i in T.parallel(w):
-            for h in range(hq + g):
+        for i in rows(w):
+            for h in heads(hq + g):
                 for j in range(half):
                     inv_freq = T.float32(1.0) / T.pow(
                         theta32, T.Cast("float32", j * 2) / T.float32(d))
@@ -55,42 +66,11 @@ def rope_kv(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, conte
                     else:
                         k_cache[layer, h - hq, j, n + i] = x0 * cs - x1 * sn
                         k_cache[layer, h - hq, j + half, n + i] = x1 * cs + x0 * sn
-            for h in range(g):
-                for j in range(d):
-                    v_cache[layer, h, n + i, j] = qkv[i, (hq + g + h) * d + j]
-
-    @T.prim_func(private=True)
-    def rope_kv_gpu(var_qkv: T.handle, var_pos: T.handle, var_k: T.handle, var_v: T.handle,
-                    layer: T.int64, n: T.int64, var_q: T.handle):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        w = T.int64()
-        qkv = T.match_buffer(var_qkv, (w, qkv_size), "float32")
-        pos = T.match_buffer(var_pos, (w,), "int32")
-        k_cache = T.match_buffer(var_k, (nl, g, d, c), "float32")
-        v_cache = T.match_buffer(var_v, (nl, g, c, d), "float32")
-        q = T.match_buffer(var_q, (hq, w, d), "float32")
-        for i in T.thread_binding(w, thread="blockIdx.x"):
-            for h in T.thread_binding(hq + g, thread="threadIdx.x"):
-                for j in range(half):
-                    inv_freq = T.float32(1.0) / T.pow(
-                        theta32, T.Cast("float32", j * 2) / T.float32(d))
-                    ang = T.Cast("float32", pos[i]) * inv_freq
-                    cs = T.cos(ang)
-                    sn = T.sin(ang)
-                    x0 = qkv[i, h * d + j]
-                    x1 = qkv[i, h * d + j + half]
-                    if h < hq:
-                        q[h, i, j] = x0 * cs - x1 * sn
-                        q[h, i, j + half] = x1 * cs + x0 * sn
-                    else:
-                        k_cache[layer, h - hq, j, n + i] = x0 * cs - x1 * sn
-                        k_cache[layer, h - hq, j + half, n + i] = x1 * cs + x0 * sn
-                if h < g:
+                if h < g:  # the V rows are copied by the first g heads' iterations
                     for j in range(d):
                         v_cache[layer, h, n + i, j] = qkv[i, (hq + g + h) * d + j]
 
-    func = rope_kv_gpu if gpu else rope_kv_func
-    return func.with_attr(OP_KIND, "rope").with_attr(
+    return rope_kv_func.with_attr(OP_KIND, "rope").with_attr(
         ARGS_ATTR, json.dumps([num_heads, num_kv_heads, head_dim, layers, context, theta]))
 
 
@@ -102,6 +82,17 @@ def kv_commit(num_kv_heads: int, head_dim: int, layers: int, context: int, gpu: 
     """
     g, d, nl, c = num_kv_heads, head_dim, layers, context
 
+    # Over (layer, head) pairs and elements: CPU threads over the pairs, or a GPU block per
+    # pair with a thread per element.
+    if gpu:
+        def pairs(e):
+            return T.thread_binding(e, thread="blockIdx.x")
+
+        def elements(e):
+            return T.thread_binding(e, thread="threadIdx.x")
+    else:
+        pairs, elements = T.parallel, T.serial
+
     @T.prim_func(private=True)
     def kv_commit_func(var_k: T.handle, var_v: T.handle, var_idx: T.handle, n: T.int64):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
@@ -109,31 +100,15 @@ def kv_commit(num_kv_heads: int, head_dim: int, layers: int, context: int, gpu: 
         k_cache = T.match_buffer(var_k, (nl, g, d, c), "float32")
         v_cache = T.match_buffer(var_v, (nl, g, c, d), "float32")
         idx = T.match_buffer(var_idx, (a,), "int32")
-        for lg in T.parallel(nl * g):
-            for j in range(a):
-                for e in range(d):
-                    k_cache[lg // g, lg % g, e, n + j] = k_cache[
-                        lg // g, lg % g, e, n + T.Cast("int64", idx[j])]
-                    v_cache[lg // g, lg % g, n + j, e] = v_cache[
-                        lg // g, lg % g, n + T.Cast("int64", idx[j]), e]
-
-    @T.prim_func(private=True)
-    def kv_commit_gpu(var_k: T.handle, var_v: T.handle, var_idx: T.handle, n: T.int64):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        a = T.int64()
-        k_cache = T.match_buffer(var_k, (nl, g, d, c), "float32")
-        v_cache = T.match_buffer(var_v, (nl, g, c, d), "float32")
-        idx = T.match_buffer(var_idx, (a,), "int32")
-        for lg in T.thread_binding(nl * g, thread="blockIdx.x"):
-            for e in T.thread_binding(d, thread="threadIdx.x"):
+        for lg in pairs(nl * g):
+            for e in elements(d):
                 for j in range(a):  # in order, per (layer, head, element): safe in place
                     k_cache[lg // g, lg % g, e, n + j] = k_cache[
                         lg // g, lg % g, e, n + T.Cast("int64", idx[j])]
                     v_cache[lg // g, lg % g, n + j, e] = v_cache[
                         lg // g, lg % g, n + T.Cast("int64", idx[j]), e]
 
-    func = kv_commit_gpu if gpu else kv_commit_func
-    return func.with_attr(OP_KIND, "kv_commit").with_attr(
+    return kv_commit_func.with_attr(OP_KIND, "kv_commit").with_attr(
         ARGS_ATTR, json.dumps([num_kv_heads, head_dim, layers, context]))
 
 

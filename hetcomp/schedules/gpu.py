@@ -102,21 +102,16 @@ class LinearColumnRule(_BASE):
         return sch
 
 
-def use_gpu_script_kernels(mod, only_target: str | None = None):
+def use_gpu_script_kernels(mod):
     """Replace the in-place TVMScript kernels (CPU loops, already scheduled) by their GPU
-    versions; with ``only_target``, only those whose ``target`` attribute is of that kind."""
+    versions."""
     from ..frontend.script_ops import for_gpu
 
     c = compiler()
     mod = c.IRModule(dict(mod.functions_items()), attrs=mod.attrs,
                      global_infos=mod.global_infos)
     for gv, func in list(mod.functions_items()):
-        if not isinstance(func, c.tir.PrimFunc):
-            continue
-        if only_target is not None and (func.attrs is None or "target" not in func.attrs or
-                                        func.attrs["target"].kind.name != only_target):
-            continue
-        gpu = for_gpu(func)
+        gpu = for_gpu(func) if isinstance(func, c.tir.PrimFunc) else None
         if gpu is not None:
             mod[gv] = gpu
     return mod
