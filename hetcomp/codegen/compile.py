@@ -10,7 +10,7 @@ import time
 from ..errors import HetcompError
 from ..frontend import load_model
 from ..frontend.export_info import source_info
-from ..frontend.weights import WEIGHT_DTYPES, pack_weights, param_specs
+from ..frontend.weights import WEIGHT_DTYPES, pack_weights, param_from_recipe, param_specs
 from .export import export_artifact, sha256_file
 from .targets import export_compiler, target_dict
 
@@ -110,17 +110,13 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
         ex = build(mod, target)
     _progress(4, 4, f"packing weights and writing {out_dir}", quiet)
     packed = pack_weights(cfg, w, opts.dtype)
-    from ..frontend.ops import pack_linear_weight
-
-    model_params = [name for name, _, _ in param_specs(cfg, opts.dtype)]
-    # Every parameter with the recipe that rebuilds it from the model file (and heads file),
-    # so that an artifact compiled with separate weights can have them attached where it runs.
-    params = [(name, packed[name]) for name in model_params]
-    recipes = {name: {"weight": name} for name in model_params}
+    # Every parameter comes from its recipe, the one `hetcomp attach-weights` follows to
+    # rebuild it from the model file (and heads file) where the artifact runs.
+    recipes = {name: {"weight": name} for name, _, _ in param_specs(cfg, opts.dtype)}
     placement = {}
     if opts.plan is not None:
-        params, placement, recipes = _split_params(mod, cfg, opts.dtype, packed)
-        model_params = [name for name, _ in params]
+        placement, recipes = _split_params(mod, cfg, opts.dtype)
+    model_params = list(recipes)
     functions = {"prefill": model_params, "verify": model_params, "commit": []}
     functions.update({f"verify_w{w}": model_params for w in widths})
     speculative = None
@@ -129,9 +125,6 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
         for k in range(heads.num_heads):
             for field in ("w", "b", "u") if root else ("w", "b"):
                 name = f"medusa.{k}.{field}"
-                arr = getattr(heads, field)[k]
-                params.append((name, arr.astype("float32") if field == "b"
-                               else pack_linear_weight(arr, opts.dtype)))
                 recipes[name] = {"heads": field, "index": k}
                 mparams.append(name)
         assert mparams == [n for n, _, _ in medusa_param_specs(cfg, heads.num_heads, opts.dtype,
@@ -148,6 +141,8 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
             "trees": {str(w): build_tree(heads.rank_probs, w, heads.ranks).to_json()
                       for w in range(1, max(opts.widths) + 1)},
         }
+    params = [(name, param_from_recipe(r, packed, heads, opts.dtype))
+              for name, r in recipes.items()]
     manifest = {
         "model": opts.model if opts.model == "smollm2" else os.path.basename(opts.model),
         "source": source_info(source),
@@ -209,9 +204,10 @@ def _units(plan, target: str) -> list[dict]:
     return out
 
 
-def _split_params(mod, cfg, dtype, packed):
-    """Parameters of the partitioned ``verify`` in order, sliced per ``hetcomp.param_split``,
-    the unit (vdevice index) each lives on, and each one's recipe (packed weight, blocks)."""
+def _split_params(mod, cfg, dtype):
+    """The partitioned ``verify``'s parameters in order: the unit (vdevice index) each lives
+    on, and each one's recipe (packed weight and, for a slice, its column blocks per
+    ``hetcomp.param_split``)."""
     import json
 
     from .._tvm import compiler
@@ -222,17 +218,14 @@ def _split_params(mod, cfg, dtype, packed):
     split = json.loads(func.attrs[PARAM_SPLIT_ATTR]) if PARAM_SPLIT_ATTR in func.attrs else {}
     by_var = {name.replace(".", "_"): name for name, _, _ in param_specs(cfg, dtype)}
     vdevs = list(mod.global_infos["vdevice"])
-    params, units, recipes = [], {}, {}
+    units, recipes = {}, {}
     for p in func.params[NUM_INPUTS:]:
         if p.name in split:
             orig, lo, hi = split[p.name]
-            arr = packed[by_var[orig]][lo:hi]
             recipes[p.name] = {"weight": by_var[orig], "blocks": [lo, hi]}
         else:
-            arr = packed[by_var[p.name]]
             recipes[p.name] = {"weight": by_var[p.name]}
         vd = getattr(p.ty, "vdevice", None)
         units[p.name] = 0 if vd is None else next(
             i for i, v in enumerate(vdevs) if compiler().same_vdevice(v, vd))
-        params.append((p.name, arr))
-    return params, units, recipes
+    return units, recipes

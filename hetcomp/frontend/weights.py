@@ -64,6 +64,21 @@ def pack_weights(cfg: LlamaConfig, w: dict[str, np.ndarray], wdtype: str) -> dic
     return out
 
 
+def param_from_recipe(recipe: dict, packed: dict[str, np.ndarray], heads, wdtype: str
+                      ) -> np.ndarray:
+    """One artifact parameter from its recipe (``manifest["param_recipes"]``): a packed weight,
+    optionally a range of its column blocks (a partitioned layer's slice), or one Medusa head's
+    field (``heads``: a :class:`~hetcomp.speculative.medusa.MedusaHeads`)."""
+    if "weight" in recipe:
+        arr = packed[recipe["weight"]]
+        if "blocks" in recipe:
+            lo, hi = recipe["blocks"]
+            arr = arr[lo:hi]
+        return arr
+    arr = getattr(heads, recipe["heads"])[recipe["index"]]
+    return arr.astype("float32") if recipe["heads"] == "b" else pack_linear_weight(arr, wdtype)
+
+
 def random_weights(cfg: LlamaConfig, seed: int = 0, scale: float = 0.08) -> dict[str, np.ndarray]:
     """Random float32 weights for a config (tests and tutorials)."""
     rng = np.random.default_rng(seed)

@@ -305,16 +305,14 @@ def tune_kernels_command(model: str = "smollm2", db_root: str = "tuning",
 
 def compare_tuned_kernels(model: str, db_root: str, widths, kinds) -> dict:
     """Per linear kernel: time of the hand-scheduled default and of this machine's tuned
-    record (rotated weights, back-to-back calls, median of 5 rounds)."""
-    import math
-
+    record (rotated weights, back-to-back calls, fastest of 9 interleaved rounds)."""
+    from .. import _tvm
     from .._tvm import compiler
     from ..codegen.build import schedule_module
     from ..cost.roofline import linear_features
-    from ..frontend import ops
     from ..schedules.tuning import (KernelTuneOptions, apply_database, database_dir,
                                     linear_kernels)
-    from .measure import Probe, ProbeGroup, ProfileOptions
+    from .measure import Probe, ProbeGroup, ProfileOptions, _Runner, linear_args, time_calls
     from .units import detect_unit
 
     shape, key = read_model_shape(model)
@@ -325,31 +323,24 @@ def compare_tuned_kernels(model: str, db_root: str, widths, kinds) -> dict:
     target = c.Target(unit.target)
     mod = c.IRModule(kernels)
     tuned, count = apply_database(mod, target, path, accepted_only=False)
-    both = {}
-    for label, m in (("default", schedule_module(mod, target)), ("tuned", tuned)):
-        for gv, func in m.functions_items():
-            both[f"{gv.name_hint}__{label}"] = func.with_attr("global_symbol",
-                                                              f"{gv.name_hint}__{label}")
+    # One library: the defaults get the rules when it is scheduled; tuned kernels are marked
+    # scheduled already.
+    both = {f"{gv.name_hint}__{label}": func.with_attr("global_symbol",
+                                                       f"{gv.name_hint}__{label}")
+            for label, m in (("default", mod), ("tuned", tuned))
+            for gv, func in m.functions_items()}
     lib = c.compile(schedule_module(c.IRModule(both), target), target=target)
-    popts = ProfileOptions(corun=False, rounds=5, min_time_s=0.02)
+    popts = ProfileOptions(corun=False, min_time_s=0.02)
     groups = []
     for name in kernels:
         kind, w = name[len("linear_"):].rsplit("_w", 1)
-        n, k, residual = shape.linear_dims(kind)
-        b = ops.pack_block(n)
-        copies = max(1, min(4096, math.ceil(popts.rotate_bytes / (n * k * 4))))
-        args = [("rand", (int(w), k), "float32", 0.05, 1),
-                ("rand", (n // b, k, b), "float32", 0.05, copies)]
-        args += [("rand", (int(w), n), "float32", 0.05, 1)] if residual else []
-        args.append(("zeros", (int(w), n), "float32"))
+        args = linear_args(shape, kind, shape.linear_dims(kind)[0], int(w), "float32",
+                           popts.rotate_bytes)
         feat = linear_features(shape, kind, int(w))
-        groups.append(ProbeGroup(name, tuple(Probe(f"{name}__{v}", feat, tuple(args))
+        groups.append(ProbeGroup(name, tuple(Probe(f"{name}__{v}", feat, args)
                                              for v in ("default", "tuned"))))
     # Fastest of 9 interleaved rounds: on a small shared VM a stalled vCPU makes single
     # rounds of a multi-threaded kernel milliseconds slower; the minimum is the kernel.
-    from .. import _tvm
-    from .measure import _Runner, time_calls
-
     runner = _Runner(lib, _tvm.cpu())
     runner.fit_rotation(popts.rotate_bytes)
     table = []

@@ -213,6 +213,22 @@ class ProbeGroup:
                    tuple((k, tuple(v)) for k, v in d["shared"].items()))
 
 
+def linear_args(shape: ModelShape, kind: str, n: int, w: int, wdtype: str,
+                rotate_bytes: int) -> tuple:
+    """Argument specs of a linear kernel call with ``n`` output columns and ``w`` rows: x, the
+    packed weight in enough copies to rotate past ``rotate_bytes``, the residual (residual
+    kinds) and the output."""
+    from ..frontend import ops
+
+    _, k, residual = shape.linear_dims(kind)
+    b = ops.pack_block(n)
+    copies = max(1, min(4096, math.ceil(rotate_bytes / (n * k * np.dtype(wdtype).itemsize))))
+    args = [("rand", (w, k), "float32", 0.05, 1), ("rand", (n // b, k, b), wdtype, 0.05, copies)]
+    if residual:
+        args.append(("rand", (w, n), "float32", 0.05, 1))
+    return (*args, ("zeros", (w, n), "float32"))
+
+
 def plan_probes(shape: ModelShape, opts: ProfileOptions, wdtype: str = "float32"
                 ) -> tuple[list[ProbeGroup], dict[str, Callable[[], object]]]:
     """The probe groups of every op class and the kernels they call (name -> PrimFunc
@@ -230,19 +246,13 @@ def plan_probes(shape: ModelShape, opts: ProfileOptions, wdtype: str = "float32"
     for kind in opts.kinds:
         full, k, residual = s.linear_dims(kind)
         for n in sorted({split_columns(full, r) for r in opts.ratios}):
-            b = ops.pack_block(n)
-            wbytes = n * k * np.dtype(wdtype).itemsize
-            copies = max(1, min(4096, math.ceil(opts.rotate_bytes / wbytes)))
             probes = []
             for w in ws:
                 # The width-specialised kernel, as verify_w{W} runs it (exact row tiles).
                 f = kernel(f"linear_{'res_' if residual else ''}n{n}_k{k}_w{w}", ops.linear, n,
                            k, wdtype, residual, rows=w)
-                args = [("rand", (w, k), "float32", 0.05, 1),
-                        ("rand", (n // b, k, b), wdtype, 0.05, copies)]
-                args += [("rand", (w, n), "float32", 0.05, 1)] if residual else []
                 probes.append(Probe(f, linear_features(s, kind, w, n / full),
-                                    (*args, ("zeros", (w, n), "float32"))))
+                                    linear_args(s, kind, n, w, wdtype, opts.rotate_bytes)))
             groups.append(ProbeGroup(f"linear {kind} n={n}", tuple(probes)))
 
     cache = (("kc", ("rand", (s.layers, s.kv_heads, s.head_dim, s.max_context), "float32", 0.5,
@@ -318,18 +328,10 @@ def build_probe_library(unit_name: str, target: dict, kernels: dict[str, Callabl
     t0 = time.time()
     mod = c.IRModule({name: build().with_attr("global_symbol", name)
                       for name, build in kernels.items()})
+    from ..codegen.build import schedule_module
+
     tgt = c.Target(dict(target))
-    if tgt.kind.name == "llvm":
-        from ..codegen.build import schedule_module
-
-        mod = schedule_module(mod, tgt)
-    else:
-        from ..schedules.gpu import gpu_rules, use_gpu_script_kernels
-
-        mod = use_gpu_script_kernels(mod)
-        with tgt:
-            mod = c.ApplyDefaultSchedule(*gpu_rules())(mod)
-    lib = c.compile(mod, target=tgt)
+    lib = c.compile(schedule_module(mod, tgt), target=tgt)
     say(f"[profile {unit_name}] compiled {len(kernels)} probe kernels in "
         f"{time.time() - t0:.0f}s")
     return lib

@@ -40,8 +40,7 @@ def rebuild_params(manifest: dict, model: str, heads: str | None, art_dir: str =
                    ) -> list[tuple[str, np.ndarray]]:
     """The artifact's parameters, in order, rebuilt from ``model`` (and the heads file)."""
     from ..frontend import load_model
-    from ..frontend.ops import pack_linear_weight
-    from ..frontend.weights import pack_weights
+    from ..frontend.weights import pack_weights, param_from_recipe
 
     recipes = manifest.get("param_recipes")
     if not recipes:
@@ -53,20 +52,13 @@ def rebuild_params(manifest: dict, model: str, heads: str | None, art_dir: str =
     dtype = manifest["dtype"]
     packed = pack_weights(cfg, w, dtype)
     head_arrays = None
+    if any("heads" in r for r in recipes.values()):
+        from ..speculative.medusa import MedusaHeads
+
+        head_arrays = MedusaHeads.load(_heads_path(art_dir, manifest, heads))
     out = []
     for p in manifest["params"]:
-        r = recipes[p["name"]]
-        if "weight" in r:
-            arr = packed[r["weight"]]
-            if "blocks" in r:
-                arr = arr[r["blocks"][0]: r["blocks"][1]]
-        else:
-            if head_arrays is None:
-                from ..speculative.medusa import MedusaHeads
-
-                head_arrays = MedusaHeads.load(_heads_path(art_dir, manifest, heads))
-            arr = getattr(head_arrays, r["heads"])[r["index"]]
-            arr = arr.astype("float32") if r["heads"] == "b" else pack_linear_weight(arr, dtype)
+        arr = param_from_recipe(recipes[p["name"]], packed, head_arrays, dtype)
         if list(arr.shape) != p["shape"] or str(arr.dtype) != p["dtype"]:
             raise HetcompError(f"parameter {p['name']} rebuilt as {arr.dtype}{list(arr.shape)}, "
                                f"artifact expects {p['dtype']}{p['shape']}")
