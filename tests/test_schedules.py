@@ -6,7 +6,8 @@ import pytest
 from hetcomp import _tvm
 from hetcomp.codegen.targets import make_target
 from hetcomp.frontend import ops
-from hetcomp.schedules.cpu import AttentionRule, ElementwiseRule, LinearRule, RowwiseRule
+from hetcomp.schedules.cpu import (ArgmaxRule, AttentionRule, ElementwiseRule, LinearRule,
+                                   RowwiseRule)
 
 c = _tvm.compiler()
 TARGET = make_target("host")
@@ -48,3 +49,70 @@ def test_linear_numerics(rows, residual, dtype):
     lib["main"](*args, *([_tvm.tensor(r)] if residual else []), y)
     ref = x.astype(np.float64) @ wt.astype(np.float64).T + (r if residual else 0)
     np.testing.assert_allclose(y.numpy(), ref, rtol=1e-4, atol=1e-4)
+
+
+def _build(sch_or_func):
+    func = sch_or_func.mod["main"] if hasattr(sch_or_func, "mod") else sch_or_func
+    return c.compile(c.IRModule({"main": func}), target=TARGET)["main"]
+
+
+def test_fast_exp_matches_numpy():
+    """Within a float32 ulp on the softmax/SiLU range; -inf gives exactly 0."""
+    te = c.te
+    n = 4099
+    x = te.placeholder((n,), "float32", name="x")
+    y = te.compute((n,), lambda i: ops.fast_exp(x[i]), name="y")
+    sch = c.Schedule(te.create_prim_func([x, y]))
+    _, inner = sch.split(sch.get_loops(sch.get_sblock("y"))[0], [None, 16])
+    sch.vectorize(inner)
+    rng = np.random.default_rng(0)
+    xs = np.concatenate([rng.uniform(-87, 88, n - 3), [-np.inf, 0.0, -200.0]]).astype("float32")
+    out = _tvm.tensor(np.zeros(n, "float32"))
+    _build(sch)(_tvm.tensor(xs), out)
+    got, ref = out.numpy().astype(np.float64), np.exp(xs.astype(np.float64))
+    np.testing.assert_allclose(got[:-3], ref[:-3], rtol=2e-7)
+    assert got[-3] == 0.0 and got[-2] == 1.0 and got[-1] == 0.0
+
+
+@pytest.mark.parametrize("rows,vocab", [(1, 1000), (5, 1000), (None, 1000), (2, 1001)])
+def test_argmax_first_index_of_maximum(rows, vocab):
+    """numpy's rule: the first index of the maximum, also across vector lanes and ties."""
+    w = rows or 3
+    lib = _build(ArgmaxRule().apply(ops.argmax(vocab, rows=rows), TARGET, False))
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((w, vocab)).astype("float32")
+    x[0, [17, 18, 700]] = 9.0  # tie across lanes and tiles: 17 wins
+    x[-1, [999, 300]] = 30.0  # tie in the last row: 300 wins over 999 (a later lane tile)
+    out = _tvm.tensor(np.zeros(w, "int32"))
+    lib(_tvm.tensor(x), out)
+    np.testing.assert_array_equal(out.numpy(), x.argmax(axis=1))
+    assert out.numpy()[-1] == 300 and (w == 1 or out.numpy()[0] == 17)
+
+
+@pytest.mark.parametrize("context,rows,n", [(64, 4, 37), (64, 8, 56), (60, 3, 9), (61, 2, 0)])
+def test_attention_matches_numpy(context, rows, n):
+    """Keys rounded up to whole tiles (16, 4 and 1 here) up to the cache end; the masked and
+    padded keys get weight 0 even where the cache holds other values."""
+    hq, g, d, layers, layer = 4, 2, 16, 2, 1
+    assert ops.key_tile(context) == {64: 16, 60: 4, 61: 1}[context]
+    lib = _build(AttentionRule().apply(ops.attention(hq, g, d, layers, context, rows=rows),
+                                       TARGET, False))
+    rng = np.random.default_rng(2)
+    q = rng.standard_normal((hq, rows, d)).astype("float32")
+    kt = rng.standard_normal((layers, g, d, context)).astype("float32") * 3  # stale beyond n+w
+    vc = rng.standard_normal((layers, g, context, d)).astype("float32")
+    parents = [-1] + [int(rng.integers(0, i)) for i in range(1, rows)]
+    mask = np.eye(rows, dtype="int32")
+    for i, p in enumerate(parents):
+        while p >= 0:
+            mask[i, p], p = 1, parents[p]
+    out = _tvm.tensor(np.zeros((rows, hq, d), "float32"))
+    lib(*[_tvm.tensor(a) for a in (q, kt, vc, mask)], layer, n, out)
+    k = np.repeat(kt[layer], hq // g, axis=0)[:, :, : n + rows]
+    v = np.repeat(vc[layer], hq // g, axis=0)[:, : n + rows]
+    s = np.einsum("hid,hdj->hij", q.astype(np.float64), k) / np.sqrt(d)
+    valid = np.concatenate([np.ones((rows, n), bool), mask != 0], axis=1)
+    s = np.where(valid[None], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    ref = np.einsum("hij,hjd->ihd", p / p.sum(-1, keepdims=True), v)
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-5)

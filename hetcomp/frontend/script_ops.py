@@ -51,21 +51,25 @@ def rope_kv(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, conte
         v_cache = T.match_buffer(var_v, (nl, g, c, d), "float32")
         q = T.match_buffer(var_q, (hq, w, d), "float32")
         for i in rows(w):
+            # The rotation of row i, once for all its heads (cos/sin are scalar libm calls).
+            cs = T.alloc_buffer((half,), "float32", scope="local")
+            sn = T.alloc_buffer((half,), "float32", scope="local")
+            for j in range(half):
+                inv_freq = T.float32(1.0) / T.pow(
+                    theta32, T.Cast("float32", j * 2) / T.float32(d))
+                ang = T.Cast("float32", pos[i]) * inv_freq
+                cs[j] = T.cos(ang)
+                sn[j] = T.sin(ang)
             for h in heads(hq + g):
                 for j in range(half):
-                    inv_freq = T.float32(1.0) / T.pow(
-                        theta32, T.Cast("float32", j * 2) / T.float32(d))
-                    ang = T.Cast("float32", pos[i]) * inv_freq
-                    cs = T.cos(ang)
-                    sn = T.sin(ang)
                     x0 = qkv[i, h * d + j]
                     x1 = qkv[i, h * d + j + half]
                     if h < hq:
-                        q[h, i, j] = x0 * cs - x1 * sn
-                        q[h, i, j + half] = x1 * cs + x0 * sn
+                        q[h, i, j] = x0 * cs[j] - x1 * sn[j]
+                        q[h, i, j + half] = x1 * cs[j] + x0 * sn[j]
                     else:
-                        k_cache[layer, h - hq, j, n + i] = x0 * cs - x1 * sn
-                        k_cache[layer, h - hq, j + half, n + i] = x1 * cs + x0 * sn
+                        k_cache[layer, h - hq, j, n + i] = x0 * cs[j] - x1 * sn[j]
+                        k_cache[layer, h - hq, j + half, n + i] = x1 * cs[j] + x0 * sn[j]
                 if h < g:  # the V rows are copied by the first g heads' iterations
                     for j in range(d):
                         v_cache[layer, h, n + i, j] = qkv[i, (hq + g + h) * d + j]

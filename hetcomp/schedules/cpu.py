@@ -70,40 +70,87 @@ class LinearRule(_BASE):
 
 
 class AttentionRule(_BASE):
-    """Tree attention: one parallel task per (query row, head), all stages computed there."""
+    """Tree attention: one parallel task per (query row, head), all stages computed there.
 
-    def __init__(self, key_tile: int = 16):
-        self.key_tile = key_tile
+    The kernel's key range is a whole number of ``hetcomp.key_tile`` tiles, so the score,
+    softmax and reduction loops vectorise over keys without tails; the per-row mask bias is
+    its own parallel stage, shared by the heads.
+    """
 
     def apply(self, func, target, tunable):
         if _kind(func) != "attention":
             return None
         c = compiler()
         sch = c.Schedule(func)
+        tile = int(func.attrs["hetcomp.key_tile"])
+        # Step 1. Max and sum over keys keep tile-wide vector partials (rfactor).
+        partials = {}
+        for name in ("row_max", "row_sum") if tile > 1 else ():
+            _, ri = sch.split(sch.get_loops(sch.get_sblock(name))[-1], [None, tile])
+            partials[name] = sch.rfactor(ri, 2)
+        # Step 2. Every stage but the bias is computed inside a (row, head) task.
         out = sch.get_sblock("attn_out")
-        pv = sch.get_sblock("pv")
         i, h, _ = sch.get_loops(out)
         row = sch.fuse(i, h)
-        # Step 1. Every producer stage is computed inside the (row, head) task.
-        sch.compute_at(pv, row)
-        for name in ("row_sum", "exp", "row_max", "scores"):
-            sch.compute_at(sch.get_sblock(name), row)
-        # Step 2. Scores vectorise over keys (K cache is position-contiguous).
+        for name in ("pv", "row_sum", "row_sum_rf", "exp", "row_max", "row_max_rf", "scores"):
+            if name[:-3] in partials or not name.endswith("_rf"):
+                sch.compute_at(sch.get_sblock(name), row)  # consumers first
+        for rf in partials.values():
+            lane, ro = sch.get_loops(rf)[-2:]
+            sch.reorder(ro, lane)
+            sch.vectorize(lane)
+        # Step 3. Scores vectorise over keys (K cache is position-contiguous).
         s = sch.get_sblock("scores")
         j, d = sch.get_loops(s)[-2:]
-        jo, ji = sch.split(j, [None, self.key_tile])
+        jo, ji = sch.split(j, [None, tile])
         sch.reorder(jo, d, ji)
         sch.vectorize(ji)
-        # Step 3. P.V vectorises over head_dim (V cache is dim-contiguous).
+        _, ej = sch.split(sch.get_loops(sch.get_sblock("exp"))[-1], [None, tile])
+        sch.vectorize(ej)
+        # Step 4. P.V vectorises over head_dim (V cache is dim-contiguous).
+        pv = sch.get_sblock("pv")
         dd, jj = sch.get_loops(pv)[-2:]
         sch.reorder(jj, dd)
         sch.vectorize(dd)
         sch.vectorize(sch.get_loops(out)[-1])
-        _, ej = sch.split(sch.get_loops(sch.get_sblock("exp"))[-1], [None, self.key_tile])
-        sch.vectorize(ej)
         sch.parallel(row)
         sch.decompose_reduction(s, d)
         sch.decompose_reduction(pv, jj)
+        # Step 5. The mask bias: rows in parallel, keys in tiles.
+        bias = sch.get_sblock("bias")
+        bi, bj = sch.get_loops(bias)
+        sch.parallel(bi)
+        return sch
+
+
+class ArgmaxRule(_BASE):
+    """Row maximum, then the first index holding it: each reduction runs ``lanes`` partial
+    results in one vector register (rfactor), rows in parallel."""
+
+    def __init__(self, lanes: int = 16):
+        self.lanes = lanes
+
+    def apply(self, func, target, tunable):
+        if _kind(func) != "argmax":
+            return None
+        sch = compiler().Schedule(func)
+        vocab = int(func.params[0].shape[1])
+        # Whole lane tiles only: a vectorised tail would read the next row.
+        lanes = next(t for t in (self.lanes, 8, 4, 2, 1) if vocab % t == 0 and t <= self.lanes)
+        rfs = []
+        for name in ("row_max", "first") if lanes > 1 else ():
+            _, r = sch.get_loops(sch.get_sblock(name))
+            _, ri = sch.split(r, [None, lanes])
+            rfs.append(sch.rfactor(ri, 1))  # partials [rows, lanes]: lanes are spatial there
+        # Everything under the output's row loop, consumers first.
+        row = sch.get_loops(sch.get_sblock("argmax"))[0]
+        for name in ("first", "first_rf", "row_max", "row_max_rf")[:: 1 if rfs else 2]:
+            sch.compute_at(sch.get_sblock(name), row)
+        for rf in rfs:
+            lane, ro = sch.get_loops(rf)[-2:]
+            sch.reorder(ro, lane)
+            sch.vectorize(lane)
+        sch.parallel(row)
         return sch
 
 
@@ -139,4 +186,4 @@ class ElementwiseRule(_BASE):
 
 def cpu_rules():
     """The ordered CPU rule list (first applicable rule wins)."""
-    return [LinearRule(), AttentionRule(), RowwiseRule(), ElementwiseRule()]
+    return [LinearRule(), AttentionRule(), ArgmaxRule(), RowwiseRule(), ElementwiseRule()]

@@ -12,7 +12,7 @@ from .._tvm import compiler
 from ..frontend.ops import OP_KIND
 
 _BASE = compiler().ScheduleRule
-_KINDS = ("attention_part", "attention_merge", "attention", "rms_norm", "elementwise", "argmax",
+_KINDS = ("attention_part", "attention_merge", "attention", "rms_norm", "elementwise",
           "embed")
 
 
@@ -102,6 +102,34 @@ class LinearColumnRule(_BASE):
         return sch
 
 
+class ArgmaxRowRule(_BASE):
+    """Argmax (row maximum, then the first index holding it): a thread block per row, the
+    threads splitting the vocabulary and combining by a cross-thread reduction. dlight's
+    GeneralReduction does the same but unrolls the per-thread loop (~100 KB of CUDA per
+    width, all compiled by nvcc at load)."""
+
+    def __init__(self, threads: int = 256):
+        self.threads = threads
+
+    def apply(self, func, target, tunable):
+        attrs = func.attrs
+        if target.kind.name not in ("cuda", "rocm", "vulkan", "metal", "opencl"):
+            return None
+        if attrs is None or OP_KIND not in attrs or str(attrs[OP_KIND]) != "argmax":
+            return None
+        sch = compiler().Schedule(func)
+        (row,) = sch.get_loops(sch.get_sblock("argmax"))
+        for name in ("first", "row_max"):  # consumers first
+            sch.compute_at(sch.get_sblock(name), row)
+        for name in ("row_max", "first"):
+            blk = sch.get_sblock(name)
+            _, inner = sch.split(sch.get_loops(blk)[-1], [None, self.threads])
+            sch.bind(inner, "threadIdx.x")
+            sch.set_scope(blk, 0, "shared")  # one value per row, read by the block's threads
+        sch.bind(row, "blockIdx.x")
+        return sch
+
+
 def use_gpu_script_kernels(mod):
     """Replace the in-place TVMScript kernels (CPU loops, already scheduled) by their GPU
     versions."""
@@ -120,5 +148,5 @@ def use_gpu_script_kernels(mod):
 def gpu_rules():
     """Our GPU rules first, then dlight's."""
     gpu = compiler().dlight.gpu
-    return [LinearColumnRule(), PerStageThreadRule(), gpu.Matmul(), gpu.GEMV(),
+    return [LinearColumnRule(), ArgmaxRowRule(), PerStageThreadRule(), gpu.Matmul(), gpu.GEMV(),
             gpu.LowBatchGEMV(), gpu.Reduction(), gpu.GeneralReduction(), gpu.Fallback()]
