@@ -278,3 +278,28 @@ def test_plan_json_to_hetero_plan(tmp_path):
     path.write_text(json.dumps(dict(plan, source="spec-estimate")))
     with pytest.raises(HetcompError, match="spec-estimate"):
         _load_plan(str(path))
+
+
+def test_breakdowns_leave_no_instrument_behind(tiny_artifact, monkeypatch):
+    """After the instrumented runs, VM calls reach no Python callback: a leftover no-op
+    instrument cost every later step a Python call per kernel (and skewed `hetcomp bench`)."""
+    from hetcomp import _tvm
+    from hetcomp.runtime import load_artifact
+    from hetcomp.runtime import unit_time
+
+    calls = []
+    wrap = _tvm.ffi_function
+
+    def counting(fn):
+        return wrap(lambda *a: (calls.append(1), fn(*a))[1])
+
+    monkeypatch.setattr(unit_time._tvm, "ffi_function", counting)
+    art = load_artifact(tiny_artifact[0])
+    for breakdown in (unit_time.step_breakdown, unit_time.kernel_breakdown):
+        b = breakdown(art, 1, steps=2, cache_len=4)
+        assert b["step_s"] > 0 and calls
+        kernels = b.get("kernels")
+        assert kernels is None or any(k.startswith("attention") for k in kernels)
+        calls.clear()
+        unit_time._verify_step(art, 1, 4)()
+        assert not calls

@@ -3,7 +3,7 @@
     python run.py profile BUNDLE OUT     ARCA kit -> OUT/profile.sqlite (cpu and cuda)
     python run.py run BUNDLE OUT         attach weights; per artifact: greedy output
                                          (sequential and speculative), decode tokens/s,
-                                         verify step time and per-unit busy time
+                                         verify step time, per-unit and per-kernel time
                                          -> OUT/results.json (rewritten after each artifact)
 
 BUNDLE is what bundle.py wrote (its ``a`` folder; ``b`` beside it holds the GGUF's second
@@ -57,7 +57,7 @@ def run(bundle: str, out: str, names: list[str]) -> None:
     import numpy as np
 
     from hetcomp.runtime import attach_weights, generate, load_artifact
-    from hetcomp.runtime.unit_time import step_breakdown
+    from hetcomp.runtime.unit_time import kernel_breakdown, step_breakdown
 
     gguf = _gguf(bundle)
     meta = json.load(open(os.path.join(bundle, "bundle.json")))
@@ -95,6 +95,7 @@ def run(bundle: str, out: str, names: list[str]) -> None:
         r["ids_w1"] = outs[1]
         r["breakdown"] = [step_breakdown(art, w, steps=10, cache_len=64) for w in (1, 2, 8)]
         say(f"{name}: breakdown {r['breakdown']}")
+        r["kernels"] = [kernel_breakdown(art, w, steps=10, cache_len=64) for w in (1, 2, 8)]
         results["artifacts"][name] = r
         with open(path, "w") as fh:
             json.dump(results, fh, indent=1)

@@ -58,13 +58,29 @@ class BusyTimer:
         return _NO_OP
 
 
-def step_breakdown(art, width: int = 1, steps: int = 8, cache_len: int = 64) -> dict:
-    """Median plain step time and per-unit busy time of ``verify`` at ``width``.
+class KernelTimer:
+    """Accumulates synchronised time per called function (kernel or VM builtin)."""
 
-    Runs after a prefill of ``cache_len`` tokens (ids 1..), on the width's compiled tree
-    (positions and mask as the generator builds them); nothing is committed, so every step
-    sees the same cache.
-    """
+    def __init__(self, devices):
+        self.devices = list(devices)
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self._t0 = 0.0
+
+    def __call__(self, func, symbol, before, ret, *args):
+        for d in self.devices:
+            d.sync()
+        if before:
+            self._t0 = time.perf_counter()
+            return _NO_OP
+        name = str(symbol)
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - self._t0
+        self.calls[name] = self.calls.get(name, 0) + 1
+        return _NO_OP
+
+
+def _verify_step(art, width: int, cache_len: int):
+    """A function running one ``verify`` of the width's tree after ``cache_len`` tokens."""
     sess = art.new_session()
     sess.prefill(np.arange(1, cache_len + 1) % art.config.vocab_size)
     tree = art.tree(width)
@@ -77,6 +93,42 @@ def step_breakdown(art, width: int = 1, steps: int = 8, cache_len: int = 64) -> 
         ids, _, _ = sess.verify(tokens, positions, mask)  # .numpy() synchronises
         return time.perf_counter() - t0, ids
 
+    return one
+
+
+def _instrumented(art, timer, one, steps: int) -> None:
+    art.vm.set_instrument(_tvm.ffi_function(timer))
+    try:
+        for _ in range(steps):
+            one()
+    finally:
+        # None, not a Python no-op: a no-op still costs a Python call per VM call
+        # (~2 us here, ~5 us on a 16-core Xeon), which slowed every later step.
+        art.vm.set_instrument(None)
+
+
+def kernel_breakdown(art, width: int = 1, steps: int = 8, cache_len: int = 64) -> dict:
+    """Median plain step time and synchronised seconds per kernel (and VM builtin) of one
+    ``verify`` at ``width``: where a step's time goes, kernel by kernel."""
+    one = _verify_step(art, width, cache_len)
+    one()
+    plain = [one()[0] for _ in range(steps)]
+    timer = KernelTimer(art.devices)
+    _instrumented(art, timer, one, steps)
+    per = {k: v / steps for k, v in timer.seconds.items()}
+    return {"width": width, "step_s": float(np.median(plain)),
+            "kernels": dict(sorted(per.items(), key=lambda kv: -kv[1])),
+            "calls": {k: c // steps for k, c in timer.calls.items()}}
+
+
+def step_breakdown(art, width: int = 1, steps: int = 8, cache_len: int = 64) -> dict:
+    """Median plain step time and per-unit busy time of ``verify`` at ``width``.
+
+    Runs after a prefill of ``cache_len`` tokens (ids 1..), on the width's compiled tree
+    (positions and mask as the generator builds them); nothing is committed, so every step
+    sees the same cache.
+    """
+    one = _verify_step(art, width, cache_len)
     one()
     plain = [one()[0] for _ in range(steps)]
     timer = BusyTimer(art.devices)
@@ -88,7 +140,9 @@ def step_breakdown(art, width: int = 1, steps: int = 8, cache_len: int = 64) -> 
         for _ in range(steps):
             one()
     finally:
-        art.vm.set_instrument(_tvm.ffi_function(lambda *a: _NO_OP))
+        # None, not a Python no-op: a no-op still costs a Python call per VM call
+        # (~2 us here, ~5 us on a 16-core Xeon), which slowed every later step.
+        art.vm.set_instrument(None)
     busy = {u: t / steps for u, t in timer.busy.items()}
     return {"width": width, "step_s": float(np.median(plain)), "busy_s": busy,
             # VM bookkeeping ("host": allocations, shapes) is instrument overhead, not work.
