@@ -387,3 +387,16 @@ def test_profile_kit_built_here_measured_with_runtime_only(tmp_path):
                           "--units", "orin-nx-gpu", "-o", str(db)], capture_output=True,
                          text=True, env=env, timeout=600)
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_time_calls_continues_the_rotation_across_probes():
+    """Probes sharing rotated buffers never restart at copies another probe just streamed:
+    the timed call indices count up across all probes and rounds."""
+    from hetcomp.profile.measure import time_calls
+
+    seen: list[tuple[int, int]] = []
+    calls = [lambda i, j=j: seen.append((j, i)) for j in range(3)]
+    result = time_calls(calls, min_time_s=0.0, rounds=4)
+    timed = [i for _, i in seen if i >= 2]  # 0 and 1: each call's warm-up
+    assert timed == sorted(timed) and len(set(timed)) == len(timed)
+    assert [c for _, c in result] == [4, 4, 4]  # one call per batch here (min_time_s = 0)

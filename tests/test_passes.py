@@ -303,3 +303,17 @@ def test_breakdowns_leave_no_instrument_behind(tiny_artifact, monkeypatch):
         calls.clear()
         unit_time._verify_step(art, 1, 4)()
         assert not calls
+
+
+@pytest.mark.parametrize("unit", [0, 1])
+def test_attention_parts_on_one_unit_stay_fused(unit):
+    """Splitting attention only pays when its parts run on different units: with both on
+    one, the fused kernel stays (moved to that unit), and no merge is added."""
+    plan = HeteroPlan(targets=(HOST, HOST), ratios=(("default", 0.5),),
+                      dense_attention=unit, sparse_attention=unit)
+    from hetcomp.frontend.llama import build_module
+
+    out = PartitionHetero(plan)(build_module(TINY))
+    names = {gv.name_hint for gv, _ in out.functions_items()}
+    assert not {"attention_dense", "attention_tree", "attention_merge"} & names
+    assert any(n.startswith("attention") for n in names)

@@ -7,7 +7,7 @@ one parameter per slice in place of the original, recorded in the function attri
 ``[N / B, K, B]`` layout) so the artifact stores the slices. Tree attention becomes a dense part
 (queries against the committed KV cache) and a sparse part (queries against the tree under the
 ancestor mask), each returning partial output and log-sum-exp, merged exactly by an
-online-softmax reduce. Imported models (``from_torch``) have ``R.matmul`` with constant weights;
+online-softmax reduce; a plan placing both parts on one unit keeps the fused kernel. Imported models (``from_torch``) have ``R.matmul`` with constant weights;
 those are split the same way, their constants sliced.
 
 Placement uses Relax virtual devices: module global info ``vdevice`` lists the plan's units and
@@ -214,6 +214,15 @@ class _Rewriter(_c.PyExprMutator):
         cfg = [int(v) for v in func.attrs["hetcomp.attn_cfg"]]
         q, kc, vc, mask, layer, n = call.args[1].fields
         hq, w, d = q.ty.shape
+        if self.plan.dense_attention == self.plan.sparse_attention:
+            # Both parts on one unit: the fused kernel, no merge (the parts exist to be split).
+            unit = self.plan.dense_attention
+            if unit == 0:
+                return call
+            y = self._emit(relax.call_tir(self._existing(call.args[0], unit),
+                                          [self._to(a, unit) for a in call.args[1].fields],
+                                          self._ty((w, hq, d), unit)))
+            return self._to(y, 0)
         results = []
         for part, unit in (("dense", self.plan.dense_attention),
                            ("tree", self.plan.sparse_attention)):
