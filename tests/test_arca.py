@@ -400,3 +400,26 @@ def test_time_calls_continues_the_rotation_across_probes():
     timed = [i for _, i in seen if i >= 2]  # 0 and 1: each call's warm-up
     assert timed == sorted(timed) and len(set(timed)) == len(timed)
     assert [c for _, c in result] == [4, 4, 4]  # one call per batch here (min_time_s = 0)
+
+
+def test_corun_load_dies_with_the_profiler():
+    """A profiler killed while its co-run load streams must not leave the load running (an
+    orphaned load silently halves every later measurement on the machine)."""
+    code = ("import os, sys\n"
+            "from hetcomp.profile.measure import CoRunLoad\n"
+            "load = CoRunLoad().__enter__(); load.resume()\n"
+            "print(load._proc.pid, flush=True); os._exit(0)\n")
+    pid = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True).stdout)
+    for _ in range(100):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        with open(f"/proc/{pid}/stat") as fh:
+            if fh.read().split(")")[-1].split()[0] == "Z":  # exited, not yet reaped
+                return
+        import time
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    raise AssertionError("the co-run load outlived its profiler")
