@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP) system-packages
 
 $(ART)/manifest.json: $(STAMP) $(HEADS) $(shell find hetcomp -name '*.py')
-	$(VENV)/bin/hetcomp compile --model smollm2 --dtype float32 --heads $(HEADS) -o $(ART)
+	$(VENV)/bin/hetcomp compile --model smollm2 --dtype float32 --draft-dtype float16 --heads $(HEADS) -o $(ART)
 
 # Sequential greedy decoding, then speculative decoding (same output, more tokens/s).
 demo: $(ART)/manifest.json

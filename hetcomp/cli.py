@@ -29,7 +29,7 @@ def cmd_compile(args) -> int:
                           plan=_load_plan(args.plan, args.target) if args.plan else None,
                           separate_weights=args.separate_weights,
                           plan_prediction=_plan_prediction(args.plan) if args.plan else None,
-                          tuning_db=args.tuning_db)
+                          tuning_db=args.tuning_db, draft_dtype=args.draft_dtype)
     compile_model(opts, args.output, quiet=args.quiet)
     return 0
 
@@ -351,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target", default="host",
                    help="host | x86-64-v3 (portable) | aarch64 (cross) | cuda (whole model on GPU)")
     c.add_argument("--dtype", default="float32", help="weight dtype: float32 | float16")
+    c.add_argument("--draft-dtype", help="dtype of the Medusa draft's LM head (default: --dtype;"
+                   " float16 halves the bytes the draft reads each step, output unchanged)")
     c.add_argument("--max-context", type=int, default=2048, help="KV cache capacity (tokens)")
     c.add_argument("--heads", help="Medusa heads (.npz) from `hetcomp calibrate`")
     c.add_argument("--plan", help="plan.json from `hetcomp tune`: partition across units")

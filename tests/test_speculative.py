@@ -86,3 +86,38 @@ def test_width_not_compiled_is_refused(tiny_artifact):
     art = load_artifact(tiny_artifact[0])
     with pytest.raises(HetcompError, match="width 4"):
         generate(art, [1, 2], max_new_tokens=4, width=4)
+
+
+def test_float16_draft_head(tiny_speculative, tmp_path):
+    """``draft_dtype="float16"``: the draft gets its own float16 copy of the LM head (rebuilt
+    from the model's weight by its recipe), its logits are those of the rounded head, and
+    speculation stays lossless (drafts only propose)."""
+    import os
+
+    heads = os.path.join(os.path.dirname(tiny_speculative.path), "heads.npz")
+    loaded = (TINY, random_weights(TINY, seed=11), byte_tokenizer_spec(TINY.vocab_size),
+              __file__)
+    compile_model(CompileOptions(model="tiny", heads=heads, widths=WIDTHS,
+                                 draft_dtype="float16"), str(tmp_path / "a"), quiet=True,
+                  weights=loaded)
+    art = load_artifact(str(tmp_path / "a"))
+    assert art.manifest["param_recipes"]["medusa.lm_head"] == {"weight": "embed",
+                                                                "dtype": "float16"}
+    assert art.manifest["functions"]["medusa"][:2] == ["embed", "medusa.lm_head"]
+    head = art.medusa_params[1].numpy()
+    assert head.dtype == np.float16
+    np.testing.assert_array_equal(head, tiny_speculative.medusa_params[0].numpy()
+                                  .astype(np.float16))
+    from hetcomp import _tvm
+
+    sess = art.new_session()
+    _, hidden = sess.prefill([1, 2, 3])
+    root = _tvm.tensor(np.array([17], "int32"))
+    l16 = art._medusa(hidden, root, *art.medusa_params)[0].numpy()
+    l32 = tiny_speculative._medusa(hidden, root, *tiny_speculative.medusa_params)[0].numpy()
+    assert 0 < np.abs(l16 - l32).max() < 1e-2 * np.abs(l32).max()  # rounded, not different
+    for prompt in ([5, 17, 99], [42]):
+        seq = generate(art, prompt, max_new_tokens=30, stop_at_eos=False).ids
+        for w in WIDTHS:
+            assert generate(art, prompt, max_new_tokens=30, stop_at_eos=False,
+                            width=w).ids == seq

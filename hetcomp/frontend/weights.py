@@ -68,12 +68,15 @@ def param_from_recipe(recipe: dict, packed: dict[str, np.ndarray], heads, wdtype
                       ) -> np.ndarray:
     """One artifact parameter from its recipe (``manifest["param_recipes"]``): a packed weight,
     optionally a range of its column blocks (a partitioned layer's slice), or one Medusa head's
-    field (``heads``: a :class:`~hetcomp.speculative.medusa.MedusaHeads`)."""
+    field (``heads``: a :class:`~hetcomp.speculative.medusa.MedusaHeads`); ``dtype``: a copy in
+    that dtype (the draft's float16 LM head)."""
     if "weight" in recipe:
         arr = packed[recipe["weight"]]
         if "blocks" in recipe:
             lo, hi = recipe["blocks"]
             arr = arr[lo:hi]
+        if "dtype" in recipe:
+            arr = arr.astype(recipe["dtype"])
         return arr
     arr = getattr(heads, recipe["heads"])[recipe["index"]]
     return arr.astype("float32") if recipe["heads"] == "b" else pack_linear_weight(arr, wdtype)
