@@ -92,9 +92,10 @@ class AttentionRule(_BASE):
         out = sch.get_sblock("attn_out")
         i, h, _ = sch.get_loops(out)
         row = sch.fuse(i, h)
-        for name in ("pv", "row_sum", "row_sum_rf", "exp", "row_max", "row_max_rf", "scores"):
-            if name[:-3] in partials or not name.endswith("_rf"):
-                sch.compute_at(sch.get_sblock(name), row)  # consumers first
+        stages = ("pv", "row_sum", "row_sum_rf", "exp", "row_max", "row_max_rf", "scores")
+        for name in stages:  # consumers first; the _rf stages exist only with partials
+            if not name.endswith("_rf") or name[:-3] in partials:
+                sch.compute_at(sch.get_sblock(name), row)
         for rf in partials.values():
             lane, ro = sch.get_loops(rf)[-2:]
             sch.reorder(ro, lane)
@@ -116,10 +117,8 @@ class AttentionRule(_BASE):
         sch.parallel(row)
         sch.decompose_reduction(s, d)
         sch.decompose_reduction(pv, jj)
-        # Step 5. The mask bias: rows in parallel, keys in tiles.
-        bias = sch.get_sblock("bias")
-        bi, bj = sch.get_loops(bias)
-        sch.parallel(bi)
+        # Step 5. The mask bias (a gather through the tree mask, so scalar): rows in parallel.
+        sch.parallel(sch.get_loops(sch.get_sblock("bias"))[0])
         return sch
 
 
