@@ -4,6 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 ART    := artifacts/smollm2-host-float32-medusa
+ART16  := artifacts/smollm2-host-float16-medusa
 HEADS  := hetcomp/data/smollm2-medusa.npz
 # The best measured tree width on the 2-core dev machine (hetcomp bench --widths).
 WIDTH  ?= 2
@@ -50,8 +51,11 @@ clean:
 	rm -rf artifacts build
 
 # Optional, not in CI: hetcomp against llama.cpp and PyTorch eager on the same GGUF and prompts.
-bench-peers: $(ART)/manifest.json
+$(ART16)/manifest.json: $(STAMP) $(HEADS) $(shell find hetcomp -name '*.py')
+	$(VENV)/bin/hetcomp compile --model smollm2 --dtype float16 --heads $(HEADS) -o $(ART16)
+
+bench-peers: $(ART)/manifest.json $(ART16)/manifest.json
 	$(PY) -m pip install -q llama-cpp-python || echo "llama-cpp-python unavailable: skipped"
 	$(PY) benchmarks/make_peer_ggufs.py build/peers
-	$(PY) benchmarks/bench_peers.py --artifact $(ART) --width $(WIDTH) \
+	$(PY) benchmarks/bench_peers.py --artifact $(ART) $(ART16) --width $(WIDTH) \
 	  --llama-gguf build/peers/smollm2-f32.gguf build/peers/smollm2-f16.gguf

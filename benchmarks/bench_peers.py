@@ -67,7 +67,8 @@ def bench_torch(gguf: str, new_tokens: int) -> float | None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--artifact", required=True, help="hetcomp artifact compiled with --heads")
+    ap.add_argument("--artifact", required=True, nargs="+",
+                    help="hetcomp artifacts compiled with --heads (e.g. float32 and float16)")
     ap.add_argument("--width", type=int, default=8)
     ap.add_argument("--lookup", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -79,12 +80,14 @@ def main() -> int:
 
     os.environ.setdefault("TVM_NUM_THREADS", "2")
     gguf = default_gguf_path()
-    rows = {
-        "hetcomp sequential": bench_hetcomp(args.artifact, args.new_tokens, 1, 0),
-        f"hetcomp speculative (W={args.width})": bench_hetcomp(args.artifact, args.new_tokens,
-                                                             args.width, args.lookup),
-        "llama.cpp Q4_1 (packaged GGUF)": bench_llama_cpp(gguf, args.new_tokens),
-    }
+    rows = {}
+    for art in args.artifact:
+        with open(os.path.join(art, "manifest.json")) as fh:
+            dtype = json.load(fh)["dtype"]
+        rows[f"hetcomp sequential ({dtype})"] = bench_hetcomp(art, args.new_tokens, 1, 0)
+        rows[f"hetcomp speculative ({dtype}, W={args.width})"] = bench_hetcomp(
+            art, args.new_tokens, args.width, args.lookup)
+    rows["llama.cpp Q4_1 (packaged GGUF)"] = bench_llama_cpp(gguf, args.new_tokens)
     for extra in args.llama_gguf:
         rows[f"llama.cpp {os.path.basename(extra)}"] = bench_llama_cpp(extra, args.new_tokens)
     rows["PyTorch eager fp32"] = bench_torch(gguf, args.new_tokens)
