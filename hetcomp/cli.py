@@ -76,9 +76,15 @@ def _load_plan(path: str, host_target: str = "host"):
         if data.get("source") != "measured":
             raise HetcompError(f"plan {path} is a spec-estimate for hardware that is not here")
         units = list(data["units"])
+        host = data.get("host", units[0])
+        if host in UNIT_TARGETS:  # the plan runs the unsplit ops on a GPU
+            raise HetcompError(
+                f"plan {path} runs the model on {host}"
+                + (f" with a {', '.join(u for u in units if u != host)} share: GPU-hosted "
+                   "partitions are not compiled yet" if len(units) > 1 else
+                   f": compile with --target {host} and no --plan"))
         if len(units) == 1:
             return None
-        host = data.get("host", units[0])
         other = next(u for u in units if u != host)
         ratios = {kind: float(split.get(other, 0.0)) for kind, split in data["split"].items()}
         where = {u: i for i, u in enumerate((host, other))}

@@ -278,6 +278,13 @@ def test_plan_json_to_hetero_plan(tmp_path):
     path.write_text(json.dumps(dict(plan, source="spec-estimate")))
     with pytest.raises(HetcompError, match="spec-estimate"):
         _load_plan(str(path))
+    # A plan hosted on the GPU must not compile silently as a CPU partition.
+    path.write_text(json.dumps(dict(plan, host="cuda")))
+    with pytest.raises(HetcompError, match="GPU-hosted partitions are not compiled yet"):
+        _load_plan(str(path))
+    path.write_text(json.dumps(dict(plan, units=["cuda"], host="cuda")))
+    with pytest.raises(HetcompError, match="--target cuda and no --plan"):
+        _load_plan(str(path))
 
 
 def test_breakdowns_leave_no_instrument_behind(tiny_artifact, monkeypatch):
