@@ -12,8 +12,9 @@ Step-time model (one ``verify`` call, plus the Medusa draft call when W > 1):
   when the units share memory, from its alone cost when one of them has its own.
 - Units on shared DRAM cannot beat their shared bandwidth: a split op takes at least its
   units' summed bytes over the smaller of their bandwidths.
-- Any op touching a non-host unit pays that unit's synchronisation cost, plus copies of the
-  op's input and output over the link when the unit does not share memory with the host.
+- Any op touching a non-host unit pays a synchronisation, plus copies of the op's input and
+  output over the link when the two do not share memory: the discrete unit's (a GPU host with
+  a CPU share pays the GPU's link just as a CPU host with a GPU share does).
 - Linear layers split by output columns (fractions in steps of ``1/ratio_steps``, whole pack
   blocks); each linear kind's split is chosen independently (op times add). Attention has a
   dense part (tree queries vs the committed cache) and a sparse part (tree vs tree under the
@@ -244,11 +245,15 @@ class _StepModel:
     # ---- one op -----------------------------------------------------------------------------
 
     def _sync(self, unit: UnitModel, in_bytes: float, out_bytes: float) -> float:
+        """Cost of an op part on ``unit`` crossing to and from the host. The link is the
+        discrete one of the pair: a CPU share of a GPU-hosted op crosses the GPU's PCIe link
+        just as a GPU share of a CPU-hosted one does."""
         if unit is self.host:
             return 0.0
-        t = unit.sync_s
-        if not unit.shared_memory:
-            t += (in_bytes + out_bytes) / (unit.link_gbs * 1e9)
+        far = self.host if unit.shared_memory and not self.host.shared_memory else unit
+        t = far.sync_s
+        if not far.shared_memory:
+            t += (in_bytes + out_bytes) / (far.link_gbs * 1e9)
         return t
 
     def _together(self, parts: list[tuple[UnitModel, Features]]) -> float:

@@ -1,5 +1,6 @@
 """ARCA: units, profile database, cost models and the planner (synthetic known optima)."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -423,3 +424,39 @@ def test_corun_load_dies_with_the_profiler():
         time.sleep(0.05)
     os.kill(pid, 9)
     raise AssertionError("the co-run load outlived its profiler")
+
+
+def test_gpu_host_pays_its_link_for_a_cpu_share():
+    """The crossing cost belongs to the discrete unit of the pair, whichever one hosts: a CPU
+    share of a GPU-hosted layer is no cheaper to reach than a GPU share of a CPU-hosted one."""
+    gpu = UnitModel("G", lambda f: 1e-6, shared_memory=False, sync_s=1e-3, link_gbs=10.0)
+    cpu = UnitModel("C", lambda f: 1e-6)
+    split = {k: (("G", 0.5), ("C", 0.5)) for k in LINEAR_KINDS}
+    gpu_host = predict_step_time([gpu, cpu], 1, 0, shape=SHAPE, split=split)
+    flipped = {k: (("C", 0.5), ("G", 0.5)) for k in LINEAR_KINDS}
+    cpu_host = predict_step_time([cpu, gpu], 1, 0, shape=SHAPE, split=flipped)
+    alone = predict_step_time([gpu], 1, 0, shape=SHAPE)
+    n_linear = 4 * SHAPE.layers + 1
+    assert gpu_host == pytest.approx(cpu_host, rel=1e-6)
+    assert gpu_host > alone + n_linear * 1e-3  # every split layer pays the 1 ms crossing
+
+
+def test_launch_probes_measure_the_synchronised_latency():
+    """The profile times the smallest linear kernel back to back and synchronised after each
+    call; a discrete unit's per-op sync cost adds the difference (never a fitted op class)."""
+    from hetcomp.profile.commands import launch_latency
+    from hetcomp.profile.measure import LAUNCH_MODES, ProfileOptions, plan_probes
+
+    groups, kernels = plan_probes(SHAPE, ProfileOptions.quick())
+    (launch,) = [g for g in groups if g.desc == "launch"]
+    assert [p.features.kind for p in launch.probes] == list(LAUNCH_MODES)
+    assert len({p.func for p in launch.probes}) == 1 and launch.probes[0].func in kernels
+    feats = launch.probes[0].features
+
+    def row(kind, seconds, corun=False):
+        return Measurement("gpu", dataclasses.replace(feats, kind=kind, corun=corun), seconds, 10)
+
+    rows = [row("batched", 30e-6), row("synced", 58e-6), row("synced", 1.0, corun=True)]
+    assert launch_latency(rows) == pytest.approx(28e-6)
+    assert launch_latency(rows[:1]) == 0.0  # older profiles: no launch probes
+    assert launch_latency([row("batched", 30e-6), row("synced", 20e-6)]) == 0.0

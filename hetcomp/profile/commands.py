@@ -153,7 +153,9 @@ def measured_unit_models(db_path: str, model_key: str, digests: dict[str, str],
             if not rows:
                 raise HetcompError(f"no profile {digest} of unit {name} for {model_key} in "
                                    f"{db_path}")
-            ucm = fit_unit(name, rows)
+            # Launch probes are not a kernel class to model: they give the discrete unit's
+            # per-op latency (below).
+            ucm = fit_unit(name, [m for m in rows if m.features.op != "launch"])
             fitted[name] = ucm
             if cost_dir:
                 os.makedirs(cost_dir, exist_ok=True)
@@ -163,7 +165,8 @@ def measured_unit_models(db_path: str, model_key: str, digests: dict[str, str],
                 models.append(UnitModel(name, ucm, "measured", True, ucm.baseline.mem_bw_gbs))
             else:  # a discrete device: its own memory, reached over a link
                 sync_s, link_gbs = link_costs(rows)
-                models.append(UnitModel(name, ucm, "measured", False, 0.0, sync_s, link_gbs))
+                models.append(UnitModel(name, ucm, "measured", False, 0.0,
+                                        sync_s + launch_latency(rows), link_gbs))
     return models, fitted
 
 
@@ -179,6 +182,17 @@ def link_costs(rows) -> tuple[float, float]:
     x, y = np.array(pts).T
     slope, sync = np.polyfit(x, y, 1)
     return max(float(sync), 0.0), 1e-9 / max(float(slope), 1e-15)
+
+
+def launch_latency(rows) -> float:
+    """Seconds a kernel call costs on top of its pipelined time when the host waits for it
+    (launch and completion latency): the "launch" probe timed with a synchronisation after
+    each call minus the same probe back to back. 0 for profiles without launch probes."""
+    times = {m.features.kind: m.seconds for m in rows
+             if m.features.op == "launch" and not m.features.corun}
+    if "synced" not in times or "batched" not in times:
+        return 0.0
+    return max(times["synced"] - times["batched"], 0.0)
 
 
 def profiled_digests(summary: dict) -> dict[str, str]:

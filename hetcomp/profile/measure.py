@@ -243,6 +243,9 @@ def linear_args(shape: ModelShape, kind: str, n: int, w: int, wdtype: str,
     return (*args, ("zeros", (w, n), "float32"))
 
 
+LAUNCH_MODES = ("batched", "synced")  # kinds of the "launch" probes
+
+
 def plan_probes(shape: ModelShape, opts: ProfileOptions, wdtype: str = "float32"
                 ) -> tuple[list[ProbeGroup], dict[str, Callable[[], object]]]:
     """The probe groups of every op class and the kernels they call (name -> PrimFunc
@@ -294,6 +297,18 @@ def plan_probes(shape: ModelShape, opts: ProfileOptions, wdtype: str = "float32"
                                        ("mod", s.layers), ("int", 100),
                                        ("zeros", (s.heads, w, s.head_dim), "float32")))
         for w in ws), cache))
+
+    # Launch latency: the smallest linear kernel timed back to back (batched, as every other
+    # probe) and with a synchronisation after each call, as a split op on a discrete unit
+    # runs it (the host waits for its share before the concat).
+    full, k, residual = s.linear_dims("o")
+    small = kernel(f"linear_{'res_' if residual else ''}n{full}_k{k}_w1", ops.linear, full, k,
+                   wdtype, residual, rows=1)
+    small_args = linear_args(s, "o", full, 1, wdtype, opts.rotate_bytes)
+    feats = dataclasses.replace(linear_features(s, "o", 1), op="launch")
+    groups.append(ProbeGroup("launch", tuple(
+        Probe(small, dataclasses.replace(feats, kind=mode), small_args)
+        for mode in LAUNCH_MODES)))
 
     norm = kernel("rms_norm", ops.rms_norm, s.hidden, 1e-5)
     silu = kernel("silu_mul", ops.silu_mul, s.intermediate)
@@ -538,6 +553,14 @@ def json_key(spec) -> str:
     return json.dumps(spec)
 
 
+def _synced(call, dev):
+    def run(i):
+        out = call(i)
+        dev.sync()
+        return out
+    return run
+
+
 def measure_groups(unit: Unit, lib, groups: list[ProbeGroup], opts: ProfileOptions,
                    progress: Progress | None = None) -> list[Measurement]:
     """Time every probe of ``groups`` on ``unit`` (alone, and co-run if ``opts.corun``).
@@ -557,7 +580,9 @@ def measure_groups(unit: Unit, lib, groups: list[ProbeGroup], opts: ProfileOptio
         for gi, group in enumerate(groups):
             cache: dict = {}
             shared = runner.shared(group, cache)
-            calls = [runner.setup(p, shared, cache) for p in group.probes]
+            calls = [_synced(runner.setup(p, shared, cache), dev)
+                     if p.features.op == "launch" and p.features.kind == "synced"
+                     else runner.setup(p, shared, cache) for p in group.probes]
             worst = max((runner.check_linear(p, shared, cache) for p in group.probes
                          if p.features.op == "linear"), default=0.0)
             if worst > 1e-4:
