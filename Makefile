@@ -6,7 +6,8 @@ STAMP  := $(VENV)/.installed-stamp
 ART    := artifacts/smollm2-host-float32-medusa
 ART16  := artifacts/smollm2-host-float16-medusa
 HEADS  := hetcomp/data/smollm2-medusa.npz
-# The best measured tree width on the 2-core dev machine (hetcomp bench --widths).
+# The tree width of the demo: on this 2-core machine widths 2-8 run within about +-15% of
+# sequential decoding, varying from run to run (hetcomp bench --widths); the output is the same.
 WIDTH  ?= 2
 PROMPT ?= What are three good habits for staying healthy?
 
