@@ -234,6 +234,8 @@ def cmd_bench(args) -> int:
     if bad:
         raise HetcompError(f"widths {bad} are not in this artifact (compile with --heads)")
     report["verify_steps"] = _verify_steps(art, widths)
+    if args.kernels:
+        report["kernels"] = _kernel_tables(art, widths, args.kernels)
     if args.widths:
         rows = _bench_widths(art, widths, args.new_tokens, args.lookup)
         predicted = art.manifest.get("plan_prediction") or {}
@@ -252,10 +254,30 @@ def cmd_bench(args) -> int:
         print(json.dumps(report))
     else:
         for k, v in report.items():
-            if k in ("widths", "verify_steps"):
+            if k in ("widths", "verify_steps", "kernels"):
                 continue
             print(f"{k:28s} {v:.4g}" if isinstance(v, float) else f"{k:28s} {v}")
+        for t in report.get("kernels", []):
+            print(f"verify W={t['width']}: {t['step_ms']:.2f} ms; slowest kernels (ms per step, "
+                  "calls):")
+            for k in t["top"]:
+                print(f"  {k['name']:40s} {k['ms']:8.3f}  x{k['calls']}")
     return 0
+
+
+def _kernel_tables(art, widths, top: int) -> list[dict]:
+    """Per width: the ``top`` kernels (and VM builtins) by synchronised time in one verify
+    step (hetcomp.runtime.unit_time.kernel_breakdown)."""
+    from .runtime.unit_time import kernel_breakdown
+
+    cache_len = max(1, min(64, art.config.max_context - max(widths) - 1))
+    out = []
+    for w in sorted(set(widths)):
+        b = kernel_breakdown(art, w, steps=5, cache_len=cache_len)
+        out.append({"width": w, "step_ms": 1e3 * b["step_s"], "top": [
+            {"name": k, "ms": 1e3 * t, "calls": b["calls"][k]}
+            for k, t in list(b["kernels"].items())[:top]]})
+    return out
 
 
 def _verify_steps(art, widths) -> list[dict]:
@@ -411,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--plot", help="PNG of tokens/s and accepted length against W")
     b.add_argument("--lookup", type=int, default=None,
                    help="n-gram lookup draft tokens inside the tree (default: width // 3, <= 8)")
+    b.add_argument("--kernels", type=int, default=0, metavar="N",
+                   help="also list the N slowest kernels of a verify step per width")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
 

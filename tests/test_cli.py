@@ -121,9 +121,14 @@ def test_bench_reports_unit_busy_time_and_plan_prediction(tmp_path, tiny_gguf):
                      tmp_path / "plan.json", "-o", tmp_path / "a", "--quiet")
     assert rc == 0, err
     rc, out, err = run("bench", tmp_path / "a", "--widths", "1", "--new-tokens", 8, "--runs", 1,
-                       "--json", "--plot", tmp_path / "w.png")
+                       "--json", "--plot", tmp_path / "w.png", "--kernels", 3)
     assert rc == 0, err
     rep = json.loads(out)
+    (kernels,) = rep["kernels"]  # the slowest kernels of one verify step, slowest first
+    assert kernels["width"] == 1 and len(kernels["top"]) == 3
+    assert all(k["ms"] > 0 and k["calls"] > 0 for k in kernels["top"])
+    assert [k["ms"] for k in kernels["top"]] == sorted((k["ms"] for k in kernels["top"]),
+                                                        reverse=True)
     step = rep["verify_steps"][0]
     assert step["width"] == 1 and {"cpu", "cpu:1", "copy"} <= set(step["busy_ms"])
     assert step["serial_ms"] > 0 and step["step_ms"] > 0
