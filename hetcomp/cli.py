@@ -265,12 +265,18 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _breakdown_cache_len(art, widths) -> int:
+    """The committed length the step breakdowns run after: 64, or less if the widest tree
+    would not fit the context after it."""
+    return max(1, min(64, art.config.max_context - max(widths) - 1))
+
+
 def _kernel_tables(art, widths, top: int) -> list[dict]:
     """Per width: the ``top`` kernels (and VM builtins) by synchronised time in one verify
     step (hetcomp.runtime.unit_time.kernel_breakdown)."""
     from .runtime.unit_time import kernel_breakdown
 
-    cache_len = max(1, min(64, art.config.max_context - max(widths) - 1))
+    cache_len = _breakdown_cache_len(art, widths)
     out = []
     for w in sorted(set(widths)):
         b = kernel_breakdown(art, w, steps=5, cache_len=cache_len)
@@ -285,7 +291,7 @@ def _verify_steps(art, widths) -> list[dict]:
     without overlap; see hetcomp.runtime.unit_time)."""
     from .runtime.unit_time import step_breakdown
 
-    cache_len = max(1, min(64, art.config.max_context - max(widths) - 1))
+    cache_len = _breakdown_cache_len(art, widths)
     out = []
     for w in sorted(set(widths)):
         b = step_breakdown(art, w, steps=5, cache_len=cache_len)

@@ -17,6 +17,16 @@ from .ops import OP_KIND
 ARGS_ATTR = "hetcomp.script_args"
 
 
+def _loop_kinds(gpu: bool):
+    """The outer and inner loop kinds of an in-place script kernel: CPU threads over the
+    outer loop with a serial inner one, or a GPU block per outer iteration with a thread per
+    inner one (called while the script is parsed)."""
+    if not gpu:
+        return T.parallel, T.serial
+    return (lambda e: T.thread_binding(e, thread="blockIdx.x"),
+            lambda e: T.thread_binding(e, thread="threadIdx.x"))
+
+
 def rope_kv(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, context: int,
             theta: float, gpu: bool = False):
     """Apply RoPE (rotate-half) to the fused ``qkv[w, (H + 2G) * D]`` rows.
@@ -29,16 +39,7 @@ def rope_kv(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, conte
     qkv_size = (hq + 2 * g) * d
     theta32 = T.float32(theta)
 
-    # The loops over tree nodes and heads: CPU threads over the nodes, or a GPU block per node
-    # with a thread per head (evaluated when the script is parsed).
-    if gpu:
-        def rows(e):
-            return T.thread_binding(e, thread="blockIdx.x")
-
-        def heads(e):
-            return T.thread_binding(e, thread="threadIdx.x")
-    else:
-        rows, heads = T.parallel, T.serial
+    rows, heads = _loop_kinds(gpu)  # over tree nodes, then heads
 
     @T.prim_func(private=True)
     def rope_kv_func(var_qkv: T.handle, var_pos: T.handle, var_k: T.handle, var_v: T.handle,
@@ -86,16 +87,7 @@ def kv_commit(num_kv_heads: int, head_dim: int, layers: int, context: int, gpu: 
     """
     g, d, nl, c = num_kv_heads, head_dim, layers, context
 
-    # Over (layer, head) pairs and elements: CPU threads over the pairs, or a GPU block per
-    # pair with a thread per element.
-    if gpu:
-        def pairs(e):
-            return T.thread_binding(e, thread="blockIdx.x")
-
-        def elements(e):
-            return T.thread_binding(e, thread="threadIdx.x")
-    else:
-        pairs, elements = T.parallel, T.serial
+    pairs, elements = _loop_kinds(gpu)  # over (layer, head) pairs, then elements
 
     @T.prim_func(private=True)
     def kv_commit_func(var_k: T.handle, var_v: T.handle, var_idx: T.handle, n: T.int64):

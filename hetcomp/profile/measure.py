@@ -260,14 +260,18 @@ def plan_probes(shape: ModelShape, opts: ProfileOptions, wdtype: str = "float32"
         kernels.setdefault(name, lambda: build(*args, **kw))
         return name
 
+    def linear_kernel(kind, n, w):
+        # The width-specialised kernel, as verify_w{W} runs it (exact row tiles).
+        _, k, residual = s.linear_dims(kind)
+        return kernel(f"linear_{'res_' if residual else ''}n{n}_k{k}_w{w}", ops.linear, n, k,
+                      wdtype, residual, rows=w)
+
     for kind in opts.kinds:
-        full, k, residual = s.linear_dims(kind)
+        full = s.linear_dims(kind)[0]
         for n in sorted({split_columns(full, r) for r in opts.ratios}):
             probes = []
             for w in ws:
-                # The width-specialised kernel, as verify_w{W} runs it (exact row tiles).
-                f = kernel(f"linear_{'res_' if residual else ''}n{n}_k{k}_w{w}", ops.linear, n,
-                           k, wdtype, residual, rows=w)
+                f = linear_kernel(kind, n, w)
                 probes.append(Probe(f, linear_features(s, kind, w, n / full),
                                     linear_args(s, kind, n, w, wdtype, opts.rotate_bytes)))
             groups.append(ProbeGroup(f"linear {kind} n={n}", tuple(probes)))
@@ -301,9 +305,8 @@ def plan_probes(shape: ModelShape, opts: ProfileOptions, wdtype: str = "float32"
     # Launch latency: the smallest linear kernel timed back to back (batched, as every other
     # probe) and with a synchronisation after each call, as a split op on a discrete unit
     # runs it (the host waits for its share before the concat).
-    full, k, residual = s.linear_dims("o")
-    small = kernel(f"linear_{'res_' if residual else ''}n{full}_k{k}_w1", ops.linear, full, k,
-                   wdtype, residual, rows=1)
+    full = s.linear_dims("o")[0]
+    small = linear_kernel("o", full, 1)
     small_args = linear_args(s, "o", full, 1, wdtype, opts.rotate_bytes)
     feats = dataclasses.replace(linear_features(s, "o", 1), op="launch")
     groups.append(ProbeGroup("launch", tuple(
@@ -580,9 +583,11 @@ def measure_groups(unit: Unit, lib, groups: list[ProbeGroup], opts: ProfileOptio
         for gi, group in enumerate(groups):
             cache: dict = {}
             shared = runner.shared(group, cache)
-            calls = [_synced(runner.setup(p, shared, cache), dev)
-                     if p.features.op == "launch" and p.features.kind == "synced"
-                     else runner.setup(p, shared, cache) for p in group.probes]
+            calls = []
+            for p in group.probes:
+                call = runner.setup(p, shared, cache)
+                synced = p.features.op == "launch" and p.features.kind == "synced"
+                calls.append(_synced(call, dev) if synced else call)
             worst = max((runner.check_linear(p, shared, cache) for p in group.probes
                          if p.features.op == "linear"), default=0.0)
             if worst > 1e-4:

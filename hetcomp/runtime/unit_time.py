@@ -27,56 +27,42 @@ def _device_name(dev) -> str:
     return kind if int(dev.index) == 0 else f"{kind}:{int(dev.index)}"
 
 
-class BusyTimer:
-    """Accumulates synchronised per-device kernel time while installed on a VM."""
+class SyncTimer:
+    """Synchronised seconds and calls per key while installed on a VM (an instrument): every
+    device is synchronised around each call, so a call's time is its own. ``key`` names
+    what a call is charged to; the default is the called function's symbol."""
 
-    def __init__(self, devices):
+    def __init__(self, devices, key=None):
         self.devices = list(devices)
-        self.busy: dict[str, float] = {}
-        self.calls: dict[str, int] = {}
-        self._t0 = 0.0
-
-    def _sync(self):
-        for d in self.devices:
-            d.sync()
-
-    def __call__(self, func, symbol, before, ret, *args):
-        self._sync()
-        if before:
-            self._t0 = time.perf_counter()
-            return _NO_OP
-        dt = time.perf_counter() - self._t0
-        tensors = [a for a in args if hasattr(a, "device") and hasattr(a, "shape")]
-        if "to_device" in str(symbol) or "copy" in str(symbol):
-            unit = "copy"
-        elif tensors:
-            unit = _device_name(tensors[-1].device)
-        else:
-            unit = "host"  # VM builtins without tensors (shape bookkeeping)
-        self.busy[unit] = self.busy.get(unit, 0.0) + dt
-        self.calls[unit] = self.calls.get(unit, 0) + 1
-        return _NO_OP
-
-
-class KernelTimer:
-    """Accumulates synchronised time per called function (kernel or VM builtin)."""
-
-    def __init__(self, devices):
-        self.devices = list(devices)
+        self.key = key or (lambda symbol, args: str(symbol))
         self.seconds: dict[str, float] = {}
         self.calls: dict[str, int] = {}
         self._t0 = 0.0
 
+    def clear(self) -> None:
+        self.seconds.clear()
+        self.calls.clear()
+
     def __call__(self, func, symbol, before, ret, *args):
         for d in self.devices:
             d.sync()
         if before:
             self._t0 = time.perf_counter()
             return _NO_OP
-        name = str(symbol)
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - self._t0
-        self.calls[name] = self.calls.get(name, 0) + 1
+        k = self.key(symbol, args)
+        self.seconds[k] = self.seconds.get(k, 0.0) + time.perf_counter() - self._t0
+        self.calls[k] = self.calls.get(k, 0) + 1
         return _NO_OP
+
+
+def _unit_of_call(symbol, args) -> str:
+    """The unit a call's time belongs to: its output's device, or the copies between units."""
+    if "to_device" in str(symbol) or "copy" in str(symbol):
+        return "copy"
+    tensors = [a for a in args if hasattr(a, "device") and hasattr(a, "shape")]
+    if tensors:
+        return _device_name(tensors[-1].device)
+    return "host"  # VM builtins without tensors (shape bookkeeping)
 
 
 def _verify_step(art, width: int, cache_len: int):
@@ -96,33 +82,9 @@ def _verify_step(art, width: int, cache_len: int):
     return one
 
 
-def _instrumented(art, timer, one, steps: int) -> None:
-    art.vm.set_instrument(_tvm.ffi_function(timer))
-    try:
-        for _ in range(steps):
-            one()
-    finally:
-        # None, not a Python no-op: a no-op still costs a Python call per VM call
-        # (~2 us here, ~5 us on a 16-core Xeon), which slowed every later step.
-        art.vm.set_instrument(None)
-
-
-def kernel_breakdown(art, width: int = 1, steps: int = 8, cache_len: int = 64) -> dict:
-    """Median plain step time and synchronised seconds per kernel (and VM builtin) of one
-    ``verify`` at ``width``: where a step's time goes, kernel by kernel."""
-    one = _verify_step(art, width, cache_len)
-    one()
-    plain = [one()[0] for _ in range(steps)]
-    timer = KernelTimer(art.devices)
-    _instrumented(art, timer, one, steps)
-    per = {k: v / steps for k, v in timer.seconds.items()}
-    return {"width": width, "step_s": float(np.median(plain)),
-            "kernels": dict(sorted(per.items(), key=lambda kv: -kv[1])),
-            "calls": {k: c // steps for k, c in timer.calls.items()}}
-
-
-def step_breakdown(art, width: int = 1, steps: int = 8, cache_len: int = 64) -> dict:
-    """Median plain step time and per-unit busy time of ``verify`` at ``width``.
+def _breakdown(art, width: int, steps: int, cache_len: int, key=None):
+    """Median plain seconds of ``verify`` at ``width``, then its synchronised seconds and
+    calls per key (``SyncTimer``), each averaged per step.
 
     Runs after a prefill of ``cache_len`` tokens (ids 1..), on the width's compiled tree
     (positions and mask as the generator builds them); nothing is committed, so every step
@@ -130,21 +92,34 @@ def step_breakdown(art, width: int = 1, steps: int = 8, cache_len: int = 64) -> 
     """
     one = _verify_step(art, width, cache_len)
     one()
-    plain = [one()[0] for _ in range(steps)]
-    timer = BusyTimer(art.devices)
+    plain = float(np.median([one()[0] for _ in range(steps)]))
+    timer = SyncTimer(art.devices, key)
     art.vm.set_instrument(_tvm.ffi_function(timer))
     try:
-        one()
-        timer.busy.clear()
-        timer.calls.clear()
+        one()  # discarded warm call
+        timer.clear()
         for _ in range(steps):
             one()
     finally:
         # None, not a Python no-op: a no-op still costs a Python call per VM call
         # (~2 us here, ~5 us on a 16-core Xeon), which slowed every later step.
         art.vm.set_instrument(None)
-    busy = {u: t / steps for u, t in timer.busy.items()}
-    return {"width": width, "step_s": float(np.median(plain)), "busy_s": busy,
+    return (plain, {k: t / steps for k, t in timer.seconds.items()},
+            {k: c // steps for k, c in timer.calls.items()})
+
+
+def kernel_breakdown(art, width: int = 1, steps: int = 8, cache_len: int = 64) -> dict:
+    """Median plain step time and synchronised seconds per kernel (and VM builtin) of one
+    ``verify`` at ``width``: where a step's time goes, kernel by kernel."""
+    step_s, per, calls = _breakdown(art, width, steps, cache_len)
+    return {"width": width, "step_s": step_s,
+            "kernels": dict(sorted(per.items(), key=lambda kv: -kv[1])), "calls": calls}
+
+
+def step_breakdown(art, width: int = 1, steps: int = 8, cache_len: int = 64) -> dict:
+    """Median plain step time and per-unit busy time of ``verify`` at ``width`` (see
+    :func:`_breakdown` for the setting)."""
+    step_s, busy, calls = _breakdown(art, width, steps, cache_len, _unit_of_call)
+    return {"width": width, "step_s": step_s, "busy_s": busy,
             # VM bookkeeping ("host": allocations, shapes) is instrument overhead, not work.
-            "serial_s": sum(t for u, t in busy.items() if u != "host"), "calls": {u: c // steps for u, c in
-                                                      timer.calls.items()}}
+            "serial_s": sum(t for u, t in busy.items() if u != "host"), "calls": calls}

@@ -14,6 +14,15 @@ from ..frontend.ops import OP_KIND
 _BASE = compiler().ScheduleRule
 _KINDS = ("attention_part", "attention_merge", "attention", "rms_norm", "elementwise",
           "embed")
+_GPU_KINDS = ("cuda", "rocm", "vulkan", "metal", "opencl")
+
+
+def _gpu_kind(func, target) -> str | None:
+    """The kernel's op kind when it is ours and ``target`` is a GPU, else None."""
+    attrs = func.attrs
+    if target.kind.name not in _GPU_KINDS or attrs is None or OP_KIND not in attrs:
+        return None
+    return str(attrs[OP_KIND])
 
 
 class PerStageThreadRule(_BASE):
@@ -23,10 +32,7 @@ class PerStageThreadRule(_BASE):
         self.threads = threads
 
     def apply(self, func, target, tunable):
-        attrs = func.attrs
-        if target.kind.name not in ("cuda", "rocm", "vulkan", "metal", "opencl"):
-            return None
-        if attrs is None or OP_KIND not in attrs or str(attrs[OP_KIND]) not in _KINDS:
+        if _gpu_kind(func, target) not in _KINDS:
             return None
         c = compiler()
         sch = c.Schedule(func)
@@ -68,10 +74,7 @@ class LinearColumnRule(_BASE):
         self.threads, self.max_rows = threads, max_rows
 
     def apply(self, func, target, tunable):
-        attrs = func.attrs
-        if target.kind.name not in ("cuda", "rocm", "vulkan", "metal", "opencl"):
-            return None
-        if attrs is None or str(attrs.get(OP_KIND, "")) != "linear":
+        if _gpu_kind(func, target) != "linear":
             return None
         c = compiler()
         sch = c.Schedule(func)
@@ -90,7 +93,7 @@ class LinearColumnRule(_BASE):
         sch.bind(jt, "threadIdx.x")
         # Step 2. Accumulators in registers, written back (with the residual) by the thread.
         anchor = jt if static else i
-        if bool(int(attrs.get("hetcomp.residual", 0))):
+        if bool(int(func.attrs.get("hetcomp.residual", 0))):
             sch.reverse_compute_at(sch.get_sblock("add_residual"), anchor)
             sch.set_scope(mm, 0, "local")
         else:
@@ -112,10 +115,7 @@ class ArgmaxRowRule(_BASE):
         self.threads = threads
 
     def apply(self, func, target, tunable):
-        attrs = func.attrs
-        if target.kind.name not in ("cuda", "rocm", "vulkan", "metal", "opencl"):
-            return None
-        if attrs is None or OP_KIND not in attrs or str(attrs[OP_KIND]) != "argmax":
+        if _gpu_kind(func, target) != "argmax":
             return None
         sch = compiler().Schedule(func)
         (row,) = sch.get_loops(sch.get_sblock("argmax"))
