@@ -121,3 +121,121 @@ def test_float16_draft_head(tiny_speculative, tmp_path):
         for w in WIDTHS:
             assert generate(art, prompt, max_new_tokens=30, stop_at_eos=False,
                             width=w).ids == seq
+
+
+def test_draft_vocabulary_ranks_own_outputs_then_ids():
+    from hetcomp.errors import HetcompError
+    from hetcomp.speculative.medusa import draft_vocabulary
+
+    seqs = [np.array([7, 7, 7, 3, 9]), np.array([9, 9, 3, 3, 3, 3])]
+    # counts: 3 x5, 9 x3, 7 x3 -> 3, 7, 9 (a tie goes to the lower id), then ids 0, 1, ...
+    np.testing.assert_array_equal(draft_vocabulary(seqs, 12, 5), [0, 1, 3, 7, 9])
+    np.testing.assert_array_equal(draft_vocabulary(seqs, 12, 2), [3, 7])
+    with pytest.raises(HetcompError, match="draft vocabulary"):
+        draft_vocabulary(seqs, 12, 13)
+
+
+def test_soft_target_gradient_matches_finite_differences():
+    """The mixed target ``soft * teacher + (1 - soft) * one_hot``: the gradient is that of the
+    cross-entropy against it (checked numerically in float64)."""
+    from hetcomp.speculative.medusa import _log_softmax_grad, _softmax
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 7))
+    target = np.array([1, 4, 6])
+    teacher = _softmax(rng.normal(size=(3, 7)))
+
+    def loss(z):
+        logp = z - z.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        mix = 0.3 * teacher + 0.7 * np.eye(7)[target]
+        return -(mix * logp).sum(-1).mean()
+
+    _, g = _log_softmax_grad(logits.copy(), target, teacher, 0.3)
+    num = np.zeros_like(logits)
+    for i in np.ndindex(*logits.shape):
+        d = np.zeros_like(logits)
+        d[i] = 1e-6
+        num[i] = (loss(logits + d) - loss(logits - d)) / 2e-6
+    np.testing.assert_allclose(g, num, atol=1e-8)
+    _, g_hard = _log_softmax_grad(logits.copy(), target)
+    assert np.abs(g - g_hard).max() > 1e-3  # the teacher really enters
+
+
+def test_heads_over_a_draft_vocabulary_train_and_rank_real_ids():
+    """Training over a draft vocabulary skips targets outside it; held-out ranks compare the
+    real ids the vocabulary maps back to."""
+    from hetcomp.speculative.medusa import TOPK, heldout_ranks, train_heads
+
+    rng = np.random.default_rng(1)
+    e, v = 16, 40
+    embed = rng.normal(size=(v, e)).astype(np.float32)
+    h = rng.normal(size=(64, e)).astype(np.float32)
+    targets = np.stack([np.argmax(h @ embed.T, 1)] * 2, 1)  # learnable: the base head's choice
+    vocab = np.arange(0, v, 2, dtype=np.int32)  # even ids only
+    w, b, _ = train_heads(h, targets, embed, 2, epochs=2, progress=False, vocab=vocab)
+    heads = MedusaHeads(w, b, np.zeros((2, TOPK)), {}, vocab=vocab)
+    ranks = heldout_ranks(heads, h, targets, embed)
+    odd = targets[:, 0] % 2 == 1
+    assert odd.any() and (ranks[odd] == TOPK).all()  # outside the vocabulary: never proposed
+    assert (ranks[~odd] < TOPK).mean() > 0.9
+
+
+def test_draft_vocabulary_in_the_compiled_draft(tiny_speculative, tmp_path):
+    """Heads with a draft vocabulary compile to a draft whose LM head holds just those rows
+    (rebuilt by recipe), whose candidates are real token ids from the vocabulary, equal to
+    numpy's, and speculation stays lossless."""
+    import os
+
+    from hetcomp import _tvm
+    from hetcomp.frontend.ops import unpack_linear_weight
+
+    heads = MedusaHeads.load(os.path.join(os.path.dirname(tiny_speculative.path), "heads.npz"))
+    heads.vocab = np.sort(np.random.default_rng(2).choice(TINY.vocab_size, 96, replace=False)
+                          ).astype(np.int32)
+    heads.save(str(tmp_path / "heads.npz"))
+    loaded = (TINY, random_weights(TINY, seed=11), byte_tokenizer_spec(TINY.vocab_size),
+              __file__)
+    compile_model(CompileOptions(model="tiny", heads=str(tmp_path / "heads.npz"),
+                                 widths=WIDTHS, draft_dtype="float16"),
+                  str(tmp_path / "a"), quiet=True, weights=loaded)
+    art = load_artifact(str(tmp_path / "a"))
+    assert art.manifest["draft_vocab"] == 96
+    assert art.manifest["functions"]["medusa"][-1] == "medusa.vocab"
+    head = unpack_linear_weight(art.medusa_params[1].numpy())
+    full = unpack_linear_weight(tiny_speculative.medusa_params[0].numpy())
+    np.testing.assert_array_equal(head, full[heads.vocab].astype(np.float16))
+    sess = art.new_session()
+    _, hidden = sess.prefill([1, 2, 3])
+    root = _tvm.tensor(np.array([17], "int32"))
+    logits, top = (x.numpy() for x in art._medusa(hidden, root, *art.medusa_params))
+    expected = heads.hidden(hidden.numpy().astype(np.float64),
+                            full[[17]].astype(np.float64)) @ head.T.astype(np.float64)
+    np.testing.assert_allclose(logits, expected[:, 0], rtol=1e-3, atol=1e-3)
+    np.testing.assert_array_equal(top, heads.vocab[np.argsort(-logits, axis=1)[:, :10]])
+    for prompt in ([5, 17, 99], [42]):
+        seq = generate(art, prompt, max_new_tokens=30, stop_at_eos=False).ids
+        for w in WIDTHS:
+            assert generate(art, prompt, max_new_tokens=30, stop_at_eos=False,
+                            width=w).ids == seq
+
+
+def test_teacher_forcing_replays_generation(tiny_speculative, tmp_path):
+    """A recorded greedy response replayed through verify/commit gives the hidden states that
+    generating it recorded; a response the model would not give is refused."""
+    from hetcomp.errors import HetcompError
+    from hetcomp.speculative.calibrate import read_responses, teacher_force
+
+    art = tiny_speculative
+    hs: list = []
+    ids = generate(art, [5, 17, 99], max_new_tokens=90, stop_at_eos=False,
+                   hidden_states=hs).ids
+    np.testing.assert_allclose(teacher_force(art, [5, 17, 99], ids, chunk=16), np.stack(hs),
+                               rtol=1e-4, atol=1e-4)
+    with pytest.raises(HetcompError, match="disagrees"):
+        teacher_force(art, [5, 17, 99],
+                      list(np.random.default_rng(0).integers(3, TINY.vocab_size, len(ids))))
+    bad = tmp_path / "r.jsonl"
+    bad.write_text('{"prompt": "x"}\n')
+    with pytest.raises(HetcompError, match="cannot read responses"):
+        read_responses(str(bad))

@@ -89,8 +89,9 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
     tuning = None
     root = heads is not None and heads.u is not None
     draft_dtype = opts.draft_dtype or opts.dtype
+    draft_vocab = 0 if heads is None or heads.vocab is None else len(heads.vocab)
     mod = build_module(cfg, opts.dtype, heads.num_heads if heads else 0, static_widths=widths,
-                       medusa_root=root, draft_dtype=draft_dtype)
+                       medusa_root=root, draft_dtype=draft_dtype, draft_vocab=draft_vocab)
     target = compiler().Target(target_dict(opts.target))
     if opts.plan is not None and opts.target == "cuda":
         raise HetcompError("--plan places work on several units; use a CPU --target for the host")
@@ -138,10 +139,15 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
         assert mparams == [n for n, _, _ in medusa_param_specs(cfg, heads.num_heads, opts.dtype,
                                                                 root)]
         head = "embed" if cfg.tie_embeddings else "lm_head"
-        if draft_dtype != opts.dtype:  # the draft's own copy of the LM head
+        vocab = []
+        if draft_vocab:  # the draft's own LM head: the draft vocabulary's rows
+            recipes["medusa.lm_head"] = {"weight": head, "dtype": draft_dtype, "rows": "vocab"}
+            recipes["medusa.vocab"] = {"heads": "vocab"}
+            head, vocab = "medusa.lm_head", ["medusa.vocab"]
+        elif draft_dtype != opts.dtype:  # the draft's own copy of the LM head
             recipes["medusa.lm_head"] = {"weight": head, "dtype": draft_dtype}
             head = "medusa.lm_head"
-        functions["medusa"] = ["embed", head, *mparams]
+        functions["medusa"] = ["embed", head, *mparams, *vocab]
         speculative = {
             "num_heads": heads.num_heads,
             "rank_probs": heads.rank_probs.tolist(),
@@ -173,6 +179,7 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
         "widths": list(opts.widths) if heads is not None else [1],
         "speculative": speculative,
         "draft_dtype": draft_dtype if heads is not None else None,
+        "draft_vocab": draft_vocab or None,
     }
     path = export_artifact(out_dir, ex, params, tok.tok.to_str(), manifest,
                            fcompile=export_compiler(opts.target),

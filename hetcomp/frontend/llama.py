@@ -113,14 +113,17 @@ def medusa_param_specs(cfg: LlamaConfig, num_heads: int, wdtype: str, root: bool
 
 
 def _add_medusa(bb, kern: _Kernels, cfg: LlamaConfig, num_heads: int, wdtype: str, root: bool,
-                draft_dtype: str | None = None):
-    """``medusa(hidden[1, E], root[1], embed, lm_head, w_0, b_0, [u_0], ...)``
+                draft_dtype: str | None = None, draft_vocab: int = 0):
+    """``medusa(hidden[1, E], root[1], embed, lm_head, w_0, b_0, [u_0], ..., [vocab])``
     ``-> (logits[K, V], top-10 ids[K, 10])``.
 
     Head k: ``h + SiLU(W_k h + U_k e + b_k)`` into the LM head, ``e`` the root token's
     embedding (root-conditioned heads only; ``root`` is ignored otherwise). ``draft_dtype``:
     the LM head's dtype here (a float16 copy halves the weight bytes of the draft, which
     reads the whole LM head every step; drafts only propose, so verification stays exact).
+    ``draft_vocab = Vd > 0``: the LM head holds only the rows of a draft vocabulary
+    ``vocab[Vd]`` (int32 token ids), the logits are ``[K, Vd]`` and the top ids are mapped
+    back through ``vocab``.
     """
     c = compiler()
     relax, tt = c.relax, c.TensorType
@@ -130,12 +133,16 @@ def _add_medusa(bb, kern: _Kernels, cfg: LlamaConfig, num_heads: int, wdtype: st
     shapes = {n: sh for n, sh, _ in param_specs(cfg, wdtype)}
     embed = relax.Var("embed", tt(shapes["embed"], wdtype))
     draft_dtype = draft_dtype or wdtype
-    lm_head = relax.Var("lm_head", tt(shapes["embed" if cfg.tie_embeddings else "lm_head"],
-                                      draft_dtype))
+    head_shape = shapes["embed" if cfg.tie_embeddings else "lm_head"]
+    vd = draft_vocab or v  # the draft's output columns
+    if draft_vocab:
+        head_shape = (vd // ops.pack_block(vd), e, ops.pack_block(vd))
+    lm_head = relax.Var("lm_head", tt(head_shape, draft_dtype))
     specs = medusa_param_specs(cfg, num_heads, wdtype, root)
     pvars = {n: relax.Var(n.replace(".", "_"), tt(sh, d)) for n, sh, d in specs}
+    vocab = [relax.Var("vocab", tt((vd,), "int32"))] if draft_vocab else []
     act_gv = kern.get("medusa_act", ops.medusa_act, e, rows=1)
-    with bb.function("medusa", [hidden, root_tok, embed, lm_head, *pvars.values()],
+    with bb.function("medusa", [hidden, root_tok, embed, lm_head, *pvars.values(), *vocab],
                      attrs={"num_input": 2}):
         with bb.dataflow():
             emb = None
@@ -153,20 +160,22 @@ def _add_medusa(bb, kern: _Kernels, cfg: LlamaConfig, num_heads: int, wdtype: st
                 outs.append(bb.emit(relax.call_tir(act_gv, [hidden, z, pvars[f"medusa.{k}.b"]],
                                                    tt((1, e), "float32"))))
             stacked = bb.emit(relax.op.concat(outs, axis=0))
-            head_gv = (kern.linear(v, e, False, rows=num_heads) if draft_dtype == wdtype else
-                       kern.get(f"linear_{draft_dtype}_n{v}_k{e}", ops.linear, v, e, draft_dtype,
-                                False, rows=num_heads))
+            head_gv = (kern.linear(vd, e, False, rows=num_heads) if draft_dtype == wdtype else
+                       kern.get(f"linear_{draft_dtype}_n{vd}_k{e}", ops.linear, vd, e,
+                                draft_dtype, False, rows=num_heads))
             logits = bb.emit(relax.call_tir(head_gv, [stacked, lm_head],
-                                            tt((num_heads, v), "float32")))
+                                            tt((num_heads, vd), "float32")))
             # Candidates ranked on the device (a host-side argpartition cost ~2 ms a step).
             top = bb.emit(relax.op.topk(logits, k=MEDUSA_TOPK, axis=-1, ret_type="indices"))
+            if draft_vocab:
+                top = bb.emit(relax.op.take(vocab[0], top, axis=0, mode="clip"))
             out = bb.emit_output(relax.Tuple([logits, top]))
         bb.emit_func_output(out)
 
 
 def build_module(cfg: LlamaConfig, wdtype: str = "float32", medusa_heads: int = 0,
                  static_widths: tuple[int, ...] = (), medusa_root: bool = False,
-                 draft_dtype: str | None = None):
+                 draft_dtype: str | None = None, draft_vocab: int = 0):
     """The unscheduled Relax IRModule of the decoder for weight dtype ``wdtype``.
 
     ``verify`` takes any width; ``verify_w{W}`` for each W in ``static_widths`` is the same
@@ -174,7 +183,8 @@ def build_module(cfg: LlamaConfig, wdtype: str = "float32", medusa_heads: int = 
     With ``medusa_heads = K > 0`` it also has ``medusa(hidden[1, E], root[1], embed, lm_head,
     *head params)`` returning the K heads' logits ``[K, V]`` (``medusa_root``: heads
     conditioned on the root token's embedding; ``draft_dtype``: the dtype of its LM head,
-    default ``wdtype``). The module attribute
+    default ``wdtype``; ``draft_vocab``: the size of its draft vocabulary, 0 for the whole
+    one). The module attribute
     ``hetcomp.model_functions`` lists the functions that run the decoder (what partitioning
     applies to).
     """
@@ -223,6 +233,6 @@ def build_module(cfg: LlamaConfig, wdtype: str = "float32", medusa_heads: int = 
             out = bb.emit_output(res)
         bb.emit_func_output(out)
     if medusa_heads:
-        _add_medusa(bb, kern, cfg, medusa_heads, wdtype, medusa_root, draft_dtype)
+        _add_medusa(bb, kern, cfg, medusa_heads, wdtype, medusa_root, draft_dtype, draft_vocab)
     mod = bb.finalize()
     return mod.with_attr("hetcomp.model_functions", [f for f, _, _ in functions])

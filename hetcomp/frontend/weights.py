@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .config import LlamaConfig
-from .ops import pack_block, pack_linear_weight
+from .ops import pack_block, pack_linear_weight, unpack_linear_weight
 
 WEIGHT_DTYPES = ("float32", "float16")
 
@@ -69,15 +69,21 @@ def param_from_recipe(recipe: dict, packed: dict[str, np.ndarray], heads, wdtype
     """One artifact parameter from its recipe (``manifest["param_recipes"]``): a packed weight,
     optionally a range of its column blocks (a partitioned layer's slice), or one Medusa head's
     field (``heads``: a :class:`~hetcomp.speculative.medusa.MedusaHeads`); ``dtype``: a copy in
-    that dtype (the draft's float16 LM head)."""
+    that dtype (the draft's float16 LM head); ``rows``: only the output columns the heads'
+    draft vocabulary names (the draft's pruned LM head)."""
     if "weight" in recipe:
         arr = packed[recipe["weight"]]
         if "blocks" in recipe:
             lo, hi = recipe["blocks"]
             arr = arr[lo:hi]
+        if "rows" in recipe:
+            arr = pack_linear_weight(unpack_linear_weight(arr)[getattr(heads, recipe["rows"])],
+                                     str(arr.dtype))
         if "dtype" in recipe:
             arr = arr.astype(recipe["dtype"])
         return arr
+    if "index" not in recipe:  # a whole field (the draft vocabulary)
+        return np.asarray(getattr(heads, recipe["heads"]), dtype=np.int32)
     arr = getattr(heads, recipe["heads"])[recipe["index"]]
     return arr.astype("float32") if recipe["heads"] == "b" else pack_linear_weight(arr, wdtype)
 

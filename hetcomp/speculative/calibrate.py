@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import gzip
+import json
+import os
 import sys
 import time
 
@@ -10,7 +13,8 @@ import numpy as np
 
 from ..errors import HetcompError
 from .corpus import load_corpus
-from .medusa import TOPK, MedusaHeads, heldout_ranks, rank_statistics, train_heads
+from .medusa import (TOPK, MedusaHeads, draft_vocabulary, heldout_ranks, rank_statistics,
+                     train_heads)
 from .tree import build_tree
 
 WIDTHS = (1, 2, 4, 8, 16, 32, 64)
@@ -28,10 +32,52 @@ class CalibrateOptions:
     weight_decay: float = 0.01
     cache: str | None = None  # .npz to save the generated data in
     condition_on_root: bool = True  # heads also see the root token's embedding (EAGLE-style)
+    soft: float = 0.5  # weight of the base model's distribution in the targets (0: hard)
+    draft_vocab: int = 8192  # tokens the draft may propose (0: the whole vocabulary)
+    responses: str | None = None  # recorded greedy responses (.jsonl[.gz]): prompt -> ids
+    recorded_only: bool = False  # with responses: skip the prompts that have none
 
 
-def collect(art, prompts, new_tokens: int, progress: bool = True):
-    """Greedy-generate from each prompt; rows are (hidden state, the tokens that follow it)."""
+def read_responses(path: str) -> dict[str, list[int]]:
+    """``{prompt: greedy response ids}`` from JSON lines ``{"prompt": ..., "ids": [...]}``."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rt") as fh:
+            rows = [json.loads(line) for line in fh if line.strip()]
+        return {r["prompt"]: [int(i) for i in r["ids"]] for r in rows}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise HetcompError(f"cannot read responses {path}: {e}") from None
+
+
+def teacher_force(art, prompt_ids, response, chunk: int = 64) -> np.ndarray:
+    """The final hidden states ``[len(response), E]`` that chose each token of a recorded
+    greedy ``response`` to ``prompt_ids``: the prompt's prefill, then the response as chains
+    of ``chunk`` tokens through ``verify`` (causal mask) and ``commit``. Row ``j`` is the
+    state the base model chose ``response[j]`` from, as :func:`collect` records while
+    generating, at a fraction of the cost. Raises if the artifact disagrees with the record
+    on more than 1% of the tokens (a response from another model)."""
+    sess = art.new_session()
+    first, hidden = sess.prefill(prompt_ids)
+    rows, agree = [hidden.numpy()[0]], [first == response[0]]
+    feed = list(response[:-1])
+    for s in range(0, len(feed), chunk):
+        part = np.asarray(feed[s: s + chunk], "int64")
+        w = len(part)
+        mask = np.tril(np.ones((w, w), "int32"))
+        greedy, hid, _ = sess.verify(part, sess.length + np.arange(w), mask)
+        sess.commit(list(range(w)))
+        rows.extend(hid.numpy())
+        agree.extend(greedy == np.asarray(response[s + 1: s + 1 + w]))
+    if np.mean(agree) < 0.99:
+        raise HetcompError(f"recorded response disagrees with the model's greedy choices on "
+                           f"{100 * (1 - np.mean(agree)):.1f}% of its tokens")
+    return np.stack(rows)
+
+
+def collect(art, prompts, new_tokens: int, progress: bool = True,
+            responses: dict | None = None):
+    """Greedy-generate from each prompt (or replay its recorded response, ``responses``:
+    prompt -> ids); rows are (hidden state, the tokens that follow it)."""
     from ..runtime.generate import generate
 
     feats, seqs = [], []
@@ -40,14 +86,18 @@ def collect(art, prompts, new_tokens: int, progress: bool = True):
         ids = art.tokenizer.encode(prompt, chat=art.tokenizer.chat_template is not None)
         if len(ids) + new_tokens + 1 >= art.config.max_context:
             continue
-        hs: list = []
-        toks = generate(art, ids, max_new_tokens=new_tokens, hidden_states=hs).ids
-        feats.append(np.stack(hs))
+        if responses and prompt in responses:
+            toks = responses[prompt][:new_tokens]
+            feats.append(teacher_force(art, ids, toks))
+        else:
+            hs: list = []
+            toks = generate(art, ids, max_new_tokens=new_tokens, hidden_states=hs).ids
+            feats.append(np.stack(hs))
         seqs.append(np.asarray(toks))
         if progress:
             rate = sum(len(s) for s in seqs) / (time.time() - t0)
-            print(f"\r  generating {i + 1}/{len(prompts)} prompts ({rate:.0f} tokens/s)", end="",
-                  file=sys.stderr, flush=True)
+            print(f"\r  self-distillation data {i + 1}/{len(prompts)} prompts ({rate:.0f} "
+                  "tokens/s)", end="", file=sys.stderr, flush=True)
     if progress:
         print(file=sys.stderr)
     return feats, seqs
@@ -86,6 +136,12 @@ def calibrate(art, embed: np.ndarray, opts: CalibrateOptions, progress: bool = T
     """
     if data is None:
         prompts = load_corpus(opts.corpus)
+        responses = read_responses(opts.responses) if opts.responses else None
+        if responses is not None and opts.recorded_only:
+            prompts = [p for p in prompts if p in responses]
+            if not prompts:
+                raise HetcompError(f"no prompt of corpus {opts.corpus} has a response in "
+                                   f"{opts.responses}")
         rng = np.random.default_rng(opts.seed)
         order = rng.permutation(len(prompts))
         if opts.max_prompts:
@@ -99,8 +155,8 @@ def calibrate(art, embed: np.ndarray, opts: CalibrateOptions, progress: bool = T
         if progress:
             print(f"[1/3] self-distillation data: {len(train)} training, {len(held)} held-out "
                   "prompts", file=sys.stderr)
-        data = (collect(art, train, opts.new_tokens, progress),
-                collect(art, held, opts.new_tokens, progress))
+        data = (collect(art, train, opts.new_tokens, progress, responses),
+                collect(art, held, opts.new_tokens, progress, responses))
         if opts.cache:  # the expensive part: keep it to re-train without re-generating
             (ftr, str_), (fho, sho) = data
             np.savez(opts.cache, **{f"tr_h{i}": f for i, f in enumerate(ftr)},
@@ -118,14 +174,16 @@ def calibrate(art, embed: np.ndarray, opts: CalibrateOptions, progress: bool = T
     cut = int(np.searchsorted(rows_per_prompt, 0.9 * rows_per_prompt[-1]))
     cut_row = int(rows_per_prompt[cut]) if cut < len(rows_per_prompt) else len(xtr)
     roots = rtr if opts.condition_on_root else None
+    vocab = (draft_vocabulary(str_, len(embed), opts.draft_vocab)
+             if opts.draft_vocab and opts.draft_vocab < len(embed) else None)
     w, b, u = train_heads(
         xtr[:cut_row], ytr[:cut_row], embed, opts.num_heads, epochs=opts.epochs,
         seed=opts.seed, progress=progress, weight_decay=opts.weight_decay,
-        roots=None if roots is None else roots[:cut_row],
+        soft=opts.soft, vocab=vocab, roots=None if roots is None else roots[:cut_row],
         validation=(xtr[cut_row:], rtr[cut_row:], ytr[cut_row:]) if cut_row < len(xtr) else None)
     if progress:
         print(f"[3/3] held-out statistics on {len(xho)} rows", file=sys.stderr)
-    heads = MedusaHeads(w, b, np.zeros((opts.num_heads, TOPK)), {}, None, u)
+    heads = MedusaHeads(w, b, np.zeros((opts.num_heads, TOPK)), {}, None, u, vocab)
     heads.ranks = heldout_ranks(heads, xho, yho, embed,
                                 roots=rho if opts.condition_on_root else None)
     heads.rank_probs = rank_statistics(heads.ranks)
@@ -134,6 +192,9 @@ def calibrate(art, embed: np.ndarray, opts: CalibrateOptions, progress: bool = T
         "new_tokens": opts.new_tokens, "train_rows": int(len(xtr)), "held_out_rows": int(len(xho)),
         "train_prompts": len(str_), "held_out_prompts": len(sho),
         "condition_on_root": bool(opts.condition_on_root),
+        "soft": opts.soft, "draft_vocab": 0 if vocab is None else len(vocab),
+        "responses": opts.responses and os.path.basename(opts.responses),
+        "recorded_only": bool(opts.responses and opts.recorded_only),
         "topk_accuracy": np.cumsum(heads.rank_probs, axis=1).tolist(),
         "tau": {str(wd): build_tree(heads.rank_probs, wd, heads.ranks).expected_accept_length
                 for wd in WIDTHS},
