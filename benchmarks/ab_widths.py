@@ -3,8 +3,8 @@
 Each round runs every artifact at every configuration on the same prompts, so a slow phase
 of a shared machine lands on one round of all of them; the table reports the median
 tokens/s per configuration, its ratio to the first artifact's W=1, and accepted tokens per
-verify step. ``--prompts heldout`` uses the calibration's held-out MT-bench prompts (the
-ones the trees' expected acceptance is measured on) instead of the bench prompts.
+verify step. ``--prompts heldout`` uses the first artifact's heads' held-out calibration
+prompts (the ones the trees' expected acceptance is measured on) instead of the bench prompts.
 
 Usage::
 
@@ -21,15 +21,19 @@ import sys
 import numpy as np
 
 
-def heldout_prompts(count: int = 8) -> list[str]:
-    """The first held-out prompts of `hetcomp calibrate` (same seed and split)."""
-    from hetcomp.speculative.calibrate import CalibrateOptions
+def heldout_prompts(info: dict, count: int = 8) -> list[str]:
+    """The first held-out prompts of the `hetcomp calibrate` run that made the heads whose
+    ``info`` (manifest ``speculative.heads_info``) is given: same corpus, seed and split."""
+    from hetcomp.speculative.calibrate import CalibrateOptions, read_responses
     from hetcomp.speculative.corpus import load_corpus
 
-    opts = CalibrateOptions()
-    prompts = load_corpus(opts.corpus)
-    order = np.random.default_rng(opts.seed).permutation(len(prompts))
-    n_held = max(1, int(round(len(order) * opts.held_out)))
+    held_out = CalibrateOptions().held_out
+    prompts = load_corpus(info["corpus"])
+    if info.get("recorded_only"):
+        recorded = read_responses(f"hetcomp/data/{info['responses']}")
+        prompts = [p for p in prompts if p in recorded]
+    order = np.random.default_rng(info["seed"]).permutation(len(prompts))
+    n_held = max(1, int(round(len(order) * held_out)))
     return [prompts[i] for i in order[:n_held]][:count]
 
 
@@ -44,9 +48,10 @@ def main() -> int:
     from hetcomp.cli import BENCH_PROMPTS
     from hetcomp.runtime import generate, load_artifact
 
-    prompts = list(BENCH_PROMPTS) if args.prompts == "bench" else heldout_prompts()
     configs = [tuple(int(x) for x in c.split(":")) for c in args.configs.split(",")]
     arts = {a: load_artifact(a) for a in args.artifacts}
+    first = arts[args.artifacts[0]].manifest["speculative"]["heads_info"]
+    prompts = list(BENCH_PROMPTS) if args.prompts == "bench" else heldout_prompts(first)
     ids = {a: [art.tokenizer.encode(p, chat=True) for p in prompts] for a, art in arts.items()}
     speed: dict = {}
     accepted: dict = {}

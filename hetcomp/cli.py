@@ -310,7 +310,9 @@ def cmd_calibrate(args) -> int:
 
     opts = CalibrateOptions(corpus=args.corpus, num_heads=args.num_heads,
                             new_tokens=args.new_tokens, epochs=args.epochs, seed=args.seed,
-                            max_prompts=args.max_prompts, cache=args.cache)
+                            max_prompts=args.max_prompts, cache=args.cache, soft=args.soft,
+                            draft_vocab=args.draft_vocab, responses=args.responses,
+                            recorded_only=args.recorded_only)
     loaded = load_model(args.model)
     with tempfile.TemporaryDirectory() as tmp:
         compile_model(CompileOptions(model=args.model), f"{tmp}/art", weights=loaded)
@@ -421,13 +423,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("calibrate", help="train Medusa heads by self-distillation")
     k.add_argument("--model", default="smollm2")
-    k.add_argument("--corpus", default="mtbench", help="mtbench | FILE (one prompt per line)")
+    k.add_argument("--corpus", default="chat",
+                   help="chat | mtbench | alpaca | FILE (one prompt per line)")
     k.add_argument("--num-heads", type=int, default=4)
     k.add_argument("--new-tokens", type=int, default=256)
     k.add_argument("--epochs", type=int, default=4)
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("--max-prompts", type=int, default=0)
     k.add_argument("--cache", help="also save the generated training data (.npz) here")
+    k.add_argument("--soft", type=float, default=0.5,
+                   help="weight of the model's own distribution in the targets (0: hard)")
+    k.add_argument("--draft-vocab", type=int, default=8192,
+                   help="tokens the draft may propose, most frequent first (0: all)")
+    k.add_argument("--responses", help="recorded greedy responses (.jsonl[.gz] of prompt, ids): "
+                   "replayed instead of generated")
+    k.add_argument("--recorded-only", action="store_true",
+                   help="with --responses: use only the prompts that have one")
     k.add_argument("-o", "--output", required=True)
     k.set_defaults(func=cmd_calibrate)
 

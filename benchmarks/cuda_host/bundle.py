@@ -15,7 +15,10 @@ on the GPU), and two partitions with the CPU as host and the GPU taking output c
 every linear layer: ``split-all`` (all columns on the GPU; attention and the rest on the CPU)
 and ``split-half`` (half of every linear layer's columns on each unit, so both run at once).
 
-Usage: python benchmarks/cuda_host/bundle.py DIR [--quick]
+``--generate CORPUS`` builds instead a calibration-data bundle: the ``cpu`` artifact without
+heads and ``prompts.json`` (the corpus' prompts as chat token ids), for ``run.py generate``.
+
+Usage: python benchmarks/cuda_host/bundle.py DIR [--quick | --generate CORPUS [--new-tokens N]]
 """
 
 from __future__ import annotations
@@ -41,13 +44,14 @@ def main() -> int:
     ap.add_argument("out")
     ap.add_argument("--quick", action="store_true", help="quick profile kit")
     ap.add_argument("--max-context", type=int, default=512)
+    ap.add_argument("--generate", metavar="CORPUS", help="calibration-data bundle")
+    ap.add_argument("--new-tokens", type=int, default=256)
     args = ap.parse_args()
 
     import tvm
 
     from hetcomp.codegen.compile import CompileOptions, compile_model
     from hetcomp.codegen.targets import target_dict
-    from hetcomp.frontend import default_gguf_path
     from hetcomp.passes import HeteroPlan
     from hetcomp.profile.commands import read_model_shape
     from hetcomp.profile.measure import ProfileOptions, build_kit
@@ -65,6 +69,11 @@ def main() -> int:
             "--python-version", "3.12", "--implementation", "cp",
             "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64",
             "-d", wheels, "apache-tvm-ffi==0.1.14.post1", "gguf==0.19.0")
+
+    if args.generate:
+        _generation_payload(a, args)
+        _gguf_parts(a, b, [])
+        return 0
 
     # Every shape of a full profile, timed in shorter rounds: the host is lent for minutes.
     shape, key = read_model_shape("smollm2")
@@ -94,6 +103,33 @@ def main() -> int:
     _sh("tar", "-C", a, "-cJf", os.path.join(a, "payload.tar.xz"), "kit", "art")
     for d in ("kit", "art"):
         subprocess.run(["rm", "-rf", os.path.join(a, d)], check=True)
+    _gguf_parts(a, b, list(builds))
+    return 0
+
+
+def _generation_payload(a: str, args) -> None:
+    """The ``cpu`` artifact (no heads: plain greedy decoding) and the prompts as token ids."""
+    from hetcomp.codegen.compile import CompileOptions, compile_model
+    from hetcomp.frontend import load_model
+    from hetcomp.frontend.tokenizer import TokenizerInfo
+    from hetcomp.speculative.corpus import load_corpus
+
+    art = os.path.join(a, "art", "cpu")
+    loaded = load_model("smollm2")
+    compile_model(CompileOptions(model="smollm2", target="x86-64-v3", separate_weights=True,
+                                 max_context=args.max_context), art, weights=loaded)
+    tok = TokenizerInfo.from_spec(loaded[2])
+    prompts = [[i, tok.encode(p, chat=True)] for i, p in enumerate(load_corpus(args.generate))]
+    with open(os.path.join(a, "prompts.json"), "w") as fh:
+        json.dump({"corpus": args.generate, "new_tokens": args.new_tokens, "prompts": prompts},
+                  fh)
+    _sh("tar", "-C", a, "-cJf", os.path.join(a, "payload.tar.xz"), "art")
+    subprocess.run(["rm", "-rf", art], check=True)
+
+
+def _gguf_parts(a: str, b: str, artifacts: list) -> None:
+    from hetcomp.frontend import default_gguf_path
+
     gguf = default_gguf_path()
     with open(gguf, "rb") as fh:
         data = fh.read()
@@ -103,11 +139,10 @@ def main() -> int:
         fh.write(data[PART0_BYTES:])
     with open(os.path.join(a, "bundle.json"), "w") as fh:
         json.dump({"gguf_sha256": hashlib.sha256(data).hexdigest(),
-                   "artifacts": list(builds)}, fh, indent=1)
+                   "artifacts": artifacts}, fh, indent=1)
     for d in (a, b):
         total = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(d) for f in fs)
         print(f"{d}: {total / 2**20:.1f} MiB", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

@@ -5,6 +5,11 @@
                                          (sequential and speculative), decode tokens/s,
                                          verify step time, per-unit and per-kernel time
                                          -> OUT/results.json (rewritten after each artifact)
+    python run.py generate BUNDLE OUT WORKERS SECONDS
+                                         greedy responses to the bundle's prompts.json
+                                         (calibration data, bundle.py --generate) from
+                                         WORKERS processes of 2 threads each, stopped
+                                         after SECONDS -> OUT/responses-*.jsonl
 
 BUNDLE is what bundle.py wrote (its ``a`` folder; ``b`` beside it holds the GGUF's second
 part, which arrives with the second call).
@@ -102,6 +107,44 @@ def run(bundle: str, out: str, names: list[str]) -> None:
         del art
 
 
+def _generate_worker(bundle: str, out: str, worker: int, workers: int) -> None:
+    from hetcomp.runtime import generate, load_artifact
+
+    meta = json.load(open(os.path.join(bundle, "prompts.json")))
+    art = load_artifact(os.path.join(bundle, "art", "cpu"))
+    with open(os.path.join(out, f"responses-{worker}.jsonl"), "a") as fh:
+        for index, ids in meta["prompts"][worker::workers]:
+            r = generate(art, ids, meta["new_tokens"])
+            fh.write(json.dumps({"index": index, "ids": r.ids}) + "\n")
+            fh.flush()  # a worker stopped at the deadline keeps every finished response
+
+
+def generate_responses(bundle: str, out: str, workers: int, seconds: float) -> None:
+    """Calibration data on a many-core host: each worker answers every WORKERS-th prompt."""
+    import subprocess
+
+    from hetcomp.runtime import attach_weights
+
+    attach_weights(os.path.join(bundle, "art", "cpu"), _gguf(bundle), quiet=True)
+    say(f"weights attached; {workers} workers")
+    # Each worker on its own two cores: TVM pins its pool threads to the first cores it
+    # sees, so unpinned workers all share cores 0-1 (8 workers made 66 responses in 8 min).
+    env = dict(os.environ, TVM_NUM_THREADS="2", TVM_BIND_THREADS="0")
+    cores = sorted(os.sched_getaffinity(0))
+    procs = [subprocess.Popen(["taskset", "-c", ",".join(map(str, cores[2 * k: 2 * k + 2])),
+                               sys.executable, __file__, "generate-worker", bundle, out,
+                               str(k), str(workers)], env=env) for k in range(workers)]
+    deadline = T0 + seconds
+    while time.time() < deadline and any(p.poll() is None for p in procs):
+        time.sleep(2)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+    done = sum(1 for f in os.listdir(out) if f.startswith("responses-")
+               for _ in open(os.path.join(out, f)))
+    say(f"{done} responses")
+
+
 def _device_info() -> dict:
     import subprocess
 
@@ -123,8 +166,13 @@ def _unpack(bundle: str) -> None:
 if __name__ == "__main__":
     what, bundle, out = sys.argv[1:4]
     os.makedirs(out, exist_ok=True)
+    if what == "generate-worker":
+        _generate_worker(bundle, out, int(sys.argv[4]), int(sys.argv[5]))
+        sys.exit(0)
     _unpack(bundle)
-    if what == "profile":
+    if what == "generate":
+        generate_responses(bundle, out, int(sys.argv[4]), float(sys.argv[5]))
+    elif what == "profile":
         profile(bundle, out, sys.argv[4:])
     else:
         run(bundle, out, sys.argv[4:])

