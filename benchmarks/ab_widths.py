@@ -24,17 +24,18 @@ import numpy as np
 def heldout_prompts(info: dict, count: int = 8) -> list[str]:
     """The first held-out prompts of the `hetcomp calibrate` run that made the heads whose
     ``info`` (manifest ``speculative.heads_info``) is given: same corpus, seed and split."""
-    from hetcomp.speculative.calibrate import CalibrateOptions, read_responses
-    from hetcomp.speculative.corpus import load_corpus
+    import os
 
-    held_out = CalibrateOptions().held_out
-    prompts = load_corpus(info["corpus"])
-    if info.get("recorded_only"):
-        recorded = read_responses(f"hetcomp/data/{info['responses']}")
-        prompts = [p for p in prompts if p in recorded]
-    order = np.random.default_rng(info["seed"]).permutation(len(prompts))
-    n_held = max(1, int(round(len(order) * held_out)))
-    return [prompts[i] for i in order[:n_held]][:count]
+    import hetcomp
+    from hetcomp.speculative.calibrate import CalibrateOptions, read_responses, split_prompts
+
+    responses = None
+    if info.get("recorded_only"):  # the recorded responses ship in the package's data folder
+        responses = os.path.join(os.path.dirname(hetcomp.__file__), "data", info["responses"])
+    opts = CalibrateOptions(corpus=info["corpus"], seed=info["seed"], responses=responses,
+                            recorded_only=bool(responses))
+    held = split_prompts(opts, read_responses(responses) if responses else None)[1]
+    return held[:count]
 
 
 def main() -> int:

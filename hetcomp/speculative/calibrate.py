@@ -127,6 +127,27 @@ def load_cache(path: str):
         return part("tr"), part("ho")
 
 
+def split_prompts(opts: CalibrateOptions, responses: dict | None = None):
+    """``(training, held-out)`` prompts of the corpus: a seeded permutation, the first
+    ``held_out`` fraction held out (with ``recorded_only``, only prompts in ``responses``)."""
+    prompts = load_corpus(opts.corpus)
+    if responses is not None and opts.recorded_only:
+        prompts = [p for p in prompts if p in responses]
+        if not prompts:
+            raise HetcompError(f"no prompt of corpus {opts.corpus} has a response in "
+                               f"{opts.responses}")
+    order = np.random.default_rng(opts.seed).permutation(len(prompts))
+    if opts.max_prompts:
+        order = order[: opts.max_prompts]
+    n_held = max(1, int(round(len(order) * opts.held_out)))
+    held = [prompts[i] for i in order[:n_held]]
+    train = [prompts[i] for i in order[n_held:]]
+    if not train:
+        raise HetcompError("the corpus is too small to split into training and held-out "
+                           "prompts")
+    return train, held
+
+
 def calibrate(art, embed: np.ndarray, opts: CalibrateOptions, progress: bool = True,
               data=None):
     """Train Medusa heads on the artifact's own greedy outputs; returns MedusaHeads.
@@ -135,23 +156,8 @@ def calibrate(art, embed: np.ndarray, opts: CalibrateOptions, progress: bool = T
     :func:`load_cache`) skips generation.
     """
     if data is None:
-        prompts = load_corpus(opts.corpus)
         responses = read_responses(opts.responses) if opts.responses else None
-        if responses is not None and opts.recorded_only:
-            prompts = [p for p in prompts if p in responses]
-            if not prompts:
-                raise HetcompError(f"no prompt of corpus {opts.corpus} has a response in "
-                                   f"{opts.responses}")
-        rng = np.random.default_rng(opts.seed)
-        order = rng.permutation(len(prompts))
-        if opts.max_prompts:
-            order = order[: opts.max_prompts]
-        n_held = max(1, int(round(len(order) * opts.held_out)))
-        held = [prompts[i] for i in order[:n_held]]
-        train = [prompts[i] for i in order[n_held:]]
-        if not train:
-            raise HetcompError("the corpus is too small to split into training and held-out "
-                               "prompts")
+        train, held = split_prompts(opts, responses)
         if progress:
             print(f"[1/3] self-distillation data: {len(train)} training, {len(held)} held-out "
                   "prompts", file=sys.stderr)

@@ -243,7 +243,7 @@ def heldout_ranks(heads: MedusaHeads, h: np.ndarray, targets: np.ndarray, embed:
     Candidates come from the heads' draft vocabulary, as in the compiled draft."""
     ranks = np.full(targets.shape, -1, np.int8)
     ids = np.arange(len(embed)) if heads.vocab is None else heads.vocab
-    emb_t = np.ascontiguousarray(embed[ids].T)
+    emb_t = np.ascontiguousarray((embed if heads.vocab is None else embed[ids]).T)
     for s in range(0, len(h), chunk):
         er = None if roots is None else embed[roots[s: s + chunk]]
         hk = heads.hidden(h[s: s + chunk], er)
