@@ -21,23 +21,6 @@ import sys
 import numpy as np
 
 
-def heldout_prompts(info: dict, count: int = 8) -> list[str]:
-    """The first held-out prompts of the `hetcomp calibrate` run that made the heads whose
-    ``info`` (manifest ``speculative.heads_info``) is given: same corpus, seed and split."""
-    import os
-
-    import hetcomp
-    from hetcomp.speculative.calibrate import CalibrateOptions, read_responses, split_prompts
-
-    responses = None
-    if info.get("recorded_only"):  # the recorded responses ship in the package's data folder
-        responses = os.path.join(os.path.dirname(hetcomp.__file__), "data", info["responses"])
-    opts = CalibrateOptions(corpus=info["corpus"], seed=info["seed"], responses=responses,
-                            recorded_only=bool(responses))
-    held = split_prompts(opts, read_responses(responses) if responses else None)[1]
-    return held[:count]
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("artifacts", nargs="+")
@@ -48,6 +31,7 @@ def main() -> int:
     args = ap.parse_args()
     from hetcomp.cli import BENCH_PROMPTS
     from hetcomp.runtime import generate, load_artifact
+    from hetcomp.speculative.calibrate import heldout_prompts
 
     configs = [tuple(int(x) for x in c.split(":")) for c in args.configs.split(",")]
     arts = {a: load_artifact(a) for a in args.artifacts}

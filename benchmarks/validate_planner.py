@@ -28,7 +28,7 @@ import numpy as np
 from hetcomp.codegen.compile import CompileOptions, compile_model
 from hetcomp.cost.xgb import mape
 from hetcomp.planner import PlannerOptions, plan_unit_sets, plot_plans, predict_step_time
-from hetcomp.profile.commands import (load_rank_probs, measured_unit_models, profile_command,
+from hetcomp.profile.commands import (load_draft, measured_unit_models, profile_command,
                                       profiled_digests, read_model_shape, spec_unit_models)
 from hetcomp.profile.units import SPEC_BOARDS, detect_unit
 from hetcomp.runtime.artifact import load_artifact
@@ -96,12 +96,15 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="quick profile (few shapes)")
     ap.add_argument("--heads", help="Medusa heads .npz for tau(W)")
+    ap.add_argument("--draft-dtype", default="float16",
+                    help="the draft LM head's dtype (as the artifact was compiled)")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
 
     load_before = os.getloadavg()[0]
     shape, key = read_model_shape("smollm2")
-    rank_probs, tau_label = load_rank_probs(args.heads)
+    draft = load_draft(args.heads, args.draft_dtype)
+    rank_probs, tau_label = draft["rank_probs"], draft["label"]
     print(f"[validate] tau(W) from {tau_label}", file=sys.stderr)
 
     # 1. Profile (reused while the CPU, TVM and kernels are unchanged) and fit.
@@ -144,9 +147,9 @@ def main(argv=None) -> int:
                     f"SmolLM2-135M verify, cpu, L={args.cache_len}: MAPE {err:.1f}%")
 
     # 4. The CPU plan (measured) and the Orin NX-class estimate, kept apart.
-    opts = PlannerOptions(widths=WIDTHS, cache_len=args.cache_len)
+    opts = PlannerOptions(widths=WIDTHS, cache_len=args.cache_len, **draft["options"])
     cpu_plans = plan_unit_sets(shape, units, rank_probs=rank_probs, options=opts, model=key,
-                               tau_source=tau_label)
+                               tau_source=tau_label, ranks=draft["ranks"])
     cpu_plan = cpu_plans[0]
     cpu_plan.save(os.path.join(args.out, "plan.json"))
     plot_plans(cpu_plans, os.path.join(args.out, "plan.png"),
@@ -158,7 +161,7 @@ def main(argv=None) -> int:
     print(f"  chosen W = {cpu_plan.width} ({cpu_plan.tokens_per_s:.1f} tokens/s predicted)")
 
     orin = plan_unit_sets(shape, spec_unit_models(SPEC_BOARDS["orin-nx"]), rank_probs=rank_probs,
-                          options=opts, model=key, tau_source=tau_label)
+                          options=opts, model=key, tau_source=tau_label, ranks=draft["ranks"])
     orin[0].save(os.path.join(args.out, "plan-orin-nx.json"))
     plot_plans(orin, os.path.join(args.out, "plan-orin-nx.png"),
                "SmolLM2-135M, Jetson Orin NX-class board: SPEC ESTIMATE, not measured")

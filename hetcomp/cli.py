@@ -137,12 +137,26 @@ BENCH_PROMPTS = [
 ]
 
 
-def _bench_widths(art, widths, new_tokens: int, lookup: int | None) -> list[dict]:
-    """Per width: tokens/s over the bench prompts, accepted tokens per step, step time."""
+def bench_prompts(art, which: str = "bench") -> list[str]:
+    """The prompts `hetcomp bench` decodes: ``bench`` (:data:`BENCH_PROMPTS`) or ``heldout``
+    (the first 8 held-out prompts of the calibration that made the artifact's heads)."""
+    if which == "bench":
+        return list(BENCH_PROMPTS)
+    info = (art.manifest.get("speculative") or {}).get("heads_info")
+    if not info or "corpus" not in info:
+        raise HetcompError("--prompts heldout needs an artifact compiled with calibrated heads")
+    from .speculative.calibrate import heldout_prompts
+
+    return heldout_prompts(info)
+
+
+def _bench_widths(art, widths, new_tokens: int, lookup: int | None,
+                  prompts: list[str] = BENCH_PROMPTS) -> list[dict]:
+    """Per width: tokens/s over the prompts, accepted tokens per step, step time."""
     from .runtime import generate
 
     chat = art.tokenizer.chat_template is not None  # tiny test models have none
-    prompts = [art.tokenizer.encode(p, chat=chat) for p in BENCH_PROMPTS]
+    prompts = [art.tokenizer.encode(p, chat=chat) for p in prompts]
     rows = []
     fixed = lookup
     for w in widths:
@@ -237,7 +251,9 @@ def cmd_bench(args) -> int:
     if args.kernels:
         report["kernels"] = _kernel_tables(art, widths, args.kernels)
     if args.widths:
-        rows = _bench_widths(art, widths, args.new_tokens, args.lookup)
+        texts = bench_prompts(art, args.prompts)
+        report["prompts"] = {"set": args.prompts, "count": len(texts)}
+        rows = _bench_widths(art, widths, args.new_tokens, args.lookup, texts)
         predicted = art.manifest.get("plan_prediction") or {}
         for r in rows:
             if str(r["width"]) in predicted:
@@ -352,7 +368,8 @@ def cmd_tune(args) -> int:
         return 0
 
     summary = tune_command(args.model, _units(args.units), args.output, quick=args.quick,
-                           cache_len=args.cache_len, heads=args.heads, profile=args.profile)
+                           cache_len=args.cache_len, heads=args.heads, profile=args.profile,
+                           draft_dtype=args.draft_dtype)
     print(json.dumps(summary, indent=1, default=str))
     return 0
 
@@ -446,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("artifact")
     b.add_argument("--runs", type=int, default=5)
     b.add_argument("--new-tokens", type=int, default=64)
+    b.add_argument("--prompts", choices=("bench", "heldout"), default="bench",
+                   help="with --widths: the 3 bench prompts, or 8 prompts held out from the "
+                        "heads' calibration (unseen in training)")
     b.add_argument("--widths", help="comma-separated tree widths, e.g. 1,2,4,8,16,32,64")
     b.add_argument("--plot", help="PNG of tokens/s and accepted length against W")
     b.add_argument("--lookup", type=int, default=None,
@@ -473,6 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--units", default="cpu")
     t.add_argument("--heads", help="Medusa heads for tau(W) (default: the packaged ones)")
     t.add_argument("--cache-len", type=int, default=256)
+    t.add_argument("--draft-dtype", choices=("float32", "float16"),
+                   help="the draft LM head's dtype the artifact is compiled with "
+                        "(compile --draft-dtype; default: the model's)")
     t.add_argument("--quick", action="store_true")
     t.add_argument("--profile", help="plan from this profile database (measured elsewhere, "
                                      "e.g. with --kit) instead of profiling here")

@@ -36,9 +36,9 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from .cost.roofline import (LINEAR_KINDS, Features, ModelShape, RooflineCost, StepOp,
-                            attention_features, copy_features, draft_step, linear_features,
-                            model_step, split_columns)
+from .cost.roofline import (LINEAR_KINDS, DraftShape, Features, ModelShape, RooflineCost,
+                            StepOp, attention_features, copy_features, draft_step,
+                            linear_features, model_step, split_columns)
 from .profile.units import MEASURED, SPEC_ESTIMATE, DeviceSpec
 from .speculative.tree import Tree, build_tree
 
@@ -104,12 +104,23 @@ class PlannerOptions:
     draft_heads : int or None
         Medusa heads whose draft call is costed for W > 1 (None: the rows of ``rank_probs``;
         0: ignore the draft).
+    draft_vocab, draft_weight_bytes, draft_root
+        The draft's LM-head rows (0: the whole vocabulary), bytes per LM-head weight (0: the
+        model's) and root conditioning; see :class:`~hetcomp.cost.roofline.DraftShape`.
     """
 
     widths: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     cache_len: int = 256
     ratio_steps: int = 32
     draft_heads: int | None = None
+    draft_vocab: int = 0
+    draft_weight_bytes: int = 0
+    draft_root: bool = False
+
+    def draft(self, heads: int) -> DraftShape | None:
+        """The draft call's shapes with ``heads`` heads (None when there is no draft)."""
+        return (DraftShape(heads, self.draft_vocab, self.draft_weight_bytes, self.draft_root)
+                if heads else None)
 
     def __post_init__(self):
         if not self.widths or min(self.widths) < 1:
@@ -325,13 +336,13 @@ class _StepModel:
 
     # ---- one step ---------------------------------------------------------------------------
 
-    def step(self, w: int, cache_len: int, draft_heads: int = 0,
+    def step(self, w: int, cache_len: int, draft: DraftShape | None = None,
              split: Mapping[str, Split] | None = None,
              attention: tuple[tuple[str, str], ...] | None = None) -> WidthChoice:
         """Best (or, with ``split``/``attention`` given, fixed) choices at width ``w``."""
         ops: list[StepOp] = model_step(self.shape, w, cache_len)
-        if w > 1 and draft_heads:
-            ops += draft_step(self.shape, draft_heads)
+        if w > 1 and draft is not None:
+            ops += draft_step(self.shape, draft)
         chosen: dict[str, Split] = dict(split or {})
         placed = attention
         total, breakdown = 0.0, {}
@@ -354,9 +365,10 @@ class _StepModel:
                            tuple(placed or ()), tuple(breakdown.items()))
 
 
-def tau_table(widths: Sequence[int], rank_probs=None, tau: Mapping[int, float] | None = None
-              ) -> tuple[dict[int, float], dict[int, Tree]]:
-    """tau(W) per width, from Medusa rank statistics (building the trees) or given directly."""
+def tau_table(widths: Sequence[int], rank_probs=None, tau: Mapping[int, float] | None = None,
+              ranks=None) -> tuple[dict[int, float], dict[int, Tree]]:
+    """tau(W) per width, from Medusa rank statistics (building the trees, from the joint
+    held-out ``ranks`` when given, as the compiler does) or given directly."""
     if (rank_probs is None) == (tau is None):
         raise ValueError("give exactly one of rank_probs and tau")
     if tau is not None:
@@ -364,13 +376,13 @@ def tau_table(widths: Sequence[int], rank_probs=None, tau: Mapping[int, float] |
         if missing:
             raise ValueError(f"tau is missing widths {missing}")
         return {w: float(tau[w]) for w in widths}, {}
-    trees = {w: build_tree(np.asarray(rank_probs), w) for w in widths}
+    trees = {w: build_tree(np.asarray(rank_probs), w, ranks) for w in widths}
     return {w: t.expected_accept_length for w, t in trees.items()}, trees
 
 
 def plan(shape: ModelShape, units: Sequence[UnitModel], rank_probs=None,
          tau: Mapping[int, float] | None = None, options: PlannerOptions = PlannerOptions(),
-         model: str = "", tau_source: str = "") -> Plan:
+         model: str = "", tau_source: str = "", ranks=None) -> Plan:
     """The plan maximising predicted ``tau(W) / T_step(W)`` over the options' widths.
 
     Parameters
@@ -384,15 +396,17 @@ def plan(shape: ModelShape, units: Sequence[UnitModel], rank_probs=None,
         Medusa acceptance statistics: trees are built per width and tau read from them.
     tau : mapping, optional
         tau(W) given directly (no tree in the plan); exactly one of ``rank_probs``/``tau``.
+    ranks : array ``[rows, heads]``, optional
+        The heads' held-out ranks: trees from their joint statistics (as compiled).
     """
-    taus, trees = tau_table(options.widths, rank_probs, tau)
+    taus, trees = tau_table(options.widths, rank_probs, tau, ranks)
     draft = options.draft_heads
     if draft is None:
         draft = int(np.asarray(rank_probs).shape[0]) if rank_probs is not None else 0
     sm = _StepModel(shape, units, options.ratio_steps)
     cands = []
     for w in options.widths:
-        c = sm.step(w, options.cache_len, draft)
+        c = sm.step(w, options.cache_len, options.draft(draft))
         cands.append(dataclasses.replace(c, tau=taus[w]))
     best = max(cands, key=lambda c: (c.tokens_per_s, -c.width))
     notes = ("estimate from datasheet specs (roofline), not measured"
@@ -407,7 +421,7 @@ def plan(shape: ModelShape, units: Sequence[UnitModel], rank_probs=None,
 def plan_unit_sets(shape: ModelShape, units: Sequence[UnitModel], rank_probs=None,
                    tau: Mapping[int, float] | None = None,
                    options: PlannerOptions = PlannerOptions(), model: str = "",
-                   tau_source: str = "", any_host: bool = False) -> list[Plan]:
+                   tau_source: str = "", any_host: bool = False, ranks=None) -> list[Plan]:
     """One plan per unit subset that contains the host (``units[0]``), best first.
 
     ``any_host``: every unit may be the host (run the unsplit ops), e.g. a GPU that runs the
@@ -417,22 +431,22 @@ def plan_unit_sets(shape: ModelShape, units: Sequence[UnitModel], rank_probs=Non
     plans = []
     for host in hosts:
         rest = [u for u in units if u is not host]
-        plans += [plan(shape, [host, *sub], rank_probs, tau, options, model, tau_source)
+        plans += [plan(shape, [host, *sub], rank_probs, tau, options, model, tau_source, ranks)
                   for r in range(len(rest) + 1) for sub in itertools.combinations(rest, r)]
     return sorted(plans, key=lambda p: -p.tokens_per_s)
 
 
 def predict_step_time(plan_or_units: Plan | Sequence[UnitModel], w: int, cache_len: int, *,
                       shape: ModelShape, units: Sequence[UnitModel] | None = None,
-                      draft_heads: int = 0, ratio_steps: int = 32,
+                      draft: DraftShape | None = None, ratio_steps: int = 32,
                       split: Mapping[str, Split] | None = None,
                       attention: tuple[tuple[str, str], ...] | None = None) -> float:
     """Predicted seconds of one ``verify`` call of ``w`` tree nodes after ``cache_len`` tokens.
 
     With a :class:`Plan`, its decisions at width ``w`` (or its chosen ones, if ``w`` is not a
     candidate) are costed with ``units`` (the plan's units, in order). With a sequence of
-    units, the best split and placement for ``w`` are found first. ``draft_heads > 0`` adds
-    the Medusa draft call. With a sequence of units, ``split`` (per linear kind) and
+    units, the best split and placement for ``w`` are found first. ``draft`` adds the Medusa
+    draft call (at ``w > 1``). With a sequence of units, ``split`` (per linear kind) and
     ``attention`` fix those decisions instead (a partition compiled by hand).
     """
     if isinstance(plan_or_units, Plan):
@@ -447,10 +461,10 @@ def predict_step_time(plan_or_units: Plan | Sequence[UnitModel], w: int, cache_l
             split, attention = dict(c.split), c.attention
         except KeyError:
             split, attention = dict(p.split), p.attention
-        return _StepModel(shape, units, ratio_steps).step(w, cache_len, draft_heads, split,
+        return _StepModel(shape, units, ratio_steps).step(w, cache_len, draft, split,
                                                           attention).step_s
     return _StepModel(shape, list(plan_or_units), ratio_steps).step(
-        w, cache_len, draft_heads, split, attention).step_s
+        w, cache_len, draft, split, attention).step_s
 
 
 def plot_plans(plans: Sequence[Plan], path: str, title: str = "") -> None:

@@ -9,10 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from hetcomp.cost.roofline import (LINEAR_KINDS, Features, ModelShape, RooflineCost,
-                                   attention_features, copy_features, linear_features,
-                                   model_step,
-                                   pack_block, split_columns)
+from hetcomp.cost.roofline import (LINEAR_KINDS, DraftShape, Features, ModelShape,
+                                   RooflineCost, attention_features, copy_features, draft_step,
+                                   linear_features, model_step, pack_block, split_columns)
 from hetcomp.cost.xgb import UnitCostModel, fit_unit, mape
 from hetcomp.planner import (Plan, PlannerOptions, UnitModel, plan, plan_unit_sets,
                              plot_plans, predict_step_time)
@@ -303,6 +302,38 @@ def test_plan_with_trees_and_draft_cost(tmp_path):
     assert [len(x.units) for x in plots] and plots[0].tokens_per_s >= plots[-1].tokens_per_s
     plot_plans(plots, str(tmp_path / "plan.png"))
     assert (tmp_path / "plan.png").stat().st_size > 1000
+
+
+def test_draft_step_matches_compiled_draft():
+    """The draft's kernels as ``llama._add_medusa`` emits them: a pruned float16 LM head
+    reads Vd x E x 2 bytes for K rows; root conditioning adds a linear per head."""
+    full = {op.name: op for op in draft_step(SHAPE, DraftShape(3))}
+    assert full["medusa"].count == 3 and "medusa_embed" not in full
+    assert full["medusa_lm_head"].features.n == SHAPE.vocab
+    assert full["medusa_lm_head"].features.w == 3
+    pruned = {op.name: op for op in draft_step(SHAPE, DraftShape(3, 256, 2, root=True))}
+    assert pruned["medusa"].count == 6 and pruned["medusa_embed"].count == 1
+    head = pruned["medusa_lm_head"].features
+    assert head.n == 256 and head.r == pytest.approx(0.25)
+    assert head.bytes == 256 * SHAPE.hidden * 2 + 4 * 3 * (SHAPE.hidden + 256)
+    assert pruned["medusa_topk"].features.n == 256
+    # The planner's draft term shrinks with the draft (a bytes-bound roofline unit).
+    unit = UnitModel.from_spec(ORIN_NX_CPU)
+    probs = np.array([[0.6, 0.2, 0.1]] * 3)
+    big = plan(SHAPE, [unit], rank_probs=probs, options=PlannerOptions(widths=(2,)))
+    small = plan(SHAPE, [unit], rank_probs=probs, options=PlannerOptions(
+        widths=(2,), draft_vocab=256, draft_weight_bytes=2))
+    b_big, b_small = dict(big.choice(2).breakdown), dict(small.choice(2).breakdown)
+    assert b_small["medusa_lm_head"] < 0.5 * b_big["medusa_lm_head"]
+    assert b_small["lm_head"] == pytest.approx(b_big["lm_head"])
+    # With the heads' joint held-out ranks the planner builds the trees the compiler builds.
+    from hetcomp.speculative.tree import build_tree
+
+    ranks = np.array([[0, 0, 0], [0, 1, -1], [1, 0, 0], [0, 0, 2], [2, -1, -1]])
+    joint = plan(SHAPE, [unit], rank_probs=probs, options=PlannerOptions(widths=(4,)),
+                 ranks=ranks)
+    assert joint.tree.to_json() == build_tree(probs, 4, ranks).to_json()
+    assert joint.tau == pytest.approx(build_tree(probs, 4, ranks).expected_accept_length)
 
 
 def test_plan_never_mixes_sources():

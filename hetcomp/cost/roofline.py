@@ -111,12 +111,14 @@ class ModelShape:
 
 
 def linear_features(shape: ModelShape, kind: str, w: int, r: float = 1.0,
-                    corun: bool = False) -> Features:
-    """A linear kernel holding the fraction ``r`` of ``kind``'s output columns, ``w`` rows."""
+                    corun: bool = False, weight_bytes: int = 0) -> Features:
+    """A linear kernel holding the fraction ``r`` of ``kind``'s output columns, ``w`` rows;
+    ``weight_bytes`` per weight (0: the model's)."""
     full, k, residual = shape.linear_dims(kind)
     n = split_columns(full, r)
     flops = 2.0 * w * n * k + (w * n if residual else 0)
-    nbytes = n * k * shape.weight_bytes + _F32 * (w * k + w * n * (2 if residual else 1))
+    nbytes = (n * k * (weight_bytes or shape.weight_bytes)
+              + _F32 * (w * k + w * n * (2 if residual else 1)))
     return Features("linear", kind, w, n, k, n / full, 0, corun, flops, nbytes)
 
 
@@ -168,8 +170,9 @@ def embed_features(shape: ModelShape, w: int, corun: bool = False) -> Features:
                     w * e * (shape.weight_bytes + _F32) + 4 * w)
 
 
-def argmax_features(shape: ModelShape, w: int, corun: bool = False) -> Features:
-    v = shape.vocab
+def argmax_features(shape: ModelShape, w: int, corun: bool = False, n: int = 0) -> Features:
+    """Row maxima of ``w`` logit rows of ``n`` columns (0: the whole vocabulary)."""
+    v = n or shape.vocab
     return Features("argmax", "argmax", w, v, v, 1.0, 0, corun, 2.0 * w * v, _F32 * w * (v + 1))
 
 
@@ -210,12 +213,38 @@ def model_step(shape: ModelShape, w: int, cache_len: int) -> list[StepOp]:
     ]
 
 
-def draft_step(shape: ModelShape, num_heads: int) -> list[StepOp]:
-    """The kernels of the Medusa ``medusa`` call that proposes the next tree (one hidden row)."""
-    return [
-        StepOp("medusa", linear_features(shape, "medusa", 1), num_heads),
-        StepOp("medusa_act", medusa_act_features(shape, 1), num_heads),
-        StepOp("medusa_lm_head", linear_features(shape, "lm_head", num_heads), 1, "lm_head"),
+@dataclasses.dataclass(frozen=True)
+class DraftShape:
+    """The Medusa draft call's shapes (``hetcomp.frontend.llama._add_medusa``).
+
+    ``vocab``: rows of the draft's LM head (a pruned draft vocabulary; 0: the whole one);
+    ``weight_bytes``: bytes per LM-head weight (a float16 draft of a float32 model; 0: the
+    model's); ``root``: heads conditioned on the root token's embedding (a second ``E x E``
+    linear per head and one embedding row).
+    """
+
+    heads: int
+    vocab: int = 0
+    weight_bytes: int = 0
+    root: bool = False
+
+
+def draft_step(shape: ModelShape, draft: DraftShape) -> list[StepOp]:
+    """The kernels of the Medusa ``medusa`` call that proposes the next tree (one hidden row).
+
+    The draft function is not partitioned (only the decoder's functions are), so every
+    kernel runs on the host unit.
+    """
+    k = draft.heads
+    vocab = draft.vocab or shape.vocab
+    ops = [StepOp("medusa", linear_features(shape, "medusa", 1), k * (2 if draft.root else 1))]
+    if draft.root:
+        ops.append(StepOp("medusa_embed", embed_features(shape, 1), 1))
+    return ops + [
+        StepOp("medusa_act", medusa_act_features(shape, 1), k),
+        StepOp("medusa_lm_head", linear_features(shape, "lm_head", k, vocab / shape.vocab,
+                                                 weight_bytes=draft.weight_bytes), 1),
+        StepOp("medusa_topk", argmax_features(shape, k, n=vocab), 1),
     ]
 
 

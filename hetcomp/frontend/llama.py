@@ -103,12 +103,12 @@ def _forward(bb, kern: _Kernels, cfg: LlamaConfig, inputs, params: dict, last_on
 def medusa_param_specs(cfg: LlamaConfig, num_heads: int, wdtype: str, root: bool = False):
     """Per head: ``w`` (packed), ``b`` and, for root-conditioned heads, ``u`` (packed)."""
     e = cfg.hidden_size
-    b = ops.pack_block(e)
     specs = []
     for k in range(num_heads):
-        specs += [(f"medusa.{k}.w", (e // b, e, b), wdtype), (f"medusa.{k}.b", (e,), "float32")]
+        specs += [(f"medusa.{k}.w", ops.packed_shape(e, e), wdtype),
+                  (f"medusa.{k}.b", (e,), "float32")]
         if root:
-            specs.append((f"medusa.{k}.u", (e // b, e, b), wdtype))
+            specs.append((f"medusa.{k}.u", ops.packed_shape(e, e), wdtype))
     return specs
 
 
@@ -136,7 +136,7 @@ def _add_medusa(bb, kern: _Kernels, cfg: LlamaConfig, num_heads: int, wdtype: st
     head_shape = shapes["embed" if cfg.tie_embeddings else "lm_head"]
     vd = draft_vocab or v  # the draft's output columns
     if draft_vocab:
-        head_shape = (vd // ops.pack_block(vd), e, ops.pack_block(vd))
+        head_shape = ops.packed_shape(vd, e)
     lm_head = relax.Var("lm_head", tt(head_shape, draft_dtype))
     specs = medusa_param_specs(cfg, num_heads, wdtype, root)
     pvars = {n: relax.Var(n.replace(".", "_"), tt(sh, d)) for n, sh, d in specs}

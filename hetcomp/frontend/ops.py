@@ -32,6 +32,12 @@ def pack_block(n: int) -> int:
     return 1
 
 
+def packed_shape(n: int, k: int) -> tuple[int, int, int]:
+    """Shape ``[N // B, K, B]`` of a packed linear weight with ``n`` outputs, ``k`` inputs."""
+    b = pack_block(n)
+    return (n // b, k, b)
+
+
 def pack_linear_weight(w: np.ndarray, dtype: str = "float32") -> np.ndarray:
     """``[N, K]`` (HF layout, y = x @ w.T) -> ``[N // B, K, B]``."""
     n, k = w.shape
@@ -99,7 +105,7 @@ def linear(n: int, k: int, wdtype: str, residual: bool = False, rows: int | None
     te, b = c.te, pack_block(n)
     w = _rows(rows)
     x = te.placeholder((w, k), "float32", name="x")
-    wp = te.placeholder((n // b, k, b), wdtype, name="wp")
+    wp = te.placeholder(packed_shape(n, k), wdtype, name="wp")
     r = te.reduce_axis((0, k), name="k")
     y = te.compute(
         (w, n),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .config import LlamaConfig
-from .ops import pack_block, pack_linear_weight, unpack_linear_weight
+from .ops import pack_linear_weight, packed_shape, unpack_linear_weight
 
 WEIGHT_DTYPES = ("float32", "float16")
 
@@ -21,8 +21,7 @@ def param_specs(cfg: LlamaConfig, wdtype: str) -> list[tuple[str, tuple[int, ...
     hd = cfg.num_heads * cfg.head_dim
 
     def packed(name, n, k):
-        b = pack_block(n)
-        return (name, (n // b, k, b), wdtype)
+        return (name, packed_shape(n, k), wdtype)
 
     specs = [packed("embed", cfg.vocab_size, e)]
     for i in range(cfg.num_layers):

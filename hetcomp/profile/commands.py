@@ -49,6 +49,26 @@ def load_rank_probs(heads: str | None = None) -> tuple[np.ndarray, str]:
     return np.asarray(MedusaHeads.load(path).rank_probs), f"Medusa heads {path}"
 
 
+def load_draft(heads: str | None = None, draft_dtype: str | None = None) -> dict:
+    """What the planner needs to know of a Medusa draft, from the heads file ``heads`` (or
+    the packaged one): ``{"rank_probs", "ranks", "label", "options"}``, ``options`` being
+    the :class:`~hetcomp.planner.PlannerOptions` draft fields (draft vocabulary, LM-head
+    bytes per weight for ``draft_dtype``, root conditioning). Without heads: the labelled
+    illustrative statistics and a whole-vocabulary draft."""
+    rank_probs, label = load_rank_probs(heads)
+    opts = {"draft_weight_bytes": {"float16": 2, "float32": 4}.get(draft_dtype or "", 0)}
+    path = heads or (DEFAULT_HEADS if os.path.isfile(DEFAULT_HEADS) else None)
+    ranks = None
+    if path is not None:
+        from ..speculative.medusa import MedusaHeads
+
+        h = MedusaHeads.load(path)
+        ranks = h.ranks
+        opts.update(draft_vocab=0 if h.vocab is None else len(h.vocab),
+                    draft_root=h.u is not None)
+    return {"rank_probs": rank_probs, "ranks": ranks, "label": label, "options": opts}
+
+
 def read_model_shape(model: str, dtype: str = "float32"):
     """``(ModelShape, database key)`` from a model's metadata (weights are not loaded)."""
     from ..cost.roofline import ModelShape
@@ -225,12 +245,14 @@ def spec_unit_models(names):
 
 def tune_command(model: str = "smollm2", units=("cpu",), out_dir: str = "tune",
                  quick: bool = False, cache_len: int = 256, heads: str | None = None,
-                 progress=None, profile: str | None = None) -> dict:
+                 progress=None, profile: str | None = None,
+                 draft_dtype: str | None = None) -> dict:
     """Profile, fit and plan; writes profile.sqlite, cost/<unit>.json, plan.json, plan.png.
 
     Spec-only units skip profiling and fitting (their plan is a ``spec-estimate``).
     ``profile``: an existing database (measured elsewhere) whose newest profile of each unit
-    is fitted instead of profiling here.
+    is fitted instead of profiling here. ``draft_dtype``: the Medusa draft's LM-head dtype
+    the artifact will be compiled with (``compile --draft-dtype``; None: the model's).
     """
     from ..planner import PlannerOptions, plan_unit_sets, plot_plans
 
@@ -257,13 +279,15 @@ def tune_command(model: str = "smollm2", units=("cpu",), out_dir: str = "tune",
                     f"{_pct(r.holdout_mape)} (alone {_pct(r.holdout_mape_alone)})")
     else:
         unit_models = spec_unit_models(spec)
-    rank_probs, label = load_rank_probs(heads)
+    draft = load_draft(heads, draft_dtype)
+    label = draft["label"]
     say(f"[tune] planning ({label})")
     # Any measured unit may host the unsplit ops (a GPU can run the whole model); the host
     # of spec-estimate sets stays the first unit named.
-    plans = plan_unit_sets(shape, unit_models, rank_probs=rank_probs,
-                           options=PlannerOptions(cache_len=cache_len), model=key,
-                           tau_source=label, any_host=bool(present))
+    plans = plan_unit_sets(shape, unit_models, rank_probs=draft["rank_probs"],
+                           options=PlannerOptions(cache_len=cache_len, **draft["options"]),
+                           model=key, tau_source=label, any_host=bool(present),
+                           ranks=draft["ranks"])
     best = plans[0]
     best.save(os.path.join(out_dir, "plan.json"))
     plot_plans(plans, os.path.join(out_dir, "plan.png"),

@@ -148,6 +148,21 @@ def split_prompts(opts: CalibrateOptions, responses: dict | None = None):
     return train, held
 
 
+def heldout_prompts(info: dict, count: int = 8) -> list[str]:
+    """The first ``count`` held-out prompts of the ``calibrate`` run whose heads carry
+    ``info`` (``MedusaHeads.info``, or an artifact's ``speculative.heads_info``): same corpus,
+    seed and split, so prompts the heads never trained on, the ones their trees' expected
+    acceptance was measured on. Recorded responses are looked up in the package's data
+    folder by file name."""
+    responses = None
+    if info.get("recorded_only"):
+        responses = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data",
+                                 info["responses"])
+    opts = CalibrateOptions(corpus=info["corpus"], seed=info["seed"], responses=responses,
+                            recorded_only=bool(responses))
+    return split_prompts(opts, read_responses(responses) if responses else None)[1][:count]
+
+
 def calibrate(art, embed: np.ndarray, opts: CalibrateOptions, progress: bool = True,
               data=None):
     """Train Medusa heads on the artifact's own greedy outputs; returns MedusaHeads.
