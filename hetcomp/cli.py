@@ -322,7 +322,8 @@ def cmd_calibrate(args) -> int:
     from .codegen.compile import CompileOptions, compile_model
     from .frontend import load_model
     from .runtime import load_artifact
-    from .speculative.calibrate import CalibrateOptions, calibrate, plot_statistics
+    from .speculative.calibrate import (TEACHER_CHUNK, CalibrateOptions, calibrate,
+                                        plot_statistics)
 
     opts = CalibrateOptions(corpus=args.corpus, num_heads=args.num_heads,
                             new_tokens=args.new_tokens, epochs=args.epochs, seed=args.seed,
@@ -331,7 +332,8 @@ def cmd_calibrate(args) -> int:
                             recorded_only=args.recorded_only)
     loaded = load_model(args.model)
     with tempfile.TemporaryDirectory() as tmp:
-        compile_model(CompileOptions(model=args.model), f"{tmp}/art", weights=loaded)
+        compile_model(CompileOptions(model=args.model, verify_widths=(TEACHER_CHUNK,)),
+                      f"{tmp}/art", weights=loaded)
         art = load_artifact(f"{tmp}/art")
         heads = calibrate(art, loaded[1]["embed"], opts)
     out = args.output if args.output.endswith(".npz") else args.output + ".npz"

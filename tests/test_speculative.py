@@ -27,7 +27,9 @@ def tiny_speculative(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("spec")
     w = random_weights(TINY, seed=11)
     loaded = (TINY, w, byte_tokenizer_spec(TINY.vocab_size), __file__)
-    compile_model(CompileOptions(model="tiny"), str(tmp / "base"), quiet=True, weights=loaded)
+    compile_model(CompileOptions(model="tiny", verify_widths=(16,)), str(tmp / "base"),
+                  quiet=True, weights=loaded)
+    assert load_artifact(str(tmp / "base")).static_widths == [1, 16]  # no heads, one extra
     corpus = tmp / "corpus.txt"
     corpus.write_text("\n".join(f"prompt {i} {'xyz'[i % 3] * (i % 5)}" for i in range(24)))
     heads = calibrate(load_artifact(str(tmp / "base")), w["embed"],

@@ -41,6 +41,10 @@ class CompileOptions:
     # draft reads the whole LM head every step (3.5 ms of a 14 ms float32 step here); a
     # float16 copy halves that, and a draft only proposes tokens, so output is unchanged.
     draft_dtype: str | None = None
+    # More width-specialised verify functions, with or without heads (calibration replays
+    # recorded responses as 64-token chains: verify_w64 runs them several times faster than
+    # the generic verify).
+    verify_widths: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.dtype not in WEIGHT_DTYPES:
@@ -85,7 +89,8 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
     _progress(1, 4, f"loaded {opts.model} ({sum(a.size for a in w.values()) / 1e6:.0f}M "
                     "parameters)", quiet)
     _progress(2, 4, f"building Relax module ({cfg.num_layers} layers, {opts.dtype})", quiet)
-    widths = tuple(opts.widths) if heads is not None else (1,)
+    widths = tuple(sorted({*(opts.widths if heads is not None else (1,)),
+                           *opts.verify_widths}))
     tuning = None
     root = heads is not None and heads.u is not None
     draft_dtype = opts.draft_dtype or opts.dtype

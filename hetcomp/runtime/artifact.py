@@ -122,6 +122,11 @@ class Artifact:
         self._built_trees: dict = {}  # widths not stored in the manifest
         self.step_shapes: dict = {}  # the generator's per-(width, chain) tree layouts
 
+    @property
+    def static_widths(self) -> list[int]:
+        """Widths with a width-specialised ``verify_w{W}`` (faster than the generic one)."""
+        return sorted(self._verify_static)
+
     def tree(self, width: int):
         """The compiled tree of ``width`` nodes, or one built from the heads' statistics."""
         if width in self.trees:
