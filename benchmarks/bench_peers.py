@@ -15,14 +15,17 @@ import sys
 import tempfile
 import time
 
-from hetcomp.cli import BENCH_PROMPTS as PROMPTS  # the prompts `hetcomp bench` uses
+from hetcomp.cli import BENCH_PROMPTS
+
+PROMPTS = list(BENCH_PROMPTS)  # the prompts `hetcomp bench` uses (or --prompts heldout)
 
 
 def bench_hetcomp(art_dir: str, new_tokens: int, width: int, lookup: int) -> float:
     from hetcomp.cli import _bench_widths
     from hetcomp.runtime import load_artifact
 
-    return _bench_widths(load_artifact(art_dir), [width], new_tokens, lookup)[0]["tokens_per_s"]
+    return _bench_widths(load_artifact(art_dir), [width], new_tokens, lookup,
+                         PROMPTS)[0]["tokens_per_s"]
 
 
 def bench_llama_cpp(gguf: str, new_tokens: int) -> float | None:
@@ -73,6 +76,9 @@ def main() -> int:
     ap.add_argument("--lookup", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "bench_peers.json"))
+    ap.add_argument("--prompts", choices=("bench", "heldout"), default="bench",
+                    help="every decoder's prompts: hetcomp bench's 3, or the 8 first held-out "
+                         "prompts of the first artifact's heads")
     ap.add_argument("--llama-gguf", nargs="*", default=[],
                     help="more GGUFs for llama.cpp (e.g. F32/F16 from make_peer_ggufs.py)")
     args = ap.parse_args()
@@ -80,6 +86,11 @@ def main() -> int:
 
     os.environ.setdefault("TVM_NUM_THREADS", "2")
     gguf = default_gguf_path()
+    if args.prompts == "heldout":
+        from hetcomp.speculative.calibrate import heldout_prompts
+
+        with open(os.path.join(args.artifact[0], "manifest.json")) as fh:
+            PROMPTS[:] = heldout_prompts(json.load(fh)["speculative"]["heads_info"])
     rows = {}
     for art in args.artifact:
         with open(os.path.join(art, "manifest.json")) as fh:
