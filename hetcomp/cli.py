@@ -151,33 +151,44 @@ def bench_prompts(art, which: str = "bench") -> list[str]:
 
 
 def _bench_widths(art, widths, new_tokens: int, lookup: int | None,
-                  prompts: list[str] = BENCH_PROMPTS) -> list[dict]:
-    """Per width: tokens/s over the prompts, accepted tokens per step, step time."""
+                  prompts: list[str] = BENCH_PROMPTS, rounds: int = 1) -> list[dict]:
+    """Per width: tokens/s over the prompts, accepted tokens per step, step time.
+
+    Widths are interleaved: every prompt (in every round) runs at each width in turn, so a
+    slow phase of a shared machine lands on all widths alike instead of on a few of them.
+    """
     from .runtime import generate
 
     chat = art.tokenizer.chat_template is not None  # tiny test models have none
-    prompts = [art.tokenizer.encode(p, chat=chat) for p in prompts]
-    rows = []
-    fixed = lookup
+    encoded = [art.tokenizer.encode(p, chat=chat) for p in prompts]
+    lookups = {w: auto_lookup(w) if lookup is None else lookup for w in widths}
     for w in widths:
-        lookup = auto_lookup(w) if fixed is None else fixed
-        generate(art, prompts[0], max_new_tokens=8, stop_at_eos=False, width=w,
-                 lookup=lookup)  # warm-up
-        made, secs, steps, times = 0, 0.0, 0, []
-        for ids in prompts:
-            r = generate(art, ids, max_new_tokens=new_tokens, stop_at_eos=False, width=w,
-                         step_times=times, lookup=lookup)
-            made += len(r.ids) - 1
-            secs += r.decode_s
-            steps += r.steps
+        generate(art, encoded[0], max_new_tokens=8, stop_at_eos=False, width=w,
+                 lookup=lookups[w])  # warm-up
+    made = dict.fromkeys(widths, 0)
+    secs = dict.fromkeys(widths, 0.0)
+    steps = dict.fromkeys(widths, 0)
+    times: dict = {w: [] for w in widths}
+    for r in range(rounds):
+        for ids in encoded:
+            for w in widths:
+                res = generate(art, ids, max_new_tokens=new_tokens, stop_at_eos=False,
+                               width=w, step_times=times[w], lookup=lookups[w])
+                made[w] += len(res.ids) - 1
+                secs[w] += res.decode_s
+                steps[w] += res.steps
+        if rounds > 1:
+            print(f"  round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+    rows = []
+    for w in widths:
         tree = art.trees.get(w)
         rows.append({
             "width": w,
-            "tokens_per_s": made / secs,
-            "accepted_per_step": made / steps,
+            "tokens_per_s": made[w] / secs[w],
+            "accepted_per_step": made[w] / steps[w],
             "expected_accepted_per_step": tree.expected_accept_length if tree else 1.0,
-            "step_ms": 1e3 * statistics.median(times),
-            "lookup": lookup,
+            "step_ms": 1e3 * statistics.median(times[w]),
+            "lookup": lookups[w],
         })
         print(f"  W={w:3d}  {rows[-1]['tokens_per_s']:6.1f} tokens/s  "
               f"{rows[-1]['accepted_per_step']:.2f} accepted/step  "
@@ -220,7 +231,10 @@ def cmd_bench(args) -> int:
     from .profile.bandwidth import measure_read_bandwidth
     from .runtime import generate, load_artifact
 
+    if args.rounds < 1:
+        raise HetcompError("--rounds must be at least 1")
     art = load_artifact(args.artifact)
+    texts = bench_prompts(art, args.prompts)
     ids = art.tokenizer.encode(BENCH_PROMPTS[0], chat=art.tokenizer.chat_template is not None)
     generate(art, ids, max_new_tokens=8, stop_at_eos=False)  # warm-up
     runs = [generate(art, ids, max_new_tokens=args.new_tokens, stop_at_eos=False)
@@ -251,9 +265,9 @@ def cmd_bench(args) -> int:
     if args.kernels:
         report["kernels"] = _kernel_tables(art, widths, args.kernels)
     if args.widths:
-        texts = bench_prompts(art, args.prompts)
         report["prompts"] = {"set": args.prompts, "count": len(texts)}
-        rows = _bench_widths(art, widths, args.new_tokens, args.lookup, texts)
+        rows = _bench_widths(art, widths, args.new_tokens, args.lookup, texts, args.rounds)
+        report["rounds"] = args.rounds
         predicted = art.manifest.get("plan_prediction") or {}
         for r in rows:
             if str(r["width"]) in predicted:
@@ -469,6 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --widths: the 3 bench prompts, or 8 prompts held out from the "
                         "heads' calibration (unseen in training)")
     b.add_argument("--widths", help="comma-separated tree widths, e.g. 1,2,4,8,16,32,64")
+    b.add_argument("--rounds", type=int, default=1,
+                   help="with --widths: passes over the prompts (widths interleaved)")
     b.add_argument("--plot", help="PNG of tokens/s and accepted length against W")
     b.add_argument("--lookup", type=int, default=None,
                    help="n-gram lookup draft tokens inside the tree (default: width // 3, <= 8)")

@@ -121,9 +121,10 @@ def test_bench_reports_unit_busy_time_and_plan_prediction(tmp_path, tiny_gguf):
                      tmp_path / "plan.json", "-o", tmp_path / "a", "--quiet")
     assert rc == 0, err
     rc, out, err = run("bench", tmp_path / "a", "--widths", "1", "--new-tokens", 8, "--runs", 1,
-                       "--json", "--plot", tmp_path / "w.png", "--kernels", 3)
+                       "--json", "--plot", tmp_path / "w.png", "--kernels", 3, "--rounds", 2)
     assert rc == 0, err
     rep = json.loads(out)
+    assert rep["rounds"] == 2 and rep["prompts"] == {"set": "bench", "count": 3}
     (kernels,) = rep["kernels"]  # the slowest kernels of one verify step, slowest first
     assert kernels["width"] == 1 and len(kernels["top"]) == 3
     assert all(k["ms"] > 0 and k["calls"] > 0 for k in kernels["top"])
@@ -134,3 +135,7 @@ def test_bench_reports_unit_busy_time_and_plan_prediction(tmp_path, tiny_gguf):
     assert step["serial_ms"] > 0 and step["step_ms"] > 0
     assert rep["widths"][0]["predicted_tokens_per_s"] == pytest.approx(100.0)
     assert (tmp_path / "w.png").stat().st_size > 0
+    rc, _, err = run("bench", tmp_path / "a", "--widths", "1", "--rounds", 0)
+    assert_one_line_error(rc, err, "--rounds must be at least 1")
+    rc, _, err = run("bench", tmp_path / "a", "--widths", "1", "--prompts", "heldout")
+    assert_one_line_error(rc, err, "needs an artifact compiled with calibrated heads")
