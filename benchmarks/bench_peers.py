@@ -72,8 +72,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--artifact", required=True, nargs="+",
                     help="hetcomp artifacts compiled with --heads (e.g. float32 and float16)")
-    ap.add_argument("--width", type=int, default=8)
-    ap.add_argument("--lookup", type=int, default=4)
+    ap.add_argument("--width", type=int, nargs="+", default=[2],
+                    help="speculative width per artifact (one value: all of them)")
+    ap.add_argument("--lookup", type=int, default=None,
+                    help="n-gram draft tokens (default: hetcomp's auto_lookup(width))")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "bench_peers.json"))
     ap.add_argument("--prompts", choices=("bench", "heldout"), default="bench",
@@ -92,12 +94,18 @@ def main() -> int:
         with open(os.path.join(args.artifact[0], "manifest.json")) as fh:
             PROMPTS[:] = heldout_prompts(json.load(fh)["speculative"]["heads_info"])
     rows = {}
-    for art in args.artifact:
+    from hetcomp.cli import auto_lookup
+
+    widths = args.width * len(args.artifact) if len(args.width) == 1 else args.width
+    if len(widths) != len(args.artifact):
+        ap.error("give one --width, or one per artifact")
+    for art, width in zip(args.artifact, widths, strict=True):
         with open(os.path.join(art, "manifest.json")) as fh:
             dtype = json.load(fh)["dtype"]
+        lookup = auto_lookup(width) if args.lookup is None else args.lookup
         rows[f"hetcomp sequential ({dtype})"] = bench_hetcomp(art, args.new_tokens, 1, 0)
-        rows[f"hetcomp speculative ({dtype}, W={args.width})"] = bench_hetcomp(
-            art, args.new_tokens, args.width, args.lookup)
+        rows[f"hetcomp speculative ({dtype}, W={width})"] = bench_hetcomp(
+            art, args.new_tokens, width, lookup)
     rows["llama.cpp Q4_1 (packaged GGUF)"] = bench_llama_cpp(gguf, args.new_tokens)
     for extra in args.llama_gguf:
         rows[f"llama.cpp {os.path.basename(extra)}"] = bench_llama_cpp(extra, args.new_tokens)
