@@ -246,15 +246,14 @@ def test_teacher_forcing_replays_generation(tiny_speculative, tmp_path):
 def test_heldout_prompts_are_the_packaged_heads_unseen_split():
     """`hetcomp bench --prompts heldout` decodes prompts the packaged heads never trained on:
     the held-out split their calibration recorded (same count, disjoint from training)."""
-    import os
-
     from hetcomp.profile.commands import DEFAULT_HEADS
     from hetcomp.speculative.calibrate import heldout_prompts, read_responses, split_prompts
+    from hetcomp.speculative.medusa import packaged_file
 
     info = MedusaHeads.load(DEFAULT_HEADS).info
     held = heldout_prompts(info, count=10_000)
     assert len(held) == info["held_out_prompts"]
-    responses = os.path.join(os.path.dirname(DEFAULT_HEADS), info["responses"])
+    responses = packaged_file(info["responses"])
     train, _ = split_prompts(CalibrateOptions(corpus=info["corpus"], seed=info["seed"],
                                               responses=responses, recorded_only=True),
                              read_responses(responses))

@@ -23,6 +23,11 @@ FEATURE_NAMES = ("flops", "bytes", "w", "n", "k", "r", "corun", "cache_len")
 _F32 = 4
 
 
+def dtype_bytes(dtype: str) -> int:
+    """Bytes per weight of a weight dtype (float16 or float32)."""
+    return 2 if dtype == "float16" else _F32
+
+
 def pack_block(n: int) -> int:
     """Column block of a packed weight; mirrors ``hetcomp.frontend.ops.pack_block``.
 
@@ -90,7 +95,7 @@ class ModelShape:
         """From a :class:`~hetcomp.frontend.config.LlamaConfig` (duck-typed)."""
         return cls(cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.num_heads,
                    cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size, cfg.max_context,
-                   2 if dtype == "float16" else _F32)
+                   dtype_bytes(dtype))
 
     @property
     def qkv_size(self) -> int:

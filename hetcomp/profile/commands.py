@@ -18,7 +18,9 @@ import sys
 
 import numpy as np
 
+from ..cost.roofline import dtype_bytes
 from ..errors import HetcompError
+from ..speculative.medusa import MedusaHeads, packaged_file
 from .units import SPEC_BOARDS, SPECS
 
 # Used for tau(W) when no calibrated Medusa heads exist. ILLUSTRATIVE ONLY, not measured:
@@ -31,42 +33,27 @@ ILLUSTRATIVE_RANK_PROBS = np.array([
     [0.17, 0.06, 0.04, 0.03, 0.02, 0.015, 0.012, 0.010, 0.008, 0.006],
 ])
 ILLUSTRATIVE_LABEL = "illustrative rank_probs (no calibrated Medusa heads; not measured)"
-DEFAULT_HEADS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data",
-                             "smollm2-medusa.npz")
-
-
-def load_rank_probs(heads: str | None = None) -> tuple[np.ndarray, str]:
-    """Medusa ``rank_probs`` and a label saying where they come from.
-
-    ``heads`` (or the packaged ``hetcomp/data/smollm2-medusa.npz`` when it exists) is read
-    with :meth:`MedusaHeads.load`; otherwise :data:`ILLUSTRATIVE_RANK_PROBS`, labelled.
-    """
-    path = heads or (DEFAULT_HEADS if os.path.isfile(DEFAULT_HEADS) else None)
-    if path is None:
-        return ILLUSTRATIVE_RANK_PROBS, ILLUSTRATIVE_LABEL
-    from ..speculative.medusa import MedusaHeads
-
-    return np.asarray(MedusaHeads.load(path).rank_probs), f"Medusa heads {path}"
+DEFAULT_HEADS = packaged_file("smollm2-medusa.npz")
 
 
 def load_draft(heads: str | None = None, draft_dtype: str | None = None) -> dict:
-    """What the planner needs to know of a Medusa draft, from the heads file ``heads`` (or
-    the packaged one): ``{"rank_probs", "ranks", "label", "options"}``, ``options`` being
-    the :class:`~hetcomp.planner.PlannerOptions` draft fields (draft vocabulary, LM-head
-    bytes per weight for ``draft_dtype``, root conditioning). Without heads: the labelled
-    illustrative statistics and a whole-vocabulary draft."""
-    rank_probs, label = load_rank_probs(heads)
-    opts = {"draft_weight_bytes": {"float16": 2, "float32": 4}.get(draft_dtype or "", 0)}
-    path = heads or (DEFAULT_HEADS if os.path.isfile(DEFAULT_HEADS) else None)
-    ranks = None
-    if path is not None:
-        from ..speculative.medusa import MedusaHeads
+    """What the planner needs to know of a Medusa draft: ``{"rank_probs", "ranks", "label",
+    "options"}``, ``options`` being the :class:`~hetcomp.planner.PlannerOptions` draft fields
+    (draft vocabulary, LM-head bytes per weight for ``draft_dtype``, root conditioning).
 
-        h = MedusaHeads.load(path)
-        ranks = h.ranks
-        opts.update(draft_vocab=0 if h.vocab is None else len(h.vocab),
-                    draft_root=h.u is not None)
-    return {"rank_probs": rank_probs, "ranks": ranks, "label": label, "options": opts}
+    ``heads`` (or the packaged ``hetcomp/data/smollm2-medusa.npz`` when it exists) is read
+    with :meth:`MedusaHeads.load`; without heads, :data:`ILLUSTRATIVE_RANK_PROBS`, labelled,
+    and a whole-vocabulary draft.
+    """
+    opts = {"draft_weight_bytes": dtype_bytes(draft_dtype) if draft_dtype else 0}
+    path = heads or (DEFAULT_HEADS if os.path.isfile(DEFAULT_HEADS) else None)
+    if path is None:
+        return {"rank_probs": ILLUSTRATIVE_RANK_PROBS, "ranks": None,
+                "label": ILLUSTRATIVE_LABEL, "options": opts}
+    h = MedusaHeads.load(path)
+    opts.update(draft_vocab=0 if h.vocab is None else len(h.vocab), draft_root=h.u is not None)
+    return {"rank_probs": np.asarray(h.rank_probs), "ranks": h.ranks,
+            "label": f"Medusa heads {path}", "options": opts}
 
 
 def read_model_shape(model: str, dtype: str = "float32"):

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..codegen.export import sha256_file, write_params
 from ..errors import HetcompError
+from ..speculative.medusa import packaged_file
 from .artifact import _read_manifest
 
 
@@ -28,8 +29,7 @@ def _heads_path(art_dir: str, manifest: dict, heads: str | None) -> str:
     if heads is not None:
         return heads
     info = (manifest.get("speculative") or {}).get("heads_file") or {}
-    packaged = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data",
-                            info.get("name", ""))
+    packaged = packaged_file(info.get("name", ""))
     if info and os.path.isfile(packaged):
         return packaged
     raise HetcompError(f"artifact {art_dir} has Medusa heads: pass --heads "

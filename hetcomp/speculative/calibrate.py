@@ -13,8 +13,8 @@ import numpy as np
 
 from ..errors import HetcompError
 from .corpus import load_corpus
-from .medusa import (TOPK, MedusaHeads, draft_vocabulary, heldout_ranks, rank_statistics,
-                     train_heads)
+from .medusa import (TOPK, MedusaHeads, draft_vocabulary, heldout_ranks, packaged_file,
+                     rank_statistics, train_heads)
 from .tree import build_tree
 
 WIDTHS = (1, 2, 4, 8, 16, 32, 64)
@@ -163,10 +163,7 @@ def heldout_prompts(info: dict, count: int = 8) -> list[str]:
     seed and split, so prompts the heads never trained on, the ones their trees' expected
     acceptance was measured on. Recorded responses are looked up in the package's data
     folder by file name."""
-    responses = None
-    if info.get("recorded_only"):
-        responses = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data",
-                                 info["responses"])
+    responses = packaged_file(info["responses"]) if info.get("recorded_only") else None
     opts = CalibrateOptions(corpus=info["corpus"], seed=info["seed"], responses=responses,
                             recorded_only=bool(responses))
     return split_prompts(opts, read_responses(responses) if responses else None)[1][:count]

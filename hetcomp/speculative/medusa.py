@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 
 import numpy as np
@@ -18,6 +19,12 @@ import numpy as np
 from ..errors import HetcompError
 
 TOPK = 10
+
+
+def packaged_file(name: str) -> str:
+    """Path of ``name`` in the package's data folder (the committed heads and the recorded
+    responses they were calibrated on)."""
+    return os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", name)
 
 
 @dataclasses.dataclass
