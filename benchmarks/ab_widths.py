@@ -29,14 +29,12 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompts", choices=("bench", "heldout"), default="bench")
     args = ap.parse_args()
-    from hetcomp.cli import BENCH_PROMPTS
+    from hetcomp.cli import bench_prompts
     from hetcomp.runtime import generate, load_artifact
-    from hetcomp.speculative.calibrate import heldout_prompts
 
     configs = [tuple(int(x) for x in c.split(":")) for c in args.configs.split(",")]
     arts = {a: load_artifact(a) for a in args.artifacts}
-    first = arts[args.artifacts[0]].manifest["speculative"]["heads_info"]
-    prompts = list(BENCH_PROMPTS) if args.prompts == "bench" else heldout_prompts(first)
+    prompts = bench_prompts(arts[args.artifacts[0]].manifest, args.prompts)
     ids = {a: [art.tokenizer.encode(p, chat=True) for p in prompts] for a, art in arts.items()}
     speed: dict = {}
     accepted: dict = {}

@@ -15,27 +15,24 @@ import sys
 import tempfile
 import time
 
-from hetcomp.cli import BENCH_PROMPTS
 
-PROMPTS = list(BENCH_PROMPTS)  # the prompts `hetcomp bench` uses (or --prompts heldout)
-
-
-def bench_hetcomp(art_dir: str, new_tokens: int, width: int, lookup: int) -> float:
+def bench_hetcomp(art_dir: str, prompts: list[str], new_tokens: int, width: int,
+                  lookup: int) -> float:
     from hetcomp.cli import _bench_widths
     from hetcomp.runtime import load_artifact
 
     return _bench_widths(load_artifact(art_dir), [width], new_tokens, lookup,
-                         PROMPTS)[0]["tokens_per_s"]
+                         prompts)[0]["tokens_per_s"]
 
 
-def bench_llama_cpp(gguf: str, new_tokens: int) -> float | None:
+def bench_llama_cpp(gguf: str, prompts: list[str], new_tokens: int) -> float | None:
     try:
         from llama_cpp import Llama
     except ImportError:
         return None
     llm = Llama(model_path=gguf, n_threads=2, n_ctx=2048, verbose=False)
     made = secs = 0.0
-    for p in PROMPTS:
+    for p in prompts:
         msgs = [{"role": "user", "content": p}]
         t = time.perf_counter()
         out = llm.create_chat_completion(msgs, max_tokens=new_tokens, temperature=0.0)
@@ -44,7 +41,7 @@ def bench_llama_cpp(gguf: str, new_tokens: int) -> float | None:
     return made / secs
 
 
-def bench_torch(gguf: str, new_tokens: int) -> float | None:
+def bench_torch(gguf: str, prompts: list[str], new_tokens: int) -> float | None:
     try:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -55,7 +52,7 @@ def bench_torch(gguf: str, new_tokens: int) -> float | None:
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype="float32").eval()
     made = secs = 0.0
-    for p in PROMPTS:
+    for p in prompts:
         ids = tok.apply_chat_template([{"role": "user", "content": p}],
                                       add_generation_prompt=True, return_tensors="pt")
         ids = ids["input_ids"] if hasattr(ids, "keys") else ids
@@ -84,32 +81,31 @@ def main() -> int:
     ap.add_argument("--llama-gguf", nargs="*", default=[],
                     help="more GGUFs for llama.cpp (e.g. F32/F16 from make_peer_ggufs.py)")
     args = ap.parse_args()
+    widths = args.width * len(args.artifact) if len(args.width) == 1 else args.width
+    if len(widths) != len(args.artifact):
+        ap.error("give one --width, or one per artifact")
+    from hetcomp.cli import auto_lookup, bench_prompts
     from hetcomp.frontend import default_gguf_path
 
     os.environ.setdefault("TVM_NUM_THREADS", "2")
     gguf = default_gguf_path()
-    if args.prompts == "heldout":
-        from hetcomp.speculative.calibrate import heldout_prompts
-
-        with open(os.path.join(args.artifact[0], "manifest.json")) as fh:
-            PROMPTS[:] = heldout_prompts(json.load(fh)["speculative"]["heads_info"])
-    rows = {}
-    from hetcomp.cli import auto_lookup
-
-    widths = args.width * len(args.artifact) if len(args.width) == 1 else args.width
-    if len(widths) != len(args.artifact):
-        ap.error("give one --width, or one per artifact")
-    for art, width in zip(args.artifact, widths, strict=True):
+    manifests = []
+    for art in args.artifact:
         with open(os.path.join(art, "manifest.json")) as fh:
-            dtype = json.load(fh)["dtype"]
+            manifests.append(json.load(fh))
+    prompts = bench_prompts(manifests[0], args.prompts)  # the same for every decoder
+    rows = {}
+    for art, manifest, width in zip(args.artifact, manifests, widths, strict=True):
+        dtype = manifest["dtype"]
         lookup = auto_lookup(width) if args.lookup is None else args.lookup
-        rows[f"hetcomp sequential ({dtype})"] = bench_hetcomp(art, args.new_tokens, 1, 0)
+        rows[f"hetcomp sequential ({dtype})"] = bench_hetcomp(art, prompts, args.new_tokens, 1, 0)
         rows[f"hetcomp speculative ({dtype}, W={width})"] = bench_hetcomp(
-            art, args.new_tokens, width, lookup)
-    rows["llama.cpp Q4_1 (packaged GGUF)"] = bench_llama_cpp(gguf, args.new_tokens)
+            art, prompts, args.new_tokens, width, lookup)
+    rows["llama.cpp Q4_1 (packaged GGUF)"] = bench_llama_cpp(gguf, prompts, args.new_tokens)
     for extra in args.llama_gguf:
-        rows[f"llama.cpp {os.path.basename(extra)}"] = bench_llama_cpp(extra, args.new_tokens)
-    rows["PyTorch eager fp32"] = bench_torch(gguf, args.new_tokens)
+        rows[f"llama.cpp {os.path.basename(extra)}"] = bench_llama_cpp(extra, prompts,
+                                                                       args.new_tokens)
+    rows["PyTorch eager fp32"] = bench_torch(gguf, prompts, args.new_tokens)
     with open(args.out, "w") as fh:
         json.dump(rows, fh, indent=1)
     print("| decoder | tokens/s |\n|---|---|")

@@ -140,12 +140,13 @@ BENCH_PROMPTS = [
 ]
 
 
-def bench_prompts(art, which: str = "bench") -> list[str]:
+def bench_prompts(manifest: dict, which: str = "bench") -> list[str]:
     """The prompts `hetcomp bench` decodes: ``bench`` (:data:`BENCH_PROMPTS`) or ``heldout``
-    (the first 8 held-out prompts of the calibration that made the artifact's heads)."""
+    (the first 8 held-out prompts of the calibration that made the heads of the artifact
+    whose ``manifest`` is given)."""
     if which == "bench":
         return list(BENCH_PROMPTS)
-    info = (art.manifest.get("speculative") or {}).get("heads_info")
+    info = (manifest.get("speculative") or {}).get("heads_info")
     if not info or "corpus" not in info:
         raise HetcompError("--prompts heldout needs an artifact compiled with calibrated heads")
     from .speculative.calibrate import heldout_prompts
@@ -237,7 +238,7 @@ def cmd_bench(args) -> int:
     if args.rounds < 1:
         raise HetcompError("--rounds must be at least 1")
     art = load_artifact(args.artifact)
-    texts = bench_prompts(art, args.prompts)
+    texts = bench_prompts(art.manifest, args.prompts)
     ids = art.tokenizer.encode(BENCH_PROMPTS[0], chat=art.tokenizer.chat_template is not None)
     generate(art, ids, max_new_tokens=8, stop_at_eos=False)  # warm-up
     runs = [generate(art, ids, max_new_tokens=args.new_tokens, stop_at_eos=False)
