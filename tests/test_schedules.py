@@ -51,6 +51,25 @@ def test_linear_numerics(rows, residual, dtype):
     np.testing.assert_allclose(y.numpy(), ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("rows", [1, 8, 24, None])
+def test_rms_norm_matches_numpy(rows):
+    """The sum of squares runs in vector partials (rfactor); rows use threads only where the
+    kernel is big enough (24 x 576 here, and prefill's symbolic rows)."""
+    e, w = 576, rows or 5
+    sch = RowwiseRule().apply(ops.rms_norm(e, 1e-5, rows=rows), TARGET, False)
+    text = sch.mod["main"].script()
+    assert 'T.sblock("sumsq_rf")' in text
+    assert ("T.parallel" in text) == (rows in (24, None))
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((w, e)).astype("float32")
+    g = rng.standard_normal(e).astype("float32")
+    y = _tvm.tensor(np.zeros((w, e), "float32"))
+    _build(sch)(_tvm.tensor(x), _tvm.tensor(g), y)
+    xd = x.astype(np.float64)
+    ref = xd / np.sqrt((xd * xd).mean(-1, keepdims=True) + 1e-5) * g
+    np.testing.assert_allclose(y.numpy(), ref, rtol=1e-5, atol=1e-5)
+
+
 def _build(sch_or_func):
     func = sch_or_func.mod["main"] if hasattr(sch_or_func, "mod") else sch_or_func
     return c.compile(c.IRModule({"main": func}), target=TARGET)["main"]

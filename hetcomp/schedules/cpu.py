@@ -24,6 +24,20 @@ def _kind(func) -> str | None:
     return str(attrs[OP_KIND])
 
 
+#: Below this many elements a cheap row-wise kernel runs faster on one thread: a parallel
+#: launch costs ~0.6 us here, what a 16-lane loop does over ~4k float32 elements.
+PARALLEL_MIN_ELEMENTS = 8192
+
+
+def _worth_parallel(buf) -> bool:
+    """Whether a kernel over the 2-D ``buf`` (static or symbolic rows) should use threads."""
+    c = compiler()
+    rows, cols = buf.shape
+    if not isinstance(rows, c.tir.IntImm):  # symbolic rows (prefill): long prompts
+        return True
+    return int(rows) * int(cols) >= PARALLEL_MIN_ELEMENTS
+
+
 class LinearRule(_BASE):
     """``y[w, n] = x[w, k] @ W`` (+ residual) with W packed ``[n // B, k, B]``.
 
@@ -70,12 +84,20 @@ class LinearRule(_BASE):
 
 
 class AttentionRule(_BASE):
-    """Tree attention: one parallel task per (query row, head), all stages computed there.
+    """Tree attention: one parallel task per (head, tile of query rows), all stages computed
+    there.
 
-    The kernel's key range is a whole number of ``hetcomp.key_tile`` tiles, so the score,
-    softmax and reduction loops vectorise over keys without tails; the per-row mask bias is
-    its own parallel stage, shared by the heads.
+    A task's rows share every K and V load: the scores loop runs key tiles > head_dim > rows
+    (unrolled) > keys (vector), accumulating a ``rows x tile`` block in registers, and P.V runs
+    keys > rows > head_dim (vector). With one task per (row, head), a W = 8 tree read each
+    head's cache eight times (attention grew 3x from W = 1 to 8). The kernel's key range is a
+    whole number of ``hetcomp.key_tile`` tiles, so the vector loops need no tails; the per-row
+    mask bias is its own parallel stage, shared by the heads. Symbolic row counts (prefill)
+    keep one row per task.
     """
+
+    def __init__(self, row_tile: int = 4):
+        self.row_tile = row_tile
 
     def apply(self, func, target, tunable):
         if _kind(func) != "attention":
@@ -83,38 +105,55 @@ class AttentionRule(_BASE):
         c = compiler()
         sch = c.Schedule(func)
         tile = int(func.attrs["hetcomp.key_tile"])
+        rows = func.params[0].shape[1]  # q[H, w, D]
+        row_tile = 1
+        if isinstance(rows, c.tir.IntImm):
+            row_tile = next(t for t in (self.row_tile, 4, 2, 1)
+                            if int(rows) % t == 0 and t <= self.row_tile)
         # Step 1. Max and sum over keys keep tile-wide vector partials (rfactor).
         partials = {}
         for name in ("row_max", "row_sum") if tile > 1 else ():
             _, ri = sch.split(sch.get_loops(sch.get_sblock(name))[-1], [None, tile])
             partials[name] = sch.rfactor(ri, 2)
-        # Step 2. Every stage but the bias is computed inside a (row, head) task.
+        # Step 2. Every stage but the bias is computed inside a (head, row tile) task.
         out = sch.get_sblock("attn_out")
-        i, h, _ = sch.get_loops(out)
-        row = sch.fuse(i, h)
+        i, h, dd = sch.get_loops(out)
+        io, ii = sch.split(i, [None, row_tile])
+        sch.reorder(h, io, ii, dd)
+        task = sch.fuse(h, io)
         stages = ("pv", "row_sum", "row_sum_rf", "exp", "row_max", "row_max_rf", "scores")
         for name in stages:  # consumers first; the _rf stages exist only with partials
             if not name.endswith("_rf") or name[:-3] in partials:
-                sch.compute_at(sch.get_sblock(name), row)
+                sch.compute_at(sch.get_sblock(name), task)
         for rf in partials.values():
             lane, ro = sch.get_loops(rf)[-2:]
             sch.reorder(ro, lane)
             sch.vectorize(lane)
-        # Step 3. Scores vectorise over keys (K cache is position-contiguous).
+        # Step 3. Scores: a rows x tile block of accumulators per key tile, K loaded once for
+        # the task's rows (the K cache is position-contiguous).
+        # (compute_at leaves no loop for a one-row tile.)
+        tiled = row_tile > 1
         s = sch.get_sblock("scores")
-        j, d = sch.get_loops(s)[-2:]
+        *r, j, d = sch.get_loops(s)[-3 if tiled else -2:]
         jo, ji = sch.split(j, [None, tile])
-        sch.reorder(jo, d, ji)
+        sch.reorder(jo, d, *r, ji)
+        acc = sch.cache_write(s, 0, "local")
+        sch.reverse_compute_at(acc, jo)
+        sch.vectorize(sch.get_loops(acc)[-1])
+        if tiled:
+            sch.unroll(r[0])
         sch.vectorize(ji)
         _, ej = sch.split(sch.get_loops(sch.get_sblock("exp"))[-1], [None, tile])
         sch.vectorize(ej)
-        # Step 4. P.V vectorises over head_dim (V cache is dim-contiguous).
+        # Step 4. P.V: each V row (dim-contiguous) loaded once for the task's rows.
         pv = sch.get_sblock("pv")
-        dd, jj = sch.get_loops(pv)[-2:]
-        sch.reorder(jj, dd)
+        *r, dd, jj = sch.get_loops(pv)[-3 if tiled else -2:]
+        sch.reorder(jj, *r, dd)
+        if tiled:
+            sch.unroll(r[0])
         sch.vectorize(dd)
         sch.vectorize(sch.get_loops(out)[-1])
-        sch.parallel(row)
+        sch.parallel(task)
         sch.decompose_reduction(s, d)
         sch.decompose_reduction(pv, jj)
         # Step 5. The mask bias (a gather through the tree mask, so scalar): rows in parallel.
@@ -154,32 +193,54 @@ class ArgmaxRule(_BASE):
 
 
 class RowwiseRule(_BASE):
-    """RMSNorm: the row reduction computed per row, the scaling vectorised."""
+    """RMSNorm: per row, the sum of squares in ``lanes`` vector partials (rfactor: a scalar
+    sum is one long chain of dependent adds, ~0.7 us per 576-wide row), then the scaling
+    vectorised; rows in parallel where that pays (:func:`_worth_parallel`)."""
+
+    def __init__(self, lanes: int = 16):
+        self.lanes = lanes
 
     def apply(self, func, target, tunable):
         if _kind(func) != "rms_norm":
             return None
         sch = compiler().Schedule(func)
+        hidden = int(func.params[0].shape[1])
+        lanes = next(t for t in (self.lanes, 8, 4, 2, 1) if hidden % t == 0 and t <= self.lanes)
+        rf = None
+        if lanes > 1:  # partials [rows, lanes] (lanes are spatial there)
+            _, ri = sch.split(sch.get_loops(sch.get_sblock("sumsq"))[-1], [None, lanes])
+            rf = sch.rfactor(ri, 1)
         norm = sch.get_sblock("norm")
         i, e = sch.get_loops(norm)
-        sch.compute_at(sch.get_sblock("rstd"), i)
-        sch.compute_at(sch.get_sblock("sumsq"), i)
+        for name in ("rstd", "sumsq", "sumsq_rf") if rf else ("rstd", "sumsq"):
+            sch.compute_at(sch.get_sblock(name), i)  # consumers first
+        if rf:
+            lane, ro = sch.get_loops(rf)[-2:]
+            sch.reorder(ro, lane)
+            sch.vectorize(lane)
         sch.vectorize(e)
+        if _worth_parallel(func.params[0]):
+            sch.parallel(i)
         return sch
 
 
 class ElementwiseRule(_BASE):
-    """Elementwise kernels: innermost axis vectorised in 16-lane chunks."""
+    """Elementwise kernels: innermost axis vectorised in 16-lane chunks, the outer loops
+    fused and run in parallel where that pays (:func:`_worth_parallel`, by the output)."""
 
     def apply(self, func, target, tunable):
         if _kind(func) not in ("elementwise", "embed"):
             return None
         sch = compiler().Schedule(func)
+        out = func.params[-1]  # PrimFunc params carry their shapes
+        threads = len(out.shape) == 2 and _worth_parallel(out)
         blocks = sch.get_child_blocks(sch.get_sblock("root"))
         for blk in blocks:
             loops = sch.get_loops(blk)
-            _, inner = sch.split(loops[-1], [None, 16])
+            outer, inner = sch.split(loops[-1], [None, 16])
             sch.vectorize(inner)
+            if threads:
+                sch.parallel(sch.fuse(*loops[:-1], outer) if len(loops) > 1 else outer)
         return sch
 
 
