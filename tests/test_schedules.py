@@ -5,7 +5,7 @@ import pytest
 
 from hetcomp import _tvm
 from hetcomp.codegen.targets import make_target
-from hetcomp.frontend import ops
+from hetcomp.frontend import ops, script_ops
 from hetcomp.schedules.cpu import (ArgmaxRule, AttentionRule, ElementwiseRule, LinearRule,
                                    RowwiseRule)
 
@@ -68,6 +68,39 @@ def test_rms_norm_matches_numpy(rows):
     xd = x.astype(np.float64)
     ref = xd / np.sqrt((xd * xd).mean(-1, keepdims=True) + 1e-5) * g
     np.testing.assert_allclose(y.numpy(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_rope_table_and_rope_kv_match_numpy(rows):
+    """The step's cos/sin table, then one layer's rotation: queries returned, roped K and the
+    V rows written to the cache slots ``n + i`` of that layer only."""
+    from numpy_llama import rope
+
+    hq, g, d, layers, context, theta, layer, n = 4, 2, 16, 2, 32, 10000.0, 1, 7
+    table = _build(ElementwiseRule().apply(ops.rope_table(d, theta, rows=rows), TARGET, False))
+    rope_kv = _build(script_ops.rope_kv(hq, g, d, layers, context)
+                     .with_attr("global_symbol", "main"))
+    rng = np.random.default_rng(4)
+    pos = (n + np.arange(rows)).astype("int32")
+    qkv = rng.standard_normal((rows, (hq + 2 * g) * d)).astype("float32")
+    cs = _tvm.tensor(np.zeros((rows, d), "float32"))
+    table(_tvm.tensor(pos), cs)
+    ang = pos[:, None].astype(np.float64) / theta ** (np.arange(0, d, 2) / d)
+    np.testing.assert_allclose(cs.numpy(), np.concatenate([np.cos(ang), np.sin(ang)], 1),
+                               rtol=1e-5, atol=1e-5)
+    kc = _tvm.tensor(np.zeros((layers, g, d, context), "float32"))
+    vc = _tvm.tensor(np.zeros((layers, g, context, d), "float32"))
+    q = _tvm.tensor(np.zeros((hq, rows, d), "float32"))
+    rope_kv(_tvm.tensor(qkv), cs, kc, vc, layer, n, q)
+    heads = qkv.reshape(rows, hq + 2 * g, d).astype(np.float64)
+    np.testing.assert_allclose(q.numpy(), rope(heads[:, :hq], pos, theta).transpose(1, 0, 2),
+                               rtol=1e-5, atol=1e-5)
+    k_ref = np.zeros((layers, g, d, context))
+    k_ref[layer, :, :, n: n + rows] = rope(heads[:, hq: hq + g], pos, theta).transpose(1, 2, 0)
+    np.testing.assert_allclose(kc.numpy(), k_ref, rtol=1e-5, atol=1e-5)
+    v_ref = np.zeros((layers, g, context, d))
+    v_ref[layer, :, n: n + rows] = heads[:, hq + g:].transpose(1, 0, 2)
+    np.testing.assert_array_equal(vc.numpy(), v_ref.astype("float32"))
 
 
 def _build(sch_or_func):

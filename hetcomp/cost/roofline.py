@@ -151,10 +151,17 @@ def rms_norm_features(shape: ModelShape, w: int, corun: bool = False) -> Feature
 
 def rope_features(shape: ModelShape, w: int, corun: bool = False) -> Features:
     h, g, d = shape.heads, shape.kv_heads, shape.head_dim
-    # Per rotated pair: pow, cos, sin and six FMAs; V is copied.
-    flops = 20.0 * w * (h + g) * d / 2
-    nbytes = _F32 * (w * shape.qkv_size + w * (h + 2 * g) * d)
+    # Per rotated pair: six multiply-adds against the step's cos/sin table; V is copied.
+    flops = 6.0 * w * (h + g) * d / 2
+    nbytes = _F32 * (w * shape.qkv_size + w * (h + 2 * g) * d + w * d)
     return Features("rope", "rope", w, shape.qkv_size, d, 1.0, 0, corun, flops, nbytes)
+
+
+def rope_table_features(shape: ModelShape, w: int, corun: bool = False) -> Features:
+    """The step's cos/sin table (once per call): a pow and a cos or sin per entry."""
+    d = shape.head_dim
+    return Features("rope", "rope_table", w, d, 0, 1.0, 0, corun, 40.0 * w * d,
+                    _F32 * (w + w * d))
 
 
 def silu_mul_features(shape: ModelShape, w: int, corun: bool = False) -> Features:
@@ -205,6 +212,7 @@ def model_step(shape: ModelShape, w: int, cache_len: int) -> list[StepOp]:
     nl = shape.layers
     return [
         StepOp("embed", embed_features(shape, w), 1),
+        StepOp("rope_table", rope_table_features(shape, w), 1),
         StepOp("rms_norm", rms_norm_features(shape, w), 2 * nl + 1),
         StepOp("qkv", linear_features(shape, "qkv", w), nl, "qkv"),
         StepOp("rope", rope_features(shape, w), nl),

@@ -63,19 +63,20 @@ def _forward(bb, kern: _Kernels, cfg: LlamaConfig, inputs, params: dict, last_on
 
     norm_gv = kern.get("rms_norm", ops.rms_norm, e, cfg.norm_eps)
     rope_gv = kern.get("rope_kv", script_ops.rope_kv, hq, cfg.num_kv_heads, d, cfg.num_layers,
-                       cfg.max_context, cfg.rope_theta, sized=False)
+                       cfg.max_context, sized=False)
     attn_gv = kern.get("attention", ops.attention, hq, cfg.num_kv_heads, d, cfg.num_layers,
                        cfg.max_context)
     silu_gv = kern.get("silu_mul", ops.silu_mul, f)
     x = call(kern.get("embed", ops.embed, cfg.vocab_size, e, kern.wdtype),
              [tokens, params["embed"]], (w, e))
+    cs = call(kern.get("rope_table", ops.rope_table, d, cfg.rope_theta), [positions], (w, d))
     for i in range(cfg.num_layers):
         p = f"layers.{i}."
         h = call(norm_gv, [x, params[p + "attn_norm"]], (w, e))
         qkv = call(kern.linear(cfg.qkv_size, e, False), [h, params[p + "wqkv"]], (w, cfg.qkv_size))
         layer = c.prim_value(c.tir.IntImm("int64", i))
         res = bb.emit(relax.call_tir_inplace(
-            rope_gv, [qkv, positions, k_cache, v_cache, layer, n],
+            rope_gv, [qkv, cs, k_cache, v_cache, layer, n],
             [-1, 2, 3],
             [tt((hq, w, d), "float32"), k_cache.ty, v_cache.ty]))
         q = bb.emit(relax.TupleGetItem(res, 0))

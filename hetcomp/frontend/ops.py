@@ -165,6 +165,32 @@ def silu_mul(inter: int, rows: int | None = None):
     return _finish(te.create_prim_func([gu, y], index_dtype_override="int64"), "elementwise")
 
 
+def rope_table(head_dim: int, theta: float, rows: int | None = None):
+    """``cs[w, D]``: ``cos`` of each row's rotation angles in the first ``D / 2`` columns,
+    ``sin`` in the last ``D / 2``; angle ``j`` of a token at ``pos`` is
+    ``pos / theta^(2j / D)``.
+
+    Computed once per call of the decoder and shared by every layer's ``rope_kv`` (computing
+    them there cost one ``pow``, ``cos`` and ``sin`` libm call per angle, row and layer: 1.0 ms
+    of a 19 ms verify step at W = 8).
+    """
+    c = compiler()
+    te, tir = c.te, c.tir
+    half = head_dim // 2
+    w = _rows(rows)
+    pos = te.placeholder((w,), "int32", name="positions")
+
+    def angle(i, j):
+        inv_freq = tir.const(1.0, "float32") / tir.pow(
+            tir.const(theta, "float32"),
+            (j * 2).astype("float32") / tir.const(float(head_dim), "float32"))
+        return pos[i].astype("float32") * inv_freq
+
+    cs = te.compute((w, head_dim), lambda i, j: tir.if_then_else(
+        j < half, tir.cos(angle(i, j)), tir.sin(angle(i, j - half))), name="rope_table")
+    return _finish(te.create_prim_func([pos, cs], index_dtype_override="int64"), "elementwise")
+
+
 def take_last(hidden: int, rows: int | None = None):
     c = compiler()
     te = c.te

@@ -28,55 +28,51 @@ def _loop_kinds(gpu: bool):
 
 
 def rope_kv(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, context: int,
-            theta: float, gpu: bool = False):
+            gpu: bool = False):
     """Apply RoPE (rotate-half) to the fused ``qkv[w, (H + 2G) * D]`` rows.
 
-    Writes the roped K of tree node i to ``k_cache[layer, :, :, n + i]`` and its V to
-    ``v_cache[layer, :, n + i, :]`` in place, and returns the roped queries ``q[H, w, D]``.
+    ``cs[w, D]`` holds each row's cosines and sines (:func:`hetcomp.frontend.ops.rope_table`,
+    computed once per call for all layers). Writes the roped K
+    of tree node i to ``k_cache[layer, :, :, n + i]`` and its V to ``v_cache[layer, :, n + i, :]``
+    in place, and returns the roped queries ``q[H, w, D]``.
     """
     hq, g, d, nl, c = num_heads, num_kv_heads, head_dim, layers, context
     half = d // 2
     qkv_size = (hq + 2 * g) * d
-    theta32 = T.float32(theta)
 
-    rows, heads = _loop_kinds(gpu)  # over tree nodes, then heads
+    # Heads in parallel (GPU: a block each, a thread per rotated pair), tree rows inside: a
+    # thread owns its heads' cache lines (rows in parallel made two threads write the
+    # neighbouring positions of one K cache line).
+    heads, pairs = _loop_kinds(gpu)
 
     @T.prim_func(private=True)
-    def rope_kv_func(var_qkv: T.handle, var_pos: T.handle, var_k: T.handle, var_v: T.handle,
+    def rope_kv_func(var_qkv: T.handle, var_cs: T.handle, var_k: T.handle, var_v: T.handle,
                      layer: T.int64, n: T.int64, var_q: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         w = T.int64()
         qkv = T.match_buffer(var_qkv, (w, qkv_size), "float32")
-        pos = T.match_buffer(var_pos, (w,), "int32")
+        cs = T.match_buffer(var_cs, (w, d), "float32")
         k_cache = T.match_buffer(var_k, (nl, g, d, c), "float32")
         v_cache = T.match_buffer(var_v, (nl, g, c, d), "float32")
         q = T.match_buffer(var_q, (hq, w, d), "float32")
-        for i in rows(w):
-            # The rotation of row i, once for all its heads (cos/sin are scalar libm calls).
-            cs = T.alloc_buffer((half,), "float32", scope="local")
-            sn = T.alloc_buffer((half,), "float32", scope="local")
-            for j in range(half):
-                inv_freq = T.float32(1.0) / T.pow(
-                    theta32, T.Cast("float32", j * 2) / T.float32(d))
-                ang = T.Cast("float32", pos[i]) * inv_freq
-                cs[j] = T.cos(ang)
-                sn[j] = T.sin(ang)
-            for h in heads(hq + g):
-                for j in range(half):
+        for h in heads(hq + g):
+            for j in pairs(half):
+                for i in range(w):
                     x0 = qkv[i, h * d + j]
                     x1 = qkv[i, h * d + j + half]
                     if h < hq:
-                        q[h, i, j] = x0 * cs[j] - x1 * sn[j]
-                        q[h, i, j + half] = x1 * cs[j] + x0 * sn[j]
+                        q[h, i, j] = x0 * cs[i, j] - x1 * cs[i, j + half]
+                        q[h, i, j + half] = x1 * cs[i, j] + x0 * cs[i, j + half]
                     else:
-                        k_cache[layer, h - hq, j, n + i] = x0 * cs[j] - x1 * sn[j]
-                        k_cache[layer, h - hq, j + half, n + i] = x1 * cs[j] + x0 * sn[j]
-                if h < g:  # the V rows are copied by the first g heads' iterations
-                    for j in range(d):
+                        k_cache[layer, h - hq, j, n + i] = x0 * cs[i, j] - x1 * cs[i, j + half]
+                        k_cache[layer, h - hq, j + half, n + i] = (
+                            x1 * cs[i, j] + x0 * cs[i, j + half])
+                    if h < g:  # the V rows are copied by the first g heads' iterations
                         v_cache[layer, h, n + i, j] = qkv[i, (hq + g + h) * d + j]
+                        v_cache[layer, h, n + i, j + half] = qkv[i, (hq + g + h) * d + j + half]
 
     return rope_kv_func.with_attr(OP_KIND, "rope").with_attr(
-        ARGS_ATTR, json.dumps([num_heads, num_kv_heads, head_dim, layers, context, theta]))
+        ARGS_ATTR, json.dumps([num_heads, num_kv_heads, head_dim, layers, context]))
 
 
 def kv_commit(num_kv_heads: int, head_dim: int, layers: int, context: int, gpu: bool = False):

@@ -34,7 +34,7 @@ import numpy as np
 from ..cost.roofline import (LINEAR_KINDS, Features, ModelShape, argmax_features,
                              attention_features, copy_features, embed_features,
                              linear_features, rms_norm_features, rope_features,
-                             silu_mul_features, split_columns)
+                             rope_table_features, silu_mul_features, split_columns)
 from ..errors import HetcompError
 from .db import Measurement, ProfileDB
 from .units import Unit
@@ -294,12 +294,17 @@ def plan_probes(shape: ModelShape, opts: ProfileOptions, wdtype: str = "float32"
     groups.append(ProbeGroup("attention", tuple(probes), cache))
 
     f = kernel("rope_kv", script_ops.rope_kv, s.heads, s.kv_heads, s.head_dim, s.layers,
-               s.max_context, 10000.0)
+               s.max_context)
+    table = kernel("rope_table", ops.rope_table, s.head_dim, 10000.0)
     groups.append(ProbeGroup("rope", tuple(
         Probe(f, rope_features(s, w), (("rand", (w, s.qkv_size), "float32", 0.05, 1),
-                                       ("arange", w, 100), ("shared", "kc"), ("shared", "vc"),
+                                       ("rand", (w, s.head_dim), "float32", 1.0, 1),
+                                       ("shared", "kc"), ("shared", "vc"),
                                        ("mod", s.layers), ("int", 100),
                                        ("zeros", (s.heads, w, s.head_dim), "float32")))
+        for w in ws) + tuple(
+        Probe(table, rope_table_features(s, w), (("arange", w, 100),
+                                                 ("zeros", (w, s.head_dim), "float32")))
         for w in ws), cache))
 
     # Launch latency: the smallest linear kernel timed back to back (batched, as every other
