@@ -200,7 +200,13 @@ class Session:
         return out[2].numpy(), out[1], out[0]
 
     def commit(self, accepted):
-        """Keep the accepted tree nodes (indices, root first) and extend the cache by them."""
+        """Keep the accepted tree nodes (indices, root first) and extend the cache by them.
+
+        Nodes already in place (the path ``0, 1, ..., a - 1``: every sequential step, and the
+        speculative steps that accept the root or its first child) need no kernel call."""
+        if all(int(a) == j for j, a in enumerate(accepted)):
+            self.length += len(accepted)
+            return
         out = self.art._commit(self.k_cache, self.v_cache, self._t(accepted),
                                _tvm.shape_tuple([self.length]))
         self.k_cache, self.v_cache = out[0], out[1]
