@@ -424,8 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target", default="host",
                    help="host | x86-64-v3 (portable) | aarch64 (cross) | cuda (whole model on GPU)")
     c.add_argument("--dtype", default="float32", help="weight dtype: float32 | float16")
-    c.add_argument("--draft-dtype", help="dtype of the Medusa draft's LM head (default: --dtype;"
-                   " float16 halves the bytes the draft reads each step, output unchanged)")
+    c.add_argument("--draft-dtype", help="dtype of the Medusa draft's weights, its heads and LM "
+                   "head (default: --dtype; float16 halves the bytes the draft reads each step, "
+                   "output unchanged)")
     c.add_argument("--max-context", type=int, default=2048, help="KV cache capacity (tokens)")
     c.add_argument("--heads", help="Medusa heads (.npz) from `hetcomp calibrate`")
     c.add_argument("--plan", help="plan.json from `hetcomp tune`: partition across units")
@@ -516,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--heads", help="Medusa heads for tau(W) (default: the packaged ones)")
     t.add_argument("--cache-len", type=int, default=256)
     t.add_argument("--draft-dtype", choices=("float32", "float16"),
-                   help="the draft LM head's dtype the artifact is compiled with "
+                   help="the draft's weight dtype the artifact is compiled with "
                         "(compile --draft-dtype; default: the model's)")
     t.add_argument("--quick", action="store_true")
     t.add_argument("--profile", help="plan from this profile database (measured elsewhere, "

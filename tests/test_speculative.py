@@ -92,8 +92,8 @@ def test_width_not_compiled_is_refused(tiny_artifact):
 
 def test_float16_draft_head(tiny_speculative, tmp_path):
     """``draft_dtype="float16"``: the draft gets its own float16 copy of the LM head (rebuilt
-    from the model's weight by its recipe), its logits are those of the rounded head, and
-    speculation stays lossless (drafts only propose)."""
+    from the model's weight by its recipe) and float16 heads, its logits are those of the
+    rounded weights, and speculation stays lossless (drafts only propose)."""
     import os
 
     heads = os.path.join(os.path.dirname(tiny_speculative.path), "heads.npz")
@@ -110,6 +110,12 @@ def test_float16_draft_head(tiny_speculative, tmp_path):
     assert head.dtype == np.float16
     np.testing.assert_array_equal(head, tiny_speculative.medusa_params[0].numpy()
                                   .astype(np.float16))
+    names = art.manifest["functions"]["medusa"]
+    for name, p16, p32 in zip(names[2:], art.medusa_params[2:],
+                              tiny_speculative.medusa_params[2:]):
+        want = np.float32 if name.endswith(".b") else np.float16  # biases stay float32
+        assert p16.numpy().dtype == want, name
+        np.testing.assert_array_equal(p16.numpy(), p32.numpy().astype(want))
     from hetcomp import _tvm
 
     sess = art.new_session()

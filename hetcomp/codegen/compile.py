@@ -140,8 +140,10 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
             for field in ("w", "b", "u") if root else ("w", "b"):
                 name = f"medusa.{k}.{field}"
                 recipes[name] = {"heads": field, "index": k}
+                if field != "b":
+                    recipes[name]["dtype"] = draft_dtype
                 mparams.append(name)
-        assert mparams == [n for n, _, _ in medusa_param_specs(cfg, heads.num_heads, opts.dtype,
+        assert mparams == [n for n, _, _ in medusa_param_specs(cfg, heads.num_heads, draft_dtype,
                                                                 root)]
         head = "embed" if cfg.tie_embeddings else "lm_head"
         vocab = []

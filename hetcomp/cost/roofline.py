@@ -231,8 +231,8 @@ class DraftShape:
     """The Medusa draft call's shapes (``hetcomp.frontend.llama._add_medusa``).
 
     ``vocab``: rows of the draft's LM head (a pruned draft vocabulary; 0: the whole one);
-    ``weight_bytes``: bytes per LM-head weight (a float16 draft of a float32 model; 0: the
-    model's); ``root``: heads conditioned on the root token's embedding (a second ``E x E``
+    ``weight_bytes``: bytes per weight of the heads and their LM head (a float16 draft of a
+    float32 model; 0: the model's); ``root``: heads conditioned on the root token's embedding (a second ``E x E``
     linear per head and one embedding row).
     """
 
@@ -250,7 +250,9 @@ def draft_step(shape: ModelShape, draft: DraftShape) -> list[StepOp]:
     """
     k = draft.heads
     vocab = draft.vocab or shape.vocab
-    ops = [StepOp("medusa", linear_features(shape, "medusa", 1), k * (2 if draft.root else 1))]
+    ops = [StepOp("medusa", linear_features(shape, "medusa", 1,
+                                            weight_bytes=draft.weight_bytes),
+                  k * (2 if draft.root else 1))]
     if draft.root:
         ops.append(StepOp("medusa_embed", embed_features(shape, 1), 1))
     return ops + [

@@ -102,7 +102,8 @@ def _forward(bb, kern: _Kernels, cfg: LlamaConfig, inputs, params: dict, last_on
 
 
 def medusa_param_specs(cfg: LlamaConfig, num_heads: int, wdtype: str, root: bool = False):
-    """Per head: ``w`` (packed), ``b`` and, for root-conditioned heads, ``u`` (packed)."""
+    """Per head: ``w`` (packed), ``b`` and, for root-conditioned heads, ``u`` (packed);
+    ``wdtype`` is the draft's weight dtype."""
     e = cfg.hidden_size
     specs = []
     for k in range(num_heads):
@@ -113,6 +114,14 @@ def medusa_param_specs(cfg: LlamaConfig, num_heads: int, wdtype: str, root: bool
     return specs
 
 
+def _draft_linear(kern: _Kernels, n: int, k: int, dtype: str, residual: bool, rows: int):
+    """A linear kernel of the draft, whose weights may be in another dtype than the model's."""
+    if dtype == kern.wdtype:
+        return kern.linear(n, k, residual, rows=rows)
+    name = f"linear{'_res' if residual else ''}_{dtype}_n{n}_k{k}"
+    return kern.get(name, ops.linear, n, k, dtype, residual, rows=rows)
+
+
 def _add_medusa(bb, kern: _Kernels, cfg: LlamaConfig, num_heads: int, wdtype: str, root: bool,
                 draft_dtype: str | None = None, draft_vocab: int = 0):
     """``medusa(hidden[1, E], root[1], embed, lm_head, w_0, b_0, [u_0], ..., [vocab])``
@@ -120,8 +129,8 @@ def _add_medusa(bb, kern: _Kernels, cfg: LlamaConfig, num_heads: int, wdtype: st
 
     Head k: ``h + SiLU(W_k h + U_k e + b_k)`` into the LM head, ``e`` the root token's
     embedding (root-conditioned heads only; ``root`` is ignored otherwise). ``draft_dtype``:
-    the LM head's dtype here (a float16 copy halves the weight bytes of the draft, which
-    reads the whole LM head every step; drafts only propose, so verification stays exact).
+    the dtype of the draft's weights, ``W_k``, ``U_k`` and its LM head (float16 halves the
+    bytes the draft reads every step; drafts only propose, so verification stays exact).
     ``draft_vocab = Vd > 0``: the LM head holds only the rows of a draft vocabulary
     ``vocab[Vd]`` (int32 token ids), the logits are ``[K, Vd]`` and the top ids are mapped
     back through ``vocab``.
@@ -139,7 +148,7 @@ def _add_medusa(bb, kern: _Kernels, cfg: LlamaConfig, num_heads: int, wdtype: st
     if draft_vocab:
         head_shape = ops.packed_shape(vd, e)
     lm_head = relax.Var("lm_head", tt(head_shape, draft_dtype))
-    specs = medusa_param_specs(cfg, num_heads, wdtype, root)
+    specs = medusa_param_specs(cfg, num_heads, draft_dtype, root)
     pvars = {n: relax.Var(n.replace(".", "_"), tt(sh, d)) for n, sh, d in specs}
     vocab = [relax.Var("vocab", tt((vd,), "int32"))] if draft_vocab else []
     act_gv = kern.get("medusa_act", ops.medusa_act, e, rows=1)
@@ -152,18 +161,16 @@ def _add_medusa(bb, kern: _Kernels, cfg: LlamaConfig, num_heads: int, wdtype: st
                                              [root_tok, embed], tt((1, e), "float32")))
             outs = []
             for k in range(num_heads):
-                z = bb.emit(relax.call_tir(kern.linear(e, e, False, rows=1),
+                z = bb.emit(relax.call_tir(_draft_linear(kern, e, e, draft_dtype, False, 1),
                                            [hidden, pvars[f"medusa.{k}.w"]], tt((1, e), "float32")))
                 if root:
-                    z = bb.emit(relax.call_tir(kern.linear(e, e, True, rows=1),
+                    z = bb.emit(relax.call_tir(_draft_linear(kern, e, e, draft_dtype, True, 1),
                                                [emb, pvars[f"medusa.{k}.u"], z],
                                                tt((1, e), "float32")))
                 outs.append(bb.emit(relax.call_tir(act_gv, [hidden, z, pvars[f"medusa.{k}.b"]],
                                                    tt((1, e), "float32"))))
             stacked = bb.emit(relax.op.concat(outs, axis=0))
-            head_gv = (kern.linear(vd, e, False, rows=num_heads) if draft_dtype == wdtype else
-                       kern.get(f"linear_{draft_dtype}_n{vd}_k{e}", ops.linear, vd, e,
-                                draft_dtype, False, rows=num_heads))
+            head_gv = _draft_linear(kern, vd, e, draft_dtype, False, num_heads)
             logits = bb.emit(relax.call_tir(head_gv, [stacked, lm_head],
                                             tt((num_heads, vd), "float32")))
             # Candidates ranked on the device (a host-side argpartition cost ~2 ms a step).

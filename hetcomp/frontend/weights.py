@@ -68,7 +68,7 @@ def param_from_recipe(recipe: dict, packed: dict[str, np.ndarray], heads, wdtype
     """One artifact parameter from its recipe (``manifest["param_recipes"]``): a packed weight,
     optionally a range of its column blocks (a partitioned layer's slice), or one Medusa head's
     field (``heads``: a :class:`~hetcomp.speculative.medusa.MedusaHeads`); ``dtype``: a copy in
-    that dtype (the draft's float16 LM head); ``rows``: only the output columns the heads'
+    that dtype (the draft's float16 weights); ``rows``: only the output columns the heads'
     draft vocabulary names (the draft's pruned LM head)."""
     if "weight" in recipe:
         arr = packed[recipe["weight"]]
@@ -84,7 +84,9 @@ def param_from_recipe(recipe: dict, packed: dict[str, np.ndarray], heads, wdtype
     if "index" not in recipe:  # a whole field (the draft vocabulary)
         return np.asarray(getattr(heads, recipe["heads"]), dtype=np.int32)
     arr = getattr(heads, recipe["heads"])[recipe["index"]]
-    return arr.astype("float32") if recipe["heads"] == "b" else pack_linear_weight(arr, wdtype)
+    if recipe["heads"] == "b":
+        return arr.astype("float32")
+    return pack_linear_weight(arr, recipe.get("dtype", wdtype))
 
 
 def random_weights(cfg: LlamaConfig, seed: int = 0, scale: float = 0.08) -> dict[str, np.ndarray]:

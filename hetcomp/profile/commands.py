@@ -39,7 +39,7 @@ DEFAULT_HEADS = packaged_file("smollm2-medusa.npz")
 def load_draft(heads: str | None = None, draft_dtype: str | None = None) -> dict:
     """What the planner needs to know of a Medusa draft: ``{"rank_probs", "ranks", "label",
     "options"}``, ``options`` being the :class:`~hetcomp.planner.PlannerOptions` draft fields
-    (draft vocabulary, LM-head bytes per weight for ``draft_dtype``, root conditioning).
+    (draft vocabulary, the draft's bytes per weight for ``draft_dtype``, root conditioning).
 
     ``heads`` (or the packaged ``hetcomp/data/smollm2-medusa.npz`` when it exists) is read
     with :meth:`MedusaHeads.load`; without heads, :data:`ILLUSTRATIVE_RANK_PROBS`, labelled,
@@ -238,7 +238,7 @@ def tune_command(model: str = "smollm2", units=("cpu",), out_dir: str = "tune",
 
     Spec-only units skip profiling and fitting (their plan is a ``spec-estimate``).
     ``profile``: an existing database (measured elsewhere) whose newest profile of each unit
-    is fitted instead of profiling here. ``draft_dtype``: the Medusa draft's LM-head dtype
+    is fitted instead of profiling here. ``draft_dtype``: the Medusa draft's weight dtype
     the artifact will be compiled with (``compile --draft-dtype``; None: the model's).
     """
     from ..planner import PlannerOptions, plan_unit_sets, plot_plans
