@@ -340,20 +340,27 @@ def cmd_calibrate(args) -> int:
     from .codegen.compile import CompileOptions, compile_model
     from .frontend import load_model
     from .runtime import load_artifact
-    from .speculative.calibrate import (TEACHER_CHUNK, CalibrateOptions, calibrate,
+    from .speculative.calibrate import (TEACHER_CHUNK, CalibrateOptions, calibrate, load_cache,
                                         plot_statistics)
 
     opts = CalibrateOptions(corpus=args.corpus, num_heads=args.num_heads,
                             new_tokens=args.new_tokens, epochs=args.epochs, seed=args.seed,
                             max_prompts=args.max_prompts, cache=args.cache, soft=args.soft,
                             draft_vocab=args.draft_vocab, responses=args.responses,
-                            recorded_only=args.recorded_only)
+                            recorded_only=args.recorded_only,
+                            cosine=args.lr_schedule == "cosine")
+    if args.reuse and args.cache:
+        raise HetcompError("--reuse trains on saved data; --cache saves new data: pick one")
+    data = load_cache(args.reuse) if args.reuse else None
     loaded = load_model(args.model)
-    with tempfile.TemporaryDirectory() as tmp:
-        compile_model(CompileOptions(model=args.model, verify_widths=(TEACHER_CHUNK,)),
-                      f"{tmp}/art", weights=loaded)
-        art = load_artifact(f"{tmp}/art")
-        heads = calibrate(art, loaded[1]["embed"], opts)
+    if data is not None:  # the saved data replaces the compiled model's run
+        heads = calibrate(None, loaded[1]["embed"], opts, data=data)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            compile_model(CompileOptions(model=args.model, verify_widths=(TEACHER_CHUNK,)),
+                          f"{tmp}/art", weights=loaded)
+            art = load_artifact(f"{tmp}/art")
+            heads = calibrate(art, loaded[1]["embed"], opts)
     out = args.output if args.output.endswith(".npz") else args.output + ".npz"
     heads.save(out)
     plot_statistics(heads, out[:-4] + ".png")
@@ -469,6 +476,11 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("--max-prompts", type=int, default=0)
     k.add_argument("--cache", help="also save the generated training data (.npz) here")
+    k.add_argument("--reuse", metavar="CACHE",
+                   help="train on data an earlier run saved with --cache (same --corpus, "
+                        "--seed, --new-tokens, --responses) instead of running the model")
+    k.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
+                   help="learning rate over training: cosine decay to 0, or constant")
     k.add_argument("--soft", type=float, default=0.5,
                    help="weight of the model's own distribution in the targets (0: hard)")
     k.add_argument("--draft-vocab", type=int, default=8192,

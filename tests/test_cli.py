@@ -77,6 +77,13 @@ def test_bad_model_files(tmp_path, tiny_gguf, case):
 def test_bad_options(tmp_path):
     rc, _, err = run("compile", "--dtype", "int3", "-o", tmp_path / "x")
     assert_one_line_error(rc, err, "dtype")
+    (tmp_path / "data.npz").write_bytes(b"not an npz")
+    rc, _, err = run("calibrate", "--reuse", tmp_path / "data.npz", "-o", tmp_path / "h")
+    assert_one_line_error(rc, err, "cannot read calibration data")
+    rc, _, err = run("calibrate", "--reuse", tmp_path / "data.npz", "--cache", tmp_path / "c",
+                     "-o", tmp_path / "h")
+    assert_one_line_error(rc, err, "pick one")
+    assert not (tmp_path / "h.npz").exists()
 
 
 def test_bad_artifacts(tmp_path, tiny_artifact):

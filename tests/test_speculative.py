@@ -1,5 +1,7 @@
 """Speculative decoding is lossless: token-identical to sequential greedy decoding."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from conftest import TINY, byte_tokenizer_spec
@@ -7,7 +9,8 @@ from conftest import TINY, byte_tokenizer_spec
 from hetcomp.codegen.compile import CompileOptions, compile_model
 from hetcomp.frontend.weights import random_weights
 from hetcomp.runtime import generate, load_artifact
-from hetcomp.speculative.calibrate import CalibrateOptions, calibrate, make_targets
+from hetcomp.speculative.calibrate import (CalibrateOptions, calibrate, load_cache,
+                                           make_targets)
 from hetcomp.speculative.medusa import MedusaHeads
 
 WIDTHS = (2, 4, 8, 16)
@@ -32,9 +35,15 @@ def tiny_speculative(tmp_path_factory):
     assert load_artifact(str(tmp / "base")).static_widths == [1, 16]  # no heads, one extra
     corpus = tmp / "corpus.txt"
     corpus.write_text("\n".join(f"prompt {i} {'xyz'[i % 3] * (i % 5)}" for i in range(24)))
+    opts = CalibrateOptions(corpus=str(corpus), num_heads=3, new_tokens=40, epochs=6,
+                            held_out=0.25)
     heads = calibrate(load_artifact(str(tmp / "base")), w["embed"],
-                      CalibrateOptions(corpus=str(corpus), num_heads=3, new_tokens=40, epochs=6,
-                                       held_out=0.25), progress=False)
+                      dataclasses.replace(opts, cache=str(tmp / "data.npz")), progress=False)
+    # Re-training on the saved data (`calibrate --reuse`) gives the same heads, no model run.
+    again = calibrate(None, w["embed"], opts, progress=False,
+                      data=load_cache(str(tmp / "data.npz")))
+    for field in ("w", "b", "u", "ranks", "vocab"):
+        np.testing.assert_array_equal(getattr(again, field), getattr(heads, field))
     heads.save(str(tmp / "heads.npz"))
     loaded_heads = MedusaHeads.load(str(tmp / "heads.npz"))
     assert loaded_heads.num_heads == 3 and loaded_heads.u is not None

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import time
+import zipfile
 
 import numpy as np
 
@@ -30,6 +31,7 @@ class CalibrateOptions:
     seed: int = 0
     max_prompts: int = 0  # 0: all
     weight_decay: float = 0.01
+    cosine: bool = True  # the learning rate decays to 0 over training (else constant)
     cache: str | None = None  # .npz to save the generated data in
     condition_on_root: bool = True  # heads also see the root token's embedding (EAGLE-style)
     soft: float = 0.5  # weight of the base model's distribution in the targets (0: hard)
@@ -129,11 +131,18 @@ def make_targets(feats, seqs, num_heads: int):
 
 def load_cache(path: str):
     """The generated data saved by ``CalibrateOptions.cache``: train and held-out lists."""
-    with np.load(path) as z:
-        def part(prefix):
-            n = sum(1 for k in z.files if k.startswith(prefix + "_h"))
-            return ([z[f"{prefix}_h{i}"] for i in range(n)], [z[f"{prefix}_s{i}"] for i in range(n)])
-        return part("tr"), part("ho")
+    def part(z, prefix):
+        n = sum(1 for k in z.files if k.startswith(prefix + "_h"))
+        if n == 0:
+            raise ValueError(f"no {prefix} rows")
+        return ([z[f"{prefix}_h{i}"] for i in range(n)], [z[f"{prefix}_s{i}"] for i in range(n)])
+
+    try:
+        with np.load(path) as z:
+            return part(z, "tr"), part(z, "ho")
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, AttributeError) as e:
+        raise HetcompError(f"cannot read calibration data {path} (saved by --cache): "
+                           f"{e}") from None
 
 
 def split_prompts(opts: CalibrateOptions, responses: dict | None = None):
@@ -207,6 +216,7 @@ def calibrate(art, embed: np.ndarray, opts: CalibrateOptions, progress: bool = T
         xtr[:cut_row], ytr[:cut_row], embed, opts.num_heads, epochs=opts.epochs,
         seed=opts.seed, progress=progress, weight_decay=opts.weight_decay,
         soft=opts.soft, vocab=vocab, roots=None if roots is None else roots[:cut_row],
+        cosine=opts.cosine,
         validation=(xtr[cut_row:], rtr[cut_row:], ytr[cut_row:]) if cut_row < len(xtr) else None)
     if progress:
         print(f"[3/3] held-out statistics on {len(xho)} rows", file=sys.stderr)

@@ -155,7 +155,7 @@ def train_heads(h: np.ndarray, targets: np.ndarray, embed: np.ndarray, num_heads
                 epochs: int = 3, batch: int = 256, lr: float = 1e-3, seed: int = 0,
                 progress: bool = True, validation=None, weight_decay: float = 0.0,
                 roots: np.ndarray | None = None, soft: float = 0.0,
-                vocab: np.ndarray | None = None):
+                vocab: np.ndarray | None = None, cosine: bool = False):
     """AdamW on the heads' cross-entropy; ``targets[n, k]`` = token 2 + k after row n (-1: none).
 
     ``embed`` is the tied LM head ``[V, E]`` (frozen). Weights start at zero, i.e. every head
@@ -167,7 +167,8 @@ def train_heads(h: np.ndarray, targets: np.ndarray, embed: np.ndarray, num_heads
     hidden state whose logits chose ``targets[n, k]`` (rows of one sequence are consecutive,
     as :func:`~hetcomp.speculative.calibrate.make_targets` lays them out). With ``vocab`` the
     softmax runs over the draft vocabulary only (as the compiled draft does); targets outside
-    it are skipped. Returns ``(w, b, u or None)``.
+    it are skipped. ``cosine``: the learning rate decays from ``lr`` to 0 over the run (a
+    cosine schedule). Returns ``(w, b, u or None)``.
     """
     rng = np.random.default_rng(seed)
     full_embed = embed  # the root embedding still reads the whole table
@@ -185,6 +186,7 @@ def train_heads(h: np.ndarray, targets: np.ndarray, embed: np.ndarray, num_heads
     best_loss = np.full(num_heads, np.inf)
     best_w, best_b = w.copy(), b.copy()
     best_u = None if u is None else u.copy()
+    total = epochs * -(-n // batch)
     for epoch in range(epochs):
         order = rng.permutation(n)
         losses = []
@@ -193,6 +195,7 @@ def train_heads(h: np.ndarray, targets: np.ndarray, embed: np.ndarray, num_heads
             x = h[idx]
             er = None if u is None else full_embed[roots[idx]]
             step += 1
+            rate = lr * 0.5 * (1 + np.cos(np.pi * (step - 1) / total)) if cosine else lr
             for k in range(num_heads):
                 t = targets[idx, k]
                 keep = t >= 0
@@ -219,9 +222,9 @@ def train_heads(h: np.ndarray, targets: np.ndarray, embed: np.ndarray, num_heads
                     m_ += (1 - b1) * gp
                     v_ *= b2
                     v_ += (1 - b2) * gp * gp
-                    p -= lr * (m_ / (1 - b1 ** step)) / (np.sqrt(v_ / (1 - b2 ** step)) + eps)
+                    p -= rate * (m_ / (1 - b1 ** step)) / (np.sqrt(v_ / (1 - b2 ** step)) + eps)
                     if weight_decay and p.ndim == 2:
-                        p -= lr * weight_decay * p
+                        p -= rate * weight_decay * p
             if progress and (s // batch) % 10 == 0:
                 print(f"\r  epoch {epoch + 1}/{epochs}  {min(s + batch, n)}/{n}  "
                       f"loss {np.mean(losses[-40:]):.3f}", end="", file=sys.stderr, flush=True)
