@@ -232,8 +232,8 @@ class DraftShape:
 
     ``vocab``: rows of the draft's LM head (a pruned draft vocabulary; 0: the whole one);
     ``weight_bytes``: bytes per weight of the heads and their LM head (a float16 draft of a
-    float32 model; 0: the model's); ``root``: heads conditioned on the root token's embedding (a second ``E x E``
-    linear per head and one embedding row).
+    float32 model; 0: the model's); ``root``: heads conditioned on the root token's embedding
+    (a second ``E x E`` linear per head and one embedding row).
     """
 
     heads: int

@@ -170,9 +170,8 @@ def rope_table(head_dim: int, theta: float, rows: int | None = None):
     ``sin`` in the last ``D / 2``; angle ``j`` of a token at ``pos`` is
     ``pos / theta^(2j / D)``.
 
-    Computed once per call of the decoder and shared by every layer's ``rope_kv`` (computing
-    them there cost one ``pow``, ``cos`` and ``sin`` libm call per angle, row and layer: 1.0 ms
-    of a 19 ms verify step at W = 8).
+    Computed once per call of the decoder and shared by every layer's ``rope_kv``, which
+    computed them itself: a ``pow``, ``cos`` and ``sin`` libm call per angle, row and layer.
     """
     c = compiler()
     te, tir = c.te, c.tir

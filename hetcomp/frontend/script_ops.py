@@ -32,9 +32,9 @@ def rope_kv(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, conte
     """Apply RoPE (rotate-half) to the fused ``qkv[w, (H + 2G) * D]`` rows.
 
     ``cs[w, D]`` holds each row's cosines and sines (:func:`hetcomp.frontend.ops.rope_table`,
-    computed once per call for all layers). Writes the roped K
-    of tree node i to ``k_cache[layer, :, :, n + i]`` and its V to ``v_cache[layer, :, n + i, :]``
-    in place, and returns the roped queries ``q[H, w, D]``.
+    computed once per call for all layers). Writes the roped K of tree node i to
+    ``k_cache[layer, :, :, n + i]`` and its V to ``v_cache[layer, :, n + i, :]`` in place, and
+    returns the roped queries ``q[H, w, D]``.
     """
     hq, g, d, nl, c = num_heads, num_kv_heads, head_dim, layers, context
     half = d // 2
