@@ -44,6 +44,7 @@ def tiny_speculative(tmp_path_factory):
                       data=load_cache(str(tmp / "data.npz")))
     for field in ("w", "b", "u", "ranks", "vocab"):
         np.testing.assert_array_equal(getattr(again, field), getattr(heads, field))
+    assert heads.info["lr_schedule"] == "cosine"
     heads.save(str(tmp / "heads.npz"))
     loaded_heads = MedusaHeads.load(str(tmp / "heads.npz"))
     assert loaded_heads.num_heads == 3 and loaded_heads.u is not None

@@ -226,6 +226,7 @@ def calibrate(art, embed: np.ndarray, opts: CalibrateOptions, progress: bool = T
     heads.rank_probs = rank_statistics(heads.ranks)
     heads.info = {
         "corpus": opts.corpus, "seed": opts.seed, "epochs": opts.epochs,
+        "lr_schedule": "cosine" if opts.cosine else "constant",
         "new_tokens": opts.new_tokens, "train_rows": int(len(xtr)), "held_out_rows": int(len(xho)),
         "train_prompts": len(str_), "held_out_prompts": len(sho),
         "condition_on_root": bool(opts.condition_on_root),
