@@ -45,9 +45,12 @@ class _Kernels:
             self._gvs[name] = self.bb.add_func(func, name)
         return self._gvs[name]
 
-    def linear(self, n: int, k: int, residual: bool, rows: int | None = None):
-        name = f"linear{'_res' if residual else ''}_n{n}_k{k}"
-        return self.get(name, ops.linear, n, k, self.wdtype, residual, rows=rows)
+    def linear(self, n: int, k: int, residual: bool, rows: int | None = None,
+               dtype: str | None = None):
+        """A linear kernel; ``dtype``: its weights' dtype when not the model's (the draft's)."""
+        tag = "" if dtype in (None, self.wdtype) else f"_{dtype}"
+        name = f"linear{'_res' if residual else ''}{tag}_n{n}_k{k}"
+        return self.get(name, ops.linear, n, k, dtype or self.wdtype, residual, rows=rows)
 
 
 def _forward(bb, kern: _Kernels, cfg: LlamaConfig, inputs, params: dict, last_only: bool):
@@ -114,13 +117,6 @@ def medusa_param_specs(cfg: LlamaConfig, num_heads: int, wdtype: str, root: bool
     return specs
 
 
-def _draft_linear(kern: _Kernels, n: int, k: int, dtype: str, residual: bool, rows: int):
-    """A linear kernel of the draft, whose weights may be in another dtype than the model's."""
-    if dtype == kern.wdtype:
-        return kern.linear(n, k, residual, rows=rows)
-    name = f"linear{'_res' if residual else ''}_{dtype}_n{n}_k{k}"
-    return kern.get(name, ops.linear, n, k, dtype, residual, rows=rows)
-
 
 def _add_medusa(bb, kern: _Kernels, cfg: LlamaConfig, num_heads: int, wdtype: str, root: bool,
                 draft_dtype: str | None = None, draft_vocab: int = 0):
@@ -161,16 +157,16 @@ def _add_medusa(bb, kern: _Kernels, cfg: LlamaConfig, num_heads: int, wdtype: st
                                              [root_tok, embed], tt((1, e), "float32")))
             outs = []
             for k in range(num_heads):
-                z = bb.emit(relax.call_tir(_draft_linear(kern, e, e, draft_dtype, False, 1),
+                z = bb.emit(relax.call_tir(kern.linear(e, e, False, 1, draft_dtype),
                                            [hidden, pvars[f"medusa.{k}.w"]], tt((1, e), "float32")))
                 if root:
-                    z = bb.emit(relax.call_tir(_draft_linear(kern, e, e, draft_dtype, True, 1),
+                    z = bb.emit(relax.call_tir(kern.linear(e, e, True, 1, draft_dtype),
                                                [emb, pvars[f"medusa.{k}.u"], z],
                                                tt((1, e), "float32")))
                 outs.append(bb.emit(relax.call_tir(act_gv, [hidden, z, pvars[f"medusa.{k}.b"]],
                                                    tt((1, e), "float32"))))
             stacked = bb.emit(relax.op.concat(outs, axis=0))
-            head_gv = _draft_linear(kern, vd, e, draft_dtype, False, num_heads)
+            head_gv = kern.linear(vd, e, False, num_heads, draft_dtype)
             logits = bb.emit(relax.call_tir(head_gv, [stacked, lm_head],
                                             tt((num_heads, vd), "float32")))
             # Candidates ranked on the device (a host-side argpartition cost ~2 ms a step).
