@@ -50,10 +50,10 @@ def main() -> int:
 
     import tvm
 
-    from hetcomp.codegen.compile import CompileOptions, compile_model
-    from hetcomp.codegen.targets import target_dict
-    from hetcomp.passes import HeteroPlan
-    from hetcomp.profile.commands import read_model_shape
+    from hetcomp.driver.compile import CompileOptions, compile_model
+    from hetcomp.driver.profile import read_model_shape
+    from hetcomp.hardware import target_dict
+    from hetcomp.plan import HeteroPlan
     from hetcomp.profile.measure import ProfileOptions, build_kit
 
     a, b = os.path.join(args.out, "a"), os.path.join(args.out, "b")
@@ -109,7 +109,7 @@ def main() -> int:
 
 def _generation_payload(a: str, args) -> None:
     """The ``cpu`` artifact (no heads: plain greedy decoding) and the prompts as token ids."""
-    from hetcomp.codegen.compile import CompileOptions, compile_model
+    from hetcomp.driver.compile import CompileOptions, compile_model
     from hetcomp.frontend import load_model
     from hetcomp.frontend.tokenizer import TokenizerInfo
     from hetcomp.speculative.corpus import load_corpus

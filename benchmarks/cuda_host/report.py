@@ -45,9 +45,13 @@ def main() -> int:
             with ProfileDB(path) as src:
                 dst.merge_from(src)
 
+    from hetcomp.driver.tune import (
+        measured_unit_models,
+        read_model_shape,
+        stored_digests,
+        tune_command,
+    )
     from hetcomp.planner import predict_step_time
-    from hetcomp.profile.commands import measured_unit_models, read_model_shape, stored_digests
-    from hetcomp.profile.commands import tune_command
 
     summary = tune_command("smollm2", ["cpu", "cuda"], out, cache_len=64, profile=db)
     shape, key = read_model_shape("smollm2")

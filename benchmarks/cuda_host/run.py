@@ -34,7 +34,7 @@ def say(msg: str) -> None:
 
 
 def profile(bundle: str, out: str, units: list[str]) -> None:
-    from hetcomp.profile.commands import profile_command
+    from hetcomp.driver.profile import profile_command
 
     summary = profile_command(units=units or ["cpu", "cuda"], out=os.path.join(out, "profile.sqlite"),
                               kit=os.path.join(bundle, "kit"), progress=say)

@@ -1,0 +1,313 @@
+"""``hetcomp calibrate``: self-distillation data from the compiled model, Medusa heads, statistics."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import os
+import sys
+import tempfile
+import time
+import zipfile
+
+import numpy as np
+
+from ..artifact_format import check_output
+from ..data import packaged_file
+from ..errors import HetcompError
+from ..frontend import load_model
+from ..runtime import load_artifact
+from ..runtime.generate import generate
+from ..speculative.corpus import load_corpus
+from ..speculative.medusa import (
+    TOPK,
+    MedusaHeads,
+    draft_vocabulary,
+    heldout_ranks,
+    rank_statistics,
+    train_heads,
+)
+from ..speculative.tree import build_tree
+from .compile import CompileOptions, compile_model
+
+WIDTHS = (1, 2, 4, 8, 16, 32, 64)
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrateOptions:
+    corpus: str = "mtbench"
+    num_heads: int = 4
+    new_tokens: int = 96  # generated tokens per prompt
+    held_out: float = 0.15
+    epochs: int = 3
+    seed: int = 0
+    max_prompts: int = 0  # 0: all
+    weight_decay: float = 0.01
+    cosine: bool = True  # the learning rate decays to 0 over training (else constant)
+    cache: str | None = None  # .npz to save the generated data in
+    condition_on_root: bool = True  # heads also see the root token's embedding (EAGLE-style)
+    soft: float = 0.5  # weight of the base model's distribution in the targets (0: hard)
+    draft_vocab: int = 8192  # tokens the draft may propose (0: the whole vocabulary)
+    responses: str | None = None  # recorded greedy responses (.jsonl[.gz]): prompt -> ids
+    recorded_only: bool = False  # with responses: skip the prompts that have none
+
+
+def read_responses(path: str) -> dict[str, list[int]]:
+    """``{prompt: greedy response ids}`` from JSON lines ``{"prompt": ..., "ids": [...]}``."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rt") as fh:
+            rows = [json.loads(line) for line in fh if line.strip()]
+        return {r["prompt"]: [int(i) for i in r["ids"]] for r in rows}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise HetcompError(f"cannot read responses {path}: {e}") from None
+
+
+TEACHER_CHUNK = 64  # tokens per verify call when replaying a recorded response
+
+
+def teacher_force(art, prompt_ids, response, chunk: int = TEACHER_CHUNK) -> np.ndarray:
+    """The final hidden states ``[len(response), E]`` that chose each token of a recorded
+    greedy ``response`` to ``prompt_ids``: the prompt's prefill, then the response as chains
+    of ``chunk`` tokens through ``verify`` (causal mask) and ``commit``. Row ``j`` is the
+    state the base model chose ``response[j]`` from, as :func:`collect` records while
+    generating, at a fraction of the cost. Raises if the artifact disagrees with the record
+    on more than 1% of the tokens (a response from another model)."""
+    sess = art.new_session()
+    first, hidden = sess.prefill(prompt_ids)
+    rows, agree = [hidden.numpy()[0]], [first == response[0]]
+    feed = list(response[:-1])
+    for s in range(0, len(feed), chunk):
+        part = np.asarray(feed[s: s + chunk], "int64")
+        w = len(part)
+        # Chains run at the width of a width-specialised verify, a short one padded (several
+        # times faster than the generic verify); the mask is causal, so padding never reaches
+        # real rows, and only the real rows are committed.
+        pad = min((x for x in art.static_widths if x >= w), default=w)
+        pad = pad if sess.length + pad <= sess.capacity else w
+        tokens = np.concatenate([part, np.zeros(pad - w, "int64")])
+        mask = np.tril(np.ones((pad, pad), "int32"))
+        greedy, hid, _ = sess.verify(tokens, sess.length + np.arange(pad), mask)
+        sess.commit(list(range(w)))
+        rows.extend(hid.numpy()[:w])
+        agree.extend(greedy[:w] == np.asarray(response[s + 1: s + 1 + w]))
+    if np.mean(agree) < 0.99:
+        raise HetcompError(f"recorded response disagrees with the model's greedy choices on "
+                           f"{100 * (1 - np.mean(agree)):.1f}% of its tokens")
+    return np.stack(rows)
+
+
+def collect(art, prompts, new_tokens: int, progress: bool = True,
+            responses: dict | None = None):
+    """Greedy-generate from each prompt (or replay its recorded response, ``responses``:
+    prompt -> ids); rows are (hidden state, the tokens that follow it)."""
+
+    feats, seqs = [], []
+    t0 = time.time()
+    for i, prompt in enumerate(prompts):
+        ids = art.tokenizer.encode(prompt, chat=art.tokenizer.chat_template is not None)
+        if len(ids) + new_tokens + 1 >= art.config.max_context:
+            continue
+        if responses and prompt in responses:
+            toks = responses[prompt][:new_tokens]
+            feats.append(teacher_force(art, ids, toks))
+        else:
+            hs: list = []
+            toks = generate(art, ids, max_new_tokens=new_tokens, hidden_states=hs).ids
+            feats.append(np.stack(hs))
+        seqs.append(np.asarray(toks))
+        if progress:
+            rate = sum(len(s) for s in seqs) / (time.time() - t0)
+            print(f"\r  self-distillation data {i + 1}/{len(prompts)} prompts ({rate:.0f} "
+                  "tokens/s)", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    return feats, seqs
+
+
+def make_targets(feats, seqs, num_heads: int):
+    """Rows ``(hidden, root, targets)``: row j of a prompt is the hidden state that predicts
+    token j (the root), its targets tokens j + 1 .. j + K (-1: past the end)."""
+    hs, ts = [], []
+    for h, s in zip(feats, seqs):
+        n = len(s)
+        t = np.full((n, num_heads), -1, np.int64)
+        for k in range(num_heads):
+            t[: max(n - 1 - k, 0), k] = s[1 + k:]
+        hs.append(h)
+        ts.append(t)
+    return (np.concatenate(hs).astype(np.float32), np.concatenate(seqs).astype(np.int64),
+            np.concatenate(ts))
+
+
+def load_cache(path: str):
+    """The generated data saved by ``CalibrateOptions.cache``: train and held-out lists."""
+    def part(z, prefix):
+        n = sum(1 for k in z.files if k.startswith(prefix + "_h"))
+        if n == 0:
+            raise ValueError(f"no {prefix} rows")
+        return ([z[f"{prefix}_h{i}"] for i in range(n)], [z[f"{prefix}_s{i}"] for i in range(n)])
+
+    try:
+        with np.load(path) as z:
+            return part(z, "tr"), part(z, "ho")
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, AttributeError) as e:
+        raise HetcompError(f"cannot read calibration data {path} (saved by --cache): "
+                           f"{e}") from None
+
+
+def split_prompts(opts: CalibrateOptions, responses: dict | None = None):
+    """``(training, held-out)`` prompts of the corpus: a seeded permutation, the first
+    ``held_out`` fraction held out (with ``recorded_only``, only prompts in ``responses``)."""
+    prompts = load_corpus(opts.corpus)
+    if responses is not None and opts.recorded_only:
+        prompts = [p for p in prompts if p in responses]
+        if not prompts:
+            raise HetcompError(f"no prompt of corpus {opts.corpus} has a response in "
+                               f"{opts.responses}")
+    order = np.random.default_rng(opts.seed).permutation(len(prompts))
+    if opts.max_prompts:
+        order = order[: opts.max_prompts]
+    n_held = max(1, int(round(len(order) * opts.held_out)))
+    held = [prompts[i] for i in order[:n_held]]
+    train = [prompts[i] for i in order[n_held:]]
+    if not train:
+        raise HetcompError("the corpus is too small to split into training and held-out "
+                           "prompts")
+    return train, held
+
+
+def heldout_prompts(info: dict, count: int = 8) -> list[str]:
+    """The first ``count`` held-out prompts of the ``calibrate`` run whose heads carry
+    ``info`` (``MedusaHeads.info``, or an artifact's ``speculative.heads_info``): same corpus,
+    seed and split, so prompts the heads never trained on, the ones their trees' expected
+    acceptance was measured on. Recorded responses are looked up in the package's data
+    folder by file name."""
+    responses = packaged_file(info["responses"]) if info.get("recorded_only") else None
+    opts = CalibrateOptions(corpus=info["corpus"], seed=info["seed"], responses=responses,
+                            recorded_only=bool(responses))
+    return split_prompts(opts, read_responses(responses) if responses else None)[1][:count]
+
+
+def calibrate(art, embed: np.ndarray, opts: CalibrateOptions, progress: bool = True,
+              data=None):
+    """Train Medusa heads on the artifact's own greedy outputs; returns MedusaHeads.
+
+    ``data = ((train feats, train seqs), (held-out feats, held-out seqs))`` (from
+    :func:`load_cache`) skips generation.
+    """
+    if data is None:
+        responses = read_responses(opts.responses) if opts.responses else None
+        train, held = split_prompts(opts, responses)
+        if progress:
+            print(f"[1/3] self-distillation data: {len(train)} training, {len(held)} held-out "
+                  "prompts", file=sys.stderr)
+        data = (collect(art, train, opts.new_tokens, progress, responses),
+                collect(art, held, opts.new_tokens, progress, responses))
+        if opts.cache:  # the expensive part: keep it to re-train without re-generating
+            (ftr, str_), (fho, sho) = data
+            np.savez(opts.cache, **{f"tr_h{i}": f for i, f in enumerate(ftr)},
+                     **{f"tr_s{i}": s for i, s in enumerate(str_)},
+                     **{f"ho_h{i}": f for i, f in enumerate(fho)},
+                     **{f"ho_s{i}": s for i, s in enumerate(sho)})
+    (ftr, str_), (fho, sho) = data
+    xtr, rtr, ytr = make_targets(ftr, str_, opts.num_heads)
+    xho, rho, yho = make_targets(fho, sho, opts.num_heads)
+    if progress:
+        print(f"[2/3] training {opts.num_heads} heads on {len(xtr)} rows", file=sys.stderr)
+    # Early stopping on a validation slice of the training prompts (the held-out prompts stay
+    # untouched for the statistics that build the trees).
+    rows_per_prompt = np.cumsum([len(s) for s in str_])
+    cut = int(np.searchsorted(rows_per_prompt, 0.9 * rows_per_prompt[-1]))
+    cut_row = int(rows_per_prompt[cut]) if cut < len(rows_per_prompt) else len(xtr)
+    roots = rtr if opts.condition_on_root else None
+    vocab = (draft_vocabulary(str_, len(embed), opts.draft_vocab)
+             if opts.draft_vocab and opts.draft_vocab < len(embed) else None)
+    w, b, u = train_heads(
+        xtr[:cut_row], ytr[:cut_row], embed, opts.num_heads, epochs=opts.epochs,
+        seed=opts.seed, progress=progress, weight_decay=opts.weight_decay,
+        soft=opts.soft, vocab=vocab, roots=None if roots is None else roots[:cut_row],
+        cosine=opts.cosine,
+        validation=(xtr[cut_row:], rtr[cut_row:], ytr[cut_row:]) if cut_row < len(xtr) else None)
+    if progress:
+        print(f"[3/3] held-out statistics on {len(xho)} rows", file=sys.stderr)
+    heads = MedusaHeads(w, b, np.zeros((opts.num_heads, TOPK)), {}, None, u, vocab)
+    heads.ranks = heldout_ranks(heads, xho, yho, embed,
+                                roots=rho if opts.condition_on_root else None)
+    heads.rank_probs = rank_statistics(heads.ranks)
+    heads.info = {
+        "corpus": opts.corpus, "seed": opts.seed, "epochs": opts.epochs,
+        "lr_schedule": "cosine" if opts.cosine else "constant",
+        "new_tokens": opts.new_tokens, "train_rows": int(len(xtr)), "held_out_rows": int(len(xho)),
+        "train_prompts": len(str_), "held_out_prompts": len(sho),
+        "condition_on_root": bool(opts.condition_on_root),
+        "soft": opts.soft, "draft_vocab": 0 if vocab is None else len(vocab),
+        "responses": opts.responses and os.path.basename(opts.responses),
+        "recorded_only": bool(opts.responses and opts.recorded_only),
+        "topk_accuracy": np.cumsum(heads.rank_probs, axis=1).tolist(),
+        "tau": {str(wd): build_tree(heads.rank_probs, wd, heads.ranks).expected_accept_length
+                for wd in WIDTHS},
+    }
+    return heads
+
+
+def plot_statistics(heads: MedusaHeads, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    acc = np.cumsum(heads.rank_probs, axis=1)
+    for k in range(heads.num_heads):
+        a.plot(range(1, acc.shape[1] + 1), acc[k], marker="o", label=f"head {k + 1} (t+{k + 2})")
+    a.set_xlabel("top-k")
+    a.set_ylabel("held-out accuracy")
+    a.legend()
+    a.grid(alpha=0.3)
+    ws = list(WIDTHS)
+    b.plot(ws, [build_tree(heads.rank_probs, w, heads.ranks).expected_accept_length
+                for w in ws], marker="o")
+    b.set_xscale("log", base=2)
+    b.set_xlabel("tree width W")
+    b.set_ylabel("expected accepted tokens per step")
+    b.grid(alpha=0.3)
+    fig.suptitle("Medusa heads: held-out statistics")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def is_heads_file(path: str) -> bool:
+    """True when ``path`` holds Medusa heads (a file `hetcomp calibrate` wrote)."""
+    try:
+        return MedusaHeads.load(path) is not None
+    except HetcompError:
+        return False
+
+
+def calibrate_model(model: str, opts: CalibrateOptions, output: str, reuse: str | None = None,
+                    force: bool = False) -> dict:
+    """`hetcomp calibrate`: compile ``model`` with a teacher-forcing verify, train heads on its
+    greedy outputs (or on data saved by ``--cache``: ``reuse``) and write ``output`` (.npz)
+    and its statistics plot beside it. Returns a summary."""
+    if reuse and opts.cache:
+        raise HetcompError("--reuse trains on saved data; --cache saves new data: pick one")
+    out = output if output.endswith(".npz") else output + ".npz"
+    check_output(out, is_heads_file, "Medusa heads file", force)
+    data = load_cache(reuse) if reuse else None
+    loaded = load_model(model)
+    if data is not None:  # the saved data replaces the compiled model's run
+        heads = calibrate(None, loaded[1]["embed"], opts, data=data)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            compile_model(CompileOptions(model=model, verify_widths=(TEACHER_CHUNK,)),
+                          f"{tmp}/art", weights=loaded)
+            heads = calibrate(load_artifact(f"{tmp}/art"), loaded[1]["embed"], opts)
+    heads.save(out)
+    plot_statistics(heads, out[:-4] + ".png")
+    tau = heads.info["tau"]
+    return {"heads": out, "plot": out[:-4] + ".png",
+            "topk_accuracy_top1": [round(a[0], 4) for a in heads.info["topk_accuracy"]],
+            "tau": {k: round(v, 3) for k, v in tau.items()}}

@@ -1,0 +1,266 @@
+"""``hetcomp compile``: model file -> Relax -> scheduled kernels -> artifact folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+from .._tvm import compiler
+from ..artifact_format import check_output, is_artifact, sha256_file
+from ..codegen.build import build, build_gpu, build_hetero
+from ..codegen.export import export_artifact
+from ..codegen.targets import export_compiler
+from ..errors import HetcompError
+from ..frontend import load_model
+from ..frontend.export_info import source_info
+from ..frontend.llama import NUM_INPUTS, build_module, medusa_param_specs
+from ..frontend.tokenizer import TokenizerInfo
+from ..frontend.weights import WEIGHT_DTYPES, pack_weights, param_from_recipe, param_specs
+from ..hardware import target_dict
+from ..passes import hetcomp_pipeline
+from ..passes.partition_hetero import PARAM_SPLIT_ATTR
+from ..profile.units import detect_unit
+from ..schedules.tuning import apply_database, database_dir
+from ..speculative.medusa import MedusaHeads
+from ..speculative.tree import build_tree
+
+TARGETS = ("host", "aarch64", "x86-64-v3", "cuda")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileOptions:
+    """What to build: model (name or path), weight dtype, target and KV-cache capacity."""
+
+    model: str = "smollm2"
+    dtype: str = "float32"
+    target: str = "host"
+    max_context: int = 2048
+    heads: str | None = None  # Medusa heads file (.npz) from `hetcomp calibrate`
+    plan: object | None = None  # a HeteroPlan: partition across units (None: host only)
+    widths: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    # Leave params.bin out (`hetcomp attach-weights` rebuilds it from the model file where
+    # the artifact runs): the library travels without hundreds of MB of weights.
+    separate_weights: bool = False
+    # The planner's predictions per width ({"W": {"tau", "step_s", "tokens_per_s"}}), kept in
+    # the manifest so that `hetcomp bench` can put measured beside predicted.
+    plan_prediction: dict | None = None
+    # Root of MetaSchedule tuning databases (`hetcomp tune --kernels`): records of this
+    # machine's CPU fingerprint replace the hand-written schedules of the kernels they cover.
+    tuning_db: str | None = None
+    # The Medusa draft's copy of the LM head (None: the model's own, dtype ``dtype``). The
+    # draft reads the whole LM head every step (3.5 ms of a 14 ms float32 step here); a
+    # float16 copy halves that, and a draft only proposes tokens, so output is unchanged.
+    draft_dtype: str | None = None
+    # More width-specialised verify functions, with or without heads (calibration replays
+    # recorded responses as 64-token chains: verify_w64 runs them several times faster than
+    # the generic verify).
+    verify_widths: tuple[int, ...] = ()
+    # The width `generate` and `chat` speculate at unless told (None: 1, no speculation).
+    default_width: int | None = None
+
+    def __post_init__(self):
+        if self.dtype not in WEIGHT_DTYPES:
+            raise HetcompError(f"unsupported dtype {self.dtype!r} (use {' or '.join(WEIGHT_DTYPES)})")
+        if self.draft_dtype is not None and self.draft_dtype not in WEIGHT_DTYPES:
+            raise HetcompError(f"unsupported --draft-dtype {self.draft_dtype!r} "
+                               f"(use {' or '.join(WEIGHT_DTYPES)})")
+        if self.target not in TARGETS:
+            raise HetcompError(f"unsupported target {self.target!r} (supported: {', '.join(TARGETS)})")
+        if self.default_width is not None and self.default_width != 1 and (
+                self.heads is None or self.default_width not in self.widths):
+            raise HetcompError(f"--width {self.default_width} needs --heads and one of the "
+                               f"compiled widths ({', '.join(map(str, self.widths))})")
+        if self.max_context < 16:
+            raise HetcompError("--max-context must be at least 16")
+        if self.tuning_db is not None and (self.target != "host" or self.plan is not None):
+            raise HetcompError("--tuning-db applies to --target host without --plan (records "
+                               "are measured on this machine's CPU)")
+
+
+def _progress(step: int, total: int, what: str, quiet: bool) -> None:
+    if not quiet:
+        print(f"[{step}/{total}] {what}", file=sys.stderr, flush=True)
+
+
+def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weights=None,
+                  force: bool = False) -> str:
+    """Compile ``opts.model`` into the artifact folder ``out_dir``; returns its path.
+
+    ``out_dir`` must be absent, an empty folder, or (with ``force``) an artifact to replace;
+    anything else is refused before any work is done.
+
+    ``weights`` = ``(config, float32 weights, tokenizer spec, source)`` skips loading (tests).
+    """
+
+    t0 = time.time()
+    check_output(out_dir, is_artifact, "hetcomp artifact", force)
+    # Load (and so validate) the input before printing anything: bad input gets one line.
+    cfg, w, spec, source = weights if weights is not None else load_model(opts.model,
+                                                                          opts.max_context)
+    tok = TokenizerInfo.from_spec(spec)
+    heads = MedusaHeads.load(opts.heads) if opts.heads else None
+    if heads is not None and heads.w.shape[1] != cfg.hidden_size:
+        raise HetcompError(f"Medusa heads {opts.heads} do not fit this model's hidden size")
+    _progress(1, 4, f"loaded {opts.model} ({sum(a.size for a in w.values()) / 1e6:.0f}M "
+                    "parameters)", quiet)
+    _progress(2, 4, f"building Relax module ({cfg.num_layers} layers, {opts.dtype})", quiet)
+    widths = tuple(sorted({*(opts.widths if heads is not None else (1,)),
+                           *opts.verify_widths}))
+    tuning = None
+    root = heads is not None and heads.u is not None
+    draft_dtype = opts.draft_dtype or opts.dtype
+    draft_vocab = 0 if heads is None or heads.vocab is None else len(heads.vocab)
+    mod = build_module(cfg, opts.dtype, heads.num_heads if heads else 0, static_widths=widths,
+                       medusa_root=root, draft_dtype=draft_dtype, draft_vocab=draft_vocab)
+    target = compiler().Target(target_dict(opts.target))
+    if opts.plan is not None and opts.target == "cuda":
+        raise HetcompError("--plan places work on several units; use a CPU --target for the host")
+    if opts.plan is not None:
+
+        _progress(3, 4, f"partitioning across {', '.join(opts.plan.units)}; compiling", quiet)
+        mod = hetcomp_pipeline(opts.plan)(mod)
+        ex = build_hetero(mod, target, opts.plan)
+    elif opts.target == "cuda":
+
+        _progress(3, 4, "scheduling and compiling for cuda (GPU rules)", quiet)
+        ex = build_gpu(mod, target)
+    else:
+        path = _tuning_path(opts, quiet)
+        if path is not None:
+
+            mod, count = apply_database(mod, target, path)
+            tuning = {"db": path, "kernels": count}
+        _progress(3, 4, f"scheduling and compiling for {opts.target}"
+                        + (f" ({tuning['kernels']} tuned kernels)" if tuning else ""), quiet)
+        ex = build(mod, target)
+    _progress(4, 4, f"packing weights and writing {out_dir}", quiet)
+    packed = pack_weights(cfg, w, opts.dtype)
+    # Every parameter comes from its recipe, the one `hetcomp attach-weights` follows to
+    # rebuild it from the model file (and heads file) where the artifact runs.
+    recipes = {name: {"weight": name} for name, _, _ in param_specs(cfg, opts.dtype)}
+    placement = {}
+    if opts.plan is not None:
+        placement, recipes = _split_params(mod, cfg, opts.dtype)
+    model_params = list(recipes)
+    functions = {"prefill": model_params, "verify": model_params, "commit": []}
+    functions.update({f"verify_w{w}": model_params for w in widths})
+    speculative = None
+    if heads is not None:
+        mparams = []
+        for k in range(heads.num_heads):
+            for field in ("w", "b", "u") if root else ("w", "b"):
+                name = f"medusa.{k}.{field}"
+                recipes[name] = {"heads": field, "index": k}
+                if field != "b":
+                    recipes[name]["dtype"] = draft_dtype
+                mparams.append(name)
+        assert mparams == [n for n, _, _ in medusa_param_specs(cfg, heads.num_heads, draft_dtype,
+                                                                root)]
+        head = "embed" if cfg.tie_embeddings else "lm_head"
+        vocab = []
+        if draft_vocab:  # the draft's own LM head: the draft vocabulary's rows
+            recipes["medusa.lm_head"] = {"weight": head, "dtype": draft_dtype, "rows": "vocab"}
+            recipes["medusa.vocab"] = {"heads": "vocab"}
+            head, vocab = "medusa.lm_head", ["medusa.vocab"]
+        elif draft_dtype != opts.dtype:  # the draft's own copy of the LM head
+            recipes["medusa.lm_head"] = {"weight": head, "dtype": draft_dtype}
+            head = "medusa.lm_head"
+        functions["medusa"] = ["embed", head, *mparams, *vocab]
+        speculative = {
+            "num_heads": heads.num_heads,
+            "rank_probs": heads.rank_probs.tolist(),
+            "heads_info": heads.info,
+            "heads_file": {"name": os.path.basename(opts.heads),
+                           "sha256": sha256_file(opts.heads)},
+            # Trees for every width up to the largest (lookup drafting shrinks the Medusa
+            # tree by the chain it adds), from the measured joint statistics.
+            "trees": {str(w): build_tree(heads.rank_probs, w, heads.ranks).to_json()
+                      for w in range(1, max(opts.widths) + 1)},
+        }
+    params = [(name, param_from_recipe(r, packed, heads, opts.dtype))
+              for name, r in recipes.items()]
+    manifest = {
+        "model": opts.model if opts.model == "smollm2" else os.path.basename(opts.model),
+        "source": source_info(source),
+        "config": dataclasses.asdict(cfg),
+        "dtype": opts.dtype,
+        "target": opts.target,
+        "target_spec": target_dict(opts.target),
+        "units": _units(opts.plan, opts.target),
+        "param_units": placement,
+        "plan": opts.plan.to_json() if opts.plan is not None else None,
+        "plan_prediction": opts.plan_prediction,
+        "tuning": tuning,
+        "functions": functions,
+        "param_recipes": recipes,
+        "tokenizer": tok.to_json(),
+        "widths": list(opts.widths) if heads is not None else [1],
+        "default_width": opts.default_width or 1,
+        "speculative": speculative,
+        "draft_dtype": draft_dtype if heads is not None else None,
+        "draft_vocab": draft_vocab or None,
+    }
+    path = export_artifact(out_dir, ex, params, tok.tok.to_str(), manifest,
+                           fcompile=export_compiler(opts.target),
+                           write_weights=not opts.separate_weights, force=force)
+    if not quiet:
+        print(f"compiled in {time.time() - t0:.1f}s -> {path}", file=sys.stderr)
+    return path
+
+
+def _tuning_path(opts: CompileOptions, quiet: bool) -> str | None:
+    """The tuning database of this machine's CPU under ``opts.tuning_db``, if there is one.
+
+    Records are tuned on, and valid for, the build machine's CPU: they apply to ``--target
+    host`` only; a database of another machine (another fingerprint) is not found.
+    """
+    if opts.tuning_db is None:
+        return None
+
+    digest = detect_unit("cpu").fingerprint.digest
+    path = database_dir(opts.tuning_db, digest)
+    if not os.path.isdir(path):
+        if not quiet:
+            print(f"no tuning records for this machine (fingerprint {digest}) under "
+                  f"{opts.tuning_db}: hand-written schedules", file=sys.stderr)
+        return None
+    return path
+
+
+def _units(plan, target: str) -> list[dict]:
+    if plan is None and target == "cuda":
+        return [{"name": "cuda", "device": "cuda", "device_id": 0}]
+    if plan is None:
+        return [{"name": "cpu", "device": "cpu", "device_id": 0}]
+    out, seen = [], {}
+    for name, tgt in zip(plan.units, plan.targets):
+        dev = "cpu" if tgt["kind"] == "llvm" else tgt["kind"]
+        out.append({"name": name, "device": dev, "device_id": seen.get(dev, 0),
+                    "target": dict(tgt)})
+        seen[dev] = seen.get(dev, 0) + 1
+    return out
+
+
+def _split_params(mod, cfg, dtype):
+    """The partitioned ``verify``'s parameters in order: the unit (vdevice index) each lives
+    on, and each one's recipe (packed weight and, for a slice, its column blocks per
+    ``hetcomp.param_split``)."""
+
+    func = mod["verify"]
+    split = json.loads(func.attrs[PARAM_SPLIT_ATTR]) if PARAM_SPLIT_ATTR in func.attrs else {}
+    by_var = {name.replace(".", "_"): name for name, _, _ in param_specs(cfg, dtype)}
+    vdevs = list(mod.global_infos["vdevice"])
+    units, recipes = {}, {}
+    for p in func.params[NUM_INPUTS:]:
+        if p.name in split:
+            orig, lo, hi = split[p.name]
+            recipes[p.name] = {"weight": by_var[orig], "blocks": [lo, hi]}
+        else:
+            recipes[p.name] = {"weight": by_var[p.name]}
+        vd = getattr(p.ty, "vdevice", None)
+        units[p.name] = 0 if vd is None else next(
+            i for i, v in enumerate(vdevs) if compiler().same_vdevice(v, vd))
+    return units, recipes

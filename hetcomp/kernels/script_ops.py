@@ -1,0 +1,118 @@
+"""Kernels that update the KV cache in place, written in TVMScript (TE cannot mutate inputs).
+
+They are called with ``R.call_tir_inplace``; both are already scheduled and marked so that
+no schedule rule touches them: one loop nest, whose outer two loops are a parallel loop and a
+serial one for CPUs, and blocks and threads for GPUs (``gpu=True``). :func:`for_gpu` turns the CPU
+kernel in a module into the GPU one (the arguments are recorded on the function).
+"""
+
+from __future__ import annotations
+
+import json
+
+from tvm.script import tirx as T
+
+from .ops import OP_KIND
+
+ARGS_ATTR = "hetcomp.script_args"
+
+
+def _loop_kinds(gpu: bool):
+    """The outer and inner loop kinds of an in-place script kernel: CPU threads over the
+    outer loop with a serial inner one, or a GPU block per outer iteration with a thread per
+    inner one (called while the script is parsed)."""
+    if not gpu:
+        return T.parallel, T.serial
+    return (lambda e: T.thread_binding(e, thread="blockIdx.x"),
+            lambda e: T.thread_binding(e, thread="threadIdx.x"))
+
+
+def rope_kv(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, context: int,
+            gpu: bool = False):
+    """Apply RoPE (rotate-half) to the fused ``qkv[w, (H + 2G) * D]`` rows.
+
+    ``cs[w, D]`` holds each row's cosines and sines (:func:`hetcomp.kernels.ops.rope_table`,
+    computed once per call for all layers). Writes the roped K of tree node i to
+    ``k_cache[layer, :, :, n + i]`` and its V to ``v_cache[layer, :, n + i, :]`` in place, and
+    returns the roped queries ``q[H, w, D]``.
+    """
+    hq, g, d, nl, c = num_heads, num_kv_heads, head_dim, layers, context
+    half = d // 2
+    qkv_size = (hq + 2 * g) * d
+
+    # Heads in parallel (GPU: a block each, a thread per rotated pair), tree rows inside: a
+    # thread owns its heads' cache lines (rows in parallel made two threads write the
+    # neighbouring positions of one K cache line).
+    heads, pairs = _loop_kinds(gpu)
+
+    @T.prim_func(private=True)
+    def rope_kv_func(var_qkv: T.handle, var_cs: T.handle, var_k: T.handle, var_v: T.handle,
+                     layer: T.int64, n: T.int64, var_q: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        w = T.int64()
+        qkv = T.match_buffer(var_qkv, (w, qkv_size), "float32")
+        cs = T.match_buffer(var_cs, (w, d), "float32")
+        k_cache = T.match_buffer(var_k, (nl, g, d, c), "float32")
+        v_cache = T.match_buffer(var_v, (nl, g, c, d), "float32")
+        q = T.match_buffer(var_q, (hq, w, d), "float32")
+        for h in heads(hq + g):
+            for j in pairs(half):
+                for i in range(w):
+                    x0 = qkv[i, h * d + j]
+                    x1 = qkv[i, h * d + j + half]
+                    if h < hq:
+                        q[h, i, j] = x0 * cs[i, j] - x1 * cs[i, j + half]
+                        q[h, i, j + half] = x1 * cs[i, j] + x0 * cs[i, j + half]
+                    else:
+                        k_cache[layer, h - hq, j, n + i] = x0 * cs[i, j] - x1 * cs[i, j + half]
+                        k_cache[layer, h - hq, j + half, n + i] = (
+                            x1 * cs[i, j] + x0 * cs[i, j + half])
+                    if h < g:  # the V rows are copied by the first g heads' iterations
+                        v_cache[layer, h, n + i, j] = qkv[i, (hq + g + h) * d + j]
+                        v_cache[layer, h, n + i, j + half] = qkv[i, (hq + g + h) * d + j + half]
+
+    return rope_kv_func.with_attr(OP_KIND, "rope").with_attr(
+        ARGS_ATTR, json.dumps([num_heads, num_kv_heads, head_dim, layers, context]))
+
+
+def kv_commit(num_kv_heads: int, head_dim: int, layers: int, context: int, gpu: bool = False):
+    """Compact the accepted tree nodes: slot ``n + idx[j]`` moves to ``n + j``, in order.
+
+    Safe in place because ``idx`` is increasing with ``idx[j] >= j`` (a root-to-leaf path in
+    a topologically ordered tree), so a slot is read before any later move overwrites it.
+    """
+    g, d, nl, c = num_kv_heads, head_dim, layers, context
+
+    pairs, elements = _loop_kinds(gpu)  # over (layer, head) pairs, then elements
+
+    @T.prim_func(private=True)
+    def kv_commit_func(var_k: T.handle, var_v: T.handle, var_idx: T.handle, n: T.int64):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        a = T.int64()
+        k_cache = T.match_buffer(var_k, (nl, g, d, c), "float32")
+        v_cache = T.match_buffer(var_v, (nl, g, c, d), "float32")
+        idx = T.match_buffer(var_idx, (a,), "int32")
+        for lg in pairs(nl * g):
+            for e in elements(d):
+                for j in range(a):  # in order, per (layer, head, element): safe in place
+                    k_cache[lg // g, lg % g, e, n + j] = k_cache[
+                        lg // g, lg % g, e, n + T.Cast("int64", idx[j])]
+                    v_cache[lg // g, lg % g, n + j, e] = v_cache[
+                        lg // g, lg % g, n + T.Cast("int64", idx[j]), e]
+
+    return kv_commit_func.with_attr(OP_KIND, "kv_commit").with_attr(
+        ARGS_ATTR, json.dumps([num_kv_heads, head_dim, layers, context]))
+
+
+def for_gpu(func):
+    """The GPU version of a script kernel (``rope_kv``/``kv_commit``), or None for others."""
+    attrs = func.attrs
+    if attrs is None or ARGS_ATTR not in attrs:
+        return None
+    args = json.loads(str(attrs[ARGS_ATTR]))
+    build = {"rope": rope_kv, "kv_commit": kv_commit}[str(attrs[OP_KIND])]
+    out = build(*args, gpu=True)
+    for key in ("global_symbol", "target"):
+        if key in attrs:
+            out = out.with_attr(key, attrs[key])
+    return out

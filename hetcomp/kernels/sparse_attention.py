@@ -1,0 +1,431 @@
+"""The sparse part of tree attention: tree queries against tree keys under the ancestor mask.
+
+In speculative decoding the W tree nodes are verified at once. Attention splits into a dense
+part (tree queries against the committed cache) and a sparse part (tree queries against the
+tree's own keys, where node i sees only its ancestors and itself: ``depth(i) + 1`` non-zeros
+per row). Each part returns its softmax-normalised partial output and the log-sum-exp of its
+scores, and :func:`attention_merge` combines them exactly (online softmax).
+
+The tree is given as CSR ancestor lists: ``row_ptr[W + 1]`` and ``col_idx[nnz]``, where row i
+lists the ancestors of node i and i itself (:func:`csr_from_parents`).
+
+Kernels (each a ``tirx.PrimFunc`` tagged with ``hetcomp.op_kind``; ``w`` and ``nnz`` are
+symbolic, so one compiled kernel serves every tree):
+
+- :func:`sparse_tree_attention` (``"sparse_tree_attention"``): row-wise CSR, single pass
+  (online softmax, no score scratch). Its blocks nest by sparse level: ``row`` (tree node,
+  KV head; the H / G query heads sharing that KV head go together, so each K/V row is loaded
+  once for all of them) > ``key`` (one non-zero; the key row is the block's iteration
+  variable, read from ``col_idx``) > the head_dim blocks ``qk`` (dot product), ``rescale``
+  (``o *= alpha``) and ``pv`` (``o += p * v``). The head_dim blocks thus have affine bindings
+  and can be tensorized (:mod:`hetcomp.schedules.arm`, :mod:`hetcomp.schedules.x86`).
+- :func:`naive_sparse_tree_attention` (``"sparse_tree_attention_naive"``): the same loops,
+  already scheduled as plain scalar loops with only the row loop parallel (the benchmark
+  baseline).
+- :func:`dense_tree_attention` (``"tree_attention_dense"``): the same nest over all W keys,
+  computing every score and applying ``mask[W, W]`` additively, as dense attention does; the
+  reference the sparse kernel replaces.
+- :func:`attention_merge` (``"attention_merge"``): merge two partial results.
+
+Layouts: ``q[H, W, D]``, ``k[G, W, D]``, ``v[G, W, D]`` (grouped-query: query head h uses
+KV head ``h // (H // G)``), outputs ``o[H, W, D]`` and ``lse[H, W]`` with
+``lse = log(sum(exp(scale * q.k)))`` over the row's non-zeros, ``scale = 1 / sqrt(D)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from tvm.script import tirx as T
+
+from .._tvm import compiler
+from ..errors import HetcompError
+from .ops import OP_KIND
+
+SPARSE_KIND = "sparse_tree_attention"
+NAIVE_KIND = "sparse_tree_attention_naive"
+DENSE_KIND = "tree_attention_dense"
+MERGE_KIND = "attention_merge"
+
+
+# ----------------------------------------------------------------------------- tree as CSR
+
+
+def csr_from_parents(parents) -> tuple[np.ndarray, np.ndarray]:
+    """CSR ancestor lists of a tree given each node's parent.
+
+    Parameters
+    ----------
+    parents : sequence of int
+        ``parents[i]`` is the parent of node i, ``-1`` for a root. Parents come before their
+        children (topological order), as in every token tree the speculative decoder builds.
+
+    Returns
+    -------
+    row_ptr : np.ndarray, int32 ``[W + 1]``
+    col_idx : np.ndarray, int32 ``[nnz]``
+        Row i lists node i's ancestors and i itself, in increasing order.
+    """
+    parents = [int(p) for p in parents]
+    rows: list[list[int]] = []
+    for i, p in enumerate(parents):
+        if not -1 <= p < i:
+            raise HetcompError(f"parent of node {i} is {p}: parents must precede children")
+        rows.append((rows[p] if p >= 0 else []) + [i])
+    row_ptr = np.zeros(len(parents) + 1, "int32")
+    row_ptr[1:] = np.cumsum([len(r) for r in rows])
+    col_idx = np.array([j for r in rows for j in r], "int32")
+    return row_ptr, col_idx
+
+
+def mask_from_csr(row_ptr: np.ndarray, col_idx: np.ndarray) -> np.ndarray:
+    """The dense ``int32 [W, W]`` mask (1 where node i attends to node j) of a CSR tree."""
+    w = len(row_ptr) - 1
+    mask = np.zeros((w, w), "int32")
+    for i in range(w):
+        mask[i, col_idx[row_ptr[i]:row_ptr[i + 1]]] = 1
+    return mask
+
+
+def validate_csr(row_ptr: np.ndarray, col_idx: np.ndarray, w: int) -> None:
+    """Raise :class:`HetcompError` unless ``(row_ptr, col_idx)`` is a valid ``w``-row tree CSR.
+
+    The kernels index keys through ``col_idx`` without bounds checks, so this runs before
+    every call from Python: ``row_ptr`` must be int32 ``[w + 1]``, start at 0, end at
+    ``len(col_idx)`` and increase strictly (every row holds at least the node itself);
+    ``col_idx`` must be int32 with entries in ``[0, w)``.
+    """
+    row_ptr, col_idx = np.asarray(row_ptr), np.asarray(col_idx)
+    if row_ptr.dtype != np.int32 or col_idx.dtype != np.int32:
+        raise HetcompError(f"row_ptr/col_idx must be int32, got {row_ptr.dtype}/{col_idx.dtype}")
+    if row_ptr.shape != (w + 1,) or col_idx.ndim != 1:
+        raise HetcompError(f"row_ptr must have shape ({w + 1},) for {w} tree nodes and col_idx "
+                           f"must be 1-D, got {row_ptr.shape} and {col_idx.shape}")
+    if row_ptr[0] != 0 or row_ptr[-1] != len(col_idx):
+        raise HetcompError(f"row_ptr must run from 0 to nnz={len(col_idx)}, "
+                           f"got {row_ptr[0]}..{row_ptr[-1]}")
+    if np.any(np.diff(row_ptr) <= 0):
+        raise HetcompError("row_ptr must increase strictly: every row includes its own node")
+    if len(col_idx) and (col_idx.min() < 0 or col_idx.max() >= w):
+        raise HetcompError(f"col_idx entries must lie in [0, {w})")
+
+
+def check_inputs(q, k, v, row_ptr, col_idx) -> None:
+    """Validate the shapes, dtypes and layout of a sparse tree-attention call.
+
+    Raises :class:`HetcompError` with the first violation: ``q[H, W, D]``, ``k`` and ``v``
+    ``[G, W, D]`` with ``H % G == 0``, all float32 and C-contiguous, and a valid CSR tree
+    (:func:`validate_csr`).
+    """
+    for name, a in (("q", q), ("k", k), ("v", v)):
+        if a.ndim != 3 or a.dtype != np.float32 or not a.flags.c_contiguous:
+            raise HetcompError(f"{name} must be a C-contiguous float32 [heads, W, D] array, "
+                               f"got {a.dtype} {a.shape}")
+    h, w, d = q.shape
+    if k.shape != v.shape or k.shape[1:] != (w, d) or h % k.shape[0]:
+        raise HetcompError(f"k and v must be [G, {w}, {d}] with G dividing {h}, "
+                           f"got {k.shape} and {v.shape}")
+    validate_csr(row_ptr, col_idx, w)
+
+
+def flops_bytes(num_heads: int, num_kv_heads: int, head_dim: int, w: int,
+                nnz: int) -> dict[str, tuple[int, int]]:
+    """Static (flops, bytes) estimates of the sparse and the dense kernel (roofline input)."""
+    h, g, d = num_heads, num_kv_heads, head_dim
+    io = 4 * (h * w * d * 2 + 2 * g * w * d + h * w)
+    return {
+        "sparse": (4 * h * nnz * d + 8 * h * nnz, io + 4 * (w + 1 + nnz)),
+        "dense": (4 * h * w * w * d + 8 * h * w * w, io + 4 * w * w),
+    }
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def _f32(value: float):
+    return compiler().tir.const(value, "float32")
+
+
+def exp_nonpositive(x):
+    """``exp(x)`` for ``x <= 0`` as an inline fp32 expression (Cephes ``expf``, ~1 ulp).
+
+    The kernels only take exp of ``score - running max``; an inline polynomial instead of a
+    libm call keeps the vector accumulators in registers (a call clobbers them all) and lets
+    LLVM interleave consecutive keys. Inputs below -80 are clamped to -80 (result 1.8e-35,
+    0 for every purpose here): a result near the denormal range would make every later
+    multiply by it take a slow microcode path.
+    """
+    tir = compiler().tir
+    x = tir.max(x, _f32(-80.0))
+    n = tir.floor(x * _f32(1.44269504088896341) + _f32(0.5))
+    r = x - n * _f32(0.693359375) - n * _f32(-2.12194440e-4)  # Cody-Waite: x - n * ln 2
+    y = _f32(1.9875691500e-4)
+    for coef in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
+                 5.0000001201e-1):
+        y = y * r + _f32(coef)
+    y = y * r * r + r + _f32(1.0)
+    # 2^n straight into the exponent bits (n >= -115 after the clamp).
+    return y * tir.reinterpret("float32", (tir.Cast("int32", n) + 127) << 23)
+
+
+def log_positive(x):
+    """``log(x)`` for a normal ``x > 0`` as an inline fp32 expression (Cephes ``logf``, ~1 ulp).
+
+    Used once per row for the log-sum-exp (whose argument is >= 1); inline for the same
+    reason as :func:`exp_nonpositive`.
+    """
+    tir = compiler().tir
+    bits = tir.reinterpret("int32", x)
+    # x = 2^e * f with f in [0.5, 1), then f folded into [sqrt(1/2), sqrt(2)) - 1.
+    e = tir.Cast("float32", ((bits >> 23) & 0xFF) - 126)
+    f = tir.reinterpret("float32", (bits & 0x807FFFFF) | 0x3F000000)
+    small = f < _f32(0.707106781186547524)
+    e = tir.Select(small, e - _f32(1.0), e)
+    f = tir.Select(small, f + f, f) - _f32(1.0)
+    z = f * f
+    y = _f32(7.0376836292e-2)
+    for coef in (-1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1, 1.4249322787e-1,
+                 -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1, 3.3333331174e-1):
+        y = y * f + _f32(coef)
+    y = y * f * z + e * _f32(-2.12194440e-4) - z * _f32(0.5)
+    return f + y + e * _f32(0.693359375)
+
+
+def _row_helpers():
+    """Fresh ``T.inline`` helpers shared by the sparse and the dense kernel.
+
+    Created per kernel because an inline object suffixes the names of the blocks it emits
+    from its second use on (``qk_1``); the schedule rules look blocks up by name.
+    """
+
+    @T.inline
+    def _score(q, k, vg, vi, vc, r, rep, d, scale, s):
+        """``s[r] = scale * q[head, vi] . k[vg, vc]`` for query head ``vg * rep + r``."""
+        s[r] = T.float32(0)
+        for e in range(d):
+            with T.sblock("qk"):
+                vr, ve = T.axis.remap("SR", [r, e])
+                s[vr] = s[vr] + q[vg * rep + vr, vi, ve] * k[vg, vc, ve]
+        s[r] = s[r] * scale
+
+    @T.inline
+    def _online_update(v, vg, vc, r, d, acc, s, m, den, p, alpha):
+        """Fold key ``vc`` with score ``s[r]`` into head r's running (max, denominator, acc)."""
+        # Branch-free, one exp per key: with e = exp(-|s - m|), either the maximum stands
+        # (alpha = 1, p = e) or s is the new maximum (alpha = e rescales the running sums,
+        # p = 1). A branch here would be mispredicted on every other key.
+        p[r] = exp_nonpositive(T.min(s[r] - m[r], m[r] - s[r]))
+        alpha[r] = T.Select(s[r] > m[r], p[r], T.float32(1))
+        p[r] = T.Select(s[r] > m[r], T.float32(1), p[r])
+        m[r] = T.max(m[r], s[r])
+        den[r] = den[r] * alpha[r] + p[r]
+        for e in range(d):
+            with T.sblock("rescale"):
+                vr, ve = T.axis.remap("SS", [r, e])
+                acc[vr, ve] = acc[vr, ve] * alpha[vr]
+        for e in range(d):
+            with T.sblock("pv"):
+                vr, ve = T.axis.remap("SS", [r, e])
+                acc[vr, ve] = acc[vr, ve] + p[vr] * v[vg, vc, ve]
+
+    @T.inline
+    def _row_init(rep, d, acc, m, den):
+        for r in range(rep):
+            m[r] = T.min_value("float32")
+            den[r] = T.float32(0)
+            for e in range(d):
+                with T.sblock("acc_init"):
+                    vr, ve = T.axis.remap("SS", [r, e])
+                    acc[vr, ve] = T.float32(0)
+
+    @T.inline
+    def _row_finish(o, lse, vg, vi, rep, d, acc, m, den):
+        for r in range(rep):
+            lse[vg * rep + r, vi] = m[r] + log_positive(den[r])
+            den[r] = T.float32(1) / den[r]
+            for e in range(d):
+                with T.sblock("out"):
+                    vr, ve = T.axis.remap("SS", [r, e])
+                    o[vg * rep + vr, vi, ve] = acc[vr, ve] * den[vr]
+
+    return _score, _online_update, _row_init, _row_finish
+
+
+def _sparse_func(num_heads: int, num_kv_heads: int, head_dim: int):
+    hq, g, d = num_heads, num_kv_heads, head_dim
+    rep = hq // g
+    scale = T.float32(1.0 / math.sqrt(d))
+    _score, _online_update, _row_init, _row_finish = _row_helpers()
+
+    @T.prim_func(s_tir=True)
+    def sparse_tree_attention(var_q: T.handle, var_k: T.handle, var_v: T.handle,
+                              var_row_ptr: T.handle, var_col_idx: T.handle, var_o: T.handle,
+                              var_lse: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        w = T.int64()
+        nnz = T.int64()
+        q = T.match_buffer(var_q, (hq, w, d), "float32")
+        k = T.match_buffer(var_k, (g, w, d), "float32")
+        v = T.match_buffer(var_v, (g, w, d), "float32")
+        row_ptr = T.match_buffer(var_row_ptr, (w + 1,), "int32")
+        col_idx = T.match_buffer(var_col_idx, (nnz,), "int32")
+        o = T.match_buffer(var_o, (hq, w, d), "float32")
+        lse = T.match_buffer(var_lse, (hq, w), "float32")
+        # One row per (tree node, KV head): its rep query heads share every K/V row load.
+        for i, kv in T.grid(w, g):
+            with T.sblock("row"):
+                vi, vg = T.axis.remap("SS", [i, kv])
+                acc = T.sblock_alloc_buffer((rep, d), "float32")
+                s = T.sblock_alloc_buffer((rep,), "float32")
+                m = T.sblock_alloc_buffer((rep,), "float32")
+                den = T.sblock_alloc_buffer((rep,), "float32")
+                p = T.sblock_alloc_buffer((rep,), "float32")
+                alpha = T.sblock_alloc_buffer((rep,), "float32")
+                _row_init(rep, d, acc, m, den)
+                for j in range(T.Cast("int64", row_ptr[vi + 1] - row_ptr[vi])):
+                    with T.sblock("key"):
+                        # The key row is this block's iteration variable, so the head_dim
+                        # blocks inside see plain affine indices (tensorizable).
+                        vc = T.axis.opaque(
+                            w, T.Cast("int64", col_idx[T.Cast("int64", row_ptr[vi]) + j]))
+                        for r in range(rep):
+                            _score(q, k, vg, vi, vc, r, rep, d, scale, s)
+                            _online_update(v, vg, vc, r, d, acc, s, m, den, p, alpha)
+                _row_finish(o, lse, vg, vi, rep, d, acc, m, den)
+
+    return sparse_tree_attention
+
+
+def _dense_func(num_heads: int, num_kv_heads: int, head_dim: int):
+    hq, g, d = num_heads, num_kv_heads, head_dim
+    rep = hq // g
+    scale = T.float32(1.0 / math.sqrt(d))
+    _score, _online_update, _row_init, _row_finish = _row_helpers()
+
+    @T.prim_func(s_tir=True)
+    def tree_attention_dense(var_q: T.handle, var_k: T.handle, var_v: T.handle,
+                             var_mask: T.handle, var_o: T.handle, var_lse: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        w = T.int64()
+        q = T.match_buffer(var_q, (hq, w, d), "float32")
+        k = T.match_buffer(var_k, (g, w, d), "float32")
+        v = T.match_buffer(var_v, (g, w, d), "float32")
+        mask = T.match_buffer(var_mask, (w, w), "int32")
+        o = T.match_buffer(var_o, (hq, w, d), "float32")
+        lse = T.match_buffer(var_lse, (hq, w), "float32")
+        for i, kv in T.grid(w, g):
+            with T.sblock("row"):
+                vi, vg = T.axis.remap("SS", [i, kv])
+                acc = T.sblock_alloc_buffer((rep, d), "float32")
+                s = T.sblock_alloc_buffer((rep,), "float32")
+                m = T.sblock_alloc_buffer((rep,), "float32")
+                den = T.sblock_alloc_buffer((rep,), "float32")
+                p = T.sblock_alloc_buffer((rep,), "float32")
+                alpha = T.sblock_alloc_buffer((rep,), "float32")
+                _row_init(rep, d, acc, m, den)
+                for j in range(w):
+                    with T.sblock("key"):
+                        vc = T.axis.opaque(w, j)
+                        for r in range(rep):
+                            # An additive mask, as dense attention applies it: every score,
+                            # exp and P.V update is computed; a masked key weighs exp(-80).
+                            # (With exact zeroing LLVM proves a masked update a no-op and
+                            # skips it: a sparse kernel in disguise, not the dense baseline.)
+                            _score(q, k, vg, vi, vc, r, rep, d, scale, s)
+                            s[r] = s[r] + T.Select(mask[vi, vc] != 0, T.float32(0),
+                                                   T.float32(-1e30))
+                            _online_update(v, vg, vc, r, d, acc, s, m, den, p, alpha)
+                _row_finish(o, lse, vg, vi, rep, d, acc, m, den)
+
+    return tree_attention_dense
+
+
+def _check_heads(num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    if num_heads % num_kv_heads or head_dim <= 0:
+        raise HetcompError(f"{num_heads} query heads cannot share {num_kv_heads} KV heads")
+
+
+def sparse_tree_attention(num_heads: int, num_kv_heads: int, head_dim: int):
+    """The sparse tree-attention kernel (unscheduled; see the module docstring).
+
+    Parameters
+    ----------
+    num_heads, num_kv_heads, head_dim : int
+        H, G and D; ``num_heads`` must be a multiple of ``num_kv_heads``.
+
+    Returns
+    -------
+    tirx.PrimFunc
+        ``(q, k, v, row_ptr, col_idx, o, lse)``, tagged ``hetcomp.op_kind =
+        "sparse_tree_attention"`` with ``hetcomp.head_dim``. Inputs must pass
+        :func:`check_inputs`: the kernel trusts ``col_idx``.
+    """
+    _check_heads(num_heads, num_kv_heads, head_dim)
+    func = _sparse_func(num_heads, num_kv_heads, head_dim)
+    return func.with_attr(OP_KIND, SPARSE_KIND).with_attr("hetcomp.head_dim", head_dim)
+
+
+def naive_sparse_tree_attention(num_heads: int, num_kv_heads: int, head_dim: int):
+    """The sparse kernel as plain loops, only its row loop parallel (the baseline).
+
+    Same signature and results as :func:`sparse_tree_attention`, without tensor intrinsics
+    or unrolling (scalar code, apart from what LLVM's own vectorisers find); marked
+    scheduled so that no rule touches it.
+    """
+    _check_heads(num_heads, num_kv_heads, head_dim)
+    c = compiler()
+    sch = c.Schedule(_sparse_func(num_heads, num_kv_heads, head_dim))
+    sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("row"))))  # as the tuned schedule
+    return (sch.mod["main"].with_attr(OP_KIND, NAIVE_KIND)
+            .with_attr(c.IS_SCHEDULED, True))
+
+
+def dense_tree_attention(num_heads: int, num_kv_heads: int, head_dim: int):
+    """Dense masked reference: all W x W scores, masked by ``mask[W, W]`` (int32, 1 = attend).
+
+    The same row/key/head_dim block nest as :func:`sparse_tree_attention`, with the key loop
+    running over every tree node and the mask added to the scores (0 or -1e30): every score,
+    exp and P.V update is computed, a masked key enters with weight ``exp(-80)``.
+
+    Returns
+    -------
+    tirx.PrimFunc
+        ``(q, k, v, mask, o, lse)`` with the outputs of :func:`sparse_tree_attention`;
+        tagged ``hetcomp.op_kind = "tree_attention_dense"``.
+    """
+    _check_heads(num_heads, num_kv_heads, head_dim)
+    func = _dense_func(num_heads, num_kv_heads, head_dim)
+    return func.with_attr(OP_KIND, DENSE_KIND).with_attr("hetcomp.head_dim", head_dim)
+
+
+def attention_merge(num_heads: int, head_dim: int):
+    """Exact online-softmax merge of two partial attention results over disjoint key sets.
+
+    ``o = (exp(lse_a - m) * o_a + exp(lse_b - m) * o_b) / z`` and ``lse = m + log(z)`` with
+    ``m = max(lse_a, lse_b)`` and ``z = exp(lse_a - m) + exp(lse_b - m)``: merging the dense
+    part (cache keys) with the sparse part (tree keys) gives attention over both.
+
+    Returns
+    -------
+    tirx.PrimFunc
+        ``(o_a[H, w, D], lse_a[H, w], o_b, lse_b, o, lse)``, tagged ``"attention_merge"``.
+    """
+    c = compiler()
+    te, tir = c.te, c.tir
+    w = tir.Var("w", "int64")
+    oa = te.placeholder((num_heads, w, head_dim), "float32", name="o_a")
+    la = te.placeholder((num_heads, w), "float32", name="lse_a")
+    ob = te.placeholder((num_heads, w, head_dim), "float32", name="o_b")
+    lb = te.placeholder((num_heads, w), "float32", name="lse_b")
+    mx = te.compute((num_heads, w), lambda h, i: tir.max(la[h, i], lb[h, i]), name="m")
+    wa = te.compute((num_heads, w), lambda h, i: tir.exp(la[h, i] - mx[h, i]), name="w_a")
+    wb = te.compute((num_heads, w), lambda h, i: tir.exp(lb[h, i] - mx[h, i]), name="w_b")
+    o = te.compute(
+        (num_heads, w, head_dim),
+        lambda h, i, e: (wa[h, i] * oa[h, i, e] + wb[h, i] * ob[h, i, e]) / (wa[h, i] + wb[h, i]),
+        name="merged")
+    lse = te.compute((num_heads, w), lambda h, i: mx[h, i] + tir.log(wa[h, i] + wb[h, i]),
+                     name="merged_lse")
+    func = te.create_prim_func([oa, la, ob, lb, o, lse], index_dtype_override="int64")
+    return func.with_attr(OP_KIND, MERGE_KIND)
