@@ -37,12 +37,13 @@ $(STAMP): pyproject.toml
 setup: $(STAMP) system-packages
 
 $(ART)/manifest.json: $(STAMP) $(HEADS) $(shell find hetcomp -name '*.py')
-	$(VENV)/bin/hetcomp compile --model smollm2 --dtype float32 --draft-dtype float16 --heads $(HEADS) -o $(ART)
+	$(VENV)/bin/hetcomp compile --model smollm2 --dtype float32 --draft-dtype float16 --heads $(HEADS) --width $(WIDTH) --force -o $(ART)
 
-# Sequential greedy decoding, then speculative decoding (same output, more tokens/s).
+# Sequential greedy decoding, then speculative decoding at the compiled width (same output,
+# more tokens/s).
 demo: $(ART)/manifest.json
+	$(VENV)/bin/hetcomp generate $(ART) --chat --prompt "$(PROMPT)" --max-new-tokens 96 --width 1
 	$(VENV)/bin/hetcomp generate $(ART) --chat --prompt "$(PROMPT)" --max-new-tokens 96
-	$(VENV)/bin/hetcomp generate $(ART) --chat --prompt "$(PROMPT)" --max-new-tokens 96 --width $(WIDTH)
 
 test: setup
 	$(PY) -m pytest -q tests
@@ -55,7 +56,7 @@ clean:
 
 # Optional, not in CI: hetcomp against llama.cpp and PyTorch eager on the same GGUF and prompts.
 $(ART16)/manifest.json: $(STAMP) $(HEADS) $(shell find hetcomp -name '*.py')
-	$(VENV)/bin/hetcomp compile --model smollm2 --dtype float16 --heads $(HEADS) -o $(ART16)
+	$(VENV)/bin/hetcomp compile --model smollm2 --dtype float16 --heads $(HEADS) --force -o $(ART16)
 
 bench-peers: $(ART)/manifest.json $(ART16)/manifest.json
 	$(PY) -m pip install -q llama-cpp-python || echo "llama-cpp-python unavailable: skipped"

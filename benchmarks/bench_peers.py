@@ -18,10 +18,10 @@ import time
 
 def bench_hetcomp(art_dir: str, prompts: list[str], new_tokens: int, width: int,
                   lookup: int) -> float:
-    from hetcomp.cli import _bench_widths
+    from hetcomp.driver.bench import bench_widths
     from hetcomp.runtime import load_artifact
 
-    return _bench_widths(load_artifact(art_dir), [width], new_tokens, lookup,
+    return bench_widths(load_artifact(art_dir), [width], new_tokens, lookup,
                          prompts)[0]["tokens_per_s"]
 
 
@@ -84,8 +84,9 @@ def main() -> int:
     widths = args.width * len(args.artifact) if len(args.width) == 1 else args.width
     if len(widths) != len(args.artifact):
         ap.error("give one --width, or one per artifact")
-    from hetcomp.cli import auto_lookup, bench_prompts
+    from hetcomp.driver.bench import bench_prompts
     from hetcomp.frontend import default_gguf_path
+    from hetcomp.runtime.generate import auto_lookup
 
     os.environ.setdefault("TVM_NUM_THREADS", "2")
     gguf = default_gguf_path()

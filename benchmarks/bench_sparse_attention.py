@@ -48,8 +48,8 @@ def main(argv=None) -> int:
 
     from hetcomp import _tvm
     from hetcomp.codegen.cross import apply_rules
-    from hetcomp.codegen.targets import host_cpu_name, target_dict
-    from hetcomp.frontend import sparse_attention as sa
+    from hetcomp.hardware import host_cpu_name, target_dict
+    from hetcomp.kernels import sparse_attention as sa
     from hetcomp.schedules.x86 import X86TreeAttentionRule, x86_rules
 
     c = _tvm.compiler()

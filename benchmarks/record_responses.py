@@ -33,8 +33,8 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--limit", type=int, default=0, help="stop after N new responses")
     args = ap.parse_args()
+    from hetcomp.driver.calibrate import read_responses
     from hetcomp.runtime import generate, load_artifact
-    from hetcomp.speculative.calibrate import read_responses
     from hetcomp.speculative.corpus import load_corpus
 
     done = set()

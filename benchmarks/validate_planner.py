@@ -25,12 +25,19 @@ import time
 
 import numpy as np
 
-from hetcomp.codegen.compile import CompileOptions, compile_model
 from hetcomp.cost.xgb import mape
+from hetcomp.driver.compile import CompileOptions, compile_model
+from hetcomp.driver.tune import (
+    load_draft,
+    measured_unit_models,
+    profile_command,
+    profiled_digests,
+    read_model_shape,
+    spec_unit_models,
+)
+from hetcomp.hardware import SPEC_BOARDS
 from hetcomp.planner import PlannerOptions, plan_unit_sets, plot_plans, predict_step_time
-from hetcomp.profile.commands import (load_draft, measured_unit_models, profile_command,
-                                      profiled_digests, read_model_shape, spec_unit_models)
-from hetcomp.profile.units import SPEC_BOARDS, detect_unit
+from hetcomp.profile.units import detect_unit
 from hetcomp.runtime.artifact import load_artifact
 from hetcomp.speculative.tree import build_tree
 

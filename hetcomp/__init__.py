@@ -9,14 +9,15 @@ import importlib
 __version__ = "0.1.0"
 
 _API = {
-    "CompileOptions": "hetcomp.codegen.compile",
-    "compile_model": "hetcomp.codegen.compile",
+    "CompileOptions": "hetcomp.driver.compile",
+    "compile_model": "hetcomp.driver.compile",
     "HetcompError": "hetcomp.errors",
     "load_model": "hetcomp.frontend",
     "from_torch": "hetcomp.frontend",
     "load_artifact": "hetcomp.runtime",
     "generate": "hetcomp.runtime",
-    "HeteroPlan": "hetcomp.passes",
+    "Chat": "hetcomp.driver.text",
+    "HeteroPlan": "hetcomp.plan",
 }
 
 __all__ = sorted(_API)

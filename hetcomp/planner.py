@@ -31,15 +31,27 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from .cost.roofline import (LINEAR_KINDS, DraftShape, Features, ModelShape, RooflineCost,
-                            StepOp, attention_features, copy_features, draft_step,
-                            linear_features, model_step, split_columns)
-from .profile.units import MEASURED, SPEC_ESTIMATE, DeviceSpec
+from .artifact_format import write_json
+from .cost.roofline import (
+    LINEAR_KINDS,
+    DraftShape,
+    Features,
+    ModelShape,
+    RooflineCost,
+    StepOp,
+    attention_features,
+    copy_features,
+    draft_step,
+    linear_features,
+    model_step,
+    split_columns,
+)
+from .hardware import MEASURED, SPEC_ESTIMATE, DeviceSpec
+from .plan import PLAN_FORMAT
 from .speculative.tree import Tree, build_tree
 
 _F32 = 4
@@ -200,7 +212,7 @@ class Plan:
 
     def to_json(self) -> dict:
         return {
-            "format": "hetcomp-plan/1", "model": self.model, "units": list(self.units),
+            "format": PLAN_FORMAT, "model": self.model, "units": list(self.units),
             "host": self.host, "source": self.source, "cache_len": self.cache_len,
             "width": self.width, "tau": self.tau, "step_s": self.step_s,
             "tokens_per_s": self.tokens_per_s, "split": {k: dict(s) for k, s in self.split},
@@ -221,8 +233,7 @@ class Plan:
                    d.get("tau_source", ""), d.get("notes", ""))
 
     def save(self, path: str) -> None:
-        with open(path, "w") as fh:
-            json.dump(self.to_json(), fh, indent=1)
+        write_json(path, self.to_json(), indent=1)
 
 
 def _compositions(parts: int, steps: int) -> list[tuple[int, ...]]:

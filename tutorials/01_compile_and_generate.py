@@ -17,12 +17,9 @@ out = os.path.join(tempfile.mkdtemp(), "artifact")
 #    loads and dequantizes the weights, builds the Relax module (prefill / verify / commit),
 #    schedules every kernel for this CPU and writes the artifact folder atomically.
 if FAST:
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-    from conftest import byte_tokenizer_spec
 
     from hetcomp.frontend.weights import random_weights
+    from hetcomp.testing import byte_tokenizer_spec
 
     cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
                       num_kv_heads=2, vocab_size=320, max_context=128)

@@ -5,7 +5,6 @@ Run: ``.venv/bin/python tutorials/02_calibrate_and_speculate.py`` (uses the head
 """
 
 import os
-import sys
 import tempfile
 
 import numpy as np
@@ -19,11 +18,9 @@ tmp = tempfile.mkdtemp()
 HEADS = os.path.join(os.path.dirname(hetcomp.__file__), "data", "smollm2-medusa.npz")
 
 if FAST:
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-    from conftest import TINY, byte_tokenizer_spec
-
+    from hetcomp.driver.calibrate import CalibrateOptions, calibrate
     from hetcomp.frontend.weights import random_weights
-    from hetcomp.speculative.calibrate import CalibrateOptions, calibrate
+    from hetcomp.testing import TINY, byte_tokenizer_spec
 
     w = random_weights(TINY, seed=11)
     weights = (TINY, w, byte_tokenizer_spec(TINY.vocab_size), "tiny")

@@ -6,15 +6,14 @@ a few shapes and partitions a tiny model.
 
 import json
 import os
-import sys
 import tempfile
 
 import numpy as np
 
 import hetcomp
-from hetcomp.codegen.targets import target_dict
-from hetcomp.passes import HeteroPlan
-from hetcomp.profile.commands import tune_command
+from hetcomp.driver.tune import tune_command
+from hetcomp.hardware import target_dict
+from hetcomp.plan import HeteroPlan
 
 FAST = os.environ.get("HETCOMP_FAST") == "1"
 tmp = tempfile.mkdtemp()
@@ -38,10 +37,8 @@ print(f"Jetson Orin NX ({orin['source']}): W={orin['width']}, split={orin['split
 # 3. Partition: every linear layer split by output columns, attention by affinity, placed on
 #    two virtual devices. Here both are this CPU (llvm twice, as TVM's own multi-device tests
 #    do), which checks the numerics; on a Jetson the second unit is the GPU.
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from conftest import TINY, byte_tokenizer_spec  # noqa: E402
-
 from hetcomp.frontend.weights import random_weights  # noqa: E402
+from hetcomp.testing import TINY, byte_tokenizer_spec  # noqa: E402
 
 weights = (TINY, random_weights(TINY, seed=3), byte_tokenizer_spec(TINY.vocab_size), "tiny")
 host = target_dict("host")

@@ -10,8 +10,8 @@ import tempfile
 import numpy as np
 
 from hetcomp.codegen.cross import AARCH64_NEON, CrossToolchain, QemuKernel, apply_rules
-from hetcomp.codegen.targets import target_dict
-from hetcomp.frontend import sparse_attention as sa
+from hetcomp.hardware import target_dict
+from hetcomp.kernels import sparse_attention as sa
 from hetcomp.schedules.arm import arm_rules
 from hetcomp.schedules.x86 import x86_rules
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from .._tvm import compiler
 from ..schedules import cpu_rules
 from ..schedules.gpu import gpu_rules, use_gpu_script_kernels
+from .targets import make_target
 
 
 def schedule_module(mod, target):
@@ -36,7 +37,7 @@ def build_gpu(mod, target):
 
 
 def build_hetero(mod, host_target, plan):
-    """Compile a module partitioned by :class:`~hetcomp.passes.HeteroPlan`.
+    """Compile a module partitioned by :class:`~hetcomp.plan.HeteroPlan`.
 
     Host kernels get the CPU rules; kernels carrying a GPU ``target`` attribute get dlight's
     GPU rules inside that target. All-LLVM plans (two CPU vdevices) compile for the host
@@ -65,3 +66,11 @@ def build_hetero(mod, host_target, plan):
     # Kernels keep their own targets; the given one serves Relax-level dispatch (the Medusa
     # draft's top-k runs on the host).
     return c.compile(mod, target=host_target)
+
+
+def compile_relax(mod, target: str = "host"):
+    """Legalize, fuse and compile an imported Relax module (``from_torch``) for a named
+    target; returns a ``tvm.runtime.Executable``."""
+    c = compiler()
+    mod = c.relax.get_pipeline("zero")(mod)
+    return c.compile(mod, target=make_target(target))

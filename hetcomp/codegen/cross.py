@@ -240,7 +240,7 @@ class QemuKernel:
         default).
     check : callable, optional
         ``check(*inputs)`` raises :class:`HetcompError` for inputs the kernel must not see
-        (e.g. :func:`hetcomp.frontend.sparse_attention.check_inputs`; kernels trust their
+        (e.g. :func:`hetcomp.kernels.sparse_attention.check_inputs`; kernels trust their
         index arrays).
     toolchain : CrossToolchain, optional
     target : dict, optional

@@ -1,76 +1,34 @@
-"""Write a deployable artifact folder, atomically (a temporary folder renamed into place).
-
-Layout::
-
-    DIR/manifest.json   model, source hash, config, dtype, target, TVM version, files, params
-    DIR/lib.so          the compiled Relax VM executable (all kernels)
-    DIR/params.bin      packed weights, concatenated raw little-endian arrays (64-byte aligned)
-    DIR/tokenizer.json  the HF ``tokenizers`` serialisation
-"""
+"""Write a deployable artifact folder (format: :mod:`hetcomp.artifact_format`), atomically."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 
 from .._tvm import TVM_VERSION
-from ..errors import HetcompError
-
-FORMAT = "hetcomp-artifact/1"
-_ALIGN = 64
-
-
-def sha256_file(path: str, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while True:
-            b = fh.read(chunk)
-            if not b:
-                return h.hexdigest()
-            h.update(b)
-
-
-def manifest_digest(manifest: dict) -> str:
-    """Digest of the manifest without its own ``digest`` field (detects hand edits)."""
-    body = {k: v for k, v in manifest.items() if k != "digest"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
-def write_params(path: str, params: list[tuple[str, np.ndarray]]) -> list[dict]:
-    index, offset = [], 0
-    with open(path, "wb") as fh:
-        for name, arr in params:
-            arr = np.ascontiguousarray(arr)
-            pad = (-offset) % _ALIGN
-            fh.write(b"\0" * pad)
-            offset += pad
-            fh.write(arr.tobytes())
-            index.append({"name": name, "dtype": str(arr.dtype), "shape": list(arr.shape),
-                          "offset": offset, "nbytes": int(arr.nbytes)})
-            offset += arr.nbytes
-    return index
+from ..artifact_format import (
+    FORMAT,
+    is_artifact,
+    manifest_digest,
+    output_dir,
+    sha256_file,
+    write_params,
+)
 
 
 def export_artifact(out_dir: str, executable, params: list[tuple[str, np.ndarray]],
                     tokenizer_json: str, manifest: dict, extra_files: dict | None = None,
-                    fcompile=None, write_weights: bool = True) -> str:
+                    fcompile=None, write_weights: bool = True, force: bool = False) -> str:
     """Write everything into a temporary sibling folder, then rename it to ``out_dir``.
 
+    An existing artifact at ``out_dir`` is replaced only with ``force``; any other existing
+    content is refused (:func:`hetcomp.artifact_format.check_output`).
     ``write_weights=False`` leaves ``params.bin`` out; its size and SHA-256 stay in the
     manifest so that weights attached later (``hetcomp attach-weights``) are checked.
     """
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise HetcompError(f"output path exists and is not a folder: {out_dir}")
-    tmp = tempfile.mkdtemp(prefix=".hetcomp-tmp-", dir=parent)
-    try:
+    with output_dir(out_dir, is_artifact, "hetcomp artifact", force) as tmp:
         lib = os.path.join(tmp, "lib.so")
         executable.export_library(lib, fcompile=fcompile)
         pbin = os.path.join(tmp, "params.bin")
@@ -97,14 +55,4 @@ def export_artifact(out_dir: str, executable, params: list[tuple[str, np.ndarray
         manifest["digest"] = manifest_digest(manifest)
         with open(os.path.join(tmp, "manifest.json"), "w") as fh:
             json.dump(manifest, fh, indent=1, sort_keys=True)
-        if os.path.isdir(out_dir):
-            old = out_dir + ".old-" + os.path.basename(tmp)
-            os.rename(out_dir, old)
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return os.path.abspath(out_dir)

@@ -5,8 +5,16 @@
 imports TVM.
 """
 
-from .roofline import (FEATURE_NAMES, LINEAR_KINDS, OP_CLASSES, Features, ModelShape,
-                       RooflineCost, StepOp, model_step)
+from .roofline import (
+                       FEATURE_NAMES,
+                       LINEAR_KINDS,
+                       OP_CLASSES,
+                       Features,
+                       ModelShape,
+                       RooflineCost,
+                       StepOp,
+                       model_step,
+)
 
 __all__ = ["FEATURE_NAMES", "LINEAR_KINDS", "OP_CLASSES", "Features", "ModelShape",
            "RooflineCost", "StepOp", "model_step"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..profile.units import DeviceSpec
+from ..hardware import DeviceSpec
 
 OP_CLASSES = ("linear", "attention", "rms_norm", "rope", "elementwise", "embed", "argmax",
               "copy")
@@ -29,9 +29,9 @@ def dtype_bytes(dtype: str) -> int:
 
 
 def pack_block(n: int) -> int:
-    """Column block of a packed weight; mirrors ``hetcomp.frontend.ops.pack_block``.
+    """Column block of a packed weight; mirrors ``hetcomp.kernels.ops.pack_block``.
 
-    Repeated here because :mod:`hetcomp.frontend.ops` imports TVM (a test checks they agree).
+    Repeated here because :mod:`hetcomp.kernels.ops` imports TVM (a test checks they agree).
     """
     for b in (32, 16, 8, 4, 2):
         if n % b == 0:

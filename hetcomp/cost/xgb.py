@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..profile.units import MEASURED, DeviceSpec
+from ..hardware import MEASURED, DeviceSpec
 from .roofline import FEATURE_NAMES, Features, RooflineCost
 
 FORMAT = "hetcomp-cost/1"

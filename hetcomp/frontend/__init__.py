@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import glob
+import importlib.util
 import os
 
 from ..errors import HetcompError
 from .config import LlamaConfig
+from .gguf_loader import load_gguf
+from .hf_loader import load_hf
 
 DEFAULT_MODEL = "smollm2"
 
@@ -29,15 +31,23 @@ def resolve_model(model: str) -> str:
 
 
 def load_model(model: str, max_context: int | None = None):
-    """``(config, float32 weights, tokenizer spec, source path)`` for a model name or path."""
+    """``(config, float32 weights, tokenizer spec, source path)`` for a model name or path.
+
+    A damaged file is refused in one line (:class:`HetcompError`) wherever its damage shows:
+    the ``gguf`` package and the tokenizer raise assorted errors on corrupt input.
+    """
     path = resolve_model(model)
     if os.path.isdir(path):
-        from .hf_loader import load_hf
-
         return (*load_hf(path, max_context), path)
-    from .gguf_loader import load_gguf
-
-    return (*load_gguf(path, max_context), path)
+    if not os.path.isfile(path):
+        raise HetcompError(f"model file not found: {path}")
+    try:
+        return (*load_gguf(path, max_context), path)
+    except HetcompError:
+        raise
+    except Exception as e:  # corrupt input, not a bug of ours: see the docstring
+        msg = str(e).splitlines()[0] if str(e) else ""
+        raise HetcompError(f"corrupt GGUF file {path}: {type(e).__name__}: {msg}") from None
 
 
 def from_torch(module, example_inputs, **kwargs):

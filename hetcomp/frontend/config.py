@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 
+from ..errors import HetcompError
+
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
@@ -27,10 +29,20 @@ class LlamaConfig:
     head_dim: int = 0  # 0: hidden_size // num_heads
 
     def __post_init__(self):
+        # Read from model files: a bad value is the user's input, refused in one line.
+        sizes = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                 "vocab_size", "max_context")
+        bad = [f"{n}={getattr(self, n)!r}" for n in sizes
+               if not isinstance(getattr(self, n), int) or getattr(self, n) < 1]
+        if bad or not self.rope_theta > 0 or not self.norm_eps > 0 or self.head_dim < 0:
+            raise HetcompError("invalid model configuration: "
+                               + (", ".join(bad) or "rope_theta, norm_eps and head_dim must "
+                                  "be positive"))
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if self.num_heads % self.num_kv_heads:
-            raise ValueError("num_heads must be a multiple of num_kv_heads")
+            raise HetcompError("invalid model configuration: num_heads must be a multiple of "
+                               "num_kv_heads")
 
     @property
     def qkv_size(self) -> int:

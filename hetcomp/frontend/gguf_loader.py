@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import gguf
 import numpy as np
 
 from ..errors import HetcompError
@@ -23,8 +24,6 @@ def _field(reader, key: str, default=None):
 
 def open_gguf(path: str):
     """Open a GGUF file, turning every way it can be broken into one HetcompError."""
-    import gguf
-
     if not os.path.isfile(path):
         raise HetcompError(f"model file not found: {path}")
     try:
@@ -82,8 +81,6 @@ def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def read_weights(reader, cfg: LlamaConfig) -> dict[str, np.ndarray]:
     """Dequantize every tensor to float32, named as in :mod:`hetcomp.frontend.weights`."""
-    import gguf
-
     tensors = {t.name: t for t in reader.tensors}
 
     def get(name: str) -> np.ndarray:

@@ -19,7 +19,7 @@ Calling convention (all functions take the KV cache and return it, updated in pl
 from __future__ import annotations
 
 from .._tvm import compiler
-from . import ops, script_ops
+from ..kernels import ops, script_ops
 from .config import LlamaConfig, kv_cache_shapes
 from .weights import param_specs
 

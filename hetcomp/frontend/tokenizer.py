@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 
+import jinja2
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
 from ..errors import HetcompError
 
 # Pre-tokenizer regexes by GGUF ``tokenizer.ggml.pre`` (llama.cpp's llama-vocab.cpp).
@@ -18,8 +21,6 @@ _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4
 
 def build_tokenizer(spec: dict):
     """Build a ``tokenizers.Tokenizer`` equal to the model's reference tokenizer."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-
     tokens = spec["tokens"]
     vocab = {t: i for i, t in enumerate(tokens)}
     merges = [tuple(m.split(" ", 1)) for m in spec["merges"]]
@@ -49,22 +50,24 @@ def tokenizer_to_json(tok) -> str:
 
 
 def load_tokenizer_json(text: str):
-    from tokenizers import Tokenizer
-
     return Tokenizer.from_str(text)
 
 
-def render_chat(template: str | None, prompt: str) -> str:
-    """Render the model's Jinja chat template for one user turn, with the generation prompt."""
+def render_messages(template: str | None, messages: list[dict],
+                    add_generation_prompt: bool = True) -> str:
+    """Render the model's Jinja chat template for a conversation (``[{"role", "content"}]``),
+    with the generation prompt of the assistant's next turn."""
     if not template:
         raise HetcompError("this model has no chat template; use --prompt without --chat")
-    import jinja2
-
     env = jinja2.Environment(loader=jinja2.BaseLoader(), keep_trailing_newline=True)
-    messages = [{"role": "user", "content": prompt}]
     return env.from_string(template).render(
-        messages=messages, add_generation_prompt=True, bos_token="", eos_token=""
-    )
+        messages=messages, add_generation_prompt=add_generation_prompt, bos_token="",
+        eos_token="")
+
+
+def render_chat(template: str | None, prompt: str) -> str:
+    """Render the model's chat template for one user turn, with the generation prompt."""
+    return render_messages(template, [{"role": "user", "content": prompt}])
 
 
 class TokenizerInfo:
@@ -79,8 +82,12 @@ class TokenizerInfo:
         self.chat_template = chat_template
 
     def encode(self, text: str, chat: bool = False) -> list[int]:
-        if chat:
-            text = render_chat(self.chat_template, text)
+        """Token ids of ``text``, rendered as one user turn with ``chat``."""
+        return self.encode_text(render_chat(self.chat_template, text) if chat else text)
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of ``text`` as it is (a rendered template included), BOS first if the
+        model wants one."""
         ids = self.tok.encode(text, add_special_tokens=False).ids
         if self.add_bos and self.bos_token_id is not None:
             ids = [self.bos_token_id] + ids

@@ -2,7 +2,7 @@
 
 ``torch.export`` captures the module; TVM's ``from_exported_program`` turns it into Relax with
 the weights bound as constants. The result is a plain Relax IRModule (function ``main``) that
-:func:`compile_relax` builds for a target; the partition passes accept it like our own model.
+:func:`hetcomp.codegen.build.compile_relax` builds for a target; the partition passes accept it like our own model.
 """
 
 from __future__ import annotations
@@ -23,14 +23,3 @@ def from_torch(module, example_inputs, dynamic_shapes=None):
         exported = torch.export.export(module, tuple(example_inputs),
                                        dynamic_shapes=dynamic_shapes)
     return from_exported_program(exported, unwrap_unit_return_tuple=True)
-
-
-def compile_relax(mod, target: str = "host"):
-    """Legalize, fuse and compile an imported module; returns a ``tvm.runtime.Executable``."""
-    from .. import _tvm
-    from ..codegen.targets import make_target
-
-    c = _tvm.compiler()
-    tgt = make_target(target)
-    mod = c.relax.get_pipeline("zero")(mod)
-    return c.compile(mod, target=tgt)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..kernels.ops import pack_linear_weight, packed_shape, unpack_linear_weight
 from .config import LlamaConfig
-from .ops import pack_linear_weight, packed_shape, unpack_linear_weight
 
 WEIGHT_DTYPES = ("float32", "float16")
 

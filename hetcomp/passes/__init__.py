@@ -2,8 +2,7 @@
 
 from .annotate_cost import AnnotateCost
 from .order_for_overlap import OrderForOverlap
-from .partition_hetero import HeteroPlan, PartitionHetero
+from .partition_hetero import PartitionHetero
 from .pipeline import hetcomp_pipeline
 
-__all__ = ["AnnotateCost", "PartitionHetero", "HeteroPlan", "OrderForOverlap",
-           "hetcomp_pipeline"]
+__all__ = ["AnnotateCost", "PartitionHetero", "OrderForOverlap", "hetcomp_pipeline"]

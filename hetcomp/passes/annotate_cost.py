@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable
 
 from .._tvm import compiler
-from ..frontend.ops import OP_KIND
+from ..kernels.ops import OP_KIND
 
 _c = compiler()
 CostFn = Callable[[str, dict], float]

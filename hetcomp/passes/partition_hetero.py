@@ -18,11 +18,11 @@ every split piece's result type names its unit. A value crossing units is copied
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 from .._tvm import compiler
-from ..frontend import ops
+from ..kernels import ops
+from ..plan import HeteroPlan
 
 _c = compiler()
 _LINEAR_KINDS = {"wqkv": "qkv", "wo": "o", "w_gate_up": "gate_up", "w_down": "down",
@@ -30,57 +30,16 @@ _LINEAR_KINDS = {"wqkv": "qkv", "wo": "o", "w_gate_up": "gate_up", "w_down": "do
 PARAM_SPLIT_ATTR = "hetcomp.param_split"
 
 
-@dataclasses.dataclass(frozen=True)
-class HeteroPlan:
-    """What PartitionHetero applies (decided by the planner; it holds no logic).
-
-    ``ratios`` maps a linear kind (qkv, o, gate_up, down, lm_head, or ``default`` for layers of
-    unknown kind) to the fraction of output columns placed on ``units[1]``; the rest stays on
-    ``units[0]``, the host. ``dense_attention`` and ``sparse_attention`` are unit indices.
-    """
-
-    units: tuple[str, ...] = ("cpu", "cpu:1")
-    targets: tuple[dict, ...] = ({"kind": "llvm"}, {"kind": "llvm"})
-    ratios: tuple[tuple[str, float], ...] = (("default", 0.5),)
-    dense_attention: int = 0
-    sparse_attention: int = 0
-    shared_memory: bool = False
-
-    def __post_init__(self):
-        if len(self.units) != 2 or len(self.targets) != 2:
-            raise ValueError("HeteroPlan places work on exactly two units")
-        for kind, r in self.ratios:
-            if not 0.0 <= r <= 1.0:
-                raise ValueError(f"ratio for {kind} must lie in [0, 1], got {r}")
-        if {self.dense_attention, self.sparse_attention} - {0, 1}:
-            raise ValueError("attention parts must be placed on unit 0 or 1")
-
-    def ratio(self, kind: str | None) -> float:
-        table = dict(self.ratios)
-        return table.get(kind, table.get("default", 0.0))
-
-    def to_json(self) -> dict:
-        return {"units": list(self.units), "targets": [dict(t) for t in self.targets],
-                "ratios": dict(self.ratios), "dense_attention": self.dense_attention,
-                "sparse_attention": self.sparse_attention, "shared_memory": self.shared_memory}
-
-    @classmethod
-    def from_json(cls, d: dict) -> HeteroPlan:
-        return cls(units=tuple(d["units"]), targets=tuple(dict(t) for t in d["targets"]),
-                   ratios=tuple(sorted(d["ratios"].items())),
-                   dense_attention=int(d.get("dense_attention", 0)),
-                   sparse_attention=int(d.get("sparse_attention", 0)),
-                   shared_memory=bool(d.get("shared_memory", False)))
-
-    def vdevices(self):
-        """One VDevice per unit; equal targets get distinct device ids (as TVM's tests do)."""
-        seen: dict[str, int] = {}
-        out = []
-        for tgt in self.targets:
-            key = json.dumps(tgt, sort_keys=True)
-            out.append(_c.VDevice(dict(tgt), seen.get(key, 0), "global"))
-            seen[key] = seen.get(key, 0) + 1
-        return out
+def plan_vdevices(plan: HeteroPlan):
+    """One VDevice per unit of ``plan``; equal targets get distinct device ids (as TVM's
+    tests do)."""
+    seen: dict[str, int] = {}
+    out = []
+    for tgt in plan.targets:
+        key = json.dumps(tgt, sort_keys=True)
+        out.append(_c.VDevice(dict(tgt), seen.get(key, 0), "global"))
+        seen[key] = seen.get(key, 0) + 1
+    return out
 
 
 def linear_kind(param_name: str | None) -> str | None:
@@ -272,7 +231,7 @@ class PartitionHetero:
 
     def transform_module(self, mod, ctx):
         relax = _c.relax
-        vdevs = self.plan.vdevices()
+        vdevs = plan_vdevices(self.plan)
         mod = _c.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
         mod.update_global_info("vdevice", vdevs)
         rw = _Rewriter(mod, self.plan, vdevs)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from .._tvm import compiler
+from ..plan import HeteroPlan
 from .annotate_cost import AnnotateCost
 from .order_for_overlap import OrderForOverlap
-from .partition_hetero import HeteroPlan, PartitionHetero
+from .partition_hetero import PartitionHetero
 
 _c = compiler()
 

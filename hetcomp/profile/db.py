@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sqlite3
 import time
 
 from ..cost.roofline import Features
+from ..errors import HetcompError
 
 SCHEMA_VERSION = 1
 _MODES = ("quick", "full")
@@ -47,6 +49,16 @@ class Measurement:
     source: str = "measured"
 
 
+def _is_sqlite(path: str) -> bool:
+    """True for an SQLite file (its 16-byte header), so a user's other file is never
+    turned into a database."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(16) == b"SQLite format 3\x00"
+    except OSError:
+        return False
+
+
 class ProfileDB:
     """An SQLite profile file.
 
@@ -59,14 +71,22 @@ class ProfileDB:
 
     def __init__(self, path: str):
         self.path = path
-        self._con = sqlite3.connect(path)
-        self._con.executescript(_SCHEMA)
-        row = self._con.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-        if row is None:
-            self._con.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-            self._con.commit()
-        elif int(row[0]) != SCHEMA_VERSION:
-            raise ValueError(f"{path}: profile schema {row[0]}, expected {SCHEMA_VERSION}")
+        if os.path.lexists(path) and not _is_sqlite(path):
+            raise HetcompError(f"{path} exists and is not a profile database: refusing to "
+                               "write into it (choose another -o)")
+        try:
+            self._con = sqlite3.connect(path)
+            self._con.executescript(_SCHEMA)
+            row = self._con.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if row is None:
+                self._con.execute("INSERT INTO meta VALUES ('schema', ?)",
+                                  (str(SCHEMA_VERSION),))
+                self._con.commit()
+            elif int(row[0]) != SCHEMA_VERSION:
+                raise HetcompError(f"{path}: profile schema {row[0]}, expected "
+                                   f"{SCHEMA_VERSION}")
+        except (sqlite3.Error, ValueError) as e:
+            raise HetcompError(f"{path} is not a usable profile database: {e}") from None
 
     def __enter__(self) -> ProfileDB:
         return self

@@ -1,6 +1,6 @@
 """Measure the project's own compiled kernels, per op class, with the model's real shapes.
 
-Every kernel is built from :mod:`hetcomp.frontend.ops` / :mod:`~hetcomp.frontend.script_ops`,
+Every kernel is built from :mod:`hetcomp.kernels.ops` / :mod:`~hetcomp.kernels.script_ops`,
 scheduled by the unit's rules (``ApplyDefaultSchedule`` inside the target) and compiled
 with ``tvm.compile``, exactly as the model is. Times come from many back-to-back calls in a
 Python loop under ``time.perf_counter`` (``time_evaluator`` showed a spurious ~1.5 ms for
@@ -15,11 +15,14 @@ slowdown is measured rather than assumed.
 What to measure is data (:class:`Probe`): the kernels can be compiled into a *profile kit*
 here and measured with the TVM runtime only where the unit is (a GPU host, a board), as
 TVM's RPC builder/runner split does; ``measure_unit`` is the same path on one machine.
+Building probes imports the compiler lazily, inside the functions that build: measuring a kit
+runs with a runtime-only TVM (``TVM_USE_RUNTIME_LIB=1``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -31,13 +34,27 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from ..cost.roofline import (LINEAR_KINDS, Features, ModelShape, argmax_features,
-                             attention_features, copy_features, embed_features,
-                             linear_features, rms_norm_features, rope_features,
-                             rope_table_features, silu_mul_features, split_columns)
+from .. import _tvm
+from ..artifact_format import output_dir
+from ..cost.roofline import (
+    LINEAR_KINDS,
+    Features,
+    ModelShape,
+    argmax_features,
+    attention_features,
+    copy_features,
+    embed_features,
+    linear_features,
+    rms_norm_features,
+    rope_features,
+    rope_table_features,
+    silu_mul_features,
+    split_columns,
+)
 from ..errors import HetcompError
+from ..hardware import target_dict
 from .db import Measurement, ProfileDB
-from .units import Unit
+from .units import Unit, detect_unit
 
 Progress = Callable[[str], None]
 
@@ -232,7 +249,7 @@ def linear_args(shape: ModelShape, kind: str, n: int, w: int, wdtype: str,
     """Argument specs of a linear kernel call with ``n`` output columns and ``w`` rows: x, the
     packed weight in enough copies to rotate past ``rotate_bytes``, the residual (residual
     kinds) and the output."""
-    from ..frontend import ops
+    from ..kernels import ops
 
     _, k, residual = shape.linear_dims(kind)
     b = ops.pack_block(n)
@@ -249,8 +266,8 @@ LAUNCH_MODES = ("batched", "synced")  # kinds of the "launch" probes
 def plan_probes(shape: ModelShape, opts: ProfileOptions, wdtype: str = "float32"
                 ) -> tuple[list[ProbeGroup], dict[str, Callable[[], object]]]:
     """The probe groups of every op class and the kernels they call (name -> PrimFunc
-    builder, from :mod:`hetcomp.frontend.ops` / ``script_ops`` exactly as the model uses)."""
-    from ..frontend import ops, script_ops
+    builder, from :mod:`hetcomp.kernels.ops` / ``script_ops`` exactly as the model uses)."""
+    from ..kernels import ops, script_ops
 
     s, ws = shape, opts.widths
     kernels: dict[str, Callable[[], object]] = {}
@@ -349,8 +366,6 @@ KIT_FORMAT = "hetcomp-profile-kit/1"
 def probe_target(unit_name: str, cpu_target: str = "host") -> dict:
     """The target a unit's probe kernels are compiled for: ``cpu_target`` (a named target,
     ``x86-64-v3`` for a kit that travels) for the CPU, sm_90 for ``cuda``."""
-    from ..codegen.targets import target_dict
-
     return target_dict("cuda" if unit_name == "cuda" else cpu_target)
 
 
@@ -374,22 +389,25 @@ def build_probe_library(unit_name: str, target: dict, kernels: dict[str, Callabl
     return lib
 
 
+def is_kit(path: str) -> bool:
+    """True when ``path`` holds a profile kit (``kit.json`` of :data:`KIT_FORMAT`)."""
+    try:
+        return read_kit(path) is not None
+    except HetcompError:
+        return False
+
+
 def build_kit(out_dir: str, units: Iterable[str], shape: ModelShape, model: str,
               opts: ProfileOptions = ProfileOptions(), wdtype: str = "float32",
-              cpu_target: str = "host", progress: Progress | None = None) -> str:
+              cpu_target: str = "host", progress: Progress | None = None,
+              force: bool = False) -> str:
     """Write a profile kit: ``kit.json`` (shape, options, probes) and ``<unit>.so`` per unit.
 
     ``hetcomp profile --kit DIR`` measures it with the TVM runtime only, where the units are.
+    An existing kit at ``out_dir`` is replaced only with ``force``; anything else is refused.
     """
-    import json
-    import shutil
-    import tempfile
-
     groups, kernels = plan_probes(shape, opts, wdtype)
-    out_dir = os.path.abspath(out_dir)
-    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".kit-", dir=os.path.dirname(out_dir))
-    try:
+    with output_dir(out_dir, is_kit, "profile kit", force) as tmp:
         libs = {}
         for name in units:
             target = probe_target(name, cpu_target)
@@ -400,24 +418,16 @@ def build_kit(out_dir: str, units: Iterable[str], shape: ModelShape, model: str,
             json.dump({"format": KIT_FORMAT, "model": model, "wdtype": wdtype,
                        "shape": dataclasses.asdict(shape), "options": dataclasses.asdict(opts),
                        "units": libs, "groups": [g.to_json() for g in groups]}, fh)
-        if os.path.isdir(out_dir):
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return os.path.abspath(out_dir)
 
 
 def read_kit(path: str) -> dict:
-    import json
-
     try:
-        with open(os.path.join(path, "kit.json")) as fh:
-            kit = json.load(fh)
+        with open(os.path.join(path, "kit.json"), "rb") as fh:
+            kit = json.loads(fh.read().decode("utf-8"))
     except (OSError, ValueError) as e:
-        raise HetcompError(f"not a profile kit: {path} ({e})") from None
-    if kit.get("format") != KIT_FORMAT:
+        raise HetcompError(f"not a profile kit: {path} ({str(e).splitlines()[0]})") from None
+    if not isinstance(kit, dict) or kit.get("format") != KIT_FORMAT:
         raise HetcompError(f"not a profile kit (format is not {KIT_FORMAT}): {path}")
     return kit
 
@@ -429,8 +439,6 @@ class _Runner:
     """Creates a probe group's buffers on the unit's device and returns ``call(i)`` per probe."""
 
     def __init__(self, lib, device):
-        from .. import _tvm
-
         self.tvm, self.lib, self.dev = _tvm, lib, device
         self.host = _tvm.cpu()
         self.rng = np.random.default_rng(0)
@@ -509,7 +517,7 @@ class _Runner:
     def check_linear(self, probe: Probe, shared, cache) -> float:
         """Relative error of a linear probe's kernel against numpy (the kernel measured must
         compute the right thing: a unit's kernels are first run here on its device)."""
-        from ..frontend.ops import unpack_linear_weight
+        from ..kernels.ops import unpack_linear_weight
 
         vals = [self._make(a, shared, cache) for a in probe.args]
         args = [v[0] for v in vals]
@@ -556,8 +564,6 @@ def last_level_cache_bytes() -> int:
 
 
 def json_key(spec) -> str:
-    import json
-
     return json.dumps(spec)
 
 
@@ -575,8 +581,6 @@ def measure_groups(unit: Unit, lib, groups: list[ProbeGroup], opts: ProfileOptio
 
     Buffers live one group at a time; progress lines go to ``progress`` (stderr by default).
     """
-    from .. import _tvm
-
     say = progress or _stderr
     dev_type, dev_id = unit.device.split(":")
     dev = _tvm.device(dev_type, int(dev_id))
@@ -663,9 +667,6 @@ def profile_kit(kit_dir: str, db: ProfileDB, units: Iterable[str] | None = None,
     Returns per unit its fingerprint (taken here, with the kit's target), row count and
     whether a stored profile was reused.
     """
-    from .. import _tvm
-    from .units import detect_unit
-
     kit = read_kit(kit_dir)
     opts = ProfileOptions(**{k: tuple(v) if isinstance(v, list) else v
                              for k, v in kit["options"].items()})

@@ -3,15 +3,8 @@
 A :class:`Unit` is a unit present on this machine (``cpu``, ``cuda``): its TVM target, its
 device and a :class:`Fingerprint` that keys its profile in the database. A profile is reused
 until the fingerprint changes: another CPU or GPU, another driver, another TVM, or an edit to
-hetcomp's kernel, schedule or measurement source.
-
-A :class:`DeviceSpec` describes a unit that is *not* present (a Jetson Orin NX GPU, an NPU)
-by its datasheet figures. Costs derived from a spec are always labelled
-``source="spec-estimate"`` and never stored next to or mixed with measurements
-(``source="measured"``).
-
-This module imports TVM only inside :func:`detect_unit` (for the host target), so the
-planner and the cost models can use :class:`DeviceSpec` without TVM.
+hetcomp's kernel, schedule or measurement source. Units that are not present are described
+by their datasheets (:mod:`hetcomp.hardware`).
 """
 
 from __future__ import annotations
@@ -20,93 +13,23 @@ import dataclasses
 import hashlib
 import json
 import os
+import platform
 import shutil
 import subprocess
+from importlib import metadata
 
 from ..errors import HetcompError
-
-MEASURED = "measured"
-SPEC_ESTIMATE = "spec-estimate"
+from ..hardware import DEFAULT_CUDA_ARCH, SPECS, target_dict
 
 # Sources whose edit invalidates a profile: the kernels, their schedules and the harness.
 _KERNEL_SOURCES = (
-    "frontend/ops.py",
-    "frontend/script_ops.py",
+    "kernels",
     "schedules",
+    "passes/pipeline.py",
     "codegen/build.py",
-    "codegen/targets.py",
+    "hardware.py",
     "profile/measure.py",
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class DeviceSpec:
-    """Datasheet figures of a processing unit, for roofline estimates.
-
-    Parameters
-    ----------
-    name : str
-        Unit name used in plans (``orin-nx-gpu``).
-    kind : str
-        ``cpu``, ``gpu`` or ``npu``.
-    peak_gflops : float
-        Peak fp32 GFLOP/s.
-    mem_bw_gbs : float
-        Achievable DRAM bandwidth in GB/s (what a streaming kernel reaches).
-    launch_s : float
-        Fixed cost of one kernel call (launch or thread-pool fork/join), seconds.
-    shared_memory : bool
-        True when the unit shares DRAM with the host CPU (zero-copy concat, shared bandwidth).
-    sync_s : float
-        One host synchronisation with this unit (event wait), seconds.
-    link_gbs : float
-        Host link bandwidth for copies when memory is not shared (0 when shared).
-    theoretical_bw_gbs : float
-        The datasheet DRAM bandwidth (for reference; estimates use ``mem_bw_gbs``).
-    notes : str
-        Where the figures come from.
-    """
-
-    name: str
-    kind: str
-    peak_gflops: float
-    mem_bw_gbs: float
-    launch_s: float = 5e-6
-    shared_memory: bool = True
-    sync_s: float = 0.0
-    link_gbs: float = 0.0
-    theoretical_bw_gbs: float = 0.0
-    notes: str = ""
-
-    def __post_init__(self):
-        if self.peak_gflops <= 0 or self.mem_bw_gbs <= 0:
-            raise ValueError(f"{self.name}: peak_gflops and mem_bw_gbs must be positive")
-        if not self.shared_memory and self.link_gbs <= 0:
-            raise ValueError(f"{self.name}: a unit without shared memory needs link_gbs")
-
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-# Approximate public figures for a Jetson Orin NX 16GB-class board (NVIDIA Jetson Orin NX
-# series datasheet and module specifications): 8-core Arm Cortex-A78AE at up to 2 GHz;
-# Ampere GPU with 1024 CUDA cores at up to 918 MHz (1024 x 2 FLOP x 0.918 GHz = 1.88 TFLOP/s
-# fp32); 128-bit LPDDR5, 102.4 GB/s theoretical, shared by CPU and GPU, of which about 60-70
-# GB/s is achievable by a streaming kernel. The CPU's ~100 GFLOP/s is an achievable fp32 NEON
-# figure (the 8 x 2 x 128-bit FMA peak is ~256). Launch/sync costs are typical CUDA-on-Jetson
-# magnitudes, not measurements. All of these are estimates.
-_ORIN_NOTE = ("approximate public figures (NVIDIA Jetson Orin NX series datasheet); "
-              "not measured")
-ORIN_NX_CPU = DeviceSpec(
-    name="orin-nx-cpu", kind="cpu", peak_gflops=100.0, mem_bw_gbs=60.0, launch_s=5e-6,
-    shared_memory=True, theoretical_bw_gbs=102.4, notes="8x Cortex-A78AE; " + _ORIN_NOTE)
-ORIN_NX_GPU = DeviceSpec(
-    name="orin-nx-gpu", kind="gpu", peak_gflops=1880.0, mem_bw_gbs=65.0, launch_s=10e-6,
-    shared_memory=True, sync_s=20e-6, theoretical_bw_gbs=102.4,
-    notes="Ampere, 1024 CUDA cores at 918 MHz; " + _ORIN_NOTE)
-
-SPECS: dict[str, DeviceSpec] = {s.name: s for s in (ORIN_NX_CPU, ORIN_NX_GPU)}
-SPEC_BOARDS: dict[str, tuple[str, ...]] = {"orin-nx": ("orin-nx-cpu", "orin-nx-gpu")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,8 +78,6 @@ def cpu_model() -> str:
                     return value.strip()
     except OSError:
         pass
-    import platform
-
     return platform.processor() or platform.machine()
 
 
@@ -176,8 +97,6 @@ def gpu_info() -> str:
 
 def tvm_version() -> str:
     """The installed TVM version, read from package metadata (does not import TVM)."""
-    from importlib import metadata
-
     for dist in ("apache-tvm", "tvm"):
         try:
             return metadata.version(dist)
@@ -218,14 +137,12 @@ def detect_unit(name: str, target: dict | None = None) -> Unit:
     """
     built_for = target
     if name == "cpu":
-        from ..codegen.targets import target_dict
-
         target, device, gpu = target_dict("host"), "cpu:0", ""
     elif name == "cuda":
         gpu = gpu_info()
         if not gpu:
             raise HetcompError("unit 'cuda' is not present on this machine (no nvidia-smi GPU)")
-        target, device = {"kind": "cuda", "arch": "sm_90"}, "cuda:0"
+        target, device = {"kind": "cuda", "arch": DEFAULT_CUDA_ARCH}, "cuda:0"
     elif name in SPECS:
         raise HetcompError(f"unit {name!r} is a spec-only unit: it can be estimated, not measured")
     else:

@@ -19,10 +19,9 @@ import tempfile
 
 import numpy as np
 
-from ..codegen.export import sha256_file, write_params
+from ..artifact_format import read_manifest, sha256_file, write_params
+from ..data import packaged_file
 from ..errors import HetcompError
-from ..speculative.medusa import packaged_file
-from .artifact import _read_manifest
 
 
 def _heads_path(art_dir: str, manifest: dict, heads: str | None) -> str:
@@ -69,7 +68,7 @@ def rebuild_params(manifest: dict, model: str, heads: str | None, art_dir: str =
 def attach_weights(art_dir: str, model: str | None = None, heads: str | None = None,
                    quiet: bool = False) -> str:
     """Write ``params.bin`` into ``art_dir`` (atomically) and check it against the manifest."""
-    manifest = _read_manifest(art_dir)
+    manifest = read_manifest(art_dir)
     want = manifest["files"]["params.bin"]
     model = model or manifest["model"]
     params = rebuild_params(manifest, model, heads, art_dir)

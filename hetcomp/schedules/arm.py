@@ -1,7 +1,7 @@
 """ARM (aarch64 ``+neon``) schedule of tree attention, with the project's fp32 NEON intrinsics.
 
 Three tensor intrinsics carry the inner loops of the sparse (and the dense masked) tree-attention
-kernels of :mod:`hetcomp.frontend.sparse_attention`:
+kernels of :mod:`hetcomp.kernels.sparse_attention`:
 
 - ``dot``: ``c[0] += sum_e a[e] * b[e]`` over the whole head_dim, the q.k score. The
   implementation keeps several independent 4-lane accumulators in ``v`` registers (one
@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from tvm.script import tirx as T
 
 from .._tvm import compiler
-from ..frontend.ops import OP_KIND
-from ..frontend.sparse_attention import DENSE_KIND, SPARSE_KIND
+from ..kernels.ops import OP_KIND
+from ..kernels.sparse_attention import DENSE_KIND, SPARSE_KIND
 
 #: Head dims with a registered dot-product intrinsic.
 HEAD_DIMS = (32, 64, 128)

@@ -9,7 +9,7 @@ accumulators of a ``rows x B`` tile held in vector registers.
 from __future__ import annotations
 
 from .._tvm import compiler
-from ..frontend.ops import OP_KIND
+from ..kernels.ops import OP_KIND
 
 _BASE = compiler().ScheduleRule
 

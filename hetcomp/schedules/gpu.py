@@ -9,7 +9,8 @@ memory-bound on the KV cache, which this reads once per query row).
 from __future__ import annotations
 
 from .._tvm import compiler
-from ..frontend.ops import OP_KIND
+from ..kernels.ops import OP_KIND
+from ..kernels.script_ops import for_gpu
 
 _BASE = compiler().ScheduleRule
 _KINDS = ("attention_part", "attention_merge", "attention", "rms_norm", "elementwise",
@@ -133,8 +134,6 @@ class ArgmaxRowRule(_BASE):
 def use_gpu_script_kernels(mod):
     """Replace the in-place TVMScript kernels (CPU loops, already scheduled) by their GPU
     versions."""
-    from ..frontend.script_ops import for_gpu
-
     c = compiler()
     mod = c.IRModule(dict(mod.functions_items()), attrs=mod.attrs,
                      global_infos=mod.global_infos)

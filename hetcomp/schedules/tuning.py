@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import sys
 
 from .._tvm import compiler
-from ..frontend.ops import OP_KIND
+from ..kernels import ops
+from ..kernels.ops import OP_KIND
 
 WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
@@ -115,8 +117,6 @@ class KernelTuneOptions:
 
 def linear_kernels(shape, opts: KernelTuneOptions) -> dict[str, object]:
     """The width-specialised linear kernels of the model, by symbol."""
-    from ..frontend import ops
-
     out = {}
     for kind in opts.kinds:
         n, k, residual = shape.linear_dims(kind)
@@ -131,8 +131,6 @@ def tune_kernels(kernels: dict[str, object], target, db_path: str, trials_per_ke
                  progress=None) -> int:
     """Tune ``kernels`` (one MetaSchedule task each, one search over all of them) into the
     database at ``db_path``; returns the number of tuning records stored."""
-    import logging
-
     c = compiler()
     ms = c.meta_schedule
     say = progress or (lambda m: print(m, file=sys.stderr, flush=True))

@@ -11,20 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
+import zipfile
+import zlib
 
 import numpy as np
 
+from ..artifact_format import output_file
 from ..errors import HetcompError
 
 TOPK = 10
-
-
-def packaged_file(name: str) -> str:
-    """Path of ``name`` in the package's data folder (the committed heads and the recorded
-    responses they were calibrated on)."""
-    return os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", name)
 
 
 @dataclasses.dataclass
@@ -48,33 +44,41 @@ class MedusaHeads:
         return h[None] + z / (1.0 + np.exp(-z))
 
     def save(self, path: str) -> None:
+        """Write the heads to ``path`` (a temporary file renamed into place)."""
         meta = dict(self.info)
         meta["rank_probs"] = self.rank_probs.tolist()
-        tmp = path + ".tmp.npz"
         extra = {} if self.ranks is None else {"ranks": self.ranks.astype(np.int8)}
         if self.u is not None:
             extra["u"] = self.u.astype(np.float16)
         if self.vocab is not None:
             extra["vocab"] = self.vocab.astype(np.int32)
-        np.savez_compressed(tmp, w=self.w.astype(np.float16), b=self.b.astype(np.float32),
-                            meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
-                            **extra)
-        import os
-
-        os.replace(tmp, path)
+        with output_file(path) as tmp:
+            np.savez_compressed(tmp, w=self.w.astype(np.float16), b=self.b.astype(np.float32),
+                                meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+                                **extra)
 
     @classmethod
     def load(cls, path: str) -> MedusaHeads:
         try:
-            with np.load(path) as z:
+            with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(bytes(z["meta"]).decode())
                 w, b = z["w"].astype(np.float32), z["b"].astype(np.float32)
                 ranks = z["ranks"] if "ranks" in z.files else None
                 u = z["u"].astype(np.float32) if "u" in z.files else None
                 vocab = z["vocab"].astype(np.int32) if "vocab" in z.files else None
-        except (OSError, KeyError, ValueError) as e:
-            raise HetcompError(f"cannot read Medusa heads {path}: {e}") from None
-        return cls(w, b, np.asarray(meta.pop("rank_probs")), meta, ranks, u, vocab)
+            rank_probs = np.asarray(meta.pop("rank_probs"), dtype=np.float64)
+        except (OSError, EOFError, KeyError, ValueError, TypeError, AttributeError,
+                zipfile.BadZipFile, zlib.error) as e:  # what a damaged .npz raises
+            raise HetcompError(f"cannot read Medusa heads {path}: "
+                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                               ) from None
+        k = w.shape[0] if w.ndim == 3 else -1
+        if (w.ndim != 3 or w.shape[1] != w.shape[2] or b.shape != w.shape[:2]
+                or rank_probs.ndim != 2 or rank_probs.shape[0] != k
+                or (u is not None and u.shape != w.shape)
+                or (vocab is not None and vocab.ndim != 1)):
+            raise HetcompError(f"cannot read Medusa heads {path}: inconsistent array shapes")
+        return cls(w, b, rank_probs, meta, ranks, u, vocab)
 
 
 def draft_vocabulary(seqs, vocab_size: int, size: int) -> np.ndarray:
@@ -165,7 +169,7 @@ def train_heads(h: np.ndarray, targets: np.ndarray, embed: np.ndarray, num_heads
     the heads also learn ``U`` on the root's embedding. With ``soft > 0`` the targets mix in
     the base model's distribution over the target token: row ``n + 1 + k`` of ``h`` is the
     hidden state whose logits chose ``targets[n, k]`` (rows of one sequence are consecutive,
-    as :func:`~hetcomp.speculative.calibrate.make_targets` lays them out). With ``vocab`` the
+    as :func:`~hetcomp.driver.calibrate.make_targets` lays them out). With ``vocab`` the
     softmax runs over the draft vocabulary only (as the compiled draft does); targets outside
     it are skipped. ``cosine``: the learning rate decays from ``lr`` to 0 over the run (a
     cosine schedule). Returns ``(w, b, u or None)``.

@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import pytest
-from conftest import TINY, byte_tokenizer_spec
-from gguf_writer import write_gguf
 
 from hetcomp.frontend.weights import random_weights
+from hetcomp.testing import TINY, byte_tokenizer_spec
+from hetcomp.testing.gguf_writer import write_gguf
 
 
 def run(*args):
@@ -143,6 +143,6 @@ def test_bench_reports_unit_busy_time_and_plan_prediction(tmp_path, tiny_gguf):
     assert rep["widths"][0]["predicted_tokens_per_s"] == pytest.approx(100.0)
     assert (tmp_path / "w.png").stat().st_size > 0
     rc, _, err = run("bench", tmp_path / "a", "--widths", "1", "--rounds", 0)
-    assert_one_line_error(rc, err, "--rounds must be at least 1")
+    assert_one_line_error(rc, err, "--rounds: must be at least 1")
     rc, _, err = run("bench", tmp_path / "a", "--widths", "1", "--prompts", "heldout")
     assert_one_line_error(rc, err, "needs an artifact compiled with calibrated heads")

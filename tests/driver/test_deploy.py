@@ -7,11 +7,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import TINY, byte_tokenizer_spec
 from test_cli import assert_one_line_error, run
 
-from hetcomp.codegen.compile import CompileOptions, compile_model
+from hetcomp.driver.compile import CompileOptions, compile_model
 from hetcomp.frontend.weights import random_weights
+from hetcomp.testing import TINY, byte_tokenizer_spec
 
 RUNTIME_ONLY_CHECK = """
 import json, sys
@@ -57,12 +57,12 @@ def test_separate_weights_attach_where_it_runs(tmp_path):
     """An artifact compiled without params.bin gets it rebuilt from the model file (and the
     heads file), byte-identical to the embedded weights, split per unit as the plan says."""
     import numpy as np
-    from gguf_writer import write_gguf
 
-    from hetcomp.codegen.targets import target_dict
-    from hetcomp.passes import HeteroPlan
+    from hetcomp.hardware import target_dict
+    from hetcomp.plan import HeteroPlan
     from hetcomp.runtime import attach_weights, generate, load_artifact
     from hetcomp.speculative.medusa import MedusaHeads
+    from hetcomp.testing.gguf_writer import write_gguf
 
     gguf = tmp_path / "tiny.gguf"
     write_gguf(gguf, TINY, random_weights(TINY), byte_tokenizer_spec(TINY.vocab_size))

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-TUTORIALS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "tutorials", "*.py")))
+TUTORIALS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "tutorials", "*.py")))
 
 
 @pytest.mark.parametrize("path", TUTORIALS, ids=[os.path.basename(p) for p in TUTORIALS])

@@ -4,15 +4,15 @@ import json
 import struct
 
 import numpy as np
-import numpy_llama as ref
 import pytest
-from conftest import TINY, byte_tokenizer_spec
-from gguf_writer import write_gguf
 
-from hetcomp.codegen.compile import CompileOptions, compile_model
+from hetcomp.driver.compile import CompileOptions, compile_model
 from hetcomp.frontend import load_model
 from hetcomp.frontend.weights import random_weights
 from hetcomp.runtime import load_artifact
+from hetcomp.testing import TINY, byte_tokenizer_spec
+from hetcomp.testing import numpy_llama as ref
+from hetcomp.testing.gguf_writer import write_gguf
 
 
 @pytest.mark.parametrize("qtype", ["F32", "F16", "Q8_0"])

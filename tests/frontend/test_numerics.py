@@ -1,12 +1,12 @@
 """Every compiled function against the independent numpy LLaMA (tiny random configs)."""
 
 import numpy as np
-import numpy_llama as ref
 import pytest
-from conftest import TINY, compile_tiny, depths, tree_mask
 
 from hetcomp.frontend.config import LlamaConfig
 from hetcomp.runtime import load_artifact
+from hetcomp.testing import TINY, compile_tiny, depths, tree_mask
+from hetcomp.testing import numpy_llama as ref
 
 RTOL = 1e-4
 

@@ -3,10 +3,10 @@
 import os
 
 import numpy as np
-import numpy_llama as ref
 import pytest
 
 from hetcomp.runtime import generate, load_artifact
+from hetcomp.testing import numpy_llama as ref
 
 CHAT_PROMPTS = [
     "What is the capital of France?",

@@ -23,8 +23,8 @@ class Block(torch.nn.Module):
 
 def test_transformer_block_matches_torch():
     from hetcomp import _tvm
+    from hetcomp.codegen.build import compile_relax
     from hetcomp.frontend import from_torch
-    from hetcomp.frontend.torch_import import compile_relax
 
     torch.manual_seed(0)
     block = Block().eval()

@@ -4,15 +4,15 @@ import re
 
 import numpy as np
 import pytest
-from conftest import tree_mask
 
 from hetcomp import _tvm
 from hetcomp.codegen.cross import AARCH64_NEON, apply_rules
-from hetcomp.codegen.targets import target_dict
 from hetcomp.errors import HetcompError
-from hetcomp.frontend import sparse_attention as sa
+from hetcomp.hardware import target_dict
+from hetcomp.kernels import sparse_attention as sa
 from hetcomp.schedules.arm import NEON_F32, NeonTreeAttentionRule
 from hetcomp.schedules.x86 import AVX2_F32, AVX512_F32, X86TreeAttentionRule, x86_rules
+from hetcomp.testing import tree_mask
 
 H, G, D = 9, 3, 64  # SmolLM2-135M: 9 query heads share 3 KV heads, head_dim 64
 HOST = target_dict("host")

@@ -4,17 +4,19 @@ import json
 
 import numpy as np
 import pytest
-from conftest import TINY, byte_tokenizer_spec
 from tvm.script import ir as I
 from tvm.script import relax as R
 
 from hetcomp import _tvm
-from hetcomp.codegen.compile import CompileOptions, compile_model
-from hetcomp.codegen.targets import target_dict
-from hetcomp.frontend import ops
+from hetcomp.driver.compile import CompileOptions, compile_model
 from hetcomp.frontend.weights import random_weights
-from hetcomp.passes import AnnotateCost, HeteroPlan, OrderForOverlap, PartitionHetero
+from hetcomp.hardware import target_dict
+from hetcomp.kernels import ops
+from hetcomp.passes import AnnotateCost, OrderForOverlap, PartitionHetero
+from hetcomp.passes.partition_hetero import plan_vdevices
+from hetcomp.plan import HeteroPlan
 from hetcomp.runtime import generate, load_artifact
+from hetcomp.testing import TINY, byte_tokenizer_spec
 
 c = _tvm.compiler()
 relax, tt = c.relax, c.TensorType
@@ -46,7 +48,7 @@ def _linear_module(ratio_plan=None):
 def test_partition_linear_structure():
     plan = HeteroPlan(targets=(HOST, HOST), ratios=(("qkv", 0.5),))
     after = PartitionHetero(plan)(_linear_module())
-    v0, v1 = plan.vdevices()
+    v0, v1 = plan_vdevices(plan)
 
     bb = relax.BlockBuilder()
     bb.add_func(ops.linear(64, 64, "float32").with_attr("global_symbol", "linear_n64_k64"),
@@ -260,8 +262,8 @@ def test_unit_busy_times_show_both_units(tmp_path, tiny_loaded):
 
 def test_plan_json_to_hetero_plan(tmp_path):
     """compile --plan reads the planner's plan.json into the HeteroPlan the passes apply."""
-    from hetcomp.cli import _load_plan
     from hetcomp.errors import HetcompError
+    from hetcomp.plan import load_plan
 
     plan = {"format": "hetcomp-plan/1", "units": ["cpu", "cuda"], "host": "cpu",
             "source": "measured", "width": 8,
@@ -269,30 +271,29 @@ def test_plan_json_to_hetero_plan(tmp_path):
             "attention": {"dense": "cuda", "sparse": "cpu"}}
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(plan))
-    hp = _load_plan(str(path))
+    hp = load_plan(str(path))
     assert hp.units == ("cpu", "cuda") and hp.targets[1]["kind"] == "cuda"
     assert hp.ratio("qkv") == 0.75 and hp.ratio("lm_head") == 1.0
     assert (hp.dense_attention, hp.sparse_attention) == (1, 0)
     path.write_text(json.dumps(dict(plan, units=["cpu"])))
-    assert _load_plan(str(path)) is None
+    assert load_plan(str(path)) is None
     path.write_text(json.dumps(dict(plan, source="spec-estimate")))
     with pytest.raises(HetcompError, match="spec-estimate"):
-        _load_plan(str(path))
+        load_plan(str(path))
     # A plan hosted on the GPU must not compile silently as a CPU partition.
     path.write_text(json.dumps(dict(plan, host="cuda")))
     with pytest.raises(HetcompError, match="GPU-hosted partitions are not compiled yet"):
-        _load_plan(str(path))
+        load_plan(str(path))
     path.write_text(json.dumps(dict(plan, units=["cuda"], host="cuda")))
     with pytest.raises(HetcompError, match="--target cuda and no --plan"):
-        _load_plan(str(path))
+        load_plan(str(path))
 
 
 def test_breakdowns_leave_no_instrument_behind(tiny_artifact, monkeypatch):
     """After the instrumented runs, VM calls reach no Python callback: a leftover no-op
     instrument cost every later step a Python call per kernel (and skewed `hetcomp bench`)."""
     from hetcomp import _tvm
-    from hetcomp.runtime import load_artifact
-    from hetcomp.runtime import unit_time
+    from hetcomp.runtime import load_artifact, unit_time
 
     calls = []
     wrap = _tvm.ffi_function

@@ -9,15 +9,33 @@ import sys
 import numpy as np
 import pytest
 
-from hetcomp.cost.roofline import (LINEAR_KINDS, DraftShape, Features, ModelShape,
-                                   RooflineCost, attention_features, copy_features, draft_step,
-                                   linear_features, model_step, pack_block, split_columns)
+from hetcomp.cost.roofline import (
+    LINEAR_KINDS,
+    DraftShape,
+    Features,
+    ModelShape,
+    RooflineCost,
+    attention_features,
+    copy_features,
+    draft_step,
+    linear_features,
+    model_step,
+    pack_block,
+    split_columns,
+)
 from hetcomp.cost.xgb import UnitCostModel, fit_unit, mape
-from hetcomp.planner import (Plan, PlannerOptions, UnitModel, plan, plan_unit_sets,
-                             plot_plans, predict_step_time)
+from hetcomp.hardware import MEASURED, ORIN_NX_CPU, ORIN_NX_GPU, SPEC_ESTIMATE, DeviceSpec
+from hetcomp.planner import (
+    Plan,
+    PlannerOptions,
+    UnitModel,
+    plan,
+    plan_unit_sets,
+    plot_plans,
+    predict_step_time,
+)
 from hetcomp.profile.db import Measurement, ProfileDB
-from hetcomp.profile.units import (MEASURED, ORIN_NX_CPU, ORIN_NX_GPU, SPEC_ESTIMATE,
-                                   DeviceSpec, Fingerprint, Unit, kernel_source_hash)
+from hetcomp.profile.units import Fingerprint, Unit, kernel_source_hash
 
 # Block-friendly shapes: every linear's N is a multiple of 32, so ratios k/8 are exact.
 SHAPE = ModelShape(hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2, head_dim=64,
@@ -31,7 +49,7 @@ def _const(t):
 # ---- static features and roofline -----------------------------------------------------------
 
 def test_pack_block_matches_kernels():
-    from hetcomp.frontend import ops
+    from hetcomp.kernels import ops
 
     for n in (1, 6, 12, 24, 48, 96, 576, 960, 1536, 3072, 49152, 49155):
         assert pack_block(n) == ops.pack_block(n)
@@ -259,7 +277,7 @@ def test_any_host_finds_a_whole_model_gpu_plan():
 
 
 def test_link_costs_fit_round_trips():
-    from hetcomp.profile.commands import link_costs
+    from hetcomp.driver.tune import link_costs
 
     rows = [Measurement("cuda", copy_features(w, n), 20e-6 + copy_features(w, n).bytes / 12e9)
             for w in (1, 16) for n in (576, 49152)]
@@ -360,8 +378,8 @@ def test_planner_imports_no_tvm():
 # ---- the real harness (quick) ---------------------------------------------------------------
 
 def test_quick_profile_fit_and_plan(tmp_path):
+    from hetcomp.driver.tune import profile_command, tune_command
     from hetcomp.errors import HetcompError
-    from hetcomp.profile.commands import profile_command, tune_command
 
     try:
         from hetcomp.frontend import default_gguf_path
@@ -389,8 +407,8 @@ def test_quick_profile_fit_and_plan(tmp_path):
 def test_profile_kit_built_here_measured_with_runtime_only(tmp_path):
     """A kit compiled here is measured by a runtime-only TVM (as on a GPU host) into a
     database that `tune --profile` plans from; the fingerprint records the kit's target."""
+    from hetcomp.driver.tune import profile_command, tune_command
     from hetcomp.errors import HetcompError
-    from hetcomp.profile.commands import profile_command, tune_command
 
     try:
         from hetcomp.frontend import default_gguf_path
@@ -475,7 +493,7 @@ def test_gpu_host_pays_its_link_for_a_cpu_share():
 def test_launch_probes_measure_the_synchronised_latency():
     """The profile times the smallest linear kernel back to back and synchronised after each
     call; a discrete unit's per-op sync cost adds the difference (never a fitted op class)."""
-    from hetcomp.profile.commands import launch_latency
+    from hetcomp.driver.tune import launch_latency
     from hetcomp.profile.measure import LAUNCH_MODES, ProfileOptions, plan_probes
 
     groups, kernels = plan_probes(SHAPE, ProfileOptions.quick())

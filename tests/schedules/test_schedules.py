@@ -5,9 +5,14 @@ import pytest
 
 from hetcomp import _tvm
 from hetcomp.codegen.targets import make_target
-from hetcomp.frontend import ops, script_ops
-from hetcomp.schedules.cpu import (ArgmaxRule, AttentionRule, ElementwiseRule, LinearRule,
-                                   RowwiseRule)
+from hetcomp.kernels import ops, script_ops
+from hetcomp.schedules.cpu import (
+    ArgmaxRule,
+    AttentionRule,
+    ElementwiseRule,
+    LinearRule,
+    RowwiseRule,
+)
 
 c = _tvm.compiler()
 TARGET = make_target("host")
@@ -74,7 +79,7 @@ def test_rms_norm_matches_numpy(rows):
 def test_rope_table_and_rope_kv_match_numpy(rows):
     """The step's cos/sin table, then one layer's rotation: queries returned, roped K and the
     V rows written to the cache slots ``n + i`` of that layer only."""
-    from numpy_llama import rope
+    from hetcomp.testing.numpy_llama import rope
 
     hq, g, d, layers, context, theta, layer, n = 4, 2, 16, 2, 32, 10000.0, 1, 7
     table = _build(ElementwiseRule().apply(ops.rope_table(d, theta, rows=rows), TARGET, False))

@@ -6,19 +6,23 @@ import os
 import subprocess
 import sys
 
-from conftest import TINY, byte_tokenizer_spec
-
-from hetcomp.codegen.compile import CompileOptions, compile_model
+from hetcomp.driver.compile import CompileOptions, compile_model
 from hetcomp.frontend.weights import random_weights
+from hetcomp.testing import TINY, byte_tokenizer_spec
 
 
 def test_tuning_database_found_on_this_machine_only(tmp_path):
-    from hetcomp.codegen.targets import target_dict
     from hetcomp.frontend.llama import build_module
+    from hetcomp.hardware import target_dict
     from hetcomp.profile.units import detect_unit
     from hetcomp.runtime import generate, load_artifact
-    from hetcomp.schedules.tuning import (database_dir, tunable, tune_kernels, workload_key,
-                                          write_accepted)
+    from hetcomp.schedules.tuning import (
+        database_dir,
+        tunable,
+        tune_kernels,
+        workload_key,
+        write_accepted,
+    )
 
     mod = build_module(TINY, "float32", static_widths=(1,))  # as compile builds it
     name, func = next((gv.name_hint, f) for gv, f in mod.functions_items() if tunable(f))
@@ -49,8 +53,8 @@ def test_tuning_database_found_on_this_machine_only(tmp_path):
 
     # Another machine: a different fingerprint (here: another thread count) finds nothing.
     code = ("import sys; sys.path.insert(0, %r)\n"
-            "from conftest import TINY, byte_tokenizer_spec\n"
-            "from hetcomp.codegen.compile import CompileOptions, compile_model\n"
+            "from hetcomp.testing import TINY, byte_tokenizer_spec\n"
+            "from hetcomp.driver.compile import CompileOptions, compile_model\n"
             "from hetcomp.frontend.weights import random_weights\n"
             "w = (TINY, random_weights(TINY), byte_tokenizer_spec(TINY.vocab_size), 'x')\n"
             "compile_model(CompileOptions(model='tiny', max_context=64, tuning_db=%r), %r,"

@@ -4,14 +4,13 @@ import dataclasses
 
 import numpy as np
 import pytest
-from conftest import TINY, byte_tokenizer_spec
 
-from hetcomp.codegen.compile import CompileOptions, compile_model
+from hetcomp.driver.calibrate import CalibrateOptions, calibrate, load_cache, make_targets
+from hetcomp.driver.compile import CompileOptions, compile_model
 from hetcomp.frontend.weights import random_weights
 from hetcomp.runtime import generate, load_artifact
-from hetcomp.speculative.calibrate import (CalibrateOptions, calibrate, load_cache,
-                                           make_targets)
 from hetcomp.speculative.medusa import MedusaHeads
+from hetcomp.testing import TINY, byte_tokenizer_spec
 
 WIDTHS = (2, 4, 8, 16)
 
@@ -75,7 +74,7 @@ def test_medusa_logits_match_numpy(tiny_speculative):
     root = 17
     cands = art.medusa_candidates(hidden, root, 5)
     from hetcomp import _tvm
-    from hetcomp.frontend.ops import unpack_linear_weight
+    from hetcomp.kernels.ops import unpack_linear_weight
 
     logits = art._medusa(hidden, _tvm.tensor(np.array([root], "int32")),
                          *art.medusa_params)[0].numpy()
@@ -206,7 +205,7 @@ def test_draft_vocabulary_in_the_compiled_draft(tiny_speculative, tmp_path):
     import os
 
     from hetcomp import _tvm
-    from hetcomp.frontend.ops import unpack_linear_weight
+    from hetcomp.kernels.ops import unpack_linear_weight
 
     heads = MedusaHeads.load(os.path.join(os.path.dirname(tiny_speculative.path), "heads.npz"))
     heads.vocab = np.sort(np.random.default_rng(2).choice(TINY.vocab_size, 96, replace=False)
@@ -241,8 +240,8 @@ def test_draft_vocabulary_in_the_compiled_draft(tiny_speculative, tmp_path):
 def test_teacher_forcing_replays_generation(tiny_speculative, tmp_path):
     """A recorded greedy response replayed through verify/commit gives the hidden states that
     generating it recorded; a response the model would not give is refused."""
+    from hetcomp.driver.calibrate import read_responses, teacher_force
     from hetcomp.errors import HetcompError
-    from hetcomp.speculative.calibrate import read_responses, teacher_force
 
     art = tiny_speculative
     hs: list = []
@@ -262,9 +261,9 @@ def test_teacher_forcing_replays_generation(tiny_speculative, tmp_path):
 def test_heldout_prompts_are_the_packaged_heads_unseen_split():
     """`hetcomp bench --prompts heldout` decodes prompts the packaged heads never trained on:
     the held-out split their calibration recorded (same count, disjoint from training)."""
-    from hetcomp.profile.commands import DEFAULT_HEADS
-    from hetcomp.speculative.calibrate import heldout_prompts, read_responses, split_prompts
-    from hetcomp.speculative.medusa import packaged_file
+    from hetcomp.data import packaged_file
+    from hetcomp.driver.calibrate import heldout_prompts, read_responses, split_prompts
+    from hetcomp.driver.tune import DEFAULT_HEADS
 
     info = MedusaHeads.load(DEFAULT_HEADS).info
     held = heldout_prompts(info, count=10_000)

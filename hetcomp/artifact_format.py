@@ -1,0 +1,183 @@
+"""The artifact format, and the rule every output of hetcomp follows: never lose a user's file.
+
+An artifact is a folder::
+
+    DIR/manifest.json   model, source hash, config, dtype, target, TVM version, files, params
+    DIR/lib.so          the compiled Relax VM executable (all kernels)
+    DIR/params.bin      packed weights, concatenated raw little-endian arrays (64-byte aligned)
+    DIR/tokenizer.json  the HF ``tokenizers`` serialisation
+
+The manifest carries its own digest (hand edits are refused) and the SHA-256 of every file.
+
+Outputs (artifacts, profile kits, tune folders, heads files, plans) are written to a temporary
+sibling and renamed into place. An existing output is replaced only when it is of the same
+kind and the caller passed ``force``; anything else there (a user's folder, a file) is refused
+before any work is done and left as it was.
+
+Ground floor: standard library and numpy only, so the runtime reads artifacts without the
+compiler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from .errors import HetcompError
+
+FORMAT = "hetcomp-artifact/1"
+_ALIGN = 64
+
+
+def sha256_file(path: str, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while True:
+            b = fh.read(chunk)
+            if not b:
+                return h.hexdigest()
+            h.update(b)
+
+
+def manifest_digest(manifest: dict) -> str:
+    """Digest of the manifest without its own ``digest`` field (detects hand edits)."""
+    body = {k: v for k, v in manifest.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def write_params(path: str, params: list[tuple[str, np.ndarray]]) -> list[dict]:
+    """Write ``params`` as 64-byte aligned raw arrays; returns the index the manifest keeps."""
+    index, offset = [], 0
+    with open(path, "wb") as fh:
+        for name, arr in params:
+            arr = np.ascontiguousarray(arr)
+            pad = (-offset) % _ALIGN
+            fh.write(b"\0" * pad)
+            offset += pad
+            fh.write(arr.tobytes())
+            index.append({"name": name, "dtype": str(arr.dtype), "shape": list(arr.shape),
+                          "offset": offset, "nbytes": int(arr.nbytes)})
+            offset += arr.nbytes
+    return index
+
+
+def read_manifest(path: str) -> dict:
+    """The checked manifest of the artifact folder ``path`` (one-line errors otherwise)."""
+    mpath = os.path.join(path, "manifest.json")
+    if not os.path.isdir(path):
+        raise HetcompError(f"artifact folder not found: {path}")
+    if not os.path.isfile(mpath):
+        raise HetcompError(f"not a hetcomp artifact (no manifest.json): {path}")
+    try:
+        with open(mpath, "rb") as fh:
+            manifest = json.loads(fh.read().decode("utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        raise HetcompError(f"corrupt manifest.json in {path}: {_first_line(e)}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise HetcompError(f"not a hetcomp artifact (format is not {FORMAT}): {path}")
+    if manifest.get("digest") != manifest_digest(manifest):
+        raise HetcompError(f"manifest.json was edited after compilation: {path}")
+    return manifest
+
+
+def is_artifact(path: str) -> bool:
+    """True when ``path`` holds an artifact manifest (checked or not: a damaged artifact may
+    still be replaced by a new one)."""
+    try:
+        with open(os.path.join(path, "manifest.json")) as fh:
+            return json.load(fh).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+# Outputs --------------------------------------------------------------------------------------
+def check_output(path: str, is_same_kind: Callable[[str], bool], what: str,
+                 force: bool = False) -> None:
+    """Refuse to write ``what`` at ``path`` unless nothing is there, an empty folder is, or
+    (with ``force``) an output of the same kind is. Call before any long work."""
+    path = os.path.abspath(path)
+    if not os.path.lexists(path):
+        return
+    if os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path):
+        return
+    if is_same_kind(path):
+        if force:
+            return
+        raise HetcompError(f"{path} holds a {what} already: pass --force to replace it")
+    kind = "folder" if os.path.isdir(path) else "file"
+    raise HetcompError(f"{path} is a {kind} that is not a {what}: refusing to replace it "
+                       "(choose another output path)")
+
+
+@contextlib.contextmanager
+def output_dir(path: str, is_same_kind: Callable[[str], bool], what: str,
+               force: bool = False) -> Iterator[str]:
+    """Yield a temporary folder beside ``path``; on success it replaces ``path``.
+
+    The check of :func:`check_output` runs first and again just before the rename (the
+    folder may have changed meanwhile); on any error the temporary folder is removed and
+    ``path`` is untouched.
+    """
+    path = os.path.abspath(path)
+    check_output(path, is_same_kind, what, force)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".hetcomp-tmp-", dir=parent)
+    try:
+        yield tmp
+        check_output(path, is_same_kind, what, force)
+        if os.path.isdir(path):
+            old = tempfile.mkdtemp(prefix=".hetcomp-old-", dir=parent)
+            os.rename(path, os.path.join(old, "x"))
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def output_file(path: str, is_same_kind: Callable[[str], bool] | None = None,
+                what: str = "", force: bool = True) -> Iterator[str]:
+    """Yield a temporary file path beside ``path``; on success it replaces ``path``.
+
+    ``is_same_kind``: where given, an existing ``path`` must pass it (and ``force``) to be
+    replaced, as for folders. The suffix of ``path`` is kept (numpy's savez appends
+    ``.npz`` to names without it).
+    """
+    path = os.path.abspath(path)
+    if is_same_kind is not None:
+        check_output(path, is_same_kind, what, force)
+    if os.path.isdir(path):
+        raise HetcompError(f"{path} is a folder: give a file path")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".hetcomp-tmp-", suffix=os.path.splitext(path)[1],
+                               dir=parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path: str, data, **kwargs) -> None:
+    """Write JSON through :func:`output_file` (never a half-written file)."""
+    with output_file(path) as tmp, open(tmp, "w") as fh:
+        json.dump(data, fh, **kwargs)

@@ -1,0 +1,206 @@
+"""``hetcomp bench``: decode speed per width on fixed or held-out prompts, interleaved, with
+the bandwidth roofline, per-unit busy time and the slowest kernels of a verify step."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+
+from ..errors import HetcompError
+from ..profile.bandwidth import measure_read_bandwidth
+from ..runtime import generate, load_artifact
+from ..runtime.generate import auto_lookup
+from ..runtime.unit_time import kernel_breakdown, step_breakdown
+from .calibrate import heldout_prompts
+
+BENCH_PROMPTS = [
+    "Write a short story about a robot who learns to paint.",
+    "Explain how a refrigerator works, in simple terms.",
+    "What should I pack for a weekend hiking trip?",
+]
+
+
+def bench_prompts(manifest: dict, which: str = "bench") -> list[str]:
+    """The prompts `hetcomp bench` decodes: ``bench`` (:data:`BENCH_PROMPTS`) or ``heldout``
+    (the first 8 held-out prompts of the calibration that made the heads of the artifact
+    whose ``manifest`` is given)."""
+    if which == "bench":
+        return list(BENCH_PROMPTS)
+    info = (manifest.get("speculative") or {}).get("heads_info")
+    if not info or "corpus" not in info:
+        raise HetcompError("--prompts heldout needs an artifact compiled with calibrated heads")
+    return heldout_prompts(info)
+
+
+def bench_widths(art, widths, new_tokens: int, lookup: int | None,
+                 prompts: list[str] = BENCH_PROMPTS, rounds: int = 1) -> list[dict]:
+    """Per width: tokens/s over the prompts, accepted tokens per step, step time.
+
+    Widths are interleaved: every prompt (in every round) runs at each width in turn, so a
+    slow phase of a shared machine lands on all widths alike instead of on a few of them.
+    """
+    chat = art.tokenizer.chat_template is not None  # tiny test models have none
+    encoded = [art.tokenizer.encode(p, chat=chat) for p in prompts]
+    lookups = {w: auto_lookup(w) if lookup is None else lookup for w in widths}
+    for w in widths:
+        generate(art, encoded[0], max_new_tokens=8, stop_at_eos=False, width=w,
+                 lookup=lookups[w])  # warm-up
+    made = dict.fromkeys(widths, 0)
+    secs = dict.fromkeys(widths, 0.0)
+    steps = dict.fromkeys(widths, 0)
+    times: dict = {w: [] for w in widths}
+    for r in range(rounds):
+        for ids in encoded:
+            for w in widths:
+                res = generate(art, ids, max_new_tokens=new_tokens, stop_at_eos=False,
+                               width=w, step_times=times[w], lookup=lookups[w])
+                made[w] += len(res.ids) - 1
+                secs[w] += res.decode_s
+                steps[w] += res.steps
+        if rounds > 1:
+            print(f"  round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+    rows = []
+    for w in widths:
+        tree = art.trees.get(w)
+        rows.append({
+            "width": w,
+            "tokens_per_s": made[w] / secs[w],
+            "accepted_per_step": made[w] / steps[w],
+            "expected_accepted_per_step": tree.expected_accept_length if tree else 1.0,
+            "step_ms": 1e3 * statistics.median(times[w]),
+            "lookup": lookups[w],
+        })
+        print(f"  W={w:3d}  {rows[-1]['tokens_per_s']:6.1f} tokens/s  "
+              f"{rows[-1]['accepted_per_step']:.2f} accepted/step  "
+              f"{rows[-1]['step_ms']:.1f} ms/step", file=sys.stderr, flush=True)
+    return rows
+
+
+def plot_widths(rows, path: str, title: str) -> None:
+    """Tokens/s and accepted tokens per step against the tree width, as a PNG."""
+    import matplotlib  # lazy: plotting is optional and slow to import
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ws = [r["width"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(ws, [r["tokens_per_s"] for r in rows], marker="o", color="C0", label="tokens/s")
+    pred = [(r["width"], r["predicted_tokens_per_s"]) for r in rows if "predicted_tokens_per_s" in r]
+    if pred:
+        ax.plot(*zip(*pred, strict=True), marker="x", ls="--", color="C0",
+                label="predicted (plan)")
+        ax.legend(loc="lower left", fontsize=8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tree width W")
+    ax.set_ylabel("decode tokens/s", color="C0")
+    ax2 = ax.twinx()
+    ax2.plot(ws, [r["accepted_per_step"] for r in rows], marker="s", color="C1",
+             label="accepted/step (measured)")
+    ax2.plot(ws, [r["expected_accepted_per_step"] for r in rows], ls="--", color="C1",
+             label="accepted/step (expected)")
+    ax2.set_ylabel("tokens per verify step", color="C1")
+    fig.legend(loc="upper left", bbox_to_anchor=(0.12, 0.88))
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _breakdown_cache_len(art, widths) -> int:
+    """The committed length the step breakdowns run after: 64, or less if the widest tree
+    would not fit the context after it."""
+    return max(1, min(64, art.config.max_context - max(widths) - 1))
+
+
+def kernel_tables(art, widths, top: int) -> list[dict]:
+    """Per width: the ``top`` kernels (and VM builtins) by synchronised time in one verify
+    step (hetcomp.runtime.unit_time.kernel_breakdown)."""
+    cache_len = _breakdown_cache_len(art, widths)
+    out = []
+    for w in sorted(set(widths)):
+        b = kernel_breakdown(art, w, steps=5, cache_len=cache_len)
+        out.append({"width": w, "step_ms": 1e3 * b["step_s"], "top": [
+            {"name": k, "ms": 1e3 * t, "calls": b["calls"][k]}
+            for k, t in list(b["kernels"].items())[:top]]})
+    return out
+
+
+def verify_steps(art, widths) -> list[dict]:
+    """Per width: the verify step time and each unit's busy time (their sum is the step
+    without overlap; see hetcomp.runtime.unit_time)."""
+    cache_len = _breakdown_cache_len(art, widths)
+    out = []
+    for w in sorted(set(widths)):
+        b = step_breakdown(art, w, steps=5, cache_len=cache_len)
+        out.append({"width": w, "step_ms": 1e3 * b["step_s"], "serial_ms": 1e3 * b["serial_s"],
+                    "busy_ms": {u: 1e3 * t for u, t in b["busy_s"].items() if u != "host"}})
+    return out
+
+
+def bench(artifact: str, widths: list[int] | None = None, runs: int = 5, new_tokens: int = 64,
+          prompts: str = "bench", rounds: int = 1, lookup: int | None = None, kernels: int = 0,
+          plot: str | None = None, verify: bool = True) -> dict:
+    """Benchmark the artifact at ``artifact``; returns the report `hetcomp bench` prints.
+
+    Sequential decoding ``runs`` times on the first bench prompt (median tokens/s, against
+    the measured read bandwidth's roofline), the verify step per width, and with ``widths``
+    every width on every prompt, interleaved (:func:`bench_widths`), plotted to ``plot``
+    (default ``ARTIFACT/bench_widths.png``).
+    """
+    if runs < 1 or rounds < 1 or new_tokens < 1 or kernels < 0:
+        raise HetcompError("--runs, --rounds and --new-tokens must be at least 1, --kernels "
+                           "at least 0")
+    if lookup is not None and lookup < 0:
+        raise HetcompError("--lookup must be at least 0")
+    if widths is not None and (not widths or min(widths) < 1):
+        raise HetcompError("--widths must be positive integers")
+    art = load_artifact(artifact, verify=verify)
+    texts = bench_prompts(art.manifest, prompts)
+    bad = [w for w in (widths or [1]) if w != 1 and w not in art.trees]
+    if bad:
+        raise HetcompError(f"widths {bad} are not in this artifact (compile with --heads)")
+    ids = art.tokenizer.encode(BENCH_PROMPTS[0], chat=art.tokenizer.chat_template is not None)
+    generate(art, ids, max_new_tokens=8, stop_at_eos=False)  # warm-up
+    results = [generate(art, ids, max_new_tokens=new_tokens, stop_at_eos=False)
+               for _ in range(runs)]
+    tps = statistics.median(r.decode_tokens_per_s for r in results)
+    bw = measure_read_bandwidth()
+    per_token = art.bytes_per_token()
+    report = {
+        "artifact": art.path,
+        "dtype": art.dtype,
+        "threads": int(os.environ.get("TVM_NUM_THREADS", "1")),
+        "prompt_tokens": len(ids),
+        "new_tokens": new_tokens,
+        "runs": runs,
+        "decode_tokens_per_s": tps,
+        "decode_tokens_per_s_all": [r.decode_tokens_per_s for r in results],
+        "prefill_s": statistics.median(r.prefill_s for r in results),
+        "weight_bytes_per_token": per_token,
+        "memory_bandwidth_gb_s": bw,
+        "roofline_tokens_per_s": bw * 1e9 / per_token,
+        "roofline_fraction": tps * per_token / (bw * 1e9),
+    }
+    report["verify_steps"] = verify_steps(art, widths or [1])
+    if kernels:
+        report["kernels"] = kernel_tables(art, widths or [1], kernels)
+    if widths:
+        report["prompts"] = {"set": prompts, "count": len(texts)}
+        rows = bench_widths(art, widths, new_tokens, lookup, texts, rounds)
+        report["rounds"] = rounds
+        predicted = art.manifest.get("plan_prediction") or {}
+        for r in rows:
+            if str(r["width"]) in predicted:
+                r["predicted_tokens_per_s"] = predicted[str(r["width"])]["tokens_per_s"]
+        best = max(rows, key=lambda r: r["tokens_per_s"])
+        base = next((r for r in rows if r["width"] == 1), rows[0])
+        report["widths"] = rows
+        report["best_width"] = best["width"]
+        report["speedup_best_vs_w1"] = best["tokens_per_s"] / base["tokens_per_s"]
+        plot = plot or os.path.join(art.path, "bench_widths.png")
+        plot_widths(rows, plot, f"{art.manifest['model']} ({art.dtype}): speculative decoding")
+        report["plot"] = plot
+    return report

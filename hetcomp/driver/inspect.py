@@ -1,0 +1,57 @@
+"""``hetcomp inspect PATH``: what a file or folder hetcomp reads or writes holds, checked.
+
+An artifact folder (its manifest), a model (GGUF file or HF folder: loaded and validated as
+`compile` would), Medusa heads (.npz), a plan (.json) or a profile kit. Every input is read by
+the same function the workflows use, so a file that `inspect` accepts is one they accept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from ..artifact_format import read_manifest
+from ..errors import HetcompError
+from ..frontend import load_model
+from ..plan import load_plan, plan_prediction
+from ..speculative.medusa import MedusaHeads
+
+
+def inspect_path(path: str) -> dict:
+    """A summary of ``path`` (what kind it is, and what it holds)."""
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "manifest.json")):
+            return {"kind": "artifact", **read_manifest(path)}
+        if os.path.isfile(os.path.join(path, "kit.json")):
+            from ..profile.measure import read_kit  # lazy: it builds probes with the compiler
+
+            kit = read_kit(path)
+            return {"kind": "profile kit", "model": kit["model"], "units": kit["units"]}
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return _model(path)
+        raise HetcompError(f"{path} is no artifact, HF model folder or profile kit")
+    if not os.path.isfile(path):
+        raise HetcompError(f"no such file or folder: {path}")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".gguf":
+        return _model(path)
+    if ext == ".npz":
+        heads = MedusaHeads.load(path)
+        return {"kind": "medusa heads", "num_heads": heads.num_heads,
+                "hidden_size": int(heads.w.shape[1]), "root_conditioned": heads.u is not None,
+                "draft_vocab": None if heads.vocab is None else len(heads.vocab),
+                "rank_probs": heads.rank_probs.tolist()}
+    if ext == ".json":
+        plan = load_plan(path)
+        return {"kind": "plan", "partition": plan.to_json() if plan else None,
+                "prediction": plan_prediction(path)}
+    raise HetcompError(f"{path}: not a kind hetcomp reads (.gguf, .npz, .json or a folder)")
+
+
+def _model(path: str) -> dict:
+    cfg, weights, spec, _ = load_model(path)
+    return {"kind": "model", "config": dataclasses.asdict(cfg),
+            "tensors": len(weights),
+            "parameters": int(sum(a.size for a in weights.values())),
+            "vocabulary": len(spec["tokens"]) if "tokens" in spec else None,
+            "chat_template": spec.get("chat_template") is not None}

@@ -1,0 +1,100 @@
+"""``hetcomp profile``: measure each op class on each present unit into an SQLite profile
+(reused while the units' fingerprints match), or build a profile kit to measure elsewhere.
+
+Measuring a kit (``--kit``) runs with a runtime-only TVM, so this module imports no
+compiler room at the top (building a kit imports it inside :func:`~hetcomp.profile.measure.
+build_kit`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+
+from ..cost.roofline import ModelShape
+from ..errors import HetcompError
+from ..frontend import resolve_model
+from ..frontend.gguf_loader import open_gguf, read_config
+from ..frontend.hf_loader import load_hf
+from ..hardware import SPEC_BOARDS, SPECS
+from ..profile.db import ProfileDB
+from ..profile.measure import ProfileOptions, build_kit, profile_kit, profile_unit, read_kit
+from ..profile.units import detect_unit
+
+
+def read_model_shape(model: str, dtype: str = "float32"):
+    """``(ModelShape, database key)`` from a model's metadata (weights are not loaded)."""
+
+    path = resolve_model(model)
+    if os.path.isdir(path):
+
+        cfg = load_hf(path)[0]
+    else:
+
+        cfg = read_config(open_gguf(path))
+    shape = ModelShape.from_config(cfg, dtype)
+    digest = hashlib.sha256(json.dumps(shape.to_json(), sort_keys=True).encode()).hexdigest()
+    return shape, f"{os.path.basename(model)}:{dtype}:{digest[:8]}"
+
+
+def split_unit_names(units) -> tuple[list[str], list[str]]:
+    """``(present units, spec units)``; board names expand to their units."""
+    present, spec = [], []
+    for name in units:
+        for n in SPEC_BOARDS.get(name, (name,)):
+            (spec if n in SPECS else present).append(n)
+    if present and spec:
+        raise HetcompError(f"cannot plan measured units ({', '.join(present)}) together with "
+                           f"spec estimates ({', '.join(spec)}): they describe different "
+                           "machines; tune them separately")
+    if not present and not spec:
+        raise HetcompError("no units given")
+    return present, spec
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def profile_command(model: str = "smollm2", units=("cpu",), out: str = "profile.sqlite",
+                    quick: bool = False, force: bool = False, progress=None,
+                    kit_out: str | None = None, kit: str | None = None,
+                    target: str = "host") -> dict:
+    """Profile every op class of ``model`` on each present unit into the SQLite file ``out``.
+
+    ``kit_out``: only compile the probe kernels into a profile kit (CPU code for the named
+    ``target``) to measure elsewhere; ``kit``: measure such a kit here (TVM runtime only).
+    Returns a summary: per unit its fingerprint digest, measurement count and whether the
+    stored profile was reused.
+    """
+
+    present, spec = split_unit_names(units)
+    if spec:
+        raise HetcompError(f"spec-only units cannot be profiled: {', '.join(spec)}")
+    opts = ProfileOptions.quick() if quick else ProfileOptions()
+    if kit_out is not None:
+        shape, key = read_model_shape(model)
+        path = build_kit(kit_out, present, shape, key, opts, cpu_target=target,
+                         progress=progress, force=force)
+        return {"kit": path, "model": key, "mode": opts.mode, "units": list(present)}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    if kit is not None:
+        meta = read_kit(kit)
+        with ProfileDB(out) as db:
+            measured = profile_kit(kit, db, present if units else None, force, progress)
+        return {"db": os.path.abspath(out), "model": meta["model"],
+                "mode": meta["options"]["mode"], "units": measured}
+    shape, key = read_model_shape(model)
+    summary = {"db": os.path.abspath(out), "model": key, "mode": opts.mode, "units": {}}
+    with ProfileDB(out) as db:
+        for name in present:
+            unit = detect_unit(name)
+            res = profile_unit(unit, shape, db, key, opts, force=force, progress=progress)
+            summary["units"][name] = {"fingerprint": unit.fingerprint.to_json(),
+                                      "measurements": len(res.rows), "reused": res.reused,
+                                      "mode": res.mode}
+    return summary
+
+

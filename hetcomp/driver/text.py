@@ -1,0 +1,99 @@
+"""Text in, text out: streamed generation and a multi-turn chat that keeps its KV cache.
+
+Runs with a runtime-only TVM (``TVM_USE_RUNTIME_LIB=1``): it imports the runtime and the
+tokenizer, never the compiler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from ..errors import HetcompError
+from ..frontend.tokenizer import render_messages
+from ..runtime import Artifact, load_artifact  # noqa: F401  (the API's `load`)
+from ..runtime.generate import Generation, GenerationResult, TextStream, auto_lookup
+
+
+def default_width(art: Artifact) -> int:
+    """The width ``generate`` speculates at unless told: the one the artifact was compiled
+    for (``manifest["default_width"]``), else 1 (no speculation)."""
+    width = int(art.manifest.get("default_width") or 1)
+    return width if width == 1 or width in art.trees else 1
+
+
+class TextGeneration:
+    """Iterate for the text of each step as it is accepted; :attr:`result` once done."""
+
+    def __init__(self, gen: Generation, tokenizer):
+        self.generation, self._stream = gen, TextStream(tokenizer)
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        for ids in self.generation:
+            text = self._stream.push(ids)
+            if text:
+                yield text
+        self.result = self.generation.result()
+
+
+def generate(artifact: str | Artifact, prompt: str | list[int], *, chat: bool = False,
+             max_new_tokens: int = 64, width: int | None = None, lookup: int | None = None,
+             stop_at_eos: bool = True) -> TextGeneration:
+    """Greedy generation from ``prompt`` (text, or token ids) that streams its text.
+
+    ``for piece in generate(art, "Hello"): print(piece, end="")`` prints the text as each
+    verify step accepts tokens; the returned object's ``result`` then holds the ids and
+    timings. ``width``: the token-tree width (default :func:`default_width`); ``lookup``:
+    n-gram draft tokens inside it (default half the width, at most 8).
+    """
+    art = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
+    ids = prompt if isinstance(prompt, list) else art.tokenizer.encode(prompt, chat=chat)
+    width = default_width(art) if width is None else width
+    lookup = auto_lookup(width) if lookup is None else lookup
+    gen = Generation(art, ids, max_new_tokens=max_new_tokens, width=width, lookup=lookup,
+                     stop_at_eos=stop_at_eos)
+    return TextGeneration(gen, art.tokenizer)
+
+
+class Chat:
+    """A multi-turn conversation on one KV cache.
+
+    Each turn renders the whole conversation with the model's chat template, keeps the
+    cached tokens it shares with that rendering, and prefills only the rest (the new user
+    turn and the template's markers), so the reply is the one a fresh generation of the
+    whole conversation would give.
+    """
+
+    def __init__(self, artifact: str | Artifact, max_new_tokens: int = 256,
+                 width: int | None = None, lookup: int | None = None,
+                 system: str | None = None):
+        self.art = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
+        if self.art.tokenizer.chat_template is None:
+            raise HetcompError("this model has no chat template: `hetcomp chat` needs one")
+        self.width = default_width(self.art) if width is None else width
+        self.lookup = auto_lookup(self.width) if lookup is None else lookup
+        self.max_new_tokens = max_new_tokens
+        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+        self.session = self.art.new_session()
+        self.last: GenerationResult | None = None
+        self.last_prefilled = 0
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """The token ids of the conversation so far plus the user turn ``text``."""
+        msgs = [*self.messages, {"role": "user", "content": text}]
+        rendered = render_messages(self.art.tokenizer.chat_template, msgs)
+        return self.art.tokenizer.encode_text(rendered)
+
+    def send(self, text: str) -> Iterator[str]:
+        """Stream the reply to the user turn ``text``; the turn is kept once it is done."""
+        ids = self.prompt_ids(text)
+        gen = Generation(self.art, ids, max_new_tokens=self.max_new_tokens, width=self.width,
+                         lookup=self.lookup, session=self.session)
+        stream = TextStream(self.art.tokenizer)
+        for new in gen:
+            piece = stream.push(new)
+            if piece:
+                yield piece
+        self.last, self.last_prefilled = gen.result(), gen.prefilled
+        self.messages += [{"role": "user", "content": text},
+                          {"role": "assistant", "content": self.last.text}]

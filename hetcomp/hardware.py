@@ -1,0 +1,127 @@
+"""Processing units as data: datasheet figures, labels of where a cost comes from, and targets.
+
+A :class:`DeviceSpec` describes a unit that is *not* present (a Jetson Orin NX GPU, an NPU)
+by its datasheet figures. Costs derived from a spec are always labelled
+``source="spec-estimate"`` and never stored next to or mixed with measurements
+(``source="measured"``). :func:`target_dict` names the compilation target of each unit kind
+(TVM 0.27 takes targets as dicts; target strings are rejected).
+
+Ground floor: imports no TVM (the host CPU's LLVM name is asked of ``tvm_ffi`` on demand), so
+the planner and the cost models read it without a compiler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .errors import HetcompError
+
+MEASURED = "measured"
+SPEC_ESTIMATE = "spec-estimate"
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceSpec:
+    """Datasheet figures of a processing unit, for roofline estimates.
+
+    Parameters
+    ----------
+    name : str
+        Unit name used in plans (``orin-nx-gpu``).
+    kind : str
+        ``cpu``, ``gpu`` or ``npu``.
+    peak_gflops : float
+        Peak fp32 GFLOP/s.
+    mem_bw_gbs : float
+        Achievable DRAM bandwidth in GB/s (what a streaming kernel reaches).
+    launch_s : float
+        Fixed cost of one kernel call (launch or thread-pool fork/join), seconds.
+    shared_memory : bool
+        True when the unit shares DRAM with the host CPU (zero-copy concat, shared bandwidth).
+    sync_s : float
+        One host synchronisation with this unit (event wait), seconds.
+    link_gbs : float
+        Host link bandwidth for copies when memory is not shared (0 when shared).
+    theoretical_bw_gbs : float
+        The datasheet DRAM bandwidth (for reference; estimates use ``mem_bw_gbs``).
+    notes : str
+        Where the figures come from.
+    """
+
+    name: str
+    kind: str
+    peak_gflops: float
+    mem_bw_gbs: float
+    launch_s: float = 5e-6
+    shared_memory: bool = True
+    sync_s: float = 0.0
+    link_gbs: float = 0.0
+    theoretical_bw_gbs: float = 0.0
+    notes: str = ""
+
+    def __post_init__(self):
+        if self.peak_gflops <= 0 or self.mem_bw_gbs <= 0:
+            raise ValueError(f"{self.name}: peak_gflops and mem_bw_gbs must be positive")
+        if not self.shared_memory and self.link_gbs <= 0:
+            raise ValueError(f"{self.name}: a unit without shared memory needs link_gbs")
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Approximate public figures for a Jetson Orin NX 16GB-class board (NVIDIA Jetson Orin NX
+# series datasheet and module specifications): 8-core Arm Cortex-A78AE at up to 2 GHz;
+# Ampere GPU with 1024 CUDA cores at up to 918 MHz (1024 x 2 FLOP x 0.918 GHz = 1.88 TFLOP/s
+# fp32); 128-bit LPDDR5, 102.4 GB/s theoretical, shared by CPU and GPU, of which about 60-70
+# GB/s is achievable by a streaming kernel. The CPU's ~100 GFLOP/s is an achievable fp32 NEON
+# figure (the 8 x 2 x 128-bit FMA peak is ~256). Launch/sync costs are typical CUDA-on-Jetson
+# magnitudes, not measurements. All of these are estimates.
+_ORIN_NOTE = ("approximate public figures (NVIDIA Jetson Orin NX series datasheet); "
+              "not measured")
+ORIN_NX_CPU = DeviceSpec(
+    name="orin-nx-cpu", kind="cpu", peak_gflops=100.0, mem_bw_gbs=60.0, launch_s=5e-6,
+    shared_memory=True, theoretical_bw_gbs=102.4, notes="8x Cortex-A78AE; " + _ORIN_NOTE)
+ORIN_NX_GPU = DeviceSpec(
+    name="orin-nx-gpu", kind="gpu", peak_gflops=1880.0, mem_bw_gbs=65.0, launch_s=10e-6,
+    shared_memory=True, sync_s=20e-6, theoretical_bw_gbs=102.4,
+    notes="Ampere, 1024 CUDA cores at 918 MHz; " + _ORIN_NOTE)
+
+SPECS: dict[str, DeviceSpec] = {s.name: s for s in (ORIN_NX_CPU, ORIN_NX_GPU)}
+SPEC_BOARDS: dict[str, tuple[str, ...]] = {"orin-nx": ("orin-nx-cpu", "orin-nx-gpu")}
+
+
+
+def host_cpu_name() -> str:
+    """LLVM's name for this machine's CPU (``-mcpu``), so vector ISA extensions are used."""
+    import tvm_ffi  # lazy: only a host target needs it, and it loads the TVM runtime
+
+    f = tvm_ffi.get_global_func("tvm.codegen.llvm.GetHostCPUName", allow_missing=True)
+    return str(f()) if f is not None else "generic"
+
+
+# The GPU architecture of `--target cuda` and of GPU units without an explicit one: the
+# H100/H200 class this project has measured on. `--cuda-arch` overrides it.
+DEFAULT_CUDA_ARCH = "sm_90"
+
+
+def target_dict(name: str, cuda_arch: str = DEFAULT_CUDA_ARCH) -> dict:
+    """The TVM target (as a dict) of a named target."""
+    if name == "host":
+        return {"kind": "llvm", "mcpu": host_cpu_name()}
+    if name == "aarch64":
+        return {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
+    if name == "x86-64":
+        return {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}
+    if name == "x86-64-v3":  # any x86 CPU since 2013 (AVX2, FMA): artifacts for other hosts
+        return {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v3"}
+    if name == "cuda":  # the whole model on an NVIDIA GPU, driven by a portable host
+        return {"kind": "cuda", "arch": cuda_arch, "host": target_dict("x86-64-v3")}
+    raise HetcompError(f"unknown target {name!r} (known: {', '.join(TARGET_NAMES)})")
+
+
+TARGET_NAMES = ("host", "aarch64", "x86-64", "x86-64-v3", "cuda")
+
+
+def host_part(spec: dict) -> dict:
+    """The LLVM target that runs a target's host code (the target itself for CPUs)."""
+    return dict(spec["host"]) if "host" in spec else dict(spec)

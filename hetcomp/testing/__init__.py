@@ -1,0 +1,60 @@
+"""Test and tutorial helpers: tiny models, an independent numpy LLaMA (:mod:`.numpy_llama`), a
+GGUF writer as llama.cpp's converter writes (:mod:`.gguf_writer`). Not used by the compiler."""
+
+from __future__ import annotations
+
+import numpy as np
+from tokenizers.pre_tokenizers import ByteLevel
+
+from ..driver.compile import CompileOptions, compile_model
+from ..frontend.config import LlamaConfig
+from ..frontend.weights import random_weights
+
+TINY = LlamaConfig(hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                   num_kv_heads=2, vocab_size=320, max_context=128, rope_theta=10000.0)
+
+# A ChatML template (SmolLM2's shape, without its default system turn) for tiny models.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def byte_tokenizer_spec(vocab_size: int, chat_template: str | None = None) -> dict:
+    """A byte-level BPE vocabulary with no merges, padded to ``vocab_size`` (tiny models)."""
+    alphabet = sorted(ByteLevel.alphabet())
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + alphabet
+    tokens += [f"<extra_{i}>" for i in range(vocab_size - len(tokens))]
+    types = [3, 3, 3] + [1] * (vocab_size - 3)
+    return {"model": "gpt2", "pre": "default", "tokens": tokens, "merges": [],
+            "token_type": types, "eos_token_id": 2, "bos_token_id": 1,
+            "add_bos_token": False, "chat_template": chat_template}
+
+
+def tree_mask(parents):
+    """Ancestor-or-self mask of a tree given each node's parent (-1 for the root)."""
+    w = len(parents)
+    m = np.zeros((w, w), "int32")
+    for i in range(w):
+        j = i
+        while j >= 0:
+            m[i, j] = 1
+            j = parents[j]
+    return m
+
+
+def depths(parents):
+    d = []
+    for p in parents:
+        d.append(0 if p < 0 else d[p] + 1)
+    return np.array(d)
+
+
+def compile_tiny(tmp_path_factory, cfg=TINY, dtype="float32", seed=0, name="tiny"):
+    """Compile a random model of ``cfg`` into a fresh folder of pytest's ``tmp_path_factory``;
+    returns (artifact path, float32 weights)."""
+    w = random_weights(cfg, seed=seed)
+    out = tmp_path_factory.mktemp(name) / "art"
+    compile_model(CompileOptions(model="tiny.gguf", dtype=dtype, max_context=cfg.max_context),
+                  str(out), quiet=True, weights=(cfg, w, byte_tokenizer_spec(cfg.vocab_size),
+                                                  __file__))
+    return str(out), w

@@ -1,0 +1,249 @@
+"""Never lose a user's file; bad input of every kind is one line on stderr and exit 2.
+
+The fuzz tests damage real inputs (a GGUF file, a heads file, a plan, an artifact manifest) at
+many offsets and run the command that reads each in-process through ``hetcomp.cli.main``:
+every truncation must be refused, and every flipped byte either refused cleanly or (where
+the damage leaves a valid file, e.g. inside tensor data) accepted; never a traceback.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from hetcomp.cli import main
+from hetcomp.frontend.weights import random_weights
+from hetcomp.speculative.medusa import MedusaHeads
+from hetcomp.testing import TINY, byte_tokenizer_spec
+from hetcomp.testing.gguf_writer import write_gguf
+
+
+def run(*args):
+    p = subprocess.run([sys.executable, "-m", "hetcomp", *map(str, args)],
+                       capture_output=True, text=True, timeout=600)
+    return p.returncode, p.stdout, p.stderr
+
+
+def one_line(rc, err, needle=""):
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err and needle in lines[0], err
+
+
+def cli(capsys, *args) -> tuple[int, str]:
+    rc = main([str(a) for a in args])
+    return rc, capsys.readouterr().err
+
+
+def tree_state(path):
+    """Every file below ``path`` with its bytes (what must stay untouched)."""
+    out = {}
+    for root, _, files in os.walk(path):
+        for f in files:
+            p = os.path.join(root, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, path)] = fh.read()
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    write_gguf(path, TINY, random_weights(TINY), byte_tokenizer_spec(TINY.vocab_size))
+    return path
+
+
+# ---- outputs -------------------------------------------------------------------------------
+def test_compile_refuses_a_folder_that_is_not_an_artifact(tmp_path):
+    """`mkdir X && touch X/keep && hetcomp compile --model smollm2 -o X` keeps X/keep."""
+    x = tmp_path / "X"
+    x.mkdir()
+    (x / "keep").write_text("mine")
+    rc, _, err = run("compile", "--model", "smollm2", "-o", x)
+    one_line(rc, err, "not a hetcomp artifact")
+    assert tree_state(x) == {"keep": b"mine"}
+    # --force replaces only artifacts, never a user's folder
+    rc, _, err = run("compile", "--model", "smollm2", "--force", "-o", x)
+    one_line(rc, err, "not a hetcomp artifact")
+    assert tree_state(x) == {"keep": b"mine"}
+    f = tmp_path / "file.txt"
+    f.write_text("mine")
+    rc, _, err = run("compile", "--model", "smollm2", "-o", f)
+    one_line(rc, err, "is a file")
+    assert f.read_text() == "mine"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".hetcomp")] == []
+
+
+def test_compile_replaces_an_artifact_only_with_force(tmp_path, tiny_gguf, capsys):
+    art = tmp_path / "art"
+    assert cli(capsys, "compile", "--model", tiny_gguf, "--max-context", 64, "--quiet",
+               "-o", art)[0] == 0
+    before = tree_state(art)
+    rc, err = cli(capsys, "compile", "--model", tiny_gguf, "--max-context", 64, "-o", art)
+    one_line(rc, err, "--force")
+    assert tree_state(art) == before
+    assert cli(capsys, "compile", "--model", tiny_gguf, "--max-context", 32, "--quiet",
+               "--force", "-o", art)[0] == 0
+    assert json.loads((art / "manifest.json").read_text())["config"]["max_context"] == 32
+    (tmp_path / "empty").mkdir()  # an empty folder is a fine output
+    assert cli(capsys, "compile", "--model", tiny_gguf, "--max-context", 64, "--quiet",
+               "-o", tmp_path / "empty")[0] == 0
+
+
+def test_kit_tune_heads_and_profile_outputs_refuse_other_files(tmp_path, capsys):
+    x = tmp_path / "X"
+    x.mkdir()
+    (x / "keep").write_text("mine")
+    for args in (("profile", "--quick", "--kit-out", x),
+                 ("profile", "--quick", "--force", "--kit-out", x),
+                 ("tune", "--units", "orin-nx", "-o", x),
+                 ("tune", "--units", "orin-nx", "--force", "-o", x)):
+        rc, err = cli(capsys, *args)
+        one_line(rc, err, "refusing")
+        assert tree_state(x) == {"keep": b"mine"}, args
+    notes = tmp_path / "notes.npz"
+    notes.write_bytes(b"my notes")
+    rc, err = cli(capsys, "calibrate", "--reuse", tmp_path / "none.npz", "-o", notes)
+    one_line(rc, err, "refusing")
+    db = tmp_path / "notes.txt"
+    db.write_text("mine")
+    rc, err = cli(capsys, "profile", "--kit", tmp_path / "nokit", "-o", db)
+    one_line(rc, err)
+    assert notes.read_bytes() == b"my notes" and db.read_text() == "mine"
+    # a tune folder is replaced with --force (spec units: no profiling)
+    tune = tmp_path / "tune"
+    assert cli(capsys, "tune", "--units", "orin-nx", "-o", tune)[0] == 0
+    one_line(*cli(capsys, "tune", "--units", "orin-nx", "-o", tune), "--force")
+    assert cli(capsys, "tune", "--units", "orin-nx", "--force", "-o", tune)[0] == 0
+    assert json.loads((tune / "plan.json").read_text())["format"] == "hetcomp-plan/1"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("bench", "A", "--widths", "x"), "--widths"),
+    (("bench", "A", "--widths", "1,0"), "--widths"),
+    (("bench", "A", "--runs", "0"), "--runs"),
+    (("generate", "A", "--prompt", "hi", "--width", "0"), "--width"),
+    (("generate", "A", "--prompt", "hi", "--width", "-2"), "--width"),
+    (("generate", "A", "--prompt", "hi", "--max-new-tokens", "0"), "--max-new-tokens"),
+    (("generate", "A", "--prompt-ids", "1,x"), "--prompt-ids"),
+    (("generate", "A", "--prompt", "hi", "--lookup", "-1"), "--lookup"),
+    (("tune", "--kernels", "--widths", "x", "-o", "D"), "--widths"),
+    (("compile", "--max-context", "8", "-o", "D"), "--max-context"),
+    (("chat", "A", "--width", "0"), "--width"),
+])
+def test_bad_numbers_are_one_line(capsys, args, needle):
+    with pytest.raises(SystemExit) as e:
+        main(list(args))
+    one_line(e.value.code, capsys.readouterr().err, needle)
+
+
+def test_params_bin_is_checked_against_its_digest(tmp_path, tiny_artifact, capsys):
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifact[0], art)
+    pbin = art / "params.bin"
+    data = bytearray(pbin.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    pbin.write_bytes(bytes(data))
+    rc, err = cli(capsys, "generate", art, "--prompt-ids", "5,6", "--max-new-tokens", 2)
+    one_line(rc, err, "params.bin does not match")
+    # --no-verify skips the digest (the size is still checked)
+    rc, err = cli(capsys, "generate", art, "--prompt-ids", "5,6", "--max-new-tokens", 2,
+                  "--no-verify")
+    assert rc == 0, err
+    pbin.write_bytes(bytes(data[:-64]))
+    one_line(*cli(capsys, "generate", art, "--prompt-ids", "5,6", "--no-verify"), "wrong size")
+
+
+# ---- fuzz ----------------------------------------------------------------------------------
+def _offsets(size: int, count: int, dense_head: int = 0) -> list[int]:
+    """``count`` offsets spread over ``size`` bytes, plus every 7th byte of the first
+    ``dense_head`` (where a format's structure lives)."""
+    spread = np.unique(np.linspace(0, size - 1, count).astype(int)).tolist()
+    return sorted(set(spread) | set(range(0, min(dense_head, size), 7)))
+
+
+def _fuzz(capsys, tmp_path, original: bytes, name: str, command, dense_head=0, count=40):
+    """Truncate and flip ``original`` written as ``name``; run ``command(path)`` on each.
+    Returns (cases, refused)."""
+    cases = refused = 0
+    path = tmp_path / name
+    mutants = [("truncate", original[:n]) for n in _offsets(len(original), count)]
+    for off in _offsets(len(original), count, dense_head):
+        b = bytearray(original)
+        b[off] ^= 0xFF
+        mutants.append(("flip", bytes(b)))
+    for kind, data in mutants:
+        path.write_bytes(data)
+        rc, err = cli(capsys, *command(path))
+        cases += 1
+        assert rc in (0, 2), (kind, len(data), err)
+        assert "Traceback" not in err and "internal error" not in err, (kind, err)
+        if rc == 2:
+            refused += 1
+            assert len([ln for ln in err.splitlines() if ln.strip()]) == 1, err
+        else:
+            assert kind == "flip", f"a file truncated to {len(data)} bytes was accepted"
+    return cases, refused
+
+
+FUZZ_COUNTS = {}
+
+
+def test_fuzz_gguf(tmp_path, tiny_gguf, capsys):
+    # `inspect MODEL.gguf` loads the model exactly as compile does, without building it.
+    FUZZ_COUNTS["gguf"] = _fuzz(capsys, tmp_path, tiny_gguf.read_bytes(), "m.gguf",
+                                lambda p: ("inspect", p), dense_head=4096)
+
+
+def test_fuzz_heads(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    k, e = 2, 16
+    heads = MedusaHeads(rng.normal(size=(k, e, e)).astype(np.float32),
+                        rng.normal(size=(k, e)).astype(np.float32),
+                        rng.random((k, 10)), {"corpus": "test"})
+    heads.save(str(tmp_path / "h.npz"))
+    FUZZ_COUNTS["heads"] = _fuzz(capsys, tmp_path, (tmp_path / "h.npz").read_bytes(),
+                                 "x.npz", lambda p: ("inspect", p), dense_head=512)
+
+
+def test_fuzz_plan(tmp_path, capsys):
+    """A measured two-unit plan, as `tune` writes it (the planner's fields compile reads)."""
+    plan = json.dumps({
+        "format": "hetcomp-plan/1", "model": "tiny", "units": ["cpu", "cpu:1"], "host": "cpu",
+        "source": "measured", "width": 1, "cache_len": 64, "tau": 1.0, "step_s": 0.01,
+        "split": {k: {"cpu": 0.5, "cpu:1": 0.5} for k in ("qkv", "gate_up", "down")},
+        "attention": {"dense": "cpu", "sparse": "cpu:1"},
+        "candidates": [{"width": 1, "tau": 1.0, "step_s": 0.01}]}, indent=1).encode()
+    (tmp_path / "ok.json").write_bytes(plan)
+    assert cli(capsys, "inspect", tmp_path / "ok.json")[0] == 0
+    FUZZ_COUNTS["plan"] = _fuzz(capsys, tmp_path, plan, "p.json",
+                                lambda p: ("inspect", p), count=60)
+    # a spec-estimate plan is refused by compile (before any model is loaded)
+    assert cli(capsys, "tune", "--units", "orin-nx", "-o", tmp_path / "t")[0] == 0
+    one_line(*cli(capsys, "compile", "--plan", tmp_path / "t" / "plan.json", "-o",
+                  tmp_path / "o"), "spec-estimate")
+
+
+def test_fuzz_manifest(tmp_path, tiny_artifact, capsys):
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifact[0], art)
+    manifest = (art / "manifest.json").read_bytes()
+    (art / "manifest.json").unlink()
+    FUZZ_COUNTS["manifest"] = _fuzz(capsys, tmp_path / "art", manifest, "manifest.json",
+                                    lambda p: ("inspect", p.parent), count=60)
+    # loading for generation reads the same checked manifest
+    damaged = bytearray(manifest)
+    damaged[len(damaged) // 3] ^= 0x01
+    (art / "manifest.json").write_bytes(bytes(damaged))
+    one_line(*cli(capsys, "generate", art, "--prompt-ids", "5"))
+
+
+def test_fuzz_counts():
+    """Every fuzzed file was tried; the counts are in the closing note of issue 15."""
+    assert set(FUZZ_COUNTS) == {"gguf", "heads", "plan", "manifest"}, FUZZ_COUNTS
+    print("fuzz cases (tried, refused):", FUZZ_COUNTS)
+    for kind, (cases, refused) in FUZZ_COUNTS.items():
+        assert cases >= 80 and refused > 0, kind
