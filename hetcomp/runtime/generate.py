@@ -66,7 +66,7 @@ def generate(art, prompt_ids, max_new_tokens: int = 64, stop_at_eos: bool = True
         raise HetcompError(f"width {width} is not available in this artifact "
                            f"(widths: {', '.join(map(str, art.widths))}; compile with --heads)")
     lookup = min(lookup, width - 1)
-    eos = art.tokenizer.eos_token_id if stop_at_eos else None
+    eos = set(art.tokenizer.eos_token_ids) if stop_at_eos else set()
     sess = art.new_session()
     t0 = time.perf_counter()
     nxt, hidden = sess.prefill(prompt_ids)
@@ -75,7 +75,7 @@ def generate(art, prompt_ids, max_new_tokens: int = 64, stop_at_eos: bool = True
     if hidden_states is not None:
         hidden_states.append(hidden.numpy()[0])
     steps = 0
-    while len(ids) < max_new_tokens and ids[-1] != eos:
+    while len(ids) < max_new_tokens and ids[-1] not in eos:
         ts = time.perf_counter()
         chain = ngram_draft(prompt_ids + ids, lookup) if lookup else []
         shape = _step_shape(art, width, len(chain))
@@ -97,8 +97,9 @@ def generate(art, prompt_ids, max_new_tokens: int = 64, stop_at_eos: bool = True
         steps += 1
         if step_times is not None:
             step_times.append(time.perf_counter() - ts)
-    if eos is not None and eos in ids:
-        ids = ids[: ids.index(eos) + 1]
+    ends = [k for k, t in enumerate(ids) if t in eos]
+    if ends:
+        ids = ids[: ends[0] + 1]
     ids = ids[:max_new_tokens]
     t2 = time.perf_counter()
     return GenerationResult(
