@@ -63,9 +63,9 @@ def read_model_shape(model: str, dtype: str = "float32"):
 
     path = resolve_model(model)
     if os.path.isdir(path):
-        from ..frontend.hf_loader import load_hf
+        from ..frontend.hf_loader import read_hf_config
 
-        cfg = load_hf(path)[0]
+        cfg = read_hf_config(path)
     else:
         from ..frontend.gguf_loader import open_gguf, read_config
 
