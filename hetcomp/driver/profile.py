@@ -17,7 +17,7 @@ from ..cost.roofline import ModelShape
 from ..errors import HetcompError
 from ..frontend import resolve_model
 from ..frontend.gguf_loader import open_gguf, read_config
-from ..frontend.hf_loader import load_hf
+from ..frontend.hf_loader import read_hf_config
 from ..hardware import SPEC_BOARDS, SPECS
 from ..profile.db import ProfileDB
 from ..profile.measure import ProfileOptions, build_kit, profile_kit, profile_unit, read_kit
@@ -30,7 +30,7 @@ def read_model_shape(model: str, dtype: str = "float32"):
     path = resolve_model(model)
     if os.path.isdir(path):
 
-        cfg = load_hf(path)[0]
+        cfg = read_hf_config(path)
     else:
 
         cfg = read_config(open_gguf(path))

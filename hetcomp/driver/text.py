@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from ..errors import HetcompError
-from ..frontend.tokenizer import render_messages
 from ..runtime import Artifact, load_artifact  # noqa: F401  (the API's `load`)
 from ..runtime.generate import Generation, GenerationResult, TextStream, auto_lookup
 
@@ -81,8 +80,7 @@ class Chat:
     def prompt_ids(self, text: str) -> list[int]:
         """The token ids of the conversation so far plus the user turn ``text``."""
         msgs = [*self.messages, {"role": "user", "content": text}]
-        rendered = render_messages(self.art.tokenizer.chat_template, msgs)
-        return self.art.tokenizer.encode_text(rendered)
+        return self.art.tokenizer.encode_text(self.art.tokenizer.render(msgs))
 
     def send(self, text: str) -> Iterator[str]:
         """Stream the reply to the user turn ``text``; the turn is kept once it is done."""

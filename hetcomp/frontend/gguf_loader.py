@@ -44,12 +44,43 @@ def open_gguf(path: str):
     return reader
 
 
+# ``{arch}.`` keys hetcomp reads, or that llama.cpp reads without changing this model.
+_KNOWN_KEYS = {
+    "vocab_size", "context_length", "embedding_length", "feed_forward_length", "block_count",
+    "attention.head_count", "attention.head_count_kv", "attention.layer_norm_rms_epsilon",
+    "attention.key_length", "attention.value_length", "rope.freq_base", "rope.dimension_count",
+    "rope.scaling.type", "rope.scaling.factor", "rope.scaling.original_context_length",
+    "rope.scaling.finetuned", "expert_count", "expert_used_count",
+}
+
+
+def _check_supported(reader, arch: str) -> None:
+    """Refuse metadata that changes the model in a way hetcomp does not implement."""
+    for key in reader.fields:
+        if key.startswith(arch + ".") and key[len(arch) + 1:] not in _KNOWN_KEYS:
+            raise HetcompError(f"unsupported GGUF metadata key {key} (hetcomp does not "
+                               "implement what it changes)")
+    scaling = _field(reader, f"{arch}.rope.scaling.type", "none")
+    if scaling != "none":
+        raise HetcompError(f"unsupported GGUF {arch}.rope.scaling.type {scaling!r} "
+                           "(supported: none)")
+    factor = _field(reader, f"{arch}.rope.scaling.factor", 0.0)
+    if factor not in (0.0, 1.0):  # llama.cpp scales positions by it whatever the type
+        raise HetcompError(f"unsupported GGUF {arch}.rope.scaling.factor {factor} "
+                           "(supported: 1)")
+    if _field(reader, f"{arch}.expert_count", 0):
+        raise HetcompError(f"unsupported GGUF {arch}.expert_count (mixture of experts)")
+    if any(t.name == "rope_freqs.weight" for t in reader.tensors):  # llama3 RoPE scaling
+        raise HetcompError("unsupported GGUF tensor rope_freqs.weight (scaled RoPE frequencies)")
+
+
 def read_config(reader, max_context: int | None = None) -> LlamaConfig:
     arch = _field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHS:
         raise HetcompError(
             f"unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHS)})"
         )
+    _check_supported(reader, arch)
     names = {t.name for t in reader.tensors}
     emb = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if emb is None:
@@ -57,7 +88,7 @@ def read_config(reader, max_context: int | None = None) -> LlamaConfig:
     vocab = int(_field(reader, f"{arch}.vocab_size", int(emb.shape[1])))
     ctx = int(_field(reader, f"{arch}.context_length", 2048))
     try:
-        return LlamaConfig(
+        cfg = LlamaConfig(
             hidden_size=int(_field(reader, f"{arch}.embedding_length")),
             intermediate_size=int(_field(reader, f"{arch}.feed_forward_length")),
             num_layers=int(_field(reader, f"{arch}.block_count")),
@@ -68,9 +99,18 @@ def read_config(reader, max_context: int | None = None) -> LlamaConfig:
             norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
             max_context=min(ctx, max_context or 2048),
             tie_embeddings="output.weight" not in names,
+            head_dim=int(_field(reader, f"{arch}.attention.key_length", 0)),
         )
     except TypeError:
         raise HetcompError("GGUF file lacks required llama.* metadata") from None
+    except ValueError as e:
+        raise HetcompError(f"inconsistent GGUF metadata: {e}") from None
+    for key in ("attention.value_length", "rope.dimension_count"):  # llama.cpp's defaults
+        value = _field(reader, f"{arch}.{key}", cfg.head_dim)
+        if value != cfg.head_dim:
+            raise HetcompError(f"unsupported GGUF {arch}.{key} {value} (hetcomp needs the "
+                               f"head dimension, {cfg.head_dim})")
+    return cfg
 
 
 def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -125,7 +165,10 @@ def read_tokenizer_spec(reader) -> dict:
         "merges": list(_field(reader, "tokenizer.ggml.merges", [])),
         "token_type": [int(x) for x in _field(reader, "tokenizer.ggml.token_type", [])],
         "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        # llama.cpp ends generation on end-of-turn and end-of-message tokens too.
+        "eos_token_ids": list(dict.fromkeys(
+            int(i) for i in (_field(reader, f"tokenizer.ggml.{k}_token_id")
+                             for k in ("eos", "eot", "eom")) if i is not None)),
         "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
         "chat_template": _field(reader, "tokenizer.chat_template"),
     }

@@ -1,95 +1,202 @@
-"""Read an HF LLaMA checkpoint folder: config.json, *.safetensors and tokenizer.json."""
+"""Read an HF LLaMA checkpoint folder as transformers writes it (4.x and 5.x).
+
+``config.json`` (RoPE under ``rope_parameters`` in 5.x, top-level ``rope_theta`` /
+``rope_scaling`` before), ``model.safetensors`` or ``model.safetensors.index.json`` with its
+shards, ``generation_config.json`` (EOS ids), ``tokenizer.json`` and the chat template
+(``chat_template.jinja``, ``chat_template.json`` or ``tokenizer_config.json``).
+
+A config value that changes the model and that hetcomp does not implement is refused with a
+:class:`HetcompError`; a missing key means transformers' own ``LlamaConfig`` default, so the
+compiled model is the one transformers would run.
+"""
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import struct
 
+import ml_dtypes  # noqa: F401  (a TVM dependency; registers numpy's bfloat16 for safetensors)
 import numpy as np
+from safetensors import SafetensorError, safe_open
 
 from ..errors import HetcompError
 from .config import LlamaConfig
 
-_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": "bf16", "F64": np.float64}
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+_DTYPES = ("F32", "F16", "BF16")
+# Our weight name -> the HF tensor name under ``model.layers.{i}.`` (``.weight``).
+_LAYER_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+                "wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj",
+                "wo": "self_attn.o_proj", "w_gate": "mlp.gate_proj", "w_up": "mlp.up_proj",
+                "w_down": "mlp.down_proj"}
 
 
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """Parse a safetensors file (8-byte header size, JSON header, raw little-endian data)."""
+def _read_json(path: str) -> dict:
     try:
-        with open(path, "rb") as fh:
-            (hlen,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(hlen))
-            base = 8 + hlen
-        data = np.memmap(path, dtype=np.uint8, mode="r")
-    except (OSError, ValueError, struct.error) as e:
-        raise HetcompError(f"corrupt safetensors file {path}: {e}") from None
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dt = _DTYPES.get(info["dtype"])
-        if dt is None:
-            raise HetcompError(f"unsupported safetensors dtype {info['dtype']} in {name}")
-        start, end = info["data_offsets"]
-        if base + end > data.size:
-            raise HetcompError(f"truncated safetensors file {path}")
-        raw = np.asarray(data[base + start: base + end])
-        if dt == "bf16":
-            arr = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-        else:
-            arr = raw.view(dt)
-        out[name] = arr.reshape(info["shape"]).astype(np.float32)
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError) as e:
+        raise HetcompError(f"cannot read {path}: {e}") from None
+
+
+def _rope_theta(hf: dict) -> float:
+    """The RoPE base, refusing any RoPE variant other than the default."""
+    params = hf.get("rope_parameters")  # transformers 5
+    if params is None:  # transformers 4: rope_theta at the top, scaling apart
+        params = dict(hf.get("rope_scaling") or {})
+        if "rope_theta" in hf:
+            params["rope_theta"] = hf["rope_theta"]
+    if not isinstance(params, dict):
+        raise HetcompError(f"unsupported rope_parameters {params!r} (expected one dict)")
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind != "default":
+        raise HetcompError(f"unsupported rope_type {kind!r} in config.json (supported: default)")
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise HetcompError(f"unsupported partial_rotary_factor {params['partial_rotary_factor']}"
+                           " in config.json (supported: 1.0)")
+    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def read_hf_config(folder: str, max_context: int | None = None) -> LlamaConfig:
+    """The model's :class:`LlamaConfig` from ``config.json`` (no weights are read)."""
+    cfg_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise HetcompError(f"not an HF model folder (no config.json): {folder}")
+    hf = _read_json(cfg_path)
+    archs = hf.get("architectures") or [hf.get("model_type", "?")]
+    if hf.get("model_type") != "llama" and "LlamaForCausalLM" not in archs:
+        raise HetcompError(f"unsupported architecture {archs[0]!r} (supported: llama)")
+    # Values that change the model; hetcomp implements one of each.
+    if hf.get("hidden_act", "silu") != "silu":
+        raise HetcompError(f"unsupported hidden_act {hf['hidden_act']!r} in config.json "
+                           "(supported: silu)")
+    for key in ("attention_bias", "mlp_bias"):
+        if hf.get(key, False):
+            raise HetcompError(f"unsupported {key}: true in config.json (hetcomp has no biases)")
+    try:
+        heads = hf["num_attention_heads"]
+        return LlamaConfig(
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            vocab_size=hf["vocab_size"],
+            rope_theta=_rope_theta(hf),
+            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            max_context=min(hf.get("max_position_embeddings", 2048), max_context or 2048),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            head_dim=hf.get("head_dim") or 0,
+        )
+    except KeyError as e:
+        raise HetcompError(f"config.json lacks {e.args[0]!r}: {cfg_path}") from None
+    except ValueError as e:
+        raise HetcompError(f"inconsistent config.json: {e}") from None
+
+
+def _shards(folder: str) -> dict[str, list[str]]:
+    """``{shard file: tensor names}`` from the index, or the single ``model.safetensors``."""
+    present = {f for f in os.listdir(folder) if f.endswith(".safetensors")}
+    index_path = os.path.join(folder, INDEX_FILE)
+    if not os.path.isfile(index_path):
+        if SINGLE_FILE not in present:
+            raise HetcompError(f"no {SINGLE_FILE} or {INDEX_FILE} in {folder}")
+        return {SINGLE_FILE: []}  # every tensor in the file
+    weight_map = _read_json(index_path).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise HetcompError(f"{index_path} has no weight_map")
+    shards: dict[str, list[str]] = {}
+    for name, shard in weight_map.items():
+        shards.setdefault(shard, []).append(name)
+    missing = sorted(set(shards) - present)
+    if missing:
+        raise HetcompError(f"shard {missing[0]} named by {INDEX_FILE} is missing from {folder}")
+    extra = sorted(present - set(shards))
+    if extra:  # an index left over from another save, or a shard from another model
+        raise HetcompError(f"{extra[0]} in {folder} is not named by {INDEX_FILE}")
+    return shards
+
+
+def read_hf_tensors(folder: str, wanted: set[str]) -> dict[str, np.ndarray]:
+    """The ``wanted`` tensors as float32, shard by shard.
+
+    safetensors reads one tensor at a time (bf16 and fp16 are widened per tensor), so
+    loading holds the float32 weights plus one tensor. Its ``pread`` backend rather than
+    ``mmap``: a mapped file's touched pages count in the process's memory until the file is
+    closed, so SmolLM2 from one 538 MB file peaked at 1116 MB RSS with mmap, 591 MB with
+    pread (sharded in 100 MB files: 658 MB and 589 MB).
+    """
+    out: dict[str, np.ndarray] = {}
+    for shard, listed in _shards(folder).items():
+        path = os.path.join(folder, shard)
+        try:
+            with safe_open(path, framework="numpy", backend="pread") as fh:
+                names = set(fh.keys())
+                lost = sorted(set(listed) - names)
+                if lost:
+                    raise HetcompError(f"tensor {lost[0]} named by {INDEX_FILE} is not in {shard}")
+                for name in sorted(names & wanted):
+                    dtype = fh.get_slice(name).get_dtype()
+                    if dtype not in _DTYPES:
+                        raise HetcompError(f"unsupported safetensors dtype {dtype} of {name} in "
+                                           f"{shard} (supported: {', '.join(_DTYPES)})")
+                    arr = fh.get_tensor(name)
+                    out[name] = arr if arr.dtype == np.float32 else arr.astype(np.float32)
+        except SafetensorError as e:
+            raise HetcompError(f"corrupt or truncated safetensors file {path}: {e}") from None
     return out
 
 
 def load_hf(folder: str, max_context: int | None = None):
     """Load ``(config, float32 weights, tokenizer spec)`` from an HF LLaMA folder."""
-    cfg_path = os.path.join(folder, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise HetcompError(f"not an HF model folder (no config.json): {folder}")
-    with open(cfg_path) as fh:
-        hf = json.load(fh)
-    archs = hf.get("architectures") or [hf.get("model_type", "?")]
-    if hf.get("model_type") != "llama" and "LlamaForCausalLM" not in archs:
-        raise HetcompError(f"unsupported architecture {archs[0]!r} (supported: llama)")
-    cfg = LlamaConfig(
-        hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
-        num_layers=hf["num_hidden_layers"],
-        num_heads=hf["num_attention_heads"],
-        num_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
-        vocab_size=hf["vocab_size"],
-        rope_theta=float(hf.get("rope_theta", 10000.0)),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-        max_context=min(hf.get("max_position_embeddings", 2048), max_context or 2048),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-    )
-    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
-    if not files:
-        raise HetcompError(f"no *.safetensors weights in {folder}")
-    raw: dict[str, np.ndarray] = {}
-    for f in files:
-        raw.update(read_safetensors(f))
-
-    def get(name):
-        if name not in raw:
-            raise HetcompError(f"HF checkpoint is missing tensor {name}")
-        return raw[name]
-
-    w = {"embed": get("model.embed_tokens.weight"), "norm": get("model.norm.weight")}
-    if not cfg.tie_embeddings:
-        w["lm_head"] = get("lm_head.weight")
-    names = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-             "wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj",
-             "wo": "self_attn.o_proj", "w_gate": "mlp.gate_proj", "w_up": "mlp.up_proj",
-             "w_down": "mlp.down_proj"}
-    for i in range(cfg.num_layers):
-        for ours, theirs in names.items():
-            w[f"layers.{i}.{ours}"] = get(f"model.layers.{i}.{theirs}.weight")
+    cfg = read_hf_config(folder, max_context)
     spec = _tokenizer_spec(folder)
+    e, f, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    shapes = {"embed": ("model.embed_tokens.weight", (cfg.vocab_size, e)),
+              "norm": ("model.norm.weight", (e,))}
+    if not cfg.tie_embeddings:
+        shapes["lm_head"] = ("lm_head.weight", (cfg.vocab_size, e))
+    layer = {"attn_norm": (e,), "ffn_norm": (e,), "wq": (cfg.num_heads * d, e),
+             "wk": (cfg.num_kv_heads * d, e), "wv": (cfg.num_kv_heads * d, e),
+             "wo": (e, cfg.num_heads * d), "w_gate": (f, e), "w_up": (f, e), "w_down": (e, f)}
+    for i in range(cfg.num_layers):
+        for ours, theirs in _LAYER_NAMES.items():
+            shapes[f"layers.{i}.{ours}"] = (f"model.layers.{i}.{theirs}.weight", layer[ours])
+    raw = read_hf_tensors(folder, {hf_name for hf_name, _ in shapes.values()})
+    w = {}
+    for ours, (hf_name, shape) in shapes.items():
+        arr = raw.pop(hf_name, None)
+        if arr is None:
+            raise HetcompError(f"HF checkpoint is missing tensor {hf_name}")
+        if arr.shape != shape:
+            raise HetcompError(f"tensor {hf_name} has shape {list(arr.shape)}, config.json "
+                               f"implies {list(shape)}")
+        w[ours] = arr
     return cfg, w, spec
+
+
+def _chat_template(folder: str, tokenizer_config: dict) -> str | None:
+    """transformers >= 4.43 writes ``chat_template.jinja`` (or ``.json``); older ones kept
+    the template in ``tokenizer_config.json``, possibly as a list of named templates."""
+    jinja = os.path.join(folder, "chat_template.jinja")
+    if os.path.isfile(jinja):
+        with open(jinja) as fh:
+            return fh.read()
+    cj = os.path.join(folder, "chat_template.json")
+    template = (_read_json(cj) if os.path.isfile(cj) else tokenizer_config).get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        if "default" not in named:
+            raise HetcompError(f"no 'default' among the named chat templates in {folder}")
+        template = named["default"]
+    return template
+
+
+def _ids(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, list) else [value])]
 
 
 def _tokenizer_spec(folder: str) -> dict:
@@ -98,19 +205,29 @@ def _tokenizer_spec(folder: str) -> dict:
         raise HetcompError(f"HF model folder has no tokenizer.json: {folder}")
     with open(tok_path) as fh:
         tokenizer_json = fh.read()
-    meta = {}
-    tc_path = os.path.join(folder, "tokenizer_config.json")
-    if os.path.isfile(tc_path):
-        with open(tc_path) as fh:
-            meta = json.load(fh)
-    gen = {}
-    gc_path = os.path.join(folder, "generation_config.json")
-    if os.path.isfile(gc_path):
-        with open(gc_path) as fh:
-            gen = json.load(fh)
-    eos = gen.get("eos_token_id")
-    if isinstance(eos, list):
-        eos = eos[0]
-    return {"tokenizer_json": tokenizer_json, "eos_token_id": eos,
-            "bos_token_id": gen.get("bos_token_id"), "add_bos_token": False,
-            "chat_template": meta.get("chat_template")}
+
+    def optional(name):
+        path = os.path.join(folder, name)
+        return _read_json(path) if os.path.isfile(path) else {}
+
+    tokenizer_config = optional("tokenizer_config.json")
+    hf, gen = optional("config.json"), optional("generation_config.json")
+    # transformers' generate stops on generation_config's EOS ids, which default to config's.
+    eos = _ids(gen.get("eos_token_id", hf.get("eos_token_id")))
+    bos = gen.get("bos_token_id", hf.get("bos_token_id"))
+    return {"tokenizer_json": tokenizer_json, "eos_token_ids": eos, "bos_token_id": bos,
+            "add_bos_token": _adds_bos(tokenizer_json, bos, tokenizer_config),
+            "chat_template": _chat_template(folder, tokenizer_config)}
+
+
+def _adds_bos(tokenizer_json: str, bos: int | None, tokenizer_config: dict) -> bool:
+    """Whether transformers' ``encode`` puts BOS first: transformers 4 may say so in
+    ``tokenizer_config.json``; both write it into tokenizer.json's post-processor."""
+    from tokenizers import Tokenizer
+
+    if bos is None:
+        return False
+    if tokenizer_config.get("add_bos_token"):
+        return True
+    tok = Tokenizer.from_str(tokenizer_json)
+    return tok.encode("a").ids == [bos] + tok.encode("a", add_special_tokens=False).ids

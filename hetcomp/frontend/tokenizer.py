@@ -53,43 +53,63 @@ def load_tokenizer_json(text: str):
     return Tokenizer.from_str(text)
 
 
-def render_messages(template: str | None, messages: list[dict],
-                    add_generation_prompt: bool = True) -> str:
+def render_messages(template: str | None, messages: list[dict], bos_token: str = "",
+                    eos_token: str = "", add_generation_prompt: bool = True) -> str:
     """Render the model's Jinja chat template for a conversation (``[{"role", "content"}]``),
     with the generation prompt of the assistant's next turn."""
     if not template:
         raise HetcompError("this model has no chat template; use --prompt without --chat")
     env = jinja2.Environment(loader=jinja2.BaseLoader(), keep_trailing_newline=True)
     return env.from_string(template).render(
-        messages=messages, add_generation_prompt=add_generation_prompt, bos_token="",
-        eos_token="")
+        messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos_token,
+        eos_token=eos_token)
 
 
-def render_chat(template: str | None, prompt: str) -> str:
+def render_chat(template: str | None, prompt: str, bos_token: str = "",
+                eos_token: str = "") -> str:
     """Render the model's chat template for one user turn, with the generation prompt."""
-    return render_messages(template, [{"role": "user", "content": prompt}])
+    return render_messages(template, [{"role": "user", "content": prompt}], bos_token, eos_token)
 
 
 class TokenizerInfo:
-    """The tokenizer plus the ids and template generation needs."""
+    """The tokenizer plus the ids and template generation needs.
 
-    def __init__(self, tok, eos_token_id: int | None, bos_token_id: int | None,
+    ``eos_token_ids``: every id that ends generation (HF's generation_config may list
+    several; GGUF adds end-of-turn ids); ``eos_token_id`` is the first, for older readers.
+    """
+
+    def __init__(self, tok, eos_token_ids: list[int], bos_token_id: int | None,
                  add_bos: bool, chat_template: str | None):
         self.tok = tok
-        self.eos_token_id = eos_token_id
+        self.eos_token_ids = [int(i) for i in eos_token_ids]
         self.bos_token_id = bos_token_id
         self.add_bos = add_bos
         self.chat_template = chat_template
 
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.eos_token_ids[0] if self.eos_token_ids else None
+
+    def _token(self, i: int | None) -> str:
+        return (self.tok.id_to_token(i) or "") if i is not None else ""
+
     def encode(self, text: str, chat: bool = False) -> list[int]:
         """Token ids of ``text``, rendered as one user turn with ``chat``."""
-        return self.encode_text(render_chat(self.chat_template, text) if chat else text)
+        if chat:
+            return self.encode_text(self.render([{"role": "user", "content": text}]))
+        return self.encode_text(text)
+
+    def render(self, messages: list[dict]) -> str:
+        """The conversation ``messages`` through the chat template, with the generation
+        prompt; the template gets the real BOS/EOS text, as transformers renders it."""
+        return render_messages(self.chat_template, messages, self._token(self.bos_token_id),
+                               self._token(self.eos_token_id))
 
     def encode_text(self, text: str) -> list[int]:
         """Token ids of ``text`` as it is (a rendered template included), BOS first if the
-        model wants one."""
+        model wants one and the text does not start with it."""
         ids = self.tok.encode(text, add_special_tokens=False).ids
-        if self.add_bos and self.bos_token_id is not None:
+        if self.add_bos and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
             ids = [self.bos_token_id] + ids
         return ids
 
@@ -99,6 +119,7 @@ class TokenizerInfo:
     def to_json(self) -> dict:
         return {
             "eos_token_id": self.eos_token_id,
+            "eos_token_ids": self.eos_token_ids,
             "bos_token_id": self.bos_token_id,
             "add_bos": self.add_bos,
             "chat_template": self.chat_template,
@@ -109,13 +130,20 @@ class TokenizerInfo:
         """From a GGUF tokenizer spec, or an HF folder's (which carries ``tokenizer_json``)."""
         tok = (load_tokenizer_json(spec["tokenizer_json"]) if "tokenizer_json" in spec
                else build_tokenizer(spec))
-        return cls(tok, spec.get("eos_token_id"), spec.get("bos_token_id"),
+        return cls(tok, _eos_ids(spec), spec.get("bos_token_id"),
                    spec.get("add_bos_token", False), spec.get("chat_template"))
 
     @classmethod
     def from_files(cls, tokenizer_json: str, meta: dict) -> TokenizerInfo:
-        return cls(load_tokenizer_json(tokenizer_json), meta.get("eos_token_id"),
+        return cls(load_tokenizer_json(tokenizer_json), _eos_ids(meta),
                    meta.get("bos_token_id"), meta.get("add_bos", False), meta.get("chat_template"))
+
+
+def _eos_ids(d: dict) -> list[int]:
+    """``eos_token_ids``, or the single ``eos_token_id`` of older specs and manifests."""
+    if d.get("eos_token_ids") is not None:
+        return list(d["eos_token_ids"])
+    return [] if d.get("eos_token_id") is None else [d["eos_token_id"]]
 
 
 def json_dumps(obj) -> str:

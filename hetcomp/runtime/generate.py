@@ -89,7 +89,7 @@ class Generation:
                                "--heads)")
         self.art, self.prompt_ids, self.max_new_tokens = art, prompt_ids, max_new_tokens
         self.width, self.lookup = width, min(lookup, width - 1)
-        self.eos = art.tokenizer.eos_token_id if stop_at_eos else None
+        self.eos = set(art.tokenizer.eos_token_ids) if stop_at_eos else set()
         self.step_times, self.hidden_states = step_times, hidden_states
         self.session = session if session is not None else art.new_session()
         self.ids: list[int] = []
@@ -115,14 +115,14 @@ class Generation:
         """The part of ``new`` that is output: up to EOS and the token budget."""
         room = self.max_new_tokens - len(self.ids)
         new = new[:room]
-        if self.eos is not None and self.eos in new:
-            new = new[: new.index(self.eos) + 1]
+        ends = [k for k, t in enumerate(new) if t in self.eos]
+        if ends:
+            new = new[: ends[0] + 1]
         self.ids.extend(new)
         return new
 
     def _done(self) -> bool:
-        return len(self.ids) >= self.max_new_tokens or (
-            self.eos is not None and self.ids[-1] == self.eos)
+        return len(self.ids) >= self.max_new_tokens or self.ids[-1] in self.eos
 
     def _run(self):
         art, sess, width = self.art, self.session, self.width

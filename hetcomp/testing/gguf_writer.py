@@ -9,8 +9,10 @@ def permute_rope(w, n_head):
             .swapaxes(1, 2).reshape(w.shape))
 
 
-def write_gguf(path, cfg, w, spec, arch="llama", qtype="F32"):
-    """Returns the weights as the file stores them (after quantization round trips)."""
+def write_gguf(path, cfg, w, spec, arch="llama", qtype="F32", edit=None):
+    """Returns the weights as the file stores them (after quantization round trips).
+
+    ``edit(writer)`` may add metadata or tensors before the file is written."""
     import gguf
 
     qt = getattr(gguf.GGMLQuantizationType, qtype)
@@ -62,6 +64,8 @@ def write_gguf(path, cfg, w, spec, arch="llama", qtype="F32"):
         add(p + "ffn_gate.weight", q + "w_gate", w[q + "w_gate"])
         add(p + "ffn_up.weight", q + "w_up", w[q + "w_up"])
         add(p + "ffn_down.weight", q + "w_down", w[q + "w_down"])
+    if edit is not None:
+        edit(wr)
     wr.write_header_to_file()
     wr.write_kv_data_to_file()
     wr.write_tensors_to_file()

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 from hetcomp.driver import Chat, generate
-from hetcomp.frontend.tokenizer import render_messages
 from hetcomp.runtime import generate as generate_ids
 from hetcomp.runtime import load_artifact
 
@@ -39,15 +38,14 @@ def test_chat_second_turn_prefills_only_its_tokens(smollm2_artifact):
     art = load_artifact(smollm2_artifact)
     tok = art.tokenizer
     # Turn 1 prefills the whole rendered prompt.
-    first = tok.encode_text(render_messages(tok.chat_template, [
-        {"role": "user", "content": TURNS[0]}]))
+    first = tok.encode_text(tok.render([{"role": "user", "content": TURNS[0]}]))
     assert prefilled[0] == len(first)
     one = generate_ids(art, first, max_new_tokens=24)
     assert replies[0] == one.text.strip("\n").split("\n")[0] or one.text.startswith(replies[0])
     # Turn 2, fresh: the whole conversation rendered and generated from scratch.
     conv = [{"role": "user", "content": TURNS[0]}, {"role": "assistant", "content": one.text},
             {"role": "user", "content": TURNS[1]}]
-    full = tok.encode_text(render_messages(tok.chat_template, conv))
+    full = tok.encode_text(tok.render(conv))
     fresh = generate_ids(art, full, max_new_tokens=24)
     assert p.stdout.rstrip("\n").endswith(fresh.text.rstrip("\n"))
     # Only the new turn was prefilled: the cache kept turn 1's prompt and reply.
@@ -65,8 +63,7 @@ def test_chat_api_speculates_losslessly(smollm2_artifact):
     assert chat.last_prefilled < 40
     art = chat.art
     tok = art.tokenizer
-    fresh = generate_ids(art, tok.encode_text(render_messages(tok.chat_template,
-                                                              chat.messages[:-1])),
+    fresh = generate_ids(art, tok.encode_text(tok.render(chat.messages[:-1])),
                          max_new_tokens=16)
     assert replies[1] == fresh.text
     assert json.dumps(chat.messages)  # a conversation that can be saved

@@ -1,10 +1,10 @@
 """GGUF and HF folder import, end to end through compile, against numpy on the stored weights."""
 
 import json
-import struct
 
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 from hetcomp.driver.compile import CompileOptions, compile_model
 from hetcomp.frontend import load_model
@@ -36,19 +36,6 @@ def test_gguf_roundtrip(tmp_path, qtype):
     np.testing.assert_allclose(hidden.numpy()[0], ref_hidden[-1], rtol=1e-4, atol=1e-4)
 
 
-def _write_safetensors(path, tensors):
-    header, blobs, offset = {}, [], 0
-    for name, arr in tensors.items():
-        data = np.ascontiguousarray(arr, np.float32).tobytes()
-        header[name] = {"dtype": "F32", "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    h = json.dumps(header).encode()
-    with open(path, "wb") as fh:
-        fh.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
-
-
 def test_hf_folder(tmp_path):
     from hetcomp.frontend.tokenizer import build_tokenizer
 
@@ -61,7 +48,7 @@ def test_hf_folder(tmp_path):
     for i in range(TINY.num_layers):
         for ours, theirs in names.items():
             hf[f"model.layers.{i}.{theirs}.weight"] = w[f"layers.{i}.{ours}"]
-    _write_safetensors(tmp_path / "model.safetensors", hf)
+    save_file(hf, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text(json.dumps({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_size": TINY.hidden_size, "intermediate_size": TINY.intermediate_size,
