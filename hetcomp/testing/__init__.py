@@ -3,6 +3,9 @@ GGUF writer as llama.cpp's converter writes (:mod:`.gguf_writer`). Not used by t
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 from tokenizers.pre_tokenizers import ByteLevel
 
@@ -58,3 +61,18 @@ def compile_tiny(tmp_path_factory, cfg=TINY, dtype="float32", seed=0, name="tiny
                   str(out), quiet=True, weights=(cfg, w, byte_tokenizer_spec(cfg.vocab_size),
                                                   __file__))
     return str(out), w
+
+
+def run_cli(*args, **kwargs):
+    """``hetcomp ARGS`` in a fresh process: (exit code, stdout, stderr)."""
+    p = subprocess.run([sys.executable, "-m", "hetcomp", *map(str, args)], capture_output=True,
+                       text=True, timeout=600, check=False, **kwargs)
+    return p.returncode, p.stdout, p.stderr
+
+
+def assert_one_line_error(rc, err, needle=""):
+    """Bad input's contract: exit code 2 and one line on stderr (containing ``needle``)."""
+    assert rc == 2, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and needle in lines[0], err

@@ -3,27 +3,13 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
 from hetcomp.frontend.weights import random_weights
-from hetcomp.testing import TINY, byte_tokenizer_spec
+from hetcomp.testing import TINY, assert_one_line_error, byte_tokenizer_spec
+from hetcomp.testing import run_cli as run
 from hetcomp.testing.gguf_writer import write_gguf
-
-
-def run(*args):
-    p = subprocess.run([sys.executable, "-m", "hetcomp", *map(str, args)],
-                       capture_output=True, text=True, timeout=600)
-    return p.returncode, p.stdout, p.stderr
-
-
-def assert_one_line_error(rc, err, needle):
-    assert rc == 2, err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err and needle in lines[0], err
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,6 @@ the damage leaves a valid file, e.g. inside tensor data) accepted; never a trace
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,19 +16,9 @@ import pytest
 from hetcomp.cli import main
 from hetcomp.frontend.weights import random_weights
 from hetcomp.speculative.medusa import MedusaHeads
-from hetcomp.testing import TINY, byte_tokenizer_spec
+from hetcomp.testing import TINY, assert_one_line_error, byte_tokenizer_spec
+from hetcomp.testing import run_cli as run
 from hetcomp.testing.gguf_writer import write_gguf
-
-
-def run(*args):
-    p = subprocess.run([sys.executable, "-m", "hetcomp", *map(str, args)],
-                       capture_output=True, text=True, timeout=600)
-    return p.returncode, p.stdout, p.stderr
-
-
-def one_line(rc, err, needle=""):
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert rc == 2 and len(lines) == 1 and "Traceback" not in err and needle in lines[0], err
 
 
 def cli(capsys, *args) -> tuple[int, str]:
@@ -63,16 +51,16 @@ def test_compile_refuses_a_folder_that_is_not_an_artifact(tmp_path):
     x.mkdir()
     (x / "keep").write_text("mine")
     rc, _, err = run("compile", "--model", "smollm2", "-o", x)
-    one_line(rc, err, "not a hetcomp artifact")
+    assert_one_line_error(rc, err, "not a hetcomp artifact")
     assert tree_state(x) == {"keep": b"mine"}
     # --force replaces only artifacts, never a user's folder
     rc, _, err = run("compile", "--model", "smollm2", "--force", "-o", x)
-    one_line(rc, err, "not a hetcomp artifact")
+    assert_one_line_error(rc, err, "not a hetcomp artifact")
     assert tree_state(x) == {"keep": b"mine"}
     f = tmp_path / "file.txt"
     f.write_text("mine")
     rc, _, err = run("compile", "--model", "smollm2", "-o", f)
-    one_line(rc, err, "is a file")
+    assert_one_line_error(rc, err, "is a file")
     assert f.read_text() == "mine"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".hetcomp")] == []
 
@@ -83,7 +71,7 @@ def test_compile_replaces_an_artifact_only_with_force(tmp_path, tiny_gguf, capsy
                "-o", art)[0] == 0
     before = tree_state(art)
     rc, err = cli(capsys, "compile", "--model", tiny_gguf, "--max-context", 64, "-o", art)
-    one_line(rc, err, "--force")
+    assert_one_line_error(rc, err, "--force")
     assert tree_state(art) == before
     assert cli(capsys, "compile", "--model", tiny_gguf, "--max-context", 32, "--quiet",
                "--force", "-o", art)[0] == 0
@@ -102,21 +90,21 @@ def test_kit_tune_heads_and_profile_outputs_refuse_other_files(tmp_path, capsys)
                  ("tune", "--units", "orin-nx", "-o", x),
                  ("tune", "--units", "orin-nx", "--force", "-o", x)):
         rc, err = cli(capsys, *args)
-        one_line(rc, err, "refusing")
+        assert_one_line_error(rc, err, "refusing")
         assert tree_state(x) == {"keep": b"mine"}, args
     notes = tmp_path / "notes.npz"
     notes.write_bytes(b"my notes")
     rc, err = cli(capsys, "calibrate", "--reuse", tmp_path / "none.npz", "-o", notes)
-    one_line(rc, err, "refusing")
+    assert_one_line_error(rc, err, "refusing")
     db = tmp_path / "notes.txt"
     db.write_text("mine")
     rc, err = cli(capsys, "profile", "--kit", tmp_path / "nokit", "-o", db)
-    one_line(rc, err)
+    assert_one_line_error(rc, err)
     assert notes.read_bytes() == b"my notes" and db.read_text() == "mine"
     # a tune folder is replaced with --force (spec units: no profiling)
     tune = tmp_path / "tune"
     assert cli(capsys, "tune", "--units", "orin-nx", "-o", tune)[0] == 0
-    one_line(*cli(capsys, "tune", "--units", "orin-nx", "-o", tune), "--force")
+    assert_one_line_error(*cli(capsys, "tune", "--units", "orin-nx", "-o", tune), "--force")
     assert cli(capsys, "tune", "--units", "orin-nx", "--force", "-o", tune)[0] == 0
     assert json.loads((tune / "plan.json").read_text())["format"] == "hetcomp-plan/1"
 
@@ -134,10 +122,10 @@ def test_kit_tune_heads_and_profile_outputs_refuse_other_files(tmp_path, capsys)
     (("compile", "--max-context", "8", "-o", "D"), "--max-context"),
     (("chat", "A", "--width", "0"), "--width"),
 ])
-def test_bad_numbers_are_one_line(capsys, args, needle):
+def test_bad_numbers_are_assert_one_line_error(capsys, args, needle):
     with pytest.raises(SystemExit) as e:
         main(list(args))
-    one_line(e.value.code, capsys.readouterr().err, needle)
+    assert_one_line_error(e.value.code, capsys.readouterr().err, needle)
 
 
 def test_params_bin_is_checked_against_its_digest(tmp_path, tiny_artifact, capsys):
@@ -148,13 +136,13 @@ def test_params_bin_is_checked_against_its_digest(tmp_path, tiny_artifact, capsy
     data[len(data) // 2] ^= 0x40
     pbin.write_bytes(bytes(data))
     rc, err = cli(capsys, "generate", art, "--prompt-ids", "5,6", "--max-new-tokens", 2)
-    one_line(rc, err, "params.bin does not match")
+    assert_one_line_error(rc, err, "params.bin does not match")
     # --no-verify skips the digest (the size is still checked)
     rc, err = cli(capsys, "generate", art, "--prompt-ids", "5,6", "--max-new-tokens", 2,
                   "--no-verify")
     assert rc == 0, err
     pbin.write_bytes(bytes(data[:-64]))
-    one_line(*cli(capsys, "generate", art, "--prompt-ids", "5,6", "--no-verify"), "wrong size")
+    assert_one_line_error(*cli(capsys, "generate", art, "--prompt-ids", "5,6", "--no-verify"), "wrong size")
 
 
 # ---- fuzz ----------------------------------------------------------------------------------
@@ -223,7 +211,7 @@ def test_fuzz_plan(tmp_path, capsys):
                                 lambda p: ("inspect", p), count=60)
     # a spec-estimate plan is refused by compile (before any model is loaded)
     assert cli(capsys, "tune", "--units", "orin-nx", "-o", tmp_path / "t")[0] == 0
-    one_line(*cli(capsys, "compile", "--plan", tmp_path / "t" / "plan.json", "-o",
+    assert_one_line_error(*cli(capsys, "compile", "--plan", tmp_path / "t" / "plan.json", "-o",
                   tmp_path / "o"), "spec-estimate")
 
 
@@ -238,7 +226,7 @@ def test_fuzz_manifest(tmp_path, tiny_artifact, capsys):
     damaged = bytearray(manifest)
     damaged[len(damaged) // 3] ^= 0x01
     (art / "manifest.json").write_bytes(bytes(damaged))
-    one_line(*cli(capsys, "generate", art, "--prompt-ids", "5"))
+    assert_one_line_error(*cli(capsys, "generate", art, "--prompt-ids", "5"))
 
 
 def test_fuzz_counts():

@@ -9,8 +9,6 @@ code wrote.
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 
 import ml_dtypes
 import numpy as np
@@ -20,7 +18,7 @@ from safetensors.numpy import save_file
 from hetcomp import CompileOptions, HetcompError, compile_model, generate, load_artifact, load_model
 from hetcomp.frontend.tokenizer import TokenizerInfo, build_tokenizer
 from hetcomp.frontend.weights import random_weights
-from hetcomp.testing import TINY, byte_tokenizer_spec
+from hetcomp.testing import TINY, assert_one_line_error, byte_tokenizer_spec, run_cli
 from hetcomp.testing.gguf_writer import write_gguf
 
 CHAT_PROMPTS = [
@@ -41,17 +39,8 @@ _LAYER = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"
           "w_down": "mlp.down_proj"}
 
 
-def run_cli(*args):
-    p = subprocess.run([sys.executable, "-m", "hetcomp", *map(str, args)],
-                       capture_output=True, text=True, timeout=600, check=False)
-    return p.returncode, p.stdout, p.stderr
 
 
-def assert_one_line_error(rc, err, needle):
-    assert rc == 2, err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err and needle in lines[0], err
 
 
 def manifest_config(art_dir) -> dict:
@@ -415,7 +404,7 @@ def _break(folder, case):
     ("f64", "unsupported safetensors dtype F64"),
     ("no_weight", "missing tensor model.layers.1.self_attn.o_proj.weight"),
 ])
-def test_bad_folders_are_one_line(tmp_path, case, needle):
+def test_bad_folders_are_assert_one_line_error(tmp_path, case, needle):
     folder = tmp_path / "model"
     _break(str(folder), case)
     out = tmp_path / "out"
