@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .._tvm import compiler
 from ..schedules import cpu_rules
+from ..schedules.apply import ApplyRules
 from ..schedules.gpu import gpu_rules, use_gpu_script_kernels
 from .targets import make_target
 
@@ -18,7 +19,7 @@ def schedule_module(mod, target):
     else:
         mod, rules = use_gpu_script_kernels(mod), gpu_rules()
     with target:
-        return c.ApplyDefaultSchedule(*rules)(mod)
+        return ApplyRules(*rules)(mod)
 
 
 def build(mod, target):

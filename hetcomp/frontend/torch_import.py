@@ -2,7 +2,8 @@
 
 ``torch.export`` captures the module; TVM's ``from_exported_program`` turns it into Relax with
 the weights bound as constants. The result is a plain Relax IRModule (function ``main``) that
-:func:`hetcomp.codegen.build.compile_relax` builds for a target; the partition passes accept it like our own model.
+:func:`hetcomp.codegen.build.compile_relax` builds for a target; the partition passes
+accept it like our own model.
 """
 
 from __future__ import annotations

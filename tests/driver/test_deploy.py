@@ -7,11 +7,11 @@ import subprocess
 import sys
 
 import pytest
-from test_cli import assert_one_line_error, run
 
 from hetcomp.driver.compile import CompileOptions, compile_model
 from hetcomp.frontend.weights import random_weights
-from hetcomp.testing import TINY, byte_tokenizer_spec
+from hetcomp.testing import TINY, assert_one_line_error, byte_tokenizer_spec
+from hetcomp.testing import run_cli as run
 
 RUNTIME_ONLY_CHECK = """
 import json, sys

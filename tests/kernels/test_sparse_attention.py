@@ -13,41 +13,9 @@ from hetcomp.kernels import sparse_attention as sa
 from hetcomp.schedules.arm import NEON_F32, NeonTreeAttentionRule
 from hetcomp.schedules.x86 import AVX2_F32, AVX512_F32, X86TreeAttentionRule, x86_rules
 from hetcomp.testing import tree_mask
+from hetcomp.testing.tree_attention import D, G, H, random_qkv, random_tree, reference_attention
 
-H, G, D = 9, 3, 64  # SmolLM2-135M: 9 query heads share 3 KV heads, head_dim 64
 HOST = target_dict("host")
-
-
-# ----------------------------------------------------------------------------- references
-
-
-def random_tree(w: int, rng, max_depth: int = 5) -> list[int]:
-    """Parents of a random tree of ``w`` nodes in topological order, depth <= max_depth."""
-    parents, depth = [-1], [0]
-    for i in range(1, w):
-        p = int(rng.choice([j for j in range(i) if depth[j] < max_depth]))
-        parents.append(p)
-        depth.append(depth[p] + 1)
-    return parents
-
-
-def random_qkv(w: int, rng, h: int = H, g: int = G, d: int = D):
-    return (rng.standard_normal((h, w, d), dtype="float32"),
-            rng.standard_normal((g, w, d), dtype="float32"),
-            rng.standard_normal((g, w, d), dtype="float32"))
-
-
-def reference_attention(q, k, v, mask):
-    """Masked attention in float64: (o [H, W, D], lse [H, W]); ``mask[i, j]`` = key j visible."""
-    h, _, d = q.shape
-    kk = np.repeat(k.astype(np.float64), h // k.shape[0], axis=0)
-    vv = np.repeat(v.astype(np.float64), h // v.shape[0], axis=0)
-    s = np.einsum("hid,hjd->hij", q.astype(np.float64), kk) / np.sqrt(d)
-    s = np.where(mask[None] != 0, s, -np.inf)
-    m = s.max(-1, keepdims=True)
-    e = np.exp(s - m)
-    z = e.sum(-1, keepdims=True)
-    return np.einsum("hij,hjd->hid", e / z, vv), (m + np.log(z))[..., 0]
 
 
 def merge_parts(o_a, lse_a, o_b, lse_b):

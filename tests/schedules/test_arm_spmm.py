@@ -4,13 +4,13 @@ import re
 
 import numpy as np
 import pytest
-from test_sparse_attention import D, G, H, random_qkv, random_tree, reference_attention
 
 from hetcomp.codegen.cross import AARCH64_NEON, CrossToolchain, QemuKernel, apply_rules
 from hetcomp.errors import HetcompError
 from hetcomp.kernels import sparse_attention as sa
 from hetcomp.schedules.arm import arm_rules
 from hetcomp.testing import tree_mask
+from hetcomp.testing.tree_attention import D, G, H, random_qkv, random_tree, reference_attention
 
 TOOLCHAIN = CrossToolchain.find()
 pytestmark = pytest.mark.skipif(
