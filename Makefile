@@ -6,8 +6,9 @@ STAMP  := $(VENV)/.installed-stamp
 ART    := artifacts/smollm2-host-float32-medusa
 ART16  := artifacts/smollm2-host-float16-medusa
 HEADS  := hetcomp/data/smollm2-medusa.npz
-# The tree width of the demo: on this 2-core machine W=4 is the fastest or within a few percent
-# of it in most runs (hetcomp bench --widths; the planner picks it too); the output is the same.
+# The demo speculates at the width compile chose (the planner on this machine's measured
+# roofline and the heads' statistics; `hetcomp inspect` says which). WIDTH is bench-peers'
+# width for the float32 artifact: W=4 was the fastest or within a few percent in most runs.
 WIDTH  ?= 4
 PROMPT ?= What are three good habits for staying healthy?
 
@@ -37,10 +38,10 @@ $(STAMP): pyproject.toml
 setup: $(STAMP) system-packages
 
 $(ART)/manifest.json: $(STAMP) $(HEADS) $(shell find hetcomp -name '*.py')
-	$(VENV)/bin/hetcomp compile --model smollm2 --dtype float32 --draft-dtype float16 --heads $(HEADS) --width $(WIDTH) --force -o $(ART)
+	$(VENV)/bin/hetcomp compile --model smollm2 --dtype float32 --draft-dtype float16 --heads $(HEADS) --force -o $(ART)
 
-# Sequential greedy decoding, then speculative decoding at the compiled width (same output,
-# more tokens/s).
+# Sequential greedy decoding, then speculative decoding at the width compile chose (same
+# output, more tokens/s).
 demo: $(ART)/manifest.json
 	$(VENV)/bin/hetcomp generate $(ART) --chat --prompt "$(PROMPT)" --max-new-tokens 96 --width 1
 	$(VENV)/bin/hetcomp generate $(ART) --chat --prompt "$(PROMPT)" --max-new-tokens 96

@@ -160,6 +160,7 @@ class _Compiler:
         self.module_pass = tvm.transform.module_pass
         self.Op = tvm.ir.Op
         self.tvm = tvm
+        self.DataType = tvm.DataType
         self.Constant = type(relax.const(0.0))  # relax.Constant -> ir GenericConst in 0.27
         self.compile = tvm.compile
         self.IRModule = tvm.IRModule

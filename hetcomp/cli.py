@@ -59,16 +59,20 @@ def _units(text: str) -> list[str]:
 
 
 def cmd_compile(args) -> int:
-    from .driver.compile import CompileOptions, compile_model
-    from .plan import load_plan, plan_prediction
+    from .driver.compile import CompileOptions, compile_model, default_heads
+    from .plan import load_plan, plan_choice, plan_prediction
 
+    if args.heads and args.no_heads:
+        raise HetcompError("--heads and --no-heads contradict each other")
+    heads = None if args.no_heads else (args.heads or default_heads(args.model))
     opts = CompileOptions(model=args.model, dtype=args.dtype, target=args.target,
-                          max_context=args.max_context, heads=args.heads,
+                          max_context=args.max_context, heads=heads,
                           plan=load_plan(args.plan, args.target) if args.plan else None,
                           separate_weights=args.separate_weights,
                           plan_prediction=plan_prediction(args.plan) if args.plan else None,
                           tuning_db=args.tuning_db, draft_dtype=args.draft_dtype,
-                          default_width=args.width)
+                          default_width=args.width,
+                          plan_choice=plan_choice(args.plan) if args.plan else None)
     compile_model(opts, args.output, quiet=args.quiet, force=args.force)
     return 0
 
@@ -209,10 +213,19 @@ def cmd_inspect(args) -> int:
     if args.json or info["kind"] != "artifact":
         print(json.dumps(info, indent=1, sort_keys=True))
         return 0
-    show = {k: v for k, v in info.items() if k not in ("params", "tokenizer", "files")}
+    show = {k: v for k, v in info.items()
+             if k not in ("params", "tokenizer", "files", "kernels", "param_recipes")}
     print(json.dumps(show, indent=1, sort_keys=True))
     print(f"params: {len(info['params'])} tensors, "
           f"{info['files']['params.bin']['bytes'] / 2**20:.1f} MiB")
+    kernels = info.get("kernels") or []
+    if kernels:
+        print(f"\n{'function':12s} {'kernel':34s} {'unit':6s} {'rule':26s} "
+              f"{'predicted us':>12s} {'calls':>5s}")
+    for k in kernels:
+        pred = f"{k['predicted_us']:.1f}" if k.get("predicted_us") is not None else "-"
+        print(f"{k['function']:12s} {k['name']:34s} {k['unit']:6s} {k['rule'] or '(none)':26s} "
+              f"{pred:>12s} {k['calls']:5d}")
     return 0
 
 
@@ -237,14 +250,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "output unchanged)")
     c.add_argument("--max-context", type=_int_at_least(16), default=2048,
                    help="KV cache capacity (tokens)")
-    c.add_argument("--heads", help="Medusa heads (.npz) from `hetcomp calibrate`")
+    c.add_argument("--heads", help="Medusa heads (.npz) from `hetcomp calibrate` (default for "
+                   "--model smollm2: the packaged heads)")
+    c.add_argument("--no-heads", action="store_true",
+                   help="compile without Medusa heads (no speculation)")
     c.add_argument("--plan", help="plan.json from `hetcomp tune`: partition across units")
     c.add_argument("--tuning-db", help="root of `hetcomp tune --kernels` databases: this "
                                        "machine's records replace hand-written schedules")
     c.add_argument("--separate-weights", action="store_true",
                    help="leave params.bin out; `hetcomp attach-weights` rebuilds it where it runs")
     c.add_argument("--width", type=_POSITIVE, help="the tree width `generate` and `chat` "
-                   "speculate at by default (needs --heads; default 1)")
+                   "speculate at by default (default: the plan's, else the planner's choice "
+                   "on the target's roofline)")
     c.add_argument("-o", "--output", required=True,
                    help="artifact folder: absent, empty, or (with --force) an artifact")
     c.add_argument("--force", action="store_true", help="replace an existing artifact at -o")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 from .errors import HetcompError
 from .hardware import DEFAULT_CUDA_ARCH, target_dict
@@ -119,3 +120,23 @@ def plan_prediction(path: str) -> dict | None:
                 for c in data.get("candidates", [])} or None
     except (ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError):
         return None
+
+
+def plan_choice(path: str) -> dict | None:
+    """What a ``plan.json`` of `hetcomp tune` decided beyond the partition: ``{"width",
+    "tree", "source", "units", "cost_dir"}`` (``tree``: the tree's JSON or None;
+    ``cost_dir``: the fitted cost models `tune` wrote beside it, or None); None for a bare
+    HeteroPlan."""
+    data = _read_json(path)
+    if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
+        return None
+    try:
+        width = int(data["width"])
+        if width < 1:
+            raise ValueError(f"width {width}")
+        cost_dir = os.path.join(os.path.dirname(os.path.abspath(path)), "cost")
+        return {"width": width, "tree": data.get("tree"), "source": str(data["source"]),
+                "units": [str(u) for u in data["units"]],
+                "cost_dir": cost_dir if os.path.isdir(cost_dir) else None}
+    except (ValueError, KeyError, TypeError) as e:
+        raise HetcompError(f"cannot read plan {path}: {type(e).__name__}: {e}") from None

@@ -193,6 +193,31 @@ def copy_features(w: int, n: int, corun: bool = False) -> Features:
     return Features("copy", "copy", w, n, 0, 1.0, 0, corun, 0.0, 2.0 * _F32 * w * n)
 
 
+def kernel_features(shape: ModelShape, op: dict) -> Features:
+    """Features of one compiled kernel from its description (``AnnotateCost``'s
+    :func:`~hetcomp.passes.annotate_cost.op_description`: op kind, rows ``w``, ``cache_len``,
+    linear ``n``/``k``/``residual``, attention ``part``, and ``io_bytes``, the bytes of its
+    buffers at that width). Kernels without a model of their own (elementwise, commit, merge)
+    cost what they read and write."""
+    kind, w, cache_len = op["op_kind"], int(op["w"]), int(op.get("cache_len", 0))
+    if kind == "linear":
+        n, k, residual = int(op["n"]), int(op["k"]), bool(op.get("residual", 0))
+        flops = 2.0 * w * n * k + (w * n if residual else 0)
+        nbytes = n * k * shape.weight_bytes + _F32 * (w * k + w * n * (2 if residual else 1))
+        return Features("linear", "linear", w, n, k, 1.0, 0, False, flops, nbytes)
+    if kind == "attention":
+        return attention_features(shape, w, cache_len)
+    if kind == "attention_part":
+        return (attention_features(shape, w, 0) if op.get("part") == "tree"
+                else attention_features(shape, w, cache_len, tree=False))
+    simple = {"rope": rope_features, "rms_norm": rms_norm_features, "embed": embed_features,
+              "argmax": argmax_features}
+    if kind in simple:
+        return simple[kind](shape, w)
+    nbytes = float(op.get("io_bytes", 0))
+    return Features("elementwise", kind, w, 0, 0, 1.0, 0, False, nbytes / _F32, nbytes)
+
+
 @dataclasses.dataclass(frozen=True)
 class StepOp:
     """A kernel of the decode step: its features, how often it runs, and what can move.

@@ -3,25 +3,33 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
 import time
 
+import numpy as np
+
 from .._tvm import compiler
 from ..artifact_format import check_output, is_artifact, sha256_file
-from ..codegen.build import build, build_gpu, build_hetero
+from ..codegen.build import build, build_gpu, build_hetero, kernel_table
 from ..codegen.export import export_artifact
 from ..codegen.targets import export_compiler
+from ..cost.roofline import ModelShape, RooflineCost, dtype_bytes, kernel_features
+from ..cost.xgb import UnitCostModel
+from ..data import packaged_file
 from ..errors import HetcompError
 from ..frontend import load_model
 from ..frontend.export_info import source_info
 from ..frontend.llama import NUM_INPUTS, build_module, medusa_param_specs
 from ..frontend.tokenizer import TokenizerInfo
 from ..frontend.weights import WEIGHT_DTYPES, pack_weights, param_from_recipe, param_specs
-from ..hardware import target_dict
-from ..passes import hetcomp_pipeline
+from ..hardware import ORIN_NX_CPU, SPECS, DeviceSpec, target_dict
+from ..passes import AnnotateCost, hetcomp_pipeline
 from ..passes.partition_hetero import PARAM_SPLIT_ATTR
+from ..planner import PlannerOptions, UnitModel, plan
+from ..profile.bandwidth import measure_read_bandwidth
 from ..profile.units import detect_unit
 from ..schedules.tuning import apply_database, database_dir
 from ..speculative.medusa import MedusaHeads
@@ -58,8 +66,12 @@ class CompileOptions:
     # recorded responses as 64-token chains: verify_w64 runs them several times faster than
     # the generic verify).
     verify_widths: tuple[int, ...] = ()
-    # The width `generate` and `chat` speculate at unless told (None: 1, no speculation).
+    # The width `generate` and `chat` speculate at unless told. None: the plan's width with
+    # a plan; else the planner's choice on the target's roofline and the heads' statistics.
     default_width: int | None = None
+    # What plan.json decided beyond the partition (hetcomp.plan.plan_choice): its width, tree,
+    # source and the fitted cost models beside it (AnnotateCost reads them).
+    plan_choice: dict | None = None
 
     def __post_init__(self):
         if self.dtype not in WEIGHT_DTYPES:
@@ -118,24 +130,26 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
     target = compiler().Target(target_dict(opts.target))
     if opts.plan is not None and opts.target == "cuda":
         raise HetcompError("--plan places work on several units; use a CPU --target for the host")
+    width, width_source = _default_width(opts, cfg, heads, draft_dtype)
+    cost_fn, cost_units, cost_source = _cost_models(opts, cfg)
+    scheduled: list = []
     if opts.plan is not None:
-
         _progress(3, 4, f"partitioning across {', '.join(opts.plan.units)}; compiling", quiet)
         mod = hetcomp_pipeline(opts.plan)(mod)
-        ex = build_hetero(mod, target, opts.plan)
+        mod = _annotate(mod, cost_fn, cost_units, width, opts)
+        ex = build_hetero(mod, target, opts.plan, scheduled)
     elif opts.target == "cuda":
-
         _progress(3, 4, "scheduling and compiling for cuda (GPU rules)", quiet)
-        ex = build_gpu(mod, target)
+        ex = build_gpu(_annotate(mod, cost_fn, cost_units, width, opts), target, scheduled)
     else:
         path = _tuning_path(opts, quiet)
-        if path is not None:
-
+        if path is not None:  # before annotating: records are keyed by the kernels as built
             mod, count = apply_database(mod, target, path)
             tuning = {"db": path, "kernels": count}
+        mod = _annotate(mod, cost_fn, cost_units, width, opts)
         _progress(3, 4, f"scheduling and compiling for {opts.target}"
                         + (f" ({tuning['kernels']} tuned kernels)" if tuning else ""), quiet)
-        ex = build(mod, target)
+        ex = build(mod, target, scheduled)
     _progress(4, 4, f"packing weights and writing {out_dir}", quiet)
     packed = pack_weights(cfg, w, opts.dtype)
     # Every parameter comes from its recipe, the one `hetcomp attach-weights` follows to
@@ -180,8 +194,12 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
             "trees": {str(w): build_tree(heads.rank_probs, w, heads.ranks).to_json()
                       for w in range(1, max(opts.widths) + 1)},
         }
+        plan_tree = (opts.plan_choice or {}).get("tree")
+        if plan_tree and width_source == "plan":  # the plan's own tree at its width
+            speculative["trees"][str(width)] = plan_tree
     params = [(name, param_from_recipe(r, packed, heads, opts.dtype))
               for name, r in recipes.items()]
+    units = _units(opts.plan, opts.target)
     manifest = {
         "model": opts.model if opts.model == "smollm2" else os.path.basename(opts.model),
         "source": source_info(source),
@@ -189,7 +207,7 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
         "dtype": opts.dtype,
         "target": opts.target,
         "target_spec": target_dict(opts.target),
-        "units": _units(opts.plan, opts.target),
+        "units": units,
         "param_units": placement,
         "plan": opts.plan.to_json() if opts.plan is not None else None,
         "plan_prediction": opts.plan_prediction,
@@ -198,7 +216,11 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
         "param_recipes": recipes,
         "tokenizer": tok.to_json(),
         "widths": list(opts.widths) if heads is not None else [1],
-        "default_width": opts.default_width or 1,
+        "default_width": width,
+        "default_width_source": width_source,
+        "plan_source": (opts.plan_choice or {}).get("source"),
+        "cost_models": cost_source,
+        "kernels": kernel_table(scheduled[0], units) if scheduled else [],
         "speculative": speculative,
         "draft_dtype": draft_dtype if heads is not None else None,
         "draft_vocab": draft_vocab or None,
@@ -264,3 +286,92 @@ def _split_params(mod, cfg, dtype):
         units[p.name] = 0 if vd is None else next(
             i for i, v in enumerate(vdevs) if compiler().same_vdevice(v, vd))
     return units, recipes
+
+
+def _default_width(opts: CompileOptions, cfg, heads, draft_dtype: str) -> tuple[int, str]:
+    """The width `generate` uses unless told, and where it comes from: ``--width``, the plan,
+    or the planner on the target's roofline with the heads' statistics."""
+    if heads is None:
+        return 1, "no Medusa heads"
+    if opts.default_width is not None:
+        return opts.default_width, "--width"
+    choice = opts.plan_choice
+    if choice is not None:
+        if choice["width"] not in opts.widths:
+            raise HetcompError(f"the plan's width {choice['width']} is not a compiled width "
+                               f"({', '.join(map(str, opts.widths))})")
+        return choice["width"], "plan"
+    spec = target_roofline(opts.target)
+    if spec is None:
+        return 1, f"no roofline for --target {opts.target}: pass --width"
+    p = plan(ModelShape.from_config(cfg, opts.dtype), [UnitModel.from_spec(spec)],
+             rank_probs=heads.rank_probs, ranks=heads.ranks,
+             options=PlannerOptions(widths=tuple(opts.widths), cache_len=256,
+                                    draft_vocab=0 if heads.vocab is None else len(heads.vocab),
+                                    draft_weight_bytes=dtype_bytes(draft_dtype),
+                                    draft_root=heads.u is not None))
+    return p.width, (f"planner on the roofline of {spec.name} ({spec.notes}): "
+                     f"{p.tokens_per_s:.0f} tokens/s predicted at W={p.width}")
+
+
+@functools.lru_cache(maxsize=None)
+def target_roofline(target: str) -> DeviceSpec | None:
+    """A roofline of the unit a target runs on: this machine's CPU measured (read bandwidth,
+    numpy matmul GFLOP/s; about half a second) for host builds, the Orin NX CPU's datasheet
+    for aarch64 (an estimate), none for cuda (pass --width)."""
+    if target in ("host", "x86-64-v3"):
+        bw = measure_read_bandwidth()
+        a = np.random.default_rng(0).random((1024, 1024), dtype=np.float32)
+        a @ a
+        t0, n = time.perf_counter(), 0
+        while time.perf_counter() - t0 < 0.2:
+            a @ a
+            n += 1
+        gflops = n * 2 * 1024 ** 3 / (time.perf_counter() - t0) / 1e9
+        return DeviceSpec("cpu", "cpu", gflops, bw, notes=f"measured here: {bw:.1f} GB/s read, "
+                          f"{gflops:.0f} GFLOP/s matmul")
+    if target == "aarch64":
+        return ORIN_NX_CPU
+    return None
+
+
+def _cost_models(opts: CompileOptions, cfg):
+    """``(cost_fn, units, source)`` for AnnotateCost: the cost models `tune` fitted beside the
+    plan, else the roofline of each unit (the target's for single-unit builds)."""
+    shape = ModelShape.from_config(cfg, opts.dtype)
+    choice = opts.plan_choice or {}
+    units = tuple(opts.plan.units) if opts.plan is not None else (
+        "cuda" if opts.target == "cuda" else "cpu",)
+    models, source = {}, {}
+    for u in units:
+        path = os.path.join(choice["cost_dir"], f"{u}.json") if choice.get("cost_dir") else None
+        if path and os.path.isfile(path):
+            models[u], source[u] = UnitCostModel.load(path), f"fitted ({path})"
+        elif u in SPECS:
+            models[u], source[u] = RooflineCost(SPECS[u]), f"roofline of {u}'s datasheet"
+        elif opts.plan is None and target_roofline(opts.target) is not None:
+            spec = target_roofline(opts.target)
+            models[u], source[u] = RooflineCost(spec), f"roofline ({spec.notes})"
+    if not models:
+        return None, units, None
+
+    def cost_fn(unit: str, op: dict) -> float:
+        model = models.get(unit)
+        return float(model(kernel_features(shape, op))) if model is not None else float("nan")
+
+    return cost_fn, units, source
+
+
+def _annotate(mod, cost_fn, units, width: int, opts: CompileOptions):
+    """AnnotateCost at the artifact's default width (after partitioning, so split kernels are
+    costed at their own sizes)."""
+    if cost_fn is None:
+        return mod
+    return AnnotateCost(cost_fn, units, width, cache_len=min(256, opts.max_context // 2))(mod)
+
+
+def default_heads(model: str) -> str | None:
+    """The Medusa heads shipped for a packaged model (`compile --model smollm2` speculates
+    without being told), None for other models."""
+    path = packaged_file("smollm2-medusa.npz")
+    return path if model == "smollm2" and os.path.isfile(path) else None

@@ -19,9 +19,12 @@ CostFn = Callable[[str, dict], float]
 
 
 def op_description(func, width: int, cache_len: int) -> dict:
-    """What a cost model needs to know about a kernel: its kind, shape attributes and sizes."""
+    """What a cost model needs to know about a kernel: its kind, shape attributes and sizes
+    (``io_bytes``: its buffers' bytes, symbolic rows taken as ``width``)."""
     attrs = func.attrs
-    desc = {"op_kind": str(attrs[OP_KIND]), "w": int(width), "cache_len": int(cache_len)}
+    width = _static_rows(func) or width  # width-specialised kernels (verify_w8's) know theirs
+    desc = {"op_kind": str(attrs[OP_KIND]), "w": int(width), "cache_len": int(cache_len),
+            "io_bytes": _io_bytes(func, width)}
     for key in ("n", "k", "block", "residual", "part"):
         full = f"hetcomp.{key}"
         if full in attrs:
@@ -68,6 +71,30 @@ class AnnotateCost:
                     total[u] += t
             out[gv] = func.with_attr("hetcomp.cost_total", json.dumps(total))
         return out
+
+
+def _static_rows(func) -> int | None:
+    """The rows of a kernel built for a static width: its first tensor's leading dimension
+    when that is a constant and the kernel's name says so (``*_w8``)."""
+    name = str(func.attrs["global_symbol"]) if "global_symbol" in func.attrs else ""
+    shape = getattr(func.params[0], "shape", None) if func.params else None
+    if "_w" not in name or not shape or not isinstance(shape[0], _c.tir.IntImm):
+        return None
+    return int(shape[0])
+
+
+def _io_bytes(func, width: int) -> int:
+    """Bytes of the kernel's buffers; a symbolic dimension counts ``width`` (the tree rows)."""
+    total = 0
+    for param in func.params:  # 0.27: tensor parameters carry their shape and dtype
+        shape = getattr(param, "shape", None)
+        if shape is None:
+            continue
+        n = _c.DataType(str(param.dtype)).bits // 8
+        for dim in shape:
+            n *= int(dim) if isinstance(dim, _c.tir.IntImm) else width
+        total += n
+    return total
 
 
 def _call_tir_sites(func) -> list:

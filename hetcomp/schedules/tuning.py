@@ -142,9 +142,11 @@ def tune_kernels(kernels: dict[str, object], target, db_path: str, trials_per_ke
     say(f"[tune kernels] {len(kernels)} kernels x {trials_per_kernel} trials (MetaSchedule, "
         f"XGBoost cost model); logs in {os.path.join(db_path, 'work')}")
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+    # Each builder worker imports tvm.s_tir.tensor_intrin (~29 s here, longer on a loaded
+    # machine): the default 30 s build timeout failed every trial while other jobs ran.
     ms.tune_tir(mod, tgt, os.path.join(db_path, "work"),
                 max_trials_global=trials_per_kernel * len(kernels),
                 max_trials_per_task=trials_per_kernel,
                 num_trials_per_iter=min(16, trials_per_kernel), database=db,
-                num_tuning_cores=cores)
+                num_tuning_cores=cores, builder=ms.builder.LocalBuilder(timeout_sec=180))
     return len(db.get_all_tuning_records())

@@ -397,6 +397,20 @@ def test_quick_profile_fit_and_plan(tmp_path):
     p = Plan.from_json(json.loads((out / "plan.json").read_text()))
     assert p.source == MEASURED and p.units == ("cpu",) and p.width in (1, 2, 4, 8, 16, 32, 64)
     assert UnitCostModel.load(str(out / "cost" / "cpu.json")).source == MEASURED
+    # compile --plan: the plan's width and tree reach the artifact, and AnnotateCost costs every
+    # kernel with the fitted models tune wrote beside the plan.
+    from hetcomp.testing import run_cli
+
+    rc, _, err = run_cli("compile", "--model", "smollm2", "--max-context", 512, "--plan",
+                         out / "plan.json", "--quiet", "-o", tmp_path / "art")
+    assert rc == 0, err
+    m = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert m["default_width"] == p.width and m["default_width_source"] == "plan"
+    if p.width > 1:
+        assert m["speculative"]["trees"][str(p.width)] == p.tree.to_json()
+    assert m["cost_models"]["cpu"].startswith("fitted")
+    linear = [k for k in m["kernels"] if k["rule"] == "cpu.Linear"]
+    assert linear and all(k["predicted_us"] > 0 for k in linear)
     again = profile_command("smollm2", ["cpu"], str(out / "profile.sqlite"), quick=True,
                             progress=lines.append)
     assert again["units"]["cpu"]["reused"]

@@ -1,0 +1,61 @@
+"""What `hetcomp compile` decides without being told: the packaged heads, the width (planner
+on the target's roofline), and the kernel table `inspect` shows."""
+
+import json
+
+import pytest
+
+from hetcomp.testing import run_cli
+
+
+@pytest.fixture(scope="module")
+def default_artifact(tmp_path_factory):
+    out = tmp_path_factory.mktemp("default") / "A"
+    rc, _, err = run_cli("compile", "--model", "smollm2", "--max-context", 512, "--quiet",
+                         "-o", out)
+    assert rc == 0, err
+    return out
+
+
+def test_compile_smollm2_speculates_at_the_planned_width(default_artifact):
+    m = json.loads((default_artifact / "manifest.json").read_text())
+    assert m["speculative"]["heads_file"]["name"] == "smollm2-medusa.npz"
+    assert m["default_width"] > 1 and m["default_width"] in m["widths"]
+    assert m["default_width_source"].startswith("planner on the roofline of cpu")
+    rc, out, err = run_cli("generate", default_artifact, "--prompt", "hi", "--chat",
+                           "--max-new-tokens", 24, "--json")
+    assert rc == 0, err
+    spec = json.loads(out)
+    assert spec["width"] == m["default_width"] and spec["steps"] < len(spec["ids"])
+    rc, out, err = run_cli("generate", default_artifact, "--prompt", "hi", "--chat",
+                           "--max-new-tokens", 24, "--json", "--width", 1)
+    assert rc == 0, err
+    assert json.loads(out)["ids"] == spec["ids"]  # lossless
+
+
+def test_inspect_lists_every_kernel_with_its_rule_and_prediction(default_artifact):
+    rc, out, err = run_cli("inspect", default_artifact, "--json")
+    assert rc == 0, err
+    kernels = json.loads(out)["kernels"]
+    w16 = [k for k in kernels if k["function"] == "verify_w16"]
+    assert {k["rule"] for k in w16} >= {"cpu.Linear", "cpu.Attention", "cpu.Rowwise"}
+    assert set(k) == {"function", "name", "unit", "rule", "predicted_us", "calls"} \
+        if (k := w16[0]) else False
+    linear = [k for k in w16 if k["rule"] == "cpu.Linear"]
+    assert sum(k["calls"] for k in linear) == 4 * 30 + 1  # qkv, o, gate_up, down; lm_head
+    # Predicted per call, width-specialised kernels at their own rows: W=16 costs more than
+    # W=1 for the same linear layer.
+    cost = {(k["function"], k["name"].removesuffix("_w16").removesuffix("_w1")): k["predicted_us"]
+            for k in kernels if k["function"] in ("verify_w1", "verify_w16")}
+    gate_up = [n for f, n in cost if f == "verify_w16" and n.startswith("linear_n3072")]
+    assert gate_up and cost[("verify_w16", gate_up[0])] > cost[("verify_w1", gate_up[0])] > 0
+    rc, out, _ = run_cli("inspect", default_artifact)
+    assert rc == 0 and "verify_w16" in out and "cpu.Attention" in out
+
+
+def test_no_heads_builds_no_speculation(tmp_path):
+    rc, _, err = run_cli("compile", "--model", "smollm2", "--no-heads", "--max-context", 64,
+                         "--quiet", "-o", tmp_path / "A")
+    assert rc == 0, err
+    m = json.loads((tmp_path / "A" / "manifest.json").read_text())
+    assert m["speculative"] is None and m["widths"] == [1] and m["default_width"] == 1
