@@ -97,6 +97,12 @@ def tensor(array, device=None):
     return runtime.tensor(array, device if device is not None else cpu())
 
 
+def view(array):
+    """A CPU tensor that shares ``array``'s memory (DLPack, no copy); ``array`` must be
+    contiguous and 64-byte aligned, and stay alive as long as the tensor."""
+    return runtime.from_dlpack(array)
+
+
 def ffi_include_dir() -> str:
     """The tvm-ffi C headers (``tvm/ffi/c_api.h``, ``dlpack/dlpack.h``) for C harnesses."""
     from tvm_ffi import libinfo

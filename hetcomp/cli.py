@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 
 from .errors import HetcompError
@@ -101,7 +102,7 @@ def cmd_generate(args) -> int:
             pass
         res = gen.result
         print(json.dumps({**res.to_json(), "width": gen.generation.width,
-                          "lookup": gen.generation.lookup}))
+                          "lookup": gen.generation.lookup, "peak_rss_mb": peak_rss_mb()}))
         return 0
     for piece in gen:  # the text as each verify step accepts it
         print(piece, end="", flush=True)
@@ -148,6 +149,7 @@ def cmd_bench(args) -> int:
                    new_tokens=args.new_tokens, prompts=args.prompts, rounds=args.rounds,
                    lookup=args.lookup, kernels=args.kernels, plot=args.plot,
                    verify=not args.no_verify)
+    report["peak_rss_mb"] = peak_rss_mb()
     if args.json:
         print(json.dumps(report))
         return 0
@@ -214,10 +216,13 @@ def cmd_inspect(args) -> int:
         print(json.dumps(info, indent=1, sort_keys=True))
         return 0
     show = {k: v for k, v in info.items()
-             if k not in ("params", "tokenizer", "files", "kernels", "param_recipes")}
+             if k not in ("params", "tokenizer", "files", "kernels", "param_recipes", "memory")}
     print(json.dumps(show, indent=1, sort_keys=True))
     print(f"params: {len(info['params'])} tensors, "
           f"{info['files']['params.bin']['bytes'] / 2**20:.1f} MiB")
+    mem = info.get("memory")
+    if mem:
+        print("memory: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in mem.items()))
     kernels = info.get("kernels") or []
     if kernels:
         print(f"\n{'function':12s} {'kernel':34s} {'unit':6s} {'rule':26s} "
@@ -227,6 +232,11 @@ def cmd_inspect(args) -> int:
         print(f"{k['function']:12s} {k['name']:34s} {k['unit']:6s} {k['rule'] or '(none)':26s} "
               f"{pred:>12s} {k['calls']:5d}")
     return 0
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class _Parser(argparse.ArgumentParser):

@@ -8,11 +8,13 @@ the same function the workflows use, so a file that `inspect` accepts is one the
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 from ..artifact_format import read_manifest
 from ..errors import HetcompError
 from ..frontend import load_model
+from ..frontend.config import LlamaConfig, kv_cache_shapes
 from ..plan import load_plan, plan_prediction
 from ..speculative.medusa import MedusaHeads
 
@@ -21,7 +23,8 @@ def inspect_path(path: str) -> dict:
     """A summary of ``path`` (what kind it is, and what it holds)."""
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "manifest.json")):
-            return {"kind": "artifact", **read_manifest(path)}
+            manifest = read_manifest(path)
+            return {"kind": "artifact", **manifest, "memory": deployment_memory(manifest)}
         if os.path.isfile(os.path.join(path, "kit.json")):
             from ..profile.measure import read_kit  # lazy: it builds probes with the compiler
 
@@ -55,3 +58,12 @@ def _model(path: str) -> dict:
             "parameters": int(sum(a.size for a in weights.values())),
             "vocabulary": len(spec["tokens"]) if "tokens" in spec else None,
             "chat_template": spec.get("chat_template") is not None}
+
+
+def deployment_memory(manifest: dict) -> dict:
+    """Bytes a deployment of the artifact holds: its weights (mapped once on a CPU) and its KV
+    cache at the compiled context (float32 K and V)."""
+    cfg = LlamaConfig.from_dict(manifest["config"])
+    ks, vs = kv_cache_shapes(cfg)
+    return {"weights": int(manifest["files"]["params.bin"]["bytes"]),
+            "kv_cache": 4 * (math.prod(ks) + math.prod(vs))}

@@ -76,12 +76,19 @@ class Artifact:
             self.vm = _tvm.virtual_machine(_tvm.load_module(lib), self.devices)
         except Exception as e:
             raise HetcompError(f"cannot load artifact library {lib}: {e}") from None
-        raw = np.memmap(pbin, dtype=np.uint8, mode="r")
+        # Weights on the CPU are views of the mapped file (no second copy: the page cache
+        # holds them once); other devices get one staged copy per tensor. Copy-on-write, so
+        # nothing ever writes params.bin; the file's 64-byte alignment is DLPack's.
+        self._weights_file = np.memmap(pbin, dtype=np.uint8, mode="c")
         by_name = {}
         for p in self.manifest["params"]:
-            arr = raw[p["offset"]: p["offset"] + p["nbytes"]].view(p["dtype"]).reshape(p["shape"])
-            unit = (self.manifest.get("param_units") or {}).get(p["name"], 0)
-            by_name[p["name"]] = _tvm.tensor(np.ascontiguousarray(arr), self.devices[unit])
+            arr = (self._weights_file[p["offset"]: p["offset"] + p["nbytes"]]
+                   .view(p["dtype"]).reshape(p["shape"]))
+            dev = self.devices[(self.manifest.get("param_units") or {}).get(p["name"], 0)]
+            # (numpy's DLPack names cpu:0; a second CPU vdevice, cpu:1, gets its own copy)
+            host = dev.dlpack_device_type() == 1 and dev.index == 0
+            view = host and p["offset"] % 64 == 0 and arr.size
+            by_name[p["name"]] = _tvm.view(arr) if view else _tvm.tensor(arr, dev)
         funcs = self.manifest["functions"]
         try:
             self.params = [by_name[n] for n in funcs["verify"]]

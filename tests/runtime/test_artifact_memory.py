@@ -1,0 +1,36 @@
+"""Loading an artifact keeps one copy of its weights: CPU parameters view the mapped file."""
+
+import json
+
+import numpy as np
+
+from hetcomp.runtime import generate, load_artifact
+from hetcomp.testing import run_cli
+
+
+def test_cpu_weights_view_the_mapped_file(tiny_artifact):
+    art = load_artifact(tiny_artifact[0])
+    views = [np.shares_memory(np.from_dlpack(p), art._weights_file) for p in art.params]
+    assert all(views), f"{views.count(False)} of {len(views)} parameters were copied"
+    # and they hold the weights: the numbers equal the file's
+    first = art.manifest["params"][0]
+    stored = np.fromfile(f"{tiny_artifact[0]}/params.bin", dtype=first["dtype"],
+                         count=int(np.prod(first["shape"])), offset=first["offset"])
+    by_name = dict(zip(art.manifest["functions"]["verify"], art.params, strict=True))
+    np.testing.assert_array_equal(np.from_dlpack(by_name[first["name"]]).ravel(), stored)
+    assert generate(art, [5, 6, 7], max_new_tokens=4).ids  # and the model runs on them
+
+
+def test_inspect_and_generate_report_memory(tiny_artifact):
+    rc, out, err = run_cli("inspect", tiny_artifact[0], "--json")
+    assert rc == 0, err
+    mem = json.loads(out)["memory"]
+    m = json.loads(out)
+    assert mem["weights"] == m["files"]["params.bin"]["bytes"]
+    cfg = m["config"]
+    assert mem["kv_cache"] == 2 * 4 * cfg["num_layers"] * cfg["num_kv_heads"] * \
+        cfg["head_dim"] * cfg["max_context"]
+    rc, out, err = run_cli("generate", tiny_artifact[0], "--prompt-ids", "5,6", "--json",
+                           "--max-new-tokens", 3)
+    assert rc == 0, err
+    assert json.loads(out)["peak_rss_mb"] > 0
