@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .._tvm import compiler
-from ..schedules import cpu_rules
+from ..schedules import llvm_rules
 from ..schedules.apply import ApplyRules
 from ..schedules.gpu import gpu_rules, use_gpu_script_kernels
 from .targets import make_target
@@ -15,7 +15,7 @@ def schedule_module(mod, target):
     GPU versions, then our GPU rules and dlight's apply."""
     c = compiler()
     if target.kind.name == "llvm":
-        rules = cpu_rules()
+        rules = llvm_rules()
     else:
         mod, rules = use_gpu_script_kernels(mod), gpu_rules()
     with target:
