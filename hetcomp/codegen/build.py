@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .._tvm import compiler
 from ..schedules import llvm_rules
-from ..schedules.apply import ApplyRules
+from ..schedules.apply import RULE_ATTR, ApplyRules
 from ..schedules.gpu import gpu_rules, use_gpu_script_kernels
 from .targets import make_target
 
@@ -20,6 +20,29 @@ def schedule_module(mod, target):
         mod, rules = use_gpu_script_kernels(mod), gpu_rules()
     with target:
         return ApplyRules(*rules)(mod)
+
+
+def kernel_table(mod) -> list[tuple[str, str, str | None]]:
+    """``(function, kernel, rule)`` for every kernel each Relax function of a scheduled
+    module calls (``call_tir`` and in-place calls, in binding order): what a compiled
+    function runs and which rule (``hetcomp.rule``, None if none did) scheduled it."""
+    c = compiler()
+    rows = []
+    for gv, func in mod.functions_items():
+        if not isinstance(func, c.relax.Function):
+            continue
+
+        def visit(expr, fname=gv.name_hint):
+            if isinstance(expr, c.relax.Call) and isinstance(expr.args[0] if expr.args else None,
+                                                             c.tvm.ir.GlobalVar):
+                callee = mod[expr.args[0]]
+                if isinstance(callee, c.tir.PrimFunc):
+                    rule = callee.attrs.get(RULE_ATTR) if callee.attrs is not None else None
+                    rows.append((fname, expr.args[0].name_hint,
+                                 None if rule is None else str(rule)))
+
+        c.relax.analysis.post_order_visit(func, visit)
+    return rows
 
 
 def build(mod, target):

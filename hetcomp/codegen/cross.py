@@ -27,7 +27,7 @@ from ..errors import HetcompError
 AARCH64_NEON = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
 
 # The harness: parses one "i|o:<dtype code>:<bits>:<d0,d1,..>:<path>" spec per kernel
-# argument, reads the inputs, calls the kernel once, writes the outputs. It also supplies
+# argument ("s:<value>" for an int64 scalar), reads the inputs, calls the kernel once, writes the outputs. It also supplies
 # what the TVM runtime would: the error setter and a serial parallel-launch (the generated
 # code calls these through function-pointer globals). Exit codes: 0 ok, 2 usage or I/O,
 # 3 the kernel reported an error (printed to stderr).
@@ -89,6 +89,15 @@ int main(int argc, char** argv) {
   if (n < 1 || n > MAX_ARGS) { fprintf(stderr, "usage: %s SPEC...\n", argv[0]); return 2; }
   for (int a = 0; a < n; ++a) {
     char kind; int code, bits, used = 0;
+    long long scalar;
+    if (sscanf(argv[a + 1], "s:%lld", &scalar) == 1) {  /* an int64 scalar argument */
+      memset(&args[a], 0, sizeof(args[a]));
+      args[a].type_index = kTVMFFIInt;
+      args[a].v_int64 = scalar;
+      is_out[a] = 0;
+      nbytes[a] = 0;
+      continue;
+    }
     if (sscanf(argv[a + 1], "%c:%d:%d:%n", &kind, &code, &bits, &used) != 3) {
       fprintf(stderr, "bad spec %s\n", argv[a + 1]); return 2;
     }
@@ -230,8 +239,8 @@ class QemuKernel:
     Parameters
     ----------
     func : tirx.PrimFunc
-        A scheduled kernel whose parameters are all buffers; the last ``num_outputs`` are
-        its outputs.
+        A scheduled kernel whose parameters are buffers and int64 scalars (passed as Python
+        ints); the last ``num_outputs`` are its outputs.
     name : str
         The kernel's symbol.
     num_outputs : int
@@ -290,6 +299,10 @@ class QemuKernel:
             raise HetcompError(f"{self.artifact.name} takes {len(ins)} inputs, got {len(inputs)}")
         env: dict[str, int] = {}
         for param, arr in zip(ins, inputs, strict=True):
+            if not hasattr(param, "shape"):  # a scalar parameter
+                if not isinstance(arr, int | np.integer):
+                    raise HetcompError(f"{param.name} must be an int")
+                continue
             if not isinstance(arr, np.ndarray) or not arr.flags.c_contiguous:
                 raise HetcompError(f"{param.name} must be a C-contiguous numpy array")
             if str(arr.dtype) != str(param.dtype):
@@ -301,6 +314,8 @@ class QemuKernel:
                 if type(dim).__name__ == "Var" and dim.name not in env:
                     env[dim.name] = int(size)
         for param, arr in zip(ins, inputs, strict=True):
+            if not hasattr(param, "shape"):
+                continue
             want = tuple(_dim(d, env) for d in param.shape)
             if want != arr.shape:
                 raise HetcompError(f"{param.name} must have shape {want}, got {arr.shape}")
@@ -324,6 +339,9 @@ class QemuKernel:
         """
         specs = []
         for idx, arr in enumerate(arrays):
+            if isinstance(arr, int | np.integer):
+                specs.append(f"s:{int(arr)}")
+                continue
             kind = "i" if idx < num_inputs else "o"
             path = os.path.join(self.workdir, f"arg{idx}.bin")
             if kind == "i":
