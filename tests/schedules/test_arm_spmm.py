@@ -87,3 +87,60 @@ def test_kernel_itself_rejects_mismatched_arguments(kernel):
         kernel.run_unchecked([q, k_bad, v, row_ptr, col_idx, layer, n, *outs], 7)
     with pytest.raises(HetcompError, match=r"Mismatched col_idx\.dtype"):
         kernel.run_unchecked([q, k, v, row_ptr, col_idx.astype("int64"), layer, n, *outs], 7)
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def test_tiny_model_under_qemu_matches_numpy(tmp_path):
+    """A tiny model scheduled for aarch64 (NEON sparse kernel in verify_w4), every kernel run
+    under qemu: prefill, a verify of a tree, commit of a branch, a verify after it."""
+    from hetcomp.codegen.build import schedule_module
+    from hetcomp.codegen.cross import QemuModule
+    from hetcomp.codegen.targets import make_target
+    from hetcomp.frontend.config import kv_cache_shapes
+    from hetcomp.frontend.llama import build_module
+    from hetcomp.frontend.weights import pack_weights, param_specs, random_weights
+    from hetcomp.speculative.tree import csr_from_mask
+    from hetcomp.testing import TINY, depths
+    from hetcomp.testing import numpy_llama as ref
+
+    cfg = TINY
+    w = random_weights(cfg, seed=4)
+    packed = pack_weights(cfg, w, "float32")
+    params = [packed[name] for name, _, _ in param_specs(cfg, "float32")]
+    mod = schedule_module(build_module(cfg, static_widths=(4,)), make_target("aarch64"))
+    run = QemuModule(mod, workdir=str(tmp_path), toolchain=TOOLCHAIN)
+    ks, vs = kv_cache_shapes(cfg)
+    kc, vc = np.zeros(ks, "float32"), np.zeros(vs, "float32")
+    prompt = [5, 17, 99, 3, 42]
+    t = len(prompt)
+    _, hidden, ids, kc, vc = run("prefill", np.array(prompt, "int32"), np.arange(t, dtype="int32"),
+                                 np.tril(np.ones((t, t), "int32")), kc, vc, t - t, *params)
+    ref_logits, ref_hidden = ref.forward(cfg, w, prompt)
+    np.testing.assert_allclose(hidden[0], ref_hidden[-1], atol=2e-5, rtol=1e-4)
+    assert int(ids[0]) == int(ref_logits[-1].argmax())
+
+    parents = [-1, 0, 0, 1]
+    mask = tree_mask(parents)
+    toks = np.array([10, 11, 12, 13], "int32")
+    pos = (depths(parents) + t).astype("int32")
+    logits, hidden, ids, kc, vc = run("verify_w4", toks, pos, mask, *csr_from_mask(mask), kc, vc,
+                                      t, *params)
+    full = np.zeros((t + 4, t + 4), bool)
+    full[:t, :t] = np.tril(np.ones((t, t), bool))
+    full[t:, :t] = True
+    full[t:, t:] = mask.astype(bool)
+    ref_logits, _ = ref.forward(cfg, w, np.concatenate([prompt, toks]),
+                                positions=np.concatenate([np.arange(t), pos]), mask=full)
+    np.testing.assert_allclose(logits, ref_logits[t:], atol=1e-4, rtol=1e-4)
+    np.testing.assert_array_equal(ids, ref_logits[t:].argmax(-1))
+
+    kc, vc = run("commit", kc, vc, np.array([0, 1, 3], "int32"), t)  # the branch 0 -> 1 -> 3
+    seq = prompt + [10, 11, 13]
+    chain = tree_mask([-1, 0, 1, 2])
+    toks2 = np.array([20, 21, 22, 23], "int32")
+    logits, *_ = run("verify_w4", toks2, np.arange(len(seq), len(seq) + 4, dtype="int32"), chain,
+                     *csr_from_mask(chain), kc, vc, len(seq), *params)
+    ref_logits, _ = ref.forward(cfg, w, seq + toks2.tolist())
+    np.testing.assert_allclose(logits, ref_logits[len(seq):], atol=1e-4, rtol=1e-4)
