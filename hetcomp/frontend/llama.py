@@ -36,10 +36,13 @@ from .weights import param_specs
 #: v_cache, cache_len.
 NUM_INPUTS = 8
 PREFILL_INPUTS = 6  # prefill's: the same without the CSR tree
-#: Widths whose verify keeps the fused masked kernel: measured faster than dense + sparse +
-#: merge (three launches per layer) where the tree is a handful of nodes (see FUSED_WIDTHS'
-#: measurement in the issue-16 notes).
-FUSED_WIDTHS = (1,)
+#: Widths whose verify keeps the fused masked kernel, measured faster there than dense part +
+#: sparse part + merge (three launches a layer for a one- or two-node tree). SmolLM2-135M, cache
+#: 64, 1 thread, attention ms per step, best of 2 runs of min-of-15 (fused / split): W=1 0.325 /
+#: 0.388, W=2 0.412 / 0.463, W=4 0.571 / 0.541, W=8 0.855 / 0.847, W=16 1.39 / 1.36, W=32 3.02 /
+#: 2.47, W=64 7.68 / 4.63. W=4-16 tie within this machine's noise; the split serves them (and
+#: is what a partitioned plan places per unit).
+FUSED_WIDTHS = (1, 2)
 MEDUSA_TOPK = 10  # candidates per head the medusa function returns (the trees' rank bound)
 
 
