@@ -281,6 +281,6 @@ class ElementwiseRule(_BASE):
 
 def cpu_rules():
     """The ordered generic CPU rule list (first applicable rule wins); the ISA rules go first
-    (:func:`hetcomp.schedules.llvm_rules`)."""
+    (:func:`hetcomp.codegen.build.llvm_rules`)."""
     return [LinearRule(), AttentionRule(), MergeRule(), SparseTreeAttentionRule(), ArgmaxRule(),
             RowwiseRule(), ElementwiseRule()]

@@ -12,7 +12,8 @@ from hetcomp.errors import HetcompError
 from hetcomp.hardware import target_dict
 from hetcomp.kernels import sparse_attention as sa
 from hetcomp.kernels import ops
-from hetcomp.schedules import arm, llvm_rules, x86
+from hetcomp.codegen.build import llvm_rules
+from hetcomp.schedules import arm, x86
 from hetcomp.schedules.arm import NEON_F32
 from hetcomp.schedules.x86 import AVX2_F32, AVX512_F32, x86_rules
 from hetcomp.testing import tree_mask
