@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from .._tvm import compiler
 from ..schedules import cpu_rules
-from ..schedules.arm import arm_rules
 from ..schedules.apply import RULE_ATTR, ApplyRules
+from ..schedules.arm import arm_rules
 from ..schedules.gpu import gpu_rules, use_gpu_script_kernels
 from ..schedules.x86 import x86_rules
 from .targets import make_target

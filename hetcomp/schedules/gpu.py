@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from .._tvm import compiler
 from ..kernels.ops import OP_KIND
-from ..kernels.sparse_attention import SPARSE_KIND
 from ..kernels.script_ops import for_gpu
+from ..kernels.sparse_attention import SPARSE_KIND
 
 _BASE = compiler().ScheduleRule
 _KINDS = ("attention_merge", "attention", "rms_norm", "elementwise", "embed")

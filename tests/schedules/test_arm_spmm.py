@@ -11,8 +11,17 @@ from hetcomp.kernels import sparse_attention as sa
 from hetcomp.schedules.arm import arm_rules
 from hetcomp.testing import tree_mask
 from hetcomp.testing.tree_attention import (
-    CONTEXT, LAYERS, D, G, H, in_model_layout, random_qkv, random_tree, reference_attention,
-    split_part)
+    CONTEXT,
+    LAYERS,
+    D,
+    G,
+    H,
+    in_model_layout,
+    random_qkv,
+    random_tree,
+    reference_attention,
+    split_part,
+)
 
 TOOLCHAIN = CrossToolchain.find()
 pytestmark = pytest.mark.skipif(

@@ -12,8 +12,8 @@ from hetcomp.codegen.cross import CrossToolchain
 from hetcomp.codegen.targets import make_target
 from hetcomp.driver.compile import CompileOptions, compile_model
 from hetcomp.frontend.llama import build_module
-from hetcomp.testing import TINY, byte_tokenizer_spec
 from hetcomp.frontend.weights import random_weights
+from hetcomp.testing import TINY, byte_tokenizer_spec
 
 ATTENTION = ("attention_dense_w16", "sparse_tree_attention", "attention_merge_w16")
 
