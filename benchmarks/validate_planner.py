@@ -57,7 +57,7 @@ def measure_verify(art, widths, cache_len: int, rank_probs, repeats: int) -> dic
     for w in widths:
         tree = build_tree(rank_probs, w)
         args = (rng.integers(0, art.config.vocab_size, w), tree.depths + sess.length,
-                tree.mask())
+                tree.mask(), tree.csr())
         sess.verify(*args)  # warm-up; verify leaves the committed length alone
         calls[w] = args
     times: dict[int, list[float]] = {w: [] for w in widths}

@@ -7,8 +7,19 @@ import json
 from .._tvm import compiler
 from ..schedules import cpu_rules
 from ..schedules.apply import ApplyRules
+from ..schedules.arm import arm_rules
 from ..schedules.gpu import gpu_rules, use_gpu_script_kernels
+from ..schedules.x86 import x86_rules
 from .targets import make_target
+
+
+def llvm_rules():
+    """The rule list of every LLVM CPU target: the ISA rules first (each applies only to a
+    target with its vector extension: x86 AVX-512 or AVX2+FMA, aarch64 NEON), then the
+    generic CPU rules. (Not in ``hetcomp.schedules``' package init: importing the ISA rules
+    registers their tensor intrinsics, and MetaSchedule's builder workers import that
+    package under a 30 s timeout.)"""
+    return [*x86_rules(), *arm_rules(), *cpu_rules()]
 
 
 def schedule_module(mod, target):
@@ -17,7 +28,7 @@ def schedule_module(mod, target):
     GPU versions, then our GPU rules and dlight's apply."""
     c = compiler()
     if target.kind.name == "llvm":
-        rules = cpu_rules()
+        rules = llvm_rules()
     else:
         mod, rules = use_gpu_script_kernels(mod), gpu_rules()
     with target:

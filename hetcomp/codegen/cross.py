@@ -27,7 +27,8 @@ from ..errors import HetcompError
 AARCH64_NEON = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
 
 # The harness: parses one "i|o:<dtype code>:<bits>:<d0,d1,..>:<path>" spec per kernel
-# argument, reads the inputs, calls the kernel once, writes the outputs. It also supplies
+# argument ("s:<value>" for an int64 scalar; kind "b" for a buffer read and written back, an
+# in-place argument), reads the inputs, calls the kernel once, writes the outputs. It also supplies
 # what the TVM runtime would: the error setter and a serial parallel-launch (the generated
 # code calls these through function-pointer globals). Exit codes: 0 ok, 2 usage or I/O,
 # 3 the kernel reported an error (printed to stderr).
@@ -89,6 +90,15 @@ int main(int argc, char** argv) {
   if (n < 1 || n > MAX_ARGS) { fprintf(stderr, "usage: %s SPEC...\n", argv[0]); return 2; }
   for (int a = 0; a < n; ++a) {
     char kind; int code, bits, used = 0;
+    long long scalar;
+    if (sscanf(argv[a + 1], "s:%lld", &scalar) == 1) {  /* an int64 scalar argument */
+      memset(&args[a], 0, sizeof(args[a]));
+      args[a].type_index = kTVMFFIInt;
+      args[a].v_int64 = scalar;
+      is_out[a] = 0;
+      nbytes[a] = 0;
+      continue;
+    }
     if (sscanf(argv[a + 1], "%c:%d:%d:%n", &kind, &code, &bits, &used) != 3) {
       fprintf(stderr, "bad spec %s\n", argv[a + 1]); return 2;
     }
@@ -102,7 +112,7 @@ int main(int argc, char** argv) {
       if (*p == ',') ++p;
     }
     paths[a] = p + 1;
-    is_out[a] = kind == 'o';
+    is_out[a] = kind == 'o' || kind == 'b';
     DLTensor* t = &tensors[a];
     memset(t, 0, sizeof(*t));
     t->data = aligned_alloc(64, (nbytes[a] + 63) / 64 * 64 + 64);
@@ -112,7 +122,7 @@ int main(int argc, char** argv) {
     t->dtype.bits = (uint8_t)bits;
     t->dtype.lanes = 1;
     t->shape = shapes[a];
-    if (!is_out[a]) {
+    if (kind != 'o') {
       FILE* f = fopen(paths[a], "rb");
       if (f == NULL || fread(t->data, 1, nbytes[a], f) != nbytes[a]) {
         fprintf(stderr, "cannot read %s\n", paths[a]); return 2;
@@ -230,8 +240,8 @@ class QemuKernel:
     Parameters
     ----------
     func : tirx.PrimFunc
-        A scheduled kernel whose parameters are all buffers; the last ``num_outputs`` are
-        its outputs.
+        A scheduled kernel whose parameters are buffers and int64 scalars (passed as Python
+        ints); the last ``num_outputs`` are its outputs.
     name : str
         The kernel's symbol.
     num_outputs : int
@@ -290,6 +300,10 @@ class QemuKernel:
             raise HetcompError(f"{self.artifact.name} takes {len(ins)} inputs, got {len(inputs)}")
         env: dict[str, int] = {}
         for param, arr in zip(ins, inputs, strict=True):
+            if not hasattr(param, "shape"):  # a scalar parameter
+                if not isinstance(arr, int | np.integer):
+                    raise HetcompError(f"{param.name} must be an int")
+                continue
             if not isinstance(arr, np.ndarray) or not arr.flags.c_contiguous:
                 raise HetcompError(f"{param.name} must be a C-contiguous numpy array")
             if str(arr.dtype) != str(param.dtype):
@@ -301,6 +315,8 @@ class QemuKernel:
                 if type(dim).__name__ == "Var" and dim.name not in env:
                     env[dim.name] = int(size)
         for param, arr in zip(ins, inputs, strict=True):
+            if not hasattr(param, "shape"):
+                continue
             want = tuple(_dim(d, env) for d in param.shape)
             if want != arr.shape:
                 raise HetcompError(f"{param.name} must have shape {want}, got {arr.shape}")
@@ -316,17 +332,21 @@ class QemuKernel:
         self.run_unchecked(list(inputs) + outs, len(inputs))
         return outs
 
-    def run_unchecked(self, arrays, num_inputs: int) -> None:
+    def run_unchecked(self, arrays, num_inputs: int, inplace=()) -> None:
         """Run the harness on ``arrays`` as given, filling the outputs in place.
 
-        No validation on the Python side: what the kernel's own argument checks catch
-        (rank, shape, dtype) comes back as a :class:`HetcompError` with its message.
+        ``inplace``: indices of inputs the kernel updates in place (written back too). No
+        validation on the Python side: what the kernel's own argument checks catch (rank,
+        shape, dtype) comes back as a :class:`HetcompError` with its message.
         """
         specs = []
         for idx, arr in enumerate(arrays):
-            kind = "i" if idx < num_inputs else "o"
+            if isinstance(arr, int | np.integer):
+                specs.append(f"s:{int(arr)}")
+                continue
+            kind = "b" if idx in inplace else "i" if idx < num_inputs else "o"
             path = os.path.join(self.workdir, f"arg{idx}.bin")
-            if kind == "i":
+            if kind != "o":
                 np.ascontiguousarray(arr).tofile(path)
             code = _DL_CODES[arr.dtype.kind]
             dims = ",".join(str(s) for s in arr.shape)
@@ -336,6 +356,100 @@ class QemuKernel:
         if proc.returncode != 0:
             raise HetcompError(f"{self.artifact.name} failed under qemu "
                                f"(exit {proc.returncode}): {proc.stderr.strip()}")
-        for idx in range(num_inputs, len(arrays)):
+        for idx in [*inplace, *range(num_inputs, len(arrays))]:
             path = os.path.join(self.workdir, f"arg{idx}.bin")
             arrays[idx][...] = np.fromfile(path, arrays[idx].dtype).reshape(arrays[idx].shape)
+
+
+class QemuModule:
+    """The Relax functions of a scheduled module, run binding by binding with every kernel
+    cross-compiled for aarch64 and called under qemu (no aarch64 TVM runtime needed).
+
+    Covers what the model's functions hold before legalization: ``call_tir``,
+    ``call_tir_inplace``, tuples, ``reshape``. Each distinct kernel is compiled and linked
+    once, on first use. Slow (a qemu process per kernel call): for tiny models.
+
+    Parameters
+    ----------
+    mod : IRModule
+        Scheduled for ``target`` (:func:`hetcomp.codegen.build.schedule_module`).
+    """
+
+    def __init__(self, mod, workdir: str | None = None, toolchain: CrossToolchain | None = None,
+                 target: dict | None = None):
+        self.mod, self.target = mod, target
+        self.toolchain = toolchain or CrossToolchain.find()
+        self.workdir = workdir or tempfile.mkdtemp(prefix="hetcomp-qemu-module-")
+        self.kernels: dict[str, QemuKernel] = {}
+
+    def _kernel(self, gv) -> QemuKernel:
+        name = gv.name_hint
+        if name not in self.kernels:
+            self.kernels[name] = QemuKernel(
+                self.mod[gv], name, 0, workdir=os.path.join(self.workdir, name),
+                toolchain=self.toolchain, target=self.target)
+        return self.kernels[name]
+
+    def __call__(self, fname: str, *args):
+        """Run Relax function ``fname`` on numpy arrays (tensors) and ints (shape values,
+        ``cache_len``); returns its result (tuples as lists)."""
+        c = compiler()
+        relax = c.relax
+        func = self.mod[fname]
+        env: dict = {}
+        shapes: dict[str, int] = {}
+        for p, a in zip(func.params, args, strict=True):
+            if isinstance(p.ty, c.ShapeType):
+                for dim, val in zip(p.ty.values, [a] if isinstance(a, int) else a, strict=True):
+                    shapes[dim.name] = int(val)
+                continue
+            env[p] = a
+            for dim, size in zip(p.ty.shape, a.shape, strict=True):
+                if type(dim).__name__ == "Var":
+                    shapes[dim.name] = int(size)
+
+        def value(expr):
+            if isinstance(expr, relax.Var) and expr in env:
+                return env[expr]
+            if type(expr).__name__ in ("IntImm", "Var"):  # 0.27: a PrimValue is its PrimExpr
+                return _dim(expr, shapes)
+            if type(expr).__name__ == "PrimValue":
+                return _dim(expr.value, shapes)
+            if isinstance(expr, relax.Tuple):
+                return [value(f) for f in expr.fields]
+            raise HetcompError(f"QemuModule cannot evaluate {type(expr).__name__}")
+
+        def alloc(ty):
+            return np.zeros(tuple(_dim(d, shapes) for d in ty.shape), str(ty.dtype))
+
+        for block in func.body.blocks:
+            for binding in block.bindings:
+                v = binding.value
+                if isinstance(v, relax.Var):  # an alias (a dataflow block's output)
+                    env[binding.var] = value(v)
+                elif isinstance(v, relax.TupleGetItem):
+                    env[binding.var] = value(v.tuple_value)[v.index]
+                elif isinstance(v, relax.Tuple):
+                    env[binding.var] = value(v)
+                elif isinstance(v, relax.Call) and str(v.op.name) == "relax.reshape":
+                    env[binding.var] = value(v.args[0]).reshape(
+                        [_dim(d, shapes) for d in v.args[1].values])
+                elif isinstance(v, relax.Call) and str(v.op.name) in (
+                        "relax.call_tir", "relax.call_tir_inplace"):
+                    ins = [value(a) for a in v.args[1].fields]
+                    ins = [a.copy() if isinstance(a, np.ndarray) else a for a in ins]
+                    ret = v.ty_args[0]
+                    tys = list(ret.fields) if hasattr(ret, "fields") else [ret]
+                    where = (list(v.attrs.inplace_indices) if "inplace" in str(v.op.name)
+                             else [-1] * len(tys))
+                    outs, fresh = [], []
+                    for ty, idx in zip(tys, where, strict=True):
+                        outs.append(ins[idx] if idx >= 0 else alloc(ty))
+                        if idx < 0:
+                            fresh.append(outs[-1])
+                    self._kernel(v.args[0]).run_unchecked(
+                        ins + fresh, len(ins), inplace=[i for i in where if i >= 0])
+                    env[binding.var] = outs if hasattr(ret, "fields") else outs[0]
+                else:
+                    raise HetcompError(f"QemuModule cannot run {v.op if hasattr(v, 'op') else v}")
+        return value(func.body.body)

@@ -28,7 +28,7 @@ from ..speculative.medusa import (
     rank_statistics,
     train_heads,
 )
-from ..speculative.tree import build_tree
+from ..speculative.tree import build_tree, csr_from_mask
 from .compile import CompileOptions, compile_model
 
 WIDTHS = (1, 2, 4, 8, 16, 32, 64)
@@ -67,6 +67,12 @@ def read_responses(path: str) -> dict[str, list[int]]:
 TEACHER_CHUNK = 64  # tokens per verify call when replaying a recorded response
 
 
+def _causal(w: int):
+    """A causal chain of ``w`` nodes as verify takes it: the mask and its CSR."""
+    mask = np.tril(np.ones((w, w), "int32"))
+    return mask, csr_from_mask(mask)
+
+
 def teacher_force(art, prompt_ids, response, chunk: int = TEACHER_CHUNK) -> np.ndarray:
     """The final hidden states ``[len(response), E]`` that chose each token of a recorded
     greedy ``response`` to ``prompt_ids``: the prompt's prefill, then the response as chains
@@ -78,6 +84,7 @@ def teacher_force(art, prompt_ids, response, chunk: int = TEACHER_CHUNK) -> np.n
     first, hidden = sess.prefill(prompt_ids)
     rows, agree = [hidden.numpy()[0]], [first == response[0]]
     feed = list(response[:-1])
+    causal: dict = {}  # pad -> (mask, CSR) of a causal chain
     for s in range(0, len(feed), chunk):
         part = np.asarray(feed[s: s + chunk], "int64")
         w = len(part)
@@ -87,8 +94,10 @@ def teacher_force(art, prompt_ids, response, chunk: int = TEACHER_CHUNK) -> np.n
         pad = min((x for x in art.static_widths if x >= w), default=w)
         pad = pad if sess.length + pad <= sess.capacity else w
         tokens = np.concatenate([part, np.zeros(pad - w, "int64")])
-        mask = np.tril(np.ones((pad, pad), "int32"))
-        greedy, hid, _ = sess.verify(tokens, sess.length + np.arange(pad), mask)
+        if pad not in causal:
+            causal[pad] = _causal(pad)
+        mask, csr = causal[pad]
+        greedy, hid, _ = sess.verify(tokens, sess.length + np.arange(pad), mask, csr)
         sess.commit(list(range(w)))
         rows.extend(hid.numpy()[:w])
         agree.extend(greedy[:w] == np.asarray(response[s + 1: s + 1 + w]))

@@ -2,14 +2,21 @@
 
 Calling convention (all functions take the KV cache and return it, updated in place):
 
-``verify(tokens[w], positions[w], mask[w, w], k_cache, v_cache, cache_len: Shape[n], *params)``
+``verify(tokens[w], positions[w], mask[w, w], row_ptr[w + 1], col_idx[nnz], k_cache, v_cache,
+cache_len: Shape[n], *params)``
     Runs W tree nodes. Node i sits at ``positions[i]`` (cache length + depth) and attends to the
-    committed cache ``[0, n)`` plus the tree nodes j with ``mask[i, j] != 0`` (its ancestors and
-    itself). The nodes' K/V are written to the cache's scratch slots ``[n, n + w)``. Returns
+    committed cache ``[0, n)`` plus its tree ancestors and itself: the tree nodes j with
+    ``mask[i, j] != 0``, which CSR row i (``col_idx[row_ptr[i]:row_ptr[i + 1]]``) lists too.
+    The nodes' K/V are written to the cache's scratch slots ``[n, n + w)``. Returns
     ``(logits[w, V], hidden[w, E], greedy_ids[w], k_cache, v_cache)``; ``hidden`` is the final
     normed hidden state the Medusa heads read. With W = 1 this is a sequential decode step.
-``prefill(...)``
-    The same inputs with a causal mask over a prompt chunk; returns the last row's logits and
+    Attention per layer (:func:`_attention`): the dense part (tree queries against the cache,
+    ``ops.attention(part="dense")``), the sparse part (each row against its CSR ancestors,
+    ``sparse_attention.sparse_tree_attention``) and their exact log-sum-exp merge
+    (``ops.attention_merge``); widths in ``fused_widths`` run the fused masked kernel instead
+    (``ops.attention``), which reads the mask and ignores the CSR.
+``prefill(tokens, positions, mask, k_cache, v_cache, cache_len, *params)``
+    A causal mask over a prompt chunk (the fused kernel); returns the last row's logits and
     hidden state. Its slots are committed by construction (the identity path).
 ``commit(k_cache, v_cache, accepted[a], cache_len: Shape[n])``
     Moves the accepted nodes' K/V from slots ``n + accepted[j]`` to ``n + j``; the caller's new
@@ -18,12 +25,24 @@ Calling convention (all functions take the KV cache and return it, updated in pl
 
 from __future__ import annotations
 
+import functools
+
 from .._tvm import compiler
-from ..kernels import ops, script_ops
+from ..kernels import ops, script_ops, sparse_attention
 from .config import LlamaConfig, kv_cache_shapes
 from .weights import param_specs
 
-NUM_INPUTS = 6  # tokens, positions, mask, k_cache, v_cache, cache_len; params follow
+#: verify's inputs before the parameters: tokens, positions, mask, row_ptr, col_idx, k_cache,
+#: v_cache, cache_len.
+NUM_INPUTS = 8
+PREFILL_INPUTS = 6  # prefill's: the same without the CSR tree
+#: Widths whose verify keeps the fused masked kernel, measured faster there than dense part +
+#: sparse part + merge (three launches a layer for a one- or two-node tree). SmolLM2-135M, cache
+#: 64, 1 thread, attention ms per step, best of 2 runs of min-of-15 (fused / split): W=1 0.325 /
+#: 0.388, W=2 0.412 / 0.463, W=4 0.571 / 0.541, W=8 0.855 / 0.847, W=16 1.39 / 1.36, W=32 3.02 /
+#: 2.47, W=64 7.68 / 4.63. W=4-16 tie within this machine's noise; the split serves them (and
+#: is what a partitioned plan places per unit).
+FUSED_WIDTHS = (1, 2)
 MEDUSA_TOPK = 10  # candidates per head the medusa function returns (the trees' rank bound)
 
 
@@ -53,10 +72,37 @@ class _Kernels:
         return self.get(name, ops.linear, n, k, dtype or self.wdtype, residual, rows=rows)
 
 
-def _forward(bb, kern: _Kernels, cfg: LlamaConfig, inputs, params: dict, last_only: bool):
+def _attention(bb, kern: _Kernels, cfg: LlamaConfig, q, k_tree, k_cache, v_cache, tree, layer,
+               n):
+    """One layer's tree attention ``[w, H, D]``: the fused masked kernel when ``tree`` is
+    ``(mask,)``, else dense part + sparse part over the CSR ``tree = (row_ptr, col_idx)`` +
+    merge."""
     c = compiler()
     relax, tt = c.relax, c.TensorType
-    tokens, positions, mask, k_cache, v_cache, n = inputs
+    w = q.ty.shape[1]
+    hq, g, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    attn_args = (hq, g, d, cfg.num_layers, cfg.max_context)
+    if len(tree) == 1:
+        gv = kern.get("attention", ops.attention, *attn_args)
+        return bb.emit(relax.call_tir(gv, [q, k_cache, v_cache, tree[0], layer, n],
+                                      tt((w, hq, d), "float32")))
+    part = tt((w, hq, d + 1), "float32")  # each part's output with its lse (ops.attention)
+    dense_gv = kern.get("attention_dense", functools.partial(ops.attention, part="dense"),
+                        *attn_args)
+    dense = bb.emit(relax.call_tir(dense_gv, [q, k_cache, v_cache, layer, n], part))
+    sparse_gv = kern.get("sparse_tree_attention", sparse_attention.sparse_tree_attention,
+                         *attn_args, sized=False)
+    sparse = bb.emit(relax.call_tir(sparse_gv, [q, k_tree, v_cache, *tree, layer, n], part))
+    merge_gv = kern.get("attention_merge", ops.attention_merge, hq, d)
+    return bb.emit(relax.call_tir(merge_gv, [dense, sparse], tt((w, hq, d), "float32")))
+
+
+def _forward(bb, kern: _Kernels, cfg: LlamaConfig, inputs, params: dict, last_only: bool):
+    """``inputs``: tokens, positions, the tree (``(mask,)`` or ``(row_ptr, col_idx)``),
+    k_cache, v_cache, n."""
+    c = compiler()
+    relax, tt = c.relax, c.TensorType
+    tokens, positions, tree, k_cache, v_cache, n = inputs
     w = tokens.ty.shape[0]
     e, f = cfg.hidden_size, cfg.intermediate_size
     hq, d = cfg.num_heads, cfg.head_dim
@@ -67,8 +113,6 @@ def _forward(bb, kern: _Kernels, cfg: LlamaConfig, inputs, params: dict, last_on
     norm_gv = kern.get("rms_norm", ops.rms_norm, e, cfg.norm_eps)
     rope_gv = kern.get("rope_kv", script_ops.rope_kv, hq, cfg.num_kv_heads, d, cfg.num_layers,
                        cfg.max_context, sized=False)
-    attn_gv = kern.get("attention", ops.attention, hq, cfg.num_kv_heads, d, cfg.num_layers,
-                       cfg.max_context)
     silu_gv = kern.get("silu_mul", ops.silu_mul, f)
     x = call(kern.get("embed", ops.embed, cfg.vocab_size, e, kern.wdtype),
              [tokens, params["embed"]], (w, e))
@@ -80,12 +124,14 @@ def _forward(bb, kern: _Kernels, cfg: LlamaConfig, inputs, params: dict, last_on
         layer = c.prim_value(c.tir.IntImm("int64", i))
         res = bb.emit(relax.call_tir_inplace(
             rope_gv, [qkv, cs, k_cache, v_cache, layer, n],
-            [-1, 2, 3],
-            [tt((hq, w, d), "float32"), k_cache.ty, v_cache.ty]))
+            [-1, 2, 3, -1],
+            [tt((hq, w, d), "float32"), k_cache.ty, v_cache.ty,
+             tt((cfg.num_kv_heads, w, d), "float32")]))
         q = bb.emit(relax.TupleGetItem(res, 0))
         k_cache = bb.emit(relax.TupleGetItem(res, 1))
         v_cache = bb.emit(relax.TupleGetItem(res, 2))
-        o = call(attn_gv, [q, k_cache, v_cache, mask, layer, n], (w, hq, d))
+        k_tree = bb.emit(relax.TupleGetItem(res, 3))
+        o = _attention(bb, kern, cfg, q, k_tree, k_cache, v_cache, tree, layer, n)
         o = bb.emit(relax.op.reshape(o, (w, hq * d)))
         x = call(kern.linear(e, hq * d, True), [o, params[p + "wo"], x], (w, e))
         h = call(norm_gv, [x, params[p + "ffn_norm"]], (w, e))
@@ -179,7 +225,8 @@ def _add_medusa(bb, kern: _Kernels, cfg: LlamaConfig, num_heads: int, wdtype: st
 
 def build_module(cfg: LlamaConfig, wdtype: str = "float32", medusa_heads: int = 0,
                  static_widths: tuple[int, ...] = (), medusa_root: bool = False,
-                 draft_dtype: str | None = None, draft_vocab: int = 0):
+                 draft_dtype: str | None = None, draft_vocab: int = 0,
+                 fused_widths: tuple[int, ...] = FUSED_WIDTHS):
     """The unscheduled Relax IRModule of the decoder for weight dtype ``wdtype``.
 
     ``verify`` takes any width; ``verify_w{W}`` for each W in ``static_widths`` is the same
@@ -188,7 +235,8 @@ def build_module(cfg: LlamaConfig, wdtype: str = "float32", medusa_heads: int = 
     *head params)`` returning the K heads' logits ``[K, V]`` (``medusa_root``: heads
     conditioned on the root token's embedding; ``draft_dtype``: the dtype of its LM head,
     default ``wdtype``; ``draft_vocab``: the size of its draft vocabulary, 0 for the whole
-    one). The module attribute
+    one). ``verify_w{W}`` for W in ``fused_widths`` runs the fused masked attention kernel;
+    every other verify the dense + sparse + merge split (module doc). The module attribute
     ``hetcomp.model_functions`` lists the functions that run the decoder (what partitioning
     applies to).
     """
@@ -213,12 +261,15 @@ def build_module(cfg: LlamaConfig, wdtype: str = "float32", medusa_heads: int = 
         tokens = relax.Var("tokens", tt((w,), "int32"))
         positions = relax.Var("positions", tt((w,), "int32"))
         mask = relax.Var("mask", tt((w, w), "int32"))
+        csr = [] if last_only else [relax.Var("row_ptr", tt((w + 1,), "int32")),
+                                    relax.Var("col_idx", tt((tir.Var("nnz", "int64"),), "int32"))]
+        tree = (mask,) if last_only or rows in fused_widths else tuple(csr)
         k_cache, v_cache, cache_len, n = cache_vars()
         pvars = {name: relax.Var(name.replace(".", "_"), tt(shape, dt)) for name, shape, dt in specs}
-        args = [tokens, positions, mask, k_cache, v_cache, cache_len, *pvars.values()]
-        with bb.function(fname, args, attrs={"num_input": NUM_INPUTS}):
+        args = [tokens, positions, mask, *csr, k_cache, v_cache, cache_len, *pvars.values()]
+        with bb.function(fname, args, attrs={"num_input": len(args) - len(pvars)}):
             with bb.dataflow():
-                outs = _forward(bb, kern, cfg, (tokens, positions, mask, k_cache, v_cache,
+                outs = _forward(bb, kern, cfg, (tokens, positions, tree, k_cache, v_cache,
                                                 c.prim_value(n)), pvars, last_only)
                 out = bb.emit_output(relax.Tuple(list(outs)))
             bb.emit_func_output(out)

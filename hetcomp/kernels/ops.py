@@ -240,15 +240,22 @@ def key_tile(context: int) -> int:
 
 
 def attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, context: int,
-              rows: int | None = None):
-    """Tree attention of ``q[H, w, D]`` over the committed cache ``[0, n)`` plus the tree.
+              rows: int | None = None, part: str = "full"):
+    """Attention of the tree queries ``q[H, w, D]`` over the KV cache.
 
-    The tree's own K/V sit in the cache at ``[n, n + w)`` (written by ``rope_kv``); node i
-    attends to tree node j where ``mask[i, j] != 0`` (its ancestors and itself). Output
-    ``[w, H, D]``.
+    ``part="full"``: over the committed cache ``[0, n)`` plus the tree, whose own K/V sit in
+    the cache at ``[n, n + w)`` (written by ``rope_kv``); node i attends to tree node j where
+    ``mask[i, j] != 0`` (its ancestors and itself). Output ``o[w, H, D]``. Prefill's causal
+    chunks and the narrow verify steps run this fused kernel.
 
-    The keys run over ``[0, n + w)`` rounded up to whole tiles of :func:`key_tile` keys, so
-    the vector loops need no tail. Keys past ``n + w`` get the additive bias ``-inf`` (weight
+    ``part="dense"``: over the committed cache ``[0, n)`` only, the dense part of a verify
+    step; no mask. Output: a partial ``[w, H, D + 1]``, the output normalised within the part
+    (0 for an empty cache) with its log-sum-exp in the last column (``-inf`` for an empty
+    cache), which :func:`attention_merge` combines with the sparse part's
+    (:func:`hetcomp.kernels.sparse_attention.sparse_tree_attention`).
+
+    The keys run over the range rounded up to whole tiles of :func:`key_tile` keys, so the
+    vector loops need no tail. Keys past the range get the additive bias ``-inf`` (weight
     exactly 0); they read cache slots that are zero at allocation and hold stale, finite K/V
     later, so ``0 * v`` stays 0. The bias (0 or ``-inf`` per row and key) is built once per
     row, not per head, and replaces the mask gather in the vector loops.
@@ -259,14 +266,19 @@ def attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, con
     rep = hq // g
     tile = key_tile(context)
     w, n, layer, q, kt, vc, mask = _attention_inputs(hq, g, d, layers, context, rows)
-    total = n + w
+    dense = part == "dense"
+    # An empty reduction would skip its init: the dense part covers at least one (masked) tile.
+    total = tir.max(n, 1) if dense else n + w
     keys = (total + (tile - 1)) // tile * tile
     scale = tir.const(1.0 / math.sqrt(d), "float32")
     zero, neg_inf = tir.const(0.0, "float32"), tir.const(-float("inf"), "float32")
-    bias = te.compute((w, keys), lambda i, j: tir.if_then_else(
-        j < n, zero, tir.if_then_else(
-            j < total, tir.Select(mask[i, tir.min(j - n, w - 1)] != 0, zero, neg_inf), neg_inf)),
-        name="bias")
+    if dense:
+        bias = te.compute((w, keys), lambda i, j: tir.Select(j < n, zero, neg_inf), name="bias")
+    else:
+        bias = te.compute((w, keys), lambda i, j: tir.if_then_else(
+            j < n, zero, tir.if_then_else(
+                j < total, tir.Select(mask[i, tir.min(j - n, w - 1)] != 0, zero, neg_inf),
+                neg_inf)), name="bias")
     rd = te.reduce_axis((0, d), name="d")
     s = te.compute(
         (hq, w, keys),
@@ -276,7 +288,11 @@ def attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, con
     rj = te.reduce_axis((0, keys), name="j")
     m = te.compute((hq, w), lambda h, i: te.max(s[h, i, rj] + bias[i, rj], axis=rj),
                    name="row_max")
-    e = te.compute((hq, w, keys), lambda h, i, j: fast_exp(s[h, i, j] + bias[i, j] - m[h, i]),
+
+    def shift(h, i):  # an empty dense part has max -inf: shift by 0 so exp gives 0, not NaN
+        return tir.Select(m[h, i] == neg_inf, zero, m[h, i]) if dense else m[h, i]
+
+    e = te.compute((hq, w, keys), lambda h, i, j: fast_exp(s[h, i, j] + bias[i, j] - shift(h, i)),
                    name="exp")
     rj2 = te.reduce_axis((0, keys), name="j2")
     z = te.compute((hq, w), lambda h, i: te.sum(e[h, i, rj2], axis=rj2), name="row_sum")
@@ -286,9 +302,19 @@ def attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, con
         lambda i, h, dd: te.sum(e[h, i, rj3] * vc[layer, h // rep, rj3, dd], axis=rj3),
         name="pv",
     )
-    out = te.compute((w, hq, d), lambda i, h, dd: o[i, h, dd] / z[h, i], name="attn_out")
-    func = te.create_prim_func([q, kt, vc, mask, layer, n, out], index_dtype_override="int64")
-    return _finish(func, "attention", attn_cfg=[hq, g, d, layers, context], key_tile=tile)
+    if not dense:
+        out = te.compute((w, hq, d), lambda i, h, dd: o[i, h, dd] / z[h, i], name="attn_out")
+        func = te.create_prim_func([q, kt, vc, mask, layer, n, out], index_dtype_override="int64")
+        return _finish(func, "attention", attn_cfg=[hq, g, d, layers, context], key_tile=tile)
+    # One output holds both results (a partial, :func:`attention_merge`): the schedule computes
+    # everything inside one (head, row tile) task, and TVM's compute_at cannot place stages
+    # shared by two output blocks there.
+    part_out = te.compute((w, hq, d + 1), lambda i, h, dd: tir.Select(
+        dd < d, tir.Select(z[h, i] > zero, o[i, h, tir.min(dd, d - 1)] / z[h, i], zero),
+        tir.Select(z[h, i] > zero, m[h, i] + tir.log(z[h, i]), neg_inf)), name="attn_out")
+    func = te.create_prim_func([q, kt, vc, layer, n, part_out], index_dtype_override="int64")
+    return _finish(func, "attention", attn_cfg=[hq, g, d, layers, context], key_tile=tile,
+                   part="dense")
 
 
 def medusa_act(hidden: int, rows: int | None = None):
@@ -308,82 +334,32 @@ def medusa_act(hidden: int, rows: int | None = None):
                    "elementwise")
 
 
-def _lse_parts(te, tir, s, valid, total, hq, w, name):
-    """Row max, exp, sum and log-sum-exp of masked scores (empty rows give lse = -inf)."""
-    neg = tir.min_value("float32")
-    r1 = te.reduce_axis((0, total), name=f"{name}_j1")
-    m = te.compute((hq, w), lambda h, i: te.max(tir.Select(valid(i, r1), s[h, i, r1], neg),
-                                                 axis=r1), name=f"{name}_max")
-    e = te.compute((hq, w, total), lambda h, i, j: tir.Select(
-        valid(i, j), fast_exp(s[h, i, j] - m[h, i]), tir.const(0.0, "float32")), name=f"{name}_exp")
-    r2 = te.reduce_axis((0, total), name=f"{name}_j2")
-    z = te.compute((hq, w), lambda h, i: te.sum(e[h, i, r2], axis=r2), name=f"{name}_sum")
-    lse = te.compute((hq, w), lambda h, i: tir.Select(
-        z[h, i] > tir.const(0.0, "float32"), m[h, i] + tir.log(z[h, i]),
-        tir.const(-float("inf"), "float32")), name=f"{name}_lse")
-    return e, z, lse
-
-
-def attention_part(num_heads: int, num_kv_heads: int, head_dim: int, layers: int,
-                   context: int, part: str, rows: int | None = None):
-    """One affinity part of tree attention, returning ``(o[w, H, D], lse[H, w])``.
-
-    ``part="dense"``: tree queries against the committed cache ``[0, n)`` (long, regular).
-    ``part="tree"``: tree queries against the tree's own K/V ``[n, n + w)`` under ``mask``
-    (each row has depth + 1 non-zeros). ``o`` is normalised within the part; ``lse`` is the
-    part's log-sum-exp, so :func:`attention_merge` recombines the parts exactly.
-    """
-    c = compiler()
-    te, tir = c.te, c.tir
-    hq, g, d = num_heads, num_kv_heads, head_dim
-    rep = hq // g
-    w, n, layer, q, kt, vc, mask = _attention_inputs(hq, g, d, layers, context, rows)
-    dense = part == "dense"
-    # Reductions never run empty (an empty TIR reduction skips its init): the dense part over
-    # an empty cache (n = 0) reduces over one masked-out key instead.
-    total, off = (tir.max(n, 1), 0) if dense else (w, n)
-    scale = tir.const(1.0 / math.sqrt(d), "float32")
-    rd = te.reduce_axis((0, d), name="d")
-    s = te.compute(
-        (hq, w, total),
-        lambda h, i, j: te.sum(q[h, i, rd] * scale * kt[layer, h // rep, rd, off + j], axis=rd),
-        name="scores")
-
-    def valid(i, j):
-        return j < n if dense else mask[i, j] != 0
-
-    e, z, lse = _lse_parts(te, tir, s, valid, total, hq, w, "p")
-    rj = te.reduce_axis((0, total), name="j3")
-    o = te.compute((w, hq, d), lambda i, h, dd: te.sum(
-        e[h, i, rj] * vc[layer, h // rep, off + rj, dd], axis=rj), name="pv")
-    out = te.compute((w, hq, d), lambda i, h, dd: tir.Select(
-        z[h, i] > tir.const(0.0, "float32"), o[i, h, dd] / z[h, i], tir.const(0.0, "float32")),
-        name="attn_out")
-    args = [q, kt, vc] + ([] if dense else [mask]) + [layer, n, out, lse]
-    func = te.create_prim_func(args, index_dtype_override="int64")
-    return _finish(func, "attention_part", part=part)
-
-
 def attention_merge(num_heads: int, head_dim: int, rows: int | None = None):
-    """Exact online-softmax merge of two attention parts: weights ``exp(lse_p - max)``."""
+    """Exact online-softmax merge of two attention parts over disjoint key sets.
+
+    A part is ``[w, H, D + 1]``: its softmax-normalised output in ``[..., :D]`` and its
+    log-sum-exp in ``[..., D]`` (``-inf``: an empty part). ``o = (a1 * o1 + a2 * o2) /
+    (a1 + a2)`` with ``a_p = exp(lse_p - max(lse1, lse2))`` (0 for an empty part): merging
+    the dense part (cache keys) with the sparse part (tree keys) gives attention over both,
+    ``o[w, H, D]``.
+    """
     c = compiler()
     te, tir = c.te, c.tir
     hq, d = num_heads, head_dim
     w = _rows(rows)
-    o1 = te.placeholder((w, hq, d), "float32", name="o1")
-    l1 = te.placeholder((hq, w), "float32", name="lse1")
-    o2 = te.placeholder((w, hq, d), "float32", name="o2")
-    l2 = te.placeholder((hq, w), "float32", name="lse2")
-    m = te.compute((hq, w), lambda h, i: tir.max(l1[h, i], l2[h, i]), name="m")
+    p1 = te.placeholder((w, hq, d + 1), "float32", name="part1")
+    p2 = te.placeholder((w, hq, d + 1), "float32", name="part2")
+    m = te.compute((w, hq), lambda i, h: tir.max(p1[i, h, d], p2[i, h, d]), name="m")
 
-    def weight(lse, h, i):
-        return tir.Select(lse[h, i] == tir.const(-float("inf"), "float32"),
-                          tir.const(0.0, "float32"), fast_exp(lse[h, i] - m[h, i]))
+    def weight(p, name):
+        return te.compute((w, hq), lambda i, h: tir.Select(
+            p[i, h, d] == tir.const(-float("inf"), "float32"), tir.const(0.0, "float32"),
+            fast_exp(p[i, h, d] - m[i, h])), name=name)
 
-    out = te.compute((w, hq, d), lambda i, h, dd: (
-        weight(l1, h, i) * o1[i, h, dd] + weight(l2, h, i) * o2[i, h, dd])
-        / (weight(l1, h, i) + weight(l2, h, i)), name="merge")
-    return _finish(te.create_prim_func([o1, l1, o2, l2, out], index_dtype_override="int64"),
+    a1, a2 = weight(p1, "weight1"), weight(p2, "weight2")
+    out = te.compute((w, hq, d), lambda i, h, dd: (a1[i, h] * p1[i, h, dd] + a2[i, h] * p2[i, h, dd])
+                     / (a1[i, h] + a2[i, h]), name="merge")
+    return _finish(te.create_prim_func([p1, p2, out], index_dtype_override="int64"),
                    "attention_merge")
 
 

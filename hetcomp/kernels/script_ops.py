@@ -34,7 +34,9 @@ def rope_kv(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, conte
     ``cs[w, D]`` holds each row's cosines and sines (:func:`hetcomp.kernels.ops.rope_table`,
     computed once per call for all layers). Writes the roped K of tree node i to
     ``k_cache[layer, :, :, n + i]`` and its V to ``v_cache[layer, :, n + i, :]`` in place, and
-    returns the roped queries ``q[H, w, D]``.
+    returns the roped queries ``q[H, w, D]`` and the roped keys once more, row-major,
+    ``k_tree[G, w, D]``: the sparse tree-attention kernel's dot products over head_dim load
+    them as vectors, which the position-major K cache cannot give.
     """
     hq, g, d, nl, c = num_heads, num_kv_heads, head_dim, layers, context
     half = d // 2
@@ -47,7 +49,7 @@ def rope_kv(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, conte
 
     @T.prim_func(private=True)
     def rope_kv_func(var_qkv: T.handle, var_cs: T.handle, var_k: T.handle, var_v: T.handle,
-                     layer: T.int64, n: T.int64, var_q: T.handle):
+                     layer: T.int64, n: T.int64, var_q: T.handle, var_kt: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         w = T.int64()
         qkv = T.match_buffer(var_qkv, (w, qkv_size), "float32")
@@ -55,6 +57,7 @@ def rope_kv(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, conte
         k_cache = T.match_buffer(var_k, (nl, g, d, c), "float32")
         v_cache = T.match_buffer(var_v, (nl, g, c, d), "float32")
         q = T.match_buffer(var_q, (hq, w, d), "float32")
+        k_tree = T.match_buffer(var_kt, (g, w, d), "float32")
         for h in heads(hq + g):
             for j in pairs(half):
                 for i in range(w):
@@ -64,9 +67,12 @@ def rope_kv(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, conte
                         q[h, i, j] = x0 * cs[i, j] - x1 * cs[i, j + half]
                         q[h, i, j + half] = x1 * cs[i, j] + x0 * cs[i, j + half]
                     else:
-                        k_cache[layer, h - hq, j, n + i] = x0 * cs[i, j] - x1 * cs[i, j + half]
-                        k_cache[layer, h - hq, j + half, n + i] = (
-                            x1 * cs[i, j] + x0 * cs[i, j + half])
+                        k0 = x0 * cs[i, j] - x1 * cs[i, j + half]
+                        k1 = x1 * cs[i, j] + x0 * cs[i, j + half]
+                        k_cache[layer, h - hq, j, n + i] = k0
+                        k_cache[layer, h - hq, j + half, n + i] = k1
+                        k_tree[h - hq, i, j] = k0
+                        k_tree[h - hq, i, j + half] = k1
                     if h < g:  # the V rows are copied by the first g heads' iterations
                         v_cache[layer, h, n + i, j] = qkv[i, (hq + g + h) * d + j]
                         v_cache[layer, h, n + i, j + half] = qkv[i, (hq + g + h) * d + j + half]

@@ -1,13 +1,15 @@
 """The sparse part of tree attention: tree queries against tree keys under the ancestor mask.
 
-In speculative decoding the W tree nodes are verified at once. Attention splits into a dense
-part (tree queries against the committed cache) and a sparse part (tree queries against the
-tree's own keys, where node i sees only its ancestors and itself: ``depth(i) + 1`` non-zeros
-per row). Each part returns its softmax-normalised partial output and the log-sum-exp of its
-scores, and :func:`attention_merge` combines them exactly (online softmax).
+Every compiled ``verify`` step splits tree attention in two (:mod:`hetcomp.frontend.llama`):
+a dense part (tree queries against the committed cache, :func:`hetcomp.kernels.ops.attention`
+with ``part="dense"``) and this sparse part (tree queries against the tree's own keys, where
+node i sees only its ancestors and itself: ``depth(i) + 1`` non-zeros per row). Each part
+returns its softmax-normalised output and the log-sum-exp of its scores, and
+:func:`hetcomp.kernels.ops.attention_merge` combines them exactly (online softmax).
 
 The tree is given as CSR ancestor lists: ``row_ptr[W + 1]`` and ``col_idx[nnz]``, where row i
-lists the ancestors of node i and i itself (:func:`csr_from_parents`).
+lists the ancestors of node i and i itself (:func:`csr_from_parents`; the runtime builds them
+per tree shape, :meth:`hetcomp.speculative.tree.Tree.csr`).
 
 Kernels (each a ``tirx.PrimFunc`` tagged with ``hetcomp.op_kind``; ``w`` and ``nnz`` are
 symbolic, so one compiled kernel serves every tree):
@@ -19,17 +21,19 @@ symbolic, so one compiled kernel serves every tree):
   variable, read from ``col_idx``) > the head_dim blocks ``qk`` (dot product), ``rescale``
   (``o *= alpha``) and ``pv`` (``o += p * v``). The head_dim blocks thus have affine bindings
   and can be tensorized (:mod:`hetcomp.schedules.arm`, :mod:`hetcomp.schedules.x86`).
-- :func:`naive_sparse_tree_attention` (``"sparse_tree_attention_naive"``): the same loops,
-  already scheduled as plain scalar loops with only the row loop parallel (the benchmark
-  baseline).
-- :func:`dense_tree_attention` (``"tree_attention_dense"``): the same nest over all W keys,
-  computing every score and applying ``mask[W, W]`` additively, as dense attention does; the
-  reference the sparse kernel replaces.
-- :func:`attention_merge` (``"attention_merge"``): merge two partial results.
+- :func:`naive_sparse_tree_attention` (``"sparse_tree_attention_naive"``) and
+  :func:`dense_tree_attention` (``"tree_attention_dense"``, every W x W score under an
+  additive mask): benchmark baselines with the same signature; no model calls them.
 
-Layouts: ``q[H, W, D]``, ``k[G, W, D]``, ``v[G, W, D]`` (grouped-query: query head h uses
-KV head ``h // (H // G)``), outputs ``o[H, W, D]`` and ``lse[H, W]`` with
-``lse = log(sum(exp(scale * q.k)))`` over the row's non-zeros, ``scale = 1 / sqrt(D)``.
+Layouts are the model's, so nothing is copied: ``q[H, W, D]`` as ``rope_kv`` returns it, the
+tree's keys ``k_tree[G, W, D]`` (``rope_kv`` writes each roped key row there as well as into
+the position-major K cache ``k_cache[L, G, D, C]``, whose key-contiguous layout the dense
+part vectorises over but a per-key dot product over head_dim could not load as a vector),
+and the tree's values where they already are, ``v_cache[layer, G, n + j, D]`` (dim-contiguous).
+Grouped-query: query head h uses KV head ``h // (H // G)``. Output: the partial
+``[W, H, D + 1]`` the merge reads from both parts, the normalised output (the layout the output
+projection reads) with ``lse = log(sum(exp(scale * q.k)))`` over the row's non-zeros in the
+last column, ``scale = 1 / sqrt(D)``.
 """
 
 from __future__ import annotations
@@ -41,12 +45,11 @@ from tvm.script import tirx as T
 
 from .._tvm import compiler
 from ..errors import HetcompError
-from .ops import OP_KIND
+from .ops import OP_KIND, fast_exp
 
 SPARSE_KIND = "sparse_tree_attention"
 NAIVE_KIND = "sparse_tree_attention_naive"
 DENSE_KIND = "tree_attention_dense"
-MERGE_KIND = "attention_merge"
 
 
 # ----------------------------------------------------------------------------- tree as CSR
@@ -111,21 +114,24 @@ def validate_csr(row_ptr: np.ndarray, col_idx: np.ndarray, w: int) -> None:
         raise HetcompError(f"col_idx entries must lie in [0, {w})")
 
 
-def check_inputs(q, k, v, row_ptr, col_idx) -> None:
+def check_inputs(q, k, v, row_ptr, col_idx, layer=0, n=0) -> None:
     """Validate the shapes, dtypes and layout of a sparse tree-attention call.
 
-    Raises :class:`HetcompError` with the first violation: ``q[H, W, D]``, ``k`` and ``v``
-    ``[G, W, D]`` with ``H % G == 0``, all float32 and C-contiguous, and a valid CSR tree
-    (:func:`validate_csr`).
+    Raises :class:`HetcompError` with the first violation: ``q[H, W, D]``, ``k[G, W, D]``
+    with ``H % G == 0``, ``v[L, G, C, D]`` with ``layer < L`` and ``n + W <= C``, all float32
+    and C-contiguous, and a valid CSR tree (:func:`validate_csr`).
     """
-    for name, a in (("q", q), ("k", k), ("v", v)):
-        if a.ndim != 3 or a.dtype != np.float32 or not a.flags.c_contiguous:
-            raise HetcompError(f"{name} must be a C-contiguous float32 [heads, W, D] array, "
+    for name, a, rank in (("q", q, 3), ("k", k, 3), ("v", v, 4)):
+        if a.ndim != rank or a.dtype != np.float32 or not a.flags.c_contiguous:
+            raise HetcompError(f"{name} must be a C-contiguous float32 array of {rank} dims, "
                                f"got {a.dtype} {a.shape}")
     h, w, d = q.shape
-    if k.shape != v.shape or k.shape[1:] != (w, d) or h % k.shape[0]:
-        raise HetcompError(f"k and v must be [G, {w}, {d}] with G dividing {h}, "
-                           f"got {k.shape} and {v.shape}")
+    if k.shape[1:] != (w, d) or h % k.shape[0]:
+        raise HetcompError(f"k must be [G, {w}, {d}] with G dividing {h}, got {k.shape}")
+    if v.shape[1] != k.shape[0] or v.shape[3] != d or not (
+            0 <= int(layer) < v.shape[0] and 0 <= int(n) and int(n) + w <= v.shape[2]):
+        raise HetcompError(f"v must be [L, {k.shape[0]}, C, {d}] holding the tree at layer "
+                           f"{int(layer)}, slots {int(n)}..{int(n) + w}, got {v.shape}")
     validate_csr(row_ptr, col_idx, w)
 
 
@@ -147,33 +153,12 @@ def _f32(value: float):
     return compiler().tir.const(value, "float32")
 
 
-def exp_nonpositive(x):
-    """``exp(x)`` for ``x <= 0`` as an inline fp32 expression (Cephes ``expf``, ~1 ulp).
-
-    The kernels only take exp of ``score - running max``; an inline polynomial instead of a
-    libm call keeps the vector accumulators in registers (a call clobbers them all) and lets
-    LLVM interleave consecutive keys. Inputs below -80 are clamped to -80 (result 1.8e-35,
-    0 for every purpose here): a result near the denormal range would make every later
-    multiply by it take a slow microcode path.
-    """
-    tir = compiler().tir
-    x = tir.max(x, _f32(-80.0))
-    n = tir.floor(x * _f32(1.44269504088896341) + _f32(0.5))
-    r = x - n * _f32(0.693359375) - n * _f32(-2.12194440e-4)  # Cody-Waite: x - n * ln 2
-    y = _f32(1.9875691500e-4)
-    for coef in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
-                 5.0000001201e-1):
-        y = y * r + _f32(coef)
-    y = y * r * r + r + _f32(1.0)
-    # 2^n straight into the exponent bits (n >= -115 after the clamp).
-    return y * tir.reinterpret("float32", (tir.Cast("int32", n) + 127) << 23)
-
-
 def log_positive(x):
     """``log(x)`` for a normal ``x > 0`` as an inline fp32 expression (Cephes ``logf``, ~1 ulp).
 
     Used once per row for the log-sum-exp (whose argument is >= 1); inline for the same
-    reason as :func:`exp_nonpositive`.
+    reason as the exp (:func:`~hetcomp.kernels.ops.fast_exp`): a libm call clobbers every vector
+    register.
     """
     tir = compiler().tir
     bits = tir.reinterpret("int32", x)
@@ -201,7 +186,8 @@ def _row_helpers():
 
     @T.inline
     def _score(q, k, vg, vi, vc, r, rep, d, scale, s):
-        """``s[r] = scale * q[head, vi] . k[vg, vc]`` for query head ``vg * rep + r``."""
+        """``s[r] = scale * q[head, vi] . k[vg, vc]`` for query head ``vg * rep + r``
+        (``k``: the tree's keys ``[G, w, D]``)."""
         s[r] = T.float32(0)
         for e in range(d):
             with T.sblock("qk"):
@@ -210,12 +196,13 @@ def _row_helpers():
         s[r] = s[r] * scale
 
     @T.inline
-    def _online_update(v, vg, vc, r, d, acc, s, m, den, p, alpha):
-        """Fold key ``vc`` with score ``s[r]`` into head r's running (max, denominator, acc)."""
+    def _online_update(v, layer, n, vg, vc, r, d, acc, s, m, den, p, alpha):
+        """Fold tree key ``vc`` with score ``s[r]`` into head r's running (max, denominator,
+        acc); its value row is ``v_cache[layer, vg, n + vc]``, where ``rope_kv`` wrote it."""
         # Branch-free, one exp per key: with e = exp(-|s - m|), either the maximum stands
         # (alpha = 1, p = e) or s is the new maximum (alpha = e rescales the running sums,
         # p = 1). A branch here would be mispredicted on every other key.
-        p[r] = exp_nonpositive(T.min(s[r] - m[r], m[r] - s[r]))
+        p[r] = fast_exp(T.min(s[r] - m[r], m[r] - s[r]))
         alpha[r] = T.Select(s[r] > m[r], p[r], T.float32(1))
         p[r] = T.Select(s[r] > m[r], T.float32(1), p[r])
         m[r] = T.max(m[r], s[r])
@@ -227,7 +214,7 @@ def _row_helpers():
         for e in range(d):
             with T.sblock("pv"):
                 vr, ve = T.axis.remap("SS", [r, e])
-                acc[vr, ve] = acc[vr, ve] + p[vr] * v[vg, vc, ve]
+                acc[vr, ve] = acc[vr, ve] + p[vr] * v[layer, vg, n + vc, ve]
 
     @T.inline
     def _row_init(rep, d, acc, m, den):
@@ -240,42 +227,43 @@ def _row_helpers():
                     acc[vr, ve] = T.float32(0)
 
     @T.inline
-    def _row_finish(o, lse, vg, vi, rep, d, acc, m, den):
+    def _row_finish(o, vg, vi, rep, d, acc, m, den):
         for r in range(rep):
-            lse[vg * rep + r, vi] = m[r] + log_positive(den[r])
+            o[vi, vg * rep + r, d] = m[r] + log_positive(den[r])  # the partial's lse column
             den[r] = T.float32(1) / den[r]
             for e in range(d):
                 with T.sblock("out"):
                     vr, ve = T.axis.remap("SS", [r, e])
-                    o[vg * rep + vr, vi, ve] = acc[vr, ve] * den[vr]
+                    o[vi, vg * rep + vr, ve] = acc[vr, ve] * den[vr]
 
     return _score, _online_update, _row_init, _row_finish
 
 
-def _sparse_func(num_heads: int, num_kv_heads: int, head_dim: int):
-    hq, g, d = num_heads, num_kv_heads, head_dim
+def _sparse_func(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, context: int):
+    hq, g, d, nl, c = num_heads, num_kv_heads, head_dim, layers, context
     rep = hq // g
     scale = T.float32(1.0 / math.sqrt(d))
     _score, _online_update, _row_init, _row_finish = _row_helpers()
 
     @T.prim_func(s_tir=True)
     def sparse_tree_attention(var_q: T.handle, var_k: T.handle, var_v: T.handle,
-                              var_row_ptr: T.handle, var_col_idx: T.handle, var_o: T.handle,
-                              var_lse: T.handle):
+                              var_row_ptr: T.handle, var_col_idx: T.handle, layer: T.int64,
+                              n: T.int64, var_o: T.handle):
         T.func_attr({"tirx.noalias": True})
         w = T.int64()
         nnz = T.int64()
         q = T.match_buffer(var_q, (hq, w, d), "float32")
         k = T.match_buffer(var_k, (g, w, d), "float32")
-        v = T.match_buffer(var_v, (g, w, d), "float32")
+        v = T.match_buffer(var_v, (nl, g, c, d), "float32")
         row_ptr = T.match_buffer(var_row_ptr, (w + 1,), "int32")
         col_idx = T.match_buffer(var_col_idx, (nnz,), "int32")
-        o = T.match_buffer(var_o, (hq, w, d), "float32")
-        lse = T.match_buffer(var_lse, (hq, w), "float32")
+        o = T.match_buffer(var_o, (w, hq, d + 1), "float32")
         # One row per (tree node, KV head): its rep query heads share every K/V row load.
         for i, kv in T.grid(w, g):
             with T.sblock("row"):
                 vi, vg = T.axis.remap("SS", [i, kv])
+                # The online-softmax state (registers after scheduling; a GPU rule makes
+                # it thread-local).
                 acc = T.sblock_alloc_buffer((rep, d), "float32")
                 s = T.sblock_alloc_buffer((rep,), "float32")
                 m = T.sblock_alloc_buffer((rep,), "float32")
@@ -291,32 +279,33 @@ def _sparse_func(num_heads: int, num_kv_heads: int, head_dim: int):
                             w, T.Cast("int64", col_idx[T.Cast("int64", row_ptr[vi]) + j]))
                         for r in range(rep):
                             _score(q, k, vg, vi, vc, r, rep, d, scale, s)
-                            _online_update(v, vg, vc, r, d, acc, s, m, den, p, alpha)
-                _row_finish(o, lse, vg, vi, rep, d, acc, m, den)
+                            _online_update(v, layer, n, vg, vc, r, d, acc, s, m, den, p, alpha)
+                _row_finish(o, vg, vi, rep, d, acc, m, den)
 
     return sparse_tree_attention
 
 
-def _dense_func(num_heads: int, num_kv_heads: int, head_dim: int):
-    hq, g, d = num_heads, num_kv_heads, head_dim
+def _dense_func(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, context: int):
+    hq, g, d, nl, c = num_heads, num_kv_heads, head_dim, layers, context
     rep = hq // g
     scale = T.float32(1.0 / math.sqrt(d))
     _score, _online_update, _row_init, _row_finish = _row_helpers()
 
     @T.prim_func(s_tir=True)
     def tree_attention_dense(var_q: T.handle, var_k: T.handle, var_v: T.handle,
-                             var_mask: T.handle, var_o: T.handle, var_lse: T.handle):
+                             var_mask: T.handle, layer: T.int64, n: T.int64, var_o: T.handle):
         T.func_attr({"tirx.noalias": True})
         w = T.int64()
         q = T.match_buffer(var_q, (hq, w, d), "float32")
         k = T.match_buffer(var_k, (g, w, d), "float32")
-        v = T.match_buffer(var_v, (g, w, d), "float32")
+        v = T.match_buffer(var_v, (nl, g, c, d), "float32")
         mask = T.match_buffer(var_mask, (w, w), "int32")
-        o = T.match_buffer(var_o, (hq, w, d), "float32")
-        lse = T.match_buffer(var_lse, (hq, w), "float32")
+        o = T.match_buffer(var_o, (w, hq, d + 1), "float32")
         for i, kv in T.grid(w, g):
             with T.sblock("row"):
                 vi, vg = T.axis.remap("SS", [i, kv])
+                # The online-softmax state (registers after scheduling; a GPU rule makes
+                # it thread-local).
                 acc = T.sblock_alloc_buffer((rep, d), "float32")
                 s = T.sblock_alloc_buffer((rep,), "float32")
                 m = T.sblock_alloc_buffer((rep,), "float32")
@@ -329,14 +318,14 @@ def _dense_func(num_heads: int, num_kv_heads: int, head_dim: int):
                         vc = T.axis.opaque(w, j)
                         for r in range(rep):
                             # An additive mask, as dense attention applies it: every score,
-                            # exp and P.V update is computed; a masked key weighs exp(-80).
+                            # exp and P.V update is computed; a masked key weighs exp(-88).
                             # (With exact zeroing LLVM proves a masked update a no-op and
                             # skips it: a sparse kernel in disguise, not the dense baseline.)
                             _score(q, k, vg, vi, vc, r, rep, d, scale, s)
                             s[r] = s[r] + T.Select(mask[vi, vc] != 0, T.float32(0),
                                                    T.float32(-1e30))
-                            _online_update(v, vg, vc, r, d, acc, s, m, den, p, alpha)
-                _row_finish(o, lse, vg, vi, rep, d, acc, m, den)
+                            _online_update(v, layer, n, vg, vc, r, d, acc, s, m, den, p, alpha)
+                _row_finish(o, vg, vi, rep, d, acc, m, den)
 
     return tree_attention_dense
 
@@ -346,28 +335,33 @@ def _check_heads(num_heads: int, num_kv_heads: int, head_dim: int) -> None:
         raise HetcompError(f"{num_heads} query heads cannot share {num_kv_heads} KV heads")
 
 
-def sparse_tree_attention(num_heads: int, num_kv_heads: int, head_dim: int):
-    """The sparse tree-attention kernel (unscheduled; see the module docstring).
+def sparse_tree_attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int,
+                          context: int):
+    """The sparse tree-attention kernel, in the model's layouts (unscheduled; module doc).
 
     Parameters
     ----------
     num_heads, num_kv_heads, head_dim : int
         H, G and D; ``num_heads`` must be a multiple of ``num_kv_heads``.
+    layers, context : int
+        The V cache's ``L`` and ``C`` (``v_cache[L, G, C, D]``).
 
     Returns
     -------
     tirx.PrimFunc
-        ``(q, k, v, row_ptr, col_idx, o, lse)``, tagged ``hetcomp.op_kind =
-        "sparse_tree_attention"`` with ``hetcomp.head_dim``. Inputs must pass
-        :func:`check_inputs`: the kernel trusts ``col_idx``.
+        ``(q[H, w, D], k_tree[G, w, D], v_cache, row_ptr, col_idx, layer, n, part[w, H,
+        D + 1])`` (the output with its log-sum-exp in the last column), tagged ``hetcomp.op_kind = "sparse_tree_attention"`` with
+        ``hetcomp.head_dim``. Inputs must pass :func:`check_inputs`: the kernel trusts
+        ``col_idx``.
     """
     _check_heads(num_heads, num_kv_heads, head_dim)
-    func = _sparse_func(num_heads, num_kv_heads, head_dim)
+    func = _sparse_func(num_heads, num_kv_heads, head_dim, layers, context)
     return func.with_attr(OP_KIND, SPARSE_KIND).with_attr("hetcomp.head_dim", head_dim)
 
 
-def naive_sparse_tree_attention(num_heads: int, num_kv_heads: int, head_dim: int):
-    """The sparse kernel as plain loops, only its row loop parallel (the baseline).
+def naive_sparse_tree_attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int,
+                                context: int):
+    """The sparse kernel as plain loops, only its row loop parallel (the benchmark baseline).
 
     Same signature and results as :func:`sparse_tree_attention`, without tensor intrinsics
     or unrolling (scalar code, apart from what LLVM's own vectorisers find); marked
@@ -375,57 +369,27 @@ def naive_sparse_tree_attention(num_heads: int, num_kv_heads: int, head_dim: int
     """
     _check_heads(num_heads, num_kv_heads, head_dim)
     c = compiler()
-    sch = c.Schedule(_sparse_func(num_heads, num_kv_heads, head_dim))
+    sch = c.Schedule(_sparse_func(num_heads, num_kv_heads, head_dim, layers, context))
     sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("row"))))  # as the tuned schedule
     return (sch.mod["main"].with_attr(OP_KIND, NAIVE_KIND)
             .with_attr(c.IS_SCHEDULED, True))
 
 
-def dense_tree_attention(num_heads: int, num_kv_heads: int, head_dim: int):
-    """Dense masked reference: all W x W scores, masked by ``mask[W, W]`` (int32, 1 = attend).
+def dense_tree_attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int,
+                         context: int):
+    """Dense masked baseline: all W x W scores, masked by ``mask[W, W]`` (int32, 1 = attend).
 
     The same row/key/head_dim block nest as :func:`sparse_tree_attention`, with the key loop
     running over every tree node and the mask added to the scores (0 or -1e30): every score,
-    exp and P.V update is computed, a masked key enters with weight ``exp(-80)``.
+    exp and P.V update is computed, a masked key enters with weight ``exp(-88)``. No model
+    calls it; it is what the sparse kernel is measured against.
 
     Returns
     -------
     tirx.PrimFunc
-        ``(q, k, v, mask, o, lse)`` with the outputs of :func:`sparse_tree_attention`;
-        tagged ``hetcomp.op_kind = "tree_attention_dense"``.
+        ``(q, k_tree, v_cache, mask, layer, n, part)`` with the output of
+        :func:`sparse_tree_attention`; tagged ``hetcomp.op_kind = "tree_attention_dense"``.
     """
     _check_heads(num_heads, num_kv_heads, head_dim)
-    func = _dense_func(num_heads, num_kv_heads, head_dim)
+    func = _dense_func(num_heads, num_kv_heads, head_dim, layers, context)
     return func.with_attr(OP_KIND, DENSE_KIND).with_attr("hetcomp.head_dim", head_dim)
-
-
-def attention_merge(num_heads: int, head_dim: int):
-    """Exact online-softmax merge of two partial attention results over disjoint key sets.
-
-    ``o = (exp(lse_a - m) * o_a + exp(lse_b - m) * o_b) / z`` and ``lse = m + log(z)`` with
-    ``m = max(lse_a, lse_b)`` and ``z = exp(lse_a - m) + exp(lse_b - m)``: merging the dense
-    part (cache keys) with the sparse part (tree keys) gives attention over both.
-
-    Returns
-    -------
-    tirx.PrimFunc
-        ``(o_a[H, w, D], lse_a[H, w], o_b, lse_b, o, lse)``, tagged ``"attention_merge"``.
-    """
-    c = compiler()
-    te, tir = c.te, c.tir
-    w = tir.Var("w", "int64")
-    oa = te.placeholder((num_heads, w, head_dim), "float32", name="o_a")
-    la = te.placeholder((num_heads, w), "float32", name="lse_a")
-    ob = te.placeholder((num_heads, w, head_dim), "float32", name="o_b")
-    lb = te.placeholder((num_heads, w), "float32", name="lse_b")
-    mx = te.compute((num_heads, w), lambda h, i: tir.max(la[h, i], lb[h, i]), name="m")
-    wa = te.compute((num_heads, w), lambda h, i: tir.exp(la[h, i] - mx[h, i]), name="w_a")
-    wb = te.compute((num_heads, w), lambda h, i: tir.exp(lb[h, i] - mx[h, i]), name="w_b")
-    o = te.compute(
-        (num_heads, w, head_dim),
-        lambda h, i, e: (wa[h, i] * oa[h, i, e] + wb[h, i] * ob[h, i, e]) / (wa[h, i] + wb[h, i]),
-        name="merged")
-    lse = te.compute((num_heads, w), lambda h, i: mx[h, i] + tir.log(wa[h, i] + wb[h, i]),
-                     name="merged_lse")
-    func = te.create_prim_func([oa, la, ob, lb, o, lse], index_dtype_override="int64")
-    return func.with_attr(OP_KIND, MERGE_KIND)

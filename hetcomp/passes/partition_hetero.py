@@ -4,10 +4,10 @@ A linear layer ``y = x @ W`` becomes ``concat([x @ W[:, :c], x @ W[:, c:]])`` wi
 its own unit; there is no all-reduce. The weight is split at compile time: the function gets
 one parameter per slice in place of the original, recorded in the function attribute
 ``hetcomp.param_split`` (``{new name: [old name, first block, end block]}`` over the packed
-``[N / B, K, B]`` layout) so the artifact stores the slices. Tree attention becomes a dense part
-(queries against the committed KV cache) and a sparse part (queries against the tree under the
-ancestor mask), each returning partial output and log-sum-exp, merged exactly by an
-online-softmax reduce; a plan placing both parts on one unit keeps the fused kernel. Imported models (``from_torch``) have ``R.matmul`` with constant weights;
+``[N / B, K, B]`` layout) so the artifact stores the slices. Tree attention, which verify already
+runs as a dense part (queries against the committed KV cache) and a sparse part (each tree row
+against its ancestors), merged exactly by log-sum-exp, is placed by affinity: each part on its
+plan unit, the merge on the host. Imported models (``from_torch``) have ``R.matmul`` with constant weights;
 those are split the same way, their constants sliced.
 
 Placement uses Relax virtual devices: module global info ``vdevice`` lists the plan's units and
@@ -22,6 +22,7 @@ import json
 
 from .._tvm import compiler
 from ..kernels import ops
+from ..kernels.sparse_attention import SPARSE_KIND
 from ..plan import HeteroPlan
 
 _c = compiler()
@@ -120,8 +121,8 @@ class _Rewriter(_c.PyExprMutator):
             func, kind = self._callee(call)
             if kind == "linear":
                 return self._split_linear(call, func)
-            if kind == "attention":
-                return self._split_attention(call, func)
+            if kind in ("attention", SPARSE_KIND):
+                return self._split_attention(call, func, kind)
             return call
         if call.op.same_as(_c.Op.get("relax.matmul")):
             return self._split_matmul(call)
@@ -168,30 +169,25 @@ class _Rewriter(_c.PyExprMutator):
         return relax.call_tir(self._kernel(f"add_n{n}", ops.add, n), [y, args[2]],
                               self._ty((w, n), 0))
 
-    def _split_attention(self, call, func):
+    def _split_attention(self, call, func, kind):
+        """Place one attention kernel of a verify step by affinity: the dense part (tree
+        queries against the cache) on ``plan.dense_attention``'s unit, the sparse part (each
+        row against its CSR ancestors, the tensorized kernel the unit's rule schedules) on
+        ``plan.sparse_attention``'s; their merge stays on the host. The fused masked kernel
+        (prefill, the narrowest verify widths) goes with the cache, on the dense unit."""
         relax = _c.relax
-        cfg = [int(v) for v in func.attrs["hetcomp.attn_cfg"]]
-        q, kc, vc, mask, layer, n = call.args[1].fields
-        hq, w, d = q.ty.shape
-        if self.plan.dense_attention == self.plan.sparse_attention:
-            # Both parts on one unit: the fused kernel, no merge (the parts exist to be split).
-            unit = self.plan.dense_attention
-            if unit == 0:
-                return call
-            y = self._emit(relax.call_tir(self._existing(call.args[0], unit),
-                                          [self._to(a, unit) for a in call.args[1].fields],
-                                          self._ty((w, hq, d), unit)))
-            return self._to(y, 0)
-        results = []
-        for part, unit in (("dense", self.plan.dense_attention),
-                           ("tree", self.plan.sparse_attention)):
-            gv = self._kernel(f"attention_{part}", ops.attention_part, *cfg, part, unit=unit)
-            ins = [q, kc, vc] + ([] if part == "dense" else [mask]) + [layer, n]
-            res = self._emit(relax.call_tir(gv, [self._to(a, unit) for a in ins],
-                                            [self._ty((w, hq, d), unit), self._ty((hq, w), unit)]))
-            results += [self._to(self._emit(relax.TupleGetItem(res, i)), 0) for i in (0, 1)]
-        gv = self._kernel("attention_merge", ops.attention_merge, int(hq), int(d))
-        return relax.call_tir(gv, results, self._ty((w, hq, d), 0))
+        args = list(call.args[1].fields)
+        hq, w, d = args[0].ty.shape  # q[H, w, D]
+        sparse = kind == SPARSE_KIND
+        unit = self.plan.sparse_attention if sparse else self.plan.dense_attention
+        if unit == 0:
+            return call
+        # A part is [w, H, D + 1] (output and log-sum-exp); the fused kernel's output [w, H, D].
+        part = sparse or "hetcomp.part" in func.attrs
+        y = self._emit(relax.call_tir(self._existing(call.args[0], unit),
+                                      [self._to(a, unit) for a in args],
+                                      self._ty((w, hq, d + 1 if part else d), unit)))
+        return self._to(y, 0)
 
     def _split_matmul(self, call):
         relax = _c.relax

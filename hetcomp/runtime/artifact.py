@@ -15,6 +15,7 @@ from ..artifact_format import read_manifest, sha256_file
 from ..errors import HetcompError
 from ..frontend.config import LlamaConfig, kv_cache_shapes
 from ..frontend.tokenizer import TokenizerInfo
+from ..speculative.tree import csr_from_mask
 
 
 def _check_target(manifest: dict) -> None:
@@ -184,15 +185,20 @@ class Session:
         self.tokens.extend(int(i) for i in ids)
         return int(out[2].numpy()[0]), out[1]
 
-    def verify(self, tokens, positions, mask):
-        """Run tree nodes; returns ``(greedy ids [W], hidden [W, E] tensor, logits tensor)``."""
+    def verify(self, tokens, positions, mask, csr=None):
+        """Run tree nodes; returns ``(greedy ids [W], hidden [W, E] tensor, logits tensor)``.
+
+        ``mask[W, W]``: node i sees node j where non-zero (its ancestors and itself); ``csr``:
+        the same tree as ``(row_ptr, col_idx)`` (:meth:`~hetcomp.speculative.tree.Tree.csr`),
+        built from the mask when not given (callers that repeat a tree shape cache it)."""
         w = len(tokens)
         if self.length + w > self.capacity:
             raise HetcompError(f"context of {self.capacity} tokens is full")
+        row_ptr, col_idx = csr if csr is not None else csr_from_mask(mask)
         fn = self.art._verify_static.get(w, self.art._verify)
-        out = fn(self._t(tokens), self._t(positions), self._t(mask),
-                               self.k_cache, self.v_cache, _tvm.shape_tuple([self.length]),
-                               *self.art.params)
+        out = fn(self._t(tokens), self._t(positions), self._t(mask), self._t(row_ptr),
+                 self._t(col_idx), self.k_cache, self.v_cache, _tvm.shape_tuple([self.length]),
+                 *self.art.params)
         self.k_cache, self.v_cache = out[3], out[4]
         self._tree_tokens = np.asarray(tokens)
         return out[2].numpy(), out[1], out[0]

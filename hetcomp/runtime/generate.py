@@ -149,7 +149,8 @@ class Generation:
                 cands = art.medusa_candidates(hidden, self.ids[-1], shape.topk)
                 tokens[1: 1 + shape.medusa_nodes] = cands[shape.heads, shape.ranks]
             tokens[1 + shape.medusa_nodes:] = chain
-            greedy, hid, _ = sess.verify(tokens, shape.depths + sess.length, shape.mask)
+            greedy, hid, _ = sess.verify(tokens, shape.depths + sess.length, shape.mask,
+                                         shape.csr)
             path = accept_path(shape.tree, tokens, greedy) if width > 1 else [0]
             sess.commit(path)
             if width > 1:
@@ -224,6 +225,7 @@ def ngram_draft(context: list[int], length: int, max_ngram: int = 3) -> list[int
 class _StepShape:
     tree: Tree  # the combined tree (Medusa nodes, then the lookup chain)
     mask: np.ndarray
+    csr: tuple[np.ndarray, np.ndarray]  # the mask as (row_ptr, col_idx), verify's sparse part
     depths: np.ndarray
     medusa_nodes: int
     heads: np.ndarray
@@ -242,7 +244,7 @@ def _step_shape(art, width: int, chain: int) -> _StepShape:
         ranks = list(base.ranks) + [-1] * chain
         tree = Tree(tuple(parents), tuple(ranks), tuple(base.probs) + (0.0,) * chain)
         b_ranks = np.asarray(base.ranks[1:], dtype=np.int64)
-        cache[key] = _StepShape(tree, tree.mask(), tree.depths, base.width - 1,
+        cache[key] = _StepShape(tree, tree.mask(), tree.csr(), tree.depths, base.width - 1,
                                 base.heads[1:], b_ranks,
                                 int(b_ranks.max()) + 1 if len(b_ranks) else 1)
     return cache[key]

@@ -72,11 +72,11 @@ def _verify_step(art, width: int, cache_len: int):
     tree = art.tree(width)
     tokens = np.full(width, 5, "int32")
     positions = (sess.length + tree.depths).astype("int32")
-    mask = np.asarray(tree.mask(), "int32")
+    mask, csr = np.asarray(tree.mask(), "int32"), tree.csr()
 
     def one():
         t0 = time.perf_counter()
-        ids, _, _ = sess.verify(tokens, positions, mask)  # .numpy() synchronises
+        ids, _, _ = sess.verify(tokens, positions, mask, csr)  # .numpy() synchronises
         return time.perf_counter() - t0, ids
 
     return one
@@ -87,7 +87,7 @@ def _breakdown(art, width: int, steps: int, cache_len: int, key=None):
     calls per key (``SyncTimer``), each averaged per step.
 
     Runs after a prefill of ``cache_len`` tokens (ids 1..), on the width's compiled tree
-    (positions and mask as the generator builds them); nothing is committed, so every step
+    (positions, mask and CSR as the generator builds them); nothing is committed, so every step
     sees the same cache.
     """
     one = _verify_step(art, width, cache_len)

@@ -29,7 +29,7 @@ from ..kernels.ops import OP_KIND
 from ..kernels.sparse_attention import DENSE_KIND, SPARSE_KIND
 
 #: Head dims with a registered dot-product intrinsic.
-HEAD_DIMS = (32, 64, 128)
+HEAD_DIMS = (16, 32, 64, 128)
 NEON_LANES = 4
 #: ``{head_dim: name}`` of the NEON q.k dot-product intrinsics.
 NEON_F32_DOT_INTRINS = {d: f"hetcomp_neon_f32x4_dot_{d}" for d in HEAD_DIMS}
@@ -271,7 +271,7 @@ class TreeAttentionRule(compiler().ScheduleRule):
         return sch
 
 
-class NeonTreeAttentionRule(TreeAttentionRule):
+class SparseTreeAttentionRule(TreeAttentionRule):
     """:class:`TreeAttentionRule` with the NEON intrinsics, for aarch64 targets with NEON."""
 
     def intrinsics(self, target) -> F32Intrins | None:
@@ -280,4 +280,4 @@ class NeonTreeAttentionRule(TreeAttentionRule):
 
 def arm_rules():
     """The ARM rule list (tree attention), to put before the generic CPU rules."""
-    return [NeonTreeAttentionRule()]
+    return [SparseTreeAttentionRule()]

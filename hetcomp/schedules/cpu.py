@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from .._tvm import compiler
 from ..kernels.ops import OP_KIND
+from ..kernels.sparse_attention import SPARSE_KIND
 
 _BASE = compiler().ScheduleRule
 
@@ -30,9 +31,12 @@ PARALLEL_MIN_ELEMENTS = 8192
 
 
 def _worth_parallel(buf) -> bool:
-    """Whether a kernel over the 2-D ``buf`` (static or symbolic rows) should use threads."""
+    """Whether a kernel over ``buf`` (rows first, static or symbolic) should use threads."""
     c = compiler()
-    rows, cols = buf.shape
+    rows, *rest = buf.shape
+    cols = 1
+    for r in rest:
+        cols *= int(r)
     if not isinstance(rows, c.tir.IntImm):  # symbolic rows (prefill): long prompts
         return True
     return int(rows) * int(cols) >= PARALLEL_MIN_ELEMENTS
@@ -161,6 +165,37 @@ class AttentionRule(_BASE):
         return sch
 
 
+class MergeRule(_BASE):
+    """The log-sum-exp merge of two attention parts: per (row, head) the two weights once,
+    then the head_dim vector; rows in parallel where that pays."""
+
+    def apply(self, func, target, tunable):
+        if _kind(func) != "attention_merge":
+            return None
+        sch = compiler().Schedule(func)
+        out = sch.get_sblock("merge")
+        i, h, dd = sch.get_loops(out)
+        for name in ("weight2", "weight1", "m"):  # consumers first
+            sch.compute_at(sch.get_sblock(name), h)
+        sch.vectorize(dd)
+        if _worth_parallel(func.params[-1]):
+            sch.parallel(i)
+        return sch
+
+
+class SparseTreeAttentionRule(_BASE):
+    """The sparse tree-attention kernel where no ISA rule applies (a CPU without AVX2+FMA or
+    NEON, an odd head_dim): one parallel task per (tree node, KV head) row, the rest left to
+    LLVM's vectorisers. The x86 and ARM rules tensorize it."""
+
+    def apply(self, func, target, tunable):
+        if _kind(func) != SPARSE_KIND:
+            return None
+        sch = compiler().Schedule(func)
+        sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("row"))))
+        return sch
+
+
 class ArgmaxRule(_BASE):
     """Row maximum, then the first index holding it: each reduction runs ``lanes`` partial
     results in one vector register (rfactor), rows in parallel."""
@@ -245,5 +280,7 @@ class ElementwiseRule(_BASE):
 
 
 def cpu_rules():
-    """The ordered CPU rule list (first applicable rule wins)."""
-    return [LinearRule(), AttentionRule(), ArgmaxRule(), RowwiseRule(), ElementwiseRule()]
+    """The ordered generic CPU rule list (first applicable rule wins); the ISA rules go first
+    (:func:`hetcomp.codegen.build.llvm_rules`)."""
+    return [LinearRule(), AttentionRule(), MergeRule(), SparseTreeAttentionRule(), ArgmaxRule(),
+            RowwiseRule(), ElementwiseRule()]

@@ -11,10 +11,10 @@ from __future__ import annotations
 from .._tvm import compiler
 from ..kernels.ops import OP_KIND
 from ..kernels.script_ops import for_gpu
+from ..kernels.sparse_attention import SPARSE_KIND
 
 _BASE = compiler().ScheduleRule
-_KINDS = ("attention_part", "attention_merge", "attention", "rms_norm", "elementwise",
-          "embed")
+_KINDS = ("attention_merge", "attention", "rms_norm", "elementwise", "embed")
 _GPU_KINDS = ("cuda", "rocm", "vulkan", "metal", "opencl")
 
 
@@ -57,6 +57,34 @@ class PerStageThreadRule(_BASE):
             bx, tx = sch.split(fused, [None, self.threads])
             sch.bind(bx, "blockIdx.x")
             sch.bind(tx, "threadIdx.x")
+        return sch
+
+
+class SparseTreeAttentionRule(_BASE):
+    """The sparse tree-attention kernel: one thread per (tree node, KV head) row walking its
+    CSR ancestors, the online-softmax state (accumulator row, max, denominator) in the
+    thread's registers. A row has depth + 1 keys, so a thread's work is small and even."""
+
+    def __init__(self, threads: int = 64):
+        self.threads = threads
+
+    def apply(self, func, target, tunable):
+        if _gpu_kind(func, target) != SPARSE_KIND:
+            return None
+        sch = compiler().Schedule(func)
+        # Step 1. The row state (allocated by the row block) lives in registers.
+        state = {str(b.name) for b in sch.get(sch.get_sblock("row")).alloc_buffers}
+        for name in ("acc_init", "key"):
+            blk = sch.get_sblock(name)
+            for i, region in enumerate(sch.get(blk).writes):
+                if str(region.source.name) in state:
+                    state.discard(str(region.source.name))
+                    sch.set_scope(blk, i, "local")
+        # Step 2. Rows over (blockIdx.x, threadIdx.x).
+        bx, tx = sch.split(sch.fuse(*sch.get_loops(sch.get_sblock("row"))),
+                           [None, self.threads])
+        sch.bind(bx, "blockIdx.x")
+        sch.bind(tx, "threadIdx.x")
         return sch
 
 
@@ -147,5 +175,6 @@ def use_gpu_script_kernels(mod):
 def gpu_rules():
     """Our GPU rules first, then dlight's."""
     gpu = compiler().dlight.gpu
-    return [LinearColumnRule(), ArgmaxRowRule(), PerStageThreadRule(), gpu.Matmul(), gpu.GEMV(),
+    return [LinearColumnRule(), ArgmaxRowRule(), SparseTreeAttentionRule(), PerStageThreadRule(),
+            gpu.Matmul(), gpu.GEMV(),
             gpu.LowBatchGEMV(), gpu.Reduction(), gpu.GeneralReduction(), gpu.Fallback()]

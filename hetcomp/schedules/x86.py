@@ -52,7 +52,7 @@ AVX512_F32.register(_halving_hsum)
 AVX2_F32.register(_halving_hsum)
 
 
-class X86TreeAttentionRule(TreeAttentionRule):
+class SparseTreeAttentionRule(TreeAttentionRule):
     """:class:`TreeAttentionRule` for x86: AVX-512 when the target CPU has it, else AVX2+FMA.
 
     Targets without AVX2 and FMA (e.g. a bare ``x86_64-linux-gnu`` triple with no ``mcpu``)
@@ -69,4 +69,4 @@ class X86TreeAttentionRule(TreeAttentionRule):
 
 def x86_rules():
     """The x86 rule list (tree attention), to put before the generic CPU rules."""
-    return [X86TreeAttentionRule()]
+    return [SparseTreeAttentionRule()]

@@ -13,6 +13,15 @@ import heapq
 import numpy as np
 
 
+def csr_from_mask(mask) -> tuple[np.ndarray, np.ndarray]:
+    """``(row_ptr[W + 1], col_idx[nnz])`` int32 of the non-zeros of a ``[W, W]`` mask, row by
+    row, columns increasing (a causal mask gives the chain's ancestor lists)."""
+    mask = np.asarray(mask) != 0
+    row_ptr = np.zeros(mask.shape[0] + 1, "int32")
+    row_ptr[1:] = np.cumsum(mask.sum(axis=1))
+    return row_ptr, np.nonzero(mask)[1].astype("int32")
+
+
 @dataclasses.dataclass(frozen=True)
 class Tree:
     parents: tuple[int, ...]
@@ -44,6 +53,12 @@ class Tree:
                 m[i, j] = 1
                 j = self.parents[j]
         return m
+
+    def csr(self) -> tuple[np.ndarray, np.ndarray]:
+        """The mask as CSR ancestor lists (``row_ptr[W + 1]``, ``col_idx[nnz]``, int32): row i
+        lists node i's ancestors and i itself in increasing order (what verify's sparse
+        tree-attention kernel reads)."""
+        return csr_from_mask(self.mask())
 
     def children(self) -> list[list[int]]:
         ch: list[list[int]] = [[] for _ in range(self.width)]

@@ -125,3 +125,46 @@ def test_float16_weights(tmp_path_factory):
     _, hidden = art.new_session().prefill(prompt)
     _, ref_hidden = ref.forward(TINY, w16, prompt)
     assert rel_err(hidden.numpy()[0], ref_hidden[-1]) < RTOL
+
+
+@pytest.fixture(scope="module")
+def wide_artifact(tmp_path_factory):
+    """TINY with width-specialised verify functions: W = 2 on the fused attention kernel,
+    W = 4 and 16 on dense part + sparse CSR kernel + merge (``FUSED_WIDTHS``)."""
+    from hetcomp.driver.compile import CompileOptions, compile_model
+    from hetcomp.frontend.weights import random_weights
+    from hetcomp.testing import byte_tokenizer_spec
+
+    w = random_weights(TINY, seed=5)
+    out = tmp_path_factory.mktemp("wide") / "art"
+    compile_model(CompileOptions(model="tiny.gguf", verify_widths=(2, 4, 16),
+                                 max_context=TINY.max_context), str(out), quiet=True,
+                  weights=(TINY, w, byte_tokenizer_spec(TINY.vocab_size), __file__))
+    return str(out), w
+
+
+@pytest.mark.parametrize("parents", [
+    [-1, 0],  # verify_w2, fused
+    [-1, 0, 0, 1],  # verify_w4, split
+    [-1, 0, 1, 2],  # a chain (every row holds all earlier nodes)
+    [-1, 0, 0, 0, 1, 1, 2, 4, 4, 7, 3, 10, 0, 12, 13, 5],  # verify_w16, split, depth 5
+    [-1, 0, 0, 1, 1],  # the generic verify (no verify_w5), split
+])
+@pytest.mark.parametrize("cache", [1, 37])
+def test_verify_sparse_path_matches_numpy(wide_artifact, parents, cache):
+    path, w = wide_artifact
+    art = load_artifact(path)
+    assert art.static_widths == [1, 2, 4, 16]
+    prompt = [int(t) for t in (np.arange(cache) * 7 + 3) % TINY.vocab_size]
+    sess = art.new_session()
+    sess.prefill(prompt)
+    toks = (np.arange(len(parents)) * 13 + 40) % TINY.vocab_size
+    mask = tree_mask(parents)
+    pos = depths(parents) + cache
+    ids, hidden, logits = sess.verify(toks, pos, mask)
+    ref_logits, ref_hidden = ref.forward(
+        TINY, w, np.concatenate([prompt, toks]),
+        positions=np.concatenate([np.arange(cache), pos]), mask=full_mask(cache, mask))
+    assert rel_err(logits.numpy(), ref_logits[cache:]) < RTOL
+    assert rel_err(hidden.numpy(), ref_hidden[cache:]) < RTOL
+    np.testing.assert_array_equal(ids, ref_logits[cache:].argmax(-1))

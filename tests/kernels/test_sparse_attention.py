@@ -1,4 +1,5 @@
-"""Sparse tree attention on this machine (x86): CSR helpers, kernel numerics, LSE merge, rules."""
+"""Sparse tree attention on this machine (x86): CSR helpers, kernel numerics in the model's
+layouts, the LSE merge, rules."""
 
 import re
 
@@ -6,14 +7,28 @@ import numpy as np
 import pytest
 
 from hetcomp import _tvm
+from hetcomp.codegen.build import llvm_rules
 from hetcomp.codegen.cross import AARCH64_NEON, apply_rules
 from hetcomp.errors import HetcompError
 from hetcomp.hardware import target_dict
+from hetcomp.kernels import ops
 from hetcomp.kernels import sparse_attention as sa
-from hetcomp.schedules.arm import NEON_F32, NeonTreeAttentionRule
-from hetcomp.schedules.x86 import AVX2_F32, AVX512_F32, X86TreeAttentionRule, x86_rules
+from hetcomp.schedules import arm, x86
+from hetcomp.schedules.arm import NEON_F32
+from hetcomp.schedules.x86 import AVX2_F32, AVX512_F32, x86_rules
 from hetcomp.testing import tree_mask
-from hetcomp.testing.tree_attention import D, G, H, random_qkv, random_tree, reference_attention
+from hetcomp.testing.tree_attention import (
+    CONTEXT,
+    LAYERS,
+    D,
+    G,
+    H,
+    in_model_layout,
+    random_qkv,
+    random_tree,
+    reference_attention,
+    split_part,
+)
 
 HOST = target_dict("host")
 
@@ -36,14 +51,14 @@ def host_kernel(func):
 
     def call(*inputs, out_shapes):
         outs = [_tvm.tensor(np.zeros(s, "float32")) for s in out_shapes]
-        fn(*[_tvm.tensor(x) for x in inputs], *outs)
+        fn(*[_tvm.tensor(x) if isinstance(x, np.ndarray) else x for x in inputs], *outs)
         return [o.numpy() for o in outs]
 
     return call
 
 
 def host_has_x86_rule() -> bool:
-    return X86TreeAttentionRule().intrinsics(_tvm.compiler().Target(HOST)) is not None
+    return x86.SparseTreeAttentionRule().intrinsics(_tvm.compiler().Target(HOST)) is not None
 
 
 needs_x86_rule = pytest.mark.skipif(not host_has_x86_rule(),
@@ -53,20 +68,25 @@ needs_x86_rule = pytest.mark.skipif(not host_has_x86_rule(),
 @pytest.fixture(scope="module")
 def kernels():
     # Unscheduled kernels stand in (same numerics) on a host without AVX2 + FMA.
-    sparse = sa.sparse_tree_attention(H, G, D)
+    sparse = sa.sparse_tree_attention(H, G, D, LAYERS, CONTEXT)
     sparse = apply_rules(sparse, x86_rules(), HOST) or sparse
-    dense = sa.dense_tree_attention(H, G, D)
+    dense = sa.dense_tree_attention(H, G, D, LAYERS, CONTEXT)
     dense = apply_rules(dense, x86_rules(), HOST) or dense
     return {"sparse": host_kernel(sparse), "dense": host_kernel(dense),
-            "naive": host_kernel(sa.naive_sparse_tree_attention(H, G, D))}
+            "naive": host_kernel(sa.naive_sparse_tree_attention(H, G, D, LAYERS, CONTEXT))}
 
 
 def run(kernels, name, q, k, v, row_ptr, col_idx):
-    shapes = [q.shape, q.shape[:2]]
+    """Run a kernel on ``k, v[G, W, D]`` placed as the model holds them; (o[H, W, D], lse)."""
+    k_tree, v_cache, layer, n = in_model_layout(k, v)
+    shapes = [(q.shape[1], q.shape[0], q.shape[2] + 1)]
     if name == "dense":
-        return kernels[name](q, k, v, sa.mask_from_csr(row_ptr, col_idx), out_shapes=shapes)
-    sa.check_inputs(q, k, v, row_ptr, col_idx)
-    return kernels[name](q, k, v, row_ptr, col_idx, out_shapes=shapes)
+        tree = (sa.mask_from_csr(row_ptr, col_idx),)
+    else:
+        sa.check_inputs(q, k_tree, v_cache, row_ptr, col_idx, layer, n)
+        tree = (row_ptr, col_idx)
+    (part,) = kernels[name](q, k_tree, v_cache, *tree, layer, n, out_shapes=shapes)
+    return split_part(part)
 
 
 # ----------------------------------------------------------------------------- tests
@@ -104,11 +124,14 @@ def test_check_inputs_rejects_bad_layout():
     rng = np.random.default_rng(1)
     q, k, v = random_qkv(8, rng)
     row_ptr, col_idx = sa.csr_from_parents(random_tree(8, rng))
-    sa.check_inputs(q, k, v, row_ptr, col_idx)
+    k, v, layer, n = in_model_layout(k, v)
+    sa.check_inputs(q, k, v, row_ptr, col_idx, layer, n)
     with pytest.raises(HetcompError, match="C-contiguous"):
-        sa.check_inputs(q, np.swapaxes(k, 1, 2), v, row_ptr, col_idx)
+        sa.check_inputs(q, np.swapaxes(k, 1, 2), v, row_ptr, col_idx, layer, n)
     with pytest.raises(HetcompError, match="G dividing"):
-        sa.check_inputs(q, k[:, :7].copy(), v[:, :7].copy(), row_ptr, col_idx)
+        sa.check_inputs(q, k[:, :7].copy(), v, row_ptr, col_idx, layer, n)
+    with pytest.raises(HetcompError, match="slots"):
+        sa.check_inputs(q, k, v, row_ptr, col_idx, layer, CONTEXT - 4)
 
 
 @pytest.mark.parametrize("w", [4, 16, 64])
@@ -154,27 +177,31 @@ def test_merge_with_dense_part_equals_full_attention(kernels):
     o, lse = merge_parts(o_dense, lse_dense, o_sparse, lse_sparse)
     np.testing.assert_allclose(o, o_full, atol=1e-5, rtol=0)
     np.testing.assert_allclose(lse, lse_full, atol=1e-5, rtol=0)
-    # The same merge as a compiled kernel.
-    merge = host_kernel(sa.attention_merge(H, D))
-    args = [x.astype("float32") for x in (o_dense, lse_dense, o_sparse, lse_sparse)]
-    o2, lse2 = merge(*args, out_shapes=[o.shape, lse.shape])
-    np.testing.assert_allclose(o2, o_full, atol=1e-5, rtol=0)
-    np.testing.assert_allclose(lse2, lse_full, atol=1e-5, rtol=0)
+    # The model's merge kernel (scheduled) on [W, H, D + 1] partials.
+    merge = host_kernel(apply_rules(ops.attention_merge(H, D), llvm_rules(), HOST))
+
+    def part(o_, lse_):
+        return np.concatenate([o_.transpose(1, 0, 2), lse_.T[..., None]], -1).astype("float32")
+
+    (o2,) = merge(part(o_dense, lse_dense), part(o_sparse, lse_sparse),
+                  out_shapes=[(w, H, D)])
+    np.testing.assert_allclose(o2.transpose(1, 0, 2), o_full, atol=1e-5, rtol=0)
 
 
 def test_rules_apply_only_to_their_kinds_and_targets():
     c = _tvm.compiler()
-    sparse = sa.sparse_tree_attention(H, G, D)
-    x86, neon = X86TreeAttentionRule(), NeonTreeAttentionRule()
-    host, arm = c.Target(HOST), c.Target(AARCH64_NEON)
+    sparse = sa.sparse_tree_attention(H, G, D, LAYERS, CONTEXT)
+    x86_rule, neon = x86.SparseTreeAttentionRule(), arm.SparseTreeAttentionRule()
+    host, arm_t = c.Target(HOST), c.Target(AARCH64_NEON)
     with host:
-        assert x86.apply(sa.attention_merge(H, D), host, False) is None
+        assert x86_rule.apply(ops.attention_merge(H, D), host, False) is None
         assert neon.apply(sparse, host, False) is None
-        assert x86.apply(sa.sparse_tree_attention(H, G, 48), host, False) is None  # no intrin
-        assert x86.apply(sparse, c.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu"}),
+        assert x86_rule.apply(sa.sparse_tree_attention(H, G, 48, LAYERS, CONTEXT), host,
+                         False) is None  # no intrinsic for head_dim 48
+        assert x86_rule.apply(sparse, c.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu"}),
                          False) is None  # no AVX2/FMA named: generic x86-64
-    with arm:
-        assert x86.apply(sparse, arm, False) is None
+    with arm_t:
+        assert x86_rule.apply(sparse, arm_t, False) is None
     scheduled = apply_rules(sparse, [neon], AARCH64_NEON)
     assert bool(scheduled.attrs[c.IS_SCHEDULED])
     assert scheduled.attrs[sa.OP_KIND] == sa.SPARSE_KIND
@@ -190,7 +217,7 @@ def test_intrinsics_registered_once():
 
 @needs_x86_rule
 def test_x86_kernel_uses_vector_fmas():
-    func = apply_rules(sa.sparse_tree_attention(H, G, D), x86_rules(), HOST)
+    func = apply_rules(sa.sparse_tree_attention(H, G, D, LAYERS, CONTEXT), x86_rules(), HOST)
     c = _tvm.compiler()
     lib = c.compile(c.IRModule({"main": func}), target=c.Target(HOST))
     asm = lib.mod.inspect_source("s")

@@ -135,10 +135,10 @@ def test_order_for_overlap_keeps_inplace_readers_first():
     names = [b.value.args[0].name_hint if isinstance(b.value, relax.Call) and b.value.op.same_as(
         c.call_tir_op) or (isinstance(b.value, relax.Call) and "inplace" in str(b.value.op))
         else None for b in ordered["verify"].body.blocks[0].bindings]
-    seq = [n for n in names if n in ("rope_kv", "attention_tree", "attention_dense")]
+    seq = [n for n in names if n in ("rope_kv", "sparse_tree_attention", "attention_dense")]
     # Layer 0's attention parts both run before layer 1's rope_kv writes the cache.
-    assert seq[:3] == ["rope_kv", "attention_dense", "attention_tree"] or \
-        seq[:3] == ["rope_kv", "attention_tree", "attention_dense"]
+    assert seq[:3] == ["rope_kv", "attention_dense", "sparse_tree_attention"] or \
+        seq[:3] == ["rope_kv", "sparse_tree_attention", "attention_dense"]
     assert seq[3] == "rope_kv"
 
 
@@ -313,15 +313,25 @@ def test_breakdowns_leave_no_instrument_behind(tiny_artifact, monkeypatch):
         assert not calls
 
 
-@pytest.mark.parametrize("unit", [0, 1])
-def test_attention_parts_on_one_unit_stay_fused(unit):
-    """Splitting attention only pays when its parts run on different units: with both on
-    one, the fused kernel stays (moved to that unit), and no merge is added."""
+@pytest.mark.parametrize("dense,sparse", [(1, 0), (0, 1), (1, 1)])
+def test_attention_parts_placed_by_plan(dense, sparse):
+    """verify's dense part runs on plan.dense_attention's unit, its sparse part (the CSR
+    kernel) on plan.sparse_attention's, their merge on the host."""
     plan = HeteroPlan(targets=(HOST, HOST), ratios=(("default", 0.5),),
-                      dense_attention=unit, sparse_attention=unit)
+                      dense_attention=dense, sparse_attention=sparse)
     from hetcomp.frontend.llama import build_module
 
     out = PartitionHetero(plan)(build_module(TINY))
-    names = {gv.name_hint for gv, _ in out.functions_items()}
-    assert not {"attention_dense", "attention_tree", "attention_merge"} & names
-    assert any(n.startswith("attention") for n in names)
+    vdevs = list(out.global_infos["vdevice"])
+    units = {}
+    for b in out["verify"].body.blocks[0].bindings:
+        v = b.value
+        if isinstance(v, relax.Call) and v.op.same_as(c.call_tir_op):
+            name = v.args[0].name_hint
+            vd = getattr(b.var.ty, "vdevice", None)
+            unit = 0 if vd is None else next(
+                i for i, x in enumerate(vdevs) if c.same_vdevice(x, vd))
+            units.setdefault(name, set()).add(unit)
+    assert units["attention_dense"] == {dense}
+    assert units["sparse_tree_attention"] == {sparse}
+    assert units["attention_merge"] == {0}

@@ -96,13 +96,17 @@ def test_rope_table_and_rope_kv_match_numpy(rows):
     kc = _tvm.tensor(np.zeros((layers, g, d, context), "float32"))
     vc = _tvm.tensor(np.zeros((layers, g, context, d), "float32"))
     q = _tvm.tensor(np.zeros((hq, rows, d), "float32"))
-    rope_kv(_tvm.tensor(qkv), cs, kc, vc, layer, n, q)
+    k_tree = _tvm.tensor(np.zeros((g, rows, d), "float32"))
+    rope_kv(_tvm.tensor(qkv), cs, kc, vc, layer, n, q, k_tree)
     heads = qkv.reshape(rows, hq + 2 * g, d).astype(np.float64)
     np.testing.assert_allclose(q.numpy(), rope(heads[:, :hq], pos, theta).transpose(1, 0, 2),
                                rtol=1e-5, atol=1e-5)
     k_ref = np.zeros((layers, g, d, context))
     k_ref[layer, :, :, n: n + rows] = rope(heads[:, hq: hq + g], pos, theta).transpose(1, 2, 0)
     np.testing.assert_allclose(kc.numpy(), k_ref, rtol=1e-5, atol=1e-5)
+    # The same keys row-major, as the sparse tree-attention kernel reads them.
+    np.testing.assert_array_equal(k_tree.numpy(), kc.numpy()[layer, :, :, n: n + rows]
+                                  .transpose(0, 2, 1))
     v_ref = np.zeros((layers, g, context, d))
     v_ref[layer, :, n: n + rows] = heads[:, hq + g:].transpose(1, 0, 2)
     np.testing.assert_array_equal(vc.numpy(), v_ref.astype("float32"))
