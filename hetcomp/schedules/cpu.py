@@ -244,6 +244,51 @@ class ElementwiseRule(_BASE):
         return sch
 
 
+class AttentionPartRule(_BASE):
+    """The parts of split attention (dense, tree) and their merge: every stage threads over
+    its outermost spatial loop (heads or rows). A first rule so that no stage runs as an
+    unscheduled scalar loop; the tree part's own sparse kernel supersedes it."""
+
+    def apply(self, func, target, tunable):
+        if _kind(func) not in ("attention_part", "attention_merge"):
+            return None
+        sch = compiler().Schedule(func)
+        for blk in sch.get_child_blocks(sch.get_sblock("root")):
+            loops = sch.get_loops(blk)
+            if loops and sch.get(blk).iter_vars[0].iter_type == 0:
+                sch.parallel(loops[0])
+        return sch
+
+
+class InjectiveRule(_BASE):
+    """Kernels that are not ours (Relax ops legalized by TVM: concat, reshape, slices): the
+    elementwise schedule where every block is spatial, else the loops as TVM wrote them (a
+    scheduling error leaves the kernel as it was rather than failing the build)."""
+
+    def apply(self, func, target, tunable):
+        c = compiler()
+        if target.kind.name != "llvm" or (func.attrs is not None and OP_KIND in func.attrs):
+            return None
+        sch = c.Schedule(func)
+        try:
+            blocks = sch.get_child_blocks(sch.get_sblock("root"))
+            spatial = all(iv.iter_type == 0 for b in blocks for iv in sch.get(b).iter_vars)
+            out = func.params[-1]  # PrimFunc params carry their shapes
+            if not spatial or len(getattr(out, "shape", ())) != 2:
+                return sch
+            threads = _worth_parallel(out)
+            for blk in blocks:
+                loops = sch.get_loops(blk)
+                outer, inner = sch.split(loops[-1], [None, 16])
+                sch.vectorize(inner)
+                if threads:
+                    sch.parallel(sch.fuse(*loops[:-1], outer) if len(loops) > 1 else outer)
+            return sch
+        except Exception:  # noqa: BLE001  (tvm raises its own error types)
+            return c.Schedule(func)
+
+
 def cpu_rules():
     """The ordered CPU rule list (first applicable rule wins)."""
-    return [LinearRule(), AttentionRule(), ArgmaxRule(), RowwiseRule(), ElementwiseRule()]
+    return [LinearRule(), AttentionRule(), AttentionPartRule(), ArgmaxRule(), RowwiseRule(),
+            ElementwiseRule(), InjectiveRule()]
