@@ -10,7 +10,7 @@ import time
 
 from .._tvm import compiler
 from ..artifact_format import check_output, is_artifact, sha256_file
-from ..codegen.build import build, build_gpu, build_hetero
+from ..codegen.build import build
 from ..codegen.export import export_artifact
 from ..codegen.targets import export_compiler
 from ..errors import HetcompError
@@ -19,9 +19,8 @@ from ..frontend.export_info import source_info
 from ..frontend.llama import NUM_INPUTS, build_module, medusa_param_specs
 from ..frontend.tokenizer import TokenizerInfo
 from ..frontend.weights import WEIGHT_DTYPES, pack_weights, param_from_recipe, param_specs
-from ..hardware import target_dict
-from ..passes import hetcomp_pipeline
-from ..passes.partition_hetero import PARAM_SPLIT_ATTR
+from ..hardware import DEFAULT_CUDA_ARCH, target_dict
+from ..passes.partition_hetero import PARAM_SPLIT_ATTR, PartitionHetero, plan_vdevices
 from ..profile.units import detect_unit
 from ..schedules.tuning import apply_database, database_dir
 from ..speculative.medusa import MedusaHeads
@@ -37,6 +36,8 @@ class CompileOptions:
     model: str = "smollm2"
     dtype: str = "float32"
     target: str = "host"
+    # The GPU architecture of `--target cuda` and of a plan's GPU unit (Orin: sm_87).
+    cuda_arch: str = DEFAULT_CUDA_ARCH
     max_context: int = 2048
     heads: str | None = None  # Medusa heads file (.npz) from `hetcomp calibrate`
     plan: object | None = None  # a HeteroPlan: partition across units (None: host only)
@@ -115,18 +116,16 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
     draft_vocab = 0 if heads is None or heads.vocab is None else len(heads.vocab)
     mod = build_module(cfg, opts.dtype, heads.num_heads if heads else 0, static_widths=widths,
                        medusa_root=root, draft_dtype=draft_dtype, draft_vocab=draft_vocab)
-    target = compiler().Target(target_dict(opts.target))
-    if opts.plan is not None and opts.target == "cuda":
-        raise HetcompError("--plan places work on several units; use a CPU --target for the host")
+    # A plan's module target is its host unit's (a CPU, or a GPU driven by --target's CPU).
+    target_spec = (dict(opts.plan.targets[0]) if opts.plan is not None
+                   else target_dict(opts.target, opts.cuda_arch))
+    target = compiler().Target(target_spec)
     if opts.plan is not None:
-
         _progress(3, 4, f"partitioning across {', '.join(opts.plan.units)}; compiling", quiet)
-        mod = hetcomp_pipeline(opts.plan)(mod)
-        ex = build_hetero(mod, target, opts.plan)
+        ex = build(mod, target, opts.plan)
     elif opts.target == "cuda":
-
         _progress(3, 4, "scheduling and compiling for cuda (GPU rules)", quiet)
-        ex = build_gpu(mod, target)
+        ex = build(mod, target)
     else:
         path = _tuning_path(opts, quiet)
         if path is not None:
@@ -143,7 +142,7 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
     recipes = {name: {"weight": name} for name, _, _ in param_specs(cfg, opts.dtype)}
     placement = {}
     if opts.plan is not None:
-        placement, recipes = _split_params(mod, cfg, opts.dtype)
+        placement, recipes = _split_params(opts.plan, mod, cfg, opts.dtype)
     model_params = list(recipes)
     functions = {"prefill": model_params, "verify": model_params, "commit": []}
     functions.update({f"verify_w{w}": model_params for w in widths})
@@ -188,10 +187,13 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
         "config": dataclasses.asdict(cfg),
         "dtype": opts.dtype,
         "target": opts.target,
-        "target_spec": target_dict(opts.target),
+        "target_spec": target_spec,
         "units": _units(opts.plan, opts.target),
         "param_units": placement,
+        # The unit whose device holds the KV cache (the dense attention part's).
+        "kv_unit": opts.plan.kv_unit if opts.plan is not None else 0,
         "plan": opts.plan.to_json() if opts.plan is not None else None,
+        "plan_source": opts.plan.source if opts.plan is not None else None,
         "plan_prediction": opts.plan_prediction,
         "tuning": tuning,
         "functions": functions,
@@ -244,15 +246,15 @@ def _units(plan, target: str) -> list[dict]:
     return out
 
 
-def _split_params(mod, cfg, dtype):
+def _split_params(plan, mod, cfg, dtype):
     """The partitioned ``verify``'s parameters in order: the unit (vdevice index) each lives
     on, and each one's recipe (packed weight and, for a slice, its column blocks per
     ``hetcomp.param_split``)."""
-
+    mod = PartitionHetero(plan)(mod)  # the partitioned signature (the build ran its own)
     func = mod["verify"]
     split = json.loads(func.attrs[PARAM_SPLIT_ATTR]) if PARAM_SPLIT_ATTR in func.attrs else {}
     by_var = {name.replace(".", "_"): name for name, _, _ in param_specs(cfg, dtype)}
-    vdevs = list(mod.global_infos["vdevice"])
+    vdevs = plan_vdevices(plan)
     units, recipes = {}, {}
     for p in func.params[NUM_INPUTS:]:
         if p.name in split:

@@ -72,6 +72,8 @@ class Artifact:
         except Exception as e:
             raise HetcompError(f"this machine lacks a device the artifact needs: {e}") from None
         self.device = self.devices[0]
+        # The KV cache lives where the dense attention part runs (it reads the whole cache).
+        self.kv_device = self.devices[int(self.manifest.get("kv_unit", 0) or 0)]
         try:
             self.vm = _tvm.virtual_machine(_tvm.load_module(lib), self.devices)
         except Exception as e:
@@ -146,8 +148,8 @@ class Session:
     def __init__(self, art: Artifact):
         self.art = art
         ks, vs = kv_cache_shapes(art.config)
-        self.k_cache = _tvm.tensor(np.zeros(ks, "float32"), art.device)
-        self.v_cache = _tvm.tensor(np.zeros(vs, "float32"), art.device)
+        self.k_cache = _tvm.tensor(np.zeros(ks, "float32"), art.kv_device)
+        self.v_cache = _tvm.tensor(np.zeros(vs, "float32"), art.kv_device)
         self.length = 0
         self.tokens: list[int] = []  # the ids whose K/V the cache holds, in order
         self.capacity = art.config.max_context

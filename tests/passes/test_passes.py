@@ -278,12 +278,13 @@ def test_plan_json_to_hetero_plan(tmp_path):
     path.write_text(json.dumps(dict(plan, units=["cpu"])))
     assert load_plan(str(path)) is None
     path.write_text(json.dumps(dict(plan, source="spec-estimate")))
-    with pytest.raises(HetcompError, match="spec-estimate"):
-        load_plan(str(path))
-    # A plan hosted on the GPU must not compile silently as a CPU partition.
+    assert load_plan(str(path)).source == "spec-estimate"
+    # A plan hosted on the GPU compiles with the GPU as unit 0, the CPU's share on unit 1.
     path.write_text(json.dumps(dict(plan, host="cuda")))
-    with pytest.raises(HetcompError, match="GPU-hosted partitions are not compiled yet"):
-        load_plan(str(path))
+    hp = load_plan(str(path), "cuda", "sm_87")
+    assert hp.units == ("cuda", "cpu") and hp.targets[0]["arch"] == "sm_87"
+    assert hp.targets[0]["host"] == hp.targets[1] and hp.targets[1]["kind"] == "llvm"
+    assert hp.ratio("qkv") == 0.25 and (hp.dense_attention, hp.sparse_attention) == (0, 1)
     path.write_text(json.dumps(dict(plan, units=["cuda"], host="cuda")))
     with pytest.raises(HetcompError, match="--target cuda and no --plan"):
         load_plan(str(path))
