@@ -37,15 +37,9 @@ def hetcomp_pipeline(plan: HeteroPlan | None = None, cost_fn=None, width: int = 
     ], name="hetcomp")
 
 
-def lowering_pipeline(target, plan: HeteroPlan | None = None, cost_fn=None, width: int = 1,
-                      cache_len: int = 256):
-    """Everything ``tvm.compile(mod, target, relax_pipeline=...)`` runs, in one Sequential.
-
-    ``target`` is the module's target: the host unit's (``plan.targets[0]``) for a
-    partitioned module, whose other units' kernels carry their own. Phases 5 and 7 are the
-    passes of TVM's default build (``relax.pipeline.default_build_pipeline``), kept as they
-    are so that numerics and speed do not change; its LegalizeOps moves before scheduling.
-    """
+def scheduling_pipeline(target, plan: HeteroPlan | None = None, cost_fn=None, width: int = 1,
+                        cache_len: int = 256):
+    """Phases 1-6 of :func:`lowering_pipeline`: the module with every kernel scheduled."""
     relax = _c.relax
     tr = relax.transform
     return _c.transform.Sequential([
@@ -58,6 +52,24 @@ def lowering_pipeline(target, plan: HeteroPlan | None = None, cost_fn=None, widt
         tr.LegalizeOps(),
         tr.RewriteDataflowReshape(),
         ScheduleUnits(target),
+    ], name="hetcomp_scheduling")
+
+
+def lowering_pipeline(target, plan: HeteroPlan | None = None, cost_fn=None, width: int = 1,
+                      cache_len: int = 256):
+    """Everything ``tvm.compile(mod, target, relax_pipeline=...)`` runs, in one Sequential.
+
+    ``target`` is the module's target: the host unit's (``plan.targets[0]``) for a
+    partitioned module, whose other units' kernels carry their own. Phases 5 and 7 are the
+    passes of TVM's default build (``relax.pipeline.default_build_pipeline``), kept as they
+    are so that numerics and speed do not change; its LegalizeOps moves before scheduling.
+    For GPU targets TVM's own default (``backend.cuda``) would also fuse (FuseOps, FuseTIR)
+    and schedule the fused kernels with dlight; here every kernel keeps its own rule.
+    """
+    tr = _c.relax.transform
+    return _c.transform.Sequential([
+        # Phases 1-6. Partition and schedule (see scheduling_pipeline).
+        scheduling_pipeline(target, plan, cost_fn, width, cache_len),
         # Phase 7. VM lowering: leave dataflow, plan memory, lower builtins and shapes.
         tr.ToNonDataflow(),
         tr.RemovePurityChecking(),

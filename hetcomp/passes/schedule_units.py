@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from .._tvm import compiler
 from ..schedules import cpu_rules
-from ..schedules.apply import ApplyRules
+from ..schedules.apply import RULE_ATTR, ApplyRules
 from ..schedules.gpu import gpu_rules, use_gpu_script_kernels
 
 _c = compiler()
@@ -50,5 +50,18 @@ class ScheduleUnits:
             with tgt:
                 sub = ApplyRules(*rules)(sub)
             for gv, func in sub.functions_items():
+                if tgt.kind.name != "llvm" and _dispatched(func):
+                    func = func.with_attr(RULE_ATTR, _DISPATCH_RULE)
                 mod[gv] = func
         return mod
+
+
+# GPU kernels that TVM's library dispatch (DispatchSortScan: the draft's top-k) wrote already
+# scheduled, threads bound, which no rule then applies to.
+_DISPATCH_RULE = "tvm.DispatchSortScan"
+
+
+def _dispatched(func) -> bool:
+    if func.attrs is not None and RULE_ATTR in func.attrs:
+        return False
+    return "threadIdx.x" in func.script()
