@@ -67,6 +67,12 @@ class Artifact:
         with open(tjson) as fh:
             self.tokenizer = TokenizerInfo.from_files(fh.read(), self.manifest["tokenizer"])
         units = self.manifest.get("units") or [{"device": "cpu", "device_id": 0}]
+        # CUDA source in the library is compiled at load for the GPU it was built for (sm_87
+        # on a Jetson Orin); an explicit HETCOMP_CUDA_ARCH still wins.
+        archs = [u.get("target", {}).get("arch") for u in units if u["device"] == "cuda"]
+        archs.append(self.manifest.get("target_spec", {}).get("arch"))
+        if any(archs):
+            os.environ.setdefault("HETCOMP_CUDA_ARCH", next(a for a in archs if a))
         try:
             self.devices = [_tvm.device(u["device"], u["device_id"]) for u in units]
         except Exception as e:
