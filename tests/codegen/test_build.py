@@ -1,15 +1,20 @@
 """The one build path: every kernel of every unit is scheduled by a named rule."""
 
+import json
+import shutil
+
 import pytest
 
 from hetcomp import _tvm
+from hetcomp.driver.compile import CompileOptions, compile_model
+from hetcomp.frontend.weights import random_weights
 from hetcomp.frontend.llama import build_module
 from hetcomp.hardware import target_dict
 from hetcomp.passes.pipeline import scheduling_pipeline
 from hetcomp.passes.schedule_units import ScheduleUnits
-from hetcomp.plan import HeteroPlan, unit_target
+from hetcomp.plan import HeteroPlan, load_plan, unit_target
 from hetcomp.schedules.apply import RULE_ATTR
-from hetcomp.testing import TINY
+from hetcomp.testing import TINY, byte_tokenizer_spec, run_cli
 
 c = _tvm.compiler()
 HOST = target_dict("host")
@@ -43,3 +48,28 @@ def test_every_kernel_is_scheduled_by_a_rule(target, plan):
         # Both units' rules ran: each kernel by the rules of its own target.
         assert any(r.startswith("cpu.") for r in rules)
         assert any(r.startswith(("gpu.", "dlight.gpu.")) for r in rules)
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None,
+                    reason="needs the aarch64 cross linker")
+def test_spec_estimate_plan_builds_an_orin_artifact(tmp_path):
+    """`tune --units orin-nx` prints a spec-estimate plan; `compile --plan` of it builds an
+    aarch64 + CUDA sm_87 artifact for the board, whose manifest says the plan is an estimate."""
+    rc, _, err = run_cli("tune", "--units", "orin-nx", "-o", tmp_path / "t")
+    assert rc == 0, err
+    written = json.loads((tmp_path / "t" / "plan.json").read_text())
+    assert written["source"] == "spec-estimate" and written["shared_memory"]
+    assert written["contention"]["enabled"]
+    plan = load_plan(str(tmp_path / "t" / "plan.json"), "aarch64", "sm_87")
+    assert plan.source == "spec-estimate" and plan.shared_memory
+    weights = (TINY, random_weights(TINY, seed=3), byte_tokenizer_spec(TINY.vocab_size), "t")
+    compile_model(CompileOptions(model="tiny", target="aarch64", cuda_arch="sm_87", plan=plan,
+                                 max_context=64), str(tmp_path / "a"), quiet=True,
+                  weights=weights)
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["plan_source"] == "spec-estimate"
+    arch = {u["name"]: u["target"].get("arch") for u in manifest["units"]}
+    assert arch == {"orin-nx-cpu": None, "orin-nx-gpu": "sm_87"}
+    lib = (tmp_path / "a" / "lib.so").read_bytes()
+    assert lib[:4] == b"\x7fELF" and int.from_bytes(lib[18:20], "little") == 0xB7  # aarch64
+    assert b"__global__" in lib  # the GPU share's CUDA source, compiled where it loads
