@@ -197,12 +197,13 @@ def test_partitioned_model_matches(tmp_path, tiny_loaded, reference_artifact, ra
 
 def test_partition_imported_torch_block():
     torch = pytest.importorskip("torch")
-    from test_torch_import import Block
-
     from hetcomp.frontend import from_torch
 
     torch.manual_seed(1)
-    block = Block().eval()
+    # An MLP block as torch.export gives it: matmuls with constant weights (test files stand
+    # alone, so not tests/frontend's Block).
+    block = torch.nn.Sequential(torch.nn.LayerNorm(32), torch.nn.Linear(32, 128),
+                                torch.nn.GELU(), torch.nn.Linear(128, 32)).eval()
     x = torch.randn(1, 8, 32)
     mod = c.relax.transform.FoldConstant()(from_torch(block, (x,)))
     plan = HeteroPlan(targets=(HOST, HOST), ratios=(("default", 0.4),))
