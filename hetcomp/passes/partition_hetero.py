@@ -164,7 +164,7 @@ class _Rewriter(_c.PyExprMutator):
     def _place_cache_update(self, call):
         """An in-place cache update (RoPE + K/V write, commit) runs where the cache lives: its
         tree-sized inputs cross, the cache does not."""
-        func, kind = self._callee(call)
+        _, kind = self._callee(call)
         unit = self.kv_unit
         if unit == 0 or kind not in ("rope", "kv_commit"):
             return call

@@ -7,11 +7,10 @@ import pytest
 
 from hetcomp import _tvm
 from hetcomp.driver.compile import CompileOptions, compile_model
-from hetcomp.frontend.weights import random_weights
 from hetcomp.frontend.llama import build_module
+from hetcomp.frontend.weights import random_weights
 from hetcomp.hardware import target_dict
 from hetcomp.passes.pipeline import scheduling_pipeline
-from hetcomp.passes.schedule_units import ScheduleUnits
 from hetcomp.plan import HeteroPlan, load_plan, unit_target
 from hetcomp.schedules.apply import RULE_ATTR
 from hetcomp.testing import TINY, byte_tokenizer_spec, run_cli
@@ -24,10 +23,6 @@ GPU_HOSTED = HeteroPlan(units=("cuda", "cpu"), targets=(unit_target("cuda", True
                                                         unit_target("cpu", False, "cuda")),
                         ratios=(("default", 0.37),), dense_attention=0, sparse_attention=1)
 TWO_CPUS = HeteroPlan(targets=(HOST, HOST), ratios=(("default", 0.5),), sparse_attention=1)
-
-
-def test_schedule_units_name_equals_class_name():
-    assert ScheduleUnits(HOST).info.name == "ScheduleUnits"
 
 
 @pytest.mark.parametrize("target,plan", [

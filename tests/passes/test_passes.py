@@ -12,7 +12,7 @@ from hetcomp.driver.compile import CompileOptions, compile_model
 from hetcomp.frontend.weights import random_weights
 from hetcomp.hardware import target_dict
 from hetcomp.kernels import ops
-from hetcomp.passes import AnnotateCost, OrderForOverlap, PartitionHetero
+from hetcomp.passes import AnnotateCost, OrderForOverlap, PartitionHetero, ScheduleUnits
 from hetcomp.passes.partition_hetero import plan_vdevices
 from hetcomp.plan import HeteroPlan
 from hetcomp.runtime import generate, load_artifact
@@ -25,7 +25,7 @@ HOST = target_dict("host")
 
 @pytest.mark.parametrize("cls,args", [
     (PartitionHetero, (HeteroPlan(),)), (OrderForOverlap, ()),
-    (AnnotateCost, (lambda u, op: 0.0, ("cpu",)))])
+    (AnnotateCost, (lambda u, op: 0.0, ("cpu",))), (ScheduleUnits, ({"kind": "llvm"},))])
 def test_pass_name_equals_class_name(cls, args):
     assert cls(*args).info.name == cls.__name__
 
