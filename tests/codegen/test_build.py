@@ -68,3 +68,18 @@ def test_spec_estimate_plan_builds_an_orin_artifact(tmp_path):
     lib = (tmp_path / "a" / "lib.so").read_bytes()
     assert lib[:4] == b"\x7fELF" and int.from_bytes(lib[18:20], "little") == 0xB7  # aarch64
     assert b"__global__" in lib  # the GPU share's CUDA source, compiled where it loads
+
+
+def test_gpu_hosted_plan_compiles_without_a_gpu(tmp_path):
+    """`compile --target cuda --plan` of a GPU-hosted plan: unsplit ops and the KV cache on
+    the GPU (unit 0), the CPU share's kernels compiled for the CPU in the same library."""
+    weights = (TINY, random_weights(TINY, seed=3), byte_tokenizer_spec(TINY.vocab_size), "t")
+    compile_model(CompileOptions(model="tiny", target="cuda", plan=GPU_HOSTED, max_context=64),
+                  str(tmp_path / "g"), quiet=True, weights=weights)
+    manifest = json.loads((tmp_path / "g" / "manifest.json").read_text())
+    assert [u["device"] for u in manifest["units"]] == ["cuda", "cpu"]
+    assert manifest["kv_unit"] == 0 and manifest["target_spec"]["kind"] == "cuda"
+    assert manifest["param_units"]["layers_0_wqkv__u1"] == 1
+    lib = (tmp_path / "g" / "lib.so").read_bytes()
+    assert b"__global__" in lib and b"rope_kv" in lib  # GPU kernels, the GPU's RoPE
+    assert b"linear_n32_k64__llvm" in lib  # the CPU share, its own CPU kernel
