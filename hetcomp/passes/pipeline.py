@@ -74,7 +74,10 @@ def lowering_pipeline(target, plan: HeteroPlan | None = None, cost_fn=None, widt
         tr.ToNonDataflow(),
         tr.RemovePurityChecking(),
         tr.CallTIRRewrite(),
-        tr.StaticPlanBlockMemory(),
+        # Static memory planning shares storage between tensors regardless of their device
+        # in TVM 0.27 (a partitioned SmolLM2 wrote a host concat into a unit-1 buffer): a
+        # partitioned module allocates through the VM's per-device pools instead.
+        tr.StaticPlanBlockMemory() if plan is None else _c.transform.Sequential([]),
         tr.RewriteCUDAGraph(),
         tr.LowerAllocTensor(),
         tr.KillAfterLastUse(),
