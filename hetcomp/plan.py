@@ -10,7 +10,16 @@ import dataclasses
 import json
 
 from .errors import HetcompError
-from .hardware import DEFAULT_CUDA_ARCH, MEASURED, SPEC_ESTIMATE, SPECS, host_part, target_dict
+from .hardware import (
+    DEFAULT_CUDA_ARCH,
+    MEASURED,
+    SPEC_BOARD_TARGETS,
+    SPEC_BOARDS,
+    SPEC_ESTIMATE,
+    SPECS,
+    host_part,
+    target_dict,
+)
 
 PLAN_FORMAT = "hetcomp-plan/1"
 
@@ -116,6 +125,11 @@ def load_plan(path: str, host_target: str = "host",
             raise ValueError(f"unknown plan source {source!r}")
         units = [str(u) for u in data["units"]]
         host = data.get("host", units[0])
+        for board, members in SPEC_BOARDS.items():  # a spec plan compiles for its board only
+            want = SPEC_BOARD_TARGETS[board]
+            if set(units) & set(members) and (host_target, cuda_arch) != want:
+                raise HetcompError(f"plan {path} is a spec-estimate for the {board} board: "
+                                   f"compile it with --target {want[0]} --cuda-arch {want[1]}")
         if len(units) == 1:
             if _is_gpu(host):
                 raise HetcompError(f"plan {path} runs the model on {host} alone: compile with "
