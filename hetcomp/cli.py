@@ -14,6 +14,7 @@ import resource
 import sys
 
 from .errors import HetcompError
+from .hardware import DEFAULT_CUDA_ARCH
 
 
 # Argument types: a bad number is one line and exit 2, like every other bad input.
@@ -68,7 +69,9 @@ def cmd_compile(args) -> int:
     heads = None if args.no_heads else (args.heads or default_heads(args.model))
     opts = CompileOptions(model=args.model, dtype=args.dtype, target=args.target,
                           max_context=args.max_context, heads=heads,
-                          plan=load_plan(args.plan, args.target) if args.plan else None,
+                          plan=(load_plan(args.plan, args.target, args.cuda_arch)
+                                if args.plan else None),
+                          cuda_arch=args.cuda_arch,
                           separate_weights=args.separate_weights,
                           plan_prediction=plan_prediction(args.plan) if args.plan else None,
                           tuning_db=args.tuning_db, draft_dtype=args.draft_dtype,
@@ -265,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-heads", action="store_true",
                    help="compile without Medusa heads (no speculation)")
     c.add_argument("--plan", help="plan.json from `hetcomp tune`: partition across units")
+    c.add_argument("--cuda-arch", default=DEFAULT_CUDA_ARCH,
+                   help=f"GPU architecture of cuda units (default {DEFAULT_CUDA_ARCH}; "
+                        "Jetson Orin: sm_87)")
     c.add_argument("--tuning-db", help="root of `hetcomp tune --kernels` databases: this "
                                        "machine's records replace hand-written schedules")
     c.add_argument("--separate-weights", action="store_true",

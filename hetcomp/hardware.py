@@ -88,6 +88,8 @@ ORIN_NX_GPU = DeviceSpec(
 
 SPECS: dict[str, DeviceSpec] = {s.name: s for s in (ORIN_NX_CPU, ORIN_NX_GPU)}
 SPEC_BOARDS: dict[str, tuple[str, ...]] = {"orin-nx": ("orin-nx-cpu", "orin-nx-gpu")}
+# What an artifact for a spec board is compiled for: its CPU's named target, its GPU's arch.
+SPEC_BOARD_TARGETS: dict[str, tuple[str, str]] = {"orin-nx": ("aarch64", "sm_87")}
 
 
 

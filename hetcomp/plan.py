@@ -11,7 +11,16 @@ import json
 import os
 
 from .errors import HetcompError
-from .hardware import DEFAULT_CUDA_ARCH, target_dict
+from .hardware import (
+    DEFAULT_CUDA_ARCH,
+    MEASURED,
+    SPEC_BOARD_TARGETS,
+    SPEC_BOARDS,
+    SPEC_ESTIMATE,
+    SPECS,
+    host_part,
+    target_dict,
+)
 
 PLAN_FORMAT = "hetcomp-plan/1"
 
@@ -22,7 +31,11 @@ class HeteroPlan:
 
     ``ratios`` maps a linear kind (qkv, o, gate_up, down, lm_head, or ``default`` for layers of
     unknown kind) to the fraction of output columns placed on ``units[1]``; the rest stays on
-    ``units[0]``, the host. ``dense_attention`` and ``sparse_attention`` are unit indices.
+    ``units[0]``, the host, which runs every op that is not split (a CPU or a GPU).
+    ``dense_attention`` and ``sparse_attention`` are unit indices; the KV cache lives on the
+    dense part's unit. ``shared_memory``: the units share DRAM, so values cross without
+    copies. ``source`` is ``spec-estimate`` for a plan of hardware known only by its
+    datasheet (it compiles, for that hardware; its predictions are estimates).
     """
 
     units: tuple[str, ...] = ("cpu", "cpu:1")
@@ -31,6 +44,7 @@ class HeteroPlan:
     dense_attention: int = 0
     sparse_attention: int = 0
     shared_memory: bool = False
+    source: str = MEASURED
 
     def __post_init__(self):
         if len(self.units) != 2 or len(self.targets) != 2:
@@ -40,6 +54,13 @@ class HeteroPlan:
                 raise ValueError(f"ratio for {kind} must lie in [0, 1], got {r}")
         if {self.dense_attention, self.sparse_attention} - {0, 1}:
             raise ValueError("attention parts must be placed on unit 0 or 1")
+        if self.source not in (MEASURED, SPEC_ESTIMATE):
+            raise ValueError(f"source must be {MEASURED!r} or {SPEC_ESTIMATE!r}")
+
+    @property
+    def kv_unit(self) -> int:
+        """The unit whose memory holds the KV cache: the one running the dense part."""
+        return self.dense_attention
 
     def ratio(self, kind: str | None) -> float:
         table = dict(self.ratios)
@@ -48,7 +69,8 @@ class HeteroPlan:
     def to_json(self) -> dict:
         return {"units": list(self.units), "targets": [dict(t) for t in self.targets],
                 "ratios": dict(self.ratios), "dense_attention": self.dense_attention,
-                "sparse_attention": self.sparse_attention, "shared_memory": self.shared_memory}
+                "sparse_attention": self.sparse_attention, "shared_memory": self.shared_memory,
+                "source": self.source}
 
     @classmethod
     def from_json(cls, d: dict) -> HeteroPlan:
@@ -56,11 +78,24 @@ class HeteroPlan:
                    ratios=tuple(sorted(d["ratios"].items())),
                    dense_attention=int(d.get("dense_attention", 0)),
                    sparse_attention=int(d.get("sparse_attention", 0)),
-                   shared_memory=bool(d.get("shared_memory", False)))
+                   shared_memory=bool(d.get("shared_memory", False)),
+                   source=str(d.get("source", MEASURED)))
 
 
-# Targets of the non-CPU units a plan may name.
-UNIT_TARGETS = {"cuda": {"kind": "cuda", "arch": DEFAULT_CUDA_ARCH}}
+def _is_gpu(unit: str) -> bool:
+    spec = SPECS.get(unit)
+    return unit == "cuda" or (spec is not None and spec.kind == "gpu")
+
+
+def unit_target(unit: str, host: bool, host_target: str = "host",
+                cuda_arch: str = DEFAULT_CUDA_ARCH) -> dict:
+    """The target of a plan's unit: GPUs (``cuda``, a spec GPU such as ``orin-nx-gpu``) are
+    CUDA of ``cuda_arch``, with the CPU side of ``host_target`` driving them when they host
+    the plan; CPUs are the LLVM part of ``host_target`` (``--target cuda``: portable x86)."""
+    cpu = host_part(target_dict(host_target, cuda_arch))
+    if not _is_gpu(unit):
+        return cpu
+    return {"kind": "cuda", "arch": cuda_arch, **({"host": cpu} if host else {})}
 
 
 def _read_json(path: str):
@@ -71,11 +106,14 @@ def _read_json(path: str):
         raise HetcompError(f"cannot read plan {path}: {str(e).splitlines()[0]}") from None
 
 
-def load_plan(path: str, host_target: str = "host") -> HeteroPlan | None:
+def load_plan(path: str, host_target: str = "host",
+              cuda_arch: str = DEFAULT_CUDA_ARCH) -> HeteroPlan | None:
     """The HeteroPlan of a ``plan.json`` from `hetcomp tune`, or of a bare HeteroPlan JSON.
 
-    A single-unit plan needs no partitioning (None). Spec-estimate plans describe hardware
-    that is not here and cannot be compiled for.
+    A single-unit plan needs no partitioning (None). The plan's host unit (CPU or GPU) is
+    unit 0. ``host_target`` names the CPU side (``host``, ``aarch64``, ``x86-64-v3``, or
+    ``cuda`` for a portable x86 host) and ``cuda_arch`` the GPU's architecture; a
+    spec-estimate plan compiles (for the board it describes) and says so in ``source``.
     """
     data = _read_json(path)
     try:
@@ -83,27 +121,35 @@ def load_plan(path: str, host_target: str = "host") -> HeteroPlan | None:
             raise TypeError("not a JSON object")
         if data.get("format") != PLAN_FORMAT:
             return HeteroPlan.from_json(data)
-        if data.get("source") != "measured":
-            raise HetcompError(f"plan {path} is a spec-estimate for hardware that is not here")
+        source = str(data.get("source"))
+        if source not in (MEASURED, SPEC_ESTIMATE):
+            raise ValueError(f"unknown plan source {source!r}")
         units = [str(u) for u in data["units"]]
         host = data.get("host", units[0])
-        if host in UNIT_TARGETS:  # the plan runs the unsplit ops on a GPU
-            raise HetcompError(
-                f"plan {path} runs the model on {host}"
-                + (f" with a {', '.join(u for u in units if u != host)} share: GPU-hosted "
-                   "partitions are not compiled yet" if len(units) > 1 else
-                   f": compile with --target {host} and no --plan"))
+        for board, members in SPEC_BOARDS.items():  # a spec plan compiles for its board only
+            want = SPEC_BOARD_TARGETS[board]
+            if set(units) & set(members) and (host_target, cuda_arch) != want:
+                raise HetcompError(f"plan {path} is a spec-estimate for the {board} board: "
+                                   f"compile it with --target {want[0]} --cuda-arch {want[1]}")
         if len(units) == 1:
+            if _is_gpu(host):
+                raise HetcompError(f"plan {path} runs the model on {host} alone: compile with "
+                                   "--target cuda and no --plan")
             return None
         other = next(u for u in units if u != host)
         ratios = {kind: float(split.get(other, 0.0)) for kind, split in data["split"].items()}
         where = {u: i for i, u in enumerate((host, other))}
+        shared = data.get("shared_memory")
+        if shared is None:  # plans written before the field: spec boards share DRAM
+            shared = all(u in SPECS and SPECS[u].shared_memory for u in units)
         return HeteroPlan(
             units=(host, other),
-            targets=(target_dict(host_target), UNIT_TARGETS.get(other, target_dict(host_target))),
+            targets=(unit_target(host, True, host_target, cuda_arch),
+                     unit_target(other, False, host_target, cuda_arch)),
             ratios=tuple(sorted(ratios.items())),
             dense_attention=where.get(data["attention"].get("dense", host), 0),
-            sparse_attention=where.get(data["attention"].get("sparse", host), 0))
+            sparse_attention=where.get(data["attention"].get("sparse", host), 0),
+            shared_memory=bool(shared), source=source)
     except HetcompError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError, StopIteration) as e:

@@ -128,6 +128,9 @@ class PlannerOptions:
     draft_vocab: int = 0
     draft_weight_bytes: int = 0
     draft_root: bool = False
+    # Cost units on one memory under co-run load (measured co-run profiles; for spec units
+    # the board's shared bandwidth). False plans as if each unit ran alone (for comparison).
+    contention: bool = True
 
     def draft(self, heads: int) -> DraftShape | None:
         """The draft call's shapes with ``heads`` heads (None when there is no draft)."""
@@ -195,6 +198,10 @@ class Plan:
     candidates: tuple[WidthChoice, ...]
     tau_source: str = ""
     notes: str = ""
+    # Why the costs of units on one memory are what they are: ``{"enabled", "op", "units":
+    # {unit: {"slowdown", "source"}}}`` (see :func:`contention_report`).
+    contention: dict | None = None
+    shared_memory: bool = False  # every unit shares DRAM with the host: no copies
 
     @property
     def tokens_per_s(self) -> float:
@@ -220,6 +227,7 @@ class Plan:
             "tree": self.tree.to_json() if self.tree is not None else None,
             "candidates": [c.to_json() for c in self.candidates],
             "tau_source": self.tau_source, "notes": self.notes,
+            "contention": self.contention, "shared_memory": self.shared_memory,
         }
 
     @classmethod
@@ -230,7 +238,8 @@ class Plan:
                    tuple(d["attention"].items()),
                    Tree.from_json(d["tree"]) if d.get("tree") else None,
                    tuple(WidthChoice.from_json(c) for c in d["candidates"]),
-                   d.get("tau_source", ""), d.get("notes", ""))
+                   d.get("tau_source", ""), d.get("notes", ""), d.get("contention"),
+                   bool(d.get("shared_memory", False)))
 
     def save(self, path: str) -> None:
         write_json(path, self.to_json(), indent=1)
@@ -251,7 +260,8 @@ def _host_first(split: Split) -> list[float]:
 class _StepModel:
     """Costs ops and whole steps for one set of units (the host is the first unit)."""
 
-    def __init__(self, shape: ModelShape, units: Sequence[UnitModel], ratio_steps: int):
+    def __init__(self, shape: ModelShape, units: Sequence[UnitModel], ratio_steps: int,
+                 contention: bool = True):
         if not units:
             raise ValueError("the planner needs at least one unit")
         sources = {u.source for u in units}
@@ -260,6 +270,7 @@ class _StepModel:
                              f"({', '.join(f'{u.name}: {u.source}' for u in units)})")
         self.shape, self.units, self.host = shape, tuple(units), units[0]
         self.source = sources.pop()
+        self.contention = contention
         self.fractions = [tuple(c / ratio_steps for c in comp)
                           for comp in _compositions(len(units), ratio_steps)]
         self._split_cache: dict[tuple[str, int], tuple[float, Split]] = {}
@@ -283,15 +294,21 @@ class _StepModel:
         if len(parts) == 1:
             unit, feat = parts[0]
             return unit.cost(feat)
-        # Units contend only for a memory they share: a discrete GPU's share runs in its own
-        # memory, so neither side pays the co-run slowdown there.
-        contend = all(u.shared_memory for u, _ in parts)
-        t = max(unit.cost(feat.with_corun(contend)) for unit, feat in parts)
+        return max(self.corun_times(parts).values())
+
+    def corun_times(self, parts: list[tuple[UnitModel, Features]]) -> dict[str, float]:
+        """Each part's time while all of them run at once. Units contend only for a memory
+        they share (a discrete GPU's share runs in its own memory): each pays its measured
+        co-run cost, and together they cannot stream faster than the memory's bandwidth
+        (a spec board's ``mem_bw_gbs``, shared by its CPU and GPU)."""
+        contend = self.contention and len(parts) > 1 and all(u.shared_memory for u, _ in parts)
+        times = {u.name: u.cost(f.with_corun(contend)) for u, f in parts}
         shared = [(u, f) for u, f in parts if u.shared_memory and u.mem_bw_gbs > 0]
-        if len(shared) > 1:
+        if contend and len(shared) > 1:
             bw = min(u.mem_bw_gbs for u, _ in shared) * 1e9
-            t = max(t, sum(f.bytes for _, f in shared) / bw)
-        return t
+            floor = sum(f.bytes for _, f in shared) / bw
+            times = {n: max(t, floor) for n, t in times.items()}
+        return times
 
     def columns(self, kind: str, split: Split) -> Split:
         """The split as realised: each unit's fraction rounded to whole pack blocks."""
@@ -414,7 +431,7 @@ def plan(shape: ModelShape, units: Sequence[UnitModel], rank_probs=None,
     draft = options.draft_heads
     if draft is None:
         draft = int(np.asarray(rank_probs).shape[0]) if rank_probs is not None else 0
-    sm = _StepModel(shape, units, options.ratio_steps)
+    sm = _StepModel(shape, units, options.ratio_steps, options.contention)
     cands = []
     for w in options.widths:
         c = sm.step(w, options.cache_len, options.draft(draft))
@@ -426,7 +443,35 @@ def plan(shape: ModelShape, units: Sequence[UnitModel], rank_probs=None,
                 source=sm.source, cache_len=options.cache_len, width=best.width, tau=best.tau,
                 step_s=best.step_s, split=best.split, attention=best.attention,
                 tree=trees.get(best.width), candidates=tuple(cands), tau_source=tau_source,
-                notes=notes)
+                notes=notes, contention=contention_report(sm, best.width),
+                shared_memory=all(u.shared_memory for u in units))
+
+
+def contention_report(sm: _StepModel, w: int, kind: str = "gate_up") -> dict:
+    """The co-run slowdown each unit's costs carry, and where it comes from, shown on one
+    op: ``kind`` at width ``w`` with its columns shared equally by the units."""
+    units = sm.units
+    frac = 1.0 / len(units)
+    parts = [(u, linear_features(sm.shape, kind, w, frac)) for u in units]
+    together = sm.corun_times(parts)
+    shared = len(units) > 1 and all(u.shared_memory for u in units)
+    out = {}
+    for u, feat in parts:
+        if len(units) == 1:
+            source = "alone (one unit)"
+        elif not sm.contention:
+            source = "off (planned as if each unit ran alone)"
+        elif not shared:
+            source = "none: the units do not share memory"
+        elif u.source == SPEC_ESTIMATE:
+            source = (f"shared bandwidth: {min(x.mem_bw_gbs for x in units):g} GB/s of the "
+                      "board (spec)")
+        else:
+            source = "measured co-run profile" + (
+                " + shared-bandwidth bound" if u.mem_bw_gbs > 0 else "")
+        out[u.name] = {"slowdown": together[u.name] / u.cost(feat), "source": source}
+    return {"enabled": sm.contention, "op": f"{kind}, W={w}, columns split equally",
+            "units": out}
 
 
 def plan_unit_sets(shape: ModelShape, units: Sequence[UnitModel], rank_probs=None,

@@ -1,92 +1,37 @@
-"""Schedule and compile a Relax module for one target, or for several units (vdevices)."""
+"""Compile a Relax module through :func:`hetcomp.passes.pipeline.lowering_pipeline`."""
 
 from __future__ import annotations
 
 import json
 
 from .._tvm import compiler
-from ..schedules import cpu_rules
-from ..schedules.apply import ApplyRules
-from ..schedules.arm import arm_rules
-from ..schedules.gpu import gpu_rules, use_gpu_script_kernels
-from ..schedules.x86 import x86_rules
+from ..passes.pipeline import scheduling_pipeline, vm_lowering_pipeline
+from ..passes.schedule_units import ScheduleUnits
 from .targets import make_target
 
 
-def llvm_rules():
-    """The rule list of every LLVM CPU target: the ISA rules first (each applies only to a
-    target with its vector extension: x86 AVX-512 or AVX2+FMA, aarch64 NEON), then the
-    generic CPU rules. (Not in ``hetcomp.schedules``' package init: importing the ISA rules
-    registers their tensor intrinsics, and MetaSchedule's builder workers import that
-    package under a 30 s timeout.)"""
-    return [*x86_rules(), *arm_rules(), *cpu_rules()]
-
-
 def schedule_module(mod, target):
-    """Schedule every unscheduled kernel for ``target`` (run before ``tvm.compile``): the CPU
-    rules for LLVM targets; for GPU targets the in-place script kernels are swapped for their
-    GPU versions, then our GPU rules and dlight's apply."""
-    c = compiler()
-    if target.kind.name == "llvm":
-        rules = llvm_rules()
-    else:
-        mod, rules = use_gpu_script_kernels(mod), gpu_rules()
-    with target:
-        return ApplyRules(*rules)(mod)
+    """Schedule every unscheduled kernel of ``mod`` for ``target`` (kernels alone, outside a
+    model: profiling probes and tests)."""
+    return ScheduleUnits(target)(mod)
 
 
-def build(mod, target, scheduled: list | None = None):
-    """Schedule and compile ``mod``; returns a ``tvm.runtime.Executable``. ``scheduled``
-    (a list) receives the scheduled module (for :func:`kernel_table`)."""
-    c = compiler()
-    mod = _keep(schedule_module(mod, target), scheduled)
-    return c.compile(mod, target=target)
+def build(mod, target, plan=None, cost=None, scheduled: list | None = None):
+    """Partition (``plan``), schedule and compile ``mod``; returns a ``tvm.runtime.Executable``.
 
-
-def _keep(mod, scheduled: list | None):
-    if scheduled is not None:
-        scheduled.append(mod)
-    return mod
-
-
-def build_gpu(mod, target, scheduled: list | None = None):
-    """Compile ``mod`` entirely for a GPU ``target``: every kernel gets our GPU rules, then
-    dlight's; the VM's control flow runs on the target's host."""
-    c = compiler()
-    mod = _keep(schedule_module(c.relax.transform.LegalizeOps()(mod), target), scheduled)
-    return c.compile(mod, target=target)
-
-
-def build_hetero(mod, host_target, plan, scheduled: list | None = None):
-    """Compile a module partitioned by :class:`~hetcomp.plan.HeteroPlan`.
-
-    Host kernels get the CPU rules; kernels carrying a GPU ``target`` attribute get dlight's
-    GPU rules inside that target. All-LLVM plans (two CPU vdevices) compile for the host
-    target; mixed plans compile without a target, each kernel using its own.
+    ``target`` is the module's target; a partitioned module's is its host unit's
+    (``plan.targets[0]``), and kernels placed on the other unit carry their own. ``cost``:
+    AnnotateCost's arguments (``{"cost_fn", "units", "width", "cache_len"}``) or None.
+    ``scheduled`` (a list) receives the scheduled module, before VM lowering (for
+    :func:`kernel_table`). The two halves are :func:`~hetcomp.passes.pipeline.lowering_pipeline`.
     """
     c = compiler()
-    mod = c.relax.transform.LegalizeOps()(mod)
-    mod = schedule_module(mod, host_target)
-    if {t["kind"] for t in plan.targets} == {"llvm"}:
-        return c.compile(_keep(mod, scheduled), target=host_target)
-    # Every kernel without a target (ours and legalized Relax ops) is a host kernel; pin it so
-    # that the GPU rules, which fall back to the current target, leave it alone.
-    for gv, func in mod.functions_items():
-        if isinstance(func, c.tir.PrimFunc) and (func.attrs is None or "target" not in func.attrs):
-            mod[gv] = func.with_attr("target", host_target)
-    # The GPU rules see only the kernels placed on that GPU (dlight's rules do not all check
-    # a kernel's own target, and would schedule host kernels as GPU ones).
-    for tgt in plan.targets:
-        if tgt["kind"] == "llvm":
-            continue
-        mine = {gv: f for gv, f in mod.functions_items() if isinstance(f, c.tir.PrimFunc)
-                and str(f.attrs["target"].kind.name) == tgt["kind"]}
-        on_gpu = schedule_module(c.IRModule(mine), c.Target(dict(tgt)))
-        for gv, f in on_gpu.functions_items():
-            mod[gv.name_hint] = f
-    # Kernels keep their own targets; the given one serves Relax-level dispatch (the Medusa
-    # draft's top-k runs on the host).
-    return c.compile(_keep(mod, scheduled), target=host_target)
+    target = c.Target(target) if isinstance(target, dict | str) else target
+    with target:
+        mod = scheduling_pipeline(target, plan, **(cost or {}))(mod)
+    if scheduled is not None:
+        scheduled.append(mod)
+    return c.compile(mod, target=target, relax_pipeline=vm_lowering_pipeline(plan))
 
 
 def compile_relax(mod, target: str = "host"):

@@ -13,7 +13,7 @@ import numpy as np
 
 from .._tvm import compiler
 from ..artifact_format import check_output, is_artifact, sha256_file
-from ..codegen.build import build, build_gpu, build_hetero, kernel_table
+from ..codegen.build import build, kernel_table
 from ..codegen.export import export_artifact
 from ..codegen.targets import export_compiler
 from ..cost.roofline import ModelShape, RooflineCost, dtype_bytes, kernel_features
@@ -25,9 +25,8 @@ from ..frontend.export_info import source_info
 from ..frontend.llama import NUM_INPUTS, build_module, medusa_param_specs
 from ..frontend.tokenizer import TokenizerInfo
 from ..frontend.weights import WEIGHT_DTYPES, pack_weights, param_from_recipe, param_specs
-from ..hardware import ORIN_NX_CPU, SPECS, DeviceSpec, target_dict
-from ..passes import AnnotateCost, hetcomp_pipeline
-from ..passes.partition_hetero import PARAM_SPLIT_ATTR
+from ..hardware import DEFAULT_CUDA_ARCH, ORIN_NX_CPU, SPECS, DeviceSpec, target_dict
+from ..passes.partition_hetero import PARAM_SPLIT_ATTR, PartitionHetero, plan_vdevices
 from ..planner import PlannerOptions, UnitModel, plan
 from ..profile.bandwidth import measure_read_bandwidth
 from ..profile.units import detect_unit
@@ -45,6 +44,8 @@ class CompileOptions:
     model: str = "smollm2"
     dtype: str = "float32"
     target: str = "host"
+    # The GPU architecture of `--target cuda` and of a plan's GPU unit (Orin: sm_87).
+    cuda_arch: str = DEFAULT_CUDA_ARCH
     max_context: int = 2048
     heads: str | None = None  # Medusa heads file (.npz) from `hetcomp calibrate`
     plan: object | None = None  # a HeteroPlan: partition across units (None: host only)
@@ -127,29 +128,28 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
     draft_vocab = 0 if heads is None or heads.vocab is None else len(heads.vocab)
     mod = build_module(cfg, opts.dtype, heads.num_heads if heads else 0, static_widths=widths,
                        medusa_root=root, draft_dtype=draft_dtype, draft_vocab=draft_vocab)
-    target = compiler().Target(target_dict(opts.target))
-    if opts.plan is not None and opts.target == "cuda":
-        raise HetcompError("--plan places work on several units; use a CPU --target for the host")
+    # A plan's module target is its host unit's (a CPU, or a GPU driven by --target's CPU).
+    target_spec = (dict(opts.plan.targets[0]) if opts.plan is not None
+                   else target_dict(opts.target, opts.cuda_arch))
+    target = compiler().Target(target_spec)
     width, width_source = _default_width(opts, cfg, heads, draft_dtype)
-    cost_fn, cost_units, cost_source = _cost_models(opts, cfg)
+    cost = _cost_models(opts, cfg, width)
+    cost_source = cost.pop("source") if cost else None
     scheduled: list = []
     if opts.plan is not None:
         _progress(3, 4, f"partitioning across {', '.join(opts.plan.units)}; compiling", quiet)
-        mod = hetcomp_pipeline(opts.plan)(mod)
-        mod = _annotate(mod, cost_fn, cost_units, width, opts)
-        ex = build_hetero(mod, target, opts.plan, scheduled)
+        ex = build(mod, target, opts.plan, cost, scheduled)
     elif opts.target == "cuda":
         _progress(3, 4, "scheduling and compiling for cuda (GPU rules)", quiet)
-        ex = build_gpu(_annotate(mod, cost_fn, cost_units, width, opts), target, scheduled)
+        ex = build(mod, target, None, cost, scheduled)
     else:
         path = _tuning_path(opts, quiet)
         if path is not None:  # before annotating: records are keyed by the kernels as built
             mod, count = apply_database(mod, target, path)
             tuning = {"db": path, "kernels": count}
-        mod = _annotate(mod, cost_fn, cost_units, width, opts)
         _progress(3, 4, f"scheduling and compiling for {opts.target}"
                         + (f" ({tuning['kernels']} tuned kernels)" if tuning else ""), quiet)
-        ex = build(mod, target, scheduled)
+        ex = build(mod, target, None, cost, scheduled)
     _progress(4, 4, f"packing weights and writing {out_dir}", quiet)
     packed = pack_weights(cfg, w, opts.dtype)
     # Every parameter comes from its recipe, the one `hetcomp attach-weights` follows to
@@ -157,7 +157,7 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
     recipes = {name: {"weight": name} for name, _, _ in param_specs(cfg, opts.dtype)}
     placement = {}
     if opts.plan is not None:
-        placement, recipes = _split_params(mod, cfg, opts.dtype)
+        placement, recipes = _split_params(opts.plan, mod, cfg, opts.dtype)
     model_params = list(recipes)
     functions = {"prefill": model_params, "verify": model_params, "commit": []}
     functions.update({f"verify_w{w}": model_params for w in widths})
@@ -206,10 +206,14 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
         "config": dataclasses.asdict(cfg),
         "dtype": opts.dtype,
         "target": opts.target,
-        "target_spec": target_dict(opts.target),
+        "target_spec": target_spec,
         "units": units,
         "param_units": placement,
+        # The unit whose device holds the KV cache (the dense attention part's).
+        "kv_unit": opts.plan.kv_unit if opts.plan is not None else 0,
         "plan": opts.plan.to_json() if opts.plan is not None else None,
+        "plan_source": (opts.plan.source if opts.plan is not None
+                        else (opts.plan_choice or {}).get("source")),
         "plan_prediction": opts.plan_prediction,
         "tuning": tuning,
         "functions": functions,
@@ -218,7 +222,6 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
         "widths": list(opts.widths) if heads is not None else [1],
         "default_width": width,
         "default_width_source": width_source,
-        "plan_source": (opts.plan_choice or {}).get("source"),
         "cost_models": cost_source,
         "kernels": kernel_table(scheduled[0], units) if scheduled else [],
         "speculative": speculative,
@@ -266,15 +269,15 @@ def _units(plan, target: str) -> list[dict]:
     return out
 
 
-def _split_params(mod, cfg, dtype):
+def _split_params(plan, mod, cfg, dtype):
     """The partitioned ``verify``'s parameters in order: the unit (vdevice index) each lives
     on, and each one's recipe (packed weight and, for a slice, its column blocks per
     ``hetcomp.param_split``)."""
-
+    mod = PartitionHetero(plan)(mod)  # the partitioned signature (the build ran its own)
     func = mod["verify"]
     split = json.loads(func.attrs[PARAM_SPLIT_ATTR]) if PARAM_SPLIT_ATTR in func.attrs else {}
     by_var = {name.replace(".", "_"): name for name, _, _ in param_specs(cfg, dtype)}
-    vdevs = list(mod.global_infos["vdevice"])
+    vdevs = plan_vdevices(plan)
     units, recipes = {}, {}
     for p in func.params[NUM_INPUTS:]:
         if p.name in split:
@@ -335,9 +338,11 @@ def target_roofline(target: str) -> DeviceSpec | None:
     return None
 
 
-def _cost_models(opts: CompileOptions, cfg):
-    """``(cost_fn, units, source)`` for AnnotateCost: the cost models `tune` fitted beside the
-    plan, else the roofline of each unit (the target's for single-unit builds)."""
+def _cost_models(opts: CompileOptions, cfg, width: int) -> dict | None:
+    """AnnotateCost's arguments (``{"cost_fn", "units", "width", "cache_len"}``, costed at
+    the artifact's default width), with where each unit's model comes from (``"source"``,
+    popped by the caller): the cost models `tune` fitted beside the plan, else the
+    roofline of each unit (the target's for single-unit builds); None without any."""
     shape = ModelShape.from_config(cfg, opts.dtype)
     choice = opts.plan_choice or {}
     units = tuple(opts.plan.units) if opts.plan is not None else (
@@ -353,21 +358,14 @@ def _cost_models(opts: CompileOptions, cfg):
             spec = target_roofline(opts.target)
             models[u], source[u] = RooflineCost(spec), f"roofline ({spec.notes})"
     if not models:
-        return None, units, None
+        return None
 
     def cost_fn(unit: str, op: dict) -> float:
         model = models.get(unit)
         return float(model(kernel_features(shape, op))) if model is not None else float("nan")
 
-    return cost_fn, units, source
-
-
-def _annotate(mod, cost_fn, units, width: int, opts: CompileOptions):
-    """AnnotateCost at the artifact's default width (after partitioning, so split kernels are
-    costed at their own sizes)."""
-    if cost_fn is None:
-        return mod
-    return AnnotateCost(cost_fn, units, width, cache_len=min(256, opts.max_context // 2))(mod)
+    return {"cost_fn": cost_fn, "units": tuple(models), "width": width,
+            "cache_len": min(256, opts.max_context // 2), "source": source}
 
 
 def default_heads(model: str) -> str | None:

@@ -46,9 +46,14 @@ def split_unit_names(units) -> tuple[list[str], list[str]]:
         for n in SPEC_BOARDS.get(name, (name,)):
             (spec if n in SPECS else present).append(n)
     if present and spec:
-        raise HetcompError(f"cannot plan measured units ({', '.join(present)}) together with "
-                           f"spec estimates ({', '.join(spec)}): they describe different "
-                           "machines; tune them separately")
+        # This machine's units and a board known by its datasheet share no memory and no
+        # machine: a plan across them could not run anywhere. The board has its own CPU.
+        boards = [b for b, members in SPEC_BOARDS.items() if set(members) & set(spec)]
+        raise HetcompError(
+            f"cannot plan this machine's {', '.join(present)} together with spec units "
+            f"({', '.join(spec)}): they are different machines; use --units "
+            f"{','.join(boards) or ','.join(spec)} for the board (a spec estimate, its own "
+            "CPU included) or --units cpu[,cuda] for this machine")
     if not present and not spec:
         raise HetcompError("no units given")
     return present, spec

@@ -1,7 +1,7 @@
 """Kernels that update the KV cache in place, written in TVMScript (TE cannot mutate inputs).
 
 They are called with ``R.call_tir_inplace``; both are already scheduled and marked so that
-no schedule rule touches them: one loop nest, whose outer two loops are a parallel loop and a
+no schedule rule touches them (``hetcomp.rule`` = ``script.<kind>``): one loop nest, whose outer two loops are a parallel loop and a
 serial one for CPUs, and blocks and threads for GPUs (``gpu=True``). :func:`for_gpu` turns the CPU
 kernel in a module into the GPU one (the arguments are recorded on the function).
 """
@@ -50,7 +50,8 @@ def rope_kv(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, conte
     @T.prim_func(private=True)
     def rope_kv_func(var_qkv: T.handle, var_cs: T.handle, var_k: T.handle, var_v: T.handle,
                      layer: T.int64, n: T.int64, var_q: T.handle, var_kt: T.handle):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True,
+                     "hetcomp.rule": "script.rope"})
         w = T.int64()
         qkv = T.match_buffer(var_qkv, (w, qkv_size), "float32")
         cs = T.match_buffer(var_cs, (w, d), "float32")
@@ -93,7 +94,8 @@ def kv_commit(num_kv_heads: int, head_dim: int, layers: int, context: int, gpu: 
 
     @T.prim_func(private=True)
     def kv_commit_func(var_k: T.handle, var_v: T.handle, var_idx: T.handle, n: T.int64):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True,
+                     "hetcomp.rule": "script.kv_commit"})
         a = T.int64()
         k_cache = T.match_buffer(var_k, (nl, g, d, c), "float32")
         v_cache = T.match_buffer(var_v, (nl, g, c, d), "float32")
@@ -110,14 +112,15 @@ def kv_commit(num_kv_heads: int, head_dim: int, layers: int, context: int, gpu: 
         ARGS_ATTR, json.dumps([num_kv_heads, head_dim, layers, context]))
 
 
-def for_gpu(func):
-    """The GPU version of a script kernel (``rope_kv``/``kv_commit``), or None for others."""
+def for_gpu(func, gpu: bool = True):
+    """The GPU version of a script kernel (``rope_kv``/``kv_commit``), or None for others;
+    ``gpu=False``: a fresh CPU copy (new definitions, for a second unit)."""
     attrs = func.attrs
     if attrs is None or ARGS_ATTR not in attrs:
         return None
     args = json.loads(str(attrs[ARGS_ATTR]))
     build = {"rope": rope_kv, "kv_commit": kv_commit}[str(attrs[OP_KIND])]
-    out = build(*args, gpu=True)
+    out = build(*args, gpu=gpu)
     for key in ("global_symbol", "target"):
         if key in attrs:
             out = out.with_attr(key, attrs[key])

@@ -1,8 +1,10 @@
-"""Relax passes, one per file; ``pipeline.hetcomp_pipeline`` composes them."""
+"""Relax passes, one per file; ``pipeline.lowering_pipeline`` composes them with TVM's."""
 
 from .annotate_cost import AnnotateCost
 from .order_for_overlap import OrderForOverlap
 from .partition_hetero import PartitionHetero
-from .pipeline import hetcomp_pipeline
+from .pipeline import hetcomp_pipeline, lowering_pipeline
+from .schedule_units import ScheduleUnits
 
-__all__ = ["AnnotateCost", "PartitionHetero", "OrderForOverlap", "hetcomp_pipeline"]
+__all__ = ["AnnotateCost", "PartitionHetero", "OrderForOverlap", "ScheduleUnits",
+           "hetcomp_pipeline", "lowering_pipeline"]

@@ -59,7 +59,8 @@ def reorder_block(block, async_units: set[int], vdevices):
                 for r in readers.get(arg, []):
                     if r != i:
                         deps[i].add(r)
-    on_async = [(_vdevice_index(b.var.ty, vdevices) in async_units) for b in bindings]
+    # A value without a vdevice is the host's, unit 0 (a GPU in a GPU-hosted plan).
+    on_async = [((_vdevice_index(b.var.ty, vdevices) or 0) in async_units) for b in bindings]
     cls = []
     for i, b in enumerate(bindings):
         if on_async[i]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 
 from .._tvm import compiler
-from ..kernels import ops
+from ..kernels import ops, script_ops
 from ..kernels.sparse_attention import SPARSE_KIND
 from ..plan import HeteroPlan
 
@@ -29,18 +29,23 @@ _c = compiler()
 _LINEAR_KINDS = {"wqkv": "qkv", "wo": "o", "w_gate_up": "gate_up", "w_down": "down",
                  "lm_head": "lm_head", "embed": "lm_head"}
 PARAM_SPLIT_ATTR = "hetcomp.param_split"
+_CACHE_PARAMS = ("k_cache", "v_cache")
 
 
 def plan_vdevices(plan: HeteroPlan):
-    """One VDevice per unit of ``plan``; equal targets get distinct device ids (as TVM's
-    tests do)."""
+    """One VDevice per unit of ``plan``; units of one device kind get distinct device ids in
+    plan order (two CPU units are ``cpu:0`` and ``cpu:1``, as the artifact's units are)."""
     seen: dict[str, int] = {}
     out = []
     for tgt in plan.targets:
-        key = json.dumps(tgt, sort_keys=True)
-        out.append(_c.VDevice(dict(tgt), seen.get(key, 0), "global"))
-        seen[key] = seen.get(key, 0) + 1
+        kind = tgt["kind"]
+        out.append(_c.VDevice(dict(tgt), seen.get(kind, 0), "global"))
+        seen[kind] = seen.get(kind, 0) + 1
     return out
+
+
+def _same_target(a: dict, b: dict) -> bool:
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
 
 def linear_kind(param_name: str | None) -> str | None:
@@ -62,20 +67,26 @@ class _Rewriter(_c.PyExprMutator):
         self.vdev = vdevs
         self.kernels: dict[str, object] = {}
         self.splits: dict = {}  # old weight param -> {unit: (new param, first block, end)}
+        # The KV cache lives on the unit that runs the dense attention part (it reads the
+        # whole cache); only tree-sized values cross to the other unit.
+        self.kv_unit = plan.dense_attention
+        self.cache_vars: dict = {}  # cache parameter -> the same parameter placed on kv_unit
 
     # Helpers ------------------------------------------------------------------------------
     def _kernel(self, name, builder, *args, unit: int = 0):
-        """The kernel ``name`` for ``unit``: one copy per non-host target kind, carrying it."""
-        kind = self.plan.targets[unit]["kind"]
-        if kind != "llvm":
-            name = f"{name}__{kind}"
+        """The kernel ``name`` for ``unit``: the host's (unit 0's) kernels carry no target (they
+        compile for the module's), another unit's carry its own and get their own copy."""
+        own = self._own_target(unit)
+        if own:
+            kind = self.plan.targets[unit]["kind"]
+            name = f"{name}__{kind if kind != self.plan.targets[0]['kind'] else f'u{unit}'}"
         if name not in self.kernels:
             existing = [gv for gv in self.builder_.get().get_global_vars() if gv.name_hint == name]
             if existing:
                 self.kernels[name] = existing[0]
             else:
                 func = builder(*args).with_attr("global_symbol", name)
-                if kind != "llvm":
+                if own:
                     func = func.with_attr("target", _c.Target(dict(self.plan.targets[unit])))
                 self.kernels[name] = self.builder_.add_func(func, name)
         return self.kernels[name]
@@ -87,9 +98,15 @@ class _Rewriter(_c.PyExprMutator):
         definitions are broken by later passes (LegalizeOps, seen on symbolic-width kernels).
         """
         func = self.mod_in[gv]
-        if self.plan.targets[unit]["kind"] == "llvm":
+        if not self._own_target(unit):
             return self._kernel(gv.name_hint, lambda: func, unit=unit)
-        return self._kernel(gv.name_hint, lambda: _c.renew_defs(func), unit=unit)
+        # Script kernels are rebuilt (renew_defs loses their implicit shape variables).
+        return self._kernel(gv.name_hint, lambda: script_ops.for_gpu(func, gpu=False)
+                            or _c.renew_defs(func), unit=unit)
+
+    def _own_target(self, unit: int) -> bool:
+        """Whether ``unit``'s kernels compile for another target than the host's."""
+        return not _same_target(self.plan.targets[unit], self.plan.targets[0])
 
     def _ty(self, shape, unit, dtype="float32"):
         return _c.TensorType(shape, dtype, self.vdev[unit])
@@ -114,9 +131,26 @@ class _Rewriter(_c.PyExprMutator):
         kind = func.attrs.get(ops.OP_KIND) if func.attrs is not None else None
         return func, (str(kind) if kind is not None else None)
 
+    def place_cache(self, params):
+        """Place the KV-cache parameters among ``params`` on ``kv_unit`` (their uses are
+        remapped); returns the parameter list to build the function with."""
+        self.cache_vars = {}
+        if self.kv_unit == 0:
+            return list(params)
+        out = []
+        for p in params:
+            if p.name in _CACHE_PARAMS:
+                t = p.ty
+                self.cache_vars[p] = _c.relax.Var(p.name, self._ty(t.shape, self.kv_unit, t.dtype))
+                self.set_var_remap(p, self.cache_vars[p])
+            out.append(self.cache_vars.get(p, p))
+        return out
+
     # Rewrites -----------------------------------------------------------------------------
     def visit_call_(self, call):
         call = self.visit_expr_post_order(call)
+        if call.op.same_as(_c.Op.get("relax.call_tir_inplace")):
+            return self._place_cache_update(call)
         if call.op.same_as(_c.call_tir_op):
             func, kind = self._callee(call)
             if kind == "linear":
@@ -127,6 +161,22 @@ class _Rewriter(_c.PyExprMutator):
         if call.op.same_as(_c.Op.get("relax.matmul")):
             return self._split_matmul(call)
         return call
+
+    def _place_cache_update(self, call):
+        """An in-place cache update (RoPE + K/V write, commit) runs where the cache lives: its
+        tree-sized inputs cross, the cache does not."""
+        _, kind = self._callee(call)
+        unit = self.kv_unit
+        if unit == 0 or kind not in ("rope", "kv_commit"):
+            return call
+        args = [self._to(a, unit) for a in call.args[1].fields]
+        out = call.ty_args[0]
+        fields = out.fields if isinstance(out, _c.relax.TupleType) else [out]
+        tys = [self._ty(t.shape, unit, t.dtype) for t in fields]
+        return _c.relax.call_tir_inplace(
+            self._existing(call.args[0], unit), args,
+            [int(i) for i in call.attrs.inplace_indices],
+            tys if isinstance(out, _c.relax.TupleType) else tys[0])
 
     def _split_linear(self, call, func):
         relax = _c.relax
@@ -180,12 +230,12 @@ class _Rewriter(_c.PyExprMutator):
         hq, w, d = args[0].ty.shape  # q[H, w, D]
         sparse = kind == SPARSE_KIND
         unit = self.plan.sparse_attention if sparse else self.plan.dense_attention
-        if unit == 0:
+        moved = [self._to(a, unit) for a in args]  # the cache may live on the other unit
+        if unit == 0 and all(m.same_as(a) for m, a in zip(moved, args, strict=True)):
             return call
         # A part is [w, H, D + 1] (output and log-sum-exp); the fused kernel's output [w, H, D].
         part = sparse or "hetcomp.part" in func.attrs
-        y = self._emit(relax.call_tir(self._existing(call.args[0], unit),
-                                      [self._to(a, unit) for a in args],
+        y = self._emit(relax.call_tir(self._existing(call.args[0], unit), moved,
                                       self._ty((w, hq, d + 1 if part else d), unit)))
         return self._to(y, 0)
 
@@ -235,17 +285,21 @@ class PartitionHetero:
         if functions is None and mod.attrs is not None and "hetcomp.model_functions" in mod.attrs:
             functions = {str(f) for f in mod.attrs["hetcomp.model_functions"]}
         for gv, func in list(mod.functions_items()):
-            if not isinstance(func, relax.Function) or (
-                    functions is not None and gv.name_hint not in functions):
+            if not isinstance(func, relax.Function):
+                continue
+            holds_cache = any(p.name in _CACHE_PARAMS for p in func.params)
+            if functions is not None and gv.name_hint not in functions and not (
+                    holds_cache and rw.kv_unit != 0):  # commit follows the cache
                 continue
             rw.splits = {}
+            placed = rw.place_cache(func.params)
             new_func = rw.visit_expr(func)
-            if not rw.splits:
+            if not rw.splits and not rw.cache_vars:
                 rw.builder_.update_func(gv, new_func)
                 continue
             params, table = [], {}
             still_used = set(relax.analysis.free_vars(new_func.body))
-            for p in new_func.params:
+            for p in placed:
                 if p in rw.splits:
                     if p in still_used:  # e.g. the tied embedding: gathered and split
                         params.append(p)
@@ -255,7 +309,8 @@ class PartitionHetero:
                 else:
                     params.append(p)
             attrs = dict(new_func.attrs) if new_func.attrs is not None else {}
-            attrs[PARAM_SPLIT_ATTR] = json.dumps(table)
+            if table:
+                attrs[PARAM_SPLIT_ATTR] = json.dumps(table)
             out = relax.Function(params, new_func.body, None, new_func.is_pure,
                                  _c.tvm.ir.DictAttrs(attrs))
             rw.builder_.update_func(gv, out)

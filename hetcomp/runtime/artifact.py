@@ -68,11 +68,19 @@ class Artifact:
         with open(tjson) as fh:
             self.tokenizer = TokenizerInfo.from_files(fh.read(), self.manifest["tokenizer"])
         units = self.manifest.get("units") or [{"device": "cpu", "device_id": 0}]
+        # CUDA source in the library is compiled at load for the GPU it was built for (sm_87
+        # on a Jetson Orin); an explicit HETCOMP_CUDA_ARCH still wins.
+        archs = [u.get("target", {}).get("arch") for u in units if u["device"] == "cuda"]
+        archs.append(self.manifest.get("target_spec", {}).get("arch"))
+        if any(archs):
+            os.environ.setdefault("HETCOMP_CUDA_ARCH", next(a for a in archs if a))
         try:
             self.devices = [_tvm.device(u["device"], u["device_id"]) for u in units]
         except Exception as e:
             raise HetcompError(f"this machine lacks a device the artifact needs: {e}") from None
         self.device = self.devices[0]
+        # The KV cache lives where the dense attention part runs (it reads the whole cache).
+        self.kv_device = self.devices[int(self.manifest.get("kv_unit", 0) or 0)]
         try:
             self.vm = _tvm.virtual_machine(_tvm.load_module(lib), self.devices)
         except Exception as e:
@@ -154,8 +162,8 @@ class Session:
     def __init__(self, art: Artifact):
         self.art = art
         ks, vs = kv_cache_shapes(art.config)
-        self.k_cache = _tvm.tensor(np.zeros(ks, "float32"), art.device)
-        self.v_cache = _tvm.tensor(np.zeros(vs, "float32"), art.device)
+        self.k_cache = _tvm.tensor(np.zeros(ks, "float32"), art.kv_device)
+        self.v_cache = _tvm.tensor(np.zeros(vs, "float32"), art.kv_device)
         self.length = 0
         self.tokens: list[int] = []  # the ids whose K/V the cache holds, in order
         self.capacity = art.config.max_context

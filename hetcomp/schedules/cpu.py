@@ -279,8 +279,44 @@ class ElementwiseRule(_BASE):
         return sch
 
 
+class InjectiveRule(_BASE):
+    """Spatial kernels that are not ours (Relax ops legalized by TVM: concat, reshape): the
+    elementwise schedule, 16-lane vectors, outer loops in parallel where that pays."""
+
+    def apply(self, func, target, tunable):
+        if target.kind.name != "llvm" or (func.attrs is not None and OP_KIND in func.attrs):
+            return None
+        sch = compiler().Schedule(func)
+        try:
+            blocks = sch.get_child_blocks(sch.get_sblock("root"))
+        except Exception:  # noqa: BLE001  no root block: an extern call (top-k's packed sort)
+            return None
+        out = func.params[-1]  # PrimFunc params carry their shapes
+        if len(getattr(out, "shape", ())) != 2 or not all(
+                iv.iter_type == 0 for b in blocks for iv in sch.get(b).iter_vars):
+            return None
+        threads = _worth_parallel(out)
+        for blk in blocks:
+            loops = sch.get_loops(blk)
+            outer, inner = sch.split(loops[-1], [None, 16])
+            sch.vectorize(inner)
+            if threads:
+                sch.parallel(sch.fuse(*loops[:-1], outer) if len(loops) > 1 else outer)
+        return sch
+
+
+class AsWrittenRule(_BASE):
+    """The last CPU rule: a kernel no other rule covers (TVM's top-k for the draft) keeps the
+    loops TVM wrote, and is recorded as such so that a test can list what runs unscheduled."""
+
+    def apply(self, func, target, tunable):
+        if target.kind.name != "llvm":
+            return None
+        return compiler().Schedule(func)
+
+
 def cpu_rules():
     """The ordered generic CPU rule list (first applicable rule wins); the ISA rules go first
-    (:func:`hetcomp.codegen.build.llvm_rules`)."""
+    (:func:`hetcomp.schedules.llvm.llvm_rules`)."""
     return [LinearRule(), AttentionRule(), MergeRule(), SparseTreeAttentionRule(), ArgmaxRule(),
-            RowwiseRule(), ElementwiseRule()]
+            RowwiseRule(), ElementwiseRule(), InjectiveRule(), AsWrittenRule()]

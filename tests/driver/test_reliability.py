@@ -209,10 +209,10 @@ def test_fuzz_plan(tmp_path, capsys):
     assert cli(capsys, "inspect", tmp_path / "ok.json")[0] == 0
     FUZZ_COUNTS["plan"] = _fuzz(capsys, tmp_path, plan, "p.json",
                                 lambda p: ("inspect", p), count=60)
-    # a spec-estimate plan is refused by compile (before any model is loaded)
+    # a spec-estimate plan compiles only for its board (refused before any model is loaded)
     assert cli(capsys, "tune", "--units", "orin-nx", "-o", tmp_path / "t")[0] == 0
     assert_one_line_error(*cli(capsys, "compile", "--plan", tmp_path / "t" / "plan.json", "-o",
-                  tmp_path / "o"), "spec-estimate")
+                  tmp_path / "o"), "--target aarch64 --cuda-arch sm_87")
 
 
 def test_fuzz_manifest(tmp_path, tiny_artifact, capsys):

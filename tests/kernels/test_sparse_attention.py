@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from hetcomp import _tvm
-from hetcomp.codegen.build import llvm_rules
 from hetcomp.codegen.cross import AARCH64_NEON, apply_rules
 from hetcomp.errors import HetcompError
 from hetcomp.hardware import target_dict
@@ -15,6 +14,7 @@ from hetcomp.kernels import ops
 from hetcomp.kernels import sparse_attention as sa
 from hetcomp.schedules import arm, x86
 from hetcomp.schedules.arm import NEON_F32
+from hetcomp.schedules.llvm import llvm_rules
 from hetcomp.schedules.x86 import AVX2_F32, AVX512_F32, x86_rules
 from hetcomp.testing import tree_mask
 from hetcomp.testing.tree_attention import (

@@ -1,0 +1,85 @@
+"""The one build path: every kernel of every unit is scheduled by a named rule."""
+
+import json
+import shutil
+
+import pytest
+
+from hetcomp import _tvm
+from hetcomp.driver.compile import CompileOptions, compile_model
+from hetcomp.frontend.llama import build_module
+from hetcomp.frontend.weights import random_weights
+from hetcomp.hardware import target_dict
+from hetcomp.passes.pipeline import scheduling_pipeline
+from hetcomp.plan import HeteroPlan, load_plan, unit_target
+from hetcomp.schedules.apply import RULE_ATTR
+from hetcomp.testing import TINY, byte_tokenizer_spec, run_cli
+
+c = _tvm.compiler()
+HOST = target_dict("host")
+CPU_HOSTED = HeteroPlan(units=("cpu", "cuda"), targets=(HOST, unit_target("cuda", False)),
+                        ratios=(("default", 0.5), ("lm_head", 1.0)), dense_attention=1)
+GPU_HOSTED = HeteroPlan(units=("cuda", "cpu"), targets=(unit_target("cuda", True, "cuda"),
+                                                        unit_target("cpu", False, "cuda")),
+                        ratios=(("default", 0.37),), dense_attention=0, sparse_attention=1)
+TWO_CPUS = HeteroPlan(targets=(HOST, HOST), ratios=(("default", 0.5),), sparse_attention=1)
+
+
+@pytest.mark.parametrize("target,plan", [
+    (HOST, None), (target_dict("cuda"), None), (HOST, TWO_CPUS), (HOST, CPU_HOSTED),
+    (GPU_HOSTED.targets[0], GPU_HOSTED)], ids=["host", "cuda", "two-cpus", "cpu-hosted",
+                                              "gpu-hosted"])
+def test_every_kernel_is_scheduled_by_a_rule(target, plan):
+    mod = build_module(TINY, "float32", 2, static_widths=(4,))
+    target = c.Target(target)
+    with target:  # as tvm.compile runs its relax_pipeline
+        mod = scheduling_pipeline(target, plan)(mod)
+    kernels = {gv.name_hint: f for gv, f in mod.functions_items()
+               if isinstance(f, c.tir.PrimFunc)}
+    missing = [n for n, f in kernels.items() if f.attrs is None or RULE_ATTR not in f.attrs]
+    assert kernels and not missing, missing
+    rules = {str(f.attrs[RULE_ATTR]) for f in kernels.values()}
+    if plan is not None and any(t["kind"] == "cuda" for t in plan.targets):
+        # Both units' rules ran: each kernel by the rules of its own target.
+        assert any(r.startswith("cpu.") for r in rules)
+        assert any(r.startswith(("gpu.", "dlight.gpu.")) for r in rules)
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None,
+                    reason="needs the aarch64 cross linker")
+def test_spec_estimate_plan_builds_an_orin_artifact(tmp_path):
+    """`tune --units orin-nx` prints a spec-estimate plan; `compile --plan` of it builds an
+    aarch64 + CUDA sm_87 artifact for the board, whose manifest says the plan is an estimate."""
+    rc, _, err = run_cli("tune", "--units", "orin-nx", "-o", tmp_path / "t")
+    assert rc == 0, err
+    written = json.loads((tmp_path / "t" / "plan.json").read_text())
+    assert written["source"] == "spec-estimate" and written["shared_memory"]
+    assert written["contention"]["enabled"]
+    plan = load_plan(str(tmp_path / "t" / "plan.json"), "aarch64", "sm_87")
+    assert plan.source == "spec-estimate" and plan.shared_memory
+    weights = (TINY, random_weights(TINY, seed=3), byte_tokenizer_spec(TINY.vocab_size), "t")
+    compile_model(CompileOptions(model="tiny", target="aarch64", cuda_arch="sm_87", plan=plan,
+                                 max_context=64), str(tmp_path / "a"), quiet=True,
+                  weights=weights)
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["plan_source"] == "spec-estimate"
+    arch = {u["name"]: u["target"].get("arch") for u in manifest["units"]}
+    assert arch == {"orin-nx-cpu": None, "orin-nx-gpu": "sm_87"}
+    lib = (tmp_path / "a" / "lib.so").read_bytes()
+    assert lib[:4] == b"\x7fELF" and int.from_bytes(lib[18:20], "little") == 0xB7  # aarch64
+    assert b"__global__" in lib  # the GPU share's CUDA source, compiled where it loads
+
+
+def test_gpu_hosted_plan_compiles_without_a_gpu(tmp_path):
+    """`compile --target cuda --plan` of a GPU-hosted plan: unsplit ops and the KV cache on
+    the GPU (unit 0), the CPU share's kernels compiled for the CPU in the same library."""
+    weights = (TINY, random_weights(TINY, seed=3), byte_tokenizer_spec(TINY.vocab_size), "t")
+    compile_model(CompileOptions(model="tiny", target="cuda", plan=GPU_HOSTED, max_context=64),
+                  str(tmp_path / "g"), quiet=True, weights=weights)
+    manifest = json.loads((tmp_path / "g" / "manifest.json").read_text())
+    assert [u["device"] for u in manifest["units"]] == ["cuda", "cpu"]
+    assert manifest["kv_unit"] == 0 and manifest["target_spec"]["kind"] == "cuda"
+    assert manifest["param_units"]["layers_0_wqkv__u1"] == 1
+    lib = (tmp_path / "g" / "lib.so").read_bytes()
+    assert b"__global__" in lib and b"rope_kv" in lib  # GPU kernels, the GPU's RoPE
+    assert b"linear_n32_k64__llvm" in lib  # the CPU share, its own CPU kernel
