@@ -56,19 +56,11 @@ def hf_folders(tmp_path_factory):
     """SmolLM2 saved by transformers: float32 in one file, float32 in 100 MB shards, bf16."""
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    os.environ["HF_HUB_OFFLINE"] = "1"
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging
 
-    from hetcomp.frontend import default_gguf_path
+    from hetcomp.testing.reference import transformers_smollm2
 
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    path = default_gguf_path()
-    folder, name = os.path.dirname(path), os.path.basename(path)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype="float32")
+    tok, model = transformers_smollm2()
     # A model read from GGUF carries the GGUF "quantizer", which refuses save_pretrained; its
     # weights are already the dequantized float32 ones, so drop it and save them as they are.
     model.hf_quantizer = None

@@ -1,6 +1,5 @@
 """SmolLM2-135M-Instruct (the packaged GGUF): logits against numpy, tokens against transformers."""
 
-import os
 
 import numpy as np
 import pytest
@@ -39,19 +38,9 @@ def hf_reference():
     """transformers' own GGUF loader: an independent tokenizer and LLaMA implementation."""
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging
+    from hetcomp.testing.reference import transformers_smollm2
 
-    from hetcomp.frontend import default_gguf_path
-
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    path = default_gguf_path()
-    folder, name = os.path.dirname(path), os.path.basename(path)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype="float32")
-    return tok, model.eval()
+    return transformers_smollm2()
 
 
 def _chat_ids(tok, prompt):

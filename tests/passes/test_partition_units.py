@@ -9,12 +9,11 @@ import pytest
 from hetcomp import _tvm
 from hetcomp.driver.compile import CompileOptions, compile_model
 from hetcomp.frontend.llama import build_module
-from hetcomp.frontend.weights import random_weights
 from hetcomp.hardware import target_dict
 from hetcomp.passes import PartitionHetero
 from hetcomp.plan import HeteroPlan
 from hetcomp.runtime import generate, load_artifact
-from hetcomp.testing import TINY, byte_tokenizer_spec
+from hetcomp.testing import TINY
 
 c = _tvm.compiler()
 HOST = target_dict("host")
@@ -23,22 +22,11 @@ HOST = target_dict("host")
 OTHER = {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}
 
 
-@pytest.fixture(scope="module")
-def tiny_loaded():
-    return (TINY, random_weights(TINY, seed=11), byte_tokenizer_spec(TINY.vocab_size), __file__)
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_loaded):
-    out = tmp_path_factory.mktemp("ref") / "art"
-    compile_model(CompileOptions(model="tiny"), str(out), quiet=True, weights=tiny_loaded)
-    return load_artifact(str(out))
-
-
 @pytest.mark.parametrize("targets", [(HOST, OTHER), (OTHER, HOST)], ids=["host-first",
                                                                            "host-second"])
 @pytest.mark.parametrize("dense,sparse", [(1, 0), (0, 1)])
-def test_plan_on_either_host_matches(tmp_path, tiny_loaded, reference, targets, dense, sparse):
+def test_plan_on_either_host_matches(tmp_path, tiny_loaded, tiny_reference, targets, dense,
+                                     sparse):
     plan = HeteroPlan(targets=targets, ratios=(("default", 0.37), ("down", 1.0),
                                                ("lm_head", 0.5)),
                       dense_attention=dense, sparse_attention=sparse)
@@ -48,7 +36,7 @@ def test_plan_on_either_host_matches(tmp_path, tiny_loaded, reference, targets, 
     assert art.manifest["kv_unit"] == dense and art.kv_device == art.devices[dense]
     assert [str(d) for d in art.devices] == ["cpu:0", "cpu:1"]
     prompt = [5, 17, 99, 3]
-    a, b = art.new_session(), reference.new_session()
+    a, b = art.new_session(), tiny_reference.new_session()
     a.prefill(prompt)
     b.prefill(prompt)
     assert a.k_cache.device == art.devices[dense]
@@ -58,7 +46,8 @@ def test_plan_on_either_host_matches(tmp_path, tiny_loaded, reference, targets, 
     _, _, lb = b.verify([7, 8, 9, 10], pos, mask)
     ref = lb.numpy()
     assert np.abs(la.numpy() - ref).max() / np.abs(ref).max() < 1e-5
-    assert generate(art, prompt, 12, False).ids == generate(reference, prompt, 12, False).ids
+    want = generate(tiny_reference, prompt, 12, False).ids
+    assert generate(art, prompt, 12, False).ids == want
 
 
 def _cache_copies(func) -> int:

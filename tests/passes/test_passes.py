@@ -9,14 +9,13 @@ from tvm.script import relax as R
 
 from hetcomp import _tvm
 from hetcomp.driver.compile import CompileOptions, compile_model
-from hetcomp.frontend.weights import random_weights
 from hetcomp.hardware import target_dict
 from hetcomp.kernels import ops
 from hetcomp.passes import AnnotateCost, OrderForOverlap, PartitionHetero, ScheduleUnits
 from hetcomp.passes.partition_hetero import plan_vdevices
 from hetcomp.plan import HeteroPlan
 from hetcomp.runtime import generate, load_artifact
-from hetcomp.testing import TINY, byte_tokenizer_spec
+from hetcomp.testing import TINY
 
 c = _tvm.compiler()
 relax, tt = c.relax, c.TensorType
@@ -155,21 +154,9 @@ def test_annotate_cost():
     assert total["cpu"] > total["gpu"] > 0
 
 
-@pytest.fixture(scope="module")
-def tiny_loaded():
-    return (TINY, random_weights(TINY, seed=11), byte_tokenizer_spec(TINY.vocab_size), __file__)
-
-
-@pytest.fixture(scope="module")
-def reference_artifact(tmp_path_factory, tiny_loaded):
-    out = tmp_path_factory.mktemp("ref") / "art"
-    compile_model(CompileOptions(model="tiny"), str(out), quiet=True, weights=tiny_loaded)
-    return load_artifact(str(out))
-
-
 @pytest.mark.parametrize("ratio,dense,sparse", [
     (0.0, 0, 0), (1.0, 1, 1), (0.5, 1, 0), (0.37, 0, 1)])
-def test_partitioned_model_matches(tmp_path, tiny_loaded, reference_artifact, ratio, dense,
+def test_partitioned_model_matches(tmp_path, tiny_loaded, tiny_reference, ratio, dense,
                                    sparse):
     plan = HeteroPlan(units=("cpu", "cpu:1"), targets=(HOST, HOST),
                       ratios=(("default", ratio), ("down", min(1.0, 2 * ratio))),
@@ -179,7 +166,7 @@ def test_partitioned_model_matches(tmp_path, tiny_loaded, reference_artifact, ra
     art = load_artifact(str(tmp_path / "a"))
     assert len(art.devices) == 2
     for prompt in ([5, 17, 99, 3], [200, 1, 2]):
-        a, b = art.new_session(), reference_artifact.new_session()
+        a, b = art.new_session(), tiny_reference.new_session()
         _, ha = a.prefill(prompt)
         _, hb = b.prefill(prompt)
         np.testing.assert_allclose(ha.numpy(), hb.numpy(), rtol=1e-5, atol=1e-6)
@@ -192,7 +179,7 @@ def test_partitioned_model_matches(tmp_path, tiny_loaded, reference_artifact, ra
         assert np.abs(la.numpy() - ref).max() / np.abs(ref).max() < 1e-5
         del parents
         assert generate(art, prompt, 16, False).ids == \
-            generate(reference_artifact, prompt, 16, False).ids
+            generate(tiny_reference, prompt, 16, False).ids
 
 
 def test_partition_imported_torch_block():
