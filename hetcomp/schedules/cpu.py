@@ -270,13 +270,19 @@ class ElementwiseRule(_BASE):
         out = func.params[-1]  # PrimFunc params carry their shapes
         threads = len(out.shape) == 2 and _worth_parallel(out)
         blocks = sch.get_child_blocks(sch.get_sblock("root"))
-        for blk in blocks:
-            loops = sch.get_loops(blk)
-            outer, inner = sch.split(loops[-1], [None, 16])
-            sch.vectorize(inner)
-            if threads:
-                sch.parallel(sch.fuse(*loops[:-1], outer) if len(loops) > 1 else outer)
-        return sch
+        return _vectorize_rows(sch, blocks, threads)
+
+
+def _vectorize_rows(sch, blocks, threads: bool):
+    """The elementwise schedule: the innermost loop in 16-lane vectors, the rest fused and (when
+    ``threads``) in parallel."""
+    for blk in blocks:
+        loops = sch.get_loops(blk)
+        outer, inner = sch.split(loops[-1], [None, 16])
+        sch.vectorize(inner)
+        if threads:
+            sch.parallel(sch.fuse(*loops[:-1], outer) if len(loops) > 1 else outer)
+    return sch
 
 
 class InjectiveRule(_BASE):
@@ -296,13 +302,7 @@ class InjectiveRule(_BASE):
                 iv.iter_type == 0 for b in blocks for iv in sch.get(b).iter_vars):
             return None
         threads = _worth_parallel(out)
-        for blk in blocks:
-            loops = sch.get_loops(blk)
-            outer, inner = sch.split(loops[-1], [None, 16])
-            sch.vectorize(inner)
-            if threads:
-                sch.parallel(sch.fuse(*loops[:-1], outer) if len(loops) > 1 else outer)
-        return sch
+        return _vectorize_rows(sch, blocks, threads)
 
 
 class AsWrittenRule(_BASE):
