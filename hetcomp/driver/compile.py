@@ -26,7 +26,7 @@ from ..frontend.llama import NUM_INPUTS, build_module, medusa_param_specs
 from ..frontend.tokenizer import TokenizerInfo
 from ..frontend.weights import WEIGHT_DTYPES, pack_weights, param_from_recipe, param_specs
 from ..hardware import DEFAULT_CUDA_ARCH, ORIN_NX_CPU, SPECS, DeviceSpec, target_dict
-from ..passes.partition_hetero import PARAM_SPLIT_ATTR, PartitionHetero, plan_vdevices
+from ..passes.partition_hetero import PARAM_SPLIT_ATTR
 from ..planner import PlannerOptions, UnitModel, plan
 from ..profile.bandwidth import measure_read_bandwidth
 from ..profile.units import detect_unit
@@ -157,7 +157,7 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
     recipes = {name: {"weight": name} for name, _, _ in param_specs(cfg, opts.dtype)}
     placement = {}
     if opts.plan is not None:
-        placement, recipes = _split_params(opts.plan, mod, cfg, opts.dtype)
+        placement, recipes = _split_params(scheduled[0], cfg, opts.dtype)
     model_params = list(recipes)
     functions = {"prefill": model_params, "verify": model_params, "commit": []}
     functions.update({f"verify_w{w}": model_params for w in widths})
@@ -269,15 +269,14 @@ def _units(plan, target: str) -> list[dict]:
     return out
 
 
-def _split_params(plan, mod, cfg, dtype):
-    """The partitioned ``verify``'s parameters in order: the unit (vdevice index) each lives
-    on, and each one's recipe (packed weight and, for a slice, its column blocks per
-    ``hetcomp.param_split``)."""
-    mod = PartitionHetero(plan)(mod)  # the partitioned signature (the build ran its own)
+def _split_params(mod, cfg, dtype):
+    """The partitioned ``verify``'s parameters in order (``mod``: the module as the build
+    partitioned it): the unit (vdevice index) each lives on, and each one's recipe (packed
+    weight and, for a slice, its column blocks per ``hetcomp.param_split``)."""
     func = mod["verify"]
     split = json.loads(func.attrs[PARAM_SPLIT_ATTR]) if PARAM_SPLIT_ATTR in func.attrs else {}
     by_var = {name.replace(".", "_"): name for name, _, _ in param_specs(cfg, dtype)}
-    vdevs = plan_vdevices(plan)
+    vdevs = list(mod.global_infos["vdevice"])
     units, recipes = {}, {}
     for p in func.params[NUM_INPUTS:]:
         if p.name in split:
