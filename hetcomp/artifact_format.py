@@ -87,14 +87,20 @@ def read_manifest(path: str) -> dict:
     return manifest
 
 
-def is_artifact(path: str) -> bool:
-    """True when ``path`` holds an artifact manifest (checked or not: a damaged artifact may
+def holds_format(path: str, name: str, fmt: str) -> bool:
+    """True when the folder ``path`` has a JSON file ``name`` whose ``format`` is ``fmt``: how
+    an output recognises an earlier output of its kind (checked or not: a damaged one may
     still be replaced by a new one)."""
     try:
-        with open(os.path.join(path, "manifest.json")) as fh:
-            return json.load(fh).get("format") == FORMAT
+        with open(os.path.join(path, name)) as fh:
+            return json.load(fh).get("format") == fmt
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def is_artifact(path: str) -> bool:
+    """True when ``path`` holds an artifact manifest."""
+    return holds_format(path, "manifest.json", FORMAT)
 
 
 def _first_line(e: Exception) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 
 from .errors import HetcompError
@@ -93,6 +92,7 @@ def cmd_attach_weights(args) -> int:
 def cmd_generate(args) -> int:
     from .driver.text import generate
     from .runtime import load_artifact
+    from .runtime.unit_time import peak_rss_mb
 
     if args.chat and args.prompt is None:
         raise HetcompError("--chat needs --prompt")
@@ -152,7 +152,6 @@ def cmd_bench(args) -> int:
                    new_tokens=args.new_tokens, prompts=args.prompts, rounds=args.rounds,
                    lookup=args.lookup, kernels=args.kernels, plot=args.plot,
                    verify=not args.no_verify)
-    report["peak_rss_mb"] = peak_rss_mb()
     if args.json:
         print(json.dumps(report))
         return 0
@@ -235,11 +234,6 @@ def cmd_inspect(args) -> int:
         print(f"{k['function']:12s} {k['name']:34s} {k['unit']:6s} {k['rule'] or '(none)':26s} "
               f"{pred:>12s} {k['calls']:5d}")
     return 0
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory so far, MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class _Parser(argparse.ArgumentParser):

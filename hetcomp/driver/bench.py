@@ -11,7 +11,7 @@ from ..errors import HetcompError
 from ..profile.bandwidth import measure_read_bandwidth
 from ..runtime import generate, load_artifact
 from ..runtime.generate import auto_lookup
-from ..runtime.unit_time import kernel_breakdown, step_breakdown
+from ..runtime.unit_time import kernel_breakdown, peak_rss_mb, step_breakdown
 from .calibrate import heldout_prompts
 
 BENCH_PROMPTS = [
@@ -203,4 +203,5 @@ def bench(artifact: str, widths: list[int] | None = None, runs: int = 5, new_tok
         plot = plot or os.path.join(art.path, "bench_widths.png")
         plot_widths(rows, plot, f"{art.manifest['model']} ({art.dtype}): speculative decoding")
         report["plot"] = plot
+    report["peak_rss_mb"] = peak_rss_mb()
     return report

@@ -87,11 +87,8 @@ class Chat:
         ids = self.prompt_ids(text)
         gen = Generation(self.art, ids, max_new_tokens=self.max_new_tokens, width=self.width,
                          lookup=self.lookup, session=self.session)
-        stream = TextStream(self.art.tokenizer)
-        for new in gen:
-            piece = stream.push(new)
-            if piece:
-                yield piece
-        self.last, self.last_prefilled = gen.result(), gen.prefilled
+        reply = TextGeneration(gen, self.art.tokenizer)
+        yield from reply
+        self.last, self.last_prefilled = reply.result, gen.prefilled
         self.messages += [{"role": "user", "content": text},
                           {"role": "assistant", "content": self.last.text}]

@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import _tvm
 from .._tvm import compiler
-from ..artifact_format import output_dir
+from ..artifact_format import holds_format, output_dir
 from ..codegen.build import schedule_module
 from ..cost.roofline import dtype_bytes, linear_features
 from ..cost.xgb import fit_unit
@@ -200,11 +200,7 @@ def tune_command(model: str = "smollm2", units=("cpu",), out_dir: str = "tune",
 
 def is_tune_dir(path: str) -> bool:
     """True when ``path`` is a folder `hetcomp tune` wrote (its plan.json)."""
-    try:
-        with open(os.path.join(path, "plan.json")) as fh:
-            return json.load(fh).get("format") == PLAN_FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+    return holds_format(path, "plan.json", PLAN_FORMAT)
 
 
 def _tune(out_dir, shape, key, model, present, spec, quick, cache_len, heads, progress,

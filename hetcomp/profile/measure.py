@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 from .. import _tvm
-from ..artifact_format import output_dir
+from ..artifact_format import holds_format, output_dir
 from ..cost.roofline import (
     LINEAR_KINDS,
     Features,
@@ -392,10 +392,7 @@ def build_probe_library(unit_name: str, target: dict, kernels: dict[str, Callabl
 
 def is_kit(path: str) -> bool:
     """True when ``path`` holds a profile kit (``kit.json`` of :data:`KIT_FORMAT`)."""
-    try:
-        return read_kit(path) is not None
-    except HetcompError:
-        return False
+    return holds_format(path, "kit.json", KIT_FORMAT)
 
 
 def build_kit(out_dir: str, units: Iterable[str], shape: ModelShape, model: str,

@@ -12,6 +12,7 @@ TVM runtime only (``VirtualMachine.set_instrument``).
 
 from __future__ import annotations
 
+import resource
 import time
 
 import numpy as np
@@ -123,3 +124,8 @@ def step_breakdown(art, width: int = 1, steps: int = 8, cache_len: int = 64) -> 
     return {"width": width, "step_s": step_s, "busy_s": busy,
             # VM bookkeeping ("host": allocations, shapes) is instrument overhead, not work.
             "serial_s": sum(t for u, t in busy.items() if u != "host"), "calls": calls}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
