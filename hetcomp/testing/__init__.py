@@ -12,6 +12,7 @@ from tokenizers.pre_tokenizers import ByteLevel
 from ..driver.compile import CompileOptions, compile_model
 from ..frontend.config import LlamaConfig
 from ..frontend.weights import random_weights
+from ..runtime.generate import generate
 
 TINY = LlamaConfig(hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
                    num_kv_heads=2, vocab_size=320, max_context=128, rope_theta=10000.0)
@@ -76,3 +77,26 @@ def assert_one_line_error(rc, err, needle=""):
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1, err
     assert "Traceback" not in err and needle in lines[0], err
+
+
+# A 4-node tree (root, two children, a grandchild) verified after a prompt.
+_TREE_MASK = np.array([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]])
+_TREE_DEPTHS = np.array([0, 1, 1, 2])
+
+
+def assert_matches_reference(art, reference, prompt: list[int], new_tokens: int = 12):
+    """``art`` (a partitioned build, say) computes what ``reference`` does: prefill hidden
+    states (rtol 1e-5), logits of a 4-node tree verify (relative error < 1e-5) and identical
+    greedy generation. Returns ``art``'s session after the verify."""
+    a, b = art.new_session(), reference.new_session()
+    _, ha = a.prefill(prompt)
+    _, hb = b.prefill(prompt)
+    np.testing.assert_allclose(ha.numpy(), hb.numpy(), rtol=1e-5, atol=1e-6)
+    pos = _TREE_DEPTHS + len(prompt)
+    _, _, la = a.verify([7, 8, 9, 10], pos, _TREE_MASK)
+    _, _, lb = b.verify([7, 8, 9, 10], pos, _TREE_MASK)
+    ref = lb.numpy()
+    assert np.abs(la.numpy() - ref).max() / np.abs(ref).max() < 1e-5
+    assert (generate(art, prompt, new_tokens, False).ids
+            == generate(reference, prompt, new_tokens, False).ids)
+    return a

@@ -7,6 +7,13 @@ import os
 
 from ..frontend import default_gguf_path
 
+# Chat prompts the real-model tests compare greedy ids on.
+CHAT_PROMPTS = [
+    "What is the capital of France?",
+    "Give me two tips for sleeping better.",
+    "Write a haiku about autumn leaves.",
+]
+
 
 def transformers_smollm2():
     """``(tokenizer, model)`` read by transformers from the packaged GGUF, float32, eval."""

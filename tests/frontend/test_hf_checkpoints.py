@@ -20,12 +20,8 @@ from hetcomp.frontend.tokenizer import TokenizerInfo, build_tokenizer
 from hetcomp.frontend.weights import random_weights
 from hetcomp.testing import TINY, assert_one_line_error, byte_tokenizer_spec, run_cli
 from hetcomp.testing.gguf_writer import write_gguf
+from hetcomp.testing.reference import CHAT_PROMPTS
 
-CHAT_PROMPTS = [
-    "What is the capital of France?",
-    "Give me two tips for sleeping better.",
-    "Write a haiku about autumn leaves.",
-]
 TEXTS = [
     "Hello, world! 12345 The quick brown fox.",
     "I'm   here\n\nnewline  tabs\tok, don't we'll they've",

@@ -6,12 +6,8 @@ import pytest
 
 from hetcomp.runtime import generate, load_artifact
 from hetcomp.testing import numpy_llama as ref
+from hetcomp.testing.reference import CHAT_PROMPTS
 
-CHAT_PROMPTS = [
-    "What is the capital of France?",
-    "Give me two tips for sleeping better.",
-    "Write a haiku about autumn leaves.",
-]
 TEXTS = [
     "Hello, world! 12345 The quick brown fox.",
     "I'm   here\n\nnewline  tabs\tok, don't we'll they've",
