@@ -39,6 +39,11 @@ def test_inspect_lists_every_kernel_with_its_rule_and_prediction(default_artifac
     kernels = json.loads(out)["kernels"]
     w16 = [k for k in kernels if k["function"] == "verify_w16"]
     assert {k["rule"] for k in w16} >= {"cpu.Linear", "cpu.Attention", "cpu.Rowwise"}
+    # `hetcomp compile` puts the tensorized sparse tree-attention kernel in every wide verify
+    # (the x86 rule on this host) beside the dense part and the merge.
+    assert ("sparse_tree_attention", "x86.SparseTreeAttention") in {
+        (k["name"], k["rule"]) for k in w16}
+    assert {"attention_dense_w16", "attention_merge_w16"} <= {k["name"] for k in w16}
     assert set(k) == {"function", "name", "unit", "rule", "predicted_us", "calls"} \
         if (k := w16[0]) else False
     linear = [k for k in w16 if k["rule"] == "cpu.Linear"]
