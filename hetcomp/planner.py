@@ -18,10 +18,11 @@ Step-time model (one ``verify`` call, plus the Medusa draft call when W > 1):
 - Linear layers split by output columns (fractions in steps of ``1/ratio_steps``, whole pack
   blocks); each linear kind's split is chosen independently (op times add). Attention has a
   dense part (tree queries vs the committed cache) and a sparse part (tree vs tree under the
-  mask), each placed on a unit; split across units they also pay the online-softmax merge.
-  On one unit the two parts are the fused kernel. No dense-only kernel exists yet, so a
-  measured unit's dense-part cost is its fused-kernel model at the dense part's features
-  (keys = cache length, no mask).
+  mask, its cost set by the tree's ancestor count), each placed on a unit, and their
+  log-sum-exp merge on the host: the kernels verify runs at that width
+  (:func:`hetcomp.decoder.attention_kernels`), each costed by its own op-class model. The
+  narrowest widths run the fused masked kernel instead, with the cache on the dense unit.
+  Only tree-sized values cross: q/K/V rows in, each part's output with its log-sum-exp out.
 - Everything else (norms, RoPE, SiLU, embedding, argmax) runs on the host unit.
 
 Pure Python and numpy: this module imports nothing from TVM, directly or indirectly.
@@ -43,8 +44,6 @@ from .cost.roofline import (
     ModelShape,
     RooflineCost,
     StepOp,
-    attention_features,
-    copy_features,
     draft_step,
     linear_features,
     model_step,
@@ -343,54 +342,63 @@ class _StepModel:
                                          key=lambda x: x[0])
         return self._split_cache[key]
 
-    def attention_time(self, w: int, cache_len: int, dense: str, sparse: str) -> float:
+    def attention_time(self, parts: Mapping[str, Features], dense: str, sparse: str) -> float:
+        """One layer's attention with the dense part (and the KV cache) on unit ``dense`` and
+        the sparse part on ``sparse``; ``parts``: the layer's attention kernels
+        (:func:`~hetcomp.cost.roofline.layer_attention`)."""
         by_name = {u.name: u for u in self.units}
         ud, us = by_name[dense], by_name[sparse]
-        out = _F32 * w * self.shape.heads * self.shape.head_dim
+        feat = next(iter(parts.values()))
+        w, h, d = feat.w, self.shape.heads, self.shape.head_dim
         q_kv = _F32 * w * self.shape.qkv_size
-        if dense == sparse:
-            return ud.cost(attention_features(self.shape, w, cache_len)) + self._sync(ud, q_kv, out)
-        parts = [(ud, attention_features(self.shape, w, cache_len, tree=False)),
-                 (us, attention_features(self.shape, w, 0))]
-        # Online-softmax merge of the two partial outputs (+ log-sum-exp) on the host.
-        merge = self.host.cost(copy_features(w, 2 * self.shape.heads * (self.shape.head_dim + 1)))
-        sync = max(self._sync(ud, q_kv, out), self._sync(us, q_kv, out))
-        return self._together(parts) + merge + sync
+        if "attention" in parts:  # the fused kernel runs with the cache
+            return ud.cost(parts["attention"]) + self._sync(ud, q_kv, _F32 * w * h * d)
+        fd, fs = parts["attention_dense"], parts["attention_sparse"]
+        partial = _F32 * w * h * (d + 1)  # a part's output with its log-sum-exp
+        merge = self.host.cost(parts["attention_merge"])
+        if ud is us:
+            return ud.cost(fd) + ud.cost(fs) + merge + self._sync(ud, q_kv, 2 * partial)
+        sync = max(self._sync(ud, q_kv, partial), self._sync(us, q_kv, partial))
+        return self._together([(ud, fd), (us, fs)]) + merge + sync
 
-    def best_attention(self, w: int, cache_len: int) -> tuple[float, tuple[tuple[str, str], ...]]:
+    def best_attention(self, parts: Mapping[str, Features]
+                       ) -> tuple[float, tuple[tuple[str, str], ...]]:
         names = [u.name for u in self.units]
-        return min(((self.attention_time(w, cache_len, d, s), (("dense", d), ("sparse", s)))
+        return min(((self.attention_time(parts, d, s), (("dense", d), ("sparse", s)))
                     for d, s in itertools.product(names, names)), key=lambda x: x[0])
 
     # ---- one step ---------------------------------------------------------------------------
 
     def step(self, w: int, cache_len: int, draft: DraftShape | None = None,
              split: Mapping[str, Split] | None = None,
-             attention: tuple[tuple[str, str], ...] | None = None) -> WidthChoice:
-        """Best (or, with ``split``/``attention`` given, fixed) choices at width ``w``."""
-        ops: list[StepOp] = model_step(self.shape, w, cache_len)
+             attention: tuple[tuple[str, str], ...] | None = None,
+             nnz: int | None = None) -> WidthChoice:
+        """Best (or, with ``split``/``attention`` given, fixed) choices at width ``w``;
+        ``nnz``: the tree's ancestor-mask non-zeros (None: an estimate)."""
+        ops: list[StepOp] = model_step(self.shape, w, cache_len, nnz)
         if w > 1 and draft is not None:
             ops += draft_step(self.shape, draft)
+        # The attention kernels are placed and costed together, as one "attention" op.
+        attn = {op.name: op.features for op in ops if op.split == "attention"}
+        layers = next(op.count for op in ops if op.split == "attention")
+        ops = [op for op in ops if op.split != "attention"]
         chosen: dict[str, Split] = dict(split or {})
-        placed = attention
-        total, breakdown = 0.0, {}
+        placed = attention or self.best_attention(attn)[1]
+        pl = dict(placed)
+        t = self.attention_time(attn, pl["dense"], pl["sparse"])
+        breakdown, total = {"attention": layers * t}, layers * t
         for op in ops:
             if op.split in LINEAR_KINDS:
                 rows = op.features.w
                 if op.split not in chosen:
                     chosen[op.split] = self.best_split(op.split, rows)[1]
                 t = self.linear_time(op.split, rows, chosen[op.split])
-            elif op.split == "attention":
-                if placed is None:
-                    placed = self.best_attention(w, cache_len)[1]
-                pl = dict(placed)
-                t = self.attention_time(w, cache_len, pl["dense"], pl["sparse"])
             else:
                 t = self.host.cost(op.features)
             breakdown[op.name] = breakdown.get(op.name, 0.0) + op.count * t
             total += op.count * t
-        return WidthChoice(w, 1.0, total, tuple(sorted(chosen.items())),
-                           tuple(placed or ()), tuple(breakdown.items()))
+        return WidthChoice(w, 1.0, total, tuple(sorted(chosen.items())), tuple(placed),
+                           tuple(breakdown.items()))
 
 
 def tau_table(widths: Sequence[int], rank_probs=None, tau: Mapping[int, float] | None = None,
@@ -434,7 +442,8 @@ def plan(shape: ModelShape, units: Sequence[UnitModel], rank_probs=None,
     sm = _StepModel(shape, units, options.ratio_steps, options.contention)
     cands = []
     for w in options.widths:
-        c = sm.step(w, options.cache_len, options.draft(draft))
+        nnz = int(trees[w].mask().sum()) if w in trees else None
+        c = sm.step(w, options.cache_len, options.draft(draft), nnz=nnz)
         cands.append(dataclasses.replace(c, tau=taus[w]))
     best = max(cands, key=lambda c: (c.tokens_per_s, -c.width))
     notes = ("estimate from datasheet specs (roofline), not measured"
@@ -496,14 +505,16 @@ def predict_step_time(plan_or_units: Plan | Sequence[UnitModel], w: int, cache_l
                       shape: ModelShape, units: Sequence[UnitModel] | None = None,
                       draft: DraftShape | None = None, ratio_steps: int = 32,
                       split: Mapping[str, Split] | None = None,
-                      attention: tuple[tuple[str, str], ...] | None = None) -> float:
+                      attention: tuple[tuple[str, str], ...] | None = None,
+                      nnz: int | None = None) -> float:
     """Predicted seconds of one ``verify`` call of ``w`` tree nodes after ``cache_len`` tokens.
 
     With a :class:`Plan`, its decisions at width ``w`` (or its chosen ones, if ``w`` is not a
     candidate) are costed with ``units`` (the plan's units, in order). With a sequence of
     units, the best split and placement for ``w`` are found first. ``draft`` adds the Medusa
     draft call (at ``w > 1``). With a sequence of units, ``split`` (per linear kind) and
-    ``attention`` fix those decisions instead (a partition compiled by hand).
+    ``attention`` fix those decisions instead (a partition compiled by hand). ``nnz``: the
+    tree's ancestor-mask non-zeros (None: the plan's tree at its width, else an estimate).
     """
     if isinstance(plan_or_units, Plan):
         p = plan_or_units
@@ -517,10 +528,12 @@ def predict_step_time(plan_or_units: Plan | Sequence[UnitModel], w: int, cache_l
             split, attention = dict(c.split), c.attention
         except KeyError:
             split, attention = dict(p.split), p.attention
+        if nnz is None and p.tree is not None and p.tree.width == w:
+            nnz = int(p.tree.mask().sum())
         return _StepModel(shape, units, ratio_steps).step(w, cache_len, draft, split,
-                                                          attention).step_s
+                                                          attention, nnz).step_s
     return _StepModel(shape, list(plan_or_units), ratio_steps).step(
-        w, cache_len, draft, split, attention).step_s
+        w, cache_len, draft, split, attention, nnz).step_s
 
 
 def plot_plans(plans: Sequence[Plan], path: str, title: str = "") -> None:

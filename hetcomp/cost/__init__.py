@@ -13,8 +13,9 @@ from .roofline import (
                        ModelShape,
                        RooflineCost,
                        StepOp,
+                       layer_attention,
                        model_step,
 )
 
 __all__ = ["FEATURE_NAMES", "LINEAR_KINDS", "OP_CLASSES", "Features", "ModelShape",
-           "RooflineCost", "StepOp", "model_step"]
+           "RooflineCost", "StepOp", "layer_attention", "model_step"]

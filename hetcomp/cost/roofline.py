@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..decoder import FUSED_WIDTHS, LINEAR_KINDS, attention_kernels, estimated_tree_nnz
 from ..hardware import DeviceSpec
 
-OP_CLASSES = ("linear", "attention", "rms_norm", "rope", "elementwise", "embed", "argmax",
-              "copy")
-LINEAR_KINDS = ("qkv", "o", "gate_up", "down", "lm_head")
+#: Op classes, each with its own cost model per unit: the three kernels of split attention
+#: scale differently (cache length, ancestor count, rows) from the fused one.
+OP_CLASSES = ("linear", "attention", "attention_dense", "attention_sparse", "attention_merge",
+              "rms_norm", "rope", "elementwise", "embed", "argmax", "copy")
 FEATURE_NAMES = ("flops", "bytes", "w", "n", "k", "r", "corun", "cache_len")
 _F32 = 4
 
@@ -127,20 +129,57 @@ def linear_features(shape: ModelShape, kind: str, w: int, r: float = 1.0,
     return Features("linear", kind, w, n, k, n / full, 0, corun, flops, nbytes)
 
 
-def attention_features(shape: ModelShape, w: int, cache_len: int, corun: bool = False,
-                       tree: bool = True) -> Features:
-    """Attention of ``w`` tree queries over ``cache_len`` committed keys (+ the tree's keys).
-
-    The fused kernel (``tree=True``) reads the cache and the tree; ``cache_len = 0`` is the
-    sparse part alone (tree vs tree under the mask) and ``tree=False`` the dense part alone
-    (tree queries vs the cache). ``n`` is the number of keys.
-    """
+def attention_features(shape: ModelShape, w: int, cache_len: int, corun: bool = False
+                       ) -> Features:
+    """The fused masked kernel: ``w`` tree queries over ``cache_len`` committed keys and the
+    ``w`` tree keys under the ancestor mask (every tree key is scored). ``n``: keys."""
     h, g, d = shape.heads, shape.kv_heads, shape.head_dim
-    keys = cache_len + (w if tree else 0)
+    keys = cache_len + w
     flops = 4.0 * h * w * keys * d + 5.0 * h * w * keys
-    nbytes = _F32 * (2 * g * d * keys + 2 * h * w * d + (w * w if tree else 0))
-    kind = "sparse" if cache_len == 0 else ("attention" if tree else "dense")
-    return Features("attention", kind, w, keys, d, 1.0, cache_len, corun, flops, nbytes)
+    nbytes = _F32 * (2 * g * d * keys + 2 * h * w * d + w * w)
+    return Features("attention", "fused", w, keys, d, 1.0, cache_len, corun, flops, nbytes)
+
+
+def dense_attention_features(shape: ModelShape, w: int, cache_len: int,
+                             corun: bool = False) -> Features:
+    """The dense part: ``w`` tree queries over the ``cache_len`` committed keys, no mask; its
+    output is a partial ``[w, H, D + 1]`` (with the log-sum-exp)."""
+    h, g, d = shape.heads, shape.kv_heads, shape.head_dim
+    flops = 4.0 * h * w * cache_len * d + 5.0 * h * w * cache_len
+    nbytes = _F32 * (2 * g * d * cache_len + h * w * d + h * w * (d + 1))
+    return Features("attention_dense", "dense", w, cache_len, d, 1.0, cache_len, corun, flops,
+                    nbytes)
+
+
+def sparse_attention_features(shape: ModelShape, w: int, nnz: int,
+                              corun: bool = False) -> Features:
+    """The sparse part: each of ``w`` tree rows against its ancestors and itself, ``nnz``
+    (row, key) pairs in all (the CSR's length); ``n``: ``nnz``. It reads the tree's q, K and
+    V rows and the CSR, and writes a partial ``[w, H, D + 1]``."""
+    h, g, d = shape.heads, shape.kv_heads, shape.head_dim
+    flops = 4.0 * h * nnz * d + 5.0 * h * nnz
+    nbytes = _F32 * (h * w * d + 2 * g * w * d + h * w * (d + 1)) + 4 * (w + 1 + nnz)
+    return Features("attention_sparse", "sparse", w, nnz, d, 1.0, 0, corun, flops, nbytes)
+
+
+def merge_features(shape: ModelShape, w: int, corun: bool = False) -> Features:
+    """The exact log-sum-exp merge of the two partials into ``[w, H, D]``."""
+    h, d = shape.heads, shape.head_dim
+    return Features("attention_merge", "merge", w, h * d, 0, 1.0, 0, corun,
+                    w * h * (3.0 * d + 10.0), _F32 * (2 * w * h * (d + 1) + w * h * d))
+
+
+def layer_attention(shape: ModelShape, w: int, cache_len: int, nnz: int | None = None,
+                    fused_widths: tuple[int, ...] = FUSED_WIDTHS) -> dict[str, Features]:
+    """The attention kernels one layer of a verify step runs
+    (:func:`hetcomp.decoder.attention_kernels`), name -> features; ``nnz``: the tree's mask
+    non-zeros (None: :func:`~hetcomp.decoder.estimated_tree_nnz`)."""
+    nnz = estimated_tree_nnz(w) if nnz is None else nnz
+    build = {"attention": lambda: attention_features(shape, w, cache_len),
+             "attention_dense": lambda: dense_attention_features(shape, w, cache_len),
+             "attention_sparse": lambda: sparse_attention_features(shape, w, nnz),
+             "attention_merge": lambda: merge_features(shape, w)}
+    return {name: build[name]() for name in attention_kernels(w, fused_widths)}
 
 
 def rms_norm_features(shape: ModelShape, w: int, corun: bool = False) -> Features:
@@ -196,9 +235,9 @@ def copy_features(w: int, n: int, corun: bool = False) -> Features:
 def kernel_features(shape: ModelShape, op: dict) -> Features:
     """Features of one compiled kernel from its description (``AnnotateCost``'s
     :func:`~hetcomp.passes.annotate_cost.op_description`: op kind, rows ``w``, ``cache_len``,
-    linear ``n``/``k``/``residual``, attention ``part``, and ``io_bytes``, the bytes of its
-    buffers at that width). Kernels without a model of their own (elementwise, commit, merge)
-    cost what they read and write."""
+    linear ``n``/``k``/``residual``, attention ``part``, the tree's ``nnz`` if known, and
+    ``io_bytes``, the bytes of its buffers at that width). Kernels without a model of their
+    own (elementwise, commit) cost what they read and write."""
     kind, w, cache_len = op["op_kind"], int(op["w"]), int(op.get("cache_len", 0))
     if kind == "linear":
         n, k, residual = int(op["n"]), int(op["k"]), bool(op.get("residual", 0))
@@ -206,10 +245,12 @@ def kernel_features(shape: ModelShape, op: dict) -> Features:
         nbytes = n * k * shape.weight_bytes + _F32 * (w * k + w * n * (2 if residual else 1))
         return Features("linear", "linear", w, n, k, 1.0, 0, False, flops, nbytes)
     if kind == "attention":
-        return attention_features(shape, w, cache_len)
-    if kind == "attention_part":
-        return (attention_features(shape, w, 0) if op.get("part") == "tree"
-                else attention_features(shape, w, cache_len, tree=False))
+        return (dense_attention_features(shape, w, cache_len) if op.get("part") == "dense"
+                else attention_features(shape, w, cache_len))
+    if kind == "sparse_tree_attention":  # hetcomp.kernels.sparse_attention.SPARSE_KIND
+        return sparse_attention_features(shape, w, int(op.get("nnz") or estimated_tree_nnz(w)))
+    if kind == "attention_merge":
+        return merge_features(shape, w)
     simple = {"rope": rope_features, "rms_norm": rms_norm_features, "embed": embed_features,
               "argmax": argmax_features}
     if kind in simple:
@@ -232,16 +273,22 @@ class StepOp:
     split: str = ""
 
 
-def model_step(shape: ModelShape, w: int, cache_len: int) -> list[StepOp]:
-    """The kernels of one ``verify`` call with ``w`` tree nodes after ``cache_len`` tokens."""
+def model_step(shape: ModelShape, w: int, cache_len: int, nnz: int | None = None
+               ) -> list[StepOp]:
+    """The kernels of one ``verify`` call with ``w`` tree nodes after ``cache_len`` tokens
+    (``nnz``: the tree's mask non-zeros, for the sparse attention part). The attention
+    kernels (:func:`layer_attention`) carry ``split="attention"``: the planner places them
+    together."""
     nl = shape.layers
+    attention = [StepOp(name, feat, nl, "attention")
+                 for name, feat in layer_attention(shape, w, cache_len, nnz).items()]
     return [
         StepOp("embed", embed_features(shape, w), 1),
         StepOp("rope_table", rope_table_features(shape, w), 1),
         StepOp("rms_norm", rms_norm_features(shape, w), 2 * nl + 1),
         StepOp("qkv", linear_features(shape, "qkv", w), nl, "qkv"),
         StepOp("rope", rope_features(shape, w), nl),
-        StepOp("attention", attention_features(shape, w, cache_len), nl, "attention"),
+        *attention,
         StepOp("o", linear_features(shape, "o", w), nl, "o"),
         StepOp("gate_up", linear_features(shape, "gate_up", w), nl, "gate_up"),
         StepOp("silu_mul", silu_mul_features(shape, w), nl),
@@ -305,7 +352,8 @@ class RooflineCost:
     predict = __call__
 
 
-def roofline_step_time(shape: ModelShape, spec: DeviceSpec, w: int, cache_len: int) -> float:
+def roofline_step_time(shape: ModelShape, spec: DeviceSpec, w: int, cache_len: int,
+                       nnz: int | None = None) -> float:
     """Roofline time of one ``verify`` call run entirely on one unit."""
     cost = RooflineCost(spec)
-    return sum(op.count * cost(op.features) for op in model_step(shape, w, cache_len))
+    return sum(op.count * cost(op.features) for op in model_step(shape, w, cache_len, nnz))

@@ -133,7 +133,7 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
                    else target_dict(opts.target, opts.cuda_arch))
     target = compiler().Target(target_spec)
     width, width_source = _default_width(opts, cfg, heads, draft_dtype)
-    cost = _cost_models(opts, cfg, width)
+    cost = _cost_models(opts, cfg, width, heads)
     cost_source = cost.pop("source") if cost else None
     scheduled: list = []
     if opts.plan is not None:
@@ -337,12 +337,15 @@ def target_roofline(target: str) -> DeviceSpec | None:
     return None
 
 
-def _cost_models(opts: CompileOptions, cfg, width: int) -> dict | None:
+def _cost_models(opts: CompileOptions, cfg, width: int, heads=None) -> dict | None:
     """AnnotateCost's arguments (``{"cost_fn", "units", "width", "cache_len"}``, costed at
     the artifact's default width), with where each unit's model comes from (``"source"``,
     popped by the caller): the cost models `tune` fitted beside the plan, else the
-    roofline of each unit (the target's for single-unit builds); None without any."""
+    roofline of each unit (the target's for single-unit builds); None without any. The
+    sparse attention kernels are costed over the trees ``heads`` give at each width."""
     shape = ModelShape.from_config(cfg, opts.dtype)
+    nnz = {} if heads is None else {
+        w: int(build_tree(heads.rank_probs, w, heads.ranks).mask().sum()) for w in opts.widths}
     choice = opts.plan_choice or {}
     units = tuple(opts.plan.units) if opts.plan is not None else (
         "cuda" if opts.target == "cuda" else "cpu",)
@@ -361,7 +364,9 @@ def _cost_models(opts: CompileOptions, cfg, width: int) -> dict | None:
 
     def cost_fn(unit: str, op: dict) -> float:
         model = models.get(unit)
-        return float(model(kernel_features(shape, op))) if model is not None else float("nan")
+        if model is None:
+            return float("nan")
+        return float(model(kernel_features(shape, {"nnz": nnz.get(op["w"]), **op})))
 
     return {"cost_fn": cost_fn, "units": tuple(models), "width": width,
             "cache_len": min(256, opts.max_context // 2), "source": source}

@@ -13,8 +13,9 @@ cache_len: Shape[n], *params)``
     Attention per layer (:func:`_attention`): the dense part (tree queries against the cache,
     ``ops.attention(part="dense")``), the sparse part (each row against its CSR ancestors,
     ``sparse_attention.sparse_tree_attention``) and their exact log-sum-exp merge
-    (``ops.attention_merge``); widths in ``fused_widths`` run the fused masked kernel instead
-    (``ops.attention``), which reads the mask and ignores the CSR.
+    (``ops.attention_merge``); widths in ``fused_widths`` (:data:`hetcomp.decoder.FUSED_WIDTHS`,
+    measured faster there) run the fused masked kernel instead (``ops.attention``), which
+    reads the mask and ignores the CSR.
 ``prefill(tokens, positions, mask, k_cache, v_cache, cache_len, *params)``
     A causal mask over a prompt chunk (the fused kernel); returns the last row's logits and
     hidden state. Its slots are committed by construction (the identity path).
@@ -28,6 +29,7 @@ from __future__ import annotations
 import functools
 
 from .._tvm import compiler
+from ..decoder import FUSED_WIDTHS
 from ..kernels import ops, script_ops, sparse_attention
 from .config import LlamaConfig, kv_cache_shapes
 from .weights import param_specs
@@ -36,13 +38,6 @@ from .weights import param_specs
 #: v_cache, cache_len.
 NUM_INPUTS = 8
 PREFILL_INPUTS = 6  # prefill's: the same without the CSR tree
-#: Widths whose verify keeps the fused masked kernel, measured faster there than dense part +
-#: sparse part + merge (three launches a layer for a one- or two-node tree). SmolLM2-135M, cache
-#: 64, 1 thread, attention ms per step, best of 2 runs of min-of-15 (fused / split): W=1 0.325 /
-#: 0.388, W=2 0.412 / 0.463, W=4 0.571 / 0.541, W=8 0.855 / 0.847, W=16 1.39 / 1.36, W=32 3.02 /
-#: 2.47, W=64 7.68 / 4.63. W=4-16 tie within this machine's noise; the split serves them (and
-#: is what a partitioned plan places per unit).
-FUSED_WIDTHS = (1, 2)
 MEDUSA_TOPK = 10  # candidates per head the medusa function returns (the trees' rank bound)
 
 

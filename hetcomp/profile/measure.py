@@ -43,16 +43,21 @@ from ..cost.roofline import (
     argmax_features,
     attention_features,
     copy_features,
+    dense_attention_features,
     embed_features,
     linear_features,
+    merge_features,
     rms_norm_features,
     rope_features,
     rope_table_features,
     silu_mul_features,
+    sparse_attention_features,
     split_columns,
 )
+from ..decoder import FUSED_WIDTHS
 from ..errors import HetcompError
 from ..hardware import target_dict
+from ..speculative.tree import Tree
 from .db import Measurement, ProfileDB
 from .units import Unit, detect_unit
 
@@ -297,18 +302,7 @@ def plan_probes(shape: ModelShape, opts: ProfileOptions, wdtype: str = "float32"
                      1)),
              ("vc", ("rand", (s.layers, s.kv_heads, s.max_context, s.head_dim), "float32", 0.5,
                      1)))
-    probes = []
-    for cl in sorted({0, *opts.cache_lens}):
-        for w in ws:
-            if cl + w > s.max_context:
-                continue
-            f = kernel(f"attention_w{w}", ops.attention, s.heads, s.kv_heads, s.head_dim,
-                       s.layers, s.max_context, rows=w)
-            probes.append(Probe(f, attention_features(s, w, cl), (
-                ("rand", (s.heads, w, s.head_dim), "float32", 0.5, 1), ("shared", "kc"),
-                ("shared", "vc"), ("tril", w), ("mod", s.layers), ("int", cl),
-                ("zeros", (w, s.heads, s.head_dim), "float32"))))
-    groups.append(ProbeGroup("attention", tuple(probes), cache))
+    groups += attention_probes(s, opts, kernel, cache)
 
     f = kernel("rope_kv", script_ops.rope_kv, s.heads, s.kv_heads, s.head_dim, s.layers,
                s.max_context)
@@ -357,6 +351,66 @@ def plan_probes(shape: ModelShape, opts: ProfileOptions, wdtype: str = "float32"
                                  for n in (s.hidden, 2 * s.intermediate, s.vocab) for w in ws)),
     ]
     return groups, kernels
+
+
+def probe_tree(width: int) -> Tree:
+    """The tree the sparse-attention probes run: node i's parent is ``(i - 1) // 4``, 1-4
+    levels deep up to W = 64, as the Medusa trees the compiler builds (the features record
+    its mask non-zeros, so the cost model learns per ancestor count)."""
+    return Tree(tuple((i - 1) // 4 if i else -1 for i in range(width)), (-1,) * width,
+                (1.0,) * width)
+
+
+def attention_probes(s: ModelShape, opts: ProfileOptions, kernel, cache) -> list[ProbeGroup]:
+    """The attention kernels at the widths verify runs each (:mod:`hetcomp.decoder`): the
+    fused masked kernel at the fused widths, the dense part (per cache length), the sparse
+    part (over :func:`probe_tree`) and the merge at the others."""
+    from ..kernels import ops, sparse_attention
+
+    h, g, d, nl, c = s.heads, s.kv_heads, s.head_dim, s.layers, s.max_context
+
+    def q(w):
+        return ("rand", (h, w, d), "float32", 0.5, 1)
+
+    def part(w):  # a part's output with its log-sum-exp
+        return ("zeros", (w, h, d + 1), "float32")
+
+    fused = [w for w in opts.widths if w in FUSED_WIDTHS]
+    split = [w for w in opts.widths if w not in FUSED_WIDTHS]
+    fused_probes, dense_probes = [], []
+    for cl in sorted(opts.cache_lens):
+        for w in fused:
+            if cl + w <= c:
+                f = kernel(f"attention_w{w}", ops.attention, h, g, d, nl, c, rows=w)
+                fused_probes.append(Probe(f, attention_features(s, w, cl), (
+                    q(w), ("shared", "kc"), ("shared", "vc"), ("tril", w), ("mod", nl),
+                    ("int", cl), ("zeros", (w, h, d), "float32"))))
+        for w in split:
+            if cl + w <= c:
+                f = kernel(f"attention_dense_w{w}", ops.attention, h, g, d, nl, c, rows=w,
+                           part="dense")
+                dense_probes.append(Probe(f, dense_attention_features(s, w, cl), (
+                    q(w), ("shared", "kc"), ("shared", "vc"), ("mod", nl), ("int", cl),
+                    part(w))))
+    sparse = kernel("sparse_tree_attention", sparse_attention.sparse_tree_attention, h, g, d,
+                    nl, c)
+    merge = {w: kernel(f"attention_merge_w{w}", ops.attention_merge, h, d, rows=w)
+             for w in split}
+    tree_probes = []
+    for w in split:
+        nnz = int(probe_tree(w).mask().sum())
+        tree_probes.append(Probe(sparse, sparse_attention_features(s, w, nnz), (
+            q(w), ("rand", (g, w, d), "float32", 0.5, 1), ("shared", "vc"),
+            ("tree_csr", w, 0), ("tree_csr", w, 1), ("mod", nl), ("int", c // 2), part(w))))
+        tree_probes.append(Probe(merge[w], merge_features(s, w), (
+            ("rand", (w, h, d + 1), "float32", 0.5, 1), ("rand", (w, h, d + 1), "float32", 0.5, 1),
+            ("zeros", (w, h, d), "float32"))))
+    groups = [ProbeGroup("attention (fused)", tuple(fused_probes), cache)] if fused_probes else []
+    if dense_probes:
+        groups.append(ProbeGroup("attention dense part", tuple(dense_probes), cache))
+    if tree_probes:
+        groups.append(ProbeGroup("attention sparse part + merge", tuple(tree_probes), cache))
+    return groups
 
 
 # ---- kits: the probe kernels compiled for one unit ------------------------------------------
@@ -478,6 +532,8 @@ class _Runner:
             val = [self._tensor(np.tril(np.ones((spec[1], spec[1]), "int32")))]
         elif kind == "arange":
             val = [self._tensor(np.arange(spec[1], dtype="int32") + spec[2])]
+        elif kind == "tree_csr":  # (row_ptr, col_idx)[spec[2]] of probe_tree(spec[1])
+            val = [self._tensor(probe_tree(spec[1]).csr()[spec[2]])]
         elif kind == "randint":
             val = [self._tensor(self.rng.integers(0, spec[2], spec[1]).astype("int32"))
                    for _ in range(int(spec[3]))]

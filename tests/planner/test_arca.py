@@ -24,6 +24,7 @@ from hetcomp.cost.roofline import (
     split_columns,
 )
 from hetcomp.cost.xgb import UnitCostModel, fit_unit, mape
+from hetcomp.decoder import SPLIT_ATTENTION, estimated_tree_nnz
 from hetcomp.hardware import MEASURED, ORIN_NX_CPU, ORIN_NX_GPU, SPEC_ESTIMATE, DeviceSpec
 from hetcomp.planner import (
     Plan,
@@ -70,12 +71,20 @@ def test_roofline_memory_and_compute_bound():
     assert RooflineCost(spec)(comp) == pytest.approx(1e12 / 100e9 + 1e-6)
 
 
-def test_model_step_matches_llama_module():
-    ops_ = {op.name: op for op in model_step(SHAPE, 4, 100)}
+def test_model_step_attention_kernels_per_width():
+    ops_ = {op.name: op for op in model_step(SHAPE, 4, 100, nnz=9)}
     assert ops_["rms_norm"].count == 2 * SHAPE.layers + 1
     assert ops_["lm_head"].count == 1 and ops_["qkv"].count == SHAPE.layers
     assert ops_["qkv"].features.n == (4 + 2 * 2) * 64
-    assert ops_["attention"].features.n == 104  # cache + tree keys
+    # W = 4 splits attention: dense part over the cache, sparse part over the tree's mask
+    # non-zeros, merge; all placed together.
+    assert "attention" not in ops_
+    assert ops_["attention_dense"].features.n == 100
+    assert ops_["attention_sparse"].features.n == 9
+    assert {ops_[k].split for k in SPLIT_ATTENTION} == {"attention"}
+    fused = {op.name: op for op in model_step(SHAPE, 1, 100)}
+    assert fused["attention"].features.n == 101  # cache + the one tree key
+    assert not set(SPLIT_ATTENTION) & set(fused)
 
 
 # ---- units and specs ------------------------------------------------------------------------
@@ -210,7 +219,7 @@ def _linear_unit(name, per_column_s, attention=None, other=1e-6, **kw):
     def cost(feat):
         if feat.op == "linear":
             return per_column_s * feat.n
-        if feat.op == "attention" and attention is not None:
+        if feat.op in ("attention", *SPLIT_ATTENTION[:2]) and attention is not None:
             return attention(feat)
         return other
     return UnitModel(name, cost, **kw)
@@ -249,13 +258,13 @@ def test_shared_bandwidth_bounds_split():
 
 
 def test_attention_placement_known_optimum():
-    # B streams the cache twice as fast but pays 1 ms for any masked (tree) keys; the best
-    # placement is dense part on B, sparse part on A.
+    # B streams the cache twice as fast but pays 1 ms for any tree keys (the sparse part, or
+    # the fused kernel); the best placement is dense part on B, sparse part on A.
     def att_a(f):
         return 1e-6 * f.n
 
     def att_b(f):
-        return 0.5e-6 * f.n + (1e-3 if f.n > f.cache_len else 0.0)
+        return 0.5e-6 * f.n + (1e-3 if f.op != "attention_dense" else 0.0)
 
     a = _linear_unit("A", 1e-9, att_a)
     b = _linear_unit("B", 1e-9, att_b)
@@ -286,16 +295,20 @@ def test_link_costs_fit_round_trips():
 
 
 def test_width_choice_known_tau_and_step():
-    # Every op costs base * (1 + W / 16), so T_step(W) = S * (1 + W / 16).
+    # Every kernel call costs base * (1 + W / 16), so T_step(W) = calls(W) * base * (1 + W /
+    # 16); from W = 4 on, attention is three kernels a layer instead of one.
     base = 1e-4
     unit = UnitModel("cpu", lambda f: base * (1 + f.w / 16))
-    tau = {1: 1.0, 2: 1.5, 4: 1.9, 8: 2.2, 16: 2.6}
+    tau = {1: 1.0, 2: 1.5, 4: 2.1, 8: 2.2, 16: 2.6}
     p = plan(SHAPE, [unit], tau=tau, options=PlannerOptions(widths=tuple(tau)))
-    s = sum(op.count for op in model_step(SHAPE, 1, 256)) * base
-    best = max(tau, key=lambda w: tau[w] / (s * (1 + w / 16)))
+
+    def step(w):
+        return sum(op.count for op in model_step(SHAPE, w, 256)) * base * (1 + w / 16)
+
+    best = max(tau, key=lambda w: tau[w] / step(w))
     assert best == 4 and p.width == 4
-    assert p.step_s == pytest.approx(s * 1.25)
-    assert p.tokens_per_s == pytest.approx(1.9 / (s * 1.25))
+    assert p.step_s == pytest.approx(step(4))
+    assert p.tokens_per_s == pytest.approx(2.1 / step(4))
     assert p.source == MEASURED and p.units == ("cpu",)
     assert all(p.split_ratio(k) == {"cpu": 1.0} for k in LINEAR_KINDS)
     assert dict(p.attention) == {"dense": "cpu", "sparse": "cpu"}
@@ -523,3 +536,55 @@ def test_launch_probes_measure_the_synchronised_latency():
     assert launch_latency(rows) == pytest.approx(28e-6)
     assert launch_latency(rows[:1]) == 0.0  # older profiles: no launch probes
     assert launch_latency([row("batched", 30e-6), row("synced", 20e-6)]) == 0.0
+
+
+def test_attention_probes_measure_each_kernel_verify_runs():
+    """The profile measures the attention kernels verify runs at each width: the fused kernel
+    at the fused widths, dense part / sparse part / merge at the others, each its own op
+    class (the sparse part over a real tree, its mask non-zeros in the features)."""
+    from hetcomp.decoder import FUSED_WIDTHS
+    from hetcomp.profile.measure import (
+        ProfileOptions,
+        build_probe_library,
+        measure_groups,
+        plan_probes,
+        probe_tree,
+    )
+    from hetcomp.profile.units import detect_unit
+
+    tiny = ModelShape(hidden=64, intermediate=96, layers=2, heads=4, kv_heads=2, head_dim=16,
+                      vocab=320, max_context=128)
+    opts = dataclasses.replace(ProfileOptions.quick(), widths=(1, 8), cache_lens=(32,),
+                               corun=False)
+    groups, kernels = plan_probes(tiny, opts)
+    groups = [g for g in groups if g.desc.startswith("attention")]
+    used = {p.func for g in groups for p in g.probes}
+    lib = build_probe_library("cpu", {"kind": "llvm"}, {k: kernels[k] for k in used},
+                              progress=lambda s: None)
+    rows = measure_groups(detect_unit("cpu"), lib, groups, opts, progress=lambda s: None)
+    by_class = {}
+    for m in rows:
+        by_class.setdefault(m.features.op, []).append(m)
+        assert m.seconds > 0
+    assert set(by_class) == {"attention", *SPLIT_ATTENTION}
+    assert {m.features.w for m in by_class["attention"]} == set(FUSED_WIDTHS) & {1, 8}
+    (sparse,) = by_class["attention_sparse"]
+    # root, 4 children of the root (2 keys each), 3 grandchildren (3 each)
+    assert sparse.features.w == 8 and sparse.features.n == probe_tree(8).mask().sum() == 18
+    assert [m.features.cache_len for m in by_class["attention_dense"]] == [32]
+
+
+def test_kernel_features_cost_each_attention_kernel_as_its_class():
+    """AnnotateCost's kernel descriptions map to the op class each attention kernel is
+    profiled as (the dense part is an ``attention`` kernel with ``part = dense``)."""
+    from hetcomp.cost.roofline import kernel_features
+
+    def feat(kind, **kw):
+        return kernel_features(SHAPE, {"op_kind": kind, "w": 8, "cache_len": 100, **kw})
+
+    assert feat("attention").op == "attention" and feat("attention").n == 108
+    assert feat("attention", part="dense").op == "attention_dense"
+    assert feat("attention", part="dense").n == 100
+    assert feat("sparse_tree_attention", nnz=17).n == 17
+    assert feat("sparse_tree_attention").n == estimated_tree_nnz(8)
+    assert feat("attention_merge").op == "attention_merge"

@@ -1,0 +1,45 @@
+"""What one step of the LLaMA-family decoder runs, as data that every floor reads.
+
+The Relax module (:mod:`hetcomp.frontend.llama`), the roofline step model
+(:func:`hetcomp.cost.roofline.model_step`), the profiler's probes
+(:func:`hetcomp.profile.measure.plan_probes`), the planner and the partition pass take the
+linear kinds and the attention kernels of a verify step from here, so that a change of the
+model's structure (another width on the fused kernel) reaches all of them at once.
+
+Ground floor: plain Python, no TVM.
+"""
+
+from __future__ import annotations
+
+import math
+
+#: The column-split linear layers of a decoder layer (and the LM head), in layer order.
+LINEAR_KINDS = ("qkv", "o", "gate_up", "down", "lm_head")
+
+#: Widths whose verify keeps the fused masked attention kernel, measured faster there than
+#: dense part + sparse part + merge (three launches a layer for a one- or two-node tree).
+#: SmolLM2-135M, cache 64, 1 thread, attention ms per step, best of 2 runs of min-of-15
+#: (fused / split): W=1 0.325 / 0.388, W=2 0.412 / 0.463, W=4 0.571 / 0.541, W=8 0.855 /
+#: 0.847, W=16 1.39 / 1.36, W=32 3.02 / 2.47, W=64 7.68 / 4.63. W=4-16 tie within this
+#: machine's noise; the split serves them (and is what a partitioned plan places per unit).
+FUSED_WIDTHS = (1, 2)
+
+#: A verify step's attention kernels per layer: the fused masked kernel over cache + tree...
+FUSED_ATTENTION = ("attention",)
+#: ...or the dense part (tree queries vs the committed cache), the sparse part (each tree row
+#: vs its CSR ancestors) and their exact log-sum-exp merge.
+SPLIT_ATTENTION = ("attention_dense", "attention_sparse", "attention_merge")
+
+
+def attention_kernels(width: int | None, fused_widths: tuple[int, ...] = FUSED_WIDTHS
+                      ) -> tuple[str, ...]:
+    """The attention kernels one layer of a verify step of ``width`` tree nodes runs
+    (``None``: the symbolic-width verify, which takes the split path)."""
+    return FUSED_ATTENTION if width in fused_widths else SPLIT_ATTENTION
+
+
+def estimated_tree_nnz(width: int) -> int:
+    """Ancestor-mask non-zeros of a typical Medusa tree of ``width`` nodes, where no tree is
+    at hand: ``W (1 + log2(W) / 2)``. The packaged SmolLM2 heads' trees have 8, 17, 38, 89
+    and 199 at W = 4, 8, 16, 32, 64 (this gives 8, 20, 48, 112, 256): nodes sit 1-3 deep."""
+    return max(width, round(width * (1 + math.log2(max(width, 1)) / 2)))

@@ -1,0 +1,45 @@
+"""The step model the planner costs lists exactly the kernels the compiled verify calls."""
+
+from collections import Counter
+
+import pytest
+import tvm
+
+from hetcomp.cost.roofline import ModelShape, model_step
+from hetcomp.frontend import llama
+from hetcomp.kernels.ops import OP_KIND
+from hetcomp.testing import TINY
+
+
+def _called_kernels(mod, fn: str) -> Counter:
+    """Kernel name stems (``_w{W}`` dropped) called by ``fn``, with their call counts."""
+    calls = Counter()
+
+    def visit(e):
+        if isinstance(e, tvm.relax.Call) and e.args and isinstance(e.args[0], tvm.ir.GlobalVar):
+            func = mod[e.args[0]]
+            if isinstance(func, tvm.tirx.PrimFunc) and OP_KIND in func.attrs:
+                calls[e.args[0].name_hint.split("_w")[0]] += 1
+
+    tvm.relax.analysis.post_order_visit(mod[fn].body, visit)
+    return calls
+
+
+def _step_kernels(shape: ModelShape, w: int) -> Counter:
+    """The same stems from :func:`model_step` (linear kinds by their shapes)."""
+    stems = {"rope": "rope_kv", "attention_sparse": "sparse_tree_attention"}
+    out = Counter()
+    for op in model_step(shape, w, 64):
+        if op.features.op == "linear":
+            n, k, residual = shape.linear_dims(op.split)
+            stem = f"linear{'_res' if residual else ''}_n{n}_k{k}"
+        else:
+            stem = stems.get(op.name, op.name)
+        out[stem] += op.count
+    return out
+
+
+@pytest.mark.parametrize("w", [1, 2, 4, 16])
+def test_model_step_is_what_verify_runs(w):
+    mod = llama.build_module(TINY, static_widths=(w,))
+    assert _step_kernels(ModelShape.from_config(TINY), w) == _called_kernels(mod, f"verify_w{w}")
