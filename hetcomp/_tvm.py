@@ -187,6 +187,9 @@ class _Compiler:
         self.Op = tvm.ir.Op
         self.tvm = tvm
         self.DataType = tvm.DataType
+        from tvm.sym import Analyzer
+
+        self.Analyzer = Analyzer  # tvm.arith.Analyzer before 0.27
         self.Constant = type(relax.const(0.0))  # relax.Constant -> ir GenericConst in 0.27
         self.compile = tvm.compile
         self.IRModule = tvm.IRModule

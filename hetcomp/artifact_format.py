@@ -33,6 +33,9 @@ import numpy as np
 from .errors import HetcompError
 
 FORMAT = "hetcomp-artifact/1"
+#: Prompt tokens per ``prefill`` call (the runtime chunks longer prompts; the manifest's
+#: ``workspace_bytes`` are sized for it).
+PREFILL_CHUNK = 128
 _ALIGN = 64
 
 

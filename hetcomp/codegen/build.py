@@ -105,3 +105,50 @@ def _call_unit(c, call, attrs, vdevs, units) -> str:
             if u.get("device") == kind or (kind == "llvm" and u.get("device") == "cpu"):
                 return u["name"]
     return units[0]["name"]
+
+
+def workspace_bytes(mod, plan=None, sizes: dict[str, int] | None = None) -> dict[str, int]:
+    """Bytes each Relax function of the scheduled ``mod`` allocates for its intermediate and
+    output tensors, after TVM's memory planning (the VM's allocations, weights and KV cache
+    excluded: they are its inputs).
+
+    ``sizes`` gives the symbolic dimensions their values (``{"w": 128}``: a prefill chunk);
+    a function with another symbolic size is left out. A partitioned module (``plan``) has no
+    static memory planning (:func:`~hetcomp.passes.pipeline.vm_lowering_pipeline`): its figure
+    counts every tensor once, an upper bound.
+    """
+    c = compiler()
+    tr = c.relax.transform
+    planned = c.transform.Sequential([
+        tr.ToNonDataflow(), tr.RemovePurityChecking(), tr.CallTIRRewrite(),
+        tr.StaticPlanBlockMemory() if plan is None else c.transform.Sequential([])])(mod)
+    storage, tensor = c.Op.get("relax.memory.alloc_storage"), c.Op.get("relax.builtin.alloc_tensor")
+    out = {}
+    for gv, func in planned.functions_items():
+        if not isinstance(func, c.relax.Function):
+            continue
+        allocs = []
+
+        def visit(e, allocs=allocs):
+            if isinstance(e, c.relax.Call) and (e.op.same_as(storage) or e.op.same_as(tensor)):
+                allocs.append(e)
+
+        c.relax.analysis.post_order_visit(func.body, visit)
+        total = 0
+        for call in allocs:
+            n = 1 if call.op.same_as(storage) else c.DataType(str(call.args[1].value)).bits // 8
+            for dim in call.args[0].values:
+                free = {v.name: v for v in c.tir.analysis.undefined_vars(dim)}
+                if not set(free) <= set(sizes or {}):
+                    total = None
+                    break
+                analyzer = c.Analyzer()
+                for k, var in free.items():
+                    analyzer.bind(var, c.tir.IntImm("int64", sizes[k]))
+                n *= int(analyzer.simplify(dim))
+            if total is None:
+                break
+            total += n
+        if total is not None:
+            out[gv.name_hint] = total
+    return out

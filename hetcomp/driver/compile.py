@@ -12,8 +12,8 @@ import time
 import numpy as np
 
 from .._tvm import compiler
-from ..artifact_format import check_output, is_artifact, sha256_file
-from ..codegen.build import build, kernel_table
+from ..artifact_format import PREFILL_CHUNK, check_output, is_artifact, sha256_file
+from ..codegen.build import build, kernel_table, workspace_bytes
 from ..codegen.export import export_artifact
 from ..codegen.targets import export_compiler
 from ..cost.roofline import ModelShape, RooflineCost, dtype_bytes, kernel_features
@@ -224,6 +224,8 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
         "default_width_source": width_source,
         "cost_models": cost_source,
         "kernels": kernel_table(scheduled[0], units) if scheduled else [],
+        # What the VM allocates per call beyond weights and cache (a prefill chunk's rows).
+        "workspace_bytes": workspace_bytes(scheduled[0], opts.plan, {"w": PREFILL_CHUNK}),
         "speculative": speculative,
         "draft_dtype": draft_dtype if heads is not None else None,
         "draft_vocab": draft_vocab or None,

@@ -61,9 +61,16 @@ def _model(path: str) -> dict:
 
 
 def deployment_memory(manifest: dict) -> dict:
-    """Bytes a deployment of the artifact holds: its weights (mapped once on a CPU) and its KV
-    cache at the compiled context (float32 K and V)."""
+    """Bytes a deployment of the artifact holds: its weights (mapped once on a CPU), its KV
+    cache at the compiled context (float32 K and V) and the workspace of the calls a
+    generation makes (a prefill chunk, a verify step at the default width, the draft), which
+    the VM's pooled allocator keeps between calls; older manifests have no workspace."""
     cfg = LlamaConfig.from_dict(manifest["config"])
     ks, vs = kv_cache_shapes(cfg)
-    return {"weights": int(manifest["files"]["params.bin"]["bytes"]),
-            "kv_cache": 4 * (math.prod(ks) + math.prod(vs))}
+    out = {"weights": int(manifest["files"]["params.bin"]["bytes"]),
+           "kv_cache": 4 * (math.prod(ks) + math.prod(vs))}
+    ws = manifest.get("workspace_bytes")
+    if ws:
+        calls = ("prefill", f"verify_w{manifest.get('default_width', 1)}", "medusa")
+        out["workspace"] = int(sum(ws.get(f, 0) for f in calls))
+    return out

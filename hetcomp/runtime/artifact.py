@@ -11,7 +11,7 @@ import os
 import numpy as np
 
 from .. import _tvm
-from ..artifact_format import read_manifest, sha256_file
+from ..artifact_format import PREFILL_CHUNK, read_manifest, sha256_file
 from ..errors import HetcompError
 from ..frontend.config import LlamaConfig, kv_cache_shapes
 from ..frontend.tokenizer import TokenizerInfo
@@ -172,7 +172,7 @@ class Session:
     def _t(self, arr, dtype="int32"):
         return _tvm.tensor(np.ascontiguousarray(arr, dtype=dtype), self.art.device)
 
-    def prefill(self, ids, chunk: int = 128):
+    def prefill(self, ids, chunk: int = PREFILL_CHUNK):
         """Fill the cache with ``ids``; returns (greedy next id, last hidden state [1, E])."""
         ids = np.asarray(ids, "int32")
         if len(ids) == 0:

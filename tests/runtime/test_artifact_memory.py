@@ -30,7 +30,40 @@ def test_inspect_and_generate_report_memory(tiny_artifact):
     cfg = m["config"]
     assert mem["kv_cache"] == 2 * 4 * cfg["num_layers"] * cfg["num_kv_heads"] * \
         cfg["head_dim"] * cfg["max_context"]
+    ws = m["workspace_bytes"]
+    assert mem["workspace"] == ws["prefill"] + ws[f"verify_w{m['default_width']}"] + \
+        ws.get("medusa", 0) > 0
     rc, out, err = run_cli("generate", tiny_artifact[0], "--prompt-ids", "5,6", "--json",
                            "--max-new-tokens", 3)
     assert rc == 0, err
     assert json.loads(out)["peak_rss_mb"] > 0
+
+
+def test_workspace_is_what_memory_planning_leaves():
+    """The manifest's workspace of a verify step lies between the bytes its outputs need
+    (allocated every call) and the bytes of all its tensors without reuse."""
+    import tvm
+
+    from hetcomp.codegen.build import build, workspace_bytes
+    from hetcomp.codegen.targets import make_target
+    from hetcomp.frontend import llama
+    from hetcomp.testing import TINY
+
+    w, e, v = 4, TINY.hidden_size, TINY.vocab_size
+    mod = llama.build_module(TINY, static_widths=(w,))
+    scheduled = []
+    build(mod, make_target("host"), scheduled=scheduled)
+    ws = workspace_bytes(scheduled[0], sizes={"w": 16})
+    every = 0  # every call_tir result of verify_w4, as if nothing were reused
+
+    def visit(x):
+        nonlocal every
+        if isinstance(x, tvm.relax.Call) and x.op.same_as(tvm.ir.Op.get("relax.call_tir")):
+            for t in getattr(x.ty, "fields", [x.ty]):
+                every += int(np.prod([int(d) for d in t.shape])) * 4
+
+    tvm.relax.analysis.post_order_visit(mod[f"verify_w{w}"].body, visit)
+    outputs = 4 * (w * v + w * e + w)  # logits, hidden, greedy ids
+    assert outputs <= ws[f"verify_w{w}"] < every
+    assert "verify" in ws and "commit" in ws and ws["commit"] == 0
+    assert workspace_bytes(scheduled[0], sizes={}).keys().isdisjoint({"verify", "prefill"})
