@@ -210,6 +210,18 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def cmd_quality(args) -> int:
+    from .driver.quality import quality
+
+    report = quality(args.artifact, args.reference, args.texts, verify=not args.no_verify)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    for k, v in report.items():
+        print(f"{k:22s} {v:.6g}" if isinstance(v, float) else f"{k:22s} {v}")
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from .driver.inspect import inspect_path
 
@@ -218,7 +230,8 @@ def cmd_inspect(args) -> int:
         print(json.dumps(info, indent=1, sort_keys=True))
         return 0
     show = {k: v for k, v in info.items()
-             if k not in ("params", "tokenizer", "files", "kernels", "param_recipes", "memory")}
+             if k not in ("params", "tokenizer", "files", "kernels", "param_recipes", "memory",
+                          "workspace_bytes")}
     print(json.dumps(show, indent=1, sort_keys=True))
     print(f"params: {len(info['params'])} tensors, "
           f"{info['files']['params.bin']['bytes'] / 2**20:.1f} MiB")
@@ -349,6 +362,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip checking params.bin against its SHA-256 when loading")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
+
+    q = sub.add_parser("quality", help="perplexity on a fixed text set under teacher forcing; "
+                       "with --reference, next-token agreement and KL against another artifact")
+    q.add_argument("artifact")
+    q.add_argument("--reference", help="the artifact to compare with (e.g. the float32 compile "
+                   "of the same model)")
+    q.add_argument("--texts", type=_POSITIVE, default=32, help="MT-bench prompts to score")
+    q.add_argument("--no-verify", action="store_true",
+                   help="skip checking params.bin against its SHA-256 when loading")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_quality)
 
     pr = sub.add_parser("profile", help="measure every op class on each unit (ARCA)")
     pr.add_argument("--model", default="smollm2")
