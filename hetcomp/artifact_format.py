@@ -33,9 +33,11 @@ import numpy as np
 from .errors import HetcompError
 
 FORMAT = "hetcomp-artifact/1"
-#: Prompt tokens per ``prefill`` call (the runtime chunks longer prompts; the manifest's
-#: ``workspace_bytes`` are sized for it).
-PREFILL_CHUNK = 128
+#: Prompt rows per ``prefill`` call: the runtime prefills in chunks of this many tokens through
+#: the static ``prefill_w{C}`` (a shorter last chunk padded), so that its kernels tile rows
+#: exactly (3x the GFLOP/s of symbolic-width kernels here, at any chunk of 32-128 rows); the
+#: manifest's ``workspace_bytes`` are sized for it.
+PREFILL_CHUNK = 64
 _ALIGN = 64
 
 

@@ -127,7 +127,8 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
     draft_dtype = opts.draft_dtype or opts.dtype
     draft_vocab = 0 if heads is None or heads.vocab is None else len(heads.vocab)
     mod = build_module(cfg, opts.dtype, heads.num_heads if heads else 0, static_widths=widths,
-                       medusa_root=root, draft_dtype=draft_dtype, draft_vocab=draft_vocab)
+                       medusa_root=root, draft_dtype=draft_dtype, draft_vocab=draft_vocab,
+                       prefill_chunk=PREFILL_CHUNK)
     # A plan's module target is its host unit's (a CPU, or a GPU driven by --target's CPU).
     target_spec = (dict(opts.plan.targets[0]) if opts.plan is not None
                    else target_dict(opts.target, opts.cuda_arch))
@@ -159,7 +160,8 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
     if opts.plan is not None:
         placement, recipes = _split_params(scheduled[0], cfg, opts.dtype)
     model_params = list(recipes)
-    functions = {"prefill": model_params, "verify": model_params, "commit": []}
+    functions = {"prefill": model_params, f"prefill_w{PREFILL_CHUNK}": model_params,
+                 "verify": model_params, "commit": []}
     functions.update({f"verify_w{w}": model_params for w in widths})
     speculative = None
     if heads is not None:
@@ -221,6 +223,7 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
         "tokenizer": tok.to_json(),
         "widths": list(opts.widths) if heads is not None else [1],
         "default_width": width,
+        "prefill_chunk": PREFILL_CHUNK,
         "default_width_source": width_source,
         "cost_models": cost_source,
         "kernels": kernel_table(scheduled[0], units) if scheduled else [],

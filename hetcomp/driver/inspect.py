@@ -71,6 +71,8 @@ def deployment_memory(manifest: dict) -> dict:
            "kv_cache": 4 * (math.prod(ks) + math.prod(vs))}
     ws = manifest.get("workspace_bytes")
     if ws:
-        calls = ("prefill", f"verify_w{manifest.get('default_width', 1)}", "medusa")
+        chunk = manifest.get("prefill_chunk")
+        calls = (f"prefill_w{chunk}" if chunk else "prefill",
+                 f"verify_w{manifest.get('default_width', 1)}", "medusa")
         out["workspace"] = int(sum(ws.get(f, 0) for f in calls))
     return out

@@ -19,6 +19,12 @@ cache_len: Shape[n], *params)``
 ``prefill(tokens, positions, mask, k_cache, v_cache, cache_len, *params)``
     A causal mask over a prompt chunk (the fused kernel); returns the last row's logits and
     hidden state. Its slots are committed by construction (the identity path).
+``prefill_w{C}(tokens[C], positions[C], mask[C, C], k_cache, v_cache, cache_len, rows: Shape[m],
+*params)``
+    The same for a chunk of exactly C rows (``prefill_chunk``), of which the first ``m`` hold
+    the prompt (a shorter last chunk is padded): its kernels tile rows exactly, 3x the
+    symbolic-width kernels' GFLOP/s. Returns row ``m - 1``'s logits and hidden state; the
+    padding's K/V land in cache slots past the prompt, which later calls overwrite.
 ``commit(k_cache, v_cache, accepted[a], cache_len: Shape[n])``
     Moves the accepted nodes' K/V from slots ``n + accepted[j]`` to ``n + j``; the caller's new
     cache length is ``n + a``.
@@ -92,9 +98,11 @@ def _attention(bb, kern: _Kernels, cfg: LlamaConfig, q, k_tree, k_cache, v_cache
     return bb.emit(relax.call_tir(merge_gv, [dense, sparse], tt((w, hq, d), "float32")))
 
 
-def _forward(bb, kern: _Kernels, cfg: LlamaConfig, inputs, params: dict, last_only: bool):
+def _forward(bb, kern: _Kernels, cfg: LlamaConfig, inputs, params: dict, last_only: bool,
+             valid_rows=None):
     """``inputs``: tokens, positions, the tree (``(mask,)`` or ``(row_ptr, col_idx)``),
-    k_cache, v_cache, n."""
+    k_cache, v_cache, n; ``valid_rows``: with ``last_only``, the row count whose last row is
+    kept (a padded chunk), else the last row."""
     c = compiler()
     relax, tt = c.relax, c.TensorType
     tokens, positions, tree, k_cache, v_cache, n = inputs
@@ -135,9 +143,14 @@ def _forward(bb, kern: _Kernels, cfg: LlamaConfig, inputs, params: dict, last_on
         x = call(kern.linear(e, f, True), [a, params[p + "w_down"], x], (w, e))
     rows = w
     if last_only:
-        x = call(kern.get("take_last", ops.take_last, e), [x], (1, e))
+        if valid_rows is None:
+            x = call(kern.get("take_last", ops.take_last, e), [x], (1, e))
+        else:
+            x = call(kern.get("take_row", ops.take_row, e), [x, valid_rows], (1, e))
         rows = 1
-        kern.rows = None if kern.rows is None else 1
+        if kern.rows is not None:  # a static chunk: the rest runs on one row
+            kern.rows = 1
+            norm_gv = kern.get("rms_norm", ops.rms_norm, e, cfg.norm_eps)
     hidden = call(norm_gv, [x, params["norm"]], (rows, e))
     head = params["lm_head"] if "lm_head" in params else params["embed"]
     logits = call(kern.linear(cfg.vocab_size, e, False), [hidden, head], (rows, cfg.vocab_size))
@@ -221,7 +234,7 @@ def _add_medusa(bb, kern: _Kernels, cfg: LlamaConfig, num_heads: int, wdtype: st
 def build_module(cfg: LlamaConfig, wdtype: str = "float32", medusa_heads: int = 0,
                  static_widths: tuple[int, ...] = (), medusa_root: bool = False,
                  draft_dtype: str | None = None, draft_vocab: int = 0,
-                 fused_widths: tuple[int, ...] = FUSED_WIDTHS):
+                 fused_widths: tuple[int, ...] = FUSED_WIDTHS, prefill_chunk: int = 0):
     """The unscheduled Relax IRModule of the decoder for weight dtype ``wdtype``.
 
     ``verify`` takes any width; ``verify_w{W}`` for each W in ``static_widths`` is the same
@@ -231,7 +244,8 @@ def build_module(cfg: LlamaConfig, wdtype: str = "float32", medusa_heads: int = 
     conditioned on the root token's embedding; ``draft_dtype``: the dtype of its LM head,
     default ``wdtype``; ``draft_vocab``: the size of its draft vocabulary, 0 for the whole
     one). ``verify_w{W}`` for W in ``fused_widths`` runs the fused masked attention kernel;
-    every other verify the dense + sparse + merge split (module doc). The module attribute
+    every other verify the dense + sparse + merge split (module doc). ``prefill_chunk = C >
+    0`` adds ``prefill_w{C}`` (module doc). The module attribute
     ``hetcomp.model_functions`` lists the functions that run the decoder (what partitioning
     applies to).
     """
@@ -249,6 +263,7 @@ def build_module(cfg: LlamaConfig, wdtype: str = "float32", medusa_heads: int = 
                 relax.Var("cache_len", c.ShapeType([n])), n)
 
     functions = [("prefill", True, None), ("verify", False, None)]
+    functions += [(f"prefill_w{prefill_chunk}", True, prefill_chunk)] if prefill_chunk else []
     functions += [(f"verify_w{r}", False, r) for r in static_widths]
     for fname, last_only, rows in functions:
         kern.rows = rows
@@ -260,12 +275,16 @@ def build_module(cfg: LlamaConfig, wdtype: str = "float32", medusa_heads: int = 
                                     relax.Var("col_idx", tt((tir.Var("nnz", "int64"),), "int32"))]
         tree = (mask,) if last_only or rows in fused_widths else tuple(csr)
         k_cache, v_cache, cache_len, n = cache_vars()
+        m = tir.Var("m", "int64")
+        valid = [relax.Var("rows", c.ShapeType([m]))] if last_only and rows else []
         pvars = {name: relax.Var(name.replace(".", "_"), tt(shape, dt)) for name, shape, dt in specs}
-        args = [tokens, positions, mask, *csr, k_cache, v_cache, cache_len, *pvars.values()]
+        args = [tokens, positions, mask, *csr, k_cache, v_cache, cache_len, *valid,
+                *pvars.values()]
         with bb.function(fname, args, attrs={"num_input": len(args) - len(pvars)}):
             with bb.dataflow():
                 outs = _forward(bb, kern, cfg, (tokens, positions, tree, k_cache, v_cache,
-                                                c.prim_value(n)), pvars, last_only)
+                                                c.prim_value(n)), pvars, last_only,
+                                c.prim_value(m) if valid else None)
                 out = bb.emit_output(relax.Tuple(list(outs)))
             bb.emit_func_output(out)
 

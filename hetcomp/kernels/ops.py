@@ -199,6 +199,18 @@ def take_last(hidden: int, rows: int | None = None):
     return _finish(te.create_prim_func([x, y], index_dtype_override="int64"), "elementwise")
 
 
+def take_row(hidden: int, rows: int | None = None):
+    """Row ``m - 1`` of ``x[w, E]`` as ``[1, E]``: the last prompt row of a padded prefill
+    chunk (``m`` valid rows, a scalar argument)."""
+    c = compiler()
+    te = c.te
+    w = _rows(rows)
+    x = te.placeholder((w, hidden), "float32", name="x")
+    m = _sym("m")
+    y = te.compute((1, hidden), lambda i, e: x[m - 1, e], name="row")
+    return _finish(te.create_prim_func([x, m, y], index_dtype_override="int64"), "elementwise")
+
+
 def argmax(vocab: int, rows: int | None = None):
     """Greedy ids per row: the first index of the row maximum (numpy's tie rule).
 

@@ -107,6 +107,10 @@ class Artifact:
         self.weight_bytes = sum(p["nbytes"] for p in self.manifest["params"]
                                 if p["name"] in set(funcs["verify"]))
         self._prefill = self.vm["prefill"]
+        # The static prefill chunk (older artifacts have none: the symbolic one serves).
+        chunk = int(self.manifest.get("prefill_chunk", 0))
+        self._prefill_static = ((chunk, self.vm[f"prefill_w{chunk}"])
+                                if f"prefill_w{chunk}" in funcs else None)
         self._verify = self.vm["verify"]
         # Width-specialised verify functions (exact row tiling), preferred when present.
         self._verify_static = {int(f[len("verify_w"):]): self.vm[f] for f in funcs
@@ -172,8 +176,14 @@ class Session:
     def _t(self, arr, dtype="int32"):
         return _tvm.tensor(np.ascontiguousarray(arr, dtype=dtype), self.art.device)
 
-    def prefill(self, ids, chunk: int = PREFILL_CHUNK):
-        """Fill the cache with ``ids``; returns (greedy next id, last hidden state [1, E])."""
+    def prefill(self, ids, chunk: int | None = None):
+        """Fill the cache with ``ids``; returns (greedy next id, last hidden state [1, E]).
+
+        Chunks of the artifact's static prefill width run ``prefill_w{C}`` (the last one padded
+        with token 0, whose K/V fall past the prompt), unless the padding would run past the
+        cache; otherwise, or when ``chunk`` is given, chunks of ``chunk`` (default
+        :data:`~hetcomp.artifact_format.PREFILL_CHUNK`) tokens run the symbolic-width
+        ``prefill``."""
         ids = np.asarray(ids, "int32")
         if len(ids) == 0:
             raise HetcompError("empty prompt")
@@ -181,13 +191,23 @@ class Session:
             raise HetcompError(
                 f"prompt of {len(ids)} tokens does not fit the context of {self.capacity}")
         out = None
+        static = self.art._prefill_static if chunk is None else None
+        chunk = static[0] if static else (chunk or PREFILL_CHUNK)
         for s in range(0, len(ids), chunk):
             part = ids[s: s + chunk]
             w = len(part)
-            out = self.art._prefill(
-                self._t(part), self._t(np.arange(self.length, self.length + w)),
-                self._t(np.tril(np.ones((w, w)))), self.k_cache, self.v_cache,
-                _tvm.shape_tuple([self.length]), *self.art.params)
+            if static and self.length + chunk <= self.capacity:
+                padded = np.zeros(chunk, "int32")
+                padded[:w] = part
+                out = static[1](
+                    self._t(padded), self._t(np.arange(self.length, self.length + chunk)),
+                    self._t(np.tril(np.ones((chunk, chunk)))), self.k_cache, self.v_cache,
+                    _tvm.shape_tuple([self.length]), _tvm.shape_tuple([w]), *self.art.params)
+            else:
+                out = self.art._prefill(
+                    self._t(part), self._t(np.arange(self.length, self.length + w)),
+                    self._t(np.tril(np.ones((w, w)))), self.k_cache, self.v_cache,
+                    _tvm.shape_tuple([self.length]), *self.art.params)
             self.k_cache, self.v_cache = out[3], out[4]
             self.length += w
         self.tokens.extend(int(i) for i in ids)

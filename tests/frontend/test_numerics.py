@@ -37,14 +37,35 @@ def test_prefill_matches_numpy(tiny_artifact):
 
 
 def test_chunked_prefill_equals_one_shot(tiny_artifact):
+    """The static padded chunk (37 of 64 rows) equals symbolic chunks of 8."""
     path, w = tiny_artifact
     art = load_artifact(path)
+    assert art._prefill_static[0] == 64
     prompt = list(range(3, 40))
     a, b = art.new_session(), art.new_session()
     na, ha = a.prefill(prompt)
     nb, hb = b.prefill(prompt, chunk=8)
     assert na == nb
     np.testing.assert_allclose(ha.numpy(), hb.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_prefill_across_static_chunks_then_decode(tiny_artifact):
+    """A 100-token prompt: one full static chunk, one padded (its padding's K/V sit past the
+    prompt); prefill and the decode steps after it match numpy at every position."""
+    path, w = tiny_artifact
+    sess = load_artifact(path).new_session()
+    prompt = list(np.random.default_rng(5).integers(0, TINY.vocab_size, 100))
+    nxt, hidden = sess.prefill(prompt)
+    logits, ref_hidden = ref.forward(TINY, w, prompt)
+    assert nxt == int(np.argmax(logits[-1])) and sess.length == 100
+    assert rel_err(hidden.numpy()[0], ref_hidden[-1]) < RTOL
+    seq = [*prompt, nxt]
+    for _ in range(3):  # decode over the slots the padding wrote
+        ids, _, out = sess.verify([seq[-1]], [len(seq) - 1], np.ones((1, 1), "int32"))
+        sess.commit([0])
+        want, _ = ref.forward(TINY, w, seq)
+        assert rel_err(out.numpy()[0], want[-1]) < RTOL
+        seq.append(int(ids[0]))
 
 
 @pytest.mark.parametrize("parents", [[-1], [-1, 0, 0, 1, 3, 2], [-1, 0, 1, 2, 0, 4, 0]])

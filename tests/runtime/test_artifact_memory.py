@@ -31,8 +31,8 @@ def test_inspect_and_generate_report_memory(tiny_artifact):
     assert mem["kv_cache"] == 2 * 4 * cfg["num_layers"] * cfg["num_kv_heads"] * \
         cfg["head_dim"] * cfg["max_context"]
     ws = m["workspace_bytes"]
-    assert mem["workspace"] == ws["prefill"] + ws[f"verify_w{m['default_width']}"] + \
-        ws.get("medusa", 0) > 0
+    calls = (f"prefill_w{m['prefill_chunk']}", f"verify_w{m['default_width']}", "medusa")
+    assert mem["workspace"] == sum(ws.get(f, 0) for f in calls) > 0
     rc, out, err = run_cli("generate", tiny_artifact[0], "--prompt-ids", "5,6", "--json",
                            "--max-new-tokens", 3)
     assert rc == 0, err
