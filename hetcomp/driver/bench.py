@@ -6,6 +6,9 @@ from __future__ import annotations
 import os
 import statistics
 import sys
+import time
+
+import numpy as np
 
 from ..errors import HetcompError
 from ..profile.bandwidth import measure_read_bandwidth
@@ -140,13 +143,37 @@ def verify_steps(art, widths) -> list[dict]:
     return out
 
 
+def llama_bench(art, runs: int, prompt: int = 512, gen: int = 128) -> dict:
+    """llama-bench's two numbers: ``pp{prompt}``, tokens/s prefilling a ``prompt``-token prompt
+    (random ids, an empty cache), and ``tg{gen}``, tokens/s generating ``gen`` tokens one at a
+    time (W = 1) after one token; the median of ``runs`` runs each. A context too short for
+    the prompt leaves ``pp`` out."""
+    ids = np.random.default_rng(0).integers(0, art.config.vocab_size, prompt).tolist()
+    out = {}
+    if prompt < art.config.max_context:
+        art.new_session().prefill(ids[:8])  # warm-up
+        times = []
+        for _ in range(runs):
+            sess = art.new_session()
+            t0 = time.perf_counter()
+            sess.prefill(ids)
+            times.append(time.perf_counter() - t0)
+        out[f"pp{prompt}"] = prompt / statistics.median(times)
+    if gen + 1 < art.config.max_context:
+        out[f"tg{gen}"] = statistics.median(
+            generate(art, ids[:1], max_new_tokens=gen, stop_at_eos=False).decode_tokens_per_s
+            for _ in range(runs))
+    return out
+
+
 def bench(artifact: str, widths: list[int] | None = None, runs: int = 5, new_tokens: int = 64,
           prompts: str = "bench", rounds: int = 1, lookup: int | None = None, kernels: int = 0,
           plot: str | None = None, verify: bool = True) -> dict:
     """Benchmark the artifact at ``artifact``; returns the report `hetcomp bench` prints.
 
-    Sequential decoding ``runs`` times on the first bench prompt (median tokens/s, against
-    the measured read bandwidth's roofline), the verify step per width, and with ``widths``
+    llama-bench's ``pp512`` and ``tg128`` (:func:`llama_bench`), sequential decoding ``runs``
+    times on the first bench prompt (median tokens/s, against the measured read bandwidth's
+    roofline), the verify step per width, and with ``widths``
     every width on every prompt, interleaved (:func:`bench_widths`), plotted to ``plot``
     (default ``ARTIFACT/bench_widths.png``).
     """
@@ -176,6 +203,7 @@ def bench(artifact: str, widths: list[int] | None = None, runs: int = 5, new_tok
         "prompt_tokens": len(ids),
         "new_tokens": new_tokens,
         "runs": runs,
+        **llama_bench(art, runs),
         "decode_tokens_per_s": tps,
         "decode_tokens_per_s_all": [r.decode_tokens_per_s for r in results],
         "prefill_s": statistics.median(r.prefill_s for r in results),
