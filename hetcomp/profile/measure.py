@@ -319,6 +319,7 @@ def plan_probes(shape: ModelShape, opts: ProfileOptions, wdtype: str = "float32"
                                        ("shared", "kc"), ("shared", "vc"),
                                        ("mod", s.layers), ("int", 100),
                                        ("zeros", (s.heads, w, s.head_dim), "float32"),
+                                       ("zeros", (s.kv_heads, w, s.head_dim), "float32"),
                                        ("zeros", (s.kv_heads, w, s.head_dim), "float32")))
         for w in ws) + tuple(
         Probe(table, rope_table_features(s, w), (("arange", w, 100),
