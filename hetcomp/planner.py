@@ -347,14 +347,19 @@ class _StepModel:
         by_name = {u.name: u for u in self.units}
         ud, us = by_name[dense], by_name[sparse]
         out = _F32 * w * self.shape.heads * self.shape.head_dim
-        q_kv = _F32 * w * self.shape.qkv_size
+        q_kv = _F32 * w * self.shape.qkv_size  # the qkv rows, or the tree's q, k_tree, v_tree
         if dense == sparse:
             return ud.cost(attention_features(self.shape, w, cache_len)) + self._sync(ud, q_kv, out)
         parts = [(ud, attention_features(self.shape, w, cache_len, tree=False)),
                  (us, attention_features(self.shape, w, 0))]
         # Online-softmax merge of the two partial outputs (+ log-sum-exp) on the host.
+        part = _F32 * w * self.shape.heads * (self.shape.head_dim + 1)
         merge = self.host.cost(copy_features(w, 2 * self.shape.heads * (self.shape.head_dim + 1)))
-        sync = max(self._sync(ud, q_kv, out), self._sync(us, q_kv, out))
+        # Only tree-sized values cross (the cache stays with the dense part): the dense unit
+        # gets the qkv rows for RoPE and the K/V write and returns its partial, plus the
+        # tree's q/k/v when the sparse part runs elsewhere; the sparse unit gets q/k/v and
+        # returns its partial (the CSR, 4 * (w + 1 + nnz) bytes, is left out).
+        sync = max(self._sync(ud, q_kv, part + q_kv), self._sync(us, q_kv, part))
         return self._together(parts) + merge + sync
 
     def best_attention(self, w: int, cache_len: int) -> tuple[float, tuple[tuple[str, str], ...]]:
