@@ -17,7 +17,6 @@ import os
 import sys
 
 H, G, D = 9, 3, 64
-LAYERS, CONTEXT, CACHED = 1, 192, 64  # the V cache the tree's values sit in, after 64 tokens
 WIDTHS = (8, 16, 32, 64)
 GOALS = {"dense": 1.9, "naive": 3.5}  # required speedups of the sparse kernel at W = 64
 
@@ -60,11 +59,11 @@ def main(argv=None) -> int:
         print("this CPU has neither AVX-512 nor AVX2+FMA: the x86 rule does not apply")
         return 1
     funcs = {
-        "sparse": apply_rules(sa.sparse_tree_attention(H, G, D, LAYERS, CONTEXT), x86_rules(),
+        "sparse": apply_rules(sa.sparse_tree_attention(H, G, D), x86_rules(),
                               host),
-        "dense": apply_rules(sa.dense_tree_attention(H, G, D, LAYERS, CONTEXT), x86_rules(),
+        "dense": apply_rules(sa.dense_tree_attention(H, G, D), x86_rules(),
                              host),
-        "naive": sa.naive_sparse_tree_attention(H, G, D, LAYERS, CONTEXT),
+        "naive": sa.naive_sparse_tree_attention(H, G, D),
     }
     mods = {k: c.compile(c.IRModule({"main": f}), target=c.Target(host)).mod
             for k, f in funcs.items()}
@@ -75,15 +74,14 @@ def main(argv=None) -> int:
         row_ptr, col_idx = sa.csr_from_parents(medusa_parents(w))
         q = rng.standard_normal((H, w, D), dtype="float32")
         k = rng.standard_normal((G, w, D), dtype="float32")
-        # The model's layout: the tree's values in the V cache, at layer 0 after 64 tokens.
-        v = rng.standard_normal((LAYERS, G, CONTEXT, D), dtype="float32")
-        sa.check_inputs(q, k, v, row_ptr, col_idx, 0, CACHED)
+        v = rng.standard_normal((G, w, D), dtype="float32")  # v_tree, as rope_kv returns it
+        sa.check_inputs(q, k, v, row_ptr, col_idx)
         tree = {"sparse": (row_ptr, col_idx), "naive": (row_ptr, col_idx),
                 "dense": (sa.mask_from_csr(row_ptr, col_idx),)}
         times, results = {}, {}
         for name, mod in mods.items():
             outs = [_tvm.tensor(np.zeros((w, H, D + 1), "float32"))]
-            call = [_tvm.tensor(x) for x in (q, k, v, *tree[name])] + [0, CACHED] + outs
+            call = [_tvm.tensor(x) for x in (q, k, v, *tree[name])] + outs
             mod["main"](*call)
             results[name] = [o.numpy() for o in outs]
             timer = mod.time_evaluator("main", dev, number=1, repeat=7,

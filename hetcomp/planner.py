@@ -358,7 +358,11 @@ class _StepModel:
         merge = self.host.cost(parts["attention_merge"])
         if ud is us:
             return ud.cost(fd) + ud.cost(fs) + merge + self._sync(ud, q_kv, 2 * partial)
-        sync = max(self._sync(ud, q_kv, partial), self._sync(us, q_kv, partial))
+        # Only tree-sized values cross (the cache stays with the dense part): the dense unit
+        # gets the qkv rows for RoPE and the K/V write and returns its partial, plus the
+        # tree's q/k/v when the sparse part runs elsewhere; the sparse unit gets q/k/v and
+        # returns its partial (the CSR, 4 * (w + 1 + nnz) bytes, is left out).
+        sync = max(self._sync(ud, q_kv, partial + q_kv), self._sync(us, q_kv, partial))
         return self._together([(ud, fd), (us, fs)]) + merge + sync
 
     def best_attention(self, parts: Mapping[str, Features]

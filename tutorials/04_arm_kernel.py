@@ -1,9 +1,10 @@
 """Tutorial 4: the tensorized sparse tree-attention kernel for ARM (NEON), run under qemu.
 
 The kernel is the sparse part of every compiled verify step (each tree row against its
-ancestors); it reads the model's layouts: the tree's keys row-major ``k_tree[G, W, D]`` and
-its values in place in the V cache ``v_cache[layer, G, n + j, D]``, and writes the partial
-``[W, H, D + 1]`` (output, then log-sum-exp) that the merge with the dense part reads.
+ancestors); it reads the model's layouts: the tree's keys and values row-major,
+``k_tree[G, W, D]`` and ``v_tree[G, W, D]`` as ``rope_kv`` returns them (never the KV cache), and
+writes the partial ``[W, H, D + 1]`` (output, then log-sum-exp) that the merge with the dense
+part reads.
 
 Run: ``.venv/bin/python tutorials/04_arm_kernel.py``. Needs Debian's gcc-aarch64-linux-gnu and
 qemu-user-static (``make setup`` installs them); without them it only prints the x86 result.
@@ -21,7 +22,6 @@ from hetcomp.schedules.arm import arm_rules
 from hetcomp.schedules.x86 import x86_rules
 
 H, G, D = 9, 3, 64  # SmolLM2-135M's query heads, KV heads and head_dim
-LAYERS, CONTEXT, LAYER, N = 2, 64, 1, 7  # a small V cache; the tree at layer 1, slots 7..
 
 # 1. A Medusa-like tree: node i attends to its ancestors and itself (CSR rows).
 parents = [-1, 0, 0, 0, 1, 1, 2, 4, 4, 7, 3, 10]
@@ -31,8 +31,6 @@ rng = np.random.default_rng(0)
 q = rng.standard_normal((H, w, D)).astype("float32")
 k = rng.standard_normal((G, w, D)).astype("float32")
 v = rng.standard_normal((G, w, D)).astype("float32")
-v_cache = rng.standard_normal((LAYERS, G, CONTEXT, D)).astype("float32")
-v_cache[LAYER, :, N:N + w] = v  # where rope_kv writes the tree's values
 
 # 2. numpy reference: masked softmax attention and its log-sum-exp per row.
 mask = sa.mask_from_csr(row_ptr, col_idx).astype(bool)
@@ -46,11 +44,11 @@ o_ref = np.einsum("hij,hjd->hid", np.exp(s - lse_ref[..., None]), np.repeat(v, H
 from hetcomp import _tvm  # noqa: E402
 
 c = _tvm.compiler()
-x86 = apply_rules(sa.sparse_tree_attention(H, G, D, LAYERS, CONTEXT), x86_rules(),
+x86 = apply_rules(sa.sparse_tree_attention(H, G, D), x86_rules(),
                   target_dict("host"))
 lib = c.compile(c.IRModule({"main": x86}), target=c.Target(target_dict("host")))
 part = _tvm.tensor(np.zeros((w, H, D + 1), "float32"))
-lib["main"](*[_tvm.tensor(a) for a in (q, k, v_cache, row_ptr, col_idx)], LAYER, N, part)
+lib["main"](*[_tvm.tensor(a) for a in (q, k, v, row_ptr, col_idx)], part)
 o = part.numpy()[..., :D].transpose(1, 0, 2)
 print("x86 kernel, max error:", float(np.abs(o - o_ref).max()),
       "lse:", float(np.abs(part.numpy()[..., D].T - lse_ref).max()))
@@ -60,11 +58,11 @@ toolchain = CrossToolchain.find()
 if toolchain is None:
     print("aarch64 toolchain or qemu not installed: skipping the ARM run")
 else:
-    arm = apply_rules(sa.sparse_tree_attention(H, G, D, LAYERS, CONTEXT), arm_rules(),
+    arm = apply_rules(sa.sparse_tree_attention(H, G, D), arm_rules(),
                       AARCH64_NEON)
     kernel = QemuKernel(arm, "sparse_tree_attention", num_outputs=1, check=sa.check_inputs,
                         workdir=tempfile.mkdtemp(), toolchain=toolchain)
-    (part_arm,) = kernel(q, k, v_cache, row_ptr, col_idx, LAYER, N)
+    (part_arm,) = kernel(q, k, v, row_ptr, col_idx)
     o_arm = part_arm[..., :D].transpose(1, 0, 2)
     print("aarch64 kernel under qemu, max error:", float(np.abs(o_arm - o_ref).max()))
     asm = kernel.asm

@@ -191,8 +191,9 @@ def rms_norm_features(shape: ModelShape, w: int, corun: bool = False) -> Feature
 def rope_features(shape: ModelShape, w: int, corun: bool = False) -> Features:
     h, g, d = shape.heads, shape.kv_heads, shape.head_dim
     # Per rotated pair: six multiply-adds against the step's cos/sin table; V is copied.
+    # Written: q, K and V into the caches and once more row-major (k_tree, v_tree).
     flops = 6.0 * w * (h + g) * d / 2
-    nbytes = _F32 * (w * shape.qkv_size + w * (h + 2 * g) * d + w * d)
+    nbytes = _F32 * (w * shape.qkv_size + w * (h + 4 * g) * d + w * d)
     return Features("rope", "rope", w, shape.qkv_size, d, 1.0, 0, corun, flops, nbytes)
 
 

@@ -73,11 +73,11 @@ class _Kernels:
         return self.get(name, ops.linear, n, k, dtype or self.wdtype, residual, rows=rows)
 
 
-def _attention(bb, kern: _Kernels, cfg: LlamaConfig, q, k_tree, k_cache, v_cache, tree, layer,
+def _attention(bb, kern: _Kernels, cfg: LlamaConfig, q, kv_tree, k_cache, v_cache, tree, layer,
                n):
     """One layer's tree attention ``[w, H, D]``: the fused masked kernel when ``tree`` is
     ``(mask,)``, else dense part + sparse part over the CSR ``tree = (row_ptr, col_idx)`` +
-    merge."""
+    merge. ``kv_tree = (k_tree, v_tree)``: the tree's own K/V, all the sparse part reads."""
     c = compiler()
     relax, tt = c.relax, c.TensorType
     w = q.ty.shape[1]
@@ -92,8 +92,8 @@ def _attention(bb, kern: _Kernels, cfg: LlamaConfig, q, k_tree, k_cache, v_cache
                         *attn_args)
     dense = bb.emit(relax.call_tir(dense_gv, [q, k_cache, v_cache, layer, n], part))
     sparse_gv = kern.get("sparse_tree_attention", sparse_attention.sparse_tree_attention,
-                         *attn_args, sized=False)
-    sparse = bb.emit(relax.call_tir(sparse_gv, [q, k_tree, v_cache, *tree, layer, n], part))
+                         hq, g, d, sized=False)
+    sparse = bb.emit(relax.call_tir(sparse_gv, [q, *kv_tree, *tree], part))
     merge_gv = kern.get("attention_merge", ops.attention_merge, hq, d)
     return bb.emit(relax.call_tir(merge_gv, [dense, sparse], tt((w, hq, d), "float32")))
 
@@ -127,14 +127,14 @@ def _forward(bb, kern: _Kernels, cfg: LlamaConfig, inputs, params: dict, last_on
         layer = c.prim_value(c.tir.IntImm("int64", i))
         res = bb.emit(relax.call_tir_inplace(
             rope_gv, [qkv, cs, k_cache, v_cache, layer, n],
-            [-1, 2, 3, -1],
+            [-1, 2, 3, -1, -1],
             [tt((hq, w, d), "float32"), k_cache.ty, v_cache.ty,
-             tt((cfg.num_kv_heads, w, d), "float32")]))
+             tt((cfg.num_kv_heads, w, d), "float32"), tt((cfg.num_kv_heads, w, d), "float32")]))
         q = bb.emit(relax.TupleGetItem(res, 0))
         k_cache = bb.emit(relax.TupleGetItem(res, 1))
         v_cache = bb.emit(relax.TupleGetItem(res, 2))
-        k_tree = bb.emit(relax.TupleGetItem(res, 3))
-        o = _attention(bb, kern, cfg, q, k_tree, k_cache, v_cache, tree, layer, n)
+        kv_tree = (bb.emit(relax.TupleGetItem(res, 3)), bb.emit(relax.TupleGetItem(res, 4)))
+        o = _attention(bb, kern, cfg, q, kv_tree, k_cache, v_cache, tree, layer, n)
         o = bb.emit(relax.op.reshape(o, (w, hq * d)))
         x = call(kern.linear(e, hq * d, True), [o, params[p + "wo"], x], (w, e))
         h = call(norm_gv, [x, params[p + "ffn_norm"]], (w, e))

@@ -34,9 +34,10 @@ def rope_kv(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, conte
     ``cs[w, D]`` holds each row's cosines and sines (:func:`hetcomp.kernels.ops.rope_table`,
     computed once per call for all layers). Writes the roped K of tree node i to
     ``k_cache[layer, :, :, n + i]`` and its V to ``v_cache[layer, :, n + i, :]`` in place, and
-    returns the roped queries ``q[H, w, D]`` and the roped keys once more, row-major,
-    ``k_tree[G, w, D]``: the sparse tree-attention kernel's dot products over head_dim load
-    them as vectors, which the position-major K cache cannot give.
+    returns the roped queries ``q[H, w, D]`` and the tree's keys and values once more, in one
+    row-major layout, ``k_tree[G, w, D]`` and ``v_tree[G, w, D]``: the sparse tree-attention
+    kernel reads only these (its dot products over head_dim load keys as vectors, which the
+    position-major K cache cannot give), so a unit that runs it needs no cache.
     """
     hq, g, d, nl, c = num_heads, num_kv_heads, head_dim, layers, context
     half = d // 2
@@ -49,7 +50,8 @@ def rope_kv(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, conte
 
     @T.prim_func(private=True)
     def rope_kv_func(var_qkv: T.handle, var_cs: T.handle, var_k: T.handle, var_v: T.handle,
-                     layer: T.int64, n: T.int64, var_q: T.handle, var_kt: T.handle):
+                     layer: T.int64, n: T.int64, var_q: T.handle, var_kt: T.handle,
+                     var_vt: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True,
                      "hetcomp.rule": "script.rope"})
         w = T.int64()
@@ -59,6 +61,7 @@ def rope_kv(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, conte
         v_cache = T.match_buffer(var_v, (nl, g, c, d), "float32")
         q = T.match_buffer(var_q, (hq, w, d), "float32")
         k_tree = T.match_buffer(var_kt, (g, w, d), "float32")
+        v_tree = T.match_buffer(var_vt, (g, w, d), "float32")
         for h in heads(hq + g):
             for j in pairs(half):
                 for i in range(w):
@@ -75,8 +78,12 @@ def rope_kv(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, conte
                         k_tree[h - hq, i, j] = k0
                         k_tree[h - hq, i, j + half] = k1
                     if h < g:  # the V rows are copied by the first g heads' iterations
-                        v_cache[layer, h, n + i, j] = qkv[i, (hq + g + h) * d + j]
-                        v_cache[layer, h, n + i, j + half] = qkv[i, (hq + g + h) * d + j + half]
+                        v0 = qkv[i, (hq + g + h) * d + j]
+                        v1 = qkv[i, (hq + g + h) * d + j + half]
+                        v_cache[layer, h, n + i, j] = v0
+                        v_cache[layer, h, n + i, j + half] = v1
+                        v_tree[h, i, j] = v0
+                        v_tree[h, i, j + half] = v1
 
     return rope_kv_func.with_attr(OP_KIND, "rope").with_attr(
         ARGS_ATTR, json.dumps([num_heads, num_kv_heads, head_dim, layers, context]))

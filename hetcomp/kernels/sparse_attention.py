@@ -25,11 +25,13 @@ symbolic, so one compiled kernel serves every tree):
   :func:`dense_tree_attention` (``"tree_attention_dense"``, every W x W score under an
   additive mask): benchmark baselines with the same signature; no model calls them.
 
-Layouts are the model's, so nothing is copied: ``q[H, W, D]`` as ``rope_kv`` returns it, the
-tree's keys ``k_tree[G, W, D]`` (``rope_kv`` writes each roped key row there as well as into
-the position-major K cache ``k_cache[L, G, D, C]``, whose key-contiguous layout the dense
-part vectorises over but a per-key dot product over head_dim could not load as a vector),
-and the tree's values where they already are, ``v_cache[layer, G, n + j, D]`` (dim-contiguous).
+Layouts are the model's, so nothing is copied: ``q[H, W, D]`` as ``rope_kv`` returns it, and
+the tree's keys and values ``k_tree[G, W, D]``, ``v_tree[G, W, D]`` (one layout for both;
+``rope_kv`` writes each roped key and each value row there as well as into the caches; the
+position-major K cache ``k_cache[L, G, D, C]`` is key-contiguous, which the dense part
+vectorises over but a per-key dot product over head_dim could not load as a vector). The
+kernel reads nothing of the caches: a unit that runs it needs only tree-sized inputs, so a
+partitioned plan copies q/k/v of the W nodes to it, never the cache.
 Grouped-query: query head h uses KV head ``h // (H // G)``. Output: the partial
 ``[W, H, D + 1]`` the merge reads from both parts, the normalised output (the layout the output
 projection reads) with ``lse = log(sum(exp(scale * q.k)))`` over the row's non-zeros in the
@@ -114,36 +116,23 @@ def validate_csr(row_ptr: np.ndarray, col_idx: np.ndarray, w: int) -> None:
         raise HetcompError(f"col_idx entries must lie in [0, {w})")
 
 
-def check_inputs(q, k, v, row_ptr, col_idx, layer=0, n=0) -> None:
+def check_inputs(q, k, v, row_ptr, col_idx) -> None:
     """Validate the shapes, dtypes and layout of a sparse tree-attention call.
 
     Raises :class:`HetcompError` with the first violation: ``q[H, W, D]``, ``k[G, W, D]``
-    with ``H % G == 0``, ``v[L, G, C, D]`` with ``layer < L`` and ``n + W <= C``, all float32
-    and C-contiguous, and a valid CSR tree (:func:`validate_csr`).
+    with ``H % G == 0``, ``v`` shaped as ``k``, all float32 and C-contiguous, and a valid CSR
+    tree (:func:`validate_csr`).
     """
-    for name, a, rank in (("q", q, 3), ("k", k, 3), ("v", v, 4)):
-        if a.ndim != rank or a.dtype != np.float32 or not a.flags.c_contiguous:
-            raise HetcompError(f"{name} must be a C-contiguous float32 array of {rank} dims, "
+    for name, a in (("q", q), ("k", k), ("v", v)):
+        if a.ndim != 3 or a.dtype != np.float32 or not a.flags.c_contiguous:
+            raise HetcompError(f"{name} must be a C-contiguous float32 array of 3 dims, "
                                f"got {a.dtype} {a.shape}")
     h, w, d = q.shape
     if k.shape[1:] != (w, d) or h % k.shape[0]:
         raise HetcompError(f"k must be [G, {w}, {d}] with G dividing {h}, got {k.shape}")
-    if v.shape[1] != k.shape[0] or v.shape[3] != d or not (
-            0 <= int(layer) < v.shape[0] and 0 <= int(n) and int(n) + w <= v.shape[2]):
-        raise HetcompError(f"v must be [L, {k.shape[0]}, C, {d}] holding the tree at layer "
-                           f"{int(layer)}, slots {int(n)}..{int(n) + w}, got {v.shape}")
+    if v.shape != k.shape:
+        raise HetcompError(f"v must be shaped as k, {k.shape}, got {v.shape}")
     validate_csr(row_ptr, col_idx, w)
-
-
-def flops_bytes(num_heads: int, num_kv_heads: int, head_dim: int, w: int,
-                nnz: int) -> dict[str, tuple[int, int]]:
-    """Static (flops, bytes) estimates of the sparse and the dense kernel (roofline input)."""
-    h, g, d = num_heads, num_kv_heads, head_dim
-    io = 4 * (h * w * d * 2 + 2 * g * w * d + h * w)
-    return {
-        "sparse": (4 * h * nnz * d + 8 * h * nnz, io + 4 * (w + 1 + nnz)),
-        "dense": (4 * h * w * w * d + 8 * h * w * w, io + 4 * w * w),
-    }
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -196,9 +185,9 @@ def _row_helpers():
         s[r] = s[r] * scale
 
     @T.inline
-    def _online_update(v, layer, n, vg, vc, r, d, acc, s, m, den, p, alpha):
+    def _online_update(v, vg, vc, r, d, acc, s, m, den, p, alpha):
         """Fold tree key ``vc`` with score ``s[r]`` into head r's running (max, denominator,
-        acc); its value row is ``v_cache[layer, vg, n + vc]``, where ``rope_kv`` wrote it."""
+        acc); its value row is ``v_tree[vg, vc]``."""
         # Branch-free, one exp per key: with e = exp(-|s - m|), either the maximum stands
         # (alpha = 1, p = e) or s is the new maximum (alpha = e rescales the running sums,
         # p = 1). A branch here would be mispredicted on every other key.
@@ -214,7 +203,7 @@ def _row_helpers():
         for e in range(d):
             with T.sblock("pv"):
                 vr, ve = T.axis.remap("SS", [r, e])
-                acc[vr, ve] = acc[vr, ve] + p[vr] * v[layer, vg, n + vc, ve]
+                acc[vr, ve] = acc[vr, ve] + p[vr] * v[vg, vc, ve]
 
     @T.inline
     def _row_init(rep, d, acc, m, den):
@@ -239,22 +228,21 @@ def _row_helpers():
     return _score, _online_update, _row_init, _row_finish
 
 
-def _sparse_func(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, context: int):
-    hq, g, d, nl, c = num_heads, num_kv_heads, head_dim, layers, context
+def _sparse_func(num_heads: int, num_kv_heads: int, head_dim: int):
+    hq, g, d = num_heads, num_kv_heads, head_dim
     rep = hq // g
     scale = T.float32(1.0 / math.sqrt(d))
     _score, _online_update, _row_init, _row_finish = _row_helpers()
 
     @T.prim_func(s_tir=True)
     def sparse_tree_attention(var_q: T.handle, var_k: T.handle, var_v: T.handle,
-                              var_row_ptr: T.handle, var_col_idx: T.handle, layer: T.int64,
-                              n: T.int64, var_o: T.handle):
+                              var_row_ptr: T.handle, var_col_idx: T.handle, var_o: T.handle):
         T.func_attr({"tirx.noalias": True})
         w = T.int64()
         nnz = T.int64()
         q = T.match_buffer(var_q, (hq, w, d), "float32")
         k = T.match_buffer(var_k, (g, w, d), "float32")
-        v = T.match_buffer(var_v, (nl, g, c, d), "float32")
+        v = T.match_buffer(var_v, (g, w, d), "float32")
         row_ptr = T.match_buffer(var_row_ptr, (w + 1,), "int32")
         col_idx = T.match_buffer(var_col_idx, (nnz,), "int32")
         o = T.match_buffer(var_o, (w, hq, d + 1), "float32")
@@ -279,26 +267,26 @@ def _sparse_func(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, 
                             w, T.Cast("int64", col_idx[T.Cast("int64", row_ptr[vi]) + j]))
                         for r in range(rep):
                             _score(q, k, vg, vi, vc, r, rep, d, scale, s)
-                            _online_update(v, layer, n, vg, vc, r, d, acc, s, m, den, p, alpha)
+                            _online_update(v, vg, vc, r, d, acc, s, m, den, p, alpha)
                 _row_finish(o, vg, vi, rep, d, acc, m, den)
 
     return sparse_tree_attention
 
 
-def _dense_func(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, context: int):
-    hq, g, d, nl, c = num_heads, num_kv_heads, head_dim, layers, context
+def _dense_func(num_heads: int, num_kv_heads: int, head_dim: int):
+    hq, g, d = num_heads, num_kv_heads, head_dim
     rep = hq // g
     scale = T.float32(1.0 / math.sqrt(d))
     _score, _online_update, _row_init, _row_finish = _row_helpers()
 
     @T.prim_func(s_tir=True)
     def tree_attention_dense(var_q: T.handle, var_k: T.handle, var_v: T.handle,
-                             var_mask: T.handle, layer: T.int64, n: T.int64, var_o: T.handle):
+                             var_mask: T.handle, var_o: T.handle):
         T.func_attr({"tirx.noalias": True})
         w = T.int64()
         q = T.match_buffer(var_q, (hq, w, d), "float32")
         k = T.match_buffer(var_k, (g, w, d), "float32")
-        v = T.match_buffer(var_v, (nl, g, c, d), "float32")
+        v = T.match_buffer(var_v, (g, w, d), "float32")
         mask = T.match_buffer(var_mask, (w, w), "int32")
         o = T.match_buffer(var_o, (w, hq, d + 1), "float32")
         for i, kv in T.grid(w, g):
@@ -324,7 +312,7 @@ def _dense_func(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, c
                             _score(q, k, vg, vi, vc, r, rep, d, scale, s)
                             s[r] = s[r] + T.Select(mask[vi, vc] != 0, T.float32(0),
                                                    T.float32(-1e30))
-                            _online_update(v, layer, n, vg, vc, r, d, acc, s, m, den, p, alpha)
+                            _online_update(v, vg, vc, r, d, acc, s, m, den, p, alpha)
                 _row_finish(o, vg, vi, rep, d, acc, m, den)
 
     return tree_attention_dense
@@ -335,32 +323,28 @@ def _check_heads(num_heads: int, num_kv_heads: int, head_dim: int) -> None:
         raise HetcompError(f"{num_heads} query heads cannot share {num_kv_heads} KV heads")
 
 
-def sparse_tree_attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int,
-                          context: int):
+def sparse_tree_attention(num_heads: int, num_kv_heads: int, head_dim: int):
     """The sparse tree-attention kernel, in the model's layouts (unscheduled; module doc).
 
     Parameters
     ----------
     num_heads, num_kv_heads, head_dim : int
         H, G and D; ``num_heads`` must be a multiple of ``num_kv_heads``.
-    layers, context : int
-        The V cache's ``L`` and ``C`` (``v_cache[L, G, C, D]``).
 
     Returns
     -------
     tirx.PrimFunc
-        ``(q[H, w, D], k_tree[G, w, D], v_cache, row_ptr, col_idx, layer, n, part[w, H,
-        D + 1])`` (the output with its log-sum-exp in the last column), tagged ``hetcomp.op_kind = "sparse_tree_attention"`` with
-        ``hetcomp.head_dim``. Inputs must pass :func:`check_inputs`: the kernel trusts
+        ``(q[H, w, D], k_tree[G, w, D], v_tree[G, w, D], row_ptr[w + 1], col_idx[nnz],
+        part[w, H, D + 1])`` (the output with its log-sum-exp in the last column), tagged
+        ``hetcomp.op_kind = "sparse_tree_attention"`` with ``hetcomp.head_dim``. Inputs must pass :func:`check_inputs`: the kernel trusts
         ``col_idx``.
     """
     _check_heads(num_heads, num_kv_heads, head_dim)
-    func = _sparse_func(num_heads, num_kv_heads, head_dim, layers, context)
+    func = _sparse_func(num_heads, num_kv_heads, head_dim)
     return func.with_attr(OP_KIND, SPARSE_KIND).with_attr("hetcomp.head_dim", head_dim)
 
 
-def naive_sparse_tree_attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int,
-                                context: int):
+def naive_sparse_tree_attention(num_heads: int, num_kv_heads: int, head_dim: int):
     """The sparse kernel as plain loops, only its row loop parallel (the benchmark baseline).
 
     Same signature and results as :func:`sparse_tree_attention`, without tensor intrinsics
@@ -369,14 +353,13 @@ def naive_sparse_tree_attention(num_heads: int, num_kv_heads: int, head_dim: int
     """
     _check_heads(num_heads, num_kv_heads, head_dim)
     c = compiler()
-    sch = c.Schedule(_sparse_func(num_heads, num_kv_heads, head_dim, layers, context))
+    sch = c.Schedule(_sparse_func(num_heads, num_kv_heads, head_dim))
     sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("row"))))  # as the tuned schedule
     return (sch.mod["main"].with_attr(OP_KIND, NAIVE_KIND)
             .with_attr(c.IS_SCHEDULED, True))
 
 
-def dense_tree_attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int,
-                         context: int):
+def dense_tree_attention(num_heads: int, num_kv_heads: int, head_dim: int):
     """Dense masked baseline: all W x W scores, masked by ``mask[W, W]`` (int32, 1 = attend).
 
     The same row/key/head_dim block nest as :func:`sparse_tree_attention`, with the key loop
@@ -387,9 +370,9 @@ def dense_tree_attention(num_heads: int, num_kv_heads: int, head_dim: int, layer
     Returns
     -------
     tirx.PrimFunc
-        ``(q, k_tree, v_cache, mask, layer, n, part)`` with the output of
+        ``(q, k_tree, v_tree, mask[w, w], part)`` with the output of
         :func:`sparse_tree_attention`; tagged ``hetcomp.op_kind = "tree_attention_dense"``.
     """
     _check_heads(num_heads, num_kv_heads, head_dim)
-    func = _dense_func(num_heads, num_kv_heads, head_dim, layers, context)
+    func = _dense_func(num_heads, num_kv_heads, head_dim)
     return func.with_attr(OP_KIND, DENSE_KIND).with_attr("hetcomp.head_dim", head_dim)

@@ -224,13 +224,16 @@ class _Rewriter(_c.PyExprMutator):
         queries against the cache) on ``plan.dense_attention``'s unit, the sparse part (each
         row against its CSR ancestors, the tensorized kernel the unit's rule schedules) on
         ``plan.sparse_attention``'s; their merge stays on the host. The fused masked kernel
-        (prefill, the narrowest verify widths) goes with the cache, on the dense unit."""
+        (prefill, the narrowest verify widths) goes with the cache, on the dense unit. The
+        cache never moves: the dense unit holds it, and the sparse part reads only the tree's
+        q, k_tree, v_tree (from ``rope_kv``) and CSR, so only those and the
+        ``[w, H, D + 1]`` partials cross."""
         relax = _c.relax
         args = list(call.args[1].fields)
         hq, w, d = args[0].ty.shape  # q[H, w, D]
         sparse = kind == SPARSE_KIND
         unit = self.plan.sparse_attention if sparse else self.plan.dense_attention
-        moved = [self._to(a, unit) for a in args]  # the cache may live on the other unit
+        moved = [self._to(a, unit) for a in args]  # tree-sized inputs only (docstring)
         if unit == 0 and all(m.same_as(a) for m, a in zip(moved, args, strict=True)):
             return call
         # A part is [w, H, D + 1] (output and log-sum-exp); the fused kernel's output [w, H, D].

@@ -313,6 +313,7 @@ def plan_probes(shape: ModelShape, opts: ProfileOptions, wdtype: str = "float32"
                                        ("shared", "kc"), ("shared", "vc"),
                                        ("mod", s.layers), ("int", 100),
                                        ("zeros", (s.heads, w, s.head_dim), "float32"),
+                                       ("zeros", (s.kv_heads, w, s.head_dim), "float32"),
                                        ("zeros", (s.kv_heads, w, s.head_dim), "float32")))
         for w in ws) + tuple(
         Probe(table, rope_table_features(s, w), (("arange", w, 100),
@@ -392,16 +393,15 @@ def attention_probes(s: ModelShape, opts: ProfileOptions, kernel, cache) -> list
                 dense_probes.append(Probe(f, dense_attention_features(s, w, cl), (
                     q(w), ("shared", "kc"), ("shared", "vc"), ("mod", nl), ("int", cl),
                     part(w))))
-    sparse = kernel("sparse_tree_attention", sparse_attention.sparse_tree_attention, h, g, d,
-                    nl, c)
+    sparse = kernel("sparse_tree_attention", sparse_attention.sparse_tree_attention, h, g, d)
     merge = {w: kernel(f"attention_merge_w{w}", ops.attention_merge, h, d, rows=w)
              for w in split}
     tree_probes = []
     for w in split:
         nnz = int(probe_tree(w).mask().sum())
         tree_probes.append(Probe(sparse, sparse_attention_features(s, w, nnz), (
-            q(w), ("rand", (g, w, d), "float32", 0.5, 1), ("shared", "vc"),
-            ("tree_csr", w, 0), ("tree_csr", w, 1), ("mod", nl), ("int", c // 2), part(w))))
+            q(w), ("rand", (g, w, d), "float32", 0.5, 1), ("rand", (g, w, d), "float32", 0.5, 1),
+            ("tree_csr", w, 0), ("tree_csr", w, 1), part(w))))
         tree_probes.append(Probe(merge[w], merge_features(s, w), (
             ("rand", (w, h, d + 1), "float32", 0.5, 1), ("rand", (w, h, d + 1), "float32", 0.5, 1),
             ("zeros", (w, h, d), "float32"))))

@@ -37,19 +37,6 @@ def reference_attention(q, k, v, mask):
     return np.einsum("hij,hjd->hid", e / z, vv), (m + np.log(z))[..., 0]
 
 
-LAYERS, CONTEXT = 2, 96  # the V cache the kernel tests place the tree's values in
-
-
-def in_model_layout(k, v, n: int = 5, layer: int = 1, seed: int = 0):
-    """``k[G, W, D], v[G, W, D]`` as the model holds them: ``(k_tree, v_cache, layer, n)``
-    with the values at ``v_cache[layer, :, n:n + W]`` and random (finite) values elsewhere,
-    which the kernel must not read."""
-    g, w, d = v.shape
-    cache = np.random.default_rng(seed).standard_normal((LAYERS, g, CONTEXT, d), "float32")
-    cache[layer, :, n:n + w] = v
-    return np.ascontiguousarray(k), cache, layer, n
-
-
 def split_part(part):
     """A partial ``[W, H, D + 1]`` as ``(o[H, W, D], lse[H, W])``."""
     return part[..., :-1].transpose(1, 0, 2), part[..., -1].T

@@ -18,12 +18,9 @@ from hetcomp.schedules.llvm import llvm_rules
 from hetcomp.schedules.x86 import AVX2_F32, AVX512_F32, x86_rules
 from hetcomp.testing import tree_mask
 from hetcomp.testing.tree_attention import (
-    CONTEXT,
-    LAYERS,
     D,
     G,
     H,
-    in_model_layout,
     random_qkv,
     random_tree,
     reference_attention,
@@ -68,24 +65,23 @@ needs_x86_rule = pytest.mark.skipif(not host_has_x86_rule(),
 @pytest.fixture(scope="module")
 def kernels():
     # Unscheduled kernels stand in (same numerics) on a host without AVX2 + FMA.
-    sparse = sa.sparse_tree_attention(H, G, D, LAYERS, CONTEXT)
+    sparse = sa.sparse_tree_attention(H, G, D)
     sparse = apply_rules(sparse, x86_rules(), HOST) or sparse
-    dense = sa.dense_tree_attention(H, G, D, LAYERS, CONTEXT)
+    dense = sa.dense_tree_attention(H, G, D)
     dense = apply_rules(dense, x86_rules(), HOST) or dense
     return {"sparse": host_kernel(sparse), "dense": host_kernel(dense),
-            "naive": host_kernel(sa.naive_sparse_tree_attention(H, G, D, LAYERS, CONTEXT))}
+            "naive": host_kernel(sa.naive_sparse_tree_attention(H, G, D))}
 
 
 def run(kernels, name, q, k, v, row_ptr, col_idx):
-    """Run a kernel on ``k, v[G, W, D]`` placed as the model holds them; (o[H, W, D], lse)."""
-    k_tree, v_cache, layer, n = in_model_layout(k, v)
+    """Run a kernel on the tree's ``k, v[G, W, D]`` (the model's layout); (o[H, W, D], lse)."""
     shapes = [(q.shape[1], q.shape[0], q.shape[2] + 1)]
     if name == "dense":
         tree = (sa.mask_from_csr(row_ptr, col_idx),)
     else:
-        sa.check_inputs(q, k_tree, v_cache, row_ptr, col_idx, layer, n)
+        sa.check_inputs(q, k, v, row_ptr, col_idx)
         tree = (row_ptr, col_idx)
-    (part,) = kernels[name](q, k_tree, v_cache, *tree, layer, n, out_shapes=shapes)
+    (part,) = kernels[name](q, k, v, *tree, out_shapes=shapes)
     return split_part(part)
 
 
@@ -124,14 +120,13 @@ def test_check_inputs_rejects_bad_layout():
     rng = np.random.default_rng(1)
     q, k, v = random_qkv(8, rng)
     row_ptr, col_idx = sa.csr_from_parents(random_tree(8, rng))
-    k, v, layer, n = in_model_layout(k, v)
-    sa.check_inputs(q, k, v, row_ptr, col_idx, layer, n)
+    sa.check_inputs(q, k, v, row_ptr, col_idx)
     with pytest.raises(HetcompError, match="C-contiguous"):
-        sa.check_inputs(q, np.swapaxes(k, 1, 2), v, row_ptr, col_idx, layer, n)
+        sa.check_inputs(q, np.swapaxes(k, 1, 2), v, row_ptr, col_idx)
     with pytest.raises(HetcompError, match="G dividing"):
-        sa.check_inputs(q, k[:, :7].copy(), v, row_ptr, col_idx, layer, n)
-    with pytest.raises(HetcompError, match="slots"):
-        sa.check_inputs(q, k, v, row_ptr, col_idx, layer, CONTEXT - 4)
+        sa.check_inputs(q, k[:, :7].copy(), v, row_ptr, col_idx)
+    with pytest.raises(HetcompError, match="shaped as k"):  # a V cache in place of v_tree
+        sa.check_inputs(q, k, np.zeros((G, 96, D), "float32"), row_ptr, col_idx)
 
 
 @pytest.mark.parametrize("w", [4, 16, 64])
@@ -190,13 +185,13 @@ def test_merge_with_dense_part_equals_full_attention(kernels):
 
 def test_rules_apply_only_to_their_kinds_and_targets():
     c = _tvm.compiler()
-    sparse = sa.sparse_tree_attention(H, G, D, LAYERS, CONTEXT)
+    sparse = sa.sparse_tree_attention(H, G, D)
     x86_rule, neon = x86.SparseTreeAttentionRule(), arm.SparseTreeAttentionRule()
     host, arm_t = c.Target(HOST), c.Target(AARCH64_NEON)
     with host:
         assert x86_rule.apply(ops.attention_merge(H, D), host, False) is None
         assert neon.apply(sparse, host, False) is None
-        assert x86_rule.apply(sa.sparse_tree_attention(H, G, 48, LAYERS, CONTEXT), host,
+        assert x86_rule.apply(sa.sparse_tree_attention(H, G, 48), host,
                          False) is None  # no intrinsic for head_dim 48
         assert x86_rule.apply(sparse, c.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu"}),
                          False) is None  # no AVX2/FMA named: generic x86-64
@@ -217,7 +212,7 @@ def test_intrinsics_registered_once():
 
 @needs_x86_rule
 def test_x86_kernel_uses_vector_fmas():
-    func = apply_rules(sa.sparse_tree_attention(H, G, D, LAYERS, CONTEXT), x86_rules(), HOST)
+    func = apply_rules(sa.sparse_tree_attention(H, G, D), x86_rules(), HOST)
     c = _tvm.compiler()
     lib = c.compile(c.IRModule({"main": func}), target=c.Target(HOST))
     asm = lib.mod.inspect_source("s")

@@ -1,6 +1,7 @@
 """Plans hosted on either unit, attention split both ways, the KV cache where the dense part
 runs: numerics on two CPU virtual devices against the unpartitioned model."""
 
+import dataclasses
 import json
 
 import pytest
@@ -64,6 +65,35 @@ def test_kv_cache_never_crosses_to_the_dense_unit(unit):
     assert (vd is None) == (unit == 0)
     if unit == 1:
         assert int(vd.vdevice_id) == 1 and int(mod["commit"].params[0].ty.vdevice.vdevice_id) == 1
+
+
+def _crossings(func) -> list[tuple]:
+    """The shapes (ints, or None for a symbolic dim) of the tensors ``func`` copies between
+    units with ``R.to_vdevice``."""
+    return [tuple(int(d) if isinstance(d, c.tir.IntImm) else None for d in v.args[0].ty.shape)
+            for block in func.body.blocks for b in block.bindings
+            if isinstance(v := b.value, c.relax.Call)
+            and v.op.same_as(c.Op.get("relax.to_vdevice"))]
+
+
+@pytest.mark.parametrize("dense,sparse", [(0, 1), (1, 0)])
+def test_only_tree_sized_values_cross_in_split_attention(dense, sparse):
+    """Attention split across units, the cache with the dense part: what crosses is the tree's
+    q/k/v, its CSR and the [w, H, D + 1] partials (and the linear layers' column pieces),
+    never a tensor with a cache-sized dimension. (The sparse kernel once read tree V from
+    the V cache, which then went to the sparse unit in every layer of every step.)"""
+    cfg = dataclasses.replace(TINY, max_context=200)  # a size no other tensor has
+    plan = HeteroPlan(targets=(HOST, HOST), ratios=(("default", 0.5),),
+                      dense_attention=dense, sparse_attention=sparse)
+    mod = PartitionHetero(plan)(build_module(cfg, static_widths=(4,)))
+    hq, g, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    for name in ("verify", "verify_w4", "prefill", "commit"):
+        shapes = _crossings(mod[name])
+        assert all(len(s) <= 3 and cfg.max_context not in s for s in shapes), (name, shapes)
+    # The sparse part's inputs went to its unit, the partials came back to the host.
+    w4 = set(_crossings(mod["verify_w4"]))
+    assert {(hq, 4, d), (g, 4, d), (4, hq, d + 1)} <= w4
+    assert (5,) in w4 if sparse else (4, hq, d + 1) in w4  # row_ptr crosses to unit 1
 
 
 def test_shared_memory_plan_has_no_copies():

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from hetcomp.cost.roofline import ModelShape
+from hetcomp.cost.roofline import ModelShape, layer_attention
 from hetcomp.errors import HetcompError
 from hetcomp.hardware import ORIN_NX_CPU, ORIN_NX_GPU
 from hetcomp.planner import Plan, PlannerOptions, UnitModel, plan
@@ -70,3 +70,24 @@ def test_measured_and_spec_units_are_refused_in_one_line():
     with pytest.raises(HetcompError, match="use --units orin-nx for the board"):
         split_unit_names(["cpu", "orin-nx"])
     assert split_unit_names(["orin-nx"]) == ([], ["orin-nx-cpu", "orin-nx-gpu"])
+
+
+def test_split_attention_moves_only_tree_sized_bytes():
+    """The cache stays with the dense part: across a 16 GB/s link, the dense unit gets the
+    qkv rows and returns its [w, H, D + 1] partial (+ the tree's q/k/v for a host sparse
+    part); the sparse unit gets q/k_tree/v_tree and returns its partial. No cache bytes."""
+    from hetcomp.planner import _StepModel
+
+    def free(_features):
+        return 0.0
+
+    units = [UnitModel("cpu", free), UnitModel("cuda", free, shared_memory=False, link_gbs=16.0)]
+    model = _StepModel(SMOL, units, ratio_steps=4)
+    w = 16
+    q_kv, part = 4 * w * SMOL.qkv_size, 4 * w * SMOL.heads * (SMOL.head_dim + 1)
+    for cache_len in (0, 1024):  # independent of the cache length
+        parts = layer_attention(SMOL, w, cache_len)
+        assert model.attention_time(parts, "cuda", "cpu") == pytest.approx(
+            (2 * q_kv + part) / 16e9)
+        assert model.attention_time(parts, "cpu", "cuda") == pytest.approx(
+            (q_kv + part) / 16e9)

@@ -11,12 +11,9 @@ from hetcomp.kernels import sparse_attention as sa
 from hetcomp.schedules.arm import arm_rules
 from hetcomp.testing import tree_mask
 from hetcomp.testing.tree_attention import (
-    CONTEXT,
-    LAYERS,
     D,
     G,
     H,
-    in_model_layout,
     random_qkv,
     random_tree,
     reference_attention,
@@ -31,7 +28,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory):
-    func = apply_rules(sa.sparse_tree_attention(H, G, D, LAYERS, CONTEXT), arm_rules(),
+    func = apply_rules(sa.sparse_tree_attention(H, G, D), arm_rules(),
                        AARCH64_NEON)
     assert func is not None, "the NEON rule must apply to aarch64 +neon"
     return QemuKernel(func, "sparse_tree_attention", num_outputs=1, check=sa.check_inputs,
@@ -48,8 +45,7 @@ def tree_inputs(w, seed):
 @pytest.mark.parametrize("w", [4, 16, 64])
 def test_arm_kernel_matches_numpy(kernel, w):
     parents, (q, k, v), (row_ptr, col_idx) = tree_inputs(w, 100 + w)
-    k_tree, v_cache, layer, n = in_model_layout(k, v)
-    o, lse = split_part(kernel(q, k_tree, v_cache, row_ptr, col_idx, layer, n)[0])
+    o, lse = split_part(kernel(q, k, v, row_ptr, col_idx)[0])
     o_ref, lse_ref = reference_attention(q, k, v, tree_mask(parents))
     np.testing.assert_allclose(o, o_ref, atol=1e-5, rtol=0)
     np.testing.assert_allclose(lse, lse_ref, atol=1e-5, rtol=0)
@@ -66,36 +62,34 @@ def test_assembly_uses_neon_vector_fmas(kernel):
 
 def test_wrapper_rejects_bad_shapes_and_trees(kernel):
     _, (q, k, v), (row_ptr, col_idx) = tree_inputs(16, 5)
-    k, v, layer, n = in_model_layout(k, v)
     with pytest.raises(HetcompError, match=r"k must have shape \(3, 16, 64\)"):
-        kernel(q, np.zeros((G, 17, D), "float32"), v, row_ptr, col_idx, layer, n)
+        kernel(q, np.zeros((G, 17, D), "float32"), v, row_ptr, col_idx)
     with pytest.raises(HetcompError, match="C-contiguous"):  # a wrongly packed [G, D, W] K
         kernel(q, np.swapaxes(np.ascontiguousarray(np.swapaxes(k, 1, 2)), 1, 2), v, row_ptr,
-               col_idx, layer, n)
+               col_idx)
     with pytest.raises(HetcompError, match="float32"):
-        kernel(q.astype("float64"), k, v, row_ptr, col_idx, layer, n)
+        kernel(q.astype("float64"), k, v, row_ptr, col_idx)
     bad_cols = col_idx.copy()
     bad_cols[-1] = 16  # a key outside the tree: would be an out-of-bounds read
     with pytest.raises(HetcompError, match=r"\[0, 16\)"):
-        kernel(q, k, v, row_ptr, bad_cols, layer, n)
+        kernel(q, k, v, row_ptr, bad_cols)
     empty_row = row_ptr.copy()
     empty_row[3] = empty_row[2]  # node 2 without even itself: a malformed tree
     with pytest.raises(HetcompError, match="increase strictly"):
-        kernel(q, k, v, empty_row, col_idx, layer, n)
-    with pytest.raises(HetcompError, match="slots"):  # the tree past the cache's end
-        kernel(q, k, v, row_ptr, col_idx, layer, CONTEXT - 8)
+        kernel(q, k, v, empty_row, col_idx)
+    with pytest.raises(HetcompError, match=r"v must have shape \(3, 16, 64\)"):  # a V cache
+        kernel(q, k, np.zeros((G, 96, D), "float32"), row_ptr, col_idx)
 
 
 def test_kernel_itself_rejects_mismatched_arguments(kernel):
     # Bypassing the Python checks, the kernel's own argument checks still refuse the call.
     _, (q, k, v), (row_ptr, col_idx) = tree_inputs(16, 6)
-    k, v, layer, n = in_model_layout(k, v)
     outs = [np.empty((16, H, D + 1), "float32")]
     k_bad = np.zeros((G, 17, D), "float32")
     with pytest.raises(HetcompError, match=r"Mismatched k\.shape\[1\]"):
-        kernel.run_unchecked([q, k_bad, v, row_ptr, col_idx, layer, n, *outs], 7)
+        kernel.run_unchecked([q, k_bad, v, row_ptr, col_idx, *outs], 5)
     with pytest.raises(HetcompError, match=r"Mismatched col_idx\.dtype"):
-        kernel.run_unchecked([q, k, v, row_ptr, col_idx.astype("int64"), layer, n, *outs], 7)
+        kernel.run_unchecked([q, k, v, row_ptr, col_idx.astype("int64"), *outs], 5)
 
 
 # ----------------------------------------------------------------------------- the model

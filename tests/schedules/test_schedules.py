@@ -78,7 +78,7 @@ def test_rms_norm_matches_numpy(rows):
 @pytest.mark.parametrize("rows", [1, 3])
 def test_rope_table_and_rope_kv_match_numpy(rows):
     """The step's cos/sin table, then one layer's rotation: queries returned, roped K and the
-    V rows written to the cache slots ``n + i`` of that layer only."""
+    V rows written to the cache slots ``n + i`` of that layer only and returned row-major."""
     from hetcomp.testing.numpy_llama import rope
 
     hq, g, d, layers, context, theta, layer, n = 4, 2, 16, 2, 32, 10000.0, 1, 7
@@ -97,7 +97,8 @@ def test_rope_table_and_rope_kv_match_numpy(rows):
     vc = _tvm.tensor(np.zeros((layers, g, context, d), "float32"))
     q = _tvm.tensor(np.zeros((hq, rows, d), "float32"))
     k_tree = _tvm.tensor(np.zeros((g, rows, d), "float32"))
-    rope_kv(_tvm.tensor(qkv), cs, kc, vc, layer, n, q, k_tree)
+    v_tree = _tvm.tensor(np.zeros((g, rows, d), "float32"))
+    rope_kv(_tvm.tensor(qkv), cs, kc, vc, layer, n, q, k_tree, v_tree)
     heads = qkv.reshape(rows, hq + 2 * g, d).astype(np.float64)
     np.testing.assert_allclose(q.numpy(), rope(heads[:, :hq], pos, theta).transpose(1, 0, 2),
                                rtol=1e-5, atol=1e-5)
@@ -110,6 +111,8 @@ def test_rope_table_and_rope_kv_match_numpy(rows):
     v_ref = np.zeros((layers, g, context, d))
     v_ref[layer, :, n: n + rows] = heads[:, hq + g:].transpose(1, 0, 2)
     np.testing.assert_array_equal(vc.numpy(), v_ref.astype("float32"))
+    # The values in the keys' layout: all the sparse part reads of this layer's tree.
+    np.testing.assert_array_equal(v_tree.numpy(), v_ref[layer, :, n: n + rows].astype("float32"))
 
 
 def _build(sch_or_func):
