@@ -50,8 +50,8 @@ MEDUSA_TOPK = 10  # candidates per head the medusa function returns (the trees' 
 class _Kernels:
     """Adds each distinct kernel to the module once and hands out its GlobalVar."""
 
-    def __init__(self, bb, cfg: LlamaConfig, wdtype: str):
-        self.bb, self.cfg, self.wdtype, self._gvs = bb, cfg, wdtype, {}
+    def __init__(self, bb, cfg: LlamaConfig, wdtype: str, kv_dtype: str = "float32"):
+        self.bb, self.cfg, self.wdtype, self.kv_dtype, self._gvs = bb, cfg, wdtype, kv_dtype, {}
         self.rows: int | None = None  # static row count of the function being built
 
     def get(self, name: str, builder, *args, sized: bool = True, rows: int | None = None):
@@ -84,12 +84,13 @@ def _attention(bb, kern: _Kernels, cfg: LlamaConfig, q, kv_tree, k_cache, v_cach
     hq, g, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     attn_args = (hq, g, d, cfg.num_layers, cfg.max_context)
     if len(tree) == 1:
-        gv = kern.get("attention", ops.attention, *attn_args)
+        gv = kern.get("attention", functools.partial(ops.attention, kv_dtype=kern.kv_dtype),
+                      *attn_args)
         return bb.emit(relax.call_tir(gv, [q, k_cache, v_cache, tree[0], layer, n],
                                       tt((w, hq, d), "float32")))
     part = tt((w, hq, d + 1), "float32")  # each part's output with its lse (ops.attention)
-    dense_gv = kern.get("attention_dense", functools.partial(ops.attention, part="dense"),
-                        *attn_args)
+    dense_gv = kern.get("attention_dense", functools.partial(
+        ops.attention, part="dense", kv_dtype=kern.kv_dtype), *attn_args)
     dense = bb.emit(relax.call_tir(dense_gv, [q, k_cache, v_cache, layer, n], part))
     sparse_gv = kern.get("sparse_tree_attention", sparse_attention.sparse_tree_attention,
                          hq, g, d, sized=False)
@@ -114,8 +115,8 @@ def _forward(bb, kern: _Kernels, cfg: LlamaConfig, inputs, params: dict, last_on
         return bb.emit(relax.call_tir(gv, args, tt(shape, dtype)))
 
     norm_gv = kern.get("rms_norm", ops.rms_norm, e, cfg.norm_eps)
-    rope_gv = kern.get("rope_kv", script_ops.rope_kv, hq, cfg.num_kv_heads, d, cfg.num_layers,
-                       cfg.max_context, sized=False)
+    rope_gv = kern.get("rope_kv", functools.partial(script_ops.rope_kv, kv_dtype=kern.kv_dtype),
+                       hq, cfg.num_kv_heads, d, cfg.num_layers, cfg.max_context, sized=False)
     silu_gv = kern.get("silu_mul", ops.silu_mul, f)
     x = call(kern.get("embed", ops.embed, cfg.vocab_size, e, kern.wdtype),
              [tokens, params["embed"]], (w, e))
@@ -234,7 +235,8 @@ def _add_medusa(bb, kern: _Kernels, cfg: LlamaConfig, num_heads: int, wdtype: st
 def build_module(cfg: LlamaConfig, wdtype: str = "float32", medusa_heads: int = 0,
                  static_widths: tuple[int, ...] = (), medusa_root: bool = False,
                  draft_dtype: str | None = None, draft_vocab: int = 0,
-                 fused_widths: tuple[int, ...] = FUSED_WIDTHS, prefill_chunk: int = 0):
+                 fused_widths: tuple[int, ...] = FUSED_WIDTHS, prefill_chunk: int = 0,
+                 kv_dtype: str = "float32"):
     """The unscheduled Relax IRModule of the decoder for weight dtype ``wdtype``.
 
     ``verify`` takes any width; ``verify_w{W}`` for each W in ``static_widths`` is the same
@@ -245,21 +247,23 @@ def build_module(cfg: LlamaConfig, wdtype: str = "float32", medusa_heads: int = 
     default ``wdtype``; ``draft_vocab``: the size of its draft vocabulary, 0 for the whole
     one). ``verify_w{W}`` for W in ``fused_widths`` runs the fused masked attention kernel;
     every other verify the dense + sparse + merge split (module doc). ``prefill_chunk = C >
-    0`` adds ``prefill_w{C}`` (module doc). The module attribute
+    0`` adds ``prefill_w{C}`` (module doc). ``kv_dtype``: the KV cache's element type
+    (``float16`` halves its bytes; attention widens every element to float32 as it reads it
+    and accumulates in float32). The module attribute
     ``hetcomp.model_functions`` lists the functions that run the decoder (what partitioning
     applies to).
     """
     c = compiler()
     relax, tir, tt = c.relax, c.tir, c.TensorType
     bb = c.BlockBuilder()
-    kern = _Kernels(bb, cfg, wdtype)
+    kern = _Kernels(bb, cfg, wdtype, kv_dtype)
     k_shape, v_shape = kv_cache_shapes(cfg)
     specs = param_specs(cfg, wdtype)
 
     def cache_vars():
         n = tir.Var("n", "int64")
-        return (relax.Var("k_cache", tt(k_shape, "float32")),
-                relax.Var("v_cache", tt(v_shape, "float32")),
+        return (relax.Var("k_cache", tt(k_shape, kv_dtype)),
+                relax.Var("v_cache", tt(v_shape, kv_dtype)),
                 relax.Var("cache_len", c.ShapeType([n])), n)
 
     functions = [("prefill", True, None), ("verify", False, None)]
@@ -292,8 +296,9 @@ def build_module(cfg: LlamaConfig, wdtype: str = "float32", medusa_heads: int = 
     k_cache, v_cache, cache_len, n = cache_vars()
     a = tir.Var("a", "int64")
     accepted = relax.Var("accepted", tt((a,), "int32"))
-    commit_gv = kern.get("kv_commit", script_ops.kv_commit, cfg.num_kv_heads, cfg.head_dim,
-                         cfg.num_layers, cfg.max_context, sized=False)
+    commit_gv = kern.get("kv_commit", functools.partial(script_ops.kv_commit, kv_dtype=kv_dtype),
+                         cfg.num_kv_heads, cfg.head_dim, cfg.num_layers, cfg.max_context,
+                         sized=False)
     with bb.function("commit", [k_cache, v_cache, accepted, cache_len]):
         with bb.dataflow():
             res = bb.emit(relax.call_tir_inplace(

@@ -234,13 +234,14 @@ def argmax(vocab: int, rows: int | None = None):
     return _finish(te.create_prim_func([logits, idx], index_dtype_override="int64"), "argmax")
 
 
-def _attention_inputs(hq: int, g: int, d: int, layers: int, context: int, rows: int | None):
+def _attention_inputs(hq: int, g: int, d: int, layers: int, context: int, rows: int | None,
+                      kv_dtype: str = "float32"):
     """Symbols and placeholders shared by the attention kernels (cache layouts: module doc)."""
     te = compiler().te
     w, n, layer = _rows(rows), _sym("n"), _sym("layer")
     q = te.placeholder((hq, w, d), "float32", name="q")
-    kt = te.placeholder((layers, g, d, context), "float32", name="k_cache")
-    vc = te.placeholder((layers, g, context, d), "float32", name="v_cache")
+    kt = te.placeholder((layers, g, d, context), kv_dtype, name="k_cache")
+    vc = te.placeholder((layers, g, context, d), kv_dtype, name="v_cache")
     mask = te.placeholder((w, w), "int32", name="mask")
     return w, n, layer, q, kt, vc, mask
 
@@ -252,7 +253,7 @@ def key_tile(context: int) -> int:
 
 
 def attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, context: int,
-              rows: int | None = None, part: str = "full"):
+              rows: int | None = None, part: str = "full", kv_dtype: str = "float32"):
     """Attention of the tree queries ``q[H, w, D]`` over the KV cache.
 
     ``part="full"``: over the committed cache ``[0, n)`` plus the tree, whose own K/V sit in
@@ -266,6 +267,10 @@ def attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, con
     cache), which :func:`attention_merge` combines with the sparse part's
     (:func:`hetcomp.kernels.sparse_attention.sparse_tree_attention`).
 
+    ``kv_dtype``: the caches' element type (``float16`` halves the bytes the dense part
+    streams); each K and V element is widened to float32 as it is read, and everything is
+    computed and accumulated in float32.
+
     The keys run over the range rounded up to whole tiles of :func:`key_tile` keys, so the
     vector loops need no tail. Keys past the range get the additive bias ``-inf`` (weight
     exactly 0); they read cache slots that are zero at allocation and hold stale, finite K/V
@@ -277,8 +282,12 @@ def attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, con
     hq, g, d = num_heads, num_kv_heads, head_dim
     rep = hq // g
     tile = key_tile(context)
-    w, n, layer, q, kt, vc, mask = _attention_inputs(hq, g, d, layers, context, rows)
+    w, n, layer, q, kt, vc, mask = _attention_inputs(hq, g, d, layers, context, rows, kv_dtype)
     dense = part == "dense"
+
+    def widen(x):  # a cache element, to float32 where it is read
+        return x if kv_dtype == "float32" else x.astype("float32")
+
     # An empty reduction would skip its init: the dense part covers at least one (masked) tile.
     total = tir.max(n, 1) if dense else n + w
     keys = (total + (tile - 1)) // tile * tile
@@ -294,7 +303,8 @@ def attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, con
     rd = te.reduce_axis((0, d), name="d")
     s = te.compute(
         (hq, w, keys),
-        lambda h, i, j: te.sum(q[h, i, rd] * scale * kt[layer, h // rep, rd, j], axis=rd),
+        lambda h, i, j: te.sum(q[h, i, rd] * scale * widen(kt[layer, h // rep, rd, j]),
+                               axis=rd),
         name="scores",
     )
     rj = te.reduce_axis((0, keys), name="j")
@@ -311,7 +321,7 @@ def attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, con
     rj3 = te.reduce_axis((0, keys), name="j3")
     o = te.compute(
         (w, hq, d),
-        lambda i, h, dd: te.sum(e[h, i, rj3] * vc[layer, h // rep, rj3, dd], axis=rj3),
+        lambda i, h, dd: te.sum(e[h, i, rj3] * widen(vc[layer, h // rep, rj3, dd]), axis=rj3),
         name="pv",
     )
     if not dense:

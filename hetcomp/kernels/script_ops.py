@@ -28,7 +28,7 @@ def _loop_kinds(gpu: bool):
 
 
 def rope_kv(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, context: int,
-            gpu: bool = False):
+            gpu: bool = False, kv_dtype: str = "float32"):
     """Apply RoPE (rotate-half) to the fused ``qkv[w, (H + 2G) * D]`` rows.
 
     ``cs[w, D]`` holds each row's cosines and sines (:func:`hetcomp.kernels.ops.rope_table`,
@@ -38,8 +38,13 @@ def rope_kv(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, conte
     row-major layout, ``k_tree[G, w, D]`` and ``v_tree[G, w, D]``: the sparse tree-attention
     kernel reads only these (its dot products over head_dim load keys as vectors, which the
     position-major K cache cannot give), so a unit that runs it needs no cache.
+
+    ``kv_dtype``: the caches' element type. The cache gets each value rounded to it, and
+    ``k_tree``/``v_tree`` (float32) get the same rounded values, so the sparse part sees the
+    tree exactly as the fused kernel and later steps read it back from the cache.
     """
     hq, g, d, nl, c = num_heads, num_kv_heads, head_dim, layers, context
+    kvd = kv_dtype
     half = d // 2
     qkv_size = (hq + 2 * g) * d
 
@@ -57,8 +62,8 @@ def rope_kv(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, conte
         w = T.int64()
         qkv = T.match_buffer(var_qkv, (w, qkv_size), "float32")
         cs = T.match_buffer(var_cs, (w, d), "float32")
-        k_cache = T.match_buffer(var_k, (nl, g, d, c), "float32")
-        v_cache = T.match_buffer(var_v, (nl, g, c, d), "float32")
+        k_cache = T.match_buffer(var_k, (nl, g, d, c), kvd)
+        v_cache = T.match_buffer(var_v, (nl, g, c, d), kvd)
         q = T.match_buffer(var_q, (hq, w, d), "float32")
         k_tree = T.match_buffer(var_kt, (g, w, d), "float32")
         v_tree = T.match_buffer(var_vt, (g, w, d), "float32")
@@ -71,31 +76,34 @@ def rope_kv(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, conte
                         q[h, i, j] = x0 * cs[i, j] - x1 * cs[i, j + half]
                         q[h, i, j + half] = x1 * cs[i, j] + x0 * cs[i, j + half]
                     else:
-                        k0 = x0 * cs[i, j] - x1 * cs[i, j + half]
-                        k1 = x1 * cs[i, j] + x0 * cs[i, j + half]
+                        k0 = T.Cast(kvd, x0 * cs[i, j] - x1 * cs[i, j + half])
+                        k1 = T.Cast(kvd, x1 * cs[i, j] + x0 * cs[i, j + half])
                         k_cache[layer, h - hq, j, n + i] = k0
                         k_cache[layer, h - hq, j + half, n + i] = k1
-                        k_tree[h - hq, i, j] = k0
-                        k_tree[h - hq, i, j + half] = k1
+                        k_tree[h - hq, i, j] = T.Cast("float32", k0)
+                        k_tree[h - hq, i, j + half] = T.Cast("float32", k1)
                     if h < g:  # the V rows are copied by the first g heads' iterations
-                        v0 = qkv[i, (hq + g + h) * d + j]
-                        v1 = qkv[i, (hq + g + h) * d + j + half]
+                        v0 = T.Cast(kvd, qkv[i, (hq + g + h) * d + j])
+                        v1 = T.Cast(kvd, qkv[i, (hq + g + h) * d + j + half])
                         v_cache[layer, h, n + i, j] = v0
                         v_cache[layer, h, n + i, j + half] = v1
-                        v_tree[h, i, j] = v0
-                        v_tree[h, i, j + half] = v1
+                        v_tree[h, i, j] = T.Cast("float32", v0)
+                        v_tree[h, i, j + half] = T.Cast("float32", v1)
 
-    return rope_kv_func.with_attr(OP_KIND, "rope").with_attr(
-        ARGS_ATTR, json.dumps([num_heads, num_kv_heads, head_dim, layers, context]))
+    return rope_kv_func.with_attr(OP_KIND, "rope").with_attr(ARGS_ATTR, json.dumps(
+        {"args": [num_heads, num_kv_heads, head_dim, layers, context], "kv_dtype": kv_dtype}))
 
 
-def kv_commit(num_kv_heads: int, head_dim: int, layers: int, context: int, gpu: bool = False):
+def kv_commit(num_kv_heads: int, head_dim: int, layers: int, context: int, gpu: bool = False,
+              kv_dtype: str = "float32"):
     """Compact the accepted tree nodes: slot ``n + idx[j]`` moves to ``n + j``, in order.
 
     Safe in place because ``idx`` is increasing with ``idx[j] >= j`` (a root-to-leaf path in
     a topologically ordered tree), so a slot is read before any later move overwrites it.
+    ``kv_dtype``: the caches' element type (copied as is).
     """
     g, d, nl, c = num_kv_heads, head_dim, layers, context
+    kvd = kv_dtype
 
     pairs, elements = _loop_kinds(gpu)  # over (layer, head) pairs, then elements
 
@@ -104,8 +112,8 @@ def kv_commit(num_kv_heads: int, head_dim: int, layers: int, context: int, gpu: 
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True,
                      "hetcomp.rule": "script.kv_commit"})
         a = T.int64()
-        k_cache = T.match_buffer(var_k, (nl, g, d, c), "float32")
-        v_cache = T.match_buffer(var_v, (nl, g, c, d), "float32")
+        k_cache = T.match_buffer(var_k, (nl, g, d, c), kvd)
+        v_cache = T.match_buffer(var_v, (nl, g, c, d), kvd)
         idx = T.match_buffer(var_idx, (a,), "int32")
         for lg in pairs(nl * g):
             for e in elements(d):
@@ -115,8 +123,8 @@ def kv_commit(num_kv_heads: int, head_dim: int, layers: int, context: int, gpu: 
                     v_cache[lg // g, lg % g, n + j, e] = v_cache[
                         lg // g, lg % g, n + T.Cast("int64", idx[j]), e]
 
-    return kv_commit_func.with_attr(OP_KIND, "kv_commit").with_attr(
-        ARGS_ATTR, json.dumps([num_kv_heads, head_dim, layers, context]))
+    return kv_commit_func.with_attr(OP_KIND, "kv_commit").with_attr(ARGS_ATTR, json.dumps(
+        {"args": [num_kv_heads, head_dim, layers, context], "kv_dtype": kv_dtype}))
 
 
 def for_gpu(func, gpu: bool = True):
@@ -125,9 +133,9 @@ def for_gpu(func, gpu: bool = True):
     attrs = func.attrs
     if attrs is None or ARGS_ATTR not in attrs:
         return None
-    args = json.loads(str(attrs[ARGS_ATTR]))
+    recorded = json.loads(str(attrs[ARGS_ATTR]))
     build = {"rope": rope_kv, "kv_commit": kv_commit}[str(attrs[OP_KIND])]
-    out = build(*args, gpu=gpu)
+    out = build(*recorded["args"], gpu=gpu, kv_dtype=recorded["kv_dtype"])
     for key in ("global_symbol", "target"):
         if key in attrs:
             out = out.with_attr(key, attrs[key])
