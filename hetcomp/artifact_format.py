@@ -2,7 +2,8 @@
 
 An artifact is a folder::
 
-    DIR/manifest.json   model, source hash, config, dtype, target, TVM version, files, params
+    DIR/manifest.json   model, source hash, config, dtype, kv_dtype, target, TVM version, files,
+                        params
     DIR/lib.so          the compiled Relax VM executable (all kernels)
     DIR/params.bin      packed weights, concatenated raw little-endian arrays (64-byte aligned)
     DIR/tokenizer.json  the HF ``tokenizers`` serialisation
@@ -90,6 +91,12 @@ def read_manifest(path: str) -> dict:
     if manifest.get("digest") != manifest_digest(manifest):
         raise HetcompError(f"manifest.json was edited after compilation: {path}")
     return manifest
+
+
+def kv_dtype(manifest: dict) -> str:
+    """The KV cache's element type an artifact was compiled for (manifests written before
+    ``--kv-dtype`` existed hold none: their caches are float32)."""
+    return manifest.get("kv_dtype") or "float32"
 
 
 def holds_format(path: str, name: str, fmt: str) -> bool:

@@ -74,7 +74,7 @@ def cmd_compile(args) -> int:
                           separate_weights=args.separate_weights,
                           plan_prediction=plan_prediction(args.plan) if args.plan else None,
                           tuning_db=args.tuning_db, draft_dtype=args.draft_dtype,
-                          default_width=args.width,
+                          kv_dtype=args.kv_dtype, default_width=args.width,
                           plan_choice=plan_choice(args.plan) if args.plan else None)
     compile_model(opts, args.output, quiet=args.quiet, force=args.force)
     return 0
@@ -268,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--draft-dtype", help="dtype of the Medusa draft's weights, its heads and LM "
                    "head (default: --dtype; float16 halves the bytes the draft reads each step, "
                    "output unchanged)")
+    c.add_argument("--kv-dtype", help="KV cache element type: float32 | float16 (default: "
+                   "--dtype; float16 halves the cache, attention accumulates in float32)")
     c.add_argument("--max-context", type=_int_at_least(16), default=2048,
                    help="KV cache capacity (tokens)")
     c.add_argument("--heads", help="Medusa heads (.npz) from `hetcomp calibrate` (default for "

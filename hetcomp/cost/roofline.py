@@ -91,13 +91,15 @@ class ModelShape:
     vocab: int
     max_context: int = 2048
     weight_bytes: int = _F32
+    kv_bytes: int = _F32  # per KV-cache element
 
     @classmethod
-    def from_config(cls, cfg, dtype: str = "float32") -> ModelShape:
-        """From a :class:`~hetcomp.frontend.config.LlamaConfig` (duck-typed)."""
+    def from_config(cls, cfg, dtype: str = "float32", kv_dtype: str = "float32") -> ModelShape:
+        """From a :class:`~hetcomp.frontend.config.LlamaConfig` (duck-typed); ``dtype``: the
+        weights', ``kv_dtype``: the KV cache's."""
         return cls(cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.num_heads,
                    cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size, cfg.max_context,
-                   dtype_bytes(dtype))
+                   dtype_bytes(dtype), dtype_bytes(kv_dtype))
 
     @property
     def qkv_size(self) -> int:
@@ -136,7 +138,8 @@ def attention_features(shape: ModelShape, w: int, cache_len: int, corun: bool = 
     h, g, d = shape.heads, shape.kv_heads, shape.head_dim
     keys = cache_len + w
     flops = 4.0 * h * w * keys * d + 5.0 * h * w * keys
-    nbytes = _F32 * (2 * g * d * keys + 2 * h * w * d + w * w)
+    # The cache's K and V (the tree's too: rope_kv wrote them there) in its element type.
+    nbytes = shape.kv_bytes * 2 * g * d * keys + _F32 * (2 * h * w * d + w * w)
     return Features("attention", "fused", w, keys, d, 1.0, cache_len, corun, flops, nbytes)
 
 
@@ -146,7 +149,7 @@ def dense_attention_features(shape: ModelShape, w: int, cache_len: int,
     output is a partial ``[w, H, D + 1]`` (with the log-sum-exp)."""
     h, g, d = shape.heads, shape.kv_heads, shape.head_dim
     flops = 4.0 * h * w * cache_len * d + 5.0 * h * w * cache_len
-    nbytes = _F32 * (2 * g * d * cache_len + h * w * d + h * w * (d + 1))
+    nbytes = shape.kv_bytes * 2 * g * d * cache_len + _F32 * (h * w * d + h * w * (d + 1))
     return Features("attention_dense", "dense", w, cache_len, d, 1.0, cache_len, corun, flops,
                     nbytes)
 

@@ -73,10 +73,21 @@ class CompileOptions:
     # What plan.json decided beyond the partition (hetcomp.plan.plan_choice): its width, tree,
     # source and the fitted cost models beside it (AnnotateCost reads them).
     plan_choice: dict | None = None
+    # The KV cache's element type (None: the weights' dtype). float16 halves the cache's
+    # memory and the bytes the dense attention part streams; attention accumulates in float32.
+    kv_dtype: str | None = None
+
+    @property
+    def cache_dtype(self) -> str:
+        """The KV cache's element type: ``kv_dtype``, else the weights' dtype."""
+        return self.kv_dtype or self.dtype
 
     def __post_init__(self):
         if self.dtype not in WEIGHT_DTYPES:
             raise HetcompError(f"unsupported dtype {self.dtype!r} (use {' or '.join(WEIGHT_DTYPES)})")
+        if self.kv_dtype is not None and self.kv_dtype not in WEIGHT_DTYPES:
+            raise HetcompError(f"unsupported --kv-dtype {self.kv_dtype!r} "
+                               f"(use {' or '.join(WEIGHT_DTYPES)})")
         if self.draft_dtype is not None and self.draft_dtype not in WEIGHT_DTYPES:
             raise HetcompError(f"unsupported --draft-dtype {self.draft_dtype!r} "
                                f"(use {' or '.join(WEIGHT_DTYPES)})")
@@ -119,7 +130,8 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
         raise HetcompError(f"Medusa heads {opts.heads} do not fit this model's hidden size")
     _progress(1, 4, f"loaded {opts.model} ({sum(a.size for a in w.values()) / 1e6:.0f}M "
                     "parameters)", quiet)
-    _progress(2, 4, f"building Relax module ({cfg.num_layers} layers, {opts.dtype})", quiet)
+    _progress(2, 4, f"building Relax module ({cfg.num_layers} layers, {opts.dtype}, "
+                    f"{opts.cache_dtype} KV cache)", quiet)
     widths = tuple(sorted({*(opts.widths if heads is not None else (1,)),
                            *opts.verify_widths}))
     tuning = None
@@ -128,7 +140,7 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
     draft_vocab = 0 if heads is None or heads.vocab is None else len(heads.vocab)
     mod = build_module(cfg, opts.dtype, heads.num_heads if heads else 0, static_widths=widths,
                        medusa_root=root, draft_dtype=draft_dtype, draft_vocab=draft_vocab,
-                       prefill_chunk=PREFILL_CHUNK)
+                       prefill_chunk=PREFILL_CHUNK, kv_dtype=opts.cache_dtype)
     # A plan's module target is its host unit's (a CPU, or a GPU driven by --target's CPU).
     target_spec = (dict(opts.plan.targets[0]) if opts.plan is not None
                    else target_dict(opts.target, opts.cuda_arch))
@@ -207,6 +219,7 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
         "source": source_info(source),
         "config": dataclasses.asdict(cfg),
         "dtype": opts.dtype,
+        "kv_dtype": opts.cache_dtype,  # absent in older manifests: float32
         "target": opts.target,
         "target_spec": target_spec,
         "units": units,
@@ -311,7 +324,8 @@ def _default_width(opts: CompileOptions, cfg, heads, draft_dtype: str) -> tuple[
     spec = target_roofline(opts.target)
     if spec is None:
         return 1, f"no roofline for --target {opts.target}: pass --width"
-    p = plan(ModelShape.from_config(cfg, opts.dtype), [UnitModel.from_spec(spec)],
+    shape = ModelShape.from_config(cfg, opts.dtype, opts.cache_dtype)
+    p = plan(shape, [UnitModel.from_spec(spec)],
              rank_probs=heads.rank_probs, ranks=heads.ranks,
              options=PlannerOptions(widths=tuple(opts.widths), cache_len=256,
                                     draft_vocab=0 if heads.vocab is None else len(heads.vocab),
@@ -352,7 +366,7 @@ def _cost_models(opts: CompileOptions, cfg, width: int, heads=None) -> dict | No
     popped by the caller): the cost models `tune` fitted beside the plan, else the
     roofline of each unit (the target's for single-unit builds); None without any. The
     sparse attention kernels are costed over the trees ``heads`` give at each width."""
-    shape = ModelShape.from_config(cfg, opts.dtype)
+    shape = ModelShape.from_config(cfg, opts.dtype, opts.cache_dtype)
     nnz = {} if heads is None else {
         w: int(build_tree(heads.rank_probs, w, heads.ranks).mask().sum()) for w in opts.widths}
     choice = opts.plan_choice or {}

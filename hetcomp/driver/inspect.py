@@ -11,7 +11,8 @@ import dataclasses
 import math
 import os
 
-from ..artifact_format import read_manifest
+from ..artifact_format import kv_dtype, read_manifest
+from ..cost.roofline import dtype_bytes
 from ..errors import HetcompError
 from ..frontend import load_model
 from ..frontend.config import LlamaConfig, kv_cache_shapes
@@ -62,13 +63,14 @@ def _model(path: str) -> dict:
 
 def deployment_memory(manifest: dict) -> dict:
     """Bytes a deployment of the artifact holds: its weights (mapped once on a CPU), its KV
-    cache at the compiled context (float32 K and V) and the workspace of the calls a
-    generation makes (a prefill chunk, a verify step at the default width, the draft), which
-    the VM's pooled allocator keeps between calls; older manifests have no workspace."""
+    cache at the compiled context (K and V in the manifest's ``kv_dtype``) and the workspace
+    of the calls a generation makes (a prefill chunk, a verify step at the default width, the
+    draft), which the VM's pooled allocator keeps between calls; older manifests have no
+    workspace."""
     cfg = LlamaConfig.from_dict(manifest["config"])
     ks, vs = kv_cache_shapes(cfg)
     out = {"weights": int(manifest["files"]["params.bin"]["bytes"]),
-           "kv_cache": 4 * (math.prod(ks) + math.prod(vs))}
+           "kv_cache": dtype_bytes(kv_dtype(manifest)) * (math.prod(ks) + math.prod(vs))}
     ws = manifest.get("workspace_bytes")
     if ws:
         chunk = manifest.get("prefill_chunk")

@@ -11,7 +11,7 @@ import os
 import numpy as np
 
 from .. import _tvm
-from ..artifact_format import PREFILL_CHUNK, read_manifest, sha256_file
+from ..artifact_format import PREFILL_CHUNK, kv_dtype, read_manifest, sha256_file
 from ..errors import HetcompError
 from ..frontend.config import LlamaConfig, kv_cache_shapes
 from ..frontend.tokenizer import TokenizerInfo
@@ -65,6 +65,7 @@ class Artifact:
                                    f"or replaced): {self.path}")
         self.config = LlamaConfig.from_dict(self.manifest["config"])
         self.dtype = self.manifest["dtype"]
+        self.kv_dtype = kv_dtype(self.manifest)
         with open(tjson) as fh:
             self.tokenizer = TokenizerInfo.from_files(fh.read(), self.manifest["tokenizer"])
         units = self.manifest.get("units") or [{"device": "cpu", "device_id": 0}]
@@ -166,8 +167,8 @@ class Session:
     def __init__(self, art: Artifact):
         self.art = art
         ks, vs = kv_cache_shapes(art.config)
-        self.k_cache = _tvm.tensor(np.zeros(ks, "float32"), art.kv_device)
-        self.v_cache = _tvm.tensor(np.zeros(vs, "float32"), art.kv_device)
+        self.k_cache = _tvm.tensor(np.zeros(ks, art.kv_dtype), art.kv_device)
+        self.v_cache = _tvm.tensor(np.zeros(vs, art.kv_dtype), art.kv_device)
         self.length = 0
         self.tokens: list[int] = []  # the ids whose K/V the cache holds, in order
         self.capacity = art.config.max_context
