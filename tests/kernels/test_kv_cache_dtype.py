@@ -124,3 +124,11 @@ def test_kv_commit_moves_float16_slots():
     fn(kc, vc, _tvm.tensor(idx), n)
     np.testing.assert_array_equal(kc.numpy()[..., n:n + 3], kc0[..., n + idx])
     np.testing.assert_array_equal(vc.numpy()[:, :, n:n + 3], vc0[:, :, n + idx])
+
+
+def test_gpu_script_kernels_write_float16_cache():
+    """The GPU versions of rope_kv and kv_commit (for_gpu keeps the recorded kv_dtype)."""
+    for func in (script_ops.rope_kv(HQ, G, D, LAYERS, CONTEXT, kv_dtype="float16"),
+                 script_ops.kv_commit(G, D, LAYERS, CONTEXT, kv_dtype="float16")):
+        text = script_ops.for_gpu(func).script()
+        assert '"float16"' in text and "blockIdx.x" in text
