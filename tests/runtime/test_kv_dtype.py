@@ -5,6 +5,12 @@ import numpy as np
 import pytest
 
 from hetcomp.artifact_format import kv_dtype
+from hetcomp.cost.roofline import (
+    ModelShape,
+    attention_features,
+    dense_attention_features,
+    sparse_attention_features,
+)
 from hetcomp.driver.compile import CompileOptions, compile_model
 from hetcomp.driver.inspect import deployment_memory
 from hetcomp.errors import HetcompError
@@ -29,6 +35,19 @@ def test_default_is_the_weights_dtype():
     with pytest.raises(HetcompError, match="--kv-dtype"):
         CompileOptions(kv_dtype="bfloat16")
     assert kv_dtype({}) == "float32"  # a manifest from before --kv-dtype
+
+
+def test_roofline_counts_cache_bytes_in_the_kv_dtype():
+    """The dense part and the fused kernel stream the cache: half its bytes in float16; the
+    sparse part reads the tree's float32 K/V either way."""
+    full, half = (ModelShape.from_config(TINY, "float32", kv) for kv in ("float32", "float16"))
+    assert (full.kv_bytes, half.kv_bytes) == (4, 2)
+    g, d, cache = TINY.num_kv_heads, TINY.head_dim, 100
+    for feats in (dense_attention_features, attention_features):
+        assert feats(full, 4, cache).bytes - feats(half, 4, cache).bytes == \
+            2 * 2 * g * d * (cache + (4 if feats is attention_features else 0))
+    assert sparse_attention_features(full, 4, 9).bytes == sparse_attention_features(
+        half, 4, 9).bytes
 
 
 def test_manifest_runtime_and_inspect_use_the_kv_dtype(tiny_f16_cache, tiny_reference):
