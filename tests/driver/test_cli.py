@@ -38,7 +38,8 @@ def test_compile_and_generate_json(tmp_path, tiny_gguf):
     assert_one_line_error(rc, err, "context")
 
 
-@pytest.mark.parametrize("case", ["missing", "truncated", "bad_magic", "garbage", "arch"])
+@pytest.mark.parametrize("case", ["missing", "truncated", "bad_magic", "garbage", "arch",
+                                  "gemma3"])
 def test_bad_model_files(tmp_path, tiny_gguf, case):
     src = tmp_path / "m.gguf"
     if case == "truncated":
@@ -48,13 +49,14 @@ def test_bad_model_files(tmp_path, tiny_gguf, case):
         src.write_bytes(b"NOPE" + b"\0" * 1000)
     elif case == "garbage":
         src.write_bytes(b"GGUF" + os.urandom(2000))
-    elif case == "arch":
+    elif case in ("arch", "gemma3"):  # gemma3: a family we will support, not yet
         write_gguf(src, TINY, random_weights(TINY), byte_tokenizer_spec(TINY.vocab_size),
-                   arch="gpt2")
+                   arch="gpt2" if case == "arch" else "gemma3")
     out = tmp_path / "out"
     rc, _, err = run("compile", "--model", src, "-o", out)
     needle = {"missing": "not found", "truncated": "truncated", "bad_magic": "not a GGUF",
-              "garbage": "corrupt", "arch": "unsupported architecture"}[case]
+              "garbage": "corrupt", "arch": "unsupported architecture",
+              "gemma3": "unsupported architecture 'gemma3'"}[case]
     assert_one_line_error(rc, err, needle)
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".hetcomp-tmp")]
