@@ -6,14 +6,22 @@ import hashlib
 import pytest
 
 from hetcomp.errors import HetcompError
+from hetcomp.driver.inspect import inspect_path
 from hetcomp.frontend import models, resolve_model
+from hetcomp.frontend.weights import random_weights
+from hetcomp.testing import TINY_QWEN2, byte_tokenizer_spec
+from hetcomp.testing.gguf_writer import write_gguf
 
 
 @pytest.fixture
 def fake_model(tmp_path, monkeypatch):
-    """A model in two fake data packages on ``sys.path``, the cache in ``tmp_path``."""
+    """A tiny qwen2 GGUF split over two fake data packages on ``sys.path``, the cache in
+    ``tmp_path``."""
     site = tmp_path / "site"
-    data = [b"GGUF" + bytes(range(256)) * 3, b"second part" * 100]
+    write_gguf(tmp_path / "whole.gguf", TINY_QWEN2, random_weights(TINY_QWEN2),
+               byte_tokenizer_spec(TINY_QWEN2.vocab_size), arch="qwen2")
+    whole = (tmp_path / "whole.gguf").read_bytes()
+    data = [whole[:1000], whole[1000:]]
     for i, blob in enumerate(data, 1):
         pkg = site / f"fake_model_part{i}"
         (pkg / "data").mkdir(parents=True)
@@ -36,6 +44,11 @@ def test_parts_joined_once_and_verified(fake_model, tmp_path):
     assert resolve_model("fake") == path  # reused, not joined again
     assert ((tmp_path / "cache").stat().st_mtime_ns, open(path, "rb").read()) == stamp
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [path.rsplit("/", 1)[1]]
+
+
+def test_inspect_takes_a_registered_name(fake_model):
+    info = inspect_path("fake")
+    assert info["kind"] == "model" and info["config"]["qkv_bias"]
 
 
 def test_damaged_part_is_refused_and_leaves_nothing(fake_model, tmp_path):
