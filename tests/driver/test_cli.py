@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 
+from hetcomp.frontend import models
 from hetcomp.frontend.weights import random_weights
 from hetcomp.testing import TINY, assert_one_line_error, byte_tokenizer_spec
 from hetcomp.testing import run_cli as run
@@ -60,6 +61,15 @@ def test_bad_model_files(tmp_path, tiny_gguf, case):
     assert_one_line_error(rc, err, needle)
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".hetcomp-tmp")]
+
+
+@pytest.mark.skipif(not models.installed("gemma3-270m"),
+                    reason=f"needs: {models.MODELS['gemma3-270m'].install_command}")
+def test_real_gemma3_file_is_refused_in_one_line(tmp_path):
+    """A family we do not support yet, from the real file: one line, exit 2, nothing written."""
+    rc, _, err = run("compile", "--model", "gemma3-270m", "-o", tmp_path / "out")
+    assert_one_line_error(rc, err, "unsupported architecture 'gemma3'")
+    assert not (tmp_path / "out").exists()
 
 
 def test_bad_options(tmp_path):
