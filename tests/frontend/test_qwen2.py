@@ -122,3 +122,12 @@ def test_partitioned_build_matches_unpartitioned(tmp_path, qwen2_gguf):
     art = load_artifact(str(tmp_path / "a"))
     assert len(art.devices) == 2
     assert_matches_reference(art, load_artifact(str(tmp_path / "ref")), [5, 17, 99, 3])
+
+
+def test_cuda_artifact_compiles_without_a_gpu(tmp_path, qwen2_gguf):
+    """--target cuda: the bias kernel gets a GPU schedule like every other elementwise one."""
+    path, _, _ = qwen2_gguf
+    compile_model(CompileOptions(model=str(path), target="cuda", max_context=CFG.max_context),
+                  str(tmp_path / "g"), quiet=True)
+    lib = (tmp_path / "g" / "lib.so").read_bytes()
+    assert b"bias_add" in lib and lib.count(b"__global__") > 10
