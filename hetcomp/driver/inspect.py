@@ -14,14 +14,17 @@ import os
 from ..artifact_format import kv_dtype, read_manifest
 from ..cost.roofline import dtype_bytes
 from ..errors import HetcompError
-from ..frontend import load_model
+from ..frontend import MODELS, load_model, resolve_model
 from ..frontend.config import LlamaConfig, kv_cache_shapes
 from ..plan import load_plan, plan_prediction
 from ..speculative.medusa import MedusaHeads
 
 
 def inspect_path(path: str) -> dict:
-    """A summary of ``path`` (what kind it is, and what it holds)."""
+    """A summary of ``path`` (what kind it is, and what it holds); a registered model name
+    (``qwen2.5-coder-0.5b``) is its GGUF."""
+    if path in MODELS and not os.path.exists(path):
+        path = resolve_model(path)
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "manifest.json")):
             manifest = read_manifest(path)

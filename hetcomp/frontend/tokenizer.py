@@ -15,6 +15,11 @@ from ..errors import HetcompError
 
 # Pre-tokenizer regexes by GGUF ``tokenizer.ggml.pre`` (llama.cpp's llama-vocab.cpp).
 _GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+# llama.cpp's LLAMA_VOCAB_PRE_TYPE_QWEN2 (its case variants of 's etc. written as (?i:)); as
+# transformers' GGUF tokenizer, no NFC normalizer (Qwen2's own tokenizer.json has one).
+_QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_REGEXES = {"qwen2": _QWEN2_REGEX, "deepseek-r1-qwen": _QWEN2_REGEX}
 _SPLIT_DIGITS = {"smollm", "starcoder", "refact", "codeshell", "exaone", "minerva", "command-r"}
 _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4
 
@@ -27,11 +32,12 @@ def build_tokenizer(spec: dict):
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
     pre = spec.get("pre", "default")
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    split = pre_tokenizers.Split(Regex(_GPT2_REGEX), behavior="isolated", invert=False)
+    split = pre_tokenizers.Split(Regex(_REGEXES.get(pre, _GPT2_REGEX)), behavior="isolated",
+                                 invert=False)
     steps = [split, byte_level]
     if pre in _SPLIT_DIGITS:
         steps.insert(0, pre_tokenizers.Digits(individual_digits=True))
-    elif pre not in ("default", "gpt2", "gpt-2"):
+    elif pre not in ("default", "gpt2", "gpt-2", *_REGEXES):
         raise HetcompError(f"unsupported pre-tokenizer {pre!r}")
     tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
     tok.decoder = decoders.ByteLevel()
@@ -59,7 +65,10 @@ def render_messages(template: str | None, messages: list[dict], bos_token: str =
     with the generation prompt of the assistant's next turn."""
     if not template:
         raise HetcompError("this model has no chat template; use --prompt without --chat")
-    env = jinja2.Environment(loader=jinja2.BaseLoader(), keep_trailing_newline=True)
+    # transformers' settings (apply_chat_template): Qwen2.5's template ends in a newline that
+    # keep_trailing_newline would add to the prompt.
+    env = jinja2.Environment(loader=jinja2.BaseLoader(), trim_blocks=True, lstrip_blocks=True,
+                             extensions=["jinja2.ext.loopcontrols"])
     return env.from_string(template).render(
         messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos_token,
         eos_token=eos_token)

@@ -2,7 +2,8 @@
 
 Loaders produce float32 ``[out, in]`` matrices named like HF checkpoints, flattened:
 ``embed``, ``norm``, ``lm_head`` (untied models only) and per layer ``layers.{i}.`` +
-``attn_norm, wq, wk, wv, wo, ffn_norm, w_gate, w_up, w_down``.
+``attn_norm, wq, wk, wv, wo, ffn_norm, w_gate, w_up, w_down`` (+ ``bq, bk, bv`` with
+``cfg.qkv_bias``; packed as one float32 ``bqkv``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def param_specs(cfg: LlamaConfig, wdtype: str) -> list[tuple[str, tuple[int, ...
         specs += [
             (p + "attn_norm", (e,), "float32"),
             packed(p + "wqkv", cfg.qkv_size, e),
+            *([(p + "bqkv", (cfg.qkv_size,), "float32")] if cfg.qkv_bias else []),
             packed(p + "wo", e, hd),
             (p + "ffn_norm", (e,), "float32"),
             packed(p + "w_gate_up", 2 * f, e),
@@ -52,6 +54,9 @@ def pack_weights(cfg: LlamaConfig, w: dict[str, np.ndarray], wdtype: str) -> dic
         out[p + "ffn_norm"] = w[p + "ffn_norm"].astype("float32")
         qkv = np.concatenate([w[p + "wq"], w[p + "wk"], w[p + "wv"]], axis=0)
         out[p + "wqkv"] = pack_linear_weight(qkv, wdtype)
+        if cfg.qkv_bias:
+            out[p + "bqkv"] = np.concatenate([w[p + "bq"], w[p + "bk"], w[p + "bv"]]
+                                             ).astype("float32")
         out[p + "wo"] = pack_linear_weight(w[p + "wo"], wdtype)
         gu = np.concatenate([w[p + "w_gate"], w[p + "w_up"]], axis=0)
         out[p + "w_gate_up"] = pack_linear_weight(gu, wdtype)
@@ -108,4 +113,7 @@ def random_weights(cfg: LlamaConfig, seed: int = 0, scale: float = 0.08) -> dict
             p + "wv": m(cfg.num_kv_heads * d, e), p + "wo": m(e, cfg.num_heads * d),
             p + "w_gate": m(f, e), p + "w_up": m(f, e), p + "w_down": m(e, f),
         })
+        if cfg.qkv_bias:  # large, as Qwen2's K biases are, so that a dropped bias shows
+            w.update({p + "bq": m(cfg.num_heads * d) * 10, p + "bk": m(cfg.num_kv_heads * d) * 10,
+                      p + "bv": m(cfg.num_kv_heads * d) * 10})
     return w

@@ -394,3 +394,16 @@ def add(n: int, rows: int | None = None):
     b = te.placeholder((w, n), "float32", name="b")
     y = te.compute((w, n), lambda i, j: a[i, j] + b[i, j], name="add")
     return _finish(te.create_prim_func([a, b, y], index_dtype_override="int64"), "elementwise")
+
+
+def bias_add(n: int, rows: int | None = None):
+    """``x[w, n] + b[n]``: the q/k/v bias (Qwen2), added after the qkv linear so that the
+    linear stays one kernel the partition pass splits by columns and the bias stays whole on
+    the host."""
+    c = compiler()
+    te = c.te
+    w = _rows(rows)
+    x = te.placeholder((w, n), "float32", name="x")
+    b = te.placeholder((n,), "float32", name="bias")
+    y = te.compute((w, n), lambda i, j: x[i, j] + b[j], name="bias_add")
+    return _finish(te.create_prim_func([x, b, y], index_dtype_override="int64"), "elementwise")

@@ -16,6 +16,10 @@ from ..runtime.generate import generate
 
 TINY = LlamaConfig(hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
                    num_kv_heads=2, vocab_size=320, max_context=128, rope_theta=10000.0)
+# Qwen2's shape in miniature: q/k/v biases, an untied LM head, a large RoPE base.
+TINY_QWEN2 = LlamaConfig(hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                         num_kv_heads=2, vocab_size=320, max_context=128, rope_theta=1e6,
+                         norm_eps=1e-6, tie_embeddings=False, qkv_bias=True)
 
 # A ChatML template (SmolLM2's shape, without its default system turn) for tiny models.
 CHATML_TEMPLATE = (

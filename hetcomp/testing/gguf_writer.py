@@ -1,4 +1,5 @@
-"""Write tiny LLaMA GGUF files the way llama.cpp's converter does (Q/K rows permuted)."""
+"""Write tiny GGUF files the way llama.cpp's converter does: arch llama (Q/K rows permuted) or
+qwen2 (rows as HF has them, q/k/v biases)."""
 
 import numpy as np
 
@@ -12,6 +13,8 @@ def permute_rope(w, n_head):
 def write_gguf(path, cfg, w, spec, arch="llama", qtype="F32", edit=None):
     """Returns the weights as the file stores them (after quantization round trips).
 
+    ``arch="qwen2"`` writes ``w``'s biases (``layers.{i}.b{q,k,v}``) and no Q/K permutation;
+    an ``lm_head`` in ``w`` is written as ``output.weight`` (an untied LM head).
     ``edit(writer)`` may add metadata or tensors before the file is written."""
     import gguf
 
@@ -53,11 +56,16 @@ def write_gguf(path, cfg, w, spec, arch="llama", qtype="F32", edit=None):
 
     add("token_embd.weight", "embed", w["embed"])
     add("output_norm.weight", "norm", w["norm"])
+    if "lm_head" in w:
+        add("output.weight", "lm_head", w["lm_head"])
+    permuted = arch == "llama"  # llama.cpp's LlamaModel permutes; Qwen2Model does not
     for i in range(cfg.num_layers):
         p, q = f"blk.{i}.", f"layers.{i}."
         add(p + "attn_norm.weight", q + "attn_norm", w[q + "attn_norm"])
-        add(p + "attn_q.weight", q + "wq", w[q + "wq"], cfg.num_heads)
-        add(p + "attn_k.weight", q + "wk", w[q + "wk"], cfg.num_kv_heads)
+        add(p + "attn_q.weight", q + "wq", w[q + "wq"], permuted and cfg.num_heads)
+        add(p + "attn_k.weight", q + "wk", w[q + "wk"], permuted and cfg.num_kv_heads)
+        for x in "qkv" if arch == "qwen2" else "":
+            add(p + f"attn_{x}.bias", q + "b" + x, w[q + "b" + x])
         add(p + "attn_v.weight", q + "wv", w[q + "wv"])
         add(p + "attn_output.weight", q + "wo", w[q + "wo"])
         add(p + "ffn_norm.weight", q + "ffn_norm", w[q + "ffn_norm"])

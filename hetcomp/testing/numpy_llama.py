@@ -1,4 +1,5 @@
-"""An independent numpy implementation of the LLaMA forward pass (the tests' reference).
+"""An independent numpy implementation of the LLaMA forward pass (the tests' reference);
+Qwen2's q/k/v biases (``layers.{i}.b{q,k,v}``) are added when the weights have them.
 
 It shares nothing with hetcomp's compiled path: plain float64 numpy on the loader's
 unpacked HF-layout weights, with an explicit attention mask over the whole sequence.
@@ -39,9 +40,8 @@ def forward(cfg, w, tokens, positions=None, mask=None):
     for i in range(cfg.num_layers):
         p = f"layers.{i}."
         h = rms_norm(x, f64[p + "attn_norm"], cfg.norm_eps)
-        q = (h @ f64[p + "wq"].T).reshape(t, hq, d)
-        k = (h @ f64[p + "wk"].T).reshape(t, g, d)
-        v = (h @ f64[p + "wv"].T).reshape(t, g, d)
+        q, k, v = (h @ f64[p + x].T + f64.get(p + "b" + x[1], 0.0) for x in ("wq", "wk", "wv"))
+        q, k, v = q.reshape(t, hq, d), k.reshape(t, g, d), v.reshape(t, g, d)
         q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
         rep = hq // g
         k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)

@@ -244,6 +244,8 @@ def test_rope_theta_from_either_place(tmp_path):
     ({"attention_bias": True}, "attention_bias"),
     ({"mlp_bias": True}, "mlp_bias"),
     ({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}, "architecture"),
+    ({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True},
+     "use_sliding_window"),
 ])
 def test_refuses_what_it_does_not_implement(tmp_path, overrides, field):
     folder = write_tiny_hf(tmp_path, hf_config(**overrides))
@@ -400,3 +402,39 @@ def test_bad_folders_are_assert_one_line_error(tmp_path, case, needle):
     assert_one_line_error(rc, err, needle)
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".hetcomp-tmp")]
+
+
+def test_qwen2_folder_written_by_transformers(tmp_path):
+    """A tiny Qwen2ForCausalLM as transformers builds and saves it (q/k/v biases, untied LM
+    head): its logits and greedy ids are transformers' own."""
+    pytest.importorskip("transformers")
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=TINY.vocab_size, max_position_embeddings=128,
+        rope_parameters={"rope_theta": 1e6, "rope_type": "default"}, rms_norm_eps=1e-6,
+        tie_word_embeddings=False)).eval()
+    with torch.no_grad():  # transformers initialises biases to 0: make them matter
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 0.5 if name.endswith("bias") else 0.1)
+    model.save_pretrained(tmp_path / "hf")
+    with open(tmp_path / "hf" / "tokenizer.json", "w") as fh:
+        fh.write(build_tokenizer(byte_tokenizer_spec(TINY.vocab_size)).to_str())
+    cfg = load_model(str(tmp_path / "hf"))[0]
+    assert cfg.qkv_bias and not cfg.tie_embeddings and cfg.rope_theta == 1e6
+    art = load_artifact(compile_model(CompileOptions(model=str(tmp_path / "hf")),
+                                      str(tmp_path / "art"), quiet=True))
+    prompt = [5, 17, 99, 3, 42]
+    sess = art.new_session()
+    nxt, _ = sess.prefill(prompt)
+    _, _, logits = sess.verify([nxt], [len(prompt)], np.ones((1, 1)))
+    ids = prompt + [nxt]
+    with torch.no_grad():
+        theirs = model(torch.tensor([ids])).logits[0, -1].numpy()
+        for _ in range(15):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    assert np.abs(logits.numpy()[0] - theirs).max() / np.abs(theirs).max() < 1e-4
+    assert generate(art, prompt, 16, stop_at_eos=False).ids == ids[len(prompt):]

@@ -8,7 +8,7 @@ import tvm
 from hetcomp.cost.roofline import ModelShape, model_step
 from hetcomp.frontend import llama
 from hetcomp.kernels.ops import OP_KIND
-from hetcomp.testing import TINY
+from hetcomp.testing import TINY, TINY_QWEN2
 
 
 def _called_kernels(mod, fn: str) -> Counter:
@@ -40,6 +40,7 @@ def _step_kernels(shape: ModelShape, w: int) -> Counter:
 
 
 @pytest.mark.parametrize("w", [1, 2, 4, 16])
-def test_model_step_is_what_verify_runs(w):
-    mod = llama.build_module(TINY, static_widths=(w,))
-    assert _step_kernels(ModelShape.from_config(TINY), w) == _called_kernels(mod, f"verify_w{w}")
+@pytest.mark.parametrize("cfg", [TINY, TINY_QWEN2], ids=["llama", "qwen2"])
+def test_model_step_is_what_verify_runs(w, cfg):
+    mod = llama.build_module(cfg, static_widths=(w,))
+    assert _step_kernels(ModelShape.from_config(cfg), w) == _called_kernels(mod, f"verify_w{w}")
