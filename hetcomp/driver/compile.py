@@ -25,6 +25,7 @@ from ..frontend.export_info import source_info
 from ..frontend.llama import NUM_INPUTS, build_module, medusa_param_specs
 from ..frontend.tokenizer import TokenizerInfo
 from ..frontend.weights import WEIGHT_DTYPES, pack_weights, param_from_recipe, param_specs
+from ..quant_format import is_quant
 from ..hardware import DEFAULT_CUDA_ARCH, ORIN_NX_CPU, SPECS, DeviceSpec, target_dict
 from ..passes.partition_hetero import PARAM_SPLIT_ATTR
 from ..planner import PlannerOptions, UnitModel, plan
@@ -35,6 +36,9 @@ from ..speculative.medusa import MedusaHeads
 from ..speculative.tree import build_tree
 
 TARGETS = ("host", "aarch64", "x86-64-v3", "cuda")
+#: The Medusa draft's head weights are float (a quantized model's draft reads its LM head in
+#: the model's q8_0 blocks).
+DRAFT_DTYPES = ("float32", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,10 +80,16 @@ class CompileOptions:
 
     def __post_init__(self):
         if self.dtype not in WEIGHT_DTYPES:
-            raise HetcompError(f"unsupported dtype {self.dtype!r} (use {' or '.join(WEIGHT_DTYPES)})")
-        if self.draft_dtype is not None and self.draft_dtype not in WEIGHT_DTYPES:
+            raise HetcompError(f"unsupported dtype {self.dtype!r} (use "
+                               f"{' | '.join(WEIGHT_DTYPES)})")
+        if self.draft_dtype is not None and self.draft_dtype not in DRAFT_DTYPES:
             raise HetcompError(f"unsupported --draft-dtype {self.draft_dtype!r} "
-                               f"(use {' or '.join(WEIGHT_DTYPES)})")
+                               f"(use {' or '.join(DRAFT_DTYPES)})")
+        if is_quant(self.dtype) and (self.plan is not None or self.target not in (
+                "host", "x86-64-v3")):
+            raise HetcompError(f"--dtype {self.dtype} builds for --target host or x86-64-v3 "
+                               "without --plan (no quantized GPU, ARM or partitioned kernels "
+                               "yet)")
         if self.target not in TARGETS:
             raise HetcompError(f"unsupported target {self.target!r} (supported: {', '.join(TARGETS)})")
         if self.default_width is not None and self.default_width != 1 and (
@@ -111,8 +121,8 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
     t0 = time.time()
     check_output(out_dir, is_artifact, "hetcomp artifact", force)
     # Load (and so validate) the input before printing anything: bad input gets one line.
-    cfg, w, spec, source = weights if weights is not None else load_model(opts.model,
-                                                                          opts.max_context)
+    cfg, w, spec, source = weights if weights is not None else load_model(
+        opts.model, opts.max_context, keep_quant=is_quant(opts.dtype))
     tok = TokenizerInfo.from_spec(spec)
     heads = MedusaHeads.load(opts.heads) if opts.heads else None
     if heads is not None and heads.w.shape[1] != cfg.hidden_size:
@@ -124,7 +134,7 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
                            *opts.verify_widths}))
     tuning = None
     root = heads is not None and heads.u is not None
-    draft_dtype = opts.draft_dtype or opts.dtype
+    draft_dtype = opts.draft_dtype or (opts.dtype if opts.dtype in DRAFT_DTYPES else "float16")
     draft_vocab = 0 if heads is None or heads.vocab is None else len(heads.vocab)
     mod = build_module(cfg, opts.dtype, heads.num_heads if heads else 0, static_widths=widths,
                        medusa_root=root, draft_dtype=draft_dtype, draft_vocab=draft_vocab)
@@ -151,7 +161,10 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
                         + (f" ({tuning['kernels']} tuned kernels)" if tuning else ""), quiet)
         ex = build(mod, target, None, cost, scheduled)
     _progress(4, 4, f"packing weights and writing {out_dir}", quiet)
-    packed = pack_weights(cfg, w, opts.dtype)
+    report: dict = {}
+    packed = pack_weights(cfg, w, opts.dtype, report)
+    if is_quant(opts.dtype) and not quiet:
+        print(f"{opts.dtype} weights: {quant_summary(report)}", file=sys.stderr, flush=True)
     # Every parameter comes from its recipe, the one `hetcomp attach-weights` follows to
     # rebuild it from the model file (and heads file) where the artifact runs.
     recipes = {name: {"weight": name} for name, _, _ in param_specs(cfg, opts.dtype)}
@@ -176,10 +189,12 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
         head = "embed" if cfg.tie_embeddings else "lm_head"
         vocab = []
         if draft_vocab:  # the draft's own LM head: the draft vocabulary's rows
-            recipes["medusa.lm_head"] = {"weight": head, "dtype": draft_dtype, "rows": "vocab"}
+            recipes["medusa.lm_head"] = {"weight": head, "rows": "vocab"}
+            if not is_quant(opts.dtype):  # a quantized head keeps its blocks
+                recipes["medusa.lm_head"]["dtype"] = draft_dtype
             recipes["medusa.vocab"] = {"heads": "vocab"}
             head, vocab = "medusa.lm_head", ["medusa.vocab"]
-        elif draft_dtype != opts.dtype:  # the draft's own copy of the LM head
+        elif draft_dtype != opts.dtype and not is_quant(opts.dtype):  # the draft's own copy
             recipes["medusa.lm_head"] = {"weight": head, "dtype": draft_dtype}
             head = "medusa.lm_head"
         functions["medusa"] = ["embed", head, *mparams, *vocab]
@@ -234,6 +249,15 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
     if not quiet:
         print(f"compiled in {time.time() - t0:.1f}s -> {path}", file=sys.stderr)
     return path
+
+
+def quant_summary(report: dict) -> str:
+    """``kept 210 q4_1, 1 q8_0 bit for bit; converted 3 float->q4_1`` (pack_weights' report)."""
+    def items(d):
+        return ", ".join(f"{n} {k}" for k, n in sorted(d.items())) or "none"
+
+    return (f"kept {items(report.get('kept', {}))} bit for bit; converted "
+            f"{items(report.get('converted', {}))} (tensors)")
 
 
 def _tuning_path(opts: CompileOptions, quiet: bool) -> str | None:
