@@ -24,13 +24,19 @@ from ..frontend import load_model
 from ..frontend.export_info import source_info
 from ..frontend.llama import NUM_INPUTS, build_module, medusa_param_specs
 from ..frontend.tokenizer import TokenizerInfo
-from ..frontend.weights import WEIGHT_DTYPES, pack_weights, param_from_recipe, param_specs
-from ..quant_format import is_quant
+from ..frontend.weights import (
+    WEIGHT_DTYPES,
+    check_quantizable,
+    pack_weights,
+    param_from_recipe,
+    param_specs,
+)
 from ..hardware import DEFAULT_CUDA_ARCH, ORIN_NX_CPU, SPECS, DeviceSpec, target_dict
 from ..passes.partition_hetero import PARAM_SPLIT_ATTR
 from ..planner import PlannerOptions, UnitModel, plan
 from ..profile.bandwidth import measure_read_bandwidth
 from ..profile.units import detect_unit
+from ..quant_format import is_quant
 from ..schedules.tuning import apply_database, database_dir
 from ..speculative.medusa import MedusaHeads
 from ..speculative.tree import build_tree
@@ -123,6 +129,7 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
     # Load (and so validate) the input before printing anything: bad input gets one line.
     cfg, w, spec, source = weights if weights is not None else load_model(
         opts.model, opts.max_context, keep_quant=is_quant(opts.dtype))
+    check_quantizable(cfg, opts.dtype)
     tok = TokenizerInfo.from_spec(spec)
     heads = MedusaHeads.load(opts.heads) if opts.heads else None
     if heads is not None and heads.w.shape[1] != cfg.hidden_size:

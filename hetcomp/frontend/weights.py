@@ -44,6 +44,19 @@ def weight_spec(name: str, n: int, k: int, fmt: str) -> tuple[str, tuple[int, ..
     return (name, packed_shape(n, k), fmt)
 
 
+def check_quantizable(cfg: LlamaConfig, wdtype: str) -> None:
+    """Refuse a block format for a model whose linear rows (hidden size, attention width,
+    FFN width) are not whole blocks of 32 weights."""
+    if not is_quant(wdtype):
+        return
+    for what, k in (("hidden size", cfg.hidden_size),
+                    ("attention width", cfg.num_heads * cfg.head_dim),
+                    ("intermediate size", cfg.intermediate_size)):
+        if k % 32:
+            raise HetcompError(f"--dtype {wdtype} needs rows of whole 32-weight blocks: this "
+                               f"model's {what} is {k}")
+
+
 def param_specs(cfg: LlamaConfig, wdtype: str) -> list[tuple[str, tuple[int, ...], str]]:
     """``(name, shape, dtype)`` of every parameter of the compiled functions, in order."""
     e, f = cfg.hidden_size, cfg.intermediate_size

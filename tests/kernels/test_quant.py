@@ -1,7 +1,6 @@
 """Block-quantized weights: the device layout holds the file's blocks exactly, and the
 dequantizing linear and embedding kernels match numpy (gguf's dequantize, then matmul)."""
 
-import gguf
 import numpy as np
 import pytest
 
