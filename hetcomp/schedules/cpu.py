@@ -92,10 +92,12 @@ class QuantLinearRule(_BASE):
     ``y[w, n] = x[w, k] @ dequant(W)`` (+ residual), fp32 accumulation.
 
     Loops: ``n // B`` (parallel) > row tiles > k blocks > 32 weights of a block (unrolled:
-    nibble shifts become constants) > rows in the tile (unrolled) > B (vector). A panel's
+    nibble selects become constants) > rows in the tile (unrolled) > B (vector). A panel's
     block scales (and mins) are decoded once per k block into B-lane vectors; each weight is
-    decoded once per row tile and feeds the tile's ``rows`` FMAs. LLVM emits AVX-512 or
-    AVX2 for the B-lane loops, whichever the target CPU has.
+    decoded once per row tile and feeds the tile's ``rows`` FMAs. The factored kernel (narrow
+    widths) sums a block into a second ``rows x B`` register tile (``inner``) and scales it
+    into the accumulators once per block. LLVM emits AVX-512 or AVX2 for the B-lane loops,
+    whichever the target CPU has.
     """
 
     def __init__(self, row_tile: int = 4):
@@ -111,13 +113,19 @@ class QuantLinearRule(_BASE):
         row_tile = self.row_tile
         if isinstance(extent, c.tir.IntImm):
             row_tile = next(t for t in (8, 4, 2, 1) if int(extent) % t == 0)
-        # Step 1. Tile rows and columns; k splits into blocks and the block's 32 weights.
+        factored = any(sch.get(blk).name_hint == "inner"
+                       for blk in sch.get_child_blocks(sch.get_sblock("root")))
+        # Step 1. Tile rows and columns; the reduction (k, or k blocks) sits between them.
         mm = sch.get_sblock("matmul")
         i, j, k = sch.get_loops(mm)
         jo, ji = sch.split(j, [None, b])
         io, ii = sch.split(i, [None, row_tile])
-        kb, kt = sch.split(k, [None, 32])
-        sch.reorder(jo, io, kb, kt, ii, ji)
+        if factored:
+            kb, kt = k, None
+            sch.reorder(jo, io, kb, ii, ji)
+        else:
+            kb, kt = sch.split(k, [None, 32])
+            sch.reorder(jo, io, kb, kt, ii, ji)
         # Step 2. Accumulate in registers, write back (with the residual add) per row tile.
         acc = sch.cache_write(mm, 0, "local")
         sch.reverse_compute_at(acc, io)
@@ -127,19 +135,34 @@ class QuantLinearRule(_BASE):
             sch.reverse_compute_at(add, io)
             sch.compute_inline(acc)
             tail = add
-        # Step 3. The panel's scales (and mins) per k block, B lanes at once.
+        # Step 3. Factored: a block's raw-quant sums per k block, weights outermost (each
+        # loaded once for the tile's rows), rows unrolled, B lanes vector.
+        if factored:
+            inner = sch.get_sblock("inner")
+            sch.compute_at(inner, kb)
+            sch.set_scope(inner, 0, "local")
+            own = sch.get_loops(inner)[3:]  # (rows,) B, t: a one-row tile has no row loop
+            sch.reorder(own[-1], *own[:-1])
+            sch.unroll(own[-1])
+            if len(own) == 3:
+                sch.unroll(own[0])
+            sch.vectorize(own[-2])
+        # Step 4. The panel's scales (and mins) per k block, B lanes at once.
         for name in ("min", "scale") if str(func.attrs["hetcomp.qtype"]) == "q4_1" else (
                 "scale",):
             blk = sch.get_sblock(name)
             sch.compute_at(blk, kb)
             sch.vectorize(sch.get_loops(blk)[-1])  # the panel's B columns
-        # Step 4. Parallel over column panels, vector over a panel, unrolled block and rows.
+        # Step 5. Parallel over column panels, vector over a panel, unrolled block and rows.
         sch.parallel(jo)
         sch.vectorize(ji)
         sch.unroll(ii)
-        sch.unroll(kt)
+        if kt is not None:
+            sch.unroll(kt)
         sch.vectorize(sch.get_loops(tail)[-1])
         sch.decompose_reduction(mm, kb)
+        if factored:
+            sch.decompose_reduction(inner, own[-1])
         return sch
 
 
