@@ -264,7 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", default="smollm2", help="smollm2 | FILE.gguf | HF_DIR")
     c.add_argument("--target", default="host",
                    help="host | x86-64-v3 (portable) | aarch64 (cross) | cuda (whole model on GPU)")
-    c.add_argument("--dtype", default="float32", help="weight dtype: float32 | float16")
+    c.add_argument("--dtype", default="float32",
+                   help="weight dtype: float32 | float16 | q4_0 | q4_1 | q8_0 (GGUF blocks: a "
+                        "file's tensors in that format are kept bit for bit, others converted; "
+                        "the embedding / LM head is q8_0)")
     c.add_argument("--draft-dtype", help="dtype of the Medusa draft's weights, its heads and LM "
                    "head (default: --dtype; float16 halves the bytes the draft reads each step, "
                    "output unchanged)")

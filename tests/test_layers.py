@@ -18,7 +18,7 @@ ROOT = pathlib.Path(hetcomp.__file__).parent
 FLOORS = {
     # Ground: types and formats every floor reads; no compiler.
     "errors": 0, "_tvm": 0, "data": 0,
-    "hardware": 1, "artifact_format": 1, "decoder": 1,
+    "hardware": 1, "artifact_format": 1, "decoder": 1, "quant_format": 1,
     "plan": 2,
     # Kernels, speculation's data structures, pure cost models, the model frontends.
     "kernels": 3, "speculative": 3,

@@ -25,8 +25,15 @@ FEATURE_NAMES = ("flops", "bytes", "w", "n", "k", "r", "corun", "cache_len")
 _F32 = 4
 
 
-def dtype_bytes(dtype: str) -> int:
-    """Bytes per weight of a weight dtype (float16 or float32)."""
+#: Bytes per weight of the GGUF block formats: 32 weights share a float16 scale (q4_1: and a
+#: float16 min) with 4- or 8-bit quants (mirrors ``hetcomp.kernels.quant.BLOCK_BYTES``).
+_BLOCK_BYTES_PER_WEIGHT = {"q4_0": 18 / 32, "q4_1": 20 / 32, "q8_0": 34 / 32}
+
+
+def dtype_bytes(dtype: str) -> float:
+    """Bytes per weight of a weight dtype: float32, float16 or a block format (fractional)."""
+    if dtype in _BLOCK_BYTES_PER_WEIGHT:
+        return _BLOCK_BYTES_PER_WEIGHT[dtype]
     return 2 if dtype == "float16" else _F32
 
 
@@ -90,7 +97,7 @@ class ModelShape:
     head_dim: int
     vocab: int
     max_context: int = 2048
-    weight_bytes: int = _F32
+    weight_bytes: float = _F32
     kv_bytes: int = _F32  # per KV-cache element
     qkv_bias: bool = False  # a bias_add kernel after each layer's qkv linear (Qwen2)
 
@@ -122,7 +129,7 @@ class ModelShape:
 
 
 def linear_features(shape: ModelShape, kind: str, w: int, r: float = 1.0,
-                    corun: bool = False, weight_bytes: int = 0) -> Features:
+                    corun: bool = False, weight_bytes: float = 0) -> Features:
     """A linear kernel holding the fraction ``r`` of ``kind``'s output columns, ``w`` rows;
     ``weight_bytes`` per weight (0: the model's)."""
     full, k, residual = shape.linear_dims(kind)

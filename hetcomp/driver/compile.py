@@ -24,17 +24,27 @@ from ..frontend import load_model
 from ..frontend.export_info import source_info
 from ..frontend.llama import NUM_INPUTS, build_module, medusa_param_specs
 from ..frontend.tokenizer import TokenizerInfo
-from ..frontend.weights import WEIGHT_DTYPES, pack_weights, param_from_recipe, param_specs
+from ..frontend.weights import (
+    WEIGHT_DTYPES,
+    check_quantizable,
+    pack_weights,
+    param_from_recipe,
+    param_specs,
+)
 from ..hardware import DEFAULT_CUDA_ARCH, ORIN_NX_CPU, SPECS, DeviceSpec, target_dict
 from ..passes.partition_hetero import PARAM_SPLIT_ATTR
 from ..planner import PlannerOptions, UnitModel, plan
 from ..profile.bandwidth import measure_read_bandwidth
 from ..profile.units import detect_unit
+from ..quant_format import is_quant
 from ..schedules.tuning import apply_database, database_dir
 from ..speculative.medusa import MedusaHeads
 from ..speculative.tree import build_tree
 
 TARGETS = ("host", "aarch64", "x86-64-v3", "cuda")
+#: The Medusa draft's head weights are float (a quantized model's draft reads its LM head in
+#: the model's q8_0 blocks).
+DRAFT_DTYPES = ("float32", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,24 +83,31 @@ class CompileOptions:
     # What plan.json decided beyond the partition (hetcomp.plan.plan_choice): its width, tree,
     # source and the fitted cost models beside it (AnnotateCost reads them).
     plan_choice: dict | None = None
-    # The KV cache's element type (None: the weights' dtype). float16 halves the cache's
+    # The KV cache's element type (None: the weights' float dtype). float16 halves the cache's
     # memory and the bytes the dense attention part streams; attention accumulates in float32.
     kv_dtype: str | None = None
 
     @property
     def cache_dtype(self) -> str:
-        """The KV cache's element type: ``kv_dtype``, else the weights' dtype."""
-        return self.kv_dtype or self.dtype
+        """The KV cache's element type: ``kv_dtype``, else the weights' float dtype (float16
+        for a quantized model, as llama.cpp's default cache)."""
+        return self.kv_dtype or (self.dtype if self.dtype in DRAFT_DTYPES else "float16")
 
     def __post_init__(self):
         if self.dtype not in WEIGHT_DTYPES:
-            raise HetcompError(f"unsupported dtype {self.dtype!r} (use {' or '.join(WEIGHT_DTYPES)})")
-        if self.kv_dtype is not None and self.kv_dtype not in WEIGHT_DTYPES:
+            raise HetcompError(f"unsupported dtype {self.dtype!r} (use "
+                               f"{' | '.join(WEIGHT_DTYPES)})")
+        if self.kv_dtype is not None and self.kv_dtype not in DRAFT_DTYPES:
             raise HetcompError(f"unsupported --kv-dtype {self.kv_dtype!r} "
-                               f"(use {' or '.join(WEIGHT_DTYPES)})")
-        if self.draft_dtype is not None and self.draft_dtype not in WEIGHT_DTYPES:
+                               f"(use {' or '.join(DRAFT_DTYPES)})")
+        if self.draft_dtype is not None and self.draft_dtype not in DRAFT_DTYPES:
             raise HetcompError(f"unsupported --draft-dtype {self.draft_dtype!r} "
-                               f"(use {' or '.join(WEIGHT_DTYPES)})")
+                               f"(use {' or '.join(DRAFT_DTYPES)})")
+        if is_quant(self.dtype) and (self.plan is not None or self.target not in (
+                "host", "x86-64-v3")):
+            raise HetcompError(f"--dtype {self.dtype} builds for --target host or x86-64-v3 "
+                               "without --plan (no quantized GPU, ARM or partitioned kernels "
+                               "yet)")
         if self.target not in TARGETS:
             raise HetcompError(f"unsupported target {self.target!r} (supported: {', '.join(TARGETS)})")
         if self.default_width is not None and self.default_width != 1 and (
@@ -122,8 +139,9 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
     t0 = time.time()
     check_output(out_dir, is_artifact, "hetcomp artifact", force)
     # Load (and so validate) the input before printing anything: bad input gets one line.
-    cfg, w, spec, source = weights if weights is not None else load_model(opts.model,
-                                                                          opts.max_context)
+    cfg, w, spec, source = weights if weights is not None else load_model(
+        opts.model, opts.max_context, keep_quant=is_quant(opts.dtype))
+    check_quantizable(cfg, opts.dtype)
     tok = TokenizerInfo.from_spec(spec)
     heads = MedusaHeads.load(opts.heads) if opts.heads else None
     if heads is not None and heads.w.shape[1] != cfg.hidden_size:
@@ -136,7 +154,7 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
                            *opts.verify_widths}))
     tuning = None
     root = heads is not None and heads.u is not None
-    draft_dtype = opts.draft_dtype or opts.dtype
+    draft_dtype = opts.draft_dtype or (opts.dtype if opts.dtype in DRAFT_DTYPES else "float16")
     draft_vocab = 0 if heads is None or heads.vocab is None else len(heads.vocab)
     mod = build_module(cfg, opts.dtype, heads.num_heads if heads else 0, static_widths=widths,
                        medusa_root=root, draft_dtype=draft_dtype, draft_vocab=draft_vocab,
@@ -164,7 +182,10 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
                         + (f" ({tuning['kernels']} tuned kernels)" if tuning else ""), quiet)
         ex = build(mod, target, None, cost, scheduled)
     _progress(4, 4, f"packing weights and writing {out_dir}", quiet)
-    packed = pack_weights(cfg, w, opts.dtype)
+    report: dict = {}
+    packed = pack_weights(cfg, w, opts.dtype, report)
+    if is_quant(opts.dtype) and not quiet:
+        print(f"{opts.dtype} weights: {quant_summary(report)}", file=sys.stderr, flush=True)
     # Every parameter comes from its recipe, the one `hetcomp attach-weights` follows to
     # rebuild it from the model file (and heads file) where the artifact runs.
     recipes = {name: {"weight": name} for name, _, _ in param_specs(cfg, opts.dtype)}
@@ -190,10 +211,12 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
         head = "embed" if cfg.tie_embeddings else "lm_head"
         vocab = []
         if draft_vocab:  # the draft's own LM head: the draft vocabulary's rows
-            recipes["medusa.lm_head"] = {"weight": head, "dtype": draft_dtype, "rows": "vocab"}
+            recipes["medusa.lm_head"] = {"weight": head, "rows": "vocab"}
+            if not is_quant(opts.dtype):  # a quantized head keeps its blocks
+                recipes["medusa.lm_head"]["dtype"] = draft_dtype
             recipes["medusa.vocab"] = {"heads": "vocab"}
             head, vocab = "medusa.lm_head", ["medusa.vocab"]
-        elif draft_dtype != opts.dtype:  # the draft's own copy of the LM head
+        elif draft_dtype != opts.dtype and not is_quant(opts.dtype):  # the draft's own copy
             recipes["medusa.lm_head"] = {"weight": head, "dtype": draft_dtype}
             head = "medusa.lm_head"
         functions["medusa"] = ["embed", head, *mparams, *vocab]
@@ -252,6 +275,15 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
     if not quiet:
         print(f"compiled in {time.time() - t0:.1f}s -> {path}", file=sys.stderr)
     return path
+
+
+def quant_summary(report: dict) -> str:
+    """``kept 210 q4_1, 1 q8_0 bit for bit; converted 3 float->q4_1`` (pack_weights' report)."""
+    def items(d):
+        return ", ".join(f"{n} {k}" for k, n in sorted(d.items())) or "none"
+
+    return (f"kept {items(report.get('kept', {}))} bit for bit; converted "
+            f"{items(report.get('converted', {}))} (tensors)")
 
 
 def _tuning_path(opts: CompileOptions, quiet: bool) -> str | None:

@@ -24,8 +24,9 @@ def resolve_model(model: str) -> str:
     return model_path(model) if model in MODELS else model
 
 
-def load_model(model: str, max_context: int | None = None):
-    """``(config, float32 weights, tokenizer spec, source path)`` for a model name or path.
+def load_model(model: str, max_context: int | None = None, keep_quant: bool = False):
+    """``(config, float32 weights, tokenizer spec, source path)`` for a model name or path;
+    ``keep_quant``: a GGUF's q4_0/q4_1/q8_0 matrices as their blocks (``QuantMatrix``).
 
     A damaged file is refused in one line (:class:`HetcompError`) wherever its damage shows:
     the ``gguf`` package and the tokenizer raise assorted errors on corrupt input.
@@ -36,7 +37,7 @@ def load_model(model: str, max_context: int | None = None):
     if not os.path.isfile(path):
         raise HetcompError(f"model file not found: {path}")
     try:
-        return (*load_gguf(path, max_context), path)
+        return (*load_gguf(path, max_context, keep_quant), path)
     except HetcompError:
         raise
     except Exception as e:  # corrupt input, not a bug of ours: see the docstring

@@ -9,6 +9,7 @@ import gguf
 import numpy as np
 
 from ..errors import HetcompError
+from ..quant_format import BLOCK_BYTES, QuantMatrix
 from .config import LlamaConfig
 
 SUPPORTED_ARCHS = ("llama", "qwen2")
@@ -122,27 +123,40 @@ def read_config(reader, max_context: int | None = None) -> LlamaConfig:
     return cfg
 
 
-def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo llama.cpp's Q/K row permutation so RoPE can use the rotate-half (HF) convention."""
+def _unpermute_rope(w, n_head: int):
+    """Undo llama.cpp's Q/K row permutation so RoPE can use the rotate-half (HF) convention.
+
+    A permutation of whole rows, so a :class:`QuantMatrix` moves its rows' blocks unchanged."""
+    if isinstance(w, QuantMatrix):
+        n, nkb, nb = w.blocks.shape
+        return QuantMatrix(w.qtype, _unpermute_rope(w.blocks.reshape(n, nkb * nb), n_head)
+                           .reshape(n, nkb, nb))
     out, inp = w.shape
-    return w.reshape(n_head, out // n_head // 2, 2, inp).swapaxes(1, 2).reshape(out, inp)
+    return np.ascontiguousarray(
+        w.reshape(n_head, out // n_head // 2, 2, inp).swapaxes(1, 2).reshape(out, inp))
 
 
-def read_weights(reader, cfg: LlamaConfig) -> dict[str, np.ndarray]:
-    """Dequantize every tensor to float32, named as in :mod:`hetcomp.frontend.weights`."""
+def read_weights(reader, cfg: LlamaConfig, keep_quant: bool = False
+                 ) -> dict[str, np.ndarray | QuantMatrix]:
+    """Every tensor dequantized to float32, named as in :mod:`hetcomp.frontend.weights`;
+    ``keep_quant``: matrices stored as q4_0, q4_1 or q8_0 come as their file blocks
+    (:class:`~hetcomp.kernels.quant.QuantMatrix`), byte for byte."""
     tensors = {t.name: t for t in reader.tensors}
 
-    def get(name: str) -> np.ndarray:
+    def get(name: str):
         t = tensors.get(name)
         if t is None:
             raise HetcompError(f"GGUF file is missing tensor {name}")
         if t.tensor_type.name not in _SUPPORTED_TYPES:
             raise HetcompError(f"unsupported GGUF tensor type {t.tensor_type.name} in {name}")
+        shape = tuple(int(s) for s in reversed(t.shape.tolist()))
+        qtype = t.tensor_type.name.lower()
+        if keep_quant and qtype in BLOCK_BYTES and len(shape) == 2:
+            return QuantMatrix.from_gguf_bytes(qtype, t.data, shape[0])
         try:
             arr = gguf.quants.dequantize(t.data, t.tensor_type)
         except Exception as e:
             raise HetcompError(f"cannot dequantize {name}: {e}") from None
-        shape = tuple(int(s) for s in reversed(t.shape.tolist()))
         return np.ascontiguousarray(arr.reshape(shape), dtype=np.float32)
 
     arch = _field(reader, "general.architecture")
@@ -188,10 +202,11 @@ def read_tokenizer_spec(reader) -> dict:
     }
 
 
-def load_gguf(path: str, max_context: int | None = None):
-    """Load ``(config, float32 weights, tokenizer spec)`` from a GGUF file."""
+def load_gguf(path: str, max_context: int | None = None, keep_quant: bool = False):
+    """Load ``(config, weights, tokenizer spec)`` from a GGUF file: float32 weights, or with
+    ``keep_quant`` the q4_0/q4_1/q8_0 matrices as their blocks (:func:`read_weights`)."""
     reader = open_gguf(path)
     cfg = read_config(reader, max_context)
     spec = read_tokenizer_spec(reader)
-    weights = read_weights(reader, cfg)
+    weights = read_weights(reader, cfg, keep_quant)
     return cfg, weights, spec

@@ -36,9 +36,9 @@ import functools
 
 from .._tvm import compiler
 from ..decoder import FUSED_WIDTHS
-from ..kernels import ops, script_ops, sparse_attention
+from ..kernels import ops, quant, script_ops, sparse_attention
 from .config import LlamaConfig, kv_cache_shapes
-from .weights import param_specs
+from .weights import head_dtype, param_specs, weight_spec
 
 #: verify's inputs before the parameters: tokens, positions, mask, row_ptr, col_idx, k_cache,
 #: v_cache, cache_len.
@@ -67,10 +67,19 @@ class _Kernels:
 
     def linear(self, n: int, k: int, residual: bool, rows: int | None = None,
                dtype: str | None = None):
-        """A linear kernel; ``dtype``: its weights' dtype when not the model's (the draft's)."""
+        """A linear kernel; ``dtype``: its weights' dtype or block format when not the
+        model's (the draft's, a quantized model's LM head)."""
         tag = "" if dtype in (None, self.wdtype) else f"_{dtype}"
         name = f"linear{'_res' if residual else ''}{tag}_n{n}_k{k}"
-        return self.get(name, ops.linear, n, k, dtype or self.wdtype, residual, rows=rows)
+        fmt = dtype or self.wdtype
+        builder = quant.linear_quant if quant.is_quant(fmt) else ops.linear
+        return self.get(name, builder, n, k, fmt, residual, rows=rows)
+
+    def embed(self, rows: int | None = None):
+        """The embedding gather from the table in the model's head format."""
+        fmt, cfg = head_dtype(self.wdtype), self.cfg
+        builder = quant.embed_quant if quant.is_quant(fmt) else ops.embed
+        return self.get("embed", builder, cfg.vocab_size, cfg.hidden_size, fmt, rows=rows)
 
 
 def _attention(bb, kern: _Kernels, cfg: LlamaConfig, q, kv_tree, k_cache, v_cache, tree, layer,
@@ -118,8 +127,7 @@ def _forward(bb, kern: _Kernels, cfg: LlamaConfig, inputs, params: dict, last_on
     rope_gv = kern.get("rope_kv", functools.partial(script_ops.rope_kv, kv_dtype=kern.kv_dtype),
                        hq, cfg.num_kv_heads, d, cfg.num_layers, cfg.max_context, sized=False)
     silu_gv = kern.get("silu_mul", ops.silu_mul, f)
-    x = call(kern.get("embed", ops.embed, cfg.vocab_size, e, kern.wdtype),
-             [tokens, params["embed"]], (w, e))
+    x = call(kern.embed(), [tokens, params["embed"]], (w, e))
     cs = call(kern.get("rope_table", ops.rope_table, d, cfg.rope_theta), [positions], (w, d))
     for i in range(cfg.num_layers):
         p = f"layers.{i}."
@@ -157,7 +165,8 @@ def _forward(bb, kern: _Kernels, cfg: LlamaConfig, inputs, params: dict, last_on
             norm_gv = kern.get("rms_norm", ops.rms_norm, e, cfg.norm_eps)
     hidden = call(norm_gv, [x, params["norm"]], (rows, e))
     head = params["lm_head"] if "lm_head" in params else params["embed"]
-    logits = call(kern.linear(cfg.vocab_size, e, False), [hidden, head], (rows, cfg.vocab_size))
+    logits = call(kern.linear(cfg.vocab_size, e, False, dtype=head_dtype(kern.wdtype)),
+                  [hidden, head], (rows, cfg.vocab_size))
     ids = call(kern.get("argmax", ops.argmax, cfg.vocab_size), [logits], (rows,), "int32")
     return logits, hidden, ids, k_cache, v_cache
 
@@ -194,14 +203,14 @@ def _add_medusa(bb, kern: _Kernels, cfg: LlamaConfig, num_heads: int, wdtype: st
     e, v = cfg.hidden_size, cfg.vocab_size
     hidden = relax.Var("hidden", tt((1, e), "float32"))
     root_tok = relax.Var("root", tt((1,), "int32"))
-    shapes = {n: sh for n, sh, _ in param_specs(cfg, wdtype)}
-    embed = relax.Var("embed", tt(shapes["embed"], wdtype))
+    shapes = {n: (sh, dt) for n, sh, dt in param_specs(cfg, wdtype)}
+    embed = relax.Var("embed", tt(*shapes["embed"]))
     draft_dtype = draft_dtype or wdtype
-    head_shape = shapes["embed" if cfg.tie_embeddings else "lm_head"]
+    # A quantized model's draft reads the LM head in its own block format (no float copy).
+    head_fmt = head_dtype(wdtype) if quant.is_quant(wdtype) else draft_dtype
     vd = draft_vocab or v  # the draft's output columns
-    if draft_vocab:
-        head_shape = ops.packed_shape(vd, e)
-    lm_head = relax.Var("lm_head", tt(head_shape, draft_dtype))
+    _, head_shape, head_dt = weight_spec("lm_head", vd, e, head_fmt)
+    lm_head = relax.Var("lm_head", tt(head_shape, head_dt))
     specs = medusa_param_specs(cfg, num_heads, draft_dtype, root)
     pvars = {n: relax.Var(n.replace(".", "_"), tt(sh, d)) for n, sh, d in specs}
     vocab = [relax.Var("vocab", tt((vd,), "int32"))] if draft_vocab else []
@@ -211,8 +220,8 @@ def _add_medusa(bb, kern: _Kernels, cfg: LlamaConfig, num_heads: int, wdtype: st
         with bb.dataflow():
             emb = None
             if root:
-                emb = bb.emit(relax.call_tir(kern.get("embed", ops.embed, v, e, wdtype, rows=1),
-                                             [root_tok, embed], tt((1, e), "float32")))
+                emb = bb.emit(relax.call_tir(kern.embed(rows=1), [root_tok, embed],
+                                             tt((1, e), "float32")))
             outs = []
             for k in range(num_heads):
                 z = bb.emit(relax.call_tir(kern.linear(e, e, False, 1, draft_dtype),
@@ -224,7 +233,7 @@ def _add_medusa(bb, kern: _Kernels, cfg: LlamaConfig, num_heads: int, wdtype: st
                 outs.append(bb.emit(relax.call_tir(act_gv, [hidden, z, pvars[f"medusa.{k}.b"]],
                                                    tt((1, e), "float32"))))
             stacked = bb.emit(relax.op.concat(outs, axis=0))
-            head_gv = kern.linear(vd, e, False, num_heads, draft_dtype)
+            head_gv = kern.linear(vd, e, False, num_heads, head_fmt)
             logits = bb.emit(relax.call_tir(head_gv, [stacked, lm_head],
                                             tt((num_heads, vd), "float32")))
             # Candidates ranked on the device (a host-side argpartition cost ~2 ms a step).

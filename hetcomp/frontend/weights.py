@@ -3,17 +3,59 @@
 Loaders produce float32 ``[out, in]`` matrices named like HF checkpoints, flattened:
 ``embed``, ``norm``, ``lm_head`` (untied models only) and per layer ``layers.{i}.`` +
 ``attn_norm, wq, wk, wv, wo, ffn_norm, w_gate, w_up, w_down`` (+ ``bq, bk, bv`` with
-``cfg.qkv_bias``; packed as one float32 ``bqkv``).
+``cfg.qkv_bias``; packed as one float32 ``bqkv``); a GGUF loaded for a quantized
+compile gives its q4_0/q4_1/q8_0 matrices as :class:`~hetcomp.kernels.quant.QuantMatrix`.
+
+Weight dtypes: ``float32``, ``float16`` and the GGUF block formats ``q4_0``, ``q4_1``,
+``q8_0``. A quantized model keeps its embedding / LM head (tied or not) in q8_0
+(:func:`head_dtype`): it is the one matrix every step reads whole for the logits, where 4-bit
+rounding costs the most, and llama.cpp's own Q4 files store it as Q8_0 (SmolLM2's does).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from ..errors import HetcompError
 from ..kernels.ops import pack_linear_weight, packed_shape, unpack_linear_weight
+from ..quant_format import (
+    BLOCK_BYTES,
+    QUANT_DTYPES,
+    QuantMatrix,
+    is_quant,
+    pack_quant_weight,
+    quant_packed_shape,
+    unpack_quant_weight,
+)
 from .config import LlamaConfig
 
-WEIGHT_DTYPES = ("float32", "float16")
+WEIGHT_DTYPES = ("float32", "float16", *QUANT_DTYPES)
+
+
+def head_dtype(wdtype: str) -> str:
+    """The format of the embedding table / LM head of a model with weights ``wdtype``
+    (module doc: q8_0 for every quantized dtype)."""
+    return "q8_0" if is_quant(wdtype) else wdtype
+
+
+def weight_spec(name: str, n: int, k: int, fmt: str) -> tuple[str, tuple[int, ...], str]:
+    """``(name, shape, dtype)`` of a packed ``[n, k]`` weight in format ``fmt``."""
+    if is_quant(fmt):
+        return (name, quant_packed_shape(n, k, fmt), "uint8")
+    return (name, packed_shape(n, k), fmt)
+
+
+def check_quantizable(cfg: LlamaConfig, wdtype: str) -> None:
+    """Refuse a block format for a model whose linear rows (hidden size, attention width,
+    FFN width) are not whole blocks of 32 weights."""
+    if not is_quant(wdtype):
+        return
+    for what, k in (("hidden size", cfg.hidden_size),
+                    ("attention width", cfg.num_heads * cfg.head_dim),
+                    ("intermediate size", cfg.intermediate_size)):
+        if k % 32:
+            raise HetcompError(f"--dtype {wdtype} needs rows of whole 32-weight blocks: this "
+                               f"model's {what} is {k}")
 
 
 def param_specs(cfg: LlamaConfig, wdtype: str) -> list[tuple[str, tuple[int, ...], str]]:
@@ -22,7 +64,8 @@ def param_specs(cfg: LlamaConfig, wdtype: str) -> list[tuple[str, tuple[int, ...
     hd = cfg.num_heads * cfg.head_dim
 
     def packed(name, n, k):
-        return (name, packed_shape(n, k), wdtype)
+        return weight_spec(name, n, k, head_dtype(wdtype) if name in ("embed", "lm_head")
+                           else wdtype)
 
     specs = [packed("embed", cfg.vocab_size, e)]
     for i in range(cfg.num_layers):
@@ -42,30 +85,74 @@ def param_specs(cfg: LlamaConfig, wdtype: str) -> list[tuple[str, tuple[int, ...
     return specs
 
 
-def pack_weights(cfg: LlamaConfig, w: dict[str, np.ndarray], wdtype: str) -> dict[str, np.ndarray]:
-    """Fuse (qkv, gate_up) and pack the loader's float32 weights into the kernels' layouts."""
-    out = {"embed": pack_linear_weight(w["embed"], wdtype),
-           "norm": w["norm"].astype("float32")}
+def _as_float(m) -> np.ndarray:
+    return m.dequantize() if isinstance(m, QuantMatrix) else m
+
+
+def _pack(mats: list, fmt: str, report: dict | None) -> np.ndarray:
+    """Matrices (float32 or QuantMatrix) stacked by rows and packed in format ``fmt``.
+
+    Quantized: a matrix already in ``fmt`` keeps its blocks byte for byte; any other is
+    dequantized (if need be) and quantized by ``gguf``'s reference code. ``report`` counts
+    both, ``{"kept": {fmt: n}, "converted": {"SRC->fmt": n}}``."""
+    if not is_quant(fmt):
+        return pack_linear_weight(np.concatenate([_as_float(m) for m in mats], axis=0), fmt)
+    out = []
+    for m in mats:
+        src = m.qtype if isinstance(m, QuantMatrix) else "float"
+        if src == fmt:
+            out.append(m)
+            key, what = "kept", fmt
+        else:
+            out.append(QuantMatrix.quantize(_as_float(m), fmt))
+            key, what = "converted", f"{src}->{fmt}"
+        if report is not None:
+            report.setdefault(key, {})
+            report[key][what] = report[key].get(what, 0) + 1
+    return pack_quant_weight(QuantMatrix.concat(out))
+
+
+def pack_weights(cfg: LlamaConfig, w: dict, wdtype: str, report: dict | None = None
+                 ) -> dict[str, np.ndarray]:
+    """Fuse (qkv, gate_up) and pack the loader's weights into the kernels' layouts
+    (``report``: what a quantized pack kept and converted, :func:`_pack`)."""
+    if wdtype not in WEIGHT_DTYPES:
+        raise HetcompError(f"unsupported dtype {wdtype!r} (use {' | '.join(WEIGHT_DTYPES)})")
+    hfmt = head_dtype(wdtype)
+    out = {"embed": _pack([w["embed"]], hfmt, report), "norm": _as_float(w["norm"])
+           .astype("float32")}
     if not cfg.tie_embeddings:
-        out["lm_head"] = pack_linear_weight(w["lm_head"], wdtype)
+        out["lm_head"] = _pack([w["lm_head"]], hfmt, report)
     for i in range(cfg.num_layers):
         p = f"layers.{i}."
-        out[p + "attn_norm"] = w[p + "attn_norm"].astype("float32")
-        out[p + "ffn_norm"] = w[p + "ffn_norm"].astype("float32")
-        qkv = np.concatenate([w[p + "wq"], w[p + "wk"], w[p + "wv"]], axis=0)
-        out[p + "wqkv"] = pack_linear_weight(qkv, wdtype)
+        out[p + "attn_norm"] = _as_float(w[p + "attn_norm"]).astype("float32")
+        out[p + "ffn_norm"] = _as_float(w[p + "ffn_norm"]).astype("float32")
+        out[p + "wqkv"] = _pack([w[p + "wq"], w[p + "wk"], w[p + "wv"]], wdtype, report)
         if cfg.qkv_bias:
-            out[p + "bqkv"] = np.concatenate([w[p + "bq"], w[p + "bk"], w[p + "bv"]]
+            out[p + "bqkv"] = np.concatenate([_as_float(w[p + b]) for b in ("bq", "bk", "bv")]
                                              ).astype("float32")
-        out[p + "wo"] = pack_linear_weight(w[p + "wo"], wdtype)
-        gu = np.concatenate([w[p + "w_gate"], w[p + "w_up"]], axis=0)
-        out[p + "w_gate_up"] = pack_linear_weight(gu, wdtype)
-        out[p + "w_down"] = pack_linear_weight(w[p + "w_down"], wdtype)
+        out[p + "wo"] = _pack([w[p + "wo"]], wdtype, report)
+        out[p + "w_gate_up"] = _pack([w[p + "w_gate"], w[p + "w_up"]], wdtype, report)
+        out[p + "w_down"] = _pack([w[p + "w_down"]], wdtype, report)
     specs = param_specs(cfg, wdtype)
     for name, shape, dtype in specs:
         arr = out[name]
         assert arr.shape == shape and arr.dtype == np.dtype(dtype), (name, arr.shape, shape)
     return out
+
+
+def unpack_weight(arr: np.ndarray):
+    """A packed weight back to ``[N, K]``: float, or a QuantMatrix for a quantized one (its
+    format read off the block size)."""
+    if arr.dtype == np.uint8:
+        qtype = next(q for q, nb in BLOCK_BYTES.items() if nb == arr.shape[2])
+        return unpack_quant_weight(arr, qtype)
+    return unpack_linear_weight(arr)
+
+
+def pack_weight(m, dtype: str) -> np.ndarray:
+    """``[N, K]`` float or QuantMatrix -> the packed layout of ``dtype`` (as :func:`_pack`)."""
+    return _pack([m], dtype, None)
 
 
 def param_from_recipe(recipe: dict, packed: dict[str, np.ndarray], heads, wdtype: str
@@ -81,17 +168,20 @@ def param_from_recipe(recipe: dict, packed: dict[str, np.ndarray], heads, wdtype
             lo, hi = recipe["blocks"]
             arr = arr[lo:hi]
         if "rows" in recipe:
-            arr = pack_linear_weight(unpack_linear_weight(arr)[getattr(heads, recipe["rows"])],
-                                     str(arr.dtype))
+            m = unpack_weight(arr)
+            rows = getattr(heads, recipe["rows"])
+            arr = (pack_quant_weight(m.rows(rows)) if isinstance(m, QuantMatrix)
+                   else pack_linear_weight(m[rows], str(arr.dtype)))
         if "dtype" in recipe:
-            arr = arr.astype(recipe["dtype"])
+            arr = (pack_weight(unpack_weight(arr), recipe["dtype"]) if arr.dtype == np.uint8
+                   else arr.astype(recipe["dtype"]))
         return arr
     if "index" not in recipe:  # a whole field (the draft vocabulary)
         return np.asarray(getattr(heads, recipe["heads"]), dtype=np.int32)
     arr = getattr(heads, recipe["heads"])[recipe["index"]]
     if recipe["heads"] == "b":
         return arr.astype("float32")
-    return pack_linear_weight(arr, recipe.get("dtype", wdtype))
+    return pack_weight(arr, recipe.get("dtype", wdtype))
 
 
 def random_weights(cfg: LlamaConfig, seed: int = 0, scale: float = 0.08) -> dict[str, np.ndarray]:

@@ -20,16 +20,9 @@ import math
 import numpy as np
 
 from .._tvm import compiler
+from ..quant_format import pack_block
 
 OP_KIND = "hetcomp.op_kind"
-
-
-def pack_block(n: int) -> int:
-    """The column block B of a packed linear weight with ``n`` output columns."""
-    for b in (32, 16, 8, 4, 2):
-        if n % b == 0:
-            return b
-    return 1
 
 
 def packed_shape(n: int, k: int) -> tuple[int, int, int]:

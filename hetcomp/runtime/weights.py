@@ -44,7 +44,10 @@ def rebuild_params(manifest: dict, model: str, heads: str | None, art_dir: str =
     recipes = manifest.get("param_recipes")
     if not recipes:
         raise HetcompError(f"artifact {art_dir} records no parameter recipes: recompile it")
-    cfg, w, _, _ = load_model(model, manifest["config"]["max_context"])
+    from ..quant_format import is_quant
+
+    cfg, w, _, _ = load_model(model, manifest["config"]["max_context"],
+                              keep_quant=is_quant(manifest["dtype"]))
     if cfg.hidden_size != manifest["config"]["hidden_size"] or (
             cfg.num_layers != manifest["config"]["num_layers"]):
         raise HetcompError(f"model {model} is not the model artifact {art_dir} was built for")

@@ -53,7 +53,7 @@ class LinearRule(_BASE):
         self.row_tile = row_tile
 
     def apply(self, func, target, tunable):
-        if _kind(func) != "linear":
+        if _kind(func) != "linear" or "hetcomp.qtype" in func.attrs:
             return None
         c = compiler()
         sch = c.Schedule(func)
@@ -84,6 +84,85 @@ class LinearRule(_BASE):
         ti, tj = sch.get_loops(tail)[-2:]
         sch.vectorize(tj)
         sch.decompose_reduction(mm, k)
+        return sch
+
+
+class QuantLinearRule(_BASE):
+    """:class:`LinearRule` for block-quantized weights (:mod:`hetcomp.kernels.quant`):
+    ``y[w, n] = x[w, k] @ dequant(W)`` (+ residual), fp32 accumulation.
+
+    Loops: ``n // B`` (parallel) > row tiles > k blocks > 32 weights of a block (unrolled:
+    nibble selects become constants) > rows in the tile (unrolled) > B (vector). A panel's
+    block scales (and mins) are decoded once per k block into B-lane vectors; each weight is
+    decoded once per row tile and feeds the tile's ``rows`` FMAs. The factored kernel (narrow
+    widths) sums a block into a second ``rows x B`` register tile (``inner``) and scales it
+    into the accumulators once per block. LLVM emits AVX-512 or AVX2 for the B-lane loops,
+    whichever the target CPU has.
+    """
+
+    def __init__(self, row_tile: int = 4):
+        self.row_tile = row_tile
+
+    def apply(self, func, target, tunable):
+        if _kind(func) != "linear" or "hetcomp.qtype" not in func.attrs:
+            return None
+        c = compiler()
+        sch = c.Schedule(func)
+        b = int(func.attrs["hetcomp.block"])
+        extent = func.params[0].shape[0]
+        row_tile = self.row_tile
+        if isinstance(extent, c.tir.IntImm):
+            row_tile = next(t for t in (8, 4, 2, 1) if int(extent) % t == 0)
+        factored = any(sch.get(blk).name_hint == "inner"
+                       for blk in sch.get_child_blocks(sch.get_sblock("root")))
+        # Step 1. Tile rows and columns; the reduction (k, or k blocks) sits between them.
+        mm = sch.get_sblock("matmul")
+        i, j, k = sch.get_loops(mm)
+        jo, ji = sch.split(j, [None, b])
+        io, ii = sch.split(i, [None, row_tile])
+        if factored:
+            kb, kt = k, None
+            sch.reorder(jo, io, kb, ii, ji)
+        else:
+            kb, kt = sch.split(k, [None, 32])
+            sch.reorder(jo, io, kb, kt, ii, ji)
+        # Step 2. Accumulate in registers, write back (with the residual add) per row tile.
+        acc = sch.cache_write(mm, 0, "local")
+        sch.reverse_compute_at(acc, io)
+        tail = acc
+        if int(func.attrs["hetcomp.residual"]):
+            add = sch.get_sblock("add_residual")
+            sch.reverse_compute_at(add, io)
+            sch.compute_inline(acc)
+            tail = add
+        # Step 3. Factored: a block's raw-quant sums per k block, weights outermost (each
+        # loaded once for the tile's rows), rows unrolled, B lanes vector.
+        if factored:
+            inner = sch.get_sblock("inner")
+            sch.compute_at(inner, kb)
+            sch.set_scope(inner, 0, "local")
+            own = sch.get_loops(inner)[3:]  # (rows,) B, t: a one-row tile has no row loop
+            sch.reorder(own[-1], *own[:-1])
+            sch.unroll(own[-1])
+            if len(own) == 3:
+                sch.unroll(own[0])
+            sch.vectorize(own[-2])
+        # Step 4. The panel's scales (and mins) per k block, B lanes at once.
+        for name in ("min", "scale") if str(func.attrs["hetcomp.qtype"]) == "q4_1" else (
+                "scale",):
+            blk = sch.get_sblock(name)
+            sch.compute_at(blk, kb)
+            sch.vectorize(sch.get_loops(blk)[-1])  # the panel's B columns
+        # Step 5. Parallel over column panels, vector over a panel, unrolled block and rows.
+        sch.parallel(jo)
+        sch.vectorize(ji)
+        sch.unroll(ii)
+        if kt is not None:
+            sch.unroll(kt)
+        sch.vectorize(sch.get_loops(tail)[-1])
+        sch.decompose_reduction(mm, kb)
+        if factored:
+            sch.decompose_reduction(inner, own[-1])
         return sch
 
 
@@ -318,5 +397,5 @@ class AsWrittenRule(_BASE):
 def cpu_rules():
     """The ordered generic CPU rule list (first applicable rule wins); the ISA rules go first
     (:func:`hetcomp.schedules.llvm.llvm_rules`)."""
-    return [LinearRule(), AttentionRule(), MergeRule(), SparseTreeAttentionRule(), ArgmaxRule(),
+    return [QuantLinearRule(), LinearRule(), AttentionRule(), MergeRule(), SparseTreeAttentionRule(), ArgmaxRule(),
             RowwiseRule(), ElementwiseRule(), InjectiveRule(), AsWrittenRule()]

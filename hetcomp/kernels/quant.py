@@ -1,0 +1,137 @@
+"""The linear and embedding kernels of GGUF block-quantized weights (q4_0, q4_1, q8_0),
+which dequantize in registers; formats and layout: :mod:`hetcomp.quant_format`."""
+
+from __future__ import annotations
+
+from .._tvm import compiler
+from ..quant_format import (  # noqa: F401  re-exported: the kernels' layout
+    BLOCK_BYTES,
+    QK,
+    QUANT_DTYPES,
+    QuantMatrix,
+    is_quant,
+    pack_quant_weight,
+    quant_packed_shape,
+    unpack_quant_weight,
+)
+from .ops import _finish, _rows, pack_block
+
+_QUANTS_AT = {"q4_0": 2, "q4_1": 4, "q8_0": 2}
+
+
+def _dequant(wp, qtype: str, b: int):
+    """``(half, quant, weight)`` TE expressions of a packed weight ``wp``: ``half(p, kb, c,
+    lane)`` the float16 at block bytes ``c, c + 1``; ``quant(j, kb, t)`` weight ``t`` of a
+    block as its raw integer (nibble or int8) in float32; ``weight(j, kk, d, m)`` the
+    dequantized weight."""
+    tir = compiler().tir
+
+    def half(p, kb, c, lane):  # little-endian
+        lo = wp[p, kb, c, lane].astype("uint16")
+        hi = wp[p, kb, c + 1, lane].astype("uint16")
+        return tir.reinterpret("float16", lo | (hi << tir.const(8, "uint16"))).astype("float32")
+
+    at = _QUANTS_AT[qtype]
+
+    def quant(j, kb, t):
+        p, lane = j // b, j % b
+        if qtype == "q8_0":
+            return tir.reinterpret("int8", wp[p, kb, at + t, lane]).astype("float32")
+        byte = wp[p, kb, at + t % 16, lane].astype("int32")
+        # A select, not a shift by 4 (t // 16): the shift stays a 32-bit constant once the
+        # schedule unrolls the block (an index-typed shift widens the vector to int64).
+        return tir.Select(t < 16, byte & tir.const(15, "int32"),
+                          byte >> tir.const(4, "int32")).astype("float32")
+
+    def weight(j, kk, d, m):
+        q = quant(j, kk // QK, kk % QK)
+        if qtype == "q8_0":
+            return q * d
+        if qtype == "q4_0":
+            return (q - tir.const(8.0, "float32")) * d
+        return q * d + m
+
+    return half, quant, weight
+
+
+#: Widths up to which the linear kernel factors the block scale out of the block's sum
+#: (``y = sum_kb d inner + c xsum``, ``inner = sum_t x q``): one vector op fewer per weight,
+#: with a second ``rows x B`` register tile. SmolLM2 shapes, 1 thread, min of 9-15 runs,
+#: direct / factored: 3072x576 W=1 52.7 / 44.2 us (q4_1), 53.1 / 35.1 (q8_0); W=4 76.3 / 71.5,
+#: 72.5 / 68.3; the 49152x576 q8_0 LM head W=1 1004 / 843, W=2 1893 / 1765, W=4 2696 / 3020.
+FACTORED_MAX_ROWS = 2
+
+
+def linear_quant(n: int, k: int, qtype: str, residual: bool = False, rows: int | None = None):
+    """``y[w, n] = x[w, k] @ W.T (+ r[w, n])`` with W in ``qtype`` blocks, packed
+    ``[n // B, k // 32, bytes, B]`` (module doc); fp32 accumulation.
+
+    Static widths up to :data:`FACTORED_MAX_ROWS` sum each block on the raw quants and scale
+    once per block: ``y = sum_kb (d inner + c xsum)`` with ``inner[w, n, kb] = sum_t x q``,
+    ``xsum[w, kb] = sum_t x`` and ``c`` the min (q4_1), ``-8 d`` (q4_0) or nothing (q8_0).
+    Wider ones dequantize each weight (``x (d q + m)``) once per row tile. The block scales
+    (and q4_1 mins) are their own stages ``scale[n, k // 32]`` so that a schedule decodes them
+    once per block and column, not once per weight and row.
+    """
+    c = compiler()
+    te, tir, b = c.te, c.tir, pack_block(n)
+    assert k % QK == 0, (n, k)
+    w = _rows(rows)
+    nkb = k // QK
+    x = te.placeholder((w, k), "float32", name="x")
+    wp = te.placeholder(quant_packed_shape(n, k, qtype), "uint8", name="wp")
+    half, quant, weight = _dequant(wp, qtype, b)
+    scale = te.compute((n, nkb), lambda j, kb: half(j // b, kb, 0, j % b), name="scale")
+    mins = None
+    if qtype == "q4_1":
+        mins = te.compute((n, nkb), lambda j, kb: half(j // b, kb, 2, j % b), name="min")
+    if rows is not None and rows <= FACTORED_MAX_ROWS:
+        rt = te.reduce_axis((0, QK), name="t")
+        inner = te.compute((w, n, nkb), lambda i, j, kb: te.sum(
+            x[i, kb * QK + rt] * quant(j, kb, rt), axis=rt), name="inner")
+        rkb = te.reduce_axis((0, nkb), name="kb")
+        if qtype == "q8_0":
+            def block(i, j, kb):
+                return scale[j, kb] * inner[i, j, kb]
+        else:
+            rt2 = te.reduce_axis((0, QK), name="t2")
+            xs = te.compute((w, nkb), lambda i, kb: te.sum(x[i, kb * QK + rt2], axis=rt2),
+                            name="xsum")
+
+            def block(i, j, kb):
+                off = (mins[j, kb] if qtype == "q4_1"
+                       else scale[j, kb] * tir.const(-8.0, "float32"))
+                return scale[j, kb] * inner[i, j, kb] + off * xs[i, kb]
+        y = te.compute((w, n), lambda i, j: te.sum(block(i, j, rkb), axis=rkb), name="matmul")
+    else:
+        r = te.reduce_axis((0, k), name="k")
+        y = te.compute((w, n), lambda i, j: te.sum(x[i, r] * weight(
+            j, r, scale[j, r // QK], None if mins is None else mins[j, r // QK]), axis=r),
+            name="matmul")
+    args = [x, wp]
+    if residual:
+        res = te.placeholder((w, n), "float32", name="residual")
+        y = te.compute((w, n), lambda i, j: y[i, j] + res[i, j], name="add_residual")
+        args.append(res)
+    func = te.create_prim_func([*args, y], index_dtype_override="int64")
+    return _finish(func, "linear", n=n, k=k, block=b, residual=int(residual), qtype=qtype)
+
+
+def embed_quant(vocab: int, hidden: int, qtype: str, rows: int | None = None):
+    """Rows of the (tied) embedding table in ``qtype`` blocks for ``tokens[w]``."""
+    c = compiler()
+    te, b = c.te, pack_block(vocab)
+    w = _rows(rows)
+    tokens = te.placeholder((w,), "int32", name="tokens")
+    table = te.placeholder(quant_packed_shape(vocab, hidden, qtype), "uint8", name="table")
+    half, _, weight = _dequant(table, qtype, b)
+
+    def row(i, e):
+        j = tokens[i].astype("int64")
+        kb = e // QK
+        mn = half(j // b, kb, 2, j % b) if qtype == "q4_1" else None
+        return weight(j, e, half(j // b, kb, 0, j % b), mn)
+
+    out = te.compute((w, hidden), row, name="embed")
+    func = te.create_prim_func([tokens, table, out], index_dtype_override="int64")
+    return _finish(func, "embed", qtype=qtype)

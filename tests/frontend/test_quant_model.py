@@ -1,0 +1,141 @@
+"""A q4_1 artifact compiled from a q4_1 GGUF computes the model of the file's own blocks: its
+logits are numpy's forward on the dequantized weights, speculation is lossless, and the
+weights rebuild byte for byte from the file."""
+
+import numpy as np
+import pytest
+
+from hetcomp.artifact_format import read_manifest
+from hetcomp.driver.compile import CompileOptions, compile_model
+from hetcomp.errors import HetcompError
+from hetcomp.frontend.config import LlamaConfig
+from hetcomp.frontend.weights import random_weights
+from hetcomp.quant_format import QuantMatrix
+from hetcomp.runtime import load_artifact
+from hetcomp.runtime.generate import generate
+from hetcomp.runtime.weights import attach_weights
+from hetcomp.speculative.medusa import MedusaHeads
+from hetcomp.testing import (
+    TINY,
+    assert_one_line_error,
+    byte_tokenizer_spec,
+    depths,
+    run_cli,
+    tree_mask,
+)
+from hetcomp.testing import numpy_llama as ref
+from hetcomp.testing.gguf_writer import write_gguf
+
+WIDTHS = (1, 4, 16)
+
+
+@pytest.fixture(scope="module")
+def q41(tmp_path_factory):
+    """(artifact, reference float32 weights, gguf path, heads path): a Q4_1 file (every
+    matrix, the embedding too) compiled with --dtype q4_1 and random Medusa heads."""
+    tmp = tmp_path_factory.mktemp("q41")
+    path = tmp / "tiny.q4_1.gguf"
+    stored = write_gguf(path, TINY, random_weights(TINY, seed=7),
+                        byte_tokenizer_spec(TINY.vocab_size), qtype="Q4_1")
+    # The embedding / LM head is q8_0 in a quantized artifact: this file's q4_1 table converted.
+    stored["embed"] = QuantMatrix.quantize(stored["embed"], "q8_0").dequantize()
+    rng = np.random.default_rng(3)
+    e = TINY.hidden_size
+    heads = MedusaHeads(rng.standard_normal((3, e, e)).astype("float32") * 0.05,
+                        np.zeros((3, e), "float32"),
+                        np.tile(np.linspace(0.5, 0.01, 10), (3, 1)), {})
+    heads.save(str(tmp / "heads.npz"))
+    out = tmp / "art"
+    compile_model(CompileOptions(model=str(path), dtype="q4_1", heads=str(tmp / "heads.npz"),
+                                 widths=WIDTHS, max_context=TINY.max_context), str(out),
+                  quiet=True)
+    return load_artifact(str(out)), stored, str(path), str(tmp / "heads.npz")
+
+
+def rel_err(a, b):
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def test_manifest_and_params(q41):
+    art, _, _, _ = q41
+    m = read_manifest(art.path)
+    assert m["dtype"] == "q4_1"
+    dtypes = {p["name"]: (p["dtype"], p["shape"]) for p in m["params"]}
+    assert dtypes["layers.0.wqkv"] == ("uint8", [TINY.qkv_size // 32, e_blocks(), 20, 32])
+    assert dtypes["embed"] == ("uint8", [TINY.vocab_size // 32, e_blocks(), 34, 32])
+    assert dtypes["medusa.0.w"][0] == "float16"  # the draft's heads stay float
+
+
+def e_blocks():
+    return TINY.hidden_size // 32
+
+
+def test_logits_match_numpy_on_dequantized_weights(q41):
+    art, w, _, _ = q41
+    prompt = [5, 17, 99, 3, 42, 7, 8, 300, 11]
+    sess = art.new_session()
+    nxt, hidden = sess.prefill(prompt)
+    logits, ref_hidden = ref.forward(TINY, w, prompt)
+    assert nxt == int(np.argmax(logits[-1]))
+    assert rel_err(hidden.numpy()[0], ref_hidden[-1]) < 1e-4
+    parents = [-1, 0, 0, 0, 1, 1, 2, 4, 4, 7, 3, 10, 0, 12, 13, 5]  # verify_w16
+    toks = (np.arange(16) * 13 + 40) % TINY.vocab_size
+    ids, hidden, logits = sess.verify(toks, depths(parents) + len(prompt), tree_mask(parents))
+    full = np.zeros((len(prompt) + 16,) * 2, bool)
+    full[:len(prompt), :len(prompt)] = np.tril(np.ones((len(prompt),) * 2, bool))
+    full[len(prompt):, :len(prompt)] = True
+    full[len(prompt):, len(prompt):] = tree_mask(parents).astype(bool)
+    ref_logits, _ = ref.forward(TINY, w, np.concatenate([prompt, toks]),
+                                positions=np.concatenate([np.arange(len(prompt)),
+                                                          depths(parents) + len(prompt)]),
+                                mask=full)
+    assert rel_err(logits.numpy(), ref_logits[len(prompt):]) < 1e-4
+    np.testing.assert_array_equal(ids, ref_logits[len(prompt):].argmax(-1))
+
+
+def test_greedy_equals_numpy_and_speculation_is_lossless(q41):
+    art, w, _, _ = q41
+    for prompt in ([5, 17, 99], [200, 3, 4, 5, 6]):
+        seq = generate(art, prompt, max_new_tokens=24, stop_at_eos=False).ids
+        assert seq == ref.greedy(TINY, w, prompt, 24)
+        for width in (4, 16):
+            assert generate(art, prompt, max_new_tokens=24, stop_at_eos=False,
+                            width=width).ids == seq, (prompt, width)
+
+
+def test_weights_rebuild_byte_for_byte(q41):
+    """attach-weights' rebuild from the GGUF (and heads) hashes to the compiled params.bin."""
+    art, _, path, heads = q41
+    attach_weights(art.path, path, heads, quiet=True)  # raises if any byte differs
+
+
+def test_bad_dtype_and_row_length(tmp_path):
+    with pytest.raises(HetcompError, match="unsupported dtype"):
+        CompileOptions(dtype="q5_0")
+    with pytest.raises(HetcompError, match="multiple of 32"):
+        QuantMatrix.quantize(np.zeros((32, 40), "float32"), "q8_0")
+
+
+def test_cli_q4_1_prints_what_it_kept_and_bad_input_is_one_line(tmp_path):
+    """The CLI on a Q4_1 file: one line saying what was kept and converted, inspect shows the
+    dtype; an unknown --dtype and a model whose rows are not whole blocks get one line,
+    exit 2, nothing written."""
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, TINY, random_weights(TINY), byte_tokenizer_spec(TINY.vocab_size),
+               qtype="Q4_1")
+    rc, _, err = run_cli("compile", "--model", path, "--dtype", "q4_1", "--no-heads",
+                         "--max-context", 64, "-o", tmp_path / "a")
+    assert rc == 0, err
+    # 7 matrices a layer in the file's q4_1; its Q4_1 embedding becomes the q8_0 table.
+    assert "kept 14 q4_1 bit for bit; converted 1 q4_1->q8_0" in err
+    rc, out, _ = run_cli("inspect", tmp_path / "a")
+    assert rc == 0 and '"dtype": "q4_1"' in out
+    rc, _, err = run_cli("compile", "--model", path, "--dtype", "q5_0", "-o", tmp_path / "b")
+    assert_one_line_error(rc, err, "unsupported dtype")
+    odd = LlamaConfig(hidden_size=48, intermediate_size=64, num_layers=1, num_heads=3,
+                      num_kv_heads=3, vocab_size=260, max_context=32)
+    write_gguf(tmp_path / "odd.gguf", odd, random_weights(odd), byte_tokenizer_spec(260))
+    rc, _, err = run_cli("compile", "--model", tmp_path / "odd.gguf", "--dtype", "q8_0",
+                         "-o", tmp_path / "c")
+    assert_one_line_error(rc, err, "whole 32-weight blocks")
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
