@@ -374,17 +374,21 @@ def target_roofline(target: str) -> DeviceSpec | None:
     for aarch64 (an estimate), none for cuda (pass --width)."""
     if target in ("host", "x86-64-v3"):
         bw = measure_read_bandwidth()
-        # Best of many short bursts (small enough to finish inside a scheduler slice), as
-        # the bandwidth is best-of: a 0.2 s average of 1024^2 products measured whatever
-        # else ran (11 instead of 250 GFLOP/s with one core busy: W=1 planned, W=8 idle).
-        a = np.random.default_rng(0).random((128, 128), dtype=np.float32)
+        # One core's rate times the threads the kernels run on, from the best of many short
+        # bursts of a 64^3 product (small enough for one BLAS thread and a scheduler slice):
+        # on a shared build machine a 0.2 s average of 1024^2 products measured whatever else
+        # ran (11 instead of 250 GFLOP/s with one core busy: W=1 planned, W=8 idle), and a
+        # two-thread burst still stalled with both cores busy (0.1 GFLOP/s); this holds ~98
+        # per core with three busy processes.
+        a = np.random.default_rng(0).random((64, 64), dtype=np.float32)
         a @ a
         best, t_end = float("inf"), time.perf_counter() + 0.3
         while time.perf_counter() < t_end:
             t0 = time.perf_counter()
             a @ a
             best = min(best, time.perf_counter() - t0)
-        gflops = 2 * 128 ** 3 / best / 1e9
+        threads = int(os.environ.get("TVM_NUM_THREADS") or os.cpu_count() or 1)
+        gflops = threads * 2 * 64 ** 3 / best / 1e9
         return DeviceSpec("cpu", "cpu", gflops, bw, notes=f"measured here: {bw:.1f} GB/s read, "
                           f"{gflops:.0f} GFLOP/s matmul")
     if target == "aarch64":
