@@ -75,6 +75,8 @@ def test_real_gemma3_file_is_refused_in_one_line(tmp_path):
 def test_bad_options(tmp_path):
     rc, _, err = run("compile", "--dtype", "int3", "-o", tmp_path / "x")
     assert_one_line_error(rc, err, "dtype")
+    rc, _, err = run("compile", "--kv-dtype", "int8", "-o", tmp_path / "x")
+    assert_one_line_error(rc, err, "--kv-dtype")
     (tmp_path / "data.npz").write_bytes(b"not an npz")
     rc, _, err = run("calibrate", "--reuse", tmp_path / "data.npz", "-o", tmp_path / "h")
     assert_one_line_error(rc, err, "cannot read calibration data")
