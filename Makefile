@@ -79,3 +79,7 @@ bench-peers: $(ART)/manifest.json $(ART16)/manifest.json
 	$(PY) benchmarks/make_peer_ggufs.py build/peers
 	$(PY) benchmarks/bench_peers.py --artifact $(ART) $(ART16) --width $(WIDTH) 2 \
 	  --llama-gguf build/peers/smollm2-f32.gguf build/peers/smollm2-f16.gguf
+	$(PY) benchmarks/bench_pp_tg.py --artifact $(ART) $(ART16) \
+	  --gguf build/peers/smollm2-f32.gguf build/peers/smollm2-f16.gguf
+	$(PY) benchmarks/bench_memory.py --artifact $(ART16) $(ART) \
+	  --gguf build/peers/smollm2-f16.gguf build/peers/smollm2-f32.gguf
