@@ -42,6 +42,20 @@ def _worth_parallel(buf) -> bool:
     return int(rows) * int(cols) >= PARALLEL_MIN_ELEMENTS
 
 
+def _write_back_per_row_tile(sch, func, mm, io):
+    """Accumulate the linear block ``mm`` in a register tile and write it back (with the
+    residual add, when the kernel has one) once per row tile ``io``; returns the write-back
+    block."""
+    acc = sch.cache_write(mm, 0, "local")
+    sch.reverse_compute_at(acc, io)
+    if not int(func.attrs["hetcomp.residual"]):
+        return acc
+    add = sch.get_sblock("add_residual")
+    sch.reverse_compute_at(add, io)
+    sch.compute_inline(acc)
+    return add
+
+
 class LinearRule(_BASE):
     """``y[w, n] = x[w, k] @ W`` (+ residual) with W packed ``[n // B, k, B]``.
 
@@ -69,14 +83,7 @@ class LinearRule(_BASE):
         io, ii = sch.split(i, [None, row_tile])
         sch.reorder(jo, io, k, ii, ji)
         # Step 2. Accumulate in registers, write back (with the residual add) per row tile.
-        acc = sch.cache_write(mm, 0, "local")
-        sch.reverse_compute_at(acc, io)
-        tail = acc
-        if int(func.attrs["hetcomp.residual"]):
-            add = sch.get_sblock("add_residual")
-            sch.reverse_compute_at(add, io)
-            sch.compute_inline(acc)
-            tail = add
+        tail = _write_back_per_row_tile(sch, func, mm, io)
         # Step 3. Parallel over column blocks, vector over a block, unrolled rows.
         sch.parallel(jo)
         sch.vectorize(ji)
@@ -127,14 +134,7 @@ class QuantLinearRule(_BASE):
             kb, kt = sch.split(k, [None, 32])
             sch.reorder(jo, io, kb, kt, ii, ji)
         # Step 2. Accumulate in registers, write back (with the residual add) per row tile.
-        acc = sch.cache_write(mm, 0, "local")
-        sch.reverse_compute_at(acc, io)
-        tail = acc
-        if int(func.attrs["hetcomp.residual"]):
-            add = sch.get_sblock("add_residual")
-            sch.reverse_compute_at(add, io)
-            sch.compute_inline(acc)
-            tail = add
+        tail = _write_back_per_row_tile(sch, func, mm, io)
         # Step 3. Factored: a block's raw-quant sums per k block, weights outermost (each
         # loaded once for the tile's rows), rows unrolled, B lanes vector.
         if factored:
