@@ -16,6 +16,8 @@ import dataclasses
 
 from ..decoder import FUSED_WIDTHS, LINEAR_KINDS, attention_kernels, estimated_tree_nnz
 from ..hardware import DeviceSpec
+from ..quant_format import BLOCK_BYTES, QK, pack_block
+
 
 #: Op classes, each with its own cost model per unit: the three kernels of split attention
 #: scale differently (cache length, ancestor count, rows) from the fused one.
@@ -25,27 +27,12 @@ FEATURE_NAMES = ("flops", "bytes", "w", "n", "k", "r", "corun", "cache_len")
 _F32 = 4
 
 
-#: Bytes per weight of the GGUF block formats: 32 weights share a float16 scale (q4_1: and a
-#: float16 min) with 4- or 8-bit quants (mirrors ``hetcomp.kernels.quant.BLOCK_BYTES``).
-_BLOCK_BYTES_PER_WEIGHT = {"q4_0": 18 / 32, "q4_1": 20 / 32, "q8_0": 34 / 32}
-
-
 def dtype_bytes(dtype: str) -> float:
-    """Bytes per weight of a weight dtype: float32, float16 or a block format (fractional)."""
-    if dtype in _BLOCK_BYTES_PER_WEIGHT:
-        return _BLOCK_BYTES_PER_WEIGHT[dtype]
+    """Bytes per weight of a weight dtype: float32, float16 or a GGUF block format
+    (fractional: 32 weights share a float16 scale, q4_1 also a float16 min)."""
+    if dtype in BLOCK_BYTES:
+        return BLOCK_BYTES[dtype] / QK
     return 2 if dtype == "float16" else _F32
-
-
-def pack_block(n: int) -> int:
-    """Column block of a packed weight; mirrors ``hetcomp.kernels.ops.pack_block``.
-
-    Repeated here because :mod:`hetcomp.kernels.ops` imports TVM (a test checks they agree).
-    """
-    for b in (32, 16, 8, 4, 2):
-        if n % b == 0:
-            return b
-    return 1
 
 
 def split_columns(n: int, r: float) -> int:

@@ -20,7 +20,6 @@ from hetcomp.cost.roofline import (
     draft_step,
     linear_features,
     model_step,
-    pack_block,
     split_columns,
 )
 from hetcomp.cost.xgb import UnitCostModel, fit_unit, mape
@@ -48,13 +47,6 @@ def _const(t):
 
 
 # ---- static features and roofline -----------------------------------------------------------
-
-def test_pack_block_matches_kernels():
-    from hetcomp.kernels import ops
-
-    for n in (1, 6, 12, 24, 48, 96, 576, 960, 1536, 3072, 49152, 49155):
-        assert pack_block(n) == ops.pack_block(n)
-
 
 def test_split_columns_whole_blocks():
     assert split_columns(960, 1.0) == 960
