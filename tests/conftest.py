@@ -18,7 +18,9 @@ def tiny_artifact(tmp_path_factory):
 def smollm2_weights():
     from hetcomp.frontend import load_model
 
-    return load_model("smollm2")
+    # Read once for the session (a GGUF's weights are otherwise dequantized on each access).
+    cfg, w, spec, source = load_model("smollm2")
+    return cfg, dict(w), spec, source
 
 
 @pytest.fixture(scope="session")

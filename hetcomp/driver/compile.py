@@ -28,6 +28,7 @@ from ..frontend.weights import (
     WEIGHT_DTYPES,
     check_quantizable,
     pack_weights,
+    parameter_count,
     param_from_recipe,
     param_specs,
 )
@@ -146,7 +147,7 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
     heads = MedusaHeads.load(opts.heads) if opts.heads else None
     if heads is not None and heads.w.shape[1] != cfg.hidden_size:
         raise HetcompError(f"Medusa heads {opts.heads} do not fit this model's hidden size")
-    _progress(1, 4, f"loaded {opts.model} ({sum(a.size for a in w.values()) / 1e6:.0f}M "
+    _progress(1, 4, f"loaded {opts.model} ({parameter_count(w) / 1e6:.0f}M "
                     "parameters)", quiet)
     _progress(2, 4, f"building Relax module ({cfg.num_layers} layers, {opts.dtype}, "
                     f"{opts.cache_dtype} KV cache)", quiet)

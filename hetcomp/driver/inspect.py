@@ -16,6 +16,7 @@ from ..cost.roofline import dtype_bytes
 from ..errors import HetcompError
 from ..frontend import MODELS, load_model, resolve_model
 from ..frontend.config import LlamaConfig, kv_cache_shapes
+from ..frontend.weights import parameter_count
 from ..plan import load_plan, plan_prediction
 from ..speculative.medusa import MedusaHeads
 
@@ -59,7 +60,7 @@ def _model(path: str) -> dict:
     cfg, weights, spec, _ = load_model(path)
     return {"kind": "model", "config": dataclasses.asdict(cfg),
             "tensors": len(weights),
-            "parameters": int(sum(a.size for a in weights.values())),
+            "parameters": parameter_count(weights),
             "vocabulary": len(spec["tokens"]) if "tokens" in spec else None,
             "chat_template": spec.get("chat_template") is not None}
 

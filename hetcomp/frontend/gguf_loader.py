@@ -11,6 +11,7 @@ import numpy as np
 from ..errors import HetcompError
 from ..quant_format import BLOCK_BYTES, QuantMatrix
 from .config import LlamaConfig
+from .weights import Deferred, LazyWeights
 
 SUPPORTED_ARCHS = ("llama", "qwen2")
 # Architectures whose Q/K rows llama.cpp's converter permutes (LlamaModel.modify_tensors);
@@ -136,32 +137,40 @@ def _unpermute_rope(w, n_head: int):
         w.reshape(n_head, out // n_head // 2, 2, inp).swapaxes(1, 2).reshape(out, inp))
 
 
-def read_weights(reader, cfg: LlamaConfig, keep_quant: bool = False
-                 ) -> dict[str, np.ndarray | QuantMatrix]:
-    """Every tensor dequantized to float32, named as in :mod:`hetcomp.frontend.weights`;
-    ``keep_quant``: matrices stored as q4_0, q4_1 or q8_0 come as their file blocks
-    (:class:`~hetcomp.kernels.quant.QuantMatrix`), byte for byte."""
+def read_weights(reader, cfg: LlamaConfig, keep_quant: bool = False) -> LazyWeights:
+    """Every tensor, named as in :mod:`hetcomp.frontend.weights`, dequantized to float32 when
+    read (:class:`~hetcomp.frontend.weights.LazyWeights`: the file is mapped, so nothing is
+    decoded until packing asks for it); ``keep_quant``: matrices stored as q4_0, q4_1 or q8_0
+    come as their file blocks (:class:`~hetcomp.kernels.quant.QuantMatrix`), byte for byte.
+    Missing tensors and unsupported types are refused here, before any work."""
     tensors = {t.name: t for t in reader.tensors}
 
-    def get(name: str):
+    def read(name: str, t, shape: tuple[int, ...]):
+        qtype = t.tensor_type.name.lower()
+        if keep_quant and qtype in BLOCK_BYTES and len(shape) == 2:
+            return QuantMatrix.from_gguf_bytes(qtype, t.data, shape[0])
+        try:
+            arr = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
+        except Exception as e:  # a damaged tensor: the user's input, one line
+            raise HetcompError(f"cannot dequantize {name}: {e}") from None
+        return np.ascontiguousarray(arr, dtype=np.float32)
+
+    def get(name: str) -> Deferred:
         t = tensors.get(name)
         if t is None:
             raise HetcompError(f"GGUF file is missing tensor {name}")
         if t.tensor_type.name not in _SUPPORTED_TYPES:
             raise HetcompError(f"unsupported GGUF tensor type {t.tensor_type.name} in {name}")
         shape = tuple(int(s) for s in reversed(t.shape.tolist()))
-        qtype = t.tensor_type.name.lower()
-        if keep_quant and qtype in BLOCK_BYTES and len(shape) == 2:
-            return QuantMatrix.from_gguf_bytes(qtype, t.data, shape[0])
-        try:
-            arr = gguf.quants.dequantize(t.data, t.tensor_type)
-        except Exception as e:
-            raise HetcompError(f"cannot dequantize {name}: {e}") from None
-        return np.ascontiguousarray(arr.reshape(shape), dtype=np.float32)
+        return Deferred(shape, lambda: read(name, t, shape))
 
     arch = _field(reader, "general.architecture")
-    qk = _unpermute_rope if arch in _PERMUTED_QK else (lambda m, _: m)
-    w = {"embed": get("token_embd.weight"), "norm": get("output_norm.weight")}
+
+    def qk(d: Deferred, n_head: int) -> Deferred:
+        return d.map(lambda m: _unpermute_rope(m, n_head)) if arch in _PERMUTED_QK else d
+
+    w = LazyWeights()
+    w["embed"], w["norm"] = get("token_embd.weight"), get("output_norm.weight")
     if not cfg.tie_embeddings:
         w["lm_head"] = get("output.weight")
     for i in range(cfg.num_layers):
@@ -204,7 +213,8 @@ def read_tokenizer_spec(reader) -> dict:
 
 def load_gguf(path: str, max_context: int | None = None, keep_quant: bool = False):
     """Load ``(config, weights, tokenizer spec)`` from a GGUF file: float32 weights, or with
-    ``keep_quant`` the q4_0/q4_1/q8_0 matrices as their blocks (:func:`read_weights`)."""
+    ``keep_quant`` the q4_0/q4_1/q8_0 matrices as their blocks, each read when asked for
+    (:func:`read_weights`)."""
     reader = open_gguf(path)
     cfg = read_config(reader, max_context)
     spec = read_tokenizer_spec(reader)
