@@ -162,7 +162,7 @@ def read_weights(reader, cfg: LlamaConfig, keep_quant: bool = False) -> LazyWeig
         if t.tensor_type.name not in _SUPPORTED_TYPES:
             raise HetcompError(f"unsupported GGUF tensor type {t.tensor_type.name} in {name}")
         shape = tuple(int(s) for s in reversed(t.shape.tolist()))
-        return Deferred(shape, lambda: read(name, t, shape))
+        return Deferred(shape, lambda: read(name, t, shape), t.tensor_type.name.lower())
 
     arch = _field(reader, "general.architecture")
 

@@ -38,12 +38,13 @@ WEIGHT_DTYPES = ("float32", "float16", *QUANT_DTYPES)
 class Deferred:
     """A tensor read when asked for: its ``shape`` now, its values from ``load()``."""
 
-    def __init__(self, shape: tuple[int, ...], load: Callable[[], object]):
-        self.shape, self.load = shape, load
+    def __init__(self, shape: tuple[int, ...], load: Callable[[], object],
+                 source: str | None = None):
+        self.shape, self.load, self.source = shape, load, source  # source: the file's type
 
     def map(self, fn: Callable) -> Deferred:
         """The same tensor passed through ``fn`` (a row permutation, say) when read."""
-        return Deferred(self.shape, lambda: fn(self.load()))
+        return Deferred(self.shape, lambda: fn(self.load()), self.source)
 
 
 class LazyWeights(Mapping):
@@ -72,6 +73,10 @@ class LazyWeights(Mapping):
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._items[name].shape
+
+    def source(self, name: str) -> str | None:
+        """The tensor's type in the file (``q4_k``, ``f32``), if the loader said."""
+        return self._items[name].source
 
 
 def parameter_count(w: Mapping) -> int:
@@ -138,17 +143,19 @@ def _as_float(m) -> np.ndarray:
     return m.dequantize() if isinstance(m, QuantMatrix) else m
 
 
-def _pack(mats: list, fmt: str, report: dict | None) -> np.ndarray:
+def _pack(mats: list, fmt: str, report: dict | None, sources: list | None = None
+          ) -> np.ndarray:
     """Matrices (float32 or QuantMatrix) stacked by rows and packed in format ``fmt``.
 
     Quantized: a matrix already in ``fmt`` keeps its blocks byte for byte; any other is
     dequantized (if need be) and quantized by ``gguf``'s reference code. ``report`` counts
-    both, ``{"kept": {fmt: n}, "converted": {"SRC->fmt": n}}``."""
+    both, ``{"kept": {fmt: n}, "converted": {"SRC->fmt": n}}``; SRC is the file's type where
+    ``sources`` names it (``q4_k``), else ``float``."""
     if not is_quant(fmt):
         return pack_linear_weight(np.concatenate([_as_float(m) for m in mats], axis=0), fmt)
     out = []
-    for m in mats:
-        src = m.qtype if isinstance(m, QuantMatrix) else "float"
+    for m, given in zip(mats, sources or [None] * len(mats)):
+        src = m.qtype if isinstance(m, QuantMatrix) else (given or "float")
         if src == fmt:
             out.append(m)
             key, what = "kept", fmt
@@ -168,21 +175,25 @@ def pack_weights(cfg: LlamaConfig, w: dict, wdtype: str, report: dict | None = N
     if wdtype not in WEIGHT_DTYPES:
         raise HetcompError(f"unsupported dtype {wdtype!r} (use {' | '.join(WEIGHT_DTYPES)})")
     hfmt = head_dtype(wdtype)
-    out = {"embed": _pack([w["embed"]], hfmt, report), "norm": _as_float(w["norm"])
-           .astype("float32")}
+
+    def pack(names: list[str], fmt: str) -> np.ndarray:
+        sources = [w.source(n) for n in names] if isinstance(w, LazyWeights) else None
+        return _pack([w[n] for n in names], fmt, report, sources)
+
+    out = {"embed": pack(["embed"], hfmt), "norm": _as_float(w["norm"]).astype("float32")}
     if not cfg.tie_embeddings:
-        out["lm_head"] = _pack([w["lm_head"]], hfmt, report)
+        out["lm_head"] = pack(["lm_head"], hfmt)
     for i in range(cfg.num_layers):
         p = f"layers.{i}."
         out[p + "attn_norm"] = _as_float(w[p + "attn_norm"]).astype("float32")
         out[p + "ffn_norm"] = _as_float(w[p + "ffn_norm"]).astype("float32")
-        out[p + "wqkv"] = _pack([w[p + "wq"], w[p + "wk"], w[p + "wv"]], wdtype, report)
+        out[p + "wqkv"] = pack([p + "wq", p + "wk", p + "wv"], wdtype)
         if cfg.qkv_bias:
             out[p + "bqkv"] = np.concatenate([_as_float(w[p + b]) for b in ("bq", "bk", "bv")]
                                              ).astype("float32")
-        out[p + "wo"] = _pack([w[p + "wo"]], wdtype, report)
-        out[p + "w_gate_up"] = _pack([w[p + "w_gate"], w[p + "w_up"]], wdtype, report)
-        out[p + "w_down"] = _pack([w[p + "w_down"]], wdtype, report)
+        out[p + "wo"] = pack([p + "wo"], wdtype)
+        out[p + "w_gate_up"] = pack([p + "w_gate", p + "w_up"], wdtype)
+        out[p + "w_down"] = pack([p + "w_down"], wdtype)
     specs = param_specs(cfg, wdtype)
     for name, shape, dtype in specs:
         arr = out[name]

@@ -36,6 +36,24 @@ def test_gguf_roundtrip(tmp_path, qtype):
     np.testing.assert_allclose(hidden.numpy()[0], ref_hidden[-1], rtol=1e-4, atol=1e-4)
 
 
+def test_gguf_weights_are_read_when_packed_and_name_their_source(tmp_path):
+    """load_model reads no tensor until asked (a 1.5B model's float32 copy is 7 GB); packing
+    reads each one and a quantized pack names the file's type of what it converted."""
+    from hetcomp.frontend.weights import LazyWeights, pack_weights, parameter_count
+
+    w = random_weights(TINY, seed=5)
+    write_gguf(tmp_path / "m.gguf", TINY, w, byte_tokenizer_spec(TINY.vocab_size), qtype="F16")
+    cfg, loaded, _, _ = load_model(str(tmp_path / "m.gguf"), max_context=128, keep_quant=True)
+    assert isinstance(loaded, LazyWeights)
+    assert parameter_count(loaded) == sum(a.size for a in w.values())
+    assert loaded.shape("layers.0.w_gate") == w["layers.0.w_gate"].shape
+    assert loaded.source("layers.0.w_gate") == "f16" and loaded.source("norm") == "f32"
+    report: dict = {}
+    pack_weights(cfg, loaded, "q8_0", report)
+    # Seven matrices a layer and the tied embedding, all stored F16 in this file.
+    assert report == {"converted": {"f16->q8_0": 7 * TINY.num_layers + 1}}
+
+
 def test_hf_folder(tmp_path):
     from hetcomp.frontend.tokenizer import build_tokenizer
 
