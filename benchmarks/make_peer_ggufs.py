@@ -1,18 +1,20 @@
-"""Write F32 and F16 copies of the packaged SmolLM2 GGUF (same metadata, dequantized tensors).
+"""Write F32 and F16 copies of a registered model's GGUF (same metadata, dequantized tensors).
 
 llama.cpp then runs the same weights at the precisions hetcomp compiles for. Usage:
-``python benchmarks/make_peer_ggufs.py OUT_DIR`` -> OUT_DIR/smollm2-{f32,f16}.gguf
+``python benchmarks/make_peer_ggufs.py OUT_DIR [--model smollm2] [--dtypes f32 f16]``
+-> OUT_DIR/{model}-{dtype}.gguf (an existing copy is kept).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
 import gguf
 import numpy as np
 
-from hetcomp.frontend import default_gguf_path
+from hetcomp.frontend import MODELS, resolve_model
 
 
 def convert(src: str, dst: str, dtype: str) -> None:
@@ -40,11 +42,18 @@ def convert(src: str, dst: str, dtype: str) -> None:
 
 
 def main() -> int:
-    out = sys.argv[1] if len(sys.argv) > 1 else "build/peers"
-    os.makedirs(out, exist_ok=True)
-    for dtype in ("f32", "f16"):
-        convert(default_gguf_path(), os.path.join(out, f"smollm2-{dtype}.gguf"), dtype)
-        print(os.path.join(out, f"smollm2-{dtype}.gguf"))
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", nargs="?", default="build/peers")
+    ap.add_argument("--model", default="smollm2", choices=sorted(MODELS))
+    ap.add_argument("--dtypes", nargs="+", default=["f32", "f16"], choices=["f32", "f16"])
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    for dtype in args.dtypes:
+        dst = os.path.join(args.out, f"{args.model}-{dtype}.gguf")
+        if not os.path.exists(dst):
+            convert(resolve_model(args.model), dst + ".tmp", dtype)
+            os.replace(dst + ".tmp", dst)
+        print(dst)
     return 0
 
 
