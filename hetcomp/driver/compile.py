@@ -13,7 +13,13 @@ import numpy as np
 
 from .._tvm import compiler
 from ..artifact_format import PREFILL_CHUNK, check_output, is_artifact, sha256_file
-from ..codegen.build import build, kernel_table, workspace_bytes
+from ..codegen.build import (
+    build,
+    kernel_table,
+    launch_counts,
+    uses_cuda_graph,
+    workspace_bytes,
+)
 from ..codegen.export import export_artifact
 from ..codegen.targets import export_compiler
 from ..cost.roofline import ModelShape, RooflineCost, dtype_bytes, kernel_features
@@ -87,6 +93,9 @@ class CompileOptions:
     # The KV cache's element type (None: the weights' float dtype). float16 halves the cache's
     # memory and the bytes the dense attention part streams; attention accumulates in float32.
     kv_dtype: str | None = None
+    # --target cuda: capture each function's static-shape kernel regions as CUDA graphs (one
+    # launch a region; manifest "launches" counts them). False: every kernel its own launch.
+    cuda_graph: bool = True
 
     @property
     def cache_dtype(self) -> str:
@@ -172,8 +181,9 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
         _progress(3, 4, f"partitioning across {', '.join(opts.plan.units)}; compiling", quiet)
         ex = build(mod, target, opts.plan, cost, scheduled)
     elif opts.target == "cuda":
-        _progress(3, 4, "scheduling and compiling for cuda (GPU rules)", quiet)
-        ex = build(mod, target, None, cost, scheduled)
+        _progress(3, 4, "scheduling and compiling for cuda (GPU rules"
+                        + (", CUDA graphs)" if opts.cuda_graph else ")"), quiet)
+        ex = build(mod, target, None, cost, scheduled, cuda_graph=opts.cuda_graph)
     else:
         path = _tuning_path(opts, quiet)
         if path is not None:  # before annotating: records are keyed by the kernels as built
@@ -238,6 +248,7 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
     params = [(name, param_from_recipe(r, packed, heads, opts.dtype))
               for name, r in recipes.items()]
     units = _units(opts.plan, opts.target)
+    graphs = opts.cuda_graph and uses_cuda_graph(target_spec, opts.plan)
     manifest = {
         "model": opts.model if opts.model == "smollm2" else os.path.basename(opts.model),
         "source": source_info(source),
@@ -266,6 +277,11 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
         "kernels": kernel_table(scheduled[0], units) if scheduled else [],
         # What the VM allocates per call beyond weights and cache (a prefill chunk's rows).
         "workspace_bytes": workspace_bytes(scheduled[0], opts.plan, {"w": PREFILL_CHUNK}),
+        # A whole-model GPU build: kernel launches per call of the static-shape functions.
+        "cuda_graph": graphs,
+        "launches": (launch_counts(scheduled[0], graphs, tuple(
+            [f"prefill_w{PREFILL_CHUNK}", *(f"verify_w{w}" for w in widths)]))
+            if uses_cuda_graph(target_spec, opts.plan) else None),
         "speculative": speculative,
         "draft_dtype": draft_dtype if heads is not None else None,
         "draft_vocab": draft_vocab or None,

@@ -1,5 +1,6 @@
 """The one build path: every kernel of every unit is scheduled by a named rule."""
 
+import dataclasses
 import json
 import shutil
 
@@ -83,3 +84,41 @@ def test_gpu_hosted_plan_compiles_without_a_gpu(tmp_path):
     lib = (tmp_path / "g" / "lib.so").read_bytes()
     assert b"__global__" in lib and b"rope_kv" in lib  # GPU kernels, the GPU's RoPE
     assert b"linear_n32_k64__llvm" in lib  # the CPU share, its own CPU kernel
+
+
+def test_cuda_artifact_captures_cuda_graphs(tmp_path):
+    """`compile --target cuda` replays each function's static-shape kernel regions as CUDA
+    graphs: fewer launches per verify step than kernels, the VM calling the capture builtin;
+    only the kernels that read the cache length (and the function's outputs) stay outside.
+    `--no-cuda-graph` launches every kernel."""
+    from hetcomp.codegen.build import launch_counts
+
+    weights = (TINY, random_weights(TINY, seed=3), byte_tokenizer_spec(TINY.vocab_size), "t")
+    compile_model(CompileOptions(model="tiny", target="cuda", dtype="float16", max_context=64,
+                                 verify_widths=(4,)), str(tmp_path / "g"), quiet=True,
+                  weights=weights)
+    manifest = json.loads((tmp_path / "g" / "manifest.json").read_text())
+    assert manifest["cuda_graph"] is True
+    launches = manifest["launches"]
+    assert set(launches) == {"prefill_w64", "verify_w1", "verify_w4"}
+    for name, n in launches.items():
+        assert n["graphs"] >= 1 and n["launches"] < n["kernels"], (name, n)
+    assert b"vm.builtin.cuda_graph.run_or_capture" in (tmp_path / "g" / "lib.so").read_bytes()
+
+    # Four layers: the middle layers' regions repeat, one capture function replayed for each.
+    cfg = dataclasses.replace(TINY, num_layers=4)
+    mod = build_module(cfg, "float16", 0, static_widths=(1, 4), kv_dtype="float16")
+    target = c.Target(target_dict("cuda"))
+    with target:
+        mod = scheduling_pipeline(target)(mod)
+    without = launch_counts(mod, False, ("verify_w1", "verify_w4"))
+    with_graphs = launch_counts(mod, True, ("verify_w1", "verify_w4"))
+    for name in without:
+        assert without[name]["graphs"] == 0
+        assert without[name]["launches"] == without[name]["kernels"]
+        assert with_graphs[name]["kernels"] == without[name]["kernels"]  # the same kernels
+    assert with_graphs["verify_w4"]["graphs"] == launches["verify_w4"]["graphs"] + 2
+    # Outside any graph: embed, the RoPE table, per layer rope_kv and attention (they read
+    # the cache length), and the final norm, LM head and argmax (the function's outputs).
+    outside = with_graphs["verify_w1"]["launches"] - with_graphs["verify_w1"]["graphs"]
+    assert outside == 2 + 2 * cfg.num_layers + 3
