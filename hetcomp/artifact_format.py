@@ -67,7 +67,7 @@ def write_params(path: str, params: list[tuple[str, np.ndarray]]) -> list[dict]:
             pad = (-offset) % _ALIGN
             fh.write(b"\0" * pad)
             offset += pad
-            fh.write(arr.tobytes())
+            fh.write(memoryview(arr.reshape(-1)).cast("B"))  # no copy (tobytes makes one)
             index.append({"name": name, "dtype": str(arr.dtype), "shape": list(arr.shape),
                           "offset": offset, "nbytes": int(arr.nbytes)})
             offset += arr.nbytes
