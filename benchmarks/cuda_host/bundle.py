@@ -46,6 +46,8 @@ def main() -> int:
     ap.add_argument("--max-context", type=int, default=512)
     ap.add_argument("--generate", metavar="CORPUS", help="calibration-data bundle")
     ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--cuda-arch", default="sm_90",
+                    help="the lent host's GPU (H100/H200: sm_90; Jetson Orin: sm_87)")
     args = ap.parse_args()
 
     import tvm
@@ -82,7 +84,7 @@ def main() -> int:
 
     heads = os.path.join(os.path.dirname(__file__), "..", "..", "hetcomp", "data",
                          "smollm2-medusa.npz")
-    cpu, cuda = target_dict("x86-64-v3"), {"kind": "cuda", "arch": "sm_90"}
+    cpu, cuda = target_dict("x86-64-v3"), {"kind": "cuda", "arch": args.cuda_arch}
     kinds = ("qkv", "o", "gate_up", "down", "lm_head")
     plans = {
         "split-all": HeteroPlan(("cpu", "cuda"), (cpu, cuda),
@@ -91,7 +93,7 @@ def main() -> int:
                                  tuple((k, 0.5) for k in kinds), 0, 0),
     }
     common = dict(model="smollm2", heads=heads, max_context=args.max_context,
-                  separate_weights=True, widths=(1, 2, 4, 8, 16))
+                  separate_weights=True, widths=(1, 2, 4, 8, 16), cuda_arch=args.cuda_arch)
     builds = {"cpu": CompileOptions(target="x86-64-v3", **common),
               "gpu": CompileOptions(target="cuda", **common),
               # The same GPU build launching every kernel on its own: what CUDA graphs save.
