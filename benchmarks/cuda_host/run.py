@@ -1,9 +1,11 @@
 """On the CUDA host, with the TVM runtime only: profile the kit, run the artifacts.
 
     python run.py profile BUNDLE OUT     ARCA kit -> OUT/profile.sqlite (cpu and cuda)
-    python run.py run BUNDLE OUT         attach weights; per artifact: greedy output
-                                         (sequential and speculative), decode tokens/s,
-                                         verify step time, per-unit and per-kernel time
+    python run.py run BUNDLE OUT         PyTorch eager bfloat16 on the GPU first (eager.py,
+                                         where torch sees one), then attach weights; per
+                                         artifact: greedy output (sequential and
+                                         speculative), decode tokens/s, verify step time,
+                                         per-unit and per-kernel time
                                          -> OUT/results.json (rewritten after each artifact)
     python run.py generate BUNDLE OUT WORKERS SECONDS
                                          greedy responses to the bundle's prompts.json
@@ -71,6 +73,9 @@ def run(bundle: str, out: str, names: list[str]) -> None:
     results: dict = (json.load(open(path)) if os.path.isfile(path)
                      else {"device": _device_info(), "artifacts": {}})
     reference = results.get("reference")
+    if "eager" not in results:  # the baseline, in the same run (issue #19)
+        results["eager"] = _eager()
+        say(f"eager: {results['eager']}")
     for name in names or meta["artifacts"]:
         art_dir = os.path.join(bundle, "art", name)
         say(f"{name}: attaching weights")
@@ -143,6 +148,20 @@ def generate_responses(bundle: str, out: str, workers: int, seconds: float) -> N
     done = sum(1 for f in os.listdir(out) if f.startswith("responses-")
                for _ in open(os.path.join(out, f)))
     say(f"{done} responses")
+
+
+def _eager() -> dict:
+    """PyTorch eager bfloat16 on this host's GPU (eager.py), or why it did not run."""
+    try:
+        import torch
+    except ImportError:
+        return {"skipped": "torch is not installed here"}
+    if not torch.cuda.is_available():
+        return {"skipped": "torch sees no GPU"}
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import eager
+
+    return eager.bench(eager.SMOLLM2, "cuda", "bfloat16")
 
 
 def _device_info() -> dict:
