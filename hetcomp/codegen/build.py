@@ -91,6 +91,18 @@ def launch_counts(scheduled, cuda_graph: bool, functions: tuple[str, ...]) -> di
     return out
 
 
+def cuda_source(executable) -> str:
+    """The CUDA C source of an executable's GPU kernels ('' if it has none). Built without a
+    GPU, the library keeps this source and compiles it when loaded (``_tvm.ensure_backend``)."""
+    stack, out = [executable.mod], []
+    while stack:
+        m = stack.pop()
+        if m.kind == "cuda":
+            out.append(m.inspect_source(""))
+        stack.extend(m.imports)
+    return "\n".join(out)
+
+
 def compile_relax(mod, target: str = "host"):
     """Legalize, fuse and compile an imported Relax module (``from_torch``) for a named
     target; returns a ``tvm.runtime.Executable``."""

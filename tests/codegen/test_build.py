@@ -122,3 +122,25 @@ def test_cuda_artifact_captures_cuda_graphs(tmp_path):
     # the cache length), and the final norm, LM head and argmax (the function's outputs).
     outside = with_graphs["verify_w1"]["launches"] - with_graphs["verify_w1"]["graphs"]
     assert outside == 2 + 2 * cfg.num_layers + 3
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit)")
+@pytest.mark.parametrize("arch", ["sm_87", "sm_90"])
+def test_cuda_kernels_compile_for_orin_and_hopper(tmp_path, arch):
+    """Every GPU kernel of a model (float16, CUDA graphs, W = 1 and 4, the Medusa draft)
+    compiles with nvcc for Jetson Orin (sm_87) and H100/H200 (sm_90): what a GPU host does
+    when it loads the artifact, done here without one."""
+    import subprocess
+
+    from hetcomp.codegen.build import build, cuda_source
+
+    mod = build_module(TINY, "float16", 2, static_widths=(1, 4), kv_dtype="float16",
+                       medusa_root=True, draft_dtype="float16")
+    src = cuda_source(build(mod, target_dict("cuda", arch), cuda_graph=True))
+    assert src.count("__global__") > 20
+    (tmp_path / "k.cu").write_text(src)
+    out = subprocess.run(["nvcc", "--fatbin", "-O3", f"-arch={arch}", "-o",
+                          str(tmp_path / "k.fatbin"), str(tmp_path / "k.cu")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "k.fatbin").stat().st_size > 0
