@@ -32,6 +32,19 @@ TWO_CPUS = HeteroPlan(targets=(HOST, HOST), ratios=(("default", 0.5),), sparse_a
                                               "gpu-hosted"])
 def test_every_kernel_is_scheduled_by_a_rule(target, plan):
     mod = build_module(TINY, "float32", 2, static_widths=(4,))
+    _check_scheduled(mod, target, plan)
+
+
+@pytest.mark.parametrize("target", ["host", "aarch64", "cuda"])
+def test_qwen2_kernels_are_scheduled_on_every_target(target):
+    """Qwen2's extra kernel (the q/k/v bias) is scheduled by a rule of every target."""
+    cfg = dataclasses.replace(TINY, qkv_bias=True)
+    mod = build_module(cfg, "float16", 2, static_widths=(1, 4), kv_dtype="float16")
+    assert any("bias_add" in gv.name_hint for gv in mod.get_global_vars())
+    _check_scheduled(mod, target_dict(target), None)
+
+
+def _check_scheduled(mod, target, plan):
     target = c.Target(target)
     with target:  # as tvm.compile runs its relax_pipeline
         mod = scheduling_pipeline(target, plan)(mod)
