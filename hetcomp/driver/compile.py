@@ -103,11 +103,9 @@ class CompileOptions:
         if self.draft_dtype is not None and self.draft_dtype not in DRAFT_DTYPES:
             raise HetcompError(f"unsupported --draft-dtype {self.draft_dtype!r} "
                                f"(use {' or '.join(DRAFT_DTYPES)})")
-        if is_quant(self.dtype) and (self.plan is not None or self.target not in (
-                "host", "x86-64-v3")):
-            raise HetcompError(f"--dtype {self.dtype} builds for --target host or x86-64-v3 "
-                               "without --plan (no quantized GPU, ARM or partitioned kernels "
-                               "yet)")
+        if is_quant(self.dtype) and self.plan is not None:
+            raise HetcompError(f"--dtype {self.dtype} builds without --plan (no partitioned "
+                               "quantized kernels yet)")
         if self.target not in TARGETS:
             raise HetcompError(f"unsupported target {self.target!r} (supported: {', '.join(TARGETS)})")
         if self.default_width is not None and self.default_width != 1 and (
