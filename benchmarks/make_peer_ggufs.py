@@ -1,7 +1,10 @@
-"""Write F32 and F16 copies of the packaged SmolLM2 GGUF (same metadata, dequantized tensors).
+"""Write F32, F16 and Q8_0 copies of the packaged SmolLM2 GGUF (same metadata).
 
-llama.cpp then runs the same weights at the precisions hetcomp compiles for. Usage:
-``python benchmarks/make_peer_ggufs.py OUT_DIR`` -> OUT_DIR/smollm2-{f32,f16}.gguf
+llama.cpp then runs the same weights at the precisions hetcomp compiles for. F32 and F16
+hold the dequantized tensors; Q8_0 keeps the file's Q8_0 embedding byte for byte and
+converts its Q4_1 matrices with ``gguf.quants`` (dequantize, then quantize), which is what
+``hetcomp compile --dtype q8_0`` does, so both decoders run the same q8_0 blocks. Usage:
+``python benchmarks/make_peer_ggufs.py OUT_DIR`` -> OUT_DIR/smollm2-{f32,f16,q8_0}.gguf
 """
 
 from __future__ import annotations
@@ -25,10 +28,16 @@ def convert(src: str, dst: str, dtype: str) -> None:
         vtype = field.types[0]
         sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(name, field.contents(), vtype, sub)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32"
-                         else gguf.LlamaFileType.MOSTLY_F16)
+    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
+    q8 = gguf.GGMLQuantizationType.Q8_0
     for t in reader.tensors:
         shape = tuple(int(s) for s in reversed(t.shape.tolist()))
+        if dtype == "q8_0" and len(shape) == 2:
+            data = (np.asarray(t.data) if t.tensor_type == q8 else gguf.quants.quantize(
+                gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape), q8))
+            writer.add_tensor(t.name, np.ascontiguousarray(data), raw_dtype=q8)  # bytes
+            continue
         arr = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
         if dtype == "f16" and arr.ndim == 2:
             arr = arr.astype(np.float16)
@@ -42,7 +51,7 @@ def convert(src: str, dst: str, dtype: str) -> None:
 def main() -> int:
     out = sys.argv[1] if len(sys.argv) > 1 else "build/peers"
     os.makedirs(out, exist_ok=True)
-    for dtype in ("f32", "f16"):
+    for dtype in ("f32", "f16", "q8_0"):
         convert(default_gguf_path(), os.path.join(out, f"smollm2-{dtype}.gguf"), dtype)
         print(os.path.join(out, f"smollm2-{dtype}.gguf"))
     return 0
