@@ -287,7 +287,8 @@ class QuantLinearRule(_QuantLinear):
     (8 registers a row, for 4-8 rows, plus the block's scales and decoded weights) spills:
     on a 96x128 q4_1 kernel at W = 16 LLVM's aarch64 code reloads 2128 ``q`` registers from
     the stack, against 36 with 8-column sub-panels (``tests/schedules/test_arm_quant.py``
-    counts them). A panel's blocks are a few KB, so the later sub-panels read them from L1.
+    counts them). A panel's blocks are 11-31 KB for SmolLM2's rows, so the later sub-panels
+    read them from cache. Not yet timed on ARM hardware (qemu checks numerics only).
     """
 
     def __init__(self):

@@ -3,6 +3,7 @@ aarch64 and run under qemu: numerics against numpy (gguf's dequantize, then matm
 register use that is the rule's reason to exist."""
 
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -171,3 +172,25 @@ def test_tiny_q4_1_model_under_qemu_matches_numpy(tmp_path):
                      *csr_from_mask(one), kc, vc, len(seq), *params)
     ref_logits, _ = ref.forward(cfg, w, seq + [20])
     np.testing.assert_allclose(logits, ref_logits[-1:], atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None,
+                    reason="needs the aarch64 cross linker")
+def test_compile_q4_1_for_aarch64(tmp_path):
+    """`compile --dtype q4_1 --target aarch64`: an aarch64 library whose linear kernels are
+    all arm.QuantLinear's (the Medusa heads' float16 linears aside), weights kept as blocks."""
+    from hetcomp.artifact_format import read_manifest
+    from hetcomp.driver.compile import CompileOptions, compile_model
+    from hetcomp.testing import TINY, byte_tokenizer_spec
+
+    wq, _ = _quantized_tiny("q4_1", seed=5)
+    compile_model(CompileOptions(model="tiny.gguf", dtype="q4_1", target="aarch64",
+                                 max_context=64), str(tmp_path / "art"), quiet=True,
+                  weights=(TINY, wq, byte_tokenizer_spec(TINY.vocab_size), __file__))
+    m = read_manifest(str(tmp_path / "art"))
+    linear = [k for k in m["kernels"] if k["name"].startswith("linear")]
+    assert linear and {k["rule"] for k in linear} == {"arm.QuantLinear"}
+    assert {p["name"]: p["dtype"] for p in m["params"]}["layers.1.wo"] == "uint8"
+    with open(tmp_path / "art" / "lib.so", "rb") as fh:
+        head = fh.read(20)
+    assert head[:4] == b"\x7fELF" and int.from_bytes(head[18:20], "little") == 183  # EM_AARCH64
