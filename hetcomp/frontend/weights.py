@@ -8,8 +8,7 @@ compile gives its q4_0/q4_1/q8_0 matrices as :class:`~hetcomp.kernels.quant.Quan
 
 Weight dtypes: ``float32``, ``float16`` and the GGUF block formats ``q4_0``, ``q4_1``,
 ``q8_0``. A quantized model keeps its embedding / LM head (tied or not) in q8_0
-(:func:`hetcomp.quant_format.head_dtype`): it is the one matrix every step reads whole for the logits, where 4-bit
-rounding costs the most, and llama.cpp's own Q4 files store it as Q8_0 (SmolLM2's does).
+(:func:`hetcomp.quant_format.head_dtype`, which says why).
 """
 
 from __future__ import annotations

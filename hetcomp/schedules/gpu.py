@@ -252,6 +252,6 @@ def use_gpu_script_kernels(mod):
 def gpu_rules():
     """Our GPU rules first, then dlight's."""
     gpu = compiler().dlight.gpu
-    return [QuantLinearRule(), LinearColumnRule(), ArgmaxRowRule(), SparseTreeAttentionRule(), PerStageThreadRule(),
-            gpu.Matmul(), gpu.GEMV(),
-            gpu.LowBatchGEMV(), gpu.Reduction(), gpu.GeneralReduction(), gpu.Fallback()]
+    return [QuantLinearRule(), LinearColumnRule(), ArgmaxRowRule(), SparseTreeAttentionRule(),
+            PerStageThreadRule(), gpu.Matmul(), gpu.GEMV(), gpu.LowBatchGEMV(), gpu.Reduction(),
+            gpu.GeneralReduction(), gpu.Fallback()]
