@@ -5,6 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 ART    := artifacts/smollm2-host-float32-medusa
 ART16  := artifacts/smollm2-host-float16-medusa
+ART8   := artifacts/smollm2-host-q8_0-medusa
 HEADS  := hetcomp/data/smollm2-medusa.npz
 # The demo speculates at the width compile chose (the planner on this machine's measured
 # roofline and the heads' statistics; `hetcomp inspect` says which). WIDTH is bench-peers'
@@ -74,12 +75,20 @@ clean:
 $(ART16)/manifest.json: $(STAMP) $(HEADS) $(shell find hetcomp -name '*.py')
 	$(VENV)/bin/hetcomp compile --model smollm2 --dtype float16 --heads $(HEADS) --force -o $(ART16)
 
-bench-peers: $(ART)/manifest.json $(ART16)/manifest.json
+# The q8_0 artifact converts the packaged file's Q4_1 layers as make_peer_ggufs.py's Q8_0 file
+# does (gguf.quants), so hetcomp q8_0 and llama.cpp Q8_0 run the same blocks.
+$(ART8)/manifest.json: $(STAMP) $(HEADS) $(shell find hetcomp -name '*.py')
+	$(VENV)/bin/hetcomp compile --model smollm2 --dtype q8_0 --heads $(HEADS) --force -o $(ART8)
+
+bench-peers: $(ART)/manifest.json $(ART16)/manifest.json $(ART8)/manifest.json
 	$(PY) -m pip install -q llama-cpp-python || echo "llama-cpp-python unavailable: skipped"
 	$(PY) benchmarks/make_peer_ggufs.py build/peers
-	$(PY) benchmarks/bench_peers.py --artifact $(ART) $(ART16) --width $(WIDTH) 2 \
-	  --llama-gguf build/peers/smollm2-f32.gguf build/peers/smollm2-f16.gguf
-	$(PY) benchmarks/bench_pp_tg.py --artifact $(ART) $(ART16) \
-	  --gguf build/peers/smollm2-f32.gguf build/peers/smollm2-f16.gguf
-	$(PY) benchmarks/bench_memory.py --artifact $(ART16) $(ART) \
-	  --gguf build/peers/smollm2-f16.gguf build/peers/smollm2-f32.gguf
+	$(PY) benchmarks/bench_peers.py --artifact $(ART) $(ART16) $(ART8) --width $(WIDTH) 2 2 \
+	  --llama-gguf build/peers/smollm2-f32.gguf build/peers/smollm2-f16.gguf \
+	  build/peers/smollm2-q8_0.gguf
+	$(PY) benchmarks/bench_pp_tg.py --artifact $(ART) $(ART16) $(ART8) \
+	  --gguf build/peers/smollm2-f32.gguf build/peers/smollm2-f16.gguf \
+	  build/peers/smollm2-q8_0.gguf
+	$(PY) benchmarks/bench_memory.py --artifact $(ART16) $(ART) $(ART8) \
+	  --gguf build/peers/smollm2-f16.gguf build/peers/smollm2-f32.gguf \
+	  build/peers/smollm2-q8_0.gguf

@@ -1,7 +1,7 @@
 """hetcomp against peers on the same model and prompts: llama.cpp and PyTorch eager.
 
 ``make bench-peers`` (optional, not in CI). Peers that are not installed are skipped and
-reported as such: llama.cpp through ``llama-cpp-python`` (F32, F16 and Q4_1 GGUF), PyTorch
+reported as such: llama.cpp through ``llama-cpp-python`` (F32, F16, Q8_0 and Q4_1 GGUF), PyTorch
 eager through transformers' GGUF loader (fp32). Every decoder runs 2 threads, greedy,
 ``--new-tokens`` tokens per prompt; one table (JSON + markdown) is printed and written.
 """

@@ -190,7 +190,7 @@ def cmd_profile(args) -> int:
     units = _units(args.units) if args.units else ([] if args.kit else ["cpu"])
     summary = profile_command(args.model, units, args.output, quick=args.quick,
                               force=args.force, kit_out=args.kit_out, kit=args.kit,
-                              target=args.target)
+                              target=args.target, dtype=args.dtype)
     print(json.dumps(summary, indent=1, default=str))
     return 0
 
@@ -199,6 +199,9 @@ def cmd_tune(args) -> int:
     from .driver.tune import tune_command, tune_kernels_command
 
     if args.kernels:
+        if args.dtype != "float32":
+            raise HetcompError("tune --kernels tunes the float32 linear kernels only (no "
+                               f"--dtype {args.dtype})")
         kinds = [k for k in args.kinds.split(",") if k] if args.kinds else None
         summary = tune_kernels_command(args.model, args.output, args.widths or [1, 16, 64],
                                        kinds, args.trials)
@@ -206,7 +209,7 @@ def cmd_tune(args) -> int:
         summary = tune_command(args.model, _units(args.units), args.output, quick=args.quick,
                                cache_len=args.cache_len, heads=args.heads,
                                profile=args.profile, draft_dtype=args.draft_dtype,
-                               force=args.force)
+                               force=args.force, dtype=args.dtype)
     print(json.dumps(summary, indent=1, default=str))
     return 0
 
@@ -394,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--target", default="host",
                     help="with --kit-out: the CPU target (x86-64-v3 for another x86 host)")
     pr.add_argument("--kit", help="measure a kit built elsewhere (needs the TVM runtime only)")
+    pr.add_argument("--dtype", default="float32",
+                    help="weight dtype whose kernels to measure: float32 | float16 | q4_0 | "
+                         "q4_1 | q8_0 (as compile --dtype)")
     pr.add_argument("-o", "--output", help="SQLite profile database")
     pr.set_defaults(func=cmd_profile)
 
@@ -402,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--units", default="cpu")
     t.add_argument("--heads", help="Medusa heads for tau(W) (default: the packaged ones)")
     t.add_argument("--cache-len", type=_POSITIVE, default=256)
+    t.add_argument("--dtype", default="float32",
+                   help="weight dtype of the artifact to plan for (compile --dtype): float32 | "
+                        "float16 | q4_0 | q4_1 | q8_0")
     t.add_argument("--draft-dtype", choices=("float32", "float16"),
                    help="the draft's weight dtype the artifact is compiled with "
                         "(compile --draft-dtype; default: the model's)")

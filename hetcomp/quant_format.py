@@ -47,6 +47,20 @@ def is_quant(dtype: str | None) -> bool:
     return dtype in BLOCK_BYTES
 
 
+def head_dtype(wdtype: str) -> str:
+    """The format of the embedding table / LM head of a model with weights ``wdtype``: q8_0
+    for every block format, else ``wdtype``. It is the one matrix every step reads whole for
+    the logits, where 4-bit rounding costs the most, and llama.cpp's own Q4 files store it
+    as Q8_0 (SmolLM2's does)."""
+    return "q8_0" if is_quant(wdtype) else wdtype
+
+
+def cache_dtype(wdtype: str) -> str:
+    """The KV cache's default element type for weights ``wdtype``: the weights' float dtype,
+    float16 for a block format (llama.cpp's default cache)."""
+    return "float16" if is_quant(wdtype) else wdtype
+
+
 def _ggml_type(qtype: str):
     return getattr(gguf.GGMLQuantizationType, qtype.upper())
 

@@ -16,7 +16,7 @@ import dataclasses
 
 from ..decoder import FUSED_WIDTHS, LINEAR_KINDS, attention_kernels, estimated_tree_nnz
 from ..hardware import DeviceSpec
-from ..quant_format import BLOCK_BYTES, QK, pack_block
+from ..quant_format import BLOCK_BYTES, QK, head_dtype, pack_block
 
 
 #: Op classes, each with its own cost model per unit: the three kernels of split attention
@@ -87,15 +87,25 @@ class ModelShape:
     weight_bytes: float = _F32
     kv_bytes: int = _F32  # per KV-cache element
     qkv_bias: bool = False  # a bias_add kernel after each layer's qkv linear (Qwen2)
+    # Bytes per weight of the embedding / LM head when they differ from the layers' (0: the
+    # same): a block-quantized model keeps them in q8_0 (``head_dtype``).
+    head_bytes: float = 0.0
 
     @classmethod
     def from_config(cls, cfg, dtype: str = "float32", kv_dtype: str = "float32") -> ModelShape:
         """From a :class:`~hetcomp.frontend.config.LlamaConfig` (duck-typed); ``dtype``: the
         weights', ``kv_dtype``: the KV cache's."""
+        head = head_dtype(dtype)
         return cls(cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.num_heads,
                    cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size, cfg.max_context,
                    dtype_bytes(dtype), dtype_bytes(kv_dtype),
-                   bool(getattr(cfg, "qkv_bias", False)))
+                   bool(getattr(cfg, "qkv_bias", False)),
+                   dtype_bytes(head) if head != dtype else 0.0)
+
+    @property
+    def lm_head_bytes(self) -> float:
+        """Bytes per weight of the embedding / LM head."""
+        return self.head_bytes or self.weight_bytes
 
     @property
     def qkv_size(self) -> int:
@@ -112,17 +122,23 @@ class ModelShape:
         return dims[kind]
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields, without ``head_bytes`` where it is 0 (the profile key of a float
+        model hashes this: profiles stored before the field keep their key)."""
+        d = dataclasses.asdict(self)
+        if not d["head_bytes"]:
+            del d["head_bytes"]
+        return d
 
 
 def linear_features(shape: ModelShape, kind: str, w: int, r: float = 1.0,
                     corun: bool = False, weight_bytes: float = 0) -> Features:
     """A linear kernel holding the fraction ``r`` of ``kind``'s output columns, ``w`` rows;
-    ``weight_bytes`` per weight (0: the model's)."""
+    ``weight_bytes`` per weight (0: the model's, the LM head's for ``lm_head``)."""
     full, k, residual = shape.linear_dims(kind)
     n = split_columns(full, r)
     flops = 2.0 * w * n * k + (w * n if residual else 0)
-    nbytes = (n * k * (weight_bytes or shape.weight_bytes)
+    own = shape.lm_head_bytes if kind == "lm_head" else shape.weight_bytes
+    nbytes = (n * k * (weight_bytes or own)
               + _F32 * (w * k + w * n * (2 if residual else 1)))
     return Features("linear", kind, w, n, k, n / full, 0, corun, flops, nbytes)
 
@@ -225,7 +241,7 @@ def medusa_act_features(shape: ModelShape, w: int, corun: bool = False) -> Featu
 def embed_features(shape: ModelShape, w: int, corun: bool = False) -> Features:
     e = shape.hidden
     return Features("embed", "embed", w, e, 0, 1.0, 0, corun, 0.0,
-                    w * e * (shape.weight_bytes + _F32) + 4 * w)
+                    w * e * (shape.lm_head_bytes + _F32) + 4 * w)
 
 
 def argmax_features(shape: ModelShape, w: int, corun: bool = False, n: int = 0) -> Features:
@@ -249,7 +265,9 @@ def kernel_features(shape: ModelShape, op: dict) -> Features:
     if kind == "linear":
         n, k, residual = int(op["n"]), int(op["k"]), bool(op.get("residual", 0))
         flops = 2.0 * w * n * k + (w * n if residual else 0)
-        nbytes = n * k * shape.weight_bytes + _F32 * (w * k + w * n * (2 if residual else 1))
+        # A quantized kernel names its format (the LM head's q8_0 beside q4_1 layers).
+        wbytes = dtype_bytes(op["qtype"]) if op.get("qtype") else shape.weight_bytes
+        nbytes = n * k * wbytes + _F32 * (w * k + w * n * (2 if residual else 1))
         return Features("linear", "linear", w, n, k, 1.0, 0, False, flops, nbytes)
     if kind == "attention":
         return (dense_attention_features(shape, w, cache_len) if op.get("part") == "dense"
@@ -337,8 +355,10 @@ def draft_step(shape: ModelShape, draft: DraftShape) -> list[StepOp]:
         ops.append(StepOp("medusa_embed", embed_features(shape, 1), 1))
     return ops + [
         StepOp("medusa_act", medusa_act_features(shape, 1), k),
-        StepOp("medusa_lm_head", linear_features(shape, "lm_head", k, vocab / shape.vocab,
-                                                 weight_bytes=draft.weight_bytes), 1),
+        # A quantized model's draft reads its LM head in the model's q8_0 blocks.
+        StepOp("medusa_lm_head", linear_features(
+            shape, "lm_head", k, vocab / shape.vocab,
+            weight_bytes=shape.head_bytes or draft.weight_bytes), 1),
         StepOp("medusa_topk", argmax_features(shape, k, n=vocab), 1),
     ]
 

@@ -43,7 +43,7 @@ from ..passes.partition_hetero import PARAM_SPLIT_ATTR
 from ..planner import PlannerOptions, UnitModel, plan
 from ..profile.bandwidth import measure_read_bandwidth
 from ..profile.units import detect_unit
-from ..quant_format import is_quant
+from ..quant_format import cache_dtype, is_quant
 from ..schedules.tuning import apply_database, database_dir
 from ..speculative.medusa import MedusaHeads
 from ..speculative.tree import build_tree
@@ -101,7 +101,7 @@ class CompileOptions:
     def cache_dtype(self) -> str:
         """The KV cache's element type: ``kv_dtype``, else the weights' float dtype (float16
         for a quantized model, as llama.cpp's default cache)."""
-        return self.kv_dtype or (self.dtype if self.dtype in DRAFT_DTYPES else "float16")
+        return self.kv_dtype or cache_dtype(self.dtype)
 
     def __post_init__(self):
         if self.dtype not in WEIGHT_DTYPES:
@@ -113,11 +113,13 @@ class CompileOptions:
         if self.draft_dtype is not None and self.draft_dtype not in DRAFT_DTYPES:
             raise HetcompError(f"unsupported --draft-dtype {self.draft_dtype!r} "
                                f"(use {' or '.join(DRAFT_DTYPES)})")
-        if is_quant(self.dtype) and (self.plan is not None or self.target not in (
-                "host", "x86-64-v3")):
-            raise HetcompError(f"--dtype {self.dtype} builds for --target host or x86-64-v3 "
-                               "without --plan (no quantized GPU, ARM or partitioned kernels "
-                               "yet)")
+        planned = (self.plan_choice or {}).get("dtype")
+        if planned and planned != self.dtype and (is_quant(planned) or is_quant(self.dtype)):
+            # Its cost models timed other kernels (dequantizing or float), its width chose
+            # for other bytes per step.
+            raise HetcompError(f"the plan was tuned for --dtype {planned}: compile it with "
+                               f"--dtype {planned}, or run `hetcomp tune --dtype "
+                               f"{self.dtype}`")
         if self.target not in TARGETS:
             raise HetcompError(f"unsupported target {self.target!r} (supported: {', '.join(TARGETS)})")
         if self.default_width is not None and self.default_width != 1 and (

@@ -18,15 +18,20 @@ from ..errors import HetcompError
 from ..frontend import resolve_model
 from ..frontend.gguf_loader import open_gguf, read_config
 from ..frontend.hf_loader import read_hf_config
+from ..frontend.weights import WEIGHT_DTYPES, check_quantizable
 from ..hardware import SPEC_BOARDS, SPECS
 from ..profile.db import ProfileDB
 from ..profile.measure import ProfileOptions, build_kit, profile_kit, profile_unit, read_kit
 from ..profile.units import detect_unit
+from ..quant_format import cache_dtype
 
 
 def read_model_shape(model: str, dtype: str = "float32"):
-    """``(ModelShape, database key)`` from a model's metadata (weights are not loaded)."""
-
+    """``(ModelShape, database key)`` from a model's metadata (weights are not loaded), for
+    weights in ``dtype`` and the KV cache `compile` gives them (:func:`~hetcomp.quant_format.
+    cache_dtype`); the key names the dtype (``smollm2:q4_1:<digest>``)."""
+    if dtype not in WEIGHT_DTYPES:
+        raise HetcompError(f"unsupported dtype {dtype!r} (use {' | '.join(WEIGHT_DTYPES)})")
     path = resolve_model(model)
     if os.path.isdir(path):
 
@@ -34,7 +39,8 @@ def read_model_shape(model: str, dtype: str = "float32"):
     else:
 
         cfg = read_config(open_gguf(path))
-    shape = ModelShape.from_config(cfg, dtype)
+    check_quantizable(cfg, dtype)
+    shape = ModelShape.from_config(cfg, dtype, cache_dtype(dtype))
     digest = hashlib.sha256(json.dumps(shape.to_json(), sort_keys=True).encode()).hexdigest()
     return shape, f"{os.path.basename(model)}:{dtype}:{digest[:8]}"
 
@@ -66,11 +72,13 @@ def _say(msg: str) -> None:
 def profile_command(model: str = "smollm2", units=("cpu",), out: str = "profile.sqlite",
                     quick: bool = False, force: bool = False, progress=None,
                     kit_out: str | None = None, kit: str | None = None,
-                    target: str = "host") -> dict:
+                    target: str = "host", dtype: str = "float32") -> dict:
     """Profile every op class of ``model`` on each present unit into the SQLite file ``out``.
 
     ``kit_out``: only compile the probe kernels into a profile kit (CPU code for the named
     ``target``) to measure elsewhere; ``kit``: measure such a kit here (TVM runtime only).
+    ``dtype``: the weight dtype whose kernels are measured (a block format: its dequantizing
+    linear kernels; the profile is stored under a model key naming it).
     Returns a summary: per unit its fingerprint digest, measurement count and whether the
     stored profile was reused.
     """
@@ -80,8 +88,8 @@ def profile_command(model: str = "smollm2", units=("cpu",), out: str = "profile.
         raise HetcompError(f"spec-only units cannot be profiled: {', '.join(spec)}")
     opts = ProfileOptions.quick() if quick else ProfileOptions()
     if kit_out is not None:
-        shape, key = read_model_shape(model)
-        path = build_kit(kit_out, present, shape, key, opts, cpu_target=target,
+        shape, key = read_model_shape(model, dtype)
+        path = build_kit(kit_out, present, shape, key, opts, wdtype=dtype, cpu_target=target,
                          progress=progress, force=force)
         return {"kit": path, "model": key, "mode": opts.mode, "units": list(present)}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -91,12 +99,13 @@ def profile_command(model: str = "smollm2", units=("cpu",), out: str = "profile.
             measured = profile_kit(kit, db, present if units else None, force, progress)
         return {"db": os.path.abspath(out), "model": meta["model"],
                 "mode": meta["options"]["mode"], "units": measured}
-    shape, key = read_model_shape(model)
+    shape, key = read_model_shape(model, dtype)
     summary = {"db": os.path.abspath(out), "model": key, "mode": opts.mode, "units": {}}
     with ProfileDB(out) as db:
         for name in present:
             unit = detect_unit(name)
-            res = profile_unit(unit, shape, db, key, opts, force=force, progress=progress)
+            res = profile_unit(unit, shape, db, key, opts, wdtype=dtype, force=force,
+                               progress=progress)
             summary["units"][name] = {"fingerprint": unit.fingerprint.to_json(),
                                       "measurements": len(res.rows), "reused": res.reused,
                                       "mode": res.mode}

@@ -174,24 +174,27 @@ def spec_unit_models(names):
 def tune_command(model: str = "smollm2", units=("cpu",), out_dir: str = "tune",
                  quick: bool = False, cache_len: int = 256, heads: str | None = None,
                  progress=None, profile: str | None = None,
-                 draft_dtype: str | None = None, force: bool = False) -> dict:
+                 draft_dtype: str | None = None, force: bool = False,
+                 dtype: str = "float32") -> dict:
     """Profile, fit and plan; writes profile.sqlite, cost/<unit>.json, plan.json, plan.png.
 
     Spec-only units skip profiling and fitting (their plan is a ``spec-estimate``).
     ``profile``: an existing database (measured elsewhere) whose newest profile of each unit
     is fitted instead of profiling here. ``draft_dtype``: the Medusa draft's weight dtype
     the artifact will be compiled with (``compile --draft-dtype``; None: the model's).
+    ``dtype``: the weight dtype of the artifact the plan is for (``compile --dtype``; a block
+    format profiles its dequantizing kernels, and plan.json's ``model`` key names it).
     """
 
     say = progress or _say
     present, spec = split_unit_names(units)
-    shape, key = read_model_shape(model)
+    shape, key = read_model_shape(model, dtype)
     with output_dir(out_dir, is_tune_dir, "tune folder", force) as tmp:
         old_db = os.path.join(out_dir, "profile.sqlite")
         if os.path.isfile(old_db):  # a replaced tune folder's profile is reused while it fits
             shutil.copy2(old_db, os.path.join(tmp, "profile.sqlite"))
         summary = _tune(tmp, shape, key, model, present, spec, quick, cache_len, heads,
-                        progress, profile, draft_dtype, say)
+                        progress, profile, draft_dtype, say, dtype)
     summary["out_dir"] = os.path.abspath(out_dir)
     if "profile" in summary and profile is None:
         summary["profile"]["db"] = os.path.join(summary["out_dir"], "profile.sqlite")
@@ -204,7 +207,7 @@ def is_tune_dir(path: str) -> bool:
 
 
 def _tune(out_dir, shape, key, model, present, spec, quick, cache_len, heads, progress,
-          profile, draft_dtype, say) -> dict:
+          profile, draft_dtype, say, dtype) -> dict:
     summary: dict = {"model": key}
     if present:
         if profile is not None:
@@ -212,7 +215,8 @@ def _tune(out_dir, shape, key, model, present, spec, quick, cache_len, heads, pr
             summary["profile"] = {"db": os.path.abspath(db), "digests": digests}
         else:
             db = os.path.join(out_dir, "profile.sqlite")
-            summary["profile"] = profile_command(model, present, db, quick, progress=progress)
+            summary["profile"] = profile_command(model, present, db, quick, progress=progress,
+                                                 dtype=dtype)
             digests = profiled_digests(summary["profile"])
         say("[tune] fitting cost models")
         unit_models, fitted = measured_unit_models(db, key, digests,

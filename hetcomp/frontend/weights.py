@@ -8,8 +8,7 @@ compile gives its q4_0/q4_1/q8_0 matrices as :class:`~hetcomp.kernels.quant.Quan
 
 Weight dtypes: ``float32``, ``float16`` and the GGUF block formats ``q4_0``, ``q4_1``,
 ``q8_0``. A quantized model keeps its embedding / LM head (tied or not) in q8_0
-(:func:`head_dtype`): it is the one matrix every step reads whole for the logits, where 4-bit
-rounding costs the most, and llama.cpp's own Q4 files store it as Q8_0 (SmolLM2's does).
+(:func:`hetcomp.quant_format.head_dtype`, which says why).
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ from ..quant_format import (
     BLOCK_BYTES,
     QUANT_DTYPES,
     QuantMatrix,
+    head_dtype,  # noqa: F401  re-exported (llama.py)
     is_quant,
     pack_quant_weight,
     quant_packed_shape,
@@ -84,12 +84,6 @@ def parameter_count(w: Mapping) -> int:
     if isinstance(w, LazyWeights):
         return sum(math.prod(w.shape(n)) for n in w)
     return int(sum(a.size for a in w.values()))
-
-
-def head_dtype(wdtype: str) -> str:
-    """The format of the embedding table / LM head of a model with weights ``wdtype``
-    (module doc: q8_0 for every quantized dtype)."""
-    return "q8_0" if is_quant(wdtype) else wdtype
 
 
 def weight_spec(name: str, n: int, k: int, fmt: str) -> tuple[str, tuple[int, ...], str]:

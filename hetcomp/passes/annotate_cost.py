@@ -30,6 +30,8 @@ def op_description(func, width: int, cache_len: int) -> dict:
         if full in attrs:
             v = attrs[full]
             desc[key] = str(v) if key == "part" else int(v)
+    if "hetcomp.qtype" in attrs:  # a block-quantized weight: its bytes per weight
+        desc["qtype"] = str(attrs["hetcomp.qtype"])
     return desc
 
 

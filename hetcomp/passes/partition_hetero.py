@@ -3,8 +3,10 @@
 A linear layer ``y = x @ W`` becomes ``concat([x @ W[:, :c], x @ W[:, c:]])`` with each slice on
 its own unit; there is no all-reduce. The weight is split at compile time: the function gets
 one parameter per slice in place of the original, recorded in the function attribute
-``hetcomp.param_split`` (``{new name: [old name, first block, end block]}`` over the packed
-``[N / B, K, B]`` layout) so the artifact stores the slices. Tree attention, which verify already
+``hetcomp.param_split`` (``{new name: [old name, first block, end block]}`` over axis 0 of
+the packed layout, ``[N / B, K, B]``, or ``[N / B, K / 32, bytes, B]`` for GGUF blocks) so
+the artifact stores the slices. A block-quantized layer's slices run the same dequantizing
+kernel (:mod:`hetcomp.kernels.quant`) on their columns. Tree attention, which verify already
 runs as a dense part (queries against the committed KV cache) and a sparse part (each tree row
 against its ancestors), merged exactly by log-sum-exp, is placed by affinity: each part on its
 plan unit, the merge on the host. Imported models (``from_torch``) have ``R.matmul`` with constant weights;
@@ -21,7 +23,7 @@ from __future__ import annotations
 import json
 
 from .._tvm import compiler
-from ..kernels import ops, script_ops
+from ..kernels import ops, quant, script_ops
 from ..kernels.sparse_attention import SPARSE_KIND
 from ..plan import HeteroPlan
 
@@ -194,11 +196,20 @@ class _Rewriter(_c.PyExprMutator):
         pieces = self.splits.setdefault(weight, {})
 
         def piece(unit, lo, hi):  # the weight slice parameter, created once per function
-            if unit not in pieces:
+            if unit not in pieces:  # whole column panels: axis 0 of either layout
                 pieces[unit] = (relax.Var(f"{weight.name}__u{unit}", self._ty(
-                    ((hi - lo) // block, k, block), unit, weight.ty.dtype)), lo // block,
-                    hi // block)
+                    ((hi - lo) // block, *list(weight.ty.shape)[1:]), unit, weight.ty.dtype)),
+                    lo // block, hi // block)
             return pieces[unit][0]
+
+        qtype = str(func.attrs["hetcomp.qtype"]) if "hetcomp.qtype" in func.attrs else None
+
+        def part_kernel(n_part, unit):
+            if qtype is not None:
+                return self._kernel(f"linear_{qtype}_n{n_part}_k{k}", quant.linear_quant,
+                                    n_part, k, qtype, False, unit=unit)
+            return self._kernel(f"linear_n{n_part}_k{k}", ops.linear, n_part, k,
+                                weight.ty.dtype, False, unit=unit)
 
         if cols == n:  # everything on unit 1, its weight living there
             ins = [self._to(args[0], 1), piece(1, 0, n)] + [self._to(a, 1) for a in args[2:]]
@@ -207,8 +218,7 @@ class _Rewriter(_c.PyExprMutator):
             return y if self.plan.shared_memory else relax.op.to_vdevice(y, self.vdev[0])
         parts = []
         for unit, (lo, hi) in enumerate(((0, n - cols), (n - cols, n))):
-            gv = self._kernel(f"linear_n{hi - lo}_k{k}", ops.linear, hi - lo, k,
-                              weight.ty.dtype, False, unit=unit)
+            gv = part_kernel(hi - lo, unit)
             y = self._emit(relax.call_tir(gv, [self._to(x, unit), piece(unit, lo, hi)],
                                           self._ty((w, hi - lo), unit)))
             parts.append(self._to(y, 0))

@@ -44,6 +44,7 @@ from ..cost.roofline import (
     attention_features,
     copy_features,
     dense_attention_features,
+    dtype_bytes,
     embed_features,
     linear_features,
     merge_features,
@@ -57,6 +58,13 @@ from ..cost.roofline import (
 from ..decoder import FUSED_WIDTHS
 from ..errors import HetcompError
 from ..hardware import target_dict
+from ..quant_format import (
+    QuantMatrix,
+    head_dtype,
+    is_quant,
+    pack_quant_weight,
+    unpack_quant_weight,
+)
 from ..speculative.tree import Tree
 from .db import Measurement, ProfileDB
 from .units import Unit, detect_unit
@@ -208,6 +216,7 @@ def time_calls(calls: list[Callable[[int], object]], min_time_s: float, rounds: 
 #
 # Argument specs (JSON lists):
 #   ["rand", shape, dtype, scale, copies]  random data; ``copies`` buffers rotated per call
+#   ["quant", [n, k], qtype, copies]       a random [n, k] weight in GGUF blocks, packed
 #   ["zeros", shape, dtype]                an output buffer
 #   ["shared", key]                        a buffer of the probe group (a full KV cache)
 #   ["tril", w]  ["arange", n, start]  ["randint", n, high, copies]
@@ -258,8 +267,10 @@ def linear_args(shape: ModelShape, kind: str, n: int, w: int, wdtype: str,
 
     _, k, residual = shape.linear_dims(kind)
     b = ops.pack_block(n)
-    copies = max(1, min(4096, math.ceil(rotate_bytes / (n * k * np.dtype(wdtype).itemsize))))
-    args = [("rand", (w, k), "float32", 0.05, 1), ("rand", (n // b, k, b), wdtype, 0.05, copies)]
+    copies = max(1, min(4096, math.ceil(rotate_bytes / (n * k * dtype_bytes(wdtype)))))
+    weight = (("quant", (n, k), wdtype, copies) if is_quant(wdtype)
+              else ("rand", (n // b, k, b), wdtype, 0.05, copies))
+    args = [("rand", (w, k), "float32", 0.05, 1), weight]
     if residual:
         args.append(("rand", (w, n), "float32", 0.05, 1))
     return (*args, ("zeros", (w, n), "float32"))
@@ -271,22 +282,35 @@ LAUNCH_MODES = ("batched", "synced")  # kinds of the "launch" probes
 def plan_probes(shape: ModelShape, opts: ProfileOptions, wdtype: str = "float32"
                 ) -> tuple[list[ProbeGroup], dict[str, Callable[[], object]]]:
     """The probe groups of every op class and the kernels they call (name -> PrimFunc
-    builder, from :mod:`hetcomp.kernels.ops` / ``script_ops`` exactly as the model uses)."""
-    from ..kernels import ops, script_ops
+    builder, from :mod:`hetcomp.kernels.ops` / ``script_ops`` exactly as the model uses).
+
+    ``wdtype`` a block format (q4_0, q4_1, q8_0): the layers' linear probes are the
+    dequantizing kernels of :mod:`hetcomp.kernels.quant` in that format, the LM head's and
+    the embedding's in q8_0 (:func:`~hetcomp.quant_format.head_dtype`), as the model runs
+    them. The KV cache's element type is the one ``shape`` records (``kv_bytes``)."""
+    from ..kernels import ops, quant, script_ops
 
     s, ws = shape, opts.widths
     kernels: dict[str, Callable[[], object]] = {}
     groups: list[ProbeGroup] = []
+    kv_dtype = "float16" if s.kv_bytes == 2 else "float32"
 
     def kernel(name, build, *args, **kw):
         kernels.setdefault(name, lambda: build(*args, **kw))
         return name
 
+    def fmt(kind):  # the weight format a linear kind is stored in
+        return head_dtype(wdtype) if kind == "lm_head" else wdtype
+
     def linear_kernel(kind, n, w):
         # The width-specialised kernel, as verify_w{W} runs it (exact row tiles).
         _, k, residual = s.linear_dims(kind)
-        return kernel(f"linear_{'res_' if residual else ''}n{n}_k{k}_w{w}", ops.linear, n, k,
-                      wdtype, residual, rows=w)
+        res = "res_" if residual else ""
+        if is_quant(fmt(kind)):
+            return kernel(f"linear_{fmt(kind)}_{res}n{n}_k{k}_w{w}", quant.linear_quant, n, k,
+                          fmt(kind), residual, rows=w)
+        return kernel(f"linear_{res}n{n}_k{k}_w{w}", ops.linear, n, k, wdtype, residual,
+                      rows=w)
 
     for kind in opts.kinds:
         full = s.linear_dims(kind)[0]
@@ -295,17 +319,17 @@ def plan_probes(shape: ModelShape, opts: ProfileOptions, wdtype: str = "float32"
             for w in ws:
                 f = linear_kernel(kind, n, w)
                 probes.append(Probe(f, linear_features(s, kind, w, n / full),
-                                    linear_args(s, kind, n, w, wdtype, opts.rotate_bytes)))
+                                    linear_args(s, kind, n, w, fmt(kind), opts.rotate_bytes)))
             groups.append(ProbeGroup(f"linear {kind} n={n}", tuple(probes)))
 
-    cache = (("kc", ("rand", (s.layers, s.kv_heads, s.head_dim, s.max_context), "float32", 0.5,
+    cache = (("kc", ("rand", (s.layers, s.kv_heads, s.head_dim, s.max_context), kv_dtype, 0.5,
                      1)),
-             ("vc", ("rand", (s.layers, s.kv_heads, s.max_context, s.head_dim), "float32", 0.5,
+             ("vc", ("rand", (s.layers, s.kv_heads, s.max_context, s.head_dim), kv_dtype, 0.5,
                      1)))
     groups += attention_probes(s, opts, kernel, cache)
 
     f = kernel("rope_kv", script_ops.rope_kv, s.heads, s.kv_heads, s.head_dim, s.layers,
-               s.max_context)
+               s.max_context, kv_dtype=kv_dtype)
     table = kernel("rope_table", ops.rope_table, s.head_dim, 10000.0)
     groups.append(ProbeGroup("rope", tuple(
         Probe(f, rope_features(s, w), (("rand", (w, s.qkv_size), "float32", 0.05, 1),
@@ -325,7 +349,7 @@ def plan_probes(shape: ModelShape, opts: ProfileOptions, wdtype: str = "float32"
     # runs it (the host waits for its share before the concat).
     full = s.linear_dims("o")[0]
     small = linear_kernel("o", full, 1)
-    small_args = linear_args(s, "o", full, 1, wdtype, opts.rotate_bytes)
+    small_args = linear_args(s, "o", full, 1, fmt("o"), opts.rotate_bytes)
     feats = dataclasses.replace(linear_features(s, "o", 1), op="launch")
     groups.append(ProbeGroup("launch", tuple(
         Probe(small, dataclasses.replace(feats, kind=mode), small_args)
@@ -334,8 +358,14 @@ def plan_probes(shape: ModelShape, opts: ProfileOptions, wdtype: str = "float32"
     norm = kernel("rms_norm", ops.rms_norm, s.hidden, 1e-5)
     silu = kernel("silu_mul", ops.silu_mul, s.intermediate)
     amax = kernel("argmax", ops.argmax, s.vocab)
-    embed = kernel("embed", ops.embed, s.vocab, s.hidden, wdtype)
-    b = ops.pack_block(s.vocab)
+    hfmt = head_dtype(wdtype)
+    if is_quant(hfmt):
+        embed = kernel(f"embed_{hfmt}", quant.embed_quant, s.vocab, s.hidden, hfmt)
+        table = ("quant", (s.vocab, s.hidden), hfmt, 1)
+    else:
+        embed = kernel("embed", ops.embed, s.vocab, s.hidden, wdtype)
+        b = ops.pack_block(s.vocab)
+        table = ("rand", (s.vocab // b, s.hidden, b), wdtype, 0.05, 1)
     groups += [
         ProbeGroup("rms_norm", tuple(Probe(norm, rms_norm_features(s, w), (
             ("rand", (w, s.hidden), "float32", 0.05, 1), ("rand", (s.hidden,), "float32", 0.05, 1),
@@ -346,8 +376,8 @@ def plan_probes(shape: ModelShape, opts: ProfileOptions, wdtype: str = "float32"
         ProbeGroup("argmax", tuple(Probe(amax, argmax_features(s, w), (
             ("rand", (w, s.vocab), "float32", 0.05, 1), ("zeros", (w,), "int32"))) for w in ws)),
         ProbeGroup("embed", tuple(Probe(embed, embed_features(s, w), (
-            ("randint", w, s.vocab, 8), ("rand", (s.vocab // b, s.hidden, b), wdtype, 0.05, 1),
-            ("zeros", (w, s.hidden), "float32"))) for w in ws)),
+            ("randint", w, s.vocab, 8), table, ("zeros", (w, s.hidden), "float32")))
+            for w in ws)),
         ProbeGroup("copy", tuple(Probe(None, copy_features(w, n), (("copy", w, n),))
                                  for n in (s.hidden, 2 * s.intermediate, s.vocab) for w in ws)),
     ]
@@ -369,6 +399,7 @@ def attention_probes(s: ModelShape, opts: ProfileOptions, kernel, cache) -> list
     from ..kernels import ops, sparse_attention
 
     h, g, d, nl, c = s.heads, s.kv_heads, s.head_dim, s.layers, s.max_context
+    kv = "float16" if s.kv_bytes == 2 else "float32"  # the cache's element type
 
     def q(w):
         return ("rand", (h, w, d), "float32", 0.5, 1)
@@ -382,14 +413,15 @@ def attention_probes(s: ModelShape, opts: ProfileOptions, kernel, cache) -> list
     for cl in sorted(opts.cache_lens):
         for w in fused:
             if cl + w <= c:
-                f = kernel(f"attention_w{w}", ops.attention, h, g, d, nl, c, rows=w)
+                f = kernel(f"attention_w{w}", ops.attention, h, g, d, nl, c, rows=w,
+                           kv_dtype=kv)
                 fused_probes.append(Probe(f, attention_features(s, w, cl), (
                     q(w), ("shared", "kc"), ("shared", "vc"), ("tril", w), ("mod", nl),
                     ("int", cl), ("zeros", (w, h, d), "float32"))))
         for w in split:
             if cl + w <= c:
                 f = kernel(f"attention_dense_w{w}", ops.attention, h, g, d, nl, c, rows=w,
-                           part="dense")
+                           part="dense", kv_dtype=kv)
                 dense_probes.append(Probe(f, dense_attention_features(s, w, cl), (
                     q(w), ("shared", "kc"), ("shared", "vc"), ("mod", nl), ("int", cl),
                     part(w))))
@@ -526,6 +558,12 @@ class _Runner:
             if copies > 1:  # rotated weights: make sure they exceed this host's caches
                 copies = min(4096, copies * self.rotate_factor)
             val = [self._tensor(a) for _ in range(int(copies))]
+        elif kind == "quant":  # one valid weight, its copies rotated as "rand"'s
+            _, (n, k), qtype, copies = spec
+            m = QuantMatrix.quantize(self.rng.standard_normal((n, k)).astype("float32"), qtype)
+            if copies > 1:
+                copies = min(4096, copies * self.rotate_factor)
+            val = [self._tensor(pack_quant_weight(m)) for _ in range(int(copies))]
         elif kind == "zeros":
             val = [self._tensor(np.zeros(tuple(spec[1]), spec[2]))]
         elif kind == "tril":
@@ -577,7 +615,12 @@ class _Runner:
         args = [v[0] for v in vals]
         self.func(probe.func)(*args)
         got = args[-1].numpy()
-        x, w = args[0].numpy(), unpack_linear_weight(args[1].numpy().astype("float32"))
+        packed = args[1].numpy()
+        if packed.dtype == np.uint8:  # GGUF blocks (probe spec "quant"), decoded by gguf
+            w = unpack_quant_weight(packed, probe.args[1][2]).dequantize()
+        else:
+            w = unpack_linear_weight(packed.astype("float32"))
+        x = args[0].numpy()
         want = x @ w.T + (args[2].numpy() if len(args) == 4 else 0.0)
         return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
 

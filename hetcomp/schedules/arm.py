@@ -1,4 +1,5 @@
-"""ARM (aarch64 ``+neon``) schedule of tree attention, with the project's fp32 NEON intrinsics.
+"""ARM (aarch64 ``+neon``) schedules: tree attention, with the project's fp32 NEON intrinsics, and
+the block-quantized linear sized for NEON's registers (:class:`QuantLinearRule`).
 
 Three tensor intrinsics carry the inner loops of the sparse (and the dense masked) tree-attention
 kernels of :mod:`hetcomp.kernels.sparse_attention`:
@@ -27,6 +28,7 @@ from tvm.script import tirx as T
 from .._tvm import compiler
 from ..kernels.ops import OP_KIND
 from ..kernels.sparse_attention import DENSE_KIND, SPARSE_KIND
+from .cpu import QuantLinearRule as _QuantLinear
 
 #: Head dims with a registered dot-product intrinsic.
 HEAD_DIMS = (16, 32, 64, 128)
@@ -278,6 +280,25 @@ class SparseTreeAttentionRule(TreeAttentionRule):
         return NEON_F32 if is_llvm_with(target, "neon") else None
 
 
+class QuantLinearRule(_QuantLinear):
+    """The block-quantized linear (:class:`hetcomp.schedules.cpu.QuantLinearRule`) sized for
+    NEON's 32 128-bit registers: each 32-column panel runs as four 8-column sub-panels (two
+    ``v`` registers a row) with up to 8 rows a tile. The whole-panel tile of the x86 rule
+    (8 registers a row, for 4-8 rows, plus the block's scales and decoded weights) spills:
+    on a 96x128 q4_1 kernel at W = 16 LLVM's aarch64 code reloads 2128 ``q`` registers from
+    the stack, against 36 with 8-column sub-panels (``tests/schedules/test_arm_quant.py``
+    counts them). A panel's blocks are 11-31 KB for SmolLM2's rows, so the later sub-panels
+    read them from cache. Not yet timed on ARM hardware (qemu checks numerics only).
+    """
+
+    def __init__(self):
+        super().__init__(row_tile=4, max_row_tile=8, lanes=2 * NEON_LANES)
+
+    def applies(self, target) -> bool:
+        return is_llvm_with(target, "neon")
+
+
 def arm_rules():
-    """The ARM rule list (tree attention), to put before the generic CPU rules."""
-    return [SparseTreeAttentionRule()]
+    """The ARM rule list (tree attention, the quantized linear), to put before the generic
+    CPU rules."""
+    return [SparseTreeAttentionRule(), QuantLinearRule()]

@@ -107,11 +107,17 @@ class QuantLinearRule(_BASE):
     whichever the target CPU has.
     """
 
-    def __init__(self, row_tile: int = 4):
-        self.row_tile = row_tile
+    def __init__(self, row_tile: int = 4, max_row_tile: int = 8, lanes: int | None = None):
+        self.row_tile, self.max_row_tile, self.lanes = row_tile, max_row_tile, lanes
+
+    def applies(self, target) -> bool:
+        """Whether the rule schedules for ``target`` (every LLVM CPU here; ISA subclasses
+        narrow it)."""
+        return True
 
     def apply(self, func, target, tunable):
-        if _kind(func) != "linear" or "hetcomp.qtype" not in func.attrs:
+        if (_kind(func) != "linear" or "hetcomp.qtype" not in func.attrs
+                or not self.applies(target)):
             return None
         c = compiler()
         sch = c.Schedule(func)
@@ -119,20 +125,25 @@ class QuantLinearRule(_BASE):
         extent = func.params[0].shape[0]
         row_tile = self.row_tile
         if isinstance(extent, c.tir.IntImm):
-            row_tile = next(t for t in (8, 4, 2, 1) if int(extent) % t == 0)
+            row_tile = next(t for t in (8, 4, 2, 1)
+                            if int(extent) % t == 0 and t <= self.max_row_tile)
         factored = any(sch.get(blk).name_hint == "inner"
                        for blk in sch.get_child_blocks(sch.get_sblock("root")))
         # Step 1. Tile rows and columns; the reduction (k, or k blocks) sits between them.
+        # With ``lanes`` < B a panel runs as B / lanes sub-panels, one after the other (a
+        # panel's blocks are 11-31 KB for SmolLM2's rows, so the later passes read them
+        # from cache, not DRAM).
         mm = sch.get_sblock("matmul")
         i, j, k = sch.get_loops(mm)
-        jo, ji = sch.split(j, [None, b])
+        lanes = self.lanes if self.lanes is not None and b % self.lanes == 0 else b
+        jo, js, ji = sch.split(j, [None, b // lanes, lanes])
         io, ii = sch.split(i, [None, row_tile])
         if factored:
             kb, kt = k, None
-            sch.reorder(jo, io, kb, ii, ji)
+            sch.reorder(jo, js, io, kb, ii, ji)
         else:
             kb, kt = sch.split(k, [None, 32])
-            sch.reorder(jo, io, kb, kt, ii, ji)
+            sch.reorder(jo, js, io, kb, kt, ii, ji)
         # Step 2. Accumulate in registers, write back (with the residual add) per row tile.
         tail = _write_back_per_row_tile(sch, func, mm, io)
         # Step 3. Factored: a block's raw-quant sums per k block, weights outermost (each
@@ -141,7 +152,7 @@ class QuantLinearRule(_BASE):
             inner = sch.get_sblock("inner")
             sch.compute_at(inner, kb)
             sch.set_scope(inner, 0, "local")
-            own = sch.get_loops(inner)[3:]  # (rows,) B, t: a one-row tile has no row loop
+            own = sch.get_loops(inner)[4:]  # (rows,) B, t: a one-row tile has no row loop
             sch.reorder(own[-1], *own[:-1])
             sch.unroll(own[-1])
             if len(own) == 3:

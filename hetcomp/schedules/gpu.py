@@ -103,7 +103,7 @@ class LinearColumnRule(_BASE):
         self.threads, self.max_rows = threads, max_rows
 
     def apply(self, func, target, tunable):
-        if _gpu_kind(func, target) != "linear":
+        if _gpu_kind(func, target) != "linear" or "hetcomp.qtype" in func.attrs:
             return None
         c = compiler()
         sch = c.Schedule(func)
@@ -131,6 +131,83 @@ class LinearColumnRule(_BASE):
         sch.decompose_reduction(mm, k)
         if static:
             sch.unroll(sch.get_loops(mm)[-1])
+        return sch
+
+
+class QuantLinearRule(_BASE):
+    """Block-quantized linear layers (:mod:`hetcomp.kernels.quant`, weights packed
+    ``[n / B, k / 32, bytes, B]``): :class:`LinearColumnRule`'s one thread per output column,
+    dequantizing in registers with fp32 accumulation.
+
+    A thread walks its column's blocks: it decodes the block's float16 scale (and q4_1 min)
+    once into a register, then the block's 32 weights (unrolled, so nibble selects are
+    constants) against its ``w`` rows of x. The warp's 32 threads are one panel's 32 columns,
+    so every block byte they load is one contiguous 32-byte segment (coalesced). Narrow
+    static widths (the factored kernel) sum a block on the raw quants in ``w`` registers and
+    scale once per block; the block sums of x (``xsum``) are recomputed by each thread, 32
+    adds a block against its 32 FMAs. A symbolic width (prefill) loops over rows outside.
+    """
+
+    def __init__(self, threads: int = 64, max_rows: int = 64):
+        self.threads, self.max_rows = threads, max_rows
+
+    def apply(self, func, target, tunable):
+        if _gpu_kind(func, target) != "linear" or "hetcomp.qtype" not in func.attrs:
+            return None
+        c = compiler()
+        sch = c.Schedule(func)
+        names = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
+        factored = "inner" in names
+        mm = sch.get_sblock("matmul")
+        i, j, k = sch.get_loops(mm)
+        extent = sch.get(i).extent
+        static = isinstance(extent, c.tir.IntImm) and int(extent) <= self.max_rows
+        # Step 1. Columns over (blockIdx.x, threadIdx.x); per thread the k blocks, then (the
+        # dequantizing kernel) a block's 32 weights, then the rows (static: inside, so each
+        # decoded weight feeds every row; symbolic: outside).
+        jb, jt = sch.split(j, [None, self.threads])
+        kb, kt = (k, None) if factored else sch.split(k, [None, 32])
+        inner_loops = [kb] if kt is None else [kb, kt]
+        if static:
+            sch.reorder(jb, jt, *inner_loops, i)
+        else:
+            sch.reorder(jb, jt, i, *inner_loops)
+        sch.bind(jb, "blockIdx.x")
+        sch.bind(jt, "threadIdx.x")
+        # Step 2. Accumulators in registers, written back (with the residual) by the thread.
+        anchor = jt if static else i
+        if bool(int(func.attrs.get("hetcomp.residual", 0))):
+            sch.reverse_compute_at(sch.get_sblock("add_residual"), anchor)
+            sch.set_scope(mm, 0, "local")
+        else:
+            sch.reverse_compute_at(sch.cache_write(mm, 0, "local"), anchor)
+        # Step 3. Per k block, in registers: the raw-quant block sums (factored), x's block
+        # sums, the column's scale and min.
+        for name in ("inner", "xsum", "min", "scale"):  # consumers first
+            if name in names:
+                blk = sch.get_sblock(name)
+                sch.compute_at(blk, kb)
+                sch.set_scope(blk, 0, "local")
+        # Step 4. Zero the accumulators before the reduction; unroll the rows (their
+        # accumulators then live in registers) and, in the factored kernel, a block's 32
+        # raw quants (nibble selects become constants). Unrolled by nvcc (``#pragma
+        # unroll``), not in the source: TVM's explicit unrolling made a W = 1 q4_0 kernel
+        # 57 KB of CUDA, which nvcc compiles when the library loads. The dequantizing
+        # kernel's 32-weight loop stays a loop (a select per weight; unrolled under 64
+        # rows it would be ~2000 statements).
+        unroll = []
+        init = sch.decompose_reduction(mm, kb)
+        if static:
+            unroll += [sch.get_loops(mm)[-1], sch.get_loops(init)[-1]]
+        for name in ("inner", "xsum"):
+            if name in names:
+                blk = sch.get_sblock(name)
+                own = sch.get_loops(blk)[3:]  # (rows,) t: compute_at drops a 1-row loop
+                sch.decompose_reduction(blk, own[-1])
+                unroll += own
+        for loop in unroll:
+            sch.unroll(loop)
+            sch.annotate(loop, "pragma_unroll_explicit", 0)
         return sch
 
 
@@ -175,6 +252,6 @@ def use_gpu_script_kernels(mod):
 def gpu_rules():
     """Our GPU rules first, then dlight's."""
     gpu = compiler().dlight.gpu
-    return [LinearColumnRule(), ArgmaxRowRule(), SparseTreeAttentionRule(), PerStageThreadRule(),
-            gpu.Matmul(), gpu.GEMV(),
-            gpu.LowBatchGEMV(), gpu.Reduction(), gpu.GeneralReduction(), gpu.Fallback()]
+    return [QuantLinearRule(), LinearColumnRule(), ArgmaxRowRule(), SparseTreeAttentionRule(),
+            PerStageThreadRule(), gpu.Matmul(), gpu.GEMV(), gpu.LowBatchGEMV(), gpu.Reduction(),
+            gpu.GeneralReduction(), gpu.Fallback()]

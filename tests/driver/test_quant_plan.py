@@ -1,0 +1,153 @@
+"""Plans for block-quantized artifacts: the partition pass splits GGUF-block weights by column
+panels (the planned model computes what the unplanned one does), the profiler measures the
+dequantizing kernels the model runs, and `tune --dtype q4_1` writes a plan that `compile
+--dtype q4_1 --plan` builds (and a float compile refuses)."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from hetcomp.artifact_format import read_manifest
+from hetcomp.cost.roofline import ModelShape, dtype_bytes
+from hetcomp.driver.compile import CompileOptions, compile_model
+from hetcomp.errors import HetcompError
+from hetcomp.frontend.weights import random_weights
+from hetcomp.hardware import target_dict
+from hetcomp.plan import HeteroPlan, plan_choice
+from hetcomp.quant_format import QuantMatrix
+from hetcomp.runtime import load_artifact
+from hetcomp.runtime.generate import generate
+from hetcomp.testing import (
+    TINY,
+    assert_one_line_error,
+    byte_tokenizer_spec,
+    depths,
+    run_cli,
+    tree_mask,
+)
+from hetcomp.testing.gguf_writer import write_gguf
+
+HOST = target_dict("host")
+
+
+@pytest.fixture(scope="module")
+def tiny_q4_1():
+    """compile_model's ``weights=``: TINY with every matrix in q4_1 blocks (the embedding
+    becomes q8_0 when packed, as a real file's)."""
+    w = random_weights(TINY, seed=11, scale=0.2)
+    wq = {n: QuantMatrix.quantize(a, "q4_1") if a.ndim == 2 else a for n, a in w.items()}
+    return TINY, wq, byte_tokenizer_spec(TINY.vocab_size), __file__
+
+
+@pytest.mark.parametrize("dense,sparse", [(1, 1), (0, 1)])
+def test_quantized_plan_matches_unplanned(tmp_path, tiny_q4_1, dense, sparse):
+    """Two CPU units: 37% of most layers' columns, all of ``down`` and half the q8_0 LM head
+    on unit 1, attention parts placed by the plan. The slices are the file's blocks, panel
+    by panel; logits of a prefill and a tree verify equal the unplanned artifact's, and so
+    does greedy decoding."""
+    plan = HeteroPlan(targets=(HOST, HOST), ratios=(("default", 0.37), ("down", 1.0),
+                                                    ("lm_head", 0.5)),
+                      dense_attention=dense, sparse_attention=sparse)
+    for name, p in (("ref", None), ("plan", plan)):
+        compile_model(CompileOptions(model="tiny", dtype="q4_1", plan=p, max_context=64),
+                      str(tmp_path / name), quiet=True, weights=tiny_q4_1)
+    m = read_manifest(str(tmp_path / "plan"))
+    shapes = {p["name"]: (p["dtype"], p["shape"]) for p in m["params"]}
+    # gate_up (192 columns, 6 panels): 2 panels on unit 1; down wholly there; embed 5 + 5.
+    assert shapes["layers_0_w_gate_up__u0"] == ("uint8", [4, 2, 20, 32])
+    assert shapes["layers_0_w_gate_up__u1"] == ("uint8", [2, 2, 20, 32])
+    assert shapes["layers_1_w_down__u1"] == ("uint8", [2, 3, 20, 32])
+    assert "layers_1_w_down__u0" not in shapes
+    assert shapes["embed__u1"] == ("uint8", [5, 2, 34, 32])
+    assert {k["rule"] for k in m["kernels"] if k["name"].startswith("linear")} == {
+        "cpu.QuantLinear"}
+    art, ref = load_artifact(str(tmp_path / "plan")), load_artifact(str(tmp_path / "ref"))
+    prompt = [5, 17, 99, 3, 42]
+    parents = [-1, 0, 0, 1]
+    toks = np.array([10, 11, 12, 13])
+    out = []
+    for a in (art, ref):
+        sess = a.new_session()
+        nxt, hidden = sess.prefill(prompt)
+        ids, _, logits = sess.verify(toks, depths(parents) + len(prompt), tree_mask(parents))
+        out.append((nxt, hidden.numpy(), ids, logits.numpy()))
+    assert out[0][0] == out[1][0]
+    np.testing.assert_allclose(out[0][1], out[1][1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out[0][2], out[1][2])
+    np.testing.assert_allclose(out[0][3], out[1][3], rtol=1e-5, atol=1e-5)
+    for p in ([5, 17, 99], [200, 3, 4, 5, 6]):
+        seq = generate(ref, p, max_new_tokens=16, stop_at_eos=False).ids
+        assert generate(art, p, max_new_tokens=16, stop_at_eos=False).ids == seq
+
+
+def test_probes_are_the_models_quantized_kernels():
+    """A q4_1 profile measures what a q4_1 model runs: q4_1 layer linears, the q8_0 LM head
+    and embedding, a float16 KV cache; each linear probe is checked against numpy (gguf's
+    dequantize) before it is timed, and its features count the format's bytes."""
+    from hetcomp.profile.measure import (
+        ProfileOptions,
+        build_probe_library,
+        measure_groups,
+        plan_probes,
+    )
+    from hetcomp.profile.units import detect_unit
+
+    shape = ModelShape.from_config(TINY, "q4_1", "float16")
+    opts = dataclasses.replace(ProfileOptions.quick(), widths=(1, 4), cache_lens=(32,),
+                               corun=False, rounds=1, min_time_s=0.001)
+    groups, kernels = plan_probes(shape, opts, "q4_1")
+    built = {name: build() for name, build in kernels.items()}
+    qtypes = {name: str(f.attrs["hetcomp.qtype"]) for name, f in built.items()
+              if "hetcomp.qtype" in f.attrs}
+    linear = [p for g in groups for p in g.probes if p.features.op == "linear"]
+    for p in linear:
+        want = "q8_0" if p.features.kind == "lm_head" else "q4_1"
+        assert qtypes[p.func] == want and p.args[1][0] == "quant" and p.args[1][2] == want
+        n, k = p.features.n, p.features.k
+        assert p.features.bytes == pytest.approx(
+            n * k * dtype_bytes(want) + 4 * (p.features.w * k + p.features.w * n * (
+                2 if p.features.kind in ("o", "down") else 1)))
+    assert qtypes["embed_q8_0"] == "q8_0"
+    assert str(built["attention_dense_w4"].params[1].dtype) == "float16"
+    chosen = [g for g in groups if g.desc.startswith(("linear qkv", "linear lm_head", "embed"))]
+    used = {p.func for g in chosen for p in g.probes}
+    lib = build_probe_library("cpu", {"kind": "llvm"}, {k: kernels[k] for k in used},
+                              progress=lambda s: None)
+    rows = measure_groups(detect_unit("cpu"), lib, chosen, opts, progress=lambda s: None)
+    assert len(rows) == sum(len(g.probes) for g in chosen) and all(r.seconds > 0 for r in rows)
+
+
+def test_tune_q4_1_plan_compiles_q4_1_only(tmp_path):
+    """`tune --dtype q4_1 --quick` on a Q4_1 file profiles, fits and plans under a q4_1 model
+    key; `compile --dtype q4_1 --plan` builds with its fitted cost models; a float32 compile
+    of that plan, an unknown --dtype and `tune --kernels --dtype q4_1` get one line, exit 2,
+    nothing written."""
+    from hetcomp.driver.tune import tune_command
+
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, TINY, random_weights(TINY, seed=7), byte_tokenizer_spec(TINY.vocab_size),
+               qtype="Q4_1")
+    lines = []
+    summary = tune_command(str(path), ["cpu"], str(tmp_path / "t"), quick=True,
+                           progress=lines.append, dtype="q4_1")
+    assert ":q4_1:" in summary["model"] and any("linear lm_head" in ln for ln in lines)
+    plan = str(tmp_path / "t" / "plan.json")
+    assert plan_choice(plan)["dtype"] == "q4_1"
+    rc, _, err = run_cli("compile", "--model", path, "--dtype", "q4_1", "--plan", plan,
+                         "--max-context", 64, "--quiet", "-o", tmp_path / "a")
+    assert rc == 0, err
+    m = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert m["dtype"] == "q4_1" and m["cost_models"]["cpu"].startswith("fitted")
+    linear = [k for k in m["kernels"] if k["rule"] == "cpu.QuantLinear"]
+    assert linear and all(k["predicted_us"] > 0 for k in linear)
+    rc, _, err = run_cli("compile", "--model", path, "--plan", plan, "-o", tmp_path / "b")
+    assert_one_line_error(rc, err, "tuned for --dtype q4_1")
+    rc, _, err = run_cli("tune", "--model", path, "--dtype", "q5_0", "-o", tmp_path / "c")
+    assert_one_line_error(rc, err, "unsupported dtype")
+    rc, _, err = run_cli("tune", "--kernels", "--dtype", "q4_1", "-o", tmp_path / "d")
+    assert_one_line_error(rc, err, "float32 linear kernels only")
+    assert not any((tmp_path / x).exists() for x in "bcd")
+    with pytest.raises(HetcompError, match="tuned for --dtype q4_1"):
+        CompileOptions(dtype="float16", plan_choice=plan_choice(plan))
