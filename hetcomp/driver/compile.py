@@ -28,13 +28,13 @@ from ..data import packaged_file
 from ..errors import HetcompError
 from ..frontend import load_model
 from ..frontend.export_info import source_info
+from ..frontend.lazy import parameter_count
 from ..frontend.llama import NUM_INPUTS, build_module, medusa_param_specs
 from ..frontend.tokenizer import TokenizerInfo
 from ..frontend.weights import (
     WEIGHT_DTYPES,
     check_quantizable,
     pack_weights,
-    parameter_count,
     param_from_recipe,
     param_specs,
 )

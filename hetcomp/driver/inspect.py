@@ -16,7 +16,7 @@ from ..cost.roofline import dtype_bytes
 from ..errors import HetcompError
 from ..frontend import MODELS, load_model, resolve_model
 from ..frontend.config import LlamaConfig, kv_cache_shapes
-from ..frontend.weights import parameter_count
+from ..frontend.lazy import parameter_count
 from ..plan import load_plan, plan_prediction
 from ..speculative.medusa import MedusaHeads
 

@@ -11,7 +11,7 @@ import numpy as np
 from ..errors import HetcompError
 from ..quant_format import BLOCK_BYTES, QuantMatrix
 from .config import LlamaConfig
-from .weights import Deferred, LazyWeights
+from .lazy import Deferred, LazyWeights
 
 SUPPORTED_ARCHS = ("llama", "qwen2")
 # Architectures whose Q/K rows llama.cpp's converter permutes (LlamaModel.modify_tensors);

@@ -39,7 +39,8 @@ def test_gguf_roundtrip(tmp_path, qtype):
 def test_gguf_weights_are_read_when_packed_and_name_their_source(tmp_path):
     """load_model reads no tensor until asked (a 1.5B model's float32 copy is 7 GB); packing
     reads each one and a quantized pack names the file's type of what it converted."""
-    from hetcomp.frontend.weights import LazyWeights, pack_weights, parameter_count
+    from hetcomp.frontend.lazy import LazyWeights, parameter_count
+    from hetcomp.frontend.weights import pack_weights
 
     w = random_weights(TINY, seed=5)
     write_gguf(tmp_path / "m.gguf", TINY, w, byte_tokenizer_spec(TINY.vocab_size), qtype="F16")
