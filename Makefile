@@ -6,6 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 ART    := artifacts/smollm2-host-float32-medusa
 ART16  := artifacts/smollm2-host-float16-medusa
 ART8   := artifacts/smollm2-host-q8_0-medusa
+ART4   := artifacts/smollm2-host-q4_1-medusa
 HEADS  := hetcomp/data/smollm2-medusa.npz
 # The demo speculates at the width compile chose (the planner on this machine's measured
 # roofline and the heads' statistics; `hetcomp inspect` says which). WIDTH is bench-peers'
@@ -80,15 +81,22 @@ $(ART16)/manifest.json: $(STAMP) $(HEADS) $(shell find hetcomp -name '*.py')
 $(ART8)/manifest.json: $(STAMP) $(HEADS) $(shell find hetcomp -name '*.py')
 	$(VENV)/bin/hetcomp compile --model smollm2 --dtype q8_0 --heads $(HEADS) --force -o $(ART8)
 
-bench-peers: $(ART)/manifest.json $(ART16)/manifest.json $(ART8)/manifest.json
+# The q4_1 artifact keeps the packaged file's Q4_1 blocks byte for byte (llama.cpp's Q4_1 run).
+$(ART4)/manifest.json: $(STAMP) $(HEADS) $(shell find hetcomp -name '*.py')
+	$(VENV)/bin/hetcomp compile --model smollm2 --dtype q4_1 --heads $(HEADS) --force -o $(ART4)
+
+PACKAGED = $$($(PY) -c "from hetcomp.frontend import default_gguf_path as p; print(p())")
+
+bench-peers: $(ART)/manifest.json $(ART16)/manifest.json $(ART8)/manifest.json $(ART4)/manifest.json
 	$(PY) -m pip install -q llama-cpp-python || echo "llama-cpp-python unavailable: skipped"
 	$(PY) benchmarks/make_peer_ggufs.py build/peers
-	$(PY) benchmarks/bench_peers.py --artifact $(ART) $(ART16) $(ART8) --width $(WIDTH) 2 2 \
+	$(PY) benchmarks/bench_peers.py --artifact $(ART) $(ART16) $(ART8) $(ART4) \
+	  --width $(WIDTH) 2 2 2 --prompts heldout \
 	  --llama-gguf build/peers/smollm2-f32.gguf build/peers/smollm2-f16.gguf \
 	  build/peers/smollm2-q8_0.gguf
-	$(PY) benchmarks/bench_pp_tg.py --artifact $(ART) $(ART16) $(ART8) \
+	$(PY) benchmarks/bench_pp_tg.py --artifact $(ART) $(ART16) $(ART8) $(ART4) \
 	  --gguf build/peers/smollm2-f32.gguf build/peers/smollm2-f16.gguf \
-	  build/peers/smollm2-q8_0.gguf
-	$(PY) benchmarks/bench_memory.py --artifact $(ART16) $(ART) $(ART8) \
+	  build/peers/smollm2-q8_0.gguf $(PACKAGED)
+	$(PY) benchmarks/bench_memory.py --artifact $(ART16) $(ART) $(ART8) $(ART4) \
 	  --gguf build/peers/smollm2-f16.gguf build/peers/smollm2-f32.gguf \
-	  build/peers/smollm2-q8_0.gguf
+	  build/peers/smollm2-q8_0.gguf $(PACKAGED)

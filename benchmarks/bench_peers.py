@@ -1,9 +1,13 @@
 """hetcomp against peers on the same model and prompts: llama.cpp and PyTorch eager.
 
-``make bench-peers`` (optional, not in CI). Peers that are not installed are skipped and
-reported as such: llama.cpp through ``llama-cpp-python`` (F32, F16, Q8_0 and Q4_1 GGUF), PyTorch
-eager through transformers' GGUF loader (fp32). Every decoder runs 2 threads, greedy,
-``--new-tokens`` tokens per prompt; one table (JSON + markdown) is printed and written.
+``make bench-peers`` (optional, not in CI). Like with like: every decoder gets the same prompt
+token ids (the first artifact's tokenizer, chat template applied), decodes ``--new-tokens``
+greedy tokens with EOS ignored, 2 threads, and only decoding is timed (the prompt's prefill
+and the first token it yields are not). Decoders are interleaved: every round runs each prompt
+on every decoder in turn, so a slow phase of this shared machine lands on all of them alike.
+Peers that are not installed are skipped and reported as such: llama.cpp through
+``llama-cpp-python`` (the packaged Q4_1 GGUF and any ``--llama-gguf``), PyTorch eager through
+transformers' GGUF loader (fp32). One table (JSON + markdown) is printed and written.
 """
 
 from __future__ import annotations
@@ -15,54 +19,64 @@ import sys
 import tempfile
 import time
 
-
-def bench_hetcomp(art_dir: str, prompts: list[str], new_tokens: int, width: int,
-                  lookup: int) -> float:
-    from hetcomp.driver.bench import bench_widths
-    from hetcomp.runtime import load_artifact
-
-    return bench_widths(load_artifact(art_dir), [width], new_tokens, lookup,
-                         prompts)[0]["tokens_per_s"]
+import numpy as np
 
 
-def bench_llama_cpp(gguf: str, prompts: list[str], new_tokens: int) -> float | None:
+def hetcomp_decoder(art, width: int, lookup: int):
+    """``run(ids, n) -> (decoded tokens, decode seconds)`` for a loaded artifact."""
+    from hetcomp.runtime import generate
+
+    def run(ids, n):
+        res = generate(art, ids, max_new_tokens=n, stop_at_eos=False, width=width,
+                       lookup=lookup)
+        return len(res.ids) - 1, res.decode_s
+
+    return run
+
+
+def llama_cpp_decoder(gguf: str):
     try:
         from llama_cpp import Llama
     except ImportError:
         return None
-    llm = Llama(model_path=gguf, n_threads=2, n_ctx=2048, verbose=False)
-    made = secs = 0.0
-    for p in prompts:
-        msgs = [{"role": "user", "content": p}]
-        t = time.perf_counter()
-        out = llm.create_chat_completion(msgs, max_tokens=new_tokens, temperature=0.0)
-        secs += time.perf_counter() - t
-        made += out["usage"]["completion_tokens"]
-    return made / secs
+    llm = Llama(model_path=gguf, n_threads=2, n_threads_batch=2, n_ctx=2048, verbose=False)
+
+    def run(ids, n):
+        llm.reset()
+        llm.eval(ids)  # prefill, not timed
+        secs = 0.0
+        for _ in range(n - 1):
+            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            t0 = time.perf_counter()
+            llm.eval([nxt])
+            secs += time.perf_counter() - t0
+        return n - 1, secs
+
+    return run
 
 
-def bench_torch(gguf: str, prompts: list[str], new_tokens: int) -> float | None:
+def torch_decoder(gguf: str):
     try:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
     except ImportError:
         return None
     torch.set_num_threads(2)
     folder, name = os.path.dirname(gguf), os.path.basename(gguf)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype="float32").eval()
-    made = secs = 0.0
-    for p in prompts:
-        ids = tok.apply_chat_template([{"role": "user", "content": p}],
-                                      add_generation_prompt=True, return_tensors="pt")
-        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-        with torch.no_grad():
-            t = time.perf_counter()
-            out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                 do_sample=False)
-            secs += time.perf_counter() - t
-        made += out.shape[1] - ids.shape[1]
-    return made / secs
+
+    def run(ids, n):
+        with torch.inference_mode():
+            out = model(torch.tensor([ids]), use_cache=True)  # prefill, not timed
+            secs = 0.0
+            for _ in range(n - 1):
+                nxt = out.logits[:, -1:].argmax(-1)
+                t0 = time.perf_counter()
+                out = model(nxt, past_key_values=out.past_key_values, use_cache=True)
+                secs += time.perf_counter() - t0
+        return n - 1, secs
+
+    return run
 
 
 def main() -> int:
@@ -74,41 +88,61 @@ def main() -> int:
     ap.add_argument("--lookup", type=int, default=None,
                     help="n-gram draft tokens (default: hetcomp's auto_lookup(width))")
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "bench_peers.json"))
     ap.add_argument("--prompts", choices=("bench", "heldout"), default="bench",
                     help="every decoder's prompts: hetcomp bench's 3, or the 8 first held-out "
                          "prompts of the first artifact's heads")
+    ap.add_argument("--model-gguf", help="the GGUF llama.cpp and PyTorch run as given "
+                                         "(default: the packaged SmolLM2 Q4_1)")
     ap.add_argument("--llama-gguf", nargs="*", default=[],
                     help="more GGUFs for llama.cpp (e.g. F32/F16 from make_peer_ggufs.py)")
+    ap.add_argument("--no-torch", action="store_true", help="leave PyTorch eager out")
     args = ap.parse_args()
     widths = args.width * len(args.artifact) if len(args.width) == 1 else args.width
     if len(widths) != len(args.artifact):
         ap.error("give one --width, or one per artifact")
+    os.environ.setdefault("TVM_NUM_THREADS", "2")
     from hetcomp.driver.bench import bench_prompts
     from hetcomp.frontend import default_gguf_path
+    from hetcomp.runtime import load_artifact
     from hetcomp.runtime.generate import auto_lookup
 
-    os.environ.setdefault("TVM_NUM_THREADS", "2")
-    gguf = default_gguf_path()
-    manifests = []
-    for art in args.artifact:
-        with open(os.path.join(art, "manifest.json")) as fh:
-            manifests.append(json.load(fh))
-    prompts = bench_prompts(manifests[0], args.prompts)  # the same for every decoder
-    rows = {}
-    for art, manifest, width in zip(args.artifact, manifests, widths, strict=True):
-        dtype = manifest["dtype"]
+    gguf = args.model_gguf or default_gguf_path()
+    arts = [load_artifact(a) for a in args.artifact]
+    tok = arts[0].tokenizer
+    prompts = [tok.encode(p, chat=tok.chat_template is not None)
+               for p in bench_prompts(arts[0].manifest, args.prompts)]
+    decoders = {}
+    for art, width in zip(arts, widths, strict=True):
+        dtype = art.manifest["dtype"]
         lookup = auto_lookup(width) if args.lookup is None else args.lookup
-        rows[f"hetcomp sequential ({dtype})"] = bench_hetcomp(art, prompts, args.new_tokens, 1, 0)
-        rows[f"hetcomp speculative ({dtype}, W={width})"] = bench_hetcomp(
-            art, prompts, args.new_tokens, width, lookup)
-    rows["llama.cpp Q4_1 (packaged GGUF)"] = bench_llama_cpp(gguf, prompts, args.new_tokens)
-    for extra in args.llama_gguf:
-        rows[f"llama.cpp {os.path.basename(extra)}"] = bench_llama_cpp(extra, prompts,
-                                                                       args.new_tokens)
-    rows["PyTorch eager fp32"] = bench_torch(gguf, prompts, args.new_tokens)
+        decoders[f"hetcomp sequential ({dtype})"] = hetcomp_decoder(art, 1, 0)
+        decoders[f"hetcomp speculative ({dtype}, W={width})"] = hetcomp_decoder(
+            art, width, lookup)
+    for path in [gguf, *args.llama_gguf]:
+        decoders[f"llama.cpp {os.path.basename(path)}"] = llama_cpp_decoder(path)
+    if not args.no_torch:
+        decoders["PyTorch eager fp32"] = torch_decoder(gguf)
+    live = {k: run for k, run in decoders.items() if run is not None}
+    for run in live.values():
+        run(prompts[0][:16], 4)  # warm-up
+    made = dict.fromkeys(live, 0)
+    secs = dict.fromkeys(live, 0.0)
+    for r in range(args.rounds):
+        for i, ids in enumerate(prompts):
+            for name, run in live.items():
+                n, s = run(ids, args.new_tokens)
+                made[name] += n
+                secs[name] += s
+            print(f"round {r + 1}/{args.rounds}: prompt {i + 1}/{len(prompts)} done",
+                  file=sys.stderr, flush=True)
+    rows = {k: (made[k] / secs[k] if k in live else None) for k in decoders}
     with open(args.out, "w") as fh:
-        json.dump(rows, fh, indent=1)
+        json.dump({"prompts": args.prompts, "new_tokens": args.new_tokens,
+                   "rounds": args.rounds, "tokens_per_s": rows}, fh, indent=1)
+    print(f"decode only, {args.new_tokens} tokens, EOS ignored, same ids, {len(prompts)} "
+          f"prompts x {args.rounds} rounds, interleaved")
     print("| decoder | tokens/s |\n|---|---|")
     for name, tps in rows.items():
         print(f"| {name} | {'not installed' if tps is None else f'{tps:.1f}'} |")
