@@ -226,6 +226,7 @@ def read_tokenizer_spec(reader) -> dict:
         "merges": list(_field(reader, "tokenizer.ggml.merges", [])),
         "token_type": [int(x) for x in _field(reader, "tokenizer.ggml.token_type", [])],
         "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "unk_token_id": _field(reader, "tokenizer.ggml.unknown_token_id"),
         # llama.cpp ends generation on end-of-turn and end-of-message tokens too.
         "eos_token_ids": list(dict.fromkeys(
             [int(i) for i in (_field(reader, f"tokenizer.ggml.{k}_token_id")

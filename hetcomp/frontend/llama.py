@@ -35,7 +35,7 @@ from __future__ import annotations
 import functools
 
 from .._tvm import compiler
-from ..decoder import FUSED_WIDTHS
+from ..decoder import ACTIVATION_KERNELS, FUSED_WIDTHS, residual_linears
 from ..kernels import ops, quant, script_ops, sparse_attention
 from .config import LlamaConfig, kv_cache_shapes
 from .weights import head_dtype, param_specs, weight_spec
@@ -136,12 +136,12 @@ def _forward(bb, kern: _Kernels, cfg: LlamaConfig, inputs, params: dict, last_on
     norm_gv = kern.get("rms_norm", ops.rms_norm, e, cfg.norm_eps)
     rope_gv = kern.get("rope_kv", functools.partial(script_ops.rope_kv, kv_dtype=kern.kv_dtype),
                        hq, cfg.num_kv_heads, d, cfg.num_layers, cfg.max_context, sized=False)
-    act_name = {"silu": "silu_mul", "gelu_tanh": "gelu_mul"}[cfg.activation]
-    act_gv = kern.get(act_name, ops.ACTIVATIONS[cfg.activation], f)
+    act_gv = kern.get(ACTIVATION_KERNELS[cfg.activation], ops.ACTIVATIONS[cfg.activation], f)
     # Gemma: the attention and MLP outputs are normed before they join the residual, so those
     # linears add no residual and a residual norm (norm(y) + x) follows each.
+    residual = residual_linears(cfg.post_norms)
     post_gv = (kern.get("rms_norm_res", functools.partial(ops.rms_norm, residual=True), e,
-                        cfg.norm_eps) if cfg.post_norms else None)
+                        cfg.norm_eps) if "o" not in residual else None)
     x = call(kern.embed(), [tokens, params["embed"]], (w, e))
     tables = {}  # one RoPE table per base (Gemma 3: local and global layers differ)
     for theta in dict.fromkeys(cfg.layer_rope_theta(i) for i in range(cfg.num_layers)):
