@@ -62,14 +62,17 @@ _KNOWN_KEYS = {
     "attention.head_count", "attention.head_count_kv", "attention.layer_norm_rms_epsilon",
     "attention.key_length", "attention.value_length", "rope.freq_base", "rope.dimension_count",
     "rope.scaling.type", "rope.scaling.factor", "rope.scaling.original_context_length",
-    "rope.scaling.finetuned", "expert_count", "expert_used_count", "attention.sliding_window",
+    "rope.scaling.finetuned", "expert_count", "expert_used_count",
 }
+# ...and those an architecture adds (elsewhere they would change the model unread).
+_ARCH_KEYS = {"gemma3": {"attention.sliding_window"}}
 
 
 def _check_supported(reader, arch: str) -> None:
     """Refuse metadata that changes the model in a way hetcomp does not implement."""
     for key in reader.fields:
-        if key.startswith(arch + ".") and key[len(arch) + 1:] not in _KNOWN_KEYS:
+        if key.startswith(arch + ".") and key[len(arch) + 1:] not in (
+                _KNOWN_KEYS | _ARCH_KEYS.get(arch, set())):
             raise HetcompError(f"unsupported GGUF metadata key {key} (hetcomp does not "
                                "implement what it changes)")
     scaling = _field(reader, f"{arch}.rope.scaling.type", "none")

@@ -99,3 +99,15 @@ def test_greedy_with_and_without_speculation_matches_numpy(gemma3_artifact, gemm
     assert generate(gemma3_artifact, prompt, 16, stop_at_eos=False).ids == expected
     res = generate(gemma3_artifact, prompt, 16, stop_at_eos=False, width=4, lookup=3)
     assert res.ids == expected
+
+
+def test_cuda_artifact_compiles_without_a_gpu(tmp_path, gemma3_gguf):
+    """--target cuda: the q/k norm script kernel has a GPU body, the windowed attention and
+    the residual norm get GPU schedules like their plain versions."""
+    path, _ = gemma3_gguf
+    compile_model(CompileOptions(model=str(path), target="cuda", max_context=CFG.max_context),
+                  str(tmp_path / "g"), quiet=True)
+    lib = (tmp_path / "g" / "lib.so").read_bytes()
+    for name in (b"qk_norm", b"attention_win8", b"rms_norm_res", b"gelu_mul"):
+        assert name in lib, name
+    assert lib.count(b"__global__") > 10
