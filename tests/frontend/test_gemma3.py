@@ -12,9 +12,12 @@ import pytest
 from hetcomp.driver.compile import CompileOptions, compile_model
 from hetcomp.frontend import load_model
 from hetcomp.frontend.weights import random_weights
+from hetcomp.hardware import target_dict
+from hetcomp.plan import HeteroPlan
 from hetcomp.runtime import generate, load_artifact
 from hetcomp.speculative.medusa import MedusaHeads
-from hetcomp.testing import TINY_GEMMA3, byte_tokenizer_spec, depths, tree_mask
+from hetcomp.testing import (TINY_GEMMA3, assert_matches_reference, byte_tokenizer_spec, depths,
+                             tree_mask)
 from hetcomp.testing import numpy_llama as ref
 from hetcomp.testing.gguf_writer import write_gguf
 
@@ -99,6 +102,24 @@ def test_greedy_with_and_without_speculation_matches_numpy(gemma3_artifact, gemm
     assert generate(gemma3_artifact, prompt, 16, stop_at_eos=False).ids == expected
     res = generate(gemma3_artifact, prompt, 16, stop_at_eos=False, width=4, lookup=3)
     assert res.ids == expected
+
+
+def test_partitioned_build_matches_unpartitioned(tmp_path, gemma3_gguf):
+    """Column-split o/down linears (no residual of their own here) and the windowed attention
+    kernels (their positions moved with them) on a second unit compute the same."""
+    path, _ = gemma3_gguf
+    host = target_dict("host")
+    loaded = load_model(str(path), max_context=CFG.max_context)
+    compile_model(CompileOptions(model="gemma3-tiny"), str(tmp_path / "ref"), quiet=True,
+                  weights=loaded)
+    plan = HeteroPlan(units=("cpu", "cpu:1"), targets=(host, host),
+                      ratios=(("default", 0.5), ("down", 0.25)), dense_attention=1,
+                      sparse_attention=0)
+    compile_model(CompileOptions(model="gemma3-tiny", plan=plan), str(tmp_path / "a"),
+                  quiet=True, weights=loaded)
+    art = load_artifact(str(tmp_path / "a"))
+    assert len(art.devices) == 2
+    assert_matches_reference(art, load_artifact(str(tmp_path / "ref")), PROMPT[:12])
 
 
 def test_cuda_artifact_compiles_without_a_gpu(tmp_path, gemma3_gguf):
