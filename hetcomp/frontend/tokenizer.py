@@ -1,4 +1,5 @@
-"""A byte-level BPE tokenizer built from a GGUF file's own vocabulary and merges.
+"""A tokenizer built from a GGUF file's own vocabulary: byte-level BPE from its merges
+(``tokenizer.ggml.model = gpt2``), or SentencePiece BPE from its scores (``llama``: Gemma).
 
 The result is a HuggingFace ``tokenizers`` object, serialised into the artifact as
 ``tokenizer.json``, so the runtime needs neither the GGUF file nor this module.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import json
 
 import jinja2
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from ..errors import HetcompError
 
@@ -22,10 +23,54 @@ _QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
 _REGEXES = {"qwen2": _QWEN2_REGEX, "deepseek-r1-qwen": _QWEN2_REGEX}
 _SPLIT_DIGITS = {"smollm", "starcoder", "refact", "codeshell", "exaone", "minerva", "command-r"}
 _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4
+_SPACE = "\u2581"  # SentencePiece's visible space
+
+
+def _spm_merges(tokens: list[str], vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """Every split of a piece into two pieces, best piece first: the BPE merge list under which
+    the ``tokenizers`` BPE model merges as llama.cpp's ``llm_tokenizer_spm`` does (the adjacent
+    pair whose concatenation is the best-scoring piece, repeatedly).
+
+    Pieces rank by their place in the file, which for Gemma's ordinary pieces is their score
+    order (strictly decreasing); its control and user-defined pieces (score -1000) sit first
+    but are matched whole before BPE runs. Splits of one piece: longer left part first (as
+    transformers' ``generate_merges``, whose tokenizer the tests compare with)."""
+    merges = []
+    for rank, piece in enumerate(tokens):
+        local = [(piece[:k], piece[k:]) for k in range(len(piece) - 1, 0, -1)
+                 if piece[:k] in vocab and piece[k:] in vocab]
+        merges += [(rank, -len(a), -len(b), a, b) for a, b in local]
+    merges.sort()
+    return [(a, b) for *_, a, b in merges]
+
+
+def _build_spm(spec: dict):
+    """SentencePiece BPE with byte fallback (``<0xNN>`` pieces) and no space prefix, spaces
+    written ``\u2581``; control pieces are special tokens, user-defined ones (Gemma's
+    ``\n`` runs, HTML tags) are matched whole but decoded as text."""
+    # Gemma's GGUF spells its whitespace-run pieces with real spaces, which text never reaches
+    # (the normalizer turns spaces into U+2581): look them up as U+2581 runs.
+    tokens = [_SPACE * len(t) if " " in t and not t.strip() else t for t in spec["tokens"]]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    unk = tokens[spec["unk_token_id"]] if spec.get("unk_token_id") is not None else None
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=_spm_merges(tokens, vocab), fuse_unk=True,
+                               unk_token=unk, byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", _SPACE)
+    tok.decoder = decoders.Sequence([decoders.Replace(_SPACE, " "), decoders.ByteFallback(),
+                                     decoders.Fuse()])
+    types = spec.get("token_type") or []
+    tok.add_special_tokens([AddedToken(spec["tokens"][i], special=True, normalized=False)
+                            for i, t in enumerate(types) if t == _TOKEN_CONTROL])
+    tok.add_tokens([AddedToken(spec["tokens"][i], special=False, normalized=False)
+                    for i, t in enumerate(types)
+                    if t == _TOKEN_USER_DEFINED and spec["tokens"][i] in vocab])
+    return tok
 
 
 def build_tokenizer(spec: dict):
     """Build a ``tokenizers.Tokenizer`` equal to the model's reference tokenizer."""
+    if spec.get("model") == "llama":
+        return _build_spm(spec)
     tokens = spec["tokens"]
     vocab = {t: i for i, t in enumerate(tokens)}
     merges = [tuple(m.split(" ", 1)) for m in spec["merges"]]

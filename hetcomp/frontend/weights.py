@@ -3,7 +3,8 @@
 Loaders produce float32 ``[out, in]`` matrices named like HF checkpoints, flattened:
 ``embed``, ``norm``, ``lm_head`` (untied models only) and per layer ``layers.{i}.`` +
 ``attn_norm, wq, wk, wv, wo, ffn_norm, w_gate, w_up, w_down`` (+ ``bq, bk, bv`` with
-``cfg.qkv_bias``; packed as one float32 ``bqkv``); a GGUF loaded for a quantized
+``cfg.qkv_bias``; packed as one float32 ``bqkv``; + ``q_norm, k_norm`` with ``cfg.qk_norm`` and
+``post_attn_norm, post_ffn_norm`` with ``cfg.post_norms``, Gemma 3); a GGUF loaded for a quantized
 compile gives its q4_0/q4_1/q8_0 matrices as :class:`~hetcomp.kernels.quant.QuantMatrix`.
 
 Weight dtypes: ``float32``, ``float16`` and the GGUF block formats ``q4_0``, ``q4_1``,
@@ -65,14 +66,19 @@ def param_specs(cfg: LlamaConfig, wdtype: str) -> list[tuple[str, tuple[int, ...
     specs = [packed("embed", cfg.vocab_size, e)]
     for i in range(cfg.num_layers):
         p = f"layers.{i}."
+        d = cfg.head_dim
         specs += [
             (p + "attn_norm", (e,), "float32"),
+            *([(p + "q_norm", (d,), "float32"), (p + "k_norm", (d,), "float32")]
+              if cfg.qk_norm else []),
             packed(p + "wqkv", cfg.qkv_size, e),
             *([(p + "bqkv", (cfg.qkv_size,), "float32")] if cfg.qkv_bias else []),
             packed(p + "wo", e, hd),
+            *([(p + "post_attn_norm", (e,), "float32")] if cfg.post_norms else []),
             (p + "ffn_norm", (e,), "float32"),
             packed(p + "w_gate_up", 2 * f, e),
             packed(p + "w_down", e, f),
+            *([(p + "post_ffn_norm", (e,), "float32")] if cfg.post_norms else []),
         ]
     specs.append(("norm", (e,), "float32"))
     if not cfg.tie_embeddings:
@@ -128,6 +134,9 @@ def pack_weights(cfg: LlamaConfig, w: dict, wdtype: str, report: dict | None = N
         p = f"layers.{i}."
         out[p + "attn_norm"] = _as_float(w[p + "attn_norm"]).astype("float32")
         out[p + "ffn_norm"] = _as_float(w[p + "ffn_norm"]).astype("float32")
+        for name in (("q_norm", "k_norm") if cfg.qk_norm else ()) + (
+                ("post_attn_norm", "post_ffn_norm") if cfg.post_norms else ()):
+            out[p + name] = _as_float(w[p + name]).astype("float32")
         out[p + "wqkv"] = pack([p + "wq", p + "wk", p + "wv"], wdtype)
         if cfg.qkv_bias:
             out[p + "bqkv"] = np.concatenate([_as_float(w[p + b]) for b in ("bq", "bk", "bv")]
@@ -204,6 +213,10 @@ def random_weights(cfg: LlamaConfig, seed: int = 0, scale: float = 0.08) -> dict
             p + "wv": m(cfg.num_kv_heads * d, e), p + "wo": m(e, cfg.num_heads * d),
             p + "w_gate": m(f, e), p + "w_up": m(f, e), p + "w_down": m(e, f),
         })
+        if cfg.qk_norm:
+            w.update({p + "q_norm": 1 + m(d) * 5, p + "k_norm": 1 + m(d) * 5})
+        if cfg.post_norms:
+            w.update({p + "post_attn_norm": 1 + m(e) * 5, p + "post_ffn_norm": 1 + m(e) * 5})
         if cfg.qkv_bias:  # large, as Qwen2's K biases are, so that a dropped bias shows
             w.update({p + "bq": m(cfg.num_heads * d) * 10, p + "bk": m(cfg.num_kv_heads * d) * 10,
                       p + "bv": m(cfg.num_kv_heads * d) * 10})

@@ -114,8 +114,9 @@ def linear(n: int, k: int, wdtype: str, residual: bool = False, rows: int | None
                    residual=int(residual))
 
 
-def embed(vocab: int, hidden: int, wdtype: str, rows: int | None = None):
-    """Rows of the packed (tied) embedding table for ``tokens[w]``."""
+def embed(vocab: int, hidden: int, wdtype: str, rows: int | None = None, scale: float = 1.0):
+    """Rows of the packed (tied) embedding table for ``tokens[w]``, times ``scale`` (Gemma:
+    ``sqrt(hidden)``, applied in float32 as transformers does for a float32 table)."""
     c = compiler()
     te, b = c.te, pack_block(vocab)
     w = _rows(rows)
@@ -123,13 +124,20 @@ def embed(vocab: int, hidden: int, wdtype: str, rows: int | None = None):
     table = te.placeholder((vocab // b, hidden, b), wdtype, name="table")
     out = te.compute(
         (w, hidden),
-        lambda i, e: table[tokens[i] // b, e, tokens[i] % b].astype("float32"),
+        lambda i, e: scaled(table[tokens[i] // b, e, tokens[i] % b].astype("float32"), scale),
         name="embed",
     )
     return _finish(te.create_prim_func([tokens, table, out], index_dtype_override="int64"), "embed")
 
 
-def rms_norm(hidden: int, eps: float, rows: int | None = None):
+def scaled(x, scale: float):
+    """``x * scale`` in float32, or ``x`` itself for a scale of 1."""
+    return x if scale == 1.0 else x * compiler().tir.const(scale, "float32")
+
+
+def rms_norm(hidden: int, eps: float, rows: int | None = None, residual: bool = False):
+    """``x / rms(x) * gamma`` per row; ``residual``: ``+ r`` (Gemma's post-norms, whose output
+    joins the residual stream), in the same ``norm`` block."""
     c = compiler()
     te, tir = c.te, c.tir
     w = _rows(rows)
@@ -140,6 +148,11 @@ def rms_norm(hidden: int, eps: float, rows: int | None = None):
     scale = te.compute(
         (w,), lambda i: tir.rsqrt(ss[i] / float(hidden) + tir.const(eps, "float32")), name="rstd"
     )
+    if residual:
+        r = te.placeholder((w, hidden), "float32", name="residual")
+        y = te.compute((w, hidden), lambda i, e: r[i, e] + x[i, e] * scale[i] * g[e], name="norm")
+        return _finish(te.create_prim_func([x, g, r, y], index_dtype_override="int64"),
+                       "rms_norm", residual=1)
     y = te.compute((w, hidden), lambda i, e: x[i, e] * scale[i] * g[e], name="norm")
     return _finish(te.create_prim_func([x, g, y], index_dtype_override="int64"), "rms_norm")
 
@@ -156,6 +169,28 @@ def silu_mul(inter: int, rows: int | None = None):
         name="silu_mul",
     )
     return _finish(te.create_prim_func([gu, y], index_dtype_override="int64"), "elementwise")
+
+
+def gelu_mul(inter: int, rows: int | None = None):
+    """``gelu_tanh(gate) * up`` (GeGLU, Gemma) where the gate_up linear wrote ``[gate | up]``.
+
+    ``0.5 x (1 + tanh(u)) = x * sigmoid(2u)``, ``u = sqrt(2 / pi) (x + 0.044715 x^3)``: one
+    :func:`fast_exp` and no cancellation near 0 (``1 - 2 / (1 + exp(2u))`` would have)."""
+    c = compiler()
+    te, tir = c.te, c.tir
+    w = _rows(rows)
+    gu = te.placeholder((w, 2 * inter), "float32", name="gate_up")
+    k0, k1 = tir.const(-2.0 * math.sqrt(2.0 / math.pi), "float32"), tir.const(0.044715, "float32")
+
+    def gelu(x):
+        return x / (tir.const(1.0, "float32") + fast_exp(k0 * (x + k1 * x * x * x)))
+
+    y = te.compute((w, inter), lambda i, j: gelu(gu[i, j]) * gu[i, j + inter], name="gelu_mul")
+    return _finish(te.create_prim_func([gu, y], index_dtype_override="int64"), "elementwise")
+
+
+#: The activation kernel of each ``LlamaConfig.activation``.
+ACTIVATIONS = {"silu": silu_mul, "gelu_tanh": gelu_mul}
 
 
 def rope_table(head_dim: int, theta: float, rows: int | None = None):
@@ -246,7 +281,8 @@ def key_tile(context: int) -> int:
 
 
 def attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, context: int,
-              rows: int | None = None, part: str = "full", kv_dtype: str = "float32"):
+              rows: int | None = None, part: str = "full", kv_dtype: str = "float32",
+              window: int = 0):
     """Attention of the tree queries ``q[H, w, D]`` over the KV cache.
 
     ``part="full"``: over the committed cache ``[0, n)`` plus the tree, whose own K/V sit in
@@ -259,6 +295,11 @@ def attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, con
     (0 for an empty cache) with its log-sum-exp in the last column (``-inf`` for an empty
     cache), which :func:`attention_merge` combines with the sparse part's
     (:func:`hetcomp.kernels.sparse_attention.sparse_tree_attention`).
+
+    ``window = S > 0`` (a sliding-window layer, Gemma 3): the kernel takes the rows'
+    ``positions[w]`` after the mask (``part="dense"``: after the caches), and row i sees key
+    j only where ``positions[i] - pos(j) < S``; a committed key's position is its slot, a
+    tree key's ``positions[j - n]``. So a row past ``S`` keys drops the oldest ones exactly.
 
     ``kv_dtype``: the caches' element type (``float16`` halves the bytes the dense part
     streams); each K and V element is widened to float32 as it is read, and everything is
@@ -286,13 +327,27 @@ def attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, con
     keys = (total + (tile - 1)) // tile * tile
     scale = tir.const(1.0 / math.sqrt(d), "float32")
     zero, neg_inf = tir.const(0.0, "float32"), tir.const(-float("inf"), "float32")
+    pos = te.placeholder((w,), "int32", name="positions") if window else None
+
+    def near(i, key_pos):  # key_pos (int64) inside row i's window
+        if not window:
+            return tir.const(True, "bool")
+        return pos[i].astype("int64") - key_pos < tir.const(window, "int64")
+
     if dense:
-        bias = te.compute((w, keys), lambda i, j: tir.Select(j < n, zero, neg_inf), name="bias")
+        bias = te.compute((w, keys), lambda i, j: tir.Select(
+            tir.all(j < n, near(i, j)), zero, neg_inf), name="bias")
     else:
+        def tree_key(i, j):
+            t = tir.min(j - n, w - 1)
+            return tir.all(mask[i, t] != 0, near(i, pos[t].astype("int64") if window else j))
+
         bias = te.compute((w, keys), lambda i, j: tir.if_then_else(
-            j < n, zero, tir.if_then_else(
-                j < total, tir.Select(mask[i, tir.min(j - n, w - 1)] != 0, zero, neg_inf),
+            j < n, tir.Select(near(i, j), zero, neg_inf), tir.if_then_else(
+                j < total, tir.Select(tree_key(i, j), zero, neg_inf),
                 neg_inf)), name="bias")
+    extra = [pos] if window else []
+    win = {"window": window} if window else {}
     rd = te.reduce_axis((0, d), name="d")
     s = te.compute(
         (hq, w, keys),
@@ -319,17 +374,20 @@ def attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, con
     )
     if not dense:
         out = te.compute((w, hq, d), lambda i, h, dd: o[i, h, dd] / z[h, i], name="attn_out")
-        func = te.create_prim_func([q, kt, vc, mask, layer, n, out], index_dtype_override="int64")
-        return _finish(func, "attention", attn_cfg=[hq, g, d, layers, context], key_tile=tile)
+        func = te.create_prim_func([q, kt, vc, mask, *extra, layer, n, out],
+                                   index_dtype_override="int64")
+        return _finish(func, "attention", attn_cfg=[hq, g, d, layers, context], key_tile=tile,
+                       **win)
     # One output holds both results (a partial, :func:`attention_merge`): the schedule computes
     # everything inside one (head, row tile) task, and TVM's compute_at cannot place stages
     # shared by two output blocks there.
     part_out = te.compute((w, hq, d + 1), lambda i, h, dd: tir.Select(
         dd < d, tir.Select(z[h, i] > zero, o[i, h, tir.min(dd, d - 1)] / z[h, i], zero),
         tir.Select(z[h, i] > zero, m[h, i] + tir.log(z[h, i]), neg_inf)), name="attn_out")
-    func = te.create_prim_func([q, kt, vc, layer, n, part_out], index_dtype_override="int64")
+    func = te.create_prim_func([q, kt, vc, *extra, layer, n, part_out],
+                               index_dtype_override="int64")
     return _finish(func, "attention", attn_cfg=[hq, g, d, layers, context], key_tile=tile,
-                   part="dense")
+                   part="dense", **win)
 
 
 def medusa_act(hidden: int, rows: int | None = None):

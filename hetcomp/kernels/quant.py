@@ -14,7 +14,7 @@ from ..quant_format import (  # noqa: F401  re-exported: the kernels' layout
     quant_packed_shape,
     unpack_quant_weight,
 )
-from .ops import _finish, _rows, pack_block
+from .ops import _finish, _rows, pack_block, scaled
 
 _QUANTS_AT = {"q4_0": 2, "q4_1": 4, "q8_0": 2}
 
@@ -117,8 +117,10 @@ def linear_quant(n: int, k: int, qtype: str, residual: bool = False, rows: int |
     return _finish(func, "linear", n=n, k=k, block=b, residual=int(residual), qtype=qtype)
 
 
-def embed_quant(vocab: int, hidden: int, qtype: str, rows: int | None = None):
-    """Rows of the (tied) embedding table in ``qtype`` blocks for ``tokens[w]``."""
+def embed_quant(vocab: int, hidden: int, qtype: str, rows: int | None = None,
+                scale: float = 1.0):
+    """Rows of the (tied) embedding table in ``qtype`` blocks for ``tokens[w]``, times
+    ``scale`` (:func:`hetcomp.kernels.ops.embed`)."""
     c = compiler()
     te, b = c.te, pack_block(vocab)
     w = _rows(rows)
@@ -130,7 +132,7 @@ def embed_quant(vocab: int, hidden: int, qtype: str, rows: int | None = None):
         j = tokens[i].astype("int64")
         kb = e // QK
         mn = half(j // b, kb, 2, j % b) if qtype == "q4_1" else None
-        return weight(j, e, half(j // b, kb, 0, j % b), mn)
+        return scaled(weight(j, e, half(j // b, kb, 0, j % b), mn), scale)
 
     out = te.compute((w, hidden), row, name="embed")
     func = te.create_prim_func([tokens, table, out], index_dtype_override="int64")

@@ -1,4 +1,5 @@
-"""Kernels that update the KV cache in place, written in TVMScript (TE cannot mutate inputs).
+"""Kernels that update the KV cache in place, written in TVMScript (TE cannot mutate inputs),
+and Gemma's per-head q/k norm (:func:`qk_norm`, scheduled as written like them).
 
 They are called with ``R.call_tir_inplace``; both are already scheduled and marked so that
 no schedule rule touches them (``hetcomp.rule`` = ``script.<kind>``): one loop nest, whose outer two loops are a parallel loop and a
@@ -94,6 +95,61 @@ def rope_kv(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, conte
         {"args": [num_heads, num_kv_heads, head_dim, layers, context], "kv_dtype": kv_dtype}))
 
 
+def qk_norm(num_heads: int, num_kv_heads: int, head_dim: int, eps: float, gpu: bool = False):
+    """Gemma's q/k norm: RMSNorm over head_dim of every query head (weights ``q_gamma[D]``)
+    and key head (``k_gamma[D]``) of the fused ``qkv[w, (H + 2G) * D]`` rows, before
+    ``rope_kv``; the value heads are copied. Output: the same layout.
+
+    CPU: a parallel task per head, each row's sum of squares once in a local scalar. GPU: a
+    block per head and a thread per element, each thread summing its row itself (D loads: a
+    thread-local sum needs no shared-memory reduction)."""
+    hq, g, d = num_heads, num_kv_heads, head_dim
+    qkv_size = (hq + 2 * g) * d
+    outer, inner = _loop_kinds(gpu)
+    inv_d = 1.0 / d
+
+    @T.prim_func(private=True)
+    def qk_norm_func(var_qkv: T.handle, var_qg: T.handle, var_kg: T.handle, var_out: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True,
+                     "hetcomp.rule": "script.qk_norm"})
+        w = T.int64()
+        qkv = T.match_buffer(var_qkv, (w, qkv_size), "float32")
+        q_gamma = T.match_buffer(var_qg, (d,), "float32")
+        k_gamma = T.match_buffer(var_kg, (d,), "float32")
+        out = T.match_buffer(var_out, (w, qkv_size), "float32")
+        for h in outer(hq + 2 * g):
+            if gpu:
+                for t in inner(d):
+                    for i in range(w):
+                        ss = T.decl_buffer((1,), "float32", scope="local")
+                        ss[0] = T.float32(0)
+                        for u in range(d):
+                            ss[0] = ss[0] + qkv[i, h * d + u] * qkv[i, h * d + u]
+                        if h < hq + g:
+                            out[i, h * d + t] = qkv[i, h * d + t] * T.rsqrt(
+                                ss[0] * T.float32(inv_d) + T.float32(eps)) * T.if_then_else(
+                                    h < hq, q_gamma[t], k_gamma[t])
+                        else:
+                            out[i, h * d + t] = qkv[i, h * d + t]
+            else:
+                for i in range(w):
+                    if h < hq + g:
+                        ss = T.decl_buffer((1,), "float32", scope="local")
+                        ss[0] = T.float32(0)
+                        for u in range(d):
+                            ss[0] = ss[0] + qkv[i, h * d + u] * qkv[i, h * d + u]
+                        for t in range(d):
+                            out[i, h * d + t] = qkv[i, h * d + t] * T.rsqrt(
+                                ss[0] * T.float32(inv_d) + T.float32(eps)) * T.if_then_else(
+                                    h < hq, q_gamma[t], k_gamma[t])
+                    else:
+                        for t in range(d):
+                            out[i, h * d + t] = qkv[i, h * d + t]
+
+    return qk_norm_func.with_attr(OP_KIND, "qk_norm").with_attr(ARGS_ATTR, json.dumps(
+        {"args": [num_heads, num_kv_heads, head_dim, eps]}))
+
+
 def kv_commit(num_kv_heads: int, head_dim: int, layers: int, context: int, gpu: bool = False,
               kv_dtype: str = "float32"):
     """Compact the accepted tree nodes: slot ``n + idx[j]`` moves to ``n + j``, in order.
@@ -134,8 +190,9 @@ def for_gpu(func, gpu: bool = True):
     if attrs is None or ARGS_ATTR not in attrs:
         return None
     recorded = json.loads(str(attrs[ARGS_ATTR]))
-    build = {"rope": rope_kv, "kv_commit": kv_commit}[str(attrs[OP_KIND])]
-    out = build(*recorded["args"], gpu=gpu, kv_dtype=recorded["kv_dtype"])
+    build = {"rope": rope_kv, "kv_commit": kv_commit, "qk_norm": qk_norm}[str(attrs[OP_KIND])]
+    kw = {"kv_dtype": recorded["kv_dtype"]} if "kv_dtype" in recorded else {}
+    out = build(*recorded["args"], gpu=gpu, **kw)
     for key in ("global_symbol", "target"):
         if key in attrs:
             out = out.with_attr(key, attrs[key])

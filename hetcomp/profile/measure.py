@@ -48,6 +48,7 @@ from ..cost.roofline import (
     embed_features,
     linear_features,
     merge_features,
+    qk_norm_features,
     rms_norm_features,
     rope_features,
     rope_table_features,
@@ -55,7 +56,7 @@ from ..cost.roofline import (
     sparse_attention_features,
     split_columns,
 )
-from ..decoder import FUSED_WIDTHS
+from ..decoder import ACTIVATION_KERNELS, FUSED_WIDTHS
 from ..errors import HetcompError
 from ..hardware import target_dict
 from ..quant_format import (
@@ -356,7 +357,8 @@ def plan_probes(shape: ModelShape, opts: ProfileOptions, wdtype: str = "float32"
         for mode in LAUNCH_MODES)))
 
     norm = kernel("rms_norm", ops.rms_norm, s.hidden, 1e-5)
-    silu = kernel("silu_mul", ops.silu_mul, s.intermediate)
+    silu = kernel(ACTIVATION_KERNELS[s.activation], ops.ACTIVATIONS[s.activation],
+                  s.intermediate)
     amax = kernel("argmax", ops.argmax, s.vocab)
     hfmt = head_dtype(wdtype)
     if is_quant(hfmt):
@@ -381,6 +383,21 @@ def plan_probes(shape: ModelShape, opts: ProfileOptions, wdtype: str = "float32"
         ProbeGroup("copy", tuple(Probe(None, copy_features(w, n), (("copy", w, n),))
                                  for n in (s.hidden, 2 * s.intermediate, s.vocab) for w in ws)),
     ]
+    if s.post_norms:  # Gemma: the residual norms after attention and the MLP
+        res_norm = kernel("rms_norm_res", ops.rms_norm, s.hidden, 1e-6, residual=True)
+        groups.append(ProbeGroup("rms_norm_res", tuple(Probe(
+            res_norm, rms_norm_features(s, w, residual=True), (
+                ("rand", (w, s.hidden), "float32", 0.05, 1),
+                ("rand", (s.hidden,), "float32", 0.05, 1),
+                ("rand", (w, s.hidden), "float32", 0.05, 1),
+                ("zeros", (w, s.hidden), "float32"))) for w in ws)))
+    if s.qk_norm:  # Gemma: the per-head q/k norm before RoPE
+        qk = kernel("qk_norm", script_ops.qk_norm, s.heads, s.kv_heads, s.head_dim, 1e-6)
+        groups.append(ProbeGroup("qk_norm", tuple(Probe(qk, qk_norm_features(s, w), (
+            ("rand", (w, s.qkv_size), "float32", 0.05, 1),
+            ("rand", (s.head_dim,), "float32", 0.05, 1),
+            ("rand", (s.head_dim,), "float32", 0.05, 1),
+            ("zeros", (w, s.qkv_size), "float32"))) for w in ws)))
     return groups, kernels
 
 

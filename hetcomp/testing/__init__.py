@@ -20,6 +20,15 @@ TINY = LlamaConfig(hidden_size=64, intermediate_size=96, num_layers=2, num_heads
 TINY_QWEN2 = LlamaConfig(hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
                          num_kv_heads=2, vocab_size=320, max_context=128, rope_theta=1e6,
                          norm_eps=1e-6, tie_embeddings=False, qkv_bias=True)
+# Gemma 3's shape in miniature: scaled embedding, q/k norms, post-norms, GeGLU, one KV head
+# with a wide head_dim, and sliding-window layers (window 8; as llama.cpp derives for a gemma3
+# GGUF, every 6th layer global and a local RoPE base of 10000), so that a context of a few
+# dozen tokens runs past the window.
+TINY_GEMMA3 = LlamaConfig(hidden_size=64, intermediate_size=96, num_layers=6, num_heads=4,
+                          num_kv_heads=1, vocab_size=320, max_context=128, rope_theta=1e6,
+                          norm_eps=1e-6, head_dim=32, embed_scale=8.0, qk_norm=True,
+                          post_norms=True, activation="gelu_tanh", sliding_window=8,
+                          sliding_pattern=6, rope_local_theta=10000.0)
 
 # A ChatML template (SmolLM2's shape, without its default system turn) for tiny models.
 CHATML_TEMPLATE = (

@@ -1,5 +1,7 @@
-"""Write tiny GGUF files the way llama.cpp's converter does: arch llama (Q/K rows permuted) or
-qwen2 (rows as HF has them, q/k/v biases)."""
+"""Write tiny GGUF files the way llama.cpp's converter does: arch llama (Q/K rows permuted),
+qwen2 (rows as HF has them, q/k/v biases) or gemma3 (rows as HF has them, q/k norms and
+post-norms, key_length and sliding_window; the norm weights as given, i.e. already ``1 + w``
+as the converter stores them)."""
 
 import numpy as np
 
@@ -29,6 +31,10 @@ def write_gguf(path, cfg, w, spec, arch="llama", qtype="F32", edit=None):
     wr.add_rope_freq_base(cfg.rope_theta)
     wr.add_layer_norm_rms_eps(cfg.norm_eps)
     wr.add_vocab_size(cfg.vocab_size)
+    if arch == "gemma3":
+        wr.add_key_length(cfg.head_dim)
+        wr.add_value_length(cfg.head_dim)
+        wr.add_sliding_window(cfg.sliding_window)
     wr.add_tokenizer_model("gpt2")
     wr.add_tokenizer_pre(spec["pre"])
     wr.add_token_list(spec["tokens"])
@@ -72,6 +78,12 @@ def write_gguf(path, cfg, w, spec, arch="llama", qtype="F32", edit=None):
         add(p + "ffn_gate.weight", q + "w_gate", w[q + "w_gate"])
         add(p + "ffn_up.weight", q + "w_up", w[q + "w_up"])
         add(p + "ffn_down.weight", q + "w_down", w[q + "w_down"])
+        if arch == "gemma3":
+            for theirs, ours in (("attn_q_norm", "q_norm"), ("attn_k_norm", "k_norm"),
+                                 ("post_attention_norm", "post_attn_norm"),
+                                 ("post_ffw_norm", "post_ffn_norm")):
+                if q + ours in w:  # (absent: a broken file, for the tests of refusals)
+                    add(p + theirs + ".weight", q + ours, w[q + ours])
     if edit is not None:
         edit(wr)
     wr.write_header_to_file()

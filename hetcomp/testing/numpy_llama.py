@@ -1,5 +1,8 @@
 """An independent numpy implementation of the LLaMA forward pass (the tests' reference);
-Qwen2's q/k/v biases (``layers.{i}.b{q,k,v}``) are added when the weights have them.
+Qwen2's q/k/v biases (``layers.{i}.b{q,k,v}``) are added when the weights have them, and
+Gemma 3's pieces (scaled embedding, q/k norms, post-norms, GeGLU, sliding-window layers with
+their own RoPE base) run when the config asks for them (written from transformers'
+``modeling_gemma3.py``).
 
 It shares nothing with hetcomp's compiled path: plain float64 numpy on the loader's
 unpacked HF-layout weights, with an explicit attention mask over the whole sequence.
@@ -36,24 +39,41 @@ def forward(cfg, w, tokens, positions=None, mask=None):
     mask = np.tril(np.ones((t, t), bool)) if mask is None else np.asarray(mask, bool)
     hq, g, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     f64 = {k: v.astype(np.float64) for k, v in w.items()}
-    x = f64["embed"][np.asarray(tokens)]
+    x = f64["embed"][np.asarray(tokens)] * getattr(cfg, "embed_scale", 1.0)
+    qk_norm, post = getattr(cfg, "qk_norm", False), getattr(cfg, "post_norms", False)
     for i in range(cfg.num_layers):
         p = f"layers.{i}."
         h = rms_norm(x, f64[p + "attn_norm"], cfg.norm_eps)
         q, k, v = (h @ f64[p + x].T + f64.get(p + "b" + x[1], 0.0) for x in ("wq", "wk", "wv"))
         q, k, v = q.reshape(t, hq, d), k.reshape(t, g, d), v.reshape(t, g, d)
-        q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+        if qk_norm:
+            q = rms_norm(q, f64[p + "q_norm"], cfg.norm_eps)
+            k = rms_norm(k, f64[p + "k_norm"], cfg.norm_eps)
+        # transformers' layer_types: layer i is sliding unless (i + 1) % pattern == 0
+        window = (cfg.sliding_window if getattr(cfg, "sliding_window", 0)
+                  and (i + 1) % cfg.sliding_pattern else 0)
+        theta = cfg.rope_local_theta if window else cfg.rope_theta
+        q, k = rope(q, positions, theta), rope(k, positions, theta)
         rep = hq // g
         k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
         s = np.einsum("thd,uhd->htu", q, k) / np.sqrt(d)
-        s = np.where(mask[None], s, -np.inf)
+        seen = mask
+        if window:  # transformers' sliding_window_overlay: q_pos - kv_pos < window
+            seen = mask & (positions[:, None] - positions[None, :] < window)
+        s = np.where(seen[None], s, -np.inf)
         s = np.exp(s - s.max(-1, keepdims=True))
         s /= s.sum(-1, keepdims=True)
         o = np.einsum("htu,uhd->thd", s, v).reshape(t, hq * d)
-        x = x + o @ f64[p + "wo"].T
+        o = o @ f64[p + "wo"].T
+        x = x + (rms_norm(o, f64[p + "post_attn_norm"], cfg.norm_eps) if post else o)
         h = rms_norm(x, f64[p + "ffn_norm"], cfg.norm_eps)
         gate, up = h @ f64[p + "w_gate"].T, h @ f64[p + "w_up"].T
-        x = x + (gate / (1 + np.exp(-gate)) * up) @ f64[p + "w_down"].T
+        if getattr(cfg, "activation", "silu") == "gelu_tanh":  # gelu_pytorch_tanh
+            act = 0.5 * gate * (1 + np.tanh(np.sqrt(2 / np.pi) * (gate + 0.044715 * gate ** 3)))
+        else:
+            act = gate / (1 + np.exp(-gate))
+        o = (act * up) @ f64[p + "w_down"].T
+        x = x + (rms_norm(o, f64[p + "post_ffn_norm"], cfg.norm_eps) if post else o)
     hidden = rms_norm(x, f64["norm"], cfg.norm_eps)
     head = f64.get("lm_head", f64["embed"])
     return hidden @ head.T, hidden

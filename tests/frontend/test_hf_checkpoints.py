@@ -244,6 +244,8 @@ def test_rope_theta_from_either_place(tmp_path):
     ({"attention_bias": True}, "attention_bias"),
     ({"mlp_bias": True}, "mlp_bias"),
     ({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}, "architecture"),
+    ({"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]},
+     "gemma3 from its GGUF"),
     ({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True},
      "use_sliding_window"),
 ])

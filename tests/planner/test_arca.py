@@ -566,6 +566,30 @@ def test_attention_probes_measure_each_kernel_verify_runs():
     assert [m.features.cache_len for m in by_class["attention_dense"]] == [32]
 
 
+def test_gemma3_probes_measure_its_own_kernels():
+    """A Gemma 3 shape's profile measures the kernels its verify adds (the per-head q/k norm,
+    the residual norm) and its GeGLU activation, not SwiGLU."""
+    from hetcomp.profile.measure import (
+        ProfileOptions,
+        build_probe_library,
+        measure_groups,
+        plan_probes,
+    )
+    from hetcomp.profile.units import detect_unit
+    from hetcomp.testing import TINY_GEMMA3
+
+    opts = dataclasses.replace(ProfileOptions.quick(), widths=(1,), corun=False)
+    groups, kernels = plan_probes(ModelShape.from_config(TINY_GEMMA3), opts)
+    groups = [g for g in groups if g.desc in ("qk_norm", "rms_norm_res", "silu_mul")]
+    used = {p.func for g in groups for p in g.probes}
+    assert used == {"qk_norm", "rms_norm_res", "gelu_mul"}
+    lib = build_probe_library("cpu", {"kind": "llvm"}, {k: kernels[k] for k in used},
+                              progress=lambda s: None)
+    rows = measure_groups(detect_unit("cpu"), lib, groups, opts, progress=lambda s: None)
+    assert {m.features.kind for m in rows} == {"qk_norm", "rms_norm", "gelu_mul"}
+    assert all(m.seconds > 0 for m in rows)
+
+
 def test_kernel_features_cost_each_attention_kernel_as_its_class():
     """AnnotateCost's kernel descriptions map to the op class each attention kernel is
     profiled as (the dense part is an ``attention`` kernel with ``part = dense``)."""
