@@ -175,7 +175,7 @@ def cmd_calibrate(args) -> int:
                             new_tokens=args.new_tokens, epochs=args.epochs, seed=args.seed,
                             max_prompts=args.max_prompts, cache=args.cache, soft=args.soft,
                             draft_vocab=args.draft_vocab, responses=args.responses,
-                            recorded_only=args.recorded_only,
+                            recorded_only=args.recorded_only, dtype=args.dtype,
                             cosine=args.lr_schedule == "cosine")
     summary = calibrate_model(args.model, opts, args.output, reuse=args.reuse, force=args.force)
     print(json.dumps(summary))
@@ -328,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="chat | mtbench | alpaca | humaneval | coder | FILE (one prompt "
                         "per line)")
     k.add_argument("--num-heads", type=_POSITIVE, default=4)
+    k.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                   help="weights of the model that replays the responses (float16: half the "
+                        "bytes a step reads, half the memory)")
     k.add_argument("--new-tokens", type=_POSITIVE, default=256)
     k.add_argument("--epochs", type=_POSITIVE, default=4)
     k.add_argument("--seed", type=_NON_NEGATIVE, default=0)
