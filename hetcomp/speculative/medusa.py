@@ -159,10 +159,12 @@ def train_heads(h: np.ndarray, targets: np.ndarray, embed: np.ndarray, num_heads
                 epochs: int = 3, batch: int = 256, lr: float = 1e-3, seed: int = 0,
                 progress: bool = True, validation=None, weight_decay: float = 0.0,
                 roots: np.ndarray | None = None, soft: float = 0.0,
-                vocab: np.ndarray | None = None, cosine: bool = False):
+                vocab: np.ndarray | None = None, cosine: bool = False,
+                lm_head: np.ndarray | None = None):
     """AdamW on the heads' cross-entropy; ``targets[n, k]`` = token 2 + k after row n (-1: none).
 
-    ``embed`` is the tied LM head ``[V, E]`` (frozen). Weights start at zero, i.e. every head
+    ``embed`` is the token embedding ``[V, E]`` (the roots' rows) and ``lm_head`` the model's
+    LM head ``[V, E]`` (None: tied, ``embed``), both frozen. Weights start at zero, i.e. every head
     starts as the base LM head on an unchanged hidden state. With ``validation = (h, targets)``
     each head keeps the epoch with its lowest validation loss (early stopping per head).
     With ``roots`` (the root token of each row; validation then is ``(h, roots, targets)``)
@@ -176,9 +178,12 @@ def train_heads(h: np.ndarray, targets: np.ndarray, embed: np.ndarray, num_heads
     """
     rng = np.random.default_rng(seed)
     full_embed = embed  # the root embedding still reads the whole table
-    embed, targets = _restrict(embed, targets, vocab)
+    # From here ``embed`` is the (restricted) LM head: an untied model's head is not its
+    # embedding (Qwen2.5's GGUF stores them apart, in different formats).
+    head = embed if lm_head is None else lm_head
+    embed, targets = _restrict(head, targets, vocab)
     if validation is not None:
-        validation = (*validation[:-1], _restrict(full_embed, validation[-1], vocab)[1])
+        validation = (*validation[:-1], _restrict(head, validation[-1], vocab)[1])
     n, e = h.shape
     w = np.zeros((num_heads, e, e), np.float32)
     b = np.zeros((num_heads, e), np.float32)
@@ -250,14 +255,16 @@ def train_heads(h: np.ndarray, targets: np.ndarray, embed: np.ndarray, num_heads
 
 
 def heldout_ranks(heads: MedusaHeads, h: np.ndarray, targets: np.ndarray, embed: np.ndarray,
-                  topk: int = TOPK, chunk: int = 512, roots: np.ndarray | None = None
-                  ) -> np.ndarray:
+                  topk: int = TOPK, chunk: int = 512, roots: np.ndarray | None = None,
+                  lm_head: np.ndarray | None = None) -> np.ndarray:
     """``[N, K]`` int8: the rank of row n's target among head k's top-``topk`` candidates
     (``topk`` when it is not among them, -1 when the row has no target for that head).
-    Candidates come from the heads' draft vocabulary, as in the compiled draft."""
+    Candidates come from the heads' draft vocabulary, as in the compiled draft; ``embed``
+    gives the roots' embeddings, ``lm_head`` the logits (None: tied, ``embed``)."""
     ranks = np.full(targets.shape, -1, np.int8)
-    ids = np.arange(len(embed)) if heads.vocab is None else heads.vocab
-    emb_t = np.ascontiguousarray((embed if heads.vocab is None else embed[ids]).T)
+    head = embed if lm_head is None else lm_head
+    ids = np.arange(len(head)) if heads.vocab is None else heads.vocab
+    emb_t = np.ascontiguousarray((head if heads.vocab is None else head[ids]).T)
     for s in range(0, len(h), chunk):
         er = None if roots is None else embed[roots[s: s + chunk]]
         hk = heads.hidden(h[s: s + chunk], er)

