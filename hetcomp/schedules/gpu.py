@@ -88,6 +88,16 @@ class SparseTreeAttentionRule(_BASE):
         return sch
 
 
+def _write_back_in_registers(sch, func, mm, anchor) -> None:
+    """A linear's accumulators in registers, written back by the thread at ``anchor`` (the
+    residual add fused there when the kernel has one)."""
+    if bool(int(func.attrs.get("hetcomp.residual", 0))):
+        sch.reverse_compute_at(sch.get_sblock("add_residual"), anchor)
+        sch.set_scope(mm, 0, "local")
+    else:
+        sch.reverse_compute_at(sch.cache_write(mm, 0, "local"), anchor)
+
+
 class LinearColumnRule(_BASE):
     """Decode-width linear layers ``y[w, n] = x[w, k] @ W`` (W packed ``[n / B, k, B]``).
 
@@ -121,12 +131,7 @@ class LinearColumnRule(_BASE):
         sch.bind(jb, "blockIdx.x")
         sch.bind(jt, "threadIdx.x")
         # Step 2. Accumulators in registers, written back (with the residual) by the thread.
-        anchor = jt if static else i
-        if bool(int(func.attrs.get("hetcomp.residual", 0))):
-            sch.reverse_compute_at(sch.get_sblock("add_residual"), anchor)
-            sch.set_scope(mm, 0, "local")
-        else:
-            sch.reverse_compute_at(sch.cache_write(mm, 0, "local"), anchor)
+        _write_back_in_registers(sch, func, mm, jt if static else i)
         # Step 3. Zero the accumulators before the reduction; unroll the rows.
         sch.decompose_reduction(mm, k)
         if static:
@@ -175,12 +180,7 @@ class QuantLinearRule(_BASE):
         sch.bind(jb, "blockIdx.x")
         sch.bind(jt, "threadIdx.x")
         # Step 2. Accumulators in registers, written back (with the residual) by the thread.
-        anchor = jt if static else i
-        if bool(int(func.attrs.get("hetcomp.residual", 0))):
-            sch.reverse_compute_at(sch.get_sblock("add_residual"), anchor)
-            sch.set_scope(mm, 0, "local")
-        else:
-            sch.reverse_compute_at(sch.cache_write(mm, 0, "local"), anchor)
+        _write_back_in_registers(sch, func, mm, jt if static else i)
         # Step 3. Per k block, in registers: the raw-quant block sums (factored), x's block
         # sums, the column's scale and min.
         for name in ("inner", "xsum", "min", "scale"):  # consumers first
