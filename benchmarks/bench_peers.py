@@ -34,25 +34,27 @@ def hetcomp_decoder(art, width: int, lookup: int):
     return run
 
 
+def llama_cpp_decode(llm, ids, n: int) -> tuple[int, float]:
+    """llama.cpp (a ``llama_cpp.Llama``): prefill ``ids`` untimed, then ``n - 1`` greedy
+    steps, timed one ``eval`` at a time -> (decoded tokens, decode seconds)."""
+    llm.reset()
+    llm.eval(ids)
+    secs = 0.0
+    for _ in range(n - 1):
+        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        t0 = time.perf_counter()
+        llm.eval([nxt])
+        secs += time.perf_counter() - t0
+    return n - 1, secs
+
+
 def llama_cpp_decoder(gguf: str):
     try:
         from llama_cpp import Llama
     except ImportError:
         return None
     llm = Llama(model_path=gguf, n_threads=2, n_threads_batch=2, n_ctx=2048, verbose=False)
-
-    def run(ids, n):
-        llm.reset()
-        llm.eval(ids)  # prefill, not timed
-        secs = 0.0
-        for _ in range(n - 1):
-            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            t0 = time.perf_counter()
-            llm.eval([nxt])
-            secs += time.perf_counter() - t0
-        return n - 1, secs
-
-    return run
+    return lambda ids, n: llama_cpp_decode(llm, ids, n)
 
 
 def torch_decoder(gguf: str):

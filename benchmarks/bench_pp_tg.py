@@ -44,6 +44,8 @@ def _hetcomp(path: str):
 def _llama_cpp(path: str):
     from llama_cpp import Llama
 
+    from bench_peers import llama_cpp_decode  # this folder: the one llama.cpp decode loop
+
     llm = Llama(model_path=path, n_threads=2, n_threads_batch=2, n_ctx=1024, n_batch=512,
                 verbose=False)
 
@@ -54,15 +56,7 @@ def _llama_cpp(path: str):
         return time.perf_counter() - t0
 
     def tg(ids):
-        llm.reset()
-        llm.eval(ids[:1])
-        secs = 0.0
-        for _ in range(GEN - 1):
-            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            t0 = time.perf_counter()
-            llm.eval([nxt])
-            secs += time.perf_counter() - t0
-        return secs
+        return llama_cpp_decode(llm, ids[:1], GEN)[1]
 
     return None, pp, tg
 
