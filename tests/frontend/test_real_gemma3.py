@@ -16,8 +16,9 @@ import pytest
 
 from hetcomp.frontend import models
 from hetcomp.frontend.gguf_loader import open_gguf, read_config
-from hetcomp.runtime import generate, load_artifact
+from hetcomp.runtime import load_artifact
 from hetcomp.testing import run_cli
+from hetcomp.testing.reference import assert_greedy_matches
 
 NAME = "gemma3-270m"
 NEW_TOKENS = 32
@@ -117,25 +118,12 @@ def test_tokenizer_matches_transformers(gemma_artifact, hf_reference):
 
 
 def test_greedy_ids_and_logits_match_transformers(gemma_artifact, hf_reference):
-    """Our 32 greedy tokens are transformers' greedy tokens: one transformers forward over
-    prompt + ours (teacher forcing) picks each of them as its argmax, which is what its greedy
-    generate does step by step (4 forwards instead of 128 decode steps: ~1 min less here)."""
-    import torch
-
+    """Our 32 greedy tokens are transformers' and the first token's logits agree, checked by
+    teacher forcing (4 forwards instead of 128 decode steps: ~1 min less here)."""
     _, model = hf_reference
     for prompt in PROMPTS:
-        ids = gemma_artifact.tokenizer.encode(prompt)
-        ours = generate(gemma_artifact, ids, max_new_tokens=NEW_TOKENS, stop_at_eos=False).ids
-        assert len(ours) == NEW_TOKENS
-        with torch.no_grad():
-            logits = model(torch.tensor([ids + ours])).logits[0].numpy()
-        t = len(ids)
-        assert logits[t - 1:t - 1 + NEW_TOKENS].argmax(-1).tolist() == ours, prompt
-        # The first token's logits.
-        sess = gemma_artifact.new_session()
-        _, _, first = sess.verify(ids, np.arange(t), np.tril(np.ones((t, t))))
-        theirs = logits[t - 1]
-        assert np.abs(first.numpy()[-1] - theirs).max() / np.abs(theirs).max() < 1e-4
+        assert_greedy_matches(gemma_artifact, model, gemma_artifact.tokenizer.encode(prompt),
+                              NEW_TOKENS)
 
 
 def test_tokenizer_matches_llama_cpp(gemma_artifact):

@@ -14,8 +14,8 @@ import pytest
 
 from hetcomp.driver.compile import CompileOptions, compile_model
 from hetcomp.frontend import load_model, models
-from hetcomp.runtime import generate, load_artifact
-from hetcomp.testing.reference import CHAT_PROMPTS
+from hetcomp.runtime import load_artifact
+from hetcomp.testing.reference import CHAT_PROMPTS, assert_greedy_matches
 
 NAME = "qwen2.5-coder-0.5b"
 NEW_TOKENS = 32
@@ -87,21 +87,9 @@ def test_tokenizer_matches_transformers(qwen_artifact, hf_reference):
 
 
 def test_greedy_ids_and_logits_match_transformers(qwen_artifact, hf_reference):
-    """Our 32 greedy tokens are transformers' greedy tokens: one transformers forward over
-    prompt + ours (teacher forcing) picks each of them as its argmax, which is what its greedy
-    generate does step by step; and the first token's logits agree to 1e-4."""
-    import torch
-
+    """Our 32 greedy tokens are transformers' and the first token's logits agree, checked by
+    teacher forcing (:func:`~hetcomp.testing.reference.assert_greedy_matches`)."""
     _, model = hf_reference
     for prompt in PROMPTS:
-        ids = qwen_artifact.tokenizer.encode(prompt, chat=True)
-        ours = generate(qwen_artifact, ids, max_new_tokens=NEW_TOKENS, stop_at_eos=False).ids
-        assert len(ours) == NEW_TOKENS
-        with torch.no_grad():
-            logits = model(torch.tensor([ids + ours])).logits[0].numpy()
-        t = len(ids)
-        assert logits[t - 1:t - 1 + NEW_TOKENS].argmax(-1).tolist() == ours, prompt
-        sess = qwen_artifact.new_session()
-        _, _, first = sess.verify(ids, np.arange(t), np.tril(np.ones((t, t))))
-        theirs = logits[t - 1]
-        assert np.abs(first.numpy()[-1] - theirs).max() / np.abs(theirs).max() < 1e-4
+        assert_greedy_matches(qwen_artifact, model, qwen_artifact.tokenizer.encode(prompt, chat=True),
+                              NEW_TOKENS)
