@@ -77,6 +77,23 @@ def compile_tiny(tmp_path_factory, cfg=TINY, dtype="float32", seed=0, name="tiny
     return str(out), w
 
 
+def compile_with_random_heads(tmp, model: str, cfg: LlamaConfig, widths, heads: int = 2):
+    """Compile the model file ``model`` into ``tmp/art`` with ``heads`` untrained Medusa heads
+    (seed 0, falling rank probabilities) and verify functions for ``widths``; returns the
+    artifact folder."""
+    from ..speculative.medusa import MedusaHeads
+
+    e = cfg.hidden_size
+    rng = np.random.default_rng(0)
+    MedusaHeads(w=(rng.standard_normal((heads, e, e)) * 0.05).astype("float32"),
+                b=np.zeros((heads, e), "float32"),
+                rank_probs=np.tile(np.linspace(0.5, 0.05, 10), (heads, 1)), info={}
+                ).save(str(tmp / "heads.npz"))
+    compile_model(CompileOptions(model=model, heads=str(tmp / "heads.npz"), widths=widths,
+                                 max_context=cfg.max_context), str(tmp / "art"), quiet=True)
+    return str(tmp / "art")
+
+
 def run_cli(*args, **kwargs):
     """``hetcomp ARGS`` in a fresh process: (exit code, stdout, stderr)."""
     p = subprocess.run([sys.executable, "-m", "hetcomp", *map(str, args)], capture_output=True,

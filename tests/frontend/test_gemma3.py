@@ -15,9 +15,8 @@ from hetcomp.frontend.weights import random_weights
 from hetcomp.hardware import target_dict
 from hetcomp.plan import HeteroPlan
 from hetcomp.runtime import generate, load_artifact
-from hetcomp.speculative.medusa import MedusaHeads
 from hetcomp.testing import (TINY_GEMMA3, assert_matches_reference, byte_tokenizer_spec, depths,
-                             tree_mask)
+                             compile_with_random_heads, tree_mask)
 from hetcomp.testing import numpy_llama as ref
 from hetcomp.testing.gguf_writer import write_gguf
 
@@ -48,15 +47,7 @@ def gemma3_artifact(tmp_path_factory, gemma3_gguf):
     """Compiled from the GGUF, with (untrained) Medusa heads and a W = 4 verify."""
     path, _ = gemma3_gguf
     tmp = tmp_path_factory.mktemp("gemma3-art")
-    e, k = CFG.hidden_size, 2
-    rng = np.random.default_rng(0)
-    MedusaHeads(w=(rng.standard_normal((k, e, e)) * 0.05).astype("float32"),
-                b=np.zeros((k, e), "float32"),
-                rank_probs=np.tile(np.linspace(0.5, 0.05, 10), (k, 1)), info={}
-                ).save(str(tmp / "heads.npz"))
-    compile_model(CompileOptions(model=str(path), heads=str(tmp / "heads.npz"), widths=WIDTHS,
-                                 max_context=CFG.max_context), str(tmp / "art"), quiet=True)
-    return load_artifact(str(tmp / "art"))
+    return load_artifact(compile_with_random_heads(tmp, str(path), CFG, WIDTHS))
 
 
 def test_loader_derives_gemma3_config_as_llama_cpp(gemma3_gguf):
