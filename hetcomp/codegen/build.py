@@ -54,8 +54,11 @@ def launch_counts(scheduled, cuda_graph: bool, functions: tuple[str, ...]) -> di
     outside captured graphs plus one per graph replay) and ``graphs``, after the VM lowering
     with or without CUDA-graph capture.
 
-    Captured are the regions whose shapes are static and whose results are not the
-    function's outputs; kernels that read the cache length (rope_kv, attention) stay out."""
+    Captured are the regions whose shapes are static, whose arguments are fixed (weights,
+    the function's own buffers; the caches too where ``num_input`` leaves them out of the
+    inputs) and whose results are not the function's outputs. A module built with
+    ``device_len`` (:func:`~hetcomp.frontend.llama.build_module`) captures a verify step
+    whole; otherwise the kernels that read the cache length or the caches stay out."""
     c = compiler()
     with c.transform.PassContext(config={CUDA_GRAPH_OPTION: cuda_graph}):
         low = vm_lowering_pipeline()(scheduled)

@@ -95,6 +95,10 @@ class CompileOptions:
     # --target cuda: capture each function's static-shape kernel regions as CUDA graphs (one
     # launch a region; manifest "launches" counts them). False: every kernel its own launch.
     cuda_graph: bool = True
+    # Build the decoder for fixed caches, reading the cache length on the device
+    # (build_module's ``device_len``). None: where CUDA graphs are captured. True elsewhere
+    # (a CPU artifact) runs the same kernels and runtime contract where tests can run them.
+    device_len: bool | None = None
 
     @property
     def cache_dtype(self) -> str:
@@ -125,6 +129,9 @@ class CompileOptions:
                 self.heads is None or self.default_width not in self.widths):
             raise HetcompError(f"--width {self.default_width} needs --heads and one of the "
                                f"compiled widths ({', '.join(map(str, self.widths))})")
+        if self.device_len and self.plan is not None:
+            raise HetcompError("a build for fixed caches (device_len) is a whole-model build: "
+                               "it takes no --plan")
         if self.max_context < 16:
             raise HetcompError("--max-context must be at least 16")
         if self.tuning_db is not None and (self.target != "host" or self.plan is not None):
@@ -167,12 +174,15 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
     root = heads is not None and heads.u is not None
     draft_dtype = opts.draft_dtype or (opts.dtype if opts.dtype in DRAFT_DTYPES else "float16")
     draft_vocab = 0 if heads is None or heads.vocab is None else len(heads.vocab)
-    mod = build_module(cfg, opts.dtype, heads.num_heads if heads else 0, static_widths=widths,
-                       medusa_root=root, draft_dtype=draft_dtype, draft_vocab=draft_vocab,
-                       prefill_chunk=PREFILL_CHUNK, kv_dtype=opts.cache_dtype)
     # A plan's module target is its host unit's (a CPU, or a GPU driven by --target's CPU).
     target_spec = (dict(opts.plan.targets[0]) if opts.plan is not None
                    else target_dict(opts.target, opts.cuda_arch))
+    graphs = opts.cuda_graph and uses_cuda_graph(target_spec, opts.plan)
+    device_len = graphs if opts.device_len is None else opts.device_len
+    mod = build_module(cfg, opts.dtype, heads.num_heads if heads else 0, static_widths=widths,
+                       medusa_root=root, draft_dtype=draft_dtype, draft_vocab=draft_vocab,
+                       prefill_chunk=PREFILL_CHUNK, kv_dtype=opts.cache_dtype,
+                       device_len=device_len)
     target = compiler().Target(target_spec)
     width, width_source = _default_width(opts, cfg, heads, draft_dtype)
     cost = _cost_models(opts, cfg, width, heads)
@@ -249,7 +259,6 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
     params = [(name, param_from_recipe(r, packed, heads, opts.dtype))
               for name, r in recipes.items()]
     units = _units(opts.plan, opts.target)
-    graphs = opts.cuda_graph and uses_cuda_graph(target_spec, opts.plan)
     manifest = {
         "model": opts.model if opts.model == "smollm2" else os.path.basename(opts.model),
         "source": source_info(source),
@@ -280,6 +289,8 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
         "workspace_bytes": workspace_bytes(scheduled[0], opts.plan, {"w": PREFILL_CHUNK}),
         # A whole-model GPU build: kernel launches per call of the static-shape functions.
         "cuda_graph": graphs,
+        # The graphs replay the cache addresses they captured: one cache pair per artifact.
+        "fixed_cache": device_len,
         "launches": (launch_counts(scheduled[0], graphs, tuple(
             [f"prefill_w{PREFILL_CHUNK}", *(f"verify_w{w}" for w in widths)]))
             if uses_cuda_graph(target_spec, opts.plan) else None),

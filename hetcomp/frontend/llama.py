@@ -25,6 +25,9 @@ cache_len: Shape[n], *params)``
     the prompt (a shorter last chunk is padded): its kernels tile rows exactly, 3x the
     symbolic-width kernels' GFLOP/s. Returns row ``m - 1``'s logits and hidden state; the
     padding's K/V land in cache slots past the prompt, which later calls overwrite.
+Every call's ``positions[0]`` is the cache length ``n`` (a tree's root, a chunk's first
+token): the CUDA-graph build (``build_module(device_len=True)``) reads ``n`` from there.
+
 ``commit(k_cache, v_cache, accepted[a], cache_len: Shape[n])``
     Moves the accepted nodes' K/V from slots ``n + accepted[j]`` to ``n + j``; the caller's new
     cache length is ``n + a``.
@@ -50,8 +53,10 @@ MEDUSA_TOPK = 10  # candidates per head the medusa function returns (the trees' 
 class _Kernels:
     """Adds each distinct kernel to the module once and hands out its GlobalVar."""
 
-    def __init__(self, bb, cfg: LlamaConfig, wdtype: str, kv_dtype: str = "float32"):
+    def __init__(self, bb, cfg: LlamaConfig, wdtype: str, kv_dtype: str = "float32",
+                 device_len: bool = False):
         self.bb, self.cfg, self.wdtype, self.kv_dtype, self._gvs = bb, cfg, wdtype, kv_dtype, {}
+        self.device_len = device_len  # build_module's
         self.rows: int | None = None  # static row count of the function being built
 
     def get(self, name: str, builder, *args, sized: bool = True, rows: int | None = None):
@@ -102,6 +107,12 @@ def _attention(bb, kern: _Kernels, cfg: LlamaConfig, q, kv_tree, k_cache, v_cach
     # "_win{S}": a stem that name.split("_w")[0] maps to the unwindowed kernel's (the same
     # kernel class for the step model and the planner; tests/frontend/test_step_description).
     tag, pos = (f"_win{window}", [positions]) if window else ("", [])
+    if kern.device_len:  # n = positions[0] on the device (build_module)
+        gv = kern.get("tree_attention" + tag, functools.partial(
+            script_ops.tree_attention, kv_dtype=kern.kv_dtype, window=window), *attn_args,
+            sized=False)
+        return bb.emit(relax.call_tir(gv, [q, k_cache, v_cache, tree[0], positions, layer],
+                                      tt((w, hq, d), "float32")))
     if len(tree) == 1:
         gv = kern.get("attention" + tag, functools.partial(
             ops.attention, kv_dtype=kern.kv_dtype, window=window), *attn_args)
@@ -134,8 +145,17 @@ def _forward(bb, kern: _Kernels, cfg: LlamaConfig, inputs, params: dict, last_on
         return bb.emit(relax.call_tir(gv, args, tt(shape, dtype)))
 
     norm_gv = kern.get("rms_norm", ops.rms_norm, e, cfg.norm_eps)
-    rope_gv = kern.get("rope_kv", functools.partial(script_ops.rope_kv, kv_dtype=kern.kv_dtype),
-                       hq, cfg.num_kv_heads, d, cfg.num_layers, cfg.max_context, sized=False)
+    rope_gv = kern.get("rope_kv" + ("_dev" if kern.device_len else ""), functools.partial(
+        script_ops.rope_kv, kv_dtype=kern.kv_dtype, device_len=kern.device_len),
+        hq, cfg.num_kv_heads, d, cfg.num_layers, cfg.max_context, sized=False)
+    if kern.device_len:
+        # The kernels read the call's positions and mask from copies at fixed addresses (a
+        # CUDA graph captures those), and the cache length as positions[0].
+        staged = bb.emit(relax.call_tir(
+            kern.get("stage_tree", script_ops.stage_tree, sized=False), [positions, tree[0]],
+            [tt((w,), "int32"), tt((w, w), "int32")]))
+        positions = bb.emit(relax.TupleGetItem(staged, 0))
+        tree = (bb.emit(relax.TupleGetItem(staged, 1)),)
     act_gv = kern.get(ACTIVATION_KERNELS[cfg.activation], ops.ACTIVATIONS[cfg.activation], f)
     # Gemma: the attention and MLP outputs are normed before they join the residual, so those
     # linears add no residual and a residual norm (norm(y) + x) follows each.
@@ -168,7 +188,8 @@ def _forward(bb, kern: _Kernels, cfg: LlamaConfig, inputs, params: dict, last_on
         layer = c.prim_value(c.tir.IntImm("int64", i))
         cs = tables[cfg.layer_rope_theta(i)]
         res = bb.emit(relax.call_tir_inplace(
-            rope_gv, [qkv, cs, k_cache, v_cache, layer, n],
+            rope_gv, [qkv, cs, k_cache, v_cache,
+                      *([positions, layer] if kern.device_len else [layer, n])],
             [-1, 2, 3, -1, -1],
             [tt((hq, w, d), "float32"), k_cache.ty, v_cache.ty,
              tt((cfg.num_kv_heads, w, d), "float32"), tt((cfg.num_kv_heads, w, d), "float32")]))
@@ -279,7 +300,7 @@ def build_module(cfg: LlamaConfig, wdtype: str = "float32", medusa_heads: int = 
                  static_widths: tuple[int, ...] = (), medusa_root: bool = False,
                  draft_dtype: str | None = None, draft_vocab: int = 0,
                  fused_widths: tuple[int, ...] = FUSED_WIDTHS, prefill_chunk: int = 0,
-                 kv_dtype: str = "float32"):
+                 kv_dtype: str = "float32", device_len: bool = False):
     """The unscheduled Relax IRModule of the decoder for weight dtype ``wdtype``.
 
     ``verify`` takes any width; ``verify_w{W}`` for each W in ``static_widths`` is the same
@@ -295,6 +316,18 @@ def build_module(cfg: LlamaConfig, wdtype: str = "float32", medusa_heads: int = 
     and accumulates in float32). The module attribute
     ``hetcomp.model_functions`` lists the functions that run the decoder (what partitioning
     applies to).
+
+    ``device_len``: the build for CUDA graphs (a whole-model GPU build). The kernels read the
+    cache length on the device as ``positions[0]`` (the root's, a chunk's first position:
+    every caller's calls hold it) from copies of positions and mask at fixed addresses
+    (``script_ops.stage_tree``), every attention is ``script_ops.tree_attention`` (masked,
+    fused: ``fused_widths`` and the CSR are unused), and ``verify_w{W}`` counts only its tree
+    inputs as inputs (``num_input``), so that TVM's RewriteCUDAGraph captures the whole step
+    from the first layer to the final norm, the caches included: a graph replays the cache
+    addresses it captured, so the caller passes the same two caches to every call (the
+    runtime's :class:`~hetcomp.runtime.artifact.Artifact` owns them). Outside the graph:
+    the embedding gather and the copy (they read the call's arguments) and the kernels that
+    write the call's outputs.
     """
     c = compiler()
     relax, tir, tt = c.relax, c.tir, c.TensorType
@@ -302,7 +335,7 @@ def build_module(cfg: LlamaConfig, wdtype: str = "float32", medusa_heads: int = 
     assert not cfg.sliding_window or max(static_widths, default=0) <= cfg.sliding_window, (
         "tree widths above the sliding window")
     bb = c.BlockBuilder()
-    kern = _Kernels(bb, cfg, wdtype, kv_dtype)
+    kern = _Kernels(bb, cfg, wdtype, kv_dtype, device_len)
     k_shape, v_shape = kv_cache_shapes(cfg)
     specs = param_specs(cfg, wdtype)
 
@@ -323,14 +356,17 @@ def build_module(cfg: LlamaConfig, wdtype: str = "float32", medusa_heads: int = 
         mask = relax.Var("mask", tt((w, w), "int32"))
         csr = [] if last_only else [relax.Var("row_ptr", tt((w + 1,), "int32")),
                                     relax.Var("col_idx", tt((tir.Var("nnz", "int64"),), "int32"))]
-        tree = (mask,) if last_only or rows in fused_widths else tuple(csr)
+        tree = (mask,) if last_only or device_len or rows in fused_widths else tuple(csr)
         k_cache, v_cache, cache_len, n = cache_vars()
         m = tir.Var("m", "int64")
         valid = [relax.Var("rows", c.ShapeType([m]))] if last_only and rows else []
         pvars = {name: relax.Var(name.replace(".", "_"), tt(shape, dt)) for name, shape, dt in specs}
         args = [tokens, positions, mask, *csr, k_cache, v_cache, cache_len, *valid,
                 *pvars.values()]
-        with bb.function(fname, args, attrs={"num_input": len(args) - len(pvars)}):
+        # RewriteCUDAGraph captures kernels whose arguments past ``num_input`` are fixed.
+        fixed_caches = device_len and rows is not None and not last_only
+        inputs = len([tokens, positions, mask, *csr]) if fixed_caches else len(args) - len(pvars)
+        with bb.function(fname, args, attrs={"num_input": inputs}):
             with bb.dataflow():
                 outs = _forward(bb, kern, cfg, (tokens, positions, tree, k_cache, v_cache,
                                                 c.prim_value(n)), pvars, last_only,

@@ -1,5 +1,6 @@
 """Kernels that update the KV cache in place, written in TVMScript (TE cannot mutate inputs),
-and Gemma's per-head q/k norm (:func:`qk_norm`, scheduled as written like them).
+Gemma's per-head q/k norm (:func:`qk_norm`), and the CUDA-graph build's attention and input
+copy (:func:`tree_attention`, :func:`stage_tree`), all scheduled as written.
 
 They are called with ``R.call_tir_inplace``; both are already scheduled and marked so that
 no schedule rule touches them (``hetcomp.rule`` = ``script.<kind>``): one loop nest, whose outer two loops are a parallel loop and a
@@ -10,6 +11,7 @@ kernel in a module into the GPU one (the arguments are recorded on the function)
 from __future__ import annotations
 
 import json
+import math
 
 from tvm.script import tirx as T
 
@@ -29,7 +31,7 @@ def _loop_kinds(gpu: bool):
 
 
 def rope_kv(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, context: int,
-            gpu: bool = False, kv_dtype: str = "float32"):
+            gpu: bool = False, kv_dtype: str = "float32", device_len: bool = False):
     """Apply RoPE (rotate-half) to the fused ``qkv[w, (H + 2G) * D]`` rows.
 
     ``cs[w, D]`` holds each row's cosines and sines (:func:`hetcomp.kernels.ops.rope_table`,
@@ -43,6 +45,11 @@ def rope_kv(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, conte
     ``kv_dtype``: the caches' element type. The cache gets each value rounded to it, and
     ``k_tree``/``v_tree`` (float32) get the same rounded values, so the sparse part sees the
     tree exactly as the fused kernel and later steps read it back from the cache.
+
+    ``device_len``: the cache length is read on the device, ``n = positions[0]`` (the first
+    row sits at the cache's end: a tree's root, a chunk's first token), from a ``positions[w]``
+    argument in place of the scalar ``n``. A CUDA graph then captures the kernel once for
+    every cache length (:func:`tree_attention`).
     """
     hq, g, d, nl, c = num_heads, num_kv_heads, head_dim, layers, context
     kvd = kv_dtype
@@ -54,20 +61,8 @@ def rope_kv(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, conte
     # neighbouring positions of one K cache line).
     heads, pairs = _loop_kinds(gpu)
 
-    @T.prim_func(private=True)
-    def rope_kv_func(var_qkv: T.handle, var_cs: T.handle, var_k: T.handle, var_v: T.handle,
-                     layer: T.int64, n: T.int64, var_q: T.handle, var_kt: T.handle,
-                     var_vt: T.handle):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True,
-                     "hetcomp.rule": "script.rope"})
-        w = T.int64()
-        qkv = T.match_buffer(var_qkv, (w, qkv_size), "float32")
-        cs = T.match_buffer(var_cs, (w, d), "float32")
-        k_cache = T.match_buffer(var_k, (nl, g, d, c), kvd)
-        v_cache = T.match_buffer(var_v, (nl, g, c, d), kvd)
-        q = T.match_buffer(var_q, (hq, w, d), "float32")
-        k_tree = T.match_buffer(var_kt, (g, w, d), "float32")
-        v_tree = T.match_buffer(var_vt, (g, w, d), "float32")
+    @T.macro
+    def body(w, qkv, cs, k_cache, v_cache, layer, n, q, k_tree, v_tree):
         for h in heads(hq + g):
             for j in pairs(half):
                 for i in range(w):
@@ -91,8 +86,45 @@ def rope_kv(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, conte
                         v_tree[h, i, j] = T.Cast("float32", v0)
                         v_tree[h, i, j + half] = T.Cast("float32", v1)
 
-    return rope_kv_func.with_attr(OP_KIND, "rope").with_attr(ARGS_ATTR, json.dumps(
-        {"args": [num_heads, num_kv_heads, head_dim, layers, context], "kv_dtype": kv_dtype}))
+    @T.prim_func(private=True)
+    def rope_kv_func(var_qkv: T.handle, var_cs: T.handle, var_k: T.handle, var_v: T.handle,
+                     layer: T.int64, n: T.int64, var_q: T.handle, var_kt: T.handle,
+                     var_vt: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True,
+                     "hetcomp.rule": "script.rope"})
+        w = T.int64()
+        qkv = T.match_buffer(var_qkv, (w, qkv_size), "float32")
+        cs = T.match_buffer(var_cs, (w, d), "float32")
+        k_cache = T.match_buffer(var_k, (nl, g, d, c), kvd)
+        v_cache = T.match_buffer(var_v, (nl, g, c, d), kvd)
+        q = T.match_buffer(var_q, (hq, w, d), "float32")
+        k_tree = T.match_buffer(var_kt, (g, w, d), "float32")
+        v_tree = T.match_buffer(var_vt, (g, w, d), "float32")
+        body(w, qkv, cs, k_cache, v_cache, layer, n, q, k_tree, v_tree)
+
+    @T.prim_func(private=True)
+    def rope_kv_device_len(var_qkv: T.handle, var_cs: T.handle, var_k: T.handle,
+                           var_v: T.handle, var_pos: T.handle, layer: T.int64, var_q: T.handle,
+                           var_kt: T.handle, var_vt: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True,
+                     "hetcomp.rule": "script.rope"})
+        w = T.int64()
+        qkv = T.match_buffer(var_qkv, (w, qkv_size), "float32")
+        cs = T.match_buffer(var_cs, (w, d), "float32")
+        k_cache = T.match_buffer(var_k, (nl, g, d, c), kvd)
+        v_cache = T.match_buffer(var_v, (nl, g, c, d), kvd)
+        positions = T.match_buffer(var_pos, (w,), "int32")
+        q = T.match_buffer(var_q, (hq, w, d), "float32")
+        k_tree = T.match_buffer(var_kt, (g, w, d), "float32")
+        v_tree = T.match_buffer(var_vt, (g, w, d), "float32")
+        body(w, qkv, cs, k_cache, v_cache, layer, T.Cast("int64", positions[0]), q, k_tree,
+             v_tree)
+
+    func = rope_kv_device_len if device_len else rope_kv_func
+    recorded = {"args": [num_heads, num_kv_heads, head_dim, layers, context], "kv_dtype": kv_dtype}
+    if device_len:
+        recorded["device_len"] = True
+    return func.with_attr(OP_KIND, "rope").with_attr(ARGS_ATTR, json.dumps(recorded))
 
 
 def qk_norm(num_heads: int, num_kv_heads: int, head_dim: int, eps: float, gpu: bool = False):
@@ -183,15 +215,197 @@ def kv_commit(num_kv_heads: int, head_dim: int, layers: int, context: int, gpu: 
         {"args": [num_kv_heads, head_dim, layers, context], "kv_dtype": kv_dtype}))
 
 
+def stage_tree(gpu: bool = False):
+    """Copy a call's ``positions[w]`` and ``mask[w, w]`` into buffers of the function's own
+    (a block per row, a thread per column on the GPU). A CUDA graph replays fixed addresses:
+    the kernels it captures read these copies, never the call's arguments."""
+    rows, cols = _loop_kinds(gpu)
+
+    @T.prim_func(private=True)
+    def stage_tree_func(var_pos: T.handle, var_mask: T.handle, var_pos_out: T.handle,
+                        var_mask_out: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True,
+                     "hetcomp.rule": "script.stage_tree"})
+        w = T.int64()
+        positions = T.match_buffer(var_pos, (w,), "int32")
+        mask = T.match_buffer(var_mask, (w, w), "int32")
+        pos_out = T.match_buffer(var_pos_out, (w,), "int32")
+        mask_out = T.match_buffer(var_mask_out, (w, w), "int32")
+        for i in rows(w):
+            for j in cols(w):
+                mask_out[i, j] = mask[i, j]
+                if j == 0:
+                    pos_out[i] = positions[i]
+
+    return stage_tree_func.with_attr(OP_KIND, "stage_tree").with_attr(
+        ARGS_ATTR, json.dumps({"args": []}))
+
+
+@T.macro
+def _no_sync():
+    T.evaluate(0)
+
+
+@T.macro
+def _block_sync():
+    T.tvm_storage_sync("shared")
+
+
+def tree_attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, context: int,
+                   gpu: bool = False, kv_dtype: str = "float32", window: int = 0):
+    """Tree attention with the cache length read on the device, for CUDA graphs: the fused
+    masked attention of :func:`hetcomp.kernels.ops.attention` (``part="full"``) with every
+    shape static but the rows, so one captured graph serves every cache length.
+
+    ``q[H, w, D]`` (``rope_kv``'s), the caches, ``mask[w, w]``, ``positions[w]``, ``layer``;
+    output ``o[w, H, D]``. The committed keys are ``[0, n)`` with ``n = positions[0]`` (the
+    root's position, :func:`rope_kv`'s ``device_len``), the tree's ``[n, n + w)``; row i sees
+    tree node j where ``mask[i, j] != 0``. ``window = S > 0``: row i sees only keys less than
+    S positions back (a committed key's position is its slot, a tree key's its
+    ``positions``).
+
+    One thread block per (head, row), ``T`` threads (the power of two >= max(D, 32)), over
+    the keys in chunks of ``T`` with an online softmax (flash decoding within a block): a
+    thread scores one key (the K cache is position-major, so the block's loads are
+    coalesced), a shared-memory tree reduction gives the chunk's max and sum, and thread
+    ``d < D`` accumulates output element d over the chunk's values (a V row is contiguous).
+    The running max, sum and output live in shared memory; phases are separated by block
+    barriers. Chunks past ``n + w`` are skipped, so the work follows the cache length while
+    the launch does not depend on it. ``gpu=False``: the same phases with the block loop
+    parallel and the thread loops serial on the CPU (tests run it against numpy).
+    """
+    hq, g, d, nl, c = num_heads, num_kv_heads, head_dim, layers, context
+    kvd, rep = kv_dtype, num_heads // num_kv_heads
+    nt = max(32, 1 << (d - 1).bit_length())
+    levels = nt.bit_length() - 1  # tree-reduction steps over nt values
+    limit = window or c + 1  # key distance bound: every key is nearer than c + 1
+    scale = 1.0 / math.sqrt(d)
+    blocks, threads = _loop_kinds(gpu)
+    shared = "shared" if gpu else "global"
+    sync = _block_sync if gpu else _no_sync
+    nt64 = T.int64(nt)
+
+    @T.macro
+    def tree_reduce(red, combine):
+        for lv in range(T.int64(levels)):
+            for t in threads(nt64):
+                half = T.shift_right(T.int64(nt), lv + 1)
+                if t < half:
+                    red[t] = combine(red[t], red[t + half])
+            sync()
+
+    @T.prim_func(private=True)
+    def tree_attention_func(var_q: T.handle, var_k: T.handle, var_v: T.handle,
+                            var_mask: T.handle, var_pos: T.handle, layer: T.int64,
+                            var_out: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True,
+                     "hetcomp.rule": "script.tree_attention"})
+        w = T.int64()
+        q = T.match_buffer(var_q, (hq, w, d), "float32")
+        k_cache = T.match_buffer(var_k, (nl, g, d, c), kvd)
+        v_cache = T.match_buffer(var_v, (nl, g, c, d), kvd)
+        mask = T.match_buffer(var_mask, (w, w), "int32")
+        positions = T.match_buffer(var_pos, (w,), "int32")
+        out = T.match_buffer(var_out, (w, hq, d), "float32")
+        for b in blocks(hq * w):
+            qs = T.alloc_buffer((d,), "float32", scope=shared)  # the row's query, scaled
+            acc = T.alloc_buffer((d,), "float32", scope=shared)  # its output, unnormalised
+            sc = T.alloc_buffer((nt,), "float32", scope=shared)  # a chunk's scores, then weights
+            red = T.alloc_buffer((nt,), "float32", scope=shared)
+            stat = T.alloc_buffer((3,), "float32", scope=shared)  # running max, sum; new max
+            n = T.Cast("int64", positions[0])
+            total = n + w
+            h = b // w
+            i = b % w
+            kv = h // rep
+            pi = T.Cast("int64", positions[i])
+            for t in threads(nt64):
+                if t < d:
+                    qs[t] = q[h, i, t] * T.float32(scale)
+                    acc[t] = T.float32(0)
+                if t == 0:
+                    stat[0] = T.float32("-inf")
+                    stat[1] = T.float32(0)
+            sync()
+            for ch in range((total + (nt - 1)) // nt):
+                # Step 1. A key per thread: its score, or -inf where the row cannot see it.
+                for t in threads(nt64):
+                    dot = T.alloc_buffer((1,), "float32", scope="local")
+                    j = ch * nt + t
+                    node = T.max(T.min(j - n, w - 1), T.int64(0))
+                    seen = T.if_then_else(
+                        j < n, pi - j < limit,
+                        j < total and mask[i, node] != 0
+                        and pi - T.Cast("int64", positions[node]) < limit)
+                    dot[0] = T.float32("-inf")
+                    if seen:
+                        dot[0] = T.float32(0)
+                        for e in range(T.int64(d)):
+                            dot[0] = dot[0] + qs[e] * T.Cast(
+                                "float32", k_cache[layer, kv, e, j])
+                    sc[t] = dot[0]
+                    red[t] = dot[0]
+                sync()
+                # Step 2. The chunk's max; the new running max.
+                tree_reduce(red, T.max)
+                for t in threads(nt64):
+                    if t == 0:
+                        stat[2] = T.max(stat[0], red[0])
+                sync()
+                # Step 3. Weights against the new max, and their sum.
+                for t in threads(nt64):
+                    p = T.if_then_else(sc[t] == T.float32("-inf"), T.float32(0),
+                                       T.exp(sc[t] - stat[2]))
+                    sc[t] = p
+                    red[t] = p
+                sync()
+                tree_reduce(red, lambda x, y: x + y)
+                # Step 4. Rescale the output by exp(old max - new max), add the chunk's
+                # values; then the running sum and max.
+                for t in threads(nt64):
+                    alpha = T.if_then_else(stat[0] == T.float32("-inf"), T.float32(0),
+                                           T.exp(stat[0] - stat[2]))
+                    if t < d:
+                        a = T.alloc_buffer((1,), "float32", scope="local")
+                        a[0] = acc[t] * alpha
+                        for u in range(nt64):
+                            if ch * nt + u < total:
+                                a[0] = a[0] + sc[u] * T.Cast(
+                                    "float32", v_cache[layer, kv, ch * nt + u, t])
+                        acc[t] = a[0]
+                sync()
+                for t in threads(nt64):
+                    if t == 0:
+                        stat[1] = stat[1] * T.if_then_else(
+                            stat[0] == T.float32("-inf"), T.float32(0),
+                            T.exp(stat[0] - stat[2])) + red[0]
+                sync()
+                for t in threads(nt64):  # apart: the statement above reads the old max
+                    if t == 0:
+                        stat[0] = stat[2]
+                sync()
+            for t in threads(nt64):
+                if t < d:
+                    out[i, h, t] = acc[t] / stat[1]
+
+    recorded = {"args": [num_heads, num_kv_heads, head_dim, layers, context],
+                "kv_dtype": kv_dtype}
+    if window:
+        recorded["window"] = window
+    return tree_attention_func.with_attr(OP_KIND, "tree_attention").with_attr(
+        ARGS_ATTR, json.dumps(recorded))
+
+
 def for_gpu(func, gpu: bool = True):
-    """The GPU version of a script kernel (``rope_kv``/``kv_commit``), or None for others;
+    """The GPU version of a script kernel (any of this module's), or None for others;
     ``gpu=False``: a fresh CPU copy (new definitions, for a second unit)."""
     attrs = func.attrs
     if attrs is None or ARGS_ATTR not in attrs:
         return None
     recorded = json.loads(str(attrs[ARGS_ATTR]))
-    build = {"rope": rope_kv, "kv_commit": kv_commit, "qk_norm": qk_norm}[str(attrs[OP_KIND])]
-    kw = {"kv_dtype": recorded["kv_dtype"]} if "kv_dtype" in recorded else {}
+    build = {"rope": rope_kv, "kv_commit": kv_commit, "qk_norm": qk_norm,
+             "tree_attention": tree_attention, "stage_tree": stage_tree}[str(attrs[OP_KIND])]
+    kw = {key: recorded[key] for key in ("kv_dtype", "device_len", "window") if key in recorded}
     out = build(*recorded["args"], gpu=gpu, **kw)
     for key in ("global_symbol", "target"):
         if key in attrs:

@@ -126,6 +126,11 @@ class Artifact:
             self.trees = {int(w): Tree.from_json(t) for w, t in spec["trees"].items()}
             self._medusa = self.vm["medusa"]
         self.widths = list(self.manifest.get("widths", [1]))
+        # CUDA graphs replay the cache addresses they captured: such an artifact holds one
+        # cache pair, which each new session takes over (manifest "fixed_cache").
+        self.fixed_cache = bool(self.manifest.get("fixed_cache", False))
+        self._cache: tuple | None = None
+        self._cache_owner: Session | None = None
         self._rank_probs = np.asarray(spec["rank_probs"]) if spec else None
         self._built_trees: dict = {}  # widths not stored in the manifest
         self.step_shapes: dict = {}  # the generator's per-(width, chain) tree layouts
@@ -166,13 +171,23 @@ class Session:
 
     def __init__(self, art: Artifact):
         self.art = art
-        ks, vs = kv_cache_shapes(art.config)
-        self.k_cache = _tvm.tensor(np.zeros(ks, art.kv_dtype), art.kv_device)
-        self.v_cache = _tvm.tensor(np.zeros(vs, art.kv_dtype), art.kv_device)
+        if art.fixed_cache and art._cache is not None:
+            self.k_cache, self.v_cache = art._cache  # stale K/V past length 0 is never read
+        else:
+            ks, vs = kv_cache_shapes(art.config)
+            self.k_cache = _tvm.tensor(np.zeros(ks, art.kv_dtype), art.kv_device)
+            self.v_cache = _tvm.tensor(np.zeros(vs, art.kv_dtype), art.kv_device)
+        if art.fixed_cache:
+            art._cache, art._cache_owner = (self.k_cache, self.v_cache), self
         self.length = 0
         self.tokens: list[int] = []  # the ids whose K/V the cache holds, in order
         self.capacity = art.config.max_context
         self._tree_tokens = np.zeros(0, "int64")
+
+    def _check_owner(self) -> None:
+        if self.art.fixed_cache and self.art._cache_owner is not self:
+            raise HetcompError("this session's KV cache now belongs to a newer session (an "
+                               "artifact with CUDA graphs holds one cache)")
 
     def _t(self, arr, dtype="int32"):
         return _tvm.tensor(np.ascontiguousarray(arr, dtype=dtype), self.art.device)
@@ -185,6 +200,7 @@ class Session:
         unless the padding would run past the cache; otherwise, or when ``chunk`` is given, chunks of ``chunk`` (default
         :data:`~hetcomp.artifact_format.PREFILL_CHUNK`) tokens run the symbolic-width
         ``prefill``."""
+        self._check_owner()
         ids = np.asarray(ids, "int32")
         if len(ids) == 0:
             raise HetcompError("empty prompt")
@@ -222,6 +238,7 @@ class Session:
         ``mask[W, W]``: node i sees node j where non-zero (its ancestors and itself); ``csr``:
         the same tree as ``(row_ptr, col_idx)`` (:meth:`~hetcomp.speculative.tree.Tree.csr`),
         built from the mask when not given (callers that repeat a tree shape cache it)."""
+        self._check_owner()
         w = len(tokens)
         if self.length + w > self.capacity:
             raise HetcompError(f"context of {self.capacity} tokens is full")
@@ -239,6 +256,7 @@ class Session:
 
         Nodes already in place (the path ``0, 1, ..., a - 1``: every sequential step, and the
         speculative steps that accept the root or its first child) need no kernel call."""
+        self._check_owner()
         self.tokens.extend(int(self._tree_tokens[a]) for a in accepted)
         if all(int(a) == j for j, a in enumerate(accepted)):
             self.length += len(accepted)

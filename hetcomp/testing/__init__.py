@@ -66,12 +66,14 @@ def depths(parents):
     return np.array(d)
 
 
-def compile_tiny(tmp_path_factory, cfg=TINY, dtype="float32", seed=0, name="tiny"):
-    """Compile a random model of ``cfg`` into a fresh folder of pytest's ``tmp_path_factory``;
-    returns (artifact path, float32 weights)."""
+def compile_tiny(tmp_path_factory, cfg=TINY, dtype="float32", seed=0, name="tiny", **options):
+    """Compile a random model of ``cfg`` into a fresh folder of pytest's ``tmp_path_factory``
+    (``options``: more :class:`CompileOptions` fields); returns (artifact path, float32
+    weights)."""
     w = random_weights(cfg, seed=seed)
     out = tmp_path_factory.mktemp(name) / "art"
-    compile_model(CompileOptions(model="tiny.gguf", dtype=dtype, max_context=cfg.max_context),
+    compile_model(CompileOptions(model="tiny.gguf", dtype=dtype, max_context=cfg.max_context,
+                                 **options),
                   str(out), quiet=True, weights=(cfg, w, byte_tokenizer_spec(cfg.vocab_size),
                                                   __file__))
     return str(out), w

@@ -7,11 +7,12 @@ import shutil
 import pytest
 
 from hetcomp import _tvm
+from hetcomp.codegen.build import CUDA_GRAPH_OPTION
 from hetcomp.driver.compile import CompileOptions, compile_model
 from hetcomp.frontend.llama import build_module
 from hetcomp.frontend.weights import random_weights
 from hetcomp.hardware import target_dict
-from hetcomp.passes.pipeline import scheduling_pipeline
+from hetcomp.passes.pipeline import scheduling_pipeline, vm_lowering_pipeline
 from hetcomp.plan import HeteroPlan, load_plan, unit_target
 from hetcomp.schedules.apply import RULE_ATTR
 from hetcomp.testing import TINY, byte_tokenizer_spec, run_cli
@@ -100,10 +101,12 @@ def test_gpu_hosted_plan_compiles_without_a_gpu(tmp_path):
 
 
 def test_cuda_artifact_captures_cuda_graphs(tmp_path):
-    """`compile --target cuda` replays each function's static-shape kernel regions as CUDA
-    graphs: fewer launches per verify step than kernels, the VM calling the capture builtin;
-    only the kernels that read the cache length (and the function's outputs) stay outside.
-    `--no-cuda-graph` launches every kernel."""
+    """`compile --target cuda` replays each verify step as one CUDA graph from the first
+    layer to the final norm, the same graph for every cache length: the kernels read the
+    length on the device and the copied tree inputs, the caches are fixed (one pair per
+    artifact, manifest ``fixed_cache``). Only the kernels that read the call's arguments
+    (the copy, the embedding) or write its outputs (final norm, LM head, argmax) launch on
+    their own. `--no-cuda-graph` launches every kernel and reads the length from the call."""
     from hetcomp.codegen.build import launch_counts
 
     weights = (TINY, random_weights(TINY, seed=3), byte_tokenizer_spec(TINY.vocab_size), "t")
@@ -111,16 +114,22 @@ def test_cuda_artifact_captures_cuda_graphs(tmp_path):
                                  verify_widths=(4,)), str(tmp_path / "g"), quiet=True,
                   weights=weights)
     manifest = json.loads((tmp_path / "g" / "manifest.json").read_text())
-    assert manifest["cuda_graph"] is True
+    assert manifest["cuda_graph"] is True and manifest["fixed_cache"] is True
     launches = manifest["launches"]
     assert set(launches) == {"prefill_w64", "verify_w1", "verify_w4"}
-    for name, n in launches.items():
-        assert n["graphs"] >= 1 and n["launches"] < n["kernels"], (name, n)
+    for name in ("verify_w1", "verify_w4"):
+        assert launches[name]["graphs"] == 1 and launches[name]["launches"] == 6, launches
     assert b"vm.builtin.cuda_graph.run_or_capture" in (tmp_path / "g" / "lib.so").read_bytes()
+    compile_model(CompileOptions(model="tiny", target="cuda", dtype="float16", max_context=64,
+                                 cuda_graph=False), str(tmp_path / "n"), quiet=True,
+                  weights=weights)
+    manifest = json.loads((tmp_path / "n" / "manifest.json").read_text())
+    assert manifest["cuda_graph"] is False and manifest["fixed_cache"] is False
 
-    # Four layers: the middle layers' regions repeat, one capture function replayed for each.
+    # Four layers, the same six launches: one graph holds every layer.
     cfg = dataclasses.replace(TINY, num_layers=4)
-    mod = build_module(cfg, "float16", 0, static_widths=(1, 4), kv_dtype="float16")
+    mod = build_module(cfg, "float16", 0, static_widths=(1, 4), kv_dtype="float16",
+                       device_len=True)
     target = c.Target(target_dict("cuda"))
     with target:
         mod = scheduling_pipeline(target)(mod)
@@ -130,11 +139,25 @@ def test_cuda_artifact_captures_cuda_graphs(tmp_path):
         assert without[name]["graphs"] == 0
         assert without[name]["launches"] == without[name]["kernels"]
         assert with_graphs[name]["kernels"] == without[name]["kernels"]  # the same kernels
-    assert with_graphs["verify_w4"]["graphs"] == launches["verify_w4"]["graphs"] + 2
-    # Outside any graph: embed, the RoPE table, per layer rope_kv and attention (they read
-    # the cache length), and the final norm, LM head and argmax (the function's outputs).
-    outside = with_graphs["verify_w1"]["launches"] - with_graphs["verify_w1"]["graphs"]
-    assert outside == 2 + 2 * cfg.num_layers + 3
+        assert (with_graphs[name]["launches"], with_graphs[name]["graphs"]) == (6, 1)
+    # No capture is keyed by a symbolic value (the cache length): one graph for every length.
+    with c.transform.PassContext(config={CUDA_GRAPH_OPTION: True}):
+        low = vm_lowering_pipeline()(mod)
+    run = c.Op.get("relax.call_builtin_with_ctx")
+    keyed = []
+
+    def visit(e):
+        if isinstance(e, c.relax.Call) and e.op.same_as(run) and str(
+                e.args[0].global_symbol) == "vm.builtin.cuda_graph.run_or_capture":
+            keyed.append(len(e.args[1].fields) > 3)  # (func, args, index[, shape key])
+
+    c.relax.analysis.post_order_visit(low["verify_w4"].body, visit)
+    assert keyed == [False]
+    # Without device_len (the CPU build's module) the layers' cache kernels stay outside.
+    plain = build_module(cfg, "float16", 0, static_widths=(1,), kv_dtype="float16")
+    with target:
+        plain = scheduling_pipeline(target)(plain)
+    assert launch_counts(plain, True, ("verify_w1",))["verify_w1"]["launches"] > 4 * 2
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit)")

@@ -61,9 +61,21 @@ def test_loader_derives_gemma3_config_as_llama_cpp(gemma3_gguf):
         np.testing.assert_array_equal(loaded[name], arr, err_msg=name)
 
 
-def test_prefill_and_tree_verify_past_the_window_match_numpy(gemma3_artifact, gemma3_gguf):
+@pytest.fixture(scope="module")
+def gemma3_device_len(tmp_path_factory, gemma3_gguf):
+    """Compiled as for CUDA graphs (the windowed ``tree_attention`` kernels, the cache length
+    read on the device), run on the CPU."""
+    path, _ = gemma3_gguf
+    out = tmp_path_factory.mktemp("gemma3-dev") / "art"
+    compile_model(CompileOptions(model=str(path), max_context=CFG.max_context,
+                                 verify_widths=(4,), device_len=True), str(out), quiet=True)
+    return load_artifact(str(out))
+
+
+@pytest.mark.parametrize("artifact", ["gemma3_artifact", "gemma3_device_len"])
+def test_prefill_and_tree_verify_past_the_window_match_numpy(request, artifact, gemma3_gguf):
     _, stored = gemma3_gguf
-    sess = gemma3_artifact.new_session()
+    sess = request.getfixturevalue(artifact).new_session()
     nxt, hidden = sess.prefill(PROMPT)  # a 64-row chunk, then a 6-row one
     ref_logits, ref_hidden = ref.forward(CFG, stored, PROMPT)
     assert nxt == int(np.argmax(ref_logits[-1]))
@@ -114,12 +126,13 @@ def test_partitioned_build_matches_unpartitioned(tmp_path, gemma3_gguf):
 
 
 def test_cuda_artifact_compiles_without_a_gpu(tmp_path, gemma3_gguf):
-    """--target cuda: the q/k norm script kernel has a GPU body, the windowed attention and
-    the residual norm get GPU schedules like their plain versions."""
+    """--target cuda: the q/k norm script kernel has a GPU body, the windowed attention is
+    the device-length kernel's windowed version, the residual norm gets a GPU schedule like
+    its plain version."""
     path, _ = gemma3_gguf
     compile_model(CompileOptions(model=str(path), target="cuda", max_context=CFG.max_context),
                   str(tmp_path / "g"), quiet=True)
     lib = (tmp_path / "g" / "lib.so").read_bytes()
-    for name in (b"qk_norm", b"attention_win8", b"rms_norm_res", b"gelu_mul"):
+    for name in (b"qk_norm", b"tree_attention_win8", b"rms_norm_res", b"gelu_mul"):
         assert name in lib, name
     assert lib.count(b"__global__") > 10

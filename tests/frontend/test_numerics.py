@@ -11,6 +11,16 @@ from hetcomp.testing import numpy_llama as ref
 RTOL = 1e-4
 
 
+@pytest.fixture(scope="module", params=["default", "device_len"])
+def tiny_artifact(request, tmp_path_factory):
+    """The tiny model as compiled for the CPU, and as compiled for CUDA graphs (the cache
+    length read on the device, every attention ``script_ops.tree_attention``, one cache pair
+    per artifact) but run on the CPU: the same checks hold for both."""
+    if request.param == "default":
+        return request.getfixturevalue("tiny_artifact")
+    return compile_tiny(tmp_path_factory, name="device_len", device_len=True)
+
+
 def rel_err(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
@@ -42,9 +52,8 @@ def test_chunked_prefill_equals_one_shot(tiny_artifact):
     art = load_artifact(path)
     assert art._prefill_static[0] == 64
     prompt = list(range(3, 40))
-    a, b = art.new_session(), art.new_session()
-    na, ha = a.prefill(prompt)
-    nb, hb = b.prefill(prompt, chunk=8)
+    na, ha = art.new_session().prefill(prompt)
+    nb, hb = art.new_session().prefill(prompt, chunk=8)
     assert na == nb
     np.testing.assert_allclose(ha.numpy(), hb.numpy(), rtol=1e-5, atol=1e-6)
 
@@ -189,3 +198,26 @@ def test_verify_sparse_path_matches_numpy(wide_artifact, parents, cache):
     assert rel_err(logits.numpy(), ref_logits[cache:]) < RTOL
     assert rel_err(hidden.numpy(), ref_hidden[cache:]) < RTOL
     np.testing.assert_array_equal(ids, ref_logits[cache:].argmax(-1))
+
+
+def test_fixed_cache_artifact_holds_one_cache(tiny_artifact):
+    """An artifact built for CUDA graphs (manifest ``fixed_cache``) hands its one cache pair
+    to each new session; the older session is refused in one line, the newer one runs from
+    an empty cache (the stale K/V past its length are never read)."""
+    from hetcomp.errors import HetcompError
+
+    path, w = tiny_artifact
+    art = load_artifact(path)
+    first = art.new_session()
+    first.prefill([5, 17, 99])
+    second = art.new_session()
+    assert art.fixed_cache == ("device_len" in path)
+    if not art.fixed_cache:
+        first.prefill([4])  # separate caches: both sessions live
+        return
+    with pytest.raises(HetcompError, match="newer session"):
+        first.prefill([4])
+    prompt = [12, 200, 31, 4]
+    nxt, hidden = second.prefill(prompt)
+    logits, _ = ref.forward(TINY, w, prompt)
+    assert nxt == int(np.argmax(logits[-1]))

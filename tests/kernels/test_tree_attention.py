@@ -1,0 +1,87 @@
+"""``script_ops.tree_attention``, the attention of CUDA-graph builds (the cache length read on
+the device as ``positions[0]``): its CPU form (the same phases, the thread loops serial)
+against float64 numpy, and its GPU form through TVM's CUDA codegen and nvcc."""
+
+import math
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from hetcomp import _tvm
+from hetcomp.codegen.build import cuda_source
+from hetcomp.hardware import target_dict
+from hetcomp.kernels import script_ops
+from hetcomp.testing import depths, tree_mask
+
+c = _tvm.compiler()
+H, G, D, LAYERS, CONTEXT = 4, 2, 16, 2, 64
+
+
+def reference(q, kc, vc, mask, pos, layer, window=0):
+    """Row i of head h: softmax over the committed keys [0, n) and its tree ancestors."""
+    w, n, rep = q.shape[1], int(pos[0]), H // G
+    out = np.zeros((w, H, D))
+    for h in range(H):
+        for i in range(w):
+            keys = [j for j in range(n) if not window or pos[i] - j < window]
+            keys += [n + t for t in range(w)
+                     if mask[i, t] and (not window or pos[i] - pos[t] < window)]
+            s = q[h, i].astype(np.float64) @ kc[layer, h // rep][:, keys].astype(np.float64)
+            p = np.exp(s / math.sqrt(D) - (s / math.sqrt(D)).max())
+            out[i, h] = (p / p.sum()) @ vc[layer, h // rep][keys].astype(np.float64)
+    return out
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "float16"])
+@pytest.mark.parametrize("window", [0, 5])
+def test_cpu_form_matches_numpy(kv_dtype, window):
+    """Empty cache (one key: the row itself), a tree over a short cache, several 32-key
+    chunks, and a cache filled to its last slot; with a window, keys 5 or more positions
+    back drop out, whole chunks of them too."""
+    func = script_ops.tree_attention(H, G, D, LAYERS, CONTEXT, kv_dtype=kv_dtype,
+                                     window=window)
+    lib = c.compile(c.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                    target=target_dict("host"))
+    rng = np.random.default_rng(window)
+    for n, parents in ((0, [-1]), (3, [-1, 0, 0, 1]), (40, [-1, 0, 1, 1, 0, 4, 2, 6]),
+                       (33, [-1] + list(range(30)))):
+        w = len(parents)
+        mask, pos = tree_mask(parents).astype("int32"), (n + depths(parents)).astype("int32")
+        kc = rng.standard_normal((LAYERS, G, D, CONTEXT)).astype(kv_dtype)
+        vc = rng.standard_normal((LAYERS, G, CONTEXT, D)).astype(kv_dtype)
+        q = rng.standard_normal((H, w, D)).astype("float32")
+        out = _tvm.tensor(np.zeros((w, H, D), "float32"))
+        lib["main"](*map(_tvm.tensor, (q, kc, vc, mask, pos)), 1, out)
+        np.testing.assert_allclose(out.numpy(), reference(q, kc, vc, mask, pos, 1, window),
+                                   rtol=1e-5, atol=1e-5, err_msg=f"n={n} w={w}")
+
+
+def test_gpu_form_is_one_block_per_row_with_barriers():
+    """A block per (head, row), T = 32 threads (the power of two >= head_dim, at least a
+    warp), the running state in shared memory, a barrier after every phase, the chunk loop
+    bounded by the length read on the device."""
+    func = script_ops.for_gpu(script_ops.tree_attention(H, G, D, LAYERS, CONTEXT))
+    src = cuda_source(c.compile(c.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                                target=target_dict("cuda")))
+    assert "__launch_bounds__(32)" in src
+    assert src.count("__shared__") == 5
+    assert src.count("__syncthreads()") >= 8
+    assert "positions_ptr[0]" in src
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit)")
+@pytest.mark.parametrize("head_dim,kv_dtype", [(64, "float16"), (256, "float32")])
+def test_gpu_form_compiles_with_nvcc(tmp_path, head_dim, kv_dtype):
+    """SmolLM2's shape and Gemma 3's head_dim 256 (256 threads) for sm_90."""
+    func = script_ops.for_gpu(script_ops.tree_attention(9, 3, head_dim, 30, 2048,
+                                                        kv_dtype=kv_dtype, window=512))
+    src = cuda_source(c.compile(c.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                                target=target_dict("cuda")))
+    (tmp_path / "k.cu").write_text(src)
+    out = subprocess.run(["nvcc", "--cubin", "-arch=sm_90", "--resource-usage", "-o",
+                          str(tmp_path / "k.cubin"), str(tmp_path / "k.cu")],
+                         capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "used 1 barriers" in out.stderr
