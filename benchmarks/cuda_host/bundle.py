@@ -93,7 +93,8 @@ def main() -> int:
                                  tuple((k, 0.5) for k in kinds), 0, 0),
     }
     common = dict(model="smollm2", heads=heads, max_context=args.max_context,
-                  separate_weights=True, widths=(1, 2, 4, 8, 16), cuda_arch=args.cuda_arch)
+                  separate_weights=True, widths=(1, 2, 4, 8, 16), verify_widths=(64,),
+                  cuda_arch=args.cuda_arch)
     builds = {"cpu": CompileOptions(target="x86-64-v3", **common),
               "gpu": CompileOptions(target="cuda", **common),
               # The same GPU build launching every kernel on its own: what CUDA graphs save.

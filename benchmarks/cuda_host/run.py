@@ -1,12 +1,15 @@
 """On the CUDA host, with the TVM runtime only: profile the kit, run the artifacts.
 
     python run.py profile BUNDLE OUT     ARCA kit -> OUT/profile.sqlite (cpu and cuda)
-    python run.py run BUNDLE OUT         PyTorch eager bfloat16 on the GPU first (eager.py,
+    python run.py run BUNDLE OUT [NAME ...]
+                                         PyTorch eager bfloat16 on the GPU first (eager.py,
                                          where torch sees one), then attach weights; per
-                                         artifact: greedy output (sequential and
-                                         speculative), decode tokens/s, verify step time,
-                                         per-unit and per-kernel time
-                                         -> OUT/results.json (rewritten after each artifact)
+                                         artifact (measure_artifact): greedy output on the
+                                         held-out prompts at W = 1, 2, 4, 8 (identical?),
+                                         decode tokens/s, verify step time at W = 1, 4, 16,
+                                         64, per-unit and per-kernel time
+                                         -> OUT/results.json (rewritten after each artifact);
+                                         last, the issue's ratios on stderr
     python run.py generate BUNDLE OUT WORKERS SECONDS
                                          greedy responses to the bundle's prompts.json
                                          (calibration data, bundle.py --generate) from
@@ -26,8 +29,9 @@ import sys
 import time
 
 T0 = time.time()
-PROMPTS = ["What are three good habits for staying healthy?",
-           "Write a short poem about the sea."]
+GEN_WIDTHS = (1, 2, 4, 8)  # generation on the held-out prompts
+STEP_WIDTHS = (1, 4, 16, 64)  # verify step time (issue #19: W = 64 should cost little more)
+BREAKDOWN_WIDTHS = (1, 2, 8)  # per-unit and per-kernel time (report.py)
 NEW_TOKENS = 48
 
 
@@ -61,10 +65,9 @@ def _gguf(bundle: str) -> str:
 
 
 def run(bundle: str, out: str, names: list[str]) -> None:
-    import numpy as np
-
-    from hetcomp.runtime import attach_weights, generate, load_artifact
-    from hetcomp.runtime.unit_time import kernel_breakdown, step_breakdown
+    from hetcomp.driver.bench import bench_prompts
+    from hetcomp.errors import HetcompError
+    from hetcomp.runtime import attach_weights, load_artifact
 
     gguf = _gguf(bundle)
     meta = json.load(open(os.path.join(bundle, "bundle.json")))
@@ -72,44 +75,97 @@ def run(bundle: str, out: str, names: list[str]) -> None:
     # One process per artifact (a crash loses one artifact): results accumulate in the file.
     results: dict = (json.load(open(path)) if os.path.isfile(path)
                      else {"device": _device_info(), "artifacts": {}})
-    reference = results.get("reference")
     if "eager" not in results:  # the baseline, in the same run (issue #19)
         results["eager"] = _eager()
         say(f"eager: {results['eager']}")
     for name in names or meta["artifacts"]:
         art_dir = os.path.join(bundle, "art", name)
-        say(f"{name}: attaching weights")
-        attach_weights(art_dir, gguf, quiet=True)
+        if not os.path.isfile(os.path.join(art_dir, "params.bin")):  # else: a warm rerun
+            say(f"{name}: attaching weights")
+            attach_weights(art_dir, gguf, quiet=True)
         t = time.time()
-        art = load_artifact(art_dir)
-        r: dict = {"load_s": time.time() - t, "plan": art.manifest.get("plan"),
-                   "units": [u["name"] for u in art.manifest["units"]]}
-        say(f"{name}: loaded in {r['load_s']:.1f}s on {r['units']}")
-        prompts = [art.tokenizer.encode(p, chat=True) for p in PROMPTS]
-        outs = {}
-        for width in (1, 2, 4, 8):
-            runs = [generate(art, ids, NEW_TOKENS, stop_at_eos=False, width=width)
-                    for ids in prompts]
-            runs = [generate(art, ids, NEW_TOKENS, stop_at_eos=False, width=width)
-                    for ids in prompts]  # second pass: warm
-            outs[width] = [x.ids for x in runs]
-            r[f"w{width}"] = {
-                "tokens_per_s": float(np.mean([x.decode_tokens_per_s for x in runs])),
-                "accepted_per_step": float(np.mean([x.accepted_per_step for x in runs])),
-                "identical_to_sequential": outs[width] == outs[1]}
-            say(f"{name}: W={width} {r[f'w{width}']}")
-        if reference is None:
-            reference = results["reference"] = outs[1]
-            r["text"] = runs[0].text
-        r["identical_to_first_artifact"] = outs[1] == reference
-        r["ids_w1"] = outs[1]
-        r["breakdown"] = [step_breakdown(art, w, steps=10, cache_len=64) for w in (1, 2, 8)]
-        say(f"{name}: breakdown {r['breakdown']}")
-        r["kernels"] = [kernel_breakdown(art, w, steps=10, cache_len=64) for w in (1, 2, 8)]
+        art = load_artifact(art_dir)  # checks params.bin against the manifest
+        load_s = time.time() - t
+        say(f"{name}: loaded in {load_s:.1f}s")
+        try:
+            which = "heldout"
+            texts = bench_prompts(art.manifest, which)
+        except HetcompError:  # heads without a calibration record (test models)
+            which = "bench"
+            texts = bench_prompts(art.manifest, which)
+        chat = art.tokenizer.chat_template is not None
+        r = measure_artifact(art, [art.tokenizer.encode(p, chat=chat) for p in texts],
+                             results.get("reference"), GEN_WIDTHS, STEP_WIDTHS,
+                             BREAKDOWN_WIDTHS, NEW_TOKENS)
+        r["prompts"] = which
+        r["load_s"] = load_s
+        results.setdefault("reference", r["ids_w1"])
         results["artifacts"][name] = r
         with open(path, "w") as fh:
             json.dump(results, fh, indent=1)
         del art
+    _summary(results)
+
+
+def measure_artifact(art, prompts: list[list[int]], reference: list | None = None,
+                     gen_widths=GEN_WIDTHS, step_widths=STEP_WIDTHS,
+                     breakdown_widths=BREAKDOWN_WIDTHS, new_tokens: int = NEW_TOKENS) -> dict:
+    """One artifact: greedy decoding of ``prompts`` at each width (interleaved per prompt,
+    after a warm-up at each width), whether every width's ids equal sequential decoding's
+    (and ``reference``'s, the first artifact's), the verify step time at ``step_widths``,
+    and per-unit and per-kernel time at ``breakdown_widths`` (a CUDA-graph artifact's graph
+    is one call there: its kernels show in the ``-nograph`` build's)."""
+    import numpy as np
+
+    from hetcomp.runtime import generate
+    from hetcomp.runtime.unit_time import kernel_breakdown, step_breakdown
+
+    r: dict = {"plan": art.manifest.get("plan"),
+               "units": [u["name"] for u in art.manifest["units"]],
+               "cuda_graph": art.manifest.get("cuda_graph"),
+               "launches": art.manifest.get("launches")}
+    for w in gen_widths:  # warm-up: loads, first captures
+        generate(art, prompts[0], 8, stop_at_eos=False, width=w)
+    runs: dict = {w: [] for w in gen_widths}
+    for ids in prompts:
+        for w in gen_widths:
+            runs[w].append(generate(art, ids, new_tokens, stop_at_eos=False, width=w))
+    outs = {w: [x.ids for x in runs[w]] for w in gen_widths}
+    for w in gen_widths:
+        r[f"w{w}"] = {
+            "tokens_per_s": float(np.mean([x.decode_tokens_per_s for x in runs[w]])),
+            "accepted_per_step": float(np.mean([x.accepted_per_step for x in runs[w]])),
+            "identical_to_sequential": outs[w] == outs[gen_widths[0]]}
+        say(f"W={w} {r[f'w{w}']}")
+    seq = r[f"w{gen_widths[0]}"]["tokens_per_s"]
+    best = max(gen_widths, key=lambda w: r[f"w{w}"]["tokens_per_s"])
+    r["speculative_speedup"] = {"width": best,
+                                "x": r[f"w{best}"]["tokens_per_s"] / seq}
+    r["ids_w1"] = outs[gen_widths[0]]
+    r["text"] = art.tokenizer.decode(runs[gen_widths[0]][0].ids)
+    r["identical_to_first_artifact"] = reference is None or r["ids_w1"] == reference
+    r["step_s"] = {str(w): step_breakdown(art, w, steps=10, cache_len=64)["step_s"]
+                   for w in step_widths}
+    say(f"step ms {({w: round(1e3 * t, 3) for w, t in r['step_s'].items()})}")
+    r["breakdown"] = [step_breakdown(art, w, steps=10, cache_len=64) for w in breakdown_widths]
+    r["kernels"] = [kernel_breakdown(art, w, steps=10, cache_len=64) for w in breakdown_widths]
+    return r
+
+
+def _summary(results: dict) -> None:
+    """The issue's ratios: sequential decoding against PyTorch eager, speculative against
+    sequential, W = 64 against W = 1, and greedy identity."""
+    eager = results.get("eager", {}).get("tokens_per_s")
+    for name, r in results["artifacts"].items():
+        seq = r["w1"]["tokens_per_s"]
+        steps = r["step_s"]
+        say(f"{name}: sequential {seq:.1f} tok/s"
+            + (f" = {seq / eager:.2f}x eager" if eager else "")
+            + f"; speculative {r['speculative_speedup']['x']:.2f}x at W="
+            f"{r['speculative_speedup']['width']}; step W=64/W=1 "
+            f"{steps['64'] / steps['1']:.2f}; identical "
+            f"{all(r[k]['identical_to_sequential'] for k in r if k.startswith('w'))} / "
+            f"{r['identical_to_first_artifact']}")
 
 
 def _generate_worker(bundle: str, out: str, worker: int, workers: int) -> None:

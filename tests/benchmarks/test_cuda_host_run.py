@@ -1,0 +1,66 @@
+"""benchmarks/cuda_host/run.py, the one script a lent GPU host runs (issue #19), runs end to
+end here on a CPU bundle: a device minute lost to a Python error is not recovered."""
+
+import hashlib
+import importlib.util
+import json
+import os
+
+import numpy as np
+
+from hetcomp.driver.compile import CompileOptions, compile_model
+from hetcomp.frontend.weights import random_weights
+from hetcomp.runtime import attach_weights
+from hetcomp.speculative.medusa import MedusaHeads
+from hetcomp.testing import TINY, byte_tokenizer_spec
+from hetcomp.testing.gguf_writer import write_gguf
+
+_PATH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "cuda_host", "run.py")
+_spec = importlib.util.spec_from_file_location("cuda_host_run", _PATH)
+run_py = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(run_py)
+
+
+def test_run_measures_a_bundle(tmp_path, monkeypatch):
+    """A bundle as bundle.py lays it out (artifact with separate weights, the GGUF in two
+    parts, bundle.json): run() attaches the weights, decodes at every width, times the verify
+    step at W = 1 .. 64 and writes results.json with the issue's ratios. The artifact is a
+    fixed-cache build (as the GPU's), so sessions follow one another on one cache."""
+    gguf = tmp_path / "m.gguf"
+    write_gguf(gguf, TINY, random_weights(TINY, seed=2), byte_tokenizer_spec(TINY.vocab_size))
+    e, rng = TINY.hidden_size, np.random.default_rng(0)
+    MedusaHeads(w=(rng.standard_normal((2, e, e)) * 0.05).astype("float32"),
+                b=np.zeros((2, e), "float32"),
+                rank_probs=np.tile(np.linspace(0.5, 0.05, 10), (2, 1)), info={}
+                ).save(str(tmp_path / "heads.npz"))
+    bundle = tmp_path / "a"
+    compile_model(CompileOptions(model=str(gguf), heads=str(tmp_path / "heads.npz"),
+                                 widths=(1, 2, 4), max_context=TINY.max_context,
+                                 separate_weights=True, device_len=True),
+                  str(bundle / "art" / "gpu"), quiet=True)
+    data = gguf.read_bytes()
+    (bundle / "gguf.part0").write_bytes(data[:1000])
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "gguf.part1").write_bytes(data[1000:])
+    (bundle / "bundle.json").write_text(json.dumps(
+        {"gguf_sha256": hashlib.sha256(data).hexdigest(), "artifacts": ["gpu"]}))
+    # Heads outside the package: attached here (run() attaches only a bare artifact).
+    attach_weights(str(bundle / "art" / "gpu"), str(gguf), str(tmp_path / "heads.npz"))
+    monkeypatch.setattr(run_py, "NEW_TOKENS", 6)
+    monkeypatch.setattr(run_py, "GEN_WIDTHS", (1, 2, 4))
+    monkeypatch.setattr(run_py, "_eager", lambda: {"tokens_per_s": 10.0})
+    out = tmp_path / "out"
+    out.mkdir()
+    run_py.run(str(bundle), str(out), [])
+
+    res = json.loads((out / "results.json").read_text())
+    r = res["artifacts"]["gpu"]
+    assert r["prompts"] == "bench" and len(r["ids_w1"]) == 3
+    assert all(len(ids) == 6 for ids in r["ids_w1"])
+    for w in (1, 2, 4):  # greedy output identical with speculation
+        assert r[f"w{w}"]["identical_to_sequential"], w
+        assert r[f"w{w}"]["tokens_per_s"] > 0
+    assert r["identical_to_first_artifact"] and res["reference"] == r["ids_w1"]
+    assert set(r["step_s"]) == {"1", "4", "16", "64"} and min(r["step_s"].values()) > 0
+    assert [b["width"] for b in r["breakdown"]] == [1, 2, 8]
+    assert r["speculative_speedup"]["width"] in (1, 2, 4)
