@@ -5,7 +5,7 @@
                                          PyTorch eager bfloat16 on the GPU first (eager.py,
                                          where torch sees one), then attach weights; per
                                          artifact (measure_artifact): greedy output on the
-                                         held-out prompts at W = 1, 2, 4, 8 (identical?),
+                                         held-out prompts at W = 1, 2, 4, 8, 16, 64 (identical?),
                                          decode tokens/s, verify step time at W = 1, 4, 16,
                                          64, per-unit and per-kernel time
                                          -> OUT/results.json (rewritten after each artifact);
@@ -29,7 +29,7 @@ import sys
 import time
 
 T0 = time.time()
-GEN_WIDTHS = (1, 2, 4, 8)  # generation on the held-out prompts
+GEN_WIDTHS = (1, 2, 4, 8, 16, 64)  # generation on the held-out prompts
 STEP_WIDTHS = (1, 4, 16, 64)  # verify step time (issue #19: W = 64 should cost little more)
 BREAKDOWN_WIDTHS = (1, 2, 8)  # per-unit and per-kernel time (report.py)
 NEW_TOKENS = 48
@@ -118,18 +118,21 @@ def measure_artifact(art, prompts: list[list[int]], reference: list | None = Non
     import numpy as np
 
     from hetcomp.runtime import generate
+    from hetcomp.runtime.generate import auto_lookup
     from hetcomp.runtime.unit_time import kernel_breakdown, step_breakdown
 
     r: dict = {"plan": art.manifest.get("plan"),
                "units": [u["name"] for u in art.manifest["units"]],
                "cuda_graph": art.manifest.get("cuda_graph"),
                "launches": art.manifest.get("launches")}
+    lookup = {w: auto_lookup(w) for w in gen_widths}  # as `hetcomp bench` drafts
     for w in gen_widths:  # warm-up: loads, first captures
-        generate(art, prompts[0], 8, stop_at_eos=False, width=w)
+        generate(art, prompts[0], 8, stop_at_eos=False, width=w, lookup=lookup[w])
     runs: dict = {w: [] for w in gen_widths}
     for ids in prompts:
         for w in gen_widths:
-            runs[w].append(generate(art, ids, new_tokens, stop_at_eos=False, width=w))
+            runs[w].append(generate(art, ids, new_tokens, stop_at_eos=False, width=w,
+                                    lookup=lookup[w]))
     outs = {w: [x.ids for x in runs[w]] for w in gen_widths}
     for w in gen_widths:
         r[f"w{w}"] = {
