@@ -57,12 +57,18 @@ FUSED_ATTENTION = ("attention",)
 #: ...or the dense part (tree queries vs the committed cache), the sparse part (each tree row
 #: vs its CSR ancestors) and their exact log-sum-exp merge.
 SPLIT_ATTENTION = ("attention_dense", "attention_sparse", "attention_merge")
+#: The build for CUDA graphs (``device_len``) runs one kernel at every width: the fused
+#: masked attention reading the cache length on the device (``script_ops.tree_attention``).
+DEVICE_ATTENTION = ("tree_attention",)
 
 
-def attention_kernels(width: int | None, fused_widths: tuple[int, ...] = FUSED_WIDTHS
-                      ) -> tuple[str, ...]:
+def attention_kernels(width: int | None, fused_widths: tuple[int, ...] = FUSED_WIDTHS,
+                      device_len: bool = False) -> tuple[str, ...]:
     """The attention kernels one layer of a verify step of ``width`` tree nodes runs
-    (``None``: the symbolic-width verify, which takes the split path)."""
+    (``None``: the symbolic-width verify, which takes the split path; ``device_len``: the
+    build for CUDA graphs)."""
+    if device_len:
+        return DEVICE_ATTENTION
     return FUSED_ATTENTION if width in fused_widths else SPLIT_ATTENTION
 
 

@@ -351,8 +351,9 @@ class _StepModel:
         feat = next(iter(parts.values()))
         w, h, d = feat.w, self.shape.heads, self.shape.head_dim
         q_kv = _F32 * w * self.shape.qkv_size
-        if "attention" in parts:  # the fused kernel runs with the cache
-            return ud.cost(parts["attention"]) + self._sync(ud, q_kv, _F32 * w * h * d)
+        fused = parts.get("attention") or parts.get("tree_attention")
+        if fused is not None:  # the fused kernel runs with the cache
+            return ud.cost(fused) + self._sync(ud, q_kv, _F32 * w * h * d)
         fd, fs = parts["attention_dense"], parts["attention_sparse"]
         partial = _F32 * w * h * (d + 1)  # a part's output with its log-sum-exp
         merge = self.host.cost(parts["attention_merge"])
@@ -376,10 +377,11 @@ class _StepModel:
     def step(self, w: int, cache_len: int, draft: DraftShape | None = None,
              split: Mapping[str, Split] | None = None,
              attention: tuple[tuple[str, str], ...] | None = None,
-             nnz: int | None = None) -> WidthChoice:
+             nnz: int | None = None, device_len: bool = False) -> WidthChoice:
         """Best (or, with ``split``/``attention`` given, fixed) choices at width ``w``;
-        ``nnz``: the tree's ancestor-mask non-zeros (None: an estimate)."""
-        ops: list[StepOp] = model_step(self.shape, w, cache_len, nnz)
+        ``nnz``: the tree's ancestor-mask non-zeros (None: an estimate); ``device_len``: the
+        build for CUDA graphs (:func:`~hetcomp.cost.roofline.model_step`)."""
+        ops: list[StepOp] = model_step(self.shape, w, cache_len, nnz, device_len)
         if w > 1 and draft is not None:
             ops += draft_step(self.shape, draft)
         # The attention kernels are placed and costed together, as one "attention" op.
@@ -510,7 +512,7 @@ def predict_step_time(plan_or_units: Plan | Sequence[UnitModel], w: int, cache_l
                       draft: DraftShape | None = None, ratio_steps: int = 32,
                       split: Mapping[str, Split] | None = None,
                       attention: tuple[tuple[str, str], ...] | None = None,
-                      nnz: int | None = None) -> float:
+                      nnz: int | None = None, device_len: bool = False) -> float:
     """Predicted seconds of one ``verify`` call of ``w`` tree nodes after ``cache_len`` tokens.
 
     With a :class:`Plan`, its decisions at width ``w`` (or its chosen ones, if ``w`` is not a
@@ -519,6 +521,7 @@ def predict_step_time(plan_or_units: Plan | Sequence[UnitModel], w: int, cache_l
     draft call (at ``w > 1``). With a sequence of units, ``split`` (per linear kind) and
     ``attention`` fix those decisions instead (a partition compiled by hand). ``nnz``: the
     tree's ancestor-mask non-zeros (None: the plan's tree at its width, else an estimate).
+    ``device_len``: a whole-model build for CUDA graphs (its one attention kernel).
     """
     if isinstance(plan_or_units, Plan):
         p = plan_or_units
@@ -535,9 +538,9 @@ def predict_step_time(plan_or_units: Plan | Sequence[UnitModel], w: int, cache_l
         if nnz is None and p.tree is not None and p.tree.width == w:
             nnz = int(p.tree.mask().sum())
         return _StepModel(shape, units, ratio_steps).step(w, cache_len, draft, split,
-                                                          attention, nnz).step_s
+                                                          attention, nnz, device_len).step_s
     return _StepModel(shape, list(plan_or_units), ratio_steps).step(
-        w, cache_len, draft, split, attention, nnz).step_s
+        w, cache_len, draft, split, attention, nnz, device_len).step_s
 
 
 def plot_plans(plans: Sequence[Plan], path: str, title: str = "") -> None:

@@ -22,6 +22,7 @@ KINDS = ("qkv", "o", "gate_up", "down", "lm_head")
 LAYOUTS = {
     "cpu": (("cpu",), None, (("dense", "cpu"), ("sparse", "cpu"))),
     "gpu": (("cuda",), None, (("dense", "cuda"), ("sparse", "cuda"))),
+    "gpu-nograph": (("cuda",), None, (("dense", "cuda"), ("sparse", "cuda"))),
     "split-all": (("cpu", "cuda"), {k: (("cpu", 0.0), ("cuda", 1.0)) for k in KINDS},
                   (("dense", "cpu"), ("sparse", "cpu"))),
     "split-half": (("cpu", "cuda"), {k: (("cpu", 0.5), ("cuda", 0.5)) for k in KINDS},
@@ -74,7 +75,9 @@ def main() -> int:
         ums = [by_name[u] for u in units]
         for b in r["breakdown"]:
             w = b["width"]
-            pred = predict_step_time(ums, w, 64, shape=shape, split=split, attention=attention)
+            # A fixed-cache build (CUDA graphs) runs its own attention kernel at every width.
+            pred = predict_step_time(ums, w, 64, shape=shape, split=split, attention=attention,
+                                     device_len=bool(r.get("fixed_cache")))
             rows.append({"artifact": name, "width": w, "measured_ms": 1e3 * b["step_s"],
                          "predicted_ms": 1e3 * pred,
                          "busy_ms": {u: 1e3 * t for u, t in b["busy_s"].items() if u != "host"},

@@ -124,6 +124,7 @@ def measure_artifact(art, prompts: list[list[int]], reference: list | None = Non
     r: dict = {"plan": art.manifest.get("plan"),
                "units": [u["name"] for u in art.manifest["units"]],
                "cuda_graph": art.manifest.get("cuda_graph"),
+               "fixed_cache": art.fixed_cache,
                "launches": art.manifest.get("launches")}
     lookup = {w: auto_lookup(w) for w in gen_widths}  # as `hetcomp bench` drafts
     for w in gen_widths:  # warm-up: loads, first captures

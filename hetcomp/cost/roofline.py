@@ -31,7 +31,7 @@ from ..quant_format import BLOCK_BYTES, QK, head_dtype, pack_block
 #: Op classes, each with its own cost model per unit: the three kernels of split attention
 #: scale differently (cache length, ancestor count, rows) from the fused one.
 OP_CLASSES = ("linear", "attention", "attention_dense", "attention_sparse", "attention_merge",
-              "rms_norm", "rope", "elementwise", "embed", "argmax", "copy")
+              "tree_attention", "rms_norm", "rope", "elementwise", "embed", "argmax", "copy")
 FEATURE_NAMES = ("flops", "bytes", "w", "n", "k", "r", "corun", "cache_len")
 _F32 = 4
 
@@ -181,6 +181,14 @@ def attention_features(shape: ModelShape, w: int, cache_len: int, corun: bool = 
     return Features("attention", "fused", w, keys, d, 1.0, cache_len, corun, flops, nbytes)
 
 
+def tree_attention_features(shape: ModelShape, w: int, cache_len: int, corun: bool = False
+                            ) -> Features:
+    """The CUDA-graph build's attention (``script_ops.tree_attention``): the fused kernel's
+    work, its own op class (another kernel, timed by its own probes)."""
+    return dataclasses.replace(attention_features(shape, w, cache_len, corun),
+                               op="tree_attention")
+
+
 def dense_attention_features(shape: ModelShape, w: int, cache_len: int,
                              corun: bool = False) -> Features:
     """The dense part: ``w`` tree queries over the ``cache_len`` committed keys, no mask; its
@@ -211,16 +219,19 @@ def merge_features(shape: ModelShape, w: int, corun: bool = False) -> Features:
 
 
 def layer_attention(shape: ModelShape, w: int, cache_len: int, nnz: int | None = None,
-                    fused_widths: tuple[int, ...] = FUSED_WIDTHS) -> dict[str, Features]:
+                    fused_widths: tuple[int, ...] = FUSED_WIDTHS, device_len: bool = False
+                    ) -> dict[str, Features]:
     """The attention kernels one layer of a verify step runs
     (:func:`hetcomp.decoder.attention_kernels`), name -> features; ``nnz``: the tree's mask
-    non-zeros (None: :func:`~hetcomp.decoder.estimated_tree_nnz`)."""
+    non-zeros (None: :func:`~hetcomp.decoder.estimated_tree_nnz`); ``device_len``: the build
+    for CUDA graphs."""
     nnz = estimated_tree_nnz(w) if nnz is None else nnz
     build = {"attention": lambda: attention_features(shape, w, cache_len),
+             "tree_attention": lambda: tree_attention_features(shape, w, cache_len),
              "attention_dense": lambda: dense_attention_features(shape, w, cache_len),
              "attention_sparse": lambda: sparse_attention_features(shape, w, nnz),
              "attention_merge": lambda: merge_features(shape, w)}
-    return {name: build[name]() for name in attention_kernels(w, fused_widths)}
+    return {name: build[name]() for name in attention_kernels(w, fused_widths, device_len)}
 
 
 def rms_norm_features(shape: ModelShape, w: int, corun: bool = False,
@@ -311,6 +322,8 @@ def kernel_features(shape: ModelShape, op: dict) -> Features:
     if kind == "attention":
         return (dense_attention_features(shape, w, cache_len) if op.get("part") == "dense"
                 else attention_features(shape, w, cache_len))
+    if kind == "tree_attention":
+        return tree_attention_features(shape, w, cache_len)
     if kind == "sparse_tree_attention":  # hetcomp.kernels.sparse_attention.SPARSE_KIND
         return sparse_attention_features(shape, w, int(op.get("nnz") or estimated_tree_nnz(w)))
     if kind == "attention_merge":
@@ -339,19 +352,24 @@ class StepOp:
     split: str = ""
 
 
-def model_step(shape: ModelShape, w: int, cache_len: int, nnz: int | None = None
-               ) -> list[StepOp]:
+def model_step(shape: ModelShape, w: int, cache_len: int, nnz: int | None = None,
+               device_len: bool = False) -> list[StepOp]:
     """The kernels of one ``verify`` call with ``w`` tree nodes after ``cache_len`` tokens
     (``nnz``: the tree's mask non-zeros, for the sparse attention part). The attention
     kernels (:func:`layer_attention`) carry ``split="attention"``: the planner places them
-    together."""
+    together. ``device_len``: the build for CUDA graphs (one attention kernel, and the copy
+    of the tree inputs, ``stage_tree``)."""
     nl = shape.layers
-    attention = [StepOp(name, feat, nl, "attention")
-                 for name, feat in layer_attention(shape, w, cache_len, nnz).items()]
+    attention = [StepOp(name, feat, nl, "attention") for name, feat in layer_attention(
+        shape, w, cache_len, nnz, device_len=device_len).items()]
+    staged = 4 * (w + w * w)  # positions and mask, read and written
+    stage = [StepOp("stage_tree", Features("elementwise", "stage_tree", w, 0, 0, 1.0, 0, False,
+                                           staged / _F32, 2.0 * staged), 1)] if device_len else []
     norms = {"rms_norm": lambda: rms_norm_features(shape, w),
              "rms_norm_res": lambda: rms_norm_features(shape, w, residual=True),
              "qk_norm": lambda: qk_norm_features(shape, w)}
     return [
+        *stage,
         StepOp("embed", embed_features(shape, w), 1),
         StepOp("rope_table", rope_table_features(shape, w), rope_tables(shape.sliding_window)),
         *[StepOp(name, norms[name](), count) for name, count in

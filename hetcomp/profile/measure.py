@@ -55,6 +55,7 @@ from ..cost.roofline import (
     silu_mul_features,
     sparse_attention_features,
     split_columns,
+    tree_attention_features,
 )
 from ..decoder import ACTIVATION_KERNELS, FUSED_WIDTHS
 from ..errors import HetcompError
@@ -248,15 +249,17 @@ class ProbeGroup:
     desc: str
     probes: tuple[Probe, ...]
     shared: tuple[tuple[str, tuple], ...] = ()
+    gpu_only: bool = False  # kernels only GPU builds run (the CUDA-graph build's attention)
 
     def to_json(self) -> dict:
         return {"desc": self.desc, "probes": [p.to_json() for p in self.probes],
-                "shared": {k: list(v) for k, v in self.shared}}
+                "shared": {k: list(v) for k, v in self.shared}, "gpu_only": self.gpu_only}
 
     @classmethod
     def from_json(cls, d: dict) -> ProbeGroup:
         return cls(d["desc"], tuple(Probe.from_json(p) for p in d["probes"]),
-                   tuple((k, tuple(v)) for k, v in d["shared"].items()))
+                   tuple((k, tuple(v)) for k, v in d["shared"].items()),
+                   bool(d.get("gpu_only", False)))
 
 
 def linear_args(shape: ModelShape, kind: str, n: int, w: int, wdtype: str,
@@ -412,8 +415,9 @@ def probe_tree(width: int) -> Tree:
 def attention_probes(s: ModelShape, opts: ProfileOptions, kernel, cache) -> list[ProbeGroup]:
     """The attention kernels at the widths verify runs each (:mod:`hetcomp.decoder`): the
     fused masked kernel at the fused widths, the dense part (per cache length), the sparse
-    part (over :func:`probe_tree`) and the merge at the others."""
-    from ..kernels import ops, sparse_attention
+    part (over :func:`probe_tree`) and the merge at the others; on GPUs also the CUDA-graph
+    build's ``tree_attention`` at every width."""
+    from ..kernels import ops, script_ops, sparse_attention
 
     h, g, d, nl, c = s.heads, s.kv_heads, s.head_dim, s.layers, s.max_context
     kv = "float16" if s.kv_bytes == 2 else "float32"  # the cache's element type
@@ -454,7 +458,17 @@ def attention_probes(s: ModelShape, opts: ProfileOptions, kernel, cache) -> list
         tree_probes.append(Probe(merge[w], merge_features(s, w), (
             ("rand", (w, h, d + 1), "float32", 0.5, 1), ("rand", (w, h, d + 1), "float32", 0.5, 1),
             ("zeros", (w, h, d), "float32"))))
+    # The CUDA-graph build's attention, at every width (it serves them all): a chain tree
+    # (causal mask) after cl keys, so positions[0], the length it reads, is cl.
+    device = kernel("tree_attention", script_ops.tree_attention, h, g, d, nl, c, kv_dtype=kv)
+    device_probes = [Probe(device, tree_attention_features(s, w, cl), (
+        q(w), ("shared", "kc"), ("shared", "vc"), ("tril", w), ("arange", w, cl), ("mod", nl),
+        ("zeros", (w, h, d), "float32")))
+        for cl in sorted(opts.cache_lens) for w in opts.widths if cl + w <= c]
     groups = [ProbeGroup("attention (fused)", tuple(fused_probes), cache)] if fused_probes else []
+    if device_probes:
+        groups.append(ProbeGroup("tree_attention (CUDA-graph build)", tuple(device_probes),
+                                 cache, gpu_only=True))
     if dense_probes:
         groups.append(ProbeGroup("attention dense part", tuple(dense_probes), cache))
     if tree_probes:
@@ -704,6 +718,8 @@ def measure_groups(unit: Unit, lib, groups: list[ProbeGroup], opts: ProfileOptio
     t_start = time.time()
     with (CoRunLoad() if opts.corun else _NoLoad()) as load:
         for gi, group in enumerate(groups):
+            if group.gpu_only and dev_type == "cpu":
+                continue
             cache: dict = {}
             shared = runner.shared(group, cache)
             calls = []

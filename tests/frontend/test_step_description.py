@@ -25,11 +25,12 @@ def _called_kernels(mod, fn: str) -> Counter:
     return calls
 
 
-def _step_kernels(shape: ModelShape, w: int) -> Counter:
+def _step_kernels(shape: ModelShape, w: int, device_len: bool = False) -> Counter:
     """The same stems from :func:`model_step` (linear kinds by their shapes)."""
-    stems = {"rope": "rope_kv", "attention_sparse": "sparse_tree_attention"}
+    stems = {"rope": "rope_kv_dev" if device_len else "rope_kv",
+             "attention_sparse": "sparse_tree_attention"}
     out = Counter()
-    for op in model_step(shape, w, 64):
+    for op in model_step(shape, w, 64, device_len=device_len):
         if op.features.op == "linear":
             n, k, residual = shape.linear_dims(op.split)
             stem = f"linear{'_res' if residual else ''}_n{n}_k{k}"
@@ -46,3 +47,14 @@ def test_model_step_is_what_verify_runs(w, cfg):
         pytest.skip("tree wider than the window (build_module refuses it)")
     mod = llama.build_module(cfg, static_widths=(w,))
     assert _step_kernels(ModelShape.from_config(cfg), w) == _called_kernels(mod, f"verify_w{w}")
+
+
+@pytest.mark.parametrize("w", [1, 4])
+@pytest.mark.parametrize("cfg", [TINY, TINY_GEMMA3], ids=["llama", "gemma3"])
+def test_model_step_is_what_the_cuda_graph_build_runs(w, cfg):
+    """The build for CUDA graphs (``device_len``): the input copy, one attention kernel at
+    every width, RoPE reading the cache length on the device."""
+    mod = llama.build_module(cfg, static_widths=(w,), device_len=True)
+    called = _called_kernels(mod, f"verify_w{w}")
+    assert called["tree_attention"] == cfg.num_layers and called["stage_tree"] == 1
+    assert _step_kernels(ModelShape.from_config(cfg), w, device_len=True) == called

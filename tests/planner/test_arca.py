@@ -77,6 +77,18 @@ def test_model_step_attention_kernels_per_width():
     fused = {op.name: op for op in model_step(SHAPE, 1, 100)}
     assert fused["attention"].features.n == 101  # cache + the one tree key
     assert not set(SPLIT_ATTENTION) & set(fused)
+    # The CUDA-graph build: one attention kernel at W = 4 too, its own op class, the input
+    # copy; the planner costs that kernel (a unit slow at it makes the step slower).
+    dev = {op.name: op for op in model_step(SHAPE, 4, 100, device_len=True)}
+    assert dev["tree_attention"].features.op == "tree_attention"
+    assert dev["tree_attention"].features.n == 104 and dev["tree_attention"].split == "attention"
+    assert "stage_tree" in dev and not set(SPLIT_ATTENTION) & set(dev)
+    unit = UnitModel("gpu", _const(1e-6))
+    slow = UnitModel("gpu", lambda f: 1.0 if f.op == "tree_attention" else 1e-6)
+    base = predict_step_time([unit], 4, 100, shape=SHAPE, device_len=True)
+    assert predict_step_time([slow], 4, 100, shape=SHAPE, device_len=True) > (
+        base + SHAPE.layers * 0.99)
+    assert predict_step_time([slow], 4, 100, shape=SHAPE) < 1e-3  # not in the CPU build
 
 
 # ---- units and specs ------------------------------------------------------------------------
@@ -549,7 +561,13 @@ def test_attention_probes_measure_each_kernel_verify_runs():
     opts = dataclasses.replace(ProfileOptions.quick(), widths=(1, 8), cache_lens=(32,),
                                corun=False)
     groups, kernels = plan_probes(tiny, opts)
-    groups = [g for g in groups if g.desc.startswith("attention")]
+    # The CUDA-graph build's kernel at every width, measured on GPUs only (no CPU build runs
+    # it): the CPU's rows below have none of it.
+    (device,) = [g for g in groups if g.gpu_only]
+    assert {p.func for p in device.probes} == {"tree_attention"}
+    assert sorted(p.features.w for p in device.probes) == [1, 8]
+    assert {p.features.op for p in device.probes} == {"tree_attention"}
+    groups = [g for g in groups if g.desc.startswith("attention") or g.gpu_only]
     used = {p.func for g in groups for p in g.probes}
     lib = build_probe_library("cpu", {"kind": "llvm"}, {k: kernels[k] for k in used},
                               progress=lambda s: None)
@@ -604,3 +622,4 @@ def test_kernel_features_cost_each_attention_kernel_as_its_class():
     assert feat("sparse_tree_attention", nnz=17).n == 17
     assert feat("sparse_tree_attention").n == estimated_tree_nnz(8)
     assert feat("attention_merge").op == "attention_merge"
+    assert feat("tree_attention").op == "tree_attention" and feat("tree_attention").n == 108
