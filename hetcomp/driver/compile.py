@@ -292,7 +292,7 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
         # The graphs replay the cache addresses they captured: one cache pair per artifact.
         "fixed_cache": device_len,
         "launches": (launch_counts(scheduled[0], graphs, tuple(
-            [f"prefill_w{PREFILL_CHUNK}", *(f"verify_w{w}" for w in widths)]))
+            [f"prefill_w{PREFILL_CHUNK}", *(f"verify_w{w}" for w in widths), "medusa"]))
             if uses_cuda_graph(target_spec, opts.plan) else None),
         "speculative": speculative,
         "draft_dtype": draft_dtype if heads is not None else None,

@@ -248,7 +248,8 @@ def _add_medusa(bb, kern: _Kernels, cfg: LlamaConfig, num_heads: int, wdtype: st
     bytes the draft reads every step; drafts only propose, so verification stays exact).
     ``draft_vocab = Vd > 0``: the LM head holds only the rows of a draft vocabulary
     ``vocab[Vd]`` (int32 token ids), the logits are ``[K, Vd]`` and the top ids are mapped
-    back through ``vocab``.
+    back through ``vocab``. The build for CUDA graphs (``kern.device_len``) first copies
+    ``hidden`` and ``root`` (``script_ops.stage_draft``) so that the heads are captured.
     """
     c = compiler()
     relax, tt = c.relax, c.TensorType
@@ -270,6 +271,14 @@ def _add_medusa(bb, kern: _Kernels, cfg: LlamaConfig, num_heads: int, wdtype: st
     with bb.function("medusa", [hidden, root_tok, embed, lm_head, *pvars.values(), *vocab],
                      attrs={"num_input": 2}):
         with bb.dataflow():
+            if kern.device_len:
+                # A copy at a fixed address (the call's own tensor moves): the heads, their
+                # activation and the stacking then replay as one CUDA graph.
+                staged = bb.emit(relax.call_tir(
+                    kern.get("stage_draft", script_ops.stage_draft, e, sized=False),
+                    [hidden, root_tok], [tt((1, e), "float32"), tt((1,), "int32")]))
+                hidden = bb.emit(relax.TupleGetItem(staged, 0))
+                root_tok = bb.emit(relax.TupleGetItem(staged, 1))
             emb = None
             if root:
                 emb = bb.emit(relax.call_tir(kern.embed(rows=1), [root_tok, embed],

@@ -1,6 +1,7 @@
 """Kernels that update the KV cache in place, written in TVMScript (TE cannot mutate inputs),
 Gemma's per-head q/k norm (:func:`qk_norm`), and the CUDA-graph build's attention and input
-copy (:func:`tree_attention`, :func:`stage_tree`), all scheduled as written.
+copies (:func:`tree_attention`, :func:`stage_tree`, :func:`stage_draft`), all scheduled as
+written.
 
 They are called with ``R.call_tir_inplace``; both are already scheduled and marked so that
 no schedule rule touches them (``hetcomp.rule`` = ``script.<kind>``): one loop nest, whose outer two loops are a parallel loop and a
@@ -241,6 +242,35 @@ def stage_tree(gpu: bool = False):
         ARGS_ATTR, json.dumps({"args": []}))
 
 
+def stage_draft(hidden: int, gpu: bool = False):
+    """Copy the Medusa draft's inputs, ``hidden[1, E]`` (float32) and ``root[1]`` (int32),
+    into buffers of the function's own: the draft's CUDA graph reads these instead of the
+    call's tensors (:func:`stage_tree`). One block, 256 threads striding over the row."""
+    blocks, threads = _loop_kinds(gpu)
+    nt = min(256, hidden)
+    steps = (hidden + nt - 1) // nt
+
+    @T.prim_func(private=True)
+    def stage_draft_func(var_h: T.handle, var_root: T.handle, var_h_out: T.handle,
+                         var_root_out: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True,
+                     "hetcomp.rule": "script.stage_draft"})
+        h = T.match_buffer(var_h, (1, hidden), "float32")
+        root = T.match_buffer(var_root, (1,), "int32")
+        h_out = T.match_buffer(var_h_out, (1, hidden), "float32")
+        root_out = T.match_buffer(var_root_out, (1,), "int32")
+        for b in blocks(T.int64(1)):
+            for t in threads(T.int64(nt)):
+                for s in range(T.int64(steps)):
+                    if s * nt + t < hidden:
+                        h_out[b, s * nt + t] = h[b, s * nt + t]
+                if t == 0:
+                    root_out[b] = root[b]
+
+    return stage_draft_func.with_attr(OP_KIND, "stage_draft").with_attr(
+        ARGS_ATTR, json.dumps({"args": [hidden]}))
+
+
 @T.macro
 def _no_sync():
     T.evaluate(0)
@@ -404,7 +434,8 @@ def for_gpu(func, gpu: bool = True):
         return None
     recorded = json.loads(str(attrs[ARGS_ATTR]))
     build = {"rope": rope_kv, "kv_commit": kv_commit, "qk_norm": qk_norm,
-             "tree_attention": tree_attention, "stage_tree": stage_tree}[str(attrs[OP_KIND])]
+             "tree_attention": tree_attention, "stage_tree": stage_tree,
+             "stage_draft": stage_draft}[str(attrs[OP_KIND])]
     kw = {key: recorded[key] for key in ("kv_dtype", "device_len", "window") if key in recorded}
     out = build(*recorded["args"], gpu=gpu, **kw)
     for key in ("global_symbol", "target"):

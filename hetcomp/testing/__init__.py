@@ -79,10 +79,11 @@ def compile_tiny(tmp_path_factory, cfg=TINY, dtype="float32", seed=0, name="tiny
     return str(out), w
 
 
-def compile_with_random_heads(tmp, model: str, cfg: LlamaConfig, widths, heads: int = 2):
+def compile_with_random_heads(tmp, model: str, cfg: LlamaConfig, widths, heads: int = 2,
+                              **options):
     """Compile the model file ``model`` into ``tmp/art`` with ``heads`` untrained Medusa heads
-    (seed 0, falling rank probabilities) and verify functions for ``widths``; returns the
-    artifact folder."""
+    (seed 0, falling rank probabilities) and verify functions for ``widths`` (``options``:
+    more :class:`CompileOptions` fields); returns the artifact folder."""
     from ..speculative.medusa import MedusaHeads
 
     e = cfg.hidden_size
@@ -92,7 +93,8 @@ def compile_with_random_heads(tmp, model: str, cfg: LlamaConfig, widths, heads: 
                 rank_probs=np.tile(np.linspace(0.5, 0.05, 10), (heads, 1)), info={}
                 ).save(str(tmp / "heads.npz"))
     compile_model(CompileOptions(model=model, heads=str(tmp / "heads.npz"), widths=widths,
-                                 max_context=cfg.max_context), str(tmp / "art"), quiet=True)
+                                 max_context=cfg.max_context, **options), str(tmp / "art"),
+                  quiet=True)
     return str(tmp / "art")
 
 

@@ -63,13 +63,13 @@ def test_loader_derives_gemma3_config_as_llama_cpp(gemma3_gguf):
 
 @pytest.fixture(scope="module")
 def gemma3_device_len(tmp_path_factory, gemma3_gguf):
-    """Compiled as for CUDA graphs (the windowed ``tree_attention`` kernels, the cache length
-    read on the device), run on the CPU."""
+    """The same model and heads compiled as for CUDA graphs (the windowed ``tree_attention``
+    kernels, the cache length read on the device, the draft's copied inputs), run on the
+    CPU."""
     path, _ = gemma3_gguf
-    out = tmp_path_factory.mktemp("gemma3-dev") / "art"
-    compile_model(CompileOptions(model=str(path), max_context=CFG.max_context,
-                                 verify_widths=(4,), device_len=True), str(out), quiet=True)
-    return load_artifact(str(out))
+    tmp = tmp_path_factory.mktemp("gemma3-dev")
+    return load_artifact(compile_with_random_heads(tmp, str(path), CFG, WIDTHS,
+                                                   device_len=True))
 
 
 @pytest.mark.parametrize("artifact", ["gemma3_artifact", "gemma3_device_len"])
@@ -97,14 +97,25 @@ def test_prefill_and_tree_verify_past_the_window_match_numpy(request, artifact, 
     assert _rel_err(unwindowed[-1], ref_logits[-1]) > 0.05
 
 
-def test_greedy_with_and_without_speculation_matches_numpy(gemma3_artifact, gemma3_gguf):
+@pytest.mark.parametrize("artifact", ["gemma3_artifact", "gemma3_device_len"])
+def test_greedy_with_and_without_speculation_matches_numpy(request, artifact, gemma3_gguf):
     _, stored = gemma3_gguf
+    art = request.getfixturevalue(artifact)
     prompt = PROMPT[:20]
     expected = ref.greedy(CFG, stored, prompt, 16)
     assert len(set(expected)) > 3  # not one token repeated
-    assert generate(gemma3_artifact, prompt, 16, stop_at_eos=False).ids == expected
-    res = generate(gemma3_artifact, prompt, 16, stop_at_eos=False, width=4, lookup=3)
+    assert generate(art, prompt, 16, stop_at_eos=False).ids == expected
+    res = generate(art, prompt, 16, stop_at_eos=False, width=4, lookup=3)
     assert res.ids == expected
+
+
+def test_cuda_graph_build_drafts_the_same_candidates(gemma3_artifact, gemma3_device_len):
+    """The draft reading copies of its inputs (``stage_draft``) proposes what the plain
+    build's draft does."""
+    _, hidden = gemma3_artifact.new_session().prefill(PROMPT[:20])
+    for root in (5, 77):
+        np.testing.assert_array_equal(gemma3_device_len.medusa_candidates(hidden, root, 10),
+                                      gemma3_artifact.medusa_candidates(hidden, root, 10))
 
 
 def test_partitioned_build_matches_unpartitioned(tmp_path, gemma3_gguf):
