@@ -36,6 +36,14 @@ def test_every_kernel_is_scheduled_by_a_rule(target, plan):
     _check_scheduled(mod, target, plan)
 
 
+def test_every_kernel_of_the_cuda_graph_build_is_scheduled():
+    """The build for CUDA graphs (device_len) adds script kernels (copies, tree attention):
+    each has its GPU form, and every other kernel a GPU rule."""
+    mod = build_module(TINY, "float16", 2, static_widths=(1, 4), kv_dtype="float16",
+                       device_len=True)
+    _check_scheduled(mod, target_dict("cuda"), None)
+
+
 @pytest.mark.parametrize("target", ["host", "aarch64", "cuda"])
 def test_qwen2_kernels_are_scheduled_on_every_target(target):
     """Qwen2's extra kernel (the q/k/v bias) is scheduled by a rule of every target."""
