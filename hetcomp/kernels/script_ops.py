@@ -63,7 +63,17 @@ def rope_kv(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, conte
     heads, pairs = _loop_kinds(gpu)
 
     @T.macro
-    def body(w, qkv, cs, k_cache, v_cache, layer, n, q, k_tree, v_tree):
+    def body(var_qkv, var_cs, var_k, var_v, layer, n, var_q, var_kt, var_vt):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True,
+                     "hetcomp.rule": "script.rope"})
+        w = T.int64()
+        qkv = T.match_buffer(var_qkv, (w, qkv_size), "float32")
+        cs = T.match_buffer(var_cs, (w, d), "float32")
+        k_cache = T.match_buffer(var_k, (nl, g, d, c), kvd)
+        v_cache = T.match_buffer(var_v, (nl, g, c, d), kvd)
+        q = T.match_buffer(var_q, (hq, w, d), "float32")
+        k_tree = T.match_buffer(var_kt, (g, w, d), "float32")
+        v_tree = T.match_buffer(var_vt, (g, w, d), "float32")
         for h in heads(hq + g):
             for j in pairs(half):
                 for i in range(w):
@@ -91,35 +101,15 @@ def rope_kv(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, conte
     def rope_kv_func(var_qkv: T.handle, var_cs: T.handle, var_k: T.handle, var_v: T.handle,
                      layer: T.int64, n: T.int64, var_q: T.handle, var_kt: T.handle,
                      var_vt: T.handle):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True,
-                     "hetcomp.rule": "script.rope"})
-        w = T.int64()
-        qkv = T.match_buffer(var_qkv, (w, qkv_size), "float32")
-        cs = T.match_buffer(var_cs, (w, d), "float32")
-        k_cache = T.match_buffer(var_k, (nl, g, d, c), kvd)
-        v_cache = T.match_buffer(var_v, (nl, g, c, d), kvd)
-        q = T.match_buffer(var_q, (hq, w, d), "float32")
-        k_tree = T.match_buffer(var_kt, (g, w, d), "float32")
-        v_tree = T.match_buffer(var_vt, (g, w, d), "float32")
-        body(w, qkv, cs, k_cache, v_cache, layer, n, q, k_tree, v_tree)
+        body(var_qkv, var_cs, var_k, var_v, layer, n, var_q, var_kt, var_vt)
 
     @T.prim_func(private=True)
     def rope_kv_device_len(var_qkv: T.handle, var_cs: T.handle, var_k: T.handle,
                            var_v: T.handle, var_pos: T.handle, layer: T.int64, var_q: T.handle,
                            var_kt: T.handle, var_vt: T.handle):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True,
-                     "hetcomp.rule": "script.rope"})
-        w = T.int64()
-        qkv = T.match_buffer(var_qkv, (w, qkv_size), "float32")
-        cs = T.match_buffer(var_cs, (w, d), "float32")
-        k_cache = T.match_buffer(var_k, (nl, g, d, c), kvd)
-        v_cache = T.match_buffer(var_v, (nl, g, c, d), kvd)
-        positions = T.match_buffer(var_pos, (w,), "int32")
-        q = T.match_buffer(var_q, (hq, w, d), "float32")
-        k_tree = T.match_buffer(var_kt, (g, w, d), "float32")
-        v_tree = T.match_buffer(var_vt, (g, w, d), "float32")
-        body(w, qkv, cs, k_cache, v_cache, layer, T.Cast("int64", positions[0]), q, k_tree,
-             v_tree)
+        positions = T.match_buffer(var_pos, (T.int64(),), "int32")
+        body(var_qkv, var_cs, var_k, var_v, layer, T.Cast("int64", positions[0]), var_q,
+             var_kt, var_vt)
 
     func = rope_kv_device_len if device_len else rope_kv_func
     recorded = {"args": [num_heads, num_kv_heads, head_dim, layers, context], "kv_dtype": kv_dtype}
