@@ -68,7 +68,7 @@ def _first(func, rules, target):
     return None
 
 
-def kernels(target, dtypes=("float16", "float32")):
+def kernels(target, dtypes=("float16", "float32"), kinds=KINDS, widths=WIDTHS):
     """One record per (kind, dtype, W, variant) that a rule schedules: its ``name`` in the
     library (dlight_nt above W = 1 is one symbolic kernel for every W), ``rule``, ``func``
     and the argument shapes."""
@@ -78,9 +78,9 @@ def kernels(target, dtypes=("float16", "float32")):
               g.Fallback()]
     out = []
     for dtype in dtypes:
-        for kind in KINDS:
+        for kind in kinds:
             n, k, res = shape.linear_dims(kind)
-            for w in WIDTHS:
+            for w in widths:
                 packed = ops.linear(n, k, dtype, res, rows=w)
                 nt_rows = w if w == 1 else c.tir.Var("w", "int64")
                 choices = {"column": (packed, [LinearColumnRule()]),
@@ -166,21 +166,33 @@ def table(dtype: str, arch: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build(out: str, arch: str) -> str:
-    """The kit for ``run.py gemv``: lib.so, kernels.json, kcache/ (see the module doc)."""
+def build(out: str, arch: str, **subset) -> str:
+    """The kit for ``run.py gemv``: lib.so, kernels.cu (its CUDA source), kernels.json,
+    kcache/ (see the module doc); ``subset``: :func:`kernels`' dtypes, kinds, widths."""
     target = c.Target({"kind": "cuda", "arch": arch})
     d = os.path.join(out, "gemv")
     os.makedirs(d, exist_ok=True)
-    every = kernels(target)
+    every = kernels(target, **subset)
     recs = {r["name"]: r for r in every}  # dlight_nt's symbolic kernel once
     mod = c.IRModule({name: r["func"].with_attr("global_symbol", name)
                       for name, r in recs.items()})
     lib = c.compile(mod, target=target)
     lib.export_library(os.path.join(d, "lib.so"))
     # The host's nvcc callback (hetcomp._tvm) finds this fatbin by the source's hash.
-    os.environ["HETCOMP_KERNEL_CACHE"] = os.path.join(d, "kcache")
-    os.environ["HETCOMP_CUDA_ARCH"] = arch
-    _tvm._nvcc_fatbin(lib.mod.imports[0].inspect_source())
+    source = lib.mod.imports[0].inspect_source()
+    env = {"HETCOMP_KERNEL_CACHE": os.path.join(d, "kcache"), "HETCOMP_CUDA_ARCH": arch}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        _tvm._nvcc_fatbin(source)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
+    with open(os.path.join(d, "kernels.cu"), "w") as fh:
+        fh.write(source)
     records = [{k: v for k, v in r.items() if k != "func"} for r in every]
     with open(os.path.join(d, "kernels.json"), "w") as fh:
         json.dump({"arch": arch, "kernels": records}, fh, indent=1)

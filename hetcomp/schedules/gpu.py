@@ -225,7 +225,7 @@ class SplitKLinearRule(_BASE):
         sch.bind(kt, "threadIdx.y")
         sch.set_scope(rf, 0, "shared")
         partial = sch.cache_write(rf, 0, "local")
-        sch.reverse_compute_at(partial, kt)
+        sch.reverse_compute_at(partial, kt, preserve_unit_loops=True)
         # Step 2. The partials meet in shared memory; each thread sums the slices of one
         # (row, column) output, rows over threadIdx.y (loops come as the block's iter vars:
         # slice, row, column).
