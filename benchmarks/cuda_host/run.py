@@ -10,6 +10,12 @@
                                          64, per-unit and per-kernel time
                                          -> OUT/results.json (rewritten after each artifact);
                                          last, the issue's ratios on stderr
+    python run.py gemv KIT OUT [--dry]   every linear kernel variant of benchmarks/
+                                         gemv_kernels.py's kit (KIT/gemv) at W = 1, 4,
+                                         16, 64: hot (back to back, device timer) and
+                                         cold (rotated weight copies) time per call
+                                         -> OUT/gemv.json; --dry (no GPU): check the kit
+                                         and make the arguments on the CPU
     python run.py generate BUNDLE OUT WORKERS SECONDS
                                          greedy responses to the bundle's prompts.json
                                          (calibration data, bundle.py --generate) from
@@ -172,6 +178,85 @@ def _summary(results: dict) -> None:
             f"{r['identical_to_first_artifact']}")
 
 
+# Weight copies a cold gemv call rotates through: several times an H200's 50 MB L2, so every
+# call streams its weight from DRAM, as each layer's does in a decode step.
+GEMV_ROTATE_BYTES = 256 << 20
+
+
+def gemv(kit: str, out: str, dry: bool = False) -> dict:
+    """Time each kernel of a gemv kit (``benchmarks/gemv_kernels.py build``): ``hot_us``,
+    the median of TVM's device timer over back-to-back calls on one weight (L2-resident but
+    for the LM head), and ``cold_us``, calls each on the next of enough weight copies to
+    stream from DRAM, timed from Python (so bounded below by the launch cost, a few us).
+    Everything is compiled already (``kcache`` holds the fatbin of the library's source):
+    about 10 s of device time. ``dry``: check the kit and make every argument, on the CPU."""
+    import numpy as np
+
+    with open(os.path.join(kit, "kernels.json")) as fh:
+        meta = json.load(fh)
+    with open(os.path.join(kit, "kernels.cu")) as fh:
+        source = fh.read()
+    # The runtime hands the library's CUDA source to hetcomp._tvm's nvcc callback, which
+    # finds the fatbin built with the kit under the source's hash.
+    os.environ["HETCOMP_KERNEL_CACHE"] = os.path.join(kit, "kcache")
+    os.environ["HETCOMP_CUDA_ARCH"] = meta["arch"]
+    key = hashlib.sha256((meta["arch"] + source).encode()).hexdigest()[:24]
+    if not os.path.isfile(os.path.join(kit, "kcache", key + ".fatbin")):
+        raise SystemExit("the kit's fatbin does not match its CUDA source")
+    with open(os.path.join(kit, "lib.so"), "rb") as fh:
+        if source.encode() not in fh.read():
+            raise SystemExit("lib.so does not hold kernels.cu")
+    rng = np.random.default_rng(0)
+    if dry:
+        from hetcomp import _tvm
+        dev, lib = _tvm.cpu(), None
+    else:
+        from hetcomp import _tvm
+        dev = _tvm.device("cuda")
+        lib = _tvm.load_module(os.path.join(kit, "lib.so"))
+    results, copies, group = [], [], None
+    # Records sorted so that those sharing a weight (shape, dtype) share its copies.
+    recs = sorted(meta["kernels"], key=lambda r: (r["dtype"], r["weight_shape"], r["w"]))
+    for rec in recs:
+        if f"{rec['name']}_kernel" not in source:
+            raise SystemExit(f"{rec['name']}: not in the kit's CUDA source")
+        if group != (rec["dtype"], rec["weight_shape"]):
+            group = (rec["dtype"], rec["weight_shape"])
+            host = rng.standard_normal(rec["weight_shape"]).astype(rec["dtype"])
+            count = 1 if dry else max(2, min(512, -(-GEMV_ROTATE_BYTES // host.nbytes)))
+            copies = [_tvm.tensor(host, dev)]
+            for _ in range(count - 1):
+                copies.append(_tvm.runtime.empty(host.shape, host.dtype, dev))
+                copies[0].copyto(copies[-1])
+        w, n, k = rec["w"], rec["n"], rec["k"]
+        x = _tvm.tensor(rng.standard_normal((w, k)).astype("float32"), dev)
+        extra = ([_tvm.tensor(rng.standard_normal((w, n)).astype("float32"), dev)]
+                 if rec["residual"] else [])
+        y = _tvm.tensor(np.zeros((w, n), "float32"), dev)
+        r = {k2: rec[k2] for k2 in ("name", "kind", "n", "k", "w", "dtype", "variant", "rule")}
+        if not dry:
+            f = lib[rec["name"]]
+            timer = lib.time_evaluator(rec["name"], dev, number=1, repeat=3, min_repeat_ms=10)
+            r["hot_us"] = float(np.median(timer(x, copies[0], *extra, y).results)) * 1e6
+            best = float("inf")
+            for _ in range(2):
+                dev.sync()
+                t0 = time.perf_counter()
+                for wc in copies:
+                    f(x, wc, *extra, y)
+                dev.sync()
+                best = min(best, (time.perf_counter() - t0) / len(copies))
+            r["cold_us"] = best * 1e6
+            say(f"gemv {r['name']}: hot {r['hot_us']:.2f} us, cold {r['cold_us']:.2f} us")
+        results.append(r)
+    summary = {"arch": meta["arch"], "dry": dry, "kernels": results}
+    if not dry:
+        summary["device"] = _device_info()
+    with open(os.path.join(out, "gemv.json"), "w") as fh:
+        json.dump(summary, fh, indent=1)
+    return summary
+
+
 def _generate_worker(bundle: str, out: str, worker: int, workers: int) -> None:
     from hetcomp.runtime import generate, load_artifact
 
@@ -247,6 +332,10 @@ if __name__ == "__main__":
     os.makedirs(out, exist_ok=True)
     if what == "generate-worker":
         _generate_worker(bundle, out, int(sys.argv[4]), int(sys.argv[5]))
+        sys.exit(0)
+    if what == "gemv":
+        gemv(os.path.join(bundle, "gemv"), out, dry="--dry" in sys.argv[4:])
+        say("done")
         sys.exit(0)
     _unpack(bundle)
     if what == "generate":

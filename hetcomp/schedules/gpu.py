@@ -139,6 +139,116 @@ class LinearColumnRule(_BASE):
         return sch
 
 
+def _pow2_divisor(n: int, cap: int) -> int:
+    """The largest power of two that divides ``n`` and is at most ``cap`` (at least 1)."""
+    d = 1
+    while d * 2 <= cap and n % (d * 2) == 0:
+        d *= 2
+    return d
+
+
+def _static_rows(c, loop, max_rows: int) -> int | None:
+    """A loop's extent when it is a static row count up to ``max_rows``, else None."""
+    extent = loop.extent
+    if isinstance(extent, c.tir.IntImm) and int(extent) <= max_rows:
+        return int(extent)
+    return None
+
+
+class SplitKLinearRule(_BASE):
+    """Decode-width float linear layers, split over K inside a thread block (static widths).
+
+    :class:`LinearColumnRule` gives one thread a whole column: SmolLM2's 576x576 layer is 9
+    blocks of 64 threads on a 132-SM H200, each thread a 576-long dependent FMA chain. Here a
+    thread block takes ``C`` columns (``threadIdx.x``) by ``T`` slices of K (``threadIdx.y``):
+
+    - ``C`` columns are one 32-byte DRAM sector of a pack panel's row (8 float32 or 16
+      float16), not the panel's 32: a warp's lanes read ``32 / C`` neighbouring rows of W,
+      each a full sector, so loads stay coalesced while the grid has ``n / C`` blocks (72
+      for 576 columns in float32, not 18);
+    - slice ``t`` of K is the rows ``k = t, t + T, ...``, so at each step the block streams
+      ``T`` consecutive rows of the panel, and a thread keeps its ``W`` row accumulators in
+      registers (``rfactor`` over the slice);
+    - the ``T x W x C`` partial sums meet in shared memory after one barrier, and the block's
+      threads then each sum ``T`` partials of one (row, column) output (rows over
+      ``threadIdx.y``) and write it back with the residual add. TVM's cross-thread reduction
+      (the reduction loop bound to ``threadIdx.y``; what dlight does) lowers each of the
+      ``W`` rows to its own shared-memory tree with ``log2 T + 2`` barriers, because only a
+      reduction over ``threadIdx.x`` becomes warp shuffles: 448 barriers at W = 64.
+
+    Threads: ``T x C`` up to 256, fewer where the partials would exceed 32 KB of shared
+    memory (W = 64: 128 threads). Symbolic widths (prefill) are left to
+    :class:`LinearColumnRule`. dlight's GEMV and LowBatchGEMV do not apply to the packed
+    layout: their normalisation accepts a split only on the reduction axis, and our weight
+    index splits the column (``wp[j // B, k, j % B]``); from W = 2 on dlight sees a GEMM
+    (``Matmul``). Measurements: ``benchmarks/gemv.md``.
+    """
+
+    def __init__(self, threads: int = 256, max_rows: int = 64, partial_bytes: int = 32 << 10,
+                 sector_bytes: int = 32):
+        self.threads, self.max_rows = threads, max_rows
+        self.partial_bytes, self.sector_bytes = partial_bytes, sector_bytes
+
+    def shape(self, rows: int, n: int, k: int, wdtype: str) -> tuple[int, int] | None:
+        """``(C, T)``: columns and K slices of a thread block, or None when it would not pay
+        (fewer than 4 columns or 2 slices)."""
+        bits = int(compiler().DataType(wdtype).bits)
+        cols = _pow2_divisor(n, self.sector_bytes * 8 // bits)
+        threads = min(self.threads, _pow2_divisor(1 << 20, self.partial_bytes // (4 * rows)))
+        slices = _pow2_divisor(k, threads // cols)
+        return (cols, slices) if cols >= 4 and slices >= 2 else None
+
+    def apply(self, func, target, tunable):
+        if _gpu_kind(func, target) != "linear" or "hetcomp.qtype" in func.attrs:
+            return None
+        c = compiler()
+        sch = c.Schedule(func)
+        mm = sch.get_sblock("matmul")
+        i, j, k = sch.get_loops(mm)
+        rows = _static_rows(c, sch.get(i), self.max_rows)
+        if rows is None:
+            return None
+        wdtype = str(func.params[1].dtype)  # wp: a Buffer is a typed Var in 0.27
+        shape = self.shape(rows, int(sch.get(j).extent), int(sch.get(k).extent), wdtype)
+        if shape is None:
+            return None
+        cols, slices = shape
+        # Step 1. Columns over (blockIdx.x, threadIdx.x), K slices over threadIdx.y; a
+        # thread's partial sums of its slice, one per row, in registers (rfactor).
+        jb, jt = sch.split(j, [None, cols])
+        ko, kt = sch.split(k, [None, slices])
+        sch.reorder(jb, jt, kt, ko, i)
+        rf = sch.rfactor(kt, 0)
+        jb, jt, kt, ko, i = sch.get_loops(rf)
+        sch.bind(jb, "blockIdx.x")
+        sch.bind(jt, "threadIdx.x")
+        sch.bind(kt, "threadIdx.y")
+        sch.set_scope(rf, 0, "shared")
+        partial = sch.cache_write(rf, 0, "local")
+        sch.reverse_compute_at(partial, kt, preserve_unit_loops=True)
+        # Step 2. The partials meet in shared memory; each thread sums the slices of one
+        # (row, column) output, rows over threadIdx.y (loops come as the block's iter vars:
+        # slice, row, column).
+        sch.reverse_compute_at(mm, jb, preserve_unit_loops=True)
+        rk, ri, rj = sch.get_loops(mm)[1:]
+        rio, rit = sch.split(ri, [None, slices])
+        sch.reorder(rj, rit, rio, rk)
+        sch.bind(rj, "threadIdx.x")
+        sch.bind(rit, "threadIdx.y")
+        # Step 3. The sum in a register, written back (with the residual) by its thread.
+        _write_back_in_registers(sch, func, mm, rio)
+        # Step 4. Zero the accumulators before their reductions; nvcc unrolls the rows (so
+        # the accumulators are registers) and the sum over slices (``#pragma unroll``: the
+        # source stays a few KB, nvcc compiles it when the library loads).
+        unroll = [sch.get_loops(sch.decompose_reduction(rf, ko))[-1], sch.get_loops(rf)[-1],
+                  sch.get_loops(partial)[-1], sch.get_loops(sch.decompose_reduction(mm, rk))[-1]]
+        unroll.append(sch.get_loops(mm)[-1])
+        for loop in unroll:
+            sch.unroll(loop)
+            sch.annotate(loop, "pragma_unroll_explicit", 0)
+        return sch
+
+
 class QuantLinearRule(_BASE):
     """Block-quantized linear layers (:mod:`hetcomp.kernels.quant`, weights packed
     ``[n / B, k / 32, bytes, B]``): :class:`LinearColumnRule`'s one thread per output column,
@@ -252,6 +362,6 @@ def use_gpu_script_kernels(mod):
 def gpu_rules():
     """Our GPU rules first, then dlight's."""
     gpu = compiler().dlight.gpu
-    return [QuantLinearRule(), LinearColumnRule(), ArgmaxRowRule(), SparseTreeAttentionRule(),
+    return [QuantLinearRule(), SplitKLinearRule(), LinearColumnRule(), ArgmaxRowRule(), SparseTreeAttentionRule(),
             PerStageThreadRule(), gpu.Matmul(), gpu.GEMV(), gpu.LowBatchGEMV(), gpu.Reduction(),
             gpu.GeneralReduction(), gpu.Fallback()]

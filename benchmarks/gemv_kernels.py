@@ -1,0 +1,223 @@
+"""SmolLM2's decode linear kernels under each GPU schedule: a compile-side table and a kit of
+compiled kernels for the GPU host.
+
+    python benchmarks/gemv_kernels.py table [--dtype float16] [--out FILE]
+        per kernel (qkv, o, gate_up, down, lm_head at W = 1, 4, 16, 64) and variant: CUDA
+        source bytes, ptxas registers / stack / spills for sm_90, blocks x threads launched
+        (markdown; benchmarks/gemv.md holds a run)
+    python benchmarks/gemv_kernels.py build DIR [--cuda-arch sm_90]
+        DIR/gemv/: lib.so (every kernel of every variant, float16 and float32), kernels.json
+        (names, shapes), kcache/ (the fatbin nvcc made here from the library's CUDA source,
+        keyed as hetcomp._tvm._nvcc_fatbin keys it, so the host compiles nothing)
+        -> on the GPU host: python benchmarks/cuda_host/run.py gemv DIR OUT
+
+Variants: ``column`` (gpu.LinearColumn: a thread per column), ``splitk`` (gpu.SplitKLinear),
+``dlight`` (the first of dlight's rules that takes our packed kernel, in gpu_rules' order:
+Matmul from W = 2, Fallback at W = 1) and ``dlight_nt`` (dlight's GEMV at W = 1 and
+LowBatchGEMV, symbolic width, above: the same product with the weight unpacked ``[n, k]``,
+K innermost, the layout those rules are written for; they do not take ours, see
+gpu.SplitKLinearRule).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+from hetcomp import _tvm
+from hetcomp.driver.profile import read_model_shape
+from hetcomp.kernels import ops
+from hetcomp.schedules.apply import rule_name
+from hetcomp.schedules.gpu import LinearColumnRule, SplitKLinearRule
+
+c = _tvm.compiler()
+KINDS = ("qkv", "o", "gate_up", "down", "lm_head")
+WIDTHS = (1, 4, 16, 64)
+VARIANTS = ("column", "splitk", "dlight", "dlight_nt")
+_SHORT = {"float16": "f16", "float32": "f32"}
+
+
+def nt_linear(n: int, k: int, wdtype: str, residual: bool, rows):
+    """``y = x @ W.T (+ r)`` with W unpacked ``[n, k]`` (dlight's GEMV layout)."""
+    te = c.te
+    x = te.placeholder((rows, k), "float32", name="x")
+    wt = te.placeholder((n, k), wdtype, name="w")
+    r = te.reduce_axis((0, k), name="k")
+    y = te.compute((rows, n), lambda i, j: te.sum(x[i, r] * wt[j, r].astype("float32"), axis=r),
+                   name="matmul")
+    args = [x, wt]
+    if residual:
+        res = te.placeholder((rows, n), "float32", name="residual")
+        y = te.compute((rows, n), lambda i, j: y[i, j] + res[i, j], name="add_residual")
+        args.append(res)
+    return te.create_prim_func([*args, y], index_dtype_override="int64")
+
+
+def _first(func, rules, target):
+    with target:
+        for rule in rules:
+            sch = rule.apply(func, target, False)
+            if sch is not None:
+                sch = sch[0] if isinstance(sch, list | tuple) else sch
+                return rule_name(rule), sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    return None
+
+
+def kernels(target, dtypes=("float16", "float32"), kinds=KINDS, widths=WIDTHS):
+    """One record per (kind, dtype, W, variant) that a rule schedules: its ``name`` in the
+    library (dlight_nt above W = 1 is one symbolic kernel for every W), ``rule``, ``func``
+    and the argument shapes."""
+    shape, _ = read_model_shape("smollm2")
+    g = c.dlight.gpu
+    dlight = [g.Matmul(), g.GEMV(), g.LowBatchGEMV(), g.Reduction(), g.GeneralReduction(),
+              g.Fallback()]
+    out = []
+    for dtype in dtypes:
+        for kind in kinds:
+            n, k, res = shape.linear_dims(kind)
+            for w in widths:
+                packed = ops.linear(n, k, dtype, res, rows=w)
+                nt_rows = w if w == 1 else c.tir.Var("w", "int64")
+                choices = {"column": (packed, [LinearColumnRule()]),
+                           "splitk": (packed, [SplitKLinearRule()]),
+                           "dlight": (packed, dlight),
+                           "dlight_nt": (nt_linear(n, k, dtype, res, nt_rows),
+                                         [g.GEMV() if w == 1 else g.LowBatchGEMV()])}
+                for variant, (func, rules) in choices.items():
+                    got = _first(func, rules, target)
+                    if got is None:
+                        continue
+                    sym = variant == "dlight_nt" and w > 1
+                    name = f"{variant}_{_SHORT[dtype]}_{kind}_" + ("wsym" if sym else f"w{w}")
+                    wshape = [n, k] if variant == "dlight_nt" else list(ops.packed_shape(n, k))
+                    out.append({"name": name, "kind": kind, "n": n, "k": k, "residual": res,
+                                "w": w, "dtype": dtype, "variant": variant, "rule": got[0],
+                                "func": got[1], "weight_shape": wshape})
+    return out
+
+
+def launch_shape(func) -> str:
+    """``blocks x threads`` of each kernel launch in ``func`` (thread-bound loop extents)."""
+    launches, cur = [], {}
+    for tag_extent in re.findall(r'T\.thread_binding\((.+?), thread="(\w+\.\w)"\)',
+                                 func.script()):
+        extent, tag = tag_extent
+        value = re.sub(r"T\.int64\((\d+)\)", r"\1", extent.strip())
+        if tag in cur and cur[tag] != value:  # a new launch
+            launches.append(cur)
+            cur = {}
+        cur.setdefault(tag, value)
+    launches.append(cur)
+    text = []
+    for launch in launches:
+        blocks = "*".join(v for t, v in sorted(launch.items()) if t.startswith("blockIdx"))
+        threads = "*".join(v for t, v in sorted(launch.items()) if t.startswith("threadIdx"))
+        text.append(f"{blocks or 1} x {threads or 1}")
+    return ", ".join(dict.fromkeys(text))
+
+
+def ptxas(source: str, arch: str = "sm_90") -> dict:
+    """Max registers, stack bytes and spill bytes over the kernels of a CUDA source."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cu")
+        with open(path, "w") as fh:
+            fh.write(source)
+        proc = subprocess.run(["nvcc", "--cubin", f"-arch={arch}", "--resource-usage", "-o",
+                               os.path.join(tmp, "k.cubin"), path],
+                              capture_output=True, text=True, check=True)
+    log = proc.stdout + proc.stderr
+    regs = [int(v) for v in re.findall(r"Used (\d+) registers", log)]
+    stack = [int(v) for v in re.findall(r"(\d+) bytes stack frame", log)]
+    spills = [int(a) + int(b) for a, b in
+              re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)]
+    return {"registers": max(regs), "stack": max(stack), "spills": max(spills)}
+
+
+def cuda_source(func, target) -> str:
+    lib = c.compile(c.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                    target=target)
+    return lib.mod.imports[0].inspect_source()
+
+
+def table(dtype: str, arch: str) -> str:
+    target = c.Target({"kind": "cuda", "arch": arch})
+    lines = [(f"SmolLM2 decode linears, weights {dtype}, CUDA for {arch} "
+             f"(`python benchmarks/gemv_kernels.py table --dtype {dtype}`)."), "",
+             ("| kernel (n x k) | W | variant | rule | CUDA bytes | regs | stack | spills "
+             "| blocks x threads |"), "|---|---|---|---|---|---|---|---|---|"]
+    seen = set()
+    for rec in kernels(target, (dtype,)):
+        if rec["name"] in seen:
+            continue
+        seen.add(rec["name"])
+        src = cuda_source(rec["func"], target)
+        use = ptxas(src, arch)
+        width = "sym" if rec["name"].endswith("wsym") else rec["w"]
+        res = " +r" if rec["residual"] else ""
+        lines.append(f"| {rec['kind']} {rec['n']}x{rec['k']}{res} | {width} | {rec['variant']} "
+                     f"| {rec['rule']} | {len(src)} | {use['registers']} | {use['stack']} "
+                     f"| {use['spills']} | {launch_shape(rec['func'])} |")
+        print(lines[-1], file=sys.stderr, flush=True)
+    return "\n".join(lines) + "\n"
+
+
+def build(out: str, arch: str, **subset) -> str:
+    """The kit for ``run.py gemv``: lib.so, kernels.cu (its CUDA source), kernels.json,
+    kcache/ (see the module doc); ``subset``: :func:`kernels`' dtypes, kinds, widths."""
+    target = c.Target({"kind": "cuda", "arch": arch})
+    d = os.path.join(out, "gemv")
+    os.makedirs(d, exist_ok=True)
+    every = kernels(target, **subset)
+    recs = {r["name"]: r for r in every}  # dlight_nt's symbolic kernel once
+    mod = c.IRModule({name: r["func"].with_attr("global_symbol", name)
+                      for name, r in recs.items()})
+    lib = c.compile(mod, target=target)
+    lib.export_library(os.path.join(d, "lib.so"))
+    # The host's nvcc callback (hetcomp._tvm) finds this fatbin by the source's hash.
+    source = lib.mod.imports[0].inspect_source()
+    env = {"HETCOMP_KERNEL_CACHE": os.path.join(d, "kcache"), "HETCOMP_CUDA_ARCH": arch}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        _tvm._nvcc_fatbin(source)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
+    with open(os.path.join(d, "kernels.cu"), "w") as fh:
+        fh.write(source)
+    records = [{k: v for k, v in r.items() if k != "func"} for r in every]
+    with open(os.path.join(d, "kernels.json"), "w") as fh:
+        json.dump({"arch": arch, "kernels": records}, fh, indent=1)
+    return d
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["table", "build"])
+    ap.add_argument("out", nargs="?", help="build: the kit folder")
+    ap.add_argument("--out", dest="out_file", help="table: write it here")
+    ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--cuda-arch", default="sm_90")
+    args = ap.parse_args()
+    if args.what == "table":
+        text = table(args.dtype, args.cuda_arch)
+        if args.out_file:
+            with open(args.out_file, "w") as fh:
+                fh.write(text)
+        else:
+            print(text)
+    else:
+        print(build(args.out, args.cuda_arch))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

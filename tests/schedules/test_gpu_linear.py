@@ -1,0 +1,182 @@
+"""``gpu.SplitKLinear``, the CUDA schedule of the float decode linears (static widths). No GPU
+here: the schedule's arithmetic runs on the CPU with its thread-bound loops made serial, the
+CUDA build is checked by TVM's codegen and nvcc's register report, the model by a tiny
+`compile --target cuda`, and the GPU host's timing kit by a dry run."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tvm
+
+from hetcomp import _tvm
+from hetcomp.artifact_format import read_manifest
+from hetcomp.driver.compile import CompileOptions, compile_model
+from hetcomp.kernels import ops
+from hetcomp.schedules.apply import RULE_ATTR, ApplyRules
+from hetcomp.schedules.gpu import LinearColumnRule, SplitKLinearRule, gpu_rules
+from hetcomp.testing import TINY, byte_tokenizer_spec
+
+c = _tvm.compiler()
+CUDA = c.Target({"kind": "cuda", "arch": "sm_90"})
+HOST = c.Target({"kind": "llvm"})
+N, K = 96, 128
+# SmolLM2-135M's decode linears (n, k, residual): qkv, o, gate_up, down, LM head.
+SMOLLM2 = [(960, 576, False), (576, 576, True), (3072, 576, False), (576, 1536, True),
+           (49152, 576, False)]
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+BENCH = os.path.join(ROOT, "benchmarks")
+
+
+def _schedule(dtype, rows, residual=False, n=N, k=K):
+    sch = SplitKLinearRule().apply(ops.linear(n, k, dtype, residual, rows=rows), CUDA, False)
+    assert sch is not None
+    return sch.mod["main"]
+
+
+def _bindings(func) -> list[tuple[str, int]]:
+    return [(tag, int(ext)) for ext, tag in re.findall(
+        r'T\.thread_binding\(T\.int64\((\d+)\), thread="(\w+\.\w)"\)', func.script())]
+
+
+def _serial(func):
+    """``func`` with its thread-bound loops as serial loops: the same schedule, on the CPU.
+
+    Sound for this schedule because its reduction across threads is not a thread-bound
+    reduction (``tvm_thread_allreduce``, whose lowering needs the threads): each thread's
+    partial sums (one per row, for its K slice) go to a shared buffer indexed by the slice,
+    and a separate stage sums the slices of each output. Run serially, the first loop nest
+    fills every slice's partials and the second sums them: the same additions in the same
+    order. What serial execution cannot check (the barrier between the two stages, which
+    TVM inserts for a shared buffer) is checked on the CUDA source below."""
+    text, bound = re.subn(
+        r'T\.thread_binding\(([^,]+), thread="(?:blockIdx|threadIdx)\.[xy]"\)', r"range(\1)",
+        func.script())
+    assert bound == 5, "partials over (blockIdx.x, threadIdx.x, threadIdx.y), sums over (x, y)"
+    return tvm.script.from_source(text)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("rows", [1, 4, 16, 64])
+def test_schedule_matches_numpy(dtype, rows):
+    """Each width with and without the residual add, the float16 weights widened in the
+    kernel; 64 rows take the 128-thread shape (partials within 32 KB of shared memory)."""
+    rng = np.random.default_rng(rows)
+    w = rng.standard_normal((N, K)).astype(dtype)
+    x = rng.standard_normal((rows, K)).astype("float32")
+    r = rng.standard_normal((rows, N)).astype("float32")
+    ref = x.astype(np.float64) @ w.astype(np.float64).T
+    for residual in (False, True):
+        func = _schedule(dtype, rows, residual)
+        lib = c.compile(c.IRModule({"main": _serial(func)}), target=HOST)
+        y = _tvm.tensor(np.zeros((rows, N), "float32"))
+        lib["main"](_tvm.tensor(x), _tvm.tensor(ops.pack_linear_weight(w, dtype)),
+                    *([_tvm.tensor(r)] if residual else []), y)
+        np.testing.assert_allclose(y.numpy(), ref + r if residual else ref, rtol=1e-5,
+                                   atol=1e-4)
+
+
+@pytest.mark.parametrize("n,k,residual", SMOLLM2)
+def test_applies_to_smollm2_linears_with_k_over_threads(n, k, residual):
+    """gpu_rules picks the rule for every SmolLM2 linear at static widths (not dlight, not
+    the column rule); the K slices are a thread axis (threadIdx.y, 2 or more), and the grid
+    has at least a block per 32 columns (the column rule had one per 64)."""
+    for dtype in ("float16", "float32"):
+        for rows in (1, 64):
+            func = ops.linear(n, k, dtype, residual, rows=rows).with_attr("global_symbol",
+                                                                          "main")
+            with CUDA:
+                mod = ApplyRules(*gpu_rules())(c.IRModule({"main": func}))
+            assert str(mod["main"].attrs[RULE_ATTR]) == "gpu.SplitKLinear"
+            bind = dict(_bindings(mod["main"]))
+            assert bind["threadIdx.y"] >= 2 and bind["blockIdx.x"] >= n // 32
+            # The partials' K slice loop is the threadIdx.y loop around the accumulation;
+            # the final sum reduces over that slice axis.
+            text = mod["main"].script()
+            assert (text.index('thread="threadIdx.y"') < text.index('"matmul_rf_update"')
+                    < text.index('"matmul_update"'))
+            assert re.search(r'sblock\("matmul_update"\):\s+vk_1 = T\.axis\.reduce', text)
+            assert 'scope="shared"' in text
+
+
+def test_symbolic_width_keeps_the_column_rule():
+    func = ops.linear(576, 576, "float32", rows=None)
+    assert SplitKLinearRule().apply(func, CUDA, False) is None
+    assert LinearColumnRule().apply(func, CUDA, False) is not None
+
+
+def test_cuda_source_has_one_barrier_between_partials_and_sums():
+    """One __syncthreads between the shared partials and their sums, for any width (a
+    cross-thread reduction per row would take several per row)."""
+    for rows in (1, 16):
+        lib = c.compile(c.IRModule({"main": _schedule("float16", rows, True, 576, 576)}),
+                        target=CUDA)
+        src = lib.mod.imports[0].inspect_source()
+        assert src.count("__syncthreads()") == 1 and "__shared__" in src
+        assert "tvm_thread_allreduce" not in src and len(src) < 8_000
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+@pytest.mark.parametrize("arch", ["sm_87", "sm_90"])
+@pytest.mark.parametrize("dtype,rows", [("float16", 1), ("float32", 16), ("float16", 64),
+                                        ("float32", 64)])
+def test_nvcc_keeps_accumulators_in_registers(tmp_path, arch, dtype, rows):
+    """ptxas on SmolLM2's down projection (the longest K, with the residual): no stack
+    frame, no spills, up to 64 rows, for Jetson Orin (sm_87) and Hopper (sm_90)."""
+    target = c.Target({"kind": "cuda", "arch": arch})
+    func = _schedule(dtype, rows, True, 576, 1536)
+    lib = c.compile(c.IRModule({"main": func}), target=target)
+    (tmp_path / "k.cu").write_text(lib.mod.imports[0].inspect_source())
+    proc = subprocess.run(["nvcc", "--cubin", f"-arch={arch}", "-Xptxas", "-v", "-o",
+                           str(tmp_path / "k.cubin"), str(tmp_path / "k.cu")],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in proc.stderr
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_compile_for_cuda_uses_split_k(tmp_path, dtype):
+    """`compile --target cuda` of a tiny model: the decode and verify linears (static widths)
+    are gpu.SplitKLinear's, prefill's (symbolic width) gpu.LinearColumn's; nothing else
+    schedules a linear."""
+    from hetcomp.frontend.weights import random_weights
+
+    compile_model(CompileOptions(model="tiny.gguf", dtype=dtype, target="cuda",
+                                 max_context=64), str(tmp_path / "art"), quiet=True,
+                  weights=(TINY, random_weights(TINY, seed=3),
+                           byte_tokenizer_spec(TINY.vocab_size), __file__))
+    linear = [k for k in read_manifest(str(tmp_path / "art"))["kernels"]
+              if k["name"].startswith("linear")]
+    assert {k["rule"] for k in linear} == {"gpu.SplitKLinear", "gpu.LinearColumn"}
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_gemv_kit_builds_and_dry_runs(tmp_path):
+    """The GPU host's timing kit (benchmarks/gemv_kernels.py build, a subset): every variant
+    is in the library, the fatbin made here is found under the hash of the library's own
+    CUDA source (so the host compiles nothing), and `run.py gemv --dry` makes each
+    kernel's arguments."""
+    sys.path.insert(0, BENCH)
+    try:
+        import gemv_kernels
+    finally:
+        sys.path.remove(BENCH)
+    kit = gemv_kernels.build(str(tmp_path), "sm_90", dtypes=("float16",), kinds=("down",),
+                             widths=(1, 4))
+    with open(os.path.join(kit, "kernels.json")) as fh:
+        recs = json.load(fh)["kernels"]
+    assert {(r["variant"], r["w"]) for r in recs} == {
+        (v, w) for v in gemv_kernels.VARIANTS for w in (1, 4)}
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "cuda_host", "run.py"), "gemv",
+                           str(tmp_path), str(tmp_path / "out"), "--dry"],
+                          capture_output=True, text=True, check=False,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open(tmp_path / "out" / "gemv.json") as fh:
+        out = json.load(fh)
+    assert [r["name"] for r in out["kernels"]] and len(out["kernels"]) == len(recs)
