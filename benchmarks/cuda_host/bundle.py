@@ -7,7 +7,9 @@ there: this script (on the build machine, with the compiler) writes
     DIR/a/wheels/              apache-tvm-ffi and gguf for the host's Python (pip download)
     DIR/a/payload.tar.xz       kit/: the ARCA profile kit, probe kernels for cpu (x86-64-v3)
                                and cuda; art/<name>/: artifacts with separate weights (below)
-    DIR/a/gguf.part0           the first part of the model file; DIR/b/gguf.part1 the rest
+    DIR/a/gguf.part0           the first part of the model file; DIR/b/gguf.part1, DIR/c/...
+                               the rest, one folder per later call (each fits a call's 64 MiB
+                               beside the working tree)
     DIR/a/bundle.json          sha256 of the whole GGUF, names of the artifacts
 
 Artifacts: ``cpu`` (the whole model on the CPU, portable x86-64-v3), ``gpu`` (the whole model
@@ -30,9 +32,11 @@ import os
 import subprocess
 import sys
 
-# A call carries at most 64 MiB with the working tree (~6 MiB): the first carries TVM, the
-# wheels and payload.tar.xz (kit and artifacts, ~10 MiB) and part 0; the second part 1.
-PART0_BYTES = 46 << 20
+# A call carries at most 64 MiB with the working tree (18 MiB since the Qwen heads): the
+# first carries TVM, the wheels and payload.tar.xz (kit and artifacts, ~7 MiB) and part 0 of
+# the GGUF; each later call (folders b, c, ...) one more part.
+CALL_BYTES = 64 << 20
+MARGIN_BYTES = 2 << 20  # files a session adds before the call (notes, results)
 
 
 def _sh(*cmd):
@@ -58,9 +62,8 @@ def main() -> int:
     from hetcomp.plan import HeteroPlan
     from hetcomp.profile.measure import ProfileOptions, build_kit
 
-    a, b = os.path.join(args.out, "a"), os.path.join(args.out, "b")
+    a = os.path.join(args.out, "a")
     os.makedirs(a, exist_ok=True)
-    os.makedirs(b, exist_ok=True)
     site = os.path.dirname(os.path.dirname(tvm.__file__))
     _sh("tar", "-C", site, "--exclude=tvm/lib/libtvm_compiler.so", "--exclude=tvm/3rdparty",
         "--exclude=tvm/src", "--exclude=tvm/web", "--exclude=__pycache__", "-cJf",
@@ -74,7 +77,7 @@ def main() -> int:
 
     if args.generate:
         _generation_payload(a, args)
-        _gguf_parts(a, b, [])
+        _gguf_parts(args.out, [])
         return 0
 
     # Every shape of a full profile, timed in shorter rounds: the host is lent for minutes.
@@ -108,7 +111,7 @@ def main() -> int:
     _sh("tar", "-C", a, "-cJf", os.path.join(a, "payload.tar.xz"), "kit", "art")
     for d in ("kit", "art"):
         subprocess.run(["rm", "-rf", os.path.join(a, d)], check=True)
-    _gguf_parts(a, b, list(builds))
+    _gguf_parts(args.out, list(builds))
     return 0
 
 
@@ -132,22 +135,40 @@ def _generation_payload(a: str, args) -> None:
     subprocess.run(["rm", "-rf", art], check=True)
 
 
-def _gguf_parts(a: str, b: str, artifacts: list) -> None:
+def _tree_bytes() -> int:
+    """Bytes of the working tree a device call sends (tracked files)."""
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+    files = subprocess.run(["git", "-C", root, "ls-files", "-z"], check=True,
+                           capture_output=True).stdout.decode().split("\0")
+    return sum(os.path.getsize(os.path.join(root, f)) for f in files
+               if f and os.path.isfile(os.path.join(root, f)))
+
+
+def _gguf_parts(out: str, artifacts: list) -> None:
+    """The GGUF in parts that fit the calls beside the working tree: part 0 in ``out/a``
+    after the runtime and payload, then one part per folder ``out/b``, ``out/c``, ..."""
     from hetcomp.frontend import default_gguf_path
 
-    gguf = default_gguf_path()
-    with open(gguf, "rb") as fh:
+    with open(default_gguf_path(), "rb") as fh:
         data = fh.read()
-    with open(os.path.join(a, "gguf.part0"), "wb") as fh:
-        fh.write(data[:PART0_BYTES])
-    with open(os.path.join(b, "gguf.part1"), "wb") as fh:
-        fh.write(data[PART0_BYTES:])
+    a = os.path.join(out, "a")
+    budget = CALL_BYTES - _tree_bytes() - MARGIN_BYTES
+    used = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(a) for f in fs)
+    dirs, start, size = [], 0, budget - used
+    while start < len(data):
+        d = os.path.join(out, "abcdefgh"[len(dirs)])
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, f"gguf.part{len(dirs)}"), "wb") as fh:
+            fh.write(data[start: start + size])
+        dirs.append(d)
+        start, size = start + size, budget
     with open(os.path.join(a, "bundle.json"), "w") as fh:
-        json.dump({"gguf_sha256": hashlib.sha256(data).hexdigest(),
+        json.dump({"gguf_sha256": hashlib.sha256(data).hexdigest(), "gguf_parts": len(dirs),
                    "artifacts": artifacts}, fh, indent=1)
-    for d in (a, b):
+    for d in dirs:
         total = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(d) for f in fs)
-        print(f"{d}: {total / 2**20:.1f} MiB", file=sys.stderr)
+        print(f"{d}: {total / 2**20:.1f} MiB (a call: {budget / 2**20:.1f} MiB beside the "
+              "tree)", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
-# Source on the CUDA host (from the repository root). Carried folders (.dev/a, .dev/b from
+# Source on the CUDA host (from the repository root). Carried folders (.dev/a, .dev/b, ... from
 # bundle.py) do not outlive their call, so they are copied to build/keep (ignored, kept on a
 # warm machine); installs the runtime-only TVM and the wheels once; sets the environment.
 K=$PWD/build/keep
-for d in a b; do
+for d in a b c d; do
   if [ -d .dev/$d ]; then mkdir -p "$K" && rm -rf "$K/$d" && cp -r .dev/$d "$K/$d"; fi
 done
 B=$K/a

@@ -22,8 +22,8 @@
                                          WORKERS processes of 2 threads each, stopped
                                          after SECONDS -> OUT/responses-*.jsonl
 
-BUNDLE is what bundle.py wrote (its ``a`` folder; ``b`` beside it holds the GGUF's second
-part, which arrives with the second call).
+BUNDLE is what bundle.py wrote (its ``a`` folder; ``b``, ``c``, ... beside it hold the GGUF's
+later parts, which arrive with later calls).
 """
 
 from __future__ import annotations
@@ -58,9 +58,14 @@ def _gguf(bundle: str) -> str:
     path = os.path.join(bundle, "..", "gguf")
     meta = json.load(open(os.path.join(bundle, "bundle.json")))
     if not os.path.isfile(path):
+        # Part i in folder "abcdefgh"[i] beside the bundle (bundle.py: one folder a call).
+        parts = [os.path.join(bundle, "..", "abcdefgh"[i], f"gguf.part{i}")
+                 for i in range(int(meta.get("gguf_parts", 2)))]
+        missing = [p for p in parts if not os.path.isfile(p)]
+        if missing:
+            raise SystemExit(f"GGUF parts not here yet: {', '.join(missing)} (carry them)")
         with open(path + ".tmp", "wb") as fh:
-            for part in (os.path.join(bundle, "gguf.part0"),
-                         os.path.join(bundle, "..", "b", "gguf.part1")):
+            for part in parts:
                 with open(part, "rb") as src:
                     fh.write(src.read())
         os.replace(path + ".tmp", path)

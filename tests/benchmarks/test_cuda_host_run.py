@@ -22,8 +22,8 @@ _spec.loader.exec_module(run_py)
 
 
 def test_run_measures_a_bundle(tmp_path, monkeypatch):
-    """A bundle as bundle.py lays it out (artifact with separate weights, the GGUF in two
-    parts, bundle.json): run() attaches the weights, decodes at every width, times the verify
+    """A bundle as bundle.py lays it out (artifact with separate weights, the GGUF in three
+    parts in folders a, b, c, bundle.json): run() attaches the weights, decodes at every width, times the verify
     step at W = 1 .. 64 and writes results.json with the issue's ratios. The artifact is a
     fixed-cache build (as the GPU's), so sessions follow one another on one cache."""
     gguf = tmp_path / "m.gguf"
@@ -40,10 +40,13 @@ def test_run_measures_a_bundle(tmp_path, monkeypatch):
                   str(bundle / "art" / "gpu"), quiet=True)
     data = gguf.read_bytes()
     (bundle / "gguf.part0").write_bytes(data[:1000])
-    (tmp_path / "b").mkdir()
-    (tmp_path / "b" / "gguf.part1").write_bytes(data[1000:])
+    for i, d in ((1, "b"), (2, "c")):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / f"gguf.part{i}").write_bytes(data[1000 * i: 1000 * i + 1000]
+                                                     if i == 1 else data[2000:])
     (bundle / "bundle.json").write_text(json.dumps(
-        {"gguf_sha256": hashlib.sha256(data).hexdigest(), "artifacts": ["gpu"]}))
+        {"gguf_sha256": hashlib.sha256(data).hexdigest(), "gguf_parts": 3,
+         "artifacts": ["gpu"]}))
     # Heads outside the package: attached here (run() attaches only a bare artifact).
     attach_weights(str(bundle / "art" / "gpu"), str(gguf), str(tmp_path / "heads.npz"))
     monkeypatch.setattr(run_py, "NEW_TOKENS", 6)
