@@ -242,6 +242,10 @@ class Session:
         w = len(tokens)
         if self.length + w > self.capacity:
             raise HetcompError(f"context of {self.capacity} tokens is full")
+        if int(positions[0]) != self.length:  # the root sits at the cache's end
+            raise HetcompError(f"tree root at position {int(positions[0])}, not at the cache "
+                               f"length {self.length} (the CUDA-graph build reads the length "
+                               "there)")
         row_ptr, col_idx = csr if csr is not None else csr_from_mask(mask)
         fn = self.art._verify_static.get(w, self.art._verify)
         out = fn(self._t(tokens), self._t(positions), self._t(mask), self._t(row_ptr),

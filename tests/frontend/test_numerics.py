@@ -221,3 +221,15 @@ def test_fixed_cache_artifact_holds_one_cache(tiny_artifact):
     nxt, hidden = second.prefill(prompt)
     logits, _ = ref.forward(TINY, w, prompt)
     assert nxt == int(np.argmax(logits[-1]))
+
+
+def test_verify_refuses_a_root_away_from_the_cache_end(tiny_artifact):
+    """Every build may read the cache length from ``positions[0]`` (the CUDA-graph build
+    does): a tree whose root is not at the cache's end is refused, not computed wrong."""
+    from hetcomp.errors import HetcompError
+
+    sess = load_artifact(tiny_artifact[0]).new_session()
+    sess.prefill([5, 17, 99])
+    with pytest.raises(HetcompError, match="not at the cache length 3"):
+        sess.verify([1, 2], [4, 5], tree_mask([-1, 0]))
+    sess.verify([1, 2], [3, 4], tree_mask([-1, 0]))
