@@ -155,6 +155,57 @@ def _static_rows(c, loop, max_rows: int) -> int | None:
     return None
 
 
+def _split_k_threads(threads: int, rows: int, partial_bytes: int) -> int:
+    """Threads of a split-K block: ``threads``, fewer (a power of two) where the ``rows``
+    float32 partials of each thread would exceed ``partial_bytes`` of shared memory."""
+    return min(threads, _pow2_divisor(1 << 20, partial_bytes // (4 * rows)))
+
+
+def _unroll_by_nvcc(sch, loops) -> None:
+    """Unrolled by nvcc (``#pragma unroll``), not in the source: the source stays a few KB
+    (nvcc compiles it when the library loads) and the rows' accumulators still become
+    registers."""
+    for loop in loops:
+        sch.unroll(loop)
+        sch.annotate(loop, "pragma_unroll_explicit", 0)
+
+
+def _slice_partials(sch, mm, cols: int, kt, outer, i):
+    """Split-K, part 1: columns over (blockIdx.x, threadIdx.x) in groups of ``cols``, the
+    reduction's slice loop ``kt`` over threadIdx.y; a thread's partial sums of its slice (one
+    per row; ``outer``: the reduction loops it walks, rows ``i`` innermost) in registers
+    (``rfactor`` over the slice), stored to a shared ``[slice, row, column]`` buffer.
+    Returns the rfactor block (loops: block, column, slice, *outer, rows) and the store."""
+    jb, jt = sch.split(sch.get_loops(mm)[1], [None, cols])
+    sch.reorder(jb, jt, kt, *outer, i)
+    rf = sch.rfactor(kt, 0)
+    jb, jt, kt = sch.get_loops(rf)[:3]
+    sch.bind(jb, "blockIdx.x")
+    sch.bind(jt, "threadIdx.x")
+    sch.bind(kt, "threadIdx.y")
+    sch.set_scope(rf, 0, "shared")
+    partial = sch.cache_write(rf, 0, "local")
+    sch.reverse_compute_at(partial, kt, preserve_unit_loops=True)
+    return rf, partial
+
+
+def _sum_slices(sch, func, mm, rf, slices: int) -> list:
+    """Split-K, part 2: after one barrier (TVM inserts it for the shared buffer) each thread
+    sums the slices of one (row, column) output, rows over threadIdx.y, in a register, and
+    writes it back (with the residual add). Returns the loops nvcc should unroll (the zeroing
+    and the sum over slices)."""
+    # The write-back block's loops come as its iter vars: slice, row, column.
+    sch.reverse_compute_at(mm, sch.get_loops(rf)[0], preserve_unit_loops=True)
+    rk, ri, rj = sch.get_loops(mm)[1:]
+    rio, rit = sch.split(ri, [None, slices])
+    sch.reorder(rj, rit, rio, rk)
+    sch.bind(rj, "threadIdx.x")
+    sch.bind(rit, "threadIdx.y")
+    _write_back_in_registers(sch, func, mm, rio)
+    init = sch.decompose_reduction(mm, rk)
+    return [sch.get_loops(init)[-1], sch.get_loops(mm)[-1]]
+
+
 class SplitKLinearRule(_BASE):
     """Decode-width float linear layers, split over K inside a thread block (static widths).
 
@@ -194,7 +245,7 @@ class SplitKLinearRule(_BASE):
         (fewer than 4 columns or 2 slices)."""
         bits = int(compiler().DataType(wdtype).bits)
         cols = _pow2_divisor(n, self.sector_bytes * 8 // bits)
-        threads = min(self.threads, _pow2_divisor(1 << 20, self.partial_bytes // (4 * rows)))
+        threads = _split_k_threads(self.threads, rows, self.partial_bytes)
         slices = _pow2_divisor(k, threads // cols)
         return (cols, slices) if cols >= 4 and slices >= 2 else None
 
@@ -215,37 +266,16 @@ class SplitKLinearRule(_BASE):
         cols, slices = shape
         # Step 1. Columns over (blockIdx.x, threadIdx.x), K slices over threadIdx.y; a
         # thread's partial sums of its slice, one per row, in registers (rfactor).
-        jb, jt = sch.split(j, [None, cols])
         ko, kt = sch.split(k, [None, slices])
-        sch.reorder(jb, jt, kt, ko, i)
-        rf = sch.rfactor(kt, 0)
-        jb, jt, kt, ko, i = sch.get_loops(rf)
-        sch.bind(jb, "blockIdx.x")
-        sch.bind(jt, "threadIdx.x")
-        sch.bind(kt, "threadIdx.y")
-        sch.set_scope(rf, 0, "shared")
-        partial = sch.cache_write(rf, 0, "local")
-        sch.reverse_compute_at(partial, kt, preserve_unit_loops=True)
+        rf, partial = _slice_partials(sch, mm, cols, kt, [ko], i)
         # Step 2. The partials meet in shared memory; each thread sums the slices of one
-        # (row, column) output, rows over threadIdx.y (loops come as the block's iter vars:
-        # slice, row, column).
-        sch.reverse_compute_at(mm, jb, preserve_unit_loops=True)
-        rk, ri, rj = sch.get_loops(mm)[1:]
-        rio, rit = sch.split(ri, [None, slices])
-        sch.reorder(rj, rit, rio, rk)
-        sch.bind(rj, "threadIdx.x")
-        sch.bind(rit, "threadIdx.y")
-        # Step 3. The sum in a register, written back (with the residual) by its thread.
-        _write_back_in_registers(sch, func, mm, rio)
-        # Step 4. Zero the accumulators before their reductions; nvcc unrolls the rows (so
-        # the accumulators are registers) and the sum over slices (``#pragma unroll``: the
-        # source stays a few KB, nvcc compiles it when the library loads).
-        unroll = [sch.get_loops(sch.decompose_reduction(rf, ko))[-1], sch.get_loops(rf)[-1],
-                  sch.get_loops(partial)[-1], sch.get_loops(sch.decompose_reduction(mm, rk))[-1]]
-        unroll.append(sch.get_loops(mm)[-1])
-        for loop in unroll:
-            sch.unroll(loop)
-            sch.annotate(loop, "pragma_unroll_explicit", 0)
+        # (row, column) output and writes it back (with the residual).
+        unroll = _sum_slices(sch, func, mm, rf, slices)
+        # Step 3. Zero the accumulators before the slice's reduction; nvcc unrolls the rows
+        # (so the accumulators are registers) and the sum over slices.
+        unroll += [sch.get_loops(sch.decompose_reduction(rf, sch.get_loops(rf)[3]))[-1],
+                   sch.get_loops(rf)[-1], sch.get_loops(partial)[-1]]
+        _unroll_by_nvcc(sch, unroll)
         return sch
 
 
