@@ -351,6 +351,145 @@ class QuantLinearRule(_BASE):
         return sch
 
 
+def _divisor(n: int, cap: int) -> int:
+    """The largest divisor of ``n`` that is at most ``cap`` (at least 1)."""
+    return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
+
+
+class QuantSplitKLinearRule(_BASE):
+    """Block-quantized linear layers at static widths, split over the k blocks inside a
+    thread block: :class:`SplitKLinearRule`'s schedule on :class:`QuantLinearRule`'s
+    arithmetic.
+
+    A thread block takes ``C`` columns (``threadIdx.x``) by ``T`` slices of the ``k / 32``
+    blocks (``threadIdx.y``); slice ``t`` walks blocks ``t, t + T, ...``, so at each step the
+    block reads ``T`` consecutive k blocks of its panel. Per k block a thread decodes the
+    scale (and q4_1 min) once into registers and, like :class:`QuantLinearRule`, either sums
+    the block on the raw quants (factored kernel, W <= 2: 32 unrolled steps, constant nibble
+    selects, x's block sum recomputed per thread) or dequantizes its 32 weights (a loop)
+    against the ``W`` rows; the ``T x W x C`` partials then meet in shared memory after one
+    barrier and are summed and written back (with the residual) as in the float rule.
+
+    ``C`` is 32, a whole panel row (``pack_block``; fewer where ``n`` has no factor 32): the
+    layout ``[n / B, k / 32, bytes, B]`` puts the 32 columns of one byte index of one k block
+    in one 32-byte sector, so a warp (32 columns of one slice) reads whole sectors for every
+    byte. The float rule's 8-16 columns would split each sector over 2-4 thread blocks (each
+    sector fetched from L2 2-4 times). The grid is then ``n / 32`` blocks (18 for 576
+    columns), 2x the column rule's, and the blocks 4-8x as wide in threads (``T`` up to 8).
+    ``T`` divides ``k / 32`` (18 for SmolLM2's 576: 6 slices of 3 blocks; 48 for 1536: 8 of
+    6), so no slice is predicated off; threads up to 256, fewer where the partials would
+    exceed 32 KB of shared memory (W = 64: 128). Symbolic widths stay with
+    :class:`QuantLinearRule`.
+    """
+
+    def __init__(self, threads: int = 256, max_rows: int = 64, partial_bytes: int = 32 << 10,
+                 cols: int = 32):
+        self.threads, self.max_rows = threads, max_rows
+        self.partial_bytes, self.cols = partial_bytes, cols
+
+    def shape(self, rows: int, n: int, k: int) -> tuple[int, int] | None:
+        """``(C, T)``: columns and k-block slices of a thread block, or None when it would
+        not pay (fewer than 4 columns or 2 slices)."""
+        cols = _pow2_divisor(n, self.cols)
+        threads = _split_k_threads(self.threads, rows, self.partial_bytes)
+        slices = _divisor(k // 32, threads // cols)
+        return (cols, slices) if cols >= 4 and slices >= 2 else None
+
+    def apply(self, func, target, tunable):
+        if _gpu_kind(func, target) != "linear" or "hetcomp.qtype" not in func.attrs:
+            return None
+        c = compiler()
+        sch = c.Schedule(func)
+        names = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
+        factored = "inner" in names
+        mm = sch.get_sblock("matmul")
+        i, _, k = sch.get_loops(mm)
+        rows = _static_rows(c, sch.get(i), self.max_rows)
+        if rows is None:
+            return None
+        shape = self.shape(rows, int(func.attrs["hetcomp.n"]), int(func.attrs["hetcomp.k"]))
+        if shape is None:
+            return None
+        cols, slices = shape
+        # Step 1. Columns over (blockIdx.x, threadIdx.x), k-block slices over threadIdx.y;
+        # per thread its slice's blocks, then (the dequantizing kernel) a block's 32
+        # weights, then the rows; the partials in registers, stored to shared memory.
+        kb, kt = (k, None) if factored else sch.split(k, [None, 32])
+        ko, ks = sch.split(kb, [None, slices])
+        rf, partial = _slice_partials(sch, mm, cols, ks, [ko] if factored else [ko, kt], i)
+        ko = sch.get_loops(rf)[3]
+        # Step 2. Per k block, in registers: the raw-quant block sums (factored), x's block
+        # sums, the column's scale and min.
+        for name in ("inner", "xsum", "min", "scale"):  # consumers first
+            if name in names:
+                blk = sch.get_sblock(name)
+                sch.compute_at(blk, ko)
+                sch.set_scope(blk, 0, "local")
+        # Step 3. The partials meet in shared memory; each thread sums the slices of one
+        # (row, column) output and writes it back (with the residual).
+        unroll = _sum_slices(sch, func, mm, rf, slices)
+        # Step 4. Zero the accumulators before the slice's reduction; nvcc unrolls the rows,
+        # the store of the partials, the sum over slices and, in the factored kernel, a
+        # block's 32 raw quants (constant nibble selects). The dequantizing kernel's
+        # 32-weight loop stays a loop (QuantLinearRule says why).
+        init = sch.decompose_reduction(rf, ko)
+        unroll += [sch.get_loops(init)[-1], sch.get_loops(rf)[-1], sch.get_loops(partial)[-1]]
+        for name in ("inner", "xsum"):
+            if name in names:
+                blk = sch.get_sblock(name)
+                own = sch.get_loops(blk)[4:]  # (rows,) t: compute_at drops a 1-row loop
+                sch.decompose_reduction(blk, own[-1])
+                unroll += own
+        _unroll_by_nvcc(sch, unroll)
+        return sch
+
+
+class RMSNormRule(_BASE):
+    """RMSNorm (``rms_norm``, and ``rms_norm_res``, Gemma's norm with the residual add): one
+    thread block per row, one launch for the whole kernel.
+
+    :class:`PerStageThreadRule` gave each stage its own launch with a thread per row: the
+    sum of squares a serial chain over the hidden size (576 dependent adds for SmolLM2) in
+    as many threads as rows (1 at W = 1), then two more launches. Here the block's threads
+    stride over the row (coalesced), the sum of squares is a cross-thread reduction over
+    threadIdx.x (warp shuffles, then one shared-memory step across warps; what
+    :class:`ArgmaxRowRule` does) and the same threads scale their elements. ``rstd`` is
+    inlined into the scaling (an rsqrt per element, a few per thread): a register copy per
+    thread was merged by TVM's storage rewrite into the reduction's shared result, which
+    every thread then overwrote while others still read it (a race in the CUDA source).
+    Threads: a power of two up to 256 covering the row; the tail of a row that is not a
+    multiple of them is predicated.
+    """
+
+    def __init__(self, threads: int = 256):
+        self.threads = threads
+
+    def apply(self, func, target, tunable):
+        if _gpu_kind(func, target) != "rms_norm":
+            return None
+        sch = compiler().Schedule(func)
+        hidden = int(func.params[0].shape[1])
+        threads = 32
+        while threads < min(hidden, self.threads):
+            threads *= 2
+        # Step 1. rstd inlined into the scaling; the sum of squares per row (block).
+        sch.compute_inline(sch.get_sblock("rstd"))
+        norm = sch.get_sblock("norm")
+        row, e = sch.get_loops(norm)
+        ss = sch.get_sblock("sumsq")
+        sch.compute_at(ss, row)
+        # Step 2. Rows over blockIdx.x; the threads stride over the row, reducing the sum of
+        # squares across threadIdx.x (its result in registers: every thread reads it).
+        _, tx = sch.split(sch.get_loops(ss)[-1], [None, threads])
+        sch.bind(tx, "threadIdx.x")
+        sch.set_scope(ss, 0, "local")
+        # Step 3. The same threads scale their elements.
+        _, tx = sch.split(e, [None, threads])
+        sch.bind(tx, "threadIdx.x")
+        sch.bind(row, "blockIdx.x")
+        return sch
+
+
 class ArgmaxRowRule(_BASE):
     """Argmax (row maximum, then the first index holding it): a thread block per row, the
     threads splitting the vocabulary and combining by a cross-thread reduction. dlight's
@@ -390,8 +529,11 @@ def use_gpu_script_kernels(mod):
 
 
 def gpu_rules():
-    """Our GPU rules first, then dlight's."""
+    """Our GPU rules first, then dlight's. Each split-K rule (static widths) before the rule
+    that takes the same linears at any width; RMSNorm before PerStageThread (which takes
+    any of our kinds it lists, rms_norm included)."""
     gpu = compiler().dlight.gpu
-    return [QuantLinearRule(), SplitKLinearRule(), LinearColumnRule(), ArgmaxRowRule(), SparseTreeAttentionRule(),
-            PerStageThreadRule(), gpu.Matmul(), gpu.GEMV(), gpu.LowBatchGEMV(), gpu.Reduction(),
+    return [QuantSplitKLinearRule(), QuantLinearRule(), SplitKLinearRule(), LinearColumnRule(),
+            RMSNormRule(), ArgmaxRowRule(), SparseTreeAttentionRule(), PerStageThreadRule(),
+            gpu.Matmul(), gpu.GEMV(), gpu.LowBatchGEMV(), gpu.Reduction(),
             gpu.GeneralReduction(), gpu.Fallback()]
