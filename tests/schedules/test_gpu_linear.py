@@ -143,16 +143,18 @@ def test_nvcc_keeps_accumulators_in_registers(tmp_path, arch, dtype, rows):
 def test_compile_for_cuda_uses_split_k(tmp_path, dtype):
     """`compile --target cuda` of a tiny model: the decode and verify linears (static widths)
     are gpu.SplitKLinear's, prefill's (symbolic width) gpu.LinearColumn's; nothing else
-    schedules a linear."""
+    schedules a linear; every RMSNorm (any width) is gpu.RMSNorm's."""
     from hetcomp.frontend.weights import random_weights
 
     compile_model(CompileOptions(model="tiny.gguf", dtype=dtype, target="cuda",
                                  max_context=64), str(tmp_path / "art"), quiet=True,
                   weights=(TINY, random_weights(TINY, seed=3),
                            byte_tokenizer_spec(TINY.vocab_size), __file__))
-    linear = [k for k in read_manifest(str(tmp_path / "art"))["kernels"]
-              if k["name"].startswith("linear")]
+    kernels = read_manifest(str(tmp_path / "art"))["kernels"]
+    linear = [k for k in kernels if k["name"].startswith("linear")]
     assert {k["rule"] for k in linear} == {"gpu.SplitKLinear", "gpu.LinearColumn"}
+    norms = [k for k in kernels if k["name"].startswith("rms_norm")]
+    assert norms and {k["rule"] for k in norms} == {"gpu.RMSNorm"}
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
