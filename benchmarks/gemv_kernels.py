@@ -21,7 +21,9 @@ Matmul from W = 2, Fallback at W = 1) and ``dlight_nt`` (dlight's GEMV at W = 1 
 LowBatchGEMV, symbolic width, above: the same product with the weight unpacked ``[n, k]``,
 K innermost, the layout those rules are written for; they do not take ours, see
 gpu.SplitKLinearRule). Block-quantized weights (q4_0, q4_1, q8_0) have ``column``
-(gpu.QuantLinear) and ``splitk`` (gpu.QuantSplitKLinear); dlight has no rule for them.
+(gpu.QuantLinear), ``splitk`` (gpu.QuantSplitKLinear: 32 columns a block, a whole sector
+per byte index) and ``splitk16`` (the same rule with 16 columns: twice the blocks, each
+sector read by two of them; the alternative to time); dlight has no rule for them.
 """
 
 from __future__ import annotations
@@ -97,7 +99,8 @@ def kernels(target, dtypes=DTYPES, kinds=KINDS, widths=WIDTHS):
                 if quant.is_quant(dtype):
                     packed = quant.linear_quant(n, k, dtype, res, rows=w)
                     choices = {"column": (packed, [QuantLinearRule()]),
-                               "splitk": (packed, [QuantSplitKLinearRule()])}
+                               "splitk": (packed, [QuantSplitKLinearRule()]),
+                               "splitk16": (packed, [QuantSplitKLinearRule(cols=16)])}
                 else:
                     packed = ops.linear(n, k, dtype, res, rows=w)
                     nt_rows = w if w == 1 else c.tir.Var("w", "int64")

@@ -174,7 +174,7 @@ def test_gemv_kit_builds_and_dry_runs(tmp_path):
         recs = json.load(fh)["kernels"]
     assert {(r["dtype"], r["variant"], r["w"]) for r in recs} == {
         *((d, v, w) for d, vs in (("float16", gemv_kernels.VARIANTS),
-                                  ("q4_1", ("column", "splitk")))
+                                  ("q4_1", ("column", "splitk", "splitk16")))
           for v in vs for w in (1, 4))}
     assert {r["rule"] for r in recs if r["dtype"] == "q4_1"} == {
         "gpu.QuantLinear", "gpu.QuantSplitKLinear"}

@@ -149,3 +149,20 @@ def test_nvcc_keeps_accumulators_in_registers(tmp_path, arch, qtype, rows):
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in proc.stderr
+
+
+@pytest.mark.parametrize("qtype,rows", [("q4_1", 1), ("q4_0", 4), ("q8_0", 64)])
+def test_sixteen_column_blocks_match_numpy(qtype, rows):
+    """The kit's ``splitk16`` alternative (half a sector per block) computes
+    the same product."""
+    rng = np.random.default_rng(7)
+    m = quant.QuantMatrix.quantize(rng.standard_normal((N, K)).astype("float32"), qtype)
+    x = rng.standard_normal((rows, K)).astype("float32")
+    rule = QuantSplitKLinearRule(cols=16)
+    func = rule.apply(quant.linear_quant(N, K, qtype, rows=rows), CUDA, False).mod["main"]
+    assert dict(_bindings(func))["threadIdx.x"] == 16
+    lib = c.compile(c.IRModule({"main": _serial(func)}), target=HOST)
+    y = _tvm.tensor(np.zeros((rows, N), "float32"))
+    lib["main"](_tvm.tensor(x), _tvm.tensor(quant.pack_quant_weight(m)), y)
+    np.testing.assert_allclose(y.numpy(), x.astype(np.float64) @ m.dequantize().T, rtol=1e-5,
+                               atol=1e-4)
