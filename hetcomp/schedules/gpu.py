@@ -373,13 +373,15 @@ class QuantSplitKLinearRule(_BASE):
     ``C`` is 32, a whole panel row (``pack_block``; fewer where ``n`` has no factor 32): the
     layout ``[n / B, k / 32, bytes, B]`` puts the 32 columns of one byte index of one k block
     in one 32-byte sector, so a warp (32 columns of one slice) reads whole sectors for every
-    byte. The float rule's 8-16 columns would split each sector over 2-4 thread blocks (each
-    sector fetched from L2 2-4 times). The grid is then ``n / 32`` blocks (18 for 576
-    columns), 2x the column rule's, and the blocks 4-8x as wide in threads (``T`` up to 8).
-    ``T`` divides ``k / 32`` (18 for SmolLM2's 576: 6 slices of 3 blocks; 48 for 1536: 8 of
-    6), so no slice is predicated off; threads up to 256, fewer where the partials would
-    exceed 32 KB of shared memory (W = 64: 128). Symbolic widths stay with
-    :class:`QuantLinearRule`.
+    byte. The float rule's sector-wide 8-16 columns would be 8-16 bytes here: each sector
+    split over 2-4 thread blocks, fetched from L2 2-4 times. The price is the grid: ``n /
+    32`` blocks (18 for a 576-column layer), 2x the column rule's 64-column blocks, not the
+    float rule's 4-8x; the win is the chain, 3 k blocks a thread for K = 576 instead of 18.
+    ``cols=16`` doubles the grid at half-sector reads (the kit's ``splitk16``, to time on
+    the GPU host). ``T`` divides ``k / 32`` (18 for SmolLM2's 576: 6 slices of 3 blocks; 48
+    for 1536: 8 of 6), so no slice is predicated off; threads up to 256, fewer where the
+    partials would exceed 32 KB of shared memory (W = 64: 96-128). Symbolic widths stay with
+    :class:`QuantLinearRule`. Measurements: ``benchmarks/gemv.md``.
     """
 
     def __init__(self, threads: int = 256, max_rows: int = 64, partial_bytes: int = 32 << 10,
