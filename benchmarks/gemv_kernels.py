@@ -1,12 +1,16 @@
 """SmolLM2's decode linear kernels under each GPU schedule: a compile-side table and a kit of
 compiled kernels for the GPU host.
 
-    python benchmarks/gemv_kernels.py table [--dtype float16] [--out FILE]
+    python benchmarks/gemv_kernels.py table [--dtype float16|float32|q4_0|q4_1|q8_0]
+                                            [--out FILE]
         per kernel (qkv, o, gate_up, down, lm_head at W = 1, 4, 16, 64) and variant: CUDA
         source bytes, ptxas registers / stack / spills for sm_90, blocks x threads launched
         (markdown; benchmarks/gemv.md holds a run)
+    python benchmarks/gemv_kernels.py norms [--out FILE]
+        the same columns for SmolLM2's rms_norm (and the residual norm) under
+        gpu.PerStageThread and gpu.RMSNorm
     python benchmarks/gemv_kernels.py build DIR [--cuda-arch sm_90]
-        DIR/gemv/: lib.so (every kernel of every variant, float16 and float32), kernels.json
+        DIR/gemv/: lib.so (every kernel of every variant and weight format), kernels.json
         (names, shapes), kcache/ (the fatbin nvcc made here from the library's CUDA source,
         keyed as hetcomp._tvm._nvcc_fatbin keys it, so the host compiles nothing)
         -> on the GPU host: python benchmarks/cuda_host/run.py gemv DIR OUT
@@ -16,7 +20,10 @@ Variants: ``column`` (gpu.LinearColumn: a thread per column), ``splitk`` (gpu.Sp
 Matmul from W = 2, Fallback at W = 1) and ``dlight_nt`` (dlight's GEMV at W = 1 and
 LowBatchGEMV, symbolic width, above: the same product with the weight unpacked ``[n, k]``,
 K innermost, the layout those rules are written for; they do not take ours, see
-gpu.SplitKLinearRule).
+gpu.SplitKLinearRule). Block-quantized weights (q4_0, q4_1, q8_0) have ``column``
+(gpu.QuantLinear), ``splitk`` (gpu.QuantSplitKLinear: 32 columns a block, a whole sector
+per byte index) and ``splitk16`` (the same rule with 16 columns: twice the blocks, each
+sector read by two of them; the alternative to time); dlight has no rule for them.
 """
 
 from __future__ import annotations
@@ -31,15 +38,23 @@ import tempfile
 
 from hetcomp import _tvm
 from hetcomp.driver.profile import read_model_shape
-from hetcomp.kernels import ops
+from hetcomp.kernels import ops, quant
 from hetcomp.schedules.apply import rule_name
-from hetcomp.schedules.gpu import LinearColumnRule, SplitKLinearRule
+from hetcomp.schedules.gpu import (
+    LinearColumnRule,
+    PerStageThreadRule,
+    QuantLinearRule,
+    QuantSplitKLinearRule,
+    RMSNormRule,
+    SplitKLinearRule,
+)
 
 c = _tvm.compiler()
 KINDS = ("qkv", "o", "gate_up", "down", "lm_head")
 WIDTHS = (1, 4, 16, 64)
 VARIANTS = ("column", "splitk", "dlight", "dlight_nt")
-_SHORT = {"float16": "f16", "float32": "f32"}
+DTYPES = ("float16", "float32", *quant.QUANT_DTYPES)
+_SHORT = {"float16": "f16", "float32": "f32", "q4_0": "q40", "q4_1": "q41", "q8_0": "q80"}
 
 
 def nt_linear(n: int, k: int, wdtype: str, residual: bool, rows):
@@ -68,10 +83,10 @@ def _first(func, rules, target):
     return None
 
 
-def kernels(target, dtypes=("float16", "float32"), kinds=KINDS, widths=WIDTHS):
+def kernels(target, dtypes=DTYPES, kinds=KINDS, widths=WIDTHS):
     """One record per (kind, dtype, W, variant) that a rule schedules: its ``name`` in the
     library (dlight_nt above W = 1 is one symbolic kernel for every W), ``rule``, ``func``
-    and the argument shapes."""
+    and the argument shapes (``weight_dtype``: uint8 for the quantized blocks)."""
     shape, _ = read_model_shape("smollm2")
     g = c.dlight.gpu
     dlight = [g.Matmul(), g.GEMV(), g.LowBatchGEMV(), g.Reduction(), g.GeneralReduction(),
@@ -81,23 +96,35 @@ def kernels(target, dtypes=("float16", "float32"), kinds=KINDS, widths=WIDTHS):
         for kind in kinds:
             n, k, res = shape.linear_dims(kind)
             for w in widths:
-                packed = ops.linear(n, k, dtype, res, rows=w)
-                nt_rows = w if w == 1 else c.tir.Var("w", "int64")
-                choices = {"column": (packed, [LinearColumnRule()]),
-                           "splitk": (packed, [SplitKLinearRule()]),
-                           "dlight": (packed, dlight),
-                           "dlight_nt": (nt_linear(n, k, dtype, res, nt_rows),
-                                         [g.GEMV() if w == 1 else g.LowBatchGEMV()])}
+                if quant.is_quant(dtype):
+                    packed = quant.linear_quant(n, k, dtype, res, rows=w)
+                    choices = {"column": (packed, [QuantLinearRule()]),
+                               "splitk": (packed, [QuantSplitKLinearRule()]),
+                               "splitk16": (packed, [QuantSplitKLinearRule(cols=16)])}
+                else:
+                    packed = ops.linear(n, k, dtype, res, rows=w)
+                    nt_rows = w if w == 1 else c.tir.Var("w", "int64")
+                    choices = {"column": (packed, [LinearColumnRule()]),
+                               "splitk": (packed, [SplitKLinearRule()]),
+                               "dlight": (packed, dlight),
+                               "dlight_nt": (nt_linear(n, k, dtype, res, nt_rows),
+                                             [g.GEMV() if w == 1 else g.LowBatchGEMV()])}
                 for variant, (func, rules) in choices.items():
                     got = _first(func, rules, target)
                     if got is None:
                         continue
                     sym = variant == "dlight_nt" and w > 1
                     name = f"{variant}_{_SHORT[dtype]}_{kind}_" + ("wsym" if sym else f"w{w}")
-                    wshape = [n, k] if variant == "dlight_nt" else list(ops.packed_shape(n, k))
+                    if quant.is_quant(dtype):
+                        wshape, wdtype = list(quant.quant_packed_shape(n, k, dtype)), "uint8"
+                    elif variant == "dlight_nt":
+                        wshape, wdtype = [n, k], dtype
+                    else:
+                        wshape, wdtype = list(ops.packed_shape(n, k)), dtype
                     out.append({"name": name, "kind": kind, "n": n, "k": k, "residual": res,
                                 "w": w, "dtype": dtype, "variant": variant, "rule": got[0],
-                                "func": got[1], "weight_shape": wshape})
+                                "func": got[1], "weight_shape": wshape,
+                                "weight_dtype": wdtype})
     return out
 
 
@@ -166,6 +193,29 @@ def table(dtype: str, arch: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def norms(arch: str) -> str:
+    """The compile-side table of the RMSNorm kernels: SmolLM2's ``rms_norm`` (hidden 576)
+    and Gemma 3 270M's residual norm ``rms_norm_res`` (640) under gpu.PerStageThread (the
+    rule before) and gpu.RMSNorm."""
+    target = c.Target({"kind": "cuda", "arch": arch})
+    lines = [(f"RMSNorm kernels, CUDA for {arch} (`python benchmarks/gemv_kernels.py norms`)."),
+             "", ("| kernel (hidden) | W | rule | launches | CUDA bytes | regs | stack | spills "
+                  "| blocks x threads |"), "|---|---|---|---|---|---|---|---|---|"]
+    for name, hidden, res in (("rms_norm", 576, False), ("rms_norm_res", 640, True)):
+        for w in WIDTHS:
+            func = ops.rms_norm(hidden, 1e-6, rows=w, residual=res)
+            for rule in (PerStageThreadRule(), RMSNormRule()):
+                got = _first(func, [rule], target)
+                src = cuda_source(got[1], target)
+                use = ptxas(src, arch)
+                lines.append(f"| {name} ({hidden}) | {w} | {got[0]} "
+                             f"| {src.count('__global__') // 2} | {len(src)} "
+                             f"| {use['registers']} | {use['stack']} | {use['spills']} "
+                             f"| {launch_shape(got[1])} |")
+                print(lines[-1], file=sys.stderr, flush=True)
+    return "\n".join(lines) + "\n"
+
+
 def build(out: str, arch: str, **subset) -> str:
     """The kit for ``run.py gemv``: lib.so, kernels.cu (its CUDA source), kernels.json,
     kcache/ (see the module doc); ``subset``: :func:`kernels`' dtypes, kinds, widths."""
@@ -201,14 +251,15 @@ def build(out: str, arch: str, **subset) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["table", "build"])
+    ap.add_argument("what", choices=["table", "norms", "build"])
     ap.add_argument("out", nargs="?", help="build: the kit folder")
     ap.add_argument("--out", dest="out_file", help="table: write it here")
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--cuda-arch", default="sm_90")
     args = ap.parse_args()
-    if args.what == "table":
-        text = table(args.dtype, args.cuda_arch)
+    if args.what in ("table", "norms"):
+        text = (table(args.dtype, args.cuda_arch) if args.what == "table"
+                else norms(args.cuda_arch))
         if args.out_file:
             with open(args.out_file, "w") as fh:
                 fh.write(text)

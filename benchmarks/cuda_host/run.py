@@ -227,7 +227,11 @@ def gemv(kit: str, out: str, dry: bool = False) -> dict:
             raise SystemExit(f"{rec['name']}: not in the kit's CUDA source")
         if group != (rec["dtype"], rec["weight_shape"]):
             group = (rec["dtype"], rec["weight_shape"])
-            host = rng.standard_normal(rec["weight_shape"]).astype(rec["dtype"])
+            wdtype = rec.get("weight_dtype", rec["dtype"])
+            if wdtype == "uint8":  # quantized blocks: random bytes time the same as real ones
+                host = rng.integers(0, 256, rec["weight_shape"], dtype="uint8")
+            else:
+                host = rng.standard_normal(rec["weight_shape"]).astype(wdtype)
             count = 1 if dry else max(2, min(512, -(-GEMV_ROTATE_BYTES // host.nbytes)))
             copies = [_tvm.tensor(host, dev)]
             for _ in range(count - 1):

@@ -155,6 +155,57 @@ def _static_rows(c, loop, max_rows: int) -> int | None:
     return None
 
 
+def _split_k_threads(threads: int, rows: int, partial_bytes: int) -> int:
+    """Threads of a split-K block: ``threads``, fewer (a power of two) where the ``rows``
+    float32 partials of each thread would exceed ``partial_bytes`` of shared memory."""
+    return min(threads, _pow2_divisor(1 << 20, partial_bytes // (4 * rows)))
+
+
+def _unroll_by_nvcc(sch, loops) -> None:
+    """Unrolled by nvcc (``#pragma unroll``), not in the source: the source stays a few KB
+    (nvcc compiles it when the library loads) and the rows' accumulators still become
+    registers."""
+    for loop in loops:
+        sch.unroll(loop)
+        sch.annotate(loop, "pragma_unroll_explicit", 0)
+
+
+def _slice_partials(sch, mm, cols: int, kt, outer, i):
+    """Split-K, part 1: columns over (blockIdx.x, threadIdx.x) in groups of ``cols``, the
+    reduction's slice loop ``kt`` over threadIdx.y; a thread's partial sums of its slice (one
+    per row; ``outer``: the reduction loops it walks, rows ``i`` innermost) in registers
+    (``rfactor`` over the slice), stored to a shared ``[slice, row, column]`` buffer.
+    Returns the rfactor block (loops: block, column, slice, *outer, rows) and the store."""
+    jb, jt = sch.split(sch.get_loops(mm)[1], [None, cols])
+    sch.reorder(jb, jt, kt, *outer, i)
+    rf = sch.rfactor(kt, 0)
+    jb, jt, kt = sch.get_loops(rf)[:3]
+    sch.bind(jb, "blockIdx.x")
+    sch.bind(jt, "threadIdx.x")
+    sch.bind(kt, "threadIdx.y")
+    sch.set_scope(rf, 0, "shared")
+    partial = sch.cache_write(rf, 0, "local")
+    sch.reverse_compute_at(partial, kt, preserve_unit_loops=True)
+    return rf, partial
+
+
+def _sum_slices(sch, func, mm, rf, slices: int) -> list:
+    """Split-K, part 2: after one barrier (TVM inserts it for the shared buffer) each thread
+    sums the slices of one (row, column) output, rows over threadIdx.y, in a register, and
+    writes it back (with the residual add). Returns the loops nvcc should unroll (the zeroing
+    and the sum over slices)."""
+    # The write-back block's loops come as its iter vars: slice, row, column.
+    sch.reverse_compute_at(mm, sch.get_loops(rf)[0], preserve_unit_loops=True)
+    rk, ri, rj = sch.get_loops(mm)[1:]
+    rio, rit = sch.split(ri, [None, slices])
+    sch.reorder(rj, rit, rio, rk)
+    sch.bind(rj, "threadIdx.x")
+    sch.bind(rit, "threadIdx.y")
+    _write_back_in_registers(sch, func, mm, rio)
+    init = sch.decompose_reduction(mm, rk)
+    return [sch.get_loops(init)[-1], sch.get_loops(mm)[-1]]
+
+
 class SplitKLinearRule(_BASE):
     """Decode-width float linear layers, split over K inside a thread block (static widths).
 
@@ -194,7 +245,7 @@ class SplitKLinearRule(_BASE):
         (fewer than 4 columns or 2 slices)."""
         bits = int(compiler().DataType(wdtype).bits)
         cols = _pow2_divisor(n, self.sector_bytes * 8 // bits)
-        threads = min(self.threads, _pow2_divisor(1 << 20, self.partial_bytes // (4 * rows)))
+        threads = _split_k_threads(self.threads, rows, self.partial_bytes)
         slices = _pow2_divisor(k, threads // cols)
         return (cols, slices) if cols >= 4 and slices >= 2 else None
 
@@ -215,37 +266,16 @@ class SplitKLinearRule(_BASE):
         cols, slices = shape
         # Step 1. Columns over (blockIdx.x, threadIdx.x), K slices over threadIdx.y; a
         # thread's partial sums of its slice, one per row, in registers (rfactor).
-        jb, jt = sch.split(j, [None, cols])
         ko, kt = sch.split(k, [None, slices])
-        sch.reorder(jb, jt, kt, ko, i)
-        rf = sch.rfactor(kt, 0)
-        jb, jt, kt, ko, i = sch.get_loops(rf)
-        sch.bind(jb, "blockIdx.x")
-        sch.bind(jt, "threadIdx.x")
-        sch.bind(kt, "threadIdx.y")
-        sch.set_scope(rf, 0, "shared")
-        partial = sch.cache_write(rf, 0, "local")
-        sch.reverse_compute_at(partial, kt, preserve_unit_loops=True)
+        rf, partial = _slice_partials(sch, mm, cols, kt, [ko], i)
         # Step 2. The partials meet in shared memory; each thread sums the slices of one
-        # (row, column) output, rows over threadIdx.y (loops come as the block's iter vars:
-        # slice, row, column).
-        sch.reverse_compute_at(mm, jb, preserve_unit_loops=True)
-        rk, ri, rj = sch.get_loops(mm)[1:]
-        rio, rit = sch.split(ri, [None, slices])
-        sch.reorder(rj, rit, rio, rk)
-        sch.bind(rj, "threadIdx.x")
-        sch.bind(rit, "threadIdx.y")
-        # Step 3. The sum in a register, written back (with the residual) by its thread.
-        _write_back_in_registers(sch, func, mm, rio)
-        # Step 4. Zero the accumulators before their reductions; nvcc unrolls the rows (so
-        # the accumulators are registers) and the sum over slices (``#pragma unroll``: the
-        # source stays a few KB, nvcc compiles it when the library loads).
-        unroll = [sch.get_loops(sch.decompose_reduction(rf, ko))[-1], sch.get_loops(rf)[-1],
-                  sch.get_loops(partial)[-1], sch.get_loops(sch.decompose_reduction(mm, rk))[-1]]
-        unroll.append(sch.get_loops(mm)[-1])
-        for loop in unroll:
-            sch.unroll(loop)
-            sch.annotate(loop, "pragma_unroll_explicit", 0)
+        # (row, column) output and writes it back (with the residual).
+        unroll = _sum_slices(sch, func, mm, rf, slices)
+        # Step 3. Zero the accumulators before the slice's reduction; nvcc unrolls the rows
+        # (so the accumulators are registers) and the sum over slices.
+        unroll += [sch.get_loops(sch.decompose_reduction(rf, sch.get_loops(rf)[3]))[-1],
+                   sch.get_loops(rf)[-1], sch.get_loops(partial)[-1]]
+        _unroll_by_nvcc(sch, unroll)
         return sch
 
 
@@ -321,6 +351,147 @@ class QuantLinearRule(_BASE):
         return sch
 
 
+def _divisor(n: int, cap: int) -> int:
+    """The largest divisor of ``n`` that is at most ``cap`` (at least 1)."""
+    return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
+
+
+class QuantSplitKLinearRule(_BASE):
+    """Block-quantized linear layers at static widths, split over the k blocks inside a
+    thread block: :class:`SplitKLinearRule`'s schedule on :class:`QuantLinearRule`'s
+    arithmetic.
+
+    A thread block takes ``C`` columns (``threadIdx.x``) by ``T`` slices of the ``k / 32``
+    blocks (``threadIdx.y``); slice ``t`` walks blocks ``t, t + T, ...``, so at each step the
+    block reads ``T`` consecutive k blocks of its panel. Per k block a thread decodes the
+    scale (and q4_1 min) once into registers and, like :class:`QuantLinearRule`, either sums
+    the block on the raw quants (factored kernel, W <= 2: 32 unrolled steps, constant nibble
+    selects, x's block sum recomputed per thread) or dequantizes its 32 weights (a loop)
+    against the ``W`` rows; the ``T x W x C`` partials then meet in shared memory after one
+    barrier and are summed and written back (with the residual) as in the float rule.
+
+    ``C`` is 32, a whole panel row (``pack_block``; fewer where ``n`` has no factor 32): the
+    layout ``[n / B, k / 32, bytes, B]`` puts the 32 columns of one byte index of one k block
+    in one 32-byte sector, so a warp (32 columns of one slice) reads whole sectors for every
+    byte. The float rule's sector-wide 8-16 columns would be 8-16 bytes here: each sector
+    split over 2-4 thread blocks, fetched from L2 2-4 times. The price is the grid: ``n /
+    32`` blocks (18 for a 576-column layer), 2x the column rule's 64-column blocks, not the
+    float rule's 4-8x; the win is the chain, 3 k blocks a thread for K = 576 instead of 18.
+    ``cols=16`` doubles the grid at half-sector reads (the kit's ``splitk16``, to time on
+    the GPU host). ``T`` divides ``k / 32`` (18 for SmolLM2's 576: 6 slices of 3 blocks; 48
+    for 1536: 8 of 6), so no slice is predicated off; threads up to 256, fewer where the
+    partials would exceed 32 KB of shared memory (W = 64: 96-128). Symbolic widths stay with
+    :class:`QuantLinearRule`. Measurements: ``benchmarks/gemv.md``.
+    """
+
+    def __init__(self, threads: int = 256, max_rows: int = 64, partial_bytes: int = 32 << 10,
+                 cols: int = 32):
+        self.threads, self.max_rows = threads, max_rows
+        self.partial_bytes, self.cols = partial_bytes, cols
+
+    def shape(self, rows: int, n: int, k: int) -> tuple[int, int] | None:
+        """``(C, T)``: columns and k-block slices of a thread block, or None when it would
+        not pay (fewer than 4 columns or 2 slices)."""
+        cols = _pow2_divisor(n, self.cols)
+        threads = _split_k_threads(self.threads, rows, self.partial_bytes)
+        slices = _divisor(k // 32, threads // cols)
+        return (cols, slices) if cols >= 4 and slices >= 2 else None
+
+    def apply(self, func, target, tunable):
+        if _gpu_kind(func, target) != "linear" or "hetcomp.qtype" not in func.attrs:
+            return None
+        c = compiler()
+        sch = c.Schedule(func)
+        names = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
+        factored = "inner" in names
+        mm = sch.get_sblock("matmul")
+        i, _, k = sch.get_loops(mm)
+        rows = _static_rows(c, sch.get(i), self.max_rows)
+        if rows is None:
+            return None
+        shape = self.shape(rows, int(func.attrs["hetcomp.n"]), int(func.attrs["hetcomp.k"]))
+        if shape is None:
+            return None
+        cols, slices = shape
+        # Step 1. Columns over (blockIdx.x, threadIdx.x), k-block slices over threadIdx.y;
+        # per thread its slice's blocks, then (the dequantizing kernel) a block's 32
+        # weights, then the rows; the partials in registers, stored to shared memory.
+        kb, kt = (k, None) if factored else sch.split(k, [None, 32])
+        ko, ks = sch.split(kb, [None, slices])
+        rf, partial = _slice_partials(sch, mm, cols, ks, [ko] if factored else [ko, kt], i)
+        ko = sch.get_loops(rf)[3]
+        # Step 2. Per k block, in registers: the raw-quant block sums (factored), x's block
+        # sums, the column's scale and min.
+        for name in ("inner", "xsum", "min", "scale"):  # consumers first
+            if name in names:
+                blk = sch.get_sblock(name)
+                sch.compute_at(blk, ko)
+                sch.set_scope(blk, 0, "local")
+        # Step 3. The partials meet in shared memory; each thread sums the slices of one
+        # (row, column) output and writes it back (with the residual).
+        unroll = _sum_slices(sch, func, mm, rf, slices)
+        # Step 4. Zero the accumulators before the slice's reduction; nvcc unrolls the rows,
+        # the store of the partials, the sum over slices and, in the factored kernel, a
+        # block's 32 raw quants (constant nibble selects). The dequantizing kernel's
+        # 32-weight loop stays a loop (QuantLinearRule says why).
+        init = sch.decompose_reduction(rf, ko)
+        unroll += [sch.get_loops(init)[-1], sch.get_loops(rf)[-1], sch.get_loops(partial)[-1]]
+        for name in ("inner", "xsum"):
+            if name in names:
+                blk = sch.get_sblock(name)
+                own = sch.get_loops(blk)[4:]  # (rows,) t: compute_at drops a 1-row loop
+                sch.decompose_reduction(blk, own[-1])
+                unroll += own
+        _unroll_by_nvcc(sch, unroll)
+        return sch
+
+
+class RMSNormRule(_BASE):
+    """RMSNorm (``rms_norm``, and ``rms_norm_res``, Gemma's norm with the residual add): one
+    thread block per row, one launch for the whole kernel.
+
+    :class:`PerStageThreadRule` gave each stage its own launch with a thread per row: the
+    sum of squares a serial chain over the hidden size (576 dependent adds for SmolLM2) in
+    as many threads as rows (1 at W = 1), then two more launches. Here the block's threads
+    stride over the row (coalesced), the sum of squares is a cross-thread reduction over
+    threadIdx.x (warp shuffles, then one shared-memory step across warps; what
+    :class:`ArgmaxRowRule` does) and the same threads scale their elements. ``rstd`` is
+    inlined into the scaling (an rsqrt per element, a few per thread): a register copy per
+    thread was merged by TVM's storage rewrite into the reduction's shared result, which
+    every thread then overwrote while others still read it (a race in the CUDA source).
+    Threads: a power of two up to 256 covering the row; the tail of a row that is not a
+    multiple of them is predicated.
+    """
+
+    def __init__(self, threads: int = 256):
+        self.threads = threads
+
+    def apply(self, func, target, tunable):
+        if _gpu_kind(func, target) != "rms_norm":
+            return None
+        sch = compiler().Schedule(func)
+        hidden = int(func.params[0].shape[1])
+        threads = 32
+        while threads < min(hidden, self.threads):
+            threads *= 2
+        # Step 1. rstd inlined into the scaling; the sum of squares per row (block).
+        sch.compute_inline(sch.get_sblock("rstd"))
+        norm = sch.get_sblock("norm")
+        row, e = sch.get_loops(norm)
+        ss = sch.get_sblock("sumsq")
+        sch.compute_at(ss, row)
+        # Step 2. Rows over blockIdx.x; the threads stride over the row, reducing the sum of
+        # squares across threadIdx.x (its result in registers: every thread reads it).
+        _, tx = sch.split(sch.get_loops(ss)[-1], [None, threads])
+        sch.bind(tx, "threadIdx.x")
+        sch.set_scope(ss, 0, "local")
+        # Step 3. The same threads scale their elements.
+        _, tx = sch.split(e, [None, threads])
+        sch.bind(tx, "threadIdx.x")
+        sch.bind(row, "blockIdx.x")
+        return sch
+
+
 class ArgmaxRowRule(_BASE):
     """Argmax (row maximum, then the first index holding it): a thread block per row, the
     threads splitting the vocabulary and combining by a cross-thread reduction. dlight's
@@ -360,8 +531,11 @@ def use_gpu_script_kernels(mod):
 
 
 def gpu_rules():
-    """Our GPU rules first, then dlight's."""
+    """Our GPU rules first, then dlight's. Each split-K rule (static widths) before the rule
+    that takes the same linears at any width; RMSNorm before PerStageThread (which takes
+    any of our kinds it lists, rms_norm included)."""
     gpu = compiler().dlight.gpu
-    return [QuantLinearRule(), SplitKLinearRule(), LinearColumnRule(), ArgmaxRowRule(), SparseTreeAttentionRule(),
-            PerStageThreadRule(), gpu.Matmul(), gpu.GEMV(), gpu.LowBatchGEMV(), gpu.Reduction(),
+    return [QuantSplitKLinearRule(), QuantLinearRule(), SplitKLinearRule(), LinearColumnRule(),
+            RMSNormRule(), ArgmaxRowRule(), SparseTreeAttentionRule(), PerStageThreadRule(),
+            gpu.Matmul(), gpu.GEMV(), gpu.LowBatchGEMV(), gpu.Reduction(),
             gpu.GeneralReduction(), gpu.Fallback()]

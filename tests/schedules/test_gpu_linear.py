@@ -143,22 +143,24 @@ def test_nvcc_keeps_accumulators_in_registers(tmp_path, arch, dtype, rows):
 def test_compile_for_cuda_uses_split_k(tmp_path, dtype):
     """`compile --target cuda` of a tiny model: the decode and verify linears (static widths)
     are gpu.SplitKLinear's, prefill's (symbolic width) gpu.LinearColumn's; nothing else
-    schedules a linear."""
+    schedules a linear; every RMSNorm (any width) is gpu.RMSNorm's."""
     from hetcomp.frontend.weights import random_weights
 
     compile_model(CompileOptions(model="tiny.gguf", dtype=dtype, target="cuda",
                                  max_context=64), str(tmp_path / "art"), quiet=True,
                   weights=(TINY, random_weights(TINY, seed=3),
                            byte_tokenizer_spec(TINY.vocab_size), __file__))
-    linear = [k for k in read_manifest(str(tmp_path / "art"))["kernels"]
-              if k["name"].startswith("linear")]
+    kernels = read_manifest(str(tmp_path / "art"))["kernels"]
+    linear = [k for k in kernels if k["name"].startswith("linear")]
     assert {k["rule"] for k in linear} == {"gpu.SplitKLinear", "gpu.LinearColumn"}
+    norms = [k for k in kernels if k["name"].startswith("rms_norm")]
+    assert norms and {k["rule"] for k in norms} == {"gpu.RMSNorm"}
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 def test_gemv_kit_builds_and_dry_runs(tmp_path):
     """The GPU host's timing kit (benchmarks/gemv_kernels.py build, a subset): every variant
-    is in the library, the fatbin made here is found under the hash of the library's own
+    (float16 and q4_1 weights) is in the library, the fatbin made here is found under the hash of the library's own
     CUDA source (so the host compiles nothing), and `run.py gemv --dry` makes each
     kernel's arguments."""
     sys.path.insert(0, BENCH)
@@ -166,12 +168,17 @@ def test_gemv_kit_builds_and_dry_runs(tmp_path):
         import gemv_kernels
     finally:
         sys.path.remove(BENCH)
-    kit = gemv_kernels.build(str(tmp_path), "sm_90", dtypes=("float16",), kinds=("down",),
-                             widths=(1, 4))
+    kit = gemv_kernels.build(str(tmp_path), "sm_90", dtypes=("float16", "q4_1"),
+                             kinds=("down",), widths=(1, 4))
     with open(os.path.join(kit, "kernels.json")) as fh:
         recs = json.load(fh)["kernels"]
-    assert {(r["variant"], r["w"]) for r in recs} == {
-        (v, w) for v in gemv_kernels.VARIANTS for w in (1, 4)}
+    assert {(r["dtype"], r["variant"], r["w"]) for r in recs} == {
+        *((d, v, w) for d, vs in (("float16", gemv_kernels.VARIANTS),
+                                  ("q4_1", ("column", "splitk", "splitk16")))
+          for v in vs for w in (1, 4))}
+    assert {r["rule"] for r in recs if r["dtype"] == "q4_1"} == {
+        "gpu.QuantLinear", "gpu.QuantSplitKLinear"}
+    assert {r["weight_dtype"] for r in recs if r["dtype"] == "q4_1"} == {"uint8"}
     proc = subprocess.run([sys.executable, os.path.join(BENCH, "cuda_host", "run.py"), "gemv",
                            str(tmp_path), str(tmp_path / "out"), "--dry"],
                           capture_output=True, text=True, check=False,

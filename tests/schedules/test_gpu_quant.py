@@ -16,7 +16,13 @@ from hetcomp.artifact_format import read_manifest
 from hetcomp.driver.compile import CompileOptions, compile_model
 from hetcomp.kernels import ops, quant
 from hetcomp.schedules.apply import RULE_ATTR, ApplyRules
-from hetcomp.schedules.gpu import LinearColumnRule, QuantLinearRule, gpu_rules
+from hetcomp.schedules.gpu import (
+    LinearColumnRule,
+    QuantLinearRule,
+    QuantSplitKLinearRule,
+    SplitKLinearRule,
+    gpu_rules,
+)
 from hetcomp.testing import TINY, byte_tokenizer_spec
 
 c = _tvm.compiler()
@@ -98,19 +104,26 @@ def test_nvcc_keeps_accumulators_in_registers(tmp_path, qtype, rows):
 
 
 def test_rules_split_float_and_quantized_linears():
-    q = quant.linear_quant(64, 64, "q4_1", rows=4)
-    assert LinearColumnRule().apply(q, CUDA, False) is None
-    assert QuantLinearRule().apply(ops.linear(64, 64, "float32"), CUDA, False) is None
-    assert QuantLinearRule().apply(q, HOST, False) is None
-    with CUDA:
-        mod = ApplyRules(*gpu_rules())(c.IRModule({"main": q.with_attr("global_symbol",
-                                                                          "main")}))
-    assert str(mod["main"].attrs[RULE_ATTR]) == "gpu.QuantLinear"
+    """The float rules leave quantized kernels alone and the quantized rules float ones;
+    gpu_rules gives a static width to the split-K rule, a symbolic one to the column rule."""
+    for rows, rule in ((4, "gpu.QuantSplitKLinear"), (None, "gpu.QuantLinear")):
+        q = quant.linear_quant(64, 64, "q4_1", rows=rows)
+        assert LinearColumnRule().apply(q, CUDA, False) is None
+        assert SplitKLinearRule().apply(q, CUDA, False) is None
+        for quant_rule in (QuantLinearRule(), QuantSplitKLinearRule()):
+            assert quant_rule.apply(ops.linear(64, 64, "float32", rows=rows), CUDA,
+                                    False) is None
+            assert quant_rule.apply(q, HOST, False) is None
+        with CUDA:
+            mod = ApplyRules(*gpu_rules())(c.IRModule({"main": q.with_attr("global_symbol",
+                                                                              "main")}))
+        assert str(mod["main"].attrs[RULE_ATTR]) == rule
 
 
 def test_compile_q4_1_for_cuda(tmp_path):
-    """`compile --dtype q4_1 --target cuda` of a tiny model: every linear kernel (layers,
-    LM head, at every width) is gpu.QuantLinear's, and the weights stay blocks."""
+    """`compile --dtype q4_1 --target cuda` of a tiny model: the decode and verify linears
+    (static widths) are gpu.QuantSplitKLinear's, prefill's (symbolic) gpu.QuantLinear's,
+    nothing else schedules a linear, and the weights stay blocks."""
     from hetcomp.frontend.weights import random_weights
 
     w = random_weights(TINY, seed=2)
@@ -121,6 +134,6 @@ def test_compile_q4_1_for_cuda(tmp_path):
     m = read_manifest(str(tmp_path / "art"))
     assert m["units"][0]["device"] == "cuda" and m["dtype"] == "q4_1"
     linear = [k for k in m["kernels"] if k["name"].startswith("linear")]
-    assert linear and {k["rule"] for k in linear} == {"gpu.QuantLinear"}
+    assert {k["rule"] for k in linear} == {"gpu.QuantSplitKLinear", "gpu.QuantLinear"}
     params = {p["name"]: p["dtype"] for p in m["params"]}
     assert params["layers.0.w_down"] == "uint8" and params["embed"] == "uint8"
