@@ -279,6 +279,14 @@ class SplitKLinearRule(_BASE):
         return sch
 
 
+def _quant_blocks(func):
+    """A quantized linear's schedule, its block names, whether it is the factored kernel
+    (raw-quant block sums, ``inner``) and its ``matmul`` block."""
+    sch = compiler().Schedule(func)
+    names = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
+    return sch, names, "inner" in names, sch.get_sblock("matmul")
+
+
 class QuantLinearRule(_BASE):
     """Block-quantized linear layers (:mod:`hetcomp.kernels.quant`, weights packed
     ``[n / B, k / 32, bytes, B]``): :class:`LinearColumnRule`'s one thread per output column,
@@ -300,10 +308,7 @@ class QuantLinearRule(_BASE):
         if _gpu_kind(func, target) != "linear" or "hetcomp.qtype" not in func.attrs:
             return None
         c = compiler()
-        sch = c.Schedule(func)
-        names = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
-        factored = "inner" in names
-        mm = sch.get_sblock("matmul")
+        sch, names, factored, mm = _quant_blocks(func)
         i, j, k = sch.get_loops(mm)
         extent = sch.get(i).extent
         static = isinstance(extent, c.tir.IntImm) and int(extent) <= self.max_rows
@@ -401,10 +406,7 @@ class QuantSplitKLinearRule(_BASE):
         if _gpu_kind(func, target) != "linear" or "hetcomp.qtype" not in func.attrs:
             return None
         c = compiler()
-        sch = c.Schedule(func)
-        names = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
-        factored = "inner" in names
-        mm = sch.get_sblock("matmul")
+        sch, names, factored, mm = _quant_blocks(func)
         i, _, k = sch.get_loops(mm)
         rows = _static_rows(c, sch.get(i), self.max_rows)
         if rows is None:

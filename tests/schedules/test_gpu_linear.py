@@ -12,7 +12,6 @@ import sys
 
 import numpy as np
 import pytest
-import tvm
 
 from hetcomp import _tvm
 from hetcomp.artifact_format import read_manifest
@@ -21,6 +20,7 @@ from hetcomp.kernels import ops
 from hetcomp.schedules.apply import RULE_ATTR, ApplyRules
 from hetcomp.schedules.gpu import LinearColumnRule, SplitKLinearRule, gpu_rules
 from hetcomp.testing import TINY, byte_tokenizer_spec
+from hetcomp.testing.gpu import assert_no_stack, serial_threads, thread_bindings
 
 c = _tvm.compiler()
 CUDA = c.Target({"kind": "cuda", "arch": "sm_90"})
@@ -39,11 +39,6 @@ def _schedule(dtype, rows, residual=False, n=N, k=K):
     return sch.mod["main"]
 
 
-def _bindings(func) -> list[tuple[str, int]]:
-    return [(tag, int(ext)) for ext, tag in re.findall(
-        r'T\.thread_binding\(T\.int64\((\d+)\), thread="(\w+\.\w)"\)', func.script())]
-
-
 def _serial(func):
     """``func`` with its thread-bound loops as serial loops: the same schedule, on the CPU.
 
@@ -54,11 +49,8 @@ def _serial(func):
     fills every slice's partials and the second sums them: the same additions in the same
     order. What serial execution cannot check (the barrier between the two stages, which
     TVM inserts for a shared buffer) is checked on the CUDA source below."""
-    text, bound = re.subn(
-        r'T\.thread_binding\(([^,]+), thread="(?:blockIdx|threadIdx)\.[xy]"\)', r"range(\1)",
-        func.script())
-    assert bound == 5, "partials over (blockIdx.x, threadIdx.x, threadIdx.y), sums over (x, y)"
-    return tvm.script.from_source(text)
+    return serial_threads(func, 5, "partials over (blockIdx.x, threadIdx.x, threadIdx.y), sums over "
+                          "(x, y)")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
@@ -93,7 +85,7 @@ def test_applies_to_smollm2_linears_with_k_over_threads(n, k, residual):
             with CUDA:
                 mod = ApplyRules(*gpu_rules())(c.IRModule({"main": func}))
             assert str(mod["main"].attrs[RULE_ATTR]) == "gpu.SplitKLinear"
-            bind = dict(_bindings(mod["main"]))
+            bind = dict(thread_bindings(mod["main"]))
             assert bind["threadIdx.y"] >= 2 and bind["blockIdx.x"] >= n // 32
             # The partials' K slice loop is the threadIdx.y loop around the accumulation;
             # the final sum reduces over that slice axis.
@@ -128,15 +120,7 @@ def test_cuda_source_has_one_barrier_between_partials_and_sums():
 def test_nvcc_keeps_accumulators_in_registers(tmp_path, arch, dtype, rows):
     """ptxas on SmolLM2's down projection (the longest K, with the residual): no stack
     frame, no spills, up to 64 rows, for Jetson Orin (sm_87) and Hopper (sm_90)."""
-    target = c.Target({"kind": "cuda", "arch": arch})
-    func = _schedule(dtype, rows, True, 576, 1536)
-    lib = c.compile(c.IRModule({"main": func}), target=target)
-    (tmp_path / "k.cu").write_text(lib.mod.imports[0].inspect_source())
-    proc = subprocess.run(["nvcc", "--cubin", f"-arch={arch}", "-Xptxas", "-v", "-o",
-                           str(tmp_path / "k.cubin"), str(tmp_path / "k.cu")],
-                          capture_output=True, text=True, check=False)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in proc.stderr
+    assert_no_stack(_schedule(dtype, rows, True, 576, 1536), arch, tmp_path)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

@@ -5,11 +5,9 @@ nvcc's register report, and the model by `compile --dtype q4_1 --target cuda`.""
 
 import re
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
-import tvm
 
 from hetcomp import _tvm
 from hetcomp.artifact_format import read_manifest
@@ -24,6 +22,7 @@ from hetcomp.schedules.gpu import (
     gpu_rules,
 )
 from hetcomp.testing import TINY, byte_tokenizer_spec
+from hetcomp.testing.gpu import assert_no_stack, serial_threads
 
 c = _tvm.compiler()
 CUDA = c.Target({"kind": "cuda", "arch": "sm_90"})
@@ -41,10 +40,7 @@ def _schedule(qtype, rows, residual=False, n=N, k=K):
 
 def _serial(func):
     """``func`` with its thread-bound loops as serial loops: the same schedule, on the CPU."""
-    text, bound = re.subn(r'T\.thread_binding\(([^,]+), thread="(?:blockIdx|threadIdx)\.x"\)',
-                          r"range(\1)", func.script())
-    assert bound == 2, "one blockIdx.x and one threadIdx.x loop"
-    return tvm.script.from_source(text)
+    return serial_threads(func, 2, "one blockIdx.x and one threadIdx.x loop")
 
 
 @pytest.mark.parametrize("qtype", FORMATS)
@@ -94,13 +90,7 @@ def test_builds_for_cuda_with_threads_and_registers(qtype, rows):
 def test_nvcc_keeps_accumulators_in_registers(tmp_path, qtype, rows):
     """ptxas on the generated CUDA (SmolLM2's 576x576): no stack frame, so no local-memory
     accumulators, up to 64 rows."""
-    lib = c.compile(c.IRModule({"main": _schedule(qtype, rows, n=576, k=576)}), target=CUDA)
-    (tmp_path / "k.cu").write_text(lib.mod.imports[0].inspect_source())
-    proc = subprocess.run(["nvcc", "--cubin", "-arch=sm_90", "-Xptxas", "-v", "-o",
-                           str(tmp_path / "k.cubin"), str(tmp_path / "k.cu")],
-                          capture_output=True, text=True, check=False)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in proc.stderr
+    assert_no_stack(_schedule(qtype, rows, n=576, k=576), "sm_90", tmp_path)
 
 
 def test_rules_split_float_and_quantized_linears():

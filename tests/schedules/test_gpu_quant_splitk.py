@@ -6,16 +6,15 @@ cuda` (tests/schedules/test_gpu_quant.py)."""
 
 import re
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
-import tvm
 
 from hetcomp import _tvm
 from hetcomp.kernels import quant
 from hetcomp.schedules.apply import RULE_ATTR, ApplyRules
 from hetcomp.schedules.gpu import QuantLinearRule, QuantSplitKLinearRule, gpu_rules
+from hetcomp.testing.gpu import assert_no_stack, serial_threads, thread_bindings
 
 c = _tvm.compiler()
 CUDA = c.Target({"kind": "cuda", "arch": "sm_90"})
@@ -35,20 +34,12 @@ def _schedule(qtype, rows, residual=False, n=N, k=K):
     return sch.mod["main"]
 
 
-def _bindings(func) -> list[tuple[str, int]]:
-    return [(tag, int(ext)) for ext, tag in re.findall(
-        r'T\.thread_binding\(T\.int64\((\d+)\), thread="(\w+\.\w)"\)', func.script())]
-
-
 def _serial(func):
     """``func`` with its thread-bound loops as serial loops: the same schedule, on the CPU
     (sound as for gpu.SplitKLinear, tests/schedules/test_gpu_linear.py: no thread-bound
     reduction, the slices' partials go to a shared buffer a second stage sums)."""
-    text, bound = re.subn(
-        r'T\.thread_binding\(([^,]+), thread="(?:blockIdx|threadIdx)\.[xy]"\)', r"range(\1)",
-        func.script())
-    assert bound == 5, "partials over (blockIdx.x, threadIdx.x, threadIdx.y), sums over (x, y)"
-    return tvm.script.from_source(text)
+    return serial_threads(func, 5, "partials over (blockIdx.x, threadIdx.x, threadIdx.y), sums over "
+                          "(x, y)")
 
 
 @pytest.mark.parametrize("qtype", FORMATS)
@@ -95,7 +86,7 @@ def test_applies_to_smollm2_linears_with_k_over_threads(n, k, residual):
                 mod = ApplyRules(*gpu_rules())(c.IRModule({"main": func.with_attr(
                     "global_symbol", "main")}))
             assert str(mod["main"].attrs[RULE_ATTR]) == "gpu.QuantSplitKLinear"
-            bind = dict(_bindings(mod["main"]))
+            bind = dict(thread_bindings(mod["main"]))
             assert bind["threadIdx.y"] >= 2 and bind["blockIdx.x"] >= n // 32
             text = mod["main"].script()
             assert (text.index('thread="threadIdx.y"') < text.index('"matmul_rf_update"')
@@ -140,15 +131,7 @@ def test_cuda_source_decodes_in_registers_with_one_barrier(qtype, rows):
 def test_nvcc_keeps_accumulators_in_registers(tmp_path, arch, qtype, rows):
     """ptxas on SmolLM2's down projection (the longest K, with the residual): no stack
     frame, no spills, up to 64 rows, for Jetson Orin (sm_87) and Hopper (sm_90)."""
-    target = c.Target({"kind": "cuda", "arch": arch})
-    lib = c.compile(c.IRModule({"main": _schedule(qtype, rows, True, 576, 1536)}),
-                    target=target)
-    (tmp_path / "k.cu").write_text(lib.mod.imports[0].inspect_source())
-    proc = subprocess.run(["nvcc", "--cubin", f"-arch={arch}", "-Xptxas", "-v", "-o",
-                           str(tmp_path / "k.cubin"), str(tmp_path / "k.cu")],
-                          capture_output=True, text=True, check=False)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in proc.stderr
+    assert_no_stack(_schedule(qtype, rows, True, 576, 1536), arch, tmp_path)
 
 
 @pytest.mark.parametrize("qtype,rows", [("q4_1", 1), ("q4_0", 4), ("q8_0", 64)])
@@ -160,7 +143,7 @@ def test_sixteen_column_blocks_match_numpy(qtype, rows):
     x = rng.standard_normal((rows, K)).astype("float32")
     rule = QuantSplitKLinearRule(cols=16)
     func = rule.apply(quant.linear_quant(N, K, qtype, rows=rows), CUDA, False).mod["main"]
-    assert dict(_bindings(func))["threadIdx.x"] == 16
+    assert dict(thread_bindings(func))["threadIdx.x"] == 16
     lib = c.compile(c.IRModule({"main": _serial(func)}), target=HOST)
     y = _tvm.tensor(np.zeros((rows, N), "float32"))
     lib["main"](_tvm.tensor(x), _tvm.tensor(quant.pack_quant_weight(m)), y)

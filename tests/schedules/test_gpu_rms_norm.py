@@ -5,16 +5,15 @@ shuffles) and the launch shape are checked on the CUDA source, registers by nvcc
 
 import re
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
-import tvm
 
 from hetcomp import _tvm
 from hetcomp.kernels import ops
 from hetcomp.schedules.apply import RULE_ATTR, ApplyRules
 from hetcomp.schedules.gpu import RMSNormRule, gpu_rules
+from hetcomp.testing.gpu import assert_no_stack, serial_threads
 
 c = _tvm.compiler()
 CUDA = c.Target({"kind": "cuda", "arch": "sm_90"})
@@ -32,11 +31,7 @@ def _schedule(hidden, rows, residual=False):
 def _serial(func):
     """``func`` with its thread-bound loops as serial loops: the same arithmetic on the CPU
     (the cross-thread sum becomes a serial one; its lowering is checked on the CUDA source)."""
-    text, bound = re.subn(
-        r'T\.thread_binding\(([^,]+), thread="(?:blockIdx|threadIdx)\.x"\)', r"range(\1)",
-        func.script())
-    assert bound == 3, "rows over blockIdx.x; the sum and the scaling over threadIdx.x"
-    return tvm.script.from_source(text)
+    return serial_threads(func, 3, "rows over blockIdx.x; the sum and the scaling over threadIdx.x")
 
 
 def _reference(x, g, r):
@@ -106,11 +101,4 @@ def test_cuda_source_reduces_with_warp_shuffles_and_no_race(rows):
 @pytest.mark.parametrize("arch", ["sm_87", "sm_90"])
 @pytest.mark.parametrize("residual", [False, True])
 def test_nvcc_builds_without_stack(tmp_path, arch, residual):
-    target = c.Target({"kind": "cuda", "arch": arch})
-    lib = c.compile(c.IRModule({"main": _schedule(576, 4, residual)}), target=target)
-    (tmp_path / "k.cu").write_text(lib.mod.imports[0].inspect_source())
-    proc = subprocess.run(["nvcc", "--cubin", f"-arch={arch}", "-Xptxas", "-v", "-o",
-                           str(tmp_path / "k.cubin"), str(tmp_path / "k.cu")],
-                          capture_output=True, text=True, check=False)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in proc.stderr
+    assert_no_stack(_schedule(576, 4, residual), arch, tmp_path)
