@@ -23,7 +23,7 @@ def tiny_gguf(tmp_path_factory):
     return path
 
 
-def test_compile_and_generate_json(tmp_path, tiny_gguf):
+def test_compile_and_generate_json(tmp_path, tiny_gguf, cli):
     rc, _, err = run("compile", "--model", tiny_gguf, "--max-context", 128, "-o", tmp_path / "a")
     assert rc == 0, err
     assert "[1/4]" in err  # progress is shown
@@ -35,10 +35,12 @@ def test_compile_and_generate_json(tmp_path, tiny_gguf):
                 "decode_tokens_per_s"):
         assert key in res
     assert res["prompt_ids"] == [5, 6, 7] and 1 <= len(res["ids"]) <= 5
-    rc, out, _ = run("inspect", tmp_path / "a")
+    # inspect and the error in-process: generate above and test_bad_artifacts run real
+    # runtime-only processes.
+    rc, out, _ = cli("inspect", tmp_path / "a")
     assert rc == 0 and '"dtype": "float32"' in out
     # A prompt longer than the context.
-    rc, _, err = run("generate", tmp_path / "a", "--prompt-ids", ",".join(["5"] * 200))
+    rc, _, err = cli("generate", tmp_path / "a", "--prompt-ids", ",".join(["5"] * 200))
     assert_one_line_error(rc, err, "context")
 
 
