@@ -1,8 +1,11 @@
 """Session fixtures. Test files mirror the packages (tests/passes/... for hetcomp/passes/...);
 shared helpers live in :mod:`hetcomp.testing`."""
 
+import warnings
+
 import pytest
 
+from hetcomp.cli import main
 from hetcomp.driver.compile import CompileOptions, compile_model
 from hetcomp.frontend.weights import random_weights
 from hetcomp.runtime import load_artifact
@@ -31,6 +34,18 @@ def smollm2_artifact(tmp_path_factory, smollm2_weights):
 
 
 @pytest.fixture(scope="session")
+def smollm2_medusa_artifact(tmp_path_factory):
+    """``hetcomp compile --model smollm2 --max-context 512``: the packaged Medusa heads and
+    every width, as the command decides without being told (run in-process, ``main``).
+    tests/driver/test_compile_defaults.py checks those decisions; test_real_model.py
+    speculates with it."""
+    out = tmp_path_factory.mktemp("smollm2-medusa") / "A"
+    assert main(["compile", "--model", "smollm2", "--max-context", "512", "--quiet",
+                 "-o", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_loaded():
     """``compile_model``'s ``weights=`` for a tiny random model (seed 11)."""
     return (TINY, random_weights(TINY, seed=11), byte_tokenizer_spec(TINY.vocab_size), __file__)
@@ -42,3 +57,31 @@ def tiny_reference(tmp_path_factory, tiny_loaded):
     out = tmp_path_factory.mktemp("ref") / "art"
     compile_model(CompileOptions(model="tiny"), str(out), quiet=True, weights=tiny_loaded)
     return load_artifact(str(out))
+
+
+@pytest.fixture
+def cli(capfd):
+    """``hetcomp ARGS`` run in this process as ``python -m hetcomp`` runs it (``main``, and
+    argparse's own exits): ``(exit code, stdout, stderr)``, captured at the file descriptors
+    (TVM's C++ output too), with the warnings Python's default filters would print appended to
+    stderr. It saves a process start and TVM's import (~10 s on CI) per call; tests of what
+    only a fresh process shows (a runtime-only command, the real exit status) use
+    :func:`hetcomp.testing.run_cli`."""
+
+    def run(*args):
+        capfd.readouterr()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning,
+                             ResourceWarning):
+                warnings.filterwarnings("ignore", category=category)
+            try:
+                rc = main([str(a) for a in args])
+            except SystemExit as e:
+                rc = e.code if isinstance(e.code, int) else int(e.code is not None)
+        out, err = capfd.readouterr()
+        err += "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno)
+                       for w in caught)
+        return rc, out, err
+
+    return run

@@ -142,11 +142,29 @@ def tune_kernels(kernels: dict[str, object], target, db_path: str, trials_per_ke
     say(f"[tune kernels] {len(kernels)} kernels x {trials_per_kernel} trials (MetaSchedule, "
         f"XGBoost cost model); logs in {os.path.join(db_path, 'work')}")
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
-    # Each builder worker imports tvm.s_tir.tensor_intrin (~29 s here, longer on a loaded
-    # machine): the default 30 s build timeout failed every trial while other jobs ran.
+    # MetaSchedule's default build imports tvm.s_tir.tensor_intrin in every builder worker
+    # (~29 s here, 100 s on a loaded machine; a fresh pool per batch of trials); our build
+    # skips it. The 180 s timeout stays for a loaded machine.
+    builder = ms.builder.LocalBuilder(f_build=_build_function(), timeout_sec=180)
     ms.tune_tir(mod, tgt, os.path.join(db_path, "work"),
                 max_trials_global=trials_per_kernel * len(kernels),
                 max_trials_per_task=trials_per_kernel,
                 num_trials_per_iter=min(16, trials_per_kernel), database=db,
-                num_tuning_cores=cores, builder=ms.builder.LocalBuilder(timeout_sec=180))
+                num_tuning_cores=cores, builder=builder)
     return len(db.get_all_tuning_records())
+
+
+def _build_function():
+    """MetaSchedule's ``default_build`` without its ``import tvm.s_tir.tensor_intrin``: a
+    tuned schedule's tensor intrinsics (none in the linear kernels) are inlined already.
+    Made inside a function so that cloudpickle sends it to the builder workers by value (a
+    worker then imports tvm only, not hetcomp)."""
+
+    def build(mod, target, _params):
+        from tvm.driver import build as tvm_build
+        from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+        mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+        return tvm_build(mod, target=target)
+
+    return build

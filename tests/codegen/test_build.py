@@ -15,7 +15,7 @@ from hetcomp.hardware import target_dict
 from hetcomp.passes.pipeline import scheduling_pipeline, vm_lowering_pipeline
 from hetcomp.plan import HeteroPlan, load_plan, unit_target
 from hetcomp.schedules.apply import RULE_ATTR
-from hetcomp.testing import TINY, byte_tokenizer_spec, run_cli
+from hetcomp.testing import TINY, byte_tokenizer_spec
 
 c = _tvm.compiler()
 HOST = target_dict("host")
@@ -70,10 +70,11 @@ def _check_scheduled(mod, target, plan):
 
 @pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None,
                     reason="needs the aarch64 cross linker")
-def test_spec_estimate_plan_builds_an_orin_artifact(tmp_path):
-    """`tune --units orin-nx` prints a spec-estimate plan; `compile --plan` of it builds an
-    aarch64 + CUDA sm_87 artifact for the board, whose manifest says the plan is an estimate."""
-    rc, _, err = run_cli("tune", "--units", "orin-nx", "-o", tmp_path / "t")
+def test_spec_estimate_plan_builds_an_orin_artifact(tmp_path, cli):
+    """`tune --units orin-nx` (in-process: ``cli``) prints a spec-estimate plan; `compile
+    --plan` of it builds an aarch64 + CUDA sm_87 artifact for the board, whose manifest says
+    the plan is an estimate."""
+    rc, _, err = cli("tune", "--units", "orin-nx", "-o", tmp_path / "t")
     assert rc == 0, err
     written = json.loads((tmp_path / "t" / "plan.json").read_text())
     assert written["source"] == "spec-estimate" and written["shared_memory"]

@@ -1,4 +1,8 @@
-"""The command line: JSON output, and one-line errors with exit code 2 for bad input."""
+"""The command line: JSON output, and one-line errors with exit code 2 for bad input.
+
+``run`` starts a real ``python -m hetcomp`` (the runtime-only commands, a compile's progress
+and exit status); ``cli`` runs the same ``main`` in this process (compile, calibrate and bench
+cases), which saves a process start and TVM's import per call."""
 
 import json
 import os
@@ -19,7 +23,7 @@ def tiny_gguf(tmp_path_factory):
     return path
 
 
-def test_compile_and_generate_json(tmp_path, tiny_gguf):
+def test_compile_and_generate_json(tmp_path, tiny_gguf, cli):
     rc, _, err = run("compile", "--model", tiny_gguf, "--max-context", 128, "-o", tmp_path / "a")
     assert rc == 0, err
     assert "[1/4]" in err  # progress is shown
@@ -31,16 +35,18 @@ def test_compile_and_generate_json(tmp_path, tiny_gguf):
                 "decode_tokens_per_s"):
         assert key in res
     assert res["prompt_ids"] == [5, 6, 7] and 1 <= len(res["ids"]) <= 5
-    rc, out, _ = run("inspect", tmp_path / "a")
+    # inspect and the error in-process: generate above and test_bad_artifacts run real
+    # runtime-only processes.
+    rc, out, _ = cli("inspect", tmp_path / "a")
     assert rc == 0 and '"dtype": "float32"' in out
     # A prompt longer than the context.
-    rc, _, err = run("generate", tmp_path / "a", "--prompt-ids", ",".join(["5"] * 200))
+    rc, _, err = cli("generate", tmp_path / "a", "--prompt-ids", ",".join(["5"] * 200))
     assert_one_line_error(rc, err, "context")
 
 
 @pytest.mark.parametrize("case", ["missing", "truncated", "bad_magic", "garbage", "arch",
                                   "gemma3"])
-def test_bad_model_files(tmp_path, tiny_gguf, case):
+def test_bad_model_files(tmp_path, tiny_gguf, case, cli):
     src = tmp_path / "m.gguf"
     if case == "truncated":
         data = tiny_gguf.read_bytes()
@@ -53,7 +59,7 @@ def test_bad_model_files(tmp_path, tiny_gguf, case):
         write_gguf(src, TINY, random_weights(TINY), byte_tokenizer_spec(TINY.vocab_size),
                    arch="gpt2" if case == "arch" else "gemma3")
     out = tmp_path / "out"
-    rc, _, err = run("compile", "--model", src, "-o", out)
+    rc, _, err = cli("compile", "--model", src, "-o", out)
     needle = {"missing": "not found", "truncated": "truncated", "bad_magic": "not a GGUF",
               "garbage": "corrupt", "arch": "unsupported architecture",
               "gemma3": "missing tensor blk.0.attn_q_norm.weight"}[case]
@@ -62,25 +68,26 @@ def test_bad_model_files(tmp_path, tiny_gguf, case):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".hetcomp-tmp")]
 
 
-def test_bad_options(tmp_path):
-    rc, _, err = run("compile", "--dtype", "int3", "-o", tmp_path / "x")
+def test_bad_options(tmp_path, cli):
+    rc, _, err = cli("compile", "--dtype", "int3", "-o", tmp_path / "x")
     assert_one_line_error(rc, err, "dtype")
-    rc, _, err = run("compile", "--kv-dtype", "int8", "-o", tmp_path / "x")
+    rc, _, err = cli("compile", "--kv-dtype", "int8", "-o", tmp_path / "x")
     assert_one_line_error(rc, err, "--kv-dtype")
     (tmp_path / "data.npz").write_bytes(b"not an npz")
-    rc, _, err = run("calibrate", "--reuse", tmp_path / "data.npz", "-o", tmp_path / "h")
+    rc, _, err = cli("calibrate", "--reuse", tmp_path / "data.npz", "-o", tmp_path / "h")
     assert_one_line_error(rc, err, "cannot read calibration data")
-    rc, _, err = run("calibrate", "--reuse", tmp_path / "data.npz", "--cache", tmp_path / "c",
+    rc, _, err = cli("calibrate", "--reuse", tmp_path / "data.npz", "--cache", tmp_path / "c",
                      "-o", tmp_path / "h")
     assert_one_line_error(rc, err, "pick one")
     assert not (tmp_path / "h.npz").exists()
 
 
-def test_bad_artifacts(tmp_path, tiny_artifact):
+def test_bad_artifacts(tmp_path, tiny_artifact, cli):
     path, _ = tiny_artifact
+    # A real process (generate loads with the runtime only); the other cases run in-process.
     rc, _, err = run("generate", tmp_path, "--prompt", "hi")
     assert_one_line_error(rc, err, "not a hetcomp artifact")
-    rc, _, err = run("generate", tmp_path / "nope", "--prompt", "hi")
+    rc, _, err = cli("generate", tmp_path / "nope", "--prompt", "hi")
     assert_one_line_error(rc, err, "not found")
 
     edited = tmp_path / "edited"
@@ -88,24 +95,24 @@ def test_bad_artifacts(tmp_path, tiny_artifact):
     m = json.loads((edited / "manifest.json").read_text())
     m["dtype"] = "float16"
     (edited / "manifest.json").write_text(json.dumps(m))
-    rc, _, err = run("generate", edited, "--prompt", "hi")
+    rc, _, err = cli("generate", edited, "--prompt", "hi")
     assert_one_line_error(rc, err, "edited")
 
     missing = tmp_path / "missing"
     shutil.copytree(path, missing)
     (missing / "params.bin").unlink()
-    rc, _, err = run("generate", missing, "--prompt", "hi")
+    rc, _, err = cli("generate", missing, "--prompt", "hi")
     assert_one_line_error(rc, err, "missing params.bin")
 
     short = tmp_path / "short"
     shutil.copytree(path, short)
     data = (short / "params.bin").read_bytes()
     (short / "params.bin").write_bytes(data[:-100])
-    rc, _, err = run("generate", short, "--prompt", "hi")
+    rc, _, err = cli("generate", short, "--prompt", "hi")
     assert_one_line_error(rc, err, "wrong size")
 
 
-def test_bench_reports_unit_busy_time_and_plan_prediction(tmp_path, tiny_gguf):
+def test_bench_reports_unit_busy_time_and_plan_prediction(tmp_path, tiny_gguf, cli):
     """bench on an artifact compiled from a planner's plan.json: per-unit busy time of the
     verify step, and the plan's predicted tokens/s beside the measured one."""
     plan = {"format": "hetcomp-plan/1", "units": ["cpu", "cpu:1"], "host": "cpu",
@@ -114,10 +121,10 @@ def test_bench_reports_unit_busy_time_and_plan_prediction(tmp_path, tiny_gguf):
             "attention": {"dense": "cpu", "sparse": "cpu:1"},
             "candidates": [{"width": 1, "tau": 1.0, "step_s": 0.01}]}
     (tmp_path / "plan.json").write_text(json.dumps(plan))
-    rc, _, err = run("compile", "--model", tiny_gguf, "--max-context", 128, "--plan",
+    rc, _, err = cli("compile", "--model", tiny_gguf, "--max-context", 128, "--plan",
                      tmp_path / "plan.json", "-o", tmp_path / "a", "--quiet")
     assert rc == 0, err
-    rc, out, err = run("bench", tmp_path / "a", "--widths", "1", "--new-tokens", 8, "--runs", 1,
+    rc, out, err = cli("bench", tmp_path / "a", "--widths", "1", "--new-tokens", 8, "--runs", 1,
                        "--json", "--plot", tmp_path / "w.png", "--kernels", 3, "--rounds", 2)
     assert rc == 0, err
     rep = json.loads(out)
@@ -132,7 +139,7 @@ def test_bench_reports_unit_busy_time_and_plan_prediction(tmp_path, tiny_gguf):
     assert step["serial_ms"] > 0 and step["step_ms"] > 0
     assert rep["widths"][0]["predicted_tokens_per_s"] == pytest.approx(100.0)
     assert (tmp_path / "w.png").stat().st_size > 0
-    rc, _, err = run("bench", tmp_path / "a", "--widths", "1", "--rounds", 0)
+    rc, _, err = cli("bench", tmp_path / "a", "--widths", "1", "--rounds", 0)
     assert_one_line_error(rc, err, "--rounds: must be at least 1")
-    rc, _, err = run("bench", tmp_path / "a", "--widths", "1", "--prompts", "heldout")
+    rc, _, err = cli("bench", tmp_path / "a", "--widths", "1", "--prompts", "heldout")
     assert_one_line_error(rc, err, "needs an artifact compiled with calibrated heads")

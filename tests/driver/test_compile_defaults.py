@@ -9,15 +9,13 @@ from hetcomp.testing import run_cli
 
 
 @pytest.fixture(scope="module")
-def default_artifact(tmp_path_factory):
-    out = tmp_path_factory.mktemp("default") / "A"
-    rc, _, err = run_cli("compile", "--model", "smollm2", "--max-context", 512, "--quiet",
-                         "-o", out)
-    assert rc == 0, err
-    return out
+def default_artifact(smollm2_medusa_artifact):
+    # `hetcomp compile --model smollm2 --max-context 512` (conftest; shared with
+    # tests/frontend/test_real_model.py, which speculates with it).
+    return smollm2_medusa_artifact
 
 
-def test_compile_smollm2_speculates_at_the_planned_width(default_artifact):
+def test_compile_smollm2_speculates_at_the_planned_width(default_artifact, cli):
     m = json.loads((default_artifact / "manifest.json").read_text())
     assert m["speculative"]["heads_file"]["name"] == "smollm2-medusa.npz"
     assert m["default_width"] > 1 and m["default_width"] in m["widths"]
@@ -27,14 +25,14 @@ def test_compile_smollm2_speculates_at_the_planned_width(default_artifact):
     assert rc == 0, err
     spec = json.loads(out)
     assert spec["width"] == m["default_width"] and spec["steps"] < len(spec["ids"])
-    rc, out, err = run_cli("generate", default_artifact, "--prompt", "hi", "--chat",
-                           "--max-new-tokens", 24, "--json", "--width", 1)
+    rc, out, err = cli("generate", default_artifact, "--prompt", "hi", "--chat",
+                       "--max-new-tokens", 24, "--json", "--width", 1)
     assert rc == 0, err
     assert json.loads(out)["ids"] == spec["ids"]  # lossless
 
 
-def test_inspect_lists_every_kernel_with_its_rule_and_prediction(default_artifact):
-    rc, out, err = run_cli("inspect", default_artifact, "--json")
+def test_inspect_lists_every_kernel_with_its_rule_and_prediction(default_artifact, cli):
+    rc, out, err = cli("inspect", default_artifact, "--json")
     assert rc == 0, err
     kernels = json.loads(out)["kernels"]
     w16 = [k for k in kernels if k["function"] == "verify_w16"]
@@ -54,13 +52,13 @@ def test_inspect_lists_every_kernel_with_its_rule_and_prediction(default_artifac
             for k in kernels if k["function"] in ("verify_w1", "verify_w16")}
     gate_up = [n for f, n in cost if f == "verify_w16" and n.startswith("linear_n3072")]
     assert gate_up and cost[("verify_w16", gate_up[0])] > cost[("verify_w1", gate_up[0])] > 0
-    rc, out, _ = run_cli("inspect", default_artifact)
+    rc, out, _ = cli("inspect", default_artifact)
     assert rc == 0 and "verify_w16" in out and "cpu.Attention" in out
 
 
-def test_no_heads_builds_no_speculation(tmp_path):
-    rc, _, err = run_cli("compile", "--model", "smollm2", "--no-heads", "--max-context", 64,
-                         "--quiet", "-o", tmp_path / "A")
+def test_no_heads_builds_no_speculation(tmp_path, cli):
+    rc, _, err = cli("compile", "--model", "smollm2", "--no-heads", "--max-context", 64,
+                     "--quiet", "-o", tmp_path / "A")
     assert rc == 0, err
     m = json.loads((tmp_path / "A" / "manifest.json").read_text())
     assert m["speculative"] is None and m["widths"] == [1] and m["default_width"] == 1

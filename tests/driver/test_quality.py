@@ -38,6 +38,7 @@ def test_quality_against_itself_and_numpy(tiny_artifact):
     np.testing.assert_allclose(rep["perplexity"], np.exp(nll / n), rtol=1e-4)
 
 
-def test_quality_refuses_another_model(tiny_artifact, smollm2_artifact):
-    assert_one_line_error(*run_cli("quality", tiny_artifact[0], "--reference",
-                                   smollm2_artifact, "--texts", 1)[::2], "not the same model")
+def test_quality_refuses_another_model(tiny_artifact, smollm2_artifact, cli):
+    # In-process (``cli``); the test above runs `quality` in a real process.
+    assert_one_line_error(*cli("quality", tiny_artifact[0], "--reference",
+                               smollm2_artifact, "--texts", 1)[::2], "not the same model")

@@ -24,7 +24,6 @@ from hetcomp.testing import (
     assert_one_line_error,
     byte_tokenizer_spec,
     depths,
-    run_cli,
     tree_mask,
 )
 from hetcomp.testing.gguf_writer import write_gguf
@@ -119,11 +118,11 @@ def test_probes_are_the_models_quantized_kernels():
     assert len(rows) == sum(len(g.probes) for g in chosen) and all(r.seconds > 0 for r in rows)
 
 
-def test_tune_q4_1_plan_compiles_q4_1_only(tmp_path):
+def test_tune_q4_1_plan_compiles_q4_1_only(tmp_path, cli):
     """`tune --dtype q4_1 --quick` on a Q4_1 file profiles, fits and plans under a q4_1 model
     key; `compile --dtype q4_1 --plan` builds with its fitted cost models; a float32 compile
     of that plan, an unknown --dtype and `tune --kernels --dtype q4_1` get one line, exit 2,
-    nothing written."""
+    nothing written. (The commands run in-process: ``cli``.)"""
     from hetcomp.driver.tune import tune_command
 
     path = tmp_path / "tiny.gguf"
@@ -135,18 +134,18 @@ def test_tune_q4_1_plan_compiles_q4_1_only(tmp_path):
     assert ":q4_1:" in summary["model"] and any("linear lm_head" in ln for ln in lines)
     plan = str(tmp_path / "t" / "plan.json")
     assert plan_choice(plan)["dtype"] == "q4_1"
-    rc, _, err = run_cli("compile", "--model", path, "--dtype", "q4_1", "--plan", plan,
+    rc, _, err = cli("compile", "--model", path, "--dtype", "q4_1", "--plan", plan,
                          "--max-context", 64, "--quiet", "-o", tmp_path / "a")
     assert rc == 0, err
     m = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert m["dtype"] == "q4_1" and m["cost_models"]["cpu"].startswith("fitted")
     linear = [k for k in m["kernels"] if k["rule"] == "cpu.QuantLinear"]
     assert linear and all(k["predicted_us"] > 0 for k in linear)
-    rc, _, err = run_cli("compile", "--model", path, "--plan", plan, "-o", tmp_path / "b")
+    rc, _, err = cli("compile", "--model", path, "--plan", plan, "-o", tmp_path / "b")
     assert_one_line_error(rc, err, "tuned for --dtype q4_1")
-    rc, _, err = run_cli("tune", "--model", path, "--dtype", "q5_0", "-o", tmp_path / "c")
+    rc, _, err = cli("tune", "--model", path, "--dtype", "q5_0", "-o", tmp_path / "c")
     assert_one_line_error(rc, err, "unsupported dtype")
-    rc, _, err = run_cli("tune", "--kernels", "--dtype", "q4_1", "-o", tmp_path / "d")
+    rc, _, err = cli("tune", "--kernels", "--dtype", "q4_1", "-o", tmp_path / "d")
     assert_one_line_error(rc, err, "float32 linear kernels only")
     assert not any((tmp_path / x).exists() for x in "bcd")
     with pytest.raises(HetcompError, match="tuned for --dtype q4_1"):

@@ -45,8 +45,9 @@ def tiny_gguf(tmp_path_factory):
 
 
 # ---- outputs -------------------------------------------------------------------------------
-def test_compile_refuses_a_folder_that_is_not_an_artifact(tmp_path):
-    """`mkdir X && touch X/keep && hetcomp compile --model smollm2 -o X` keeps X/keep."""
+def test_compile_refuses_a_folder_that_is_not_an_artifact(tmp_path, capsys):
+    """`mkdir X && touch X/keep && hetcomp compile --model smollm2 -o X` keeps X/keep. (The
+    first refusal in a real process, for its exit status; the others in-process.)"""
     x = tmp_path / "X"
     x.mkdir()
     (x / "keep").write_text("mine")
@@ -54,12 +55,12 @@ def test_compile_refuses_a_folder_that_is_not_an_artifact(tmp_path):
     assert_one_line_error(rc, err, "not a hetcomp artifact")
     assert tree_state(x) == {"keep": b"mine"}
     # --force replaces only artifacts, never a user's folder
-    rc, _, err = run("compile", "--model", "smollm2", "--force", "-o", x)
+    rc, err = cli(capsys, "compile", "--model", "smollm2", "--force", "-o", x)
     assert_one_line_error(rc, err, "not a hetcomp artifact")
     assert tree_state(x) == {"keep": b"mine"}
     f = tmp_path / "file.txt"
     f.write_text("mine")
-    rc, _, err = run("compile", "--model", "smollm2", "-o", f)
+    rc, err = cli(capsys, "compile", "--model", "smollm2", "-o", f)
     assert_one_line_error(rc, err, "is a file")
     assert f.read_text() == "mine"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".hetcomp")] == []

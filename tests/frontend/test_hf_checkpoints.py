@@ -155,11 +155,12 @@ def test_greedy_ids_equal_gguf_and_transformers(hf_artifacts, hf_reference, smol
             assert generate(art, ids, max_new_tokens=NEW_TOKENS).ids == expected, (kind, prompt)
 
 
-def test_cli_chat_on_hf_artifacts(hf_artifacts):
-    """``generate --chat`` finds the template transformers wrote to chat_template.jinja."""
-    for kind in ("sharded", "bf16"):
-        rc, out, err = run_cli("generate", hf_artifacts[kind], "--chat", "--prompt",
-                               CHAT_PROMPTS[0], "--max-new-tokens", 16, "--json")
+def test_cli_chat_on_hf_artifacts(hf_artifacts, cli):
+    """``generate --chat`` finds the template transformers wrote to chat_template.jinja (the
+    first in a real process, loading with the runtime only; the second in-process)."""
+    for kind, run in (("sharded", run_cli), ("bf16", cli)):
+        rc, out, err = run("generate", hf_artifacts[kind], "--chat", "--prompt",
+                           CHAT_PROMPTS[0], "--max-new-tokens", 16, "--json")
         assert rc == 0, err
         res = json.loads(out)
         art = load_artifact(hf_artifacts[kind])
@@ -396,11 +397,12 @@ def _break(folder, case):
     ("f64", "unsupported safetensors dtype F64"),
     ("no_weight", "missing tensor model.layers.1.self_attn.o_proj.weight"),
 ])
-def test_bad_folders_are_assert_one_line_error(tmp_path, case, needle):
+def test_bad_folders_are_assert_one_line_error(tmp_path, case, needle, cli):
+    # `hetcomp compile` in-process (``cli``): a process start and TVM's import less per case.
     folder = tmp_path / "model"
     _break(str(folder), case)
     out = tmp_path / "out"
-    rc, _, err = run_cli("compile", "--model", folder, "--max-context", 64, "-o", out)
+    rc, _, err = cli("compile", "--model", folder, "--max-context", 64, "-o", out)
     assert_one_line_error(rc, err, needle)
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".hetcomp-tmp")]

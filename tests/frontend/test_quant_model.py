@@ -116,26 +116,27 @@ def test_bad_dtype_and_row_length(tmp_path):
         QuantMatrix.quantize(np.zeros((32, 40), "float32"), "q8_0")
 
 
-def test_cli_q4_1_prints_what_it_kept_and_bad_input_is_one_line(tmp_path):
+def test_cli_q4_1_prints_what_it_kept_and_bad_input_is_one_line(tmp_path, cli):
     """The CLI on a Q4_1 file: one line saying what was kept and converted, inspect shows the
     dtype; an unknown --dtype and a model whose rows are not whole blocks get one line,
-    exit 2, nothing written."""
+    exit 2, nothing written. (compile runs in-process: ``cli``; inspect, runtime-only, in a
+    real process.)"""
     path = tmp_path / "tiny.gguf"
     write_gguf(path, TINY, random_weights(TINY), byte_tokenizer_spec(TINY.vocab_size),
                qtype="Q4_1")
-    rc, _, err = run_cli("compile", "--model", path, "--dtype", "q4_1", "--no-heads",
-                         "--max-context", 64, "-o", tmp_path / "a")
+    rc, _, err = cli("compile", "--model", path, "--dtype", "q4_1", "--no-heads",
+                     "--max-context", 64, "-o", tmp_path / "a")
     assert rc == 0, err
     # 7 matrices a layer in the file's q4_1; its Q4_1 embedding becomes the q8_0 table.
     assert "kept 14 q4_1 bit for bit; converted 1 q4_1->q8_0" in err
     rc, out, _ = run_cli("inspect", tmp_path / "a")
     assert rc == 0 and '"dtype": "q4_1"' in out
-    rc, _, err = run_cli("compile", "--model", path, "--dtype", "q5_0", "-o", tmp_path / "b")
+    rc, _, err = cli("compile", "--model", path, "--dtype", "q5_0", "-o", tmp_path / "b")
     assert_one_line_error(rc, err, "unsupported dtype")
     odd = LlamaConfig(hidden_size=48, intermediate_size=64, num_layers=1, num_heads=3,
                       num_kv_heads=3, vocab_size=260, max_context=32)
     write_gguf(tmp_path / "odd.gguf", odd, random_weights(odd), byte_tokenizer_spec(260))
-    rc, _, err = run_cli("compile", "--model", tmp_path / "odd.gguf", "--dtype", "q8_0",
-                         "-o", tmp_path / "c")
+    rc, _, err = cli("compile", "--model", tmp_path / "odd.gguf", "--dtype", "q8_0",
+                     "-o", tmp_path / "c")
     assert_one_line_error(rc, err, "whole 32-weight blocks")
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()

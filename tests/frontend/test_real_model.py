@@ -68,17 +68,14 @@ def test_greedy_generation_matches_reference(smollm2_artifact, hf_reference):
         assert ours == theirs, prompt
 
 
-def test_speculation_at_every_width_equals_sequential_greedy(tmp_path_factory, smollm2_weights):
+def test_speculation_at_every_width_equals_sequential_greedy(smollm2_medusa_artifact):
     """The packaged Medusa heads, widths 1-64: W = 1, 2 run the fused attention kernel,
     W >= 4 the dense + sparse (CSR, x86 rule) + merge split; every width's tokens equal
-    sequential greedy decoding's."""
-    from hetcomp.data import packaged_file
-    from hetcomp.driver.compile import CompileOptions, compile_model
-
-    out = tmp_path_factory.mktemp("smollm2-medusa") / "art"
-    compile_model(CompileOptions(model="smollm2", heads=packaged_file("smollm2-medusa.npz")),
-                  str(out), quiet=True, weights=smollm2_weights)
-    art = load_artifact(str(out))
+    sequential greedy decoding's. (The artifact `hetcomp compile --model smollm2` builds,
+    shared with tests/driver/test_compile_defaults.py.)"""
+    art = load_artifact(str(smollm2_medusa_artifact))
+    assert art.manifest["speculative"]["heads_file"]["name"] == "smollm2-medusa.npz"
+    assert art.manifest["widths"] == [1, 2, 4, 8, 16, 32, 64]
     tok = art.tokenizer
     prompt = tok.encode_text(tok.render([{"role": "user", "content": CHAT_PROMPTS[1]}]))
     seq = generate(art, prompt, max_new_tokens=32, stop_at_eos=False).ids

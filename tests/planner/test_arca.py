@@ -394,7 +394,7 @@ def test_planner_imports_no_tvm():
 
 # ---- the real harness (quick) ---------------------------------------------------------------
 
-def test_quick_profile_fit_and_plan(tmp_path):
+def test_quick_profile_fit_and_plan(tmp_path, cli):
     from hetcomp.driver.tune import profile_command, tune_command
     from hetcomp.errors import HetcompError
 
@@ -416,9 +416,7 @@ def test_quick_profile_fit_and_plan(tmp_path):
     assert UnitCostModel.load(str(out / "cost" / "cpu.json")).source == MEASURED
     # compile --plan: the plan's width and tree reach the artifact, and AnnotateCost costs every
     # kernel with the fitted models tune wrote beside the plan.
-    from hetcomp.testing import run_cli
-
-    rc, _, err = run_cli("compile", "--model", "smollm2", "--max-context", 512, "--plan",
+    rc, _, err = cli("compile", "--model", "smollm2", "--max-context", 512, "--plan",
                          out / "plan.json", "--quiet", "-o", tmp_path / "art")
     assert rc == 0, err
     m = json.loads((tmp_path / "art" / "manifest.json").read_text())
