@@ -116,8 +116,7 @@ class LinearColumnRule(_BASE):
         if _gpu_kind(func, target) != "linear" or "hetcomp.qtype" in func.attrs:
             return None
         c = compiler()
-        sch = c.Schedule(func)
-        mm = sch.get_sblock("matmul")
+        sch, mm = _float_blocks(func)
         i, j, k = sch.get_loops(mm)
         extent = sch.get(i).extent
         static = isinstance(extent, c.tir.IntImm) and int(extent) <= self.max_rows
@@ -253,8 +252,7 @@ class SplitKLinearRule(_BASE):
         if _gpu_kind(func, target) != "linear" or "hetcomp.qtype" in func.attrs:
             return None
         c = compiler()
-        sch = c.Schedule(func)
-        mm = sch.get_sblock("matmul")
+        sch, mm = _float_blocks(func)
         i, j, k = sch.get_loops(mm)
         rows = _static_rows(c, sch.get(i), self.max_rows)
         if rows is None:
@@ -277,6 +275,12 @@ class SplitKLinearRule(_BASE):
                    sch.get_loops(rf)[-1], sch.get_loops(partial)[-1]]
         _unroll_by_nvcc(sch, unroll)
         return sch
+
+
+def _float_blocks(func):
+    """A float linear's schedule and its ``matmul`` block."""
+    sch = compiler().Schedule(func)
+    return sch, sch.get_sblock("matmul")
 
 
 def _quant_blocks(func):
