@@ -129,8 +129,7 @@ class Artifact:
         # CUDA graphs replay the cache addresses they captured: such an artifact holds one
         # cache pair, which each new session takes over (manifest "fixed_cache").
         self.fixed_cache = bool(self.manifest.get("fixed_cache", False))
-        self._cache: tuple | None = None
-        self._cache_owner: Session | None = None
+        self._cache_owner: Session | None = None  # the session holding it
         self._rank_probs = np.asarray(spec["rank_probs"]) if spec else None
         self._built_trees: dict = {}  # widths not stored in the manifest
         self.step_shapes: dict = {}  # the generator's per-(width, chain) tree layouts
@@ -171,14 +170,15 @@ class Session:
 
     def __init__(self, art: Artifact):
         self.art = art
-        if art.fixed_cache and art._cache is not None:
-            self.k_cache, self.v_cache = art._cache  # stale K/V past length 0 is never read
+        owner = art._cache_owner
+        if owner is not None:  # stale K/V past length 0 is never read
+            self.k_cache, self.v_cache = owner.k_cache, owner.v_cache
         else:
             ks, vs = kv_cache_shapes(art.config)
             self.k_cache = _tvm.tensor(np.zeros(ks, art.kv_dtype), art.kv_device)
             self.v_cache = _tvm.tensor(np.zeros(vs, art.kv_dtype), art.kv_device)
         if art.fixed_cache:
-            art._cache, art._cache_owner = (self.k_cache, self.v_cache), self
+            art._cache_owner = self
         self.length = 0
         self.tokens: list[int] = []  # the ids whose K/V the cache holds, in order
         self.capacity = art.config.max_context
