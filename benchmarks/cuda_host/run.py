@@ -159,10 +159,11 @@ def measure_artifact(art, prompts: list[list[int]], reference: list | None = Non
     r["ids_w1"] = outs[gen_widths[0]]
     r["text"] = art.tokenizer.decode(runs[gen_widths[0]][0].ids)
     r["identical_to_first_artifact"] = reference is None or r["ids_w1"] == reference
-    r["step_s"] = {str(w): step_breakdown(art, w, steps=10, cache_len=64)["step_s"]
-                   for w in step_widths}
+    steps = {w: step_breakdown(art, w, steps=10, cache_len=64)
+             for w in sorted({*step_widths, *breakdown_widths})}
+    r["step_s"] = {str(w): steps[w]["step_s"] for w in step_widths}
     say(f"step ms {({w: round(1e3 * t, 3) for w, t in r['step_s'].items()})}")
-    r["breakdown"] = [step_breakdown(art, w, steps=10, cache_len=64) for w in breakdown_widths]
+    r["breakdown"] = [steps[w] for w in breakdown_widths]
     r["kernels"] = [kernel_breakdown(art, w, steps=10, cache_len=64) for w in breakdown_widths]
     return r
 
