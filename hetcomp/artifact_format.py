@@ -33,7 +33,8 @@ import numpy as np
 
 from .errors import HetcompError
 
-FORMAT = "hetcomp-artifact/1"
+#: 2: ``prefill_w{C}`` takes ``rows`` before the caches (``frontend/llama.py``).
+FORMAT = "hetcomp-artifact/2"
 #: Prompt rows per ``prefill`` call: the runtime prefills in chunks of this many tokens through
 #: the static ``prefill_w{C}`` (a shorter last chunk padded), so that its kernels tile rows
 #: exactly (3x the GFLOP/s of symbolic-width kernels here, at any chunk of 32-128 rows); the

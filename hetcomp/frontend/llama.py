@@ -19,12 +19,14 @@ cache_len: Shape[n], *params)``
 ``prefill(tokens, positions, mask, k_cache, v_cache, cache_len, *params)``
     A causal mask over a prompt chunk (the fused kernel); returns the last row's logits and
     hidden state. Its slots are committed by construction (the identity path).
-``prefill_w{C}(tokens[C], positions[C], mask[C, C], k_cache, v_cache, cache_len, rows: Shape[m],
+``prefill_w{C}(tokens[C], positions[C], mask[C, C], rows: Shape[m], k_cache, v_cache, cache_len,
 *params)``
     The same for a chunk of exactly C rows (``prefill_chunk``), of which the first ``m`` hold
     the prompt (a shorter last chunk is padded): its kernels tile rows exactly, 3x the
     symbolic-width kernels' GFLOP/s. Returns row ``m - 1``'s logits and hidden state; the
-    padding's K/V land in cache slots past the prompt, which later calls overwrite.
+    padding's K/V land in cache slots past the prompt, which later calls overwrite. ``rows``
+    comes with the call's own values, before the caches: the CUDA-graph build captures the
+    chunk's layers once for every ``m`` (only the row's gather reads it).
 Every call's ``positions[0]`` is the cache length ``n`` (a tree's root, a chunk's first
 token): the CUDA-graph build (``build_module(device_len=True)``) reads ``n`` from there.
 
@@ -330,13 +332,14 @@ def build_module(cfg: LlamaConfig, wdtype: str = "float32", medusa_heads: int = 
     cache length on the device as ``positions[0]`` (the root's, a chunk's first position:
     every caller's calls hold it) from copies of positions and mask at fixed addresses
     (``script_ops.stage_tree``), every attention is ``script_ops.tree_attention`` (masked,
-    fused: ``fused_widths`` and the CSR are unused), and ``verify_w{W}`` counts only its tree
-    inputs as inputs (``num_input``), so that TVM's RewriteCUDAGraph captures the whole step
+    fused: ``fused_widths`` and the CSR are unused), and ``verify_w{W}`` and ``prefill_w{C}``
+    count only the call's own values as inputs (``num_input``: the tree, a chunk's ``rows``),
+    so that TVM's RewriteCUDAGraph captures the whole step or chunk
     from the first layer to the final norm, the caches included: a graph replays the cache
     addresses it captured, so the caller passes the same two caches to every call (the
     runtime's :class:`~hetcomp.runtime.artifact.Artifact` owns them). Outside the graph:
-    the embedding gather and the copy (they read the call's arguments) and the kernels that
-    write the call's outputs.
+    the embedding gather and the copy (they read the call's arguments), a chunk's row gather
+    (it reads ``rows``) and the kernels that write the call's outputs.
     """
     c = compiler()
     relax, tir, tt = c.relax, c.tir, c.TensorType
@@ -370,11 +373,13 @@ def build_module(cfg: LlamaConfig, wdtype: str = "float32", medusa_heads: int = 
         m = tir.Var("m", "int64")
         valid = [relax.Var("rows", c.ShapeType([m]))] if last_only and rows else []
         pvars = {name: relax.Var(name.replace(".", "_"), tt(shape, dt)) for name, shape, dt in specs}
-        args = [tokens, positions, mask, *csr, k_cache, v_cache, cache_len, *valid,
-                *pvars.values()]
-        # RewriteCUDAGraph captures kernels whose arguments past ``num_input`` are fixed.
-        fixed_caches = device_len and rows is not None and not last_only
-        inputs = len([tokens, positions, mask, *csr]) if fixed_caches else len(args) - len(pvars)
+        # The call's own values first, then the caches, then the weights: RewriteCUDAGraph
+        # captures kernels whose arguments past ``num_input`` are fixed, and keys a capture by
+        # the symbolic values defined past it (``rows``' would key one per chunk tail).
+        own = [tokens, positions, mask, *csr, *valid]
+        args = [*own, k_cache, v_cache, cache_len, *pvars.values()]
+        fixed_caches = device_len and rows is not None
+        inputs = len(own) if fixed_caches else len(args) - len(pvars)
         with bb.function(fname, args, attrs={"num_input": inputs}):
             with bb.dataflow():
                 outs = _forward(bb, kern, cfg, (tokens, positions, tree, k_cache, v_cache,

@@ -220,8 +220,9 @@ class Session:
                 padded[:w] = part
                 out = static[1](
                     self._t(padded), self._t(np.arange(self.length, self.length + chunk)),
-                    self._t(np.tril(np.ones((chunk, chunk)))), self.k_cache, self.v_cache,
-                    _tvm.shape_tuple([self.length]), _tvm.shape_tuple([w]), *self.art.params)
+                    self._t(np.tril(np.ones((chunk, chunk)))), _tvm.shape_tuple([w]),
+                    self.k_cache, self.v_cache, _tvm.shape_tuple([self.length]),
+                    *self.art.params)
             else:
                 out = self.art._prefill(
                     self._t(part), self._t(np.arange(self.length, self.length + w)),

@@ -110,8 +110,8 @@ def test_gpu_hosted_plan_compiles_without_a_gpu(tmp_path):
 
 
 def test_cuda_artifact_captures_cuda_graphs(tmp_path):
-    """`compile --target cuda` replays each verify step as one CUDA graph from the first
-    layer to the final norm, the same graph for every cache length: the kernels read the
+    """`compile --target cuda` replays each verify step and each static prompt chunk as one
+    CUDA graph from the first layer to the final norm, the same graph for every cache length: the kernels read the
     length on the device and the copied tree inputs, the caches are fixed (one pair per
     artifact, manifest ``fixed_cache``). Only the kernels that read the call's arguments
     (the copy, the embedding) or write its outputs (final norm, LM head, argmax) launch on
@@ -128,6 +128,8 @@ def test_cuda_artifact_captures_cuda_graphs(tmp_path):
     assert set(launches) == {"prefill_w64", "verify_w1", "verify_w4"}
     for name in ("verify_w1", "verify_w4"):
         assert launches[name]["graphs"] == 1 and launches[name]["launches"] == 6, launches
+    # A prompt chunk too, plus the gather of its last prompt row (outside: it reads `rows`).
+    assert (launches["prefill_w64"]["graphs"], launches["prefill_w64"]["launches"]) == (1, 7)
     assert b"vm.builtin.cuda_graph.run_or_capture" in (tmp_path / "g" / "lib.so").read_bytes()
     compile_model(CompileOptions(model="tiny", target="cuda", dtype="float16", max_context=64,
                                  cuda_graph=False), str(tmp_path / "n"), quiet=True,
@@ -138,7 +140,7 @@ def test_cuda_artifact_captures_cuda_graphs(tmp_path):
     # Four layers, the same six launches: one graph holds every layer.
     cfg = dataclasses.replace(TINY, num_layers=4)
     mod = build_module(cfg, "float16", 0, static_widths=(1, 4), kv_dtype="float16",
-                       device_len=True)
+                       device_len=True, prefill_chunk=64)
     target = c.Target(target_dict("cuda"))
     with target:
         mod = scheduling_pipeline(target)(mod)
@@ -161,6 +163,9 @@ def test_cuda_artifact_captures_cuda_graphs(tmp_path):
             keyed.append(len(e.args[1].fields) > 3)  # (func, args, index[, shape key])
 
     c.relax.analysis.post_order_visit(low["verify_w4"].body, visit)
+    assert keyed == [False]
+    keyed.clear()  # nor by a chunk's row count: one prefill graph for every prompt tail
+    c.relax.analysis.post_order_visit(low["prefill_w64"].body, visit)
     assert keyed == [False]
     # The Medusa draft: its inputs copied, the heads replay as one graph; the LM head and
     # top-k write the call's outputs.
