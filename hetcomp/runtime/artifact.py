@@ -133,6 +133,9 @@ class Artifact:
         self._rank_probs = np.asarray(spec["rank_probs"]) if spec else None
         self._built_trees: dict = {}  # widths not stored in the manifest
         self.step_shapes: dict = {}  # the generator's per-(width, chain) tree layouts
+        # A tree's mask and CSR on the device, by the mask's bytes: a decode repeats a few
+        # tree shapes, so a verify step copies only its tokens and positions.
+        self._tree_tensors: dict = {}
 
     @property
     def static_widths(self) -> list[int]:
@@ -247,14 +250,26 @@ class Session:
             raise HetcompError(f"tree root at position {int(positions[0])}, not at the cache "
                                f"length {self.length} (the CUDA-graph build reads the length "
                                "there)")
-        row_ptr, col_idx = csr if csr is not None else csr_from_mask(mask)
         fn = self.art._verify_static.get(w, self.art._verify)
-        out = fn(self._t(tokens), self._t(positions), self._t(mask), self._t(row_ptr),
-                 self._t(col_idx), self.k_cache, self.v_cache, _tvm.shape_tuple([self.length]),
-                 *self.art.params)
+        out = fn(self._t(tokens), self._t(positions), *self._tree(mask, csr), self.k_cache,
+                 self.v_cache, _tvm.shape_tuple([self.length]), *self.art.params)
         self.k_cache, self.v_cache = out[3], out[4]
         self._tree_tokens = np.asarray(tokens)
         return out[2].numpy(), out[1], out[0]
+
+    def _tree(self, mask, csr) -> tuple:
+        """The device tensors of a tree's ``(mask, row_ptr, col_idx)``, made once per tree
+        shape (kernels only read them; the artifact keeps the 64 latest shapes)."""
+        mask = np.ascontiguousarray(mask, "int32")
+        key = (mask.shape[0], mask.tobytes())
+        cached = self.art._tree_tensors.pop(key, None)  # re-inserted: the latest last
+        if cached is None:
+            row_ptr, col_idx = csr if csr is not None else csr_from_mask(mask)
+            cached = (self._t(mask), self._t(row_ptr), self._t(col_idx))
+            if len(self.art._tree_tensors) >= 64:
+                del self.art._tree_tensors[next(iter(self.art._tree_tensors))]
+        self.art._tree_tensors[key] = cached
+        return cached
 
     def commit(self, accepted):
         """Keep the accepted tree nodes (indices, root first) and extend the cache by them.
