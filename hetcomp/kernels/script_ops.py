@@ -271,8 +271,13 @@ def _block_sync():
     T.tvm_storage_sync("shared")
 
 
+#: Threads a ``tree_attention`` block aims for: groups of ``T`` threads, each on its own chunk.
+TREE_ATTENTION_THREADS = 256
+
+
 def tree_attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, context: int,
-                   gpu: bool = False, kv_dtype: str = "float32", window: int = 0):
+                   gpu: bool = False, kv_dtype: str = "float32", window: int = 0,
+                   groups: int | None = None):
     """Tree attention with the cache length read on the device, for CUDA graphs: the fused
     masked attention of :func:`hetcomp.kernels.ops.attention` (``part="full"``) with every
     shape static but the rows, so one captured graph serves every cache length.
@@ -284,33 +289,43 @@ def tree_attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int
     S positions back (a committed key's position is its slot, a tree key's its
     ``positions``).
 
-    One thread block per (head, row), ``T`` threads (the power of two >= max(D, 32)), over
-    the keys in chunks of ``T`` with an online softmax (flash decoding within a block): a
-    thread scores one key (the K cache is position-major, so the block's loads are
-    coalesced), a shared-memory tree reduction gives the chunk's max and sum, and thread
-    ``d < D`` accumulates output element d over the chunk's values (a V row is contiguous).
-    The running max, sum and output live in shared memory; phases are separated by block
-    barriers. Chunks past ``n + w`` are skipped, so the work follows the cache length while
-    the launch does not depend on it. ``gpu=False``: the same phases with the block loop
-    parallel and the thread loops serial on the CPU (tests run it against numpy).
+    One thread block per (head, row), flash decoding within the block: ``groups`` groups of
+    ``T`` threads (T the power of two >= max(D, 32); default groups: as many as make
+    :data:`TREE_ATTENTION_THREADS` threads), each group on every ``groups``-th chunk of T
+    keys with its own online softmax, so that at W = 1 (one block per head) a block still
+    has ``groups`` chunks of loads in flight. In a group a thread scores one key (the K cache
+    is position-major, so the loads are coalesced; the head dimension's loop is unrolled, its
+    loads independent), a shared-memory tree reduction gives the chunk's max and sum, and
+    thread ``d < D`` accumulates output element d over the chunk's values (a V row is
+    contiguous; keys the row cannot see are skipped). The groups' running max, sum and output
+    live in shared memory and are merged exactly at the end (the log-sum-exp rule of
+    ``ops.attention_merge``); phases are separated by block barriers. Chunks past ``n + w``
+    are skipped, so the work follows the cache length while the launch does not depend on
+    it. ``gpu=False``: the same phases with the block loop parallel and the thread loops
+    serial on the CPU (tests run it against numpy).
     """
     hq, g, d, nl, c = num_heads, num_kv_heads, head_dim, layers, context
     kvd, rep = kv_dtype, num_heads // num_kv_heads
     nt = max(32, 1 << (d - 1).bit_length())
+    ng = groups or max(1, TREE_ATTENTION_THREADS // nt)
     levels = nt.bit_length() - 1  # tree-reduction steps over nt values
     limit = window or c + 1  # key distance bound: every key is nearer than c + 1
     scale = 1.0 / math.sqrt(d)
     blocks, threads = _loop_kinds(gpu)
     shared = "shared" if gpu else "global"
     sync = _block_sync if gpu else _no_sync
-    nt64 = T.int64(nt)
+    nt64, ng64 = T.int64(nt), T.int64(ng)
+    span = T.int64(nt * ng)  # a round's keys and the block's threads: group t // nt, lane t % nt
 
+    # Thread t's own shared slots are indexed by t itself: TVM's ThreadSync takes an access
+    # as the thread's own only when its index names threadIdx.x (not a let-bound
+    # expression of it), and would otherwise ask for a barrier inside a condition.
     @T.macro
     def tree_reduce(red, combine):
         for lv in range(T.int64(levels)):
-            for t in threads(nt64):
+            for t in threads(span):
                 half = T.shift_right(T.int64(nt), lv + 1)
-                if t < half:
+                if t % nt < half:
                     red[t] = combine(red[t], red[t + half])
             sync()
 
@@ -329,29 +344,30 @@ def tree_attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int
         out = T.match_buffer(var_out, (w, hq, d), "float32")
         for b in blocks(hq * w):
             qs = T.alloc_buffer((d,), "float32", scope=shared)  # the row's query, scaled
-            acc = T.alloc_buffer((d,), "float32", scope=shared)  # its output, unnormalised
-            sc = T.alloc_buffer((nt,), "float32", scope=shared)  # a chunk's scores, then weights
-            red = T.alloc_buffer((nt,), "float32", scope=shared)
-            stat = T.alloc_buffer((3,), "float32", scope=shared)  # running max, sum; new max
+            acc = T.alloc_buffer((nt * ng,), "float32", scope=shared)  # groups' outputs
+            sc = T.alloc_buffer((nt * ng,), "float32", scope=shared)  # their chunks' scores
+            red = T.alloc_buffer((nt * ng,), "float32", scope=shared)
+            stat = T.alloc_buffer((3 * ng,), "float32", scope=shared)  # max, sum; new max
             n = T.Cast("int64", positions[0])
             total = n + w
             h = b // w
             i = b % w
             kv = h // rep
             pi = T.Cast("int64", positions[i])
-            for t in threads(nt64):
+            for t in threads(span):
                 if t < d:
                     qs[t] = q[h, i, t] * T.float32(scale)
-                    acc[t] = T.float32(0)
-                if t == 0:
-                    stat[0] = T.float32("-inf")
-                    stat[1] = T.float32(0)
+                acc[t] = T.float32(0)
+                if t % nt == 0:
+                    stat[t // nt * 3] = T.float32("-inf")
+                    stat[t // nt * 3 + 1] = T.float32(0)
             sync()
-            for ch in range((total + (nt - 1)) // nt):
-                # Step 1. A key per thread: its score, or -inf where the row cannot see it.
-                for t in threads(nt64):
+            for r in range((total + (span - 1)) // span):
+                # Step 1. A key per thread (group t // nt on chunk r * groups + t // nt): its
+                # score, or -inf where the row cannot see it.
+                for t in threads(span):
                     dot = T.alloc_buffer((1,), "float32", scope="local")
-                    j = ch * nt + t
+                    j = r * span + t
                     node = T.max(T.min(j - n, w - 1), T.int64(0))
                     seen = T.if_then_else(
                         j < n, pi - j < limit,
@@ -360,56 +376,74 @@ def tree_attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int
                     dot[0] = T.float32("-inf")
                     if seen:
                         dot[0] = T.float32(0)
-                        for e in range(T.int64(d)):
+                        for e in T.unroll(T.int64(d)):
                             dot[0] = dot[0] + qs[e] * T.Cast(
                                 "float32", k_cache[layer, kv, e, j])
                     sc[t] = dot[0]
                     red[t] = dot[0]
                 sync()
-                # Step 2. The chunk's max; the new running max.
+                # Step 2. Each chunk's max; its group's new running max.
                 tree_reduce(red, T.max)
-                for t in threads(nt64):
-                    if t == 0:
-                        stat[2] = T.max(stat[0], red[0])
+                for t in threads(span):
+                    if t % nt == 0:
+                        stat[t // nt * 3 + 2] = T.max(stat[t // nt * 3], red[t])
                 sync()
                 # Step 3. Weights against the new max, and their sum.
-                for t in threads(nt64):
+                for t in threads(span):
                     p = T.if_then_else(sc[t] == T.float32("-inf"), T.float32(0),
-                                       T.exp(sc[t] - stat[2]))
+                                       T.exp(sc[t] - stat[t // nt * 3 + 2]))
                     sc[t] = p
                     red[t] = p
                 sync()
                 tree_reduce(red, lambda x, y: x + y)
-                # Step 4. Rescale the output by exp(old max - new max), add the chunk's
-                # values; then the running sum and max.
-                for t in threads(nt64):
-                    alpha = T.if_then_else(stat[0] == T.float32("-inf"), T.float32(0),
-                                           T.exp(stat[0] - stat[2]))
-                    if t < d:
+                # Step 4. Rescale the group's output by exp(old max - new max), add its
+                # chunk's values (those the row sees); then the running sum and max.
+                for t in threads(span):
+                    alpha = T.if_then_else(
+                        stat[t // nt * 3] == T.float32("-inf"), T.float32(0),
+                        T.exp(stat[t // nt * 3] - stat[t // nt * 3 + 2]))
+                    if t % nt < d:
                         a = T.alloc_buffer((1,), "float32", scope="local")
                         a[0] = acc[t] * alpha
-                        for u in range(nt64):
-                            if ch * nt + u < total:
-                                a[0] = a[0] + sc[u] * T.Cast(
-                                    "float32", v_cache[layer, kv, ch * nt + u, t])
+                        first = t - t % nt  # the group's first slot, its chunk's first key
+                        for u in T.unroll(nt64):
+                            wt = sc[first + u]  # (a shared read may not sit in a condition)
+                            if r * span + first + u < total and wt != T.float32(0):
+                                a[0] = a[0] + wt * T.Cast(
+                                    "float32", v_cache[layer, kv, r * span + first + u, t % nt])
                         acc[t] = a[0]
                 sync()
-                for t in threads(nt64):
-                    if t == 0:
-                        stat[1] = stat[1] * T.if_then_else(
-                            stat[0] == T.float32("-inf"), T.float32(0),
-                            T.exp(stat[0] - stat[2])) + red[0]
+                for t in threads(span):
+                    if t % nt == 0:
+                        stat[t // nt * 3 + 1] = stat[t // nt * 3 + 1] * T.if_then_else(
+                            stat[t // nt * 3] == T.float32("-inf"), T.float32(0),
+                            T.exp(stat[t // nt * 3] - stat[t // nt * 3 + 2])) + red[t]
                 sync()
-                for t in threads(nt64):  # apart: the statement above reads the old max
-                    if t == 0:
-                        stat[0] = stat[2]
+                for t in threads(span):  # apart: the statement above reads the old max
+                    if t % nt == 0:
+                        stat[t // nt * 3] = stat[t // nt * 3 + 2]
                 sync()
-            for t in threads(nt64):
+            # The groups' states merged: weights exp(m_g - max_g m_g); a group that saw no
+            # key (m_g = -inf) weighs 0, and every row sees at least its own node.
+            for t in threads(span):
                 if t < d:
-                    out[i, h, t] = acc[t] / stat[1]
+                    top = T.alloc_buffer((1,), "float32", scope="local")
+                    num = T.alloc_buffer((1,), "float32", scope="local")
+                    den = T.alloc_buffer((1,), "float32", scope="local")
+                    top[0] = stat[0]
+                    for gj in range(ng64):
+                        top[0] = T.max(top[0], stat[gj * 3])
+                    num[0] = T.float32(0)
+                    den[0] = T.float32(0)
+                    for gj in range(ng64):
+                        f = T.if_then_else(stat[gj * 3] == T.float32("-inf"), T.float32(0),
+                                           T.exp(stat[gj * 3] - top[0]))
+                        num[0] = num[0] + f * acc[gj * nt + t]
+                        den[0] = den[0] + f * stat[gj * 3 + 1]
+                    out[i, h, t] = num[0] / den[0]
 
     recorded = {"args": [num_heads, num_kv_heads, head_dim, layers, context],
-                "kv_dtype": kv_dtype}
+                "kv_dtype": kv_dtype, "groups": ng}
     if window:
         recorded["window"] = window
     return tree_attention_func.with_attr(OP_KIND, "tree_attention").with_attr(
@@ -426,7 +460,8 @@ def for_gpu(func, gpu: bool = True):
     build = {"rope": rope_kv, "kv_commit": kv_commit, "qk_norm": qk_norm,
              "tree_attention": tree_attention, "stage_tree": stage_tree,
              "stage_draft": stage_draft}[str(attrs[OP_KIND])]
-    kw = {key: recorded[key] for key in ("kv_dtype", "device_len", "window") if key in recorded}
+    kw = {key: recorded[key] for key in ("kv_dtype", "device_len", "window", "groups")
+          if key in recorded}
     out = build(*recorded["args"], gpu=gpu, **kw)
     for key in ("global_symbol", "target"):
         if key in attrs:

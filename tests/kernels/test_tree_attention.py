@@ -2,6 +2,7 @@
 the device as ``positions[0]``): its CPU form (the same phases, the thread loops serial)
 against float64 numpy, and its GPU form through TVM's CUDA codegen and nvcc."""
 
+import json
 import math
 import shutil
 import subprocess
@@ -36,12 +37,15 @@ def reference(q, kc, vc, mask, pos, layer, window=0):
 
 @pytest.mark.parametrize("kv_dtype", ["float32", "float16"])
 @pytest.mark.parametrize("window", [0, 5])
-def test_cpu_form_matches_numpy(kv_dtype, window):
+@pytest.mark.parametrize("groups", [None, 1, 3])
+def test_cpu_form_matches_numpy(kv_dtype, window, groups):
     """Empty cache (one key: the row itself), a tree over a short cache, several 32-key
     chunks, and a cache filled to its last slot; with a window, keys 5 or more positions
-    back drop out, whole chunks of them too."""
+    back drop out, whole chunks of them too. One group takes the chunks one by one; three
+    take them three at a time (some rounds leave a group without keys: its state must
+    weigh nothing in the merge); the default, eight, takes the whole cache in one round."""
     func = script_ops.tree_attention(H, G, D, LAYERS, CONTEXT, kv_dtype=kv_dtype,
-                                     window=window)
+                                     window=window, groups=groups)
     lib = c.compile(c.IRModule({"main": func.with_attr("global_symbol", "main")}),
                     target=target_dict("host"))
     rng = np.random.default_rng(window)
@@ -58,17 +62,25 @@ def test_cpu_form_matches_numpy(kv_dtype, window):
                                    rtol=1e-5, atol=1e-5, err_msg=f"n={n} w={w}")
 
 
-def test_gpu_form_is_one_block_per_row_with_barriers():
-    """A block per (head, row), T = 32 threads (the power of two >= head_dim, at least a
-    warp), the running state in shared memory, a barrier after every phase, the chunk loop
-    bounded by the length read on the device."""
-    func = script_ops.for_gpu(script_ops.tree_attention(H, G, D, LAYERS, CONTEXT))
+@pytest.mark.parametrize("groups,threads", [(None, 256), (1, 32)])
+def test_gpu_form_is_one_block_per_row_with_barriers(groups, threads):
+    """A block per (head, row): groups of T = 32 threads (the power of two >= head_dim, at
+    least a warp), 256 threads by default; the running states in shared memory, a barrier
+    after every phase and no other (TVM's ThreadSync adds none: each thread's own slots are
+    indexed by threadIdx.x), the round loop bounded by the length read on the device, the
+    head dimension's loads unrolled."""
+    func = script_ops.for_gpu(script_ops.tree_attention(H, G, D, LAYERS, CONTEXT,
+                                                        groups=groups))
+    assert json.loads(str(func.attrs[script_ops.ARGS_ATTR]))["groups"] == threads // 32
     src = cuda_source(c.compile(c.IRModule({"main": func.with_attr("global_symbol", "main")}),
                                 target=target_dict("cuda")))
-    assert "__launch_bounds__(32)" in src
+    assert f"__launch_bounds__({threads})" in src
     assert src.count("__shared__") == 5
-    assert src.count("__syncthreads()") >= 8
-    assert "positions_ptr[0]" in src
+    # init; per round: scores, max's tree levels (one loop), new max, weights, sum's tree
+    # levels, values, sum, max
+    assert src.count("__syncthreads()") == 9
+    assert f"((total_ptr[0] + (int64_t){threads - 1}) >> (int64_t)" in src
+    assert src.count("k_cache_ptr[") == D and src.count("v_cache_ptr[") == 32
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit)")
@@ -85,3 +97,4 @@ def test_gpu_form_compiles_with_nvcc(tmp_path, head_dim, kv_dtype):
                          capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "used 1 barriers" in out.stderr
+    assert "0 bytes stack frame, 0 bytes spill stores" in out.stderr  # 64 or 256 loads unrolled
