@@ -15,6 +15,11 @@ compiled kernels for the GPU host.
         keyed as hetcomp._tvm._nvcc_fatbin keys it, so the host compiles nothing)
         -> on the GPU host: python benchmarks/cuda_host/run.py gemv DIR OUT
 
+The kit also holds SmolLM2's ``tree_attention`` (the CUDA-graph build's attention, float16
+cache) with one group of T threads a block (session 10's kernel) and with the default groups
+(256 threads a block); ``run.py gemv`` times each at W = 1, 4, 16, 64 over cache lengths
+``ATTN_CACHE``.
+
 Variants: ``column`` (gpu.LinearColumn: a thread per column), ``splitk`` (gpu.SplitKLinear),
 ``dlight`` (the first of dlight's rules that takes our packed kernel, in gpu_rules' order:
 Matmul from W = 2, Fallback at W = 1) and ``dlight_nt`` (dlight's GEMV at W = 1 and
@@ -38,7 +43,7 @@ import tempfile
 
 from hetcomp import _tvm
 from hetcomp.driver.profile import read_model_shape
-from hetcomp.kernels import ops, quant
+from hetcomp.kernels import ops, quant, script_ops
 from hetcomp.schedules.apply import rule_name
 from hetcomp.schedules.gpu import (
     LinearColumnRule,
@@ -54,6 +59,8 @@ KINDS = ("qkv", "o", "gate_up", "down", "lm_head")
 WIDTHS = (1, 4, 16, 64)
 VARIANTS = ("column", "splitk", "dlight", "dlight_nt")
 DTYPES = ("float16", "float32", *quant.QUANT_DTYPES)
+ATTN_GROUPS = (1, None)  # one group of T threads (session 10), the default groups
+ATTN_CACHE = (128, 512, 1984)  # committed keys when timing tree_attention
 _SHORT = {"float16": "f16", "float32": "f32", "q4_0": "q40", "q4_1": "q41", "q8_0": "q80"}
 
 
@@ -125,6 +132,21 @@ def kernels(target, dtypes=DTYPES, kinds=KINDS, widths=WIDTHS):
                                 "w": w, "dtype": dtype, "variant": variant, "rule": got[0],
                                 "func": got[1], "weight_shape": wshape,
                                 "weight_dtype": wdtype})
+    return out
+
+
+def attention_kernels() -> list[dict]:
+    """SmolLM2's ``tree_attention`` (float16 cache) per :data:`ATTN_GROUPS`: ``name``,
+    ``groups`` (as built), the shape arguments and ``func`` (GPU form)."""
+    shape, _ = read_model_shape("smollm2", "float16")
+    args = [shape.heads, shape.kv_heads, shape.head_dim, shape.layers, shape.max_context]
+    out = []
+    for groups in ATTN_GROUPS:
+        func = script_ops.for_gpu(script_ops.tree_attention(*args, kv_dtype="float16",
+                                                            groups=groups))
+        built = json.loads(str(func.attrs[script_ops.ARGS_ATTR]))["groups"]
+        out.append({"name": f"tree_attention_g{built}", "groups": built, "args": args,
+                    "kv_dtype": "float16", "func": func})
     return out
 
 
@@ -223,7 +245,8 @@ def build(out: str, arch: str, **subset) -> str:
     d = os.path.join(out, "gemv")
     os.makedirs(d, exist_ok=True)
     every = kernels(target, **subset)
-    recs = {r["name"]: r for r in every}  # dlight_nt's symbolic kernel once
+    attention = attention_kernels()
+    recs = {r["name"]: r for r in every + attention}  # dlight_nt's symbolic kernel once
     mod = c.IRModule({name: r["func"].with_attr("global_symbol", name)
                       for name, r in recs.items()})
     lib = c.compile(mod, target=target)
@@ -244,8 +267,10 @@ def build(out: str, arch: str, **subset) -> str:
     with open(os.path.join(d, "kernels.cu"), "w") as fh:
         fh.write(source)
     records = [{k: v for k, v in r.items() if k != "func"} for r in every]
+    attn = [{k: v for k, v in r.items() if k != "func"} for r in attention]
     with open(os.path.join(d, "kernels.json"), "w") as fh:
-        json.dump({"arch": arch, "kernels": records}, fh, indent=1)
+        json.dump({"arch": arch, "kernels": records, "attention": attn,
+                   "attention_cache": list(ATTN_CACHE)}, fh, indent=1)
     return d
 
 

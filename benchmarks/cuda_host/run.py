@@ -13,9 +13,11 @@
     python run.py gemv KIT OUT [--dry]   every linear kernel variant of benchmarks/
                                          gemv_kernels.py's kit (KIT/gemv) at W = 1, 4,
                                          16, 64: hot (back to back, device timer) and
-                                         cold (rotated weight copies) time per call
-                                         -> OUT/gemv.json; --dry (no GPU): check the kit
-                                         and make the arguments on the CPU
+                                         cold (rotated weight copies) time per call;
+                                         tree_attention with one group and with the
+                                         default groups at W = 1, 4, 16, 64 over three
+                                         cache lengths -> OUT/gemv.json; --dry (no GPU):
+                                         check the kit and make the arguments on the CPU
     python run.py generate BUNDLE OUT WORKERS SECONDS
                                          greedy responses to the bundle's prompts.json
                                          (calibration data, bundle.py --generate) from
@@ -259,12 +261,43 @@ def gemv(kit: str, out: str, dry: bool = False) -> dict:
             r["cold_us"] = best * 1e6
             say(f"gemv {r['name']}: hot {r['hot_us']:.2f} us, cold {r['cold_us']:.2f} us")
         results.append(r)
-    summary = {"arch": meta["arch"], "dry": dry, "kernels": results}
+    summary = {"arch": meta["arch"], "dry": dry, "kernels": results,
+               "attention": _attention(meta, lib, dev, dry)}
     if not dry:
         summary["device"] = _device_info()
     with open(os.path.join(out, "gemv.json"), "w") as fh:
         json.dump(summary, fh, indent=1)
     return summary
+
+
+def _attention(meta: dict, lib, dev, dry: bool) -> list[dict]:
+    """Time the kit's ``tree_attention`` variants (device timer, back to back: the layer's
+    cache is L2-resident, as in a step) at W = 1, 4, 16, 64 over ``attention_cache``
+    committed keys, each tree a chain (every row sees all keys: the most work)."""
+    import numpy as np
+
+    from hetcomp import _tvm
+
+    rng = np.random.default_rng(1)
+    out = []
+    for rec in meta.get("attention", []):
+        hq, g, d, nl, ctx = rec["args"]
+        kc = _tvm.tensor(rng.standard_normal((nl, g, d, ctx)).astype(rec["kv_dtype"]), dev)
+        vc = _tvm.tensor(rng.standard_normal((nl, g, ctx, d)).astype(rec["kv_dtype"]), dev)
+        for w in STEP_WIDTHS:
+            for n in meta["attention_cache"]:
+                q = _tvm.tensor(rng.standard_normal((hq, w, d)).astype("float32"), dev)
+                mask = _tvm.tensor(np.tril(np.ones((w, w), "int32")), dev)
+                pos = _tvm.tensor(np.arange(n, n + w, dtype="int32"), dev)
+                o = _tvm.tensor(np.zeros((w, hq, d), "float32"), dev)
+                r = {"name": rec["name"], "groups": rec["groups"], "w": w, "cache": n}
+                if not dry:
+                    timer = lib.time_evaluator(rec["name"], dev, number=10, repeat=3,
+                                               min_repeat_ms=10)
+                    r["us"] = float(np.median(timer(q, kc, vc, mask, pos, 1, o).results)) * 1e6
+                    say(f"attention {rec['name']} W={w} cache={n}: {r['us']:.2f} us")
+                out.append(r)
+    return out
 
 
 def _generate_worker(bundle: str, out: str, worker: int, workers: int) -> None:

@@ -146,7 +146,7 @@ def test_gemv_kit_builds_and_dry_runs(tmp_path):
     """The GPU host's timing kit (benchmarks/gemv_kernels.py build, a subset): every variant
     (float16 and q4_1 weights) is in the library, the fatbin made here is found under the hash of the library's own
     CUDA source (so the host compiles nothing), and `run.py gemv --dry` makes each
-    kernel's arguments."""
+    kernel's arguments, the tree_attention variants' too."""
     sys.path.insert(0, BENCH)
     try:
         import gemv_kernels
@@ -171,3 +171,10 @@ def test_gemv_kit_builds_and_dry_runs(tmp_path):
     with open(tmp_path / "out" / "gemv.json") as fh:
         out = json.load(fh)
     assert [r["name"] for r in out["kernels"]] and len(out["kernels"]) == len(recs)
+    # tree_attention with one group of 64 threads and with four (256 threads), both in the
+    # library, each at every width and cache length
+    with open(os.path.join(kit, "kernels.cu")) as fh:
+        source = fh.read()
+    assert {r["name"] for r in out["attention"]} == {"tree_attention_g1", "tree_attention_g4"}
+    assert all(f"{r['name']}_kernel" in source for r in out["attention"])
+    assert len(out["attention"]) == 2 * 4 * len(gemv_kernels.ATTN_CACHE)
