@@ -124,8 +124,9 @@ def qk_norm(num_heads: int, num_kv_heads: int, head_dim: int, eps: float, gpu: b
     ``rope_kv``; the value heads are copied. Output: the same layout.
 
     CPU: a parallel task per head, each row's sum of squares once in a local scalar. GPU: a
-    block per head and a thread per element, each thread summing its row itself (D loads: a
-    thread-local sum needs no shared-memory reduction)."""
+    block per (head, row) and a thread per element, each thread summing its row itself (D
+    loads of the same addresses, broadcast to the warp: a thread-local sum needs no
+    shared-memory reduction)."""
     hq, g, d = num_heads, num_kv_heads, head_dim
     qkv_size = (hq + 2 * g) * d
     outer, inner = _loop_kinds(gpu)
@@ -140,21 +141,23 @@ def qk_norm(num_heads: int, num_kv_heads: int, head_dim: int, eps: float, gpu: b
         q_gamma = T.match_buffer(var_qg, (d,), "float32")
         k_gamma = T.match_buffer(var_kg, (d,), "float32")
         out = T.match_buffer(var_out, (w, qkv_size), "float32")
-        for h in outer(hq + 2 * g):
-            if gpu:
+        if gpu:
+            for b in outer((hq + 2 * g) * w):
                 for t in inner(d):
-                    for i in range(w):
-                        ss = T.decl_buffer((1,), "float32", scope="local")
-                        ss[0] = T.float32(0)
-                        for u in range(d):
-                            ss[0] = ss[0] + qkv[i, h * d + u] * qkv[i, h * d + u]
-                        if h < hq + g:
-                            out[i, h * d + t] = qkv[i, h * d + t] * T.rsqrt(
-                                ss[0] * T.float32(inv_d) + T.float32(eps)) * T.if_then_else(
-                                    h < hq, q_gamma[t], k_gamma[t])
-                        else:
-                            out[i, h * d + t] = qkv[i, h * d + t]
-            else:
+                    h = b // w
+                    i = b % w
+                    ss = T.decl_buffer((1,), "float32", scope="local")
+                    ss[0] = T.float32(0)
+                    for u in range(d):
+                        ss[0] = ss[0] + qkv[i, h * d + u] * qkv[i, h * d + u]
+                    if h < hq + g:
+                        out[i, h * d + t] = qkv[i, h * d + t] * T.rsqrt(
+                            ss[0] * T.float32(inv_d) + T.float32(eps)) * T.if_then_else(
+                                h < hq, q_gamma[t], k_gamma[t])
+                    else:
+                        out[i, h * d + t] = qkv[i, h * d + t]
+        else:
+            for h in outer(hq + 2 * g):
                 for i in range(w):
                     if h < hq + g:
                         ss = T.decl_buffer((1,), "float32", scope="local")
