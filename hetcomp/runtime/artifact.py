@@ -199,8 +199,9 @@ class Session:
         """Fill the cache with ``ids``; returns (greedy next id, last hidden state [1, E]).
 
         Chunks of the artifact's static prefill width run ``prefill_w{C}`` (the last one padded
-        with token 0, whose K/V fall past the prompt, if it holds at least a third of C),
-        unless the padding would run past the cache; otherwise, or when ``chunk`` is given, chunks of ``chunk`` (default
+        with token 0, whose K/V fall past the prompt, if it holds at least a third of C, or
+        always in a fixed-cache GPU build), unless the padding would run past the cache;
+        otherwise, or when ``chunk`` is given, chunks of ``chunk`` (default
         :data:`~hetcomp.artifact_format.PREFILL_CHUNK`) tokens run the symbolic-width
         ``prefill``."""
         self._check_owner()
@@ -216,9 +217,12 @@ class Session:
         for s in range(0, len(ids), chunk):
             part = ids[s: s + chunk]
             w = len(part)
-            # A short chunk runs symbolic: the static kernels are ~3x faster per row (500 vs
-            # 165 GFLOP/s here), so padding pays from a third of the chunk on.
-            if static and self.length + chunk <= self.capacity and 3 * w >= chunk:
+            # A short chunk runs symbolic on the CPU: the static kernels are ~3x faster per
+            # row (500 vs 165 GFLOP/s here), so padding pays from a third of the chunk on. A
+            # whole-model GPU build (fixed caches) always pads: its chunk replays as one
+            # CUDA graph, and a GPU reads the weights once for 1 row or 64.
+            pad = self.art.fixed_cache or 3 * w >= chunk
+            if static and self.length + chunk <= self.capacity and pad:
                 padded = np.zeros(chunk, "int32")
                 padded[:w] = part
                 out = static[1](

@@ -58,6 +58,18 @@ def test_chunked_prefill_equals_one_shot(tiny_artifact):
     np.testing.assert_allclose(ha.numpy(), hb.numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_short_prompt_pads_in_the_graph_build_only(tiny_artifact):
+    """9 tokens: the CPU build runs them symbolic (padding to 64 rows would cost more); the
+    fixed-cache build pads them into its static chunk (one CUDA graph on a GPU, which reads
+    the weights once for 1 row or 64). Both match numpy (test_prefill_matches_numpy)."""
+    path, w = tiny_artifact
+    art = load_artifact(path)
+    symbolic, calls = art._prefill, []
+    art._prefill = lambda *args: calls.append(1) or symbolic(*args)
+    art.new_session().prefill([5, 17, 99, 3, 42, 7, 8, 300, 11])
+    assert calls == ([] if art.fixed_cache else [1])
+
+
 def test_prefill_across_static_chunks_then_decode(tiny_artifact):
     """A 100-token prompt: one full static chunk, one padded (its padding's K/V sit past the
     prompt); prefill and the decode steps after it match numpy at every position."""
