@@ -20,6 +20,43 @@ def serial_threads(func, bound: int, what: str):
     return tvm.script.from_source(text)
 
 
+_BOUND_LOOP = re.compile(r'^(\s*)for (\w+) in T\.thread_binding\((.+), thread="\w+\.\w"\):$')
+
+
+def thread_orders(func) -> dict:
+    """``func``'s GPU form run on the CPU in two thread orders: ``"forward"`` (every
+    thread-bound loop serial, ascending) and ``"reverse"`` (descending). Between two barriers
+    a GPU runs its threads in any order, so a kernel whose threads in one phase read what
+    another writes there gives different results in the two; barriers stay sound, as each
+    phase is its own thread loop (a script kernel's are)."""
+    import tvm
+
+    text = func.script()
+    # TVMScript prints a one-element buffer's element as the bare name (``out = x``), which
+    # parses back as a rebinding: name the element again.
+    shapes = {str(p.name): list(p.shape) for p in func.params if hasattr(p, "shape")}
+    ones = [name for name, shape in shapes.items()
+            if len(shape) == 1 and getattr(shape[0], "value", None) == 1]
+    body = text.index("T.func_attr(")
+    for name in ones:
+        text = text[:body] + re.sub(rf"\b{name}\b(?!\[)", f"{name}[0]", text[body:])
+    # Shared memory as plain buffers, barriers as nothing: the phase loops stay in order.
+    text = text.replace("T.alloc_shared(", "T.alloc_buffer(")
+    text = re.sub(r'T\.tvm_storage_sync\("shared".*\)$', "T.evaluate(0)", text, flags=re.M)
+    forward = re.sub(_BOUND, r"range(\1)", text)
+    lines = []
+    for line in text.splitlines():
+        m = _BOUND_LOOP.match(line)
+        if m is None:
+            lines.append(line)
+            continue
+        indent, var, extent = m.groups()
+        lines.append(f"{indent}for {var}_rev in range({extent}):")
+        lines.append(f"{indent}    {var} = {extent} - {var}_rev - 1")
+    return {"forward": tvm.script.from_source(forward),
+            "reverse": tvm.script.from_source("\n".join(lines))}
+
+
 def thread_bindings(func) -> list[tuple[str, int]]:
     """``(thread tag, extent)`` of each thread-bound loop of a scheduled ``func``."""
     return [(tag, int(ext)) for ext, tag in re.findall(
