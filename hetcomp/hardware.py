@@ -86,7 +86,22 @@ ORIN_NX_GPU = DeviceSpec(
     shared_memory=True, sync_s=20e-6, theoretical_bw_gbs=102.4,
     notes="Ampere, 1024 CUDA cores at 918 MHz; " + _ORIN_NOTE)
 
-SPECS: dict[str, DeviceSpec] = {s.name: s for s in (ORIN_NX_CPU, ORIN_NX_GPU)}
+# Approximate public figures for the H100/H200 class (sm_90; NVIDIA H100 Tensor Core GPU
+# datasheet, SXM5): 3.35 TB/s HBM3 (the H200's 4.8 TB/s HBM3e is taken at the H100's, the
+# lower), of which a streaming kernel reaches about 80%; 67 TFLOP/s fp32 on CUDA cores (our
+# kernels accumulate in fp32 without tensor cores); PCIe Gen5 x16 to the host. The launch
+# cost is that of a kernel replayed in a CUDA graph (the cuda build captures its steps),
+# the sync an event wait: typical magnitudes, not measurements. All of these are estimates.
+HOPPER_GPU = DeviceSpec(
+    name="hopper-gpu", kind="gpu", peak_gflops=60000.0, mem_bw_gbs=2700.0, launch_s=2e-6,
+    shared_memory=False, sync_s=10e-6, link_gbs=25.0, theoretical_bw_gbs=3350.0,
+    notes="H100/H200 class (sm_90); approximate public figures (NVIDIA H100 datasheet); "
+          "not measured")
+
+SPECS: dict[str, DeviceSpec] = {s.name: s for s in (ORIN_NX_CPU, ORIN_NX_GPU, HOPPER_GPU)}
+#: The datasheet spec a `--target cuda` build is planned with, by `--cuda-arch` (none for
+#: other architectures: their default width is 1 unless `--width` says otherwise).
+CUDA_ARCH_SPECS: dict[str, str] = {"sm_87": "orin-nx-gpu", "sm_90": "hopper-gpu"}
 SPEC_BOARDS: dict[str, tuple[str, ...]] = {"orin-nx": ("orin-nx-cpu", "orin-nx-gpu")}
 # What an artifact for a spec board is compiled for: its CPU's named target, its GPU's arch.
 SPEC_BOARD_TARGETS: dict[str, tuple[str, str]] = {"orin-nx": ("aarch64", "sm_87")}

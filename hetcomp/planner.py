@@ -118,6 +118,10 @@ class PlannerOptions:
     draft_vocab, draft_weight_bytes, draft_root
         The draft's LM-head rows (0: the whole vocabulary), bytes per LM-head weight (0: the
         model's) and root conditioning; see :class:`~hetcomp.cost.roofline.DraftShape`.
+    contention : bool
+        Cost co-running units under shared-memory load (see below).
+    device_len : bool
+        Cost the step of the whole-model GPU build for CUDA graphs.
     """
 
     widths: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
@@ -130,6 +134,9 @@ class PlannerOptions:
     # Cost units on one memory under co-run load (measured co-run profiles; for spec units
     # the board's shared bandwidth). False plans as if each unit ran alone (for comparison).
     contention: bool = True
+    # The whole-model GPU build for CUDA graphs (its step: one attention kernel a layer and
+    # the input copy; :func:`~hetcomp.cost.roofline.model_step`).
+    device_len: bool = False
 
     def draft(self, heads: int) -> DraftShape | None:
         """The draft call's shapes with ``heads`` heads (None when there is no draft)."""
@@ -449,7 +456,8 @@ def plan(shape: ModelShape, units: Sequence[UnitModel], rank_probs=None,
     cands = []
     for w in options.widths:
         nnz = int(trees[w].mask().sum()) if w in trees else None
-        c = sm.step(w, options.cache_len, options.draft(draft), nnz=nnz)
+        c = sm.step(w, options.cache_len, options.draft(draft), nnz=nnz,
+                    device_len=options.device_len)
         cands.append(dataclasses.replace(c, tau=taus[w]))
     best = max(cands, key=lambda c: (c.tokens_per_s, -c.width))
     notes = ("estimate from datasheet specs (roofline), not measured"

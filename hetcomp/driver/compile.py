@@ -37,7 +37,14 @@ from ..frontend.weights import (
     param_from_recipe,
     param_specs,
 )
-from ..hardware import DEFAULT_CUDA_ARCH, ORIN_NX_CPU, SPECS, DeviceSpec, target_dict
+from ..hardware import (
+    CUDA_ARCH_SPECS,
+    DEFAULT_CUDA_ARCH,
+    ORIN_NX_CPU,
+    SPECS,
+    DeviceSpec,
+    target_dict,
+)
 from ..passes.partition_hetero import PARAM_SPLIT_ATTR
 from ..planner import PlannerOptions, UnitModel, plan
 from ..profile.bandwidth import measure_read_bandwidth
@@ -184,7 +191,7 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
                        prefill_chunk=PREFILL_CHUNK, kv_dtype=opts.cache_dtype,
                        device_len=device_len)
     target = compiler().Target(target_spec)
-    width, width_source = _default_width(opts, cfg, heads, draft_dtype)
+    width, width_source = _default_width(opts, cfg, heads, draft_dtype, device_len)
     cost = _cost_models(opts, cfg, width, heads)
     cost_source = cost.pop("source") if cost else None
     scheduled: list = []
@@ -369,9 +376,11 @@ def _split_params(mod, cfg, dtype):
     return units, recipes
 
 
-def _default_width(opts: CompileOptions, cfg, heads, draft_dtype: str) -> tuple[int, str]:
+def _default_width(opts: CompileOptions, cfg, heads, draft_dtype: str,
+                   device_len: bool = False) -> tuple[int, str]:
     """The width `generate` uses unless told, and where it comes from: ``--width``, the plan,
-    or the planner on the target's roofline with the heads' statistics."""
+    or the planner on the target's roofline with the heads' statistics (``device_len``: the
+    build's step is the CUDA-graph one)."""
     if heads is None:
         return 1, "no Medusa heads"
     if opts.default_width is not None:
@@ -382,25 +391,31 @@ def _default_width(opts: CompileOptions, cfg, heads, draft_dtype: str) -> tuple[
             raise HetcompError(f"the plan's width {choice['width']} is not a compiled width "
                                f"({', '.join(map(str, opts.widths))})")
         return choice["width"], "plan"
-    spec = target_roofline(opts.target)
+    spec = target_roofline(opts.target, opts.cuda_arch)
     if spec is None:
-        return 1, f"no roofline for --target {opts.target}: pass --width"
+        return 1, (f"no roofline for --target {opts.target} --cuda-arch {opts.cuda_arch}: "
+                   "pass --width")
     shape = ModelShape.from_config(cfg, opts.dtype, opts.cache_dtype)
     p = plan(shape, [UnitModel.from_spec(spec)],
              rank_probs=heads.rank_probs, ranks=heads.ranks,
              options=PlannerOptions(widths=tuple(opts.widths), cache_len=256,
                                     draft_vocab=0 if heads.vocab is None else len(heads.vocab),
                                     draft_weight_bytes=dtype_bytes(draft_dtype),
-                                    draft_root=heads.u is not None))
+                                    draft_root=heads.u is not None,
+                                    device_len=device_len))
     return p.width, (f"planner on the roofline of {spec.name} ({spec.notes}): "
                      f"{p.tokens_per_s:.0f} tokens/s predicted at W={p.width}")
 
 
 @functools.lru_cache(maxsize=None)
-def target_roofline(target: str) -> DeviceSpec | None:
+def target_roofline(target: str, cuda_arch: str = DEFAULT_CUDA_ARCH) -> DeviceSpec | None:
     """A roofline of the unit a target runs on: this machine's CPU measured (read bandwidth,
     numpy matmul GFLOP/s; about half a second) for host builds, the Orin NX CPU's datasheet
-    for aarch64 (an estimate), none for cuda (pass --width)."""
+    for aarch64, the GPU datasheet of ``cuda_arch`` for cuda (:data:`~hetcomp.hardware.
+    CUDA_ARCH_SPECS`; estimates both), None for other architectures (pass --width)."""
+    if target == "cuda":
+        name = CUDA_ARCH_SPECS.get(cuda_arch)
+        return SPECS[name] if name else None
     if target in ("host", "x86-64-v3"):
         bw = measure_read_bandwidth()
         # One core's rate times the threads the kernels run on, from the best of many short
@@ -445,8 +460,8 @@ def _cost_models(opts: CompileOptions, cfg, width: int, heads=None) -> dict | No
             models[u], source[u] = UnitCostModel.load(path), f"fitted ({path})"
         elif u in SPECS:
             models[u], source[u] = RooflineCost(SPECS[u]), f"roofline of {u}'s datasheet"
-        elif opts.plan is None and target_roofline(opts.target) is not None:
-            spec = target_roofline(opts.target)
+        elif opts.plan is None and target_roofline(opts.target, opts.cuda_arch) is not None:
+            spec = target_roofline(opts.target, opts.cuda_arch)
             models[u], source[u] = RooflineCost(spec), f"roofline ({spec.notes})"
     if not models:
         return None

@@ -5,8 +5,9 @@ the units' fingerprints match). ``tune``: profile, fit one cost model per unit a
 and plan (W, tree, split ratios, attention placement) for maximum predicted tokens/s.
 
 Unit names: ``cpu`` and ``cuda`` are measured; spec-only units (``orin-nx-cpu``,
-``orin-nx-gpu``, or the board ``orin-nx`` for both) are estimated from their datasheet
-figures and labelled ``spec-estimate``. One plan never mixes the two.
+``orin-nx-gpu``, or the board ``orin-nx`` for both; ``hopper-gpu``, the H100/H200 class) are
+estimated from their datasheet figures and labelled ``spec-estimate``. One plan never mixes
+the two.
 """
 
 from __future__ import annotations

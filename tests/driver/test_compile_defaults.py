@@ -62,3 +62,46 @@ def test_no_heads_builds_no_speculation(tmp_path, cli):
     assert rc == 0, err
     m = json.loads((tmp_path / "A" / "manifest.json").read_text())
     assert m["speculative"] is None and m["widths"] == [1] and m["default_width"] == 1
+
+
+def test_cuda_build_speculates_at_the_width_its_gpu_datasheet_plans():
+    """`compile --target cuda` picks its default width with the planner on the datasheet
+    roofline of `--cuda-arch` (H100/H200 class for sm_90, Orin NX's GPU for sm_87), costing
+    the CUDA-graph step (one attention kernel a layer): a GPU reads the weights once for W
+    tree nodes, so it speculates. An architecture without a spec keeps W = 1."""
+    from hetcomp.driver.compile import CompileOptions, _default_width
+    from hetcomp.frontend import resolve_model
+    from hetcomp.frontend.gguf_loader import open_gguf, read_config
+    from hetcomp.frontend.models import default_heads
+    from hetcomp.speculative.medusa import MedusaHeads
+
+    cfg = read_config(open_gguf(resolve_model("smollm2")))
+    heads = MedusaHeads.load(default_heads("smollm2"))
+    for arch, spec in (("sm_90", "hopper-gpu"), ("sm_87", "orin-nx-gpu")):
+        opts = CompileOptions(model="smollm2", target="cuda", cuda_arch=arch, dtype="float16")
+        width, source = _default_width(opts, cfg, heads, "float16", device_len=True)
+        assert width > 1 and width in opts.widths, (arch, width, source)
+        assert source.startswith(f"planner on the roofline of {spec}"), source
+    opts = CompileOptions(model="smollm2", target="cuda", cuda_arch="sm_80", dtype="float16")
+    width, source = _default_width(opts, cfg, heads, "float16", device_len=True)
+    assert width == 1 and "--cuda-arch sm_80: pass --width" in source
+
+
+def test_planner_costs_the_cuda_graph_step_when_told():
+    """PlannerOptions(device_len=True): the candidates are the graph build's steps (its one
+    attention kernel a layer, not the dense + sparse + merge split above W = 2)."""
+    from hetcomp.cost.roofline import ModelShape
+    from hetcomp.hardware import HOPPER_GPU
+    from hetcomp.planner import PlannerOptions, UnitModel, plan
+    from hetcomp.testing import TINY
+
+    shape, unit = ModelShape.from_config(TINY, "float16", "float16"), UnitModel.from_spec(
+        HOPPER_GPU)
+    tau = {w: 1.0 + 0.1 * w for w in (1, 4, 16)}
+    split, graph = (plan(shape, [unit], tau=tau, options=PlannerOptions(
+        widths=(1, 4, 16), device_len=dl)) for dl in (False, True))
+    steps = {c.width: dict(c.breakdown) for c in split.candidates}
+    graph_steps = {c.width: dict(c.breakdown) for c in graph.candidates}
+    for w in (4, 16):
+        assert graph_steps[w]["attention"] != steps[w]["attention"]
+        assert graph_steps[w]["stage_tree"] > 0 and "stage_tree" not in steps[w]
