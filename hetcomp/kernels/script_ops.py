@@ -466,7 +466,7 @@ def for_gpu(func, gpu: bool = True):
     kw = {key: recorded[key] for key in ("kv_dtype", "device_len", "window", "groups")
           if key in recorded}
     out = build(*recorded["args"], gpu=gpu, **kw)
-    for key in ("global_symbol", "target"):
+    for key in ("global_symbol", "target", "hetcomp.cost"):  # AnnotateCost's too
         if key in attrs:
             out = out.with_attr(key, attrs[key])
     return out

@@ -124,6 +124,11 @@ def test_cuda_artifact_captures_cuda_graphs(tmp_path):
                   weights=weights)
     manifest = json.loads((tmp_path / "g" / "manifest.json").read_text())
     assert manifest["cuda_graph"] is True and manifest["fixed_cache"] is True
+    # Costed on the GPU datasheet (hopper-gpu for sm_90), the hand-written kernels too: their
+    # GPU versions keep AnnotateCost's attribute.
+    script = [k for k in manifest["kernels"] if (k["rule"] or "").startswith("script.")]
+    assert {k["name"] for k in script} >= {"stage_tree", "rope_kv_dev", "tree_attention"}
+    assert all(k["predicted_us"] for k in script), script
     launches = manifest["launches"]
     assert set(launches) == {"prefill_w64", "verify_w1", "verify_w4"}
     for name in ("verify_w1", "verify_w4"):
