@@ -42,7 +42,7 @@ def thread_orders(func) -> dict:
         text = text[:body] + re.sub(rf"\b{name}\b(?!\[)", f"{name}[0]", text[body:])
     # Shared memory as plain buffers, barriers as nothing: the phase loops stay in order.
     text = text.replace("T.alloc_shared(", "T.alloc_buffer(")
-    text = re.sub(r'T\.tvm_storage_sync\("shared".*\)$', "T.evaluate(0)", text, flags=re.M)
+    text = re.sub(r'T\.tvm_storage_sync\("shared".*\)$', "T.evaluate(0)", text, flags=re.MULTILINE)
     forward = re.sub(_BOUND, r"range(\1)", text)
     lines = []
     for line in text.splitlines():

@@ -38,7 +38,7 @@ def test_tree_tensors_are_made_once_per_shape(tiny_reference):
     assert len(art._tree_tensors) == 2  # two shapes, one device copy each
     s.truncate(len(PROMPT))
     three = FORK[:3, :3]
-    ids3, logits3 = _verify(s, three)
+    _, logits3 = _verify(s, three)
     t = art.new_session()
     t.prefill(PROMPT)
     depths = three.sum(axis=1) - 1
