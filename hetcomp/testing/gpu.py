@@ -57,6 +57,18 @@ def thread_orders(func) -> dict:
             "reverse": tvm.script.from_source("\n".join(lines))}
 
 
+def kernel_library(func, target: str = "host"):
+    """``func`` alone, compiled as ``main`` for ``target`` (a :func:`~hetcomp.hardware.
+    target_dict` name): its CPU form to run, or its GPU form to read
+    (:func:`~hetcomp.codegen.build.cuda_source`)."""
+    from .. import _tvm
+    from ..hardware import target_dict
+
+    c = _tvm.compiler()
+    return c.compile(c.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                     target=target_dict(target))
+
+
 def thread_bindings(func) -> list[tuple[str, int]]:
     """``(thread tag, extent)`` of each thread-bound loop of a scheduled ``func``."""
     return [(tag, int(ext)) for ext, tag in re.findall(

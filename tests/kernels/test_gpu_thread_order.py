@@ -9,12 +9,10 @@ import numpy as np
 import pytest
 
 from hetcomp import _tvm
-from hetcomp.hardware import target_dict
 from hetcomp.kernels import script_ops
 from hetcomp.testing import depths, tree_mask
-from hetcomp.testing.gpu import thread_orders
+from hetcomp.testing.gpu import kernel_library, thread_orders
 
-c = _tvm.compiler()
 H, G, D, NL, CTX = 4, 2, 16, 2, 80
 rng = np.random.default_rng(7)
 
@@ -64,8 +62,7 @@ CASES = list(_cases())
 
 
 def _run(func, args, written):
-    lib = c.compile(c.IRModule({"main": func.with_attr("global_symbol", "main")}),
-                    target=target_dict("host"))
+    lib = kernel_library(func, "host")
     tensors = [_tvm.tensor(a.copy()) if isinstance(a, np.ndarray) else a for a in args]
     lib["main"](*tensors)
     return [tensors[i].numpy() for i in written]

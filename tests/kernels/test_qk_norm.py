@@ -6,11 +6,9 @@ import pytest
 
 from hetcomp import _tvm
 from hetcomp.codegen.build import cuda_source
-from hetcomp.hardware import target_dict
 from hetcomp.kernels import script_ops
-from hetcomp.testing.gpu import serial_threads
+from hetcomp.testing.gpu import kernel_library, serial_threads
 
-c = _tvm.compiler()
 H, G, D, EPS = 4, 1, 16, 1e-6
 
 
@@ -30,8 +28,7 @@ def test_matches_numpy(form):
     if form == "gpu":
         func = serial_threads(script_ops.for_gpu(func), 2, "a block per (head, row), a thread "
                               "per element (each thread sums its row alone: no reduction)")
-    lib = c.compile(c.IRModule({"main": func.with_attr("global_symbol", "main")}),
-                    target=target_dict("host"))
+    lib = kernel_library(func, "host")
     rng = np.random.default_rng(0)
     qg, kg = rng.standard_normal(D).astype("float32"), rng.standard_normal(D).astype("float32")
     for w in (1, 5):
@@ -48,6 +45,5 @@ def test_gpu_form_runs_rows_in_parallel():
     script = func.script()
     assert f'T.thread_binding(w * T.int64({H + 2 * G}), thread="blockIdx.x")' in script
     assert f'T.thread_binding({D}, thread="threadIdx.x")' in script
-    src = cuda_source(c.compile(c.IRModule({"main": func.with_attr("global_symbol", "main")}),
-                                target=target_dict("cuda")))
+    src = cuda_source(kernel_library(func, "cuda"))
     assert f"__launch_bounds__({D})" in src

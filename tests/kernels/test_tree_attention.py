@@ -12,11 +12,10 @@ import pytest
 
 from hetcomp import _tvm
 from hetcomp.codegen.build import cuda_source
-from hetcomp.hardware import target_dict
 from hetcomp.kernels import script_ops
 from hetcomp.testing import depths, tree_mask
+from hetcomp.testing.gpu import kernel_library
 
-c = _tvm.compiler()
 H, G, D, LAYERS, CONTEXT = 4, 2, 16, 2, 64
 
 
@@ -46,8 +45,7 @@ def test_cpu_form_matches_numpy(kv_dtype, window, groups):
     weigh nothing in the merge); the default, eight, takes the whole cache in one round."""
     func = script_ops.tree_attention(H, G, D, LAYERS, CONTEXT, kv_dtype=kv_dtype,
                                      window=window, groups=groups)
-    lib = c.compile(c.IRModule({"main": func.with_attr("global_symbol", "main")}),
-                    target=target_dict("host"))
+    lib = kernel_library(func, "host")
     rng = np.random.default_rng(window)
     for n, parents in ((0, [-1]), (3, [-1, 0, 0, 1]), (40, [-1, 0, 1, 1, 0, 4, 2, 6]),
                        (33, [-1] + list(range(30)))):
@@ -72,8 +70,7 @@ def test_gpu_form_is_one_block_per_row_with_barriers(groups, threads):
     func = script_ops.for_gpu(script_ops.tree_attention(H, G, D, LAYERS, CONTEXT,
                                                         groups=groups))
     assert json.loads(str(func.attrs[script_ops.ARGS_ATTR]))["groups"] == threads // 32
-    src = cuda_source(c.compile(c.IRModule({"main": func.with_attr("global_symbol", "main")}),
-                                target=target_dict("cuda")))
+    src = cuda_source(kernel_library(func, "cuda"))
     assert f"__launch_bounds__({threads})" in src
     assert src.count("__shared__") == 5
     # init; per round: scores, max's tree levels (one loop), new max, weights, sum's tree
@@ -89,8 +86,7 @@ def test_gpu_form_compiles_with_nvcc(tmp_path, head_dim, kv_dtype):
     """SmolLM2's shape and Gemma 3's head_dim 256 (256 threads) for sm_90."""
     func = script_ops.for_gpu(script_ops.tree_attention(9, 3, head_dim, 30, 2048,
                                                         kv_dtype=kv_dtype, window=512))
-    src = cuda_source(c.compile(c.IRModule({"main": func.with_attr("global_symbol", "main")}),
-                                target=target_dict("cuda")))
+    src = cuda_source(kernel_library(func, "cuda"))
     (tmp_path / "k.cu").write_text(src)
     out = subprocess.run(["nvcc", "--cubin", "-arch=sm_90", "--resource-usage", "-o",
                           str(tmp_path / "k.cubin"), str(tmp_path / "k.cu")],
