@@ -18,7 +18,8 @@ compiled kernels for the GPU host.
 The kit also holds SmolLM2's ``tree_attention`` (the CUDA-graph build's attention, float16
 cache) with one group of T threads a block (session 10's kernel) and with the default groups
 (256 threads a block); ``run.py gemv`` times each at W = 1, 4, 16, 64 over cache lengths
-``ATTN_CACHE``.
+``ATTN_CACHE``; and the Medusa draft's top-k, ``script_ops.topk_rows`` against TVM's GPU
+``topk`` (a sort), at the shipped draft's shape and over the whole vocabulary.
 
 Variants: ``column`` (gpu.LinearColumn: a thread per column), ``splitk`` (gpu.SplitKLinear),
 ``dlight`` (the first of dlight's rules that takes our packed kernel, in gpu_rules' order:
@@ -150,6 +151,49 @@ def attention_kernels() -> list[dict]:
     return out
 
 
+def topk_kernels(target) -> list[dict]:
+    """The Medusa draft's top-k at SmolLM2's shipped draft (its heads' rows, its draft
+    vocabulary; and the whole vocabulary): ``script_ops.topk_rows`` (the CUDA-graph build's,
+    with and without the fused vocabulary map) and TVM's GPU ``topk`` (what the draft ran
+    before: ``DispatchSortScan``'s sort). ``name``, ``impl``, ``rows``, ``n``, ``k``,
+    ``mapped``, ``func`` (GPU form)."""
+    from hetcomp.frontend.llama import MEDUSA_TOPK
+    from hetcomp.speculative.medusa import MedusaHeads
+
+    heads = MedusaHeads.load(os.path.join(os.path.dirname(script_ops.__file__), "..", "data",
+                                          "smollm2-medusa.npz"))
+    shape, _ = read_model_shape("smollm2", "float16")
+    rows, k = heads.w.shape[0], MEDUSA_TOPK
+    out = []
+    for n, mapped in ((len(heads.vocab), True), (len(heads.vocab), False), (shape.vocab, False)):
+        func = script_ops.for_gpu(script_ops.topk_rows(n, k, rows, mapped=mapped))
+        out.append({"name": f"topk_script_n{n}{'_mapped' if mapped else ''}", "impl": "script",
+                    "rows": rows, "n": n, "k": k, "mapped": mapped, "func": func})
+    for n in sorted({len(heads.vocab), shape.vocab}):
+        out.append({"name": f"topk_tvm_n{n}", "impl": "tvm", "rows": rows, "n": n, "k": k,
+                    "mapped": False, "func": _tvm_topk(rows, n, k, target)})
+    return out
+
+
+def _tvm_topk(rows: int, n: int, k: int, target):
+    """The kernel TVM makes of ``relax.op.topk`` on ``[rows, n]`` through hetcomp's own
+    scheduling pipeline (``DispatchSortScan``'s GPU sort, then our rules): what the draft
+    of the CUDA-graph build ran before ``script_ops.topk_rows``."""
+    from hetcomp.passes.pipeline import scheduling_pipeline
+
+    bb = c.relax.BlockBuilder()
+    x = c.relax.Var("logits", c.TensorType((rows, n), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            top = bb.emit_output(c.relax.op.topk(x, k=k, axis=-1, ret_type="indices"))
+        bb.emit_func_output(top)
+    with target:
+        mod = scheduling_pipeline(target)(bb.get())
+    funcs = [f for gv, f in mod.functions_items() if isinstance(f, c.tir.PrimFunc)]
+    assert len(funcs) == 1, [gv.name_hint for gv in mod.get_global_vars()]
+    return funcs[0]
+
+
 def launch_shape(func) -> str:
     """``blocks x threads`` of each kernel launch in ``func`` (thread-bound loop extents)."""
     launches, cur = [], {}
@@ -246,7 +290,8 @@ def build(out: str, arch: str, **subset) -> str:
     os.makedirs(d, exist_ok=True)
     every = kernels(target, **subset)
     attention = attention_kernels()
-    recs = {r["name"]: r for r in every + attention}  # dlight_nt's symbolic kernel once
+    topk = topk_kernels(target)
+    recs = {r["name"]: r for r in every + attention + topk}  # dlight_nt's symbolic one once
     mod = c.IRModule({name: r["func"].with_attr("global_symbol", name)
                       for name, r in recs.items()})
     lib = c.compile(mod, target=target)
@@ -268,9 +313,10 @@ def build(out: str, arch: str, **subset) -> str:
         fh.write(source)
     records = [{k: v for k, v in r.items() if k != "func"} for r in every]
     attn = [{k: v for k, v in r.items() if k != "func"} for r in attention]
+    tops = [{k: v for k, v in r.items() if k != "func"} for r in topk]
     with open(os.path.join(d, "kernels.json"), "w") as fh:
         json.dump({"arch": arch, "kernels": records, "attention": attn,
-                   "attention_cache": list(ATTN_CACHE)}, fh, indent=1)
+                   "attention_cache": list(ATTN_CACHE), "topk": tops}, fh, indent=1)
     return d
 
 

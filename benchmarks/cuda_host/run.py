@@ -16,7 +16,8 @@
                                          cold (rotated weight copies) time per call;
                                          tree_attention with one group and with the
                                          default groups at W = 1, 4, 16, 64 over three
-                                         cache lengths -> OUT/gemv.json; --dry (no GPU):
+                                         cache lengths; the draft's top-k (ours, TVM's
+                                         sort) -> OUT/gemv.json; --dry (no GPU):
                                          check the kit and make the arguments on the CPU
     python run.py generate BUNDLE OUT WORKERS SECONDS
                                          greedy responses to the bundle's prompts.json
@@ -262,7 +263,7 @@ def gemv(kit: str, out: str, dry: bool = False) -> dict:
             say(f"gemv {r['name']}: hot {r['hot_us']:.2f} us, cold {r['cold_us']:.2f} us")
         results.append(r)
     summary = {"arch": meta["arch"], "dry": dry, "kernels": results,
-               "attention": _attention(meta, lib, dev, dry)}
+               "attention": _attention(meta, lib, dev, dry), "topk": _topk(meta, lib, dev, dry)}
     if not dry:
         summary["device"] = _device_info()
     with open(os.path.join(out, "gemv.json"), "w") as fh:
@@ -297,6 +298,34 @@ def _attention(meta: dict, lib, dev, dry: bool) -> list[dict]:
                     r["us"] = float(np.median(timer(q, kc, vc, mask, pos, 1, o).results)) * 1e6
                     say(f"attention {rec['name']} W={w} cache={n}: {r['us']:.2f} us")
                 out.append(r)
+    return out
+
+
+def _topk(meta: dict, lib, dev, dry: bool) -> list[dict]:
+    """Time the kit's draft top-k kernels (device timer, back to back) on random logits; a
+    kernel's ids are checked against numpy's ranking first (the vocabulary map's too)."""
+    import numpy as np
+
+    from hetcomp import _tvm
+
+    rng = np.random.default_rng(2)
+    out = []
+    for rec in meta.get("topk", []):
+        rows, n, k = rec["rows"], rec["n"], rec["k"]
+        logits = rng.standard_normal((rows, n)).astype("float32")
+        vocab = rng.permutation(1 << 16)[:n].astype("int32")
+        args = [_tvm.tensor(logits, dev)] + ([_tvm.tensor(vocab, dev)] if rec["mapped"] else [])
+        top = _tvm.tensor(np.zeros((rows, k), "int32"), dev)
+        r = {key: rec[key] for key in ("name", "impl", "rows", "n", "k", "mapped")}
+        if not dry:
+            lib[rec["name"]](*args, top)
+            want = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+            r["correct"] = bool(np.array_equal(top.numpy(), vocab[want] if rec["mapped"]
+                                               else want))
+            timer = lib.time_evaluator(rec["name"], dev, number=10, repeat=3, min_repeat_ms=10)
+            r["us"] = float(np.median(timer(*args, top).results)) * 1e6
+            say(f"topk {rec['name']}: {r['us']:.2f} us, correct {r['correct']}")
+        out.append(r)
     return out
 
 

@@ -330,6 +330,8 @@ def kernel_features(shape: ModelShape, op: dict) -> Features:
         return merge_features(shape, w)
     if kind == "rms_norm":
         return rms_norm_features(shape, w, residual=bool(op.get("residual", 0)))
+    if kind == "topk":  # the draft's candidates (script_ops.topk_rows): one pass, as argmax
+        return argmax_features(shape, w, n=int(op.get("n", 0)))
     simple = {"rope": rope_features, "embed": embed_features, "argmax": argmax_features,
               "qk_norm": qk_norm_features}
     if kind in simple:

@@ -300,9 +300,21 @@ def _add_medusa(bb, kern: _Kernels, cfg: LlamaConfig, num_heads: int, wdtype: st
             logits = bb.emit(relax.call_tir(head_gv, [stacked, lm_head],
                                             tt((num_heads, vd), "float32")))
             # Candidates ranked on the device (a host-side argpartition cost ~2 ms a step).
-            top = bb.emit(relax.op.topk(logits, k=MEDUSA_TOPK, axis=-1, ret_type="indices"))
-            if draft_vocab:
-                top = bb.emit(relax.op.take(vocab[0], top, axis=0, mode="clip"))
+            if kern.device_len:
+                # One launch that keeps a top-k per thread and merges them, the vocabulary
+                # map fused (TVM's GPU topk sorts whole rows in several launches).
+                top_gv = kern.get("medusa_topk", functools.partial(
+                    script_ops.topk_rows, mapped=bool(draft_vocab)), vd, MEDUSA_TOPK,
+                    rows=num_heads)
+                # Bound as an output: RewriteDataflowReshape probes every one-input call_tir
+                # of a dataflow binding for a reshape, which a script kernel cannot answer.
+                top = bb.emit_output(relax.call_tir(top_gv, [logits, *vocab],
+                                                    tt((num_heads, MEDUSA_TOPK), "int32")))
+            else:
+                top = bb.emit(relax.op.topk(logits, k=MEDUSA_TOPK, axis=-1,
+                                            ret_type="indices"))
+                if draft_vocab:
+                    top = bb.emit(relax.op.take(vocab[0], top, axis=0, mode="clip"))
             out = bb.emit_output(relax.Tuple([logits, top]))
         bb.emit_func_output(out)
 

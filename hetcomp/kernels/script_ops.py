@@ -1,7 +1,7 @@
 """Kernels that update the KV cache in place, written in TVMScript (TE cannot mutate inputs),
-Gemma's per-head q/k norm (:func:`qk_norm`), and the CUDA-graph build's attention and input
-copies (:func:`tree_attention`, :func:`stage_tree`, :func:`stage_draft`), all scheduled as
-written.
+Gemma's per-head q/k norm (:func:`qk_norm`), and the CUDA-graph build's attention, input
+copies and draft top-k (:func:`tree_attention`, :func:`stage_tree`, :func:`stage_draft`,
+:func:`topk_rows`), all scheduled as written.
 
 They are called with ``R.call_tir_inplace``; both are already scheduled and marked so that
 no schedule rule touches them (``hetcomp.rule`` = ``script.<kind>``): one loop nest, whose outer two loops are a parallel loop and a
@@ -453,6 +453,140 @@ def tree_attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int
         ARGS_ATTR, json.dumps(recorded))
 
 
+#: Candidates a ``topk_rows`` thread loads before it ranks them (independent loads in flight).
+TOPK_LOADS = 8
+
+
+def topk_rows(n: int, k: int, rows: int, gpu: bool = False, mapped: bool = False):
+    """The ``k`` largest of each of ``rows`` logit rows ``[rows, n]`` (float32), as column
+    indices ``[rows, k]`` (int32) in descending order of value, ties to the lower index:
+    the Medusa draft's candidates. ``mapped``: a third argument ``vocab[n]`` (int32) maps
+    the indices to token ids (a draft vocabulary's ``take``, fused).
+
+    One block per row, ``nt`` threads (256; 64 for k > 16, so that the lists fit shared
+    memory). Thread t scans columns ``t, t + nt, ...`` (coalesced), :data:`TOPK_LOADS` loads
+    at a time, and keeps its own top-k sorted in registers: a column that beats the k-th
+    enters at the end and bubbles up (rare once the list is full). The ``nt`` sorted lists
+    then go to shared memory and are merged pairwise, log2(nt) levels, a barrier each: at
+    level l thread t < nt >> (l + 1) merges lists 2t and 2t + 1 into list t of the other
+    buffer (levels alternate between a buffer of nt lists and one of nt / 2, so no thread
+    reads in a level what another writes there). A full sort of the row (TVM's GPU
+    ``topk``) is several launches and O(n log n) work for ten values.
+    """
+    nt = 256 if k <= 16 else 64
+    if k > 64 or k > n:
+        raise ValueError(f"topk_rows: k = {k} must be at most 64 and the row's {n} columns")
+    levels = nt.bit_length() - 1  # even: the merge loop runs levels in pairs
+    loads = TOPK_LOADS
+    batches = (n + nt * loads - 1) // (nt * loads)
+    blocks, threads = _loop_kinds(gpu)
+    shared = "shared" if gpu else "global"
+    sync = _block_sync if gpu else _no_sync
+    nt64, last = T.int64(nt), k - 1
+    from tvm import tirx
+
+    def better(av, ai, bv, bi):
+        """(value, index) a ranks before b: larger value, or equal and lower index."""
+        return tirx.Or(av > bv, tirx.And(av == bv, ai < bi))
+
+    @T.macro
+    def merge(src_v, src_i, dst_v, dst_i, level):
+        for t in threads(nt64):
+            if t < T.shift_right(nt64, level + 1):
+                pa = T.alloc_buffer((1,), "int64", scope="local")
+                pb = T.alloc_buffer((1,), "int64", scope="local")
+                mv = T.alloc_buffer((k,), "float32", scope="local")
+                mi = T.alloc_buffer((k,), "int32", scope="local")
+                pa[0] = T.int64(0)
+                pb[0] = T.int64(0)
+                for s in T.unroll(k):
+                    av = src_v[2 * t * k + pa[0]]
+                    ai = src_i[2 * t * k + pa[0]]
+                    bv = src_v[(2 * t + 1) * k + pb[0]]
+                    bi = src_i[(2 * t + 1) * k + pb[0]]
+                    if better(av, ai, bv, bi):
+                        mv[s] = av
+                        mi[s] = ai
+                        pa[0] = pa[0] + 1
+                    else:
+                        mv[s] = bv
+                        mi[s] = bi
+                        pb[0] = pb[0] + 1
+                for s in T.unroll(k):
+                    dst_v[t * k + s] = mv[s]
+                    dst_i[t * k + s] = mi[s]
+        sync()
+
+    @T.macro
+    def body(logits, vocab, out):
+        for b in blocks(T.int64(rows)):
+            lists_v = T.alloc_buffer((nt * k,), "float32", scope=shared)
+            lists_i = T.alloc_buffer((nt * k,), "int32", scope=shared)
+            half_v = T.alloc_buffer((nt // 2 * k,), "float32", scope=shared)
+            half_i = T.alloc_buffer((nt // 2 * k,), "int32", scope=shared)
+            for t in threads(nt64):
+                lv = T.alloc_buffer((k,), "float32", scope="local")
+                li = T.alloc_buffer((k,), "int32", scope="local")
+                xs = T.alloc_buffer((loads,), "float32", scope="local")
+                sv = T.alloc_buffer((1,), "float32", scope="local")
+                si = T.alloc_buffer((1,), "int32", scope="local")
+                for s in T.unroll(k):
+                    lv[s] = T.float32("-inf")
+                    li[s] = T.Cast("int32", n + t)  # past every column: ranks after them
+                for bt in range(T.int64(batches)):
+                    for u in T.unroll(T.int64(loads)):
+                        j = (bt * loads + u) * nt + t
+                        xs[u] = T.if_then_else(j < n, logits[b, j], T.float32("-inf"))
+                    for u in T.unroll(T.int64(loads)):
+                        j = (bt * loads + u) * nt + t
+                        if j < n and better(xs[u], T.Cast("int32", j), lv[last], li[last]):
+                            lv[last] = xs[u]
+                            li[last] = T.Cast("int32", j)
+                            for s in T.unroll(last):
+                                if better(lv[last - s], li[last - s],
+                                          lv[last - 1 - s], li[last - 1 - s]):
+                                    sv[0] = lv[last - s]
+                                    si[0] = li[last - s]
+                                    lv[last - s] = lv[last - 1 - s]
+                                    li[last - s] = li[last - 1 - s]
+                                    lv[last - 1 - s] = sv[0]
+                                    li[last - 1 - s] = si[0]
+                for s in T.unroll(k):
+                    lists_v[t * k + s] = lv[s]
+                    lists_i[t * k + s] = li[s]
+            sync()
+            for lp in range(T.int64(levels // 2)):
+                merge(lists_v, lists_i, half_v, half_i, 2 * lp)
+                merge(half_v, half_i, lists_v, lists_i, 2 * lp + 1)
+            for t in threads(nt64):
+                if t < k:
+                    if mapped:
+                        out[b, t] = vocab[lists_i[t]]
+                    else:
+                        out[b, t] = lists_i[t]
+
+    if mapped:
+        @T.prim_func(private=True)
+        def topk_func(var_logits: T.handle, var_vocab: T.handle, var_out: T.handle):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True,
+                         "hetcomp.rule": "script.topk"})
+            logits = T.match_buffer(var_logits, (rows, n), "float32")
+            vocab = T.match_buffer(var_vocab, (n,), "int32")
+            out = T.match_buffer(var_out, (rows, k), "int32")
+            body(logits, vocab, out)
+    else:
+        @T.prim_func(private=True)
+        def topk_func(var_logits: T.handle, var_out: T.handle):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True,
+                         "hetcomp.rule": "script.topk"})
+            logits = T.match_buffer(var_logits, (rows, n), "float32")
+            out = T.match_buffer(var_out, (rows, k), "int32")
+            body(logits, None, out)
+
+    return topk_func.with_attr(OP_KIND, "topk").with_attr("hetcomp.n", n).with_attr(
+        ARGS_ATTR, json.dumps({"args": [n, k, rows], "mapped": mapped}))
+
+
 def for_gpu(func, gpu: bool = True):
     """The GPU version of a script kernel (any of this module's), or None for others;
     ``gpu=False``: a fresh CPU copy (new definitions, for a second unit)."""
@@ -462,8 +596,8 @@ def for_gpu(func, gpu: bool = True):
     recorded = json.loads(str(attrs[ARGS_ATTR]))
     build = {"rope": rope_kv, "kv_commit": kv_commit, "qk_norm": qk_norm,
              "tree_attention": tree_attention, "stage_tree": stage_tree,
-             "stage_draft": stage_draft}[str(attrs[OP_KIND])]
-    kw = {key: recorded[key] for key in ("kv_dtype", "device_len", "window", "groups")
+             "stage_draft": stage_draft, "topk": topk_rows}[str(attrs[OP_KIND])]
+    kw = {key: recorded[key] for key in ("kv_dtype", "device_len", "window", "groups", "mapped")
           if key in recorded}
     out = build(*recorded["args"], gpu=gpu, **kw)
     for key in ("global_symbol", "target", "hetcomp.cost"):  # AnnotateCost's too

@@ -48,6 +48,11 @@ def _cases():
     yield ("stage_draft", script_ops.stage_draft(300),
            [_f32(1, 300), np.array([9], "int32"), np.zeros((1, 300), "float32"),
             np.zeros(1, "int32")], [2, 3])
+    logits = _f32(3, 700)
+    logits[1] = np.round(logits[1])  # ties: the merge's order decides them
+    yield ("topk", script_ops.topk_rows(700, 10, 3, mapped=True),
+           [logits, rng.permutation(5000)[:700].astype("int32"), np.zeros((3, 10), "int32")],
+           [2])
     for groups in (None, 1, 3):
         for n, par in ((0, [-1]), (37, parents), (73, [-1, 0, 1, 1, 0, 4, 2])):
             m, p = _tree_inputs(n, par)

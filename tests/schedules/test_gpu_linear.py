@@ -146,7 +146,7 @@ def test_gemv_kit_builds_and_dry_runs(tmp_path):
     """The GPU host's timing kit (benchmarks/gemv_kernels.py build, a subset): every variant
     (float16 and q4_1 weights) is in the library, the fatbin made here is found under the hash of the library's own
     CUDA source (so the host compiles nothing), and `run.py gemv --dry` makes each
-    kernel's arguments, the tree_attention variants' too."""
+    kernel's arguments, the tree_attention variants' and the draft top-k's too."""
     sys.path.insert(0, BENCH)
     try:
         import gemv_kernels
@@ -178,3 +178,9 @@ def test_gemv_kit_builds_and_dry_runs(tmp_path):
     assert {r["name"] for r in out["attention"]} == {"tree_attention_g1", "tree_attention_g4"}
     assert all(f"{r['name']}_kernel" in source for r in out["attention"])
     assert len(out["attention"]) == 2 * 4 * len(gemv_kernels.ATTN_CACHE)
+    # The draft's top-k: ours (with and without the vocabulary map) and TVM's sort, at the
+    # shipped draft's vocabulary and at the whole one.
+    tops = {(r["impl"], r["n"], r["mapped"]) for r in out["topk"]}
+    assert tops == {("script", 8192, True), ("script", 8192, False), ("script", 49152, False),
+                    ("tvm", 8192, False), ("tvm", 49152, False)}
+    assert all(f"{r['name']}_kernel" in source for r in out["topk"])

@@ -222,10 +222,13 @@ def test_heads_of_an_untied_model_rank_by_its_lm_head_not_its_embedding():
             ).mean() > 0.95
 
 
-def test_draft_vocabulary_in_the_compiled_draft(tiny_speculative, tmp_path):
+@pytest.mark.parametrize("device_len", [False, True], ids=["default", "device_len"])
+def test_draft_vocabulary_in_the_compiled_draft(tiny_speculative, tmp_path, device_len):
     """Heads with a draft vocabulary compile to a draft whose LM head holds just those rows
     (rebuilt by recipe), whose candidates are real token ids from the vocabulary, equal to
-    numpy's, and speculation stays lossless."""
+    numpy's, and speculation stays lossless. ``device_len``: the build for CUDA graphs (run
+    here on the CPU), whose draft ranks with ``script_ops.topk_rows`` and maps the ids in
+    the same kernel instead of TVM's topk and take."""
     import os
 
     from hetcomp import _tvm
@@ -238,10 +241,13 @@ def test_draft_vocabulary_in_the_compiled_draft(tiny_speculative, tmp_path):
     loaded = (TINY, random_weights(TINY, seed=11), byte_tokenizer_spec(TINY.vocab_size),
               __file__)
     compile_model(CompileOptions(model="tiny", heads=str(tmp_path / "heads.npz"),
-                                 widths=WIDTHS, draft_dtype="float16"),
+                                 widths=WIDTHS, draft_dtype="float16", device_len=device_len),
                   str(tmp_path / "a"), quiet=True, weights=loaded)
     art = load_artifact(str(tmp_path / "a"))
     assert art.manifest["draft_vocab"] == 96
+    draft_rules = {k["name"]: k["rule"] for k in art.manifest["kernels"]
+                   if k["function"] == "medusa"}
+    assert ("medusa_topk_w3" in draft_rules) == device_len, draft_rules
     assert art.manifest["functions"]["medusa"][-1] == "medusa.vocab"
     head = unpack_linear_weight(art.medusa_params[1].numpy())
     full = unpack_linear_weight(tiny_speculative.medusa_params[0].numpy())
