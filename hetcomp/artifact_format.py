@@ -33,8 +33,11 @@ import numpy as np
 
 from .errors import HetcompError
 
-#: 2: ``prefill_w{C}`` takes ``rows`` before the caches (``frontend/llama.py``).
-FORMAT = "hetcomp-artifact/2"
+#: 2: ``prefill_w{C}`` takes ``rows`` before the caches (``frontend/llama.py``). 3: ``medusa``
+#: takes the verify call's hidden rows and a node list, and returns the tree's tokens.
+FORMAT = "hetcomp-artifact/3"
+#: Candidates per head the ``medusa`` function ranks (the trees' rank bound): ``top[K, 10]``.
+MEDUSA_TOPK = 10
 #: Prompt rows per ``prefill`` call: the runtime prefills in chunks of this many tokens through
 #: the static ``prefill_w{C}`` (a shorter last chunk padded), so that its kernels tile rows
 #: exactly (3x the GFLOP/s of symbolic-width kernels here, at any chunk of 32-128 rows); the

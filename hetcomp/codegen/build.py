@@ -62,7 +62,9 @@ def launch_counts(scheduled, cuda_graph: bool, functions: tuple[str, ...]) -> di
     c = compiler()
     with c.transform.PassContext(config={CUDA_GRAPH_OPTION: cuda_graph}):
         low = vm_lowering_pipeline()(scheduled)
-    prims = {gv.name_hint for gv, f in low.functions_items() if isinstance(f, c.tir.PrimFunc)}
+    # Kernels, not the VM's host-side shape functions (sizes of symbolic allocations).
+    prims = {gv.name_hint for gv, f in low.functions_items() if isinstance(f, c.tir.PrimFunc)
+             and not (f.attrs is not None and "tirx.is_host_func" in f.attrs)}
     run = c.Op.get("relax.call_builtin_with_ctx")
 
     def calls(func) -> tuple[int, int, int]:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import functools
 
 from .._tvm import compiler
+from ..artifact_format import MEDUSA_TOPK
 from ..decoder import ACTIVATION_KERNELS, FUSED_WIDTHS, residual_linears
 from ..kernels import ops, quant, script_ops, sparse_attention
 from .config import LlamaConfig, kv_cache_shapes
@@ -49,7 +50,6 @@ from .weights import head_dtype, param_specs, weight_spec
 #: v_cache, cache_len.
 NUM_INPUTS = 8
 PREFILL_INPUTS = 6  # prefill's: the same without the CSR tree
-MEDUSA_TOPK = 10  # candidates per head the medusa function returns (the trees' rank bound)
 
 
 class _Kernels:
@@ -241,8 +241,19 @@ def medusa_param_specs(cfg: LlamaConfig, num_heads: int, wdtype: str, root: bool
 
 def _add_medusa(bb, kern: _Kernels, cfg: LlamaConfig, num_heads: int, wdtype: str, root: bool,
                 draft_dtype: str | None = None, draft_vocab: int = 0):
-    """``medusa(hidden[1, E], root[1], embed, lm_head, w_0, b_0, [u_0], ..., [vocab])``
-    ``-> (logits[K, V], top-10 ids[K, 10])``.
+    """``medusa(hidden[w, E], sel[2, W], embed, lm_head, w_0, b_0, [u_0], ..., [vocab])``
+    ``-> (logits[K, V], top-10 ids[K, 10], tokens[W])``.
+
+    ``hidden``: the hidden states of a verify call's rows (or prefill's last row); ``sel``
+    (int32): ``sel[0, 0]`` the row to draft from, ``sel[1]`` the next tree's nodes, root
+    first, each a token id (>= 0) or ``-1 - (k * 10 + r)`` for head k's rank-r candidate
+    (a second row rather than one more element: the tokens' length is then the call's own
+    ``W``, with no shape computation on the host). ``tokens``: the nodes as
+    token ids (``script_ops.draft_tokens``), ready for the next verify call on the device:
+    the hidden states and the candidates never travel to the host and back between the two
+    calls. The row and the root are copied first (``script_ops.stage_draft``), so that the
+    heads of the build for CUDA graphs (``kern.device_len``) read buffers of their own and
+    replay as one graph.
 
     Head k: ``h + SiLU(W_k h + U_k e + b_k)`` into the LM head, ``e`` the root token's
     embedding (root-conditioned heads only; ``root`` is ignored otherwise). ``draft_dtype``:
@@ -250,14 +261,14 @@ def _add_medusa(bb, kern: _Kernels, cfg: LlamaConfig, num_heads: int, wdtype: st
     bytes the draft reads every step; drafts only propose, so verification stays exact).
     ``draft_vocab = Vd > 0``: the LM head holds only the rows of a draft vocabulary
     ``vocab[Vd]`` (int32 token ids), the logits are ``[K, Vd]`` and the top ids are mapped
-    back through ``vocab``. The build for CUDA graphs (``kern.device_len``) first copies
-    ``hidden`` and ``root`` (``script_ops.stage_draft``) so that the heads are captured.
+    back through ``vocab``.
     """
     c = compiler()
     relax, tt = c.relax, c.TensorType
     e, v = cfg.hidden_size, cfg.vocab_size
-    hidden = relax.Var("hidden", tt((1, e), "float32"))
-    root_tok = relax.Var("root", tt((1,), "int32"))
+    rows, nodes = c.tir.Var("w", "int64"), c.tir.Var("s", "int64")
+    hidden_rows = relax.Var("hidden", tt((rows, e), "float32"))
+    sel = relax.Var("sel", tt((2, nodes), "int32"))
     shapes = {n: (sh, dt) for n, sh, dt in param_specs(cfg, wdtype)}
     embed = relax.Var("embed", tt(*shapes["embed"]))
     draft_dtype = draft_dtype or wdtype
@@ -270,17 +281,16 @@ def _add_medusa(bb, kern: _Kernels, cfg: LlamaConfig, num_heads: int, wdtype: st
     pvars = {n: relax.Var(n.replace(".", "_"), tt(sh, d)) for n, sh, d in specs}
     vocab = [relax.Var("vocab", tt((vd,), "int32"))] if draft_vocab else []
     act_gv = kern.get("medusa_act", ops.medusa_act, e, rows=1)
-    with bb.function("medusa", [hidden, root_tok, embed, lm_head, *pvars.values(), *vocab],
+    with bb.function("medusa", [hidden_rows, sel, embed, lm_head, *pvars.values(), *vocab],
                      attrs={"num_input": 2}):
         with bb.dataflow():
-            if kern.device_len:
-                # A copy at a fixed address (the call's own tensor moves): the heads, their
-                # activation and the stacking then replay as one CUDA graph.
-                staged = bb.emit(relax.call_tir(
-                    kern.get("stage_draft", script_ops.stage_draft, e, sized=False),
-                    [hidden, root_tok], [tt((1, e), "float32"), tt((1,), "int32")]))
-                hidden = bb.emit(relax.TupleGetItem(staged, 0))
-                root_tok = bb.emit(relax.TupleGetItem(staged, 1))
+            # A copy at a fixed address (the call's own tensors move): in the CUDA-graph
+            # build the heads, their activation and the stacking replay as one graph.
+            staged = bb.emit(relax.call_tir(
+                kern.get("stage_draft", script_ops.stage_draft, e, sized=False),
+                [hidden_rows, sel], [tt((1, e), "float32"), tt((1,), "int32")]))
+            hidden = bb.emit(relax.TupleGetItem(staged, 0))
+            root_tok = bb.emit(relax.TupleGetItem(staged, 1))
             emb = None
             if root:
                 emb = bb.emit(relax.call_tir(kern.embed(rows=1), [root_tok, embed],
@@ -315,7 +325,10 @@ def _add_medusa(bb, kern: _Kernels, cfg: LlamaConfig, num_heads: int, wdtype: st
                                             ret_type="indices"))
                 if draft_vocab:
                     top = bb.emit(relax.op.take(vocab[0], top, axis=0, mode="clip"))
-            out = bb.emit_output(relax.Tuple([logits, top]))
+            tokens = bb.emit_output(relax.call_tir(
+                kern.get("draft_tokens", script_ops.draft_tokens, num_heads, MEDUSA_TOPK,
+                         sized=False), [top, sel], tt((nodes,), "int32")))
+            out = bb.emit_output(relax.Tuple([logits, top, tokens]))
         bb.emit_func_output(out)
 
 

@@ -1,7 +1,7 @@
 """Kernels that update the KV cache in place, written in TVMScript (TE cannot mutate inputs),
 Gemma's per-head q/k norm (:func:`qk_norm`), and the CUDA-graph build's attention, input
-copies and draft top-k (:func:`tree_attention`, :func:`stage_tree`, :func:`stage_draft`,
-:func:`topk_rows`), all scheduled as written.
+copies and Medusa draft (:func:`tree_attention`, :func:`stage_tree`, :func:`stage_draft`,
+:func:`topk_rows`, :func:`draft_tokens`), all scheduled as written.
 
 They are called with ``R.call_tir_inplace``; both are already scheduled and marked so that
 no schedule rule touches them (``hetcomp.rule`` = ``script.<kind>``): one loop nest, whose outer two loops are a parallel loop and a
@@ -236,32 +236,70 @@ def stage_tree(gpu: bool = False):
 
 
 def stage_draft(hidden: int, gpu: bool = False):
-    """Copy the Medusa draft's inputs, ``hidden[1, E]`` (float32) and ``root[1]`` (int32),
-    into buffers of the function's own: the draft's CUDA graph reads these instead of the
-    call's tensors (:func:`stage_tree`). One block, 256 threads striding over the row."""
+    """The Medusa draft's inputs: row ``sel[0, 0]`` of ``hidden[w, E]`` (float32: the verify
+    call's rows, or prefill's one) and the root token ``sel[1, 0]`` (``sel[2, W]``: int32,
+    :func:`draft_tokens`'), copied into buffers of the function's own. The row is chosen on
+    the device, so the hidden states never travel to the host and back; and the draft's
+    CUDA graph reads these copies instead of the call's tensors (:func:`stage_tree`). One
+    block, 256 threads striding over the row."""
     blocks, threads = _loop_kinds(gpu)
     nt = min(256, hidden)
     steps = (hidden + nt - 1) // nt
 
     @T.prim_func(private=True)
-    def stage_draft_func(var_h: T.handle, var_root: T.handle, var_h_out: T.handle,
+    def stage_draft_func(var_h: T.handle, var_sel: T.handle, var_h_out: T.handle,
                          var_root_out: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True,
                      "hetcomp.rule": "script.stage_draft"})
-        h = T.match_buffer(var_h, (1, hidden), "float32")
-        root = T.match_buffer(var_root, (1,), "int32")
+        w, s = T.int64(), T.int64()
+        h = T.match_buffer(var_h, (w, hidden), "float32")
+        sel = T.match_buffer(var_sel, (2, s), "int32")
         h_out = T.match_buffer(var_h_out, (1, hidden), "float32")
         root_out = T.match_buffer(var_root_out, (1,), "int32")
         for b in blocks(T.int64(1)):
             for t in threads(T.int64(nt)):
-                for s in range(T.int64(steps)):
-                    if s * nt + t < hidden:
-                        h_out[b, s * nt + t] = h[b, s * nt + t]
+                row = T.max(T.min(T.Cast("int64", sel[0, 0]), w - 1), T.int64(0))
+                for j in range(T.int64(steps)):
+                    if j * nt + t < hidden:
+                        h_out[b, j * nt + t] = h[row, j * nt + t]
                 if t == 0:
-                    root_out[b] = root[b]
+                    root_out[b] = sel[1, 0]
 
     return stage_draft_func.with_attr(OP_KIND, "stage_draft").with_attr(
         ARGS_ATTR, json.dumps({"args": [hidden]}))
+
+
+def draft_tokens(heads: int, topk: int, gpu: bool = False):
+    """The tree's tokens from the draft's candidates. ``sel[2, W]`` (int32): ``sel[0, 0]`` is
+    :func:`stage_draft`'s row (the rest of row 0 is unused), ``sel[1]`` the tree's nodes,
+    root first; ``tokens[i]`` is node ``x = sel[1, i]``, a token id where ``x >= 0`` (the
+    root, lookup tokens) and candidate ``c = -1 - x`` otherwise, ``top[c // topk, c % topk]``
+    (head, rank; clamped into ``top[heads, topk]``). The tokens stay on the device for the
+    verify call that follows: no host round trip between draft and verify. One block, a
+    thread per node (striding past 64)."""
+    blocks, threads = _loop_kinds(gpu)
+    nt, last = 64, heads * topk - 1
+
+    @T.prim_func(private=True)
+    def draft_tokens_func(var_top: T.handle, var_sel: T.handle, var_out: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True,
+                     "hetcomp.rule": "script.draft_tokens"})
+        w = T.int64()
+        top = T.match_buffer(var_top, (heads, topk), "int32")
+        sel = T.match_buffer(var_sel, (2, w), "int32")
+        out = T.match_buffer(var_out, (w,), "int32")
+        for b in blocks(T.int64(1)):
+            for t in threads(T.int64(nt)):
+                for j in range((w + (nt - 1)) // nt):
+                    i = j * nt + t
+                    if i < w:
+                        x = sel[1, i]
+                        c = T.max(T.min(T.int64(-1) - T.Cast("int64", x), T.int64(last)),
+                                  T.int64(0))
+                        out[i] = T.if_then_else(x >= 0, x, top[c // topk, c % topk])
+
+    return draft_tokens_func.with_attr(OP_KIND, "draft_tokens").with_attr(
+        ARGS_ATTR, json.dumps({"args": [heads, topk]}))
 
 
 @T.macro
@@ -596,7 +634,8 @@ def for_gpu(func, gpu: bool = True):
     recorded = json.loads(str(attrs[ARGS_ATTR]))
     build = {"rope": rope_kv, "kv_commit": kv_commit, "qk_norm": qk_norm,
              "tree_attention": tree_attention, "stage_tree": stage_tree,
-             "stage_draft": stage_draft, "topk": topk_rows}[str(attrs[OP_KIND])]
+             "stage_draft": stage_draft, "topk": topk_rows,
+             "draft_tokens": draft_tokens}[str(attrs[OP_KIND])]
     kw = {key: recorded[key] for key in ("kv_dtype", "device_len", "window", "groups", "mapped")
           if key in recorded}
     out = build(*recorded["args"], gpu=gpu, **kw)

@@ -154,11 +154,21 @@ class Artifact:
             self._built_trees[width] = build_tree(self._rank_probs, width)
         return self._built_trees[width]
 
-    def medusa_candidates(self, hidden, root: int, topk: int) -> np.ndarray:
-        """``[K, topk]`` candidate ids of the Medusa heads, from the hidden state ``[1, E]``
-        that chose the tree's ``root`` token."""
-        root_t = _tvm.tensor(np.array([root], "int32"), self.device)
-        return self._medusa(hidden, root_t, *self.medusa_params)[1].numpy()[:, :topk]
+    def medusa_candidates(self, hidden, root: int, topk: int, row: int = 0) -> np.ndarray:
+        """``[K, topk]`` candidate ids of the Medusa heads, from row ``row`` of the hidden
+        states ``[w, E]`` (the row that chose the tree's ``root`` token)."""
+        sel = _tvm.tensor(np.array([[row], [root]], "int32"), self.device)
+        return self._medusa(hidden, sel, *self.medusa_params)[1].numpy()[:, :topk]
+
+    def draft_tree(self, hidden, row: int, nodes: np.ndarray):
+        """The next tree's tokens as a device tensor ``[W]`` (int32), drafted from row ``row``
+        of ``hidden[w, E]`` (a device tensor: the verify call's rows); ``nodes`` lists the
+        tree's nodes, root first, each a token id or ``-1 - (head * MEDUSA_TOPK + rank)``
+        for a head's candidate (:func:`medusa_node_refs`). Nothing is read back: the verify
+        call that follows takes the tensor as it is."""
+        sel = np.zeros((2, len(nodes)), "int32")
+        sel[0, 0], sel[1] = row, nodes
+        return self._medusa(hidden, _tvm.tensor(sel, self.device), *self.medusa_params)[2]
 
     def bytes_per_token(self) -> int:
         """Weight bytes one decode step reads (the tied embedding is read once, as LM head)."""
@@ -243,11 +253,14 @@ class Session:
     def verify(self, tokens, positions, mask, csr=None):
         """Run tree nodes; returns ``(greedy ids [W], hidden [W, E] tensor, logits tensor)``.
 
+        ``tokens``: the node ids, on the host or as the device tensor the draft made
+        (:meth:`Artifact.draft_tree`).
         ``mask[W, W]``: node i sees node j where non-zero (its ancestors and itself); ``csr``:
         the same tree as ``(row_ptr, col_idx)`` (:meth:`~hetcomp.speculative.tree.Tree.csr`),
         built from the mask when not given (callers that repeat a tree shape cache it)."""
         self._check_owner()
-        w = len(tokens)
+        on_device = not isinstance(tokens, (np.ndarray, list, tuple))
+        w = int(tokens.shape[0]) if on_device else len(tokens)
         if self.length + w > self.capacity:
             raise HetcompError(f"context of {self.capacity} tokens is full")
         if int(positions[0]) != self.length:  # the root sits at the cache's end
@@ -255,11 +268,19 @@ class Session:
                                f"length {self.length} (the CUDA-graph build reads the length "
                                "there)")
         fn = self.art._verify_static.get(w, self.art._verify)
-        out = fn(self._t(tokens), self._t(positions), *self._tree(mask, csr), self.k_cache,
-                 self.v_cache, _tvm.shape_tuple([self.length]), *self.art.params)
+        out = fn(tokens if on_device else self._t(tokens), self._t(positions),
+                 *self._tree(mask, csr), self.k_cache, self.v_cache,
+                 _tvm.shape_tuple([self.length]), *self.art.params)
         self.k_cache, self.v_cache = out[3], out[4]
-        self._tree_tokens = np.asarray(tokens)
-        return out[2].numpy(), out[1], out[0]
+        greedy = out[2].numpy()  # (waits for the step; the tokens are then ready too)
+        self._tree_tokens = tokens.numpy() if on_device else np.asarray(tokens)
+        return greedy, out[1], out[0]
+
+    @property
+    def tree_tokens(self) -> np.ndarray:
+        """The token ids of the last verified tree (read back after the step when the
+        tokens were drafted on the device)."""
+        return self._tree_tokens
 
     def _tree(self, mask, csr) -> tuple:
         """The device tensors of a tree's ``(mask, row_ptr, col_idx)``, made once per tree

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from .. import _tvm
+from ..artifact_format import MEDUSA_TOPK
 from ..errors import HetcompError
 from ..speculative.tree import Tree, accept_path
 
@@ -138,23 +138,25 @@ class Generation:
         if self.hidden_states is not None:
             self.hidden_states.append(hidden.numpy()[0])
         yield self._emit([nxt])
+        row = 0  # the row of `hidden` (prefill's last, then a verify call's) the draft reads
         while not self._done():
             ts = time.perf_counter()
             context = self.prompt_ids + self.ids
             chain = ngram_draft(context, self.lookup) if self.lookup else []
             shape = _step_shape(art, width, len(chain))
-            tokens = np.empty(width, "int64")
-            tokens[0] = self.ids[-1]
-            if shape.medusa_nodes:
-                cands = art.medusa_candidates(hidden, self.ids[-1], shape.topk)
-                tokens[1: 1 + shape.medusa_nodes] = cands[shape.heads, shape.ranks]
-            tokens[1 + shape.medusa_nodes:] = chain
+            nodes = np.empty(width, "int32")
+            nodes[0] = self.ids[-1]
+            nodes[1: 1 + shape.medusa_nodes] = shape.node_refs
+            nodes[1 + shape.medusa_nodes:] = chain
+            # The draft writes the tree's tokens on the device, from the hidden states still
+            # there; verify takes them as they are (one wait a step: verify's greedy ids).
+            tokens = art.draft_tree(hidden, row, nodes) if shape.medusa_nodes else nodes
             greedy, hid, _ = sess.verify(tokens, shape.depths + sess.length, shape.mask,
                                          shape.csr)
+            tokens = sess.tree_tokens
             path = accept_path(shape.tree, tokens, greedy) if width > 1 else [0]
             sess.commit(path)
-            if width > 1:
-                hidden = _tvm.tensor(hid.numpy()[path[-1]: path[-1] + 1], art.device)
+            hidden, row = hid, path[-1]
             if self.hidden_states is not None:
                 self.hidden_states.append(hid.numpy()[path[-1]])
             self.steps += 1
@@ -231,6 +233,7 @@ class _StepShape:
     heads: np.ndarray
     ranks: np.ndarray
     topk: int
+    node_refs: np.ndarray  # the Medusa nodes as the draft's references, -1 - (head * 10 + rank)
 
 
 def _step_shape(art, width: int, chain: int) -> _StepShape:
@@ -244,7 +247,8 @@ def _step_shape(art, width: int, chain: int) -> _StepShape:
         ranks = list(base.ranks) + [-1] * chain
         tree = Tree(tuple(parents), tuple(ranks), tuple(base.probs) + (0.0,) * chain)
         b_ranks = np.asarray(base.ranks[1:], dtype=np.int64)
+        heads = np.asarray(base.heads[1:], dtype=np.int64)
         cache[key] = _StepShape(tree, tree.mask(), tree.csr(), tree.depths, base.width - 1,
-                                base.heads[1:], b_ranks,
-                                int(b_ranks.max()) + 1 if len(b_ranks) else 1)
+                                heads, b_ranks, int(b_ranks.max()) + 1 if len(b_ranks) else 1,
+                                (-1 - (heads * MEDUSA_TOPK + b_ranks)).astype(np.int32))
     return cache[key]

@@ -46,13 +46,14 @@ def _cases():
     yield ("stage_tree", script_ops.stage_tree(),
            [pos, mask, np.zeros_like(pos), np.zeros_like(mask)], [2, 3])
     yield ("stage_draft", script_ops.stage_draft(300),
-           [_f32(1, 300), np.array([9], "int32"), np.zeros((1, 300), "float32"),
-            np.zeros(1, "int32")], [2, 3])
-    logits = _f32(3, 700)
-    logits[1] = np.round(logits[1])  # ties: the merge's order decides them
-    yield ("topk", script_ops.topk_rows(700, 10, 3, mapped=True),
-           [logits, rng.permutation(5000)[:700].astype("int32"), np.zeros((3, 10), "int32")],
-           [2])
+           [_f32(5, 300), np.array([[3, 0, 0], [9, 4, 2]], "int32"),
+            np.zeros((1, 300), "float32"), np.zeros(1, "int32")], [2, 3])
+    # The row, then 70 nodes (past one 64-thread stride): candidate references and ids.
+    nodes = rng.permutation(np.concatenate([-1 - rng.integers(0, 20, 40),
+                                            rng.integers(0, 1000, 30)]))
+    yield ("draft_tokens", script_ops.draft_tokens(2, 10),
+           [rng.permutation(1000)[:20].reshape(2, 10).astype("int32"),
+            np.stack([np.full(70, 1), nodes]).astype("int32"), np.zeros(70, "int32")], [2])
     for groups in (None, 1, 3):
         for n, par in ((0, [-1]), (37, parents), (73, [-1, 0, 1, 1, 0, 4, 2])):
             m, p = _tree_inputs(n, par)

@@ -76,7 +76,7 @@ def test_medusa_logits_match_numpy(tiny_speculative):
     from hetcomp import _tvm
     from hetcomp.kernels.ops import unpack_linear_weight
 
-    logits = art._medusa(hidden, _tvm.tensor(np.array([root], "int32")),
+    logits = art._medusa(hidden, _tvm.tensor(np.array([[0], [root]], "int32")),
                          *art.medusa_params)[0].numpy()
     embed = unpack_linear_weight(art.medusa_params[0].numpy())
     p = art.medusa_params[2:]  # per head: w, b, u
@@ -89,6 +89,50 @@ def test_medusa_logits_match_numpy(tiny_speculative):
     np.testing.assert_allclose(logits, expected[:, 0], rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(cands, np.argsort(-logits, axis=1)[:, :5])
     assert np.abs(heads.u).max() > 0  # the root embedding really is used
+
+
+def test_draft_reads_its_row_and_writes_the_tree_on_the_device(tiny_speculative):
+    """The draft takes a verify call's hidden rows with the row to read (no copy through the
+    host) and writes the next tree's tokens: ids where the node list gives one, head k's
+    rank-r candidate where it says ``-1 - (10 k + r)``."""
+    from hetcomp import _tvm
+    from hetcomp.testing import depths, tree_mask
+
+    art = tiny_speculative
+    sess = art.new_session()
+    sess.prefill([1, 2, 3])
+    parents = [-1, 0, 0, 1]
+    _, hid, _ = sess.verify(np.array([4, 5, 6, 7]), depths(parents) + 3, tree_mask(parents))
+    rows = hid.numpy()
+    assert np.abs(rows[0] - rows[3]).max() > 1e-3  # the rows differ: the row matters
+    for row in (0, 2, 3):
+        want = art.medusa_candidates(_tvm.tensor(rows[row: row + 1]), 17, 10)
+        np.testing.assert_array_equal(art.medusa_candidates(hid, 17, 10, row=row), want)
+        nodes = np.array([17, -1, -1 - 13, 99, -1 - 29, -1 - 20], "int32")
+        tokens = art.draft_tree(hid, row, nodes).numpy()
+        np.testing.assert_array_equal(
+            tokens, [17, want[0, 0], want[1, 3], 99, want[2, 9], want[2, 0]])
+
+
+def test_a_speculative_step_reads_back_only_its_result(tiny_speculative, monkeypatch):
+    """Between the draft and verify nothing comes back to the host: a step reads verify's
+    greedy ids and the tree's tokens (both after the step), never the candidates or the
+    hidden states."""
+    import tvm
+
+    reads = []
+    real = tvm.runtime.Tensor.numpy
+
+    def counted(self, *args, **kwargs):
+        reads.append(tuple(self.shape))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(tvm.runtime.Tensor, "numpy", counted)
+    res = generate(tiny_speculative, [5, 17, 99], max_new_tokens=24, stop_at_eos=False,
+                   width=8)
+    prefill_reads = 1  # prefill's greedy id
+    assert len(reads) == prefill_reads + 2 * res.steps, reads
+    assert all(shape == (8,) for shape in reads[prefill_reads:]), reads
 
 
 def test_width_not_compiled_is_refused(tiny_artifact):
@@ -129,7 +173,7 @@ def test_float16_draft_head(tiny_speculative, tmp_path):
 
     sess = art.new_session()
     _, hidden = sess.prefill([1, 2, 3])
-    root = _tvm.tensor(np.array([17], "int32"))
+    root = _tvm.tensor(np.array([[0], [17]], "int32"))  # row 0 of `hidden`, root token 17
     l16 = art._medusa(hidden, root, *art.medusa_params)[0].numpy()
     l32 = tiny_speculative._medusa(hidden, root, *tiny_speculative.medusa_params)[0].numpy()
     assert 0 < np.abs(l16 - l32).max() < 1e-2 * np.abs(l32).max()  # rounded, not different
@@ -254,8 +298,8 @@ def test_draft_vocabulary_in_the_compiled_draft(tiny_speculative, tmp_path, devi
     np.testing.assert_array_equal(head, full[heads.vocab].astype(np.float16))
     sess = art.new_session()
     _, hidden = sess.prefill([1, 2, 3])
-    root = _tvm.tensor(np.array([17], "int32"))
-    logits, top = (x.numpy() for x in art._medusa(hidden, root, *art.medusa_params))
+    root = _tvm.tensor(np.array([[0], [17]], "int32"))
+    logits, top, _ = (x.numpy() for x in art._medusa(hidden, root, *art.medusa_params))
     expected = heads.hidden(hidden.numpy().astype(np.float64),
                             full[[17]].astype(np.float64)) @ head.T.astype(np.float64)
     np.testing.assert_allclose(logits, expected[:, 0], rtol=1e-3, atol=1e-3)
