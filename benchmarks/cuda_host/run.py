@@ -127,13 +127,14 @@ def measure_artifact(art, prompts: list[list[int]], reference: list | None = Non
     """One artifact: greedy decoding of ``prompts`` at each width (interleaved per prompt,
     after a warm-up at each width), whether every width's ids equal sequential decoding's
     (and ``reference``'s, the first artifact's), the verify step time at ``step_widths``,
-    and per-unit and per-kernel time at ``breakdown_widths`` (a CUDA-graph artifact's graph
-    is one call there: its kernels show in the ``-nograph`` build's)."""
+    per-unit and per-kernel time at ``breakdown_widths`` (a CUDA-graph artifact's graph
+    is one call there: its kernels show in the ``-nograph`` build's), and the step split
+    into VM calls, waits and host work at W = 1 and the fastest width."""
     import numpy as np
 
     from hetcomp.runtime import generate
     from hetcomp.runtime.generate import auto_lookup
-    from hetcomp.runtime.unit_time import kernel_breakdown, step_breakdown
+    from hetcomp.runtime.unit_time import host_split, kernel_breakdown, step_breakdown
 
     r: dict = {"plan": art.manifest.get("plan"),
                "units": [u["name"] for u in art.manifest["units"]],
@@ -168,6 +169,13 @@ def measure_artifact(art, prompts: list[list[int]], reference: list | None = Non
     say(f"step ms {({w: round(1e3 * t, 3) for w, t in r['step_s'].items()})}")
     r["breakdown"] = [steps[w] for w in breakdown_widths]
     r["kernels"] = [kernel_breakdown(art, w, steps=10, cache_len=64) for w in breakdown_widths]
+    # A step's time in the VM calls, in waiting for results, and on the host, at W = 1 and
+    # the fastest width: what a GPU step's speculation gain is left after.
+    split = [1] + ([best] if best != 1 else [])
+    r["host_split"] = host_split(art, prompts[0], split, new_tokens)
+    for row in r["host_split"]:
+        say(f"W={row['width']} step {row['step_ms']} ms: VM {row['vm_ms']}, wait "
+            f"{row['wait_ms']} ({row['reads_per_step']} reads), host {row['host_ms']}")
     return r
 
 

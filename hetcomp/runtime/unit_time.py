@@ -129,3 +129,64 @@ def step_breakdown(art, width: int = 1, steps: int = 8, cache_len: int = 64) -> 
 def peak_rss_mb() -> float:
     """This process's peak resident memory so far, MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def host_split(art, prompt_ids, widths, new_tokens: int = 96) -> list[dict]:
+    """Where a decode step's time goes, per width (greedy, EOS ignored, the same prompt at
+    every width; each width's first pass is a warm-up): ``vm_ms`` inside the compiled
+    functions (on a GPU: enqueueing kernels and graphs, which run asynchronously),
+    ``wait_ms`` reading results back to the host (a GPU step's wait for the device lands
+    here), ``host_ms`` the rest (Python: the tree's inputs, acceptance, copies to the
+    device), and ``reads_per_step``. A CPU's kernels run inside the VM calls."""
+    from .generate import Generation, auto_lookup
+
+    tensor_cls = type(_tvm.tensor(np.zeros(1, "int32")))
+    real_numpy = tensor_cls.numpy
+    vm, wait, reads = [0.0], [0.0], [0]
+
+    def timed(fn):
+        def call(*args):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                vm[0] += time.perf_counter() - t0
+        return call
+
+    def counted_numpy(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return real_numpy(self, *args, **kwargs)
+        finally:
+            wait[0] += time.perf_counter() - t0
+            reads[0] += 1
+
+    saved = (dict(art._verify_static), art._verify, art._commit, art._medusa)
+    art._verify_static = {w: timed(f) for w, f in saved[0].items()}
+    art._verify, art._commit = timed(saved[1]), timed(saved[2])
+    if saved[3] is not None:
+        art._medusa = timed(saved[3])
+    tensor_cls.numpy = counted_numpy
+    rows = []
+    try:
+        for width in widths:
+            for _ in range(2):  # the second pass is kept
+                steps: list = []
+                gen = Generation(art, prompt_ids, new_tokens, False, width, steps,
+                                 auto_lookup(width))
+                next(iter(gen))  # prefill and its first token, outside the counts
+                vm[0] = wait[0] = 0.0
+                reads[0] = 0
+                res = gen.result()
+            n, total = res.steps, sum(steps)
+            rows.append({"width": width, "steps": n,
+                         "accepted_per_step": round(res.accepted_per_step, 3),
+                         "step_ms": round(1e3 * total / n, 3),
+                         "vm_ms": round(1e3 * vm[0] / n, 3),
+                         "wait_ms": round(1e3 * wait[0] / n, 3),
+                         "host_ms": round(1e3 * (total - vm[0] - wait[0]) / n, 3),
+                         "reads_per_step": round(reads[0] / n, 2)})
+    finally:
+        tensor_cls.numpy = real_numpy
+        art._verify_static, art._verify, art._commit, art._medusa = saved
+    return rows

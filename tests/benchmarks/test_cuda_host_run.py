@@ -67,3 +67,6 @@ def test_run_measures_a_bundle(tmp_path, monkeypatch):
     assert set(r["step_s"]) == {"1", "4", "16", "64"} and min(r["step_s"].values()) > 0
     assert [b["width"] for b in r["breakdown"]] == [1, 2, 8]
     assert r["speculative_speedup"]["width"] in (1, 2, 4)
+    split = {row["width"]: row for row in r["host_split"]}
+    assert set(split) == {1, r["speculative_speedup"]["width"]}
+    assert all(row["step_ms"] > 0 and row["vm_ms"] > 0 for row in split.values())
