@@ -26,6 +26,7 @@ Usage: python benchmarks/cuda_host/bundle.py DIR [--quick | --generate CORPUS [-
 from __future__ import annotations
 
 import argparse
+import glob
 import hashlib
 import json
 import os
@@ -152,8 +153,15 @@ def _gguf_parts(out: str, artifacts: list) -> None:
     with open(default_gguf_path(), "rb") as fh:
         data = fh.read()
     a = os.path.join(out, "a")
+    # An earlier bundle's parts in the same folder are stale: they would count as used room
+    # (part 0 came out nearly the whole file once) or travel as extra parts.
+    for stale in glob.glob(os.path.join(out, "[a-h]", "gguf.part*")):
+        os.remove(stale)
     budget = CALL_BYTES - _tree_bytes() - MARGIN_BYTES
     used = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(a) for f in fs)
+    if used >= budget:
+        raise SystemExit(f"{a} holds {used / 2**20:.1f} MiB, more than a call's "
+                         f"{budget / 2**20:.1f} MiB beside the tree")
     dirs, start, size = [], 0, budget - used
     while start < len(data):
         d = os.path.join(out, "abcdefgh"[len(dirs)])

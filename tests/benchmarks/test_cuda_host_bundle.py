@@ -1,0 +1,47 @@
+"""benchmarks/cuda_host/bundle.py splits the model file into parts that each fit a device
+call beside the working tree, also when the folder holds an earlier bundle."""
+
+import importlib.util
+import os
+
+import pytest
+
+_PATH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "cuda_host",
+                     "bundle.py")
+_spec = importlib.util.spec_from_file_location("cuda_host_bundle", _PATH)
+bundle_py = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bundle_py)
+
+
+def _parts(out):
+    found = sorted((int(f.removeprefix("gguf.part")), os.path.join(r, f))
+                   for r, _, fs in os.walk(out) for f in fs if f.startswith("gguf.part"))
+    return [p for _, p in found]
+
+
+def test_parts_fit_the_calls_and_replace_an_earlier_bundle(tmp_path, monkeypatch):
+    import hetcomp.frontend
+
+    gguf = tmp_path / "m.gguf"
+    data = os.urandom(10_000)
+    gguf.write_bytes(data)
+    monkeypatch.setattr(hetcomp.frontend, "default_gguf_path", lambda: str(gguf))
+    monkeypatch.setattr(bundle_py, "CALL_BYTES", 4_000)
+    monkeypatch.setattr(bundle_py, "MARGIN_BYTES", 200)  # room for bundle.json
+    monkeypatch.setattr(bundle_py, "_tree_bytes", lambda: 500)
+    out = tmp_path / "dev"
+    (out / "a").mkdir(parents=True)
+    (out / "a" / "payload.tar.xz").write_bytes(b"x" * 1_000)  # the runtime and artifacts
+    for stale in ("a/gguf.part0", "b/gguf.part1", "e/gguf.part4"):  # an earlier bundle
+        (out / stale).parent.mkdir(exist_ok=True)
+        (out / stale).write_bytes(b"s" * 3_000)
+    bundle_py._gguf_parts(str(out), ["gpu"])
+    parts = _parts(out)
+    assert b"".join(open(p, "rb").read() for p in parts) == data
+    assert [os.path.basename(os.path.dirname(p)) for p in parts] == ["a", "b", "c", "d"]
+    for d in ("a", "b", "c", "d"):  # each folder within a call beside the tree: 3500 bytes
+        assert sum(f.stat().st_size for f in (out / d).iterdir()) <= 3_500
+    # A first call that cannot hold even the runtime is refused, not split into nonsense.
+    (out / "a" / "payload.tar.xz").write_bytes(b"x" * 4_000)
+    with pytest.raises(SystemExit, match="more than a call"):
+        bundle_py._gguf_parts(str(out), ["gpu"])
