@@ -201,7 +201,9 @@ GEMV_ROTATE_BYTES = 256 << 20
 
 
 def gemv(kit: str, out: str, dry: bool = False) -> dict:
-    """Time each kernel of a gemv kit (``benchmarks/gemv_kernels.py build``): ``hot_us``,
+    """Time each kernel of a gemv kit (``benchmarks/gemv_kernels.py build``), after checking
+    its output (``max_rel_err``, ``correct``: against numpy for float weights, against the
+    first variant of its shape for random quantized blocks): ``hot_us``,
     the median of TVM's device timer over back-to-back calls on one weight (L2-resident but
     for the LM head), and ``cold_us``, calls each on the next of enough weight copies to
     stream from DRAM, timed from Python (so bounded below by the launch cost, a few us).
@@ -231,7 +233,7 @@ def gemv(kit: str, out: str, dry: bool = False) -> dict:
         from hetcomp import _tvm
         dev = _tvm.device("cuda")
         lib = _tvm.load_module(os.path.join(kit, "lib.so"))
-    results, copies, group = [], [], None
+    results, copies, group, first_output = [], [], None, {}
     # Records sorted so that those sharing a weight (shape, dtype) share its copies.
     recs = sorted(meta["kernels"], key=lambda r: (r["dtype"], r["weight_shape"], r["w"]))
     for rec in recs:
@@ -250,13 +252,28 @@ def gemv(kit: str, out: str, dry: bool = False) -> dict:
                 copies.append(_tvm.runtime.empty(host.shape, host.dtype, dev))
                 copies[0].copyto(copies[-1])
         w, n, k = rec["w"], rec["n"], rec["k"]
-        x = _tvm.tensor(rng.standard_normal((w, k)).astype("float32"), dev)
-        extra = ([_tvm.tensor(rng.standard_normal((w, n)).astype("float32"), dev)]
-                 if rec["residual"] else [])
+        # The same inputs for every variant of a shape: their outputs are compared.
+        inputs = np.random.default_rng(n * 1_000_003 + k * 1009 + w)
+        x_np = inputs.standard_normal((w, k)).astype("float32")
+        res_np = inputs.standard_normal((w, n)).astype("float32") if rec["residual"] else None
+        x = _tvm.tensor(x_np, dev)
+        extra = [_tvm.tensor(res_np, dev)] if res_np is not None else []
         y = _tvm.tensor(np.zeros((w, n), "float32"), dev)
         r = {k2: rec[k2] for k2 in ("name", "kind", "n", "k", "w", "dtype", "variant", "rule")}
+        # Float weights: numpy's product. Random quantized blocks (their scales may be any
+        # half, NaN included): the first variant of the same shape, NaN where it has NaN.
+        ref = None if wdtype == "uint8" else _linear_reference(host, x_np, res_np)
         if not dry:
             f = lib[rec["name"]]
+            f(x, copies[0], *extra, y)
+            got = y.numpy()
+            if ref is None:
+                ref = first_output.setdefault((rec["dtype"], rec["kind"], w), got)
+            scale = float(np.nanmax(np.abs(ref))) or 1.0
+            diff = np.abs(got - ref)
+            diff[np.isnan(got) & np.isnan(ref)] = 0
+            r["max_rel_err"] = float(np.max(diff)) / scale if diff.size else 0.0
+            r["correct"] = bool(r["max_rel_err"] < 1e-3)
             timer = lib.time_evaluator(rec["name"], dev, number=1, repeat=3, min_repeat_ms=10)
             r["hot_us"] = float(np.median(timer(x, copies[0], *extra, y).results)) * 1e6
             best = float("inf")
@@ -268,7 +285,10 @@ def gemv(kit: str, out: str, dry: bool = False) -> dict:
                 dev.sync()
                 best = min(best, (time.perf_counter() - t0) / len(copies))
             r["cold_us"] = best * 1e6
-            say(f"gemv {r['name']}: hot {r['hot_us']:.2f} us, cold {r['cold_us']:.2f} us")
+            say(f"gemv {r['name']}: hot {r['hot_us']:.2f} us, cold {r['cold_us']:.2f} us, "
+                f"rel err {r['max_rel_err']:.1e}")
+        elif ref is not None:
+            assert ref.shape == (w, n), (rec["name"], ref.shape)
         results.append(r)
     summary = {"arch": meta["arch"], "dry": dry, "kernels": results,
                "attention": _attention(meta, lib, dev, dry), "topk": _topk(meta, lib, dev, dry)}
@@ -277,6 +297,18 @@ def gemv(kit: str, out: str, dry: bool = False) -> dict:
     with open(os.path.join(out, "gemv.json"), "w") as fh:
         json.dump(summary, fh, indent=1)
     return summary
+
+
+def _linear_reference(weight, x, residual):
+    """``x @ W.T (+ residual)`` in float64 from a kit weight: packed ``[N / B, K, B]`` (our
+    kernels) or ``[N, K]`` (dlight's layout)."""
+    import numpy as np
+
+    wt = weight.astype(np.float64)
+    if wt.ndim == 3:
+        wt = wt.transpose(0, 2, 1).reshape(-1, wt.shape[1])
+    out = x.astype(np.float64) @ wt.T
+    return out + residual if residual is not None else out
 
 
 def _attention(meta: dict, lib, dev, dry: bool) -> list[dict]:

@@ -3,6 +3,7 @@ call beside the working tree, also when the folder holds an earlier bundle."""
 
 import importlib.util
 import os
+import pathlib
 
 import pytest
 
@@ -37,7 +38,7 @@ def test_parts_fit_the_calls_and_replace_an_earlier_bundle(tmp_path, monkeypatch
         (out / stale).write_bytes(b"s" * 3_000)
     bundle_py._gguf_parts(str(out), ["gpu"])
     parts = _parts(out)
-    assert b"".join(open(p, "rb").read() for p in parts) == data
+    assert b"".join(pathlib.Path(p).read_bytes() for p in parts) == data
     assert [os.path.basename(os.path.dirname(p)) for p in parts] == ["a", "b", "c", "d"]
     for d in ("a", "b", "c", "d"):  # each folder within a call beside the tree: 3500 bytes
         assert sum(f.stat().st_size for f in (out / d).iterdir()) <= 3_500

@@ -70,3 +70,24 @@ def test_run_measures_a_bundle(tmp_path, monkeypatch):
     split = {row["width"]: row for row in r["host_split"]}
     assert set(split) == {1, r["speculative_speedup"]["width"]}
     assert all(row["step_ms"] > 0 and row["vm_ms"] > 0 for row in split.values())
+
+
+def test_gemv_reference_reads_both_weight_layouts():
+    """The kit checks each GPU linear against ``_linear_reference``: it must read our packed
+    weight and dlight's ``[N, K]`` one as the kernels do (here: the CPU kernel of ours)."""
+    from hetcomp import _tvm
+    from hetcomp.kernels import ops
+    from hetcomp.testing.gpu import kernel_library
+
+    n, k, w = 64, 48, 3
+    rng = np.random.default_rng(4)
+    dense = rng.standard_normal((n, k)).astype("float16")
+    x = rng.standard_normal((w, k)).astype("float32")
+    res = rng.standard_normal((w, n)).astype("float32")
+    packed = ops.pack_linear_weight(dense.astype("float32"), "float16")
+    lib = kernel_library(ops.linear(n, k, "float16", True, rows=w), "host")
+    y = _tvm.tensor(np.zeros((w, n), "float32"))
+    lib["main"](_tvm.tensor(x), _tvm.tensor(packed), _tvm.tensor(res), y)
+    for weight in (packed, dense):
+        np.testing.assert_allclose(run_py._linear_reference(weight, x, res), y.numpy(),
+                                   rtol=1e-5, atol=1e-5)
