@@ -314,7 +314,8 @@ def _linear_reference(weight, x, residual):
 def _attention(meta: dict, lib, dev, dry: bool) -> list[dict]:
     """Time the kit's ``tree_attention`` variants (device timer, back to back: the layer's
     cache is L2-resident, as in a step) at W = 1, 4, 16, 64 over ``attention_cache``
-    committed keys, each tree a chain (every row sees all keys: the most work)."""
+    committed keys, each tree a chain (every row sees all keys: the most work), after
+    checking each output against numpy (``max_rel_err``, ``correct``)."""
     import numpy as np
 
     from hetcomp import _tvm
@@ -323,21 +324,47 @@ def _attention(meta: dict, lib, dev, dry: bool) -> list[dict]:
     out = []
     for rec in meta.get("attention", []):
         hq, g, d, nl, ctx = rec["args"]
-        kc = _tvm.tensor(rng.standard_normal((nl, g, d, ctx)).astype(rec["kv_dtype"]), dev)
-        vc = _tvm.tensor(rng.standard_normal((nl, g, ctx, d)).astype(rec["kv_dtype"]), dev)
+        kc_np = rng.standard_normal((nl, g, d, ctx)).astype(rec["kv_dtype"])
+        vc_np = rng.standard_normal((nl, g, ctx, d)).astype(rec["kv_dtype"])
+        kc, vc = _tvm.tensor(kc_np, dev), _tvm.tensor(vc_np, dev)
         for w in STEP_WIDTHS:
             for n in meta["attention_cache"]:
-                q = _tvm.tensor(rng.standard_normal((hq, w, d)).astype("float32"), dev)
+                q_np = rng.standard_normal((hq, w, d)).astype("float32")
+                q = _tvm.tensor(q_np, dev)
                 mask = _tvm.tensor(np.tril(np.ones((w, w), "int32")), dev)
                 pos = _tvm.tensor(np.arange(n, n + w, dtype="int32"), dev)
                 o = _tvm.tensor(np.zeros((w, hq, d), "float32"), dev)
                 r = {"name": rec["name"], "groups": rec["groups"], "w": w, "cache": n}
+                ref = _chain_attention(q_np, kc_np[1], vc_np[1], n)
                 if not dry:
+                    lib[rec["name"]](q, kc, vc, mask, pos, 1, o)
+                    r["max_rel_err"] = float(np.abs(o.numpy() - ref).max() / np.abs(ref).max())
+                    r["correct"] = bool(r["max_rel_err"] < 1e-3)
                     timer = lib.time_evaluator(rec["name"], dev, number=10, repeat=3,
                                                min_repeat_ms=10)
                     r["us"] = float(np.median(timer(q, kc, vc, mask, pos, 1, o).results)) * 1e6
-                    say(f"attention {rec['name']} W={w} cache={n}: {r['us']:.2f} us")
+                    say(f"attention {rec['name']} W={w} cache={n}: {r['us']:.2f} us, "
+                        f"rel err {r['max_rel_err']:.1e}")
                 out.append(r)
+    return out
+
+
+def _chain_attention(q, k_layer, v_layer, n: int):
+    """numpy ``[w, H, D]`` attention of chain-tree rows: row i (at position n + i) sees keys
+    ``0 .. n + i`` of one layer's caches ``k[G, D, C]``, ``v[G, C, D]`` (head h reads group
+    h // (H / G)), float64."""
+    import numpy as np
+
+    hq, w, d = q.shape
+    rep = hq // k_layer.shape[0]
+    out = np.zeros((w, hq, d))
+    for h in range(hq):
+        keys = k_layer[h // rep, :, : n + w].astype(np.float64)  # [D, n + w]
+        vals = v_layer[h // rep, : n + w].astype(np.float64)  # [n + w, D]
+        s = q[h].astype(np.float64) @ keys / np.sqrt(d)  # [w, n + w]
+        s[np.arange(n + w)[None, :] > (n + np.arange(w))[:, None]] = -np.inf
+        p = np.exp(s - s.max(axis=1, keepdims=True))
+        out[:, h] = (p / p.sum(axis=1, keepdims=True)) @ vals
     return out
 
 

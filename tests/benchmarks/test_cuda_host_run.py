@@ -91,3 +91,26 @@ def test_gemv_reference_reads_both_weight_layouts():
     for weight in (packed, dense):
         np.testing.assert_allclose(run_py._linear_reference(weight, x, res), y.numpy(),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_chain_attention_reference_matches_the_tree_attention_kernel():
+    """The kit checks the GPU tree_attention against ``_chain_attention``: here against the
+    kernel's CPU form, chain trees past a committed prefix."""
+    from hetcomp import _tvm
+    from hetcomp.kernels import script_ops
+    from hetcomp.testing.gpu import kernel_library
+
+    hq, g, d, nl, ctx = 4, 2, 16, 2, 96
+    rng = np.random.default_rng(5)
+    kc = rng.standard_normal((nl, g, d, ctx)).astype("float16")
+    vc = rng.standard_normal((nl, g, ctx, d)).astype("float16")
+    lib = kernel_library(script_ops.tree_attention(hq, g, d, nl, ctx, kv_dtype="float16"),
+                         "host")
+    for w, n in ((1, 0), (5, 37), (8, 80)):
+        q = rng.standard_normal((hq, w, d)).astype("float32")
+        o = _tvm.tensor(np.zeros((w, hq, d), "float32"))
+        lib["main"](_tvm.tensor(q), _tvm.tensor(kc), _tvm.tensor(vc),
+                    _tvm.tensor(np.tril(np.ones((w, w), "int32"))),
+                    _tvm.tensor(np.arange(n, n + w, dtype="int32")), 1, o)
+        np.testing.assert_allclose(o.numpy(), run_py._chain_attention(q, kc[1], vc[1], n),
+                                   rtol=1e-4, atol=1e-5)
