@@ -413,13 +413,16 @@ def draft_step(shape: ModelShape, draft: DraftShape) -> list[StepOp]:
     """
     k = draft.heads
     vocab = draft.vocab or shape.vocab
-    ops = [StepOp("medusa", linear_features(shape, "medusa", 1,
-                                            weight_bytes=draft.weight_bytes),
-                  k * (2 if draft.root else 1))]
+    head = linear_features(shape, "medusa", 1, weight_bytes=draft.weight_bytes)
+    # The heads stacked into one linear of K * E columns (one more for the root's term):
+    # K times the weights, flops and outputs, the input row read once.
+    stacked = dataclasses.replace(head, n=k * head.n, flops=k * head.flops,
+                                  bytes=k * (head.bytes - _F32 * head.k) + _F32 * head.k)
+    ops = [StepOp("medusa", stacked, 2 if draft.root else 1)]
     if draft.root:
         ops.append(StepOp("medusa_embed", embed_features(shape, 1), 1))
     return ops + [
-        StepOp("medusa_act", medusa_act_features(shape, 1), k),
+        StepOp("medusa_act", medusa_act_features(shape, k), 1),
         # A quantized model's draft reads its LM head in the model's q8_0 blocks.
         StepOp("medusa_lm_head", linear_features(
             shape, "lm_head", k, vocab / shape.vocab,

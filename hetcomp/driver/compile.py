@@ -228,13 +228,12 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
     speculative = None
     if heads is not None:
         mparams = []
-        for k in range(heads.num_heads):
-            for field in ("w", "b", "u") if root else ("w", "b"):
-                name = f"medusa.{k}.{field}"
-                recipes[name] = {"heads": field, "index": k}
-                if field != "b":
-                    recipes[name]["dtype"] = draft_dtype
-                mparams.append(name)
+        for field in ("w", "b", "u") if root else ("w", "b"):  # the heads stacked
+            name = f"medusa.{field}"
+            recipes[name] = {"heads": field, "stacked": True}
+            if field != "b":
+                recipes[name]["dtype"] = draft_dtype
+            mparams.append(name)
         assert mparams == [n for n, _, _ in medusa_param_specs(cfg, heads.num_heads, draft_dtype,
                                                                 root)]
         head = "embed" if cfg.tie_embeddings else "lm_head"

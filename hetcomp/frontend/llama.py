@@ -226,22 +226,21 @@ def _forward(bb, kern: _Kernels, cfg: LlamaConfig, inputs, params: dict, last_on
 
 
 def medusa_param_specs(cfg: LlamaConfig, num_heads: int, wdtype: str, root: bool = False):
-    """Per head: ``w`` (packed), ``b`` and, for root-conditioned heads, ``u`` (packed);
-    ``wdtype`` is the draft's weight dtype."""
+    """The heads stacked: ``medusa.w`` (packed, ``K * E`` output columns: head k's are
+    ``k * E .. (k + 1) * E``), ``medusa.b`` ``[K, E]`` and, for root-conditioned heads,
+    ``medusa.u`` (packed like ``w``); ``wdtype`` is the draft's weight dtype. One linear
+    then computes every head (one launch, not one per head)."""
     e = cfg.hidden_size
-    specs = []
-    for k in range(num_heads):
-        specs += [(f"medusa.{k}.w", ops.packed_shape(e, e), wdtype),
-                  (f"medusa.{k}.b", (e,), "float32")]
-        if root:
-            specs.append((f"medusa.{k}.u", ops.packed_shape(e, e), wdtype))
+    specs = [("medusa.w", ops.packed_shape(num_heads * e, e), wdtype),
+             ("medusa.b", (num_heads, e), "float32")]
+    if root:
+        specs.append(("medusa.u", ops.packed_shape(num_heads * e, e), wdtype))
     return specs
-
 
 
 def _add_medusa(bb, kern: _Kernels, cfg: LlamaConfig, num_heads: int, wdtype: str, root: bool,
                 draft_dtype: str | None = None, draft_vocab: int = 0):
-    """``medusa(hidden[w, E], sel[2, W], embed, lm_head, w_0, b_0, [u_0], ..., [vocab])``
+    """``medusa(hidden[w, E], sel[2, W], embed, lm_head, w, b, [u], [vocab])``
     ``-> (logits[K, V], top-10 ids[K, 10], tokens[W])``.
 
     ``hidden``: the hidden states of a verify call's rows (or prefill's last row); ``sel``
@@ -255,7 +254,8 @@ def _add_medusa(bb, kern: _Kernels, cfg: LlamaConfig, num_heads: int, wdtype: st
     heads of the build for CUDA graphs (``kern.device_len``) read buffers of their own and
     replay as one graph.
 
-    Head k: ``h + SiLU(W_k h + U_k e + b_k)`` into the LM head, ``e`` the root token's
+    Head k: ``h + SiLU(W_k h + U_k e + b_k)`` into the LM head (the heads' weights stacked,
+    :func:`medusa_param_specs`), ``e`` the root token's
     embedding (root-conditioned heads only; ``root`` is ignored otherwise). ``draft_dtype``:
     the dtype of the draft's weights, ``W_k``, ``U_k`` and its LM head (float16 halves the
     bytes the draft reads every step; drafts only propose, so verification stays exact).
@@ -280,12 +280,12 @@ def _add_medusa(bb, kern: _Kernels, cfg: LlamaConfig, num_heads: int, wdtype: st
     specs = medusa_param_specs(cfg, num_heads, draft_dtype, root)
     pvars = {n: relax.Var(n.replace(".", "_"), tt(sh, d)) for n, sh, d in specs}
     vocab = [relax.Var("vocab", tt((vd,), "int32"))] if draft_vocab else []
-    act_gv = kern.get("medusa_act", ops.medusa_act, e, rows=1)
+    act_gv = kern.get("medusa_act", ops.medusa_act, e, num_heads, sized=False)
     with bb.function("medusa", [hidden_rows, sel, embed, lm_head, *pvars.values(), *vocab],
                      attrs={"num_input": 2}):
         with bb.dataflow():
             # A copy at a fixed address (the call's own tensors move): in the CUDA-graph
-            # build the heads, their activation and the stacking replay as one graph.
+            # build the heads and their activation replay as one graph.
             staged = bb.emit(relax.call_tir(
                 kern.get("stage_draft", script_ops.stage_draft, e, sized=False),
                 [hidden_rows, sel], [tt((1, e), "float32"), tt((1,), "int32")]))
@@ -295,17 +295,16 @@ def _add_medusa(bb, kern: _Kernels, cfg: LlamaConfig, num_heads: int, wdtype: st
             if root:
                 emb = bb.emit(relax.call_tir(kern.embed(rows=1), [root_tok, embed],
                                              tt((1, e), "float32")))
-            outs = []
-            for k in range(num_heads):
-                z = bb.emit(relax.call_tir(kern.linear(e, e, False, 1, draft_dtype),
-                                           [hidden, pvars[f"medusa.{k}.w"]], tt((1, e), "float32")))
-                if root:
-                    z = bb.emit(relax.call_tir(kern.linear(e, e, True, 1, draft_dtype),
-                                               [emb, pvars[f"medusa.{k}.u"], z],
-                                               tt((1, e), "float32")))
-                outs.append(bb.emit(relax.call_tir(act_gv, [hidden, z, pvars[f"medusa.{k}.b"]],
-                                                   tt((1, e), "float32"))))
-            stacked = bb.emit(relax.op.concat(outs, axis=0))
+            # Every head in one linear (their weights stacked by output column), the root's
+            # term in a second, then the activation writes the heads' rows [K, E].
+            ke = num_heads * e
+            z = bb.emit(relax.call_tir(kern.linear(ke, e, False, 1, draft_dtype),
+                                       [hidden, pvars["medusa.w"]], tt((1, ke), "float32")))
+            if root:
+                z = bb.emit(relax.call_tir(kern.linear(ke, e, True, 1, draft_dtype),
+                                           [emb, pvars["medusa.u"], z], tt((1, ke), "float32")))
+            stacked = bb.emit(relax.call_tir(act_gv, [hidden, z, pvars["medusa.b"]],
+                                             tt((num_heads, e), "float32")))
             head_gv = kern.linear(vd, e, False, num_heads, head_fmt)
             logits = bb.emit(relax.call_tir(head_gv, [stacked, lm_head],
                                             tt((num_heads, vd), "float32")))

@@ -168,8 +168,9 @@ def pack_weight(m, dtype: str) -> np.ndarray:
 def param_from_recipe(recipe: dict, packed: dict[str, np.ndarray], heads, wdtype: str
                       ) -> np.ndarray:
     """One artifact parameter from its recipe (``manifest["param_recipes"]``): a packed weight,
-    optionally a range of its column blocks (a partitioned layer's slice), or one Medusa head's
-    field (``heads``: a :class:`~hetcomp.speculative.medusa.MedusaHeads`); ``dtype``: a copy in
+    optionally a range of its column blocks (a partitioned layer's slice), or a field of the
+    Medusa heads, stacked (``heads``: a :class:`~hetcomp.speculative.medusa.MedusaHeads`;
+    ``w`` and ``u`` as one ``[K * E, E]`` linear, ``b`` as ``[K, E]``); ``dtype``: a copy in
     that dtype (the draft's float16 weights); ``rows``: only the output columns the heads'
     draft vocabulary names (the draft's pruned LM head)."""
     if "weight" in recipe:
@@ -186,12 +187,13 @@ def param_from_recipe(recipe: dict, packed: dict[str, np.ndarray], heads, wdtype
             arr = (pack_weight(unpack_weight(arr), recipe["dtype"]) if arr.dtype == np.uint8
                    else arr.astype(recipe["dtype"]))
         return arr
-    if "index" not in recipe:  # a whole field (the draft vocabulary)
+    if not recipe.get("stacked"):  # a whole field (the draft vocabulary)
         return np.asarray(getattr(heads, recipe["heads"]), dtype=np.int32)
-    arr = getattr(heads, recipe["heads"])[recipe["index"]]
+    arr = getattr(heads, recipe["heads"])  # [K, E, E] (w, u) or [K, E] (b)
     if recipe["heads"] == "b":
         return arr.astype("float32")
-    return pack_weight(arr, recipe.get("dtype", wdtype))
+    # Every head's [E, E] stacked by output column: one [K * E, E] linear.
+    return pack_weight(arr.reshape(-1, arr.shape[-1]), recipe.get("dtype", wdtype))
 
 
 def random_weights(cfg: LlamaConfig, seed: int = 0, scale: float = 0.08) -> dict[str, np.ndarray]:

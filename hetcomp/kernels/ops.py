@@ -390,19 +390,21 @@ def attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, con
                    part="dense", **win)
 
 
-def medusa_act(hidden: int, rows: int | None = None):
-    """``h + SiLU(z + b)``: the residual SiLU block of a Medusa head."""
+def medusa_act(hidden: int, heads: int):
+    """``y[k] = h + SiLU(z[k] + b[k])``: the residual SiLU block of every Medusa head, from
+    ``h[1, E]``, the stacked linear's ``z[1, K * E]`` (head k's columns ``k * E ..``) and
+    ``b[K, E]``, into the heads' rows ``y[K, E]``."""
     c = compiler()
     te, tir = c.te, c.tir
-    w = _rows(rows)
-    h = te.placeholder((w, hidden), "float32", name="h")
-    z = te.placeholder((w, hidden), "float32", name="z")
-    b = te.placeholder((hidden,), "float32", name="bias")
-    y = te.compute(
-        (w, hidden),
-        lambda i, e: h[i, e] + (z[i, e] + b[e]) / (
-            tir.const(1.0, "float32") + fast_exp(-(z[i, e] + b[e]))),
-        name="medusa_act")
+    h = te.placeholder((1, hidden), "float32", name="h")
+    z = te.placeholder((1, heads * hidden), "float32", name="z")
+    b = te.placeholder((heads, hidden), "float32", name="bias")
+
+    def act(k, e):
+        x = z[0, k * hidden + e] + b[k, e]
+        return h[0, e] + x / (tir.const(1.0, "float32") + fast_exp(-x))
+
+    y = te.compute((heads, hidden), act, name="medusa_act")
     return _finish(te.create_prim_func([h, z, b, y], index_dtype_override="int64"),
                    "elementwise")
 

@@ -340,14 +340,19 @@ def test_plan_with_trees_and_draft_cost(tmp_path):
 
 
 def test_draft_step_matches_compiled_draft():
-    """The draft's kernels as ``llama._add_medusa`` emits them: a pruned float16 LM head
-    reads Vd x E x 2 bytes for K rows; root conditioning adds a linear per head."""
+    """The draft's kernels as ``llama._add_medusa`` emits them: the heads stacked into one
+    linear of K x E columns, a pruned float16 LM head reads Vd x E x 2 bytes for K rows;
+    root conditioning adds a second stacked linear."""
     full = {op.name: op for op in draft_step(SHAPE, DraftShape(3))}
-    assert full["medusa"].count == 3 and "medusa_embed" not in full
+    assert full["medusa"].count == 1 and "medusa_embed" not in full
+    heads = full["medusa"].features
+    assert (heads.n, heads.k) == (3 * SHAPE.hidden, SHAPE.hidden)
+    assert heads.bytes == 3 * SHAPE.hidden ** 2 * SHAPE.weight_bytes + 4 * 4 * SHAPE.hidden
+    assert full["medusa_act"].count == 1 and full["medusa_act"].features.w == 3
     assert full["medusa_lm_head"].features.n == SHAPE.vocab
     assert full["medusa_lm_head"].features.w == 3
     pruned = {op.name: op for op in draft_step(SHAPE, DraftShape(3, 256, 2, root=True))}
-    assert pruned["medusa"].count == 6 and pruned["medusa_embed"].count == 1
+    assert pruned["medusa"].count == 2 and pruned["medusa_embed"].count == 1
     head = pruned["medusa_lm_head"].features
     assert head.n == 256 and head.r == pytest.approx(0.25)
     assert head.bytes == 256 * SHAPE.hidden * 2 + 4 * 3 * (SHAPE.hidden + 256)

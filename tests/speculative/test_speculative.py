@@ -79,11 +79,12 @@ def test_medusa_logits_match_numpy(tiny_speculative):
     logits = art._medusa(hidden, _tvm.tensor(np.array([[0], [root]], "int32")),
                          *art.medusa_params)[0].numpy()
     embed = unpack_linear_weight(art.medusa_params[0].numpy())
-    p = art.medusa_params[2:]  # per head: w, b, u
-    ws = [unpack_linear_weight(x.numpy()) for x in p[0::3]]
-    bs = [x.numpy() for x in p[1::3]]
-    us = [unpack_linear_weight(x.numpy()) for x in p[2::3]]
-    heads = MedusaHeads(np.stack(ws), np.stack(bs), np.zeros((3, 10)), {}, None, np.stack(us))
+    w, b, u = art.medusa_params[2:]  # the heads stacked: [K * E, E] linears, b [K, E]
+    e = TINY.hidden_size
+    assert art.manifest["functions"]["medusa"][2:] == ["medusa.w", "medusa.b", "medusa.u"]
+    heads = MedusaHeads(unpack_linear_weight(w.numpy()).reshape(3, e, e), b.numpy(),
+                        np.zeros((3, 10)), {}, None,
+                        unpack_linear_weight(u.numpy()).reshape(3, e, e))
     expected = heads.hidden(hidden.numpy().astype(np.float64),
                             embed[[root]].astype(np.float64)) @ embed.T.astype(np.float64)
     np.testing.assert_allclose(logits, expected[:, 0], rtol=1e-4, atol=1e-4)
