@@ -157,18 +157,22 @@ class Artifact:
     def medusa_candidates(self, hidden, root: int, topk: int, row: int = 0) -> np.ndarray:
         """``[K, topk]`` candidate ids of the Medusa heads, from row ``row`` of the hidden
         states ``[w, E]`` (the row that chose the tree's ``root`` token)."""
-        sel = _tvm.tensor(np.array([[row], [root]], "int32"), self.device)
-        return self._medusa(hidden, sel, *self.medusa_params)[1].numpy()[:, :topk]
+        return self._draft(hidden, row, [root])[1].numpy()[:, :topk]
 
-    def draft_tree(self, hidden, row: int, nodes: np.ndarray):
+    def draft_tree(self, hidden, row: int, nodes):
         """The next tree's tokens as a device tensor ``[W]`` (int32), drafted from row ``row``
         of ``hidden[w, E]`` (a device tensor: the verify call's rows); ``nodes`` lists the
         tree's nodes, root first, each a token id or ``-1 - (head * MEDUSA_TOPK + rank)``
-        for a head's candidate (:func:`medusa_node_refs`). Nothing is read back: the verify
-        call that follows takes the tensor as it is."""
+        for a head's candidate (``generate._step_shape`` makes them from the tree). Nothing
+        is read back: the verify call that follows takes the tensor as it is."""
+        return self._draft(hidden, row, nodes)[2]
+
+    def _draft(self, hidden, row: int, nodes):
+        """The ``medusa`` call's outputs ``(logits, top, tokens)`` for ``sel = [[row, 0..],
+        nodes]``."""
         sel = np.zeros((2, len(nodes)), "int32")
         sel[0, 0], sel[1] = row, nodes
-        return self._medusa(hidden, _tvm.tensor(sel, self.device), *self.medusa_params)[2]
+        return self._medusa(hidden, _tvm.tensor(sel, self.device), *self.medusa_params)
 
     def bytes_per_token(self) -> int:
         """Weight bytes one decode step reads (the tied embedding is read once, as LM head)."""

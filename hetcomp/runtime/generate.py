@@ -230,9 +230,6 @@ class _StepShape:
     csr: tuple[np.ndarray, np.ndarray]  # the mask as (row_ptr, col_idx), verify's sparse part
     depths: np.ndarray
     medusa_nodes: int
-    heads: np.ndarray
-    ranks: np.ndarray
-    topk: int
     node_refs: np.ndarray  # the Medusa nodes as the draft's references, -1 - (head * 10 + rank)
 
 
@@ -249,6 +246,5 @@ def _step_shape(art, width: int, chain: int) -> _StepShape:
         b_ranks = np.asarray(base.ranks[1:], dtype=np.int64)
         heads = np.asarray(base.heads[1:], dtype=np.int64)
         cache[key] = _StepShape(tree, tree.mask(), tree.csr(), tree.depths, base.width - 1,
-                                heads, b_ranks, int(b_ranks.max()) + 1 if len(b_ranks) else 1,
                                 (-1 - (heads * MEDUSA_TOPK + b_ranks)).astype(np.int32))
     return cache[key]
