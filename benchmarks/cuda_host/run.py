@@ -301,7 +301,9 @@ def gemv(kit: str, out: str, dry: bool = False) -> dict:
 
 def _linear_reference(weight, x, residual):
     """``x @ W.T (+ residual)`` in float64 from a kit weight: packed ``[N / B, K, B]`` (our
-    kernels) or ``[N, K]`` (dlight's layout)."""
+    kernels; unpacked as ``hetcomp.kernels.ops.unpack_linear_weight`` does, in numpy here so
+    that the GPU host's run imports nothing of the compiler's side) or ``[N, K]`` (dlight's
+    layout)."""
     import numpy as np
 
     wt = weight.astype(np.float64)
