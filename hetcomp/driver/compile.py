@@ -459,8 +459,8 @@ def _cost_models(opts: CompileOptions, cfg, width: int, heads=None) -> dict | No
             models[u], source[u] = UnitCostModel.load(path), f"fitted ({path})"
         elif u in SPECS:
             models[u], source[u] = RooflineCost(SPECS[u]), f"roofline of {u}'s datasheet"
-        elif opts.plan is None and target_roofline(opts.target, opts.cuda_arch) is not None:
-            spec = target_roofline(opts.target, opts.cuda_arch)
+        elif opts.plan is None and (
+                spec := target_roofline(opts.target, opts.cuda_arch)) is not None:
             models[u], source[u] = RooflineCost(spec), f"roofline ({spec.notes})"
     if not models:
         return None
