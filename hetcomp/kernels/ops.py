@@ -92,26 +92,85 @@ def _rows(rows: int | None):
     return _sym("w") if rows is None else compiler().tir.IntImm("int64", rows)
 
 
-def linear(n: int, k: int, wdtype: str, residual: bool = False, rows: int | None = None):
-    """``y[w, n] = x[w, k] @ W.T (+ r[w, n])`` with W packed ``[n // B, k, B]``."""
+def linear(n: int, k: int, wdtype: str, residual: bool = False, rows: int | None = None,
+           norm_eps: float | None = None, activation: str | None = None):
+    """``y[w, n] = x[w, k] @ W.T (+ r[w, n])`` with W packed ``[n // B, k, B]``.
+
+    The fused forms (:class:`~hetcomp.passes.fuse_linear_chains.FuseLinearChains`) take the
+    elementwise kernels around a linear into it, one launch instead of two or three:
+
+    - ``norm_eps``: x is RMS-normed first, with ``gamma[k]`` the argument after x. The kernel
+      reduces ``(x * gamma) @ W.T`` and the row's sum of squares (block ``sumsq``) and scales
+      afterwards: ``y = rsqrt(sumsq / k + eps) * ((x * gamma) @ W.T)``, so no normed copy of x
+      is ever written. The same arithmetic as :func:`rms_norm` then :func:`linear` up to
+      rounding (the scale moves past the sum).
+    - ``activation`` (a key of :data:`ACTIVATIONS`): the ``n`` weight columns are
+      ``[gate | up]`` and the kernel writes ``act(gate) * up``, ``[w, n / 2]``. ``matmul`` is
+      ``[w, 2, n / 2]`` (half 0 the gate), so one thread can hold both halves of a column.
+
+    A fused kernel writes its result in the block ``epilogue`` and takes no residual.
+    """
     c = compiler()
-    te, b = c.te, pack_block(n)
+    te, tir, b = c.te, c.tir, pack_block(n)
     w = _rows(rows)
+    fused = norm_eps is not None or activation is not None
+    if fused and residual:
+        raise ValueError("a fused linear takes no residual")
     x = te.placeholder((w, k), "float32", name="x")
     wp = te.placeholder(packed_shape(n, k), wdtype, name="wp")
     r = te.reduce_axis((0, k), name="k")
-    y = te.compute(
-        (w, n),
-        lambda i, j: te.sum(x[i, r] * wp[j // b, r, j % b].astype("float32"), axis=r),
-        name="matmul",
-    )
-    args = [x, wp]
-    if residual:
-        res = te.placeholder((w, n), "float32", name="residual")
-        y = te.compute((w, n), lambda i, j: y[i, j] + res[i, j], name="add_residual")
-        args.append(res)
-    return _finish(c.te.create_prim_func([*args, y], index_dtype_override="int64"), "linear", n=n, k=k, block=b,
-                   residual=int(residual))
+    gamma = te.placeholder((k,), "float32", name="gamma") if norm_eps is not None else None
+    args = [x] if gamma is None else [x, gamma]
+    args.append(wp)
+
+    def dot(i, col):  # x's row (times gamma) against column col of W
+        xin = x[i, r] if gamma is None else x[i, r] * gamma[r]
+        return te.sum(xin * wp[col // b, r, col % b].astype("float32"), axis=r)
+
+    if activation is None:
+        y = te.compute((w, n), lambda i, j: dot(i, j), name="matmul")
+    else:
+        half = n // 2
+        mm = te.compute((w, 2, half), lambda i, h, j: dot(i, h * half + j), name="matmul")
+    if not fused:
+        if residual:
+            res = te.placeholder((w, n), "float32", name="residual")
+            y = te.compute((w, n), lambda i, j: y[i, j] + res[i, j], name="add_residual")
+            args.append(res)
+        return _finish(te.create_prim_func([*args, y], index_dtype_override="int64"), "linear",
+                       n=n, k=k, block=b, residual=int(residual))
+    if norm_eps is not None:
+        r2 = te.reduce_axis((0, k), name="k2")
+        ss = te.compute((w,), lambda i: te.sum(x[i, r2] * x[i, r2], axis=r2), name="sumsq")
+
+    def scale(i):  # rstd inline in the epilogue, as in RMSNormRule (no shared copy, no race)
+        if norm_eps is None:
+            return tir.const(1.0, "float32")
+        return tir.rsqrt(ss[i] / float(k) + tir.const(norm_eps, "float32"))
+
+    if activation is None:
+        out = te.compute((w, n), lambda i, j: y[i, j] * scale(i), name="epilogue")
+    else:
+        act = ACTIVATION_FNS[activation]
+
+        def gated(i, j):  # the activation reads its argument many times: bind it once
+            gate, s = tir.Var("gate", "float32"), tir.Var("s", "float32")
+            return tir.Let(s, scale(i), tir.Let(gate, mm[i, 0, j] * s,
+                                                act(gate) * (mm[i, 1, j] * s)))
+
+        out = te.compute((w, n // 2), gated, name="epilogue")
+    attrs = {"norm_eps": float(norm_eps)} if norm_eps is not None else {}
+    if activation is not None:
+        attrs["activation"] = activation
+    return _finish(te.create_prim_func([*args, out], index_dtype_override="int64"), "linear",
+                   n=n, k=k, block=b, residual=0, **attrs)
+
+
+def is_fused_linear(func) -> bool:
+    """Whether a ``linear`` kernel is one of :func:`linear`'s fused forms."""
+    attrs = func.attrs
+    return (attrs is not None and str(attrs.get(OP_KIND, "")) == "linear"
+            and ("hetcomp.norm_eps" in attrs or "hetcomp.activation" in attrs))
 
 
 def embed(vocab: int, hidden: int, wdtype: str, rows: int | None = None, scale: float = 1.0):
@@ -152,41 +211,51 @@ def rms_norm(hidden: int, eps: float, rows: int | None = None, residual: bool = 
         r = te.placeholder((w, hidden), "float32", name="residual")
         y = te.compute((w, hidden), lambda i, e: r[i, e] + x[i, e] * scale[i] * g[e], name="norm")
         return _finish(te.create_prim_func([x, g, r, y], index_dtype_override="int64"),
-                       "rms_norm", residual=1)
+                       "rms_norm", residual=1, norm_eps=float(eps))
     y = te.compute((w, hidden), lambda i, e: x[i, e] * scale[i] * g[e], name="norm")
-    return _finish(te.create_prim_func([x, g, y], index_dtype_override="int64"), "rms_norm")
+    return _finish(te.create_prim_func([x, g, y], index_dtype_override="int64"), "rms_norm",
+                   norm_eps=float(eps))
+
+
+def _silu(x):
+    return x / (compiler().tir.const(1.0, "float32") + fast_exp(-x))
+
+
+def _gelu_tanh(x):
+    """``0.5 x (1 + tanh(u)) = x * sigmoid(2u)``, ``u = sqrt(2 / pi) (x + 0.044715 x^3)``: one
+    :func:`fast_exp` and no cancellation near 0 (``1 - 2 / (1 + exp(2u))`` would have)."""
+    tir = compiler().tir
+    k0, k1 = tir.const(-2.0 * math.sqrt(2.0 / math.pi), "float32"), tir.const(0.044715, "float32")
+    return x / (tir.const(1.0, "float32") + fast_exp(k0 * (x + k1 * x * x * x)))
+
+
+#: The gate's activation of each ``LlamaConfig.activation`` (shared by the activation
+#: kernels and the fused linears).
+ACTIVATION_FNS = {"silu": _silu, "gelu_tanh": _gelu_tanh}
+
+
+def _gated(activation: str, inter: int, rows: int | None):
+    """``act(gate) * up`` where the gate_up linear wrote ``[gate | up]`` columns."""
+    c = compiler()
+    te = c.te
+    w = _rows(rows)
+    gu = te.placeholder((w, 2 * inter), "float32", name="gate_up")
+    act = ACTIVATION_FNS[activation]
+    name = {"silu": "silu_mul", "gelu_tanh": "gelu_mul"}[activation]
+    y = te.compute((w, inter), lambda i, j: act(gu[i, j]) * gu[i, j + inter], name=name)
+    return _finish(te.create_prim_func([gu, y], index_dtype_override="int64"), "elementwise",
+                   activation=activation)
 
 
 def silu_mul(inter: int, rows: int | None = None):
     """``silu(gate) * up`` where the gate_up linear wrote ``[gate | up]`` columns."""
-    c = compiler()
-    te, tir = c.te, c.tir
-    w = _rows(rows)
-    gu = te.placeholder((w, 2 * inter), "float32", name="gate_up")
-    y = te.compute(
-        (w, inter),
-        lambda i, j: gu[i, j] / (tir.const(1.0, "float32") + fast_exp(-gu[i, j])) * gu[i, j + inter],
-        name="silu_mul",
-    )
-    return _finish(te.create_prim_func([gu, y], index_dtype_override="int64"), "elementwise")
+    return _gated("silu", inter, rows)
 
 
 def gelu_mul(inter: int, rows: int | None = None):
-    """``gelu_tanh(gate) * up`` (GeGLU, Gemma) where the gate_up linear wrote ``[gate | up]``.
-
-    ``0.5 x (1 + tanh(u)) = x * sigmoid(2u)``, ``u = sqrt(2 / pi) (x + 0.044715 x^3)``: one
-    :func:`fast_exp` and no cancellation near 0 (``1 - 2 / (1 + exp(2u))`` would have)."""
-    c = compiler()
-    te, tir = c.te, c.tir
-    w = _rows(rows)
-    gu = te.placeholder((w, 2 * inter), "float32", name="gate_up")
-    k0, k1 = tir.const(-2.0 * math.sqrt(2.0 / math.pi), "float32"), tir.const(0.044715, "float32")
-
-    def gelu(x):
-        return x / (tir.const(1.0, "float32") + fast_exp(k0 * (x + k1 * x * x * x)))
-
-    y = te.compute((w, inter), lambda i, j: gelu(gu[i, j]) * gu[i, j + inter], name="gelu_mul")
-    return _finish(te.create_prim_func([gu, y], index_dtype_override="int64"), "elementwise")
+    """``gelu_tanh(gate) * up`` (GeGLU, Gemma) where the gate_up linear wrote ``[gate | up]``
+    (:func:`_gelu_tanh`)."""
+    return _gated("gelu_tanh", inter, rows)
 
 
 #: The activation kernel of each ``LlamaConfig.activation``.

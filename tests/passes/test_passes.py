@@ -11,7 +11,13 @@ from hetcomp import _tvm
 from hetcomp.driver.compile import CompileOptions, compile_model
 from hetcomp.hardware import target_dict
 from hetcomp.kernels import ops
-from hetcomp.passes import AnnotateCost, OrderForOverlap, PartitionHetero, ScheduleUnits
+from hetcomp.passes import (
+    AnnotateCost,
+    FuseLinearChains,
+    OrderForOverlap,
+    PartitionHetero,
+    ScheduleUnits,
+)
 from hetcomp.passes.partition_hetero import plan_vdevices
 from hetcomp.plan import HeteroPlan
 from hetcomp.runtime import load_artifact
@@ -24,7 +30,8 @@ HOST = target_dict("host")
 
 @pytest.mark.parametrize("cls,args", [
     (PartitionHetero, (HeteroPlan(),)), (OrderForOverlap, ()),
-    (AnnotateCost, (lambda u, op: 0.0, ("cpu",))), (ScheduleUnits, ({"kind": "llvm"},))])
+    (AnnotateCost, (lambda u, op: 0.0, ("cpu",))), (ScheduleUnits, ({"kind": "llvm"},)),
+    (FuseLinearChains, ())])
 def test_pass_name_equals_class_name(cls, args):
     assert cls(*args).info.name == cls.__name__
 
