@@ -46,6 +46,7 @@ from ..hardware import (
     target_dict,
 )
 from ..passes.partition_hetero import PARAM_SPLIT_ATTR
+from ..passes.pipeline import fuses_linears
 from ..planner import PlannerOptions, UnitModel, plan
 from ..profile.bandwidth import measure_read_bandwidth
 from ..profile.units import detect_unit
@@ -102,6 +103,12 @@ class CompileOptions:
     # --target cuda: capture each function's static-shape kernel regions as CUDA graphs (one
     # launch a region; manifest "launches" counts them). False: every kernel its own launch.
     cuda_graph: bool = True
+    # The RMSNorm before a linear and the gated activation after it inside the linear's
+    # kernel (FuseLinearChains: a SmolLM2 verify step 186 kernels, not 276). None: where
+    # launches are what a step costs, a whole-model GPU build. False: each its own kernel.
+    # True on a CPU runs the fused kernels unscheduled there (the CPU rules do not take them
+    # yet): slow, for tests of the fused model's numerics.
+    fuse_linears: bool | None = None
     # Build the decoder for fixed caches, reading the cache length on the device
     # (build_module's ``device_len``). None: where CUDA graphs are captured. True elsewhere
     # (a CPU artifact) runs the same kernels and runtime contract where tests can run them.
@@ -136,6 +143,8 @@ class CompileOptions:
                 self.heads is None or self.default_width not in self.widths):
             raise HetcompError(f"--width {self.default_width} needs --heads and one of the "
                                f"compiled widths ({', '.join(map(str, self.widths))})")
+        if self.fuse_linears and self.plan is not None:
+            raise HetcompError("fusing linears is for whole-model builds: it takes no --plan")
         if self.device_len and self.plan is not None:
             raise HetcompError("a build for fixed caches (device_len) is a whole-model build: "
                                "it takes no --plan")
@@ -195,13 +204,17 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
     cost = _cost_models(opts, cfg, width, heads)
     cost_source = cost.pop("source") if cost else None
     scheduled: list = []
+    fused = (opts.plan is None and (fuses_linears(target) if opts.fuse_linears is None
+                                    else opts.fuse_linears))
     if opts.plan is not None:
         _progress(3, 4, f"partitioning across {', '.join(opts.plan.units)}; compiling", quiet)
         ex = build(mod, target, opts.plan, cost, scheduled)
     elif opts.target == "cuda":
         _progress(3, 4, "scheduling and compiling for cuda (GPU rules"
+                        + (", fused linears" if fused else "")
                         + (", CUDA graphs)" if opts.cuda_graph else ")"), quiet)
-        ex = build(mod, target, None, cost, scheduled, cuda_graph=opts.cuda_graph)
+        ex = build(mod, target, None, cost, scheduled, cuda_graph=opts.cuda_graph,
+                   fuse_linears=fused)
     else:
         path = _tuning_path(opts, quiet)
         if path is not None:  # before annotating: records are keyed by the kernels as built
@@ -209,7 +222,7 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
             tuning = {"db": path, "kernels": count}
         _progress(3, 4, f"scheduling and compiling for {opts.target}"
                         + (f" ({tuning['kernels']} tuned kernels)" if tuning else ""), quiet)
-        ex = build(mod, target, None, cost, scheduled)
+        ex = build(mod, target, None, cost, scheduled, fuse_linears=fused)
     _progress(4, 4, f"packing weights and writing {out_dir}", quiet)
     report: dict = {}
     packed = pack_weights(cfg, w, opts.dtype, report)
@@ -295,6 +308,8 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
         "workspace_bytes": workspace_bytes(scheduled[0], opts.plan, {"w": PREFILL_CHUNK}),
         # A whole-model GPU build: kernel launches per call of the static-shape functions.
         "cuda_graph": graphs,
+        # Norms and gated activations inside the linears' kernels (FuseLinearChains).
+        "fused_linears": fused,
         # The graphs replay the cache addresses they captured: one cache pair per artifact.
         "fixed_cache": device_len,
         "launches": (launch_counts(scheduled[0], graphs, tuple(

@@ -10,6 +10,7 @@ from __future__ import annotations
 from .._tvm import compiler
 from ..plan import HeteroPlan
 from .annotate_cost import AnnotateCost
+from .fuse_linear_chains import FuseLinearChains
 from .order_for_overlap import OrderForOverlap
 from .partition_hetero import PartitionHetero
 from .schedule_units import ScheduleUnits
@@ -20,16 +21,21 @@ _c = compiler()
 def hetcomp_pipeline(plan: HeteroPlan | None = None, cost_fn=None,
                      units: tuple[str, ...] | None = None, width: int = 1,
                      cache_len: int = 256, async_units: tuple[int, ...] | None = None,
-                     functions: tuple[str, ...] | None = None):
-    """Phase 1 partition across units, phase 2 order for overlap, phase 3 realise virtual
+                     functions: tuple[str, ...] | None = None, fuse_linears: bool = False):
+    """Phase 1 partition across units (or, unpartitioned, fuse the elementwise kernels
+    around linears: ``fuse_linears``), phase 2 order for overlap, phase 3 realise virtual
     devices, phase 4 annotate costs (the Relax-level phases of :func:`lowering_pipeline`).
     ``units``: the names AnnotateCost costs for (default: the plan's, else ``cpu``)."""
     empty = _c.transform.Sequential([])
     units = units or (plan.units if plan is not None else ("cpu",))
+    if fuse_linears and plan is not None:
+        raise ValueError("FuseLinearChains runs on unpartitioned modules")
     # By default partition the decoder functions the model builder lists (not medusa/commit).
     return _c.transform.Sequential([
-        # Phase 1. Column-split linears, affinity-split attention, vdevice placement.
+        # Phase 1. Column-split linears, affinity-split attention, vdevice placement; or the
+        # norm -> linear -> activation chains as one kernel each (GPU rules schedule them).
         PartitionHetero(plan, functions) if plan is not None else empty,
+        FuseLinearChains() if fuse_linears else empty,
         # Phase 2. Asynchronous launches first, synchronising uses last.
         OrderForOverlap(async_units) if plan is not None else empty,
         # Phase 3. Propagate placements to every binding.
@@ -40,15 +46,26 @@ def hetcomp_pipeline(plan: HeteroPlan | None = None, cost_fn=None,
     ], name="hetcomp")
 
 
+def fuses_linears(target, plan: HeteroPlan | None = None) -> bool:
+    """Whether a build fuses norm -> linear -> activation chains by default: a whole-model
+    GPU build (on a CPU each kernel call costs microseconds, not a launch, and the CPU
+    rules schedule the linears unfused)."""
+    kind = _c.Target(target).kind.name if isinstance(target, dict | str) else target.kind.name
+    return plan is None and kind != "llvm"
+
+
 def scheduling_pipeline(target, plan: HeteroPlan | None = None, cost_fn=None,
                         units: tuple[str, ...] | None = None, width: int = 1,
-                        cache_len: int = 256):
-    """Phases 1-6 of :func:`lowering_pipeline`: the module with every kernel scheduled."""
+                        cache_len: int = 256, fuse_linears: bool | None = None):
+    """Phases 1-6 of :func:`lowering_pipeline`: the module with every kernel scheduled.
+    ``fuse_linears``: None fuses where :func:`fuses_linears` says."""
     relax = _c.relax
     tr = relax.transform
+    if fuse_linears is None:
+        fuse_linears = fuses_linears(target, plan)
     return _c.transform.Sequential([
-        # Phases 1-4. Partition, overlap order, vdevices, costs (see hetcomp_pipeline).
-        hetcomp_pipeline(plan, cost_fn, units, width, cache_len),
+        # Phases 1-4. Partition or fuse, overlap order, vdevices, costs (hetcomp_pipeline).
+        hetcomp_pipeline(plan, cost_fn, units, width, cache_len, fuse_linears=fuse_linears),
         # Phase 5. Library dispatch of sampling, sort and scan ops (the draft's top-k).
         relax.backend.DispatchSampling(),
         relax.backend.DispatchSortScan(),
@@ -61,7 +78,7 @@ def scheduling_pipeline(target, plan: HeteroPlan | None = None, cost_fn=None,
 
 def lowering_pipeline(target, plan: HeteroPlan | None = None, cost_fn=None,
                       units: tuple[str, ...] | None = None, width: int = 1,
-                      cache_len: int = 256):
+                      cache_len: int = 256, fuse_linears: bool | None = None):
     """Everything ``tvm.compile(mod, target, relax_pipeline=...)`` runs, in one Sequential:
     :func:`scheduling_pipeline` (phases 1-6) then :func:`vm_lowering_pipeline` (phase 7).
 
@@ -73,7 +90,7 @@ def lowering_pipeline(target, plan: HeteroPlan | None = None, cost_fn=None,
     and schedule the fused kernels with dlight; here every kernel keeps its own rule.
     """
     return _c.transform.Sequential([
-        scheduling_pipeline(target, plan, cost_fn, units, width, cache_len),
+        scheduling_pipeline(target, plan, cost_fn, units, width, cache_len, fuse_linears),
         vm_lowering_pipeline(plan),
     ], name="hetcomp_lowering")
 

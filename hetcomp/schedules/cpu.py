@@ -9,7 +9,7 @@ accumulators of a ``rows x B`` tile held in vector registers.
 from __future__ import annotations
 
 from .._tvm import compiler
-from ..kernels.ops import OP_KIND
+from ..kernels.ops import OP_KIND, is_fused_linear
 from ..kernels.sparse_attention import SPARSE_KIND
 
 _BASE = compiler().ScheduleRule
@@ -67,7 +67,7 @@ class LinearRule(_BASE):
         self.row_tile = row_tile
 
     def apply(self, func, target, tunable):
-        if _kind(func) != "linear" or "hetcomp.qtype" in func.attrs:
+        if _kind(func) != "linear" or "hetcomp.qtype" in func.attrs or is_fused_linear(func):
             return None
         c = compiler()
         sch = c.Schedule(func)

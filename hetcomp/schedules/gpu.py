@@ -9,7 +9,7 @@ memory-bound on the KV cache, which this reads once per query row).
 from __future__ import annotations
 
 from .._tvm import compiler
-from ..kernels.ops import OP_KIND
+from ..kernels.ops import OP_KIND, is_fused_linear
 from ..kernels.script_ops import for_gpu
 from ..kernels.sparse_attention import SPARSE_KIND
 
@@ -90,7 +90,7 @@ class SparseTreeAttentionRule(_BASE):
 
 def _write_back_in_registers(sch, func, mm, anchor) -> None:
     """A linear's accumulators in registers, written back by the thread at ``anchor`` (the
-    residual add fused there when the kernel has one)."""
+    residual add done there)."""
     if bool(int(func.attrs.get("hetcomp.residual", 0))):
         sch.reverse_compute_at(sch.get_sblock("add_residual"), anchor)
         sch.set_scope(mm, 0, "local")
@@ -117,9 +117,12 @@ class LinearColumnRule(_BASE):
             return None
         c = compiler()
         sch, mm = _float_blocks(func)
-        i, j, k = sch.get_loops(mm)
+        i, j, k = (sch.get_loops(mm)[n] for n in (0, -2, -1))
         extent = sch.get(i).extent
         static = isinstance(extent, c.tir.IntImm) and int(extent) <= self.max_rows
+        if is_fused_linear(func):
+            _fused_columns(sch, func, self.threads, static)
+            return sch
         # Step 1. Columns over (blockIdx.x, threadIdx.x); per thread the rows inside the
         # reduction (static) or around it (symbolic).
         jb, jt = sch.split(j, [None, self.threads])
@@ -136,6 +139,36 @@ class LinearColumnRule(_BASE):
         if static:
             sch.unroll(sch.get_loops(mm)[-1])
         return sch
+
+
+def _fused_columns(sch, func, threads: int, static: bool) -> None:
+    """:class:`LinearColumnRule` for a fused linear: a thread per output column (and a gated
+    kernel's gate and up columns), anchored at the epilogue (:func:`_fused_split_k` says
+    why); a fused norm's sum of squares is a serial loop in the thread."""
+    epi, mm = sch.get_sblock("epilogue"), sch.get_sblock("matmul")
+    # Step 1. The epilogue's columns over (blockIdx.x, threadIdx.x), its rows in the thread.
+    i, j = sch.get_loops(epi)
+    jb, jt = sch.split(j, [None, threads])
+    sch.reorder(jb, jt, i)
+    sch.bind(jb, "blockIdx.x")
+    sch.bind(jt, "threadIdx.x")
+    # Step 2. The thread's accumulators (every row inside the reduction for a static width;
+    # a row at a time around it for a symbolic one) and the squares, in registers.
+    anchor = jt if static else i
+    sch.compute_at(mm, anchor, preserve_unit_loops=True)
+    if "hetcomp.norm_eps" in func.attrs:
+        ss = sch.get_sblock("sumsq")
+        sch.compute_at(ss, anchor, preserve_unit_loops=True)
+        sch.set_scope(ss, 0, "local")
+    sch.set_scope(mm, 0, "local")
+    loops = sch.get_loops(mm)[3 if static else 4:]  # (rows,) (halves,) column, k
+    if static:
+        sch.reorder(loops[-1], *loops[:-1])
+    # Step 3. Zero the accumulators before the reduction; unroll the rows and halves.
+    init = sch.decompose_reduction(mm, sch.get_loops(mm)[3 if static else 4])
+    if static:
+        for loop in sch.get_loops(mm)[4:] + sch.get_loops(init)[3:]:
+            sch.unroll(loop)
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -205,6 +238,84 @@ def _sum_slices(sch, func, mm, rf, slices: int) -> list:
     return [sch.get_loops(init)[-1], sch.get_loops(mm)[-1]]
 
 
+def _fused_split_k(sch, func, cols: int, slices: int) -> list:
+    """Split-K for a fused linear (:func:`~hetcomp.kernels.ops.linear`'s ``norm_eps`` and
+    ``activation`` forms): :class:`SplitKLinearRule`'s blocks and threads, with the epilogue
+    as the anchor. Returns the loops nvcc should unroll.
+
+    The epilogue reads two producers (the matmul and the norm's sum of squares), and TIR
+    moves a block under a loop only with all its producers already there: so the epilogue's
+    columns are the grid and everything else is computed at that block loop. In a block:
+
+    1. the sum of squares split as the matmul is: thread ``(x, y)`` sums the squares of rows
+       ``x, x + C, ...`` over slice ``y`` of K into a shared ``[slice, row]`` buffer (an
+       rfactor: no reduction across threads);
+    2. the matmul's partials, as :func:`_slice_partials` (a gated kernel's thread holds the
+       gate and the up column of its output column);
+    3. after the one barrier, each thread sums the slices of its (row, column) outputs into
+       registers, and
+    4. the same thread (same rows, same column) sums its row's ``T`` squares partials and
+       writes the epilogue: the norm's scale, the gate's activation times up.
+    """
+    epi, mm = sch.get_sblock("epilogue"), sch.get_sblock("matmul")
+    norm = "hetcomp.norm_eps" in func.attrs
+    # Step 1. Both reductions split over K slices (rfactor), still at the root.
+    blocks = []
+    if norm:
+        ss = sch.get_sblock("sumsq")
+        ss_rf = sch.rfactor(sch.split(sch.get_loops(ss)[-1], [None, slices])[1], 0)
+        blocks = [ss, ss_rf]
+    rf = sch.rfactor(sch.split(sch.get_loops(mm)[-1], [None, slices])[1], 0)
+    # Step 2. The epilogue's columns over blockIdx.x; the rest computed in each block (the
+    # squares first: then one barrier serves both reductions' partials).
+    i, j = sch.get_loops(epi)
+    jb, jc = sch.split(j, [None, cols])
+    sch.reorder(jb, jc, i)
+    sch.bind(jb, "blockIdx.x")
+    for blk in [*blocks, mm, rf]:
+        sch.compute_at(blk, jb, preserve_unit_loops=True)
+    if norm:
+        st, si, sro = sch.get_loops(ss_rf)[1:]
+        sio, sic = sch.split(si, [None, cols])
+        sch.reorder(st, sic, sio, sro)
+        sch.bind(st, "threadIdx.y")
+        sch.bind(sic, "threadIdx.x")
+        sch.set_scope(ss_rf, 0, "shared")
+        # Accumulated in a register, stored once (a shared read-modify-write under the rows'
+        # predicate is where TVM cannot place its barrier).
+        sch.reverse_compute_at(sch.cache_write(ss_rf, 0, "local"), sio, preserve_unit_loops=True)
+    # Step 3. The matmul's partials: columns over threadIdx.x, K slices over threadIdx.y, a
+    # thread's rows (and halves) in registers, stored to shared memory.
+    t, ri, *rh, rj, rko = sch.get_loops(rf)[1:]
+    sch.reorder(rj, t, rko, ri, *rh)
+    sch.bind(rj, "threadIdx.x")
+    sch.bind(t, "threadIdx.y")
+    sch.set_scope(rf, 0, "shared")
+    partial = sch.cache_write(rf, 0, "local")
+    sch.reverse_compute_at(partial, t, preserve_unit_loops=True)
+    # Step 4. After the barrier each thread sums the slices of its outputs (rows over
+    # threadIdx.y) into registers, and writes the epilogue for the same outputs.
+    wt, wi, *wh, wj = sch.get_loops(mm)[1:]
+    wio, wit = sch.split(wi, [None, slices])
+    sch.reorder(wj, wit, wio, *wh, wt)
+    sch.bind(wj, "threadIdx.x")
+    sch.bind(wit, "threadIdx.y")
+    sch.set_scope(mm, 0, "local")
+    ec, ei = sch.get_loops(epi)[1:]
+    eio, eit = sch.split(ei, [None, slices])
+    sch.reorder(ec, eit, eio)
+    sch.bind(ec, "threadIdx.x")
+    sch.bind(eit, "threadIdx.y")
+    if norm:
+        sch.compute_at(ss, eio, preserve_unit_loops=True)
+        sch.set_scope(ss, 0, "local")
+    # Step 5. Zero the accumulators before their reductions.
+    rf_init = sch.decompose_reduction(rf, sch.get_loops(rf)[3])
+    mm_init = sch.decompose_reduction(mm, wt)
+    return [sch.get_loops(rf_init)[-1], sch.get_loops(rf)[-1], sch.get_loops(partial)[-1],
+            wio, *wh, sch.get_loops(mm_init)[-1], eio]
+
+
 class SplitKLinearRule(_BASE):
     """Decode-width float linear layers, split over K inside a thread block (static widths).
 
@@ -253,15 +364,22 @@ class SplitKLinearRule(_BASE):
             return None
         c = compiler()
         sch, mm = _float_blocks(func)
-        i, j, k = sch.get_loops(mm)
+        i, j, k = (sch.get_loops(mm)[n] for n in (0, -2, -1))
+        halves = sch.get_loops(mm)[1:-2]  # a gated kernel's [gate, up]
         rows = _static_rows(c, sch.get(i), self.max_rows)
         if rows is None:
             return None
-        wdtype = str(func.params[1].dtype)  # wp: a Buffer is a typed Var in 0.27
-        shape = self.shape(rows, int(sch.get(j).extent), int(sch.get(k).extent), wdtype)
+        # wp, after x (and a fused norm's gamma): a Buffer is a typed Var in 0.27
+        wdtype = str(func.params[2 if "hetcomp.norm_eps" in func.attrs else 1].dtype)
+        # A gated kernel's thread holds both halves of its columns: twice the partials.
+        shape = self.shape(rows * (1 + len(halves)), int(sch.get(j).extent),
+                           int(sch.get(k).extent), wdtype)
         if shape is None:
             return None
         cols, slices = shape
+        if is_fused_linear(func):
+            _unroll_by_nvcc(sch, _fused_split_k(sch, func, cols, slices))
+            return sch
         # Step 1. Columns over (blockIdx.x, threadIdx.x), K slices over threadIdx.y; a
         # thread's partial sums of its slice, one per row, in registers (rfactor).
         ko, kt = sch.split(k, [None, slices])

@@ -72,7 +72,21 @@ def gemma3_device_len(tmp_path_factory, gemma3_gguf):
                                                    device_len=True))
 
 
-@pytest.mark.parametrize("artifact", ["gemma3_artifact", "gemma3_device_len"])
+@pytest.fixture(scope="module")
+def gemma3_fused(tmp_path_factory, gemma3_gguf):
+    """The CUDA-graph build with its norms and GeGLU inside the linears, as a GPU build's
+    (FuseLinearChains; the post-norms, which add the residual, and the q/k norms stay their
+    own kernels), run on the CPU."""
+    path, _ = gemma3_gguf
+    tmp = tmp_path_factory.mktemp("gemma3-fused")
+    art = load_artifact(compile_with_random_heads(tmp, str(path), CFG, WIDTHS,
+                                                  device_len=True, fuse_linears=True))
+    names = {k["name"] for k in art.manifest["kernels"] if k["function"] == "verify_w4"}
+    assert {"linear_norm_gelu_tanh_n192_k64_w4", "rms_norm_res_w4", "qk_norm"} <= names
+    return art
+
+
+@pytest.mark.parametrize("artifact", ["gemma3_artifact", "gemma3_device_len", "gemma3_fused"])
 def test_prefill_and_tree_verify_past_the_window_match_numpy(request, artifact, gemma3_gguf):
     _, stored = gemma3_gguf
     sess = request.getfixturevalue(artifact).new_session()
@@ -97,7 +111,7 @@ def test_prefill_and_tree_verify_past_the_window_match_numpy(request, artifact, 
     assert _rel_err(unwindowed[-1], ref_logits[-1]) > 0.05
 
 
-@pytest.mark.parametrize("artifact", ["gemma3_artifact", "gemma3_device_len"])
+@pytest.mark.parametrize("artifact", ["gemma3_artifact", "gemma3_device_len", "gemma3_fused"])
 def test_greedy_with_and_without_speculation_matches_numpy(request, artifact, gemma3_gguf):
     _, stored = gemma3_gguf
     art = request.getfixturevalue(artifact)

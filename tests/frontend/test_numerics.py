@@ -11,14 +11,18 @@ from hetcomp.testing import numpy_llama as ref
 RTOL = 1e-4
 
 
-@pytest.fixture(scope="module", params=["default", "device_len"])
+@pytest.fixture(scope="module", params=["default", "device_len", "fused"])
 def tiny_artifact(request, tmp_path_factory):
-    """The tiny model as compiled for the CPU, and as compiled for CUDA graphs (the cache
-    length read on the device, every attention ``script_ops.tree_attention``, one cache pair
-    per artifact) but run on the CPU: the same checks hold for both."""
+    """The tiny model as compiled for the CPU, as compiled for CUDA graphs (the cache length
+    read on the device, every attention ``script_ops.tree_attention``, one cache pair per
+    artifact) and as a GPU build's module is, its norms and activations inside the linears
+    too (FuseLinearChains: verify_w1's and the prefill chunk's), each run on the CPU: the
+    same checks hold for all three."""
     if request.param == "default":
         return request.getfixturevalue("tiny_artifact")
-    return compile_tiny(tmp_path_factory, name="device_len", device_len=True)
+    fused = request.param == "fused"
+    return compile_tiny(tmp_path_factory, name=request.param, device_len=True,
+                        **({"fuse_linears": True} if fused else {}))
 
 
 def rel_err(a, b):
@@ -223,7 +227,7 @@ def test_fixed_cache_artifact_holds_one_cache(tiny_artifact):
     first = art.new_session()
     first.prefill([5, 17, 99])
     second = art.new_session()
-    assert art.fixed_cache == ("device_len" in path)
+    assert art.fixed_cache == ("/tiny" not in path)  # the CPU build: compile_tiny("tiny")
     if not art.fixed_cache:
         first.prefill([4])  # separate caches: both sessions live
         return

@@ -59,9 +59,23 @@ def test_loader_reads_biases_untied_head_and_unpermuted_rows(qwen2_gguf):
         assert _rel_err(loaded[name], w[name]) < 0.1, name
 
 
-def test_prefill_and_tree_verify_match_numpy(qwen2_artifact, qwen2_gguf):
+@pytest.fixture(scope="module")
+def qwen2_fused(tmp_path_factory, qwen2_gguf):
+    """As a GPU build's module is: the norms and SwiGLU inside the linears (FuseLinearChains;
+    the q/k/v biases stay a kernel after the fused qkv linear), run on the CPU."""
+    path, _, _ = qwen2_gguf
+    tmp = tmp_path_factory.mktemp("qwen2-fused")
+    art = load_artifact(compile_with_random_heads(tmp, str(path), CFG, WIDTHS,
+                                                  device_len=True, fuse_linears=True))
+    names = {k["name"] for k in art.manifest["kernels"] if k["function"] == "verify_w4"}
+    assert {"linear_norm_n128_k64_w4", "linear_norm_silu_n192_k64_w4", "bias_add_w4"} <= names
+    return art
+
+
+@pytest.mark.parametrize("artifact", ["qwen2_artifact", "qwen2_fused"])
+def test_prefill_and_tree_verify_match_numpy(request, artifact, qwen2_gguf):
     _, _, stored = qwen2_gguf
-    art = qwen2_artifact
+    art = request.getfixturevalue(artifact)
     prompt = [5, 17, 99, 3, 42]
     sess = art.new_session()
     nxt, hidden = sess.prefill(prompt)

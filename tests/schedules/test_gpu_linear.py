@@ -184,3 +184,108 @@ def test_gemv_kit_builds_and_dry_runs(tmp_path):
     assert tops == {("script", 8192, True), ("script", 8192, False), ("script", 49152, False),
                     ("tvm", 8192, False), ("tvm", 49152, False)}
     assert all(f"{r['name']}_kernel" in source for r in out["topk"])
+
+
+# The fused forms (FuseLinearChains): a norm before, a gated activation after, or both.
+FUSED = [(1e-5, None), (None, "silu"), (1e-6, "gelu_tanh")]
+
+
+def _fused_reference(x, g, w, eps, act):
+    """numpy in float64: RMSNorm (x / rms * gamma), the linear, ``act(gate) * up``."""
+    h = x.astype(np.float64)
+    if eps is not None:
+        h = h / np.sqrt((h * h).mean(axis=1, keepdims=True) + eps) * g
+    y = h @ w.astype(np.float64).T
+    if act is None:
+        return y
+    gate, up = np.split(y, 2, axis=1)
+    if act == "silu":
+        return gate / (1 + np.exp(-gate)) * up
+    u = np.sqrt(2 / np.pi) * (gate + 0.044715 * gate ** 3)
+    return 0.5 * gate * (1 + np.tanh(u)) * up
+
+
+def _run_fused(func, rows, eps, act, dtype, seed, n=192, k=128):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, k)).astype("float32")
+    g = rng.standard_normal(k).astype("float32")
+    w = rng.standard_normal((n, k)).astype(dtype)
+    lib = c.compile(c.IRModule({"main": serial_threads(func, len(thread_bindings(func)),
+                                                       "every thread loop")}), target=HOST)
+    y = _tvm.tensor(np.zeros((rows, n // 2 if act else n), "float32"))
+    args = [x, *([g] if eps is not None else []), ops.pack_linear_weight(w, dtype)]
+    lib["main"](*[_tvm.tensor(a) for a in args], y)
+    return y.numpy(), _fused_reference(x, g, w, eps, act)
+
+
+@pytest.mark.parametrize("eps,act", FUSED, ids=["norm", "silu", "norm_gelu"])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("rows", [1, 4, 16, 64])
+def test_fused_split_k_matches_numpy(eps, act, dtype, rows):
+    """The split-K schedule of each fused form, its thread loops serial on the CPU (sound as
+    for the plain kernel: the squares' and the matmul's partials are reduced across slices
+    by a later stage, not by a thread-bound reduction), against numpy; rows fewer than the
+    block's columns or slices (W = 1, 4) leave threads idle under predicates."""
+    func = ops.linear(192, 128, dtype, rows=rows, norm_eps=eps, activation=act)
+    sch = SplitKLinearRule().apply(func, CUDA, False)
+    got, want = _run_fused(sch.mod["main"], rows, eps, act, dtype, seed=rows)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("eps,act", FUSED, ids=["norm", "silu", "norm_gelu"])
+@pytest.mark.parametrize("rows", [3, None])
+def test_fused_column_rule_matches_numpy(eps, act, rows):
+    """The column rule's form (the fallback where split K does not apply, and any symbolic
+    width): a thread per output column, the norm's squares summed serially in it."""
+    func = ops.linear(192, 128, "float16", rows=rows, norm_eps=eps, activation=act)
+    sch = LinearColumnRule().apply(func, CUDA, False)
+    got, want = _run_fused(sch.mod["main"], rows or 5, eps, act, "float16", seed=7)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_fused_cuda_source_keeps_one_barrier():
+    """SmolLM2's fused gate_up (norm, SiLU): the squares' partials are written before the
+    one barrier the matmul's partials need, so the kernel still has one; each thread keeps
+    its outputs' gate and up sums in registers from the slices' sum to the epilogue."""
+    for rows in (1, 16, 64):
+        func = SplitKLinearRule().apply(ops.linear(3072, 576, "float16", rows=rows,
+                                                   norm_eps=1e-5, activation="silu"),
+                                        CUDA, False).mod["main"]
+        src = c.compile(c.IRModule({"main": func}), target=CUDA).mod.imports[0].inspect_source()
+        assert src.count("__syncthreads()") == 1 and "tvm_thread_allreduce" not in src
+        # a thread-local array (ptxas keeps it in registers: the nvcc test below)
+        assert re.search(r"\n  alignas\(64\) float matmul_local_ptr\[\d+\];", src)
+        assert len(re.findall(r"__global__ void __launch_bounds__\(\d+\) \w+\(.*\) \{", src)) == 1
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+@pytest.mark.parametrize("arch", ["sm_87", "sm_90"])
+@pytest.mark.parametrize("rows", [1, 64])
+def test_nvcc_keeps_fused_accumulators_in_registers(tmp_path, arch, rows):
+    """ptxas on SmolLM2's fused gate_up (the most registers: gate and up sums per row)."""
+    func = SplitKLinearRule().apply(ops.linear(3072, 576, "float16", rows=rows, norm_eps=1e-5,
+                                               activation="silu"), CUDA, False).mod["main"]
+    assert_no_stack(func.with_attr("global_symbol", "main"), arch, tmp_path)
+
+
+def test_compile_for_cuda_fuses_unless_told_not_to(tmp_path):
+    """`compile --target cuda` runs FuseLinearChains: a tiny model's verify step has three
+    kernels a layer fewer than with `--no-fuse`, the fused linears scheduled by split K."""
+    from hetcomp.frontend.weights import random_weights
+
+    got = {}
+    for fuse in (None, False):
+        out = str(tmp_path / f"art{fuse}")
+        compile_model(CompileOptions(model="tiny.gguf", dtype="float16", target="cuda",
+                                     max_context=64, fuse_linears=fuse), out, quiet=True,
+                      weights=(TINY, random_weights(TINY, seed=3),
+                               byte_tokenizer_spec(TINY.vocab_size), __file__))
+        got[fuse] = read_manifest(out)
+    assert got[None]["fused_linears"] and not got[False]["fused_linears"]
+    for fn in ("verify_w1", "prefill_w64"):
+        assert (got[False]["launches"][fn]["kernels"] - got[None]["launches"][fn]["kernels"]
+                == 3 * TINY.num_layers)
+    fused = {k["name"]: k["rule"] for k in got[None]["kernels"] if k["name"].startswith("linear_norm")}
+    assert set(fused) == {"linear_norm_n128_k64_w1", "linear_norm_silu_n192_k64_w1",
+                          "linear_norm_n128_k64_w64", "linear_norm_silu_n192_k64_w64"}
+    assert set(fused.values()) == {"gpu.SplitKLinear"}
