@@ -18,8 +18,11 @@ compiled kernels for the GPU host.
 The kit also holds SmolLM2's ``tree_attention`` (the CUDA-graph build's attention, float16
 cache) with one group of T threads a block (session 10's kernel) and with the default groups
 (256 threads a block); ``run.py gemv`` times each at W = 1, 4, 16, 64 over cache lengths
-``ATTN_CACHE``; and the Medusa draft's top-k, ``script_ops.topk_rows`` against TVM's GPU
-``topk`` (a sort), at the shipped draft's shape and over the whole vocabulary.
+``ATTN_CACHE``; the Medusa draft's top-k, ``script_ops.topk_rows`` against TVM's GPU
+``topk`` (a sort), at the shipped draft's shape and over the whole vocabulary; and the two
+chains FuseLinearChains fuses (float16): ``rms_norm -> qkv`` and ``rms_norm -> gate_up ->
+silu_mul`` as one fused kernel each, beside the ``rms_norm`` and ``silu_mul`` kernels they
+replace (the unfused linears are the ``splitk`` records).
 
 Variants: ``column`` (gpu.LinearColumn: a thread per column), ``splitk`` (gpu.SplitKLinear),
 ``dlight`` (the first of dlight's rules that takes our packed kernel, in gpu_rules' order:
@@ -133,6 +136,37 @@ def kernels(target, dtypes=DTYPES, kinds=KINDS, widths=WIDTHS):
                                 "w": w, "dtype": dtype, "variant": variant, "rule": got[0],
                                 "func": got[1], "weight_shape": wshape,
                                 "weight_dtype": wdtype})
+    return out
+
+
+#: The chains FuseLinearChains fuses in SmolLM2, per linear kind: the gated activation after
+#: the linear (a norm precedes both).
+CHAINS = {"qkv": None, "gate_up": "silu"}
+
+
+def chain_kernels(target, widths=WIDTHS) -> list[dict]:
+    """SmolLM2's fused chains (float16 weights) at each W: ``role`` ``fused`` (the fused
+    linear, gpu.SplitKLinear), ``norm`` (``rms_norm``, gpu.RMSNorm) and ``act``
+    (``silu_mul``, gpu.PerStageThread): ``name``, ``kind``, ``w``, ``n``, ``k``, ``eps``,
+    ``activation``, ``rule``, ``func``."""
+    shape, _ = read_model_shape("smollm2")
+    e, f, eps = shape.hidden, shape.intermediate, 1e-5
+    out = []
+    for w in widths:
+        for kind, act in CHAINS.items():
+            n, k, _ = shape.linear_dims(kind)
+            func = ops.linear(n, k, "float16", rows=w, norm_eps=eps, activation=act)
+            rule, sched = _first(func, [SplitKLinearRule()], target)
+            out.append({"name": f"fused_f16_{kind}_w{w}", "role": "fused", "kind": kind,
+                        "w": w, "n": n, "k": k, "eps": eps, "activation": act, "rule": rule,
+                        "func": sched})
+        for role, func, rules, n in (
+                ("norm", ops.rms_norm(e, eps, rows=w), [RMSNormRule()], e),
+                ("act", ops.silu_mul(f, rows=w), [PerStageThreadRule()], 2 * f)):
+            rule, sched = _first(func, rules, target)
+            out.append({"name": f"{role}_w{w}", "role": role, "kind": role, "w": w, "n": n,
+                        "k": 0, "eps": eps, "activation": "silu" if role == "act" else None,
+                        "rule": rule, "func": sched})
     return out
 
 
@@ -291,7 +325,8 @@ def build(out: str, arch: str, **subset) -> str:
     every = kernels(target, **subset)
     attention = attention_kernels()
     topk = topk_kernels(target)
-    recs = {r["name"]: r for r in every + attention + topk}  # dlight_nt's symbolic one once
+    chains = chain_kernels(target, subset.get("widths", WIDTHS))
+    recs = {r["name"]: r for r in every + attention + topk + chains}  # dlight_nt's sym. once
     mod = c.IRModule({name: r["func"].with_attr("global_symbol", name)
                       for name, r in recs.items()})
     lib = c.compile(mod, target=target)
@@ -314,9 +349,11 @@ def build(out: str, arch: str, **subset) -> str:
     records = [{k: v for k, v in r.items() if k != "func"} for r in every]
     attn = [{k: v for k, v in r.items() if k != "func"} for r in attention]
     tops = [{k: v for k, v in r.items() if k != "func"} for r in topk]
+    chain = [{k: v for k, v in r.items() if k != "func"} for r in chains]
     with open(os.path.join(d, "kernels.json"), "w") as fh:
         json.dump({"arch": arch, "kernels": records, "attention": attn,
-                   "attention_cache": list(ATTN_CACHE), "topk": tops}, fh, indent=1)
+                   "attention_cache": list(ATTN_CACHE), "topk": tops, "chains": chain},
+                  fh, indent=1)
     return d
 
 

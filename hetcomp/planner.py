@@ -122,6 +122,8 @@ class PlannerOptions:
         Cost co-running units under shared-memory load (see below).
     device_len : bool
         Cost the step of the whole-model GPU build for CUDA graphs.
+    fused_linears : bool
+        Cost the step with its norms and activations inside the linears (a GPU build's).
     """
 
     widths: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
@@ -137,6 +139,8 @@ class PlannerOptions:
     # The whole-model GPU build for CUDA graphs (its step: one attention kernel a layer and
     # the input copy; :func:`~hetcomp.cost.roofline.model_step`).
     device_len: bool = False
+    # Norms and gated activations inside the linears' kernels (a whole-model GPU build's).
+    fused_linears: bool = False
 
     def draft(self, heads: int) -> DraftShape | None:
         """The draft call's shapes with ``heads`` heads (None when there is no draft)."""
@@ -384,11 +388,13 @@ class _StepModel:
     def step(self, w: int, cache_len: int, draft: DraftShape | None = None,
              split: Mapping[str, Split] | None = None,
              attention: tuple[tuple[str, str], ...] | None = None,
-             nnz: int | None = None, device_len: bool = False) -> WidthChoice:
+             nnz: int | None = None, device_len: bool = False,
+             fused_linears: bool = False) -> WidthChoice:
         """Best (or, with ``split``/``attention`` given, fixed) choices at width ``w``;
-        ``nnz``: the tree's ancestor-mask non-zeros (None: an estimate); ``device_len``: the
-        build for CUDA graphs (:func:`~hetcomp.cost.roofline.model_step`)."""
-        ops: list[StepOp] = model_step(self.shape, w, cache_len, nnz, device_len)
+        ``nnz``: the tree's ancestor-mask non-zeros (None: an estimate); ``device_len``,
+        ``fused_linears``: the build's step (:func:`~hetcomp.cost.roofline.model_step`)."""
+        ops: list[StepOp] = model_step(self.shape, w, cache_len, nnz, device_len,
+                                       fused_linears)
         if w > 1 and draft is not None:
             ops += draft_step(self.shape, draft)
         # The attention kernels are placed and costed together, as one "attention" op.
@@ -457,7 +463,7 @@ def plan(shape: ModelShape, units: Sequence[UnitModel], rank_probs=None,
     for w in options.widths:
         nnz = int(trees[w].mask().sum()) if w in trees else None
         c = sm.step(w, options.cache_len, options.draft(draft), nnz=nnz,
-                    device_len=options.device_len)
+                    device_len=options.device_len, fused_linears=options.fused_linears)
         cands.append(dataclasses.replace(c, tau=taus[w]))
     best = max(cands, key=lambda c: (c.tokens_per_s, -c.width))
     notes = ("estimate from datasheet specs (roofline), not measured"
@@ -520,7 +526,8 @@ def predict_step_time(plan_or_units: Plan | Sequence[UnitModel], w: int, cache_l
                       draft: DraftShape | None = None, ratio_steps: int = 32,
                       split: Mapping[str, Split] | None = None,
                       attention: tuple[tuple[str, str], ...] | None = None,
-                      nnz: int | None = None, device_len: bool = False) -> float:
+                      nnz: int | None = None, device_len: bool = False,
+                      fused_linears: bool = False) -> float:
     """Predicted seconds of one ``verify`` call of ``w`` tree nodes after ``cache_len`` tokens.
 
     With a :class:`Plan`, its decisions at width ``w`` (or its chosen ones, if ``w`` is not a
@@ -529,7 +536,8 @@ def predict_step_time(plan_or_units: Plan | Sequence[UnitModel], w: int, cache_l
     draft call (at ``w > 1``). With a sequence of units, ``split`` (per linear kind) and
     ``attention`` fix those decisions instead (a partition compiled by hand). ``nnz``: the
     tree's ancestor-mask non-zeros (None: the plan's tree at its width, else an estimate).
-    ``device_len``: a whole-model build for CUDA graphs (its one attention kernel).
+    ``device_len``: a whole-model build for CUDA graphs (its one attention kernel);
+    ``fused_linears``: its norms and activations inside the linears.
     """
     if isinstance(plan_or_units, Plan):
         p = plan_or_units
@@ -545,10 +553,10 @@ def predict_step_time(plan_or_units: Plan | Sequence[UnitModel], w: int, cache_l
             split, attention = dict(p.split), p.attention
         if nnz is None and p.tree is not None and p.tree.width == w:
             nnz = int(p.tree.mask().sum())
-        return _StepModel(shape, units, ratio_steps).step(w, cache_len, draft, split,
-                                                          attention, nnz, device_len).step_s
+        return _StepModel(shape, units, ratio_steps).step(
+            w, cache_len, draft, split, attention, nnz, device_len, fused_linears).step_s
     return _StepModel(shape, list(plan_or_units), ratio_steps).step(
-        w, cache_len, draft, split, attention, nnz, device_len).step_s
+        w, cache_len, draft, split, attention, nnz, device_len, fused_linears).step_s
 
 
 def plot_plans(plans: Sequence[Plan], path: str, title: str = "") -> None:

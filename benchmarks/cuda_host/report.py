@@ -23,6 +23,7 @@ LAYOUTS = {
     "cpu": (("cpu",), None, (("dense", "cpu"), ("sparse", "cpu"))),
     "gpu": (("cuda",), None, (("dense", "cuda"), ("sparse", "cuda"))),
     "gpu-nograph": (("cuda",), None, (("dense", "cuda"), ("sparse", "cuda"))),
+    "gpu-unfused": (("cuda",), None, (("dense", "cuda"), ("sparse", "cuda"))),
     "split-all": (("cpu", "cuda"), {k: (("cpu", 0.0), ("cuda", 1.0)) for k in KINDS},
                   (("dense", "cpu"), ("sparse", "cpu"))),
     "split-half": (("cpu", "cuda"), {k: (("cpu", 0.5), ("cuda", 0.5)) for k in KINDS},
@@ -77,7 +78,8 @@ def main() -> int:
             w = b["width"]
             # A fixed-cache build (CUDA graphs) runs its own attention kernel at every width.
             pred = predict_step_time(ums, w, 64, shape=shape, split=split, attention=attention,
-                                     device_len=bool(r.get("fixed_cache")))
+                                     device_len=bool(r.get("fixed_cache")),
+                                     fused_linears=bool(r.get("fused_linears")))
             rows.append({"artifact": name, "width": w, "measured_ms": 1e3 * b["step_s"],
                          "predicted_ms": 1e3 * pred,
                          "busy_ms": {u: 1e3 * t for u, t in b["busy_s"].items() if u != "host"},

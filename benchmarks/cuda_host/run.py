@@ -17,7 +17,9 @@
                                          tree_attention with one group and with the
                                          default groups at W = 1, 4, 16, 64 over three
                                          cache lengths; the draft's top-k (ours, TVM's
-                                         sort) -> OUT/gemv.json; --dry (no GPU):
+                                         sort); the fused norm/linear/SiLU kernels
+                                         against the kernels they replace
+                                         -> OUT/gemv.json; --dry (no GPU):
                                          check the kit and make the arguments on the CPU
     python run.py generate BUNDLE OUT WORKERS SECONDS
                                          greedy responses to the bundle's prompts.json
@@ -140,6 +142,7 @@ def measure_artifact(art, prompts: list[list[int]], reference: list | None = Non
                "units": [u["name"] for u in art.manifest["units"]],
                "cuda_graph": art.manifest.get("cuda_graph"),
                "fixed_cache": art.fixed_cache,
+               "fused_linears": art.manifest.get("fused_linears"),
                "launches": art.manifest.get("launches")}
     lookup = {w: auto_lookup(w) for w in gen_widths}  # as `hetcomp bench` drafts
     for w in gen_widths:  # warm-up: loads, first captures
@@ -193,6 +196,11 @@ def _summary(results: dict) -> None:
             f"{steps['64'] / steps['1']:.2f}; identical "
             f"{all(r[k]['identical_to_sequential'] for k in r if k.startswith('w'))} / "
             f"{r['identical_to_first_artifact']}")
+    # What fusing the norms and activations into the linears saves, step by step.
+    fused, unfused = (results["artifacts"].get(n) for n in ("gpu", "gpu-unfused"))
+    if fused and unfused:
+        say("gpu step / gpu-unfused step: " + ", ".join(
+            f"W={w} {fused['step_s'][w] / unfused['step_s'][w]:.2f}" for w in fused["step_s"]))
 
 
 # Weight copies a cold gemv call rotates through: several times an H200's 50 MB L2, so every
@@ -291,7 +299,8 @@ def gemv(kit: str, out: str, dry: bool = False) -> dict:
             assert ref.shape == (w, n), (rec["name"], ref.shape)
         results.append(r)
     summary = {"arch": meta["arch"], "dry": dry, "kernels": results,
-               "attention": _attention(meta, lib, dev, dry), "topk": _topk(meta, lib, dev, dry)}
+               "attention": _attention(meta, lib, dev, dry), "topk": _topk(meta, lib, dev, dry),
+               "chains": _chains(meta, lib, dev, dry, results)}
     if not dry:
         summary["device"] = _device_info()
     with open(os.path.join(out, "gemv.json"), "w") as fh:
@@ -349,6 +358,73 @@ def _attention(meta: dict, lib, dev, dry: bool) -> list[dict]:
                         f"rel err {r['max_rel_err']:.1e}")
                 out.append(r)
     return out
+
+
+def _chains(meta: dict, lib, dev, dry: bool, linears: list[dict]) -> list[dict]:
+    """Time the kit's fused chains and the kernels they replace (device timer, back to back,
+    as the ``hot`` linears), each output checked against numpy first; then per kind and W
+    the fused kernel's time beside the sum it replaces (``rms_norm`` + the ``splitk``
+    float16 linear's ``hot_us`` [+ ``silu_mul``])."""
+    import numpy as np
+
+    from hetcomp import _tvm
+
+    rng = np.random.default_rng(3)
+    out, times = [], {}
+    for rec in meta.get("chains", []):
+        w, n, k, eps, act = rec["w"], rec["n"], rec["k"], rec["eps"], rec["activation"]
+        r = {key: rec[key] for key in ("name", "role", "kind", "w", "rule")}
+        if rec["role"] == "fused":
+            x_np = rng.standard_normal((w, k)).astype("float32")
+            g_np = rng.standard_normal(k).astype("float32")
+            w_np = rng.standard_normal((n // 32, k, 32)).astype("float16")
+            args = [x_np, g_np, w_np]
+            ref = _linear_reference(w_np, _norm_reference(x_np, g_np, eps), None)
+            ref = _silu_mul_reference(ref) if act else ref
+        elif rec["role"] == "norm":
+            args = [rng.standard_normal((w, n)).astype("float32"),
+                    rng.standard_normal(n).astype("float32")]
+            ref = _norm_reference(*args, eps)
+        else:
+            args = [rng.standard_normal((w, n)).astype("float32")]
+            ref = _silu_mul_reference(args[0].astype(np.float64))
+        tensors = [_tvm.tensor(a, dev) for a in args]
+        y = _tvm.tensor(np.zeros(ref.shape, "float32"), dev)
+        if not dry:
+            lib[rec["name"]](*tensors, y)
+            r["max_rel_err"] = float(np.abs(y.numpy() - ref).max() / np.abs(ref).max())
+            r["correct"] = bool(r["max_rel_err"] < 1e-3)
+            timer = lib.time_evaluator(rec["name"], dev, number=10, repeat=3, min_repeat_ms=10)
+            r["us"] = times[rec["name"]] = float(np.median(timer(*tensors, y).results)) * 1e6
+            say(f"chain {rec['name']}: {r['us']:.2f} us, rel err {r['max_rel_err']:.1e}")
+        out.append(r)
+    if dry:
+        return out
+    hot = {(x["kind"], x["w"]): x["hot_us"] for x in linears
+           if x["variant"] == "splitk" and x["dtype"] == "float16" and "hot_us" in x}
+    for r in [r for r in out if r["role"] == "fused" and (r["kind"], r["w"]) in hot]:
+        w = r["w"]
+        parts = times[f"norm_w{w}"] + hot[(r["kind"], w)] + (
+            times[f"act_w{w}"] if r["kind"] == "gate_up" else 0.0)
+        r["replaced_us"] = parts
+        say(f"chain {r['kind']} W={w}: fused {r['us']:.2f} us, unfused {parts:.2f} us")
+    return out
+
+
+def _norm_reference(x, gamma, eps: float):
+    """RMSNorm in float64: ``x / rms(x) * gamma`` per row."""
+    import numpy as np
+
+    x = x.astype(np.float64)
+    return x / np.sqrt((x * x).mean(axis=1, keepdims=True) + eps) * gamma
+
+
+def _silu_mul_reference(gate_up):
+    """``silu(gate) * up`` of ``[gate | up]`` columns."""
+    import numpy as np
+
+    gate, up = np.split(gate_up, 2, axis=1)
+    return gate / (1.0 + np.exp(-gate)) * up
 
 
 def _chain_attention(q, k_layer, v_layer, n: int):

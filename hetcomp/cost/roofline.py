@@ -355,12 +355,14 @@ class StepOp:
 
 
 def model_step(shape: ModelShape, w: int, cache_len: int, nnz: int | None = None,
-               device_len: bool = False) -> list[StepOp]:
+               device_len: bool = False, fused_linears: bool = False) -> list[StepOp]:
     """The kernels of one ``verify`` call with ``w`` tree nodes after ``cache_len`` tokens
     (``nnz``: the tree's mask non-zeros, for the sparse attention part). The attention
     kernels (:func:`layer_attention`) carry ``split="attention"``: the planner places them
     together. ``device_len``: the build for CUDA graphs (one attention kernel, and the copy
-    of the tree inputs, ``stage_tree``)."""
+    of the tree inputs, ``stage_tree``). ``fused_linears``: the layers' RMSNorms and gated
+    activation run inside the qkv and gate_up kernels (``passes.fuse_linear_chains``; their
+    bytes and flops are those kernels' own, negligible beside the weights)."""
     nl = shape.layers
     attention = [StepOp(name, feat, nl, "attention") for name, feat in layer_attention(
         shape, w, cache_len, nnz, device_len=device_len).items()]
@@ -375,14 +377,15 @@ def model_step(shape: ModelShape, w: int, cache_len: int, nnz: int | None = None
         StepOp("embed", embed_features(shape, w), 1),
         StepOp("rope_table", rope_table_features(shape, w), rope_tables(shape.sliding_window)),
         *[StepOp(name, norms[name](), count) for name, count in
-          norm_kernels(nl, shape.post_norms, shape.qk_norm).items()],
+          norm_kernels(nl, shape.post_norms, shape.qk_norm, fused_linears).items()],
         StepOp("qkv", linear_features(shape, "qkv", w), nl, "qkv"),
         *([StepOp("bias_add", bias_add_features(shape, w), nl)] if shape.qkv_bias else []),
         StepOp("rope", rope_features(shape, w), nl),
         *attention,
         StepOp("o", linear_features(shape, "o", w), nl, "o"),
         StepOp("gate_up", linear_features(shape, "gate_up", w), nl, "gate_up"),
-        StepOp(ACTIVATION_KERNELS[shape.activation], silu_mul_features(shape, w), nl),
+        *([] if fused_linears else [StepOp(ACTIVATION_KERNELS[shape.activation],
+                                           silu_mul_features(shape, w), nl)]),
         StepOp("down", linear_features(shape, "down", w), nl, "down"),
         StepOp("lm_head", linear_features(shape, "lm_head", w), 1, "lm_head"),
         StepOp("argmax", argmax_features(shape, w), 1),

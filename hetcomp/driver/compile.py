@@ -200,12 +200,12 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
                        prefill_chunk=PREFILL_CHUNK, kv_dtype=opts.cache_dtype,
                        device_len=device_len)
     target = compiler().Target(target_spec)
-    width, width_source = _default_width(opts, cfg, heads, draft_dtype, device_len)
+    fused = (opts.plan is None and (fuses_linears(target) if opts.fuse_linears is None
+                                    else opts.fuse_linears))
+    width, width_source = _default_width(opts, cfg, heads, draft_dtype, device_len, fused)
     cost = _cost_models(opts, cfg, width, heads)
     cost_source = cost.pop("source") if cost else None
     scheduled: list = []
-    fused = (opts.plan is None and (fuses_linears(target) if opts.fuse_linears is None
-                                    else opts.fuse_linears))
     if opts.plan is not None:
         _progress(3, 4, f"partitioning across {', '.join(opts.plan.units)}; compiling", quiet)
         ex = build(mod, target, opts.plan, cost, scheduled)
@@ -391,10 +391,10 @@ def _split_params(mod, cfg, dtype):
 
 
 def _default_width(opts: CompileOptions, cfg, heads, draft_dtype: str,
-                   device_len: bool = False) -> tuple[int, str]:
+                   device_len: bool = False, fused: bool = False) -> tuple[int, str]:
     """The width `generate` uses unless told, and where it comes from: ``--width``, the plan,
-    or the planner on the target's roofline with the heads' statistics (``device_len``: the
-    build's step is the CUDA-graph one)."""
+    or the planner on the target's roofline with the heads' statistics (``device_len``,
+    ``fused``: the build's step is the CUDA-graph one, its linears fused)."""
     if heads is None:
         return 1, "no Medusa heads"
     if opts.default_width is not None:
@@ -416,7 +416,7 @@ def _default_width(opts: CompileOptions, cfg, heads, draft_dtype: str,
                                     draft_vocab=0 if heads.vocab is None else len(heads.vocab),
                                     draft_weight_bytes=dtype_bytes(draft_dtype),
                                     draft_root=heads.u is not None,
-                                    device_len=device_len))
+                                    device_len=device_len, fused_linears=fused))
     return p.width, (f"planner on the roofline of {spec.name} ({spec.notes}): "
                      f"{p.tokens_per_s:.0f} tokens/s predicted at W={p.width}")
 

@@ -114,3 +114,36 @@ def test_chain_attention_reference_matches_the_tree_attention_kernel():
                     _tvm.tensor(np.arange(n, n + w, dtype="int32")), 1, o)
         np.testing.assert_allclose(o.numpy(), run_py._chain_attention(q, kc[1], vc[1], n),
                                    rtol=1e-4, atol=1e-5)
+
+
+def test_chains_check_and_compare_the_fused_kernels():
+    """``run.py gemv``'s fused-chain part, run here with the kernels' CPU forms under the
+    kit's names: every output (fused linear, RMSNorm, SiLU) matches its numpy reference, and
+    each fused kernel is put beside the sum of the kernels it replaces."""
+    from hetcomp import _tvm
+    from hetcomp.kernels import ops
+
+    c = _tvm.compiler()
+    n_qkv, n_gu, k, eps = 96, 192, 64, 1e-5
+    recs = [{"name": "fused_f16_qkv_w2", "role": "fused", "kind": "qkv", "w": 2, "n": n_qkv,
+             "k": k, "eps": eps, "activation": None, "rule": "cpu"},
+            {"name": "fused_f16_gate_up_w2", "role": "fused", "kind": "gate_up", "w": 2,
+             "n": n_gu, "k": k, "eps": eps, "activation": "silu", "rule": "cpu"},
+            {"name": "norm_w2", "role": "norm", "kind": "norm", "w": 2, "n": k, "k": 0,
+             "eps": eps, "activation": None, "rule": "cpu"},
+            {"name": "act_w2", "role": "act", "kind": "act", "w": 2, "n": n_gu, "k": 0,
+             "eps": eps, "activation": "silu", "rule": "cpu"}]
+    funcs = {"fused_f16_qkv_w2": ops.linear(n_qkv, k, "float16", rows=2, norm_eps=eps),
+             "fused_f16_gate_up_w2": ops.linear(n_gu, k, "float16", rows=2, norm_eps=eps,
+                                                activation="silu"),
+             "norm_w2": ops.rms_norm(k, eps, rows=2), "act_w2": ops.silu_mul(n_gu // 2, rows=2)}
+    lib = c.compile(c.IRModule({n: f.with_attr("global_symbol", n) for n, f in funcs.items()}),
+                    target=c.Target({"kind": "llvm"}))
+    linears = [{"variant": "splitk", "dtype": "float16", "kind": kind, "w": 2, "hot_us": 5.0}
+               for kind in ("qkv", "gate_up")]
+    out = run_py._chains({"chains": recs}, lib.mod, _tvm.cpu(), False, linears)
+    assert [r["correct"] for r in out] == [True] * 4, [r.get("max_rel_err") for r in out]
+    times = {r["name"]: r["us"] for r in out}
+    fused = {r["kind"]: r["replaced_us"] for r in out if r["role"] == "fused"}
+    assert fused["qkv"] == times["norm_w2"] + 5.0
+    assert fused["gate_up"] == times["norm_w2"] + 5.0 + times["act_w2"]

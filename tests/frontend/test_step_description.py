@@ -8,6 +8,7 @@ import tvm
 from hetcomp.cost.roofline import ModelShape, model_step
 from hetcomp.frontend import llama
 from hetcomp.kernels.ops import OP_KIND
+from hetcomp.passes import FuseLinearChains
 from hetcomp.testing import TINY, TINY_GEMMA3, TINY_QWEN2
 
 
@@ -25,15 +26,18 @@ def _called_kernels(mod, fn: str) -> Counter:
     return calls
 
 
-def _step_kernels(shape: ModelShape, w: int, device_len: bool = False) -> Counter:
-    """The same stems from :func:`model_step` (linear kinds by their shapes)."""
+def _step_kernels(shape: ModelShape, w: int, device_len: bool = False,
+                  fused: bool = False) -> Counter:
+    """The same stems from :func:`model_step` (linear kinds by their shapes; ``fused``: the
+    qkv and gate_up kernels' names after FuseLinearChains)."""
     stems = {"rope": "rope_kv_dev" if device_len else "rope_kv",
              "attention_sparse": "sparse_tree_attention"}
+    tags = {"qkv": "_norm", "gate_up": f"_norm_{shape.activation}"} if fused else {}
     out = Counter()
-    for op in model_step(shape, w, 64, device_len=device_len):
+    for op in model_step(shape, w, 64, device_len=device_len, fused_linears=fused):
         if op.features.op == "linear":
             n, k, residual = shape.linear_dims(op.split)
-            stem = f"linear{'_res' if residual else ''}_n{n}_k{k}"
+            stem = f"linear{tags.get(op.split, '')}{'_res' if residual else ''}_n{n}_k{k}"
         else:
             stem = stems.get(op.name, op.name)
         out[stem] += op.count
@@ -58,3 +62,14 @@ def test_model_step_is_what_the_cuda_graph_build_runs(w, cfg):
     called = _called_kernels(mod, f"verify_w{w}")
     assert called["tree_attention"] == cfg.num_layers and called["stage_tree"] == 1
     assert _step_kernels(ModelShape.from_config(cfg), w, device_len=True) == called
+
+
+@pytest.mark.parametrize("w", [1, 4])
+@pytest.mark.parametrize("cfg", [TINY, TINY_QWEN2, TINY_GEMMA3], ids=["llama", "qwen2", "gemma3"])
+def test_model_step_is_what_the_fused_gpu_build_runs(w, cfg):
+    """A whole-model GPU build's step: the CUDA-graph build after FuseLinearChains (the
+    layers' norms and activation inside the qkv and gate_up kernels)."""
+    mod = FuseLinearChains()(llama.build_module(cfg, static_widths=(w,), device_len=True))
+    called = _called_kernels(mod, f"verify_w{w}")
+    assert called["rms_norm"] == 1
+    assert _step_kernels(ModelShape.from_config(cfg), w, device_len=True, fused=True) == called

@@ -184,6 +184,12 @@ def test_gemv_kit_builds_and_dry_runs(tmp_path):
     assert tops == {("script", 8192, True), ("script", 8192, False), ("script", 49152, False),
                     ("tvm", 8192, False), ("tvm", 49152, False)}
     assert all(f"{r['name']}_kernel" in source for r in out["topk"])
+    # The fused chains and the kernels they replace, at the kit's widths.
+    assert {(r["role"], r["kind"], r["w"]) for r in out["chains"]} == {
+        (role, kind, w) for w in (1, 4) for role, kind in (
+            ("fused", "qkv"), ("fused", "gate_up"), ("norm", "norm"), ("act", "act"))}
+    assert {r["rule"] for r in out["chains"] if r["role"] == "fused"} == {"gpu.SplitKLinear"}
+    assert all(f"{r['name']}_kernel" in source for r in out["chains"])
 
 
 # The fused forms (FuseLinearChains): a norm before, a gated activation after, or both.
