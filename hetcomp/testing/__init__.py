@@ -98,6 +98,21 @@ def compile_with_random_heads(tmp, model: str, cfg: LlamaConfig, widths, heads: 
     return str(tmp / "art")
 
 
+def compile_fused(tmp, model: str, cfg: LlamaConfig, widths, kernels: set[str]):
+    """:func:`compile_with_random_heads` as a GPU build's module is (the CUDA-graph build,
+    its norms and activations inside the linears: FuseLinearChains), to run on the CPU;
+    checks that the widest verify calls ``kernels`` (the fused ones, and what stays apart)
+    and returns the loaded artifact."""
+    from ..runtime import load_artifact
+
+    art = load_artifact(compile_with_random_heads(tmp, model, cfg, widths, device_len=True,
+                                                  fuse_linears=True))
+    fn = f"verify_w{max(widths)}"
+    called = {k["name"] for k in art.manifest["kernels"] if k["function"] == fn}
+    assert kernels <= called, sorted(called)
+    return art
+
+
 def run_cli(*args, **kwargs):
     """``hetcomp ARGS`` in a fresh process: (exit code, stdout, stderr)."""
     p = subprocess.run([sys.executable, "-m", "hetcomp", *map(str, args)], capture_output=True,

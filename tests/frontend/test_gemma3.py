@@ -16,7 +16,7 @@ from hetcomp.hardware import target_dict
 from hetcomp.plan import HeteroPlan
 from hetcomp.runtime import generate, load_artifact
 from hetcomp.testing import (TINY_GEMMA3, assert_matches_reference, byte_tokenizer_spec, depths,
-                             compile_with_random_heads, tree_mask)
+                             compile_fused, compile_with_random_heads, tree_mask)
 from hetcomp.testing import numpy_llama as ref
 from hetcomp.testing.gguf_writer import write_gguf
 
@@ -77,13 +77,9 @@ def gemma3_fused(tmp_path_factory, gemma3_gguf):
     """The CUDA-graph build with its norms and GeGLU inside the linears, as a GPU build's
     (FuseLinearChains; the post-norms, which add the residual, and the q/k norms stay their
     own kernels), run on the CPU."""
-    path, _ = gemma3_gguf
-    tmp = tmp_path_factory.mktemp("gemma3-fused")
-    art = load_artifact(compile_with_random_heads(tmp, str(path), CFG, WIDTHS,
-                                                  device_len=True, fuse_linears=True))
-    names = {k["name"] for k in art.manifest["kernels"] if k["function"] == "verify_w4"}
-    assert {"linear_norm_gelu_tanh_n192_k64_w4", "rms_norm_res_w4", "qk_norm"} <= names
-    return art
+    return compile_fused(tmp_path_factory.mktemp("gemma3-fused"), str(gemma3_gguf[0]), CFG,
+                         WIDTHS, {"linear_norm_gelu_tanh_n192_k64_w4", "rms_norm_res_w4",
+                                  "qk_norm"})
 
 
 @pytest.mark.parametrize("artifact", ["gemma3_artifact", "gemma3_device_len", "gemma3_fused"])

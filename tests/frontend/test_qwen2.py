@@ -15,7 +15,7 @@ from hetcomp.hardware import target_dict
 from hetcomp.plan import HeteroPlan
 from hetcomp.runtime import generate, load_artifact
 from hetcomp.testing import (TINY_QWEN2, assert_matches_reference, byte_tokenizer_spec, depths,
-                             compile_with_random_heads, tree_mask)
+                             compile_fused, compile_with_random_heads, tree_mask)
 from hetcomp.testing import numpy_llama as ref
 from hetcomp.testing.gguf_writer import write_gguf
 
@@ -63,13 +63,9 @@ def test_loader_reads_biases_untied_head_and_unpermuted_rows(qwen2_gguf):
 def qwen2_fused(tmp_path_factory, qwen2_gguf):
     """As a GPU build's module is: the norms and SwiGLU inside the linears (FuseLinearChains;
     the q/k/v biases stay a kernel after the fused qkv linear), run on the CPU."""
-    path, _, _ = qwen2_gguf
-    tmp = tmp_path_factory.mktemp("qwen2-fused")
-    art = load_artifact(compile_with_random_heads(tmp, str(path), CFG, WIDTHS,
-                                                  device_len=True, fuse_linears=True))
-    names = {k["name"] for k in art.manifest["kernels"] if k["function"] == "verify_w4"}
-    assert {"linear_norm_n128_k64_w4", "linear_norm_silu_n192_k64_w4", "bias_add_w4"} <= names
-    return art
+    return compile_fused(tmp_path_factory.mktemp("qwen2-fused"), str(qwen2_gguf[0]), CFG,
+                         WIDTHS, {"linear_norm_n128_k64_w4", "linear_norm_silu_n192_k64_w4",
+                                  "bias_add_w4"})
 
 
 @pytest.mark.parametrize("artifact", ["qwen2_artifact", "qwen2_fused"])
