@@ -148,7 +148,12 @@ def chain_kernels(target, widths=WIDTHS) -> list[dict]:
     """SmolLM2's fused chains (float16 weights) at each W: ``role`` ``fused`` (the fused
     linear, gpu.SplitKLinear), ``norm`` (``rms_norm``, gpu.RMSNorm) and ``act``
     (``silu_mul``, gpu.PerStageThread): ``name``, ``kind``, ``w``, ``n``, ``k``, ``eps``,
-    ``activation``, ``rule``, ``func``."""
+    ``activation``, ``cols``, ``rule``, ``func``.
+
+    The fused gate_up's thread holds a gate and an up column, so the rule's 16 columns a
+    block (a 32-byte sector of float16) make 96 blocks of its 1536 outputs, half the
+    unfused kernel's 192 and fewer than an H200's 132 SMs; ``cols = 8`` (half-sector reads,
+    192 blocks) is the alternative to time."""
     shape, _ = read_model_shape("smollm2")
     e, f, eps = shape.hidden, shape.intermediate, 1e-5
     out = []
@@ -156,10 +161,12 @@ def chain_kernels(target, widths=WIDTHS) -> list[dict]:
         for kind, act in CHAINS.items():
             n, k, _ = shape.linear_dims(kind)
             func = ops.linear(n, k, "float16", rows=w, norm_eps=eps, activation=act)
-            rule, sched = _first(func, [SplitKLinearRule()], target)
-            out.append({"name": f"fused_f16_{kind}_w{w}", "role": "fused", "kind": kind,
-                        "w": w, "n": n, "k": k, "eps": eps, "activation": act, "rule": rule,
-                        "func": sched})
+            for sector, tag in ((32, ""), *(((16, "8"),) if act else ())):
+                rule, sched = _first(func, [SplitKLinearRule(sector_bytes=sector)], target)
+                out.append({"name": f"fused{tag}_f16_{kind}_w{w}", "role": "fused",
+                            "kind": kind, "w": w, "n": n, "k": k, "eps": eps,
+                            "activation": act, "cols": sector // 2, "rule": rule,
+                            "func": sched})
         for role, func, rules, n in (
                 ("norm", ops.rms_norm(e, eps, rows=w), [RMSNormRule()], e),
                 ("act", ops.silu_mul(f, rows=w), [PerStageThreadRule()], 2 * f)):
