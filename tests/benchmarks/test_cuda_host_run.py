@@ -147,3 +147,20 @@ def test_chains_check_and_compare_the_fused_kernels():
     fused = {r["kind"]: r["replaced_us"] for r in out if r["role"] == "fused"}
     assert fused["qkv"] == times["norm_w2"] + 5.0
     assert fused["gate_up"] == times["norm_w2"] + 5.0 + times["act_w2"]
+
+
+def test_summary_puts_the_fused_step_beside_the_unfused(capsys):
+    """The last lines `run` prints: per artifact the issue's ratios, then the fused build's
+    verify step over the unfused one's at each width."""
+    def artifact(step_ms):
+        return {"w1": {"tokens_per_s": 100.0, "identical_to_sequential": True},
+                "w4": {"tokens_per_s": 180.0, "identical_to_sequential": True},
+                "speculative_speedup": {"width": 4, "x": 1.8},
+                "step_s": {str(w): step_ms * 1e-3 for w in (1, 4, 16, 64)},
+                "identical_to_first_artifact": True}
+
+    run_py._summary({"eager": {"tokens_per_s": 50.0},
+                     "artifacts": {"gpu": artifact(0.6), "gpu-unfused": artifact(0.8)}})
+    err = capsys.readouterr().err
+    assert "gpu: sequential 100.0 tok/s = 2.00x eager" in err
+    assert "gpu step / gpu-unfused step: W=1 0.75, W=4 0.75, W=16 0.75, W=64 0.75" in err
