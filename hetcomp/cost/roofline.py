@@ -360,9 +360,10 @@ def model_step(shape: ModelShape, w: int, cache_len: int, nnz: int | None = None
     (``nnz``: the tree's mask non-zeros, for the sparse attention part). The attention
     kernels (:func:`layer_attention`) carry ``split="attention"``: the planner places them
     together. ``device_len``: the build for CUDA graphs (one attention kernel, and the copy
-    of the tree inputs, ``stage_tree``). ``fused_linears``: the layers' RMSNorms and gated
-    activation run inside the qkv and gate_up kernels (``passes.fuse_linear_chains``; their
-    bytes and flops are those kernels' own, negligible beside the weights)."""
+    of the tree inputs, ``stage_tree``). ``fused_linears``: the layers' RMSNorms, gated
+    activation and q/k/v bias run inside the qkv and gate_up kernels
+    (``passes.fuse_linear_chains``; their bytes and flops are those kernels' own, negligible
+    beside the weights)."""
     nl = shape.layers
     attention = [StepOp(name, feat, nl, "attention") for name, feat in layer_attention(
         shape, w, cache_len, nnz, device_len=device_len).items()]
@@ -379,7 +380,8 @@ def model_step(shape: ModelShape, w: int, cache_len: int, nnz: int | None = None
         *[StepOp(name, norms[name](), count) for name, count in
           norm_kernels(nl, shape.post_norms, shape.qk_norm, fused_linears).items()],
         StepOp("qkv", linear_features(shape, "qkv", w), nl, "qkv"),
-        *([StepOp("bias_add", bias_add_features(shape, w), nl)] if shape.qkv_bias else []),
+        *([StepOp("bias_add", bias_add_features(shape, w), nl)]
+          if shape.qkv_bias and not fused_linears else []),
         StepOp("rope", rope_features(shape, w), nl),
         *attention,
         StepOp("o", linear_features(shape, "o", w), nl, "o"),

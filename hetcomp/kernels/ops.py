@@ -93,7 +93,7 @@ def _rows(rows: int | None):
 
 
 def linear(n: int, k: int, wdtype: str, residual: bool = False, rows: int | None = None,
-           norm_eps: float | None = None, activation: str | None = None):
+           norm_eps: float | None = None, activation: str | None = None, bias: bool = False):
     """``y[w, n] = x[w, k] @ W.T (+ r[w, n])`` with W packed ``[n // B, k, B]``.
 
     The fused forms (:class:`~hetcomp.passes.fuse_linear_chains.FuseLinearChains`) take the
@@ -107,21 +107,24 @@ def linear(n: int, k: int, wdtype: str, residual: bool = False, rows: int | None
     - ``activation`` (a key of :data:`ACTIVATIONS`): the ``n`` weight columns are
       ``[gate | up]`` and the kernel writes ``act(gate) * up``, ``[w, n / 2]``. ``matmul`` is
       ``[w, 2, n / 2]`` (half 0 the gate), so one thread can hold both halves of a column.
+    - ``bias``: ``+ b[n]`` (Qwen2's q/k/v bias, :func:`bias_add`), the argument after W.
 
     A fused kernel writes its result in the block ``epilogue`` and takes no residual.
     """
     c = compiler()
     te, tir, b = c.te, c.tir, pack_block(n)
     w = _rows(rows)
-    fused = norm_eps is not None or activation is not None
-    if fused and residual:
-        raise ValueError("a fused linear takes no residual")
+    fused = norm_eps is not None or activation is not None or bias
+    if fused and residual or bias and activation is not None:
+        raise ValueError("a fused linear takes no residual, a gated one no bias")
     x = te.placeholder((w, k), "float32", name="x")
     wp = te.placeholder(packed_shape(n, k), wdtype, name="wp")
     r = te.reduce_axis((0, k), name="k")
     gamma = te.placeholder((k,), "float32", name="gamma") if norm_eps is not None else None
     args = [x] if gamma is None else [x, gamma]
     args.append(wp)
+    b_in = te.placeholder((n,), "float32", name="bias") if bias else None
+    args += [b_in] if bias else []
 
     def dot(i, col):  # x's row (times gamma) against column col of W
         xin = x[i, r] if gamma is None else x[i, r] * gamma[r]
@@ -149,7 +152,8 @@ def linear(n: int, k: int, wdtype: str, residual: bool = False, rows: int | None
         return tir.rsqrt(ss[i] / float(k) + tir.const(norm_eps, "float32"))
 
     if activation is None:
-        out = te.compute((w, n), lambda i, j: y[i, j] * scale(i), name="epilogue")
+        out = te.compute((w, n), lambda i, j: y[i, j] * scale(i) + b_in[j] if bias
+                         else y[i, j] * scale(i), name="epilogue")
     else:
         act = ACTIVATION_FNS[activation]
 
@@ -162,6 +166,8 @@ def linear(n: int, k: int, wdtype: str, residual: bool = False, rows: int | None
     attrs = {"norm_eps": float(norm_eps)} if norm_eps is not None else {}
     if activation is not None:
         attrs["activation"] = activation
+    if bias:
+        attrs["bias"] = 1
     return _finish(te.create_prim_func([*args, out], index_dtype_override="int64"), "linear",
                    n=n, k=k, block=b, residual=0, **attrs)
 
@@ -170,7 +176,7 @@ def is_fused_linear(func) -> bool:
     """Whether a ``linear`` kernel is one of :func:`linear`'s fused forms."""
     attrs = func.attrs
     return (attrs is not None and str(attrs.get(OP_KIND, "")) == "linear"
-            and ("hetcomp.norm_eps" in attrs or "hetcomp.activation" in attrs))
+            and any(f"hetcomp.{a}" in attrs for a in ("norm_eps", "activation", "bias")))
 
 
 def embed(vocab: int, hidden: int, wdtype: str, rows: int | None = None, scale: float = 1.0):
@@ -528,4 +534,5 @@ def bias_add(n: int, rows: int | None = None):
     x = te.placeholder((w, n), "float32", name="x")
     b = te.placeholder((n,), "float32", name="bias")
     y = te.compute((w, n), lambda i, j: x[i, j] + b[j], name="bias_add")
-    return _finish(te.create_prim_func([x, b, y], index_dtype_override="int64"), "elementwise")
+    return _finish(te.create_prim_func([x, b, y], index_dtype_override="int64"), "elementwise",
+                   bias=1)

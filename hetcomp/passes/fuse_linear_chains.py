@@ -8,15 +8,18 @@ number, not by bytes. This pass rewrites
 
     h = rms_norm(x, gamma);  y = linear(h, W)          ->  y = linear[norm](x, gamma, W)
     g = linear(h, W);        a = silu_mul(g)           ->  a = linear[act](h, W)
+    y = linear(h, W);        z = bias_add(y, b)        ->  z = linear[bias](h, W, b)
 
-(both at once for the MLP: ``a = linear[norm, act](x, gamma, W)``): the fused forms of
+(norm and activation at once for the MLP, ``a = linear[norm, act](x, gamma, W)``; norm and
+bias for Qwen2's qkv, ``z = linear[norm, bias](x, gamma, W, b)``): the fused forms of
 :func:`hetcomp.kernels.ops.linear`, which the GPU linear rules schedule. A SmolLM2 verify
 step goes from 276 kernels to 186.
 
 What is fused: a float linear (not block-quantized) without a residual, at a static width
 (``verify_w{W}``, ``prefill_w{C}``: the functions a CUDA graph captures), whose input is an
 ``rms_norm`` without a residual (Gemma's post-norm adds one) or whose output feeds an
-activation kernel (``silu_mul``, ``gelu_mul``), when that intermediate has no other use (the
+activation kernel (``silu_mul``, ``gelu_mul``) or a ``bias_add``, when that intermediate has
+no other use (the
 final norm's output is also the Medusa heads' input, so it stays). Everything else is left
 as it is. Run before LegalizeOps and the schedule rules, on a module that is not partitioned
 (PartitionHetero splits linears by columns; a split gate_up would separate gate from up).
@@ -25,7 +28,7 @@ as it is. Run before LegalizeOps and the schedule rules, on a module that is not
 from __future__ import annotations
 
 from .._tvm import compiler
-from ..kernels.ops import OP_KIND, linear
+from ..kernels.ops import OP_KIND, is_fused_linear, linear
 
 _c = compiler()
 
@@ -49,7 +52,7 @@ def _fusible_linear(func) -> bool:
     """A float linear without a residual, its rows static: what the fused forms cover."""
     return (str(_attr(func, OP_KIND, "")) == "linear" and "hetcomp.qtype" not in func.attrs
             and not int(_attr(func, "hetcomp.residual", 0))
-            and "hetcomp.norm_eps" not in func.attrs and "hetcomp.activation" not in func.attrs
+            and not is_fused_linear(func)
             and isinstance(func.params[0].shape[0], _c.tir.IntImm))
 
 
@@ -77,22 +80,24 @@ class _Chains:
         self.defs = {b.var: b.value for block in func.body.blocks for b in block.bindings}
         self.dropped: set = set()
         self.kernels: dict[str, object] = {}
-        # The linears whose output an activation takes in: fused there, with their norm.
-        self.into_act = {b.value.args[1].fields[0] for b in
-                         (b for block in func.body.blocks for b in block.bindings)
-                         if self._act_input(b.value) is not None}
+        # The linears whose output an activation or a bias takes in: fused there (with
+        # their norm).
+        self.into_tail = {b.value.args[1].fields[0] for b in
+                          (b for block in func.body.blocks for b in block.bindings)
+                          if self._tail_input(b.value) is not None}
 
-    def _act_input(self, value):
-        """The linear call (GlobalVar, PrimFunc, kind) an activation kernel's ``value`` can
-        take in, else None."""
+    def _tail_input(self, value):
+        """The linear call (GlobalVar, PrimFunc, kind) the kernel after a linear (an
+        activation, a bias add: ``value``) can take in, else None."""
         found = _callee(self.mod, value)
-        if found is None or found[2] != "elementwise" or "hetcomp.activation" not in (
-                found[1].attrs):
+        if found is None or found[2] != "elementwise" or not (
+                "hetcomp.activation" in found[1].attrs or "hetcomp.bias" in found[1].attrs):
             return None
         lin = self._single_use_call(value.args[1].fields[0], "linear")
-        if lin is None or not _fusible_linear(lin[1]) or int(lin[1].attrs["hetcomp.n"]) % 2:
+        if lin is None or not _fusible_linear(lin[1]):
             return None
-        return lin
+        gated = "hetcomp.activation" in found[1].attrs
+        return None if gated and int(lin[1].attrs["hetcomp.n"]) % 2 else lin
 
     def _single_use_call(self, var, kind: str):
         """The call defining ``var`` when it is a ``kind`` kernel's and ``var`` has one use."""
@@ -101,15 +106,16 @@ class _Chains:
         found = _callee(self.mod, self.defs.get(var))
         return found if found is not None and found[2] == kind else None
 
-    def _kernel(self, gv, func, norm_eps, activation):
+    def _kernel(self, gv, func, norm_eps, activation, bias):
         tags = "".join(t for t, on in (("_norm", norm_eps is not None),
-                                       (f"_{activation}", activation is not None)) if on)
+                                       (f"_{activation}", activation is not None),
+                                       ("_bias", bias)) if on)
         name = gv.name_hint.replace("linear", "linear" + tags, 1)
         if name not in self.kernels:
             n, k = int(func.attrs["hetcomp.n"]), int(func.attrs["hetcomp.k"])
             rows = int(func.params[0].shape[0])
             fused = linear(n, k, str(func.params[1].dtype), rows=rows, norm_eps=norm_eps,
-                           activation=activation).with_attr("global_symbol", name)
+                           activation=activation, bias=bias).with_attr("global_symbol", name)
             self.kernels[name] = self.bb.add_func(fused, name)
         return self.kernels[name]
 
@@ -120,12 +126,13 @@ class _Chains:
         if found is None:
             return None
         _, func, kind = found
-        act, lin = None, self._act_input(binding.value)
-        if lin is not None:
-            (gu,) = binding.value.args[1].fields
-            act, lin_call = str(func.attrs["hetcomp.activation"]), self.defs[gu]
-            self.dropped.add(gu)
-        elif kind == "linear" and _fusible_linear(func) and binding.var not in self.into_act:
+        act, bias, lin = None, [], self._tail_input(binding.value)
+        if lin is not None:  # an activation (its one argument) or a bias add (x, b)
+            y, *bias = binding.value.args[1].fields
+            act = str(func.attrs["hetcomp.activation"]) if not bias else None
+            lin_call = self.defs[y]
+            self.dropped.add(y)
+        elif kind == "linear" and _fusible_linear(func) and binding.var not in self.into_tail:
             lin, lin_call = found, binding.value
         else:
             return None
@@ -133,13 +140,13 @@ class _Chains:
         norm = self._single_use_call(x, "rms_norm")
         if norm is not None and "hetcomp.residual" not in norm[1].attrs:
             eps = float(norm[1].attrs["hetcomp.norm_eps"])
-            args = list(self.defs[x].args[1].fields) + [weight]  # x, gamma, W
+            args = [*self.defs[x].args[1].fields, weight, *bias]  # x, gamma, W (, b)
             self.dropped.add(x)
-        elif act is not None:
-            eps, args = None, [x, weight]
+        elif act is not None or bias:
+            eps, args = None, [x, weight, *bias]
         else:
             return None
-        gv = self._kernel(lin[0], lin[1], eps, act)
+        gv = self._kernel(lin[0], lin[1], eps, act, bool(bias))
         return relax.VarBinding(binding.var, relax.call_tir(gv, args, binding.var.ty))
 
 

@@ -61,11 +61,11 @@ def test_loader_reads_biases_untied_head_and_unpermuted_rows(qwen2_gguf):
 
 @pytest.fixture(scope="module")
 def qwen2_fused(tmp_path_factory, qwen2_gguf):
-    """As a GPU build's module is: the norms and SwiGLU inside the linears (FuseLinearChains;
-    the q/k/v biases stay a kernel after the fused qkv linear), run on the CPU."""
+    """As a GPU build's module is: the norms, q/k/v biases and SwiGLU inside the linears
+    (FuseLinearChains), run on the CPU."""
     return compile_fused(tmp_path_factory.mktemp("qwen2-fused"), str(qwen2_gguf[0]), CFG,
-                         WIDTHS, {"linear_norm_n128_k64_w4", "linear_norm_silu_n192_k64_w4",
-                                  "bias_add_w4"})
+                         WIDTHS, {"linear_norm_bias_n128_k64_w4",
+                                  "linear_norm_silu_n192_k64_w4"})
 
 
 @pytest.mark.parametrize("artifact", ["qwen2_artifact", "qwen2_fused"])

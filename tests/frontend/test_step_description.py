@@ -32,7 +32,8 @@ def _step_kernels(shape: ModelShape, w: int, device_len: bool = False,
     qkv and gate_up kernels' names after FuseLinearChains)."""
     stems = {"rope": "rope_kv_dev" if device_len else "rope_kv",
              "attention_sparse": "sparse_tree_attention"}
-    tags = {"qkv": "_norm", "gate_up": f"_norm_{shape.activation}"} if fused else {}
+    tags = {"qkv": "_norm_bias" if shape.qkv_bias else "_norm",
+            "gate_up": f"_norm_{shape.activation}"} if fused else {}
     out = Counter()
     for op in model_step(shape, w, 64, device_len=device_len, fused_linears=fused):
         if op.features.op == "linear":

@@ -8,7 +8,7 @@ from hetcomp import _tvm
 from hetcomp.frontend.llama import build_module
 from hetcomp.kernels import ops, quant
 from hetcomp.passes import FuseLinearChains
-from hetcomp.testing import TINY, TINY_GEMMA3
+from hetcomp.testing import TINY, TINY_GEMMA3, TINY_QWEN2
 
 c = _tvm.compiler()
 relax, tt = c.relax, c.TensorType
@@ -129,22 +129,24 @@ def _kernel_calls(mod, fn):
             if isinstance(b.value, relax.Call) and b.value.op.same_as(c.call_tir_op)]
 
 
-@pytest.mark.parametrize("cfg,act", [(TINY, "silu"), (TINY_GEMMA3, "gelu_tanh")],
-                         ids=["llama", "gemma3"])
+@pytest.mark.parametrize("cfg,act", [(TINY, "silu"), (TINY_GEMMA3, "gelu_tanh"),
+                                     (TINY_QWEN2, "silu")], ids=["llama", "gemma3", "qwen2"])
 def test_a_layer_runs_three_kernels_fewer(cfg, act):
-    """The CUDA-graph build's verify_w4: per layer the two norms and the activation go into
-    the qkv and gate_up kernels (9 kernels a layer become 6; Gemma's post-norms and q/k norms
-    stay), and nothing else changes."""
+    """The CUDA-graph build's verify_w4: per layer the two norms and the activation (and
+    Qwen2's q/k/v bias) go into the qkv and gate_up kernels (9 kernels a layer become 6;
+    Gemma's post-norms and q/k norms stay), and nothing else changes."""
     mod = build_module(cfg, "float16", static_widths=(4,), device_len=True)
     before, after = _kernel_calls(mod, "verify_w4"), _kernel_calls(
         FuseLinearChains()(mod), "verify_w4")
-    assert len(before) - len(after) == 3 * cfg.num_layers
+    assert len(before) - len(after) == (4 if cfg.qkv_bias else 3) * cfg.num_layers
     fused = [n for n in after if n.startswith("linear_norm")]
-    assert fused == [f"linear_norm_n{cfg.qkv_size}_k{cfg.hidden_size}_w4",
+    qkv = "_bias" if cfg.qkv_bias else ""
+    assert fused == [f"linear_norm{qkv}_n{cfg.qkv_size}_k{cfg.hidden_size}_w4",
                      f"linear_norm_{act}_n{2 * cfg.intermediate_size}_k{cfg.hidden_size}_w4"
                      ] * cfg.num_layers
     dropped = {"rms_norm_w4": 2 * cfg.num_layers,
-               ("silu_mul_w4" if act == "silu" else "gelu_mul_w4"): cfg.num_layers}
+               ("silu_mul_w4" if act == "silu" else "gelu_mul_w4"): cfg.num_layers,
+               "bias_add_w4": cfg.num_layers if cfg.qkv_bias else 0}
     for name, count in dropped.items():
         assert before.count(name) - after.count(name) == count, name
     assert after.count("rms_norm_w4") == 1  # the final norm: the Medusa heads read it too

@@ -295,3 +295,26 @@ def test_compile_for_cuda_fuses_unless_told_not_to(tmp_path):
     assert set(fused) == {"linear_norm_n128_k64_w1", "linear_norm_silu_n192_k64_w1",
                           "linear_norm_n128_k64_w64", "linear_norm_silu_n192_k64_w64"}
     assert set(fused.values()) == {"gpu.SplitKLinear"}
+
+
+@pytest.mark.parametrize("eps", [1e-5, None], ids=["norm_bias", "bias"])
+@pytest.mark.parametrize("rule,rows", [(SplitKLinearRule(), 1), (SplitKLinearRule(), 16),
+                                       (LinearColumnRule(), None)],
+                         ids=["splitk_w1", "splitk_w16", "column_wsym"])
+def test_fused_bias_matches_numpy(eps, rule, rows):
+    """Qwen2's qkv: the q/k/v bias added in the fused kernel's epilogue (after the norm's
+    scale), under both rules, thread loops serial."""
+    rng = np.random.default_rng(11)
+    n, k, w = 96, 64, rows or 5
+    x = rng.standard_normal((w, k)).astype("float32")
+    g, b = rng.standard_normal(k).astype("float32"), rng.standard_normal(n).astype("float32")
+    wt = rng.standard_normal((n, k)).astype("float16")
+    func = rule.apply(ops.linear(n, k, "float16", rows=rows, norm_eps=eps, bias=True), CUDA,
+                      False).mod["main"]
+    lib = c.compile(c.IRModule({"main": serial_threads(func, len(thread_bindings(func)),
+                                                       "every thread loop")}), target=HOST)
+    y = _tvm.tensor(np.zeros((w, n), "float32"))
+    args = [x, *([g] if eps else []), ops.pack_linear_weight(wt, "float16"), b]
+    lib["main"](*[_tvm.tensor(a) for a in args], y)
+    np.testing.assert_allclose(y.numpy(), _fused_reference(x, g, wt, eps, None) + b, rtol=1e-5,
+                               atol=1e-4)
