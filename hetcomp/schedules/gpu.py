@@ -312,7 +312,8 @@ def _fused_split_k(sch, func, cols: int, slices: int) -> list:
     # Step 5. Zero the accumulators before their reductions.
     rf_init = sch.decompose_reduction(rf, sch.get_loops(rf)[3])
     mm_init = sch.decompose_reduction(mm, wt)
-    return [sch.get_loops(rf_init)[-1], sch.get_loops(rf)[-1], sch.get_loops(partial)[-1],
+    # nvcc unrolls a thread's rows and halves (their accumulators are then registers).
+    return [*sch.get_loops(rf_init)[3:], *sch.get_loops(rf)[4:], *sch.get_loops(partial)[3:],
             wio, *wh, sch.get_loops(mm_init)[-1], eio]
 
 
