@@ -17,7 +17,8 @@ compiled kernels for the GPU host.
 
 The kit also holds SmolLM2's ``tree_attention`` (the CUDA-graph build's attention, float16
 cache) with one group of T threads a block (session 10's kernel) and with the default groups
-(256 threads a block); ``run.py gemv`` times each at W = 1, 4, 16, 64 over cache lengths
+(256 threads a block), and the default groups reducing in pairs (the kernel before the
+8-way reductions); ``run.py gemv`` times each at W = 1, 4, 16, 64 over cache lengths
 ``ATTN_CACHE``; the Medusa draft's top-k, ``script_ops.topk_rows`` against TVM's GPU
 ``topk`` (a sort), at the shipped draft's shape and over the whole vocabulary; and the two
 chains FuseLinearChains fuses (float16): ``rms_norm -> qkv`` and ``rms_norm -> gate_up ->
@@ -63,7 +64,10 @@ KINDS = ("qkv", "o", "gate_up", "down", "lm_head")
 WIDTHS = (1, 4, 16, 64)
 VARIANTS = ("column", "splitk", "dlight", "dlight_nt")
 DTYPES = ("float16", "float32", *quant.QUANT_DTYPES)
-ATTN_GROUPS = (1, None)  # one group of T threads (session 10), the default groups
+# (groups, fan-in): one group of T threads (session 10), the default groups, and the default
+# groups reducing in pairs (log2 T barriers a reduction, session 12's kernel)
+ATTN_VARIANTS = ((1, script_ops.TREE_REDUCE_FAN_IN), (None, script_ops.TREE_REDUCE_FAN_IN),
+                 (None, 2))
 ATTN_CACHE = (128, 512, 1984)  # committed keys when timing tree_attention
 _SHORT = {"float16": "f16", "float32": "f32", "q4_0": "q40", "q4_1": "q41", "q8_0": "q80"}
 
@@ -178,17 +182,18 @@ def chain_kernels(target, widths=WIDTHS) -> list[dict]:
 
 
 def attention_kernels() -> list[dict]:
-    """SmolLM2's ``tree_attention`` (float16 cache) per :data:`ATTN_GROUPS`: ``name``,
-    ``groups`` (as built), the shape arguments and ``func`` (GPU form)."""
+    """SmolLM2's ``tree_attention`` (float16 cache) per :data:`ATTN_VARIANTS`: ``name``,
+    ``groups`` (as built), ``fan_in``, the shape arguments and ``func`` (GPU form)."""
     shape, _ = read_model_shape("smollm2", "float16")
     args = [shape.heads, shape.kv_heads, shape.head_dim, shape.layers, shape.max_context]
     out = []
-    for groups in ATTN_GROUPS:
+    for groups, fan_in in ATTN_VARIANTS:
         func = script_ops.for_gpu(script_ops.tree_attention(*args, kv_dtype="float16",
-                                                            groups=groups))
+                                                            groups=groups, fan_in=fan_in))
         built = json.loads(str(func.attrs[script_ops.ARGS_ATTR]))["groups"]
-        out.append({"name": f"tree_attention_g{built}", "groups": built, "args": args,
-                    "kv_dtype": "float16", "func": func})
+        tag = "" if fan_in == script_ops.TREE_REDUCE_FAN_IN else f"_f{fan_in}"
+        out.append({"name": f"tree_attention_g{built}{tag}", "groups": built,
+                    "fan_in": fan_in, "args": args, "kv_dtype": "float16", "func": func})
     return out
 
 

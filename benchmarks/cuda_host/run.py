@@ -345,7 +345,8 @@ def _attention(meta: dict, lib, dev, dry: bool) -> list[dict]:
                 mask = _tvm.tensor(np.tril(np.ones((w, w), "int32")), dev)
                 pos = _tvm.tensor(np.arange(n, n + w, dtype="int32"), dev)
                 o = _tvm.tensor(np.zeros((w, hq, d), "float32"), dev)
-                r = {"name": rec["name"], "groups": rec["groups"], "w": w, "cache": n}
+                r = {"name": rec["name"], "groups": rec["groups"],
+                     "fan_in": rec.get("fan_in"), "w": w, "cache": n}
                 ref = _chain_attention(q_np, kc_np[1], vc_np[1], n)
                 if not dry:
                     lib[rec["name"]](q, kc, vc, mask, pos, 1, o)

@@ -16,6 +16,7 @@ import math
 
 from tvm.script import tirx as T
 
+from .._tvm import compiler
 from .ops import OP_KIND
 
 ARGS_ATTR = "hetcomp.script_args"
@@ -302,6 +303,22 @@ def draft_tokens(heads: int, topk: int, gpu: bool = False):
         ARGS_ATTR, json.dumps({"args": [heads, topk]}))
 
 
+def _fold(combine, red, t, stride, fan, fan_in: int):
+    """``red[t]`` combined with ``red[t + u * stride]`` for ``u < fan`` (at most ``fan_in``),
+    as one expression: a thread reads its slots and writes its own in one statement, which
+    TVM's ThreadSync needs no barrier inside (a read, then a write, of a shared buffer under
+    a condition is where it cannot place one). ``fan`` folds to a constant once the levels'
+    loop is unrolled; the slots past it are never read (``if_then_else`` evaluates one
+    branch)."""
+    tir = compiler().tir
+    acc = tir.BufferLoad(red, [t])
+    for u in range(1, fan_in):
+        k = tir.IntImm("int64", u)
+        acc = tir.if_then_else(k < fan, combine(acc, tir.BufferLoad(red, [t + k * stride])),
+                               acc)
+    return acc
+
+
 @T.macro
 def _no_sync():
     T.evaluate(0)
@@ -314,11 +331,14 @@ def _block_sync():
 
 #: Threads a ``tree_attention`` block aims for: groups of ``T`` threads, each on its own chunk.
 TREE_ATTENTION_THREADS = 256
+#: Values a ``tree_attention`` thread combines per level of a group's reductions: 8 makes a
+#: 64-thread group's max and sum two levels (two barriers) each, where pairs took six.
+TREE_REDUCE_FAN_IN = 8
 
 
 def tree_attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, context: int,
                    gpu: bool = False, kv_dtype: str = "float32", window: int = 0,
-                   groups: int | None = None):
+                   groups: int | None = None, fan_in: int = TREE_REDUCE_FAN_IN):
     """Tree attention with the cache length read on the device, for CUDA graphs: the fused
     masked attention of :func:`hetcomp.kernels.ops.attention` (``part="full"``) with every
     shape static but the rows, so one captured graph serves every cache length.
@@ -336,7 +356,9 @@ def tree_attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int
     keys with its own online softmax, so that at W = 1 (one block per head) a block still
     has ``groups`` chunks of loads in flight. In a group a thread scores one key (the K cache
     is position-major, so the loads are coalesced; the head dimension's loop is unrolled, its
-    loads independent), a shared-memory tree reduction gives the chunk's max and sum, and
+    loads independent), a shared-memory tree reduction gives the chunk's max and sum (each
+    level a thread combines ``fan_in`` values, a barrier a level: 2 levels for a group of 64
+    with the default 8, 6 with pairs), and
     thread ``d < D`` accumulates output element d over the chunk's values (a V row is
     contiguous; keys the row cannot see are skipped). The groups' running max, sum and output
     live in shared memory and are merged exactly at the end (the log-sum-exp rule of
@@ -349,7 +371,10 @@ def tree_attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int
     kvd, rep = kv_dtype, num_heads // num_kv_heads
     nt = max(32, 1 << (d - 1).bit_length())
     ng = groups or max(1, TREE_ATTENTION_THREADS // nt)
-    levels = nt.bit_length() - 1  # tree-reduction steps over nt values
+    # Tree-reduction levels over nt values: at level l the slots 1 << (l * lf) apart, at
+    # most fan_in of them (nt and fan_in are powers of two).
+    lf = fan_in.bit_length() - 1
+    levels = -(-(nt.bit_length() - 1) // lf)
     limit = window or c + 1  # key distance bound: every key is nearer than c + 1
     scale = 1.0 / math.sqrt(d)
     blocks, threads = _loop_kinds(gpu)
@@ -363,11 +388,15 @@ def tree_attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int
     # expression of it), and would otherwise ask for a barrier inside a condition.
     @T.macro
     def tree_reduce(red, combine):
-        for lv in range(T.int64(levels)):
+        for level in T.unroll(T.int64(levels)):
             for t in threads(span):
-                half = T.shift_right(T.int64(nt), lv + 1)
-                if t % nt < half:
-                    red[t] = combine(red[t], red[t + half])
+                # Slots 1 << (level * lf) apart, up to fan_in of them (inline expressions:
+                # constants once the level loop is unrolled).
+                if t % nt % (T.shift_left(T.int64(1), level * lf) * T.min(
+                        T.int64(fan_in), T.shift_right(T.int64(nt), level * lf))) == 0:
+                    red[t] = _fold(combine, red, t, T.shift_left(T.int64(1), level * lf),
+                                   T.min(T.int64(fan_in), T.shift_right(T.int64(nt), level * lf)),
+                                   fan_in)
             sync()
 
     @T.prim_func(private=True)
@@ -484,7 +513,7 @@ def tree_attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int
                     out[i, h, t] = num[0] / den[0]
 
     recorded = {"args": [num_heads, num_kv_heads, head_dim, layers, context],
-                "kv_dtype": kv_dtype, "groups": ng}
+                "kv_dtype": kv_dtype, "groups": ng, "fan_in": fan_in}
     if window:
         recorded["window"] = window
     return tree_attention_func.with_attr(OP_KIND, "tree_attention").with_attr(
@@ -636,8 +665,8 @@ def for_gpu(func, gpu: bool = True):
              "tree_attention": tree_attention, "stage_tree": stage_tree,
              "stage_draft": stage_draft, "topk": topk_rows,
              "draft_tokens": draft_tokens}[str(attrs[OP_KIND])]
-    kw = {key: recorded[key] for key in ("kv_dtype", "device_len", "window", "groups", "mapped")
-          if key in recorded}
+    kw = {key: recorded[key] for key in ("kv_dtype", "device_len", "window", "groups", "mapped",
+                                         "fan_in") if key in recorded}
     out = build(*recorded["args"], gpu=gpu, **kw)
     for key in ("global_symbol", "target", "hetcomp.cost"):  # AnnotateCost's too
         if key in attrs:

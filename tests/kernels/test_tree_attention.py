@@ -73,9 +73,9 @@ def test_gpu_form_is_one_block_per_row_with_barriers(groups, threads):
     src = cuda_source(kernel_library(func, "cuda"))
     assert f"__launch_bounds__({threads})" in src
     assert src.count("__shared__") == 5
-    # init; per round: scores, max's tree levels (one loop), new max, weights, sum's tree
-    # levels, values, sum, max
-    assert src.count("__syncthreads()") == 9
+    # init; per round: scores, max's two tree levels (8 slots, then 4 or 8), new max,
+    # weights, sum's two levels, values, sum, max: 10 a round (18 with pairs for D = 64)
+    assert src.count("__syncthreads()") == 11
     assert f"((total_ptr[0] + (int64_t){threads - 1}) >> (int64_t)" in src
     assert src.count("k_cache_ptr[") == D and src.count("v_cache_ptr[") == 32
 
@@ -94,3 +94,23 @@ def test_gpu_form_compiles_with_nvcc(tmp_path, head_dim, kv_dtype):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "used 1 barriers" in out.stderr
     assert "0 bytes stack frame, 0 bytes spill stores" in out.stderr  # 64 or 256 loads unrolled
+
+
+@pytest.mark.parametrize("fan_in", [2, 4, 8])
+def test_any_fan_in_gives_the_same_attention(fan_in):
+    """The group reductions combine ``fan_in`` slots a level (pairs: log2 T levels; 8: two
+    for T = 64): 32-thread groups over a cache of several chunks, against numpy."""
+    func = script_ops.tree_attention(H, G, D, LAYERS, CONTEXT, kv_dtype="float32",
+                                     fan_in=fan_in)
+    assert json.loads(str(func.attrs[script_ops.ARGS_ATTR]))["fan_in"] == fan_in
+    lib = kernel_library(func, "host")
+    rng = np.random.default_rng(fan_in)
+    n, parents = 45, [-1, 0, 1, 1, 0]
+    mask, pos = tree_mask(parents).astype("int32"), (n + depths(parents)).astype("int32")
+    kc = rng.standard_normal((LAYERS, G, D, CONTEXT)).astype("float32")
+    vc = rng.standard_normal((LAYERS, G, CONTEXT, D)).astype("float32")
+    q = rng.standard_normal((H, 5, D)).astype("float32")
+    out = _tvm.tensor(np.zeros((5, H, D), "float32"))
+    lib["main"](*map(_tvm.tensor, (q, kc, vc, mask, pos)), 0, out)
+    np.testing.assert_allclose(out.numpy(), reference(q, kc, vc, mask, pos, 0), rtol=1e-5,
+                               atol=1e-5)

@@ -175,9 +175,10 @@ def test_gemv_kit_builds_and_dry_runs(tmp_path):
     # library, each at every width and cache length
     with open(os.path.join(kit, "kernels.cu")) as fh:
         source = fh.read()
-    assert {r["name"] for r in out["attention"]} == {"tree_attention_g1", "tree_attention_g4"}
+    assert {r["name"] for r in out["attention"]} == {"tree_attention_g1", "tree_attention_g4",
+                                                     "tree_attention_g4_f2"}
     assert all(f"{r['name']}_kernel" in source for r in out["attention"])
-    assert len(out["attention"]) == 2 * 4 * len(gemv_kernels.ATTN_CACHE)
+    assert len(out["attention"]) == 3 * 4 * len(gemv_kernels.ATTN_CACHE)
     # The draft's top-k: ours (with and without the vocabulary map) and TVM's sort, at the
     # shipped draft's vocabulary and at the whole one.
     tops = {(r["impl"], r["n"], r["mapped"]) for r in out["topk"]}
