@@ -375,6 +375,12 @@ def tree_attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int
     # most fan_in of them (nt and fan_in are powers of two).
     lf = fan_in.bit_length() - 1
     levels = -(-(nt.bit_length() - 1) // lf)
+
+    def level_stride(level):  # constants once the level loop is unrolled
+        return T.shift_left(T.int64(1), level * lf)
+
+    def level_fan(level):
+        return T.min(T.int64(fan_in), T.shift_right(T.int64(nt), level * lf))
     limit = window or c + 1  # key distance bound: every key is nearer than c + 1
     scale = 1.0 / math.sqrt(d)
     blocks, threads = _loop_kinds(gpu)
@@ -390,12 +396,8 @@ def tree_attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int
     def tree_reduce(red, combine):
         for level in T.unroll(T.int64(levels)):
             for t in threads(span):
-                # Slots 1 << (level * lf) apart, up to fan_in of them (inline expressions:
-                # constants once the level loop is unrolled).
-                if t % nt % (T.shift_left(T.int64(1), level * lf) * T.min(
-                        T.int64(fan_in), T.shift_right(T.int64(nt), level * lf))) == 0:
-                    red[t] = _fold(combine, red, t, T.shift_left(T.int64(1), level * lf),
-                                   T.min(T.int64(fan_in), T.shift_right(T.int64(nt), level * lf)),
+                if t % nt % (level_stride(level) * level_fan(level)) == 0:
+                    red[t] = _fold(combine, red, t, level_stride(level), level_fan(level),
                                    fan_in)
             sync()
 

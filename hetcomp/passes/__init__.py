@@ -7,5 +7,5 @@ from .partition_hetero import PartitionHetero
 from .pipeline import hetcomp_pipeline, lowering_pipeline
 from .schedule_units import ScheduleUnits
 
-__all__ = ["AnnotateCost", "FuseLinearChains", "PartitionHetero", "OrderForOverlap", "ScheduleUnits",
-           "hetcomp_pipeline", "lowering_pipeline"]
+__all__ = ["AnnotateCost", "FuseLinearChains", "PartitionHetero", "OrderForOverlap",
+           "ScheduleUnits", "hetcomp_pipeline", "lowering_pipeline"]

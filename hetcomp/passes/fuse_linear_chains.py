@@ -19,9 +19,8 @@ What is fused: a float linear (not block-quantized) without a residual, at a sta
 (``verify_w{W}``, ``prefill_w{C}``: the functions a CUDA graph captures), whose input is an
 ``rms_norm`` without a residual (Gemma's post-norm adds one) or whose output feeds an
 activation kernel (``silu_mul``, ``gelu_mul``) or a ``bias_add``, when that intermediate has
-no other use (the
-final norm's output is also the Medusa heads' input, so it stays). Everything else is left
-as it is. Run before LegalizeOps and the schedule rules, on a module that is not partitioned
+no other use (the final norm's output is also the Medusa heads' input, so it stays).
+Everything else is left as it is. Run before LegalizeOps and the schedule rules, on a module that is not partitioned
 (PartitionHetero splits linears by columns; a split gate_up would separate gate from up).
 """
 
