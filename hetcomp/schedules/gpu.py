@@ -239,9 +239,9 @@ def _sum_slices(sch, func, mm, rf, slices: int) -> list:
 
 
 def _fused_split_k(sch, func, cols: int, slices: int) -> list:
-    """Split-K for a fused linear (:func:`~hetcomp.kernels.ops.linear`'s ``norm_eps`` and
-    ``activation`` forms): :class:`SplitKLinearRule`'s blocks and threads, with the epilogue
-    as the anchor. Returns the loops nvcc should unroll.
+    """Split-K for a fused linear (:func:`~hetcomp.kernels.ops.linear`'s ``norm_eps``,
+    ``activation`` and ``bias`` forms): :class:`SplitKLinearRule`'s blocks and threads, with
+    the epilogue as the anchor. Returns the loops nvcc should unroll.
 
     The epilogue reads two producers (the matmul and the norm's sum of squares), and TIR
     moves a block under a loop only with all its producers already there: so the epilogue's
@@ -255,7 +255,7 @@ def _fused_split_k(sch, func, cols: int, slices: int) -> list:
     3. after the one barrier, each thread sums the slices of its (row, column) outputs into
        registers, and
     4. the same thread (same rows, same column) sums its row's ``T`` squares partials and
-       writes the epilogue: the norm's scale, the gate's activation times up.
+       writes the epilogue: the norm's scale, the gate's activation times up, the bias.
     """
     epi, mm = sch.get_sblock("epilogue"), sch.get_sblock("matmul")
     norm = "hetcomp.norm_eps" in func.attrs
