@@ -184,9 +184,15 @@ def attention_features(shape: ModelShape, w: int, cache_len: int, corun: bool = 
 def tree_attention_features(shape: ModelShape, w: int, cache_len: int, corun: bool = False
                             ) -> Features:
     """The CUDA-graph build's attention (``script_ops.tree_attention``): the fused kernel's
-    work, its own op class (another kernel, timed by its own probes)."""
-    return dataclasses.replace(attention_features(shape, w, cache_len, corun),
-                               op="tree_attention")
+    work and RoPE's (it reads the qkv rows and writes the tree's K/V into the caches,
+    :func:`rope_features` without the row-major copies), its own op class (another kernel,
+    timed by its own probes)."""
+    fused = attention_features(shape, w, cache_len, corun)
+    h, g, d = shape.heads, shape.kv_heads, shape.head_dim
+    rope_flops = 6.0 * w * (h + g) * d / 2
+    rope_bytes = _F32 * (w * shape.qkv_size + w * d) + shape.kv_bytes * 2 * g * w * d
+    return dataclasses.replace(fused, op="tree_attention", flops=fused.flops + rope_flops,
+                               bytes=fused.bytes + rope_bytes)
 
 
 def dense_attention_features(shape: ModelShape, w: int, cache_len: int,
@@ -359,8 +365,8 @@ def model_step(shape: ModelShape, w: int, cache_len: int, nnz: int | None = None
     """The kernels of one ``verify`` call with ``w`` tree nodes after ``cache_len`` tokens
     (``nnz``: the tree's mask non-zeros, for the sparse attention part). The attention
     kernels (:func:`layer_attention`) carry ``split="attention"``: the planner places them
-    together. ``device_len``: the build for CUDA graphs (one attention kernel, and the copy
-    of the tree inputs, ``stage_tree``). ``fused_linears``: the layers' RMSNorms, gated
+    together. ``device_len``: the build for CUDA graphs (one attention kernel, RoPE inside
+    it, and the copy of the tree inputs, ``stage_tree``). ``fused_linears``: the layers' RMSNorms, gated
     activation and q/k/v bias run inside the qkv and gate_up kernels
     (``passes.fuse_linear_chains``; their bytes and flops are those kernels' own, negligible
     beside the weights)."""
@@ -382,7 +388,7 @@ def model_step(shape: ModelShape, w: int, cache_len: int, nnz: int | None = None
         StepOp("qkv", linear_features(shape, "qkv", w), nl, "qkv"),
         *([StepOp("bias_add", bias_add_features(shape, w), nl)]
           if shape.qkv_bias and not fused_linears else []),
-        StepOp("rope", rope_features(shape, w), nl),
+        *([] if device_len else [StepOp("rope", rope_features(shape, w), nl)]),
         *attention,
         StepOp("o", linear_features(shape, "o", w), nl, "o"),
         StepOp("gate_up", linear_features(shape, "gate_up", w), nl, "gate_up"),

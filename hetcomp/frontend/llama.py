@@ -91,6 +91,26 @@ class _Kernels:
                         cfg.vocab_size, cfg.hidden_size, fmt, rows=rows)
 
 
+def _tree_attention(bb, kern: _Kernels, cfg: LlamaConfig, qkv, cs, k_cache, v_cache, mask,
+                    positions, layer, window: int = 0):
+    """One layer's attention in the CUDA-graph build: ``script_ops.tree_attention``, which
+    rotates the qkv rows itself and writes the tree's K/V into the caches (no ``rope_kv``).
+    Returns ``(o[w, H, D], k_cache, v_cache)``."""
+    c = compiler()
+    relax, tt = c.relax, c.TensorType
+    w = qkv.ty.shape[0]
+    hq, d = cfg.num_heads, cfg.head_dim
+    # "_win{S}": a stem that name.split("_w")[0] maps to the unwindowed kernel's (the same
+    # kernel class for the step model and the planner; tests/frontend/test_step_description).
+    gv = kern.get("tree_attention" + (f"_win{window}" if window else ""), functools.partial(
+        script_ops.tree_attention, kv_dtype=kern.kv_dtype, window=window), hq,
+        cfg.num_kv_heads, d, cfg.num_layers, cfg.max_context, sized=False)
+    res = bb.emit(relax.call_tir_inplace(
+        gv, [qkv, cs, k_cache, v_cache, mask, positions, layer], [-1, 2, 3],
+        [tt((w, hq, d), "float32"), k_cache.ty, v_cache.ty]))
+    return tuple(bb.emit(relax.TupleGetItem(res, k)) for k in range(3))
+
+
 def _attention(bb, kern: _Kernels, cfg: LlamaConfig, q, kv_tree, k_cache, v_cache, tree, layer,
                n, positions, window: int = 0):
     """One layer's tree attention ``[w, H, D]``: the fused masked kernel when ``tree`` is
@@ -106,15 +126,7 @@ def _attention(bb, kern: _Kernels, cfg: LlamaConfig, q, kv_tree, k_cache, v_cach
     w = q.ty.shape[1]
     hq, g, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     attn_args = (hq, g, d, cfg.num_layers, cfg.max_context)
-    # "_win{S}": a stem that name.split("_w")[0] maps to the unwindowed kernel's (the same
-    # kernel class for the step model and the planner; tests/frontend/test_step_description).
     tag, pos = (f"_win{window}", [positions]) if window else ("", [])
-    if kern.device_len:  # n = positions[0] on the device (build_module)
-        gv = kern.get("tree_attention" + tag, functools.partial(
-            script_ops.tree_attention, kv_dtype=kern.kv_dtype, window=window), *attn_args,
-            sized=False)
-        return bb.emit(relax.call_tir(gv, [q, k_cache, v_cache, tree[0], positions, layer],
-                                      tt((w, hq, d), "float32")))
     if len(tree) == 1:
         gv = kern.get("attention" + tag, functools.partial(
             ops.attention, kv_dtype=kern.kv_dtype, window=window), *attn_args)
@@ -147,9 +159,10 @@ def _forward(bb, kern: _Kernels, cfg: LlamaConfig, inputs, params: dict, last_on
         return bb.emit(relax.call_tir(gv, args, tt(shape, dtype)))
 
     norm_gv = kern.get("rms_norm", ops.rms_norm, e, cfg.norm_eps)
-    rope_gv = kern.get("rope_kv" + ("_dev" if kern.device_len else ""), functools.partial(
-        script_ops.rope_kv, kv_dtype=kern.kv_dtype, device_len=kern.device_len),
-        hq, cfg.num_kv_heads, d, cfg.num_layers, cfg.max_context, sized=False)
+    # The CUDA-graph build rotates inside its attention kernel (_tree_attention).
+    rope_gv = None if kern.device_len else kern.get(
+        "rope_kv", functools.partial(script_ops.rope_kv, kv_dtype=kern.kv_dtype), hq,
+        cfg.num_kv_heads, d, cfg.num_layers, cfg.max_context, sized=False)
     if kern.device_len:
         # The kernels read the call's positions and mask from copies at fixed addresses (a
         # CUDA graph captures those), and the cache length as positions[0].
@@ -189,18 +202,21 @@ def _forward(bb, kern: _Kernels, cfg: LlamaConfig, inputs, params: dict, last_on
                        [qkv, params[p + "q_norm"], params[p + "k_norm"]], (w, cfg.qkv_size))
         layer = c.prim_value(c.tir.IntImm("int64", i))
         cs = tables[cfg.layer_rope_theta(i)]
-        res = bb.emit(relax.call_tir_inplace(
-            rope_gv, [qkv, cs, k_cache, v_cache,
-                      *([positions, layer] if kern.device_len else [layer, n])],
-            [-1, 2, 3, -1, -1],
-            [tt((hq, w, d), "float32"), k_cache.ty, v_cache.ty,
-             tt((cfg.num_kv_heads, w, d), "float32"), tt((cfg.num_kv_heads, w, d), "float32")]))
-        q = bb.emit(relax.TupleGetItem(res, 0))
-        k_cache = bb.emit(relax.TupleGetItem(res, 1))
-        v_cache = bb.emit(relax.TupleGetItem(res, 2))
-        kv_tree = (bb.emit(relax.TupleGetItem(res, 3)), bb.emit(relax.TupleGetItem(res, 4)))
-        o = _attention(bb, kern, cfg, q, kv_tree, k_cache, v_cache, tree, layer, n, positions,
-                       cfg.layer_window(i))
+        if kern.device_len:
+            o, k_cache, v_cache = _tree_attention(bb, kern, cfg, qkv, cs, k_cache, v_cache,
+                                                  tree[0], positions, layer, cfg.layer_window(i))
+        else:
+            res = bb.emit(relax.call_tir_inplace(
+                rope_gv, [qkv, cs, k_cache, v_cache, layer, n], [-1, 2, 3, -1, -1],
+                [tt((hq, w, d), "float32"), k_cache.ty, v_cache.ty,
+                 tt((cfg.num_kv_heads, w, d), "float32"),
+                 tt((cfg.num_kv_heads, w, d), "float32")]))
+            q = bb.emit(relax.TupleGetItem(res, 0))
+            k_cache = bb.emit(relax.TupleGetItem(res, 1))
+            v_cache = bb.emit(relax.TupleGetItem(res, 2))
+            kv_tree = (bb.emit(relax.TupleGetItem(res, 3)), bb.emit(relax.TupleGetItem(res, 4)))
+            o = _attention(bb, kern, cfg, q, kv_tree, k_cache, v_cache, tree, layer, n,
+                           positions, cfg.layer_window(i))
         o = bb.emit(relax.op.reshape(o, (w, hq * d)))
         x = residual_linear(p, e, hq * d, o, "wo", "post_attn_norm", x)
         h = call(norm_gv, [x, params[p + "ffn_norm"]], (w, e))
@@ -356,7 +372,8 @@ def build_module(cfg: LlamaConfig, wdtype: str = "float32", medusa_heads: int = 
     cache length on the device as ``positions[0]`` (the root's, a chunk's first position:
     every caller's calls hold it) from copies of positions and mask at fixed addresses
     (``script_ops.stage_tree``), every attention is ``script_ops.tree_attention`` (masked,
-    fused: ``fused_widths`` and the CSR are unused), and ``verify_w{W}`` and ``prefill_w{C}``
+    fused: ``fused_widths`` and the CSR are unused; it applies RoPE and writes the tree's K/V
+    into the caches itself, so no ``rope_kv`` runs), and ``verify_w{W}`` and ``prefill_w{C}``
     count only the call's own values as inputs (``num_input``: the tree, a chunk's ``rows``),
     so that TVM's RewriteCUDAGraph captures the whole step or chunk
     from the first layer to the final norm, the caches included: a graph replays the cache

@@ -33,7 +33,7 @@ def _loop_kinds(gpu: bool):
 
 
 def rope_kv(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, context: int,
-            gpu: bool = False, kv_dtype: str = "float32", device_len: bool = False):
+            gpu: bool = False, kv_dtype: str = "float32"):
     """Apply RoPE (rotate-half) to the fused ``qkv[w, (H + 2G) * D]`` rows.
 
     ``cs[w, D]`` holds each row's cosines and sines (:func:`hetcomp.kernels.ops.rope_table`,
@@ -48,10 +48,7 @@ def rope_kv(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, conte
     ``k_tree``/``v_tree`` (float32) get the same rounded values, so the sparse part sees the
     tree exactly as the fused kernel and later steps read it back from the cache.
 
-    ``device_len``: the cache length is read on the device, ``n = positions[0]`` (the first
-    row sits at the cache's end: a tree's root, a chunk's first token), from a ``positions[w]``
-    argument in place of the scalar ``n``. A CUDA graph then captures the kernel once for
-    every cache length (:func:`tree_attention`).
+    The CUDA-graph build has no ``rope_kv``: its :func:`tree_attention` does this work.
     """
     hq, g, d, nl, c = num_heads, num_kv_heads, head_dim, layers, context
     kvd = kv_dtype
@@ -63,8 +60,10 @@ def rope_kv(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, conte
     # neighbouring positions of one K cache line).
     heads, pairs = _loop_kinds(gpu)
 
-    @T.macro
-    def body(var_qkv, var_cs, var_k, var_v, layer, n, var_q, var_kt, var_vt):
+    @T.prim_func(private=True)
+    def rope_kv_func(var_qkv: T.handle, var_cs: T.handle, var_k: T.handle, var_v: T.handle,
+                     layer: T.int64, n: T.int64, var_q: T.handle, var_kt: T.handle,
+                     var_vt: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True,
                      "hetcomp.rule": "script.rope"})
         w = T.int64()
@@ -98,25 +97,8 @@ def rope_kv(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, conte
                         v_tree[h, i, j] = T.Cast("float32", v0)
                         v_tree[h, i, j + half] = T.Cast("float32", v1)
 
-    @T.prim_func(private=True)
-    def rope_kv_func(var_qkv: T.handle, var_cs: T.handle, var_k: T.handle, var_v: T.handle,
-                     layer: T.int64, n: T.int64, var_q: T.handle, var_kt: T.handle,
-                     var_vt: T.handle):
-        body(var_qkv, var_cs, var_k, var_v, layer, n, var_q, var_kt, var_vt)
-
-    @T.prim_func(private=True)
-    def rope_kv_device_len(var_qkv: T.handle, var_cs: T.handle, var_k: T.handle,
-                           var_v: T.handle, var_pos: T.handle, layer: T.int64, var_q: T.handle,
-                           var_kt: T.handle, var_vt: T.handle):
-        positions = T.match_buffer(var_pos, (T.int64(),), "int32")
-        body(var_qkv, var_cs, var_k, var_v, layer, T.Cast("int64", positions[0]), var_q,
-             var_kt, var_vt)
-
-    func = rope_kv_device_len if device_len else rope_kv_func
     recorded = {"args": [num_heads, num_kv_heads, head_dim, layers, context], "kv_dtype": kv_dtype}
-    if device_len:
-        recorded["device_len"] = True
-    return func.with_attr(OP_KIND, "rope").with_attr(ARGS_ATTR, json.dumps(recorded))
+    return rope_kv_func.with_attr(OP_KIND, "rope").with_attr(ARGS_ATTR, json.dumps(recorded))
 
 
 def qk_norm(num_heads: int, num_kv_heads: int, head_dim: int, eps: float, gpu: bool = False):
@@ -339,16 +321,27 @@ TREE_REDUCE_FAN_IN = 8
 def tree_attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, context: int,
                    gpu: bool = False, kv_dtype: str = "float32", window: int = 0,
                    groups: int | None = None, fan_in: int = TREE_REDUCE_FAN_IN):
-    """Tree attention with the cache length read on the device, for CUDA graphs: the fused
-    masked attention of :func:`hetcomp.kernels.ops.attention` (``part="full"``) with every
-    shape static but the rows, so one captured graph serves every cache length.
+    """Tree attention with the cache length read on the device, for CUDA graphs, with RoPE and
+    the tree's cache write inside: the fused masked attention of
+    :func:`hetcomp.kernels.ops.attention` (``part="full"``) after :func:`rope_kv`, in one
+    kernel, with every shape static but the rows, so one captured graph serves every cache
+    length.
 
-    ``q[H, w, D]`` (``rope_kv``'s), the caches, ``mask[w, w]``, ``positions[w]``, ``layer``;
+    Inputs: the fused ``qkv[w, (H + 2G) * D]`` rows (the qkv linear's, not yet rotated),
+    their cos/sin table ``cs[w, D]`` (:func:`hetcomp.kernels.ops.rope_table`), the caches
+    (written in place: ``R.call_tir_inplace``), ``mask[w, w]``, ``positions[w]``, ``layer``;
     output ``o[w, H, D]``. The committed keys are ``[0, n)`` with ``n = positions[0]`` (the
-    root's position, :func:`rope_kv`'s ``device_len``), the tree's ``[n, n + w)``; row i sees
-    tree node j where ``mask[i, j] != 0``. ``window = S > 0``: row i sees only keys less than
-    S positions back (a committed key's position is its slot, a tree key's its
+    root's position: the first row sits at the cache's end), the tree's ``[n, n + w)``; row i
+    sees tree node j where ``mask[i, j] != 0``. ``window = S > 0``: row i sees only keys less
+    than S positions back (a committed key's position is its slot, a tree key's its
     ``positions``).
+
+    The tree's keys and values come from ``qkv`` itself: a thread scoring tree node j rotates
+    node j's key (rounded to the cache's type, as the cache will hold it), so no block reads
+    a cache slot at or past ``n``. Block (h, i) of the first query head of each KV head
+    writes node i's rotated K and its V into the cache at ``n + i``: the slots later steps
+    read, written by one block each, and read by none in this kernel. That is
+    :func:`rope_kv`'s work without its launch (a kernel a layer fewer in a CUDA graph).
 
     One thread block per (head, row), flash decoding within the block: ``groups`` groups of
     ``T`` threads (T the power of two >= max(D, 32); default groups: as many as make
@@ -388,6 +381,19 @@ def tree_attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int
     sync = _block_sync if gpu else _no_sync
     nt64, ng64 = T.int64(nt), T.int64(ng)
     span = T.int64(nt * ng)  # a round's keys and the block's threads: group t // nt, lane t % nt
+    half, qkv_size = d // 2, (hq + 2 * g) * d
+
+    def roped(qkv, cs, row, head, e):
+        """Element ``e`` of head ``head`` of ``qkv[row]`` rotated (rotate-half), in
+        :func:`rope_kv`'s arithmetic; ``e < half`` folds once the head dimension's loop is
+        unrolled."""
+        j = e % half
+        x0, x1 = qkv[row, head * d + j], qkv[row, head * d + j + half]
+        return T.if_then_else(e < half, x0 * cs[row, j] - x1 * cs[row, j + half],
+                              x1 * cs[row, j] + x0 * cs[row, j + half])
+
+    def as_cached(x):  # a value as the cache holds it, back in float32
+        return T.Cast("float32", T.Cast(kvd, x))
 
     # Thread t's own shared slots are indexed by t itself: TVM's ThreadSync takes an access
     # as the thread's own only when its index names threadIdx.x (not a let-bound
@@ -402,13 +408,14 @@ def tree_attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int
             sync()
 
     @T.prim_func(private=True)
-    def tree_attention_func(var_q: T.handle, var_k: T.handle, var_v: T.handle,
-                            var_mask: T.handle, var_pos: T.handle, layer: T.int64,
-                            var_out: T.handle):
+    def tree_attention_func(var_qkv: T.handle, var_cs: T.handle, var_k: T.handle,
+                            var_v: T.handle, var_mask: T.handle, var_pos: T.handle,
+                            layer: T.int64, var_out: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True,
                      "hetcomp.rule": "script.tree_attention"})
         w = T.int64()
-        q = T.match_buffer(var_q, (hq, w, d), "float32")
+        qkv = T.match_buffer(var_qkv, (w, qkv_size), "float32")
+        cs = T.match_buffer(var_cs, (w, d), "float32")
         k_cache = T.match_buffer(var_k, (nl, g, d, c), kvd)
         v_cache = T.match_buffer(var_v, (nl, g, c, d), kvd)
         mask = T.match_buffer(var_mask, (w, w), "int32")
@@ -428,7 +435,10 @@ def tree_attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int
             pi = T.Cast("int64", positions[i])
             for t in threads(span):
                 if t < d:
-                    qs[t] = q[h, i, t] * T.float32(scale)
+                    qs[t] = roped(qkv, cs, i, h, t) * T.float32(scale)
+                    if h % rep == 0:  # node i's K and V into the cache, once per KV head
+                        k_cache[layer, kv, t, n + i] = T.Cast(kvd, roped(qkv, cs, i, hq + kv, t))
+                        v_cache[layer, kv, n + i, t] = T.Cast(kvd, qkv[i, (hq + g + kv) * d + t])
                 acc[t] = T.float32(0)
                 if t % nt == 0:
                     stat[t // nt * 3] = T.float32("-inf")
@@ -448,9 +458,15 @@ def tree_attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int
                     dot[0] = T.float32("-inf")
                     if seen:
                         dot[0] = T.float32(0)
-                        for e in T.unroll(T.int64(d)):
-                            dot[0] = dot[0] + qs[e] * T.Cast(
-                                "float32", k_cache[layer, kv, e, j])
+                        if j < n:
+                            for e in T.unroll(T.int64(d)):
+                                dot[0] = dot[0] + qs[e] * T.Cast(
+                                    "float32", k_cache[layer, kv, e, j])
+                        else:  # a tree key: node's K, rotated here a pair at a time
+                            for e in T.unroll(T.int64(half)):
+                                dot[0] = dot[0] + qs[e] * as_cached(
+                                    roped(qkv, cs, node, hq + kv, e)) + qs[e + half] * as_cached(
+                                    roped(qkv, cs, node, hq + kv, e + half))
                     sc[t] = dot[0]
                     red[t] = dot[0]
                 sync()
@@ -480,9 +496,12 @@ def tree_attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int
                         first = t - t % nt  # the group's first slot, its chunk's first key
                         for u in T.unroll(nt64):
                             wt = sc[first + u]  # (a shared read may not sit in a condition)
-                            if r * span + first + u < total and wt != T.float32(0):
-                                a[0] = a[0] + wt * T.Cast(
-                                    "float32", v_cache[layer, kv, r * span + first + u, t % nt])
+                            key = r * span + first + u
+                            if key < total and wt != T.float32(0):
+                                a[0] = a[0] + wt * T.if_then_else(
+                                    key < n, T.Cast("float32", v_cache[layer, kv, key, t % nt]),
+                                    as_cached(qkv[T.max(key - n, T.int64(0)),
+                                                  (hq + g + kv) * d + t % nt]))
                         acc[t] = a[0]
                 sync()
                 for t in threads(span):
@@ -667,8 +686,8 @@ def for_gpu(func, gpu: bool = True):
              "tree_attention": tree_attention, "stage_tree": stage_tree,
              "stage_draft": stage_draft, "topk": topk_rows,
              "draft_tokens": draft_tokens}[str(attrs[OP_KIND])]
-    kw = {key: recorded[key] for key in ("kv_dtype", "device_len", "window", "groups", "mapped",
-                                         "fan_in") if key in recorded}
+    kw = {key: recorded[key] for key in ("kv_dtype", "window", "groups", "mapped", "fan_in")
+          if key in recorded}
     out = build(*recorded["args"], gpu=gpu, **kw)
     for key in ("global_symbol", "target", "hetcomp.cost"):  # AnnotateCost's too
         if key in attrs:

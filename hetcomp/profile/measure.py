@@ -459,10 +459,12 @@ def attention_probes(s: ModelShape, opts: ProfileOptions, kernel, cache) -> list
             ("rand", (w, h, d + 1), "float32", 0.5, 1), ("rand", (w, h, d + 1), "float32", 0.5, 1),
             ("zeros", (w, h, d), "float32"))))
     # The CUDA-graph build's attention, at every width (it serves them all): a chain tree
-    # (causal mask) after cl keys, so positions[0], the length it reads, is cl.
+    # (causal mask) after cl keys, so positions[0], the length it reads, is cl; the qkv rows
+    # and their RoPE table (it rotates them and writes the tree's K/V into the caches).
     device = kernel("tree_attention", script_ops.tree_attention, h, g, d, nl, c, kv_dtype=kv)
     device_probes = [Probe(device, tree_attention_features(s, w, cl), (
-        q(w), ("shared", "kc"), ("shared", "vc"), ("tril", w), ("arange", w, cl), ("mod", nl),
+        ("rand", (w, s.qkv_size), "float32", 0.5, 1), ("rand", (w, d), "float32", 1.0, 1),
+        ("shared", "kc"), ("shared", "vc"), ("tril", w), ("arange", w, cl), ("mod", nl),
         ("zeros", (w, h, d), "float32")))
         for cl in sorted(opts.cache_lens) for w in opts.widths if cl + w <= c]
     groups = [ProbeGroup("attention (fused)", tuple(fused_probes), cache)] if fused_probes else []

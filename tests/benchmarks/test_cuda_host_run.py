@@ -94,8 +94,9 @@ def test_gemv_reference_reads_both_weight_layouts():
 
 
 def test_chain_attention_reference_matches_the_tree_attention_kernel():
-    """The kit checks the GPU tree_attention against ``_chain_attention``: here against the
-    kernel's CPU form, chain trees past a committed prefix."""
+    """The kit checks the GPU tree_attention against ``_tree_rows`` and ``_chain_attention``:
+    here against the kernel's CPU form, chain trees past a committed prefix, the caches it
+    writes included."""
     from hetcomp import _tvm
     from hetcomp.kernels import script_ops
     from hetcomp.testing.gpu import kernel_library
@@ -107,11 +108,16 @@ def test_chain_attention_reference_matches_the_tree_attention_kernel():
     lib = kernel_library(script_ops.tree_attention(hq, g, d, nl, ctx, kv_dtype="float16"),
                          "host")
     for w, n in ((1, 0), (5, 37), (8, 80)):
-        q = rng.standard_normal((hq, w, d)).astype("float32")
-        o = _tvm.tensor(np.zeros((w, hq, d), "float32"))
-        lib["main"](_tvm.tensor(q), _tvm.tensor(kc), _tvm.tensor(vc),
+        qkv = rng.standard_normal((w, (hq + 2 * g) * d)).astype("float32")
+        cs = run_py._rope_table(np.arange(n, n + w), d)
+        o, caches = _tvm.tensor(np.zeros((w, hq, d), "float32")), (_tvm.tensor(kc), _tvm.tensor(vc))
+        lib["main"](_tvm.tensor(qkv), _tvm.tensor(cs), *caches,
                     _tvm.tensor(np.tril(np.ones((w, w), "int32"))),
                     _tvm.tensor(np.arange(n, n + w, dtype="int32")), 1, o)
+        q, k_tree, v_tree = run_py._tree_rows(qkv, cs, hq, g, d)
+        kc[1, :, :, n:n + w], vc[1, :, n:n + w] = k_tree.transpose(0, 2, 1), v_tree
+        np.testing.assert_array_equal(caches[0].numpy(), kc)
+        np.testing.assert_array_equal(caches[1].numpy(), vc)
         np.testing.assert_allclose(o.numpy(), run_py._chain_attention(q, kc[1], vc[1], n),
                                    rtol=1e-4, atol=1e-5)
 

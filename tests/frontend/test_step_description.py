@@ -30,8 +30,7 @@ def _step_kernels(shape: ModelShape, w: int, device_len: bool = False,
                   fused: bool = False) -> Counter:
     """The same stems from :func:`model_step` (linear kinds by their shapes; ``fused``: the
     qkv and gate_up kernels' names after FuseLinearChains)."""
-    stems = {"rope": "rope_kv_dev" if device_len else "rope_kv",
-             "attention_sparse": "sparse_tree_attention"}
+    stems = {"rope": "rope_kv", "attention_sparse": "sparse_tree_attention"}
     tags = {"qkv": "_norm_bias" if shape.qkv_bias else "_norm",
             "gate_up": f"_norm_{shape.activation}"} if fused else {}
     out = Counter()
@@ -58,10 +57,11 @@ def test_model_step_is_what_verify_runs(w, cfg):
 @pytest.mark.parametrize("cfg", [TINY, TINY_GEMMA3], ids=["llama", "gemma3"])
 def test_model_step_is_what_the_cuda_graph_build_runs(w, cfg):
     """The build for CUDA graphs (``device_len``): the input copy, one attention kernel at
-    every width, RoPE reading the cache length on the device."""
+    every width, RoPE inside it (no ``rope_kv``)."""
     mod = llama.build_module(cfg, static_widths=(w,), device_len=True)
     called = _called_kernels(mod, f"verify_w{w}")
     assert called["tree_attention"] == cfg.num_layers and called["stage_tree"] == 1
+    assert "rope_kv" not in called
     assert _step_kernels(ModelShape.from_config(cfg), w, device_len=True) == called
 
 

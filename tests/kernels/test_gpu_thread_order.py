@@ -36,9 +36,6 @@ def _cases():
                 np.zeros((G, w, D), "float32")]
     yield ("rope_kv", script_ops.rope_kv(H, G, D, NL, CTX, kv_dtype="float16"),
            [qkv, cs, kc, vc, 1, 37, *rope_out], [2, 3, 6, 7, 8])
-    yield ("rope_kv_device_len", script_ops.rope_kv(H, G, D, NL, CTX, kv_dtype="float16",
-                                                    device_len=True),
-           [qkv, cs, kc, vc, pos, 1, *rope_out], [2, 3, 6, 7, 8])
     yield ("kv_commit", script_ops.kv_commit(G, D, NL, CTX, kv_dtype="float16"),
            [kc, vc, np.array([0, 2, 3, 5], "int32"), 37], [0, 1])
     yield ("qk_norm", script_ops.qk_norm(H, G, D, 1e-6),
@@ -57,11 +54,12 @@ def _cases():
     for groups in (None, 1, 3):
         for n, par in ((0, [-1]), (37, parents), (73, [-1, 0, 1, 1, 0, 4, 2])):
             m, p = _tree_inputs(n, par)
+            w = len(par)  # the output, and the caches it writes the tree's K/V into
             yield (f"tree_attention_g{groups}_n{n}",
                    script_ops.tree_attention(H, G, D, NL, CTX, kv_dtype="float16",
                                              window=0, groups=groups),
-                   [_f32(H, len(par), D), kc, vc, m, p, 1,
-                    np.zeros((len(par), H, D), "float32")], [6])
+                   [_f32(w, (H + 2 * G) * D), _f32(w, D), kc, vc, m, p, 1,
+                    np.zeros((w, H, D), "float32")], [7, 2, 3])
 
 
 CASES = list(_cases())
