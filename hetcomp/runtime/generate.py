@@ -139,10 +139,12 @@ class Generation:
             self.hidden_states.append(hidden.numpy()[0])
         yield self._emit([nxt])
         row = 0  # the row of `hidden` (prefill's last, then a verify call's) the draft reads
+        index = NgramIndex() if self.lookup else None
+        if index is not None:
+            index.extend(self.prompt_ids + self.ids)
         while not self._done():
             ts = time.perf_counter()
-            context = self.prompt_ids + self.ids
-            chain = ngram_draft(context, self.lookup) if self.lookup else []
+            chain = index.draft(self.lookup) if index is not None else []
             shape = _step_shape(art, width, len(chain))
             nodes = np.empty(width, "int32")
             nodes[0] = self.ids[-1]
@@ -161,6 +163,8 @@ class Generation:
                 self.hidden_states.append(hid.numpy()[path[-1]])
             self.steps += 1
             new = self._emit([int(t) for t in tokens[path[1:]]] + [int(greedy[path[-1]])])
+            if index is not None:
+                index.extend(new)
             if self.step_times is not None:
                 self.step_times.append(time.perf_counter() - ts)
             self.decode_s = time.perf_counter() - t1
@@ -208,19 +212,43 @@ class TextStream:
         return new
 
 
+class NgramIndex:
+    """The context's n-grams (n <= ``max_ngram``) by their latest occurrence that some token
+    follows, kept as the context grows, so a step's lookup draft costs a dict lookup per n,
+    not a scan of the context (110 us a step at 2000 tokens here, 14 at 100).
+
+    :meth:`draft` gives the tokens that followed the latest earlier occurrence of the
+    context's last n-gram, longest n first (the occurrence at the end itself excluded)."""
+
+    def __init__(self, max_ngram: int = 3):
+        self.max_ngram = max_ngram
+        self.seq: list[int] = []
+        self._latest: list[dict] = [{} for _ in range(max_ngram + 1)]  # by n: n-gram -> start
+
+    def extend(self, tokens) -> None:
+        for t in tokens:
+            self.seq.append(int(t))
+            end = len(self.seq) - 1  # the n-grams ending just before it now have a follower
+            for n in range(1, min(self.max_ngram, end) + 1):
+                self._latest[n][tuple(self.seq[end - n: end])] = end - n
+
+    def draft(self, length: int) -> list[int]:
+        """Up to ``length`` tokens; empty when no n-gram recurs."""
+        seq = self.seq
+        for n in range(min(self.max_ngram, len(seq) - 1), 0, -1):
+            start = self._latest[n].get(tuple(seq[len(seq) - n:]))
+            if start is not None:
+                return seq[start + n: start + n + length]
+        return []
+
+
 def ngram_draft(context: list[int], length: int, max_ngram: int = 3) -> list[int]:
     """Up to ``length`` tokens that followed the latest earlier occurrence of the context's
-    last n-gram (longest n first, n <= ``max_ngram``); empty when nothing matches."""
-    seq = np.asarray(context)
-    for n in range(min(max_ngram, len(seq) - 1), 0, -1):
-        key = seq[-n:]
-        # Candidate starts: positions where the first key token occurs, latest first.
-        for start in np.flatnonzero(seq[: len(seq) - n] == key[0])[::-1]:
-            if np.array_equal(seq[start: start + n], key):
-                cont = seq[start + n: start + n + length]
-                if len(cont):
-                    return [int(t) for t in cont]
-    return []
+    last n-gram (longest n first, n <= ``max_ngram``); empty when nothing matches. The
+    generator keeps a :class:`NgramIndex` instead of calling this every step."""
+    index = NgramIndex(max_ngram)
+    index.extend(context)
+    return index.draft(length)
 
 
 @dataclasses.dataclass(frozen=True)
