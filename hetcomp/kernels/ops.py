@@ -112,7 +112,7 @@ def linear(n: int, k: int, wdtype: str, residual: bool = False, rows: int | None
     A fused kernel writes its result in the block ``epilogue`` and takes no residual.
     """
     c = compiler()
-    te, tir, b = c.te, c.tir, pack_block(n)
+    te, b = c.te, pack_block(n)
     w = _rows(rows)
     fused = norm_eps is not None or activation is not None or bias
     if fused and residual or bias and activation is not None:
@@ -142,6 +142,19 @@ def linear(n: int, k: int, wdtype: str, residual: bool = False, rows: int | None
             args.append(res)
         return _finish(te.create_prim_func([*args, y], index_dtype_override="int64"), "linear",
                        n=n, k=k, block=b, residual=int(residual))
+    out = fused_epilogue(y if activation is None else mm, x, k, norm_eps, activation, b_in)
+    return _finish(te.create_prim_func([*args, out], index_dtype_override="int64"), "linear",
+                   n=n, k=k, block=b, residual=0, **fused_attrs(norm_eps, activation, bias))
+
+
+def fused_epilogue(mm, x, k: int, norm_eps: float | None, activation: str | None, b_in):
+    """The ``epilogue`` block of a fused linear (:func:`linear`, and the block-quantized
+    :func:`hetcomp.kernels.quant.linear_quant`): ``mm`` the ``matmul`` block (``[w, n]``, or
+    ``[w, 2, n / 2]`` gated), x the input (a norm's ``sumsq`` block reads it), ``b_in`` the
+    bias placeholder or None."""
+    c = compiler()
+    te, tir = c.te, c.tir
+    w = x.shape[0]
     if norm_eps is not None:
         r2 = te.reduce_axis((0, k), name="k2")
         ss = te.compute((w,), lambda i: te.sum(x[i, r2] * x[i, r2], axis=r2), name="sumsq")
@@ -152,24 +165,26 @@ def linear(n: int, k: int, wdtype: str, residual: bool = False, rows: int | None
         return tir.rsqrt(ss[i] / float(k) + tir.const(norm_eps, "float32"))
 
     if activation is None:
-        out = te.compute((w, n), lambda i, j: y[i, j] * scale(i) + b_in[j] if bias
-                         else y[i, j] * scale(i), name="epilogue")
-    else:
-        act = ACTIVATION_FNS[activation]
+        return te.compute(tuple(mm.shape), lambda i, j: mm[i, j] * scale(i) + b_in[j]
+                          if b_in is not None else mm[i, j] * scale(i), name="epilogue")
+    act = ACTIVATION_FNS[activation]
 
-        def gated(i, j):  # the activation reads its argument many times: bind it once
-            gate, s = tir.Var("gate", "float32"), tir.Var("s", "float32")
-            return tir.Let(s, scale(i), tir.Let(gate, mm[i, 0, j] * s,
-                                                act(gate) * (mm[i, 1, j] * s)))
+    def gated(i, j):  # the activation reads its argument many times: bind it once
+        gate, s = tir.Var("gate", "float32"), tir.Var("s", "float32")
+        return tir.Let(s, scale(i), tir.Let(gate, mm[i, 0, j] * s,
+                                            act(gate) * (mm[i, 1, j] * s)))
 
-        out = te.compute((w, n // 2), gated, name="epilogue")
+    return te.compute((w, mm.shape[2]), gated, name="epilogue")
+
+
+def fused_attrs(norm_eps: float | None, activation: str | None, bias: bool) -> dict:
+    """A fused linear's ``hetcomp.*`` attributes (what :func:`is_fused_linear` reads)."""
     attrs = {"norm_eps": float(norm_eps)} if norm_eps is not None else {}
     if activation is not None:
         attrs["activation"] = activation
     if bias:
         attrs["bias"] = 1
-    return _finish(te.create_prim_func([*args, out], index_dtype_override="int64"), "linear",
-                   n=n, k=k, block=b, residual=0, **attrs)
+    return attrs
 
 
 def is_fused_linear(func) -> bool:

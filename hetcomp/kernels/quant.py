@@ -14,7 +14,7 @@ from ..quant_format import (  # noqa: F401  re-exported: the kernels' layout
     quant_packed_shape,
     unpack_quant_weight,
 )
-from .ops import _finish, _rows, pack_block, scaled
+from .ops import _finish, _rows, fused_attrs, fused_epilogue, pack_block, scaled
 
 _QUANTS_AT = {"q4_0": 2, "q4_1": 4, "q8_0": 2}
 
@@ -62,7 +62,9 @@ def _dequant(wp, qtype: str, b: int):
 FACTORED_MAX_ROWS = 2
 
 
-def linear_quant(n: int, k: int, qtype: str, residual: bool = False, rows: int | None = None):
+def linear_quant(n: int, k: int, qtype: str, residual: bool = False, rows: int | None = None,
+                 norm_eps: float | None = None, activation: str | None = None,
+                 bias: bool = False):
     """``y[w, n] = x[w, k] @ W.T (+ r[w, n])`` with W in ``qtype`` blocks, packed
     ``[n // B, k // 32, bytes, B]`` (module doc); fp32 accumulation.
 
@@ -72,43 +74,73 @@ def linear_quant(n: int, k: int, qtype: str, residual: bool = False, rows: int |
     Wider ones dequantize each weight (``x (d q + m)``) once per row tile. The block scales
     (and q4_1 mins) are their own stages ``scale[n, k // 32]`` so that a schedule decodes them
     once per block and column, not once per weight and row.
+
+    ``norm_eps``, ``activation``, ``bias``: the fused forms of
+    :func:`hetcomp.kernels.ops.linear` (the same arguments, blocks ``sumsq`` and
+    ``epilogue``), x times gamma wherever x is read. A gated kernel's per-column stages are
+    ``[2, n / 2, ...]`` like its ``matmul``: half 0 the gate columns, half 1 the up columns,
+    so a schedule can decode a half's scale inside the loop over halves.
     """
     c = compiler()
     te, tir, b = c.te, c.tir, pack_block(n)
     assert k % QK == 0, (n, k)
+    fused = norm_eps is not None or activation is not None or bias
+    if fused and residual or bias and activation is not None:
+        raise ValueError("a fused linear takes no residual, a gated one no bias")
     w = _rows(rows)
     nkb = k // QK
     x = te.placeholder((w, k), "float32", name="x")
+    gamma = te.placeholder((k,), "float32", name="gamma") if norm_eps is not None else None
     wp = te.placeholder(quant_packed_shape(n, k, qtype), "uint8", name="wp")
+    b_in = te.placeholder((n,), "float32", name="bias") if bias else None
     half, quant, weight = _dequant(wp, qtype, b)
-    scale = te.compute((n, nkb), lambda j, kb: half(j // b, kb, 0, j % b), name="scale")
+
+    def xin(i, kk):  # x's element (times gamma)
+        return x[i, kk] if gamma is None else x[i, kk] * gamma[kk]
+
+    # Per-column stages and the matmul over columns ``cols``: [n], or [2, n / 2] gated.
+    cols = (n,) if activation is None else (2, n // 2)
+
+    def col(c_idx):  # the weight column of a stage's column index
+        return c_idx[0] if len(c_idx) == 1 else c_idx[0] * (n // 2) + c_idx[1]
+
+    scale = te.compute((*cols, nkb), lambda *a: half(col(a[:-1]) // b, a[-1], 0,
+                                                     col(a[:-1]) % b), name="scale")
     mins = None
     if qtype == "q4_1":
-        mins = te.compute((n, nkb), lambda j, kb: half(j // b, kb, 2, j % b), name="min")
+        mins = te.compute((*cols, nkb), lambda *a: half(col(a[:-1]) // b, a[-1], 2,
+                                                        col(a[:-1]) % b), name="min")
     if rows is not None and rows <= FACTORED_MAX_ROWS:
         rt = te.reduce_axis((0, QK), name="t")
-        inner = te.compute((w, n, nkb), lambda i, j, kb: te.sum(
-            x[i, kb * QK + rt] * quant(j, kb, rt), axis=rt), name="inner")
+        inner = te.compute((w, *cols, nkb), lambda i, *a: te.sum(
+            xin(i, a[-1] * QK + rt) * quant(col(a[:-1]), a[-1], rt), axis=rt), name="inner")
         rkb = te.reduce_axis((0, nkb), name="kb")
         if qtype == "q8_0":
-            def block(i, j, kb):
-                return scale[j, kb] * inner[i, j, kb]
+            def block(i, c_idx, kb):
+                return scale[(*c_idx, kb)] * inner[(i, *c_idx, kb)]
         else:
             rt2 = te.reduce_axis((0, QK), name="t2")
-            xs = te.compute((w, nkb), lambda i, kb: te.sum(x[i, kb * QK + rt2], axis=rt2),
+            xs = te.compute((w, nkb), lambda i, kb: te.sum(xin(i, kb * QK + rt2), axis=rt2),
                             name="xsum")
 
-            def block(i, j, kb):
-                off = (mins[j, kb] if qtype == "q4_1"
-                       else scale[j, kb] * tir.const(-8.0, "float32"))
-                return scale[j, kb] * inner[i, j, kb] + off * xs[i, kb]
-        y = te.compute((w, n), lambda i, j: te.sum(block(i, j, rkb), axis=rkb), name="matmul")
+            def block(i, c_idx, kb):
+                off = (mins[(*c_idx, kb)] if qtype == "q4_1"
+                       else scale[(*c_idx, kb)] * tir.const(-8.0, "float32"))
+                return scale[(*c_idx, kb)] * inner[(i, *c_idx, kb)] + off * xs[i, kb]
+        y = te.compute((w, *cols), lambda i, *c_idx: te.sum(block(i, c_idx, rkb), axis=rkb),
+                       name="matmul")
     else:
         r = te.reduce_axis((0, k), name="k")
-        y = te.compute((w, n), lambda i, j: te.sum(x[i, r] * weight(
-            j, r, scale[j, r // QK], None if mins is None else mins[j, r // QK]), axis=r),
-            name="matmul")
-    args = [x, wp]
+        y = te.compute((w, *cols), lambda i, *c_idx: te.sum(xin(i, r) * weight(
+            col(c_idx), r, scale[(*c_idx, r // QK)],
+            None if mins is None else mins[(*c_idx, r // QK)]), axis=r), name="matmul")
+    args = [x] if gamma is None else [x, gamma]
+    args += [wp] + ([b_in] if bias else [])
+    if fused:
+        out = fused_epilogue(y, x, k, norm_eps, activation, b_in)
+        func = te.create_prim_func([*args, out], index_dtype_override="int64")
+        return _finish(func, "linear", n=n, k=k, block=b, residual=0, qtype=qtype,
+                       **fused_attrs(norm_eps, activation, bias))
     if residual:
         res = te.placeholder((w, n), "float32", name="residual")
         y = te.compute((w, n), lambda i, j: y[i, j] + res[i, j], name="add_residual")

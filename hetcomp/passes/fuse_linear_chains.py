@@ -15,7 +15,8 @@ bias for Qwen2's qkv, ``z = linear[norm, bias](x, gamma, W, b)``): the fused for
 :func:`hetcomp.kernels.ops.linear`, which the GPU linear rules schedule. A SmolLM2 verify
 step goes from 246 kernels to 156 (the CUDA-graph build's).
 
-What is fused: a float linear (not block-quantized) without a residual, at a static width
+What is fused: a linear (float or block-quantized: :func:`hetcomp.kernels.quant.linear_quant`
+has the same fused forms) without a residual, at a static width
 (``verify_w{W}``, ``prefill_w{C}``: the functions a CUDA graph captures), whose input is an
 ``rms_norm`` without a residual (Gemma's post-norm adds one) or whose output feeds an
 activation kernel (``silu_mul``, ``gelu_mul``) or a ``bias_add``, when that intermediate has
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 from .._tvm import compiler
 from ..kernels.ops import OP_KIND, is_fused_linear, linear
+from ..kernels.quant import linear_quant
 
 _c = compiler()
 
@@ -48,8 +50,8 @@ def _callee(mod, value):
 
 
 def _fusible_linear(func) -> bool:
-    """A float linear without a residual, its rows static: what the fused forms cover."""
-    return (str(_attr(func, OP_KIND, "")) == "linear" and "hetcomp.qtype" not in func.attrs
+    """A linear without a residual, its rows static: what the fused forms cover."""
+    return (str(_attr(func, OP_KIND, "")) == "linear"
             and not int(_attr(func, "hetcomp.residual", 0))
             and not is_fused_linear(func)
             and isinstance(func.params[0].shape[0], _c.tir.IntImm))
@@ -113,8 +115,11 @@ class _Chains:
         if name not in self.kernels:
             n, k = int(func.attrs["hetcomp.n"]), int(func.attrs["hetcomp.k"])
             rows = int(func.params[0].shape[0])
-            fused = linear(n, k, str(func.params[1].dtype), rows=rows, norm_eps=norm_eps,
-                           activation=activation, bias=bias).with_attr("global_symbol", name)
+            kw = {"rows": rows, "norm_eps": norm_eps, "activation": activation, "bias": bias}
+            qtype = _attr(func, "hetcomp.qtype")
+            fused = (linear_quant(n, k, str(qtype), **kw) if qtype is not None
+                     else linear(n, k, str(func.params[1].dtype), **kw))
+            fused = fused.with_attr("global_symbol", name)
             self.kernels[name] = self.bb.add_func(fused, name)
         return self.kernels[name]
 

@@ -117,7 +117,7 @@ class QuantLinearRule(_BASE):
 
     def apply(self, func, target, tunable):
         if (_kind(func) != "linear" or "hetcomp.qtype" not in func.attrs
-                or not self.applies(target)):
+                or is_fused_linear(func) or not self.applies(target)):
             return None
         c = compiler()
         sch = c.Schedule(func)

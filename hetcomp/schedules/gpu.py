@@ -238,10 +238,12 @@ def _sum_slices(sch, func, mm, rf, slices: int) -> list:
     return [sch.get_loops(init)[-1], sch.get_loops(mm)[-1]]
 
 
-def _fused_split_k(sch, func, cols: int, slices: int) -> list:
+def _fused_split_k(sch, func, cols: int, slices: int, quant: tuple | None = None) -> list:
     """Split-K for a fused linear (:func:`~hetcomp.kernels.ops.linear`'s ``norm_eps``,
-    ``activation`` and ``bias`` forms): :class:`SplitKLinearRule`'s blocks and threads, with
-    the epilogue as the anchor. Returns the loops nvcc should unroll.
+    ``activation`` and ``bias`` forms, and :func:`~hetcomp.kernels.quant.linear_quant`'s:
+    ``quant = (block names, factored)``): :class:`SplitKLinearRule`'s blocks and threads
+    (:class:`QuantSplitKLinearRule`'s, slices of k blocks), with the epilogue as the anchor.
+    Returns the loops nvcc should unroll.
 
     The epilogue reads two producers (the matmul and the norm's sum of squares), and TIR
     moves a block under a loop only with all its producers already there: so the epilogue's
@@ -251,7 +253,9 @@ def _fused_split_k(sch, func, cols: int, slices: int) -> list:
        ``x, x + C, ...`` over slice ``y`` of K into a shared ``[slice, row]`` buffer (an
        rfactor: no reduction across threads);
     2. the matmul's partials, as :func:`_slice_partials` (a gated kernel's thread holds the
-       gate and the up column of its output column);
+       gate and the up column of its output column); a quantized kernel decodes a k block's
+       scale (and min) once per half, and sums the block on the raw quants (factored) or
+       dequantizes its 32 weights against the rows (a loop);
     3. after the one barrier, each thread sums the slices of its (row, column) outputs into
        registers, and
     4. the same thread (same rows, same column) sums its row's ``T`` squares partials and
@@ -259,13 +263,18 @@ def _fused_split_k(sch, func, cols: int, slices: int) -> list:
     """
     epi, mm = sch.get_sblock("epilogue"), sch.get_sblock("matmul")
     norm = "hetcomp.norm_eps" in func.attrs
-    # Step 1. Both reductions split over K slices (rfactor), still at the root.
+    names, factored = quant if quant is not None else ((), False)
+    # Step 1. Both reductions split over K slices (rfactor), still at the root; a quantized
+    # kernel's over slices of k blocks (its dequantizing form: a block's 32 weights inside).
     blocks = []
     if norm:
         ss = sch.get_sblock("sumsq")
         ss_rf = sch.rfactor(sch.split(sch.get_loops(ss)[-1], [None, slices])[1], 0)
         blocks = [ss, ss_rf]
-    rf = sch.rfactor(sch.split(sch.get_loops(mm)[-1], [None, slices])[1], 0)
+    k = sch.get_loops(mm)[-1]
+    if quant is not None and not factored:
+        k = sch.split(k, [None, 32])[0]
+    rf = sch.rfactor(sch.split(k, [None, slices])[1], 0)
     # Step 2. The epilogue's columns over blockIdx.x; the rest computed in each block (the
     # squares first: then one barrier serves both reductions' partials).
     i, j = sch.get_loops(epi)
@@ -285,14 +294,29 @@ def _fused_split_k(sch, func, cols: int, slices: int) -> list:
         # predicate is where TVM cannot place its barrier).
         sch.reverse_compute_at(sch.cache_write(ss_rf, 0, "local"), sio, preserve_unit_loops=True)
     # Step 3. The matmul's partials: columns over threadIdx.x, K slices over threadIdx.y, a
-    # thread's rows (and halves) in registers, stored to shared memory.
-    t, ri, *rh, rj, rko = sch.get_loops(rf)[1:]
-    sch.reorder(rj, t, rko, ri, *rh)
+    # thread's rows (and halves) in registers, stored to shared memory. A quantized kernel
+    # walks halves outside rows, so a half's k-block stages sit inside its loop.
+    t, ri, *rest = sch.get_loops(rf)[1:]
+    rkt = rest[-1:] if quant is not None and not factored else []  # a block's 32 weights
+    *rh, rj, rko = rest[:len(rest) - len(rkt)]
+    if quant is None:
+        sch.reorder(rj, t, rko, ri, *rh)
+    else:
+        sch.reorder(rj, t, rko, *rh, *rkt, ri)
     sch.bind(rj, "threadIdx.x")
     sch.bind(t, "threadIdx.y")
     sch.set_scope(rf, 0, "shared")
     partial = sch.cache_write(rf, 0, "local")
     sch.reverse_compute_at(partial, t, preserve_unit_loops=True)
+    # A quantized kernel's k-block stages, in registers: the raw-quant block sums
+    # (factored) and the column's scale and min per half, x's block sums per k block.
+    staged = []
+    for name in ("inner", "xsum", "min", "scale"):  # consumers first
+        if name in names:
+            blk = sch.get_sblock(name)
+            sch.compute_at(blk, rh[0] if rh and name != "xsum" else rko)
+            sch.set_scope(blk, 0, "local")
+            staged.append(blk)
     # Step 4. After the barrier each thread sums the slices of its outputs (rows over
     # threadIdx.y) into registers, and writes the epilogue for the same outputs.
     wt, wi, *wh, wj = sch.get_loops(mm)[1:]
@@ -312,9 +336,20 @@ def _fused_split_k(sch, func, cols: int, slices: int) -> list:
     # Step 5. Zero the accumulators before their reductions.
     rf_init = sch.decompose_reduction(rf, sch.get_loops(rf)[3])
     mm_init = sch.decompose_reduction(mm, wt)
-    # nvcc unrolls a thread's rows and halves (their accumulators are then registers).
-    return [*sch.get_loops(rf_init)[3:], *sch.get_loops(rf)[4:], *sch.get_loops(partial)[3:],
-            wio, *wh, sch.get_loops(mm_init)[-1], eio]
+    # nvcc unrolls a thread's rows and halves (their accumulators are then registers) and a
+    # factored block's 32 raw quants; a dequantizing block's 32 weights stay a loop
+    # (QuantLinearRule says why).
+    unroll = [*sch.get_loops(rf_init)[3:], *(sch.get_loops(rf)[4:] if quant is None else
+                                            [*sch.get_loops(rf)[4:4 + len(rh)],
+                                             sch.get_loops(rf)[-1]]),
+              *sch.get_loops(partial)[3:], wio, *wh, sch.get_loops(mm_init)[-1], eio]
+    for blk in staged:  # the block sums' own loops: (rows,) the block's 32 quants
+        name = sch.get(blk).name_hint
+        if name in ("inner", "xsum"):
+            own = sch.get_loops(blk)[4 + (len(rh) if name == "inner" else 0):]
+            sch.decompose_reduction(blk, own[-1])
+            unroll += own
+    return unroll
 
 
 class SplitKLinearRule(_BASE):
@@ -428,7 +463,10 @@ class QuantLinearRule(_BASE):
         self.threads, self.max_rows = threads, max_rows
 
     def apply(self, func, target, tunable):
-        if _gpu_kind(func, target) != "linear" or "hetcomp.qtype" not in func.attrs:
+        # Fused forms exist at static widths only (FuseLinearChains), where
+        # QuantSplitKLinearRule schedules them.
+        if (_gpu_kind(func, target) != "linear" or "hetcomp.qtype" not in func.attrs
+                or is_fused_linear(func)):
             return None
         c = compiler()
         sch, names, factored, mm = _quant_blocks(func)
@@ -509,7 +547,9 @@ class QuantSplitKLinearRule(_BASE):
     the GPU host). ``T`` divides ``k / 32`` (18 for SmolLM2's 576: 6 slices of 3 blocks; 48
     for 1536: 8 of 6), so no slice is predicated off; threads up to 256, fewer where the
     partials would exceed 32 KB of shared memory (W = 64: 96-128). Symbolic widths stay with
-    :class:`QuantLinearRule`. Measurements: ``benchmarks/gemv.md``.
+    :class:`QuantLinearRule`. The fused forms (FuseLinearChains: norm, gated activation,
+    bias) take :func:`_fused_split_k`'s epilogue-anchored form of the same schedule.
+    Measurements: ``benchmarks/gemv.md``.
     """
 
     def __init__(self, threads: int = 256, max_rows: int = 64, partial_bytes: int = 32 << 10,
@@ -530,14 +570,19 @@ class QuantSplitKLinearRule(_BASE):
             return None
         c = compiler()
         sch, names, factored, mm = _quant_blocks(func)
-        i, _, k = sch.get_loops(mm)
+        i, *halves, j, k = sch.get_loops(mm)
         rows = _static_rows(c, sch.get(i), self.max_rows)
         if rows is None:
             return None
-        shape = self.shape(rows, int(func.attrs["hetcomp.n"]), int(func.attrs["hetcomp.k"]))
+        # A gated kernel's thread holds both halves of its columns: twice the partials.
+        shape = self.shape(rows * (1 + len(halves)), int(sch.get(j).extent),
+                           int(func.attrs["hetcomp.k"]))
         if shape is None:
             return None
         cols, slices = shape
+        if is_fused_linear(func):
+            _unroll_by_nvcc(sch, _fused_split_k(sch, func, cols, slices, (names, factored)))
+            return sch
         # Step 1. Columns over (blockIdx.x, threadIdx.x), k-block slices over threadIdx.y;
         # per thread its slice's blocks, then (the dequantizing kernel) a block's 32
         # weights, then the rows; the partials in registers, stored to shared memory.

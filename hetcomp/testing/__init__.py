@@ -66,6 +66,23 @@ def depths(parents):
     return np.array(d)
 
 
+def fused_linear_reference(x, w, gamma=None, eps=None, activation=None, bias=None):
+    """numpy (float64) of a fused linear (``ops.linear``/``quant.linear_quant``'s fused
+    forms): RMSNorm of x (with ``gamma``, ``eps``), ``x @ w.T`` (``w[n, k]``), then
+    ``act(gate) * up`` of the ``[gate | up]`` columns or ``+ bias``."""
+    h = x.astype(np.float64)
+    if gamma is not None:
+        h = h / np.sqrt((h * h).mean(axis=1, keepdims=True) + eps) * gamma
+    y = h @ w.astype(np.float64).T
+    if activation is None:
+        return y + bias if bias is not None else y
+    gate, up = np.split(y, 2, axis=1)
+    if activation == "silu":
+        return gate / (1 + np.exp(-gate)) * up
+    u = np.sqrt(2 / np.pi) * (gate + 0.044715 * gate ** 3)
+    return 0.5 * gate * (1 + np.tanh(u)) * up
+
+
 def compile_tiny(tmp_path_factory, cfg=TINY, dtype="float32", seed=0, name="tiny", **options):
     """Compile a random model of ``cfg`` into a fresh folder of pytest's ``tmp_path_factory``
     (``options``: more :class:`CompileOptions` fields); returns (artifact path, float32

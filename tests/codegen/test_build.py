@@ -192,15 +192,16 @@ def test_cuda_artifact_captures_cuda_graphs(tmp_path):
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit)")
 @pytest.mark.parametrize("arch", ["sm_87", "sm_90"])
-def test_cuda_kernels_compile_for_orin_and_hopper(tmp_path, arch):
-    """Every GPU kernel of a model (float16, CUDA graphs, W = 1 and 4, the Medusa draft)
-    compiles with nvcc for Jetson Orin (sm_87) and H100/H200 (sm_90): what a GPU host does
-    when it loads the artifact, done here without one."""
+@pytest.mark.parametrize("dtype", ["float16", "q4_1"])
+def test_cuda_kernels_compile_for_orin_and_hopper(tmp_path, arch, dtype):
+    """Every GPU kernel of a model (float16 or q4_1 blocks, fused linears, CUDA graphs, W = 1
+    and 4, the Medusa draft) compiles with nvcc for Jetson Orin (sm_87) and H100/H200
+    (sm_90): what a GPU host does when it loads the artifact, done here without one."""
     import subprocess
 
     from hetcomp.codegen.build import build, cuda_source
 
-    mod = build_module(TINY, "float16", 2, static_widths=(1, 4), kv_dtype="float16",
+    mod = build_module(TINY, dtype, 2, static_widths=(1, 4), kv_dtype="float16",
                        medusa_root=True, draft_dtype="float16")
     src = cuda_source(build(mod, target_dict("cuda", arch), cuda_graph=True))
     assert src.count("__global__") > 20

@@ -52,6 +52,24 @@ def q41(tmp_path_factory):
     return load_artifact(str(out)), stored, str(path), str(tmp / "heads.npz")
 
 
+@pytest.fixture(scope="module", params=["default", "fused"])
+def q41_any(request, q41):
+    """:func:`q41`, and the same file compiled as a GPU build's module is (CUDA-graph build,
+    its norms and activations inside the quantized qkv and gate_up kernels:
+    FuseLinearChains' quantized forms), run on the CPU."""
+    if request.param == "default":
+        return q41
+    _, stored, path, heads = q41
+    out = request.getfixturevalue("tmp_path_factory").mktemp("q41_fused") / "art"
+    compile_model(CompileOptions(model=path, dtype="q4_1", heads=heads, widths=WIDTHS,
+                                 max_context=TINY.max_context, device_len=True,
+                                 fuse_linears=True), str(out), quiet=True)
+    art = load_artifact(str(out))
+    called = {k["name"] for k in art.manifest["kernels"] if k["function"] == "verify_w16"}
+    assert {"linear_norm_n128_k64_w16", "linear_norm_silu_n192_k64_w16"} <= called, called
+    return art, stored, path, heads
+
+
 def rel_err(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
@@ -70,8 +88,8 @@ def e_blocks():
     return TINY.hidden_size // 32
 
 
-def test_logits_match_numpy_on_dequantized_weights(q41):
-    art, w, _, _ = q41
+def test_logits_match_numpy_on_dequantized_weights(q41_any):
+    art, w, _, _ = q41_any
     prompt = [5, 17, 99, 3, 42, 7, 8, 300, 11]
     sess = art.new_session()
     nxt, hidden = sess.prefill(prompt)
@@ -93,8 +111,8 @@ def test_logits_match_numpy_on_dequantized_weights(q41):
     np.testing.assert_array_equal(ids, ref_logits[len(prompt):].argmax(-1))
 
 
-def test_greedy_equals_numpy_and_speculation_is_lossless(q41):
-    art, w, _, _ = q41
+def test_greedy_equals_numpy_and_speculation_is_lossless(q41_any):
+    art, w, _, _ = q41_any
     for prompt in ([5, 17, 99], [200, 3, 4, 5, 6]):
         seq = generate(art, prompt, max_new_tokens=24, stop_at_eos=False).ids
         assert seq == ref.greedy(TINY, w, prompt, 24)

@@ -13,7 +13,7 @@ from hetcomp.kernels import ops, quant
 from hetcomp.schedules.apply import RULE_ATTR, ApplyRules
 from hetcomp.schedules.cpu import ElementwiseRule, LinearRule, QuantLinearRule
 from hetcomp.schedules.llvm import llvm_rules
-from hetcomp.testing import TINY, byte_tokenizer_spec
+from hetcomp.testing import TINY, byte_tokenizer_spec, fused_linear_reference
 from hetcomp.testing.gguf_writer import write_gguf
 
 c = _tvm.compiler()
@@ -117,3 +117,34 @@ def test_rules_pick_the_quantized_linear():
 def test_row_length_not_a_block_multiple_is_refused():
     with pytest.raises(HetcompError, match="multiple of 32"):
         quant.QuantMatrix.quantize(np.zeros((4, 48), "float32"), "q4_1")
+
+
+FUSED_FORMS = [{"norm_eps": 1e-5}, {"activation": "silu"},
+               {"norm_eps": 1e-6, "activation": "gelu_tanh"}, {"bias": True},
+               {"norm_eps": 1e-5, "bias": True}]
+
+
+@pytest.mark.parametrize("qtype", FORMATS)
+@pytest.mark.parametrize("rows", [1, 2, 4])
+@pytest.mark.parametrize("form", FUSED_FORMS, ids=lambda f: "_".join(f))
+def test_fused_forms_match_numpy(qtype, rows, form):
+    """The fused forms of the quantized linear (FuseLinearChains' norm, gated activation and
+    bias), unscheduled on the CPU: the factored kernel (1, 2 rows) and the dequantizing one
+    (4), against numpy on gguf's dequantized weights."""
+    n, k = 96, 128
+    rng = np.random.default_rng(rows)
+    m = quant.QuantMatrix.quantize(rng.standard_normal((n, k)).astype("float32"), qtype)
+    x = rng.standard_normal((rows, k)).astype("float32")
+    gamma = rng.standard_normal(k).astype("float32")
+    bias = rng.standard_normal(n).astype("float32")
+    func = quant.linear_quant(n, k, qtype, rows=rows, **form)
+    assert ops.is_fused_linear(func) and QuantLinearRule().apply(func, TARGET, False) is None
+    f = c.compile(c.IRModule({"main": func.with_attr("global_symbol", "main")}), target=TARGET)
+    args = [x] + ([gamma] if "norm_eps" in form else []) + [quant.pack_quant_weight(m)]
+    args += [bias] if form.get("bias") else []
+    out = _tvm.tensor(np.zeros((rows, n // 2 if "activation" in form else n), "float32"))
+    f["main"](*map(_tvm.tensor, args), out)
+    ref = fused_linear_reference(x, m.dequantize(), gamma if "norm_eps" in form else None,
+                          form.get("norm_eps"), form.get("activation"),
+                          bias if form.get("bias") else None)
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-4)

@@ -102,26 +102,50 @@ def test_symbolic_widths_stay():
 
 
 def test_what_is_not_a_chain_stays():
-    """A block-quantized linear, a residual linear and Gemma's residual norm (its output
-    joins the residual stream) are left as they are."""
+    """A residual linear and Gemma's residual norm (its output joins the residual stream) are
+    left as they are."""
     m = _Module()
     x, r = _param("x", (W, E)), _param("r", (W, E))
     g = _param("g", (E,))
-    wq = _param("wq", quant.quant_packed_shape(N, E, "q8_0"), "uint8")
     wo = _param("wo", ops.packed_shape(E, E), "float16")
-    with m.bb.function("f", [x, r, g, wq, wo]):
+    with m.bb.function("f", [x, r, g, wo]):
         with m.bb.dataflow():
-            h = m.call("rms_norm_w4", ops.rms_norm(E, 1e-5, rows=W), [x, g], (W, E))
-            q = m.call("linear_q8_0_n128_k64_w4",
-                       quant.linear_quant(N, E, "q8_0", False, rows=W), [h, wq], (W, N))
             hr = m.call("rms_norm_res_w4", ops.rms_norm(E, 1e-5, rows=W, residual=True),
                         [x, g, r], (W, E))
             o = m.call("linear_res_n64_k64_w4", ops.linear(E, E, "float16", True, rows=W),
                        [hr, wo, r], (W, E))
-            out = m.bb.emit_output(relax.Tuple([q, o]))
+            out = m.bb.emit_output(o)
         m.bb.emit_func_output(out)
     before = m.bb.finalize()
     c.tvm.ir.assert_structural_equal(FuseLinearChains()(before), before)
+
+
+def _quant_chain(fused: bool):
+    """rms_norm -> q8_0 linear -> silu_mul, or the one fused quantized kernel."""
+    m = _Module()
+    x, g = _param("x", (W, E)), _param("g", (E,))
+    wq = _param("wq", quant.quant_packed_shape(N, E, "q8_0"), "uint8")
+    with m.bb.function("f", [x, g, wq]):
+        with m.bb.dataflow():
+            if fused:
+                a = m.call("linear_norm_silu_q8_0_n128_k64_w4", quant.linear_quant(
+                    N, E, "q8_0", rows=W, norm_eps=1e-5, activation="silu"), [x, g, wq],
+                    (W, N // 2))
+            else:
+                h = m.call("rms_norm_w4", ops.rms_norm(E, 1e-5, rows=W), [x, g], (W, E))
+                y = m.call("linear_q8_0_n128_k64_w4",
+                           quant.linear_quant(N, E, "q8_0", False, rows=W), [h, wq], (W, N))
+                a = m.call("silu_mul_w4", ops.silu_mul(N // 2, rows=W), [y], (W, N // 2))
+            out = m.bb.emit_output(a)
+        m.bb.emit_func_output(out)
+    return m.bb.finalize()
+
+
+def test_a_quantized_chain_fuses_into_the_quantized_kernel():
+    """A block-quantized linear takes its norm and activation as a float one does, into
+    ``linear_quant``'s fused form."""
+    c.tvm.ir.assert_structural_equal(FuseLinearChains()(_quant_chain(False)),
+                                     _quant_chain(True))
 
 
 def _kernel_calls(mod, fn):

@@ -19,7 +19,7 @@ from hetcomp.driver.compile import CompileOptions, compile_model
 from hetcomp.kernels import ops
 from hetcomp.schedules.apply import RULE_ATTR, ApplyRules
 from hetcomp.schedules.gpu import LinearColumnRule, SplitKLinearRule, gpu_rules
-from hetcomp.testing import TINY, byte_tokenizer_spec
+from hetcomp.testing import TINY, byte_tokenizer_spec, fused_linear_reference
 from hetcomp.testing.gpu import assert_no_stack, serial_threads, thread_bindings
 
 c = _tvm.compiler()
@@ -197,21 +197,6 @@ def test_gemv_kit_builds_and_dry_runs(tmp_path):
 FUSED = [(1e-5, None), (None, "silu"), (1e-6, "gelu_tanh")]
 
 
-def _fused_reference(x, g, w, eps, act):
-    """numpy in float64: RMSNorm (x / rms * gamma), the linear, ``act(gate) * up``."""
-    h = x.astype(np.float64)
-    if eps is not None:
-        h = h / np.sqrt((h * h).mean(axis=1, keepdims=True) + eps) * g
-    y = h @ w.astype(np.float64).T
-    if act is None:
-        return y
-    gate, up = np.split(y, 2, axis=1)
-    if act == "silu":
-        return gate / (1 + np.exp(-gate)) * up
-    u = np.sqrt(2 / np.pi) * (gate + 0.044715 * gate ** 3)
-    return 0.5 * gate * (1 + np.tanh(u)) * up
-
-
 def _run_fused(func, rows, eps, act, dtype, seed, n=192, k=128):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((rows, k)).astype("float32")
@@ -222,7 +207,7 @@ def _run_fused(func, rows, eps, act, dtype, seed, n=192, k=128):
     y = _tvm.tensor(np.zeros((rows, n // 2 if act else n), "float32"))
     args = [x, *([g] if eps is not None else []), ops.pack_linear_weight(w, dtype)]
     lib["main"](*[_tvm.tensor(a) for a in args], y)
-    return y.numpy(), _fused_reference(x, g, w, eps, act)
+    return y.numpy(), fused_linear_reference(x, w, g if eps is not None else None, eps, act)
 
 
 @pytest.mark.parametrize("eps,act", FUSED, ids=["norm", "silu", "norm_gelu"])
@@ -317,5 +302,5 @@ def test_fused_bias_matches_numpy(eps, rule, rows):
     y = _tvm.tensor(np.zeros((w, n), "float32"))
     args = [x, *([g] if eps else []), ops.pack_linear_weight(wt, "float16"), b]
     lib["main"](*[_tvm.tensor(a) for a in args], y)
-    np.testing.assert_allclose(y.numpy(), _fused_reference(x, g, wt, eps, None) + b, rtol=1e-5,
-                               atol=1e-4)
+    np.testing.assert_allclose(y.numpy(), fused_linear_reference(x, wt, g if eps else None, eps,
+                                                                 bias=b), rtol=1e-5, atol=1e-4)

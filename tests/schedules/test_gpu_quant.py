@@ -113,17 +113,30 @@ def test_rules_split_float_and_quantized_linears():
 def test_compile_q4_1_for_cuda(tmp_path):
     """`compile --dtype q4_1 --target cuda` of a tiny model: the decode and verify linears
     (static widths) are gpu.QuantSplitKLinear's, prefill's (symbolic) gpu.QuantLinear's,
-    nothing else schedules a linear, and the weights stay blocks."""
+    nothing else schedules a linear, and the weights stay blocks. The norms and the SiLU run
+    inside the quantized qkv and gate_up kernels (FuseLinearChains, on by default for cuda):
+    three kernels a layer fewer than with `--no-fuse`."""
     from hetcomp.frontend.weights import random_weights
 
     w = random_weights(TINY, seed=2)
     wq = {n: quant.QuantMatrix.quantize(a, "q4_1") if a.ndim == 2 else a for n, a in w.items()}
-    compile_model(CompileOptions(model="tiny.gguf", dtype="q4_1", target="cuda",
-                                 max_context=64), str(tmp_path / "art"), quiet=True,
-                  weights=(TINY, wq, byte_tokenizer_spec(TINY.vocab_size), __file__))
-    m = read_manifest(str(tmp_path / "art"))
-    assert m["units"][0]["device"] == "cuda" and m["dtype"] == "q4_1"
+    got = {}
+    for fuse in (None, False):
+        out = str(tmp_path / f"art{fuse}")
+        compile_model(CompileOptions(model="tiny.gguf", dtype="q4_1", target="cuda",
+                                     max_context=64, fuse_linears=fuse), out, quiet=True,
+                      weights=(TINY, wq, byte_tokenizer_spec(TINY.vocab_size), __file__))
+        got[fuse] = read_manifest(out)
+    m = got[None]
+    assert m["units"][0]["device"] == "cuda" and m["dtype"] == "q4_1" and m["fused_linears"]
     linear = [k for k in m["kernels"] if k["name"].startswith("linear")]
     assert {k["rule"] for k in linear} == {"gpu.QuantSplitKLinear", "gpu.QuantLinear"}
+    fused = {k["name"]: k["rule"] for k in linear if k["name"].startswith("linear_norm")}
+    assert set(fused) == {"linear_norm_n128_k64_w1", "linear_norm_silu_n192_k64_w1",
+                          "linear_norm_n128_k64_w64", "linear_norm_silu_n192_k64_w64"}
+    assert set(fused.values()) == {"gpu.QuantSplitKLinear"}
+    for fn in ("verify_w1", "prefill_w64"):
+        assert (got[False]["launches"][fn]["kernels"] - m["launches"][fn]["kernels"]
+                == 3 * TINY.num_layers)
     params = {p["name"]: p["dtype"] for p in m["params"]}
     assert params["layers.0.w_down"] == "uint8" and params["embed"] == "uint8"

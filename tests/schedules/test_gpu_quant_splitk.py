@@ -14,6 +14,7 @@ from hetcomp import _tvm
 from hetcomp.kernels import quant
 from hetcomp.schedules.apply import RULE_ATTR, ApplyRules
 from hetcomp.schedules.gpu import QuantLinearRule, QuantSplitKLinearRule, gpu_rules
+from hetcomp.testing import fused_linear_reference
 from hetcomp.testing.gpu import assert_no_stack, serial_threads, thread_bindings
 
 c = _tvm.compiler()
@@ -149,3 +150,61 @@ def test_sixteen_column_blocks_match_numpy(qtype, rows):
     lib["main"](_tvm.tensor(x), _tvm.tensor(quant.pack_quant_weight(m)), y)
     np.testing.assert_allclose(y.numpy(), x.astype(np.float64) @ m.dequantize().T, rtol=1e-5,
                                atol=1e-4)
+
+
+# FuseLinearChains' quantized forms: a norm before, a gated activation after, a bias.
+FUSED = [{"norm_eps": 1e-5, "activation": "silu"}, {"norm_eps": 1e-6, "bias": True},
+         {"activation": "gelu_tanh"}]
+
+
+@pytest.mark.parametrize("qtype", FORMATS)
+@pytest.mark.parametrize("rows", [1, 2, 16, 64])
+@pytest.mark.parametrize("form", FUSED, ids=lambda f: "_".join(f))
+def test_fused_forms_match_numpy(qtype, rows, form):
+    """The fused quantized kernels under the epilogue-anchored split K (a gated kernel's
+    thread decodes the gate's and the up column's scales in its loop over halves), thread
+    loops serial, against numpy on the dequantized weights: the factored kernel (W = 1, 2)
+    and the dequantizing one (16, 64: 3 slices at 64)."""
+    n, k = 192, K
+    rng = np.random.default_rng(rows)
+    m = quant.QuantMatrix.quantize(rng.standard_normal((n, k)).astype("float32"), qtype)
+    x = rng.standard_normal((rows, k)).astype("float32")
+    g, b = rng.standard_normal(k).astype("float32"), rng.standard_normal(n).astype("float32")
+    func = QuantSplitKLinearRule().apply(quant.linear_quant(n, k, qtype, rows=rows, **form),
+                                         CUDA, False).mod["main"]
+    lib = c.compile(c.IRModule({"main": serial_threads(func, len(thread_bindings(func)),
+                                                       "every thread loop")}), target=HOST)
+    norm, gated = "norm_eps" in form, "activation" in form
+    y = _tvm.tensor(np.zeros((rows, n // 2 if gated else n), "float32"))
+    args = [x, *([g] if norm else []), quant.pack_quant_weight(m), *([b] if "bias" in form else [])]
+    lib["main"](*map(_tvm.tensor, args), y)
+    want = fused_linear_reference(x, m.dequantize(), g if norm else None, form.get("norm_eps"),
+                           form.get("activation"), b if "bias" in form else None)
+    # float32 sums of unnormed rows reach ~1e3: the error relative to the output's scale
+    np.testing.assert_allclose(y.numpy(), want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("rows", [1, 16, 64])
+def test_fused_cuda_source_keeps_one_barrier(rows):
+    """SmolLM2's fused q4_1 gate_up: the squares' partials go to shared memory before the
+    one barrier the matmul's partials need; each half's scale and min decoded in registers;
+    one kernel."""
+    func = QuantSplitKLinearRule().apply(quant.linear_quant(
+        3072, 576, "q4_1", rows=rows, norm_eps=1e-5, activation="silu"), CUDA, False).mod["main"]
+    local = set(re.findall(r'(\w+) = T\.sblock_alloc_buffer\(.*scope="local"\)',
+                           func.script()))
+    assert {"scale_local", "min_local", "matmul_local"} <= local
+    src = c.compile(c.IRModule({"main": func}), target=CUDA).mod.imports[0].inspect_source()
+    assert src.count("__syncthreads()") == 1 and "tvm_thread_allreduce" not in src
+    assert len(re.findall(r"__global__ void __launch_bounds__\(\d+\) \w+\(.*\) \{", src)) == 1
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+@pytest.mark.parametrize("arch", ["sm_87", "sm_90"])
+@pytest.mark.parametrize("qtype,rows", [("q4_1", 1), ("q4_0", 16), ("q8_0", 64)])
+def test_nvcc_keeps_fused_accumulators_in_registers(tmp_path, arch, qtype, rows):
+    """ptxas on SmolLM2's fused gate_up (gate and up sums per row: the most registers): no
+    stack frame, no spills."""
+    func = QuantSplitKLinearRule().apply(quant.linear_quant(
+        3072, 576, qtype, rows=rows, norm_eps=1e-5, activation="silu"), CUDA, False).mod["main"]
+    assert_no_stack(func.with_attr("global_symbol", "main"), arch, tmp_path)
