@@ -21,7 +21,7 @@ cache) with one group of T threads a block (session 10's kernel) and with the de
 8-way reductions); ``run.py gemv`` times each at W = 1, 4, 16, 64 over cache lengths
 ``ATTN_CACHE``; the Medusa draft's top-k, ``script_ops.topk_rows`` against TVM's GPU
 ``topk`` (a sort), at the shipped draft's shape and over the whole vocabulary; and the two
-chains FuseLinearChains fuses (float16): ``rms_norm -> qkv`` and ``rms_norm -> gate_up ->
+chains FuseLinearChains fuses (float16 and q4_1): ``rms_norm -> qkv`` and ``rms_norm -> gate_up ->
 silu_mul`` as one fused kernel each, beside the ``rms_norm`` and ``silu_mul`` kernels they
 replace (the unfused linears are the ``splitk`` records).
 
@@ -149,10 +149,12 @@ CHAINS = {"qkv": None, "gate_up": "silu"}
 
 
 def chain_kernels(target, widths=WIDTHS) -> list[dict]:
-    """SmolLM2's fused chains (float16 weights) at each W: ``role`` ``fused`` (the fused
-    linear, gpu.SplitKLinear), ``norm`` (``rms_norm``, gpu.RMSNorm) and ``act``
-    (``silu_mul``, gpu.PerStageThread): ``name``, ``kind``, ``w``, ``n``, ``k``, ``eps``,
-    ``activation``, ``cols``, ``rule``, ``func``.
+    """SmolLM2's fused chains (float16 weights, and q4_1 blocks) at each W: ``role``
+    ``fused`` (the fused linear, gpu.SplitKLinear or gpu.QuantSplitKLinear), ``norm``
+    (``rms_norm``, gpu.RMSNorm) and ``act`` (``silu_mul``, gpu.PerStageThread): ``name``,
+    ``kind``, ``dtype``, ``w``, ``n``, ``k``, ``eps``, ``activation``, ``cols``, ``rule``,
+    ``func``. A fused kernel replaces the norm, the ``splitk`` linear of its dtype and (gated)
+    the activation.
 
     The fused gate_up's thread holds a gate and an up column, so the rule's 16 columns a
     block (a 32-byte sector of float16) make 96 blocks of its 1536 outputs, half the
@@ -168,9 +170,14 @@ def chain_kernels(target, widths=WIDTHS) -> list[dict]:
             for sector, tag in ((32, ""), *(((16, "8"),) if act else ())):
                 rule, sched = _first(func, [SplitKLinearRule(sector_bytes=sector)], target)
                 out.append({"name": f"fused{tag}_f16_{kind}_w{w}", "role": "fused",
-                            "kind": kind, "w": w, "n": n, "k": k, "eps": eps,
-                            "activation": act, "cols": sector // 2, "rule": rule,
-                            "func": sched})
+                            "kind": kind, "dtype": "float16", "w": w, "n": n, "k": k,
+                            "eps": eps, "activation": act, "cols": sector // 2,
+                            "rule": rule, "func": sched})
+            qfunc = quant.linear_quant(n, k, "q4_1", rows=w, norm_eps=eps, activation=act)
+            rule, sched = _first(qfunc, [QuantSplitKLinearRule()], target)
+            out.append({"name": f"fused_q41_{kind}_w{w}", "role": "fused", "kind": kind,
+                        "dtype": "q4_1", "w": w, "n": n, "k": k, "eps": eps,
+                        "activation": act, "cols": 32, "rule": rule, "func": sched})
         for role, func, rules, n in (
                 ("norm", ops.rms_norm(e, eps, rows=w), [RMSNormRule()], e),
                 ("act", ops.silu_mul(f, rows=w), [PerStageThreadRule()], 2 * f)):

@@ -408,17 +408,26 @@ def _chains(meta: dict, lib, dev, dry: bool, linears: list[dict]) -> list[dict]:
 
     from hetcomp import _tvm
 
+    from hetcomp.kernels import ops, quant
+
     rng = np.random.default_rng(3)
     out, times = [], {}
     for rec in meta.get("chains", []):
         w, n, k, eps, act = rec["w"], rec["n"], rec["k"], rec["eps"], rec["activation"]
-        r = {key: rec.get(key) for key in ("name", "role", "kind", "w", "cols", "rule")}
+        r = {key: rec.get(key) for key in ("name", "role", "kind", "dtype", "w", "cols", "rule")}
         if rec["role"] == "fused":
             x_np = rng.standard_normal((w, k)).astype("float32")
             g_np = rng.standard_normal(k).astype("float32")
-            w_np = rng.standard_normal((n // 32, k, 32)).astype("float16")
+            dense = rng.standard_normal((n, k)).astype("float32")
+            dtype = r["dtype"] = rec.get("dtype", "float16")
+            if quant.is_quant(dtype):
+                m = quant.QuantMatrix.quantize(dense, dtype)
+                w_np, dense = quant.pack_quant_weight(m), m.dequantize()
+            else:
+                dense = dense.astype(dtype)
+                w_np = ops.pack_linear_weight(dense, dtype)
             args = [x_np, g_np, w_np]
-            ref = _linear_reference(w_np, _norm_reference(x_np, g_np, eps), None)
+            ref = _norm_reference(x_np, g_np, eps) @ dense.astype(np.float64).T
             ref = _silu_mul_reference(ref) if act else ref
         elif rec["role"] == "norm":
             args = [rng.standard_normal((w, n)).astype("float32"),
@@ -439,15 +448,18 @@ def _chains(meta: dict, lib, dev, dry: bool, linears: list[dict]) -> list[dict]:
         out.append(r)
     if dry:
         return out
-    hot = {(x["kind"], x["w"]): x["hot_us"] for x in linears
-           if x["variant"] == "splitk" and x["dtype"] == "float16" and "hot_us" in x}
-    for r in [r for r in out if r["role"] == "fused" and (r["kind"], r["w"]) in hot]:
+    hot = {(x["kind"], x["dtype"], x["w"]): x["hot_us"] for x in linears
+           if x["variant"] == "splitk" and "hot_us" in x}
+    for r in out:
+        key = (r["kind"], r.get("dtype"), r["w"])
+        if r["role"] != "fused" or key not in hot:
+            continue
         w = r["w"]
-        parts = times[f"norm_w{w}"] + hot[(r["kind"], w)] + (
+        parts = times[f"norm_w{w}"] + hot[key] + (
             times[f"act_w{w}"] if r["kind"] == "gate_up" else 0.0)
         r["replaced_us"] = parts
-        say(f"chain {r['kind']} W={w} ({r['cols']} columns a block): fused {r['us']:.2f} "
-            f"us, unfused {parts:.2f} us")
+        say(f"chain {r['kind']} {key[1]} W={w} ({r['cols']} columns a block): fused "
+            f"{r['us']:.2f} us, unfused {parts:.2f} us")
     return out
 
 

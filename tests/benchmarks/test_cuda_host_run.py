@@ -122,12 +122,32 @@ def test_chain_attention_reference_matches_the_tree_attention_kernel():
                                    rtol=1e-4, atol=1e-5)
 
 
+def test_attention_timing_checks_what_each_variant_computes():
+    """``run.py gemv``'s attention part, run here with the kernel's CPU form under a kit
+    name: every width and cache length is checked (output and the keys it writes) before it
+    is timed, the host's copy of the caches following the kernel's writes."""
+    from hetcomp import _tvm
+    from hetcomp.kernels import script_ops
+
+    c, args = _tvm.compiler(), [4, 2, 16, 2, 96]
+    name = "tree_attention_g8"
+    lib = c.compile(c.IRModule({name: script_ops.tree_attention(*args, kv_dtype="float16")
+                                .with_attr("global_symbol", name)}),
+                    target=c.Target({"kind": "llvm"})).mod
+    meta = {"attention": [{"name": "tree_attention_g8", "groups": 8, "fan_in": 8,
+                           "args": args, "kv_dtype": "float16"}], "attention_cache": [0, 16]}
+    out = run_py._attention(meta, lib, _tvm.cpu(), False)
+    assert [(r["w"], r["cache"]) for r in out] == [(w, n) for w in run_py.STEP_WIDTHS
+                                                   for n in (0, 16)]
+    assert all(r["correct"] and r["us"] > 0 for r in out), out
+
+
 def test_chains_check_and_compare_the_fused_kernels():
     """``run.py gemv``'s fused-chain part, run here with the kernels' CPU forms under the
     kit's names: every output (fused linear, RMSNorm, SiLU) matches its numpy reference, and
     each fused kernel is put beside the sum of the kernels it replaces."""
     from hetcomp import _tvm
-    from hetcomp.kernels import ops
+    from hetcomp.kernels import ops, quant
 
     c = _tvm.compiler()
     n_qkv, n_gu, k, eps = 96, 192, 64, 1e-5
@@ -135,6 +155,9 @@ def test_chains_check_and_compare_the_fused_kernels():
              "k": k, "eps": eps, "activation": None, "rule": "cpu"},
             {"name": "fused_f16_gate_up_w2", "role": "fused", "kind": "gate_up", "w": 2,
              "n": n_gu, "k": k, "eps": eps, "activation": "silu", "rule": "cpu"},
+            {"name": "fused_q41_gate_up_w2", "role": "fused", "kind": "gate_up",
+             "dtype": "q4_1", "w": 2, "n": n_gu, "k": k, "eps": eps, "activation": "silu",
+             "rule": "cpu"},
             {"name": "norm_w2", "role": "norm", "kind": "norm", "w": 2, "n": k, "k": 0,
              "eps": eps, "activation": None, "rule": "cpu"},
             {"name": "act_w2", "role": "act", "kind": "act", "w": 2, "n": n_gu, "k": 0,
@@ -142,17 +165,20 @@ def test_chains_check_and_compare_the_fused_kernels():
     funcs = {"fused_f16_qkv_w2": ops.linear(n_qkv, k, "float16", rows=2, norm_eps=eps),
              "fused_f16_gate_up_w2": ops.linear(n_gu, k, "float16", rows=2, norm_eps=eps,
                                                 activation="silu"),
+             "fused_q41_gate_up_w2": quant.linear_quant(n_gu, k, "q4_1", rows=2, norm_eps=eps,
+                                                        activation="silu"),
              "norm_w2": ops.rms_norm(k, eps, rows=2), "act_w2": ops.silu_mul(n_gu // 2, rows=2)}
     lib = c.compile(c.IRModule({n: f.with_attr("global_symbol", n) for n, f in funcs.items()}),
                     target=c.Target({"kind": "llvm"}))
-    linears = [{"variant": "splitk", "dtype": "float16", "kind": kind, "w": 2, "hot_us": 5.0}
-               for kind in ("qkv", "gate_up")]
+    linears = [{"variant": "splitk", "dtype": dtype, "kind": kind, "w": 2, "hot_us": us}
+               for kind in ("qkv", "gate_up") for dtype, us in (("float16", 5.0), ("q4_1", 3.0))]
     out = run_py._chains({"chains": recs}, lib.mod, _tvm.cpu(), False, linears)
-    assert [r["correct"] for r in out] == [True] * 4, [r.get("max_rel_err") for r in out]
+    assert [r["correct"] for r in out] == [True] * 5, [r.get("max_rel_err") for r in out]
     times = {r["name"]: r["us"] for r in out}
-    fused = {r["kind"]: r["replaced_us"] for r in out if r["role"] == "fused"}
-    assert fused["qkv"] == times["norm_w2"] + 5.0
-    assert fused["gate_up"] == times["norm_w2"] + 5.0 + times["act_w2"]
+    fused = {(r["kind"], r.get("dtype")): r["replaced_us"] for r in out if r["role"] == "fused"}
+    assert fused["qkv", "float16"] == times["norm_w2"] + 5.0
+    assert fused["gate_up", "float16"] == times["norm_w2"] + 5.0 + times["act_w2"]
+    assert fused["gate_up", "q4_1"] == times["norm_w2"] + 3.0 + times["act_w2"]
 
 
 def test_summary_puts_the_fused_step_beside_the_unfused(capsys):
