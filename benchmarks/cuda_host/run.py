@@ -407,7 +407,6 @@ def _chains(meta: dict, lib, dev, dry: bool, linears: list[dict]) -> list[dict]:
     import numpy as np
 
     from hetcomp import _tvm
-
     from hetcomp.kernels import ops, quant
 
     rng = np.random.default_rng(3)

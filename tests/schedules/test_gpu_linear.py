@@ -189,7 +189,8 @@ def test_gemv_kit_builds_and_dry_runs(tmp_path):
     assert {(r["role"], r["kind"], r["w"]) for r in out["chains"]} == {
         (role, kind, w) for w in (1, 4) for role, kind in (
             ("fused", "qkv"), ("fused", "gate_up"), ("norm", "norm"), ("act", "act"))}
-    assert {r["rule"] for r in out["chains"] if r["role"] == "fused"} == {"gpu.SplitKLinear"}
+    assert {(r["dtype"], r["rule"]) for r in out["chains"] if r["role"] == "fused"} == {
+        ("float16", "gpu.SplitKLinear"), ("q4_1", "gpu.QuantSplitKLinear")}
     assert all(f"{r['name']}_kernel" in source for r in out["chains"])
 
 
