@@ -29,16 +29,16 @@ def residual_linears(post_norms: bool) -> tuple[str, ...]:
 
 
 def norm_kernels(layers: int, post_norms: bool, qk_norm: bool,
-                 fused_linears: bool = False) -> dict[str, int]:
+                 fused_linears: bool = False, device_len: bool = False) -> dict[str, int]:
     """The norm kernels of a verify step and their call counts: two RMSNorms a layer and the
     final one (only the final one with ``fused_linears``: the others run inside the qkv and
     gate_up kernels, ``passes.fuse_linear_chains``); with ``post_norms`` two residual norms a
     layer (attention and MLP outputs); with ``qk_norm`` one per-head q/k norm a layer (before
-    RoPE)."""
+    RoPE; none in the CUDA-graph build, ``device_len``: its attention kernel norms)."""
     out = {"rms_norm": 1 if fused_linears else 2 * layers + 1}
     if post_norms:
         out["rms_norm_res"] = 2 * layers
-    if qk_norm:
+    if qk_norm and not device_len:
         out["qk_norm"] = layers
     return out
 

@@ -185,11 +185,11 @@ def tree_attention_features(shape: ModelShape, w: int, cache_len: int, corun: bo
                             ) -> Features:
     """The CUDA-graph build's attention (``script_ops.tree_attention``): the fused kernel's
     work and RoPE's (it reads the qkv rows and writes the tree's K/V into the caches,
-    :func:`rope_features` without the row-major copies), its own op class (another kernel,
-    timed by its own probes)."""
+    :func:`rope_features` without the row-major copies; Gemma's q/k norm's flops too), its
+    own op class (another kernel, timed by its own probes)."""
     fused = attention_features(shape, w, cache_len, corun)
     h, g, d = shape.heads, shape.kv_heads, shape.head_dim
-    rope_flops = 6.0 * w * (h + g) * d / 2
+    rope_flops = 6.0 * w * (h + g) * d / 2 + (4.0 * w * (h + g) * d if shape.qk_norm else 0.0)
     rope_bytes = _F32 * (w * shape.qkv_size + w * d) + shape.kv_bytes * 2 * g * w * d
     return dataclasses.replace(fused, op="tree_attention", flops=fused.flops + rope_flops,
                                bytes=fused.bytes + rope_bytes)
@@ -384,7 +384,8 @@ def model_step(shape: ModelShape, w: int, cache_len: int, nnz: int | None = None
         StepOp("embed", embed_features(shape, w), 1),
         StepOp("rope_table", rope_table_features(shape, w), rope_tables(shape.sliding_window)),
         *[StepOp(name, norms[name](), count) for name, count in
-          norm_kernels(nl, shape.post_norms, shape.qk_norm, fused_linears).items()],
+          norm_kernels(nl, shape.post_norms, shape.qk_norm, fused_linears,
+                       device_len).items()],
         StepOp("qkv", linear_features(shape, "qkv", w), nl, "qkv"),
         *([StepOp("bias_add", bias_add_features(shape, w), nl)]
           if shape.qkv_bias and not fused_linears else []),

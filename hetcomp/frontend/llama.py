@@ -92,21 +92,24 @@ class _Kernels:
 
 
 def _tree_attention(bb, kern: _Kernels, cfg: LlamaConfig, qkv, cs, k_cache, v_cache, mask,
-                    positions, layer, window: int = 0):
+                    positions, layer, window: int = 0, qk_gammas: tuple = ()):
     """One layer's attention in the CUDA-graph build: ``script_ops.tree_attention``, which
-    rotates the qkv rows itself and writes the tree's K/V into the caches (no ``rope_kv``).
-    Returns ``(o[w, H, D], k_cache, v_cache)``."""
+    rotates the qkv rows itself and writes the tree's K/V into the caches (no ``rope_kv``),
+    and norms the query and key heads first given Gemma's ``qk_gammas = (q_gamma, k_gamma)``
+    (no ``qk_norm``). Returns ``(o[w, H, D], k_cache, v_cache)``."""
     c = compiler()
     relax, tt = c.relax, c.TensorType
     w = qkv.ty.shape[0]
     hq, d = cfg.num_heads, cfg.head_dim
     # "_win{S}": a stem that name.split("_w")[0] maps to the unwindowed kernel's (the same
     # kernel class for the step model and the planner; tests/frontend/test_step_description).
+    eps = cfg.norm_eps if qk_gammas else None
     gv = kern.get("tree_attention" + (f"_win{window}" if window else ""), functools.partial(
-        script_ops.tree_attention, kv_dtype=kern.kv_dtype, window=window), hq,
-        cfg.num_kv_heads, d, cfg.num_layers, cfg.max_context, sized=False)
+        script_ops.tree_attention, kv_dtype=kern.kv_dtype, window=window, qk_norm_eps=eps),
+        hq, cfg.num_kv_heads, d, cfg.num_layers, cfg.max_context, sized=False)
+    g = len(qk_gammas)  # the caches' argument indices follow the gammas
     res = bb.emit(relax.call_tir_inplace(
-        gv, [qkv, cs, k_cache, v_cache, mask, positions, layer], [-1, 2, 3],
+        gv, [qkv, cs, *qk_gammas, k_cache, v_cache, mask, positions, layer], [-1, 2 + g, 3 + g],
         [tt((w, hq, d), "float32"), k_cache.ty, v_cache.ty]))
     return tuple(bb.emit(relax.TupleGetItem(res, k)) for k in range(3))
 
@@ -196,15 +199,16 @@ def _forward(bb, kern: _Kernels, cfg: LlamaConfig, inputs, params: dict, last_on
         if cfg.qkv_bias:
             qkv = call(kern.get("bias_add", ops.bias_add, cfg.qkv_size),
                        [qkv, params[p + "bqkv"]], (w, cfg.qkv_size))
-        if cfg.qk_norm:
+        qk_gammas = (params[p + "q_norm"], params[p + "k_norm"]) if cfg.qk_norm else ()
+        if qk_gammas and not kern.device_len:  # (the CUDA-graph build's attention norms)
             qkv = call(kern.get("qk_norm", script_ops.qk_norm, hq, cfg.num_kv_heads, d,
-                                cfg.norm_eps, sized=False),
-                       [qkv, params[p + "q_norm"], params[p + "k_norm"]], (w, cfg.qkv_size))
+                                cfg.norm_eps, sized=False), [qkv, *qk_gammas], (w, cfg.qkv_size))
         layer = c.prim_value(c.tir.IntImm("int64", i))
         cs = tables[cfg.layer_rope_theta(i)]
         if kern.device_len:
             o, k_cache, v_cache = _tree_attention(bb, kern, cfg, qkv, cs, k_cache, v_cache,
-                                                  tree[0], positions, layer, cfg.layer_window(i))
+                                                  tree[0], positions, layer, cfg.layer_window(i),
+                                                  qk_gammas)
         else:
             res = bb.emit(relax.call_tir_inplace(
                 rope_gv, [qkv, cs, k_cache, v_cache, layer, n], [-1, 2, 3, -1, -1],
@@ -372,8 +376,8 @@ def build_module(cfg: LlamaConfig, wdtype: str = "float32", medusa_heads: int = 
     cache length on the device as ``positions[0]`` (the root's, a chunk's first position:
     every caller's calls hold it) from copies of positions and mask at fixed addresses
     (``script_ops.stage_tree``), every attention is ``script_ops.tree_attention`` (masked,
-    fused: ``fused_widths`` and the CSR are unused; it applies RoPE and writes the tree's K/V
-    into the caches itself, so no ``rope_kv`` runs), and ``verify_w{W}`` and ``prefill_w{C}``
+    fused: ``fused_widths`` and the CSR are unused; it applies RoPE, Gemma's q/k norm and
+    writes the tree's K/V into the caches itself, so no ``rope_kv`` or ``qk_norm`` runs), and ``verify_w{W}`` and ``prefill_w{C}``
     count only the call's own values as inputs (``num_input``: the tree, a chunk's ``rows``),
     so that TVM's RewriteCUDAGraph captures the whole step or chunk
     from the first layer to the final norm, the caches included: a graph replays the cache

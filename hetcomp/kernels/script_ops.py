@@ -320,7 +320,8 @@ TREE_REDUCE_FAN_IN = 8
 
 def tree_attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, context: int,
                    gpu: bool = False, kv_dtype: str = "float32", window: int = 0,
-                   groups: int | None = None, fan_in: int = TREE_REDUCE_FAN_IN):
+                   groups: int | None = None, fan_in: int = TREE_REDUCE_FAN_IN,
+                   qk_norm_eps: float | None = None):
     """Tree attention with the cache length read on the device, for CUDA graphs, with RoPE and
     the tree's cache write inside: the fused masked attention of
     :func:`hetcomp.kernels.ops.attention` (``part="full"``) after :func:`rope_kv`, in one
@@ -342,6 +343,11 @@ def tree_attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int
     writes node i's rotated K and its V into the cache at ``n + i``: the slots later steps
     read, written by one block each, and read by none in this kernel. That is
     :func:`rope_kv`'s work without its launch (a kernel a layer fewer in a CUDA graph).
+
+    ``qk_norm_eps``: Gemma's per-head q/k RMSNorm (:func:`qk_norm`, in its arithmetic) before
+    the rotation, with ``q_gamma[D]`` and ``k_gamma[D]`` the arguments after ``cs``: a thread
+    that rotates a query or key row sums its squares first (the block's query once per
+    thread, a tree key by the thread scoring it), so that kernel's launch goes too.
 
     One thread block per (head, row), flash decoding within the block: ``groups`` groups of
     ``T`` threads (T the power of two >= max(D, 32); default groups: as many as make
@@ -383,14 +389,27 @@ def tree_attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int
     span = T.int64(nt * ng)  # a round's keys and the block's threads: group t // nt, lane t % nt
     half, qkv_size = d // 2, (hq + 2 * g) * d
 
-    def roped(qkv, cs, row, head, e):
+    qk = qk_norm_eps is not None
+
+    def roped(qkv, cs, row, head, e, rstd=None, gamma=None):
         """Element ``e`` of head ``head`` of ``qkv[row]`` rotated (rotate-half), in
-        :func:`rope_kv`'s arithmetic; ``e < half`` folds once the head dimension's loop is
-        unrolled."""
+        :func:`rope_kv`'s arithmetic, the head normed first where ``gamma`` is given (times
+        ``rstd``, :func:`qk_norm`'s arithmetic); ``e < half`` folds once the head
+        dimension's loop is unrolled."""
         j = e % half
         x0, x1 = qkv[row, head * d + j], qkv[row, head * d + j + half]
+        if gamma is not None:
+            x0, x1 = x0 * rstd * gamma[j], x1 * rstd * gamma[j + half]
         return T.if_then_else(e < half, x0 * cs[row, j] - x1 * cs[row, j + half],
                               x1 * cs[row, j] + x0 * cs[row, j + half])
+
+    @T.macro
+    def head_rstd(out, qkv, row, head):
+        """``out[0] = rsqrt(mean(head ** 2) + eps)`` of head ``head`` of ``qkv[row]``."""
+        out[0] = T.float32(0)
+        for u in range(d):
+            out[0] = out[0] + qkv[row, head * d + u] * qkv[row, head * d + u]
+        out[0] = T.rsqrt(out[0] * T.float32(1.0 / d) + T.float32(qk_norm_eps or 0.0))
 
     def as_cached(x):  # a value as the cache holds it, back in float32
         return T.Cast("float32", T.Cast(kvd, x))
@@ -407,20 +426,9 @@ def tree_attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int
                                    fan_in)
             sync()
 
-    @T.prim_func(private=True)
-    def tree_attention_func(var_qkv: T.handle, var_cs: T.handle, var_k: T.handle,
-                            var_v: T.handle, var_mask: T.handle, var_pos: T.handle,
-                            layer: T.int64, var_out: T.handle):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True,
-                     "hetcomp.rule": "script.tree_attention"})
-        w = T.int64()
-        qkv = T.match_buffer(var_qkv, (w, qkv_size), "float32")
-        cs = T.match_buffer(var_cs, (w, d), "float32")
-        k_cache = T.match_buffer(var_k, (nl, g, d, c), kvd)
-        v_cache = T.match_buffer(var_v, (nl, g, c, d), kvd)
-        mask = T.match_buffer(var_mask, (w, w), "int32")
-        positions = T.match_buffer(var_pos, (w,), "int32")
-        out = T.match_buffer(var_out, (w, hq, d), "float32")
+    @T.macro
+    def body(qkv, cs, q_gamma, k_gamma, k_cache, v_cache, mask, positions, layer, out):
+        w = qkv.shape[0]
         for b in blocks(hq * w):
             qs = T.alloc_buffer((d,), "float32", scope=shared)  # the row's query, scaled
             acc = T.alloc_buffer((nt * ng,), "float32", scope=shared)  # groups' outputs
@@ -435,9 +443,20 @@ def tree_attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int
             pi = T.Cast("int64", positions[i])
             for t in threads(span):
                 if t < d:
-                    qs[t] = roped(qkv, cs, i, h, t) * T.float32(scale)
+                    if qk:  # (a Python-level branch: the other kernel has no norm)
+                        rs = T.alloc_buffer((1,), "float32", scope="local")  # a row's rstd
+                        head_rstd(rs, qkv, i, h)
+                        qs[t] = roped(qkv, cs, i, h, t, rs[0], q_gamma) * T.float32(scale)
+                    else:
+                        qs[t] = roped(qkv, cs, i, h, t) * T.float32(scale)
                     if h % rep == 0:  # node i's K and V into the cache, once per KV head
-                        k_cache[layer, kv, t, n + i] = T.Cast(kvd, roped(qkv, cs, i, hq + kv, t))
+                        if qk:
+                            head_rstd(rs, qkv, i, hq + kv)
+                            k_cache[layer, kv, t, n + i] = T.Cast(
+                                kvd, roped(qkv, cs, i, hq + kv, t, rs[0], k_gamma))
+                        else:
+                            k_cache[layer, kv, t, n + i] = T.Cast(
+                                kvd, roped(qkv, cs, i, hq + kv, t))
                         v_cache[layer, kv, n + i, t] = T.Cast(kvd, qkv[i, (hq + g + kv) * d + t])
                 acc[t] = T.float32(0)
                 if t % nt == 0:
@@ -463,10 +482,19 @@ def tree_attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int
                                 dot[0] = dot[0] + qs[e] * T.Cast(
                                     "float32", k_cache[layer, kv, e, j])
                         else:  # a tree key: node's K, rotated here a pair at a time
-                            for e in T.unroll(T.int64(half)):
-                                dot[0] = dot[0] + qs[e] * as_cached(
-                                    roped(qkv, cs, node, hq + kv, e)) + qs[e + half] * as_cached(
-                                    roped(qkv, cs, node, hq + kv, e + half))
+                            if qk:
+                                rk = T.alloc_buffer((1,), "float32", scope="local")
+                                head_rstd(rk, qkv, node, hq + kv)
+                                for e in T.unroll(T.int64(half)):
+                                    dot[0] = dot[0] + qs[e] * as_cached(roped(
+                                        qkv, cs, node, hq + kv, e, rk[0], k_gamma)) + qs[
+                                        e + half] * as_cached(roped(qkv, cs, node, hq + kv,
+                                                                    e + half, rk[0], k_gamma))
+                            else:
+                                for e in T.unroll(T.int64(half)):
+                                    dot[0] = dot[0] + qs[e] * as_cached(
+                                        roped(qkv, cs, node, hq + kv, e)) + qs[e + half] * (
+                                        as_cached(roped(qkv, cs, node, hq + kv, e + half)))
                     sc[t] = dot[0]
                     red[t] = dot[0]
                 sync()
@@ -533,11 +561,50 @@ def tree_attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int
                         den[0] = den[0] + f * stat[gj * 3 + 1]
                     out[i, h, t] = num[0] / den[0]
 
+    attrs = {"tirx.noalias": True, "tirx.is_scheduled": True,
+             "hetcomp.rule": "script.tree_attention"}
+
+    @T.prim_func(private=True)
+    def tree_attention_func(var_qkv: T.handle, var_cs: T.handle, var_k: T.handle,
+                            var_v: T.handle, var_mask: T.handle, var_pos: T.handle,
+                            layer: T.int64, var_out: T.handle):
+        T.func_attr(attrs)
+        w = T.int64()
+        qkv = T.match_buffer(var_qkv, (w, qkv_size), "float32")
+        cs = T.match_buffer(var_cs, (w, d), "float32")
+        k_cache = T.match_buffer(var_k, (nl, g, d, c), kvd)
+        v_cache = T.match_buffer(var_v, (nl, g, c, d), kvd)
+        mask = T.match_buffer(var_mask, (w, w), "int32")
+        positions = T.match_buffer(var_pos, (w,), "int32")
+        out = T.match_buffer(var_out, (w, hq, d), "float32")
+        body(qkv, cs, None, None, k_cache, v_cache, mask, positions, layer, out)
+
+    @T.prim_func(private=True)
+    def tree_attention_qk_norm(var_qkv: T.handle, var_cs: T.handle, var_qg: T.handle,
+                               var_kg: T.handle, var_k: T.handle, var_v: T.handle,
+                               var_mask: T.handle, var_pos: T.handle, layer: T.int64,
+                               var_out: T.handle):
+        T.func_attr(attrs)
+        w = T.int64()
+        qkv = T.match_buffer(var_qkv, (w, qkv_size), "float32")
+        cs = T.match_buffer(var_cs, (w, d), "float32")
+        q_gamma = T.match_buffer(var_qg, (d,), "float32")
+        k_gamma = T.match_buffer(var_kg, (d,), "float32")
+        k_cache = T.match_buffer(var_k, (nl, g, d, c), kvd)
+        v_cache = T.match_buffer(var_v, (nl, g, c, d), kvd)
+        mask = T.match_buffer(var_mask, (w, w), "int32")
+        positions = T.match_buffer(var_pos, (w,), "int32")
+        out = T.match_buffer(var_out, (w, hq, d), "float32")
+        body(qkv, cs, q_gamma, k_gamma, k_cache, v_cache, mask, positions, layer, out)
+
     recorded = {"args": [num_heads, num_kv_heads, head_dim, layers, context],
                 "kv_dtype": kv_dtype, "groups": ng, "fan_in": fan_in}
     if window:
         recorded["window"] = window
-    return tree_attention_func.with_attr(OP_KIND, "tree_attention").with_attr(
+    if qk:
+        recorded["qk_norm_eps"] = qk_norm_eps
+    func = tree_attention_qk_norm if qk else tree_attention_func
+    return func.with_attr(OP_KIND, "tree_attention").with_attr(
         ARGS_ATTR, json.dumps(recorded))
 
 
@@ -686,8 +753,8 @@ def for_gpu(func, gpu: bool = True):
              "tree_attention": tree_attention, "stage_tree": stage_tree,
              "stage_draft": stage_draft, "topk": topk_rows,
              "draft_tokens": draft_tokens}[str(attrs[OP_KIND])]
-    kw = {key: recorded[key] for key in ("kv_dtype", "window", "groups", "mapped", "fan_in")
-          if key in recorded}
+    kw = {key: recorded[key] for key in ("kv_dtype", "window", "groups", "mapped", "fan_in",
+                                         "qk_norm_eps") if key in recorded}
     out = build(*recorded["args"], gpu=gpu, **kw)
     for key in ("global_symbol", "target", "hetcomp.cost"):  # AnnotateCost's too
         if key in attrs:

@@ -9,6 +9,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from hetcomp.artifact_format import read_manifest
 from hetcomp.driver.compile import CompileOptions, compile_model
 from hetcomp.frontend import load_model
 from hetcomp.frontend.weights import random_weights
@@ -75,11 +76,13 @@ def gemma3_device_len(tmp_path_factory, gemma3_gguf):
 @pytest.fixture(scope="module")
 def gemma3_fused(tmp_path_factory, gemma3_gguf):
     """The CUDA-graph build with its norms and GeGLU inside the linears, as a GPU build's
-    (FuseLinearChains; the post-norms, which add the residual, and the q/k norms stay their
-    own kernels), run on the CPU."""
-    return compile_fused(tmp_path_factory.mktemp("gemma3-fused"), str(gemma3_gguf[0]), CFG,
-                         WIDTHS, {"linear_norm_gelu_tanh_n192_k64_w4", "rms_norm_res_w4",
-                                  "qk_norm"})
+    (FuseLinearChains; the post-norms, which add the residual, stay their own kernels, and
+    the q/k norms run inside tree_attention, with RoPE), run on the CPU."""
+    art = compile_fused(tmp_path_factory.mktemp("gemma3-fused"), str(gemma3_gguf[0]), CFG,
+                        WIDTHS, {"linear_norm_gelu_tanh_n192_k64_w4", "rms_norm_res_w4",
+                                 "tree_attention", "tree_attention_win8"})
+    assert not any(k["name"] in ("qk_norm", "rope_kv") for k in art.manifest["kernels"])
+    return art
 
 
 @pytest.mark.parametrize("artifact", ["gemma3_artifact", "gemma3_device_len", "gemma3_fused"])
@@ -147,13 +150,15 @@ def test_partitioned_build_matches_unpartitioned(tmp_path, gemma3_gguf):
 
 
 def test_cuda_artifact_compiles_without_a_gpu(tmp_path, gemma3_gguf):
-    """--target cuda: the q/k norm script kernel has a GPU body, the windowed attention is
-    the device-length kernel's windowed version, the residual norm gets a GPU schedule like
+    """--target cuda: the windowed attention is the device-length kernel's windowed version,
+    with the q/k norm inside (no qk_norm kernel), the residual norm gets a GPU schedule like
     its plain version."""
     path, _ = gemma3_gguf
     compile_model(CompileOptions(model=str(path), target="cuda", max_context=CFG.max_context),
                   str(tmp_path / "g"), quiet=True)
     lib = (tmp_path / "g" / "lib.so").read_bytes()
-    for name in (b"qk_norm", b"tree_attention_win8", b"rms_norm_res", b"gelu_mul"):
+    for name in (b"tree_attention_win8", b"rms_norm_res", b"gelu_mul"):
         assert name in lib, name
+    kernels = {k["name"] for k in read_manifest(str(tmp_path / "g"))["kernels"]}
+    assert "qk_norm" not in kernels and "tree_attention_win8" in kernels
     assert lib.count(b"__global__") > 10

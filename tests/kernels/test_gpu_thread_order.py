@@ -60,6 +60,11 @@ def _cases():
                                              window=0, groups=groups),
                    [_f32(w, (H + 2 * G) * D), _f32(w, D), kc, vc, m, p, 1,
                     np.zeros((w, H, D), "float32")], [7, 2, 3])
+    # Gemma's q/k norm inside (two gammas after the table: the caches move to 4, 5).
+    yield ("tree_attention_qk_norm", script_ops.tree_attention(
+        H, G, D, NL, CTX, kv_dtype="float16", window=5, qk_norm_eps=1e-6),
+        [_f32(w, (H + 2 * G) * D), _f32(w, D), _f32(D), _f32(D), kc, vc, m, p, 1,
+         np.zeros((w, H, D), "float32")], [9, 4, 5])
 
 
 CASES = list(_cases())

@@ -144,11 +144,16 @@ def test_gpu_form_is_one_block_per_row_with_barriers(groups, threads):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit)")
-@pytest.mark.parametrize("head_dim,kv_dtype", [(64, "float16"), (256, "float32")])
-def test_gpu_form_compiles_with_nvcc(tmp_path, head_dim, kv_dtype):
-    """SmolLM2's shape and Gemma 3's head_dim 256 (256 threads) for sm_90."""
+@pytest.mark.parametrize("head_dim,kv_dtype,qk_eps", [(64, "float16", None),
+                                                     (256, "float32", None),
+                                                     (256, "float32", 1e-6)])
+def test_gpu_form_compiles_with_nvcc(tmp_path, head_dim, kv_dtype, qk_eps):
+    """SmolLM2's shape and Gemma 3's head_dim 256 (256 threads), with its q/k norm inside
+    too, for sm_90. (Gemma's float16-cache form with the norm spills 8 bytes on sm_90: ptxas
+    keeps it at 32 registers.)"""
     func = script_ops.for_gpu(script_ops.tree_attention(9, 3, head_dim, 30, 2048,
-                                                        kv_dtype=kv_dtype, window=512))
+                                                        kv_dtype=kv_dtype, window=512,
+                                                        qk_norm_eps=qk_eps))
     src = cuda_source(kernel_library(func, "cuda"))
     (tmp_path / "k.cu").write_text(src)
     out = subprocess.run(["nvcc", "--cubin", "-arch=sm_90", "--resource-usage", "-o",
@@ -170,3 +175,39 @@ def test_any_fan_in_gives_the_same_attention(fan_in):
     rng = np.random.default_rng(fan_in)
     args = inputs(rng, 45, [-1, 0, 1, 1, 0], "float32")
     np.testing.assert_allclose(run(lib, *args, 0)[0], reference(*args, 0), rtol=1e-5, atol=1e-5)
+
+
+def qk_normed(qkv, q_gamma, k_gamma, eps):
+    """Gemma's per-head RMSNorm of the query and key heads (``script_ops.qk_norm``), float64."""
+    out = qkv.astype(np.float64).copy()
+    for head in range(H + G):
+        x = out[:, head * D:(head + 1) * D]
+        x[:] = x / np.sqrt((x * x).mean(axis=1, keepdims=True) + eps) * (
+            q_gamma if head < H else k_gamma)
+    return out
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "float16"])
+def test_qk_norm_inside_matches_numpy(kv_dtype):
+    """Gemma's q/k norm in the kernel (``qk_norm_eps``): the output and the keys it writes
+    are those of the normed rows, rotated; a window too, as Gemma's local layers have."""
+    eps = 1e-6
+    func = script_ops.tree_attention(H, G, D, LAYERS, CONTEXT, kv_dtype=kv_dtype, window=5,
+                                     qk_norm_eps=eps)
+    assert json.loads(str(func.attrs[script_ops.ARGS_ATTR]))["qk_norm_eps"] == eps
+    lib = kernel_library(func, "host")
+    rng = np.random.default_rng(9)
+    qg, kg = rng.standard_normal(D).astype("float32"), rng.standard_normal(D).astype("float32")
+    for n, parents in ((0, [-1]), (40, [-1, 0, 1, 1, 0, 4, 2, 6])):
+        qkv, cs, kc, vc, mask, pos = inputs(rng, n, parents, kv_dtype)
+        caches = _tvm.tensor(kc), _tvm.tensor(vc)
+        out = _tvm.tensor(np.zeros((len(qkv), H, D), "float32"))
+        lib["main"](*map(_tvm.tensor, (qkv, cs, qg, kg)), *caches, _tvm.tensor(mask),
+                    _tvm.tensor(pos), 1, out)
+        normed = qk_normed(qkv, qg, kg, eps)
+        np.testing.assert_allclose(out.numpy(), reference(normed, cs, kc, vc, mask, pos, 1, 5),
+                                   rtol=1e-4, atol=1e-5)
+        want_k, want_v = written_caches(normed, cs, kc, vc, n, 1)
+        np.testing.assert_allclose(caches[0].numpy().astype("float32"),
+                                   want_k.astype("float32"), rtol=2e-3, atol=1e-3)
+        np.testing.assert_array_equal(caches[1].numpy(), want_v)
