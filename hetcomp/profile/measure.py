@@ -461,11 +461,15 @@ def attention_probes(s: ModelShape, opts: ProfileOptions, kernel, cache) -> list
     # The CUDA-graph build's attention, at every width (it serves them all): a chain tree
     # (causal mask) after cl keys, so positions[0], the length it reads, is cl; the qkv rows
     # and their RoPE table (it rotates them and writes the tree's K/V into the caches).
-    device = kernel("tree_attention", script_ops.tree_attention, h, g, d, nl, c, kv_dtype=kv)
+    # Gemma's kernel norms the q/k heads too (two gammas after the table).
+    eps = 1e-6 if s.qk_norm else None
+    device = kernel("tree_attention", script_ops.tree_attention, h, g, d, nl, c, kv_dtype=kv,
+                    qk_norm_eps=eps)
+    gammas = (("rand", (d,), "float32", 1.0, 1),) * 2 if s.qk_norm else ()
     device_probes = [Probe(device, tree_attention_features(s, w, cl), (
         ("rand", (w, s.qkv_size), "float32", 0.5, 1), ("rand", (w, d), "float32", 1.0, 1),
-        ("shared", "kc"), ("shared", "vc"), ("tril", w), ("arange", w, cl), ("mod", nl),
-        ("zeros", (w, h, d), "float32")))
+        *gammas, ("shared", "kc"), ("shared", "vc"), ("tril", w), ("arange", w, cl),
+        ("mod", nl), ("zeros", (w, h, d), "float32")))
         for cl in sorted(opts.cache_lens) for w in opts.widths if cl + w <= c]
     groups = [ProbeGroup("attention (fused)", tuple(fused_probes), cache)] if fused_probes else []
     if device_probes:

@@ -611,6 +611,31 @@ def test_gemma3_probes_measure_its_own_kernels():
     assert all(m.seconds > 0 for m in rows)
 
 
+def test_gemma3_gpu_attention_probe_is_its_kernel_with_the_q_k_norm():
+    """A GPU profile of a Gemma 3 shape times the CUDA-graph build's tree_attention with the
+    q/k norm inside (its two gammas in the probe's arguments): the probe runs here, its
+    GPU-only group let onto the CPU, with the kernel's CPU form."""
+    from hetcomp.profile.measure import (
+        ProfileOptions,
+        build_probe_library,
+        measure_groups,
+        plan_probes,
+    )
+    from hetcomp.profile.units import detect_unit
+    from hetcomp.testing import TINY_GEMMA3
+
+    opts = dataclasses.replace(ProfileOptions.quick(), widths=(1, 4), cache_lens=(32,),
+                               corun=False)
+    groups, kernels = plan_probes(ModelShape.from_config(TINY_GEMMA3), opts)
+    (device,) = [dataclasses.replace(g, gpu_only=False) for g in groups if g.gpu_only]
+    func = kernels["tree_attention"]()
+    assert len(func.params) == 10  # qkv, cs, q_gamma, k_gamma, caches, mask, pos, layer, out
+    lib = build_probe_library("cpu", {"kind": "llvm"}, {"tree_attention": kernels[
+        "tree_attention"]}, progress=lambda s: None)
+    rows = measure_groups(detect_unit("cpu"), lib, [device], opts, progress=lambda s: None)
+    assert [m.features.w for m in rows] == [1, 4] and all(m.seconds > 0 for m in rows)
+
+
 def test_kernel_features_cost_each_attention_kernel_as_its_class():
     """AnnotateCost's kernel descriptions map to the op class each attention kernel is
     profiled as (the dense part is an ``attention`` kernel with ``part = dense``)."""
