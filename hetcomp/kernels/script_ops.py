@@ -427,8 +427,19 @@ def tree_attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int
             sync()
 
     @T.macro
-    def body(qkv, cs, q_gamma, k_gamma, k_cache, v_cache, mask, positions, layer, out):
-        w = qkv.shape[0]
+    def body(var_qkv, var_cs, q_gamma, k_gamma, var_k, var_v, var_mask, var_pos, layer, var_out):
+        # Both kernels' body: the gammas are the norm's buffers (None without it, and read
+        # only in its Python-level branches), everything else the kernel's own arguments.
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True,
+                     "hetcomp.rule": "script.tree_attention"})
+        w = T.int64()
+        qkv = T.match_buffer(var_qkv, (w, qkv_size), "float32")
+        cs = T.match_buffer(var_cs, (w, d), "float32")
+        k_cache = T.match_buffer(var_k, (nl, g, d, c), kvd)
+        v_cache = T.match_buffer(var_v, (nl, g, c, d), kvd)
+        mask = T.match_buffer(var_mask, (w, w), "int32")
+        positions = T.match_buffer(var_pos, (w,), "int32")
+        out = T.match_buffer(var_out, (w, hq, d), "float32")
         for b in blocks(hq * w):
             qs = T.alloc_buffer((d,), "float32", scope=shared)  # the row's query, scaled
             acc = T.alloc_buffer((nt * ng,), "float32", scope=shared)  # groups' outputs
@@ -561,41 +572,20 @@ def tree_attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int
                         den[0] = den[0] + f * stat[gj * 3 + 1]
                     out[i, h, t] = num[0] / den[0]
 
-    attrs = {"tirx.noalias": True, "tirx.is_scheduled": True,
-             "hetcomp.rule": "script.tree_attention"}
-
     @T.prim_func(private=True)
     def tree_attention_func(var_qkv: T.handle, var_cs: T.handle, var_k: T.handle,
                             var_v: T.handle, var_mask: T.handle, var_pos: T.handle,
                             layer: T.int64, var_out: T.handle):
-        T.func_attr(attrs)
-        w = T.int64()
-        qkv = T.match_buffer(var_qkv, (w, qkv_size), "float32")
-        cs = T.match_buffer(var_cs, (w, d), "float32")
-        k_cache = T.match_buffer(var_k, (nl, g, d, c), kvd)
-        v_cache = T.match_buffer(var_v, (nl, g, c, d), kvd)
-        mask = T.match_buffer(var_mask, (w, w), "int32")
-        positions = T.match_buffer(var_pos, (w,), "int32")
-        out = T.match_buffer(var_out, (w, hq, d), "float32")
-        body(qkv, cs, None, None, k_cache, v_cache, mask, positions, layer, out)
+        body(var_qkv, var_cs, None, None, var_k, var_v, var_mask, var_pos, layer, var_out)
 
     @T.prim_func(private=True)
     def tree_attention_qk_norm(var_qkv: T.handle, var_cs: T.handle, var_qg: T.handle,
                                var_kg: T.handle, var_k: T.handle, var_v: T.handle,
                                var_mask: T.handle, var_pos: T.handle, layer: T.int64,
                                var_out: T.handle):
-        T.func_attr(attrs)
-        w = T.int64()
-        qkv = T.match_buffer(var_qkv, (w, qkv_size), "float32")
-        cs = T.match_buffer(var_cs, (w, d), "float32")
         q_gamma = T.match_buffer(var_qg, (d,), "float32")
         k_gamma = T.match_buffer(var_kg, (d,), "float32")
-        k_cache = T.match_buffer(var_k, (nl, g, d, c), kvd)
-        v_cache = T.match_buffer(var_v, (nl, g, c, d), kvd)
-        mask = T.match_buffer(var_mask, (w, w), "int32")
-        positions = T.match_buffer(var_pos, (w,), "int32")
-        out = T.match_buffer(var_out, (w, hq, d), "float32")
-        body(qkv, cs, q_gamma, k_gamma, k_cache, v_cache, mask, positions, layer, out)
+        body(var_qkv, var_cs, q_gamma, k_gamma, var_k, var_v, var_mask, var_pos, layer, var_out)
 
     recorded = {"args": [num_heads, num_kv_heads, head_dim, layers, context],
                 "kv_dtype": kv_dtype, "groups": ng, "fan_in": fan_in}
