@@ -242,15 +242,6 @@ class NgramIndex:
         return []
 
 
-def ngram_draft(context: list[int], length: int, max_ngram: int = 3) -> list[int]:
-    """Up to ``length`` tokens that followed the latest earlier occurrence of the context's
-    last n-gram (longest n first, n <= ``max_ngram``); empty when nothing matches. The
-    generator keeps a :class:`NgramIndex` instead of calling this every step."""
-    index = NgramIndex(max_ngram)
-    index.extend(context)
-    return index.draft(length)
-
-
 @dataclasses.dataclass(frozen=True)
 class _StepShape:
     tree: Tree  # the combined tree (Medusa nodes, then the lookup chain)
