@@ -42,6 +42,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -154,7 +155,8 @@ def chain_kernels(target, widths=WIDTHS) -> list[dict]:
     (``rms_norm``, gpu.RMSNorm) and ``act`` (``silu_mul``, gpu.PerStageThread): ``name``,
     ``kind``, ``dtype``, ``w``, ``n``, ``k``, ``eps``, ``activation``, ``cols``, ``rule``,
     ``func``. A fused kernel replaces the norm, the ``splitk`` linear of its dtype and (gated)
-    the activation.
+    the activation. The gated q4_1 kernel also comes with 16 columns a block
+    (``fused16_q41_gate_up_w*``: 96 blocks, not 48, at half-sector reads).
 
     The fused gate_up's thread holds a gate and an up column, so the rule's 16 columns a
     block (a 32-byte sector of float16) make 96 blocks of its 1536 outputs, half the
@@ -174,10 +176,12 @@ def chain_kernels(target, widths=WIDTHS) -> list[dict]:
                             "eps": eps, "activation": act, "cols": sector // 2,
                             "rule": rule, "func": sched})
             qfunc = quant.linear_quant(n, k, "q4_1", rows=w, norm_eps=eps, activation=act)
-            rule, sched = _first(qfunc, [QuantSplitKLinearRule()], target)
-            out.append({"name": f"fused_q41_{kind}_w{w}", "role": "fused", "kind": kind,
-                        "dtype": "q4_1", "w": w, "n": n, "k": k, "eps": eps,
-                        "activation": act, "cols": 32, "rule": rule, "func": sched})
+            for cols, tag in ((32, ""), *(((16, "16"),) if act else ())):
+                rule, sched = _first(qfunc, [QuantSplitKLinearRule(cols=cols)], target)
+                out.append({"name": f"fused{tag}_q41_{kind}_w{w}", "role": "fused",
+                            "kind": kind, "dtype": "q4_1", "w": w, "n": n, "k": k,
+                            "eps": eps, "activation": act, "cols": cols, "rule": rule,
+                            "func": sched})
         for role, func, rules, n in (
                 ("norm", ops.rms_norm(e, eps, rows=w), [RMSNormRule()], e),
                 ("act", ops.silu_mul(f, rows=w), [PerStageThreadRule()], 2 * f)):
@@ -340,6 +344,9 @@ def build(out: str, arch: str, **subset) -> str:
     kcache/ (see the module doc); ``subset``: :func:`kernels`' dtypes, kinds, widths."""
     target = c.Target({"kind": "cuda", "arch": arch})
     d = os.path.join(out, "gemv")
+    # An earlier kit's fatbins are never read again (the cache is keyed by the source's
+    # hash) and every byte counts against the device call's 64 MiB.
+    shutil.rmtree(os.path.join(d, "kcache"), ignore_errors=True)
     os.makedirs(d, exist_ok=True)
     every = kernels(target, **subset)
     attention = attention_kernels()

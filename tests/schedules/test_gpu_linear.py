@@ -152,8 +152,12 @@ def test_gemv_kit_builds_and_dry_runs(tmp_path):
         import gemv_kernels
     finally:
         sys.path.remove(BENCH)
+    stale = tmp_path / "gemv" / "kcache" / "0123.fatbin"  # an earlier kit's
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"old")
     kit = gemv_kernels.build(str(tmp_path), "sm_90", dtypes=("float16", "q4_1"),
                              kinds=("down",), widths=(1, 4))
+    assert len(os.listdir(os.path.join(kit, "kcache"))) == 1 and not stale.exists()
     with open(os.path.join(kit, "kernels.json")) as fh:
         recs = json.load(fh)["kernels"]
     assert {(r["dtype"], r["variant"], r["w"]) for r in recs} == {

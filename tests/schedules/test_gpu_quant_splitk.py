@@ -184,6 +184,25 @@ def test_fused_forms_match_numpy(qtype, rows, form):
     np.testing.assert_allclose(y.numpy(), want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("rows", [1, 64])
+def test_fused_sixteen_column_blocks_match_numpy(rows):
+    """The kit's ``fused16`` gated kernel (16 columns a block: twice the blocks) computes the
+    same norm -> linear -> SiLU."""
+    n, k = 192, K
+    rng = np.random.default_rng(3)
+    m = quant.QuantMatrix.quantize(rng.standard_normal((n, k)).astype("float32"), "q4_1")
+    x, g = rng.standard_normal((rows, k)).astype("float32"), rng.standard_normal(k).astype("float32")
+    func = QuantSplitKLinearRule(cols=16).apply(quant.linear_quant(
+        n, k, "q4_1", rows=rows, norm_eps=1e-5, activation="silu"), CUDA, False).mod["main"]
+    assert dict(thread_bindings(func))["threadIdx.x"] == 16
+    lib = c.compile(c.IRModule({"main": serial_threads(func, len(thread_bindings(func)),
+                                                       "every thread loop")}), target=HOST)
+    y = _tvm.tensor(np.zeros((rows, n // 2), "float32"))
+    lib["main"](*map(_tvm.tensor, (x, g, quant.pack_quant_weight(m))), y)
+    want = fused_linear_reference(x, m.dequantize(), g, 1e-5, "silu")
+    np.testing.assert_allclose(y.numpy(), want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
 @pytest.mark.parametrize("rows", [1, 16, 64])
 def test_fused_cuda_source_keeps_one_barrier(rows):
     """SmolLM2's fused q4_1 gate_up: the squares' partials go to shared memory before the
