@@ -21,9 +21,9 @@ cache) with one group of T threads a block (session 10's kernel) and with the de
 8-way reductions); ``run.py gemv`` times each at W = 1, 4, 16, 64 over cache lengths
 ``ATTN_CACHE``; the Medusa draft's top-k, ``script_ops.topk_rows`` against TVM's GPU
 ``topk`` (a sort), at the shipped draft's shape and over the whole vocabulary; and the two
-chains FuseLinearChains fuses (float16 and q4_1): ``rms_norm -> qkv`` and ``rms_norm -> gate_up ->
-silu_mul`` as one fused kernel each, beside the ``rms_norm`` and ``silu_mul`` kernels they
-replace (the unfused linears are the ``splitk`` records).
+chains FuseLinearChains fuses (float16 and q4_1): ``rms_norm -> qkv`` and ``rms_norm ->
+gate_up -> silu_mul`` as one fused kernel each, beside the ``rms_norm`` and ``silu_mul``
+kernels they replace (the unfused linears are the ``splitk`` records).
 
 Variants: ``column`` (gpu.LinearColumn: a thread per column), ``splitk`` (gpu.SplitKLinear),
 ``dlight`` (the first of dlight's rules that takes our packed kernel, in gpu_rules' order:

@@ -366,8 +366,8 @@ def model_step(shape: ModelShape, w: int, cache_len: int, nnz: int | None = None
     (``nnz``: the tree's mask non-zeros, for the sparse attention part). The attention
     kernels (:func:`layer_attention`) carry ``split="attention"``: the planner places them
     together. ``device_len``: the build for CUDA graphs (one attention kernel, RoPE inside
-    it, and the copy of the tree inputs, ``stage_tree``). ``fused_linears``: the layers' RMSNorms, gated
-    activation and q/k/v bias run inside the qkv and gate_up kernels
+    it, and the copy of the tree inputs, ``stage_tree``). ``fused_linears``: the layers'
+    RMSNorms, gated activation and q/k/v bias run inside the qkv and gate_up kernels
     (``passes.fuse_linear_chains``; their bytes and flops are those kernels' own, negligible
     beside the weights)."""
     nl = shape.layers

@@ -377,8 +377,8 @@ def build_module(cfg: LlamaConfig, wdtype: str = "float32", medusa_heads: int = 
     every caller's calls hold it) from copies of positions and mask at fixed addresses
     (``script_ops.stage_tree``), every attention is ``script_ops.tree_attention`` (masked,
     fused: ``fused_widths`` and the CSR are unused; it applies RoPE, Gemma's q/k norm and
-    writes the tree's K/V into the caches itself, so no ``rope_kv`` or ``qk_norm`` runs), and ``verify_w{W}`` and ``prefill_w{C}``
-    count only the call's own values as inputs (``num_input``: the tree, a chunk's ``rows``),
+    writes the tree's K/V into the caches itself, so no ``rope_kv`` or ``qk_norm`` runs),
+    and ``verify_w{W}`` and ``prefill_w{C}`` count only the call's own values as inputs (``num_input``: the tree, a chunk's ``rows``),
     so that TVM's RewriteCUDAGraph captures the whole step or chunk
     from the first layer to the final norm, the caches included: a graph replays the cache
     addresses it captured, so the caller passes the same two caches to every call (the

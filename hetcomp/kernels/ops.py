@@ -114,9 +114,7 @@ def linear(n: int, k: int, wdtype: str, residual: bool = False, rows: int | None
     c = compiler()
     te, b = c.te, pack_block(n)
     w = _rows(rows)
-    fused = norm_eps is not None or activation is not None or bias
-    if fused and residual or bias and activation is not None:
-        raise ValueError("a fused linear takes no residual, a gated one no bias")
+    fused = fused_form(residual, norm_eps, activation, bias)
     x = te.placeholder((w, k), "float32", name="x")
     wp = te.placeholder(packed_shape(n, k), wdtype, name="wp")
     r = te.reduce_axis((0, k), name="k")
@@ -175,6 +173,16 @@ def fused_epilogue(mm, x, k: int, norm_eps: float | None, activation: str | None
                                             act(gate) * (mm[i, 1, j] * s)))
 
     return te.compute((w, mm.shape[2]), gated, name="epilogue")
+
+
+def fused_form(residual: bool, norm_eps: float | None, activation: str | None,
+               bias: bool) -> bool:
+    """Whether a linear's arguments ask for a fused form (a ValueError for the
+    combinations none has: a residual with any, a bias with an activation)."""
+    fused = norm_eps is not None or activation is not None or bias
+    if fused and residual or bias and activation is not None:
+        raise ValueError("a fused linear takes no residual, a gated one no bias")
+    return fused
 
 
 def fused_attrs(norm_eps: float | None, activation: str | None, bias: bool) -> dict:

@@ -14,7 +14,15 @@ from ..quant_format import (  # noqa: F401  re-exported: the kernels' layout
     quant_packed_shape,
     unpack_quant_weight,
 )
-from .ops import _finish, _rows, fused_attrs, fused_epilogue, pack_block, scaled
+from .ops import (
+    _finish,
+    _rows,
+    fused_attrs,
+    fused_epilogue,
+    fused_form,
+    pack_block,
+    scaled,
+)
 
 _QUANTS_AT = {"q4_0": 2, "q4_1": 4, "q8_0": 2}
 
@@ -84,9 +92,7 @@ def linear_quant(n: int, k: int, qtype: str, residual: bool = False, rows: int |
     c = compiler()
     te, tir, b = c.te, c.tir, pack_block(n)
     assert k % QK == 0, (n, k)
-    fused = norm_eps is not None or activation is not None or bias
-    if fused and residual or bias and activation is not None:
-        raise ValueError("a fused linear takes no residual, a gated one no bias")
+    fused = fused_form(residual, norm_eps, activation, bias)
     w = _rows(rows)
     nkb = k // QK
     x = te.placeholder((w, k), "float32", name="x")

@@ -148,3 +148,13 @@ def test_fused_forms_match_numpy(qtype, rows, form):
                           form.get("norm_eps"), form.get("activation"),
                           bias if form.get("bias") else None)
     np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("builder", [lambda **kw: ops.linear(64, 64, "float16", **kw),
+                                     lambda **kw: quant.linear_quant(64, 64, "q8_0", **kw)],
+                         ids=["float", "quantized"])
+def test_fused_forms_refuse_what_none_has(builder):
+    """Both linears refuse a residual with a fused form and a bias with an activation."""
+    for kw in ({"residual": True, "norm_eps": 1e-5}, {"bias": True, "activation": "silu"}):
+        with pytest.raises(ValueError, match="no residual, a gated one no bias"):
+            builder(rows=2, **kw)

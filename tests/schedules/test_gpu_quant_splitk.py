@@ -191,7 +191,8 @@ def test_fused_sixteen_column_blocks_match_numpy(rows):
     n, k = 192, K
     rng = np.random.default_rng(3)
     m = quant.QuantMatrix.quantize(rng.standard_normal((n, k)).astype("float32"), "q4_1")
-    x, g = rng.standard_normal((rows, k)).astype("float32"), rng.standard_normal(k).astype("float32")
+    x = rng.standard_normal((rows, k)).astype("float32")
+    g = rng.standard_normal(k).astype("float32")
     func = QuantSplitKLinearRule(cols=16).apply(quant.linear_quant(
         n, k, "q4_1", rows=rows, norm_eps=1e-5, activation="silu"), CUDA, False).mod["main"]
     assert dict(thread_bindings(func))["threadIdx.x"] == 16
