@@ -80,6 +80,7 @@ class Artifact:
         except Exception as e:
             raise HetcompError(f"this machine lacks a device the artifact needs: {e}") from None
         self.device = self.devices[0]
+        self.upload = _tvm.Uploader(self.device)  # a step's small inputs, onto the device
         # The KV cache lives where the dense attention part runs (it reads the whole cache).
         self.kv_device = self.devices[int(self.manifest.get("kv_unit", 0) or 0)]
         try:
@@ -172,7 +173,7 @@ class Artifact:
         nodes]``."""
         sel = np.zeros((2, len(nodes)), "int32")
         sel[0, 0], sel[1] = row, nodes
-        return self._medusa(hidden, _tvm.tensor(sel, self.device), *self.medusa_params)
+        return self._medusa(hidden, self.upload(sel), *self.medusa_params)
 
     def bytes_per_token(self) -> int:
         """Weight bytes one decode step reads (the tied embedding is read once, as LM head)."""
@@ -207,7 +208,7 @@ class Session:
                                "artifact with CUDA graphs holds one cache)")
 
     def _t(self, arr, dtype="int32"):
-        return _tvm.tensor(np.ascontiguousarray(arr, dtype=dtype), self.art.device)
+        return self.art.upload(np.ascontiguousarray(arr, dtype=dtype))
 
     def prefill(self, ids, chunk: int | None = None):
         """Fill the cache with ``ids``; returns (greedy next id, last hidden state [1, E]).
@@ -242,17 +243,17 @@ class Session:
                 out = static[1](
                     self._t(padded), self._t(np.arange(self.length, self.length + chunk)),
                     self._t(np.tril(np.ones((chunk, chunk)))), _tvm.shape_tuple([w]),
-                    self.k_cache, self.v_cache, _tvm.shape_tuple([self.length]),
+                    self.k_cache, self.v_cache, _tvm.length_shape(self.length),
                     *self.art.params)
             else:
                 out = self.art._prefill(
                     self._t(part), self._t(np.arange(self.length, self.length + w)),
                     self._t(np.tril(np.ones((w, w)))), self.k_cache, self.v_cache,
-                    _tvm.shape_tuple([self.length]), *self.art.params)
+                    _tvm.length_shape(self.length), *self.art.params)
             self.k_cache, self.v_cache = out[3], out[4]
             self.length += w
         self.tokens.extend(int(i) for i in ids)
-        return int(out[2].numpy()[0]), out[1]
+        return int(_tvm.download(out[2])[0]), out[1]
 
     def verify(self, tokens, positions, mask, csr=None):
         """Run tree nodes; returns ``(greedy ids [W], hidden [W, E] tensor, logits tensor)``.
@@ -274,10 +275,10 @@ class Session:
         fn = self.art._verify_static.get(w, self.art._verify)
         out = fn(tokens if on_device else self._t(tokens), self._t(positions),
                  *self._tree(mask, csr), self.k_cache, self.v_cache,
-                 _tvm.shape_tuple([self.length]), *self.art.params)
+                 _tvm.length_shape(self.length), *self.art.params)
         self.k_cache, self.v_cache = out[3], out[4]
-        greedy = out[2].numpy()  # (waits for the step; the tokens are then ready too)
-        self._tree_tokens = tokens.numpy() if on_device else np.asarray(tokens)
+        greedy = _tvm.download(out[2])  # (waits for the step; the tokens are then ready too)
+        self._tree_tokens = _tvm.download(tokens) if on_device else np.asarray(tokens)
         return greedy, out[1], out[0]
 
     @property
@@ -311,7 +312,7 @@ class Session:
             self.length += len(accepted)
             return
         out = self.art._commit(self.k_cache, self.v_cache, self._t(accepted),
-                               _tvm.shape_tuple([self.length]))
+                               _tvm.length_shape(self.length))
         self.k_cache, self.v_cache = out[0], out[1]
         self.length += len(accepted)
 

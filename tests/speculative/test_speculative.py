@@ -121,14 +121,22 @@ def test_a_speculative_step_reads_back_only_its_result(tiny_speculative, monkeyp
     hidden states."""
     import tvm
 
+    from hetcomp import _tvm
+
     reads = []
-    real = tvm.runtime.Tensor.numpy
+    real_numpy, real_download = tvm.runtime.Tensor.numpy, _tvm.download
 
     def counted(self, *args, **kwargs):
         reads.append(tuple(self.shape))
-        return real(self, *args, **kwargs)
+        return real_numpy(self, *args, **kwargs)
 
+    def counted_download(tensor):
+        reads.append(tuple(tensor.shape))
+        return real_download(tensor)
+
+    # Both ways back to the host are counted (the runtime reads with _tvm.download).
     monkeypatch.setattr(tvm.runtime.Tensor, "numpy", counted)
+    monkeypatch.setattr(_tvm, "download", counted_download)
     res = generate(tiny_speculative, [5, 17, 99], max_new_tokens=24, stop_at_eos=False,
                    width=8)
     prefill_reads = 1  # prefill's greedy id
