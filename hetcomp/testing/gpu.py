@@ -1,12 +1,17 @@
 """Checks of GPU schedules without a GPU: the scheduled kernel run with its thread loops
-serial on the CPU (against numpy), its thread bindings, and what nvcc's ptxas reports."""
+serial on the CPU (against numpy), its thread bindings, what nvcc's ptxas reports, and a
+whole CUDA artifact with every kernel so run (:func:`emulated_artifact`)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import re
+import shutil
 import subprocess
 
-_BOUND = r'T\.thread_binding\(([^,]+), thread="(?:blockIdx|threadIdx)\.[xy]"\)'
+_BOUND = r'T\.thread_binding\(([^,]+), thread="(?:blockIdx|threadIdx)\.[xyz]"\)'
 
 
 def serial_threads(func, bound: int, what: str):
@@ -41,8 +46,7 @@ def thread_orders(func) -> dict:
     for name in ones:
         text = text[:body] + re.sub(rf"\b{name}\b(?!\[)", f"{name}[0]", text[body:])
     # Shared memory as plain buffers, barriers as nothing: the phase loops stay in order.
-    text = text.replace("T.alloc_shared(", "T.alloc_buffer(")
-    text = re.sub(r'T\.tvm_storage_sync\("shared".*\)$', "T.evaluate(0)", text, flags=re.MULTILINE)
+    text = _without_barriers(text)
     forward = re.sub(_BOUND, r"range(\1)", text)
     lines = []
     for line in text.splitlines():
@@ -55,6 +59,91 @@ def thread_orders(func) -> dict:
         lines.append(f"{indent}    {var} = {extent} - {var}_rev - 1")
     return {"forward": tvm.script.from_source(forward),
             "reverse": tvm.script.from_source("\n".join(lines))}
+
+
+def _without_barriers(text: str) -> str:
+    """A kernel's script with shared memory as plain buffers and barriers as nothing."""
+    text = text.replace("T.alloc_shared(", "T.alloc_buffer(")
+    return re.sub(r'T\.tvm_storage_sync\("shared".*\)$', "T.evaluate(0)", text,
+                  flags=re.MULTILINE)
+
+
+def cpu_form(func):
+    """A GPU-scheduled kernel as the CPU runs it: every thread-bound loop serial (ascending),
+    shared memory as plain buffers, barriers as nothing (:func:`thread_orders`' forward
+    order, for any kernel). Sound for our GPU kernels: a script kernel's phases are separate
+    thread loops, and a rule's cross-thread partials are separate blocks before lowering."""
+    import tvm
+
+    return tvm.script.from_source(re.sub(_BOUND, r"range(\1)", _without_barriers(func.script())))
+
+
+def emulated_module(scheduled):
+    """A scheduled GPU module (``codegen.build``'s ``scheduled``) with every kernel in its
+    :func:`cpu_form`: the same Relax functions calling the same schedules, built for the
+    host."""
+    from .. import _tvm
+
+    c = _tvm.compiler()
+    out, converted = scheduled.clone(), 0
+    for gv, func in scheduled.functions_items():
+        if isinstance(func, c.tir.PrimFunc) and "T.thread_binding(" in func.script():
+            out.update_func(gv, cpu_form(func))
+            converted += 1
+    if not converted:
+        raise ValueError("not a GPU-scheduled module: no kernel binds threads")
+    return out
+
+
+@contextlib.contextmanager
+def capture_scheduled(into: list):
+    """Within it, each ``hetcomp compile`` (``compile_model``) appends the module it
+    scheduled, before VM lowering, to ``into``."""
+    from ..driver import compile as driver
+
+    real = driver.build
+
+    def build(mod, target, plan=None, cost=None, scheduled=None, **kwargs):
+        scheduled = [] if scheduled is None else scheduled
+        ex = real(mod, target, plan, cost, scheduled, **kwargs)
+        into.append(scheduled[-1])
+        return ex
+
+    driver.build = build
+    try:
+        yield into
+    finally:
+        driver.build = real
+
+
+def emulated_artifact(art_dir: str, scheduled, out_dir: str) -> str:
+    """A copy of the CUDA artifact ``art_dir`` whose library is its ``scheduled`` module
+    (:func:`capture_scheduled`) as :func:`emulated_module`, built for this CPU: the
+    artifact's own kernels, schedules, fixed caches and calling convention, run by the
+    runtime with every GPU thread serial. Its greedy output should equal the CPU
+    artifact's (float sums in another order aside)."""
+    from .. import _tvm
+    from ..artifact_format import manifest_digest, sha256_file
+    from ..hardware import target_dict
+    from ..passes.pipeline import vm_lowering_pipeline
+
+    c = _tvm.compiler()
+    host = target_dict("host")
+    ex = c.compile(emulated_module(scheduled), target=c.Target(host),
+                   relax_pipeline=vm_lowering_pipeline())
+    shutil.copytree(art_dir, out_dir)
+    lib = os.path.join(out_dir, "lib.so")
+    ex.export_library(lib)
+    mpath = os.path.join(out_dir, "manifest.json")
+    with open(mpath) as fh:
+        manifest = json.load(fh)
+    manifest.update(target="host", target_spec=host,
+                    units=[{"name": "cpu", "device": "cpu", "device_id": 0}])
+    manifest["files"]["lib.so"] = {"bytes": os.path.getsize(lib), "sha256": sha256_file(lib)}
+    manifest["digest"] = manifest_digest(manifest)
+    with open(mpath, "w") as fh:
+        json.dump(manifest, fh, indent=1)
+    return out_dir
 
 
 def kernel_library(func, target: str = "host"):
