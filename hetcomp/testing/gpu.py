@@ -11,7 +11,7 @@ import re
 import shutil
 import subprocess
 
-_BOUND = r'T\.thread_binding\(([^,]+), thread="(?:blockIdx|threadIdx)\.[xyz]"\)'
+_BOUND = r'T\.thread_binding\((.+?), thread="(?:blockIdx|threadIdx)\.[xyz]"\)'
 
 
 def serial_threads(func, bound: int, what: str):

@@ -7,15 +7,23 @@ import numpy as np
 import pytest
 
 from hetcomp import _tvm
+from hetcomp.codegen.build import schedule_module
 from hetcomp.driver.compile import CompileOptions, compile_model
 from hetcomp.frontend.llama import build_module
 from hetcomp.frontend.weights import random_weights
 from hetcomp.hardware import target_dict
+from hetcomp.kernels import ops
 from hetcomp.passes.pipeline import scheduling_pipeline
 from hetcomp.runtime import generate, load_artifact
 from hetcomp.speculative.medusa import MedusaHeads
 from hetcomp.testing import TINY, TINY_GEMMA3, TINY_QWEN2, byte_tokenizer_spec, depths, tree_mask
-from hetcomp.testing.gpu import capture_scheduled, emulated_artifact, emulated_module
+from hetcomp.testing.gpu import (
+    capture_scheduled,
+    cpu_form,
+    emulated_artifact,
+    emulated_module,
+    kernel_library,
+)
 
 WIDTHS = [1, 4]
 
@@ -118,3 +126,27 @@ def test_a_module_without_gpu_kernels_is_refused():
         scheduled = scheduling_pipeline(target)(build_module(TINY, "float32", 2))
     with pytest.raises(ValueError, match="not a GPU-scheduled module"):
         emulated_module(scheduled)
+
+
+def test_cpu_form_serialises_loops_of_symbolic_extent():
+    """A GPU kernel whose thread extents are expressions (the dense attention part: the
+    cache length rounded to key tiles, ``T.max(n, 1)`` inside) runs serially too, and as
+    the kernel it schedules computes."""
+    kernel = ops.attention(4, 2, 16, 2, 128, part="dense")
+    cuda = _tvm.compiler().Target(target_dict("cuda"))
+    with cuda:
+        scheduled = schedule_module(_tvm.compiler().IRModule({"main": kernel}), cuda)["main"]
+    serial = cpu_form(scheduled)
+    assert "T.thread_binding(" in scheduled.script()
+    assert "T.thread_binding(" not in serial.script()
+    rng = np.random.default_rng(0)
+    w, n = 3, 37
+    args = [rng.standard_normal((4, w, 16)).astype("float32"),
+            rng.standard_normal((2, 2, 16, 128)).astype("float32"),
+            rng.standard_normal((2, 2, 128, 16)).astype("float32")]
+    outs = []
+    for func in (kernel, serial):
+        out = _tvm.tensor(np.zeros((w, 4, 17), "float32"))
+        kernel_library(func)["main"](*map(_tvm.tensor, args), 1, n, out)
+        outs.append(out.numpy())
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5)
