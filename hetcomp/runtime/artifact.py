@@ -133,7 +133,7 @@ class Artifact:
         self._cache_owner: Session | None = None  # the session holding it
         self._rank_probs = np.asarray(spec["rank_probs"]) if spec else None
         self._built_trees: dict = {}  # widths not stored in the manifest
-        self.step_shapes: dict = {}  # the generator's per-(width, chain) tree layouts
+        self.step_shapes: dict = {}  # the generator's tree layouts, by (width, lookup tree)
         # A tree's mask and CSR on the device, by the mask's bytes: a decode repeats a few
         # tree shapes, so a verify step copies only its tokens and positions.
         self._tree_tensors: dict = {}

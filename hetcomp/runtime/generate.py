@@ -36,11 +36,15 @@ class GenerationResult:
 
 
 def auto_lookup(width: int) -> int:
-    """Default n-gram draft tokens inside a width-W tree: half of it, at most 8. Measured with
-    the packaged heads on 24 held-out prompts that `bench --prompts heldout` does not use
-    (the 17th-40th), accepted tokens per step: W=2 1.36 -> 1.41 with one lookup token,
-    W=4 1.65 -> 1.69 with two instead of one, W=8 1.86 -> 1.90 with four instead of two."""
-    return min(8, width // 2)
+    """Default n-gram draft nodes inside a width-W tree: three quarters of it, at most 32
+    (a budget: a step with fewer looked-up nodes gives the rest to the Medusa tree).
+    Accepted tokens per step with the packaged heads (SmolLM2 float16), 96 tokens on the 24
+    held-out prompts that `bench --prompts heldout` does not use (the 17th-40th), then on
+    the 8 it uses: W=8 with 4 / 6 nodes 1.940 / 1.944 (2.205 / 2.201); W=16 with 8 / 12
+    2.101 / 2.157 (2.482 / 2.694); W=32 with 16 / 24 2.190 / 2.240 (2.911 / 2.878); W=64
+    with 32 / 48 2.294 / 2.266 (3.117 / 3.092). The earlier default (W/2, at most 8, drawn
+    as one chain) gave W=16 2.096 (2.341), W=64 2.264 (2.568)."""
+    return min(3 * width // 4, 32)
 
 
 class Generation:
@@ -52,10 +56,10 @@ class Generation:
     those tokens plus the base model's choice after the path, so the output is token for
     token that of sequential greedy decoding.
 
-    ``lookup = L > 0`` also drafts up to L tokens by n-gram lookup in the context (the tokens
-    that followed the latest earlier occurrence of the current suffix) as a chain under the
-    root; the Medusa tree then shrinks to the best tree of ``width - chain length`` nodes, so
-    every step still verifies exactly ``width`` nodes.
+    ``lookup = L > 0`` also drafts up to L nodes by n-gram lookup in the context (the tokens
+    that followed the latest earlier occurrences of the current suffix, merged into a tree
+    under the root: :meth:`NgramIndex.draft_tree`); the Medusa tree then shrinks to the best
+    tree of ``width - lookup nodes``, so every step still verifies exactly ``width`` nodes.
 
     ``session``: continue a session whose cache holds a prefix of ``prompt_ids`` (a chat's
     earlier turns); only the rest is prefilled. Without one, a new session is used.
@@ -144,12 +148,12 @@ class Generation:
             index.extend(self.prompt_ids + self.ids)
         while not self._done():
             ts = time.perf_counter()
-            chain = index.draft(self.lookup) if index is not None else []
-            shape = _step_shape(art, width, len(chain))
+            looked, looked_ids = index.draft_tree(self.lookup) if index is not None else ((), [])
+            shape = _step_shape(art, width, looked)
             nodes = np.empty(width, "int32")
             nodes[0] = self.ids[-1]
             nodes[1: 1 + shape.medusa_nodes] = shape.node_refs
-            nodes[1 + shape.medusa_nodes:] = chain
+            nodes[1 + shape.medusa_nodes:] = looked_ids
             # The draft writes the tree's tokens on the device, from the hidden states still
             # there; verify takes them as they are (one wait a step: verify's greedy ids).
             tokens = art.draft_tree(hidden, row, nodes) if shape.medusa_nodes else nodes
@@ -213,38 +217,74 @@ class TextStream:
 
 
 class NgramIndex:
-    """The context's n-grams (n <= ``max_ngram``) by their latest occurrence that some token
-    follows, kept as the context grows, so a step's lookup draft costs a dict lookup per n,
-    not a scan of the context (110 us a step at 2000 tokens here, 14 at 100).
+    """The context's n-grams (n <= ``max_ngram``) by their latest occurrences that some token
+    follows (up to ``occurrences`` of each), kept as the context grows, so a step's lookup
+    draft costs a dict lookup per n, not a scan of the context (110 us a step at 2000 tokens
+    here, 14 at 100).
 
     :meth:`draft` gives the tokens that followed the latest earlier occurrence of the
-    context's last n-gram, longest n first (the occurrence at the end itself excluded)."""
+    context's last n-gram, longest n first (the occurrence at the end itself excluded);
+    :meth:`continuations` the distinct continuations of several occurrences, and
+    :meth:`draft_tree` them merged into a tree (what the generator verifies)."""
 
-    def __init__(self, max_ngram: int = 3):
-        self.max_ngram = max_ngram
+    def __init__(self, max_ngram: int = 3, occurrences: int = 8):
+        self.max_ngram, self.occurrences = max_ngram, occurrences
         self.seq: list[int] = []
-        self._latest: list[dict] = [{} for _ in range(max_ngram + 1)]  # by n: n-gram -> start
+        # by n: n-gram -> the starts of its latest occurrences, oldest first
+        self._starts: list[dict] = [{} for _ in range(max_ngram + 1)]
 
     def extend(self, tokens) -> None:
         for t in tokens:
             self.seq.append(int(t))
             end = len(self.seq) - 1  # the n-grams ending just before it now have a follower
             for n in range(1, min(self.max_ngram, end) + 1):
-                self._latest[n][tuple(self.seq[end - n: end])] = end - n
+                starts = self._starts[n].setdefault(tuple(self.seq[end - n: end]), [])
+                starts.append(end - n)
+                if len(starts) > self.occurrences:
+                    del starts[0]
+
+    def continuations(self, length: int, count: int) -> list[list[int]]:
+        """Up to ``count`` distinct continuations of up to ``length`` tokens: after the
+        occurrences of the context's last n-gram, longest n first, latest first."""
+        seq, out = self.seq, []
+        for n in range(min(self.max_ngram, len(seq) - 1), 0, -1):
+            for start in reversed(self._starts[n].get(tuple(seq[len(seq) - n:]), ())):
+                cont = seq[start + n: start + n + length]
+                if cont not in out:
+                    out.append(cont)
+                    if len(out) == count:
+                        return out
+        return out
 
     def draft(self, length: int) -> list[int]:
         """Up to ``length`` tokens; empty when no n-gram recurs."""
-        seq = self.seq
-        for n in range(min(self.max_ngram, len(seq) - 1), 0, -1):
-            start = self._latest[n].get(tuple(seq[len(seq) - n:]))
-            if start is not None:
-                return seq[start + n: start + n + length]
-        return []
+        found = self.continuations(length, 1)
+        return found[0] if found else []
+
+    def draft_tree(self, nodes: int, branches: int = 8) -> tuple[tuple[int, ...], list[int]]:
+        """The first ``branches`` :meth:`continuations` (of up to ``nodes`` tokens) merged
+        into a tree of at most ``nodes`` nodes, in their order: ``(parents, tokens)``, a
+        node's parent an earlier node's index or -1 (the tree's root, the last token)."""
+        children: dict = {}  # (parent node, token) -> node
+        parents: list[int] = []
+        tokens: list[int] = []
+        for cont in self.continuations(nodes, branches):
+            node = -1
+            for tok in cont:
+                child = children.get((node, tok))
+                if child is None:
+                    if len(tokens) == nodes:
+                        return tuple(parents), tokens
+                    child = children[node, tok] = len(tokens)
+                    parents.append(node)
+                    tokens.append(tok)
+                node = child
+        return tuple(parents), tokens
 
 
 @dataclasses.dataclass(frozen=True)
 class _StepShape:
-    tree: Tree  # the combined tree (Medusa nodes, then the lookup chain)
+    tree: Tree  # the combined tree (Medusa nodes, then the lookup nodes)
     mask: np.ndarray
     csr: tuple[np.ndarray, np.ndarray]  # the mask as (row_ptr, col_idx), verify's sparse part
     depths: np.ndarray
@@ -252,18 +292,24 @@ class _StepShape:
     node_refs: np.ndarray  # the Medusa nodes as the draft's references, -1 - (head * 10 + rank)
 
 
-def _step_shape(art, width: int, chain: int) -> _StepShape:
-    """The verified tree for a step: the best Medusa tree of ``width - chain`` nodes plus a
-    chain of ``chain`` lookup nodes under the root (cached per shape)."""
+def _step_shape(art, width: int, looked: tuple[int, ...]) -> _StepShape:
+    """The verified tree for a step: the best Medusa tree of ``width - len(looked)`` nodes
+    plus the lookup nodes, whose parents ``looked`` gives (-1: the root;
+    :meth:`NgramIndex.draft_tree`). Cached per shape (the latest 256)."""
     cache = art.step_shapes
-    key = (width, chain)
-    if key not in cache:
-        base = art.tree(width - chain) if width > 1 else Tree((-1,), (-1,), (1.0,))
-        parents = list(base.parents) + [0 if i == 0 else base.width + i - 1 for i in range(chain)]
-        ranks = list(base.ranks) + [-1] * chain
-        tree = Tree(tuple(parents), tuple(ranks), tuple(base.probs) + (0.0,) * chain)
+    key = (width, looked)
+    shape = cache.pop(key, None)  # re-inserted: the latest last
+    if shape is None:
+        extra = len(looked)
+        base = art.tree(width - extra) if width > 1 else Tree((-1,), (-1,), (1.0,))
+        parents = list(base.parents) + [0 if p < 0 else base.width + p for p in looked]
+        ranks = list(base.ranks) + [-1] * extra
+        tree = Tree(tuple(parents), tuple(ranks), tuple(base.probs) + (0.0,) * extra)
         b_ranks = np.asarray(base.ranks[1:], dtype=np.int64)
         heads = np.asarray(base.heads[1:], dtype=np.int64)
-        cache[key] = _StepShape(tree, tree.mask(), tree.csr(), tree.depths, base.width - 1,
-                                (-1 - (heads * MEDUSA_TOPK + b_ranks)).astype(np.int32))
-    return cache[key]
+        shape = _StepShape(tree, tree.mask(), tree.csr(), tree.depths, base.width - 1,
+                           (-1 - (heads * MEDUSA_TOPK + b_ranks)).astype(np.int32))
+        if len(cache) >= 256:
+            del cache[next(iter(cache))]
+    cache[key] = shape
+    return shape

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from hetcomp.runtime import generate, load_artifact
+from hetcomp.runtime.generate import auto_lookup
 from hetcomp.testing import numpy_llama as ref
 from hetcomp.testing.reference import CHAT_PROMPTS
 
@@ -83,6 +84,10 @@ def test_speculation_at_every_width_equals_sequential_greedy(smollm2_medusa_arti
         res = generate(art, prompt, max_new_tokens=32, stop_at_eos=False, width=w)
         assert res.ids == seq, f"width {w}"
         assert res.steps < 31 or w == 2  # the trees were accepted past their roots
+        # with the n-gram lookup tree that `generate` and `bench` draft by default
+        res = generate(art, prompt, max_new_tokens=32, stop_at_eos=False, width=w,
+                       lookup=auto_lookup(w))
+        assert res.ids == seq, f"width {w}, lookup {auto_lookup(w)}"
 
 
 def test_float16_cache_greedy_equals_float32_cache(tmp_path_factory, smollm2_weights,
