@@ -329,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lookup", type=_NON_NEGATIVE, default=None,
                    help="n-gram lookup draft nodes inside the tree, several earlier "
                         "occurrences' continuations merged (0: Medusa heads only; default: "
-                        "3/4 of the width, at most 32)")
+                        "half the width up to 8, then 3/4 of it, at most 32)")
     g.add_argument("--json", action="store_true")
     g.set_defaults(func=cmd_generate)
 
@@ -377,8 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --widths: passes over the prompts (widths interleaved)")
     b.add_argument("--plot", help="PNG of tokens/s and accepted length against W")
     b.add_argument("--lookup", type=_NON_NEGATIVE, default=None,
-                   help="n-gram lookup draft nodes inside the tree (default: 3/4 of the "
-                        "width, at most 32)")
+                   help="n-gram lookup draft nodes inside the tree (default: half the "
+                        "width up to 8, then 3/4 of it, at most 32)")
     b.add_argument("--kernels", type=_NON_NEGATIVE, default=0, metavar="N",
                    help="also list the N slowest kernels of a verify step per width")
     b.add_argument("--no-verify", action="store_true",

@@ -36,15 +36,17 @@ class GenerationResult:
 
 
 def auto_lookup(width: int) -> int:
-    """Default n-gram draft nodes inside a width-W tree: three quarters of it, at most 32
-    (a budget: a step with fewer looked-up nodes gives the rest to the Medusa tree).
-    Accepted tokens per step with the packaged heads (SmolLM2 float16), 96 tokens on the 24
-    held-out prompts that `bench --prompts heldout` does not use (the 17th-40th), then on
-    the 8 it uses: W=8 with 4 / 6 nodes 1.940 / 1.944 (2.205 / 2.201); W=16 with 8 / 12
-    2.101 / 2.157 (2.482 / 2.694); W=32 with 16 / 24 2.190 / 2.240 (2.911 / 2.878); W=64
-    with 32 / 48 2.294 / 2.266 (3.117 / 3.092). The earlier default (W/2, at most 8, drawn
-    as one chain) gave W=16 2.096 (2.341), W=64 2.264 (2.568)."""
-    return min(3 * width // 4, 32)
+    """Default n-gram draft nodes inside a width-W tree (a budget: a step with fewer
+    looked-up nodes gives the rest to the Medusa tree): half of it up to W = 8, where the
+    Medusa nodes a lookup node displaces are still likely ones, then three quarters, at most
+    32. Accepted tokens per step, packaged heads, SmolLM2 float16, 96 tokens, on the 24
+    held-out prompts `bench --prompts heldout` does not use (17th-40th) and [on the 8 it
+    uses]; "chain" is the earlier draft (one occurrence's continuation, W/2, at most 8):
+    W=4 with 2 / 3 nodes 1.716 / 1.712; W=8 with 4 / 6 1.940 / 1.944;
+    W=16 chain 2.096 [2.249], 8 nodes 2.101 [2.346], 12 nodes 2.157 [2.360];
+    W=32 chain 2.186 [2.428], 16 nodes 2.190 [2.585], 24 nodes 2.240 [2.542];
+    W=64 chain 2.264 [2.468], 32 nodes 2.294 [2.734], 48 nodes 2.266 [2.667]."""
+    return width // 2 if width <= 8 else min(3 * width // 4, 32)
 
 
 class Generation:
