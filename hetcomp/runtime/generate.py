@@ -10,7 +10,7 @@ import numpy as np
 
 from ..artifact_format import MEDUSA_TOPK
 from ..errors import HetcompError
-from ..speculative.tree import Tree, accept_path
+from ..speculative.tree import Tree, accept_path, csr_from_mask
 
 
 @dataclasses.dataclass
@@ -309,7 +309,8 @@ def _step_shape(art, width: int, looked: tuple[int, ...]) -> _StepShape:
         tree = Tree(tuple(parents), tuple(ranks), tuple(base.probs) + (0.0,) * extra)
         b_ranks = np.asarray(base.ranks[1:], dtype=np.int64)
         heads = np.asarray(base.heads[1:], dtype=np.int64)
-        shape = _StepShape(tree, tree.mask(), tree.csr(), tree.depths, base.width - 1,
+        mask = tree.mask()  # once: Tree.csr() would build it again
+        shape = _StepShape(tree, mask, csr_from_mask(mask), tree.depths, base.width - 1,
                            (-1 - (heads * MEDUSA_TOPK + b_ranks)).astype(np.int32))
         if len(cache) >= 256:
             del cache[next(iter(cache))]
