@@ -6,7 +6,8 @@ fixed caches, the draft) on a real model without a GPU: every GPU thread runs se
 CPU (``hetcomp.testing.gpu.emulated_artifact``), through the same runtime as ``generate``.
 It compiles the model twice (``--target cuda`` and ``--target host``, the same options),
 then decodes each prompt greedily with both, sequentially and speculating at ``--width``
-(with the model's packaged heads; without any, sequentially only),
+(with the model's packaged heads and the default n-gram lookup, as ``generate`` and the
+device run draft; without heads, sequentially only),
 and prints whether the token ids are identical and where they first differ.
 
 ``python benchmarks/cuda_emulated.py [--model smollm2] [--dtype float16] [--tokens 32]
@@ -27,6 +28,7 @@ from hetcomp.frontend import load_model
 from hetcomp.frontend.models import default_heads
 from hetcomp.quant_format import is_quant
 from hetcomp.runtime import generate, load_artifact
+from hetcomp.runtime.generate import auto_lookup
 from hetcomp.testing.gpu import capture_scheduled, emulated_artifact
 
 
@@ -66,7 +68,7 @@ def main() -> None:
         for width in (1, args.width) if emulated.trees else (1,):  # (a model without heads)
             t0 = time.time()
             res = generate(emulated, ids, max_new_tokens=args.tokens, stop_at_eos=False,
-                           width=width)
+                           width=width, lookup=auto_lookup(width))
             diff = next((i for i, (a, b) in enumerate(zip(res.ids, want)) if a != b), None)
             same &= diff is None
             print(f"W={width:2d} {'identical' if diff is None else f'differs at {diff}'} "

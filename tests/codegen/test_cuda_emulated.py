@@ -15,6 +15,7 @@ from hetcomp.hardware import target_dict
 from hetcomp.kernels import ops
 from hetcomp.passes.pipeline import scheduling_pipeline
 from hetcomp.runtime import generate, load_artifact
+from hetcomp.runtime.generate import auto_lookup
 from hetcomp.speculative.medusa import MedusaHeads
 from hetcomp.testing import TINY, TINY_GEMMA3, TINY_QWEN2, byte_tokenizer_spec, depths, tree_mask
 from hetcomp.testing.gpu import (
@@ -102,8 +103,9 @@ def test_greedy_and_speculative_output_equal_the_cpu_artifact(pair):
     want = generate(cpu, prompt, max_new_tokens=24, stop_at_eos=False).ids
     assert len(set(want)) > 3  # a varied sequence, not one token repeated
     for width in WIDTHS:
-        assert generate(emulated, prompt, max_new_tokens=24, stop_at_eos=False,
-                        width=width).ids == want, width
+        for lookup in sorted({0, auto_lookup(width)}):  # Medusa alone; with the default lookup
+            assert generate(emulated, prompt, max_new_tokens=24, stop_at_eos=False,
+                            width=width, lookup=lookup).ids == want, (width, lookup)
 
 
 @pytest.mark.parametrize("cfg", [TINY_QWEN2, TINY_GEMMA3], ids=["qwen2", "gemma3"])
