@@ -224,10 +224,9 @@ class NgramIndex:
     draft costs a dict lookup per n, not a scan of the context (110 us a step at 2000 tokens
     here, 14 at 100).
 
-    :meth:`draft` gives the tokens that followed the latest earlier occurrence of the
-    context's last n-gram, longest n first (the occurrence at the end itself excluded);
-    :meth:`continuations` the distinct continuations of several occurrences, and
-    :meth:`draft_tree` them merged into a tree (what the generator verifies)."""
+    :meth:`continuations` gives the distinct tokens that followed earlier occurrences of the
+    context's last n-gram, longest n first, latest first (the occurrence at the end itself
+    excluded), and :meth:`draft_tree` them merged into a tree (what the generator verifies)."""
 
     def __init__(self, max_ngram: int = 3, occurrences: int = 8):
         self.max_ngram, self.occurrences = max_ngram, occurrences
@@ -257,11 +256,6 @@ class NgramIndex:
                     if len(out) == count:
                         return out
         return out
-
-    def draft(self, length: int) -> list[int]:
-        """Up to ``length`` tokens; empty when no n-gram recurs."""
-        found = self.continuations(length, 1)
-        return found[0] if found else []
 
     def draft_tree(self, nodes: int, branches: int = 8) -> tuple[tuple[int, ...], list[int]]:
         """The first ``branches`` :meth:`continuations` (of up to ``nodes`` tokens) merged
