@@ -18,6 +18,18 @@ from ..frontend.tokenizer import TokenizerInfo
 from ..speculative.tree import csr_from_mask
 
 
+def latest_cached(cache: dict, key, make, limit: int):
+    """``cache[key]``, made by ``make()`` when missing; the cache keeps the ``limit`` keys
+    used latest (a dict's order is its use order: a hit is re-inserted last)."""
+    value = cache.pop(key, None)
+    if value is None:
+        value = make()
+        if len(cache) >= limit:
+            del cache[next(iter(cache))]
+    cache[key] = value
+    return value
+
+
 def _check_target(manifest: dict) -> None:
     spec = manifest.get("target_spec", {})
     spec = spec.get("host", spec)  # a GPU target's host code runs on this CPU
@@ -291,15 +303,12 @@ class Session:
         """The device tensors of a tree's ``(mask, row_ptr, col_idx)``, made once per tree
         shape (kernels only read them; the artifact keeps the 64 latest shapes)."""
         mask = np.ascontiguousarray(mask, "int32")
-        key = (mask.shape[0], mask.tobytes())
-        cached = self.art._tree_tensors.pop(key, None)  # re-inserted: the latest last
-        if cached is None:
+
+        def make():
             row_ptr, col_idx = csr if csr is not None else csr_from_mask(mask)
-            cached = (self._t(mask), self._t(row_ptr), self._t(col_idx))
-            if len(self.art._tree_tensors) >= 64:
-                del self.art._tree_tensors[next(iter(self.art._tree_tensors))]
-        self.art._tree_tensors[key] = cached
-        return cached
+            return self._t(mask), self._t(row_ptr), self._t(col_idx)
+
+        return latest_cached(self.art._tree_tensors, (mask.shape[0], mask.tobytes()), make, 64)
 
     def commit(self, accepted):
         """Keep the accepted tree nodes (indices, root first) and extend the cache by them.

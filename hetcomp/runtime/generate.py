@@ -11,6 +11,7 @@ import numpy as np
 from ..artifact_format import MEDUSA_TOPK
 from ..errors import HetcompError
 from ..speculative.tree import Tree, accept_path, csr_from_mask
+from .artifact import latest_cached
 
 
 @dataclasses.dataclass
@@ -292,10 +293,8 @@ def _step_shape(art, width: int, looked: tuple[int, ...]) -> _StepShape:
     """The verified tree for a step: the best Medusa tree of ``width - len(looked)`` nodes
     plus the lookup nodes, whose parents ``looked`` gives (-1: the root;
     :meth:`NgramIndex.draft_tree`). Cached per shape (the latest 256)."""
-    cache = art.step_shapes
-    key = (width, looked)
-    shape = cache.pop(key, None)  # re-inserted: the latest last
-    if shape is None:
+
+    def make():
         extra = len(looked)
         base = art.tree(width - extra) if width > 1 else Tree((-1,), (-1,), (1.0,))
         parents = list(base.parents) + [0 if p < 0 else base.width + p for p in looked]
@@ -304,9 +303,7 @@ def _step_shape(art, width: int, looked: tuple[int, ...]) -> _StepShape:
         b_ranks = np.asarray(base.ranks[1:], dtype=np.int64)
         heads = np.asarray(base.heads[1:], dtype=np.int64)
         mask = tree.mask()  # once: Tree.csr() would build it again
-        shape = _StepShape(tree, mask, csr_from_mask(mask), tree.depths, base.width - 1,
-                           (-1 - (heads * MEDUSA_TOPK + b_ranks)).astype(np.int32))
-        if len(cache) >= 256:
-            del cache[next(iter(cache))]
-    cache[key] = shape
-    return shape
+        return _StepShape(tree, mask, csr_from_mask(mask), tree.depths, base.width - 1,
+                          (-1 - (heads * MEDUSA_TOPK + b_ranks)).astype(np.int32))
+
+    return latest_cached(art.step_shapes, (width, looked), make, 256)
