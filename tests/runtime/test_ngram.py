@@ -7,53 +7,7 @@ import pytest
 from hetcomp.runtime.generate import NgramIndex
 
 
-def scan(context, length, max_ngram=3):
-    """The tokens after the latest earlier occurrence of the context's last n-gram, longest
-    n first, by looking at every start."""
-    for n in range(min(max_ngram, len(context) - 1), 0, -1):
-        key = context[-n:]
-        for start in range(len(context) - n - 1, -1, -1):
-            if context[start: start + n] == key:
-                return context[start + n: start + n + length]
-    return []
-
-
-def latest(index, length):
-    """The index's first continuation (the latest occurrence's), or [] when none recurs."""
-    found = index.continuations(length, 1)
-    return found[0] if found else []
-
-
-@pytest.mark.parametrize("alphabet", [2, 5, 40])
-def test_index_drafts_what_a_scan_finds(alphabet):
-    """Random contexts (few symbols: many partial matches, repeats of the last n-gram next to
-    each other, no match at all), extended a token or several at a time, at every length."""
-    rng = np.random.default_rng(alphabet)
-    for _ in range(40):
-        context = [int(t) for t in rng.integers(0, alphabet, int(rng.integers(1, 120)))]
-        index, k = NgramIndex(), 0
-        while k < len(context):
-            step = int(rng.integers(1, 4))  # a step accepts 1..3 tokens
-            index.extend(context[k: k + step])
-            k = min(len(context), k + step)
-            length = int(rng.integers(1, 9))
-            assert latest(index, length) == scan(context[:k], length), (context[:k], length)
-
-
-def test_draft_examples():
-    def draft(context, length):
-        index = NgramIndex()
-        index.extend(context)
-        return latest(index, length)
-
-    assert draft([1, 2, 3, 9, 1, 2, 3], 2) == [9, 1]  # the trigram recurs
-    assert draft([1, 2, 7, 4, 2, 8, 2], 3) == [8, 2]  # latest occurrence of the unigram
-    assert draft([5, 6, 7], 4) == []
-    assert draft([4, 4], 3) == [4]  # an occurrence overlapping the suffix counts
-    assert draft([3], 3) == []
-
-
-def scan_all(context, length, count, max_ngram=3, occurrences=8):
+def scan(context, length, count, max_ngram=3, occurrences=8):
     """The distinct continuations after the latest ``occurrences`` earlier occurrences of the
     context's last n-gram, for each n, longest n first, latest first (by looking at every
     start)."""
@@ -69,6 +23,36 @@ def scan_all(context, length, count, max_ngram=3, occurrences=8):
 
 
 @pytest.mark.parametrize("alphabet", [2, 5, 40])
+def test_index_drafts_what_a_scan_finds(alphabet):
+    """Random contexts (few symbols: many partial matches, repeats of the last n-gram next to
+    each other, no match at all), extended a token or several at a time, at every length."""
+    rng = np.random.default_rng(alphabet)
+    for _ in range(40):
+        context = [int(t) for t in rng.integers(0, alphabet, int(rng.integers(1, 120)))]
+        index, k = NgramIndex(), 0
+        while k < len(context):
+            step = int(rng.integers(1, 4))  # a step accepts 1..3 tokens
+            index.extend(context[k: k + step])
+            k = min(len(context), k + step)
+            length = int(rng.integers(1, 9))
+            assert index.continuations(length, 1) == scan(context[:k], length, 1), \
+                (context[:k], length)
+
+
+def test_draft_examples():
+    def draft(context, length):  # the latest occurrence's continuation
+        index = NgramIndex()
+        index.extend(context)
+        return index.continuations(length, 1)
+
+    assert draft([1, 2, 3, 9, 1, 2, 3], 2) == [[9, 1]]  # the trigram recurs
+    assert draft([1, 2, 7, 4, 2, 8, 2], 3) == [[8, 2]]  # latest occurrence of the unigram
+    assert draft([5, 6, 7], 4) == []
+    assert draft([4, 4], 3) == [[4]]  # an occurrence overlapping the suffix counts
+    assert draft([3], 3) == []
+
+
+@pytest.mark.parametrize("alphabet", [2, 5, 40])
 def test_continuations_and_their_tree(alphabet):
     """Several occurrences' continuations equal a scan's; their tree holds exactly the
     paths they start with, within its node budget, parents before children."""
@@ -79,7 +63,7 @@ def test_continuations_and_their_tree(alphabet):
         index.extend(context)
         length, count = int(rng.integers(1, 9)), int(rng.integers(1, 9))
         conts = index.continuations(length, count)
-        assert conts == scan_all(context, length, count), (context, length, count)
+        assert conts == scan(context, length, count), (context, length, count)
         parents, tokens = index.draft_tree(length, count)
         assert len(parents) == len(tokens) <= length
         paths = []
