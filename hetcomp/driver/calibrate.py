@@ -202,6 +202,27 @@ def heldout_prompts(info: dict, count: int = 8) -> list[str]:
     return split_prompts(opts, read_responses(responses) if responses else None)[1][:count]
 
 
+def distillation_data(art, opts: CalibrateOptions, progress: bool = True):
+    """``((train feats, train seqs), (held-out feats, held-out seqs))``: the artifact's greedy
+    outputs for the corpus's split prompts (replayed where ``opts.responses`` has them) with
+    the hidden states that chose them, saved to ``opts.cache`` when it is set (the expensive
+    part: :func:`load_cache` gives it back to re-train without re-generating)."""
+    responses = read_responses(opts.responses) if opts.responses else None
+    train, held = split_prompts(opts, responses)
+    if progress:
+        print(f"[1/3] self-distillation data: {len(train)} training, {len(held)} held-out "
+              "prompts", file=sys.stderr)
+    data = (collect(art, train, opts.new_tokens, progress, responses),
+            collect(art, held, opts.new_tokens, progress, responses))
+    if opts.cache:
+        (ftr, str_), (fho, sho) = data
+        np.savez(opts.cache, **{f"tr_h{i}": f for i, f in enumerate(ftr)},
+                 **{f"tr_s{i}": s for i, s in enumerate(str_)},
+                 **{f"ho_h{i}": f for i, f in enumerate(fho)},
+                 **{f"ho_s{i}": s for i, s in enumerate(sho)})
+    return data
+
+
 def calibrate(art, embed: np.ndarray, opts: CalibrateOptions, progress: bool = True,
               data=None, lm_head: np.ndarray | None = None):
     """Train Medusa heads on the artifact's own greedy outputs; returns MedusaHeads.
@@ -213,19 +234,7 @@ def calibrate(art, embed: np.ndarray, opts: CalibrateOptions, progress: bool = T
     :func:`load_cache`) skips generation.
     """
     if data is None:
-        responses = read_responses(opts.responses) if opts.responses else None
-        train, held = split_prompts(opts, responses)
-        if progress:
-            print(f"[1/3] self-distillation data: {len(train)} training, {len(held)} held-out "
-                  "prompts", file=sys.stderr)
-        data = (collect(art, train, opts.new_tokens, progress, responses),
-                collect(art, held, opts.new_tokens, progress, responses))
-        if opts.cache:  # the expensive part: keep it to re-train without re-generating
-            (ftr, str_), (fho, sho) = data
-            np.savez(opts.cache, **{f"tr_h{i}": f for i, f in enumerate(ftr)},
-                     **{f"tr_s{i}": s for i, s in enumerate(str_)},
-                     **{f"ho_h{i}": f for i, f in enumerate(fho)},
-                     **{f"ho_s{i}": s for i, s in enumerate(sho)})
+        data = distillation_data(art, opts, progress)
     (ftr, str_), (fho, sho) = data
     xtr, rtr, ytr = make_targets(ftr, str_, opts.num_heads)
     xho, rho, yho = make_targets(fho, sho, opts.num_heads)
