@@ -47,7 +47,14 @@ would also cost the draft three more passes over its LM head, one per depth, eac
 for the last. A wider head 1 helps it directly (0.409) for 6x the heads' bytes (16 M
 parameters, not 2.7 M). The previous position's state adds nothing, and this short run of a
 one-layer attention draft is worse than the plain heads. What moves every head is data: half
-the prompts lose 0.06 of head 1's top-1 and 0.11 of tau at W = 16.
+the prompts lose 0.06 of head 1's top-1 and 0.11 of tau at W = 16. New prompts, that is:
+continuing the training prompts' responses that stopped at 256 tokens to 512
+(`record_responses.py --extend`, 119,655 tokens more, 72% more rows) and training as the
+packaged heads were (`hetcomp calibrate ... --new-tokens 512 --epochs 3`) gave top-1 0.369
+0.171 0.107 0.081 and tau 1.573 / 1.882 / 2.070 at W = 4 / 16 / 64, no better than the
+packaged heads: 87% of those continuation tokens repeat the token that followed their
+3-gram's previous occurrence (49% in the first 256), so they teach the heads the loops that
+the n-gram lookup already drafts.
 
 Usage::
 
