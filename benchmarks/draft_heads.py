@@ -240,6 +240,33 @@ def run_variant(torch, variant, data, embed, lm, epochs: int, seed: int = 0) -> 
                     for w in (2, 4, 8, 16, 32, 64)}}
 
 
+def plot(results: dict, path: str, prompts: int) -> None:
+    """Top-1 per head and tau against W for each variant (``results`` as ``--json`` writes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for v, r in results.items():
+        a.plot(range(1, HEADS + 1), r["top1"], marker="o", label=v)
+        ws = sorted(r["tau"], key=int)
+        b.plot([int(w) for w in ws], [r["tau"][w] for w in ws], marker="o", label=v)
+    a.set_xlabel("head (predicts token t + 1 + head)")
+    a.set_ylabel("held-out top-1 accuracy")
+    a.set_xticks(range(1, HEADS + 1))
+    b.set_xscale("log", base=2)
+    b.set_xlabel("tree width W")
+    b.set_ylabel("expected accepted tokens per step")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"SmolLM2 draft heads: what conditioning buys ({prompts} held-out prompts)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", default="build/draft_heads_data.npz")
@@ -284,29 +311,7 @@ def main() -> int:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)
     if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-        for v, r in results.items():
-            a.plot(range(1, HEADS + 1), r["top1"], marker="o", label=v)
-            ws = sorted(r["tau"])
-            b.plot(ws, [r["tau"][w] for w in ws], marker="o", label=v)
-        a.set_xlabel("head (predicts token t + 1 + head)")
-        a.set_ylabel("held-out top-1 accuracy")
-        a.set_xticks(range(1, HEADS + 1))
-        b.set_xscale("log", base=2)
-        b.set_xlabel("tree width W")
-        b.set_ylabel("expected accepted tokens per step")
-        for ax in (a, b):
-            ax.grid(alpha=0.3)
-            ax.legend()
-        fig.suptitle(f"SmolLM2 draft heads: what conditioning buys ({len(sho)} held-out "
-                     "prompts)")
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=100)
+        plot(results, args.plot, len(sho))
     return 0
 
 
