@@ -35,8 +35,8 @@ batch), held-out top-1 per head and tau at W = 4 / 16 / 64:
     prev       0.361 0.176 0.117 0.096   1.569 / 1.874 / 2.068
     wide       0.409 0.216 0.130 0.101   1.646 / 1.989 / 2.213
     attn       0.320 0.153 0.096 0.085   1.501 / 1.809 / 2.005
-    medusa, half the training prompts (--train-prompts 432):
-               0.309 0.147 0.087 0.077   1.489 / 1.785 / 1.952
+    medusa, half the training prompts (--train-prompts 432, the same draft vocabulary):
+               0.311 0.148 0.089 0.077   1.492 / 1.798 / 1.970
 
 (``medusa`` reproduces the packaged heads, trained in numpy for 4 epochs: 0.369 0.183 0.106
 0.087, 1.578 / 1.890 / 2.084.) Conditioning on the path lifts heads 2-4 on their own (0.18
@@ -47,7 +47,7 @@ would also cost the draft three more passes over its LM head, one per depth, eac
 for the last. A wider head 1 helps it directly (0.409) for 6x the heads' bytes (16 M
 parameters, not 2.7 M). The previous position's state adds nothing, and this short run of a
 one-layer attention draft is worse than the plain heads. What moves every head is data: half
-the prompts lose 0.06 of head 1's top-1 and 0.11 of tau at W = 16. New prompts, that is:
+the prompts lose 0.06 of head 1's top-1 and 0.10 of tau at W = 16. New prompts, that is:
 continuing the training prompts' responses that stopped at 256 tokens to 512
 (`record_responses.py --extend`, 119,655 tokens more, 72% more rows) and training as the
 packaged heads were (`hetcomp calibrate ... --new-tokens 512 --epochs 3`) gave top-1 0.369
@@ -289,10 +289,12 @@ def main() -> int:
     from hetcomp.speculative.medusa import _restrict, draft_vocabulary
 
     (ftr, str_), (fho, sho) = replayed_data(args.cache)
+    embed = load_model("smollm2")[1]["embed"].astype(np.float32)
+    # The draft vocabulary of all training prompts, also with --train-prompts: fewer rows
+    # for the heads, the same vocabulary.
+    vocab = draft_vocabulary(str_, len(embed), 8192)
     if args.train_prompts:
         ftr, str_ = ftr[: args.train_prompts], str_[: args.train_prompts]
-    embed = load_model("smollm2")[1]["embed"].astype(np.float32)
-    vocab = draft_vocabulary(str_, len(embed), 8192)
     lm = np.ascontiguousarray(embed[vocab])
     parts = []
     for feats, seqs in ((ftr, str_), (fho, sho)):
