@@ -104,10 +104,10 @@ def replayed_data(path: str):
     return load_cache(path)
 
 
-def previous_rows(x: np.ndarray, seqs) -> np.ndarray:
-    """Each row's predecessor within its prompt (a prompt's first row: itself)."""
+def previous_rows(x: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Each row's predecessor within its prompt (``starts``: the prompts' first rows, which
+    are their own predecessors)."""
     prev = np.roll(x, 1, 0)
-    starts = np.concatenate([[0], np.cumsum([len(s) for s in seqs])[:-1]]).astype(int)
     prev[starts] = x[starts]
     return prev
 
@@ -168,6 +168,7 @@ def make_heads(torch, variant: str, e: int):
 
 def run_variant(torch, variant, data, embed, lm, epochs: int, seed: int = 0) -> dict:
     """Train one variant; its held-out top-k accuracies, ranks and taus."""
+    from hetcomp.speculative.medusa import rank_statistics
     from hetcomp.speculative.tree import build_tree
 
     torch.manual_seed(seed)
@@ -227,10 +228,7 @@ def run_variant(torch, variant, data, embed, lm, epochs: int, seed: int = 0) -> 
                 hit = top == yho_d[sl, k][:, None]
                 r = np.where(hit.any(1), hit.argmax(1), TOP)
                 ranks[sl, k] = np.where(yho[sl, k] >= 0, r, -1)
-    probs = np.zeros((HEADS, TOP))
-    for k in range(HEADS):
-        col = ranks[:, k][ranks[:, k] >= 0]
-        probs[k] = np.bincount(col[col < TOP], minlength=TOP)[:TOP] / len(col)
+    probs = rank_statistics(ranks, TOP)
     both = ranks[(ranks[:, :2] >= 0).all(1)]
     first = both[:, 0] == 0
     return {"top1": probs[:, 0].round(4).tolist(), "top10": probs.sum(1).round(4).tolist(),
@@ -301,8 +299,8 @@ def main() -> int:
         x, roots, y = make_targets(feats, seqs, HEADS)
         path = np.concatenate([roots[:, None], y[:, :HEADS - 1]], 1)  # depth-k tokens
         bounds = np.concatenate([[0], np.cumsum([len(s) for s in seqs])])
-        parts.append((x, path, previous_rows(x, seqs), y, _restrict(embed, y, vocab)[1],
-                      bounds))
+        parts.append((x, path, previous_rows(x, bounds[:-1]), y,
+                      _restrict(embed, y, vocab)[1], bounds))
     results = {}
     for v in variants:
         results[v] = run_variant(torch, v, parts, embed, lm, args.epochs)
