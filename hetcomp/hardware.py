@@ -89,7 +89,9 @@ ORIN_NX_GPU = DeviceSpec(
 # Approximate public figures for the H100/H200 class (sm_90; NVIDIA H100 Tensor Core GPU
 # datasheet, SXM5): 3.35 TB/s HBM3 (the H200's 4.8 TB/s HBM3e is taken at the H100's, the
 # lower), of which a streaming kernel reaches about 80%; 67 TFLOP/s fp32 on CUDA cores (our
-# kernels accumulate in fp32 without tensor cores); PCIe Gen5 x16 to the host. The launch
+# kernels accumulate in fp32; float16 linears of 16-64 rows run on tensor cores,
+# gpu.TensorCoreLinear, whose rate this peak leaves out, so it overestimates wide float16
+# steps until a device profile replaces it); PCIe Gen5 x16 to the host. The launch
 # cost is that of a kernel replayed in a CUDA graph (the cuda build captures its steps),
 # the sync an event wait: typical magnitudes, not measurements. All of these are estimates.
 HOPPER_GPU = DeviceSpec(

@@ -93,7 +93,8 @@ def _rows(rows: int | None):
 
 
 def linear(n: int, k: int, wdtype: str, residual: bool = False, rows: int | None = None,
-           norm_eps: float | None = None, activation: str | None = None, bias: bool = False):
+           norm_eps: float | None = None, activation: str | None = None, bias: bool = False,
+           split_x: bool = False):
     """``y[w, n] = x[w, k] @ W.T (+ r[w, n])`` with W packed ``[n // B, k, B]``.
 
     The fused forms (:class:`~hetcomp.passes.fuse_linear_chains.FuseLinearChains`) take the
@@ -110,6 +111,12 @@ def linear(n: int, k: int, wdtype: str, residual: bool = False, rows: int | None
     - ``bias``: ``+ b[n]`` (Qwen2's q/k/v bias, :func:`bias_add`), the argument after W.
 
     A fused kernel writes its result in the block ``epilogue`` and takes no residual.
+
+    ``split_x`` (float16 weights, a static width: what tensor cores multiply) writes x (times
+    gamma) as two float16 terms first, ``hi = f16(x)`` and ``lo = f16(x - hi)``, rows
+    ``[hi; lo]`` of the block ``x_split``, and reduces ``hi @ W.T + lo @ W.T`` in float32: the
+    same arguments and result, x kept to ~22 bits (float16 x alone keeps 11, which moves
+    logits by ~2e-4 of their scale). It assumes ``|x| < 65504`` (float16's range).
     """
     c = compiler()
     te, b = c.te, pack_block(n)
@@ -128,6 +135,9 @@ def linear(n: int, k: int, wdtype: str, residual: bool = False, rows: int | None
         xin = x[i, r] if gamma is None else x[i, r] * gamma[r]
         return te.sum(xin * wp[col // b, r, col % b].astype("float32"), axis=r)
 
+    if split_x:
+        dot = _split_dot(x, gamma, wp, w, k, b)
+
     if activation is None:
         y = te.compute((w, n), lambda i, j: dot(i, j), name="matmul")
     else:
@@ -143,6 +153,31 @@ def linear(n: int, k: int, wdtype: str, residual: bool = False, rows: int | None
     out = fused_epilogue(y if activation is None else mm, x, k, norm_eps, activation, b_in)
     return _finish(te.create_prim_func([*args, out], index_dtype_override="int64"), "linear",
                    n=n, k=k, block=b, residual=0, **fused_attrs(norm_eps, activation, bias))
+
+
+def _split_dot(x, gamma, wp, w, k: int, b: int):
+    """:func:`linear`'s ``dot`` for ``split_x``: block ``x_split`` (``[2w, k]`` float16, the
+    hi rows then the lo rows) and a reduction over (term, k)."""
+    c = compiler()
+    te, tir = c.te, c.tir
+    if not isinstance(w, c.tir.IntImm) or wp.dtype != "float16":
+        raise ValueError("split_x needs float16 weights and a static width")
+    rows = int(w)
+
+    def split(row, kk):
+        i = row % rows
+        v = x[i, kk] if gamma is None else x[i, kk] * gamma[kk]
+        hi = v.astype("float16")
+        return tir.Select(row < rows, hi, (v - hi.astype("float32")).astype("float16"))
+
+    xs = te.compute((2 * rows, k), split, name="x_split")
+    term, r = te.reduce_axis((0, 2), name="s"), te.reduce_axis((0, k), name="k")
+
+    def dot(i, col):
+        return te.sum(xs[term * rows + i, r].astype("float32")
+                      * wp[col // b, r, col % b].astype("float32"), axis=[term, r])
+
+    return dot
 
 
 def fused_epilogue(mm, x, k: int, norm_eps: float | None, activation: str | None, b_in):

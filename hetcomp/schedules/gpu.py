@@ -9,6 +9,7 @@ memory-bound on the KV cache, which this reads once per query row).
 from __future__ import annotations
 
 from .._tvm import compiler
+from ..kernels import ops
 from ..kernels.ops import OP_KIND, is_fused_linear
 from ..kernels.script_ops import for_gpu
 from ..kernels.sparse_attention import SPARSE_KIND
@@ -431,6 +432,168 @@ class SplitKLinearRule(_BASE):
         return sch
 
 
+def _sm(target) -> int:
+    """The CUDA target's compute capability as a number (``sm_90`` -> 90; 0 if unknown)."""
+    arch = str(target.attrs.get("arch", "")) if "arch" in target.attrs else ""
+    return int(arch[3:]) if arch.startswith("sm_") and arch[3:].isdigit() else 0
+
+
+class TensorCoreLinearRule(_BASE):
+    """Float16 linears at static widths of 16 to 64 rows (the GPU's wide verify steps) on
+    tensor cores: WMMA 16x16x16, float16 in, float32 accumulators (sm_70 and later).
+
+    On CUDA cores a width-W step does W multiply-adds per weight and as many loads of x, so
+    :class:`SplitKLinearRule`'s W = 64 step issues ~60x the instructions of W = 1; a tensor
+    core does a warp's 16x16x16 tile in one instruction and leaves the step bound by reading
+    W, as W = 1 is. The rule schedules :func:`~hetcomp.kernels.ops.linear`'s ``split_x``
+    form of the kernel (same arguments, same result): x as float16 hi and lo terms (x alone
+    in float16 would move the logits by ~2e-4 of their scale), two products per tile.
+
+    A thread block takes 16 output columns (of each half, for a gated kernel) and ``T`` warps
+    (``threadIdx.y``), each a slice of K: per 16-row k step a warp
+
+    1. writes its 16 columns of x (times gamma) as hi and lo rows to shared memory (its lanes
+       over the ``2W x 16`` values),
+    2. loads W's ``16 x 16`` tile (per half) as a WMMA fragment straight from the packed
+       layout (a pack block's row is 16 contiguous float16 values: stride ``B``), and
+    3. multiplies the ``2W / 16`` x fragments into its ``W / 16`` accumulators.
+
+    The warps' accumulators meet in shared memory; then each thread sums the ``T`` partials
+    of its outputs in registers and writes them with the residual add or the fused
+    epilogue (a fused norm's sums of squares: one warp-shuffle reduction per row, first).
+    ``T`` is the largest of 8, 4, 2, 1 that divides K into 16-row steps and keeps the x terms
+    and the partials within 48 KB of shared memory.
+
+    ``tensorize=False`` leaves the WMMA stages as plain blocks (the same loops and buffers),
+    which the CPU can run (:func:`hetcomp.testing.gpu.emulated_module`). The rule reads only
+    the kernel's attributes and arguments, so it also applies to a kernel it scheduled.
+    """
+
+    def __init__(self, tensorize: bool = True, max_rows: int = 64, max_slices: int = 8,
+                 shared_bytes: int = 48 << 10):
+        self.tensorize, self.max_rows = tensorize, max_rows
+        self.max_slices, self.shared_bytes = max_slices, shared_bytes
+
+    def slices(self, rows: int, halves: int, k: int) -> int | None:
+        """Warps (K slices) of a block, or None when K is not a multiple of 16."""
+        t = self.max_slices
+        while t >= 1:
+            # x's hi and lo terms (float16) and the partials (float32) per warp, and a
+            # fused norm's sums of squares
+            if (k % (16 * t) == 0
+                    and 64 * t * rows * (1 + halves) + 4 * rows <= self.shared_bytes):
+                return t
+            t //= 2
+        return None
+
+    def apply(self, func, target, tunable):
+        if (_gpu_kind(func, target) != "linear" or "hetcomp.qtype" in func.attrs
+                or target.kind.name != "cuda" or _sm(target) < 70):
+            return None
+        c = compiler()
+        attrs = func.attrs
+        norm = "hetcomp.norm_eps" in attrs
+        activation = str(attrs["hetcomp.activation"]) if "hetcomp.activation" in attrs else None
+        rows = func.params[0].shape[0]  # x (a Buffer is a typed Var in 0.27)
+        if str(func.params[2 if norm else 1].dtype) != "float16" or not isinstance(
+                rows, c.tir.IntImm):
+            return None
+        rows, halves = int(rows), 2 if activation else 1
+        n, k, b = (int(attrs[f"hetcomp.{a}"]) for a in ("n", "k", "block"))
+        if rows % 16 or not 16 <= rows <= self.max_rows or b % 16 or (n // halves) % b:
+            return None
+        slices = self.slices(rows, halves, k)
+        if slices is None:
+            return None
+        split = ops.linear(n, k, "float16", bool(int(attrs.get("hetcomp.residual", 0))), rows,
+                           float(attrs["hetcomp.norm_eps"]) if norm else None, activation,
+                           "hetcomp.bias" in attrs, split_x=True)
+        for key, value in attrs.items():
+            split = split.with_attr(key, value)
+        sch = c.Schedule(split)
+        _tensor_core_linear(sch, slices, self.tensorize)
+        return sch
+
+
+def _tensor_core_linear(sch, slices: int, tensorize: bool) -> None:
+    """:class:`TensorCoreLinearRule`'s schedule of a ``split_x`` linear."""
+    c = compiler()
+    names = {str(sch.get(b).name_hint) for b in sch.get_child_blocks(sch.get_sblock("root"))}
+    mm = sch.get_sblock("matmul")
+    # Step 1. The block that writes the result anchors the rest: the fused epilogue, the
+    # residual add, or a copy of the sums (kept in registers until then).
+    if "epilogue" in names:
+        final = sch.get_sblock("epilogue")
+    elif "add_residual" in names:
+        final = sch.get_sblock("add_residual")
+    else:
+        final = sch.cache_write(mm, 0, "local")
+    # Step 2. K in 16-row steps, slice ``kt`` of them per warp (rfactor: a warp's partial
+    # sums stay its own until they meet in shared memory).
+    k = sch.get_loops(mm)[-1]
+    _, kt, _ = sch.split(k, [None, slices, 16])
+    rf = sch.rfactor(kt, 0)
+    if len(sch.get(rf).writes[0].source.shape) == 4:  # gated: [warp, half, row, column]
+        sch.transform_layout(rf, ("write", 0), lambda t, i, h, j: (t, h, i, j))
+    # Step 3. The result's 16-column tiles are the grid; the block's threads walk its
+    # (row, column) outputs, columns fastest (coalesced writes).
+    i, j = sch.get_loops(final)
+    jb, jc = sch.split(j, [None, 16])
+    sch.reorder(jb, i, jc)
+    sch.bind(jb, "blockIdx.x")
+    _, ty, tx = sch.split(sch.fuse(i, jc), [None, slices, 32])
+    sch.bind(ty, "threadIdx.y")
+    sch.bind(tx, "threadIdx.x")
+    # Step 4. Each thread sums the warps' partials of its outputs (both halves of a gated
+    # kernel's column) in registers, right before it writes them.
+    sch.compute_at(mm, tx, preserve_unit_loops=True)
+    sch.set_scope(mm, 0, "local")
+    sch.compute_at(rf, jb, preserve_unit_loops=True)
+    if "sumsq" in names:  # a fused norm: rows over warps, a row's K over the lanes
+        ss = sch.get_sblock("sumsq")
+        sch.compute_at(ss, jb, preserve_unit_loops=True)
+        si, sk = sch.get_loops(ss)[-2:]
+        _, sy = sch.split(si, [None, slices])
+        _, sx = sch.split(sk, [None, 32])
+        sch.bind(sy, "threadIdx.y")
+        sch.bind(sx, "threadIdx.x")
+        sch.set_scope(ss, 0, "shared")
+    # Step 5. The warps' tiles: loops (warp, k step, [half], term, row tile) around a
+    # 16x16x16 block, the tensor core's instruction.
+    loops = sch.get_loops(rf)[1:]
+    wt, ri, *rh, rj, rs, rko, rki = loops
+    rio, rii = sch.split(ri, [None, 16])
+    sch.reorder(wt, rko, *rh, rs, rio, rii, rj, rki)
+    sch.bind(wt, "threadIdx.y")
+    tile = sch.blockize(rii)
+    reads = [str(r.source.name) for r in sch.get(tile).reads]
+    a = sch.cache_read(tile, reads.index("x_split"), "wmma.matrix_a")
+    b = sch.cache_read(tile, reads.index("wp"), "wmma.matrix_b")
+    sch.compute_at(a, rio)
+    sch.compute_at(b, rh[0] if rh else rko)
+    acc = sch.cache_write(tile, 0, "wmma.accumulator")
+    sch.reverse_compute_at(acc, wt)
+    sch.set_scope(acc, 0, "shared.dyn")  # the partials (not "shared": see below)
+    init = sch.decompose_reduction(tile, rko)
+    # Step 6. x's hi and lo terms for the warp's 16 columns, its lanes over them. In static
+    # shared memory: TVM's storage rewrite would reuse it for the partials, which then
+    # fails to lower (a float32 access pointer into a float16 buffer).
+    xs = sch.get_sblock("x_split")
+    sch.compute_at(xs, rko, preserve_unit_loops=True)
+    sch.set_scope(xs, 0, "shared")
+    _, lane = sch.split(sch.fuse(*sch.get_loops(xs)[-2:]), [None, 32])
+    sch.bind(lane, "threadIdx.x")
+    if not tensorize:
+        return
+    wmma = c.wmma_intrinsics
+    sch.tensorize(sch.get_loops(a)[-2], wmma["load_a"])
+    sch.tensorize(sch.get_loops(b)[-2], wmma["load_b"])
+    sch.tensorize(sch.get_loops(sch.get_child_blocks(init)[0])[-2], wmma["fill"])
+    rows = sch.get_loops(acc)[-2]  # (..., rows, 16 columns)
+    sch.tensorize(sch.split(rows, [None, 16])[1], wmma["store"])
+    sch.tensorize(sch.get_loops(sch.get_child_blocks(tile)[0])[-3], wmma["mma"])
+
+
 def _float_blocks(func):
     """A float linear's schedule and its ``matmul`` block."""
     sch = compiler().Schedule(func)
@@ -700,12 +863,15 @@ def use_gpu_script_kernels(mod):
     return mod
 
 
-def gpu_rules():
-    """Our GPU rules first, then dlight's. Each split-K rule (static widths) before the rule
-    that takes the same linears at any width; RMSNorm before PerStageThread (which takes
-    any of our kinds it lists, rms_norm included)."""
+def gpu_rules(tensor_cores: bool = True):
+    """Our GPU rules first, then dlight's. The tensor-core rule (float16, static widths of
+    16-64 rows; left out with ``tensor_cores=False``) before split K, each split-K rule
+    (static widths) before the rule that takes the same linears at any width; RMSNorm
+    before PerStageThread (which takes any of our kinds it lists, rms_norm included)."""
     gpu = compiler().dlight.gpu
-    return [QuantSplitKLinearRule(), QuantLinearRule(), SplitKLinearRule(), LinearColumnRule(),
+    return [QuantSplitKLinearRule(), QuantLinearRule(),
+            *([TensorCoreLinearRule()] if tensor_cores else []), SplitKLinearRule(),
+            LinearColumnRule(),
             RMSNormRule(), ArgmaxRowRule(), SparseTreeAttentionRule(), PerStageThreadRule(),
             gpu.Matmul(), gpu.GEMV(), gpu.LowBatchGEMV(), gpu.Reduction(),
             gpu.GeneralReduction(), gpu.Fallback()]

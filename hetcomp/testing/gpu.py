@@ -78,16 +78,30 @@ def cpu_form(func):
     return tvm.script.from_source(re.sub(_BOUND, r"range(\1)", _without_barriers(func.script())))
 
 
+def _CUDA():
+    from .. import _tvm
+
+    return _tvm.compiler().Target({"kind": "cuda", "arch": "sm_90"})
+
+
 def emulated_module(scheduled):
     """A scheduled GPU module (``codegen.build``'s ``scheduled``) with every kernel in its
     :func:`cpu_form`: the same Relax functions calling the same schedules, built for the
     host."""
     from .. import _tvm
+    from ..schedules.apply import RULE_ATTR
+    from ..schedules.gpu import TensorCoreLinearRule
 
     c = _tvm.compiler()
     out, converted = scheduled.clone(), 0
+    untensorized = TensorCoreLinearRule(tensorize=False)
     for gv, func in scheduled.functions_items():
-        if isinstance(func, c.tir.PrimFunc) and "T.thread_binding(" in func.script():
+        if not isinstance(func, c.tir.PrimFunc):
+            continue
+        if str(func.attrs.get(RULE_ATTR, "")) == "gpu.TensorCoreLinear":
+            # WMMA calls have no CPU form: the same schedule with its tiles as plain blocks
+            func = untensorized.apply(func, _CUDA(), False).mod["main"]
+        if "T.thread_binding(" in func.script():
             out.update_func(gv, cpu_form(func))
             converted += 1
     if not converted:

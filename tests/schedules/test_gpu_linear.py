@@ -76,24 +76,24 @@ def test_schedule_matches_numpy(dtype, rows):
 @pytest.mark.parametrize("n,k,residual", SMOLLM2)
 def test_applies_to_smollm2_linears_with_k_over_threads(n, k, residual):
     """gpu_rules picks the rule for every SmolLM2 linear at static widths (not dlight, not
-    the column rule); the K slices are a thread axis (threadIdx.y, 2 or more), and the grid
-    has at least a block per 32 columns (the column rule had one per 64)."""
-    for dtype in ("float16", "float32"):
-        for rows in (1, 64):
-            func = ops.linear(n, k, dtype, residual, rows=rows).with_attr("global_symbol",
-                                                                          "main")
-            with CUDA:
-                mod = ApplyRules(*gpu_rules())(c.IRModule({"main": func}))
-            assert str(mod["main"].attrs[RULE_ATTR]) == "gpu.SplitKLinear"
-            bind = dict(thread_bindings(mod["main"]))
-            assert bind["threadIdx.y"] >= 2 and bind["blockIdx.x"] >= n // 32
-            # The partials' K slice loop is the threadIdx.y loop around the accumulation;
-            # the final sum reduces over that slice axis.
-            text = mod["main"].script()
-            assert (text.index('thread="threadIdx.y"') < text.index('"matmul_rf_update"')
-                    < text.index('"matmul_update"'))
-            assert re.search(r'sblock\("matmul_update"\):\s+vk_1 = T\.axis\.reduce', text)
-            assert 'scope="shared"' in text
+    the column rule; float16 at 16-64 rows goes to the tensor cores,
+    tests/schedules/test_gpu_tensor_core.py); the K slices are a thread axis (threadIdx.y,
+    2 or more), and the grid has at least a block per 32 columns (the column rule had one
+    per 64)."""
+    for dtype, rows in (("float16", 1), ("float32", 1), ("float32", 64)):
+        func = ops.linear(n, k, dtype, residual, rows=rows).with_attr("global_symbol", "main")
+        with CUDA:
+            mod = ApplyRules(*gpu_rules())(c.IRModule({"main": func}))
+        assert str(mod["main"].attrs[RULE_ATTR]) == "gpu.SplitKLinear"
+        bind = dict(thread_bindings(mod["main"]))
+        assert bind["threadIdx.y"] >= 2 and bind["blockIdx.x"] >= n // 32
+        # The partials' K slice loop is the threadIdx.y loop around the accumulation;
+        # the final sum reduces over that slice axis.
+        text = mod["main"].script()
+        assert (text.index('thread="threadIdx.y"') < text.index('"matmul_rf_update"')
+                < text.index('"matmul_update"'))
+        assert re.search(r'sblock\("matmul_update"\):\s+vk_1 = T\.axis\.reduce', text)
+        assert 'scope="shared"' in text
 
 
 def test_symbolic_width_keeps_the_column_rule():
@@ -126,8 +126,9 @@ def test_nvcc_keeps_accumulators_in_registers(tmp_path, arch, dtype, rows):
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_compile_for_cuda_uses_split_k(tmp_path, dtype):
     """`compile --target cuda` of a tiny model: the decode and verify linears (static widths)
-    are gpu.SplitKLinear's, prefill's (symbolic width) gpu.LinearColumn's; nothing else
-    schedules a linear; every RMSNorm (any width) is gpu.RMSNorm's."""
+    are gpu.SplitKLinear's, prefill's (symbolic width) gpu.LinearColumn's, the float16
+    ones of the static 64-row prefill chunk gpu.TensorCoreLinear's; nothing else schedules
+    a linear; every RMSNorm (any width) is gpu.RMSNorm's."""
     from hetcomp.frontend.weights import random_weights
 
     compile_model(CompileOptions(model="tiny.gguf", dtype=dtype, target="cuda",
@@ -136,7 +137,11 @@ def test_compile_for_cuda_uses_split_k(tmp_path, dtype):
                            byte_tokenizer_spec(TINY.vocab_size), __file__))
     kernels = read_manifest(str(tmp_path / "art"))["kernels"]
     linear = [k for k in kernels if k["name"].startswith("linear")]
-    assert {k["rule"] for k in linear} == {"gpu.SplitKLinear", "gpu.LinearColumn"}
+    tensor_cores = {k["name"] for k in linear if k["rule"] == "gpu.TensorCoreLinear"}
+    assert tensor_cores == ({k["name"] for k in linear if k["name"].endswith("_w64")}
+                            if dtype == "float16" else set())
+    assert {k["rule"] for k in linear} - {"gpu.TensorCoreLinear"} == {"gpu.SplitKLinear",
+                                                                      "gpu.LinearColumn"}
     norms = [k for k in kernels if k["name"].startswith("rms_norm")]
     assert norms and {k["rule"] for k in norms} == {"gpu.RMSNorm"}
 
@@ -156,14 +161,14 @@ def test_gemv_kit_builds_and_dry_runs(tmp_path):
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"old")
     kit = gemv_kernels.build(str(tmp_path), "sm_90", dtypes=("float16", "q4_1"),
-                             kinds=("down",), widths=(1, 4))
+                             kinds=("down",), widths=(1, 16))
     assert len(os.listdir(os.path.join(kit, "kcache"))) == 1 and not stale.exists()
     with open(os.path.join(kit, "kernels.json")) as fh:
         recs = json.load(fh)["kernels"]
     assert {(r["dtype"], r["variant"], r["w"]) for r in recs} == {
         *((d, v, w) for d, vs in (("float16", gemv_kernels.VARIANTS),
                                   ("q4_1", ("column", "splitk", "splitk16")))
-          for v in vs for w in (1, 4))}
+          for v in vs for w in (1, 16)), ("float16", "tensorcore", 16)}
     assert {r["rule"] for r in recs if r["dtype"] == "q4_1"} == {
         "gpu.QuantLinear", "gpu.QuantSplitKLinear"}
     assert {r["weight_dtype"] for r in recs if r["dtype"] == "q4_1"} == {"uint8"}
@@ -191,10 +196,12 @@ def test_gemv_kit_builds_and_dry_runs(tmp_path):
     assert all(f"{r['name']}_kernel" in source for r in out["topk"])
     # The fused chains and the kernels they replace, at the kit's widths.
     assert {(r["role"], r["kind"], r["w"]) for r in out["chains"]} == {
-        (role, kind, w) for w in (1, 4) for role, kind in (
+        (role, kind, w) for w in (1, 16) for role, kind in (
             ("fused", "qkv"), ("fused", "gate_up"), ("norm", "norm"), ("act", "act"))}
-    assert {(r["dtype"], r["rule"]) for r in out["chains"] if r["role"] == "fused"} == {
-        ("float16", "gpu.SplitKLinear"), ("q4_1", "gpu.QuantSplitKLinear")}
+    assert {(r["dtype"], r["rule"], r["w"]) for r in out["chains"] if r["role"] == "fused"} == {
+        *((d, rule, w) for d, rule in (("float16", "gpu.SplitKLinear"),
+                                       ("q4_1", "gpu.QuantSplitKLinear")) for w in (1, 16)),
+        ("float16", "gpu.TensorCoreLinear", 16)}
     assert all(f"{r['name']}_kernel" in source for r in out["chains"])
 
 
@@ -267,7 +274,8 @@ def test_nvcc_keeps_fused_accumulators_in_registers(tmp_path, arch, rows):
 
 def test_compile_for_cuda_fuses_unless_told_not_to(tmp_path):
     """`compile --target cuda` runs FuseLinearChains: a tiny model's verify step has three
-    kernels a layer fewer than with `--no-fuse`, the fused linears scheduled by split K."""
+    kernels a layer fewer than with `--no-fuse`, the fused linears scheduled by split K (by
+    the tensor cores in the 64-row prefill chunk)."""
     from hetcomp.frontend.weights import random_weights
 
     got = {}
@@ -285,7 +293,11 @@ def test_compile_for_cuda_fuses_unless_told_not_to(tmp_path):
     fused = {k["name"]: k["rule"] for k in got[None]["kernels"] if k["name"].startswith("linear_norm")}
     assert set(fused) == {"linear_norm_n128_k64_w1", "linear_norm_silu_n192_k64_w1",
                           "linear_norm_n128_k64_w64", "linear_norm_silu_n192_k64_w64"}
-    assert set(fused.values()) == {"gpu.SplitKLinear"}
+    assert {name: rule for name, rule in fused.items() if name.endswith("_w1")} == {
+        "linear_norm_n128_k64_w1": "gpu.SplitKLinear",
+        "linear_norm_silu_n192_k64_w1": "gpu.SplitKLinear"}
+    assert {rule for name, rule in fused.items() if name.endswith("_w64")} == {
+        "gpu.TensorCoreLinear"}
 
 
 @pytest.mark.parametrize("eps", [1e-5, None], ids=["norm_bias", "bias"])

@@ -1,0 +1,177 @@
+"""``gpu.TensorCoreLinear``: float16 linears at 16-64 rows on WMMA tensor cores. No GPU here:
+the schedule with its WMMA tiles as plain blocks (``tensorize=False``: the same loops,
+buffers and thread bindings) runs on the CPU with its thread loops serial, against numpy;
+the tensorized kernel is checked by TVM's CUDA codegen (which fragments, which loads, how
+many barriers) and nvcc's register report."""
+
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+from hetcomp import _tvm
+from hetcomp.kernels import ops
+from hetcomp.schedules.apply import RULE_ATTR, ApplyRules
+from hetcomp.schedules.gpu import TensorCoreLinearRule, gpu_rules
+from hetcomp.testing import fused_linear_reference
+from hetcomp.testing.gpu import assert_no_stack, cpu_form
+
+c = _tvm.compiler()
+CUDA = c.Target({"kind": "cuda", "arch": "sm_90"})
+HOST = c.Target({"kind": "llvm"})
+# (norm eps, activation, bias, residual): every form FuseLinearChains makes, and the plain
+# linear with and without the residual add.
+FORMS = {"plain": (None, None, False, False), "residual": (None, None, False, True),
+         "norm": (1e-5, None, False, False), "norm_silu": (1e-5, "silu", False, False),
+         "silu": (None, "silu", False, False), "norm_gelu": (1e-6, "gelu_tanh", False, False),
+         "norm_bias": (1e-5, None, True, False), "bias": (None, None, True, False)}
+
+
+def _inputs(rows, n, k, seed, scale=4.0):
+    rng = np.random.default_rng(seed)
+    return {"x": (rng.standard_normal((rows, k)) * scale).astype("float32"),
+            "g": rng.standard_normal(k).astype("float32"),
+            "b": rng.standard_normal(n).astype("float32"),
+            "r": rng.standard_normal((rows, n)).astype("float32"),
+            "w": (rng.standard_normal((n, k)) * 0.1).astype("float16")}
+
+
+def _run(func, form, a, rows, n):
+    eps, act, bias, res = FORMS[form]
+    lib = c.compile(c.IRModule({"main": func}), target=HOST)
+    y = _tvm.tensor(np.zeros((rows, n // 2 if act else n), "float32"))
+    args = [a["x"], *([a["g"]] if eps else []), ops.pack_linear_weight(a["w"], "float16"),
+            *([a["b"]] if bias else []), *([a["r"]] if res else [])]
+    lib["main"](*[_tvm.tensor(v) for v in args], y)
+    return y.numpy()
+
+
+def _reference(form, a):
+    eps, act, bias, res = FORMS[form]
+    want = fused_linear_reference(a["x"], a["w"], a["g"] if eps else None, eps, act,
+                                  bias=a["b"] if bias else None)
+    return want + a["r"] if res else want
+
+
+def _linear(form, rows, n=192, k=128):
+    eps, act, bias, res = FORMS[form]
+    return ops.linear(n, k, "float16", res, rows=rows, norm_eps=eps, activation=act, bias=bias)
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("rows", [16, 64])
+def test_schedule_matches_numpy(form, rows):
+    """Every form at 16 and 64 rows, the WMMA tiles as plain blocks and the thread loops
+    serial (sound: the warps' partials meet in shared memory and a later stage sums them;
+    a fused norm's squares are a reduction over the lanes, a plain reduction when serial),
+    against float64 numpy: within 2e-6 of the result's scale. x split into hi and lo float16
+    terms is what keeps it there: x in float16 alone misses by ~1e-4 (the next test)."""
+    a = _inputs(rows, 192, 128, seed=rows)
+    sch = TensorCoreLinearRule(tensorize=False).apply(_linear(form, rows), CUDA, False)
+    got, want = _run(cpu_form(sch.mod["main"]), form, a, rows, 192), _reference(form, a)
+    assert np.abs(got - want).max() <= 2e-6 * np.abs(want).max()
+
+
+def test_the_lo_term_is_what_keeps_float32_accuracy():
+    """The same kernel with x's lo term zeroed (x in float16 alone) misses numpy by more
+    than 20x the bound above: the split is needed, and the test above can fail."""
+    rows, form = 16, "plain"
+    a = _inputs(rows, 192, 128, seed=3)
+    func = cpu_form(TensorCoreLinearRule(tensorize=False).apply(_linear(form, rows), CUDA,
+                                                                False).mod["main"])
+    text = func.script()
+    # the lo rows' value (x - f16(x), in float16) -> 0
+    lo = re.search(r'T\.Cast\("float16", (x\[.+?\]) - T\.Cast\("float32", T\.Cast\("float16", '
+                   r'\1\)\)\)', text)
+    assert lo is not None
+    broken = _tvm.tvm.script.from_source(text.replace(lo.group(0), 'T.float16(0.0)'))
+    got, want = _run(broken, form, a, rows, 192), _reference(form, a)
+    assert np.abs(got - want).max() > 4e-5 * np.abs(want).max()
+
+
+def test_same_arguments_as_the_kernel_it_replaces():
+    """The rule schedules the ``split_x`` form: the same parameters (names, shapes, dtypes)
+    and attributes, so the Relax call that passed them to the original still fits."""
+    for form in FORMS:
+        func = _linear(form, 32)
+        sched = TensorCoreLinearRule().apply(func, CUDA, False).mod["main"]
+        assert [(str(p.name), [int(d) for d in p.shape], str(p.dtype)) for p in func.params] == [
+            (str(p.name), [int(d) for d in p.shape], str(p.dtype)) for p in sched.params]
+        for key, value in func.attrs.items():
+            assert str(sched.attrs[key]) == str(value)
+
+
+@pytest.mark.parametrize("form,rows,fragments", [("residual", 16, 1), ("norm_silu", 64, 8),
+                                                 ("norm", 64, 4)])
+def test_cuda_source_multiplies_on_tensor_cores(form, rows, fragments):
+    """The CUDA kernel: WMMA fragments (16x16x16, float16 in, float32 accumulators), one per
+    row tile (and half), W's tile loaded straight from the packed weights (global memory,
+    leading dimension the pack block), x's terms from shared memory; two barriers around
+    the staging of x per k step, one before the partials are summed; a fused norm's
+    squares by warp shuffles."""
+    sch = TensorCoreLinearRule().apply(_linear(form, rows, n=3072 if "silu" in form else 960,
+                                               k=576), CUDA, False)
+    src = c.compile(sch.mod, target=CUDA).mod.imports[0].inspect_source()
+    assert re.search(rf"fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> "
+                     rf"\w+\[{fragments}\];", src)
+    assert "fragment<nvcuda::wmma::matrix_a, 16, 16, 16, half, nvcuda::wmma::row_major>" in src
+    assert re.search(r"load_matrix_sync\(wp_wmma_matrix_b_ptr\[0\], \(&\(wp_ptr\[.+\]\)\), 32\)",
+                     src)
+    # Each warp stages and reads its own 16 columns of x's terms (threadIdx.y * 16): no warp
+    # reads what another writes between two barriers (a race serial emulation would hide).
+    load_a = re.search(r"load_matrix_sync\(x_split_wmma_matrix_a_ptr\[0\], "
+                       r"\(&\(x_split_shared_ptr\[(.+?)\]\)\)", src)
+    store = re.search(r"\n\s*x_split_shared_ptr\[(.+?)\] = ", src)
+    assert load_a and store
+    assert "((int)threadIdx.y) * 16)" in load_a.group(1)
+    assert "((int)threadIdx.y) * 16)" in store.group(1)
+    assert src.count("mma_sync(") == 1 and src.count("__syncthreads()") == 3
+    assert ("__shfl_down_sync" in src) == form.startswith("norm")
+
+
+@pytest.mark.parametrize("dtype,rows,applies", [("float16", 16, True), ("float16", 32, True),
+                                                ("float16", 64, True), ("float16", 1, False),
+                                                ("float16", 4, False), ("float16", 24, False),
+                                                ("float16", None, False),
+                                                ("float32", 64, False)])
+def test_gpu_rules_pick_it_for_float16_wide_steps(dtype, rows, applies):
+    """gpu_rules gives SmolLM2's float16 gate_up (fused) to the tensor cores at 16, 32 and 64
+    rows; narrower or odd widths, prefill's symbolic width and float32 weights keep split K
+    (or the column rule)."""
+    func = ops.linear(3072, 576, dtype, rows=rows, norm_eps=1e-5, activation="silu")
+    with CUDA:
+        mod = ApplyRules(*gpu_rules())(c.IRModule({"main": func.with_attr("global_symbol",
+                                                                          "main")}))
+    assert (str(mod["main"].attrs[RULE_ATTR]) == "gpu.TensorCoreLinear") == applies
+
+
+def test_needs_volta_or_later_and_cuda():
+    """WMMA needs sm_70 or later: not for Pascal, not for other GPU kinds."""
+    func = _linear("plain", 16)
+    rule = TensorCoreLinearRule()
+    assert rule.apply(func, c.Target({"kind": "cuda", "arch": "sm_61"}), False) is None
+    assert rule.apply(func, c.Target({"kind": "vulkan"}), False) is None
+    assert rule.apply(func, c.Target({"kind": "cuda", "arch": "sm_87"}), False) is not None
+
+
+def test_warps_fit_shared_memory():
+    """K slices (warps): 8 where K and 48 KB allow; fewer for 64 rows of a gated kernel
+    (its partials are twice as large) or a K of fewer 16-row steps."""
+    rule = TensorCoreLinearRule()
+    assert rule.slices(16, 1, 576) == 4  # 576 = 9 x 64: not a multiple of 128
+    assert rule.slices(16, 1, 1536) == 8
+    assert rule.slices(64, 1, 1536) == 4
+    assert rule.slices(64, 2, 576) == 2
+    assert rule.slices(16, 1, 8) is None
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+@pytest.mark.parametrize("arch", ["sm_87", "sm_90"])
+def test_nvcc_keeps_fragments_in_registers(tmp_path, arch):
+    """ptxas on SmolLM2's fused gate_up at 64 rows (8 accumulator fragments a warp, the
+    most): no stack frame, no spills, for Jetson Orin (sm_87) and Hopper (sm_90)."""
+    func = TensorCoreLinearRule().apply(_linear("norm_silu", 64, n=3072, k=576), CUDA,
+                                        False).mod["main"]
+    assert_no_stack(func.with_attr("global_symbol", "main"), arch, tmp_path)
+
