@@ -77,6 +77,7 @@ def cmd_compile(args) -> int:
                           tuning_db=args.tuning_db, draft_dtype=args.draft_dtype,
                           kv_dtype=args.kv_dtype, default_width=args.width,
                           cuda_graph=not args.no_cuda_graph, fuse_linears=False if args.no_fuse else None,
+                          tensor_cores=not args.no_tensor_cores,
                           plan_choice=plan_choice(args.plan) if args.plan else None)
     compile_model(opts, args.output, quiet=args.quiet, force=args.force)
     return 0
@@ -295,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-fuse", action="store_true",
                    help="--target cuda: run each RMSNorm and gated activation as its own "
                         "kernel (default: inside the linear's kernel beside it)")
+    c.add_argument("--no-tensor-cores", action="store_true",
+                   help="--target cuda: every linear on the CUDA cores (default: float16 "
+                        "linears of 16-64 rows on tensor cores, sm_70 and later)")
     c.add_argument("--tuning-db", help="root of `hetcomp tune --kernels` databases: this "
                                        "machine's records replace hand-written schedules")
     c.add_argument("--separate-weights", action="store_true",

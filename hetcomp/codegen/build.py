@@ -27,7 +27,8 @@ def uses_cuda_graph(target, plan=None) -> bool:
 
 
 def build(mod, target, plan=None, cost=None, scheduled: list | None = None,
-          cuda_graph: bool = False, fuse_linears: bool | None = None):
+          cuda_graph: bool = False, fuse_linears: bool | None = None,
+          tensor_cores: bool = True):
     """Partition (``plan``), schedule and compile ``mod``; returns a ``tvm.runtime.Executable``.
 
     ``target`` is the module's target; a partitioned module's is its host unit's
@@ -38,12 +39,14 @@ def build(mod, target, plan=None, cost=None, scheduled: list | None = None,
     ``cuda_graph``: capture the kernels of each function's static-shape regions as CUDA
     graphs, replayed with one launch (:func:`launch_counts` says how many remain).
     ``fuse_linears``: run FuseLinearChains (None: on whole-model GPU builds,
-    :func:`~hetcomp.passes.pipeline.fuses_linears`).
+    :func:`~hetcomp.passes.pipeline.fuses_linears`). ``tensor_cores=False``: no GPU linear on
+    tensor cores.
     """
     c = compiler()
     target = c.Target(target) if isinstance(target, dict | str) else target
     with target:
-        mod = scheduling_pipeline(target, plan, **(cost or {}), fuse_linears=fuse_linears)(mod)
+        mod = scheduling_pipeline(target, plan, **(cost or {}), fuse_linears=fuse_linears,
+                                  tensor_cores=tensor_cores)(mod)
     if scheduled is not None:
         scheduled.append(mod)
     with c.transform.PassContext(config={CUDA_GRAPH_OPTION: cuda_graph}):

@@ -109,6 +109,10 @@ class CompileOptions:
     # True on a CPU runs the fused kernels unscheduled there (the CPU rules do not take them
     # yet): slow, for tests of the fused model's numerics.
     fuse_linears: bool | None = None
+    # --target cuda: float16 linears at static widths of 16-64 rows (the wide verify steps,
+    # the prefill chunk) on tensor cores (gpu.TensorCoreLinear, sm_70 and later). False:
+    # every linear on the CUDA cores (split K), as before.
+    tensor_cores: bool = True
     # Build the decoder for fixed caches, reading the cache length on the device
     # (build_module's ``device_len``). None: where CUDA graphs are captured. True elsewhere
     # (a CPU artifact) runs the same kernels and runtime contract where tests can run them.
@@ -208,13 +212,14 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
     scheduled: list = []
     if opts.plan is not None:
         _progress(3, 4, f"partitioning across {', '.join(opts.plan.units)}; compiling", quiet)
-        ex = build(mod, target, opts.plan, cost, scheduled)
+        ex = build(mod, target, opts.plan, cost, scheduled, tensor_cores=opts.tensor_cores)
     elif opts.target == "cuda":
         _progress(3, 4, "scheduling and compiling for cuda (GPU rules"
                         + (", fused linears" if fused else "")
+                        + (", tensor cores" if opts.tensor_cores else "")
                         + (", CUDA graphs)" if opts.cuda_graph else ")"), quiet)
         ex = build(mod, target, None, cost, scheduled, cuda_graph=opts.cuda_graph,
-                   fuse_linears=fused)
+                   fuse_linears=fused, tensor_cores=opts.tensor_cores)
     else:
         path = _tuning_path(opts, quiet)
         if path is not None:  # before annotating: records are keyed by the kernels as built

@@ -56,9 +56,11 @@ def fuses_linears(target, plan: HeteroPlan | None = None) -> bool:
 
 def scheduling_pipeline(target, plan: HeteroPlan | None = None, cost_fn=None,
                         units: tuple[str, ...] | None = None, width: int = 1,
-                        cache_len: int = 256, fuse_linears: bool | None = None):
+                        cache_len: int = 256, fuse_linears: bool | None = None,
+                        tensor_cores: bool = True):
     """Phases 1-6 of :func:`lowering_pipeline`: the module with every kernel scheduled.
-    ``fuse_linears``: None fuses where :func:`fuses_linears` says."""
+    ``fuse_linears``: None fuses where :func:`fuses_linears` says. ``tensor_cores=False``:
+    no GPU linear on tensor cores (``gpu.TensorCoreLinear``)."""
     relax = _c.relax
     tr = relax.transform
     if fuse_linears is None:
@@ -72,7 +74,7 @@ def scheduling_pipeline(target, plan: HeteroPlan | None = None, cost_fn=None,
         # Phase 6. Relax ops become kernels; every kernel is scheduled by a rule of its unit.
         tr.LegalizeOps(),
         tr.RewriteDataflowReshape(),
-        ScheduleUnits(target),
+        ScheduleUnits(target, tensor_cores),
     ], name="hetcomp_scheduling")
 
 

@@ -31,8 +31,9 @@ class ScheduleUnits:
     lowering. The input module is not modified.
     """
 
-    def __init__(self, target):
+    def __init__(self, target, tensor_cores: bool = True):
         self.target = _c.Target(target) if isinstance(target, dict | str) else target
+        self.tensor_cores = tensor_cores
 
     def transform_module(self, mod, _ctx):
         groups: dict[str, tuple] = {}
@@ -46,7 +47,7 @@ class ScheduleUnits:
             if tgt.kind.name == "llvm":
                 rules = llvm_rules()
             else:
-                sub, rules = use_gpu_script_kernels(sub), gpu_rules()
+                sub, rules = use_gpu_script_kernels(sub), gpu_rules(self.tensor_cores)
             with tgt:
                 sub = ApplyRules(*rules)(sub)
             for gv, func in sub.functions_items():

@@ -175,3 +175,36 @@ def test_nvcc_keeps_fragments_in_registers(tmp_path, arch):
                                         False).mod["main"]
     assert_no_stack(func.with_attr("global_symbol", "main"), arch, tmp_path)
 
+
+def test_compile_uses_tensor_cores_unless_told_not_to(tmp_path, monkeypatch):
+    """`compile --target cuda` (float16) puts the 64-row prefill chunk's linears on the
+    tensor cores; `--no-tensor-cores` (CompileOptions.tensor_cores=False) leaves every
+    linear to split K or the column rule."""
+    from hetcomp import cli
+    from hetcomp.artifact_format import read_manifest
+    from hetcomp.driver import compile as driver
+    from hetcomp.driver.compile import CompileOptions, compile_model
+    from hetcomp.frontend.weights import random_weights
+    from hetcomp.testing import TINY, byte_tokenizer_spec
+
+    rules = {}
+    for tc in (True, False):
+        out = str(tmp_path / f"art{tc}")
+        compile_model(CompileOptions(model="tiny.gguf", dtype="float16", target="cuda",
+                                     max_context=64, tensor_cores=tc), out, quiet=True,
+                      weights=(TINY, random_weights(TINY, seed=3),
+                               byte_tokenizer_spec(TINY.vocab_size), __file__))
+        rules[tc] = {k["name"]: k["rule"] for k in read_manifest(out)["kernels"]
+                     if k["name"].startswith("linear")}
+    assert set(rules[True]) == set(rules[False])
+    on = {name for name, rule in rules[True].items() if rule == "gpu.TensorCoreLinear"}
+    assert on and all(name.endswith("_w64") for name in on)
+    assert "gpu.TensorCoreLinear" not in rules[False].values()
+    assert {rules[False][name] for name in on} == {"gpu.SplitKLinear"}
+    # the command line's flag reaches the options
+    seen = []
+    monkeypatch.setattr(driver, "compile_model", lambda opts, *a, **k: seen.append(opts))
+    for flag, want in (([], True), (["--no-tensor-cores"], False)):
+        assert cli.main(["compile", "--target", "cuda", "--no-heads", "-o",
+                         str(tmp_path / "x"), *flag]) == 0
+        assert seen[-1].tensor_cores is want
