@@ -26,6 +26,8 @@ gate_up -> silu_mul`` as one fused kernel each, beside the ``rms_norm`` and ``si
 kernels they replace (the unfused linears are the ``splitk`` records).
 
 Variants: ``column`` (gpu.LinearColumn: a thread per column), ``splitk`` (gpu.SplitKLinear),
+``tensorcore`` (gpu.TensorCoreLinear, float16 at W = 16 and 64 only: WMMA, x as hi and lo
+float16 terms),
 ``dlight`` (the first of dlight's rules that takes our packed kernel, in gpu_rules' order:
 Matmul from W = 2, Fallback at W = 1) and ``dlight_nt`` (dlight's GEMV at W = 1 and
 LowBatchGEMV, symbolic width, above: the same product with the weight unpacked ``[n, k]``,
@@ -58,6 +60,7 @@ from hetcomp.schedules.gpu import (
     QuantSplitKLinearRule,
     RMSNormRule,
     SplitKLinearRule,
+    TensorCoreLinearRule,
 )
 
 c = _tvm.compiler()
@@ -122,6 +125,7 @@ def kernels(target, dtypes=DTYPES, kinds=KINDS, widths=WIDTHS):
                     nt_rows = w if w == 1 else c.tir.Var("w", "int64")
                     choices = {"column": (packed, [LinearColumnRule()]),
                                "splitk": (packed, [SplitKLinearRule()]),
+                               "tensorcore": (packed, [TensorCoreLinearRule()]),
                                "dlight": (packed, dlight),
                                "dlight_nt": (nt_linear(n, k, dtype, res, nt_rows),
                                              [g.GEMV() if w == 1 else g.LowBatchGEMV()])}
@@ -155,8 +159,9 @@ def chain_kernels(target, widths=WIDTHS) -> list[dict]:
     (``rms_norm``, gpu.RMSNorm) and ``act`` (``silu_mul``, gpu.PerStageThread): ``name``,
     ``kind``, ``dtype``, ``w``, ``n``, ``k``, ``eps``, ``activation``, ``cols``, ``rule``,
     ``func``. A fused kernel replaces the norm, the ``splitk`` linear of its dtype and (gated)
-    the activation. The gated q4_1 kernel also comes with 16 columns a block
-    (``fused16_q41_gate_up_w*``: 96 blocks, not 48, at half-sector reads).
+    the activation. At W = 16 and 64 the float16 chains also come on tensor cores
+    (``fusedtc_f16_*``, gpu.TensorCoreLinear). The gated q4_1 kernel also comes with 16
+    columns a block (``fused16_q41_gate_up_w*``: 96 blocks, not 48, at half-sector reads).
 
     The fused gate_up's thread holds a gate and an up column, so the rule's 16 columns a
     block (a 32-byte sector of float16) make 96 blocks of its 1536 outputs, half the
@@ -169,12 +174,17 @@ def chain_kernels(target, widths=WIDTHS) -> list[dict]:
         for kind, act in CHAINS.items():
             n, k, _ = shape.linear_dims(kind)
             func = ops.linear(n, k, "float16", rows=w, norm_eps=eps, activation=act)
-            for sector, tag in ((32, ""), *(((16, "8"),) if act else ())):
-                rule, sched = _first(func, [SplitKLinearRule(sector_bytes=sector)], target)
+            for rule_obj, tag, cols in ((SplitKLinearRule(), "", 16),
+                                        *(((SplitKLinearRule(sector_bytes=16), "8", 8),)
+                                          if act else ()),
+                                        (TensorCoreLinearRule(), "tc", 16)):
+                got = _first(func, [rule_obj], target)
+                if got is None:  # the tensor cores: W = 16 and 64 only
+                    continue
                 out.append({"name": f"fused{tag}_f16_{kind}_w{w}", "role": "fused",
                             "kind": kind, "dtype": "float16", "w": w, "n": n, "k": k,
-                            "eps": eps, "activation": act, "cols": sector // 2,
-                            "rule": rule, "func": sched})
+                            "eps": eps, "activation": act, "cols": cols,
+                            "rule": got[0], "func": got[1]})
             qfunc = quant.linear_quant(n, k, "q4_1", rows=w, norm_eps=eps, activation=act)
             for cols, tag in ((32, ""), *(((16, "16"),) if act else ())):
                 rule, sched = _first(qfunc, [QuantSplitKLinearRule(cols=cols)], target)

@@ -298,6 +298,7 @@ def gemv(kit: str, out: str, dry: bool = False) -> dict:
         elif ref is not None:
             assert ref.shape == (w, n), (rec["name"], ref.shape)
         results.append(r)
+    _tensor_core_summary(results)
     summary = {"arch": meta["arch"], "dry": dry, "kernels": results,
                "attention": _attention(meta, lib, dev, dry), "topk": _topk(meta, lib, dev, dry),
                "chains": _chains(meta, lib, dev, dry, results)}
@@ -306,6 +307,16 @@ def gemv(kit: str, out: str, dry: bool = False) -> dict:
     with open(os.path.join(out, "gemv.json"), "w") as fh:
         json.dump(summary, fh, indent=1)
     return summary
+
+
+def _tensor_core_summary(results: list[dict]) -> None:
+    """Per SmolLM2 linear and W: the tensor cores' time against split K's (float16, hot)."""
+    hot = {(r["variant"], r["kind"], r["w"]): r["hot_us"] for r in results
+           if r["dtype"] == "float16" and "hot_us" in r}
+    for (variant, kind, w), us in sorted(hot.items()):
+        if variant == "tensorcore" and ("splitk", kind, w) in hot:
+            say(f"tensor cores {kind} W={w}: {us:.2f} us, split K {hot['splitk', kind, w]:.2f} "
+                f"us, W=1 split K {hot.get(('splitk', kind, 1), float('nan')):.2f} us")
 
 
 def _linear_reference(weight, x, residual):
