@@ -449,20 +449,22 @@ class TensorCoreLinearRule(_BASE):
     form of the kernel (same arguments, same result): x as float16 hi and lo terms (x alone
     in float16 would move the logits by ~2e-4 of their scale), two products per tile.
 
-    A thread block takes 16 output columns (of each half, for a gated kernel) and ``T`` warps
-    (``threadIdx.y``), each a slice of K: per 16-row k step a warp
+    A thread block takes ``16 J`` output columns (of each half, for a gated kernel) and ``T``
+    warps (``threadIdx.y``), each a slice of K: per 16-row k step a warp
 
     1. writes its 16 columns of x (times gamma) as hi and lo rows to shared memory (its lanes
        over the ``2W x 16`` values),
-    2. loads W's ``16 x 16`` tile (per half) as a WMMA fragment straight from the packed
-       layout (a pack block's row is 16 contiguous float16 values: stride ``B``), and
-    3. multiplies the ``2W / 16`` x fragments into its ``W / 16`` accumulators.
+    2. loads W's ``16 x 16`` tiles (``J`` per half) as WMMA fragments straight from the
+       packed layout (a pack block's row is 16 contiguous float16 values: stride ``B``), and
+    3. multiplies the ``2W / 16`` x fragments into its ``J W / 16`` accumulators.
 
     The warps' accumulators meet in shared memory; then each thread sums the ``T`` partials
     of its outputs in registers and writes them with the residual add or the fused
     epilogue (a fused norm's sums of squares: one warp-shuffle reduction per row, first).
-    ``T`` is the largest of 8, 4, 2, 1 that divides K into 16-row steps and keeps the x terms
-    and the partials within 48 KB of shared memory.
+    Every block stages all of x, so a wide layer takes ``J = 4`` column tiles a block where
+    that still leaves ``min_blocks`` blocks (SmolLM2's LM head: 768), else ``J = 1``. ``T``
+    is the largest of 8, 4, 2, 1 that divides K into 16-row steps and keeps the x terms and
+    the partials within 48 KB of shared memory.
 
     ``tensorize=False`` leaves the WMMA stages as plain blocks (the same loops and buffers),
     which the CPU can run (:func:`hetcomp.testing.gpu.emulated_module`). The rule reads only
@@ -470,18 +472,23 @@ class TensorCoreLinearRule(_BASE):
     """
 
     def __init__(self, tensorize: bool = True, max_rows: int = 64, max_slices: int = 8,
-                 shared_bytes: int = 48 << 10):
+                 shared_bytes: int = 48 << 10, min_blocks: int = 256):
         self.tensorize, self.max_rows = tensorize, max_rows
         self.max_slices, self.shared_bytes = max_slices, shared_bytes
+        self.min_blocks = min_blocks
 
-    def slices(self, rows: int, halves: int, k: int) -> int | None:
+    def column_tiles(self, cols: int) -> int:
+        """``J``: 16-column tiles a block (of each half's ``cols`` columns)."""
+        return 4 if cols % 64 == 0 and cols // 64 >= self.min_blocks else 1
+
+    def slices(self, rows: int, halves: int, k: int, tiles: int = 1) -> int | None:
         """Warps (K slices) of a block, or None when K is not a multiple of 16."""
         t = self.max_slices
         while t >= 1:
             # x's hi and lo terms (float16) and the partials (float32) per warp, and a
             # fused norm's sums of squares
-            if (k % (16 * t) == 0
-                    and 64 * t * rows * (1 + halves) + 4 * rows <= self.shared_bytes):
+            if (k % (16 * t) == 0 and 64 * t * rows * (1 + halves * tiles) + 4 * rows
+                    <= self.shared_bytes):
                 return t
             t //= 2
         return None
@@ -502,7 +509,8 @@ class TensorCoreLinearRule(_BASE):
         n, k, b = (int(attrs[f"hetcomp.{a}"]) for a in ("n", "k", "block"))
         if rows % 16 or not 16 <= rows <= self.max_rows or b % 16 or (n // halves) % b:
             return None
-        slices = self.slices(rows, halves, k)
+        tiles = self.column_tiles(n // halves)
+        slices = self.slices(rows, halves, k, tiles)
         if slices is None:
             return None
         split = ops.linear(n, k, "float16", bool(int(attrs.get("hetcomp.residual", 0))), rows,
@@ -511,11 +519,11 @@ class TensorCoreLinearRule(_BASE):
         for key, value in attrs.items():
             split = split.with_attr(key, value)
         sch = c.Schedule(split)
-        _tensor_core_linear(sch, slices, self.tensorize)
+        _tensor_core_linear(sch, slices, tiles, self.tensorize)
         return sch
 
 
-def _tensor_core_linear(sch, slices: int, tensorize: bool) -> None:
+def _tensor_core_linear(sch, slices: int, tiles: int, tensorize: bool) -> None:
     """:class:`TensorCoreLinearRule`'s schedule of a ``split_x`` linear."""
     c = compiler()
     names = {str(sch.get(b).name_hint) for b in sch.get_child_blocks(sch.get_sblock("root"))}
@@ -535,10 +543,10 @@ def _tensor_core_linear(sch, slices: int, tensorize: bool) -> None:
     rf = sch.rfactor(kt, 0)
     if len(sch.get(rf).writes[0].source.shape) == 4:  # gated: [warp, half, row, column]
         sch.transform_layout(rf, ("write", 0), lambda t, i, h, j: (t, h, i, j))
-    # Step 3. The result's 16-column tiles are the grid; the block's threads walk its
-    # (row, column) outputs, columns fastest (coalesced writes).
+    # Step 3. The result's column tiles (``tiles`` x 16 columns) are the grid; the block's
+    # threads walk its (row, column) outputs, columns fastest (coalesced writes).
     i, j = sch.get_loops(final)
-    jb, jc = sch.split(j, [None, 16])
+    jb, jc = sch.split(j, [None, 16 * tiles])
     sch.reorder(jb, i, jc)
     sch.bind(jb, "blockIdx.x")
     _, ty, tx = sch.split(sch.fuse(i, jc), [None, slices, 32])
@@ -558,19 +566,20 @@ def _tensor_core_linear(sch, slices: int, tensorize: bool) -> None:
         sch.bind(sy, "threadIdx.y")
         sch.bind(sx, "threadIdx.x")
         sch.set_scope(ss, 0, "shared")
-    # Step 5. The warps' tiles: loops (warp, k step, [half], term, row tile) around a
-    # 16x16x16 block, the tensor core's instruction.
+    # Step 5. The warps' tiles: loops (warp, k step, [half], column tile, term, row tile)
+    # around a 16x16x16 block, the tensor core's instruction.
     loops = sch.get_loops(rf)[1:]
     wt, ri, *rh, rj, rs, rko, rki = loops
     rio, rii = sch.split(ri, [None, 16])
-    sch.reorder(wt, rko, *rh, rs, rio, rii, rj, rki)
+    rjo, rj = sch.split(rj, [tiles, 16])
+    sch.reorder(wt, rko, *rh, rjo, rs, rio, rii, rj, rki)
     sch.bind(wt, "threadIdx.y")
     tile = sch.blockize(rii)
     reads = [str(r.source.name) for r in sch.get(tile).reads]
     a = sch.cache_read(tile, reads.index("x_split"), "wmma.matrix_a")
     b = sch.cache_read(tile, reads.index("wp"), "wmma.matrix_b")
     sch.compute_at(a, rio)
-    sch.compute_at(b, rh[0] if rh else rko)
+    sch.compute_at(b, rjo)
     acc = sch.cache_write(tile, 0, "wmma.accumulator")
     sch.reverse_compute_at(acc, wt)
     sch.set_scope(acc, 0, "shared.dyn")  # the partials (not "shared": see below)
@@ -589,8 +598,11 @@ def _tensor_core_linear(sch, slices: int, tensorize: bool) -> None:
     sch.tensorize(sch.get_loops(a)[-2], wmma["load_a"])
     sch.tensorize(sch.get_loops(b)[-2], wmma["load_b"])
     sch.tensorize(sch.get_loops(sch.get_child_blocks(init)[0])[-2], wmma["fill"])
-    rows = sch.get_loops(acc)[-2]  # (..., rows, 16 columns)
-    sch.tensorize(sch.split(rows, [None, 16])[1], wmma["store"])
+    rows, cols = sch.get_loops(acc)[-2:]
+    ro, ri_ = sch.split(rows, [None, 16])
+    co, ci = sch.split(cols, [None, 16])
+    sch.reorder(ro, co, ri_, ci)
+    sch.tensorize(ri_, wmma["store"])
     sch.tensorize(sch.get_loops(sch.get_child_blocks(tile)[0])[-3], wmma["mma"])
 
 

@@ -60,16 +60,21 @@ def _linear(form, rows, n=192, k=128):
 
 
 @pytest.mark.parametrize("form", list(FORMS))
-@pytest.mark.parametrize("rows", [16, 64])
-def test_schedule_matches_numpy(form, rows):
-    """Every form at 16 and 64 rows, the WMMA tiles as plain blocks and the thread loops
-    serial (sound: the warps' partials meet in shared memory and a later stage sums them;
-    a fused norm's squares are a reduction over the lanes, a plain reduction when serial),
-    against float64 numpy: within 2e-6 of the result's scale. x split into hi and lo float16
-    terms is what keeps it there: x in float16 alone misses by ~1e-4 (the next test)."""
-    a = _inputs(rows, 192, 128, seed=rows)
-    sch = TensorCoreLinearRule(tensorize=False).apply(_linear(form, rows), CUDA, False)
-    got, want = _run(cpu_form(sch.mod["main"]), form, a, rows, 192), _reference(form, a)
+@pytest.mark.parametrize("rows,tiles", [(16, 1), (64, 1), (16, 4), (64, 4)])
+def test_schedule_matches_numpy(form, rows, tiles):
+    """Every form at 16 and 64 rows, one or four 16-column tiles a block (the rule takes
+    four where the grid stays large: ``min_blocks``), the WMMA tiles as plain blocks and the
+    thread loops serial (sound: the warps' partials meet in shared memory and a later stage
+    sums them; a fused norm's squares are a reduction over the lanes, a plain reduction when
+    serial), against float64 numpy: within 2e-6 of the result's scale. x split into hi and lo
+    float16 terms is what keeps it there: x in float16 alone misses by ~1e-4 (the next
+    test)."""
+    n = 256
+    a = _inputs(rows, n, 128, seed=rows)
+    rule = TensorCoreLinearRule(tensorize=False, min_blocks=1 if tiles > 1 else 10**6)
+    assert rule.column_tiles(n // (2 if FORMS[form][1] else 1)) == tiles
+    sch = rule.apply(_linear(form, rows, n=n), CUDA, False)
+    got, want = _run(cpu_form(sch.mod["main"]), form, a, rows, n), _reference(form, a)
     assert np.abs(got - want).max() <= 2e-6 * np.abs(want).max()
 
 
@@ -103,15 +108,16 @@ def test_same_arguments_as_the_kernel_it_replaces():
 
 
 @pytest.mark.parametrize("form,rows,fragments", [("residual", 16, 1), ("norm_silu", 64, 8),
-                                                 ("norm", 64, 4)])
+                                                 ("norm", 64, 16)])
 def test_cuda_source_multiplies_on_tensor_cores(form, rows, fragments):
     """The CUDA kernel: WMMA fragments (16x16x16, float16 in, float32 accumulators), one per
-    row tile (and half), W's tile loaded straight from the packed weights (global memory,
+    row tile and column tile (and half; the LM head takes four column tiles a block), W's
+    tile loaded straight from the packed weights (global memory,
     leading dimension the pack block), x's terms from shared memory; two barriers around
     the staging of x per k step, one before the partials are summed; a fused norm's
     squares by warp shuffles."""
-    sch = TensorCoreLinearRule().apply(_linear(form, rows, n=3072 if "silu" in form else 960,
-                                               k=576), CUDA, False)
+    n = {"residual": 576, "norm_silu": 3072, "norm": 49152}[form]  # o, gate_up, LM head
+    sch = TensorCoreLinearRule().apply(_linear(form, rows, n=n, k=576), CUDA, False)
     src = c.compile(sch.mod, target=CUDA).mod.imports[0].inspect_source()
     assert re.search(rf"fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> "
                      rf"\w+\[{fragments}\];", src)
@@ -155,25 +161,31 @@ def test_needs_volta_or_later_and_cuda():
     assert rule.apply(func, c.Target({"kind": "cuda", "arch": "sm_87"}), False) is not None
 
 
-def test_warps_fit_shared_memory():
+def test_warps_and_column_tiles_fit():
     """K slices (warps): 8 where K and 48 KB allow; fewer for 64 rows of a gated kernel
-    (its partials are twice as large) or a K of fewer 16-row steps."""
+    (its partials are twice as large), four column tiles, or a K of fewer 16-row steps.
+    Four column tiles a block only where 256 blocks remain: SmolLM2's LM head (768), not
+    its gate_up (24 blocks of 64 columns a half) or qkv."""
     rule = TensorCoreLinearRule()
     assert rule.slices(16, 1, 576) == 4  # 576 = 9 x 64: not a multiple of 128
     assert rule.slices(16, 1, 1536) == 8
     assert rule.slices(64, 1, 1536) == 4
     assert rule.slices(64, 2, 576) == 2
+    assert rule.slices(64, 1, 576, tiles=4) == 2
     assert rule.slices(16, 1, 8) is None
+    assert [rule.column_tiles(n) for n in (49152, 1536, 960, 576)] == [4, 1, 1, 1]
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 @pytest.mark.parametrize("arch", ["sm_87", "sm_90"])
 def test_nvcc_keeps_fragments_in_registers(tmp_path, arch):
-    """ptxas on SmolLM2's fused gate_up at 64 rows (8 accumulator fragments a warp, the
-    most): no stack frame, no spills, for Jetson Orin (sm_87) and Hopper (sm_90)."""
-    func = TensorCoreLinearRule().apply(_linear("norm_silu", 64, n=3072, k=576), CUDA,
-                                        False).mod["main"]
-    assert_no_stack(func.with_attr("global_symbol", "main"), arch, tmp_path)
+    """ptxas on SmolLM2's fused gate_up and LM head at 64 rows (8 and 16 accumulator
+    fragments a warp, the most): no stack frame, no spills, for Jetson Orin (sm_87) and
+    Hopper (sm_90)."""
+    for form, n in (("norm_silu", 3072), ("norm", 49152)):
+        func = TensorCoreLinearRule().apply(_linear(form, 64, n=n, k=576), CUDA,
+                                            False).mod["main"]
+        assert_no_stack(func.with_attr("global_symbol", "main"), arch, tmp_path)
 
 
 def test_compile_uses_tensor_cores_unless_told_not_to(tmp_path, monkeypatch):
