@@ -13,8 +13,9 @@ there: this script (on the build machine, with the compiler) writes
     DIR/a/bundle.json          sha256 of the whole GGUF, names of the artifacts
 
 Artifacts: ``cpu`` (the whole model on the CPU, portable x86-64-v3), ``gpu`` (the whole model
-on the GPU, CUDA graphs, norms and activations fused into the linears; ``gpu-unfused``
-without that fusion, ``gpu-nograph`` without the graphs), and two partitions with the CPU as
+on the GPU, CUDA graphs, norms and activations fused into the linears, float16 linears of
+16-64 rows on tensor cores; ``gpu-unfused`` without that fusion, ``gpu-nograph`` without the
+graphs, ``gpu-notc`` without the tensor cores), and two partitions with the CPU as
 host and the GPU taking output columns of
 every linear layer: ``split-all`` (all columns on the GPU; attention and the rest on the CPU)
 and ``split-half`` (half of every linear layer's columns on each unit, so both run at once).
@@ -106,7 +107,9 @@ def main() -> int:
               # The same GPU build launching every kernel on its own: what CUDA graphs save.
               "gpu-nograph": CompileOptions(target="cuda", cuda_graph=False, **common),
               # The same with each norm and activation its own kernel: what fusing saves.
-              "gpu-unfused": CompileOptions(target="cuda", fuse_linears=False, **common)}
+              "gpu-unfused": CompileOptions(target="cuda", fuse_linears=False, **common),
+              # Every linear on the CUDA cores: what the tensor cores save at W = 16, 64.
+              "gpu-notc": CompileOptions(target="cuda", tensor_cores=False, **common)}
     builds.update({n: CompileOptions(target="x86-64-v3", plan=p, **common)
                    for n, p in plans.items()})
     for name, opts in builds.items():

@@ -24,6 +24,7 @@ LAYOUTS = {
     "gpu": (("cuda",), None, (("dense", "cuda"), ("sparse", "cuda"))),
     "gpu-nograph": (("cuda",), None, (("dense", "cuda"), ("sparse", "cuda"))),
     "gpu-unfused": (("cuda",), None, (("dense", "cuda"), ("sparse", "cuda"))),
+    "gpu-notc": (("cuda",), None, (("dense", "cuda"), ("sparse", "cuda"))),
     "split-all": (("cpu", "cuda"), {k: (("cpu", 0.0), ("cuda", 1.0)) for k in KINDS},
                   (("dense", "cpu"), ("sparse", "cpu"))),
     "split-half": (("cpu", "cuda"), {k: (("cpu", 0.5), ("cuda", 0.5)) for k in KINDS},

@@ -197,10 +197,14 @@ def _summary(results: dict) -> None:
             f"{all(r[k]['identical_to_sequential'] for k in r if k.startswith('w'))} / "
             f"{r['identical_to_first_artifact']}")
     # What fusing the norms and activations into the linears saves, step by step.
-    fused, unfused = (results["artifacts"].get(n) for n in ("gpu", "gpu-unfused"))
-    if fused and unfused:
-        say("gpu step / gpu-unfused step: " + ", ".join(
-            f"W={w} {fused['step_s'][w] / unfused['step_s'][w]:.2f}" for w in fused["step_s"]))
+    # What fusing the norms and activations into the linears saves, and what the tensor
+    # cores save (float16 linears at W = 16 and 64), step by step.
+    gpu = results["artifacts"].get("gpu")
+    for other in ("gpu-unfused", "gpu-notc"):
+        if gpu and other in results["artifacts"]:
+            steps = results["artifacts"][other]["step_s"]
+            say(f"gpu step / {other} step: " + ", ".join(
+                f"W={w} {gpu['step_s'][w] / steps[w]:.2f}" for w in gpu["step_s"]))
 
 
 # Weight copies a cold gemv call rotates through: several times an H200's 50 MB L2, so every
