@@ -113,10 +113,12 @@ def linear(n: int, k: int, wdtype: str, residual: bool = False, rows: int | None
     A fused kernel writes its result in the block ``epilogue`` and takes no residual.
 
     ``split_x`` (float16 weights, a static width: what tensor cores multiply) writes x (times
-    gamma) as two float16 terms first, ``hi = f16(x)`` and ``lo = f16(x - hi)``, rows
-    ``[hi; lo]`` of the block ``x_split``, and reduces ``hi @ W.T + lo @ W.T`` in float32: the
-    same arguments and result, x kept to ~22 bits (float16 x alone keeps 11, which moves
-    logits by ~2e-4 of their scale). It assumes ``|x| < 65504`` (float16's range).
+    gamma) as two float16 terms first, ``hi = f16(v)`` and ``lo = f16(v - hi)`` of
+    ``v = x / m`` with ``m`` the row's largest magnitude (block ``x_max``: any row fits
+    float16's range), rows ``[hi; lo]`` of the block ``x_split``; reduces ``hi @ W.T +
+    lo @ W.T`` in float32 (block ``matmul_raw``) and scales it back by ``m`` (``matmul``):
+    the same arguments and result, x kept to ~22 bits of its row's scale (float16 x alone
+    keeps 11, which moves logits by ~2e-4 of their scale).
     """
     c = compiler()
     te, b = c.te, pack_block(n)
@@ -136,12 +138,18 @@ def linear(n: int, k: int, wdtype: str, residual: bool = False, rows: int | None
         return te.sum(xin * wp[col // b, r, col % b].astype("float32"), axis=r)
 
     if split_x:
-        dot = _split_dot(x, gamma, wp, w, k, b)
-
-    if activation is None:
+        dot, row_scale = _split_dot(x, gamma, wp, w, k, b)
+    half = n // 2
+    if split_x and activation is None:
+        raw = te.compute((w, n), lambda i, j: dot(i, j), name="matmul_raw")
+        y = te.compute((w, n), lambda i, j: raw[i, j] * row_scale[i], name="matmul")
+    elif split_x:
+        raw = te.compute((w, 2, half), lambda i, h, j: dot(i, h * half + j), name="matmul_raw")
+        mm = te.compute((w, 2, half), lambda i, h, j: raw[i, h, j] * row_scale[i],
+                        name="matmul")
+    elif activation is None:
         y = te.compute((w, n), lambda i, j: dot(i, j), name="matmul")
     else:
-        half = n // 2
         mm = te.compute((w, 2, half), lambda i, h, j: dot(i, h * half + j), name="matmul")
     if not fused:
         if residual:
@@ -156,17 +164,26 @@ def linear(n: int, k: int, wdtype: str, residual: bool = False, rows: int | None
 
 
 def _split_dot(x, gamma, wp, w, k: int, b: int):
-    """:func:`linear`'s ``dot`` for ``split_x``: block ``x_split`` (``[2w, k]`` float16, the
-    hi rows then the lo rows) and a reduction over (term, k)."""
+    """:func:`linear`'s ``dot`` for ``split_x`` and the rows' scales: blocks ``x_max`` (each
+    row's largest magnitude) and ``x_split`` (``[2w, k]`` float16, the hi rows then the lo
+    rows of x over it), a reduction over (term, k)."""
     c = compiler()
     te, tir = c.te, c.tir
     if not isinstance(w, c.tir.IntImm) or wp.dtype != "float16":
         raise ValueError("split_x needs float16 weights and a static width")
     rows = int(w)
 
+    def value(i, kk):
+        return x[i, kk] if gamma is None else x[i, kk] * gamma[kk]
+
+    rm = te.reduce_axis((0, k), name="km")
+    # A zero row keeps a scale of 1e-30: its terms are then 0, as its products.
+    x_max = te.compute((rows,), lambda i: te.max(
+        tir.max(tir.abs(value(i, rm)), tir.const(1e-30, "float32")), axis=rm), name="x_max")
+
     def split(row, kk):
         i = row % rows
-        v = x[i, kk] if gamma is None else x[i, kk] * gamma[kk]
+        v = value(i, kk) / x_max[i]
         hi = v.astype("float16")
         return tir.Select(row < rows, hi, (v - hi.astype("float32")).astype("float16"))
 
@@ -177,7 +194,7 @@ def _split_dot(x, gamma, wp, w, k: int, b: int):
         return te.sum(xs[term * rows + i, r].astype("float32")
                       * wp[col // b, r, col % b].astype("float32"), axis=[term, r])
 
-    return dot
+    return dot, x_max
 
 
 def fused_epilogue(mm, x, k: int, norm_eps: float | None, activation: str | None, b_in):

@@ -527,15 +527,14 @@ def _tensor_core_linear(sch, slices: int, tiles: int, tensorize: bool) -> None:
     """:class:`TensorCoreLinearRule`'s schedule of a ``split_x`` linear."""
     c = compiler()
     names = {str(sch.get(b).name_hint) for b in sch.get_child_blocks(sch.get_sblock("root"))}
-    mm = sch.get_sblock("matmul")
+    mm = sch.get_sblock("matmul_raw")
     # Step 1. The block that writes the result anchors the rest: the fused epilogue, the
-    # residual add, or a copy of the sums (kept in registers until then).
-    if "epilogue" in names:
-        final = sch.get_sblock("epilogue")
-    elif "add_residual" in names:
-        final = sch.get_sblock("add_residual")
+    # residual add, or the sums scaled back by their rows' scales (inlined into the others).
+    if "epilogue" in names or "add_residual" in names:
+        final = sch.get_sblock("epilogue" if "epilogue" in names else "add_residual")
+        sch.compute_inline(sch.get_sblock("matmul"))
     else:
-        final = sch.cache_write(mm, 0, "local")
+        final = sch.get_sblock("matmul")
     # Step 2. K in 16-row steps, slice ``kt`` of them per warp (rfactor: a warp's partial
     # sums stay its own until they meet in shared memory).
     k = sch.get_loops(mm)[-1]
@@ -557,15 +556,8 @@ def _tensor_core_linear(sch, slices: int, tiles: int, tensorize: bool) -> None:
     sch.compute_at(mm, tx, preserve_unit_loops=True)
     sch.set_scope(mm, 0, "local")
     sch.compute_at(rf, jb, preserve_unit_loops=True)
-    if "sumsq" in names:  # a fused norm: rows over warps, a row's K over the lanes
-        ss = sch.get_sblock("sumsq")
-        sch.compute_at(ss, jb, preserve_unit_loops=True)
-        si, sk = sch.get_loops(ss)[-2:]
-        _, sy = sch.split(si, [None, slices])
-        _, sx = sch.split(sk, [None, 32])
-        sch.bind(sy, "threadIdx.y")
-        sch.bind(sx, "threadIdx.x")
-        sch.set_scope(ss, 0, "shared")
+    if "sumsq" in names:  # a fused norm's sums of squares
+        _row_reduction(sch, sch.get_sblock("sumsq"), jb, slices)
     # Step 5. The warps' tiles: loops (warp, k step, [half], column tile, term, row tile)
     # around a 16x16x16 block, the tensor core's instruction.
     loops = sch.get_loops(rf)[1:]
@@ -592,6 +584,7 @@ def _tensor_core_linear(sch, slices: int, tiles: int, tensorize: bool) -> None:
     sch.set_scope(xs, 0, "shared")
     _, lane = sch.split(sch.fuse(*sch.get_loops(xs)[-2:]), [None, 32])
     sch.bind(lane, "threadIdx.x")
+    _row_reduction(sch, sch.get_sblock("x_max"), jb, slices)  # the rows' scales, first
     if not tensorize:
         return
     wmma = c.wmma_intrinsics
@@ -604,6 +597,19 @@ def _tensor_core_linear(sch, slices: int, tiles: int, tensorize: bool) -> None:
     sch.reorder(ro, co, ri_, ci)
     sch.tensorize(ri_, wmma["store"])
     sch.tensorize(sch.get_loops(sch.get_child_blocks(tile)[0])[-3], wmma["mma"])
+
+
+def _row_reduction(sch, block, anchor, slices: int) -> None:
+    """A per-row reduction over K (the rows' largest magnitudes, a norm's sums of squares)
+    at ``anchor``: rows over the warps, a row's K over the lanes (warp shuffles), one value
+    a row in shared memory."""
+    sch.compute_at(block, anchor, preserve_unit_loops=True)
+    rows, k = sch.get_loops(block)[-2:]
+    _, warp = sch.split(rows, [None, slices])
+    _, lane = sch.split(k, [None, 32])
+    sch.bind(warp, "threadIdx.y")
+    sch.bind(lane, "threadIdx.x")
+    sch.set_scope(block, 0, "shared")
 
 
 def _float_blocks(func):

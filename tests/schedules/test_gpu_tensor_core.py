@@ -78,6 +78,23 @@ def test_schedule_matches_numpy(form, rows, tiles):
     assert np.abs(got - want).max() <= 2e-6 * np.abs(want).max()
 
 
+@pytest.mark.parametrize("form", ["residual", "norm_silu"])
+def test_rows_beyond_float16_range(form):
+    """Rows of magnitude 1e6 (past float16's 65504) and an all-zero row: each row is split
+    over its largest magnitude, so the result keeps its accuracy (unscaled, hi would be
+    inf)."""
+    rows = 16
+    a = _inputs(rows, 256, 128, seed=9)
+    a["x"][3] *= 2.5e5
+    a["x"][5] = 0.0
+    sch = TensorCoreLinearRule(tensorize=False).apply(_linear(form, rows, n=256), CUDA, False)
+    got, want = _run(cpu_form(sch.mod["main"]), form, a, rows, 256), _reference(form, a)
+    assert np.isfinite(got).all()
+    for row in range(rows):
+        scale = np.abs(want[row]).max() or 1.0
+        assert np.abs(got[row] - want[row]).max() <= 2e-6 * scale, row
+
+
 def test_the_lo_term_is_what_keeps_float32_accuracy():
     """The same kernel with x's lo term zeroed (x in float16 alone) misses numpy by more
     than 20x the bound above: the split is needed, and the test above can fail."""
@@ -115,7 +132,7 @@ def test_cuda_source_multiplies_on_tensor_cores(form, rows, fragments):
     tile loaded straight from the packed weights (global memory,
     leading dimension the pack block), x's terms from shared memory; two barriers around
     the staging of x per k step, one before the partials are summed; a fused norm's
-    squares by warp shuffles."""
+    squares by warp shuffles, as the rows' largest magnitudes."""
     n = {"residual": 576, "norm_silu": 3072, "norm": 49152}[form]  # o, gate_up, LM head
     sch = TensorCoreLinearRule().apply(_linear(form, rows, n=n, k=576), CUDA, False)
     src = c.compile(sch.mod, target=CUDA).mod.imports[0].inspect_source()
@@ -133,7 +150,10 @@ def test_cuda_source_multiplies_on_tensor_cores(form, rows, fragments):
     assert "((int)threadIdx.y) * 16)" in load_a.group(1)
     assert "((int)threadIdx.y) * 16)" in store.group(1)
     assert src.count("mma_sync(") == 1 and src.count("__syncthreads()") == 3
-    assert ("__shfl_down_sync" in src) == form.startswith("norm")
+    # the rows' largest magnitudes (and a norm's squares) by warp shuffles, max then sum
+    assert "max(red_buf0_ptr[0], t0_ptr[0])" in src
+    assert len(re.findall(r"__shfl_down_sync\(mask_ptr", src)) == (
+        10 if form.startswith("norm") else 5)
 
 
 @pytest.mark.parametrize("dtype,rows,applies", [("float16", 16, True), ("float16", 32, True),
