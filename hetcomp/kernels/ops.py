@@ -139,18 +139,18 @@ def linear(n: int, k: int, wdtype: str, residual: bool = False, rows: int | None
 
     if split_x:
         dot, row_scale = _split_dot(x, gamma, wp, w, k, b)
-    half = n // 2
-    if split_x and activation is None:
-        raw = te.compute((w, n), lambda i, j: dot(i, j), name="matmul_raw")
-        y = te.compute((w, n), lambda i, j: raw[i, j] * row_scale[i], name="matmul")
-    elif split_x:
-        raw = te.compute((w, 2, half), lambda i, h, j: dot(i, h * half + j), name="matmul_raw")
-        mm = te.compute((w, 2, half), lambda i, h, j: raw[i, h, j] * row_scale[i],
-                        name="matmul")
-    elif activation is None:
-        y = te.compute((w, n), lambda i, j: dot(i, j), name="matmul")
+    if activation is None:
+        shape, body = (w, n), lambda i, j: dot(i, j)
     else:
-        mm = te.compute((w, 2, half), lambda i, h, j: dot(i, h * half + j), name="matmul")
+        half = n // 2
+        shape, body = (w, 2, half), lambda i, h, j: dot(i, h * half + j)
+    if split_x:  # the sums over the rows' scaled terms (``matmul_raw``), scaled back
+        raw = te.compute(shape, body, name="matmul_raw")
+
+        def body(i, *rest):
+            return raw[(i, *rest)] * row_scale[i]
+
+    y = te.compute(shape, body, name="matmul")
     if not fused:
         if residual:
             res = te.placeholder((w, n), "float32", name="residual")
@@ -158,7 +158,7 @@ def linear(n: int, k: int, wdtype: str, residual: bool = False, rows: int | None
             args.append(res)
         return _finish(te.create_prim_func([*args, y], index_dtype_override="int64"), "linear",
                        n=n, k=k, block=b, residual=int(residual))
-    out = fused_epilogue(y if activation is None else mm, x, k, norm_eps, activation, b_in)
+    out = fused_epilogue(y, x, k, norm_eps, activation, b_in)
     return _finish(te.create_prim_func([*args, out], index_dtype_override="int64"), "linear",
                    n=n, k=k, block=b, residual=0, **fused_attrs(norm_eps, activation, bias))
 

@@ -446,8 +446,10 @@ class TensorCoreLinearRule(_BASE):
     :class:`SplitKLinearRule`'s W = 64 step issues ~60x the instructions of W = 1; a tensor
     core does a warp's 16x16x16 tile in one instruction and leaves the step bound by reading
     W, as W = 1 is. The rule schedules :func:`~hetcomp.kernels.ops.linear`'s ``split_x``
-    form of the kernel (same arguments, same result): x as float16 hi and lo terms (x alone
-    in float16 would move the logits by ~2e-4 of their scale), two products per tile.
+    form of the kernel (same arguments, same result): each row of x over its largest
+    magnitude (a warp-shuffle reduction per row, first) as float16 hi and lo terms (x alone
+    in float16 would move the logits by ~2e-4 of their scale), two products per tile, the
+    sums scaled back.
 
     A thread block takes ``16 J`` output columns (of each half, for a gated kernel) and ``T``
     warps (``threadIdx.y``), each a slice of K: per 16-row k step a warp

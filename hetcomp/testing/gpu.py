@@ -78,7 +78,7 @@ def cpu_form(func):
     return tvm.script.from_source(re.sub(_BOUND, r"range(\1)", _without_barriers(func.script())))
 
 
-def _CUDA():
+def _cuda_target():
     from .. import _tvm
 
     return _tvm.compiler().Target({"kind": "cuda", "arch": "sm_90"})
@@ -100,7 +100,7 @@ def emulated_module(scheduled):
             continue
         if str(func.attrs.get(RULE_ATTR, "")) == "gpu.TensorCoreLinear":
             # WMMA calls have no CPU form: the same schedule with its tiles as plain blocks
-            func = untensorized.apply(func, _CUDA(), False).mod["main"]
+            func = untensorized.apply(func, _cuda_target(), False).mod["main"]
         if "T.thread_binding(" in func.script():
             out.update_func(gv, cpu_form(func))
             converted += 1
