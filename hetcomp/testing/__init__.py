@@ -96,6 +96,18 @@ def compile_tiny(tmp_path_factory, cfg=TINY, dtype="float32", seed=0, name="tiny
     return str(out), w
 
 
+def compile_tiny_cuda(out: str, dtype: str = "float16", **options) -> dict:
+    """``compile --target cuda`` of :data:`TINY` with random weights (seed 3) into ``out``
+    (``options``: more :class:`CompileOptions` fields); returns its manifest."""
+    from ..artifact_format import read_manifest
+
+    compile_model(CompileOptions(model="tiny.gguf", dtype=dtype, target="cuda", max_context=64,
+                                 **options), out, quiet=True,
+                  weights=(TINY, random_weights(TINY, seed=3),
+                           byte_tokenizer_spec(TINY.vocab_size), __file__))
+    return read_manifest(out)
+
+
 def compile_with_random_heads(tmp, model: str, cfg: LlamaConfig, widths, heads: int = 2,
                               **options):
     """Compile the model file ``model`` into ``tmp/art`` with ``heads`` untrained Medusa heads

@@ -14,12 +14,10 @@ import numpy as np
 import pytest
 
 from hetcomp import _tvm
-from hetcomp.artifact_format import read_manifest
-from hetcomp.driver.compile import CompileOptions, compile_model
 from hetcomp.kernels import ops
 from hetcomp.schedules.apply import RULE_ATTR, ApplyRules
 from hetcomp.schedules.gpu import LinearColumnRule, SplitKLinearRule, gpu_rules
-from hetcomp.testing import TINY, byte_tokenizer_spec, fused_linear_reference
+from hetcomp.testing import TINY, compile_tiny_cuda, fused_linear_reference
 from hetcomp.testing.gpu import assert_no_stack, serial_threads, thread_bindings
 
 c = _tvm.compiler()
@@ -129,13 +127,7 @@ def test_compile_for_cuda_uses_split_k(tmp_path, dtype):
     are gpu.SplitKLinear's, prefill's (symbolic width) gpu.LinearColumn's, the float16
     ones of the static 64-row prefill chunk gpu.TensorCoreLinear's; nothing else schedules
     a linear; every RMSNorm (any width) is gpu.RMSNorm's."""
-    from hetcomp.frontend.weights import random_weights
-
-    compile_model(CompileOptions(model="tiny.gguf", dtype=dtype, target="cuda",
-                                 max_context=64), str(tmp_path / "art"), quiet=True,
-                  weights=(TINY, random_weights(TINY, seed=3),
-                           byte_tokenizer_spec(TINY.vocab_size), __file__))
-    kernels = read_manifest(str(tmp_path / "art"))["kernels"]
+    kernels = compile_tiny_cuda(str(tmp_path / "art"), dtype)["kernels"]
     linear = [k for k in kernels if k["name"].startswith("linear")]
     tensor_cores = {k["name"] for k in linear if k["rule"] == "gpu.TensorCoreLinear"}
     assert tensor_cores == ({k["name"] for k in linear if k["name"].endswith("_w64")}
@@ -276,16 +268,8 @@ def test_compile_for_cuda_fuses_unless_told_not_to(tmp_path):
     """`compile --target cuda` runs FuseLinearChains: a tiny model's verify step has three
     kernels a layer fewer than with `--no-fuse`, the fused linears scheduled by split K (by
     the tensor cores in the 64-row prefill chunk)."""
-    from hetcomp.frontend.weights import random_weights
-
-    got = {}
-    for fuse in (None, False):
-        out = str(tmp_path / f"art{fuse}")
-        compile_model(CompileOptions(model="tiny.gguf", dtype="float16", target="cuda",
-                                     max_context=64, fuse_linears=fuse), out, quiet=True,
-                      weights=(TINY, random_weights(TINY, seed=3),
-                               byte_tokenizer_spec(TINY.vocab_size), __file__))
-        got[fuse] = read_manifest(out)
+    got = {fuse: compile_tiny_cuda(str(tmp_path / f"art{fuse}"), fuse_linears=fuse)
+           for fuse in (None, False)}
     assert got[None]["fused_linears"] and not got[False]["fused_linears"]
     for fn in ("verify_w1", "prefill_w64"):
         assert (got[False]["launches"][fn]["kernels"] - got[None]["launches"][fn]["kernels"]

@@ -213,21 +213,13 @@ def test_compile_uses_tensor_cores_unless_told_not_to(tmp_path, monkeypatch):
     tensor cores; `--no-tensor-cores` (CompileOptions.tensor_cores=False) leaves every
     linear to split K or the column rule."""
     from hetcomp import cli
-    from hetcomp.artifact_format import read_manifest
     from hetcomp.driver import compile as driver
-    from hetcomp.driver.compile import CompileOptions, compile_model
-    from hetcomp.frontend.weights import random_weights
-    from hetcomp.testing import TINY, byte_tokenizer_spec
+    from hetcomp.testing import compile_tiny_cuda
 
     rules = {}
     for tc in (True, False):
-        out = str(tmp_path / f"art{tc}")
-        compile_model(CompileOptions(model="tiny.gguf", dtype="float16", target="cuda",
-                                     max_context=64, tensor_cores=tc), out, quiet=True,
-                      weights=(TINY, random_weights(TINY, seed=3),
-                               byte_tokenizer_spec(TINY.vocab_size), __file__))
-        rules[tc] = {k["name"]: k["rule"] for k in read_manifest(out)["kernels"]
-                     if k["name"].startswith("linear")}
+        kernels = compile_tiny_cuda(str(tmp_path / f"art{tc}"), tensor_cores=tc)["kernels"]
+        rules[tc] = {k["name"]: k["rule"] for k in kernels if k["name"].startswith("linear")}
     assert set(rules[True]) == set(rules[False])
     on = {name for name, rule in rules[True].items() if rule == "gpu.TensorCoreLinear"}
     assert on and all(name.endswith("_w64") for name in on)
