@@ -314,13 +314,17 @@ def gemv(kit: str, out: str, dry: bool = False) -> dict:
 
 
 def _tensor_core_summary(results: list[dict]) -> None:
-    """Per SmolLM2 linear and W: the tensor cores' time against split K's (float16, hot)."""
+    """Per SmolLM2 linear and W: the tensor cores' time (the rule's column tiles a block,
+    then 2 and 4 on every layer) against split K's (float16, hot)."""
     hot = {(r["variant"], r["kind"], r["w"]): r["hot_us"] for r in results
            if r["dtype"] == "float16" and "hot_us" in r}
     for (variant, kind, w), us in sorted(hot.items()):
         if variant == "tensorcore" and ("splitk", kind, w) in hot:
-            say(f"tensor cores {kind} W={w}: {us:.2f} us, split K {hot['splitk', kind, w]:.2f} "
-                f"us, W=1 split K {hot.get(('splitk', kind, 1), float('nan')):.2f} us")
+            tiles = ", ".join(f"J={j} {hot[v, kind, w]:.2f} us" for j, v in (
+                (2, "tensorcore2"), (4, "tensorcore4")) if (v, kind, w) in hot)
+            say(f"tensor cores {kind} W={w}: {us:.2f} us ({tiles}), split K "
+                f"{hot['splitk', kind, w]:.2f} us, W=1 split K "
+                f"{hot.get(('splitk', kind, 1), float('nan')):.2f} us")
 
 
 def _linear_reference(weight, x, residual):
@@ -472,8 +476,8 @@ def _chains(meta: dict, lib, dev, dry: bool, linears: list[dict]) -> list[dict]:
         parts = times[f"norm_w{w}"] + hot[key] + (
             times[f"act_w{w}"] if r["kind"] == "gate_up" else 0.0)
         r["replaced_us"] = parts
-        say(f"chain {r['kind']} {key[1]} W={w} ({r['cols']} columns a block): fused "
-            f"{r['us']:.2f} us, unfused {parts:.2f} us")
+        say(f"chain {r['kind']} {key[1]} W={w} ({r['rule']}, {r['cols']} columns a block): "
+            f"fused {r['us']:.2f} us, unfused {parts:.2f} us")
     return out
 
 

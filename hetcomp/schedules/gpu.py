@@ -466,7 +466,10 @@ class TensorCoreLinearRule(_BASE):
     Every block stages all of x, so a wide layer takes ``J = 4`` column tiles a block where
     that still leaves ``min_blocks`` blocks (SmolLM2's LM head: 768), else ``J = 1``. ``T``
     is the largest of 8, 4, 2, 1 that divides K into 16-row steps and keeps the x terms and
-    the partials within 48 KB of shared memory.
+    the partials within 48 KB of shared memory. ``tiles`` fixes ``J`` instead (the rule then
+    takes only layers whose columns it divides): the device kit times ``J`` = 2 and 4 on
+    every layer, since where ``J`` pays (x read once per 16 J columns against a grid of
+    fewer blocks) is a measurement, not a rule of thumb.
 
     ``tensorize=False`` leaves the WMMA stages as plain blocks (the same loops and buffers),
     which the CPU can run (:func:`hetcomp.testing.gpu.emulated_module`). The rule reads only
@@ -474,13 +477,16 @@ class TensorCoreLinearRule(_BASE):
     """
 
     def __init__(self, tensorize: bool = True, max_rows: int = 64, max_slices: int = 8,
-                 shared_bytes: int = 48 << 10, min_blocks: int = 256):
+                 shared_bytes: int = 48 << 10, min_blocks: int = 256, tiles: int | None = None):
         self.tensorize, self.max_rows = tensorize, max_rows
         self.max_slices, self.shared_bytes = max_slices, shared_bytes
-        self.min_blocks = min_blocks
+        self.min_blocks, self.tiles = min_blocks, tiles
 
-    def column_tiles(self, cols: int) -> int:
-        """``J``: 16-column tiles a block (of each half's ``cols`` columns)."""
+    def column_tiles(self, cols: int) -> int | None:
+        """``J``: 16-column tiles a block (of each half's ``cols`` columns); None where a
+        fixed ``tiles`` does not divide them."""
+        if self.tiles is not None:
+            return self.tiles if cols % (16 * self.tiles) == 0 else None
         return 4 if cols % 64 == 0 and cols // 64 >= self.min_blocks else 1
 
     def slices(self, rows: int, halves: int, k: int, tiles: int = 1) -> int | None:
@@ -512,7 +518,7 @@ class TensorCoreLinearRule(_BASE):
         if rows % 16 or not 16 <= rows <= self.max_rows or b % 16 or (n // halves) % b:
             return None
         tiles = self.column_tiles(n // halves)
-        slices = self.slices(rows, halves, k, tiles)
+        slices = None if tiles is None else self.slices(rows, halves, k, tiles)
         if slices is None:
             return None
         split = ops.linear(n, k, "float16", bool(int(attrs.get("hetcomp.residual", 0))), rows,

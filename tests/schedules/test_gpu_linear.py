@@ -160,7 +160,8 @@ def test_gemv_kit_builds_and_dry_runs(tmp_path):
     assert {(r["dtype"], r["variant"], r["w"]) for r in recs} == {
         *((d, v, w) for d, vs in (("float16", gemv_kernels.VARIANTS),
                                   ("q4_1", ("column", "splitk", "splitk16")))
-          for v in vs for w in (1, 16)), ("float16", "tensorcore", 16)}
+          for v in vs for w in (1, 16)),
+        *(("float16", v, 16) for v in ("tensorcore", "tensorcore2", "tensorcore4"))}
     assert {r["rule"] for r in recs if r["dtype"] == "q4_1"} == {
         "gpu.QuantLinear", "gpu.QuantSplitKLinear"}
     assert {r["weight_dtype"] for r in recs if r["dtype"] == "q4_1"} == {"uint8"}
@@ -194,6 +195,8 @@ def test_gemv_kit_builds_and_dry_runs(tmp_path):
         *((d, rule, w) for d, rule in (("float16", "gpu.SplitKLinear"),
                                        ("q4_1", "gpu.QuantSplitKLinear")) for w in (1, 16)),
         ("float16", "gpu.TensorCoreLinear", 16)}
+    assert {r["cols"] for r in out["chains"] if r["rule"] == "gpu.TensorCoreLinear"} == {
+        16, 32, 64}  # the rule's choice, and 2 and 4 column tiles a block
     assert all(f"{r['name']}_kernel" in source for r in out["chains"])
 
 

@@ -60,10 +60,11 @@ def _linear(form, rows, n=192, k=128):
 
 
 @pytest.mark.parametrize("form", list(FORMS))
-@pytest.mark.parametrize("rows,tiles", [(16, 1), (64, 1), (16, 4), (64, 4)])
+@pytest.mark.parametrize("rows,tiles", [(16, 1), (64, 1), (16, 4), (64, 4), (32, 2)])
 def test_schedule_matches_numpy(form, rows, tiles):
     """Every form at 16 and 64 rows, one or four 16-column tiles a block (the rule takes
-    four where the grid stays large: ``min_blocks``), the WMMA tiles as plain blocks and the
+    four where the grid stays large: ``min_blocks``; two when told: the device kit's
+    ``tensorcore2``), the WMMA tiles as plain blocks and the
     thread loops serial (sound: the warps' partials meet in shared memory and a later stage
     sums them; a fused norm's squares are a reduction over the lanes, a plain reduction when
     serial), against float64 numpy: within 2e-6 of the result's scale. x split into hi and lo
@@ -71,7 +72,8 @@ def test_schedule_matches_numpy(form, rows, tiles):
     test)."""
     n = 256
     a = _inputs(rows, n, 128, seed=rows)
-    rule = TensorCoreLinearRule(tensorize=False, min_blocks=1 if tiles > 1 else 10**6)
+    rule = (TensorCoreLinearRule(tensorize=False, tiles=2) if tiles == 2 else
+            TensorCoreLinearRule(tensorize=False, min_blocks=1 if tiles > 1 else 10**6))
     assert rule.column_tiles(n // (2 if FORMS[form][1] else 1)) == tiles
     sch = rule.apply(_linear(form, rows, n=n), CUDA, False)
     got, want = _run(cpu_form(sch.mod["main"]), form, a, rows, n), _reference(form, a)
@@ -194,6 +196,14 @@ def test_warps_and_column_tiles_fit():
     assert rule.slices(64, 1, 576, tiles=4) == 2
     assert rule.slices(16, 1, 8) is None
     assert [rule.column_tiles(n) for n in (49152, 1536, 960, 576)] == [4, 1, 1, 1]
+    # Told J, the rule takes the layers whose 16-column tiles J divides: SmolLM2's (qkv's
+    # 960 columns are 30 blocks of 32 or 15 of 64), not 80 columns' five tiles.
+    fixed = [TensorCoreLinearRule(tiles=t) for t in (2, 4)]
+    assert [[r.column_tiles(n) for n in (1536, 960, 576, 80)] for r in fixed] == [
+        [2, 2, 2, None], [4, 4, 4, None]]
+    func = ops.linear(80, 128, "float16", rows=16)
+    assert TensorCoreLinearRule(tiles=2).apply(func, CUDA, False) is None
+    assert TensorCoreLinearRule().apply(func, CUDA, False) is not None
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
