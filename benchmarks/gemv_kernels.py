@@ -27,7 +27,10 @@ kernels they replace (the unfused linears are the ``splitk`` records).
 
 Variants: ``column`` (gpu.LinearColumn: a thread per column), ``splitk`` (gpu.SplitKLinear),
 ``tensorcore`` (gpu.TensorCoreLinear, float16 at W = 16 and 64 only: WMMA, x as hi and lo
-float16 terms), ``tensorcore2`` and ``tensorcore4`` (the same with 2 or 4 column tiles a
+float16 terms; a warp loads W's tiles of several k steps before it uses any and stages x
+for several steps a barrier pair), ``tensorcore_step`` (the same a k step at a time: a DRAM
+round trip and a barrier pair per step), ``tensorcore2`` and ``tensorcore4`` (2 or 4 column
+tiles a
 block on every layer: each block reads all of x, W x K, for 16 J columns of W, so at W = 64
 a 16-column tile reads 8x its weight bytes in x, at the price of a grid of N / 16 J blocks;
 the rule takes J = 4 only for the LM head),
@@ -129,13 +132,15 @@ def kernels(target, dtypes=DTYPES, kinds=KINDS, widths=WIDTHS):
                     choices = {"column": (packed, [LinearColumnRule()]),
                                "splitk": (packed, [SplitKLinearRule()]),
                                "tensorcore": (packed, [TensorCoreLinearRule()]),
+                               "tensorcore_step": (packed, [TensorCoreLinearRule(
+                                   prefetch=False)]),
                                "tensorcore2": (packed, [TensorCoreLinearRule(tiles=2)]),
                                "tensorcore4": (packed, [TensorCoreLinearRule(tiles=4)]),
                                "dlight": (packed, dlight),
                                "dlight_nt": (nt_linear(n, k, dtype, res, nt_rows),
                                              [g.GEMV() if w == 1 else g.LowBatchGEMV()])}
                 for variant, (func, rules) in choices.items():
-                    if variant[-1].isdigit() and variant.startswith("tensorcore") and (
+                    if variant[-1] in "24" and variant.startswith("tensorcore") and (
                             TensorCoreLinearRule().column_tiles(n) == int(variant[-1])):
                         continue  # the rule's own choice (the LM head's J = 4)
                     got = _first(func, rules, target)
@@ -168,8 +173,9 @@ def chain_kernels(target, widths=WIDTHS) -> list[dict]:
     ``kind``, ``dtype``, ``w``, ``n``, ``k``, ``eps``, ``activation``, ``cols``, ``rule``,
     ``func``. A fused kernel replaces the norm, the ``splitk`` linear of its dtype and (gated)
     the activation. At W = 16 and 64 the float16 chains also come on tensor cores
-    (``fusedtc_f16_*``, gpu.TensorCoreLinear; ``fusedtc2_*``, ``fusedtc4_*``: 2 and 4
-    column tiles a block, ``cols`` 32 and 64). The gated q4_1 kernel also comes with 16
+    (``fusedtc_f16_*``, gpu.TensorCoreLinear; ``fusedtcstep_*``: a k step at a time;
+    ``fusedtc2_*``, ``fusedtc4_*``: 2 and 4 column tiles a block, ``cols`` 32 and 64,
+    where the accumulators fit). The gated q4_1 kernel also comes with 16
     columns a block (``fused16_q41_gate_up_w*``: 96 blocks, not 48, at half-sector reads).
 
     The fused gate_up's thread holds a gate and an up column, so the rule's 16 columns a
@@ -187,6 +193,7 @@ def chain_kernels(target, widths=WIDTHS) -> list[dict]:
                                         *(((SplitKLinearRule(sector_bytes=16), "8", 8),)
                                           if act else ()),
                                         (TensorCoreLinearRule(), "tc", 16),
+                                        (TensorCoreLinearRule(prefetch=False), "tcstep", 16),
                                         (TensorCoreLinearRule(tiles=2), "tc2", 32),
                                         (TensorCoreLinearRule(tiles=4), "tc4", 64)):
                 got = _first(func, [rule_obj], target)

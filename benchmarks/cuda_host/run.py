@@ -314,14 +314,16 @@ def gemv(kit: str, out: str, dry: bool = False) -> dict:
 
 
 def _tensor_core_summary(results: list[dict]) -> None:
-    """Per SmolLM2 linear and W: the tensor cores' time (the rule's column tiles a block,
-    then 2 and 4 on every layer) against split K's (float16, hot)."""
+    """Per SmolLM2 linear and W: the tensor cores' time (the rule's schedule, then a k step
+    at a time, then 2 and 4 column tiles a block on every layer) against split K's (float16,
+    hot)."""
     hot = {(r["variant"], r["kind"], r["w"]): r["hot_us"] for r in results
            if r["dtype"] == "float16" and "hot_us" in r}
     for (variant, kind, w), us in sorted(hot.items()):
         if variant == "tensorcore" and ("splitk", kind, w) in hot:
-            tiles = ", ".join(f"J={j} {hot[v, kind, w]:.2f} us" for j, v in (
-                (2, "tensorcore2"), (4, "tensorcore4")) if (v, kind, w) in hot)
+            tiles = ", ".join(f"{label} {hot[v, kind, w]:.2f} us" for label, v in (
+                ("a step at a time", "tensorcore_step"), ("J=2", "tensorcore2"),
+                ("J=4", "tensorcore4")) if (v, kind, w) in hot)
             say(f"tensor cores {kind} W={w}: {us:.2f} us ({tiles}), split K "
                 f"{hot['splitk', kind, w]:.2f} us, W=1 split K "
                 f"{hot.get(('splitk', kind, 1), float('nan')):.2f} us")

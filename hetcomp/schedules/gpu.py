@@ -452,13 +452,26 @@ class TensorCoreLinearRule(_BASE):
     sums scaled back.
 
     A thread block takes ``16 J`` output columns (of each half, for a gated kernel) and ``T``
-    warps (``threadIdx.y``), each a slice of K: per 16-row k step a warp
+    warps (``threadIdx.y``), each a contiguous slice of K, ``S`` 16-row k steps. A warp
+    walks its slice ``D`` steps at a time:
 
-    1. writes its 16 columns of x (times gamma) as hi and lo rows to shared memory (its lanes
-       over the ``2W x 16`` values),
-    2. loads W's ``16 x 16`` tiles (``J`` per half) as WMMA fragments straight from the
-       packed layout (a pack block's row is 16 contiguous float16 values: stride ``B``), and
-    3. multiplies the ``2W / 16`` x fragments into its ``J W / 16`` accumulators.
+    1. it loads W's ``16 x 16`` tiles of the next ``D`` steps (``J`` per half and step) as
+       WMMA fragments straight from the packed layout (a pack block's row is 16 contiguous
+       float16 values: stride ``B``), all issued before any is used;
+    2. ``D_x`` steps at a time (``D_x`` divides ``D``) it writes its ``16 D_x`` columns of
+       x (times gamma) as hi and lo rows to shared memory (its lanes over the values, a
+       row's columns contiguous), one barrier, then
+    3. multiplies, per step, the ``2W / 16`` x fragments into its ``J W / 16``
+       accumulators.
+
+    A step's W tile is a DRAM round trip (several hundred ns) and a barrier pair stands
+    between steps that stage x: one step at a time (``D = D_x = 1``) the warp waits for DRAM
+    ``S`` times (9 for SmolLM2's K = 576 over 4 warps), with ``D`` steps in flight ``S / D``.
+    ``D`` is the largest divisor of ``S`` whose fragments stay within ``fragment_regs``
+    registers a thread beside the accumulators; ``D_x`` the largest divisor of ``D`` whose
+    x terms fit beside the partials in shared memory (SmolLM2 at W = 16: ``D = D_x = S``,
+    one wait; at W = 64, ``D = S``, ``D_x = 1``). ``prefetch=False``: ``D = D_x = 1``
+    (the device kit times both).
 
     The warps' accumulators meet in shared memory; then each thread sums the ``T`` partials
     of its outputs in registers and writes them with the residual add or the fused
@@ -477,10 +490,12 @@ class TensorCoreLinearRule(_BASE):
     """
 
     def __init__(self, tensorize: bool = True, max_rows: int = 64, max_slices: int = 8,
-                 shared_bytes: int = 48 << 10, min_blocks: int = 256, tiles: int | None = None):
+                 shared_bytes: int = 48 << 10, min_blocks: int = 256, tiles: int | None = None,
+                 prefetch: bool = True, fragment_regs: int = 128):
         self.tensorize, self.max_rows = tensorize, max_rows
         self.max_slices, self.shared_bytes = max_slices, shared_bytes
         self.min_blocks, self.tiles = min_blocks, tiles
+        self.prefetch, self.fragment_regs = prefetch, fragment_regs
 
     def column_tiles(self, cols: int) -> int | None:
         """``J``: 16-column tiles a block (of each half's ``cols`` columns); None where a
@@ -501,6 +516,21 @@ class TensorCoreLinearRule(_BASE):
             t //= 2
         return None
 
+    def depths(self, rows: int, halves: int, k: int, tiles: int, slices: int
+               ) -> tuple[int, int]:
+        """``(D, D_x)``: k steps whose W tiles a warp loads at once, and whose x terms it
+        stages at once (see the class doc)."""
+        steps, frags = k // (16 * slices), tiles * halves
+        if not self.prefetch:
+            return 1, 1
+        # A thread holds 8 registers of each 16x16 float32 accumulator, 4 of each float16
+        # fragment of W.
+        room = (self.fragment_regs - 8 * frags * rows // 16) // (4 * frags)
+        depth = max(d for d in range(1, steps + 1) if steps % d == 0 and d <= max(1, room))
+        x_depth = max(d for d in range(1, depth + 1) if depth % d == 0 and (
+            64 * slices * rows * (d + frags) + 4 * rows <= self.shared_bytes))
+        return depth, x_depth
+
     def apply(self, func, target, tunable):
         if (_gpu_kind(func, target) != "linear" or "hetcomp.qtype" in func.attrs
                 or target.kind.name != "cuda" or _sm(target) < 70):
@@ -518,6 +548,8 @@ class TensorCoreLinearRule(_BASE):
         if rows % 16 or not 16 <= rows <= self.max_rows or b % 16 or (n // halves) % b:
             return None
         tiles = self.column_tiles(n // halves)
+        if tiles is not None and 8 * tiles * halves * rows // 16 > self.fragment_regs:
+            return None  # the accumulators alone would spill (a fixed J, gated, 64 rows)
         slices = None if tiles is None else self.slices(rows, halves, k, tiles)
         if slices is None:
             return None
@@ -527,11 +559,13 @@ class TensorCoreLinearRule(_BASE):
         for key, value in attrs.items():
             split = split.with_attr(key, value)
         sch = c.Schedule(split)
-        _tensor_core_linear(sch, slices, tiles, self.tensorize)
+        _tensor_core_linear(sch, slices, tiles, self.tensorize,
+                            *self.depths(rows, halves, k, tiles, slices))
         return sch
 
 
-def _tensor_core_linear(sch, slices: int, tiles: int, tensorize: bool) -> None:
+def _tensor_core_linear(sch, slices: int, tiles: int, tensorize: bool, depth: int,
+                        x_depth: int) -> None:
     """:class:`TensorCoreLinearRule`'s schedule of a ``split_x`` linear."""
     c = compiler()
     names = {str(sch.get(b).name_hint) for b in sch.get_child_blocks(sch.get_sblock("root"))}
@@ -543,13 +577,34 @@ def _tensor_core_linear(sch, slices: int, tiles: int, tensorize: bool) -> None:
         sch.compute_inline(sch.get_sblock("matmul"))
     else:
         final = sch.get_sblock("matmul")
-    # Step 2. K in 16-row steps, slice ``kt`` of them per warp (rfactor: a warp's partial
-    # sums stay its own until they meet in shared memory).
+    # Step 2. K in 16-row steps, a contiguous slice ``kt`` of them per warp (rfactor: a
+    # warp's partial sums stay its own until they meet in shared memory).
     k = sch.get_loops(mm)[-1]
-    _, kt, _ = sch.split(k, [None, slices, 16])
+    kt, _, _ = sch.split(k, [slices, None, 16])
     rf = sch.rfactor(kt, 0)
-    if len(sch.get(rf).writes[0].source.shape) == 4:  # gated: [warp, half, row, column]
+    gated = len(sch.get(rf).writes[0].source.shape) == 4
+    if gated:  # gated: [warp, half, row, column]
         sch.transform_layout(rf, ("write", 0), lambda t, i, h, j: (t, h, i, j))
+    # x's terms and W's tiles get buffers indexed by the rf block's own iterators (warp, k
+    # step, ...: ``reindex_cache_read``), so a buffer placed at a loop later holds exactly
+    # the steps under it: x's for every warp's D_x steps (shared), W's for a warp's D steps
+    # (fragments), and a gated kernel's two halves as an axis.
+    reads = [str(r.source.name) for r in sch.get(rf).reads]
+
+    def iters(f):  # the rf block's iterators: warp, row, [half], column, term, step, k
+        return (lambda t, i, h, j, s, st, kk: f(t, i, (h,), j, s, st, kk)) if gated else (
+            lambda t, i, j, s, st, kk: f(t, i, (), j, s, st, kk))
+
+    xr = sch.reindex_cache_read(rf, reads.index("x_split"), "global", iters(
+        lambda t, i, h, j, s, st, kk: (t, st, s, i, kk)))
+    b = sch.reindex_cache_read(rf, reads.index("wp"), "wmma.matrix_b", iters(
+        lambda t, i, h, j, s, st, kk: (t, st, *h, j // 16, kk, j % 16)))
+    # its iterators in the buffer's order: a 16 x 16 tile's (k, column) innermost (its
+    # loops first in its iterators' order, which the reindex does not keep)
+    _loops_in_iter_order(sch, b)
+    sch.transform_block_layout(b, (lambda t, h, j, st, kk: (t, st, h, j // 16, kk, j % 16))
+                               if gated else
+                               (lambda t, j, st, kk: (t, st, j // 16, kk, j % 16)))
     # Step 3. The result's column tiles (``tiles`` x 16 columns) are the grid; the block's
     # threads walk its (row, column) outputs, columns fastest (coalesced writes).
     i, j = sch.get_loops(final)
@@ -566,38 +621,47 @@ def _tensor_core_linear(sch, slices: int, tiles: int, tensorize: bool) -> None:
     sch.compute_at(rf, jb, preserve_unit_loops=True)
     if "sumsq" in names:  # a fused norm's sums of squares
         _row_reduction(sch, sch.get_sblock("sumsq"), jb, slices)
-    # Step 5. The warps' tiles: loops (warp, k step, [half], column tile, term, row tile)
-    # around a 16x16x16 block, the tensor core's instruction.
+    # Step 5. The warps' tiles: loops (warp, D steps, D_x steps, k step, [half], column
+    # tile, term, row tile) around a 16x16x16 block, the tensor core's instruction.
     loops = sch.get_loops(rf)[1:]
     wt, ri, *rh, rj, rs, rko, rki = loops
     rio, rii = sch.split(ri, [None, 16])
     rjo, rj = sch.split(rj, [tiles, 16])
-    sch.reorder(wt, rko, *rh, rjo, rs, rio, rii, rj, rki)
+    rkd, rkx, rko = sch.split(rko, [None, depth // x_depth, x_depth])
+    sch.reorder(wt, rkd, rkx, rko, *rh, rjo, rs, rio, rii, rj, rki)
     sch.bind(wt, "threadIdx.y")
     tile = sch.blockize(rii)
-    reads = [str(r.source.name) for r in sch.get(tile).reads]
-    a = sch.cache_read(tile, reads.index("x_split"), "wmma.matrix_a")
-    b = sch.cache_read(tile, reads.index("wp"), "wmma.matrix_b")
+    a = sch.cache_read(tile, [str(r.source.name) for r in sch.get(tile).reads].index(
+        str(sch.get(xr).writes[0].source.name)), "wmma.matrix_a")
     sch.compute_at(a, rio)
-    sch.compute_at(b, rjo)
+    sch.compute_at(b, rkd)  # W's fragments of the next D steps, loaded together
+    # Fragments are registers only where every loop indexing them is unrolled: W's loads
+    # (step, [half], tile), and the products' (D_x steps, step, [half], tile, term, rows).
+    b_loops = sch.get_loops(b)
+    own = [sch.get(loop).same_as(sch.get(rkd)) for loop in b_loops].index(True) + 1
+    _unroll_by_nvcc(sch, [*b_loops[own:-2], rkx, rko, *rh, rjo, rs, rio])
     acc = sch.cache_write(tile, 0, "wmma.accumulator")
     sch.reverse_compute_at(acc, wt)
     sch.set_scope(acc, 0, "shared.dyn")  # the partials (not "shared": see below)
-    init = sch.decompose_reduction(tile, rko)
-    # Step 6. x's hi and lo terms for the warp's 16 columns, its lanes over them. In static
-    # shared memory: TVM's storage rewrite would reuse it for the partials, which then
-    # fails to lower (a float32 access pointer into a float16 buffer).
-    xs = sch.get_sblock("x_split")
-    sch.compute_at(xs, rko, preserve_unit_loops=True)
-    sch.set_scope(xs, 0, "shared")
-    _, lane = sch.split(sch.fuse(*sch.get_loops(xs)[-2:]), [None, 32])
+    init = sch.decompose_reduction(tile, rkd)
+    # Step 6. x's hi and lo terms for the warps' next D_x steps, computed straight into
+    # their buffer, each warp's lanes over its own (term, row, step, column): a row's
+    # columns of consecutive steps are consecutive in x. In static shared memory: TVM's
+    # storage rewrite would reuse it for the partials, which then fails to lower (a
+    # float32 access pointer into a float16 buffer).
+    sch.compute_inline(sch.get_sblock("x_split"))
+    sch.compute_at(xr, rkx, preserve_unit_loops=True)  # the warp's own (shared: after)
+    sch.set_scope(xr, 0, "shared")
+    xi, xs_, xst, xk = sch.get_loops(xr)[-4:]  # its iterators' order: the rf block's
+    sch.reorder(xs_, xi, xst, xk)
+    _, lane = sch.split(sch.fuse(xs_, xi, xst, xk), [None, 32])
     sch.bind(lane, "threadIdx.x")
     _row_reduction(sch, sch.get_sblock("x_max"), jb, slices)  # the rows' scales, first
     if not tensorize:
         return
     wmma = c.wmma_intrinsics
     sch.tensorize(sch.get_loops(a)[-2], wmma["load_a"])
-    sch.tensorize(sch.get_loops(b)[-2], wmma["load_b"])
+    sch.tensorize(sch.get_loops(b)[-2], wmma["load_b"])  # (step, [half], tile), 16 x 16
     sch.tensorize(sch.get_loops(sch.get_child_blocks(init)[0])[-2], wmma["fill"])
     rows, cols = sch.get_loops(acc)[-2:]
     ro, ri_ = sch.split(rows, [None, 16])
@@ -605,6 +669,14 @@ def _tensor_core_linear(sch, slices: int, tiles: int, tensorize: bool) -> None:
     sch.reorder(ro, co, ri_, ci)
     sch.tensorize(ri_, wmma["store"])
     sch.tensorize(sch.get_loops(sch.get_child_blocks(tile)[0])[-3], wmma["mma"])
+
+
+def _loops_in_iter_order(sch, block) -> None:
+    """Reorder a block's loops (one per iterator, each bound to it) as its iterators."""
+    loops = sch.get_loops(block)
+    realize = sch.get(loops[-1]).body
+    by_var = {sch.get(loop).loop_var: loop for loop in loops}
+    sch.reorder(*[by_var[v] for v in realize.iter_values])
 
 
 def _row_reduction(sch, block, anchor, slices: int) -> None:

@@ -161,7 +161,8 @@ def test_gemv_kit_builds_and_dry_runs(tmp_path):
         *((d, v, w) for d, vs in (("float16", gemv_kernels.VARIANTS),
                                   ("q4_1", ("column", "splitk", "splitk16")))
           for v in vs for w in (1, 16)),
-        *(("float16", v, 16) for v in ("tensorcore", "tensorcore2", "tensorcore4"))}
+        *(("float16", v, 16) for v in ("tensorcore", "tensorcore_step", "tensorcore2",
+                                      "tensorcore4"))}
     assert {r["rule"] for r in recs if r["dtype"] == "q4_1"} == {
         "gpu.QuantLinear", "gpu.QuantSplitKLinear"}
     assert {r["weight_dtype"] for r in recs if r["dtype"] == "q4_1"} == {"uint8"}

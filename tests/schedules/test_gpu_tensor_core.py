@@ -126,31 +126,49 @@ def test_same_arguments_as_the_kernel_it_replaces():
             assert str(sched.attrs[key]) == str(value)
 
 
-@pytest.mark.parametrize("form,rows,fragments", [("residual", 16, 1), ("norm_silu", 64, 8),
-                                                 ("norm", 64, 16)])
-def test_cuda_source_multiplies_on_tensor_cores(form, rows, fragments):
+@pytest.mark.parametrize("form,rows,fragments,w_tiles,x_steps", [
+    ("residual", 16, 1, 9, 9), ("norm_silu", 64, 8, 12, 3), ("norm", 64, 16, 4, 1)])
+def test_cuda_source_multiplies_on_tensor_cores(form, rows, fragments, w_tiles, x_steps):
     """The CUDA kernel: WMMA fragments (16x16x16, float16 in, float32 accumulators), one per
-    row tile and column tile (and half; the LM head takes four column tiles a block), W's
-    tile loaded straight from the packed weights (global memory,
-    leading dimension the pack block), x's terms from shared memory; two barriers around
-    the staging of x per k step, one before the partials are summed; a fused norm's
-    squares by warp shuffles, as the rows' largest magnitudes."""
+    row tile and column tile (and half; the LM head takes four column tiles a block); W's
+    tiles of the next D steps loaded straight from the packed weights (global memory,
+    leading dimension the pack block) into D x J (x halves) fragments before any is used,
+    x's terms from shared memory, staged D_x steps at a time by each warp for its own slice
+    of K; two barriers around each staging, one before the partials are summed; a fused
+    norm's squares by warp shuffles, as the rows' largest magnitudes. SmolLM2's o at 16 rows
+    (4 warps of 9 steps): every W tile of a warp's slice at once, x staged once; gate_up at
+    64 rows (2 warps of 18 steps): 6 steps of both halves, x 3 steps at a time; the LM head
+    at 64 rows (4 column tiles, 2 warps): a step at a time."""
     n = {"residual": 576, "norm_silu": 3072, "norm": 49152}[form]  # o, gate_up, LM head
-    sch = TensorCoreLinearRule().apply(_linear(form, rows, n=n, k=576), CUDA, False)
+    rule = TensorCoreLinearRule()
+    halves, tiles = (2 if form == "norm_silu" else 1), rule.column_tiles(n // (
+        2 if form == "norm_silu" else 1))
+    slices = rule.slices(rows, halves, 576, tiles)
+    assert rule.depths(rows, halves, 576, tiles, slices) == (w_tiles // (halves * tiles),
+                                                             x_steps)
+    sch = rule.apply(_linear(form, rows, n=n, k=576), CUDA, False)
     src = c.compile(sch.mod, target=CUDA).mod.imports[0].inspect_source()
     assert re.search(rf"fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> "
                      rf"\w+\[{fragments}\];", src)
     assert "fragment<nvcuda::wmma::matrix_a, 16, 16, 16, half, nvcuda::wmma::row_major>" in src
-    assert re.search(r"load_matrix_sync\(wp_wmma_matrix_b_ptr\[0\], \(&\(wp_ptr\[.+\]\)\), 32\)",
-                     src)
-    # Each warp stages and reads its own 16 columns of x's terms (threadIdx.y * 16): no warp
-    # reads what another writes between two barriers (a race serial emulation would hide).
-    load_a = re.search(r"load_matrix_sync\(x_split_wmma_matrix_a_ptr\[0\], "
-                       r"\(&\(x_split_shared_ptr\[(.+?)\]\)\)", src)
-    store = re.search(r"\n\s*x_split_shared_ptr\[(.+?)\] = ", src)
-    assert load_a and store
-    assert "((int)threadIdx.y) * 16)" in load_a.group(1)
-    assert "((int)threadIdx.y) * 16)" in store.group(1)
+    assert re.search(rf"fragment<nvcuda::wmma::matrix_b, 16, 16, 16, half, "
+                     rf"nvcuda::wmma::row_major> wp_wmma_matrix_b_ptr\[{w_tiles}\];", src)
+    body = src[src.index("fill_fragment"):]
+    load_b = re.search(
+        r"load_matrix_sync\(wp_wmma_matrix_b_ptr\[.+?\], \(&\(wp_ptr\[.+\]\)\), 32\)", body)
+    store = re.search(r"\n\s*(x_split\w*_shared_ptr)\[(.+?)\] = ", body)
+    load_a = re.search(r"load_matrix_sync\(\w+_matrix_a_ptr\[0\], \(&\(x_split\w*_shared_ptr"
+                       r"\[(.+?)\]\)\)", body)
+    assert load_b and store and load_a
+    # W's loads come first, then x's staging (barriers between), then the products
+    assert load_b.start() < store.start() < load_a.start()
+    # x's terms: a buffer of every warp's D_x steps of 2W rows; each warp writes and reads
+    # its own part (threadIdx.y * (D_x x 2W x 16)): no warp reads what another writes
+    # between two barriers (a race serial emulation would hide)
+    part = x_steps * 2 * rows * 16
+    assert re.search(rf"half {store.group(1)}\[{slices * part}\];", src)
+    assert f"((int)threadIdx.y) * {part})" in store.group(2)
+    assert f"((int)threadIdx.y) * {part})" in load_a.group(1)
     assert src.count("mma_sync(") == 1 and src.count("__syncthreads()") == 3
     # the rows' largest magnitudes (and a norm's squares) by warp shuffles, max then sum
     assert "max(red_buf0_ptr[0], t0_ptr[0])" in src
@@ -210,10 +228,12 @@ def test_warps_and_column_tiles_fit():
 @pytest.mark.parametrize("arch", ["sm_87", "sm_90"])
 def test_nvcc_keeps_fragments_in_registers(tmp_path, arch):
     """ptxas on SmolLM2's fused gate_up and LM head at 64 rows (8 and 16 accumulator
-    fragments a warp, the most): no stack frame, no spills, for Jetson Orin (sm_87) and
-    Hopper (sm_90)."""
-    for form, n in (("norm_silu", 3072), ("norm", 49152)):
-        func = TensorCoreLinearRule().apply(_linear(form, 64, n=n, k=576), CUDA,
+    fragments a warp, the most) and its down at 64 rows (24 W fragments loaded ahead, the
+    most: an array nvcc keeps in registers only with every loop indexing it unrolled): no
+    stack frame, no spills, for Jetson Orin (sm_87) and Hopper (sm_90)."""
+    for form, n, k in (("norm_silu", 3072, 576), ("norm", 49152, 576),
+                       ("residual", 576, 1536)):
+        func = TensorCoreLinearRule().apply(_linear(form, 64, n=n, k=k), CUDA,
                                             False).mod["main"]
         assert_no_stack(func.with_attr("global_symbol", "main"), arch, tmp_path)
 
