@@ -141,7 +141,7 @@ def kernels(target, dtypes=DTYPES, kinds=KINDS, widths=WIDTHS):
                                              [g.GEMV() if w == 1 else g.LowBatchGEMV()])}
                 for variant, (func, rules) in choices.items():
                     if variant[-1] in "24" and variant.startswith("tensorcore") and (
-                            TensorCoreLinearRule().column_tiles(n) == int(variant[-1])):
+                            TensorCoreLinearRule().column_tiles(n, w) == int(variant[-1])):
                         continue  # the rule's own choice (the LM head's J = 4)
                     got = _first(func, rules, target)
                     if got is None:

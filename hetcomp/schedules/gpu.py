@@ -469,9 +469,10 @@ class TensorCoreLinearRule(_BASE):
     ``S`` times (9 for SmolLM2's K = 576 over 4 warps), with ``D`` steps in flight ``S / D``.
     ``D`` is the largest divisor of ``S`` whose fragments stay within ``fragment_regs``
     registers a thread beside the accumulators; ``D_x`` the largest divisor of ``D`` whose
-    x terms fit beside the partials in shared memory (SmolLM2 at W = 16: ``D = D_x = S``,
-    one wait; at W = 64, ``D = S``, ``D_x = 1``). ``prefetch=False``: ``D = D_x = 1``
-    (the device kit times both).
+    x terms fit beside the partials in shared memory (SmolLM2 at W = 16: ``D = D_x = S``
+    for qkv, o and gate_up, one wait; at W = 64 qkv, o and down load all ``S`` steps
+    ahead and stage x a step at a time). ``prefetch=False``: ``D = D_x = 1`` (the device
+    kit times both).
 
     The warps' accumulators meet in shared memory; then each thread sums the ``T`` partials
     of its outputs in registers and writes them with the residual add or the fused
@@ -497,12 +498,17 @@ class TensorCoreLinearRule(_BASE):
         self.min_blocks, self.tiles = min_blocks, tiles
         self.prefetch, self.fragment_regs = prefetch, fragment_regs
 
-    def column_tiles(self, cols: int) -> int | None:
-        """``J``: 16-column tiles a block (of each half's ``cols`` columns); None where a
-        fixed ``tiles`` does not divide them."""
+    def column_tiles(self, cols: int, rows: int = 16, halves: int = 1) -> int | None:
+        """``J``: 16-column tiles a block (of each half's ``cols`` columns), at most as many
+        as leave the ``rows x 16 J`` accumulators (each half's) within ``fragment_regs``
+        registers a thread (8 a 16x16 tile); None where a fixed ``tiles`` does not divide
+        the columns or its accumulators would not fit."""
+        def fits(j):
+            return 8 * j * halves * rows // 16 <= self.fragment_regs
+
         if self.tiles is not None:
-            return self.tiles if cols % (16 * self.tiles) == 0 else None
-        return 4 if cols % 64 == 0 and cols // 64 >= self.min_blocks else 1
+            return self.tiles if cols % (16 * self.tiles) == 0 and fits(self.tiles) else None
+        return 4 if cols % 64 == 0 and cols // 64 >= self.min_blocks and fits(4) else 1
 
     def slices(self, rows: int, halves: int, k: int, tiles: int = 1) -> int | None:
         """Warps (K slices) of a block, or None when K is not a multiple of 16."""
@@ -547,9 +553,7 @@ class TensorCoreLinearRule(_BASE):
         n, k, b = (int(attrs[f"hetcomp.{a}"]) for a in ("n", "k", "block"))
         if rows % 16 or not 16 <= rows <= self.max_rows or b % 16 or (n // halves) % b:
             return None
-        tiles = self.column_tiles(n // halves)
-        if tiles is not None and 8 * tiles * halves * rows // 16 > self.fragment_regs:
-            return None  # the accumulators alone would spill (a fixed J, gated, 64 rows)
+        tiles = self.column_tiles(n // halves, rows, halves)
         slices = None if tiles is None else self.slices(rows, halves, k, tiles)
         if slices is None:
             return None
