@@ -303,13 +303,21 @@ def gemv(kit: str, out: str, dry: bool = False) -> dict:
             assert ref.shape == (w, n), (rec["name"], ref.shape)
         results.append(r)
     _tensor_core_summary(results)
-    summary = {"arch": meta["arch"], "dry": dry, "kernels": results,
-               "attention": _attention(meta, lib, dev, dry), "topk": _topk(meta, lib, dev, dry),
-               "chains": _chains(meta, lib, dev, dry, results)}
+    summary = {"arch": meta["arch"], "dry": dry, "kernels": results}
     if not dry:
         summary["device"] = _device_info()
-    with open(os.path.join(out, "gemv.json"), "w") as fh:
-        json.dump(summary, fh, indent=1)
+
+    def save():  # after each part: a call's `timeout` then keeps what finished
+        with open(os.path.join(out, "gemv.json"), "w") as fh:
+            json.dump(summary, fh, indent=1)
+
+    save()
+    summary["attention"] = _attention(meta, lib, dev, dry)
+    save()
+    summary["topk"] = _topk(meta, lib, dev, dry)
+    save()
+    summary["chains"] = _chains(meta, lib, dev, dry, results)
+    save()
     return summary
 
 
