@@ -30,10 +30,9 @@ Variants: ``column`` (gpu.LinearColumn: a thread per column), ``splitk`` (gpu.Sp
 float16 terms; a warp loads W's tiles of several k steps before it uses any and stages x
 for several steps a barrier pair), ``tensorcore_step`` (the same a k step at a time: a DRAM
 round trip and a barrier pair per step), ``tensorcore2`` and ``tensorcore4`` (2 or 4 column
-tiles a
-block on every layer: each block reads all of x, W x K, for 16 J columns of W, so at W = 64
-a 16-column tile reads 8x its weight bytes in x, at the price of a grid of N / 16 J blocks;
-the rule takes J = 4 only for the LM head),
+tiles a block on every layer: each block reads all of x, W x K, for 16 J columns of W, so
+at W = 64 a 16-column tile reads 8x its weight bytes in x, at the price of a grid of
+N / 16 J blocks; the rule takes J = 4 only for the LM head),
 ``dlight`` (the first of dlight's rules that takes our packed kernel, in gpu_rules' order:
 Matmul from W = 2, Fallback at W = 1) and ``dlight_nt`` (dlight's GEMV at W = 1 and
 LowBatchGEMV, symbolic width, above: the same product with the weight unpacked ``[n, k]``,
@@ -140,8 +139,8 @@ def kernels(target, dtypes=DTYPES, kinds=KINDS, widths=WIDTHS):
                                "dlight_nt": (nt_linear(n, k, dtype, res, nt_rows),
                                              [g.GEMV() if w == 1 else g.LowBatchGEMV()])}
                 for variant, (func, rules) in choices.items():
-                    if variant[-1] in "24" and variant.startswith("tensorcore") and (
-                            TensorCoreLinearRule().column_tiles(n, w) == int(variant[-1])):
+                    fixed = {"tensorcore2": 2, "tensorcore4": 4}.get(variant)
+                    if fixed and TensorCoreLinearRule().column_tiles(n, w) == fixed:
                         continue  # the rule's own choice (the LM head's J = 4)
                     got = _first(func, rules, target)
                     if got is None:
