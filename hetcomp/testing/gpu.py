@@ -68,14 +68,21 @@ def _without_barriers(text: str) -> str:
                   flags=re.MULTILINE)
 
 
+# A loop left for nvcc to unroll (``pragma_unroll_explicit: 0``): LLVM ignores the hint
+# with a warning a loop.
+_NVCC_UNROLL = r'T\.unroll\((.+?), annotations=\{"pragma_unroll_explicit": 0\}\)'
+
+
 def cpu_form(func):
     """A GPU-scheduled kernel as the CPU runs it: every thread-bound loop serial (ascending),
     shared memory as plain buffers, barriers as nothing (:func:`thread_orders`' forward
-    order, for any kernel). Sound for our GPU kernels: a script kernel's phases are separate
-    thread loops, and a rule's cross-thread partials are separate blocks before lowering."""
+    order, for any kernel), loops left for nvcc to unroll plain loops. Sound for our GPU
+    kernels: a script kernel's phases are separate thread loops, and a rule's cross-thread
+    partials are separate blocks before lowering."""
     import tvm
 
-    return tvm.script.from_source(re.sub(_BOUND, r"range(\1)", _without_barriers(func.script())))
+    text = re.sub(_NVCC_UNROLL, r"range(\1)", _without_barriers(func.script()))
+    return tvm.script.from_source(re.sub(_BOUND, r"range(\1)", text))
 
 
 def _cuda_target():
