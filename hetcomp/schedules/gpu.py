@@ -526,9 +526,9 @@ class TensorCoreLinearRule(_BASE):
                ) -> tuple[int, int]:
         """``(D, D_x)``: k steps whose W tiles a warp loads at once, and whose x terms it
         stages at once (see the class doc)."""
-        steps, frags = k // (16 * slices), tiles * halves
         if not self.prefetch:
             return 1, 1
+        steps, frags = k // (16 * slices), tiles * halves
         # A thread holds 8 registers of each 16x16 float32 accumulator, 4 of each float16
         # fragment of W.
         room = (self.fragment_regs - 8 * frags * rows // 16) // (4 * frags)
@@ -599,16 +599,19 @@ def _tensor_core_linear(sch, slices: int, tiles: int, tensorize: bool, depth: in
         return (lambda t, i, h, j, s, st, kk: f(t, i, (h,), j, s, st, kk)) if gated else (
             lambda t, i, j, s, st, kk: f(t, i, (), j, s, st, kk))
 
+    def w_tile(t, h, j, st, kk):  # W's buffer: (warp, step, [half], tile, k, column)
+        return (t, st, *h, j // 16, kk, j % 16)
+
     xr = sch.reindex_cache_read(rf, reads.index("x_split"), "global", iters(
         lambda t, i, h, j, s, st, kk: (t, st, s, i, kk)))
     b = sch.reindex_cache_read(rf, reads.index("wp"), "wmma.matrix_b", iters(
-        lambda t, i, h, j, s, st, kk: (t, st, *h, j // 16, kk, j % 16)))
+        lambda t, i, h, j, s, st, kk: w_tile(t, h, j, st, kk)))
     # its iterators in the buffer's order: a 16 x 16 tile's (k, column) innermost (its
     # loops first in its iterators' order, which the reindex does not keep)
     _loops_in_iter_order(sch, b)
-    sch.transform_block_layout(b, (lambda t, h, j, st, kk: (t, st, h, j // 16, kk, j % 16))
+    sch.transform_block_layout(b, (lambda t, h, j, st, kk: w_tile(t, (h,), j, st, kk))
                                if gated else
-                               (lambda t, j, st, kk: (t, st, j // 16, kk, j % 16)))
+                               (lambda t, j, st, kk: w_tile(t, (), j, st, kk)))
     # Step 3. The result's column tiles (``tiles`` x 16 columns) are the grid; the block's
     # threads walk its (row, column) outputs, columns fastest (coalesced writes).
     i, j = sch.get_loops(final)
