@@ -476,7 +476,8 @@ class TensorCoreLinearRule(_BASE):
 
     The warps' accumulators meet in shared memory; then each thread sums the ``T`` partials
     of its outputs in registers and writes them with the residual add or the fused
-    epilogue (a fused norm's sums of squares: one warp-shuffle reduction per row, first).
+    epilogue (a fused norm's sums of squares: a warp-shuffle reduction per row, in the
+    same pass over x as the rows' largest magnitudes, a few rows at a time).
     Every block stages all of x, so a wide layer takes ``J = 4`` column tiles a block where
     that still leaves ``min_blocks`` blocks (SmolLM2's LM head: 768), else ``J = 1``. ``T``
     is the largest of 8, 4, 2, 1 that divides K into 16-row steps and keeps the x terms and
@@ -626,8 +627,6 @@ def _tensor_core_linear(sch, slices: int, tiles: int, tensorize: bool, depth: in
     sch.compute_at(mm, tx, preserve_unit_loops=True)
     sch.set_scope(mm, 0, "local")
     sch.compute_at(rf, jb, preserve_unit_loops=True)
-    if "sumsq" in names:  # a fused norm's sums of squares
-        _row_reduction(sch, sch.get_sblock("sumsq"), jb, slices)
     # Step 5. The warps' tiles: loops (warp, D steps, D_x steps, k step, [half], column
     # tile, term, row tile) around a 16x16x16 block, the tensor core's instruction.
     loops = sch.get_loops(rf)[1:]
@@ -663,7 +662,9 @@ def _tensor_core_linear(sch, slices: int, tiles: int, tensorize: bool, depth: in
     sch.reorder(xs_, xi, xst, xk)
     _, lane = sch.split(sch.fuse(xs_, xi, xst, xk), [None, 32])
     sch.bind(lane, "threadIdx.x")
-    _row_reduction(sch, sch.get_sblock("x_max"), jb, slices)  # the rows' scales, first
+    # The rows' scales (and a fused norm's sums of squares, in the same pass), first.
+    _row_reduction(sch, [sch.get_sblock(b) for b in ("x_max", "sumsq") if b in names], jb,
+                   slices)
     if not tensorize:
         return
     wmma = c.wmma_intrinsics
@@ -686,17 +687,35 @@ def _loops_in_iter_order(sch, block) -> None:
     sch.reorder(*[by_var[v] for v in realize.iter_values])
 
 
-def _row_reduction(sch, block, anchor, slices: int) -> None:
-    """A per-row reduction over K (the rows' largest magnitudes, a norm's sums of squares)
-    at ``anchor``: rows over the warps, a row's K over the lanes (warp shuffles), one value
-    a row in shared memory."""
-    sch.compute_at(block, anchor, preserve_unit_loops=True)
-    rows, k = sch.get_loops(block)[-2:]
-    _, warp = sch.split(rows, [None, slices])
-    _, lane = sch.split(k, [None, 32])
+def _row_reduction(sch, blocks, anchor, slices: int, row_regs: int = 96) -> None:
+    """Per-row reductions over K (the rows' largest magnitudes, a fused norm's sums of
+    squares) at ``anchor``, in one pass: rows over the warps, a row's K over the lanes (warp
+    shuffles), a value a row in shared memory. The blocks share their row loop (``merge``),
+    so a row's second reduction reads what its first loaded (nvcc loads it once).
+
+    A warp's rows are independent, but as a loop each waits for its loads (an L2 round trip)
+    and its shuffles before the next row's loads issue: 4 round trips a warp at 16 rows, 16
+    at 64. So ``U`` rows at a time are unrolled by nvcc, which then issues their loads
+    together: the largest power of two dividing the warp's rows whose values (``K / 32`` a
+    row and lane) stay within ``row_regs`` registers."""
+    for block in blocks:
+        sch.compute_at(block, anchor, preserve_unit_loops=True)
+    rows = [sch.get_loops(block)[-2] for block in blocks]
+    # merge leaves the loop where its last argument was: the first block's (the scales'),
+    # ahead of the x staging that reads them, not the sums', ahead of the epilogue.
+    rows = rows[0] if len(rows) == 1 else sch.merge(*rows[::-1])
+    for block in blocks:  # each its own lanes: TVM lowers one reduction under a lane loop
+        k = sch.get_loops(block)[-1]
+        loads = -(-int(sch.get(k).extent) // 32)  # a lane's values of a row
+        sch.bind(sch.split(k, [None, 32])[1], "threadIdx.x")
+    per_warp, warp = sch.split(rows, [None, slices])
     sch.bind(warp, "threadIdx.y")
-    sch.bind(lane, "threadIdx.x")
-    sch.set_scope(block, 0, "shared")
+    count = int(sch.get(per_warp).extent)
+    unroll = max(u for u in (1, 2, 4, 8, 16) if count % u == 0 and u * loads <= row_regs)
+    if unroll > 1:
+        _unroll_by_nvcc(sch, [sch.split(per_warp, [None, unroll])[1]])
+    for block in blocks:
+        sch.set_scope(block, 0, "shared")
 
 
 def _float_blocks(func):

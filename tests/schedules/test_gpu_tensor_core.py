@@ -174,10 +174,17 @@ def test_cuda_source_multiplies_on_tensor_cores(form, rows, fragments, w_tiles, 
     assert f"((int)threadIdx.y) * {part})" in store.group(2)
     assert f"((int)threadIdx.y) * {part})" in load_a.group(1)
     assert src.count("mma_sync(") == 1 and src.count("__syncthreads()") == 3
-    # the rows' largest magnitudes (and a norm's squares) by warp shuffles, max then sum
-    assert "max(red_buf0_ptr[0], t0_ptr[0])" in src
-    assert len(re.findall(r"__shfl_down_sync\(mask_ptr", src)) == (
-        10 if form.startswith("norm") else 5)
+    # the rows' largest magnitudes and a norm's sums of squares by warp shuffles, in one
+    # pass over the rows before the first barrier, 4 rows (18 loads a lane each) unrolled
+    kernel = src[src.rindex("main_kernel("):]
+    prologue = kernel[:kernel.index("__syncthreads()")]
+    stats = ("x_max", "sumsq") if form.startswith("norm") else ("x_max",)
+    assert all(re.search(rf"\n\s*{b}_shared_ptr\[.+\] = red_buf", prologue) for b in stats)
+    assert len(re.findall(r"__shfl_down_sync\(mask_ptr", prologue)) == 5 * len(stats)
+    assert len(re.findall(r"__shfl_down_sync\(mask_ptr", src)) == 5 * len(stats)
+    rows_loop = re.search(r"#pragma unroll\n\s*for \(int (\w+) = 0; \1 < (\d+); ", prologue)
+    assert rows_loop and rows_loop.group(2) == "4" and prologue.index(
+        rows_loop.group(0)) < prologue.index("__shfl_down_sync")
 
 
 @pytest.mark.parametrize("dtype,rows,applies", [("float16", 16, True), ("float16", 32, True),
