@@ -457,7 +457,8 @@ class TensorCoreLinearRule(_BASE):
 
     1. it loads W's ``16 x 16`` tiles of the next ``D`` steps (``J`` per half and step) as
        WMMA fragments straight from the packed layout (a pack block's row is 16 contiguous
-       float16 values: stride ``B``), all issued before any is used;
+       float16 values: stride ``B``), all issued before any is used (with ``D = S``, first
+       thing in the kernel, ahead of the rows' reductions);
     2. ``D_x`` steps at a time (``D_x`` divides ``D``) it writes its ``16 D_x`` columns of
        x (times gamma) as hi and lo rows to shared memory (its lanes over the values, a
        row's columns contiguous), one barrier, then
@@ -640,11 +641,19 @@ def _tensor_core_linear(sch, slices: int, tiles: int, tensorize: bool, depth: in
     a = sch.cache_read(tile, [str(r.source.name) for r in sch.get(tile).reads].index(
         str(sch.get(xr).writes[0].source.name)), "wmma.matrix_a")
     sch.compute_at(a, rio)
-    sch.compute_at(b, rkd)  # W's fragments of the next D steps, loaded together
+    # W's fragments of the next D steps, loaded together. Where they are all of a warp's
+    # steps (D = S), their loads go first in the kernel, each warp its own: their DRAM
+    # round trip then overlaps the rows' reductions and x's staging, which do not need W.
+    whole = int(sch.get(rkd).extent) == 1
+    anchor = jb if whole else rkd
+    sch.compute_at(b, anchor, preserve_unit_loops=True)
+    b_loops = sch.get_loops(b)
+    own = [sch.get(loop).same_as(sch.get(anchor)) for loop in b_loops].index(True) + 1
+    if whole:
+        sch.bind(b_loops[own], "threadIdx.y")  # the warp
+        own += 1
     # Fragments are registers only where every loop indexing them is unrolled: W's loads
     # (step, [half], tile), and the products' (D_x steps, step, [half], tile, term, rows).
-    b_loops = sch.get_loops(b)
-    own = [sch.get(loop).same_as(sch.get(rkd)) for loop in b_loops].index(True) + 1
     _unroll_by_nvcc(sch, [*b_loops[own:-2], rkx, rko, *rh, rjo, rs, rio])
     acc = sch.cache_write(tile, 0, "wmma.accumulator")
     sch.reverse_compute_at(acc, wt)

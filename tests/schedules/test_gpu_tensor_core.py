@@ -139,8 +139,9 @@ def test_cuda_source_multiplies_on_tensor_cores(form, rows, fragments, w_tiles, 
     leading dimension the pack block) into D x J (x halves) fragments before any is used,
     x's terms from shared memory, staged D_x steps at a time by each warp for its own slice
     of K; two barriers around each staging, one before the partials are summed; a fused
-    norm's squares by warp shuffles, as the rows' largest magnitudes. SmolLM2's o at 16 rows
-    (4 warps of 9 steps): every W tile of a warp's slice at once, x staged once; gate_up at
+    norm's squares by warp shuffles in the same pass as the rows' largest magnitudes, a few
+    rows at a time. SmolLM2's o at 16 rows (4 warps of 9 steps): every W tile of a warp's
+    slice at once, first in the kernel, x staged once; gate_up at
     64 rows (2 warps of 18 steps): 6 steps of both halves, x 3 steps at a time; the LM head
     at 64 rows (4 column tiles, 2 warps): a step at a time."""
     n = {"residual": 576, "norm_silu": 3072, "norm": 49152}[form]  # o, gate_up, LM head
@@ -157,15 +158,18 @@ def test_cuda_source_multiplies_on_tensor_cores(form, rows, fragments, w_tiles, 
     assert "fragment<nvcuda::wmma::matrix_a, 16, 16, 16, half, nvcuda::wmma::row_major>" in src
     assert re.search(rf"fragment<nvcuda::wmma::matrix_b, 16, 16, 16, half, "
                      rf"nvcuda::wmma::row_major> wp_wmma_matrix_b_ptr\[{w_tiles}\];", src)
-    body = src[src.index("fill_fragment"):]
+    body = kernel = src[src.rindex("main_kernel("):]
     load_b = re.search(
         r"load_matrix_sync\(wp_wmma_matrix_b_ptr\[.+?\], \(&\(wp_ptr\[.+\]\)\), 32\)", body)
     store = re.search(r"\n\s*(x_split\w*_shared_ptr)\[(.+?)\] = ", body)
     load_a = re.search(r"load_matrix_sync\(\w+_matrix_a_ptr\[0\], \(&\(x_split\w*_shared_ptr"
                        r"\[(.+?)\]\)\)", body)
     assert load_b and store and load_a
-    # W's loads come first, then x's staging (barriers between), then the products
+    # W's loads come first, then x's staging (barriers between), then the products; with
+    # all of a warp's steps in fragments (D = S: o at 16 rows), ahead of the rows' reductions
     assert load_b.start() < store.start() < load_a.start()
+    whole = w_tiles // (halves * tiles) == 576 // (16 * slices)
+    assert (load_b.start() < kernel.index("__shfl_down_sync")) == whole
     # x's terms: a buffer of every warp's D_x steps of 2W rows; each warp writes and reads
     # its own part (threadIdx.y * (D_x x 2W x 16)): no warp reads what another writes
     # between two barriers (a race serial emulation would hide)
@@ -176,15 +180,14 @@ def test_cuda_source_multiplies_on_tensor_cores(form, rows, fragments, w_tiles, 
     assert src.count("mma_sync(") == 1 and src.count("__syncthreads()") == 3
     # the rows' largest magnitudes and a norm's sums of squares by warp shuffles, in one
     # pass over the rows before the first barrier, 4 rows (18 loads a lane each) unrolled
-    kernel = src[src.rindex("main_kernel("):]
     prologue = kernel[:kernel.index("__syncthreads()")]
     stats = ("x_max", "sumsq") if form.startswith("norm") else ("x_max",)
     assert all(re.search(rf"\n\s*{b}_shared_ptr\[.+\] = red_buf", prologue) for b in stats)
     assert len(re.findall(r"__shfl_down_sync\(mask_ptr", prologue)) == 5 * len(stats)
     assert len(re.findall(r"__shfl_down_sync\(mask_ptr", src)) == 5 * len(stats)
-    rows_loop = re.search(r"#pragma unroll\n\s*for \(int (\w+) = 0; \1 < (\d+); ", prologue)
-    assert rows_loop and rows_loop.group(2) == "4" and prologue.index(
-        rows_loop.group(0)) < prologue.index("__shfl_down_sync")
+    loops = re.findall(r"#pragma unroll\n\s*for \(int (\w+) = 0; \1 < (\d+); ",
+                       prologue[:prologue.index("__shfl_down_sync")])
+    assert loops and loops[-1][1] == "4"  # the rows' loop, the last unrolled one before
 
 
 @pytest.mark.parametrize("dtype,rows,applies", [("float16", 16, True), ("float16", 32, True),
