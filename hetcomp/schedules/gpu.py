@@ -660,17 +660,21 @@ def _tensor_core_linear(sch, slices: int, tiles: int, tensorize: bool, depth: in
     sch.set_scope(acc, 0, "shared.dyn")  # the partials (not "shared": see below)
     init = sch.decompose_reduction(tile, rkd)
     # Step 6. x's hi and lo terms for the warps' next D_x steps, computed straight into
-    # their buffer, each warp's lanes over its own (term, row, step, column): a row's
-    # columns of consecutive steps are consecutive in x. In static shared memory: TVM's
+    # their buffer, each warp's lanes over its own (row, step, column): a row's columns of
+    # consecutive steps are consecutive in x. In static shared memory: TVM's
     # storage rewrite would reuse it for the partials, which then fails to lower (a
     # float32 access pointer into a float16 buffer).
     sch.compute_inline(sch.get_sblock("x_split"))
     sch.compute_at(xr, rkx, preserve_unit_loops=True)  # the warp's own (shared: after)
     sch.set_scope(xr, 0, "shared")
+    # A lane's values, 8 at a time unrolled by nvcc (their loads issue together; a loop
+    # of one value at a time waited for each), hi and lo from one load.
     xi, xs_, xst, xk = sch.get_loops(xr)[-4:]  # its iterators' order: the rf block's
-    sch.reorder(xs_, xi, xst, xk)
-    _, lane = sch.split(sch.fuse(xs_, xi, xst, xk), [None, 32])
+    sch.reorder(xi, xst, xk, xs_)
+    _, values, lane = sch.split(sch.fuse(xi, xst, xk), [None, 8, 32])
+    sch.reorder(lane, values, xs_)
     sch.bind(lane, "threadIdx.x")
+    _unroll_by_nvcc(sch, [values, xs_])
     # The rows' scales (and a fused norm's sums of squares, in the same pass), first.
     _row_reduction(sch, [sch.get_sblock(b) for b in ("x_max", "sumsq") if b in names], jb,
                    slices)
@@ -720,7 +724,8 @@ def _row_reduction(sch, blocks, anchor, slices: int, row_regs: int = 96) -> None
     per_warp, warp = sch.split(rows, [None, slices])
     sch.bind(warp, "threadIdx.y")
     count = int(sch.get(per_warp).extent)
-    unroll = max(u for u in (1, 2, 4, 8, 16) if count % u == 0 and u * loads <= row_regs)
+    unroll = max(u for u in (1, 2, 4, 8, 16)
+                 if u == 1 or count % u == 0 and u * loads <= row_regs)
     if unroll > 1:
         _unroll_by_nvcc(sch, [sch.split(per_warp, [None, unroll])[1]])
     for block in blocks:

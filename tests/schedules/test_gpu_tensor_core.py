@@ -188,6 +188,27 @@ def test_cuda_source_multiplies_on_tensor_cores(form, rows, fragments, w_tiles, 
     loops = re.findall(r"#pragma unroll\n\s*for \(int (\w+) = 0; \1 < (\d+); ",
                        prologue[:prologue.index("__shfl_down_sync")])
     assert loops and loops[-1][1] == "4"  # the rows' loop, the last unrolled one before
+    # x's staging: a lane's values 8 at a time, hi and lo of each from one load
+    staging = kernel[kernel.index("__syncthreads()"):kernel.index(load_a.group(0))]
+    assert re.search(r"#pragma unroll\n\s*for \(int (\w+) = 0; \1 < 8; \+\+\1\) \{\n"
+                     r"\s*#pragma unroll\n\s*for \(int (\w+) = 0; \2 < 2; ", staging)
+
+
+@pytest.mark.parametrize("k,unrolled", [(576, 4), (1536, 2), (4864, 1)])
+def test_row_reduction_unrolls_within_registers(k, unrolled):
+    """The rows' reductions unroll as many of a warp's rows as keep K / 32 values a lane
+    within 96 registers: 4 for SmolLM2's K = 576, 2 for its down (1536), none for
+    Qwen2.5-Coder-0.5B's down (4864), which the rule still takes."""
+    src = c.compile(TensorCoreLinearRule().apply(_linear("residual", 16, n=896, k=k), CUDA,
+                                                 False).mod, target=CUDA).mod.imports[0]
+    kernel = src.inspect_source()
+    kernel = kernel[kernel.rindex("main_kernel("):]
+    head = kernel[:kernel.index("__shfl_down_sync")]
+    init = r"\{\n\s*in_thread_x_max\w*\[0\] = -"  # a row's reduction begins
+    rows = re.findall(r"for \(int (\w+) = 0; \1 < (\d+); \+\+\1\) " + init, head)
+    pragma = re.search(r"#pragma unroll\n\s*for \(int \w+ = 0; \w+ < \d+; \+\+\w+\) " + init,
+                       head)
+    assert rows and (rows[-1][1] == str(unrolled) if unrolled > 1 else pragma is None)
 
 
 @pytest.mark.parametrize("dtype,rows,applies", [("float16", 16, True), ("float16", 32, True),
