@@ -717,10 +717,10 @@ def _row_reduction(sch, blocks, anchor, slices: int, row_regs: int = 96) -> None
     # merge leaves the loop where its last argument was: the first block's (the scales'),
     # ahead of the x staging that reads them, not the sums', ahead of the epilogue.
     rows = rows[0] if len(rows) == 1 else sch.merge(*rows[::-1])
+    # a lane's values of a row (the blocks reduce the same K)
+    loads = -(-int(sch.get(sch.get_loops(blocks[0])[-1]).extent) // 32)
     for block in blocks:  # each its own lanes: TVM lowers one reduction under a lane loop
-        k = sch.get_loops(block)[-1]
-        loads = -(-int(sch.get(k).extent) // 32)  # a lane's values of a row
-        sch.bind(sch.split(k, [None, 32])[1], "threadIdx.x")
+        sch.bind(sch.split(sch.get_loops(block)[-1], [None, 32])[1], "threadIdx.x")
     per_warp, warp = sch.split(rows, [None, slices])
     sch.bind(warp, "threadIdx.y")
     count = int(sch.get(per_warp).extent)
