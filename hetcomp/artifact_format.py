@@ -119,6 +119,18 @@ def is_artifact(path: str) -> bool:
     return holds_format(path, "manifest.json", FORMAT)
 
 
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def is_png(path: str) -> bool:
+    """True when the file ``path`` starts as a PNG image does (a plot another run wrote)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(len(PNG_MAGIC)) == PNG_MAGIC
+    except OSError:
+        return False
+
+
 def _first_line(e: Exception) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 

@@ -13,7 +13,7 @@ import os
 import sys
 
 from .errors import HetcompError
-from .hardware import DEFAULT_CUDA_ARCH
+from .hardware import DEFAULT_CUDA_ARCH, check_cuda_arch
 
 
 # Argument types: a bad number is one line and exit 2, like every other bad input.
@@ -52,6 +52,13 @@ def _id_list(text: str) -> list[int]:
 _POSITIVE, _NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
 
 
+def _cuda_arch(text: str) -> str:
+    try:
+        return check_cuda_arch(text)
+    except HetcompError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--cuda-arch ")) from None
+
+
 def _units(text: str) -> list[str]:
     units = [u.strip() for u in text.split(",") if u.strip()]
     if not units:
@@ -67,11 +74,15 @@ def cmd_compile(args) -> int:
     if args.heads and args.no_heads:
         raise HetcompError("--heads and --no-heads contradict each other")
     heads = None if args.no_heads else (args.heads or default_heads(args.model))
+    arch = args.cuda_arch or DEFAULT_CUDA_ARCH
+    plan = load_plan(args.plan, args.target, arch) if args.plan else None
+    if args.cuda_arch and args.target != "cuda" and not (
+            plan is not None and any(t["kind"] == "cuda" for t in plan.targets)):
+        raise HetcompError("--cuda-arch is the GPU of --target cuda or of a --plan's cuda "
+                           "unit: this build has none")
     opts = CompileOptions(model=args.model, dtype=args.dtype, target=args.target,
-                          max_context=args.max_context, heads=heads,
-                          plan=(load_plan(args.plan, args.target, args.cuda_arch)
-                                if args.plan else None),
-                          cuda_arch=args.cuda_arch,
+                          max_context=args.max_context, heads=heads, plan=plan,
+                          cuda_arch=arch,
                           separate_weights=args.separate_weights,
                           plan_prediction=plan_prediction(args.plan) if args.plan else None,
                           tuning_db=args.tuning_db, draft_dtype=args.draft_dtype,
@@ -287,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-heads", action="store_true",
                    help="compile without Medusa heads (no speculation)")
     c.add_argument("--plan", help="plan.json from `hetcomp tune`: partition across units")
-    c.add_argument("--cuda-arch", default=DEFAULT_CUDA_ARCH,
+    c.add_argument("--cuda-arch", type=_cuda_arch,
                    help=f"GPU architecture of cuda units (default {DEFAULT_CUDA_ARCH}; "
                         "Jetson Orin: sm_87)")
     c.add_argument("--no-cuda-graph", action="store_true",

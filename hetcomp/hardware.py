@@ -13,6 +13,7 @@ the planner and the cost models read it without a compiler.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from .errors import HetcompError
 
@@ -121,6 +122,16 @@ def host_cpu_name() -> str:
 # The GPU architecture of `--target cuda` and of GPU units without an explicit one: the
 # H100/H200 class this project has measured on. `--cuda-arch` overrides it.
 DEFAULT_CUDA_ARCH = "sm_90"
+
+
+def check_cuda_arch(arch: str) -> str:
+    """``arch`` when it names an NVIDIA GPU architecture as TVM and nvcc take it (``sm_87``,
+    ``sm_90a``); else one line of error, before any work (TVM's own check comes after the
+    model is built, as a traceback)."""
+    if not re.fullmatch(r"sm_\d{2,3}[af]?", arch):
+        raise HetcompError(f"--cuda-arch {arch!r} is not an NVIDIA GPU architecture (sm_87: "
+                           "Jetson Orin, sm_90: H100/H200)")
+    return arch
 
 
 def target_dict(name: str, cuda_arch: str = DEFAULT_CUDA_ARCH) -> dict:

@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 
+from ..artifact_format import check_output, is_png, output_file
 from ..errors import HetcompError
 from ..profile.bandwidth import measure_read_bandwidth
 from ..runtime import generate, load_artifact
@@ -184,6 +185,12 @@ def bench(artifact: str, widths: list[int] | None = None, runs: int = 5, new_tok
         raise HetcompError("--lookup must be at least 0")
     if widths is not None and (not widths or min(widths) < 1):
         raise HetcompError("--widths must be positive integers")
+    if plot is not None:  # before the long work: a plot replaces a plot, nothing else
+        if not widths:
+            raise HetcompError("--plot draws the widths' speeds: it needs --widths")
+        if os.path.splitext(plot)[1].lower() != ".png":
+            raise HetcompError(f"--plot writes a PNG: give a path ending in .png, not {plot}")
+        check_output(plot, is_png, "PNG plot", force=True)
     art = load_artifact(artifact, verify=verify)
     texts = bench_prompts(art.manifest, prompts)
     bad = [w for w in (widths or [1]) if w != 1 and w not in art.trees]
@@ -229,7 +236,9 @@ def bench(artifact: str, widths: list[int] | None = None, runs: int = 5, new_tok
         report["best_width"] = best["width"]
         report["speedup_best_vs_w1"] = best["tokens_per_s"] / base["tokens_per_s"]
         plot = plot or os.path.join(art.path, "bench_widths.png")
-        plot_widths(rows, plot, f"{art.manifest['model']} ({art.dtype}): speculative decoding")
+        with output_file(plot, is_png, "PNG plot") as tmp:
+            plot_widths(rows, tmp, f"{art.manifest['model']} ({art.dtype}): speculative "
+                        "decoding")
         report["plot"] = plot
     report["peak_rss_mb"] = peak_rss_mb()
     return report

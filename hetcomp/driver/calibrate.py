@@ -321,6 +321,8 @@ def calibrate_model(model: str, opts: CalibrateOptions, output: str, reuse: str 
     out = output if output.endswith(".npz") else output + ".npz"
     check_output(out, is_heads_file, "Medusa heads file", force)
     data = load_cache(reuse) if reuse else None
+    if data is None:  # the corpus, responses and split, before a compile's worth of work
+        split_prompts(opts, read_responses(opts.responses) if opts.responses else None)
     loaded = load_model(model)
     if data is not None:  # the saved data replaces the compiled model's run
         heads = calibrate(None, loaded[1]["embed"], opts, data=data,

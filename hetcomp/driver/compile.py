@@ -43,6 +43,7 @@ from ..hardware import (
     ORIN_NX_CPU,
     SPECS,
     DeviceSpec,
+    check_cuda_arch,
     target_dict,
 )
 from ..passes.partition_hetero import PARAM_SPLIT_ATTR
@@ -157,6 +158,12 @@ class CompileOptions:
         if self.tuning_db is not None and (self.target != "host" or self.plan is not None):
             raise HetcompError("--tuning-db applies to --target host without --plan (records "
                                "are measured on this machine's CPU)")
+        if self.tuning_db is not None and not os.path.isdir(self.tuning_db):
+            # A root that holds no machine's records is a typo, not "untuned" (another
+            # machine's root, without this one's fingerprint, falls back to the rules).
+            raise HetcompError(f"tuning database root not found: {self.tuning_db} (`hetcomp "
+                               "tune --kernels -o ROOT` makes one)")
+        check_cuda_arch(self.cuda_arch)
 
 
 def _progress(step: int, total: int, what: str, quiet: bool) -> None:

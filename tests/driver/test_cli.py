@@ -82,6 +82,39 @@ def test_bad_options(tmp_path, cli):
     assert not (tmp_path / "h.npz").exists()
 
 
+def test_options_checked_before_the_work(tmp_path, tiny_artifact, cli):
+    """What would fail at the end (a plot's path, TVM's check of the GPU architecture) or be
+    ignored (a mistyped tuning root, --cuda-arch of a CPU build, a plot without widths) is
+    refused first, in one line; a user's file is never replaced by a plot."""
+    art, _ = tiny_artifact
+    rc, _, err = cli("bench", art, "--plot", tmp_path / "w.png")
+    assert_one_line_error(rc, err, "needs --widths")
+    rc, _, err = cli("bench", art, "--widths", "1", "--plot", tmp_path / "w.txt")
+    assert_one_line_error(rc, err, "ending in .png")
+    notes = tmp_path / "notes.png"
+    notes.write_text("mine")
+    rc, _, err = cli("bench", art, "--widths", "1", "--plot", notes)
+    assert_one_line_error(rc, err, "refusing to replace")
+    assert notes.read_text() == "mine"
+    plot = tmp_path / "new" / "w.png"  # a missing folder is made; a plot replaces a plot
+    for _ in range(2):
+        rc, _, err = cli("bench", art, "--widths", "1", "--runs", 1, "--new-tokens", 2,
+                         "--plot", plot)
+        assert rc == 0, err
+        assert plot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert os.listdir(plot.parent) == ["w.png"]  # no temporary file left
+
+    rc, _, err = cli("compile", "--target", "cuda", "--cuda-arch", "ampere", "-o", tmp_path / "x")
+    assert_one_line_error(rc, err, "not an NVIDIA GPU architecture")
+    rc, _, err = cli("compile", "--cuda-arch", "sm_87", "-o", tmp_path / "x")
+    assert_one_line_error(rc, err, "--cuda-arch is the GPU of --target cuda")
+    rc, _, err = cli("compile", "--tuning-db", tmp_path / "no-db", "-o", tmp_path / "x")
+    assert_one_line_error(rc, err, "tuning database root not found")
+    rc, _, err = cli("calibrate", "--corpus", tmp_path / "none.txt", "-o", tmp_path / "x")
+    assert_one_line_error(rc, err, "corpus not found")
+    assert sorted(os.listdir(tmp_path)) == ["new", "notes.png"]
+
+
 def test_bad_artifacts(tmp_path, tiny_artifact, cli):
     path, _ = tiny_artifact
     # A real process (generate loads with the runtime only); the other cases run in-process.
