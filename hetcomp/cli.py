@@ -153,7 +153,10 @@ def cmd_chat(args) -> int:
             print(piece, end="", flush=True)
         print(flush=True)
         res = chat.last
-        print(f"[turn {turn}: prefilled {chat.last_prefilled} tokens, {len(res.ids)} new, "
+        n = chat.last_dropped
+        dropped = (f"dropped the {'oldest exchange' if n == 1 else f'{n} oldest exchanges'} "
+                   "to fit the context, " if n else "")
+        print(f"[turn {turn}: {dropped}prefilled {chat.last_prefilled} tokens, {len(res.ids)} new, "
               f"{res.decode_tokens_per_s:.1f} tokens/s, width {chat.width}]", file=sys.stderr,
               flush=True)
     return 0

@@ -61,6 +61,14 @@ class Chat:
     cached tokens it shares with that rendering, and prefills only the rest (the new user
     turn and the template's markers), so the reply is the one a fresh generation of the
     whole conversation would give.
+
+    When the conversation, the new turn and its reply (``max_new_tokens``) would not fit the
+    context, the oldest exchanges (a user turn and its reply; the system message stays) are
+    dropped from :attr:`messages` until the prompt takes at most half of the room (so the
+    next turns append to the cache again instead of each dropping one exchange and
+    prefilling the rest anew), and the conversation from the first change on is prefilled
+    again: the reply is then the one a fresh generation of the kept conversation gives.
+    :attr:`last_dropped` counts a turn's dropped exchanges.
     """
 
     def __init__(self, artifact: str | Artifact, max_new_tokens: int = 256,
@@ -75,20 +83,39 @@ class Chat:
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self.session = self.art.new_session()
         self.last: GenerationResult | None = None
-        self.last_prefilled = 0
+        self.last_prefilled = self.last_dropped = 0
 
     def prompt_ids(self, text: str) -> list[int]:
         """The token ids of the conversation so far plus the user turn ``text``."""
         msgs = [*self.messages, {"role": "user", "content": text}]
         return self.art.tokenizer.encode_text(self.art.tokenizer.render(msgs))
 
+    def fit(self, text: str) -> tuple[list[int], int]:
+        """``(prompt ids, exchanges dropped)``: the conversation plus the user turn ``text``,
+        its oldest exchanges dropped until the prompt and the reply fit the context."""
+        context = self.art.config.max_context
+        room = context - self.max_new_tokens - self.width  # as Generation checks it
+        first = 1 if self.messages and self.messages[0]["role"] == "system" else 0
+        dropped, ids = 0, self.prompt_ids(text)
+        if len(ids) <= room:
+            return ids, 0
+        while len(ids) > room // 2 and len(self.messages) - first >= 2:
+            del self.messages[first: first + 2]
+            dropped += 1
+            ids = self.prompt_ids(text)
+        if len(ids) > room:
+            raise HetcompError(
+                f"this turn ({len(ids)} tokens with the template) and --max-new-tokens "
+                f"({self.max_new_tokens}) do not fit the context of {context} tokens")
+        return ids, dropped
+
     def send(self, text: str) -> Iterator[str]:
         """Stream the reply to the user turn ``text``; the turn is kept once it is done."""
-        ids = self.prompt_ids(text)
+        ids, dropped = self.fit(text)
         gen = Generation(self.art, ids, max_new_tokens=self.max_new_tokens, width=self.width,
                          lookup=self.lookup, session=self.session)
         reply = TextGeneration(gen, self.art.tokenizer)
         yield from reply
-        self.last, self.last_prefilled = reply.result, gen.prefilled
+        self.last, self.last_prefilled, self.last_dropped = reply.result, gen.prefilled, dropped
         self.messages += [{"role": "user", "content": text},
                           {"role": "assistant", "content": self.last.text}]

@@ -4,7 +4,10 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from hetcomp.driver import Chat, generate
+from hetcomp.errors import HetcompError
 from hetcomp.runtime import generate as generate_ids
 from hetcomp.runtime import load_artifact
 
@@ -67,3 +70,26 @@ def test_chat_api_speculates_losslessly(smollm2_artifact):
                          max_new_tokens=16)
     assert replies[1] == fresh.text
     assert json.dumps(chat.messages)  # a conversation that can be saved
+
+
+def test_chat_drops_the_oldest_exchanges_when_the_context_is_full(smollm2_artifact):
+    """A conversation that outgrows the context loses its oldest exchanges (the system
+    message stays) down to half the room, and the reply is still the one a fresh generation
+    of the kept conversation gives; a turn that cannot fit alone is one line of error."""
+    chat = Chat(smollm2_artifact, max_new_tokens=8, system="Be brief.")
+    tok, context = chat.art.tokenizer, chat.art.config.max_context
+    sentence = "The quick brown fox jumps over the lazy dog. "
+    long = "Count the foxes: " + sentence * (4 * context // 10 // len(tok.encode_text(sentence)))
+    for t in (long, long):  # each ~0.4 of the context: two fit
+        "".join(chat.send(t))
+        assert chat.last_dropped == 0
+    reply = "".join(chat.send(long))  # the third does not: both earlier exchanges go
+    assert chat.last_dropped == 2
+    assert [m["role"] for m in chat.messages] == ["system", "user", "assistant"]
+    kept = tok.encode_text(tok.render(chat.messages[:-1]))
+    assert len(kept) <= (context - 8 - chat.width) // 2
+    assert 0 < chat.last_prefilled < len(kept)  # the system message's tokens stayed cached
+    fresh = generate_ids(chat.art, kept, max_new_tokens=8)
+    assert reply == fresh.text
+    with pytest.raises(HetcompError, match="do not fit the context"):
+        "".join(chat.send(long * 3))
