@@ -112,6 +112,16 @@ def main() -> int:
             lines.append(f"| {name} | {w} | {x['tokens_per_s']:.1f} | "
                          f"{x['accepted_per_step']:.2f} | {x['identical_to_sequential']} | "
                          f"{r['identical_to_first_artifact']} |")
+    # Where output differed (run.py's first_divergence): a near-tie or a wrong kernel.
+    diverged = [(f"{name} against the first artifact", r["first_divergence"])
+                for name, r in res["artifacts"].items() if r.get("first_divergence")]
+    diverged += [(f"{name} at W={k[1:]} against W=1", r[k]["first_divergence"])
+                 for name, r in res["artifacts"].items() for k in r
+                 if k[0] == "w" and k[1:].isdigit() and r[k].get("first_divergence")]
+    if diverged:
+        lines += ["", ("First divergences (this artifact's logits of its token and the "
+                       "other's, on the same context):"), ""]
+        lines += [f"- {what}: {json.dumps(d)}" for what, d in diverged]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, "report.md"), "w") as fh:
         fh.write(text)

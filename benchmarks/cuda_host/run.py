@@ -158,6 +158,9 @@ def measure_artifact(art, prompts: list[list[int]], reference: list | None = Non
             "tokens_per_s": float(np.mean([x.decode_tokens_per_s for x in runs[w]])),
             "accepted_per_step": float(np.mean([x.accepted_per_step for x in runs[w]])),
             "identical_to_sequential": outs[w] == outs[gen_widths[0]]}
+        if not r[f"w{w}"]["identical_to_sequential"]:
+            r[f"w{w}"]["first_divergence"] = first_divergence(art, prompts, outs[w],
+                                                              outs[gen_widths[0]])
         say(f"W={w} {r[f'w{w}']}")
     seq = r[f"w{gen_widths[0]}"]["tokens_per_s"]
     best = max(gen_widths, key=lambda w: r[f"w{w}"]["tokens_per_s"])
@@ -166,6 +169,9 @@ def measure_artifact(art, prompts: list[list[int]], reference: list | None = Non
     r["ids_w1"] = outs[gen_widths[0]]
     r["text"] = art.tokenizer.decode(runs[gen_widths[0]][0].ids)
     r["identical_to_first_artifact"] = reference is None or r["ids_w1"] == reference
+    if not r["identical_to_first_artifact"]:
+        r["first_divergence"] = first_divergence(art, prompts, r["ids_w1"], reference)
+        say(f"differs from the first artifact: {r['first_divergence']}")
     steps = {w: step_breakdown(art, w, steps=10, cache_len=64)
              for w in sorted({*step_widths, *breakdown_widths})}
     r["step_s"] = {str(w): steps[w]["step_s"] for w in step_widths}
@@ -180,6 +186,40 @@ def measure_artifact(art, prompts: list[list[int]], reference: list | None = Non
         say(f"W={row['width']} step {row['step_ms']} ms: VM {row['vm_ms']}, wait "
             f"{row['wait_ms']} ({row['reads_per_step']} reads), host {row['host_ms']}")
     return r
+
+
+def first_divergence(art, prompts: list[list[int]], ids: list[list[int]],
+                     reference: list[list[int]]) -> dict | None:
+    """Where greedy ``ids`` first leave ``reference`` (the same prompts, decoded by another
+    artifact or width): the prompt, the position, both tokens, and this artifact's W = 1
+    logits of both there, on the reference's context (equal to this one's up to there).
+    A margin of a few thousandths of the logits' scale is a near-tie that float16 rounding
+    or another summation order flips; a wide one is a wrong kernel, which the device
+    session then knows without spending minutes on it."""
+    import numpy as np
+
+    for p, (prompt, own, ref) in enumerate(zip(prompts, ids, reference, strict=True)):
+        i = next((k for k, (a, b) in enumerate(zip(own, ref)) if a != b), None)
+        if i is None:
+            if len(own) == len(ref):
+                continue
+            i = min(len(own), len(ref))  # one stopped early (EOS): no token to compare
+            return {"prompt": p, "position": i, "lengths": [len(own), len(ref)]}
+        ctx = list(prompt) + list(ref[:i])
+        sess = art.new_session()
+        if len(ctx) > 1:
+            sess.prefill(ctx[:-1])
+        _, _, logits = sess.verify(np.asarray(ctx[-1:], "int32"), np.asarray([len(ctx) - 1]),
+                                   np.ones((1, 1), "int32"))
+        row = logits.numpy()[0].astype(np.float64)
+        top = np.argsort(row)[-2:][::-1]
+        return {"prompt": p, "position": i, "token": int(own[i]),
+                "reference_token": int(ref[i]),
+                "logits": [round(float(row[own[i]]), 5), round(float(row[ref[i]]), 5)],
+                "margin": round(float(row[own[i]] - row[ref[i]]), 5),
+                "scale": round(float(row.max() - np.median(row)), 3),
+                "top2": [[int(t), round(float(row[t]), 5)] for t in top]}
+    return None
 
 
 def _summary(results: dict) -> None:

@@ -7,10 +7,12 @@ import json
 import os
 
 import numpy as np
+import pytest
 
+from hetcomp.driver.bench import BENCH_PROMPTS
 from hetcomp.driver.compile import CompileOptions, compile_model
 from hetcomp.frontend.weights import random_weights
-from hetcomp.runtime import attach_weights
+from hetcomp.runtime import attach_weights, load_artifact
 from hetcomp.speculative.medusa import MedusaHeads
 from hetcomp.testing import TINY, byte_tokenizer_spec
 from hetcomp.testing.gguf_writer import write_gguf
@@ -70,6 +72,22 @@ def test_run_measures_a_bundle(tmp_path, monkeypatch):
     split = {row["width"]: row for row in r["host_split"]}
     assert set(split) == {1, r["speculative_speedup"]["width"]}
     assert all(row["step_ms"] > 0 and row["vm_ms"] > 0 for row in split.values())
+    assert "first_divergence" not in r
+
+    # Output that differs says where and by how much: a reference whose prompt 1 leaves
+    # this artifact's ids at position 3 (as another artifact's would).
+    art = load_artifact(str(bundle / "art" / "gpu"))
+    prompts = [art.tokenizer.encode(p) for p in BENCH_PROMPTS]  # run()'s, without heads info
+    own = r["ids_w1"]
+    ref = [list(ids) for ids in own]
+    ref[1][3] = (own[1][3] + 1) % TINY.vocab_size
+    assert run_py.first_divergence(art, prompts, own, own) is None
+    d = run_py.first_divergence(art, prompts, own, ref)
+    assert (d["prompt"], d["position"]) == (1, 3)
+    assert (d["token"], d["reference_token"]) == (own[1][3], ref[1][3])
+    # this artifact's own choice is its argmax there: a positive margin, its top token
+    assert d["top2"][0][0] == own[1][3] and d["margin"] > 0
+    assert d["logits"][0] - d["logits"][1] == pytest.approx(d["margin"], abs=2e-5)
 
 
 def test_gemv_reference_reads_both_weight_layouts():
