@@ -13,7 +13,7 @@ import zipfile
 
 import numpy as np
 
-from ..artifact_format import check_output
+from ..artifact_format import check_output, is_png, output_file
 from ..data import packaged_file
 from ..errors import HetcompError
 from ..frontend import load_model
@@ -320,6 +320,7 @@ def calibrate_model(model: str, opts: CalibrateOptions, output: str, reuse: str 
         raise HetcompError("--reuse trains on saved data; --cache saves new data: pick one")
     out = output if output.endswith(".npz") else output + ".npz"
     check_output(out, is_heads_file, "Medusa heads file", force)
+    check_output(out[:-4] + ".png", is_png, "PNG plot", force=True)  # the plot beside it
     data = load_cache(reuse) if reuse else None
     if data is None:  # the corpus, responses and split, before a compile's worth of work
         split_prompts(opts, read_responses(opts.responses) if opts.responses else None)
@@ -335,7 +336,8 @@ def calibrate_model(model: str, opts: CalibrateOptions, output: str, reuse: str 
             heads = calibrate(load_artifact(f"{tmp}/art"), loaded[1]["embed"], opts,
                               lm_head=loaded[1].get("lm_head"))
     heads.save(out)
-    plot_statistics(heads, out[:-4] + ".png")
+    with output_file(out[:-4] + ".png", is_png, "PNG plot") as tmp:
+        plot_statistics(heads, tmp)
     tau = heads.info["tau"]
     return {"heads": out, "plot": out[:-4] + ".png",
             "topk_accuracy_top1": [round(a[0], 4) for a in heads.info["topk_accuracy"]],

@@ -264,6 +264,9 @@ def tune_kernels_command(model: str = "smollm2", db_root: str = "tuning",
     timings on a small machine)."""
 
     say = progress or _say
+    if os.path.lexists(db_root) and not os.path.isdir(db_root):
+        raise HetcompError(f"{db_root} is a file: -o of `tune --kernels` is the folder of the "
+                           "tuning databases (one per machine)")
     shape, _ = read_model_shape(model)
     kinds = tuple(kinds or KernelTuneOptions.kinds)
     kopts = KernelTuneOptions(kinds=kinds, widths=tuple(widths), trials_per_kernel=trials)

@@ -72,8 +72,8 @@ class ProfileDB:
     def __init__(self, path: str):
         self.path = path
         if os.path.lexists(path) and not _is_sqlite(path):
-            raise HetcompError(f"{path} exists and is not a profile database: refusing to "
-                               "write into it (choose another -o)")
+            raise HetcompError(f"{path} exists and is not a profile database (SQLite): "
+                               "refusing to use it")
         try:
             self._con = sqlite3.connect(path)
             self._con.executescript(_SCHEMA)

@@ -112,6 +112,11 @@ def test_options_checked_before_the_work(tmp_path, tiny_artifact, cli):
     assert_one_line_error(rc, err, "tuning database root not found")
     rc, _, err = cli("calibrate", "--corpus", tmp_path / "none.txt", "-o", tmp_path / "x")
     assert_one_line_error(rc, err, "corpus not found")
+    rc, _, err = cli("calibrate", "-o", tmp_path / "notes")  # notes.png: the plot's path
+    assert_one_line_error(rc, err, "refusing to replace")
+    rc, _, err = cli("tune", "--kernels", "-o", notes)
+    assert_one_line_error(rc, err, "is a file")
+    assert notes.read_text() == "mine"
     assert sorted(os.listdir(tmp_path)) == ["new", "notes.png"]
 
 

@@ -1,16 +1,24 @@
 """Speculative decoding is lossless: token-identical to sequential greedy decoding."""
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
 
-from hetcomp.driver.calibrate import CalibrateOptions, calibrate, load_cache, make_targets
+from hetcomp.driver.calibrate import (
+    CalibrateOptions,
+    calibrate,
+    calibrate_model,
+    load_cache,
+    make_targets,
+)
 from hetcomp.driver.compile import CompileOptions, compile_model
 from hetcomp.frontend.weights import random_weights
 from hetcomp.runtime import generate, load_artifact
 from hetcomp.speculative.medusa import MedusaHeads
 from hetcomp.testing import TINY, byte_tokenizer_spec
+from hetcomp.testing.gguf_writer import write_gguf
 
 WIDTHS = (2, 4, 8, 16)
 
@@ -51,6 +59,25 @@ def tiny_speculative(tmp_path_factory):
     compile_model(CompileOptions(model="tiny", heads=str(tmp / "heads.npz"), widths=WIDTHS),
                   str(tmp / "spec"), quiet=True, weights=loaded)
     return load_artifact(str(tmp / "spec"))
+
+
+def test_calibrate_writes_heads_and_plot_into_place(tiny_speculative, tmp_path):
+    """`hetcomp calibrate --reuse` end to end (the fixture's saved data, the same tiny model
+    as a GGUF): the heads and their statistics plot beside them, each renamed into place;
+    with --force a second run replaces both."""
+    data = os.path.join(os.path.dirname(tiny_speculative.path), "data.npz")
+    gguf = tmp_path / "tiny.gguf"
+    write_gguf(gguf, TINY, random_weights(TINY, seed=11), byte_tokenizer_spec(TINY.vocab_size))
+    out = tmp_path / "out" / "heads"
+    opts = CalibrateOptions(corpus="unused", num_heads=3, new_tokens=40, epochs=1,
+                            held_out=0.25)
+    for force in (False, True):
+        summary = calibrate_model(str(gguf), opts, str(out), reuse=data, force=force)
+        assert summary["heads"] == f"{out}.npz" and summary["plot"] == f"{out}.png"
+        assert MedusaHeads.load(summary["heads"]).num_heads == 3
+        with open(summary["plot"], "rb") as fh:
+            assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+        assert sorted(os.listdir(out.parent)) == ["heads.npz", "heads.png"]
 
 
 def test_tiny_speculation_is_lossless(tiny_speculative):
