@@ -59,7 +59,15 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=3)
     ap.add_argument("-o", "--out")
     args = ap.parse_args()
-    out = args.out or tempfile.mkdtemp(prefix="hetcomp-emulated-")
+    if args.out:
+        compare(args, args.out)
+    else:  # ~1.6 GB of artifacts a run: gone with the run (each run left its copy behind)
+        with tempfile.TemporaryDirectory(prefix="hetcomp-emulated-") as out:
+            compare(args, out)
+
+
+def compare(args, out: str) -> None:
+    """Build into ``out`` and decode the bench prompts with both artifacts."""
     emulated, cpu = build(args.model, args.dtype, args.width, out)
     same = True
     for prompt in BENCH_PROMPTS[:args.prompts]:
