@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 
 from .errors import HetcompError
 from .hardware import DEFAULT_CUDA_ARCH, check_cuda_arch
@@ -476,8 +478,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminated(signum, frame):
+    # `kill` or `timeout` unwinds like Ctrl-C: the temporary output folders are removed
+    # (Python's default for SIGTERM exits without running any cleanup).
+    raise SystemExit(128 + signum)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
     try:
         return args.func(args)
     except HetcompError as e:
@@ -491,6 +501,9 @@ def main(argv=None) -> int:
         print(f"hetcomp: internal error: {type(e).__name__}: {e} (HETCOMP_DEBUG=1 for details)",
               file=sys.stderr)
         return 1
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ cases), which saves a process start and TVM's import per call."""
 import json
 import os
 import shutil
+import signal
 
 import pytest
 
@@ -118,6 +119,25 @@ def test_options_checked_before_the_work(tmp_path, tiny_artifact, cli):
     assert_one_line_error(rc, err, "is a file")
     assert notes.read_text() == "mine"
     assert sorted(os.listdir(tmp_path)) == ["new", "notes.png"]
+
+
+def test_terminated_compile_leaves_nothing(tmp_path, tiny_gguf, cli, monkeypatch):
+    """SIGTERM (`kill`, `timeout`) while the artifact is being written: the temporary
+    folder beside the output is removed, as for Ctrl-C, and the exit status says so."""
+    from hetcomp.codegen import export
+
+    def write_params(*args):
+        os.kill(os.getpid(), signal.SIGTERM)  # handled at the next Python instruction
+        return real(*args)
+
+    real = export.write_params
+    monkeypatch.setattr(export, "write_params", write_params)
+    before = signal.getsignal(signal.SIGTERM)
+    rc, _, _ = cli("compile", "--model", tiny_gguf, "--max-context", 128, "--quiet",
+                   "-o", tmp_path / "art")
+    assert rc == 128 + signal.SIGTERM
+    assert os.listdir(tmp_path) == []  # neither the artifact nor its temporary folder
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler lives as long as main
 
 
 def test_bad_artifacts(tmp_path, tiny_artifact, cli):
