@@ -60,9 +60,10 @@ if toolchain is None:
 else:
     arm = apply_rules(sa.sparse_tree_attention(H, G, D), arm_rules(),
                       AARCH64_NEON)
-    kernel = QemuKernel(arm, "sparse_tree_attention", num_outputs=1, check=sa.check_inputs,
-                        workdir=tempfile.mkdtemp(), toolchain=toolchain)
-    (part_arm,) = kernel(q, k, v, row_ptr, col_idx)
+    with tempfile.TemporaryDirectory() as work:  # the object, the harness, the inputs
+        kernel = QemuKernel(arm, "sparse_tree_attention", num_outputs=1,
+                            check=sa.check_inputs, workdir=work, toolchain=toolchain)
+        (part_arm,) = kernel(q, k, v, row_ptr, col_idx)
     o_arm = part_arm[..., :D].transpose(1, 0, 2)
     print("aarch64 kernel under qemu, max error:", float(np.abs(o_arm - o_ref).max()))
     asm = kernel.asm
