@@ -495,6 +495,9 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `hetcomp generate ... | head`: the reader left; end quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (exit's flush)
+        return 128 + signal.SIGPIPE
     except Exception as e:  # a bug, not bad input: still one line unless debugging
         if os.environ.get("HETCOMP_DEBUG"):
             raise

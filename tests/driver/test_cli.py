@@ -8,6 +8,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -138,6 +140,18 @@ def test_terminated_compile_leaves_nothing(tmp_path, tiny_gguf, cli, monkeypatch
     assert rc == 128 + signal.SIGTERM
     assert os.listdir(tmp_path) == []  # neither the artifact nor its temporary folder
     assert signal.getsignal(signal.SIGTERM) == before  # the handler lives as long as main
+
+
+def test_a_reader_that_leaves_ends_generate_quietly(tiny_artifact):
+    """`hetcomp generate ... | head`: the pipe closes before the text is written; the
+    command ends without an error line, with the status a shell gives SIGPIPE."""
+    proc = subprocess.Popen([sys.executable, "-m", "hetcomp", "generate", tiny_artifact[0],
+                             "--prompt-ids", "5,6,7", "--max-new-tokens", "8"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # the only reader: every write now fails with EPIPE
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 128 + signal.SIGPIPE, err
+    assert "error" not in err and "Traceback" not in err
 
 
 def test_bad_artifacts(tmp_path, tiny_artifact, cli):
