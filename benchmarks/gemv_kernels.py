@@ -29,7 +29,9 @@ Variants: ``column`` (gpu.LinearColumn: a thread per column), ``splitk`` (gpu.Sp
 ``tensorcore`` (gpu.TensorCoreLinear, float16 at W = 16 and 64 only: WMMA, x as hi and lo
 float16 terms; a warp loads W's tiles of several k steps before it uses any and stages x
 for several steps a barrier pair), ``tensorcore_step`` (the same a k step at a time: a DRAM
-round trip and a barrier pair per step), ``tensorcore2`` and ``tensorcore4`` (2 or 4 column
+round trip and a barrier pair per step), ``tensorcore_rounds`` (the warps a block that stage
+x in the fewest rounds, where that is fewer warps than the rule's: SmolLM2's o and qkv at
+W = 64 with one warp in 4 rounds, not four in 9), ``tensorcore2`` and ``tensorcore4`` (2 or 4 column
 tiles a block on every layer: each block reads all of x, W x K, for 16 J columns of W, so
 at W = 64 a 16-column tile reads 8x its weight bytes in x, at the price of a grid of
 N / 16 J blocks; the rule takes J = 4 only for the LM head),
@@ -97,6 +99,15 @@ def nt_linear(n: int, k: int, wdtype: str, residual: bool, rows):
     return te.create_prim_func([*args, y], index_dtype_override="int64")
 
 
+def _same_warps(n: int, k: int, w: int, halves: int = 1) -> bool:
+    """Whether ``fewest_rounds`` picks the tensor-core rule's own warps for a layer of ``n``
+    outputs (all halves) at ``w`` rows: no other variant to time."""
+    most, fewest = TensorCoreLinearRule(), TensorCoreLinearRule(fewest_rounds=True)
+    tiles = most.column_tiles(n // halves, w, halves) if w % 16 == 0 else None
+    return tiles is None or (most.slices(w, halves, k, tiles)
+                             == fewest.slices(w, halves, k, tiles))
+
+
 def _first(func, rules, target):
     with target:
         for rule in rules:
@@ -133,6 +144,8 @@ def kernels(target, dtypes=DTYPES, kinds=KINDS, widths=WIDTHS):
                                "tensorcore": (packed, [TensorCoreLinearRule()]),
                                "tensorcore_step": (packed, [TensorCoreLinearRule(
                                    prefetch=False)]),
+                               "tensorcore_rounds": (packed, [TensorCoreLinearRule(
+                                   fewest_rounds=True)]),
                                "tensorcore2": (packed, [TensorCoreLinearRule(tiles=2)]),
                                "tensorcore4": (packed, [TensorCoreLinearRule(tiles=4)]),
                                "dlight": (packed, dlight),
@@ -142,6 +155,8 @@ def kernels(target, dtypes=DTYPES, kinds=KINDS, widths=WIDTHS):
                     fixed = {"tensorcore2": 2, "tensorcore4": 4}.get(variant)
                     if fixed and TensorCoreLinearRule().column_tiles(n, w) == fixed:
                         continue  # the rule's own choice (the LM head's J = 4)
+                    if variant == "tensorcore_rounds" and _same_warps(n, k, w):
+                        continue  # the rule's own warps already stage in the fewest rounds
                     got = _first(func, rules, target)
                     if got is None:
                         continue
@@ -173,6 +188,7 @@ def chain_kernels(target, widths=WIDTHS) -> list[dict]:
     ``func``. A fused kernel replaces the norm, the ``splitk`` linear of its dtype and (gated)
     the activation. At W = 16 and 64 the float16 chains also come on tensor cores
     (``fusedtc_f16_*``, gpu.TensorCoreLinear; ``fusedtcstep_*``: a k step at a time;
+    ``fusedtcrounds_*``: the warps that stage x in the fewest rounds, where they differ;
     ``fusedtc2_*``, ``fusedtc4_*``: 2 and 4 column tiles a block, ``cols`` 32 and 64,
     where the accumulators fit). The gated q4_1 kernel also comes with 16
     columns a block (``fused16_q41_gate_up_w*``: 96 blocks, not 48, at half-sector reads).
@@ -193,6 +209,10 @@ def chain_kernels(target, widths=WIDTHS) -> list[dict]:
                                           if act else ()),
                                         (TensorCoreLinearRule(), "tc", 16),
                                         (TensorCoreLinearRule(prefetch=False), "tcstep", 16),
+                                        *(((TensorCoreLinearRule(fewest_rounds=True),
+                                            "tcrounds", 16),)
+                                          if not _same_warps(n, k, w, 2 if act else 1)
+                                          else ()),
                                         (TensorCoreLinearRule(tiles=2), "tc2", 32),
                                         (TensorCoreLinearRule(tiles=4), "tc4", 64)):
                 got = _first(func, [rule_obj], target)

@@ -370,7 +370,8 @@ def _tensor_core_summary(results: list[dict]) -> None:
     for (variant, kind, w), us in sorted(hot.items()):
         if variant == "tensorcore" and ("splitk", kind, w) in hot:
             tiles = ", ".join(f"{label} {hot[v, kind, w]:.2f} us" for label, v in (
-                ("a step at a time", "tensorcore_step"), ("J=2", "tensorcore2"),
+                ("a step at a time", "tensorcore_step"),
+                ("fewest staging rounds", "tensorcore_rounds"), ("J=2", "tensorcore2"),
                 ("J=4", "tensorcore4")) if (v, kind, w) in hot)
             say(f"tensor cores {kind} W={w}: {us:.2f} us ({tiles}), split K "
                 f"{hot['splitk', kind, w]:.2f} us, W=1 split K "

@@ -487,6 +487,12 @@ class TensorCoreLinearRule(_BASE):
     every layer, since where ``J`` pays (x read once per 16 J columns against a grid of
     fewer blocks) is a measurement, not a rule of thumb.
 
+    ``fewest_rounds=True`` picks ``T`` for the fewest staging rounds (``S / D_x``, a barrier
+    pair and an L2 round trip for x each) instead of the most warps: SmolLM2 at W = 64
+    stages x in 9 rounds with T = 4 warps, in 6 with 2, in 4 with 1. Fewer warps leave a
+    block fewer products in flight; which costs more is a measurement (the device kit's
+    ``tensorcore_rounds``), so the default stays the most warps.
+
     ``tensorize=False`` leaves the WMMA stages as plain blocks (the same loops and buffers),
     which the CPU can run (:func:`hetcomp.testing.gpu.emulated_module`). The rule reads only
     the kernel's attributes and arguments, so it also applies to a kernel it scheduled.
@@ -494,11 +500,12 @@ class TensorCoreLinearRule(_BASE):
 
     def __init__(self, tensorize: bool = True, max_rows: int = 64, max_slices: int = 8,
                  shared_bytes: int = 48 << 10, min_blocks: int = 256, tiles: int | None = None,
-                 prefetch: bool = True, fragment_regs: int = 128):
+                 prefetch: bool = True, fragment_regs: int = 128, fewest_rounds: bool = False):
         self.tensorize, self.max_rows = tensorize, max_rows
         self.max_slices, self.shared_bytes = max_slices, shared_bytes
         self.min_blocks, self.tiles = min_blocks, tiles
         self.prefetch, self.fragment_regs = prefetch, fragment_regs
+        self.fewest_rounds = fewest_rounds
 
     def column_tiles(self, cols: int, rows: int = 16, halves: int = 1) -> int | None:
         """``J``: 16-column tiles a block (of each half's ``cols`` columns), at most as many
@@ -513,16 +520,19 @@ class TensorCoreLinearRule(_BASE):
         return 4 if cols % 64 == 0 and cols // 64 >= self.min_blocks and fits(4) else 1
 
     def slices(self, rows: int, halves: int, k: int, tiles: int = 1) -> int | None:
-        """Warps (K slices) of a block, or None when K is not a multiple of 16."""
-        t = self.max_slices
-        while t >= 1:
-            # x's hi and lo terms (float16) and the partials (float32) per warp, and a
-            # fused norm's sums of squares
-            if (k % (16 * t) == 0 and 64 * t * rows * (1 + halves * tiles) + 4 * rows
-                    <= self.shared_bytes):
-                return t
-            t //= 2
-        return None
+        """Warps (K slices) of a block, or None when K is not a multiple of 16: the most
+        that fit, or with ``fewest_rounds`` the fewest staging rounds (ties: more warps)."""
+        fits = [t for t in (8, 4, 2, 1) if t <= self.max_slices and k % (16 * t) == 0
+                # x's hi and lo terms (float16) and the partials (float32) per warp, and a
+                # fused norm's sums of squares
+                and 64 * t * rows * (1 + halves * tiles) + 4 * rows <= self.shared_bytes]
+        if not fits or not self.fewest_rounds:
+            return fits[0] if fits else None
+        return min(fits, key=lambda t: (self.staging_rounds(rows, halves, k, tiles, t), -t))
+
+    def staging_rounds(self, rows: int, halves: int, k: int, tiles: int, slices: int) -> int:
+        """Barrier pairs a warp stages x in: its ``S`` k steps, ``D_x`` a round."""
+        return k // (16 * slices) // self.depths(rows, halves, k, tiles, slices)[1]
 
     def depths(self, rows: int, halves: int, k: int, tiles: int, slices: int
                ) -> tuple[int, int]:

@@ -165,6 +165,12 @@ def test_gemv_kit_builds_and_dry_runs(tmp_path):
                                       "tensorcore4"))}
     assert {r["rule"] for r in recs if r["dtype"] == "q4_1"} == {
         "gpu.QuantLinear", "gpu.QuantSplitKLinear"}
+    # Where fewer warps stage x in fewer rounds (o at W = 64), that schedule is timed too.
+    o64 = {r["variant"]: r for r in gemv_kernels.kernels(CUDA, ("float16",), ("o",),
+                                                         (64,))}
+    assert {"tensorcore", "tensorcore_rounds"} <= set(o64)
+    assert [dict(thread_bindings(o64[v]["func"]))["threadIdx.y"]
+            for v in ("tensorcore", "tensorcore_rounds")] == [4, 1]
     assert {r["weight_dtype"] for r in recs if r["dtype"] == "q4_1"} == {"uint8"}
     proc = subprocess.run([sys.executable, os.path.join(BENCH, "cuda_host", "run.py"), "gemv",
                            str(tmp_path), str(tmp_path / "out"), "--dry"],

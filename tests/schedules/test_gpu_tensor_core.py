@@ -15,7 +15,7 @@ from hetcomp.kernels import ops
 from hetcomp.schedules.apply import RULE_ATTR, ApplyRules
 from hetcomp.schedules.gpu import TensorCoreLinearRule, gpu_rules
 from hetcomp.testing import fused_linear_reference
-from hetcomp.testing.gpu import assert_no_stack, cpu_form
+from hetcomp.testing.gpu import assert_no_stack, cpu_form, thread_bindings
 
 c = _tvm.compiler()
 CUDA = c.Target({"kind": "cuda", "arch": "sm_90"})
@@ -80,6 +80,34 @@ def test_schedule_matches_numpy(form, rows, tiles):
     halves = 2 if FORMS[form][1] else 1
     assert rule.column_tiles(n // halves, rows, halves) == tiles
     sch = rule.apply(_linear(form, rows, n=n), CUDA, False)
+    got, want = _run(cpu_form(sch.mod["main"]), form, a, rows, n), _reference(form, a)
+    assert np.abs(got - want).max() <= 2e-6 * np.abs(want).max()
+
+
+def _staging(rule, rows, n, k, halves=1):
+    """(warps a block, x's staging rounds) the rule picks for a layer."""
+    tiles = rule.column_tiles(n, rows, halves)
+    slices = rule.slices(rows, halves, k, tiles)
+    return slices, rule.staging_rounds(rows, halves, k, tiles, slices)
+
+
+@pytest.mark.parametrize("form", ["residual", "norm"])
+def test_fewest_rounds_trades_warps_for_barriers(form):
+    """``fewest_rounds`` (the device kit's ``tensorcore_rounds``): SmolLM2's o and qkv at 64
+    rows stage x in 4 rounds with one warp a block, not 9 with four; its down at 32 rows in
+    6 with four warps, not 12 with eight; at 16 rows (one round already) nothing changes. The
+    one-warp schedule still matches float64 numpy."""
+    most, fewest = TensorCoreLinearRule(), TensorCoreLinearRule(fewest_rounds=True)
+    assert _staging(most, 64, 576, 576) == (4, 9) and _staging(fewest, 64, 576, 576) == (1, 4)
+    assert _staging(most, 32, 576, 1536) == (8, 12)
+    assert _staging(fewest, 32, 576, 1536) == (4, 6)
+    assert _staging(most, 16, 960, 576) == _staging(fewest, 16, 960, 576) == (4, 1)
+    rows, n, k = 64, 128, 576
+    rule = TensorCoreLinearRule(tensorize=False, fewest_rounds=True)
+    assert _staging(rule, rows, n, k) == (1, 4)
+    sch = rule.apply(_linear(form, rows, n=n, k=k), CUDA, False)
+    assert ("threadIdx.y", 1) in thread_bindings(sch.mod["main"])
+    a = _inputs(rows, n, k, seed=5)
     got, want = _run(cpu_form(sch.mod["main"]), form, a, rows, n), _reference(form, a)
     assert np.abs(got - want).max() <= 2e-6 * np.abs(want).max()
 
