@@ -85,9 +85,11 @@ class Chat:
         self.last: GenerationResult | None = None
         self.last_prefilled = self.last_dropped = 0
 
-    def prompt_ids(self, text: str) -> list[int]:
-        """The token ids of the conversation so far plus the user turn ``text``."""
-        msgs = [*self.messages, {"role": "user", "content": text}]
+    def prompt_ids(self, text: str, messages: list[dict] | None = None) -> list[int]:
+        """The token ids of the conversation so far (or ``messages``) plus the user turn
+        ``text``."""
+        msgs = [*(self.messages if messages is None else messages),
+                {"role": "user", "content": text}]
         return self.art.tokenizer.encode_text(self.art.tokenizer.render(msgs))
 
     def fit(self, text: str) -> tuple[list[int], int]:
@@ -96,17 +98,19 @@ class Chat:
         context = self.art.config.max_context
         room = context - self.max_new_tokens - self.width  # as Generation checks it
         first = 1 if self.messages and self.messages[0]["role"] == "system" else 0
-        dropped, ids = 0, self.prompt_ids(text)
+        ids = self.prompt_ids(text)
         if len(ids) <= room:
             return ids, 0
-        while len(ids) > room // 2 and len(self.messages) - first >= 2:
-            del self.messages[first: first + 2]
-            dropped += 1
-            ids = self.prompt_ids(text)
+        kept = list(self.messages)  # changed only if the turn fits: a refusal keeps them
+        while len(ids) > room // 2 and len(kept) - first >= 2:
+            del kept[first: first + 2]
+            ids = self.prompt_ids(text, kept)
         if len(ids) > room:
             raise HetcompError(
                 f"this turn ({len(ids)} tokens with the template) and --max-new-tokens "
                 f"({self.max_new_tokens}) do not fit the context of {context} tokens")
+        dropped = (len(self.messages) - len(kept)) // 2
+        self.messages = kept
         return ids, dropped
 
     def send(self, text: str) -> Iterator[str]:

@@ -93,3 +93,4 @@ def test_chat_drops_the_oldest_exchanges_when_the_context_is_full(smollm2_artifa
     assert reply == fresh.text
     with pytest.raises(HetcompError, match="do not fit the context"):
         "".join(chat.send(long * 3))
+    assert len(chat.messages) == 3  # a refused turn loses none of the conversation
