@@ -66,13 +66,16 @@ def quality(artifact: str, reference: str | None = None, texts: int = 32,
     with a ``reference`` artifact,
     the agreement of their next-token choices (argmax), the mean KL(reference || artifact) and
     the first disagreement (text, position, both top-2 ids and logits)."""
+    chosen = quality_texts(texts)
+    if len(chosen) < texts:  # not fewer than asked, silently, under the count asked for
+        raise HetcompError(f"--texts {texts}: the text set has {len(chosen)} texts")
     art = load_artifact(artifact, verify)
     ref = load_artifact(reference, verify) if reference else None
     if ref is not None and ref.config.vocab_size != art.config.vocab_size:
         raise HetcompError(f"{reference} has another vocabulary than {artifact}: not the same "
                            "model")
     t = _Tally()
-    for ti, text in enumerate(quality_texts(texts)):
+    for ti, text in enumerate(chosen):
         ids = art.tokenizer.encode_text(text)
         if ref is not None and ref.tokenizer.encode_text(text) != ids:
             raise HetcompError(f"{reference} tokenizes the texts differently: not the same "

@@ -42,3 +42,6 @@ def test_quality_refuses_another_model(tiny_artifact, smollm2_artifact, cli):
     # In-process (``cli``); the test above runs `quality` in a real process.
     assert_one_line_error(*cli("quality", tiny_artifact[0], "--reference",
                                smollm2_artifact, "--texts", 1)[::2], "not the same model")
+    # more texts than the set has: refused, not fewer scored under the count asked for
+    assert_one_line_error(*cli("quality", tiny_artifact[0], "--texts", 10**4)[::2],
+                          f"the text set has {len(quality_texts(10**4))} texts")
