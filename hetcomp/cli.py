@@ -15,7 +15,7 @@ import sys
 import threading
 
 from .errors import HetcompError
-from .hardware import DEFAULT_CUDA_ARCH, check_cuda_arch
+from .hardware import DEFAULT_CUDA_ARCH
 
 
 # Argument types: a bad number is one line and exit 2, like every other bad input.
@@ -52,13 +52,6 @@ def _id_list(text: str) -> list[int]:
 
 
 _POSITIVE, _NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
-
-
-def _cuda_arch(text: str) -> str:
-    try:
-        return check_cuda_arch(text)
-    except HetcompError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix("--cuda-arch ")) from None
 
 
 def _units(text: str) -> list[str]:
@@ -303,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-heads", action="store_true",
                    help="compile without Medusa heads (no speculation)")
     c.add_argument("--plan", help="plan.json from `hetcomp tune`: partition across units")
-    c.add_argument("--cuda-arch", type=_cuda_arch,
+    c.add_argument("--cuda-arch",
                    help=f"GPU architecture of cuda units (default {DEFAULT_CUDA_ARCH}; "
                         "Jetson Orin: sm_87)")
     c.add_argument("--no-cuda-graph", action="store_true",
