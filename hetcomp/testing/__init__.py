@@ -83,11 +83,13 @@ def fused_linear_reference(x, w, gamma=None, eps=None, activation=None, bias=Non
     return 0.5 * gate * (1 + np.tanh(u)) * up
 
 
-def compile_tiny(tmp_path_factory, cfg=TINY, dtype="float32", seed=0, name="tiny", **options):
+def compile_tiny(tmp_path_factory, cfg=TINY, dtype="float32", seed=0, name="tiny", scale=0.08,
+                 **options):
     """Compile a random model of ``cfg`` into a fresh folder of pytest's ``tmp_path_factory``
-    (``options``: more :class:`CompileOptions` fields); returns (artifact path, float32
-    weights)."""
-    w = random_weights(cfg, seed=seed)
+    (``scale``: the weights' standard deviation; at the default a tiny model's greedy choice
+    mostly repeats its input token; ``options``: more :class:`CompileOptions` fields); returns
+    (artifact path, float32 weights)."""
+    w = random_weights(cfg, seed=seed, scale=scale)
     out = tmp_path_factory.mktemp(name) / "art"
     compile_model(CompileOptions(model="tiny.gguf", dtype=dtype, max_context=cfg.max_context,
                                  **options),

@@ -4,9 +4,9 @@ import json
 
 import numpy as np
 
-from hetcomp.driver.quality import quality_texts, teacher_forced_logits
+from hetcomp.driver.quality import quality, quality_texts, teacher_forced_logits
 from hetcomp.runtime import load_artifact
-from hetcomp.testing import TINY, assert_one_line_error, numpy_llama, run_cli
+from hetcomp.testing import TINY, assert_one_line_error, compile_tiny, numpy_llama, run_cli
 
 
 def test_teacher_forced_logits_match_numpy(tiny_artifact):
@@ -36,6 +36,48 @@ def test_quality_against_itself_and_numpy(tiny_artifact):
         n += len(ids) - 1
     assert rep["tokens"] == n
     np.testing.assert_allclose(rep["perplexity"], np.exp(nll / n), rtol=1e-4)
+
+
+def _log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_quality_against_another_model_matches_numpy(tmp_path_factory):
+    """Against a reference with other weights (same vocabulary and tokenizer): agreement,
+    KL(reference || artifact), both perplexities and the first disagreement, each from the
+    numpy model of both weight sets (at a scale where their greedy choices differ)."""
+    cfg = TINY
+    path, weights = compile_tiny(tmp_path_factory, seed=4, scale=0.3, name="quality_art")
+    ref_path, ref_weights = compile_tiny(tmp_path_factory, seed=5, scale=0.3, name="quality_ref")
+    rep = quality(path, ref_path, texts=2)
+    tok = load_artifact(path).tokenizer
+    nll = ref_nll = kl = 0.0
+    agree = n = 0
+    first = None
+    for ti, text in enumerate(quality_texts(2)):
+        ids = tok.encode_text(text)[:cfg.max_context]
+        lp = _log_softmax(numpy_llama.forward(cfg, weights, ids)[0][:-1])
+        rp = _log_softmax(numpy_llama.forward(cfg, ref_weights, ids)[0][:-1])
+        nxt = np.asarray(ids[1:])
+        nll -= lp[np.arange(len(nxt)), nxt].sum()
+        ref_nll -= rp[np.arange(len(nxt)), nxt].sum()
+        kl += (np.exp(rp) * (rp - lp)).sum()
+        a, b = lp.argmax(-1), rp.argmax(-1)
+        agree += int((a == b).sum())
+        n += len(nxt)
+        if first is None and (a != b).any():
+            pos = int(np.argmax(a != b))
+            first = (ti, pos + 1, int(a[pos]), int(b[pos]))
+    assert 0 < agree < n and first is not None  # the two models do differ
+    assert rep["tokens"] == n
+    assert rep["agreement"] == agree / n
+    np.testing.assert_allclose(rep["perplexity"], np.exp(nll / n), rtol=1e-4)
+    np.testing.assert_allclose(rep["reference_perplexity"], np.exp(ref_nll / n), rtol=1e-4)
+    np.testing.assert_allclose(rep["mean_kl"], kl / n, rtol=1e-3)
+    d = rep["first_disagreement"]
+    assert (d["text"], d["position"], d["artifact_top2"][0][0],
+            d["reference_top2"][0][0]) == first
 
 
 def test_quality_refuses_another_model(tiny_artifact, smollm2_artifact, cli):
