@@ -160,6 +160,22 @@ def test_annotate_cost():
     total = json.loads(mod["verify"].attrs["hetcomp.cost_total"])
     assert total["cpu"] > total["gpu"] > 0
 
+    # The total is one kernel's cost per call site: call_tir and call_tir_inplace (rope_kv
+    # writes the cache in place), counted here by walking verify's bindings.
+    counted = AnnotateCost(lambda unit, op: {"cpu": 1.0, "gpu": 2.0}[unit], ("cpu", "gpu"))(
+        build_module(TINY))
+    kinds = {"relax.call_tir": 0, "relax.call_tir_inplace": 0}
+    for block in counted["verify"].body.blocks:
+        for b in block.bindings:
+            v = b.value
+            if isinstance(v, relax.Call) and isinstance(v.op, c.Op) and v.op.name in kinds and \
+                    ops.OP_KIND in counted[v.args[0].name_hint].attrs:
+                kinds[v.op.name] += 1
+    assert kinds["relax.call_tir"] > TINY.num_layers and kinds["relax.call_tir_inplace"] > 0
+    sites = sum(kinds.values())
+    assert json.loads(counted["verify"].attrs["hetcomp.cost_total"]) == {"cpu": sites,
+                                                                        "gpu": 2 * sites}
+
 
 @pytest.mark.parametrize("ratio,dense,sparse", [
     (0.0, 0, 0), (1.0, 1, 1), (0.5, 1, 0), (0.37, 0, 1)])
