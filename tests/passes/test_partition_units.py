@@ -96,11 +96,27 @@ def test_only_tree_sized_values_cross_in_split_attention(dense, sparse):
     assert (5,) in w4 if sparse else (4, hq, d + 1) in w4  # row_ptr crosses to unit 1
 
 
+def _placed_calls(func) -> list[tuple[str, int | None]]:
+    """``(kernel, vdevice id or None)`` of each ``call_tir`` site, in order."""
+    return [(v.args[0].name_hint, None if (vd := b.var.ty.vdevice) is None
+             else int(vd.vdevice_id))
+            for block in func.body.blocks for b in block.bindings
+            if isinstance(v := b.value, c.relax.Call) and v.op.same_as(c.call_tir_op)]
+
+
 def test_shared_memory_plan_has_no_copies():
-    plan = HeteroPlan(targets=(HOST, HOST), ratios=(("default", 0.5),), dense_attention=1,
-                      sparse_attention=0, shared_memory=True)
-    mod = PartitionHetero(plan)(build_module(TINY))
-    assert "to_vdevice" not in mod["verify"].script()
+    """Units that share one memory read each other's tensors: the same split, the same
+    kernels on the same units, and no copy between them."""
+    plans = [HeteroPlan(targets=(HOST, HOST), ratios=(("default", 0.5),), dense_attention=1,
+                        sparse_attention=0, shared_memory=shared) for shared in (False, True)]
+    copying, shared = (PartitionHetero(p)(build_module(TINY))["verify"] for p in plans)
+    assert "to_vdevice" in copying.script() and "to_vdevice" not in shared.script()
+    calls = _placed_calls(shared)
+    # The sparse part runs on the host unit: 0 when copying, unannotated when shared.
+    assert [(n, u or 0) for n, u in calls] == [(n, u or 0) for n, u in _placed_calls(copying)]
+    assert ("attention_dense", 1) in calls
+    linears = {n for n, _ in calls if n.startswith("linear")}
+    assert linears and all({(n, 0), (n, 1)} <= set(calls) for n in linears)
 
 
 def test_manifest_records_plan_source(tmp_path, tiny_loaded):

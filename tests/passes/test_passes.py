@@ -188,6 +188,10 @@ def test_partitioned_model_matches(tmp_path, tiny_loaded, tiny_reference, ratio,
                   weights=tiny_loaded)
     art = load_artifact(str(tmp_path / "a"))
     assert len(art.devices) == 2
+    # Ratio 0 with both attention parts on unit 0 moves nothing (so it checks that an empty
+    # share is dropped, not the partition's numerics); every other case puts work on unit 1.
+    units = {k["unit"] for k in art.manifest["kernels"] if k["function"] == "verify"}
+    assert units == ({"cpu"} if (ratio, dense, sparse) == (0.0, 0, 0) else {"cpu", "cpu:1"})
     for prompt in ([5, 17, 99, 3], [200, 1, 2]):
         assert_matches_reference(art, tiny_reference, prompt, new_tokens=16)
 
@@ -228,6 +232,23 @@ def test_cpu_cuda_artifact_compiles_without_a_gpu(tmp_path, tiny_loaded, ratios)
     assert [u["device"] for u in manifest["units"]] == ["cpu", "cuda"]
     assert manifest["param_units"]["embed__u1"] == 1
     assert (tmp_path / "a" / "lib.so").stat().st_size > 0
+    # Each kernel is scheduled by the rules of the unit the plan put it on.
+    rows = manifest["kernels"]
+    for k in rows:
+        own = ("gpu.", "script.") if k["unit"] == "cuda" else ("cpu.", "x86.", "script.")
+        assert k["rule"].startswith(own), k
+    verify = {(k["name"].removesuffix("__cuda"), k["unit"]) for k in rows
+              if k["function"] == "verify"}
+    linears = {n for n, _ in verify if n.startswith("linear")}
+    lm_head = f"linear_n{TINY.vocab_size}_k{TINY.hidden_size}"
+    assert lm_head in linears and len(linears) >= 4
+    # The plan's units: the dense attention on the GPU, the sparse part on the CPU, and every
+    # linear on the GPU at ratio 1 (on both units at 0.5, bar the LM head's 1.0).
+    assert ("attention_dense", "cuda") in verify and ("sparse_tree_attention", "cpu") in verify
+    for name in linears:
+        whole = dict(ratios)["default"] == 1.0 or name == lm_head
+        assert {u for n, u in verify if n == name} == ({"cuda"} if whole else {"cpu", "cuda"}), \
+            name
 
 
 def test_gpu_only_artifact_compiles_without_a_gpu(tmp_path, tiny_loaded):
