@@ -131,6 +131,9 @@ def test_compile_q4_1_for_cuda(tmp_path):
     assert m["units"][0]["device"] == "cuda" and m["dtype"] == "q4_1" and m["fused_linears"]
     linear = [k for k in m["kernels"] if k["name"].startswith("linear")]
     assert {k["rule"] for k in linear} == {"gpu.QuantSplitKLinear", "gpu.QuantLinear"}
+    for k in linear:  # each kernel its own rule: static widths split K, symbolic not
+        assert k["rule"] == ("gpu.QuantSplitKLinear" if re.search(r"_w\d+$", k["name"])
+                             else "gpu.QuantLinear"), k
     fused = {k["name"]: k["rule"] for k in linear if k["name"].startswith("linear_norm")}
     assert set(fused) == {"linear_norm_n128_k64_w1", "linear_norm_silu_n192_k64_w1",
                           "linear_norm_n128_k64_w64", "linear_norm_silu_n192_k64_w64"}
