@@ -236,7 +236,6 @@ def _summary(results: dict) -> None:
             f"{steps['64'] / steps['1']:.2f}; identical "
             f"{all(r[k]['identical_to_sequential'] for k in r if k.startswith('w'))} / "
             f"{r['identical_to_first_artifact']}")
-    # What fusing the norms and activations into the linears saves, step by step.
     # What fusing the norms and activations into the linears saves, and what the tensor
     # cores save (float16 linears at W = 16 and 64), step by step.
     gpu = results["artifacts"].get("gpu")

@@ -12,7 +12,8 @@ import pytest
 from hetcomp.driver.bench import BENCH_PROMPTS
 from hetcomp.driver.compile import CompileOptions, compile_model
 from hetcomp.frontend.weights import random_weights
-from hetcomp.runtime import attach_weights, load_artifact
+from hetcomp.runtime import load_artifact
+from hetcomp.runtime import weights as weights_module
 from hetcomp.speculative.medusa import MedusaHeads
 from hetcomp.testing import TINY, byte_tokenizer_spec
 from hetcomp.testing.gguf_writer import write_gguf
@@ -49,8 +50,12 @@ def test_run_measures_a_bundle(tmp_path, monkeypatch):
     (bundle / "bundle.json").write_text(json.dumps(
         {"gguf_sha256": hashlib.sha256(data).hexdigest(), "gguf_parts": 3,
          "artifacts": ["gpu"]}))
-    # Heads outside the package: attached here (run() attaches only a bare artifact).
-    attach_weights(str(bundle / "art" / "gpu"), str(gguf), str(tmp_path / "heads.npz"))
+    # run() attaches the weights as on the host, the heads found as packaged ones are (these
+    # random heads are not in the package).
+    packaged = weights_module.packaged_file
+    monkeypatch.setattr(weights_module, "packaged_file", lambda name: str(
+        tmp_path / "heads.npz") if name == "heads.npz" else packaged(name))
+    assert not (bundle / "art" / "gpu" / "params.bin").exists()
     monkeypatch.setattr(run_py, "NEW_TOKENS", 6)
     monkeypatch.setattr(run_py, "GEN_WIDTHS", (1, 2, 4))
     monkeypatch.setattr(run_py, "_eager", lambda: {"tokens_per_s": 10.0})
@@ -58,6 +63,7 @@ def test_run_measures_a_bundle(tmp_path, monkeypatch):
     out.mkdir()
     run_py.run(str(bundle), str(out), [])
 
+    assert (bundle / "art" / "gpu" / "params.bin").is_file()
     res = json.loads((out / "results.json").read_text())
     r = res["artifacts"]["gpu"]
     assert r["prompts"] == "bench" and len(r["ids_w1"]) == 3
@@ -68,21 +74,30 @@ def test_run_measures_a_bundle(tmp_path, monkeypatch):
     assert r["identical_to_first_artifact"] and res["reference"] == r["ids_w1"]
     assert set(r["step_s"]) == {"1", "4", "16", "64"} and min(r["step_s"].values()) > 0
     assert [b["width"] for b in r["breakdown"]] == [1, 2, 8]
-    assert r["speculative_speedup"]["width"] in (1, 2, 4)
+    speed = {w: r[f"w{w}"]["tokens_per_s"] for w in (1, 2, 4)}
+    best = max(speed, key=speed.get)
+    assert r["speculative_speedup"] == {"width": best, "x": pytest.approx(speed[best] / speed[1])}
     split = {row["width"]: row for row in r["host_split"]}
     assert set(split) == {1, r["speculative_speedup"]["width"]}
     assert all(row["step_ms"] > 0 and row["vm_ms"] > 0 for row in split.values())
     assert "first_divergence" not in r
 
-    # Output that differs says where and by how much: a reference whose prompt 1 leaves
-    # this artifact's ids at position 3 (as another artifact's would).
+    # Output that differs says where and by how much: a run whose reference (the first
+    # artifact's ids, kept in results.json) leaves this artifact's at prompt 1, position 3.
     art = load_artifact(str(bundle / "art" / "gpu"))
     prompts = [art.tokenizer.encode(p) for p in BENCH_PROMPTS]  # run()'s, without heads info
     own = r["ids_w1"]
     ref = [list(ids) for ids in own]
     ref[1][3] = (own[1][3] + 1) % TINY.vocab_size
     assert run_py.first_divergence(art, prompts, own, own) is None
-    d = run_py.first_divergence(art, prompts, own, ref)
+    rerun = tmp_path / "rerun"
+    rerun.mkdir()
+    (rerun / "results.json").write_text(json.dumps(
+        {"device": res["device"], "eager": res["eager"], "reference": ref, "artifacts": {}}))
+    run_py.run(str(bundle), str(rerun), ["gpu"])
+    again = json.loads((rerun / "results.json").read_text())["artifacts"]["gpu"]
+    assert again["ids_w1"] == own and again["identical_to_first_artifact"] is False
+    d = again["first_divergence"]
     assert (d["prompt"], d["position"]) == (1, 3)
     assert (d["token"], d["reference_token"]) == (own[1][3], ref[1][3])
     # this artifact's own choice is its argmax there: a positive margin, its top token
