@@ -174,23 +174,20 @@ def test_a_speculative_step_reads_back_only_its_result(tiny_speculative, monkeyp
 def test_host_split_times_the_parts_of_a_step_and_restores_the_artifact(tiny_speculative):
     """``unit_time.host_split``: per width, the step's time in VM calls, in reading results
     back (one read a sequential step; greedy ids and tree tokens a speculative one) and on
-    the host; the artifact's functions and the tensor class are left as they were."""
-    import tvm
-
+    the host; the artifact's functions and the runtime's read-back are left as they were."""
+    from hetcomp import _tvm
     from hetcomp.runtime.unit_time import host_split
 
     art = tiny_speculative
-    before = (art._verify, art._commit, art._medusa, dict(art._verify_static),
-              tvm.runtime.Tensor.numpy)
+    before = (art._verify, art._commit, art._medusa, dict(art._verify_static), _tvm.download)
     rows = host_split(art, [5, 17, 99], (1, 8), new_tokens=20)
     assert [r["width"] for r in rows] == [1, 8]
     assert [r["reads_per_step"] for r in rows] == [1.0, 2.0]
     for r in rows:
-        assert r["vm_ms"] > 0 and r["wait_ms"] >= 0 and r["host_ms"] > 0
-        assert r["vm_ms"] + r["wait_ms"] + r["host_ms"] == pytest.approx(r["step_ms"], abs=0.01)
+        assert r["vm_ms"] > 0 and r["wait_ms"] > 0 and r["host_ms"] > 0
+        assert r["vm_ms"] < r["step_ms"]
     assert rows[1]["accepted_per_step"] > 1  # speculation ran
-    after = (art._verify, art._commit, art._medusa, dict(art._verify_static),
-             tvm.runtime.Tensor.numpy)
+    after = (art._verify, art._commit, art._medusa, dict(art._verify_static), _tvm.download)
     assert after == before
 
 
