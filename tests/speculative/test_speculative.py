@@ -14,6 +14,7 @@ from hetcomp.driver.calibrate import (
     make_targets,
 )
 from hetcomp.driver.compile import CompileOptions, compile_model
+from hetcomp.errors import HetcompError
 from hetcomp.frontend.weights import random_weights
 from hetcomp.runtime import generate, load_artifact
 from hetcomp.speculative.medusa import MedusaHeads
@@ -71,13 +72,20 @@ def test_calibrate_writes_heads_and_plot_into_place(tiny_speculative, tmp_path):
     out = tmp_path / "out" / "heads"
     opts = CalibrateOptions(corpus="unused", num_heads=3, new_tokens=40, epochs=1,
                             held_out=0.25)
-    for force in (False, True):
-        summary = calibrate_model(str(gguf), opts, str(out), reuse=data, force=force)
+    plots = []
+    for force, heads in ((False, 3), (True, 2)):
+        summary = calibrate_model(str(gguf), dataclasses.replace(opts, num_heads=heads),
+                                  str(out), reuse=data, force=force)
         assert summary["heads"] == f"{out}.npz" and summary["plot"] == f"{out}.png"
-        assert MedusaHeads.load(summary["heads"]).num_heads == 3
+        assert MedusaHeads.load(summary["heads"]).num_heads == heads
         with open(summary["plot"], "rb") as fh:
-            assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+            plots.append(fh.read())
+        assert plots[-1][:8] == b"\x89PNG\r\n\x1a\n"
         assert sorted(os.listdir(out.parent)) == ["heads.npz", "heads.png"]
+        if not force:  # without --force the heads already there are refused, before any work
+            with pytest.raises(HetcompError, match="--force"):
+                calibrate_model(str(gguf), opts, str(out), reuse=data)
+    assert plots[0] != plots[1]  # the plot of two heads replaced that of three
 
 
 def test_tiny_speculation_is_lossless(tiny_speculative):
@@ -101,19 +109,15 @@ def test_medusa_logits_match_numpy(tiny_speculative):
     root = 17
     cands = art.medusa_candidates(hidden, root, 5)
     from hetcomp import _tvm
-    from hetcomp.kernels.ops import unpack_linear_weight
 
     logits = art._medusa(hidden, _tvm.tensor(np.array([[0], [root]], "int32")),
                          *art.medusa_params)[0].numpy()
-    embed = unpack_linear_weight(art.medusa_params[0].numpy())
-    w, b, u = art.medusa_params[2:]  # the heads stacked: [K * E, E] linears, b [K, E]
-    e = TINY.hidden_size
     assert art.manifest["functions"]["medusa"][2:] == ["medusa.w", "medusa.b", "medusa.u"]
-    heads = MedusaHeads(unpack_linear_weight(w.numpy()).reshape(3, e, e), b.numpy(),
-                        np.zeros((3, 10)), {}, None,
-                        unpack_linear_weight(u.numpy()).reshape(3, e, e))
-    expected = heads.hidden(hidden.numpy().astype(np.float64),
-                            embed[[root]].astype(np.float64)) @ embed.T.astype(np.float64)
+    # The reference reads the heads file and the model's embedding, not the artifact's
+    # parameters: heads stored swapped, reordered or transposed would fail here.
+    heads = MedusaHeads.load(os.path.join(os.path.dirname(art.path), "heads.npz"))
+    embed = random_weights(TINY, seed=11)["embed"].astype(np.float64)
+    expected = heads.hidden(hidden.numpy().astype(np.float64), embed[[root]]) @ embed.T
     np.testing.assert_allclose(logits, expected[:, 0], rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(cands, np.argsort(-logits, axis=1)[:, :5])
     assert np.abs(heads.u).max() > 0  # the root embedding really is used
@@ -192,7 +196,6 @@ def test_host_split_times_the_parts_of_a_step_and_restores_the_artifact(tiny_spe
 
 
 def test_width_not_compiled_is_refused(tiny_artifact):
-    from hetcomp.errors import HetcompError
 
     art = load_artifact(tiny_artifact[0])
     with pytest.raises(HetcompError, match="width 4"):
@@ -241,7 +244,6 @@ def test_float16_draft_head(tiny_speculative, tmp_path):
 
 
 def test_draft_vocabulary_ranks_own_outputs_then_ids():
-    from hetcomp.errors import HetcompError
     from hetcomp.speculative.medusa import draft_vocabulary
 
     seqs = [np.array([7, 7, 7, 3, 9]), np.array([9, 9, 3, 3, 3, 3])]
@@ -371,7 +373,6 @@ def test_teacher_forcing_replays_generation(tiny_speculative, tmp_path):
     """A recorded greedy response replayed through verify/commit gives the hidden states that
     generating it recorded; a response the model would not give is refused."""
     from hetcomp.driver.calibrate import read_responses, teacher_force
-    from hetcomp.errors import HetcompError
 
     art = tiny_speculative
     hs: list = []
