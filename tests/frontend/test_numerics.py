@@ -219,24 +219,38 @@ def test_verify_sparse_path_matches_numpy(wide_artifact, parents, cache):
 def test_fixed_cache_artifact_holds_one_cache(tiny_artifact):
     """An artifact built for CUDA graphs (manifest ``fixed_cache``) hands its one cache pair
     to each new session; the older session is refused in one line, the newer one runs from
-    an empty cache (the stale K/V past its length are never read)."""
+    an empty cache: the stale K/V past its length (the older session's 100 tokens) are
+    never read. Other builds give each session its own cache: one's writes leave the
+    other's intact."""
     from hetcomp.errors import HetcompError
 
     path, w = tiny_artifact
     art = load_artifact(path)
     first = art.new_session()
-    first.prefill([5, 17, 99])
+    long_prompt = list(np.random.default_rng(6).integers(1, TINY.vocab_size, 100))
+    first.prefill(long_prompt)
     second = art.new_session()
     assert art.fixed_cache == ("/tiny" not in path)  # the CPU build: compile_tiny("tiny")
+    prompt = [12, 200, 31, 4]
     if not art.fixed_cache:
-        first.prefill([4])  # separate caches: both sessions live
+        second.prefill(prompt)
+        _, hidden = first.prefill([4])  # separate caches: both sessions live
+        _, ref_hidden = ref.forward(TINY, w, long_prompt + [4])
+        assert rel_err(hidden.numpy()[0], ref_hidden[-1]) < RTOL
         return
     with pytest.raises(HetcompError, match="newer session"):
         first.prefill([4])
-    prompt = [12, 200, 31, 4]
     nxt, hidden = second.prefill(prompt)
-    logits, _ = ref.forward(TINY, w, prompt)
+    logits, ref_hidden = ref.forward(TINY, w, prompt)
     assert nxt == int(np.argmax(logits[-1]))
+    assert rel_err(hidden.numpy()[0], ref_hidden[-1]) < RTOL
+    parents = [-1, 0, 0, 1]
+    toks, pos, mask = np.arange(10, 14), depths(parents) + len(prompt), tree_mask(parents)
+    _, hidden, logits = second.verify(toks, pos, mask)
+    ref_logits, _ = ref.forward(TINY, w, np.concatenate([prompt, toks]),
+                                positions=np.concatenate([np.arange(len(prompt)), pos]),
+                                mask=full_mask(len(prompt), mask))
+    assert rel_err(logits.numpy(), ref_logits[len(prompt):]) < RTOL
 
 
 def test_verify_refuses_a_root_away_from_the_cache_end(tiny_artifact):
