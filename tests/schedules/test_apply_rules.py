@@ -32,5 +32,20 @@ def test_records_the_rule_that_scheduled_each_kernel():
     # or stay unscheduled (no attribute), never keep the name of a rule that did not run.
     with target:
         only = _rules_of(ApplyRules(ElementwiseRule())(mod))
-    assert "cpu.Linear" not in only.values()
+    assert "cpu.Elementwise" in only.values() and not any(n.startswith("linear") for n in only)
     assert set(only.values()) <= {"cpu.Elementwise", "script.rope", "script.kv_commit"}
+
+
+class _Second(ElementwiseRule):
+    """Applies wherever ElementwiseRule does, under another name."""
+
+
+def test_first_applicable_rule_wins():
+    mod = build_module(TINY, "float32", 0, static_widths=(4,))
+    second = rule_name(_Second())
+    with c.Target(target_dict("host")):
+        first = _rules_of(ApplyRules(ElementwiseRule(), _Second())(mod))
+        swapped = _rules_of(ApplyRules(_Second(), ElementwiseRule())(mod))
+    elementwise = {n for n, r in first.items() if r == "cpu.Elementwise"}
+    assert elementwise and second not in first.values()
+    assert {n for n, r in swapped.items() if r == second} == elementwise
