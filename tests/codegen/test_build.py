@@ -61,11 +61,17 @@ def _check_scheduled(mod, target, plan):
                if isinstance(f, c.tir.PrimFunc)}
     missing = [n for n, f in kernels.items() if f.attrs is None or RULE_ATTR not in f.attrs]
     assert kernels and not missing, missing
-    rules = {str(f.attrs[RULE_ATTR]) for f in kernels.values()}
-    if plan is not None and any(t["kind"] == "cuda" for t in plan.targets):
-        # Both units' rules ran: each kernel by the rules of its own target.
-        assert any(r.startswith("cpu.") for r in rules)
-        assert any(r.startswith(("gpu.", "dlight.gpu.")) for r in rules)
+    # Each kernel by the rules of its own target (a unit's kernels carry theirs where it is
+    # not the build's), both units' rules in a plan with two kinds.
+    own = {"llvm": ("cpu.", "x86.", "arm.", "llvm.", "script."),
+           "cuda": ("gpu.", "dlight.gpu.", "tvm.", "script.")}
+    kinds = set()
+    for n, f in kernels.items():
+        kind = (f.attrs.get("target") or target).kind.name
+        kinds.add(kind)
+        assert str(f.attrs[RULE_ATTR]).startswith(own[kind]), (n, kind, f.attrs[RULE_ATTR])
+    if plan is not None:
+        assert kinds == {t["kind"] for t in plan.targets}
 
 
 @pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None,
