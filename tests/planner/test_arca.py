@@ -25,6 +25,7 @@ from hetcomp.cost.roofline import (
 from hetcomp.cost.xgb import UnitCostModel, fit_unit, mape
 from hetcomp.decoder import SPLIT_ATTENTION, estimated_tree_nnz
 from hetcomp.hardware import MEASURED, ORIN_NX_CPU, ORIN_NX_GPU, SPEC_ESTIMATE, DeviceSpec
+from hetcomp.plan import plan_prediction
 from hetcomp.planner import (
     Plan,
     PlannerOptions,
@@ -197,10 +198,9 @@ def test_xgb_fit_heldout_error_small(tmp_path):
     assert reports["linear"].folds == 5
     assert reports["linear"].holdout_mape < 8.0 and reports["linear"].holdout_mape_alone < 8.0
     assert reports["attention"].holdout_mape < 15.0
-    # A pure function: same features, same seconds; between grid points it stays close.
+    # Between grid points it stays close to the measured law.
     f = linear_features(SHAPE, "gate_up", 24, 0.625, True)
     truth = (max(f.bytes / 20e9, f.flops / 30e9) + 5e-6) * 1.6
-    assert model(f) == model(f)
     assert abs(model(f) - truth) / truth < 0.25
     # Serialisable (JSON and UBJ boosters): identical predictions after a round trip.
     feats = [m.features for m in rows[::7]]
@@ -417,7 +417,10 @@ def test_quick_profile_fit_and_plan(tmp_path, cli):
     assert not summary["profile"]["units"]["cpu"]["reused"]
     assert any("linear lm_head" in ln for ln in lines) and any("co-run" in ln for ln in lines)
     p = Plan.from_json(json.loads((out / "plan.json").read_text()))
-    assert p.source == MEASURED and p.units == ("cpu",) and p.width in (1, 2, 4, 8, 16, 32, 64)
+    assert p.source == MEASURED and p.units == ("cpu",)
+    # the width the planner's own predictions favour (ties: the narrower)
+    pred = plan_prediction(str(out / "plan.json"))
+    assert p.width == int(max(pred, key=lambda w: (pred[w]["tokens_per_s"], -int(w))))
     assert UnitCostModel.load(str(out / "cost" / "cpu.json")).source == MEASURED
     # compile --plan: the plan's width and tree reach the artifact, and AnnotateCost costs every
     # kernel with the fitted models tune wrote beside the plan.
