@@ -99,8 +99,8 @@ def test_kit_tune_heads_and_profile_outputs_refuse_other_files(tmp_path, capsys)
     assert_one_line_error(rc, err, "refusing")
     db = tmp_path / "notes.txt"
     db.write_text("mine")
-    rc, err = cli(capsys, "profile", "--kit", tmp_path / "nokit", "-o", db)
-    assert_one_line_error(rc, err)
+    rc, err = cli(capsys, "profile", "--quick", "-o", db)  # refused before any measuring
+    assert_one_line_error(rc, err, "not a profile database")
     assert notes.read_bytes() == b"my notes" and db.read_text() == "mine"
     # a tune folder is replaced with --force (spec units: no profiling)
     tune = tmp_path / "tune"
@@ -154,9 +154,12 @@ def _offsets(size: int, count: int, dense_head: int = 0) -> list[int]:
     return sorted(set(spread) | set(range(0, min(dense_head, size), 7)))
 
 
-def _fuzz(capsys, tmp_path, original: bytes, name: str, command, dense_head=0, count=40):
+def _fuzz(capsys, tmp_path, original: bytes, name: str, command, dense_head=0, count=40,
+          text=False):
     """Truncate and flip ``original`` written as ``name``; run ``command(path)`` on each.
-    Returns (cases, refused)."""
+    ``text``: also flip the low bit of letters and digits, which keeps a JSON file valid
+    UTF-8 (a 0xFF flip stops at decoding) and often valid JSON, so the checks behind the
+    parser are reached. Returns (cases, refused)."""
     cases = refused = 0
     path = tmp_path / name
     mutants = [("truncate", original[:n]) for n in _offsets(len(original), count)]
@@ -164,6 +167,12 @@ def _fuzz(capsys, tmp_path, original: bytes, name: str, command, dense_head=0, c
         b = bytearray(original)
         b[off] ^= 0xFF
         mutants.append(("flip", bytes(b)))
+    if text:
+        letters = [i for i, ch in enumerate(original) if chr(ch).isalnum()]
+        for i in _offsets(len(letters), count):
+            b = bytearray(original)
+            b[letters[i]] ^= 0x01
+            mutants.append(("flip", bytes(b)))
     for kind, data in mutants:
         path.write_bytes(data)
         rc, err = cli(capsys, *command(path))
@@ -209,7 +218,7 @@ def test_fuzz_plan(tmp_path, capsys):
     (tmp_path / "ok.json").write_bytes(plan)
     assert cli(capsys, "inspect", tmp_path / "ok.json")[0] == 0
     FUZZ_COUNTS["plan"] = _fuzz(capsys, tmp_path, plan, "p.json",
-                                lambda p: ("inspect", p), count=60)
+                                lambda p: ("inspect", p), count=60, text=True)
     # a spec-estimate plan compiles only for its board (refused before any model is loaded)
     assert cli(capsys, "tune", "--units", "orin-nx", "-o", tmp_path / "t")[0] == 0
     assert_one_line_error(*cli(capsys, "compile", "--plan", tmp_path / "t" / "plan.json", "-o",
@@ -221,13 +230,16 @@ def test_fuzz_manifest(tmp_path, tiny_artifact, capsys):
     shutil.copytree(tiny_artifact[0], art)
     manifest = (art / "manifest.json").read_bytes()
     (art / "manifest.json").unlink()
-    FUZZ_COUNTS["manifest"] = _fuzz(capsys, tmp_path / "art", manifest, "manifest.json",
-                                    lambda p: ("inspect", p.parent), count=60)
-    # loading for generation reads the same checked manifest
-    damaged = bytearray(manifest)
-    damaged[len(damaged) // 3] ^= 0x01
-    (art / "manifest.json").write_bytes(bytes(damaged))
-    assert_one_line_error(*cli(capsys, "generate", art, "--prompt-ids", "5"))
+    cases, refused = _fuzz(capsys, tmp_path / "art", manifest, "manifest.json",
+                           lambda p: ("inspect", p.parent), count=60, text=True)
+    assert refused == cases  # every edit is refused: the manifest carries its own digest
+    FUZZ_COUNTS["manifest"] = cases, refused
+    # loading for generation reads the same checked manifest: an edit that stays valid JSON
+    edited = manifest.replace(b'"max_context": 128', b'"max_context": 129', 1)
+    assert edited != manifest
+    (art / "manifest.json").write_bytes(edited)
+    assert_one_line_error(*cli(capsys, "generate", art, "--prompt-ids", "5"),
+                          "edited after compilation")
 
 
 def test_fuzz_counts():
