@@ -277,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compile", help="compile a model into an artifact folder")
     c.add_argument("--model", default="smollm2",
-                   help="smollm2 | qwen2.5-coder-0.5b | FILE.gguf | HF_DIR")
+                   help="smollm2 | qwen2.5-coder-0.5b | qwen2.5-coder-1.5b | gemma3-270m | "
+                        "FILE.gguf | HF_DIR")
     c.add_argument("--target", default="host",
                    help="host | x86-64-v3 (portable) | aarch64 (cross) | cuda (whole model on GPU)")
     c.add_argument("--dtype", default="float32",
@@ -285,10 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "file's tensors in that format are kept bit for bit, others converted; "
                         "the embedding / LM head is q8_0)")
     c.add_argument("--draft-dtype", help="dtype of the Medusa draft's weights, its heads and LM "
-                   "head (default: --dtype; float16 halves the bytes the draft reads each step, "
-                   "output unchanged)")
+                   "head (default: --dtype, float16 for q4_0/q4_1/q8_0; float16 halves the bytes "
+                   "the draft reads each step, output unchanged)")
     c.add_argument("--kv-dtype", help="KV cache element type: float32 | float16 (default: "
-                   "--dtype; float16 halves the cache, attention accumulates in float32)")
+                   "--dtype, float16 for q4_0/q4_1/q8_0; float16 halves the cache, attention "
+                   "accumulates in float32)")
     c.add_argument("--max-context", type=_int_at_least(16), default=2048,
                    help="KV cache capacity (tokens)")
     c.add_argument("--heads", help="Medusa heads (.npz) from `hetcomp calibrate` (default for "
@@ -323,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("attach-weights", help="rebuild an artifact's params.bin from the model")
     a.add_argument("artifact")
-    a.add_argument("--model", help="the model file it was compiled from (default: as recorded)")
+    a.add_argument("--model", help="the model file it was compiled from (default: the name compile "
+                   "recorded: a registered model, or a file name looked up in the current folder)")
     a.add_argument("--heads", help="the Medusa heads file (default: the packaged one)")
     a.add_argument("--quiet", action="store_true")
     a.set_defaults(func=cmd_attach_weights)

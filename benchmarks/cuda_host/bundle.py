@@ -3,7 +3,8 @@
 The GPU host is lent for minutes and takes at most 64 MiB per call, so nothing is compiled
 there: this script (on the build machine, with the compiler) writes
 
-    DIR/a/tvm-runtime.tar.xz   the tvm package without libtvm_compiler.so (design.md)
+    DIR/a/tvm-runtime.tar.xz   the tvm package without libtvm_compiler.so (README:
+                               loading an artifact needs the TVM runtime only)
     DIR/a/wheels/              apache-tvm-ffi and gguf for the host's Python (pip download)
     DIR/a/payload.tar.xz       kit/: the ARCA profile kit, probe kernels for cpu (x86-64-v3)
                                and cuda; art/<name>/: artifacts with separate weights (below)

@@ -1,6 +1,8 @@
 """On the CUDA host, with the TVM runtime only: profile the kit, run the artifacts.
 
-    python run.py profile BUNDLE OUT     ARCA kit -> OUT/profile.sqlite (cpu and cuda)
+    python run.py profile BUNDLE OUT [UNIT ...]
+                                         ARCA kit -> OUT/profile.sqlite (the units named,
+                                         else cpu and cuda)
     python run.py run BUNDLE OUT [NAME ...]
                                          PyTorch eager bfloat16 on the GPU first (eager.py,
                                          where torch sees one), then attach weights; per

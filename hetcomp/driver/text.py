@@ -43,7 +43,8 @@ def generate(artifact: str | Artifact, prompt: str | list[int], *, chat: bool = 
     ``for piece in generate(art, "Hello"): print(piece, end="")`` prints the text as each
     verify step accepts tokens; the returned object's ``result`` then holds the ids and
     timings. ``width``: the token-tree width (default :func:`default_width`); ``lookup``:
-    n-gram draft tokens inside it (default half the width, at most 8).
+    n-gram draft tokens inside it (default half the width up to 8, then 3/4 of it, at most
+    32: :func:`~hetcomp.runtime.generate.auto_lookup`).
     """
     art = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
     ids = prompt if isinstance(prompt, list) else art.tokenizer.encode(prompt, chat=chat)
