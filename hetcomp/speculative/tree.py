@@ -154,13 +154,19 @@ def expected_accept_length(rank_probs: np.ndarray, width: int) -> float:
 
 
 def accept_path(tree: Tree, tokens, greedy_ids) -> list[int]:
-    """Walk the tree greedily: follow the child whose token the base model chose at its parent."""
+    """The longest path from the root whose every node holds the token the base model chose
+    at its parent. Siblings may hold the same token (a lookup chain beside a Medusa
+    candidate, each drafted without the other), so every matching child is followed and the
+    deepest path kept; of equally deep ones, the first in node order."""
     children = tree.children()
-    path, u = [0], 0
-    while True:
-        want = int(greedy_ids[u])
-        nxt = next((c for c in children[u] if int(tokens[c]) == want), None)
-        if nxt is None:
-            return path
-        path.append(nxt)
-        u = nxt
+
+    def deepest(u: int) -> list[int]:
+        want, best = int(greedy_ids[u]), []
+        for c in children[u]:
+            if int(tokens[c]) == want:
+                path = deepest(c)
+                if len(path) > len(best):
+                    best = path
+        return [u, *best]
+
+    return deepest(0)

@@ -62,6 +62,32 @@ def test_accept_path():
     assert accept_path(t, tokens, [55, 0, 0, 0, 0]) == [0]
 
 
+def test_accept_path_takes_the_longest_of_equal_siblings():
+    # A lookup chain (3 -> 4) beside a Medusa candidate (1) of the same token 9: the chain
+    # is accepted, not the first match.
+    t = Tree((-1, 0, 0, 2, 3), (-1, 0, -1, -1, -1), (1, .5, 0, 0, 0))
+    assert accept_path(t, [7, 9, 9, 11, 12], [9, 5, 11, 12, 0]) == [0, 2, 3, 4]
+    # equally deep: the first in node order
+    assert accept_path(t, [7, 9, 9, 11, 12], [9, 5, 5, 0, 0]) == [0, 1]
+    # Against every root path, on random trees whose nodes share few tokens.
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n = int(rng.integers(1, 40))
+        parents = (-1, *(int(rng.integers(0, i)) for i in range(1, n)))
+        t = Tree(parents, (-1,) * n, (0.0,) * n)
+        tokens, greedy = rng.integers(0, 3, n), rng.integers(0, 3, n)
+        paths = []
+        for node in range(n):
+            path = [node]
+            while path[-1] != 0:
+                path.append(parents[path[-1]])
+            path.reverse()
+            if all(tokens[c] == greedy[p] for p, c in zip(path, path[1:], strict=False)):
+                paths.append(path)
+        got = accept_path(t, tokens, greedy)
+        assert got in paths and len(got) == max(len(p) for p in paths)
+
+
 def joint_prob(ranks, path):
     rows = ranks[ranks[:, 0] >= 0]
     ok = np.ones(len(rows), bool)
