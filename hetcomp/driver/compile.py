@@ -54,7 +54,7 @@ from ..profile.units import detect_unit
 from ..quant_format import cache_dtype, is_quant
 from ..schedules.tuning import apply_database, database_dir
 from ..speculative.medusa import MedusaHeads
-from ..speculative.tree import build_tree
+from ..speculative.tree import build_tree, largest_tree
 
 TARGETS = ("host", "aarch64", "x86-64-v3", "cuda")
 #: The Medusa draft's head weights are float (a quantized model's draft reads its LM head in
@@ -171,6 +171,24 @@ def _progress(step: int, total: int, what: str, quiet: bool) -> None:
         print(f"[{step}/{total}] {what}", file=sys.stderr, flush=True)
 
 
+def _widths_the_heads_fill(opts: CompileOptions, heads: MedusaHeads,
+                           quiet: bool) -> CompileOptions:
+    """``opts`` without the widths wider than any tree ``heads`` can draft (one head of 10
+    candidates: 11 nodes), whose verify steps would run with rows no draft fills."""
+    cap = largest_tree(heads.num_heads, heads.rank_probs.shape[1])
+    if max(opts.widths) <= cap:
+        return opts
+    if opts.default_width is not None and opts.default_width > cap:
+        raise HetcompError(f"--width {opts.default_width}: {heads.num_heads} Medusa head(s) "
+                           f"draft trees of at most {cap} nodes")
+    kept = tuple(w for w in opts.widths if w <= cap)
+    if not quiet:
+        dropped = ", ".join(str(w) for w in opts.widths if w > cap)
+        print(f"note: widths {dropped} left out: {heads.num_heads} Medusa head(s) draft trees "
+              f"of at most {cap} nodes", file=sys.stderr, flush=True)
+    return dataclasses.replace(opts, widths=kept)
+
+
 def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weights=None,
                   force: bool = False) -> str:
     """Compile ``opts.model`` into the artifact folder ``out_dir``; returns its path.
@@ -191,6 +209,8 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
     heads = MedusaHeads.load(opts.heads) if opts.heads else None
     if heads is not None and heads.w.shape[1] != cfg.hidden_size:
         raise HetcompError(f"Medusa heads {opts.heads} do not fit this model's hidden size")
+    if heads is not None:
+        opts = _widths_the_heads_fill(opts, heads, quiet)
     _progress(1, 4, f"loaded {opts.model} ({parameter_count(w) / 1e6:.0f}M "
                     "parameters)", quiet)
     _progress(2, 4, f"building Relax module ({cfg.num_layers} layers, {opts.dtype}, "

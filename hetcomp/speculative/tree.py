@@ -149,6 +149,12 @@ def _tree_from_paths(chosen) -> Tree:
     return Tree(tuple(parents), tuple(ranks), tuple(node_probs))
 
 
+def largest_tree(num_heads: int, top: int) -> int:
+    """Nodes of the widest tree ``num_heads`` heads of ``top`` candidates each can draft (every
+    path of ranks, the root too): :func:`build_tree` stops there."""
+    return 1 + sum(top ** d for d in range(1, num_heads + 1))
+
+
 def expected_accept_length(rank_probs: np.ndarray, width: int) -> float:
     return build_tree(rank_probs, width).expected_accept_length
 

@@ -405,3 +405,27 @@ def test_heldout_prompts_are_the_packaged_heads_unseen_split():
                              read_responses(responses))
     assert len(train) == info["train_prompts"] and not set(held) & set(train)
     assert heldout_prompts(info) == held[:8]
+
+
+def test_one_head_compiles_the_widths_it_can_fill(tmp_path, capfd):
+    """One head of 10 candidates drafts at most 11 nodes: compile leaves out wider verify
+    steps (they crashed at run time with rows no draft filled), says so, and refuses a
+    --width beyond them; what it keeps speculates losslessly."""
+    e, rng = TINY.hidden_size, np.random.default_rng(0)
+    MedusaHeads(w=(rng.standard_normal((1, e, e)) * 0.05).astype("float32"),
+                b=np.zeros((1, e), "float32"), rank_probs=np.linspace(0.5, 0.05, 10)[None],
+                info={}).save(str(tmp_path / "one.npz"))
+    w = random_weights(TINY, seed=11, scale=0.3)
+    loaded = (TINY, w, byte_tokenizer_spec(TINY.vocab_size), __file__)
+    opts = CompileOptions(model="tiny", heads=str(tmp_path / "one.npz"))
+    compile_model(opts, str(tmp_path / "art"), weights=loaded)
+    assert "widths 16, 32, 64 left out" in capfd.readouterr().err
+    art = load_artifact(str(tmp_path / "art"))
+    assert art.widths == [1, 2, 4, 8]
+    seq = generate(art, [5, 17, 99], max_new_tokens=24, stop_at_eos=False).ids
+    for width in art.widths:
+        res = generate(art, [5, 17, 99], max_new_tokens=24, stop_at_eos=False, width=width)
+        assert res.ids == seq, width
+    with pytest.raises(HetcompError, match="at most 11 nodes"):
+        compile_model(dataclasses.replace(opts, default_width=16), str(tmp_path / "w16"),
+                      quiet=True, weights=loaded)

@@ -82,7 +82,7 @@ def test_accept_path_takes_the_longest_of_equal_siblings():
             while path[-1] != 0:
                 path.append(parents[path[-1]])
             path.reverse()
-            if all(tokens[c] == greedy[p] for p, c in zip(path, path[1:], strict=False)):
+            if all(tokens[c] == greedy[p] for p, c in itertools.pairwise(path)):
                 paths.append(path)
         got = accept_path(t, tokens, greedy)
         assert got in paths and len(got) == max(len(p) for p in paths)
