@@ -94,8 +94,11 @@ def load_corpus(name: str) -> list[str]:
     if not os.path.isfile(name):
         raise HetcompError(f"corpus not found: {name} (use {', '.join(CORPORA)} or a file of "
                            "prompts)")
-    with open(name) as fh:
-        prompts = [ln.strip() for ln in fh if ln.strip()]
+    try:
+        with open(name, encoding="utf-8") as fh:
+            prompts = [ln.strip() for ln in fh if ln.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise HetcompError(f"cannot read corpus {name}: {e}") from None
     if not prompts:
         raise HetcompError(f"corpus {name} has no prompts")
     return prompts

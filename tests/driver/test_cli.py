@@ -115,6 +115,11 @@ def test_options_checked_before_the_work(tmp_path, tiny_artifact, cli):
     assert_one_line_error(rc, err, "tuning database root not found")
     rc, _, err = cli("calibrate", "--corpus", tmp_path / "none.txt", "-o", tmp_path / "x")
     assert_one_line_error(rc, err, "corpus not found")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(b"caf\xe9\n")
+    rc, _, err = cli("calibrate", "--corpus", latin1, "-o", tmp_path / "x")
+    assert_one_line_error(rc, err, "cannot read corpus")
+    latin1.unlink()
     rc, _, err = cli("calibrate", "-o", tmp_path / "notes")  # notes.png: the plot's path
     assert_one_line_error(rc, err, "refusing to replace")
     rc, _, err = cli("tune", "--kernels", "-o", notes)
