@@ -9,6 +9,7 @@ from hetcomp.testing import TINY, compile_tiny, depths, tree_mask
 from hetcomp.testing import numpy_llama as ref
 
 RTOL = 1e-4
+SCALE = 0.3
 
 
 @pytest.fixture(scope="module", params=["default", "device_len", "fused"])
@@ -17,11 +18,12 @@ def tiny_artifact(request, tmp_path_factory):
     read on the device, every attention ``script_ops.tree_attention``, one cache pair per
     artifact) and as a GPU build's module is, its norms and activations inside the linears
     too (FuseLinearChains: verify_w1's and the prefill chunk's), each run on the CPU: the
-    same checks hold for all three."""
+    same checks hold for all three. The weights' scale makes greedy tokens vary (at the
+    default a tiny model mostly repeats its input token)."""
     if request.param == "default":
-        return request.getfixturevalue("tiny_artifact")
+        return compile_tiny(tmp_path_factory, scale=SCALE)
     fused = request.param == "fused"
-    return compile_tiny(tmp_path_factory, name=request.param, device_len=True,
+    return compile_tiny(tmp_path_factory, name=request.param, device_len=True, scale=SCALE,
                         **({"fuse_linears": True} if fused else {}))
 
 
@@ -59,7 +61,7 @@ def test_chunked_prefill_equals_one_shot(tiny_artifact):
     na, ha = art.new_session().prefill(prompt)
     nb, hb = art.new_session().prefill(prompt, chunk=8)
     assert na == nb
-    np.testing.assert_allclose(ha.numpy(), hb.numpy(), rtol=1e-5, atol=1e-6)
+    assert rel_err(ha.numpy(), hb.numpy()) < 1e-5  # summation order only
 
 
 def test_short_prompt_pads_in_the_graph_build_only(tiny_artifact):
@@ -139,7 +141,8 @@ def test_sequential_generation_matches_numpy_greedy(tiny_artifact):
     art = load_artifact(path)
     prompt = [12, 200, 31, 4]
     res = generate(art, prompt, max_new_tokens=12, stop_at_eos=False)
-    assert res.ids == ref.greedy(TINY, w, prompt, 12)
+    want = ref.greedy(TINY, w, prompt, 12)
+    assert len(set(want)) > 3 and res.ids == want
     assert res.steps == 11 and res.accepted_per_step == 1.0
 
 
