@@ -2,8 +2,10 @@
 logits are numpy's forward on the dequantized weights, speculation is lossless, and the
 weights rebuild byte for byte from the file."""
 
+import gguf
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType
 
 from hetcomp.artifact_format import read_manifest
 from hetcomp.driver.compile import CompileOptions, compile_model
@@ -27,6 +29,7 @@ from hetcomp.testing import numpy_llama as ref
 from hetcomp.testing.gguf_writer import write_gguf
 
 WIDTHS = (1, 4, 16)
+Q8_0 = GGMLQuantizationType.Q8_0
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +38,15 @@ def q41(tmp_path_factory):
     matrix, the embedding too) compiled with --dtype q4_1 and random Medusa heads."""
     tmp = tmp_path_factory.mktemp("q41")
     path = tmp / "tiny.q4_1.gguf"
-    stored = write_gguf(path, TINY, random_weights(TINY, seed=7),
+    # (a weight scale where greedy tokens vary: at the default they mostly repeat the input)
+    stored = write_gguf(path, TINY, random_weights(TINY, seed=7, scale=0.3),
                         byte_tokenizer_spec(TINY.vocab_size), qtype="Q4_1")
-    # The embedding / LM head is q8_0 in a quantized artifact: this file's q4_1 table converted.
-    stored["embed"] = QuantMatrix.quantize(stored["embed"], "q8_0").dequantize()
+    # The embedding / LM head is q8_0 in a quantized artifact: this file's q4_1 table
+    # converted, here by gguf's own Q8_0 (the reference), which ours must equal.
+    embed = stored["embed"]
+    stored["embed"] = gguf.quants.dequantize(gguf.quants.quantize(embed, Q8_0), Q8_0)
+    np.testing.assert_array_equal(QuantMatrix.quantize(embed, "q8_0").dequantize(),
+                                  stored["embed"])
     rng = np.random.default_rng(3)
     e = TINY.hidden_size
     heads = MedusaHeads(rng.standard_normal((3, e, e)).astype("float32") * 0.05,
@@ -46,9 +54,11 @@ def q41(tmp_path_factory):
                         np.tile(np.linspace(0.5, 0.01, 10), (3, 1)), {})
     heads.save(str(tmp / "heads.npz"))
     out = tmp / "art"
+    # A float32 cache: the logits are checked at 1e-4, the quantized weights' numerics alone
+    # (the default float16 cache is tests/runtime/test_kv_dtype.py's).
     compile_model(CompileOptions(model=str(path), dtype="q4_1", heads=str(tmp / "heads.npz"),
-                                 widths=WIDTHS, max_context=TINY.max_context), str(out),
-                  quiet=True)
+                                 widths=WIDTHS, max_context=TINY.max_context,
+                                 kv_dtype="float32"), str(out), quiet=True)
     return load_artifact(str(out)), stored, str(path), str(tmp / "heads.npz")
 
 
@@ -63,7 +73,7 @@ def q41_any(request, q41):
     out = request.getfixturevalue("tmp_path_factory").mktemp("q41_fused") / "art"
     compile_model(CompileOptions(model=path, dtype="q4_1", heads=heads, widths=WIDTHS,
                                  max_context=TINY.max_context, device_len=True,
-                                 fuse_linears=True), str(out), quiet=True)
+                                 fuse_linears=True, kv_dtype="float32"), str(out), quiet=True)
     art = load_artifact(str(out))
     called = {k["name"] for k in art.manifest["kernels"] if k["function"] == "verify_w16"}
     assert {"linear_norm_n128_k64_w16", "linear_norm_silu_n192_k64_w16"} <= called, called
@@ -90,12 +100,13 @@ def e_blocks():
 
 def test_logits_match_numpy_on_dequantized_weights(q41_any):
     art, w, _, _ = q41_any
+    tol = 1e-4
     prompt = [5, 17, 99, 3, 42, 7, 8, 300, 11]
     sess = art.new_session()
     nxt, hidden = sess.prefill(prompt)
     logits, ref_hidden = ref.forward(TINY, w, prompt)
     assert nxt == int(np.argmax(logits[-1]))
-    assert rel_err(hidden.numpy()[0], ref_hidden[-1]) < 1e-4
+    assert rel_err(hidden.numpy()[0], ref_hidden[-1]) < tol
     parents = [-1, 0, 0, 0, 1, 1, 2, 4, 4, 7, 3, 10, 0, 12, 13, 5]  # verify_w16
     toks = (np.arange(16) * 13 + 40) % TINY.vocab_size
     ids, hidden, logits = sess.verify(toks, depths(parents) + len(prompt), tree_mask(parents))
@@ -107,7 +118,7 @@ def test_logits_match_numpy_on_dequantized_weights(q41_any):
                                 positions=np.concatenate([np.arange(len(prompt)),
                                                           depths(parents) + len(prompt)]),
                                 mask=full)
-    assert rel_err(logits.numpy(), ref_logits[len(prompt):]) < 1e-4
+    assert rel_err(logits.numpy(), ref_logits[len(prompt):]) < tol
     np.testing.assert_array_equal(ids, ref_logits[len(prompt):].argmax(-1))
 
 
@@ -115,7 +126,7 @@ def test_greedy_equals_numpy_and_speculation_is_lossless(q41_any):
     art, w, _, _ = q41_any
     for prompt in ([5, 17, 99], [200, 3, 4, 5, 6]):
         seq = generate(art, prompt, max_new_tokens=24, stop_at_eos=False).ids
-        assert seq == ref.greedy(TINY, w, prompt, 24)
+        assert len(set(seq)) > 3 and seq == ref.greedy(TINY, w, prompt, 24)
         for width in (4, 16):
             assert generate(art, prompt, max_new_tokens=24, stop_at_eos=False,
                             width=width).ids == seq, (prompt, width)
