@@ -14,15 +14,19 @@ import sys
 import pytest
 
 from hetcomp.frontend.weights import random_weights
-from hetcomp.testing import TINY, assert_one_line_error, byte_tokenizer_spec
+from hetcomp.runtime import load_artifact
+from hetcomp.testing import TINY, assert_one_line_error, byte_tokenizer_spec, numpy_llama
 from hetcomp.testing import run_cli as run
 from hetcomp.testing.gguf_writer import write_gguf
+
+SCALE = 0.3  # a weight scale where greedy tokens vary (at the default they repeat the input)
 
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory):
     path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
-    write_gguf(path, TINY, random_weights(TINY), byte_tokenizer_spec(TINY.vocab_size))
+    write_gguf(path, TINY, random_weights(TINY, scale=SCALE),
+               byte_tokenizer_spec(TINY.vocab_size))
     return path
 
 
@@ -30,14 +34,17 @@ def test_compile_and_generate_json(tmp_path, tiny_gguf, cli):
     rc, _, err = run("compile", "--model", tiny_gguf, "--max-context", 128, "-o", tmp_path / "a")
     assert rc == 0, err
     assert "[1/4]" in err  # progress is shown
-    rc, out, err = run("generate", tmp_path / "a", "--prompt-ids", "5,6,7", "--max-new-tokens", 5,
-                       "--json")
+    rc, out, err = run("generate", tmp_path / "a", "--prompt-ids", "40,41,42",
+                       "--max-new-tokens", 5, "--json")
     assert rc == 0, err
     res = json.loads(out)
     for key in ("prompt_ids", "ids", "text", "steps", "accepted_per_step", "prefill_s",
                 "decode_tokens_per_s"):
         assert key in res
-    assert res["prompt_ids"] == [5, 6, 7] and 1 <= len(res["ids"]) <= 5
+    # the numpy model's greedy tokens (float32 file: the weights as drawn), up to EOS (id 2)
+    want = numpy_llama.greedy(TINY, random_weights(TINY, scale=SCALE), [40, 41, 42], 5, eos=2)
+    assert res["prompt_ids"] == [40, 41, 42] and res["ids"] == want and len(set(want)) > 3
+    assert res["text"] == load_artifact(str(tmp_path / "a")).tokenizer.decode(res["ids"])
     # inspect and the error in-process: generate above and test_bad_artifacts run real
     # runtime-only processes.
     rc, out, _ = cli("inspect", tmp_path / "a")
