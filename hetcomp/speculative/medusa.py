@@ -73,8 +73,12 @@ class MedusaHeads:
                                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
                                ) from None
         k = w.shape[0] if w.ndim == 3 else -1
+        # Statistics of K heads of TOPK candidates (ranks: -1 no target, TOPK not among them);
+        # others would build trees with nodes for heads or ranks the draft does not have.
         if (w.ndim != 3 or w.shape[1] != w.shape[2] or b.shape != w.shape[:2]
-                or rank_probs.ndim != 2 or rank_probs.shape[0] != k
+                or rank_probs.shape != (k, TOPK)
+                or (ranks is not None and (ranks.ndim != 2 or ranks.shape[1] != k
+                                           or ranks.size and ranks.max() > TOPK))
                 or (u is not None and u.shape != w.shape)
                 or (vocab is not None and vocab.ndim != 1)):
             raise HetcompError(f"cannot read Medusa heads {path}: inconsistent array shapes")

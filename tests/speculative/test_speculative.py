@@ -429,3 +429,19 @@ def test_one_head_compiles_the_widths_it_can_fill(tmp_path, capfd):
     with pytest.raises(HetcompError, match="at most 11 nodes"):
         compile_model(dataclasses.replace(opts, default_width=16), str(tmp_path / "w16"),
                       quiet=True, weights=loaded)
+
+
+def test_heads_whose_statistics_disagree_with_them_are_refused(tmp_path):
+    """Statistics for another number of heads or candidates would build trees with nodes
+    for a head that does not exist: refused when the file is read."""
+    e, rng = 8, np.random.default_rng(1)
+    w, b = rng.standard_normal((2, e, e)).astype("float32"), np.zeros((2, e), "float32")
+    for probs, ranks in ((np.full((2, 10), 0.1), np.zeros((5, 4), "int8")),
+                         (np.full((2, 12), 0.1), None),
+                         (np.full((2, 10), 0.1), np.full((5, 2), 11, "int8"))):
+        MedusaHeads(w, b, probs, {}, ranks).save(str(tmp_path / "h.npz"))
+        with pytest.raises(HetcompError, match="inconsistent"):
+            MedusaHeads.load(str(tmp_path / "h.npz"))
+    MedusaHeads(w, b, np.full((2, 10), 0.1), {}, np.full((5, 2), 10, "int8")).save(
+        str(tmp_path / "h.npz"))
+    assert MedusaHeads.load(str(tmp_path / "h.npz")).num_heads == 2
