@@ -127,8 +127,17 @@ def step_breakdown(art, width: int = 1, steps: int = 8, cache_len: int = 64) -> 
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory so far, MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident memory so far, MiB. On Linux from ``VmHWM`` (this
+    program's own): ``getrusage``'s ``ru_maxrss`` survives ``exec``, so a process started
+    from a large one (a test runner, a notebook) reported its parent's size."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def host_split(art, prompt_ids, widths, new_tokens: int = 96) -> list[dict]:

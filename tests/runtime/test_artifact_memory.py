@@ -72,3 +72,22 @@ def test_workspace_is_what_memory_planning_leaves():
     assert outputs <= ws[f"verify_w{w}"] < every
     assert "verify" in ws and "commit" in ws and ws["commit"] == 0
     assert workspace_bytes(scheduled[0], sizes={}).keys().isdisjoint({"verify", "prefill"})
+
+
+def test_peak_rss_is_the_process_own(tmp_path):
+    """A process started from a large one reports its own peak, not its parent's:
+    ``ru_maxrss`` survives ``exec`` (generate --json reported 8 GB from the test runner)."""
+    import subprocess
+    import sys
+
+    parent = (
+        "import subprocess, sys\n"
+        "big = bytearray(1536 * 2**20)\n"
+        "for i in range(0, len(big), 4096):\n"
+        "    big[i] = 1\n"
+        "print(subprocess.run([sys.executable, '-c', 'from hetcomp.runtime.unit_time import "
+        "peak_rss_mb; print(peak_rss_mb())'], capture_output=True, text=True, "
+        "check=True).stdout)\n")
+    out = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert 10 < float(out.stdout) < 1024, out.stdout
