@@ -59,6 +59,18 @@ def tree_mask(parents):
     return m
 
 
+def full_mask(prompt_len: int, tree) -> np.ndarray:
+    """``[T + W, T + W]`` attention mask of a prompt of ``prompt_len`` tokens (causal) followed
+    by a tree (``tree``: its ancestor-or-self mask) that sees the whole prompt: what the numpy
+    model is given to check a verify step after a prefill."""
+    t, w = prompt_len, len(tree)
+    m = np.zeros((t + w, t + w), bool)
+    m[:t, :t] = np.tril(np.ones((t, t), bool))
+    m[t:, :t] = True
+    m[t:, t:] = np.asarray(tree).astype(bool)
+    return m
+
+
 def depths(parents):
     d = []
     for p in parents:

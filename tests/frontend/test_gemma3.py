@@ -17,7 +17,8 @@ from hetcomp.hardware import target_dict
 from hetcomp.plan import HeteroPlan
 from hetcomp.runtime import generate, load_artifact
 from hetcomp.testing import (TINY_GEMMA3, assert_matches_reference, byte_tokenizer_spec, depths,
-                             compile_fused, compile_with_random_heads, tree_mask)
+                             compile_fused, compile_with_random_heads, full_mask,
+                             tree_mask)
 from hetcomp.testing import numpy_llama as ref
 from hetcomp.testing.gguf_writer import write_gguf
 
@@ -99,11 +100,9 @@ def test_prefill_and_tree_verify_past_the_window_match_numpy(request, artifact, 
         toks, mask = np.arange(10, 10 + w), tree_mask(parents)
         pos = depths(parents) + t
         _, _, logits = sess.verify(toks, pos, mask)
-        full = np.zeros((t + w, t + w), bool)
-        full[:t, :t] = np.tril(np.ones((t, t), bool))
-        full[t:, :t], full[t:, t:] = True, mask.astype(bool)
         ref_tree, _ = ref.forward(CFG, stored, np.concatenate([PROMPT, toks]),
-                                  positions=np.concatenate([np.arange(t), pos]), mask=full)
+                                  positions=np.concatenate([np.arange(t), pos]),
+                                  mask=full_mask(t, mask))
         assert _rel_err(logits.numpy(), ref_tree[t:]) < 1e-4, parents
     # The window matters: without it the reference is far off.
     unwindowed = ref.forward(dataclasses.replace(CFG, sliding_window=0), stored, PROMPT)[0]

@@ -5,7 +5,7 @@ import pytest
 
 from hetcomp.frontend.config import LlamaConfig
 from hetcomp.runtime import load_artifact
-from hetcomp.testing import TINY, compile_tiny, depths, tree_mask
+from hetcomp.testing import TINY, compile_tiny, depths, full_mask, tree_mask
 from hetcomp.testing import numpy_llama as ref
 
 RTOL = 1e-4
@@ -29,15 +29,6 @@ def tiny_artifact(request, tmp_path_factory):
 
 def rel_err(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
-
-
-def full_mask(prompt_len, tree):
-    t, w = prompt_len, len(tree)
-    m = np.zeros((t + w, t + w), bool)
-    m[:t, :t] = np.tril(np.ones((t, t), bool))
-    m[t:, :t] = True
-    m[t:, t:] = tree.astype(bool)
-    return m
 
 
 def test_prefill_matches_numpy(tiny_artifact):

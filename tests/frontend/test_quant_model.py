@@ -22,6 +22,7 @@ from hetcomp.testing import (
     assert_one_line_error,
     byte_tokenizer_spec,
     depths,
+    full_mask,
     run_cli,
     tree_mask,
 )
@@ -100,25 +101,20 @@ def e_blocks():
 
 def test_logits_match_numpy_on_dequantized_weights(q41_any):
     art, w, _, _ = q41_any
-    tol = 1e-4
     prompt = [5, 17, 99, 3, 42, 7, 8, 300, 11]
     sess = art.new_session()
     nxt, hidden = sess.prefill(prompt)
     logits, ref_hidden = ref.forward(TINY, w, prompt)
     assert nxt == int(np.argmax(logits[-1]))
-    assert rel_err(hidden.numpy()[0], ref_hidden[-1]) < tol
+    assert rel_err(hidden.numpy()[0], ref_hidden[-1]) < 1e-4
     parents = [-1, 0, 0, 0, 1, 1, 2, 4, 4, 7, 3, 10, 0, 12, 13, 5]  # verify_w16
     toks = (np.arange(16) * 13 + 40) % TINY.vocab_size
     ids, hidden, logits = sess.verify(toks, depths(parents) + len(prompt), tree_mask(parents))
-    full = np.zeros((len(prompt) + 16,) * 2, bool)
-    full[:len(prompt), :len(prompt)] = np.tril(np.ones((len(prompt),) * 2, bool))
-    full[len(prompt):, :len(prompt)] = True
-    full[len(prompt):, len(prompt):] = tree_mask(parents).astype(bool)
     ref_logits, _ = ref.forward(TINY, w, np.concatenate([prompt, toks]),
                                 positions=np.concatenate([np.arange(len(prompt)),
                                                           depths(parents) + len(prompt)]),
-                                mask=full)
-    assert rel_err(logits.numpy(), ref_logits[len(prompt):]) < tol
+                                mask=full_mask(len(prompt), tree_mask(parents)))
+    assert rel_err(logits.numpy(), ref_logits[len(prompt):]) < 1e-4
     np.testing.assert_array_equal(ids, ref_logits[len(prompt):].argmax(-1))
 
 

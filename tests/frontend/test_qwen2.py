@@ -15,7 +15,8 @@ from hetcomp.hardware import target_dict
 from hetcomp.plan import HeteroPlan
 from hetcomp.runtime import generate, load_artifact
 from hetcomp.testing import (TINY_QWEN2, assert_matches_reference, byte_tokenizer_spec, depths,
-                             compile_fused, compile_with_random_heads, tree_mask)
+                             compile_fused, compile_with_random_heads, full_mask,
+                             tree_mask)
 from hetcomp.testing import numpy_llama as ref
 from hetcomp.testing.gguf_writer import write_gguf
 
@@ -83,11 +84,9 @@ def test_prefill_and_tree_verify_match_numpy(request, artifact, qwen2_gguf):
     pos = depths(parents) + len(prompt)
     _, _, logits = sess.verify(toks, pos, mask)
     t = len(prompt)
-    full = np.zeros((t + 4, t + 4), bool)
-    full[:t, :t] = np.tril(np.ones((t, t), bool))
-    full[t:, :t], full[t:, t:] = True, mask.astype(bool)
     ref_tree, _ = ref.forward(CFG, stored, np.concatenate([prompt, toks]),
-                              positions=np.concatenate([np.arange(t), pos]), mask=full)
+                              positions=np.concatenate([np.arange(t), pos]),
+                              mask=full_mask(t, mask))
     assert _rel_err(logits.numpy(), ref_tree[t:]) < 1e-4
     # The biases matter: without them the reference is far off.
     unbiased = {k: v for k, v in stored.items() if ".b" not in k}

@@ -4,7 +4,7 @@ not per step): trees of the same width but another shape never see a stale copy.
 import numpy as np
 
 from hetcomp.speculative.tree import csr_from_mask
-from hetcomp.testing import TINY, numpy_llama
+from hetcomp.testing import TINY, full_mask, numpy_llama
 
 PROMPT = [5, 17, 99, 3, 42, 7]
 CHAIN = np.tril(np.ones((4, 4), "int32"))  # a chain of four nodes
@@ -22,13 +22,10 @@ def _verify(sess, mask, csr=None):
 
 def _numpy_logits(weights, mask):
     """The numpy model's logits of the tree ``mask`` of TOKENS after PROMPT."""
-    n, w = len(PROMPT), len(mask)
-    full = np.zeros((n + w, n + w), bool)
-    full[:n, :n] = np.tril(np.ones((n, n), bool))
-    full[n:, :n] = True
-    full[n:, n:] = mask.astype(bool)
+    n = len(PROMPT)
     positions = np.concatenate([np.arange(n), n + mask.sum(axis=1) - 1])
-    return numpy_llama.forward(TINY, weights, PROMPT + TOKENS[:w], positions, full)[0][n:]
+    return numpy_llama.forward(TINY, weights, PROMPT + TOKENS[:len(mask)], positions,
+                               full_mask(n, mask))[0][n:]
 
 
 def test_tree_tensors_are_made_once_per_shape(tiny_reference, tiny_loaded):

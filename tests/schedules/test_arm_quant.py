@@ -127,7 +127,7 @@ def test_tiny_q4_1_model_under_qemu_matches_numpy(tmp_path):
     from hetcomp.frontend.llama import build_module
     from hetcomp.frontend.weights import pack_weights, param_specs
     from hetcomp.speculative.tree import csr_from_mask
-    from hetcomp.testing import TINY, depths, tree_mask
+    from hetcomp.testing import TINY, depths, full_mask, tree_mask
     from hetcomp.testing import numpy_llama as ref
 
     cfg = TINY
@@ -156,12 +156,9 @@ def test_tiny_q4_1_model_under_qemu_matches_numpy(tmp_path):
     pos = (depths(parents) + t).astype("int32")
     logits, hidden, ids, kc, vc = run("verify_w4", toks, pos, mask, *csr_from_mask(mask), kc, vc,
                                       t, *params)
-    full = np.zeros((t + 4, t + 4), bool)
-    full[:t, :t] = np.tril(np.ones((t, t), bool))
-    full[t:, :t] = True
-    full[t:, t:] = mask.astype(bool)
     ref_logits, _ = ref.forward(cfg, w, np.concatenate([prompt, toks]),
-                                positions=np.concatenate([np.arange(t), pos]), mask=full)
+                                positions=np.concatenate([np.arange(t), pos]),
+                                mask=full_mask(t, mask))
     np.testing.assert_allclose(logits, ref_logits[t:], atol=2e-3, rtol=2e-3)
     np.testing.assert_array_equal(ids, ref_logits[t:].argmax(-1))
 

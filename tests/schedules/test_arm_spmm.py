@@ -9,7 +9,7 @@ from hetcomp.codegen.cross import AARCH64_NEON, CrossToolchain, QemuKernel, appl
 from hetcomp.errors import HetcompError
 from hetcomp.kernels import sparse_attention as sa
 from hetcomp.schedules.arm import arm_rules
-from hetcomp.testing import tree_mask
+from hetcomp.testing import full_mask, tree_mask
 from hetcomp.testing.tree_attention import (
     D,
     G,
@@ -130,12 +130,9 @@ def test_tiny_model_under_qemu_matches_numpy(tmp_path):
     pos = (depths(parents) + t).astype("int32")
     logits, hidden, ids, kc, vc = run("verify_w4", toks, pos, mask, *csr_from_mask(mask), kc, vc,
                                       t, *params)
-    full = np.zeros((t + 4, t + 4), bool)
-    full[:t, :t] = np.tril(np.ones((t, t), bool))
-    full[t:, :t] = True
-    full[t:, t:] = mask.astype(bool)
     ref_logits, _ = ref.forward(cfg, w, np.concatenate([prompt, toks]),
-                                positions=np.concatenate([np.arange(t), pos]), mask=full)
+                                positions=np.concatenate([np.arange(t), pos]),
+                                mask=full_mask(t, mask))
     np.testing.assert_allclose(logits, ref_logits[t:], atol=1e-4, rtol=1e-4)
     np.testing.assert_array_equal(ids, ref_logits[t:].argmax(-1))
 
