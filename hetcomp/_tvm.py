@@ -203,7 +203,7 @@ class _Compiler:
         from tvm.script.ir_builder.tirx import prim_func as build_prim_func
         from tvm.support import cc
         from tvm.target import Target
-        from tvm.target.codegen import llvm_cpu_has_features
+        from tvm.target.codegen import llvm_cpu_has_features, llvm_get_cpu_features
 
         self.relax = relax
         self.te = te
@@ -244,6 +244,7 @@ class _Compiler:
         self.build_prim_func = build_prim_func  # the IRBuilder frame of a PrimFunc
         self.cc = cc  # tvm.contrib.cc before 0.27
         self.llvm_cpu_has_features = llvm_cpu_has_features
+        self.llvm_get_cpu_features = llvm_get_cpu_features  # {feature name: ...} of a target
 
     @functools.cached_property
     def wmma_intrinsics(self) -> dict[str, str]:

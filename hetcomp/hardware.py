@@ -155,3 +155,68 @@ TARGET_NAMES = ("host", "aarch64", "x86-64", "x86-64-v3", "cuda")
 def host_part(spec: dict) -> dict:
     """The LLVM target that runs a target's host code (the target itself for CPUs)."""
     return dict(spec["host"]) if "host" in spec else dict(spec)
+
+
+# The instruction-set extensions a CPU artifact can need, by LLVM's feature name, with the
+# name Linux gives each in /proc/cpuinfo (x86: the "flags" line; aarch64: "Features"). An
+# artifact records those its target enables (`-mcpu=skylake-avx512` enables avx512f, ...);
+# the loader refuses, in one line, to run one on a CPU that lacks any: the code would die
+# with SIGILL at its first such instruction.
+CPU_FEATURE_FLAGS: dict[str, dict[str, str]] = {
+    "x86_64": {
+        "sse4.1": "sse4_1", "sse4.2": "sse4_2", "popcnt": "popcnt", "avx": "avx",
+        "avx2": "avx2", "fma": "fma", "f16c": "f16c", "bmi": "bmi1", "bmi2": "bmi2",
+        "avx512f": "avx512f", "avx512bw": "avx512bw", "avx512cd": "avx512cd",
+        "avx512dq": "avx512dq", "avx512vl": "avx512vl", "avx512vnni": "avx512_vnni",
+        "avx512bf16": "avx512_bf16", "avx512fp16": "avx512_fp16",
+        "avx512vbmi": "avx512vbmi", "avx512vbmi2": "avx512_vbmi2",
+        "avx512ifma": "avx512ifma", "avx512bitalg": "avx512_bitalg",
+        "avx512vpopcntdq": "avx512_vpopcntdq", "avxvnni": "avx_vnni",
+        "amx-tile": "amx_tile", "amx-int8": "amx_int8", "amx-bf16": "amx_bf16",
+    },
+    "aarch64": {
+        "neon": "asimd", "fullfp16": "asimdhp", "dotprod": "asimddp", "i8mm": "i8mm",
+        "bf16": "bf16", "sve": "sve", "sve2": "sve2", "sme": "sme",
+    },
+}
+
+
+def triple_arch(triple: str) -> str:
+    """The architecture of an LLVM triple, by the name ``platform.machine()`` gives it."""
+    arch = triple.split("-")[0]
+    return {"arm64": "aarch64", "amd64": "x86_64"}.get(arch, arch)
+
+
+def checkable_cpu_features(llvm_features, arch: str) -> list[str]:
+    """Of a target's LLVM features, those :data:`CPU_FEATURE_FLAGS` knows for ``arch``
+    (sorted): what an artifact records, and what its loader checks."""
+    known = CPU_FEATURE_FLAGS.get(arch, {})
+    return sorted(f for f in llvm_features if f in known)
+
+
+def machine_cpu_flags(cpuinfo: str = "/proc/cpuinfo", arch: str | None = None
+                      ) -> set[str] | None:
+    """This CPU's feature flags as Linux lists them, or None where unknown (another OS, or
+    no line of ``arch``'s kind: qemu-user shows the host's /proc/cpuinfo to the guest)."""
+    import platform
+
+    arch = arch or platform.machine()
+    key = {"x86_64": "flags", "aarch64": "Features"}.get(arch)
+    try:
+        with open(cpuinfo) as fh:
+            for line in fh:
+                name, sep, value = line.partition(":")
+                if sep and name.strip() == key:
+                    return set(value.split())
+    except OSError:
+        pass
+    return None
+
+
+def missing_cpu_features(required, arch: str, flags: set[str] | None) -> list[str]:
+    """The features in ``required`` (LLVM names) that a CPU with ``flags`` lacks; none
+    when its flags are unknown."""
+    if flags is None:
+        return []
+    names = CPU_FEATURE_FLAGS.get(arch, {})
+    return [f for f in required if f in names and names[f] not in flags]

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from .._tvm import TVM_VERSION
+from .._tvm import TVM_VERSION, compiler
 from ..artifact_format import (
     FORMAT,
     is_artifact,
@@ -16,6 +16,26 @@ from ..artifact_format import (
     sha256_file,
     write_params,
 )
+from ..hardware import checkable_cpu_features, host_part, triple_arch
+
+
+def cpu_requirements(target_specs: list[dict]) -> dict:
+    """What the CPU that runs an artifact built for ``target_specs`` (its units' targets)
+    must have: ``{"arch", "features"}``, the features being the instruction-set extensions
+    the targets' LLVM code may use (``-mcpu=znver4`` enables AVX-512), which the loader
+    checks against the CPU's own (:func:`hetcomp.runtime.artifact._check_target`)."""
+    import platform
+
+    c = compiler()
+    llvm = [host_part(s) for s in target_specs]  # a GPU's host code runs on the CPU too
+    llvm = [s for s in llvm if s.get("kind") == "llvm"]
+    triple = next((s["mtriple"] for s in llvm if s.get("mtriple")), "")
+    arch = triple_arch(triple) if triple else platform.machine()
+    features: set[str] = set()
+    for spec in llvm:
+        features.update(checkable_cpu_features(
+            c.llvm_get_cpu_features(c.Target(spec)), arch))
+    return {"arch": arch, "features": sorted(features)}
 
 
 def export_artifact(out_dir: str, executable, params: list[tuple[str, np.ndarray]],

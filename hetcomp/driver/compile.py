@@ -20,7 +20,7 @@ from ..codegen.build import (
     uses_cuda_graph,
     workspace_bytes,
 )
-from ..codegen.export import export_artifact
+from ..codegen.export import cpu_requirements, export_artifact
 from ..codegen.targets import export_compiler
 from ..cost.roofline import ModelShape, RooflineCost, dtype_bytes, kernel_features
 from ..cost.xgb import UnitCostModel
@@ -318,6 +318,8 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
         "kv_dtype": opts.cache_dtype,  # absent in older manifests: float32
         "target": opts.target,
         "target_spec": target_spec,
+        # The CPU it runs on: architecture and the ISA extensions its code may use.
+        "cpu": cpu_requirements([target_spec] + [u["target"] for u in units if "target" in u]),
         "units": units,
         "param_units": placement,
         # The unit whose device holds the KV cache (the dense attention part's).

@@ -145,6 +145,7 @@ def emulated_artifact(art_dir: str, scheduled, out_dir: str) -> str:
     artifact's (float sums in another order aside)."""
     from .. import _tvm
     from ..artifact_format import manifest_digest, sha256_file
+    from ..codegen.export import cpu_requirements
     from ..hardware import target_dict
     from ..passes.pipeline import vm_lowering_pipeline
 
@@ -158,7 +159,7 @@ def emulated_artifact(art_dir: str, scheduled, out_dir: str) -> str:
     mpath = os.path.join(out_dir, "manifest.json")
     with open(mpath) as fh:
         manifest = json.load(fh)
-    manifest.update(target="host", target_spec=host,
+    manifest.update(target="host", target_spec=host, cpu=cpu_requirements([host]),
                     units=[{"name": "cpu", "device": "cpu", "device_id": 0}])
     manifest["files"]["lib.so"] = {"bytes": os.path.getsize(lib), "sha256": sha256_file(lib)}
     manifest["digest"] = manifest_digest(manifest)

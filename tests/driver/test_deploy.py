@@ -55,9 +55,87 @@ def test_aarch64_artifact(tmp_path):
     assert "ARM aarch64" in desc and "shared object" in desc
     manifest = json.loads((tmp_path / "arm" / "manifest.json").read_text())
     assert manifest["target_spec"]["mtriple"] == "aarch64-linux-gnu"
+    assert manifest["cpu"] == {"arch": "aarch64", "features": ["neon"]}
     # On this x86 machine the artifact is refused with one clear line.
     rc, _, err = run("generate", tmp_path / "arm", "--prompt-ids", "1,2")
     assert_one_line_error(rc, err, "built for aarch64")
+
+
+def test_artifact_records_the_cpu_extensions_its_code_may_use():
+    """What LLVM enables for a target's CPU is what the artifact must find on the CPU that
+    runs it: AVX2 and FMA but no AVX-512 for x86-64-v3, AVX-512 for a Skylake server."""
+    from hetcomp.codegen.export import cpu_requirements
+    from hetcomp.hardware import target_dict
+
+    v3 = cpu_requirements([target_dict("x86-64-v3")])
+    assert v3["arch"] == "x86_64"
+    assert {"avx", "avx2", "fma", "f16c"} <= set(v3["features"])
+    assert not any(f.startswith("avx512") for f in v3["features"])
+    assert cpu_requirements([target_dict("x86-64")])["features"] == []  # SSE2 is x86-64's
+    skx = cpu_requirements([{"kind": "llvm", "mtriple": "x86_64-linux-gnu",
+                             "mcpu": "skylake-avx512"}])
+    assert {"avx512f", "avx512bw", "avx512vl"} <= set(skx["features"])
+    # A GPU target's host code runs on the CPU: its features are the host's.
+    assert cpu_requirements([target_dict("cuda")]) == v3
+
+
+def _reseal(path, edit):
+    """Edit an artifact's manifest as a build for another CPU would have written it."""
+    from hetcomp.artifact_format import manifest_digest
+
+    mpath = os.path.join(path, "manifest.json")
+    with open(mpath) as fh:
+        manifest = json.load(fh)
+    edit(manifest)
+    manifest["digest"] = manifest_digest(manifest)
+    with open(mpath, "w") as fh:
+        json.dump(manifest, fh)
+
+
+def test_artifact_for_a_richer_cpu_is_refused_in_one_line(tmp_path, tiny_artifact):
+    """An artifact whose code uses an extension this CPU lacks would die with SIGILL at its
+    first such instruction: it is refused at load, in one line naming the extension."""
+    import platform
+
+    from hetcomp.hardware import CPU_FEATURE_FLAGS, machine_cpu_flags
+
+    flags = machine_cpu_flags()
+    known = CPU_FEATURE_FLAGS.get(platform.machine(), {})
+    lacking = [f for f, flag in known.items() if flags is not None and flag not in flags]
+    if not lacking:
+        pytest.skip("this CPU has every extension the loader knows (or its flags are unknown)")
+    path = str(tmp_path / "art")
+    shutil.copytree(tiny_artifact[0], path)
+    with open(os.path.join(path, "manifest.json")) as fh:
+        own = json.load(fh)["cpu"]
+    assert own["arch"] == platform.machine() and own["features"]  # a host build records some
+    rc, _, err = run("generate", path, "--prompt-ids", "1,2", "--max-new-tokens", "2")
+    assert rc == 0, err
+    _reseal(path, lambda m: m["cpu"]["features"].append(lacking[0]))
+    rc, _, err = run("generate", path, "--prompt-ids", "1,2", "--max-new-tokens", "2")
+    assert_one_line_error(rc, err, f"CPU features this machine lacks ({lacking[0]})")
+
+
+def test_cpu_flags_are_read_for_the_machine_s_own_architecture(tmp_path):
+    """/proc/cpuinfo names x86 extensions on its "flags" line and ARM ones on "Features";
+    under qemu-user an aarch64 process sees the x86 host's file: unknown, not "lacking"."""
+    from hetcomp.hardware import machine_cpu_flags, missing_cpu_features
+
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma f16c\n\n")
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd evtstrm aes crc32 asimdhp\n")
+    assert machine_cpu_flags(str(x86), "x86_64") == {"fpu", "sse2", "avx", "avx2", "fma",
+                                                     "f16c"}
+    assert machine_cpu_flags(str(arm), "aarch64") >= {"asimd", "asimdhp"}
+    assert machine_cpu_flags(str(x86), "aarch64") is None
+    assert machine_cpu_flags(str(tmp_path / "none"), "x86_64") is None
+    flags = machine_cpu_flags(str(x86), "x86_64")
+    assert missing_cpu_features(["avx2", "avx512f", "avx512vnni"], "x86_64", flags) == [
+        "avx512f", "avx512vnni"]
+    assert missing_cpu_features(["neon", "dotprod"], "aarch64",
+                                machine_cpu_flags(str(arm), "aarch64")) == ["dotprod"]
+    assert missing_cpu_features(["avx512f"], "x86_64", None) == []
 
 
 def test_separate_weights_attach_where_it_runs(tmp_path):
