@@ -7,6 +7,7 @@ names are therefore loaded lazily through :func:`compiler`.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
@@ -84,6 +85,27 @@ def ensure_backend(kind: str) -> None:
     _BACKENDS.add(kind)
 
 
+_LOADING_ARCH: list[str] = []  # the GPU architectures of the libraries being loaded
+
+
+@contextlib.contextmanager
+def cuda_arch(arch: str | None):
+    """Within: CUDA source in a library being loaded is compiled for ``arch`` (the runtime
+    compiles it while loading, through :func:`_nvcc_fatbin`, which is told nothing of the
+    artifact). ``$HETCOMP_CUDA_ARCH`` still wins; None keeps the default."""
+    _LOADING_ARCH.append(arch or "")
+    try:
+        yield
+    finally:
+        _LOADING_ARCH.pop()
+
+
+def loading_cuda_arch() -> str:
+    """The architecture CUDA source loaded now is compiled for."""
+    return (os.environ.get("HETCOMP_CUDA_ARCH")
+            or next((a for a in reversed(_LOADING_ARCH) if a), "sm_90"))
+
+
 def _nvcc_fatbin(code, *_target) -> bytes:
     """CUDA source -> fatbin with ``nvcc`` (cached by source hash under
     ``$HETCOMP_KERNEL_CACHE`` when set: the same artifact loads fast the second time)."""
@@ -91,7 +113,7 @@ def _nvcc_fatbin(code, *_target) -> bytes:
     import subprocess
     import tempfile
 
-    arch = os.environ.get("HETCOMP_CUDA_ARCH", "sm_90")
+    arch = loading_cuda_arch()
     key = hashlib.sha256((arch + str(code)).encode()).hexdigest()[:24]
     cache = os.environ.get("HETCOMP_KERNEL_CACHE")
     hit = os.path.join(cache, key + ".fatbin") if cache else None

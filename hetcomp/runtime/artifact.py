@@ -93,8 +93,7 @@ class Artifact:
         # on a Jetson Orin); an explicit HETCOMP_CUDA_ARCH still wins.
         archs = [u.get("target", {}).get("arch") for u in units if u["device"] == "cuda"]
         archs.append(self.manifest.get("target_spec", {}).get("arch"))
-        if any(archs):
-            os.environ.setdefault("HETCOMP_CUDA_ARCH", next(a for a in archs if a))
+        arch = next((a for a in archs if a), None)
         try:
             self.devices = [_tvm.device(u["device"], u["device_id"]) for u in units]
         except Exception as e:
@@ -104,7 +103,8 @@ class Artifact:
         # The KV cache lives where the dense attention part runs (it reads the whole cache).
         self.kv_device = self.devices[int(self.manifest.get("kv_unit", 0) or 0)]
         try:
-            self.vm = _tvm.virtual_machine(_tvm.load_module(lib), self.devices)
+            with _tvm.cuda_arch(arch):  # this artifact's, not the process's first
+                self.vm = _tvm.virtual_machine(_tvm.load_module(lib), self.devices)
         except Exception as e:
             raise HetcompError(f"cannot load artifact library {lib}: {e}") from None
         # Weights on the CPU are views of the mapped file (no second copy: the page cache

@@ -217,3 +217,29 @@ def test_cuda_kernels_compile_for_orin_and_hopper(tmp_path, arch, dtype):
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert (tmp_path / "k.fatbin").stat().st_size > 0
+
+
+def test_cuda_source_is_compiled_for_the_loading_artifact_s_gpu(tmp_path, monkeypatch):
+    """The runtime compiles a library's CUDA source while loading it, through one process-
+    wide callback: each artifact is loaded under its own architecture (sm_87 here, for a
+    Jetson), and the next load is not compiled for it."""
+    from hetcomp.errors import HetcompError
+    from hetcomp.runtime import load_artifact
+    from hetcomp.testing import compile_tiny_cuda
+
+    compile_tiny_cuda(str(tmp_path / "orin"), cuda_arch="sm_87", cuda_graph=False)
+    monkeypatch.delenv("HETCOMP_CUDA_ARCH", raising=False)
+    seen = []
+
+    def load_module(path):  # no GPU here: note the architecture the source would get
+        seen.append(_tvm.loading_cuda_arch())
+        raise RuntimeError("no CUDA driver")
+
+    monkeypatch.setattr(_tvm, "device", lambda kind, index=0: _tvm.cpu())
+    monkeypatch.setattr(_tvm, "load_module", load_module)
+    with pytest.raises(HetcompError, match="cannot load artifact library"):
+        load_artifact(str(tmp_path / "orin"), verify=False)
+    assert seen == ["sm_87"] and _tvm.loading_cuda_arch() == "sm_90"
+    monkeypatch.setenv("HETCOMP_CUDA_ARCH", "sm_89")  # an explicit choice still wins
+    with _tvm.cuda_arch("sm_87"):
+        assert _tvm.loading_cuda_arch() == "sm_89"
