@@ -32,6 +32,9 @@ class TextGeneration:
             text = self._stream.push(ids)
             if text:
                 yield text
+        tail = self._stream.finish()  # a character the last token left incomplete
+        if tail:
+            yield tail
         self.result = self.generation.result()
 
 

@@ -203,7 +203,8 @@ class TextStream:
     """Incremental detokenization: :meth:`push` returns the text that new ids add.
 
     Text is decoded from all ids so far (BPE pieces and multi-byte characters span tokens) and
-    held back while it ends in an incomplete character."""
+    held back while it ends in an incomplete character; :meth:`finish` gives what is held
+    back when no ids follow, so the pieces join to the decoded whole."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -215,6 +216,12 @@ class TextStream:
         text = self.tokenizer.decode(self.ids)
         if text.endswith("\ufffd"):
             return ""
+        new, self.shown = text[self.shown:], len(text)
+        return new
+
+    def finish(self) -> str:
+        """The text held back at the end (an incomplete character, as U+FFFD)."""
+        text = self.tokenizer.decode(self.ids)
         new, self.shown = text[self.shown:], len(text)
         return new
 

@@ -26,6 +26,33 @@ def test_generate_streams_the_same_text(smollm2_artifact):
     assert "".join(pieces) == whole.text
 
 
+def test_a_character_cut_by_the_last_token_is_streamed_too(smollm2_artifact):
+    """Text is held back while it ends in an incomplete character; when the generation stops
+    there (its token budget spent), the rest still comes out, so the streamed pieces join to
+    the result's text. SmolLM2 spells 日本語 as six byte-level tokens."""
+    from hetcomp.driver.text import TextGeneration
+    from hetcomp.runtime.generate import TextStream
+
+    tok = load_artifact(smollm2_artifact, verify=False).tokenizer
+    ids = tok.encode_text("日本語")
+    cut = ids[:4]  # 日本 and the first byte of 語
+    assert tok.decode(cut) == "日本\ufffd"
+    stream = TextStream(tok)
+    pieces = [stream.push([i]) for i in cut]
+    assert "".join(pieces) == "日本"  # never a broken character mid-stream
+    assert stream.finish() == "\ufffd" and stream.finish() == ""
+
+    class Stopped:  # a generation whose steps accepted these ids, then ran out of tokens
+        def __iter__(self):
+            yield from ([i] for i in cut)
+
+        def result(self):
+            return tok.decode(cut)
+
+    text = TextGeneration(Stopped(), tok)
+    assert "".join(text) == text.result == "日本\ufffd"
+
+
 def test_chat_second_turn_prefills_only_its_tokens(smollm2_artifact):
     """A scripted two-turn session on stdin: the second turn prefills only the new turn, and
     its reply equals a fresh generation of the whole conversation."""
