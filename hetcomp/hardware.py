@@ -220,3 +220,20 @@ def missing_cpu_features(required, arch: str, flags: set[str] | None) -> list[st
         return []
     names = CPU_FEATURE_FLAGS.get(arch, {})
     return [f for f in required if f in names and names[f] not in flags]
+
+
+def check_cpu(cpu: dict, what: str = "artifact") -> None:
+    """One line of error where this CPU cannot run code built for ``cpu`` (a manifest's
+    ``{"arch", "features"}``): another architecture, or extensions it lacks (the code would
+    die with SIGILL at its first such instruction)."""
+    import platform
+
+    machine = platform.machine()
+    if cpu["arch"] != machine:
+        raise HetcompError(f"{what} was built for {cpu['arch']} but this machine is {machine}: "
+                           "rebuild with --target host")
+    missing = missing_cpu_features(cpu["features"], machine, machine_cpu_flags())
+    if missing:
+        portable = " (or --target x86-64-v3: any AVX2 machine)" if machine == "x86_64" else ""
+        raise HetcompError(f"{what} needs CPU features this machine lacks "
+                           f"({', '.join(missing)}): rebuild with --target host{portable}")

@@ -36,6 +36,7 @@ import numpy as np
 
 from .. import _tvm
 from ..artifact_format import holds_format, output_dir
+from ..codegen.export import cpu_requirements
 from ..cost.roofline import (
     LINEAR_KINDS,
     Features,
@@ -59,7 +60,7 @@ from ..cost.roofline import (
 )
 from ..decoder import ACTIVATION_KERNELS, FUSED_WIDTHS
 from ..errors import HetcompError
-from ..hardware import target_dict
+from ..hardware import check_cpu, target_dict
 from ..quant_format import (
     QuantMatrix,
     head_dtype,
@@ -534,7 +535,9 @@ def build_kit(out_dir: str, units: Iterable[str], shape: ModelShape, model: str,
             target = probe_target(name, cpu_target)
             build_probe_library(name, target, kernels, progress).export_library(
                 os.path.join(tmp, f"{name}.so"))
-            libs[name] = {"target": target, "library": f"{name}.so"}
+            # "cpu": what the CPU that loads it must have (a GPU library's host code too)
+            libs[name] = {"target": target, "library": f"{name}.so",
+                          "cpu": cpu_requirements([target])}
         with open(os.path.join(tmp, "kit.json"), "w") as fh:
             json.dump({"format": KIT_FORMAT, "model": model, "wdtype": wdtype,
                        "shape": dataclasses.asdict(shape), "options": dataclasses.asdict(opts),
@@ -816,6 +819,8 @@ def profile_kit(kit_dir: str, db: ProfileDB, units: Iterable[str] | None = None,
         if name not in kit["units"]:
             raise HetcompError(f"profile kit {kit_dir} has no library for unit {name!r}")
         info = kit["units"][name]
+        if "cpu" in info:  # (older kits: the library's load is the only check)
+            check_cpu(info["cpu"], f"the {name} probe library of {kit_dir}")
         unit = detect_unit(name, target=info["target"])
         digest = unit.fingerprint.digest
         if not force and db.is_complete(digest, kit["model"], opts.mode):

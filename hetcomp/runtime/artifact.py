@@ -15,7 +15,7 @@ from ..artifact_format import PREFILL_CHUNK, kv_dtype, read_manifest, sha256_fil
 from ..errors import HetcompError
 from ..frontend.config import LlamaConfig, kv_cache_shapes
 from ..frontend.tokenizer import TokenizerInfo
-from ..hardware import machine_cpu_flags, missing_cpu_features, triple_arch
+from ..hardware import check_cpu, triple_arch
 from ..speculative.tree import csr_from_mask
 
 
@@ -32,11 +32,9 @@ def latest_cached(cache: dict, key, make, limit: int):
 
 
 def _check_target(manifest: dict) -> None:
-    """One line of error where this CPU cannot run the artifact's code: another
-    architecture, or instruction-set extensions it lacks (the code would die with SIGILL)."""
+    """One line of error where this CPU cannot run the artifact's code."""
     import platform
 
-    machine = platform.machine()
     cpu = manifest.get("cpu")  # older artifacts: the target's triple alone
     if cpu is None:
         spec = manifest.get("target_spec", {})
@@ -44,16 +42,8 @@ def _check_target(manifest: dict) -> None:
         if spec.get("kind") != "llvm":
             return
         triple = spec.get("mtriple", "")
-        cpu = {"arch": triple_arch(triple) if triple else machine, "features": []}
-    if cpu["arch"] != machine:
-        raise HetcompError(
-            f"artifact was built for {cpu['arch']} but this machine is {machine}: rebuild "
-            "with --target host")
-    missing = missing_cpu_features(cpu["features"], machine, machine_cpu_flags())
-    if missing:
-        portable = " (or --target x86-64-v3: any AVX2 machine)" if machine == "x86_64" else ""
-        raise HetcompError(f"artifact needs CPU features this machine lacks "
-                           f"({', '.join(missing)}): rebuild with --target host{portable}")
+        cpu = {"arch": triple_arch(triple) if triple else platform.machine(), "features": []}
+    check_cpu(cpu)
 
 
 class Artifact:

@@ -163,6 +163,19 @@ def run_cli(*args, **kwargs):
     return p.returncode, p.stdout, p.stderr
 
 
+def lacking_cpu_feature() -> str | None:
+    """An instruction-set extension (LLVM's name) this CPU lacks, that the loaders check;
+    None where it has them all or its flags are unknown."""
+    import platform
+
+    from ..hardware import CPU_FEATURE_FLAGS, machine_cpu_flags
+
+    flags = machine_cpu_flags()
+    known = CPU_FEATURE_FLAGS.get(platform.machine(), {})
+    return next((f for f, flag in known.items() if flags is not None and flag not in flags),
+                None)
+
+
 def assert_one_line_error(rc, err, needle=""):
     """Bad input's contract: exit code 2 and one line on stderr (containing ``needle``)."""
     assert rc == 2, err

@@ -97,12 +97,10 @@ def test_artifact_for_a_richer_cpu_is_refused_in_one_line(tmp_path, tiny_artifac
     first such instruction: it is refused at load, in one line naming the extension."""
     import platform
 
-    from hetcomp.hardware import CPU_FEATURE_FLAGS, machine_cpu_flags
+    from hetcomp.testing import lacking_cpu_feature
 
-    flags = machine_cpu_flags()
-    known = CPU_FEATURE_FLAGS.get(platform.machine(), {})
-    lacking = [f for f, flag in known.items() if flags is not None and flag not in flags]
-    if not lacking:
+    lacking = lacking_cpu_feature()
+    if lacking is None:
         pytest.skip("this CPU has every extension the loader knows (or its flags are unknown)")
     path = str(tmp_path / "art")
     shutil.copytree(tiny_artifact[0], path)
@@ -111,9 +109,9 @@ def test_artifact_for_a_richer_cpu_is_refused_in_one_line(tmp_path, tiny_artifac
     assert own["arch"] == platform.machine() and own["features"]  # a host build records some
     rc, _, err = run("generate", path, "--prompt-ids", "1,2", "--max-new-tokens", "2")
     assert rc == 0, err
-    _reseal(path, lambda m: m["cpu"]["features"].append(lacking[0]))
+    _reseal(path, lambda m: m["cpu"]["features"].append(lacking))
     rc, _, err = run("generate", path, "--prompt-ids", "1,2", "--max-new-tokens", "2")
-    assert_one_line_error(rc, err, f"CPU features this machine lacks ({lacking[0]})")
+    assert_one_line_error(rc, err, f"CPU features this machine lacks ({lacking})")
 
 
 def test_cpu_flags_are_read_for_the_machine_s_own_architecture(tmp_path):

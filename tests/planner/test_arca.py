@@ -37,6 +37,7 @@ from hetcomp.planner import (
 )
 from hetcomp.profile.db import Measurement, ProfileDB
 from hetcomp.profile.units import Fingerprint, Unit, kernel_source_hash
+from hetcomp.testing import assert_one_line_error, lacking_cpu_feature
 
 # Block-friendly shapes: every linear's N is a multiple of 32, so ratios k/8 are exact.
 SHAPE = ModelShape(hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2, head_dim=64,
@@ -474,6 +475,19 @@ def test_profile_kit_built_here_measured_with_runtime_only(tmp_path):
                           "--units", "orin-nx-gpu", "-o", str(db)], capture_output=True,
                          text=True, env=env, timeout=600)
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
+    # Each library records the extensions its code uses (the GPU's host code: x86-64-v3's);
+    # a CPU that lacks one is refused before the library loads (it would die with SIGILL).
+    meta = json.loads((kit / "kit.json").read_text())
+    assert {"avx2", "fma"} <= set(meta["units"]["cpu"]["cpu"]["features"])
+    assert meta["units"]["cuda"]["cpu"] == meta["units"]["cpu"]["cpu"]
+    lacking = lacking_cpu_feature()
+    if lacking is not None:
+        meta["units"]["cpu"]["cpu"]["features"].append(lacking)
+        (kit / "kit.json").write_text(json.dumps(meta))
+        res = subprocess.run([sys.executable, "-m", "hetcomp", "profile", "--kit", str(kit),
+                              "--units", "cpu", "-o", str(tmp_path / "q.sqlite"), "--force"],
+                             capture_output=True, text=True, env=env, timeout=600)
+        assert_one_line_error(res.returncode, res.stderr, f"lacks ({lacking})")
 
 
 def test_time_calls_continues_the_rotation_across_probes():
