@@ -12,6 +12,7 @@ from ..errors import HetcompError
 from ..quant_format import BLOCK_BYTES, QuantMatrix
 from .config import LlamaConfig
 from .lazy import Deferred, LazyWeights
+from .weights import weight_shapes
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "gemma3")
 # Architectures whose Q/K rows llama.cpp's converter permutes (LlamaModel.modify_tensors);
@@ -164,8 +165,12 @@ def read_weights(reader, cfg: LlamaConfig, keep_quant: bool = False) -> LazyWeig
     read (:class:`~hetcomp.frontend.weights.LazyWeights`: the file is mapped, so nothing is
     decoded until packing asks for it); ``keep_quant``: matrices stored as q4_0, q4_1 or q8_0
     come as their file blocks (:class:`~hetcomp.kernels.quant.QuantMatrix`), byte for byte.
-    Missing tensors and unsupported types are refused here, before any work."""
+    Missing tensors, shapes the metadata does not imply, unsupported types and tensors no
+    weight is read from (llama.cpp would add a bias hetcomp would drop) are refused here,
+    before any work."""
     tensors = {t.name: t for t in reader.tensors}
+    expected = weight_shapes(cfg)
+    used: set[str] = set()
 
     def read(name: str, t, shape: tuple[int, ...]):
         qtype = t.tensor_type.name.lower()
@@ -177,13 +182,17 @@ def read_weights(reader, cfg: LlamaConfig, keep_quant: bool = False) -> LazyWeig
             raise HetcompError(f"cannot dequantize {name}: {e}") from None
         return np.ascontiguousarray(arr, dtype=np.float32)
 
-    def get(name: str) -> Deferred:
+    def get(name: str, ours: str) -> Deferred:
         t = tensors.get(name)
         if t is None:
             raise HetcompError(f"GGUF file is missing tensor {name}")
         if t.tensor_type.name not in _SUPPORTED_TYPES:
             raise HetcompError(f"unsupported GGUF tensor type {t.tensor_type.name} in {name}")
         shape = tuple(int(s) for s in reversed(t.shape.tolist()))
+        if shape != expected[ours]:
+            raise HetcompError(f"GGUF tensor {name} has shape {list(shape)}, its metadata "
+                               f"implies {list(expected[ours])}")
+        used.add(name)
         return Deferred(shape, lambda: read(name, t, shape), t.tensor_type.name.lower())
 
     arch = _field(reader, "general.architecture")
@@ -191,30 +200,30 @@ def read_weights(reader, cfg: LlamaConfig, keep_quant: bool = False) -> LazyWeig
     def qk(d: Deferred, n_head: int) -> Deferred:
         return d.map(lambda m: _unpermute_rope(m, n_head)) if arch in _PERMUTED_QK else d
 
+    names = {"embed": "token_embd.weight", "norm": "output_norm.weight",
+             "lm_head": "output.weight"}
+    layer_names = {"attn_norm": "attn_norm.weight", "wq": "attn_q.weight",
+                   "wk": "attn_k.weight", "wv": "attn_v.weight", "bq": "attn_q.bias",
+                   "bk": "attn_k.bias", "bv": "attn_v.bias", "wo": "attn_output.weight",
+                   "ffn_norm": "ffn_norm.weight", "w_gate": "ffn_gate.weight",
+                   "w_up": "ffn_up.weight", "w_down": "ffn_down.weight",
+                   "q_norm": "attn_q_norm.weight", "k_norm": "attn_k_norm.weight",
+                   "post_attn_norm": "post_attention_norm.weight",
+                   "post_ffn_norm": "post_ffw_norm.weight"}
     w = LazyWeights()
-    w["embed"], w["norm"] = get("token_embd.weight"), get("output_norm.weight")
-    if not cfg.tie_embeddings:
-        w["lm_head"] = get("output.weight")
-    for i in range(cfg.num_layers):
-        p = f"blk.{i}."
-        w[f"layers.{i}.attn_norm"] = get(p + "attn_norm.weight")
-        w[f"layers.{i}.wq"] = qk(get(p + "attn_q.weight"), cfg.num_heads)
-        w[f"layers.{i}.wk"] = qk(get(p + "attn_k.weight"), cfg.num_kv_heads)
-        if cfg.qkv_bias:
-            for x in "qkv":
-                w[f"layers.{i}.b{x}"] = get(p + f"attn_{x}.bias")
-        w[f"layers.{i}.wv"] = get(p + "attn_v.weight")
-        w[f"layers.{i}.wo"] = get(p + "attn_output.weight")
-        w[f"layers.{i}.ffn_norm"] = get(p + "ffn_norm.weight")
-        w[f"layers.{i}.w_gate"] = get(p + "ffn_gate.weight")
-        w[f"layers.{i}.w_up"] = get(p + "ffn_up.weight")
-        w[f"layers.{i}.w_down"] = get(p + "ffn_down.weight")
-        if cfg.qk_norm:
-            w[f"layers.{i}.q_norm"] = get(p + "attn_q_norm.weight")
-            w[f"layers.{i}.k_norm"] = get(p + "attn_k_norm.weight")
-        if cfg.post_norms:
-            w[f"layers.{i}.post_attn_norm"] = get(p + "post_attention_norm.weight")
-            w[f"layers.{i}.post_ffn_norm"] = get(p + "post_ffw_norm.weight")
+    for ours in expected:  # the config's weights, in order
+        if ours.startswith("layers."):
+            _, i, base = ours.split(".")
+            d = get(f"blk.{i}.{layer_names[base]}", ours)
+            if base in ("wq", "wk"):
+                d = qk(d, cfg.num_heads if base == "wq" else cfg.num_kv_heads)
+            w[ours] = d
+        else:
+            w[ours] = get(names[ours], ours)
+    unread = sorted(set(tensors) - used)
+    if unread:  # llama.cpp adds such tensors (a llama's optional biases): refuse, not drop
+        raise HetcompError(f"unsupported GGUF tensor {unread[0]} (hetcomp would compile the "
+                           f"model without it; {len(unread)} such tensor(s))")
     return w
 
 

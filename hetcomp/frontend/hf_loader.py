@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..errors import HetcompError
 from .config import LlamaConfig
+from .weights import weight_shapes
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -41,13 +42,14 @@ def _read_json(path: str) -> dict:
 
 
 def _rope_theta(hf: dict) -> float:
-    """The RoPE base, refusing any RoPE variant other than the default."""
-    params = hf.get("rope_parameters")  # transformers 5
-    if params is None:  # transformers 4: rope_theta at the top, scaling apart
-        params = dict(hf.get("rope_scaling") or {})
-        if "rope_theta" in hf:
-            params["rope_theta"] = hf["rope_theta"]
-    if not isinstance(params, dict):
+    """The RoPE base, refusing any RoPE variant other than the default. transformers 5 reads
+    ``rope_scaling`` over ``rope_parameters`` when a config has both (one saved by 5.x, then
+    given a scaling by hand), and 4.x reads ``rope_scaling`` alone: so does this."""
+    given = hf.get("rope_parameters")  # transformers 5
+    params = hf.get("rope_scaling") or given
+    if params is None:
+        params = {}
+    if not isinstance(params, dict) or not isinstance(given or {}, dict):
         raise HetcompError(f"unsupported rope_parameters {params!r} (expected one dict)")
     kind = params.get("rope_type", params.get("type", "default"))
     if kind != "default":
@@ -55,7 +57,8 @@ def _rope_theta(hf: dict) -> float:
     if params.get("partial_rotary_factor", 1.0) != 1.0:
         raise HetcompError(f"unsupported partial_rotary_factor {params['partial_rotary_factor']}"
                            " in config.json (supported: 1.0)")
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    theta = params.get("rope_theta", (given or {}).get("rope_theta", hf.get("rope_theta")))
+    return float(10000.0 if theta is None else theta)
 
 
 def read_hf_config(folder: str, max_context: int | None = None) -> LlamaConfig:
@@ -63,7 +66,8 @@ def read_hf_config(folder: str, max_context: int | None = None) -> LlamaConfig:
     cfg_path = os.path.join(folder, "config.json")
     if not os.path.isfile(cfg_path):
         raise HetcompError(f"not an HF model folder (no config.json): {folder}")
-    hf = _read_json(cfg_path)
+    # A null value is an absent one (transformers' default), as `"rope_scaling": null` is.
+    hf = {k: v for k, v in _read_json(cfg_path).items() if v is not None}
     archs = hf.get("architectures") or [hf.get("model_type", "?")]
     qwen2 = hf.get("model_type") == "qwen2" or "Qwen2ForCausalLM" in archs
     if hf.get("model_type") != "llama" and "LlamaForCausalLM" not in archs and not qwen2:
@@ -98,7 +102,7 @@ def read_hf_config(folder: str, max_context: int | None = None) -> LlamaConfig:
         )
     except KeyError as e:
         raise HetcompError(f"config.json lacks {e.args[0]!r}: {cfg_path}") from None
-    except ValueError as e:
+    except (ValueError, TypeError) as e:  # TypeError: a value of the wrong kind
         raise HetcompError(f"inconsistent config.json: {e}") from None
 
 
@@ -159,23 +163,19 @@ def load_hf(folder: str, max_context: int | None = None):
     """Load ``(config, float32 weights, tokenizer spec)`` from an HF LLaMA or Qwen2 folder."""
     cfg = read_hf_config(folder, max_context)
     spec = _tokenizer_spec(folder)
-    e, f, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    shapes = {"embed": ("model.embed_tokens.weight", (cfg.vocab_size, e)),
-              "norm": ("model.norm.weight", (e,))}
-    if not cfg.tie_embeddings:
-        shapes["lm_head"] = ("lm_head.weight", (cfg.vocab_size, e))
-    layer = {"attn_norm": (e,), "ffn_norm": (e,), "wq": (cfg.num_heads * d, e),
-             "wk": (cfg.num_kv_heads * d, e), "wv": (cfg.num_kv_heads * d, e),
-             "wo": (e, cfg.num_heads * d), "w_gate": (f, e), "w_up": (f, e), "w_down": (e, f)}
+    names = {"embed": "model.embed_tokens.weight", "norm": "model.norm.weight",
+             "lm_head": "lm_head.weight"}
     for i in range(cfg.num_layers):
         for ours, theirs in _LAYER_NAMES.items():
-            shapes[f"layers.{i}.{ours}"] = (f"model.layers.{i}.{theirs}.weight", layer[ours])
-        for x in "qkv" if cfg.qkv_bias else "":
-            shapes[f"layers.{i}.b{x}"] = (f"model.layers.{i}.self_attn.{x}_proj.bias",
-                                          layer["w" + x][:1])
-    raw = read_hf_tensors(folder, {hf_name for hf_name, _ in shapes.values()})
+            names[f"layers.{i}.{ours}"] = f"model.layers.{i}.{theirs}.weight"
+        for x in "qkv":
+            names[f"layers.{i}.b{x}"] = f"model.layers.{i}.self_attn.{x}_proj.bias"
+    shapes = weight_shapes(cfg)
+    # A tied config's checkpoint may still hold an LM head: read it, to compare.
+    raw = read_hf_tensors(folder, {names[n] for n in shapes} | {names["lm_head"]})
     w = {}
-    for ours, (hf_name, shape) in shapes.items():
+    for ours, shape in shapes.items():
+        hf_name = names[ours]
         arr = raw.pop(hf_name, None)
         if arr is None:
             raise HetcompError(f"HF checkpoint is missing tensor {hf_name}")
@@ -183,6 +183,13 @@ def load_hf(folder: str, max_context: int | None = None):
             raise HetcompError(f"tensor {hf_name} has shape {list(arr.shape)}, config.json "
                                f"implies {list(shape)}")
         w[ours] = arr
+    head = raw.pop(names["lm_head"], None)
+    if head is not None and not (head.shape == w["embed"].shape
+                                 and np.array_equal(head, w["embed"])):
+        # transformers 5 keeps such a head untied, 4.x ties it: which model is meant?
+        raise HetcompError("config.json ties the LM head to the embedding but the checkpoint "
+                           "holds a different lm_head.weight: set tie_word_embeddings to false "
+                           "to compile with that head")
     return cfg, w, spec
 
 

@@ -241,6 +241,8 @@ def test_rope_theta_from_either_place(tmp_path):
      "rope_type"),
     ({"rope_parameters": None, "rope_theta": 1e4,
       "rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_type"),
+    # Saved by transformers 5, then given a scaling by hand: transformers reads rope_scaling.
+    ({"rope_scaling": {"rope_type": "linear", "factor": 4.0}}, "rope_type 'linear'"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"attention_bias": True}, "attention_bias"),
     ({"mlp_bias": True}, "mlp_bias"),
@@ -254,6 +256,34 @@ def test_refuses_what_it_does_not_implement(tmp_path, overrides, field):
     folder = write_tiny_hf(tmp_path, hf_config(**overrides))
     with pytest.raises(HetcompError, match=field):
         load_model(folder)
+
+
+def test_tied_config_with_another_lm_head_is_refused(tmp_path):
+    """A tied config whose checkpoint holds a different LM head is two models (transformers
+    5 keeps the file's head, 4.x ties it): refused, not silently tied. The same head as the
+    embedding (a save that kept both) loads tied."""
+    w = random_weights(dataclasses.replace(TINY, tie_embeddings=False), seed=3)
+    other = write_tiny_hf(tmp_path / "other", hf_config(tie_word_embeddings=True), hf_tensors(w))
+    with pytest.raises(HetcompError, match="different lm_head.weight"):
+        load_model(other)
+    w["lm_head"] = w["embed"].copy()
+    same = write_tiny_hf(tmp_path / "same", hf_config(tie_word_embeddings=True), hf_tensors(w))
+    cfg, loaded, _, _ = load_model(same)
+    assert cfg.tie_embeddings and "lm_head" not in loaded
+
+
+def test_null_config_values_are_transformers_defaults(tmp_path):
+    """`null` in config.json means the default (as `"rope_scaling": null` does); a value of
+    the wrong kind is one line, not a traceback."""
+    folder = write_tiny_hf(tmp_path / "null", {**hf_config(), "rms_norm_eps": None,
+                                              "max_position_embeddings": None,
+                                              "rope_parameters": {"rope_theta": None},
+                                              "rope_scaling": None})
+    cfg = load_model(folder)[0]
+    assert (cfg.norm_eps, cfg.max_context, cfg.rope_theta) == (1e-6, 2048, 10000.0)
+    bad = write_tiny_hf(tmp_path / "bad", hf_config(max_position_embeddings=[128]))
+    with pytest.raises(HetcompError, match="inconsistent config.json"):
+        load_model(bad)
 
 
 @pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16])
@@ -338,6 +368,35 @@ def test_gguf_refuses_unsupported_metadata(tmp_path, case, needle):
     write_gguf(path, TINY, random_weights(TINY), byte_tokenizer_spec(TINY.vocab_size), edit=edit)
     with pytest.raises(HetcompError, match=needle):
         load_model(str(path))
+
+
+@pytest.mark.parametrize("case, needle", [
+    # llama.cpp adds a llama's optional q/k/v biases; dropped, the model would differ.
+    ("bias", "unsupported GGUF tensor blk.0.attn_k.bias"),
+    ("vocab", "token_embd.weight has shape [%d, %d], its metadata implies [%d, %d]" % (
+        TINY.vocab_size, TINY.hidden_size, TINY.vocab_size - 20, TINY.hidden_size)),
+    ("ffn", "blk.0.ffn_gate.weight has shape"),
+])
+def test_gguf_tensors_must_be_the_ones_the_metadata_implies(tmp_path, case, needle, cli):
+    """Every tensor in the file is read, with the shape its metadata implies: else one line
+    before any work (a wrong size used to fail after the whole build, as an assertion)."""
+    def edit(wr):
+        if case == "bias":
+            for i in range(TINY.num_layers):
+                for x, n in (("q", TINY.num_heads), ("k", TINY.num_kv_heads),
+                             ("v", TINY.num_kv_heads)):
+                    wr.add_tensor(f"blk.{i}.attn_{x}.bias",
+                                  np.ones(n * TINY.head_dim, np.float32))
+        elif case == "vocab":
+            wr.add_vocab_size(TINY.vocab_size - 20)
+        else:
+            wr.add_feed_forward_length(TINY.intermediate_size * 2)
+
+    path = tmp_path / "m.gguf"
+    write_gguf(path, TINY, random_weights(TINY), byte_tokenizer_spec(TINY.vocab_size), edit=edit)
+    rc, _, err = cli("compile", "--model", path, "--max-context", 64, "-o", tmp_path / "out")
+    assert_one_line_error(rc, err, needle)
+    assert not (tmp_path / "out").exists()
 
 
 def test_gguf_plain_scaling_none_is_accepted(tmp_path):
