@@ -171,22 +171,28 @@ def _progress(step: int, total: int, what: str, quiet: bool) -> None:
         print(f"[{step}/{total}] {what}", file=sys.stderr, flush=True)
 
 
-def _widths_the_heads_fill(opts: CompileOptions, heads: MedusaHeads,
-                           quiet: bool) -> CompileOptions:
-    """``opts`` without the widths wider than any tree ``heads`` can draft (one head of 10
-    candidates: 11 nodes), whose verify steps would run with rows no draft fills."""
-    cap = largest_tree(heads.num_heads, heads.rank_probs.shape[1])
+def _cap_widths(opts: CompileOptions, cap: int, why: str, quiet: bool) -> CompileOptions:
+    """``opts`` without the tree widths above ``cap`` (``why``: what caps them), noted on
+    stderr; an explicit ``--width`` above it is refused."""
     if max(opts.widths) <= cap:
         return opts
     if opts.default_width is not None and opts.default_width > cap:
-        raise HetcompError(f"--width {opts.default_width}: {heads.num_heads} Medusa head(s) "
-                           f"draft trees of at most {cap} nodes")
+        raise HetcompError(f"--width {opts.default_width}: {why}")
     kept = tuple(w for w in opts.widths if w <= cap)
     if not quiet:
         dropped = ", ".join(str(w) for w in opts.widths if w > cap)
-        print(f"note: widths {dropped} left out: {heads.num_heads} Medusa head(s) draft trees "
-              f"of at most {cap} nodes", file=sys.stderr, flush=True)
+        print(f"note: widths {dropped} left out: {why}", file=sys.stderr, flush=True)
     return dataclasses.replace(opts, widths=kept)
+
+
+def _check_heads(heads: MedusaHeads, cfg, path: str) -> None:
+    """Heads trained for another model are refused before any work."""
+    if heads.w.shape[1] != cfg.hidden_size:
+        raise HetcompError(f"Medusa heads {path} do not fit this model's hidden size")
+    if heads.vocab is not None and heads.vocab.size and not (
+            0 <= heads.vocab.min() and heads.vocab.max() < cfg.vocab_size):
+        raise HetcompError(f"Medusa heads {path} draft tokens outside this model's vocabulary "
+                           f"of {cfg.vocab_size}")
 
 
 def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weights=None,
@@ -207,10 +213,19 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
     check_quantizable(cfg, opts.dtype)
     tok = TokenizerInfo.from_spec(spec)
     heads = MedusaHeads.load(opts.heads) if opts.heads else None
-    if heads is not None and heads.w.shape[1] != cfg.hidden_size:
-        raise HetcompError(f"Medusa heads {opts.heads} do not fit this model's hidden size")
     if heads is not None:
-        opts = _widths_the_heads_fill(opts, heads, quiet)
+        _check_heads(heads, cfg, opts.heads)
+        # Widths no tree the heads can draft fills (one head of 10 candidates: 11 nodes).
+        cap = largest_tree(heads.num_heads, heads.rank_probs.shape[1])
+        opts = _cap_widths(opts, cap, f"{heads.num_heads} Medusa head(s) draft trees of at "
+                                      f"most {cap} nodes", quiet)
+    window = cfg.sliding_window  # a tree node's ancestors must lie inside the window
+    if window and heads is not None:
+        opts = _cap_widths(opts, window, f"wider than the model's sliding window of {window} "
+                                         "tokens", quiet)
+    if window and max(opts.verify_widths, default=0) > window:
+        raise HetcompError(f"verify width {max(opts.verify_widths)} is wider than the model's "
+                           f"sliding window of {window} tokens")
     _progress(1, 4, f"loaded {opts.model} ({parameter_count(w) / 1e6:.0f}M "
                     "parameters)", quiet)
     _progress(2, 4, f"building Relax module ({cfg.num_layers} layers, {opts.dtype}, "

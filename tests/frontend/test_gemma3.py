@@ -63,6 +63,23 @@ def test_loader_derives_gemma3_config_as_llama_cpp(gemma3_gguf):
         np.testing.assert_array_equal(loaded[name], arr, err_msg=name)
 
 
+def test_tree_widths_stay_inside_the_sliding_window(tmp_path, gemma3_gguf):
+    """A tree node's ancestors must lie inside the window (the sparse part applies none):
+    widths above it are left out, and an explicit --width above it is refused before the
+    build (it failed after it, as an assertion)."""
+    from hetcomp.errors import HetcompError
+
+    path, _ = gemma3_gguf
+    with pytest.raises(HetcompError, match="--width 16: wider than the model's sliding window "
+                                           "of 8 tokens"):
+        compile_with_random_heads(tmp_path, str(path), CFG, (4, 16), default_width=16)
+    art = compile_with_random_heads(tmp_path, str(path), CFG, (4, 16))
+    manifest = read_manifest(art)
+    assert manifest["widths"] == [4] and sorted(manifest["speculative"]["trees"]) == [
+        "1", "2", "3", "4"]
+    assert "verify_w16" not in manifest["functions"]
+
+
 @pytest.fixture(scope="module")
 def gemma3_device_len(tmp_path_factory, gemma3_gguf):
     """The same model and heads compiled as for CUDA graphs (the windowed ``tree_attention``
