@@ -100,7 +100,7 @@ class Chat:
         """``(prompt ids, exchanges dropped)``: the conversation plus the user turn ``text``,
         its oldest exchanges dropped until the prompt and the reply fit the context."""
         context = self.art.config.max_context
-        room = context - self.max_new_tokens - self.width  # as Generation checks it
+        room = context - self.max_new_tokens + 1  # as Generation checks it (any width)
         first = 1 if self.messages and self.messages[0]["role"] == "system" else 0
         ids = self.prompt_ids(text)
         if len(ids) <= room:

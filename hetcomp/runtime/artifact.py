@@ -233,7 +233,7 @@ class Session:
         ids = np.asarray(ids, "int32")
         if len(ids) == 0:
             raise HetcompError("empty prompt")
-        if self.length + len(ids) >= self.capacity:
+        if self.length + len(ids) > self.capacity:
             raise HetcompError(
                 f"prompt of {len(ids)} tokens does not fit the context of {self.capacity}")
         out = None

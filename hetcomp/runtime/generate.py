@@ -86,10 +86,14 @@ class Generation:
         vocab = art.config.vocab_size
         if any(i < 0 or i >= vocab for i in prompt_ids):
             raise HetcompError(f"prompt ids must lie in [0, {vocab})")
-        if len(prompt_ids) + max_new_tokens + width > art.config.max_context:
+        # The cache holds the prompt and every new token but the last (no step runs it): what
+        # sequential decoding needs, and all any width needs (its last steps verify smaller
+        # trees, in the room left).
+        if len(prompt_ids) + max_new_tokens - 1 > art.config.max_context:
             raise HetcompError(
                 f"prompt ({len(prompt_ids)} tokens) plus --max-new-tokens ({max_new_tokens}) "
-                f"exceeds the context of {art.config.max_context} tokens")
+                f"does not fit the context of {art.config.max_context} tokens (the cache holds "
+                "the prompt and every new token but the last)")
         if width > 1 and width not in art.trees:
             raise HetcompError(f"width {width} is not available in this artifact "
                                f"(widths: {', '.join(map(str, art.widths))}; compile with "
@@ -132,7 +136,7 @@ class Generation:
         return len(self.ids) >= self.max_new_tokens or self.ids[-1] in self.eos
 
     def _run(self):
-        art, sess, width = self.art, self.session, self.width
+        art, sess = self.art, self.session
         # Reuse the cached prefix of the prompt (a chat's earlier turns); at least one prompt
         # token is prefilled, since prefill chooses the first new token.
         keep = min(_common_prefix(sess.tokens, self.prompt_ids), len(self.prompt_ids) - 1)
@@ -151,7 +155,11 @@ class Generation:
             index.extend(self.prompt_ids + self.ids)
         while not self._done():
             ts = time.perf_counter()
-            looked, looked_ids = index.draft_tree(self.lookup) if index is not None else ((), [])
+            # Near the end of the cache a step verifies the tree that fits the room left:
+            # every width then fits what sequential decoding fits (any tree is lossless).
+            width = min(self.width, sess.capacity - sess.length)
+            lookup = min(self.lookup, width - 1)
+            looked, looked_ids = index.draft_tree(lookup) if lookup else ((), [])
             shape = _step_shape(art, width, looked)
             nodes = np.empty(width, "int32")
             nodes[0] = self.ids[-1]

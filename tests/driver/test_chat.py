@@ -53,6 +53,24 @@ def test_a_character_cut_by_the_last_token_is_streamed_too(smollm2_artifact):
     assert "".join(text) == text.result == "日本\ufffd"
 
 
+def test_chat_fits_a_turn_the_same_at_every_width(smollm2_medusa_artifact):
+    """What fits a turn does not depend on the width (the room is what sequential decoding
+    needs: the last new token takes no cache position), so every width keeps the same
+    conversation and replies to it alike; a turn one token longer is refused at each."""
+    wide = Chat(str(smollm2_medusa_artifact), max_new_tokens=8)
+    seq = Chat(wide.art, max_new_tokens=8, width=1)
+    assert wide.width > 1
+    room = wide.art.config.max_context - 8 + 1
+    base = len(wide.prompt_ids(""))
+    text = " a" * (room - base)
+    ids = wide.prompt_ids(text)
+    assert len(ids) == room  # one token per " a"
+    for chat in (wide, seq):
+        assert chat.fit(text) == (ids, 0)
+        with pytest.raises(HetcompError, match="do not fit the context"):
+            chat.fit(text + " a")
+
+
 def test_chat_second_turn_prefills_only_its_tokens(smollm2_artifact):
     """A scripted two-turn session on stdin: the second turn prefills only the new turn, and
     its reply equals a fresh generation of the whole conversation."""
@@ -116,7 +134,7 @@ def test_chat_drops_the_oldest_exchanges_when_the_context_is_full(smollm2_artifa
     assert chat.last_dropped == 2
     assert [m["role"] for m in chat.messages] == ["system", "user", "assistant"]
     kept = tok.encode_text(tok.render(chat.messages[:-1]))
-    assert len(kept) <= (context - 8 - chat.width) // 2
+    assert len(kept) <= (context - 8 + 1) // 2
     assert 0 < chat.last_prefilled < len(kept)  # the system message's tokens stayed cached
     fresh = generate_ids(chat.art, kept, max_new_tokens=8)
     assert reply == fresh.text

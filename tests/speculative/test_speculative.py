@@ -102,6 +102,31 @@ def test_tiny_speculation_is_lossless(tiny_speculative):
     assert max(accepted) > 1.5
 
 
+def test_every_width_decodes_to_the_end_of_the_context(tiny_speculative):
+    """The cache holds the prompt and every new token but the last: a request that fits
+    sequential decoding fits every width, the last steps verifying the tree that fits the
+    room left, with the tokens of the independent numpy model; one token more is refused at
+    every width, in one line that says what fits. (A step used to need the whole width free,
+    so wider trees refused prompts W = 1 decodes.)"""
+    from hetcomp.testing import numpy_llama
+
+    art, ctx = tiny_speculative, tiny_speculative.config.max_context
+    rng = np.random.default_rng(4)
+    prompt = [5, 17, 99, 42, 7] * 12 + [int(t) for t in rng.integers(3, 300, ctx - 90)]
+    new = ctx - len(prompt) + 1  # fills the cache exactly
+    expected = numpy_llama.greedy(TINY, random_weights(TINY, seed=11), prompt, new)
+    for w in (1, *WIDTHS):
+        for lookup in {0, w - 1}:
+            res = generate(art, prompt, max_new_tokens=new, stop_at_eos=False, width=w,
+                           lookup=lookup)
+            assert res.ids == expected, (w, lookup)
+        with pytest.raises(HetcompError, match=f"plus --max-new-tokens \\({new + 1}\\) does "
+                                               f"not fit the context of {ctx}"):
+            generate(art, prompt, max_new_tokens=new + 1, width=w)
+    # A prompt that fills the cache alone still gives its one token.
+    assert generate(art, prompt + expected[:new - 1], max_new_tokens=1).ids == expected[-1:]
+
+
 def test_medusa_logits_match_numpy(tiny_speculative):
     art = tiny_speculative
     sess = art.new_session()
