@@ -95,9 +95,10 @@ class Generation:
                 f"does not fit the context of {art.config.max_context} tokens (the cache holds "
                 "the prompt and every new token but the last)")
         if width > 1 and width not in art.trees:
-            raise HetcompError(f"width {width} is not available in this artifact "
-                               f"(widths: {', '.join(map(str, art.widths))}; compile with "
-                               "--heads)")
+            raise HetcompError(
+                f"width {width} is not available in this artifact " + (
+                    f"(its trees go up to {max(art.trees)}; compile with --widths to {width})"
+                    if art.trees else "(it has no Medusa heads: compile with --heads)"))
         self.art, self.prompt_ids, self.max_new_tokens = art, prompt_ids, max_new_tokens
         self.width, self.lookup = width, min(lookup, width - 1)
         self.eos = set(art.tokenizer.eos_token_ids) if stop_at_eos else set()

@@ -220,11 +220,14 @@ def test_host_split_times_the_parts_of_a_step_and_restores_the_artifact(tiny_spe
     assert after == before
 
 
-def test_width_not_compiled_is_refused(tiny_artifact):
-
+def test_width_not_compiled_is_refused(tiny_artifact, tiny_speculative):
+    """A width the artifact has no tree for is refused with what to compile."""
     art = load_artifact(tiny_artifact[0])
-    with pytest.raises(HetcompError, match="width 4"):
+    with pytest.raises(HetcompError, match="width 4 .* no Medusa heads: compile with --heads"):
         generate(art, [1, 2], max_new_tokens=4, width=4)
+    with pytest.raises(HetcompError, match="width 17 .* trees go up to 16; compile with "
+                                           "--widths to 17"):
+        generate(tiny_speculative, [1, 2], max_new_tokens=4, width=17)
 
 
 def test_float16_draft_head(tiny_speculative, tmp_path):
