@@ -120,15 +120,30 @@ def is_artifact(path: str) -> bool:
 
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+#: What hetcomp's plots carry (``savefig(..., metadata=PLOT_METADATA)``: a PNG text chunk),
+#: so that a plot replaces a plot of ours, never a user's image.
+PLOT_METADATA = {"Software": "hetcomp"}
+_PLOT_MARK = b"tEXtSoftware\x00hetcomp"
 
 
 def is_png(path: str) -> bool:
-    """True when the file ``path`` starts as a PNG image does (a plot another run wrote)."""
+    """True when the file ``path`` starts as a PNG image does."""
     try:
         with open(path, "rb") as fh:
             return fh.read(len(PNG_MAGIC)) == PNG_MAGIC
     except OSError:
         return False
+
+
+def is_plot(path: str) -> bool:
+    """True when ``path`` is a PNG plot hetcomp wrote (its text chunk, ahead of the image
+    data, says so)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+    except OSError:
+        return False
+    return head.startswith(PNG_MAGIC) and _PLOT_MARK in head
 
 
 def _first_line(e: Exception) -> str:
@@ -139,8 +154,10 @@ def _first_line(e: Exception) -> str:
 def check_output(path: str, is_same_kind: Callable[[str], bool], what: str,
                  force: bool = False) -> None:
     """Refuse to write ``what`` at ``path`` unless nothing is there, an empty folder is, or
-    (with ``force``) an output of the same kind is. Call before any long work."""
+    (with ``force``) an output of the same kind is, and unless its folder can be made or
+    written. Call before any long work."""
     path = os.path.abspath(path)
+    _check_parent(path)
     if not os.path.lexists(path):
         return
     if os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path):
@@ -154,6 +171,41 @@ def check_output(path: str, is_same_kind: Callable[[str], bool], what: str,
                        "(choose another output path)")
 
 
+def _check_parent(path: str) -> None:
+    """The folder that will hold ``path``: an existing one to write in, or one to make under
+    the nearest existing ancestor, which must be a folder (one line otherwise: the rename
+    into place would fail after the work)."""
+    parent = os.path.dirname(path)
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise HetcompError(f"cannot write {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise HetcompError(f"cannot write {path}: the folder {parent} is not writable")
+
+
+def check_output_file(path: str, is_same_kind: Callable[[str], bool] | None = None,
+                      what: str = "", force: bool = True) -> None:
+    """:func:`check_output` for a file output (:func:`output_file`): a folder there is
+    refused too. Call before any long work."""
+    path = os.path.abspath(path)
+    if is_same_kind is not None:
+        check_output(path, is_same_kind, what, force)
+    else:
+        _check_parent(path)
+    if os.path.isdir(path):
+        raise HetcompError(f"{path} is a folder: give a file path")
+
+
+def _make_parent(path: str) -> str:
+    parent = os.path.dirname(path)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise HetcompError(f"cannot create the folder of {path}: {_first_line(e)}") from None
+    return parent
+
+
 @contextlib.contextmanager
 def output_dir(path: str, is_same_kind: Callable[[str], bool], what: str,
                force: bool = False) -> Iterator[str]:
@@ -165,9 +217,11 @@ def output_dir(path: str, is_same_kind: Callable[[str], bool], what: str,
     """
     path = os.path.abspath(path)
     check_output(path, is_same_kind, what, force)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".hetcomp-tmp-", dir=parent)
+    parent = _make_parent(path)
+    try:
+        tmp = tempfile.mkdtemp(prefix=".hetcomp-tmp-", dir=parent)
+    except OSError as e:
+        raise HetcompError(f"cannot write {path}: {_first_line(e)}") from None
     try:
         yield tmp
         check_output(path, is_same_kind, what, force)
@@ -193,14 +247,13 @@ def output_file(path: str, is_same_kind: Callable[[str], bool] | None = None,
     ``.npz`` to names without it).
     """
     path = os.path.abspath(path)
-    if is_same_kind is not None:
-        check_output(path, is_same_kind, what, force)
-    if os.path.isdir(path):
-        raise HetcompError(f"{path} is a folder: give a file path")
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".hetcomp-tmp-", suffix=os.path.splitext(path)[1],
-                               dir=parent)
+    check_output_file(path, is_same_kind, what, force)
+    parent = _make_parent(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".hetcomp-tmp-", suffix=os.path.splitext(path)[1],
+                                   dir=parent)
+    except OSError as e:
+        raise HetcompError(f"cannot write {path}: {_first_line(e)}") from None
     os.close(fd)
     try:
         yield tmp

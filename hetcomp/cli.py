@@ -54,6 +54,20 @@ def _id_list(text: str) -> list[int]:
 _POSITIVE, _NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
 
 
+def _fraction(text: str) -> float:
+    """A number in [0, 1] (``nan`` and ``inf`` are floats too, and train NaN heads)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:  # (False for nan)
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
+    return value
+
+
+_fraction.__name__ = "number in [0, 1]"
+
+
 def _units(text: str) -> list[str]:
     units = [u.strip() for u in text.split(",") if u.strip()]
     if not units:
@@ -213,7 +227,7 @@ def cmd_tune(args) -> int:
         if args.dtype != "float32":
             raise HetcompError("tune --kernels tunes the float32 linear kernels only (no "
                                f"--dtype {args.dtype})")
-        kinds = [k for k in args.kinds.split(",") if k] if args.kinds else None
+        kinds = [k for k in args.kinds.split(",") if k] if args.kinds is not None else None
         summary = tune_kernels_command(args.model, args.output, args.widths or [1, 16, 64],
                                        kinds, args.trials)
     else:
@@ -368,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--seed, --new-tokens, --responses) instead of running the model")
     k.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
                    help="learning rate over training: cosine decay to 0, or constant")
-    k.add_argument("--soft", type=float, default=0.5,
+    k.add_argument("--soft", type=_fraction, default=0.5,
                    help="weight of the model's own distribution in the targets (0: hard)")
     k.add_argument("--draft-vocab", type=_NON_NEGATIVE, default=8192,
                    help="tokens the draft may propose, most frequent first (0: all)")

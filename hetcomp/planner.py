@@ -36,7 +36,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from .artifact_format import write_json
+from .artifact_format import PLOT_METADATA, write_json
 from .cost.roofline import (
     LINEAR_KINDS,
     DraftShape,
@@ -580,5 +580,5 @@ def plot_plans(plans: Sequence[Plan], path: str, title: str = "") -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, metadata=PLOT_METADATA)
     plt.close(fig)

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from ..artifact_format import check_output, is_png, output_file
+from ..artifact_format import PLOT_METADATA, check_output_file, is_plot, is_png, output_file
 from ..errors import HetcompError
 from ..profile.bandwidth import measure_read_bandwidth
 from ..runtime import generate, load_artifact
@@ -109,7 +109,7 @@ def plot_widths(rows, path: str, title: str) -> None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, metadata=PLOT_METADATA)
     plt.close(fig)
 
 
@@ -185,13 +185,17 @@ def bench(artifact: str, widths: list[int] | None = None, runs: int = 5, new_tok
         raise HetcompError("--lookup must be at least 0")
     if widths is not None and (not widths or min(widths) < 1):
         raise HetcompError("--widths must be positive integers")
-    if plot is not None:  # before the long work: a plot replaces a plot, nothing else
+    if plot is not None:  # before the long work: a plot replaces a plot of ours, no other file
         if not widths:
             raise HetcompError("--plot draws the widths' speeds: it needs --widths")
         if os.path.splitext(plot)[1].lower() != ".png":
             raise HetcompError(f"--plot writes a PNG: give a path ending in .png, not {plot}")
-        check_output(plot, is_png, "PNG plot", force=True)
+        plot_kind = (is_plot, "hetcomp plot")
+        check_output_file(plot, *plot_kind, force=True)
     art = load_artifact(artifact, verify=verify)
+    if plot is None and widths:  # into the artifact's folder, ours: a PNG there is our plot
+        plot, plot_kind = os.path.join(art.path, "bench_widths.png"), (is_png, "PNG plot")
+        check_output_file(plot, *plot_kind, force=True)
     texts = bench_prompts(art.manifest, prompts)
     bad = [w for w in (widths or [1]) if w != 1 and w not in art.trees]
     if bad:
@@ -235,8 +239,7 @@ def bench(artifact: str, widths: list[int] | None = None, runs: int = 5, new_tok
         report["widths"] = rows
         report["best_width"] = best["width"]
         report["speedup_best_vs_w1"] = best["tokens_per_s"] / base["tokens_per_s"]
-        plot = plot or os.path.join(art.path, "bench_widths.png")
-        with output_file(plot, is_png, "PNG plot") as tmp:
+        with output_file(plot, *plot_kind, force=True) as tmp:
             plot_widths(rows, tmp, f"{art.manifest['model']} ({art.dtype}): speculative "
                         "decoding")
         report["plot"] = plot

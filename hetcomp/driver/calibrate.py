@@ -10,13 +10,21 @@ import sys
 import tempfile
 import time
 import zipfile
+import zlib
 
 import numpy as np
 
-from ..artifact_format import check_output, is_png, output_file
+from ..artifact_format import (
+    PLOT_METADATA,
+    check_output,
+    check_output_file,
+    is_plot,
+    output_file,
+)
 from ..data import packaged_file
 from ..errors import HetcompError
 from ..frontend import load_model
+from ..frontend.tokenizer import TokenizerInfo
 from ..runtime import load_artifact
 from ..runtime.generate import generate
 from ..speculative.corpus import load_corpus
@@ -63,7 +71,8 @@ def read_responses(path: str) -> dict[str, list[int]]:
         with opener(path, "rt") as fh:
             rows = [json.loads(line) for line in fh if line.strip()]
         return {r["prompt"]: [int(i) for i in r["ids"]] for r in rows}
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zlib.error) as e:
+        # (gzip: EOFError for a truncated stream, zlib.error for a damaged one)
         raise HetcompError(f"cannot read responses {path}: {e}") from None
 
 
@@ -118,9 +127,9 @@ def collect(art, prompts, new_tokens: int, progress: bool = True,
     feats, seqs = [], []
     t0 = time.time()
     for i, prompt in enumerate(prompts):
-        ids = art.tokenizer.encode(prompt, chat=art.tokenizer.chat_template is not None)
-        if len(ids) + new_tokens + 1 >= art.config.max_context:
+        if not fits(art.tokenizer, prompt, new_tokens, art.config.max_context):
             continue
+        ids = art.tokenizer.encode(prompt, chat=art.tokenizer.chat_template is not None)
         if responses and prompt in responses:
             toks = responses[prompt][:new_tokens]
             feats.append(teacher_force(art, ids, toks))
@@ -135,7 +144,21 @@ def collect(art, prompts, new_tokens: int, progress: bool = True,
                   "tokens/s)", end="", file=sys.stderr, flush=True)
     if progress:
         print(file=sys.stderr)
+    if prompts and not feats:
+        raise HetcompError(_none_fit(art.config.max_context, new_tokens))
     return feats, seqs
+
+
+def fits(tokenizer, prompt: str, new_tokens: int, context: int) -> bool:
+    """Whether :func:`collect` uses ``prompt`` (it leaves out the ones whose generation
+    would not fit the context)."""
+    ids = tokenizer.encode(prompt, chat=tokenizer.chat_template is not None)
+    return len(ids) + new_tokens + 1 < context
+
+
+def _none_fit(context: int, new_tokens: int) -> str:
+    return (f"no prompt of the corpus fits the model's context of {context} tokens with "
+            f"--new-tokens {new_tokens}")
 
 
 def make_targets(feats, seqs, num_heads: int):
@@ -167,6 +190,33 @@ def load_cache(path: str):
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, AttributeError) as e:
         raise HetcompError(f"cannot read calibration data {path} (saved by --cache): "
                            f"{e}") from None
+
+
+def is_calibration_data(path: str) -> bool:
+    """True when ``path`` holds data a ``--cache`` run saved."""
+    try:
+        load_cache(path)
+    except HetcompError:
+        return False
+    return True
+
+
+def check_calibration_data(data, cfg, path: str) -> None:
+    """Saved data fit to train heads for the model ``cfg``: per prompt, hidden rows ``[n,
+    E]`` and the ``n`` token ids they chose, in the vocabulary (data of another model used to
+    fail mid-training, or to train heads on wrong rows)."""
+    for feats, seqs in data:
+        for h, t in zip(feats, seqs, strict=True):
+            if h.ndim != 2 or h.shape[1] != cfg.hidden_size or h.dtype.kind != "f":
+                raise HetcompError(f"calibration data {path} holds hidden states of shape "
+                                   f"{list(h.shape)}, not [n, {cfg.hidden_size}]: saved for "
+                                   "another model?")
+            if t.ndim != 1 or len(t) != len(h) or t.dtype.kind not in "iu":
+                raise HetcompError(f"calibration data {path} is inconsistent: {len(h)} hidden "
+                                   f"rows against token ids of shape {list(t.shape)}")
+            if t.size and (t.min() < 0 or t.max() >= cfg.vocab_size):
+                raise HetcompError(f"calibration data {path} holds token ids outside this "
+                                   f"model's vocabulary of {cfg.vocab_size}")
 
 
 def split_prompts(opts: CalibrateOptions, responses: dict | None = None):
@@ -214,12 +264,13 @@ def distillation_data(art, opts: CalibrateOptions, progress: bool = True):
               "prompts", file=sys.stderr)
     data = (collect(art, train, opts.new_tokens, progress, responses),
             collect(art, held, opts.new_tokens, progress, responses))
-    if opts.cache:
+    if opts.cache:  # renamed into place (calibrate_model checked the path first)
         (ftr, str_), (fho, sho) = data
-        np.savez(opts.cache, **{f"tr_h{i}": f for i, f in enumerate(ftr)},
-                 **{f"tr_s{i}": s for i, s in enumerate(str_)},
-                 **{f"ho_h{i}": f for i, f in enumerate(fho)},
-                 **{f"ho_s{i}": s for i, s in enumerate(sho)})
+        with output_file(opts.cache) as tmp:
+            np.savez(tmp, **{f"tr_h{i}": f for i, f in enumerate(ftr)},
+                     **{f"tr_s{i}": s for i, s in enumerate(str_)},
+                     **{f"ho_h{i}": f for i, f in enumerate(fho)},
+                     **{f"ho_s{i}": s for i, s in enumerate(sho)})
     return data
 
 
@@ -299,7 +350,7 @@ def plot_statistics(heads: MedusaHeads, path: str) -> None:
     b.grid(alpha=0.3)
     fig.suptitle("Medusa heads: held-out statistics")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, metadata=PLOT_METADATA)
     plt.close(fig)
 
 
@@ -320,12 +371,26 @@ def calibrate_model(model: str, opts: CalibrateOptions, output: str, reuse: str 
         raise HetcompError("--reuse trains on saved data; --cache saves new data: pick one")
     out = output if output.endswith(".npz") else output + ".npz"
     check_output(out, is_heads_file, "Medusa heads file", force)
-    check_output(out[:-4] + ".png", is_png, "PNG plot", force=True)  # the plot beside it
+    check_output(out[:-4] + ".png", is_plot, "hetcomp plot", force)  # the plot beside it
+    if opts.cache:  # numpy's savez names it so; like any output, it replaces only its kind
+        opts = dataclasses.replace(opts, cache=opts.cache if opts.cache.endswith(".npz")
+                                   else opts.cache + ".npz")
+        if os.path.abspath(opts.cache) in (os.path.abspath(out),
+                                           os.path.abspath(out[:-4] + ".png")):
+            raise HetcompError("--cache and -o name the same file")
+        check_output_file(opts.cache, is_calibration_data, "calibration data file", force)
     data = load_cache(reuse) if reuse else None
+    split = None
     if data is None:  # the corpus, responses and split, before a compile's worth of work
-        split_prompts(opts, read_responses(opts.responses) if opts.responses else None)
+        split = split_prompts(opts, read_responses(opts.responses) if opts.responses else None)
     loaded = load_model(model)
+    if data is None:  # both parts need a prompt whose generation fits the context
+        tok, context = TokenizerInfo.from_spec(loaded[2]), loaded[0].max_context
+        if not all(any(fits(tok, p, opts.new_tokens, context) for p in part)
+                   for part in split):
+            raise HetcompError(_none_fit(context, opts.new_tokens))
     if data is not None:  # the saved data replaces the compiled model's run
+        check_calibration_data(data, loaded[0], reuse)
         heads = calibrate(None, loaded[1]["embed"], opts, data=data,
                           lm_head=loaded[1].get("lm_head"))
     else:
@@ -336,7 +401,7 @@ def calibrate_model(model: str, opts: CalibrateOptions, output: str, reuse: str 
             heads = calibrate(load_artifact(f"{tmp}/art"), loaded[1]["embed"], opts,
                               lm_head=loaded[1].get("lm_head"))
     heads.save(out)
-    with output_file(out[:-4] + ".png", is_png, "PNG plot") as tmp:
+    with output_file(out[:-4] + ".png", is_plot, "hetcomp plot", force) as tmp:
         plot_statistics(heads, tmp)
     tau = heads.info["tau"]
     return {"heads": out, "plot": out[:-4] + ".png",

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 
+from ..artifact_format import check_output_file
 from ..cost.roofline import ModelShape
 from ..errors import HetcompError
 from ..frontend import resolve_model
@@ -20,8 +21,15 @@ from ..frontend.gguf_loader import open_gguf, read_config
 from ..frontend.hf_loader import read_hf_config
 from ..frontend.weights import WEIGHT_DTYPES, check_quantizable
 from ..hardware import SPEC_BOARDS, SPECS
-from ..profile.db import ProfileDB
-from ..profile.measure import ProfileOptions, build_kit, profile_kit, profile_unit, read_kit
+from ..profile.db import ProfileDB, is_sqlite
+from ..profile.measure import (
+    ProfileOptions,
+    build_kit,
+    kit_units,
+    profile_kit,
+    profile_unit,
+    read_kit,
+)
 from ..profile.units import detect_unit
 from ..quant_format import cache_dtype
 
@@ -83,7 +91,11 @@ def profile_command(model: str = "smollm2", units=("cpu",), out: str = "profile.
     stored profile was reused.
     """
 
-    present, spec = split_unit_names(units)
+    if kit is not None and kit_out is not None:
+        raise HetcompError("--kit measures a kit, --kit-out builds one: pick one")
+    # With --kit and no units: the kit's own (read_kit refuses a folder that is no kit).
+    meta = read_kit(kit) if kit is not None else None
+    present, spec = split_unit_names(units or (list(meta["units"]) if meta else []))
     if spec:
         raise HetcompError(f"spec-only units cannot be profiled: {', '.join(spec)}")
     opts = ProfileOptions.quick() if quick else ProfileOptions()
@@ -92,18 +104,23 @@ def profile_command(model: str = "smollm2", units=("cpu",), out: str = "profile.
         path = build_kit(kit_out, present, shape, key, opts, wdtype=dtype, cpu_target=target,
                          progress=progress, force=force)
         return {"kit": path, "model": key, "mode": opts.mode, "units": list(present)}
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    if kit is not None:
-        meta = read_kit(kit)
+    # Everything that can be refused is, before the database is made or measured into: it
+    # gathers profiles run after run (a profile database there is added to, nothing else).
+    check_output_file(out, is_sqlite, "profile database")
+    if meta is not None:
+        found = kit_units(kit, present)
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with ProfileDB(out) as db:
-            measured = profile_kit(kit, db, present if units else None, force, progress)
+            measured = profile_kit(kit, db, present, force, progress, found=found)
         return {"db": os.path.abspath(out), "model": meta["model"],
                 "mode": meta["options"]["mode"], "units": measured}
     shape, key = read_model_shape(model, dtype)
+    found = {name: detect_unit(name) for name in present}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     summary = {"db": os.path.abspath(out), "model": key, "mode": opts.mode, "units": {}}
     with ProfileDB(out) as db:
         for name in present:
-            unit = detect_unit(name)
+            unit = found[name]
             res = profile_unit(unit, shape, db, key, opts, wdtype=dtype, force=force,
                                progress=progress)
             summary["units"][name] = {"fingerprint": unit.fingerprint.to_json(),

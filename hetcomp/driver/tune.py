@@ -267,6 +267,12 @@ def tune_kernels_command(model: str = "smollm2", db_root: str = "tuning",
     if os.path.lexists(db_root) and not os.path.isdir(db_root):
         raise HetcompError(f"{db_root} is a file: -o of `tune --kernels` is the folder of the "
                            "tuning databases (one per machine)")
+    if kinds is not None:
+        unknown = [k for k in kinds if k not in KernelTuneOptions.kinds] or (
+            [] if kinds else ["(none)"])
+        if unknown:
+            raise HetcompError(f"unknown --kinds {unknown[0]} (use "
+                               f"{', '.join(KernelTuneOptions.kinds)})")
     shape, _ = read_model_shape(model)
     kinds = tuple(kinds or KernelTuneOptions.kinds)
     kopts = KernelTuneOptions(kinds=kinds, widths=tuple(widths), trials_per_kernel=trials)

@@ -66,9 +66,14 @@ def read_hf_config(folder: str, max_context: int | None = None) -> LlamaConfig:
     cfg_path = os.path.join(folder, "config.json")
     if not os.path.isfile(cfg_path):
         raise HetcompError(f"not an HF model folder (no config.json): {folder}")
+    hf = _read_json(cfg_path)
+    if not isinstance(hf, dict):
+        raise HetcompError(f"config.json is not a JSON object: {cfg_path}")
     # A null value is an absent one (transformers' default), as `"rope_scaling": null` is.
-    hf = {k: v for k, v in _read_json(cfg_path).items() if v is not None}
+    hf = {k: v for k, v in hf.items() if v is not None}
     archs = hf.get("architectures") or [hf.get("model_type", "?")]
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise HetcompError(f"config.json architectures {archs!r} is not a list of names")
     qwen2 = hf.get("model_type") == "qwen2" or "Qwen2ForCausalLM" in archs
     if hf.get("model_type") != "llama" and "LlamaForCausalLM" not in archs and not qwen2:
         # An HF Gemma folder stores w where the norms multiply by 1 + w (the GGUF stores 1 + w).
@@ -114,8 +119,10 @@ def _shards(folder: str) -> dict[str, list[str]]:
         if SINGLE_FILE not in present:
             raise HetcompError(f"no {SINGLE_FILE} or {INDEX_FILE} in {folder}")
         return {SINGLE_FILE: []}  # every tensor in the file
-    weight_map = _read_json(index_path).get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
+    index = _read_json(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(v, str) for v in weight_map.values()):
         raise HetcompError(f"{index_path} has no weight_map")
     shards: dict[str, list[str]] = {}
     for name, shard in weight_map.items():

@@ -49,7 +49,7 @@ class Measurement:
     source: str = "measured"
 
 
-def _is_sqlite(path: str) -> bool:
+def is_sqlite(path: str) -> bool:
     """True for an SQLite file (its 16-byte header), so a user's other file is never
     turned into a database."""
     try:
@@ -71,7 +71,7 @@ class ProfileDB:
 
     def __init__(self, path: str):
         self.path = path
-        if os.path.lexists(path) and not _is_sqlite(path):
+        if os.path.lexists(path) and not is_sqlite(path):
             raise HetcompError(f"{path} exists and is not a profile database (SQLite): "
                                "refusing to use it")
         try:

@@ -799,9 +799,27 @@ class ProfileResult:
     mode: str
 
 
+def kit_units(kit_dir: str, units: Iterable[str] | None = None) -> dict[str, Unit]:
+    """The units of a profile kit (``units``: some of them) found here, each with the
+    fingerprint its library's target gives; one line for a unit the kit lacks, or this
+    machine does, or whose CPU extensions it lacks (before anything is measured)."""
+    kit = read_kit(kit_dir)
+    found = {}
+    for name in units or list(kit["units"]):
+        if name not in kit["units"]:
+            raise HetcompError(f"profile kit {kit_dir} has no library for unit {name!r}")
+        info = kit["units"][name]
+        if "cpu" in info:  # (older kits: the library's load is the only check)
+            check_cpu(info["cpu"], f"the {name} probe library of {kit_dir}")
+        found[name] = detect_unit(name, target=info["target"])
+    return found
+
+
 def profile_kit(kit_dir: str, db: ProfileDB, units: Iterable[str] | None = None,
-                force: bool = False, progress: Progress | None = None) -> dict:
-    """Measure a profile kit's units present here into ``db`` (TVM runtime only).
+                force: bool = False, progress: Progress | None = None,
+                found: dict[str, Unit] | None = None) -> dict:
+    """Measure a profile kit's units present here into ``db`` (TVM runtime only); ``found``:
+    their :func:`kit_units`, when the caller looked them up already.
 
     Returns per unit its fingerprint (taken here, with the kit's target), row count and
     whether a stored profile was reused.
@@ -815,13 +833,8 @@ def profile_kit(kit_dir: str, db: ProfileDB, units: Iterable[str] | None = None,
     groups = [g for g in (ProbeGroup.from_json(g) for g in kit["groups"])
               if g.desc.split(" ")[0] not in skip]
     out = {}
-    for name in units or list(kit["units"]):
-        if name not in kit["units"]:
-            raise HetcompError(f"profile kit {kit_dir} has no library for unit {name!r}")
+    for name, unit in (found if found is not None else kit_units(kit_dir, units)).items():
         info = kit["units"][name]
-        if "cpu" in info:  # (older kits: the library's load is the only check)
-            check_cpu(info["cpu"], f"the {name} probe library of {kit_dir}")
-        unit = detect_unit(name, target=info["target"])
         digest = unit.fingerprint.digest
         if not force and db.is_complete(digest, kit["model"], opts.mode):
             (progress or _stderr)(f"[profile {name}] reusing profile {digest} from {db.path}")

@@ -135,6 +135,73 @@ def test_options_checked_before_the_work(tmp_path, tiny_artifact, cli):
     assert sorted(os.listdir(tmp_path)) == ["new", "notes.png"]
 
 
+def test_outputs_are_checked_first_and_never_replace_a_user_file(tmp_path, tiny_gguf,
+                                                                 tiny_artifact, cli):
+    """Every output path is checked before the work, in one line: a parent that is a file,
+    a folder where a file goes, a user's file where calibration data or a plot goes (a PNG
+    is replaced only when hetcomp drew it), unknown units before a database is made."""
+    import gzip
+
+    import numpy as np
+
+    art, _ = tiny_artifact
+    notes = tmp_path / "notes"
+    notes.write_text("mine")
+    (tmp_path / "data.npz").write_text("mine too")
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(b"\x89PNG\r\n\x1a\n" + b"a user's image")
+    (tmp_path / "empty.png").mkdir()
+    (tmp_path / "h.png").write_bytes(photo.read_bytes())
+    cases = [
+        (("compile", "--model", tiny_gguf, "-o", notes / "art"), "is a file, not a folder"),
+        (("tune", "--units", "orin-nx", "-o", notes / "t"), "is a file, not a folder"),
+        (("profile", "--quick", "-o", notes / "p.db"), "is a file, not a folder"),
+        (("bench", art, "--widths", "1", "--plot", notes / "w.png"), "is a file, not a folder"),
+        (("bench", art, "--widths", "1", "--plot", photo), "not a hetcomp plot"),
+        (("bench", art, "--widths", "1", "--plot", tmp_path / "empty.png"), "is a folder"),
+        (("calibrate", "--model", tiny_gguf, "--cache", tmp_path / "data.npz", "-o",
+          tmp_path / "x"), "not a calibration data file"),
+        # (the packaged corpus's prompts and 256 new tokens do not fit a context of 128)
+        (("calibrate", "--model", tiny_gguf, "-o", tmp_path / "y"), "no prompt of the corpus "
+         "fits the model's context of 128 tokens with --new-tokens 256"),
+        (("calibrate", "--model", tiny_gguf, "-o", tmp_path / "h"), "not a hetcomp plot"),
+        (("calibrate", "--soft", "nan", "-o", tmp_path / "x"), "must lie in [0, 1]"),
+        (("tune", "--kernels", "--kinds", "qkv,bogus", "-o", tmp_path / "k"),
+         "unknown --kinds bogus"),
+        (("tune", "--kernels", "--kinds", ",", "-o", tmp_path / "k"), "unknown --kinds"),
+        (("profile", "--quick", "--units", "bogus", "-o", tmp_path / "p.db"), "unknown unit"),
+        (("profile", "--quick", "--units", "cpu,bogus", "-o", tmp_path / "sub" / "p.db"),
+         "unknown unit"),
+    ]
+    for args, needle in cases:
+        rc, _, err = cli(*args)
+        assert_one_line_error(rc, err, needle)
+    assert notes.read_text() == "mine" and photo.read_bytes().endswith(b"a user's image")
+    assert (tmp_path / "data.npz").read_text() == "mine too"
+    assert sorted(os.listdir(tmp_path)) == ["data.npz", "empty.png", "h.png", "notes",
+                                            "photo.png"]
+
+    # Saved inputs of the wrong kind: one line before any training.
+    responses = tmp_path / "r.jsonl.gz"
+    whole = gzip.compress(b"".join(json.dumps({"prompt": f"p{i}", "ids": [5, 6]}).encode()
+                                   + b"\n" for i in range(200)))
+    responses.write_bytes(whole[: len(whole) // 2])
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("one\ntwo\nthree\nfour\n")
+    rc, _, err = cli("calibrate", "--model", tiny_gguf, "--corpus", corpus, "--responses",
+                     responses, "-o", tmp_path / "x")
+    assert_one_line_error(rc, err, "cannot read responses")
+    rng = np.random.default_rng(0)
+    other = {f"{p}_{k}{i}": (rng.standard_normal((5, 32)).astype("float32") if k == "h"
+                             else np.arange(5)) for p in ("tr", "ho") for k in "hs"
+             for i in range(2)}
+    np.savez(tmp_path / "other.npz", **other)  # hidden rows of another model (E = 32)
+    rc, _, err = cli("calibrate", "--model", tiny_gguf, "--reuse", tmp_path / "other.npz",
+                     "-o", tmp_path / "x")
+    assert_one_line_error(rc, err, "not [n, 64]: saved for another model?")
+    assert not (tmp_path / "x.npz").exists()
+
+
 def test_terminated_compile_leaves_nothing(tmp_path, tiny_gguf, cli, monkeypatch):
     """SIGTERM (`kill`, `timeout`) while the artifact is being written: the temporary
     folder beside the output is removed, as for Ctrl-C, and the exit status says so."""

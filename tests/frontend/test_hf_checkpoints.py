@@ -444,6 +444,16 @@ def _break(folder, case):
     elif case == "no_weight":
         del w["model.layers.1.self_attn.o_proj.weight"]
         write_tiny_hf(folder, tensors=w)
+    elif case == "config_list":
+        write_tiny_hf(folder, [1])
+    elif case == "archs_int":
+        write_tiny_hf(folder, hf_config(architectures=5))
+    elif case == "rope_list":
+        write_tiny_hf(folder, hf_config(rope_scaling=[1]))
+    elif case == "index_list":
+        write_tiny_hf(folder, shards=2)
+        with open(os.path.join(folder, "model.safetensors.index.json"), "w") as fh:
+            json.dump([1], fh)
 
 
 @pytest.mark.parametrize("case, needle", [
@@ -455,6 +465,10 @@ def _break(folder, case):
     ("int8", "unsupported safetensors dtype I8"),
     ("f64", "unsupported safetensors dtype F64"),
     ("no_weight", "missing tensor model.layers.1.self_attn.o_proj.weight"),
+    ("config_list", "config.json is not a JSON object"),
+    ("archs_int", "architectures 5 is not a list of names"),
+    ("rope_list", "unsupported rope_parameters [1]"),
+    ("index_list", "has no weight_map"),
 ])
 def test_bad_folders_are_assert_one_line_error(tmp_path, case, needle, cli):
     # `hetcomp compile` in-process (``cli``): a process start and TVM's import less per case.

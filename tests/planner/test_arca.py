@@ -470,6 +470,14 @@ def test_profile_kit_built_here_measured_with_runtime_only(tmp_path):
     summary = tune_command("smollm2", ["cpu"], str(tmp_path / "tune"), profile=str(db),
                            progress=lambda s: None)
     assert summary["plan"]["units"] == ["cpu"] and summary["plan"]["source"] == MEASURED
+    # Without --units, the kit's own units (here cpu and cuda, which this machine lacks),
+    # all found before the database is touched.
+    res = subprocess.run([sys.executable, "-m", "hetcomp", "profile", "--kit", str(kit),
+                          "-o", str(tmp_path / "all.sqlite")], capture_output=True, text=True,
+                         env=env, timeout=600)
+    if "cuda" not in res.stdout:  # (a GPU host measures both)
+        assert_one_line_error(res.returncode, res.stderr, "unit 'cuda' is not present")
+        assert not (tmp_path / "all.sqlite").exists()
     # A unit the kit was not built for is refused with one line.
     res = subprocess.run([sys.executable, "-m", "hetcomp", "profile", "--kit", str(kit),
                           "--units", "orin-nx-gpu", "-o", str(db)], capture_output=True,
