@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 
+from .artifact_format import MEDUSA_TOPK
+from .decoder import LINEAR_KINDS
 from .errors import HetcompError
 from .hardware import (
     DEFAULT_CUDA_ARCH,
@@ -33,8 +37,9 @@ class HeteroPlan:
     unknown kind) to the fraction of output columns placed on ``units[1]``; the rest stays on
     ``units[0]``, the host, which runs every op that is not split (a CPU or a GPU).
     ``dense_attention`` and ``sparse_attention`` are unit indices; the KV cache lives on the
-    dense part's unit. ``shared_memory``: the units share DRAM, so values cross without
-    copies. ``source`` is ``spec-estimate`` for a plan of hardware known only by its
+    dense part's unit. ``shared_memory``: the units share DRAM, so a value crossing costs a
+    copy within it, not a transfer over a link (the planner's costs; the artifact still
+    copies: TVM gives each device its own buffers). ``source`` is ``spec-estimate`` for a plan of hardware known only by its
     datasheet (it compiles, for that hardware; its predictions are estimates).
     """
 
@@ -74,12 +79,61 @@ class HeteroPlan:
 
     @classmethod
     def from_json(cls, d: dict) -> HeteroPlan:
-        return cls(units=tuple(d["units"]), targets=tuple(dict(t) for t in d["targets"]),
-                   ratios=tuple(sorted(d["ratios"].items())),
-                   dense_attention=int(d.get("dense_attention", 0)),
-                   sparse_attention=int(d.get("sparse_attention", 0)),
-                   shared_memory=bool(d.get("shared_memory", False)),
+        units = tuple(_unit_names(d["units"]))
+        targets = tuple(dict(t) for t in d["targets"])
+        for unit, target in zip(units, targets):  # (a length mismatch: __post_init__)
+            kind = target.get("kind")
+            if kind not in ("llvm", "cuda") or (kind == "cuda") != _is_gpu(unit.split(":")[0]):
+                raise ValueError(f"unit {unit!r} cannot run a target of kind {kind!r}")
+        ratios = d["ratios"]
+        for kind in ratios:
+            _check_kind(kind)
+        return cls(units=units, targets=targets,
+                   ratios=tuple(sorted((k, _number(v)) for k, v in ratios.items())),
+                   dense_attention=_index(d.get("dense_attention", 0)),
+                   sparse_attention=_index(d.get("sparse_attention", 0)),
+                   shared_memory=_flag(d.get("shared_memory", False)),
                    source=str(d.get("source", MEASURED)))
+
+
+# Checks of values read from JSON (a ValueError or TypeError is one line: `load_plan`).
+_UNIT_NAME = re.compile(r"(cpu|cuda)(:\d+)?")
+
+
+def _unit_names(units) -> list[str]:
+    if not isinstance(units, list) or not units or not all(isinstance(u, str) for u in units):
+        raise ValueError(f"units must be a non-empty list of names, not {units!r}")
+    for u in units:
+        if not (_UNIT_NAME.fullmatch(u) or u in SPECS):
+            raise ValueError(f"unknown unit {u!r} (cpu, cuda, or a spec unit: "
+                             f"{', '.join(SPECS)})")
+    if len(set(units)) != len(units):
+        raise ValueError(f"a unit is listed twice: {units}")
+    return units
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in (*LINEAR_KINDS, "default"):
+        raise ValueError(f"unknown linear kind {kind!r} (known: {', '.join(LINEAR_KINDS)}, "
+                         "default)")
+
+
+def _number(x) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+        raise ValueError(f"expected a number, not {x!r}")
+    return float(x)
+
+
+def _index(x) -> int:
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise TypeError(f"expected a unit index, not {x!r}")
+    return x
+
+
+def _flag(x) -> bool:
+    if not isinstance(x, bool):
+        raise TypeError(f"shared_memory must be true or false, not {x!r}")
+    return x
 
 
 def _is_gpu(unit: str) -> bool:
@@ -124,8 +178,10 @@ def load_plan(path: str, host_target: str = "host",
         source = str(data.get("source"))
         if source not in (MEASURED, SPEC_ESTIMATE):
             raise ValueError(f"unknown plan source {source!r}")
-        units = [str(u) for u in data["units"]]
+        units = _unit_names(data["units"])
         host = data.get("host", units[0])
+        if host not in units:
+            raise ValueError(f"host {host!r} is not one of the plan's units {units}")
         for board, members in SPEC_BOARDS.items():  # a spec plan compiles for its board only
             want = SPEC_BOARD_TARGETS[board]
             if set(units) & set(members) and (host_target, cuda_arch) != want:
@@ -137,8 +193,22 @@ def load_plan(path: str, host_target: str = "host",
                                    "--target cuda and no --plan")
             return None
         other = next(u for u in units if u != host)
-        ratios = {kind: float(split.get(other, 0.0)) for kind, split in data["split"].items()}
+        ratios = {}
+        for kind, split in data["split"].items():
+            _check_kind(kind)
+            if not isinstance(split, dict) or not split or set(split) - set(units):
+                raise ValueError(f"split of {kind} must give shares of the units {units}, "
+                                 f"not {split!r}")
+            shares = {u: _number(v) for u, v in split.items()}
+            if set(shares) == set(units) and abs(sum(shares.values()) - 1.0) > 1e-6:
+                raise ValueError(f"the shares of {kind} sum to {sum(shares.values())}, not 1")
+            ratios[kind] = shares.get(other, 0.0)
         where = {u: i for i, u in enumerate((host, other))}
+        attention = data["attention"]
+        if not isinstance(attention, dict) or set(attention) - {"dense", "sparse"} or any(
+                v not in where for v in attention.values()):
+            raise ValueError(f"attention must place dense and sparse on the units {units}, "
+                             f"not {attention!r}")
         shared = data.get("shared_memory")
         if shared is None:  # plans written before the field: spec boards share DRAM
             shared = all(u in SPECS and SPECS[u].shared_memory for u in units)
@@ -147,9 +217,9 @@ def load_plan(path: str, host_target: str = "host",
             targets=(unit_target(host, True, host_target, cuda_arch),
                      unit_target(other, False, host_target, cuda_arch)),
             ratios=tuple(sorted(ratios.items())),
-            dense_attention=where.get(data["attention"].get("dense", host), 0),
-            sparse_attention=where.get(data["attention"].get("sparse", host), 0),
-            shared_memory=bool(shared), source=source)
+            dense_attention=where[attention.get("dense", host)],
+            sparse_attention=where[attention.get("sparse", host)],
+            shared_memory=_flag(shared), source=source)
     except HetcompError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError, StopIteration) as e:
@@ -168,6 +238,22 @@ def plan_prediction(path: str) -> dict | None:
         return None
 
 
+def _check_tree(tree, width: int) -> None:
+    """A plan's tree as :meth:`~hetcomp.speculative.tree.Tree.to_json` writes it, of
+    ``width`` nodes: the root first, each other node's parent before it, its rank one of a
+    head's candidates."""
+    parents, ranks, probs = tree["parents"], tree["ranks"], tree["probs"]
+    if not all(isinstance(x, list) and len(x) == width for x in (parents, ranks, probs)):
+        raise ValueError(f"the tree's parents, ranks and probs must list its {width} nodes")
+    for i, (p, r) in enumerate(zip(parents, ranks)):
+        ok = (p == r == -1) if i == 0 else (isinstance(p, int) and 0 <= p < i
+                                            and isinstance(r, int) and 0 <= r < MEDUSA_TOPK)
+        if not ok:
+            raise ValueError(f"tree node {i} has parent {p!r} and rank {r!r}")
+    for x in probs:
+        _number(x)
+
+
 def plan_choice(path: str) -> dict | None:
     """What a ``plan.json`` of `hetcomp tune` decided beyond the partition: ``{"width",
     "tree", "source", "units", "cost_dir", "dtype"}`` (``tree``: the tree's JSON or None;
@@ -178,9 +264,11 @@ def plan_choice(path: str) -> dict | None:
     if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
         return None
     try:
-        width = int(data["width"])
-        if width < 1:
-            raise ValueError(f"width {width}")
+        width = data["width"]
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise ValueError(f"width must be a positive integer, not {width!r}")
+        if data.get("tree") is not None:
+            _check_tree(data["tree"], width)
         cost_dir = os.path.join(os.path.dirname(os.path.abspath(path)), "cost")
         key = str(data.get("model", "")).rsplit(":", 2)
         return {"width": width, "tree": data.get("tree"), "source": str(data["source"]),

@@ -297,6 +297,8 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
         assert mparams == [n for n, _, _ in medusa_param_specs(cfg, heads.num_heads, draft_dtype,
                                                                 root)]
         head = "embed" if cfg.tie_embeddings else "lm_head"
+        # The draft is not partitioned: a head a plan split in verify stays whole for it.
+        recipes.setdefault(head, {"weight": head})
         vocab = []
         if draft_vocab:  # the draft's own LM head: the draft vocabulary's rows
             recipes["medusa.lm_head"] = {"weight": head, "rows": "vocab"}

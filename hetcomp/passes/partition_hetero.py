@@ -117,9 +117,12 @@ class _Rewriter(_c.PyExprMutator):
         return self.builder_.emit(expr, name)
 
     def _to(self, value, unit):
-        """``value`` made visible to ``unit``: a copy unless memory is shared."""
+        """``value`` made visible to ``unit``: a copy, also where the units share one DRAM
+        (a Jetson's): TVM gives each device its own buffers, and a kernel checks that its
+        arguments live on its device (``plan.shared_memory`` makes the planner count such a
+        copy as cheap, not absent)."""
         ty = value.ty
-        if self.plan.shared_memory or not isinstance(ty, _c.TensorType):
+        if not isinstance(ty, _c.TensorType):
             return value
         if getattr(ty, "vdevice", None) is not None and _c.same_vdevice(ty.vdevice, self.vdev[unit]):
             return value
@@ -215,7 +218,7 @@ class _Rewriter(_c.PyExprMutator):
             ins = [self._to(args[0], 1), piece(1, 0, n)] + [self._to(a, 1) for a in args[2:]]
             y = self._emit(relax.call_tir(self._existing(call.args[0], 1), ins,
                                           self._ty((w, n), 1)))
-            return y if self.plan.shared_memory else relax.op.to_vdevice(y, self.vdev[0])
+            return relax.op.to_vdevice(y, self.vdev[0])
         parts = []
         for unit, (lo, hi) in enumerate(((0, n - cols), (n - cols, n))):
             gv = part_kernel(hi - lo, unit)

@@ -240,6 +240,40 @@ def test_fuzz_plan(tmp_path, capsys):
                   tmp_path / "o"), "--target aarch64 --cuda-arch sm_87")
 
 
+_PLAN = {"format": "hetcomp-plan/1", "model": "tiny", "units": ["cpu", "cpu:1"], "host": "cpu",
+         "source": "measured", "width": 2, "split": {"qkv": {"cpu": 0.5, "cpu:1": 0.5}},
+         "attention": {"dense": "cpu", "sparse": "cpu:1"},
+         "tree": {"parents": [-1, 0], "ranks": [-1, 0], "probs": [1.0, 0.5]}}
+
+
+@pytest.mark.parametrize("edit, needle", [
+    ({"units": []}, "non-empty list of names"),
+    ({"units": ["cpu", "tpu"]}, "unknown unit 'tpu'"),
+    ({"host": 5}, "host 5 is not one of the plan's units"),
+    ({"host": "cuda:7"}, "host 'cuda:7' is not one of"),
+    ({"split": {"gate-up": {"cpu": 0.5, "cpu:1": 0.5}}}, "unknown linear kind 'gate-up'"),
+    ({"split": {"qkv": {"cpu": 0.9, "cpu:1": 0.9}}}, "the shares of qkv sum to 1.8"),
+    ({"split": {"qkv": {"cpu": 0.5, "CPU:1": 0.5}}}, "must give shares of the units"),
+    ({"attention": {"dense": "cpu", "sparse": "CPU:1"}}, "attention must place"),
+    ({"shared_memory": "false"}, "shared_memory must be true or false"),
+    ({"width": 2.7}, "width must be a positive integer"),
+    ({"width": True}, "width must be a positive integer"),
+    ({"width": 4}, "parents, ranks and probs must list its 4 nodes"),
+    ({"tree": {"parents": [-1, 1], "ranks": [-1, 0], "probs": [1, 1]}}, "tree node 1"),
+    ({"tree": {"parents": [-1, 0], "ranks": [-1, 10], "probs": [1, 1]}}, "tree node 1"),
+])
+def test_plans_that_say_what_they_do_not_mean_are_refused(tmp_path, capsys, edit, needle):
+    """A plan is applied as written, so a typo, a share that does not add up or a tree of
+    another width would compile a model other than the plan (or crash generate): refused,
+    in one line, when compile reads it (`inspect` reads it the same way)."""
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({**_PLAN, **edit}))
+    assert_one_line_error(*cli(capsys, "compile", "--model", "none.gguf", "--plan", path,
+                               "-o", tmp_path / "o"), needle)
+    path.write_text(json.dumps(_PLAN))
+    assert cli(capsys, "inspect", path)[0] == 0
+
+
 def test_fuzz_manifest(tmp_path, tiny_artifact, capsys):
     art = tmp_path / "art"
     shutil.copytree(tiny_artifact[0], art)

@@ -131,6 +131,22 @@ def test_partitioned_build_matches_unpartitioned(tmp_path, qwen2_gguf):
     assert_matches_reference(art, load_artifact(str(tmp_path / "ref")), [5, 17, 99, 3])
 
 
+def test_partitioned_lm_head_with_heads_speculates(tmp_path, qwen2_gguf):
+    """An untied LM head split across units stays whole for the draft (which is not
+    partitioned): the artifact loads and speculates as the numpy model decodes. (Its recipe
+    was dropped with the split, and the artifact could not load.)"""
+    path, _, stored = qwen2_gguf
+    host = target_dict("host")
+    plan = HeteroPlan(units=("cpu", "cpu:1"), targets=(host, host),
+                      ratios=(("default", 0.5), ("lm_head", 0.5)))
+    art = load_artifact(compile_with_random_heads(tmp_path, str(path), CFG, WIDTHS, plan=plan))
+    assert {"lm_head__u0", "lm_head__u1"} <= set(art.manifest["param_recipes"])
+    assert "lm_head" in art.manifest["functions"]["medusa"]
+    prompt = [12, 200, 31, 4]
+    res = generate(art, prompt, 16, stop_at_eos=False, width=4)
+    assert res.ids == ref.greedy(CFG, stored, prompt, 16) and res.accepted_per_step > 1
+
+
 def test_cuda_artifact_compiles_without_a_gpu(tmp_path, qwen2_gguf):
     """--target cuda: the bias kernel gets a GPU schedule like every other elementwise one."""
     path, _, _ = qwen2_gguf
