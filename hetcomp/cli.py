@@ -397,7 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="decode speed, bandwidth and roofline fraction")
     b.add_argument("artifact")
     b.add_argument("--runs", type=_POSITIVE, default=5)
-    b.add_argument("--new-tokens", type=_POSITIVE, default=64)
+    b.add_argument("--new-tokens", type=_int_at_least(2), default=64,
+                   help="tokens per generation, the prefill's first one not timed (>= 2)")
     b.add_argument("--prompts", choices=("bench", "heldout"), default="bench",
                    help="with --widths: the 3 bench prompts, or 8 prompts held out from the "
                         "heads' calibration (unseen in training)")

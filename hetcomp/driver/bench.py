@@ -178,9 +178,11 @@ def bench(artifact: str, widths: list[int] | None = None, runs: int = 5, new_tok
     every width on every prompt, interleaved (:func:`bench_widths`), plotted to ``plot``
     (default ``ARTIFACT/bench_widths.png``).
     """
-    if runs < 1 or rounds < 1 or new_tokens < 1 or kernels < 0:
-        raise HetcompError("--runs, --rounds and --new-tokens must be at least 1, --kernels "
-                           "at least 0")
+    if runs < 1 or rounds < 1 or kernels < 0:
+        raise HetcompError("--runs and --rounds must be at least 1, --kernels at least 0")
+    if new_tokens < 2:  # the first new token comes from the prompt: no decode step to time
+        raise HetcompError("--new-tokens must be at least 2 (the first comes from the "
+                           "prompt's prefill; decode speed is measured on the rest)")
     if lookup is not None and lookup < 0:
         raise HetcompError("--lookup must be at least 0")
     if widths is not None and (not widths or min(widths) < 1):

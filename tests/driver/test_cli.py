@@ -166,6 +166,8 @@ def test_outputs_are_checked_first_and_never_replace_a_user_file(tmp_path, tiny_
          "fits the model's context of 128 tokens with --new-tokens 256"),
         (("calibrate", "--model", tiny_gguf, "-o", tmp_path / "h"), "not a hetcomp plot"),
         (("calibrate", "--soft", "nan", "-o", tmp_path / "x"), "must lie in [0, 1]"),
+        # (one new token is the prefill's: no decode step to time, tokens/s divided by 0)
+        (("bench", art, "--widths", "1", "--new-tokens", "1"), "must be at least 2"),
         (("tune", "--kernels", "--kinds", "qkv,bogus", "-o", tmp_path / "k"),
          "unknown --kinds bogus"),
         (("tune", "--kernels", "--kinds", ",", "-o", tmp_path / "k"), "unknown --kinds"),
