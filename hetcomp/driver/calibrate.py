@@ -247,8 +247,11 @@ def heldout_prompts(info: dict, count: int = 8) -> list[str]:
     acceptance was measured on. Recorded responses are looked up in the package's data
     folder by file name."""
     responses = packaged_file(info["responses"]) if info.get("recorded_only") else None
+    # (heads calibrated before the split's options were recorded used the defaults)
     opts = CalibrateOptions(corpus=info["corpus"], seed=info["seed"], responses=responses,
-                            recorded_only=bool(responses))
+                            recorded_only=bool(responses),
+                            held_out=info.get("held_out", CalibrateOptions.held_out),
+                            max_prompts=info.get("max_prompts", CalibrateOptions.max_prompts))
     return split_prompts(opts, read_responses(responses) if responses else None)[1][:count]
 
 
@@ -313,6 +316,8 @@ def calibrate(art, embed: np.ndarray, opts: CalibrateOptions, progress: bool = T
     heads.rank_probs = rank_statistics(heads.ranks)
     heads.info = {
         "corpus": opts.corpus, "seed": opts.seed, "epochs": opts.epochs, "dtype": opts.dtype,
+        # the split's options: `bench --prompts heldout` redraws the same held-out prompts
+        "held_out": opts.held_out, "max_prompts": opts.max_prompts,
         "lr_schedule": "cosine" if opts.cosine else "constant",
         "new_tokens": opts.new_tokens, "train_rows": int(len(xtr)), "held_out_rows": int(len(xho)),
         "train_prompts": len(str_), "held_out_prompts": len(sho),

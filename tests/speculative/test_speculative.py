@@ -435,6 +435,23 @@ def test_heldout_prompts_are_the_packaged_heads_unseen_split():
     assert heldout_prompts(info) == held[:8]
 
 
+def test_heldout_prompts_redraw_the_calibration_split(tiny_speculative):
+    """Heads calibrated on part of a corpus (``max_prompts``) or with another held-out share
+    record them: `bench --prompts heldout` then draws exactly the prompts they held out
+    (with the defaults, 4 of the 6 it drew for 10 prompts were training prompts)."""
+    from hetcomp.driver.calibrate import heldout_prompts, split_prompts
+
+    data = load_cache(os.path.join(os.path.dirname(tiny_speculative.path), "data.npz"))
+    corpus = os.path.join(os.path.dirname(tiny_speculative.path), "corpus.txt")
+    opts = CalibrateOptions(corpus=corpus, num_heads=2, epochs=1, held_out=0.3,
+                            max_prompts=10)
+    info = calibrate(None, random_weights(TINY, seed=11)["embed"], opts, progress=False,
+                     data=data).info
+    train, held = split_prompts(opts)
+    assert (len(train), len(held)) == (7, 3)
+    assert heldout_prompts(info, count=100) == held
+
+
 def test_one_head_compiles_the_widths_it_can_fill(tmp_path, capfd):
     """One head of 10 candidates drafts at most 11 nodes: compile leaves out wider verify
     steps (they crashed at run time with rows no draft filled), says so, and refuses a
