@@ -146,31 +146,37 @@ class QuantLinearRule(_BASE):
             sch.reorder(jo, js, io, kb, kt, ii, ji)
         # Step 2. Accumulate in registers, write back (with the residual add) per row tile.
         tail = _write_back_per_row_tile(sch, func, mm, io)
+        # An odd N packs one-column panels (B = 1): no lane loop to vectorize (compute_at
+        # drops its unit loops).
+        vec = b > 1
         # Step 3. Factored: a block's raw-quant sums per k block, weights outermost (each
         # loaded once for the tile's rows), rows unrolled, B lanes vector.
         if factored:
             inner = sch.get_sblock("inner")
             sch.compute_at(inner, kb)
             sch.set_scope(inner, 0, "local")
-            own = sch.get_loops(inner)[4:]  # (rows,) B, t: a one-row tile has no row loop
+            own = sch.get_loops(inner)[4:]  # (rows,) (B,) t: no row loop in a one-row tile
             sch.reorder(own[-1], *own[:-1])
             sch.unroll(own[-1])
-            if len(own) == 3:
+            if len(own) == 2 + vec:
                 sch.unroll(own[0])
-            sch.vectorize(own[-2])
+            if vec:
+                sch.vectorize(own[-2])
         # Step 4. The panel's scales (and mins) per k block, B lanes at once.
         for name in ("min", "scale") if str(func.attrs["hetcomp.qtype"]) == "q4_1" else (
                 "scale",):
             blk = sch.get_sblock(name)
             sch.compute_at(blk, kb)
-            sch.vectorize(sch.get_loops(blk)[-1])  # the panel's B columns
+            if vec:
+                sch.vectorize(sch.get_loops(blk)[-1])  # the panel's B columns
         # Step 5. Parallel over column panels, vector over a panel, unrolled block and rows.
         sch.parallel(jo)
-        sch.vectorize(ji)
+        if vec:
+            sch.vectorize(ji)
+            sch.vectorize(sch.get_loops(tail)[-1])
         sch.unroll(ii)
         if kt is not None:
             sch.unroll(kt)
-        sch.vectorize(sch.get_loops(tail)[-1])
         sch.decompose_reduction(mm, kb)
         if factored:
             sch.decompose_reduction(inner, own[-1])

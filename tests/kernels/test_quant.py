@@ -69,10 +69,12 @@ def _build(func, rule):
 
 @pytest.mark.parametrize("qtype", FORMATS)
 @pytest.mark.parametrize("rows", [1, 2, 4, 16, None])
-def test_linear_matches_numpy(qtype, rows):
+@pytest.mark.parametrize("n", [96, 33])
+def test_linear_matches_numpy(qtype, rows, n):
     """x @ dequantize(W).T (+ residual) for static widths 1, 2 (the factored kernel), 4, 16
-    and the symbolic one (here 5 rows: a partial row tile)."""
-    n, k, w = 96, 128, rows or 5
+    and the symbolic one (here 5 rows: a partial row tile); an odd N packs one-column
+    panels (an odd vocabulary's LM head: its schedule vectorized lanes it did not have)."""
+    k, w = 128, rows or 5
     rng = np.random.default_rng(1)
     m = quant.QuantMatrix.quantize(rng.standard_normal((n, k)).astype("float32"), qtype)
     x = rng.standard_normal((w, k)).astype("float32")
