@@ -21,7 +21,8 @@ from importlib import metadata
 from ..errors import HetcompError
 from ..hardware import DEFAULT_CUDA_ARCH, SPECS, target_dict
 
-# Sources whose edit invalidates a profile: the kernels, their schedules and the harness.
+# Sources whose edit invalidates a profile: the kernels, their schedules and the harness,
+# and every hetcomp module they import (the packing block, the fused widths, the features).
 _KERNEL_SOURCES = (
     "kernels",
     "schedules",
@@ -106,21 +107,54 @@ def tvm_version() -> str:
 
 
 def kernel_source_hash(root: str | None = None) -> str:
-    """SHA-256 (16 hex digits) over hetcomp's kernel, schedule and measurement sources."""
+    """SHA-256 (16 hex digits) over hetcomp's kernel, schedule and measurement sources and
+    the hetcomp modules they import, transitively (``root``: the package folder)."""
     root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    files = []
+    todo = []
     for rel in _KERNEL_SOURCES:
         path = os.path.join(root, rel)
         if os.path.isdir(path):
-            files += sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".py"))
+            todo += sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".py"))
         elif os.path.isfile(path):
-            files.append(path)
+            todo.append(path)
+    files: set[str] = set()
+    while todo:
+        path = todo.pop()
+        if path not in files:
+            files.add(path)
+            todo += _imported_sources(path, root)
     h = hashlib.sha256()
-    for path in files:
+    for path in sorted(files):
         h.update(os.path.relpath(path, root).encode())
         with open(path, "rb") as fh:
             h.update(fh.read())
     return h.hexdigest()[:16]
+
+
+def _imported_sources(path: str, root: str) -> list[str]:
+    """The files of the package under ``root`` that ``path`` imports relatively."""
+    import ast
+
+    with open(path, "rb") as fh:
+        tree = ast.parse(fh.read(), path)
+    package = os.path.dirname(path)
+    out = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.ImportFrom) or not node.level:
+            continue
+        base = package
+        for _ in range(node.level - 1):
+            base = os.path.dirname(base)
+        if not os.path.abspath(base).startswith(os.path.abspath(root)):
+            continue
+        names = [node.module] if node.module else [a.name for a in node.names]
+        for name in names:
+            target = os.path.join(base, *name.split("."))
+            for cand in (target + ".py", os.path.join(target, "__init__.py")):
+                if os.path.isfile(cand):
+                    out.append(cand)
+                    break
+    return out
 
 
 def detect_unit(name: str, target: dict | None = None) -> Unit:

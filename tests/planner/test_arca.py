@@ -106,15 +106,26 @@ def test_orin_specs_are_estimates():
 
 
 def test_kernel_hash_changes_with_source(tmp_path):
+    """A profile is stale when the kernels, their schedules or anything they import changes
+    (the packing block in quant_format.py decides every linear probe); other sources do not
+    count."""
     root = tmp_path / "pkg"
     (root / "schedules").mkdir(parents=True)
-    (root / "schedules" / "cpu.py").write_text("A = 1\n")
+    (root / "schedules" / "cpu.py").write_text("from ..quant_format import pack_block\n")
+    (root / "quant_format.py").write_text("from .errors import E\nB = 32\n")
+    (root / "errors.py").write_text("E = 1\n")
     (root / "frontend").mkdir()
     (root / "frontend" / "ops.py").write_text("B = 1\n")
-    before = kernel_source_hash(str(root))
-    assert before == kernel_source_hash(str(root))
-    (root / "schedules" / "cpu.py").write_text("A = 2\n")
-    assert kernel_source_hash(str(root)) != before
+    hashes = [kernel_source_hash(str(root))]
+    assert hashes[0] == kernel_source_hash(str(root))
+    (root / "frontend" / "ops.py").write_text("B = 2\n")  # not imported by the kernels
+    assert kernel_source_hash(str(root)) == hashes[0]
+    for path, text in (("schedules/cpu.py", "from ..quant_format import pack_block as p\n"),
+                       ("quant_format.py", "from .errors import E\nB = 16\n"),
+                       ("errors.py", "E = 2\n")):  # imported, and imported by what is
+        (root / path).write_text(text)
+        hashes.append(kernel_source_hash(str(root)))
+    assert len(set(hashes)) == 4
 
 
 def _fingerprint(kernel_hash="k0", tvm="0.27.0.post1"):
