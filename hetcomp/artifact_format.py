@@ -197,6 +197,12 @@ def check_output_file(path: str, is_same_kind: Callable[[str], bool] | None = No
         raise HetcompError(f"{path} is a folder: give a file path")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _make_parent(path: str) -> str:
     parent = os.path.dirname(path)
     try:
@@ -220,6 +226,7 @@ def output_dir(path: str, is_same_kind: Callable[[str], bool], what: str,
     parent = _make_parent(path)
     try:
         tmp = tempfile.mkdtemp(prefix=".hetcomp-tmp-", dir=parent)
+        os.chmod(tmp, 0o777 & ~_umask())  # a folder as mkdir makes it (mkdtemp's is 0700)
     except OSError as e:
         raise HetcompError(f"cannot write {path}: {_first_line(e)}") from None
     try:
@@ -257,6 +264,7 @@ def output_file(path: str, is_same_kind: Callable[[str], bool] | None = None,
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # a file as open makes it (mkstemp's is 0600)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

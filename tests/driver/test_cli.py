@@ -34,6 +34,12 @@ def test_compile_and_generate_json(tmp_path, tiny_gguf, cli):
     rc, _, err = run("compile", "--model", tiny_gguf, "--max-context", 128, "-o", tmp_path / "a")
     assert rc == 0, err
     assert "[1/4]" in err  # progress is shown
+    # Written through temporaries (0700, 0600), the outputs get the modes of the umask, as
+    # a folder and file made in place would: an artifact others deploy can be read.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "a").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (tmp_path / "a" / "params.bin").stat().st_mode & 0o777 == 0o666 & ~umask
     rc, out, err = run("generate", tmp_path / "a", "--prompt-ids", "40,41,42",
                        "--max-new-tokens", 5, "--json")
     assert rc == 0, err
