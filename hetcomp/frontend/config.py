@@ -106,3 +106,25 @@ def kv_cache_shapes(cfg: LlamaConfig) -> tuple[tuple[int, ...], tuple[int, ...]]
     """``k_cache[L, G, D, C]`` (positions contiguous) and ``v_cache[L, G, C, D]``."""
     g, d, nl, c = cfg.num_kv_heads, cfg.head_dim, cfg.num_layers, cfg.max_context
     return (nl, g, d, c), (nl, g, c, d)
+
+
+def weight_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Every weight a loader gives for ``cfg``, by name, with its float ``[out, in]`` (or
+    vector) shape: what loaders check a file's tensors against before any work."""
+    e, f, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
+    shapes = {"embed": (cfg.vocab_size, e), "norm": (e,)}
+    if not cfg.tie_embeddings:
+        shapes["lm_head"] = (cfg.vocab_size, e)
+    for i in range(cfg.num_layers):
+        p = f"layers.{i}."
+        shapes.update({p + "attn_norm": (e,), p + "ffn_norm": (e,), p + "wq": (q, e),
+                       p + "wk": (kv, e), p + "wv": (kv, e), p + "wo": (e, q),
+                       p + "w_gate": (f, e), p + "w_up": (f, e), p + "w_down": (e, f)})
+        if cfg.qk_norm:
+            shapes.update({p + "q_norm": (d,), p + "k_norm": (d,)})
+        if cfg.post_norms:
+            shapes.update({p + "post_attn_norm": (e,), p + "post_ffn_norm": (e,)})
+        if cfg.qkv_bias:
+            shapes.update({p + "bq": (q,), p + "bk": (kv,), p + "bv": (kv,)})
+    return shapes

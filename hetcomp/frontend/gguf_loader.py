@@ -10,9 +10,8 @@ import numpy as np
 
 from ..errors import HetcompError
 from ..quant_format import BLOCK_BYTES, QuantMatrix
-from .config import LlamaConfig
+from .config import LlamaConfig, weight_shapes
 from .lazy import Deferred, LazyWeights
-from .weights import weight_shapes
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "gemma3")
 # Architectures whose Q/K rows llama.cpp's converter permutes (LlamaModel.modify_tensors);

@@ -20,8 +20,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from ..errors import HetcompError
-from .config import LlamaConfig
-from .weights import weight_shapes
+from .config import LlamaConfig, weight_shapes
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

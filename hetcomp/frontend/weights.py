@@ -196,28 +196,6 @@ def param_from_recipe(recipe: dict, packed: dict[str, np.ndarray], heads, wdtype
     return pack_weight(arr.reshape(-1, arr.shape[-1]), recipe.get("dtype", wdtype))
 
 
-def weight_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    """Every weight a loader gives for ``cfg``, by name, with its float ``[out, in]`` (or
-    vector) shape: what loaders check a file's tensors against before any work."""
-    e, f, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
-    shapes = {"embed": (cfg.vocab_size, e), "norm": (e,)}
-    if not cfg.tie_embeddings:
-        shapes["lm_head"] = (cfg.vocab_size, e)
-    for i in range(cfg.num_layers):
-        p = f"layers.{i}."
-        shapes.update({p + "attn_norm": (e,), p + "ffn_norm": (e,), p + "wq": (q, e),
-                       p + "wk": (kv, e), p + "wv": (kv, e), p + "wo": (e, q),
-                       p + "w_gate": (f, e), p + "w_up": (f, e), p + "w_down": (e, f)})
-        if cfg.qk_norm:
-            shapes.update({p + "q_norm": (d,), p + "k_norm": (d,)})
-        if cfg.post_norms:
-            shapes.update({p + "post_attn_norm": (e,), p + "post_ffn_norm": (e,)})
-        if cfg.qkv_bias:
-            shapes.update({p + "bq": (q,), p + "bk": (kv,), p + "bv": (kv,)})
-    return shapes
-
-
 def random_weights(cfg: LlamaConfig, seed: int = 0, scale: float = 0.08) -> dict[str, np.ndarray]:
     """Random float32 weights for a config (tests and tutorials)."""
     rng = np.random.default_rng(seed)
