@@ -197,7 +197,8 @@ def check_output_file(path: str, is_same_kind: Callable[[str], bool] | None = No
         raise HetcompError(f"{path} is a folder: give a file path")
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's file mode creation mask."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -226,7 +227,7 @@ def output_dir(path: str, is_same_kind: Callable[[str], bool], what: str,
     parent = _make_parent(path)
     try:
         tmp = tempfile.mkdtemp(prefix=".hetcomp-tmp-", dir=parent)
-        os.chmod(tmp, 0o777 & ~_umask())  # a folder as mkdir makes it (mkdtemp's is 0700)
+        os.chmod(tmp, 0o777 & ~umask())  # a folder as mkdir makes it (mkdtemp's is 0700)
     except OSError as e:
         raise HetcompError(f"cannot write {path}: {_first_line(e)}") from None
     try:
@@ -264,7 +265,7 @@ def output_file(path: str, is_same_kind: Callable[[str], bool] | None = None,
     os.close(fd)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # a file as open makes it (mkstemp's is 0600)
+        os.chmod(tmp, 0o666 & ~umask())  # a file as open makes it (mkstemp's is 0600)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

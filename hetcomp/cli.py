@@ -210,6 +210,9 @@ def cmd_calibrate(args) -> int:
 def cmd_profile(args) -> int:
     from .driver.profile import profile_command
 
+    if args.kit_out is not None and args.output is not None:
+        raise HetcompError("--kit-out only builds a kit (measure it with --kit KIT -o DB): "
+                           "leave out -o")
     if args.kit_out is None and args.output is None:
         raise HetcompError("profile needs -o DB (or --kit-out DIR to only build a kit)")
     units = _units(args.units) if args.units else ([] if args.kit else ["cpu"])

@@ -203,7 +203,11 @@ def bench(artifact: str, widths: list[int] | None = None, runs: int = 5, new_tok
     if bad:
         raise HetcompError(f"widths {bad} are not in this artifact (compile with --heads)")
     ids = art.tokenizer.encode(BENCH_PROMPTS[0], chat=art.tokenizer.chat_template is not None)
-    generate(art, ids, max_new_tokens=8, stop_at_eos=False)  # warm-up
+    context = art.config.max_context
+    if len(ids) + new_tokens - 1 > context:  # (as generate checks it, in bench's words)
+        raise HetcompError(f"the bench prompt ({len(ids)} tokens) and --new-tokens "
+                           f"{new_tokens} do not fit this artifact's context of {context}")
+    generate(art, ids, max_new_tokens=min(8, new_tokens), stop_at_eos=False)  # warm-up
     results = [generate(art, ids, max_new_tokens=new_tokens, stop_at_eos=False)
                for _ in range(runs)]
     tps = statistics.median(r.decode_tokens_per_s for r in results)

@@ -19,7 +19,7 @@ import tempfile
 
 import numpy as np
 
-from ..artifact_format import read_manifest, sha256_file, write_params
+from ..artifact_format import read_manifest, sha256_file, umask, write_params
 from ..data import packaged_file
 from ..errors import HetcompError
 
@@ -44,6 +44,8 @@ def rebuild_params(manifest: dict, model: str, heads: str | None, art_dir: str =
     recipes = manifest.get("param_recipes")
     if not recipes:
         raise HetcompError(f"artifact {art_dir} records no parameter recipes: recompile it")
+    if heads is not None and not any("heads" in r for r in recipes.values()):
+        raise HetcompError(f"artifact {art_dir} has no Medusa heads: leave out --heads")
     from ..quant_format import is_quant
 
     cfg, w, _, _ = load_model(model, manifest["config"]["max_context"],
@@ -82,6 +84,7 @@ def attach_weights(art_dir: str, model: str | None = None, heads: str | None = N
         if os.path.getsize(tmp) != want["bytes"] or sha256_file(tmp) != want.get("sha256"):
             raise HetcompError(f"weights rebuilt from {model} differ from those artifact "
                                f"{art_dir} was compiled with")
+        os.chmod(tmp, 0o666 & ~umask())  # as the compile's params.bin (mkstemp's is 0600)
         os.replace(tmp, os.path.join(art_dir, "params.bin"))
         if not quiet:
             print(f"rebuilt {len(params)} parameters from {model}", file=sys.stderr, flush=True)

@@ -176,6 +176,8 @@ def test_separate_weights_attach_where_it_runs(tmp_path):
                    model=str(gguf))
     assert ((tmp_path / "lean" / "params.bin").read_bytes()
             == (tmp_path / "full" / "params.bin").read_bytes())
+    modes = [(tmp_path / d / "params.bin").stat().st_mode & 0o777 for d in ("full", "lean")]
+    assert modes[0] == modes[1]  # the umask's, not the temporary's 0600
     ids = [generate(load_artifact(str(tmp_path / d)), [5, 6, 7], 10, stop_at_eos=False,
                     width=4).ids for d in ("full", "lean")]
     assert ids[0] == ids[1]
