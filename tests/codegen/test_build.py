@@ -219,15 +219,22 @@ def test_cuda_kernels_compile_for_orin_and_hopper(tmp_path, arch, dtype):
     assert (tmp_path / "k.fatbin").stat().st_size > 0
 
 
-def test_cuda_source_is_compiled_for_the_loading_artifact_s_gpu(tmp_path, monkeypatch):
+def test_cuda_source_is_compiled_for_the_loading_artifact_s_gpu(tmp_path, monkeypatch,
+                                                                 tiny_artifact):
     """The runtime compiles a library's CUDA source while loading it, through one process-
-    wide callback: each artifact is loaded under its own architecture (sm_87 here, for a
-    Jetson), and the next load is not compiled for it."""
+    wide callback: each artifact is loaded under its own architecture (sm_87 here, a
+    Jetson's GPU unit as its manifest names it), and the next load is not compiled for it."""
+    from hetcomp.artifact_format import manifest_digest
     from hetcomp.errors import HetcompError
     from hetcomp.runtime import load_artifact
-    from hetcomp.testing import compile_tiny_cuda
 
-    compile_tiny_cuda(str(tmp_path / "orin"), cuda_arch="sm_87", cuda_graph=False)
+    art = tmp_path / "orin"
+    shutil.copytree(tiny_artifact[0], art)
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["units"] = [{"name": "orin-nx-gpu", "device": "cuda", "device_id": 0,
+                          "target": {"kind": "cuda", "arch": "sm_87"}}]
+    manifest["digest"] = manifest_digest(manifest)
+    (art / "manifest.json").write_text(json.dumps(manifest))
     monkeypatch.delenv("HETCOMP_CUDA_ARCH", raising=False)
     seen = []
 
@@ -238,7 +245,7 @@ def test_cuda_source_is_compiled_for_the_loading_artifact_s_gpu(tmp_path, monkey
     monkeypatch.setattr(_tvm, "device", lambda kind, index=0: _tvm.cpu())
     monkeypatch.setattr(_tvm, "load_module", load_module)
     with pytest.raises(HetcompError, match="cannot load artifact library"):
-        load_artifact(str(tmp_path / "orin"), verify=False)
+        load_artifact(str(art), verify=False)
     assert seen == ["sm_87"] and _tvm.loading_cuda_arch() == "sm_90"
     monkeypatch.setenv("HETCOMP_CUDA_ARCH", "sm_89")  # an explicit choice still wins
     with _tvm.cuda_arch("sm_87"):
