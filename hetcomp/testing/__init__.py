@@ -163,6 +163,23 @@ def run_cli(*args, **kwargs):
     return p.returncode, p.stdout, p.stderr
 
 
+def edit_manifest(art_dir: str, edit) -> None:
+    """Apply ``edit(manifest)`` to an artifact's manifest and seal it again (its digest
+    recomputed), as a build that wrote those values would have."""
+    import json
+    import os
+
+    from ..artifact_format import manifest_digest
+
+    path = os.path.join(art_dir, "manifest.json")
+    with open(path) as fh:
+        manifest = json.load(fh)
+    edit(manifest)
+    manifest["digest"] = manifest_digest(manifest)
+    with open(path, "w") as fh:
+        json.dump(manifest, fh, indent=1)
+
+
 def lacking_cpu_feature() -> str | None:
     """An instruction-set extension (LLVM's name) this CPU lacks, that the loaders check;
     None where it has them all or its flags are unknown."""

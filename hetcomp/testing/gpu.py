@@ -5,7 +5,6 @@ whole CUDA artifact with every kernel so run (:func:`emulated_artifact`)."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -144,10 +143,11 @@ def emulated_artifact(art_dir: str, scheduled, out_dir: str) -> str:
     runtime with every GPU thread serial. Its greedy output should equal the CPU
     artifact's (float sums in another order aside)."""
     from .. import _tvm
-    from ..artifact_format import manifest_digest, sha256_file
+    from ..artifact_format import sha256_file
     from ..codegen.export import cpu_requirements
     from ..hardware import target_dict
     from ..passes.pipeline import vm_lowering_pipeline
+    from . import edit_manifest
 
     c = _tvm.compiler()
     host = target_dict("host")
@@ -156,15 +156,14 @@ def emulated_artifact(art_dir: str, scheduled, out_dir: str) -> str:
     shutil.copytree(art_dir, out_dir)
     lib = os.path.join(out_dir, "lib.so")
     ex.export_library(lib)
-    mpath = os.path.join(out_dir, "manifest.json")
-    with open(mpath) as fh:
-        manifest = json.load(fh)
-    manifest.update(target="host", target_spec=host, cpu=cpu_requirements([host]),
-                    units=[{"name": "cpu", "device": "cpu", "device_id": 0}])
-    manifest["files"]["lib.so"] = {"bytes": os.path.getsize(lib), "sha256": sha256_file(lib)}
-    manifest["digest"] = manifest_digest(manifest)
-    with open(mpath, "w") as fh:
-        json.dump(manifest, fh, indent=1)
+
+    def edit(manifest):
+        manifest.update(target="host", target_spec=host, cpu=cpu_requirements([host]),
+                        units=[{"name": "cpu", "device": "cpu", "device_id": 0}])
+        manifest["files"]["lib.so"] = {"bytes": os.path.getsize(lib),
+                                       "sha256": sha256_file(lib)}
+
+    edit_manifest(out_dir, edit)
     return out_dir
 
 

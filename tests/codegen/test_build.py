@@ -224,17 +224,15 @@ def test_cuda_source_is_compiled_for_the_loading_artifact_s_gpu(tmp_path, monkey
     """The runtime compiles a library's CUDA source while loading it, through one process-
     wide callback: each artifact is loaded under its own architecture (sm_87 here, a
     Jetson's GPU unit as its manifest names it), and the next load is not compiled for it."""
-    from hetcomp.artifact_format import manifest_digest
     from hetcomp.errors import HetcompError
     from hetcomp.runtime import load_artifact
+    from hetcomp.testing import edit_manifest
 
     art = tmp_path / "orin"
     shutil.copytree(tiny_artifact[0], art)
-    manifest = json.loads((art / "manifest.json").read_text())
-    manifest["units"] = [{"name": "orin-nx-gpu", "device": "cuda", "device_id": 0,
-                          "target": {"kind": "cuda", "arch": "sm_87"}}]
-    manifest["digest"] = manifest_digest(manifest)
-    (art / "manifest.json").write_text(json.dumps(manifest))
+    edit_manifest(str(art), lambda m: m.update(units=[{
+        "name": "orin-nx-gpu", "device": "cuda", "device_id": 0,
+        "target": {"kind": "cuda", "arch": "sm_87"}}]))
     monkeypatch.delenv("HETCOMP_CUDA_ARCH", raising=False)
     seen = []
 

@@ -79,25 +79,12 @@ def test_artifact_records_the_cpu_extensions_its_code_may_use():
     assert cpu_requirements([target_dict("cuda")]) == v3
 
 
-def _reseal(path, edit):
-    """Edit an artifact's manifest as a build for another CPU would have written it."""
-    from hetcomp.artifact_format import manifest_digest
-
-    mpath = os.path.join(path, "manifest.json")
-    with open(mpath) as fh:
-        manifest = json.load(fh)
-    edit(manifest)
-    manifest["digest"] = manifest_digest(manifest)
-    with open(mpath, "w") as fh:
-        json.dump(manifest, fh)
-
-
 def test_artifact_for_a_richer_cpu_is_refused_in_one_line(tmp_path, tiny_artifact):
     """An artifact whose code uses an extension this CPU lacks would die with SIGILL at its
     first such instruction: it is refused at load, in one line naming the extension."""
     import platform
 
-    from hetcomp.testing import lacking_cpu_feature
+    from hetcomp.testing import edit_manifest, lacking_cpu_feature
 
     lacking = lacking_cpu_feature()
     if lacking is None:
@@ -109,7 +96,7 @@ def test_artifact_for_a_richer_cpu_is_refused_in_one_line(tmp_path, tiny_artifac
     assert own["arch"] == platform.machine() and own["features"]  # a host build records some
     rc, _, err = run("generate", path, "--prompt-ids", "1,2", "--max-new-tokens", "2")
     assert rc == 0, err
-    _reseal(path, lambda m: m["cpu"]["features"].append(lacking))
+    edit_manifest(path, lambda m: m["cpu"]["features"].append(lacking))
     rc, _, err = run("generate", path, "--prompt-ids", "1,2", "--max-new-tokens", "2")
     assert_one_line_error(rc, err, f"CPU features this machine lacks ({lacking})")
 
