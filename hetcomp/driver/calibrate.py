@@ -127,9 +127,9 @@ def collect(art, prompts, new_tokens: int, progress: bool = True,
     feats, seqs = [], []
     t0 = time.time()
     for i, prompt in enumerate(prompts):
-        if not fits(art.tokenizer, prompt, new_tokens, art.config.max_context):
+        ids = prompt_ids(art.tokenizer, prompt)
+        if not fits(len(ids), new_tokens, art.config.max_context):
             continue
-        ids = art.tokenizer.encode(prompt, chat=art.tokenizer.chat_template is not None)
         if responses and prompt in responses:
             toks = responses[prompt][:new_tokens]
             feats.append(teacher_force(art, ids, toks))
@@ -149,11 +149,16 @@ def collect(art, prompts, new_tokens: int, progress: bool = True,
     return feats, seqs
 
 
-def fits(tokenizer, prompt: str, new_tokens: int, context: int) -> bool:
-    """Whether :func:`collect` uses ``prompt`` (it leaves out the ones whose generation
-    would not fit the context)."""
-    ids = tokenizer.encode(prompt, chat=tokenizer.chat_template is not None)
-    return len(ids) + new_tokens + 1 < context
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """A corpus prompt's ids as calibration runs it (one user turn where there is a chat
+    template)."""
+    return tokenizer.encode(prompt, chat=tokenizer.chat_template is not None)
+
+
+def fits(prompt_len: int, new_tokens: int, context: int) -> bool:
+    """Whether :func:`collect` uses a prompt of ``prompt_len`` ids (it leaves out the ones
+    whose generation would not fit the context)."""
+    return prompt_len + new_tokens + 1 < context
 
 
 def _none_fit(context: int, new_tokens: int) -> str:
@@ -391,7 +396,7 @@ def calibrate_model(model: str, opts: CalibrateOptions, output: str, reuse: str 
     loaded = load_model(model)
     if data is None:  # both parts need a prompt whose generation fits the context
         tok, context = TokenizerInfo.from_spec(loaded[2]), loaded[0].max_context
-        if not all(any(fits(tok, p, opts.new_tokens, context) for p in part)
+        if not all(any(fits(len(prompt_ids(tok, p)), opts.new_tokens, context) for p in part)
                    for part in split):
             raise HetcompError(_none_fit(context, opts.new_tokens))
     if data is not None:  # the saved data replaces the compiled model's run

@@ -107,16 +107,16 @@ def profile_command(model: str = "smollm2", units=("cpu",), out: str = "profile.
     # Everything that can be refused is, before the database is made or measured into: it
     # gathers profiles run after run (a profile database there is added to, nothing else).
     check_output_file(out, is_sqlite, "profile database")
+    if meta is None:
+        shape, key = read_model_shape(model, dtype)
+    found = (kit_units(kit, present) if meta is not None
+             else {name: detect_unit(name) for name in present})
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     if meta is not None:
-        found = kit_units(kit, present)
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with ProfileDB(out) as db:
             measured = profile_kit(kit, db, present, force, progress, found=found)
         return {"db": os.path.abspath(out), "model": meta["model"],
                 "mode": meta["options"]["mode"], "units": measured}
-    shape, key = read_model_shape(model, dtype)
-    found = {name: detect_unit(name) for name in present}
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     summary = {"db": os.path.abspath(out), "model": key, "mode": opts.mode, "units": {}}
     with ProfileDB(out) as db:
         for name in present:

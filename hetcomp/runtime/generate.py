@@ -223,14 +223,13 @@ class TextStream:
     def push(self, ids: list[int]) -> str:
         self.ids.extend(ids)
         text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        new, self.shown = text[self.shown:], len(text)
-        return new
+        return "" if text.endswith("\ufffd") else self._show(text)
 
     def finish(self) -> str:
         """The text held back at the end (an incomplete character, as U+FFFD)."""
-        text = self.tokenizer.decode(self.ids)
+        return self._show(self.tokenizer.decode(self.ids))
+
+    def _show(self, text: str) -> str:
         new, self.shown = text[self.shown:], len(text)
         return new
 
