@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -197,11 +198,25 @@ def check_output_file(path: str, is_same_kind: Callable[[str], bool] | None = No
         raise HetcompError(f"{path} is a folder: give a file path")
 
 
-def umask() -> int:
-    """The process's file mode creation mask."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def new_temporary(parent: str, suffix: str = "", folder: bool = False) -> str:
+    """Create a fresh, empty temporary file (or folder) in ``parent`` and return its path.
+
+    It gets the mode ``open``/``mkdir`` give a new file (0666/0777 less the umask, which the
+    kernel applies), so the output renamed from it has it too; ``tempfile``'s are private
+    (0600/0700), and reading the umask to widen them would briefly change it for every
+    thread. Raises ``OSError`` as ``mkstemp`` does.
+    """
+    for _ in range(100):
+        path = os.path.join(parent, f".hetcomp-tmp-{secrets.token_hex(6)}{suffix}")
+        try:
+            if folder:
+                os.mkdir(path, 0o777)
+            else:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no unused temporary name in {parent}")
 
 
 def _make_parent(path: str) -> str:
@@ -226,8 +241,7 @@ def output_dir(path: str, is_same_kind: Callable[[str], bool], what: str,
     check_output(path, is_same_kind, what, force)
     parent = _make_parent(path)
     try:
-        tmp = tempfile.mkdtemp(prefix=".hetcomp-tmp-", dir=parent)
-        os.chmod(tmp, 0o777 & ~umask())  # a folder as mkdir makes it (mkdtemp's is 0700)
+        tmp = new_temporary(parent, folder=True)
     except OSError as e:
         raise HetcompError(f"cannot write {path}: {_first_line(e)}") from None
     try:
@@ -258,14 +272,11 @@ def output_file(path: str, is_same_kind: Callable[[str], bool] | None = None,
     check_output_file(path, is_same_kind, what, force)
     parent = _make_parent(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".hetcomp-tmp-", suffix=os.path.splitext(path)[1],
-                                   dir=parent)
+        tmp = new_temporary(parent, suffix=os.path.splitext(path)[1])
     except OSError as e:
         raise HetcompError(f"cannot write {path}: {_first_line(e)}") from None
-    os.close(fd)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~umask())  # a file as open makes it (mkstemp's is 0600)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

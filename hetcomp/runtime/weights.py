@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 
 import numpy as np
 
-from ..artifact_format import read_manifest, sha256_file, umask, write_params
+from ..artifact_format import output_file, read_manifest, sha256_file, write_params
 from ..data import packaged_file
 from ..errors import HetcompError
 
@@ -77,19 +76,12 @@ def attach_weights(art_dir: str, model: str | None = None, heads: str | None = N
     want = manifest["files"]["params.bin"]
     model = model or manifest["model"]
     params = rebuild_params(manifest, model, heads, art_dir)
-    fd, tmp = tempfile.mkstemp(prefix=".params-", dir=art_dir)
-    os.close(fd)
-    try:
+    out = os.path.join(art_dir, "params.bin")
+    with output_file(out) as tmp:
         write_params(tmp, params)
         if os.path.getsize(tmp) != want["bytes"] or sha256_file(tmp) != want.get("sha256"):
             raise HetcompError(f"weights rebuilt from {model} differ from those artifact "
                                f"{art_dir} was compiled with")
-        os.chmod(tmp, 0o666 & ~umask())  # as the compile's params.bin (mkstemp's is 0600)
-        os.replace(tmp, os.path.join(art_dir, "params.bin"))
-        if not quiet:
-            print(f"rebuilt {len(params)} parameters from {model}", file=sys.stderr, flush=True)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return os.path.join(art_dir, "params.bin")
+    if not quiet:
+        print(f"rebuilt {len(params)} parameters from {model}", file=sys.stderr, flush=True)
+    return out
