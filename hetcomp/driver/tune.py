@@ -46,6 +46,7 @@ from ..schedules.tuning import (
     KernelTuneOptions,
     apply_database,
     database_dir,
+    is_database,
     linear_kernels,
     tune_kernels,
     workload_key,
@@ -277,34 +278,40 @@ def tune_kernels_command(model: str = "smollm2", db_root: str = "tuning",
     kinds = tuple(kinds or KernelTuneOptions.kinds)
     kopts = KernelTuneOptions(kinds=kinds, widths=tuple(widths), trials_per_kernel=trials)
     unit = detect_unit("cpu")
-    path = database_dir(db_root, unit.fingerprint.digest)
-    records = tune_kernels(linear_kernels(shape, kopts), unit.target, path, trials, say)
-    say("[tune kernels] timing tuned against default kernels")
-    code = ("import json, sys; from hetcomp.driver.tune import compare_tuned_kernels as f; "
-            "print(json.dumps(f(*json.loads(sys.argv[1]))))")
-    res = subprocess.run([sys.executable, "-c", code,
-                          json.dumps([model, db_root, list(widths), list(kinds)])],
-                         capture_output=True, text=True)
-    if res.returncode != 0:
-        raise HetcompError(f"timing the tuned kernels failed: {res.stderr.strip()[-300:]}")
-    summary = json.loads(res.stdout.strip().splitlines()[-1])
-    # Keep a record only where it beat the rule by more than the timing noise.
-
-    kernels = linear_kernels(shape, kopts)
-    keep = [r["kernel"] for r in summary["kernels"] if r["speedup"] > ACCEPT_SPEEDUP]
-    write_accepted(path, [workload_key(kernels[k]) for k in keep])
-    summary.update({"records": records, "trials_per_kernel": trials, "accepted": keep})
+    # The machine's database is tuned and judged in a copy that replaces it only at the end:
+    # an interrupted run leaves the old one (or none), never records without their verdict
+    # in accepted.json (compile would apply every record of such a database).
+    final = database_dir(db_root, unit.fingerprint.digest)
+    with output_dir(final, is_database, "tuning database", force=True) as path:
+        if os.path.isdir(final):
+            shutil.copytree(final, path, dirs_exist_ok=True)  # its records so far are kept
+        records = tune_kernels(linear_kernels(shape, kopts), unit.target, path, trials, say)
+        say("[tune kernels] timing tuned against default kernels")
+        code = ("import json, sys; from hetcomp.driver.tune import compare_tuned_kernels as f; "
+                "print(json.dumps(f(*json.loads(sys.argv[1]))))")
+        res = subprocess.run([sys.executable, "-c", code,
+                              json.dumps([model, path, list(widths), list(kinds)])],
+                             check=False, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise HetcompError(f"timing the tuned kernels failed: {res.stderr.strip()[-300:]}")
+        summary = json.loads(res.stdout.strip().splitlines()[-1])
+        # Keep a record only where it beat the rule by more than the timing noise.
+        kernels = linear_kernels(shape, kopts)
+        keep = [r["kernel"] for r in summary["kernels"] if r["speedup"] > ACCEPT_SPEEDUP]
+        write_accepted(path, [workload_key(kernels[k]) for k in keep])
+    summary.update({"db": os.path.abspath(final), "records": records,
+                    "trials_per_kernel": trials, "accepted": keep})
     return summary
 
 
-def compare_tuned_kernels(model: str, db_root: str, widths, kinds) -> dict:
-    """Per linear kernel: time of the hand-scheduled default and of this machine's tuned
-    record (rotated weights, back-to-back calls, fastest of 9 interleaved rounds)."""
+def compare_tuned_kernels(model: str, path: str, widths, kinds) -> dict:
+    """Per linear kernel: time of the hand-scheduled default and of the tuned record in the
+    database folder ``path`` (rotated weights, back-to-back calls, fastest of 9 interleaved
+    rounds)."""
 
     shape, key = read_model_shape(model)
     kernels = linear_kernels(shape, KernelTuneOptions(kinds=tuple(kinds), widths=tuple(widths)))
     unit = detect_unit("cpu")
-    path = database_dir(db_root, unit.fingerprint.digest)
     c = compiler()
     target = c.Target(unit.target)
     mod = c.IRModule(kernels)

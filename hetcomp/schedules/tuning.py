@@ -66,6 +66,11 @@ def workload_key(func) -> str:
     return str(compiler().structural_hash(_workload(func)))
 
 
+def is_database(path: str) -> bool:
+    """Whether ``path`` is a tuning database folder (for ``output_dir``)."""
+    return any(os.path.isfile(os.path.join(path, f)) for f in (WORKLOAD_FILE, RECORD_FILE))
+
+
 def write_accepted(path: str, keys) -> None:
     with open(os.path.join(path, ACCEPTED_FILE), "w") as fh:
         json.dump(sorted(keys), fh)

@@ -71,3 +71,42 @@ def test_tuning_database_found_on_this_machine_only(tmp_path, monkeypatch, capfd
     assert "no tuning records for this machine" in capfd.readouterr().err
     other = json.loads((tmp_path / "other" / "manifest.json").read_text())
     assert other["tuning"] is None
+
+
+def test_tune_kernels_replaces_the_database_whole_or_not_at_all(tmp_path, monkeypatch):
+    """`tune --kernels` writes the machine's database (records and the accepted verdicts)
+    through a temporary copy: after a run it holds both, and a run interrupted while tuning
+    leaves the database as it was (compile would apply every record of one without
+    accepted.json, the slower ones too)."""
+    import pytest
+
+    import hetcomp.driver.tune as tune
+    from hetcomp.profile.units import detect_unit
+    from hetcomp.schedules.tuning import ACCEPTED_FILE, RECORD_FILE, database_dir
+    from hetcomp.testing.gguf_writer import write_gguf
+
+    gguf = tmp_path / "tiny.gguf"
+    write_gguf(gguf, TINY, random_weights(TINY), byte_tokenizer_spec(TINY.vocab_size))
+    root = tmp_path / "db"
+    final = database_dir(str(root), detect_unit("cpu").fingerprint.digest)
+    summary = tune.tune_kernels_command(str(gguf), str(root), widths=(1,), kinds=("o",),
+                                        trials=4, progress=lambda s: None)
+    assert summary["db"] == final and summary["records"] >= 1
+    assert os.path.isfile(os.path.join(final, ACCEPTED_FILE))
+    assert sorted(os.listdir(root)) == [os.path.basename(final)]  # no temporary left
+    before = {f: open(os.path.join(final, f), "rb").read()
+              for f in (RECORD_FILE, ACCEPTED_FILE)}
+
+    def interrupted(kernels, target, path, trials, progress):
+        with open(os.path.join(path, RECORD_FILE), "a") as fh:
+            fh.write("[0, [[], [], [], null], [1e-05], null, null]\n")  # a new record...
+        raise KeyboardInterrupt  # ...and Ctrl-C before its verdict
+
+    monkeypatch.setattr(tune, "tune_kernels", interrupted)
+    for db_root in (root, tmp_path / "new"):
+        with pytest.raises(KeyboardInterrupt):
+            tune.tune_kernels_command(str(gguf), str(db_root), widths=(1,), kinds=("o",),
+                                      trials=4, progress=lambda s: None)
+    assert before == {f: open(os.path.join(final, f), "rb").read() for f in before}
+    assert sorted(os.listdir(root)) == [os.path.basename(final)]
+    assert os.listdir(tmp_path / "new") == []  # made for the output, holding nothing
