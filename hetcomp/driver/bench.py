@@ -14,7 +14,7 @@ from ..artifact_format import PLOT_METADATA, check_output_file, is_plot, is_png,
 from ..errors import HetcompError
 from ..profile.bandwidth import measure_read_bandwidth
 from ..runtime import generate, load_artifact
-from ..runtime.generate import auto_lookup
+from ..runtime.generate import auto_lookup, check_context
 from ..runtime.unit_time import kernel_breakdown, peak_rss_mb, step_breakdown
 from .calibrate import heldout_prompts
 
@@ -203,10 +203,7 @@ def bench(artifact: str, widths: list[int] | None = None, runs: int = 5, new_tok
     if bad:
         raise HetcompError(f"widths {bad} are not in this artifact (compile with --heads)")
     ids = art.tokenizer.encode(BENCH_PROMPTS[0], chat=art.tokenizer.chat_template is not None)
-    context = art.config.max_context
-    if len(ids) + new_tokens - 1 > context:  # (as generate checks it, in bench's words)
-        raise HetcompError(f"the bench prompt ({len(ids)} tokens) and --new-tokens "
-                           f"{new_tokens} do not fit this artifact's context of {context}")
+    check_context(art, len(ids), new_tokens, "the bench prompt", "--new-tokens")
     generate(art, ids, max_new_tokens=min(8, new_tokens), stop_at_eos=False)  # warm-up
     results = [generate(art, ids, max_new_tokens=new_tokens, stop_at_eos=False)
                for _ in range(runs)]

@@ -10,7 +10,13 @@ from collections.abc import Iterator
 
 from ..errors import HetcompError
 from ..runtime import Artifact, load_artifact  # noqa: F401  (the API's `load`)
-from ..runtime.generate import Generation, GenerationResult, TextStream, auto_lookup
+from ..runtime.generate import (
+    Generation,
+    GenerationResult,
+    TextStream,
+    auto_lookup,
+    context_room,
+)
 
 
 def default_width(art: Artifact) -> int:
@@ -100,7 +106,7 @@ class Chat:
         """``(prompt ids, exchanges dropped)``: the conversation plus the user turn ``text``,
         its oldest exchanges dropped until the prompt and the reply fit the context."""
         context = self.art.config.max_context
-        room = context - self.max_new_tokens + 1  # as Generation checks it (any width)
+        room = context_room(self.art, self.max_new_tokens)
         first = 1 if self.messages and self.messages[0]["role"] == "system" else 0
         ids = self.prompt_ids(text)
         if len(ids) <= room:

@@ -50,6 +50,25 @@ def auto_lookup(width: int) -> int:
     return width // 2 if width <= 8 else min(3 * width // 4, 32)
 
 
+def context_room(art, new_tokens: int) -> int:
+    """The longest prompt after which ``new_tokens`` tokens fit the artifact's context, at any
+    width: the cache holds the prompt and every new token but the last (no step runs it),
+    which is what sequential decoding needs and all a tree needs (the last steps verify
+    smaller trees, in the room left)."""
+    return art.config.max_context - new_tokens + 1
+
+
+def check_context(art, prompt_len: int, new_tokens: int, prompt: str = "prompt",
+                  option: str = "--max-new-tokens") -> None:
+    """Refuse, in one line, a prompt and a token count that do not fit (:func:`context_room`);
+    ``prompt`` and ``option`` name them as the caller's user knows them."""
+    if prompt_len > context_room(art, new_tokens):
+        raise HetcompError(
+            f"{prompt} ({prompt_len} tokens) plus {option} ({new_tokens}) does not fit the "
+            f"context of {art.config.max_context} tokens (the cache holds the prompt and every "
+            "new token but the last)")
+
+
 class Generation:
     """Greedy decoding as an iterator: each step yields the token ids it accepted.
 
@@ -86,14 +105,7 @@ class Generation:
         vocab = art.config.vocab_size
         if any(i < 0 or i >= vocab for i in prompt_ids):
             raise HetcompError(f"prompt ids must lie in [0, {vocab})")
-        # The cache holds the prompt and every new token but the last (no step runs it): what
-        # sequential decoding needs, and all any width needs (its last steps verify smaller
-        # trees, in the room left).
-        if len(prompt_ids) + max_new_tokens - 1 > art.config.max_context:
-            raise HetcompError(
-                f"prompt ({len(prompt_ids)} tokens) plus --max-new-tokens ({max_new_tokens}) "
-                f"does not fit the context of {art.config.max_context} tokens (the cache holds "
-                "the prompt and every new token but the last)")
+        check_context(art, len(prompt_ids), max_new_tokens)
         if width > 1 and width not in art.trees:
             raise HetcompError(
                 f"width {width} is not available in this artifact " + (

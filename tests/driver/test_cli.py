@@ -174,7 +174,8 @@ def test_outputs_are_checked_first_and_never_replace_a_user_file(tmp_path, tiny_
         (("calibrate", "--soft", "nan", "-o", tmp_path / "x"), "must lie in [0, 1]"),
         # (one new token is the prefill's: no decode step to time, tokens/s divided by 0)
         (("bench", art, "--widths", "1", "--new-tokens", "1"), "must be at least 2"),
-        (("bench", art, "--new-tokens", "500"), "do not fit this artifact's context of 128"),
+        (("bench", art, "--new-tokens", "500"),
+         "plus --new-tokens (500) does not fit the context of 128"),
         (("profile", "--kit-out", tmp_path / "kit", "-o", tmp_path / "p.db"), "leave out -o"),
         (("attach-weights", art, "--model", tiny_gguf, "--heads", photo),
          "has no Medusa heads: leave out --heads"),
