@@ -268,23 +268,6 @@ class _Compiler:
         self.llvm_cpu_has_features = llvm_cpu_has_features
         self.llvm_get_cpu_features = llvm_get_cpu_features  # {feature name: ...} of a target
 
-    @functools.cached_property
-    def wmma_intrinsics(self) -> dict[str, str]:
-        """The WMMA 16x16x16 tensor intrinsics (float16 in, float32 accumulators) that
-        ``gpu.TensorCoreLinear`` tensorizes with: A from shared memory, B straight from
-        global memory (registered here: TVM registers shared-memory loads only), the
-        accumulators stored to dynamic shared memory."""
-        from tvm.s_tir.tensor_intrin import cuda
-
-        load_b = "hetcomp_wmma_load_16x16x16_f16_b_global"
-        self.TensorIntrin.register(
-            load_b, *cuda.get_wmma_load_intrin(16, 16, 16, "float16", "global", True, False),
-            override=True)
-        return {"load_a": cuda.WMMA_LOAD_16x16x16_F16_A_INTRIN, "load_b": load_b,
-                "fill": cuda.WMMA_FILL_16x16x16_F32_INTRIN,
-                "store": cuda.WMMA_STORE_16x16x16_F32_SHARED_DYN_INTRIN,
-                "mma": cuda.WMMA_SYNC_16x16x16_f16f16f32_INTRIN}
-
     @property
     def meta_schedule(self):
         """``tvm.s_tir.meta_schedule`` (``tvm.meta_schedule`` before 0.27), imported on use."""

@@ -13,6 +13,7 @@ from ..kernels import ops
 from ..kernels.ops import OP_KIND, is_fused_linear
 from ..kernels.script_ops import for_gpu
 from ..kernels.sparse_attention import SPARSE_KIND
+from .wmma import intrinsics as wmma_intrinsics
 
 _BASE = compiler().ScheduleRule
 _KINDS = ("attention_merge", "attention", "rms_norm", "elementwise", "embed")
@@ -583,7 +584,6 @@ class TensorCoreLinearRule(_BASE):
 def _tensor_core_linear(sch, slices: int, tiles: int, tensorize: bool, depth: int,
                         x_depth: int) -> None:
     """:class:`TensorCoreLinearRule`'s schedule of a ``split_x`` linear."""
-    c = compiler()
     names = {str(sch.get(b).name_hint) for b in sch.get_child_blocks(sch.get_sblock("root"))}
     mm = sch.get_sblock("matmul_raw")
     # Step 1. The block that writes the result anchors the rest: the fused epilogue, the
@@ -690,7 +690,7 @@ def _tensor_core_linear(sch, slices: int, tiles: int, tensorize: bool, depth: in
                    slices)
     if not tensorize:
         return
-    wmma = c.wmma_intrinsics
+    wmma = wmma_intrinsics()
     sch.tensorize(sch.get_loops(a)[-2], wmma["load_a"])
     sch.tensorize(sch.get_loops(b)[-2], wmma["load_b"])  # (step, [half], tile), 16 x 16
     sch.tensorize(sch.get_loops(sch.get_child_blocks(init)[0])[-2], wmma["fill"])
