@@ -331,3 +331,43 @@ def test_compile_uses_tensor_cores_unless_told_not_to(tmp_path, monkeypatch):
         assert cli.main(["compile", "--target", "cuda", "--no-heads", "-o",
                          str(tmp_path / "x"), *flag]) == 0
         assert seen[-1].tensor_cores is want
+
+
+def test_wmma_intrinsics_are_tvms(tmp_path):
+    """schedules/wmma.py's five intrinsics are TVM's: its ``get_wmma_*_intrin`` generators,
+    cut out of ``tvm/s_tir/tensor_intrin/cuda.py`` (importing that module registers every
+    intrinsic TVM has, 30-95 s) into a module of their own, make structurally equal
+    descriptions and implementations."""
+    import ast
+    import importlib.util
+    import os
+
+    import tvm
+
+    from hetcomp.schedules import wmma
+
+    src = os.path.join(os.path.dirname(tvm.__file__), "s_tir", "tensor_intrin", "cuda.py")
+    with open(src) as fh:
+        tree = ast.parse(fh.read())
+    keep = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom)) or (
+        isinstance(n, ast.FunctionDef) and n.name.startswith("get_wmma_"))]
+    assert {f"get_wmma_{g}" for g in ("fragment_index", "load_intrin", "fill_intrin",
+                                      "store_intrin", "sync_intrin")} <= {
+        n.name for n in keep if isinstance(n, ast.FunctionDef)}
+    path = tmp_path / "tvm_wmma.py"  # TVMScript parses functions from a real file
+    path.write_text(ast.unparse(ast.Module(body=keep, type_ignores=[])))
+    spec = importlib.util.spec_from_file_location("tvm_wmma", path)
+    ref = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ref)
+    theirs = {"load_a": ref.get_wmma_load_intrin(16, 16, 16, "float16", "shared", False, False),
+              "load_b": ref.get_wmma_load_intrin(16, 16, 16, "float16", "global", True, False),
+              "fill": ref.get_wmma_fill_intrin(16, 16, 16, "float32"),
+              "store": ref.get_wmma_store_intrin(16, 16, 16, "float32", "shared.dyn"),
+              "mma": ref.get_wmma_sync_intrin(16, 16, 16, "float16", "float32", False)}
+    names = wmma.intrinsics()
+    assert set(names) == set(theirs)
+    for role, pair in theirs.items():
+        ours = c.TensorIntrin.get(names[role])
+        for got, want in zip((ours.desc, ours.impl), pair):  # (named apart)
+            c.assert_structural_equal(got.with_attr("global_symbol", "f"),
+                                      want.with_attr("global_symbol", "f"), map_free_vars=True)
