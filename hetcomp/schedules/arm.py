@@ -16,11 +16,12 @@ kernels of :mod:`hetcomp.kernels.sparse_attention`:
 The FMAs are the generic ``llvm.fma.v4f32`` intrinsic, which LLVM selects as ``fmla`` on
 aarch64. The descriptions and the builders are ISA-neutral and :mod:`.x86` reuses them, as
 it reuses :class:`TreeAttentionRule`, the schedule recipe (ARM is this kernel's main target).
-Intrinsics are registered once, at import, under the module-level names below.
+Intrinsics are registered under the module-level names below, once, where a rule first uses them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tvm.script import tirx as T
@@ -185,19 +186,24 @@ class F32Intrins:
     dot: dict[int, str]  # head_dim -> q.k dot product
     axpy: str  # c[0:lanes] += p * b[0:lanes]
     scale: str  # c[0:lanes] *= p
+    hsum: Callable  # (vector, lanes) -> the dot's horizontal sum
 
-    def register(self, hsum) -> None:
-        """Register every intrinsic not yet registered (``hsum``: the dot's horizontal sum)."""
+    def register(self) -> F32Intrins:
+        """Register every intrinsic not yet registered; returns ``self``. Called where a rule
+        first uses them, not at import: TVMScript's parser walks the caller's stack for each
+        function, and inside an import (the import machinery's frames) that cost seconds of
+        every process that imported the schedules."""
         ti = compiler().TensorIntrin
         lanes = self.lanes
         builders = {name: lambda d=d: (f32_dot_desc(d),
-                                       f32_dot_impl(d, lanes, min(4, d // lanes), hsum))
+                                       f32_dot_impl(d, lanes, min(4, d // lanes), self.hsum))
                     for d, name in self.dot.items()}
         builders[self.axpy] = lambda: (f32_axpy_desc(lanes), f32_axpy_impl(lanes))
         builders[self.scale] = lambda: (f32_scale_desc(lanes), f32_scale_impl(lanes))
         for name, build in builders.items():
             if ti.get(name, allow_missing=True) is None:
                 ti.register(name, *build())
+        return self
 
 
 def _neon_hsum(vec, lanes: int):
@@ -206,8 +212,7 @@ def _neon_hsum(vec, lanes: int):
 
 
 NEON_F32 = F32Intrins(NEON_LANES, NEON_F32_DOT_INTRINS, NEON_F32_AXPY_INTRIN,
-                      NEON_F32_SCALE_INTRIN)
-NEON_F32.register(_neon_hsum)
+                      NEON_F32_SCALE_INTRIN, _neon_hsum)
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -244,6 +249,7 @@ class TreeAttentionRule(compiler().ScheduleRule):
         head_dim = int(func.attrs["hetcomp.head_dim"])
         if intrins is None or head_dim not in intrins.dot:
             return None
+        intrins.register()
         lanes = intrins.lanes
         c = compiler()
         sch = c.Schedule(func.with_attr(c.IS_SCHEDULED, True))

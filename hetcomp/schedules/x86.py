@@ -5,7 +5,7 @@ vectors: the q.k dot product keeps 16-lane (AVX-512, ``vfmadd231ps zmm``) or 8-l
 ``ymm``) accumulators in registers and reduces them by halving (``vextractf`` + ``vaddps``);
 P.V is one broadcast FMA per vector. The FMAs are the ``llvm.fma.v16f32`` / ``v8f32``
 intrinsics (LLVM retired its x86-specific ``vfmadd`` intrinsics in favour of these). Intrinsics
-are registered once, at import.
+are registered where the rule first uses them.
 """
 
 from __future__ import annotations
@@ -45,11 +45,9 @@ def _halving_hsum(vec, lanes: int):
 
 
 AVX512_F32 = F32Intrins(AVX512_LANES, AVX512_F32_DOT_INTRINS, AVX512_F32_AXPY_INTRIN,
-                        AVX512_F32_SCALE_INTRIN)
+                        AVX512_F32_SCALE_INTRIN, _halving_hsum)
 AVX2_F32 = F32Intrins(AVX2_LANES, AVX2_F32_DOT_INTRINS, AVX2_F32_AXPY_INTRIN,
-                      AVX2_F32_SCALE_INTRIN)
-AVX512_F32.register(_halving_hsum)
-AVX2_F32.register(_halving_hsum)
+                      AVX2_F32_SCALE_INTRIN, _halving_hsum)
 
 
 class SparseTreeAttentionRule(TreeAttentionRule):
