@@ -299,6 +299,7 @@ def tune_kernels_command(model: str = "smollm2", db_root: str = "tuning",
         kernels = linear_kernels(shape, kopts)
         keep = [r["kernel"] for r in summary["kernels"] if r["speedup"] > ACCEPT_SPEEDUP]
         write_accepted(path, [workload_key(kernels[k]) for k in keep])
+    say(f"[tune kernels] database and MetaSchedule's logs in {os.path.abspath(final)}")
     summary.update({"db": os.path.abspath(final), "records": records,
                     "trials_per_kernel": trials, "accepted": keep})
     return summary

@@ -145,7 +145,7 @@ def tune_kernels(kernels: dict[str, object], target, db_path: str, trials_per_ke
     # Every task's workload is its kernel named "main", as apply_database queries it.
     mod = c.IRModule({name: f.with_attr("global_symbol", "main") for name, f in kernels.items()})
     say(f"[tune kernels] {len(kernels)} kernels x {trials_per_kernel} trials (MetaSchedule, "
-        f"XGBoost cost model); logs in {os.path.join(db_path, 'work')}")
+        "XGBoost cost model)")
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     # MetaSchedule's default build imports tvm.s_tir.tensor_intrin in every builder worker
     # (~29 s here, 100 s on a loaded machine; a fresh pool per batch of trials); our build
