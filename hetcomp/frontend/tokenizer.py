@@ -7,6 +7,7 @@ The result is a HuggingFace ``tokenizers`` object, serialised into the artifact 
 
 from __future__ import annotations
 
+import functools
 import json
 
 import jinja2
@@ -58,12 +59,7 @@ def _build_spm(spec: dict):
     tok.normalizer = normalizers.Replace(" ", _SPACE)
     tok.decoder = decoders.Sequence([decoders.Replace(_SPACE, " "), decoders.ByteFallback(),
                                      decoders.Fuse()])
-    types = spec.get("token_type") or []
-    tok.add_special_tokens([AddedToken(spec["tokens"][i], special=True, normalized=False)
-                            for i, t in enumerate(types) if t == _TOKEN_CONTROL])
-    tok.add_tokens([AddedToken(spec["tokens"][i], special=False, normalized=False)
-                    for i, t in enumerate(types)
-                    if t == _TOKEN_USER_DEFINED and spec["tokens"][i] in vocab])
+    _add_file_tokens(tok, spec, vocab)
     return tok
 
 
@@ -86,14 +82,22 @@ def build_tokenizer(spec: dict):
         raise HetcompError(f"unsupported pre-tokenizer {pre!r}")
     tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
     tok.decoder = decoders.ByteLevel()
-    types = spec.get("token_type") or []
-    special = [
-        AddedToken(tokens[i], special=True, normalized=False)
-        for i, t in enumerate(types)
-        if t in (_TOKEN_CONTROL, _TOKEN_USER_DEFINED)
-    ]
-    tok.add_special_tokens(special)
+    _add_file_tokens(tok, spec, vocab)
     return tok
+
+
+def _add_file_tokens(tok, spec: dict, vocab: dict) -> None:
+    """The tokens the file marks as CONTROL (``<|im_end|>``) as special ones, left out of
+    decoded text, and those it marks USER_DEFINED (Qwen's ``<tool_call>``) as added tokens
+    that are text: both matched whole when encoding, as llama.cpp and transformers' GGUF
+    tokenizer do."""
+    types = spec.get("token_type") or []
+    tokens = spec["tokens"]
+    tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
+                            for i, t in enumerate(types) if t == _TOKEN_CONTROL])
+    tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
+                    for i, t in enumerate(types)
+                    if t == _TOKEN_USER_DEFINED and tokens[i] in vocab])
 
 
 def tokenizer_to_json(tok) -> str:
@@ -169,6 +173,16 @@ class TokenizerInfo:
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
+
+    @functools.cached_property
+    def byte_token_ids(self) -> frozenset[int]:
+        """The byte-fallback pieces' ids (``<0x00>`` .. ``<0xFF>``) of a SentencePiece-style
+        vocabulary, else none. The decoder turns a run of them into text as one unit: a run
+        that is not UTF-8 becomes one U+FFFD a byte, its whole characters too."""
+        if not getattr(self.tok.model, "byte_fallback", False):
+            return frozenset()
+        ids = (self.tok.token_to_id(f"<0x{b:02X}>") for b in range(256))
+        return frozenset(i for i in ids if i is not None)
 
     def to_json(self) -> dict:
         return {

@@ -224,8 +224,9 @@ class TextStream:
     """Incremental detokenization: :meth:`push` returns the text that new ids add.
 
     Text is decoded from all ids so far (BPE pieces and multi-byte characters span tokens) and
-    held back while it ends in an incomplete character; :meth:`finish` gives what is held
-    back when no ids follow, so the pieces join to the decoded whole."""
+    held back while it ends in an incomplete character, or in a run of byte-fallback pieces
+    (the next byte may make the whole run one U+FFFD a byte); :meth:`finish` gives what is
+    held back when no ids follow, so the pieces join to the decoded whole."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -234,7 +235,11 @@ class TextStream:
 
     def push(self, ids: list[int]) -> str:
         self.ids.extend(ids)
-        text = self.tokenizer.decode(self.ids)
+        settled = len(self.ids)
+        byte_ids = self.tokenizer.byte_token_ids
+        while settled and self.ids[settled - 1] in byte_ids:
+            settled -= 1
+        text = self.tokenizer.decode(self.ids[:settled])
         return "" if text.endswith("\ufffd") else self._show(text)
 
     def finish(self) -> str:

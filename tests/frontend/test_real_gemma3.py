@@ -137,3 +137,27 @@ def test_tokenizer_matches_llama_cpp(gemma_artifact):
     for text in TEXTS + PROMPTS:
         assert gemma_artifact.tokenizer.encode(text) == llm.tokenize(
             text.encode(), add_bos=True, special=True), text
+
+
+def test_streamed_text_is_the_result_across_byte_fallback_runs(gemma_artifact):
+    """Gemma spells rare characters as runs of byte pieces, and its decoder turns a run that is
+    not UTF-8 into one U+FFFD a byte, its whole characters too: a character shown while its
+    run was open could later become U+FFFD in the result. Streamed a token at a time, the
+    pieces are always a prefix of the result's text and join to it, whatever token the
+    generation stops at."""
+    from hetcomp.runtime.generate import TextStream
+
+    tok = gemma_artifact.tokenizer
+    ids = tok.encode_text("a𠀀𠀁 b\u00e9")[1:]  # (no BOS: generated ids)
+    assert sum(i in tok.byte_token_ids for i in ids) == 8  # two 4-byte runs
+    for stop in range(1, len(ids) + 1):
+        whole = tok.decode(ids[:stop])
+        stream, shown = TextStream(tok), ""
+        for i in ids[:stop]:
+            shown += stream.push([i])
+            assert whole.startswith(shown), (stop, shown, whole)
+        assert shown + stream.finish() == whole, stop
+    stream = TextStream(tok)  # a whole character, then a run the next byte breaks
+    assert stream.push(ids[:5]) == "a"
+    assert stream.push(ids[5:6]) + stream.push(tok.encode_text(" b")[1:]) == tok.decode(
+        ids[:6] + tok.encode_text(" b")[1:])[1:]
