@@ -32,6 +32,7 @@ TEXTS = [
     "<|im_start|>user\nhi<|im_end|><|fim_prefix|>x<|endoftext|>",
     "3.14159 1,000,000 0x1F 2024-01-01",
     'print("héllo")  // 注释 ;;; ===>   ',
+    'Sure. <tool_call>\n{"name": "f"}\n</tool_call>',  # USER_DEFINED tokens: text, not special
 ]
 
 
@@ -81,7 +82,9 @@ def test_config_from_the_file(qwen_name, qwen_loaded):
 def test_tokenizer_matches_transformers(qwen_artifact, hf_reference):
     tok, _ = hf_reference
     for text in TEXTS:
-        assert qwen_artifact.tokenizer.encode(text) == tok.encode(text, add_special_tokens=False)
+        ids = tok.encode(text, add_special_tokens=False)
+        assert qwen_artifact.tokenizer.encode(text) == ids
+        assert qwen_artifact.tokenizer.decode(ids) == tok.decode(ids, skip_special_tokens=True)
     for prompt in PROMPTS:
         assert qwen_artifact.tokenizer.encode(prompt, chat=True) == _chat_ids(tok, prompt)
 
