@@ -507,6 +507,10 @@ def main(argv=None) -> int:
     except HetcompError as e:
         print(f"hetcomp: error: {e}", file=sys.stderr)
         return 2
+    except UnicodeDecodeError as e:  # stdin (chat) or a text file that is not UTF-8
+        print(f"hetcomp: error: the input is not UTF-8 ({e.reason}: byte "
+              f"0x{e.object[e.start:e.start + 1].hex()} at offset {e.start})", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `hetcomp generate ... | head`: the reader left; end quietly

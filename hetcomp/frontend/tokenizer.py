@@ -118,9 +118,15 @@ def render_messages(template: str | None, messages: list[dict], bos_token: str =
     # keep_trailing_newline would add to the prompt.
     env = jinja2.Environment(loader=jinja2.BaseLoader(), trim_blocks=True, lstrip_blocks=True,
                              extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = _template_refuses  # as transformers gives templates
     return env.from_string(template).render(
         messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos_token,
         eos_token=eos_token)
+
+
+def _template_refuses(message: str):
+    """A chat template's ``raise_exception``: the conversation is not one it renders."""
+    raise HetcompError(f"the model's chat template refuses this conversation: {message}")
 
 
 def render_chat(template: str | None, prompt: str, bos_token: str = "",
@@ -166,6 +172,12 @@ class TokenizerInfo:
     def encode_text(self, text: str) -> list[int]:
         """Token ids of ``text`` as it is (a rendered template included), BOS first if the
         model wants one and the text does not start with it."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # bytes the terminal or argv could not decode
+            bad = text[e.start].encode("utf-8", "surrogateescape")
+            raise HetcompError(f"the text is not UTF-8 (it holds the byte 0x{bad.hex()})"
+                               ) from None
         ids = self.tok.encode(text, add_special_tokens=False).ids
         if self.add_bos and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
             ids = [self.bos_token_id] + ids

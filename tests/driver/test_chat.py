@@ -141,3 +141,32 @@ def test_chat_drops_the_oldest_exchanges_when_the_context_is_full(smollm2_artifa
     with pytest.raises(HetcompError, match="do not fit the context"):
         "".join(chat.send(long * 3))
     assert len(chat.messages) == 3  # a refused turn loses none of the conversation
+
+
+def test_text_that_is_not_utf8_is_one_line_of_error(smollm2_artifact):
+    """A line of stdin or a --prompt that is not UTF-8 (Latin-1 'café') is refused in one
+    line, exit 2: read with the terminal's surrogate escapes or strictly, as Python may."""
+    from hetcomp.testing import assert_one_line_error
+    from hetcomp.testing import run_cli as run
+
+    for env in ({}, {"PYTHONIOENCODING": "utf-8"}):
+        p = subprocess.run([sys.executable, "-m", "hetcomp", "chat", smollm2_artifact,
+                            "--max-new-tokens", "4"], input=b"caf\xe9\n",
+                           capture_output=True, timeout=300, check=False,
+                           env={**__import__("os").environ, **env})
+        assert_one_line_error(p.returncode, p.stderr.decode(), "not UTF-8")
+    rc, _, err = run("generate", smollm2_artifact, "--no-verify", "--prompt",
+                     b"caf\xe9".decode("utf-8", "surrogateescape"), "--max-new-tokens", 4)
+    assert_one_line_error(rc, err, "not UTF-8 (it holds the byte 0xe9)")
+
+
+def test_a_template_that_refuses_a_conversation_says_why():
+    """transformers gives chat templates ``raise_exception`` (Mistral's refuses a system
+    turn with it): its message, as one line of error."""
+    from hetcomp.frontend.tokenizer import render_messages
+
+    template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('Only user and "
+                "assistant roles are supported!') }}{% endif %}[INST] {{ messages[0]['content'] }}")
+    assert render_messages(template, [{"role": "user", "content": "hi"}]) == "[INST] hi"
+    with pytest.raises(HetcompError, match="refuses this conversation: Only user and assistant"):
+        render_messages(template, [{"role": "system", "content": "be brief"}])
