@@ -72,6 +72,9 @@ class MedusaHeads:
             raise HetcompError(f"cannot read Medusa heads {path}: "
                                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
                                ) from None
+        if ranks is not None and not np.issubdtype(ranks.dtype, np.integer):
+            raise HetcompError(f"cannot read Medusa heads {path}: ranks are {ranks.dtype}, "
+                               "not integers")
         k = w.shape[0] if w.ndim == 3 else -1
         # Statistics of K heads of TOPK candidates (ranks: -1 no target, TOPK not among them);
         # others would build trees with nodes for heads or ranks the draft does not have.
@@ -82,6 +85,11 @@ class MedusaHeads:
                 or (u is not None and u.shape != w.shape)
                 or (vocab is not None and vocab.ndim != 1)):
             raise HetcompError(f"cannot read Medusa heads {path}: inconsistent array shapes")
+        if not (np.isfinite(rank_probs).all() and ((rank_probs >= 0) & (rank_probs <= 1)).all()):
+            raise HetcompError(f"cannot read Medusa heads {path}: rank_probs are not "
+                               "probabilities")
+        if not all(np.isfinite(a).all() for a in (w, b, u) if a is not None):
+            raise HetcompError(f"cannot read Medusa heads {path}: weights that are not finite")
         return cls(w, b, rank_probs, meta, ranks, u, vocab)
 
 

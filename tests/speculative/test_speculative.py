@@ -490,3 +490,15 @@ def test_heads_whose_statistics_disagree_with_them_are_refused(tmp_path):
     MedusaHeads(w, b, np.full((2, 10), 0.1), {}, np.full((5, 2), 10, "int8")).save(
         str(tmp_path / "h.npz"))
     assert MedusaHeads.load(str(tmp_path / "h.npz")).num_heads == 2
+    # Values no calibration writes: refused too, not a crash (or NaN in `inspect --json`).
+    for probs, ww, needle in ((np.full((2, 10), np.nan), w, "not probabilities"),
+                              (np.full((2, 10), 1.5), w, "not probabilities"),
+                              (np.full((2, 10), 0.1), w * np.inf, "not finite")):
+        MedusaHeads(ww, b, probs, {}, None).save(str(tmp_path / "h.npz"))
+        with pytest.raises(HetcompError, match=needle):
+            MedusaHeads.load(str(tmp_path / "h.npz"))
+    with np.load(str(tmp_path / "h.npz")) as z:
+        arrays = dict(z)
+    np.savez(str(tmp_path / "s.npz"), **arrays, ranks=np.array([["a", "b"]]))
+    with pytest.raises(HetcompError, match="ranks are <U1, not integers"):
+        MedusaHeads.load(str(tmp_path / "s.npz"))
