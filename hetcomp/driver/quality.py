@@ -62,8 +62,8 @@ class _Tally:
 
 def quality(artifact: str, reference: str | None = None, texts: int = 32,
             verify: bool = True) -> dict:
-    """Perplexity of ``artifact`` on :func:`quality_texts` (each cut to the context) and,
-    with a ``reference`` artifact,
+    """Perplexity of ``artifact`` on :func:`quality_texts` (each cut to the context, the
+    shorter of the two with a reference) and, with a ``reference`` artifact,
     the agreement of their next-token choices (argmax), the mean KL(reference || artifact) and
     the first disagreement (text, position, both top-2 ids and logits)."""
     chosen = quality_texts(texts)
@@ -74,13 +74,15 @@ def quality(artifact: str, reference: str | None = None, texts: int = 32,
     if ref is not None and ref.config.vocab_size != art.config.vocab_size:
         raise HetcompError(f"{reference} has another vocabulary than {artifact}: not the same "
                            "model")
+    # A long text is scored up to the context, the shorter one's where two are compared.
+    context = min(a.config.max_context for a in (art, ref) if a is not None)
     t = _Tally()
     for ti, text in enumerate(chosen):
         ids = art.tokenizer.encode_text(text)
         if ref is not None and ref.tokenizer.encode_text(text) != ids:
             raise HetcompError(f"{reference} tokenizes the texts differently: not the same "
                                "model")
-        ids = ids[:art.config.max_context]  # a long text is scored up to the context
+        ids = ids[:context]
         if len(ids) < 2:
             continue
         own = teacher_forced_logits(art, ids)[:-1]

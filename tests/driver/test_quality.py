@@ -87,3 +87,21 @@ def test_quality_refuses_another_model(tiny_artifact, smollm2_artifact, cli):
     # more texts than the set has: refused, not fewer scored under the count asked for
     assert_one_line_error(*cli("quality", tiny_artifact[0], "--texts", 10**4)[::2],
                           f"the text set has {len(quality_texts(10**4))} texts")
+
+
+def test_a_reference_with_a_shorter_context_scores_the_texts_cut_to_it(tiny_artifact,
+                                                                        tmp_path_factory):
+    """The texts are cut to the shorter of the two contexts, whichever artifact has it: the
+    same weights at a context of 32 agree everywhere in both orders (it was refused halfway
+    when the reference had the shorter one)."""
+    import dataclasses
+
+    path, _ = tiny_artifact
+    short, _ = compile_tiny(tmp_path_factory, dataclasses.replace(TINY, max_context=32),
+                            name="quality_ctx32")
+    tok = load_artifact(path).tokenizer
+    n = sum(min(len(tok.encode_text(t)), 32) - 1 for t in quality_texts(3))
+    for art, ref in ((path, short), (short, path)):
+        rep = quality(art, ref, texts=3)
+        assert rep["tokens"] == n and rep["agreement"] == 1.0, (art, ref)
+        np.testing.assert_allclose(rep["perplexity"], rep["reference_perplexity"], rtol=1e-5)
