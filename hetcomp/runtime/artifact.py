@@ -88,6 +88,12 @@ class Artifact:
             self.devices = [_tvm.device(u["device"], u["device_id"]) for u in units]
         except Exception as e:
             raise HetcompError(f"this machine lacks a device the artifact needs: {e}") from None
+        # (a full TVM makes a handle for a GPU it cannot find; the library's load would then
+        # fail on the CUDA module's loader, which names no missing GPU)
+        absent = [str(d) for d in self.devices if d.dlpack_device_type() != 1 and not d.exist]
+        if absent:
+            raise HetcompError(f"this machine lacks a device the artifact needs: {absent[0]} "
+                               "(no GPU or driver found)")
         self.device = self.devices[0]
         self.upload = _tvm.Uploader(self.device)  # a step's small inputs, onto the device
         # The KV cache lives where the dense attention part runs (it reads the whole cache).

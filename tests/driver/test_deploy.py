@@ -168,3 +168,16 @@ def test_separate_weights_attach_where_it_runs(tmp_path):
     ids = [generate(load_artifact(str(tmp_path / d)), [5, 6, 7], 10, stop_at_eos=False,
                     width=4).ids for d in ("full", "lean")]
     assert ids[0] == ids[1]
+
+
+def test_a_gpu_artifact_where_there_is_no_gpu_says_so(tmp_path, cli):
+    """On a machine without a GPU (this one, CI) a cuda artifact is refused in one line naming
+    the missing device, not TVM's 'loader of that name is not registered' for its library."""
+    from hetcomp import _tvm
+    from hetcomp.testing import compile_tiny_cuda
+
+    if _tvm.device("cuda", 0).exist:
+        pytest.skip("this machine has a GPU")
+    compile_tiny_cuda(str(tmp_path / "cu"))
+    rc, _, err = cli("generate", tmp_path / "cu", "--prompt-ids", "1,2", "--max-new-tokens", 2)
+    assert_one_line_error(rc, err, "lacks a device the artifact needs: cuda:0 (no GPU")
