@@ -56,7 +56,7 @@ def generate(artifact: str | Artifact, prompt: str | list[int], *, chat: bool = 
     32: :func:`~hetcomp.runtime.generate.auto_lookup`).
     """
     art = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
-    ids = prompt if isinstance(prompt, list) else art.tokenizer.encode(prompt, chat=chat)
+    ids = art.tokenizer.encode(prompt, chat=chat) if isinstance(prompt, str) else list(prompt)
     width = default_width(art) if width is None else width
     lookup = auto_lookup(width) if lookup is None else lookup
     gen = Generation(art, ids, max_new_tokens=max_new_tokens, width=width, lookup=lookup,

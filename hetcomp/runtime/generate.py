@@ -99,7 +99,13 @@ class Generation:
             raise HetcompError("--width must be at least 1")
         if lookup < 0:
             raise HetcompError("--lookup must be at least 0")
-        prompt_ids = [int(i) for i in prompt_ids]
+        try:
+            if isinstance(prompt_ids, str):
+                raise TypeError
+            prompt_ids = [int(i) for i in prompt_ids]
+        except (TypeError, ValueError):
+            raise HetcompError("the prompt must be token ids here (text goes through "
+                               "hetcomp.driver.generate or Chat)") from None
         if not prompt_ids:
             raise HetcompError("empty prompt")
         vocab = art.config.vocab_size

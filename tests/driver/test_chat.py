@@ -170,3 +170,19 @@ def test_a_template_that_refuses_a_conversation_says_why():
     assert render_messages(template, [{"role": "user", "content": "hi"}]) == "[INST] hi"
     with pytest.raises(HetcompError, match="refuses this conversation: Only user and assistant"):
         render_messages(template, [{"role": "system", "content": "be brief"}])
+
+
+def test_the_api_takes_ids_as_any_sequence_and_refuses_text_where_ids_go(tiny_artifact):
+    """``hetcomp.generate`` (the runtime's) decodes token ids: text there is one line of
+    error, not int('H')'s ValueError; the streaming ``driver.generate`` takes text or ids, a
+    tuple of ids as a list."""
+    import hetcomp
+
+    art = load_artifact(tiny_artifact[0])
+    with pytest.raises(HetcompError, match="must be token ids"):
+        hetcomp.generate(art, "Hello", max_new_tokens=2)
+    want = generate_ids(art, [5, 6, 7], max_new_tokens=4, stop_at_eos=False).ids
+    for ids in ((5, 6, 7), [5, 6, 7]):
+        text = generate(art, ids, max_new_tokens=4, stop_at_eos=False)
+        "".join(text)
+        assert text.result.ids == want
