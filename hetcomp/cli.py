@@ -439,8 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "with --kit-out, replace an existing kit")
     pr.add_argument("--kit-out", help="only compile the probe kernels into a kit folder, to "
                                       "measure where the units are")
-    pr.add_argument("--target", default="host",
-                    help="with --kit-out: the CPU target (x86-64-v3 for another x86 host)")
+    pr.add_argument("--target", help="with --kit-out: the CPU that measures the kit, host | "
+                    "x86-64-v3 (another x86 host) | x86-64 | aarch64 (default: host; a cuda "
+                    "unit's probes are CUDA driven by it)")
     pr.add_argument("--kit", help="measure a kit built elsewhere (needs the TVM runtime only)")
     pr.add_argument("--dtype", default="float32",
                     help="weight dtype whose kernels to measure: float32 | float16 | q4_0 | "

@@ -8,6 +8,7 @@ build_kit`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -26,6 +27,7 @@ from ..profile.measure import (
     ProfileOptions,
     build_kit,
     kit_units,
+    load_kit_libraries,
     profile_kit,
     profile_unit,
     read_kit,
@@ -80,11 +82,12 @@ def _say(msg: str) -> None:
 def profile_command(model: str = "smollm2", units=("cpu",), out: str = "profile.sqlite",
                     quick: bool = False, force: bool = False, progress=None,
                     kit_out: str | None = None, kit: str | None = None,
-                    target: str = "host", dtype: str = "float32") -> dict:
+                    target: str | None = None, dtype: str = "float32") -> dict:
     """Profile every op class of ``model`` on each present unit into the SQLite file ``out``.
 
     ``kit_out``: only compile the probe kernels into a profile kit (CPU code for the named
-    ``target``) to measure elsewhere; ``kit``: measure such a kit here (TVM runtime only).
+    ``target``, default ``host``; a cuda unit's probes are CUDA driven by that CPU) to measure
+    elsewhere; ``kit``: measure such a kit here (TVM runtime only).
     ``dtype``: the weight dtype whose kernels are measured (a block format: its dequantizing
     linear kernels; the profile is stored under a model key naming it).
     Returns a summary: per unit its fingerprint digest, measurement count and whether the
@@ -93,6 +96,10 @@ def profile_command(model: str = "smollm2", units=("cpu",), out: str = "profile.
 
     if kit is not None and kit_out is not None:
         raise HetcompError("--kit measures a kit, --kit-out builds one: pick one")
+    if target is not None and kit_out is None:
+        # Measuring here compiles for this CPU, and a kit's target was chosen when it was built.
+        raise HetcompError("--target names the CPU a kit is built for: use it with --kit-out "
+                           "(profiling here measures this machine's own target)")
     # With --kit and no units: the kit's own (read_kit refuses a folder that is no kit).
     meta = read_kit(kit) if kit is not None else None
     present, spec = split_unit_names(units or (list(meta["units"]) if meta else []))
@@ -101,7 +108,8 @@ def profile_command(model: str = "smollm2", units=("cpu",), out: str = "profile.
     opts = ProfileOptions.quick() if quick else ProfileOptions()
     if kit_out is not None:
         shape, key = read_model_shape(model, dtype)
-        path = build_kit(kit_out, present, shape, key, opts, wdtype=dtype, cpu_target=target,
+        path = build_kit(kit_out, present, shape, key, opts, wdtype=dtype,
+                         cpu_target=target or "host",
                          progress=progress, force=force)
         return {"kit": path, "model": key, "mode": opts.mode, "units": list(present)}
     # Everything that can be refused is, before the database is made or measured into: it
@@ -111,14 +119,14 @@ def profile_command(model: str = "smollm2", units=("cpu",), out: str = "profile.
         shape, key = read_model_shape(model, dtype)
     found = (kit_units(kit, present) if meta is not None
              else {name: detect_unit(name) for name in present})
+    libs = load_kit_libraries(kit, found) if meta is not None else None
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    if meta is not None:
-        with ProfileDB(out) as db:
-            measured = profile_kit(kit, db, present, force, progress, found=found)
-        return {"db": os.path.abspath(out), "model": meta["model"],
-                "mode": meta["options"]["mode"], "units": measured}
-    summary = {"db": os.path.abspath(out), "model": key, "mode": opts.mode, "units": {}}
-    with ProfileDB(out) as db:
+    with _database(out) as db:
+        if meta is not None:
+            measured = profile_kit(kit, db, present, force, progress, found=found, libs=libs)
+            return {"db": os.path.abspath(out), "model": meta["model"],
+                    "mode": meta["options"].get("mode", "full"), "units": measured}
+        summary = {"db": os.path.abspath(out), "model": key, "mode": opts.mode, "units": {}}
         for name in present:
             unit = found[name]
             res = profile_unit(unit, shape, db, key, opts, wdtype=dtype, force=force,
@@ -129,3 +137,20 @@ def profile_command(model: str = "smollm2", units=("cpu",), out: str = "profile.
     return summary
 
 
+@contextlib.contextmanager
+def _database(path: str):
+    """The profile database at ``path``, opened; one this run created is removed again
+    when the run fails (or is stopped) before it stored any profile: nothing is left behind."""
+    created = not os.path.lexists(path)
+    db = ProfileDB(path)
+    try:
+        yield db
+    except BaseException:
+        empty = not db.digests()
+        db.close()
+        if created and empty:
+            for p in (path, path + "-journal"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(p)
+        raise
+    db.close()

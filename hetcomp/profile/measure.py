@@ -37,6 +37,7 @@ import numpy as np
 from .. import _tvm
 from ..artifact_format import holds_format, output_dir
 from ..codegen.export import cpu_requirements
+from ..codegen.targets import export_compiler
 from ..cost.roofline import (
     LINEAR_KINDS,
     Features,
@@ -60,7 +61,7 @@ from ..cost.roofline import (
 )
 from ..decoder import ACTIVATION_KERNELS, FUSED_WIDTHS
 from ..errors import HetcompError
-from ..hardware import check_cpu, target_dict
+from ..hardware import TARGET_NAMES, check_cpu, host_part, target_dict
 from ..quant_format import (
     QuantMatrix,
     head_dtype,
@@ -488,10 +489,22 @@ def attention_probes(s: ModelShape, opts: ProfileOptions, kernel, cache) -> list
 KIT_FORMAT = "hetcomp-profile-kit/1"
 
 
+#: The CPU targets a kit can be built for (``--target``; ``cuda`` names no CPU).
+KIT_CPU_TARGETS = tuple(t for t in TARGET_NAMES if t != "cuda")
+
+
 def probe_target(unit_name: str, cpu_target: str = "host") -> dict:
-    """The target a unit's probe kernels are compiled for: ``cpu_target`` (a named target,
-    ``x86-64-v3`` for a kit that travels) for the CPU, sm_90 for ``cuda``."""
-    return target_dict("cuda" if unit_name == "cuda" else cpu_target)
+    """The target a unit's probe kernels are compiled for: the kit's CPU ``cpu_target`` (a
+    named target, ``x86-64-v3`` for a kit that travels) for ``cpu``; for ``cuda``, CUDA of
+    sm_90 driven by that same CPU (its host code runs there)."""
+    if cpu_target not in KIT_CPU_TARGETS:
+        raise HetcompError(f"--target {cpu_target} is not a CPU target: a kit's --target names "
+                           f"the CPU that measures it ({' | '.join(KIT_CPU_TARGETS)}); a cuda "
+                           "unit's probes are compiled for CUDA anyway")
+    cpu = host_part(target_dict(cpu_target))
+    if unit_name == "cuda":
+        return {**target_dict("cuda"), "host": cpu}
+    return cpu
 
 
 def build_probe_library(unit_name: str, target: dict, kernels: dict[str, Callable[[], object]],
@@ -528,13 +541,15 @@ def build_kit(out_dir: str, units: Iterable[str], shape: ModelShape, model: str,
     ``hetcomp profile --kit DIR`` measures it with the TVM runtime only, where the units are.
     An existing kit at ``out_dir`` is replaced only with ``force``; anything else is refused.
     """
+    # Refused before the work: a target that names no CPU, a cross linker that is missing.
+    targets = {name: probe_target(name, cpu_target) for name in units}
+    fcompile = export_compiler(cpu_target)  # every library's host code runs on that CPU
     groups, kernels = plan_probes(shape, opts, wdtype)
     with output_dir(out_dir, is_kit, "profile kit", force) as tmp:
         libs = {}
-        for name in units:
-            target = probe_target(name, cpu_target)
+        for name, target in targets.items():
             build_probe_library(name, target, kernels, progress).export_library(
-                os.path.join(tmp, f"{name}.so"))
+                os.path.join(tmp, f"{name}.so"), fcompile=fcompile)
             # "cpu": what the CPU that loads it must have (a GPU library's host code too)
             libs[name] = {"target": target, "library": f"{name}.so",
                           "cpu": cpu_requirements([target])}
@@ -546,6 +561,9 @@ def build_kit(out_dir: str, units: Iterable[str], shape: ModelShape, model: str,
 
 
 def read_kit(path: str) -> dict:
+    """A profile kit's ``kit.json``, checked: every key its readers use (``model``,
+    ``units`` with each library's target and file, ``options``, ``groups``) is there and of
+    its type, so a damaged or foreign kit is one line naming the key, not a traceback."""
     try:
         with open(os.path.join(path, "kit.json"), "rb") as fh:
             kit = json.loads(fh.read().decode("utf-8"))
@@ -553,7 +571,61 @@ def read_kit(path: str) -> dict:
         raise HetcompError(f"not a profile kit: {path} ({str(e).splitlines()[0]})") from None
     if not isinstance(kit, dict) or kit.get("format") != KIT_FORMAT:
         raise HetcompError(f"not a profile kit (format is not {KIT_FORMAT}): {path}")
+
+    def bad(key: str, want: str):
+        return HetcompError(f"profile kit {path}: kit.json's {key!r} is missing or not {want}")
+
+    if not isinstance(kit.get("model"), str):
+        raise bad("model", "a string")
+    units = kit.get("units")
+    if not isinstance(units, dict) or not units:
+        raise bad("units", "an object naming each unit's library")
+    for name, info in units.items():
+        key = f"units.{name}"
+        if not isinstance(info, dict):
+            raise bad(key, "an object")
+        target = info.get("target")
+        if not isinstance(target, dict) or not isinstance(target.get("kind"), str):
+            raise bad(f"{key}.target", "a target object with a 'kind'")
+        lib = info.get("library")
+        # a file of the kit itself: a name, never a path that leaves the folder
+        if not isinstance(lib, str) or lib in ("", ".", "..") or os.path.basename(lib) != lib:
+            raise bad(f"{key}.library", "a file name in the kit")
+        cpu = info.get("cpu", {"arch": "", "features": []})  # (older kits have none)
+        if (not isinstance(cpu, dict) or not isinstance(cpu.get("arch"), str)
+                or not isinstance(cpu.get("features"), list)
+                or not all(isinstance(f, str) for f in cpu["features"])):
+            raise bad(f"{key}.cpu", "an object with 'arch' and a list of 'features'")
+    _kit_probes(path, kit)
     return kit
+
+
+def _kit_probes(path: str, kit: dict) -> tuple[ProfileOptions, list[ProbeGroup]]:
+    """A kit's options and probe groups, parsed (one line naming the key when they do not)."""
+    try:
+        opts = kit["options"]
+        if not isinstance(opts, dict):
+            raise TypeError("not an object")
+        opts = ProfileOptions(**{k: tuple(v) if isinstance(v, list) else v
+                                 for k, v in opts.items()})
+        if opts.mode not in ("quick", "full"):
+            raise ValueError(f"mode {opts.mode!r}")
+    except (KeyError, TypeError, ValueError) as e:
+        raise HetcompError(f"profile kit {path}: kit.json's 'options' is missing or not "
+                           f"profile options ({type(e).__name__}: {e})") from None
+    try:
+        groups = kit["groups"]
+        if not isinstance(groups, list):
+            raise TypeError("not a list")
+        groups = [ProbeGroup.from_json(g) for g in groups]
+        for g in groups:
+            if not isinstance(g.desc, str) or not all(
+                    isinstance(p.func, str | None) for p in g.probes):
+                raise TypeError(f"group {g.desc!r}")
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise HetcompError(f"profile kit {path}: kit.json's 'groups' is missing or not probe "
+                           f"groups ({type(e).__name__}: {e})") from None
+    return opts, groups
 
 
 # ---- running probes (TVM runtime only) ------------------------------------------------------
@@ -809,32 +881,57 @@ def kit_units(kit_dir: str, units: Iterable[str] | None = None) -> dict[str, Uni
         if name not in kit["units"]:
             raise HetcompError(f"profile kit {kit_dir} has no library for unit {name!r}")
         info = kit["units"][name]
+        kind = info["target"]["kind"]
+        if (kind == "cuda") != (name == "cuda"):
+            raise HetcompError(f"the {name} probe library of {kit_dir} is built for {kind}, "
+                               f"not for the {name} unit: rebuild the kit")
         if "cpu" in info:  # (older kits: the library's load is the only check)
             check_cpu(info["cpu"], f"the {name} probe library of {kit_dir}")
         found[name] = detect_unit(name, target=info["target"])
     return found
 
 
+def load_kit_libraries(kit_dir: str, units: Iterable[str]) -> dict[str, object]:
+    """Each of ``units``' probe library of a kit, loaded (one line for one that is missing
+    or does not load here): what a measurement needs, checked before a database is made."""
+    kit = read_kit(kit_dir)
+    libs = {}
+    for name in units:
+        info = kit["units"][name]
+        path = os.path.join(kit_dir, info["library"])
+        if not os.path.isfile(path):
+            raise HetcompError(f"profile kit {kit_dir} lacks its {name} probe library "
+                               f"{info['library']}")
+        try:
+            _tvm.ensure_backend(info["target"]["kind"])
+            libs[name] = _tvm.load_module(path)
+        except Exception as e:
+            raise HetcompError(f"cannot load the {name} probe library of {kit_dir}: "
+                               f"{str(e).splitlines()[-1] if str(e) else e}") from None
+    return libs
+
+
 def profile_kit(kit_dir: str, db: ProfileDB, units: Iterable[str] | None = None,
                 force: bool = False, progress: Progress | None = None,
-                found: dict[str, Unit] | None = None) -> dict:
-    """Measure a profile kit's units present here into ``db`` (TVM runtime only); ``found``:
-    their :func:`kit_units`, when the caller looked them up already.
+                found: dict[str, Unit] | None = None,
+                libs: dict[str, object] | None = None) -> dict:
+    """Measure a profile kit's units present here into ``db`` (TVM runtime only); ``found``
+    and ``libs``: their :func:`kit_units` and :func:`load_kit_libraries`, when the caller
+    looked them up already (before making the database).
 
     Returns per unit its fingerprint (taken here, with the kit's target), row count and
     whether a stored profile was reused.
     """
     kit = read_kit(kit_dir)
-    opts = ProfileOptions(**{k: tuple(v) if isinstance(v, list) else v
-                             for k, v in kit["options"].items()})
+    opts, groups = _kit_probes(kit_dir, kit)
     # HETCOMP_PROFILE_SKIP: op classes left out (comma-separated group names), e.g. a kernel
     # that crashes a unit's driver; the cost model falls back to the roofline for them.
     skip = {x for x in os.environ.get("HETCOMP_PROFILE_SKIP", "").split(",") if x}
-    groups = [g for g in (ProbeGroup.from_json(g) for g in kit["groups"])
-              if g.desc.split(" ")[0] not in skip]
+    groups = [g for g in groups if g.desc.split(" ")[0] not in skip]
+    found = found if found is not None else kit_units(kit_dir, units)
+    libs = libs if libs is not None else load_kit_libraries(kit_dir, found)
     out = {}
-    for name, unit in (found if found is not None else kit_units(kit_dir, units)).items():
-        info = kit["units"][name]
+    for name, unit in found.items():
         digest = unit.fingerprint.digest
         if not force and db.is_complete(digest, kit["model"], opts.mode):
             (progress or _stderr)(f"[profile {name}] reusing profile {digest} from {db.path}")
@@ -842,13 +939,7 @@ def profile_kit(kit_dir: str, db: ProfileDB, units: Iterable[str] | None = None,
                          "measurements": len(db.measurements(digest, kit["model"])),
                          "mode": db.complete_mode(digest, kit["model"])}
             continue
-        try:
-            _tvm.ensure_backend(info["target"]["kind"])
-            lib = _tvm.load_module(os.path.join(kit_dir, info["library"]))
-        except Exception as e:
-            raise HetcompError(f"cannot load the {name} probe library of {kit_dir}: "
-                               f"{str(e).splitlines()[-1] if str(e) else e}") from None
-        rows = measure_groups(unit, lib, groups, opts, progress)
+        rows = measure_groups(unit, libs[name], groups, opts, progress)
         db.store(unit.to_json(), digest, kit["model"], opts.mode, rows)
         out[name] = {"fingerprint": unit.fingerprint.to_json(), "reused": False,
                      "measurements": len(rows), "mode": opts.mode}

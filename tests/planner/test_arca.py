@@ -509,6 +509,164 @@ def test_profile_kit_built_here_measured_with_runtime_only(tmp_path):
         assert_one_line_error(res.returncode, res.stderr, f"lacks ({lacking})")
 
 
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    from hetcomp.frontend.weights import random_weights
+    from hetcomp.testing import TINY, byte_tokenizer_spec
+    from hetcomp.testing.gguf_writer import write_gguf
+
+    path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
+    write_gguf(path, TINY, random_weights(TINY, seed=0), byte_tokenizer_spec(TINY.vocab_size))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_kit(tmp_path_factory, tiny_gguf):
+    """A quick cpu + cuda kit of the tiny model for any x86 CPU (``--target x86-64-v3``)."""
+    from hetcomp.driver.profile import profile_command
+
+    kit = tmp_path_factory.mktemp("kits") / "kit"
+    profile_command(str(tiny_gguf), ["cpu", "cuda"], quick=True, kit_out=str(kit),
+                    target="x86-64-v3", progress=lambda s: None)
+    return kit
+
+
+def test_profile_kit_for_aarch64_links_with_the_cross_linker(tmp_path, tiny_gguf, cli,
+                                                             monkeypatch):
+    """An aarch64 kit's libraries are aarch64 code linked by the cross linker (the host's
+    linker refused them); without that linker it is one line before the work, and such a kit
+    is refused here (another architecture) before a database is made."""
+    import shutil
+
+    kit, db = tmp_path / "kit", tmp_path / "db.sqlite"
+    if shutil.which("aarch64-linux-gnu-gcc") is not None:
+        rc, _, err = cli("profile", "--model", tiny_gguf, "--quick", "--units", "cpu,cuda",
+                         "--kit-out", kit, "--target", "aarch64")
+        assert rc == 0, err
+        meta = json.loads((kit / "kit.json").read_text())
+        for name in ("cpu", "cuda"):
+            with open(kit / f"{name}.so", "rb") as fh:
+                head = fh.read(20)
+            assert head[:4] == b"\x7fELF" and int.from_bytes(head[18:20], "little") == 183
+            assert meta["units"][name]["cpu"]["arch"] == "aarch64"
+        # the GPU's host code runs on the kit's CPU (a board's aarch64 cores)
+        assert meta["units"]["cuda"]["target"]["host"] == meta["units"]["cpu"]["target"]
+        rc, _, err = cli("profile", "--kit", kit, "-o", db)
+        assert_one_line_error(rc, err, "built for aarch64")
+        assert not db.exists()
+    monkeypatch.setenv("PATH", str(tmp_path))  # no cross linker anywhere
+    rc, _, err = cli("profile", "--model", tiny_gguf, "--quick", "--kit-out", tmp_path / "k2",
+                     "--target", "aarch64")
+    assert_one_line_error(rc, err, "cross linker aarch64-linux-gnu-gcc")
+    assert set(os.listdir(tmp_path)) <= {"kit"}  # no k2, no temporary left behind
+
+
+def test_profile_kit_target_names_its_cpu(tmp_path, tiny_gguf, tiny_kit, cli):
+    """``--target`` names the kit's CPU: the cpu unit's probes are its LLVM code, a cuda
+    unit's are CUDA driven by it; ``cuda`` names no CPU, and without --kit-out --target
+    means nothing: each is one line, nothing written."""
+    meta = json.loads((tiny_kit / "kit.json").read_text())
+    cpu, gpu = meta["units"]["cpu"]["target"], meta["units"]["cuda"]["target"]
+    assert cpu == {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v3"}
+    assert gpu["kind"] == "cuda" and gpu["host"] == cpu
+    rc, _, err = cli("profile", "--model", tiny_gguf, "--quick", "--kit-out", tmp_path / "k",
+                     "--target", "cuda")
+    assert_one_line_error(rc, err, "--target cuda is not a CPU target")
+    rc, _, err = cli("profile", "--model", tiny_gguf, "--quick", "--target", "x86-64-v3",
+                     "-o", tmp_path / "db.sqlite")
+    assert_one_line_error(rc, err, "--target names the CPU a kit is built for")
+    assert os.listdir(tmp_path) == []
+
+
+def test_profile_kit_refused_before_the_database(tmp_path, tiny_kit, cli, monkeypatch):
+    """Whatever refuses a kit (a library missing or that does not load, a library built
+    for another unit, its cuda unit on a machine without one) does so before the database
+    is made; a measurement that fails before storing anything removes the database it
+    made, and never one that was there."""
+    import shutil
+
+    from hetcomp.driver.profile import profile_command
+    from hetcomp.errors import HetcompError
+    from hetcomp.profile import measure
+
+    db = tmp_path / "db.sqlite"
+
+    def damaged(name, edit):
+        kit = tmp_path / name
+        shutil.copytree(tiny_kit, kit)
+        edit(kit)
+        return kit
+
+    def retarget(kit):  # what `--target cuda` built: the cpu unit's probes as CUDA kernels
+        meta = json.loads((kit / "kit.json").read_text())
+        meta["units"]["cpu"]["target"] = meta["units"]["cuda"]["target"]
+        (kit / "kit.json").write_text(json.dumps(meta))
+
+    import hetcomp.driver.profile as driver_profile
+
+    # refused before: no database is even opened (then removed)
+    monkeypatch.setattr(driver_profile, "ProfileDB", lambda path: pytest.fail("database made"))
+    for kit, needle in ((damaged("noso", lambda k: (k / "cpu.so").unlink()), "lacks its cpu"),
+                        (damaged("junk", lambda k: (k / "cpu.so").write_text("junk")),
+                         "cannot load the cpu probe library"),
+                        (damaged("cu", retarget), "built for cuda, not for the cpu unit")):
+        rc, _, err = cli("profile", "--kit", kit, "--units", "cpu", "-o", db)
+        assert_one_line_error(rc, err, needle)
+        assert not db.exists(), needle
+    if not shutil.which("nvidia-smi"):
+        rc, _, err = cli("profile", "--kit", tiny_kit, "-o", db)
+        assert_one_line_error(rc, err, "unit 'cuda' is not present")
+        assert not db.exists()
+
+    def fail(*args, **kwargs):
+        raise HetcompError("a kernel differs from numpy")
+
+    monkeypatch.undo()
+    monkeypatch.setattr(measure, "measure_groups", fail)
+    with pytest.raises(HetcompError, match="differs"):
+        profile_command(kit=str(tiny_kit), units=["cpu"], out=str(db), progress=lambda s: None)
+    assert not db.exists() and not os.path.exists(f"{db}-journal")
+    ProfileDB(str(db)).close()  # a database that was there stays
+    with pytest.raises(HetcompError, match="differs"):
+        profile_command(kit=str(tiny_kit), units=["cpu"], out=str(db), progress=lambda s: None)
+    assert db.exists()
+
+
+def test_read_kit_checks_every_key(tmp_path, tiny_kit, cli):
+    """A kit.json without a key its readers use, or with one of another type, is one line
+    naming the key, from `inspect` and `profile --kit` alike (never a KeyError)."""
+    from hetcomp.errors import HetcompError
+    from hetcomp.profile.measure import KIT_FORMAT, read_kit
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for body, key in (({}, "'model'"), ({"model": "m"}, "'units'")):
+        (bare / "kit.json").write_text(json.dumps({"format": KIT_FORMAT, **body}))
+        for args in (("inspect", bare), ("profile", "--kit", bare, "-o", tmp_path / "db")):
+            rc, _, err = cli(*args)
+            assert_one_line_error(rc, err, key)
+    assert not (tmp_path / "db").exists()
+    good = json.loads((tiny_kit / "kit.json").read_text())
+    edits = {
+        "'units.cpu.target'": lambda k: k["units"]["cpu"].pop("target"),
+        "'units.cuda.library'": lambda k: k["units"]["cuda"].update(library="../cuda.so"),
+        "'units.cpu.cpu'": lambda k: k["units"]["cpu"].update(cpu={"arch": "x86_64"}),
+        "'units'": lambda k: k.update(units=["cpu"]),
+        "'options'": lambda k: k.pop("options"),
+        "'options' ": lambda k: k["options"].update(mode="slow"),
+        "'groups'": lambda k: k.update(groups={}),
+        "'groups' ": lambda k: k["groups"][0].pop("probes"),
+    }
+    for key, edit in edits.items():
+        meta = json.loads(json.dumps(good))
+        edit(meta)
+        (bare / "kit.json").write_text(json.dumps(meta))
+        with pytest.raises(HetcompError, match=key.strip()):
+            read_kit(str(bare))
+    (bare / "kit.json").write_text(json.dumps(good))
+    assert read_kit(str(bare)) == good
+
+
 def test_time_calls_continues_the_rotation_across_probes():
     """Probes sharing rotated buffers never restart at copies another probe just streamed:
     the timed call indices count up across all probes and rounds."""
