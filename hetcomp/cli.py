@@ -85,10 +85,19 @@ def cmd_compile(args) -> int:
     heads = None if args.no_heads else (args.heads or default_heads(args.model))
     arch = args.cuda_arch or DEFAULT_CUDA_ARCH
     plan = load_plan(args.plan, args.target, arch) if args.plan else None
-    if args.cuda_arch and args.target != "cuda" and not (
-            plan is not None and any(t["kind"] == "cuda" for t in plan.targets)):
+    gpu = args.target == "cuda" or (
+        plan is not None and any(t["kind"] == "cuda" for t in plan.targets))
+    if args.cuda_arch and not gpu:
         raise HetcompError("--cuda-arch is the GPU of --target cuda or of a --plan's cuda "
                            "unit: this build has none")
+    if args.no_tensor_cores and not gpu:
+        raise HetcompError("--no-tensor-cores is for the linears of --target cuda or of a "
+                           "--plan's cuda unit: this build has none")
+    for flag, given in (("--no-cuda-graph", args.no_cuda_graph), ("--no-fuse", args.no_fuse)):
+        if given and (args.target != "cuda" or plan is not None):
+            # A partitioned build neither captures graphs nor fuses linears.
+            raise HetcompError(f"{flag} is for a whole-model GPU build (--target cuda without "
+                               "--plan): this build has none")
     opts = CompileOptions(model=args.model, dtype=args.dtype, target=args.target,
                           max_context=args.max_context, heads=heads, plan=plan,
                           cuda_arch=arch,

@@ -102,8 +102,8 @@ HOPPER_GPU = DeviceSpec(
           "not measured")
 
 SPECS: dict[str, DeviceSpec] = {s.name: s for s in (ORIN_NX_CPU, ORIN_NX_GPU, HOPPER_GPU)}
-#: The datasheet spec a `--target cuda` build is planned with, by `--cuda-arch` (none for
-#: other architectures: their default width is 1 unless `--width` says otherwise).
+#: The datasheet spec a `--target cuda` build is planned with, by `--cuda-arch`'s base
+#: architecture (none for others: their default width is 1 unless `--width` says otherwise).
 CUDA_ARCH_SPECS: dict[str, str] = {"sm_87": "orin-nx-gpu", "sm_90": "hopper-gpu"}
 SPEC_BOARDS: dict[str, tuple[str, ...]] = {"orin-nx": ("orin-nx-cpu", "orin-nx-gpu")}
 # What an artifact for a spec board is compiled for: its CPU's named target, its GPU's arch.
@@ -134,6 +134,14 @@ def check_cuda_arch(arch: str) -> str:
     return arch
 
 
+def base_cuda_arch(arch: str) -> str:
+    """The base architecture of an architecture-specific (``sm_90a``) or family (``sm_100f``)
+    name, ``sm_90``: the GPU whose datasheet and compute capability the build is planned and
+    scheduled for (nvcc still gets ``arch`` as given)."""
+    m = re.fullmatch(r"(sm_\d{2,3})[af]?", arch)
+    return m.group(1) if m else arch
+
+
 def target_dict(name: str, cuda_arch: str = DEFAULT_CUDA_ARCH) -> dict:
     """The TVM target (as a dict) of a named target."""
     if name == "host":
@@ -150,6 +158,8 @@ def target_dict(name: str, cuda_arch: str = DEFAULT_CUDA_ARCH) -> dict:
 
 
 TARGET_NAMES = ("host", "aarch64", "x86-64", "x86-64-v3", "cuda")
+#: What `hetcomp compile --target` takes.
+COMPILE_TARGETS = ("host", "aarch64", "x86-64-v3", "cuda")
 
 
 def host_part(spec: dict) -> dict:

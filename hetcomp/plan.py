@@ -16,12 +16,14 @@ from .artifact_format import MEDUSA_TOPK
 from .decoder import LINEAR_KINDS
 from .errors import HetcompError
 from .hardware import (
+    COMPILE_TARGETS,
     DEFAULT_CUDA_ARCH,
     MEASURED,
     SPEC_BOARD_TARGETS,
     SPEC_BOARDS,
     SPEC_ESTIMATE,
     SPECS,
+    check_cuda_arch,
     host_part,
     target_dict,
 )
@@ -164,66 +166,160 @@ def load_plan(path: str, host_target: str = "host",
               cuda_arch: str = DEFAULT_CUDA_ARCH) -> HeteroPlan | None:
     """The HeteroPlan of a ``plan.json`` from `hetcomp tune`, or of a bare HeteroPlan JSON.
 
-    A single-unit plan needs no partitioning (None). The plan's host unit (CPU or GPU) is
-    unit 0. ``host_target`` names the CPU side (``host``, ``aarch64``, ``x86-64-v3``, or
-    ``cuda`` for a portable x86 host) and ``cuda_arch`` the GPU's architecture; a
-    spec-estimate plan compiles (for the board it describes) and says so in ``source``.
+    A single-unit plan of a CPU needs no partitioning (None). The plan's host unit (CPU or
+    GPU) is unit 0. ``host_target`` names the CPU side (``host``, ``aarch64``, ``x86-64-v3``,
+    or ``cuda`` for a portable x86 host) and ``cuda_arch`` the GPU's architecture: every
+    unit's target comes from them (a bare plan's ``targets``, optional, must agree with
+    them); a spec-estimate plan compiles for the board it describes and says so in
+    ``source``. A plan these flags cannot build is refused with the flags that can.
     """
     data = _read_json(path)
     try:
-        if not isinstance(data, dict):
-            raise TypeError("not a JSON object")
-        if data.get("format") != PLAN_FORMAT:
-            return HeteroPlan.from_json(data)
-        source = str(data.get("source"))
-        if source not in (MEASURED, SPEC_ESTIMATE):
-            raise ValueError(f"unknown plan source {source!r}")
-        units = _unit_names(data["units"])
-        host = data.get("host", units[0])
-        if host not in units:
-            raise ValueError(f"host {host!r} is not one of the plan's units {units}")
-        for board, members in SPEC_BOARDS.items():  # a spec plan compiles for its board only
-            want = SPEC_BOARD_TARGETS[board]
-            if set(units) & set(members) and (host_target, cuda_arch) != want:
-                raise HetcompError(f"plan {path} is a spec-estimate for the {board} board: "
-                                   f"compile it with --target {want[0]} --cuda-arch {want[1]}")
-        if len(units) == 1:
-            if _is_gpu(host):
-                raise HetcompError(f"plan {path} runs the model on {host} alone: compile with "
-                                   "--target cuda and no --plan")
-            return None
-        other = next(u for u in units if u != host)
-        ratios = {}
-        for kind, split in data["split"].items():
-            _check_kind(kind)
-            if not isinstance(split, dict) or not split or set(split) - set(units):
-                raise ValueError(f"split of {kind} must give shares of the units {units}, "
-                                 f"not {split!r}")
-            shares = {u: _number(v) for u, v in split.items()}
-            if set(shares) == set(units) and abs(sum(shares.values()) - 1.0) > 1e-6:
-                raise ValueError(f"the shares of {kind} sum to {sum(shares.values())}, not 1")
-            ratios[kind] = shares.get(other, 0.0)
-        where = {u: i for i, u in enumerate((host, other))}
-        attention = data["attention"]
-        if not isinstance(attention, dict) or set(attention) - {"dense", "sparse"} or any(
-                v not in where for v in attention.values()):
-            raise ValueError(f"attention must place dense and sparse on the units {units}, "
-                             f"not {attention!r}")
-        shared = data.get("shared_memory")
-        if shared is None:  # plans written before the field: spec boards share DRAM
-            shared = all(u in SPECS and SPECS[u].shared_memory for u in units)
-        return HeteroPlan(
-            units=(host, other),
-            targets=(unit_target(host, True, host_target, cuda_arch),
-                     unit_target(other, False, host_target, cuda_arch)),
-            ratios=tuple(sorted(ratios.items())),
-            dense_attention=where[attention.get("dense", host)],
-            sparse_attention=where[attention.get("sparse", host)],
-            shared_memory=_flag(shared), source=source)
+        return _plan(data, path, host_target, cuda_arch)
     except HetcompError:
         raise
-    except (ValueError, KeyError, TypeError, AttributeError, StopIteration) as e:
+    except _READ_ERRORS as e:
         raise HetcompError(f"cannot read plan {path}: {type(e).__name__}: {e}") from None
+
+
+def plan_flags(path: str) -> dict | None:
+    """The `compile` flags that build a plan, ``{"target": "aarch64", "cuda_arch": "sm_87"}``
+    (``cuda_arch`` None without a GPU unit): the first of :data:`COMPILE_TARGETS` (and GPU
+    architecture) that :func:`load_plan` accepts; None where none does."""
+    found = _compile_flags(_read_json(path), path)
+    return None if found is None else {"target": found[0],
+                                       "cuda_arch": found[1] if found[2] else None}
+
+
+_READ_ERRORS = (ValueError, KeyError, TypeError, AttributeError, StopIteration)
+
+
+def _compile_flags(data, path: str) -> tuple[str, str, bool] | None:
+    """``(--target, --cuda-arch, whether it has a GPU unit)`` of the first flags that build
+    the plan ``data``."""
+    archs = [DEFAULT_CUDA_ARCH, *(arch for _, arch in SPEC_BOARD_TARGETS.values())]
+    if isinstance(data, dict) and isinstance(data.get("targets"), list):  # a bare plan's own
+        archs += [t["arch"] for t in data["targets"] if isinstance(t, dict)
+                  and isinstance(t.get("arch"), str) and _is_arch(t["arch"])]
+    for target in COMPILE_TARGETS:
+        for arch in dict.fromkeys(archs):
+            try:
+                plan = _plan(data, path, target, arch, advise=False)
+            except (HetcompError, *_READ_ERRORS):
+                continue
+            gpu = plan is not None and any(t["kind"] == "cuda" for t in plan.targets)
+            return target, arch, gpu or target == "cuda"
+    return None
+
+
+def _is_arch(arch: str) -> bool:
+    try:
+        return bool(check_cuda_arch(arch))
+    except HetcompError:
+        return False
+
+
+def _flags_text(target: str, arch: str, gpu: bool) -> str:
+    return f"--target {target}" + (f" --cuda-arch {arch}" if gpu else "")
+
+
+def _agrees(written, derived) -> bool:
+    """Whether every field a bare plan names for a unit's target is the one the flags give
+    (``{"kind": "llvm"}`` agrees with any CPU target)."""
+    if isinstance(written, dict):
+        return isinstance(derived, dict) and all(
+            k in derived and _agrees(v, derived[k]) for k, v in written.items())
+    return written == derived
+
+
+def _check_flags(path: str, units, host_target: str, cuda_arch: str) -> None:
+    """Refusals that depend on the flags: a spec board's units compile for that board only,
+    and ``--target cuda`` puts the model on a GPU, so a plan must place work on one."""
+    for board, members in SPEC_BOARDS.items():
+        used = set(units) & set(members)
+        want_target, want_arch = SPEC_BOARD_TARGETS[board]
+        gpu = any(_is_gpu(u) for u in used)
+        if used and (host_target != want_target or (gpu and cuda_arch != want_arch)):
+            raise HetcompError(f"plan {path} is a spec-estimate for the {board} board: compile "
+                               f"it with {_flags_text(want_target, want_arch, gpu)}")
+    if host_target == "cuda" and not any(_is_gpu(u) for u in units):
+        raise HetcompError(f"plan {path} runs the model on {' and '.join(units)} alone: "
+                           "compile it with --target host, not --target cuda")
+
+
+def _plan(data, path: str, host_target: str, cuda_arch: str,
+          advise: bool = True) -> HeteroPlan | None:
+    if not isinstance(data, dict):
+        raise TypeError("not a JSON object")
+    if data.get("format") != PLAN_FORMAT:
+        return _bare_plan(data, path, host_target, cuda_arch, advise)
+    source = str(data.get("source"))
+    if source not in (MEASURED, SPEC_ESTIMATE):
+        raise ValueError(f"unknown plan source {source!r}")
+    units = _unit_names(data["units"])
+    host = data.get("host", units[0])
+    if host not in units:
+        raise ValueError(f"host {host!r} is not one of the plan's units {units}")
+    _check_flags(path, units, host_target, cuda_arch)
+    if len(units) == 1 and not _is_gpu(host):
+        return None
+    board = next((m for m in SPEC_BOARDS.values() if host in m), None)
+    if len(units) == 1 and board is None:
+        raise HetcompError(f"plan {path} runs the model on {host} alone: compile with "
+                           "--target cuda and no --plan")
+    # A board's GPU alone runs every kernel; the board's CPU drives it, with no share.
+    other = (next(u for u in units if u != host) if len(units) > 1
+             else next(u for u in board if not _is_gpu(u)))
+    ratios = {}
+    for kind, split in data["split"].items():
+        _check_kind(kind)
+        if not isinstance(split, dict) or not split or set(split) - set(units):
+            raise ValueError(f"split of {kind} must give shares of the units {units}, "
+                             f"not {split!r}")
+        shares = {u: _number(v) for u, v in split.items()}
+        if set(shares) == set(units) and abs(sum(shares.values()) - 1.0) > 1e-6:
+            raise ValueError(f"the shares of {kind} sum to {sum(shares.values())}, not 1")
+        ratios[kind] = shares.get(other, 0.0)
+    where = {u: i for i, u in enumerate((host, other)) if u in units}
+    attention = data["attention"]
+    if not isinstance(attention, dict) or set(attention) - {"dense", "sparse"} or any(
+            v not in where for v in attention.values()):
+        raise ValueError(f"attention must place dense and sparse on the units {units}, "
+                         f"not {attention!r}")
+    shared = data.get("shared_memory")
+    if shared is None:  # plans written before the field: spec boards share DRAM
+        shared = all(u in SPECS and SPECS[u].shared_memory for u in units)
+    return HeteroPlan(
+        units=(host, other),
+        targets=(unit_target(host, True, host_target, cuda_arch),
+                 unit_target(other, False, host_target, cuda_arch)),
+        ratios=tuple(sorted(ratios.items())),
+        dense_attention=where[attention.get("dense", host)],
+        sparse_attention=where[attention.get("sparse", host)],
+        shared_memory=_flag(shared), source=source)
+
+
+def _bare_plan(data: dict, path: str, host_target: str, cuda_arch: str,
+               advise: bool) -> HeteroPlan:
+    """A bare HeteroPlan: its units' targets are the flags' (``targets`` may leave them out;
+    where it names them, a target other than the flags build is refused, not ignored)."""
+    units = _unit_names(data["units"])
+    kinds = [{"kind": "cuda" if _is_gpu(u) else "llvm"} for u in units]
+    plan = HeteroPlan.from_json({**data, "targets": data.get("targets", kinds)})
+    _check_flags(path, plan.units, host_target, cuda_arch)
+    derived = tuple(unit_target(u, i == 0, host_target, cuda_arch)
+                    for i, u in enumerate(plan.units))
+    for unit, written, want in zip(plan.units, plan.targets, derived):
+        if not _agrees(written, want):
+            gpu = any(_is_gpu(u) for u in plan.units)
+            found = _compile_flags(data, path) if advise else None
+            fix = (f"compile it with {_flags_text(*found)}" if found else
+                   "no --target builds it (leave \"targets\" out to build for --target)")
+            raise HetcompError(f"plan {path} gives unit {unit!r} the target "
+                               f"{json.dumps(written)}, not the "
+                               f"{json.dumps(want)} of {_flags_text(host_target, cuda_arch, gpu)}"
+                               f": {fix}")
+    return dataclasses.replace(plan, targets=derived)
 
 
 def plan_prediction(path: str) -> dict | None:

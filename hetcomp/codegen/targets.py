@@ -20,12 +20,17 @@ def make_target(name: str, **kwargs):
 CROSS_LINKERS = {"aarch64": "aarch64-linux-gnu-gcc"}
 
 
-def export_compiler(name: str):
-    """``fcompile`` for ``export_library``: None (host cc) or the target's cross linker."""
+def cross_linker(name: str) -> str | None:
+    """The cross linker ``--target name`` links with (None: the host's cc); one line of
+    error where it is not installed (compile asks before any work)."""
     cc = CROSS_LINKERS.get(name)
-    if cc is None:
-        return None
-    if shutil.which(cc) is None:
+    if cc is not None and shutil.which(cc) is None:
         raise HetcompError(f"--target {name} needs the cross linker {cc} "
                            "(apt-get install gcc-aarch64-linux-gnu)")
-    return compiler().cc.cross_compiler(cc)
+    return cc
+
+
+def export_compiler(name: str):
+    """``fcompile`` for ``export_library``: None (host cc) or the target's cross linker."""
+    cc = cross_linker(name)
+    return None if cc is None else compiler().cc.cross_compiler(cc)

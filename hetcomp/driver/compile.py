@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import json
 import os
+import platform
 import sys
 import time
 
@@ -21,7 +22,7 @@ from ..codegen.build import (
     workspace_bytes,
 )
 from ..codegen.export import cpu_requirements, export_artifact
-from ..codegen.targets import export_compiler
+from ..codegen.targets import cross_linker, export_compiler
 from ..cost.roofline import ModelShape, RooflineCost, dtype_bytes, kernel_features
 from ..cost.xgb import UnitCostModel
 from ..errors import HetcompError
@@ -38,13 +39,17 @@ from ..frontend.weights import (
     param_specs,
 )
 from ..hardware import (
+    COMPILE_TARGETS,
     CUDA_ARCH_SPECS,
     DEFAULT_CUDA_ARCH,
     ORIN_NX_CPU,
     SPECS,
     DeviceSpec,
+    base_cuda_arch,
     check_cuda_arch,
+    host_part,
     target_dict,
+    triple_arch,
 )
 from ..passes.partition_hetero import PARAM_SPLIT_ATTR
 from ..passes.pipeline import fuses_linears
@@ -56,7 +61,7 @@ from ..schedules.tuning import apply_database, database_dir
 from ..speculative.medusa import MedusaHeads
 from ..speculative.tree import build_tree, largest_tree
 
-TARGETS = ("host", "aarch64", "x86-64-v3", "cuda")
+TARGETS = COMPILE_TARGETS
 #: The Medusa draft's head weights are float (a quantized model's draft reads its LM head in
 #: the model's q8_0 blocks).
 DRAFT_DTYPES = ("float32", "float16")
@@ -164,6 +169,26 @@ class CompileOptions:
             raise HetcompError(f"tuning database root not found: {self.tuning_db} (`hetcomp "
                                "tune --kernels -o ROOT` makes one)")
         check_cuda_arch(self.cuda_arch)
+        if self.plan is not None:
+            self._check_plan_targets()
+
+    def _check_plan_targets(self) -> None:
+        """A plan's units run on the target's CPU and valid GPU architectures: the library is
+        linked for ``target`` (a plan for another CPU failed at the link, after the build)."""
+        cpu = host_part(target_dict(self.target, self.cuda_arch))
+        for unit, tgt in zip(self.plan.units, self.plan.targets):
+            if tgt.get("kind") == "cuda":
+                check_cuda_arch(str(tgt.get("arch")))
+                if "host" not in tgt:  # a GPU the host unit drives: no CPU code of its own
+                    continue
+            if _cpu_arch(host_part(tgt)) != _cpu_arch(cpu):
+                raise HetcompError(f"the plan's unit {unit} runs on {_cpu_arch(host_part(tgt))}, "
+                                   f"but --target {self.target} links for {_cpu_arch(cpu)}")
+
+
+def _cpu_arch(target: dict) -> str:
+    """The CPU architecture an LLVM target builds for (this machine's without a triple)."""
+    return triple_arch(str(target.get("mtriple") or platform.machine()))
 
 
 def _progress(step: int, total: int, what: str, quiet: bool) -> None:
@@ -207,6 +232,7 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
 
     t0 = time.time()
     check_output(out_dir, is_artifact, "hetcomp artifact", force)
+    cross_linker(opts.target)  # a missing cross linker is one line now, not after the build
     # Load (and so validate) the input before printing anything: bad input gets one line.
     cfg, w, spec, source = weights if weights is not None else load_model(
         opts.model, opts.max_context, keep_quant=is_quant(opts.dtype))
@@ -479,7 +505,7 @@ def target_roofline(target: str, cuda_arch: str = DEFAULT_CUDA_ARCH) -> DeviceSp
     for aarch64, the GPU datasheet of ``cuda_arch`` for cuda (:data:`~hetcomp.hardware.
     CUDA_ARCH_SPECS`; estimates both), None for other architectures (pass --width)."""
     if target == "cuda":
-        name = CUDA_ARCH_SPECS.get(cuda_arch)
+        name = CUDA_ARCH_SPECS.get(base_cuda_arch(cuda_arch))
         return SPECS[name] if name else None
     if target in ("host", "x86-64-v3"):
         bw = measure_read_bandwidth()

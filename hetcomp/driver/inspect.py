@@ -17,7 +17,8 @@ from ..errors import HetcompError
 from ..frontend import MODELS, load_model, resolve_model
 from ..frontend.config import LlamaConfig, kv_cache_shapes
 from ..frontend.lazy import parameter_count
-from ..plan import load_plan, plan_prediction
+from ..hardware import DEFAULT_CUDA_ARCH
+from ..plan import load_plan, plan_choice, plan_flags, plan_prediction
 from ..speculative.medusa import MedusaHeads
 
 
@@ -50,10 +51,21 @@ def inspect_path(path: str) -> dict:
                 "draft_vocab": None if heads.vocab is None else len(heads.vocab),
                 "rank_probs": heads.rank_probs.tolist()}
     if ext == ".json":
-        plan = load_plan(path)
-        return {"kind": "plan", "partition": plan.to_json() if plan else None,
-                "prediction": plan_prediction(path)}
+        return _plan(path)
     raise HetcompError(f"{path}: not a kind hetcomp reads (.gguf, .npz, .json or a folder)")
+
+
+def _plan(path: str) -> dict:
+    """A plan as `compile --plan` reads it with the flags that build it (a spec-estimate for
+    a board: the board's); refused where no flags do, with compile's own line."""
+    flags = plan_flags(path)
+    choice = plan_choice(path)  # its width and tree: refused here as by every compile
+    plan = (load_plan(path, flags["target"], flags["cuda_arch"] or DEFAULT_CUDA_ARCH)
+            if flags else load_plan(path))
+    return {"kind": "plan", "compile_flags": flags,
+            "partition": plan.to_json() if plan else None,
+            "width": choice["width"] if choice else None,
+            "prediction": plan_prediction(path)}
 
 
 def _model(path: str) -> dict:

@@ -9,6 +9,7 @@ memory-bound on the KV cache, which this reads once per query row).
 from __future__ import annotations
 
 from .._tvm import compiler
+from ..hardware import base_cuda_arch
 from ..kernels import ops
 from ..kernels.ops import OP_KIND, is_fused_linear
 from ..kernels.script_ops import for_gpu
@@ -434,8 +435,9 @@ class SplitKLinearRule(_BASE):
 
 
 def _sm(target) -> int:
-    """The CUDA target's compute capability as a number (``sm_90`` -> 90; 0 if unknown)."""
-    arch = str(target.attrs.get("arch", "")) if "arch" in target.attrs else ""
+    """The CUDA target's compute capability as a number (``sm_90`` and ``sm_90a`` -> 90; 0 if
+    unknown): an architecture-specific or family name has its base's features."""
+    arch = base_cuda_arch(str(target.attrs.get("arch", "")) if "arch" in target.attrs else "")
     return int(arch[3:]) if arch.startswith("sm_") and arch[3:].isdigit() else 0
 
 

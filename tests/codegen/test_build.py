@@ -248,3 +248,104 @@ def test_cuda_source_is_compiled_for_the_loading_artifact_s_gpu(tmp_path, monkey
     monkeypatch.setenv("HETCOMP_CUDA_ARCH", "sm_89")  # an explicit choice still wins
     with _tvm.cuda_arch("sm_87"):
         assert _tvm.loading_cuda_arch() == "sm_89"
+
+
+def _tiny_gguf(tmp_path):
+    from hetcomp.testing.gguf_writer import write_gguf
+
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, TINY, random_weights(TINY, seed=0), byte_tokenizer_spec(TINY.vocab_size))
+    return path
+
+
+def test_bare_plan_builds_for_the_flags_target(tmp_path, cli):
+    """A bare HeteroPlan's units get the targets of --target (its own, which named no CPU,
+    were built instead: x86 objects linked for aarch64, a manifest without x86-64-v3)."""
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"units": ["cpu", "cpu:1"], "ratios": {"default": 0.5},
+                                "targets": [{"kind": "llvm"}, {"kind": "llvm"}]}))
+    rc, _, err = cli("compile", "--model", _tiny_gguf(tmp_path), "--max-context", 64, "--plan",
+                     plan, "--target", "x86-64-v3", "--quiet", "-o", tmp_path / "a")
+    assert rc == 0, err
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    v3 = target_dict("x86-64-v3")
+    assert manifest["target_spec"] == v3
+    assert [u["target"] for u in manifest["units"]] == [v3, v3]
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None,
+                    reason="needs the aarch64 cross linker")
+@pytest.mark.parametrize("units, flags, arch", [
+    ("orin-nx", ("--target", "aarch64"), {None}),  # a tiny model plans the CPU alone
+    ("orin-nx-gpu", ("--target", "aarch64", "--cuda-arch", "sm_87"), {"sm_87"})])
+def test_one_unit_orin_plans_compile_as_their_refusals_say(tmp_path, cli, units, flags, arch):
+    """`tune --units orin-nx` of a tiny model plans the board's CPU alone, and `tune --units
+    orin-nx-gpu` its GPU alone: each compiles with the flags compile's refusal names (they
+    asked for --cuda-arch with a CPU plan, then refused it, and --target cuda for a GPU
+    plan, then asked for --target aarch64); the GPU plan's every kernel on the GPU, driven
+    by the board's CPU."""
+    gguf = _tiny_gguf(tmp_path)
+    rc, _, err = cli("tune", "--model", gguf, "--units", units, "-o", tmp_path / "t")
+    assert rc == 0, err
+    plan = tmp_path / "t" / "plan.json"
+    assert len(json.loads(plan.read_text())["units"]) == 1
+    rc, _, err = cli("compile", "--model", gguf, "--max-context", 64, "--plan", plan, "-o",
+                     tmp_path / "a")
+    assert rc == 2 and f"compile it with {' '.join(flags)}" in err, err
+    rc, _, err = cli("compile", "--model", gguf, "--max-context", 64, "--plan", plan, *flags,
+                     "--quiet", "-o", tmp_path / "a")
+    assert rc == 0, err
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert {u.get("target", manifest["target_spec"]).get("arch")
+            for u in manifest["units"][:1]} == arch
+    assert manifest["plan_source"] == "spec-estimate"
+    if arch == {"sm_87"}:
+        assert {k["unit"] for k in manifest["kernels"]} == {"orin-nx-gpu"}
+    lib = (tmp_path / "a" / "lib.so").read_bytes()
+    assert int.from_bytes(lib[18:20], "little") == 0xB7  # aarch64
+
+
+def test_arch_specific_cuda_arch_builds_as_its_base(tmp_path):
+    """--cuda-arch sm_90a (H100's arch-specific features) is planned and scheduled as sm_90:
+    the same roofline, default width and tensor-core kernels (it had no roofline, so W = 1,
+    and no tensor cores); nvcc still gets sm_90a."""
+    import numpy as np
+
+    from hetcomp.driver.compile import target_roofline
+    from hetcomp.speculative.medusa import MedusaHeads
+    from hetcomp.testing import compile_tiny_cuda
+
+    assert target_roofline("cuda", "sm_90a") == target_roofline("cuda", "sm_90")
+    assert target_roofline("cuda", "sm_100a") is None
+    rng = np.random.default_rng(0)
+    e = TINY.hidden_size
+    MedusaHeads(rng.normal(size=(2, e, e)).astype(np.float32) * 0.01,
+                np.zeros((2, e), np.float32), np.tile(np.linspace(0.5, 0.05, 10), (2, 1)),
+                {}).save(str(tmp_path / "h.npz"))
+    built = {arch: compile_tiny_cuda(str(tmp_path / arch), cuda_arch=arch,
+                                     heads=str(tmp_path / "h.npz"))
+             for arch in ("sm_90", "sm_90a")}
+    base, specific = built["sm_90"], built["sm_90a"]
+    assert specific["target_spec"]["arch"] == "sm_90a"
+    assert "hopper-gpu" in specific["default_width_source"]
+    assert specific["default_width"] == base["default_width"]
+    rules = {a: sorted((k["function"], k["name"], k["rule"]) for k in m["kernels"])
+             for a, m in built.items()}
+    assert rules["sm_90a"] == rules["sm_90"]
+    assert any(r == "gpu.TensorCoreLinear" for _, _, r in rules["sm_90a"])
+
+
+def test_compile_options_refuse_a_plan_for_another_cpu_or_gpu():
+    """A HeteroPlan given through the API is checked against the target it is linked for
+    (x86 units built and then linked with the aarch64 linker failed after the whole build;
+    an invalid GPU architecture failed in TVM as a traceback)."""
+    from hetcomp.errors import HetcompError
+
+    with pytest.raises(HetcompError, match="runs on x86_64, but --target aarch64 links for"):
+        CompileOptions(model="tiny", target="aarch64", plan=dataclasses.replace(
+            TWO_CPUS, targets=(target_dict("x86-64-v3"),) * 2))
+    bad_gpu = dataclasses.replace(CPU_HOSTED, targets=(HOST, {"kind": "cuda", "arch": "sm_zz"}))
+    with pytest.raises(HetcompError, match="'sm_zz' is not an NVIDIA GPU architecture"):
+        CompileOptions(model="tiny", plan=bad_gpu)
+    CompileOptions(model="tiny", plan=CPU_HOSTED)  # this machine's CPU driving a GPU
+    CompileOptions(model="tiny", target="cuda", plan=GPU_HOSTED)

@@ -256,6 +256,7 @@ _PLAN = {"format": "hetcomp-plan/1", "model": "tiny", "units": ["cpu", "cpu:1"],
     ({"split": {"qkv": {"cpu": 0.5, "CPU:1": 0.5}}}, "must give shares of the units"),
     ({"attention": {"dense": "cpu", "sparse": "CPU:1"}}, "attention must place"),
     ({"shared_memory": "false"}, "shared_memory must be true or false"),
+    ({"width": 0}, "width must be a positive integer"),
     ({"width": 2.7}, "width must be a positive integer"),
     ({"width": True}, "width must be a positive integer"),
     ({"width": 4}, "parents, ranks and probs must list its 4 nodes"),
@@ -270,8 +271,68 @@ def test_plans_that_say_what_they_do_not_mean_are_refused(tmp_path, capsys, edit
     path.write_text(json.dumps({**_PLAN, **edit}))
     assert_one_line_error(*cli(capsys, "compile", "--model", "none.gguf", "--plan", path,
                                "-o", tmp_path / "o"), needle)
+    assert_one_line_error(*cli(capsys, "inspect", path), needle)
     path.write_text(json.dumps(_PLAN))
     assert cli(capsys, "inspect", path)[0] == 0
+
+
+_BARE = {"units": ["cpu", "cpu:1"], "targets": [{"kind": "llvm"}, {"kind": "llvm"}],
+         "ratios": {"default": 0.5}}
+_BARE_GPU = {"units": ["cpu", "cuda"], "ratios": {"default": 0.5},
+             "targets": [{"kind": "llvm"}, {"kind": "cuda", "arch": "sm_90"}]}
+_CPU_ONLY = {"format": "hetcomp-plan/1", "source": "measured", "units": ["cpu"], "host": "cpu",
+             "split": {"default": {"cpu": 1.0}}, "attention": {"dense": "cpu", "sparse": "cpu"},
+             "width": 4}
+
+
+@pytest.mark.parametrize("plan, args, needle", [
+    # A bare plan's targets are the flags': one they do not build is refused, with the flags
+    # that do (it was built for its own targets and failed at the link, or ignored the flags).
+    (_BARE_GPU, ("--cuda-arch", "sm_87"), "compile it with --target host --cuda-arch sm_90"),
+    ({**_BARE_GPU, "targets": [{"kind": "llvm"}, {"kind": "cuda", "arch": "sm_zz"}]}, (),
+     "no --target builds it"),
+    ({**_BARE, "targets": [{"kind": "llvm", "mtriple": "aarch64-linux-gnu"}, {"kind": "llvm"}]},
+     ("--target", "x86-64-v3"), "compile it with --target aarch64"),
+    # A plan that places nothing on a GPU is no --target cuda build (nor a bare one).
+    (_CPU_ONLY, ("--target", "cuda"), "runs the model on cpu alone: compile it with --target host"),
+    (_BARE, ("--target", "cuda"), "compile it with --target host"),
+    # The GPU's switches, where the build has no GPU (or no whole-model GPU build): refused.
+    (None, ("--no-tensor-cores",), "--no-tensor-cores is for the linears"),
+    (None, ("--no-cuda-graph",), "--no-cuda-graph is for a whole-model GPU build"),
+    (None, ("--no-fuse",), "--no-fuse is for a whole-model GPU build"),
+    (_CPU_ONLY, ("--no-fuse",), "--no-fuse is for a whole-model GPU build"),
+    (_BARE_GPU, ("--no-cuda-graph",), "--no-cuda-graph is for a whole-model GPU build"),
+])
+def test_flags_a_plan_or_build_does_not_mean_are_refused(tmp_path, capsys, plan, args, needle):
+    """Refused in one line before any model is read (``none.gguf`` does not exist)."""
+    extra = ()
+    if plan is not None:
+        (tmp_path / "plan.json").write_text(json.dumps(plan))
+        extra = ("--plan", tmp_path / "plan.json")
+    assert_one_line_error(*cli(capsys, "compile", "--model", "none.gguf", *extra, *args,
+                               "-o", tmp_path / "o"), needle)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_missing_cross_linker_is_refused_before_the_build(tmp_path, capsys, monkeypatch):
+    """Before any model is read (it was found at the link, after the whole build)."""
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert_one_line_error(*cli(capsys, "compile", "--model", "none.gguf", "--target", "aarch64",
+                               "-o", tmp_path / "o"), "needs the cross linker")
+
+
+def test_inspect_describes_every_plan_tune_writes(tmp_path, capsys):
+    """A spec-estimate plan is inspected as compile reads it with its board's flags, which it
+    names (inspect read every plan with --target host's flags and refused the board's)."""
+    for units, flags in (("orin-nx", {"target": "aarch64", "cuda_arch": "sm_87"}),
+                         ("orin-nx-gpu", {"target": "aarch64", "cuda_arch": "sm_87"}),
+                         ("orin-nx-cpu", {"target": "aarch64", "cuda_arch": None})):
+        out = tmp_path / units
+        assert cli(capsys, "tune", "--units", units, "-o", out)[0] == 0
+        assert main(["inspect", str(out / "plan.json")]) == 0
+        info = json.loads(capsys.readouterr().out)
+        assert info["kind"] == "plan" and info["compile_flags"] == flags, info
+        assert info["width"] == json.loads((out / "plan.json").read_text())["width"]
 
 
 def test_fuzz_manifest(tmp_path, tiny_artifact, capsys):
