@@ -30,6 +30,11 @@ def inspect_path(path: str) -> dict:
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "manifest.json")):
             manifest = read_manifest(path)
+            lean = not manifest.get("weights_attached", True)  # params.bin comes later
+            for name in manifest["files"]:
+                if not os.path.isfile(os.path.join(path, name)) and not (
+                        lean and name == "params.bin"):
+                    raise HetcompError(f"artifact is missing {name}: {path}")
             return {"kind": "artifact", **manifest, "memory": deployment_memory(manifest)}
         if os.path.isfile(os.path.join(path, "kit.json")):
             from ..profile.measure import read_kit  # lazy: it builds probes with the compiler

@@ -267,6 +267,9 @@ def test_bad_artifacts(tmp_path, tiny_artifact, cli):
     (missing / "params.bin").unlink()
     rc, _, err = cli("generate", missing, "--prompt", "hi")
     assert_one_line_error(rc, err, "missing params.bin")
+    (missing / "lib.so").unlink()  # inspect refuses what loading refuses
+    rc, _, err = cli("inspect", missing)
+    assert_one_line_error(rc, err, "artifact is missing lib.so")
 
     short = tmp_path / "short"
     shutil.copytree(path, short)
