@@ -29,22 +29,29 @@ def _fragment_index(buffer, stride):
     return (buffer.elem_offset // stride // M) * (stride // N) + buffer.elem_offset % stride // N
 
 
-def load(fragment: str, scope: str):
-    """``(desc, impl)``: a row-major float16 16 x 16 tile from ``scope`` memory into a
-    ``wmma.matrix_a``/``wmma.matrix_b`` fragment (``fragment``: "a" or "b")."""
-    frag_scope = f"wmma.matrix_{fragment}"
+def _copy(dtype: str, src: str, dst: str, block: str):
+    """The description of a load or store: a 16 x 16 tile copied from ``src`` to ``dst``
+    memory, element by element (block ``block``)."""
 
     @T.prim_func(s_tir=True)
     def desc(a: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (M, N), "float16", align=64, offset_factor=N, scope=scope)
-        C = T.match_buffer(c, (M, N), "float16", align=64, offset_factor=N, scope=frag_scope)
+        A = T.match_buffer(a, (M, N), dtype, align=64, offset_factor=N, scope=src)
+        C = T.match_buffer(c, (M, N), dtype, align=64, offset_factor=N, scope=dst)
         with T.sblock("root"):
             T.reads(A[0:M, 0:N])
             T.writes(C[0:M, 0:N])
             for i, j in T.grid(M, N):
-                with T.sblock("load"):
+                with T.sblock(block):
                     vii, vjj = T.axis.remap("SS", [i, j])
                     C[vii, vjj] = A[vii, vjj]
+
+    return desc
+
+
+def load(fragment: str, scope: str):
+    """``(desc, impl)``: a row-major float16 16 x 16 tile from ``scope`` memory into a
+    ``wmma.matrix_a``/``wmma.matrix_b`` fragment (``fragment``: "a" or "b")."""
+    frag_scope = f"wmma.matrix_{fragment}"
 
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, c: T.handle) -> None:
@@ -63,7 +70,7 @@ def load(fragment: str, scope: str):
                                               A.access_ptr("r", ptr_type="float16"), s1,
                                               "row_major", dtype="void"))
 
-    return desc, impl
+    return _copy("float16", scope, frag_scope, "load"), impl
 
 
 def fill():
@@ -100,19 +107,6 @@ def store(scope: str):
     """``(desc, impl)``: a float32 accumulator fragment stored row-major to ``scope``."""
 
     @T.prim_func(s_tir=True)
-    def desc(a: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (M, N), "float32", align=64, offset_factor=N,
-                           scope="wmma.accumulator")
-        C = T.match_buffer(c, (M, N), "float32", align=64, offset_factor=N, scope=scope)
-        with T.sblock("root"):
-            T.reads(A[0:M, 0:N])
-            T.writes(C[0:M, 0:N])
-            for i, j in T.grid(M, N):
-                with T.sblock("store"):
-                    vii, vjj = T.axis.remap("SS", [i, j])
-                    C[vii, vjj] = A[vii, vjj]
-
-    @T.prim_func(s_tir=True)
     def impl(a: T.handle, c: T.handle) -> None:
         s1 = T.int32()
         s0 = T.int32()
@@ -129,7 +123,7 @@ def store(scope: str):
                                                C.access_ptr("w", ptr_type="float32"), s1,
                                                "row_major", dtype="void"))
 
-    return desc, impl
+    return _copy("float32", "wmma.accumulator", scope, "store"), impl
 
 
 def sync():
