@@ -146,16 +146,27 @@ def tune_kernels(kernels: dict[str, object], target, db_path: str, trials_per_ke
     mod = c.IRModule({name: f.with_attr("global_symbol", "main") for name, f in kernels.items()})
     say(f"[tune kernels] {len(kernels)} kernels x {trials_per_kernel} trials (MetaSchedule, "
         "XGBoost cost model)")
-    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+    ms_log = logging.getLogger("tvm.s_tir.meta_schedule")
+    ms_log.setLevel(logging.WARNING)
     # MetaSchedule's default build imports tvm.s_tir.tensor_intrin in every builder worker
     # (~29 s here, 100 s on a loaded machine; a fresh pool per batch of trials); our build
     # skips it. The 180 s timeout stays for a loaded machine.
     builder = ms.builder.LocalBuilder(f_build=_build_function(), timeout_sec=180)
-    ms.tune_tir(mod, tgt, os.path.join(db_path, "work"),
-                max_trials_global=trials_per_kernel * len(kernels),
-                max_trials_per_task=trials_per_kernel,
-                num_trials_per_iter=min(16, trials_per_kernel), database=db,
-                num_tuning_cores=cores, builder=builder)
+    # MetaSchedule's logging setup lists its logger's handlers by name and fails on an unnamed
+    # one (pytest's capture handler, a user's own), so a second tuning in a process failed:
+    # those are set aside while it tunes.
+    unnamed = [h for h in ms_log.handlers if h.get_name() is None]
+    for h in unnamed:
+        ms_log.removeHandler(h)
+    try:
+        ms.tune_tir(mod, tgt, os.path.join(db_path, "work"),
+                    max_trials_global=trials_per_kernel * len(kernels),
+                    max_trials_per_task=trials_per_kernel,
+                    num_trials_per_iter=min(16, trials_per_kernel), database=db,
+                    num_tuning_cores=cores, builder=builder)
+    finally:
+        for h in unnamed:
+            ms_log.addHandler(h)
     return len(db.get_all_tuning_records())
 
 
