@@ -3,6 +3,7 @@ elsewhere; tuned kernels compute the same as the hand-written ones."""
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -80,7 +81,7 @@ def test_tune_kernels_replaces_the_database_whole_or_not_at_all(tmp_path, monkey
     accepted.json, the slower ones too)."""
     import pytest
 
-    import hetcomp.driver.tune as tune
+    from hetcomp.driver import tune
     from hetcomp.profile.units import detect_unit
     from hetcomp.schedules.tuning import ACCEPTED_FILE, RECORD_FILE, database_dir
     from hetcomp.testing.gguf_writer import write_gguf
@@ -94,8 +95,7 @@ def test_tune_kernels_replaces_the_database_whole_or_not_at_all(tmp_path, monkey
     assert summary["db"] == final and summary["records"] >= 1
     assert os.path.isfile(os.path.join(final, ACCEPTED_FILE))
     assert sorted(os.listdir(root)) == [os.path.basename(final)]  # no temporary left
-    before = {f: open(os.path.join(final, f), "rb").read()
-              for f in (RECORD_FILE, ACCEPTED_FILE)}
+    before = {f: Path(final, f).read_bytes() for f in (RECORD_FILE, ACCEPTED_FILE)}
 
     def interrupted(kernels, target, path, trials, progress):
         with open(os.path.join(path, RECORD_FILE), "a") as fh:
@@ -107,6 +107,6 @@ def test_tune_kernels_replaces_the_database_whole_or_not_at_all(tmp_path, monkey
         with pytest.raises(KeyboardInterrupt):
             tune.tune_kernels_command(str(gguf), str(db_root), widths=(1,), kinds=("o",),
                                       trials=4, progress=lambda s: None)
-    assert before == {f: open(os.path.join(final, f), "rb").read() for f in before}
+    assert before == {f: Path(final, f).read_bytes() for f in before}
     assert sorted(os.listdir(root)) == [os.path.basename(final)]
     assert os.listdir(tmp_path / "new") == []  # made for the output, holding nothing
