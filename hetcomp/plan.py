@@ -182,21 +182,24 @@ def load_plan(path: str, host_target: str = "host",
         raise HetcompError(f"cannot read plan {path}: {type(e).__name__}: {e}") from None
 
 
-def plan_flags(path: str) -> dict | None:
+def plan_flags(path: str) -> tuple[dict, HeteroPlan | None] | None:
     """The `compile` flags that build a plan, ``{"target": "aarch64", "cuda_arch": "sm_87"}``
-    (``cuda_arch`` None without a GPU unit): the first of :data:`COMPILE_TARGETS` (and GPU
-    architecture) that :func:`load_plan` accepts; None where none does."""
+    (``cuda_arch`` None without a GPU unit), with the plan they build (None: one CPU, no
+    partitioning): the first of :data:`COMPILE_TARGETS` (and GPU architecture) that
+    :func:`load_plan` accepts; None where none does."""
     found = _compile_flags(_read_json(path), path)
-    return None if found is None else {"target": found[0],
-                                       "cuda_arch": found[1] if found[2] else None}
+    if found is None:
+        return None
+    target, arch, gpu, plan = found
+    return {"target": target, "cuda_arch": arch if gpu else None}, plan
 
 
 _READ_ERRORS = (ValueError, KeyError, TypeError, AttributeError, StopIteration)
 
 
-def _compile_flags(data, path: str) -> tuple[str, str, bool] | None:
-    """``(--target, --cuda-arch, whether it has a GPU unit)`` of the first flags that build
-    the plan ``data``."""
+def _compile_flags(data, path: str) -> tuple[str, str, bool, HeteroPlan | None] | None:
+    """``(--target, --cuda-arch, whether it has a GPU unit, the plan they build)`` of the
+    first flags that build the plan ``data``."""
     archs = [DEFAULT_CUDA_ARCH, *(arch for _, arch in SPEC_BOARD_TARGETS.values())]
     if isinstance(data, dict) and isinstance(data.get("targets"), list):  # a bare plan's own
         archs += [t["arch"] for t in data["targets"] if isinstance(t, dict)
@@ -208,7 +211,7 @@ def _compile_flags(data, path: str) -> tuple[str, str, bool] | None:
             except (HetcompError, *_READ_ERRORS):
                 continue
             gpu = plan is not None and any(t["kind"] == "cuda" for t in plan.targets)
-            return target, arch, gpu or target == "cuda"
+            return target, arch, gpu or target == "cuda", plan
     return None
 
 
@@ -313,7 +316,7 @@ def _bare_plan(data: dict, path: str, host_target: str, cuda_arch: str,
         if not _agrees(written, want):
             gpu = any(_is_gpu(u) for u in plan.units)
             found = _compile_flags(data, path) if advise else None
-            fix = (f"compile it with {_flags_text(*found)}" if found else
+            fix = (f"compile it with {_flags_text(*found[:3])}" if found else
                    "no --target builds it (leave \"targets\" out to build for --target)")
             raise HetcompError(f"plan {path} gives unit {unit!r} the target "
                                f"{json.dumps(written)}, not the "

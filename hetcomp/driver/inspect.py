@@ -17,7 +17,6 @@ from ..errors import HetcompError
 from ..frontend import MODELS, load_model, resolve_model
 from ..frontend.config import LlamaConfig, kv_cache_shapes
 from ..frontend.lazy import parameter_count
-from ..hardware import DEFAULT_CUDA_ARCH
 from ..plan import load_plan, plan_choice, plan_flags, plan_prediction
 from ..speculative.medusa import MedusaHeads
 
@@ -63,10 +62,10 @@ def inspect_path(path: str) -> dict:
 def _plan(path: str) -> dict:
     """A plan as `compile --plan` reads it with the flags that build it (a spec-estimate for
     a board: the board's); refused where no flags do, with compile's own line."""
-    flags = plan_flags(path)
+    found = plan_flags(path)
+    # (no flags build it: compile's own refusal, as --target host gives it)
+    flags, plan = found if found is not None else (None, load_plan(path))
     choice = plan_choice(path)  # its width and tree: refused here as by every compile
-    plan = (load_plan(path, flags["target"], flags["cuda_arch"] or DEFAULT_CUDA_ARCH)
-            if flags else load_plan(path))
     return {"kind": "plan", "compile_flags": flags,
             "partition": plan.to_json() if plan else None,
             "width": choice["width"] if choice else None,
