@@ -435,6 +435,12 @@ def tau_table(widths: Sequence[int], rank_probs=None, tau: Mapping[int, float] |
     return {w: t.expected_accept_length for w, t in trees.items()}, trees
 
 
+def best_width(taus: Mapping[int, float], step_s: Mapping[int, float]) -> int:
+    """The width of ``step_s`` with the most accepted tokens a second, ``tau(W) / T(W)``
+    (the narrower of equals): how measured step times choose a width."""
+    return max(step_s, key=lambda w: (taus[w] / step_s[w], -w))
+
+
 def plan(shape: ModelShape, units: Sequence[UnitModel], rank_probs=None,
          tau: Mapping[int, float] | None = None, options: PlannerOptions = PlannerOptions(),
          model: str = "", tau_source: str = "", ranks=None) -> Plan:

@@ -40,7 +40,8 @@ def cpu_requirements(target_specs: list[dict]) -> dict:
 
 def export_artifact(out_dir: str, executable, params: list[tuple[str, np.ndarray]],
                     tokenizer_json: str, manifest: dict, extra_files: dict | None = None,
-                    fcompile=None, write_weights: bool = True, force: bool = False) -> str:
+                    fcompile=None, write_weights: bool = True, force: bool = False,
+                    revise=None) -> str:
     """Write everything into a temporary sibling folder, then rename it to ``out_dir``.
 
     An existing artifact at ``out_dir`` is replaced only with ``force``; any other existing
@@ -72,7 +73,15 @@ def export_artifact(out_dir: str, executable, params: list[tuple[str, np.ndarray
         manifest["weights_attached"] = write_weights
         if not write_weights:
             os.remove(pbin)
-        manifest["digest"] = manifest_digest(manifest)
-        with open(os.path.join(tmp, "manifest.json"), "w") as fh:
-            json.dump(manifest, fh, indent=1, sort_keys=True)
+        _write_manifest(tmp, manifest)
+        changes = revise(tmp) if revise is not None else None
+        if changes:
+            manifest.update(changes)
+            _write_manifest(tmp, manifest)
     return os.path.abspath(out_dir)
+
+
+def _write_manifest(folder: str, manifest: dict) -> None:
+    manifest["digest"] = manifest_digest(manifest)
+    with open(os.path.join(folder, "manifest.json"), "w") as fh:
+        json.dump(manifest, fh, indent=1, sort_keys=True)

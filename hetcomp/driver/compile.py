@@ -53,10 +53,12 @@ from ..hardware import (
 )
 from ..passes.partition_hetero import PARAM_SPLIT_ATTR
 from ..passes.pipeline import fuses_linears
-from ..planner import PlannerOptions, UnitModel, plan
+from ..planner import PlannerOptions, UnitModel, best_width, plan, tau_table
 from ..profile.bandwidth import measure_read_bandwidth
 from ..profile.units import detect_unit
 from ..quant_format import cache_dtype, is_quant
+from ..runtime import load_artifact
+from ..runtime.unit_time import decode_step_seconds
 from ..schedules.tuning import apply_database, database_dir
 from ..speculative.medusa import MedusaHeads
 from ..speculative.tree import build_tree, largest_tree
@@ -245,6 +247,11 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
         cap = largest_tree(heads.num_heads, heads.rank_probs.shape[1])
         opts = _cap_widths(opts, cap, f"{heads.num_heads} Medusa head(s) draft trees of at "
                                       f"most {cap} nodes", quiet)
+    # Where the artifact runs on this machine, its decode steps are timed to choose the width.
+    measure = (heads is not None and opts.default_width is None and opts.plan_choice is None
+               and opts.plan is None and not opts.separate_weights
+               and opts.target in ("host", "x86-64-v3"))
+    steps = 5 if measure else 4
     window = cfg.sliding_window  # a tree node's ancestors must lie inside the window
     if window and heads is not None:
         opts = _cap_widths(opts, window, f"wider than the model's sliding window of {window} "
@@ -252,9 +259,9 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
     if window and max(opts.verify_widths, default=0) > window:
         raise HetcompError(f"verify width {max(opts.verify_widths)} is wider than the model's "
                            f"sliding window of {window} tokens")
-    _progress(1, 4, f"loaded {opts.model} ({parameter_count(w) / 1e6:.0f}M "
+    _progress(1, steps, f"loaded {opts.model} ({parameter_count(w) / 1e6:.0f}M "
                     "parameters)", quiet)
-    _progress(2, 4, f"building Relax module ({cfg.num_layers} layers, {opts.dtype}, "
+    _progress(2, steps, f"building Relax module ({cfg.num_layers} layers, {opts.dtype}, "
                     f"{opts.cache_dtype} KV cache)", quiet)
     widths = tuple(sorted({*(opts.widths if heads is not None else (1,)),
                            *opts.verify_widths}))
@@ -279,10 +286,10 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
     cost_source = cost.pop("source") if cost else None
     scheduled: list = []
     if opts.plan is not None:
-        _progress(3, 4, f"partitioning across {', '.join(opts.plan.units)}; compiling", quiet)
+        _progress(3, steps, f"partitioning across {', '.join(opts.plan.units)}; compiling", quiet)
         ex = build(mod, target, opts.plan, cost, scheduled, tensor_cores=opts.tensor_cores)
     elif opts.target == "cuda":
-        _progress(3, 4, "scheduling and compiling for cuda (GPU rules"
+        _progress(3, steps, "scheduling and compiling for cuda (GPU rules"
                         + (", fused linears" if fused else "")
                         + (", tensor cores" if opts.tensor_cores else "")
                         + (", CUDA graphs)" if opts.cuda_graph else ")"), quiet)
@@ -293,10 +300,10 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
         if path is not None:  # before annotating: records are keyed by the kernels as built
             mod, count = apply_database(mod, target, path)
             tuning = {"db": path, "kernels": count}
-        _progress(3, 4, f"scheduling and compiling for {opts.target}"
+        _progress(3, steps, f"scheduling and compiling for {opts.target}"
                         + (f" ({tuning['kernels']} tuned kernels)" if tuning else ""), quiet)
         ex = build(mod, target, None, cost, scheduled, fuse_linears=fused)
-    _progress(4, 4, f"packing weights and writing {out_dir}", quiet)
+    _progress(4, steps, f"packing weights and writing {out_dir}", quiet)
     report: dict = {}
     packed = pack_weights(cfg, w, opts.dtype, report)
     if is_quant(opts.dtype) and not quiet:
@@ -396,12 +403,61 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
         "draft_dtype": draft_dtype if heads is not None else None,
         "draft_vocab": draft_vocab or None,
     }
+    revise = (functools.partial(_measure_width, heads=heads, widths=opts.widths,
+                                roofline=(width, width_source), quiet=quiet)
+              if measure else None)
     path = export_artifact(out_dir, ex, params, tok.tok.to_str(), manifest,
                            fcompile=export_compiler(opts.target),
-                           write_weights=not opts.separate_weights, force=force)
+                           write_weights=not opts.separate_weights, force=force, revise=revise)
     if not quiet:
         print(f"compiled in {time.time() - t0:.1f}s -> {path}", file=sys.stderr)
     return path
+
+
+# What the width measurement decodes (any text serves: a step's time hardly depends on it).
+MEASURE_PROMPT = "Explain how a refrigerator works, in simple terms."
+MEASURE_NEW_TOKENS = 12
+
+
+def _measure_width(folder: str, heads, widths, roofline: tuple[int, str],
+                   quiet: bool) -> dict | None:
+    """The default width from this machine: each width's decode step timed on the artifact
+    in ``folder`` (:func:`~hetcomp.runtime.unit_time.decode_step_seconds`), its accepted
+    tokens a step (tau) from the heads' statistics as the planner has them, the width with the
+    most tokens a second chosen (:func:`~hetcomp.planner.best_width`). The roofline planner's
+    choice (``roofline``: width and source) stays in the record beside it: on a 2-core
+    AVX-512 machine it chose W=16 from numpy's matmul rate, where our kernels made that step
+    twice W=1's and speculation slower than sequential decoding. Returns the manifest's new
+    entries, or None where the artifact does not run here or too few widths fit its context."""
+    _progress(5, 5, f"timing a decode step at W = {', '.join(map(str, widths))} here", quiet)
+    try:
+        art = load_artifact(folder, verify=False)
+    except HetcompError as e:  # an x86-64-v3 build on an older CPU
+        if not quiet:
+            print(f"not timed ({e}); the roofline's width stays", file=sys.stderr)
+        return None
+    prompt = art.tokenizer.encode(MEASURE_PROMPT)[:16]
+    room = art.config.max_context - len(prompt) - MEASURE_NEW_TOKENS
+    fits = sorted({1, *(w for w in widths if w <= room)})  # W = 1: no speculation at all
+    if len(fits) < 2:
+        return None
+    step_s = decode_step_seconds(art, prompt, fits, MEASURE_NEW_TOKENS)
+    taus, _ = tau_table(fits, heads.rank_probs, ranks=heads.ranks)
+    best = best_width(taus, step_s)
+    rate = {w: taus[w] / step_s[w] for w in fits}
+    return {
+        "default_width": best,
+        "default_width_source": (
+            f"measured here: {1e3 * step_s[best]:.1f} ms a step at W={best}, "
+            f"{rate[best]:.0f} tokens/s with the heads' tau {taus[best]:.2f} "
+            f"(W=1: {1e3 * step_s[1]:.1f} ms, {rate[1]:.0f} tokens/s)"),
+        "width_measurement": {
+            "step_ms": {str(w): round(1e3 * t, 3) for w, t in step_s.items()},
+            "tau": {str(w): round(taus[w], 4) for w in fits},
+            "tokens_per_s": {str(w): round(r, 2) for w, r in rate.items()},
+            "new_tokens": MEASURE_NEW_TOKENS, "prompt_tokens": len(prompt),
+            "roofline_width": roofline[0], "roofline_source": roofline[1]},
+    }
 
 
 def quant_summary(report: dict) -> str:

@@ -198,3 +198,23 @@ def host_split(art, prompt_ids, widths, new_tokens: int = 96) -> list[dict]:
         _tvm.download = real_download
         art._verify_static, art._verify, art._commit, art._medusa = saved
     return rows
+
+
+def decode_step_seconds(art, prompt_ids, widths, new_tokens: int = 12,
+                        rounds: int = 2) -> dict[int, float]:
+    """Seconds of one greedy decode step at each width (the draft, ``verify``, acceptance and
+    ``commit``, as :class:`~hetcomp.runtime.generate.Generation` runs them with the default
+    n-gram lookup), decoding ``new_tokens`` after ``prompt_ids`` with EOS ignored: the
+    median over the steps of ``rounds`` passes but the first of each (it warms the width's
+    workspace), the widths interleaved in each pass so that a busy spell of a shared machine
+    falls on all of them. A step's time hardly depends on what it accepts: any prompt
+    serves."""
+    from .generate import Generation, auto_lookup
+
+    steps: dict[int, list[float]] = {w: [] for w in widths}
+    for _ in range(rounds):
+        for w in widths:
+            times: list[float] = []
+            Generation(art, prompt_ids, new_tokens, False, w, times, auto_lookup(w)).result()
+            steps[w].extend(times[1:] or times)
+    return {w: float(np.median(t)) for w, t in steps.items()}

@@ -1,7 +1,9 @@
-"""What `hetcomp compile` decides without being told: the packaged heads, the width (planner
-on the target's roofline), and the kernel table `inspect` shows."""
+"""What `hetcomp compile` decides without being told: the packaged heads, the width (decode
+steps timed here for host builds, the planner on the target's roofline for others), and the
+kernel table `inspect` shows."""
 
 import json
+import pathlib
 
 import pytest
 
@@ -15,20 +17,85 @@ def default_artifact(smollm2_medusa_artifact):
     return smollm2_medusa_artifact
 
 
-def test_compile_smollm2_speculates_at_the_planned_width(default_artifact, cli):
+def test_compile_smollm2_speculates_at_the_measured_width(default_artifact, cli):
+    """A host build times its decode step at every width where it runs and speculates at the
+    width with the most tokens a second, its accepted tokens a step (tau) from the heads'
+    statistics; the roofline planner's choice stays in the record beside it."""
+    from hetcomp.frontend.models import default_heads
+    from hetcomp.speculative.medusa import MedusaHeads
+    from hetcomp.speculative.tree import build_tree
+
     m = json.loads((default_artifact / "manifest.json").read_text())
     assert m["speculative"]["heads_file"]["name"] == "smollm2-medusa.npz"
-    assert m["default_width"] > 1 and m["default_width"] in m["widths"]
-    assert m["default_width_source"].startswith("planner on the roofline of cpu")
+    measured = m["width_measurement"]
+    widths = [str(w) for w in m["widths"]]
+    assert sorted(measured["step_ms"], key=int) == widths
+    assert all(t > 0 for t in measured["step_ms"].values())
+    heads = MedusaHeads.load(default_heads("smollm2"))
+    for w in widths:  # tau from the trees the heads give, rate = tau / step
+        tau = build_tree(heads.rank_probs, int(w), heads.ranks).expected_accept_length
+        assert measured["tau"][w] == pytest.approx(tau, abs=1e-4)
+        assert measured["tokens_per_s"][w] == pytest.approx(
+            1e3 * tau / measured["step_ms"][w], rel=1e-3)
+    rate = measured["tokens_per_s"]
+    assert m["default_width"] == int(max(widths, key=lambda w: (rate[w], -int(w))))
+    assert m["default_width_source"].startswith("measured here: ")
+    assert measured["roofline_source"].startswith("planner on the roofline of cpu")
     rc, out, err = run_cli("generate", default_artifact, "--prompt", "hi", "--chat",
                            "--max-new-tokens", 24, "--json")
     assert rc == 0, err
     spec = json.loads(out)
-    assert spec["width"] == m["default_width"] and spec["steps"] < len(spec["ids"])
+    assert spec["width"] == m["default_width"]
     rc, out, err = cli("generate", default_artifact, "--prompt", "hi", "--chat",
-                       "--max-new-tokens", 24, "--json", "--width", 1)
+                       "--max-new-tokens", 24, "--json", "--width", 4)
     assert rc == 0, err
     assert json.loads(out)["ids"] == spec["ids"]  # lossless
+    assert json.loads(out)["steps"] < len(spec["ids"]) - 1
+
+
+@pytest.mark.parametrize("fastest", [1, 4])
+def test_the_steps_timed_here_choose_the_width(tmp_path, monkeypatch, fastest):
+    """What the timing returns decides: with W = ``fastest``'s step ten times cheaper than
+    the others', compile speculates at it (W = 1: not at all), and generate follows. The real
+    timing runs first, on the complete artifact in its temporary folder; an explicit
+    ``--width`` or a cross build times nothing."""
+    from hetcomp.driver import compile as compile_driver
+    from hetcomp.frontend.weights import random_weights
+    from hetcomp.runtime import load_artifact
+    from hetcomp.runtime.unit_time import decode_step_seconds
+    from hetcomp.testing import TINY, byte_tokenizer_spec, compile_with_random_heads
+    from hetcomp.testing.gguf_writer import write_gguf
+
+    calls = []
+
+    def timed(art, prompt, widths, *args, **kwargs):
+        real = decode_step_seconds(art, prompt, widths, *args, **kwargs)
+        calls.append((art.path, list(widths), real))
+        return {w: 1.0 if w == fastest else 10.0 for w in widths}
+
+    monkeypatch.setattr(compile_driver, "decode_step_seconds", timed)
+    model = tmp_path / "tiny.gguf"
+    write_gguf(model, TINY, random_weights(TINY, seed=5), byte_tokenizer_spec(TINY.vocab_size))
+    art = load_artifact(compile_with_random_heads(tmp_path, str(model), TINY, (2, 4, 8)))
+    (folder, widths, real), = calls
+    assert widths == [1, 2, 4, 8] and folder != art.path  # timed before the rename
+    assert set(real) == set(widths) and all(t > 0 for t in real.values())
+    m = art.manifest
+    assert m["default_width"] == fastest and m["default_width_source"].startswith(
+        "measured here: 1000.0 ms a step at W=" + str(fastest))
+    assert m["width_measurement"]["step_ms"] == {
+        str(w): 1e3 if w == fastest else 1e4 for w in widths}
+    rc, out, err = run_cli("generate", art.path, "--prompt-ids", "1,2,3",
+                           "--max-new-tokens", 6, "--json")
+    assert rc == 0, err
+    assert json.loads(out)["width"] == fastest
+    calls.clear()
+    for options in ({"default_width": 2}, {"target": "aarch64"}):
+        out = tmp_path / f"no-timing-{len(calls)}-{next(iter(options.values()))}"
+        out.mkdir()
+        manifest = json.loads((pathlib.Path(compile_with_random_heads(
+            out, str(model), TINY, (2, 4), **options)) / "manifest.json").read_text())
+        assert "width_measurement" not in manifest and not calls, options
 
 
 def test_inspect_lists_every_kernel_with_its_rule_and_prediction(default_artifact, cli):

@@ -30,6 +30,7 @@ from hetcomp.planner import (
     Plan,
     PlannerOptions,
     UnitModel,
+    best_width,
     plan,
     plan_unit_sets,
     plot_plans,
@@ -845,3 +846,12 @@ def test_kernel_features_cost_each_attention_kernel_as_its_class():
     assert feat("sparse_tree_attention").n == estimated_tree_nnz(8)
     assert feat("attention_merge").op == "attention_merge"
     assert feat("tree_attention").op == "tree_attention" and feat("tree_attention").n == 108
+
+
+def test_best_width_trades_accepted_tokens_against_step_time():
+    """tau(W) / T(W) decides, not the step alone nor tau alone; the narrower of equals."""
+    taus = {1: 1.0, 2: 1.5, 4: 1.8}
+    assert best_width(taus, {1: 1.0, 2: 1.4, 4: 1.9}) == 2  # 1.07 a second against 1.0
+    assert best_width(taus, {1: 1.0, 2: 1.6, 4: 1.9}) == 1  # no speculation pays here
+    assert best_width(taus, {1: 1.0, 2: 1.5, 4: 1.8}) == 1  # all equal: the narrowest
+    assert best_width(taus, {2: 1.5, 4: 1.0}) == 4  # only the widths timed compete
