@@ -227,7 +227,8 @@ def cmd_profile(args) -> int:
     units = _units(args.units) if args.units else ([] if args.kit else ["cpu"])
     summary = profile_command(args.model, units, args.output, quick=args.quick,
                               force=args.force, kit_out=args.kit_out, kit=args.kit,
-                              target=args.target, dtype=args.dtype)
+                              target=args.target, dtype=args.dtype,
+                              cuda_arch=args.cuda_arch)
     print(json.dumps(summary, indent=1, default=str))
     return 0
 
@@ -451,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--target", help="with --kit-out: the CPU that measures the kit, host | "
                     "x86-64-v3 (another x86 host) | x86-64 | aarch64 (default: host; a cuda "
                     "unit's probes are CUDA driven by it)")
+    pr.add_argument("--cuda-arch", help="the GPU a cuda unit's probes are compiled for, "
+                    "sm_87 (Jetson Orin) | sm_90 (H100/H200) | ... (default: this machine's "
+                    "GPU's; with --kit-out: sm_90)")
     pr.add_argument("--kit", help="measure a kit built elsewhere (needs the TVM runtime only)")
     pr.add_argument("--dtype", default="float32",
                     help="weight dtype whose kernels to measure: float32 | float16 | q4_0 | "

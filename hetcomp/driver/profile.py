@@ -21,16 +21,16 @@ from ..frontend import resolve_model
 from ..frontend.gguf_loader import open_gguf, read_config
 from ..frontend.hf_loader import read_hf_config
 from ..frontend.weights import WEIGHT_DTYPES, check_quantizable
-from ..hardware import SPEC_BOARDS, SPECS
+from ..hardware import DEFAULT_CUDA_ARCH, SPEC_BOARDS, SPECS, check_cuda_arch
 from ..profile.db import ProfileDB, is_sqlite
 from ..profile.measure import (
+    Kit,
     ProfileOptions,
     build_kit,
     kit_units,
     load_kit_libraries,
     profile_kit,
     profile_unit,
-    read_kit,
 )
 from ..profile.units import detect_unit
 from ..quant_format import cache_dtype
@@ -82,14 +82,17 @@ def _say(msg: str) -> None:
 def profile_command(model: str = "smollm2", units=("cpu",), out: str = "profile.sqlite",
                     quick: bool = False, force: bool = False, progress=None,
                     kit_out: str | None = None, kit: str | None = None,
-                    target: str | None = None, dtype: str = "float32") -> dict:
+                    target: str | None = None, dtype: str = "float32",
+                    cuda_arch: str | None = None) -> dict:
     """Profile every op class of ``model`` on each present unit into the SQLite file ``out``.
 
     ``kit_out``: only compile the probe kernels into a profile kit (CPU code for the named
     ``target``, default ``host``; a cuda unit's probes are CUDA driven by that CPU) to measure
     elsewhere; ``kit``: measure such a kit here (TVM runtime only).
     ``dtype``: the weight dtype whose kernels are measured (a block format: its dequantizing
-    linear kernels; the profile is stored under a model key naming it).
+    linear kernels; the profile is stored under a model key naming it). ``cuda_arch``: the
+    GPU architecture a cuda unit's probes are compiled for (default: this machine's GPU's,
+    else sm_90; a kit's GPU is chosen when it is built).
     Returns a summary: per unit its fingerprint digest, measurement count and whether the
     stored profile was reused.
     """
@@ -100,32 +103,42 @@ def profile_command(model: str = "smollm2", units=("cpu",), out: str = "profile.
         # Measuring here compiles for this CPU, and a kit's target was chosen when it was built.
         raise HetcompError("--target names the CPU a kit is built for: use it with --kit-out "
                            "(profiling here measures this machine's own target)")
-    # With --kit and no units: the kit's own (read_kit refuses a folder that is no kit).
-    meta = read_kit(kit) if kit is not None else None
-    present, spec = split_unit_names(units or (list(meta["units"]) if meta else []))
+    # With --kit and no units: the kit's own (Kit.open refuses a folder that is no kit).
+    opened = Kit.open(kit) if kit is not None else None
+    present, spec = split_unit_names(units or (list(opened.meta["units"]) if opened else []))
     if spec:
         raise HetcompError(f"spec-only units cannot be profiled: {', '.join(spec)}")
+    if cuda_arch is not None:
+        if opened is not None:
+            raise HetcompError("--cuda-arch: a kit's probes were compiled for its GPU when it "
+                               "was built (profile --kit-out ... --cuda-arch)")
+        if "cuda" not in present:
+            raise HetcompError("--cuda-arch is the GPU of a cuda unit: add cuda to --units")
+        check_cuda_arch(cuda_arch)
     opts = ProfileOptions.quick() if quick else ProfileOptions()
     if kit_out is not None:
         shape, key = read_model_shape(model, dtype)
+        arch = cuda_arch or DEFAULT_CUDA_ARCH
         path = build_kit(kit_out, present, shape, key, opts, wdtype=dtype,
-                         cpu_target=target or "host",
-                         progress=progress, force=force)
-        return {"kit": path, "model": key, "mode": opts.mode, "units": list(present)}
+                         cpu_target=target or "host", progress=progress, force=force,
+                         cuda_arch=arch)
+        return {"kit": path, "model": key, "mode": opts.mode, "units": list(present),
+                **({"cuda_arch": arch} if "cuda" in present else {})}
     # Everything that can be refused is, before the database is made or measured into: it
     # gathers profiles run after run (a profile database there is added to, nothing else).
     check_output_file(out, is_sqlite, "profile database")
-    if meta is None:
+    if opened is None:
         shape, key = read_model_shape(model, dtype)
-    found = (kit_units(kit, present) if meta is not None
-             else {name: detect_unit(name) for name in present})
-    libs = load_kit_libraries(kit, found) if meta is not None else None
+    found = (kit_units(opened, present) if opened is not None
+             else {name: detect_unit(name, cuda_arch=cuda_arch) for name in present})
+    libs = load_kit_libraries(opened, found) if opened is not None else None
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with _database(out) as db:
-        if meta is not None:
-            measured = profile_kit(kit, db, present, force, progress, found=found, libs=libs)
-            return {"db": os.path.abspath(out), "model": meta["model"],
-                    "mode": meta["options"].get("mode", "full"), "units": measured}
+        if opened is not None:
+            measured = profile_kit(opened, db, present, force, progress, found=found,
+                                   libs=libs)
+            return {"db": os.path.abspath(out), "model": opened.meta["model"],
+                    "mode": opened.meta["options"].get("mode", "full"), "units": measured}
         summary = {"db": os.path.abspath(out), "model": key, "mode": opts.mode, "units": {}}
         for name in present:
             unit = found[name]

@@ -61,7 +61,14 @@ from ..cost.roofline import (
 )
 from ..decoder import ACTIVATION_KERNELS, FUSED_WIDTHS
 from ..errors import HetcompError
-from ..hardware import TARGET_NAMES, check_cpu, host_part, target_dict
+from ..hardware import (
+    DEFAULT_CUDA_ARCH,
+    TARGET_NAMES,
+    check_cpu,
+    check_cuda_arch,
+    host_part,
+    target_dict,
+)
 from ..quant_format import (
     QuantMatrix,
     head_dtype,
@@ -493,17 +500,18 @@ KIT_FORMAT = "hetcomp-profile-kit/1"
 KIT_CPU_TARGETS = tuple(t for t in TARGET_NAMES if t != "cuda")
 
 
-def probe_target(unit_name: str, cpu_target: str = "host") -> dict:
+def probe_target(unit_name: str, cpu_target: str = "host",
+                 cuda_arch: str = DEFAULT_CUDA_ARCH) -> dict:
     """The target a unit's probe kernels are compiled for: the kit's CPU ``cpu_target`` (a
     named target, ``x86-64-v3`` for a kit that travels) for ``cpu``; for ``cuda``, CUDA of
-    sm_90 driven by that same CPU (its host code runs there)."""
+    ``cuda_arch`` driven by that same CPU (its host code runs there)."""
     if cpu_target not in KIT_CPU_TARGETS:
         raise HetcompError(f"--target {cpu_target} is not a CPU target: a kit's --target names "
                            f"the CPU that measures it ({' | '.join(KIT_CPU_TARGETS)}); a cuda "
                            "unit's probes are compiled for CUDA anyway")
     cpu = host_part(target_dict(cpu_target))
     if unit_name == "cuda":
-        return {**target_dict("cuda"), "host": cpu}
+        return {**target_dict("cuda", check_cuda_arch(cuda_arch)), "host": cpu}
     return cpu
 
 
@@ -535,14 +543,15 @@ def is_kit(path: str) -> bool:
 def build_kit(out_dir: str, units: Iterable[str], shape: ModelShape, model: str,
               opts: ProfileOptions = ProfileOptions(), wdtype: str = "float32",
               cpu_target: str = "host", progress: Progress | None = None,
-              force: bool = False) -> str:
-    """Write a profile kit: ``kit.json`` (shape, options, probes) and ``<unit>.so`` per unit.
+              force: bool = False, cuda_arch: str = DEFAULT_CUDA_ARCH) -> str:
+    """Write a profile kit: ``kit.json`` (shape, options, probes) and ``<unit>.so`` per unit
+    (a cuda unit's: CUDA source for ``cuda_arch``, compiled for it where the kit loads).
 
     ``hetcomp profile --kit DIR`` measures it with the TVM runtime only, where the units are.
     An existing kit at ``out_dir`` is replaced only with ``force``; anything else is refused.
     """
     # Refused before the work: a target that names no CPU, a cross linker that is missing.
-    targets = {name: probe_target(name, cpu_target) for name in units}
+    targets = {name: probe_target(name, cpu_target, cuda_arch) for name in units}
     fcompile = export_compiler(cpu_target)  # every library's host code runs on that CPU
     groups, kernels = plan_probes(shape, opts, wdtype)
     with output_dir(out_dir, is_kit, "profile kit", force) as tmp:
@@ -598,6 +607,18 @@ def read_kit(path: str) -> dict:
             raise bad(f"{key}.cpu", "an object with 'arch' and a list of 'features'")
     _kit_probes(path, kit)
     return kit
+
+
+@dataclasses.dataclass(frozen=True)
+class Kit:
+    """A profile kit: its folder and its ``kit.json``, read and checked once (:meth:`open`)."""
+
+    path: str
+    meta: dict
+
+    @classmethod
+    def open(cls, path: str) -> Kit:
+        return cls(path, read_kit(path))
 
 
 def _kit_probes(path: str, kit: dict) -> tuple[ProfileOptions, list[ProbeGroup]]:
@@ -871,16 +892,16 @@ class ProfileResult:
     mode: str
 
 
-def kit_units(kit_dir: str, units: Iterable[str] | None = None) -> dict[str, Unit]:
+def kit_units(kit: Kit, units: Iterable[str] | None = None) -> dict[str, Unit]:
     """The units of a profile kit (``units``: some of them) found here, each with the
     fingerprint its library's target gives; one line for a unit the kit lacks, or this
     machine does, or whose CPU extensions it lacks (before anything is measured)."""
-    kit = read_kit(kit_dir)
+    kit_dir, libraries = kit.path, kit.meta["units"]
     found = {}
-    for name in units or list(kit["units"]):
-        if name not in kit["units"]:
+    for name in units or list(libraries):
+        if name not in libraries:
             raise HetcompError(f"profile kit {kit_dir} has no library for unit {name!r}")
-        info = kit["units"][name]
+        info = libraries[name]
         kind = info["target"]["kind"]
         if (kind == "cuda") != (name == "cuda"):
             raise HetcompError(f"the {name} probe library of {kit_dir} is built for {kind}, "
@@ -891,27 +912,28 @@ def kit_units(kit_dir: str, units: Iterable[str] | None = None) -> dict[str, Uni
     return found
 
 
-def load_kit_libraries(kit_dir: str, units: Iterable[str]) -> dict[str, object]:
+def load_kit_libraries(kit: Kit, units: Iterable[str]) -> dict[str, object]:
     """Each of ``units``' probe library of a kit, loaded (one line for one that is missing
-    or does not load here): what a measurement needs, checked before a database is made."""
-    kit = read_kit(kit_dir)
-    libs = {}
+    or does not load here; a cuda library's CUDA source compiled for the GPU the kit was
+    built for): what a measurement needs, checked before a database is made."""
+    kit_dir, libs = kit.path, {}
     for name in units:
-        info = kit["units"][name]
+        info = kit.meta["units"][name]
         path = os.path.join(kit_dir, info["library"])
         if not os.path.isfile(path):
             raise HetcompError(f"profile kit {kit_dir} lacks its {name} probe library "
                                f"{info['library']}")
         try:
             _tvm.ensure_backend(info["target"]["kind"])
-            libs[name] = _tvm.load_module(path)
+            with _tvm.cuda_arch(info["target"].get("arch")):
+                libs[name] = _tvm.load_module(path)
         except Exception as e:
             raise HetcompError(f"cannot load the {name} probe library of {kit_dir}: "
                                f"{str(e).splitlines()[-1] if str(e) else e}") from None
     return libs
 
 
-def profile_kit(kit_dir: str, db: ProfileDB, units: Iterable[str] | None = None,
+def profile_kit(kit: Kit, db: ProfileDB, units: Iterable[str] | None = None,
                 force: bool = False, progress: Progress | None = None,
                 found: dict[str, Unit] | None = None,
                 libs: dict[str, object] | None = None) -> dict:
@@ -922,25 +944,24 @@ def profile_kit(kit_dir: str, db: ProfileDB, units: Iterable[str] | None = None,
     Returns per unit its fingerprint (taken here, with the kit's target), row count and
     whether a stored profile was reused.
     """
-    kit = read_kit(kit_dir)
-    opts, groups = _kit_probes(kit_dir, kit)
+    opts, groups = _kit_probes(kit.path, kit.meta)
     # HETCOMP_PROFILE_SKIP: op classes left out (comma-separated group names), e.g. a kernel
     # that crashes a unit's driver; the cost model falls back to the roofline for them.
     skip = {x for x in os.environ.get("HETCOMP_PROFILE_SKIP", "").split(",") if x}
     groups = [g for g in groups if g.desc.split(" ")[0] not in skip]
-    found = found if found is not None else kit_units(kit_dir, units)
-    libs = libs if libs is not None else load_kit_libraries(kit_dir, found)
-    out = {}
+    found = found if found is not None else kit_units(kit, units)
+    libs = libs if libs is not None else load_kit_libraries(kit, found)
+    model, out = kit.meta["model"], {}
     for name, unit in found.items():
         digest = unit.fingerprint.digest
-        if not force and db.is_complete(digest, kit["model"], opts.mode):
+        if not force and db.is_complete(digest, model, opts.mode):
             (progress or _stderr)(f"[profile {name}] reusing profile {digest} from {db.path}")
             out[name] = {"fingerprint": unit.fingerprint.to_json(), "reused": True,
-                         "measurements": len(db.measurements(digest, kit["model"])),
-                         "mode": db.complete_mode(digest, kit["model"])}
+                         "measurements": len(db.measurements(digest, model)),
+                         "mode": db.complete_mode(digest, model)}
             continue
         rows = measure_groups(unit, libs[name], groups, opts, progress)
-        db.store(unit.to_json(), digest, kit["model"], opts.mode, rows)
+        db.store(unit.to_json(), digest, model, opts.mode, rows)
         out[name] = {"fingerprint": unit.fingerprint.to_json(), "reused": False,
                      "measurements": len(rows), "mode": opts.mode}
     return out

@@ -82,18 +82,32 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def gpu_info() -> str:
-    """``"name / driver"`` of the first NVIDIA GPU, or ``""`` when none is visible."""
+def _smi(fields: str) -> list[str]:
+    """``fields`` of the first NVIDIA GPU as nvidia-smi reports them; [] when none is
+    visible."""
     smi = shutil.which("nvidia-smi")
     if smi is None:
-        return ""
+        return []
     try:
-        out = subprocess.run([smi, "--query-gpu=name,driver_version", "--format=csv,noheader"],
+        out = subprocess.run([smi, f"--query-gpu={fields}", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=20, check=True).stdout
     except (OSError, subprocess.SubprocessError):
-        return ""
+        return []
     first = out.strip().splitlines()[0] if out.strip() else ""
-    return " / ".join(p.strip() for p in first.split(",")) if first else ""
+    return [p.strip() for p in first.split(",")] if first else []
+
+
+def gpu_info() -> str:
+    """``"name / driver"`` of the first NVIDIA GPU, or ``""`` when none is visible."""
+    return " / ".join(_smi("name,driver_version"))
+
+
+def gpu_arch() -> str:
+    """``sm_NN`` of the first NVIDIA GPU (its compute capability: ``sm_87`` on a Jetson
+    Orin, ``sm_90`` on an H100), or ``""`` when none is visible or it does not say."""
+    cap = _smi("compute_cap")
+    major, dot, minor = (cap[0] if cap else "").partition(".")
+    return f"sm_{major}{minor}" if dot and major.isdigit() and minor.isdigit() else ""
 
 
 def tvm_version() -> str:
@@ -157,11 +171,12 @@ def _imported_sources(path: str, root: str) -> list[str]:
     return out
 
 
-def detect_unit(name: str, target: dict | None = None) -> Unit:
+def detect_unit(name: str, target: dict | None = None, cuda_arch: str | None = None) -> Unit:
     """The present unit ``name`` (``cpu`` or ``cuda``) with its fingerprint.
 
     ``target``: the target its kernels were compiled for, when not this machine's default
-    (a profile kit built elsewhere).
+    (a profile kit built elsewhere). ``cuda_arch``: the architecture a cuda unit's kernels
+    are compiled for (default: the GPU's own, else sm_90).
 
     Raises
     ------
@@ -176,7 +191,8 @@ def detect_unit(name: str, target: dict | None = None) -> Unit:
         gpu = gpu_info()
         if not gpu:
             raise HetcompError("unit 'cuda' is not present on this machine (no nvidia-smi GPU)")
-        target, device = {"kind": "cuda", "arch": DEFAULT_CUDA_ARCH}, "cuda:0"
+        target = {"kind": "cuda", "arch": cuda_arch or gpu_arch() or DEFAULT_CUDA_ARCH}
+        device = "cuda:0"
     elif name in SPECS:
         raise HetcompError(f"unit {name!r} is a spec-only unit: it can be estimated, not measured")
     else:

@@ -579,6 +579,54 @@ def test_profile_kit_target_names_its_cpu(tmp_path, tiny_gguf, tiny_kit, cli):
     assert os.listdir(tmp_path) == []
 
 
+def test_profile_kit_for_the_gpu_it_names(tmp_path, tiny_gguf, tiny_kit, cli, monkeypatch):
+    """``--cuda-arch`` names the GPU a kit's cuda probes are for (sm_87 for an Orin board;
+    default sm_90), and its CUDA source is compiled for that GPU where the kit loads; it
+    needs a cuda unit and is the kit's own when one is measured: each refusal one line."""
+    from hetcomp import _tvm
+    from hetcomp.profile import measure
+
+    kit = tmp_path / "orin"
+    rc, out, err = cli("profile", "--model", tiny_gguf, "--quick", "--units", "cpu,cuda",
+                       "--kit-out", kit, "--cuda-arch", "sm_87")
+    assert rc == 0, err
+    assert json.loads(out)["cuda_arch"] == "sm_87"
+    meta = json.loads((kit / "kit.json").read_text())
+    assert meta["units"]["cuda"]["target"]["arch"] == "sm_87"
+    assert json.loads((tiny_kit / "kit.json").read_text())["units"]["cuda"]["target"][
+        "arch"] == "sm_90"
+    loading = {}
+    monkeypatch.setattr(_tvm, "load_module",
+                        lambda path: loading.setdefault(os.path.basename(path),
+                                                        _tvm.loading_cuda_arch()))
+    monkeypatch.delenv("HETCOMP_CUDA_ARCH", raising=False)
+    measure.load_kit_libraries(measure.Kit.open(str(kit)), ["cpu", "cuda"])
+    assert loading["cuda.so"] == "sm_87"
+    for args, needle in (
+            (("--units", "cpu", "--kit-out", tmp_path / "k1", "--cuda-arch", "sm_87"),
+             "add cuda to --units"),
+            (("--units", "cpu,cuda", "--kit-out", tmp_path / "k2", "--cuda-arch", "sm87"),
+             "sm87"),
+            (("--kit", kit, "-o", tmp_path / "db.sqlite", "--cuda-arch", "sm_90"),
+             "compiled for its GPU when it was built")):
+        rc, _, err = cli("profile", "--model", tiny_gguf, "--quick", *args)
+        assert_one_line_error(rc, err, needle)
+    assert sorted(os.listdir(tmp_path)) == ["orin"]
+
+
+def test_a_cuda_unit_is_measured_for_its_own_gpu(monkeypatch):
+    """Profiling a GPU here compiles its probes for the GPU's compute capability (an Orin's
+    sm_87), unless told; with no capability reported, sm_90."""
+    from hetcomp.profile import units
+
+    monkeypatch.setattr(units, "gpu_info", lambda: "Orin / 540.4")
+    for reported, arch in ((["8.7"], "sm_87"), (["9.0"], "sm_90"), ([], "sm_90"),
+                           (["[N/A]"], "sm_90")):
+        monkeypatch.setattr(units, "_smi", lambda fields, r=reported: r)
+        assert units.detect_unit("cuda").target["arch"] == arch, reported
+    assert units.detect_unit("cuda", cuda_arch="sm_90a").target["arch"] == "sm_90a"
+
+
 def test_profile_kit_refused_before_the_database(tmp_path, tiny_kit, cli, monkeypatch):
     """Whatever refuses a kit (a library missing or that does not load, a library built
     for another unit, its cuda unit on a machine without one) does so before the database
