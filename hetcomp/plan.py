@@ -17,12 +17,14 @@ from .decoder import LINEAR_KINDS
 from .errors import HetcompError
 from .hardware import (
     COMPILE_TARGETS,
+    CUDA_ARCH_SPECS,
     DEFAULT_CUDA_ARCH,
     MEASURED,
     SPEC_BOARD_TARGETS,
     SPEC_BOARDS,
     SPEC_ESTIMATE,
     SPECS,
+    base_cuda_arch,
     check_cuda_arch,
     host_part,
     target_dict,
@@ -166,8 +168,9 @@ def load_plan(path: str, host_target: str = "host",
               cuda_arch: str = DEFAULT_CUDA_ARCH) -> HeteroPlan | None:
     """The HeteroPlan of a ``plan.json`` from `hetcomp tune`, or of a bare HeteroPlan JSON.
 
-    A single-unit plan of a CPU needs no partitioning (None). The plan's host unit (CPU or
-    GPU) is unit 0. ``host_target`` names the CPU side (``host``, ``aarch64``, ``x86-64-v3``,
+    A single-unit plan needs no partitioning (None): a CPU's builds for that CPU, a GPU's
+    (``--target cuda``) is the whole-model GPU build. The plan's host unit (CPU or GPU) is
+    unit 0. ``host_target`` names the CPU side (``host``, ``aarch64``, ``x86-64-v3``,
     or ``cuda`` for a portable x86 host) and ``cuda_arch`` the GPU's architecture: every
     unit's target comes from them (a bare plan's ``targets``, optional, must agree with
     them); a spec-estimate plan compiles for the board it describes and says so in
@@ -268,8 +271,13 @@ def _plan(data, path: str, host_target: str, cuda_arch: str,
         return None
     board = next((m for m in SPEC_BOARDS.values() if host in m), None)
     if len(units) == 1 and board is None:
-        raise HetcompError(f"plan {path} runs the model on {host} alone: compile with "
-                           "--target cuda and no --plan")
+        # One GPU runs every kernel: the whole-model GPU build (graphs, fused linears) at the
+        # plan's width and tree; a datasheet GPU's plan is for its architecture.
+        arch = next((a for a, s in CUDA_ARCH_SPECS.items() if s == host), None)
+        if host_target != "cuda" or (host in SPECS and base_cuda_arch(cuda_arch) != arch):
+            raise HetcompError(f"plan {path} runs the model on {host} alone: compile it with "
+                               f"{_flags_text('cuda', arch or cuda_arch, host in SPECS)}")
+        return None
     # A board's GPU alone runs every kernel; the board's CPU drives it, with no share.
     other = (next(u for u in units if u != host) if len(units) > 1
              else next(u for u in board if not _is_gpu(u)))

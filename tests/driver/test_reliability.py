@@ -326,13 +326,39 @@ def test_inspect_describes_every_plan_tune_writes(tmp_path, capsys):
     names (inspect read every plan with --target host's flags and refused the board's)."""
     for units, flags in (("orin-nx", {"target": "aarch64", "cuda_arch": "sm_87"}),
                          ("orin-nx-gpu", {"target": "aarch64", "cuda_arch": "sm_87"}),
-                         ("orin-nx-cpu", {"target": "aarch64", "cuda_arch": None})):
+                         ("orin-nx-cpu", {"target": "aarch64", "cuda_arch": None}),
+                         ("hopper-gpu", {"target": "cuda", "cuda_arch": "sm_90"})):
         out = tmp_path / units
         assert cli(capsys, "tune", "--units", units, "-o", out)[0] == 0
         assert main(["inspect", str(out / "plan.json")]) == 0
         info = json.loads(capsys.readouterr().out)
         assert info["kind"] == "plan" and info["compile_flags"] == flags, info
         assert info["width"] == json.loads((out / "plan.json").read_text())["width"]
+
+
+def test_a_plan_on_one_gpu_compiles_as_the_whole_model_gpu_build(tmp_path, capsys):
+    """A plan that runs every kernel on one GPU (`tune --units hopper-gpu`; a measured
+    `--units cuda` one alike) is the whole-model GPU build, CUDA graphs and fused linears, at
+    the plan's width and tree (compile refused it: "--target cuda and no --plan"); flags that
+    do not build it are refused with those that do."""
+    out = tmp_path / "tune"
+    assert cli(capsys, "tune", "--units", "hopper-gpu", "-o", out)[0] == 0
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["units"] == ["hopper-gpu"] and plan["width"] > 1
+    for args in ((), ("--target", "cuda", "--cuda-arch", "sm_87")):
+        assert_one_line_error(*cli(capsys, "compile", "--model", "none.gguf", "--plan",
+                                   out / "plan.json", *args, "-o", tmp_path / "o"),
+                              "runs the model on hopper-gpu alone: compile it with --target "
+                              "cuda --cuda-arch sm_90")
+    rc, err = cli(capsys, "compile", "--model", "smollm2", "--target", "cuda", "--plan",
+                  out / "plan.json", "--max-context", 128, "--quiet", "-o", tmp_path / "art")
+    assert rc == 0, err
+    m = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert (m["default_width"], m["default_width_source"]) == (plan["width"], "plan")
+    assert m["speculative"]["trees"][str(plan["width"])] == plan["tree"]
+    assert m["plan"] is None and m["plan_source"] == "spec-estimate"
+    assert m["cuda_graph"] and m["fused_linears"] and m["target_spec"]["arch"] == "sm_90"
+    assert [u["device"] for u in m["units"]] == ["cuda"]
 
 
 def test_fuzz_manifest(tmp_path, tiny_artifact, capsys):
