@@ -388,8 +388,10 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
         "default_width_source": width_source,
         "cost_models": cost_source,
         "kernels": kernel_table(scheduled[0], units) if scheduled else [],
-        # What the VM allocates per call beyond weights and cache (a prefill chunk's rows).
-        "workspace_bytes": workspace_bytes(scheduled[0], opts.plan, {"w": PREFILL_CHUNK}),
+        # What the VM allocates per call beyond weights and cache (a prefill chunk's rows;
+        # the draft's, whose nodes ``s`` are at most the widest tree's).
+        "workspace_bytes": workspace_bytes(scheduled[0], opts.plan,
+                                           {"w": PREFILL_CHUNK, "s": max(widths)}),
         # A whole-model GPU build: kernel launches per call of the static-shape functions.
         "cuda_graph": graphs,
         # Norms and gated activations inside the linears' kernels (FuseLinearChains).

@@ -74,6 +74,29 @@ def test_workspace_is_what_memory_planning_leaves():
     assert workspace_bytes(scheduled[0], sizes={}).keys().isdisjoint({"verify", "prefill"})
 
 
+def test_the_draft_workspace_is_counted(tmp_path):
+    """The draft (``medusa``) runs every speculative step, so its workspace is in the manifest
+    and in inspect's memory (it was left out: its tree's node count was a size nobody
+    gave): between the bytes of its outputs and those of every tensor it makes."""
+    from hetcomp.frontend.weights import random_weights
+    from hetcomp.testing import byte_tokenizer_spec, compile_with_random_heads
+    from hetcomp.testing.gguf_writer import write_gguf
+
+    model = tmp_path / "tiny.gguf"
+    write_gguf(model, TINY, random_weights(TINY, seed=5), byte_tokenizer_spec(TINY.vocab_size))
+    art = compile_with_random_heads(tmp_path, str(model), TINY, (4, 16), heads=2,
+                                    default_width=4)
+    rc, out, err = run_cli("inspect", art, "--json")
+    assert rc == 0, err
+    info = json.loads(out)
+    ws = info["workspace_bytes"]
+    k, e, v, s = 2, TINY.hidden_size, TINY.vocab_size, 16  # heads, rows, columns, widest tree
+    outputs = 4 * (k * v + k * 10 + s)  # logits, each head's top 10, the tree's tokens
+    made = outputs + 4 * (e + 1 + 2 * k * e)  # the staged row and root, the heads' two layers
+    assert outputs <= ws["medusa"] <= made
+    assert info["memory"]["workspace"] == ws["prefill_w64"] + ws["verify_w4"] + ws["medusa"]
+
+
 def test_peak_rss_is_the_process_own(tmp_path):
     """A process started from a large one reports its own peak, not its parent's:
     ``ru_maxrss`` survives ``exec`` (generate --json reported 8 GB from the test runner)."""
