@@ -226,6 +226,13 @@ def read_weights(reader, cfg: LlamaConfig, keep_quant: bool = False) -> LazyWeig
     return w
 
 
+# The token texts llama.cpp ends generation at, whatever the file's eos id (llama-vocab.cpp,
+# special_eog_ids; ggml-org/llama.cpp#9606).
+END_OF_GENERATION_TEXTS = frozenset({
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>",
+    "<EOT>", "<|end_of_text|>"})
+
+
 def read_tokenizer_spec(reader) -> dict:
     """The vocabulary, merges, token types, special ids and chat template stored in the file."""
     model = _field(reader, "tokenizer.ggml.model")
@@ -235,8 +242,9 @@ def read_tokenizer_spec(reader) -> dict:
     if model == "llama" and _field(reader, "tokenizer.ggml.add_space_prefix", True):
         raise HetcompError("unsupported tokenizer: SentencePiece with a space prefix")
     tokens = list(_field(reader, "tokenizer.ggml.tokens"))
-    # llama.cpp also ends generation on the end-of-turn token it finds by its text.
-    eot = [tokens.index("<end_of_turn>")] if model == "llama" and "<end_of_turn>" in tokens else []
+    # llama.cpp also ends generation on the end-of-turn and end-of-text tokens it finds by
+    # their text (Qwen2.5's <|endoftext|> beside its <|im_end|>, Gemma's <end_of_turn>).
+    eog = [i for i, t in enumerate(tokens) if t in END_OF_GENERATION_TEXTS]
     return {
         "model": model,
         "pre": _field(reader, "tokenizer.ggml.pre", "default"),
@@ -250,7 +258,7 @@ def read_tokenizer_spec(reader) -> dict:
         # llama.cpp ends generation on end-of-turn and end-of-message tokens too.
         "eos_token_ids": list(dict.fromkeys(
             [int(i) for i in (_field(reader, f"tokenizer.ggml.{k}_token_id")
-                              for k in ("eos", "eot", "eom")) if i is not None] + eot)),
+                              for k in ("eos", "eot", "eom")) if i is not None] + eog)),
         "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
         "chat_template": _field(reader, "tokenizer.chat_template"),
     }
