@@ -438,7 +438,7 @@ def _measure_width(folder: str, heads, widths, roofline: tuple[int, str],
         if not quiet:
             print(f"not timed ({e}); the roofline's width stays", file=sys.stderr)
         return None
-    prompt = art.tokenizer.encode(MEASURE_PROMPT)[:16]
+    prompt = art.tokenizer.encode(MEASURE_PROMPT)[:16] or [0]  # (a vocabulary without it)
     room = art.config.max_context - len(prompt) - MEASURE_NEW_TOKENS
     fits = sorted({1, *(w for w in widths if w <= room)})  # W = 1: no speculation at all
     if len(fits) < 2:
