@@ -239,12 +239,13 @@ class AttentionRule(_BASE):
         sch.reorder(jo, d, *r, ji)
         acc = sch.cache_write(s, 0, "local")
         sch.reverse_compute_at(acc, jo)
-        sch.vectorize(sch.get_loops(acc)[-1])
         if tiled:
             sch.unroll(r[0])
-        sch.vectorize(ji)
-        _, ej = sch.split(sch.get_loops(sch.get_sblock("exp"))[-1], [None, tile])
-        sch.vectorize(ej)
+        if tile > 1:  # (a one-key tile leaves no loop: the last one would be all the keys)
+            sch.vectorize(sch.get_loops(acc)[-1])
+            sch.vectorize(ji)
+            _, ej = sch.split(sch.get_loops(sch.get_sblock("exp"))[-1], [None, tile])
+            sch.vectorize(ej)
         # Step 4. P.V: each V row (dim-contiguous) loaded once for the task's rows.
         pv = sch.get_sblock("pv")
         *r, dd, jj = sch.get_loops(pv)[-3 if tiled else -2:]

@@ -143,7 +143,10 @@ def test_sequential_generation_matches_numpy_greedy(tiny_artifact):
                 tie_embeddings=False),
     LlamaConfig(hidden_size=48, intermediate_size=64, num_layers=1, num_heads=3,
                 num_kv_heads=3, vocab_size=260, max_context=32, norm_eps=1e-6),
-], ids=["mqa-untied", "mha-odd-sizes"])
+    # A context no 2 divides: one-key attention tiles (`--max-context 31` did not compile).
+    LlamaConfig(hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                num_kv_heads=2, vocab_size=320, max_context=31),
+], ids=["mqa-untied", "mha-odd-sizes", "odd-context"])
 def test_other_configs(tmp_path_factory, cfg):
     path, w = compile_tiny(tmp_path_factory, cfg, seed=3, name="cfg")
     art = load_artifact(path)

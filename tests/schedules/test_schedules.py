@@ -153,7 +153,8 @@ def test_argmax_first_index_of_maximum(rows, vocab):
     assert out.numpy()[-1] == 300 and (w == 1 or out.numpy()[0] == 17)
 
 
-@pytest.mark.parametrize("context,rows,n", [(64, 4, 37), (64, 8, 56), (60, 3, 9), (61, 2, 0)])
+@pytest.mark.parametrize("context,rows,n", [(64, 4, 37), (64, 8, 56), (60, 3, 9), (61, 2, 0),
+                                            (61, 1, 5)])
 def test_attention_matches_numpy(context, rows, n):
     """Keys rounded up to whole tiles (16, 4 and 1 here) up to the cache end; the masked and
     padded keys get weight 0 even where the cache holds other values."""
