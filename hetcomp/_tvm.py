@@ -14,8 +14,10 @@ import os
 
 import numpy as np
 
-# TVM's CPU thread pool runs one thread unless told otherwise; use every core by default.
-os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
+# TVM's CPU thread pool runs one thread unless told otherwise; use every core by default
+# (an empty value too: ``TVM_NUM_THREADS= hetcomp ...``).
+if not os.environ.get("TVM_NUM_THREADS", "").strip():
+    os.environ["TVM_NUM_THREADS"] = str(os.cpu_count() or 1)
 
 RUNTIME_ONLY: bool = os.environ.get("TVM_USE_RUNTIME_LIB", "") not in ("", "0")
 

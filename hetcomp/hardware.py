@@ -124,6 +124,20 @@ def host_cpu_name() -> str:
 DEFAULT_CUDA_ARCH = "sm_90"
 
 
+def cpu_threads() -> int:
+    """The CPU threads TVM's kernels run on: ``TVM_NUM_THREADS`` (:mod:`hetcomp._tvm` sets
+    it to every core where it is unset or empty); one line of error for a value that is no
+    positive integer."""
+    import os
+
+    value = os.environ.get("TVM_NUM_THREADS", "").strip()
+    if not value:
+        return os.cpu_count() or 1
+    if not value.isdigit() or int(value) < 1:
+        raise HetcompError(f"TVM_NUM_THREADS must be a positive integer, not {value!r}")
+    return int(value)
+
+
 def check_cuda_arch(arch: str) -> str:
     """``arch`` when it names an NVIDIA GPU architecture as TVM and nvcc take it (``sm_87``,
     ``sm_90a``); else one line of error, before any work (TVM's own check comes after the

@@ -47,6 +47,7 @@ from ..hardware import (
     DeviceSpec,
     base_cuda_arch,
     check_cuda_arch,
+    cpu_threads,
     host_part,
     target_dict,
     triple_arch,
@@ -581,7 +582,7 @@ def target_roofline(target: str, cuda_arch: str = DEFAULT_CUDA_ARCH) -> DeviceSp
             a @ a
             best = min(best, time.perf_counter() - t0)
             n += 1
-        threads = int(os.environ.get("TVM_NUM_THREADS") or os.cpu_count() or 1)
+        threads = cpu_threads()
         gflops = threads * 2 * 64 ** 3 / best / 1e9
         return DeviceSpec("cpu", "cpu", gflops, bw, notes=f"measured here: {bw:.1f} GB/s read, "
                           f"{gflops:.0f} GFLOP/s matmul")

@@ -19,7 +19,7 @@ import subprocess
 from importlib import metadata
 
 from ..errors import HetcompError
-from ..hardware import DEFAULT_CUDA_ARCH, SPECS, target_dict
+from ..hardware import DEFAULT_CUDA_ARCH, SPECS, cpu_threads, target_dict
 
 # Sources whose edit invalidates a profile: the kernels, their schedules and the harness,
 # and every hetcomp module they import (the packing block, the fused widths, the features).
@@ -200,7 +200,7 @@ def detect_unit(name: str, target: dict | None = None, cuda_arch: str | None = N
                            f"{', '.join(SPECS)})")
     target = dict(built_for) if built_for is not None else target
     fp = Fingerprint(unit=name, cpu_model=cpu_model(), cores=os.cpu_count() or 1,
-                     threads=int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1)), gpu=gpu,
+                     threads=cpu_threads(), gpu=gpu,
                      tvm_version=tvm_version(), target=json.dumps(target, sort_keys=True),
                      kernel_hash=kernel_source_hash())
     return Unit(name=name, target=target, device=device, fingerprint=fp)

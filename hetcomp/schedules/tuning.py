@@ -23,6 +23,7 @@ import os
 import sys
 
 from .._tvm import compiler
+from ..hardware import cpu_threads
 from ..kernels import ops
 from ..kernels.ops import OP_KIND
 
@@ -139,7 +140,7 @@ def tune_kernels(kernels: dict[str, object], target, db_path: str, trials_per_ke
     c = compiler()
     ms = c.meta_schedule
     say = progress or (lambda m: print(m, file=sys.stderr, flush=True))
-    cores = int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1))
+    cores = cpu_threads()
     tgt = c.Target(dict(target, **{"num-cores": cores}))
     db = open_database(db_path)
     # Every task's workload is its kernel named "main", as apply_database queries it.

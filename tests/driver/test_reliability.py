@@ -384,3 +384,33 @@ def test_fuzz_counts():
     print("fuzz cases (tried, refused):", FUZZ_COUNTS)
     for kind, (cases, refused) in FUZZ_COUNTS.items():
         assert cases >= 80 and refused > 0, kind
+
+
+def test_tvm_num_threads_empty_means_every_core_and_garbage_is_one_line(tmp_path, capsys,
+                                                                         monkeypatch):
+    """``TVM_NUM_THREADS=`` is every core (bench failed after its whole run on int('')); a
+    value that is no positive integer is refused in one line where hetcomp reads it."""
+    import subprocess
+    import sys
+
+    from hetcomp.errors import HetcompError
+    from hetcomp.hardware import cpu_threads
+
+    env = dict(os.environ, TVM_NUM_THREADS="")
+    out = subprocess.run([sys.executable, "-c", "import os, hetcomp._tvm; "
+                          "print(os.environ['TVM_NUM_THREADS'])"], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    assert int(out) == os.cpu_count()
+    for value, want in (("", os.cpu_count()), (" 3 ", 3)):
+        monkeypatch.setenv("TVM_NUM_THREADS", value)
+        assert cpu_threads() == want
+    for value in ("abc", "0", "-2", "1.5"):
+        monkeypatch.setenv("TVM_NUM_THREADS", value)
+        with pytest.raises(HetcompError, match="TVM_NUM_THREADS must be a positive integer"):
+            cpu_threads()
+    model = tmp_path / "tiny.gguf"
+    write_gguf(model, TINY, random_weights(TINY, seed=1), byte_tokenizer_spec(TINY.vocab_size))
+    monkeypatch.setenv("TVM_NUM_THREADS", "abc")
+    assert_one_line_error(*cli(capsys, "profile", "--model", model, "--quick", "-o",
+                               tmp_path / "db.sqlite"), "TVM_NUM_THREADS")
+    assert not (tmp_path / "db.sqlite").exists()
