@@ -66,6 +66,8 @@ def quality(artifact: str, reference: str | None = None, texts: int = 32,
     shorter of the two with a reference) and, with a ``reference`` artifact,
     the agreement of their next-token choices (argmax), the mean KL(reference || artifact) and
     the first disagreement (text, position, both top-2 ids and logits)."""
+    if texts < 1:
+        raise HetcompError(f"--texts must be at least 1, not {texts}")
     chosen = quality_texts(texts)
     if len(chosen) < texts:  # not fewer than asked, silently, under the count asked for
         raise HetcompError(f"--texts {texts}: the text set has {len(chosen)} texts")
@@ -106,13 +108,22 @@ def quality(artifact: str, reference: str | None = None, texts: int = 32,
     if t.tokens == 0:
         raise HetcompError("no text to score")
     out = {"artifact": artifact, "texts": texts, "tokens": t.tokens,
-           "perplexity": math.exp(t.nll / t.tokens)}
+           "nll_per_token": t.nll / t.tokens, "perplexity": _perplexity(t.nll / t.tokens)}
     if ref is not None:
-        out.update({"reference": reference,
-                    "reference_perplexity": math.exp(t.ref_nll / t.tokens),
+        out.update({"reference": reference, "reference_nll_per_token": t.ref_nll / t.tokens,
+                    "reference_perplexity": _perplexity(t.ref_nll / t.tokens),
                     "agreement": t.agree / t.tokens, "mean_kl": t.kl / t.tokens,
                     "first_disagreement": t.first})
     return out
+
+
+def _perplexity(nll_per_token: float) -> float | None:
+    """``exp`` of the mean negative log-likelihood; None past float's range (a mean above
+    ~709 nats a token: a broken model), which JSON could not hold as a number."""
+    try:
+        return math.exp(nll_per_token)
+    except OverflowError:
+        return None
 
 
 def _top2(logits: np.ndarray) -> list[list]:

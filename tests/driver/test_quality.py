@@ -36,6 +36,7 @@ def test_quality_against_itself_and_numpy(tiny_artifact):
         n += len(ids) - 1
     assert rep["tokens"] == n
     np.testing.assert_allclose(rep["perplexity"], np.exp(nll / n), rtol=1e-4)
+    np.testing.assert_allclose(rep["nll_per_token"], nll / n, rtol=1e-5)
 
 
 def _log_softmax(x):
@@ -105,3 +106,21 @@ def test_a_reference_with_a_shorter_context_scores_the_texts_cut_to_it(tiny_arti
         rep = quality(art, ref, texts=3)
         assert rep["tokens"] == n and rep["agreement"] == 1.0, (art, ref)
         np.testing.assert_allclose(rep["perplexity"], rep["reference_perplexity"], rtol=1e-5)
+
+
+def test_a_perplexity_past_float_range_is_null_in_valid_json(tmp_path_factory):
+    """Huge random weights give a mean NLL of thousands of nats: perplexity is null (not
+    `Infinity`, which is no JSON, nor an OverflowError as before), the NLL stays a number;
+    a text count below 1 is refused through the API as through the command."""
+    import pytest
+
+    from hetcomp.errors import HetcompError
+
+    path, _ = compile_tiny(tmp_path_factory, scale=3.0, name="wild")
+    rc, out, err = run_cli("quality", path, "--texts", 2, "--json")
+    assert rc == 0, err
+    rep = json.loads(out, parse_constant=lambda c: pytest.fail(f"{c} is no JSON"))
+    assert rep["perplexity"] is None and 709 < rep["nll_per_token"] < 1e9
+    with pytest.raises(HetcompError, match="--texts must be at least 1"):
+        quality(path, texts=-210)
+
