@@ -15,6 +15,8 @@ from ..runtime.generate import (
     GenerationResult,
     TextStream,
     auto_lookup,
+    check_context,
+    check_decoding,
     context_room,
 )
 
@@ -90,6 +92,9 @@ class Chat:
         self.width = default_width(self.art) if width is None else width
         self.lookup = auto_lookup(self.width) if lookup is None else lookup
         self.max_new_tokens = max_new_tokens
+        # Options no turn could fit are refused now, not after the user's first line.
+        check_decoding(self.art, max_new_tokens, self.width, self.lookup)
+        check_context(self.art, 1, max_new_tokens, "a turn")
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self.session = self.art.new_session()
         self.last: GenerationResult | None = None

@@ -69,6 +69,22 @@ def check_context(art, prompt_len: int, new_tokens: int, prompt: str = "prompt",
             "new token but the last)")
 
 
+def check_decoding(art, max_new_tokens: int, width: int, lookup: int = 0) -> None:
+    """Refuse, in one line, decoding options no prompt could make valid for ``art`` (a chat
+    checks them before its first turn)."""
+    if max_new_tokens < 1:
+        raise HetcompError("--max-new-tokens must be at least 1")
+    if width < 1:
+        raise HetcompError("--width must be at least 1")
+    if lookup < 0:
+        raise HetcompError("--lookup must be at least 0")
+    if width > 1 and width not in art.trees:
+        raise HetcompError(
+            f"width {width} is not available in this artifact " + (
+                f"(its trees have at most {max(art.trees)} nodes)" if art.trees
+                else "(it has no Medusa heads: compile with --heads)"))
+
+
 class Generation:
     """Greedy decoding as an iterator: each step yields the token ids it accepted.
 
@@ -93,12 +109,7 @@ class Generation:
     def __init__(self, art, prompt_ids, max_new_tokens: int = 64, stop_at_eos: bool = True,
                  width: int = 1, step_times: list | None = None, lookup: int = 0,
                  hidden_states: list | None = None, session=None):
-        if max_new_tokens < 1:
-            raise HetcompError("--max-new-tokens must be at least 1")
-        if width < 1:
-            raise HetcompError("--width must be at least 1")
-        if lookup < 0:
-            raise HetcompError("--lookup must be at least 0")
+        check_decoding(art, max_new_tokens, width, lookup)
         try:
             if isinstance(prompt_ids, str):
                 raise TypeError
@@ -112,11 +123,6 @@ class Generation:
         if any(i < 0 or i >= vocab for i in prompt_ids):
             raise HetcompError(f"prompt ids must lie in [0, {vocab})")
         check_context(art, len(prompt_ids), max_new_tokens)
-        if width > 1 and width not in art.trees:
-            raise HetcompError(
-                f"width {width} is not available in this artifact " + (
-                    f"(its trees go up to {max(art.trees)}; compile with --widths to {width})"
-                    if art.trees else "(it has no Medusa heads: compile with --heads)"))
         self.art, self.prompt_ids, self.max_new_tokens = art, prompt_ids, max_new_tokens
         self.width, self.lookup = width, min(lookup, width - 1)
         self.eos = set(art.tokenizer.eos_token_ids) if stop_at_eos else set()

@@ -186,3 +186,18 @@ def test_the_api_takes_ids_as_any_sequence_and_refuses_text_where_ids_go(tiny_ar
         text = generate(art, ids, max_new_tokens=4, stop_at_eos=False)
         "".join(text)
         assert text.result.ids == want
+
+
+def test_chat_refuses_its_options_before_the_first_turn(smollm2_artifact):
+    """A width the artifact lacks or a reply longer than the context is one line at start
+    (it was accepted, and a session without input ended with status 0)."""
+    from hetcomp.testing import assert_one_line_error
+
+    for args, needle in ((("--width", 128), "width 128 is not available"),
+                         (("--max-new-tokens", 5000), "--max-new-tokens (5000) does not fit")):
+        p = subprocess.run([sys.executable, "-m", "hetcomp", "chat", smollm2_artifact, *map(
+            str, args)], input="", capture_output=True, text=True, timeout=600, check=False)
+        assert_one_line_error(p.returncode, p.stderr, needle)
+    with pytest.raises(HetcompError, match="--lookup must be at least 0"):
+        Chat(smollm2_artifact, lookup=-1)
+

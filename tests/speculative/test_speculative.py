@@ -221,12 +221,12 @@ def test_host_split_times_the_parts_of_a_step_and_restores_the_artifact(tiny_spe
 
 
 def test_width_not_compiled_is_refused(tiny_artifact, tiny_speculative):
-    """A width the artifact has no tree for is refused with what to compile."""
+    """A width the artifact has no tree for is refused, saying what it has (compile has no
+    --widths flag to advise)."""
     art = load_artifact(tiny_artifact[0])
     with pytest.raises(HetcompError, match="width 4 .* no Medusa heads: compile with --heads"):
         generate(art, [1, 2], max_new_tokens=4, width=4)
-    with pytest.raises(HetcompError, match="width 17 .* trees go up to 16; compile with "
-                                           "--widths to 17"):
+    with pytest.raises(HetcompError, match="width 17 .* trees have at most 16 nodes"):
         generate(tiny_speculative, [1, 2], max_new_tokens=4, width=17)
 
 
