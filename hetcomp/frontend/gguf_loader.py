@@ -227,10 +227,12 @@ def read_weights(reader, cfg: LlamaConfig, keep_quant: bool = False) -> LazyWeig
 
 
 # The token texts llama.cpp ends generation at, whatever the file's eos id (llama-vocab.cpp,
-# special_eog_ids; ggml-org/llama.cpp#9606).
+# special_eog_ids; ggml-org/llama.cpp#9606). Not followed: its fill-in-the-middle pad,
+# repo and separator tokens, which it finds by other names and keys.
 END_OF_GENERATION_TEXTS = frozenset({
-    "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>",
-    "<EOT>", "<|end_of_text|>"})
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<end_of_turn>",
+    "<|endoftext|>", "<|eom_id|>", "<EOT>", "_<EOT>", "<|end_of_text|>",
+    "<end_of_utterance>"})
 
 
 def read_tokenizer_spec(reader) -> dict:

@@ -55,6 +55,20 @@ def test_gguf_weights_are_read_when_packed_and_name_their_source(tmp_path):
     assert report == {"converted": {"f16->q8_0": 7 * TINY.num_layers + 1}}
 
 
+def test_gguf_generation_ends_where_llama_cpp_ends_it(tmp_path):
+    """The file's eos first, then every token llama.cpp ends generation at by its text,
+    whatever its id; look-alikes (another case, FIM tokens) do not end it."""
+    spec = byte_tokenizer_spec(TINY.vocab_size)  # 0 <|endoftext|>, 2 <|im_end|> (eos)
+    named = {300: "<|eot_id|>", 301: "_<EOT>", 302: "<end_of_turn>", 303: "<|END_OF_TEXT|>",
+             304: "<|fim_pad|>", 305: "<end_of_utterance>"}
+    for i, text in named.items():
+        spec["tokens"][i] = text
+    path = tmp_path / "m.gguf"
+    write_gguf(path, TINY, random_weights(TINY, seed=0), spec)
+    _, _, loaded, _ = load_model(str(path))
+    assert loaded["eos_token_ids"] == [2, 0, 300, 301, 302, 305]
+
+
 def test_hf_folder(tmp_path):
     from hetcomp.frontend.tokenizer import build_tokenizer
 
