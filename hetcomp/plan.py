@@ -363,10 +363,10 @@ def _check_tree(tree, width: int) -> None:
 
 def plan_choice(path: str) -> dict | None:
     """What a ``plan.json`` of `hetcomp tune` decided beyond the partition: ``{"width",
-    "tree", "source", "units", "cost_dir", "dtype"}`` (``tree``: the tree's JSON or None;
-    ``cost_dir``: the fitted cost models `tune` wrote beside it, or None; ``dtype``: the
-    weight dtype it was planned for, from its model key ``name:dtype:digest``, or None);
-    None for a bare HeteroPlan."""
+    "tree", "source", "units", "cost_dir", "model", "dtype", "shape_digest"}`` (``tree``: the
+    tree's JSON or None; ``cost_dir``: the fitted cost models `tune` wrote beside it, or None;
+    ``model``, ``dtype``, ``shape_digest``: the parts of its model key
+    ``name:dtype:digest``, or None); None for a bare HeteroPlan."""
     data = _read_json(path)
     if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
         return None
@@ -381,6 +381,8 @@ def plan_choice(path: str) -> dict | None:
         return {"width": width, "tree": data.get("tree"), "source": str(data["source"]),
                 "units": [str(u) for u in data["units"]],
                 "cost_dir": cost_dir if os.path.isdir(cost_dir) else None,
-                "dtype": key[1] if len(key) == 3 else None}
+                "model": key[0] if len(key) == 3 else None,
+                "dtype": key[1] if len(key) == 3 else None,
+                "shape_digest": key[2] if len(key) == 3 else None}
     except (ValueError, KeyError, TypeError) as e:
         raise HetcompError(f"cannot read plan {path}: {type(e).__name__}: {e}") from None

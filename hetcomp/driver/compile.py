@@ -194,6 +194,22 @@ def _cpu_arch(target: dict) -> str:
     return triple_arch(str(target.get("mtriple") or platform.machine()))
 
 
+def _check_plan_model(opts: CompileOptions) -> None:
+    """A plan `tune` made for another model is refused: its widths, tree and split ratios
+    were chosen for other shapes (each plan is lossless, but not this model's best). The
+    plan's key names the model's shapes by digest (:func:`~hetcomp.driver.profile.
+    read_model_shape`, from the file's metadata, before any weight is read)."""
+    choice = opts.plan_choice or {}
+    if not choice.get("shape_digest"):  # a bare HeteroPlan, or a key without shapes
+        return
+    from .profile import read_model_shape
+
+    _, key = read_model_shape(opts.model, choice["dtype"] or opts.dtype)
+    if key.rsplit(":", 1)[-1] != choice["shape_digest"]:
+        raise HetcompError(f"the plan was tuned for {choice['model']}, whose shapes are not "
+                           f"those of {opts.model}: run `hetcomp tune --model {opts.model}`")
+
+
 def _progress(step: int, total: int, what: str, quiet: bool) -> None:
     if not quiet:
         print(f"[{step}/{total}] {what}", file=sys.stderr, flush=True)
@@ -236,6 +252,8 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
     t0 = time.time()
     check_output(out_dir, is_artifact, "hetcomp artifact", force)
     cross_linker(opts.target)  # a missing cross linker is one line now, not after the build
+    if weights is None:  # (weights given in memory: no model file to read shapes from)
+        _check_plan_model(opts)
     # Load (and so validate) the input before printing anything: bad input gets one line.
     cfg, w, spec, source = weights if weights is not None else load_model(
         opts.model, opts.max_context, keep_quant=is_quant(opts.dtype))

@@ -359,6 +359,14 @@ def test_a_plan_on_one_gpu_compiles_as_the_whole_model_gpu_build(tmp_path, capsy
     assert m["plan"] is None and m["plan_source"] == "spec-estimate"
     assert m["cuda_graph"] and m["fused_linears"] and m["target_spec"]["arch"] == "sm_90"
     assert [u["device"] for u in m["units"]] == ["cuda"]
+    # A plan tuned for another model is refused before the model is read (it was built,
+    # with widths, tree and ratios chosen for other shapes).
+    model = tmp_path / "tiny.gguf"
+    write_gguf(model, TINY, random_weights(TINY, seed=1), byte_tokenizer_spec(TINY.vocab_size))
+    assert_one_line_error(*cli(capsys, "compile", "--model", model, "--target", "cuda",
+                               "--plan", out / "plan.json", "-o", tmp_path / "other"),
+                          "the plan was tuned for smollm2, whose shapes are not those of")
+    assert not (tmp_path / "other").exists()
 
 
 def test_fuzz_manifest(tmp_path, tiny_artifact, capsys):
