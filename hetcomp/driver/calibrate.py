@@ -27,7 +27,7 @@ from ..frontend import load_model
 from ..frontend.tokenizer import TokenizerInfo
 from ..runtime import load_artifact
 from ..runtime.generate import generate
-from ..speculative.corpus import load_corpus
+from ..speculative.corpus import CORPORA, load_corpus
 from ..speculative.medusa import (
     TOPK,
     MedusaHeads,
@@ -64,16 +64,29 @@ class CalibrateOptions:
     dtype: str = "float32"
 
 
-def read_responses(path: str) -> dict[str, list[int]]:
-    """``{prompt: greedy response ids}`` from JSON lines ``{"prompt": ..., "ids": [...]}``."""
+def read_responses(path: str, vocab_size: int | None = None) -> dict[str, list[int]]:
+    """``{prompt: greedy response ids}`` from JSON lines ``{"prompt": ..., "ids": [...]}``.
+
+    Every response holds at least one id (teacher forcing starts from its first) and, with
+    ``vocab_size``, only ids of that vocabulary: the compiled model reads its embedding at
+    each id unchecked, so one outside it crashed the process or trained on other memory."""
     opener = gzip.open if path.endswith(".gz") else open
     try:
         with opener(path, "rt") as fh:
-            rows = [json.loads(line) for line in fh if line.strip()]
-        return {r["prompt"]: [int(i) for i in r["ids"]] for r in rows}
-    except (OSError, ValueError, KeyError, TypeError, EOFError, zlib.error) as e:
-        # (gzip: EOFError for a truncated stream, zlib.error for a damaged one)
+            rows = [(n, json.loads(line)) for n, line in enumerate(fh, 1) if line.strip()]
+        rows = [(n, r["prompt"], [int(i) for i in r["ids"]]) for n, r in rows]
+        responses = {prompt: ids for _, prompt, ids in rows}  # (a list as prompt: TypeError)
+    except (OSError, ValueError, KeyError, TypeError, OverflowError, EOFError, zlib.error) as e:
+        # (gzip: EOFError for a truncated stream, zlib.error for a damaged one; an id of
+        # 1e400: OverflowError)
         raise HetcompError(f"cannot read responses {path}: {e}") from None
+    for n, _, ids in rows:
+        if not ids:
+            raise HetcompError(f"responses {path}, line {n}: the response is empty")
+        if vocab_size is not None and not 0 <= min(ids) <= max(ids) < vocab_size:
+            raise HetcompError(f"responses {path}, line {n}: token ids outside this model's "
+                               f"vocabulary of {vocab_size}")
+    return responses
 
 
 TEACHER_CHUNK = 64  # tokens per verify call when replaying a recorded response
@@ -190,11 +203,19 @@ def load_cache(path: str):
         return ([z[f"{prefix}_h{i}"] for i in range(n)], [z[f"{prefix}_s{i}"] for i in range(n)])
 
     try:
-        with np.load(path) as z:
+        # Any file may be named here (--reuse, or --cache's check of what it would replace):
+        # np.load reads a .npy as a bare array, not an archive of parts; an empty file raises
+        # EOFError; pickled content stays refused (allow_pickle).
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise TypeError("a bare array (.npy), not an .npz archive")
+        with z:
             return part(z, "tr"), part(z, "ho")
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, AttributeError) as e:
+    except (OSError, EOFError, KeyError, ValueError, TypeError, AttributeError,
+            NotImplementedError, zipfile.BadZipFile, zlib.error) as e:  # damaged .npz files
         raise HetcompError(f"cannot read calibration data {path} (saved by --cache): "
-                           f"{e}") from None
+                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                           ) from None
 
 
 def is_calibration_data(path: str) -> bool:
@@ -250,7 +271,8 @@ def heldout_prompts(info: dict, count: int = 8) -> list[str]:
     ``info`` (``MedusaHeads.info``, or an artifact's ``speculative.heads_info``): same corpus,
     seed and split, so prompts the heads never trained on, the ones their trees' expected
     acceptance was measured on. Recorded responses are looked up in the package's data
-    folder by file name."""
+    folder by file name. A corpus file is read where ``info`` says: calibrate records its
+    absolute path (older heads, the path as typed: from the current folder)."""
     responses = packaged_file(info["responses"]) if info.get("recorded_only") else None
     # (heads calibrated before the split's options were recorded used the defaults)
     opts = CalibrateOptions(corpus=info["corpus"], seed=info["seed"], responses=responses,
@@ -265,7 +287,8 @@ def distillation_data(art, opts: CalibrateOptions, progress: bool = True):
     outputs for the corpus's split prompts (replayed where ``opts.responses`` has them) with
     the hidden states that chose them, saved to ``opts.cache`` when it is set (the expensive
     part: :func:`load_cache` gives it back to re-train without re-generating)."""
-    responses = read_responses(opts.responses) if opts.responses else None
+    responses = (read_responses(opts.responses, art.config.vocab_size) if opts.responses
+                 else None)
     train, held = split_prompts(opts, responses)
     if progress:
         print(f"[1/3] self-distillation data: {len(train)} training, {len(held)} held-out "
@@ -320,7 +343,9 @@ def calibrate(art, embed: np.ndarray, opts: CalibrateOptions, progress: bool = T
                                 roots=rho if opts.condition_on_root else None)
     heads.rank_probs = rank_statistics(heads.ranks)
     heads.info = {
-        "corpus": opts.corpus, "seed": opts.seed, "epochs": opts.epochs, "dtype": opts.dtype,
+        # a corpus file by its absolute path: `bench --prompts heldout` may run elsewhere
+        "corpus": opts.corpus if opts.corpus in CORPORA else os.path.abspath(opts.corpus),
+        "seed": opts.seed, "epochs": opts.epochs, "dtype": opts.dtype,
         # the split's options: `bench --prompts heldout` redraws the same held-out prompts
         "held_out": opts.held_out, "max_prompts": opts.max_prompts,
         "lr_schedule": "cosine" if opts.cosine else "constant",
@@ -399,6 +424,8 @@ def calibrate_model(model: str, opts: CalibrateOptions, output: str, reuse: str 
         if not all(any(fits(len(prompt_ids(tok, p)), opts.new_tokens, context) for p in part)
                    for part in split):
             raise HetcompError(_none_fit(context, opts.new_tokens))
+        if opts.responses:  # read again, now that the vocabulary their ids must lie in is known
+            read_responses(opts.responses, loaded[0].vocab_size)
     if data is not None:  # the saved data replaces the compiled model's run
         check_calibration_data(data, loaded[0], reuse)
         heads = calibrate(None, loaded[1]["embed"], opts, data=data,
