@@ -10,8 +10,9 @@ import time
 
 import numpy as np
 
-from ..artifact_format import PLOT_METADATA, check_output_file, is_plot, is_png, output_file
+from ..artifact_format import PLOT_METADATA, check_output_file, is_plot, output_file
 from ..errors import HetcompError
+from ..hardware import cpu_threads
 from ..profile.bandwidth import measure_read_bandwidth
 from ..runtime import generate, load_artifact
 from ..runtime.generate import auto_lookup, check_context
@@ -23,18 +24,38 @@ BENCH_PROMPTS = [
     "Explain how a refrigerator works, in simple terms.",
     "What should I pack for a weekend hiking trip?",
 ]
+PROMPT_SETS = ("bench", "heldout")
 
 
 def bench_prompts(manifest: dict, which: str = "bench") -> list[str]:
     """The prompts `hetcomp bench` decodes: ``bench`` (:data:`BENCH_PROMPTS`) or ``heldout``
     (the first 8 held-out prompts of the calibration that made the heads of the artifact
     whose ``manifest`` is given)."""
+    _check_prompt_set(which)
     if which == "bench":
         return list(BENCH_PROMPTS)
     info = (manifest.get("speculative") or {}).get("heads_info")
     if not info or "corpus" not in info:
         raise HetcompError("--prompts heldout needs an artifact compiled with calibrated heads")
     return heldout_prompts(info)
+
+
+def _check_prompt_set(which: str) -> None:
+    """Refuse a prompt set other than :data:`PROMPT_SETS` (the API takes any string; a typo
+    must not decode the held-out prompts instead)."""
+    if which not in PROMPT_SETS:
+        raise HetcompError(f"--prompts must be {' or '.join(PROMPT_SETS)}, not {which!r}")
+
+
+def encode_prompts(art, texts: list[str], new_tokens: int, what: str) -> list[list[int]]:
+    """``texts`` as token ids (with the chat template where the artifact has one), each
+    checked to fit the context with ``new_tokens`` (named ``what`` 1, 2, ... in the refusal),
+    so that a long prompt is refused before any decoding rather than after the others."""
+    chat = art.tokenizer.chat_template is not None  # tiny test models have none
+    encoded = [art.tokenizer.encode(t, chat=chat) for t in texts]
+    for i, ids in enumerate(encoded, 1):
+        check_context(art, len(ids), new_tokens, f"{what} {i}", "--new-tokens")
+    return encoded
 
 
 def bench_widths(art, widths, new_tokens: int, lookup: int | None,
@@ -44,12 +65,14 @@ def bench_widths(art, widths, new_tokens: int, lookup: int | None,
     Widths are interleaved: every prompt (in every round) runs at each width in turn, so a
     slow phase of a shared machine lands on all widths alike instead of on a few of them.
     """
-    chat = art.tokenizer.chat_template is not None  # tiny test models have none
-    encoded = [art.tokenizer.encode(p, chat=chat) for p in prompts]
-    lookups = {w: auto_lookup(w) if lookup is None else lookup for w in widths}
+    widths = list(dict.fromkeys(widths))  # each once (a width named twice: one row)
+    encoded = encode_prompts(art, prompts, new_tokens, "prompt")
+    # A step drafts at most W - 1 nodes by lookup (the root is the model's own choice), as
+    # Generation clamps it: the rows report what was used.
+    lookups = {w: min(auto_lookup(w) if lookup is None else lookup, w - 1) for w in widths}
     for w in widths:
-        generate(art, encoded[0], max_new_tokens=8, stop_at_eos=False, width=w,
-                 lookup=lookups[w])  # warm-up
+        generate(art, encoded[0], max_new_tokens=min(8, new_tokens), stop_at_eos=False,
+                 width=w, lookup=lookups[w])  # warm-up
     made = dict.fromkeys(widths, 0)
     secs = dict.fromkeys(widths, 0.0)
     steps = dict.fromkeys(widths, 0)
@@ -113,18 +136,27 @@ def plot_widths(rows, path: str, title: str) -> None:
     plt.close(fig)
 
 
+def _breakdown_widths(art, widths) -> list[int]:
+    """The widths the step breakdowns time, each once: those whose whole tree fits the
+    context after one committed token. (Generation verifies a wider tree only shrunk to the
+    room left; a breakdown times the compiled tree as it is.)"""
+    return sorted(w for w in set(widths) if w < art.config.max_context)
+
+
 def _breakdown_cache_len(art, widths) -> int:
     """The committed length the step breakdowns run after: 64, or less if the widest tree
-    would not fit the context after it."""
-    return max(1, min(64, art.config.max_context - max(widths) - 1))
+    they time (:func:`_breakdown_widths`) would not fit the context after it."""
+    return max(1, min(64, art.config.max_context - max(widths, default=1) - 1))
 
 
 def kernel_tables(art, widths, top: int) -> list[dict]:
     """Per width: the ``top`` kernels (and VM builtins) by synchronised time in one verify
-    step (hetcomp.runtime.unit_time.kernel_breakdown)."""
+    step (hetcomp.runtime.unit_time.kernel_breakdown); widths whose tree does not fit the
+    context are left out (:func:`_breakdown_widths`)."""
+    widths = _breakdown_widths(art, widths)
     cache_len = _breakdown_cache_len(art, widths)
     out = []
-    for w in sorted(set(widths)):
+    for w in widths:
         b = kernel_breakdown(art, w, steps=5, cache_len=cache_len)
         out.append({"width": w, "step_ms": 1e3 * b["step_s"], "top": [
             {"name": k, "ms": 1e3 * t, "calls": b["calls"][k]}
@@ -134,10 +166,12 @@ def kernel_tables(art, widths, top: int) -> list[dict]:
 
 def verify_steps(art, widths) -> list[dict]:
     """Per width: the verify step time and each unit's busy time (their sum is the step
-    without overlap; see hetcomp.runtime.unit_time)."""
+    without overlap; see hetcomp.runtime.unit_time); widths whose tree does not fit the
+    context are left out (:func:`_breakdown_widths`)."""
+    widths = _breakdown_widths(art, widths)
     cache_len = _breakdown_cache_len(art, widths)
     out = []
-    for w in sorted(set(widths)):
+    for w in widths:
         b = step_breakdown(art, w, steps=5, cache_len=cache_len)
         out.append({"width": w, "step_ms": 1e3 * b["step_s"], "serial_ms": 1e3 * b["serial_s"],
                     "busy_ms": {u: 1e3 * t for u, t in b["busy_s"].items() if u != "host"}})
@@ -176,7 +210,8 @@ def bench(artifact: str, widths: list[int] | None = None, runs: int = 5, new_tok
     times on the first bench prompt (median tokens/s, against the measured read bandwidth's
     roofline), the verify step per width, and with ``widths``
     every width on every prompt, interleaved (:func:`bench_widths`), plotted to ``plot``
-    (default ``ARTIFACT/bench_widths.png``).
+    (default ``ARTIFACT/bench_widths.png``, unless a file there is not a plot of ours).
+    W = 1 is always among the widths, first: the speedup is against it, in the same run.
     """
     if runs < 1 or rounds < 1 or kernels < 0:
         raise HetcompError("--runs and --rounds must be at least 1, --kernels at least 0")
@@ -187,23 +222,40 @@ def bench(artifact: str, widths: list[int] | None = None, runs: int = 5, new_tok
         raise HetcompError("--lookup must be at least 0")
     if widths is not None and (not widths or min(widths) < 1):
         raise HetcompError("--widths must be positive integers")
+    _check_prompt_set(prompts)
+    if widths:  # each width once, W = 1 first (the speedup's base, in the same interleaving)
+        widths = list(dict.fromkeys([1, *widths]))
+    plot_kind = (is_plot, "hetcomp plot")
     if plot is not None:  # before the long work: a plot replaces a plot of ours, no other file
         if not widths:
             raise HetcompError("--plot draws the widths' speeds: it needs --widths")
         if os.path.splitext(plot)[1].lower() != ".png":
             raise HetcompError(f"--plot writes a PNG: give a path ending in .png, not {plot}")
-        plot_kind = (is_plot, "hetcomp plot")
         check_output_file(plot, *plot_kind, force=True)
     art = load_artifact(artifact, verify=verify)
-    if plot is None and widths:  # into the artifact's folder, ours: a PNG there is our plot
-        plot, plot_kind = os.path.join(art.path, "bench_widths.png"), (is_png, "PNG plot")
-        check_output_file(plot, *plot_kind, force=True)
+    if plot is None and widths:  # the default, in the artifact's folder: over a plot of ours only
+        plot = os.path.join(art.path, "bench_widths.png")
+        if os.path.lexists(plot) and not is_plot(plot):  # the user's: not asked to replace it
+            print(f"note: {plot} is not a hetcomp plot: left as it is, no plot drawn "
+                  "(--plot FILE.png draws one)", file=sys.stderr, flush=True)
+            plot = None
+        else:
+            check_output_file(plot, *plot_kind, force=True)
     texts = bench_prompts(art.manifest, prompts)
     bad = [w for w in (widths or [1]) if w != 1 and w not in art.trees]
-    if bad:
-        raise HetcompError(f"widths {bad} are not in this artifact (compile with --heads)")
-    ids = art.tokenizer.encode(BENCH_PROMPTS[0], chat=art.tokenizer.chat_template is not None)
-    check_context(art, len(ids), new_tokens, "the bench prompt", "--new-tokens")
+    if bad:  # (as Generation words it)
+        raise HetcompError(f"widths {bad} are not in this artifact " + (
+            f"(its trees have at most {max(art.trees)} nodes)" if art.trees
+            else "(it has no Medusa heads: compile with --heads)"))
+    (ids,) = encode_prompts(art, BENCH_PROMPTS[:1], new_tokens, "bench prompt")
+    if widths:  # every prompt the widths decode, before the long work
+        encode_prompts(art, texts, new_tokens,
+                       "held-out prompt" if prompts == "heldout" else "bench prompt")
+    left_out = sorted(set(widths or [1]) - set(_breakdown_widths(art, widths or [1])))
+    if left_out:
+        print(f"note: the verify step breakdowns leave out W={','.join(map(str, left_out))}, "
+              f"whose tree does not fit the context of {art.config.max_context} tokens after "
+              "one committed token (generation shrinks it there)", file=sys.stderr, flush=True)
     generate(art, ids, max_new_tokens=min(8, new_tokens), stop_at_eos=False)  # warm-up
     results = [generate(art, ids, max_new_tokens=new_tokens, stop_at_eos=False)
                for _ in range(runs)]
@@ -213,7 +265,7 @@ def bench(artifact: str, widths: list[int] | None = None, runs: int = 5, new_tok
     report = {
         "artifact": art.path,
         "dtype": art.dtype,
-        "threads": int(os.environ.get("TVM_NUM_THREADS", "1")),
+        "threads": cpu_threads(),
         "prompt_tokens": len(ids),
         "new_tokens": new_tokens,
         "runs": runs,
@@ -238,13 +290,13 @@ def bench(artifact: str, widths: list[int] | None = None, runs: int = 5, new_tok
             if str(r["width"]) in predicted:
                 r["predicted_tokens_per_s"] = predicted[str(r["width"])]["tokens_per_s"]
         best = max(rows, key=lambda r: r["tokens_per_s"])
-        base = next((r for r in rows if r["width"] == 1), rows[0])
         report["widths"] = rows
         report["best_width"] = best["width"]
-        report["speedup_best_vs_w1"] = best["tokens_per_s"] / base["tokens_per_s"]
-        with output_file(plot, *plot_kind, force=True) as tmp:
-            plot_widths(rows, tmp, f"{art.manifest['model']} ({art.dtype}): speculative "
-                        "decoding")
+        report["speedup_best_vs_w1"] = best["tokens_per_s"] / rows[0]["tokens_per_s"]  # W=1
+        if plot is not None:
+            with output_file(plot, *plot_kind, force=True) as tmp:
+                plot_widths(rows, tmp, f"{art.manifest['model']} ({art.dtype}): speculative "
+                            "decoding")
         report["plot"] = plot
     report["peak_rss_mb"] = peak_rss_mb()
     return report
