@@ -29,7 +29,7 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompts", choices=("bench", "heldout"), default="bench")
     args = ap.parse_args()
-    from hetcomp.driver.bench import bench_prompts
+    from hetcomp.driver.benchmark import bench_prompts
     from hetcomp.runtime import generate, load_artifact
 
     configs = [tuple(int(x) for x in c.split(":")) for c in args.configs.split(",")]

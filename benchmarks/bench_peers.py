@@ -105,7 +105,7 @@ def main() -> int:
     if len(widths) != len(args.artifact):
         ap.error("give one --width, or one per artifact")
     os.environ.setdefault("TVM_NUM_THREADS", "2")
-    from hetcomp.driver.bench import bench_prompts
+    from hetcomp.driver.benchmark import bench_prompts
     from hetcomp.frontend import default_gguf_path
     from hetcomp.runtime import load_artifact
     from hetcomp.runtime.generate import auto_lookup

@@ -22,7 +22,7 @@ import os
 import tempfile
 import time
 
-from hetcomp.driver.bench import BENCH_PROMPTS
+from hetcomp.driver.benchmark import BENCH_PROMPTS
 from hetcomp.driver.compile import CompileOptions, compile_model
 from hetcomp.frontend import load_model
 from hetcomp.frontend.models import default_heads

@@ -57,7 +57,7 @@ import sys
 import tempfile
 
 from hetcomp import _tvm
-from hetcomp.driver.profile import read_model_shape
+from hetcomp.driver.profiling import read_model_shape
 from hetcomp.kernels import ops, quant, script_ops
 from hetcomp.schedules.apply import rule_name
 from hetcomp.schedules.gpu import (

@@ -35,7 +35,7 @@ def main() -> int:
     ap.add_argument("--prompts", default="chat,bench,heldout")
     ap.add_argument("--new-tokens", type=int, default=128)
     args = ap.parse_args()
-    from hetcomp.driver.bench import bench_prompts
+    from hetcomp.driver.benchmark import bench_prompts
     from hetcomp.runtime import generate, load_artifact
     from hetcomp.testing.reference import CHAT_PROMPTS
 

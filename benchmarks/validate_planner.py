@@ -27,7 +27,7 @@ import numpy as np
 
 from hetcomp.cost.xgb import mape
 from hetcomp.driver.compile import CompileOptions, compile_model
-from hetcomp.driver.tune import (
+from hetcomp.driver.tuning import (
     load_draft,
     measured_unit_models,
     profile_command,

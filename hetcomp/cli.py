@@ -181,7 +181,7 @@ def cmd_chat(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .driver.bench import bench
+    from .driver.benchmark import bench
 
     report = bench(args.artifact, widths=args.widths, runs=args.runs,
                    new_tokens=args.new_tokens, prompts=args.prompts, rounds=args.rounds,
@@ -217,7 +217,7 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_profile(args) -> int:
-    from .driver.profile import profile_command
+    from .driver.profiling import profile_command
 
     if args.kit_out is not None and args.output is not None:
         raise HetcompError("--kit-out only builds a kit (measure it with --kit KIT -o DB): "
@@ -234,7 +234,7 @@ def cmd_profile(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from .driver.tune import tune_command, tune_kernels_command
+    from .driver.tuning import tune_command, tune_kernels_command
 
     if args.kernels:
         if args.dtype != "float32":

@@ -119,3 +119,23 @@ def test_runtime_only_imports_no_compiler():
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "", f"compiler modules imported: {out.stdout}"
+
+
+def test_the_driver_api_names_are_its_functions():
+    """`from hetcomp.driver import bench, tune` gives the functions the README documents,
+    also after their modules were imported (a module named like an API name became the
+    package's attribute: both names gave modules)."""
+    code = ("import hetcomp.driver.text, hetcomp.driver.benchmark, hetcomp.driver.tuning\n"
+            "from hetcomp.driver import (CompileOptions, compile_model, load, generate, Chat,\n"
+            "                            bench, tune, profile, calibrate_model)\n"
+            "import types\n"
+            "api = [CompileOptions, compile_model, load, generate, Chat, bench, tune, profile,\n"
+            "       calibrate_model]\n"
+            "print([getattr(f, '__name__', f) for f in api\n"
+            "       if isinstance(f, types.ModuleType) or not callable(f)])\n"
+            "print(bench.__module__, tune.__name__, profile.__name__)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == [
+        "[]", "hetcomp.driver.benchmark tune_command profile_command"]

@@ -11,7 +11,7 @@ import tempfile
 import numpy as np
 
 import hetcomp
-from hetcomp.driver.tune import tune_command
+from hetcomp.driver.tuning import tune_command
 from hetcomp.hardware import target_dict
 from hetcomp.plan import HeteroPlan
 

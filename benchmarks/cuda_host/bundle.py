@@ -62,7 +62,7 @@ def main() -> int:
     import tvm
 
     from hetcomp.driver.compile import CompileOptions, compile_model
-    from hetcomp.driver.profile import read_model_shape
+    from hetcomp.driver.profiling import read_model_shape
     from hetcomp.hardware import target_dict
     from hetcomp.plan import HeteroPlan
     from hetcomp.profile.measure import ProfileOptions, build_kit

@@ -48,7 +48,7 @@ def main() -> int:
             with ProfileDB(path) as src:
                 dst.merge_from(src)
 
-    from hetcomp.driver.tune import (
+    from hetcomp.driver.tuning import (
         measured_unit_models,
         read_model_shape,
         stored_digests,

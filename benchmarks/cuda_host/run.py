@@ -53,7 +53,7 @@ def say(msg: str) -> None:
 
 
 def profile(bundle: str, out: str, units: list[str]) -> None:
-    from hetcomp.driver.profile import profile_command
+    from hetcomp.driver.profiling import profile_command
 
     summary = profile_command(units=units or ["cpu", "cuda"], out=os.path.join(out, "profile.sqlite"),
                               kit=os.path.join(bundle, "kit"), progress=say)
@@ -83,7 +83,7 @@ def _gguf(bundle: str) -> str:
 
 
 def run(bundle: str, out: str, names: list[str]) -> None:
-    from hetcomp.driver.bench import bench_prompts
+    from hetcomp.driver.benchmark import bench_prompts
     from hetcomp.errors import HetcompError
     from hetcomp.runtime import attach_weights, load_artifact
 

@@ -11,7 +11,9 @@
 ============================  ==============================================================
 
 Names are imported on first use: loading and generating needs only a runtime-only TVM
-(``TVM_USE_RUNTIME_LIB=1``), so importing this package must not import the compiler.
+(``TVM_USE_RUNTIME_LIB=1``), so importing this package must not import the compiler. No
+module is named like an API name: importing a submodule sets the package's attribute of its
+name, which ``from hetcomp.driver import bench`` then returned instead of the function.
 """
 
 import importlib
@@ -19,7 +21,7 @@ import importlib
 _API = {
     "CompileOptions": ".compile", "compile_model": ".compile",
     "load": ".text", "generate": ".text", "Chat": ".text",
-    "bench": ".bench", "tune": ".tune", "profile": ".profile",
+    "bench": ".benchmark", "tune": ".tuning", "profile": ".profiling",
     "CalibrateOptions": ".calibrate", "calibrate_model": ".calibrate",
 }
 _RENAMED = {"load": "load_artifact", "tune": "tune_command", "profile": "profile_command"}

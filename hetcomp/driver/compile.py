@@ -197,12 +197,12 @@ def _cpu_arch(target: dict) -> str:
 def _check_plan_model(opts: CompileOptions) -> None:
     """A plan `tune` made for another model is refused: its widths, tree and split ratios
     were chosen for other shapes (each plan is lossless, but not this model's best). The
-    plan's key names the model's shapes by digest (:func:`~hetcomp.driver.profile.
+    plan's key names the model's shapes by digest (:func:`~hetcomp.driver.profiling.
     read_model_shape`, from the file's metadata, before any weight is read)."""
     choice = opts.plan_choice or {}
     if not choice.get("shape_digest"):  # a bare HeteroPlan, or a key without shapes
         return
-    from .profile import read_model_shape
+    from .profiling import read_model_shape
 
     _, key = read_model_shape(opts.model, choice["dtype"] or opts.dtype)
     if key.rsplit(":", 1)[-1] != choice["shape_digest"]:

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from hetcomp.driver.bench import BENCH_PROMPTS
+from hetcomp.driver.benchmark import BENCH_PROMPTS
 from hetcomp.driver.compile import CompileOptions, compile_model
 from hetcomp.frontend.weights import random_weights
 from hetcomp.runtime import load_artifact

@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 from hetcomp.artifact_format import is_plot
-from hetcomp.driver.bench import bench, bench_prompts, llama_bench
+from hetcomp.driver.benchmark import bench, bench_prompts, llama_bench
 from hetcomp.errors import HetcompError
 from hetcomp.frontend.weights import random_weights
 from hetcomp.runtime import load_artifact
@@ -26,7 +26,7 @@ from hetcomp.testing import (
 from hetcomp.testing.gguf_writer import write_gguf
 
 # (the module: hetcomp.driver's attribute ``bench`` is not reliably it or the function)
-bench_module = importlib.import_module("hetcomp.driver.bench")
+bench_module = importlib.import_module("hetcomp.driver.benchmark")
 
 
 def test_bench_reports_pp512_and_tg128(tmp_path_factory):

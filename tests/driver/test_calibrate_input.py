@@ -14,7 +14,7 @@ import pytest
 
 import hetcomp.driver.calibrate as calibrate_mod
 from hetcomp.cli import main
-from hetcomp.driver.bench import bench_prompts
+from hetcomp.driver.benchmark import bench_prompts
 from hetcomp.driver.calibrate import heldout_prompts, is_calibration_data
 from hetcomp.frontend.weights import random_weights
 from hetcomp.speculative.medusa import MedusaHeads

@@ -123,7 +123,7 @@ def test_tune_q4_1_plan_compiles_q4_1_only(tmp_path, cli):
     key; `compile --dtype q4_1 --plan` builds with its fitted cost models; a float32 compile
     of that plan, an unknown --dtype and `tune --kernels --dtype q4_1` get one line, exit 2,
     nothing written. (The commands run in-process: ``cli``.)"""
-    from hetcomp.driver.tune import tune_command
+    from hetcomp.driver.tuning import tune_command
 
     path = tmp_path / "tiny.gguf"
     write_gguf(path, TINY, random_weights(TINY, seed=7), byte_tokenizer_spec(TINY.vocab_size),

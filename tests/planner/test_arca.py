@@ -303,7 +303,7 @@ def test_any_host_finds_a_whole_model_gpu_plan():
 
 
 def test_link_costs_fit_round_trips():
-    from hetcomp.driver.tune import link_costs
+    from hetcomp.driver.tuning import link_costs
 
     rows = [Measurement("cuda", copy_features(w, n), 20e-6 + copy_features(w, n).bytes / 12e9)
             for w in (1, 16) for n in (576, 49152)]
@@ -413,7 +413,7 @@ def test_planner_imports_no_tvm():
 # ---- the real harness (quick) ---------------------------------------------------------------
 
 def test_quick_profile_fit_and_plan(tmp_path, cli):
-    from hetcomp.driver.tune import profile_command, tune_command
+    from hetcomp.driver.tuning import profile_command, tune_command
     from hetcomp.errors import HetcompError
 
     try:
@@ -457,7 +457,7 @@ def test_quick_profile_fit_and_plan(tmp_path, cli):
 def test_profile_kit_built_here_measured_with_runtime_only(tmp_path):
     """A kit compiled here is measured by a runtime-only TVM (as on a GPU host) into a
     database that `tune --profile` plans from; the fingerprint records the kit's target."""
-    from hetcomp.driver.tune import profile_command, tune_command
+    from hetcomp.driver.tuning import profile_command, tune_command
     from hetcomp.errors import HetcompError
 
     try:
@@ -524,7 +524,7 @@ def tiny_gguf(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_kit(tmp_path_factory, tiny_gguf):
     """A quick cpu + cuda kit of the tiny model for any x86 CPU (``--target x86-64-v3``)."""
-    from hetcomp.driver.profile import profile_command
+    from hetcomp.driver.profiling import profile_command
 
     kit = tmp_path_factory.mktemp("kits") / "kit"
     profile_command(str(tiny_gguf), ["cpu", "cuda"], quick=True, kit_out=str(kit),
@@ -634,7 +634,7 @@ def test_profile_kit_refused_before_the_database(tmp_path, tiny_kit, cli, monkey
     made, and never one that was there."""
     import shutil
 
-    from hetcomp.driver.profile import profile_command
+    from hetcomp.driver.profiling import profile_command
     from hetcomp.errors import HetcompError
     from hetcomp.profile import measure
 
@@ -651,7 +651,7 @@ def test_profile_kit_refused_before_the_database(tmp_path, tiny_kit, cli, monkey
         meta["units"]["cpu"]["target"] = meta["units"]["cuda"]["target"]
         (kit / "kit.json").write_text(json.dumps(meta))
 
-    import hetcomp.driver.profile as driver_profile
+    import hetcomp.driver.profiling as driver_profile
 
     # refused before: no database is even opened (then removed)
     monkeypatch.setattr(driver_profile, "ProfileDB", lambda path: pytest.fail("database made"))
@@ -770,7 +770,7 @@ def test_gpu_host_pays_its_link_for_a_cpu_share():
 def test_launch_probes_measure_the_synchronised_latency():
     """The profile times the smallest linear kernel back to back and synchronised after each
     call; a discrete unit's per-op sync cost adds the difference (never a fitted op class)."""
-    from hetcomp.driver.tune import launch_latency
+    from hetcomp.driver.tuning import launch_latency
     from hetcomp.profile.measure import LAUNCH_MODES, ProfileOptions, plan_probes
 
     groups, kernels = plan_probes(SHAPE, ProfileOptions.quick())

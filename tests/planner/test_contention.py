@@ -65,7 +65,7 @@ def test_units_on_their_own_memory_pay_no_co_run_slowdown():
 
 
 def test_measured_and_spec_units_are_refused_in_one_line():
-    from hetcomp.driver.profile import split_unit_names
+    from hetcomp.driver.profiling import split_unit_names
 
     with pytest.raises(HetcompError, match="use --units orin-nx for the board"):
         split_unit_names(["cpu", "orin-nx"])

@@ -81,7 +81,7 @@ def test_tune_kernels_replaces_the_database_whole_or_not_at_all(tmp_path, monkey
     accepted.json, the slower ones too)."""
     import pytest
 
-    from hetcomp.driver import tune
+    from hetcomp.driver import tuning
     from hetcomp.profile.units import detect_unit
     from hetcomp.schedules.tuning import ACCEPTED_FILE, RECORD_FILE, database_dir
     from hetcomp.testing.gguf_writer import write_gguf
@@ -90,8 +90,8 @@ def test_tune_kernels_replaces_the_database_whole_or_not_at_all(tmp_path, monkey
     write_gguf(gguf, TINY, random_weights(TINY), byte_tokenizer_spec(TINY.vocab_size))
     root = tmp_path / "db"
     final = database_dir(str(root), detect_unit("cpu").fingerprint.digest)
-    summary = tune.tune_kernels_command(str(gguf), str(root), widths=(1,), kinds=("o",),
-                                        trials=4, progress=lambda s: None)
+    summary = tuning.tune_kernels_command(str(gguf), str(root), widths=(1,), kinds=("o",),
+                                          trials=4, progress=lambda s: None)
     assert summary["db"] == final and summary["records"] >= 1
     assert os.path.isfile(os.path.join(final, ACCEPTED_FILE))
     assert sorted(os.listdir(root)) == [os.path.basename(final)]  # no temporary left
@@ -102,11 +102,11 @@ def test_tune_kernels_replaces_the_database_whole_or_not_at_all(tmp_path, monkey
             fh.write("[0, [[], [], [], null], [1e-05], null, null]\n")  # a new record...
         raise KeyboardInterrupt  # ...and Ctrl-C before its verdict
 
-    monkeypatch.setattr(tune, "tune_kernels", interrupted)
+    monkeypatch.setattr(tuning, "tune_kernels", interrupted)
     for db_root in (root, tmp_path / "new"):
         with pytest.raises(KeyboardInterrupt):
-            tune.tune_kernels_command(str(gguf), str(db_root), widths=(1,), kinds=("o",),
-                                      trials=4, progress=lambda s: None)
+            tuning.tune_kernels_command(str(gguf), str(db_root), widths=(1,), kinds=("o",),
+                                        trials=4, progress=lambda s: None)
     assert before == {f: Path(final, f).read_bytes() for f in before}
     assert sorted(os.listdir(root)) == [os.path.basename(final)]
     assert os.listdir(tmp_path / "new") == []  # made for the output, holding nothing

@@ -422,7 +422,7 @@ def test_heldout_prompts_are_the_packaged_heads_unseen_split():
     the held-out split their calibration recorded (same count, disjoint from training)."""
     from hetcomp.data import packaged_file
     from hetcomp.driver.calibrate import heldout_prompts, read_responses, split_prompts
-    from hetcomp.driver.tune import DEFAULT_HEADS
+    from hetcomp.driver.tuning import DEFAULT_HEADS
 
     info = MedusaHeads.load(DEFAULT_HEADS).info
     held = heldout_prompts(info, count=10_000)

@@ -53,7 +53,7 @@ from ..schedules.tuning import (
     write_accepted,
 )
 from ..speculative.medusa import MedusaHeads
-from .profile import _say, profile_command, read_model_shape, split_unit_names
+from .profiling import _say, profile_command, read_model_shape, split_unit_names
 
 # Used for tau(W) when no calibrated Medusa heads exist. ILLUSTRATIVE ONLY, not measured:
 # P(rank-r candidate of head k is the base model's token), shaped like the top-k accuracies
@@ -287,7 +287,7 @@ def tune_kernels_command(model: str = "smollm2", db_root: str = "tuning",
             shutil.copytree(final, path, dirs_exist_ok=True)  # its records so far are kept
         records = tune_kernels(linear_kernels(shape, kopts), unit.target, path, trials, say)
         say("[tune kernels] timing tuned against default kernels")
-        code = ("import json, sys; from hetcomp.driver.tune import compare_tuned_kernels as f; "
+        code = ("import json, sys; from hetcomp.driver.tuning import compare_tuned_kernels as f; "
                 "print(json.dumps(f(*json.loads(sys.argv[1]))))")
         res = subprocess.run([sys.executable, "-c", code,
                               json.dumps([model, path, list(widths), list(kinds)])],
