@@ -314,9 +314,12 @@ def test_plan_json_to_hetero_plan(tmp_path):
     assert hp.units == ("cuda", "cpu") and hp.targets[0]["arch"] == "sm_87"
     assert hp.targets[0]["host"] == hp.targets[1] and hp.targets[1]["kind"] == "llvm"
     assert hp.ratio("qkv") == 0.25 and (hp.dense_attention, hp.sparse_attention) == (0, 1)
+    # A plan on the GPU alone is the whole-model GPU build (no partition), for --target cuda.
     path.write_text(json.dumps(dict(plan, units=["cuda"], host="cuda")))
-    with pytest.raises(HetcompError, match="--target cuda and no --plan"):
+    with pytest.raises(HetcompError, match="runs the model on cuda alone: compile it with "
+                                           "--target cuda"):
         load_plan(str(path))
+    assert load_plan(str(path), "cuda") is None
 
 
 def test_breakdowns_leave_no_instrument_behind(tiny_artifact, monkeypatch):
