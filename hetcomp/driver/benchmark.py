@@ -15,7 +15,7 @@ from ..errors import HetcompError
 from ..hardware import cpu_threads
 from ..profile.bandwidth import measure_read_bandwidth
 from ..runtime import generate, load_artifact
-from ..runtime.generate import auto_lookup, check_context
+from ..runtime.generate import auto_lookup, check_context, what_widths
 from ..runtime.unit_time import kernel_breakdown, peak_rss_mb, step_breakdown
 from .calibrate import heldout_prompts
 
@@ -243,10 +243,8 @@ def bench(artifact: str, widths: list[int] | None = None, runs: int = 5, new_tok
             check_output_file(plot, *plot_kind, force=True)
     texts = bench_prompts(art.manifest, prompts)
     bad = [w for w in (widths or [1]) if w != 1 and w not in art.trees]
-    if bad:  # (as Generation words it)
-        raise HetcompError(f"widths {bad} are not in this artifact " + (
-            f"(its trees have at most {max(art.trees)} nodes)" if art.trees
-            else "(it has no Medusa heads: compile with --heads)"))
+    if bad:
+        raise HetcompError(f"widths {bad} are not in this artifact {what_widths(art)}")
     (ids,) = encode_prompts(art, BENCH_PROMPTS[:1], new_tokens, "bench prompt")
     if widths:  # every prompt the widths decode, before the long work
         encode_prompts(art, texts, new_tokens,

@@ -79,10 +79,15 @@ def check_decoding(art, max_new_tokens: int, width: int, lookup: int = 0) -> Non
     if lookup < 0:
         raise HetcompError("--lookup must be at least 0")
     if width > 1 and width not in art.trees:
-        raise HetcompError(
-            f"width {width} is not available in this artifact " + (
-                f"(its trees have at most {max(art.trees)} nodes)" if art.trees
-                else "(it has no Medusa heads: compile with --heads)"))
+        raise HetcompError(f"width {width} is not available in this artifact "
+                           f"{what_widths(art)}")
+
+
+def what_widths(art) -> str:
+    """Why a width is missing, for a refusal: ``(its trees have at most N nodes)``, or that the
+    artifact has no heads."""
+    return (f"(its trees have at most {max(art.trees)} nodes)" if art.trees
+            else "(it has no Medusa heads: compile with --heads)")
 
 
 class Generation:
