@@ -59,37 +59,57 @@ def _write_back_per_row_tile(sch, func, mm, io):
 class LinearRule(_BASE):
     """``y[w, n] = x[w, k] @ W`` (+ residual) with W packed ``[n // B, k, B]``.
 
-    Loops: ``n // B`` (parallel) > row tiles > k > rows in the tile (unrolled) > B (vector).
-    ``row_tile`` rows share each weight load; B lanes form one or two vector registers.
+    Loops: groups of ``streams`` panels (parallel) > row tiles > k > the group's panels
+    (unrolled) > rows in the tile (unrolled) > B (vector). The tile's rows share each weight
+    load; B lanes form one or more vector registers, so a tile holds ``streams x rows x B``
+    accumulators. :meth:`tile` picks both; ISA subclasses size them to the target's registers
+    (:class:`hetcomp.schedules.x86.LinearRule`).
     """
 
     def __init__(self, row_tile: int = 4):
         self.row_tile = row_tile
 
+    def tile(self, target, rows: int | None) -> tuple[int, int] | None:
+        """``(streams, rows a tile)`` for a kernel of ``rows`` rows (None: symbolic, prefill),
+        or None where the rule does not apply. Static rows take an exact tile (no
+        predicates); the generic tile is one stream."""
+        if rows is None:
+            return 1, self.row_tile
+        return 1, next(t for t in (8, 4, 2, 1) if rows % t == 0)
+
     def apply(self, func, target, tunable):
         if _kind(func) != "linear" or "hetcomp.qtype" in func.attrs or is_fused_linear(func):
             return None
         c = compiler()
+        extent = func.params[0].shape[0]  # x[w, k]: PrimFunc params carry their shapes
+        tile = self.tile(target, int(extent) if isinstance(extent, c.tir.IntImm) else None)
+        if tile is None:
+            return None
         sch = c.Schedule(func)
         b = int(func.attrs["hetcomp.block"])
-        extent = func.params[0].shape[0]  # x[w, k]: PrimFunc params carry their shapes
-        row_tile = self.row_tile
-        if isinstance(extent, c.tir.IntImm):  # static rows: an exact tile, no predicates
-            row_tile = next(t for t in (8, 4, 2, 1) if int(extent) % t == 0)
-        # Step 1. Tile rows and columns; the reduction sits between the two tiles.
+        # Groups of the most panels up to `streams` that divide the panel count.
+        panels = int(func.attrs["hetcomp.n"]) // b
+        streams = next(s for s in range(tile[0], 0, -1) if panels % s == 0)
+        row_tile = tile[1]
+        # Step 1. Tile rows and columns; the reduction sits between the two tiles, the
+        # group's panels inside it.
         mm = sch.get_sblock("matmul")
         i, j, k = sch.get_loops(mm)
-        jo, ji = sch.split(j, [None, b])
         io, ii = sch.split(i, [None, row_tile])
-        sch.reorder(jo, io, k, ii, ji)
+        if streams > 1:
+            jo, js, ji = sch.split(j, [None, streams, b])
+            sch.reorder(jo, io, k, js, ii, ji)
+            sch.unroll(js)
+        else:
+            jo, ji = sch.split(j, [None, b])
+            sch.reorder(jo, io, k, ii, ji)
         # Step 2. Accumulate in registers, write back (with the residual add) per row tile.
         tail = _write_back_per_row_tile(sch, func, mm, io)
-        # Step 3. Parallel over column blocks, vector over a block, unrolled rows.
+        # Step 3. Parallel over panel groups, vector over a panel, unrolled rows.
         sch.parallel(jo)
         sch.vectorize(ji)
         sch.unroll(ii)
-        ti, tj = sch.get_loops(tail)[-2:]
-        sch.vectorize(tj)
+        sch.vectorize(sch.get_loops(tail)[-1])
         sch.decompose_reduction(mm, k)
         return sch
 

@@ -193,6 +193,15 @@ def lacking_cpu_feature() -> str | None:
                 None)
 
 
+def host_linear_rule() -> str:
+    """The rule that schedules the float linears of a ``--target host`` build here:
+    ``x86.Linear`` on an x86 CPU with AVX-512 or AVX2+FMA, else ``cpu.Linear``."""
+    from ..codegen.targets import make_target
+    from ..schedules.x86 import LinearRule
+
+    return "x86.Linear" if LinearRule().tile(make_target("host"), 1) else "cpu.Linear"
+
+
 def assert_one_line_error(rc, err, needle=""):
     """Bad input's contract: exit code 2 and one line on stderr (containing ``needle``)."""
     assert rc == 2, err

@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 
-from hetcomp.testing import run_cli
+from hetcomp.testing import host_linear_rule, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_inspect_lists_every_kernel_with_its_rule_and_prediction(default_artifac
     assert rc == 0, err
     kernels = json.loads(out)["kernels"]
     w16 = [k for k in kernels if k["function"] == "verify_w16"]
-    assert {k["rule"] for k in w16} >= {"cpu.Linear", "cpu.Attention", "cpu.Rowwise"}
+    assert {k["rule"] for k in w16} >= {host_linear_rule(), "cpu.Attention", "cpu.Rowwise"}
     # `hetcomp compile` puts the tensorized sparse tree-attention kernel in every wide verify
     # (the x86 rule on this host) beside the dense part and the merge.
     assert ("sparse_tree_attention", "x86.SparseTreeAttention") in {
@@ -111,7 +111,7 @@ def test_inspect_lists_every_kernel_with_its_rule_and_prediction(default_artifac
     assert {"attention_dense_w16", "attention_merge_w16"} <= {k["name"] for k in w16}
     assert set(k) == {"function", "name", "unit", "rule", "predicted_us", "calls"} \
         if (k := w16[0]) else False
-    linear = [k for k in w16 if k["rule"] == "cpu.Linear"]
+    linear = [k for k in w16 if k["rule"] == host_linear_rule()]
     assert sum(k["calls"] for k in linear) == 4 * 30 + 1  # qkv, o, gate_up, down; lm_head
     # Predicted per call, width-specialised kernels at their own rows: W=16 costs more than
     # W=1 for the same linear layer.

@@ -38,7 +38,7 @@ from hetcomp.planner import (
 )
 from hetcomp.profile.db import Measurement, ProfileDB
 from hetcomp.profile.units import Fingerprint, Unit, kernel_source_hash
-from hetcomp.testing import assert_one_line_error, lacking_cpu_feature
+from hetcomp.testing import assert_one_line_error, host_linear_rule, lacking_cpu_feature
 
 # Block-friendly shapes: every linear's N is a multiple of 32, so ratios k/8 are exact.
 SHAPE = ModelShape(hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2, head_dim=64,
@@ -445,7 +445,7 @@ def test_quick_profile_fit_and_plan(tmp_path, cli):
     if p.width > 1:
         assert m["speculative"]["trees"][str(p.width)] == p.tree.to_json()
     assert m["cost_models"]["cpu"].startswith("fitted")
-    linear = [k for k in m["kernels"] if k["rule"] == "cpu.Linear"]
+    linear = [k for k in m["kernels"] if k["rule"] == host_linear_rule()]
     assert linear and all(k["predicted_us"] > 0 for k in linear)
     again = profile_command("smollm2", ["cpu"], str(out / "profile.sqlite"), quick=True,
                             progress=lines.append)

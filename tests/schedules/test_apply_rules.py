@@ -6,7 +6,7 @@ from hetcomp.frontend.llama import build_module
 from hetcomp.hardware import target_dict
 from hetcomp.schedules.apply import RULE_ATTR, ApplyRules, rule_name
 from hetcomp.schedules.cpu import ElementwiseRule, LinearRule
-from hetcomp.testing import TINY
+from hetcomp.testing import TINY, host_linear_rule
 
 c = compiler()
 
@@ -25,7 +25,7 @@ def test_records_the_rule_that_scheduled_each_kernel():
     mod = build_module(TINY, "float32", 0, static_widths=(4,))
     target = c.Target(target_dict("host"))
     rules = _rules_of(schedule_module(mod, target))
-    linear = [n for n in rules if rules[n] == "cpu.Linear"]
+    linear = [n for n in rules if rules[n] == host_linear_rule()]
     assert linear and all(n.startswith("linear") for n in linear), rules
     assert any(r == "cpu.Attention" for r in rules.values())
     # The first applicable rule wins: without LinearRule, linear kernels fall to a later rule

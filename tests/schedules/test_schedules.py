@@ -5,7 +5,9 @@ import pytest
 
 from hetcomp import _tvm
 from hetcomp.codegen.targets import make_target
+from hetcomp.hardware import machine_cpu_flags, target_dict
 from hetcomp.kernels import ops, script_ops
+from hetcomp.schedules import x86
 from hetcomp.schedules.cpu import (
     ArgmaxRule,
     AttentionRule,
@@ -39,12 +41,8 @@ def test_static_rows_tile_exactly(rows):
     assert "T.where" in dynamic.mod["main"].script()
 
 
-@pytest.mark.parametrize("rows,residual,dtype", [(1, False, "float32"), (3, True, "float32"),
-                                                 (16, False, "float16"), (None, True, "float32")])
-def test_linear_numerics(rows, residual, dtype):
-    n, k, w = 96, 80, rows or 5
-    sch = LinearRule().apply(ops.linear(n, k, dtype, residual, rows=rows), TARGET, False)
-    lib = c.compile(c.IRModule({"main": sch.mod["main"]}), target=TARGET)
+def _run_linear(sch, target, n, k, w, residual, dtype):
+    lib = c.compile(c.IRModule({"main": sch.mod["main"]}), target=target)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((w, k)).astype("float32")
     wt = rng.standard_normal((n, k)).astype(dtype)
@@ -54,6 +52,79 @@ def test_linear_numerics(rows, residual, dtype):
     lib["main"](*args, *([_tvm.tensor(r)] if residual else []), y)
     ref = x.astype(np.float64) @ wt.astype(np.float64).T + (r if residual else 0)
     np.testing.assert_allclose(y.numpy(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows,residual,dtype", [(1, False, "float32"), (3, True, "float32"),
+                                                 (16, False, "float16"), (None, True, "float32")])
+def test_linear_numerics(rows, residual, dtype):
+    n, k = 96, 80
+    sch = LinearRule().apply(ops.linear(n, k, dtype, residual, rows=rows), TARGET, False)
+    _run_linear(sch, TARGET, n, k, rows or 5, residual, dtype)
+
+
+_FLAGS = machine_cpu_flags() or set()
+#: x86 targets whose code this machine runs: AVX2 (x86-64-v3) and, where present, AVX-512.
+X86_TARGETS = [pytest.param(target_dict("x86-64-v3"), id="avx2", marks=pytest.mark.skipif(
+                   not {"avx2", "fma"} <= _FLAGS, reason="no AVX2+FMA here")),
+               pytest.param({"kind": "llvm", "mcpu": "skylake-avx512"}, id="avx512",
+                            marks=pytest.mark.skipif("avx512f" not in _FLAGS,
+                                                     reason="no AVX-512 here"))]
+
+
+@pytest.mark.parametrize("spec", X86_TARGETS)
+@pytest.mark.parametrize("n,rows,residual,dtype", [
+    (96, 1, False, "float32"), (96, 8, True, "float32"), (96, 16, False, "float16"),
+    (64, 6, True, "float32"),  # 2 panels: groups of 2
+    (160, 3, False, "float32"),  # 5 panels: one stream
+    (96, None, True, "float32")])
+def test_x86_linear_numerics(spec, n, rows, residual, dtype):
+    target, k = c.Target(spec), 80
+    sch = x86.LinearRule().apply(ops.linear(n, k, dtype, residual, rows=rows), target, False)
+    _run_linear(sch, target, n, k, rows or 5, residual, dtype)
+
+
+def _matmul_loops(sch):
+    """``(extent, kind)`` of the linear's reduction block's loops, outermost first (kind:
+    ``parallel``, ``unroll``, ``vectorize`` or ``serial``)."""
+    kinds = {0: "serial", 1: "parallel", 2: "vectorize", 3: "unroll"}
+    block = next(b for b in sch.get_child_blocks(sch.get_sblock("root"))
+                 if sch.get(b).name_hint == "matmul_update")
+    out = []
+    for loop in sch.get_loops(block):
+        f = sch.get(loop)
+        unrolled = "pragma_auto_unroll_max_step" in f.annotations or int(f.kind) == 3
+        extent = int(f.extent) if isinstance(f.extent, c.tir.IntImm) else str(f.extent)
+        out.append((extent, "unroll" if unrolled else kinds[int(f.kind)]))
+    return out
+
+
+def test_x86_linear_tile_streams_three_panels():
+    """AVX-512: three 32-column panels a k step, 4 rows a tile (24 zmm accumulators); AVX2:
+    three panels, one row (12 ymm); a panel count three does not divide streams fewer;
+    prefill (symbolic rows) streams one, 4 rows (AVX-512) or 2 (AVX2); other targets: no
+    rule."""
+    rule = x86.LinearRule()
+    avx512, avx2 = c.Target({"kind": "llvm", "mcpu": "skylake-avx512"}), c.Target(
+        target_dict("x86-64-v3"))
+    loops = _matmul_loops(rule.apply(ops.linear(192, 64, "float32", rows=8), avx512, False))
+    # 6 panels -> 2 groups (parallel) > 2 row tiles > k > 3 panels > 4 rows > 32 lanes
+    assert loops == [(2, "parallel"), (2, "serial"), (64, "serial"), (3, "unroll"),
+                     (4, "unroll"), (32, "vectorize")]
+    loops = _matmul_loops(rule.apply(ops.linear(192, 64, "float32", rows=8), avx2, False))
+    assert loops == [(2, "parallel"), (8, "serial"), (64, "serial"), (3, "unroll"),
+                     (1, "unroll"), (32, "vectorize")]
+    loops = _matmul_loops(rule.apply(ops.linear(128, 64, "float32", rows=8), avx512, False))
+    assert loops[0] == (2, "parallel") and (2, "unroll") in loops  # 4 panels: groups of 2
+    loops = _matmul_loops(LinearRule().apply(ops.linear(192, 64, "float32", rows=8), avx512,
+                                             False))
+    assert loops == [(6, "parallel"), (1, "serial"), (64, "serial"), (8, "unroll"),
+                     (32, "vectorize")]  # the generic rule: one stream, 8-row tiles
+    for target, rows in ((avx512, 4), (avx2, 2)):  # prefill: one stream
+        prefill = _matmul_loops(rule.apply(ops.linear(192, 64, "float32"), target, False))
+        assert prefill[0] == (6, "parallel") and prefill[3:] == [(rows, "unroll"),
+                                                                 (32, "vectorize")]
+    for other in ({"kind": "llvm", "mtriple": "x86_64-linux-gnu"}, target_dict("aarch64")):
+        assert rule.apply(ops.linear(192, 64, "float32", rows=8), c.Target(other), False) is None
 
 
 @pytest.mark.parametrize("rows", [1, 8, 24, None])
