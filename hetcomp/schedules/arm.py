@@ -29,6 +29,8 @@ from tvm.script import tirx as T
 from .._tvm import compiler
 from ..kernels.ops import OP_KIND
 from ..kernels.sparse_attention import DENSE_KIND, SPARSE_KIND
+from .cpu import LinearRule as _Linear
+from .cpu import LinearTile
 from .cpu import QuantLinearRule as _QuantLinear
 
 #: Head dims with a registered dot-product intrinsic.
@@ -304,7 +306,27 @@ class QuantLinearRule(_QuantLinear):
         return is_llvm_with(target, "neon")
 
 
+class LinearRule(_Linear):
+    """The float linear (:class:`hetcomp.schedules.cpu.LinearRule`) sized for NEON's 32
+    128-bit registers: a 32-column panel is 8 registers a row, so the generic 8-row tile
+    holds 64 registers of accumulators. From 4 rows a tile, the panel runs as sub-panels of
+    16 or 8 columns, one after the other, so that a tile's accumulators stay within 16
+    registers (rows x lanes / 4). On a 96x128 kernel LLVM's aarch64 code reloads 13 / 62 /
+    63 ``q`` registers from the stack at W = 4 / 8 / 16 with the generic tile, none with
+    this one (``tests/schedules/test_arm_quant.py`` counts them); one and two rows keep
+    whole panels (8 and 16 accumulators: enough independent FMAs to hide their latency).
+    Not yet timed on ARM hardware (qemu checks numerics only).
+    """
+
+    def tile(self, target, rows: int | None) -> LinearTile | None:
+        if not is_llvm_with(target, "neon"):
+            return None
+        tile = super().tile(target, rows)
+        lanes = next(n for n in (32, 16, 8) if tile.rows * n // NEON_LANES <= 16)
+        return tile._replace(lanes=lanes)
+
+
 def arm_rules():
-    """The ARM rule list (tree attention, the quantized linear), to put before the generic
-    CPU rules."""
-    return [SparseTreeAttentionRule(), QuantLinearRule()]
+    """The ARM rule list (tree attention, the quantized and the float linear), to put before
+    the generic CPU rules."""
+    return [SparseTreeAttentionRule(), QuantLinearRule(), LinearRule()]

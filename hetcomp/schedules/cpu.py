@@ -8,6 +8,8 @@ accumulators of a ``rows x B`` tile held in vector registers.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from .._tvm import compiler
 from ..kernels.ops import OP_KIND, is_fused_linear
 from ..kernels.sparse_attention import SPARSE_KIND
@@ -56,26 +58,36 @@ def _write_back_per_row_tile(sch, func, mm, io):
     return add
 
 
+class LinearTile(NamedTuple):
+    """How :class:`LinearRule` tiles one kernel: ``streams`` column panels share each k step,
+    ``rows`` rows a tile, and a panel runs ``lanes`` columns at a time (None: all B)."""
+
+    streams: int
+    rows: int
+    lanes: int | None = None
+
+
 class LinearRule(_BASE):
     """``y[w, n] = x[w, k] @ W`` (+ residual) with W packed ``[n // B, k, B]``.
 
-    Loops: groups of ``streams`` panels (parallel) > row tiles > k > the group's panels
-    (unrolled) > rows in the tile (unrolled) > B (vector). The tile's rows share each weight
-    load; B lanes form one or more vector registers, so a tile holds ``streams x rows x B``
-    accumulators. :meth:`tile` picks both; ISA subclasses size them to the target's registers
-    (:class:`hetcomp.schedules.x86.LinearRule`).
+    Loops: groups of ``streams`` panels (parallel) > sub-panels of ``lanes`` columns > row
+    tiles > k > the group's panels (unrolled) > rows in the tile (unrolled) > lanes (vector).
+    The tile's rows share each weight load; a tile holds ``streams x rows x lanes``
+    accumulators in vector registers. :meth:`tile` picks the tile; ISA subclasses size it to
+    the target's registers (:class:`hetcomp.schedules.x86.LinearRule`,
+    :class:`hetcomp.schedules.arm.LinearRule`).
     """
 
     def __init__(self, row_tile: int = 4):
         self.row_tile = row_tile
 
-    def tile(self, target, rows: int | None) -> tuple[int, int] | None:
-        """``(streams, rows a tile)`` for a kernel of ``rows`` rows (None: symbolic, prefill),
-        or None where the rule does not apply. Static rows take an exact tile (no
-        predicates); the generic tile is one stream."""
+    def tile(self, target, rows: int | None) -> LinearTile | None:
+        """The tile of a kernel of ``rows`` rows (None: symbolic, prefill), or None where the
+        rule does not apply. Static rows take an exact tile (no predicates); the generic
+        tile is one stream of whole panels."""
         if rows is None:
-            return 1, self.row_tile
-        return 1, next(t for t in (8, 4, 2, 1) if rows % t == 0)
+            return LinearTile(1, self.row_tile)
+        return LinearTile(1, next(t for t in (8, 4, 2, 1) if rows % t == 0))
 
     def apply(self, func, target, tunable):
         if _kind(func) != "linear" or "hetcomp.qtype" in func.attrs or is_fused_linear(func):
@@ -89,25 +101,26 @@ class LinearRule(_BASE):
         b = int(func.attrs["hetcomp.block"])
         # Groups of the most panels up to `streams` that divide the panel count.
         panels = int(func.attrs["hetcomp.n"]) // b
-        streams = next(s for s in range(tile[0], 0, -1) if panels % s == 0)
-        row_tile = tile[1]
+        streams = next(s for s in range(tile.streams, 0, -1) if panels % s == 0)
+        lanes = tile.lanes if tile.lanes is not None and b % tile.lanes == 0 else b
         # Step 1. Tile rows and columns; the reduction sits between the two tiles, the
-        # group's panels inside it.
+        # group's panels inside it, sub-panels outside the row tiles (a panel's later
+        # sub-panels read it from cache).
         mm = sch.get_sblock("matmul")
         i, j, k = sch.get_loops(mm)
-        io, ii = sch.split(i, [None, row_tile])
-        if streams > 1:
-            jo, js, ji = sch.split(j, [None, streams, b])
-            sch.reorder(jo, io, k, js, ii, ji)
-            sch.unroll(js)
-        else:
-            jo, ji = sch.split(j, [None, b])
-            sch.reorder(jo, io, k, ii, ji)
+        io, ii = sch.split(i, [None, tile.rows])
+        factors = {"jo": None, "js": streams, "jp": b // lanes, "ji": lanes}
+        names = [n for n, f in factors.items() if f != 1 or n == "ji"]
+        loops = dict(zip(names, sch.split(j, [factors[n] for n in names]), strict=True))
+        sch.reorder(*[loops[n] for n in ("jo", "jp") if n in loops], io, k,
+                    *[loops[n] for n in ("js",) if n in loops], ii, loops["ji"])
+        if "js" in loops:
+            sch.unroll(loops["js"])
         # Step 2. Accumulate in registers, write back (with the residual add) per row tile.
         tail = _write_back_per_row_tile(sch, func, mm, io)
-        # Step 3. Parallel over panel groups, vector over a panel, unrolled rows.
-        sch.parallel(jo)
-        sch.vectorize(ji)
+        # Step 3. Parallel over panel groups, vector over lanes, unrolled rows.
+        sch.parallel(loops["jo"])
+        sch.vectorize(loops["ji"])
         sch.unroll(ii)
         sch.vectorize(sch.get_loops(tail)[-1])
         sch.decompose_reduction(mm, k)

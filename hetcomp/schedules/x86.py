@@ -15,6 +15,7 @@ from tvm.script import tirx as T
 from .._tvm import compiler
 from .arm import HEAD_DIMS, F32Intrins, TreeAttentionRule, is_llvm_with
 from .cpu import LinearRule as _Linear
+from .cpu import LinearTile
 
 AVX512_LANES = 16
 AVX2_LANES = 8
@@ -69,33 +70,36 @@ class SparseTreeAttentionRule(TreeAttentionRule):
 class LinearRule(_Linear):
     """The float linear (:class:`hetcomp.schedules.cpu.LinearRule`) sized for x86's vector
     registers: three 32-column panels share each k step, with 4 rows a tile on AVX-512
-    (3 x 4 x 2 = 24 of the 32 ``zmm`` registers hold accumulators) and 1 on AVX2 (3 x 4 = 12 of
-    the 16 ``ymm``).
+    (3 x 4 x 2 = 24 of the 32 ``zmm`` registers hold accumulators) and 1 on AVX2 below 16 rows
+    (3 x 4 = 12 of the 16 ``ymm``).
 
     Three weight streams a thread keep more DRAM reads in flight than one: a single stream
     leaves the core waiting, so its memory time and its FMA time add up at W > 1. On this
     repository's 2-core AVX-512 host, SmolLM2's 3072x576 float32 linear read from DRAM took
     0.252 / 0.344 / 0.401 / 0.482 ms at W = 1 / 4 / 8 / 16 with one stream and 8-row tiles,
     and 0.221 / 0.265 / 0.318 / 0.397 ms with this tile; AVX2 code on the same host went from
-    0.283 / 0.376 / 0.501 / 0.757 to 0.220 / 0.307 / 0.405 / 0.597 ms (one 8-row stream spills
-    ``ymm`` registers).
+    0.283 / 0.376 / 0.501 / 0.757 to 0.220 / 0.307 / 0.405 / 0.568 ms (one 8-row stream spills
+    ``ymm`` registers; W = 16 runs the 2-row tile below).
 
-    Prefill (symbolic rows) is compute-bound, its weights read from cache by every row tile:
-    one stream, 4 rows a tile on AVX-512 (as the generic rule) and 2 on AVX2, where the
-    generic 4 rows fill all 16 ``ymm`` registers with accumulators (512 rows of that linear:
-    15.2 ms with 4-row tiles, 9.2 ms with 2).
+    Wider kernels are compute-bound, their weights read from cache by every row tile. On
+    AVX2, 16 rows and more (prefill's symbolic rows and its 64-row chunks included) run one
+    stream of 2-row tiles: the generic 4 rows fill all 16 ``ymm`` registers with
+    accumulators (3072x576 at W = 64: 1.42 ms with 2-row tiles, 1.83 with 3 x 1, 2.39 with
+    the generic 8 rows; 512 rows: 9.2 ms, against 15.2 with 4-row tiles). On AVX-512 the
+    3 x 4 tile stays ahead up to W = 64 (0.889 ms against 1.008 with 8-row tiles; float16
+    weights 0.980 against 0.918, the one loss), and prefill keeps the generic 4-row tile.
     """
 
-    def tile(self, target, rows: int | None) -> tuple[int, int] | None:
+    def tile(self, target, rows: int | None) -> LinearTile | None:
         if is_llvm_with(target, "avx512f"):
-            streams, most, prefill = 3, 4, 4
-        elif is_llvm_with(target, "avx2") and is_llvm_with(target, "fma"):
-            streams, most, prefill = 3, 1, 2
-        else:
+            if rows is None:
+                return LinearTile(1, 4)
+            return LinearTile(3, next(t for t in (4, 2, 1) if rows % t == 0))
+        if not (is_llvm_with(target, "avx2") and is_llvm_with(target, "fma")):
             return None
-        if rows is None:
-            return 1, prefill
-        return streams, next(t for t in (4, 2, 1) if rows % t == 0 and t <= most)
+        if rows is None or rows >= 16:  # compute-bound: 2-row tiles, one stream
+            return LinearTile(1, 2 if rows is None or rows % 2 == 0 else 1)
+        return LinearTile(3, 1)
 
 
 def x86_rules():

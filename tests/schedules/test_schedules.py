@@ -100,7 +100,8 @@ def _matmul_loops(sch):
 
 def test_x86_linear_tile_streams_three_panels():
     """AVX-512: three 32-column panels a k step, 4 rows a tile (24 zmm accumulators); AVX2:
-    three panels, one row (12 ymm); a panel count three does not divide streams fewer;
+    three panels, one row (12 ymm) below 16 rows, one panel of 2 rows from there; a panel
+    count three does not divide streams fewer;
     prefill (symbolic rows) streams one, 4 rows (AVX-512) or 2 (AVX2); other targets: no
     rule."""
     rule = x86.LinearRule()
@@ -113,6 +114,9 @@ def test_x86_linear_tile_streams_three_panels():
     loops = _matmul_loops(rule.apply(ops.linear(192, 64, "float32", rows=8), avx2, False))
     assert loops == [(2, "parallel"), (8, "serial"), (64, "serial"), (3, "unroll"),
                      (1, "unroll"), (32, "vectorize")]
+    loops = _matmul_loops(rule.apply(ops.linear(192, 64, "float32", rows=16), avx2, False))
+    assert loops == [(6, "parallel"), (8, "serial"), (64, "serial"), (2, "unroll"),
+                     (32, "vectorize")]  # AVX2 from 16 rows: compute-bound, 2-row tiles
     loops = _matmul_loops(rule.apply(ops.linear(128, 64, "float32", rows=8), avx512, False))
     assert loops[0] == (2, "parallel") and (2, "unroll") in loops  # 4 panels: groups of 2
     loops = _matmul_loops(LinearRule().apply(ops.linear(192, 64, "float32", rows=8), avx512,
