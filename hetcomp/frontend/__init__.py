@@ -28,21 +28,24 @@ def load_model(model: str, max_context: int | None = None, keep_quant: bool = Fa
     """``(config, float32 weights, tokenizer spec, source path)`` for a model name or path;
     ``keep_quant``: a GGUF's q4_0/q4_1/q8_0 matrices as their blocks (``QuantMatrix``).
 
-    A damaged file is refused in one line (:class:`HetcompError`) wherever its damage shows:
-    the ``gguf`` package and the tokenizer raise assorted errors on corrupt input.
+    A damaged file or folder is refused in one line (:class:`HetcompError`) wherever its
+    damage shows: the ``gguf``, ``safetensors`` and ``tokenizers`` packages raise assorted
+    errors on corrupt input.
     """
     path = resolve_model(model)
-    if os.path.isdir(path):
-        return (*load_hf(path, max_context), path)
-    if not os.path.isfile(path):
+    folder = os.path.isdir(path)
+    if not folder and not os.path.isfile(path):
         raise HetcompError(f"model file not found: {path}")
     try:
+        if folder:
+            return (*load_hf(path, max_context), path)
         return (*load_gguf(path, max_context, keep_quant), path)
     except HetcompError:
         raise
     except Exception as e:  # corrupt input, not a bug of ours: see the docstring
         msg = str(e).splitlines()[0] if str(e) else ""
-        raise HetcompError(f"corrupt GGUF file {path}: {type(e).__name__}: {msg}") from None
+        what = "HF model folder" if folder else "GGUF file"
+        raise HetcompError(f"corrupt {what} {path}: {type(e).__name__}: {msg}") from None
 
 
 def from_torch(module, example_inputs, **kwargs):

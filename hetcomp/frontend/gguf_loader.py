@@ -12,6 +12,7 @@ from ..errors import HetcompError
 from ..quant_format import BLOCK_BYTES, QuantMatrix
 from .config import LlamaConfig, weight_shapes
 from .lazy import Deferred, LazyWeights
+from .tokenizer import check_chat_template
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "gemma3")
 # Architectures whose Q/K rows llama.cpp's converter permutes (LlamaModel.modify_tensors);
@@ -262,7 +263,8 @@ def read_tokenizer_spec(reader) -> dict:
             [int(i) for i in (_field(reader, f"tokenizer.ggml.{k}_token_id")
                               for k in ("eos", "eot", "eom")) if i is not None] + eog)),
         "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
-        "chat_template": _field(reader, "tokenizer.chat_template"),
+        "chat_template": check_chat_template(_field(reader, "tokenizer.chat_template"),
+                                             "the GGUF file"),
     }
 
 

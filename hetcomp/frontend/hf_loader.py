@@ -18,9 +18,11 @@ import os
 import ml_dtypes  # noqa: F401  (a TVM dependency; registers numpy's bfloat16 for safetensors)
 import numpy as np
 from safetensors import SafetensorError, safe_open
+from tokenizers import Tokenizer
 
 from ..errors import HetcompError
 from .config import LlamaConfig, weight_shapes
+from .tokenizer import check_chat_template
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -33,11 +35,15 @@ _LAYER_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_laye
 
 
 def _read_json(path: str) -> dict:
+    """A JSON object file of the folder (every file an HF folder keeps is one)."""
     try:
         with open(path) as fh:
-            return json.load(fh)
-    except (OSError, ValueError) as e:
+            value = json.load(fh)
+    except (OSError, ValueError, RecursionError) as e:
         raise HetcompError(f"cannot read {path}: {e}") from None
+    if not isinstance(value, dict):
+        raise HetcompError(f"{path} is not a JSON object")
+    return value
 
 
 def _rope_theta(hf: dict) -> float:
@@ -66,8 +72,6 @@ def read_hf_config(folder: str, max_context: int | None = None) -> LlamaConfig:
     if not os.path.isfile(cfg_path):
         raise HetcompError(f"not an HF model folder (no config.json): {folder}")
     hf = _read_json(cfg_path)
-    if not isinstance(hf, dict):
-        raise HetcompError(f"config.json is not a JSON object: {cfg_path}")
     # A null value is an absent one (transformers' default), as `"rope_scaling": null` is.
     hf = {k: v for k, v in hf.items() if v is not None}
     archs = hf.get("architectures") or [hf.get("model_type", "?")]
@@ -119,7 +123,7 @@ def _shards(folder: str) -> dict[str, list[str]]:
             raise HetcompError(f"no {SINGLE_FILE} or {INDEX_FILE} in {folder}")
         return {SINGLE_FILE: []}  # every tensor in the file
     index = _read_json(index_path)
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map or not all(
             isinstance(v, str) for v in weight_map.values()):
         raise HetcompError(f"{index_path} has no weight_map")
@@ -205,7 +209,7 @@ def _chat_template(folder: str, tokenizer_config: dict) -> str | None:
     jinja = os.path.join(folder, "chat_template.jinja")
     if os.path.isfile(jinja):
         with open(jinja) as fh:
-            return fh.read()
+            return check_chat_template(fh.read(), jinja)
     cj = os.path.join(folder, "chat_template.json")
     template = (_read_json(cj) if os.path.isfile(cj) else tokenizer_config).get("chat_template")
     if isinstance(template, list):
@@ -213,13 +217,17 @@ def _chat_template(folder: str, tokenizer_config: dict) -> str | None:
         if "default" not in named:
             raise HetcompError(f"no 'default' among the named chat templates in {folder}")
         template = named["default"]
-    return template
+    return check_chat_template(template, folder)
 
 
-def _ids(value) -> list[int]:
+def _ids(value, name: str) -> list[int]:
+    """A token id field (an id or a list of them) of ``config.json`` / ``generation_config``."""
     if value is None:
         return []
-    return [int(v) for v in (value if isinstance(value, list) else [value])]
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise HetcompError(f"{name} is not a token id or a list of them: {value!r}")
+    return values
 
 
 def _tokenizer_spec(folder: str) -> dict:
@@ -228,6 +236,10 @@ def _tokenizer_spec(folder: str) -> dict:
         raise HetcompError(f"HF model folder has no tokenizer.json: {folder}")
     with open(tok_path) as fh:
         tokenizer_json = fh.read()
+    try:
+        tok = Tokenizer.from_str(tokenizer_json)
+    except Exception as e:  # the tokenizers library's one exception type for bad input
+        raise HetcompError(f"cannot read {tok_path}: {e}") from None
 
     def optional(name):
         path = os.path.join(folder, name)
@@ -236,21 +248,21 @@ def _tokenizer_spec(folder: str) -> dict:
     tokenizer_config = optional("tokenizer_config.json")
     hf, gen = optional("config.json"), optional("generation_config.json")
     # transformers' generate stops on generation_config's EOS ids, which default to config's.
-    eos = _ids(gen.get("eos_token_id", hf.get("eos_token_id")))
-    bos = gen.get("bos_token_id", hf.get("bos_token_id"))
+    eos = _ids(gen.get("eos_token_id", hf.get("eos_token_id")), "eos_token_id")
+    bos = _ids(gen.get("bos_token_id", hf.get("bos_token_id")), "bos_token_id")
+    if len(bos) > 1:
+        raise HetcompError(f"bos_token_id is a list: {bos}")
+    bos = bos[0] if bos else None
     return {"tokenizer_json": tokenizer_json, "eos_token_ids": eos, "bos_token_id": bos,
-            "add_bos_token": _adds_bos(tokenizer_json, bos, tokenizer_config),
+            "add_bos_token": _adds_bos(tok, bos, tokenizer_config),
             "chat_template": _chat_template(folder, tokenizer_config)}
 
 
-def _adds_bos(tokenizer_json: str, bos: int | None, tokenizer_config: dict) -> bool:
+def _adds_bos(tok, bos: int | None, tokenizer_config: dict) -> bool:
     """Whether transformers' ``encode`` puts BOS first: transformers 4 may say so in
     ``tokenizer_config.json``; both write it into tokenizer.json's post-processor."""
-    from tokenizers import Tokenizer
-
     if bos is None:
         return False
     if tokenizer_config.get("add_bos_token"):
         return True
-    tok = Tokenizer.from_str(tokenizer_json)
     return tok.encode("a").ids == [bos] + tok.encode("a", add_special_tokens=False).ids

@@ -108,20 +108,42 @@ def load_tokenizer_json(text: str):
     return Tokenizer.from_str(text)
 
 
+def _template_env() -> jinja2.Environment:
+    # transformers' settings (apply_chat_template): Qwen2.5's template ends in a newline that
+    # keep_trailing_newline would add to the prompt.
+    env = jinja2.Environment(loader=jinja2.BaseLoader(), trim_blocks=True, lstrip_blocks=True,
+                             extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = _template_refuses  # as transformers gives templates
+    return env
+
+
+def check_chat_template(template, where: str) -> str | None:
+    """A model's chat template as loaded (None: it has none), refused in one line where it is
+    not a string or not valid Jinja: found when the model is read, not at every chat turn."""
+    if template is None:
+        return None
+    if not isinstance(template, str):
+        raise HetcompError(f"the chat template in {where} is not a string")
+    try:
+        _template_env().from_string(template)  # parsed and compiled: names filters exist
+    except jinja2.TemplateSyntaxError as e:
+        raise HetcompError(f"the chat template in {where} is not valid Jinja: {e.message} "
+                           f"(line {e.lineno})") from None
+    return template
+
+
 def render_messages(template: str | None, messages: list[dict], bos_token: str = "",
                     eos_token: str = "", add_generation_prompt: bool = True) -> str:
     """Render the model's Jinja chat template for a conversation (``[{"role", "content"}]``),
     with the generation prompt of the assistant's next turn."""
     if not template:
         raise HetcompError("this model has no chat template; use --prompt without --chat")
-    # transformers' settings (apply_chat_template): Qwen2.5's template ends in a newline that
-    # keep_trailing_newline would add to the prompt.
-    env = jinja2.Environment(loader=jinja2.BaseLoader(), trim_blocks=True, lstrip_blocks=True,
-                             extensions=["jinja2.ext.loopcontrols"])
-    env.globals["raise_exception"] = _template_refuses  # as transformers gives templates
-    return env.from_string(template).render(
-        messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos_token,
-        eos_token=eos_token)
+    try:
+        return _template_env().from_string(template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=bos_token, eos_token=eos_token)
+    except jinja2.TemplateError as e:  # an artifact written before templates were checked
+        raise HetcompError(f"the model's chat template fails: {e}") from None
 
 
 def _template_refuses(message: str):

@@ -172,6 +172,27 @@ def test_a_template_that_refuses_a_conversation_says_why():
         render_messages(template, [{"role": "system", "content": "be brief"}])
 
 
+def test_a_broken_template_is_one_line_where_it_shows():
+    """A template that is not Jinja, or names a filter Jinja lacks, is refused when the model
+    is read; one that fails only as it renders (an artifact compiled before that check) is
+    one line at the turn, not a traceback."""
+    from hetcomp.frontend.tokenizer import check_chat_template, render_messages
+
+    with pytest.raises(HetcompError, match=r"in x is not valid Jinja: unexpected '}' \(line 1"):
+        check_chat_template("{% for m in messages %}{{ m.content }", "x")
+    with pytest.raises(HetcompError, match="not valid Jinja: No filter named 'nosuch'"):
+        check_chat_template("{{ messages | nosuch }}", "x")
+    with pytest.raises(HetcompError, match="in x is not a string"):
+        check_chat_template(5, "x")
+    assert check_chat_template(None, "x") is None
+    calls = "{{ messages[0].content.nosuch() }}"
+    assert check_chat_template(calls, "x") == calls
+    with pytest.raises(HetcompError, match="chat template fails: .*nosuch"):
+        render_messages(calls, [{"role": "user", "content": "hi"}])
+    with pytest.raises(HetcompError, match="chat template fails: unexpected '}'"):
+        render_messages("{% for m in messages %}{{ m.content }", [{"role": "user", "content": "hi"}])
+
+
 def test_the_api_takes_ids_as_any_sequence_and_refuses_text_where_ids_go(tiny_artifact):
     """``hetcomp.generate`` (the runtime's) decodes token ids: text there is one line of
     error, not int('H')'s ValueError; the streaming ``driver.generate`` takes text or ids, a

@@ -454,6 +454,27 @@ def _break(folder, case):
         write_tiny_hf(folder, shards=2)
         with open(os.path.join(folder, "model.safetensors.index.json"), "w") as fh:
             json.dump([1], fh)
+    elif case in ("generation_list", "eos_text", "eos_negative", "bos_list"):
+        write_tiny_hf(folder, generation={"generation_list": [1, 2],
+                                          "eos_text": {"eos_token_id": "abc"},
+                                          "eos_negative": {"eos_token_id": [2, -5]},
+                                          "bos_list": {"bos_token_id": [1, 2]}}[case])
+    elif case in ("tokenizer_config_list", "template_int"):
+        write_tiny_hf(folder)
+        with open(os.path.join(folder, "tokenizer_config.json"), "w") as fh:
+            json.dump([1] if case == "tokenizer_config_list" else {"chat_template": 5}, fh)
+    elif case == "deep_json":
+        write_tiny_hf(folder)
+        with open(os.path.join(folder, "config.json"), "w") as fh:
+            fh.write("[" * 100000 + "]" * 100000)
+    elif case == "bad_tokenizer":
+        write_tiny_hf(folder)
+        with open(os.path.join(folder, "tokenizer.json"), "w") as fh:
+            json.dump({"hello": 1}, fh)
+    elif case == "template_syntax":
+        write_tiny_hf(folder)
+        with open(os.path.join(folder, "chat_template.jinja"), "w") as fh:
+            fh.write("{% for m in messages %}{{ m.content }")
 
 
 @pytest.mark.parametrize("case, needle", [
@@ -468,7 +489,16 @@ def _break(folder, case):
     ("config_list", "config.json is not a JSON object"),
     ("archs_int", "architectures 5 is not a list of names"),
     ("rope_list", "unsupported rope_parameters [1]"),
-    ("index_list", "has no weight_map"),
+    ("index_list", "model.safetensors.index.json is not a JSON object"),
+    ("generation_list", "generation_config.json is not a JSON object"),
+    ("tokenizer_config_list", "tokenizer_config.json is not a JSON object"),
+    ("deep_json", "cannot read"),
+    ("bad_tokenizer", "tokenizer.json"),
+    ("eos_text", "eos_token_id is not a token id or a list of them: 'abc'"),
+    ("eos_negative", "eos_token_id is not a token id"),
+    ("bos_list", "bos_token_id is a list"),
+    ("template_syntax", "chat_template.jinja is not valid Jinja: unexpected '}'"),
+    ("template_int", "is not a string"),
 ])
 def test_bad_folders_are_assert_one_line_error(tmp_path, case, needle, cli):
     # `hetcomp compile` in-process (``cli``): a process start and TVM's import less per case.
