@@ -89,13 +89,35 @@ def read_manifest(path: str) -> dict:
     try:
         with open(mpath, "rb") as fh:
             manifest = json.loads(fh.read().decode("utf-8"))
-    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+    except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError: a ValueError
         raise HetcompError(f"corrupt manifest.json in {path}: {_first_line(e)}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise HetcompError(f"not a hetcomp artifact (format is not {FORMAT}): {path}")
     if manifest.get("digest") != manifest_digest(manifest):
         raise HetcompError(f"manifest.json was edited after compilation: {path}")
     return manifest
+
+
+def check_files(path: str, manifest: dict, verify_params: bool = True) -> None:
+    """Refuse, in one line, an artifact whose files are not those its manifest records: each
+    present (``params.bin`` may come later, when compiled with separate weights), of its
+    recorded size, and ``lib.so`` and ``tokenizer.json`` (and ``params.bin`` with
+    ``verify_params``) of their SHA-256."""
+    files = manifest["files"]
+    lean = not manifest.get("weights_attached", True)
+    for name, entry in files.items():
+        f = os.path.join(path, name)
+        if not os.path.isfile(f):
+            if lean and name == "params.bin":
+                continue
+            raise HetcompError(f"artifact is missing {name}: {path}")
+        if "bytes" in entry and os.path.getsize(f) != entry["bytes"]:
+            raise HetcompError(f"artifact file {name} has the wrong size (damaged or "
+                               f"replaced): {path}")
+        if "sha256" in entry and (name != "params.bin" or verify_params) and \
+                sha256_file(f) != entry["sha256"]:
+            raise HetcompError(f"artifact file {name} does not match its manifest (damaged "
+                               f"or replaced): {path}")
 
 
 def kv_dtype(manifest: dict) -> str:
@@ -111,7 +133,7 @@ def holds_format(path: str, name: str, fmt: str) -> bool:
     try:
         with open(os.path.join(path, name)) as fh:
             return json.load(fh).get("format") == fmt
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return False
 
 

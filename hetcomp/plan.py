@@ -113,6 +113,8 @@ def _unit_names(units) -> list[str]:
                              f"{', '.join(SPECS)})")
     if len(set(units)) != len(units):
         raise ValueError(f"a unit is listed twice: {units}")
+    if len(units) > 2:  # what the partition pass splits: a host and one other unit
+        raise ValueError(f"a plan places work on at most two units, not {units}")
     return units
 
 
@@ -160,7 +162,7 @@ def _read_json(path: str):
     try:
         with open(path, "rb") as fh:
             return json.loads(fh.read().decode("utf-8"))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise HetcompError(f"cannot read plan {path}: {str(e).splitlines()[0]}") from None
 
 

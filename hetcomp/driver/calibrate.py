@@ -76,7 +76,8 @@ def read_responses(path: str, vocab_size: int | None = None) -> dict[str, list[i
             rows = [(n, json.loads(line)) for n, line in enumerate(fh, 1) if line.strip()]
         rows = [(n, r["prompt"], [int(i) for i in r["ids"]]) for n, r in rows]
         responses = {prompt: ids for _, prompt, ids in rows}  # (a list as prompt: TypeError)
-    except (OSError, ValueError, KeyError, TypeError, OverflowError, EOFError, zlib.error) as e:
+    except (OSError, ValueError, KeyError, TypeError, OverflowError, EOFError, zlib.error,
+            RecursionError) as e:
         # (gzip: EOFError for a truncated stream, zlib.error for a damaged one; an id of
         # 1e400: OverflowError)
         raise HetcompError(f"cannot read responses {path}: {e}") from None

@@ -11,7 +11,7 @@ import dataclasses
 import math
 import os
 
-from ..artifact_format import kv_dtype, read_manifest
+from ..artifact_format import check_files, kv_dtype, read_manifest
 from ..cost.roofline import dtype_bytes
 from ..errors import HetcompError
 from ..frontend import MODELS, load_model, resolve_model
@@ -29,11 +29,8 @@ def inspect_path(path: str) -> dict:
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "manifest.json")):
             manifest = read_manifest(path)
-            lean = not manifest.get("weights_attached", True)  # params.bin comes later
-            for name in manifest["files"]:
-                if not os.path.isfile(os.path.join(path, name)) and not (
-                        lean and name == "params.bin"):
-                    raise HetcompError(f"artifact is missing {name}: {path}")
+            # What loading checks, but params.bin's digest (its size only: 0.9 s for 553 MB)
+            check_files(path, manifest, verify_params=False)
             return {"kind": "artifact", **manifest, "memory": deployment_memory(manifest)}
         if os.path.isfile(os.path.join(path, "kit.json")):
             from ..profile.measure import read_kit  # lazy: it builds probes with the compiler

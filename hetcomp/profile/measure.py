@@ -576,7 +576,7 @@ def read_kit(path: str) -> dict:
     try:
         with open(os.path.join(path, "kit.json"), "rb") as fh:
             kit = json.loads(fh.read().decode("utf-8"))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise HetcompError(f"not a profile kit: {path} ({str(e).splitlines()[0]})") from None
     if not isinstance(kit, dict) or kit.get("format") != KIT_FORMAT:
         raise HetcompError(f"not a profile kit (format is not {KIT_FORMAT}): {path}")

@@ -11,7 +11,7 @@ import os
 import numpy as np
 
 from .. import _tvm
-from ..artifact_format import PREFILL_CHUNK, kv_dtype, read_manifest, sha256_file
+from ..artifact_format import PREFILL_CHUNK, check_files, kv_dtype, read_manifest
 from ..errors import HetcompError
 from ..frontend.config import LlamaConfig, kv_cache_shapes
 from ..frontend.tokenizer import TokenizerInfo
@@ -55,8 +55,19 @@ class Artifact:
         skips it, and then only its size is checked)."""
         self.path = os.path.abspath(path)
         self.manifest = read_manifest(self.path)
+        try:
+            self._open(verify)
+        except HetcompError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+            # The digest matched, so another hetcomp version or an edit that recomputed it.
+            raise HetcompError(f"malformed manifest.json in {self.path}: "
+                               f"{type(e).__name__}: {e}") from None
+
+    def _open(self, verify: bool) -> None:
         _check_target(self.manifest)
-        files = self.manifest["files"]
+        if not isinstance(self.manifest.get("default_width") or 1, int):
+            raise ValueError(f"default_width {self.manifest['default_width']!r} is not a width")
         lib = os.path.join(self.path, "lib.so")
         pbin = os.path.join(self.path, "params.bin")
         tjson = os.path.join(self.path, "tokenizer.json")
@@ -66,13 +77,7 @@ class Artifact:
         for f in (lib, pbin, tjson):
             if not os.path.isfile(f):
                 raise HetcompError(f"artifact is missing {os.path.basename(f)}: {self.path}")
-        if os.path.getsize(pbin) != files["params.bin"]["bytes"]:
-            raise HetcompError(f"artifact weights params.bin have the wrong size: {self.path}")
-        for name, f in (("lib.so", lib), ("tokenizer.json", tjson)) + (
-                (("params.bin", pbin),) if verify else ()):
-            if sha256_file(f) != files[name]["sha256"]:
-                raise HetcompError(f"artifact file {name} does not match its manifest (damaged "
-                                   f"or replaced): {self.path}")
+        check_files(self.path, self.manifest, verify_params=verify)
         self.config = LlamaConfig.from_dict(self.manifest["config"])
         self.dtype = self.manifest["dtype"]
         self.kv_dtype = kv_dtype(self.manifest)
@@ -109,6 +114,9 @@ class Artifact:
         self._weights_file = np.memmap(pbin, dtype=np.uint8, mode="c")
         by_name = {}
         for p in self.manifest["params"]:
+            if not 0 <= p["offset"] <= p["offset"] + p["nbytes"] <= self._weights_file.size:
+                raise HetcompError(f"malformed manifest.json in {self.path}: parameter "
+                                   f"{p['name']} lies outside params.bin")
             arr = (self._weights_file[p["offset"]: p["offset"] + p["nbytes"]]
                    .view(p["dtype"]).reshape(p["shape"]))
             dev = self.devices[(self.manifest.get("param_units") or {}).get(p["name"], 0)]

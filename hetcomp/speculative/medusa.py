@@ -60,21 +60,30 @@ class MedusaHeads:
     @classmethod
     def load(cls, path: str) -> MedusaHeads:
         try:
-            with np.load(path, allow_pickle=False) as z:
+            # (weights past float32's range become inf, refused below, without a warning)
+            with np.load(path, allow_pickle=False) as z, np.errstate(over="ignore"):
                 meta = json.loads(bytes(z["meta"]).decode())
                 w, b = z["w"].astype(np.float32), z["b"].astype(np.float32)
                 ranks = z["ranks"] if "ranks" in z.files else None
                 u = z["u"].astype(np.float32) if "u" in z.files else None
-                vocab = z["vocab"].astype(np.int32) if "vocab" in z.files else None
+                vocab = z["vocab"] if "vocab" in z.files else None
             rank_probs = np.asarray(meta.pop("rank_probs"), dtype=np.float64)
         except (OSError, EOFError, KeyError, ValueError, TypeError, AttributeError,
-                zipfile.BadZipFile, zlib.error) as e:  # what a damaged .npz raises
+                RecursionError, zipfile.BadZipFile, zlib.error) as e:  # a damaged .npz's
             raise HetcompError(f"cannot read Medusa heads {path}: "
                                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
                                ) from None
-        if ranks is not None and not np.issubdtype(ranks.dtype, np.integer):
-            raise HetcompError(f"cannot read Medusa heads {path}: ranks are {ranks.dtype}, "
-                               "not integers")
+        for name, ids in (("ranks", ranks), ("vocab", vocab)):
+            if ids is not None and not np.issubdtype(ids.dtype, np.integer):
+                raise HetcompError(f"cannot read Medusa heads {path}: {name} hold "
+                                   f"{ids.dtype}, not integers")
+        if vocab is not None:  # token ids: int32 holds every vocabulary's (compile checks
+            # them against the model's)
+            bounds = np.iinfo(np.int32)
+            if vocab.size and (vocab.min() < bounds.min or vocab.max() > bounds.max):
+                raise HetcompError(f"cannot read Medusa heads {path}: vocab holds ids past "
+                                   "int32's range")
+            vocab = vocab.astype(np.int32)
         k = w.shape[0] if w.ndim == 3 else -1
         # Statistics of K heads of TOPK candidates (ranks: -1 no target, TOPK not among them);
         # others would build trees with nodes for heads or ranks the draft does not have.

@@ -275,8 +275,13 @@ def test_bad_artifacts(tmp_path, tiny_artifact, cli):
     shutil.copytree(path, short)
     data = (short / "params.bin").read_bytes()
     (short / "params.bin").write_bytes(data[:-100])
-    rc, _, err = cli("generate", short, "--prompt", "hi")
-    assert_one_line_error(rc, err, "wrong size")
+    for command in ("generate", "inspect"):  # inspect accepts only what loading accepts
+        rc, _, err = cli(command, short, *(["--prompt", "hi"] if command == "generate" else []))
+        assert_one_line_error(rc, err, "params.bin has the wrong size")
+    (short / "params.bin").write_bytes(data)
+    (short / "lib.so").write_bytes(b"junk")
+    rc, _, err = cli("inspect", short)
+    assert_one_line_error(rc, err, "lib.so does not match its manifest")
 
 
 def test_bench_reports_unit_busy_time_and_plan_prediction(tmp_path, tiny_gguf, cli):

@@ -249,6 +249,7 @@ _PLAN = {"format": "hetcomp-plan/1", "model": "tiny", "units": ["cpu", "cpu:1"],
 @pytest.mark.parametrize("edit, needle", [
     ({"units": []}, "non-empty list of names"),
     ({"units": ["cpu", "tpu"]}, "unknown unit 'tpu'"),
+    ({"units": ["cpu", "cpu:1", "cpu:2"]}, "at most two units, not ['cpu', 'cpu:1', 'cpu:2']"),
     ({"host": 5}, "host 5 is not one of the plan's units"),
     ({"host": "cuda:7"}, "host 'cuda:7' is not one of"),
     ({"split": {"gate-up": {"cpu": 0.5, "cpu:1": 0.5}}}, "unknown linear kind 'gate-up'"),
@@ -384,6 +385,47 @@ def test_fuzz_manifest(tmp_path, tiny_artifact, capsys):
     (art / "manifest.json").write_bytes(edited)
     assert_one_line_error(*cli(capsys, "generate", art, "--prompt-ids", "5"),
                           "edited after compilation")
+
+
+@pytest.mark.parametrize("edit, needle", [
+    ("del m['files']", "art: KeyError: 'files'"),
+    ("m['params'][-1]['offset'] = 10**9", "lies outside params.bin"),
+    ("m['default_width'] = 'abc'", "art: ValueError: default_width 'abc' is not a width"),
+])
+def test_a_manifest_edited_with_its_digest_is_refused(tmp_path, tiny_artifact, capsys, edit,
+                                                      needle):
+    """An edit that recomputed the digest (or another hetcomp version's manifest): fields
+    that are missing or out of range are one line, not a KeyError or a reshape error."""
+    from hetcomp.artifact_format import manifest_digest
+
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifact[0], art)
+    m = json.loads((art / "manifest.json").read_text())
+    exec(edit)
+    m["digest"] = manifest_digest(m)
+    (art / "manifest.json").write_text(json.dumps(m))
+    assert_one_line_error(*cli(capsys, "generate", art, "--prompt-ids", "5"), needle)
+
+
+def test_json_nested_past_the_recursion_limit_is_one_line(tmp_path, tiny_artifact, capsys):
+    """json raises RecursionError, not ValueError, for deep nesting: every JSON a command
+    reads (a manifest, a plan, a profile kit, calibration responses) is still one line."""
+    deep = "[" * 100000 + "]" * 100000
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifact[0], art)
+    (art / "manifest.json").write_text(deep)
+    assert_one_line_error(*cli(capsys, "generate", art, "--prompt-ids", "5"),
+                          "corrupt manifest.json")
+    (tmp_path / "plan.json").write_text(deep)
+    assert_one_line_error(*cli(capsys, "inspect", tmp_path / "plan.json"), "cannot read plan")
+    (tmp_path / "kit").mkdir()
+    (tmp_path / "kit" / "kit.json").write_text(deep)
+    assert_one_line_error(*cli(capsys, "profile", "--kit", tmp_path / "kit", "-o",
+                               tmp_path / "db.sqlite"), "not a profile kit")
+    (tmp_path / "r.jsonl").write_text(deep + "\n")
+    assert_one_line_error(*cli(capsys, "calibrate", "--model", "smollm2", "--responses",
+                               tmp_path / "r.jsonl", "-o", tmp_path / "h"),
+                          "cannot read responses")
 
 
 def test_fuzz_counts():

@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -500,5 +501,18 @@ def test_heads_whose_statistics_disagree_with_them_are_refused(tmp_path):
     with np.load(str(tmp_path / "h.npz")) as z:
         arrays = dict(z)
     np.savez(str(tmp_path / "s.npz"), **arrays, ranks=np.array([["a", "b"]]))
-    with pytest.raises(HetcompError, match="ranks are <U1, not integers"):
+    with pytest.raises(HetcompError, match="ranks hold <U1, not integers"):
         MedusaHeads.load(str(tmp_path / "s.npz"))
+    # A draft vocabulary of ids int32 cannot hold, or of no ids at all, was cast silently
+    # (2**40 -> 0, 0.5 -> 0); float64 weights past float32's range warned on stderr.
+    for vocab, needle in ((np.array([3, 2**40]), "vocab holds ids past int32's range"),
+                          (np.array([-2**40, 5]), "vocab holds ids past int32's range"),
+                          (np.array([0.5, 1.7]), "vocab hold float64, not integers")):
+        np.savez(str(tmp_path / "v.npz"), **arrays, vocab=vocab)
+        with pytest.raises(HetcompError, match=needle):
+            MedusaHeads.load(str(tmp_path / "v.npz"))
+    np.savez(str(tmp_path / "big.npz"), **{**arrays, "w": arrays["w"].astype(np.float64) * 1e300})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no RuntimeWarning on the way to the one line
+        with pytest.raises(HetcompError, match="not finite"):
+            MedusaHeads.load(str(tmp_path / "big.npz"))
