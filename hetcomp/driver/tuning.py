@@ -193,12 +193,13 @@ def tune_command(model: str = "smollm2", units=("cpu",), out_dir: str = "tune",
     say = progress or _say
     present, spec = split_unit_names(units)
     shape, key = read_model_shape(model, dtype)
+    draft = load_draft(heads, draft_dtype, model)  # bad heads: refused before the profile
     with output_dir(out_dir, is_tune_dir, "tune folder", force) as tmp:
         old_db = os.path.join(out_dir, "profile.sqlite")
         if os.path.isfile(old_db):  # a replaced tune folder's profile is reused while it fits
             shutil.copy2(old_db, os.path.join(tmp, "profile.sqlite"))
-        summary = _tune(tmp, shape, key, model, present, spec, quick, cache_len, heads,
-                        progress, profile, draft_dtype, say, dtype)
+        summary = _tune(tmp, shape, key, model, present, spec, quick, cache_len, draft,
+                        progress, profile, say, dtype)
     summary["out_dir"] = os.path.abspath(out_dir)
     if "profile" in summary and profile is None:
         summary["profile"]["db"] = os.path.join(summary["out_dir"], "profile.sqlite")
@@ -210,8 +211,8 @@ def is_tune_dir(path: str) -> bool:
     return holds_format(path, "plan.json", PLAN_FORMAT)
 
 
-def _tune(out_dir, shape, key, model, present, spec, quick, cache_len, heads, progress,
-          profile, draft_dtype, say, dtype) -> dict:
+def _tune(out_dir, shape, key, model, present, spec, quick, cache_len, draft, progress,
+          profile, say, dtype) -> dict:
     summary: dict = {"model": key}
     if present:
         if profile is not None:
@@ -232,7 +233,6 @@ def _tune(out_dir, shape, key, model, present, spec, quick, cache_len, heads, pr
                     f"{_pct(r.holdout_mape)} (alone {_pct(r.holdout_mape_alone)})")
     else:
         unit_models = spec_unit_models(spec)
-    draft = load_draft(heads, draft_dtype, model)
     label = draft["label"]
     say(f"[tune] planning ({label})")
     # Any measured unit may host the unsplit ops (a GPU can run the whole model); the host

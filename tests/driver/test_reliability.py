@@ -428,6 +428,17 @@ def test_json_nested_past_the_recursion_limit_is_one_line(tmp_path, tiny_artifac
                           "cannot read responses")
 
 
+def test_tune_refuses_bad_heads_before_it_profiles(tmp_path, capsys, monkeypatch):
+    """Heads that cannot be read were refused only after the whole profile (minutes)."""
+    from hetcomp.driver import tuning
+
+    monkeypatch.setattr(tuning, "profile_command", lambda *a, **k: pytest.fail("profiled"))
+    (tmp_path / "h.npz").write_text("not heads")
+    assert_one_line_error(*cli(capsys, "tune", "--units", "cpu", "--heads", tmp_path / "h.npz",
+                               "-o", tmp_path / "t"), "cannot read Medusa heads")
+    assert os.listdir(tmp_path) == ["h.npz"]
+
+
 def test_fuzz_counts():
     """Every fuzzed file was tried; the counts are in the closing note of issue 15."""
     assert set(FUZZ_COUNTS) == {"gguf", "heads", "plan", "manifest"}, FUZZ_COUNTS
