@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 from ..errors import HetcompError
 
@@ -51,13 +52,15 @@ class LlamaConfig:
     def __post_init__(self):
         # Read from model files: a bad value is the user's input, refused in one line.
         sizes = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                 "vocab_size", "max_context")
+                 "vocab_size", "max_context", "head_dim")  # (head_dim 0: hidden / heads)
         bad = [f"{n}={getattr(self, n)!r}" for n in sizes
-               if not isinstance(getattr(self, n), int) or getattr(self, n) < 1]
-        if bad or not self.rope_theta > 0 or not self.norm_eps > 0 or self.head_dim < 0:
+               if isinstance(getattr(self, n), bool) or not isinstance(getattr(self, n), int)
+               or getattr(self, n) < (0 if n == "head_dim" else 1)]
+        finite = all(math.isfinite(v) and v > 0 for v in (self.rope_theta, self.norm_eps))
+        if bad or not finite:
             raise HetcompError("invalid model configuration: "
-                               + (", ".join(bad) or "rope_theta, norm_eps and head_dim must "
-                                  "be positive"))
+                               + (", ".join(bad) or "rope_theta and norm_eps must be positive "
+                                  "and finite"))
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if self.activation not in ("silu", "gelu_tanh"):

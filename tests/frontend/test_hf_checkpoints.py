@@ -9,6 +9,7 @@ code wrote.
 import dataclasses
 import json
 import os
+import re
 
 import ml_dtypes
 import numpy as np
@@ -255,6 +256,18 @@ def test_rope_theta_from_either_place(tmp_path):
 def test_refuses_what_it_does_not_implement(tmp_path, overrides, field):
     folder = write_tiny_hf(tmp_path, hf_config(**overrides))
     with pytest.raises(HetcompError, match=field):
+        load_model(folder)
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    ({"head_dim": 16.0}, "head_dim=16.0"),  # crashed inside TVM: shapes must be integers
+    ({"hidden_size": True}, "hidden_size=True"),  # was taken as 1
+    ({"rms_norm_eps": float("inf")}, "rope_theta and norm_eps must be positive and finite"),
+    ({"rope_theta": float("inf"), "rope_parameters": None}, "positive and finite"),
+])
+def test_config_values_that_are_no_sizes_are_refused(tmp_path, overrides, needle):
+    folder = write_tiny_hf(tmp_path, hf_config(**overrides))
+    with pytest.raises(HetcompError, match=re.escape(needle)):
         load_model(folder)
 
 
