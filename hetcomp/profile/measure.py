@@ -344,15 +344,18 @@ def plan_probes(shape: ModelShape, opts: ProfileOptions, wdtype: str = "float32"
     f = kernel("rope_kv", script_ops.rope_kv, s.heads, s.kv_heads, s.head_dim, s.layers,
                s.max_context, kv_dtype=kv_dtype)
     table = kernel("rope_table", ops.rope_table, s.head_dim, 10000.0)
+    # rope_kv writes the rows' K/V at positions n..n+w-1 of the caches: n = 100, or less
+    # where the context is shorter (a tiny model's 128: writes past the cache corrupted the
+    # heap of a full profile).
     groups.append(ProbeGroup("rope", tuple(
         Probe(f, rope_features(s, w), (("rand", (w, s.qkv_size), "float32", 0.05, 1),
                                        ("rand", (w, s.head_dim), "float32", 1.0, 1),
                                        ("shared", "kc"), ("shared", "vc"),
-                                       ("mod", s.layers), ("int", 100),
+                                       ("mod", s.layers), ("int", min(100, s.max_context - w)),
                                        ("zeros", (s.heads, w, s.head_dim), "float32"),
                                        ("zeros", (s.kv_heads, w, s.head_dim), "float32"),
                                        ("zeros", (s.kv_heads, w, s.head_dim), "float32")))
-        for w in ws) + tuple(
+        for w in ws if w <= s.max_context) + tuple(
         Probe(table, rope_table_features(s, w), (("arange", w, 100),
                                                  ("zeros", (w, s.head_dim), "float32")))
         for w in ws), cache))

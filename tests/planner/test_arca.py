@@ -830,6 +830,22 @@ def test_attention_probes_measure_each_kernel_verify_runs():
     assert [m.features.cache_len for m in by_class["attention_dense"]] == [32]
 
 
+def test_no_probe_writes_past_a_short_context():
+    """rope_kv writes its rows' K/V at positions n..n+w-1 of the probe caches: with a
+    128-token context and W = 64 the fixed n = 100 wrote past them (a full profile of a
+    tiny model died in free()). Every cache-writing probe stays inside the context."""
+    from hetcomp.profile.measure import ProfileOptions, plan_probes
+
+    tiny = ModelShape(hidden=64, intermediate=96, layers=2, heads=4, kv_heads=2, head_dim=16,
+                      vocab=320, max_context=80)
+    opts = dataclasses.replace(ProfileOptions(), widths=(1, 16, 64, 128))
+    groups, _ = plan_probes(tiny, opts)
+    rope = [p for g in groups for p in g.probes if p.func == "rope_kv"]
+    # (w, n): no 128-row tree in 80 positions; n = 100 where it fits, else the last rows
+    assert sorted((p.features.w, *[a[1] for a in p.args if a[0] == "int"]) for p in rope) == [
+        (1, 79), (16, 64), (64, 16)]
+
+
 def test_gemma3_probes_measure_its_own_kernels():
     """A Gemma 3 shape's profile measures the kernels its verify adds (the per-head q/k norm,
     the residual norm) and its GeGLU activation, not SwiGLU."""
