@@ -90,7 +90,8 @@ class MedusaHeads:
         if (w.ndim != 3 or w.shape[1] != w.shape[2] or b.shape != w.shape[:2]
                 or rank_probs.shape != (k, TOPK)
                 or (ranks is not None and (ranks.ndim != 2 or ranks.shape[1] != k
-                                           or ranks.size and ranks.max() > TOPK))
+                                           or ranks.size and (ranks.max() > TOPK
+                                                              or ranks.min() < -1)))
                 or (u is not None and u.shape != w.shape)
                 or (vocab is not None and vocab.ndim != 1)):
             raise HetcompError(f"cannot read Medusa heads {path}: inconsistent array shapes")

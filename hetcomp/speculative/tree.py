@@ -91,7 +91,9 @@ def build_tree(rank_probs: np.ndarray, width: int, ranks: np.ndarray | None = No
     """
     if width < 1:
         raise ValueError("width must be >= 1")
-    if ranks is not None and len(ranks):
+    # The joint statistics where a held-out row has a target for the first head (none: a
+    # joint tree would stop at its root, short of the width verify_w{W} was built for).
+    if ranks is not None and len(ranks) and (np.asarray(ranks)[:, 0] >= 0).any():
         return _build_tree_joint(np.asarray(ranks), width, np.asarray(rank_probs).shape[1])
     probs = np.asarray(rank_probs, dtype=np.float64)
     heads, top = probs.shape

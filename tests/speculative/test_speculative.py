@@ -484,7 +484,8 @@ def test_heads_whose_statistics_disagree_with_them_are_refused(tmp_path):
     w, b = rng.standard_normal((2, e, e)).astype("float32"), np.zeros((2, e), "float32")
     for probs, ranks in ((np.full((2, 10), 0.1), np.zeros((5, 4), "int8")),
                          (np.full((2, 12), 0.1), None),
-                         (np.full((2, 10), 0.1), np.full((5, 2), 11, "int8"))):
+                         (np.full((2, 10), 0.1), np.full((5, 2), 11, "int8")),
+                         (np.full((2, 10), 0.1), np.full((5, 2), -5, "int8"))):  # -1: none
         MedusaHeads(w, b, probs, {}, ranks).save(str(tmp_path / "h.npz"))
         with pytest.raises(HetcompError, match="inconsistent"):
             MedusaHeads.load(str(tmp_path / "h.npz"))

@@ -114,3 +114,15 @@ def test_joint_statistics_tree_is_optimal(seed, width):
             continue
         best = max(best, 1.0 + sum(joint_prob(ranks, p) for p in s))
     assert tree.expected_accept_length == pytest.approx(best)
+
+
+def test_joint_statistics_without_a_first_target_fall_back_to_rank_probs():
+    """Held-out rows where no head had a target (ranks -1): the joint tree stopped at its
+    root, short of the width verify_w{W} is compiled for, and decoding crashed. The tree
+    then comes from ``rank_probs``, with every node."""
+    probs = np.array([[0.5, 0.2, 0.1], [0.3, 0.2, 0.1]])
+    ranks = np.full((5, 2), -1, np.int8)
+    for width in (2, 4, 7):
+        tree = build_tree(probs, width, ranks)
+        assert len(tree.parents) == width
+        assert tree.to_json() == build_tree(probs, width).to_json()
