@@ -173,6 +173,11 @@ def load_hf(folder: str, max_context: int | None = None):
     """Load ``(config, float32 weights, tokenizer spec)`` from an HF LLaMA or Qwen2 folder."""
     cfg = read_hf_config(folder, max_context)
     spec = _tokenizer_spec(folder)
+    outside = [i for i in spec["eos_token_ids"] + [spec["bos_token_id"]]
+               if i is not None and i >= cfg.vocab_size]
+    if outside:  # (the model could never emit such an EOS; every prompt would be refused)
+        raise HetcompError(f"token id {outside[0]} in the folder's eos/bos ids lies outside "
+                           f"the vocabulary of {cfg.vocab_size}")
     names = {"embed": "model.embed_tokens.weight", "norm": "model.norm.weight",
              "lm_head": "lm_head.weight"}
     for i in range(cfg.num_layers):

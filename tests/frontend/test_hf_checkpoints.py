@@ -467,11 +467,12 @@ def _break(folder, case):
         write_tiny_hf(folder, shards=2)
         with open(os.path.join(folder, "model.safetensors.index.json"), "w") as fh:
             json.dump([1], fh)
-    elif case in ("generation_list", "eos_text", "eos_negative", "bos_list"):
+    elif case in ("generation_list", "eos_text", "eos_negative", "bos_list", "bos_outside"):
         write_tiny_hf(folder, generation={"generation_list": [1, 2],
                                           "eos_text": {"eos_token_id": "abc"},
                                           "eos_negative": {"eos_token_id": [2, -5]},
-                                          "bos_list": {"bos_token_id": [1, 2]}}[case])
+                                          "bos_list": {"bos_token_id": [1, 2]},
+                                          "bos_outside": {"bos_token_id": 99999}}[case])
     elif case in ("tokenizer_config_list", "template_int"):
         write_tiny_hf(folder)
         with open(os.path.join(folder, "tokenizer_config.json"), "w") as fh:
@@ -510,6 +511,7 @@ def _break(folder, case):
     ("eos_text", "eos_token_id is not a token id or a list of them: 'abc'"),
     ("eos_negative", "eos_token_id is not a token id"),
     ("bos_list", "bos_token_id is a list"),
+    ("bos_outside", "token id 99999 in the folder's eos/bos ids lies outside the vocabulary"),
     ("template_syntax", "chat_template.jinja is not valid Jinja: unexpected '}'"),
     ("template_int", "is not a string"),
 ])
