@@ -83,11 +83,11 @@ def cmd_compile(args) -> int:
     if args.heads and args.no_heads:
         raise HetcompError("--heads and --no-heads contradict each other")
     heads = None if args.no_heads else (args.heads or default_heads(args.model))
-    arch = args.cuda_arch or DEFAULT_CUDA_ARCH
+    arch = DEFAULT_CUDA_ARCH if args.cuda_arch is None else args.cuda_arch
     plan = load_plan(args.plan, args.target, arch) if args.plan else None
     gpu = args.target == "cuda" or (
         plan is not None and any(t["kind"] == "cuda" for t in plan.targets))
-    if args.cuda_arch and not gpu:
+    if args.cuda_arch is not None and not gpu:
         raise HetcompError("--cuda-arch is the GPU of --target cuda or of a --plan's cuda "
                            "unit: this build has none")
     if args.no_tensor_cores and not gpu:

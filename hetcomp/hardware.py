@@ -142,8 +142,12 @@ def check_cuda_arch(arch: str) -> str:
     """``arch`` when it names an NVIDIA GPU architecture as TVM and nvcc take it (``sm_87``,
     ``sm_90a``); else one line of error, before any work (TVM's own check comes after the
     model is built, as a traceback)."""
-    if not re.fullmatch(r"sm_\d{2,3}[af]?", arch):
+    m = re.fullmatch(r"sm_(\d{2,3})[af]?", arch)
+    if not m:
         raise HetcompError(f"--cuda-arch {arch!r} is not an NVIDIA GPU architecture (sm_87: "
+                           "Jetson Orin, sm_90: H100/H200)")
+    if int(m.group(1)) < 50:  # nvcc has not built for older GPUs since CUDA 11
+        raise HetcompError(f"--cuda-arch {arch!r}: nvcc builds for sm_50 and later (sm_87: "
                            "Jetson Orin, sm_90: H100/H200)")
     return arch
 
