@@ -93,6 +93,9 @@ def cmd_compile(args) -> int:
     if args.no_tensor_cores and not gpu:
         raise HetcompError("--no-tensor-cores is for the linears of --target cuda or of a "
                            "--plan's cuda unit: this build has none")
+    if args.draft_dtype is not None and heads is None:
+        raise HetcompError("--draft-dtype is the Medusa draft's weight dtype: this build has no "
+                           "heads (--no-heads, or a model without packaged heads)")
     for flag, given in (("--no-cuda-graph", args.no_cuda_graph), ("--no-fuse", args.no_fuse)):
         if given and (args.target != "cuda" or plan is not None):
             # A partitioned build neither captures graphs nor fuses linears.

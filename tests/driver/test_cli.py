@@ -126,6 +126,8 @@ def test_options_checked_before_the_work(tmp_path, tiny_artifact, cli):
     assert_one_line_error(rc, err, "'' is not an NVIDIA GPU architecture")  # not sm_90
     rc, _, err = cli("compile", "--target", "cuda", "--cuda-arch", "sm_12", "-o", tmp_path / "x")
     assert_one_line_error(rc, err, "nvcc builds for sm_50 and later")  # an artifact never loaded
+    rc, _, err = cli("compile", "--no-heads", "--draft-dtype", "float16", "-o", tmp_path / "x")
+    assert_one_line_error(rc, err, "--draft-dtype is the Medusa draft's weight dtype: this build")
     rc, _, err = cli("compile", "--cuda-arch", "sm_87", "-o", tmp_path / "x")
     assert_one_line_error(rc, err, "--cuda-arch is the GPU of --target cuda")
     rc, _, err = cli("compile", "--tuning-db", tmp_path / "no-db", "-o", tmp_path / "x")
