@@ -147,7 +147,7 @@ def cmd_generate(args) -> int:
     print()
     res, width = gen.result, gen.generation.width
     spec = (f", width {width}: {res.accepted_per_step:.2f} tokens per verify step"
-            if width > 1 else "")
+            if width > 1 and res.steps else "")  # (no step: prefill's token was all)
     print(f"[{len(res.ids)} tokens, prefill {res.prefill_s * 1e3:.0f} ms, "
           f"decode {res.decode_tokens_per_s:.1f} tokens/s{spec}]", file=sys.stderr)
     return 0

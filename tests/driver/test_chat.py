@@ -222,3 +222,14 @@ def test_chat_refuses_its_options_before_the_first_turn(smollm2_artifact):
     with pytest.raises(HetcompError, match="--lookup must be at least 0"):
         Chat(smollm2_artifact, lookup=-1)
 
+
+
+def test_generate_reports_tokens_per_verify_step_only_when_a_step_ran(
+        smollm2_medusa_artifact, cli):
+    """One new token is the prefill's: no verify step ran, so none is reported (it said
+    "width 4: 1.00 tokens per verify step")."""
+    art = smollm2_medusa_artifact
+    rc, _, err = cli("generate", art, "--prompt-ids", "1,2", "--max-new-tokens", 1, "--width", 4)
+    assert rc == 0 and "[1 tokens" in err and "verify step" not in err, err
+    rc, _, err = cli("generate", art, "--prompt-ids", "1,2", "--max-new-tokens", 3, "--width", 4)
+    assert rc == 0 and "width 4: " in err and "tokens per verify step]" in err, err
