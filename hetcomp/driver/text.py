@@ -96,6 +96,9 @@ class Chat:
         check_decoding(self.art, max_new_tokens, self.width, self.lookup)
         check_context(self.art, 1, max_new_tokens, "a turn")
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+        if system:  # the system message stays in every turn: it must fit with an empty one
+            check_context(self.art, len(self.prompt_ids("")), max_new_tokens,
+                          "the system message with a turn")
         self.session = self.art.new_session()
         self.last: GenerationResult | None = None
         self.last_prefilled = self.last_dropped = 0

@@ -233,3 +233,12 @@ def test_generate_reports_tokens_per_verify_step_only_when_a_step_ran(
     assert rc == 0 and "[1 tokens" in err and "verify step" not in err, err
     rc, _, err = cli("generate", art, "--prompt-ids", "1,2", "--max-new-tokens", 3, "--width", 4)
     assert rc == 0 and "width 4: " in err and "tokens per verify step]" in err, err
+
+
+def test_a_system_message_no_turn_fits_with_is_refused_up_front(smollm2_artifact):
+    """The system message stays in every turn: one that leaves no room for a turn and its
+    reply is refused when the chat starts, not at the user's first line (and blamed on it)."""
+    with pytest.raises(HetcompError, match=r"the system message with a turn \(30\d\d tokens\)"):
+        Chat(smollm2_artifact, max_new_tokens=4, system="word " * 3000)
+    assert Chat(smollm2_artifact, max_new_tokens=4, system="Be brief.").messages[0] == {
+        "role": "system", "content": "Be brief."}
