@@ -509,16 +509,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: The signals that ended the running command. TVM's FFI turns an exception raised inside a
+#: Python function it calls (a pass, a schedule rule) into RuntimeError, so a Ctrl-C or
+#: `kill` during a compile pass reaches ``main`` as one; this says what it was.
+_RECEIVED: list[int] = []
+
+
 def _terminated(signum, frame):
     # `kill` or `timeout` unwinds like Ctrl-C: the temporary output folders are removed
     # (Python's default for SIGTERM exits without running any cleanup).
+    _RECEIVED.append(signum)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise SystemExit(128 + signum)
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
+    _RECEIVED.clear()
+    previous = ({s: signal.signal(s, _terminated) for s in (signal.SIGTERM, signal.SIGINT)}
+                if main_thread else {})
     try:
         return args.func(args)
     except HetcompError as e:
@@ -534,14 +545,16 @@ def main(argv=None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (exit's flush)
         return 128 + signal.SIGPIPE
     except Exception as e:  # a bug, not bad input: still one line unless debugging
+        if _RECEIVED:  # a signal that came back through TVM's FFI (see _RECEIVED)
+            return 128 + _RECEIVED[0]
         if os.environ.get("HETCOMP_DEBUG"):
             raise
         print(f"hetcomp: internal error: {type(e).__name__}: {e} (HETCOMP_DEBUG=1 for details)",
               file=sys.stderr)
         return 1
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 if __name__ == "__main__":

@@ -240,6 +240,27 @@ def test_terminated_compile_leaves_nothing(tmp_path, tiny_gguf, cli, monkeypatch
     assert signal.getsignal(signal.SIGTERM) == before  # the handler lives as long as main
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_inside_a_tvm_pass_ends_quietly(tmp_path, tiny_gguf, cli, monkeypatch, signum):
+    """Ctrl-C or `kill` while TVM runs one of our Python passes: TVM's FFI hands the
+    exception back as RuntimeError, yet the command ends with the signal's status, no
+    "internal error" line, and no output left behind."""
+    from hetcomp.schedules import cpu
+
+    def apply(self, *args):
+        os.kill(os.getpid(), signum)  # handled at the next Python instruction, in the pass
+        return real(self, *args)
+
+    real = cpu.RowwiseRule.apply
+    monkeypatch.setattr(cpu.RowwiseRule, "apply", apply)
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    rc, _, err = cli("compile", "--model", tiny_gguf, "--max-context", 128, "--quiet",
+                     "-o", tmp_path / "art")
+    assert (rc, err) == (128 + signum, "")
+    assert os.listdir(tmp_path) == []
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
 def test_a_reader_that_leaves_ends_generate_quietly(tiny_artifact):
     """`hetcomp generate ... | head`: the pipe closes before the text is written; the
     command ends without an error line, with the status a shell gives SIGPIPE."""
