@@ -149,33 +149,31 @@ def _breakdown_cache_len(art, widths) -> int:
     return max(1, min(64, art.config.max_context - max(widths, default=1) - 1))
 
 
+def _breakdowns(art, widths, breakdown):
+    """``(width, breakdown(art, width, ...))`` for the widths whose tree fits the context,
+    each after the same committed length (5 steps each)."""
+    widths = _breakdown_widths(art, widths)
+    cache_len = _breakdown_cache_len(art, widths)
+    return [(w, breakdown(art, w, steps=5, cache_len=cache_len)) for w in widths]
+
+
 def kernel_tables(art, widths, top: int) -> list[dict]:
     """Per width: the ``top`` kernels (and VM builtins) by synchronised time in one verify
     step (hetcomp.runtime.unit_time.kernel_breakdown); widths whose tree does not fit the
     context are left out (:func:`_breakdown_widths`)."""
-    widths = _breakdown_widths(art, widths)
-    cache_len = _breakdown_cache_len(art, widths)
-    out = []
-    for w in widths:
-        b = kernel_breakdown(art, w, steps=5, cache_len=cache_len)
-        out.append({"width": w, "step_ms": 1e3 * b["step_s"], "top": [
-            {"name": k, "ms": 1e3 * t, "calls": b["calls"][k]}
-            for k, t in list(b["kernels"].items())[:top]]})
-    return out
+    return [{"width": w, "step_ms": 1e3 * b["step_s"], "top": [
+                {"name": k, "ms": 1e3 * t, "calls": b["calls"][k]}
+                for k, t in list(b["kernels"].items())[:top]]}
+            for w, b in _breakdowns(art, widths, kernel_breakdown)]
 
 
 def verify_steps(art, widths) -> list[dict]:
     """Per width: the verify step time and each unit's busy time (their sum is the step
     without overlap; see hetcomp.runtime.unit_time); widths whose tree does not fit the
     context are left out (:func:`_breakdown_widths`)."""
-    widths = _breakdown_widths(art, widths)
-    cache_len = _breakdown_cache_len(art, widths)
-    out = []
-    for w in widths:
-        b = step_breakdown(art, w, steps=5, cache_len=cache_len)
-        out.append({"width": w, "step_ms": 1e3 * b["step_s"], "serial_ms": 1e3 * b["serial_s"],
-                    "busy_ms": {u: 1e3 * t for u, t in b["busy_s"].items() if u != "host"}})
-    return out
+    return [{"width": w, "step_ms": 1e3 * b["step_s"], "serial_ms": 1e3 * b["serial_s"],
+             "busy_ms": {u: 1e3 * t for u, t in b["busy_s"].items() if u != "host"}}
+            for w, b in _breakdowns(art, widths, step_breakdown)]
 
 
 def llama_bench(art, runs: int, prompt: int = 512, gen: int = 128) -> dict:
