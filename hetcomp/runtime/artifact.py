@@ -67,17 +67,14 @@ class Artifact:
     def _open(self, verify: bool) -> None:
         _check_target(self.manifest)
         if not isinstance(self.manifest.get("default_width") or 1, int):
-            raise ValueError(f"default_width {self.manifest['default_width']!r} is not a width")
+            raise TypeError(f"default_width {self.manifest['default_width']!r} is not a width")
         lib = os.path.join(self.path, "lib.so")
         pbin = os.path.join(self.path, "params.bin")
         tjson = os.path.join(self.path, "tokenizer.json")
         if not os.path.isfile(pbin) and not self.manifest.get("weights_attached", True):
             raise HetcompError(f"artifact {self.path} was compiled with separate weights: "
                                "run `hetcomp attach-weights` on it first")
-        for f in (lib, pbin, tjson):
-            if not os.path.isfile(f):
-                raise HetcompError(f"artifact is missing {os.path.basename(f)}: {self.path}")
-        check_files(self.path, self.manifest, verify_params=verify)
+        check_files(self.path, self.manifest, verify_params=verify)  # (each present, too)
         self.config = LlamaConfig.from_dict(self.manifest["config"])
         self.dtype = self.manifest["dtype"]
         self.kv_dtype = kv_dtype(self.manifest)

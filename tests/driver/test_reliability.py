@@ -390,7 +390,7 @@ def test_fuzz_manifest(tmp_path, tiny_artifact, capsys):
 @pytest.mark.parametrize("edit, needle", [
     ("del m['files']", "art: KeyError: 'files'"),
     ("m['params'][-1]['offset'] = 10**9", "lies outside params.bin"),
-    ("m['default_width'] = 'abc'", "art: ValueError: default_width 'abc' is not a width"),
+    ("m['default_width'] = 'abc'", "art: TypeError: default_width 'abc' is not a width"),
 ])
 def test_a_manifest_edited_with_its_digest_is_refused(tmp_path, tiny_artifact, capsys, edit,
                                                       needle):
