@@ -116,16 +116,16 @@ def _build_tree_joint(ranks: np.ndarray, width: int, top: int) -> Tree:
     """Best-first tree under the measured joint statistics: a path's probability is the
     fraction of held-out rows where every head on it ranked the true token as the path says
     (no independence assumption; still never above its prefix's, so best-first is optimal)."""
-    rows = ranks[(ranks[:, 0] >= 0)]
+    rows = ranks[(ranks[:, 0] >= 0)]  # (build_tree calls it only when there is one)
     heads = ranks.shape[1]
-    n = max(len(rows), 1)
+    n = len(rows)
 
     def prob(mask):
         return mask.sum() / n
 
     chosen = []
     masks = {(r,): rows[:, 0] == r for r in range(top)}
-    heap = [(-prob(m), p) for p, m in masks.items()] if len(rows) else []
+    heap = [(-prob(m), p) for p, m in masks.items()]
     heapq.heapify(heap)
     while heap and len(chosen) < width - 1:
         negp, path = heapq.heappop(heap)
