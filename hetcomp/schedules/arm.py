@@ -313,7 +313,7 @@ class LinearRule(_Linear):
     16 or 8 columns, one after the other, so that a tile's accumulators stay within 16
     registers (rows x lanes / 4). On a 96x128 kernel LLVM's aarch64 code reloads 13 / 62 /
     63 ``q`` registers from the stack at W = 4 / 8 / 16 with the generic tile, none with
-    this one (``tests/schedules/test_arm_quant.py`` counts them); one and two rows keep
+    this one (``tests/schedules/test_arm_linear.py`` counts them); one and two rows keep
     whole panels (8 and 16 accumulators: enough independent FMAs to hide their latency).
     Not yet timed on ARM hardware (qemu checks numerics only).
     """
