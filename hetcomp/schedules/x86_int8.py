@@ -1,0 +1,248 @@
+"""Block-quantized linears on integer dot products (AVX-512 VNNI), as llama.cpp runs them.
+
+The dequantizing kernels (:mod:`hetcomp.kernels.quant`) turn every weight into a float32 and
+spend one FMA per weight and row: at the widths a verify step runs they are compute-bound
+(SmolLM2 q4_1: a W = 16 step cost 3.8x a W = 1 step). This kernel quantizes the
+activations instead, per row and 32-weight block (``dx = max|x| / 127``, ``xq = rint(x /
+dx)`` in int8), and sums each block on the integers, 64 products an instruction
+(``vpdpbusd``: unsigned bytes times signed bytes into 16 int32 lanes):
+
+    y[i, j] = sum_kb  dx[i, kb] d[j, kb] (sum_t xq[i, kb, t] q[j, kb, t] + o[i, kb])
+              (+ m[j, kb] dx[i, kb] sum_t xq[i, kb, t], q4_1)
+
+with ``q`` the block's raw quants and the offset ``o`` folding in what the unsigned
+operand adds: ``-8 sum_t xq`` for q4_0 (weights ``d (q - 8)``), ``-128 sum_t xq`` for q8_0
+(its signed quants enter as ``q + 128``, the sign bit flipped), nothing for q4_1. The block
+sums are exact; the result is the dequantized weights times the dequantized ``xq``, rounded
+once per block (``tests/schedules/test_x86_int8.py`` checks it against numpy to float
+rounding). That is llama.cpp's ``vec_dot_q4_0_q8_0`` / ``q4_1_q8_1`` / ``q8_0_q8_0`` numerics
+with ``dx`` kept in float32 (llama.cpp rounds it to float16).
+
+It reads the weights in the layout every other kernel reads (:mod:`hetcomp.quant_format`:
+byte ``c`` of the 32 columns of a panel side by side). ``vpdpbusd`` wants four consecutive
+weights of one column in each 32-bit lane, so each group of four quant bytes (128 bytes: 4
+rows of 32 columns) is transposed in registers by two ``vpermt2b`` (AVX-512 VBMI), one per
+16-column half, then split into low and high nibbles; the decoded block serves every row of
+the tile. SmolLM2's 3072x576 q4_0 linear, weights in cache, 2 threads: 22.7 / 20.6 / 74 us at
+W = 1 / 4 / 16 against 34 / 74 / 214 for the dequantizing kernel.
+
+The activations are quantized once per call, before the parallel loop, into a workspace
+(``xq``, ``dx`` and the row-block sums). Rows run in tiles of :data:`ROW_TILE`; a
+symbolic row count (prefill, the any-width verify) runs its last rows one by one.
+
+:func:`use_int8_dot_kernels` swaps a module's quantized linears for this kernel where the
+target CPU has VNNI and VBMI (Ice Lake, Sapphire Rapids, Zen 4 and later); the kernel keeps
+the signature and the ``hetcomp.*`` attributes of the kernel it replaces. Because it
+changes the numerics (int8 activations), it replaces every quantized linear of the unit, at
+every width: the sequential and the speculative decoder run the same arithmetic per row,
+so speculation stays token-identical to greedy.
+"""
+
+from __future__ import annotations
+
+from tvm.script import tirx as T
+
+from .._tvm import compiler
+from ..kernels.ops import OP_KIND, is_fused_linear
+from ..quant_format import QK
+from .apply import RULE_ATTR
+from .arm import is_llvm_with
+
+#: The rule name the swapped kernels carry (``hetcomp.rule``).
+INT8_DOT_RULE = "x86.Int8DotLinear"
+#: The LLVM features the kernel needs.
+FEATURES = ("avx512bw", "avx512vnni", "avx512vbmi")
+#: Rows a tile: each block decoded once feeds this many rows (2 int32 accumulators a row).
+ROW_TILE = 4
+#: Columns a panel (two 16-lane halves).
+PANEL = 32
+#: ``(byte offset of the quants in a block, quant bytes)`` per format.
+_QUANTS = {"q4_0": (2, 16), "q4_1": (4, 16), "q8_0": (2, 32)}
+_VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
+_VPERMT2B = "llvm.x86.avx512.vpermi2var.qi.512"
+
+
+def has_int8_dot(target) -> bool:
+    """Whether ``target`` is an x86 CPU with the instructions this kernel uses."""
+    return all(is_llvm_with(target, f) for f in FEATURES)
+
+
+def eligible(func) -> bool:
+    """Whether ``func`` is a quantized linear this kernel can replace: unfused, 32-column
+    panels (every linear of the models here; an odd vocabulary's LM head packs narrower
+    panels and keeps the dequantizing kernel)."""
+    attrs = func.attrs
+    if attrs is None or OP_KIND not in attrs or str(attrs[OP_KIND]) != "linear":
+        return False
+    if "hetcomp.qtype" not in attrs or is_fused_linear(func):
+        return False
+    return int(attrs["hetcomp.block"]) == PANEL and str(attrs["hetcomp.qtype"]) in _QUANTS
+
+
+def _bc(value, lanes: int):
+    return compiler().tir.Broadcast(value, lanes)
+
+
+def _const(value, dtype: str):
+    return compiler().tir.const(value, dtype)
+
+
+def _reduce(kind: str, vec, dtype: str):
+    """The horizontal ``max``/``add`` of a vector (LLVM's ``vector.reduce`` intrinsics)."""
+    name = {"fmax": "llvm.vector.reduce.fmax", "add": "llvm.vector.reduce.add"}[kind]
+    return compiler().tir.call_llvm_pure_intrin(dtype, name, vec)
+
+
+def linear_int8_dot(func, row_tile: int = ROW_TILE):
+    """The int8-dot kernel with ``func``'s signature (a quantized linear of
+    :func:`hetcomp.kernels.quant.linear_quant`, :func:`eligible`) and attributes, already
+    scheduled."""
+    c = compiler()
+    tir = c.tir
+    attrs = func.attrs
+    n, k, qtype = int(attrs["hetcomp.n"]), int(attrs["hetcomp.k"]), str(attrs["hetcomp.qtype"])
+    residual = bool(int(attrs["hetcomp.residual"]))
+    params = list(func.params)  # (PrimFunc params are their buffers)
+    rows = params[0].shape[0]
+    static = isinstance(rows, tir.IntImm)
+    panels, nkb, nbytes = (int(s) for s in params[1].shape[:3])
+    at, qbytes = _QUANTS[qtype]
+    groups = qbytes // 4
+    block = nbytes * PANEL  # bytes of one block of a panel
+    i64 = "int64"
+    if static:  # an exact tiling: no tail loop
+        row_tile = next(t for t in (row_tile, 2, 1) if int(rows) % t == 0 and t <= row_tile)
+
+    def idx(v):
+        return tir.const(v, i64) if isinstance(v, int) else v
+
+    with c.IRBuilder() as ib, c.build_prim_func():
+        x_buf, wp_buf, *rest = (T.arg(p.name, T.Buffer(p.shape, p.dtype)) for p in params)
+        # Flat views: the kernel indexes bytes and rows itself.
+        wf = T.decl_buffer((panels * nkb * block,), "uint8", data=wp_buf.data)
+        xf = T.decl_buffer((rows * k,), "float32", data=x_buf.data)
+        yf = T.decl_buffer((rows * n,), "float32", data=rest[-1].data)
+        rf = T.decl_buffer((rows * n,), "float32", data=rest[0].data) if residual else None
+        xq = T.alloc_buffer((rows * k,), "int8")
+        xqi = T.decl_buffer((rows * k // 4,), "int32", data=xq.data)
+        dxs = T.alloc_buffer((rows * nkb,), "float32")
+        sums = T.alloc_buffer((rows * nkb,), "int32")
+
+        # Step 1. Quantize the activations: per row and block, scale, int8 values and sum.
+        with T.serial(idx(0), rows * nkb) as rb:
+            halves = [xf[tir.Ramp(rb * QK + h * 16, idx(1), 16)] for h in range(2)]
+            amax = _reduce("fmax", tir.max(tir.abs(halves[0]), tir.abs(halves[1])), "float32")
+            inv = tir.Select(amax > _const(0.0, "float32"), _const(127.0, "float32") / amax,
+                             _const(0.0, "float32"))
+            qs = [tir.nearbyint(v * _bc(inv, 16)).astype("int32x16") for v in halves]
+            for h in range(2):
+                T.buffer_store(xq, qs[h].astype("int8x16"), [tir.Ramp(rb * QK + h * 16,
+                                                                      idx(1), 16)])
+            T.buffer_store(dxs, amax / _const(127.0, "float32"), [rb])
+            T.buffer_store(sums, _reduce("add", qs[0] + qs[1], "int32"), [rb])
+
+        # Step 2. Column panels in parallel; a panel's blocks decoded once per row tile.
+        i8 = tir.Ramp(_const(0, "int8"), _const(1, "int8"), 64)
+        # Byte 4 l + r of half h's quads: row r, column 16 h + l of the 128 transposed bytes.
+        perm = [((i8 & _bc(_const(3, "int8"), 64)) << _bc(_const(5, "int8"), 64))
+                + (i8 >> _bc(_const(2, "int8"), 64)) + _bc(_const(16 * h, "int8"), 64)
+                for h in range(2)]
+        m15 = _bc(_const(15, "int8"), 64)
+        offset = {"q4_0": -8, "q4_1": 0, "q8_0": -128}[qtype]
+
+        def decode(base):
+            """The block's ``(quads, scales, mins)``: quads[g][h] the u8 operands (q4: low
+            and high nibbles), scales[h]/mins[h] float32x16."""
+            quads = []
+            for g in range(groups):
+                a = tir.reinterpret("int8x64", wf[tir.Ramp(base + (at + 4 * g) * PANEL,
+                                                           idx(1), 64)])
+                b = tir.reinterpret("int8x64", wf[tir.Ramp(base + (at + 4 * g + 2) * PANEL,
+                                                           idx(1), 64)])
+                per_half = []
+                for h in range(2):
+                    qd = tir.call_llvm_pure_intrin("int8x64", _VPERMT2B, a, perm[h], b)
+                    if qtype == "q8_0":  # signed quants as unsigned q + 128
+                        per_half.append((qd ^ _bc(_const(-128, "int8"), 64),))
+                    else:
+                        hi = tir.reinterpret("int8x64", tir.reinterpret("int16x32", qd)
+                                             >> _bc(_const(4, "int16"), 32))
+                        per_half.append((qd & m15, hi & m15))
+                quads.append(per_half)
+
+            def halves16(byte):  # the float16 at bytes byte, byte + 1 of 16 columns
+                out = []
+                for h in range(2):
+                    lo = wf[tir.Ramp(base + byte * PANEL + h * 16, idx(1), 16)].astype(
+                        "uint16x16")
+                    hi = wf[tir.Ramp(base + (byte + 1) * PANEL + h * 16, idx(1), 16)].astype(
+                        "uint16x16")
+                    out.append(tir.reinterpret("float16x16", lo | (
+                        hi << _bc(_const(8, "uint16"), 16))).astype("float32x16"))
+                return out
+
+            return quads, halves16(0), (halves16(2) if qtype == "q4_1" else None)
+
+        def tile(p, row0, nrows: int):
+            """Rows ``row0 .. row0 + nrows`` of panel ``p``."""
+            facc = T.alloc_buffer((nrows * PANEL,), "float32", scope="local")
+            everything = tir.Ramp(idx(0), idx(1), nrows * PANEL)
+            T.buffer_store(facc, _bc(_const(0.0, "float32"), nrows * PANEL), [everything])
+            with T.serial(idx(0), idx(nkb)) as kb:
+                quads, scales, mins = decode((p * nkb + kb) * block)
+                parts = []
+                for r in range(nrows):
+                    row = row0 + r
+                    rb = row * nkb + kb
+                    dx = _bc(dxs[rb], 16)
+                    for h in range(2):
+                        acc = _bc(sums[rb] * _const(offset, "int32"), 16)
+                        for g in range(groups):
+                            for t, q in enumerate(quads[g][h]):  # q4: low, then high nibbles
+                                word = (row * k + kb * QK + 16 * t) // 4 + g
+                                xv = tir.reinterpret("int8x64", _bc(xqi[word], 16))
+                                acc = tir.call_llvm_pure_intrin("int32x16", _VPDPBUSD, acc, q,
+                                                                xv)
+                        part = acc.astype("float32x16") * (scales[h] * dx)
+                        if mins is not None:
+                            part = part + mins[h] * (dx * _bc(sums[rb].astype("float32"), 16))
+                        parts.append(part)
+                # One store of the whole tile: the decoded block stays in registers for
+                # every row (stores between the rows would reload and re-decode it).
+                T.buffer_store(facc, facc[everything] + tir.Shuffle(
+                    parts, list(range(16 * len(parts)))), [everything])
+            for r in range(nrows):
+                out = tir.Ramp((row0 + r) * n + p * PANEL, idx(1), PANEL)
+                val = facc[tir.Ramp(idx(r * PANEL), idx(1), PANEL)]
+                T.buffer_store(yf, val + rf[out] if residual else val, [out])
+
+        with T.parallel(idx(0), idx(panels)) as p:
+            tiles = rows // row_tile
+            with T.serial(idx(0), tiles) as io:
+                tile(p, io * row_tile, row_tile)
+            if not static or int(rows) % row_tile:
+                with T.serial(tiles * row_tile, rows) as row:
+                    tile(p, row, 1)
+    new = ib.get()
+    for key, value in attrs.items():  # global_symbol, target, the hetcomp.* attributes
+        new = new.with_attr(key, value)
+    return (new.with_attr("tirx.noalias", True).with_attr("tirx.is_scheduled", True)
+            .with_attr(RULE_ATTR, INT8_DOT_RULE))
+
+
+def use_int8_dot_kernels(mod, target):
+    """``mod`` (one unit's kernels, ``target`` theirs) with every unscheduled
+    :func:`eligible` quantized linear replaced by :func:`linear_int8_dot` where ``target``
+    :func:`has_int8_dot` (a kernel a tuning database scheduled keeps its record)."""
+    if not has_int8_dot(target):
+        return mod
+    tir = compiler().tir
+    swaps = {gv: linear_int8_dot(f) for gv, f in mod.functions_items()
+             if isinstance(f, tir.PrimFunc) and eligible(f)
+             and not int(f.attrs.get("tirx.is_scheduled", 0))}  # (a tuned one stays)
+    if not swaps:
+        return mod
+    mod = mod.clone()
+    for gv, f in swaps.items():
+        mod[gv] = f
+    return mod
