@@ -79,6 +79,7 @@ def cmd_compile(args) -> int:
     from .driver.compile import CompileOptions, compile_model
     from .frontend.models import default_heads
     from .plan import load_plan, plan_choice, plan_prediction
+    from .quant_format import is_quant
 
     if args.heads and args.no_heads:
         raise HetcompError("--heads and --no-heads contradict each other")
@@ -93,6 +94,9 @@ def cmd_compile(args) -> int:
     if args.no_tensor_cores and not gpu:
         raise HetcompError("--no-tensor-cores is for the linears of --target cuda or of a "
                            "--plan's cuda unit: this build has none")
+    if args.no_int8_dot and not is_quant(args.dtype):
+        raise HetcompError("--no-int8-dot is for the linears of a block-quantized model "
+                           f"(--dtype q4_0, q4_1 or q8_0): this build's are {args.dtype}")
     if args.draft_dtype is not None and heads is None:
         raise HetcompError("--draft-dtype is the Medusa draft's weight dtype: this build has no "
                            "heads (--no-heads, or a model without packaged heads)")
@@ -110,6 +114,7 @@ def cmd_compile(args) -> int:
                           kv_dtype=args.kv_dtype, default_width=args.width,
                           cuda_graph=not args.no_cuda_graph, fuse_linears=False if args.no_fuse else None,
                           tensor_cores=not args.no_tensor_cores,
+                          int8_dot=not args.no_int8_dot,
                           plan_choice=plan_choice(args.plan) if args.plan else None)
     compile_model(opts, args.output, quiet=args.quiet, force=args.force)
     return 0
@@ -340,6 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-tensor-cores", action="store_true",
                    help="--target cuda: every linear on the CUDA cores (default: float16 "
                         "linears of 16-64 rows on tensor cores, sm_70 and later)")
+    c.add_argument("--no-int8-dot", action="store_true",
+                   help="quantized --dtype: dequantize the weights into float32 FMAs on every "
+                        "CPU (default: where the CPU has AVX-512 VNNI, int8 activations and "
+                        "integer dot products, as llama.cpp)")
     c.add_argument("--tuning-db", help="root of `hetcomp tune --kernels` databases: this "
                                        "machine's records replace hand-written schedules")
     c.add_argument("--separate-weights", action="store_true",

@@ -28,7 +28,7 @@ def uses_cuda_graph(target, plan=None) -> bool:
 
 def build(mod, target, plan=None, cost=None, scheduled: list | None = None,
           cuda_graph: bool = False, fuse_linears: bool | None = None,
-          tensor_cores: bool = True):
+          tensor_cores: bool = True, int8_dot: bool = True):
     """Partition (``plan``), schedule and compile ``mod``; returns a ``tvm.runtime.Executable``.
 
     ``target`` is the module's target; a partitioned module's is its host unit's
@@ -40,13 +40,15 @@ def build(mod, target, plan=None, cost=None, scheduled: list | None = None,
     graphs, replayed with one launch (:func:`launch_counts` says how many remain).
     ``fuse_linears``: run FuseLinearChains (None: on whole-model GPU builds,
     :func:`~hetcomp.passes.pipeline.fuses_linears`). ``tensor_cores=False``: no GPU linear on
-    tensor cores.
+    tensor cores. ``int8_dot=False``: quantized linears dequantize on every CPU (default:
+    int8 activations and VNNI dot products where the CPU has them,
+    :mod:`hetcomp.schedules.x86_int8`).
     """
     c = compiler()
     target = c.Target(target) if isinstance(target, dict | str) else target
     with target:
         mod = scheduling_pipeline(target, plan, **(cost or {}), fuse_linears=fuse_linears,
-                                  tensor_cores=tensor_cores)(mod)
+                                  tensor_cores=tensor_cores, int8_dot=int8_dot)(mod)
     if scheduled is not None:
         scheduled.append(mod)
     with c.transform.PassContext(config={CUDA_GRAPH_OPTION: cuda_graph}):

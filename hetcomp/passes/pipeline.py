@@ -57,10 +57,11 @@ def fuses_linears(target, plan: HeteroPlan | None = None) -> bool:
 def scheduling_pipeline(target, plan: HeteroPlan | None = None, cost_fn=None,
                         units: tuple[str, ...] | None = None, width: int = 1,
                         cache_len: int = 256, fuse_linears: bool | None = None,
-                        tensor_cores: bool = True):
+                        tensor_cores: bool = True, int8_dot: bool = True):
     """Phases 1-6 of :func:`lowering_pipeline`: the module with every kernel scheduled.
     ``fuse_linears``: None fuses where :func:`fuses_linears` says. ``tensor_cores=False``:
-    no GPU linear on tensor cores (``gpu.TensorCoreLinear``)."""
+    no GPU linear on tensor cores (``gpu.TensorCoreLinear``). ``int8_dot=False``: no
+    quantized linear on int8 dot products (``x86.Int8DotLinear``)."""
     relax = _c.relax
     tr = relax.transform
     if fuse_linears is None:
@@ -74,7 +75,7 @@ def scheduling_pipeline(target, plan: HeteroPlan | None = None, cost_fn=None,
         # Phase 6. Relax ops become kernels; every kernel is scheduled by a rule of its unit.
         tr.LegalizeOps(),
         tr.RewriteDataflowReshape(),
-        ScheduleUnits(target, tensor_cores),
+        ScheduleUnits(target, tensor_cores, int8_dot),
     ], name="hetcomp_scheduling")
 
 

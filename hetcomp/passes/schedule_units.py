@@ -1,8 +1,9 @@
 """ScheduleUnits: schedule every kernel by rule for the unit (target) it runs on.
 
 A kernel carrying a ``target`` attribute (placed on another unit by PartitionHetero) is
-scheduled for that target; the others for the module's target. LLVM targets get the ISA
-rules then the CPU rules; GPU targets get their in-place script kernels swapped for the GPU versions, then our
+scheduled for that target; the others for the module's target. LLVM targets get their
+quantized linears swapped for the int8-dot kernel where the CPU has VNNI
+(:mod:`hetcomp.schedules.x86_int8`), then the ISA rules then the CPU rules; GPU targets get their in-place script kernels swapped for the GPU versions, then our
 GPU rules and dlight's. Each group is scheduled inside its own target with only its own
 kernels in view: dlight's rules do not all check a kernel's target, and would schedule a
 host kernel as a GPU one.
@@ -14,6 +15,7 @@ from .._tvm import compiler
 from ..schedules.apply import RULE_ATTR, ApplyRules
 from ..schedules.gpu import gpu_rules, use_gpu_script_kernels
 from ..schedules.llvm import llvm_rules
+from ..schedules.x86_int8 import use_int8_dot_kernels
 
 _c = compiler()
 
@@ -31,9 +33,9 @@ class ScheduleUnits:
     lowering. The input module is not modified.
     """
 
-    def __init__(self, target, tensor_cores: bool = True):
+    def __init__(self, target, tensor_cores: bool = True, int8_dot: bool = True):
         self.target = _c.Target(target) if isinstance(target, dict | str) else target
-        self.tensor_cores = tensor_cores
+        self.tensor_cores, self.int8_dot = tensor_cores, int8_dot
 
     def transform_module(self, mod, _ctx):
         groups: dict[str, tuple] = {}
@@ -45,6 +47,8 @@ class ScheduleUnits:
         for tgt, funcs in groups.values():
             sub = _c.IRModule(funcs)
             if tgt.kind.name == "llvm":
+                if self.int8_dot:
+                    sub = use_int8_dot_kernels(sub, tgt)
                 rules = llvm_rules()
             else:
                 sub, rules = use_gpu_script_kernels(sub), gpu_rules(self.tensor_cores)

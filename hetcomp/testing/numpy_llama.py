@@ -29,11 +29,23 @@ def rope(x, pos, theta):
     return x * cos + rot * sin
 
 
-def forward(cfg, w, tokens, positions=None, mask=None):
+def int8_blocks(x):
+    """``x [T, K]`` as the int8-dot linears see it: each row's blocks of 32 rounded to
+    ``dx rint(x / dx)``, ``dx = max|x| / 127`` (:mod:`hetcomp.schedules.x86_int8`)."""
+    t, k = x.shape
+    xb = x.reshape(t, k // 32, 32)
+    dx = np.abs(xb).max(-1, keepdims=True) / 127
+    return (np.rint(xb / np.where(dx > 0, dx, 1)) * dx).reshape(t, k)
+
+
+def forward(cfg, w, tokens, positions=None, mask=None, int8_inputs=False):
     """Logits ``[T, V]`` and final normed hidden ``[T, E]`` for ``tokens[T]``.
 
     ``mask[T, T]`` (default causal) says which positions each row attends to.
+    ``int8_inputs``: every linear's input rounded by :func:`int8_blocks` first (a
+    quantized model's int8-dot kernels).
     """
+    lin_in = int8_blocks if int8_inputs else (lambda v: v)
     t = len(tokens)
     positions = np.arange(t) if positions is None else np.asarray(positions)
     mask = np.tril(np.ones((t, t), bool)) if mask is None else np.asarray(mask, bool)
@@ -44,6 +56,7 @@ def forward(cfg, w, tokens, positions=None, mask=None):
     for i in range(cfg.num_layers):
         p = f"layers.{i}."
         h = rms_norm(x, f64[p + "attn_norm"], cfg.norm_eps)
+        h = lin_in(h)
         q, k, v = (h @ f64[p + x].T + f64.get(p + "b" + x[1], 0.0) for x in ("wq", "wk", "wv"))
         q, k, v = q.reshape(t, hq, d), k.reshape(t, g, d), v.reshape(t, g, d)
         if qk_norm:
@@ -64,26 +77,26 @@ def forward(cfg, w, tokens, positions=None, mask=None):
         s = np.exp(s - s.max(-1, keepdims=True))
         s /= s.sum(-1, keepdims=True)
         o = np.einsum("htu,uhd->thd", s, v).reshape(t, hq * d)
-        o = o @ f64[p + "wo"].T
+        o = lin_in(o) @ f64[p + "wo"].T
         x = x + (rms_norm(o, f64[p + "post_attn_norm"], cfg.norm_eps) if post else o)
-        h = rms_norm(x, f64[p + "ffn_norm"], cfg.norm_eps)
+        h = lin_in(rms_norm(x, f64[p + "ffn_norm"], cfg.norm_eps))
         gate, up = h @ f64[p + "w_gate"].T, h @ f64[p + "w_up"].T
         if getattr(cfg, "activation", "silu") == "gelu_tanh":  # gelu_pytorch_tanh
             act = 0.5 * gate * (1 + np.tanh(np.sqrt(2 / np.pi) * (gate + 0.044715 * gate ** 3)))
         else:
             act = gate / (1 + np.exp(-gate))
-        o = (act * up) @ f64[p + "w_down"].T
+        o = lin_in(act * up) @ f64[p + "w_down"].T
         x = x + (rms_norm(o, f64[p + "post_ffn_norm"], cfg.norm_eps) if post else o)
     hidden = rms_norm(x, f64["norm"], cfg.norm_eps)
     head = f64.get("lm_head", f64["embed"])
-    return hidden @ head.T, hidden
+    return lin_in(hidden) @ head.T, hidden
 
 
-def greedy(cfg, w, prompt, max_new_tokens, eos=None):
+def greedy(cfg, w, prompt, max_new_tokens, eos=None, int8_inputs=False):
     ids = list(prompt)
     out = []
     for _ in range(max_new_tokens):
-        logits, _ = forward(cfg, w, ids)
+        logits, _ = forward(cfg, w, ids, int8_inputs=int8_inputs)
         nxt = int(np.argmax(logits[-1]))
         out.append(nxt)
         ids.append(nxt)

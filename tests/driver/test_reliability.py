@@ -303,6 +303,8 @@ _CPU_ONLY = {"format": "hetcomp-plan/1", "source": "measured", "units": ["cpu"],
     (None, ("--no-fuse",), "--no-fuse is for a whole-model GPU build"),
     (_CPU_ONLY, ("--no-fuse",), "--no-fuse is for a whole-model GPU build"),
     (_BARE_GPU, ("--no-cuda-graph",), "--no-cuda-graph is for a whole-model GPU build"),
+    # The quantized linears' switch, where the weights are float (the default float32).
+    (None, ("--no-int8-dot",), "--no-int8-dot is for the linears of a block-quantized"),
 ])
 def test_flags_a_plan_or_build_does_not_mean_are_refused(tmp_path, capsys, plan, args, needle):
     """Refused in one line before any model is read (``none.gguf`` does not exist)."""

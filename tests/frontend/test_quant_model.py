@@ -1,6 +1,7 @@
 """A q4_1 artifact compiled from a q4_1 GGUF computes the model of the file's own blocks: its
-logits are numpy's forward on the dequantized weights, speculation is lossless, and the
-weights rebuild byte for byte from the file."""
+logits are numpy's forward on the dequantized weights (with the int8-dot kernels: on the
+linears' inputs rounded to int8 blocks), speculation is lossless, and the weights rebuild
+byte for byte from the file."""
 
 import gguf
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 from gguf import GGMLQuantizationType
 
 from hetcomp.artifact_format import read_manifest
+from hetcomp.codegen.targets import make_target
 from hetcomp.driver.compile import CompileOptions, compile_model
 from hetcomp.errors import HetcompError
 from hetcomp.frontend.config import LlamaConfig
@@ -16,6 +18,7 @@ from hetcomp.quant_format import QuantMatrix
 from hetcomp.runtime import load_artifact
 from hetcomp.runtime.generate import generate
 from hetcomp.runtime.weights import attach_weights
+from hetcomp.schedules.x86_int8 import INT8_DOT_RULE, has_int8_dot
 from hetcomp.speculative.medusa import MedusaHeads
 from hetcomp.testing import (
     TINY,
@@ -55,11 +58,12 @@ def q41(tmp_path_factory):
                         np.tile(np.linspace(0.5, 0.01, 10), (3, 1)), {})
     heads.save(str(tmp / "heads.npz"))
     out = tmp / "art"
-    # A float32 cache: the logits are checked at 1e-4, the quantized weights' numerics alone
-    # (the default float16 cache is tests/runtime/test_kv_dtype.py's).
+    # A float32 cache and float activations: the logits are checked at 1e-4, the quantized
+    # weights' numerics alone (the default float16 cache is tests/runtime/test_kv_dtype.py's,
+    # the int8 activations test_int8_dot_model's).
     compile_model(CompileOptions(model=str(path), dtype="q4_1", heads=str(tmp / "heads.npz"),
                                  widths=WIDTHS, max_context=TINY.max_context,
-                                 kv_dtype="float32"), str(out), quiet=True)
+                                 kv_dtype="float32", int8_dot=False), str(out), quiet=True)
     return load_artifact(str(out)), stored, str(path), str(tmp / "heads.npz")
 
 
@@ -74,7 +78,8 @@ def q41_any(request, q41):
     out = request.getfixturevalue("tmp_path_factory").mktemp("q41_fused") / "art"
     compile_model(CompileOptions(model=path, dtype="q4_1", heads=heads, widths=WIDTHS,
                                  max_context=TINY.max_context, device_len=True,
-                                 fuse_linears=True, kv_dtype="float32"), str(out), quiet=True)
+                                 fuse_linears=True, kv_dtype="float32", int8_dot=False),
+                  str(out), quiet=True)
     art = load_artifact(str(out))
     called = {k["name"] for k in art.manifest["kernels"] if k["function"] == "verify_w16"}
     assert {"linear_norm_n128_k64_w16", "linear_norm_silu_n192_k64_w16"} <= called, called
@@ -165,3 +170,59 @@ def test_cli_q4_1_prints_what_it_kept_and_bad_input_is_one_line(tmp_path, cli):
                      "-o", tmp_path / "c")
     assert_one_line_error(rc, err, "whole 32-weight blocks")
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+@pytest.fixture(scope="module")
+def q41_int8(q41, tmp_path_factory):
+    """:func:`q41`'s file compiled as `hetcomp compile` does by default: on a CPU with VNNI,
+    every quantized linear on int8 activations (``x86.Int8DotLinear``)."""
+    _, stored, path, heads = q41
+    if not has_int8_dot(make_target("host")):
+        pytest.skip("this CPU lacks AVX-512 VNNI/VBMI")
+    out = tmp_path_factory.mktemp("q41_int8") / "art"
+    compile_model(CompileOptions(model=path, dtype="q4_1", heads=heads, widths=WIDTHS,
+                                 max_context=TINY.max_context, kv_dtype="float32"),
+                  str(out), quiet=True)
+    return load_artifact(str(out)), stored
+
+
+def test_int8_dot_model(q41_int8):
+    """Every quantized linear of every step runs on int8 activations; the logits follow
+    numpy's forward with each linear's input rounded to int8 blocks (not the float one), and
+    speculation is still token-identical to sequential greedy decoding."""
+    art, w = q41_int8
+    linears = [k for k in art.manifest["kernels"]
+               if k["name"].startswith("linear") and k["function"] in ("verify_w1", "verify_w16")]
+    assert len(linears) == 2 * 5 and {k["rule"] for k in linears} == {INT8_DOT_RULE}
+    prompt = [5, 17, 99, 3, 42, 7, 8, 300, 11]
+    sess = art.new_session()
+    sess.prefill(prompt)
+    parents = [-1, 0, 0, 0, 1, 1, 2, 4, 4, 7, 3, 10, 0, 12, 13, 5]
+    toks = (np.arange(16) * 13 + 40) % TINY.vocab_size
+    _, _, logits = sess.verify(toks, depths(parents) + len(prompt), tree_mask(parents))
+    kw = {"positions": np.concatenate([np.arange(len(prompt)), depths(parents) + len(prompt)]),
+          "mask": full_mask(len(prompt), tree_mask(parents))}
+    seq = np.concatenate([prompt, toks])
+    int8_ref = ref.forward(TINY, w, seq, int8_inputs=True, **kw)[0][len(prompt):]
+    float_ref = ref.forward(TINY, w, seq, **kw)[0][len(prompt):]
+    err = rel_err(logits.numpy(), int8_ref)
+    assert err < 1e-4 and rel_err(logits.numpy(), float_ref) > 1e-2
+    for prompt in ([5, 17, 99], [200, 3, 4, 5, 6]):
+        seq = generate(art, prompt, max_new_tokens=24, stop_at_eos=False).ids
+        assert len(set(seq)) > 3
+        for width in (4, 16):
+            assert generate(art, prompt, max_new_tokens=24, stop_at_eos=False,
+                            width=width).ids == seq, (prompt, width)
+
+
+def test_cli_no_int8_dot_reaches_the_options(tmp_path, monkeypatch):
+    """`--no-int8-dot` turns the int8-dot kernels off (CompileOptions.int8_dot)."""
+    from hetcomp import cli
+    from hetcomp.driver import compile as driver
+
+    seen = []
+    monkeypatch.setattr(driver, "compile_model", lambda opts, *a, **k: seen.append(opts))
+    for flag, want in (([], True), (["--no-int8-dot"], False)):
+        assert cli.main(["compile", "--dtype", "q4_0", "--no-heads", "-o", str(tmp_path / "x"),
+                         *flag]) == 0
+        assert seen[-1].int8_dot is want
