@@ -112,6 +112,17 @@ class QuantMatrix:
         return QuantMatrix(parts[0].qtype, np.concatenate([p.blocks for p in parts], axis=0))
 
 
+def int8_rounded(x: np.ndarray) -> np.ndarray:
+    """``x [rows, K]`` as an int8-dot linear computes with it
+    (:mod:`hetcomp.schedules.x86_int8`): each row's blocks of 32 rounded to ``dx rint(x /
+    dx)``, ``dx = max|x| / 127``, in float32 as the kernel rounds them."""
+    rows, k = x.shape
+    xb = np.asarray(x, np.float32).reshape(rows, k // QK, QK)
+    amax = np.abs(xb).max(-1, keepdims=True)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    return (np.rint(xb * inv) * (amax / np.float32(127))).reshape(rows, k)
+
+
 def quant_packed_shape(n: int, k: int, qtype: str) -> tuple[int, int, int, int]:
     b = pack_block(n)
     return (n // b, k // QK, BLOCK_BYTES[qtype], b)

@@ -202,6 +202,15 @@ def host_linear_rule() -> str:
     return "x86.Linear" if LinearRule().tile(make_target("host"), 1) else "cpu.Linear"
 
 
+def host_quant_linear_rule() -> str:
+    """The rule of the quantized linears of a ``--target host`` build here:
+    ``x86.Int8DotLinear`` on a CPU with AVX-512 VNNI and VBMI, else ``cpu.QuantLinear``."""
+    from ..codegen.targets import make_target
+    from ..schedules.x86_int8 import INT8_DOT_RULE, has_int8_dot
+
+    return INT8_DOT_RULE if has_int8_dot(make_target("host")) else "cpu.QuantLinear"
+
+
 def assert_one_line_error(rc, err, needle=""):
     """Bad input's contract: exit code 2 and one line on stderr (containing ``needle``)."""
     assert rc == 2, err

@@ -1,6 +1,6 @@
 """Plans for block-quantized artifacts: the partition pass splits GGUF-block weights by column
 panels (the planned model computes what the unplanned one does), the profiler measures the
-dequantizing kernels the model runs, and `tune --dtype q4_1` writes a plan that `compile
+quantized kernels the model runs, and `tune --dtype q4_1` writes a plan that `compile
 --dtype q4_1 --plan` builds (and a float compile refuses)."""
 
 import dataclasses
@@ -24,6 +24,7 @@ from hetcomp.testing import (
     assert_one_line_error,
     byte_tokenizer_spec,
     depths,
+    host_quant_linear_rule,
     tree_mask,
 )
 from hetcomp.testing.gguf_writer import write_gguf
@@ -60,8 +61,9 @@ def test_quantized_plan_matches_unplanned(tmp_path, tiny_q4_1, dense, sparse):
     assert shapes["layers_1_w_down__u1"] == ("uint8", [2, 3, 20, 32])
     assert "layers_1_w_down__u0" not in shapes
     assert shapes["embed__u1"] == ("uint8", [5, 2, 34, 32])
+    # Each unit's slices on the quantized linear of this CPU (int8 dot products with VNNI).
     assert {k["rule"] for k in m["kernels"] if k["name"].startswith("linear")} == {
-        "cpu.QuantLinear"}
+        host_quant_linear_rule()}
     art, ref = load_artifact(str(tmp_path / "plan")), load_artifact(str(tmp_path / "ref"))
     prompt = [5, 17, 99, 3, 42]
     parents = [-1, 0, 0, 1]
@@ -84,7 +86,8 @@ def test_quantized_plan_matches_unplanned(tmp_path, tiny_q4_1, dense, sparse):
 def test_probes_are_the_models_quantized_kernels():
     """A q4_1 profile measures what a q4_1 model runs: q4_1 layer linears, the q8_0 LM head
     and embedding, a float16 KV cache; each linear probe is checked against numpy (gguf's
-    dequantize) before it is timed, and its features count the format's bytes."""
+    dequantize; with int8-rounded inputs where the int8-dot kernel runs) before it is timed,
+    and its features count the format's bytes."""
     from hetcomp.profile.measure import (
         ProfileOptions,
         build_probe_library,
@@ -139,7 +142,7 @@ def test_tune_q4_1_plan_compiles_q4_1_only(tmp_path, cli):
     assert rc == 0, err
     m = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert m["dtype"] == "q4_1" and m["cost_models"]["cpu"].startswith("fitted")
-    linear = [k for k in m["kernels"] if k["rule"] == "cpu.QuantLinear"]
+    linear = [k for k in m["kernels"] if k["rule"] == host_quant_linear_rule()]
     assert linear and all(k["predicted_us"] > 0 for k in linear)
     rc, _, err = cli("compile", "--model", path, "--plan", plan, "-o", tmp_path / "b")
     assert_one_line_error(rc, err, "tuned for --dtype q4_1")
