@@ -38,8 +38,9 @@ def build(model: str, dtype: str, width: int, out: str):
     paths, scheduled = {}, []
     for target in ("cuda", "host"):
         t0 = time.time()
+        # (the CPU artifact with float activations, as the GPU's quantized kernels compute)
         opts = CompileOptions(model=model, dtype=dtype, target=target, widths=sorted({1, width}),
-                              heads=default_heads(model))
+                              heads=default_heads(model), int8_dot=False)
         with capture_scheduled(scheduled if target == "cuda" else []):
             paths[target] = compile_model(opts, os.path.join(out, target), quiet=True,
                                           weights=weights)

@@ -42,8 +42,11 @@ def _pair(tmp, cfg, dtype):
                __file__)
     built, scheduled = {}, {}
     for target in ("cuda", "host"):
+        # The CPU artifact with float activations: the GPU's quantized kernels do not round
+        # them to int8 (x86.Int8DotLinear would, on this host).
         opts = CompileOptions(model="tiny", dtype=dtype, target=target, widths=WIDTHS,
-                              heads=str(tmp / "heads.npz"), max_context=cfg.max_context)
+                              heads=str(tmp / "heads.npz"), max_context=cfg.max_context,
+                              int8_dot=False)
         with capture_scheduled(scheduled.setdefault(target, [])):
             built[target] = compile_model(opts, str(tmp / target), quiet=True, weights=weights)
     cuda = emulated_artifact(built["cuda"], scheduled["cuda"][0], str(tmp / "emulated"))
