@@ -55,14 +55,14 @@ def _run(func, args):
 @pytest.mark.parametrize("rows,n,k,residual", [
     (1, 96, 128, False),   # one row: no tile loop
     (4, 64, 96, True),     # one 4-row tile, with the residual
-    (6, 96, 64, False),    # 2-row tiles (4 does not divide 6)
-    (16, 128, 256, False),
-    (None, 96, 128, True),  # symbolic rows (7 here): one tile, then 3 rows one by one
+    (6, 96, 64, False),    # 2-row tiles (8 and 4 do not divide 6)
+    (16, 128, 256, False),  # two 8-row tiles
+    (None, 96, 128, True),  # symbolic rows (11 here): one 8-row tile, then 3 rows one by one
 ])
 def test_matches_numpy_on_int8_activations(qtype, rows, n, k, residual):
     rng = np.random.default_rng(5)
     m = quant.QuantMatrix.quantize(rng.standard_normal((n, k)).astype("float32"), qtype)
-    w = rows or 7
+    w = rows or 11
     x = rng.standard_normal((w, k)).astype("float32")
     x[0, :32] = 0.0  # an all-zero block: scale 0, no division by zero
     x[-1, 32:64] *= 1000.0  # a block far larger than its neighbours: its own scale
