@@ -27,8 +27,11 @@ the tile. SmolLM2's 3072x576 q4_0 linear, weights in cache, 2 threads: 12 / 22 /
 1 / 4 / 16 (4-row tiles) against 34 / 71 / 208 for the dequantizing kernel.
 
 The activations are quantized once per call, before the parallel loop, into a workspace
-(``xq``, ``dx`` and the row-block sums). Rows run in tiles of :data:`ROW_TILE`; a
-symbolic row count (prefill, the any-width verify) runs its last rows one by one.
+(``xq``, ``dx`` and the row-block sums). Rows run in tiles of 8 (the largest of 8 / 4 / 2 / 1
+that divides a static row count); a symbolic row count (prefill, the any-width verify) runs
+its last rows one by one. The instruction set's pieces (transpose, dot product, the q8_0
+operand) are an object (:data:`AVX512`) that the loop nest calls, so that another (NEON
+``sdot``) can slot in.
 
 :func:`use_int8_dot_kernels` swaps a module's quantized linears for this kernel where the
 target CPU has VNNI and VBMI (Ice Lake, Sapphire Rapids, Zen 4 and later); the kernel keeps
@@ -50,12 +53,6 @@ from .arm import is_llvm_with
 
 #: The rule name the swapped kernels carry (``hetcomp.rule``).
 INT8_DOT_RULE = "x86.Int8DotLinear"
-#: The LLVM features the kernel needs.
-FEATURES = ("avx512bw", "avx512vnni", "avx512vbmi")
-#: Rows a tile: each block decoded once feeds this many rows (2 int32 accumulators a row).
-#: 3072x576 q4_1 at W = 8 / 16, 2 threads: 47.5 / 85.3 us with 8-row tiles, 54.0 / 107.6 with
-#: 4-row ones (576x1536: 28.4 / 62.8 against 36.5 / 70.5).
-ROW_TILE = 8
 #: Columns a panel (two 16-lane halves).
 PANEL = 32
 #: ``(byte offset of the quants in a block, quant bytes)`` per format.
@@ -64,21 +61,76 @@ _VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
 _VPERMT2B = "llvm.x86.avx512.vpermi2var.qi.512"
 
 
+class _Avx512:
+    """AVX-512 VNNI + VBMI: 16 int32 lanes, a pass is the whole 32-column panel (two parts of
+    16 columns); ``vpermt2b`` transposes, ``vpdpbusd`` sums 64 products. 8-row tiles: 3072x576
+    q4_1 at W = 8 / 16, 2 threads, 47.5 / 85.3 us against 54.0 / 107.6 with 4-row ones
+    (576x1536: 28.4 / 62.8 against 36.5 / 70.5)."""
+
+    name, lanes, parts, span, row_tile = "avx512", 16, 2, 32, 8
+    features = ("avx512bw", "avx512vnni", "avx512vbmi")
+    formats = ("q4_0", "q4_1", "q8_0")
+
+    @staticmethod
+    def offset(qtype: str) -> int:
+        # q8_0's signed quants enter as unsigned q + 128 (signed_operand).
+        return {"q4_0": -8, "q4_1": 0, "q8_0": -128}[qtype]
+
+    def transpose(self, wf, rows4, col):
+        """The 4 bytes of the group's rows for columns ``col .. col + 16``, column-major:
+        byte ``4 l + r`` = row r, column ``col + l`` (from the 128 contiguous bytes)."""
+        tir = compiler().tir
+        a, b = (tir.reinterpret("int8x64", wf[tir.Ramp(rows4 + 64 * i, _const(1, "int64"), 64)])
+                for i in range(2))
+        i8 = tir.Ramp(_const(0, "int8"), _const(1, "int8"), 64)
+        perm = (((i8 & _bc(_const(3, "int8"), 64)) << _bc(_const(5, "int8"), 64))
+                + (i8 >> _bc(_const(2, "int8"), 64)) + _bc(_const(col % PANEL, "int8"), 64))
+        return tir.call_llvm_pure_intrin("int8x64", _VPERMT2B, a, perm, b)
+
+    @staticmethod
+    def signed_operand(qd):
+        return (qd ^ _bc(_const(-128, "int8"), 64),)
+
+    @staticmethod
+    def dot(acc, operand, word):
+        tir = compiler().tir
+        x = tir.reinterpret("int8x64", _bc(word, 16))
+        return tir.call_llvm_pure_intrin("int32x16", _VPDPBUSD, acc, operand[0], x)
+
+
+AVX512 = _Avx512()
+#: The instruction sets the kernel is written for. An AVX2 one (``vpmaddubsw`` +
+#: ``vpmaddwd``, the transpose a byte shuffle of four 8-byte loads, q4 formats only) ran
+#: SmolLM2 q4_1 `--target x86-64-v3` at 139.6 / 131.8 / 100.9 / 76.8 tokens/s for W = 1 / 2 /
+#: 4 / 8 against 131.9 / 134.5 / 84.2 / 50.6 dequantizing: at the widths worth running no
+#: clear gain for the int8 rounding, so AVX2 CPUs keep float activations.
+ISAS = (AVX512,)
+
+
+def int8_dot_isa(target):
+    """The instruction set the kernel uses on ``target`` (one of :data:`ISAS`), or None."""
+    for isa in ISAS:
+        if all(is_llvm_with(target, f) for f in isa.features):
+            return isa
+    return None
+
+
 def has_int8_dot(target) -> bool:
     """Whether ``target`` is an x86 CPU with the instructions this kernel uses."""
-    return all(is_llvm_with(target, f) for f in FEATURES)
+    return int8_dot_isa(target) is not None
 
 
-def eligible(func) -> bool:
+def eligible(func, isa=None) -> bool:
     """Whether ``func`` is a quantized linear this kernel can replace: unfused, 32-column
     panels (every linear of the models here; an odd vocabulary's LM head packs narrower
-    panels and keeps the dequantizing kernel)."""
+    panels and keeps the dequantizing kernel), in a format ``isa`` takes (default: any)."""
     attrs = func.attrs
     if attrs is None or OP_KIND not in attrs or str(attrs[OP_KIND]) != "linear":
         return False
     if "hetcomp.qtype" not in attrs or is_fused_linear(func):
         return False
-    return int(attrs["hetcomp.block"]) == PANEL and str(attrs["hetcomp.qtype"]) in _QUANTS
+    formats = _QUANTS if isa is None else isa.formats
+    return int(attrs["hetcomp.block"]) == PANEL and str(attrs["hetcomp.qtype"]) in formats
 
 
 def _bc(value, lanes: int):
@@ -95,10 +147,10 @@ def _reduce(kind: str, vec, dtype: str):
     return compiler().tir.call_llvm_pure_intrin(dtype, name, vec)
 
 
-def linear_int8_dot(func, row_tile: int = ROW_TILE):
+def linear_int8_dot(func, isa=AVX512, row_tile: int | None = None):
     """The int8-dot kernel with ``func``'s signature (a quantized linear of
     :func:`hetcomp.kernels.quant.linear_quant`, :func:`eligible`) and attributes, already
-    scheduled."""
+    scheduled, for ``isa`` (:data:`AVX512`; ``row_tile``: rows a tile, default the ISA's)."""
     c = compiler()
     tir = c.tir
     attrs = func.attrs
@@ -112,6 +164,7 @@ def linear_int8_dot(func, row_tile: int = ROW_TILE):
     groups = qbytes // 4
     block = nbytes * PANEL  # bytes of one block of a panel
     i64 = "int64"
+    row_tile = row_tile or isa.row_tile
     if static:  # an exact tiling: no tail loop
         row_tile = next(t for t in (row_tile, 4, 2, 1) if int(rows) % t == 0 and t <= row_tile)
 
@@ -143,88 +196,86 @@ def linear_int8_dot(func, row_tile: int = ROW_TILE):
             T.buffer_store(dxs, amax / _const(127.0, "float32"), [rb])
             T.buffer_store(sums, _reduce("add", qs[0] + qs[1], "int32"), [rb])
 
-        # Step 2. Column panels in parallel; a panel's blocks decoded once per row tile.
-        i8 = tir.Ramp(_const(0, "int8"), _const(1, "int8"), 64)
-        # Byte 4 l + r of half h's quads: row r, column 16 h + l of the 128 transposed bytes.
-        perm = [((i8 & _bc(_const(3, "int8"), 64)) << _bc(_const(5, "int8"), 64))
-                + (i8 >> _bc(_const(2, "int8"), 64)) + _bc(_const(16 * h, "int8"), 64)
-                for h in range(2)]
-        m15 = _bc(_const(15, "int8"), 64)
-        offset = {"q4_0": -8, "q4_1": 0, "q8_0": -128}[qtype]
+        # Step 2. Column panels in parallel, each in passes of ``isa.span`` columns; a pass's
+        # blocks decoded once per row tile.
+        offset = isa.offset(qtype)
 
-        def decode(base):
-            """The block's ``(quads, scales, mins)``: quads[g][h] the u8 operands (q4: low
-            and high nibbles), scales[h]/mins[h] float32x16."""
+        def decode(base, col0):
+            """A block's ``(quads, scales, mins)`` for columns ``col0 ..``: quads[g][h] the
+            operand tuples of group g (q4: low, then high nibbles) for the ``isa.lanes``
+            columns of part h; scales[h] / mins[h] their float32 vectors."""
             quads = []
             for g in range(groups):
-                a = tir.reinterpret("int8x64", wf[tir.Ramp(base + (at + 4 * g) * PANEL,
-                                                           idx(1), 64)])
-                b = tir.reinterpret("int8x64", wf[tir.Ramp(base + (at + 4 * g + 2) * PANEL,
-                                                           idx(1), 64)])
-                per_half = []
-                for h in range(2):
-                    qd = tir.call_llvm_pure_intrin("int8x64", _VPERMT2B, a, perm[h], b)
-                    if qtype == "q8_0":  # signed quants as unsigned q + 128
-                        per_half.append((qd ^ _bc(_const(-128, "int8"), 64),))
+                rows4 = base + (at + 4 * g) * PANEL  # the group's 4 bytes x 32 columns
+                per_part = []
+                for h in range(isa.parts):
+                    qd = isa.transpose(wf, rows4, col0 + h * isa.lanes)
+                    if qtype == "q8_0":
+                        per_part.append((isa.signed_operand(qd),))
                     else:
-                        hi = tir.reinterpret("int8x64", tir.reinterpret("int16x32", qd)
-                                             >> _bc(_const(4, "int16"), 32))
-                        per_half.append((qd & m15, hi & m15))
-                quads.append(per_half)
+                        w = 4 * isa.lanes
+                        m15 = _bc(_const(15, "int8"), w)
+                        hi = tir.reinterpret(f"int8x{w}", tir.reinterpret(
+                            f"int16x{w // 2}", qd) >> _bc(_const(4, "int16"), w // 2))
+                        per_part.append(((qd & m15,), (hi & m15,)))
+                quads.append(per_part)
 
-            def halves16(byte):  # the float16 at bytes byte, byte + 1 of 16 columns
+            def floats16(byte):  # the float16 at bytes byte, byte + 1 of the pass's columns
                 out = []
-                for h in range(2):
-                    lo = wf[tir.Ramp(base + byte * PANEL + h * 16, idx(1), 16)].astype(
-                        "uint16x16")
-                    hi = wf[tir.Ramp(base + (byte + 1) * PANEL + h * 16, idx(1), 16)].astype(
-                        "uint16x16")
-                    out.append(tir.reinterpret("float16x16", lo | (
-                        hi << _bc(_const(8, "uint16"), 16))).astype("float32x16"))
+                for h in range(isa.parts):
+                    col = col0 + h * isa.lanes
+                    u16 = f"uint16x{isa.lanes}"
+                    lo = wf[tir.Ramp(base + byte * PANEL + col, idx(1), isa.lanes)].astype(u16)
+                    hi = wf[tir.Ramp(base + (byte + 1) * PANEL + col, idx(1),
+                                     isa.lanes)].astype(u16)
+                    out.append(tir.reinterpret(f"float16x{isa.lanes}", lo | (
+                        hi << _bc(_const(8, "uint16"), isa.lanes))).astype(
+                        f"float32x{isa.lanes}"))
                 return out
 
-            return quads, halves16(0), (halves16(2) if qtype == "q4_1" else None)
+            return quads, floats16(0), (floats16(2) if qtype == "q4_1" else None)
 
-        def tile(p, row0, nrows: int):
-            """Rows ``row0 .. row0 + nrows`` of panel ``p``."""
-            facc = T.alloc_buffer((nrows * PANEL,), "float32", scope="local")
-            everything = tir.Ramp(idx(0), idx(1), nrows * PANEL)
-            T.buffer_store(facc, _bc(_const(0.0, "float32"), nrows * PANEL), [everything])
+        def tile(p, col0, row0, nrows: int):
+            """Rows ``row0 .. row0 + nrows`` of panel ``p``'s pass at column ``col0``."""
+            span, lanes = isa.span, isa.lanes
+            facc = T.alloc_buffer((nrows * span,), "float32", scope="local")
+            everything = tir.Ramp(idx(0), idx(1), nrows * span)
+            T.buffer_store(facc, _bc(_const(0.0, "float32"), nrows * span), [everything])
             with T.serial(idx(0), idx(nkb)) as kb:
-                quads, scales, mins = decode((p * nkb + kb) * block)
+                quads, scales, mins = decode((p * nkb + kb) * block, col0)
                 parts = []
                 for r in range(nrows):
                     row = row0 + r
                     rb = row * nkb + kb
-                    dx = _bc(dxs[rb], 16)
-                    for h in range(2):
-                        acc = _bc(sums[rb] * _const(offset, "int32"), 16)
+                    dx = _bc(dxs[rb], lanes)
+                    for h in range(isa.parts):
+                        acc = _bc(sums[rb] * _const(offset, "int32"), lanes)
                         for g in range(groups):
                             for t, q in enumerate(quads[g][h]):  # q4: low, then high nibbles
                                 word = (row * k + kb * QK + 16 * t) // 4 + g
-                                xv = tir.reinterpret("int8x64", _bc(xqi[word], 16))
-                                acc = tir.call_llvm_pure_intrin("int32x16", _VPDPBUSD, acc, q,
-                                                                xv)
-                        part = acc.astype("float32x16") * (scales[h] * dx)
+                                acc = isa.dot(acc, q, xqi[word])
+                        part = acc.astype(f"float32x{lanes}") * (scales[h] * dx)
                         if mins is not None:
-                            part = part + mins[h] * (dx * _bc(sums[rb].astype("float32"), 16))
+                            part = part + mins[h] * (dx * _bc(sums[rb].astype("float32"),
+                                                              lanes))
                         parts.append(part)
                 # One store of the whole tile: the decoded block stays in registers for
                 # every row (stores between the rows would reload and re-decode it).
                 T.buffer_store(facc, facc[everything] + tir.Shuffle(
-                    parts, list(range(16 * len(parts)))), [everything])
+                    parts, list(range(lanes * len(parts)))), [everything])
             for r in range(nrows):
-                out = tir.Ramp((row0 + r) * n + p * PANEL, idx(1), PANEL)
-                val = facc[tir.Ramp(idx(r * PANEL), idx(1), PANEL)]
+                out = tir.Ramp((row0 + r) * n + p * PANEL + col0, idx(1), span)
+                val = facc[tir.Ramp(idx(r * span), idx(1), span)]
                 T.buffer_store(yf, val + rf[out] if residual else val, [out])
 
         with T.parallel(idx(0), idx(panels)) as p:
-            tiles = rows // row_tile
-            with T.serial(idx(0), tiles) as io:
-                tile(p, io * row_tile, row_tile)
-            if not static or int(rows) % row_tile:
-                with T.serial(tiles * row_tile, rows) as row:
-                    tile(p, row, 1)
+            for col0 in range(0, PANEL, isa.span):  # a panel's later passes read it from cache
+                tiles = rows // row_tile
+                with T.serial(idx(0), tiles) as io:
+                    tile(p, col0, io * row_tile, row_tile)
+                if not static or int(rows) % row_tile:
+                    with T.serial(tiles * row_tile, rows) as row:
+                        tile(p, col0, row, 1)
     new = ib.get()
     for key, value in attrs.items():  # global_symbol, target, the hetcomp.* attributes
         new = new.with_attr(key, value)
@@ -239,8 +290,9 @@ def use_int8_dot_kernels(mod, target):
     if not has_int8_dot(target):
         return mod
     tir = compiler().tir
-    swaps = {gv: linear_int8_dot(f) for gv, f in mod.functions_items()
-             if isinstance(f, tir.PrimFunc) and eligible(f)
+    isa = int8_dot_isa(target)
+    swaps = {gv: linear_int8_dot(f, isa) for gv, f in mod.functions_items()
+             if isinstance(f, tir.PrimFunc) and eligible(f, isa)
              and not int(f.attrs.get("tirx.is_scheduled", 0))}  # (a tuned one stays)
     if not swaps:
         return mod
