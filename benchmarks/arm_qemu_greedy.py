@@ -4,7 +4,9 @@ model (no aarch64 TVM runtime needed; slow: a qemu process per kernel call, ~25 
 for SmolLM2).
 
 ``python benchmarks/arm_qemu_greedy.py HOST_ART [--model smollm2] [--dtype q4_1]
-[--tokens 8] [--prompt TEXT]``; HOST_ART is a host artifact of the same model and dtype
+[--tokens 8] [--prompt TEXT] [--target aarch64|aarch64-dotprod]``; HOST_ART is a host
+artifact of the same model and dtype (for ``aarch64-dotprod``, whose quantized linears round
+their inputs to int8, one whose linears do too: an AVX-512 VNNI host's default)
 (e.g. ``hetcomp compile --model smollm2 --dtype q4_1 -o HOST_ART``). Exits 1 when the ids
 differ. Needs gcc-aarch64-linux-gnu and qemu-user-static.
 """
@@ -26,6 +28,7 @@ def main() -> int:
     ap.add_argument("--dtype", default="q4_1")
     ap.add_argument("--tokens", type=int, default=8)
     ap.add_argument("--prompt", default="The capital of France is")
+    ap.add_argument("--target", choices=("aarch64", "aarch64-dotprod"), default="aarch64")
     args = ap.parse_args()
 
     from hetcomp.codegen.build import schedule_module
@@ -36,6 +39,7 @@ def main() -> int:
     from hetcomp.frontend.llama import build_module
     from hetcomp.frontend.tokenizer import TokenizerInfo
     from hetcomp.frontend.weights import pack_weights, param_specs
+    from hetcomp.hardware import target_dict
     from hetcomp.quant_format import cache_dtype, is_quant
     from hetcomp.runtime import load_artifact
     from hetcomp.runtime.generate import generate
@@ -50,8 +54,9 @@ def main() -> int:
     kv = cache_dtype(args.dtype)
     t0 = time.time()
     mod = schedule_module(build_module(cfg, args.dtype, static_widths=(1,), kv_dtype=kv),
-                          make_target("aarch64"))
-    run = QemuModule(mod, workdir=tempfile.mkdtemp(prefix="hetcomp-arm-greedy-"))
+                          make_target(args.target))
+    run = QemuModule(mod, workdir=tempfile.mkdtemp(prefix="hetcomp-arm-greedy-"),
+                     target=target_dict(args.target))
     ks, vs = kv_cache_shapes(cfg)
     kc, vc = np.zeros(ks, kv), np.zeros(vs, kv)
     t = len(prompt)

@@ -315,7 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="smollm2 | qwen2.5-coder-0.5b | qwen2.5-coder-1.5b | gemma3-270m | "
                         "FILE.gguf | HF_DIR")
     c.add_argument("--target", default="host",
-                   help="host | x86-64-v3 (portable) | aarch64 (cross) | cuda (whole model on GPU)")
+                   help="host | x86-64-v3 (portable) | aarch64 (cross) | aarch64-dotprod (cross, "
+                        "Armv8.2 int8 dot products: quantized linears on sdot) | cuda (whole "
+                        "model on GPU)")
     c.add_argument("--dtype", default="float32",
                    help="weight dtype: float32 | float16 | q4_0 | q4_1 | q8_0 (GGUF blocks: a "
                         "file's tensors in that format are kept bit for bit, others converted; "
@@ -462,7 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--kit-out", help="only compile the probe kernels into a kit folder, to "
                                       "measure where the units are")
     pr.add_argument("--target", help="with --kit-out: the CPU that measures the kit, host | "
-                    "x86-64-v3 (another x86 host) | x86-64 | aarch64 (default: host; a cuda "
+                    "x86-64-v3 (another x86 host) | x86-64 | aarch64 | aarch64-dotprod (default: "
+                    "host; a cuda "
                     "unit's probes are CUDA driven by it)")
     pr.add_argument("--cuda-arch", help="the GPU a cuda unit's probes are compiled for, "
                     "sm_87 (Jetson Orin) | sm_90 (H100/H200) | ... (default: this machine's "

@@ -166,6 +166,8 @@ def target_dict(name: str, cuda_arch: str = DEFAULT_CUDA_ARCH) -> dict:
         return {"kind": "llvm", "mcpu": host_cpu_name()}
     if name == "aarch64":
         return {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
+    if name == "aarch64-dotprod":  # Armv8.2's int8 dot products: Cortex-A75 on, Orin, Pi 5
+        return {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]}
     if name == "x86-64":
         return {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}
     if name == "x86-64-v3":  # any x86 CPU since 2013 (AVX2, FMA): artifacts for other hosts
@@ -175,9 +177,9 @@ def target_dict(name: str, cuda_arch: str = DEFAULT_CUDA_ARCH) -> dict:
     raise HetcompError(f"unknown target {name!r} (known: {', '.join(TARGET_NAMES)})")
 
 
-TARGET_NAMES = ("host", "aarch64", "x86-64", "x86-64-v3", "cuda")
+TARGET_NAMES = ("host", "aarch64", "x86-64", "x86-64-v3", "cuda", "aarch64-dotprod")
 #: What `hetcomp compile --target` takes.
-COMPILE_TARGETS = ("host", "aarch64", "x86-64-v3", "cuda")
+COMPILE_TARGETS = ("host", "aarch64", "x86-64-v3", "cuda", "aarch64-dotprod")
 
 
 def host_part(spec: dict) -> dict:

@@ -114,7 +114,7 @@ class QuantMatrix:
 
 def int8_rounded(x: np.ndarray) -> np.ndarray:
     """``x [rows, K]`` as an int8-dot linear computes with it
-    (:mod:`hetcomp.schedules.x86_int8`): each row's blocks of 32 rounded to ``dx rint(x /
+    (:mod:`hetcomp.schedules.int8_dot`): each row's blocks of 32 rounded to ``dx rint(x /
     dx)``, ``dx = max|x| / 127``, in float32 as the kernel rounds them."""
     rows, k = x.shape
     xb = np.asarray(x, np.float32).reshape(rows, k // QK, QK)

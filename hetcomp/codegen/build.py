@@ -42,7 +42,7 @@ def build(mod, target, plan=None, cost=None, scheduled: list | None = None,
     :func:`~hetcomp.passes.pipeline.fuses_linears`). ``tensor_cores=False``: no GPU linear on
     tensor cores. ``int8_dot=False``: quantized linears dequantize on every CPU (default:
     int8 activations and VNNI dot products where the CPU has them,
-    :mod:`hetcomp.schedules.x86_int8`).
+    :mod:`hetcomp.schedules.int8_dot`).
     """
     c = compiler()
     target = c.Target(target) if isinstance(target, dict | str) else target

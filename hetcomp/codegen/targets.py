@@ -17,7 +17,7 @@ def make_target(name: str, **kwargs):
 
 
 # The linker for each cross target (Debian's cross toolchains).
-CROSS_LINKERS = {"aarch64": "aarch64-linux-gnu-gcc"}
+CROSS_LINKERS = {"aarch64": "aarch64-linux-gnu-gcc", "aarch64-dotprod": "aarch64-linux-gnu-gcc"}
 
 
 def cross_linker(name: str) -> str | None:

@@ -611,7 +611,7 @@ def target_roofline(target: str, cuda_arch: str = DEFAULT_CUDA_ARCH) -> DeviceSp
         gflops = threads * 2 * 64 ** 3 / best / 1e9
         return DeviceSpec("cpu", "cpu", gflops, bw, notes=f"measured here: {bw:.1f} GB/s read, "
                           f"{gflops:.0f} GFLOP/s matmul")
-    if target == "aarch64":
+    if target in ("aarch64", "aarch64-dotprod"):
         return ORIN_NX_CPU
     return None
 

@@ -3,7 +3,7 @@
 A kernel carrying a ``target`` attribute (placed on another unit by PartitionHetero) is
 scheduled for that target; the others for the module's target. LLVM targets get their
 quantized linears swapped for the int8-dot kernel where the CPU has VNNI
-(:mod:`hetcomp.schedules.x86_int8`), then the ISA rules then the CPU rules; GPU targets get their in-place script kernels swapped for the GPU versions, then our
+(:mod:`hetcomp.schedules.int8_dot`), then the ISA rules then the CPU rules; GPU targets get their in-place script kernels swapped for the GPU versions, then our
 GPU rules and dlight's. Each group is scheduled inside its own target with only its own
 kernels in view: dlight's rules do not all check a kernel's target, and would schedule a
 host kernel as a GPU one.
@@ -14,8 +14,8 @@ from __future__ import annotations
 from .._tvm import compiler
 from ..schedules.apply import RULE_ATTR, ApplyRules
 from ..schedules.gpu import gpu_rules, use_gpu_script_kernels
+from ..schedules.int8_dot import use_int8_dot_kernels
 from ..schedules.llvm import llvm_rules
-from ..schedules.x86_int8 import use_int8_dot_kernels
 
 _c = compiler()
 

@@ -206,7 +206,7 @@ def host_quant_linear_rule() -> str:
     """The rule of the quantized linears of a ``--target host`` build here:
     ``x86.Int8DotLinear`` on a CPU with AVX-512 VNNI and VBMI, else ``cpu.QuantLinear``."""
     from ..codegen.targets import make_target
-    from ..schedules.x86_int8 import INT8_DOT_RULE, has_int8_dot
+    from ..schedules.int8_dot import INT8_DOT_RULE, has_int8_dot
 
     return INT8_DOT_RULE if has_int8_dot(make_target("host")) else "cpu.QuantLinear"
 

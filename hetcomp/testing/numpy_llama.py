@@ -31,7 +31,7 @@ def rope(x, pos, theta):
 
 def int8_blocks(x):
     """``x [T, K]`` as the int8-dot linears see it: each row's blocks of 32 rounded to
-    ``dx rint(x / dx)``, ``dx = max|x| / 127`` (:mod:`hetcomp.schedules.x86_int8`)."""
+    ``dx rint(x / dx)``, ``dx = max|x| / 127`` (:mod:`hetcomp.schedules.int8_dot`)."""
     t, k = x.shape
     xb = x.reshape(t, k // 32, 32)
     dx = np.abs(xb).max(-1, keepdims=True) / 127

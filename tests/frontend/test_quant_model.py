@@ -18,7 +18,7 @@ from hetcomp.quant_format import QuantMatrix
 from hetcomp.runtime import load_artifact
 from hetcomp.runtime.generate import generate
 from hetcomp.runtime.weights import attach_weights
-from hetcomp.schedules.x86_int8 import INT8_DOT_RULE, has_int8_dot
+from hetcomp.schedules.int8_dot import INT8_DOT_RULE, has_int8_dot
 from hetcomp.speculative.medusa import MedusaHeads
 from hetcomp.testing import (
     TINY,

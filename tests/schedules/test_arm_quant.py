@@ -11,6 +11,7 @@ import pytest
 from hetcomp import _tvm
 from hetcomp.codegen.cross import AARCH64_NEON, CrossToolchain, QemuKernel, apply_rules
 from hetcomp.codegen.targets import make_target
+from hetcomp.hardware import target_dict
 from hetcomp.kernels import quant
 from hetcomp.schedules.apply import RULE_ATTR, ApplyRules
 from hetcomp.schedules.arm import QuantLinearRule as ArmQuantLinearRule
@@ -116,11 +117,16 @@ def _quantized_tiny(qtype: str, seed: int):
 
 
 @needs_qemu
-def test_tiny_q4_1_model_under_qemu_matches_numpy(tmp_path):
-    """A tiny q4_1 model scheduled for aarch64 (arm.QuantLinear in every linear), every
-    kernel run under qemu: prefill (symbolic width), verify_w4 of a tree, verify_w1 (the
-    factored kernel) after committing a branch; logits against numpy's forward on the
-    dequantized weights (float16 KV cache, as a quantized build's)."""
+@pytest.mark.parametrize("target,rule", [("aarch64", "arm.QuantLinear"),
+                                         ("aarch64-dotprod", "arm.Int8DotLinear")])
+def test_tiny_q4_1_model_under_qemu_matches_numpy(tmp_path, target, rule):
+    """A tiny q4_1 model scheduled for aarch64 (arm.QuantLinear in every linear; with the
+    dot-product extension arm.Int8DotLinear, on int8 activations), every kernel run under
+    qemu: prefill (symbolic width), verify_w4 of a tree, verify_w1 (the factored kernel)
+    after committing a branch; logits against numpy's forward on the dequantized weights
+    (float16 KV cache, as a quantized build's; for the int8 kernel the linears' inputs rounded
+    to int8 blocks, and a float32 cache: numpy does not model the float16 one, whose rounding
+    moves activations across int8 rounding boundaries)."""
     from hetcomp.codegen.build import schedule_module
     from hetcomp.codegen.cross import QemuModule
     from hetcomp.frontend.config import kv_cache_shapes
@@ -134,20 +140,24 @@ def test_tiny_q4_1_model_under_qemu_matches_numpy(tmp_path):
     wq, w = _quantized_tiny("q4_1", seed=4)
     packed = pack_weights(cfg, wq, "q4_1")
     params = [packed[name] for name, _, _ in param_specs(cfg, "q4_1")]
-    mod = schedule_module(build_module(cfg, "q4_1", static_widths=(1, 4), kv_dtype="float16"),
-                          make_target("aarch64"))
+    int8 = rule == "arm.Int8DotLinear"
+    kv = "float32" if int8 else "float16"
+    mod = schedule_module(build_module(cfg, "q4_1", static_widths=(1, 4), kv_dtype=kv),
+                          make_target(target))
     rules = {str(f.attrs[RULE_ATTR]) for _, f in mod.functions_items()
              if isinstance(f, c.tir.PrimFunc) and str(f.attrs.get("hetcomp.op_kind")) == "linear"}
-    assert rules == {"arm.QuantLinear"}
-    run = QemuModule(mod, workdir=str(tmp_path), toolchain=TOOLCHAIN)
+    assert rules == {rule}
+    run = QemuModule(mod, workdir=str(tmp_path), toolchain=TOOLCHAIN,
+                     target=target_dict(target))
+    tol = 1e-4 if int8 else 2e-3
     ks, vs = kv_cache_shapes(cfg)
-    kc, vc = np.zeros(ks, "float16"), np.zeros(vs, "float16")
+    kc, vc = np.zeros(ks, kv), np.zeros(vs, kv)
     prompt = [5, 17, 99, 3, 42]
     t = len(prompt)
     _, hidden, ids, kc, vc = run("prefill", np.array(prompt, "int32"), np.arange(t, dtype="int32"),
                                  np.tril(np.ones((t, t), "int32")), kc, vc, 0, *params)
-    ref_logits, ref_hidden = ref.forward(cfg, w, prompt)
-    np.testing.assert_allclose(hidden[0], ref_hidden[-1], atol=2e-3, rtol=2e-3)
+    ref_logits, ref_hidden = ref.forward(cfg, w, prompt, int8_inputs=int8)
+    np.testing.assert_allclose(hidden[0], ref_hidden[-1], atol=tol, rtol=tol)
     assert int(ids[0]) == int(ref_logits[-1].argmax())
 
     parents = [-1, 0, 0, 1]
@@ -158,8 +168,8 @@ def test_tiny_q4_1_model_under_qemu_matches_numpy(tmp_path):
                                       t, *params)
     ref_logits, _ = ref.forward(cfg, w, np.concatenate([prompt, toks]),
                                 positions=np.concatenate([np.arange(t), pos]),
-                                mask=full_mask(t, mask))
-    np.testing.assert_allclose(logits, ref_logits[t:], atol=2e-3, rtol=2e-3)
+                                mask=full_mask(t, mask), int8_inputs=int8)
+    np.testing.assert_allclose(logits, ref_logits[t:], atol=tol, rtol=tol)
     np.testing.assert_array_equal(ids, ref_logits[t:].argmax(-1))
 
     kc, vc = run("commit", kc, vc, np.array([0, 1, 3], "int32"), t)  # the branch 0 -> 1 -> 3
@@ -167,26 +177,32 @@ def test_tiny_q4_1_model_under_qemu_matches_numpy(tmp_path):
     one = np.ones((1, 1), "int32")
     logits, *_ = run("verify_w1", np.array([20], "int32"), np.array([len(seq)], "int32"), one,
                      *csr_from_mask(one), kc, vc, len(seq), *params)
-    ref_logits, _ = ref.forward(cfg, w, seq + [20])
-    np.testing.assert_allclose(logits, ref_logits[-1:], atol=2e-3, rtol=2e-3)
+    ref_logits, _ = ref.forward(cfg, w, seq + [20], int8_inputs=int8)
+    np.testing.assert_allclose(logits, ref_logits[-1:], atol=tol, rtol=tol)
 
 
 @pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None,
                     reason="needs the aarch64 cross linker")
-def test_compile_q4_1_for_aarch64(tmp_path):
+@pytest.mark.parametrize("target,rule,features", [
+    ("aarch64", "arm.QuantLinear", ["neon"]),
+    ("aarch64-dotprod", "arm.Int8DotLinear", ["dotprod", "neon"])])
+def test_compile_q4_1_for_aarch64(tmp_path, target, rule, features):
     """`compile --dtype q4_1 --target aarch64`: an aarch64 library whose linear kernels are
-    all arm.QuantLinear's (the Medusa heads' float16 linears aside), weights kept as blocks."""
+    all arm.QuantLinear's (the Medusa heads' float16 linears aside), weights kept as blocks;
+    `--target aarch64-dotprod` puts them on int8 dot products (arm.Int8DotLinear), and the
+    artifact says its CPU needs ``dotprod`` (the loader refuses it elsewhere)."""
     from hetcomp.artifact_format import read_manifest
     from hetcomp.driver.compile import CompileOptions, compile_model
     from hetcomp.testing import TINY, byte_tokenizer_spec
 
     wq, _ = _quantized_tiny("q4_1", seed=5)
-    compile_model(CompileOptions(model="tiny.gguf", dtype="q4_1", target="aarch64",
+    compile_model(CompileOptions(model="tiny.gguf", dtype="q4_1", target=target,
                                  max_context=64), str(tmp_path / "art"), quiet=True,
                   weights=(TINY, wq, byte_tokenizer_spec(TINY.vocab_size), __file__))
     m = read_manifest(str(tmp_path / "art"))
     linear = [k for k in m["kernels"] if k["name"].startswith("linear")]
-    assert linear and {k["rule"] for k in linear} == {"arm.QuantLinear"}
+    assert linear and {k["rule"] for k in linear} == {rule}
+    assert m["cpu"] == {"arch": "aarch64", "features": features}
     assert {p["name"]: p["dtype"] for p in m["params"]}["layers.1.wo"] == "uint8"
     with open(tmp_path / "art" / "lib.so", "rb") as fh:
         head = fh.read(20)

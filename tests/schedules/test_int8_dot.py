@@ -1,9 +1,13 @@
-"""``x86.Int8DotLinear``: block-quantized linears on int8 activations and VNNI dot products.
+"""``x86.Int8DotLinear`` / ``arm.Int8DotLinear``: block-quantized linears on int8 activations
+and integer dot products (AVX-512 VNNI, NEON ``sdot``).
 
 Numerics against numpy (gguf's dequantized weights, the activations quantized per row and
-32-weight block as the module doc defines it), which kernels the swap takes (eligible
-formats, panels and targets), and that the swapped kernel keeps the signature it replaces.
+32-weight block as the module doc defines it; the NEON kernel under qemu), which kernels the
+swap takes (eligible formats, panels and targets), and that the swapped kernel keeps the
+signature it replaces.
 """
+
+import re
 
 import numpy as np
 import pytest
@@ -11,11 +15,14 @@ import tvm
 
 from hetcomp import _tvm
 from hetcomp.codegen.build import schedule_module
+from hetcomp.codegen.cross import CrossToolchain, QemuKernel
 from hetcomp.codegen.targets import make_target
+from hetcomp.hardware import target_dict
 from hetcomp.kernels import ops, quant
 from hetcomp.schedules.apply import RULE_ATTR
-from hetcomp.schedules.x86_int8 import (
+from hetcomp.schedules.int8_dot import (
     INT8_DOT_RULE,
+    NEON_DOT,
     has_int8_dot,
     linear_int8_dot,
     use_int8_dot_kernels,
@@ -23,6 +30,7 @@ from hetcomp.schedules.x86_int8 import (
 
 c = _tvm.compiler()
 HOST = make_target("host")
+TOOLCHAIN = CrossToolchain.find()
 needs_vnni = pytest.mark.skipif(not has_int8_dot(HOST),
                                 reason="this CPU lacks AVX-512 VNNI/VBMI")
 
@@ -109,6 +117,32 @@ def test_swap_takes_only_unfused_quantized_linears_of_whole_panels():
     assert mod["k0"].attrs.get(RULE_ATTR) is None  # the input module is not modified
     for target in ("x86-64-v3", "aarch64"):
         assert use_int8_dot_kernels(mod, make_target(target)).same_as(mod), target
+    arm = use_int8_dot_kernels(mod, make_target("aarch64-dotprod"))
+    assert [str(arm[f"k{i}"].attrs.get(RULE_ATTR, "")) for i in range(len(funcs))] == [
+        "arm.Int8DotLinear"] * 3 + [""] * 4
+
+
+@pytest.mark.skipif(TOOLCHAIN is None, reason="aarch64-linux-gnu-gcc or qemu-aarch64 missing")
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_1", "q8_0"])
+@pytest.mark.parametrize("rows,n,k,residual", [
+    (1, 96, 128, False), (6, 64, 96, True), (16, 96, 128, False), (None, 96, 128, True)])
+def test_neon_sdot_matches_numpy_under_qemu(tmp_path, qtype, rows, n, k, residual):
+    """The NEON ``sdot`` kernel (``--target aarch64-dotprod``), cross-compiled and run under
+    qemu: the same numerics as the x86 one, to float rounding."""
+    rng = np.random.default_rng(6)
+    m = quant.QuantMatrix.quantize(rng.standard_normal((n, k)).astype("float32"), qtype)
+    w = rows or 11
+    x = rng.standard_normal((w, k)).astype("float32")
+    x[0, :32] = 0.0
+    r = rng.standard_normal((w, n)).astype("float32")
+    func = linear_int8_dot(quant.linear_quant(n, k, qtype, residual, rows=rows), NEON_DOT)
+    kern = QemuKernel(func, "linear_quant", num_outputs=1, workdir=str(tmp_path),
+                      toolchain=TOOLCHAIN, target=target_dict("aarch64-dotprod"))
+    (got,) = kern(x, quant.pack_quant_weight(m), *([r] if residual else []))
+    want = int8_reference(x, m) + (r if residual else 0.0)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
+    # (a block's 8 sdot a row and 4-column part, both parts of a pass unrolled)
+    assert len(re.findall(r"\bsdot\b", kern.asm)) >= 16
 
 
 @needs_vnni

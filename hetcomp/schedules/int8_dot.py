@@ -1,4 +1,5 @@
-"""Block-quantized linears on integer dot products (AVX-512 VNNI), as llama.cpp runs them.
+"""Block-quantized linears on integer dot products (x86 AVX-512 VNNI, aarch64 NEON ``sdot``),
+as llama.cpp runs them.
 
 The dequantizing kernels (:mod:`hetcomp.kernels.quant`) turn every weight into a float32 and
 spend one FMA per weight and row: at the widths a verify step runs they are compute-bound
@@ -14,7 +15,7 @@ with ``q`` the block's raw quants and the offset ``o`` folding in what the unsig
 operand adds: ``-8 sum_t xq`` for q4_0 (weights ``d (q - 8)``), ``-128 sum_t xq`` for q8_0
 (its signed quants enter as ``q + 128``, the sign bit flipped), nothing for q4_1. The block
 sums are exact; the result is the dequantized weights times the dequantized ``xq``, rounded
-once per block (``tests/schedules/test_x86_int8.py`` checks it against numpy to float
+once per block (``tests/schedules/test_int8_dot.py`` checks it against numpy to float
 rounding). That is llama.cpp's ``vec_dot_q4_0_q8_0`` / ``q4_1_q8_1`` / ``q8_0_q8_0`` numerics
 with ``dx`` kept in float32 (llama.cpp rounds it to float16).
 
@@ -24,17 +25,19 @@ weights of one column in each 32-bit lane, so each group of four quant bytes (12
 rows of 32 columns) is transposed in registers by two ``vpermt2b`` (AVX-512 VBMI), one per
 16-column half, then split into low and high nibbles; the decoded block serves every row of
 the tile. SmolLM2's 3072x576 q4_0 linear, weights in cache, 2 threads: 12 / 22 / 81 us at W =
-1 / 4 / 16 (4-row tiles) against 34 / 71 / 208 for the dequantizing kernel.
+1 / 4 / 16 (4-row tiles) against 34 / 71 / 208 for the dequantizing kernel. On aarch64 with
+the dot-product extension (``--target aarch64-dotprod``) ``sdot`` takes signed bytes on both
+sides, so the nibbles and q8_0's quants enter as they are (q4_0 keeps its ``-8`` offset).
 
 The activations are quantized once per call, before the parallel loop, into a workspace
 (``xq``, ``dx`` and the row-block sums). Rows run in tiles of 8 (the largest of 8 / 4 / 2 / 1
 that divides a static row count); a symbolic row count (prefill, the any-width verify) runs
 its last rows one by one. The instruction set's pieces (transpose, dot product, the q8_0
-operand) are an object (:data:`AVX512`) that the loop nest calls, so that another (NEON
-``sdot``) can slot in.
+operand, the tile) are an object (:data:`AVX512`, :data:`NEON_DOT`) that the loop nest calls.
 
 :func:`use_int8_dot_kernels` swaps a module's quantized linears for this kernel where the
-target CPU has VNNI and VBMI (Ice Lake, Sapphire Rapids, Zen 4 and later); the kernel keeps
+target CPU has VNNI and VBMI (Ice Lake, Sapphire Rapids, Zen 4 and later) or NEON's dot
+product (``x86.Int8DotLinear``, ``arm.Int8DotLinear``); the kernel keeps
 the signature and the ``hetcomp.*`` attributes of the kernel it replaces. Because it
 changes the numerics (int8 activations), it replaces every quantized linear of the unit, at
 every width: the sequential and the speculative decoder run the same arithmetic per row,
@@ -51,7 +54,7 @@ from ..quant_format import QK
 from .apply import RULE_ATTR
 from .arm import is_llvm_with
 
-#: The rule name the swapped kernels carry (``hetcomp.rule``).
+#: The rule name the swapped x86 kernels carry (``hetcomp.rule``; ARM's: ``arm.Int8DotLinear``).
 INT8_DOT_RULE = "x86.Int8DotLinear"
 #: Columns a panel (two 16-lane halves).
 PANEL = 32
@@ -62,12 +65,13 @@ _VPERMT2B = "llvm.x86.avx512.vpermi2var.qi.512"
 
 
 class _Avx512:
-    """AVX-512 VNNI + VBMI: 16 int32 lanes, a pass is the whole 32-column panel (two parts of
+    """x86 AVX-512 VNNI + VBMI: 16 int32 lanes, a pass is the whole 32-column panel (two parts of
     16 columns); ``vpermt2b`` transposes, ``vpdpbusd`` sums 64 products. 8-row tiles: 3072x576
     q4_1 at W = 8 / 16, 2 threads, 47.5 / 85.3 us against 54.0 / 107.6 with 4-row ones
     (576x1536: 28.4 / 62.8 against 36.5 / 70.5)."""
 
     name, lanes, parts, span, row_tile = "avx512", 16, 2, 32, 8
+    rule = INT8_DOT_RULE
     features = ("avx512bw", "avx512vnni", "avx512vbmi")
     formats = ("q4_0", "q4_1", "q8_0")
 
@@ -98,13 +102,51 @@ class _Avx512:
         return tir.call_llvm_pure_intrin("int32x16", _VPDPBUSD, acc, operand[0], x)
 
 
+class _NeonDot:
+    """aarch64 NEON with the dot-product extension (Armv8.2 ``dotprod``: Cortex-A75/A76/A78,
+    Jetson Orin, Raspberry Pi 5): 4 int32 lanes, a panel in four passes of 8 columns (two
+    parts of 4); the transpose is a byte shuffle of four 8-byte loads, ``sdot`` sums 16
+    signed products (the nibbles 0..15 and q8_0's quants are signed bytes as they are: no
+    q8_0 offset). A pass holds 2 accumulators a row and a block's 16 decoded registers of
+    NEON's 32. Checked under qemu; not timed on ARM hardware."""
+
+    name, lanes, parts, span, row_tile = "neon", 4, 2, 8, 4
+    rule = "arm.Int8DotLinear"
+    features = ("neon", "dotprod")
+    formats = ("q4_0", "q4_1", "q8_0")
+
+    @staticmethod
+    def offset(qtype: str) -> int:
+        return {"q4_0": -8, "q4_1": 0, "q8_0": 0}[qtype]
+
+    def transpose(self, wf, rows4, col):
+        tir = compiler().tir
+        first = col - col % 8  # the pass's 8 columns, loaded once for both parts
+        rows = [wf[tir.Ramp(rows4 + r * PANEL + first, _const(1, "int64"), 8)]
+                for r in range(4)]
+        return tir.reinterpret("int8x16", tir.Shuffle(
+            rows, [r * 8 + col % 8 + lane for lane in range(4) for r in range(4)]))
+
+    @staticmethod
+    def signed_operand(qd):
+        return (qd,)
+
+    @staticmethod
+    def dot(acc, operand, word):
+        tir = compiler().tir
+        x = tir.reinterpret("int8x16", _bc(word, 4))
+        return tir.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", acc,
+                                         operand[0], x)
+
+
 AVX512 = _Avx512()
+NEON_DOT = _NeonDot()
 #: The instruction sets the kernel is written for. An AVX2 one (``vpmaddubsw`` +
 #: ``vpmaddwd``, the transpose a byte shuffle of four 8-byte loads, q4 formats only) ran
 #: SmolLM2 q4_1 `--target x86-64-v3` at 139.6 / 131.8 / 100.9 / 76.8 tokens/s for W = 1 / 2 /
 #: 4 / 8 against 131.9 / 134.5 / 84.2 / 50.6 dequantizing: at the widths worth running no
 #: clear gain for the int8 rounding, so AVX2 CPUs keep float activations.
-ISAS = (AVX512,)
+ISAS = (AVX512, NEON_DOT)
 
 
 def int8_dot_isa(target):
@@ -116,7 +158,7 @@ def int8_dot_isa(target):
 
 
 def has_int8_dot(target) -> bool:
-    """Whether ``target`` is an x86 CPU with the instructions this kernel uses."""
+    """Whether ``target`` is a CPU with the instructions this kernel uses."""
     return int8_dot_isa(target) is not None
 
 
@@ -150,7 +192,8 @@ def _reduce(kind: str, vec, dtype: str):
 def linear_int8_dot(func, isa=AVX512, row_tile: int | None = None):
     """The int8-dot kernel with ``func``'s signature (a quantized linear of
     :func:`hetcomp.kernels.quant.linear_quant`, :func:`eligible`) and attributes, already
-    scheduled, for ``isa`` (:data:`AVX512`; ``row_tile``: rows a tile, default the ISA's)."""
+    scheduled, for ``isa`` (:data:`AVX512`, :data:`NEON_DOT`; ``row_tile``: rows a tile,
+    default the ISA's)."""
     c = compiler()
     tir = c.tir
     attrs = func.attrs
@@ -280,7 +323,7 @@ def linear_int8_dot(func, isa=AVX512, row_tile: int | None = None):
     for key, value in attrs.items():  # global_symbol, target, the hetcomp.* attributes
         new = new.with_attr(key, value)
     return (new.with_attr("tirx.noalias", True).with_attr("tirx.is_scheduled", True)
-            .with_attr(RULE_ATTR, INT8_DOT_RULE))
+            .with_attr(RULE_ATTR, isa.rule))
 
 
 def use_int8_dot_kernels(mod, target):
