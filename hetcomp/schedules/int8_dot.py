@@ -70,10 +70,9 @@ class _Avx512:
     q4_1 at W = 8 / 16, 2 threads, 47.5 / 85.3 us against 54.0 / 107.6 with 4-row ones
     (576x1536: 28.4 / 62.8 against 36.5 / 70.5)."""
 
-    name, lanes, parts, span, row_tile = "avx512", 16, 2, 32, 8
+    lanes, parts, span, row_tile = 16, 2, 32, 8
     rule = INT8_DOT_RULE
     features = ("avx512bw", "avx512vnni", "avx512vbmi")
-    formats = ("q4_0", "q4_1", "q8_0")
 
     @staticmethod
     def offset(qtype: str) -> int:
@@ -110,10 +109,9 @@ class _NeonDot:
     q8_0 offset). A pass holds 2 accumulators a row and a block's 16 decoded registers of
     NEON's 32. Checked under qemu; not timed on ARM hardware."""
 
-    name, lanes, parts, span, row_tile = "neon", 4, 2, 8, 4
+    lanes, parts, span, row_tile = 4, 2, 8, 4
     rule = "arm.Int8DotLinear"
     features = ("neon", "dotprod")
-    formats = ("q4_0", "q4_1", "q8_0")
 
     @staticmethod
     def offset(qtype: str) -> int:
@@ -162,17 +160,16 @@ def has_int8_dot(target) -> bool:
     return int8_dot_isa(target) is not None
 
 
-def eligible(func, isa=None) -> bool:
+def eligible(func) -> bool:
     """Whether ``func`` is a quantized linear this kernel can replace: unfused, 32-column
     panels (every linear of the models here; an odd vocabulary's LM head packs narrower
-    panels and keeps the dequantizing kernel), in a format ``isa`` takes (default: any)."""
+    panels and keeps the dequantizing kernel)."""
     attrs = func.attrs
     if attrs is None or OP_KIND not in attrs or str(attrs[OP_KIND]) != "linear":
         return False
     if "hetcomp.qtype" not in attrs or is_fused_linear(func):
         return False
-    formats = _QUANTS if isa is None else isa.formats
-    return int(attrs["hetcomp.block"]) == PANEL and str(attrs["hetcomp.qtype"]) in formats
+    return int(attrs["hetcomp.block"]) == PANEL and str(attrs["hetcomp.qtype"]) in _QUANTS
 
 
 def _bc(value, lanes: int):
@@ -335,7 +332,7 @@ def use_int8_dot_kernels(mod, target):
     tir = compiler().tir
     isa = int8_dot_isa(target)
     swaps = {gv: linear_int8_dot(f, isa) for gv, f in mod.functions_items()
-             if isinstance(f, tir.PrimFunc) and eligible(f, isa)
+             if isinstance(f, tir.PrimFunc) and eligible(f)
              and not int(f.attrs.get("tirx.is_scheduled", 0))}  # (a tuned one stays)
     if not swaps:
         return mod
