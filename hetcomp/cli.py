@@ -349,8 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "linears of 16-64 rows on tensor cores, sm_70 and later)")
     c.add_argument("--no-int8-dot", action="store_true",
                    help="quantized --dtype: dequantize the weights into float32 FMAs on every "
-                        "CPU (default: where the CPU has AVX-512 VNNI, int8 activations and "
-                        "integer dot products, as llama.cpp)")
+                        "CPU (default: where the target has AVX-512 VNNI or NEON dotprod, int8 "
+                        "activations and integer dot products, as llama.cpp)")
     c.add_argument("--tuning-db", help="root of `hetcomp tune --kernels` databases: this "
                                        "machine's records replace hand-written schedules")
     c.add_argument("--separate-weights", action="store_true",
@@ -464,9 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--kit-out", help="only compile the probe kernels into a kit folder, to "
                                       "measure where the units are")
     pr.add_argument("--target", help="with --kit-out: the CPU that measures the kit, host | "
-                    "x86-64-v3 (another x86 host) | x86-64 | aarch64 | aarch64-dotprod (default: "
-                    "host; a cuda "
-                    "unit's probes are CUDA driven by it)")
+                    "x86-64-v3 (another x86 host) | x86-64 | aarch64 | aarch64-dotprod "
+                    "(default: host; a cuda unit's probes are CUDA driven by it)")
     pr.add_argument("--cuda-arch", help="the GPU a cuda unit's probes are compiled for, "
                     "sm_87 (Jetson Orin) | sm_90 (H100/H200) | ... (default: this machine's "
                     "GPU's; with --kit-out: sm_90)")

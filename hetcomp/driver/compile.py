@@ -122,10 +122,10 @@ class CompileOptions:
     # the prefill chunk) on tensor cores (gpu.TensorCoreLinear, sm_70 and later). False:
     # every linear on the CUDA cores (split K), as before.
     tensor_cores: bool = True
-    # Quantized weights on a CPU with AVX-512 VNNI and VBMI: each linear quantizes its input
-    # rows to int8 per 32-weight block and sums blocks on integer dot products
-    # (x86.Int8DotLinear, llama.cpp's numerics; 2-3x faster at verify widths). False: every
-    # quantized linear dequantizes its weights into float32 FMAs, as on other CPUs.
+    # Quantized weights on a CPU with AVX-512 VNNI and VBMI or NEON dotprod: each linear
+    # quantizes its input rows to int8 per 32-weight block and sums blocks on integer dot
+    # products (x86/arm.Int8DotLinear, llama.cpp's numerics; 2-3x faster at verify widths).
+    # False: every quantized linear dequantizes its weights into float32 FMAs, as on other CPUs.
     int8_dot: bool = True
     # Build the decoder for fixed caches, reading the cache length on the device
     # (build_module's ``device_len``). None: where CUDA graphs are captured. True elsewhere

@@ -760,7 +760,7 @@ class _Runner:
         x = args[0].numpy()
         res = args[2].numpy() if len(args) == 4 else 0.0
         # A quantized linear computes with float inputs, or with int8-rounded ones where
-        # compile swaps in the int8-dot kernel (x86 VNNI): either is right.
+        # compile swaps in the int8-dot kernel (VNNI, sdot): either is right.
         inputs = [x, int8_rounded(x)] if packed.dtype == np.uint8 else [x]
         want = [xi @ w.T + res for xi in inputs]
         return min(float(np.abs(got - wi).max() / max(np.abs(wi).max(), 1e-30)) for wi in want)
