@@ -182,7 +182,7 @@ def _const(value, dtype: str):
 
 def _reduce(kind: str, vec, dtype: str):
     """The horizontal ``max``/``add`` of a vector (LLVM's ``vector.reduce`` intrinsics)."""
-    name = {"fmax": "llvm.vector.reduce.fmax", "add": "llvm.vector.reduce.add"}[kind]
+    name = {"fmaximum": "llvm.vector.reduce.fmaximum", "add": "llvm.vector.reduce.add"}[kind]
     return compiler().tir.call_llvm_pure_intrin(dtype, name, vec)
 
 
@@ -226,7 +226,12 @@ def linear_int8_dot(func, isa=AVX512, row_tile: int | None = None):
         # Step 1. Quantize the activations: per row and block, scale, int8 values and sum.
         with T.serial(idx(0), rows * nkb) as rb:
             halves = [xf[tir.Ramp(rb * QK + h * 16, idx(1), 16)] for h in range(2)]
-            amax = _reduce("fmax", tir.max(tir.abs(halves[0]), tir.abs(halves[1])), "float32")
+            # NaN-propagating maxima (``maximum``, not ``maxnum``): a NaN in the block makes
+            # its scale NaN, so the row's outputs are NaN as the dequantizing kernel's are
+            # (maxnum skipped it, and rint(NaN) became an int8 0: a silent finite result).
+            amax = _reduce("fmaximum", tir.call_llvm_pure_intrin(
+                "float32x16", "llvm.maximum.v16f32", tir.abs(halves[0]), tir.abs(halves[1])),
+                "float32")
             inv = tir.Select(amax > _const(0.0, "float32"), _const(127.0, "float32") / amax,
                              _const(0.0, "float32"))
             qs = [tir.nearbyint(v * _bc(inv, 16)).astype("int32x16") for v in halves]

@@ -86,6 +86,42 @@ def test_matches_numpy_on_int8_activations(qtype, rows, n, k, residual):
     assert np.abs(got - exact).max() > 1e-4 * np.abs(exact).max()
 
 
+def _nan_case():
+    rng = np.random.default_rng(8)
+    m = quant.QuantMatrix.quantize(rng.standard_normal((64, 64)).astype("float32"), "q4_0")
+    x = rng.standard_normal((4, 64)).astype("float32")
+    x[0, 5], x[2, 40] = np.nan, np.inf
+    return m, x
+
+
+def _assert_nan_rows(got, x, m):
+    """Rows with a NaN or inf input are NaN throughout (as the dequantizing kernel's); the
+    others are the numpy result."""
+    assert np.isnan(got[[0, 2]]).all()
+    want = int8_reference(x[[1, 3]], m)
+    np.testing.assert_allclose(got[[1, 3]], want, rtol=0, atol=2e-6 * np.abs(want).max())
+
+
+@needs_vnni
+def test_nan_and_inf_inputs_propagate():
+    """A NaN used to vanish: the block maximum skipped it (maxnum) and rint(NaN) became an
+    int8 0, so a blown-up activation gave a finite, wrong row."""
+    m, x = _nan_case()
+    func = linear_int8_dot(quant.linear_quant(64, 64, "q4_0", rows=4))
+    _assert_nan_rows(_run(func, [x, quant.pack_quant_weight(m), np.zeros((4, 64), "float32")]),
+                     x, m)
+
+
+@pytest.mark.skipif(TOOLCHAIN is None, reason="aarch64-linux-gnu-gcc or qemu-aarch64 missing")
+def test_neon_nan_and_inf_inputs_propagate(tmp_path):
+    m, x = _nan_case()
+    func = linear_int8_dot(quant.linear_quant(64, 64, "q4_0", rows=4), NEON_DOT)
+    kern = QemuKernel(func, "linear_quant", num_outputs=1, workdir=str(tmp_path),
+                      toolchain=TOOLCHAIN, target=target_dict("aarch64-dotprod"))
+    (got,) = kern(x, quant.pack_quant_weight(m))
+    _assert_nan_rows(got, x, m)
+
+
 def _module(*funcs):
     return c.IRModule({f"k{i}": f.with_attr("global_symbol", f"k{i}")
                        for i, f in enumerate(funcs)})
