@@ -332,10 +332,10 @@ def use_int8_dot_kernels(mod, target):
     """``mod`` (one unit's kernels, ``target`` theirs) with every unscheduled
     :func:`eligible` quantized linear replaced by :func:`linear_int8_dot` where ``target``
     :func:`has_int8_dot` (a kernel a tuning database scheduled keeps its record)."""
-    if not has_int8_dot(target):
+    isa = int8_dot_isa(target)
+    if isa is None:
         return mod
     tir = compiler().tir
-    isa = int8_dot_isa(target)
     swaps = {gv: linear_int8_dot(f, isa) for gv, f in mod.functions_items()
              if isinstance(f, tir.PrimFunc) and eligible(f)
              and not int(f.attrs.get("tirx.is_scheduled", 0))}  # (a tuned one stays)
