@@ -41,7 +41,7 @@ def build(mod, target, plan=None, cost=None, scheduled: list | None = None,
     ``fuse_linears``: run FuseLinearChains (None: on whole-model GPU builds,
     :func:`~hetcomp.passes.pipeline.fuses_linears`). ``tensor_cores=False``: no GPU linear on
     tensor cores. ``int8_dot=False``: quantized linears dequantize on every CPU (default:
-    int8 activations and VNNI dot products where the CPU has them,
+    int8 activations and VNNI / sdot dot products where the CPU has them,
     :mod:`hetcomp.schedules.int8_dot`).
     """
     c = compiler()

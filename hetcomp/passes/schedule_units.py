@@ -2,7 +2,7 @@
 
 A kernel carrying a ``target`` attribute (placed on another unit by PartitionHetero) is
 scheduled for that target; the others for the module's target. LLVM targets get their
-quantized linears swapped for the int8-dot kernel where the CPU has VNNI
+quantized linears swapped for the int8-dot kernel where the CPU has VNNI or NEON dotprod
 (:mod:`hetcomp.schedules.int8_dot`), then the ISA rules then the CPU rules; GPU targets get their in-place script kernels swapped for the GPU versions, then our
 GPU rules and dlight's. Each group is scheduled inside its own target with only its own
 kernels in view: dlight's rules do not all check a kernel's target, and would schedule a

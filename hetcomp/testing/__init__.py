@@ -203,12 +203,14 @@ def host_linear_rule() -> str:
 
 
 def host_quant_linear_rule() -> str:
-    """The rule of the quantized linears of a ``--target host`` build here:
-    ``x86.Int8DotLinear`` on a CPU with AVX-512 VNNI and VBMI, else ``cpu.QuantLinear``."""
+    """The rule of the quantized linears of a ``--target host`` build here: the int8-dot
+    kernel's where the CPU has one (``x86.Int8DotLinear``, ``arm.Int8DotLinear``), else
+    ``cpu.QuantLinear``."""
     from ..codegen.targets import make_target
-    from ..schedules.int8_dot import INT8_DOT_RULE, has_int8_dot
+    from ..schedules.int8_dot import int8_dot_isa
 
-    return INT8_DOT_RULE if has_int8_dot(make_target("host")) else "cpu.QuantLinear"
+    isa = int8_dot_isa(make_target("host"))
+    return isa.rule if isa is not None else "cpu.QuantLinear"
 
 
 def assert_one_line_error(rc, err, needle=""):
