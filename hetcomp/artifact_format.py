@@ -203,8 +203,13 @@ def _check_parent(path: str) -> None:
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         raise HetcompError(f"cannot write {path}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise HetcompError(f"cannot write {path}: the folder {parent} is not writable")
+    # A trial folder, made and removed: permission bits do not tell (root may write any
+    # folder by them, yet not /proc or a read-only mount).
+    try:
+        os.rmdir(new_temporary(parent, folder=True))
+    except OSError as e:
+        raise HetcompError(f"cannot write {path}: the folder {parent} is not writable "
+                           f"({e.strerror or _first_line(e)})") from None
 
 
 def check_output_file(path: str, is_same_kind: Callable[[str], bool] | None = None,

@@ -97,6 +97,19 @@ def test_compile_replaces_an_artifact_only_with_force(tmp_path, tiny_gguf, capsy
                "-o", tmp_path / "empty")[0] == 0
 
 
+def test_an_output_folder_that_cannot_be_written_is_refused_before_the_build(
+        tmp_path, tiny_gguf, capsys):
+    """/proc passes every permission check for root, yet nothing can be made there: the
+    trial folder says so in one line, before the model is read (it was refused at the
+    rename, after the whole build). A writable folder is left as it was."""
+    assert_one_line_error(*cli(capsys, "compile", "--model", tiny_gguf, "-o", "/proc/hc-out"),
+                          "cannot write /proc/hc-out: the folder /proc is not writable")
+    assert not os.path.exists("/proc/hc-out")
+    rc, err = cli(capsys, "compile", "--model", tmp_path / "none.gguf", "-o", tmp_path / "o")
+    assert_one_line_error(rc, err, "none.gguf")  # (the check passed: the model was read)
+    assert os.listdir(tmp_path) == []  # (no trial folder left behind)
+
+
 def test_kit_tune_heads_and_profile_outputs_refuse_other_files(tmp_path, capsys):
     x = tmp_path / "X"
     x.mkdir()
