@@ -7,6 +7,7 @@ runtime-only TVM installation (``TVM_USE_RUNTIME_LIB=1``).
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 
@@ -247,6 +248,14 @@ class Session:
         if self.length + len(ids) > self.capacity:
             raise HetcompError(
                 f"prompt of {len(ids)} tokens does not fit the context of {self.capacity}")
+        try:
+            out = self._prefill(ids, chunk)
+        except RuntimeError as e:  # (TVM's check failures)
+            raise _library_mismatch(e, self.art.path) or e from None
+        self.tokens.extend(int(i) for i in ids)
+        return int(_tvm.download(out[2])[0]), out[1]
+
+    def _prefill(self, ids, chunk: int | None):
         out = None
         static = self.art._prefill_static if chunk is None else None
         chunk = static[0] if static else (chunk or PREFILL_CHUNK)
@@ -273,8 +282,7 @@ class Session:
                     _tvm.length_shape(self.length), *self.art.params)
             self.k_cache, self.v_cache = out[3], out[4]
             self.length += w
-        self.tokens.extend(int(i) for i in ids)
-        return int(_tvm.download(out[2])[0]), out[1]
+        return out
 
     def verify(self, tokens, positions, mask, csr=None):
         """Run tree nodes; returns ``(greedy ids [W], hidden [W, E] tensor, logits tensor)``.
@@ -341,6 +349,20 @@ class Session:
             raise ValueError(f"cannot truncate a cache of {self.length} tokens to {length}")
         self.length = length
         del self.tokens[length:]
+
+
+def _library_mismatch(e: Exception, path: str) -> HetcompError | None:
+    """The one-line error for a VM call that refused an input's shape, or None for any other
+    error. The runtime shapes the caches and weights from the manifest, so a manifest the
+    library was not compiled with (an edit that recomputed its digest, another build's
+    file) fails the library's own shape check on the first call, the prefill."""
+    text = str(e)
+    if "match_cast error" not in text:
+        return None
+    fn, param = (re.search(rf"{k}=(\w+)", text) for k in ("fn", "param"))
+    where = f"{fn[1] if fn else 'a function'} refused the shape of {param[1] if param else 'an input'}"
+    return HetcompError(f"artifact {path}: manifest.json does not match lib.so (its {where});"
+                        " recompile the model")
 
 
 def load_artifact(path: str, verify: bool = True) -> Artifact:
