@@ -311,6 +311,16 @@ def output_file(path: str, is_same_kind: Callable[[str], bool] | None = None,
         raise
 
 
+def load_npz(path: str):
+    """The ``.npz`` archive at ``path`` (``np.load``, no pickles), or ``ValueError`` for any
+    other file: numpy reads those as a bare ``.npy`` array or as pickled data, and its
+    message for a text file then spoke of pickles, not of the wrong file."""
+    with open(path, "rb") as fh:
+        if fh.read(4) not in (b"PK\x03\x04", b"PK\x05\x06"):  # a zip's (empty: its end)
+            raise ValueError("not an .npz archive")
+    return np.load(path, allow_pickle=False)
+
+
 def write_json(path: str, data, **kwargs) -> None:
     """Write JSON through :func:`output_file` (never a half-written file)."""
     with output_file(path) as tmp, open(tmp, "w") as fh:

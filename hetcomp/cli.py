@@ -328,8 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--kv-dtype", help="KV cache element type: float32 | float16 (default: "
                    "--dtype, float16 for q4_0/q4_1/q8_0; float16 halves the cache, attention "
                    "accumulates in float32)")
-    c.add_argument("--max-context", type=_int_at_least(16), default=2048,
-                   help="KV cache capacity (tokens)")
+    c.add_argument("--max-context", type=_int_at_least(16),
+                   help="KV cache capacity in tokens, at most the model's trained context "
+                   "(default: the trained context, at most 2048)")
     c.add_argument("--heads", help="Medusa heads (.npz) from `hetcomp calibrate` (default for "
                    "a registered model: its packaged heads, if any)")
     c.add_argument("--no-heads", action="store_true",

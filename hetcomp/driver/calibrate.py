@@ -19,6 +19,7 @@ from ..artifact_format import (
     check_output,
     check_output_file,
     is_plot,
+    load_npz,
     output_file,
 )
 from ..data import packaged_file
@@ -204,13 +205,8 @@ def load_cache(path: str):
         return ([z[f"{prefix}_h{i}"] for i in range(n)], [z[f"{prefix}_s{i}"] for i in range(n)])
 
     try:
-        # Any file may be named here (--reuse, or --cache's check of what it would replace):
-        # np.load reads a .npy as a bare array, not an archive of parts; an empty file raises
-        # EOFError; pickled content stays refused (allow_pickle).
-        z = np.load(path, allow_pickle=False)
-        if not isinstance(z, np.lib.npyio.NpzFile):
-            raise TypeError("a bare array (.npy), not an .npz archive")
-        with z:
+        # Any file may be named here (--reuse, or --cache's check of what it would replace).
+        with load_npz(path) as z:
             return part(z, "tr"), part(z, "ho")
     except (OSError, EOFError, KeyError, ValueError, TypeError, AttributeError,
             NotImplementedError, zipfile.BadZipFile, zlib.error) as e:  # damaged .npz files

@@ -27,6 +27,7 @@ from ..cost.roofline import ModelShape, RooflineCost, dtype_bytes, kernel_featur
 from ..cost.xgb import UnitCostModel
 from ..errors import HetcompError
 from ..frontend import load_model
+from ..frontend.config import MIN_CONTEXT
 from ..frontend.export_info import source_info
 from ..frontend.lazy import parameter_count
 from ..frontend.llama import NUM_INPUTS, build_module, medusa_param_specs
@@ -79,7 +80,7 @@ class CompileOptions:
     target: str = "host"
     # The GPU architecture of `--target cuda` and of a plan's GPU unit (Orin: sm_87).
     cuda_arch: str = DEFAULT_CUDA_ARCH
-    max_context: int = 2048
+    max_context: int | None = None  # None: the trained context, at most 2048 tokens
     heads: str | None = None  # Medusa heads file (.npz) from `hetcomp calibrate`
     plan: object | None = None  # a HeteroPlan: partition across units (None: host only)
     widths: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
@@ -166,8 +167,8 @@ class CompileOptions:
         if self.device_len and self.plan is not None:
             raise HetcompError("a build for fixed caches (device_len) is a whole-model build: "
                                "it takes no --plan")
-        if self.max_context < 16:
-            raise HetcompError("--max-context must be at least 16")
+        if self.max_context is not None and self.max_context < MIN_CONTEXT:
+            raise HetcompError(f"--max-context must be at least {MIN_CONTEXT}")
         if self.tuning_db is not None and (self.target != "host" or self.plan is not None):
             raise HetcompError("--tuning-db applies to --target host without --plan (records "
                                "are measured on this machine's CPU)")
@@ -220,18 +221,31 @@ def _progress(step: int, total: int, what: str, quiet: bool) -> None:
         print(f"[{step}/{total}] {what}", file=sys.stderr, flush=True)
 
 
-def _cap_widths(opts: CompileOptions, cap: int, why: str, quiet: bool) -> CompileOptions:
-    """``opts`` without the tree widths above ``cap`` (``why``: what caps them), noted on
-    stderr; an explicit ``--width`` above it is refused."""
+def _cap_widths(opts: CompileOptions, cap: int, why: str, notes: list) -> CompileOptions:
+    """``opts`` without the tree widths above ``cap`` (``why``: what caps them), with a note
+    for stderr in ``notes`` (printed once the input is checked); an explicit ``--width`` (or
+    the plan's width) above it is refused."""
     if max(opts.widths) <= cap:
         return opts
     if opts.default_width is not None and opts.default_width > cap:
         raise HetcompError(f"--width {opts.default_width}: {why}")
+    planned = (opts.plan_choice or {}).get("width") if opts.default_width is None else None
+    if planned is not None and planned > cap:
+        raise HetcompError(f"the plan's width {planned}: {why}")
     kept = tuple(w for w in opts.widths if w <= cap)
-    if not quiet:
-        dropped = ", ".join(str(w) for w in opts.widths if w > cap)
-        print(f"note: widths {dropped} left out: {why}", file=sys.stderr, flush=True)
+    dropped = ", ".join(str(w) for w in opts.widths if w > cap)
+    notes.append(f"note: widths {dropped} left out: {why}")
     return dataclasses.replace(opts, widths=kept)
+
+
+def _check_plan_width(opts: CompileOptions, heads) -> None:
+    """The plan's width, where it is the default, is one the build compiles (after the
+    heads and the sliding window capped them): refused before any work, not at its end."""
+    choice = opts.plan_choice
+    if (heads is not None and opts.default_width is None and choice is not None
+            and choice["width"] not in opts.widths):
+        raise HetcompError(f"the plan's width {choice['width']} is not a compiled width "
+                           f"({', '.join(map(str, opts.widths))})")
 
 
 def _check_heads(heads: MedusaHeads, cfg, path: str) -> None:
@@ -265,12 +279,13 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
     check_quantizable(cfg, opts.dtype)
     tok = TokenizerInfo.from_spec(spec)
     heads = MedusaHeads.load(opts.heads) if opts.heads else None
+    notes: list[str] = []
     if heads is not None:
         _check_heads(heads, cfg, opts.heads)
         # Widths no tree the heads can draft fills (one head of 10 candidates: 11 nodes).
         cap = largest_tree(heads.num_heads, heads.rank_probs.shape[1])
         opts = _cap_widths(opts, cap, f"{heads.num_heads} Medusa head(s) draft trees of at "
-                                      f"most {cap} nodes", quiet)
+                                      f"most {cap} nodes", notes)
     # Where the artifact runs on this machine, its decode steps are timed to choose the width.
     measure = (heads is not None and opts.default_width is None and opts.plan_choice is None
                and opts.plan is None and not opts.separate_weights
@@ -279,10 +294,13 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
     window = cfg.sliding_window  # a tree node's ancestors must lie inside the window
     if window and heads is not None:
         opts = _cap_widths(opts, window, f"wider than the model's sliding window of {window} "
-                                         "tokens", quiet)
+                                         "tokens", notes)
     if window and max(opts.verify_widths, default=0) > window:
         raise HetcompError(f"verify width {max(opts.verify_widths)} is wider than the model's "
                            f"sliding window of {window} tokens")
+    _check_plan_width(opts, heads)
+    for note in [] if quiet else notes:
+        print(note, file=sys.stderr, flush=True)
     _progress(1, steps, f"loaded {opts.model} ({parameter_count(w) / 1e6:.0f}M "
                     "parameters)", quiet)
     _progress(2, steps, f"building Relax module ({cfg.num_layers} layers, {opts.dtype}, "
@@ -561,10 +579,7 @@ def _default_width(opts: CompileOptions, cfg, heads, draft_dtype: str,
     if opts.default_width is not None:
         return opts.default_width, "--width"
     choice = opts.plan_choice
-    if choice is not None:
-        if choice["width"] not in opts.widths:
-            raise HetcompError(f"the plan's width {choice['width']} is not a compiled width "
-                               f"({', '.join(map(str, opts.widths))})")
+    if choice is not None:  # (one of the compiled widths: _check_plan_width)
         return choice["width"], "plan"
     spec = target_roofline(opts.target, opts.cuda_arch)
     if spec is None:
@@ -648,6 +663,6 @@ def _cost_models(opts: CompileOptions, cfg, width: int, heads=None) -> dict | No
         return float(model(kernel_features(shape, {"nnz": nnz.get(op["w"]), **op})))
 
     return {"cost_fn": cost_fn, "units": tuple(models), "width": width,
-            "cache_len": min(256, opts.max_context // 2), "source": source}
+            "cache_len": min(256, cfg.max_context // 2), "source": source}
 
 

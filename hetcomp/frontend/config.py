@@ -8,6 +8,22 @@ import math
 
 from ..errors import HetcompError
 
+MIN_CONTEXT = 16  # tokens: a prompt, a tree and the tokens it accepts
+DEFAULT_CONTEXT = 2048  # the KV cache's capacity unless --max-context says otherwise
+
+
+def context_length(trained: int, requested: int | None = None) -> int:
+    """The KV cache's capacity for a model trained on ``trained`` tokens: ``requested``
+    (``--max-context``), which may not exceed it (RoPE positions past the trained context
+    are ones the model never saw: a request above it used to be cut without a word), else
+    the trained context up to :data:`DEFAULT_CONTEXT`."""
+    if requested is None:
+        return min(trained, DEFAULT_CONTEXT)
+    if requested > trained:
+        raise HetcompError(f"--max-context {requested} is above the model's trained context "
+                           f"of {trained} tokens")
+    return requested
+
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
@@ -25,8 +41,8 @@ class LlamaConfig:
     its RoPE base is ``rope_local_theta``. Norm weights are applied as stored (a GGUF stores
     Gemma's ``1 + w``).
 
-    ``max_context`` bounds the KV cache the compiled module allocates; it defaults to the
-    model's trained context but may be lowered to save memory.
+    ``max_context`` bounds the KV cache the compiled module allocates (at least
+    :data:`MIN_CONTEXT`): :func:`context_length` chooses it from the model's trained context.
     """
 
     hidden_size: int
@@ -70,6 +86,9 @@ class LlamaConfig:
                 self.sliding_pattern < 1 or not self.rope_local_theta > 0)):
             raise HetcompError("invalid model configuration: a sliding window needs a layer "
                                "pattern and a local RoPE base")
+        if self.max_context < MIN_CONTEXT:
+            raise HetcompError(f"the model's context of {self.max_context} tokens is below "
+                               f"hetcomp's minimum of {MIN_CONTEXT}")
         if self.num_heads % self.num_kv_heads:
             raise HetcompError("invalid model configuration: num_heads must be a multiple of "
                                "num_kv_heads")

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import HetcompError
 from ..quant_format import BLOCK_BYTES, QuantMatrix
-from .config import LlamaConfig, weight_shapes
+from .config import LlamaConfig, context_length, weight_shapes
 from .lazy import Deferred, LazyWeights
 from .tokenizer import check_chat_template
 
@@ -114,7 +114,7 @@ def read_config(reader, max_context: int | None = None) -> LlamaConfig:
             vocab_size=vocab,
             rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
             norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
-            max_context=min(ctx, max_context or 2048),
+            max_context=context_length(ctx, max_context),
             tie_embeddings="output.weight" not in names,
             head_dim=int(_field(reader, f"{arch}.attention.key_length", 0)),
             qkv_bias=arch in _QKV_BIAS,

@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer
 
 from ..errors import HetcompError
-from .config import LlamaConfig, weight_shapes
+from .config import DEFAULT_CONTEXT, LlamaConfig, context_length, weight_shapes
 from .tokenizer import check_chat_template
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -99,11 +99,12 @@ def read_hf_config(folder: str, max_context: int | None = None) -> LlamaConfig:
             intermediate_size=hf["intermediate_size"],
             num_layers=hf["num_hidden_layers"],
             num_heads=heads,
-            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            num_kv_heads=hf.get("num_key_value_heads", heads),  # (absent: one per head)
             vocab_size=hf["vocab_size"],
             rope_theta=_rope_theta(hf),
             norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            max_context=min(hf.get("max_position_embeddings", 2048), max_context or 2048),
+            max_context=context_length(hf.get("max_position_embeddings", DEFAULT_CONTEXT),
+                                       max_context),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             head_dim=hf.get("head_dim") or 0,
             qkv_bias=qwen2,  # Qwen2Attention's q/k/v projections always have biases

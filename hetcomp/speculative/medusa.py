@@ -17,7 +17,7 @@ import zlib
 
 import numpy as np
 
-from ..artifact_format import output_file
+from ..artifact_format import load_npz, output_file
 from ..errors import HetcompError
 
 TOPK = 10
@@ -61,7 +61,7 @@ class MedusaHeads:
     def load(cls, path: str) -> MedusaHeads:
         try:
             # (weights past float32's range become inf, refused below, without a warning)
-            with np.load(path, allow_pickle=False) as z, np.errstate(over="ignore"):
+            with load_npz(path) as z, np.errstate(over="ignore"):
                 meta = json.loads(bytes(z["meta"]).decode())
                 w, b = z["w"].astype(np.float32), z["b"].astype(np.float32)
                 ranks = z["ranks"] if "ranks" in z.files else None

@@ -83,7 +83,7 @@ def test_responses_outside_the_vocabulary_or_empty_are_refused(tmp_path, tiny_gg
 
 def _not_calibration_data(tmp_path):
     """Files of every kind but a calibration data file, by name."""
-    files = {"empty.npz": b""}
+    files = {"empty.npz": b"", "text.npz": b"hello\n"}
     for name in ("arr.npy", "arr-npy.npz"):  # a bare array (np.load: an ndarray, no archive)
         np.save(tmp_path / "a.npy", np.zeros(3))
         files[name] = (tmp_path / "a.npy").read_bytes()
@@ -98,8 +98,8 @@ def _not_calibration_data(tmp_path):
 
 def test_files_that_are_not_calibration_data_are_refused(tmp_path, tiny_gguf, capsys,
                                                          no_compile):
-    """--reuse of any file that is not saved calibration data (an empty file: EOFError; a
-    .npy: TypeError) says it cannot read it; --cache refuses to replace it. One line each,
+    """--reuse of any file that is not saved calibration data (an empty file, a text file,
+    a .npy: not an .npz archive) says it cannot read it; --cache refuses to replace it. One line each,
     before the compile, and the file is left as it was."""
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n".join(PROMPTS) + "\n")

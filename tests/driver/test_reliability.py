@@ -6,14 +6,20 @@ every truncation must be refused, and every flipped byte either refused cleanly 
 the damage leaves a valid file, e.g. inside tensor data) accepted; never a traceback.
 """
 
+import dataclasses
 import json
 import os
 import shutil
+import types
 
 import numpy as np
 import pytest
 
 from hetcomp.cli import main
+from hetcomp.errors import HetcompError
+from hetcomp.frontend import load_model
+from hetcomp.frontend.config import context_length
+from hetcomp.frontend.hf_loader import read_hf_config
 from hetcomp.frontend.weights import random_weights
 from hetcomp.speculative.medusa import MedusaHeads
 from hetcomp.testing import TINY, assert_one_line_error, byte_tokenizer_spec
@@ -57,6 +63,77 @@ def test_heads_drafting_outside_the_vocabulary_are_refused(tmp_path, tiny_gguf, 
                   "--max-context", "64", "-o", tmp_path / "out")
     assert_one_line_error(rc, err, f"outside this model's vocabulary of {TINY.vocab_size}")
     assert not (tmp_path / "out").exists()
+
+
+def test_max_context_is_at_most_the_trained_context(tmp_path, tiny_gguf, capsys):
+    """--max-context above the model's trained context (TINY's 128) is refused: it was cut to
+    128 without a word. Below it, it is the cache's capacity; absent, the trained context."""
+    assert_one_line_error(*cli(capsys, "compile", "--model", tiny_gguf, "--max-context", 129,
+                               "-o", tmp_path / "o"),
+                          "--max-context 129 is above the model's trained context of 128 tokens")
+    assert not (tmp_path / "o").exists()
+    assert load_model(str(tiny_gguf))[0].max_context == TINY.max_context == 128
+    assert load_model(str(tiny_gguf), 40)[0].max_context == 40
+    with pytest.raises(HetcompError, match="trained context of 2048"):  # an HF folder alike
+        context_length(2048, 4096)
+
+
+def test_a_model_context_below_the_minimum_is_refused(tmp_path, capsys):
+    """A GGUF whose context_length is 8 compiled, and then no prompt fit a step."""
+    short = types.SimpleNamespace(**{**dataclasses.asdict(TINY), "max_context": 8})
+    write_gguf(tmp_path / "c8.gguf", short, random_weights(TINY),
+               byte_tokenizer_spec(TINY.vocab_size))
+    assert_one_line_error(*cli(capsys, "compile", "--model", tmp_path / "c8.gguf",
+                               "-o", tmp_path / "o"),
+                          "the model's context of 8 tokens is below hetcomp's minimum of 16")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("kv, expect", [(0, "num_kv_heads=0"), (None, 4), ("absent", 4), (2, 2)])
+def test_hf_num_key_value_heads(tmp_path, kv, expect):
+    """``num_key_value_heads: 0`` is refused (it was read as one KV head per query head, a
+    model other than the file's); null or absent is transformers' default, one per head."""
+    config = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+              "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4,
+              "vocab_size": 300, "max_position_embeddings": 256}
+    if kv != "absent":
+        config["num_key_value_heads"] = kv
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    if isinstance(expect, str):
+        with pytest.raises(HetcompError, match=expect):
+            read_hf_config(str(tmp_path))
+    else:
+        assert read_hf_config(str(tmp_path)).num_kv_heads == expect
+
+
+def test_a_text_file_as_heads_is_named_for_what_it_is(tmp_path, tiny_gguf, capsys):
+    """numpy read a text file as pickled data and its message spoke of allow_pickle."""
+    (tmp_path / "heads.txt").write_text("hello\n")
+    rc, err = cli(capsys, "compile", "--model", tiny_gguf, "--heads", tmp_path / "heads.txt",
+                  "-o", tmp_path / "o")
+    assert_one_line_error(rc, err, f"cannot read Medusa heads {tmp_path / 'heads.txt'}: not an "
+                          ".npz archive")
+    assert "pickle" not in err
+
+
+@pytest.mark.parametrize("width, needle", [
+    (16, "the plan's width 16: 1 Medusa head(s) draft trees of at most 11 nodes"),
+    (3, "the plan's width 3 is not a compiled width (1, 2, 4, 8)"),
+])
+def test_a_plan_width_the_build_lacks_is_refused_before_the_build(tmp_path, tiny_gguf, capsys,
+                                                                  width, needle):
+    """The plan's width is the default one; heads that cap the widths, or a width that is
+    none of them, were refused only after the progress lines (the first, after a note that
+    left the plan's width out)."""
+    e = TINY.hidden_size
+    MedusaHeads(w=np.zeros((1, e, e), "float32"), b=np.zeros((1, e), "float32"),
+                rank_probs=np.tile(np.linspace(0.5, 0.05, 10), (1, 1)),
+                info={}).save(str(tmp_path / "h.npz"))
+    (tmp_path / "plan.json").write_text(json.dumps({**_CPU_ONLY, "width": width}))
+    rc, err = cli(capsys, "compile", "--model", tiny_gguf, "--heads", tmp_path / "h.npz",
+                  "--plan", tmp_path / "plan.json", "--max-context", 64, "-o", tmp_path / "o")
+    assert_one_line_error(rc, err, needle)
+    assert not (tmp_path / "o").exists()
 
 
 # ---- outputs -------------------------------------------------------------------------------
@@ -406,6 +483,9 @@ def test_fuzz_manifest(tmp_path, tiny_artifact, capsys):
     ("del m['files']", "art: KeyError: 'files'"),
     ("m['params'][-1]['offset'] = 10**9", "lies outside params.bin"),
     ("m['default_width'] = 'abc'", "art: TypeError: default_width 'abc' is not a width"),
+    # the caches are shaped from the config, which the library was not compiled for
+    ("m['config']['max_context'] = 64",
+     "manifest.json does not match lib.so (its prefill refused the shape of k_cache)"),
 ])
 def test_a_manifest_edited_with_its_digest_is_refused(tmp_path, tiny_artifact, capsys, edit,
                                                       needle):
