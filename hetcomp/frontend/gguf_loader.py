@@ -228,12 +228,31 @@ def read_weights(reader, cfg: LlamaConfig, keep_quant: bool = False) -> LazyWeig
 
 
 # The token texts llama.cpp ends generation at, whatever the file's eos id (llama-vocab.cpp,
-# special_eog_ids; ggml-org/llama.cpp#9606). Not followed: its fill-in-the-middle pad,
-# repo and separator tokens, which it finds by other names and keys.
+# special_eog_ids; ggml-org/llama.cpp#9606).
 END_OF_GENERATION_TEXTS = frozenset({
     "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<end_of_turn>",
     "<|endoftext|>", "<|eom_id|>", "<EOT>", "_<EOT>", "<|end_of_text|>",
     "<end_of_utterance>"})
+# llama.cpp's fill-in-the-middle pad, repository and file-separator tokens end generation
+# too (a FIM completion stops at the next file): the file's tokenizer.ggml.fim_*_token_id,
+# else the first token of one of these texts.
+FIM_END_OF_GENERATION = {
+    "pad": ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"),
+    "rep": ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"),
+    "sep": ("<|file_sep|>",),
+}
+
+
+def _fim_end_ids(reader, tokens: list[str]) -> list[int]:
+    """The FIM tokens llama.cpp ends generation at (:data:`FIM_END_OF_GENERATION`)."""
+    ids = []
+    for kind, texts in FIM_END_OF_GENERATION.items():
+        i = _field(reader, f"tokenizer.ggml.fim_{kind}_token_id")
+        if i is None:
+            i = next((j for j, t in enumerate(tokens) if t in texts), None)
+        if i is not None:
+            ids.append(int(i))
+    return ids
 
 
 def read_tokenizer_spec(reader) -> dict:
@@ -258,10 +277,12 @@ def read_tokenizer_spec(reader) -> dict:
         "token_type": [int(x) for x in _field(reader, "tokenizer.ggml.token_type", [])],
         "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
         "unk_token_id": _field(reader, "tokenizer.ggml.unknown_token_id"),
-        # llama.cpp ends generation on end-of-turn and end-of-message tokens too.
+        # llama.cpp ends generation on end-of-turn and end-of-message tokens too, and on
+        # the FIM ones.
         "eos_token_ids": list(dict.fromkeys(
             [int(i) for i in (_field(reader, f"tokenizer.ggml.{k}_token_id")
-                              for k in ("eos", "eot", "eom")) if i is not None] + eog)),
+                              for k in ("eos", "eot", "eom")) if i is not None] + eog
+            + _fim_end_ids(reader, tokens))),
         "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
         "chat_template": check_chat_template(_field(reader, "tokenizer.chat_template"),
                                              "the GGUF file"),

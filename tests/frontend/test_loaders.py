@@ -57,16 +57,24 @@ def test_gguf_weights_are_read_when_packed_and_name_their_source(tmp_path):
 
 def test_gguf_generation_ends_where_llama_cpp_ends_it(tmp_path):
     """The file's eos first, then every token llama.cpp ends generation at by its text,
-    whatever its id; look-alikes (another case, FIM tokens) do not end it."""
+    whatever its id, then its FIM pad, repository and file-separator tokens (the file's
+    tokenizer.ggml.fim_*_token_id, else found by text); look-alikes (another case, the
+    FIM prefix) do not end it."""
     spec = byte_tokenizer_spec(TINY.vocab_size)  # 0 <|endoftext|>, 2 <|im_end|> (eos)
     named = {300: "<|eot_id|>", 301: "_<EOT>", 302: "<end_of_turn>", 303: "<|END_OF_TEXT|>",
-             304: "<|fim_pad|>", 305: "<end_of_utterance>"}
+             304: "<|fim_pad|>", 305: "<end_of_utterance>", 306: "<|fim_prefix|>",
+             307: "<reponame>", 308: "<|file_sep|>", 309: "<|FIM_PAD|>"}
     for i, text in named.items():
         spec["tokens"][i] = text
     path = tmp_path / "m.gguf"
     write_gguf(path, TINY, random_weights(TINY, seed=0), spec)
     _, _, loaded, _ = load_model(str(path))
-    assert loaded["eos_token_ids"] == [2, 0, 300, 301, 302, 305]
+    assert loaded["eos_token_ids"] == [2, 0, 300, 301, 302, 305, 304, 307, 308]
+    # The file's FIM ids win over the texts (llama.cpp looks for a text only without one).
+    write_gguf(path, TINY, random_weights(TINY, seed=0), spec,
+               edit=lambda wr: wr.add_uint32("tokenizer.ggml.fim_sep_token_id", 310))
+    _, _, loaded, _ = load_model(str(path))
+    assert loaded["eos_token_ids"] == [2, 0, 300, 301, 302, 305, 304, 307, 310]
 
 
 def test_hf_folder(tmp_path):

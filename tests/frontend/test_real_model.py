@@ -53,9 +53,10 @@ def test_tokenizer_matches_reference(smollm2_artifact, hf_reference):
         assert art.tokenizer.encode(text) == tok.encode(text, add_special_tokens=False), text
     for prompt in CHAT_PROMPTS:
         assert art.tokenizer.encode(prompt, chat=True) == _chat_ids(tok, prompt)
-    # Generation ends where llama.cpp ends it on this GGUF: its eos, then <|endoftext|>.
+    # Generation ends where llama.cpp ends it on this GGUF: its eos, then <|endoftext|>, and
+    # <reponame>, which llama.cpp takes for the FIM repository token.
     assert [tok.convert_ids_to_tokens(i) for i in art.tokenizer.eos_token_ids] == [
-        "<|im_end|>", "<|endoftext|>"]
+        "<|im_end|>", "<|endoftext|>", "<reponame>"]
 
 
 def test_greedy_generation_matches_reference(smollm2_artifact, hf_reference):

@@ -77,8 +77,9 @@ def test_config_from_the_file(qwen_name, qwen_loaded):
     assert cfg.qkv_bias and not cfg.tie_embeddings and cfg.rope_theta == 1e6
     assert spec["pre"] == "qwen2" and "<|im_start|>" in spec["chat_template"]
     # The file's eos is <|im_end|>; llama.cpp (and HF's generation_config) also end at
-    # <|endoftext|>.
-    assert [spec["tokens"][i] for i in spec["eos_token_ids"]] == ["<|im_end|>", "<|endoftext|>"]
+    # <|endoftext|>, and llama.cpp at the FIM pad, repository and file-separator tokens.
+    assert [spec["tokens"][i] for i in spec["eos_token_ids"]] == [
+        "<|im_end|>", "<|endoftext|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"]
     assert np.abs(w["layers.0.bk"]).max() > 10  # Qwen2's large K biases are read
 
 
