@@ -35,7 +35,9 @@ def main() -> int:
     configs = [tuple(int(x) for x in c.split(":")) for c in args.configs.split(",")]
     arts = {a: load_artifact(a) for a in args.artifacts}
     prompts = bench_prompts(arts[args.artifacts[0]].manifest, args.prompts)
-    ids = {a: [art.tokenizer.encode(p, chat=True) for p in prompts] for a, art in arts.items()}
+    # (a chat template where the model has one, as `hetcomp bench` and calibrate run it)
+    ids = {a: [art.tokenizer.encode(p, chat=art.tokenizer.chat_template is not None)
+               for p in prompts] for a, art in arts.items()}
     speed: dict = {}
     accepted: dict = {}
     for r in range(args.rounds):
