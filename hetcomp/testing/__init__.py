@@ -141,6 +141,21 @@ def compile_with_random_heads(tmp, model: str, cfg: LlamaConfig, widths, heads: 
     return str(tmp / "art")
 
 
+def packaged_heads_artifact(out: str, name: str, width: int, max_context: int):
+    """The registered model ``name`` compiled into ``out`` in float16 with its packaged
+    Medusa heads (the registry's default, checked to be its entry's file) and the one
+    speculative ``width``; returns the loaded artifact."""
+    from ..data import packaged_file
+    from ..frontend import models
+    from ..runtime import load_artifact
+
+    heads = models.default_heads(name)
+    assert heads == packaged_file(models.MODELS[name].heads)
+    compile_model(CompileOptions(model=name, dtype="float16", max_context=max_context,
+                                 heads=heads, widths=(width,)), out, quiet=True)
+    return load_artifact(out)
+
+
 def compile_fused(tmp, model: str, cfg: LlamaConfig, widths, kernels: set[str]):
     """:func:`compile_with_random_heads` as a GPU build's module is (the CUDA-graph build,
     its norms and activations inside the linears: FuseLinearChains), to run on the CPU;

@@ -9,11 +9,10 @@ the install command when the model's parts are absent.
 import numpy as np
 import pytest
 
-from hetcomp.data import packaged_file
 from hetcomp.driver.calibrate import heldout_prompts
-from hetcomp.driver.compile import CompileOptions, compile_model
 from hetcomp.frontend import models
-from hetcomp.runtime import generate, load_artifact
+from hetcomp.runtime import generate
+from hetcomp.testing import packaged_heads_artifact
 
 NAME = "gemma3-270m"
 WIDTH = 4
@@ -24,12 +23,8 @@ pytestmark = pytest.mark.skipif(not models.installed(NAME),
 
 @pytest.fixture(scope="module")
 def gemma_medusa(tmp_path_factory):
-    heads = models.default_heads(NAME)
-    assert heads == packaged_file("gemma3-270m-medusa.npz")
-    out = tmp_path_factory.mktemp("gemma-medusa") / "art"
-    compile_model(CompileOptions(model=NAME, dtype="float16", max_context=640, heads=heads,
-                                 widths=(WIDTH,)), str(out), quiet=True)
-    return load_artifact(str(out))
+    return packaged_heads_artifact(str(tmp_path_factory.mktemp("gemma-medusa") / "art"), NAME,
+                                   WIDTH, max_context=640)
 
 
 def test_gemma_speculation_equals_sequential_greedy(gemma_medusa):

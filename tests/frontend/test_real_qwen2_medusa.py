@@ -9,10 +9,9 @@ the install command when the model's parts are absent.
 import numpy as np
 import pytest
 
-from hetcomp.data import packaged_file
-from hetcomp.driver.compile import CompileOptions, compile_model
 from hetcomp.frontend import models
-from hetcomp.runtime import generate, load_artifact
+from hetcomp.runtime import generate
+from hetcomp.testing import packaged_heads_artifact
 
 NAME = "qwen2.5-coder-0.5b"
 WIDTH = 4
@@ -29,12 +28,8 @@ pytestmark = pytest.mark.skipif(not models.installed(NAME),
 
 @pytest.fixture(scope="module")
 def qwen_medusa(tmp_path_factory):
-    heads = models.default_heads(NAME)
-    assert heads == packaged_file("qwen2.5-coder-0.5b-medusa.npz")
-    out = tmp_path_factory.mktemp("qwen-medusa") / "art"
-    compile_model(CompileOptions(model=NAME, dtype="float16", max_context=512, heads=heads,
-                                 widths=(WIDTH,)), str(out), quiet=True)
-    return load_artifact(str(out))
+    return packaged_heads_artifact(str(tmp_path_factory.mktemp("qwen-medusa") / "art"), NAME,
+                                   WIDTH, max_context=512)
 
 
 def test_qwen_speculation_equals_sequential_greedy(qwen_medusa):
