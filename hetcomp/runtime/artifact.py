@@ -360,9 +360,9 @@ def _library_mismatch(e: Exception, path: str) -> HetcompError | None:
     if "match_cast error" not in text:
         return None
     fn, param = (re.search(rf"{k}=(\w+)", text) for k in ("fn", "param"))
-    where = f"{fn[1] if fn else 'a function'} refused the shape of {param[1] if param else 'an input'}"
-    return HetcompError(f"artifact {path}: manifest.json does not match lib.so (its {where});"
-                        " recompile the model")
+    fn, param = fn[1] if fn else "a function", param[1] if param else "an input"
+    return HetcompError(f"artifact {path}: manifest.json does not match lib.so (its {fn} "
+                        f"refused the shape of {param}); recompile the model")
 
 
 def load_artifact(path: str, verify: bool = True) -> Artifact:
