@@ -1,0 +1,135 @@
+"""A datastore draft: what the model itself wrote after the context's last n-gram elsewhere.
+
+The n-gram lookup of the generator (:class:`hetcomp.runtime.generate.NgramIndex`) drafts the
+tokens that followed earlier occurrences of the context's suffix in the context itself. The
+datastore adds the model's own greedy responses to other prompts (the responses its Medusa
+heads were trained on, held-out prompts excluded): retrieval-based drafting as REST does it
+(He et al. 2024), over text the model would write, so the phrases it keeps using ("Here are
+some", "I'm sorry, but", a list's markup) are drafted from the first step of an answer.
+Drafts only propose: verification keeps the output that of greedy decoding.
+
+The store is one int32 array of token ids, the sequences separated by -1. For every n up to
+``max_ngram`` the positions whose last n tokens form an n-gram are sorted by a 64-bit
+polynomial hash of it, so a lookup is a binary search (no Python dict of ~700K n-grams to
+build at load: SmolLM2's 165K tokens index in ~50 ms). :meth:`Datastore.continuations`
+gives, for the longest n-gram that occurs, then shorter ones, the most frequent of the token
+sequences that followed it (among up to ``scan`` occurrences).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import HetcompError
+
+SEPARATOR = -1
+_MULT = 0x9E3779B97F4A7C15  # the hash's multiplier (odd: a bijection per step mod 2**64)
+_MASK = (1 << 64) - 1
+_CACHED = 4096  # searches remembered (then forgotten all at once)
+
+
+def pack_sequences(seqs) -> np.ndarray:
+    """Token sequences as one int32 array, each followed by :data:`SEPARATOR`."""
+    parts = []
+    for s in seqs:
+        parts.append(np.asarray(s, dtype=np.int32).ravel())
+        parts.append(np.array([SEPARATOR], np.int32))
+    return np.concatenate(parts) if parts else np.zeros(0, np.int32)
+
+
+def _hash_key(ngram) -> int:
+    h = 0
+    for t in ngram:
+        h = (h * _MULT + int(t) + 1) & _MASK
+    return h
+
+
+class Datastore:
+    """The n-gram index over ``tokens`` (:func:`pack_sequences`' layout)."""
+
+    def __init__(self, tokens: np.ndarray, max_ngram: int = 4, scan: int = 256):
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
+            raise HetcompError("a datastore is a 1-D array of integer token ids")
+        if tokens.size and tokens.min() < SEPARATOR:
+            raise HetcompError(f"a datastore holds token ids and {SEPARATOR} separators")
+        self.tokens = tokens.astype(np.int64)
+        self.max_ngram, self.scan = max_ngram, scan
+        t = self.tokens
+        n_tok = len(t)
+        # Position i ends an n-gram with a follower: t[i - n + 1 .. i + 1] hold no separator.
+        follow = np.zeros(n_tok, bool)
+        follow[:-1] = t[1:] >= 0
+        h = np.zeros(n_tok, np.uint64)
+        ok = follow & (t >= 0)
+        self._keys, self._ends = [], []
+        with np.errstate(over="ignore"):
+            for n in range(1, max_ngram + 1):
+                if n > 1:  # t[i - n + 1] joins the window at the front
+                    ok[n - 1:] &= t[: n_tok - n + 1] >= 0
+                    ok[: n - 1] = False
+                # h_n[i] = h_{n-1}[i] + (t[i-n+1] + 1) * M**(n-1): a window's hash, the
+                # same as _hash_key's (computed front to back)
+                prev = np.zeros(n_tok, np.uint64)
+                prev[n - 1:] = (t[: n_tok - n + 1] + 1).astype(np.uint64)
+                h = h + prev * np.uint64(pow(_MULT, n - 1, 1 << 64))
+                ends = np.flatnonzero(ok)
+                order = np.argsort(h[ends], kind="stable")
+                self._keys.append(h[ends][order])
+                self._ends.append(ends[order])
+        self._padded = np.concatenate([t, np.full(64, SEPARATOR, np.int64)])
+        # Searches by the context's last n-grams: a decode that loops asks the same again.
+        self._found: dict = {}
+
+    @classmethod
+    def from_sequences(cls, seqs, **kw) -> Datastore:
+        return cls(pack_sequences(seqs), **kw)
+
+    @property
+    def num_tokens(self) -> int:
+        return int((self.tokens >= 0).sum())
+
+    def continuations(self, context, length: int, count: int) -> list[list[int]]:
+        """Up to ``count`` distinct continuations of up to ``length`` (at most 64) tokens that
+        followed the context's last n-gram in the store: longest n first, then by how often
+        each followed it (ties: the earlier occurrence first)."""
+        length = min(length, 64)
+        if length < 1 or count < 1:
+            return []
+        key = (tuple(int(x) for x in context[max(0, len(context) - self.max_ngram):]), length,
+               count)
+        found = self._found.get(key)
+        if found is None:
+            if len(self._found) >= _CACHED:
+                self._found.clear()
+            found = self._found[key] = self._search(key[0], length, count)
+        return [list(c) for c in found]
+
+    def _search(self, context: tuple, length: int, count: int) -> list[list[int]]:
+        out: list[list[int]] = []
+        for n in range(min(self.max_ngram, len(context)), 0, -1):
+            ngram = [int(x) for x in context[len(context) - n:]]
+            keys = self._keys[n - 1]
+            key = np.uint64(_hash_key(ngram))
+            lo, hi = np.searchsorted(keys, key, "left"), np.searchsorted(keys, key, "right")
+            if hi == lo:
+                continue
+            ends = self._ends[n - 1][lo: min(hi, lo + self.scan)]
+            if list(self.tokens[ends[0] - n + 1: ends[0] + 1]) != ngram:
+                continue  # a hash collision (never seen: 2**-64 per pair)
+            conts = self._padded[ends[:, None] + 1 + np.arange(length)]
+            conts[np.cumsum(conts < 0, axis=1) > 0] = SEPARATOR  # cut at the sequence's end
+            # Distinct rows by a hash of each (np.unique over rows sorts them as records:
+            # 20x slower at 256 rows)
+            h = np.zeros(len(conts), np.uint64)
+            with np.errstate(over="ignore"):
+                for col in conts.T:
+                    h = h * np.uint64(_MULT) + (col + 2).astype(np.uint64)
+            _, first, counts = np.unique(h, return_index=True, return_counts=True)
+            for r in np.lexsort((first, -counts)):
+                cont = [int(x) for x in conts[first[r]] if x >= 0]
+                if cont and cont not in out:
+                    out.append(cont)
+                    if len(out) == count:
+                        return out
+        return out

@@ -1,0 +1,109 @@
+"""The lookup draft's datastore (``speculative.datastore``) against a plain scan of its
+sequences, and the lookup tree it joins (``generate.NgramIndex``)."""
+
+import collections
+
+import numpy as np
+import pytest
+
+from hetcomp.errors import HetcompError
+from hetcomp.runtime.generate import STORE_LENGTH, NgramIndex
+from hetcomp.speculative.datastore import Datastore, pack_sequences
+
+
+def scan(seqs, context, length, count, max_ngram=4):
+    """For the longest n-gram first: every continuation that followed it in some sequence
+    (cut at that sequence's end), most frequent first, ties in corpus order."""
+    out = []
+    for n in range(min(max_ngram, len(context)), 0, -1):
+        key, counts, first = list(context[-n:]), collections.Counter(), {}
+        for s in seqs:
+            for end in range(n - 1, len(s) - 1):
+                if list(s[end - n + 1: end + 1]) == key:
+                    cont = tuple(s[end + 1: end + 1 + length])
+                    counts[cont] += 1
+                    first.setdefault(cont, len(first))
+        for cont in sorted(counts, key=lambda c: (-counts[c], first[c])):
+            if list(cont) not in out:
+                out.append(list(cont))
+                if len(out) == count:
+                    return out
+    return out
+
+
+@pytest.mark.parametrize("alphabet", [2, 6, 50])
+def test_continuations_are_what_a_scan_finds(alphabet):
+    """Few symbols: long runs of matches, ranges of hundreds of occurrences, continuations
+    cut at a sequence's end, n-grams that would span two sequences (never matched)."""
+    rng = np.random.default_rng(alphabet)
+    seqs = [[int(t) for t in rng.integers(0, alphabet, int(rng.integers(1, 60)))]
+            for _ in range(60)]
+    store = Datastore.from_sequences(seqs, scan=10 ** 6)
+    for _ in range(300):
+        context = [int(t) for t in rng.integers(0, alphabet, int(rng.integers(0, 9)))]
+        length, count = int(rng.integers(1, 9)), int(rng.integers(1, 9))
+        assert store.continuations(context, length, count) == \
+            scan(seqs, context, length, count), (context, length, count)
+        # asked again (a decode that loops): the remembered answer, unchanged
+        assert store.continuations(context, length, count) == \
+            scan(seqs, context, length, count)
+
+
+def test_ngrams_do_not_span_sequences():
+    store = Datastore.from_sequences([[1, 2], [3, 4, 5]])
+    assert store.continuations([2, 3], 4, 8) == [[4, 5]]  # by "3" alone, not "2 3"
+    assert store.continuations([2], 4, 8) == []  # "2" ends its sequence: nothing follows
+    assert store.continuations([9], 4, 8) == []
+    assert store.num_tokens == 5
+
+
+def test_scan_bounds_the_occurrences_counted():
+    """A common n-gram's continuations are counted over its first ``scan`` occurrences."""
+    seqs = [[7, 1]] * 3 + [[7, 2]] * 5
+    assert Datastore.from_sequences(seqs).continuations([7], 1, 2) == [[2], [1]]
+    assert Datastore.from_sequences(seqs, scan=4).continuations([7], 1, 2) == [[1], [2]]
+
+
+@pytest.mark.parametrize("tokens", [np.zeros((2, 3), np.int32), np.array([1.5, 2.0]),
+                                    np.array([3, -2, 4])])
+def test_malformed_store_is_refused(tokens):
+    with pytest.raises(HetcompError, match="datastore"):
+        Datastore(tokens)
+
+
+def trie(conts, nodes):
+    children, parents, tokens = {}, [], []
+    for cont in conts:
+        node = -1
+        for tok in cont:
+            if (node, tok) not in children:
+                if len(tokens) == nodes:
+                    return tuple(parents), tokens
+                children[node, tok] = len(tokens)
+                parents.append(node)
+                tokens.append(tok)
+            node = children[node, tok]
+    return tuple(parents), tokens
+
+
+def test_lookup_tree_takes_the_context_first_then_the_store():
+    """The lookup tree merges the context's continuations, then the store's (of at most
+    STORE_LENGTH tokens), into one trie of at most ``nodes`` nodes."""
+    rng = np.random.default_rng(0)
+    seqs = [[int(t) for t in rng.integers(0, 5, 40)] for _ in range(30)]
+    store = Datastore.from_sequences(seqs)
+    for _ in range(100):
+        context = [int(t) for t in rng.integers(0, 5, int(rng.integers(1, 30)))]
+        nodes = int(rng.integers(1, 40))
+        plain, with_store = NgramIndex(), NgramIndex(store=store)
+        plain.extend(context)
+        with_store.extend(context)
+        want = trie(plain.continuations(nodes, 8)
+                    + store.continuations(context, min(nodes, STORE_LENGTH), 8), nodes)
+        assert with_store.draft_tree(nodes) == want
+        assert len(want[1]) == nodes or len(want[1]) >= len(plain.draft_tree(nodes)[1])
+
+
+def test_pack_sequences_separates_them():
+    assert pack_sequences([[4, 5], [6]]).tolist() == [4, 5, -1, 6, -1]
+    assert pack_sequences([]).tolist() == []
