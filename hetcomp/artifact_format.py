@@ -7,6 +7,7 @@ An artifact is a folder::
     DIR/lib.so          the compiled Relax VM executable (all kernels)
     DIR/params.bin      packed weights, concatenated raw little-endian arrays (64-byte aligned)
     DIR/tokenizer.json  the HF ``tokenizers`` serialisation
+    DIR/datastore.npy   (with heads, optional) token ids the lookup draft searches
 
 The manifest carries its own digest (hand edits are refused) and the SHA-256 of every file.
 
@@ -44,6 +45,9 @@ MEDUSA_TOPK = 10
 #: exactly (3x the GFLOP/s of symbolic-width kernels here, at any chunk of 32-128 rows); the
 #: manifest's ``workspace_bytes`` are sized for it.
 PREFILL_CHUNK = 64
+#: The lookup draft's datastore in an artifact (:mod:`hetcomp.speculative.datastore`): an
+#: int32 ``.npy`` of token ids, sequences separated by -1; optional, listed in ``files``.
+DATASTORE_FILE = "datastore.npy"
 _ALIGN = 64
 
 

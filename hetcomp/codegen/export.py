@@ -56,9 +56,9 @@ def export_artifact(out_dir: str, executable, params: list[tuple[str, np.ndarray
         index = write_params(pbin, params)
         with open(os.path.join(tmp, "tokenizer.json"), "w") as fh:
             fh.write(tokenizer_json)
-        for name, text in (extra_files or {}).items():
-            with open(os.path.join(tmp, name), "w") as fh:
-                fh.write(text)
+        for name, data in (extra_files or {}).items():  # text, or bytes
+            with open(os.path.join(tmp, name), "wb" if isinstance(data, bytes) else "w") as fh:
+                fh.write(data)
         manifest = dict(manifest)
         manifest.update({
             "format": FORMAT,
@@ -68,6 +68,9 @@ def export_artifact(out_dir: str, executable, params: list[tuple[str, np.ndarray
                 "lib.so": {"sha256": sha256_file(lib)},
                 "params.bin": {"bytes": os.path.getsize(pbin), "sha256": sha256_file(pbin)},
                 "tokenizer.json": {"sha256": sha256_file(os.path.join(tmp, "tokenizer.json"))},
+                **{name: {"bytes": os.path.getsize(os.path.join(tmp, name)),
+                          "sha256": sha256_file(os.path.join(tmp, name))}
+                   for name in extra_files or {}},
             },
         })
         manifest["weights_attached"] = write_weights

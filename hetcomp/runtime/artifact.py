@@ -12,7 +12,13 @@ import re
 import numpy as np
 
 from .. import _tvm
-from ..artifact_format import PREFILL_CHUNK, check_files, kv_dtype, read_manifest
+from ..artifact_format import (
+    DATASTORE_FILE,
+    PREFILL_CHUNK,
+    check_files,
+    kv_dtype,
+    read_manifest,
+)
 from ..errors import HetcompError
 from ..frontend.config import LlamaConfig, kv_cache_shapes
 from ..frontend.tokenizer import TokenizerInfo
@@ -155,10 +161,25 @@ class Artifact:
         self._cache_owner: Session | None = None  # the session holding it
         self._rank_probs = np.asarray(spec["rank_probs"]) if spec else None
         self._built_trees: dict = {}  # widths not stored in the manifest
+        self._datastore = None  # loaded and indexed at the first lookup that reads it
         self.step_shapes: dict = {}  # the generator's tree layouts, by (width, lookup tree)
         # A tree's mask and CSR on the device, by the mask's bytes: a decode repeats a few
         # tree shapes, so a verify step copies only its tokens and positions.
         self._tree_tensors: dict = {}
+
+    @property
+    def datastore(self):
+        """The lookup draft's datastore (:mod:`hetcomp.speculative.datastore`), or None when
+        the artifact has none (``datastore.npy``, checked against the manifest at load)."""
+        if self._datastore is None and DATASTORE_FILE in self.manifest["files"]:
+            from ..speculative.datastore import Datastore
+
+            try:
+                tokens = np.load(os.path.join(self.path, DATASTORE_FILE), allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise HetcompError(f"cannot read {DATASTORE_FILE} of {self.path}: {e}") from None
+            self._datastore = Datastore(tokens)
+        return self._datastore
 
     @property
     def static_widths(self) -> list[int]:

@@ -103,6 +103,9 @@ class Generation:
     that followed the latest earlier occurrences of the current suffix, merged into a tree
     under the root: :meth:`NgramIndex.draft_tree`); the Medusa tree then shrinks to the best
     tree of ``width - lookup nodes``, so every step still verifies exactly ``width`` nodes.
+    Where the artifact has a datastore (:mod:`hetcomp.speculative.datastore`: the model's
+    own responses to other prompts) its continuations join the lookup's, after the
+    context's; ``datastore=False`` leaves it out.
 
     ``session``: continue a session whose cache holds a prefix of ``prompt_ids`` (a chat's
     earlier turns); only the rest is prefilled. Without one, a new session is used.
@@ -113,7 +116,7 @@ class Generation:
 
     def __init__(self, art, prompt_ids, max_new_tokens: int = 64, stop_at_eos: bool = True,
                  width: int = 1, step_times: list | None = None, lookup: int = 0,
-                 hidden_states: list | None = None, session=None):
+                 hidden_states: list | None = None, session=None, datastore: bool = True):
         check_decoding(art, max_new_tokens, width, lookup)
         try:
             if isinstance(prompt_ids, str):
@@ -130,6 +133,7 @@ class Generation:
         check_context(art, len(prompt_ids), max_new_tokens)
         self.art, self.prompt_ids, self.max_new_tokens = art, prompt_ids, max_new_tokens
         self.width, self.lookup = width, min(lookup, width - 1)
+        self.store = art.datastore if datastore and self.lookup else None
         self.eos = set(art.tokenizer.eos_token_ids) if stop_at_eos else set()
         self.step_times, self.hidden_states = step_times, hidden_states
         self.session = session if session is not None else art.new_session()
@@ -180,7 +184,7 @@ class Generation:
             self.hidden_states.append(hidden.numpy()[0])
         yield self._emit([nxt])
         row = 0  # the row of `hidden` (prefill's last, then a verify call's) the draft reads
-        index = NgramIndex() if self.lookup else None
+        index = NgramIndex(store=self.store) if self.lookup else None
         if index is not None:
             index.extend(self.prompt_ids + self.ids)
         while not self._done():
@@ -222,10 +226,11 @@ class Generation:
 
 def generate(art, prompt_ids, max_new_tokens: int = 64, stop_at_eos: bool = True,
              width: int = 1, step_times: list | None = None, lookup: int = 0,
-             hidden_states: list | None = None, session=None) -> GenerationResult:
+             hidden_states: list | None = None, session=None,
+             datastore: bool = True) -> GenerationResult:
     """Greedy decoding to the end (see :class:`Generation`)."""
     return Generation(art, prompt_ids, max_new_tokens, stop_at_eos, width, step_times, lookup,
-                      hidden_states, session).result()
+                      hidden_states, session, datastore).result()
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -268,6 +273,12 @@ class TextStream:
         return new
 
 
+#: The longest datastore continuation a lookup tree takes (offline, on the held-out recorded
+#: responses, 8 drafted as much as 16 did up to 64 nodes: the longer ones take the nodes of
+#: other branches).
+STORE_LENGTH = 8
+
+
 class NgramIndex:
     """The context's n-grams (n <= ``max_ngram``) by their latest occurrences that some token
     follows (up to ``occurrences`` of each), kept as the context grows, so a step's lookup
@@ -278,8 +289,9 @@ class NgramIndex:
     context's last n-gram, longest n first, latest first (the occurrence at the end itself
     excluded), and :meth:`draft_tree` them merged into a tree (what the generator verifies)."""
 
-    def __init__(self, max_ngram: int = 3, occurrences: int = 8):
+    def __init__(self, max_ngram: int = 3, occurrences: int = 8, store=None):
         self.max_ngram, self.occurrences = max_ngram, occurrences
+        self.store = store  # a Datastore: its continuations follow the context's
         self.seq: list[int] = []
         # by n: n-gram -> the starts of its latest occurrences, oldest first
         self._starts: list[dict] = [{} for _ in range(max_ngram + 1)]
@@ -308,23 +320,31 @@ class NgramIndex:
         return out
 
     def draft_tree(self, nodes: int, branches: int = 8) -> tuple[tuple[int, ...], list[int]]:
-        """The first ``branches`` :meth:`continuations` (of up to ``nodes`` tokens) merged
-        into a tree of at most ``nodes`` nodes, in their order: ``(parents, tokens)``, a
-        node's parent an earlier node's index or -1 (the tree's root, the last token)."""
+        """The first ``branches`` :meth:`continuations` (of up to ``nodes`` tokens), then the
+        datastore's first ``branches`` (of up to :data:`STORE_LENGTH`), merged into a tree of
+        at most ``nodes`` nodes, in their order: ``(parents, tokens)``, a node's parent an
+        earlier node's index or -1 (the tree's root, the last token)."""
         children: dict = {}  # (parent node, token) -> node
         parents: list[int] = []
         tokens: list[int] = []
-        for cont in self.continuations(nodes, branches):
-            node = -1
-            for tok in cont:
-                child = children.get((node, tok))
-                if child is None:
-                    if len(tokens) == nodes:
-                        return tuple(parents), tokens
-                    child = children[node, tok] = len(tokens)
-                    parents.append(node)
-                    tokens.append(tok)
-                node = child
+        sources = [lambda: self.continuations(nodes, branches)]
+        if self.store is not None:  # searched only where the context's leave nodes free
+            sources.append(lambda: self.store.continuations(
+                self.seq, min(nodes, STORE_LENGTH), branches))
+        for source in sources:
+            if len(tokens) == nodes:
+                break
+            for cont in source():
+                node = -1
+                for tok in cont:
+                    child = children.get((node, tok))
+                    if child is None:
+                        if len(tokens) == nodes:
+                            return tuple(parents), tokens
+                        child = children[node, tok] = len(tokens)
+                        parents.append(node)
+                        tokens.append(tok)
+                    node = child
         return tuple(parents), tokens
 
 
