@@ -97,6 +97,9 @@ def cmd_compile(args) -> int:
     if args.no_int8_dot and not is_quant(args.dtype):
         raise HetcompError("--no-int8-dot is for the linears of a block-quantized model "
                            f"(--dtype q4_0, q4_1 or q8_0): this build's are {args.dtype}")
+    if args.datastore != "auto" and heads is None:
+        raise HetcompError("--datastore feeds the lookup draft of speculative decoding: this "
+                           "build has no heads (--no-heads, or a model without packaged heads)")
     if args.draft_dtype is not None and heads is None:
         raise HetcompError("--draft-dtype is the Medusa draft's weight dtype: this build has no "
                            "heads (--no-heads, or a model without packaged heads)")
@@ -107,6 +110,7 @@ def cmd_compile(args) -> int:
                                "--plan): this build has none")
     opts = CompileOptions(model=args.model, dtype=args.dtype, target=args.target,
                           max_context=args.max_context, heads=heads, plan=plan,
+                          datastore=args.datastore,
                           cuda_arch=arch,
                           separate_weights=args.separate_weights,
                           plan_prediction=plan_prediction(args.plan) if args.plan else None,
@@ -335,6 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "a registered model: its packaged heads, if any)")
     c.add_argument("--no-heads", action="store_true",
                    help="compile without Medusa heads (no speculation)")
+    c.add_argument("--datastore", default="auto",
+                   help="what the lookup draft also searches: the model's own responses to "
+                        "other prompts. auto (default): the recorded responses the heads "
+                        "trained on; none; or a responses file (JSON lines with prompt and ids)")
     c.add_argument("--plan", help="plan.json from `hetcomp tune`: partition across units")
     c.add_argument("--cuda-arch",
                    help=f"GPU architecture of cuda units (default {DEFAULT_CUDA_ARCH}; "

@@ -279,6 +279,24 @@ def heldout_prompts(info: dict, count: int = 8) -> list[str]:
     return split_prompts(opts, read_responses(responses) if responses else None)[1][:count]
 
 
+def training_responses(info: dict, vocab_size: int) -> tuple[list[list[int]], str] | None:
+    """The recorded responses the heads carrying ``info`` trained on, their held-out
+    prompts' left out (so `bench --prompts heldout` stays held out), and the file's name;
+    None where the heads trained on responses generated at calibration (none recorded) or
+    the file is not in the package's data folder."""
+    name = info.get("responses")
+    path = packaged_file(os.path.basename(name)) if info.get("recorded_only") and name else None
+    if path is None or not os.path.isfile(path):
+        return None
+    responses = read_responses(path, vocab_size)
+    opts = CalibrateOptions(corpus=info["corpus"], seed=info["seed"], responses=path,
+                            recorded_only=True,
+                            held_out=info.get("held_out", CalibrateOptions.held_out),
+                            max_prompts=info.get("max_prompts", CalibrateOptions.max_prompts))
+    train, _ = split_prompts(opts, responses)
+    return [responses[p] for p in train], os.path.basename(path)
+
+
 def distillation_data(art, opts: CalibrateOptions, progress: bool = True):
     """``((train feats, train seqs), (held-out feats, held-out seqs))``: the artifact's greedy
     outputs for the corpus's split prompts (replayed where ``opts.responses`` has them) with

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
 import os
 import platform
@@ -13,7 +14,13 @@ import time
 import numpy as np
 
 from .._tvm import compiler
-from ..artifact_format import PREFILL_CHUNK, check_output, is_artifact, sha256_file
+from ..artifact_format import (
+    DATASTORE_FILE,
+    PREFILL_CHUNK,
+    check_output,
+    is_artifact,
+    sha256_file,
+)
 from ..codegen.build import (
     build,
     kernel_table,
@@ -62,6 +69,7 @@ from ..quant_format import cache_dtype, is_quant
 from ..runtime import load_artifact
 from ..runtime.unit_time import decode_step_seconds
 from ..schedules.tuning import apply_database, database_dir
+from ..speculative.datastore import pack_sequences
 from ..speculative.medusa import MedusaHeads
 from ..speculative.tree import build_tree, largest_tree
 
@@ -82,6 +90,10 @@ class CompileOptions:
     cuda_arch: str = DEFAULT_CUDA_ARCH
     max_context: int | None = None  # None: the trained context, at most 2048 tokens
     heads: str | None = None  # Medusa heads file (.npz) from `hetcomp calibrate`
+    # The lookup draft's datastore (hetcomp.speculative.datastore): "auto", the recorded
+    # responses the heads trained on (none for heads that recorded none); "none"; or a
+    # responses file (JSON lines {"prompt", "ids"}, as record_responses.py writes them).
+    datastore: str = "auto"
     plan: object | None = None  # a HeteroPlan: partition across units (None: host only)
     widths: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     # Leave params.bin out (`hetcomp attach-weights` rebuilds it from the model file where
@@ -248,6 +260,27 @@ def _check_plan_width(opts: CompileOptions, heads) -> None:
                            f"({', '.join(map(str, opts.widths))})")
 
 
+def _datastore(opts: CompileOptions, heads, vocab_size: int) -> tuple[bytes, dict] | None:
+    """``(datastore.npy's bytes, its manifest entry)`` for ``opts.datastore``, or None (no
+    heads: no lookup runs; "none"; "auto" for heads that recorded no responses)."""
+    if heads is None or opts.datastore == "none":
+        return None
+    from .calibrate import read_responses, training_responses  # (calibrate imports us)
+
+    if opts.datastore == "auto":
+        found = training_responses(heads.info, vocab_size)
+        if found is None:
+            return None
+        seqs, source = found
+    else:
+        seqs, source = list(read_responses(opts.datastore, vocab_size).values()), opts.datastore
+    tokens = pack_sequences(seqs)
+    buf = io.BytesIO()
+    np.save(buf, tokens, allow_pickle=False)
+    return buf.getvalue(), {"source": os.path.basename(source), "sequences": len(seqs),
+                            "tokens": int(len(tokens) - len(seqs))}
+
+
 def _check_heads(heads: MedusaHeads, cfg, path: str) -> None:
     """Heads trained for another model are refused before any work."""
     if heads.w.shape[1] != cfg.hidden_size:
@@ -279,6 +312,7 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
     check_quantizable(cfg, opts.dtype)
     tok = TokenizerInfo.from_spec(spec)
     heads = MedusaHeads.load(opts.heads) if opts.heads else None
+    store = _datastore(opts, heads, cfg.vocab_size)
     notes: list[str] = []
     if heads is not None:
         _check_heads(heads, cfg, opts.heads)
@@ -398,6 +432,8 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
             "trees": {str(w): build_tree(heads.rank_probs, w, heads.ranks).to_json()
                       for w in range(1, max(opts.widths) + 1)},
         }
+        if store is not None:
+            speculative["datastore"] = store[1]
         plan_tree = (opts.plan_choice or {}).get("tree")
         if plan_tree and width_source == "plan":  # the plan's own tree at its width
             speculative["trees"][str(width)] = plan_tree
@@ -453,6 +489,7 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
                                 roofline=(width, width_source), quiet=quiet)
               if measure else None)
     path = export_artifact(out_dir, ex, params, tok.tok.to_str(), manifest,
+                           extra_files={DATASTORE_FILE: store[0]} if store else None,
                            fcompile=export_compiler(opts.target),
                            write_weights=not opts.separate_weights, force=force, revise=revise)
     if not quiet:

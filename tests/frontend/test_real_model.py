@@ -128,3 +128,33 @@ def test_float16_cache_greedy_equals_float32_cache(tmp_path_factory, smollm2_wei
         if div is not None:  # a near tie in the float32 cache's own logits
             assert div > 0, prompt
             assert la[div][a[div]] - la[div][b[div]] < 1e-2, (prompt, div)
+
+
+def test_datastore_is_the_heads_training_responses_and_drafts_more(smollm2_medusa_artifact):
+    """`compile` puts the recorded responses the packaged heads trained on into the artifact
+    (the held-out prompts' left out), and the lookup draft searches them: on held-out
+    prompts, W = 64 accepts more tokens a step with the store than without, the output
+    still that of sequential greedy decoding."""
+    from hetcomp.data import packaged_file
+    from hetcomp.driver.calibrate import heldout_prompts, read_responses
+
+    art = load_artifact(str(smollm2_medusa_artifact))
+    info = art.manifest["speculative"]
+    responses = read_responses(packaged_file("smollm2-responses.jsonl.gz"))
+    held = heldout_prompts(info["heads_info"], count=len(responses))
+    tokens = np.load(smollm2_medusa_artifact / "datastore.npy")
+    stored = [tuple(s) for s in np.split(tokens, np.flatnonzero(tokens < 0) + 1)[:-1]]
+    assert len(stored) == info["datastore"]["sequences"] == len(responses) - len(held) == 864
+    training = {(*r, -1) for p, r in responses.items() if p not in set(held)}
+    assert set(stored) == training  # (two training prompts have the same response)
+    tok = art.tokenizer
+    accepted = {True: [], False: []}
+    for text in held[:3]:
+        prompt = tok.encode_text(tok.render([{"role": "user", "content": text}]))
+        seq = generate(art, prompt, max_new_tokens=48, stop_at_eos=False).ids
+        for store in (True, False):
+            res = generate(art, prompt, max_new_tokens=48, stop_at_eos=False, width=64,
+                           lookup=auto_lookup(64), datastore=store)
+            assert res.ids == seq, (text, store)
+            accepted[store].append(res.accepted_per_step)
+    assert np.mean(accepted[True]) > np.mean(accepted[False]) + 0.1, accepted
