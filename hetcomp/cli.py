@@ -198,7 +198,7 @@ def cmd_bench(args) -> int:
     report = bench(args.artifact, widths=args.widths, runs=args.runs,
                    new_tokens=args.new_tokens, prompts=args.prompts, rounds=args.rounds,
                    lookup=args.lookup, kernels=args.kernels, plot=args.plot,
-                   verify=not args.no_verify)
+                   verify=not args.no_verify, datastore=not args.no_datastore)
     if args.json:
         print(json.dumps(report))
         return 0
@@ -446,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--lookup", type=_NON_NEGATIVE, default=None,
                    help="n-gram lookup draft nodes inside the tree (default: half the "
                         "width up to 8, then 3/4 of it, at most 32)")
+    b.add_argument("--no-datastore", action="store_true",
+                   help="the lookup draft searches the context only, not the artifact's "
+                        "datastore (the model's responses to other prompts)")
     b.add_argument("--kernels", type=_NON_NEGATIVE, default=0, metavar="N",
                    help="also list the N slowest kernels of a verify step per width")
     b.add_argument("--no-verify", action="store_true",

@@ -59,8 +59,10 @@ def encode_prompts(art, texts: list[str], new_tokens: int, what: str) -> list[li
 
 
 def bench_widths(art, widths, new_tokens: int, lookup: int | None,
-                 prompts: list[str] = BENCH_PROMPTS, rounds: int = 1) -> list[dict]:
-    """Per width: tokens/s over the prompts, accepted tokens per step, step time.
+                 prompts: list[str] = BENCH_PROMPTS, rounds: int = 1,
+                 datastore: bool = True) -> list[dict]:
+    """Per width: tokens/s over the prompts, accepted tokens per step, step time
+    (``datastore=False``: the lookup draft searches the context only).
 
     Widths are interleaved: every prompt (in every round) runs at each width in turn, so a
     slow phase of a shared machine lands on all widths alike instead of on a few of them.
@@ -72,7 +74,7 @@ def bench_widths(art, widths, new_tokens: int, lookup: int | None,
     lookups = {w: min(auto_lookup(w) if lookup is None else lookup, w - 1) for w in widths}
     for w in widths:
         generate(art, encoded[0], max_new_tokens=min(8, new_tokens), stop_at_eos=False,
-                 width=w, lookup=lookups[w])  # warm-up
+                 width=w, lookup=lookups[w], datastore=datastore)  # warm-up
     made = dict.fromkeys(widths, 0)
     secs = dict.fromkeys(widths, 0.0)
     steps = dict.fromkeys(widths, 0)
@@ -81,7 +83,8 @@ def bench_widths(art, widths, new_tokens: int, lookup: int | None,
         for ids in encoded:
             for w in widths:
                 res = generate(art, ids, max_new_tokens=new_tokens, stop_at_eos=False,
-                               width=w, step_times=times[w], lookup=lookups[w])
+                               width=w, step_times=times[w], lookup=lookups[w],
+                               datastore=datastore)
                 made[w] += len(res.ids) - 1
                 secs[w] += res.decode_s
                 steps[w] += res.steps
@@ -97,6 +100,8 @@ def bench_widths(art, widths, new_tokens: int, lookup: int | None,
             "expected_accepted_per_step": tree.expected_accept_length if tree else 1.0,
             "step_ms": 1e3 * statistics.median(times[w]),
             "lookup": lookups[w],
+            # whether the lookup also searched the artifact's datastore
+            "datastore": bool(datastore and lookups[w] and art.datastore is not None),
         })
         print(f"  W={w:3d}  {rows[-1]['tokens_per_s']:6.1f} tokens/s  "
               f"{rows[-1]['accepted_per_step']:.2f} accepted/step  "
@@ -201,7 +206,7 @@ def llama_bench(art, runs: int, prompt: int = 512, gen: int = 128) -> dict:
 
 def bench(artifact: str, widths: list[int] | None = None, runs: int = 5, new_tokens: int = 64,
           prompts: str = "bench", rounds: int = 1, lookup: int | None = None, kernels: int = 0,
-          plot: str | None = None, verify: bool = True) -> dict:
+          plot: str | None = None, verify: bool = True, datastore: bool = True) -> dict:
     """Benchmark the artifact at ``artifact``; returns the report `hetcomp bench` prints.
 
     llama-bench's ``pp512`` and ``tg128`` (:func:`llama_bench`), sequential decoding ``runs``
@@ -210,6 +215,7 @@ def bench(artifact: str, widths: list[int] | None = None, runs: int = 5, new_tok
     every width on every prompt, interleaved (:func:`bench_widths`), plotted to ``plot``
     (default ``ARTIFACT/bench_widths.png``, unless a file there is not a plot of ours).
     W = 1 is always among the widths, first: the speedup is against it, in the same run.
+    ``datastore=False``: the lookup draft leaves the artifact's datastore out.
     """
     if runs < 1 or rounds < 1 or kernels < 0:
         raise HetcompError("--runs and --rounds must be at least 1, --kernels at least 0")
@@ -279,7 +285,7 @@ def bench(artifact: str, widths: list[int] | None = None, runs: int = 5, new_tok
         report["kernels"] = kernel_tables(art, widths or [1], kernels)
     if widths:
         report["prompts"] = {"set": prompts, "count": len(texts)}
-        rows = bench_widths(art, widths, new_tokens, lookup, texts, rounds)
+        rows = bench_widths(art, widths, new_tokens, lookup, texts, rounds, datastore)
         report["rounds"] = rounds
         predicted = art.manifest.get("plan_prediction") or {}
         for r in rows:

@@ -162,6 +162,8 @@ def test_lookup_reported_as_used(art, cli):
     rep = bench_json(cli, art, "--widths", "2,8", "--new-tokens", 8, "--lookup", 5)
     lookups = {r["width"]: r["lookup"] for r in rep["widths"]}
     assert lookups[2] == 1 and lookups[8] == 5 and lookups.get(1, 0) == 0
+    # heads that recorded no responses: no datastore was searched
+    assert not any(r["datastore"] for r in rep["widths"])
 
 
 def test_unknown_prompt_set_refused(art, no_decoding):

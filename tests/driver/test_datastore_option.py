@@ -100,3 +100,14 @@ def test_a_damaged_store_is_refused_at_load(tmp_path, inputs, capsys):
         fh.write(b"\x7f\x7f\x7f")
     rc = main(["generate", str(tmp_path / "f"), "--prompt", "hi", "--max-new-tokens", "2"])
     assert_one_line_error(rc, capsys.readouterr().err, "datastore.npy does not match")
+
+
+def test_bench_rows_say_whether_the_store_was_searched(tmp_path, inputs, capsys):
+    from hetcomp.driver.benchmark import bench_widths
+
+    rc, err = compile_(capsys, inputs, tmp_path / "f", "--datastore", inputs / "r.jsonl.gz")
+    assert rc == 0, err
+    art = load_artifact(str(tmp_path / "f"))
+    for store in (True, False):
+        rows = bench_widths(art, [1, 4], 4, None, ["hi there"], datastore=store)
+        assert [r["datastore"] for r in rows] == [False, store]
