@@ -21,13 +21,17 @@ token the base model chose at t):
 - ``wide``: a two-layer MLP on ``[h, e(r)]`` (4E hidden units) instead of one linear;
 - ``attn``: the ``medusa`` heads on ``h + Attn([h, e(r)])``, one causal self-attention layer
   (9 heads, ALiBi distances) over the rows of the same sequence, as EAGLE's draft layer
-  attends to the earlier positions' features (a draft KV cache at run time).
+  attends to the earlier positions' features (a draft KV cache at run time);
+- ``eagle``: EAGLE's draft itself (:func:`make_eagle`): one Llama decoder layer on
+  ``FC([f, e(x)])`` that predicts the next feature, run depth after depth on its own
+  output, trained unrolled as it runs (4.6 M parameters; the draft would run four passes of
+  one layer and the LM head, one per depth, and keep its own KV cache).
 
 Parents are teacher-forced (the true tokens): a node can only be accepted when its path is,
 so that is the conditional that acceptance needs.
 
-Measured here (2 epochs each, 4-8 minutes a variant on 2 cores; ``attn`` one sequence a
-batch), held-out top-1 per head and tau at W = 4 / 16 / 64:
+Measured here (2 epochs each, 4-8 minutes a variant on 2 cores, ``eagle`` 11; ``attn`` and
+``eagle`` one sequence a batch), held-out top-1 per head and tau at W = 4 / 16 / 64:
 
     medusa     0.369 0.184 0.118 0.092   1.580 / 1.895 / 2.098
     parent     0.369 0.283 0.247 0.228   1.615 / 1.984 / 2.251
@@ -35,6 +39,7 @@ batch), held-out top-1 per head and tau at W = 4 / 16 / 64:
     prev       0.361 0.176 0.117 0.096   1.569 / 1.874 / 2.068
     wide       0.409 0.216 0.130 0.101   1.646 / 1.989 / 2.213
     attn       0.320 0.153 0.096 0.085   1.501 / 1.809 / 2.005
+    eagle      0.279 0.253 0.235 0.232   1.492 / 1.838 / 2.097
     medusa, half the training prompts (--train-prompts 432, the same draft vocabulary):
                0.311 0.148 0.089 0.077   1.492 / 1.798 / 1.970
 
@@ -55,6 +60,15 @@ packaged heads were (`hetcomp calibrate ... --new-tokens 512 --epochs 3`) gave t
 packaged heads: 87% of those continuation tokens repeat the token that followed their
 3-gram's previous occurrence (49% in the first 256), so they teach the heads the loops that
 the n-gram lookup already drafts.
+
+EAGLE's draft layer, with the attention over the earlier features that ``attn`` lacked and
+its own drafted features at every depth, is no better at W = 64 (2.097; a run with 100 steps
+of warm-up and the gradient clipped to norm 1, which the loop here has for no variant: top-1
+0.316 0.276 0.262 0.254, tau 1.543 / 1.904 / 2.181). Like ``parent`` its deeper depths hold
+up (0.25 against 0.09), but its first depth is worse than a Medusa head: a draft of 4.6 M
+parameters learns no more from 165K training rows. Drafts that see more are not what this
+data supports; drafting from the model's own responses is (`hetcomp compile --datastore`:
+2.558 -> 2.880 accepted tokens a step at W = 64 on the held-out prompts).
 
 Usage::
 
@@ -79,7 +93,9 @@ import numpy as np
 HEADS = 4
 TOP = 10
 SOFT = 0.5
-VARIANTS = ("medusa", "parent", "recurrent", "prev", "wide", "attn")
+VARIANTS = ("medusa", "parent", "recurrent", "prev", "wide", "attn", "eagle")
+#: The variants trained one whole sequence a batch (their rows attend to earlier rows).
+SEQUENCE_VARIANTS = ("attn", "eagle")
 
 
 def replayed_data(path: str):
@@ -166,6 +182,79 @@ def make_heads(torch, variant: str, e: int):
     return Heads()
 
 
+def make_eagle(torch, e: int, heads: int = 9, inter: int = 1536, theta: float = 10000.0):
+    """EAGLE's draft (Li et al. 2024): ``z = FC([f, e(x)])`` then one Llama decoder layer
+    (RMSNorm, 9-head causal attention with RoPE, SwiGLU MLP) whose output is the next
+    position's feature, autoregressive in it: depth k's input is depth k - 1's output and
+    the path's token at depth k. Trained unrolled over the depths as it runs (HASS, Zhang et
+    al. 2024): depth k's query for anchor t sees the true features' keys up to t and the
+    drafted keys of depths 1..k after it, never a later true feature. ``FC`` starts as the
+    identity on ``f`` and the layer's output projections at zero, so the draft starts as
+    the LM head's own guess, as the Medusa heads do. ``forward`` returns ``[K, N, E]``
+    aligned by anchor (row t: the draft started at row t), what the shared loop expects."""
+    nn, silu = torch.nn, torch.nn.functional.silu
+    hd = e // heads
+
+    def rms(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+
+    def rope(x, pos):  # [n, heads, hd]
+        ang = pos[:, None].float() * theta ** (-torch.arange(0, hd, 2).float() / hd)
+        c, s = torch.cos(ang)[:, None], torch.sin(ang)[:, None]
+        a, b = x[..., : hd // 2], x[..., hd // 2:]
+        return torch.cat([a * c - b * s, a * s + b * c], -1)
+
+    class Eagle(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(2 * e, e)
+            with torch.no_grad():
+                self.fc.weight.zero_()
+                self.fc.weight[:, :e] = torch.eye(e)
+                self.fc.bias.zero_()
+            self.n1, self.n2 = nn.Parameter(torch.ones(e)), nn.Parameter(torch.ones(e))
+            self.q, self.k, self.v, self.o = (nn.Linear(e, e, bias=False) for _ in range(4))
+            self.gate, self.up = nn.Linear(e, inter, bias=False), nn.Linear(e, inter, bias=False)
+            self.down = nn.Linear(inter, e, bias=False)
+            nn.init.zeros_(self.o.weight)
+            nn.init.zeros_(self.down.weight)
+
+        def forward(self, h, path_emb, prev):
+            n = len(h)
+            pos = torch.arange(n)
+            outs, keys, vals, feat = [], [], [], h
+            for d in range(HEADS):  # row i of depth d: the draft started at row i - d
+                if d:
+                    feat = torch.cat([torch.zeros(1, e), outs[-1][:-1]])
+                # the path's token at depth d of the draft from row i - d is the root of row i
+                z = self.fc(torch.cat([feat, path_emb[:, 0]], 1))
+                x = rms(z, self.n1)
+                q = rope(self.q(x).view(n, heads, hd), pos)
+                keys.append(rope(self.k(x).view(n, heads, hd), pos))
+                vals.append(self.v(x).view(n, heads, hd))
+                scores = [torch.einsum("ihd,jhd->hij", q, keys[0]).masked_fill(
+                    (pos[None, :] > pos[:, None] - d)[None], -torch.inf)]
+                drafted = []
+                for m in range(1, d + 1):  # depth m's key, at row i - d + m
+                    km, vm = (torch.roll(t, d - m, 0) for t in (keys[m], vals[m]))
+                    sc = (q * km).sum(-1).T.clone()
+                    sc[:, : d - m] = -torch.inf
+                    scores.append(sc[..., None])
+                    drafted.append(vm)
+                att = torch.softmax(torch.cat(scores, -1) / hd ** 0.5, -1)
+                out = torch.einsum("hij,jhd->ihd", att[..., :n], vals[0])
+                for m, vm in enumerate(drafted):
+                    out = out + att[..., n + m].T[..., None] * vm
+                z = z + self.o(out.reshape(n, e))
+                y = rms(z, self.n2)
+                outs.append(z + self.down(silu(self.gate(y)) * self.up(y)))
+            # by anchor: row t of depth d is row t + d (zeros past the sequence's end)
+            return torch.stack([torch.cat([o[d:], torch.zeros(d, e)]) for d, o in
+                                enumerate(outs)])
+
+    return Eagle()
+
+
 def run_variant(torch, variant, data, embed, lm, epochs: int, seed: int = 0) -> dict:
     """Train one variant; its held-out top-k accuracies, ranks and taus."""
     from hetcomp.speculative.medusa import rank_statistics
@@ -173,14 +262,15 @@ def run_variant(torch, variant, data, embed, lm, epochs: int, seed: int = 0) -> 
 
     torch.manual_seed(seed)
     (xtr, ptr, prtr, _, ytr_d, btr), (xho, pho, prho, yho, yho_d, bho) = data
-    model = make_heads(torch, variant, xtr.shape[1])
+    model = (make_eagle(torch, xtr.shape[1]) if variant == "eagle"
+             else make_heads(torch, variant, xtr.shape[1]))
     emb, lm_t = torch.from_numpy(embed), torch.from_numpy(lm)
     x, p, pr, y = (torch.from_numpy(a) for a in (xtr, ptr, prtr, ytr_d))
     n, batch = len(xtr), 256
 
     def batches(bounds, rows, shuffle):
-        """Row index batches: random rows, or (``attn``) one whole sequence each."""
-        if variant == "attn":
+        """Row index batches: random rows, or (``attn``, ``eagle``) one whole sequence each."""
+        if variant in SEQUENCE_VARIANTS:
             for i in (torch.randperm(len(bounds) - 1) if shuffle else range(len(bounds) - 1)):
                 yield torch.arange(int(bounds[i]), int(bounds[i + 1]))
         else:
@@ -188,7 +278,7 @@ def run_variant(torch, variant, data, embed, lm, epochs: int, seed: int = 0) -> 
             for s in range(0, rows, batch):
                 yield order[s: s + batch]
 
-    steps = epochs * (len(btr) - 1 if variant == "attn" else -(-n // batch))
+    steps = epochs * (len(btr) - 1 if variant in SEQUENCE_VARIANTS else -(-n // batch))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1 + np.cos(np.pi * s / steps)))
