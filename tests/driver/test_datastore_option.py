@@ -7,6 +7,7 @@ none, and a responses file given by path."""
 import gzip
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -44,13 +45,21 @@ def compile_(capsys, inputs, out, *extra):
     return rc, capsys.readouterr().err
 
 
-def test_a_responses_file_becomes_the_store(tmp_path, inputs, capsys):
-    rc, err = compile_(capsys, inputs, tmp_path / "f", "--datastore", inputs / "r.jsonl.gz")
-    assert rc == 0, err
-    art = load_artifact(str(tmp_path / "f"))
+@pytest.fixture(scope="module")
+def stored(inputs, tmp_path_factory):
+    """The tiny model compiled with ``--datastore r.jsonl.gz``."""
+    out = tmp_path_factory.mktemp("stored") / "f"
+    assert main(["compile", "--model", str(inputs / "tiny.gguf"), "--heads",
+                 str(inputs / "h.npz"), "--max-context", "64", "--width", "4", "--quiet",
+                 "--datastore", str(inputs / "r.jsonl.gz"), "-o", str(out)]) == 0
+    return out
+
+
+def test_a_responses_file_becomes_the_store(stored):
+    art = load_artifact(str(stored))
     assert art.manifest["speculative"]["datastore"] == {
         "source": "r.jsonl.gz", "sequences": 3, "tokens": 12}
-    assert np.load(tmp_path / "f" / "datastore.npy").tolist() == [
+    assert np.load(stored / "datastore.npy").tolist() == [
         5, 6, 7, 8, 9, 10, -1, 5, 6, 7, 11, -1, 40, 41, -1]
     assert art.datastore.continuations([3, 5, 6], 8, 8) == [[7, 8, 9, 10], [7, 11]]
     # the store drafts, verification keeps greedy output (random weights: whatever it is)
@@ -92,9 +101,8 @@ def test_a_store_without_heads_is_refused(tmp_path, inputs, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_a_damaged_store_is_refused_at_load(tmp_path, inputs, capsys):
-    rc, err = compile_(capsys, inputs, tmp_path / "f", "--datastore", inputs / "r.jsonl.gz")
-    assert rc == 0, err
+def test_a_damaged_store_is_refused_at_load(tmp_path, stored, capsys):
+    shutil.copytree(stored, tmp_path / "f")
     with open(tmp_path / "f" / "datastore.npy", "r+b") as fh:
         fh.seek(-3, 2)
         fh.write(b"\x7f\x7f\x7f")
@@ -102,12 +110,10 @@ def test_a_damaged_store_is_refused_at_load(tmp_path, inputs, capsys):
     assert_one_line_error(rc, capsys.readouterr().err, "datastore.npy does not match")
 
 
-def test_bench_rows_say_whether_the_store_was_searched(tmp_path, inputs, capsys):
+def test_bench_rows_say_whether_the_store_was_searched(stored):
     from hetcomp.driver.benchmark import bench_widths
 
-    rc, err = compile_(capsys, inputs, tmp_path / "f", "--datastore", inputs / "r.jsonl.gz")
-    assert rc == 0, err
-    art = load_artifact(str(tmp_path / "f"))
+    art = load_artifact(str(stored))
     for store in (True, False):
         rows = bench_widths(art, [1, 4], 4, None, ["hi there"], datastore=store)
         assert [r["datastore"] for r in rows] == [False, store]
