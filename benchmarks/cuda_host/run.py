@@ -145,7 +145,9 @@ def measure_artifact(art, prompts: list[list[int]], reference: list | None = Non
                "cuda_graph": art.manifest.get("cuda_graph"),
                "fixed_cache": art.fixed_cache,
                "fused_linears": art.manifest.get("fused_linears"),
-               "launches": art.manifest.get("launches")}
+               "launches": art.manifest.get("launches"),
+               # what the lookup draft searched besides the context (None: the context only)
+               "datastore": (art.manifest.get("speculative") or {}).get("datastore")}
     lookup = {w: auto_lookup(w) for w in gen_widths}  # as `hetcomp bench` drafts
     for w in gen_widths:  # warm-up: loads, first captures
         generate(art, prompts[0], 8, stop_at_eos=False, width=w, lookup=lookup[w])
