@@ -448,6 +448,23 @@ def main() -> int:
             print(text)
     else:
         print(build(args.out, args.cuda_arch))
+        return _fits_a_call(args.out)
+    return 0
+
+
+def _fits_a_call(folder: str) -> int:
+    """Say the kit folder's size beside the working tree; 1 if a device call cannot carry
+    both (the kit then needs a folder, and a call, of its own)."""
+    from cuda_host.bundle import CALL_BYTES, _tree_bytes
+
+    size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(folder) for f in fs)
+    total = size + _tree_bytes()
+    print(f"{folder}: {size / 2**20:.1f} MiB, {total / 2**20:.1f} MiB with the working tree "
+          f"(a call carries {CALL_BYTES / 2**20:.0f})", file=sys.stderr)
+    if total > CALL_BYTES:
+        print(f"{folder} is too large for one device call: build the kit into a folder of "
+              "its own (RUNBOOK: .dev/d)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -37,7 +37,7 @@ import os
 import subprocess
 import sys
 
-# A call carries at most 64 MiB with the working tree (18 MiB since the Qwen heads): the
+# A call carries at most 64 MiB with the working tree (24.4 MiB since the Gemma heads): the
 # first carries TVM, the wheels and payload.tar.xz (kit and artifacts, ~7 MiB) and part 0 of
 # the GGUF; each later call (folders b, c, ...) one more part.
 CALL_BYTES = 64 << 20
