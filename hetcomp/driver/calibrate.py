@@ -263,20 +263,28 @@ def split_prompts(opts: CalibrateOptions, responses: dict | None = None):
     return train, held
 
 
-def heldout_prompts(info: dict, count: int = 8) -> list[str]:
-    """The first ``count`` held-out prompts of the ``calibrate`` run whose heads carry
-    ``info`` (``MedusaHeads.info``, or an artifact's ``speculative.heads_info``): same corpus,
-    seed and split, so prompts the heads never trained on, the ones their trees' expected
-    acceptance was measured on. Recorded responses are looked up in the package's data
-    folder by file name. A corpus file is read where ``info`` says: calibrate records its
-    absolute path (older heads, the path as typed: from the current folder)."""
-    responses = packaged_file(info["responses"]) if info.get("recorded_only") else None
+def heads_split(info: dict, responses: str | None, vocab_size: int | None = None):
+    """``(training prompts, held-out prompts, {prompt: response ids} or None)`` of the
+    ``calibrate`` run whose heads carry ``info`` (``MedusaHeads.info``, or an artifact's
+    ``speculative.heads_info``): same corpus, seed and split, with ``responses`` the path of
+    the recorded responses it replayed (None: it generated them)."""
+    recorded = read_responses(responses, vocab_size) if responses else None
     # (heads calibrated before the split's options were recorded used the defaults)
     opts = CalibrateOptions(corpus=info["corpus"], seed=info["seed"], responses=responses,
                             recorded_only=bool(responses),
                             held_out=info.get("held_out", CalibrateOptions.held_out),
                             max_prompts=info.get("max_prompts", CalibrateOptions.max_prompts))
-    return split_prompts(opts, read_responses(responses) if responses else None)[1][:count]
+    return (*split_prompts(opts, recorded), recorded)
+
+
+def heldout_prompts(info: dict, count: int = 8) -> list[str]:
+    """The first ``count`` held-out prompts of the ``calibrate`` run whose heads carry
+    ``info`` (:func:`heads_split`), so prompts the heads never trained on, the ones their
+    trees' expected acceptance was measured on. Recorded responses are looked up in the
+    package's data folder by file name. A corpus file is read where ``info`` says: calibrate
+    records its absolute path (older heads, the path as typed: from the current folder)."""
+    responses = packaged_file(info["responses"]) if info.get("recorded_only") else None
+    return heads_split(info, responses)[1][:count]
 
 
 def training_responses(info: dict, vocab_size: int) -> tuple[list[list[int]], str] | None:
@@ -288,12 +296,7 @@ def training_responses(info: dict, vocab_size: int) -> tuple[list[list[int]], st
     path = packaged_file(os.path.basename(name)) if info.get("recorded_only") and name else None
     if path is None or not os.path.isfile(path):
         return None
-    responses = read_responses(path, vocab_size)
-    opts = CalibrateOptions(corpus=info["corpus"], seed=info["seed"], responses=path,
-                            recorded_only=True,
-                            held_out=info.get("held_out", CalibrateOptions.held_out),
-                            max_prompts=info.get("max_prompts", CalibrateOptions.max_prompts))
-    train, _ = split_prompts(opts, responses)
+    train, _, responses = heads_split(info, path, vocab_size)
     return [responses[p] for p in train], os.path.basename(path)
 
 
