@@ -97,9 +97,6 @@ def cmd_compile(args) -> int:
     if args.no_int8_dot and not is_quant(args.dtype):
         raise HetcompError("--no-int8-dot is for the linears of a block-quantized model "
                            f"(--dtype q4_0, q4_1 or q8_0): this build's are {args.dtype}")
-    if args.datastore != "auto" and heads is None:
-        raise HetcompError("--datastore feeds the lookup draft of speculative decoding: this "
-                           "build has no heads (--no-heads, or a model without packaged heads)")
     if args.draft_dtype is not None and heads is None:
         raise HetcompError("--draft-dtype is the Medusa draft's weight dtype: this build has no "
                            "heads (--no-heads, or a model without packaged heads)")

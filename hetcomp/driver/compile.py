@@ -174,6 +174,10 @@ class CompileOptions:
                 self.heads is None or self.default_width not in self.widths):
             raise HetcompError(f"--width {self.default_width} needs --heads and one of the "
                                f"compiled widths ({', '.join(map(str, self.widths))})")
+        if self.datastore != "auto" and self.heads is None:
+            raise HetcompError("--datastore feeds the lookup draft of speculative decoding: "
+                               "this build has no heads (--no-heads, or a model without "
+                               "packaged heads)")
         if self.fuse_linears and self.plan is not None:
             raise HetcompError("fusing linears is for whole-model builds: it takes no --plan")
         if self.device_len and self.plan is not None:
