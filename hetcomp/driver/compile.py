@@ -38,6 +38,7 @@ from ..frontend.config import MIN_CONTEXT
 from ..frontend.export_info import source_info
 from ..frontend.lazy import parameter_count
 from ..frontend.llama import NUM_INPUTS, build_module, medusa_param_specs
+from ..frontend.models import default_datastore
 from ..frontend.tokenizer import TokenizerInfo
 from ..frontend.weights import (
     WEIGHT_DTYPES,
@@ -266,13 +267,15 @@ def _check_plan_width(opts: CompileOptions, heads) -> None:
 
 def _datastore(opts: CompileOptions, heads, vocab_size: int) -> tuple[bytes, dict] | None:
     """``(datastore.npy's bytes, its manifest entry)`` for ``opts.datastore``, or None (no
-    heads: no lookup runs; "none"; "auto" for heads that recorded no responses)."""
+    heads: no lookup runs; "none"; "auto" for heads that recorded no responses, or for a
+    registered model whose entry says the store costs it acceptance)."""
     if heads is None or opts.datastore == "none":
         return None
     from .calibrate import read_responses, training_responses  # (calibrate imports us)
 
     if opts.datastore == "auto":
-        found = training_responses(heads.info, vocab_size)
+        found = (training_responses(heads.info, vocab_size)
+                 if default_datastore(opts.model) else None)
         if found is None:
             return None
         seqs, source = found

@@ -117,3 +117,18 @@ def test_bench_rows_say_whether_the_store_was_searched(stored):
     for store in (True, False):
         rows = bench_widths(art, [1, 4], 4, None, ["hi there"], datastore=store)
         assert [r["datastore"] for r in rows] == [False, store]
+
+
+def test_auto_follows_the_registry():
+    """`auto` gives SmolLM2 its heads' training responses and Qwen2.5-Coder none (its
+    registry entry: the 76 code answers cost its stronger heads acceptance); the packaged
+    heads' own files, no compile."""
+    from hetcomp.driver.compile import CompileOptions, _datastore
+    from hetcomp.frontend.models import default_heads
+
+    stores = {}
+    for model, vocab in (("smollm2", 49152), ("qwen2.5-coder-0.5b", 151936)):
+        heads = default_heads(model)
+        stores[model] = _datastore(CompileOptions(model=model, heads=heads),
+                                   MedusaHeads.load(heads), vocab)
+    assert stores["smollm2"][1]["sequences"] == 864 and stores["qwen2.5-coder-0.5b"] is None
