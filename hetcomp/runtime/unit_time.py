@@ -218,3 +218,72 @@ def decode_step_seconds(art, prompt_ids, widths, new_tokens: int = 12,
             Generation(art, prompt_ids, new_tokens, False, w, times, auto_lookup(w)).result()
             steps[w].extend(times[1:] or times)
     return {w: float(np.median(t)) for w, t in steps.items()}
+
+
+def host_replay(art, prompts, width: int, new_tokens: int = 64, rounds: int = 3) -> dict:
+    """The host's share of a decode step alone: each prompt is decoded once for real (greedy,
+    EOS ignored, the default lookup), recording what the compiled functions returned that
+    the host reads (the draft's tree tokens, verify's greedy ids), then decoded ``rounds``
+    times more with every compiled call of a step answered at once from the record (the
+    caches passed through), so a step's time is the generator's own work: the lookup draft,
+    the tree's inputs and their uploads, reading ids back, acceptance, the cache bookkeeping.
+    Each round starts from empty step-shape and datastore caches, as a first decode does.
+    On a CPU the real calls evict the host's caches and spin the thread pool, which inflates
+    :func:`host_split`'s host share several times; a GPU's host stays warm, as here.
+
+    Returns ``{"width", "steps", "host_us"}``: microseconds a step, the best round's mean,
+    and refuses (``AssertionError``) a replay that did not reproduce the recorded tokens."""
+    from .generate import Generation, auto_lookup
+
+    names = ("_verify_static", "_verify", "_commit", "_medusa")
+    saved = {n: getattr(art, n) for n in names}
+    saved_static = dict(saved["_verify_static"])
+    record: dict[str, list] = {"draft": [], "greedy": []}
+
+    def recording(fn, key, index):
+        def call(*args):
+            out = fn(*args)
+            record[key].append(art.upload(np.ascontiguousarray(_tvm.download(out[index]))))
+            return out
+        return call
+
+    def replaying():
+        it = {k: iter(v) for k, v in record.items()}
+
+        def verify(*args):  # (tokens, positions, mask, row_ptr, col_idx, k, v, length, ...)
+            return None, None, next(it["greedy"]), args[5], args[6]
+
+        return verify, (lambda *a: (None, None, next(it["draft"]))), (lambda k, v, *a: (k, v))
+
+    def decode(ids):
+        return Generation(art, ids, new_tokens, False, width, None, auto_lookup(width)).result()
+
+    try:
+        art._verify_static = {w: recording(f, "greedy", 2) for w, f in saved_static.items()}
+        art._verify = recording(saved["_verify"], "greedy", 2)
+        if saved["_medusa"] is not None:
+            art._medusa = recording(saved["_medusa"], "draft", 2)
+        expected = [decode(ids).ids for ids in prompts]
+        best = float("inf")
+        for _ in range(rounds):
+            art.step_shapes.clear()
+            art._tree_tensors.clear()
+            if art._datastore is not None:
+                art._datastore._found.clear()
+            verify, draft, commit = replaying()
+            art._verify_static = {w: verify for w in saved_static}
+            art._verify, art._commit = verify, commit
+            if saved["_medusa"] is not None:
+                art._medusa = draft
+            total, steps = 0.0, 0
+            for ids, want in zip(prompts, expected):
+                times: list = []
+                res = Generation(art, ids, new_tokens, False, width, times,
+                                 auto_lookup(width)).result()
+                assert res.ids == want, "the replay did not reproduce the recorded decode"
+                total, steps = total + sum(times), steps + len(times)
+            best = min(best, total / steps)
+    finally:
+        for n, v in saved.items():
+            setattr(art, n, v)
+    return {"width": width, "steps": steps, "host_us": round(1e6 * best, 1)}

@@ -221,6 +221,39 @@ def test_host_split_times_the_parts_of_a_step_and_restores_the_artifact(tiny_spe
     assert after == before
 
 
+def test_host_replay_times_the_host_alone(tiny_speculative, monkeypatch):
+    """``unit_time.host_replay``: one real decode per prompt records what the host reads, then
+    the timed rounds answer every compiled call from the record: the compiled functions run
+    exactly as often as one decode runs them, the replay reproduces that decode's tokens (or
+    fails), and the artifact's functions are left as they were."""
+    from hetcomp.runtime.unit_time import host_replay
+
+    art = tiny_speculative
+    calls = {"verify": 0, "medusa": 0, "commit": 0}
+
+    def counted(fn, key):
+        def call(*args):
+            calls[key] += 1
+            return fn(*args)
+        return call
+
+    monkeypatch.setattr(art, "_verify_static",
+                        {w: counted(f, "verify") for w, f in art._verify_static.items()})
+    monkeypatch.setattr(art, "_verify", counted(art._verify, "verify"))
+    monkeypatch.setattr(art, "_medusa", counted(art._medusa, "medusa"))
+    monkeypatch.setattr(art, "_commit", counted(art._commit, "commit"))
+    before = (art._verify, art._commit, art._medusa, dict(art._verify_static))
+    prompts = [[5, 17, 99], [7, 7, 7, 8]]
+    real = [generate(art, p, 20, stop_at_eos=False, width=8, lookup=4) for p in prompts]
+    one_decode = dict(calls)
+    assert one_decode["verify"] == sum(r.steps for r in real) and one_decode["medusa"] > 0
+    row = host_replay(art, prompts, 8, new_tokens=20, rounds=3)
+    assert calls == {k: 2 * v for k, v in one_decode.items()}  # the record pass only
+    assert row["width"] == 8 and row["steps"] == one_decode["verify"]
+    assert row["host_us"] > 0
+    assert (art._verify, art._commit, art._medusa, dict(art._verify_static)) == before
+
+
 def test_width_not_compiled_is_refused(tiny_artifact, tiny_speculative):
     """A width the artifact has no tree for is refused, saying what it has (compile has no
     --widths flag to advise)."""
