@@ -8,7 +8,7 @@ import pytest
 
 from hetcomp.errors import HetcompError
 from hetcomp.runtime.generate import STORE_LENGTH, NgramIndex
-from hetcomp.speculative.datastore import Datastore, pack_sequences
+from hetcomp.speculative.datastore import MAX_LENGTH, Datastore, pack_sequences
 
 
 def scan(seqs, context, length, count, max_ngram=4):
@@ -55,6 +55,17 @@ def test_ngrams_do_not_span_sequences():
     assert store.continuations([2], 4, 8) == []  # "2" ends its sequence: nothing follows
     assert store.continuations([9], 4, 8) == []
     assert store.num_tokens == 5
+
+
+def test_continuations_stop_at_the_longest_length():
+    """Continuations longer than :data:`MAX_LENGTH` are cut there (what the distinct
+    continuations are counted by)."""
+    seqs = [list(range(30)), list(range(10)) + [99] * 20]
+    store = Datastore.from_sequences(seqs)
+    assert store.continuations([3], 20, 8) == [list(range(4, 4 + MAX_LENGTH)),
+                                               [4, 5, 6, 7, 8, 9, 99, 99]]
+    assert store.continuations([3], 20, 8) == scan(seqs, [3], MAX_LENGTH, 8)
+    assert store.continuations([8], 20, 8) == [list(range(9, 9 + MAX_LENGTH)), [9] + [99] * 7]
 
 
 def test_scan_bounds_the_occurrences_counted():
