@@ -361,18 +361,43 @@ class _StepShape:
 def _step_shape(art, width: int, looked: tuple[int, ...]) -> _StepShape:
     """The verified tree for a step: the best Medusa tree of ``width - len(looked)`` nodes
     plus the lookup nodes, whose parents ``looked`` gives (-1: the root;
-    :meth:`NgramIndex.draft_tree`). Cached per shape (the latest 256)."""
+    :meth:`NgramIndex.draft_tree`). Cached per shape (the latest 256); the Medusa part's
+    arrays per its width, so a new lookup tree costs only its own rows."""
 
     def make():
-        extra = len(looked)
-        base = art.tree(width - extra) if width > 1 else Tree((-1,), (-1,), (1.0,))
-        parents = list(base.parents) + [0 if p < 0 else base.width + p for p in looked]
-        ranks = list(base.ranks) + [-1] * extra
-        tree = Tree(tuple(parents), tuple(ranks), tuple(base.probs) + (0.0,) * extra)
-        b_ranks = np.asarray(base.ranks[1:], dtype=np.int64)
-        heads = np.asarray(base.heads[1:], dtype=np.int64)
-        mask = tree.mask()  # once: Tree.csr() would build it again
-        return _StepShape(tree, mask, csr_from_mask(mask), tree.depths, base.width - 1,
-                          (-1 - (heads * MEDUSA_TOPK + b_ranks)).astype(np.int32))
+        bw = width - len(looked)
+        base, b_mask, b_depths, (b_ptr, b_col), node_refs = _medusa_part(art, bw, width > 1)
+        parents = list(base.parents)
+        rows: list[list[int]] = []  # each lookup node's ancestors and itself, increasing
+        for node, p in enumerate(looked, bw):
+            parent = 0 if p < 0 else bw + p
+            parents.append(parent)
+            rows.append((rows[parent - bw] if parent else [0]) + [node])
+        counts = np.array([len(r) for r in rows], "int32")
+        cols = np.array([c for r in rows for c in r], "int32")
+        mask = np.zeros((width, width), "int32")
+        mask[:bw, :bw] = b_mask
+        mask[np.repeat(np.arange(bw, width), counts), cols] = 1
+        csr = (np.concatenate([b_ptr, b_ptr[-1] + np.cumsum(counts, dtype="int32")]),
+               np.concatenate([b_col, cols]))
+        tree = Tree(tuple(parents), base.ranks + (-1,) * len(looked),
+                    base.probs + (0.0,) * len(looked))
+        return _StepShape(tree, mask, csr, np.concatenate([b_depths, counts - 1]), bw - 1,
+                          node_refs)
 
     return latest_cached(art.step_shapes, (width, looked), make, 256)
+
+
+def _medusa_part(art, width: int, speculative: bool):
+    """``(tree, mask, depths, csr, node_refs)`` of the best Medusa tree of ``width`` nodes
+    (the root alone for sequential decoding), cached beside the step shapes."""
+
+    def make():
+        base = art.tree(width) if speculative else Tree((-1,), (-1,), (1.0,))
+        ranks = np.asarray(base.ranks[1:], dtype=np.int64)
+        heads = np.asarray(base.heads[1:], dtype=np.int64)
+        mask = base.mask()
+        return (base, mask, base.depths, csr_from_mask(mask),
+                (-1 - (heads * MEDUSA_TOPK + ranks)).astype(np.int32))
+
+    return latest_cached(art.step_shapes, ("medusa", width, speculative), make, 256)

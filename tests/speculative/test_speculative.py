@@ -254,6 +254,42 @@ def test_host_replay_times_the_host_alone(tiny_speculative, monkeypatch):
     assert (art._verify, art._commit, art._medusa, dict(art._verify_static)) == before
 
 
+def test_step_shape_is_the_combined_tree(tiny_speculative):
+    """A step's verified tree (``generate._step_shape``): the best Medusa tree of the width
+    the lookup leaves, then the lookup nodes under the root or under each other; its mask,
+    depths and CSR rows are the combined tree's own (``Tree.mask``, ``Tree.depths``,
+    ``Tree.csr``), built anew or taken from the cache, and the draft's node references
+    name each Medusa node's head and rank."""
+    import importlib
+
+    from hetcomp.artifact_format import MEDUSA_TOPK
+
+    gen = importlib.import_module("hetcomp.runtime.generate")
+    art = tiny_speculative
+    rng = np.random.default_rng(3)
+    for width in (1, 4, 8, 16):
+        for _ in range(6):
+            extra = int(rng.integers(0, width))
+            looked = tuple(int(rng.integers(-1, i)) for i in range(extra))
+            for _ in range(2):  # built, then cached
+                shape = gen._step_shape(art, width, looked)
+                tree = shape.tree
+                base = art.tree(width - extra) if width > 1 else None
+                medusa = base.width if base else 1
+                assert tree.width == width and shape.medusa_nodes == medusa - 1
+                assert tree.parents[:medusa] == (base.parents if base else (-1,))
+                assert tree.parents[medusa:] == tuple(0 if p < 0 else medusa + p
+                                                      for p in looked)
+                np.testing.assert_array_equal(shape.mask, tree.mask())
+                np.testing.assert_array_equal(shape.depths, tree.depths)
+                for got, want in zip(shape.csr, tree.csr()):
+                    np.testing.assert_array_equal(got, want)
+                if base:
+                    refs = -1 - np.asarray(shape.node_refs)
+                    assert list(refs // MEDUSA_TOPK) == list(base.heads[1:])
+                    assert list(refs % MEDUSA_TOPK) == list(base.ranks[1:])
+
+
 def test_width_not_compiled_is_refused(tiny_artifact, tiny_speculative):
     """A width the artifact has no tree for is refused, saying what it has (compile has no
     --widths flag to advise)."""
