@@ -320,13 +320,16 @@ class NgramIndex:
         return out
 
     def draft_tree(self, nodes: int, branches: int = 8) -> tuple[tuple[int, ...], list[int]]:
-        """The first ``branches`` :meth:`continuations` (of up to ``nodes`` tokens), then the
-        datastore's first ``branches`` (of up to :data:`STORE_LENGTH`), merged into a tree of
-        at most ``nodes`` nodes, in their order: ``(parents, tokens)``, a node's parent an
+        """The first ``branches`` (at most ``nodes``) :meth:`continuations` (of up to ``nodes``
+        tokens), then the datastore's first ``branches`` (of up to :data:`STORE_LENGTH`),
+        merged into a tree of at most ``nodes`` nodes, in their order: ``(parents, tokens)``, a node's parent an
         earlier node's index or -1 (the tree's root, the last token)."""
         children: dict = {}  # (parent node, token) -> node
         parents: list[int] = []
         tokens: list[int] = []
+        # (a tree of N nodes has at most N leaves: more continuations cannot fit, and the
+        # store's search stops sooner)
+        branches = min(branches, nodes)
         sources = [lambda: self.continuations(nodes, branches)]
         if self.store is not None:  # searched only where the context's leave nodes free
             sources.append(lambda: self.store.continuations(
