@@ -97,22 +97,41 @@ def trie(conts, nodes):
     return tuple(parents), tokens
 
 
+class Spy:
+    """A datastore that records the count each search asks for."""
+
+    def __init__(self, store, asked):
+        self.store, self.asked = store, asked
+
+    def continuations(self, context, length, count):
+        self.asked.append(count)
+        return self.store.continuations(context, length, count)
+
+
 def test_lookup_tree_takes_the_context_first_then_the_store():
     """The lookup tree merges the context's continuations, then the store's (of at most
-    STORE_LENGTH tokens), into one trie of at most ``nodes`` nodes."""
+    STORE_LENGTH tokens), into one trie of at most ``nodes`` nodes; each source is asked
+    for no more continuations than the trie has nodes (no more could add one)."""
     rng = np.random.default_rng(0)
     seqs = [[int(t) for t in rng.integers(0, 5, 40)] for _ in range(30)]
     store = Datastore.from_sequences(seqs)
+    capped = 0
     for _ in range(100):
         context = [int(t) for t in rng.integers(0, 5, int(rng.integers(1, 30)))]
         nodes = int(rng.integers(1, 40))
         plain, with_store = NgramIndex(), NgramIndex(store=store)
         plain.extend(context)
         with_store.extend(context)
-        want = trie(plain.continuations(nodes, 8)
-                    + store.continuations(context, min(nodes, STORE_LENGTH), 8), nodes)
+        branches = min(nodes, 8)
+        want = trie(plain.continuations(nodes, branches)
+                    + store.continuations(context, min(nodes, STORE_LENGTH), branches), nodes)
+        asked = []
+        with_store.store = Spy(store, asked)
         assert with_store.draft_tree(nodes) == want
+        assert all(count == branches for count in asked)
+        capped += bool(asked) and branches < 8
         assert len(want[1]) == nodes or len(want[1]) >= len(plain.draft_tree(nodes)[1])
+    assert capped  # the store was searched with fewer nodes than 8
 
 
 def test_pack_sequences_separates_them():
