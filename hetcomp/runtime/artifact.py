@@ -163,6 +163,7 @@ class Artifact:
         self._built_trees: dict = {}  # widths not stored in the manifest
         self._datastore = None  # loaded and indexed at the first lookup that reads it
         self.step_shapes: dict = {}  # the generator's tree layouts, by (width, lookup tree)
+        self.medusa_parts: dict = {}  # their Medusa trees' arrays, by width
         # A tree's mask and CSR on the device, by the mask's bytes: a decode repeats a few
         # tree shapes, so a verify step copies only its tokens and positions.
         self._tree_tensors: dict = {}

@@ -393,7 +393,7 @@ def _step_shape(art, width: int, looked: tuple[int, ...]) -> _StepShape:
 
 def _medusa_part(art, width: int, speculative: bool):
     """``(tree, mask, depths, csr, node_refs)`` of the best Medusa tree of ``width`` nodes
-    (the root alone for sequential decoding), cached beside the step shapes."""
+    (the root alone for sequential decoding), cached in ``art.medusa_parts``."""
 
     def make():
         base = art.tree(width) if speculative else Tree((-1,), (-1,), (1.0,))
@@ -403,4 +403,4 @@ def _medusa_part(art, width: int, speculative: bool):
         return (base, mask, base.depths, csr_from_mask(mask),
                 (-1 - (heads * MEDUSA_TOPK + ranks)).astype(np.int32))
 
-    return latest_cached(art.step_shapes, ("medusa", width, speculative), make, 256)
+    return latest_cached(art.medusa_parts, (width, speculative), make, 256)

@@ -267,6 +267,7 @@ def host_replay(art, prompts, width: int, new_tokens: int = 64, rounds: int = 3)
         best = float("inf")
         for _ in range(rounds):
             art.step_shapes.clear()
+            art.medusa_parts.clear()
             art._tree_tensors.clear()
             if art._datastore is not None:
                 art._datastore._found.clear()
