@@ -14,6 +14,8 @@ imports nothing from hetcomp, so it runs wherever torch does.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import math
 import time
@@ -87,6 +89,18 @@ def step(w: dict, cfg: dict, tokens, k_cache, v_cache, n: int):
     return (_rms(x, w["norm"], eps) @ w["embed"].T).float()
 
 
+@contextlib.contextmanager
+def _no_gc():
+    """Timed without the cyclic garbage collector, as hetcomp's decodes are
+    (``hetcomp.runtime.unit_time.gc_paused``, which this file may not import)."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 def bench(cfg: dict, device: str = "cuda", dtype: str = "bfloat16",
           widths=(1, 4, 16, 64), cache_len: int = 256, new_tokens: int = 128,
           repeat: int = 20) -> dict:
@@ -104,7 +118,7 @@ def bench(cfg: dict, device: str = "cuda", dtype: str = "bfloat16",
             torch.cuda.synchronize()
 
     out = {"device": device, "dtype": dtype, "cache_len": cache_len, "step_ms": {}}
-    with torch.inference_mode():
+    with torch.inference_mode(), _no_gc():
         for wid in widths:
             tokens = torch.arange(wid, device=device) % cfg["vocab"]
             step(w, cfg, tokens, k_cache, v_cache, cache_len)  # warm-up

@@ -138,7 +138,12 @@ def measure_artifact(art, prompts: list[list[int]], reference: list | None = Non
 
     from hetcomp.runtime import generate
     from hetcomp.runtime.generate import auto_lookup
-    from hetcomp.runtime.unit_time import host_split, kernel_breakdown, step_breakdown
+    from hetcomp.runtime.unit_time import (
+        gc_paused,
+        host_split,
+        kernel_breakdown,
+        step_breakdown,
+    )
 
     r: dict = {"plan": art.manifest.get("plan"),
                "units": [u["name"] for u in art.manifest["units"]],
@@ -152,10 +157,11 @@ def measure_artifact(art, prompts: list[list[int]], reference: list | None = Non
     for w in gen_widths:  # warm-up: loads, first captures
         generate(art, prompts[0], 8, stop_at_eos=False, width=w, lookup=lookup[w])
     runs: dict = {w: [] for w in gen_widths}
-    for ids in prompts:
-        for w in gen_widths:
-            runs[w].append(generate(art, ids, new_tokens, stop_at_eos=False, width=w,
-                                    lookup=lookup[w]))
+    with gc_paused():  # as eager.py times
+        for ids in prompts:
+            for w in gen_widths:
+                runs[w].append(generate(art, ids, new_tokens, stop_at_eos=False, width=w,
+                                        lookup=lookup[w]))
     outs = {w: [x.ids for x in runs[w]] for w in gen_widths}
     for w in gen_widths:
         r[f"w{w}"] = {

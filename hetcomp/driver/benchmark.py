@@ -16,7 +16,7 @@ from ..hardware import cpu_threads
 from ..profile.bandwidth import measure_read_bandwidth
 from ..runtime import generate, load_artifact
 from ..runtime.generate import auto_lookup, check_context, what_widths
-from ..runtime.unit_time import kernel_breakdown, peak_rss_mb, step_breakdown
+from ..runtime.unit_time import gc_paused, kernel_breakdown, peak_rss_mb, step_breakdown
 from .calibrate import heldout_prompts
 
 BENCH_PROMPTS = [
@@ -80,14 +80,15 @@ def bench_widths(art, widths, new_tokens: int, lookup: int | None,
     steps = dict.fromkeys(widths, 0)
     times: dict = {w: [] for w in widths}
     for r in range(rounds):
-        for ids in encoded:
-            for w in widths:
-                res = generate(art, ids, max_new_tokens=new_tokens, stop_at_eos=False,
-                               width=w, step_times=times[w], lookup=lookups[w],
-                               datastore=datastore)
-                made[w] += len(res.ids) - 1
-                secs[w] += res.decode_s
-                steps[w] += res.steps
+        with gc_paused():  # (a round at a time: a collection between rounds is not timed)
+            for ids in encoded:
+                for w in widths:
+                    res = generate(art, ids, max_new_tokens=new_tokens, stop_at_eos=False,
+                                   width=w, step_times=times[w], lookup=lookups[w],
+                                   datastore=datastore)
+                    made[w] += len(res.ids) - 1
+                    secs[w] += res.decode_s
+                    steps[w] += res.steps
         if rounds > 1:
             print(f"  round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
     rows = []
@@ -259,8 +260,9 @@ def bench(artifact: str, widths: list[int] | None = None, runs: int = 5, new_tok
               f"whose tree does not fit the context of {art.config.max_context} tokens after "
               "one committed token (generation shrinks it there)", file=sys.stderr, flush=True)
     generate(art, ids, max_new_tokens=min(8, new_tokens), stop_at_eos=False)  # warm-up
-    results = [generate(art, ids, max_new_tokens=new_tokens, stop_at_eos=False)
-               for _ in range(runs)]
+    with gc_paused():
+        results = [generate(art, ids, max_new_tokens=new_tokens, stop_at_eos=False)
+                   for _ in range(runs)]
     tps = statistics.median(r.decode_tokens_per_s for r in results)
     bw = measure_read_bandwidth()
     per_token = art.bytes_per_token()

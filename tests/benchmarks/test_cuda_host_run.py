@@ -59,9 +59,22 @@ def test_run_measures_a_bundle(tmp_path, monkeypatch):
     monkeypatch.setattr(run_py, "NEW_TOKENS", 6)
     monkeypatch.setattr(run_py, "GEN_WIDTHS", (1, 2, 4))
     monkeypatch.setattr(run_py, "_eager", lambda: {"tokens_per_s": 10.0})
+    import gc
+
+    import hetcomp.runtime
+
+    real_generate, collector = hetcomp.runtime.generate, []
+
+    def spy(art, ids, new_tokens, *args, **kwargs):  # is the cyclic collector paused?
+        collector.append((new_tokens, gc.isenabled()))
+        return real_generate(art, ids, new_tokens, *args, **kwargs)
+
+    monkeypatch.setattr(hetcomp.runtime, "generate", spy)
     out = tmp_path / "out"
     out.mkdir()
     run_py.run(str(bundle), str(out), [])
+    timed = [on for tokens, on in collector if tokens == 6]
+    assert len(timed) == 3 * 3 and not any(timed) and gc.isenabled()  # prompts x widths
 
     assert (bundle / "art" / "gpu" / "params.bin").is_file()
     res = json.loads((out / "results.json").read_text())

@@ -57,8 +57,19 @@ def test_eager_steps_match_the_numpy_llama():
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_eager_bench_reports_steps_and_decode():
+def test_eager_bench_reports_steps_and_decode(monkeypatch):
+    """Its steps and decode are timed with the cyclic collector paused, as hetcomp's are."""
+    import gc
+
+    real_step, collector = eager.step, []
+
+    def step(*args):
+        collector.append(gc.isenabled())
+        return real_step(*args)
+
+    monkeypatch.setattr(eager, "step", step)
     res = eager.bench(CFG, "cpu", "float32", widths=(1, 4), cache_len=8, new_tokens=4,
                       repeat=2)
+    assert len(collector) == 2 * 3 + 4 and not any(collector) and gc.isenabled()
     assert set(res["step_ms"]) == {"1", "4"} and all(v > 0 for v in res["step_ms"].values())
     assert res["tokens_per_s"] > 0

@@ -123,6 +123,40 @@ def test_speedup_is_against_w1_measured_alongside(art, cli):
     assert rep["speedup_best_vs_w1"] == pytest.approx(best / rows[0]["tokens_per_s"])
 
 
+def test_timed_decodes_run_without_the_cyclic_collector(art_copy, monkeypatch):
+    """Every timed decode of bench (the widths' and the sequential runs') runs with the
+    cyclic garbage collector paused, as ``timeit`` times, and the collector is back on
+    after; the warm-ups need not be."""
+    import gc
+
+    from hetcomp.runtime.unit_time import gc_paused
+
+    real, seen = bench_module.generate, []
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs.get("max_new_tokens"), gc.isenabled()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench_module, "generate", spy)
+    assert gc.isenabled()
+    bench(str(art_copy), widths=[1, 4], runs=2, new_tokens=9)
+    timed = [enabled for tokens, enabled in seen if tokens == 9]
+    assert len(timed) >= 2 + 2 * len(bench_module.BENCH_PROMPTS) and not any(timed)
+    assert gc.isenabled()
+    with pytest.raises(ValueError):  # restored after an error too, and left off if it was
+        with gc_paused():
+            assert not gc.isenabled()
+            raise ValueError
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
 def test_duplicate_widths_bench_once(art, cli):
     """A width named twice is decoded and reported once, in the order first named."""
     rep = bench_json(cli, art, "--widths", "2,2,4,2", "--new-tokens", 8)
