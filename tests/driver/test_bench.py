@@ -143,10 +143,10 @@ def test_timed_decodes_run_without_the_cyclic_collector(art_copy, monkeypatch):
     timed = [enabled for tokens, enabled in seen if tokens == 9]
     assert len(timed) >= 2 + 2 * len(bench_module.BENCH_PROMPTS) and not any(timed)
     assert gc.isenabled()
-    with pytest.raises(ValueError):  # restored after an error too, and left off if it was
-        with gc_paused():
-            assert not gc.isenabled()
-            raise ValueError
+    # restored after an error too, and left off if it was
+    with pytest.raises(ValueError), gc_paused():
+        assert not gc.isenabled()
+        raise ValueError
     assert gc.isenabled()
     gc.disable()
     try:
