@@ -15,8 +15,10 @@ prompt (the held-out ones where the heads have them) is decoded once, recording 
 compiled calls returned, then decoded again with every call answered from the record, so a
 step costs only the generator's own work, with the host's caches as warm as a GPU host's.
 SmolLM2 float16 here (`TVM_NUM_THREADS=1`, 64 tokens, 8 held-out prompts), us a step at
-W = 1 / 4 / 16 / 64: 27.9 / 151.5 / 216.9 / 302.7 (the datastore and the step shapes of
-the lookup trees, most of it; measured before trimming them).
+W = 1 / 4 / 16 / 64, median of 3 runs interleaved: 27.9 / 154.2 / 217.0 / 329.6 before the
+datastore's continuation hashes, the cached Medusa tree parts and the lookup's branch cap
+(the store's searches and new lookup trees' layouts were most of it), 27.3 / 120.5 / 163.0
+/ 266.5 after.
 
 To see the host's share alone, use a model whose kernels take little time (SmolLM2's 30
 layers at hidden size 64, random weights) and ``TVM_NUM_THREADS=1`` (on a 2-core machine the
