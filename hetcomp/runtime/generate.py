@@ -322,8 +322,8 @@ class NgramIndex:
     def draft_tree(self, nodes: int, branches: int = 8) -> tuple[tuple[int, ...], list[int]]:
         """The first ``branches`` (at most ``nodes``) :meth:`continuations` (of up to ``nodes``
         tokens), then the datastore's first ``branches`` (of up to :data:`STORE_LENGTH`),
-        merged into a tree of at most ``nodes`` nodes, in their order: ``(parents, tokens)``, a node's parent an
-        earlier node's index or -1 (the tree's root, the last token)."""
+        merged into a tree of at most ``nodes`` nodes, in their order: ``(parents, tokens)``,
+        a node's parent an earlier node's index or -1 (the tree's root, the last token)."""
         children: dict = {}  # (parent node, token) -> node
         parents: list[int] = []
         tokens: list[int] = []
