@@ -26,6 +26,17 @@ _NO_OP = 0
 
 
 @contextlib.contextmanager
+def _compiled_calls(art):
+    """The artifact's compiled step calls as they were, ``(verify by width, verify, commit,
+    draft)``, put back after the block whatever it replaced them with."""
+    saved = (dict(art._verify_static), art._verify, art._commit, art._medusa)
+    try:
+        yield saved
+    finally:
+        art._verify_static, art._verify, art._commit, art._medusa = saved
+
+
+@contextlib.contextmanager
 def gc_paused():
     """Timed decoding without the cyclic garbage collector, as ``timeit`` times (collected
     once before, re-enabled after). Importing TVM leaves ~240K long-lived objects, and one
@@ -188,34 +199,33 @@ def host_split(art, prompt_ids, widths, new_tokens: int = 96) -> list[dict]:
             wait[0] += time.perf_counter() - t0
             reads[0] += 1
 
-    saved = (dict(art._verify_static), art._verify, art._commit, art._medusa)
-    art._verify_static = {w: timed(f) for w, f in saved[0].items()}
-    art._verify, art._commit = timed(saved[1]), timed(saved[2])
-    if saved[3] is not None:
-        art._medusa = timed(saved[3])
-    _tvm.download = counted_download
     rows = []
-    try:
-        for width in widths:
-            for _ in range(2):  # the second pass is kept
-                steps: list = []
-                gen = Generation(art, prompt_ids, new_tokens, False, width, steps,
-                                 auto_lookup(width))
-                next(iter(gen))  # prefill and its first token, outside the counts
-                vm[0] = wait[0] = 0.0
-                reads[0] = 0
-                res = gen.result()
-            n, total = res.steps, sum(steps)
-            rows.append({"width": width, "steps": n,
-                         "accepted_per_step": round(res.accepted_per_step, 3),
-                         "step_ms": round(1e3 * total / n, 3),
-                         "vm_ms": round(1e3 * vm[0] / n, 3),
-                         "wait_ms": round(1e3 * wait[0] / n, 3),
-                         "host_ms": round(1e3 * (total - vm[0] - wait[0]) / n, 3),
-                         "reads_per_step": round(reads[0] / n, 2)})
-    finally:
-        _tvm.download = real_download
-        art._verify_static, art._verify, art._commit, art._medusa = saved
+    with _compiled_calls(art) as (static, verify, commit, medusa):
+        art._verify_static = {w: timed(f) for w, f in static.items()}
+        art._verify, art._commit = timed(verify), timed(commit)
+        if medusa is not None:
+            art._medusa = timed(medusa)
+        _tvm.download = counted_download
+        try:
+            for width in widths:
+                for _ in range(2):  # the second pass is kept
+                    steps: list = []
+                    gen = Generation(art, prompt_ids, new_tokens, False, width, steps,
+                                     auto_lookup(width))
+                    next(iter(gen))  # prefill and its first token, outside the counts
+                    vm[0] = wait[0] = 0.0
+                    reads[0] = 0
+                    res = gen.result()
+                n, total = res.steps, sum(steps)
+                rows.append({"width": width, "steps": n,
+                             "accepted_per_step": round(res.accepted_per_step, 3),
+                             "step_ms": round(1e3 * total / n, 3),
+                             "vm_ms": round(1e3 * vm[0] / n, 3),
+                             "wait_ms": round(1e3 * wait[0] / n, 3),
+                             "host_ms": round(1e3 * (total - vm[0] - wait[0]) / n, 3),
+                             "reads_per_step": round(reads[0] / n, 2)})
+        finally:
+            _tvm.download = real_download
     return rows
 
 
@@ -254,9 +264,6 @@ def host_replay(art, prompts, width: int, new_tokens: int = 64, rounds: int = 3)
     and refuses (``AssertionError``) a replay that did not reproduce the recorded tokens."""
     from .generate import Generation, auto_lookup
 
-    names = ("_verify_static", "_verify", "_commit", "_medusa")
-    saved = {n: getattr(art, n) for n in names}
-    saved_static = dict(saved["_verify_static"])
     record: dict[str, list] = {"draft": [], "greedy": []}
 
     def recording(fn, key, index):
@@ -277,11 +284,11 @@ def host_replay(art, prompts, width: int, new_tokens: int = 64, rounds: int = 3)
     def decode(ids):
         return Generation(art, ids, new_tokens, False, width, None, auto_lookup(width)).result()
 
-    try:
-        art._verify_static = {w: recording(f, "greedy", 2) for w, f in saved_static.items()}
-        art._verify = recording(saved["_verify"], "greedy", 2)
-        if saved["_medusa"] is not None:
-            art._medusa = recording(saved["_medusa"], "draft", 2)
+    with _compiled_calls(art) as (static, verify, _, medusa):
+        art._verify_static = {w: recording(f, "greedy", 2) for w, f in static.items()}
+        art._verify = recording(verify, "greedy", 2)
+        if medusa is not None:
+            art._medusa = recording(medusa, "draft", 2)
         expected = [decode(ids).ids for ids in prompts]
         best = float("inf")
         for _ in range(rounds):
@@ -290,11 +297,11 @@ def host_replay(art, prompts, width: int, new_tokens: int = 64, rounds: int = 3)
             art._tree_tensors.clear()
             if art._datastore is not None:
                 art._datastore._found.clear()
-            verify, draft, commit = replaying()
-            art._verify_static = {w: verify for w in saved_static}
-            art._verify, art._commit = verify, commit
-            if saved["_medusa"] is not None:
-                art._medusa = draft
+            fake_verify, fake_draft, fake_commit = replaying()
+            art._verify_static = {w: fake_verify for w in static}
+            art._verify, art._commit = fake_verify, fake_commit
+            if medusa is not None:
+                art._medusa = fake_draft
             total, steps = 0.0, 0
             for ids, want in zip(prompts, expected):
                 times: list = []
@@ -303,7 +310,4 @@ def host_replay(art, prompts, width: int, new_tokens: int = 64, rounds: int = 3)
                 assert res.ids == want, "the replay did not reproduce the recorded decode"
                 total, steps = total + sum(times), steps + len(times)
             best = min(best, total / steps)
-    finally:
-        for n, v in saved.items():
-            setattr(art, n, v)
     return {"width": width, "steps": steps, "host_us": round(1e6 * best, 1)}
