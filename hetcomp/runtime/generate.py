@@ -369,7 +369,7 @@ def _step_shape(art, width: int, looked: tuple[int, ...]) -> _StepShape:
 
     def make():
         bw = width - len(looked)
-        base, b_mask, b_depths, (b_ptr, b_col), node_refs = _medusa_part(art, bw, width > 1)
+        base, b_mask, b_depths, (b_ptr, b_col), node_refs = _medusa_part(art, bw)
         parents = list(base.parents)
         rows: list[list[int]] = []  # each lookup node's ancestors and itself, increasing
         for node, p in enumerate(looked, bw):
@@ -391,16 +391,16 @@ def _step_shape(art, width: int, looked: tuple[int, ...]) -> _StepShape:
     return latest_cached(art.step_shapes, (width, looked), make, 256)
 
 
-def _medusa_part(art, width: int, speculative: bool):
+def _medusa_part(art, width: int):
     """``(tree, mask, depths, csr, node_refs)`` of the best Medusa tree of ``width`` nodes
-    (the root alone for sequential decoding), cached in ``art.medusa_parts``."""
+    (``art.tree``: the root alone at W = 1), cached in ``art.medusa_parts``."""
 
     def make():
-        base = art.tree(width) if speculative else Tree((-1,), (-1,), (1.0,))
+        base = art.tree(width)
         ranks = np.asarray(base.ranks[1:], dtype=np.int64)
         heads = np.asarray(base.heads[1:], dtype=np.int64)
         mask = base.mask()
         return (base, mask, base.depths, csr_from_mask(mask),
                 (-1 - (heads * MEDUSA_TOPK + ranks)).astype(np.int32))
 
-    return latest_cached(art.medusa_parts, (width, speculative), make, 256)
+    return latest_cached(art.medusa_parts, width, make, 256)
