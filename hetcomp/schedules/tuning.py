@@ -160,11 +160,12 @@ def tune_kernels(kernels: dict[str, object], target, db_path: str, trials_per_ke
     for h in unnamed:
         ms_log.removeHandler(h)
     try:
-        ms.tune_tir(mod, tgt, os.path.join(db_path, "work"),
-                    max_trials_global=trials_per_kernel * len(kernels),
-                    max_trials_per_task=trials_per_kernel,
-                    num_trials_per_iter=min(16, trials_per_kernel), database=db,
-                    num_tuning_cores=cores, builder=builder)
+        with c.cpu_tensor_intrinsics():  # (a CPU kernel uses no other target's)
+            ms.tune_tir(mod, tgt, os.path.join(db_path, "work"),
+                        max_trials_global=trials_per_kernel * len(kernels),
+                        max_trials_per_task=trials_per_kernel,
+                        num_trials_per_iter=min(16, trials_per_kernel), database=db,
+                        num_tuning_cores=cores, builder=builder)
     finally:
         for h in unnamed:
             ms_log.addHandler(h)

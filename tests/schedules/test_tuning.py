@@ -110,3 +110,32 @@ def test_tune_kernels_replaces_the_database_whole_or_not_at_all(tmp_path, monkey
     assert before == {f: Path(final, f).read_bytes() for f in before}
     assert sorted(os.listdir(root)) == [os.path.basename(final)]
     assert os.listdir(tmp_path / "new") == []  # made for the output, holding nothing
+
+
+def test_tuning_registers_the_cpu_tensor_intrinsics_alone():
+    """Inside ``cpu_tensor_intrinsics`` (what tuning runs in) the package import registers
+    x86's and Arm's intrinsics and imports no GPU's; after it, the package is no longer the
+    partial one, so a plain import runs its own ``__init__``. A fresh process: the suite's
+    other tests may have imported the package whole already."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+from hetcomp._tvm import compiler
+c = compiler()
+name = "tvm.s_tir.tensor_intrin"
+with c.cpu_tensor_intrinsics():
+    import tvm.s_tir.tensor_intrin
+    c.TensorIntrin.get("dot_16x4_avx512")
+    c.TensorIntrin.get("dot_4x4_i8i8s32_neon")
+    print(sorted(m for m in sys.modules if m.startswith(name + ".")))
+    inside = sys.modules[name]
+print(sys.modules.get(name) is None, inside is not None)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, cwd=Path(__file__).parents[2])
+    assert out.returncode == 0, out.stderr
+    inside, after = out.stdout.strip().splitlines()[-2:]
+    assert "cuda" not in inside and "rocm" not in inside and "x86" in inside, inside
+    assert after == "True True"
