@@ -133,8 +133,8 @@ with c.cpu_tensor_intrinsics():
     inside = sys.modules[name]
 print(sys.modules.get(name) is None, inside is not None)
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=300, cwd=Path(__file__).parents[2])
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True,
+                         text=True, timeout=300, cwd=Path(__file__).parents[2])
     assert out.returncode == 0, out.stderr
     inside, after = out.stdout.strip().splitlines()[-2:]
     assert "cuda" not in inside and "rocm" not in inside and "x86" in inside, inside
