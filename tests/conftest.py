@@ -1,6 +1,8 @@
 """Session fixtures. Test files mirror the packages (tests/passes/... for hetcomp/passes/...);
 shared helpers live in :mod:`hetcomp.testing`."""
 
+import fcntl
+import os
 import warnings
 
 import pytest
@@ -26,11 +28,31 @@ def smollm2_weights():
     return cfg, dict(w), spec, source
 
 
+def _made_once(tmp_path_factory, name: str, make):
+    """The folder ``name`` that ``make(path)`` writes, made once for the whole run: each
+    pytest-xdist worker runs the session fixtures it needs, so two workers would both compile
+    a real model (~30 s of a CI core each); the first one to ask makes it while the other
+    waits, under a lock in the run's temporary folder, which the workers share. Tests only
+    read it (as they do any session fixture's)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # (pytest-N/, the run's; a worker's own is pytest-N/popen-gwK)
+    out = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # (released when the file closes, or the worker dies)
+        if not (root / f"{name}.made").is_file():  # (a worker that failed made nothing)
+            make(out)
+            (root / f"{name}.made").touch()
+    return out
+
+
 @pytest.fixture(scope="session")
-def smollm2_artifact(tmp_path_factory, smollm2_weights):
-    out = tmp_path_factory.mktemp("smollm2") / "art"
-    compile_model(CompileOptions(model="smollm2"), str(out), quiet=True, weights=smollm2_weights)
-    return str(out)
+def smollm2_artifact(tmp_path_factory, request):
+    def make(out):
+        compile_model(CompileOptions(model="smollm2"), str(out), quiet=True,
+                      weights=request.getfixturevalue("smollm2_weights"))
+
+    return str(_made_once(tmp_path_factory, "smollm2-art", make))
 
 
 @pytest.fixture(scope="session")
@@ -39,10 +61,12 @@ def smollm2_medusa_artifact(tmp_path_factory):
     every width, as the command decides without being told (run in-process, ``main``).
     tests/driver/test_compile_defaults.py checks those decisions; test_real_model.py
     speculates with it."""
-    out = tmp_path_factory.mktemp("smollm2-medusa") / "A"
-    assert main(["compile", "--model", "smollm2", "--max-context", "512", "--quiet",
-                 "-o", str(out)]) == 0
-    return out
+
+    def make(out):
+        assert main(["compile", "--model", "smollm2", "--max-context", "512", "--quiet",
+                     "-o", str(out)]) == 0
+
+    return _made_once(tmp_path_factory, "smollm2-medusa", make)
 
 
 @pytest.fixture(scope="session")
