@@ -8,7 +8,7 @@ import pytest
 
 from hetcomp.errors import HetcompError
 from hetcomp.runtime.generate import STORE_LENGTH, NgramIndex
-from hetcomp.speculative.datastore import MAX_LENGTH, Datastore, pack_sequences
+from hetcomp.speculative.datastore import MAX_LENGTH, RANKED, Datastore, pack_sequences
 
 
 def scan(seqs, context, length, count, max_ngram=4):
@@ -34,14 +34,15 @@ def scan(seqs, context, length, count, max_ngram=4):
 @pytest.mark.parametrize("alphabet", [2, 6, 50])
 def test_continuations_are_what_a_scan_finds(alphabet):
     """Few symbols: long runs of matches, ranges of hundreds of occurrences, continuations
-    cut at a sequence's end, n-grams that would span two sequences (never matched)."""
+    cut at a sequence's end, n-grams that would span two sequences (never matched); up to
+    RANKED continuations from the tables ranked ahead, more counted by each search."""
     rng = np.random.default_rng(alphabet)
     seqs = [[int(t) for t in rng.integers(0, alphabet, int(rng.integers(1, 60)))]
             for _ in range(60)]
     store = Datastore.from_sequences(seqs, scan=10 ** 6)
     for _ in range(300):
         context = [int(t) for t in rng.integers(0, alphabet, int(rng.integers(0, 9)))]
-        length, count = int(rng.integers(1, 9)), int(rng.integers(1, 9))
+        length, count = int(rng.integers(1, 9)), int(rng.integers(1, RANKED + 5))
         assert store.continuations(context, length, count) == \
             scan(seqs, context, length, count), (context, length, count)
         # asked again (a decode that loops): the remembered answer, unchanged
@@ -71,8 +72,12 @@ def test_continuations_stop_at_the_longest_length():
 def test_scan_bounds_the_occurrences_counted():
     """A common n-gram's continuations are counted over its first ``scan`` occurrences."""
     seqs = [[7, 1]] * 3 + [[7, 2]] * 5
-    assert Datastore.from_sequences(seqs).continuations([7], 1, 2) == [[2], [1]]
-    assert Datastore.from_sequences(seqs, scan=4).continuations([7], 1, 2) == [[1], [2]]
+    for count in (2, RANKED + 1):  # (the ranked tables, and each search's own count)
+        assert Datastore.from_sequences(seqs).continuations([7], 1, count) == [[2], [1]]
+        assert Datastore.from_sequences(seqs, scan=4).continuations([7], 1, count) == [[1], [2]]
+        # 3 and 3: the earlier first; 3 and 4
+        assert Datastore.from_sequences(seqs, scan=6).continuations([7], 1, count) == [[1], [2]]
+        assert Datastore.from_sequences(seqs, scan=7).continuations([7], 1, count) == [[2], [1]]
 
 
 @pytest.mark.parametrize("tokens", [np.zeros((2, 3), np.int32), np.array([1.5, 2.0]),
