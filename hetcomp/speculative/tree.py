@@ -8,6 +8,7 @@ node's parent has a smaller index, as ``commit`` requires.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import heapq
 
 import numpy as np
@@ -66,6 +67,12 @@ class Tree:
             if p >= 0:
                 ch[p].append(i)
         return ch
+
+    @functools.cached_property
+    def _children(self) -> tuple[tuple[int, ...], ...]:
+        """:meth:`children`, made once (the generator accepts a path in the same tree at
+        many steps)."""
+        return tuple(tuple(c) for c in self.children())
 
     @property
     def expected_accept_length(self) -> float:
@@ -166,12 +173,13 @@ def accept_path(tree: Tree, tokens, greedy_ids) -> list[int]:
     at its parent. Siblings may hold the same token (a lookup chain beside a Medusa
     candidate, each drafted without the other), so every matching child is followed and the
     deepest path kept; of equally deep ones, the first in node order."""
-    children = tree.children()
+    children = tree._children
+    tokens, greedy_ids = np.asarray(tokens).tolist(), np.asarray(greedy_ids).tolist()
 
     def deepest(u: int) -> list[int]:
-        want, best = int(greedy_ids[u]), []
+        want, best = greedy_ids[u], []
         for c in children[u]:
-            if int(tokens[c]) == want:
+            if tokens[c] == want:
                 path = deepest(c)
                 if len(path) > len(best):
                     best = path
