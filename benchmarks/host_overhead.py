@@ -18,7 +18,9 @@ SmolLM2 float16 here (`TVM_NUM_THREADS=1`, 64 tokens, 8 held-out prompts), us a 
 W = 1 / 4 / 16 / 64, median of 3 runs interleaved: 27.9 / 154.2 / 217.0 / 329.6 before the
 datastore's continuation hashes, the cached Medusa tree parts and the lookup's branch cap
 (the store's searches and new lookup trees' layouts were most of it), 27.3 / 120.5 / 163.0
-/ 266.5 after.
+/ 266.5 after; then, against that code on another day, 24.6 / 93.2 / 144.2 / 241.7 before
+and 24.2 / 74.6 / 107.0 / 191.5 after the store's rankings made once per length (a search
+126 -> 32 us) and acceptance on the tree's cached children.
 
 To see the host's share alone, use a model whose kernels take little time (SmolLM2's 30
 layers at hidden size 64, random weights) and ``TVM_NUM_THREADS=1`` (on a 2-core machine the
