@@ -134,6 +134,8 @@ class Generation:
         self.art, self.prompt_ids, self.max_new_tokens = art, prompt_ids, max_new_tokens
         self.width, self.lookup = width, min(lookup, width - 1)
         self.store = art.datastore if datastore and self.lookup else None
+        if self.store is not None:  # (its index and rankings made here, before the steps)
+            self.store.prepare(min(self.lookup, STORE_LENGTH))
         self.eos = set(art.tokenizer.eos_token_ids) if stop_at_eos else set()
         self.step_times, self.hidden_states = step_times, hidden_states
         self.session = session if session is not None else art.new_session()

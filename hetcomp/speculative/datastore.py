@@ -129,9 +129,7 @@ class Datastore:
     def _search(self, context: tuple, length: int, count: int) -> list[list[int]]:
         if count > RANKED:
             return self._count_search(context, length, count)
-        ranked = self._ranked.get(length)
-        if ranked is None:
-            ranked = self._ranked[length] = self._rank_all(length)
+        ranked = self.prepare(length)
         out: list[list[int]] = []
         h = 0
         grams = []  # the context's last n-grams' hashes, n = 1, 2, ...
@@ -158,6 +156,14 @@ class Datastore:
                     if len(out) == count:
                         return out
         return out
+
+    def prepare(self, length: int) -> list[tuple]:
+        """Rank every n-gram's continuations of ``length`` tokens now, if not done yet (the
+        first search at a length does it: a decoder calls this before its timed steps)."""
+        ranked = self._ranked.get(length)
+        if ranked is None:
+            ranked = self._ranked[length] = self._rank_all(length)
+        return ranked
 
     def _rank_all(self, length: int) -> list[tuple]:
         """For each n, every n-gram's continuations of ``length`` tokens ranked as

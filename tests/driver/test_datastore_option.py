@@ -101,6 +101,25 @@ def test_a_store_without_heads_is_refused(tmp_path, inputs, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_the_store_is_ranked_before_the_timed_steps(stored, monkeypatch):
+    """A decode's first search would rank the store's continuations at its length (~0.1 s
+    for a real store): the generator has it done when it is made, outside ``decode_s``."""
+    from hetcomp.runtime.generate import Generation
+    from hetcomp.speculative.datastore import Datastore
+
+    art = load_artifact(str(stored))
+    ranked = []
+    real = Datastore._rank_all
+    monkeypatch.setattr(Datastore, "_rank_all",
+                        lambda self, length: ranked.append(length) or real(self, length))
+    gen = Generation(art, [5, 6, 7, 8, 9, 10, 5, 6], 12, False, width=4, lookup=2)
+    assert ranked == [2]  # made with the generator, for its lookup's continuation length
+    gen.result()
+    assert ranked == [2] and gen.steps > 0  # no step ranked again
+    Generation(art, [5, 6], 4, False, width=4, lookup=2).result()
+    assert ranked == [2]  # once per store and length
+
+
 def test_a_damaged_store_is_refused_at_load(tmp_path, stored, capsys):
     shutil.copytree(stored, tmp_path / "f")
     with open(tmp_path / "f" / "datastore.npy", "r+b") as fh:
