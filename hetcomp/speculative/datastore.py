@@ -131,19 +131,15 @@ class Datastore:
             return self._count_search(context, length, count)
         ranked = self.prepare(length)
         out: list[list[int]] = []
-        h = 0
-        grams = []  # the context's last n-grams' hashes, n = 1, 2, ...
-        for t in reversed(context[max(0, len(context) - self.max_ngram):]):
-            h = (h + (int(t) + 1) * pow(_MULT, len(grams), 1 << 64)) & _MASK
-            grams.append(h)
-        for n in range(len(grams), 0, -1):
+        for n in range(min(self.max_ngram, len(context)), 0, -1):
+            ngram = [int(x) for x in context[len(context) - n:]]
             keys, first_end, ptr, ends = ranked[n - 1]
-            key = np.uint64(grams[n - 1])
+            key = np.uint64(_hash_key(ngram))
             g = int(np.searchsorted(keys, key))
             if g == len(keys) or keys[g] != key:
                 continue
             e = int(first_end[g])
-            if self.tokens[e - n + 1: e + 1].tolist() != list(context[len(context) - n:]):
+            if self.tokens[e - n + 1: e + 1].tolist() != ngram:
                 continue  # a hash collision (never seen: 2**-64 per pair)
             for end in ends[ptr[g]: ptr[g + 1]].tolist():
                 cont = []

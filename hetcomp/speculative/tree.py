@@ -61,18 +61,15 @@ class Tree:
         tree-attention kernel reads)."""
         return csr_from_mask(self.mask())
 
-    def children(self) -> list[list[int]]:
+    @functools.cached_property
+    def children(self) -> tuple[tuple[int, ...], ...]:
+        """Each node's children, in node order; made once (the generator accepts a path in
+        the same tree at many steps)."""
         ch: list[list[int]] = [[] for _ in range(self.width)]
         for i, p in enumerate(self.parents):
             if p >= 0:
                 ch[p].append(i)
-        return ch
-
-    @functools.cached_property
-    def _children(self) -> tuple[tuple[int, ...], ...]:
-        """:meth:`children`, made once (the generator accepts a path in the same tree at
-        many steps)."""
-        return tuple(tuple(c) for c in self.children())
+        return tuple(map(tuple, ch))
 
     @property
     def expected_accept_length(self) -> float:
@@ -173,7 +170,7 @@ def accept_path(tree: Tree, tokens, greedy_ids) -> list[int]:
     at its parent. Siblings may hold the same token (a lookup chain beside a Medusa
     candidate, each drafted without the other), so every matching child is followed and the
     deepest path kept; of equally deep ones, the first in node order."""
-    children = tree._children
+    children = tree.children
     tokens, greedy_ids = np.asarray(tokens).tolist(), np.asarray(greedy_ids).tolist()
 
     def deepest(u: int) -> list[int]:
