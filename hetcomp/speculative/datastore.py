@@ -16,7 +16,7 @@ gives, for the longest n-gram that occurs, then shorter ones, the most frequent 
 sequences that followed it (among up to ``scan`` occurrences), counted by a hash of the
 tokens after every position, made at load for each length up to :data:`MAX_LENGTH`. Those
 rankings are made for every n-gram at once, the first time a search asks for a continuation
-length (~0.1 s for SmolLM2's store; :data:`RANKED` a n-gram), so a search is a binary search
+length (~0.1 s for SmolLM2's store; :data:`RANKED` per n-gram), so a search is a binary search
 per n and a slice (32 us here, 126 us when each search counted its own occurrences: most of
 the host's time in a W = 64 GPU step).
 """
@@ -127,31 +127,49 @@ class Datastore:
         return [list(c) for c in found]
 
     def _search(self, context: tuple, length: int, count: int) -> list[list[int]]:
-        if count > RANKED:
-            return self._count_search(context, length, count)
-        ranked = self.prepare(length)
+        # Up to RANKED continuations come from the tables ranked ahead (made at the first
+        # search of a length); more are counted here, over each n-gram's occurrences.
+        ranked = self.prepare(length) if count <= RANKED else None
         out: list[list[int]] = []
         for n in range(min(self.max_ngram, len(context)), 0, -1):
             ngram = [int(x) for x in context[len(context) - n:]]
-            keys, first_end, ptr, ends = ranked[n - 1]
             key = np.uint64(_hash_key(ngram))
-            g = int(np.searchsorted(keys, key))
-            if g == len(keys) or keys[g] != key:
-                continue
-            e = int(first_end[g])
-            if self.tokens[e - n + 1: e + 1].tolist() != ngram:
+            ends = (self._ranked_ends(ranked[n - 1], key) if ranked is not None
+                    else self._counted_ends(n, key, length))
+            if ends and self.tokens[ends[0] - n + 1: ends[0] + 1].tolist() != ngram:
                 continue  # a hash collision (never seen: 2**-64 per pair)
-            for end in ends[ptr[g]: ptr[g + 1]].tolist():
+            for end in ends:
                 cont = []
                 for x in self._padded[end + 1: end + 1 + length].tolist():
                     if x < 0:
                         break
                     cont.append(x)
-                if cont not in out:
+                if cont not in out:  # (never empty: every indexed n-gram has a follower)
                     out.append(cont)
                     if len(out) == count:
                         return out
         return out
+
+    @staticmethod
+    def _ranked_ends(table: tuple, key) -> list[int]:
+        """Where the ranked continuations of the n-gram with hash ``key`` start (one n's
+        :meth:`_rank_all` table), or [] if it does not occur."""
+        keys, ptr, ends = table
+        g = int(np.searchsorted(keys, key))
+        if g == len(keys) or keys[g] != key:
+            return []
+        return ends[ptr[g]: ptr[g + 1]].tolist()
+
+    def _counted_ends(self, n: int, key, length: int) -> list[int]:
+        """:meth:`_ranked_ends` counted over the n-gram's first ``scan`` occurrences now."""
+        keys = self._keys[n - 1]
+        lo, hi = np.searchsorted(keys, key, "left"), np.searchsorted(keys, key, "right")
+        ends = self._ends[n - 1][lo: min(hi, lo + self.scan)]
+        # Distinct continuations by their hashes (np.unique over rows of tokens sorts them as
+        # records: 20x slower at 256 rows), the most frequent first, ties by the earliest
+        _, first, counts = np.unique(self._cont_hash[length - 1][ends], return_index=True,
+                                     return_counts=True)
+        return ends[first[np.lexsort((first, -counts))]].tolist()
 
     def prepare(self, length: int) -> list[tuple]:
         """Rank every n-gram's continuations of ``length`` tokens now, if not done yet (the
@@ -163,11 +181,10 @@ class Datastore:
 
     def _rank_all(self, length: int) -> list[tuple]:
         """For each n, every n-gram's continuations of ``length`` tokens ranked as
-        :meth:`_count_search` ranks one n-gram's (the first ``scan`` occurrences counted, the
+        :meth:`_counted_ends` ranks one n-gram's (the first ``scan`` occurrences counted, the
         most frequent first, ties by the earliest), the first :data:`RANKED` kept: per n
-        ``(keys, first_end, ptr, ends)``, the n-grams' sorted hashes, where each first ends,
-        and ``ends[ptr[g]:ptr[g + 1]]``, the positions n-gram ``g``'s ranked continuations
-        follow."""
+        ``(keys, ptr, ends)``, the n-grams' sorted hashes and ``ends[ptr[g]:ptr[g + 1]]``,
+        the positions n-gram ``g``'s ranked continuations follow."""
         tables = []
         cont_hash = self._cont_hash[length - 1]
         for keys, ends in zip(self._keys, self._ends):
@@ -194,36 +211,5 @@ class Datastore:
             keep = rank < RANKED
             ptr = np.zeros(len(starts) + 1, np.int64)
             ptr[1:] = np.cumsum(np.bincount(grp[keep], minlength=len(starts)))
-            tables.append((keys[starts], ends[starts], ptr, ends[first[keep]]))
+            tables.append((keys[starts], ptr, ends[first[keep]]))
         return tables
-
-    def _count_search(self, context: tuple, length: int, count: int) -> list[list[int]]:
-        """:meth:`_search` counting the occurrences of each n-gram it looks up (for more
-        continuations than :data:`RANKED`)."""
-        out: list[list[int]] = []
-        for n in range(min(self.max_ngram, len(context)), 0, -1):
-            ngram = [int(x) for x in context[len(context) - n:]]
-            keys = self._keys[n - 1]
-            key = np.uint64(_hash_key(ngram))
-            lo, hi = np.searchsorted(keys, key, "left"), np.searchsorted(keys, key, "right")
-            if hi == lo:
-                continue
-            ends = self._ends[n - 1][lo: min(hi, lo + self.scan)]
-            if list(self.tokens[ends[0] - n + 1: ends[0] + 1]) != ngram:
-                continue  # a hash collision (never seen: 2**-64 per pair)
-            # Distinct continuations by their hashes (np.unique over rows of tokens sorts
-            # them as records: 20x slower at 256 rows), the most frequent first
-            _, first, counts = np.unique(self._cont_hash[length - 1][ends],
-                                         return_index=True, return_counts=True)
-            for r in np.lexsort((first, -counts)):
-                end = int(ends[first[r]])
-                cont = []
-                for x in self._padded[end + 1: end + 1 + length].tolist():
-                    if x < 0:
-                        break
-                    cont.append(x)
-                if cont and cont not in out:
-                    out.append(cont)
-                    if len(out) == count:
-                        return out
-        return out
