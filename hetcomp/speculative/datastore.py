@@ -1,6 +1,6 @@
 """A datastore draft: what the model itself wrote after the context's last n-gram elsewhere.
 
-The n-gram lookup of the generator (:class:`hetcomp.runtime.generate.NgramIndex`) drafts the
+The n-gram lookup of the generator (:class:`hetcomp.speculative.lookup.NgramIndex`) drafts the
 tokens that followed earlier occurrences of the context's suffix in the context itself. The
 datastore adds the model's own greedy responses to other prompts (the responses its Medusa
 heads were trained on, held-out prompts excluded): retrieval-based drafting as REST does it

@@ -1,10 +1,10 @@
-"""The lookup draft's n-gram index (``generate.NgramIndex``), kept as the context grows,
+"""The lookup draft's n-gram index (``lookup.NgramIndex``), kept as the context grows,
 against a scan of the whole context at every length."""
 
 import numpy as np
 import pytest
 
-from hetcomp.runtime.generate import NgramIndex
+from hetcomp.speculative.lookup import NgramIndex
 
 
 def scan(context, length, count, max_ngram=3, occurrences=8):

@@ -1,5 +1,5 @@
 """The lookup draft's datastore (``speculative.datastore``) against a plain scan of its
-sequences, and the lookup tree it joins (``generate.NgramIndex``)."""
+sequences, and the lookup tree it joins (``lookup.NgramIndex``)."""
 
 import collections
 
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from hetcomp.errors import HetcompError
-from hetcomp.runtime.generate import STORE_LENGTH, NgramIndex
 from hetcomp.speculative.datastore import MAX_LENGTH, RANKED, Datastore, pack_sequences
+from hetcomp.speculative.lookup import STORE_LENGTH, NgramIndex
 
 
 def scan(seqs, context, length, count, max_ngram=4):
