@@ -300,6 +300,23 @@ def training_responses(info: dict, vocab_size: int) -> tuple[list[list[int]], st
     return [responses[p] for p in train], os.path.basename(path)
 
 
+def heldout_sequences(info: dict, ranks, tokenizer, vocab_size: int):
+    """``[(prompt ids, response ids)]``: the held-out prompts of the heads carrying ``info``
+    and their recorded responses as calibration replayed them (the first ``new_tokens``),
+    in the order of the rows of the heads' held-out ``ranks``, for
+    :func:`~hetcomp.speculative.acceptance.replay_acceptance`. None where that cannot be
+    known: no ranks, responses generated at calibration (none recorded), the file not in the
+    package's data folder, or responses that do not add up to the ranks' rows (a prompt
+    calibration left out for its context)."""
+    name = info.get("responses")
+    path = packaged_file(os.path.basename(name)) if info.get("recorded_only") and name else None
+    if ranks is None or path is None or not os.path.isfile(path) or "new_tokens" not in info:
+        return None
+    _, held, responses = heads_split(info, path, vocab_size)
+    seqs = [(prompt_ids(tokenizer, p), responses[p][: info["new_tokens"]]) for p in held]
+    return seqs if sum(len(r) for _, r in seqs) == len(ranks) else None
+
+
 def distillation_data(art, opts: CalibrateOptions, progress: bool = True):
     """``((train feats, train seqs), (held-out feats, held-out seqs))``: the artifact's greedy
     outputs for the corpus's split prompts (replayed where ``opts.responses`` has them) with

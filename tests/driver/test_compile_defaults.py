@@ -19,9 +19,15 @@ def default_artifact(smollm2_medusa_artifact):
 
 def test_compile_smollm2_speculates_at_the_measured_width(default_artifact, cli):
     """A host build times its decode step at every width where it runs and speculates at the
-    width with the most tokens a second, its accepted tokens a step (tau) from the heads'
-    statistics; the roofline planner's choice stays in the record beside it."""
+    width with the most tokens a second, its accepted tokens a step (tau) replayed over the
+    heads' held-out recorded responses as `generate` decodes by default (the lookup and the
+    datastore; tests/frontend/test_real_model.py checks the replay against decoding), the
+    trees' own expectation recorded beside it; the roofline planner's choice too."""
+    from hetcomp.driver.calibrate import heldout_sequences
     from hetcomp.frontend.models import default_heads
+    from hetcomp.runtime import load_artifact
+    from hetcomp.runtime.generate import auto_lookup
+    from hetcomp.speculative.acceptance import replay_acceptance
     from hetcomp.speculative.medusa import MedusaHeads
     from hetcomp.speculative.tree import build_tree
 
@@ -31,12 +37,21 @@ def test_compile_smollm2_speculates_at_the_measured_width(default_artifact, cli)
     widths = [str(w) for w in m["widths"]]
     assert sorted(measured["step_ms"], key=int) == widths
     assert all(t > 0 for t in measured["step_ms"].values())
+    assert measured["tau_source"] == ("replayed: 153 held-out recorded responses, the "
+                                      "default lookup and the datastore")
     heads = MedusaHeads.load(default_heads("smollm2"))
-    for w in widths:  # tau from the trees the heads give, rate = tau / step
-        tau = build_tree(heads.rank_probs, int(w), heads.ranks).expected_accept_length
+    art = load_artifact(str(default_artifact))
+    seqs = heldout_sequences(heads.info, heads.ranks, art.tokenizer, art.config.vocab_size)
+    for w in widths:  # tau replayed, the trees' beside it, rate = tau / step
+        tree = build_tree(heads.rank_probs, int(w), heads.ranks).expected_accept_length
+        assert measured["tree_tau"][w] == pytest.approx(tree, abs=1e-4)
+        tau = replay_acceptance(seqs, heads.ranks, art.tree, int(w), auto_lookup(int(w)),
+                                art.datastore).tokens_per_step
         assert measured["tau"][w] == pytest.approx(tau, abs=1e-4)
         assert measured["tokens_per_s"][w] == pytest.approx(
             1e3 * tau / measured["step_ms"][w], rel=1e-3)
+    # the lookup and the datastore add to what the trees expect at every width
+    assert all(measured["tau"][w] > measured["tree_tau"][w] + 0.1 for w in widths[1:])
     rate = measured["tokens_per_s"]
     assert m["default_width"] == int(max(widths, key=lambda w: (rate[w], -int(w))))
     assert m["default_width_source"].startswith("measured here: ")
@@ -85,6 +100,9 @@ def test_the_steps_timed_here_choose_the_width(tmp_path, monkeypatch, fastest):
         "measured here: 1000.0 ms a step at W=" + str(fastest))
     assert m["width_measurement"]["step_ms"] == {
         str(w): 1e3 if w == fastest else 1e4 for w in widths}
+    # random heads have no recorded responses to replay: tau is their trees'
+    assert m["width_measurement"]["tau_source"] == "the heads' trees (held-out statistics)"
+    assert m["width_measurement"]["tau"] == m["width_measurement"]["tree_tau"]
     rc, out, err = run_cli("generate", art.path, "--prompt-ids", "1,2,3",
                            "--max-new-tokens", 6, "--json")
     assert rc == 0, err

@@ -158,3 +158,37 @@ def test_datastore_is_the_heads_training_responses_and_drafts_more(smollm2_medus
             assert res.ids == seq, (text, store)
             accepted[store].append(res.accepted_per_step)
     assert np.mean(accepted[True]) > np.mean(accepted[False]) + 0.1, accepted
+
+
+def test_the_replay_accepts_what_decoding_accepts(smollm2_medusa_artifact):
+    """Compile chooses the default width by the tokens a step replayed over the heads'
+    held-out recorded responses (``speculative.acceptance``), the drafts' proposals given by
+    the ranks calibration measured. Decoding the first held-out prompts for real, at widths
+    with the default lookup and datastore (and without), every step emits as many tokens as
+    the replay's step does; the decode reproduces the recorded response first (the replay
+    describes that response)."""
+    from hetcomp.data import packaged_file
+    from hetcomp.driver.calibrate import heldout_sequences
+    from hetcomp.runtime.generate import Generation
+    from hetcomp.speculative.acceptance import replay_acceptance
+    from hetcomp.speculative.medusa import MedusaHeads
+
+    art = load_artifact(str(smollm2_medusa_artifact))
+    heads = MedusaHeads.load(packaged_file(art.manifest["speculative"]["heads_file"]["name"]))
+    seqs = heldout_sequences(heads.info, heads.ranks, art.tokenizer, art.config.vocab_size)
+    assert len(seqs) == heads.info["held_out_prompts"] == 153
+    starts = np.cumsum([0] + [len(r) for _, r in seqs])
+    tokens, compared = 40, 0
+    for w, lookup in ((4, auto_lookup(4)), (16, auto_lookup(16)), (64, auto_lookup(64)),
+                      (16, 0)):
+        for i in range(3):
+            prompt, response = seqs[i][0], seqs[i][1][:tokens]
+            run = Generation(art, prompt, tokens, width=w, lookup=lookup)
+            steps = [len(new) for new in run][1:]  # (the first: prefill's token)
+            assert run.ids == response, (w, i)
+            replayed = replay_acceptance([(prompt, response)],
+                                         heads.ranks[starts[i]: starts[i] + tokens], art.tree,
+                                         w, lookup, art.datastore)
+            assert list(replayed.per_step) == steps, (w, lookup, i)
+            compared += len(steps)
+    assert compared < 4 * 3 * (tokens - 1)  # (steps accepted past their roots)
