@@ -422,16 +422,20 @@ class _StepModel:
 
 def tau_table(widths: Sequence[int], rank_probs=None, tau: Mapping[int, float] | None = None,
               ranks=None) -> tuple[dict[int, float], dict[int, Tree]]:
-    """tau(W) per width, from Medusa rank statistics (building the trees, from the joint
-    held-out ``ranks`` when given, as the compiler does) or given directly."""
-    if (rank_probs is None) == (tau is None):
-        raise ValueError("give exactly one of rank_probs and tau")
+    """tau(W) per width and the Medusa trees: with ``rank_probs`` the trees are built (from the
+    joint held-out ``ranks`` when given, as the compiler does) and tau is theirs, unless
+    ``tau`` gives it (what a decode with the lookup accepts,
+    :func:`~hetcomp.speculative.acceptance.replay_acceptance`); ``tau`` alone: no trees."""
+    if rank_probs is None and tau is None:
+        raise ValueError("give rank_probs or tau")
     if tau is not None:
         missing = [w for w in widths if w not in tau]
         if missing:
             raise ValueError(f"tau is missing widths {missing}")
-        return {w: float(tau[w]) for w in widths}, {}
-    trees = {w: build_tree(np.asarray(rank_probs), w, ranks) for w in widths}
+    trees = ({w: build_tree(np.asarray(rank_probs), w, ranks) for w in widths}
+             if rank_probs is not None else {})
+    if tau is not None:
+        return {w: float(tau[w]) for w in widths}, trees
     return {w: t.expected_accept_length for w, t in trees.items()}, trees
 
 
@@ -456,7 +460,8 @@ def plan(shape: ModelShape, units: Sequence[UnitModel], rank_probs=None,
     rank_probs : array ``[heads, top]``, optional
         Medusa acceptance statistics: trees are built per width and tau read from them.
     tau : mapping, optional
-        tau(W) given directly (no tree in the plan); exactly one of ``rank_probs``/``tau``.
+        tau(W) given directly: alone, no tree in the plan; with ``rank_probs``, in place of
+        the trees' (:func:`tau_table`). One of the two at least.
     ranks : array ``[rows, heads]``, optional
         The heads' held-out ranks: trees from their joint statistics (as compiled).
     """

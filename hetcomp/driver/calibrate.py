@@ -27,7 +27,8 @@ from ..errors import HetcompError
 from ..frontend import load_model
 from ..frontend.tokenizer import TokenizerInfo
 from ..runtime import load_artifact
-from ..runtime.generate import generate
+from ..runtime.generate import auto_lookup, generate
+from ..speculative.acceptance import replay_acceptance
 from ..speculative.corpus import CORPORA, load_corpus
 from ..speculative.medusa import (
     TOPK,
@@ -315,6 +316,23 @@ def heldout_sequences(info: dict, ranks, tokenizer, vocab_size: int):
     _, held, responses = heads_split(info, path, vocab_size)
     seqs = [(prompt_ids(tokenizer, p), responses[p][: info["new_tokens"]]) for p in held]
     return seqs if sum(len(r) for _, r in seqs) == len(ranks) else None
+
+
+def replayed_taus(heads: MedusaHeads, tokenizer, vocab_size: int, widths, tree, store=None
+                  ) -> tuple[dict[int, float], str] | None:
+    """Tokens a step at each of ``widths`` as ``generate`` decodes by default (the lookup
+    draft's :func:`~hetcomp.runtime.generate.auto_lookup` nodes, ``store`` the datastore or
+    None), replayed over the held-out recorded responses of ``heads``
+    (:func:`~hetcomp.speculative.acceptance.replay_acceptance`; ``tree(w)``: the Medusa tree
+    of ``w`` nodes verified), and a line saying so; None where those responses are not known
+    (:func:`heldout_sequences`)."""
+    seqs = heldout_sequences(heads.info, heads.ranks, tokenizer, vocab_size)
+    if seqs is None:
+        return None
+    taus = {w: replay_acceptance(seqs, heads.ranks, tree, w, auto_lookup(w),
+                                 store).tokens_per_step for w in widths}
+    return taus, (f"replayed: {len(seqs)} held-out recorded responses, the default lookup"
+                  f"{' and the datastore' if store is not None else ''}")
 
 
 def distillation_data(art, opts: CalibrateOptions, progress: bool = True):

@@ -68,10 +68,8 @@ from ..profile.bandwidth import measure_read_bandwidth
 from ..profile.units import detect_unit
 from ..quant_format import cache_dtype, is_quant
 from ..runtime import load_artifact
-from ..runtime.generate import auto_lookup
 from ..runtime.unit_time import decode_step_seconds
 from ..schedules.tuning import apply_database, database_dir
-from ..speculative.acceptance import replay_acceptance
 from ..speculative.datastore import pack_sequences
 from ..speculative.medusa import MedusaHeads
 from ..speculative.tree import build_tree, largest_tree
@@ -515,13 +513,16 @@ def _measure_width(folder: str, heads, widths, roofline: tuple[int, str],
                    quiet: bool) -> dict | None:
     """The default width from this machine: each width's decode step timed on the artifact
     in ``folder`` (:func:`~hetcomp.runtime.unit_time.decode_step_seconds`), its accepted
-    tokens a step (tau) as a decode with the default lookup gets them (:func:`_replayed_taus`;
-    the heads' trees where that cannot be replayed), the width with the most tokens a second
+    tokens a step (tau) as a decode with the default lookup gets them
+    (:func:`~hetcomp.driver.calibrate.replayed_taus`; the heads' trees' where there is
+    nothing to replay), the width with the most tokens a second
     chosen (:func:`~hetcomp.planner.best_width`). The roofline planner's choice (``roofline``:
     width and source) stays in the record beside it: on a 2-core AVX-512 machine it chose
     W=16 from numpy's matmul rate, where our kernels made that step twice W=1's and
     speculation slower than sequential decoding. Returns the manifest's new entries, or None
     where the artifact does not run here or too few widths fit its context."""
+    from .calibrate import replayed_taus  # (calibrate imports us)
+
     _progress(5, 5, f"timing a decode step at W = {', '.join(map(str, widths))} here", quiet)
     try:
         art = load_artifact(folder, verify=False)
@@ -536,7 +537,8 @@ def _measure_width(folder: str, heads, widths, roofline: tuple[int, str],
         return None
     step_s = decode_step_seconds(art, prompt, fits, MEASURE_NEW_TOKENS)
     tree_taus, _ = tau_table(fits, heads.rank_probs, ranks=heads.ranks)
-    replayed = _replayed_taus(art, heads, fits)
+    replayed = replayed_taus(heads, art.tokenizer, art.config.vocab_size, fits, art.tree,
+                             art.datastore)
     taus, tau_source = replayed or (tree_taus, "the heads' trees (held-out statistics)")
     best = best_width(taus, step_s)
     rate = {w: taus[w] / step_s[w] for w in fits}
@@ -556,24 +558,6 @@ def _measure_width(folder: str, heads, widths, roofline: tuple[int, str],
             "new_tokens": MEASURE_NEW_TOKENS, "prompt_tokens": len(prompt),
             "roofline_width": roofline[0], "roofline_source": roofline[1]},
     }
-
-
-def _replayed_taus(art, heads, widths) -> tuple[dict[int, float], str] | None:
-    """Tokens a step at each width as ``generate`` decodes by default (the lookup draft's
-    :func:`~hetcomp.runtime.generate.auto_lookup` nodes, the artifact's datastore), replayed
-    over the heads' held-out recorded responses
-    (:func:`~hetcomp.speculative.acceptance.replay_acceptance`), and where they come from;
-    None where the heads' held-out responses are not known (:func:`heldout_sequences`)."""
-    from .calibrate import heldout_sequences  # (calibrate imports us)
-
-    seqs = heldout_sequences(heads.info, heads.ranks, art.tokenizer, art.config.vocab_size)
-    if seqs is None:
-        return None
-    taus = {w: replay_acceptance(seqs, heads.ranks, art.tree, w, auto_lookup(w),
-                                 art.datastore).tokens_per_step for w in widths}
-    store = " and the datastore" if art.datastore is not None else ""
-    return taus, (f"replayed: {len(seqs)} held-out recorded responses, the default lookup"
-                  f"{store}")
 
 
 def quant_summary(report: dict) -> str:

@@ -28,7 +28,9 @@ from ..cost.roofline import dtype_bytes, linear_features
 from ..cost.xgb import fit_unit
 from ..data import packaged_file
 from ..errors import HetcompError
-from ..frontend.models import MODELS, default_heads
+from ..frontend import load_model
+from ..frontend.models import MODELS, default_datastore, default_heads
+from ..frontend.tokenizer import TokenizerInfo
 from ..hardware import SPECS
 from ..plan import PLAN_FORMAT
 from ..planner import PlannerOptions, UnitModel, plan_unit_sets, plot_plans
@@ -52,7 +54,9 @@ from ..schedules.tuning import (
     workload_key,
     write_accepted,
 )
+from ..speculative.datastore import Datastore
 from ..speculative.medusa import MedusaHeads
+from ..speculative.tree import build_tree
 from .profiling import _say, profile_command, read_model_shape, split_unit_names
 
 # Used for tau(W) when no calibrated Medusa heads exist. ILLUSTRATIVE ONLY, not measured:
@@ -69,10 +73,12 @@ DEFAULT_HEADS = packaged_file(MODELS["smollm2"].heads)
 
 
 def load_draft(heads: str | None = None, draft_dtype: str | None = None,
-               model: str = "smollm2") -> dict:
-    """What the planner needs to know of a Medusa draft: ``{"rank_probs", "ranks", "label",
-    "options"}``, ``options`` being the :class:`~hetcomp.planner.PlannerOptions` draft fields
-    (draft vocabulary, the draft's bytes per weight for ``draft_dtype``, root conditioning).
+               model: str = "smollm2", widths=PlannerOptions.widths) -> dict:
+    """What the planner needs to know of a Medusa draft: ``{"rank_probs", "ranks", "tau",
+    "label", "options"}``, ``options`` being the :class:`~hetcomp.planner.PlannerOptions`
+    draft fields (draft vocabulary, the draft's bytes per weight for ``draft_dtype``, root
+    conditioning), ``tau`` the tokens a step at ``widths`` as `compile` would measure them
+    (:func:`_replayed`; None where the heads' trees give it).
 
     ``heads`` (or the registered ``model``'s packaged heads when they exist, as compile
     speculates with them) is read with :meth:`MedusaHeads.load`; without heads,
@@ -81,12 +87,36 @@ def load_draft(heads: str | None = None, draft_dtype: str | None = None,
     opts = {"draft_weight_bytes": dtype_bytes(draft_dtype) if draft_dtype else 0}
     path = heads or default_heads(model)
     if path is None:
-        return {"rank_probs": ILLUSTRATIVE_RANK_PROBS, "ranks": None,
+        return {"rank_probs": ILLUSTRATIVE_RANK_PROBS, "ranks": None, "tau": None,
                 "label": ILLUSTRATIVE_LABEL, "options": opts}
     h = MedusaHeads.load(path)
     opts.update(draft_vocab=0 if h.vocab is None else len(h.vocab), draft_root=h.u is not None)
+    replayed = _replayed(h, model, widths)
     return {"rank_probs": np.asarray(h.rank_probs), "ranks": h.ranks,
-            "label": f"Medusa heads {path}", "options": opts}
+            "tau": replayed and replayed[0],
+            "label": f"Medusa heads {path}" + (f"; tau {replayed[1]}" if replayed else ""),
+            "options": opts}
+
+
+def _replayed(heads: MedusaHeads, model: str, widths) -> tuple[dict, str] | None:
+    """Tokens a step at ``widths`` replayed over the heads' held-out recorded responses
+    (:func:`~hetcomp.driver.calibrate.replayed_taus`) as an artifact `compile` builds for
+    ``model`` with these heads decodes them: its trees, the default lookup, and the
+    datastore ``--datastore auto`` gives it. None where there is nothing to replay."""
+    from .calibrate import replayed_taus, training_responses
+
+    cfg, _, spec, _ = load_model(model)  # (the weights stay unread)
+    found = training_responses(heads.info, cfg.vocab_size) if default_datastore(model) else None
+    store = Datastore.from_sequences(found[0]) if found else None
+    trees: dict = {}
+
+    def tree(w: int):
+        if w not in trees:
+            trees[w] = build_tree(heads.rank_probs, w, heads.ranks)
+        return trees[w]
+
+    return replayed_taus(heads, TokenizerInfo.from_spec(spec), cfg.vocab_size, widths, tree,
+                         store)
 
 
 def _pct(x: float | None) -> str:
@@ -238,7 +268,7 @@ def _tune(out_dir, shape, key, model, present, spec, quick, cache_len, draft, pr
     # Any measured unit may host the unsplit ops (a GPU can run the whole model); the host
     # of spec-estimate sets stays the first unit named.
     plans = plan_unit_sets(shape, unit_models, rank_probs=draft["rank_probs"],
-                           options=PlannerOptions(cache_len=cache_len, **draft["options"]),
+                           tau=draft["tau"], options=PlannerOptions(cache_len=cache_len, **draft["options"]),
                            model=key, tau_source=label, any_host=bool(present),
                            ranks=draft["ranks"])
     best = plans[0]

@@ -289,6 +289,29 @@ def test_attention_placement_known_optimum():
     assert dict(p.attention) == {"dense": "B", "sparse": "A"}
 
 
+def test_given_tau_replaces_the_trees_tau_not_the_trees():
+    """tau(W) given beside the rank statistics (what a decode with the lookup accepts) is the
+    plans' tau; the trees are still built from the statistics, for the plan and the step's
+    sparse tree part. Alone, tau builds no tree; neither is refused."""
+    from hetcomp.planner import tau_table
+    from hetcomp.speculative.tree import build_tree
+
+    rp = np.tile(np.array([0.5, 0.2, 0.1, 0.05]), (3, 1))
+    given = {1: 1.0, 4: 2.5, 8: 3.0}
+    taus, trees = tau_table((1, 4, 8), rp, given)
+    assert taus == given and trees[8] == build_tree(rp, 8)
+    assert tau_table((1, 4), tau=given) == ({1: 1.0, 4: 2.5}, {})
+    with pytest.raises(ValueError, match="give rank_probs or tau"):
+        tau_table((1,))
+    a = _linear_unit("A", 1e-6)
+    p = plan(SHAPE, [a], rp, given, PlannerOptions(widths=(1, 4, 8)))
+    assert {c.width: c.tau for c in p.candidates} == given
+    assert p.tree == build_tree(rp, p.width)
+    q = plan(SHAPE, [a], rp, options=PlannerOptions(widths=(1, 4, 8)))  # the trees' tau
+    assert [c.step_s for c in q.candidates] == [c.step_s for c in p.candidates]
+    assert q.candidates[2].tau == pytest.approx(build_tree(rp, 8).expected_accept_length)
+
+
 def test_any_host_finds_a_whole_model_gpu_plan():
     # B is 100x faster at everything but 1 ms away from A. With A as the only possible host
     # every unsplit op stays on A; letting any unit host finds B alone, with no split forced.
@@ -413,7 +436,8 @@ def test_planner_imports_no_tvm():
 # ---- the real harness (quick) ---------------------------------------------------------------
 
 def test_quick_profile_fit_and_plan(tmp_path, cli):
-    from hetcomp.driver.tuning import profile_command, tune_command
+    from hetcomp.driver.tuning import load_draft, profile_command, tune_command
+    from hetcomp.planner import tau_table
     from hetcomp.errors import HetcompError
 
     try:
@@ -434,6 +458,15 @@ def test_quick_profile_fit_and_plan(tmp_path, cli):
     # the width the planner's own predictions favour (ties: the narrower)
     pred = plan_prediction(str(out / "plan.json"))
     assert p.width == int(max(pred, key=lambda w: (pred[w]["tokens_per_s"], -int(w))))
+    # tau: what a decode with the default lookup and datastore accepts, replayed over the
+    # heads' held-out recorded responses as compile measures it; more than the trees' own
+    assert p.tau_source.endswith("; tau replayed: 153 held-out recorded responses, the "
+                                 "default lookup and the datastore")
+    draft = load_draft(model="smollm2")
+    assert {str(c.width): c.tau for c in p.candidates} == pytest.approx(
+        {str(w): t for w, t in draft["tau"].items()})
+    trees = tau_table(tuple(draft["tau"]), draft["rank_probs"], ranks=draft["ranks"])[0]
+    assert all(draft["tau"][w] > trees[w] + 0.1 for w in draft["tau"] if w > 1)
     assert UnitCostModel.load(str(out / "cost" / "cpu.json")).source == MEASURED
     # compile --plan: the plan's width and tree reach the artifact, and AnnotateCost costs every
     # kernel with the fitted models tune wrote beside the plan.
