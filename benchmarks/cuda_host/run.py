@@ -163,10 +163,13 @@ def measure_artifact(art, prompts: list[list[int]], reference: list | None = Non
                 runs[w].append(generate(art, ids, new_tokens, stop_at_eos=False, width=w,
                                         lookup=lookup[w]))
     outs = {w: [x.ids for x in runs[w]] for w in gen_widths}
+    replayed = replayed_acceptance(art, prompts, new_tokens, gen_widths, lookup)
     for w in gen_widths:
         r[f"w{w}"] = {
             "tokens_per_s": float(np.mean([x.decode_tokens_per_s for x in runs[w]])),
             "accepted_per_step": float(np.mean([x.accepted_per_step for x in runs[w]])),
+            # what the steps accept where the draft proposes what calibration measured
+            "replayed_per_step": replayed and replayed[w],
             "identical_to_sequential": outs[w] == outs[gen_widths[0]]}
         if not r[f"w{w}"]["identical_to_sequential"]:
             r[f"w{w}"]["first_divergence"] = first_divergence(art, prompts, outs[w],
@@ -196,6 +199,40 @@ def measure_artifact(art, prompts: list[list[int]], reference: list | None = Non
         say(f"W={row['width']} step {row['step_ms']} ms: VM {row['vm_ms']}, wait "
             f"{row['wait_ms']} ({row['reads_per_step']} reads), host {row['host_ms']}")
     return r
+
+
+def replayed_acceptance(art, prompts: list[list[int]], new_tokens: int, widths,
+                        lookup: dict) -> dict | None:
+    """Accepted tokens a step at each width, the mean over ``prompts`` as
+    :func:`measure_artifact` averages a decode's, replayed over the recorded responses of
+    the held-out prompts they are (``hetcomp.speculative.acceptance``): what the decode
+    accepts where the compiled draft proposes what calibration measured (on this CPU the
+    two agree step for step). None where the prompts are not the heads' held-out ones with
+    a recorded response of ``new_tokens`` (the run ignores EOS; a replay stops there)."""
+    import numpy as np
+
+    from hetcomp.data import packaged_file
+    from hetcomp.driver.calibrate import heldout_sequences
+    from hetcomp.speculative.acceptance import replay_acceptance
+    from hetcomp.speculative.medusa import MedusaHeads
+
+    spec = art.manifest.get("speculative") or {}
+    path = packaged_file((spec.get("heads_file") or {}).get("name", ""))
+    if not os.path.isfile(path):
+        return None
+    heads = MedusaHeads.load(path)
+    seqs = heldout_sequences(heads.info, heads.ranks, art.tokenizer, art.config.vocab_size)
+    if (seqs is None or [list(p) for p, _ in seqs[: len(prompts)]] != [list(p) for p in prompts]
+            or any(len(r) < new_tokens for _, r in seqs[: len(prompts)])):
+        return None
+    starts = np.cumsum([0] + [len(r) for _, r in seqs])
+    out = {}
+    for w in widths:
+        out[w] = float(np.mean([replay_acceptance(
+            [(p, r[:new_tokens])], heads.ranks[starts[i]: starts[i] + new_tokens], art.tree,
+            w, lookup[w], art.datastore).tokens_per_step
+            for i, (p, r) in enumerate(seqs[: len(prompts)])]))
+    return out
 
 
 def first_divergence(art, prompts: list[list[int]], ids: list[list[int]],
@@ -246,6 +283,13 @@ def _summary(results: dict) -> None:
             f"{steps['64'] / steps['1']:.2f}; identical "
             f"{all(r[k]['identical_to_sequential'] for k in r if k.startswith('w'))} / "
             f"{r['identical_to_first_artifact']}")
+        widths = [k for k in r if k.startswith("w") and k[1:].isdigit()]
+        if all(r[k].get("replayed_per_step") for k in widths):
+            # 2x needs a step at W no slower than (tokens a step) / 2 steps at W = 1
+            say(f"{name}: accepted a step measured / replayed: " + ", ".join(
+                f"W={k[1:]} {r[k]['accepted_per_step']:.3f} / {r[k]['replayed_per_step']:.3f}"
+                for k in widths) + "; 2x needs step W=64/W=1 <= "
+                + (f"{r['w64']['replayed_per_step'] / 2:.2f}" if "w64" in r else "n/a"))
     # What fusing the norms and activations into the linears saves, and what the tensor
     # cores save (float16 linears at W = 16 and 64), step by step.
     gpu = results["artifacts"].get("gpu")

@@ -94,6 +94,7 @@ def test_run_measures_a_bundle(tmp_path, monkeypatch):
     assert set(split) == {1, r["speculative_speedup"]["width"]}
     assert all(row["step_ms"] > 0 and row["vm_ms"] > 0 for row in split.values())
     assert "first_divergence" not in r
+    assert r["w2"]["replayed_per_step"] is None  # (random heads: no recorded responses)
 
     # Output that differs says where and by how much: a run whose reference (the first
     # artifact's ids, kept in results.json) leaves this artifact's at prompt 1, position 3.
@@ -116,6 +117,30 @@ def test_run_measures_a_bundle(tmp_path, monkeypatch):
     # this artifact's own choice is its argmax there: a positive margin, its top token
     assert d["top2"][0][0] == own[1][3] and d["margin"] > 0
     assert d["logits"][0] - d["logits"][1] == pytest.approx(d["margin"], abs=2e-5)
+
+
+def test_the_replay_predicts_what_the_run_accepts(smollm2_medusa_artifact):
+    """run() puts beside each width's accepted tokens a step the replay's over the same
+    held-out prompts and tokens: on this CPU they are equal (the draft proposes what
+    calibration measured), EOS ignored as the run ignores it. Prompts that are not the
+    heads' held-out ones, or tokens past a recorded response, have no replay."""
+    from hetcomp.driver.benchmark import bench_prompts
+    from hetcomp.runtime import generate
+    from hetcomp.runtime.generate import auto_lookup
+
+    art = load_artifact(str(smollm2_medusa_artifact))
+    prompts = [art.tokenizer.encode(p, chat=True)
+               for p in bench_prompts(art.manifest, "heldout")[:3]]
+    widths, tokens = (1, 4, 16), 40
+    lookup = {w: auto_lookup(w) for w in widths}
+    replayed = run_py.replayed_acceptance(art, prompts, tokens, widths, lookup)
+    for w in widths:
+        measured = np.mean([generate(art, ids, tokens, stop_at_eos=False, width=w,
+                                     lookup=lookup[w]).accepted_per_step for ids in prompts])
+        assert replayed[w] == pytest.approx(measured, abs=1e-9), w
+    assert replayed[16] > replayed[4] > replayed[1] == 1.0
+    assert run_py.replayed_acceptance(art, prompts[1:], tokens, widths, lookup) is None
+    assert run_py.replayed_acceptance(art, prompts, 300, widths, lookup) is None
 
 
 def test_gemv_reference_reads_both_weight_layouts():
