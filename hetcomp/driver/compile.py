@@ -70,7 +70,7 @@ from ..quant_format import cache_dtype, is_quant
 from ..runtime import load_artifact
 from ..runtime.unit_time import decode_step_seconds
 from ..schedules.tuning import apply_database, database_dir
-from ..speculative.datastore import pack_sequences
+from ..speculative.datastore import Datastore, pack_sequences
 from ..speculative.medusa import MedusaHeads
 from ..speculative.tree import build_tree, largest_tree
 
@@ -340,6 +340,8 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
         raise HetcompError(f"verify width {max(opts.verify_widths)} is wider than the model's "
                            f"sliding window of {window} tokens")
     _check_plan_width(opts, heads)
+    # Tokens a step each width accepts as the artifact will decode (None: the trees' tau).
+    replayed = _replayed(heads, tok, cfg.vocab_size, opts.widths, store)
     for note in [] if quiet else notes:
         print(note, file=sys.stderr, flush=True)
     _progress(1, steps, f"loaded {opts.model} ({parameter_count(w) / 1e6:.0f}M "
@@ -364,7 +366,8 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
     target = compiler().Target(target_spec)
     fused = (opts.plan is None and (fuses_linears(target) if opts.fuse_linears is None
                                     else opts.fuse_linears))
-    width, width_source = _default_width(opts, cfg, heads, draft_dtype, device_len, fused)
+    width, width_source = _default_width(opts, cfg, heads, draft_dtype, device_len, fused,
+                                         replayed)
     cost = _cost_models(opts, cfg, width, heads)
     cost_source = cost.pop("source") if cost else None
     scheduled: list = []
@@ -493,7 +496,8 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
         "draft_vocab": draft_vocab or None,
     }
     revise = (functools.partial(_measure_width, heads=heads, widths=opts.widths,
-                                roofline=(width, width_source), quiet=quiet)
+                                roofline=(width, width_source), replayed=replayed,
+                                quiet=quiet)
               if measure else None)
     path = export_artifact(out_dir, ex, params, tok.tok.to_str(), manifest,
                            extra_files={DATASTORE_FILE: store[0]} if store else None,
@@ -510,19 +514,16 @@ MEASURE_NEW_TOKENS = 12
 
 
 def _measure_width(folder: str, heads, widths, roofline: tuple[int, str],
-                   quiet: bool) -> dict | None:
+                   replayed: tuple[dict, str] | None, quiet: bool) -> dict | None:
     """The default width from this machine: each width's decode step timed on the artifact
     in ``folder`` (:func:`~hetcomp.runtime.unit_time.decode_step_seconds`), its accepted
-    tokens a step (tau) as a decode with the default lookup gets them
-    (:func:`~hetcomp.driver.calibrate.replayed_taus`; the heads' trees' where there is
-    nothing to replay), the width with the most tokens a second
+    tokens a step (tau) as a decode with the default lookup gets them (``replayed``:
+    :func:`_replayed`; None: the heads' trees'), the width with the most tokens a second
     chosen (:func:`~hetcomp.planner.best_width`). The roofline planner's choice (``roofline``:
     width and source) stays in the record beside it: on a 2-core AVX-512 machine it chose
     W=16 from numpy's matmul rate, where our kernels made that step twice W=1's and
     speculation slower than sequential decoding. Returns the manifest's new entries, or None
     where the artifact does not run here or too few widths fit its context."""
-    from .calibrate import replayed_taus  # (calibrate imports us)
-
     _progress(5, 5, f"timing a decode step at W = {', '.join(map(str, widths))} here", quiet)
     try:
         art = load_artifact(folder, verify=False)
@@ -537,8 +538,6 @@ def _measure_width(folder: str, heads, widths, roofline: tuple[int, str],
         return None
     step_s = decode_step_seconds(art, prompt, fits, MEASURE_NEW_TOKENS)
     tree_taus, _ = tau_table(fits, heads.rank_probs, ranks=heads.ranks)
-    replayed = replayed_taus(heads, art.tokenizer, art.config.vocab_size, fits, art.tree,
-                             art.datastore)
     taus, tau_source = replayed or (tree_taus, "the heads' trees (held-out statistics)")
     best = best_width(taus, step_s)
     rate = {w: taus[w] / step_s[w] for w in fits}
@@ -624,10 +623,12 @@ def _split_params(mod, cfg, dtype):
 
 
 def _default_width(opts: CompileOptions, cfg, heads, draft_dtype: str,
-                   device_len: bool = False, fused: bool = False) -> tuple[int, str]:
+                   device_len: bool = False, fused: bool = False,
+                   replayed: tuple[dict, str] | None = None) -> tuple[int, str]:
     """The width `generate` uses unless told, and where it comes from: ``--width``, the plan,
-    or the planner on the target's roofline with the heads' statistics (``device_len``,
-    ``fused``: the build's step is the CUDA-graph one, its linears fused)."""
+    or the planner on the target's roofline with the heads' trees (``device_len``, ``fused``:
+    the build's step is the CUDA-graph one, its linears fused) and the tokens a step
+    ``replayed`` (:func:`_replayed`; None: the trees')."""
     if heads is None:
         return 1, "no Medusa heads"
     if opts.default_width is not None:
@@ -642,13 +643,37 @@ def _default_width(opts: CompileOptions, cfg, heads, draft_dtype: str,
     shape = ModelShape.from_config(cfg, opts.dtype, opts.cache_dtype)
     p = plan(shape, [UnitModel.from_spec(spec)],
              rank_probs=heads.rank_probs, ranks=heads.ranks,
+             tau=replayed and {w: replayed[0][w] for w in opts.widths},
              options=PlannerOptions(widths=tuple(opts.widths), cache_len=256,
                                     draft_vocab=0 if heads.vocab is None else len(heads.vocab),
                                     draft_weight_bytes=dtype_bytes(draft_dtype),
                                     draft_root=heads.u is not None,
                                     device_len=device_len, fused_linears=fused))
     return p.width, (f"planner on the roofline of {spec.name} ({spec.notes}): "
-                     f"{p.tokens_per_s:.0f} tokens/s predicted at W={p.width}")
+                     f"{p.tokens_per_s:.0f} tokens/s predicted at W={p.width}, "
+                     f"{p.tau:.2f} tokens a step ("
+                     + ("replayed" if replayed else "the heads' trees") + ")")
+
+
+def _replayed(heads, tok, vocab_size: int, widths, store) -> tuple[dict, str] | None:
+    """Tokens a step at W = 1 and each of ``widths`` as the artifact being built will
+    decode by default (:func:`~hetcomp.driver.calibrate.replayed_taus`: its trees, from the
+    heads' joint statistics as its manifest gets them, the default lookup, ``store`` its
+    datastore from :func:`_datastore`), and where they come from; None without heads or
+    held-out recorded responses to replay."""
+    if heads is None:
+        return None
+    from .calibrate import replayed_taus  # (calibrate imports us)
+
+    trees: dict = {}
+
+    def tree(w: int):
+        if w not in trees:
+            trees[w] = build_tree(heads.rank_probs, w, heads.ranks)
+        return trees[w]
+
+    datastore = Datastore(np.load(io.BytesIO(store[0]))) if store is not None else None
+    return replayed_taus(heads, tok, vocab_size, sorted({1, *widths}), tree, datastore)
 
 
 @functools.lru_cache(maxsize=None)

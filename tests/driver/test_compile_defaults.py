@@ -56,6 +56,7 @@ def test_compile_smollm2_speculates_at_the_measured_width(default_artifact, cli)
     assert m["default_width"] == int(max(widths, key=lambda w: (rate[w], -int(w))))
     assert m["default_width_source"].startswith("measured here: ")
     assert measured["roofline_source"].startswith("planner on the roofline of cpu")
+    assert measured["roofline_source"].endswith("tokens a step (replayed)")
     rc, out, err = run_cli("generate", default_artifact, "--prompt", "hi", "--chat",
                            "--max-new-tokens", 24, "--json")
     assert rc == 0, err
@@ -153,20 +154,33 @@ def test_cuda_build_speculates_at_the_width_its_gpu_datasheet_plans():
     """`compile --target cuda` picks its default width with the planner on the datasheet
     roofline of `--cuda-arch` (H100/H200 class for sm_90, Orin NX's GPU for sm_87), costing
     the CUDA-graph step (one attention kernel a layer): a GPU reads the weights once for W
-    tree nodes, so it speculates. An architecture without a spec keeps W = 1."""
-    from hetcomp.driver.compile import CompileOptions, _default_width
+    tree nodes, so it speculates. The tokens a step are those replayed over the heads'
+    held-out recorded responses (compile passes them), which favour a wider tree than the
+    trees' own expectation. An architecture without a spec keeps W = 1."""
+    from hetcomp.driver.compile import CompileOptions, _datastore, _default_width, _replayed
     from hetcomp.frontend import resolve_model
-    from hetcomp.frontend.gguf_loader import open_gguf, read_config
+    from hetcomp.frontend.gguf_loader import open_gguf, read_config, read_tokenizer_spec
     from hetcomp.frontend.models import default_heads
+    from hetcomp.frontend.tokenizer import TokenizerInfo
     from hetcomp.speculative.medusa import MedusaHeads
 
-    cfg = read_config(open_gguf(resolve_model("smollm2")))
+    reader = open_gguf(resolve_model("smollm2"))
+    cfg, tok = read_config(reader), TokenizerInfo.from_spec(read_tokenizer_spec(reader))
     heads = MedusaHeads.load(default_heads("smollm2"))
+    opts = CompileOptions(model="smollm2", target="cuda", dtype="float16")
+    replayed = _replayed(heads, tok, cfg.vocab_size, opts.widths,
+                         _datastore(opts, heads, cfg.vocab_size))
+    assert replayed[1] == ("replayed: 153 held-out recorded responses, the default lookup "
+                           "and the datastore")
     for arch, spec in (("sm_90", "hopper-gpu"), ("sm_87", "orin-nx-gpu")):
         opts = CompileOptions(model="smollm2", target="cuda", cuda_arch=arch, dtype="float16")
-        width, source = _default_width(opts, cfg, heads, "float16", device_len=True)
+        width, source = _default_width(opts, cfg, heads, "float16", device_len=True,
+                                       replayed=replayed)
         assert width > 1 and width in opts.widths, (arch, width, source)
         assert source.startswith(f"planner on the roofline of {spec}"), source
+        assert source.endswith(f", {replayed[0][width]:.2f} tokens a step (replayed)"), source
+        trees, source = _default_width(opts, cfg, heads, "float16", device_len=True)
+        assert source.endswith("tokens a step (the heads' trees)") and 1 < trees < width
     opts = CompileOptions(model="smollm2", target="cuda", cuda_arch="sm_80", dtype="float16")
     width, source = _default_width(opts, cfg, heads, "float16", device_len=True)
     assert width == 1 and "--cuda-arch sm_80: pass --width" in source
