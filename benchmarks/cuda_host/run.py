@@ -204,35 +204,16 @@ def measure_artifact(art, prompts: list[list[int]], reference: list | None = Non
 def replayed_acceptance(art, prompts: list[list[int]], new_tokens: int, widths,
                         lookup: dict) -> dict | None:
     """Accepted tokens a step at each width, the mean over ``prompts`` as
-    :func:`measure_artifact` averages a decode's, replayed over the recorded responses of
-    the held-out prompts they are (``hetcomp.speculative.acceptance``): what the decode
+    :func:`measure_artifact` averages a decode's, replayed over their recorded responses
+    (``hetcomp bench``'s :func:`~hetcomp.driver.benchmark.replayed_steps`): what the decode
     accepts where the compiled draft proposes what calibration measured (on this CPU the
     two agree step for step). None where the prompts are not the heads' held-out ones with
     a recorded response of ``new_tokens`` (the run ignores EOS; a replay stops there)."""
-    import numpy as np
+    from hetcomp.driver.benchmark import replayed_steps
 
-    from hetcomp.data import packaged_file
-    from hetcomp.driver.calibrate import heldout_sequences
-    from hetcomp.speculative.acceptance import replay_acceptance
-    from hetcomp.speculative.medusa import MedusaHeads
-
-    spec = art.manifest.get("speculative") or {}
-    path = packaged_file((spec.get("heads_file") or {}).get("name", ""))
-    if not os.path.isfile(path):
-        return None
-    heads = MedusaHeads.load(path)
-    seqs = heldout_sequences(heads.info, heads.ranks, art.tokenizer, art.config.vocab_size)
-    if (seqs is None or [list(p) for p, _ in seqs[: len(prompts)]] != [list(p) for p in prompts]
-            or any(len(r) < new_tokens for _, r in seqs[: len(prompts)])):
-        return None
-    starts = np.cumsum([0] + [len(r) for _, r in seqs])
-    out = {}
-    for w in widths:
-        out[w] = float(np.mean([replay_acceptance(
-            [(p, r[:new_tokens])], heads.ranks[starts[i]: starts[i] + new_tokens], art.tree,
-            w, lookup[w], art.datastore).tokens_per_step
-            for i, (p, r) in enumerate(seqs[: len(prompts)])]))
-    return out
+    replayed = replayed_steps(art, prompts, new_tokens, {w: lookup[w] for w in widths})
+    return replayed and {w: sum(r.tokens_per_step for r in runs) / len(runs)
+                         for w, runs in replayed.items()}
 
 
 def first_divergence(art, prompts: list[list[int]], ids: list[list[int]],

@@ -11,13 +11,16 @@ import time
 import numpy as np
 
 from ..artifact_format import PLOT_METADATA, check_output_file, is_plot, output_file
+from ..data import packaged_file
 from ..errors import HetcompError
 from ..hardware import cpu_threads
 from ..profile.bandwidth import measure_read_bandwidth
 from ..runtime import generate, load_artifact
 from ..runtime.generate import auto_lookup, check_context, what_widths
 from ..runtime.unit_time import gc_paused, kernel_breakdown, peak_rss_mb, step_breakdown
-from .calibrate import heldout_prompts
+from ..speculative.acceptance import replay_acceptance
+from ..speculative.medusa import MedusaHeads
+from .calibrate import heldout_prompts, heldout_sequences
 
 BENCH_PROMPTS = [
     "Write a short story about a robot who learns to paint.",
@@ -91,6 +94,7 @@ def bench_widths(art, widths, new_tokens: int, lookup: int | None,
                     steps[w] += res.steps
         if rounds > 1:
             print(f"  round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+    replayed = replayed_steps(art, encoded, new_tokens, lookups, datastore)
     rows = []
     for w in widths:
         tree = art.trees.get(w)
@@ -99,15 +103,50 @@ def bench_widths(art, widths, new_tokens: int, lookup: int | None,
             "tokens_per_s": made[w] / secs[w],
             "accepted_per_step": made[w] / steps[w],
             "expected_accepted_per_step": tree.expected_accept_length if tree else 1.0,
+            # the same decodes replayed over the prompts' recorded responses (None: no record)
+            "replayed_accepted_per_step": replayed and (
+                sum(r.tokens for r in replayed[w]) / sum(r.steps for r in replayed[w])),
             "step_ms": 1e3 * statistics.median(times[w]),
             "lookup": lookups[w],
             # whether the lookup also searched the artifact's datastore
             "datastore": bool(datastore and lookups[w] and art.datastore is not None),
         })
+        again = rows[-1]["replayed_accepted_per_step"]
         print(f"  W={w:3d}  {rows[-1]['tokens_per_s']:6.1f} tokens/s  "
-              f"{rows[-1]['accepted_per_step']:.2f} accepted/step  "
+              f"{rows[-1]['accepted_per_step']:.2f} accepted/step"
+              + (f" (replayed {again:.2f})" if again else "") + "  "
               f"{rows[-1]['step_ms']:.1f} ms/step", file=sys.stderr, flush=True)
     return rows
+
+
+def replayed_steps(art, prompts: list[list[int]], new_tokens: int, lookups: dict,
+                   datastore: bool = True) -> dict | None:
+    """Per width (``lookups``: its lookup nodes), each prompt's greedy decode of
+    ``new_tokens`` tokens, EOS ignored, replayed over its recorded response
+    (:func:`~hetcomp.speculative.acceptance.replay_acceptance`: a ``Replayed`` per prompt):
+    what the steps accept where the compiled draft proposes what calibration measured, the
+    steps of the decode itself on a CPU. None unless ``prompts`` are the first held-out
+    prompts of the artifact's packaged heads, each with a recorded response of at least
+    ``new_tokens`` tokens."""
+    spec = art.manifest.get("speculative") or {}
+    path = packaged_file((spec.get("heads_file") or {}).get("name") or "")
+    if not os.path.isfile(path):
+        return None
+    heads = MedusaHeads.load(path)
+    held = heldout_sequences(heads.info, heads.ranks, art.tokenizer, art.config.vocab_size)
+    if held is None:
+        return None
+    seqs = held[: len(prompts)]
+    if ([list(p) for p, _ in seqs] != [list(p) for p in prompts]
+            or any(len(r) < new_tokens for _, r in seqs)):
+        return None
+    starts = np.cumsum([0] + [len(r) for _, r in held])  # each response's first row
+    store = art.datastore if datastore else None
+    return {w: [replay_acceptance([(p, r[:new_tokens])],
+                                  heads.ranks[starts[i]: starts[i] + new_tokens], art.tree, w,
+                                  lookup, store)
+                for i, (p, r) in enumerate(seqs)]
+            for w, lookup in lookups.items()}
 
 
 def plot_widths(rows, path: str, title: str) -> None:
@@ -132,7 +171,10 @@ def plot_widths(rows, path: str, title: str) -> None:
     ax2.plot(ws, [r["accepted_per_step"] for r in rows], marker="s", color="C1",
              label="accepted/step (measured)")
     ax2.plot(ws, [r["expected_accepted_per_step"] for r in rows], ls="--", color="C1",
-             label="accepted/step (expected)")
+             label="accepted/step (expected: the trees)")
+    if all(r.get("replayed_accepted_per_step") for r in rows):
+        ax2.plot(ws, [r["replayed_accepted_per_step"] for r in rows], ls=":", marker="+",
+                 color="C2", label="accepted/step (replayed)")
     ax2.set_ylabel("tokens per verify step", color="C1")
     fig.legend(loc="upper left", bbox_to_anchor=(0.12, 0.88))
     ax.set_title(title)

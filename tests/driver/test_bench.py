@@ -212,3 +212,26 @@ def test_missing_width_names_the_artifacts_widths(art, cli, no_decoding):
     """An artifact with heads lacks a width because its trees stop short of it: say where."""
     rc, _, err = cli("bench", art, "--widths", "2,16", "--runs", 1, "--new-tokens", 4)
     assert_one_line_error(rc, err, "widths [16] are not in this artifact (its trees have at most 8 nodes)")
+
+
+def test_bench_puts_the_replayed_acceptance_beside_the_measured(smollm2_medusa_artifact,
+                                                                tmp_path):
+    """`bench --prompts heldout` replays each width's decodes over the held-out prompts'
+    recorded responses: the accepted tokens a step it reports are the ones it measured (to
+    rounding: the draft proposes what calibration measured), with and without the
+    datastore, and the plot shows them. Past a recorded response (here 300 tokens) and on
+    the bench prompts there is nothing to replay."""
+    art = load_artifact(str(smollm2_medusa_artifact))
+    held = bench_prompts(art.manifest, "heldout")[:3]
+    for datastore in (True, False):
+        rows = bench_module.bench_widths(art, [1, 4, 16], 40, None, held, 1, datastore)
+        for r in rows:
+            assert r["replayed_accepted_per_step"] == pytest.approx(
+                r["accepted_per_step"], abs=1e-9), (datastore, r)
+        assert rows[2]["replayed_accepted_per_step"] > rows[1]["replayed_accepted_per_step"]
+    bench_module.plot_widths(rows, str(tmp_path / "w.png"), "widths")
+    assert is_plot(str(tmp_path / "w.png"))
+    encoded = bench_module.encode_prompts(art, held, 300, "prompt")
+    assert bench_module.replayed_steps(art, encoded, 300, {4: 2}) is None
+    bench = bench_module.encode_prompts(art, bench_module.BENCH_PROMPTS, 40, "prompt")
+    assert bench_module.replayed_steps(art, bench, 40, {4: 2}) is None
