@@ -82,12 +82,15 @@ class _Kernels:
         builder = quant.linear_quant if quant.is_quant(fmt) else ops.linear
         return self.get(name, builder, n, k, fmt, residual, rows=rows)
 
-    def embed(self, rows: int | None = None):
-        """The embedding gather from the table in the model's head format (scaled by the
-        model's ``embed_scale``)."""
+    def embed(self, rows: int | None = None, scaled: bool = True):
+        """The embedding gather from the table in the model's head format, scaled by the
+        model's ``embed_scale`` where the rows enter the layers (``scaled``); as stored for
+        the Medusa draft's root, which calibration trains on the stored rows."""
         fmt, cfg = head_dtype(self.wdtype), self.cfg
         builder = quant.embed_quant if quant.is_quant(fmt) else ops.embed
-        return self.get("embed", functools.partial(builder, scale=cfg.embed_scale),
+        scale = cfg.embed_scale if scaled else 1.0
+        return self.get("embed" if scaled or scale == cfg.embed_scale else "embed_stored",
+                        functools.partial(builder, scale=scale),
                         cfg.vocab_size, cfg.hidden_size, fmt, rows=rows)
 
 
@@ -275,7 +278,7 @@ def _add_medusa(bb, kern: _Kernels, cfg: LlamaConfig, num_heads: int, wdtype: st
     replay as one graph.
 
     Head k: ``h + SiLU(W_k h + U_k e + b_k)`` into the LM head (the heads' weights stacked,
-    :func:`medusa_param_specs`), ``e`` the root token's
+    :func:`medusa_param_specs`), ``e`` the root token's stored
     embedding (root-conditioned heads only; ``root`` is ignored otherwise). ``draft_dtype``:
     the dtype of the draft's weights, ``W_k``, ``U_k`` and its LM head (float16 halves the
     bytes the draft reads every step; drafts only propose, so verification stays exact).
@@ -312,9 +315,9 @@ def _add_medusa(bb, kern: _Kernels, cfg: LlamaConfig, num_heads: int, wdtype: st
             hidden = bb.emit(relax.TupleGetItem(staged, 0))
             root_tok = bb.emit(relax.TupleGetItem(staged, 1))
             emb = None
-            if root:
-                emb = bb.emit(relax.call_tir(kern.embed(rows=1), [root_tok, embed],
-                                             tt((1, e), "float32")))
+            if root:  # (the table's row as stored: what calibration trains the heads on)
+                emb = bb.emit(relax.call_tir(kern.embed(rows=1, scaled=False),
+                                             [root_tok, embed], tt((1, e), "float32")))
             # Every head in one linear (their weights stacked by output column), the root's
             # term in a second, then the activation writes the heads' rows [K, E].
             ke = num_heads * e

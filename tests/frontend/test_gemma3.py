@@ -178,3 +178,38 @@ def test_cuda_artifact_compiles_without_a_gpu(tmp_path, gemma3_gguf):
     kernels = {k["name"] for k in read_manifest(str(tmp_path / "g"))["kernels"]}
     assert "qk_norm" not in kernels and "tree_attention_win8" in kernels
     assert lib.count(b"__global__") > 10
+
+
+def test_the_draft_conditions_on_the_root_row_as_stored(tmp_path, gemma3_gguf):
+    """Calibration trains and ranks root-conditioned heads on the embedding table's rows as
+    stored (``calibrate``: ``embed[roots]``); Gemma scales them by sqrt(E) where they enter
+    the layers, and the compiled draft took that scaled gather for the root too, so its root
+    term was sqrt(E) times what the heads learnt (8 here, 25 for Gemma 3 270M): it proposed
+    other candidates than calibration measured (Gemma 3 270M float16, 8 held-out prompts,
+    64 tokens, W = 4: 2.250 tokens a step decoded, 2.333 replayed from calibration's ranks).
+    The draft's logits are the heads' on the stored row, far from those on the scaled row."""
+    from hetcomp import _tvm
+    from hetcomp.speculative.medusa import MedusaHeads
+
+    path, stored = gemma3_gguf
+    e, rng = CFG.hidden_size, np.random.default_rng(1)
+    heads = MedusaHeads(w=(rng.standard_normal((2, e, e)) * 0.05).astype("float32"),
+                        b=np.zeros((2, e), "float32"),
+                        rank_probs=np.tile(np.linspace(0.5, 0.05, 10), (2, 1)), info={},
+                        u=(rng.standard_normal((2, e, e)) * 2.0).astype("float32"))
+    heads.save(str(tmp_path / "h.npz"))
+    heads = MedusaHeads.load(str(tmp_path / "h.npz"))  # (as stored: float16 weights)
+    art = load_artifact(compile_model(CompileOptions(
+        model=str(path), heads=str(tmp_path / "h.npz"), widths=(1, 4),
+        max_context=CFG.max_context), str(tmp_path / "art"), quiet=True))
+    _, hidden = art.new_session().prefill(PROMPT[:20])
+    h = hidden.numpy().astype(np.float64)
+    embed = stored["embed"].astype(np.float64)
+    for root in (5, 77):
+        logits = art._medusa(hidden, _tvm.tensor(np.array([[0], [root]], "int32")),
+                             *art.medusa_params)[0].numpy()
+        want = heads.hidden(h, embed[[root]]) @ embed.T
+        scaled = heads.hidden(h, CFG.embed_scale * embed[[root]]) @ embed.T
+        err = np.abs(logits - want[:, 0]).max()
+        assert err < 1e-3 * np.abs(want).max(), root
+        assert np.abs(logits - scaled[:, 0]).max() > 100 * err, root
