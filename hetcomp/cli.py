@@ -392,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lookup", type=_NON_NEGATIVE, default=None,
                    help="n-gram lookup draft nodes inside the tree, several earlier "
                         "occurrences' continuations merged (0: Medusa heads only; default: "
-                        "half the width up to 8, then 3/4 of it, at most 32)")
+                        "the artifact's choice for the width, else half the width up to 8, "
+                        "then 3/4 of it, at most 32)")
     g.add_argument("--json", action="store_true")
     g.set_defaults(func=cmd_generate)
 
@@ -441,8 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --widths: passes over the prompts (widths interleaved)")
     b.add_argument("--plot", help="PNG of tokens/s and accepted length against W")
     b.add_argument("--lookup", type=_NON_NEGATIVE, default=None,
-                   help="n-gram lookup draft nodes inside the tree (default: half the "
-                        "width up to 8, then 3/4 of it, at most 32)")
+                   help="n-gram lookup draft nodes inside the tree (default: the "
+                        "artifact's choice for each width, else half the width up to 8, then "
+                        "3/4 of it, at most 32)")
     b.add_argument("--no-datastore", action="store_true",
                    help="the lookup draft searches the context only, not the artifact's "
                         "datastore (the model's responses to other prompts)")

@@ -137,7 +137,7 @@ def measure_artifact(art, prompts: list[list[int]], reference: list | None = Non
     import numpy as np
 
     from hetcomp.runtime import generate
-    from hetcomp.runtime.generate import auto_lookup
+    from hetcomp.runtime.generate import default_lookup
     from hetcomp.runtime.unit_time import (
         gc_paused,
         host_split,
@@ -153,7 +153,7 @@ def measure_artifact(art, prompts: list[list[int]], reference: list | None = Non
                "launches": art.manifest.get("launches"),
                # what the lookup draft searched besides the context (None: the context only)
                "datastore": (art.manifest.get("speculative") or {}).get("datastore")}
-    lookup = {w: auto_lookup(w) for w in gen_widths}  # as `hetcomp bench` drafts
+    lookup = {w: default_lookup(art, w) for w in gen_widths}  # as `hetcomp bench` drafts
     for w in gen_widths:  # warm-up: loads, first captures
         generate(art, prompts[0], 8, stop_at_eos=False, width=w, lookup=lookup[w])
     runs: dict = {w: [] for w in gen_widths}

@@ -16,7 +16,7 @@ from ..errors import HetcompError
 from ..hardware import cpu_threads
 from ..profile.bandwidth import measure_read_bandwidth
 from ..runtime import generate, load_artifact
-from ..runtime.generate import auto_lookup, check_context, what_widths
+from ..runtime.generate import check_context, default_lookup, what_widths
 from ..runtime.unit_time import gc_paused, kernel_breakdown, peak_rss_mb, step_breakdown
 from ..speculative.acceptance import replay_acceptance
 from ..speculative.medusa import MedusaHeads
@@ -74,7 +74,8 @@ def bench_widths(art, widths, new_tokens: int, lookup: int | None,
     encoded = encode_prompts(art, prompts, new_tokens, "prompt")
     # A step drafts at most W - 1 nodes by lookup (the root is the model's own choice), as
     # Generation clamps it: the rows report what was used.
-    lookups = {w: min(auto_lookup(w) if lookup is None else lookup, w - 1) for w in widths}
+    lookups = {w: min(default_lookup(art, w) if lookup is None else lookup, w - 1)
+               for w in widths}
     for w in widths:
         generate(art, encoded[0], max_new_tokens=min(8, new_tokens), stop_at_eos=False,
                  width=w, lookup=lookups[w], datastore=datastore)  # warm-up

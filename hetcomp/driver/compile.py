@@ -476,6 +476,10 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
         "default_width": width,
         "prefill_chunk": PREFILL_CHUNK,
         "default_width_source": width_source,
+        # The lookup nodes a step of each width drafts unless told (`generate --lookup`):
+        # those the replay found to accept the most (None: auto_lookup's)
+        "lookup": replayed and {str(w): n for w, n in replayed.lookups.items() if w > 1},
+        "lookup_source": replayed and replayed.source,
         "cost_models": cost_source,
         "kernels": kernel_table(scheduled[0], units) if scheduled else [],
         # What the VM allocates per call beyond weights and cache (a prefill chunk's rows;
@@ -514,10 +518,10 @@ MEASURE_NEW_TOKENS = 12
 
 
 def _measure_width(folder: str, heads, widths, roofline: tuple[int, str],
-                   replayed: tuple[dict, str] | None, quiet: bool) -> dict | None:
+                   replayed, quiet: bool) -> dict | None:
     """The default width from this machine: each width's decode step timed on the artifact
     in ``folder`` (:func:`~hetcomp.runtime.unit_time.decode_step_seconds`), its accepted
-    tokens a step (tau) as a decode with the default lookup gets them (``replayed``:
+    tokens a step (tau) as a decode with the artifact's lookup gets them (``replayed``:
     :func:`_replayed`; None: the heads' trees'), the width with the most tokens a second
     chosen (:func:`~hetcomp.planner.best_width`). The roofline planner's choice (``roofline``:
     width and source) stays in the record beside it: on a 2-core AVX-512 machine it chose
@@ -538,7 +542,8 @@ def _measure_width(folder: str, heads, widths, roofline: tuple[int, str],
         return None
     step_s = decode_step_seconds(art, prompt, fits, MEASURE_NEW_TOKENS)
     tree_taus, _ = tau_table(fits, heads.rank_probs, ranks=heads.ranks)
-    taus, tau_source = replayed or (tree_taus, "the heads' trees (held-out statistics)")
+    taus, tau_source = ((replayed.taus, replayed.source) if replayed
+                        else (tree_taus, "the heads' trees (held-out statistics)"))
     best = best_width(taus, step_s)
     rate = {w: taus[w] / step_s[w] for w in fits}
     return {
@@ -624,7 +629,7 @@ def _split_params(mod, cfg, dtype):
 
 def _default_width(opts: CompileOptions, cfg, heads, draft_dtype: str,
                    device_len: bool = False, fused: bool = False,
-                   replayed: tuple[dict, str] | None = None) -> tuple[int, str]:
+                   replayed=None) -> tuple[int, str]:
     """The width `generate` uses unless told, and where it comes from: ``--width``, the plan,
     or the planner on the target's roofline with the heads' trees (``device_len``, ``fused``:
     the build's step is the CUDA-graph one, its linears fused) and the tokens a step
@@ -643,7 +648,7 @@ def _default_width(opts: CompileOptions, cfg, heads, draft_dtype: str,
     shape = ModelShape.from_config(cfg, opts.dtype, opts.cache_dtype)
     p = plan(shape, [UnitModel.from_spec(spec)],
              rank_probs=heads.rank_probs, ranks=heads.ranks,
-             tau=replayed and {w: replayed[0][w] for w in opts.widths},
+             tau=replayed and {w: replayed.taus[w] for w in opts.widths},
              options=PlannerOptions(widths=tuple(opts.widths), cache_len=256,
                                     draft_vocab=0 if heads.vocab is None else len(heads.vocab),
                                     draft_weight_bytes=dtype_bytes(draft_dtype),
@@ -655,12 +660,12 @@ def _default_width(opts: CompileOptions, cfg, heads, draft_dtype: str,
                      + ("replayed" if replayed else "the heads' trees") + ")")
 
 
-def _replayed(heads, tok, vocab_size: int, widths, store) -> tuple[dict, str] | None:
-    """Tokens a step at W = 1 and each of ``widths`` as the artifact being built will
-    decode by default (:func:`~hetcomp.driver.calibrate.replayed_taus`: its trees, from the
-    heads' joint statistics as its manifest gets them, the default lookup, ``store`` its
-    datastore from :func:`_datastore`), and where they come from; None without heads or
-    held-out recorded responses to replay."""
+def _replayed(heads, tok, vocab_size: int, widths, store):
+    """The lookup nodes and tokens a step at W = 1 and each of ``widths`` as the artifact
+    being built will decode by default (:func:`~hetcomp.driver.calibrate.replayed_taus`, a
+    ``ReplayedWidths``: its trees, from the heads' joint statistics as its manifest gets
+    them, ``store`` its datastore from :func:`_datastore`); None without heads or held-out
+    recorded responses to replay."""
     if heads is None:
         return None
     from .calibrate import replayed_taus  # (calibrate imports us)

@@ -14,10 +14,10 @@ from ..runtime.generate import (
     Generation,
     GenerationResult,
     TextStream,
-    auto_lookup,
     check_context,
     check_decoding,
     context_room,
+    default_lookup,
 )
 
 
@@ -54,13 +54,13 @@ def generate(artifact: str | Artifact, prompt: str | list[int], *, chat: bool = 
     ``for piece in generate(art, "Hello"): print(piece, end="")`` prints the text as each
     verify step accepts tokens; the returned object's ``result`` then holds the ids and
     timings. ``width``: the token-tree width (default :func:`default_width`); ``lookup``:
-    n-gram draft tokens inside it (default half the width up to 8, then 3/4 of it, at most
-    32: :func:`~hetcomp.runtime.generate.auto_lookup`).
+    n-gram draft tokens inside it (default: the artifact's choice for the width,
+    :func:`~hetcomp.runtime.generate.default_lookup`).
     """
     art = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
     ids = art.tokenizer.encode(prompt, chat=chat) if isinstance(prompt, str) else list(prompt)
     width = default_width(art) if width is None else width
-    lookup = auto_lookup(width) if lookup is None else lookup
+    lookup = default_lookup(art, width) if lookup is None else lookup
     gen = Generation(art, ids, max_new_tokens=max_new_tokens, width=width, lookup=lookup,
                      stop_at_eos=stop_at_eos)
     return TextGeneration(gen, art.tokenizer)
@@ -90,7 +90,7 @@ class Chat:
         if self.art.tokenizer.chat_template is None:
             raise HetcompError("this model has no chat template: `hetcomp chat` needs one")
         self.width = default_width(self.art) if width is None else width
-        self.lookup = auto_lookup(self.width) if lookup is None else lookup
+        self.lookup = default_lookup(self.art, self.width) if lookup is None else lookup
         self.max_new_tokens = max_new_tokens
         # Options no turn could fit are refused now, not after the user's first line.
         check_decoding(self.art, max_new_tokens, self.width, self.lookup)

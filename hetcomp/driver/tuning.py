@@ -93,16 +93,17 @@ def load_draft(heads: str | None = None, draft_dtype: str | None = None,
     opts.update(draft_vocab=0 if h.vocab is None else len(h.vocab), draft_root=h.u is not None)
     replayed = _replayed(h, model, widths)
     return {"rank_probs": np.asarray(h.rank_probs), "ranks": h.ranks,
-            "tau": replayed and replayed[0],
-            "label": f"Medusa heads {path}" + (f"; tau {replayed[1]}" if replayed else ""),
+            "tau": replayed and replayed.taus,
+            "label": f"Medusa heads {path}" + (f"; tau {replayed.source}" if replayed else ""),
             "options": opts}
 
 
-def _replayed(heads: MedusaHeads, model: str, widths) -> tuple[dict, str] | None:
+def _replayed(heads: MedusaHeads, model: str, widths):
     """Tokens a step at ``widths`` replayed over the heads' held-out recorded responses
-    (:func:`~hetcomp.driver.calibrate.replayed_taus`) as an artifact `compile` builds for
-    ``model`` with these heads decodes them: its trees, the default lookup, and the
-    datastore ``--datastore auto`` gives it. None where there is nothing to replay."""
+    (:func:`~hetcomp.driver.calibrate.replayed_taus`, a ``ReplayedWidths``) as an artifact
+    `compile` builds for ``model`` with these heads decodes them: its trees, its lookup
+    nodes, and the datastore ``--datastore auto`` gives it. None where there is nothing to
+    replay."""
     from .calibrate import replayed_taus, training_responses
 
     cfg, _, spec, _ = load_model(model)  # (the weights stay unread)

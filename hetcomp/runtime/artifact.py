@@ -75,6 +75,10 @@ class Artifact:
         _check_target(self.manifest)
         if not isinstance(self.manifest.get("default_width") or 1, int):
             raise TypeError(f"default_width {self.manifest['default_width']!r} is not a width")
+        lookup = self.manifest.get("lookup") or {}
+        if not isinstance(lookup, dict) or not all(
+                isinstance(n, int) and not isinstance(n, bool) and 0 <= n for n in lookup.values()):
+            raise TypeError(f"lookup {lookup!r} is not lookup nodes by width")
         lib = os.path.join(self.path, "lib.so")
         pbin = os.path.join(self.path, "params.bin")
         tjson = os.path.join(self.path, "tokenizer.json")

@@ -51,6 +51,14 @@ def auto_lookup(width: int) -> int:
     return width // 2 if width <= 8 else min(3 * width // 4, 32)
 
 
+def default_lookup(art, width: int) -> int:
+    """The lookup nodes a step at ``width`` drafts unless told: the artifact's choice
+    (``manifest["lookup"]``, what compile's replay found to accept the most), else
+    :func:`auto_lookup`'s."""
+    chosen = (art.manifest.get("lookup") or {}).get(str(width))
+    return auto_lookup(width) if chosen is None else min(chosen, width - 1)
+
+
 def context_room(art, new_tokens: int) -> int:
     """The longest prompt after which ``new_tokens`` tokens fit the artifact's context, at any
     width: the cache holds the prompt and every new token but the last (no step runs it),

@@ -177,7 +177,7 @@ def host_split(art, prompt_ids, widths, new_tokens: int = 96) -> list[dict]:
     ``wait_ms`` reading results back to the host (a GPU step's wait for the device lands
     here), ``host_ms`` the rest (Python: the tree's inputs, acceptance, copies to the
     device), and ``reads_per_step``. A CPU's kernels run inside the VM calls."""
-    from .generate import Generation, auto_lookup
+    from .generate import Generation, default_lookup
 
     real_download = _tvm.download  # what the runtime reads results back with
     vm, wait, reads = [0.0], [0.0], [0]
@@ -211,7 +211,7 @@ def host_split(art, prompt_ids, widths, new_tokens: int = 96) -> list[dict]:
                 for _ in range(2):  # the second pass is kept
                     steps: list = []
                     gen = Generation(art, prompt_ids, new_tokens, False, width, steps,
-                                     auto_lookup(width))
+                                     default_lookup(art, width))
                     next(iter(gen))  # prefill and its first token, outside the counts
                     vm[0] = wait[0] = 0.0
                     reads[0] = 0
@@ -238,13 +238,14 @@ def decode_step_seconds(art, prompt_ids, widths, new_tokens: int = 12,
     workspace), the widths interleaved in each pass so that a busy spell of a shared machine
     falls on all of them. A step's time hardly depends on what it accepts: any prompt
     serves."""
-    from .generate import Generation, auto_lookup
+    from .generate import Generation, default_lookup
 
     steps: dict[int, list[float]] = {w: [] for w in widths}
     for _ in range(rounds):
         for w in widths:
             times: list[float] = []
-            Generation(art, prompt_ids, new_tokens, False, w, times, auto_lookup(w)).result()
+            Generation(art, prompt_ids, new_tokens, False, w, times,
+                       default_lookup(art, w)).result()
             steps[w].extend(times[1:] or times)
     return {w: float(np.median(t)) for w, t in steps.items()}
 
@@ -262,7 +263,7 @@ def host_replay(art, prompts, width: int, new_tokens: int = 64, rounds: int = 3)
 
     Returns ``{"width", "steps", "host_us"}``: microseconds a step, the best round's mean,
     and refuses (``AssertionError``) a replay that did not reproduce the recorded tokens."""
-    from .generate import Generation, auto_lookup
+    from .generate import Generation, default_lookup
 
     record: dict[str, list] = {"draft": [], "greedy": []}
 
@@ -282,7 +283,8 @@ def host_replay(art, prompts, width: int, new_tokens: int = 64, rounds: int = 3)
         return verify, (lambda *a: (None, None, next(it["draft"]))), (lambda k, v, *a: (k, v))
 
     def decode(ids):
-        return Generation(art, ids, new_tokens, False, width, None, auto_lookup(width)).result()
+        return Generation(art, ids, new_tokens, False, width, None,
+                          default_lookup(art, width)).result()
 
     with _compiled_calls(art) as (static, verify, _, medusa):
         art._verify_static = {w: recording(f, "greedy", 2) for w, f in static.items()}
@@ -306,7 +308,7 @@ def host_replay(art, prompts, width: int, new_tokens: int = 64, rounds: int = 3)
             for ids, want in zip(prompts, expected):
                 times: list = []
                 res = Generation(art, ids, new_tokens, False, width, times,
-                                 auto_lookup(width)).result()
+                                 default_lookup(art, width)).result()
                 assert res.ids == want, "the replay did not reproduce the recorded decode"
                 total, steps = total + sum(times), steps + len(times)
             best = min(best, total / steps)

@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 
-from hetcomp.testing import host_linear_rule, run_cli
+from hetcomp.testing import edit_manifest, host_linear_rule, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def test_compile_smollm2_speculates_at_the_measured_width(default_artifact, cli)
     from hetcomp.frontend.models import default_heads
     from hetcomp.runtime import load_artifact
     from hetcomp.runtime.generate import auto_lookup
-    from hetcomp.speculative.acceptance import replay_acceptance
+    from hetcomp.speculative.acceptance import best_lookup, replay_acceptance
     from hetcomp.speculative.medusa import MedusaHeads
     from hetcomp.speculative.tree import build_tree
 
@@ -37,16 +37,26 @@ def test_compile_smollm2_speculates_at_the_measured_width(default_artifact, cli)
     widths = [str(w) for w in m["widths"]]
     assert sorted(measured["step_ms"], key=int) == widths
     assert all(t > 0 for t in measured["step_ms"].values())
-    assert measured["tau_source"] == ("replayed: 153 held-out recorded responses, the "
-                                      "default lookup and the datastore")
+    assert measured["tau_source"] == m["lookup_source"] == (
+        "replayed: 153 held-out recorded responses, the lookup nodes that accept the most "
+        "and the datastore")
     heads = MedusaHeads.load(default_heads("smollm2"))
     art = load_artifact(str(default_artifact))
     seqs = heldout_sequences(heads.info, heads.ranks, art.tokenizer, art.config.vocab_size)
+    def replayed(w, lookup):
+        return replay_acceptance(seqs, heads.ranks, art.tree, w, lookup, art.datastore)
+
+    # each width's lookup nodes: auto_lookup's unless another accepts 1% more at 64 and 128
+    # tokens and over the whole responses; for SmolLM2 none does (more lookup nodes pay
+    # only late in long answers)
+    assert m["lookup"] == {w: best_lookup(int(w), auto_lookup(int(w)),
+                                          lambda n, w=int(w): replayed(w, n))[0]
+                           for w in widths[1:]}
+    assert m["lookup"] == {w: auto_lookup(int(w)) for w in widths[1:]}
     for w in widths:  # tau replayed, the trees' beside it, rate = tau / step
         tree = build_tree(heads.rank_probs, int(w), heads.ranks).expected_accept_length
         assert measured["tree_tau"][w] == pytest.approx(tree, abs=1e-4)
-        tau = replay_acceptance(seqs, heads.ranks, art.tree, int(w), auto_lookup(int(w)),
-                                art.datastore).tokens_per_step
+        tau = replayed(int(w), m["lookup"].get(w, 0)).tokens_per_step
         assert measured["tau"][w] == pytest.approx(tau, abs=1e-4)
         assert measured["tokens_per_s"][w] == pytest.approx(
             1e3 * tau / measured["step_ms"][w], rel=1e-3)
@@ -62,6 +72,7 @@ def test_compile_smollm2_speculates_at_the_measured_width(default_artifact, cli)
     assert rc == 0, err
     spec = json.loads(out)
     assert spec["width"] == m["default_width"]
+    assert spec["lookup"] == m["lookup"][str(spec["width"])]  # the artifact's choice
     rc, out, err = cli("generate", default_artifact, "--prompt", "hi", "--chat",
                        "--max-new-tokens", 24, "--json", "--width", 4)
     assert rc == 0, err
@@ -104,6 +115,18 @@ def test_the_steps_timed_here_choose_the_width(tmp_path, monkeypatch, fastest):
     # random heads have no recorded responses to replay: tau is their trees'
     assert m["width_measurement"]["tau_source"] == "the heads' trees (held-out statistics)"
     assert m["width_measurement"]["tau"] == m["width_measurement"]["tree_tau"]
+    assert m["lookup"] is None  # (generate drafts auto_lookup's nodes)
+    # an artifact that records a width's lookup nodes drafts them unless told
+    edit_manifest(art.path, lambda m: m.update(lookup={"4": 3}))
+    for extra, nodes in (((), 3), (("--lookup", 1), 1)):
+        rc, out, err = run_cli("generate", art.path, "--prompt-ids", "1,2,3", "--width", 4,
+                               "--max-new-tokens", 6, "--json", *extra)
+        assert rc == 0, err
+        assert json.loads(out)["lookup"] == nodes
+    edit_manifest(art.path, lambda m: m.update(lookup=None))
+    rc, out, err = run_cli("generate", art.path, "--prompt-ids", "1,2,3", "--width", 4,
+                           "--max-new-tokens", 6, "--json")
+    assert json.loads(out)["lookup"] == 2  # auto_lookup(4)
     rc, out, err = run_cli("generate", art.path, "--prompt-ids", "1,2,3",
                            "--max-new-tokens", 6, "--json")
     assert rc == 0, err
@@ -170,15 +193,15 @@ def test_cuda_build_speculates_at_the_width_its_gpu_datasheet_plans():
     opts = CompileOptions(model="smollm2", target="cuda", dtype="float16")
     replayed = _replayed(heads, tok, cfg.vocab_size, opts.widths,
                          _datastore(opts, heads, cfg.vocab_size))
-    assert replayed[1] == ("replayed: 153 held-out recorded responses, the default lookup "
-                           "and the datastore")
+    assert replayed.source == ("replayed: 153 held-out recorded responses, the lookup nodes "
+                               "that accept the most and the datastore")
     for arch, spec in (("sm_90", "hopper-gpu"), ("sm_87", "orin-nx-gpu")):
         opts = CompileOptions(model="smollm2", target="cuda", cuda_arch=arch, dtype="float16")
         width, source = _default_width(opts, cfg, heads, "float16", device_len=True,
                                        replayed=replayed)
         assert width > 1 and width in opts.widths, (arch, width, source)
         assert source.startswith(f"planner on the roofline of {spec}"), source
-        assert source.endswith(f", {replayed[0][width]:.2f} tokens a step (replayed)"), source
+        assert source.endswith(f", {replayed.taus[width]:.2f} tokens a step (replayed)"), source
         trees, source = _default_width(opts, cfg, heads, "float16", device_len=True)
         assert source.endswith("tokens a step (the heads' trees)") and 1 < trees < width
     opts = CompileOptions(model="smollm2", target="cuda", cuda_arch="sm_80", dtype="float16")

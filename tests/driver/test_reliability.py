@@ -483,6 +483,8 @@ def test_fuzz_manifest(tmp_path, tiny_artifact, capsys):
     ("del m['files']", "art: KeyError: 'files'"),
     ("m['params'][-1]['offset'] = 10**9", "lies outside params.bin"),
     ("m['default_width'] = 'abc'", "art: TypeError: default_width 'abc' is not a width"),
+    ("m['lookup'] = {'4': 'x'}", "art: TypeError: lookup {'4': 'x'} is not lookup nodes by "
+                                 "width"),
     # the caches are shaped from the config, which the library was not compiled for
     ("m['config']['max_context'] = 64",
      "manifest.json does not match lib.so (its prefill refused the shape of k_cache)"),

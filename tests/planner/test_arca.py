@@ -461,7 +461,7 @@ def test_quick_profile_fit_and_plan(tmp_path, cli):
     # tau: what a decode with the default lookup and datastore accepts, replayed over the
     # heads' held-out recorded responses as compile measures it; more than the trees' own
     assert p.tau_source.endswith("; tau replayed: 153 held-out recorded responses, the "
-                                 "default lookup and the datastore")
+                                 "lookup nodes that accept the most and the datastore")
     draft = load_draft(model="smollm2")
     assert {str(c.width): c.tau for c in p.candidates} == pytest.approx(
         {str(w): t for w, t in draft["tau"].items()})

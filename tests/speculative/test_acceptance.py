@@ -6,6 +6,11 @@ import numpy as np
 import pytest
 
 from hetcomp.speculative.acceptance import (
+    HORIZONS,
+    LOOKUP_GAIN,
+    Replayed,
+    best_lookup,
+    lookup_candidates,
     lookup_depth,
     medusa_depth,
     rank_paths,
@@ -102,3 +107,52 @@ def test_the_lookup_takes_its_nodes_from_the_width():
     assert replay_acceptance([(prompt, response)], ranks, tree, 8).per_step == (1,) * 7
     with pytest.raises(ValueError, match="rows"):
         replay_acceptance([(prompt, response)], ranks[:-1], tree, 8)
+
+
+def test_within_is_the_replay_of_the_cut_responses():
+    """A replay's decodes of n tokens equal replaying the responses cut at n tokens."""
+    rng = np.random.default_rng(3)
+    seqs = [([int(t) for t in rng.integers(0, 4, 6)], [int(t) for t in rng.integers(0, 4, m)])
+            for m in (1, 9, 30, 17)]
+    ranks = rng.choice([0, 0, 1, TOPK], size=(sum(len(r) for _, r in seqs), 3))
+    whole = replay_acceptance(seqs, ranks, chain, 6, lookup=3)
+    assert whole.within(10**6) == whole and whole.steps > 0
+    for n in (1, 2, 5, 12, 29):
+        cut = [(p, r[:n]) for p, r in seqs]
+        rows = np.concatenate([ranks[s: s + len(c)] for s, (_, c) in zip(
+            np.cumsum([0] + [len(r) for _, r in seqs]), cut)])
+        assert whole.within(n) == replay_acceptance(cut, rows, chain, 6, lookup=3), n
+
+
+def replayed(*steps):
+    return Replayed((tuple(steps),))
+
+
+def test_the_lookup_nodes_change_only_for_a_clear_gain_at_every_length():
+    """A width's lookup nodes: the default unless a candidate (half, three quarters, all but
+    the root) accepts LOOKUP_GAIN times as much at 64 and 128 tokens and over the whole
+    responses; then the one whose smallest gain is the largest (the fewer nodes of equals).
+    tau is the whole responses'."""
+    assert HORIZONS == (64, 128)
+    assert lookup_candidates(1, 0) == [0]
+    assert lookup_candidates(4, 2) == [2, 3] and lookup_candidates(64, 32) == [32, 48, 63]
+    assert lookup_candidates(16, 5) == [5, 8, 12, 15]
+    even = replayed(*(2,) * 150)  # 2 tokens a step throughout
+    better = replayed(*(3,) * 100)  # 3 throughout
+    late = replayed(*(1,) * 63, *(10,) * 50)  # 1 a step over 64 tokens, 4.98 over all
+    slight = replayed(*(2,) * 50, *(2.0 * LOOKUP_GAIN,) * 100)  # (a float: a test's scores)
+    asked = []
+
+    def replays(table):
+        def f(n):
+            asked.append(n)
+            return table.get(n, even)
+        return f
+
+    assert best_lookup(8, 4, replays({6: late, 7: better})) == (7, 3.0)
+    assert sorted(asked) == [4, 6, 7]
+    assert best_lookup(8, 4, replays({6: late})) == (4, 2.0)  # loses at 64 tokens
+    assert late.tokens_per_step > 4 and late.within(64).tokens_per_step == 1.0
+    assert best_lookup(8, 4, replays({6: better, 7: better})) == (6, 3.0)
+    assert best_lookup(8, 4, replays({6: slight}))[0] == 4  # below the gain at 64 tokens
+    assert best_lookup(1, 0, replays({})) == (0, 2.0)
