@@ -670,15 +670,8 @@ def _replayed(heads, tok, vocab_size: int, widths, store):
         return None
     from .calibrate import replayed_taus  # (calibrate imports us)
 
-    trees: dict = {}
-
-    def tree(w: int):
-        if w not in trees:
-            trees[w] = build_tree(heads.rank_probs, w, heads.ranks)
-        return trees[w]
-
     datastore = Datastore(np.load(io.BytesIO(store[0]))) if store is not None else None
-    return replayed_taus(heads, tok, vocab_size, sorted({1, *widths}), tree, datastore)
+    return replayed_taus(heads, tok, vocab_size, sorted({1, *widths}), datastore)
 
 
 @functools.lru_cache(maxsize=None)

@@ -56,7 +56,6 @@ from ..schedules.tuning import (
 )
 from ..speculative.datastore import Datastore
 from ..speculative.medusa import MedusaHeads
-from ..speculative.tree import build_tree
 from .profiling import _say, profile_command, read_model_shape, split_unit_names
 
 # Used for tau(W) when no calibrated Medusa heads exist. ILLUSTRATIVE ONLY, not measured:
@@ -109,15 +108,7 @@ def _replayed(heads: MedusaHeads, model: str, widths):
     cfg, _, spec, _ = load_model(model)  # (the weights stay unread)
     found = training_responses(heads.info, cfg.vocab_size) if default_datastore(model) else None
     store = Datastore.from_sequences(found[0]) if found else None
-    trees: dict = {}
-
-    def tree(w: int):
-        if w not in trees:
-            trees[w] = build_tree(heads.rank_probs, w, heads.ranks)
-        return trees[w]
-
-    return replayed_taus(heads, TokenizerInfo.from_spec(spec), cfg.vocab_size, widths, tree,
-                         store)
+    return replayed_taus(heads, TokenizerInfo.from_spec(spec), cfg.vocab_size, widths, store)
 
 
 def _pct(x: float | None) -> str:
