@@ -130,8 +130,8 @@ def test_the_replay_predicts_what_the_run_accepts(smollm2_medusa_artifact):
 
     art = load_artifact(str(smollm2_medusa_artifact))
     prompts = [art.tokenizer.encode(p, chat=True)
-               for p in bench_prompts(art.manifest, "heldout")[:3]]
-    widths, tokens = (1, 4, 16), 40
+               for p in bench_prompts(art.manifest, "heldout")[:2]]
+    widths, tokens = (1, 4, 16), 24
     lookup = {w: auto_lookup(w) for w in widths}
     replayed = run_py.replayed_acceptance(art, prompts, tokens, widths, lookup)
     for w in widths:

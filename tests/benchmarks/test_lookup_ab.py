@@ -13,7 +13,7 @@ _spec.loader.exec_module(lookup_ab)
 
 def test_configurations_decode_interleaved_with_their_replay(smollm2_medusa_artifact, capsys):
     assert lookup_ab.main([str(smollm2_medusa_artifact), "--configs", "4:2,4:3,1:0",
-                           "--new-tokens", "12", "--rounds", "1"]) == 0
+                           "--new-tokens", "6", "--rounds", "1"]) == 0
     out = capsys.readouterr().out.splitlines()
     rows = [re.match(r"W=\s*(\d+) lookup\s+(\d+):\s+([\d.]+) tokens/s, ([\d.]+) accepted/step "
                      r"\(replayed ([\d.]+)\)", line) for line in out]

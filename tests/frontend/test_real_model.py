@@ -164,9 +164,9 @@ def test_the_replay_accepts_what_decoding_accepts(smollm2_medusa_artifact):
     """Compile chooses the default width by the tokens a step replayed over the heads'
     held-out recorded responses (``speculative.acceptance``), the drafts' proposals given by
     the ranks calibration measured. Decoding the first held-out prompts for real, at widths
-    with the default lookup and datastore (and without), every step emits as many tokens as
-    the replay's step does; the decode reproduces the recorded response first (the replay
-    describes that response)."""
+    with the default lookup and datastore (and W = 16 with neither), every step emits as
+    many tokens as the replay's step does; the decode reproduces the recorded response first
+    (the replay describes that response)."""
     from hetcomp.data import packaged_file
     from hetcomp.driver.calibrate import heldout_sequences
     from hetcomp.runtime.generate import Generation
@@ -178,10 +178,9 @@ def test_the_replay_accepts_what_decoding_accepts(smollm2_medusa_artifact):
     seqs = heldout_sequences(heads.info, heads.ranks, art.tokenizer, art.config.vocab_size)
     assert len(seqs) == heads.info["held_out_prompts"] == 153
     starts = np.cumsum([0] + [len(r) for _, r in seqs])
-    tokens, compared = 40, 0
-    for w, lookup in ((4, auto_lookup(4)), (16, auto_lookup(16)), (64, auto_lookup(64)),
-                      (16, 0)):
-        for i in range(3):
+    tokens, compared = 32, 0
+    for w, lookup in ((4, auto_lookup(4)), (64, auto_lookup(64)), (16, 0)):
+        for i in range(2):
             prompt, response = seqs[i][0], seqs[i][1][:tokens]
             run = Generation(art, prompt, tokens, width=w, lookup=lookup)
             steps = [len(new) for new in run][1:]  # (the first: prefill's token)
@@ -191,4 +190,4 @@ def test_the_replay_accepts_what_decoding_accepts(smollm2_medusa_artifact):
                                          w, lookup, art.datastore)
             assert list(replayed.per_step) == steps, (w, lookup, i)
             compared += len(steps)
-    assert compared < 4 * 3 * (tokens - 1)  # (steps accepted past their roots)
+    assert compared < 3 * 2 * (tokens - 1)  # (steps accepted past their roots)
