@@ -58,8 +58,8 @@ def test_compile_smollm2_speculates_at_the_measured_width(default_artifact, cli)
         assert measured["tree_tau"][w] == pytest.approx(tree, abs=1e-4)
         tau = replayed(int(w), m["lookup"].get(w, 0)).tokens_per_step
         assert measured["tau"][w] == pytest.approx(tau, abs=1e-4)
-        assert measured["tokens_per_s"][w] == pytest.approx(
-            1e3 * tau / measured["step_ms"][w], rel=1e-3)
+        assert measured["tokens_per_s"][w] == pytest.approx(  # (recorded to 2 decimals)
+            1e3 * tau / measured["step_ms"][w], rel=1e-3, abs=0.005)
     # the lookup and the datastore add to what the trees expect at every width
     assert all(measured["tau"][w] > measured["tree_tau"][w] + 0.1 for w in widths[1:])
     rate = measured["tokens_per_s"]
