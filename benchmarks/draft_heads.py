@@ -376,7 +376,7 @@ def main() -> int:
     from hetcomp.frontend import load_model
     from hetcomp.speculative.medusa import _restrict, draft_vocabulary
 
-    (ftr, str_), (fho, sho) = replayed_data(args.cache)
+    (ftr, str_, _), (fho, sho, _) = replayed_data(args.cache)
     embed = load_model("smollm2")[1]["embed"].astype(np.float32)
     # The draft vocabulary of all training prompts, also with --train-prompts: fewer rows
     # for the heads, the same vocabulary.

@@ -134,7 +134,7 @@ def replayed_steps(art, prompts: list[list[int]], new_tokens: int, lookups: dict
     if not os.path.isfile(path):
         return None
     heads = MedusaHeads.load(path)
-    held = heldout_sequences(heads.info, heads.ranks, art.tokenizer, art.config.vocab_size)
+    held = heldout_sequences(heads, art.tokenizer, art.config.vocab_size)
     if held is None:
         return None
     seqs = held[: len(prompts)]

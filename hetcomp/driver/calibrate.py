@@ -138,10 +138,11 @@ def teacher_force(art, prompt_ids, response, chunk: int = TEACHER_CHUNK) -> np.n
 
 def collect(art, prompts, new_tokens: int, progress: bool = True,
             responses: dict | None = None):
-    """Greedy-generate from each prompt (or replay its recorded response, ``responses``:
-    prompt -> ids); rows are (hidden state, the tokens that follow it)."""
+    """Greedy-generate from each prompt that fits the context (or replay its recorded
+    response, ``responses``: prompt -> ids): ``(feats, seqs, prompts)``, per prompt the
+    hidden states ``[n, E]``, the ``n`` tokens they chose and the prompt's ids."""
 
-    feats, seqs = [], []
+    feats, seqs, used = [], [], []
     t0 = time.time()
     for i, prompt in enumerate(prompts):
         ids = prompt_ids(art.tokenizer, prompt)
@@ -155,6 +156,7 @@ def collect(art, prompts, new_tokens: int, progress: bool = True,
             toks = generate(art, ids, max_new_tokens=new_tokens, hidden_states=hs).ids
             feats.append(np.stack(hs))
         seqs.append(np.asarray(toks))
+        used.append(np.asarray(ids, np.int64))
         if progress:
             rate = sum(len(s) for s in seqs) / (time.time() - t0)
             print(f"\r  self-distillation data {i + 1}/{len(prompts)} prompts ({rate:.0f} "
@@ -163,7 +165,7 @@ def collect(art, prompts, new_tokens: int, progress: bool = True,
         print(file=sys.stderr)
     if prompts and not feats:
         raise HetcompError(_none_fit(art.config.max_context, new_tokens))
-    return feats, seqs
+    return feats, seqs, used
 
 
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
@@ -199,12 +201,17 @@ def make_targets(feats, seqs, num_heads: int):
 
 
 def load_cache(path: str):
-    """The generated data saved by ``CalibrateOptions.cache``: train and held-out lists."""
+    """The generated data saved by ``CalibrateOptions.cache``: train and held-out parts,
+    each ``(feats, seqs, prompts)`` as :func:`collect` returns them (``prompts`` None in data
+    saved before it kept them)."""
     def part(z, prefix):
         n = sum(1 for k in z.files if k.startswith(prefix + "_h"))
         if n == 0:
             raise ValueError(f"no {prefix} rows")
-        return ([z[f"{prefix}_h{i}"] for i in range(n)], [z[f"{prefix}_s{i}"] for i in range(n)])
+        prompts = ([z[f"{prefix}_p{i}"] for i in range(n)] if f"{prefix}_p0" in z.files
+                   else None)
+        return ([z[f"{prefix}_h{i}"] for i in range(n)], [z[f"{prefix}_s{i}"] for i in range(n)],
+                prompts)
 
     try:
         # Any file may be named here (--reuse, or --cache's check of what it would replace).
@@ -230,7 +237,7 @@ def check_calibration_data(data, cfg, path: str) -> None:
     """Saved data fit to train heads for the model ``cfg``: per prompt, hidden rows ``[n,
     E]`` and the ``n`` token ids they chose, in the vocabulary (data of another model used to
     fail mid-training, or to train heads on wrong rows)."""
-    for feats, seqs in data:
+    for feats, seqs, prompts in data:
         for h, t in zip(feats, seqs, strict=True):
             if h.ndim != 2 or h.shape[1] != cfg.hidden_size or h.dtype.kind != "f":
                 raise HetcompError(f"calibration data {path} holds hidden states of shape "
@@ -242,6 +249,11 @@ def check_calibration_data(data, cfg, path: str) -> None:
             if t.size and (t.min() < 0 or t.max() >= cfg.vocab_size):
                 raise HetcompError(f"calibration data {path} holds token ids outside this "
                                    f"model's vocabulary of {cfg.vocab_size}")
+        for p in prompts or ():
+            if p.ndim != 1 or p.dtype.kind not in "iu" or p.size and (
+                    p.min() < 0 or p.max() >= cfg.vocab_size):
+                raise HetcompError(f"calibration data {path} holds prompts that are not token "
+                                   f"ids of this model's vocabulary of {cfg.vocab_size}")
 
 
 def split_prompts(opts: CalibrateOptions, responses: dict | None = None):
@@ -289,11 +301,17 @@ def heldout_prompts(info: dict, count: int = 8) -> list[str]:
     return heads_split(info, responses)[1][:count]
 
 
-def training_responses(info: dict, vocab_size: int) -> tuple[list[list[int]], str] | None:
-    """The recorded responses the heads carrying ``info`` trained on, their held-out
-    prompts' left out (so `bench --prompts heldout` stays held out), and the file's name;
-    None where the heads trained on responses generated at calibration (none recorded) or
-    the file is not in the package's data folder."""
+def training_responses(heads: MedusaHeads, vocab_size: int
+                       ) -> tuple[list[list[int]], str] | None:
+    """The responses ``heads`` trained on, their held-out prompts' left out (so `bench
+    --prompts heldout` stays held out), and where they come from: kept in the heads (since
+    calibrate keeps them), else the recorded responses file in the package's data folder
+    that ``heads.info`` names; None where neither is there."""
+    info = heads.info
+    if heads.responses is not None:
+        recorded = os.path.basename(info.get("responses") or "")
+        return ([r.tolist() for r in heads.responses],
+                f"{recorded or 'greedy responses generated at calibration'}, kept in the heads")
     name = info.get("responses")
     path = packaged_file(os.path.basename(name)) if info.get("recorded_only") and name else None
     if path is None or not os.path.isfile(path):
@@ -302,14 +320,18 @@ def training_responses(info: dict, vocab_size: int) -> tuple[list[list[int]], st
     return [responses[p] for p in train], os.path.basename(path)
 
 
-def heldout_sequences(info: dict, ranks, tokenizer, vocab_size: int):
-    """``[(prompt ids, response ids)]``: the held-out prompts of the heads carrying ``info``
-    and their recorded responses as calibration replayed them (the first ``new_tokens``),
-    in the order of the rows of the heads' held-out ``ranks``, for
-    :func:`~hetcomp.speculative.acceptance.replay_acceptance`. None where that cannot be
-    known: no ranks, responses generated at calibration (none recorded), the file not in the
-    package's data folder, or responses that do not add up to the ranks' rows (a prompt
-    calibration left out for its context)."""
+def heldout_sequences(heads: MedusaHeads, tokenizer, vocab_size: int):
+    """``[(prompt ids, response ids)]``: the held-out prompts of ``heads`` and the responses
+    calibration measured them on, in the order of the rows of the heads' held-out ``ranks``,
+    for :func:`~hetcomp.speculative.acceptance.replay_acceptance`: kept in the heads (since
+    calibrate keeps them), else redrawn from the corpus with the recorded responses file in
+    the package's data folder that ``heads.info`` names (the first ``new_tokens`` of each).
+    None where that cannot be known: no ranks, neither kept nor packaged responses, or
+    responses that do not add up to the ranks' rows (a prompt calibration left out for its
+    context)."""
+    info, ranks = heads.info, heads.ranks
+    if heads.heldout is not None:  # (MedusaHeads.load checked them against the ranks)
+        return [(p.tolist(), r.tolist()) for p, r in heads.heldout]
     name = info.get("responses")
     path = packaged_file(os.path.basename(name)) if info.get("recorded_only") and name else None
     if ranks is None or path is None or not os.path.isfile(path) or "new_tokens" not in info:
@@ -344,7 +366,7 @@ def replayed_taus(heads: MedusaHeads, tokenizer, vocab_size: int, widths, store=
     ``heads`` (:func:`~hetcomp.speculative.acceptance.replay_acceptance`) with the trees an
     artifact compiled with them verifies (from their joint statistics) and ``store``, the
     datastore or None; None where those responses are not known (:func:`heldout_sequences`)."""
-    seqs = heldout_sequences(heads.info, heads.ranks, tokenizer, vocab_size)
+    seqs = heldout_sequences(heads, tokenizer, vocab_size)
     if seqs is None:
         return None
     digest = hashlib.sha256()
@@ -374,8 +396,8 @@ def replayed_taus(heads: MedusaHeads, tokenizer, vocab_size: int, widths, store=
 
 
 def distillation_data(art, opts: CalibrateOptions, progress: bool = True):
-    """``((train feats, train seqs), (held-out feats, held-out seqs))``: the artifact's greedy
-    outputs for the corpus's split prompts (replayed where ``opts.responses`` has them) with
+    """``((train feats, seqs, prompts), (held-out feats, seqs, prompts))``: the artifact's
+    greedy outputs for the corpus's split prompts (replayed where ``opts.responses`` has them) with
     the hidden states that chose them, saved to ``opts.cache`` when it is set (the expensive
     part: :func:`load_cache` gives it back to re-train without re-generating)."""
     responses = (read_responses(opts.responses, art.config.vocab_size) if opts.responses
@@ -387,12 +409,11 @@ def distillation_data(art, opts: CalibrateOptions, progress: bool = True):
     data = (collect(art, train, opts.new_tokens, progress, responses),
             collect(art, held, opts.new_tokens, progress, responses))
     if opts.cache:  # renamed into place (calibrate_model checked the path first)
-        (ftr, str_), (fho, sho) = data
         with output_file(opts.cache) as tmp:
-            np.savez(tmp, **{f"tr_h{i}": f for i, f in enumerate(ftr)},
-                     **{f"tr_s{i}": s for i, s in enumerate(str_)},
-                     **{f"ho_h{i}": f for i, f in enumerate(fho)},
-                     **{f"ho_s{i}": s for i, s in enumerate(sho)})
+            np.savez(tmp, **{f"{part}_{kind}{i}": x
+                             for part, arrays in zip(("tr", "ho"), data, strict=True)
+                             for kind, xs in zip("hsp", arrays, strict=True)
+                             for i, x in enumerate(xs)})
     return data
 
 
@@ -403,12 +424,14 @@ def calibrate(art, embed: np.ndarray, opts: CalibrateOptions, progress: bool = T
     ``embed`` is the model's token embedding and ``lm_head`` its LM head (None: tied), as
     the compiled draft reads them.
 
-    ``data = ((train feats, train seqs), (held-out feats, held-out seqs))`` (from
-    :func:`load_cache`) skips generation.
+    ``data = ((train feats, seqs, prompts), (held-out feats, seqs, prompts))`` (from
+    :func:`load_cache`) skips generation. The heads keep the training responses (the lookup
+    draft's datastore) and the held-out prompts with their responses (to replay decoding
+    over: :func:`heldout_sequences`); data saved without its prompts keeps none.
     """
     if data is None:
         data = distillation_data(art, opts, progress)
-    (ftr, str_), (fho, sho) = data
+    (ftr, str_, _), (fho, sho, pho) = data
     xtr, rtr, ytr = make_targets(ftr, str_, opts.num_heads)
     xho, rho, yho = make_targets(fho, sho, opts.num_heads)
     if progress:
@@ -429,7 +452,9 @@ def calibrate(art, embed: np.ndarray, opts: CalibrateOptions, progress: bool = T
         validation=(xtr[cut_row:], rtr[cut_row:], ytr[cut_row:]) if cut_row < len(xtr) else None)
     if progress:
         print(f"[3/3] held-out statistics on {len(xho)} rows", file=sys.stderr)
-    heads = MedusaHeads(w, b, np.zeros((opts.num_heads, TOPK)), {}, None, u, vocab)
+    heads = MedusaHeads(w, b, np.zeros((opts.num_heads, TOPK)), {}, None, u, vocab,
+                        responses=[np.asarray(r) for r in str_],
+                        heldout=None if pho is None else list(zip(pho, sho, strict=True)))
     heads.ranks = heldout_ranks(heads, xho, yho, embed, lm_head=lm_head,
                                 roots=rho if opts.condition_on_root else None)
     heads.rank_probs = rank_statistics(heads.ranks)

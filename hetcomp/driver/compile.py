@@ -91,8 +91,8 @@ class CompileOptions:
     cuda_arch: str = DEFAULT_CUDA_ARCH
     max_context: int | None = None  # None: the trained context, at most 2048 tokens
     heads: str | None = None  # Medusa heads file (.npz) from `hetcomp calibrate`
-    # The lookup draft's datastore (hetcomp.speculative.datastore): "auto", the recorded
-    # responses the heads trained on (none for heads that recorded none); "none"; or a
+    # The lookup draft's datastore (hetcomp.speculative.datastore): "auto", the responses
+    # the heads trained on (calibrate.training_responses; none for heads without them); "none"; or a
     # responses file (JSON lines {"prompt", "ids"}, as record_responses.py writes them).
     datastore: str = "auto"
     plan: object | None = None  # a HeteroPlan: partition across units (None: host only)
@@ -267,14 +267,14 @@ def _check_plan_width(opts: CompileOptions, heads) -> None:
 
 def _datastore(opts: CompileOptions, heads, vocab_size: int) -> tuple[bytes, dict] | None:
     """``(datastore.npy's bytes, its manifest entry)`` for ``opts.datastore``, or None (no
-    heads: no lookup runs; "none"; "auto" for heads that recorded no responses, or for a
+    heads: no lookup runs; "none"; "auto" for heads that kept no training responses, or for a
     registered model whose entry says the store costs it acceptance)."""
     if heads is None or opts.datastore == "none":
         return None
     from .calibrate import read_responses, training_responses  # (calibrate imports us)
 
     if opts.datastore == "auto":
-        found = (training_responses(heads.info, vocab_size)
+        found = (training_responses(heads, vocab_size)
                  if default_datastore(opts.model) else None)
         if found is None:
             return None
@@ -292,10 +292,10 @@ def _check_heads(heads: MedusaHeads, cfg, path: str) -> None:
     """Heads trained for another model are refused before any work."""
     if heads.w.shape[1] != cfg.hidden_size:
         raise HetcompError(f"Medusa heads {path} do not fit this model's hidden size")
-    if heads.vocab is not None and heads.vocab.size and not (
-            0 <= heads.vocab.min() and heads.vocab.max() < cfg.vocab_size):
-        raise HetcompError(f"Medusa heads {path} draft tokens outside this model's vocabulary "
-                           f"of {cfg.vocab_size}")
+    ids = heads.token_ids()  # the draft vocabulary's and the calibration responses'
+    if ids.size and not (0 <= ids.min() and ids.max() < cfg.vocab_size):
+        raise HetcompError(f"Medusa heads {path} hold token ids outside this model's "
+                           f"vocabulary of {cfg.vocab_size}")
 
 
 def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weights=None,
@@ -319,10 +319,11 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
     check_quantizable(cfg, opts.dtype)
     tok = TokenizerInfo.from_spec(spec)
     heads = MedusaHeads.load(opts.heads) if opts.heads else None
+    if heads is not None:
+        _check_heads(heads, cfg, opts.heads)
     store = _datastore(opts, heads, cfg.vocab_size)
     notes: list[str] = []
     if heads is not None:
-        _check_heads(heads, cfg, opts.heads)
         # Widths no tree the heads can draft fills (one head of 10 candidates: 11 nodes).
         cap = largest_tree(heads.num_heads, heads.rank_probs.shape[1])
         opts = _cap_widths(opts, cap, f"{heads.num_heads} Medusa head(s) draft trees of at "
@@ -666,7 +667,7 @@ def _replayed(heads, tok, vocab_size: int, widths, store):
     being built will decode by default (:func:`~hetcomp.driver.calibrate.replayed_taus`, a
     ``ReplayedWidths``: its trees, from the heads' joint statistics as its manifest gets
     them, ``store`` its datastore from :func:`_datastore`); None without heads or held-out
-    recorded responses to replay."""
+    responses to replay (:func:`~hetcomp.driver.calibrate.heldout_sequences`)."""
     if heads is None:
         return None
     from .calibrate import replayed_taus  # (calibrate imports us)

@@ -106,7 +106,7 @@ def _replayed(heads: MedusaHeads, model: str, widths):
     from .calibrate import replayed_taus, training_responses
 
     cfg, _, spec, _ = load_model(model)  # (the weights stay unread)
-    found = training_responses(heads.info, cfg.vocab_size) if default_datastore(model) else None
+    found = training_responses(heads, cfg.vocab_size) if default_datastore(model) else None
     store = Datastore.from_sequences(found[0]) if found else None
     return replayed_taus(heads, TokenizerInfo.from_spec(spec), cfg.vocab_size, widths, store)
 

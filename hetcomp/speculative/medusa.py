@@ -32,6 +32,11 @@ class MedusaHeads:
     ranks: np.ndarray | None = None  # [N, K] held-out target ranks (joint statistics)
     u: np.ndarray | None = None  # [K, E, E]: weights on the root token's embedding
     vocab: np.ndarray | None = None  # [Vd] int32: the draft vocabulary (None: the whole one)
+    # The greedy responses calibration trained on (the lookup draft's datastore) and its
+    # held-out (prompt ids, response) pairs, whose rows ``ranks`` holds in order (what
+    # replaying a decode walks); None in heads saved before calibration kept them.
+    responses: list[np.ndarray] | None = None
+    heldout: list[tuple[np.ndarray, np.ndarray]] | None = None
 
     @property
     def num_heads(self) -> int:
@@ -52,6 +57,11 @@ class MedusaHeads:
             extra["u"] = self.u.astype(np.float16)
         if self.vocab is not None:
             extra["vocab"] = self.vocab.astype(np.int32)
+        if self.responses is not None:
+            extra.update(_packed("responses", self.responses))
+        if self.heldout is not None:
+            extra.update(_packed("heldout_prompts", [p for p, _ in self.heldout]))
+            extra.update(_packed("heldout_responses", [r for _, r in self.heldout]))
         with output_file(path) as tmp:
             np.savez_compressed(tmp, w=self.w.astype(np.float16), b=self.b.astype(np.float32),
                                 meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
@@ -67,6 +77,8 @@ class MedusaHeads:
                 ranks = z["ranks"] if "ranks" in z.files else None
                 u = z["u"].astype(np.float32) if "u" in z.files else None
                 vocab = z["vocab"] if "vocab" in z.files else None
+                seqs = {name: _unpacked(z, name) for name in
+                        ("responses", "heldout_prompts", "heldout_responses")}
             rank_probs = np.asarray(meta.pop("rank_probs"), dtype=np.float64)
         except (OSError, EOFError, KeyError, ValueError, TypeError, AttributeError,
                 RecursionError, zipfile.BadZipFile, zlib.error) as e:  # a damaged .npz's
@@ -100,7 +112,44 @@ class MedusaHeads:
                                "probabilities")
         if not all(np.isfinite(a).all() for a in (w, b, u) if a is not None):
             raise HetcompError(f"cannot read Medusa heads {path}: weights that are not finite")
-        return cls(w, b, rank_probs, meta, ranks, u, vocab)
+        heldout = None
+        if seqs["heldout_prompts"] is not None or seqs["heldout_responses"] is not None:
+            prompts, responses = seqs["heldout_prompts"], seqs["heldout_responses"]
+            # one response a prompt, one row of ranks a response token
+            if (prompts is None or responses is None or len(prompts) != len(responses)
+                    or ranks is None or sum(len(r) for r in responses) != len(ranks)):
+                raise HetcompError(f"cannot read Medusa heads {path}: held-out responses "
+                                   "that do not match their prompts or ranks")
+            heldout = list(zip(prompts, responses, strict=True))
+        return cls(w, b, rank_probs, meta, ranks, u, vocab, seqs["responses"], heldout)
+
+    def token_ids(self) -> np.ndarray:
+        """Every token id the heads hold (draft vocabulary, responses, prompts), to check
+        against a model's vocabulary."""
+        parts = [np.zeros(0, np.int32)] + ([] if self.vocab is None else [self.vocab])
+        parts += list(self.responses or ()) + [x for pair in self.heldout or () for x in pair]
+        return np.concatenate([np.asarray(p, np.int64).ravel() for p in parts])
+
+
+def _packed(name: str, seqs) -> dict[str, np.ndarray]:
+    """Token sequences as ``{name}_ids`` (concatenated, int32) and ``{name}_lens``."""
+    seqs = [np.asarray(s, np.int64).ravel() for s in seqs]
+    ids = np.concatenate(seqs) if seqs else np.zeros(0, np.int64)
+    return {f"{name}_ids": ids.astype(np.int32),
+            f"{name}_lens": np.array([len(s) for s in seqs], np.int32)}
+
+
+def _unpacked(z, name: str) -> list[np.ndarray] | None:
+    """:func:`_packed`'s sequences (int32 token ids) from the open .npz ``z``; None when it
+    holds none; ValueError when they are not such sequences."""
+    if f"{name}_ids" not in z.files and f"{name}_lens" not in z.files:
+        return None
+    ids, lens = z[f"{name}_ids"], z[f"{name}_lens"]
+    if (ids.ndim != 1 or lens.ndim != 1 or ids.dtype.kind not in "iu"
+            or lens.dtype.kind not in "iu" or (lens < 0).any() or lens.sum() != len(ids)
+            or (ids < 0).any() or ids.size and ids.max() > np.iinfo(np.int32).max):
+        raise ValueError(f"{name} are not token sequences")
+    return np.split(ids.astype(np.int32), np.cumsum(lens)[:-1]) if len(lens) else []
 
 
 def draft_vocabulary(seqs, vocab_size: int, size: int) -> np.ndarray:

@@ -42,7 +42,7 @@ def test_compile_smollm2_speculates_at_the_measured_width(default_artifact, cli)
         "and the datastore")
     heads = MedusaHeads.load(default_heads("smollm2"))
     art = load_artifact(str(default_artifact))
-    seqs = heldout_sequences(heads.info, heads.ranks, art.tokenizer, art.config.vocab_size)
+    seqs = heldout_sequences(heads, art.tokenizer, art.config.vocab_size)
     def replayed(w, lookup):
         return replay_acceptance(seqs, heads.ranks, art.tree, w, lookup, art.datastore)
 

@@ -50,15 +50,23 @@ def tiny_gguf(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("vocab", [[5, 9, TINY.vocab_size], [-1, 5, 9]])
-def test_heads_drafting_outside_the_vocabulary_are_refused(tmp_path, tiny_gguf, capsys, vocab):
+V = TINY.vocab_size
+
+
+@pytest.mark.parametrize("ids", [
+    {"vocab": np.array([5, 9, V], np.int32)}, {"vocab": np.array([-1, 5, 9], np.int32)},
+    {"responses": [np.array([5, V])]},
+    {"heldout": [(np.array([1, 2]), np.array([V]))], "ranks": np.zeros((1, 1), np.int8)},
+    {"heldout": [(np.array([V]), np.array([3]))], "ranks": np.zeros((1, 1), np.int8)}])
+def test_heads_drafting_outside_the_vocabulary_are_refused(tmp_path, tiny_gguf, capsys, ids):
     """Heads whose draft vocabulary names tokens this model lacks (heads of another model)
     are refused before the build: an id past the end failed after it as an IndexError, and
-    a negative one would have been read from the end of the LM head."""
+    a negative one would have been read from the end of the LM head. So are heads whose kept
+    calibration responses (the datastore, the replay's) hold ids past the vocabulary."""
     e = TINY.hidden_size
     MedusaHeads(w=np.zeros((1, e, e), "float32"), b=np.zeros((1, e), "float32"),
                 rank_probs=np.tile(np.linspace(0.5, 0.05, 10), (1, 1)), info={},
-                vocab=np.array(vocab, np.int32)).save(str(tmp_path / "h.npz"))
+                **ids).save(str(tmp_path / "h.npz"))
     rc, err = cli(capsys, "compile", "--model", tiny_gguf, "--heads", tmp_path / "h.npz",
                   "--max-context", "64", "-o", tmp_path / "out")
     assert_one_line_error(rc, err, f"outside this model's vocabulary of {TINY.vocab_size}")

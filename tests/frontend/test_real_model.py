@@ -175,7 +175,7 @@ def test_the_replay_accepts_what_decoding_accepts(smollm2_medusa_artifact):
 
     art = load_artifact(str(smollm2_medusa_artifact))
     heads = MedusaHeads.load(packaged_file(art.manifest["speculative"]["heads_file"]["name"]))
-    seqs = heldout_sequences(heads.info, heads.ranks, art.tokenizer, art.config.vocab_size)
+    seqs = heldout_sequences(heads, art.tokenizer, art.config.vocab_size)
     assert len(seqs) == heads.info["held_out_prompts"] == 153
     starts = np.cumsum([0] + [len(r) for _, r in seqs])
     tokens, compared = 32, 0

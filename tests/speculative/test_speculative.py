@@ -201,14 +201,18 @@ def test_a_speculative_step_reads_back_only_its_result(tiny_speculative, monkeyp
     assert all(shape == (8,) for shape in reads[prefill_reads:]), reads
 
 
-def test_host_split_times_the_parts_of_a_step_and_restores_the_artifact(tiny_speculative):
+def test_host_split_times_the_parts_of_a_step_and_restores_the_artifact(tiny_speculative,
+                                                                       monkeypatch):
     """``unit_time.host_split``: per width, the step's time in VM calls, in reading results
-    back (one read a sequential step; greedy ids and tree tokens a speculative one) and on
-    the host; the artifact's functions and the runtime's read-back are left as they were."""
+    back (one read a sequential step; greedy ids and tree tokens a speculative one whose tree
+    has Medusa nodes: here 4 of 8 nodes are looked up, the tiny model's replay would look up
+    7) and on the host; the artifact's functions and the runtime's read-back are left as they
+    were."""
     from hetcomp import _tvm
     from hetcomp.runtime.unit_time import host_split
 
     art = tiny_speculative
+    monkeypatch.setitem(art.manifest, "lookup", {"8": 4})
     before = (art._verify, art._commit, art._medusa, dict(art._verify_static), _tvm.download)
     rows = host_split(art, [5, 17, 99], (1, 8), new_tokens=20)
     assert [r["width"] for r in rows] == [1, 8]
@@ -229,6 +233,7 @@ def test_host_replay_times_the_host_alone(tiny_speculative, monkeypatch):
     from hetcomp.runtime.unit_time import host_replay
 
     art = tiny_speculative
+    monkeypatch.setitem(art.manifest, "lookup", {"8": 4})  # what host_replay drafts at W = 8
     calls = {"verify": 0, "medusa": 0, "commit": 0}
 
     def counted(fn, key):
@@ -520,6 +525,91 @@ def test_heldout_prompts_redraw_the_calibration_split(tiny_speculative):
     train, held = split_prompts(opts)
     assert (len(train), len(held)) == (7, 3)
     assert heldout_prompts(info, count=100) == held
+
+
+def test_calibration_keeps_its_responses_for_the_store_and_the_replay(tiny_speculative,
+                                                                     tmp_path):
+    """Heads calibrated by generating (no recorded responses file) keep what they trained
+    on and were measured on: the training responses become the artifact's datastore (`compile
+    --datastore auto`), and compile's width choice replays the held-out prompts' responses
+    (before, such heads had no store and fell back to the trees' tau)."""
+    from hetcomp.driver.calibrate import fits, heldout_sequences, prompt_ids, split_prompts
+    from hetcomp.speculative.acceptance import replay_acceptance
+    from hetcomp.speculative.datastore import pack_sequences
+
+    folder = os.path.dirname(tiny_speculative.path)
+    base = load_artifact(os.path.join(folder, "base"))
+    heads = MedusaHeads.load(os.path.join(folder, "heads.npz"))
+    train, held = split_prompts(CalibrateOptions(corpus=os.path.join(folder, "corpus.txt"),
+                                                 held_out=0.25))
+
+    def greedy(prompts):  # each prompt that fits, with base's greedy response, as calibrated
+        ids = [prompt_ids(base.tokenizer, p) for p in prompts]
+        return [(i, generate(base, i, 40).ids) for i in ids
+                if fits(len(i), 40, base.config.max_context)]
+
+    want = greedy(held)
+    assert [(p.tolist(), r.tolist()) for p, r in heads.heldout] == want
+    assert sum(len(r) for _, r in want) == len(heads.ranks)  # the rows of the ranks, in order
+    assert [r.tolist() for r in heads.responses] == [r for _, r in greedy(train)]
+    # re-training on the saved data keeps the same; data saved without prompts keeps no
+    # held-out pairs (nothing to replay), still the responses
+    cache = os.path.join(folder, "data.npz")
+    opts = CalibrateOptions(corpus="unused", num_heads=3, new_tokens=40, epochs=1)
+    again = calibrate(None, random_weights(TINY, seed=11)["embed"], opts, progress=False,
+                      data=load_cache(cache))
+    assert [(p.tolist(), r.tolist()) for p, r in again.heldout] == want
+    with np.load(cache) as z:
+        np.savez(tmp_path / "old.npz", **{k: z[k] for k in z.files if "_p" not in k})
+    old = calibrate(None, random_weights(TINY, seed=11)["embed"], opts, progress=False,
+                    data=load_cache(str(tmp_path / "old.npz")))
+    assert old.heldout is None and len(old.responses) == len(heads.responses)
+
+    art, m = tiny_speculative, tiny_speculative.manifest
+    assert m["speculative"]["datastore"] == {
+        "source": "greedy responses generated at calibration, kept in the heads",
+        "sequences": len(heads.responses), "tokens": sum(len(r) for r in heads.responses)}
+    np.testing.assert_array_equal(art.datastore.tokens, pack_sequences(heads.responses))
+    measured = m["width_measurement"]
+    assert measured["tau_source"].startswith(f"replayed: {len(want)} held-out")
+    seqs = heldout_sequences(heads, art.tokenizer, art.config.vocab_size)
+    for w in WIDTHS:
+        replayed = replay_acceptance(seqs, heads.ranks, art.tree, w, m["lookup"][str(w)],
+                                     art.datastore)
+        assert measured["tau"][str(w)] == pytest.approx(replayed.tokens_per_step, abs=1e-4)
+
+
+def test_kept_sequences_that_disagree_are_refused(tmp_path):
+    """Held-out responses that do not add up to the ranks' rows (or lack their prompts), and
+    arrays that are not token sequences, are refused when the heads are read."""
+    e = 8
+    w, b = np.zeros((2, e, e), "float32"), np.zeros((2, e), "float32")
+    probs, ranks = np.full((2, 10), 0.1), np.zeros((5, 2), "int8")
+    pair = (np.array([1, 2]), np.array([3, 4, 5, 6, 7]))
+    MedusaHeads(w, b, probs, {}, ranks, responses=[np.array([9, 9])], heldout=[pair]).save(
+        str(tmp_path / "h.npz"))
+    kept = MedusaHeads.load(str(tmp_path / "h.npz"))
+    assert [x.tolist() for x in kept.heldout[0]] == [[1, 2], [3, 4, 5, 6, 7]]
+    assert [r.tolist() for r in kept.responses] == [[9, 9]]
+    for heldout in ([(pair[0], pair[1][:4])], [pair, pair]):
+        MedusaHeads(w, b, probs, {}, ranks, heldout=heldout).save(str(tmp_path / "h.npz"))
+        with pytest.raises(HetcompError, match="held-out responses that do not match"):
+            MedusaHeads.load(str(tmp_path / "h.npz"))
+    MedusaHeads(w, b, probs, {}, None, heldout=[pair]).save(str(tmp_path / "h.npz"))
+    with pytest.raises(HetcompError, match="held-out responses that do not match"):
+        MedusaHeads.load(str(tmp_path / "h.npz"))
+    with np.load(str(tmp_path / "h.npz")) as z:
+        arrays = dict(z)
+    for name, value in (("heldout_prompts_ids", None), ("responses_lens", np.array([3])),
+                        ("responses_ids", np.array([-1, 2])),
+                        ("responses_ids", np.array([0.5, 2.0]))):
+        bad = {k: v for k, v in arrays.items() if k != name}
+        if value is not None:
+            bad[name] = value
+            bad.setdefault("responses_lens", np.array([2]))
+        np.savez(str(tmp_path / "bad.npz"), **bad)
+        with pytest.raises(HetcompError, match="cannot read Medusa heads"):
+            MedusaHeads.load(str(tmp_path / "bad.npz"))
 
 
 def test_one_head_compiles_the_widths_it_can_fill(tmp_path, capfd):
