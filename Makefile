@@ -14,7 +14,7 @@ HEADS  := hetcomp/data/smollm2-medusa.npz
 WIDTH  ?= 4
 PROMPT ?= What are three good habits for staying healthy?
 
-.PHONY: setup system-packages demo test bench bench-peers clean models
+.PHONY: setup system-packages demo test bench bench-peers clean models device-kit
 
 # Debian packages: the aarch64 cross linker and qemu (cross builds and the ARM kernel tests).
 system-packages:
@@ -75,6 +75,20 @@ bench: $(ART)/manifest.json
 
 clean:
 	rm -rf artifacts build
+
+# Optional, not in CI: the kit for a lent GPU host (issue #19; benchmarks/cuda_host/RUNBOOK.md
+# says which folder each device call carries). The cuda artifact's kernels first run serially
+# on this CPU against the CPU artifact's greedy output, then the bundle (DEV/a, b, c: runtime,
+# artifacts, the GGUF in parts) and the kernel kit (DEV/d), then run.py reads the kit back
+# without a GPU (--dry). About 10 minutes.
+DEV       ?= .dev
+CUDA_ARCH ?= sm_90
+device-kit: $(STAMP)
+	$(PY) benchmarks/cuda_emulated.py
+	$(PY) benchmarks/cuda_host/bundle.py $(DEV) --quick --cuda-arch $(CUDA_ARCH)
+	$(PY) benchmarks/gemv_kernels.py build $(DEV)/d --cuda-arch $(CUDA_ARCH)
+	rm -rf build/device-dry && $(PY) benchmarks/cuda_host/run.py gemv $(DEV)/d build/device-dry --dry
+	@du -sh $(DEV)/*
 
 # Optional, not in CI: hetcomp against llama.cpp and PyTorch eager on the same GGUF and prompts.
 $(ART16)/manifest.json: $(STAMP) $(HEADS) $(shell find hetcomp -name '*.py')

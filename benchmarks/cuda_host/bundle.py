@@ -13,7 +13,8 @@ there: this script (on the build machine, with the compiler) writes
                                beside the working tree)
     DIR/a/bundle.json          sha256 of the whole GGUF, names of the artifacts
 
-Artifacts: ``cpu`` (the whole model on the CPU, portable x86-64-v3), ``gpu`` (the whole model
+Artifacts, every one with float16 weights (``--dtype``; the probes too): ``cpu`` (the whole
+model on the CPU, portable x86-64-v3; the GPU's greedy reference), ``gpu`` (the whole model
 on the GPU, CUDA graphs, norms and activations fused into the linears, float16 linears of
 16-64 rows on tensor cores; ``gpu-unfused`` without that fusion, ``gpu-nograph`` without the
 graphs, ``gpu-notc`` without the tensor cores), and two partitions with the CPU as
@@ -25,6 +26,7 @@ and ``split-half`` (half of every linear layer's columns on each unit, so both r
 heads and ``prompts.json`` (the corpus' prompts as chat token ids), for ``run.py generate``.
 
 Usage: python benchmarks/cuda_host/bundle.py DIR [--quick | --generate CORPUS [--new-tokens N]]
+       [--cuda-arch sm_90] [--dtype float16]
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ import sys
 # the GGUF; each later call (folders b, c, ...) one more part.
 CALL_BYTES = 64 << 20
 MARGIN_BYTES = 2 << 20  # files a session adds before the call (notes, results)
+# Weights of every artifact and of the profile's probes: the GPU's tensor-core rule takes only
+# float16 linears, and a float16 step reads half the bytes.
+DTYPE = "float16"
 
 
 def _sh(*cmd):
@@ -57,14 +62,15 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--cuda-arch", default="sm_90",
                     help="the lent host's GPU (H100/H200: sm_90; Jetson Orin: sm_87)")
+    ap.add_argument("--dtype", default=DTYPE,
+                    help="weights of every artifact and of the profile's probes (float16: "
+                         "the GPU's tensor-core rule takes only float16 linears)")
     args = ap.parse_args()
 
     import tvm
 
-    from hetcomp.driver.compile import CompileOptions, compile_model
+    from hetcomp.driver.compile import compile_model
     from hetcomp.driver.profiling import read_model_shape
-    from hetcomp.hardware import target_dict
-    from hetcomp.plan import HeteroPlan
     from hetcomp.profile.measure import ProfileOptions, build_kit
 
     a = os.path.join(args.out, "a")
@@ -86,13 +92,33 @@ def main() -> int:
         return 0
 
     # Every shape of a full profile, timed in shorter rounds: the host is lent for minutes.
-    shape, key = read_model_shape("smollm2")
+    shape, key = read_model_shape("smollm2", args.dtype)
     opts = ProfileOptions.quick() if args.quick else ProfileOptions(min_time_s=0.004, rounds=3)
-    build_kit(os.path.join(a, "kit"), ["cpu", "cuda"], shape, key, opts, cpu_target="x86-64-v3")
+    build_kit(os.path.join(a, "kit"), ["cpu", "cuda"], shape, key, opts, wdtype=args.dtype,
+              cpu_target="x86-64-v3", cuda_arch=args.cuda_arch)
+    builds = artifact_builds(args.cuda_arch, args.max_context, args.dtype)
+    for name, opts in builds.items():
+        print(f"== artifact {name}", file=sys.stderr, flush=True)
+        compile_model(opts, os.path.join(a, "art", name))
 
-    heads = os.path.join(os.path.dirname(__file__), "..", "..", "hetcomp", "data",
-                         "smollm2-medusa.npz")
-    cpu, cuda = target_dict("x86-64-v3"), {"kind": "cuda", "arch": args.cuda_arch}
+    _sh("tar", "-C", a, "-cJf", os.path.join(a, "payload.tar.xz"), "kit", "art")
+    for d in ("kit", "art"):
+        subprocess.run(["rm", "-rf", os.path.join(a, d)], check=True)
+    _gguf_parts(args.out, list(builds))
+    return 0
+
+
+def artifact_builds(cuda_arch: str, max_context: int, dtype: str = DTYPE) -> dict:
+    """The bundle's artifacts by name, each a ``CompileOptions``: SmolLM2 with its packaged
+    heads and separate weights, every one in ``dtype`` (the CPU artifact is the GPU's
+    greedy reference, so it computes from the same weights)."""
+    from hetcomp.driver.compile import CompileOptions
+    from hetcomp.hardware import target_dict
+    from hetcomp.plan import HeteroPlan
+
+    heads = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "hetcomp",
+                         "data", "smollm2-medusa.npz")
+    cpu, cuda = target_dict("x86-64-v3"), {"kind": "cuda", "arch": cuda_arch}
     kinds = ("qkv", "o", "gate_up", "down", "lm_head")
     plans = {
         "split-all": HeteroPlan(("cpu", "cuda"), (cpu, cuda),
@@ -100,9 +126,9 @@ def main() -> int:
         "split-half": HeteroPlan(("cpu", "cuda"), (cpu, cuda),
                                  tuple((k, 0.5) for k in kinds), 0, 0),
     }
-    common = dict(model="smollm2", heads=heads, max_context=args.max_context,
+    common = dict(model="smollm2", heads=heads, dtype=dtype, max_context=max_context,
                   separate_weights=True, widths=(1, 2, 4, 8, 16), verify_widths=(64,),
-                  cuda_arch=args.cuda_arch)
+                  cuda_arch=cuda_arch)
     builds = {"cpu": CompileOptions(target="x86-64-v3", **common),
               "gpu": CompileOptions(target="cuda", **common),
               # The same GPU build launching every kernel on its own: what CUDA graphs save.
@@ -113,15 +139,7 @@ def main() -> int:
               "gpu-notc": CompileOptions(target="cuda", tensor_cores=False, **common)}
     builds.update({n: CompileOptions(target="x86-64-v3", plan=p, **common)
                    for n, p in plans.items()})
-    for name, opts in builds.items():
-        print(f"== artifact {name}", file=sys.stderr, flush=True)
-        compile_model(opts, os.path.join(a, "art", name))
-
-    _sh("tar", "-C", a, "-cJf", os.path.join(a, "payload.tar.xz"), "kit", "art")
-    for d in ("kit", "art"):
-        subprocess.run(["rm", "-rf", os.path.join(a, d)], check=True)
-    _gguf_parts(args.out, list(builds))
-    return 0
+    return builds
 
 
 def _generation_payload(a: str, args) -> None:

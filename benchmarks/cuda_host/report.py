@@ -56,10 +56,6 @@ def main() -> int:
     )
     from hetcomp.planner import predict_step_time
 
-    summary = tune_command("smollm2", ["cpu", "cuda"], out, cache_len=64, profile=db)
-    shape, key = read_model_shape("smollm2")
-    models, _ = measured_unit_models(db, key, stored_digests(db, ["cpu", "cuda"], key))
-    by_name = {m.name: m for m in models}
     res: dict = {"artifacts": {}}
     for path in args.results:
         with open(path) as fh:
@@ -67,6 +63,17 @@ def main() -> int:
         res["device"] = part["device"]
         res["artifacts"].update(part["artifacts"])
         res.setdefault("reference", part.get("reference"))
+    # The artifacts' weight dtype, which the bundle's profile probes share (runs from before
+    # run.py recorded it were float32).
+    dtypes = {r.get("dtype") or "float32" for r in res["artifacts"].values()}
+    if len(dtypes) != 1:
+        raise SystemExit(f"report.py: artifacts of several dtypes {sorted(dtypes)}")
+    dtype = dtypes.pop()
+    summary = tune_command("smollm2", ["cpu", "cuda"], out, cache_len=64, profile=db,
+                           dtype=dtype)
+    shape, key = read_model_shape("smollm2", dtype)
+    models, _ = measured_unit_models(db, key, stored_digests(db, ["cpu", "cuda"], key))
+    by_name = {m.name: m for m in models}
     for r in res["artifacts"].values():  # runs from separate calls: compare ids directly
         if "ids_w1" in r:
             r["identical_to_first_artifact"] = r["ids_w1"] == res["reference"]

@@ -145,7 +145,7 @@ def measure_artifact(art, prompts: list[list[int]], reference: list | None = Non
         step_breakdown,
     )
 
-    r: dict = {"plan": art.manifest.get("plan"),
+    r: dict = {"dtype": art.manifest.get("dtype"), "plan": art.manifest.get("plan"),
                "units": [u["name"] for u in art.manifest["units"]],
                "cuda_graph": art.manifest.get("cuda_graph"),
                "fixed_cache": art.fixed_cache,

@@ -46,3 +46,29 @@ def test_parts_fit_the_calls_and_replace_an_earlier_bundle(tmp_path, monkeypatch
     (out / "a" / "payload.tar.xz").write_bytes(b"x" * 4_000)
     with pytest.raises(SystemExit, match="more than a call"):
         bundle_py._gguf_parts(str(out), ["gpu"])
+
+
+def test_the_artifacts_read_float16_and_the_gpu_one_uses_tensor_cores(tmp_path):
+    """Every artifact of the bundle is built in its ``--dtype`` (float16 by default) for its
+    ``--cuda-arch``, and each GPU variant differs from ``gpu`` in the one option it measures.
+    The bundle used to build every artifact in float32: the tensor-core rule takes only
+    float16 linears, so ``gpu`` and ``gpu-notc`` were the same build and the GPU read twice
+    the bytes a step. The ``gpu`` options, applied to the tiny model, put its 64-row linears
+    on the tensor cores."""
+    import dataclasses
+
+    from hetcomp.testing import compile_tiny_cuda
+
+    builds = bundle_py.artifact_builds("sm_87", 512)  # the default --dtype
+    assert set(builds) == {"cpu", "gpu", "gpu-nograph", "gpu-unfused", "gpu-notc",
+                           "split-all", "split-half"}
+    assert {o.dtype for o in builds.values()} == {"float16"}
+    assert {o.cuda_arch for o in builds.values()} == {"sm_87"}
+    gpu = builds["gpu"]
+    for name, field in (("gpu-nograph", "cuda_graph"), ("gpu-unfused", "fuse_linears"),
+                        ("gpu-notc", "tensor_cores")):
+        assert {f.name for f in dataclasses.fields(gpu)
+                if getattr(gpu, f.name) != getattr(builds[name], f.name)} == {field}, name
+    manifest = compile_tiny_cuda(str(tmp_path / "gpu"), dtype=gpu.dtype,
+                                 tensor_cores=gpu.tensor_cores, cuda_arch=gpu.cuda_arch)
+    assert "gpu.TensorCoreLinear" in {k["rule"] for k in manifest["kernels"]}

@@ -80,6 +80,7 @@ def test_run_measures_a_bundle(tmp_path, monkeypatch):
     res = json.loads((out / "results.json").read_text())
     r = res["artifacts"]["gpu"]
     assert r["prompts"] == "bench" and len(r["ids_w1"]) == 3
+    assert r["dtype"] == load_artifact(str(bundle / "art" / "gpu")).manifest["dtype"]
     assert all(len(ids) == 6 for ids in r["ids_w1"])
     for w in (1, 2, 4):  # greedy output identical with speculation
         assert r[f"w{w}"]["identical_to_sequential"], w
