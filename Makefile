@@ -79,15 +79,19 @@ clean:
 # Optional, not in CI: the kit for a lent GPU host (issue #19; benchmarks/cuda_host/RUNBOOK.md
 # says which folder each device call carries). The cuda artifact's kernels first run serially
 # on this CPU against the CPU artifact's greedy output, then the bundle (DEV/a, b, c: runtime,
-# artifacts, the GGUF in parts) and the kernel kit (DEV/d), then run.py reads the kit back
-# without a GPU (--dry). About 10 minutes.
+# artifacts, the GGUF in parts) and the kernel kit (DEV/d); then run.py reads the kernel kit
+# back without a GPU (--dry) and rehearses the artifact run on the bundle's cpu artifact, in
+# a linked copy (DEV/a must stay as it travels). About 7 minutes.
 DEV       ?= .dev
 CUDA_ARCH ?= sm_90
+REHEARSAL := build/device-rehearsal
 device-kit: $(STAMP)
 	$(PY) benchmarks/cuda_emulated.py
 	$(PY) benchmarks/cuda_host/bundle.py $(DEV) --quick --cuda-arch $(CUDA_ARCH)
 	$(PY) benchmarks/gemv_kernels.py build $(DEV)/d --cuda-arch $(CUDA_ARCH)
 	rm -rf build/device-dry && $(PY) benchmarks/cuda_host/run.py gemv $(DEV)/d build/device-dry --dry
+	rm -rf $(REHEARSAL) && mkdir -p build && cp -rl $(DEV) $(REHEARSAL)
+	$(PY) benchmarks/cuda_host/run.py run $(REHEARSAL)/a $(REHEARSAL)/out cpu
 	@du -sh $(DEV)/*
 
 # Optional, not in CI: hetcomp against llama.cpp and PyTorch eager on the same GGUF and prompts.

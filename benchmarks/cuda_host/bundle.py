@@ -47,6 +47,9 @@ MARGIN_BYTES = 2 << 20  # files a session adds before the call (notes, results)
 # Weights of every artifact and of the profile's probes: the GPU's tensor-core rule takes only
 # float16 linears, and a float16 step reads half the bytes.
 DTYPE = "float16"
+# The widths each artifact decodes at (run.py's GEN_WIDTHS and STEP_WIDTHS; a width is
+# decodable where the manifest has its tree, up to the largest compiled width).
+WIDTHS = (1, 2, 4, 8, 16, 64)
 
 
 def _sh(*cmd):
@@ -127,8 +130,7 @@ def artifact_builds(cuda_arch: str, max_context: int, dtype: str = DTYPE) -> dic
                                  tuple((k, 0.5) for k in kinds), 0, 0),
     }
     common = dict(model="smollm2", heads=heads, dtype=dtype, max_context=max_context,
-                  separate_weights=True, widths=(1, 2, 4, 8, 16), verify_widths=(64,),
-                  cuda_arch=cuda_arch)
+                  separate_weights=True, widths=WIDTHS, cuda_arch=cuda_arch)
     builds = {"cpu": CompileOptions(target="x86-64-v3", **common),
               "gpu": CompileOptions(target="cuda", **common),
               # The same GPU build launching every kernel on its own: what CUDA graphs save.

@@ -686,9 +686,12 @@ def _device_info() -> dict:
 
     from hetcomp.profile.units import cpu_model, gpu_info
 
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "gpu": gpu_info(),
-            "nvcc": subprocess.run(["nvcc", "--version"], capture_output=True,
-                                   text=True).stdout.strip().splitlines()[-1:]}
+    try:
+        nvcc = subprocess.run(["nvcc", "--version"], capture_output=True,
+                              text=True).stdout.strip().splitlines()[-1:]
+    except OSError:  # no CUDA toolkit (the rehearsal on the build machine)
+        nvcc = []
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "gpu": gpu_info(), "nvcc": nvcc}
 
 
 def _unpack(bundle: str) -> None:

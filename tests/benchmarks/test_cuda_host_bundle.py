@@ -72,3 +72,31 @@ def test_the_artifacts_read_float16_and_the_gpu_one_uses_tensor_cores(tmp_path):
     manifest = compile_tiny_cuda(str(tmp_path / "gpu"), dtype=gpu.dtype,
                                  tensor_cores=gpu.tensor_cores, cuda_arch=gpu.cuda_arch)
     assert "gpu.TensorCoreLinear" in {k["rule"] for k in manifest["kernels"]}
+
+
+def test_the_artifacts_decode_at_every_width_the_run_measures(tmp_path):
+    """run.py decodes and times each artifact at GEN_WIDTHS and STEP_WIDTHS: each must be a
+    width the bundle's artifacts decode. The bundle compiled widths 1-16 and a verify
+    function for 64 rows, so the run's W = 64 was refused ("width 64 is not available") at
+    the first artifact's warm-up, and call 3 would have returned nothing (the rehearsal in
+    `make device-kit` found it). The tiny model compiled with the bundle's widths decodes
+    at every one of them."""
+    from hetcomp.frontend.weights import random_weights
+    from hetcomp.runtime import load_artifact
+    from hetcomp.runtime.generate import check_decoding
+    from hetcomp.testing import TINY, byte_tokenizer_spec, compile_with_random_heads
+    from hetcomp.testing.gguf_writer import write_gguf
+
+    spec = importlib.util.spec_from_file_location(
+        "cuda_host_run", os.path.join(os.path.dirname(_PATH), "run.py"))
+    run_py = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_py)
+    builds = bundle_py.artifact_builds("sm_90", 512)
+    measured = {*run_py.GEN_WIDTHS, *run_py.STEP_WIDTHS, *run_py.BREAKDOWN_WIDTHS}
+    assert {tuple(o.widths) for o in builds.values()} == {bundle_py.WIDTHS}
+    write_gguf(tmp_path / "tiny.gguf", TINY, random_weights(TINY, seed=2),
+               byte_tokenizer_spec(TINY.vocab_size))
+    art = load_artifact(compile_with_random_heads(tmp_path, str(tmp_path / "tiny.gguf"), TINY,
+                                                  bundle_py.WIDTHS, heads=3))
+    for w in sorted(measured):
+        check_decoding(art, 8, w)  # refuses a width the artifact cannot decode
