@@ -579,6 +579,34 @@ def test_calibration_keeps_its_responses_for_the_store_and_the_replay(tiny_specu
         assert measured["tau"][str(w)] == pytest.approx(replayed.tokens_per_step, abs=1e-4)
 
 
+def test_replay_check_compares_decoding_with_its_replay(tiny_speculative, capsys,
+                                                         monkeypatch):
+    """benchmarks/replay_check.py on the fixture's heads (kept held-out responses) and
+    artifact: every step's accepted tokens equal the replay's, with the artifact's lookup
+    nodes and with the Medusa tree alone; a replay that ranks every candidate one lower
+    (fewer tokens accepted) is reported and fails the check."""
+    import importlib.util
+
+    import hetcomp.speculative.acceptance as acceptance
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "replay_check.py")
+    spec = importlib.util.spec_from_file_location("replay_check", path)
+    replay_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(replay_check)
+    heads = os.path.join(os.path.dirname(tiny_speculative.path), "heads.npz")
+    args = [tiny_speculative.path, heads, "--widths", "1,4,16", "--tokens", "40"]
+    for extra in ([], ["--lookup", "0"]):
+        assert replay_check.main(args + extra) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert len(out) == 3 and all("0 steps differ, 0 decodes left" in line for line in out)
+    real = acceptance.replay_acceptance
+    monkeypatch.setattr(acceptance, "replay_acceptance", lambda seqs, ranks, *a: real(
+        seqs, np.where(ranks >= 0, ranks + 1, ranks), *a))
+    assert replay_check.main(args + ["--lookup", "0"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert "0 steps differ" in out[0] and "0 steps differ" not in out[1]  # (W = 1: no tree)
+
+
 def test_kept_sequences_that_disagree_are_refused(tmp_path):
     """Held-out responses that do not add up to the ranks' rows (or lack their prompts), and
     arrays that are not token sequences, are refused when the heads are read."""
