@@ -587,7 +587,7 @@ def test_replay_check_compares_decoding_with_its_replay(tiny_speculative, capsys
     (fewer tokens accepted) is reported and fails the check."""
     import importlib.util
 
-    import hetcomp.speculative.acceptance as acceptance
+    from hetcomp.speculative import acceptance
 
     path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "replay_check.py")
     spec = importlib.util.spec_from_file_location("replay_check", path)
