@@ -50,7 +50,10 @@ def inspect_path(path: str) -> dict:
         return {"kind": "medusa heads", "num_heads": heads.num_heads,
                 "hidden_size": int(heads.w.shape[1]), "root_conditioned": heads.u is not None,
                 "draft_vocab": None if heads.vocab is None else len(heads.vocab),
-                "rank_probs": heads.rank_probs.tolist()}
+                "rank_probs": heads.rank_probs.tolist(),
+                # what calibrate kept: the datastore's responses, the replay's held-out ones
+                "training_responses": None if heads.responses is None else len(heads.responses),
+                "held_out_responses": None if heads.heldout is None else len(heads.heldout)}
     if ext == ".json":
         return _plan(path)
     raise HetcompError(f"{path}: not a kind hetcomp reads (.gguf, .npz, .json or a folder)")

@@ -534,6 +534,7 @@ def test_calibration_keeps_its_responses_for_the_store_and_the_replay(tiny_specu
     --datastore auto`), and compile's width choice replays the held-out prompts' responses
     (before, such heads had no store and fell back to the trees' tau)."""
     from hetcomp.driver.calibrate import fits, heldout_sequences, prompt_ids, split_prompts
+    from hetcomp.driver.inspect import inspect_path
     from hetcomp.speculative.acceptance import replay_acceptance
     from hetcomp.speculative.datastore import pack_sequences
 
@@ -552,6 +553,9 @@ def test_calibration_keeps_its_responses_for_the_store_and_the_replay(tiny_specu
     assert [(p.tolist(), r.tolist()) for p, r in heads.heldout] == want
     assert sum(len(r) for _, r in want) == len(heads.ranks)  # the rows of the ranks, in order
     assert [r.tolist() for r in heads.responses] == [r for _, r in greedy(train)]
+    summary = inspect_path(os.path.join(folder, "heads.npz"))  # `hetcomp inspect` says so
+    assert (summary["training_responses"], summary["held_out_responses"]) == (
+        len(heads.responses), len(want))
     # re-training on the saved data keeps the same; data saved without prompts keeps no
     # held-out pairs (nothing to replay), still the responses
     cache = os.path.join(folder, "data.npz")
