@@ -132,11 +132,15 @@ def test_float16_cache_greedy_equals_float32_cache(tmp_path_factory, smollm2_wei
 
 def test_datastore_is_the_heads_training_responses_and_drafts_more(smollm2_medusa_artifact):
     """`compile` puts the recorded responses the packaged heads trained on into the artifact
-    (the held-out prompts' left out), and the lookup draft searches them: on held-out
-    prompts, W = 64 accepts more tokens a step with the store than without, the output
-    still that of sequential greedy decoding."""
+    (the held-out prompts' left out), and the lookup draft searches them: W = 64 decodes a
+    held-out prompt with the store to the output of sequential greedy decoding, and over all
+    153 held-out responses accepts more tokens a step with the store than without (replayed:
+    3.77 against 3.66; the next test checks the replay against decoding, the store included;
+    decoding three prompts both ways here took a minute of the suite)."""
     from hetcomp.data import packaged_file
-    from hetcomp.driver.calibrate import heldout_prompts, read_responses
+    from hetcomp.driver.calibrate import heldout_prompts, heldout_sequences, read_responses
+    from hetcomp.speculative.acceptance import replay_acceptance
+    from hetcomp.speculative.medusa import MedusaHeads
 
     art = load_artifact(str(smollm2_medusa_artifact))
     info = art.manifest["speculative"]
@@ -148,16 +152,17 @@ def test_datastore_is_the_heads_training_responses_and_drafts_more(smollm2_medus
     training = {(*r, -1) for p, r in responses.items() if p not in set(held)}
     assert set(stored) == training  # (two training prompts have the same response)
     tok = art.tokenizer
-    accepted = {True: [], False: []}
-    for text in held[:3]:
-        prompt = tok.encode_text(tok.render([{"role": "user", "content": text}]))
-        seq = generate(art, prompt, max_new_tokens=48, stop_at_eos=False).ids
-        for store in (True, False):
-            res = generate(art, prompt, max_new_tokens=48, stop_at_eos=False, width=64,
-                           lookup=auto_lookup(64), datastore=store)
-            assert res.ids == seq, (text, store)
-            accepted[store].append(res.accepted_per_step)
-    assert np.mean(accepted[True]) > np.mean(accepted[False]) + 0.1, accepted
+    prompt = tok.encode_text(tok.render([{"role": "user", "content": held[0]}]))
+    seq = generate(art, prompt, max_new_tokens=48, stop_at_eos=False).ids
+    res = generate(art, prompt, max_new_tokens=48, stop_at_eos=False, width=64,
+                   lookup=auto_lookup(64))
+    assert res.ids == seq and res.accepted_per_step > 1
+    heads = MedusaHeads.load(packaged_file(info["heads_file"]["name"]))
+    seqs = heldout_sequences(heads, tok, art.config.vocab_size)
+    accepted = {store is not None: replay_acceptance(seqs, heads.ranks, art.tree, 64,
+                                                     auto_lookup(64), store).tokens_per_step
+                for store in (art.datastore, None)}
+    assert accepted[True] > accepted[False] + 0.05, accepted
 
 
 def test_the_replay_accepts_what_decoding_accepts(smollm2_medusa_artifact):
