@@ -374,7 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("artifact")
     a.add_argument("--model", help="the model file it was compiled from (default: the name compile "
                    "recorded: a registered model, or a file name looked up in the current folder)")
-    a.add_argument("--heads", help="the Medusa heads file (default: the packaged one)")
+    a.add_argument("--heads", help="the Medusa heads file (default: the packaged file of "
+                                   "the name compile read, else the file it read, where either "
+                                   "still holds the same bytes)")
     a.add_argument("--quiet", action="store_true")
     a.set_defaults(func=cmd_attach_weights)
 

@@ -11,13 +11,13 @@ import time
 import numpy as np
 
 from ..artifact_format import PLOT_METADATA, check_output_file, is_plot, output_file
-from ..data import packaged_file
 from ..errors import HetcompError
 from ..hardware import cpu_threads
 from ..profile.bandwidth import measure_read_bandwidth
 from ..runtime import generate, load_artifact
 from ..runtime.generate import check_context, default_lookup, what_widths
 from ..runtime.unit_time import gc_paused, kernel_breakdown, peak_rss_mb, step_breakdown
+from ..runtime.weights import recorded_heads
 from ..speculative.acceptance import replay_acceptance
 from ..speculative.medusa import MedusaHeads
 from .calibrate import heldout_prompts, heldout_sequences
@@ -127,11 +127,11 @@ def replayed_steps(art, prompts: list[list[int]], new_tokens: int, lookups: dict
     (:func:`~hetcomp.speculative.acceptance.replay_acceptance`: a ``Replayed`` per prompt):
     what the steps accept where the compiled draft proposes what calibration measured, the
     steps of the decode itself on a CPU. None unless ``prompts`` are the first held-out
-    prompts of the artifact's packaged heads, each with a recorded response of at least
-    ``new_tokens`` tokens."""
-    spec = art.manifest.get("speculative") or {}
-    path = packaged_file((spec.get("heads_file") or {}).get("name") or "")
-    if not os.path.isfile(path):
+    prompts of the artifact's heads (the package's, or the file it was compiled from, found
+    here: :func:`~hetcomp.runtime.weights.recorded_heads`), each with a recorded response of
+    at least ``new_tokens`` tokens."""
+    path = recorded_heads(art.manifest)
+    if path is None:
         return None
     heads = MedusaHeads.load(path)
     held = heldout_sequences(heads, art.tokenizer, art.config.vocab_size)

@@ -438,7 +438,10 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
             "rank_probs": heads.rank_probs.tolist(),
             "heads_info": heads.info,
             "heads_file": {"name": os.path.basename(opts.heads),
-                           "sha256": sha256_file(opts.heads)},
+                           "sha256": sha256_file(opts.heads),
+                           # (where `bench` and `attach-weights` find them on this machine
+                           # when they are not the package's)
+                           "path": os.path.abspath(opts.heads)},
             # Trees for every width up to the largest (lookup drafting shrinks the Medusa
             # tree by the chain it adds), from the measured joint statistics.
             "trees": {str(w): build_tree(heads.rank_probs, w, heads.ranks).to_json()

@@ -23,13 +23,25 @@ from ..data import packaged_file
 from ..errors import HetcompError
 
 
+def recorded_heads(manifest: dict) -> str | None:
+    """The heads file an artifact was compiled with, found on this machine: the package's
+    file of its name, else the path `compile` read it from, whichever holds the bytes the
+    manifest's sha256 names; None where neither does (or the artifact has no heads)."""
+    info = (manifest.get("speculative") or {}).get("heads_file") or {}
+    for path in (packaged_file(info.get("name") or ""), info.get("path")):
+        if (info and path and os.path.isfile(path)
+                and sha256_file(path) == info.get("sha256", sha256_file(path))):
+            return path
+    return None
+
+
 def _heads_path(art_dir: str, manifest: dict, heads: str | None) -> str:
     if heads is not None:
         return heads
+    found = recorded_heads(manifest)
+    if found is not None:
+        return found
     info = (manifest.get("speculative") or {}).get("heads_file") or {}
-    packaged = packaged_file(info.get("name", ""))
-    if info and os.path.isfile(packaged):
-        return packaged
     raise HetcompError(f"artifact {art_dir} has Medusa heads: pass --heads "
                        f"{info.get('name', 'HEADS.npz')}")
 

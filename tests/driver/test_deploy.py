@@ -125,7 +125,8 @@ def test_cpu_flags_are_read_for_the_machine_s_own_architecture(tmp_path):
 
 def test_separate_weights_attach_where_it_runs(tmp_path):
     """An artifact compiled without params.bin gets it rebuilt from the model file (and the
-    heads file), byte-identical to the embedded weights, split per unit as the plan says."""
+    heads file, by default the one compile read), byte-identical to the embedded weights,
+    split per unit as the plan says."""
     import numpy as np
 
     from hetcomp.hardware import target_dict
@@ -159,8 +160,8 @@ def test_separate_weights_attach_where_it_runs(tmp_path):
                      "--heads", tmp_path / "heads.npz")
     assert_one_line_error(rc, err, "differ")
     assert sorted(os.listdir(tmp_path / "lean")) == ["lib.so", "manifest.json", "tokenizer.json"]
-    attach_weights(str(tmp_path / "lean"), heads=str(tmp_path / "heads.npz"), quiet=True,
-                   model=str(gguf))
+    # (no --heads: the heads compile read, found where it read them, their sha256 checked)
+    attach_weights(str(tmp_path / "lean"), quiet=True, model=str(gguf))
     assert ((tmp_path / "lean" / "params.bin").read_bytes()
             == (tmp_path / "full" / "params.bin").read_bytes())
     modes = [(tmp_path / d / "params.bin").stat().st_mode & 0o777 for d in ("full", "lean")]

@@ -611,6 +611,30 @@ def test_replay_check_compares_decoding_with_its_replay(tiny_speculative, capsys
     assert "0 steps differ" in out[0] and "0 steps differ" not in out[1]  # (W = 1: no tree)
 
 
+def test_bench_replays_an_artifact_of_heads_calibrated_here(tiny_speculative, monkeypatch):
+    """`bench`'s replay column finds the heads an artifact was compiled from by the path the
+    manifest records (they are not the package's), where the file still holds the bytes its
+    sha256 names: replayed over their kept responses, each held-out prompt's steps accept
+    what its decode accepts. A moved or changed heads file gives no replay."""
+    from hetcomp.driver.benchmark import replayed_steps
+    from hetcomp.runtime.weights import recorded_heads
+
+    art, folder = tiny_speculative, os.path.dirname(tiny_speculative.path)
+    assert recorded_heads(art.manifest) == os.path.join(folder, "heads.npz")
+    heads = MedusaHeads.load(os.path.join(folder, "heads.npz"))
+    prompts = [p.tolist() for p, _ in heads.heldout[:2]]
+    replayed = replayed_steps(art, prompts, 32, {4: 3, 16: 0})
+    for w, lookup in ((4, 3), (16, 0)):
+        for prompt, rep in zip(prompts, replayed[w], strict=True):
+            res = generate(art, prompt, 32, stop_at_eos=False, width=w, lookup=lookup)
+            assert rep.tokens_per_step == pytest.approx(res.accepted_per_step), (w, prompt)
+    info = art.manifest["speculative"]["heads_file"]
+    for elsewhere in (os.path.join(folder, "moved.npz"), os.path.join(folder, "data.npz")):
+        monkeypatch.setitem(info, "path", elsewhere)
+        assert recorded_heads(art.manifest) is None
+        assert replayed_steps(art, prompts, 32, {4: 3}) is None
+
+
 def test_kept_sequences_that_disagree_are_refused(tmp_path):
     """Held-out responses that do not add up to the ranks' rows (or lack their prompts), and
     arrays that are not token sequences, are refused when the heads are read."""
