@@ -127,6 +127,15 @@ class ProfileOptions:
                    rounds=3, rotate_bytes=48 << 20, mode="quick")
 
 
+#: Seconds to wait after a numpy reference check before timing. numpy's OpenBLAS threads
+#: spin (yielding) for ~0.1 s after a matrix product; timed meanwhile, TVM's thread pool
+#: shares the cores with them and a parallel kernel waits a scheduler tick: on this 2-core
+#: machine 2 of 3 quick profiles timed every float16 linear at ~4 ms (0.02-0.06 ms in the
+#: others, and in every profile with OPENBLAS_NUM_THREADS=1 or this wait), which made the
+#: planner's CPU costs 30x a measured step.
+BLAS_PARK_S = 0.3
+
+
 class CoRunLoad:
     """A memory-streaming process (numpy copies over 2 x 64 MB) that can be paused and resumed.
 
@@ -842,6 +851,8 @@ def measure_groups(unit: Unit, lib, groups: list[ProbeGroup], opts: ProfileOptio
             if worst > 1e-4:
                 raise HetcompError(f"{group.desc} on {unit.name} differs from numpy (relative "
                                    f"error {worst:.1e}): not measuring a wrong kernel")
+            if any(p.features.op == "linear" for p in group.probes):
+                time.sleep(BLAS_PARK_S)  # numpy's BLAS threads spin after the check
             done = []
             for corun in ((False, True) if opts.corun else (False,)):
                 if corun:

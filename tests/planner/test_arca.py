@@ -863,6 +863,38 @@ def test_attention_probes_measure_each_kernel_verify_runs():
     assert [m.features.cache_len for m in by_class["attention_dense"]] == [32]
 
 
+def test_linear_probes_are_timed_after_the_blas_threads_park(monkeypatch):
+    """A linear group's kernels are checked against numpy first; numpy's OpenBLAS threads
+    then spin for ~0.1 s, and TVM's pool timed meanwhile shared the cores with them (on a
+    2-core machine most quick profiles timed every linear at a scheduler tick, ~4 ms). The
+    profiler waits ``BLAS_PARK_S`` between a linear group's check and its timing, and only
+    there (the other groups have no numpy check)."""
+    from hetcomp.profile import measure
+    from hetcomp.profile.units import detect_unit
+
+    tiny = ModelShape(hidden=64, intermediate=96, layers=2, heads=4, kv_heads=2, head_dim=16,
+                      vocab=320, max_context=128)
+    opts = dataclasses.replace(measure.ProfileOptions.quick(), widths=(1,), cache_lens=(32,),
+                               corun=False)
+    groups, kernels = measure.plan_probes(tiny, opts)
+    groups = [g for g in groups if g.desc.startswith(("linear o", "rms_norm"))]
+    assert len(groups) == 3  # two linear shapes, one norm
+    used = {p.func for g in groups for p in g.probes}
+    lib = measure.build_probe_library("cpu", {"kind": "llvm"}, {k: kernels[k] for k in used},
+                                      progress=lambda s: None)
+    events = []
+    real_check, real_time = measure._Runner.check_linear, measure.time_calls
+    monkeypatch.setattr(measure._Runner, "check_linear", lambda self, *a: (
+        events.append("check"), real_check(self, *a))[1])
+    monkeypatch.setattr(measure.time, "sleep", lambda s: events.append(("sleep", s)))
+    monkeypatch.setattr(measure, "time_calls", lambda *a, **k: (
+        events.append("time"), real_time(*a, **k))[1])
+    measure.measure_groups(detect_unit("cpu"), lib, groups, opts, progress=lambda s: None)
+    linear = ["check", ("sleep", measure.BLAS_PARK_S), "time"]
+    assert events == linear + linear + ["time"]  # (the norm: timed, no check, no wait)
+    assert measure.BLAS_PARK_S >= 0.2
+
+
 def test_no_probe_writes_past_a_short_context():
     """rope_kv writes its rows' K/V at positions n..n+w-1 of the probe caches: with a
     128-token context and W = 64 the fixed n = 100 wrote past them (a full profile of a
