@@ -80,8 +80,9 @@ clean:
 # says which folder each device call carries). The cuda artifact's kernels first run serially
 # on this CPU against the CPU artifact's greedy output, then the bundle (DEV/a, b, c: runtime,
 # artifacts, the GGUF in parts) and the kernel kit (DEV/d); then run.py reads the kernel kit
-# back without a GPU (--dry) and rehearses the artifact run on the bundle's cpu artifact, in
-# a linked copy (DEV/a must stay as it travels). About 7 minutes.
+# back without a GPU (--dry) and rehearses calls 2 and 3 on the bundle's cpu unit and cpu
+# artifact, in a linked copy (DEV/a must stay as it travels), and report.py reads what they
+# wrote. About 8 minutes.
 DEV       ?= .dev
 CUDA_ARCH ?= sm_90
 REHEARSAL := build/device-rehearsal
@@ -91,7 +92,10 @@ device-kit: $(STAMP)
 	$(PY) benchmarks/gemv_kernels.py build $(DEV)/d --cuda-arch $(CUDA_ARCH)
 	rm -rf build/device-dry && $(PY) benchmarks/cuda_host/run.py gemv $(DEV)/d build/device-dry --dry
 	rm -rf $(REHEARSAL) && mkdir -p build && cp -rl $(DEV) $(REHEARSAL)
+	$(PY) benchmarks/cuda_host/run.py profile $(REHEARSAL)/a $(REHEARSAL)/out cpu
 	$(PY) benchmarks/cuda_host/run.py run $(REHEARSAL)/a $(REHEARSAL)/out cpu
+	$(PY) benchmarks/cuda_host/report.py $(REHEARSAL)/out/results.json \
+	  --profiles $(REHEARSAL)/out/profile.sqlite -o $(REHEARSAL)/report
 	@du -sh $(DEV)/*
 
 # Optional, not in CI: hetcomp against llama.cpp and PyTorch eager on the same GGUF and prompts.

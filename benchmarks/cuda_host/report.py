@@ -4,10 +4,12 @@
 
 The results and profiles are what run.py wrote on the CUDA host (one or several calls;
 profiles of the units measured separately are merged into OUT_DIR/profile.sqlite). Fits
-the cost models on that profile (`hetcomp tune --profile`), lets the planner choose among
-cpu, cuda and cpu+cuda (any unit may host the unsplit ops), and puts the predicted verify
-step time of each measured artifact beside its measured one. Writes report.md, plan.json,
-plan.png and steps.png (measured step, per-unit busy time, predicted) into OUT_DIR.
+the cost models on that profile (`hetcomp tune --profile`, into OUT_DIR/tune: plan.json,
+plan.png), lets the planner choose among cpu, cuda and cpu+cuda (any unit may host the
+unsplit ops), and puts the predicted verify step time of each measured artifact beside its
+measured one. Writes report.md, steps.json and steps.png (measured step, per-unit busy time,
+predicted) into OUT_DIR. With the cpu profiled alone (`make device-kit`'s rehearsal) it plans
+for the cpu and predicts the cpu artifacts.
 """
 
 from __future__ import annotations
@@ -69,10 +71,15 @@ def main() -> int:
     if len(dtypes) != 1:
         raise SystemExit(f"report.py: artifacts of several dtypes {sorted(dtypes)}")
     dtype = dtypes.pop()
-    summary = tune_command("smollm2", ["cpu", "cuda"], out, cache_len=64, profile=db,
-                           dtype=dtype)
     shape, key = read_model_shape("smollm2", dtype)
-    models, _ = measured_unit_models(db, key, stored_digests(db, ["cpu", "cuda"], key))
+    # The units profiled (both on the GPU host; the cpu alone in make device-kit's rehearsal).
+    units = [u for u in ("cpu", "cuda") if _profiled(db, u, key)]
+    if not units:
+        raise SystemExit(f"report.py: {db} holds no profile for {key}")
+    # (tune writes a folder of its own kind: plan.json, plan.png, cost models)
+    summary = tune_command("smollm2", units, os.path.join(out, "tune"), cache_len=64,
+                           profile=db, dtype=dtype, force=True)
+    models, _ = measured_unit_models(db, key, stored_digests(db, units, key))
     by_name = {m.name: m for m in models}
     for r in res["artifacts"].values():  # runs from separate calls: compare ids directly
         if "ids_w1" in r:
@@ -80,8 +87,10 @@ def main() -> int:
 
     rows = []
     for name, r in res["artifacts"].items():
-        units, split, attention = LAYOUTS.get(name) or _layout(r)
-        ums = [by_name[u] for u in units]
+        layout_units, split, attention = LAYOUTS.get(name) or _layout(r)
+        if not set(layout_units) <= set(by_name):
+            continue  # (a unit not profiled: nothing to predict it from)
+        ums = [by_name[u] for u in layout_units]
         for b in r["breakdown"]:
             w = b["width"]
             # A fixed-cache build (CUDA graphs) runs its own attention kernel at every width.
@@ -137,6 +146,13 @@ def main() -> int:
     _plot(rows, os.path.join(out, "steps.png"))
     print(text)
     return 0
+
+
+def _profiled(db_path: str, unit: str, key: str) -> bool:
+    from hetcomp.profile.db import ProfileDB
+
+    with ProfileDB(db_path) as db:
+        return any(db.complete_mode(d, key) for d in db.digests(unit))
 
 
 def _layout(r):
