@@ -339,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--datastore", default="auto",
                    help="what the lookup draft also searches: the model's own responses to "
                         "other prompts. auto (default): the responses the heads trained on "
-                        "(kept in the heads by calibrate, or packaged); none; or a responses file (JSON lines with prompt and ids)")
+                        "(kept in the heads by calibrate, or packaged); none; or a responses "
+                        "file (JSON lines with prompt and ids)")
     c.add_argument("--plan", help="plan.json from `hetcomp tune`: partition across units")
     c.add_argument("--cuda-arch",
                    help=f"GPU architecture of cuda units (default {DEFAULT_CUDA_ARCH}; "

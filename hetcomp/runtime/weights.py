@@ -28,9 +28,10 @@ def recorded_heads(manifest: dict) -> str | None:
     file of its name, else the path `compile` read it from, whichever holds the bytes the
     manifest's sha256 names; None where neither does (or the artifact has no heads)."""
     info = (manifest.get("speculative") or {}).get("heads_file") or {}
+    want = info.get("sha256")
     for path in (packaged_file(info.get("name") or ""), info.get("path")):
         if (info and path and os.path.isfile(path)
-                and sha256_file(path) == info.get("sha256", sha256_file(path))):
+                and (want is None or sha256_file(path) == want)):
             return path
     return None
 
