@@ -44,6 +44,18 @@ def pack_sequences(seqs) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, np.int32)
 
 
+def unpack_sequences(tokens: np.ndarray) -> list[np.ndarray]:
+    """:func:`pack_sequences`'s sequences (int32); ValueError where ``tokens`` is not such a
+    packing (other negative ids, or a last sequence without its separator)."""
+    if (tokens.ndim != 1 or tokens.dtype.kind not in "iu" or tokens.size and (
+            tokens.min() < SEPARATOR or tokens[-1] != SEPARATOR
+            or tokens.max() > np.iinfo(np.int32).max)):
+        raise ValueError("not token sequences, each followed by a separator")
+    ends = np.flatnonzero(tokens == SEPARATOR)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    return [tokens[a:b].astype(np.int32) for a, b in zip(starts, ends, strict=True)]
+
+
 def _hash_key(ngram) -> int:
     h = 0
     for t in ngram:

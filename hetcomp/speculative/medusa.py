@@ -19,6 +19,7 @@ import numpy as np
 
 from ..artifact_format import load_npz, output_file
 from ..errors import HetcompError
+from .datastore import pack_sequences, unpack_sequences
 
 TOPK = 10
 
@@ -58,10 +59,10 @@ class MedusaHeads:
         if self.vocab is not None:
             extra["vocab"] = self.vocab.astype(np.int32)
         if self.responses is not None:
-            extra.update(_packed("responses", self.responses))
+            extra["responses"] = pack_sequences(self.responses)
         if self.heldout is not None:
-            extra.update(_packed("heldout_prompts", [p for p, _ in self.heldout]))
-            extra.update(_packed("heldout_responses", [r for _, r in self.heldout]))
+            extra["heldout_prompts"] = pack_sequences([p for p, _ in self.heldout])
+            extra["heldout_responses"] = pack_sequences([r for _, r in self.heldout])
         with output_file(path) as tmp:
             np.savez_compressed(tmp, w=self.w.astype(np.float16), b=self.b.astype(np.float32),
                                 meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
@@ -77,8 +78,8 @@ class MedusaHeads:
                 ranks = z["ranks"] if "ranks" in z.files else None
                 u = z["u"].astype(np.float32) if "u" in z.files else None
                 vocab = z["vocab"] if "vocab" in z.files else None
-                seqs = {name: _unpacked(z, name) for name in
-                        ("responses", "heldout_prompts", "heldout_responses")}
+                seqs = {name: unpack_sequences(z[name]) if name in z.files else None
+                        for name in ("responses", "heldout_prompts", "heldout_responses")}
             rank_probs = np.asarray(meta.pop("rank_probs"), dtype=np.float64)
         except (OSError, EOFError, KeyError, ValueError, TypeError, AttributeError,
                 RecursionError, zipfile.BadZipFile, zlib.error) as e:  # a damaged .npz's
@@ -130,26 +131,6 @@ class MedusaHeads:
         parts += list(self.responses or ()) + [x for pair in self.heldout or () for x in pair]
         return np.concatenate([np.asarray(p, np.int64).ravel() for p in parts])
 
-
-def _packed(name: str, seqs) -> dict[str, np.ndarray]:
-    """Token sequences as ``{name}_ids`` (concatenated, int32) and ``{name}_lens``."""
-    seqs = [np.asarray(s, np.int64).ravel() for s in seqs]
-    ids = np.concatenate(seqs) if seqs else np.zeros(0, np.int64)
-    return {f"{name}_ids": ids.astype(np.int32),
-            f"{name}_lens": np.array([len(s) for s in seqs], np.int32)}
-
-
-def _unpacked(z, name: str) -> list[np.ndarray] | None:
-    """:func:`_packed`'s sequences (int32 token ids) from the open .npz ``z``; None when it
-    holds none; ValueError when they are not such sequences."""
-    if f"{name}_ids" not in z.files and f"{name}_lens" not in z.files:
-        return None
-    ids, lens = z[f"{name}_ids"], z[f"{name}_lens"]
-    if (ids.ndim != 1 or lens.ndim != 1 or ids.dtype.kind not in "iu"
-            or lens.dtype.kind not in "iu" or (lens < 0).any() or lens.sum() != len(ids)
-            or (ids < 0).any() or ids.size and ids.max() > np.iinfo(np.int32).max):
-        raise ValueError(f"{name} are not token sequences")
-    return np.split(ids.astype(np.int32), np.cumsum(lens)[:-1]) if len(lens) else []
 
 
 def draft_vocabulary(seqs, vocab_size: int, size: int) -> np.ndarray:

@@ -656,13 +656,13 @@ def test_kept_sequences_that_disagree_are_refused(tmp_path):
         MedusaHeads.load(str(tmp_path / "h.npz"))
     with np.load(str(tmp_path / "h.npz")) as z:
         arrays = dict(z)
-    for name, value in (("heldout_prompts_ids", None), ("responses_lens", np.array([3])),
-                        ("responses_ids", np.array([-1, 2])),
-                        ("responses_ids", np.array([0.5, 2.0]))):
+    for name, value in (("heldout_prompts", None),
+                        ("responses", np.array([9, 9])),  # (no separator after the last)
+                        ("responses", np.array([-2, 2, -1])),
+                        ("responses", np.array([0.5, -1.0]))):
         bad = {k: v for k, v in arrays.items() if k != name}
         if value is not None:
             bad[name] = value
-            bad.setdefault("responses_lens", np.array([2]))
         np.savez(str(tmp_path / "bad.npz"), **bad)
         with pytest.raises(HetcompError, match="cannot read Medusa heads"):
             MedusaHeads.load(str(tmp_path / "bad.npz"))
