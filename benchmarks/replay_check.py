@@ -39,34 +39,29 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import numpy as np
 
-    from hetcomp.driver.calibrate import heldout_sequences
+    from hetcomp.driver.benchmark import decoded_and_replayed
+    from hetcomp.errors import HetcompError
     from hetcomp.runtime import load_artifact
-    from hetcomp.runtime.generate import Generation, default_lookup
-    from hetcomp.speculative.acceptance import replay_acceptance
+    from hetcomp.runtime.generate import default_lookup
     from hetcomp.speculative.medusa import MedusaHeads
 
     art = load_artifact(args.artifact)
     heads = MedusaHeads.load(args.heads)
-    seqs = heldout_sequences(heads, art.tokenizer, art.config.vocab_size)
-    if seqs is None:
-        print("replay_check: these heads keep no held-out responses to replay", file=sys.stderr)
-        return 2
-    starts = np.cumsum([0] + [len(r) for _, r in seqs])  # each response's first row of ranks
     failed = False
     for w in (int(x) for x in args.widths.split(",")):
         lookup = 0 if w == 1 else (default_lookup(art, w) if args.lookup is None
                                    else min(args.lookup, w - 1))
+        try:
+            pairs = decoded_and_replayed(art, heads, w, lookup, args.tokens, args.prompts)
+        except HetcompError as e:
+            print(f"replay_check: {e}", file=sys.stderr)
+            return 2
         decoded, replayed, differ, left = [], [], 0, 0
-        for i, (prompt, response) in enumerate(seqs[: args.prompts]):
-            gen = Generation(art, prompt, args.tokens, True, w, lookup=lookup)
-            steps = [len(new) for new in gen][1:]  # (the first: prefill's token)
-            cut = response[: args.tokens]
-            if gen.ids != cut:
+        for pair in pairs:
+            if pair is None:
                 left += 1
                 continue
-            rows = heads.ranks[starts[i]: starts[i] + len(cut)]
-            replay = list(replay_acceptance([(prompt, cut)], rows, art.tree, w, lookup,
-                                            art.datastore).per_step)
+            steps, replay = pair
             decoded += steps
             replayed += replay
             differ += sum(a != b for a, b in zip(steps, replay)) + abs(len(steps) - len(replay))

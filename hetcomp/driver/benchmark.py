@@ -150,6 +150,34 @@ def replayed_steps(art, prompts: list[list[int]], new_tokens: int, lookups: dict
             for w, lookup in lookups.items()}
 
 
+def decoded_and_replayed(art, heads: MedusaHeads, width: int, lookup: int, new_tokens: int,
+                         count: int) -> list[tuple[list[int], list[int]] | None]:
+    """For each of the first ``count`` held-out prompts of ``heads`` (the heads ``art`` was
+    compiled with: :func:`~hetcomp.driver.calibrate.heldout_sequences`), the tokens each step
+    emits when ``art`` decodes it as `generate` does (EOS stops; ``width``, ``lookup`` lookup
+    nodes, the datastore) and when the replay walks its recorded response, both over its
+    first ``new_tokens`` tokens; None for a prompt whose decode leaves that response (the
+    replay then describes another text)."""
+    from ..runtime.generate import Generation
+
+    seqs = heldout_sequences(heads, art.tokenizer, art.config.vocab_size)
+    if seqs is None:
+        raise HetcompError("these heads keep no held-out responses to replay")
+    starts = np.cumsum([0] + [len(r) for _, r in seqs])  # each response's first row of ranks
+    out: list = []
+    for i, (prompt, response) in enumerate(seqs[:count]):
+        gen = Generation(art, prompt, new_tokens, True, width, lookup=lookup)
+        decoded = [len(new) for new in gen][1:]  # (the first: prefill's token)
+        cut = response[:new_tokens]
+        if gen.ids != cut:
+            out.append(None)
+            continue
+        replay = replay_acceptance([(prompt, cut)], heads.ranks[starts[i]: starts[i] + len(cut)],
+                                   art.tree, width, lookup, art.datastore)
+        out.append((decoded, list(replay.per_step)))
+    return out
+
+
 def plot_widths(rows, path: str, title: str) -> None:
     """Tokens/s and accepted tokens per step against the tree width, as a PNG."""
     import matplotlib  # lazy: plotting is optional and slow to import

@@ -173,26 +173,20 @@ def test_the_replay_accepts_what_decoding_accepts(smollm2_medusa_artifact):
     many tokens as the replay's step does; the decode reproduces the recorded response first
     (the replay describes that response)."""
     from hetcomp.data import packaged_file
+    from hetcomp.driver.benchmark import decoded_and_replayed
     from hetcomp.driver.calibrate import heldout_sequences
-    from hetcomp.runtime.generate import Generation
-    from hetcomp.speculative.acceptance import replay_acceptance
     from hetcomp.speculative.medusa import MedusaHeads
 
     art = load_artifact(str(smollm2_medusa_artifact))
     heads = MedusaHeads.load(packaged_file(art.manifest["speculative"]["heads_file"]["name"]))
     seqs = heldout_sequences(heads, art.tokenizer, art.config.vocab_size)
     assert len(seqs) == heads.info["held_out_prompts"] == 153
-    starts = np.cumsum([0] + [len(r) for _, r in seqs])
+    assert all(len(r) >= 32 for _, r in seqs[:2])
     tokens, compared = 32, 0
     for w, lookup in ((4, auto_lookup(4)), (64, auto_lookup(64)), (16, 0)):
-        for i in range(2):
-            prompt, response = seqs[i][0], seqs[i][1][:tokens]
-            run = Generation(art, prompt, tokens, width=w, lookup=lookup)
-            steps = [len(new) for new in run][1:]  # (the first: prefill's token)
-            assert run.ids == response, (w, i)
-            replayed = replay_acceptance([(prompt, response)],
-                                         heads.ranks[starts[i]: starts[i] + tokens], art.tree,
-                                         w, lookup, art.datastore)
-            assert list(replayed.per_step) == steps, (w, lookup, i)
+        for i, pair in enumerate(decoded_and_replayed(art, heads, w, lookup, tokens, 2)):
+            assert pair is not None, (w, i)  # the decode reproduces the recorded response
+            steps, replayed = pair
+            assert replayed == steps, (w, lookup, i)
             compared += len(steps)
     assert compared < 3 * 2 * (tokens - 1)  # (steps accepted past their roots)

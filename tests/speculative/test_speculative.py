@@ -591,7 +591,7 @@ def test_replay_check_compares_decoding_with_its_replay(tiny_speculative, capsys
     (fewer tokens accepted) is reported and fails the check."""
     import importlib.util
 
-    from hetcomp.speculative import acceptance
+    from hetcomp.driver import benchmark  # (where replay_check's replay is called)
 
     path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "replay_check.py")
     spec = importlib.util.spec_from_file_location("replay_check", path)
@@ -603,8 +603,8 @@ def test_replay_check_compares_decoding_with_its_replay(tiny_speculative, capsys
         assert replay_check.main(args + extra) == 0
         out = capsys.readouterr().out.splitlines()
         assert len(out) == 3 and all("0 steps differ, 0 decodes left" in line for line in out)
-    real = acceptance.replay_acceptance
-    monkeypatch.setattr(acceptance, "replay_acceptance", lambda seqs, ranks, *a: real(
+    real = benchmark.replay_acceptance
+    monkeypatch.setattr(benchmark, "replay_acceptance", lambda seqs, ranks, *a: real(
         seqs, np.where(ranks >= 0, ranks + 1, ranks), *a))
     assert replay_check.main(args + ["--lookup", "0"]) == 1
     out = capsys.readouterr().out.splitlines()
