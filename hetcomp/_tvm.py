@@ -59,6 +59,41 @@ def device(kind: str, index: int = 0):
     return runtime.device(kind, index)
 
 
+def cpu_pool_threads() -> int:
+    """The threads a parallel CPU kernel called from this Python thread runs on (TVM's pool
+    is per calling thread)."""
+    return int(tvm_ffi.get_global_func("runtime.NumThreads")())
+
+
+def cpu_pool_core_order() -> list[int]:
+    """The cores in the order TVM's pool binds its threads to them: fastest
+    ``cpuinfo_max_freq`` first, ties by core number (``InitSortedOrder`` in TVM's
+    ``threading_backend.cc``). The calling thread runs task 0 anywhere on the fast cores;
+    worker ``i`` is bound to ``order[i]`` (unless ``TVM_BIND_THREADS=0``)."""
+    freqs = []
+    for core in range(os.cpu_count() or 1):
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{core}/cpufreq/cpuinfo_max_freq") as fh:
+                freqs.append((core, int(fh.read().strip() or -1)))
+        except (OSError, ValueError):
+            freqs.append((core, 0))
+    return [core for core, _ in sorted(freqs, key=lambda cf: (-cf[1], cf[0]))]
+
+
+@contextlib.contextmanager
+def cpu_pool_limited(threads: int):
+    """Within: parallel CPU kernels called from this thread run on ``threads`` of the pool's
+    threads (those on ``cpu_pool_core_order()[:threads]``); after, the pool's start-up
+    configuration again. 1 is TVM's ``kBig``, the mode it starts in; 0 threads restores the
+    start-up count (every fast core, at most ``TVM_NUM_THREADS``)."""
+    configure = tvm_ffi.get_global_func("runtime.config_threadpool")
+    configure(1, threads)
+    try:
+        yield
+    finally:
+        configure(1, 0)
+
+
 _BACKENDS: set[str] = set()
 
 

@@ -10,7 +10,8 @@ each call reads from DRAM as it does inside a decode step.
 
 Each shape is measured alone and while a concurrent memory-streaming load runs in another
 process (the stand-in for another unit running its share on the same memory), so the co-run
-slowdown is measured rather than assumed.
+slowdown is measured rather than assumed. The load needs a core, which the unit it stands for
+(a GPU, an NPU) would not take: it gets one of its own (:func:`corun_layout`).
 
 What to measure is data (:class:`Probe`): the kernels can be compiled into a *profile kit*
 here and measured with the TVM runtime only where the unit is (a GPU host, a board), as
@@ -99,7 +100,8 @@ class ProfileOptions:
     kinds : tuple of str
         Linear kinds to measure.
     corun : bool
-        Also measure every shape under the concurrent streaming load.
+        Also measure every shape under the concurrent streaming load (on a core of its own:
+        :func:`corun_layout`).
     min_time_s : float
         Minimum duration of one timing round.
     rounds : int
@@ -136,6 +138,47 @@ class ProfileOptions:
 BLAS_PARK_S = 0.3
 
 
+@dataclasses.dataclass(frozen=True)
+class CoRunLayout:
+    """Where the co-run load runs beside a unit, and with how many pool threads the unit's
+    co-run slowdown is timed.
+
+    ``threads`` None: the unit keeps its whole pool and its co-run time is measured as is.
+    Otherwise the pool has no core to spare: the slowdown is timed with ``threads`` pool
+    threads alone and beside the load, and applied to the whole pool's alone time.
+    ``possible`` False: one core, nothing to give the load (no co-run timing).
+    """
+
+    load_core: int | None  # None: wherever the OS puts it
+    threads: int | None = None
+    possible: bool = True
+
+
+def corun_layout(device_kind: str, pool: int, order: list[int],
+                 allowed: set[int] | None = None) -> CoRunLayout:
+    """The co-run layout of a unit on ``device_kind`` whose kernels run on ``pool`` threads,
+    TVM binding them to the cores in ``order`` (:func:`hetcomp._tvm.cpu_pool_core_order`).
+
+    The load stands for another unit's memory traffic, and a GPU or NPU running its share
+    takes no CPU core; the load does. Timed on the same cores, a parallel CPU kernel waited
+    for the thread that shared a core with the load: co-run x2-x166 on the 2-core development
+    VM (quick float16 profile), x0.89-1.08 with the pool one thread short and the load on the
+    freed core (that VM's DRAM does not slow under one streaming core). So the load
+    gets a core the pool does not use: the last in TVM's order (a slow core on big.LITTLE),
+    or, where the pool uses every core, the core of its last thread, the unit's slowdown
+    then timed one thread short. ``allowed``: the cores this process may use (the load is
+    left unpinned on any other).
+    """
+    busy = min(pool, len(order))
+    if device_kind != "cpu" or busy < len(order):
+        core, threads = order[-1], None
+    elif busy >= 2:
+        core, threads = order[busy - 1], busy - 1
+    else:
+        return CoRunLayout(None, None, possible=False)
+    return CoRunLayout(core if allowed is None or core in allowed else None, threads)
+
+
 class CoRunLoad:
     """A memory-streaming process (numpy copies over 2 x 64 MB) that can be paused and resumed.
 
@@ -159,8 +202,9 @@ class CoRunLoad:
         "    np.copyto(b, a); np.copyto(a, b)\n"
     )
 
-    def __init__(self):
+    def __init__(self, core: int | None = None):
         self._proc: subprocess.Popen | None = None
+        self._core = core
 
     def __enter__(self) -> CoRunLoad:
         env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
@@ -169,6 +213,8 @@ class CoRunLoad:
         if self._proc.stdout.readline().strip() != b"ready":
             self.__exit__()
             raise HetcompError("the co-run streaming load failed to start")
+        if self._core is not None and hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(self._proc.pid, {self._core})
         self.pause()
         return self
 
@@ -835,7 +881,12 @@ def measure_groups(unit: Unit, lib, groups: list[ProbeGroup], opts: ProfileOptio
     runner.fit_rotation(opts.rotate_bytes)
     rows: list[Measurement] = []
     t_start = time.time()
-    with (CoRunLoad() if opts.corun else _NoLoad()) as load:
+    layout = corun_layout(dev_type, _tvm.cpu_pool_threads(), _tvm.cpu_pool_core_order(),
+                          _allowed_cores())
+    corun = opts.corun and layout.possible
+    if opts.corun:
+        say(_layout_line(unit.name, layout))
+    with (CoRunLoad(layout.load_core) if corun else _NoLoad()) as load:
         for gi, group in enumerate(groups):
             if group.gpu_only and dev_type == "cpu":
                 continue
@@ -853,24 +904,20 @@ def measure_groups(unit: Unit, lib, groups: list[ProbeGroup], opts: ProfileOptio
                                    f"error {worst:.1e}): not measuring a wrong kernel")
             if any(p.features.op == "linear" for p in group.probes):
                 time.sleep(BLAS_PARK_S)  # numpy's BLAS threads spin after the check
-            done = []
-            for corun in ((False, True) if opts.corun else (False,)):
-                if corun:
-                    load.resume()
-                try:
-                    timed = time_calls(calls, opts.min_time_s, opts.rounds, sync=dev.sync)
-                finally:
-                    if corun:
-                        load.pause()
-                for p, (sec, ncalls) in zip(group.probes, timed, strict=True):
-                    rows.append(Measurement(unit.name, p.features.with_corun(corun), sec, ncalls))
-                    done.append(sec)
-            k = len(group.probes)
-            alone = " ".join(f"{1e3 * t:.3g}" for t in done[:k])
-            slow = (f", co-run x{statistics.median(np.divide(done[k:], done[:k])):.2f}"
-                    if opts.corun else "")
+            alone = time_calls(calls, opts.min_time_s, opts.rounds, sync=dev.sync)
+            timed = [(False, alone)]
+            if corun:
+                timed.append((True, _corun_times(calls, alone, opts, dev.sync, load, layout)))
+            for beside, times in timed:
+                for p, (sec, ncalls) in zip(group.probes, times, strict=True):
+                    rows.append(Measurement(unit.name, p.features.with_corun(beside), sec,
+                                            ncalls))
+            done = [[sec for sec, _ in times] for _, times in timed]
+            shown = " ".join(f"{1e3 * t:.3g}" for t in done[0])
+            slow = (f", co-run x{statistics.median(np.divide(done[1], done[0])):.2f}"
+                    if corun else "")
             say(f"[profile {unit.name} {gi + 1}/{len(groups)} {time.time() - t_start:5.0f}s]"
-                f" {group.desc}: {alone} ms{slow}")
+                f" {group.desc}: {shown} ms{slow}")
     return rows
 
 
@@ -881,6 +928,38 @@ def measure_unit(unit: Unit, shape: ModelShape, opts: ProfileOptions = ProfileOp
     groups, kernels = plan_probes(shape, opts, wdtype)
     lib = build_probe_library(unit.name, unit.target, kernels, progress)
     return measure_groups(unit, lib, groups, opts, progress)
+
+
+def _corun_times(calls, alone, opts: ProfileOptions, sync, load: CoRunLoad,
+                 layout: CoRunLayout) -> list[tuple[float, int]]:
+    """Each call's seconds and call count beside the load (see :class:`CoRunLayout`)."""
+    def beside_load():
+        load.resume()
+        try:
+            return time_calls(calls, opts.min_time_s, opts.rounds, sync=sync)
+        finally:
+            load.pause()
+
+    if layout.threads is None:
+        return beside_load()
+    with _tvm.cpu_pool_limited(layout.threads):
+        short = time_calls(calls, opts.min_time_s, opts.rounds, sync=sync)
+        beside = beside_load()
+    return [(a * b / s, n) for (a, _), (s, _), (b, n) in zip(alone, short, beside, strict=True)]
+
+
+def _allowed_cores() -> set[int] | None:
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+
+
+def _layout_line(unit: str, layout: CoRunLayout) -> str:
+    if not layout.possible:
+        return f"[profile {unit}] one core: no co-run timing (the load would share it)"
+    where = "unpinned" if layout.load_core is None else f"on core {layout.load_core}"
+    if layout.threads is None:
+        return f"[profile {unit}] co-run load {where}"
+    return (f"[profile {unit}] co-run load {where}; slowdown timed one pool thread short "
+            f"({layout.threads}), applied to the whole pool's time")
 
 
 class _NoLoad:

@@ -785,6 +785,91 @@ def test_corun_load_dies_with_the_profiler():
     raise AssertionError("the co-run load outlived its profiler")
 
 
+def test_corun_layout_gives_the_load_a_core_the_pool_does_not_use():
+    """The load stands for a GPU's or NPU's memory traffic, which takes no CPU core: it runs
+    on a core the unit's pool does not use, or, where the pool uses every core, on its last
+    thread's core with the slowdown timed one thread short."""
+    from hetcomp.profile.measure import CoRunLayout, corun_layout
+
+    assert corun_layout("cpu", 2, [0, 1]) == CoRunLayout(1, 1)  # this 2-core machine, CI
+    assert corun_layout("cpu", 16, list(range(16))) == CoRunLayout(15, 15)
+    assert corun_layout("cpu", 2, [0, 1, 2, 3]) == CoRunLayout(3, None)  # TVM_NUM_THREADS=2
+    assert corun_layout("cpu", 2, [4, 5, 0, 1, 2, 3]) == CoRunLayout(3, None)  # 2 big cores
+    assert corun_layout("cpu", 4, [0, 1]) == CoRunLayout(1, 1)  # more threads than cores
+    assert corun_layout("cuda", 2, [0, 1]) == CoRunLayout(1, None)  # the GPU's own pool
+    assert not corun_layout("cpu", 1, [0]).possible
+    assert corun_layout("cpu", 2, [0, 1], allowed={0}) == CoRunLayout(None, 1)
+
+
+def test_the_pool_core_order_is_where_tvm_binds_its_threads():
+    """``cpu_pool_core_order`` restates TVM's binding: worker i of the pool is bound to
+    order[i] (the calling thread, task 0, is not bound)."""
+    from hetcomp import _tvm
+
+    if os.environ.get("TVM_BIND_THREADS", "1") != "1" or (os.cpu_count() or 1) < 2:
+        pytest.skip("TVM binds no thread here")
+    pool, order = _tvm.cpu_pool_threads(), _tvm.cpu_pool_core_order()
+    bound = set()
+    for tid in os.listdir("/proc/self/task"):
+        cores = os.sched_getaffinity(int(tid))
+        if len(cores) == 1:
+            bound |= cores
+    assert bound == set(order[1:min(pool, len(order))])
+
+
+def test_corun_slowdown_is_timed_beside_the_load_not_on_a_core_it_takes(monkeypatch):
+    """Timed on the cores the load shares, a parallel CPU kernel waited for its thread on the
+    load's core (co-run x2-x166 on a 2-core machine; x0.95-1.04 with the pool a thread short).
+    Where the pool uses every core, the load is pinned to the last thread's core and the
+    co-run row is the whole pool's alone time scaled by the slowdown timed one thread short;
+    the pool is whole again after."""
+    from hetcomp import _tvm
+    from hetcomp.profile import measure
+    from hetcomp.profile.units import detect_unit
+
+    pool, order = _tvm.cpu_pool_threads(), _tvm.cpu_pool_core_order()
+    if min(pool, len(order)) < 2:
+        pytest.skip("one core: no co-run timing")
+    monkeypatch.setattr(measure._tvm, "cpu_pool_core_order", lambda: order[:pool])
+    tiny = ModelShape(hidden=64, intermediate=96, layers=2, heads=4, kv_heads=2, head_dim=16,
+                      vocab=320, max_context=128)
+    opts = dataclasses.replace(measure.ProfileOptions.quick(), widths=(1,), cache_lens=(32,))
+    groups, kernels = measure.plan_probes(tiny, opts)
+    groups = [g for g in groups if g.desc.startswith("rms_norm")]
+    lib = measure.build_probe_library("cpu", {"kind": "llvm"},
+                                      {p.func: kernels[p.func] for p in groups[0].probes},
+                                      progress=lambda s: None)
+    seen, loads = [], []
+    real_enter = measure.CoRunLoad.__enter__
+
+    def enter(self):
+        loads.append(real_enter(self))
+        return loads[-1]
+
+    def state(pid):
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0]
+
+    def fake_time(calls, *a, **k):  # alone on the whole pool 1 s, a thread short 2 s, beside 3 s
+        running = state(loads[0]._proc.pid) != "T"
+        threads = _tvm.cpu_pool_threads()
+        seen.append((threads, running, os.sched_getaffinity(loads[0]._proc.pid)))
+        sec = 3.0 if running else 1.0 if threads == pool else 2.0
+        return [(sec, 7)] * len(calls)
+
+    monkeypatch.setattr(measure.CoRunLoad, "__enter__", enter)
+    monkeypatch.setattr(measure, "time_calls", fake_time)
+    lines = []
+    rows = measure.measure_groups(detect_unit("cpu"), lib, groups, opts, progress=lines.append)
+    load_core = {order[pool - 1]}
+    assert seen == [(pool, False, load_core), (pool - 1, False, load_core),
+                    (pool - 1, True, load_core)]
+    n = len(groups[0].probes)
+    assert sorted((m.features.corun, m.seconds) for m in rows) == \
+        [(False, 1.0)] * n + [(True, 1.5)] * n
+    assert _tvm.cpu_pool_threads() == pool
+    assert f"co-run load on core {order[pool - 1]}" in lines[0]
+
 def test_gpu_host_pays_its_link_for_a_cpu_share():
     """The crossing cost belongs to the discrete unit of the pair, whichever one hosts: a CPU
     share of a GPU-hosted layer is no cheaper to reach than a GPU share of a CPU-hosted one."""
