@@ -131,8 +131,8 @@ def measure_artifact(art, prompts: list[list[int]], reference: list | None = Non
     """One artifact: greedy decoding of ``prompts`` at each width (interleaved per prompt,
     after a warm-up at each width), whether every width's ids equal sequential decoding's
     (and ``reference``'s, the first artifact's), the verify step time at ``step_widths``,
-    per-unit and per-kernel time at ``breakdown_widths`` (a CUDA-graph artifact's graph
-    is one call there: its kernels show in the ``-nograph`` build's), and the step split
+    per-unit time at both, per-kernel time at ``breakdown_widths`` (a CUDA-graph artifact's
+    graph is one call there: its kernels show in the ``-nograph`` build's), and the step split
     into VM calls, waits and host work at W = 1 and the fastest width."""
     import numpy as np
 
@@ -189,7 +189,9 @@ def measure_artifact(art, prompts: list[list[int]], reference: list | None = Non
              for w in sorted({*step_widths, *breakdown_widths})}
     r["step_s"] = {str(w): steps[w]["step_s"] for w in step_widths}
     say(f"step ms {({w: round(1e3 * t, 3) for w, t in r['step_s'].items()})}")
-    r["breakdown"] = [steps[w] for w in breakdown_widths]
+    # Every timed step's busy time per unit: report.py predicts each (the issue's W = 1, 4,
+    # 16, 64 among them; until session 34 only W = 1, 2, 8 reached it).
+    r["breakdown"] = [steps[w] for w in sorted(steps)]
     r["kernels"] = [kernel_breakdown(art, w, steps=10, cache_len=64) for w in breakdown_widths]
     # A step's time in the VM calls, in waiting for results, and on the host, at W = 1 and
     # the fastest width: what a GPU step's speculation gain is left after.

@@ -87,7 +87,9 @@ def test_run_measures_a_bundle(tmp_path, monkeypatch):
         assert r[f"w{w}"]["tokens_per_s"] > 0
     assert r["identical_to_first_artifact"] and res["reference"] == r["ids_w1"]
     assert set(r["step_s"]) == {"1", "4", "16", "64"} and min(r["step_s"].values()) > 0
-    assert [b["width"] for b in r["breakdown"]] == [1, 2, 8]
+    # report.py predicts every timed step: the step widths and the kernel breakdown's
+    assert [b["width"] for b in r["breakdown"]] == [1, 2, 4, 8, 16, 64]
+    assert [k["width"] for k in r["kernels"]] == [1, 2, 8]
     speed = {w: r[f"w{w}"]["tokens_per_s"] for w in (1, 2, 4)}
     best = max(speed, key=speed.get)
     assert r["speculative_speedup"] == {"width": best, "x": pytest.approx(speed[best] / speed[1])}
