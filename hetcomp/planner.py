@@ -11,7 +11,8 @@ Step-time model (one ``verify`` call, plus the Medusa draft call when W > 1):
   unit's co-run cost (measured under a concurrent load, so contention is in the numbers)
   when the units share memory, from its alone cost when one of them has its own.
 - Units on shared DRAM cannot beat their shared bandwidth: a split op takes at least its
-  units' summed bytes over the smaller of their bandwidths.
+  units' summed bytes over the memory's bandwidth, taken as the larger of their own (the
+  memory streams at least what its fastest unit streams alone).
 - Any op touching a non-host unit pays a synchronisation, plus copies of the op's input and
   output over the link when the two do not share memory: the discrete unit's (a GPU host with
   a CPU share pays the GPU's link just as a CPU host with a GPU share does).
@@ -310,12 +311,14 @@ class _StepModel:
         """Each part's time while all of them run at once. Units contend only for a memory
         they share (a discrete GPU's share runs in its own memory): each pays its measured
         co-run cost, and together they cannot stream faster than the memory's bandwidth
-        (a spec board's ``mem_bw_gbs``, shared by its CPU and GPU)."""
+        (at least the largest unit ``mem_bw_gbs``: a spec board's figure, a measured unit's
+        achieved rate). The smaller one bounded a measured board's GPU share by what its CPU
+        streams (a 60 GB/s GPU beside a 20 GB/s CPU co-ran 5.6x slower)."""
         contend = self.contention and len(parts) > 1 and all(u.shared_memory for u, _ in parts)
         times = {u.name: u.cost(f.with_corun(contend)) for u, f in parts}
         shared = [(u, f) for u, f in parts if u.shared_memory and u.mem_bw_gbs > 0]
         if contend and len(shared) > 1:
-            bw = min(u.mem_bw_gbs for u, _ in shared) * 1e9
+            bw = max(u.mem_bw_gbs for u, _ in shared) * 1e9
             floor = sum(f.bytes for _, f in shared) / bw
             times = {n: max(t, floor) for n, t in times.items()}
         return times
@@ -504,7 +507,7 @@ def contention_report(sm: _StepModel, w: int, kind: str = "gate_up") -> dict:
         elif not shared:
             source = "none: the units do not share memory"
         elif u.source == SPEC_ESTIMATE:
-            source = (f"shared bandwidth: {min(x.mem_bw_gbs for x in units):g} GB/s of the "
+            source = (f"shared bandwidth: {max(x.mem_bw_gbs for x in units):g} GB/s of the "
                       "board (spec)")
         else:
             source = "measured co-run profile" + (

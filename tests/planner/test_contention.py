@@ -20,8 +20,9 @@ def _plan(units, contention):
 
 
 def test_spec_board_plan_changes_with_shared_bandwidth():
-    """The Orin's CPU and GPU share 60 GB/s: planned alone, the CPU takes about half of
-    every linear; planned under the shared bandwidth, it takes far less."""
+    """The Orin's CPU and GPU share 65 GB/s (the faster one's streaming rate): planned
+    alone, the CPU takes about half of every linear; planned under the shared bandwidth, it
+    takes far less."""
     units = [UnitModel.from_spec(ORIN_NX_GPU), UnitModel.from_spec(ORIN_NX_CPU)]
     on, off = _plan(units, True), _plan(units, False)
     cpu_share = {k: dict(s)["orin-nx-cpu"] for k, s in on.split}
@@ -31,7 +32,7 @@ def test_spec_board_plan_changes_with_shared_bandwidth():
     report = on.to_json()["contention"]
     assert report["enabled"] and on.shared_memory
     gpu = report["units"]["orin-nx-gpu"]
-    assert gpu["slowdown"] > 1.0 and "shared bandwidth: 60 GB/s" in gpu["source"]
+    assert gpu["slowdown"] > 1.0 and "shared bandwidth: 65 GB/s" in gpu["source"]
     assert {u["slowdown"] for u in off.contention["units"].values()} == {1.0}
     assert Plan.from_json(json.loads(json.dumps(on.to_json()))).contention == report
 
