@@ -686,14 +686,17 @@ def _eager() -> dict:
 def _device_info() -> dict:
     import subprocess
 
-    from hetcomp.profile.units import cpu_model, gpu_info
+    from hetcomp.profile.units import cpu_model, gpu_info, gpu_integrated
 
     try:
         nvcc = subprocess.run(["nvcc", "--version"], capture_output=True,
                               text=True).stdout.strip().splitlines()[-1:]
     except OSError:  # no CUDA toolkit (the rehearsal on the build machine)
         nvcc = []
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "gpu": gpu_info(), "nvcc": nvcc}
+    # integrated: the CUDA driver's answer, which decides whether the planner puts a
+    # profiled GPU on the host's memory (None: no driver answered)
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "gpu": gpu_info(), "nvcc": nvcc,
+            "integrated": gpu_integrated()}
 
 
 def _unpack(bundle: str) -> None:

@@ -138,10 +138,16 @@ def measured_unit_models(db_path: str, model_key: str, digests: dict[str, str],
             if cost_dir:
                 os.makedirs(cost_dir, exist_ok=True)
                 ucm.save(os.path.join(cost_dir, f"{name}.json"))
-            target = ((db.unit_info(digest) or {}).get("target") or {"kind": "llvm"})
+            info = db.unit_info(digest) or {}
+            target = info.get("target") or {"kind": "llvm"}
             if target.get("kind") == "llvm":
                 models.append(UnitModel(name, ucm, "measured", True, ucm.baseline.mem_bw_gbs))
-            else:  # a discrete device: its own memory, reached over a link
+            elif info.get("shared_memory"):  # an integrated GPU: the host's DRAM, contended
+                sync_s, _ = link_costs(rows)
+                models.append(UnitModel(name, ucm, "measured", True, ucm.baseline.mem_bw_gbs,
+                                        sync_s + launch_latency(rows)))
+            else:  # a discrete device: its own memory, reached over a link (also a GPU
+                # profiled before units recorded their memory)
                 sync_s, link_gbs = link_costs(rows)
                 models.append(UnitModel(name, ucm, "measured", False, 0.0,
                                         sync_s + launch_latency(rows), link_gbs))

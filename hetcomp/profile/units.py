@@ -57,16 +57,22 @@ class Fingerprint:
 
 @dataclasses.dataclass(frozen=True)
 class Unit:
-    """A processing unit present on this machine."""
+    """A processing unit present on this machine.
+
+    ``shared_memory``: it works in the host's DRAM (a CPU; an integrated GPU such as a
+    Jetson's), so its co-run profile is contention and a crossing is a copy within DRAM,
+    not a transfer over a link.
+    """
 
     name: str
     target: dict = dataclasses.field(hash=False)
     device: str  # "cpu:0", "cuda:0"
     fingerprint: Fingerprint
+    shared_memory: bool = True
 
     def to_json(self) -> dict:
         return {"name": self.name, "target": self.target, "device": self.device,
-                "fingerprint": self.fingerprint.to_json()}
+                "shared_memory": self.shared_memory, "fingerprint": self.fingerprint.to_json()}
 
 
 def cpu_model() -> str:
@@ -108,6 +114,26 @@ def gpu_arch() -> str:
     cap = _smi("compute_cap")
     major, dot, minor = (cap[0] if cap else "").partition(".")
     return f"sm_{major}{minor}" if dot and major.isdigit() and minor.isdigit() else ""
+
+
+def gpu_integrated() -> bool | None:
+    """Whether the first CUDA GPU is integrated, sharing the host's DRAM (a Jetson's; the CUDA
+    driver's ``CU_DEVICE_ATTRIBUTE_INTEGRATED``); None when no CUDA driver answers. Asked of
+    the driver (``libcuda``, present wherever a GPU is) because ``nvidia-smi`` does not say."""
+    import ctypes
+
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    dev, value = ctypes.c_int(), ctypes.c_int()
+    if (cuda.cuInit(0) or cuda.cuDeviceGet(ctypes.byref(dev), 0)
+            or cuda.cuDeviceGetAttribute(ctypes.byref(value), _CU_INTEGRATED, dev)):
+        return None
+    return bool(value.value)
+
+
+_CU_INTEGRATED = 18  # CUdevice_attribute CU_DEVICE_ATTRIBUTE_INTEGRATED (cuda.h)
 
 
 def tvm_version() -> str:
@@ -184,7 +210,7 @@ def detect_unit(name: str, target: dict | None = None, cuda_arch: str | None = N
         If the unit is not present on this machine or the name is unknown (spec-only units
         such as ``orin-nx-gpu`` are described by :data:`SPECS`, not detected).
     """
-    built_for = target
+    built_for, shared = target, True
     if name == "cpu":
         target, device, gpu = target_dict("host"), "cpu:0", ""
     elif name == "cuda":
@@ -192,7 +218,7 @@ def detect_unit(name: str, target: dict | None = None, cuda_arch: str | None = N
         if not gpu:
             raise HetcompError("unit 'cuda' is not present on this machine (no nvidia-smi GPU)")
         target = {"kind": "cuda", "arch": cuda_arch or gpu_arch() or DEFAULT_CUDA_ARCH}
-        device = "cuda:0"
+        device, shared = "cuda:0", bool(gpu_integrated())
     elif name in SPECS:
         raise HetcompError(f"unit {name!r} is a spec-only unit: it can be estimated, not measured")
     else:
@@ -203,4 +229,4 @@ def detect_unit(name: str, target: dict | None = None, cuda_arch: str | None = N
                      threads=cpu_threads(), gpu=gpu,
                      tvm_version=tvm_version(), target=json.dumps(target, sort_keys=True),
                      kernel_hash=kernel_source_hash())
-    return Unit(name=name, target=target, device=device, fingerprint=fp)
+    return Unit(name=name, target=target, device=device, fingerprint=fp, shared_memory=shared)

@@ -512,6 +512,8 @@ def test_profile_kit_built_here_measured_with_runtime_only(tmp_path):
     info = json.loads(res.stdout)["units"]["cpu"]
     assert json.loads(info["fingerprint"]["target"])["mcpu"] == "x86-64-v3"
     assert info["measurements"] > 50
+    with ProfileDB(str(db)) as stored:  # what tune reads to put the unit on the host's memory
+        assert stored.unit_info(info["fingerprint"]["digest"])["shared_memory"] is True
     summary = tune_command("smollm2", ["cpu"], str(tmp_path / "tune"), profile=str(db),
                            progress=lambda s: None)
     assert summary["plan"]["units"] == ["cpu"] and summary["plan"]["source"] == MEASURED

@@ -92,3 +92,61 @@ def test_split_attention_moves_only_tree_sized_bytes():
             (2 * q_kv + part) / 16e9)
         assert model.attention_time(parts, "cpu", "cuda") == pytest.approx(
             (q_kv + part) / 16e9)
+
+
+def _profile_db(path, gpu_shared):
+    """A profile database as `hetcomp profile` stores it for a cpu and a cuda unit: linear
+    probes alone and co-running (the GPU slows 2x beside the load, the CPU 1.2x), the GPU's
+    round-trip copies and launch probes; the cuda unit's record says whether it works in
+    the host's DRAM (``Unit.shared_memory``, the CUDA driver's "integrated")."""
+    from hetcomp.cost.roofline import LINEAR_KINDS, Features, copy_features, linear_features
+    from hetcomp.profile.db import Measurement, ProfileDB
+    from hetcomp.profile.units import Fingerprint, Unit
+
+    digests = {}
+    with ProfileDB(str(path)) as db:
+        for name, target, gbs, corun in (("cpu", {"kind": "llvm"}, 20e9, 1.2),
+                                         ("cuda", {"kind": "cuda", "arch": "sm_87"}, 60e9, 2.0)):
+            rows = [Measurement(name, f.with_corun(c), (f.bytes / gbs + 5e-6) * (corun if c
+                                                                                else 1.0))
+                    for kind in LINEAR_KINDS for w in (1, 4, 16) for r in (0.25, 0.5, 1.0)
+                    for f in [linear_features(SMOL, kind, w, r)] for c in (False, True)]
+            if name == "cuda":
+                rows += [Measurement(name, copy_features(w, n), 2e-5 + 8.0 * w * n / 50e9)
+                         for w in (1, 16) for n in (576, 49152)]
+                rows += [Measurement(name, Features("launch", k, 1, 1, 0, 1.0, 0, False, 0, 4),
+                                     t) for k, t in (("batched", 4e-6), ("synced", 1.2e-5))]
+            fp = Fingerprint(unit=name, cpu_model="Orin", cores=8, threads=8,
+                             gpu="Orin / 540" if name == "cuda" else "", tvm_version="0.27",
+                             target=json.dumps(target, sort_keys=True), kernel_hash="k")
+            unit = Unit(name, target, f"{name}:0", fp,
+                        shared_memory=gpu_shared if name == "cuda" else True)
+            db.store(unit.to_json(), fp.digest, "m", "full", rows)
+            digests[name] = fp.digest
+    return digests
+
+
+@pytest.mark.parametrize("gpu_shared", [True, False])
+def test_a_measured_integrated_gpu_is_planned_on_the_hosts_memory(tmp_path, gpu_shared):
+    """A GPU profiled on a board where it works in the host's DRAM (a Jetson's) is planned as
+    sharing it: its measured co-run slowdown counts and a crossing pays its synchronisation
+    but no link. Every measured GPU used to be planned as discrete, so contention never
+    changed a measured board's plan. A discrete GPU (or one profiled before units recorded
+    their memory) stays on its link, its co-run profile unused."""
+    from hetcomp.driver.tuning import measured_unit_models
+
+    db = tmp_path / "p.sqlite"
+    units, _ = measured_unit_models(str(db), "m", _profile_db(db, gpu_shared))
+    gpu = {u.name: u for u in units}["cuda"]
+    assert gpu.shared_memory == gpu_shared
+    # sync: the copies' fitted intercept (20 us) and the launch latency (8 us)
+    assert gpu.sync_s == pytest.approx(2.8e-5, rel=0.05)
+    assert (gpu.link_gbs == 0) == gpu_shared and (gpu.mem_bw_gbs > 0) == gpu_shared
+    on, off = _plan(units, True), _plan(units, False)
+    report = on.contention["units"]["cuda"]
+    if gpu_shared:
+        assert on.shared_memory and on.split != off.split
+        assert report["slowdown"] == pytest.approx(2.0, rel=0.05)  # as its profile measured
+        assert report["source"].startswith("measured co-run profile")
+    else:
+        assert not on.shared_memory and on.split == off.split and report["slowdown"] == 1.0
