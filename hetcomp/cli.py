@@ -487,7 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--dtype", default="float32",
                     help="weight dtype whose kernels to measure: float32 | float16 | q4_0 | "
                          "q4_1 | q8_0 (as compile --dtype)")
-    pr.add_argument("-o", "--output", help="SQLite profile database")
+    pr.add_argument("-o", "--output", help="SQLite profile database (added to; the profiles "
+                                           "measured or reused are drawn beside it, DB.png)")
     pr.set_defaults(func=cmd_profile)
 
     t = sub.add_parser("tune", help="profile + fit cost models + plan (plan.json, plan.png)")

@@ -14,7 +14,13 @@ import json
 import os
 import sys
 
-from ..artifact_format import check_output_file
+from ..artifact_format import (
+    PLOT_METADATA,
+    check_output,
+    check_output_file,
+    is_plot,
+    output_file,
+)
 from ..cost.roofline import ModelShape
 from ..errors import HetcompError
 from ..frontend import resolve_model
@@ -125,8 +131,10 @@ def profile_command(model: str = "smollm2", units=("cpu",), out: str = "profile.
         return {"kit": path, "model": key, "mode": opts.mode, "units": list(present),
                 **({"cuda_arch": arch} if "cuda" in present else {})}
     # Everything that can be refused is, before the database is made or measured into: it
-    # gathers profiles run after run (a profile database there is added to, nothing else).
+    # gathers profiles run after run (a profile database there is added to, nothing else),
+    # and the plot beside it replaces only a plot of ours.
     check_output_file(out, is_sqlite, "profile database")
+    check_output(profile_plot_path(out), is_plot, "hetcomp plot", force=True)
     if opened is None:
         shape, key = read_model_shape(model, dtype)
     found = (kit_units(opened, present) if opened is not None
@@ -137,17 +145,97 @@ def profile_command(model: str = "smollm2", units=("cpu",), out: str = "profile.
         if opened is not None:
             measured = profile_kit(opened, db, present, force, progress, found=found,
                                    libs=libs)
-            return {"db": os.path.abspath(out), "model": opened.meta["model"],
-                    "mode": opened.meta["options"].get("mode", "full"), "units": measured}
-        summary = {"db": os.path.abspath(out), "model": key, "mode": opts.mode, "units": {}}
-        for name in present:
-            unit = found[name]
-            res = profile_unit(unit, shape, db, key, opts, wdtype=dtype, force=force,
-                               progress=progress)
-            summary["units"][name] = {"fingerprint": unit.fingerprint.to_json(),
-                                      "measurements": len(res.rows), "reused": res.reused,
-                                      "mode": res.mode}
+            summary = {"db": os.path.abspath(out), "model": opened.meta["model"],
+                       "mode": opened.meta["options"].get("mode", "full"), "units": measured}
+        else:
+            summary = {"db": os.path.abspath(out), "model": key, "mode": opts.mode,
+                       "units": {}}
+            for name in present:
+                unit = found[name]
+                res = profile_unit(unit, shape, db, key, opts, wdtype=dtype, force=force,
+                                   progress=progress)
+                summary["units"][name] = {"fingerprint": unit.fingerprint.to_json(),
+                                          "measurements": len(res.rows), "reused": res.reused,
+                                          "mode": res.mode}
+        digests = {n: u["fingerprint"]["digest"] for n, u in summary["units"].items()}
+        summary["plot"] = write_profile_plot(db, summary["model"], digests,
+                                             profile_plot_path(out))
     return summary
+
+
+def profile_plot_path(db_path: str) -> str:
+    """Where ``hetcomp profile -o DB`` draws the profiles it measured or reused: DB's name
+    with ``.png``."""
+    return os.path.splitext(os.path.abspath(db_path))[0] + ".png"
+
+
+def write_profile_plot(db: ProfileDB | str, model_key: str, digests: dict[str, str],
+                       path: str) -> str:
+    """Plot the stored profiles ``digests`` (``{unit: fingerprint digest}``) of ``model_key``
+    into ``path`` (:func:`plot_profile`); returns ``path``."""
+    with contextlib.ExitStack() as stack:
+        if isinstance(db, str):
+            db = stack.enter_context(ProfileDB(db))
+        rows = {unit: db.measurements(digest, model_key) for unit, digest in digests.items()}
+    with output_file(path, is_plot, "hetcomp plot") as tmp:
+        plot_profile(rows, tmp, model_key)
+    return path
+
+
+# Op classes whose kinds name their kernels well enough alone (``silu_mul``, ``qk_norm``).
+_KIND_NAMES_OP = ("linear", "elementwise", "rope", "rms_norm")
+
+
+def plot_profile(rows_by_unit: dict, path: str, model_key: str) -> None:
+    """PNG: each unit's kernel time per call against the tree width W, alone (solid) and
+    beside the co-run load (dashed): the linear kinds over all their columns (left), the
+    other op classes (right; attention against the longest cache measured). Round-trip
+    copies and launch probes are not per-width kernels and are left out."""
+    import matplotlib  # lazy: plotting is optional and slow to import
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    units = list(rows_by_unit)
+    fig, axes = plt.subplots(len(units), 2, figsize=(12, 4 * len(units)), squeeze=False)
+    for row, unit in zip(axes, units, strict=True):
+        series: dict = {}
+        for m in rows_by_unit[unit]:
+            f = m.features
+            if f.op in ("copy", "launch"):
+                continue
+            series.setdefault((f.op, f.kind), []).append(m)
+        drawn = [0, 0]  # series on each axis: colours, then markers, cycle
+        for (op, kind), ms in sorted(series.items()):
+            # one shape per width: all the columns, the longest cache
+            r = max(m.features.r for m in ms)
+            cl = max(m.features.cache_len for m in ms)
+            side = 0 if op == "linear" else 1
+            n, drawn[side] = drawn[side], drawn[side] + 1
+            label = (op if kind in op else kind if op in _KIND_NAMES_OP
+                     else f"{op} ({kind})")
+            for corun, style in ((False, "-"), (True, "--")):
+                pts = sorted((m.features.w, 1e3 * m.seconds) for m in ms
+                             if m.features.corun == corun and m.features.r == r
+                             and m.features.cache_len == cl)
+                if pts:
+                    row[side].plot(*zip(*pts, strict=True), style, color=f"C{n % 10}",
+                                   marker=None if corun else "os^"[n // 10 % 3],
+                                   label=None if corun else label)
+        for ax, what in zip(row, ("linear layers (all columns)", "other op classes"),
+                            strict=True):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("tree width W (rows)")
+            ax.set_ylabel("ms per call")
+            ax.set_title(f"{unit}: {what}", fontsize=10)
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7, ncol=2)
+    fig.suptitle(f"{model_key}: alone (solid), beside the co-run load (dashed)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, metadata=PLOT_METADATA)
+    plt.close(fig)
 
 
 @contextlib.contextmanager

@@ -56,7 +56,13 @@ from ..schedules.tuning import (
 )
 from ..speculative.datastore import Datastore
 from ..speculative.medusa import MedusaHeads
-from .profiling import _say, profile_command, read_model_shape, split_unit_names
+from .profiling import (
+    _say,
+    profile_command,
+    read_model_shape,
+    split_unit_names,
+    write_profile_plot,
+)
 
 # Used for tau(W) when no calibrated Medusa heads exist. ILLUSTRATIVE ONLY, not measured:
 # P(rank-r candidate of head k is the base model's token), shaped like the top-k accuracies
@@ -208,7 +214,8 @@ def tune_command(model: str = "smollm2", units=("cpu",), out_dir: str = "tune",
                  progress=None, profile: str | None = None,
                  draft_dtype: str | None = None, force: bool = False,
                  dtype: str = "float32") -> dict:
-    """Profile, fit and plan; writes profile.sqlite, cost/<unit>.json, plan.json, plan.png.
+    """Profile, fit and plan; writes profile.sqlite and profile.png (or, with ``profile``,
+    profile.png of that database's profiles), cost/<unit>.json, plan.json, plan.png.
 
     Spec-only units skip profiling and fitting (their plan is a ``spec-estimate``).
     ``profile``: an existing database (measured elsewhere) whose newest profile of each unit
@@ -229,8 +236,10 @@ def tune_command(model: str = "smollm2", units=("cpu",), out_dir: str = "tune",
         summary = _tune(tmp, shape, key, model, present, spec, quick, cache_len, draft,
                         progress, profile, say, dtype)
     summary["out_dir"] = os.path.abspath(out_dir)
-    if "profile" in summary and profile is None:
-        summary["profile"]["db"] = os.path.join(summary["out_dir"], "profile.sqlite")
+    if "profile" in summary:  # (written in the temporary folder renamed to out_dir)
+        summary["profile"]["plot"] = os.path.join(summary["out_dir"], "profile.png")
+        if profile is None:
+            summary["profile"]["db"] = os.path.join(summary["out_dir"], "profile.sqlite")
     return summary
 
 
@@ -245,7 +254,9 @@ def _tune(out_dir, shape, key, model, present, spec, quick, cache_len, draft, pr
     if present:
         if profile is not None:
             db, digests = profile, stored_digests(profile, present, key)
-            summary["profile"] = {"db": os.path.abspath(db), "digests": digests}
+            summary["profile"] = {"db": os.path.abspath(db), "digests": digests,
+                                  "plot": write_profile_plot(db, key, digests, os.path.join(
+                                      out_dir, "profile.png"))}
         else:
             db = os.path.join(out_dir, "profile.sqlite")
             summary["profile"] = profile_command(model, present, db, quick, progress=progress,

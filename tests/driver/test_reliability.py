@@ -215,6 +215,12 @@ def test_kit_tune_heads_and_profile_outputs_refuse_other_files(tmp_path, capsys)
     rc, err = cli(capsys, "profile", "--quick", "-o", db)  # refused before any measuring
     assert_one_line_error(rc, err, "not a profile database")
     assert notes.read_bytes() == b"my notes" and db.read_text() == "mine"
+    # the profile's plot goes beside the database (P.sqlite -> P.png): never over a user's file
+    picture = tmp_path / "P.png"
+    picture.write_bytes(b"my picture")
+    rc, err = cli(capsys, "profile", "--quick", "-o", tmp_path / "P.sqlite")
+    assert_one_line_error(rc, err, "not a hetcomp plot")
+    assert picture.read_bytes() == b"my picture" and not (tmp_path / "P.sqlite").exists()
     # a tune folder is replaced with --force (spec units: no profiling)
     tune = tmp_path / "tune"
     assert cli(capsys, "tune", "--units", "orin-nx", "-o", tune)[0] == 0

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from hetcomp.artifact_format import is_plot
 from hetcomp.cost.roofline import (
     LINEAR_KINDS,
     DraftShape,
@@ -437,8 +438,8 @@ def test_planner_imports_no_tvm():
 
 def test_quick_profile_fit_and_plan(tmp_path, cli):
     from hetcomp.driver.tuning import load_draft, profile_command, tune_command
-    from hetcomp.planner import tau_table
     from hetcomp.errors import HetcompError
+    from hetcomp.planner import tau_table
 
     try:
         from hetcomp.frontend import default_gguf_path
@@ -451,6 +452,8 @@ def test_quick_profile_fit_and_plan(tmp_path, cli):
     summary = tune_command("smollm2", ["cpu"], str(out), quick=True, progress=lines.append)
     for f in ("profile.sqlite", "cost/cpu.json", "plan.json", "plan.png"):
         assert (out / f).is_file(), f
+    assert is_plot(str(out / "profile.png")) and summary["profile"]["plot"] == str(
+        out / "profile.png")  # (drawn in tune's temporary folder, reported where it is)
     assert not summary["profile"]["units"]["cpu"]["reused"]
     assert any("linear lm_head" in ln for ln in lines) and any("co-run" in ln for ln in lines)
     p = Plan.from_json(json.loads((out / "plan.json").read_text()))
@@ -514,8 +517,11 @@ def test_profile_kit_built_here_measured_with_runtime_only(tmp_path):
     assert info["measurements"] > 50
     with ProfileDB(str(db)) as stored:  # what tune reads to put the unit on the host's memory
         assert stored.unit_info(info["fingerprint"]["digest"])["shared_memory"] is True
+    assert is_plot(str(tmp_path / "p.png")) and json.loads(res.stdout)["plot"] == str(
+        tmp_path / "p.png")
     summary = tune_command("smollm2", ["cpu"], str(tmp_path / "tune"), profile=str(db),
                            progress=lambda s: None)
+    assert is_plot(str(tmp_path / "tune" / "profile.png"))
     assert summary["plan"]["units"] == ["cpu"] and summary["plan"]["source"] == MEASURED
     # Without --units, the kit's own units (here cpu and cuda, which this machine lacks),
     # all found before the database is touched.
