@@ -116,6 +116,9 @@ def gpu_arch() -> str:
     return f"sm_{major}{minor}" if dot and major.isdigit() and minor.isdigit() else ""
 
 
+_CU_INTEGRATED = 18  # CUdevice_attribute CU_DEVICE_ATTRIBUTE_INTEGRATED (cuda.h)
+
+
 def gpu_integrated() -> bool | None:
     """Whether the first CUDA GPU is integrated, sharing the host's DRAM (a Jetson's; the CUDA
     driver's ``CU_DEVICE_ATTRIBUTE_INTEGRATED``); None when no CUDA driver answers. Asked of
@@ -131,9 +134,6 @@ def gpu_integrated() -> bool | None:
             or cuda.cuDeviceGetAttribute(ctypes.byref(value), _CU_INTEGRATED, dev)):
         return None
     return bool(value.value)
-
-
-_CU_INTEGRATED = 18  # CUdevice_attribute CU_DEVICE_ATTRIBUTE_INTEGRATED (cuda.h)
 
 
 def tvm_version() -> str:
