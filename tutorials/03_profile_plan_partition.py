@@ -20,12 +20,15 @@ tmp = tempfile.mkdtemp()
 
 # 1. ARCA: measure every op class of SmolLM2's shapes on this machine's units (alone and beside
 #    a memory-streaming co-runner), fit a cost model per unit and op class, and plan W, the
-#    tree and the split ratios for the best predicted tokens/s. Results: plan.json + plan.png.
+#    tree and the split ratios for the best predicted tokens/s. Results: plan.json + plan.png,
+#    and profile.png (each op class's ms per call against W, alone and co-running).
 summary = tune_command("smollm2", ["cpu"], os.path.join(tmp, "tune"), quick=FAST)
 with open(os.path.join(tmp, "tune", "plan.json")) as fh:
     plan = json.load(fh)
 print(f"measured plan on this CPU: W={plan['width']}, tau={plan['tau']:.2f}, "
-      f"{plan['tokens_per_s']:.0f} tokens/s predicted")
+      f"{plan['tokens_per_s']:.0f} tokens/s predicted; profile drawn in "
+      f"{summary['profile']['plot']}")
+assert os.path.isfile(summary["profile"]["plot"])
 
 # 2. The same planner on a board that is not here, from datasheet figures: an estimate,
 #    labelled as such, never mixed with measurements.
