@@ -157,10 +157,14 @@ def profile_command(model: str = "smollm2", units=("cpu",), out: str = "profile.
                 summary["units"][name] = {"fingerprint": unit.fingerprint.to_json(),
                                           "measurements": len(res.rows), "reused": res.reused,
                                           "mode": res.mode}
-        digests = {n: u["fingerprint"]["digest"] for n, u in summary["units"].items()}
-        summary["plot"] = write_profile_plot(db, summary["model"], digests,
+        summary["plot"] = write_profile_plot(db, summary["model"], profiled_digests(summary),
                                              profile_plot_path(out))
     return summary
+
+
+def profiled_digests(summary: dict) -> dict[str, str]:
+    """``{unit: fingerprint digest}`` from a :func:`profile_command` summary."""
+    return {n: u["fingerprint"]["digest"] for n, u in summary["units"].items()}
 
 
 def profile_plot_path(db_path: str) -> str:

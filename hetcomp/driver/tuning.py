@@ -59,6 +59,7 @@ from ..speculative.medusa import MedusaHeads
 from .profiling import (
     _say,
     profile_command,
+    profiled_digests,
     read_model_shape,
     split_unit_names,
     write_profile_plot,
@@ -181,11 +182,6 @@ def launch_latency(rows) -> float:
     if "synced" not in times or "batched" not in times:
         return 0.0
     return max(times["synced"] - times["batched"], 0.0)
-
-
-def profiled_digests(summary: dict) -> dict[str, str]:
-    """``{unit: fingerprint digest}`` from a :func:`profile_command` summary."""
-    return {n: u["fingerprint"]["digest"] for n, u in summary["units"].items()}
 
 
 def stored_digests(db_path: str, units, model_key: str) -> dict[str, str]:

@@ -881,10 +881,10 @@ def measure_groups(unit: Unit, lib, groups: list[ProbeGroup], opts: ProfileOptio
     runner.fit_rotation(opts.rotate_bytes)
     rows: list[Measurement] = []
     t_start = time.time()
-    layout = corun_layout(dev_type, _tvm.cpu_pool_threads(), _tvm.cpu_pool_core_order(),
-                          _allowed_cores())
-    corun = opts.corun and layout.possible
-    if opts.corun:
+    layout = (corun_layout(dev_type, _tvm.cpu_pool_threads(), _tvm.cpu_pool_core_order(),
+                           _allowed_cores()) if opts.corun else None)
+    corun = layout is not None and layout.possible
+    if layout is not None:
         say(_layout_line(unit.name, layout))
     with (CoRunLoad(layout.load_core) if corun else _NoLoad()) as load:
         for gi, group in enumerate(groups):
