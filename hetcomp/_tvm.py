@@ -304,6 +304,11 @@ class _Compiler:
         self.cc = cc  # tvm.contrib.cc before 0.27
         self.llvm_cpu_has_features = llvm_cpu_has_features
         self.llvm_get_cpu_features = llvm_get_cpu_features  # {feature name: ...} of a target
+        # A data prefetch, ``T.call_llvm_intrin("void", LLVM_PREFETCH, address, rw, locality,
+        # cache type)``. TIR's own ``tirx.prefetch`` builtin fails in 0.27's LLVM codegen
+        # ("Cannot find intrinsic declaration ... llvm.prefetch"): opaque pointers need the
+        # overload's ``.p0`` suffix (``.p0i8`` before LLVM 15).
+        self.LLVM_PREFETCH = "llvm.prefetch.p0"
 
     @property
     def meta_schedule(self):

@@ -60,11 +60,14 @@ def _write_back_per_row_tile(sch, func, mm, io):
 
 class LinearTile(NamedTuple):
     """How :class:`LinearRule` tiles one kernel: ``streams`` column panels share each k step,
-    ``rows`` rows a tile, and a panel runs ``lanes`` columns at a time (None: all B)."""
+    ``rows`` rows a tile, and a panel runs ``lanes`` columns at a time (None: all B).
+    ``prefetch``: where the kernel's rows fit one tile (each weight read once, from DRAM),
+    each k step prefetches its streams' weights this many bytes ahead (0: none)."""
 
     streams: int
     rows: int
     lanes: int | None = None
+    prefetch: int = 0
 
 
 class LinearRule(_BASE):
@@ -75,7 +78,9 @@ class LinearRule(_BASE):
     The tile's rows share each weight load; a tile holds ``streams x rows x lanes``
     accumulators in vector registers. :meth:`tile` picks the tile; ISA subclasses size it to
     the target's registers (:class:`hetcomp.schedules.x86.LinearRule`,
-    :class:`hetcomp.schedules.arm.LinearRule`).
+    :class:`hetcomp.schedules.arm.LinearRule`), and may have a one-tile kernel's k loop
+    prefetch its weight streams (``LinearTile.prefetch``; x86's does, ARM's not yet: no ARM
+    machine here to time it on).
     """
 
     def __init__(self, row_tile: int = 4):
@@ -124,7 +129,39 @@ class LinearRule(_BASE):
         sch.unroll(ii)
         sch.vectorize(sch.get_loops(tail)[-1])
         sch.decompose_reduction(mm, k)
+        # Step 4. Weights read once (one row tile): ask for them ahead of the FMAs.
+        tiles = sch.get(io).extent
+        if tile.prefetch and "jp" not in loops and isinstance(tiles, c.tir.IntImm) and (
+                int(tiles) == 1):
+            wp = next(r.source for r in sch.get(mm).reads if r.source.name == "wp")
+            _prefetch_streams(sch, k, wp, sch.get(loops["jo"]).loop_var, streams,
+                              tile.prefetch)
         return sch
+
+
+#: A cache line's bytes (x86 and the ARM cores here).
+CACHE_LINE = 64
+
+
+def _prefetch_streams(sch, k, wp, group, streams: int, ahead_bytes: int) -> None:
+    """Start each k step of loop ``k`` with a prefetch (``llvm.prefetch``: read, keep in
+    every cache level) of the weights ``ahead_bytes`` further on in each of the ``streams``
+    panels of group ``group`` (``wp`` packed ``[n // B, k, B]``, a panel's k row one cache
+    line or more; the last k rows ask for the panel's last row again)."""
+    c = compiler()
+    tir = c.tir
+    loop = sch.get(k)
+    _, K, B = (int(d) for d in wp.shape)
+    bytes_per_row = B * (c.DataType(wp.dtype).bits // 8)
+    ahead = tir.min(loop.loop_var + max(1, ahead_bytes // bytes_per_row), K - 1)
+    read, keep, data = (tir.const(v, "int32") for v in (0, 3, 1))
+    calls = [tir.Evaluate(tir.call_llvm_intrin("void", c.LLVM_PREFETCH, tir.address_of(
+        tir.BufferLoad(wp, [group * streams + s, ahead,
+                            tir.const(off * B // bytes_per_row, "int64")])), read, keep, data))
+        for s in range(streams) for off in range(0, bytes_per_row, CACHE_LINE)]
+    new = tir.For(loop.loop_var, loop.min, loop.extent, loop.kind,
+                  tir.SeqStmt([*calls, loop.body]), loop.thread_binding, loop.annotations)
+    sch.state.replace(sch.get_sref(k), new, {})
 
 
 class QuantLinearRule(_BASE):

@@ -1,5 +1,7 @@
 """CPU schedule rules: dispatch by op kind, exact row tiles for static widths, numerics."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -129,6 +131,56 @@ def test_x86_linear_tile_streams_three_panels():
                                                                  (32, "vectorize")]
     for other in ({"kind": "llvm", "mtriple": "x86_64-linux-gnu"}, target_dict("aarch64")):
         assert rule.apply(ops.linear(192, 64, "float32", rows=8), c.Target(other), False) is None
+
+
+def _prefetched(sch) -> list[str]:
+    """The weight elements the linear's k loop prefetches each step, as TVMScript prints
+    them (``wp[panel, k ahead, column]``), in order."""
+    text = sch.mod["main"].script()
+    return re.findall(r'call_llvm_intrin\("void", "llvm\.prefetch[^"]*", '
+                      r"T\.address_of\((wp\[[^\]]*\])\)", text)
+
+
+def test_one_tile_x86_linears_prefetch_their_weight_streams():
+    """Where a kernel's rows fit one tile (each weight read once, from DRAM), each k step
+    prefetches every stream's weights 2 KB ahead, one cache line each: float32 panels (128 B
+    a k row) two lines, 16 k rows ahead; float16 one, 32 ahead; clamped to the last row.
+    Kernels whose tiles re-read the panels from cache (more rows than a tile, prefill), and
+    the generic rule (ARM's too), do not."""
+    rule = x86.LinearRule()
+    avx512, avx2 = c.Target({"kind": "llvm", "mcpu": "skylake-avx512"}), c.Target(
+        target_dict("x86-64-v3"))
+    f32 = _prefetched(rule.apply(ops.linear(192, 64, "float32", rows=4), avx512, False))
+    assert f32 == [f"wp[j_0 * T.int64(3){p}, T.min(k + T.int64(16), T.int64(63)), "
+                   f"T.int64({col})]" for p in ("", " + T.int64(1)", " + T.int64(2)")
+                   for col in (0, 16)]
+    f16 = _prefetched(rule.apply(ops.linear(192, 64, "float16", rows=2), avx512, False))
+    assert [re.sub(r"\s+", "", e) for e in f16] == [
+        f"wp[j_0*T.int64(3){p},T.min(k+T.int64(32),T.int64(63)),T.int64(0)]"
+        for p in ("", "+T.int64(1)", "+T.int64(2)")]
+    assert len(_prefetched(rule.apply(ops.linear(192, 64, "float32", rows=1), avx2, False))) == 6
+    for target, rows in ((avx512, 8), (avx2, 2), (avx512, None), (avx2, None)):
+        assert _prefetched(rule.apply(ops.linear(192, 64, "float32", rows=rows), target,
+                                      False)) == []
+    assert _prefetched(LinearRule().apply(ops.linear(192, 64, "float32", rows=1), avx512,
+                                          False)) == []
+    lib = c.compile(c.IRModule({"main": rule.apply(ops.linear(192, 64, "float16", rows=2),
+                                                   avx512, False).mod["main"]}),
+                    target=avx512)
+    assert "prefetcht0" in lib.mod.inspect_source("s")  # what LLVM made of it
+
+
+@pytest.mark.parametrize("spec", X86_TARGETS)
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_prefetching_x86_linear_numerics(spec, dtype):
+    """A prefetching kernel (one row tile) whose k loop is shorter than the distance ahead
+    (every step's prefetch clamped) and one barely longer."""
+    target = c.Target(spec)
+    rows = 4 if spec.get("mcpu") == "skylake-avx512" else 1  # one tile: AVX-512 holds 4 rows
+    for k in (8, 40):
+        sch = x86.LinearRule().apply(ops.linear(96, k, dtype, rows=rows), target, False)
+        assert _prefetched(sch)
+        _run_linear(sch, target, 96, k, rows, False, dtype)
 
 
 @pytest.mark.parametrize("rows", [1, 8, 24, None])
