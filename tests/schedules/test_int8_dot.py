@@ -86,6 +86,27 @@ def test_matches_numpy_on_int8_activations(qtype, rows, n, k, residual):
     assert np.abs(got - exact).max() > 1e-4 * np.abs(exact).max()
 
 
+def test_one_tile_kernels_prefetch_each_block_ahead():
+    """A kernel whose rows fit one tile (each block read once, from DRAM) prefetches the
+    cache lines 2 KB ahead of each k block (q4_1's 640-byte block: ten lines; clamped to the
+    weights' last byte); more rows than a tile, symbolic rows and NEON's passes do not."""
+    def prefetched(func):
+        """``(k blocks, block bytes, bytes ahead, last byte)`` of each prefetch, in order:
+        the address is ``min((panel * blocks + k block) * block bytes + ahead, last)``."""
+        return [tuple(map(int, m)) for m in re.findall(
+            r'llvm\.prefetch[^"]*", T\.address_of\(\w+\[T\.min\(\(\w+ \* T\.int64\((\d+)\) '
+            r"\+ \w+\) \* T\.int64\((\d+)\) \+ T\.int64\((\d+)\), T\.int64\((\d+)\)\)\]",
+            func.script())]
+
+    got = prefetched(linear_int8_dot(quant.linear_quant(96, 128, "q4_1", rows=4)))
+    assert got == [(4, 640, 2048 + line, 3 * 4 * 640 - 1) for line in range(0, 640, 64)]
+    assert len(prefetched(linear_int8_dot(quant.linear_quant(96, 128, "q8_0", rows=1)))) == 17
+    for rows in (16, 6, None):
+        assert prefetched(linear_int8_dot(quant.linear_quant(96, 128, "q4_1", rows=rows))) == []
+    assert prefetched(linear_int8_dot(quant.linear_quant(96, 128, "q4_1", rows=4),
+                                      NEON_DOT)) == []
+
+
 def _nan_case():
     rng = np.random.default_rng(8)
     m = quant.QuantMatrix.quantize(rng.standard_normal((64, 64)).astype("float32"), "q4_0")
