@@ -133,7 +133,7 @@ class LinearRule(_BASE):
         tiles = sch.get(io).extent
         if tile.prefetch and "jp" not in loops and isinstance(tiles, c.tir.IntImm) and (
                 int(tiles) == 1):
-            wp = next(r.source for r in sch.get(mm).reads if r.source.name == "wp")
+            wp = next(p for p in func.params if p.name == "wp")  # (params are buffers)
             _prefetch_streams(sch, k, wp, sch.get(loops["jo"]).loop_var, streams,
                               tile.prefetch)
         return sch
@@ -174,11 +174,15 @@ class QuantLinearRule(_BASE):
     decoded once per row tile and feeds the tile's ``rows`` FMAs. The factored kernel (narrow
     widths) sums a block into a second ``rows x B`` register tile (``inner``) and scales it
     into the accumulators once per block. LLVM emits AVX-512 or AVX2 for the B-lane loops,
-    whichever the target CPU has.
+    whichever the target CPU has. ``prefetch``: a kernel whose rows fit one tile, with whole
+    panels, prefetches each k block's lines this many bytes ahead (0: none; x86's subclass
+    sets it).
     """
 
-    def __init__(self, row_tile: int = 4, max_row_tile: int = 8, lanes: int | None = None):
+    def __init__(self, row_tile: int = 4, max_row_tile: int = 8, lanes: int | None = None,
+                 prefetch: int = 0):
         self.row_tile, self.max_row_tile, self.lanes = row_tile, max_row_tile, lanes
+        self.prefetch = prefetch
 
     def applies(self, target) -> bool:
         """Whether the rule schedules for ``target`` (every LLVM CPU here; ISA subclasses
@@ -250,7 +254,37 @@ class QuantLinearRule(_BASE):
         sch.decompose_reduction(mm, kb)
         if factored:
             sch.decompose_reduction(inner, own[-1])
+        # Step 6. Blocks read once (one row tile, whole panels): ask for them ahead.
+        tiles = sch.get(io).extent
+        if self.prefetch and lanes == b and isinstance(tiles, c.tir.IntImm) and (
+                int(tiles) == 1):
+            wp = next(p for p in func.params if p.name == "wp")  # (params are buffers)
+            _prefetch_blocks(sch, kb, wp, sch.get(jo).loop_var, self.prefetch)
         return sch
+
+
+def _prefetch_blocks(sch, kb, wp, panel, ahead_bytes: int) -> None:
+    """Start each step of the k-block loop ``kb`` with a prefetch of every cache line of the
+    block ``ahead_bytes`` further on in panel ``panel``'s blocks (``wp`` packed
+    ``[n // B, k blocks, block bytes, B]``, a panel's blocks contiguous, then the next
+    panel's; clamped to the weights' last byte)."""
+    c = compiler()
+    tir = c.tir
+    loop = sch.get(kb)
+    panels, nkb, nbytes, B = (int(d) for d in wp.shape)
+    block = nbytes * B
+    read, keep, data = (tir.const(v, "int32") for v in (0, 3, 1))
+    calls = []
+    for line in range(0, block, CACHE_LINE):
+        at = tir.min((panel * nkb + loop.loop_var) * block + (ahead_bytes + line),
+                     panels * nkb * block - 1)
+        index = [at // (nkb * block), at // block % nkb, at // B % nbytes, at % B]
+        calls.append(tir.Evaluate(tir.call_llvm_intrin(
+            "void", c.LLVM_PREFETCH, tir.address_of(tir.BufferLoad(wp, index)), read, keep,
+            data)))
+    new = tir.For(loop.loop_var, loop.min, loop.extent, loop.kind,
+                  tir.SeqStmt([*calls, loop.body]), loop.thread_binding, loop.annotations)
+    sch.state.replace(sch.get_sref(kb), new, {})
 
 
 class AttentionRule(_BASE):

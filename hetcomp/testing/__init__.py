@@ -220,12 +220,26 @@ def host_linear_rule() -> str:
 def host_quant_linear_rule() -> str:
     """The rule of the quantized linears of a ``--target host`` build here: the int8-dot
     kernel's where the CPU has one (``x86.Int8DotLinear``, ``arm.Int8DotLinear``), else
-    ``cpu.QuantLinear``."""
+    :func:`host_float_quant_linear_rule`'s."""
     from ..codegen.targets import make_target
     from ..schedules.int8_dot import int8_dot_isa
 
     isa = int8_dot_isa(make_target("host"))
-    return isa.rule if isa is not None else "cpu.QuantLinear"
+    return isa.rule if isa is not None else host_float_quant_linear_rule()
+
+
+def host_float_quant_linear_rule() -> str:
+    """The rule of a ``--target host`` build's quantized linears on float FMAs (no int8 dot
+    product, or ``--no-int8-dot``): ``x86.QuantLinear`` on x86 with AVX2, ``arm.QuantLinear``
+    on NEON, else ``cpu.QuantLinear``."""
+    from ..codegen.targets import make_target
+    from ..schedules import arm, x86
+
+    target = make_target("host")
+    for rule in (x86.QuantLinearRule(), arm.QuantLinearRule()):
+        if rule.applies(target):
+            return f"{type(rule).__module__.rsplit('.', 1)[1]}.QuantLinear"
+    return "cpu.QuantLinear"
 
 
 def assert_one_line_error(rc, err, needle=""):

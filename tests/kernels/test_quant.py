@@ -1,6 +1,8 @@
 """Block-quantized weights: the device layout holds the file's blocks exactly, and the
 dequantizing linear and embedding kernels match numpy (gguf's dequantize, then matmul)."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -9,11 +11,18 @@ from hetcomp.codegen.targets import make_target
 from hetcomp.errors import HetcompError
 from hetcomp.frontend.gguf_loader import open_gguf, read_weights
 from hetcomp.frontend.weights import random_weights
+from hetcomp.hardware import target_dict
 from hetcomp.kernels import ops, quant
 from hetcomp.schedules.apply import RULE_ATTR, ApplyRules
 from hetcomp.schedules.cpu import ElementwiseRule, LinearRule, QuantLinearRule
 from hetcomp.schedules.llvm import llvm_rules
-from hetcomp.testing import TINY, byte_tokenizer_spec, fused_linear_reference
+from hetcomp.schedules.x86 import QuantLinearRule as X86QuantLinearRule
+from hetcomp.testing import (
+    TINY,
+    byte_tokenizer_spec,
+    fused_linear_reference,
+    host_float_quant_linear_rule,
+)
 from hetcomp.testing.gguf_writer import write_gguf
 
 c = _tvm.compiler()
@@ -67,13 +76,22 @@ def _build(func, rule):
     return c.compile(c.IRModule({"main": sch.mod["main"]}), target=TARGET)["main"]
 
 
+#: The generic rule, and x86's (its one-tile kernels prefetch) where this CPU runs its code.
+QUANT_RULES = [pytest.param(QuantLinearRule(), id="cpu"), pytest.param(
+    X86QuantLinearRule(), id="x86", marks=pytest.mark.skipif(
+        not X86QuantLinearRule().applies(TARGET), reason="not an x86 CPU with AVX2"))]
+
+
+@pytest.mark.parametrize("rule", QUANT_RULES)
 @pytest.mark.parametrize("qtype", FORMATS)
 @pytest.mark.parametrize("rows", [1, 2, 4, 16, None])
 @pytest.mark.parametrize("n", [96, 33])
-def test_linear_matches_numpy(qtype, rows, n):
+def test_linear_matches_numpy(qtype, rows, n, rule):
     """x @ dequantize(W).T (+ residual) for static widths 1, 2 (the factored kernel), 4, 16
     and the symbolic one (here 5 rows: a partial row tile); an odd N packs one-column
-    panels (an odd vocabulary's LM head: its schedule vectorized lanes it did not have)."""
+    panels (an odd vocabulary's LM head: its schedule vectorized lanes it did not have).
+    x86's one-tile kernels prefetch 2 KB ahead, past the last block of this 7.5 KB weight
+    (clamped)."""
     k, w = 128, rows or 5
     rng = np.random.default_rng(1)
     m = quant.QuantMatrix.quantize(rng.standard_normal((n, k)).astype("float32"), qtype)
@@ -81,7 +99,7 @@ def test_linear_matches_numpy(qtype, rows, n):
     r = rng.standard_normal((w, n)).astype("float32")
     ref = x.astype(np.float64) @ m.dequantize().astype(np.float64).T
     for residual in (False, True):
-        f = _build(quant.linear_quant(n, k, qtype, residual, rows=rows), QuantLinearRule())
+        f = _build(quant.linear_quant(n, k, qtype, residual, rows=rows), rule)
         y = _tvm.tensor(np.zeros((w, n), "float32"))
         args = [_tvm.tensor(x), _tvm.tensor(quant.pack_quant_weight(m))]
         f(*args, *([_tvm.tensor(r)] if residual else []), y)
@@ -113,7 +131,31 @@ def test_rules_pick_the_quantized_linear():
     with TARGET:
         mod = ApplyRules(*llvm_rules())(c.IRModule({"main": q.with_attr("global_symbol",
                                                                           "main")}))
-    assert str(mod["main"].attrs[RULE_ATTR]) == "cpu.QuantLinear"
+    assert str(mod["main"].attrs[RULE_ATTR]) == host_float_quant_linear_rule()
+
+
+def test_one_tile_x86_quant_linears_prefetch_their_blocks():
+    """x86's rule: a kernel whose rows fit one tile with whole panels prefetches, each k
+    block, every cache line of the block 2 KB ahead (q4_1: 20 x 32 = 640 bytes, ten lines;
+    clamped to the weights' last byte); wider kernels, symbolic rows and the generic rule do
+    not."""
+    target = c.Target(target_dict("x86-64-v3"))
+
+    def prefetched(rule, rows):
+        text = rule.apply(quant.linear_quant(96, 128, "q4_1", rows=rows), target,
+                          False).mod["main"].script()
+        return re.findall(r'call_llvm_intrin\("void", "llvm\.prefetch[^"]*", '
+                          r"T\.address_of\(wp\[([^\]]*)\]", text)
+
+    got = [re.findall(r"T\.min\(\(\w+ \* T\.int64\((\d+)\) \+ \w+\) \* T\.int64\((\d+)\) "
+                      r"\+ T\.int64\((\d+)\), T\.int64\((\d+)\)\)", g)
+           for g in prefetched(X86QuantLinearRule(), 4)]
+    # (k blocks, block bytes, bytes ahead, last byte), each of wp's 4 indices the same byte
+    assert got == [[("4", "640", str(2048 + line), "7679")] * 4 for line in range(0, 640, 64)]
+    assert len(prefetched(X86QuantLinearRule(), 8)) == 10
+    for rows in (16, None):
+        assert prefetched(X86QuantLinearRule(), rows) == []
+    assert prefetched(QuantLinearRule(), 4) == []
 
 
 def test_row_length_not_a_block_multiple_is_refused():

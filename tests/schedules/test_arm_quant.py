@@ -88,10 +88,13 @@ def test_neon_tiles_fit_the_register_file(tmp_path, qtype):
 
 
 def test_rule_choice_by_target():
-    """aarch64 +neon builds get arm.QuantLinear, x86 builds keep cpu.QuantLinear."""
+    """aarch64 +neon builds get arm.QuantLinear, x86 builds x86.QuantLinear, a bare x86
+    target (no AVX2) cpu.QuantLinear."""
     func = quant.linear_quant(N, K, "q4_1", rows=4).with_attr("global_symbol", "main")
     for target, rule in ((make_target("aarch64"), "arm.QuantLinear"),
-                         (make_target("x86-64-v3"), "cpu.QuantLinear")):
+                         (make_target("x86-64-v3"), "x86.QuantLinear"),
+                         (c.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu"}),
+                          "cpu.QuantLinear")):
         with target:
             mod = ApplyRules(*llvm_rules())(c.IRModule({"main": func}))
         assert str(mod["main"].attrs[RULE_ATTR]) == rule
