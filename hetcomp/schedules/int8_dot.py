@@ -54,6 +54,7 @@ from ..quant_format import QK
 from .apply import RULE_ATTR
 from .arm import is_llvm_with
 from .cpu import CACHE_LINE
+from .x86 import PREFETCH_BYTES
 
 #: The rule name the swapped x86 kernels carry (``hetcomp.rule``; ARM's: ``arm.Int8DotLinear``).
 INT8_DOT_RULE = "x86.Int8DotLinear"
@@ -72,13 +73,13 @@ class _Avx512:
     (576x1536: 28.4 / 62.8 against 36.5 / 70.5).
 
     A one-tile kernel (W <= 8) prefetches each block ``prefetch`` bytes ahead of its dots,
-    every k block, as the float linear does (:data:`hetcomp.schedules.x86.PREFETCH_BYTES`).
+    every k block, as the float linear does.
     3072x576 from DRAM at W = 1 / 2 / 4 / 8, us: q4_1 74.7 / 76.0 / 82.3 / 97.3 without,
     57.2 / 58.0 / 67.1 / 76.6 with (1 KB ahead 57.7 / 63.7 / 79.7 / 85.1, 4 KB 60.0 / 59.9 /
     64.6 / 76.9); q8_0 109.8 / 109.8 / 113.9 / 135.1 -> 94.2 / 97.1 / 105.1 / 113.9."""
 
     lanes, parts, span, row_tile = 16, 2, 32, 8
-    prefetch = 2048
+    prefetch = PREFETCH_BYTES
     rule = INT8_DOT_RULE
     features = ("avx512bw", "avx512vnni", "avx512vbmi")
 
