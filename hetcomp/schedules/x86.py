@@ -98,7 +98,7 @@ class LinearRule(_Linear):
     0.141 with (1 KB ahead 0.131 / 0.131 / 0.151, 4 KB 0.120 / 0.130 / 0.140); float32
     0.229 / 0.246 / 0.276 without, 0.233 / 0.219 / 0.246 with; AVX2 at W = 1, float16 0.151
     -> 0.118, float32 0.232 -> 0.216. Where the tiles re-read a panel from cache (more rows)
-    prefetching every k step cost up to 25% (W = 16), and only in the first tile it still
+    prefetching every k step cost up to 23% (W = 16), and only in the first tile it still
     lost at W = 12 and 16, so those kernels do not. SmolLM2 decode (``ab_widths.py``,
     held-out prompts, median of 3 interleaved rounds), tokens/s at W = 1 / 2 / 4 / 8:
     float16 83.9 / 110.8 / 116.2 / 102.9 -> 96.9 / 131.7 / 141.5 / 100.9, float32 49.8 /
