@@ -143,25 +143,39 @@ class LinearRule(_BASE):
 CACHE_LINE = 64
 
 
-def _prefetch_streams(sch, k, wp, group, streams: int, ahead_bytes: int) -> None:
-    """Start each k step of loop ``k`` with a prefetch (``llvm.prefetch``: read, keep in
-    every cache level) of the weights ``ahead_bytes`` further on in each of the ``streams``
-    panels of group ``group`` (``wp`` packed ``[n // B, k, B]``, a panel's k row one cache
-    line or more; the last k rows ask for the panel's last row again)."""
+def prefetch_call(load):
+    """``llvm.prefetch`` of the element ``load`` reads (a read, kept in every cache level)."""
     c = compiler()
     tir = c.tir
-    loop = sch.get(k)
+    return tir.call_llvm_intrin("void", c.LLVM_PREFETCH, tir.address_of(load),
+                                *(tir.const(v, "int32") for v in (0, 3, 1)))
+
+
+def _start_each_step_with(sch, loop, loads) -> None:
+    """Prefetch each of ``loads`` (elements, in the loop's variable) at the start of every
+    step of ``loop``: the scheduled loop replaced through the schedule state (a last step;
+    TIR has no schedule primitive for it)."""
+    tir = compiler().tir
+    f = sch.get(loop)
+    body = tir.SeqStmt([*(tir.Evaluate(prefetch_call(ld)) for ld in loads), f.body])
+    sch.state.replace(sch.get_sref(loop), tir.For(f.loop_var, f.min, f.extent, f.kind, body,
+                                                  f.thread_binding, f.annotations), {})
+
+
+def _prefetch_streams(sch, k, wp, group, streams: int, ahead_bytes: int) -> None:
+    """Start each k step of loop ``k`` with a prefetch of the weights ``ahead_bytes``
+    further on in each of the ``streams`` panels of group ``group`` (``wp`` packed
+    ``[n // B, k, B]``, a panel's k row one cache line or more; the last k rows ask for the
+    panel's last row again)."""
+    c = compiler()
+    tir = c.tir
     _, K, B = (int(d) for d in wp.shape)
     bytes_per_row = B * (c.DataType(wp.dtype).bits // 8)
-    ahead = tir.min(loop.loop_var + max(1, ahead_bytes // bytes_per_row), K - 1)
-    read, keep, data = (tir.const(v, "int32") for v in (0, 3, 1))
-    calls = [tir.Evaluate(tir.call_llvm_intrin("void", c.LLVM_PREFETCH, tir.address_of(
+    ahead = tir.min(sch.get(k).loop_var + max(1, ahead_bytes // bytes_per_row), K - 1)
+    _start_each_step_with(sch, k, [
         tir.BufferLoad(wp, [group * streams + s, ahead,
-                            tir.const(off * B // bytes_per_row, "int64")])), read, keep, data))
-        for s in range(streams) for off in range(0, bytes_per_row, CACHE_LINE)]
-    new = tir.For(loop.loop_var, loop.min, loop.extent, loop.kind,
-                  tir.SeqStmt([*calls, loop.body]), loop.thread_binding, loop.annotations)
-    sch.state.replace(sch.get_sref(k), new, {})
+                            tir.const(off * B // bytes_per_row, "int64")])
+        for s in range(streams) for off in range(0, bytes_per_row, CACHE_LINE)])
 
 
 class QuantLinearRule(_BASE):
@@ -268,23 +282,16 @@ def _prefetch_blocks(sch, kb, wp, panel, ahead_bytes: int) -> None:
     block ``ahead_bytes`` further on in panel ``panel``'s blocks (``wp`` packed
     ``[n // B, k blocks, block bytes, B]``, a panel's blocks contiguous, then the next
     panel's; clamped to the weights' last byte)."""
-    c = compiler()
-    tir = c.tir
-    loop = sch.get(kb)
+    tir = compiler().tir
     panels, nkb, nbytes, B = (int(d) for d in wp.shape)
     block = nbytes * B
-    read, keep, data = (tir.const(v, "int32") for v in (0, 3, 1))
-    calls = []
+    loads = []
     for line in range(0, block, CACHE_LINE):
-        at = tir.min((panel * nkb + loop.loop_var) * block + (ahead_bytes + line),
+        at = tir.min((panel * nkb + sch.get(kb).loop_var) * block + (ahead_bytes + line),
                      panels * nkb * block - 1)
-        index = [at // (nkb * block), at // block % nkb, at // B % nbytes, at % B]
-        calls.append(tir.Evaluate(tir.call_llvm_intrin(
-            "void", c.LLVM_PREFETCH, tir.address_of(tir.BufferLoad(wp, index)), read, keep,
-            data)))
-    new = tir.For(loop.loop_var, loop.min, loop.extent, loop.kind,
-                  tir.SeqStmt([*calls, loop.body]), loop.thread_binding, loop.annotations)
-    sch.state.replace(sch.get_sref(kb), new, {})
+        loads.append(tir.BufferLoad(wp, [at // (nkb * block), at // block % nkb,
+                                         at // B % nbytes, at % B]))
+    _start_each_step_with(sch, kb, loads)
 
 
 class AttentionRule(_BASE):

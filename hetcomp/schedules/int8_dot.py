@@ -53,7 +53,7 @@ from ..kernels.ops import OP_KIND, is_fused_linear
 from ..quant_format import QK
 from .apply import RULE_ATTR
 from .arm import is_llvm_with
-from .cpu import CACHE_LINE
+from .cpu import CACHE_LINE, prefetch_call
 from .x86 import PREFETCH_BYTES
 
 #: The rule name the swapped x86 kernels carry (``hetcomp.rule``; ARM's: ``arm.Int8DotLinear``).
@@ -303,9 +303,7 @@ def linear_int8_dot(func, isa=AVX512, row_tile: int | None = None):
                     last = idx(panels * nkb * block - 1)
                     for line in range(0, block, CACHE_LINE):
                         at_byte = tir.min((p * nkb + kb) * block + (ahead + line), last)
-                        T.evaluate(tir.call_llvm_intrin(
-                            "void", c.LLVM_PREFETCH, tir.address_of(wf[at_byte]),
-                            *(_const(v, "int32") for v in (0, 3, 1))))
+                        T.evaluate(prefetch_call(wf[at_byte]))
                 quads, scales, mins = decode((p * nkb + kb) * block, col0)
                 parts = []
                 for r in range(nrows):
