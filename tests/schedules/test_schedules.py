@@ -170,6 +170,31 @@ def test_one_tile_x86_linears_prefetch_their_weight_streams():
     assert "prefetcht0" in lib.mod.inspect_source("s")  # what LLVM made of it
 
 
+@pytest.mark.skipif(x86.LinearRule().tile(TARGET, 1) is None,
+                    reason="not an x86 CPU with AVX2 or AVX-512")
+def test_compile_builds_prefetching_decode_linears(tmp_path, tiny_loaded):
+    """What ``hetcomp compile`` builds for this CPU (``compile_model``, the tiny model):
+    the W = 1 decode step's linears prefetch their weights; the widest verify's and
+    prefill's (tiles that re-read panels from cache) do not."""
+    from hetcomp.driver.compile import CompileOptions, compile_model
+    from hetcomp.testing.gpu import capture_scheduled
+
+    scheduled = []
+    with capture_scheduled(scheduled):
+        compile_model(CompileOptions(model="tiny"), str(tmp_path / "art"), quiet=True,
+                      weights=tiny_loaded)
+    linears = {gv.name_hint: f for gv, f in scheduled[0].functions_items()
+               if isinstance(f, c.tir.PrimFunc) and f.attrs is not None
+               and str(f.attrs.get("hetcomp.op_kind", "")) == "linear"}
+    by_width = {}
+    for name, f in linears.items():
+        width = re.search(r"_w(\d+)$", name)
+        by_width.setdefault(int(width.group(1)) if width else None, []).append(
+            bool(_prefetched(c.Schedule(f))))
+    assert by_width.pop(1) == [True] * 5  # q/k/v, gate/up, o, down, the LM head
+    assert by_width and all(not any(v) for v in by_width.values()), by_width
+
+
 @pytest.mark.parametrize("spec", X86_TARGETS)
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_prefetching_x86_linear_numerics(spec, dtype):
