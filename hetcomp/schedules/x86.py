@@ -68,6 +68,10 @@ class SparseTreeAttentionRule(TreeAttentionRule):
         return None
 
 
+#: How far ahead of its FMAs a one-tile linear prefetches each weight stream (bytes).
+PREFETCH_BYTES = 2048
+
+
 class LinearRule(_Linear):
     """The float linear (:class:`hetcomp.schedules.cpu.LinearRule`) sized for x86's vector
     registers: three 32-column panels share each k step, with 4 rows a tile on AVX-512
@@ -116,10 +120,6 @@ class LinearRule(_Linear):
         if rows is None or rows >= 16:  # compute-bound: 2-row tiles, one stream
             return LinearTile(1, 2 if rows is None or rows % 2 == 0 else 1)
         return LinearTile(3, 1, prefetch=PREFETCH_BYTES)
-
-
-#: How far ahead of its FMAs a one-tile linear prefetches each weight stream (bytes).
-PREFETCH_BYTES = 2048
 
 
 class QuantLinearRule(_QuantLinear):
