@@ -130,13 +130,18 @@ class LinearRule(_BASE):
         sch.vectorize(sch.get_loops(tail)[-1])
         sch.decompose_reduction(mm, k)
         # Step 4. Weights read once (one row tile): ask for them ahead of the FMAs.
-        tiles = sch.get(io).extent
-        if tile.prefetch and "jp" not in loops and isinstance(tiles, c.tir.IntImm) and (
-                int(tiles) == 1):
+        if tile.prefetch and "jp" not in loops and _one_row_tile(sch, io):
             wp = next(p for p in func.params if p.name == "wp")  # (params are buffers)
             _prefetch_streams(sch, k, wp, sch.get(loops["jo"]).loop_var, streams,
                               tile.prefetch)
         return sch
+
+
+def _one_row_tile(sch, io) -> bool:
+    """Whether the row-tile loop ``io`` runs once (static rows that fit one tile: each
+    weight is read once, from DRAM)."""
+    tiles = sch.get(io).extent
+    return isinstance(tiles, compiler().tir.IntImm) and int(tiles) == 1
 
 
 #: A cache line's bytes (x86 and the ARM cores here).
@@ -269,9 +274,7 @@ class QuantLinearRule(_BASE):
         if factored:
             sch.decompose_reduction(inner, own[-1])
         # Step 6. Blocks read once (one row tile, whole panels): ask for them ahead.
-        tiles = sch.get(io).extent
-        if self.prefetch and lanes == b and isinstance(tiles, c.tir.IntImm) and (
-                int(tiles) == 1):
+        if self.prefetch and lanes == b and _one_row_tile(sch, io):
             wp = next(p for p in func.params if p.name == "wp")  # (params are buffers)
             _prefetch_blocks(sch, kb, wp, sch.get(jo).loop_var, self.prefetch)
         return sch
