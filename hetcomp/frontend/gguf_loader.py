@@ -36,6 +36,22 @@ def _field(reader, key: str, default=None):
     return value
 
 
+class _Reader(gguf.GGUFReader):
+    """gguf's reader over the file's bytes as a plain array (still the file's mapping, a view
+    of it): every slice of numpy's ``memmap`` subclass runs its Python hooks, and the reader
+    slices once per value it parses, so opening SmolLM2's file (a 49152-token vocabulary and
+    its merges) took 2.2 s, Qwen2.5-0.5B's 6.5 s; as a plain array 0.6 and 1.7 s. Its tensors'
+    ``data`` are then plain arrays too, which ``gguf.quants`` dequantizes 1.7x faster."""
+
+    @property
+    def data(self):
+        return self._data
+
+    @data.setter
+    def data(self, mapped):  # (set once, by GGUFReader.__init__, to np.memmap(path))
+        self._data = mapped.view(np.ndarray)
+
+
 def open_gguf(path: str):
     """Open a GGUF file, turning every way it can be broken into one HetcompError."""
     if not os.path.isfile(path):
@@ -45,7 +61,7 @@ def open_gguf(path: str):
             magic = fh.read(4)
         if magic != b"GGUF":
             raise HetcompError(f"not a GGUF file (bad magic {magic!r}): {path}")
-        reader = gguf.GGUFReader(path, "r")
+        reader = _Reader(path, "r")
         # Touch every tensor's extent: a truncated file fails here rather than mid-compile.
         size = os.path.getsize(path)
         for t in reader.tensors:

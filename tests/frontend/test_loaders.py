@@ -36,6 +36,29 @@ def test_gguf_roundtrip(tmp_path, qtype):
     np.testing.assert_allclose(hidden.numpy()[0], ref_hidden[-1], rtol=1e-4, atol=1e-4)
 
 
+def test_open_gguf_reads_what_the_gguf_reader_reads(tmp_path):
+    """open_gguf parses over the file as a plain array, not numpy's memmap (much faster):
+    every field and tensor as gguf.GGUFReader reads them, the tensors still the file's."""
+    import gguf
+
+    from hetcomp.frontend.gguf_loader import open_gguf
+
+    path = str(tmp_path / "m.gguf")
+    write_gguf(path, TINY, random_weights(TINY, seed=5), byte_tokenizer_spec(TINY.vocab_size),
+               qtype="Q8_0")
+    ours, theirs = open_gguf(path), gguf.GGUFReader(path)
+    assert list(ours.fields) == list(theirs.fields)
+    for key, f in theirs.fields.items():
+        assert ours.fields[key].types == f.types, key
+        np.testing.assert_equal(ours.fields[key].contents(), f.contents(), err_msg=key)
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for a, b in zip(ours.tensors, theirs.tensors, strict=True):
+        assert (a.tensor_type, a.data_offset, a.n_bytes) == (b.tensor_type, b.data_offset,
+                                                               b.n_bytes), b.name
+        np.testing.assert_array_equal(a.data, b.data, err_msg=b.name)
+        assert type(a.data) is np.ndarray and np.shares_memory(a.data, ours.data)
+
+
 def test_gguf_weights_are_read_when_packed_and_name_their_source(tmp_path):
     """load_model reads no tensor until asked (a 1.5B model's float32 copy is 7 GB); packing
     reads each one and a quantized pack names the file's type of what it converted."""
