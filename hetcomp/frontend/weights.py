@@ -99,7 +99,8 @@ def _pack(mats: list, fmt: str, report: dict | None, sources: list | None = None
     both, ``{"kept": {fmt: n}, "converted": {"SRC->fmt": n}}``; SRC is the file's type where
     ``sources`` names it (``q4_k``), else ``float``."""
     if not is_quant(fmt):
-        return pack_linear_weight(np.concatenate([_as_float(m) for m in mats], axis=0), fmt)
+        floats = [_as_float(m) for m in mats]
+        return pack_linear_weight(floats[0] if len(floats) == 1 else np.concatenate(floats), fmt)
     out = []
     for m, given in zip(mats, sources or [None] * len(mats)):
         src = m.qtype if isinstance(m, QuantMatrix) else (given or "float")

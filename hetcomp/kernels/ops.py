@@ -35,7 +35,9 @@ def pack_linear_weight(w: np.ndarray, dtype: str = "float32") -> np.ndarray:
     """``[N, K]`` (HF layout, y = x @ w.T) -> ``[N // B, K, B]``."""
     n, k = w.shape
     b = pack_block(n)
-    return np.ascontiguousarray(w.reshape(n // b, b, k).transpose(0, 2, 1)).astype(dtype)
+    out = np.empty((n // b, k, b), dtype)
+    np.copyto(out, w.reshape(n // b, b, k).transpose(0, 2, 1))  # one pass, cast included
+    return out
 
 
 def unpack_linear_weight(wp: np.ndarray) -> np.ndarray:
