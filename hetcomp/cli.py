@@ -205,7 +205,7 @@ def cmd_bench(args) -> int:
         print(f"{k:28s} {v:.4g}" if isinstance(v, float) else f"{k:28s} {v}")
     for t in report.get("kernels", []):
         print(f"verify W={t['width']}: {t['step_ms']:.2f} ms; slowest kernels (ms per step, "
-              "calls):")
+              f"calls; the timer's own {t['timer_us']:.1f} us a call taken off):")
         for k in t["top"]:
             print(f"  {k['name']:40s} {k['ms']:8.3f}  x{k['calls']}")
     return 0

@@ -236,9 +236,10 @@ def _breakdowns(art, widths, breakdown):
 
 def kernel_tables(art, widths, top: int) -> list[dict]:
     """Per width: the ``top`` kernels (and VM builtins) by synchronised time in one verify
-    step (hetcomp.runtime.unit_time.kernel_breakdown); widths whose tree does not fit the
-    context are left out (:func:`_breakdown_widths`)."""
-    return [{"width": w, "step_ms": 1e3 * b["step_s"], "top": [
+    step, the timer's own ``timer_us`` a call taken off each call
+    (hetcomp.runtime.unit_time.kernel_breakdown); widths whose tree does not fit the context
+    are left out (:func:`_breakdown_widths`)."""
+    return [{"width": w, "step_ms": 1e3 * b["step_s"], "timer_us": 1e6 * b["timer_s"], "top": [
                 {"name": k, "ms": 1e3 * t, "calls": b["calls"][k]}
                 for k, t in list(b["kernels"].items())[:top]]}
             for w, b in _breakdowns(art, widths, kernel_breakdown)]

@@ -329,7 +329,7 @@ def test_bench_reports_unit_busy_time_and_plan_prediction(tmp_path, tiny_gguf, c
     rep = json.loads(out)
     assert rep["rounds"] == 2 and rep["prompts"] == {"set": "bench", "count": 3}
     (kernels,) = rep["kernels"]  # the slowest kernels of one verify step, slowest first
-    assert kernels["width"] == 1 and len(kernels["top"]) == 3
+    assert kernels["width"] == 1 and len(kernels["top"]) == 3 and kernels["timer_us"] > 0
     assert all(k["ms"] > 0 and k["calls"] > 0 for k in kernels["top"])
     assert [k["ms"] for k in kernels["top"]] == sorted((k["ms"] for k in kernels["top"]),
                                                         reverse=True)
