@@ -60,7 +60,8 @@ def _write_back_per_row_tile(sch, func, mm, io):
 
 class LinearTile(NamedTuple):
     """How :class:`LinearRule` tiles one kernel: ``streams`` column panels share each k step,
-    ``rows`` rows a tile, and a panel runs ``lanes`` columns at a time (None: all B).
+    ``rows`` rows a tile, and a panel runs ``lanes`` columns at a time (None: all B; fewer
+    only with one stream, which the rule checks).
     ``prefetch``: where the kernel's rows fit one tile (each weight read once, from DRAM),
     each k step prefetches its streams' weights this many bytes ahead (0: none)."""
 
@@ -108,6 +109,11 @@ class LinearRule(_BASE):
         panels = int(func.attrs["hetcomp.n"]) // b
         streams = next(s for s in range(tile.streams, 0, -1) if panels % s == 0)
         lanes = tile.lanes if tile.lanes is not None and b % tile.lanes == 0 else b
+        if streams > 1 and lanes < b:
+            # A row tile's write-back would span its panels' columns as one range, over the
+            # sub-panels not yet computed (wrong results, not a slower kernel).
+            raise ValueError(f"{type(self).__name__}: a tile of {streams} panel streams "
+                             f"runs whole {b}-column panels, not {lanes}-column sub-panels")
         # Step 1. Tile rows and columns; the reduction sits between the two tiles, the
         # group's panels inside it, sub-panels outside the row tiles (a panel's later
         # sub-panels read it from cache).

@@ -133,6 +133,28 @@ def test_x86_linear_tile_streams_three_panels():
         assert rule.apply(ops.linear(192, 64, "float32", rows=8), c.Target(other), False) is None
 
 
+
+def test_linear_refuses_sub_panels_of_several_streams():
+    """Several panel streams with sub-panels would write back each row tile's columns as
+    one range, over sub-panels not yet computed: the rule refuses such a tile rather than
+    build a wrong kernel (one stream of sub-panels, ARM's, stays exact)."""
+    from hetcomp.schedules.cpu import LinearTile
+
+    class Tiled(LinearRule):
+        def __init__(self, tile):
+            super().__init__()
+            self.fixed = tile
+
+        def tile(self, target, rows):
+            return self.fixed
+
+    f = ops.linear(192, 64, "float32", rows=4)
+    with pytest.raises(ValueError, match="3 panel streams runs whole 32-column panels"):
+        Tiled(LinearTile(3, 4, lanes=16)).apply(f, TARGET, False)
+    assert Tiled(LinearTile(3, 4)).apply(f, TARGET, False) is not None
+    sch = Tiled(LinearTile(1, 4, lanes=16)).apply(f, TARGET, False)
+    _run_linear(sch, TARGET, 192, 64, 4, False, "float32")
+
 def _prefetched(sch) -> list[str]:
     """The weight elements the linear's k loop prefetches each step, as TVMScript prints
     them (``wp[panel, k ahead, column]``), in order."""
