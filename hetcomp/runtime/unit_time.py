@@ -68,10 +68,11 @@ class SyncTimer:
     :data:`PROBE`, a VM builtin without arguments that does nothing, :meth:`own_seconds` a
     call, and taken off every call's time by :meth:`net_seconds`. A call with arguments
     costs the timer more than the probe, so what is left is an upper bound: on the 2-core
-    CPU here a 30-layer model of tiny kernels spent 0.29 ms a step in the VM altogether
-    (its 275 kernel calls included), and the timer charged its 335 tensor allocations 0.85
-    ms, 0.40 without the probe's ~0.6 us a call. On a GPU, whose kernels take a few
-    microseconds, the syncs are most of a small kernel's timed interval."""
+    CPU here SmolLM2's float16 step charged its 335 tensor allocations 0.85 ms, 0.58 with
+    the probe's ~0.6 us a call taken off, while a 30-layer model of tiny kernels spent 0.29
+    ms a step in the VM altogether, its 275 kernel calls and allocations included
+    (``benchmarks/vm_overhead.py``). On a GPU, whose kernels take a few microseconds, the
+    syncs are most of a small kernel's timed interval."""
 
     #: KillAfterLastUse's builtin (it only drops a reference): its time is the timer's.
     PROBE = "vm.builtin.null_value"
