@@ -675,7 +675,10 @@ def _replayed(heads, tok, vocab_size: int, widths, store):
         return None
     from .calibrate import replayed_taus  # (calibrate imports us)
 
-    datastore = Datastore(np.load(io.BytesIO(store[0]))) if store is not None else None
+    # Every width's replays search the same positions: remember them all (SmolLM2's 153
+    # held-out responses, 33K searches, ~40 MB while compiling; the replay 5.4 -> 4.3 s).
+    datastore = (Datastore(np.load(io.BytesIO(store[0])), cached=1 << 17) if store is not None
+                 else None)
     return replayed_taus(heads, tok, vocab_size, sorted({1, *widths}), datastore)
 
 

@@ -30,7 +30,7 @@ from ..errors import HetcompError
 SEPARATOR = -1
 _MULT = 0x9E3779B97F4A7C15  # the hash's multiplier (odd: a bijection per step mod 2**64)
 _MASK = (1 << 64) - 1
-_CACHED = 4096  # searches remembered (then forgotten all at once)
+_CACHED = 4096  # searches remembered (then forgotten all at once), by default
 MAX_LENGTH = 8  # the longest continuation a search returns
 RANKED = 8  # the continuations ranked ahead for each n-gram (a search asking more counts them)
 
@@ -64,16 +64,19 @@ def _hash_key(ngram) -> int:
 
 
 class Datastore:
-    """The n-gram index over ``tokens`` (:func:`pack_sequences`' layout)."""
+    """The n-gram index over ``tokens`` (:func:`pack_sequences`' layout); ``cached``: how
+    many searches it remembers (a decode that loops asks the same again; the acceptance
+    replay asks each position of every response once a width)."""
 
-    def __init__(self, tokens: np.ndarray, max_ngram: int = 4, scan: int = 256):
+    def __init__(self, tokens: np.ndarray, max_ngram: int = 4, scan: int = 256,
+                 cached: int = _CACHED):
         tokens = np.asarray(tokens)
         if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
             raise HetcompError("a datastore is a 1-D array of integer token ids")
         if tokens.size and tokens.min() < SEPARATOR:
             raise HetcompError(f"a datastore holds token ids and {SEPARATOR} separators")
         self.tokens = tokens.astype(np.int64)
-        self.max_ngram, self.scan = max_ngram, scan
+        self.max_ngram, self.scan, self.cached = max_ngram, scan, cached
         t = self.tokens
         n_tok = len(t)
         # Position i ends an n-gram with a follower: t[i - n + 1 .. i + 1] hold no separator.
@@ -133,7 +136,7 @@ class Datastore:
                count)
         found = self._found.get(key)
         if found is None:
-            if len(self._found) >= _CACHED:
+            if len(self._found) >= self.cached:
                 self._found.clear()
             found = self._found[key] = self._search(key[0], length, count)
         return [list(c) for c in found]

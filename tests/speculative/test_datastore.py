@@ -31,15 +31,16 @@ def scan(seqs, context, length, count, max_ngram=4):
     return out
 
 
-@pytest.mark.parametrize("alphabet", [2, 6, 50])
-def test_continuations_are_what_a_scan_finds(alphabet):
+@pytest.mark.parametrize("alphabet,cached", [(2, 4096), (6, 4096), (50, 4096), (6, 3)])
+def test_continuations_are_what_a_scan_finds(alphabet, cached):
     """Few symbols: long runs of matches, ranges of hundreds of occurrences, continuations
     cut at a sequence's end, n-grams that would span two sequences (never matched); up to
-    RANKED continuations from the tables ranked ahead, more counted by each search."""
+    RANKED continuations from the tables ranked ahead, more counted by each search. The
+    searches it remembers (``cached``, forgotten all at once) change no answer."""
     rng = np.random.default_rng(alphabet)
     seqs = [[int(t) for t in rng.integers(0, alphabet, int(rng.integers(1, 60)))]
             for _ in range(60)]
-    store = Datastore.from_sequences(seqs, scan=10 ** 6)
+    store = Datastore.from_sequences(seqs, scan=10 ** 6, cached=cached)
     for _ in range(300):
         context = [int(t) for t in rng.integers(0, alphabet, int(rng.integers(0, 9)))]
         length, count = int(rng.integers(1, 9)), int(rng.integers(1, RANKED + 5))
@@ -48,6 +49,7 @@ def test_continuations_are_what_a_scan_finds(alphabet):
         # asked again (a decode that loops): the remembered answer, unchanged
         assert store.continuations(context, length, count) == \
             scan(seqs, context, length, count)
+        assert 1 <= len(store._found) <= cached
 
 
 def test_ngrams_do_not_span_sequences():
