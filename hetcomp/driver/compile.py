@@ -70,7 +70,7 @@ from ..quant_format import cache_dtype, is_quant
 from ..runtime import load_artifact
 from ..runtime.unit_time import decode_step_seconds
 from ..schedules.tuning import apply_database, database_dir
-from ..speculative.datastore import Datastore, pack_sequences
+from ..speculative.datastore import REPLAY_CACHED, Datastore, pack_sequences
 from ..speculative.medusa import MedusaHeads
 from ..speculative.tree import build_tree, largest_tree
 
@@ -675,10 +675,8 @@ def _replayed(heads, tok, vocab_size: int, widths, store):
         return None
     from .calibrate import replayed_taus  # (calibrate imports us)
 
-    # Every width's replays search the same positions: remember them all (SmolLM2's 153
-    # held-out responses, 33K searches, ~40 MB while compiling; the replay 5.4 -> 4.3 s).
-    datastore = (Datastore(np.load(io.BytesIO(store[0])), cached=1 << 17) if store is not None
-                 else None)
+    datastore = (Datastore(np.load(io.BytesIO(store[0])), cached=REPLAY_CACHED)
+                 if store is not None else None)
     return replayed_taus(heads, tok, vocab_size, sorted({1, *widths}), datastore)
 
 

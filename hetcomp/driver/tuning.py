@@ -54,7 +54,7 @@ from ..schedules.tuning import (
     workload_key,
     write_accepted,
 )
-from ..speculative.datastore import Datastore
+from ..speculative.datastore import REPLAY_CACHED, Datastore
 from ..speculative.medusa import MedusaHeads
 from .profiling import (
     _say,
@@ -114,7 +114,7 @@ def _replayed(heads: MedusaHeads, model: str, widths):
 
     cfg, _, spec, _ = load_model(model)  # (the weights stay unread)
     found = training_responses(heads, cfg.vocab_size) if default_datastore(model) else None
-    store = Datastore.from_sequences(found[0]) if found else None
+    store = Datastore.from_sequences(found[0], cached=REPLAY_CACHED) if found else None
     return replayed_taus(heads, TokenizerInfo.from_spec(spec), cfg.vocab_size, widths, store)
 
 

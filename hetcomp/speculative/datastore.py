@@ -31,6 +31,10 @@ SEPARATOR = -1
 _MULT = 0x9E3779B97F4A7C15  # the hash's multiplier (odd: a bijection per step mod 2**64)
 _MASK = (1 << 64) - 1
 _CACHED = 4096  # searches remembered (then forgotten all at once), by default
+#: Searches the acceptance replay's store remembers: every width's replays search the same
+#: positions of the same responses (SmolLM2's 153 held-out ones: 33K searches, ~40 MB; its
+#: replay at 7 widths 5.4 -> 4.3 s against the default's).
+REPLAY_CACHED = 1 << 17
 MAX_LENGTH = 8  # the longest continuation a search returns
 RANKED = 8  # the continuations ranked ahead for each n-gram (a search asking more counts them)
 
