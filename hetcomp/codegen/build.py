@@ -135,6 +135,7 @@ def kernel_table(mod, units: list[dict]) -> list[dict]:
     """
     c = compiler()
     vdevs = list(mod.global_infos["vdevice"]) if "vdevice" in mod.global_infos else []
+    names = {gv.name_hint for gv in mod.get_global_vars()}
     rows = []
     for gv, func in mod.functions_items():
         if not isinstance(func, c.relax.Function):
@@ -142,7 +143,7 @@ def kernel_table(mod, units: list[dict]) -> list[dict]:
         seen: dict[str, dict] = {}
         for call in _call_sites(func):
             name = call.args[0].name_hint
-            kernel = mod[name] if name in [g.name_hint for g in mod.get_global_vars()] else None
+            kernel = mod[name] if name in names else None
             attrs = kernel.attrs if kernel is not None and kernel.attrs is not None else {}
             unit = _call_unit(c, call, attrs, vdevs, units)
             key = f"{name}@{unit}"
