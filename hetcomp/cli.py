@@ -94,9 +94,6 @@ def cmd_compile(args) -> int:
     if args.no_tensor_cores and not gpu:
         raise HetcompError("--no-tensor-cores is for the linears of --target cuda or of a "
                            "--plan's cuda unit: this build has none")
-    if args.no_int8_dot and not is_quant(args.dtype):
-        raise HetcompError("--no-int8-dot is for the linears of a block-quantized model "
-                           f"(--dtype q4_0, q4_1 or q8_0): this build's are {args.dtype}")
     if args.draft_dtype is not None and heads is None:
         raise HetcompError("--draft-dtype is the Medusa draft's weight dtype: this build has no "
                            "heads (--no-heads, or a model without packaged heads)")
@@ -117,6 +114,9 @@ def cmd_compile(args) -> int:
                           tensor_cores=not args.no_tensor_cores,
                           int8_dot=not args.no_int8_dot,
                           plan_choice=plan_choice(args.plan) if args.plan else None)
+    if args.no_int8_dot and not is_quant(opts.dtype):
+        raise HetcompError("--no-int8-dot is for the linears of a block-quantized model "
+                           f"(--dtype q4_0, q4_1 or q8_0): this build's are {opts.dtype}")
     compile_model(opts, args.output, quiet=args.quiet, force=args.force)
     return 0
 
@@ -319,10 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="host | x86-64-v3 (portable) | aarch64 (cross) | aarch64-dotprod (cross, "
                         "Armv8.2 int8 dot products: quantized linears on sdot) | cuda (whole "
                         "model on GPU)")
-    c.add_argument("--dtype", default="float32",
+    c.add_argument("--dtype",
                    help="weight dtype: float32 | float16 | q4_0 | q4_1 | q8_0 (GGUF blocks: a "
                         "file's tensors in that format are kept bit for bit, others converted; "
-                        "the embedding / LM head is q8_0)")
+                        "the embedding / LM head is q8_0; default: the --plan's, else float16 "
+                        "for --target cuda, else float32)")
     c.add_argument("--draft-dtype", help="dtype of the Medusa draft's weights, its heads and LM "
                    "head (default: --dtype, float16 for q4_0/q4_1/q8_0; float16 halves the bytes "
                    "the draft reads each step, output unchanged)")

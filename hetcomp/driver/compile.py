@@ -85,7 +85,10 @@ class CompileOptions:
     """What to build: model (name or path), weight dtype, target and KV-cache capacity."""
 
     model: str = "smollm2"
-    dtype: str = "float32"
+    # The weights' dtype (WEIGHT_DTYPES). None: the one the plan was tuned for (its model
+    # key), else float16 for --target cuda (half the bytes a step reads, and the only dtype
+    # whose linears run on tensor cores), else float32.
+    dtype: str | None = None
     target: str = "host"
     # The GPU architecture of `--target cuda` and of a plan's GPU unit (Orin: sm_87).
     cuda_arch: str = DEFAULT_CUDA_ARCH
@@ -153,6 +156,10 @@ class CompileOptions:
         return self.kv_dtype or cache_dtype(self.dtype)
 
     def __post_init__(self):
+        if self.dtype is None:  # frozen: the one place the default is decided
+            planned = (self.plan_choice or {}).get("dtype")
+            object.__setattr__(self, "dtype", planned or (
+                "float16" if self.target == "cuda" else "float32"))
         if self.dtype not in WEIGHT_DTYPES:
             raise HetcompError(f"unsupported dtype {self.dtype!r} (use "
                                f"{' | '.join(WEIGHT_DTYPES)})")

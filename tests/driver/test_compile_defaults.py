@@ -209,6 +209,27 @@ def test_cuda_build_speculates_at_the_width_its_gpu_datasheet_plans():
     assert width == 1 and "--cuda-arch sm_80: pass --width" in source
 
 
+def test_weight_dtype_defaults_to_the_plans_then_the_targets(cli, tmp_path):
+    """Without --dtype a build takes the dtype its plan was tuned for (the plan's model key),
+    else float16 for --target cuda (the tensor-core rule takes float16 linears only, and a
+    float32 GPU step reads twice the bytes), else float32; a --dtype given wins. The CLI
+    leaves the choice to CompileOptions (its --no-int8-dot check reads the resolved one)."""
+    from hetcomp.driver.compile import CompileOptions
+
+    assert CompileOptions().dtype == "float32"
+    assert CompileOptions(target="x86-64-v3").dtype == "float32"
+    assert CompileOptions(target="cuda").dtype == "float16"
+    assert CompileOptions(target="cuda", dtype="float32").dtype == "float32"
+    assert CompileOptions(plan_choice={"dtype": "q4_1"}).dtype == "q4_1"
+    assert CompileOptions(target="cuda", plan_choice={"dtype": "float32"}).dtype == "float32"
+    assert CompileOptions(plan_choice={"dtype": None}).dtype == "float32"  # a bare key
+    rc, _, err = cli("compile", "--target", "cuda", "--no-int8-dot", "-o", tmp_path / "x")
+    assert rc == 2 and err.strip().endswith("this build's are float16"), err
+    rc, _, err = cli("compile", "--no-int8-dot", "-o", tmp_path / "x")
+    assert rc == 2 and err.strip().endswith("this build's are float32"), err
+    assert not (tmp_path / "x").exists()
+
+
 def test_planner_costs_the_cuda_graph_step_when_told():
     """PlannerOptions(device_len=True): the candidates are the graph build's steps (its one
     attention kernel a layer, not the dense + sparse + merge split above W = 2)."""
