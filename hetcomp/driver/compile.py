@@ -63,7 +63,8 @@ from ..hardware import (
 )
 from ..passes.partition_hetero import PARAM_SPLIT_ATTR
 from ..passes.pipeline import fuses_linears
-from ..planner import PlannerOptions, UnitModel, best_width, plan, tau_table
+from ..planner import (PlannerOptions, UnitModel, best_width, may_beat_best, plan,
+                       tau_table)
 from ..profile.bandwidth import measure_read_bandwidth
 from ..profile.units import detect_unit
 from ..quant_format import cache_dtype, is_quant
@@ -535,7 +536,9 @@ def _measure_width(folder: str, heads, widths, roofline: tuple[int, str],
     in ``folder`` (:func:`~hetcomp.runtime.unit_time.decode_step_seconds`), its accepted
     tokens a step (tau) as a decode with the artifact's lookup gets them (``replayed``:
     :func:`_replayed`; None: the heads' trees'), the width with the most tokens a second
-    chosen (:func:`~hetcomp.planner.best_width`). The roofline planner's choice (``roofline``:
+    chosen (:func:`~hetcomp.planner.best_width`); a width that cannot come near the best one
+    timed is left out of the later passes, or never timed
+    (:func:`~hetcomp.planner.may_beat_best`). The roofline planner's choice (``roofline``:
     width and source) stays in the record beside it: on a 2-core AVX-512 machine it chose
     W=16 from numpy's matmul rate, where our kernels made that step twice W=1's and
     speculation slower than sequential decoding. Returns the manifest's new entries, or None
@@ -552,12 +555,13 @@ def _measure_width(folder: str, heads, widths, roofline: tuple[int, str],
     fits = sorted({1, *(w for w in widths if w <= room)})  # W = 1: no speculation at all
     if len(fits) < 2:
         return None
-    step_s = decode_step_seconds(art, prompt, fits, MEASURE_NEW_TOKENS)
     tree_taus, _ = tau_table(fits, heads.rank_probs, ranks=heads.ranks)
     taus, tau_source = ((replayed.taus, replayed.source) if replayed
                         else (tree_taus, "the heads' trees (held-out statistics)"))
+    step_s = decode_step_seconds(art, prompt, fits, MEASURE_NEW_TOKENS,
+                                 worth_timing=lambda w, timed: may_beat_best(w, taus, timed))
     best = best_width(taus, step_s)
-    rate = {w: taus[w] / step_s[w] for w in fits}
+    rate = {w: taus[w] / step_s[w] for w in step_s}
     return {
         "default_width": best,
         "default_width_source": (
@@ -571,6 +575,9 @@ def _measure_width(folder: str, heads, widths, roofline: tuple[int, str],
             # the Medusa trees' own expectation, beside what a decode gets
             "tree_tau": {str(w): round(tree_taus[w], 4) for w in fits},
             "tokens_per_s": {str(w): round(r, 2) for w, r in rate.items()},
+            # widths whose tokens a second could not come near the best's even at the
+            # slowest narrower step's time (planner.may_beat_best): never timed
+            "not_timed": [w for w in fits if w not in step_s],
             "new_tokens": MEASURE_NEW_TOKENS, "prompt_tokens": len(prompt),
             "roofline_width": roofline[0], "roofline_source": roofline[1]},
     }

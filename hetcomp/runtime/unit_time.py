@@ -263,25 +263,36 @@ def host_split(art, prompt_ids, widths, new_tokens: int = 96) -> list[dict]:
     return rows
 
 
-def decode_step_seconds(art, prompt_ids, widths, new_tokens: int = 12,
-                        rounds: int = 2) -> dict[int, float]:
+def decode_step_seconds(art, prompt_ids, widths, new_tokens: int = 12, rounds: int = 2,
+                        worth_timing=None) -> dict[int, float]:
     """Seconds of one greedy decode step at each width (the draft, ``verify``, acceptance and
     ``commit``, as :class:`~hetcomp.runtime.generate.Generation` runs them with the default
     n-gram lookup), decoding ``new_tokens`` after ``prompt_ids`` with EOS ignored: the
     median over the steps of ``rounds`` passes but the first of each (it warms the width's
     workspace), the widths interleaved in each pass so that a busy spell of a shared machine
     falls on all of them. A step's time hardly depends on what it accepts: any prompt
-    serves."""
+    serves.
+
+    ``worth_timing(w, step_s)``, if given, is asked before each width's pass with the medians
+    so far (the widths timed in earlier passes, and before ``w`` in this one); False leaves
+    ``w`` out of this pass and the later ones: it keeps the times it has, and a width never
+    timed is absent from the result (what decides is the caller's:
+    :func:`~hetcomp.planner.may_beat_best` for compile's width)."""
     from .generate import Generation, default_lookup
 
-    steps: dict[int, list[float]] = {w: [] for w in widths}
+    steps: dict[int, list[float]] = {}
+    left = list(widths)
     for _ in range(rounds):
-        for w in widths:
+        for w in list(left):
+            if worth_timing is not None and not worth_timing(
+                    w, {v: float(np.median(t)) for v, t in steps.items()}):
+                left.remove(w)
+                continue
             times: list[float] = []
             Generation(art, prompt_ids, new_tokens, False, w, times,
                        default_lookup(art, w)).result()
-            steps[w].extend(times[1:] or times)
-    return {w: float(np.median(t)) for w, t in steps.items()}
+            steps.setdefault(w, []).extend(times[1:] or times)
+    return {w: float(np.median(steps[w])) for w in widths if w in steps}
 
 
 def host_replay(art, prompts, width: int, new_tokens: int = 64, rounds: int = 3) -> dict:
