@@ -123,8 +123,8 @@ def test_probes_are_the_models_quantized_kernels():
 
 def test_tune_q4_1_plan_compiles_q4_1_only(tmp_path, cli):
     """`tune --dtype q4_1 --quick` on a Q4_1 file profiles, fits and plans under a q4_1 model
-    key; `compile --dtype q4_1 --plan` builds with its fitted cost models; a float32 compile
-    of that plan, an unknown --dtype and `tune --kernels --dtype q4_1` get one line, exit 2,
+    key; `compile --dtype q4_1 --plan` builds with its fitted cost models, as does `compile
+    --plan` alone (the plan's dtype is the default); a float32 compile of that plan, an unknown --dtype and `tune --kernels --dtype q4_1` get one line, exit 2,
     nothing written. (The commands run in-process: ``cli``.)"""
     from hetcomp.driver.tuning import tune_command
 
@@ -144,8 +144,14 @@ def test_tune_q4_1_plan_compiles_q4_1_only(tmp_path, cli):
     assert m["dtype"] == "q4_1" and m["cost_models"]["cpu"].startswith("fitted")
     linear = [k for k in m["kernels"] if k["rule"] == host_quant_linear_rule()]
     assert linear and all(k["predicted_us"] > 0 for k in linear)
-    rc, _, err = cli("compile", "--model", path, "--plan", plan, "-o", tmp_path / "b")
+    rc, _, err = cli("compile", "--model", path, "--dtype", "float32", "--plan", plan,
+                     "-o", tmp_path / "b")
     assert_one_line_error(rc, err, "tuned for --dtype q4_1")
+    # without --dtype the build takes the plan's
+    rc, _, err = cli("compile", "--model", path, "--plan", plan, "--max-context", 64,
+                     "--quiet", "-o", tmp_path / "e")
+    assert rc == 0, err
+    assert json.loads((tmp_path / "e" / "manifest.json").read_text())["dtype"] == "q4_1"
     rc, _, err = cli("tune", "--model", path, "--dtype", "q5_0", "-o", tmp_path / "c")
     assert_one_line_error(rc, err, "unsupported dtype")
     rc, _, err = cli("tune", "--kernels", "--dtype", "q4_1", "-o", tmp_path / "d")
