@@ -125,6 +125,9 @@ class PlannerOptions:
         Cost the step of the whole-model GPU build for CUDA graphs.
     fused_linears : bool
         Cost the step with its norms and activations inside the linears (a GPU build's).
+    exact_attention : bool
+        Cost the fused attention kernel at every width (a build whose linears take int8
+        activations; :data:`hetcomp.decoder.FUSED_WIDTHS`).
     """
 
     widths: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
@@ -142,6 +145,8 @@ class PlannerOptions:
     device_len: bool = False
     # Norms and gated activations inside the linears' kernels (a whole-model GPU build's).
     fused_linears: bool = False
+    # The fused masked attention kernel at every width (int8 activations).
+    exact_attention: bool = False
 
     def draft(self, heads: int) -> DraftShape | None:
         """The draft call's shapes with ``heads`` heads (None when there is no draft)."""
@@ -392,12 +397,13 @@ class _StepModel:
              split: Mapping[str, Split] | None = None,
              attention: tuple[tuple[str, str], ...] | None = None,
              nnz: int | None = None, device_len: bool = False,
-             fused_linears: bool = False) -> WidthChoice:
+             fused_linears: bool = False, exact_attention: bool = False) -> WidthChoice:
         """Best (or, with ``split``/``attention`` given, fixed) choices at width ``w``;
         ``nnz``: the tree's ancestor-mask non-zeros (None: an estimate); ``device_len``,
-        ``fused_linears``: the build's step (:func:`~hetcomp.cost.roofline.model_step`)."""
+        ``fused_linears``, ``exact_attention``: the build's step
+        (:func:`~hetcomp.cost.roofline.model_step`)."""
         ops: list[StepOp] = model_step(self.shape, w, cache_len, nnz, device_len,
-                                       fused_linears)
+                                       fused_linears, exact_attention)
         if w > 1 and draft is not None:
             ops += draft_step(self.shape, draft)
         # The attention kernels are placed and costed together, as one "attention" op.
@@ -503,7 +509,8 @@ def plan(shape: ModelShape, units: Sequence[UnitModel], rank_probs=None,
     for w in options.widths:
         nnz = int(trees[w].mask().sum()) if w in trees else None
         c = sm.step(w, options.cache_len, options.draft(draft), nnz=nnz,
-                    device_len=options.device_len, fused_linears=options.fused_linears)
+                    device_len=options.device_len, fused_linears=options.fused_linears,
+                    exact_attention=options.exact_attention)
         cands.append(dataclasses.replace(c, tau=taus[w]))
     best = max(cands, key=lambda c: (c.tokens_per_s, -c.width))
     notes = ("estimate from datasheet specs (roofline), not measured"

@@ -225,19 +225,20 @@ def merge_features(shape: ModelShape, w: int, corun: bool = False) -> Features:
 
 
 def layer_attention(shape: ModelShape, w: int, cache_len: int, nnz: int | None = None,
-                    fused_widths: tuple[int, ...] = FUSED_WIDTHS, device_len: bool = False
-                    ) -> dict[str, Features]:
+                    fused_widths: tuple[int, ...] = FUSED_WIDTHS, device_len: bool = False,
+                    exact: bool = False) -> dict[str, Features]:
     """The attention kernels one layer of a verify step runs
     (:func:`hetcomp.decoder.attention_kernels`), name -> features; ``nnz``: the tree's mask
     non-zeros (None: :func:`~hetcomp.decoder.estimated_tree_nnz`); ``device_len``: the build
-    for CUDA graphs."""
+    for CUDA graphs; ``exact``: the fused kernel at every width (int8 activations)."""
     nnz = estimated_tree_nnz(w) if nnz is None else nnz
     build = {"attention": lambda: attention_features(shape, w, cache_len),
              "tree_attention": lambda: tree_attention_features(shape, w, cache_len),
              "attention_dense": lambda: dense_attention_features(shape, w, cache_len),
              "attention_sparse": lambda: sparse_attention_features(shape, w, nnz),
              "attention_merge": lambda: merge_features(shape, w)}
-    return {name: build[name]() for name in attention_kernels(w, fused_widths, device_len)}
+    return {name: build[name]() for name in attention_kernels(w, fused_widths, device_len,
+                                                              exact)}
 
 
 def rms_norm_features(shape: ModelShape, w: int, corun: bool = False,
@@ -361,7 +362,8 @@ class StepOp:
 
 
 def model_step(shape: ModelShape, w: int, cache_len: int, nnz: int | None = None,
-               device_len: bool = False, fused_linears: bool = False) -> list[StepOp]:
+               device_len: bool = False, fused_linears: bool = False,
+               exact_attention: bool = False) -> list[StepOp]:
     """The kernels of one ``verify`` call with ``w`` tree nodes after ``cache_len`` tokens
     (``nnz``: the tree's mask non-zeros, for the sparse attention part). The attention
     kernels (:func:`layer_attention`) carry ``split="attention"``: the planner places them
@@ -369,10 +371,11 @@ def model_step(shape: ModelShape, w: int, cache_len: int, nnz: int | None = None
     it, and the copy of the tree inputs, ``stage_tree``). ``fused_linears``: the layers'
     RMSNorms, gated activation and q/k/v bias run inside the qkv and gate_up kernels
     (``passes.fuse_linear_chains``; their bytes and flops are those kernels' own, negligible
-    beside the weights)."""
+    beside the weights). ``exact_attention``: the fused attention kernel at every width (a
+    build whose linears take int8 activations, :data:`hetcomp.decoder.FUSED_WIDTHS`)."""
     nl = shape.layers
     attention = [StepOp(name, feat, nl, "attention") for name, feat in layer_attention(
-        shape, w, cache_len, nnz, device_len=device_len).items()]
+        shape, w, cache_len, nnz, device_len=device_len, exact=exact_attention).items()]
     staged = 4 * (w + w * w)  # positions and mask, read and written
     stage = [StepOp("stage_tree", Features("elementwise", "stage_tree", w, 0, 0, 1.0, 0, False,
                                            staged / _F32, 2.0 * staged), 1)] if device_len else []

@@ -70,6 +70,7 @@ from ..profile.units import detect_unit
 from ..quant_format import cache_dtype, is_quant
 from ..runtime import load_artifact
 from ..runtime.unit_time import decode_step_seconds
+from ..schedules.int8_dot import has_int8_dot
 from ..schedules.tuning import apply_database, database_dir
 from ..speculative.datastore import REPLAY_CACHED, Datastore, pack_sequences
 from ..speculative.medusa import MedusaHeads
@@ -366,18 +367,21 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
                    else target_dict(opts.target, opts.cuda_arch))
     graphs = opts.cuda_graph and uses_cuda_graph(target_spec, opts.plan)
     device_len = graphs if opts.device_len is None else opts.device_len
+    target = compiler().Target(target_spec)
+    # Linears on int8 activations: every verify's attention the fused kernel, so that a
+    # tree row computes what sequential decoding computes (decoder.FUSED_WIDTHS).
+    exact = int8_activations(opts, target)
     mod = build_module(cfg, opts.dtype, heads.num_heads if heads else 0, static_widths=widths,
                        medusa_root=root, draft_dtype=draft_dtype, draft_vocab=draft_vocab,
                        prefill_chunk=PREFILL_CHUNK, kv_dtype=opts.cache_dtype,
-                       device_len=device_len)
-    target = compiler().Target(target_spec)
+                       device_len=device_len, exact_attention=exact)
     fused = (opts.plan is None and (fuses_linears(target) if opts.fuse_linears is None
                                     else opts.fuse_linears))
     # Tokens a step each width accepts as the artifact will decode (None: the trees' tau;
     # ~6 s for SmolLM2's held-out responses, under step 2's line).
     replayed = _replayed(heads, tok, cfg.vocab_size, opts.widths, store)
     width, width_source = _default_width(opts, cfg, heads, draft_dtype, device_len, fused,
-                                         replayed)
+                                         replayed, exact)
     cost = _cost_models(opts, cfg, width, heads)
     cost_source = cost.pop("source") if cost else None
     scheduled: list = []
@@ -503,6 +507,9 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
         "cuda_graph": graphs,
         # Norms and gated activations inside the linears' kernels (FuseLinearChains).
         "fused_linears": fused,
+        # Every verify's attention the fused masked kernel (linears on int8 activations:
+        # a tree row computes what sequential decoding computes, bit for bit).
+        "exact_attention": exact,
         # The graphs replay the cache addresses they captured: one cache pair per artifact.
         "fixed_cache": device_len,
         "launches": (launch_counts(scheduled[0], graphs, tuple(
@@ -625,6 +632,15 @@ def _units(plan, target: str) -> list[dict]:
     return out
 
 
+def int8_activations(opts: CompileOptions, target) -> bool:
+    """Whether the build's linears round their input rows to int8 blocks (``x86`` /
+    ``arm.Int8DotLinear``): quantized weights, one CPU unit with VNNI and VBMI or NEON's dot
+    product, not turned off by ``--no-int8-dot``. (A plan's units keep the split attention
+    the plan places.)"""
+    return (opts.plan is None and opts.int8_dot and is_quant(opts.dtype)
+            and target.kind.name == "llvm" and has_int8_dot(target))
+
+
 def _split_params(mod, cfg, dtype):
     """The partitioned ``verify``'s parameters in order (``mod``: the module as the build
     partitioned it): the unit (vdevice index) each lives on, and each one's recipe (packed
@@ -648,11 +664,12 @@ def _split_params(mod, cfg, dtype):
 
 def _default_width(opts: CompileOptions, cfg, heads, draft_dtype: str,
                    device_len: bool = False, fused: bool = False,
-                   replayed=None) -> tuple[int, str]:
+                   replayed=None, exact_attention: bool = False) -> tuple[int, str]:
     """The width `generate` uses unless told, and where it comes from: ``--width``, the plan,
-    or the planner on the target's roofline with the heads' trees (``device_len``, ``fused``:
-    the build's step is the CUDA-graph one, its linears fused) and the tokens a step
-    ``replayed`` (:func:`_replayed`; None: the trees')."""
+    or the planner on the target's roofline with the heads' trees (``device_len``, ``fused``,
+    ``exact_attention``: the build's step is the CUDA-graph one, its linears fused, its
+    attention the fused kernel at every width) and the tokens a step ``replayed``
+    (:func:`_replayed`; None: the trees')."""
     if heads is None:
         return 1, "no Medusa heads"
     if opts.default_width is not None:
@@ -672,7 +689,8 @@ def _default_width(opts: CompileOptions, cfg, heads, draft_dtype: str,
                                     draft_vocab=0 if heads.vocab is None else len(heads.vocab),
                                     draft_weight_bytes=dtype_bytes(draft_dtype),
                                     draft_root=heads.u is not None,
-                                    device_len=device_len, fused_linears=fused))
+                                    device_len=device_len, fused_linears=fused,
+                                    exact_attention=exact_attention))
     return p.width, (f"planner on the roofline of {spec.name} ({spec.notes}): "
                      f"{p.tokens_per_s:.0f} tokens/s predicted at W={p.width}, "
                      f"{p.tau:.2f} tokens a step ("

@@ -56,9 +56,10 @@ class _Kernels:
     """Adds each distinct kernel to the module once and hands out its GlobalVar."""
 
     def __init__(self, bb, cfg: LlamaConfig, wdtype: str, kv_dtype: str = "float32",
-                 device_len: bool = False):
+                 device_len: bool = False, exact: bool = False):
         self.bb, self.cfg, self.wdtype, self.kv_dtype, self._gvs = bb, cfg, wdtype, kv_dtype, {}
         self.device_len = device_len  # build_module's
+        self.exact = exact  # build_module's exact_attention
         self.rows: int | None = None  # static row count of the function being built
 
     def get(self, name: str, builder, *args, sized: bool = True, rows: int | None = None):
@@ -135,7 +136,8 @@ def _attention(bb, kern: _Kernels, cfg: LlamaConfig, q, kv_tree, k_cache, v_cach
     tag, pos = (f"_win{window}", [positions]) if window else ("", [])
     if len(tree) == 1:
         gv = kern.get("attention" + tag, functools.partial(
-            ops.attention, kv_dtype=kern.kv_dtype, window=window), *attn_args)
+            ops.attention, kv_dtype=kern.kv_dtype, window=window, exact=kern.exact),
+            *attn_args)
         return bb.emit(relax.call_tir(gv, [q, k_cache, v_cache, tree[0], *pos, layer, n],
                                       tt((w, hq, d), "float32")))
     part = tt((w, hq, d + 1), "float32")  # each part's output with its lse (ops.attention)
@@ -358,7 +360,8 @@ def build_module(cfg: LlamaConfig, wdtype: str = "float32", medusa_heads: int = 
                  static_widths: tuple[int, ...] = (), medusa_root: bool = False,
                  draft_dtype: str | None = None, draft_vocab: int = 0,
                  fused_widths: tuple[int, ...] = FUSED_WIDTHS, prefill_chunk: int = 0,
-                 kv_dtype: str = "float32", device_len: bool = False):
+                 kv_dtype: str = "float32", device_len: bool = False,
+                 exact_attention: bool = False):
     """The unscheduled Relax IRModule of the decoder for weight dtype ``wdtype``.
 
     ``verify`` takes any width; ``verify_w{W}`` for each W in ``static_widths`` is the same
@@ -368,7 +371,11 @@ def build_module(cfg: LlamaConfig, wdtype: str = "float32", medusa_heads: int = 
     conditioned on the root token's embedding; ``draft_dtype``: the dtype of its LM head,
     default ``wdtype``; ``draft_vocab``: the size of its draft vocabulary, 0 for the whole
     one). ``verify_w{W}`` for W in ``fused_widths`` runs the fused masked attention kernel;
-    every other verify the dense + sparse + merge split (module doc). ``prefill_chunk = C >
+    every other verify the dense + sparse + merge split (module doc), unless
+    ``exact_attention``: then every verify runs the fused kernel, its softmax summed in
+    float64 (``ops.attention(exact=True)``), which gives each tree row the floats sequential
+    decoding gives it (for linears on int8 activations, where the
+    split's rounding differences grow: :data:`hetcomp.decoder.FUSED_WIDTHS`). ``prefill_chunk = C >
     0`` adds ``prefill_w{C}`` (module doc). ``kv_dtype``: the KV cache's element type
     (``float16`` halves its bytes; attention widens every element to float32 as it reads it
     and accumulates in float32). The module attribute
@@ -395,7 +402,7 @@ def build_module(cfg: LlamaConfig, wdtype: str = "float32", medusa_heads: int = 
     assert not cfg.sliding_window or max(static_widths, default=0) <= cfg.sliding_window, (
         "tree widths above the sliding window")
     bb = c.BlockBuilder()
-    kern = _Kernels(bb, cfg, wdtype, kv_dtype, device_len)
+    kern = _Kernels(bb, cfg, wdtype, kv_dtype, device_len, exact_attention)
     k_shape, v_shape = kv_cache_shapes(cfg)
     specs = param_specs(cfg, wdtype)
 
@@ -416,7 +423,8 @@ def build_module(cfg: LlamaConfig, wdtype: str = "float32", medusa_heads: int = 
         mask = relax.Var("mask", tt((w, w), "int32"))
         csr = [] if last_only else [relax.Var("row_ptr", tt((w + 1,), "int32")),
                                     relax.Var("col_idx", tt((tir.Var("nnz", "int64"),), "int32"))]
-        tree = (mask,) if last_only or device_len or rows in fused_widths else tuple(csr)
+        tree = ((mask,) if last_only or device_len or exact_attention or rows in fused_widths
+                else tuple(csr))
         k_cache, v_cache, cache_len, n = cache_vars()
         m = tir.Var("m", "int64")
         valid = [relax.Var("rows", c.ShapeType([m]))] if last_only and rows else []

@@ -434,7 +434,7 @@ def key_tile(context: int) -> int:
 
 def attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, context: int,
               rows: int | None = None, part: str = "full", kv_dtype: str = "float32",
-              window: int = 0):
+              window: int = 0, exact: bool = False):
     """Attention of the tree queries ``q[H, w, D]`` over the KV cache.
 
     ``part="full"``: over the committed cache ``[0, n)`` plus the tree, whose own K/V sit in
@@ -456,6 +456,13 @@ def attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, con
     ``kv_dtype``: the caches' element type (``float16`` halves the bytes the dense part
     streams); each K and V element is widened to float32 as it is read, and everything is
     computed and accumulated in float32.
+
+    ``exact`` (``part="full"``): a tree row's output is what sequential decoding computes for
+    its token, independently of where its ancestors sit among the tree's slots. The scores,
+    the maximum and ``P.V`` (keys in slot order: a tree lists ancestors before descendants,
+    and masked keys add exact zeros) already are; the softmax's sum adds each key in the
+    vector lane of its slot, so it sums in float64, whose rounding to float32 no reordering
+    of at most a context of terms changes (in practice: an ulp of float64 per term).
 
     The keys run over the range rounded up to whole tiles of :func:`key_tile` keys, so the
     vector loops need no tail. Keys past the range get the additive bias ``-inf`` (weight
@@ -517,7 +524,9 @@ def attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, con
     e = te.compute((hq, w, keys), lambda h, i, j: fast_exp(s[h, i, j] + bias[i, j] - shift(h, i)),
                    name="exp")
     rj2 = te.reduce_axis((0, keys), name="j2")
-    z = te.compute((hq, w), lambda h, i: te.sum(e[h, i, rj2], axis=rj2), name="row_sum")
+    acc = "float64" if exact and not dense else "float32"
+    z = te.compute((hq, w), lambda h, i: te.sum(e[h, i, rj2].astype(acc), axis=rj2),
+                   name="row_sum")
     rj3 = te.reduce_axis((0, keys), name="j3")
     o = te.compute(
         (w, hq, d),
@@ -525,7 +534,8 @@ def attention(num_heads: int, num_kv_heads: int, head_dim: int, layers: int, con
         name="pv",
     )
     if not dense:
-        out = te.compute((w, hq, d), lambda i, h, dd: o[i, h, dd] / z[h, i], name="attn_out")
+        out = te.compute((w, hq, d), lambda i, h, dd: o[i, h, dd] / z[h, i].astype("float32"),
+                         name="attn_out")
         func = te.create_prim_func([q, kt, vc, mask, *extra, layer, n, out],
                                    index_dtype_override="int64")
         return _finish(func, "attention", attn_cfg=[hq, g, d, layers, context], key_tile=tile,

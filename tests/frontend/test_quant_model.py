@@ -215,6 +215,41 @@ def test_int8_dot_model(q41_int8):
                             width=width).ids == seq, (prompt, width)
 
 
+def test_int8_dot_trees_compute_what_sequential_decoding_computes(q41_int8):
+    """Int8 activations turn the split attention's float differences (~1e-3 in logits) into
+    different roundings (up to a logit on SmolLM2 and Gemma 3 q4_1, where speculation then
+    left greedy decoding's output): such a build runs the fused masked attention at every
+    width, its softmax summed in float64, and each tree node's logits are those of
+    sequential decoding along its path, bit for bit, at static widths (a branching tree,
+    whose nodes' ancestors sit at other slots than their depths) and the symbolic one."""
+    art, _ = q41_int8
+    assert art.manifest["exact_attention"] is True
+    attention = {(k["function"], k["name"]) for k in art.manifest["kernels"]
+                 if "attention" in k["name"]}
+    assert {f for f, _ in attention} >= {"verify", "verify_w4", "verify_w16"}
+    assert all(name.startswith("attention") and "dense" not in name and "merge" not in name
+               for _, name in attention), attention
+    prompt = [5, 17, 99, 3, 42, 7, 8, 300, 11]
+    trees = {16: [-1, 0, 0, 0, 1, 1, 2, 4, 4, 7, 3, 10, 0, 12, 13, 5],  # verify_w16
+             4: [-1, 0, 0, 1], 6: [-1, 0, 1, 2, 3, 4]}  # verify_w4; verify (symbolic)
+    for width, parents in trees.items():
+        toks = [int(t) for t in (np.arange(width) * 29 + 7) % TINY.vocab_size]
+        sess = art.new_session()
+        sess.prefill(prompt)
+        _, _, logits = sess.verify(toks, depths(parents) + sess.length, tree_mask(parents))
+        got = logits.numpy()
+        for node in range(width):
+            path = [node]
+            while parents[path[-1]] >= 0:
+                path.append(parents[path[-1]])
+            sess = art.new_session()
+            sess.prefill(prompt)
+            for j in reversed(path):
+                _, _, seq = sess.verify([toks[j]], [sess.length], np.ones((1, 1), "int32"))
+                sess.commit([0])
+            np.testing.assert_array_equal(got[node], seq.numpy()[0], err_msg=(width, node))
+
+
 def test_cli_no_int8_dot_reaches_the_options(tmp_path, monkeypatch):
     """`--no-int8-dot` turns the int8-dot kernels off (CompileOptions.int8_dot)."""
     from hetcomp import cli

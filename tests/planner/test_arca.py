@@ -82,6 +82,16 @@ def test_model_step_attention_kernels_per_width():
     fused = {op.name: op for op in model_step(SHAPE, 1, 100)}
     assert fused["attention"].features.n == 101  # cache + the one tree key
     assert not set(SPLIT_ATTENTION) & set(fused)
+    # A build whose linears take int8 activations: the fused kernel at every width.
+    exact = {op.name: op for op in model_step(SHAPE, 16, 100, exact_attention=True)}
+    assert exact["attention"].features.n == 116 and not set(SPLIT_ATTENTION) & set(exact)
+    heads = np.tile(np.linspace(0.6, 0.05, 10), (3, 1))
+    # the planner costs what the build runs: a unit whose fused kernel is slow per row
+    slow_fused = UnitModel("cpu", lambda f: 1e-3 * f.w if f.op == "attention" else 1e-6)
+    for flag in (False, True):
+        p = plan(SHAPE, [slow_fused], rank_probs=heads,
+                 options=PlannerOptions(widths=(1, 16), exact_attention=flag))
+        assert p.width == (1 if flag else 16), flag
     # The CUDA-graph build: one attention kernel at W = 4 too, its own op class, the input
     # copy; the planner costs that kernel (a unit slow at it makes the step slower).
     dev = {op.name: op for op in model_step(SHAPE, 4, 100, device_len=True)}
