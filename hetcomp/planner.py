@@ -460,24 +460,16 @@ WIDTH_SLACK = 0.85
 
 def may_beat_best(w: int, taus: Mapping[int, float], step_s: Mapping[int, float],
                   slack: float = WIDTH_SLACK) -> bool:
-    """Whether timing width ``w`` (again) could change :func:`best_width`'s choice among the
-    widths ``step_s`` timed so far: its tokens a second, measured, or for a width not timed
-    yet at most ``taus[w]`` over the slowest narrower step timed (a wider step does the
-    narrower one's work for more rows: it costs no less), within ``slack`` of the best
-    measured rate. A shared machine only slows a step down, so a width far below the best
-    stays below it; the slack covers a narrower step measured slow and a width that was
-    slowed in its first pass. True while there is nothing to compare with."""
-    if not step_s:
+    """Whether timing width ``w`` again could change :func:`best_width`'s choice among the
+    widths ``step_s`` timed so far: a width not timed yet may, a timed one while its tokens
+    a second are within ``slack`` of the best's. A shared machine only slows a step down,
+    so a width far below the best stays below it; the slack covers a width slowed in its
+    first pass. (A bound for widths not timed yet, the slowest narrower step's time, saved
+    more but let one busy spell on a narrow width rule out every wider one.)"""
+    if w not in step_s:
         return True
     best = max(taus[v] / t for v, t in step_s.items())
-    if w in step_s:
-        rate = taus[w] / step_s[w]
-    else:
-        narrower = [t for v, t in step_s.items() if v < w]
-        if not narrower:
-            return True
-        rate = taus[w] / max(narrower)
-    return rate >= slack * best
+    return taus[w] / step_s[w] >= slack * best
 
 
 def plan(shape: ModelShape, units: Sequence[UnitModel], rank_probs=None,
