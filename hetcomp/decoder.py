@@ -49,12 +49,12 @@ def rope_tables(sliding_window: int) -> int:
 
 #: Widths whose verify keeps the fused masked attention kernel, measured faster there than
 #: dense part + sparse part + merge (three launches a layer for a one- or two-node tree).
-#: The fused kernel also gives a tree row the floats sequential decoding gives it, bit for
-#: bit (a key's lane is its position; masked keys add exact zeros); the split's log-sum-exp
-#: merge is exact only in real numbers (logits ~1e-3 apart). Where the linears round their
-#: input rows to int8 (``schedules.int8_dot``) such a difference moves a rounding and grows to
-#: ~1 logit, and speculation stops being lossless: those builds run the fused kernel at every
-#: width (``exact`` below; ``build_module(exact_attention=True)``).
+#: The split's log-sum-exp merge is exact in real numbers only (a tree row's logits ~1e-3 from
+#: sequential decoding's). Where the linears round their input rows to int8
+#: (``schedules.int8_dot``) such a difference moves a rounding and grows to ~1 logit, and
+#: speculation stops being lossless: those builds run the fused kernel at every width, its
+#: softmax summed in float64, which gives a tree row sequential decoding's floats bit for bit
+#: (``exact`` below; ``build_module(exact_attention=True)``, ``ops.attention(exact=True)``).
 #: SmolLM2-135M, cache 64, 1 thread, attention ms per step, best of 2 runs of min-of-15
 #: (fused / split): W=1 0.325 / 0.388, W=2 0.412 / 0.463, W=4 0.571 / 0.541, W=8 0.855 /
 #: 0.847, W=16 1.39 / 1.36, W=32 3.02 / 2.47, W=64 7.68 / 4.63. W=4-16 tie within this

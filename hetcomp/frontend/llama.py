@@ -374,9 +374,9 @@ def build_module(cfg: LlamaConfig, wdtype: str = "float32", medusa_heads: int = 
     every other verify the dense + sparse + merge split (module doc), unless
     ``exact_attention``: then every verify runs the fused kernel, its softmax summed in
     float64 (``ops.attention(exact=True)``), which gives each tree row the floats sequential
-    decoding gives it (for linears on int8 activations, where the
-    split's rounding differences grow: :data:`hetcomp.decoder.FUSED_WIDTHS`). ``prefill_chunk = C >
-    0`` adds ``prefill_w{C}`` (module doc). ``kv_dtype``: the KV cache's element type
+    decoding gives it (for linears on int8 activations, where the split's rounding
+    differences grow: :data:`hetcomp.decoder.FUSED_WIDTHS`). ``prefill_chunk = C > 0`` adds
+    ``prefill_w{C}`` (module doc). ``kv_dtype``: the KV cache's element type
     (``float16`` halves its bytes; attention widens every element to float32 as it reads it
     and accumulates in float32). The module attribute
     ``hetcomp.model_functions`` lists the functions that run the decoder (what partitioning
