@@ -103,6 +103,14 @@ def test_checker_sees_an_upward_import(tmp_path, monkeypatch):
         test_imports_run_down()
 
 
+def _python(code: str, env: dict | None = None) -> str:
+    """What a fresh Python process running ``code`` prints (it must exit 0)."""
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
 def test_runtime_only_imports_no_compiler():
     """Loading and generating (the driver's text API included) under a runtime-only TVM
     imports no compiler module (tvm.relax, tvm.tirx, tvm.s_tir), no hetcomp compiler room, and
@@ -116,11 +124,8 @@ def test_runtime_only_imports_no_compiler():
             "or m.split('.')[:2] in [['hetcomp', r] for r in rooms])\n"
             "bad += ['torch'] if 'torch' in sys.modules else []\n"
             "print(','.join(bad))\n")
-    env = dict(os.environ, TVM_USE_RUNTIME_LIB="1")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "", f"compiler modules imported: {out.stdout}"
+    out = _python(code, dict(os.environ, TVM_USE_RUNTIME_LIB="1"))
+    assert out.strip() == "", f"compiler modules imported: {out}"
 
 
 @pytest.mark.parametrize("torch_first", [False, True])
@@ -137,10 +142,8 @@ def test_tvm_is_imported_without_torch(torch_first):
             "import torch, tvm\n"
             "t = torch.arange(6, dtype=torch.float32).reshape(2, 3)\n"
             "print(tvm.runtime.from_dlpack(t).numpy().tolist())\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120, check=False)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split("\n")[:2] == [str(torch_first), "[[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]"]
+    assert _python(code).split("\n")[:2] == [str(torch_first),
+                                             "[[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]"]
 
 
 def test_the_driver_api_names_are_its_functions():
@@ -156,8 +159,5 @@ def test_the_driver_api_names_are_its_functions():
             "print([getattr(f, '__name__', f) for f in api\n"
             "       if isinstance(f, types.ModuleType) or not callable(f)])\n"
             "print(bench.__module__, tune.__name__, profile.__name__)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120, check=False)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split("\n")[:2] == [
+    assert _python(code).split("\n")[:2] == [
         "[]", "hetcomp.driver.benchmark tune_command profile_command"]
