@@ -454,7 +454,7 @@ def best_width(taus: Mapping[int, float], step_s: Mapping[int, float]) -> int:
     return max(step_s, key=lambda w: (taus[w] / step_s[w], -w))
 
 
-# How close to the best measured rate a width must be, or could come, to be timed (again).
+# How close to the best measured rate a timed width must be to be timed again.
 WIDTH_SLACK = 0.85
 
 

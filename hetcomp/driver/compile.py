@@ -646,7 +646,7 @@ def int8_activations(opts: CompileOptions, target) -> bool:
     product, not turned off by ``--no-int8-dot``. (A plan's units keep the split attention
     the plan places.)"""
     return (opts.plan is None and opts.int8_dot and is_quant(opts.dtype)
-            and target.kind.name == "llvm" and has_int8_dot(target))
+            and has_int8_dot(target))  # (an LLVM CPU target: has_int8_dot checks)
 
 
 def _split_params(mod, cfg, dtype):
