@@ -199,15 +199,17 @@ class QuantLinearRule(_BASE):
     decoded once per row tile and feeds the tile's ``rows`` FMAs. The factored kernel (narrow
     widths) sums a block into a second ``rows x B`` register tile (``inner``) and scales it
     into the accumulators once per block. LLVM emits AVX-512 or AVX2 for the B-lane loops,
-    whichever the target CPU has. ``prefetch``: a kernel whose rows fit one tile, with whole
-    panels, prefetches each k block's lines this many bytes ahead (0: none; x86's subclass
-    sets it).
+    whichever the target CPU has. A kernel whose rows fit one tile, with whole panels,
+    prefetches each k block's lines :meth:`prefetch_bytes` ahead (here none; x86's subclass
+    asks the CPU's :func:`hetcomp.schedules.x86.prefetch_for`).
     """
 
-    def __init__(self, row_tile: int = 4, max_row_tile: int = 8, lanes: int | None = None,
-                 prefetch: int = 0):
+    def __init__(self, row_tile: int = 4, max_row_tile: int = 8, lanes: int | None = None):
         self.row_tile, self.max_row_tile, self.lanes = row_tile, max_row_tile, lanes
-        self.prefetch = prefetch
+
+    def prefetch_bytes(self, target) -> int:
+        """How far ahead a one-tile kernel prefetches its blocks on ``target`` (0: none)."""
+        return 0
 
     def applies(self, target) -> bool:
         """Whether the rule schedules for ``target`` (every LLVM CPU here; ISA subclasses
@@ -280,9 +282,10 @@ class QuantLinearRule(_BASE):
         if factored:
             sch.decompose_reduction(inner, own[-1])
         # Step 6. Blocks read once (one row tile, whole panels): ask for them ahead.
-        if self.prefetch and lanes == b and _one_row_tile(sch, io):
+        ahead = self.prefetch_bytes(target)
+        if ahead and lanes == b and _one_row_tile(sch, io):
             wp = next(p for p in func.params if p.name == "wp")  # (params are buffers)
-            _prefetch_blocks(sch, kb, wp, sch.get(jo).loop_var, self.prefetch)
+            _prefetch_blocks(sch, kb, wp, sch.get(jo).loop_var, ahead)
         return sch
 
 

@@ -54,7 +54,7 @@ from ..quant_format import QK
 from .apply import RULE_ATTR
 from .arm import is_llvm_with
 from .cpu import CACHE_LINE, prefetch_call
-from .x86 import PREFETCH_BYTES
+from .x86 import PREFETCH_BYTES, prefetch_for
 
 #: The rule name the swapped x86 kernels carry (``hetcomp.rule``; ARM's: ``arm.Int8DotLinear``).
 INT8_DOT_RULE = "x86.Int8DotLinear"
@@ -73,7 +73,8 @@ class _Avx512:
     (576x1536: 28.4 / 62.8 against 36.5 / 70.5).
 
     A one-tile kernel (W <= 8) prefetches each block ``prefetch`` bytes ahead of its dots,
-    every k block, as the float linear does.
+    every k block, as the float linear does (on an Intel Xeon; AMD Zen only at W = 8:
+    :data:`hetcomp.schedules.x86.ZEN_PREFETCH`).
     3072x576 from DRAM at W = 1 / 2 / 4 / 8, us: q4_1 74.7 / 76.0 / 82.3 / 97.3 without,
     57.2 / 58.0 / 67.1 / 76.6 with (1 KB ahead 57.7 / 63.7 / 79.7 / 85.1, 4 KB 60.0 / 59.9 /
     64.6 / 76.9); q8_0 109.8 / 109.8 / 113.9 / 135.1 -> 94.2 / 97.1 / 105.1 / 113.9."""
@@ -196,11 +197,13 @@ def _reduce(kind: str, vec, dtype: str):
     return compiler().tir.call_llvm_pure_intrin(dtype, name, vec)
 
 
-def linear_int8_dot(func, isa=AVX512, row_tile: int | None = None):
+def linear_int8_dot(func, isa=AVX512, row_tile: int | None = None,
+                    prefetch: int | None = None):
     """The int8-dot kernel with ``func``'s signature (a quantized linear of
     :func:`hetcomp.kernels.quant.linear_quant`, :func:`eligible`) and attributes, already
     scheduled, for ``isa`` (:data:`AVX512`, :data:`NEON_DOT`; ``row_tile``: rows a tile,
-    default the ISA's)."""
+    default the ISA's; ``prefetch``: bytes a one-tile kernel prefetches ahead, default the
+    ISA's)."""
     c = compiler()
     tir = c.tir
     attrs = func.attrs
@@ -218,7 +221,8 @@ def linear_int8_dot(func, isa=AVX512, row_tile: int | None = None):
     if static:  # an exact tiling: no tail loop
         row_tile = next(t for t in (row_tile, 4, 2, 1) if int(rows) % t == 0 and t <= row_tile)
     # Weights read once (one row tile, one pass a panel): ask for them ahead of the dots.
-    ahead = isa.prefetch if static and int(rows) == row_tile and isa.span == PANEL else 0
+    ahead = (isa.prefetch if prefetch is None else prefetch) if (
+        static and int(rows) == row_tile and isa.span == PANEL) else 0
 
     def idx(v):
         return tir.const(v, i64) if isinstance(v, int) else v
@@ -353,7 +357,16 @@ def use_int8_dot_kernels(mod, target):
     if isa is None:
         return mod
     tir = compiler().tir
-    swaps = {gv: linear_int8_dot(f, isa) for gv, f in mod.functions_items()
+    # How far ahead a one-tile kernel prefetches on this CPU (x86: Intel and AMD differ).
+    policy = prefetch_for(target) if isa is AVX512 else None
+
+    def ahead(f):
+        rows = f.params[0].shape[0]
+        if policy is None or not isinstance(rows, tir.IntImm):
+            return None
+        return policy.int8_dot_ahead(int(rows))
+
+    swaps = {gv: linear_int8_dot(f, isa, prefetch=ahead(f)) for gv, f in mod.functions_items()
              if isinstance(f, tir.PrimFunc) and eligible(f)
              and not int(f.attrs.get("tirx.is_scheduled", 0))}  # (a tuned one stays)
     if not swaps:

@@ -192,12 +192,44 @@ def test_one_tile_x86_linears_prefetch_their_weight_streams():
     assert "prefetcht0" in lib.mod.inspect_source("s")  # what LLVM made of it
 
 
+def test_prefetching_follows_the_cpu():
+    """Which one-tile kernels prefetch is the CPU's (``mcpu``): on Intel's cores and CPUs
+    not named (``x86-64-v3``) every kind; on AMD Zen not the float linear, the dequantizing
+    quantized linear still, the int8-dot one only with 8 rows (its 8-row tile)."""
+    from hetcomp.kernels import quant
+    from hetcomp.schedules.int8_dot import use_int8_dot_kernels
+
+    def quant_prefetches(func):
+        return "llvm.prefetch" in func.script()
+
+    int8 = c.IRModule({f"k{rows}": quant.linear_quant(64, 64, "q8_0", rows=rows).with_attr(
+        "global_symbol", f"k{rows}") for rows in (1, 4, 8)})
+    for mcpu, linear, int8_rows in (("sapphirerapids", True, [1, 4, 8]),
+                                    ("skylake-avx512", True, None),
+                                    ("znver4", False, [8]), ("znver3", False, None),
+                                    ("x86-64-v3", True, None)):
+        target = c.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu})
+        for rows in (1, 2, 4):
+            sch = x86.LinearRule().apply(ops.linear(192, 64, "float16", rows=rows), target,
+                                         False)
+            want = linear and (rows == 1 or x86.is_llvm_with(target, "avx512f"))
+            assert bool(_prefetched(sch)) == want, (mcpu, rows)
+        sch = x86.QuantLinearRule().apply(quant.linear_quant(64, 64, "q4_1", rows=1), target,
+                                          False)
+        assert quant_prefetches(sch.mod["main"]), mcpu
+        if int8_rows is not None:
+            out = use_int8_dot_kernels(int8, target)
+            assert [r for r in (1, 4, 8) if quant_prefetches(out[f"k{r}"])] == int8_rows, mcpu
+    assert x86.prefetch_for(TARGET) in (x86.INTEL_PREFETCH, x86.ZEN_PREFETCH)
+
+
 @pytest.mark.skipif(x86.LinearRule().tile(TARGET, 1) is None,
                     reason="not an x86 CPU with AVX2 or AVX-512")
 def test_compile_builds_prefetching_decode_linears(tmp_path, tiny_loaded):
     """What ``hetcomp compile`` builds for this CPU (``compile_model``, the tiny model):
-    the W = 1 decode step's linears prefetch their weights; the widest verify's and
-    prefill's (tiles that re-read panels from cache) do not."""
+    the W = 1 decode step's linears prefetch their weights where this CPU gains by it (not
+    on AMD Zen: :func:`hetcomp.schedules.x86.prefetch_for`); the widest verify's and
+    prefill's (tiles that re-read panels from cache) never do."""
     from hetcomp.driver.compile import CompileOptions, compile_model
     from hetcomp.testing.gpu import capture_scheduled
 
@@ -213,7 +245,8 @@ def test_compile_builds_prefetching_decode_linears(tmp_path, tiny_loaded):
         width = re.search(r"_w(\d+)$", name)
         by_width.setdefault(int(width.group(1)) if width else None, []).append(
             bool(_prefetched(c.Schedule(f))))
-    assert by_width.pop(1) == [True] * 5  # q/k/v, gate/up, o, down, the LM head
+    # q/k/v, gate/up, o, down, the LM head
+    assert by_width.pop(1) == [bool(x86.prefetch_for(TARGET).linear)] * 5
     assert by_width and all(not any(v) for v in by_width.values()), by_width
 
 
