@@ -358,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-int8-dot", action="store_true",
                    help="quantized --dtype: dequantize the weights into float32 FMAs on every "
                         "CPU (default: where the target has AVX-512 VNNI or NEON dotprod, int8 "
-                        "activations and integer dot products, as llama.cpp)")
+                        "activations and integer dot products, as llama.cpp; a --plan's units "
+                        "always dequantize)")
     c.add_argument("--tuning-db", help="root of `hetcomp tune --kernels` databases: this "
                                        "machine's records replace hand-written schedules")
     c.add_argument("--separate-weights", action="store_true",

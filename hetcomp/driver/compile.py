@@ -144,7 +144,8 @@ class CompileOptions:
     # Quantized weights on a CPU with AVX-512 VNNI and VBMI or NEON dotprod: each linear
     # quantizes its input rows to int8 per 32-weight block and sums blocks on integer dot
     # products (x86/arm.Int8DotLinear, llama.cpp's numerics; 2-3x faster at verify widths).
-    # False: every quantized linear dequantizes its weights into float32 FMAs, as on other CPUs.
+    # False: every quantized linear dequantizes its weights into float32 FMAs, as on other CPUs
+    # (and as on every unit of a partitioned plan: int8_activations).
     int8_dot: bool = True
     # Build the decoder for fixed caches, reading the cache length on the device
     # (build_module's ``device_len``). None: where CUDA graphs are captured. True elsewhere
@@ -387,8 +388,9 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
     scheduled: list = []
     if opts.plan is not None:
         _progress(3, steps, f"partitioning across {', '.join(opts.plan.units)}; compiling", quiet)
+        # Float activations on every unit (int8_activations says why).
         ex = build(mod, target, opts.plan, cost, scheduled, tensor_cores=opts.tensor_cores,
-                   int8_dot=opts.int8_dot)
+                   int8_dot=False)
     elif opts.target == "cuda":
         _progress(3, steps, "scheduling and compiling for cuda (GPU rules"
                         + (", fused linears" if fused else "")
@@ -643,8 +645,13 @@ def _units(plan, target: str) -> list[dict]:
 def int8_activations(opts: CompileOptions, target) -> bool:
     """Whether the build's linears round their input rows to int8 blocks (``x86`` /
     ``arm.Int8DotLinear``): quantized weights, one CPU unit with VNNI and VBMI or NEON's dot
-    product, not turned off by ``--no-int8-dot``. (A plan's units keep the split attention
-    the plan places.)"""
+    product, not turned off by ``--no-int8-dot``; such a build verifies every tree with the
+    fused attention kernel, which gives a tree row sequential decoding's floats.
+
+    A partitioned plan's units keep float activations: its trees run the split attention the
+    plan places and other units' kernels, whose rows differ from sequential decoding's by
+    float rounding (~1e-3 in attention), and an int8 rounding grows such a difference to
+    about a logit: speculation would leave greedy decoding's output, not only at near ties."""
     return (opts.plan is None and opts.int8_dot and is_quant(opts.dtype)
             and has_int8_dot(target))  # (an LLVM CPU target: has_int8_dot checks)
 

@@ -24,6 +24,7 @@ from hetcomp.testing import (
     assert_one_line_error,
     byte_tokenizer_spec,
     depths,
+    host_float_quant_linear_rule,
     host_quant_linear_rule,
     tree_mask,
 )
@@ -45,14 +46,16 @@ def tiny_q4_1():
 def test_quantized_plan_matches_unplanned(tmp_path, tiny_q4_1, dense, sparse):
     """Two CPU units: 37% of most layers' columns, all of ``down`` and half the q8_0 LM head
     on unit 1, attention parts placed by the plan. The slices are the file's blocks, panel
-    by panel; logits of a prefill and a tree verify equal the unplanned artifact's, and so
-    does greedy decoding."""
+    by panel; logits of a prefill and a tree verify equal the unplanned artifact's (built
+    ``--no-int8-dot``: a plan's units keep float activations, even on a CPU with VNNI), and
+    so does greedy decoding."""
     plan = HeteroPlan(targets=(HOST, HOST), ratios=(("default", 0.37), ("down", 1.0),
                                                     ("lm_head", 0.5)),
                       dense_attention=dense, sparse_attention=sparse)
-    for name, p in (("ref", None), ("plan", plan)):
-        compile_model(CompileOptions(model="tiny", dtype="q4_1", plan=p, max_context=64),
-                      str(tmp_path / name), quiet=True, weights=tiny_q4_1)
+    for name, p in (("ref", None), ("plan", plan)):  # (the plan with int8_dot's default)
+        compile_model(CompileOptions(model="tiny", dtype="q4_1", plan=p, max_context=64,
+                                     int8_dot=p is not None), str(tmp_path / name),
+                      quiet=True, weights=tiny_q4_1)
     m = read_manifest(str(tmp_path / "plan"))
     shapes = {p["name"]: (p["dtype"], p["shape"]) for p in m["params"]}
     # gate_up (192 columns, 6 panels): 2 panels on unit 1; down wholly there; embed 5 + 5.
@@ -61,9 +64,11 @@ def test_quantized_plan_matches_unplanned(tmp_path, tiny_q4_1, dense, sparse):
     assert shapes["layers_1_w_down__u1"] == ("uint8", [2, 3, 20, 32])
     assert "layers_1_w_down__u0" not in shapes
     assert shapes["embed__u1"] == ("uint8", [5, 2, 34, 32])
-    # Each unit's slices on the quantized linear of this CPU (int8 dot products with VNNI).
+    # Each unit's slices on this CPU's dequantizing linear: float activations (with int8
+    # ones, split attention's float rounding would grow to a logit: int8_activations).
     assert {k["rule"] for k in m["kernels"] if k["name"].startswith("linear")} == {
-        host_quant_linear_rule()}
+        host_float_quant_linear_rule()}
+    assert not m["exact_attention"]
     art, ref = load_artifact(str(tmp_path / "plan")), load_artifact(str(tmp_path / "ref"))
     prompt = [5, 17, 99, 3, 42]
     parents = [-1, 0, 0, 1]
