@@ -129,8 +129,9 @@ def test_probes_are_the_models_quantized_kernels():
 def test_tune_q4_1_plan_compiles_q4_1_only(tmp_path, cli):
     """`tune --dtype q4_1 --quick` on a Q4_1 file profiles, fits and plans under a q4_1 model
     key; `compile --dtype q4_1 --plan` builds with its fitted cost models, as does `compile
-    --plan` alone (the plan's dtype is the default); a float32 compile of that plan, an unknown --dtype and `tune --kernels --dtype q4_1` get one line, exit 2,
-    nothing written. (The commands run in-process: ``cli``.)"""
+    --plan` alone (the plan's dtype is the default); a float32 compile of that plan, an
+    unknown --dtype and `tune --kernels --dtype q4_1` get one line, exit 2, nothing
+    written. (The commands run in-process: ``cli``.)"""
     from hetcomp.driver.tuning import tune_command
 
     path = tmp_path / "tiny.gguf"

@@ -220,7 +220,6 @@ def test_prefetching_follows_the_cpu():
         if int8_rows is not None:
             out = use_int8_dot_kernels(int8, target)
             assert [r for r in (1, 4, 8) if quant_prefetches(out[f"k{r}"])] == int8_rows, mcpu
-    assert x86.prefetch_for(TARGET) in (x86.INTEL_PREFETCH, x86.ZEN_PREFETCH)
 
 
 @pytest.mark.skipif(x86.LinearRule().tile(TARGET, 1) is None,
