@@ -128,6 +128,12 @@ class PlannerOptions:
     exact_attention : bool
         Cost the fused attention kernel at every width (a build whose linears take int8
         activations; :data:`hetcomp.decoder.FUSED_WIDTHS`).
+    int8_unit : str
+        The unit whose one-unit build runs quantized linears on int8 activations (a CPU with
+        VNNI or sdot, quantized weights; its profile measured ``linear_int8``): planned
+        alone, its linears cost ``linear_int8`` and its attention is exact (as above). A
+        partitioned plan's units dequantize (``hetcomp.driver.compile.int8_activations``):
+        their linears cost ``linear``.
     """
 
     widths: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
@@ -147,6 +153,7 @@ class PlannerOptions:
     fused_linears: bool = False
     # The fused masked attention kernel at every width (int8 activations).
     exact_attention: bool = False
+    int8_unit: str = ""
 
     def draft(self, heads: int) -> DraftShape | None:
         """The draft call's shapes with ``heads`` heads (None when there is no draft)."""
@@ -218,6 +225,9 @@ class Plan:
     # {unit: {"slowdown", "source"}}}`` (see :func:`contention_report`).
     contention: dict | None = None
     shared_memory: bool = False  # every unit shares DRAM with the host: no copies
+    # Costed as a one-unit build on int8 activations (PlannerOptions.int8_unit): its linears
+    # the int8-dot kernels, its attention the fused kernel at every width.
+    int8_linears: bool = False
 
     @property
     def tokens_per_s(self) -> float:
@@ -244,6 +254,7 @@ class Plan:
             "candidates": [c.to_json() for c in self.candidates],
             "tau_source": self.tau_source, "notes": self.notes,
             "contention": self.contention, "shared_memory": self.shared_memory,
+            "int8_linears": self.int8_linears,
         }
 
     @classmethod
@@ -255,7 +266,7 @@ class Plan:
                    Tree.from_json(d["tree"]) if d.get("tree") else None,
                    tuple(WidthChoice.from_json(c) for c in d["candidates"]),
                    d.get("tau_source", ""), d.get("notes", ""), d.get("contention"),
-                   bool(d.get("shared_memory", False)))
+                   bool(d.get("shared_memory", False)), bool(d.get("int8_linears", False)))
 
     def save(self, path: str) -> None:
         write_json(path, self.to_json(), indent=1)
@@ -277,7 +288,7 @@ class _StepModel:
     """Costs ops and whole steps for one set of units (the host is the first unit)."""
 
     def __init__(self, shape: ModelShape, units: Sequence[UnitModel], ratio_steps: int,
-                 contention: bool = True):
+                 contention: bool = True, int8_linears: bool = False):
         if not units:
             raise ValueError("the planner needs at least one unit")
         sources = {u.source for u in units}
@@ -287,6 +298,10 @@ class _StepModel:
         self.shape, self.units, self.host = shape, tuple(units), units[0]
         self.source = sources.pop()
         self.contention = contention
+        if int8_linears and len(units) > 1:
+            raise ValueError("only a one-unit plan runs its linears on int8 activations")
+        # The op class of the linears' kernels (hetcomp.profile.measure.LINEAR_OPS).
+        self.linear_op = "linear_int8" if int8_linears else "linear"
         self.fractions = [tuple(c / ratio_steps for c in comp)
                           for comp in _compositions(len(units), ratio_steps)]
         self._split_cache: dict[tuple[str, int], tuple[float, Split]] = {}
@@ -339,6 +354,10 @@ class _StepModel:
         return tuple((name, (hi - lo) / full)
                      for (name, _), lo, hi in zip(split, bounds[:-1], bounds[1:], strict=True))
 
+    def linear_features(self, kind: str, w: int, frac: float = 1.0) -> Features:
+        """A linear's features as this unit set runs its kernel (:attr:`linear_op`)."""
+        return dataclasses.replace(linear_features(self.shape, kind, w, frac), op=self.linear_op)
+
     def linear_time(self, kind: str, w: int, split: Split) -> float:
         full, k, _ = self.shape.linear_dims(kind)
         by_name = {u.name: u for u in self.units}
@@ -346,7 +365,7 @@ class _StepModel:
         for name, frac in self.columns(kind, split):
             if frac > 0:
                 unit = by_name[name]
-                parts.append((unit, linear_features(self.shape, kind, w, frac)))
+                parts.append((unit, self.linear_features(kind, w, frac)))
                 sync = max(sync, self._sync(unit, _F32 * w * k, _F32 * w * frac * full))
         return self._together(parts) + sync
 
@@ -496,13 +515,14 @@ def plan(shape: ModelShape, units: Sequence[UnitModel], rank_probs=None,
     draft = options.draft_heads
     if draft is None:
         draft = int(np.asarray(rank_probs).shape[0]) if rank_probs is not None else 0
-    sm = _StepModel(shape, units, options.ratio_steps, options.contention)
+    int8 = bool(options.int8_unit) and [u.name for u in units] == [options.int8_unit]
+    sm = _StepModel(shape, units, options.ratio_steps, options.contention, int8)
     cands = []
     for w in options.widths:
         nnz = int(trees[w].mask().sum()) if w in trees else None
         c = sm.step(w, options.cache_len, options.draft(draft), nnz=nnz,
                     device_len=options.device_len, fused_linears=options.fused_linears,
-                    exact_attention=options.exact_attention)
+                    exact_attention=options.exact_attention or int8)
         cands.append(dataclasses.replace(c, tau=taus[w]))
     best = max(cands, key=lambda c: (c.tokens_per_s, -c.width))
     notes = ("estimate from datasheet specs (roofline), not measured"
@@ -512,7 +532,7 @@ def plan(shape: ModelShape, units: Sequence[UnitModel], rank_probs=None,
                 step_s=best.step_s, split=best.split, attention=best.attention,
                 tree=trees.get(best.width), candidates=tuple(cands), tau_source=tau_source,
                 notes=notes, contention=contention_report(sm, best.width),
-                shared_memory=all(u.shared_memory for u in units))
+                shared_memory=all(u.shared_memory for u in units), int8_linears=int8)
 
 
 def contention_report(sm: _StepModel, w: int, kind: str = "gate_up") -> dict:
@@ -520,7 +540,7 @@ def contention_report(sm: _StepModel, w: int, kind: str = "gate_up") -> dict:
     op: ``kind`` at width ``w`` with its columns shared equally by the units."""
     units = sm.units
     frac = 1.0 / len(units)
-    parts = [(u, linear_features(sm.shape, kind, w, frac)) for u in units]
+    parts = [(u, sm.linear_features(kind, w, frac)) for u in units]
     together = sm.corun_times(parts)
     shared = len(units) > 1 and all(u.shared_memory for u in units)
     out = {}
@@ -570,7 +590,8 @@ def predict_step_time(plan_or_units: Plan | Sequence[UnitModel], w: int, cache_l
     """Predicted seconds of one ``verify`` call of ``w`` tree nodes after ``cache_len`` tokens.
 
     With a :class:`Plan`, its decisions at width ``w`` (or its chosen ones, if ``w`` is not a
-    candidate) are costed with ``units`` (the plan's units, in order). With a sequence of
+    candidate) are costed with ``units`` (the plan's units, in order; a plan costed on int8
+    activations, :attr:`Plan.int8_linears`, is again). With a sequence of
     units, the best split and placement for ``w`` are found first. ``draft`` adds the Medusa
     draft call (at ``w > 1``). With a sequence of units, ``split`` (per linear kind) and
     ``attention`` fix those decisions instead (a partition compiled by hand). ``nnz``: the
@@ -592,8 +613,9 @@ def predict_step_time(plan_or_units: Plan | Sequence[UnitModel], w: int, cache_l
             split, attention = dict(p.split), p.attention
         if nnz is None and p.tree is not None and p.tree.width == w:
             nnz = int(p.tree.mask().sum())
-        return _StepModel(shape, units, ratio_steps).step(
-            w, cache_len, draft, split, attention, nnz, device_len, fused_linears).step_s
+        return _StepModel(shape, units, ratio_steps, int8_linears=p.int8_linears).step(
+            w, cache_len, draft, split, attention, nnz, device_len, fused_linears,
+            exact_attention=p.int8_linears).step_s
     return _StepModel(shape, list(plan_or_units), ratio_steps).step(
         w, cache_len, draft, split, attention, nnz, device_len, fused_linears).step_s
 

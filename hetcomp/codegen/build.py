@@ -10,10 +10,11 @@ from ..passes.schedule_units import ScheduleUnits
 from .targets import make_target
 
 
-def schedule_module(mod, target):
+def schedule_module(mod, target, int8_dot: bool = True):
     """Schedule every unscheduled kernel of ``mod`` for ``target`` (kernels alone, outside a
-    model: profiling probes and tests)."""
-    return ScheduleUnits(target)(mod)
+    model: profiling probes and tests); ``int8_dot=False``: quantized linears dequantize, as
+    :func:`build`'s."""
+    return ScheduleUnits(target, int8_dot=int8_dot)(mod)
 
 
 #: The PassContext option under which TVM's RewriteCUDAGraph (in the VM lowering) captures.

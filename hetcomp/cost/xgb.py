@@ -97,11 +97,18 @@ class OpCostModel:
         return cls(d["op"], booster, DeviceSpec(**d["baseline"]), FitReport(**d["report"]))
 
 
+#: The op class an unmeasured one is costed as: the int8-dot linear of a one-unit CPU build
+#: (``hetcomp.profile.measure.LINEAR_OPS``) is the plain linear kernel where a unit has none.
+FALLBACK_OPS = {"linear_int8": "linear"}
+
+
 class UnitCostModel:
     """The cost function of one unit: per-op-class XGBoost models, roofline fallback.
 
     ``source`` is ``"measured"`` for models fitted on profiles; calling it with the features
-    of an op class that was not measured falls back to the roofline of ``baseline``.
+    of an op class that was not measured falls back to the class it specialises
+    (:data:`FALLBACK_OPS`: ``linear_int8`` on a unit that has no int8 kernels runs the
+    ``linear`` one), then to the roofline of ``baseline``.
     """
 
     def __init__(self, unit: str, baseline: DeviceSpec, models: dict[str, OpCostModel],
@@ -110,7 +117,7 @@ class UnitCostModel:
         self._roof = RooflineCost(baseline)
 
     def __call__(self, feat: Features) -> float:
-        model = self.models.get(feat.op)
+        model = self.models.get(feat.op) or self.models.get(FALLBACK_OPS.get(feat.op, ""))
         return model(feat) if model is not None else self._roof(feat)
 
     predict = __call__

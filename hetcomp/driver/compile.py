@@ -383,7 +383,7 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
     replayed = _replayed(heads, tok, cfg.vocab_size, opts.widths, store)
     width, width_source = _default_width(opts, cfg, heads, draft_dtype, device_len, fused,
                                          replayed, exact)
-    cost = _cost_models(opts, cfg, width, heads)
+    cost = _cost_models(opts, cfg, width, heads, int8_linears=exact)
     cost_source = cost.pop("source") if cost else None
     scheduled: list = []
     if opts.plan is not None:
@@ -761,12 +761,14 @@ def target_roofline(target: str, cuda_arch: str = DEFAULT_CUDA_ARCH) -> DeviceSp
     return None
 
 
-def _cost_models(opts: CompileOptions, cfg, width: int, heads=None) -> dict | None:
+def _cost_models(opts: CompileOptions, cfg, width: int, heads=None,
+                 int8_linears: bool = False) -> dict | None:
     """AnnotateCost's arguments (``{"cost_fn", "units", "width", "cache_len"}``, costed at
     the artifact's default width), with where each unit's model comes from (``"source"``,
     popped by the caller): the cost models `tune` fitted beside the plan, else the
     roofline of each unit (the target's for single-unit builds); None without any. The
-    sparse attention kernels are costed over the trees ``heads`` give at each width."""
+    sparse attention kernels are costed over the trees ``heads`` give at each width;
+    ``int8_linears``: the linears as int8-dot kernels (op class ``linear_int8``)."""
     shape = ModelShape.from_config(cfg, opts.dtype, opts.cache_dtype)
     nnz = {} if heads is None else {
         w: int(build_tree(heads.rank_probs, w, heads.ranks).mask().sum()) for w in opts.widths}
@@ -790,7 +792,10 @@ def _cost_models(opts: CompileOptions, cfg, width: int, heads=None) -> dict | No
         model = models.get(unit)
         if model is None:
             return float("nan")
-        return float(model(kernel_features(shape, {"nnz": nnz.get(op["w"]), **op})))
+        feat = kernel_features(shape, {"nnz": nnz.get(op["w"]), **op})
+        if int8_linears and feat.op == "linear":
+            feat = dataclasses.replace(feat, op="linear_int8")
+        return float(model(feat))
 
     return {"cost_fn": cost_fn, "units": tuple(models), "width": width,
             "cache_len": min(256, cfg.max_context // 2), "source": source}

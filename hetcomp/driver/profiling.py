@@ -214,7 +214,7 @@ def plot_profile(rows_by_unit: dict, path: str, model_key: str) -> None:
             # one shape per width: all the columns, the longest cache
             r = max(m.features.r for m in ms)
             cl = max(m.features.cache_len for m in ms)
-            side = 0 if op == "linear" else 1
+            side = 0 if op.startswith("linear") else 1
             n, drawn[side] = drawn[side], drawn[side] + 1
             label = (op if kind in op else kind if op in _KIND_NAMES_OP
                      else f"{op} ({kind})")

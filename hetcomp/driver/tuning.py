@@ -267,13 +267,20 @@ def _tune(out_dir, shape, key, model, present, spec, quick, cache_len, draft, pr
                 say(f"[tune] {n} {r.op:12s} {r.samples:4d} samples, held-out MAPE "
                     f"{_pct(r.holdout_mape)} (alone {_pct(r.holdout_mape_alone)})")
     else:
-        unit_models = spec_unit_models(spec)
+        unit_models, fitted = spec_unit_models(spec), {}
     label = draft["label"]
+    # The unit whose profile timed int8-dot linears builds alone on int8 activations; a
+    # partitioned plan's units dequantize (PlannerOptions.int8_unit).
+    int8_unit = next((n for n, m in fitted.items() if "linear_int8" in m.models), "")
+    if int8_unit:
+        say(f"[tune] {int8_unit} alone: int8-dot linears and exact attention; in a "
+            "partitioned plan its linears dequantize")
     say(f"[tune] planning ({label})")
     # Any measured unit may host the unsplit ops (a GPU can run the whole model); the host
     # of spec-estimate sets stays the first unit named.
+    options = PlannerOptions(cache_len=cache_len, int8_unit=int8_unit, **draft["options"])
     plans = plan_unit_sets(shape, unit_models, rank_probs=draft["rank_probs"],
-                           tau=draft["tau"], options=PlannerOptions(cache_len=cache_len, **draft["options"]),
+                           tau=draft["tau"], options=options,
                            model=key, tau_source=label, any_host=bool(present),
                            ranks=draft["ranks"])
     best = plans[0]

@@ -315,16 +315,37 @@ class ProbeGroup:
     probes: tuple[Probe, ...]
     shared: tuple[tuple[str, tuple], ...] = ()
     gpu_only: bool = False  # kernels only GPU builds run (the CUDA-graph build's attention)
+    # Kernels only a CPU with int8 dot products runs (the int8-dot quantized linears of a
+    # one-unit build): measured only where the unit's probe library has them.
+    int8_only: bool = False
 
     def to_json(self) -> dict:
         return {"desc": self.desc, "probes": [p.to_json() for p in self.probes],
-                "shared": {k: list(v) for k, v in self.shared}, "gpu_only": self.gpu_only}
+                "shared": {k: list(v) for k, v in self.shared}, "gpu_only": self.gpu_only,
+                "int8_only": self.int8_only}
 
     @classmethod
     def from_json(cls, d: dict) -> ProbeGroup:
         return cls(d["desc"], tuple(Probe.from_json(p) for p in d["probes"]),
                    tuple((k, tuple(v)) for k, v in d["shared"].items()),
-                   bool(d.get("gpu_only", False)))
+                   bool(d.get("gpu_only", False)), bool(d.get("int8_only", False)))
+
+
+#: The op classes of linear probes: ``linear`` the kernel every build can run (a quantized
+#: one dequantizing its weights, as every unit of a partitioned plan does); ``linear_int8``
+#: a quantized linear on int8-rounded activations with the CPU's dot-product instructions
+#: (:mod:`hetcomp.schedules.int8_dot`), what a one-unit build of that CPU runs, all columns.
+LINEAR_OPS = ("linear", "linear_int8")
+
+
+def int8_kernels(groups: Iterable[ProbeGroup]) -> frozenset[str]:
+    """The kernels of ``groups`` built with int8 activations (:attr:`ProbeGroup.int8_only`)."""
+    return frozenset(p.func for g in groups if g.int8_only for p in g.probes)
+
+
+def unit_groups(groups: Iterable[ProbeGroup], int8_dot: bool) -> list[ProbeGroup]:
+    """The groups a unit measures: the int8-only ones where its library has them."""
+    return [g for g in groups if int8_dot or not g.int8_only]
 
 
 def linear_args(shape: ModelShape, kind: str, n: int, w: int, wdtype: str,
@@ -356,7 +377,9 @@ def plan_probes(shape: ModelShape, opts: ProfileOptions, wdtype: str = "float32"
     ``wdtype`` a block format (q4_0, q4_1, q8_0): the layers' linear probes are the
     dequantizing kernels of :mod:`hetcomp.kernels.quant` in that format, the LM head's and
     the embedding's in q8_0 (:func:`~hetcomp.quant_format.head_dtype`), as the model runs
-    them. The KV cache's element type is the one ``shape`` records (``kv_bytes``)."""
+    them; each kind also gets an :attr:`~ProbeGroup.int8_only` group of its whole columns
+    (op ``linear_int8``, :data:`LINEAR_OPS`). The KV cache's element type is the one
+    ``shape`` records (``kv_bytes``)."""
     from ..kernels import ops, quant, script_ops
 
     s, ws = shape, opts.widths
@@ -371,13 +394,13 @@ def plan_probes(shape: ModelShape, opts: ProfileOptions, wdtype: str = "float32"
     def fmt(kind):  # the weight format a linear kind is stored in
         return head_dtype(wdtype) if kind == "lm_head" else wdtype
 
-    def linear_kernel(kind, n, w):
+    def linear_kernel(kind, n, w, prefix=""):
         # The width-specialised kernel, as verify_w{W} runs it (exact row tiles).
         _, k, residual = s.linear_dims(kind)
         res = "res_" if residual else ""
         if is_quant(fmt(kind)):
-            return kernel(f"linear_{fmt(kind)}_{res}n{n}_k{k}_w{w}", quant.linear_quant, n, k,
-                          fmt(kind), residual, rows=w)
+            return kernel(f"{prefix}linear_{fmt(kind)}_{res}n{n}_k{k}_w{w}", quant.linear_quant,
+                          n, k, fmt(kind), residual, rows=w)
         return kernel(f"linear_{res}n{n}_k{k}_w{w}", ops.linear, n, k, wdtype, residual,
                       rows=w)
 
@@ -390,6 +413,12 @@ def plan_probes(shape: ModelShape, opts: ProfileOptions, wdtype: str = "float32"
                 probes.append(Probe(f, linear_features(s, kind, w, n / full),
                                     linear_args(s, kind, n, w, fmt(kind), opts.rotate_bytes)))
             groups.append(ProbeGroup(f"linear {kind} n={n}", tuple(probes)))
+        if is_quant(fmt(kind)):  # a one-unit build on int8 activations: all the columns
+            groups.append(ProbeGroup(f"linear_int8 {kind} n={full}", tuple(
+                Probe(linear_kernel(kind, full, w, prefix="int8_"),
+                      dataclasses.replace(linear_features(s, kind, w), op="linear_int8"),
+                      linear_args(s, kind, full, w, fmt(kind), opts.rotate_bytes))
+                for w in ws), int8_only=True))
 
     cache = (("kc", ("rand", (s.layers, s.kv_heads, s.head_dim, s.max_context), kv_dtype, 0.5,
                      1)),
@@ -574,22 +603,53 @@ def probe_target(unit_name: str, cpu_target: str = "host",
     return cpu
 
 
+def has_int8_kernels(target: dict) -> bool:
+    """Whether a unit of ``target`` runs quantized linears on int8 activations in one-unit
+    builds (a CPU with VNNI / sdot: :func:`hetcomp.schedules.int8_dot.has_int8_dot`), so
+    that its probe library has the :attr:`ProbeGroup.int8_only` kernels."""
+    from .._tvm import compiler
+    from ..schedules.int8_dot import has_int8_dot
+
+    return has_int8_dot(compiler().Target(dict(target)))
+
+
+def schedule_probes(target: dict, kernels: dict[str, Callable[[], object]],
+                    int8: frozenset[str] = frozenset()):
+    """The probe kernels as one scheduled IRModule for ``target`` (CPU rules for LLVM
+    targets, GPU rules otherwise: exactly how the model's kernels are scheduled). Quantized
+    linears dequantize, as a partitioned plan's do; those named in ``int8``
+    (:func:`int8_kernels`) take int8 activations where :func:`has_int8_kernels`, and are
+    left out elsewhere."""
+    from .._tvm import compiler
+    from ..codegen.build import schedule_module
+
+    c = compiler()
+    tgt = c.Target(dict(target))
+    with_int8 = has_int8_kernels(target)
+
+    def module(names):
+        return c.IRModule({name: kernels[name]().with_attr("global_symbol", name)
+                           for name in names})
+
+    mod = schedule_module(module([n for n in kernels if n not in int8]), tgt, int8_dot=False)
+    if with_int8 and int8:
+        mod.update(schedule_module(module(sorted(int8)), tgt))
+    return mod
+
+
 def build_probe_library(unit_name: str, target: dict, kernels: dict[str, Callable[[], object]],
-                        progress: Progress | None = None):
-    """Compile every probe kernel for ``target`` into one runtime module (CPU rules for LLVM
-    targets, GPU rules otherwise: exactly how the model's kernels are scheduled)."""
+                        progress: Progress | None = None, int8: frozenset[str] = frozenset()):
+    """Compile the probe kernels for ``target`` into one runtime module
+    (:func:`schedule_probes`)."""
     from .._tvm import compiler
 
     c = compiler()
     say = progress or _stderr
     t0 = time.time()
-    mod = c.IRModule({name: build().with_attr("global_symbol", name)
-                      for name, build in kernels.items()})
-    from ..codegen.build import schedule_module
-
+    mod = schedule_probes(target, kernels, int8)
     tgt = c.Target(dict(target))
-    lib = c.compile(schedule_module(mod, tgt), target=tgt)
-    say(f"[profile {unit_name}] compiled {len(kernels)} probe kernels in "
+    lib = c.compile(mod, target=tgt)
+    say(f"[profile {unit_name}] compiled {len(mod.functions_items())} probe kernels in "
         f"{time.time() - t0:.0f}s")
     return lib
 
@@ -616,11 +676,14 @@ def build_kit(out_dir: str, units: Iterable[str], shape: ModelShape, model: str,
     with output_dir(out_dir, is_kit, "profile kit", force) as tmp:
         libs = {}
         for name, target in targets.items():
-            build_probe_library(name, target, kernels, progress).export_library(
+            build_probe_library(name, target, kernels, progress,
+                                int8_kernels(groups)).export_library(
                 os.path.join(tmp, f"{name}.so"), fcompile=fcompile)
-            # "cpu": what the CPU that loads it must have (a GPU library's host code too)
+            # "cpu": what the CPU that loads it must have (a GPU library's host code too);
+            # "int8_dot": it has the int8-only groups' kernels
             libs[name] = {"target": target, "library": f"{name}.so",
-                          "cpu": cpu_requirements([target])}
+                          "cpu": cpu_requirements([target]),
+                          "int8_dot": has_int8_kernels(target)}
         with open(os.path.join(tmp, "kit.json"), "w") as fh:
             json.dump({"format": KIT_FORMAT, "model": model, "wdtype": wdtype,
                        "shape": dataclasses.asdict(shape), "options": dataclasses.asdict(opts),
@@ -664,6 +727,8 @@ def read_kit(path: str) -> dict:
                 or not isinstance(cpu.get("features"), list)
                 or not all(isinstance(f, str) for f in cpu["features"])):
             raise bad(f"{key}.cpu", "an object with 'arch' and a list of 'features'")
+        if not isinstance(info.get("int8_dot", False), bool):  # (older kits have none)
+            raise bad(f"{key}.int8_dot", "true or false")
     _kit_probes(path, kit)
     return kit
 
@@ -814,9 +879,10 @@ class _Runner:
             w = unpack_linear_weight(packed.astype("float32"))
         x = args[0].numpy()
         res = args[2].numpy() if len(args) == 4 else 0.0
-        # A quantized linear computes with float inputs, or with int8-rounded ones where
-        # compile swaps in the int8-dot kernel (VNNI, sdot): either is right.
-        inputs = [x, int8_rounded(x)] if packed.dtype == np.uint8 else [x]
+        # A linear_int8 probe computes with int8-rounded inputs (or with float ones where its
+        # weight's panels leave the dequantizing kernel in place: int8_dot.eligible); every
+        # other linear with float ones.
+        inputs = [x, int8_rounded(x)] if probe.features.op == "linear_int8" else [x]
         want = [xi @ w.T + res for xi in inputs]
         return min(float(np.abs(got - wi).max() / max(np.abs(wi).max(), 1e-30)) for wi in want)
 
@@ -898,11 +964,11 @@ def measure_groups(unit: Unit, lib, groups: list[ProbeGroup], opts: ProfileOptio
                 synced = p.features.op == "launch" and p.features.kind == "synced"
                 calls.append(_synced(call, dev) if synced else call)
             worst = max((runner.check_linear(p, shared, cache) for p in group.probes
-                         if p.features.op == "linear"), default=0.0)
+                         if p.features.op in LINEAR_OPS), default=0.0)
             if worst > 1e-4:
                 raise HetcompError(f"{group.desc} on {unit.name} differs from numpy (relative "
                                    f"error {worst:.1e}): not measuring a wrong kernel")
-            if any(p.features.op == "linear" for p in group.probes):
+            if any(p.features.op in LINEAR_OPS for p in group.probes):
                 time.sleep(BLAS_PARK_S)  # numpy's BLAS threads spin after the check
             alone = time_calls(calls, opts.min_time_s, opts.rounds, sync=dev.sync)
             timed = [(False, alone)]
@@ -926,7 +992,8 @@ def measure_unit(unit: Unit, shape: ModelShape, opts: ProfileOptions = ProfileOp
                  ) -> list[Measurement]:
     """Compile the probe kernels for ``unit`` here and measure them (the one-machine path)."""
     groups, kernels = plan_probes(shape, opts, wdtype)
-    lib = build_probe_library(unit.name, unit.target, kernels, progress)
+    lib = build_probe_library(unit.name, unit.target, kernels, progress, int8_kernels(groups))
+    groups = unit_groups(groups, has_int8_kernels(unit.target))
     return measure_groups(unit, lib, groups, opts, progress)
 
 
@@ -1058,7 +1125,8 @@ def profile_kit(kit: Kit, db: ProfileDB, units: Iterable[str] | None = None,
                          "measurements": len(db.measurements(digest, model)),
                          "mode": db.complete_mode(digest, model)}
             continue
-        rows = measure_groups(unit, libs[name], groups, opts, progress)
+        int8 = bool(kit.meta["units"][name].get("int8_dot", False))
+        rows = measure_groups(unit, libs[name], unit_groups(groups, int8), opts, progress)
         db.store(unit.to_json(), digest, model, opts.mode, rows)
         out[name] = {"fingerprint": unit.fingerprint.to_json(), "reused": False,
                      "measurements": len(rows), "mode": opts.mode}

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from hetcomp.artifact_format import read_manifest
+from hetcomp.codegen.targets import make_target
 from hetcomp.cost.roofline import ModelShape, dtype_bytes
 from hetcomp.driver.compile import CompileOptions, compile_model
 from hetcomp.errors import HetcompError
@@ -19,6 +20,7 @@ from hetcomp.plan import HeteroPlan, plan_choice
 from hetcomp.quant_format import QuantMatrix
 from hetcomp.runtime import load_artifact
 from hetcomp.runtime.generate import generate
+from hetcomp.schedules.int8_dot import has_int8_dot
 from hetcomp.testing import (
     TINY,
     assert_one_line_error,
@@ -143,6 +145,13 @@ def test_tune_q4_1_plan_compiles_q4_1_only(tmp_path, cli):
     assert ":q4_1:" in summary["model"] and any("linear lm_head" in ln for ln in lines)
     plan = str(tmp_path / "t" / "plan.json")
     assert plan_choice(plan)["dtype"] == "q4_1"
+    # A CPU with int8 dot products: its profile timed the int8-dot kernels beside the
+    # dequantizing ones, and its one-unit plan is costed on them (and on exact attention).
+    int8 = has_int8_dot(make_target("host"))
+    fitted = {r["op"] for r in summary["fit"]["cpu"]}
+    assert {"linear", "linear_int8"} <= fitted if int8 else "linear_int8" not in fitted
+    assert json.loads((tmp_path / "t" / "plan.json").read_text())["int8_linears"] == int8
+    assert any("cpu alone: int8-dot linears" in ln for ln in lines) == int8
     rc, _, err = cli("compile", "--model", path, "--dtype", "q4_1", "--plan", plan,
                          "--max-context", 64, "--quiet", "-o", tmp_path / "a")
     assert rc == 0, err
@@ -150,6 +159,13 @@ def test_tune_q4_1_plan_compiles_q4_1_only(tmp_path, cli):
     assert m["dtype"] == "q4_1" and m["cost_models"]["cpu"].startswith("fitted")
     linear = [k for k in m["kernels"] if k["rule"] == host_quant_linear_rule()]
     assert linear and all(k["predicted_us"] > 0 for k in linear)
+    if int8:  # costed as what they are: the same kernels dequantizing cost linear's model
+        rc, _, err = cli("compile", "--model", path, "--dtype", "q4_1", "--plan", plan,
+                         "--no-int8-dot", "--max-context", 64, "--quiet", "-o", tmp_path / "f")
+        assert rc == 0, err
+        dq = {k["name"]: k["predicted_us"] for k in json.loads(
+            (tmp_path / "f" / "manifest.json").read_text())["kernels"]}
+        assert all(k["predicted_us"] != dq[k["name"]] for k in linear)
     rc, _, err = cli("compile", "--model", path, "--dtype", "float32", "--plan", plan,
                      "-o", tmp_path / "b")
     assert_one_line_error(rc, err, "tuned for --dtype q4_1")
@@ -165,3 +181,55 @@ def test_tune_q4_1_plan_compiles_q4_1_only(tmp_path, cli):
     assert not any((tmp_path / x).exists() for x in "bcd")
     with pytest.raises(HetcompError, match="tuned for --dtype q4_1"):
         CompileOptions(dtype="float16", plan_choice=plan_choice(plan))
+
+
+def test_int8_probes_time_the_int8_dot_kernel_and_the_rest_dequantize():
+    """On a CPU with int8 dot products a one-unit build runs the int8-dot kernel and a
+    partitioned plan's units the dequantizing one, so a q4_1 profile times both: ``linear``
+    (every ratio) is the dequantizing kernel, ``linear_int8`` (all the columns, int8-only
+    groups) the int8-dot one; a unit without them neither builds nor measures those. Each is
+    checked against numpy on its own inputs (float, int8-rounded) before it is timed."""
+    from hetcomp.profile.measure import (
+        ProfileOptions,
+        build_probe_library,
+        int8_kernels,
+        measure_groups,
+        plan_probes,
+        schedule_probes,
+        unit_groups,
+    )
+    from hetcomp.profile.units import detect_unit
+    from hetcomp.schedules.apply import RULE_ATTR
+    from hetcomp.schedules.int8_dot import int8_dot_isa
+
+    shape = ModelShape.from_config(TINY, "q4_1", "float16")
+    opts = dataclasses.replace(ProfileOptions.quick(), widths=(1, 4), cache_lens=(32,),
+                               corun=False, rounds=1, min_time_s=0.001)
+    groups, kernels = plan_probes(shape, opts, "q4_1")
+    int8 = [g for g in groups if g.int8_only]
+    assert sorted(g.desc.split()[1] for g in int8) == sorted(opts.kinds)
+    assert all(p.features.op == "linear_int8" and p.features.r == 1.0
+               for g in int8 for p in g.probes)
+    assert not any(p.features.op == "linear_int8" for g in groups if not g.int8_only
+                   for p in g.probes)
+    assert unit_groups(groups, int8_dot=False) == [g for g in groups if not g.int8_only]
+    chosen = [g for g in groups if g.desc.split()[0] in ("linear", "linear_int8")
+              and g.desc.split()[1] in ("qkv", "lm_head")]
+    used = {p.func: kernels[p.func] for g in chosen for p in g.probes}
+    names = int8_kernels(chosen)
+    assert names and names < set(used)
+    # A CPU without the instructions: every linear dequantizes, the int8 ones are left out.
+    plain = schedule_probes({"kind": "llvm"}, used, names)
+    assert {gv.name_hint for gv, _ in plain.functions_items()} == set(used) - names
+    isa = int8_dot_isa(make_target("host"))
+    if isa is None:
+        pytest.skip("this CPU has no int8 dot product (VNNI + VBMI, or NEON dotprod)")
+    rules = {gv.name_hint: str(f.attrs[RULE_ATTR])
+             for gv, f in schedule_probes(HOST, used, names).functions_items()}
+    assert {rules[n] for n in names} == {isa.rule}
+    assert {rules[n] for n in set(used) - names} == {host_float_quant_linear_rule()}
+    lib = build_probe_library("cpu", HOST, used, progress=lambda s: None, int8=names)
+    rows = measure_groups(detect_unit("cpu", target=HOST), lib, unit_groups(chosen, True),
+                          opts, progress=lambda s: None)
+    assert {r.features.op for r in rows} == {"linear", "linear_int8"}
+    assert len(rows) == sum(len(g.probes) for g in chosen)

@@ -227,6 +227,8 @@ def test_xgb_fit_heldout_error_small(tmp_path):
     f = linear_features(SHAPE, "gate_up", 24, 0.625, True)
     truth = (max(f.bytes / 20e9, f.flops / 30e9) + 5e-6) * 1.6
     assert abs(model(f) - truth) / truth < 0.25
+    # An int8-dot linear on a unit that has none (never measured) costs its linear kernel.
+    assert model(dataclasses.replace(f, op="linear_int8")) == model(f)
     # Serialisable (JSON and UBJ boosters): identical predictions after a round trip.
     feats = [m.features for m in rows[::7]]
     for raw in ("json", "ubj"):
@@ -263,6 +265,47 @@ def test_split_ratio_analytic_optimum():
         assert p.split_ratio(kind) == {"A": pytest.approx(0.75), "B": pytest.approx(0.25)}
     lm = dict(p.candidates[0].breakdown)["lm_head"]
     assert lm == pytest.approx(0.75 * SHAPE.vocab * 1e-6)
+
+
+def test_one_unit_int8_plan_costs_int8_linears_and_a_partitioned_one_dequantizes():
+    """A CPU whose one-unit build runs quantized linears on int8 activations
+    (``int8_unit``): planned alone, its linears cost ``linear_int8`` and its attention the
+    fused kernel at every width; with another unit, every unit's linears cost ``linear``
+    (the dequantizing kernel a partitioned plan runs) and attention is split. The plan
+    records it, and costing the plan again (``predict_step_time``) gives its step."""
+    asked = []
+
+    def cost(name, int8_s, plain_s):
+        def f(feat):
+            asked.append((name, feat.op))
+            if feat.op in ("linear", "linear_int8"):
+                return feat.n * (int8_s if feat.op == "linear_int8" else plain_s)
+            return 1e-6
+        return f
+
+    cpu = UnitModel("cpu", cost("cpu", 1e-7, 2e-7))
+    gpu = UnitModel("gpu", cost("gpu", 1e-7, 1e-7))
+    opts = PlannerOptions(widths=(1, 16), int8_unit="cpu")
+    alone = plan(SHAPE, [cpu], tau={1: 1.0, 16: 2.0}, options=opts)
+    assert alone.int8_linears
+    ops = {op for _, op in asked}
+    assert "linear_int8" in ops and "linear" not in ops
+    assert "attention" in ops and not set(SPLIT_ATTENTION) & ops  # exact: fused at W = 16
+    # the linears at the int8 kernel's cost: half the dequantizing one's
+    plain = plan(SHAPE, [cpu], tau={1: 1.0, 16: 2.0}, options=PlannerOptions(widths=(1, 16)))
+    assert not plain.int8_linears
+    int8_s, plain_s = (dict(p.choice(1).breakdown) for p in (alone, plain))
+    assert [int8_s[k] for k in LINEAR_KINDS] == pytest.approx(
+        [plain_s[k] / 2 for k in LINEAR_KINDS])
+    asked.clear()
+    both = plan(SHAPE, [cpu, gpu], tau={1: 1.0, 16: 2.0}, options=opts)
+    assert not both.int8_linears
+    assert {op for u, op in asked if op.startswith("linear")} == {"linear"}
+    assert {u for u, op in asked if op == "linear"} == {"cpu", "gpu"}
+    again = Plan.from_json(json.loads(json.dumps(alone.to_json())))
+    assert again.int8_linears
+    assert predict_step_time(again, alone.width, alone.cache_len, shape=SHAPE,
+                             units=[cpu]) == pytest.approx(alone.step_s)
 
 
 def test_sync_cost_keeps_small_ops_on_host():
@@ -752,6 +795,7 @@ def test_read_kit_checks_every_key(tmp_path, tiny_kit, cli):
         "'units.cpu.target'": lambda k: k["units"]["cpu"].pop("target"),
         "'units.cuda.library'": lambda k: k["units"]["cuda"].update(library="../cuda.so"),
         "'units.cpu.cpu'": lambda k: k["units"]["cpu"].update(cpu={"arch": "x86_64"}),
+        "'units.cpu.int8_dot'": lambda k: k["units"]["cpu"].update(int8_dot="yes"),
         "'units'": lambda k: k.update(units=["cpu"]),
         "'options'": lambda k: k.pop("options"),
         "'options' ": lambda k: k["options"].update(mode="slow"),
