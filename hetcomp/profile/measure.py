@@ -315,8 +315,9 @@ class ProbeGroup:
     probes: tuple[Probe, ...]
     shared: tuple[tuple[str, tuple], ...] = ()
     gpu_only: bool = False  # kernels only GPU builds run (the CUDA-graph build's attention)
-    # Kernels only a CPU with int8 dot products runs (the int8-dot quantized linears of a
-    # one-unit build): measured only where the unit's probe library has them.
+    # Kernels only a one-unit build on int8 activations runs (a CPU with int8 dot products:
+    # the int8-dot quantized linears, the fused attention at every width): measured only
+    # where the unit's probe library has them.
     int8_only: bool = False
 
     def to_json(self) -> dict:
@@ -339,7 +340,8 @@ LINEAR_OPS = ("linear", "linear_int8")
 
 
 def int8_kernels(groups: Iterable[ProbeGroup]) -> frozenset[str]:
-    """The kernels of ``groups`` built with int8 activations (:attr:`ProbeGroup.int8_only`)."""
+    """The kernels of ``groups`` that only an int8 build runs (:attr:`ProbeGroup.int8_only`);
+    quantized linears among them take int8 activations."""
     return frozenset(p.func for g in groups if g.int8_only for p in g.probes)
 
 
@@ -424,7 +426,7 @@ def plan_probes(shape: ModelShape, opts: ProfileOptions, wdtype: str = "float32"
                      1)),
              ("vc", ("rand", (s.layers, s.kv_heads, s.max_context, s.head_dim), kv_dtype, 0.5,
                      1)))
-    groups += attention_probes(s, opts, kernel, cache)
+    groups += attention_probes(s, opts, kernel, cache, exact=is_quant(wdtype))
 
     f = kernel("rope_kv", script_ops.rope_kv, s.heads, s.kv_heads, s.head_dim, s.layers,
                s.max_context, kv_dtype=kv_dtype)
@@ -509,11 +511,14 @@ def probe_tree(width: int) -> Tree:
                 (1.0,) * width)
 
 
-def attention_probes(s: ModelShape, opts: ProfileOptions, kernel, cache) -> list[ProbeGroup]:
+def attention_probes(s: ModelShape, opts: ProfileOptions, kernel, cache, exact: bool = False
+                     ) -> list[ProbeGroup]:
     """The attention kernels at the widths verify runs each (:mod:`hetcomp.decoder`): the
     fused masked kernel at the fused widths, the dense part (per cache length), the sparse
     part (over :func:`probe_tree`) and the merge at the others; on GPUs also the CUDA-graph
-    build's ``tree_attention`` at every width."""
+    build's ``tree_attention`` at every width. ``exact`` (quantized weights): also the fused
+    kernel at the other widths, where a one-unit build on int8 activations runs it
+    (:attr:`ProbeGroup.int8_only`)."""
     from ..kernels import ops, script_ops, sparse_attention
 
     h, g, d, nl, c = s.heads, s.kv_heads, s.head_dim, s.layers, s.max_context
@@ -527,15 +532,16 @@ def attention_probes(s: ModelShape, opts: ProfileOptions, kernel, cache) -> list
 
     fused = [w for w in opts.widths if w in FUSED_WIDTHS]
     split = [w for w in opts.widths if w not in FUSED_WIDTHS]
-    fused_probes, dense_probes = [], []
+    fused_probes, exact_probes, dense_probes = [], [], []
     for cl in sorted(opts.cache_lens):
-        for w in fused:
+        for w in fused + (split if exact else []):
             if cl + w <= c:
                 f = kernel(f"attention_w{w}", ops.attention, h, g, d, nl, c, rows=w,
                            kv_dtype=kv)
-                fused_probes.append(Probe(f, attention_features(s, w, cl), (
-                    q(w), ("shared", "kc"), ("shared", "vc"), ("tril", w), ("mod", nl),
-                    ("int", cl), ("zeros", (w, h, d), "float32"))))
+                (fused_probes if w in fused else exact_probes).append(Probe(
+                    f, attention_features(s, w, cl), (
+                        q(w), ("shared", "kc"), ("shared", "vc"), ("tril", w), ("mod", nl),
+                        ("int", cl), ("zeros", (w, h, d), "float32"))))
         for w in split:
             if cl + w <= c:
                 f = kernel(f"attention_dense_w{w}", ops.attention, h, g, d, nl, c, rows=w,
@@ -569,6 +575,9 @@ def attention_probes(s: ModelShape, opts: ProfileOptions, kernel, cache) -> list
         ("mod", nl), ("zeros", (w, h, d), "float32")))
         for cl in sorted(opts.cache_lens) for w in opts.widths if cl + w <= c]
     groups = [ProbeGroup("attention (fused)", tuple(fused_probes), cache)] if fused_probes else []
+    if exact_probes:
+        groups.append(ProbeGroup("attention (fused, exact builds)", tuple(exact_probes), cache,
+                                 int8_only=True))
     if device_probes:
         groups.append(ProbeGroup("tree_attention (CUDA-graph build)", tuple(device_probes),
                                  cache, gpu_only=True))

@@ -187,8 +187,9 @@ def test_int8_probes_time_the_int8_dot_kernel_and_the_rest_dequantize():
     """On a CPU with int8 dot products a one-unit build runs the int8-dot kernel and a
     partitioned plan's units the dequantizing one, so a q4_1 profile times both: ``linear``
     (every ratio) is the dequantizing kernel, ``linear_int8`` (all the columns, int8-only
-    groups) the int8-dot one; a unit without them neither builds nor measures those. Each is
-    checked against numpy on its own inputs (float, int8-rounded) before it is timed."""
+    groups) the int8-dot one, and the fused attention such a build verifies with at every
+    width; a unit without them neither builds nor measures those. Each linear is checked
+    against numpy on its own inputs (float, int8-rounded) before it is timed."""
     from hetcomp.profile.measure import (
         ProfileOptions,
         build_probe_library,
@@ -207,9 +208,14 @@ def test_int8_probes_time_the_int8_dot_kernel_and_the_rest_dequantize():
                                corun=False, rounds=1, min_time_s=0.001)
     groups, kernels = plan_probes(shape, opts, "q4_1")
     int8 = [g for g in groups if g.int8_only]
-    assert sorted(g.desc.split()[1] for g in int8) == sorted(opts.kinds)
+    linears = [g for g in int8 if g.desc.startswith("linear_int8 ")]
+    assert sorted(g.desc.split()[1] for g in linears) == sorted(opts.kinds)
     assert all(p.features.op == "linear_int8" and p.features.r == 1.0
-               for g in int8 for p in g.probes)
+               for g in linears for p in g.probes)
+    # ... and the fused attention kernel at the widths other builds split (W = 4 here)
+    (exact,) = [g for g in int8 if g not in linears]
+    assert {(p.features.op, p.features.w, p.func) for p in exact.probes} == {
+        ("attention", 4, "attention_w4")}
     assert not any(p.features.op == "linear_int8" for g in groups if not g.int8_only
                    for p in g.probes)
     assert unit_groups(groups, int8_dot=False) == [g for g in groups if not g.int8_only]
