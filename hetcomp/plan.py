@@ -365,10 +365,11 @@ def _check_tree(tree, width: int) -> None:
 
 def plan_choice(path: str) -> dict | None:
     """What a ``plan.json`` of `hetcomp tune` decided beyond the partition: ``{"width",
-    "tree", "source", "units", "cost_dir", "model", "dtype", "shape_digest"}`` (``tree``: the
-    tree's JSON or None; ``cost_dir``: the fitted cost models `tune` wrote beside it, or None;
-    ``model``, ``dtype``, ``shape_digest``: the parts of its model key
-    ``name:dtype:digest``, or None); None for a bare HeteroPlan."""
+    "tree", "source", "units", "cost_dir", "model", "dtype", "shape_digest",
+    "int8_linears"}`` (``tree``: the tree's JSON or None; ``cost_dir``: the fitted cost models
+    `tune` wrote beside it, or None; ``model``, ``dtype``, ``shape_digest``: the parts of its
+    model key ``name:dtype:digest``, or None; ``int8_linears``: whether it was costed on
+    int8-dot linears, None for a plan that does not say); None for a bare HeteroPlan."""
     data = _read_json(path)
     if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
         return None
@@ -385,6 +386,8 @@ def plan_choice(path: str) -> dict | None:
                 "cost_dir": cost_dir if os.path.isdir(cost_dir) else None,
                 "model": key[0] if len(key) == 3 else None,
                 "dtype": key[1] if len(key) == 3 else None,
-                "shape_digest": key[2] if len(key) == 3 else None}
+                "shape_digest": key[2] if len(key) == 3 else None,
+                "int8_linears": (None if data.get("int8_linears") is None
+                                 else bool(data["int8_linears"]))}
     except (ValueError, KeyError, TypeError) as e:
         raise HetcompError(f"cannot read plan {path}: {type(e).__name__}: {e}") from None

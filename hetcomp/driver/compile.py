@@ -372,6 +372,11 @@ def compile_model(opts: CompileOptions, out_dir: str, quiet: bool = False, weigh
     # Linears on int8 activations: every verify's attention the fused kernel, so that a
     # tree row computes what sequential decoding computes (decoder.FUSED_WIDTHS).
     exact = int8_activations(opts, target)
+    planned = (opts.plan_choice or {}).get("int8_linears")
+    if planned is not None and planned != exact and not quiet:
+        kinds = {True: "int8-dot linears", False: "dequantizing linears"}
+        print(f"note: the plan's width was chosen for {kinds[planned]} (tune profiled them); "
+              f"this build runs {kinds[exact]}", file=sys.stderr, flush=True)
     mod = build_module(cfg, opts.dtype, heads.num_heads if heads else 0, static_widths=widths,
                        medusa_root=root, draft_dtype=draft_dtype, draft_vocab=draft_vocab,
                        prefill_chunk=PREFILL_CHUNK, kv_dtype=opts.cache_dtype,
