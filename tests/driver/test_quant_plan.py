@@ -90,23 +90,26 @@ def test_quantized_plan_matches_unplanned(tmp_path, tiny_q4_1, dense, sparse):
         assert generate(art, p, max_new_tokens=16, stop_at_eos=False).ids == seq
 
 
+def _tiny_q4_1_probes():
+    """Quick profile options (W = 1, 4; one 32-token cache; no co-run) and the probe groups
+    and kernels of TINY in q4_1 with a float16 cache."""
+    from hetcomp.profile.measure import ProfileOptions, plan_probes
+
+    shape = ModelShape.from_config(TINY, "q4_1", "float16")
+    opts = dataclasses.replace(ProfileOptions.quick(), widths=(1, 4), cache_lens=(32,),
+                               corun=False, rounds=1, min_time_s=0.001)
+    return (opts, *plan_probes(shape, opts, "q4_1"))
+
+
 def test_probes_are_the_models_quantized_kernels():
     """A q4_1 profile measures what a q4_1 model runs: q4_1 layer linears, the q8_0 LM head
     and embedding, a float16 KV cache; each linear probe is checked against numpy (gguf's
     dequantize; with int8-rounded inputs where the int8-dot kernel runs) before it is timed,
     and its features count the format's bytes."""
-    from hetcomp.profile.measure import (
-        ProfileOptions,
-        build_probe_library,
-        measure_groups,
-        plan_probes,
-    )
+    from hetcomp.profile.measure import build_probe_library, measure_groups
     from hetcomp.profile.units import detect_unit
 
-    shape = ModelShape.from_config(TINY, "q4_1", "float16")
-    opts = dataclasses.replace(ProfileOptions.quick(), widths=(1, 4), cache_lens=(32,),
-                               corun=False, rounds=1, min_time_s=0.001)
-    groups, kernels = plan_probes(shape, opts, "q4_1")
+    opts, groups, kernels = _tiny_q4_1_probes()
     built = {name: build() for name, build in kernels.items()}
     qtypes = {name: str(f.attrs["hetcomp.qtype"]) for name, f in built.items()
               if "hetcomp.qtype" in f.attrs}
@@ -193,11 +196,9 @@ def test_int8_probes_time_the_int8_dot_kernel_and_the_rest_dequantize():
     width; a unit without them neither builds nor measures those. Each linear is checked
     against numpy on its own inputs (float, int8-rounded) before it is timed."""
     from hetcomp.profile.measure import (
-        ProfileOptions,
         build_probe_library,
         int8_kernels,
         measure_groups,
-        plan_probes,
         schedule_probes,
         unit_groups,
     )
@@ -205,10 +206,7 @@ def test_int8_probes_time_the_int8_dot_kernel_and_the_rest_dequantize():
     from hetcomp.schedules.apply import RULE_ATTR
     from hetcomp.schedules.int8_dot import int8_dot_isa
 
-    shape = ModelShape.from_config(TINY, "q4_1", "float16")
-    opts = dataclasses.replace(ProfileOptions.quick(), widths=(1, 4), cache_lens=(32,),
-                               corun=False, rounds=1, min_time_s=0.001)
-    groups, kernels = plan_probes(shape, opts, "q4_1")
+    opts, groups, kernels = _tiny_q4_1_probes()
     int8 = [g for g in groups if g.int8_only]
     linears = [g for g in int8 if g.desc.startswith("linear_int8 ")]
     assert sorted(g.desc.split()[1] for g in linears) == sorted(opts.kinds)
