@@ -631,10 +631,11 @@ def schedule_probes(target: dict, kernels: dict[str, Callable[[], object]],
     left out elsewhere."""
     from .._tvm import compiler
     from ..codegen.build import schedule_module
+    from ..schedules.int8_dot import has_int8_dot
 
     c = compiler()
     tgt = c.Target(dict(target))
-    with_int8 = has_int8_kernels(target)
+    with_int8 = has_int8_dot(tgt)  # (has_int8_kernels, on the Target already made)
 
     def module(names):
         return c.IRModule({name: kernels[name]().with_attr("global_symbol", name)
