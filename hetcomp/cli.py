@@ -354,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "kernel (default: inside the linear's kernel beside it)")
     c.add_argument("--no-tensor-cores", action="store_true",
                    help="--target cuda: every linear on the CUDA cores (default: float16 "
-                        "linears of 16-64 rows on tensor cores, sm_70 and later)")
+                        "and block-quantized linears of 16-64 rows on tensor cores, sm_70 "
+                        "and later)")
     c.add_argument("--no-int8-dot", action="store_true",
                    help="quantized --dtype: dequantize the weights into float32 FMAs on every "
                         "CPU (default: where the target has AVX-512 VNNI or NEON dotprod, int8 "

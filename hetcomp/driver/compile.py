@@ -137,9 +137,10 @@ class CompileOptions:
     # True on a CPU runs the fused kernels unscheduled there (the CPU rules do not take them
     # yet): slow, for tests of the fused model's numerics.
     fuse_linears: bool | None = None
-    # --target cuda: float16 linears at static widths of 16-64 rows (the wide verify steps,
-    # the prefill chunk) on tensor cores (gpu.TensorCoreLinear, sm_70 and later). False:
-    # every linear on the CUDA cores (split K), as before.
+    # --target cuda: float16 and block-quantized linears at static widths of 16-64 rows (the
+    # wide verify steps, the prefill chunk) on tensor cores (gpu.TensorCoreLinear,
+    # gpu.QuantTensorCoreLinear; sm_70 and later). False: every linear on the CUDA cores
+    # (split K), as before.
     tensor_cores: bool = True
     # Quantized weights on a CPU with AVX-512 VNNI and VBMI or NEON dotprod: each linear
     # quantizes its input rows to int8 per 32-weight block and sums blocks on integer dot

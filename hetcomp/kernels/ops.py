@@ -166,13 +166,30 @@ def linear(n: int, k: int, wdtype: str, residual: bool = False, rows: int | None
 
 
 def _split_dot(x, gamma, wp, w, k: int, b: int):
-    """:func:`linear`'s ``dot`` for ``split_x`` and the rows' scales: blocks ``x_max`` (each
-    row's largest magnitude) and ``x_split`` (``[2w, k]`` float16, the hi rows then the lo
-    rows of x over it), a reduction over (term, k)."""
+    """:func:`linear`'s ``dot`` for ``split_x`` and the rows' scales (:func:`split_rows`),
+    a reduction over (term, k)."""
+    te = compiler().te
+    if wp.dtype != "float16":
+        raise ValueError("split_x needs float16 weights and a static width")
+    xs, x_max = split_rows(x, gamma, w, k)
+    rows = int(w)
+    term, r = te.reduce_axis((0, 2), name="s"), te.reduce_axis((0, k), name="k")
+
+    def dot(i, col):
+        return te.sum(xs[term * rows + i, r].astype("float32")
+                      * wp[col // b, r, col % b].astype("float32"), axis=[term, r])
+
+    return dot, x_max
+
+
+def split_rows(x, gamma, w, k: int):
+    """The blocks ``x_max`` (each row's largest magnitude) and ``x_split`` (``[2w, k]``
+    float16, the hi rows then the lo rows of x (times gamma) over it) of a tensor-core
+    linear: ``(x_split, x_max)``. The width ``w`` must be static."""
     c = compiler()
     te, tir = c.te, c.tir
-    if not isinstance(w, c.tir.IntImm) or wp.dtype != "float16":
-        raise ValueError("split_x needs float16 weights and a static width")
+    if not isinstance(w, c.tir.IntImm):  # a symbolic width: a value, not a type, is wrong
+        raise ValueError("split_x needs a static width")  # noqa: TRY004
     rows = int(w)
 
     def value(i, kk):
@@ -185,18 +202,17 @@ def _split_dot(x, gamma, wp, w, k: int, b: int):
 
     def split(row, kk):
         i = row % rows
-        v = value(i, kk) / x_max[i]
-        hi = v.astype("float16")
-        return tir.Select(row < rows, hi, (v - hi.astype("float32")).astype("float16"))
+        return hi_lo(value(i, kk) / x_max[i], row < rows)
 
-    xs = te.compute((2 * rows, k), split, name="x_split")
-    term, r = te.reduce_axis((0, 2), name="s"), te.reduce_axis((0, k), name="k")
+    return te.compute((2 * rows, k), split, name="x_split"), x_max
 
-    def dot(i, col):
-        return te.sum(xs[term * rows + i, r].astype("float32")
-                      * wp[col // b, r, col % b].astype("float32"), axis=[term, r])
 
-    return dot, x_max
+def hi_lo(v, hi):
+    """``f16(v)`` where ``hi``, else ``f16(v - f16(v))``: a float32 value as the sum of two
+    float16 terms (~22 bits of it)."""
+    tir = compiler().tir
+    h = v.astype("float16")
+    return tir.Select(hi, h, (v - h.astype("float32")).astype("float16"))
 
 
 def fused_epilogue(mm, x, k: int, norm_eps: float | None, activation: str | None, b_in):

@@ -20,8 +20,10 @@ from .ops import (
     fused_attrs,
     fused_epilogue,
     fused_form,
+    hi_lo,
     pack_block,
     scaled,
+    split_rows,
 )
 
 _QUANTS_AT = {"q4_0": 2, "q4_1": 4, "q8_0": 2}
@@ -72,7 +74,7 @@ FACTORED_MAX_ROWS = 2
 
 def linear_quant(n: int, k: int, qtype: str, residual: bool = False, rows: int | None = None,
                  norm_eps: float | None = None, activation: str | None = None,
-                 bias: bool = False):
+                 bias: bool = False, split_x: bool = False):
     """``y[w, n] = x[w, k] @ W.T (+ r[w, n])`` with W in ``qtype`` blocks, packed
     ``[n // B, k // 32, bytes, B]`` (module doc); fp32 accumulation.
 
@@ -88,6 +90,14 @@ def linear_quant(n: int, k: int, qtype: str, residual: bool = False, rows: int |
     ``epilogue``), x times gamma wherever x is read. A gated kernel's per-column stages are
     ``[2, n / 2, ...]`` like its ``matmul``: half 0 the gate columns, half 1 the up columns,
     so a schedule can decode a half's scale inside the loop over halves.
+
+    ``split_x`` (a static width: what tensor cores multiply): :func:`hetcomp.kernels.ops.
+    linear`'s ``split_x`` form on dequantized weights. x goes in as float16 hi and lo terms
+    over its rows' largest magnitudes (blocks ``x_max``, ``x_split``), each weight ``d q +
+    m`` (float32, as the other forms compute it) as float16 hi and lo terms (block
+    ``w_split``, ``[2, k, cols]``); ``matmul_raw`` sums the four products in float32 and
+    ``matmul`` scales them back: both operands kept to ~22 bits, where float16 weights
+    would round each dequantized weight by up to 2^-12 of itself.
     """
     c = compiler()
     te, tir, b = c.te, c.tir, pack_block(n)
@@ -116,7 +126,11 @@ def linear_quant(n: int, k: int, qtype: str, residual: bool = False, rows: int |
     if qtype == "q4_1":
         mins = te.compute((*cols, nkb), lambda *a: half(col(a[:-1]) // b, a[-1], 2,
                                                         col(a[:-1]) % b), name="min")
-    if rows is not None and rows <= FACTORED_MAX_ROWS:
+    if split_x:
+        y = _split_matmul(x, gamma, w, k, cols, lambda kk, c_idx: weight(
+            col(c_idx), kk, scale[(*c_idx, kk // QK)],
+            None if mins is None else mins[(*c_idx, kk // QK)]))
+    elif rows is not None and rows <= FACTORED_MAX_ROWS:
         rt = te.reduce_axis((0, QK), name="t")
         inner = te.compute((w, *cols, nkb), lambda i, *a: te.sum(
             xin(i, a[-1] * QK + rt) * quant(col(a[:-1]), a[-1], rt), axis=rt), name="inner")
@@ -153,6 +167,24 @@ def linear_quant(n: int, k: int, qtype: str, residual: bool = False, rows: int |
         args.append(res)
     func = te.create_prim_func([*args, y], index_dtype_override="int64")
     return _finish(func, "linear", n=n, k=k, block=b, residual=int(residual), qtype=qtype)
+
+
+def _split_matmul(x, gamma, w, k: int, cols: tuple, weight):
+    """:func:`linear_quant`'s ``split_x`` blocks ``x_max``, ``x_split``, ``w_split``,
+    ``matmul_raw`` and ``matmul`` (``[w, *cols]``); ``weight(kk, c_idx)`` the dequantized
+    weight of row ``kk``, column index ``c_idx``."""
+    te = compiler().te
+    xs, x_max = split_rows(x, gamma, w, k)
+    rows = int(w)
+    ws = te.compute((2, k, *cols), lambda u, kk, *c_idx: hi_lo(weight(kk, c_idx), u == 0),
+                    name="w_split")
+    s, u, r = (te.reduce_axis((0, 2), name="s"), te.reduce_axis((0, 2), name="u"),
+               te.reduce_axis((0, k), name="k"))
+    raw = te.compute((rows, *cols), lambda i, *c_idx: te.sum(
+        xs[s * rows + i, r].astype("float32") * ws[(u, r, *c_idx)].astype("float32"),
+        axis=[s, u, r]), name="matmul_raw")
+    return te.compute((rows, *cols), lambda i, *c_idx: raw[(i, *c_idx)] * x_max[i],
+                      name="matmul")
 
 
 def embed_quant(vocab: int, hidden: int, qtype: str, rows: int | None = None,

@@ -60,8 +60,9 @@ def scheduling_pipeline(target, plan: HeteroPlan | None = None, cost_fn=None,
                         tensor_cores: bool = True, int8_dot: bool = True):
     """Phases 1-6 of :func:`lowering_pipeline`: the module with every kernel scheduled.
     ``fuse_linears``: None fuses where :func:`fuses_linears` says. ``tensor_cores=False``:
-    no GPU linear on tensor cores (``gpu.TensorCoreLinear``). ``int8_dot=False``: no
-    quantized linear on int8 dot products (``x86/arm.Int8DotLinear``)."""
+    no GPU linear on tensor cores (``gpu.TensorCoreLinear``, ``gpu.QuantTensorCoreLinear``).
+    ``int8_dot=False``: no quantized linear on int8 dot products (``x86/arm.Int8DotLinear``).
+    """
     relax = _c.relax
     tr = relax.transform
     if fuse_linears is None:

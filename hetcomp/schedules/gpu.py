@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from .._tvm import compiler
 from ..hardware import base_cuda_arch
-from ..kernels import ops
+from ..kernels import ops, quant
 from ..kernels.ops import OP_KIND, is_fused_linear
 from ..kernels.script_ops import for_gpu
 from ..kernels.sparse_attention import SPARSE_KIND
@@ -528,7 +528,7 @@ class TensorCoreLinearRule(_BASE):
         fits = [t for t in (8, 4, 2, 1) if t <= self.max_slices and k % (16 * t) == 0
                 # x's hi and lo terms (float16) and the partials (float32) per warp, and a
                 # fused norm's sums of squares
-                and 64 * t * rows * (1 + halves * tiles) + 4 * rows <= self.shared_bytes]
+                and self._shared(rows, halves * tiles, t, 1) <= self.shared_bytes]
         if not fits or not self.fewest_rounds:
             return fits[0] if fits else None
         return min(fits, key=lambda t: (self.staging_rounds(rows, halves, k, tiles, t), -t))
@@ -545,24 +545,51 @@ class TensorCoreLinearRule(_BASE):
             return 1, 1
         steps, frags = k // (16 * slices), tiles * halves
         # A thread holds 8 registers of each 16x16 float32 accumulator, 4 of each float16
-        # fragment of W.
+        # fragment of W (a W staged in shared memory: as many of its decoded weights, 8 a
+        # lane and fragment, each a hi and lo term, as nvcc's unrolled decoding keeps live).
         room = (self.fragment_regs - 8 * frags * rows // 16) // (4 * frags)
-        depth = max(d for d in range(1, steps + 1) if steps % d == 0 and d <= max(1, room))
+        depth = max(d for d in range(1, steps + 1) if steps % d == 0 and d <= max(1, room)
+                    and (not self.w_shared
+                         or self._shared(rows, frags, slices, d) <= self.shared_bytes))
         x_depth = max(d for d in range(1, depth + 1) if depth % d == 0 and (
-            64 * slices * rows * (d + frags) + 4 * rows <= self.shared_bytes))
+            self._shared(rows, frags, slices, d) <= self.shared_bytes))
         return depth, x_depth
 
+    #: Whether W's terms are staged in shared memory (a quantized W, dequantized there).
+    w_shared = False
+
+    def _shared(self, rows: int, frags: int, slices: int, steps: int) -> int:
+        """Shared-memory bytes of a block staging ``steps`` k steps a round: x's terms
+        (float16 hi and lo) and the partials (float32) per warp, a fused norm's sums of
+        squares, and where W is staged there, its terms (1 KB a 16 x 16 fragment)."""
+        w = 1024 * slices * steps * frags if self.w_shared else 0
+        return 64 * slices * rows * (steps + frags) + 4 * rows + w
+
+    def takes(self, func) -> bool:
+        """Whether ``func``'s weights are this rule's: float16 (not block-quantized)."""
+        norm = "hetcomp.norm_eps" in func.attrs
+        return ("hetcomp.qtype" not in func.attrs
+                and str(func.params[2 if norm else 1].dtype) == "float16")
+
+    def split_form(self, attrs, rows: int):
+        """The ``split_x`` form of the kernel with ``attrs``: the same arguments, x (and,
+        quantized, W) as float16 hi and lo terms."""
+        norm = "hetcomp.norm_eps" in attrs
+        activation = str(attrs["hetcomp.activation"]) if "hetcomp.activation" in attrs else None
+        return ops.linear(int(attrs["hetcomp.n"]), int(attrs["hetcomp.k"]), "float16",
+                          bool(int(attrs.get("hetcomp.residual", 0))), rows,
+                          float(attrs["hetcomp.norm_eps"]) if norm else None, activation,
+                          "hetcomp.bias" in attrs, split_x=True)
+
     def apply(self, func, target, tunable):
-        if (_gpu_kind(func, target) != "linear" or "hetcomp.qtype" in func.attrs
-                or target.kind.name != "cuda" or _sm(target) < 70):
+        if (_gpu_kind(func, target) != "linear" or target.kind.name != "cuda"
+                or _sm(target) < 70 or not self.takes(func)):
             return None
         c = compiler()
         attrs = func.attrs
-        norm = "hetcomp.norm_eps" in attrs
-        activation = str(attrs["hetcomp.activation"]) if "hetcomp.activation" in attrs else None
+        activation = "hetcomp.activation" in attrs
         rows = func.params[0].shape[0]  # x (a Buffer is a typed Var in 0.27)
-        if str(func.params[2 if norm else 1].dtype) != "float16" or not isinstance(
-                rows, c.tir.IntImm):
+        if not isinstance(rows, c.tir.IntImm):
             return None
         rows, halves = int(rows), 2 if activation else 1
         n, k, b = (int(attrs[f"hetcomp.{a}"]) for a in ("n", "k", "block"))
@@ -572,9 +599,7 @@ class TensorCoreLinearRule(_BASE):
         slices = None if tiles is None else self.slices(rows, halves, k, tiles)
         if slices is None:
             return None
-        split = ops.linear(n, k, "float16", bool(int(attrs.get("hetcomp.residual", 0))), rows,
-                           float(attrs["hetcomp.norm_eps"]) if norm else None, activation,
-                           "hetcomp.bias" in attrs, split_x=True)
+        split = self.split_form(attrs, rows)
         for key, value in attrs.items():
             split = split.with_attr(key, value)
         sch = c.Schedule(split)
@@ -583,9 +608,43 @@ class TensorCoreLinearRule(_BASE):
         return sch
 
 
+class QuantTensorCoreLinearRule(TensorCoreLinearRule):
+    """Block-quantized linears (q4_0, q4_1, q8_0) at static widths of 16 to 64 rows on
+    tensor cores: :class:`TensorCoreLinearRule`'s schedule, its W tiles dequantized on the
+    way (:func:`hetcomp.kernels.quant.linear_quant`'s ``split_x`` form).
+
+    On the CUDA cores (:class:`QuantSplitKLinearRule`) a W-row step decodes each weight once
+    and does W multiply-adds with it; here a warp decodes each weight of its k steps once,
+    ``d q + m`` in float32, as float16 hi and lo terms into shared memory (beside x's, in
+    the same staging rounds: ``D = D_x``, the steps whose x and W terms fit in 48 KB), and
+    multiplies the four products of each 16 x 16 x 16 tile on the tensor cores, float32
+    accumulators. Both operands keep ~22 bits, so the result is within a few 1e-7 of the
+    float32 reference, where float16 weights would round each one by up to 2^-12 of itself.
+    A warp's lanes decode its tiles a column and every second k each (a panel row's 16
+    columns are 16 consecutive bytes), both terms from one decode.
+    """
+
+    w_shared = True
+
+    def takes(self, func) -> bool:
+        return "hetcomp.qtype" in func.attrs
+
+    def split_form(self, attrs, rows: int):
+        norm = "hetcomp.norm_eps" in attrs
+        return quant.linear_quant(
+            int(attrs["hetcomp.n"]), int(attrs["hetcomp.k"]), str(attrs["hetcomp.qtype"]),
+            bool(int(attrs.get("hetcomp.residual", 0))), rows,
+            float(attrs["hetcomp.norm_eps"]) if norm else None,
+            str(attrs["hetcomp.activation"]) if "hetcomp.activation" in attrs else None,
+            "hetcomp.bias" in attrs, split_x=True)
+
+
 def _tensor_core_linear(sch, slices: int, tiles: int, tensorize: bool, depth: int,
                         x_depth: int) -> None:
-    """:class:`TensorCoreLinearRule`'s schedule of a ``split_x`` linear."""
+    """:class:`TensorCoreLinearRule`'s schedule of a ``split_x`` linear, float16 or
+    block-quantized (:class:`QuantTensorCoreLinearRule`: W's terms, ``w_split``, are
+    dequantized into shared memory with x's, ``depth == x_depth``)."""
+    c = compiler()
     names = {str(sch.get(b).name_hint) for b in sch.get_child_blocks(sch.get_sblock("root"))}
     mm = sch.get_sblock("matmul_raw")
     # Step 1. The block that writes the result anchors the rest: the fused epilogue, the
@@ -601,31 +660,41 @@ def _tensor_core_linear(sch, slices: int, tiles: int, tensorize: bool, depth: in
     kt, _, _ = sch.split(k, [slices, None, 16])
     rf = sch.rfactor(kt, 0)
     gated = len(sch.get(rf).writes[0].source.shape) == 4
+    quant = "w_split" in names
     if gated:  # gated: [warp, half, row, column]
         sch.transform_layout(rf, ("write", 0), lambda t, i, h, j: (t, h, i, j))
     # x's terms and W's tiles get buffers indexed by the rf block's own iterators (warp, k
     # step, ...: ``reindex_cache_read``), so a buffer placed at a loop later holds exactly
     # the steps under it: x's for every warp's D_x steps (shared), W's for a warp's D steps
-    # (fragments), and a gated kernel's two halves as an axis.
+    # (fragments; a quantized W's terms: shared, as x's), and a gated kernel's two halves
+    # as an axis.
     reads = [str(r.source.name) for r in sch.get(rf).reads]
 
-    def iters(f):  # the rf block's iterators: warp, row, [half], column, term, step, k
-        return (lambda t, i, h, j, s, st, kk: f(t, i, (h,), j, s, st, kk)) if gated else (
-            lambda t, i, j, s, st, kk: f(t, i, (), j, s, st, kk))
+    def iters(f):
+        """An index map of the rf block's iterators: warp, row, [half], column, x's term,
+        [W's term], step, k."""
+        def named(t, i, *rest):
+            h, (j, s, *u, st, kk) = (rest[:1], rest[1:]) if gated else ((), rest)
+            return f(t, i, h, j, s, u, st, kk)
+        return c.tir.IndexMap.from_func(named, ndim=6 + gated + quant)
 
-    def w_tile(t, h, j, st, kk):  # W's buffer: (warp, step, [half], tile, k, column)
-        return (t, st, *h, j // 16, kk, j % 16)
+    def w_tile(t, h, j, u, st, kk):  # W's buffer: (warp, step, [term], [half], tile, k, col)
+        return (t, st, *u, *h, j // 16, kk, j % 16)
 
     xr = sch.reindex_cache_read(rf, reads.index("x_split"), "global", iters(
-        lambda t, i, h, j, s, st, kk: (t, st, s, i, kk)))
-    b = sch.reindex_cache_read(rf, reads.index("wp"), "wmma.matrix_b", iters(
-        lambda t, i, h, j, s, st, kk: w_tile(t, h, j, st, kk)))
+        lambda t, i, h, j, s, u, st, kk: (t, st, s, i, kk)))
+    b = sch.reindex_cache_read(rf, reads.index("w_split" if quant else "wp"),
+                               "global" if quant else "wmma.matrix_b", iters(
+        lambda t, i, h, j, s, u, st, kk: w_tile(t, h, j, u, st, kk)))
     # its iterators in the buffer's order: a 16 x 16 tile's (k, column) innermost (its
     # loops first in its iterators' order, which the reindex does not keep)
     _loops_in_iter_order(sch, b)
-    sch.transform_block_layout(b, (lambda t, h, j, st, kk: w_tile(t, (h,), j, st, kk))
-                               if gated else
-                               (lambda t, j, st, kk: w_tile(t, (), j, st, kk)))
+
+    def b_layout(t, *rest):  # b's iterators: warp, [half], column, [term], step, k
+        h, (j, *u, st, kk) = (rest[:1], rest[1:]) if gated else ((), rest)
+        return w_tile(t, h, j, u, st, kk)
+
+    sch.transform_block_layout(b, c.tir.IndexMap.from_func(b_layout, ndim=4 + gated + quant))
     # Step 3. The result's column tiles (``tiles`` x 16 columns) are the grid; the block's
     # threads walk its (row, column) outputs, columns fastest (coalesced writes).
     i, j = sch.get_loops(final)
@@ -643,30 +712,41 @@ def _tensor_core_linear(sch, slices: int, tiles: int, tensorize: bool, depth: in
     # Step 5. The warps' tiles: loops (warp, D steps, D_x steps, k step, [half], column
     # tile, term, row tile) around a 16x16x16 block, the tensor core's instruction.
     loops = sch.get_loops(rf)[1:]
-    wt, ri, *rh, rj, rs, rko, rki = loops
+    wt, ri = loops[:2]
+    rh, (rj, rs, *ru, rko, rki) = (loops[2:3], loops[3:]) if gated else ([], loops[2:])
     rio, rii = sch.split(ri, [None, 16])
     rjo, rj = sch.split(rj, [tiles, 16])
     rkd, rkx, rko = sch.split(rko, [None, depth // x_depth, x_depth])
-    sch.reorder(wt, rkd, rkx, rko, *rh, rjo, rs, rio, rii, rj, rki)
+    sch.reorder(wt, rkd, rkx, rko, *rh, rjo, *ru, rs, rio, rii, rj, rki)
     sch.bind(wt, "threadIdx.y")
     tile = sch.blockize(rii)
-    a = sch.cache_read(tile, [str(r.source.name) for r in sch.get(tile).reads].index(
-        str(sch.get(xr).writes[0].source.name)), "wmma.matrix_a")
+    tile_reads = [str(r.source.name) for r in sch.get(tile).reads]
+    a = sch.cache_read(tile, tile_reads.index(str(sch.get(xr).writes[0].source.name)),
+                       "wmma.matrix_a")
     sch.compute_at(a, rio)
-    # W's fragments of the next D steps, loaded together. Where they are all of a warp's
-    # steps (D = S), their loads go first in the kernel, each warp its own: their DRAM
-    # round trip then overlaps the rows' reductions and x's staging, which do not need W.
-    whole = int(sch.get(rkd).extent) == 1
-    anchor = jb if whole else rkd
-    sch.compute_at(b, anchor, preserve_unit_loops=True)
-    b_loops = sch.get_loops(b)
-    own = [sch.get(loop).same_as(sch.get(anchor)) for loop in b_loops].index(True) + 1
-    if whole:
-        sch.bind(b_loops[own], "threadIdx.y")  # the warp
-        own += 1
-    # Fragments are registers only where every loop indexing them is unrolled: W's loads
-    # (step, [half], tile), and the products' (D_x steps, step, [half], tile, term, rows).
-    _unroll_by_nvcc(sch, [*b_loops[own:-2], rkx, rko, *rh, rjo, rs, rio])
+    if quant:
+        # W's terms staged in shared memory with x's, their fragments loaded where a
+        # product needs them: D = D_x.
+        frag = _quant_w_terms(sch, b, tile, tile_reads, ru[0], rkx, gated)
+        _unroll_by_nvcc(sch, [rkx, rko, *rh, rjo, *ru, rs, rio])
+    else:
+        # W's fragments of the next D steps, loaded together. Where they are all of a
+        # warp's steps (D = S), their loads go first in the kernel, each warp its own:
+        # their DRAM round trip then overlaps the rows' reductions and x's staging, which
+        # do not need W.
+        whole = int(sch.get(rkd).extent) == 1
+        anchor = jb if whole else rkd
+        sch.compute_at(b, anchor, preserve_unit_loops=True)
+        b_loops = sch.get_loops(b)
+        own = [sch.get(loop).same_as(sch.get(anchor)) for loop in b_loops].index(True) + 1
+        if whole:
+            sch.bind(b_loops[own], "threadIdx.y")  # the warp
+            own += 1
+        # Fragments are registers only where every loop indexing them is unrolled: W's
+        # loads (step, [half], tile), and the products' (D_x steps, step, [half], tile,
+        # term, rows).
+        _unroll_by_nvcc(sch, [*b_loops[own:-2], rkx, rko, *rh, rjo, rs, rio])
+        frag = b
     acc = sch.cache_write(tile, 0, "wmma.accumulator")
     sch.reverse_compute_at(acc, wt)
     sch.set_scope(acc, 0, "shared.dyn")  # the partials (not "shared": see below)
@@ -694,7 +774,8 @@ def _tensor_core_linear(sch, slices: int, tiles: int, tensorize: bool, depth: in
         return
     wmma = wmma_intrinsics()
     sch.tensorize(sch.get_loops(a)[-2], wmma["load_a"])
-    sch.tensorize(sch.get_loops(b)[-2], wmma["load_b"])  # (step, [half], tile), 16 x 16
+    # (step, [half], tile), 16 x 16; a quantized W's from shared memory
+    sch.tensorize(sch.get_loops(frag)[-2], wmma["load_b_shared" if quant else "load_b"])
     sch.tensorize(sch.get_loops(sch.get_child_blocks(init)[0])[-2], wmma["fill"])
     rows, cols = sch.get_loops(acc)[-2:]
     ro, ri_ = sch.split(rows, [None, 16])
@@ -702,6 +783,34 @@ def _tensor_core_linear(sch, slices: int, tiles: int, tensorize: bool, depth: in
     sch.reorder(ro, co, ri_, ci)
     sch.tensorize(ri_, wmma["store"])
     sch.tensorize(sch.get_loops(sch.get_child_blocks(tile)[0])[-3], wmma["mma"])
+
+
+def _quant_w_terms(sch, terms, tile, tile_reads, term_loop, stage_at, gated: bool):
+    """A quantized W's hi and lo terms (the reindexed block ``terms``, ``[warp, step,
+    term, [half], tile, k, column]``), dequantized straight into shared memory at
+    ``stage_at`` (each warp its own D_x steps, with x's); their WMMA fragments loaded at
+    ``term_loop``, where the product loops take each term. Returns the fragments' block."""
+    frag = sch.cache_read(tile, tile_reads.index(str(sch.get(terms).writes[0].source.name)),
+                          "wmma.matrix_b")
+    sch.compute_at(frag, term_loop)
+    # Each weight decoded where its terms are written: its block's scale (and q4_1 min)
+    # and its quant, d q + m in float32, then hi and lo.
+    names = {str(sch.get(b).name_hint) for b in sch.get_child_blocks(sch.get_sblock("root"))}
+    for name in ("w_split", "scale", "min"):
+        if name in names:
+            sch.compute_inline(sch.get_sblock(name))
+    sch.compute_at(terms, stage_at, preserve_unit_loops=True)  # the warp's own
+    sch.set_scope(terms, 0, "shared")  # after: a shared buffer's region spans the warps
+    # A lane's weights, a column (of 16) and every second k: a row of a panel's 16
+    # columns is 16 consecutive bytes, so each half warp reads one run of them. Both terms
+    # from one decode; nvcc unrolls a lane's weights.
+    # its own loops: warp (1), step, term, [half], tile, k, column
+    _, step, term, *cols, kk, col = sch.get_loops(terms)[-(6 + gated):]
+    sch.reorder(step, *cols, kk, col, term)
+    values, lane = sch.split(sch.fuse(step, *cols, kk, col), [None, 32])
+    sch.bind(lane, "threadIdx.x")
+    _unroll_by_nvcc(sch, [values, term])
+    return frag
 
 
 def _loops_in_iter_order(sch, block) -> None:
@@ -1014,12 +1123,13 @@ def use_gpu_script_kernels(mod):
 
 
 def gpu_rules(tensor_cores: bool = True):
-    """Our GPU rules first, then dlight's. The tensor-core rule (float16, static widths of
-    16-64 rows; left out with ``tensor_cores=False``) before split K, each split-K rule
-    (static widths) before the rule that takes the same linears at any width; RMSNorm
-    before PerStageThread (which takes any of our kinds it lists, rms_norm included)."""
+    """Our GPU rules first, then dlight's. The tensor-core rules (static widths of 16-64
+    rows; left out with ``tensor_cores=False``) before split K, each split-K rule (static
+    widths) before the rule that takes the same linears at any width; RMSNorm before
+    PerStageThread (which takes any of our kinds it lists, rms_norm included)."""
     gpu = compiler().dlight.gpu
-    return [QuantSplitKLinearRule(), QuantLinearRule(),
+    return [*([QuantTensorCoreLinearRule()] if tensor_cores else []),
+            QuantSplitKLinearRule(), QuantLinearRule(),
             *([TensorCoreLinearRule()] if tensor_cores else []), SplitKLinearRule(),
             LinearColumnRule(),
             RMSNormRule(), ArgmaxRowRule(), SparseTreeAttentionRule(), PerStageThreadRule(),

@@ -1,12 +1,14 @@
-"""The WMMA 16x16x16 tensor intrinsics that ``gpu.TensorCoreLinear`` tensorizes with.
+"""The WMMA 16x16x16 tensor intrinsics that ``gpu.TensorCoreLinear`` and
+``gpu.QuantTensorCoreLinear`` tensorize with.
 
 Float16 fragments in, float32 accumulators: A loaded from shared memory, B straight from
-global memory, the accumulators stored to dynamic shared memory. They are TVM's own
+global memory (float16 weights) or from shared memory (weights dequantized there), the
+accumulators stored to dynamic shared memory. They are TVM's own
 definitions (``tvm.s_tir.tensor_intrin.cuda``'s ``get_wmma_*_intrin`` generators, Apache
 2.0), written out here for the one shape and layout we use: importing that module registers
 every tensor intrinsic TVM has for every GPU, about 280 TVMScript functions, which took
 30-45 s of each float16 ``compile --target cuda`` here (and over 90 s under pytest, where the
-parser's ``inspect.stack()`` walks deeper stacks). These five parse in well under a second.
+parser's ``inspect.stack()`` walks deeper stacks). These six parse in well under a second.
 
 Registered on first use under hetcomp's names (another library's registrations of TVM's
 names are left alone).
@@ -173,9 +175,11 @@ def sync():
 
 @functools.cache
 def intrinsics() -> dict[str, str]:
-    """Register the five intrinsics (once a process) and return their names by role:
-    ``load_a`` (shared), ``load_b`` (global), ``fill``, ``store`` (dynamic shared), ``mma``."""
+    """Register the six intrinsics (once a process) and return their names by role:
+    ``load_a`` (shared), ``load_b`` (global), ``load_b_shared``, ``fill``, ``store`` (dynamic
+    shared), ``mma``."""
     builders = {"load_a": lambda: load("a", "shared"), "load_b": lambda: load("b", "global"),
+                "load_b_shared": lambda: load("b", "shared"),
                 "fill": fill, "store": lambda: store("shared.dyn"), "mma": sync}
     names = {}
     for role, build in builders.items():

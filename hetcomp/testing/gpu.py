@@ -96,17 +96,19 @@ def emulated_module(scheduled):
     host."""
     from .. import _tvm
     from ..schedules.apply import RULE_ATTR
-    from ..schedules.gpu import TensorCoreLinearRule
+    from ..schedules.gpu import QuantTensorCoreLinearRule, TensorCoreLinearRule
 
     c = _tvm.compiler()
     out, converted = scheduled.clone(), 0
-    untensorized = TensorCoreLinearRule(tensorize=False)
+    untensorized = {"gpu.TensorCoreLinear": TensorCoreLinearRule(tensorize=False),
+                    "gpu.QuantTensorCoreLinear": QuantTensorCoreLinearRule(tensorize=False)}
     for gv, func in scheduled.functions_items():
         if not isinstance(func, c.tir.PrimFunc):
             continue
-        if str(func.attrs.get(RULE_ATTR, "")) == "gpu.TensorCoreLinear":
+        rule = untensorized.get(str(func.attrs.get(RULE_ATTR, "")))
+        if rule is not None:
             # WMMA calls have no CPU form: the same schedule with its tiles as plain blocks
-            func = untensorized.apply(func, _cuda_target(), False).mod["main"]
+            func = rule.apply(func, _cuda_target(), False).mod["main"]
         if "T.thread_binding(" in func.script():
             out.update_func(gv, cpu_form(func))
             converted += 1

@@ -29,7 +29,7 @@ from hetcomp.testing.gpu import (
 WIDTHS = [1, 4]
 
 
-def _pair(tmp, cfg, dtype):
+def _pair(tmp, cfg, dtype, widths=WIDTHS):
     """(emulated CUDA artifact, CPU artifact) of one random model with two random heads."""
     e = cfg.hidden_size
     rng = np.random.default_rng(0)
@@ -44,7 +44,7 @@ def _pair(tmp, cfg, dtype):
     for target in ("cuda", "host"):
         # The CPU artifact with float activations: the GPU's quantized kernels do not round
         # them to int8 (x86.Int8DotLinear would, on this host).
-        opts = CompileOptions(model="tiny", dtype=dtype, target=target, widths=WIDTHS,
+        opts = CompileOptions(model="tiny", dtype=dtype, target=target, widths=widths,
                               heads=str(tmp / "heads.npz"), max_context=cfg.max_context,
                               int8_dot=False)
         with capture_scheduled(scheduled.setdefault(target, [])):
@@ -122,6 +122,31 @@ def test_other_families_match_the_cpu_artifact(tmp_path, cfg):
         _assert_close(g, w)
     want = generate(cpu, prompt, max_new_tokens=16, stop_at_eos=False).ids
     assert generate(emulated, prompt, max_new_tokens=16, stop_at_eos=False, width=4).ids == want
+
+
+def test_quantized_wide_steps_on_tensor_cores_match_the_cpu_artifact(tmp_path):
+    """A q4_1 build's 16-row verify step and 64-row prompt chunk run their linears on
+    gpu.QuantTensorCoreLinear (each warp decodes its W tiles into shared memory as float16
+    hi and lo terms); emulated, a 70-token prompt (a chunk of 64, then 6 rows) and two
+    16-node trees give the CPU artifact's logits, and W = 16 decodes the CPU's greedy
+    output."""
+    emulated, cpu = _pair(tmp_path, TINY, "q4_1", widths=[16])
+    rules = {k["name"]: k["rule"] for k in emulated.manifest["kernels"]}
+    wide = {name for name, rule in rules.items() if rule == "gpu.QuantTensorCoreLinear"}
+    assert {name.rsplit("_", 1)[1] for name in wide} == {"w16", "w64"}
+    # qkv, o, gate_up and down at both; the q8_0 LM head for the tree's 16 rows (a prompt
+    # chunk's runs for its last row only)
+    assert len(wide) == 2 * 4 + 1 and "linear_q8_0_n320_k64_w16" in wide
+    rng = np.random.default_rng(1)
+    prompt = [int(t) for t in rng.integers(1, 300, 70)]
+    parents = [-1, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7]  # a binary tree
+    trees = [([int(t) for t in rng.integers(1, 300, 16)], parents, [0, 1, 3]),
+             ([int(t) for t in rng.integers(1, 300, 16)], parents, [0, 2])]
+    for g, w in zip(_steps(emulated, prompt, trees), _steps(cpu, prompt, trees), strict=True):
+        _assert_close(g, w)
+    want = generate(cpu, prompt, max_new_tokens=12, stop_at_eos=False).ids
+    assert generate(emulated, prompt, max_new_tokens=12, stop_at_eos=False,
+                    width=16).ids == want
 
 
 def test_a_module_without_gpu_kernels_is_refused():

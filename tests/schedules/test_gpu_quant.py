@@ -112,10 +112,11 @@ def test_rules_split_float_and_quantized_linears():
 
 def test_compile_q4_1_for_cuda(tmp_path):
     """`compile --dtype q4_1 --target cuda` of a tiny model: the decode and verify linears
-    (static widths) are gpu.QuantSplitKLinear's, prefill's (symbolic) gpu.QuantLinear's,
-    nothing else schedules a linear, and the weights stay blocks. The norms and the SiLU run
-    inside the quantized qkv and gate_up kernels (FuseLinearChains, on by default for cuda):
-    three kernels a layer fewer than with `--no-fuse`."""
+    (static widths under 16) are gpu.QuantSplitKLinear's, the 64-row prompt chunk's
+    gpu.QuantTensorCoreLinear's, prefill's (symbolic) gpu.QuantLinear's, nothing else
+    schedules a linear, and the weights stay blocks. The norms and the SiLU run inside the
+    quantized qkv and gate_up kernels (FuseLinearChains, on by default for cuda): three
+    kernels a layer fewer than with `--no-fuse`."""
     from hetcomp.frontend.weights import random_weights
 
     w = random_weights(TINY, seed=2)
@@ -130,14 +131,18 @@ def test_compile_q4_1_for_cuda(tmp_path):
     m = got[None]
     assert m["units"][0]["device"] == "cuda" and m["dtype"] == "q4_1" and m["fused_linears"]
     linear = [k for k in m["kernels"] if k["name"].startswith("linear")]
-    assert {k["rule"] for k in linear} == {"gpu.QuantSplitKLinear", "gpu.QuantLinear"}
-    for k in linear:  # each kernel its own rule: static widths split K, symbolic not
-        assert k["rule"] == ("gpu.QuantSplitKLinear" if re.search(r"_w\d+$", k["name"])
-                             else "gpu.QuantLinear"), k
+    assert {k["rule"] for k in linear} == {"gpu.QuantSplitKLinear", "gpu.QuantLinear",
+                                           "gpu.QuantTensorCoreLinear"}
+    for k in linear:  # each kernel its own rule: static widths split K or tensor cores
+        width = re.search(r"_w(\d+)$", k["name"])
+        assert k["rule"] == ("gpu.QuantLinear" if width is None else
+                             "gpu.QuantSplitKLinear" if int(width.group(1)) < 16 else
+                             "gpu.QuantTensorCoreLinear"), k
     fused = {k["name"]: k["rule"] for k in linear if k["name"].startswith("linear_norm")}
-    assert set(fused) == {"linear_norm_n128_k64_w1", "linear_norm_silu_n192_k64_w1",
-                          "linear_norm_n128_k64_w64", "linear_norm_silu_n192_k64_w64"}
-    assert set(fused.values()) == {"gpu.QuantSplitKLinear"}
+    assert fused == {"linear_norm_n128_k64_w1": "gpu.QuantSplitKLinear",
+                     "linear_norm_silu_n192_k64_w1": "gpu.QuantSplitKLinear",
+                     "linear_norm_n128_k64_w64": "gpu.QuantTensorCoreLinear",
+                     "linear_norm_silu_n192_k64_w64": "gpu.QuantTensorCoreLinear"}
     for fn in ("verify_w1", "prefill_w64"):
         assert (got[False]["launches"][fn]["kernels"] - m["launches"][fn]["kernels"]
                 == 3 * TINY.num_layers)

@@ -78,14 +78,15 @@ def test_shape_covers_a_sector_and_divides_the_k_blocks():
 @pytest.mark.parametrize("n,k,residual", SMOLLM2)
 def test_applies_to_smollm2_linears_with_k_over_threads(n, k, residual):
     """gpu_rules picks the rule for every SmolLM2 linear at static widths in each format (W
-    = 1 factored, 64 dequantizing); the k slices are a thread axis (threadIdx.y, 2 or more),
-    the grid has a block per 32 columns, and the slices' sum reduces over the slice axis."""
+    = 1 factored, 64 dequantizing: without tensor cores, which take 16-64 rows by default);
+    the k slices are a thread axis (threadIdx.y, 2 or more), the grid has a block per 32
+    columns, and the slices' sum reduces over the slice axis."""
     for qtype in FORMATS:
         for rows in (1, 64):
             func = quant.linear_quant(n, k, qtype, residual, rows=rows)
             with CUDA:
-                mod = ApplyRules(*gpu_rules())(c.IRModule({"main": func.with_attr(
-                    "global_symbol", "main")}))
+                mod = ApplyRules(*gpu_rules(tensor_cores=rows < 16))(c.IRModule({
+                    "main": func.with_attr("global_symbol", "main")}))
             assert str(mod["main"].attrs[RULE_ATTR]) == "gpu.QuantSplitKLinear"
             bind = dict(thread_bindings(mod["main"]))
             assert bind["threadIdx.y"] >= 2 and bind["blockIdx.x"] >= n // 32

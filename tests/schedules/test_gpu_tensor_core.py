@@ -307,23 +307,27 @@ def test_nvcc_keeps_fragments_in_registers(tmp_path, arch):
         assert_no_stack(func.with_attr("global_symbol", "main"), arch, tmp_path)
 
 
-def test_compile_uses_tensor_cores_unless_told_not_to(tmp_path, monkeypatch):
-    """`compile --target cuda` (float16) puts the 64-row prefill chunk's linears on the
-    tensor cores; `--no-tensor-cores` (CompileOptions.tensor_cores=False) leaves every
-    linear to split K or the column rule."""
+@pytest.mark.parametrize("dtype,prefix", [("float16", "gpu."), ("q4_1", "gpu.Quant")])
+def test_compile_uses_tensor_cores_unless_told_not_to(tmp_path, monkeypatch, dtype, prefix):
+    """`compile --target cuda` (float16, and q4_1 on gpu.QuantTensorCoreLinear) puts the
+    64-row prefill chunk's linears on the tensor cores; `--no-tensor-cores`
+    (CompileOptions.tensor_cores=False) leaves every linear to split K or the column rule."""
     from hetcomp import cli
     from hetcomp.driver import compile as driver
     from hetcomp.testing import compile_tiny_cuda
 
     rules = {}
     for tc in (True, False):
-        kernels = compile_tiny_cuda(str(tmp_path / f"art{tc}"), tensor_cores=tc)["kernels"]
+        kernels = compile_tiny_cuda(str(tmp_path / f"art{tc}"), dtype,
+                                    tensor_cores=tc)["kernels"]
         rules[tc] = {k["name"]: k["rule"] for k in kernels if k["name"].startswith("linear")}
     assert set(rules[True]) == set(rules[False])
-    on = {name for name, rule in rules[True].items() if rule == "gpu.TensorCoreLinear"}
+    on = {name for name, rule in rules[True].items() if rule == f"{prefix}TensorCoreLinear"}
     assert on and all(name.endswith("_w64") for name in on)
-    assert "gpu.TensorCoreLinear" not in rules[False].values()
-    assert {rules[False][name] for name in on} == {"gpu.SplitKLinear"}
+    assert not any("TensorCore" in rule for rule in rules[False].values())
+    assert {rules[False][name] for name in on} == {f"{prefix}SplitKLinear"}
+    if dtype != "float16":
+        return
     # the command line's flag reaches the options
     seen = []
     monkeypatch.setattr(driver, "compile_model", lambda opts, *a, **k: seen.append(opts))
@@ -334,7 +338,7 @@ def test_compile_uses_tensor_cores_unless_told_not_to(tmp_path, monkeypatch):
 
 
 def test_wmma_intrinsics_are_tvms(tmp_path):
-    """schedules/wmma.py's five intrinsics are TVM's: its ``get_wmma_*_intrin`` generators,
+    """schedules/wmma.py's six intrinsics are TVM's: its ``get_wmma_*_intrin`` generators,
     cut out of ``tvm/s_tir/tensor_intrin/cuda.py`` (importing that module registers every
     intrinsic TVM has, 30-95 s) into a module of their own, make structurally equal
     descriptions and implementations."""
@@ -361,6 +365,8 @@ def test_wmma_intrinsics_are_tvms(tmp_path):
     spec.loader.exec_module(ref)
     theirs = {"load_a": ref.get_wmma_load_intrin(16, 16, 16, "float16", "shared", False, False),
               "load_b": ref.get_wmma_load_intrin(16, 16, 16, "float16", "global", True, False),
+              "load_b_shared": ref.get_wmma_load_intrin(16, 16, 16, "float16", "shared", True,
+                                                        False),
               "fill": ref.get_wmma_fill_intrin(16, 16, 16, "float32"),
               "store": ref.get_wmma_store_intrin(16, 16, 16, "float32", "shared.dyn"),
               "mma": ref.get_wmma_sync_intrin(16, 16, 16, "float16", "float32", False)}
