@@ -41,8 +41,10 @@ LowBatchGEMV, symbolic width, above: the same product with the weight unpacked `
 K innermost, the layout those rules are written for; they do not take ours, see
 gpu.SplitKLinearRule). Block-quantized weights (q4_0, q4_1, q8_0) have ``column``
 (gpu.QuantLinear), ``splitk`` (gpu.QuantSplitKLinear: 32 columns a block, a whole sector
-per byte index) and ``splitk16`` (the same rule with 16 columns: twice the blocks, each
-sector read by two of them; the alternative to time); dlight has no rule for them.
+per byte index), ``splitk16`` (the same rule with 16 columns: twice the blocks, each
+sector read by two of them; the alternative to time) and, at W = 16 and 64, ``tensorcore``
+(gpu.QuantTensorCoreLinear: each warp decodes its W tiles into shared memory as float16 hi
+and lo terms, then TensorCoreLinear's products); dlight has no rule for them.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ from hetcomp.schedules.gpu import (
     PerStageThreadRule,
     QuantLinearRule,
     QuantSplitKLinearRule,
+    QuantTensorCoreLinearRule,
     RMSNormRule,
     SplitKLinearRule,
     TensorCoreLinearRule,
@@ -135,7 +138,8 @@ def kernels(target, dtypes=DTYPES, kinds=KINDS, widths=WIDTHS):
                     packed = quant.linear_quant(n, k, dtype, res, rows=w)
                     choices = {"column": (packed, [QuantLinearRule()]),
                                "splitk": (packed, [QuantSplitKLinearRule()]),
-                               "splitk16": (packed, [QuantSplitKLinearRule(cols=16)])}
+                               "splitk16": (packed, [QuantSplitKLinearRule(cols=16)]),
+                               "tensorcore": (packed, [QuantTensorCoreLinearRule()])}
                 else:
                     packed = ops.linear(n, k, dtype, res, rows=w)
                     nt_rows = w if w == 1 else c.tir.Var("w", "int64")
@@ -191,7 +195,9 @@ def chain_kernels(target, widths=WIDTHS) -> list[dict]:
     ``fusedtcrounds_*``: the warps that stage x in the fewest rounds, where they differ;
     ``fusedtc2_*``, ``fusedtc4_*``: 2 and 4 column tiles a block, ``cols`` 32 and 64,
     where the accumulators fit). The gated q4_1 kernel also comes with 16
-    columns a block (``fused16_q41_gate_up_w*``: 96 blocks, not 48, at half-sector reads).
+    columns a block (``fused16_q41_gate_up_w*``: 96 blocks, not 48, at half-sector reads),
+    and the q4_1 chains at W = 16 and 64 on tensor cores (``fusedtc_q41_*``,
+    gpu.QuantTensorCoreLinear).
 
     The fused gate_up's thread holds a gate and an up column, so the rule's 16 columns a
     block (a 32-byte sector of float16) make 96 blocks of its 1536 outputs, half the
@@ -223,8 +229,14 @@ def chain_kernels(target, widths=WIDTHS) -> list[dict]:
                             "eps": eps, "activation": act, "cols": cols,
                             "rule": got[0], "func": got[1]})
             qfunc = quant.linear_quant(n, k, "q4_1", rows=w, norm_eps=eps, activation=act)
-            for cols, tag in ((32, ""), *(((16, "16"),) if act else ())):
-                rule, sched = _first(qfunc, [QuantSplitKLinearRule(cols=cols)], target)
+            for rule_obj, tag, cols in ((QuantSplitKLinearRule(), "", 32),
+                                        *(((QuantSplitKLinearRule(cols=16), "16", 16),)
+                                          if act else ()),
+                                        (QuantTensorCoreLinearRule(), "tc", 16)):
+                got = _first(qfunc, [rule_obj], target)
+                if got is None:  # the tensor cores: W = 16 and 64 only
+                    continue
+                rule, sched = got
                 out.append({"name": f"fused{tag}_q41_{kind}_w{w}", "role": "fused",
                             "kind": kind, "dtype": "q4_1", "w": w, "n": n, "k": k,
                             "eps": eps, "activation": act, "cols": cols, "rule": rule,

@@ -288,6 +288,24 @@ def _summary(results: dict) -> None:
 GEMV_ROTATE_BYTES = 256 << 20
 
 
+#: The float16 values at the front of each quantized block: its scale (and q4_1's min).
+SCALE_HALVES = {"q4_0": 1, "q4_1": 2, "q8_0": 1}
+
+
+def _random_blocks(rng, shape, dtype: str):
+    """Random quantized blocks in the kit's layout ``[N / B, K / 32, bytes, B]``: random
+    quants under float16 scales (and q4_1 mins) of a model's size (~0.01). Random bytes
+    there would be any half, 6e4 and NaN included, which no model has and which the
+    tensor-core kernel's float16 terms of each weight cannot hold."""
+    host = rng.integers(0, 256, shape, dtype="uint8")
+    halves = SCALE_HALVES[dtype]
+    bits = (rng.standard_normal((*shape[:2], halves, shape[3])) * 0.01).astype("<f2").view(
+        "<u2")
+    host[:, :, 0:2 * halves:2, :] = (bits & 0xFF).astype("uint8")  # little-endian
+    host[:, :, 1:2 * halves:2, :] = (bits >> 8).astype("uint8")
+    return host
+
+
 def gemv(kit: str, out: str, dry: bool = False) -> dict:
     """Time each kernel of a gemv kit (``benchmarks/gemv_kernels.py build``), after checking
     its output (``max_rel_err``, ``correct``: against numpy for float weights, against the
@@ -330,8 +348,8 @@ def gemv(kit: str, out: str, dry: bool = False) -> dict:
         if group != (rec["dtype"], rec["weight_shape"]):
             group = (rec["dtype"], rec["weight_shape"])
             wdtype = rec.get("weight_dtype", rec["dtype"])
-            if wdtype == "uint8":  # quantized blocks: random bytes time the same as real ones
-                host = rng.integers(0, 256, rec["weight_shape"], dtype="uint8")
+            if wdtype == "uint8":  # quantized blocks: random ones time as real ones do
+                host = _random_blocks(rng, rec["weight_shape"], rec["dtype"])
             else:
                 host = rng.standard_normal(rec["weight_shape"]).astype(wdtype)
             count = 1 if dry else max(2, min(512, -(-GEMV_ROTATE_BYTES // host.nbytes)))
@@ -348,8 +366,8 @@ def gemv(kit: str, out: str, dry: bool = False) -> dict:
         extra = [_tvm.tensor(res_np, dev)] if res_np is not None else []
         y = _tvm.tensor(np.zeros((w, n), "float32"), dev)
         r = {k2: rec[k2] for k2 in ("name", "kind", "n", "k", "w", "dtype", "variant", "rule")}
-        # Float weights: numpy's product. Random quantized blocks (their scales may be any
-        # half, NaN included): the first variant of the same shape, NaN where it has NaN.
+        # Float weights: numpy's product. Random quantized blocks: the first variant of the
+        # same shape (NaN where it has NaN, as a kit from before _random_blocks had).
         ref = None if wdtype == "uint8" else _linear_reference(host, x_np, res_np)
         if not dry:
             f = lib[rec["name"]]
@@ -398,20 +416,21 @@ def gemv(kit: str, out: str, dry: bool = False) -> dict:
 
 
 def _tensor_core_summary(results: list[dict]) -> None:
-    """Per SmolLM2 linear and W: the tensor cores' time (the rule's schedule, then a k step
-    at a time, then 2 and 4 column tiles a block on every layer) against split K's (float16,
-    hot)."""
-    hot = {(r["variant"], r["kind"], r["w"]): r["hot_us"] for r in results
-           if r["dtype"] == "float16" and "hot_us" in r}
-    for (variant, kind, w), us in sorted(hot.items()):
-        if variant == "tensorcore" and ("splitk", kind, w) in hot:
-            tiles = ", ".join(f"{label} {hot[v, kind, w]:.2f} us" for label, v in (
+    """Per weight format, SmolLM2 linear and W: the tensor cores' time (the rule's schedule,
+    then, float16, a k step at a time and 2 and 4 column tiles a block on every layer)
+    against split K's (hot)."""
+    hot = {(r["dtype"], r["variant"], r["kind"], r["w"]): r["hot_us"] for r in results
+           if "hot_us" in r}
+    for (dtype, variant, kind, w), us in sorted(hot.items()):
+        if variant == "tensorcore" and (dtype, "splitk", kind, w) in hot:
+            tiles = ", ".join(f"{label} {hot[dtype, v, kind, w]:.2f} us" for label, v in (
                 ("a step at a time", "tensorcore_step"),
                 ("fewest staging rounds", "tensorcore_rounds"), ("J=2", "tensorcore2"),
-                ("J=4", "tensorcore4")) if (v, kind, w) in hot)
-            say(f"tensor cores {kind} W={w}: {us:.2f} us ({tiles}), split K "
-                f"{hot['splitk', kind, w]:.2f} us, W=1 split K "
-                f"{hot.get(('splitk', kind, 1), float('nan')):.2f} us")
+                ("J=4", "tensorcore4")) if (dtype, v, kind, w) in hot)
+            say(f"tensor cores {dtype} {kind} W={w}: {us:.2f} us"
+                + (f" ({tiles})" if tiles else "")
+                + f", split K {hot[dtype, 'splitk', kind, w]:.2f} us, W=1 split K "
+                f"{hot.get((dtype, 'splitk', kind, 1), float('nan')):.2f} us")
 
 
 def _linear_reference(weight, x, residual):

@@ -167,6 +167,27 @@ def test_gemv_reference_reads_both_weight_layouts():
                                    rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_1", "q8_0"])
+def test_gemv_random_blocks_have_a_models_scales(qtype):
+    """The kit's random quantized weights: random quants (every nibble or byte value
+    appears) under float16 scales (and q4_1 mins) of a model's size, finite and below 0.1,
+    so that every variant computes finite outputs to compare (the tensor-core kernel holds
+    each weight as float16 terms: a random half as scale would overflow them)."""
+    from hetcomp.kernels import quant
+
+    n, k = 64, 128
+    blocks = run_py._random_blocks(np.random.default_rng(0),
+                                   quant.quant_packed_shape(n, k, qtype), qtype)
+    m = quant.unpack_quant_weight(blocks, qtype)
+    scales = m.blocks[:, :, :2 * run_py.SCALE_HALVES[qtype]].copy().view("<f2")
+    assert np.isfinite(scales).all() and 0 < np.abs(scales).max() < 0.1
+    assert np.abs(scales).std() > 1e-3  # random, not one value
+    dense = m.dequantize()
+    assert np.isfinite(dense).all() and np.abs(dense).max() < 20
+    quants = m.blocks[:, :, 2 * run_py.SCALE_HALVES[qtype]:]
+    assert len(np.unique(quants)) == 256
+
+
 def test_chain_attention_reference_matches_the_tree_attention_kernel():
     """The kit checks the GPU tree_attention against ``_tree_rows`` and ``_chain_attention``:
     here against the kernel's CPU form, chain trees past a committed prefix, the caches it

@@ -165,9 +165,10 @@ def test_gemv_kit_builds_and_dry_runs(tmp_path):
                                   ("q4_1", ("column", "splitk", "splitk16")))
           for v in vs for w in (1, 16)),
         *(("float16", v, 16) for v in ("tensorcore", "tensorcore_step", "tensorcore2",
-                                      "tensorcore4"))}
+                                      "tensorcore4")),
+        ("q4_1", "tensorcore", 16)}
     assert {r["rule"] for r in recs if r["dtype"] == "q4_1"} == {
-        "gpu.QuantLinear", "gpu.QuantSplitKLinear"}
+        "gpu.QuantLinear", "gpu.QuantSplitKLinear", "gpu.QuantTensorCoreLinear"}
     # Where fewer warps stage x in fewer rounds (o at W = 64), that schedule is timed too.
     o64 = {r["variant"]: r for r in gemv_kernels.kernels(CUDA, ("float16",), ("o",),
                                                          (64,))}
@@ -204,7 +205,7 @@ def test_gemv_kit_builds_and_dry_runs(tmp_path):
     assert {(r["dtype"], r["rule"], r["w"]) for r in out["chains"] if r["role"] == "fused"} == {
         *((d, rule, w) for d, rule in (("float16", "gpu.SplitKLinear"),
                                        ("q4_1", "gpu.QuantSplitKLinear")) for w in (1, 16)),
-        ("float16", "gpu.TensorCoreLinear", 16)}
+        ("float16", "gpu.TensorCoreLinear", 16), ("q4_1", "gpu.QuantTensorCoreLinear", 16)}
     assert {r["cols"] for r in out["chains"] if r["rule"] == "gpu.TensorCoreLinear"} == {
         16, 32, 64}  # the rule's choice, and 2 and 4 column tiles a block
     assert all(f"{r['name']}_kernel" in source for r in out["chains"])
