@@ -94,6 +94,7 @@ device-kit: $(STAMP)
 	rm -rf $(REHEARSAL) && mkdir -p build && cp -rl $(DEV) $(REHEARSAL)
 	$(PY) benchmarks/cuda_host/run.py profile $(REHEARSAL)/a $(REHEARSAL)/out cpu
 	$(PY) benchmarks/cuda_host/run.py run $(REHEARSAL)/a $(REHEARSAL)/out cpu
+	$(PY) benchmarks/cuda_host/run.py run $(REHEARSAL)/a $(REHEARSAL)/out cpu-q4_1
 	$(PY) benchmarks/cuda_host/report.py $(REHEARSAL)/out/results.json \
 	  --profiles $(REHEARSAL)/out/profile.sqlite -o $(REHEARSAL)/report
 	@du -sh $(DEV)/*

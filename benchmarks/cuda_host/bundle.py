@@ -21,6 +21,11 @@ graphs, ``gpu-notc`` without the tensor cores), and two partitions with the CPU 
 host and the GPU taking output columns of
 every linear layer: ``split-all`` (all columns on the GPU; attention and the rest on the CPU)
 and ``split-half`` (half of every linear layer's columns on each unit, so both run at once).
+Beside them, the packaged file's own format (``QUANT_DTYPE``, q4_1: its Q4_1 layers kept
+byte for byte): ``gpu-q4_1`` (the ``gpu`` build, quantized linears: split K, tensor cores
+at 16-64 rows) and its greedy reference ``cpu-q4_1`` (x86-64-v3: no int8 dot products, so
+its linears dequantize with float activations, as the GPU's do); ``run.py`` writes their
+results apart (``results-q4_1.json``).
 
 ``--generate CORPUS`` builds instead a calibration-data bundle: the ``cpu`` artifact without
 heads and ``prompts.json`` (the corpus' prompts as chat token ids), for ``run.py generate``.
@@ -47,6 +52,8 @@ MARGIN_BYTES = 2 << 20  # files a session adds before the call (notes, results)
 # Weights of every artifact and of the profile's probes: the GPU's tensor-core rule takes only
 # float16 linears, and a float16 step reads half the bytes.
 DTYPE = "float16"
+# The quantized artifacts' format: the packaged GGUF's own (Q4_1 layers, Q8_0 embedding).
+QUANT_DTYPE = "q4_1"
 # The widths each artifact decodes at (run.py's GEN_WIDTHS and STEP_WIDTHS; a width is
 # decodable where the manifest has its tree, up to the largest compiled width).
 WIDTHS = (1, 2, 4, 8, 16, 64)
@@ -122,7 +129,7 @@ def main() -> int:
     _sh("tar", "-C", a, "-cJf", os.path.join(a, "payload.tar.xz"), "kit", "art")
     for d in ("kit", "art"):
         subprocess.run(["rm", "-rf", os.path.join(a, d)], check=True)
-    _gguf_parts(args.out, list(builds))
+    _gguf_parts(args.out, list(builds), {n: o.dtype for n, o in builds.items()})
     return 0
 
 
@@ -156,6 +163,11 @@ def artifact_builds(cuda_arch: str, max_context: int, dtype: str = DTYPE) -> dic
               "gpu-notc": CompileOptions(target="cuda", tensor_cores=False, **common)}
     builds.update({n: CompileOptions(target="x86-64-v3", plan=p, **common)
                    for n, p in plans.items()})
+    if dtype != QUANT_DTYPE:
+        quantized = {**common, "dtype": QUANT_DTYPE}
+        builds.update({f"gpu-{QUANT_DTYPE}": CompileOptions(target="cuda", **quantized),
+                       f"cpu-{QUANT_DTYPE}": CompileOptions(target="x86-64-v3", int8_dot=False,
+                                                            **quantized)})
     return builds
 
 
@@ -188,9 +200,10 @@ def _tree_bytes() -> int:
                if f and os.path.isfile(os.path.join(root, f)))
 
 
-def _gguf_parts(out: str, artifacts: list) -> None:
+def _gguf_parts(out: str, artifacts: list, dtypes: dict | None = None) -> None:
     """The GGUF in parts that fit the calls beside the working tree: part 0 in ``out/a``
-    after the runtime and payload, then one part per folder ``out/b``, ``out/c``, ..."""
+    after the runtime and payload, then one part per folder ``out/b``, ``out/c``, ...;
+    ``bundle.json`` names the artifacts and their weight formats (``dtypes``)."""
     from hetcomp.frontend import default_gguf_path
 
     with open(default_gguf_path(), "rb") as fh:
@@ -215,7 +228,7 @@ def _gguf_parts(out: str, artifacts: list) -> None:
         start, size = start + size, budget
     with open(os.path.join(a, "bundle.json"), "w") as fh:
         json.dump({"gguf_sha256": hashlib.sha256(data).hexdigest(), "gguf_parts": len(dirs),
-                   "artifacts": artifacts}, fh, indent=1)
+                   "artifacts": artifacts, "dtypes": dtypes or {}}, fh, indent=1)
     for d in dirs:
         total = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(d) for f in fs)
         print(f"{d}: {total / 2**20:.1f} MiB (a call: {budget / 2**20:.1f} MiB beside the "

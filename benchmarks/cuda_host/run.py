@@ -10,8 +10,10 @@
                                          held-out prompts at W = 1, 2, 4, 8, 16, 64 (identical?),
                                          decode tokens/s, verify step time at W = 1, 4, 16,
                                          64, per-unit and per-kernel time
-                                         -> OUT/results.json (rewritten after each artifact);
-                                         last, the issue's ratios on stderr
+                                         -> OUT/results.json (rewritten after each artifact;
+                                         another weight format's artifacts, gpu-q4_1 and
+                                         cpu-q4_1: OUT/results-q4_1.json); last, the
+                                         issue's ratios on stderr
     python run.py gemv KIT OUT [--dry]   every linear kernel variant of benchmarks/
                                          gemv_kernels.py's kit (KIT/gemv) at W = 1, 4,
                                          16, 64: hot (back to back, device timer) and
@@ -89,14 +91,12 @@ def run(bundle: str, out: str, names: list[str]) -> None:
 
     gguf = _gguf(bundle)
     meta = json.load(open(os.path.join(bundle, "bundle.json")))
-    path = os.path.join(out, "results.json")
-    # One process per artifact (a crash loses one artifact): results accumulate in the file.
-    results: dict = (json.load(open(path)) if os.path.isfile(path)
-                     else {"device": _device_info(), "artifacts": {}})
-    if "eager" not in results:  # the baseline, in the same run (issue #19)
-        results["eager"] = _eager()
-        say(f"eager: {results['eager']}")
+    touched = {}
     for name in names or meta["artifacts"]:
+        # Results accumulate in a file per weight format (each file's first artifact is its
+        # greedy reference), written after each artifact: a crash loses one artifact.
+        path = results_path(out, meta, name)
+        results = touched[path] = _results(path, out)
         art_dir = os.path.join(bundle, "art", name)
         if not os.path.isfile(os.path.join(art_dir, "params.bin")):  # else: a warm rerun
             say(f"{name}: attaching weights")
@@ -122,7 +122,39 @@ def run(bundle: str, out: str, names: list[str]) -> None:
         with open(path, "w") as fh:
             json.dump(results, fh, indent=1)
         del art
-    _summary(results)
+    for path, results in touched.items():
+        say(f"== {os.path.basename(path)}")
+        _summary(results)
+
+
+def results_path(out: str, meta: dict, name: str) -> str:
+    """Where ``run`` keeps artifact ``name``'s results: ``results.json`` for the bundle's
+    own weight format (the ``gpu`` artifact's: what report.py predicts from the profile),
+    ``results-DTYPE.json`` for another."""
+    dtypes = meta.get("dtypes", {})
+    dtype = dtypes.get(name)
+    if dtype is None or dtype == dtypes.get("gpu", dtype):
+        return os.path.join(out, "results.json")
+    return os.path.join(out, f"results-{dtype}.json")
+
+
+def _results(path: str, out: str) -> dict:
+    """A results file's contents so far, or a new one; with PyTorch eager's baseline
+    (measured in the same run, issue #19: once, the main file's where it has one)."""
+    if os.path.isfile(path):
+        with open(path) as fh:
+            results = json.load(fh)
+    else:
+        results = {"device": _device_info(), "artifacts": {}}
+    if "eager" not in results:
+        main = os.path.join(out, "results.json")
+        if main != path and os.path.isfile(main):
+            with open(main) as fh:
+                results["eager"] = json.load(fh).get("eager") or _eager()
+        else:
+            results["eager"] = _eager()
+        say(f"eager: {results['eager']}")
+    return results
 
 
 def measure_artifact(art, prompts: list[list[int]], reference: list | None = None,

@@ -61,14 +61,24 @@ def test_the_artifacts_read_float16_and_the_gpu_one_uses_tensor_cores(tmp_path):
 
     builds = bundle_py.artifact_builds("sm_87", 512)  # the default --dtype
     assert set(builds) == {"cpu", "gpu", "gpu-nograph", "gpu-unfused", "gpu-notc",
-                           "split-all", "split-half"}
-    assert {o.dtype for o in builds.values()} == {"float16"}
+                           "split-all", "split-half", "gpu-q4_1", "cpu-q4_1"}
+    assert {o.dtype for n, o in builds.items() if "q4_1" not in n} == {"float16"}
     assert {o.cuda_arch for o in builds.values()} == {"sm_87"}
     gpu = builds["gpu"]
+
+    def differ(a, b):
+        return {f.name for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)}
+
     for name, field in (("gpu-nograph", "cuda_graph"), ("gpu-unfused", "fuse_linears"),
                         ("gpu-notc", "tensor_cores")):
-        assert {f.name for f in dataclasses.fields(gpu)
-                if getattr(gpu, f.name) != getattr(builds[name], f.name)} == {field}, name
+        assert differ(gpu, builds[name]) == {field}, name
+    # The packaged file's own format beside them: the gpu build in q4_1, and its reference,
+    # the cpu build in q4_1 with float activations (as the GPU's quantized kernels). A
+    # bundle built in q4_1 has no second pair.
+    assert differ(gpu, builds["gpu-q4_1"]) == {"dtype"} and builds["gpu-q4_1"].dtype == "q4_1"
+    assert differ(builds["cpu"], builds["cpu-q4_1"]) == {"dtype", "int8_dot"}
+    assert builds["cpu-q4_1"].int8_dot is False
+    assert not {"gpu-q4_1", "cpu-q4_1"} & set(bundle_py.artifact_builds("sm_87", 512, "q4_1"))
     manifest = compile_tiny_cuda(str(tmp_path / "gpu"), dtype=gpu.dtype,
                                  tensor_cores=gpu.tensor_cores, cuda_arch=gpu.cuda_arch)
     assert "gpu.TensorCoreLinear" in {k["rule"] for k in manifest["kernels"]}

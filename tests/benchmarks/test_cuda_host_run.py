@@ -122,6 +122,30 @@ def test_run_measures_a_bundle(tmp_path, monkeypatch):
     assert d["logits"][0] - d["logits"][1] == pytest.approx(d["margin"], abs=2e-5)
 
 
+def test_another_weight_format_keeps_its_own_results(tmp_path, monkeypatch):
+    """The bundle's q4_1 artifacts go to ``results-q4_1.json``: its own greedy reference (the
+    first q4_1 artifact run, not the float16 ``gpu``'s ids) and a file report.py, which
+    predicts the float16 profile's artifacts, is not handed. PyTorch eager is measured once:
+    the second file takes the main file's. A bundle.json from before the formats were
+    recorded keeps everything in results.json."""
+    meta = {"artifacts": ["gpu", "cpu", "gpu-q4_1", "cpu-q4_1"],
+            "dtypes": {"gpu": "float16", "cpu": "float16", "gpu-q4_1": "q4_1",
+                       "cpu-q4_1": "q4_1"}}
+    out = str(tmp_path)
+    assert [os.path.basename(run_py.results_path(out, meta, n)) for n in meta["artifacts"]] == [
+        "results.json", "results.json", "results-q4_1.json", "results-q4_1.json"]
+    assert os.path.basename(run_py.results_path(out, {"artifacts": ["gpu-q4_1"]},
+                                                "gpu-q4_1")) == "results.json"
+    calls = []
+    monkeypatch.setattr(run_py, "_eager", lambda: calls.append(1) or {"tokens_per_s": 7.0})
+    monkeypatch.setattr(run_py, "_device_info", lambda: {"gpu": "test"})
+    main = run_py._results(run_py.results_path(out, meta, "gpu"), out)
+    (tmp_path / "results.json").write_text(json.dumps(main))
+    quant = run_py._results(run_py.results_path(out, meta, "gpu-q4_1"), out)
+    assert main["eager"] == quant["eager"] == {"tokens_per_s": 7.0} and len(calls) == 1
+    assert quant["artifacts"] == {} and "reference" not in quant
+
+
 def test_the_replay_predicts_what_the_run_accepts(smollm2_medusa_artifact):
     """run() puts beside each width's accepted tokens a step the replay's over the same
     held-out prompts and tokens: on this CPU they are equal (the draft proposes what
