@@ -81,8 +81,8 @@ clean:
 # on this CPU against the CPU artifact's greedy output, then the bundle (DEV/a, b, c: runtime,
 # artifacts, the GGUF in parts) and the kernel kit (DEV/d); then run.py reads the kernel kit
 # back without a GPU (--dry) and rehearses calls 2 and 3 on the bundle's cpu unit and cpu
-# artifact, in a linked copy (DEV/a must stay as it travels), and report.py reads what they
-# wrote. About 8 minutes.
+# artifact (and call 5's cpu-q4_1), in a linked copy (DEV/a must stay as it travels), and
+# report.py reads what they wrote. About 11 minutes.
 DEV       ?= .dev
 CUDA_ARCH ?= sm_90
 REHEARSAL := build/device-rehearsal
