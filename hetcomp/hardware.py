@@ -45,6 +45,10 @@ class DeviceSpec:
         Host link bandwidth for copies when memory is not shared (0 when shared).
     theoretical_bw_gbs : float
         The datasheet DRAM bandwidth (for reference; estimates use ``mem_bw_gbs``).
+    tensor_gflops : float
+        Peak dense float16 GFLOP/s of its tensor cores with float32 accumulators (0: none);
+        what the linears of 16-64 rows of a cuda build run on (:class:`~hetcomp.cost.
+        roofline.RooflineCost`'s ``tensor_products``).
     notes : str
         Where the figures come from.
     """
@@ -58,6 +62,7 @@ class DeviceSpec:
     sync_s: float = 0.0
     link_gbs: float = 0.0
     theoretical_bw_gbs: float = 0.0
+    tensor_gflops: float = 0.0
     notes: str = ""
 
     def __post_init__(self):
@@ -82,22 +87,25 @@ _ORIN_NOTE = ("approximate public figures (NVIDIA Jetson Orin NX series datashee
 ORIN_NX_CPU = DeviceSpec(
     name="orin-nx-cpu", kind="cpu", peak_gflops=100.0, mem_bw_gbs=60.0, launch_s=5e-6,
     shared_memory=True, theoretical_bw_gbs=102.4, notes="8x Cortex-A78AE; " + _ORIN_NOTE)
+# Its 32 tensor cores: AGX Orin's GPU figure (170 sparse INT8 TOPS, 2048 cores at 1.3 GHz;
+# dense float16 a quarter of it) scaled to 1024 cores at 918 MHz, about 15 TFLOP/s.
 ORIN_NX_GPU = DeviceSpec(
     name="orin-nx-gpu", kind="gpu", peak_gflops=1880.0, mem_bw_gbs=65.0, launch_s=10e-6,
-    shared_memory=True, sync_s=20e-6, theoretical_bw_gbs=102.4,
+    shared_memory=True, sync_s=20e-6, theoretical_bw_gbs=102.4, tensor_gflops=15000.0,
     notes="Ampere, 1024 CUDA cores at 918 MHz; " + _ORIN_NOTE)
 
 # Approximate public figures for the H100/H200 class (sm_90; NVIDIA H100 Tensor Core GPU
 # datasheet, SXM5): 3.35 TB/s HBM3 (the H200's 4.8 TB/s HBM3e is taken at the H100's, the
 # lower), of which a streaming kernel reaches about 80%; 67 TFLOP/s fp32 on CUDA cores (our
-# kernels accumulate in fp32; float16 linears of 16-64 rows run on tensor cores,
-# gpu.TensorCoreLinear, whose rate this peak leaves out, so it overestimates wide float16
-# steps until a device profile replaces it); PCIe Gen5 x16 to the host. The launch
+# kernels accumulate in fp32) and 989 TFLOP/s dense float16 on tensor cores, where the
+# linears of 16-64 rows run (gpu.TensorCoreLinear, gpu.QuantTensorCoreLinear); PCIe Gen5
+# x16 to the host. The launch
 # cost is that of a kernel replayed in a CUDA graph (the cuda build captures its steps),
 # the sync an event wait: typical magnitudes, not measurements. All of these are estimates.
 HOPPER_GPU = DeviceSpec(
     name="hopper-gpu", kind="gpu", peak_gflops=60000.0, mem_bw_gbs=2700.0, launch_s=2e-6,
     shared_memory=False, sync_s=10e-6, link_gbs=25.0, theoretical_bw_gbs=3350.0,
+    tensor_gflops=989000.0,
     notes="H100/H200 class (sm_90); approximate public figures (NVIDIA H100 datasheet); "
           "not measured")
 

@@ -95,10 +95,12 @@ class UnitModel:
             raise ValueError(f"unit {self.name}: no shared memory needs link_gbs > 0")
 
     @classmethod
-    def from_spec(cls, spec: DeviceSpec) -> UnitModel:
-        """A spec-only unit: roofline costs, always labelled ``spec-estimate``."""
-        return cls(spec.name, RooflineCost(spec), SPEC_ESTIMATE, spec.shared_memory,
-                   spec.mem_bw_gbs, spec.sync_s, spec.link_gbs)
+    def from_spec(cls, spec: DeviceSpec, tensor_products: int = 0) -> UnitModel:
+        """A spec-only unit: roofline costs (``tensor_products``: of its linears on tensor
+        cores, :class:`~hetcomp.cost.roofline.RooflineCost`), always labelled
+        ``spec-estimate``."""
+        return cls(spec.name, RooflineCost(spec, tensor_products), SPEC_ESTIMATE,
+                   spec.shared_memory, spec.mem_bw_gbs, spec.sync_s, spec.link_gbs)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,7 +25,7 @@ from ..decoder import (
     rope_tables,
 )
 from ..hardware import DeviceSpec
-from ..quant_format import BLOCK_BYTES, QK, head_dtype, pack_block
+from ..quant_format import BLOCK_BYTES, QK, head_dtype, is_quant, pack_block
 
 
 #: Op classes, each with its own cost model per unit: the three kernels of split attention
@@ -446,21 +446,48 @@ def draft_step(shape: ModelShape, draft: DraftShape) -> list[StepOp]:
     ]
 
 
+#: Rows of a linear the cuda build runs on tensor cores (gpu.TensorCoreLinear,
+#: gpu.QuantTensorCoreLinear: 16-row WMMA tiles).
+TENSOR_CORE_ROWS = (16, 64)
+
+
+def tensor_core_products(dtype: str, tensor_cores: bool = True) -> int:
+    """Tensor-core products per multiply-add of the model in a cuda build's linears of
+    16-64 rows: 2 with float16 weights (x as float16 hi and lo terms), 4 with block-quantized
+    ones (the dequantized weights' hi and lo terms too), 0 where they run on the CUDA cores
+    (float32 weights, ``--no-tensor-cores``)."""
+    if not tensor_cores:
+        return 0
+    return 4 if is_quant(dtype) else 2 if dtype == "float16" else 0
+
+
 @dataclasses.dataclass(frozen=True)
 class RooflineCost:
     """``time = max(flops / peak, bytes / bandwidth) + launch`` for a :class:`DeviceSpec`.
 
     A pure function of :class:`Features`; it ignores ``corun`` (the planner bounds co-running
     units on shared memory by their summed bytes over the shared bandwidth).
+    ``tensor_products`` (:func:`tensor_core_products`; 0: none): a linear of 16-64 rows
+    (a multiple of 16) runs on the spec's tensor cores, its flops times that many products
+    at ``tensor_gflops``.
     """
 
     spec: DeviceSpec
+    tensor_products: int = 0
 
     def __call__(self, feat: Features) -> float:
-        return (max(feat.flops / (self.spec.peak_gflops * 1e9),
+        return (max(feat.flops / (self._rate(feat) * 1e9),
                     feat.bytes / (self.spec.mem_bw_gbs * 1e9)) + self.spec.launch_s)
 
     predict = __call__
+
+    def _rate(self, feat: Features) -> float:
+        """GFLOP/s of the model's own flops for this kernel."""
+        lo, hi = TENSOR_CORE_ROWS
+        if (self.tensor_products and self.spec.tensor_gflops and feat.op == "linear"
+                and lo <= feat.w <= hi and feat.w % lo == 0):
+            return self.spec.tensor_gflops / self.tensor_products
+        return self.spec.peak_gflops
 
 
 def roofline_step_time(shape: ModelShape, spec: DeviceSpec, w: int, cache_len: int,

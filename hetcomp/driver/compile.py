@@ -30,7 +30,13 @@ from ..codegen.build import (
 )
 from ..codegen.export import cpu_requirements, export_artifact
 from ..codegen.targets import cross_linker, export_compiler
-from ..cost.roofline import ModelShape, RooflineCost, dtype_bytes, kernel_features
+from ..cost.roofline import (
+    ModelShape,
+    RooflineCost,
+    dtype_bytes,
+    kernel_features,
+    tensor_core_products,
+)
 from ..cost.xgb import UnitCostModel
 from ..errors import HetcompError
 from ..frontend import load_model
@@ -703,7 +709,7 @@ def _default_width(opts: CompileOptions, cfg, heads, draft_dtype: str,
         return 1, (f"no roofline for --target {opts.target} --cuda-arch {opts.cuda_arch}: "
                    "pass --width")
     shape = ModelShape.from_config(cfg, opts.dtype, opts.cache_dtype)
-    p = plan(shape, [UnitModel.from_spec(spec)],
+    p = plan(shape, [UnitModel.from_spec(spec, _tensor_products(opts))],
              rank_probs=heads.rank_probs, ranks=heads.ranks,
              tau=replayed and {w: replayed.taus[w] for w in opts.widths},
              options=PlannerOptions(widths=tuple(opts.widths), cache_len=256,
@@ -731,6 +737,13 @@ def _replayed(heads, tok, vocab_size: int, widths, store):
     datastore = (Datastore(np.load(io.BytesIO(store[0])), cached=REPLAY_CACHED)
                  if store is not None else None)
     return replayed_taus(heads, tok, vocab_size, sorted({1, *widths}), datastore)
+
+
+def _tensor_products(opts: CompileOptions) -> int:
+    """Tensor-core products per multiply-add of the build's GPU linears of 16-64 rows (0:
+    none; :func:`~hetcomp.cost.roofline.tensor_core_products`). A CPU spec has no tensor
+    cores, so the number matters only for a GPU unit."""
+    return tensor_core_products(opts.dtype, opts.tensor_cores)
 
 
 @functools.lru_cache(maxsize=None)
@@ -787,10 +800,12 @@ def _cost_models(opts: CompileOptions, cfg, width: int, heads=None,
         if path and os.path.isfile(path):
             models[u], source[u] = UnitCostModel.load(path), f"fitted ({path})"
         elif u in SPECS:
-            models[u], source[u] = RooflineCost(SPECS[u]), f"roofline of {u}'s datasheet"
+            models[u] = RooflineCost(SPECS[u], _tensor_products(opts))
+            source[u] = f"roofline of {u}'s datasheet"
         elif opts.plan is None and (
                 spec := target_roofline(opts.target, opts.cuda_arch)) is not None:
-            models[u], source[u] = RooflineCost(spec), f"roofline ({spec.notes})"
+            models[u] = RooflineCost(spec, _tensor_products(opts))
+            source[u] = f"roofline ({spec.notes})"
     if not models:
         return None
 

@@ -24,7 +24,7 @@ from .. import _tvm
 from .._tvm import compiler
 from ..artifact_format import holds_format, output_dir
 from ..codegen.build import schedule_module
-from ..cost.roofline import dtype_bytes, linear_features
+from ..cost.roofline import dtype_bytes, linear_features, tensor_core_products
 from ..cost.xgb import fit_unit
 from ..data import packaged_file
 from ..errors import HetcompError
@@ -199,10 +199,11 @@ def stored_digests(db_path: str, units, model_key: str) -> dict[str, str]:
     return out
 
 
-def spec_unit_models(names):
-    """Roofline ``UnitModel`` per spec unit (labelled ``spec-estimate``)."""
-
-    return [UnitModel.from_spec(SPECS[n]) for n in names]
+def spec_unit_models(names, dtype: str = "float32"):
+    """Roofline ``UnitModel`` per spec unit (labelled ``spec-estimate``), for an artifact of
+    weights ``dtype`` (a GPU's linears of 16-64 rows on its tensor cores where that build
+    puts them: :func:`~hetcomp.cost.roofline.tensor_core_products`)."""
+    return [UnitModel.from_spec(SPECS[n], tensor_core_products(dtype)) for n in names]
 
 
 def tune_command(model: str = "smollm2", units=("cpu",), out_dir: str = "tune",
@@ -267,7 +268,7 @@ def _tune(out_dir, shape, key, model, present, spec, quick, cache_len, draft, pr
                 say(f"[tune] {n} {r.op:12s} {r.samples:4d} samples, held-out MAPE "
                     f"{_pct(r.holdout_mape)} (alone {_pct(r.holdout_mape_alone)})")
     else:
-        unit_models, fitted = spec_unit_models(spec), {}
+        unit_models, fitted = spec_unit_models(spec, dtype), {}
     label = draft["label"]
     # The unit whose profile timed int8-dot linears builds alone on int8 activations; a
     # partitioned plan's units dequantize (PlannerOptions.int8_unit).

@@ -190,7 +190,11 @@ def test_cuda_build_speculates_at_the_width_its_gpu_datasheet_plans():
     the CUDA-graph step (one attention kernel a layer): a GPU reads the weights once for W
     tree nodes, so it speculates. The tokens a step are those replayed over the heads'
     held-out recorded responses (compile passes them), which favour a wider tree than the
-    trees' own expectation. An architecture without a spec keeps W = 1."""
+    trees' own expectation. The linears of 16-64 rows are costed on the tensor cores the
+    build runs them on: on the H100's datasheet that makes W = 64 pay (W = 32 with them on
+    the CUDA cores, `--no-tensor-cores`). An architecture without a spec keeps W = 1."""
+    import dataclasses
+
     from hetcomp.driver.compile import CompileOptions, _datastore, _default_width, _replayed
     from hetcomp.frontend import resolve_model
     from hetcomp.frontend.gguf_loader import open_gguf, read_config, read_tokenizer_spec
@@ -215,6 +219,9 @@ def test_cuda_build_speculates_at_the_width_its_gpu_datasheet_plans():
         assert source.endswith(f", {replayed.taus[width]:.2f} tokens a step (replayed)"), source
         trees, source = _default_width(opts, cfg, heads, "float16", device_len=True)
         assert source.endswith("tokens a step (the heads' trees)") and 1 < trees < width
+        cores, _ = _default_width(dataclasses.replace(opts, tensor_cores=False), cfg, heads,
+                                  "float16", device_len=True, replayed=replayed)
+        assert (width, cores) == ((64, 32) if arch == "sm_90" else (width, width)), arch
     opts = CompileOptions(model="smollm2", target="cuda", cuda_arch="sm_80", dtype="float16")
     width, source = _default_width(opts, cfg, heads, "float16", device_len=True)
     assert width == 1 and "--cuda-arch sm_80: pass --width" in source

@@ -22,10 +22,18 @@ from hetcomp.cost.roofline import (
     linear_features,
     model_step,
     split_columns,
+    tensor_core_products,
 )
 from hetcomp.cost.xgb import UnitCostModel, fit_unit, mape
 from hetcomp.decoder import SPLIT_ATTENTION, estimated_tree_nnz
-from hetcomp.hardware import MEASURED, ORIN_NX_CPU, ORIN_NX_GPU, SPEC_ESTIMATE, DeviceSpec
+from hetcomp.hardware import (
+    HOPPER_GPU,
+    MEASURED,
+    ORIN_NX_CPU,
+    ORIN_NX_GPU,
+    SPEC_ESTIMATE,
+    DeviceSpec,
+)
 from hetcomp.plan import plan_prediction
 from hetcomp.planner import (
     Plan,
@@ -66,6 +74,64 @@ def test_roofline_memory_and_compute_bound():
     comp = Features("linear", flops=1e12, bytes=1e3)
     assert RooflineCost(spec)(mem) == pytest.approx(1e8 / 10e9 + 1e-6)
     assert RooflineCost(spec)(comp) == pytest.approx(1e12 / 100e9 + 1e-6)
+
+
+def test_roofline_puts_wide_gpu_linears_on_tensor_cores():
+    """A cuda build runs its linears of 16-64 rows (multiples of 16) on tensor cores:
+    ``RooflineCost(spec, products)`` costs their flops at the spec's tensor rate over the
+    products a multiply-add takes there (2 with float16 weights: x's hi and lo terms; 4
+    block-quantized: W's too); other widths, other ops, a spec without tensor cores and a
+    build without them (products 0: float32 weights, --no-tensor-cores) at the CUDA cores'
+    peak."""
+    spec = DeviceSpec("g", "gpu", peak_gflops=100.0, mem_bw_gbs=1e6, launch_s=0.0,
+                      tensor_gflops=1000.0)
+
+    def linear(w):
+        return Features("linear", w=w, flops=1e12, bytes=1.0)
+
+    cuda_cores = 1e12 / 100e9
+    for w in (16, 32, 48, 64):
+        assert RooflineCost(spec, 2)(linear(w)) == pytest.approx(2e12 / 1000e9)
+        assert RooflineCost(spec, 4)(linear(w)) == pytest.approx(4e12 / 1000e9)
+    for w in (1, 8, 24, 128):
+        assert RooflineCost(spec, 2)(linear(w)) == pytest.approx(cuda_cores)
+    assert RooflineCost(spec)(linear(16)) == pytest.approx(cuda_cores)
+    assert RooflineCost(spec, 2)(Features("attention", w=16, flops=1e12, bytes=1.0)) == (
+        pytest.approx(cuda_cores))
+    no_tc = dataclasses.replace(spec, tensor_gflops=0.0)
+    assert RooflineCost(no_tc, 2)(linear(16)) == pytest.approx(cuda_cores)
+    assert [tensor_core_products(d) for d in ("float16", "q4_1", "q8_0", "float32")] == [
+        2, 4, 4, 0]
+    assert tensor_core_products("float16", tensor_cores=False) == 0
+    assert HOPPER_GPU.tensor_gflops > HOPPER_GPU.peak_gflops and ORIN_NX_GPU.tensor_gflops > 0
+
+
+def test_tensor_cores_make_a_wide_gpu_step_cost_about_what_a_narrow_one_does():
+    """SmolLM2 on the H100's datasheet, the CUDA-graph step: with its wide linears on the
+    CUDA cores a W = 64 step was costed 1.5x W = 1's and the planner stopped at W = 8 (q4_1)
+    or 16 (float16); on tensor cores, as the build runs them, W = 64 costs within 1.25x of
+    W = 1 and the planner goes wider."""
+    from hetcomp.driver.profiling import read_model_shape
+    from hetcomp.frontend.models import default_heads
+    from hetcomp.speculative.medusa import MedusaHeads
+
+    heads = MedusaHeads.load(default_heads("smollm2"))
+    for dtype in ("float16", "q4_1"):
+        shape, _ = read_model_shape("smollm2", dtype)
+        plans = {}
+        for products in (0, tensor_core_products(dtype)):
+            plans[products] = plan(
+                shape, [UnitModel.from_spec(HOPPER_GPU, products)],
+                rank_probs=heads.rank_probs, ranks=heads.ranks,
+                options=PlannerOptions(widths=(1, 2, 4, 8, 16, 32, 64), cache_len=256,
+                                       draft_vocab=len(heads.vocab), draft_weight_bytes=2,
+                                       draft_root=heads.u is not None, device_len=True,
+                                       fused_linears=True))
+        cores, tensor = plans[0], plans[tensor_core_products(dtype)]
+        step = {p: {c.width: c.step_s for c in plans[p].candidates} for p in plans}
+        assert step[0][64] > 1.5 * step[0][1], dtype
+        assert step[tensor_core_products(dtype)][64] < 1.25 * step[0][1], dtype
+        assert tensor.width > cores.width, dtype
 
 
 def test_model_step_attention_kernels_per_width():
