@@ -82,12 +82,13 @@ clean:
 # artifacts, the GGUF in parts) and the kernel kit (DEV/d); then run.py reads the kernel kit
 # back without a GPU (--dry) and rehearses calls 2 and 3 on the bundle's cpu unit and cpu
 # artifact (and call 5's cpu-q4_1), in a linked copy (DEV/a must stay as it travels), and
-# report.py reads what they wrote. About 11 minutes.
+# report.py reads what they wrote. About 14 minutes.
 DEV       ?= .dev
 CUDA_ARCH ?= sm_90
 REHEARSAL := build/device-rehearsal
 device-kit: $(STAMP)
 	$(PY) benchmarks/cuda_emulated.py
+	$(PY) benchmarks/cuda_emulated.py --dtype q4_1
 	$(PY) benchmarks/cuda_host/bundle.py $(DEV) --quick --cuda-arch $(CUDA_ARCH)
 	$(PY) benchmarks/gemv_kernels.py build $(DEV)/d --cuda-arch $(CUDA_ARCH)
 	rm -rf build/device-dry && $(PY) benchmarks/cuda_host/run.py gemv $(DEV)/d build/device-dry --dry
