@@ -27,6 +27,13 @@ FORMS = {"plain": (None, None, False, False), "residual": (None, None, False, Tr
          "norm_bias": (1e-5, None, True, False)}
 
 
+def _kernel(qtype, form, rows, n=256, k=128):
+    """The quantized linear kernel of a form."""
+    eps, act, bias, res = FORMS[form]
+    return quant.linear_quant(n, k, qtype, res, rows=rows, norm_eps=eps, activation=act,
+                              bias=bias)
+
+
 def _case(qtype, form, rows, n=256, k=128, seed=0):
     """(kernel, its arguments, the float64 reference) of one quantized linear."""
     eps, act, bias, res = FORMS[form]
@@ -39,9 +46,7 @@ def _case(qtype, form, rows, n=256, k=128, seed=0):
             *([r] if res else [])]
     want = fused_linear_reference(x, m.dequantize(), g if eps else None, eps, act,
                                   bias=b if bias else None)
-    func = quant.linear_quant(n, k, qtype, res, rows=rows, norm_eps=eps, activation=act,
-                              bias=bias)
-    return func, args, want + r if res else want
+    return _kernel(qtype, form, rows, n, k), args, want + r if res else want
 
 
 def _run(func, args, shape):
@@ -86,7 +91,7 @@ def test_same_arguments_as_the_kernel_it_replaces():
     """The rule schedules the ``split_x`` form: the same parameters and attributes, so the
     Relax call that passed them to the original still fits."""
     for form in FORMS:
-        func = _case("q4_1", form, 32)[0]
+        func = _kernel("q4_1", form, 32)
         sched = QuantTensorCoreLinearRule().apply(func, CUDA, False).mod["main"]
         assert [(str(p.name), [int(d) for d in p.shape], str(p.dtype)) for p in func.params] == [
             (str(p.name), [int(d) for d in p.shape], str(p.dtype)) for p in sched.params]
@@ -124,7 +129,7 @@ def test_cuda_source_decodes_into_shared_memory(qtype, form, rows, n, k, tiles, 
     assert rule.column_tiles(n // halves, rows, halves) == tiles
     assert rule.slices(rows, halves, k, tiles) == warps
     assert rule.depths(rows, halves, k, tiles, warps) == depths
-    func = _case(qtype, form, rows, n=n, k=k)[0]
+    func = _kernel(qtype, form, rows, n=n, k=k)
     src = c.compile(rule.apply(func, CUDA, False).mod, target=CUDA).mod.imports[0]
     src = src.inspect_source()
     frags = rows // 16 * tiles * halves
@@ -145,14 +150,18 @@ def test_cuda_source_decodes_into_shared_memory(qtype, form, rows, n, k, tiles, 
 @pytest.mark.parametrize("arch", ["sm_87", "sm_90"])
 def test_nvcc_keeps_registers_and_shared_memory_within_bounds(tmp_path, arch):
     """ptxas on SmolLM2's layers at their widest (the LM head at 64 rows: 16 accumulator
-    fragments a warp; gate_up at 64 rows: two halves): no stack frame, no spills, for Jetson
-    Orin (sm_87) and Hopper (sm_90), and each block's shared memory (static, plus the
-    partials') within the 48 KB a launch gets without opting in."""
+    fragments a warp; gate_up at 64 rows: two halves), Qwen2.5-Coder-0.5B's down at 16 rows
+    (K = 4864: the most shared memory, 8 warps of 38 k steps) and Gemma 3's 262,144-row LM
+    head: no stack frame, no spills, for Jetson Orin (sm_87) and Hopper (sm_90), and each
+    block's shared memory (static, plus the partials') within the 48 KB a launch gets
+    without opting in."""
     rule = QuantTensorCoreLinearRule()
-    for qtype, form, rows, n, k, tiles, _, _ in SMOLLM2:
-        func = rule.apply(_case(qtype, form, rows, n=n, k=k)[0], CUDA, False).mod["main"]
+    others = [("q4_1", "residual", 16, 896, 4864), ("q8_0", "norm", 64, 262144, 640)]
+    for qtype, form, rows, n, k in [case[:5] for case in SMOLLM2] + others:
+        func = rule.apply(_kernel(qtype, form, rows, n=n, k=k), CUDA, False).mod["main"]
         ptxas = assert_no_stack(func.with_attr("global_symbol", "main"), arch, tmp_path)
         halves = 2 if FORMS[form][1] else 1
+        tiles = rule.column_tiles(n // halves, rows, halves)
         assert _shared_bytes(ptxas, rule, rows, halves, k, tiles) <= 48 << 10
 
 
