@@ -49,8 +49,8 @@ import sys
 # the GGUF; each later call (folders b, c, ...) one more part.
 CALL_BYTES = 64 << 20
 MARGIN_BYTES = 2 << 20  # files a session adds before the call (notes, results)
-# Weights of every artifact and of the profile's probes: the GPU's tensor-core rule takes only
-# float16 linears, and a float16 step reads half the bytes.
+# Weights of every artifact (but the q4_1 pair) and of the profile's probes: the GPU's
+# tensor-core rules take no float32 linears, and a float16 step reads half the bytes.
 DTYPE = "float16"
 # The quantized artifacts' format: the packaged GGUF's own (Q4_1 layers, Q8_0 embedding).
 QUANT_DTYPE = "q4_1"
@@ -89,8 +89,9 @@ def main() -> int:
     ap.add_argument("--cuda-arch", default="sm_90",
                     help="the lent host's GPU (H100/H200: sm_90; Jetson Orin: sm_87)")
     ap.add_argument("--dtype", default=DTYPE,
-                    help="weights of every artifact and of the profile's probes (float16: "
-                         "the GPU's tensor-core rule takes only float16 linears)")
+                    help="weights of every artifact (but the q4_1 pair) and of the profile's "
+                         "probes (float16: the GPU's tensor-core rules take no float32 "
+                         "linears)")
     args = ap.parse_args()
 
     import tvm
