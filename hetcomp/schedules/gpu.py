@@ -616,7 +616,8 @@ class QuantTensorCoreLinearRule(TensorCoreLinearRule):
     On the CUDA cores (:class:`QuantSplitKLinearRule`) a W-row step decodes each weight once
     and does W multiply-adds with it; here a warp decodes each weight of its k steps once,
     ``d q + m`` in float32, as float16 hi and lo terms into shared memory (beside x's, in
-    the same staging rounds: ``D = D_x``, the steps whose x and W terms fit in 48 KB), and
+    the same staging rounds: ``D = D_x``, the steps whose x and W terms fit in 48 KB and
+    whose decoded weights nvcc's unrolled loop keeps in registers beside the accumulators), and
     multiplies the four products of each 16 x 16 x 16 tile on the tensor cores, float32
     accumulators. Both operands keep ~22 bits, so the result is within a few 1e-7 of the
     float32 reference, where float16 weights would round each one by up to 2^-12 of itself.
@@ -660,7 +661,7 @@ def _tensor_core_linear(sch, slices: int, tiles: int, tensorize: bool, depth: in
     kt, _, _ = sch.split(k, [slices, None, 16])
     rf = sch.rfactor(kt, 0)
     gated = len(sch.get(rf).writes[0].source.shape) == 4
-    quant = "w_split" in names
+    quantized = "w_split" in names
     if gated:  # gated: [warp, half, row, column]
         sch.transform_layout(rf, ("write", 0), lambda t, i, h, j: (t, h, i, j))
     # x's terms and W's tiles get buffers indexed by the rf block's own iterators (warp, k
@@ -676,15 +677,15 @@ def _tensor_core_linear(sch, slices: int, tiles: int, tensorize: bool, depth: in
         def named(t, i, *rest):
             h, (j, s, *u, st, kk) = (rest[:1], rest[1:]) if gated else ((), rest)
             return f(t, i, h, j, s, u, st, kk)
-        return c.tir.IndexMap.from_func(named, ndim=6 + gated + quant)
+        return c.tir.IndexMap.from_func(named, ndim=6 + gated + quantized)
 
     def w_tile(t, h, j, u, st, kk):  # W's buffer: (warp, step, [term], [half], tile, k, col)
         return (t, st, *u, *h, j // 16, kk, j % 16)
 
     xr = sch.reindex_cache_read(rf, reads.index("x_split"), "global", iters(
         lambda t, i, h, j, s, u, st, kk: (t, st, s, i, kk)))
-    b = sch.reindex_cache_read(rf, reads.index("w_split" if quant else "wp"),
-                               "global" if quant else "wmma.matrix_b", iters(
+    b = sch.reindex_cache_read(rf, reads.index("w_split" if quantized else "wp"),
+                               "global" if quantized else "wmma.matrix_b", iters(
         lambda t, i, h, j, s, u, st, kk: w_tile(t, h, j, u, st, kk)))
     # its iterators in the buffer's order: a 16 x 16 tile's (k, column) innermost (its
     # loops first in its iterators' order, which the reindex does not keep)
@@ -694,7 +695,7 @@ def _tensor_core_linear(sch, slices: int, tiles: int, tensorize: bool, depth: in
         h, (j, *u, st, kk) = (rest[:1], rest[1:]) if gated else ((), rest)
         return w_tile(t, h, j, u, st, kk)
 
-    sch.transform_block_layout(b, c.tir.IndexMap.from_func(b_layout, ndim=4 + gated + quant))
+    sch.transform_block_layout(b, c.tir.IndexMap.from_func(b_layout, ndim=4 + gated + quantized))
     # Step 3. The result's column tiles (``tiles`` x 16 columns) are the grid; the block's
     # threads walk its (row, column) outputs, columns fastest (coalesced writes).
     i, j = sch.get_loops(final)
@@ -724,7 +725,7 @@ def _tensor_core_linear(sch, slices: int, tiles: int, tensorize: bool, depth: in
     a = sch.cache_read(tile, tile_reads.index(str(sch.get(xr).writes[0].source.name)),
                        "wmma.matrix_a")
     sch.compute_at(a, rio)
-    if quant:
+    if quantized:
         # W's terms staged in shared memory with x's, their fragments loaded where a
         # product needs them: D = D_x.
         frag = _quant_w_terms(sch, b, tile, tile_reads, ru[0], rkx, gated)
@@ -775,7 +776,7 @@ def _tensor_core_linear(sch, slices: int, tiles: int, tensorize: bool, depth: in
     wmma = wmma_intrinsics()
     sch.tensorize(sch.get_loops(a)[-2], wmma["load_a"])
     # (step, [half], tile), 16 x 16; a quantized W's from shared memory
-    sch.tensorize(sch.get_loops(frag)[-2], wmma["load_b_shared" if quant else "load_b"])
+    sch.tensorize(sch.get_loops(frag)[-2], wmma["load_b_shared" if quantized else "load_b"])
     sch.tensorize(sch.get_loops(sch.get_child_blocks(init)[0])[-2], wmma["fill"])
     rows, cols = sch.get_loops(acc)[-2:]
     ro, ri_ = sch.split(rows, [None, 16])
