@@ -97,7 +97,8 @@ device-kit: $(STAMP)
 	$(PY) benchmarks/cuda_host/run.py run $(REHEARSAL)/a $(REHEARSAL)/out cpu
 	$(PY) benchmarks/cuda_host/run.py run $(REHEARSAL)/a $(REHEARSAL)/out cpu-q4_1
 	$(PY) benchmarks/cuda_host/report.py $(REHEARSAL)/out/results.json \
-	  --profiles $(REHEARSAL)/out/profile.sqlite -o $(REHEARSAL)/report
+	  --profiles $(REHEARSAL)/out/profile.sqlite -o $(REHEARSAL)/report \
+	  --other $(REHEARSAL)/out/results-q4_1.json
 	@du -sh $(DEV)/*
 
 # Optional, not in CI: hetcomp against llama.cpp and PyTorch eager on the same GGUF and prompts.

@@ -1,6 +1,7 @@
 """Back on the build machine: plan from the CUDA host's profile and compare with its runs.
 
     python report.py RESULTS.json [RESULTS.json ...] --profiles DB [DB ...] -o OUT_DIR
+                     [--other RESULTS-q4_1.json]
 
 The results and profiles are what run.py wrote on the CUDA host (one or several calls;
 profiles of the units measured separately are merged into OUT_DIR/profile.sqlite). Fits
@@ -8,7 +9,8 @@ the cost models on that profile (`hetcomp tune --profile`, into OUT_DIR/tune: pl
 plan.png), lets the planner choose among cpu, cuda and cpu+cuda (any unit may host the
 unsplit ops), and puts the predicted verify step time of each measured artifact beside its
 measured one. Writes report.md, steps.json and steps.png (measured step, per-unit busy time,
-predicted) into OUT_DIR. With the cpu profiled alone (`make device-kit`'s rehearsal) it plans
+predicted) into OUT_DIR; ``--other``: another weight format's runs (the bundle's q4_1 pair),
+measured only. With the cpu profiled alone (`make device-kit`'s rehearsal) it plans
 for the cpu and predicts the cpu artifacts.
 """
 
@@ -38,6 +40,9 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("results", nargs="+")
     ap.add_argument("--profiles", nargs="+", required=True)
+    ap.add_argument("--other", nargs="*", default=[],
+                    help="results of another weight format (run.py's results-DTYPE.json): "
+                         "measured only, against their own reference")
     ap.add_argument("-o", "--out", required=True)
     args = ap.parse_args()
     out = args.out
@@ -120,19 +125,22 @@ def main() -> int:
         lines.append(f"| {r['artifact']} | {r['width']} | {r['measured_ms']:.2f} | "
                      f"{r['predicted_ms']:.2f} | {100 * err:+.0f}% | {busy} | "
                      f"{r['serial_ms']:.2f} | {saved} |")
-    lines += ["", "| artifact | W | tokens/s | accepted/step | identical to sequential | "
-              "identical to first artifact |", "|---|---|---|---|---|---|"]
-    for name, r in res["artifacts"].items():
-        for w in sorted(int(k[1:]) for k in r if k[1:].isdigit() and k[0] == "w"):
-            x = r[f"w{w}"]
-            lines.append(f"| {name} | {w} | {x['tokens_per_s']:.1f} | "
-                         f"{x['accepted_per_step']:.2f} | {x['identical_to_sequential']} | "
-                         f"{r['identical_to_first_artifact']} |")
+    lines += [""] + measured_table(res["artifacts"])
+    others = {}
+    for path in args.other:
+        with open(path) as fh:
+            part = json.load(fh)
+        dtype = {r.get("dtype") for r in part["artifacts"].values()}
+        lines += ["", f"Weight format {', '.join(sorted(map(str, dtype)))} "
+                  f"({os.path.basename(path)}; measured only, identity against its first "
+                  "artifact):", ""] + measured_table(part["artifacts"])
+        others.update(part["artifacts"])
     # Where output differed (run.py's first_divergence): a near-tie or a wrong kernel.
+    every = {**res["artifacts"], **others}
     diverged = [(f"{name} against the first artifact", r["first_divergence"])
-                for name, r in res["artifacts"].items() if r.get("first_divergence")]
+                for name, r in every.items() if r.get("first_divergence")]
     diverged += [(f"{name} at W={k[1:]} against W=1", r[k]["first_divergence"])
-                 for name, r in res["artifacts"].items() for k in r
+                 for name, r in every.items() for k in r
                  if k[0] == "w" and k[1:].isdigit() and r[k].get("first_divergence")]
     if diverged:
         lines += ["", ("First divergences (this artifact's logits of its token and the "
@@ -146,6 +154,27 @@ def main() -> int:
     _plot(rows, os.path.join(out, "steps.png"))
     print(text)
     return 0
+
+
+def measured_table(artifacts: dict) -> list[str]:
+    """Markdown rows per artifact and decoded width: tokens/s, accepted tokens a step, greedy
+    identity (with speculation, against the first artifact), then each artifact's verify
+    step at W = 64 against W = 1 (issue #19: a W = 64 step should cost little more)."""
+    lines = [("| artifact | W | tokens/s | accepted/step | identical to sequential | "
+              "identical to first artifact |"), "|---|---|---|---|---|---|"]
+    for name, r in artifacts.items():
+        for w in sorted(int(k[1:]) for k in r if k[1:].isdigit() and k[0] == "w"):
+            x = r[f"w{w}"]
+            lines.append(f"| {name} | {w} | {x['tokens_per_s']:.1f} | "
+                         f"{x['accepted_per_step']:.2f} | {x['identical_to_sequential']} | "
+                         f"{r['identical_to_first_artifact']} |")
+    steps = [(name, r["step_s"]) for name, r in artifacts.items()
+             if {"1", "64"} <= set(r.get("step_s", {}))]
+    if steps:
+        lines += [""] + [f"- {name}: verify step W=1 {1e3 * s['1']:.3f} ms, W=64 "
+                         f"{1e3 * s['64']:.3f} ms ({s['64'] / s['1']:.2f}x)"
+                         for name, s in steps]
+    return lines
 
 
 def _profiled(db_path: str, unit: str, key: str) -> bool:

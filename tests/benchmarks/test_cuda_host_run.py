@@ -146,6 +146,29 @@ def test_another_weight_format_keeps_its_own_results(tmp_path, monkeypatch):
     assert quant["artifacts"] == {} and "reference" not in quant
 
 
+def test_report_lists_each_formats_measurements():
+    """report.py's table of measured decoding, for results.json and (``--other``) the q4_1
+    results: a row per artifact and width, and the W = 64 step against W = 1's."""
+    spec = importlib.util.spec_from_file_location(
+        "cuda_host_report", os.path.join(os.path.dirname(_PATH), "report.py"))
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    runs = {"gpu-q4_1": {"w1": {"tokens_per_s": 400.0, "accepted_per_step": 1.0,
+                                "identical_to_sequential": True},
+                         "w64": {"tokens_per_s": 900.0, "accepted_per_step": 3.08,
+                                 "identical_to_sequential": True},
+                         "identical_to_first_artifact": True,
+                         "step_s": {"1": 0.0025, "4": 0.0026, "64": 0.003}},
+            "cpu-q4_1": {"w1": {"tokens_per_s": 140.0, "accepted_per_step": 1.0,
+                                "identical_to_sequential": True},
+                         "identical_to_first_artifact": False, "step_s": {"1": 0.007}}}
+    lines = report.measured_table(runs)
+    assert lines[2:5] == ["| gpu-q4_1 | 1 | 400.0 | 1.00 | True | True |",
+                          "| gpu-q4_1 | 64 | 900.0 | 3.08 | True | True |",
+                          "| cpu-q4_1 | 1 | 140.0 | 1.00 | True | False |"]
+    assert lines[-1] == "- gpu-q4_1: verify step W=1 2.500 ms, W=64 3.000 ms (1.20x)"
+
+
 def test_the_replay_predicts_what_the_run_accepts(smollm2_medusa_artifact):
     """run() puts beside each width's accepted tokens a step the replay's over the same
     held-out prompts and tokens: on this CPU they are equal (the draft proposes what
