@@ -44,7 +44,9 @@ gpu.SplitKLinearRule). Block-quantized weights (q4_0, q4_1, q8_0) have ``column`
 per byte index), ``splitk16`` (the same rule with 16 columns: twice the blocks, each
 sector read by two of them; the alternative to time) and, at W = 16 and 64, ``tensorcore``
 (gpu.QuantTensorCoreLinear: each warp decodes its W tiles into shared memory as float16 hi
-and lo terms, then TensorCoreLinear's products); dlight has no rule for them.
+and lo terms, then TensorCoreLinear's products) and ``tensorcore2`` (the same with 2 column
+tiles a block: 32 columns, the whole 32-byte row of a panel's byte, where one tile reads
+half of it and the neighbouring block the other half); dlight has no rule for them.
 """
 
 from __future__ import annotations
@@ -139,7 +141,8 @@ def kernels(target, dtypes=DTYPES, kinds=KINDS, widths=WIDTHS):
                     choices = {"column": (packed, [QuantLinearRule()]),
                                "splitk": (packed, [QuantSplitKLinearRule()]),
                                "splitk16": (packed, [QuantSplitKLinearRule(cols=16)]),
-                               "tensorcore": (packed, [QuantTensorCoreLinearRule()])}
+                               "tensorcore": (packed, [QuantTensorCoreLinearRule()]),
+                               "tensorcore2": (packed, [QuantTensorCoreLinearRule(tiles=2)])}
                 else:
                     packed = ops.linear(n, k, dtype, res, rows=w)
                     nt_rows = w if w == 1 else c.tir.Var("w", "int64")

@@ -166,7 +166,7 @@ def test_gemv_kit_builds_and_dry_runs(tmp_path):
           for v in vs for w in (1, 16)),
         *(("float16", v, 16) for v in ("tensorcore", "tensorcore_step", "tensorcore2",
                                       "tensorcore4")),
-        ("q4_1", "tensorcore", 16)}
+        ("q4_1", "tensorcore", 16), ("q4_1", "tensorcore2", 16)}
     assert {r["rule"] for r in recs if r["dtype"] == "q4_1"} == {
         "gpu.QuantLinear", "gpu.QuantSplitKLinear", "gpu.QuantTensorCoreLinear"}
     # Where fewer warps stage x in fewer rounds (o at W = 64), that schedule is timed too.
