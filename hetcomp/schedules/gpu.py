@@ -434,6 +434,18 @@ class SplitKLinearRule(_BASE):
         return sch
 
 
+def _linear_form(attrs) -> dict:
+    """The form arguments of the linear kernel with ``attrs`` (``residual``, ``norm_eps``,
+    ``activation``, ``bias``), for :func:`~hetcomp.kernels.ops.linear` and
+    :func:`~hetcomp.kernels.quant.linear_quant`."""
+    return {"residual": bool(int(attrs.get("hetcomp.residual", 0))),
+            "norm_eps": (float(attrs["hetcomp.norm_eps"]) if "hetcomp.norm_eps" in attrs
+                         else None),
+            "activation": (str(attrs["hetcomp.activation"]) if "hetcomp.activation" in attrs
+                           else None),
+            "bias": "hetcomp.bias" in attrs}
+
+
 def _sm(target) -> int:
     """The CUDA target's compute capability as a number (``sm_90`` and ``sm_90a`` -> 90; 0 if
     unknown): an architecture-specific or family name has its base's features."""
@@ -574,12 +586,8 @@ class TensorCoreLinearRule(_BASE):
     def split_form(self, attrs, rows: int):
         """The ``split_x`` form of the kernel with ``attrs``: the same arguments, x (and,
         quantized, W) as float16 hi and lo terms."""
-        norm = "hetcomp.norm_eps" in attrs
-        activation = str(attrs["hetcomp.activation"]) if "hetcomp.activation" in attrs else None
         return ops.linear(int(attrs["hetcomp.n"]), int(attrs["hetcomp.k"]), "float16",
-                          bool(int(attrs.get("hetcomp.residual", 0))), rows,
-                          float(attrs["hetcomp.norm_eps"]) if norm else None, activation,
-                          "hetcomp.bias" in attrs, split_x=True)
+                          rows=rows, split_x=True, **_linear_form(attrs))
 
     def apply(self, func, target, tunable):
         if (_gpu_kind(func, target) != "linear" or target.kind.name != "cuda"
@@ -631,13 +639,9 @@ class QuantTensorCoreLinearRule(TensorCoreLinearRule):
         return "hetcomp.qtype" in func.attrs
 
     def split_form(self, attrs, rows: int):
-        norm = "hetcomp.norm_eps" in attrs
-        return quant.linear_quant(
-            int(attrs["hetcomp.n"]), int(attrs["hetcomp.k"]), str(attrs["hetcomp.qtype"]),
-            bool(int(attrs.get("hetcomp.residual", 0))), rows,
-            float(attrs["hetcomp.norm_eps"]) if norm else None,
-            str(attrs["hetcomp.activation"]) if "hetcomp.activation" in attrs else None,
-            "hetcomp.bias" in attrs, split_x=True)
+        return quant.linear_quant(int(attrs["hetcomp.n"]), int(attrs["hetcomp.k"]),
+                                  str(attrs["hetcomp.qtype"]), rows=rows, split_x=True,
+                                  **_linear_form(attrs))
 
 
 def _tensor_core_linear(sch, slices: int, tiles: int, tensorize: bool, depth: int,
