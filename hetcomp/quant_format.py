@@ -40,6 +40,8 @@ def pack_block(n: int) -> int:
 QK = 32  # weights per block
 #: Bytes per block.
 BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
+#: Bytes at the front of each block before its quants: the float16 scale (and q4_1's min).
+HEADER_BYTES = {"q4_0": 2, "q4_1": 4, "q8_0": 2}
 QUANT_DTYPES = tuple(BLOCK_BYTES)
 
 

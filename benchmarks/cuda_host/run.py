@@ -320,17 +320,15 @@ def _summary(results: dict) -> None:
 GEMV_ROTATE_BYTES = 256 << 20
 
 
-#: The float16 values at the front of each quantized block: its scale (and q4_1's min).
-SCALE_HALVES = {"q4_0": 1, "q4_1": 2, "q8_0": 1}
-
-
 def _random_blocks(rng, shape, dtype: str):
     """Random quantized blocks in the kit's layout ``[N / B, K / 32, bytes, B]``: random
     quants under float16 scales (and q4_1 mins) of a model's size (~0.01). Random bytes
     there would be any half, 6e4 and NaN included, which no model has and which the
     tensor-core kernel's float16 terms of each weight cannot hold."""
+    from hetcomp.quant_format import HEADER_BYTES
+
     host = rng.integers(0, 256, shape, dtype="uint8")
-    halves = SCALE_HALVES[dtype]
+    halves = HEADER_BYTES[dtype] // 2
     bits = (rng.standard_normal((*shape[:2], halves, shape[3])) * 0.01).astype("<f2").view(
         "<u2")
     host[:, :, 0:2 * halves:2, :] = (bits & 0xFF).astype("uint8")  # little-endian

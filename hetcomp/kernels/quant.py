@@ -6,6 +6,7 @@ from __future__ import annotations
 from .._tvm import compiler
 from ..quant_format import (  # noqa: F401  re-exported: the kernels' layout
     BLOCK_BYTES,
+    HEADER_BYTES,
     QK,
     QUANT_DTYPES,
     QuantMatrix,
@@ -26,8 +27,6 @@ from .ops import (
     split_rows,
 )
 
-_QUANTS_AT = {"q4_0": 2, "q4_1": 4, "q8_0": 2}
-
 
 def _dequant(wp, qtype: str, b: int):
     """``(half, quant, weight)`` TE expressions of a packed weight ``wp``: ``half(p, kb, c,
@@ -41,7 +40,7 @@ def _dequant(wp, qtype: str, b: int):
         hi = wp[p, kb, c + 1, lane].astype("uint16")
         return tir.reinterpret("float16", lo | (hi << tir.const(8, "uint16"))).astype("float32")
 
-    at = _QUANTS_AT[qtype]
+    at = HEADER_BYTES[qtype]
 
     def quant(j, kb, t):
         p, lane = j // b, j % b

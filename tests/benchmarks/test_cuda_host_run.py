@@ -226,12 +226,12 @@ def test_gemv_random_blocks_have_a_models_scales(qtype):
     blocks = run_py._random_blocks(np.random.default_rng(0),
                                    quant.quant_packed_shape(n, k, qtype), qtype)
     m = quant.unpack_quant_weight(blocks, qtype)
-    scales = m.blocks[:, :, :2 * run_py.SCALE_HALVES[qtype]].copy().view("<f2")
+    scales = m.blocks[:, :, :quant.HEADER_BYTES[qtype]].copy().view("<f2")
     assert np.isfinite(scales).all() and 0 < np.abs(scales).max() < 0.1
     assert np.abs(scales).std() > 1e-3  # random, not one value
     dense = m.dequantize()
     assert np.isfinite(dense).all() and np.abs(dense).max() < 20
-    quants = m.blocks[:, :, 2 * run_py.SCALE_HALVES[qtype]:]
+    quants = m.blocks[:, :, quant.HEADER_BYTES[qtype]:]
     assert len(np.unique(quants)) == 256
 
 
