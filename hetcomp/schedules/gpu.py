@@ -408,8 +408,7 @@ class SplitKLinearRule(_BASE):
         rows = _static_rows(c, sch.get(i), self.max_rows)
         if rows is None:
             return None
-        # wp, after x (and a fused norm's gamma): a Buffer is a typed Var in 0.27
-        wdtype = str(func.params[2 if "hetcomp.norm_eps" in func.attrs else 1].dtype)
+        wdtype = _weight_dtype(func)
         # A gated kernel's thread holds both halves of its columns: twice the partials.
         shape = self.shape(rows * (1 + len(halves)), int(sch.get(j).extent),
                            int(sch.get(k).extent), wdtype)
@@ -432,6 +431,12 @@ class SplitKLinearRule(_BASE):
                    sch.get_loops(rf)[-1], sch.get_loops(partial)[-1]]
         _unroll_by_nvcc(sch, unroll)
         return sch
+
+
+def _weight_dtype(func) -> str:
+    """A linear kernel's weight element type: ``wp``, after x (and a fused norm's gamma; a
+    Buffer is a typed Var in 0.27)."""
+    return str(func.params[2 if "hetcomp.norm_eps" in func.attrs else 1].dtype)
 
 
 def _linear_form(attrs) -> dict:
@@ -579,9 +584,7 @@ class TensorCoreLinearRule(_BASE):
 
     def takes(self, func) -> bool:
         """Whether ``func``'s weights are this rule's: float16 (not block-quantized)."""
-        norm = "hetcomp.norm_eps" in func.attrs
-        return ("hetcomp.qtype" not in func.attrs
-                and str(func.params[2 if norm else 1].dtype) == "float16")
+        return "hetcomp.qtype" not in func.attrs and _weight_dtype(func) == "float16"
 
     def split_form(self, attrs, rows: int):
         """The ``split_x`` form of the kernel with ``attrs``: the same arguments, x (and,

@@ -95,13 +95,13 @@ def emulated_module(scheduled):
     :func:`cpu_form`: the same Relax functions calling the same schedules, built for the
     host."""
     from .. import _tvm
-    from ..schedules.apply import RULE_ATTR
+    from ..schedules.apply import RULE_ATTR, rule_name
     from ..schedules.gpu import QuantTensorCoreLinearRule, TensorCoreLinearRule
 
     c = _tvm.compiler()
     out, converted = scheduled.clone(), 0
-    untensorized = {"gpu.TensorCoreLinear": TensorCoreLinearRule(tensorize=False),
-                    "gpu.QuantTensorCoreLinear": QuantTensorCoreLinearRule(tensorize=False)}
+    untensorized = {rule_name(r): r for r in (TensorCoreLinearRule(tensorize=False),
+                                              QuantTensorCoreLinearRule(tensorize=False))}
     for gv, func in scheduled.functions_items():
         if not isinstance(func, c.tir.PrimFunc):
             continue
